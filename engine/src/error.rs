@@ -1,0 +1,42 @@
+//! Errors of the engine crate: every variant names the file or tensor it is about.
+
+/// An error loading, checking or saving a model.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// `config.json` is missing a field, has a wrong type, or describes an unsupported model.
+    #[error("{path}: {message}")]
+    Config {
+        /// The config file.
+        path: String,
+        /// What is wrong and how to fix it.
+        message: String,
+    },
+    /// A weights file is corrupt or does not match the config.
+    #[error("{path}: {message}")]
+    Weights {
+        /// The weights file (or model directory).
+        path: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// A tensor operation failed.
+    #[error("tensor `{name}`: {message}")]
+    Tensor {
+        /// The tensor.
+        name: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// An error from candle.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}

@@ -1,0 +1,22 @@
+//! The model side of Espalier: loading Hugging Face–style checkpoints, describing their layers,
+//! generating built-in models, and saving pruned models back.
+
+pub mod builtin;
+pub mod config;
+pub mod error;
+pub mod layers;
+pub mod model;
+
+pub use builtin::{BUILTIN_MODELS, builtin_model};
+pub use config::{Architecture, ModelConfig};
+pub use error::EngineError;
+pub use layers::{LayerInfo, Role};
+pub use model::Model;
+
+/// Loads a model by reference: `builtin:NAME` or a directory path.
+pub fn load_model(reference: &str) -> Result<Model, EngineError> {
+    match reference.strip_prefix("builtin:") {
+        Some(name) => builtin_model(name),
+        None => Model::load(std::path::Path::new(reference)),
+    }
+}

@@ -1,0 +1,1 @@
+//! Native compute for pruned weights: sparse formats built from masks and CPU kernels.

@@ -1,0 +1,141 @@
+//! Work splitting over rayon's global pool.
+//!
+//! Kernels split their *output rows* (or block rows) into a few contiguous ranges, one task per
+//! pool thread. Contiguous ranges keep each thread's weight stream sequential (what the hardware
+//! prefetcher wants) and make the outputs disjoint, so no synchronisation is needed. We never
+//! create more tasks than threads: at batch 1 the work per layer is tens of microseconds, and
+//! every extra task is scheduling overhead. Below [`MIN_TASK_BYTES`] of weights per task the
+//! call stays on the calling thread, since waking a worker would cost more than it saves.
+//! Running inside an outer rayon job is fine: rayon's work stealing shares the same pool, so
+//! there is no nested oversubscription.
+
+use crate::isa::Exec;
+use rayon::prelude::*;
+use std::ops::Range;
+
+/// Minimum bytes of weights a task must read for a split to pay off (~4 µs of streaming on
+/// one core, comparable to the cost of waking a parked rayon worker).
+pub(crate) const MIN_TASK_BYTES: usize = 64 * 1024;
+
+/// Minimum multiply-adds per task for compute-bound kernels (GEMM) before splitting.
+pub(crate) const MIN_TASK_FLOPS: usize = 256 * 1024;
+
+/// How many tasks to split `units` work units into, given the work measured in `amount` and the
+/// per-task minimum `min_per_task`.
+pub(crate) fn task_count(exec: Exec, units: usize, amount: usize, min_per_task: usize) -> usize {
+    if !exec.parallel || units <= 1 {
+        return 1;
+    }
+    let threads = rayon::current_num_threads();
+    threads.min(amount / min_per_task.max(1)).min(units).max(1)
+}
+
+/// `tasks + 1` boundaries splitting `0..units` into near-equal contiguous ranges.
+pub(crate) fn even_bounds(units: usize, tasks: usize) -> Vec<usize> {
+    let tasks = tasks.clamp(1, units.max(1));
+    (0..=tasks).map(|k| k * units / tasks).collect()
+}
+
+/// `tasks + 1` boundaries splitting `0..units` so each range holds about the same amount of
+/// work, where `prefix[u]` is the work of units `0..u` (e.g. a CSR row pointer). Balances
+/// matrices whose rows have very different non-zero counts.
+pub(crate) fn weighted_bounds(prefix: &[u32], tasks: usize) -> Vec<usize> {
+    let units = prefix.len().saturating_sub(1);
+    let tasks = tasks.clamp(1, units.max(1));
+    let total = u64::from(prefix.last().copied().unwrap_or(0));
+    if total == 0 {
+        return even_bounds(units, tasks);
+    }
+    let mut bounds = Vec::with_capacity(tasks + 1);
+    bounds.push(0);
+    for k in 1..tasks {
+        let target = total * k as u64 / tasks as u64;
+        let u = prefix.partition_point(|&p| u64::from(p) < target).min(units);
+        bounds.push(u.max(*bounds.last().unwrap_or(&0)));
+    }
+    bounds.push(units);
+    bounds
+}
+
+/// Runs `f(unit_range, y_part)` for each range of `bounds`, where unit `u` owns
+/// `y[u * unit_len ..]` up to the next unit (the last range takes the rest of `y`, which is how
+/// a ragged last block row is handled). Runs inline when there is a single range.
+pub(crate) fn for_each_range<F>(y: &mut [f32], unit_len: usize, bounds: &[usize], f: F)
+where
+    F: Fn(Range<usize>, &mut [f32]) + Sync + Send,
+{
+    let n = bounds.len().saturating_sub(1);
+    if n <= 1 {
+        let units = bounds.last().copied().unwrap_or(0);
+        f(0..units, y);
+        return;
+    }
+    let mut parts = Vec::with_capacity(n);
+    let mut rest = y;
+    for w in bounds.windows(2) {
+        let (lo, hi) = (w[0], w[1]);
+        let len = if hi == bounds[n] {
+            rest.len()
+        } else {
+            ((hi - lo) * unit_len).min(rest.len())
+        };
+        let (head, tail) = rest.split_at_mut(len);
+        parts.push((lo..hi, head));
+        rest = tail;
+    }
+    parts.into_par_iter().for_each(|(range, part)| f(range, part));
+}
+
+/// Runs `f(unit_range)` for each range of `bounds` (inline when there is a single range). Used
+/// by GEMM, whose tasks write disjoint *column* ranges of `Y` through [`SharedOut`].
+pub(crate) fn for_each_bound<F>(bounds: &[usize], f: F)
+where
+    F: Fn(Range<usize>) + Sync + Send,
+{
+    let n = bounds.len().saturating_sub(1);
+    if n <= 1 {
+        f(0..bounds.last().copied().unwrap_or(0));
+        return;
+    }
+    (0..n)
+        .into_par_iter()
+        .for_each(|k| f(bounds[k]..bounds[k + 1]));
+}
+
+/// A raw view of an output buffer shared by GEMM tasks.
+///
+/// `Y` is `[tokens, rows]` row-major and tasks own disjoint *row ranges of W*, i.e. disjoint
+/// column ranges of `Y`, which are not contiguous slices; hence a pointer instead of
+/// `split_at_mut`. Soundness rests on every task writing only the columns of its own range,
+/// which each kernel documents at its write site.
+#[derive(Clone, Copy)]
+pub(crate) struct SharedOut {
+    ptr: *mut f32,
+    len: usize,
+}
+
+// SAFETY: `SharedOut` is only handed to tasks that write disjoint index sets (see above) while
+// the `&mut [f32]` it came from is borrowed for the whole parallel region.
+unsafe impl Send for SharedOut {}
+// SAFETY: as above; no two tasks write the same index and none reads another's output.
+unsafe impl Sync for SharedOut {}
+
+impl SharedOut {
+    pub(crate) fn new(y: &mut [f32]) -> SharedOut {
+        SharedOut {
+            ptr: y.as_mut_ptr(),
+            len: y.len(),
+        }
+    }
+
+    /// Writes `v` at `i`.
+    ///
+    /// # Safety
+    /// No other task may access index `i` during the parallel region.
+    #[inline(always)]
+    pub(crate) unsafe fn write(&self, i: usize, v: f32) {
+        assert!(i < self.len, "SharedOut index {i} out of bounds {}", self.len);
+        // SAFETY: in bounds (checked above); exclusivity is the caller's contract.
+        unsafe { self.ptr.add(i).write(v) }
+    }
+}
