@@ -12,7 +12,8 @@
 pub enum Isa {
     /// Plain Rust, no explicit SIMD. Always available; the reference for the vector paths.
     Portable,
-    /// x86-64 AVX2 + FMA intrinsics (256-bit vectors, fused multiply-add).
+    /// x86-64 AVX2 + FMA intrinsics (256-bit vectors, fused multiply-add). Detection also
+    /// requires POPCNT, which every AVX2 CPU has and the bitmap kernel uses.
     Avx2Fma,
 }
 
@@ -55,7 +56,9 @@ impl Isa {
 
 #[cfg(target_arch = "x86_64")]
 fn avx2_fma_available() -> bool {
-    std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+    std::arch::is_x86_feature_detected!("avx2")
+        && std::arch::is_x86_feature_detected!("fma")
+        && std::arch::is_x86_feature_detected!("popcnt")
 }
 
 #[cfg(not(target_arch = "x86_64"))]

@@ -1,1 +1,61 @@
 //! Native compute for pruned weights: sparse formats built from masks and CPU kernels.
+//!
+//! This crate knows nothing about models or plugins. It takes a dense row-major weight matrix
+//! `W [rows = out_features, cols = in_features]` whose pruned entries are exactly `0.0` (or `W`
+//! plus a keep-mask, see [`DenseView`]), packs it into a storage format and multiplies:
+//!
+//! * decode, batch 1 (GEMV): `y = W·x`;
+//! * prefill (GEMM): `Y = X·Wᵀ`, `X [tokens, cols]`, `Y [tokens, rows]`, row-major.
+//!
+//! Formats: [`DenseMatrix`], [`CsrMatrix`] (u16 column indices up to 65536 columns, else u32),
+//! [`BitmapMatrix`] (1 bit per weight + packed values), [`BsrMatrix`] (any block shape, fast
+//! paths for 16x16 and 4x1) and [`NmMatrix`] (2:4, 4:8, ... with log2(M)-bit positions; refuses
+//! matrices that are not N:M). Values are stored as f32 or bf16 ([`Dtype`]) and always
+//! accumulated in f32.
+//!
+//! Row- or column-pruned matrices can also be stored as a smaller dense matrix
+//! ([`CompactMatrix`]).
+//!
+//! Every kernel has a portable version and an AVX2+FMA version chosen at run time ([`Isa`],
+//! [`Exec`]); both are tested. Work is split over rayon's *global* pool by output rows, the
+//! same pool candle's CPU matmul uses, so running our kernels and candle's between each other
+//! never puts more busy threads than cores on the machine (size it with `RAYON_NUM_THREADS`).
+//!
+//! The engine should only need [`PackedLinear`] (built by [`PackedLinear::plan`], which picks
+//! the format expected to be fastest at batch 1 and falls back to dense) and, for `espalier
+//! bench kernels`, [`bench::run_kernel_bench`].
+
+mod bitmap;
+mod bsr;
+mod compact;
+mod csr;
+mod dense;
+mod element;
+mod error;
+mod gemm;
+mod isa;
+mod nm;
+mod par;
+mod plan;
+mod rowgemm;
+mod simd;
+mod view;
+
+pub mod bench;
+
+#[cfg(test)]
+mod tests;
+#[cfg(test)]
+mod testutil;
+
+pub use bitmap::BitmapMatrix;
+pub use bsr::BsrMatrix;
+pub use compact::CompactMatrix;
+pub use csr::CsrMatrix;
+pub use dense::DenseMatrix;
+pub use element::{Dtype, Element};
+pub use error::{KernelError, Result};
+pub use isa::{Exec, Isa};
+pub use nm::NmMatrix;
+pub use plan::{Candidate, Choice, Format, PackedLinear, Structure, choose_format, plan};
+pub use view::DenseView;

@@ -50,7 +50,9 @@ pub(crate) fn weighted_bounds(prefix: &[u32], tasks: usize) -> Vec<usize> {
     bounds.push(0);
     for k in 1..tasks {
         let target = total * k as u64 / tasks as u64;
-        let u = prefix.partition_point(|&p| u64::from(p) < target).min(units);
+        let u = prefix
+            .partition_point(|&p| u64::from(p) < target)
+            .min(units);
         bounds.push(u.max(*bounds.last().unwrap_or(&0)));
     }
     bounds.push(units);
@@ -83,7 +85,9 @@ where
         parts.push((lo..hi, head));
         rest = tail;
     }
-    parts.into_par_iter().for_each(|(range, part)| f(range, part));
+    parts
+        .into_par_iter()
+        .for_each(|(range, part)| f(range, part));
 }
 
 /// Runs `f(unit_range)` for each range of `bounds` (inline when there is a single range). Used
@@ -134,7 +138,11 @@ impl SharedOut {
     /// No other task may access index `i` during the parallel region.
     #[inline(always)]
     pub(crate) unsafe fn write(&self, i: usize, v: f32) {
-        assert!(i < self.len, "SharedOut index {i} out of bounds {}", self.len);
+        assert!(
+            i < self.len,
+            "SharedOut index {i} out of bounds {}",
+            self.len
+        );
         // SAFETY: in bounds (checked above); exclusivity is the caller's contract.
         unsafe { self.ptr.add(i).write(v) }
     }

@@ -7,11 +7,36 @@
 
 use crate::error::{Result, checked_len, expect_len};
 
+/// A keep-mask in one of the two layouts callers have at hand: `bool`s, or bytes (non-zero =
+/// kept, the layout of masks read from files or produced by plugins).
+#[derive(Debug, Clone, Copy)]
+enum Mask<'a> {
+    Bools(&'a [bool]),
+    Bytes(&'a [u8]),
+}
+
+impl Mask<'_> {
+    #[inline]
+    fn get(&self, i: usize) -> bool {
+        match self {
+            Mask::Bools(m) => m[i],
+            Mask::Bytes(m) => m[i] != 0,
+        }
+    }
+
+    fn count(&self) -> usize {
+        match self {
+            Mask::Bools(m) => m.iter().filter(|&&k| k).count(),
+            Mask::Bytes(m) => m.iter().filter(|&&k| k != 0).count(),
+        }
+    }
+}
+
 /// Borrowed dense weights `[rows, cols]` plus an optional keep-mask of the same shape.
 #[derive(Debug, Clone, Copy)]
 pub struct DenseView<'a> {
     values: &'a [f32],
-    mask: Option<&'a [bool]>,
+    mask: Option<Mask<'a>>,
     rows: usize,
     cols: usize,
 }
@@ -30,13 +55,36 @@ impl<'a> DenseView<'a> {
 
     /// Weights plus a keep-mask (`true` = kept). Entries the mask drops read as zero whatever
     /// their stored value.
-    pub fn with_mask(values: &'a [f32], mask: &'a [bool], rows: usize, cols: usize) -> Result<Self> {
+    pub fn with_mask(
+        values: &'a [f32],
+        mask: &'a [bool],
+        rows: usize,
+        cols: usize,
+    ) -> Result<Self> {
         let len = checked_len(rows, cols)?;
         expect_len("weights", len, values.len())?;
         expect_len("mask", len, mask.len())?;
         Ok(DenseView {
             values,
-            mask: Some(mask),
+            mask: Some(Mask::Bools(mask)),
+            rows,
+            cols,
+        })
+    }
+
+    /// Weights plus a byte keep-mask (non-zero = kept).
+    pub fn with_mask_bytes(
+        values: &'a [f32],
+        mask: &'a [u8],
+        rows: usize,
+        cols: usize,
+    ) -> Result<Self> {
+        let len = checked_len(rows, cols)?;
+        expect_len("weights", len, values.len())?;
+        expect_len("mask", len, mask.len())?;
+        Ok(DenseView {
+            values,
+            mask: Some(Mask::Bytes(mask)),
             rows,
             cols,
         })
@@ -56,8 +104,8 @@ impl<'a> DenseView<'a> {
     #[inline]
     pub fn is_kept(&self, r: usize, c: usize) -> bool {
         let i = r * self.cols + c;
-        match self.mask {
-            Some(m) => m[i],
+        match &self.mask {
+            Some(m) => m.get(i),
             None => self.values[i] != 0.0,
         }
     }
@@ -74,8 +122,8 @@ impl<'a> DenseView<'a> {
 
     /// Number of kept entries.
     pub fn kept(&self) -> usize {
-        match self.mask {
-            Some(m) => m.iter().filter(|&&k| k).count(),
+        match &self.mask {
+            Some(m) => m.count(),
             None => self.values.iter().filter(|&&v| v != 0.0).count(),
         }
     }
@@ -83,14 +131,14 @@ impl<'a> DenseView<'a> {
     /// Row `r` with pruned entries zeroed (allocates only when a mask is present).
     pub(crate) fn row(&self, r: usize) -> std::borrow::Cow<'a, [f32]> {
         let row = &self.values[r * self.cols..(r + 1) * self.cols];
-        match self.mask {
+        match &self.mask {
             None => std::borrow::Cow::Borrowed(row),
             Some(m) => {
-                let mrow = &m[r * self.cols..(r + 1) * self.cols];
+                let base = r * self.cols;
                 std::borrow::Cow::Owned(
                     row.iter()
-                        .zip(mrow)
-                        .map(|(&v, &k)| if k { v } else { 0.0 })
+                        .enumerate()
+                        .map(|(c, &v)| if m.get(base + c) { v } else { 0.0 })
                         .collect(),
                 )
             }

@@ -1,0 +1,355 @@
+//! Bitmap format: one bit per weight saying whether it is kept, plus the kept values packed.
+//!
+//! The index cost is a fixed 1 bit per weight instead of CSR's 16 bits per *kept* weight, so the
+//! bitmap reads fewer bytes whenever more than 1/16 of the weights are kept: at 50% sparsity f32
+//! it reads 2.125 bytes per weight (CSR u16: 3, dense: 4). The price is compute proportional to
+//! *all* weights: the AVX2 kernel expands 8 packed values per mask byte into their lanes with
+//! one permute (`vpermps`, the lane map looked up from the byte) and zeroes the empty lanes, then
+//! does a dense FMA against `x`. That makes it the best format at medium sparsity, while CSR,
+//! whose work scales with kept weights only, wins again when very sparse; the planner weighs
+//! both.
+
+use crate::element::{Dtype, Element, Values, with_values};
+use crate::error::{KernelError, Result, checked_len, expect_len};
+use crate::isa::{Exec, Isa};
+use crate::par;
+use crate::rowgemm::{self, RowDecode};
+use crate::view::DenseView;
+use std::ops::Range;
+
+/// Zero values appended after the last packed value: the AVX2 kernel loads 8 values per mask
+/// byte even when fewer are kept.
+const PAD: usize = 8;
+
+/// Bitmap weights `[rows, cols]`: bit `c % 8` of byte `r * stride + c / 8` is set when `(r, c)`
+/// is kept; row `r`'s kept values start at `row_ptr[r]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BitmapMatrix {
+    rows: usize,
+    cols: usize,
+    stride: usize,
+    masks: Vec<u8>,
+    row_ptr: Vec<u32>,
+    values: Values,
+}
+
+impl BitmapMatrix {
+    /// Packs the kept entries of the view.
+    pub fn from_view(view: &DenseView<'_>, dtype: Dtype) -> Result<BitmapMatrix> {
+        let (rows, cols) = (view.rows(), view.cols());
+        let stride = cols.div_ceil(8);
+        let mut masks = vec![0u8; checked_len(rows, stride)?];
+        let mut row_ptr = Vec::with_capacity(rows + 1);
+        let mut vals = Vec::new();
+        row_ptr.push(0u32);
+        for r in 0..rows {
+            for c in 0..cols {
+                if view.is_kept(r, c) {
+                    masks[r * stride + c / 8] |= 1 << (c % 8);
+                    vals.push(view.get(r, c));
+                }
+            }
+            row_ptr.push(
+                u32::try_from(vals.len()).map_err(|_| KernelError::TooLarge {
+                    rows,
+                    cols,
+                    reason: "more than u32::MAX stored entries",
+                })?,
+            );
+        }
+        vals.extend([0.0; PAD]);
+        Ok(BitmapMatrix {
+            rows,
+            cols,
+            stride,
+            masks,
+            row_ptr,
+            values: Values::from_f32(dtype, vals),
+        })
+    }
+
+    /// Packs dense-with-zeros weights.
+    pub fn from_dense(w: &[f32], rows: usize, cols: usize, dtype: Dtype) -> Result<BitmapMatrix> {
+        Self::from_view(&DenseView::new(w, rows, cols)?, dtype)
+    }
+
+    /// Output features.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Input features.
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// Storage dtype.
+    pub fn dtype(&self) -> Dtype {
+        self.values.dtype()
+    }
+
+    /// Stored (kept) entries.
+    pub fn nnz(&self) -> usize {
+        self.row_ptr.last().map_or(0, |&n| n as usize)
+    }
+
+    /// Bytes a GEMV reads: masks, row pointers and values (with the small tail padding).
+    pub fn bytes(&self) -> usize {
+        self.masks.len() + self.row_ptr.len() * 4 + self.values.bytes()
+    }
+
+    /// Unpacks to dense row-major f32.
+    pub fn to_dense(&self) -> Vec<f32> {
+        let mut out = vec![0.0; self.rows * self.cols];
+        let (mut idx, mut val) = (Vec::new(), Vec::new());
+        for r in 0..self.rows {
+            self.decode_row(r, &mut idx, &mut val);
+            for (&c, &v) in idx.iter().zip(&val) {
+                out[r * self.cols + c as usize] = v;
+            }
+        }
+        out
+    }
+
+    /// `y = W·x` (`x`: `cols`, `y`: `rows`, overwritten).
+    pub fn gemv(&self, x: &[f32], y: &mut [f32], exec: Exec) -> Result<()> {
+        expect_len("x", self.cols, x.len())?;
+        expect_len("y", self.rows, y.len())?;
+        let tasks = par::task_count(exec, self.rows, self.bytes(), par::MIN_TASK_BYTES);
+        let bounds = par::even_bounds(self.rows, tasks);
+        let isa = exec.isa.effective();
+        with_values!(&self.values, v => {
+            par::for_each_range(y, 1, &bounds, |r, ys| self.gemv_rows(isa, v, r, x, ys))
+        });
+        Ok(())
+    }
+
+    fn gemv_rows<T: Element>(
+        &self,
+        isa: Isa,
+        vals: &[T],
+        rows: Range<usize>,
+        x: &[f32],
+        y: &mut [f32],
+    ) {
+        match isa {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2Fma => {
+                // SAFETY: AVX2 present (`effective`); masks/row_ptr/values are consistent by
+                // construction and `values` carries PAD trailing elements for the 8-wide loads;
+                // x.len() == cols (checked by `gemv`).
+                unsafe {
+                    x86::gemv_rows(
+                        &self.masks,
+                        self.stride,
+                        &self.row_ptr,
+                        vals,
+                        self.cols,
+                        rows,
+                        x,
+                        y,
+                    )
+                }
+            }
+            _ => {
+                for (yi, r) in y.iter_mut().zip(rows) {
+                    let mut vi = self.row_ptr[r] as usize;
+                    let mut acc = [0.0f32; 8];
+                    let mask = &self.masks[r * self.stride..][..self.stride];
+                    for (b, &m) in mask.iter().enumerate() {
+                        let mut m = m;
+                        while m != 0 {
+                            let j = m.trailing_zeros() as usize;
+                            acc[j] += vals[vi].to_f32() * x[b * 8 + j];
+                            vi += 1;
+                            m &= m - 1;
+                        }
+                    }
+                    *yi = crate::simd::sum8(acc);
+                }
+            }
+        }
+    }
+
+    /// `Y = X·Wᵀ` (`X`: `[tokens, cols]`, `Y`: `[tokens, rows]`, row-major; `Y` overwritten).
+    pub fn gemm(&self, x: &[f32], tokens: usize, y: &mut [f32], exec: Exec) -> Result<()> {
+        expect_len("x", checked_len(tokens, self.cols)?, x.len())?;
+        expect_len("y", checked_len(tokens, self.rows)?, y.len())?;
+        if tokens <= 2 {
+            for t in 0..tokens {
+                let (xs, ys) = (
+                    &x[t * self.cols..][..self.cols],
+                    &mut y[t * self.rows..][..self.rows],
+                );
+                self.gemv(xs, ys, exec)?;
+            }
+            return Ok(());
+        }
+        let (rows, cols, nnz) = (self.rows, self.cols, self.nnz());
+        rowgemm::row_gemm(
+            self,
+            rows,
+            cols,
+            Some(&self.row_ptr),
+            nnz,
+            x,
+            tokens,
+            y,
+            exec,
+        );
+        Ok(())
+    }
+}
+
+impl RowDecode for BitmapMatrix {
+    fn decode_row(&self, r: usize, idx: &mut Vec<u32>, val: &mut Vec<f32>) {
+        idx.clear();
+        val.clear();
+        let mut vi = self.row_ptr[r] as usize;
+        for (b, &m) in self.masks[r * self.stride..][..self.stride]
+            .iter()
+            .enumerate()
+        {
+            let mut m = m;
+            while m != 0 {
+                idx.push((b * 8) as u32 + m.trailing_zeros());
+                val.push(self.values.get(vi));
+                vi += 1;
+                m &= m - 1;
+            }
+        }
+    }
+}
+
+/// For mask byte `m`: lane `j` (bit `j` set) takes packed value number `popcount(m & (2^j - 1))`.
+const fn perm_table() -> [[u32; 8]; 256] {
+    let mut t = [[0u32; 8]; 256];
+    let mut m = 0;
+    while m < 256 {
+        let mut j = 0;
+        let mut k = 0;
+        while j < 8 {
+            if m & (1 << j) != 0 {
+                t[m][j] = k;
+                k += 1;
+            }
+            j += 1;
+        }
+        m += 1;
+    }
+    t
+}
+
+/// For mask byte `m`: all-ones in the lanes whose bit is set (zeroes the other lanes).
+const fn lane_table() -> [[u32; 8]; 256] {
+    let mut t = [[0u32; 8]; 256];
+    let mut m = 0;
+    while m < 256 {
+        let mut j = 0;
+        while j < 8 {
+            if m & (1 << j) != 0 {
+                t[m][j] = u32::MAX;
+            }
+            j += 1;
+        }
+        m += 1;
+    }
+    t
+}
+
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+static PERM: [[u32; 8]; 256] = perm_table();
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+static LANES: [[u32; 8]; 256] = lane_table();
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{LANES, PERM};
+    use crate::element::Element;
+    use crate::simd::x86::hsum;
+    use std::arch::x86_64::*;
+    use std::ops::Range;
+
+    /// Expands the packed values at `vp` into the lanes of mask byte `m`, multiplies by the 8
+    /// activations at `xp` and accumulates; returns how many values were consumed.
+    ///
+    /// # Safety
+    /// AVX2+FMA+POPCNT; 8 values readable at `vp`; 8 activations at `xp`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,popcnt")]
+    unsafe fn step<T: Element>(
+        m: usize,
+        vp: *const T,
+        xp: *const f32,
+        acc: __m256,
+    ) -> (__m256, usize) {
+        // SAFETY: table rows are 32 bytes, m < 256; the rest is the caller's contract.
+        unsafe {
+            let perm = _mm256_loadu_si256(PERM[m].as_ptr().cast());
+            let lanes = _mm256_loadu_ps(LANES[m].as_ptr().cast());
+            let e = _mm256_and_ps(_mm256_permutevar8x32_ps(T::load8(vp), perm), lanes);
+            (
+                _mm256_fmadd_ps(e, _mm256_loadu_ps(xp), acc),
+                m.count_ones() as usize,
+            )
+        }
+    }
+
+    /// # Safety
+    /// AVX2+FMA+POPCNT; the matrix arrays are consistent (see `BitmapMatrix`), `vals` has PAD
+    /// trailing elements, `x.len() == cols`, `y.len() == rows.len()`.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx2,fma,popcnt")]
+    pub(super) unsafe fn gemv_rows<T: Element>(
+        masks: &[u8],
+        stride: usize,
+        row_ptr: &[u32],
+        vals: &[T],
+        cols: usize,
+        rows: Range<usize>,
+        x: &[f32],
+        y: &mut [f32],
+    ) {
+        let full = cols / 8;
+        let xp = x.as_ptr();
+        for (yi, r) in y.iter_mut().zip(rows) {
+            let mrow = &masks[r * stride..][..stride];
+            let mut vi = row_ptr[r] as usize;
+            let mut a0 = _mm256_setzero_ps();
+            let mut a1 = _mm256_setzero_ps();
+            let mut b = 0;
+            // SAFETY: vi never exceeds the row's end (the popcounts of its bytes), and values
+            // carry PAD spare elements, so each 8-wide load is in bounds; x reads stay < cols.
+            unsafe {
+                let vp = vals.as_ptr();
+                while b + 2 <= full {
+                    let (m0, m1) = (usize::from(mrow[b]), usize::from(mrow[b + 1]));
+                    let (n0, k0) = step(m0, vp.add(vi), xp.add(8 * b), a0);
+                    a0 = n0;
+                    vi += k0;
+                    let (n1, k1) = step(m1, vp.add(vi), xp.add(8 * b + 8), a1);
+                    a1 = n1;
+                    vi += k1;
+                    b += 2;
+                }
+                if b < full {
+                    let (n0, k0) = step(usize::from(mrow[b]), vp.add(vi), xp.add(8 * b), a0);
+                    a0 = n0;
+                    vi += k0;
+                }
+                let mut s = hsum(_mm256_add_ps(a0, a1));
+                if full < stride {
+                    // Ragged tail: fewer than 8 columns in the last byte.
+                    let mut m = mrow[full];
+                    while m != 0 {
+                        let j = m.trailing_zeros() as usize;
+                        s += (*vp.add(vi)).to_f32() * *xp.add(8 * full + j);
+                        vi += 1;
+                        m &= m - 1;
+                    }
+                }
+                *yi = s;
+            }
+        }
+    }
+}

@@ -1,0 +1,333 @@
+//! Compressed sparse rows: one value and one column index per kept weight.
+//!
+//! Column indices are `u16` whenever `cols <= 65536` (every LLM hidden size), else `u32`: at
+//! batch 1 bytes are time, and the index is a third (f32) or half (bf16) of each entry. The AVX2
+//! GEMV widens 8 indices at a time and fetches `x` with a hardware gather; rows are split over
+//! the pool balanced by stored entries rather than by row count.
+
+use crate::element::{Dtype, Element, Values, with_values};
+use crate::error::{KernelError, Result, checked_len, expect_len};
+use crate::isa::{Exec, Isa};
+use crate::par;
+use crate::rowgemm::{self, RowDecode};
+use crate::view::DenseView;
+use std::ops::Range;
+
+/// Column index storage, chosen by width at packing time.
+#[derive(Debug, Clone, PartialEq)]
+enum ColIndex {
+    U16(Vec<u16>),
+    U32(Vec<u32>),
+}
+
+/// A column index type usable by the kernels (`u16` or `u32`).
+trait Index: Copy + Send + Sync + 'static {
+    fn get(self) -> usize;
+}
+impl Index for u16 {
+    #[inline(always)]
+    fn get(self) -> usize {
+        usize::from(self)
+    }
+}
+impl Index for u32 {
+    #[inline(always)]
+    fn get(self) -> usize {
+        self as usize
+    }
+}
+
+/// CSR weights `[rows, cols]`: `row_ptr[r]..row_ptr[r+1]` indexes row `r`'s entries.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CsrMatrix {
+    rows: usize,
+    cols: usize,
+    row_ptr: Vec<u32>,
+    idx: ColIndex,
+    values: Values,
+}
+
+impl CsrMatrix {
+    /// Packs the kept entries of the view.
+    pub fn from_view(view: &DenseView<'_>, dtype: Dtype) -> Result<CsrMatrix> {
+        let (rows, cols) = (view.rows(), view.cols());
+        // u32 indices are fed to a signed 32-bit gather, so columns must stay below 2^31.
+        if cols > i32::MAX as usize {
+            return Err(KernelError::TooLarge {
+                rows,
+                cols,
+                reason: "CSR column indices must fit in i32",
+            });
+        }
+        let mut row_ptr = Vec::with_capacity(rows + 1);
+        let mut idx = Vec::new();
+        let mut vals = Vec::new();
+        row_ptr.push(0u32);
+        for r in 0..rows {
+            for c in 0..cols {
+                if view.is_kept(r, c) {
+                    idx.push(c as u32);
+                    vals.push(view.get(r, c));
+                }
+            }
+            row_ptr.push(u32::try_from(idx.len()).map_err(|_| KernelError::TooLarge {
+                rows,
+                cols,
+                reason: "more than u32::MAX stored entries",
+            })?);
+        }
+        let idx = if cols <= 1 << 16 {
+            ColIndex::U16(idx.into_iter().map(|c| c as u16).collect())
+        } else {
+            ColIndex::U32(idx)
+        };
+        Ok(CsrMatrix {
+            rows,
+            cols,
+            row_ptr,
+            idx,
+            values: Values::from_f32(dtype, vals),
+        })
+    }
+
+    /// Packs dense-with-zeros weights.
+    pub fn from_dense(w: &[f32], rows: usize, cols: usize, dtype: Dtype) -> Result<CsrMatrix> {
+        Self::from_view(&DenseView::new(w, rows, cols)?, dtype)
+    }
+
+    /// Output features.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Input features.
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// Storage dtype.
+    pub fn dtype(&self) -> Dtype {
+        self.values.dtype()
+    }
+
+    /// Stored entries.
+    pub fn nnz(&self) -> usize {
+        self.row_ptr.last().map_or(0, |&n| n as usize)
+    }
+
+    /// Bytes per column index (2 or 4).
+    pub fn index_bytes(&self) -> usize {
+        match self.idx {
+            ColIndex::U16(_) => 2,
+            ColIndex::U32(_) => 4,
+        }
+    }
+
+    /// Bytes a GEMV reads: values, indices and row pointers.
+    pub fn bytes(&self) -> usize {
+        self.values.bytes() + self.nnz() * self.index_bytes() + self.row_ptr.len() * 4
+    }
+
+    /// Unpacks to dense row-major f32.
+    pub fn to_dense(&self) -> Vec<f32> {
+        let mut out = vec![0.0; self.rows * self.cols];
+        let (mut idx, mut val) = (Vec::new(), Vec::new());
+        for r in 0..self.rows {
+            self.decode_row(r, &mut idx, &mut val);
+            for (&c, &v) in idx.iter().zip(&val) {
+                out[r * self.cols + c as usize] = v;
+            }
+        }
+        out
+    }
+
+    /// `y = W·x` (`x`: `cols`, `y`: `rows`, overwritten).
+    pub fn gemv(&self, x: &[f32], y: &mut [f32], exec: Exec) -> Result<()> {
+        expect_len("x", self.cols, x.len())?;
+        expect_len("y", self.rows, y.len())?;
+        let tasks = par::task_count(exec, self.rows, self.bytes(), par::MIN_TASK_BYTES);
+        let bounds = if tasks > 1 {
+            par::weighted_bounds(&self.row_ptr, tasks)
+        } else {
+            par::even_bounds(self.rows, 1)
+        };
+        let isa = exec.isa.effective();
+        let rp = &self.row_ptr;
+        with_values!(&self.values, v => match &self.idx {
+            ColIndex::U16(ix) => par::for_each_range(y, 1, &bounds, |r, ys| {
+                gemv_rows(isa, rp, ix, v, r, x, ys)
+            }),
+            ColIndex::U32(ix) => par::for_each_range(y, 1, &bounds, |r, ys| {
+                gemv_rows(isa, rp, ix, v, r, x, ys)
+            }),
+        });
+        Ok(())
+    }
+
+    /// `Y = X·Wᵀ` (`X`: `[tokens, cols]`, `Y`: `[tokens, rows]`, row-major; `Y` overwritten).
+    pub fn gemm(&self, x: &[f32], tokens: usize, y: &mut [f32], exec: Exec) -> Result<()> {
+        expect_len("x", checked_len(tokens, self.cols)?, x.len())?;
+        expect_len("y", checked_len(tokens, self.rows)?, y.len())?;
+        if tokens <= 2 {
+            for t in 0..tokens {
+                let (xs, ys) = (
+                    &x[t * self.cols..][..self.cols],
+                    &mut y[t * self.rows..][..self.rows],
+                );
+                self.gemv(xs, ys, exec)?;
+            }
+            return Ok(());
+        }
+        let (rows, cols, nnz) = (self.rows, self.cols, self.nnz());
+        rowgemm::row_gemm(
+            self,
+            rows,
+            cols,
+            Some(&self.row_ptr),
+            nnz,
+            x,
+            tokens,
+            y,
+            exec,
+        );
+        Ok(())
+    }
+}
+
+impl RowDecode for CsrMatrix {
+    fn decode_row(&self, r: usize, idx: &mut Vec<u32>, val: &mut Vec<f32>) {
+        idx.clear();
+        val.clear();
+        let (s, e) = (self.row_ptr[r] as usize, self.row_ptr[r + 1] as usize);
+        match &self.idx {
+            ColIndex::U16(ix) => idx.extend(ix[s..e].iter().map(|&c| u32::from(c))),
+            ColIndex::U32(ix) => idx.extend_from_slice(&ix[s..e]),
+        }
+        val.extend((s..e).map(|i| self.values.get(i)));
+    }
+}
+
+/// GEMV over a row range; `y.len() == rows.len()`.
+fn gemv_rows<T: Element, I: Index + SimdIndex>(
+    isa: Isa,
+    row_ptr: &[u32],
+    idx: &[I],
+    vals: &[T],
+    rows: Range<usize>,
+    x: &[f32],
+    y: &mut [f32],
+) {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2Fma => {
+            // SAFETY: AVX2 present (`effective`); the packer guarantees row_ptr is monotone and
+            // within `idx`/`vals`, and every index < cols == x.len() (checked by `gemv`).
+            unsafe { x86::gemv_rows(row_ptr, idx, vals, rows, x, y) }
+        }
+        _ => {
+            for (yi, r) in y.iter_mut().zip(rows) {
+                let (s, e) = (row_ptr[r] as usize, row_ptr[r + 1] as usize);
+                let mut acc = [0.0f32; 8];
+                let (ic, vc) = (idx[s..e].chunks_exact(8), vals[s..e].chunks_exact(8));
+                let (it, vt) = (ic.remainder(), vc.remainder());
+                for (i8, v8) in ic.zip(vc) {
+                    for j in 0..8 {
+                        acc[j] += v8[j].to_f32() * x[i8[j].get()];
+                    }
+                }
+                let mut s = crate::simd::sum8(acc);
+                for (i, v) in it.iter().zip(vt) {
+                    s += v.to_f32() * x[i.get()];
+                }
+                *yi = s;
+            }
+        }
+    }
+}
+
+/// Loading 8 column indices as i32 lanes for a gather.
+#[cfg(target_arch = "x86_64")]
+trait SimdIndex {
+    /// # Safety
+    /// 8 indices readable at `p`; AVX2 available.
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256i;
+}
+#[cfg(not(target_arch = "x86_64"))]
+trait SimdIndex {}
+
+#[cfg(target_arch = "x86_64")]
+impl SimdIndex for u16 {
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256i {
+        use std::arch::x86_64::*;
+        // SAFETY: 8 u16 readable (caller).
+        unsafe { _mm256_cvtepu16_epi32(_mm_loadu_si128(p.cast())) }
+    }
+}
+#[cfg(target_arch = "x86_64")]
+impl SimdIndex for u32 {
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256i {
+        use std::arch::x86_64::*;
+        // SAFETY: 8 u32 readable (caller); values < 2^31 (checked at packing).
+        unsafe { _mm256_loadu_si256(p.cast()) }
+    }
+}
+#[cfg(not(target_arch = "x86_64"))]
+impl SimdIndex for u16 {}
+#[cfg(not(target_arch = "x86_64"))]
+impl SimdIndex for u32 {}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{Index, SimdIndex};
+    use crate::element::Element;
+    use crate::simd::x86::hsum;
+    use std::arch::x86_64::*;
+    use std::ops::Range;
+
+    /// # Safety
+    /// AVX2+FMA; `row_ptr` monotone with entries within `idx`/`vals`; every index `< x.len()`;
+    /// `y.len() == rows.len()`.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn gemv_rows<T: Element, I: Index + SimdIndex>(
+        row_ptr: &[u32],
+        idx: &[I],
+        vals: &[T],
+        rows: Range<usize>,
+        x: &[f32],
+        y: &mut [f32],
+    ) {
+        let (ip, vp, xp) = (idx.as_ptr(), vals.as_ptr(), x.as_ptr());
+        for (yi, r) in y.iter_mut().zip(rows) {
+            let (s, e) = (row_ptr[r] as usize, row_ptr[r + 1] as usize);
+            let mut a0 = _mm256_setzero_ps();
+            let mut a1 = _mm256_setzero_ps();
+            let mut k = s;
+            // SAFETY: s..e lies in idx/vals, indices < x.len() (contract).
+            unsafe {
+                // Two independent gathers in flight per iteration.
+                while k + 16 <= e {
+                    let g0 = _mm256_i32gather_ps::<4>(xp, I::load8(ip.add(k)));
+                    let g1 = _mm256_i32gather_ps::<4>(xp, I::load8(ip.add(k + 8)));
+                    a0 = _mm256_fmadd_ps(T::load8(vp.add(k)), g0, a0);
+                    a1 = _mm256_fmadd_ps(T::load8(vp.add(k + 8)), g1, a1);
+                    k += 16;
+                }
+                if k + 8 <= e {
+                    let g0 = _mm256_i32gather_ps::<4>(xp, I::load8(ip.add(k)));
+                    a0 = _mm256_fmadd_ps(T::load8(vp.add(k)), g0, a0);
+                    k += 8;
+                }
+                let mut sum = hsum(_mm256_add_ps(a0, a1));
+                while k < e {
+                    sum += (*vp.add(k)).to_f32() * *xp.add((*ip.add(k)).get());
+                    k += 1;
+                }
+                *yi = sum;
+            }
+        }
+    }
+}

@@ -1,0 +1,255 @@
+//! Dense row-major weights: the baseline every sparse format has to beat, and the fallback the
+//! planner picks when sparsity would not pay.
+//!
+//! GEMV (`y = W·x`) is memory bound at batch 1, so the kernel's only job is to stream `W` at
+//! full bandwidth: four rows at a time share each load of `x` (four independent FMA chains hide
+//! the FMA latency), the rows are split over the rayon pool in contiguous ranges. GEMM packs 16
+//! rows at a time into a column-major panel and runs the shared register-blocked micro-kernel.
+
+use crate::element::{Dtype, Element, Values, with_values};
+use crate::error::{Result, checked_len, expect_len};
+use crate::gemm::{self, NR, Segment};
+use crate::isa::{Exec, Isa};
+use crate::par::{self, SharedOut};
+use crate::simd;
+use crate::view::DenseView;
+use std::ops::Range;
+
+/// Dense `[rows, cols]` row-major weights stored as f32 or bf16.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DenseMatrix {
+    rows: usize,
+    cols: usize,
+    values: Values,
+}
+
+impl DenseMatrix {
+    /// Packs (copies, and rounds for bf16) the view; masked-out entries become zero.
+    pub fn from_view(view: &DenseView<'_>, dtype: Dtype) -> DenseMatrix {
+        let mut v = Vec::with_capacity(view.rows() * view.cols());
+        for r in 0..view.rows() {
+            v.extend_from_slice(&view.row(r));
+        }
+        DenseMatrix {
+            rows: view.rows(),
+            cols: view.cols(),
+            values: Values::from_f32(dtype, v),
+        }
+    }
+
+    /// Packs dense row-major weights.
+    pub fn from_dense(w: &[f32], rows: usize, cols: usize, dtype: Dtype) -> Result<DenseMatrix> {
+        Ok(Self::from_view(&DenseView::new(w, rows, cols)?, dtype))
+    }
+
+    /// Output features.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Input features.
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// Storage dtype.
+    pub fn dtype(&self) -> Dtype {
+        self.values.dtype()
+    }
+
+    /// Bytes a GEMV reads from the weights.
+    pub fn bytes(&self) -> usize {
+        self.values.bytes()
+    }
+
+    /// Unpacks to dense row-major f32.
+    pub fn to_dense(&self) -> Vec<f32> {
+        (0..self.values_len()).map(|i| self.values.get(i)).collect()
+    }
+
+    fn values_len(&self) -> usize {
+        self.rows * self.cols
+    }
+
+    /// `y = W·x` (`x`: `cols`, `y`: `rows`, overwritten).
+    pub fn gemv(&self, x: &[f32], y: &mut [f32], exec: Exec) -> Result<()> {
+        expect_len("x", self.cols, x.len())?;
+        expect_len("y", self.rows, y.len())?;
+        let tasks = par::task_count(
+            exec,
+            self.rows.div_ceil(4),
+            self.bytes(),
+            par::MIN_TASK_BYTES,
+        );
+        // Bounds in units of 4 rows so every task but the last runs the 4-row kernel only.
+        let bounds = par::even_bounds(self.rows.div_ceil(4), tasks);
+        let isa = exec.isa.effective();
+        let (rows, cols) = (self.rows, self.cols);
+        with_values!(&self.values, w => {
+            par::for_each_range(y, 4, &bounds, |units, ys| {
+                let r = units.start * 4..(units.end * 4).min(rows);
+                gemv_rows(isa, w, cols, r, x, ys);
+            })
+        });
+        Ok(())
+    }
+
+    /// `Y = X·Wᵀ` (`X`: `[tokens, cols]`, `Y`: `[tokens, rows]`, both row-major; `Y` overwritten).
+    pub fn gemm(&self, x: &[f32], tokens: usize, y: &mut [f32], exec: Exec) -> Result<()> {
+        expect_len("x", checked_len(tokens, self.cols)?, x.len())?;
+        expect_len("y", checked_len(tokens, self.rows)?, y.len())?;
+        if tokens <= 2 {
+            // Too few tokens to amortise packing: a GEMV per token streams W at full speed.
+            for t in 0..tokens {
+                let (xs, ys) = (
+                    &x[t * self.cols..][..self.cols],
+                    &mut y[t * self.rows..][..self.rows],
+                );
+                self.gemv(xs, ys, exec)?;
+            }
+            return Ok(());
+        }
+        let panels = self.rows.div_ceil(NR);
+        let flops = tokens * self.rows * self.cols;
+        let tasks = par::task_count(exec, panels, flops, par::MIN_TASK_FLOPS);
+        let bounds = par::even_bounds(panels, tasks);
+        let out = SharedOut::new(y);
+        let isa = exec.isa.effective();
+        let (rows, cols) = (self.rows, self.cols);
+        with_values!(&self.values, w => {
+            par::for_each_bound(&bounds, |range| {
+                let mut panel = vec![0.0f32; cols * NR];
+                for p in range {
+                    let r0 = p * NR;
+                    let nr = NR.min(rows - r0);
+                    pack_panel(w, cols, r0, nr, &mut panel);
+                    let seg = [Segment { col: 0, kc: cols, offset: 0 }];
+                    gemm::panel_gemm(isa, x, tokens, cols, &seg, &panel, NR, out, rows, r0, nr);
+                }
+            })
+        });
+        Ok(())
+    }
+}
+
+/// Copies rows `r0..r0+nr` of `w` into `panel[k * 16 + r]` (f32), zero-filling rows past `nr`.
+fn pack_panel<T: Element>(w: &[T], cols: usize, r0: usize, nr: usize, panel: &mut [f32]) {
+    for r in 0..NR {
+        if r < nr {
+            let row = &w[(r0 + r) * cols..][..cols];
+            for (k, &v) in row.iter().enumerate() {
+                panel[k * NR + r] = v.to_f32();
+            }
+        } else {
+            for k in 0..cols {
+                panel[k * NR + r] = 0.0;
+            }
+        }
+    }
+}
+
+/// `y[i] = W[rows.start + i] · x` for the given row range; `y.len() == rows.len()`.
+pub(crate) fn gemv_rows<T: Element>(
+    isa: Isa,
+    w: &[T],
+    cols: usize,
+    rows: Range<usize>,
+    x: &[f32],
+    y: &mut [f32],
+) {
+    assert!(rows.end * cols <= w.len() && x.len() == cols && y.len() == rows.len());
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `isa` is effective (AVX2+FMA present); bounds asserted above.
+        Isa::Avx2Fma => unsafe { x86::gemv_rows(w, cols, rows, x, y) },
+        _ => {
+            for (yi, r) in y.iter_mut().zip(rows) {
+                *yi = simd::dot_portable(&w[r * cols..][..cols], x);
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use crate::element::Element;
+    use crate::simd::x86::{hsum, hsum4};
+    use std::arch::x86_64::*;
+    use std::ops::Range;
+
+    /// # Safety
+    /// AVX2+FMA available; `w` holds rows `..rows.end` of `cols`; `x.len() == cols`;
+    /// `y.len() == rows.len()`.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn gemv_rows<T: Element>(
+        w: &[T],
+        cols: usize,
+        rows: Range<usize>,
+        x: &[f32],
+        y: &mut [f32],
+    ) {
+        let xp = x.as_ptr();
+        let c8 = cols / 8 * 8;
+        let mut r = rows.start;
+        let mut i = 0;
+        // Four rows per pass: one x load feeds four FMAs, four independent chains.
+        while r + 4 <= rows.end {
+            // SAFETY: rows r..r+4 are within `w`, columns < cols (function contract).
+            unsafe {
+                let p0 = w.as_ptr().add(r * cols);
+                let (p1, p2, p3) = (p0.add(cols), p0.add(2 * cols), p0.add(3 * cols));
+                let mut a0 = _mm256_setzero_ps();
+                let mut a1 = _mm256_setzero_ps();
+                let mut a2 = _mm256_setzero_ps();
+                let mut a3 = _mm256_setzero_ps();
+                let mut c = 0;
+                while c < c8 {
+                    let xv = _mm256_loadu_ps(xp.add(c));
+                    a0 = _mm256_fmadd_ps(T::load8(p0.add(c)), xv, a0);
+                    a1 = _mm256_fmadd_ps(T::load8(p1.add(c)), xv, a1);
+                    a2 = _mm256_fmadd_ps(T::load8(p2.add(c)), xv, a2);
+                    a3 = _mm256_fmadd_ps(T::load8(p3.add(c)), xv, a3);
+                    c += 8;
+                }
+                let mut s = [0.0f32; 4];
+                _mm_storeu_ps(s.as_mut_ptr(), hsum4(a0, a1, a2, a3));
+                for c in c8..cols {
+                    let xc = *xp.add(c);
+                    s[0] += (*p0.add(c)).to_f32() * xc;
+                    s[1] += (*p1.add(c)).to_f32() * xc;
+                    s[2] += (*p2.add(c)).to_f32() * xc;
+                    s[3] += (*p3.add(c)).to_f32() * xc;
+                }
+                y[i..i + 4].copy_from_slice(&s);
+            }
+            r += 4;
+            i += 4;
+        }
+        while r < rows.end {
+            // SAFETY: as above, one row.
+            unsafe {
+                let p = w.as_ptr().add(r * cols);
+                let mut a0 = _mm256_setzero_ps();
+                let mut a1 = _mm256_setzero_ps();
+                let mut c = 0;
+                while c + 16 <= cols {
+                    a0 = _mm256_fmadd_ps(T::load8(p.add(c)), _mm256_loadu_ps(xp.add(c)), a0);
+                    a1 =
+                        _mm256_fmadd_ps(T::load8(p.add(c + 8)), _mm256_loadu_ps(xp.add(c + 8)), a1);
+                    c += 16;
+                }
+                if c + 8 <= cols {
+                    a0 = _mm256_fmadd_ps(T::load8(p.add(c)), _mm256_loadu_ps(xp.add(c)), a0);
+                    c += 8;
+                }
+                let mut s = hsum(_mm256_add_ps(a0, a1));
+                for c in c..cols {
+                    s += (*p.add(c)).to_f32() * *xp.add(c);
+                }
+                y[i] = s;
+            }
+            r += 1;
+            i += 1;
+        }
+    }
+}

@@ -1,0 +1,171 @@
+//! Register-blocked GEMM micro-kernel shared by dense and BSR prefill (`Y = X · Wᵀ`).
+//!
+//! Prefill is compute bound, so what matters is keeping the FMA units busy. The micro-kernel
+//! computes a 6-token x 16-row tile of `Y` held in 12 AVX2 registers; each step over the input
+//! dimension loads 16 weights (2 vectors) and broadcasts 6 activations, for 12 FMAs: the FMA
+//! pipes, not the loads, are the limit. Weights are read from a *panel*: the weights of 16
+//! consecutive output rows for consecutive input columns, stored column-major
+//! (`panel[k * ld + r]`). Dense weights are packed into that layout on the fly (once per panel,
+//! amortised over every token tile); BSR blocks with `br` a multiple of 16 already are in it,
+//! so the kernel reads them in place, one [`Segment`] per stored block, and skips the pruned
+//! blocks entirely, which is where the BSR speed-up comes from.
+
+use crate::isa::Isa;
+use crate::par::SharedOut;
+
+/// Tokens per register tile.
+pub(crate) const MR: usize = 6;
+/// Output rows per register tile (two 8-lane vectors).
+pub(crate) const NR: usize = 16;
+
+/// `kc` consecutive input columns starting at `col`, whose weights for the current 16 output rows
+/// start at `offset` in the panel buffer (`panel[offset + k * ld + r]`).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Segment {
+    pub col: usize,
+    pub kc: usize,
+    pub offset: usize,
+}
+
+/// Writes `Y[t, r0 .. r0 + nr] = Σ_seg Σ_k X[t, seg.col + k] · panel[seg.offset + k*ld + r]` for
+/// every token `t`, where `X` is `[tokens, ldx]` and `Y` is `[tokens, ldy]`, both row-major.
+///
+/// Only columns `r0 .. r0 + nr` of `Y` are written; the caller's tasks own disjoint row ranges,
+/// which is what makes the shared writes sound.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn panel_gemm(
+    isa: Isa,
+    x: &[f32],
+    tokens: usize,
+    ldx: usize,
+    segs: &[Segment],
+    panel: &[f32],
+    ld: usize,
+    out: SharedOut,
+    ldy: usize,
+    r0: usize,
+    nr: usize,
+) {
+    // Validate once here so the micro-kernels can use unchecked pointer arithmetic.
+    assert!(nr <= NR && ld >= NR, "panel tile {nr} rows, ld {ld}");
+    assert!(x.len() >= tokens * ldx, "x shorter than tokens * ldx");
+    assert!(r0 + nr <= ldy, "rows {r0}+{nr} beyond ldy {ldy}");
+    for s in segs {
+        assert!(s.col + s.kc <= ldx, "segment columns beyond ldx");
+        assert!(
+            s.kc == 0 || s.offset + (s.kc - 1) * ld + NR <= panel.len(),
+            "segment beyond the panel buffer"
+        );
+    }
+    let mut tile = [[0.0f32; NR]; MR];
+    let mut t0 = 0;
+    while t0 < tokens {
+        let nt = MR.min(tokens - t0);
+        let xs = &x[t0 * ldx..];
+        match isa.effective() {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2Fma => {
+                // SAFETY: AVX2+FMA is available (`effective`), and the asserts above bound every
+                // read: tokens t0..t0+nt exist in `x` and every segment lies inside `panel`.
+                unsafe {
+                    match nt {
+                        6 => x86::mk::<6>(xs.as_ptr(), ldx, segs, panel.as_ptr(), ld, &mut tile),
+                        5 => x86::mk::<5>(xs.as_ptr(), ldx, segs, panel.as_ptr(), ld, &mut tile),
+                        4 => x86::mk::<4>(xs.as_ptr(), ldx, segs, panel.as_ptr(), ld, &mut tile),
+                        3 => x86::mk::<3>(xs.as_ptr(), ldx, segs, panel.as_ptr(), ld, &mut tile),
+                        2 => x86::mk::<2>(xs.as_ptr(), ldx, segs, panel.as_ptr(), ld, &mut tile),
+                        _ => x86::mk::<1>(xs.as_ptr(), ldx, segs, panel.as_ptr(), ld, &mut tile),
+                    }
+                }
+            }
+            _ => mk_portable(nt, xs, ldx, segs, panel, ld, &mut tile),
+        }
+        for (t, row) in tile.iter().enumerate().take(nt) {
+            let base = (t0 + t) * ldy + r0;
+            for (i, &v) in row.iter().enumerate().take(nr) {
+                // SAFETY: this task owns output rows r0..r0+nr (see the function docs).
+                unsafe { out.write(base + i, v) };
+            }
+        }
+        t0 += nt;
+    }
+}
+
+/// Portable micro-kernel: same tile and summation order as the AVX2 one.
+fn mk_portable(
+    nt: usize,
+    x: &[f32],
+    ldx: usize,
+    segs: &[Segment],
+    panel: &[f32],
+    ld: usize,
+    tile: &mut [[f32; NR]; MR],
+) {
+    for row in tile.iter_mut() {
+        *row = [0.0; NR];
+    }
+    for s in segs {
+        for k in 0..s.kc {
+            let w: &[f32; NR] = panel[s.offset + k * ld..][..NR]
+                .try_into()
+                .expect("slice of NR");
+            for (t, acc) in tile.iter_mut().enumerate().take(nt) {
+                let xv = x[t * ldx + s.col + k];
+                for r in 0..NR {
+                    acc[r] += xv * w[r];
+                }
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{MR, NR, Segment};
+    use std::arch::x86_64::*;
+
+    /// AVX2 micro-kernel for `NT` tokens: 2·NT accumulators stay in registers across all
+    /// segments, so the output tile is stored once per panel.
+    ///
+    /// # Safety
+    /// AVX2+FMA available; `x` valid for `NT` rows of stride `ldx` covering every segment's
+    /// columns; `panel` valid for every segment's `offset + (kc-1)*ld + 16`.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn mk<const NT: usize>(
+        x: *const f32,
+        ldx: usize,
+        segs: &[Segment],
+        panel: *const f32,
+        ld: usize,
+        tile: &mut [[f32; NR]; MR],
+    ) {
+        let mut acc = [[_mm256_setzero_ps(); 2]; NT];
+        for s in segs {
+            // SAFETY: bounds are the caller's contract (checked by `panel_gemm`).
+            unsafe {
+                let mut w = panel.add(s.offset);
+                let mut xp = x.add(s.col);
+                for _ in 0..s.kc {
+                    let w0 = _mm256_loadu_ps(w);
+                    let w1 = _mm256_loadu_ps(w.add(8));
+                    for (t, a) in acc.iter_mut().enumerate() {
+                        let xv = _mm256_broadcast_ss(&*xp.add(t * ldx));
+                        a[0] = _mm256_fmadd_ps(xv, w0, a[0]);
+                        a[1] = _mm256_fmadd_ps(xv, w1, a[1]);
+                    }
+                    // wrapping: after the last step these may point past the buffers; they are
+                    // never dereferenced there.
+                    xp = xp.wrapping_add(1);
+                    w = w.wrapping_add(ld);
+                }
+            }
+        }
+        for (t, a) in acc.iter().enumerate() {
+            // SAFETY: tile rows have 16 lanes.
+            unsafe {
+                _mm256_storeu_ps(tile[t].as_mut_ptr(), a[0]);
+                _mm256_storeu_ps(tile[t].as_mut_ptr().add(8), a[1]);
+            }
+        }
+    }
+}

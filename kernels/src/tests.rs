@@ -1,0 +1,352 @@
+//! Cross-format tests: every format and kernel against the naive reference, on both ISAs,
+//! single-threaded and threaded, f32 and bf16, over awkward shapes; plus pack/unpack
+//! properties and the planner's decisions.
+
+use crate::testutil::{self, assert_close, reference};
+use crate::{
+    DenseView, Dtype, Exec, Format, Isa, KernelError, NmMatrix, PackedLinear, Structure,
+    choose_format,
+};
+use proptest::prelude::*;
+
+/// Shapes with ragged edges for every block size used below, single rows/columns, and sizes
+/// big enough that the threaded paths really split.
+const SHAPES: &[(usize, usize)] = &[
+    (1, 1),
+    (1, 17),
+    (5, 3),
+    (16, 16),
+    (17, 33),
+    (33, 64),
+    (64, 130),
+    (130, 300),
+    (257, 515),
+];
+
+const TOKENS: &[usize] = &[1, 2, 3, 7, 70];
+
+fn execs() -> Vec<Exec> {
+    Isa::all_available()
+        .into_iter()
+        .flat_map(|isa| [Exec::single(isa), Exec::threaded(isa)])
+        .collect()
+}
+
+/// Dropped weights zeroed and kept ones rounded to the storage dtype: what a packed matrix
+/// must reproduce exactly.
+fn expected_dense(w: &[f32], dtype: Dtype) -> Vec<f32> {
+    w.iter().map(|&v| dtype.round(v)).collect()
+}
+
+/// Packs `w` in `format`, checks the round trip, and checks GEMV and GEMM against the
+/// reference for every execution mode and token count.
+fn check_format(w: &[f32], rows: usize, cols: usize, format: Format, seed: u64) {
+    let mut rng = testutil::rng(seed);
+    let view = DenseView::new(w, rows, cols).expect("view");
+    for dtype in [Dtype::F32, Dtype::Bf16] {
+        let ctx = format!("{format} {dtype} {rows}x{cols}");
+        let packed = PackedLinear::pack("test", &view, format, dtype).expect(&ctx);
+        assert_eq!(packed.format(), format, "{ctx}");
+        assert_eq!((packed.rows(), packed.cols()), (rows, cols), "{ctx}");
+        let wr = expected_dense(w, dtype);
+        assert_eq!(packed.to_dense(), wr, "{ctx}: round trip");
+        for &tokens in TOKENS {
+            let x = testutil::values(&mut rng, tokens * cols);
+            let (want, mag) = reference(&wr, rows, cols, &x, tokens);
+            for exec in execs() {
+                let ctx = format!("{ctx} tokens={tokens} {exec:?}");
+                if tokens == 1 {
+                    let mut y = vec![f32::NAN; rows];
+                    packed.gemv_with(&x, &mut y, exec).expect(&ctx);
+                    assert_close(&y, &want, &mag, &format!("gemv {ctx}"));
+                }
+                let mut y = vec![f32::NAN; tokens * rows];
+                packed.gemm_with(&x, tokens, &mut y, exec).expect(&ctx);
+                assert_close(&y, &want, &mag, &format!("gemm {ctx}"));
+            }
+        }
+    }
+}
+
+#[test]
+fn dense_matches_reference() {
+    for (i, &(rows, cols)) in SHAPES.iter().enumerate() {
+        let mut rng = testutil::rng(i as u64);
+        for density in [0.0, 0.5, 1.0] {
+            let w = testutil::unstructured(&mut rng, rows, cols, density);
+            check_format(&w, rows, cols, Format::Dense, 100 + i as u64);
+        }
+    }
+}
+
+#[test]
+fn csr_and_bitmap_match_reference() {
+    for (i, &(rows, cols)) in SHAPES.iter().enumerate() {
+        let mut rng = testutil::rng(10 + i as u64);
+        for density in [0.0, 0.03, 0.3, 0.7, 1.0] {
+            let w = testutil::unstructured(&mut rng, rows, cols, density);
+            check_format(&w, rows, cols, Format::Csr, 200 + i as u64);
+            check_format(&w, rows, cols, Format::Bitmap, 300 + i as u64);
+        }
+    }
+}
+
+#[test]
+fn csr_empty_rows() {
+    // Every other row empty, plus an all-empty leading stretch: row pointers repeat.
+    let (rows, cols) = (40, 90);
+    let mut rng = testutil::rng(7);
+    let mut w = testutil::unstructured(&mut rng, rows, cols, 0.4);
+    for r in (0..rows).filter(|r| r % 2 == 0 || *r < 9) {
+        w[r * cols..(r + 1) * cols].fill(0.0);
+    }
+    check_format(&w, rows, cols, Format::Csr, 8);
+    check_format(&w, rows, cols, Format::Bitmap, 9);
+}
+
+#[test]
+fn bsr_matches_reference_for_many_block_shapes() {
+    let blocks = [(16, 16), (4, 1), (1, 1), (3, 5), (32, 8), (16, 3), (8, 8)];
+    for (i, &(rows, cols)) in SHAPES.iter().enumerate() {
+        for (j, &(br, bc)) in blocks.iter().enumerate() {
+            let mut rng = testutil::rng((i * 31 + j) as u64);
+            for density in [0.0, 0.3, 1.0] {
+                let w = testutil::blocky(&mut rng, rows, cols, br, bc, density);
+                check_format(&w, rows, cols, Format::Bsr { br, bc }, 400 + i as u64);
+            }
+            // An unstructured matrix packed as blocks: zeros inside stored blocks are fine.
+            let w = testutil::unstructured(&mut rng, rows, cols, 0.2);
+            check_format(&w, rows, cols, Format::Bsr { br, bc }, 500 + i as u64);
+        }
+    }
+}
+
+#[test]
+fn nm_matches_reference() {
+    let patterns = [(2, 4), (1, 2), (4, 8), (1, 4), (2, 8)];
+    for (i, &(rows, cols)) in SHAPES.iter().enumerate() {
+        for (j, &(n, m)) in patterns.iter().enumerate() {
+            let mut rng = testutil::rng((i * 17 + j) as u64);
+            let w = testutil::nm(&mut rng, rows, cols, n, m);
+            check_format(&w, rows, cols, Format::NM { n, m }, 600 + i as u64);
+        }
+        // All zero is N:M for any N.
+        check_format(
+            &vec![0.0; rows * cols],
+            rows,
+            cols,
+            Format::NM { n: 2, m: 4 },
+            7,
+        );
+    }
+}
+
+#[test]
+fn compact_matches_reference() {
+    for (i, &(rows, cols)) in SHAPES.iter().enumerate() {
+        let mut rng = testutil::rng(40 + i as u64);
+        for (rd, cd) in [(0.5, 1.0), (1.0, 0.5), (0.6, 0.7), (0.0, 1.0), (1.0, 1.0)] {
+            let w = testutil::rows_cols(&mut rng, rows, cols, rd, cd);
+            check_format(&w, rows, cols, Format::Compact, 700 + i as u64);
+        }
+    }
+}
+
+#[test]
+fn nm_violation_names_the_layer() {
+    let (rows, cols) = (3, 8);
+    let mut w = vec![0.0f32; rows * cols];
+    // Row 1, group 4..8 keeps three weights.
+    for c in [4, 5, 7] {
+        w[cols + c] = 1.0;
+    }
+    let err = NmMatrix::from_dense(
+        "model.layers.3.mlp.up_proj",
+        &w,
+        rows,
+        cols,
+        2,
+        4,
+        Dtype::F32,
+    )
+    .expect_err("not 2:4");
+    match &err {
+        KernelError::NotNm {
+            layer,
+            row,
+            col,
+            kept,
+            ..
+        } => {
+            assert_eq!(layer, "model.layers.3.mlp.up_proj");
+            assert_eq!((*row, *col, *kept), (1, 4, 3));
+        }
+        other => panic!("unexpected error {other:?}"),
+    }
+    assert!(err.to_string().contains("model.layers.3.mlp.up_proj"));
+    // The planner refuses too, rather than falling back to another format.
+    let err = PackedLinear::plan(
+        "blk.0.ffn_up",
+        &w,
+        [rows, cols],
+        None,
+        Structure::NM { n: 2, m: 4 },
+        Dtype::F32,
+    )
+    .expect_err("planner must refuse");
+    assert!(err.to_string().contains("blk.0.ffn_up"), "{err}");
+}
+
+#[test]
+fn bad_lengths_and_parameters_are_errors() {
+    let w = vec![1.0f32; 12];
+    assert!(matches!(
+        PackedLinear::plan("l", &w, [3, 5], None, Structure::Unstructured, Dtype::F32),
+        Err(KernelError::Length { .. })
+    ));
+    let p = PackedLinear::plan("l", &w, [3, 4], None, Structure::Unstructured, Dtype::F32)
+        .expect("dense");
+    let mut y = vec![0.0; 3];
+    assert!(matches!(
+        p.gemv(&[0.0; 3], &mut y),
+        Err(KernelError::Length { .. })
+    ));
+    assert!(matches!(
+        p.gemm(&[0.0; 8], 2, &mut y),
+        Err(KernelError::Length { .. })
+    ));
+    let view = DenseView::new(&w, 3, 4).expect("view");
+    for bad in [
+        Format::Bsr { br: 0, bc: 4 },
+        Format::NM { n: 2, m: 3 },
+        Format::NM { n: 4, m: 4 },
+    ] {
+        assert!(
+            matches!(
+                PackedLinear::pack("l", &view, bad, Dtype::F32),
+                Err(KernelError::InvalidParameter(_))
+            ),
+            "{bad}"
+        );
+    }
+}
+
+#[test]
+fn masks_override_values() {
+    let (rows, cols) = (20, 37);
+    let mut rng = testutil::rng(3);
+    let w = testutil::values(&mut rng, rows * cols);
+    let keep: Vec<bool> = (0..rows * cols).map(|i| i % 3 != 0).collect();
+    let bytes: Vec<u8> = keep.iter().map(|&k| u8::from(k) * 7).collect();
+    let masked: Vec<f32> = w
+        .iter()
+        .zip(&keep)
+        .map(|(&v, &k)| if k { v } else { 0.0 })
+        .collect();
+    let a = PackedLinear::plan(
+        "m",
+        &w,
+        [rows, cols],
+        Some(&keep),
+        Structure::Unstructured,
+        Dtype::F32,
+    )
+    .expect("plan");
+    let view = DenseView::with_mask_bytes(&w, &bytes, rows, cols).expect("view");
+    let b = PackedLinear::plan_view("m", &view, Structure::Unstructured, Dtype::F32).expect("plan");
+    assert_eq!(a.to_dense(), masked);
+    assert_eq!(b.to_dense(), masked);
+}
+
+#[test]
+fn planner_picks_expected_formats() {
+    let mut rng = testutil::rng(11);
+    let (rows, cols) = (576, 576);
+    let pick = |w: &[f32], s: Structure| {
+        let view = DenseView::new(w, rows, cols).expect("view");
+        choose_format("l", &view, s, Dtype::F32)
+            .expect("choose")
+            .format
+    };
+    // Dense stays dense.
+    let dense = testutil::values(&mut rng, rows * cols);
+    assert_eq!(pick(&dense, Structure::Unstructured), Format::Dense);
+    // Light unstructured sparsity does not pay: dense.
+    let light = testutil::unstructured(&mut rng, rows, cols, 0.95);
+    assert_eq!(pick(&light, Structure::Unstructured), Format::Dense);
+    // 80% 16x16 block sparsity: BSR, declared or discovered.
+    let blocks = testutil::blocky(&mut rng, rows, cols, 16, 16, 0.2);
+    assert_eq!(
+        pick(&blocks, Structure::Blocks { br: 16, bc: 16 }),
+        Format::Bsr { br: 16, bc: 16 }
+    );
+    assert_eq!(
+        pick(&blocks, Structure::Unstructured),
+        Format::Bsr { br: 16, bc: 16 }
+    );
+    // 2:4 declared.
+    let nm = testutil::nm_with(&mut rng, rows, cols, 2, 4, 0.0);
+    assert_eq!(
+        pick(&nm, Structure::NM { n: 2, m: 4 }),
+        Format::NM { n: 2, m: 4 }
+    );
+    // Very sparse unstructured: a sparse format, not dense.
+    let sparse = testutil::unstructured(&mut rng, rows, cols, 0.1);
+    assert!(matches!(
+        pick(&sparse, Structure::Unstructured),
+        Format::Csr | Format::Bitmap
+    ));
+    // Half the rows pruned whole: compact.
+    let rowsy = testutil::rows_cols(&mut rng, rows, cols, 0.5, 1.0);
+    assert_eq!(pick(&rowsy, Structure::Rows), Format::Compact);
+}
+
+#[test]
+fn format_names() {
+    let w = vec![1.0f32; 64];
+    let view = DenseView::new(&w, 8, 8).expect("view");
+    let name = |f| {
+        PackedLinear::pack("l", &view, f, Dtype::Bf16)
+            .expect("pack")
+            .format_name()
+    };
+    assert_eq!(name(Format::Dense), "dense/bf16");
+    assert_eq!(name(Format::Csr), "csr-u16/bf16");
+    assert_eq!(name(Format::Bsr { br: 4, bc: 1 }), "bsr4x1/bf16");
+    assert_eq!(name(Format::Compact), "compact8x8/bf16");
+}
+
+/// Any format, f32: random shape and density.
+fn arb_case() -> impl Strategy<Value = (usize, usize, f64, u64)> {
+    (1usize..40, 1usize..70, 0.0f64..=1.0, any::<u64>())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    #[test]
+    fn unstructured_round_trips((rows, cols, density, seed) in arb_case()) {
+        let mut rng = testutil::rng(seed);
+        let w = testutil::unstructured(&mut rng, rows, cols, density);
+        let view = DenseView::new(&w, rows, cols).expect("view");
+        for format in [Format::Dense, Format::Csr, Format::Bitmap, Format::Compact,
+                       Format::Bsr { br: 16, bc: 16 }, Format::Bsr { br: 4, bc: 1 },
+                       Format::Bsr { br: 3, bc: 7 }] {
+            for dtype in [Dtype::F32, Dtype::Bf16] {
+                let p = PackedLinear::pack("p", &view, format, dtype).expect("pack");
+                prop_assert_eq!(p.to_dense(), expected_dense(&w, dtype), "{} {}", format, dtype);
+            }
+        }
+    }
+
+    #[test]
+    fn nm_round_trips((rows, cols, _density, seed) in arb_case(), pat in 0usize..4) {
+        let (n, m) = [(2, 4), (1, 2), (4, 8), (3, 8)][pat];
+        let mut rng = testutil::rng(seed);
+        let w = testutil::nm(&mut rng, rows, cols, n, m);
+        for dtype in [Dtype::F32, Dtype::Bf16] {
+            let p = NmMatrix::from_dense("p", &w, rows, cols, n, m, dtype).expect("pack");
+            prop_assert_eq!(p.to_dense(), expected_dense(&w, dtype));
+        }
+    }
+}
