@@ -8,7 +8,8 @@ use half::bf16;
 use std::fmt;
 
 /// Storage dtype of packed weights.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Dtype {
     /// IEEE single precision (4 bytes).
     F32,

@@ -1,0 +1,48 @@
+//! Runs the kernel benchmark outside the CLI:
+//! `cargo run --release -p espalier-kernels --example bench_kernels [-- --quick] [--json]
+//! [--layers N] [--reps N] [--portable] [--f32-only]`.
+
+use espalier_kernels::bench::{KernelBenchOptions, run_kernel_bench};
+use espalier_kernels::{Dtype, Isa};
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut opts = if args.iter().any(|a| a == "--quick") {
+        KernelBenchOptions::quick()
+    } else {
+        KernelBenchOptions::default()
+    };
+    let value = |name: &str| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .and_then(|v| v.parse::<usize>().ok())
+    };
+    if let Some(n) = value("--layers") {
+        opts.layers = n;
+    }
+    if let Some(n) = value("--reps") {
+        opts.reps = n;
+    }
+    if args.iter().any(|a| a == "--portable") {
+        opts.isa = Isa::Portable;
+    }
+    if args.iter().any(|a| a == "--f32-only") {
+        opts.dtypes = vec![Dtype::F32];
+    }
+    let json = args.iter().any(|a| a == "--json");
+    match run_kernel_bench(&opts, &mut |line| eprintln!("{line}")) {
+        Ok(report) if json => match serde_json::to_string_pretty(&report) {
+            Ok(s) => println!("{s}"),
+            Err(e) => {
+                eprintln!("error: {e}");
+                std::process::exit(1);
+            }
+        },
+        Ok(report) => println!("{report}"),
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::exit(1);
+        }
+    }
+}
