@@ -1,0 +1,800 @@
+//! The forward pass: LLaMA family (RMSNorm, RoPE, grouped-query attention, SwiGLU) and GPT-2
+//! (learned positions, LayerNorm, fused QKV, GELU), f32 on the CPU, with a KV cache for
+//! generation.
+//!
+//! A [`Session`] is built once from a [`Model`] (it shares the model's tensors, copying
+//! nothing) and turns token ids into logits. Every matrix product of the blocks and the LM head
+//! goes through [`Linear`], so a pruned layer can be pointed at another kernel with
+//! [`Session::linear_mut`].
+//!
+//! Head counts are read per block from the weight shapes (`q_proj` rows / `head_dim`), with
+//! `head_dim` from config.json when it is there (required once heads have been removed, since
+//! `hidden / heads` is then wrong) and `hidden / heads` otherwise.
+//!
+//! Grouped-query attention never repeats K/V: the query heads that share a KV head are stacked
+//! along the rows of one matrix (`[kv_heads, group · T, head_dim]`), one batched matmul per KV
+//! head, exactly the sharing `repeat_kv` expresses in transformers.
+
+mod ops;
+
+use std::sync::Arc;
+
+use candle_core::{Device, Tensor};
+use serde_json::Value;
+
+use crate::config::{Architecture, ModelConfig};
+use crate::error::EngineError;
+use crate::linear::{Linear, LinearKernel};
+use crate::model::Model;
+
+use ops::{Activation, RopeTable};
+
+/// Rows of the LM head computed at once when only losses are needed: bounds the logits held in
+/// memory (256 × 49152 f32 = 48 MiB for SmolLM2) while keeping the matmul large.
+const LM_HEAD_CHUNK: usize = 256;
+
+/// Sees the input of every linear layer during a forward pass, in execution order; the hook for
+/// calibration statistics (e.g. Wanda's per-column activation norms).
+pub trait LinearObserver {
+    /// Called with the layer and its input `[tokens, in_features]` before the product.
+    fn observe(&mut self, linear: &Linear, input: &Tensor) -> Result<(), EngineError>;
+}
+
+#[derive(Debug, Clone)]
+enum Norm {
+    Rms {
+        weight: Vec<f32>,
+        eps: f64,
+    },
+    Layer {
+        weight: Vec<f32>,
+        bias: Vec<f32>,
+        eps: f64,
+    },
+}
+
+impl Norm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor, EngineError> {
+        match self {
+            Norm::Rms { weight, eps } => ops::rms_norm(x, weight, *eps),
+            Norm::Layer { weight, bias, eps } => ops::layer_norm(x, weight, bias, *eps),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+enum QkvProj {
+    /// LLaMA: separate projections.
+    Split { q: Linear, k: Linear, v: Linear },
+    /// GPT-2: one fused projection whose rows are q, then k, then v.
+    Fused(Linear),
+}
+
+#[derive(Debug, Clone)]
+enum Mlp {
+    /// `down(silu(gate(x)) · up(x))`.
+    Gated {
+        gate: Linear,
+        up: Linear,
+        down: Linear,
+    },
+    /// `down(act(up(x)))`.
+    Plain {
+        up: Linear,
+        down: Linear,
+        act: Activation,
+    },
+}
+
+#[derive(Debug, Clone)]
+struct Block {
+    attn_norm: Norm,
+    qkv: QkvProj,
+    o: Linear,
+    heads: usize,
+    kv_heads: usize,
+    mlp_norm: Norm,
+    mlp: Mlp,
+}
+
+/// The per-layer keys and values of the tokens seen so far, for incremental decoding.
+///
+/// Buffers are preallocated and grow by doubling, so appending one token copies only that
+/// token's keys and values. A cache belongs to the [`Session`] that filled it.
+#[derive(Debug, Default)]
+pub struct KvCache {
+    layers: Vec<Option<LayerKv>>,
+    len: usize,
+}
+
+#[derive(Debug)]
+struct LayerKv {
+    /// `[kv_heads, capacity, head_dim]`; positions `0..len` are valid.
+    k: Tensor,
+    v: Tensor,
+    capacity: usize,
+}
+
+impl KvCache {
+    /// An empty cache.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Number of tokens cached (the position the next token gets).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True before the first forward pass.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Forgets every token (keeps the buffers for reuse).
+    pub fn clear(&mut self) {
+        self.len = 0;
+    }
+
+    /// Writes `k`, `v` (`[kv_heads, t, head_dim]`) at position `self.len` of `layer` and
+    /// returns views of all keys and values up to and including them.
+    fn append(
+        &mut self,
+        layer: usize,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> Result<(Tensor, Tensor), EngineError> {
+        let (kv_heads, t, head_dim) = k.dims3()?;
+        let start = self.len;
+        let needed = start + t;
+        if self.layers.len() <= layer {
+            self.layers.resize_with(layer + 1, || None);
+        }
+        let slot = &mut self.layers[layer];
+        if let Some(entry) = slot.as_ref()
+            && entry.k.dims() != [kv_heads, entry.capacity, head_dim]
+        {
+            return Err(EngineError::Input(format!(
+                "KV cache of layer {layer} holds shape {:?}, this model needs [{kv_heads}, _, {head_dim}]: \
+                 a cache belongs to the session that filled it",
+                entry.k.dims()
+            )));
+        }
+        let grow = slot.as_ref().is_none_or(|e| e.capacity < needed);
+        if grow {
+            let capacity = needed
+                .max(slot.as_ref().map_or(0, |e| 2 * e.capacity))
+                .max(16);
+            let k_new = Tensor::zeros((kv_heads, capacity, head_dim), k.dtype(), &Device::Cpu)?;
+            let v_new = Tensor::zeros((kv_heads, capacity, head_dim), v.dtype(), &Device::Cpu)?;
+            if let Some(old) = slot.as_ref()
+                && start > 0
+            {
+                k_new.slice_set(&old.k.narrow(1, 0, start)?.contiguous()?, 1, 0)?;
+                v_new.slice_set(&old.v.narrow(1, 0, start)?.contiguous()?, 1, 0)?;
+            }
+            *slot = Some(LayerKv {
+                k: k_new,
+                v: v_new,
+                capacity,
+            });
+        }
+        let entry = slot
+            .as_ref()
+            .ok_or_else(|| EngineError::Input("internal: KV cache slot empty".into()))?;
+        entry.k.slice_set(&k.contiguous()?, 1, start)?;
+        entry.v.slice_set(&v.contiguous()?, 1, start)?;
+        Ok((entry.k.narrow(1, 0, needed)?, entry.v.narrow(1, 0, needed)?))
+    }
+}
+
+/// A model ready to run: blocks of [`Linear`] layers, norms and embeddings.
+#[derive(Debug, Clone)]
+pub struct Session {
+    config: ModelConfig,
+    embed: Tensor,
+    pos_embed: Option<Tensor>,
+    blocks: Vec<Block>,
+    final_norm: Norm,
+    lm_head: Linear,
+    head_dim: usize,
+    rope_theta: Option<f64>,
+    /// GPT-2's `scale_attn_by_inverse_layer_idx`: scores also divided by `layer + 1`.
+    attn_scale_by_layer: bool,
+    /// GPT-2's `scale_attn_weights` (scores divided by `sqrt(head_dim)`); always on for LLaMA.
+    scale_attn: bool,
+}
+
+fn tensor<'a>(model: &'a Model, name: &str) -> Result<&'a Tensor, EngineError> {
+    model.weight(name).ok_or_else(|| EngineError::Weights {
+        path: model.source.clone(),
+        message: format!("missing tensor `{name}` needed by the forward pass"),
+    })
+}
+
+fn vector(model: &Model, name: &str) -> Result<Vec<f32>, EngineError> {
+    Ok(tensor(model, name)?.flatten_all()?.to_vec1()?)
+}
+
+/// A linear layer from `NAME.weight` and, when the checkpoint has one, `NAME.bias`.
+fn linear(model: &Model, prefix: &str) -> Result<Linear, EngineError> {
+    let name = format!("{prefix}.weight");
+    let bias = model.weight(&format!("{prefix}.bias")).cloned();
+    Linear::dense(name.clone(), tensor(model, &name)?.clone(), bias)
+}
+
+fn config_err(model: &Model, message: String) -> EngineError {
+    EngineError::Config {
+        path: model.source.clone(),
+        message,
+    }
+}
+
+impl Session {
+    /// Prepares `model` for inference. Fails on tensors or settings the forward pass does not
+    /// support (naming the tensor or config field) rather than computing something else.
+    pub fn new(model: &Model) -> Result<Self, EngineError> {
+        match model.config.arch {
+            Architecture::Llama => Self::llama(model),
+            Architecture::Gpt2 => Self::gpt2(model),
+        }
+    }
+
+    fn llama(model: &Model) -> Result<Self, EngineError> {
+        let c = &model.config;
+        let act = c
+            .raw
+            .get("hidden_act")
+            .and_then(Value::as_str)
+            .unwrap_or("silu");
+        if act != "silu" && act != "swish" {
+            return Err(config_err(
+                model,
+                format!(
+                    "hidden_act `{act}` is not supported: the LLaMA forward pass implements SwiGLU (silu)"
+                ),
+            ));
+        }
+        // transformers 5 writes `rope_parameters: {rope_theta, rope_type}` instead of the
+        // top-level `rope_theta` (and `rope_scaling`) of earlier versions; accept both.
+        let rope_params = c.raw.get("rope_parameters").filter(|v| v.is_object());
+        for scaling in [c.raw.get("rope_scaling"), rope_params]
+            .into_iter()
+            .flatten()
+            .filter(|v| !v.is_null())
+        {
+            let kind = scaling
+                .get("rope_type")
+                .or_else(|| scaling.get("type"))
+                .and_then(Value::as_str)
+                .unwrap_or("unknown");
+            if kind != "default" {
+                return Err(config_err(
+                    model,
+                    format!(
+                        "RoPE of type `{kind}` is not supported (only unscaled, `default` RoPE)"
+                    ),
+                ));
+            }
+        }
+        let rope_theta = rope_params
+            .and_then(|p| p.get("rope_theta"))
+            .and_then(Value::as_f64)
+            .unwrap_or(c.rope_theta);
+        if !c.head_dim.is_multiple_of(2) {
+            return Err(config_err(
+                model,
+                format!("head_dim {} must be even for RoPE", c.head_dim),
+            ));
+        }
+        let rms = |name: &str| -> Result<Norm, EngineError> {
+            Ok(Norm::Rms {
+                weight: vector(model, name)?,
+                eps: c.norm_eps,
+            })
+        };
+        let mut blocks = Vec::with_capacity(c.num_layers);
+        for b in 0..c.num_layers {
+            let p = format!("model.layers.{b}");
+            let q = linear(model, &format!("{p}.self_attn.q_proj"))?;
+            let k = linear(model, &format!("{p}.self_attn.k_proj"))?;
+            let v = linear(model, &format!("{p}.self_attn.v_proj"))?;
+            let (heads, kv_heads) = Self::head_counts(model, &q, &k, &v, c.head_dim)?;
+            blocks.push(Block {
+                attn_norm: rms(&format!("{p}.input_layernorm.weight"))?,
+                qkv: QkvProj::Split { q, k, v },
+                o: linear(model, &format!("{p}.self_attn.o_proj"))?,
+                heads,
+                kv_heads,
+                mlp_norm: rms(&format!("{p}.post_attention_layernorm.weight"))?,
+                mlp: Mlp::Gated {
+                    gate: linear(model, &format!("{p}.mlp.gate_proj"))?,
+                    up: linear(model, &format!("{p}.mlp.up_proj"))?,
+                    down: linear(model, &format!("{p}.mlp.down_proj"))?,
+                },
+            });
+        }
+        let embed = tensor(model, "model.embed_tokens.weight")?.clone();
+        let lm_head = if c.tie_word_embeddings {
+            Linear::dense("model.embed_tokens.weight", embed.clone(), None)?
+        } else {
+            linear(model, "lm_head")?
+        };
+        Ok(Session {
+            config: c.clone(),
+            embed,
+            pos_embed: None,
+            blocks,
+            final_norm: rms("model.norm.weight")?,
+            lm_head,
+            head_dim: c.head_dim,
+            rope_theta: Some(rope_theta),
+            attn_scale_by_layer: false,
+            scale_attn: true,
+        })
+    }
+
+    fn gpt2(model: &Model) -> Result<Self, EngineError> {
+        let c = &model.config;
+        let p0 = model.gpt2_prefix();
+        let act_name = c
+            .raw
+            .get("activation_function")
+            .and_then(Value::as_str)
+            .unwrap_or("gelu_new");
+        let act = Activation::from_name(act_name).ok_or_else(|| {
+            config_err(
+                model,
+                format!("activation_function `{act_name}` is not supported (gelu_new, gelu, relu, silu are)"),
+            )
+        })?;
+        // After head removal the config carries an explicit head_dim; GPT-2 configs otherwise
+        // have none and the width is n_embd / n_head.
+        let head_dim = match c.raw.get("head_dim").and_then(Value::as_u64) {
+            Some(d) if d > 0 => d as usize,
+            _ => c.head_dim,
+        };
+        let flag =
+            |key: &str, default: bool| c.raw.get(key).and_then(Value::as_bool).unwrap_or(default);
+        let ln = |name: &str| -> Result<Norm, EngineError> {
+            Ok(Norm::Layer {
+                weight: vector(model, &format!("{name}.weight"))?,
+                bias: vector(model, &format!("{name}.bias"))?,
+                eps: c.norm_eps,
+            })
+        };
+        let mut blocks = Vec::with_capacity(c.num_layers);
+        for b in 0..c.num_layers {
+            let p = format!("{p0}h.{b}");
+            let qkv = linear(model, &format!("{p}.attn.c_attn"))?;
+            let o = linear(model, &format!("{p}.attn.c_proj"))?;
+            // c_proj's input is the concatenated heads, so it fixes the number of heads.
+            let q_width = o.in_features();
+            if q_width % head_dim != 0 || qkv.out_features() != 3 * q_width {
+                return Err(config_err(
+                    model,
+                    format!(
+                        "block {b}: c_attn has {} outputs and c_proj {} inputs, not 3 · heads · head_dim with head_dim {head_dim}",
+                        qkv.out_features(),
+                        q_width
+                    ),
+                ));
+            }
+            let heads = q_width / head_dim;
+            blocks.push(Block {
+                attn_norm: ln(&format!("{p}.ln_1"))?,
+                qkv: QkvProj::Fused(qkv),
+                o,
+                heads,
+                kv_heads: heads,
+                mlp_norm: ln(&format!("{p}.ln_2"))?,
+                mlp: Mlp::Plain {
+                    up: linear(model, &format!("{p}.mlp.c_fc"))?,
+                    down: linear(model, &format!("{p}.mlp.c_proj"))?,
+                    act,
+                },
+            });
+        }
+        let embed = tensor(model, &format!("{p0}wte.weight"))?.clone();
+        let lm_head = match model.weight("lm_head.weight") {
+            Some(w) if !c.tie_word_embeddings => Linear::dense("lm_head.weight", w.clone(), None)?,
+            _ => Linear::dense(format!("{p0}wte.weight"), embed.clone(), None)?,
+        };
+        Ok(Session {
+            config: c.clone(),
+            embed,
+            pos_embed: Some(tensor(model, &format!("{p0}wpe.weight"))?.clone()),
+            blocks,
+            final_norm: ln(&format!("{p0}ln_f"))?,
+            lm_head,
+            head_dim,
+            rope_theta: None,
+            attn_scale_by_layer: flag("scale_attn_by_inverse_layer_idx", false),
+            scale_attn: flag("scale_attn_weights", true),
+        })
+    }
+
+    /// Query and KV head counts of one block, from the projection shapes.
+    fn head_counts(
+        model: &Model,
+        q: &Linear,
+        k: &Linear,
+        v: &Linear,
+        head_dim: usize,
+    ) -> Result<(usize, usize), EngineError> {
+        let (qw, kw, vw) = (q.out_features(), k.out_features(), v.out_features());
+        let heads = qw / head_dim;
+        let kv_heads = kw / head_dim;
+        if qw % head_dim != 0
+            || kw % head_dim != 0
+            || kw != vw
+            || kv_heads == 0
+            || !heads.is_multiple_of(kv_heads)
+        {
+            return Err(config_err(
+                model,
+                format!(
+                    "`{}` has {qw} outputs, `{}` {kw}, `{}` {vw}: not whole heads of head_dim {head_dim} \
+                     with query heads a multiple of KV heads (set head_dim in config.json after removing heads)",
+                    q.name(),
+                    k.name(),
+                    v.name()
+                ),
+            ));
+        }
+        Ok((heads, kv_heads))
+    }
+
+    /// The config of the model this session runs.
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// Number of rows of the LM head (logit width).
+    pub fn vocab_size(&self) -> usize {
+        self.lm_head.out_features()
+    }
+
+    /// Longest sequence the position encoding supports: GPT-2's learned table has a hard
+    /// limit; RoPE has none, so for the LLaMA family this is `usize::MAX`.
+    pub fn max_positions(&self) -> usize {
+        self.pos_embed.as_ref().map_or(usize::MAX, |p| p.dims()[0])
+    }
+
+    /// Every linear layer, blocks in order, then the LM head.
+    pub fn linears(&self) -> Vec<&Linear> {
+        let mut out = Vec::new();
+        for b in &self.blocks {
+            match &b.qkv {
+                QkvProj::Split { q, k, v } => out.extend([q, k, v]),
+                QkvProj::Fused(qkv) => out.push(qkv),
+            }
+            out.push(&b.o);
+            match &b.mlp {
+                Mlp::Gated { gate, up, down } => out.extend([gate, up, down]),
+                Mlp::Plain { up, down, .. } => out.extend([up, down]),
+            }
+        }
+        out.push(&self.lm_head);
+        out
+    }
+
+    /// The linear layer whose weight has this name, to swap its kernel.
+    pub fn linear_mut(&mut self, name: &str) -> Option<&mut Linear> {
+        if self.lm_head.name() == name {
+            return Some(&mut self.lm_head);
+        }
+        self.blocks.iter_mut().find_map(|b| {
+            let mut all: Vec<&mut Linear> = Vec::with_capacity(7);
+            match &mut b.qkv {
+                QkvProj::Split { q, k, v } => all.extend([q, k, v]),
+                QkvProj::Fused(qkv) => all.push(qkv),
+            }
+            all.push(&mut b.o);
+            match &mut b.mlp {
+                Mlp::Gated { gate, up, down } => all.extend([gate, up, down]),
+                Mlp::Plain { up, down, .. } => all.extend([up, down]),
+            }
+            all.into_iter().find(|l| l.name() == name)
+        })
+    }
+
+    /// Points the layer `name` at another kernel (e.g. a sparse one).
+    pub fn set_kernel(
+        &mut self,
+        name: &str,
+        kernel: Arc<dyn LinearKernel>,
+    ) -> Result<(), EngineError> {
+        self.linear_mut(name)
+            .ok_or_else(|| EngineError::Tensor {
+                name: name.to_string(),
+                message: "no linear layer of this name in the forward pass".into(),
+            })?
+            .set_kernel(kernel)
+    }
+
+    /// Logits `[T, vocab]` for `tokens`. With a cache the tokens continue the cached sequence
+    /// (their positions start at `cache.len()`) and are appended to it; without, they start at
+    /// position 0.
+    pub fn forward(
+        &self,
+        tokens: &[u32],
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor, EngineError> {
+        let hidden = self.hidden_states(tokens, cache, None)?;
+        self.lm_head.forward(&hidden)
+    }
+
+    /// Logits `[vocab]` of the last token only: what generation needs, without the LM head
+    /// over the whole prompt.
+    pub fn forward_last(
+        &self,
+        tokens: &[u32],
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor, EngineError> {
+        let hidden = self.hidden_states(tokens, cache, None)?;
+        let last = hidden.narrow(0, hidden.dims()[0] - 1, 1)?;
+        Ok(self.lm_head.forward(&last)?.squeeze(0)?)
+    }
+
+    /// The greedy next token after `tokens` (appended to `cache` when given).
+    pub fn next_token(
+        &self,
+        tokens: &[u32],
+        cache: Option<&mut KvCache>,
+    ) -> Result<u32, EngineError> {
+        ops::argmax(&self.forward_last(tokens, cache)?)
+    }
+
+    /// Negative log-likelihood of each next token: entry `i` is `-log p(tokens[i+1] |
+    /// tokens[..=i])`, so the result has `T - 1` entries.
+    pub fn nll(&self, tokens: &[u32]) -> Result<Vec<f32>, EngineError> {
+        if tokens.len() < 2 {
+            return Err(EngineError::Input(format!(
+                "a loss needs at least 2 tokens, got {}",
+                tokens.len()
+            )));
+        }
+        let hidden = self.hidden_states(tokens, None, None)?;
+        self.nll_rows(&hidden, 0, &tokens[1..])
+    }
+
+    /// Mean next-token loss over `tokens`, as transformers' `model(ids, labels=ids).loss`.
+    pub fn loss(&self, tokens: &[u32]) -> Result<f32, EngineError> {
+        let nll = self.nll(tokens)?;
+        Ok((nll.iter().map(|&v| f64::from(v)).sum::<f64>() / nll.len() as f64) as f32)
+    }
+
+    /// NLL of `targets[j]` under the logits of hidden row `first_row + j`, computing the LM
+    /// head in chunks so a long window never holds all its logits at once.
+    pub(crate) fn nll_rows(
+        &self,
+        hidden: &Tensor,
+        first_row: usize,
+        targets: &[u32],
+    ) -> Result<Vec<f32>, EngineError> {
+        let mut out = Vec::with_capacity(targets.len());
+        for (i, chunk) in targets.chunks(LM_HEAD_CHUNK).enumerate() {
+            let rows = hidden.narrow(0, first_row + i * LM_HEAD_CHUNK, chunk.len())?;
+            let logits = self.lm_head.forward(&rows)?;
+            out.extend(ops::row_nll(&logits, chunk)?);
+        }
+        Ok(out)
+    }
+
+    fn check_tokens(&self, tokens: &[u32], start: usize) -> Result<(), EngineError> {
+        if tokens.is_empty() {
+            return Err(EngineError::Input("no tokens to run".into()));
+        }
+        let vocab = self.embed.dims()[0];
+        if let Some(bad) = tokens.iter().find(|&&t| t as usize >= vocab) {
+            return Err(EngineError::Input(format!(
+                "token id {bad} is outside the model's vocabulary of {vocab} entries (does the tokenizer belong to this model?)"
+            )));
+        }
+        let end = start + tokens.len();
+        if end > self.max_positions() {
+            return Err(EngineError::Input(format!(
+                "positions up to {end} requested, but the model's position table has {} entries",
+                self.max_positions()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Final hidden states `[T, hidden]` (after the last norm, before the LM head), calling
+    /// `observer` with the input of every block linear.
+    pub fn hidden_states(
+        &self,
+        tokens: &[u32],
+        mut cache: Option<&mut KvCache>,
+        mut observer: Option<&mut dyn LinearObserver>,
+    ) -> Result<Tensor, EngineError> {
+        let start = cache.as_ref().map_or(0, |c| c.len());
+        self.check_tokens(tokens, start)?;
+        let t = tokens.len();
+        let ids = Tensor::from_slice(tokens, t, &Device::Cpu)?;
+        let mut x = self.embed.index_select(&ids, 0)?;
+        if let Some(pos) = &self.pos_embed {
+            x = (x + pos.narrow(0, start, t)?)?;
+        }
+        let rope = self
+            .rope_theta
+            .map(|theta| RopeTable::new(self.head_dim, theta, start, t));
+        for (layer, block) in self.blocks.iter().enumerate() {
+            let h = block.attn_norm.forward(&x)?;
+            let attn = self.attention(
+                block,
+                layer,
+                &h,
+                start,
+                rope.as_ref(),
+                cache.as_deref_mut(),
+                &mut observer,
+            )?;
+            x = (x + attn)?;
+            let h = block.mlp_norm.forward(&x)?;
+            let mlp = match &block.mlp {
+                Mlp::Gated { gate, up, down } => {
+                    let g = run(gate, &h, &mut observer)?;
+                    let u = run(up, &h, &mut observer)?;
+                    run(down, &ops::swiglu(&g, &u)?, &mut observer)?
+                }
+                Mlp::Plain { up, down, act } => {
+                    let u = act.apply(&run(up, &h, &mut observer)?)?;
+                    run(down, &u, &mut observer)?
+                }
+            };
+            x = (x + mlp)?;
+        }
+        if let Some(c) = cache {
+            c.len = start + t;
+        }
+        self.final_norm.forward(&x)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &self,
+        block: &Block,
+        layer: usize,
+        h: &Tensor,
+        start: usize,
+        rope: Option<&RopeTable>,
+        cache: Option<&mut KvCache>,
+        observer: &mut Option<&mut dyn LinearObserver>,
+    ) -> Result<Tensor, EngineError> {
+        let t = h.dims()[0];
+        let d = self.head_dim;
+        let (heads, kv_heads) = (block.heads, block.kv_heads);
+        let (q, k, v) = match &block.qkv {
+            QkvProj::Split { q, k, v } => (
+                run(q, h, observer)?,
+                run(k, h, observer)?,
+                run(v, h, observer)?,
+            ),
+            QkvProj::Fused(qkv) => {
+                let all = run(qkv, h, observer)?;
+                let w = heads * d;
+                (
+                    all.narrow(1, 0, w)?,
+                    all.narrow(1, w, w)?,
+                    all.narrow(1, 2 * w, w)?,
+                )
+            }
+        };
+        let q = ops::split_heads(&q, heads, d, rope)?;
+        let k = ops::split_heads(&k, kv_heads, d, rope)?;
+        let v = ops::split_heads(&v, kv_heads, d, None)?;
+        let (k, v) = match cache {
+            Some(c) => c.append(layer, &k, &v)?,
+            None => (k, v),
+        };
+        let group = heads / kv_heads;
+        // [heads, T, d] with heads ordered by KV group is already [kv_heads, group · T, d].
+        let q = q.reshape((kv_heads, group * t, d))?;
+        let scores = q.matmul(&k.t()?)?;
+        let mut scale = if self.scale_attn {
+            1.0 / (d as f32).sqrt()
+        } else {
+            1.0
+        };
+        if self.attn_scale_by_layer {
+            scale /= (layer + 1) as f32;
+        }
+        let probs = ops::causal_softmax(&scores, t, start, scale)?;
+        let ctx = probs.matmul(&v)?;
+        let ctx = ctx
+            .reshape((heads, t, d))?
+            .transpose(0, 1)?
+            .contiguous()?
+            .reshape((t, heads * d))?;
+        run(&block.o, &ctx, observer)
+    }
+}
+
+/// Runs one linear layer, showing its input to the observer first.
+fn run(
+    linear: &Linear,
+    x: &Tensor,
+    observer: &mut Option<&mut dyn LinearObserver>,
+) -> Result<Tensor, EngineError> {
+    if let Some(obs) = observer.as_deref_mut() {
+        obs.observe(linear, x)?;
+    }
+    linear.forward(x)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::builtin_model;
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    }
+
+    #[test]
+    fn cached_decoding_equals_full_forward_on_builtins() {
+        for name in ["tiny-llama", "tiny-gpt2"] {
+            let model = builtin_model(name).unwrap();
+            let s = Session::new(&model).unwrap();
+            let tokens: Vec<u32> = (0..20).map(|i| (i * 37 + 5) % 256).collect();
+            let full = s.forward(&tokens, None).unwrap();
+            let mut cache = KvCache::new();
+            // A prompt of 7, then one token at a time (the cache grows past 16 on the way).
+            let mut rows = vec![s.forward(&tokens[..7], Some(&mut cache)).unwrap()];
+            for &tok in &tokens[7..] {
+                rows.push(s.forward(&[tok], Some(&mut cache)).unwrap());
+            }
+            assert_eq!(cache.len(), 20);
+            let inc = Tensor::cat(&rows, 0).unwrap();
+            assert!(max_diff(&full, &inc) < 1e-5, "{name}");
+            let loss = s.loss(&tokens).unwrap();
+            assert!(loss.is_finite() && loss > 0.0);
+        }
+    }
+
+    #[test]
+    fn bad_tokens_and_positions_are_clear_errors() {
+        let model = builtin_model("tiny-gpt2").unwrap();
+        let s = Session::new(&model).unwrap();
+        let err = s.forward(&[300], None).unwrap_err().to_string();
+        assert!(err.contains("token id 300"), "{err}");
+        let err = s.forward(&vec![1; 129], None).unwrap_err().to_string();
+        assert!(err.contains("position table has 128"), "{err}");
+        assert!(s.forward(&[], None).is_err());
+        assert!(s.loss(&[1]).is_err());
+    }
+
+    #[derive(Default)]
+    struct Count(Vec<(String, Vec<usize>)>);
+    impl LinearObserver for Count {
+        fn observe(&mut self, linear: &Linear, input: &Tensor) -> Result<(), EngineError> {
+            self.0
+                .push((linear.name().to_string(), input.dims().to_vec()));
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn observer_sees_every_block_linear() {
+        let model = builtin_model("tiny-llama").unwrap();
+        let s = Session::new(&model).unwrap();
+        let mut obs = Count::default();
+        s.hidden_states(&[1, 2, 3], None, Some(&mut obs)).unwrap();
+        assert_eq!(obs.0.len(), 14);
+        assert_eq!(obs.0[0].0, "model.layers.0.self_attn.q_proj.weight");
+        assert_eq!(obs.0[6].1, vec![3, 128]);
+        assert_eq!(s.linears().len(), 15);
+    }
+}

@@ -1,0 +1,373 @@
+//! Element-wise and row-wise kernels of the forward pass that candle-core lacks (it has no
+//! softmax, norms or RoPE without candle-nn) or that are cheaper fused: each reads a
+//! contiguous f32 tensor once and writes one new tensor, rows spread over rayon's pool (the
+//! same pool candle's gemm uses).
+//!
+//! Formulas follow Hugging Face transformers' f32 code paths, so logits agree to ~1e-6.
+
+use candle_core::{Device, Storage, Tensor};
+use rayon::prelude::*;
+
+use crate::error::EngineError;
+
+/// Rows below this many elements are processed on one thread: spawning costs more than it saves.
+const PAR_MIN_ELEMS: usize = 1 << 14;
+
+/// Runs `f` on the contiguous f32 data of a CPU tensor (copies only if it is not contiguous).
+pub(crate) fn with_f32<R>(
+    t: &Tensor,
+    f: impl FnOnce(&[f32]) -> Result<R, EngineError>,
+) -> Result<R, EngineError> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cpu(cpu) = &*storage else {
+        return Err(EngineError::Input(
+            "the forward pass runs on the CPU; got a tensor on another device".into(),
+        ));
+    };
+    let data = cpu.as_slice::<f32>()?;
+    let (start, end) = layout
+        .contiguous_offsets()
+        .ok_or_else(|| EngineError::Input("internal: tensor not contiguous".into()))?;
+    f(&data[start..end])
+}
+
+fn new_tensor(data: Vec<f32>, shape: &[usize]) -> Result<Tensor, EngineError> {
+    Ok(Tensor::from_vec(data, shape, &Device::Cpu)?)
+}
+
+/// Applies `f(row_in, row_out)` to every row of width `width`, in parallel for large inputs.
+fn map_rows(
+    input: &[f32],
+    width: usize,
+    f: impl Fn(usize, &[f32], &mut [f32]) + Sync + Send,
+) -> Vec<f32> {
+    let mut out = vec![0f32; input.len()];
+    if width == 0 {
+        return out;
+    }
+    if input.len() >= PAR_MIN_ELEMS {
+        out.par_chunks_mut(width)
+            .zip(input.par_chunks(width))
+            .enumerate()
+            .for_each(|(r, (o, i))| f(r, i, o));
+    } else {
+        out.chunks_mut(width)
+            .zip(input.chunks(width))
+            .enumerate()
+            .for_each(|(r, (o, i))| f(r, i, o));
+    }
+    out
+}
+
+/// LLaMA's RMSNorm: `w · x / sqrt(mean(x²) + eps)`, per row of `x: [T, h]`.
+pub(crate) fn rms_norm(x: &Tensor, weight: &[f32], eps: f64) -> Result<Tensor, EngineError> {
+    let h = weight.len();
+    let out = with_f32(x, |xs| {
+        Ok(map_rows(xs, h, |_, row, o| {
+            let ms = row.iter().map(|v| v * v).sum::<f32>() / h as f32;
+            let inv = 1.0 / (ms + eps as f32).sqrt();
+            for ((o, v), w) in o.iter_mut().zip(row).zip(weight) {
+                *o = w * (v * inv);
+            }
+        }))
+    })?;
+    new_tensor(out, x.dims())
+}
+
+/// LayerNorm with biased variance (PyTorch): `(x - mean) / sqrt(var + eps) · w + b`.
+pub(crate) fn layer_norm(
+    x: &Tensor,
+    weight: &[f32],
+    bias: &[f32],
+    eps: f64,
+) -> Result<Tensor, EngineError> {
+    let h = weight.len();
+    let out = with_f32(x, |xs| {
+        Ok(map_rows(xs, h, |_, row, o| {
+            let mean = row.iter().sum::<f32>() / h as f32;
+            let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / h as f32;
+            let inv = 1.0 / (var + eps as f32).sqrt();
+            for (((o, v), w), b) in o.iter_mut().zip(row).zip(weight).zip(bias) {
+                *o = (v - mean) * inv * w + b;
+            }
+        }))
+    })?;
+    new_tensor(out, x.dims())
+}
+
+/// Cosine and sine tables of rotary embeddings for positions `start..start + len`.
+#[derive(Debug, Clone)]
+pub(crate) struct RopeTable {
+    /// `[len, half]`, row-major.
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    half: usize,
+}
+
+impl RopeTable {
+    /// HF's default rotary embedding: `inv_freq[i] = theta^(-2i/d)`, angle = position ·
+    /// inv_freq (f32 like transformers, so large positions round the same way).
+    pub(crate) fn new(head_dim: usize, theta: f64, start: usize, len: usize) -> Self {
+        let half = head_dim / 2;
+        let inv_freq: Vec<f32> = (0..half)
+            .map(|i| (1.0 / theta.powf((2 * i) as f64 / head_dim as f64)) as f32)
+            .collect();
+        let mut cos = Vec::with_capacity(len * half);
+        let mut sin = Vec::with_capacity(len * half);
+        for p in start..start + len {
+            for f in &inv_freq {
+                let angle = p as f32 * f;
+                cos.push(angle.cos());
+                sin.push(angle.sin());
+            }
+        }
+        RopeTable { cos, sin, half }
+    }
+}
+
+/// Splits `x: [T, heads · d]` into heads, `[heads, T, d]`, applying rotary embeddings
+/// (`rotate_half` convention of transformers' LLaMA) when `rope` is given. One pass does both
+/// the rotation and the transpose.
+pub(crate) fn split_heads(
+    x: &Tensor,
+    heads: usize,
+    head_dim: usize,
+    rope: Option<&RopeTable>,
+) -> Result<Tensor, EngineError> {
+    let t = x.dims()[0];
+    let out = with_f32(x, |xs| {
+        let mut out = vec![0f32; xs.len()];
+        let fill = |h: usize, dst: &mut [f32]| {
+            for p in 0..t {
+                let src = &xs[p * heads * head_dim + h * head_dim..][..head_dim];
+                let o = &mut dst[p * head_dim..][..head_dim];
+                match rope {
+                    Some(r) => {
+                        let half = r.half;
+                        let (cos, sin) = (&r.cos[p * half..][..half], &r.sin[p * half..][..half]);
+                        for i in 0..half {
+                            let (a, b) = (src[i], src[i + half]);
+                            o[i] = a * cos[i] - b * sin[i];
+                            o[i + half] = b * cos[i] + a * sin[i];
+                        }
+                    }
+                    None => o.copy_from_slice(src),
+                }
+            }
+        };
+        if xs.len() >= PAR_MIN_ELEMS {
+            out.par_chunks_mut(t * head_dim)
+                .enumerate()
+                .for_each(|(h, dst)| fill(h, dst));
+        } else {
+            out.chunks_mut(t * head_dim)
+                .enumerate()
+                .for_each(|(h, dst)| fill(h, dst));
+        }
+        Ok(out)
+    })?;
+    new_tensor(out, &[heads, t, head_dim])
+}
+
+/// Scaled, causally masked softmax of attention scores, in place of a fresh tensor.
+///
+/// `scores: [groups, rows, keys]` where row `r` is query token `r % t` (grouped-query
+/// attention stacks the query heads sharing a KV head along the rows) at absolute position
+/// `offset + r % t`; key `j` is visible when `j <= offset + r % t`.
+pub(crate) fn causal_softmax(
+    scores: &Tensor,
+    t: usize,
+    offset: usize,
+    scale: f32,
+) -> Result<Tensor, EngineError> {
+    let keys = *scores
+        .dims()
+        .last()
+        .ok_or_else(|| EngineError::Input("internal: scalar attention scores".into()))?;
+    let out = with_f32(scores, |xs| {
+        Ok(map_rows(xs, keys, |r, row, o| {
+            let visible = (offset + r % t + 1).min(keys);
+            let row = &row[..visible];
+            let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) * scale;
+            let mut sum = 0f32;
+            for (o, &v) in o.iter_mut().zip(row) {
+                let e = (v * scale - max).exp();
+                *o = e;
+                sum += e;
+            }
+            let inv = 1.0 / sum;
+            for o in &mut o[..visible] {
+                *o *= inv;
+            }
+            // Masked keys stay 0 (the output started zeroed).
+        }))
+    })?;
+    new_tensor(out, scores.dims())
+}
+
+/// `silu(gate) · up`, the SwiGLU activation.
+pub(crate) fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor, EngineError> {
+    let width = *gate.dims().last().unwrap_or(&1);
+    let out = with_f32(gate, |g| {
+        with_f32(up, |u| {
+            let mut out = vec![0f32; g.len()];
+            let f = |(o, (g, u)): (&mut [f32], (&[f32], &[f32]))| {
+                for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
+                    *o = g / (1.0 + (-g).exp()) * u;
+                }
+            };
+            if g.len() >= PAR_MIN_ELEMS {
+                out.par_chunks_mut(width)
+                    .zip(g.par_chunks(width).zip(u.par_chunks(width)))
+                    .for_each(f);
+            } else {
+                out.chunks_mut(width)
+                    .zip(g.chunks(width).zip(u.chunks(width)))
+                    .for_each(f);
+            }
+            Ok(out)
+        })
+    })?;
+    new_tensor(out, gate.dims())
+}
+
+/// An MLP activation of a non-gated MLP (GPT-2), by its transformers name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Activation {
+    /// `gelu_new` / `gelu_pytorch_tanh`: the tanh approximation.
+    GeluTanh,
+    /// `gelu`: the exact, erf-based GELU.
+    GeluErf,
+    /// `relu`.
+    Relu,
+    /// `silu` / `swish`.
+    Silu,
+}
+
+impl Activation {
+    pub(crate) fn from_name(name: &str) -> Option<Self> {
+        Some(match name {
+            "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Activation::GeluTanh,
+            "gelu" => Activation::GeluErf,
+            "relu" => Activation::Relu,
+            "silu" | "swish" => Activation::Silu,
+            _ => return None,
+        })
+    }
+
+    pub(crate) fn apply(self, x: &Tensor) -> Result<Tensor, EngineError> {
+        Ok(match self {
+            // candle's `gelu` is the tanh approximation, its `gelu_erf` the exact form.
+            Activation::GeluTanh => x.gelu()?,
+            Activation::GeluErf => x.gelu_erf()?,
+            Activation::Relu => x.relu()?,
+            Activation::Silu => x.silu()?,
+        })
+    }
+}
+
+/// Negative log-likelihood of `target` under each row of `logits: [rows, vocab]`:
+/// `logsumexp(row) - row[target]`, with the sum in f64 so a 50k-entry vocabulary adds no
+/// rounding of its own.
+pub(crate) fn row_nll(logits: &Tensor, targets: &[u32]) -> Result<Vec<f32>, EngineError> {
+    let vocab = logits.dims()[1];
+    if let Some(bad) = targets.iter().find(|&&t| t as usize >= vocab) {
+        return Err(EngineError::Input(format!(
+            "target token {bad} is outside the vocabulary of {vocab} entries"
+        )));
+    }
+    with_f32(logits, |xs| {
+        let per_row = |(row, &target): (&[f32], &u32)| -> f32 {
+            let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+            let sum: f64 = row.iter().map(|&v| f64::from((v - max).exp())).sum();
+            ((sum.ln() + f64::from(max)) - f64::from(row[target as usize])) as f32
+        };
+        Ok(if xs.len() >= PAR_MIN_ELEMS {
+            xs.par_chunks(vocab)
+                .zip(targets.par_iter())
+                .map(per_row)
+                .collect()
+        } else {
+            xs.chunks(vocab).zip(targets.iter()).map(per_row).collect()
+        })
+    })
+}
+
+/// Index of the largest entry of a vector (the greedy next token).
+pub(crate) fn argmax(logits: &Tensor) -> Result<u32, EngineError> {
+    with_f32(logits, |xs| {
+        let mut best = (0usize, f32::NEG_INFINITY);
+        for (i, &v) in xs.iter().enumerate() {
+            if v > best.1 {
+                best = (i, v);
+            }
+        }
+        Ok(best.0 as u32)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(data: &[f32], shape: &[usize]) -> Tensor {
+        Tensor::from_vec(data.to_vec(), shape, &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn softmax_masks_future_keys() {
+        // 2 heads stacked on rows, 2 query tokens at positions 1 and 2 (offset 1), 3 keys.
+        let s = t(&[0.0; 12], &[1, 4, 3]);
+        let p: Vec<Vec<f32>> = causal_softmax(&s, 2, 1, 1.0)
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .to_vec2()
+            .unwrap();
+        assert_eq!(p[0], vec![0.5, 0.5, 0.0]);
+        assert!((p[1][2] - 1.0 / 3.0).abs() < 1e-7);
+        assert_eq!(p[2], vec![0.5, 0.5, 0.0]);
+    }
+
+    #[test]
+    fn norms_and_rope_match_formulas() {
+        let x = t(&[1.0, 2.0, 3.0, 4.0], &[1, 4]);
+        let r: Vec<f32> = rms_norm(&x, &[1.0, 1.0, 1.0, 2.0], 0.0)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let inv = 1.0 / 7.5f32.sqrt();
+        assert!((r[3] - 8.0 * inv).abs() < 1e-6);
+        let l: Vec<f32> = layer_norm(&x, &[1.0; 4], &[0.5; 4], 0.0)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert!((l.iter().sum::<f32>() - 2.0).abs() < 1e-5);
+        // Position 0 is the identity; a head of width 2 at position 1 rotates by 1 radian.
+        let rope = RopeTable::new(2, 10_000.0, 0, 2);
+        let x = t(&[1.0, 0.0, 1.0, 0.0], &[2, 2]);
+        let y: Vec<f32> = split_heads(&x, 1, 2, Some(&rope))
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert_eq!(&y[..2], &[1.0, 0.0]);
+        assert!((y[2] - 1f32.cos()).abs() < 1e-6 && (y[3] - 1f32.sin()).abs() < 1e-6);
+    }
+
+    #[test]
+    fn nll_is_logsumexp_minus_target() {
+        let l = t(&[0.0, 0.0, 0.0, 0.0, 1.0, 0.0], &[2, 3]);
+        let n = row_nll(&l, &[0, 1]).unwrap();
+        assert!((n[0] - 3f32.ln()).abs() < 1e-6);
+        let e = 1f32.exp();
+        assert!((n[1] - ((2.0 + e).ln() - 1.0)).abs() < 1e-6);
+        assert_eq!(argmax(&t(&[0.0, 3.0, 1.0], &[3])).unwrap(), 1);
+    }
+}
