@@ -216,13 +216,13 @@ impl ModelConfig {
         if self.num_heads == 0 || self.num_kv_heads == 0 || self.head_dim == 0 {
             return Err(bad("head counts and head_dim must be positive".into()));
         }
-        if self.num_heads % self.num_kv_heads != 0 {
+        if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return Err(bad(format!(
                 "num_attention_heads ({}) must be a multiple of num_key_value_heads ({})",
                 self.num_heads, self.num_kv_heads
             )));
         }
-        if self.arch == Architecture::Gpt2 && self.hidden_size % self.num_heads != 0 {
+        if self.arch == Architecture::Gpt2 && !self.hidden_size.is_multiple_of(self.num_heads) {
             return Err(bad(format!(
                 "n_embd ({}) must be a multiple of n_head ({})",
                 self.hidden_size, self.num_heads
