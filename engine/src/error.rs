@@ -48,4 +48,16 @@ pub enum EngineError {
     /// An error from candle.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+    /// Input to the forward pass or an evaluation is unusable (empty, out of vocabulary, too
+    /// long for the position encoding, shorter than one evaluation window).
+    #[error("{0}")]
+    Input(String),
+    /// `tokenizer.json` is missing, malformed, or does not fit the model.
+    #[error("{path}: {message}")]
+    Tokenizer {
+        /// The tokenizer file (or model directory).
+        path: String,
+        /// What is wrong.
+        message: String,
+    },
 }

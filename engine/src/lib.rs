@@ -4,15 +4,22 @@
 pub mod builtin;
 pub mod config;
 pub mod error;
+pub mod eval;
+pub mod forward;
 pub mod gguf;
 pub mod layers;
+pub mod linear;
 pub mod model;
+pub mod tokenizer;
 
 pub use builtin::{BUILTIN_MODELS, builtin_model};
 pub use config::{Architecture, ModelConfig};
 pub use error::EngineError;
+pub use forward::{KvCache, LinearObserver, Session};
 pub use layers::{LayerInfo, Role};
+pub use linear::{Linear, LinearKernel, LinearWeight};
 pub use model::Model;
+pub use tokenizer::Tokenizer;
 
 /// Loads a model by reference: `builtin:NAME` or a directory path.
 pub fn load_model(reference: &str) -> Result<Model, EngineError> {
