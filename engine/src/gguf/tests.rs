@@ -500,3 +500,26 @@ fn refuses_a_non_empty_output_directory_and_bad_files() {
     assert!(err.contains("missing.gguf"), "{err}");
     assert!(!dir.path().join("out2").exists() && !dir.path().join("out3").exists());
 }
+
+#[test]
+fn tokenizer_json_loads_and_splits_digits_one_by_one() {
+    let (dir, path, _) = setup(metadata("llama", n_tokens()));
+    let out = dir.path().join("out");
+    run(&path, &out).unwrap();
+    let tok = tokenizers::Tokenizer::from_file(out.join("tokenizer.json")).unwrap();
+    // Ids: 3 control tokens, then the byte alphabet in byte order (byte b has id 3 + b), then
+    // `Ġt` and `Ġth`.
+    let byte = |b: u8| 3 + u32::from(b);
+    let th = n_tokens() as u32 - 1;
+    let enc = tok.encode(" th 12<|im_start|>", true).unwrap();
+    assert_eq!(
+        enc.get_ids(),
+        &[th, byte(b' '), byte(b'1'), byte(b'2'), 1],
+        "{:?}",
+        enc.get_tokens()
+    );
+    // No prefix space and no BOS are added.
+    let enc = tok.encode("t", true).unwrap();
+    assert_eq!(enc.get_ids(), &[byte(b't')]);
+    assert_eq!(tok.decode(&[th, byte(b'1')], false).unwrap(), " th1");
+}
