@@ -89,12 +89,17 @@ impl fmt::Display for Format {
     }
 }
 
-/// Compute floor of the bitmap GEMV, in bytes-of-bandwidth per weight (kept or not): its
-/// kernel does a permute+FMA for every 8 weights, which at medium-high sparsity costs more
-/// than streaming the few bytes left (calibrated with `bench`).
-const BITMAP_FLOOR_PER_WEIGHT: f64 = 0.75;
-/// Compute floor of the CSR GEMV, in bytes-of-bandwidth per kept weight (one gathered lane).
-const CSR_FLOOR_PER_NNZ: f64 = 2.0;
+/// Cost floor of the bitmap GEMV, in dense-f32-bytes-equivalent per weight (kept or not). Its
+/// AVX2 kernel does a table permute + FMA for every 8 weights; on the 2-core EPYC we measured
+/// (`bench_kernels`, caches flushed, 30 layers) it ran at 0.6-1.2x of dense f32 from 50% to
+/// 90% sparsity, i.e. about as slow as streaming dense, and always behind CSR. The floor
+/// therefore keeps it from being chosen over dense; it stays available to `pack`.
+const BITMAP_FLOOR_PER_WEIGHT: f64 = 4.0;
+/// Cost floor of the CSR GEMV, in dense-f32-bytes-equivalent per kept weight. Measured: one
+/// kept weight costs 0.4-0.5 ns on 2 cores where dense streams 4 bytes in ~0.24 ns, plus a
+/// per-row reduction, which puts CSR (f32 or bf16 alike: the gather, not the bytes, bounds
+/// it) at ~11 bytes per kept weight: slower than dense at 50%, ~1.5x at 70%, ~3x at 90%.
+const CSR_FLOOR_PER_NNZ: f64 = 11.0;
 /// A sparse format must beat dense by this factor to be chosen.
 const DENSE_MARGIN: f64 = 1.1;
 

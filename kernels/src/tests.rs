@@ -274,6 +274,9 @@ fn planner_picks_expected_formats() {
     // Light unstructured sparsity does not pay: dense.
     let light = testutil::unstructured(&mut rng, rows, cols, 0.95);
     assert_eq!(pick(&light, Structure::Unstructured), Format::Dense);
+    // 50% unstructured: CSR would be slower than dense on measured costs, so dense.
+    let half = testutil::unstructured(&mut rng, rows, cols, 0.5);
+    assert_eq!(pick(&half, Structure::Unstructured), Format::Dense);
     // 80% 16x16 block sparsity: BSR, declared or discovered.
     let blocks = testutil::blocky(&mut rng, rows, cols, 16, 16, 0.2);
     assert_eq!(
