@@ -1,6 +1,7 @@
 //! Runs the kernel benchmark outside the CLI:
 //! `cargo run --release -p espalier-kernels --example bench_kernels [-- --quick] [--json]
-//! [--layers N] [--reps N] [--portable] [--f32-only]`.
+//! [--layers N] [--reps N] [--portable | --avx2] [--f32-only] [--sparsities 0.5,0.8]
+//! [--no-prefill] [--no-24]`.
 
 use espalier_kernels::bench::{KernelBenchOptions, run_kernel_bench};
 use espalier_kernels::{Dtype, Isa};
@@ -26,6 +27,22 @@ fn main() {
     }
     if args.iter().any(|a| a == "--portable") {
         opts.isa = Isa::Portable;
+    }
+    if args.iter().any(|a| a == "--avx2") {
+        opts.isa = Isa::Avx2Fma;
+    }
+    if let Some(list) = args
+        .iter()
+        .position(|a| a == "--sparsities")
+        .and_then(|i| args.get(i + 1))
+    {
+        opts.sparsities = list.split(',').filter_map(|v| v.parse().ok()).collect();
+    }
+    if args.iter().any(|a| a == "--no-prefill") {
+        opts.prefill_tokens = 0;
+    }
+    if args.iter().any(|a| a == "--no-24") {
+        opts.two_four = false;
     }
     if args.iter().any(|a| a == "--f32-only") {
         opts.dtypes = vec![Dtype::F32];

@@ -5,9 +5,10 @@
 //! it reads 2.125 bytes per weight (CSR u16: 3, dense: 4). The price is compute proportional to
 //! *all* weights: the AVX2 kernel expands 8 packed values per mask byte into their lanes with
 //! one permute (`vpermps`, the lane map looked up from the byte) and zeroes the empty lanes, then
-//! does a dense FMA against `x`. That makes it the best format at medium sparsity, while CSR,
+//! does a dense FMA against `x`. With AVX-512 one masked expand (`vexpandps`) does the same
+//! for 16 weights per mask word. The aim is the best format at medium sparsity, while CSR,
 //! whose work scales with kept weights only, wins again when very sparse; the planner weighs
-//! both.
+//! both with costs measured by `bench`.
 
 use crate::element::{Dtype, Element, Values, with_values};
 use crate::error::{KernelError, Result, checked_len, expect_len};
@@ -17,9 +18,9 @@ use crate::rowgemm::{self, RowDecode};
 use crate::view::DenseView;
 use std::ops::Range;
 
-/// Zero values appended after the last packed value: the AVX2 kernel loads 8 values per mask
-/// byte even when fewer are kept.
-const PAD: usize = 8;
+/// Zero values appended after the last packed value: the SIMD kernels load 8 (AVX2) or 16
+/// (AVX-512) values per step even when fewer are kept.
+const PAD: usize = 16;
 
 /// Bitmap weights `[rows, cols]`: bit `c % 8` of byte `r * stride + c / 8` is set when `(r, c)`
 /// is kept; row `r`'s kept values start at `row_ptr[r]`.
@@ -133,6 +134,23 @@ impl BitmapMatrix {
         y: &mut [f32],
     ) {
         match isa {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => {
+                // SAFETY: AVX-512F present (`effective`); as below, with PAD >= 16 trailing
+                // values for the 16-wide loads.
+                unsafe {
+                    x86::gemv_rows_512(
+                        &self.masks,
+                        self.stride,
+                        &self.row_ptr,
+                        vals,
+                        self.cols,
+                        rows,
+                        x,
+                        y,
+                    )
+                }
+            }
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2Fma => {
                 // SAFETY: AVX2 present (`effective`); masks/row_ptr/values are consistent by
@@ -292,6 +310,85 @@ mod x86 {
                 _mm256_fmadd_ps(e, _mm256_loadu_ps(xp), acc),
                 m.count_ones() as usize,
             )
+        }
+    }
+
+    /// AVX-512 GEMV: 16 weights per mask word; the packed values are loaded 16 at a time and
+    /// expanded into the lanes whose bit is set (zeros elsewhere), so the loop does no table
+    /// look-ups and its only serial dependency is the value offset (`+= popcount`).
+    ///
+    /// # Safety
+    /// AVX-512F+AVX2+FMA+POPCNT; arrays consistent (see `BitmapMatrix`), `vals` has PAD (16)
+    /// trailing elements, `x.len() == cols`, `y.len() == rows.len()`.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f,avx2,fma,popcnt")]
+    pub(super) unsafe fn gemv_rows_512<T: Element>(
+        masks: &[u8],
+        stride: usize,
+        row_ptr: &[u32],
+        vals: &[T],
+        cols: usize,
+        rows: Range<usize>,
+        x: &[f32],
+        y: &mut [f32],
+    ) {
+        let words = cols / 16;
+        let xp = x.as_ptr();
+        let vp = vals.as_ptr();
+        for (yi, r) in y.iter_mut().zip(rows) {
+            let mrow = &masks[r * stride..][..stride];
+            let mut vi = row_ptr[r] as usize;
+            let mut a0 = _mm512_setzero_ps();
+            let mut a1 = _mm512_setzero_ps();
+            let mut k = 0;
+            // SAFETY: vi stays within the row's values (it advances by the popcounts of the
+            // row's mask bits) and PAD spare values cover each 16-wide load; x reads < cols.
+            unsafe {
+                while k + 2 <= words {
+                    let m0 = u16::from_le_bytes([mrow[2 * k], mrow[2 * k + 1]]);
+                    let m1 = u16::from_le_bytes([mrow[2 * k + 2], mrow[2 * k + 3]]);
+                    let v0 = _mm512_maskz_expand_ps(m0, load16(vp.add(vi)));
+                    vi += m0.count_ones() as usize;
+                    let v1 = _mm512_maskz_expand_ps(m1, load16(vp.add(vi)));
+                    vi += m1.count_ones() as usize;
+                    a0 = _mm512_fmadd_ps(v0, _mm512_loadu_ps(xp.add(16 * k)), a0);
+                    a1 = _mm512_fmadd_ps(v1, _mm512_loadu_ps(xp.add(16 * k + 16)), a1);
+                    k += 2;
+                }
+                if k < words {
+                    let m0 = u16::from_le_bytes([mrow[2 * k], mrow[2 * k + 1]]);
+                    let v0 = _mm512_maskz_expand_ps(m0, load16(vp.add(vi)));
+                    vi += m0.count_ones() as usize;
+                    a0 = _mm512_fmadd_ps(v0, _mm512_loadu_ps(xp.add(16 * k)), a0);
+                }
+                let mut s = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+                // Tail: the last `cols % 16` columns, bit by bit.
+                for (b, &m) in mrow.iter().enumerate().skip(2 * words) {
+                    let mut m = m;
+                    while m != 0 {
+                        let j = m.trailing_zeros() as usize;
+                        s += (*vp.add(vi)).to_f32() * *xp.add(8 * b + j);
+                        vi += 1;
+                        m &= m - 1;
+                    }
+                }
+                *yi = s;
+            }
+        }
+    }
+
+    /// Loads 16 consecutive values widened to f32.
+    ///
+    /// # Safety
+    /// AVX-512F; 16 values readable at `p`.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    unsafe fn load16<T: Element>(p: *const T) -> __m512 {
+        // SAFETY: caller's contract; two 8-wide loads joined into one 512-bit vector.
+        unsafe {
+            let lo = _mm512_castps256_ps512(T::load8(p));
+            let hi = _mm256_castps_pd(T::load8(p.add(8)));
+            _mm512_castpd_ps(_mm512_insertf64x4::<1>(_mm512_castps_pd(lo), hi))
         }
     }
 

@@ -189,14 +189,14 @@ impl BsrMatrix {
         let (br, bc) = (self.br, self.bc);
         match (isa, br, bc) {
             #[cfg(target_arch = "x86_64")]
-            (Isa::Avx2Fma, 16, _) => {
+            (Isa::Avx2Fma | Isa::Avx512, 16, _) => {
                 // SAFETY: AVX2 present (`effective`); block arrays consistent by construction,
                 // block columns < ceil(cols/bc) and kc clamps reads of x to < cols; y covers the
                 // rows of `brs` (split by `for_each_range` in units of br).
                 unsafe { x86::gemv_b16(&self.brow_ptr, &self.bcol, v, bc, self.cols, brs, x, y) }
             }
             #[cfg(target_arch = "x86_64")]
-            (Isa::Avx2Fma, 4, 1) => {
+            (Isa::Avx2Fma | Isa::Avx512, 4, 1) => {
                 // SAFETY: as above; with bc == 1 every block column is a valid column.
                 unsafe { x86::gemv_4x1(&self.brow_ptr, &self.bcol, v, brs, x, y) }
             }

@@ -219,7 +219,7 @@ fn gemv_rows<T: Element, I: Index + SimdIndex>(
 ) {
     match isa {
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2Fma => {
+        Isa::Avx2Fma | Isa::Avx512 => {
             // SAFETY: AVX2 present (`effective`); the packer guarantees row_ptr is monotone and
             // within `idx`/`vals`, and every index < cols == x.len() (checked by `gemv`).
             unsafe { x86::gemv_rows(row_ptr, idx, vals, rows, x, y) }

@@ -161,7 +161,7 @@ pub(crate) fn gemv_rows<T: Element>(
     match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `isa` is effective (AVX2+FMA present); bounds asserted above.
-        Isa::Avx2Fma => unsafe { x86::gemv_rows(w, cols, rows, x, y) },
+        Isa::Avx2Fma | Isa::Avx512 => unsafe { x86::gemv_rows(w, cols, rows, x, y) },
         _ => {
             for (yi, r) in y.iter_mut().zip(rows) {
                 *yi = simd::dot_portable(&w[r * cols..][..cols], x);

@@ -64,7 +64,7 @@ pub(crate) fn panel_gemm(
         let xs = &x[t0 * ldx..];
         match isa.effective() {
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx2Fma => {
+            Isa::Avx2Fma | Isa::Avx512 => {
                 // SAFETY: AVX2+FMA is available (`effective`), and the asserts above bound every
                 // read: tokens t0..t0+nt exist in `x` and every segment lies inside `panel`.
                 unsafe {

@@ -15,12 +15,18 @@ pub enum Isa {
     /// x86-64 AVX2 + FMA intrinsics (256-bit vectors, fused multiply-add). Detection also
     /// requires POPCNT, which every AVX2 CPU has and the bitmap kernel uses.
     Avx2Fma,
+    /// [`Isa::Avx2Fma`] plus AVX-512F. Only the bitmap GEMV has an AVX-512 kernel (its
+    /// masked expand turns 16 mask bits and the packed values into a dense vector in one
+    /// instruction); every other kernel runs its AVX2 code under this ISA.
+    Avx512,
 }
 
 impl Isa {
     /// The best instruction set this CPU supports (detected once, then cached by std).
     pub fn detect() -> Isa {
-        if avx2_fma_available() {
+        if avx512_available() {
+            Isa::Avx512
+        } else if avx2_fma_available() {
             Isa::Avx2Fma
         } else {
             Isa::Portable
@@ -32,14 +38,22 @@ impl Isa {
         match self {
             Isa::Portable => true,
             Isa::Avx2Fma => avx2_fma_available(),
+            Isa::Avx512 => avx512_available(),
         }
     }
 
-    /// `self` if the CPU supports it, else [`Isa::Portable`]. Kernels dispatch on this value,
-    /// never on the raw request, so an unsupported request cannot reach SIMD code.
+    /// Whether this ISA includes AVX2+FMA (the x86 kernels' baseline).
+    pub fn has_avx2(self) -> bool {
+        matches!(self, Isa::Avx2Fma | Isa::Avx512)
+    }
+
+    /// `self` if the CPU supports it, else the best supported ISA below it. Kernels dispatch on
+    /// this value, never on the raw request, so an unsupported request cannot reach SIMD code.
     pub fn effective(self) -> Isa {
         if self.is_available() {
             self
+        } else if self == Isa::Avx512 && Isa::Avx2Fma.is_available() {
+            Isa::Avx2Fma
         } else {
             Isa::Portable
         }
@@ -47,7 +61,7 @@ impl Isa {
 
     /// Every instruction set usable on this CPU (tests iterate over this).
     pub fn all_available() -> Vec<Isa> {
-        [Isa::Portable, Isa::Avx2Fma]
+        [Isa::Portable, Isa::Avx2Fma, Isa::Avx512]
             .into_iter()
             .filter(|isa| isa.is_available())
             .collect()
@@ -63,6 +77,16 @@ fn avx2_fma_available() -> bool {
 
 #[cfg(not(target_arch = "x86_64"))]
 fn avx2_fma_available() -> bool {
+    false
+}
+
+#[cfg(target_arch = "x86_64")]
+fn avx512_available() -> bool {
+    avx2_fma_available() && std::arch::is_x86_feature_detected!("avx512f")
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn avx512_available() -> bool {
     false
 }
 

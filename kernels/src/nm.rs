@@ -233,7 +233,7 @@ impl NmMatrix {
         let per_row = self.groups * n;
         // Columns handled 16 at a time by the vector kernel (whole groups only).
         let simd_cols = if cfg!(target_arch = "x86_64")
-            && isa == Isa::Avx2Fma
+            && isa.has_avx2()
             && m == 2 * n
             && matches!(n, 1 | 2 | 4)
         {

@@ -102,7 +102,7 @@ fn tile(
     assert!(t0 + 8 * nv <= tp && (1..=TILE / 8).contains(&nv));
     match isa {
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2Fma => {
+        Isa::Avx2Fma | Isa::Avx512 => {
             let p = xt.as_ptr();
             // SAFETY: AVX2 checked by the caller via `effective`; reads bounded as asserted.
             unsafe {
