@@ -271,7 +271,7 @@ fn make_weights(rng: &mut SplitMix, rows: usize, cols: usize, kind: MaskKind) ->
 /// starts with its weights in memory, not in cache, as in a model whose other layers' weights
 /// were read since.
 struct Evictor {
-    buf: Vec<u64>,
+    buf: Vec<f32>,
 }
 
 impl Evictor {
@@ -279,7 +279,7 @@ impl Evictor {
         // Non-zero contents so every page is really backed (a zeroed allocation may map one
         // shared zero page and read from cache).
         Evictor {
-            buf: (0..(bytes / 8) as u64).collect(),
+            buf: (0..bytes / 4).map(|i| (i % 1000) as f32).collect(),
         }
     }
 
@@ -299,26 +299,60 @@ impl Evictor {
 }
 
 /// Sums `buf` with `threads` tasks of rayon's pool (the bandwidth probe's inner loop).
-fn parallel_sum(buf: &[u64], threads: usize) -> u64 {
+fn parallel_sum(buf: &[f32], threads: usize) -> f32 {
     let chunk = buf.len().div_ceil(threads.max(1)).max(1);
     buf.par_chunks(chunk)
         .with_max_len(1)
-        .map(|c| {
-            // Four independent accumulators so the adds vectorise and pipeline.
-            let mut acc = [0u64; 4];
-            for q in c.chunks_exact(4) {
-                for j in 0..4 {
-                    acc[j] = acc[j].wrapping_add(q[j]);
-                }
-            }
-            acc.iter().fold(0u64, |a, &b| a.wrapping_add(b))
-        })
-        .reduce(|| 0, u64::wrapping_add)
+        .map(sum_f32)
+        .reduce(|| 0.0, |a, b| a + b)
+}
+
+/// Sum of one contiguous chunk: one sequential stream, 256-bit loads where the CPU has them,
+/// i.e. read the way our kernels read, so the probe is a fair ceiling for them.
+fn sum_f32(c: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if Isa::Avx2Fma.is_available() {
+        // SAFETY: AVX2 checked just above.
+        return unsafe { sum_avx2(c) };
+    }
+    let mut acc = [0.0f32; 8];
+    let chunks = c.chunks_exact(8);
+    let tail: f32 = chunks.remainder().iter().sum();
+    for q in chunks {
+        for j in 0..8 {
+            acc[j] += q[j];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn sum_avx2(c: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let mut a = [_mm256_setzero_ps(); 4];
+    let mut i = 0;
+    while i + 32 <= c.len() {
+        for (j, acc) in a.iter_mut().enumerate() {
+            // SAFETY: i + 8j + 8 <= i + 32 <= len.
+            *acc = _mm256_add_ps(*acc, unsafe { _mm256_loadu_ps(c.as_ptr().add(i + 8 * j)) });
+        }
+        i += 32;
+    }
+    let mut lanes = [0.0f32; 8];
+    // SAFETY: `lanes` has 8 floats.
+    unsafe {
+        _mm256_storeu_ps(
+            lanes.as_mut_ptr(),
+            _mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3])),
+        )
+    };
+    lanes.iter().sum::<f32>() + c[i..].iter().sum::<f32>()
 }
 
 /// Read bandwidth in GB/s: `threads` tasks sum a buffer larger than the caches; best of a few
 /// passes.
-fn probe_bandwidth(buf: &[u64], threads: usize) -> f64 {
+fn probe_bandwidth(buf: &[f32], threads: usize) -> f64 {
     black_box(parallel_sum(buf, threads));
     let mut best = f64::INFINITY;
     for _ in 0..4 {
@@ -326,7 +360,7 @@ fn probe_bandwidth(buf: &[u64], threads: usize) -> f64 {
         black_box(parallel_sum(buf, threads));
         best = best.min(t.elapsed().as_secs_f64());
     }
-    (buf.len() * 8) as f64 / best / 1e9
+    (buf.len() * 4) as f64 / best / 1e9
 }
 
 fn baseline_err(e: candle_core::Error) -> KernelError {
@@ -392,7 +426,10 @@ pub fn run_kernel_bench(
     let layers = opts.layers.max(1);
     let reps = opts.reps.max(1);
     let preps = opts.prefill_reps.max(1);
-    let probe_buf: Vec<u64> = (0..(opts.probe_bytes / 8).max(1024) as u64).collect();
+    // Non-zero contents so every page is really backed.
+    let probe_buf: Vec<f32> = (0..(opts.probe_bytes / 4).max(1024))
+        .map(|i| (i % 1000) as f32)
+        .collect();
     let evictor = Evictor::new(opts.evict_bytes);
     progress(&format!(
         "memory probe: {} MiB, {threads} threads",

@@ -41,17 +41,4 @@ pub(crate) mod x86 {
         let s = _mm_add_ss(s, _mm_movehdup_ps(s));
         _mm_cvtss_f32(s)
     }
-
-    /// Horizontal sums of four vectors at once: `[hsum(a), hsum(b), hsum(c), hsum(d)]`.
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    pub(crate) fn hsum4(a: __m256, b: __m256, c: __m256, d: __m256) -> __m128 {
-        let ab = _mm256_hadd_ps(a, b); // a01 a23 b01 b23 | a45 a67 b45 b67
-        let cd = _mm256_hadd_ps(c, d);
-        let abcd = _mm256_hadd_ps(ab, cd); // a0123 b0123 c0123 d0123 | a4567 ...
-        _mm_add_ps(
-            _mm256_castps256_ps128(abcd),
-            _mm256_extractf128_ps::<1>(abcd),
-        )
-    }
 }
