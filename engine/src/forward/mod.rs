@@ -30,8 +30,12 @@ use crate::model::Model;
 use ops::{Activation, RopeTable};
 
 /// Rows of the LM head computed at once when only losses are needed: bounds the logits held in
-/// memory (256 × 49152 f32 = 48 MiB for SmolLM2) while keeping the matmul large.
-const LM_HEAD_CHUNK: usize = 256;
+/// memory (128 × 49152 f32 = 24 MiB for SmolLM2) while keeping the matmul large.
+const LM_HEAD_CHUNK: usize = 128;
+
+/// Query rows per attention block: small enough that one block's scores (`heads · 128 · keys`
+/// f32) stay under glibc's mmap threshold and get reused, large enough for an efficient matmul.
+const QUERY_BLOCK: usize = 128;
 
 /// Sees the input of every linear layer during a forward pass, in execution order; the hook for
 /// calibration statistics (e.g. Wanda's per-column activation norms).
@@ -691,9 +695,6 @@ impl Session {
             None => (k, v),
         };
         let group = heads / kv_heads;
-        // [heads, T, d] with heads ordered by KV group is already [kv_heads, group · T, d].
-        let q = q.reshape((kv_heads, group * t, d))?;
-        let scores = q.matmul(&k.t()?)?;
         let mut scale = if self.scale_attn {
             1.0 / (d as f32).sqrt()
         } else {
@@ -702,13 +703,32 @@ impl Session {
         if self.attn_scale_by_layer {
             scale /= (layer + 1) as f32;
         }
-        let probs = ops::causal_softmax(&scores, t, start, scale)?;
-        let ctx = probs.matmul(&v)?;
-        let ctx = ctx
-            .reshape((heads, t, d))?
-            .transpose(0, 1)?
-            .contiguous()?
-            .reshape((t, heads * d))?;
+        // Queries in blocks: each block only multiplies the keys it can see (half the
+        // attention FLOPs of a long causal window) and its scores stay a few MiB.
+        let mut ctx = vec![0f32; t * heads * d];
+        let mut b0 = 0;
+        while b0 < t {
+            let len = QUERY_BLOCK.min(t - b0);
+            // [heads, T, d] with heads ordered by KV group is [kv_heads, group, T, d]; the
+            // block's rows of one KV group stack into [kv_heads, group · len, d].
+            let qb = if len == t {
+                q.reshape((kv_heads, group * t, d))?
+            } else {
+                q.reshape((kv_heads, group, t, d))?
+                    .narrow(2, b0, len)?
+                    .contiguous()?
+                    .reshape((kv_heads, group * len, d))?
+            };
+            let visible = start + b0 + len;
+            let kb = k.narrow(1, 0, visible)?;
+            let vb = v.narrow(1, 0, visible)?;
+            let scores = qb.matmul(&kb.t()?)?;
+            let probs = ops::causal_softmax(&scores, len, start + b0, scale)?;
+            let out = probs.matmul(&vb)?;
+            ops::merge_heads_into(&out, heads, len, d, &mut ctx[b0 * heads * d..])?;
+            b0 += len;
+        }
+        let ctx = Tensor::from_vec(ctx, (t, heads * d), &Device::Cpu)?;
         run(&block.o, &ctx, observer)
     }
 }
@@ -745,10 +765,11 @@ mod tests {
 
     #[test]
     fn cached_decoding_equals_full_forward_on_builtins() {
-        for name in ["tiny-llama", "tiny-gpt2"] {
+        // 300 tokens span three query blocks of the full forward; GPT-2's table has 128.
+        for (name, n) in [("tiny-llama", 300u32), ("tiny-gpt2", 100)] {
             let model = builtin_model(name).unwrap();
             let s = Session::new(&model).unwrap();
-            let tokens: Vec<u32> = (0..20).map(|i| (i * 37 + 5) % 256).collect();
+            let tokens: Vec<u32> = (0..n).map(|i| (i * 37 + 5) % 256).collect();
             let full = s.forward(&tokens, None).unwrap();
             let mut cache = KvCache::new();
             // A prompt of 7, then one token at a time (the cache grows past 16 on the way).
@@ -756,9 +777,10 @@ mod tests {
             for &tok in &tokens[7..] {
                 rows.push(s.forward(&[tok], Some(&mut cache)).unwrap());
             }
-            assert_eq!(cache.len(), 20);
+            assert_eq!(cache.len(), n as usize);
             let inc = Tensor::cat(&rows, 0).unwrap();
-            assert!(max_diff(&full, &inc) < 1e-5, "{name}");
+            let diff = max_diff(&full, &inc);
+            assert!(diff < 1e-4, "{name}: {diff}");
             let loss = s.loss(&tokens).unwrap();
             assert!(loss.is_finite() && loss > 0.0);
         }

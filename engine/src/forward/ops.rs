@@ -206,6 +206,30 @@ pub(crate) fn causal_softmax(
     new_tensor(out, scores.dims())
 }
 
+/// Writes attention output `ctx: [heads, len, d]` into `out`, the rows of `[T, heads · d]`
+/// starting at the block's first token (the inverse of [`split_heads`]).
+pub(crate) fn merge_heads_into(
+    ctx: &Tensor,
+    heads: usize,
+    len: usize,
+    d: usize,
+    out: &mut [f32],
+) -> Result<(), EngineError> {
+    with_f32(ctx, |xs| {
+        if xs.len() != heads * len * d || out.len() < len * heads * d {
+            return Err(EngineError::Input(
+                "internal: attention output shape mismatch".into(),
+            ));
+        }
+        for (p, row) in out.chunks_mut(heads * d).take(len).enumerate() {
+            for (h, dst) in row.chunks_mut(d).enumerate() {
+                dst.copy_from_slice(&xs[(h * len + p) * d..][..d]);
+            }
+        }
+        Ok(())
+    })
+}
+
 /// `silu(gate) · up`, the SwiGLU activation.
 pub(crate) fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor, EngineError> {
     let width = *gate.dims().last().unwrap_or(&1);

@@ -1,0 +1,108 @@
+//! Forward-pass throughput: prefill tokens/s, decode ms/token and perplexity seconds.
+//!
+//! ```text
+//! cargo run --release -p espalier-engine --example bench_forward -- \
+//!     [MODEL] [--ppl-tokens N] [--window W] [--stride S] [--prompt P] [--new N]
+//! ```
+//!
+//! MODEL defaults to `builtin:smollm2-135m-shapes` (random weights, SmolLM2-135M's shapes), so
+//! the figures need no download; tokens are a fixed pseudo-random sequence.
+
+use std::time::Instant;
+
+use espalier_engine::eval::{self, PerplexityOptions};
+use espalier_engine::{Session, load_model};
+
+/// CPU seconds (user + system) this process used so far, from `/proc/self/stat`: on a shared
+/// machine wall-clock time depends on the neighbours, CPU time much less.
+fn cpu_seconds() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return 0.0;
+    };
+    // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
+    let after = stat.rsplit(')').next().unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let mut model_ref = "builtin:smollm2-135m-shapes".to_string();
+    let (mut ppl_tokens, mut window, mut stride, mut prompt, mut new) =
+        (4096usize, 1024usize, 1024usize, 128usize, 32usize);
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        let mut num = |name: &str| -> Result<usize, Box<dyn std::error::Error>> {
+            let v = args.next().ok_or(format!("{name} needs a value"))?;
+            Ok(v.parse()?)
+        };
+        match a.as_str() {
+            "--ppl-tokens" => ppl_tokens = num("--ppl-tokens")?,
+            "--window" => window = num("--window")?,
+            "--stride" => stride = num("--stride")?,
+            "--prompt" => prompt = num("--prompt")?,
+            "--new" => new = num("--new")?,
+            other if !other.starts_with("--") => model_ref = other.to_string(),
+            other => return Err(format!("unknown option {other}").into()),
+        }
+    }
+    let t0 = Instant::now();
+    let model = load_model(&model_ref)?;
+    let session = Session::new(&model)?;
+    println!(
+        "model {model_ref}: loaded in {:.2} s, {} threads",
+        t0.elapsed().as_secs_f64(),
+        rayon::current_num_threads()
+    );
+    let vocab = session.vocab_size() as u64;
+    // A fixed LCG sequence: reproducible and spread over the whole vocabulary.
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let tokens: Vec<u32> = (0..ppl_tokens.max(prompt))
+        .map(|_| {
+            state = state
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            ((state >> 33) % vocab) as u32
+        })
+        .collect();
+
+    // Warm-up: first-touch page faults and rayon start-up stay out of the figures.
+    session.forward_last(&tokens[..16], None)?;
+
+    let cpu0 = cpu_seconds();
+    let lat = eval::latency(&session, &tokens[..prompt], new)?;
+    let cpu1 = cpu_seconds();
+    println!(
+        "latency: prompt {prompt} tokens prefill {:.1} ms ({:.0} tok/s); decode {:.2} ms/token ({:.1} tok/s) over {} steps; {:.1} CPU s",
+        lat.prefill_ms,
+        lat.prefill_tokens_per_s,
+        lat.ms_per_token,
+        lat.decode_tokens_per_s,
+        lat.decode_steps,
+        cpu1 - cpu0
+    );
+
+    let opts = PerplexityOptions { window, stride };
+    let report = eval::perplexity(&session, &tokens[..ppl_tokens], &opts, &mut |p| {
+        eprint!(
+            "\r  window {}/{} ({:.1} s)",
+            p.windows_done, p.windows_total, p.elapsed_s
+        );
+    })?;
+    eprintln!();
+    let cpu2 = cpu_seconds();
+    println!(
+        "perplexity: {} tokens, window {window}, stride {stride}: {:.1} s ({:.0} tok/s; {:.1} s per 16k tokens; {:.1} CPU s), ppl {:.1}",
+        report.tokens,
+        report.seconds,
+        report.tokens_per_second,
+        report.seconds * 16_384.0 / report.tokens as f64,
+        cpu2 - cpu1,
+        report.perplexity
+    );
+    println!(
+        "peak RSS {:.0} MiB",
+        eval::peak_rss_bytes().unwrap_or(0) as f64 / (1 << 20) as f64
+    );
+    Ok(())
+}
