@@ -1,7 +1,7 @@
 //! Runs the kernel benchmark outside the CLI:
 //! `cargo run --release -p espalier-kernels --example bench_kernels [-- --quick] [--json]
 //! [--layers N] [--reps N] [--portable | --avx2] [--f32-only] [--sparsities 0.5,0.8]
-//! [--no-prefill] [--no-24]`.
+//! [--no-prefill] [--no-24] [--probe-mib N] [--evict-mib N]`.
 
 use espalier_kernels::bench::{KernelBenchOptions, run_kernel_bench};
 use espalier_kernels::{Dtype, Isa};
@@ -24,6 +24,12 @@ fn main() {
     }
     if let Some(n) = value("--reps") {
         opts.reps = n;
+    }
+    if let Some(n) = value("--evict-mib") {
+        opts.evict_bytes = n << 20;
+    }
+    if let Some(n) = value("--probe-mib") {
+        opts.probe_bytes = n << 20;
     }
     if args.iter().any(|a| a == "--portable") {
         opts.isa = Isa::Portable;

@@ -13,9 +13,12 @@ use crate::isa::Exec;
 use rayon::prelude::*;
 use std::ops::Range;
 
-/// Minimum bytes of weights a task must read for a split to pay off (~4 µs of streaming on
-/// one core, comparable to the cost of waking a parked rayon worker).
-pub(crate) const MIN_TASK_BYTES: usize = 64 * 1024;
+/// Minimum bytes of weights a task must read for a split to pay off (~10 µs of streaming on
+/// one core). Waking a parked rayon worker costs a few µs on an idle machine but much more
+/// when other processes keep the cores busy (measured on the shared 2-core box: 80%-sparse
+/// 576x576 layers ran faster on one thread than split in two), so small sparse layers stay
+/// on the calling thread.
+pub(crate) const MIN_TASK_BYTES: usize = 256 * 1024;
 
 /// Minimum multiply-adds per task for compute-bound kernels (GEMM) before splitting.
 pub(crate) const MIN_TASK_FLOPS: usize = 256 * 1024;
