@@ -1,1 +1,457 @@
-fn main() {}
+//! The `espalier` command line: run pipelines, inspect plugins and models, benchmark.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use comfy_table::{Cell, CellAlignment, Table, presets::UTF8_FULL_CONDENSED};
+use espalier::app::{App, RunOverrides};
+use espalier::plan::PlannedStage;
+use espalier::plugin::bindings::{ParamKind, ParamValue};
+use espalier::plugin::registry::load_file;
+use espalier::plugin::{Origin, Plugin};
+use espalier::report::{RunReport, StageReport};
+use espalier::run::RunObserver;
+use indicatif::{ProgressBar, ProgressStyle};
+
+#[derive(Parser)]
+#[command(name = "espalier", version, about = "Prune large language models with sandboxed WebAssembly criteria")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args, Clone, Default)]
+struct PluginDirs {
+    /// Folder of extra plugin `.wasm` files (repeatable; also $ESPALIER_PLUGIN_DIR).
+    #[arg(long = "plugin-dir", value_name = "DIR")]
+    dirs: Vec<PathBuf>,
+}
+
+impl PluginDirs {
+    fn all(&self) -> Vec<PathBuf> {
+        let mut dirs = self.dirs.clone();
+        if let Some(env) = std::env::var_os("ESPALIER_PLUGIN_DIR") {
+            dirs.extend(std::env::split_paths(&env));
+        }
+        dirs
+    }
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a pipeline file: prune, report, export.
+    Run {
+        /// The pipeline (TOML), e.g. pipelines/quickstart.toml.
+        pipeline: PathBuf,
+        /// Use this model instead of the pipeline's `model` (a directory or builtin:NAME).
+        #[arg(long)]
+        model: Option<String>,
+        /// Export here instead of the pipeline's `export.dir`.
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
+        /// Do not export, only report.
+        #[arg(long, conflicts_with = "out")]
+        no_export: bool,
+        /// Print the report as JSON instead of tables.
+        #[arg(long)]
+        json: bool,
+        /// Also print the per-layer table.
+        #[arg(long)]
+        layers: bool,
+        #[command(flatten)]
+        plugins: PluginDirs,
+    },
+    /// List or inspect plugins.
+    Plugins {
+        #[command(subcommand)]
+        command: PluginsCommand,
+    },
+    /// Inspect models.
+    Model {
+        #[command(subcommand)]
+        command: ModelCommand,
+    },
+    /// Benchmarks.
+    Bench {
+        #[command(subcommand)]
+        command: BenchCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum PluginsCommand {
+    /// List the built-in plugins and those in plugin folders.
+    List {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        plugins: PluginDirs,
+    },
+    /// Show what a plugin describes: version, parameters, needs, output.
+    Inspect {
+        /// A registered plugin name or a path to a .wasm file.
+        plugin: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        plugins: PluginDirs,
+    },
+}
+
+#[derive(Subcommand)]
+enum ModelCommand {
+    /// List a model's weights with their roles and shapes (the names `targets` globs match).
+    Layers {
+        /// A model directory or builtin:NAME.
+        model: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Time the built-in criteria and the share spent inside the sandbox.
+    Plugins {
+        /// Model to prune (random weights are fine).
+        #[arg(long, default_value = "builtin:smollm2-135m-shapes")]
+        model: String,
+        /// Repetitions per case (the median is shown).
+        #[arg(long, default_value_t = 3)]
+        repeat: usize,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("ESPALIER_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match dispatch(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn dispatch(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Run {
+            pipeline,
+            model,
+            out,
+            no_export,
+            json,
+            layers,
+            plugins,
+        } => cmd_run(pipeline, RunOverrides { model, export_dir: out, no_export }, json, layers, &plugins),
+        Command::Plugins { command } => match command {
+            PluginsCommand::List { json, plugins } => cmd_plugins_list(json, &plugins),
+            PluginsCommand::Inspect { plugin, json, plugins } => cmd_plugins_inspect(&plugin, json, &plugins),
+        },
+        Command::Model { command } => match command {
+            ModelCommand::Layers { model } => cmd_model_layers(&model),
+        },
+        Command::Bench { command } => match command {
+            BenchCommand::Plugins { model, repeat, json } => cmd_bench_plugins(&model, repeat, json),
+        },
+    }
+}
+
+fn start_app(dirs: &PluginDirs) -> Result<App> {
+    let app = App::new(&dirs.all())?;
+    for w in &app.plugin_warnings {
+        eprintln!("warning: skipped a plugin: {w}");
+    }
+    Ok(app)
+}
+
+/// Draws one bar over the stages, with a line per finished stage.
+struct Bars {
+    bar: ProgressBar,
+}
+
+impl RunObserver for Bars {
+    fn stage_started(&mut self, index: usize, total: usize, stage: &PlannedStage) {
+        if index == 0 {
+            self.bar.set_length(total as u64);
+        }
+        self.bar.set_message(format!(
+            "stage {}/{total} `{}` ({}, {} layers)",
+            index + 1,
+            stage.spec.name,
+            stage.plugin.info.name,
+            stage.targets.len()
+        ));
+    }
+
+    fn stage_finished(&mut self, _index: usize, report: &StageReport) {
+        self.bar.inc(1);
+        self.bar.println(format!(
+            "  ✓ {} ({}): density {:.4} in {:.2} s",
+            report.name, report.plugin, report.density_after, report.seconds
+        ));
+    }
+}
+
+fn cmd_run(pipeline: PathBuf, overrides: RunOverrides, json: bool, layers: bool, dirs: &PluginDirs) -> Result<()> {
+    let app = start_app(dirs)?;
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} [{bar:24}] {pos}/{len} {msg} {elapsed}")
+            .context("progress template")?
+            .progress_chars("=> "),
+    );
+    bar.enable_steady_tick(Duration::from_millis(120));
+    let mut observer = Bars { bar: bar.clone() };
+    let result = app.run_file(&pipeline, &overrides, &mut observer);
+    bar.finish_and_clear();
+    let result = result?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&result.report)?);
+        return Ok(());
+    }
+    print_report(&result.report, layers);
+    match &result.exported_to {
+        Some(dir) => println!("exported to {} (model.safetensors, config.json, masks.safetensors, report.json)", dir.display()),
+        None => println!("not exported (no [export] section, or --no-export)"),
+    }
+    Ok(())
+}
+
+fn pct(x: f64) -> String {
+    format!("{:.2}%", 100.0 * x)
+}
+
+fn print_report(r: &RunReport, layers: bool) {
+    println!("pipeline `{}` on {} ({})", r.pipeline, r.model, r.architecture);
+    let mut t = Table::new();
+    t.load_preset(UTF8_FULL_CONDENSED);
+    t.set_header(vec!["stage", "plugin", "version", "targets", "asked", "kept after", "time", "sandbox share", "sha256"]);
+    for s in &r.stages {
+        t.add_row(vec![
+            Cell::new(&s.name),
+            Cell::new(&s.plugin),
+            Cell::new(&s.plugin_version),
+            Cell::new(s.targets).set_alignment(CellAlignment::Right),
+            Cell::new(s.requested_density.map_or("-".into(), pct)).set_alignment(CellAlignment::Right),
+            Cell::new(pct(s.density_after)).set_alignment(CellAlignment::Right),
+            Cell::new(format!("{:.3} s", s.seconds)).set_alignment(CellAlignment::Right),
+            Cell::new(pct(s.guest_share)).set_alignment(CellAlignment::Right),
+            Cell::new(&s.plugin_sha256[..12]),
+        ]);
+    }
+    println!("{t}");
+    if layers {
+        let mut t = Table::new();
+        t.load_preset(UTF8_FULL_CONDENSED);
+        t.set_header(vec!["layer", "role", "shape", "kept", "structure"]);
+        for l in &r.layers {
+            t.add_row(vec![
+                Cell::new(&l.name),
+                Cell::new(l.role.as_str()),
+                Cell::new(format!("{:?}", l.shape)),
+                Cell::new(pct(l.density)).set_alignment(CellAlignment::Right),
+                Cell::new(l.structure.as_deref().unwrap_or("-")),
+            ]);
+        }
+        println!("{t}");
+    }
+    let s = &r.summary;
+    let mut t = Table::new();
+    t.load_preset(UTF8_FULL_CONDENSED);
+    t.set_header(vec!["summary", "value"]);
+    t.add_row(vec!["pruned layers".to_string(), s.pruned_layers.to_string()]);
+    t.add_row(vec!["kept in pruned layers".to_string(), pct(s.pruned_density)]);
+    t.add_row(vec!["kept in block linears".to_string(), pct(s.block_linear_density)]);
+    t.add_row(vec!["kept in all 2-D weights".to_string(), pct(s.all_weights_density)]);
+    t.add_row(vec![
+        "parameters (stored / non-zero)".to_string(),
+        format!("{} → {} / {}", s.parameters_before, s.parameters_after, s.nonzero_parameters_after),
+    ]);
+    if let Some(h) = &s.heads {
+        t.add_row(vec![
+            "attention heads (query / kv)".to_string(),
+            format!("{}/{} → {}/{}", h.heads_before, h.kv_heads_before, h.heads_after, h.kv_heads_after),
+        ]);
+    }
+    t.add_row(vec!["time".to_string(), format!("{:.2} s", r.seconds)]);
+    println!("{t}");
+}
+
+fn show_value(v: &ParamValue) -> String {
+    match v {
+        ParamValue::Boolean(b) => b.to_string(),
+        ParamValue::Integer(i) => i.to_string(),
+        ParamValue::Float(f) => f.to_string(),
+        ParamValue::Text(s) => format!("{s:?}"),
+        ParamValue::Integers(v) => format!("{v:?}"),
+        ParamValue::Floats(v) => format!("{v:?}"),
+    }
+}
+
+fn kind_str(k: ParamKind) -> &'static str {
+    match k {
+        ParamKind::Boolean => "bool",
+        ParamKind::Integer => "int",
+        ParamKind::Float => "float",
+        ParamKind::Text => "string",
+        ParamKind::Integers => "[int]",
+        ParamKind::Floats => "[float]",
+    }
+}
+
+fn plugin_json(p: &Plugin) -> serde_json::Value {
+    serde_json::json!({
+        "name": p.info.name,
+        "version": p.info.version,
+        "description": p.info.description,
+        "origin": match &p.origin { Origin::Builtin => "builtin".to_string(), Origin::File(f) => f.display().to_string() },
+        "sha256": p.compiled.sha256,
+        "size_bytes": p.size,
+        "produces": format!("{:?}", p.info.produces).to_lowercase(),
+        "needs": p.info.needs.iter().map(|n| format!("{n:?}").to_lowercase()).collect::<Vec<_>>(),
+        "params": p.info.params.iter().map(|s| serde_json::json!({
+            "name": s.name,
+            "type": kind_str(s.kind),
+            "default": s.default.as_ref().map(show_value),
+            "doc": s.doc,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn cmd_plugins_list(json: bool, dirs: &PluginDirs) -> Result<()> {
+    let app = start_app(dirs)?;
+    if json {
+        let all: Vec<_> = app.registry.iter().map(plugin_json).collect();
+        println!("{}", serde_json::to_string_pretty(&all)?);
+        return Ok(());
+    }
+    let mut t = Table::new();
+    t.load_preset(UTF8_FULL_CONDENSED);
+    t.set_header(vec!["name", "version", "produces", "origin", "size", "sha256"]);
+    for p in app.registry.iter() {
+        t.add_row(vec![
+            p.info.name.clone(),
+            p.info.version.clone(),
+            format!("{:?}", p.info.produces).to_lowercase(),
+            match &p.origin {
+                Origin::Builtin => "builtin".into(),
+                Origin::File(f) => f.display().to_string(),
+            },
+            format!("{:.1} KB", p.size as f64 / 1024.0),
+            p.compiled.sha256[..12].to_string(),
+        ]);
+    }
+    println!("{t}");
+    Ok(())
+}
+
+fn cmd_plugins_inspect(name: &str, json: bool, dirs: &PluginDirs) -> Result<()> {
+    let app = start_app(dirs)?;
+    let plugin = if name.ends_with(".wasm") || std::path::Path::new(name).is_file() {
+        load_file(&app.runtime, std::path::Path::new(name))?
+    } else {
+        app.registry.get(name).cloned().with_context(|| {
+            format!("no plugin named `{name}`; available: {} (or pass a .wasm path)", app.registry.names().join(", "))
+        })?
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&plugin_json(&plugin))?);
+        return Ok(());
+    }
+    let i = &plugin.info;
+    println!("{} {}", i.name, i.version);
+    println!("{}", i.description);
+    println!(
+        "produces: {}   needs: {}   sha256: {}   size: {:.1} KB",
+        format!("{:?}", i.produces).to_lowercase(),
+        i.needs.iter().map(|n| format!("{n:?}").to_lowercase()).collect::<Vec<_>>().join(", "),
+        plugin.compiled.sha256,
+        plugin.size as f64 / 1024.0
+    );
+    let mut t = Table::new();
+    t.load_preset(UTF8_FULL_CONDENSED);
+    t.set_header(vec!["parameter", "type", "default", "doc"]);
+    for p in &i.params {
+        t.add_row(vec![
+            p.name.clone(),
+            kind_str(p.kind).to_string(),
+            p.default.as_ref().map_or("(required)".into(), show_value),
+            p.doc.clone(),
+        ]);
+    }
+    println!("{t}");
+    Ok(())
+}
+
+fn cmd_model_layers(model: &str) -> Result<()> {
+    let m = espalier_engine::load_model(model)?;
+    let mut t = Table::new();
+    t.load_preset(UTF8_FULL_CONDENSED);
+    t.set_header(vec!["name", "role", "block", "shape"]);
+    for l in m.layers() {
+        t.add_row(vec![
+            l.name.clone(),
+            l.role.as_str().to_string(),
+            l.block.map_or("-".into(), |b| b.to_string()),
+            format!("{:?}", l.shape),
+        ]);
+    }
+    println!("{t}");
+    Ok(())
+}
+
+fn cmd_bench_plugins(model_ref: &str, repeat: usize, json: bool) -> Result<()> {
+    let app = start_app(&PluginDirs::default())?;
+    eprintln!("loading {model_ref} ...");
+    let model = espalier_engine::load_model(model_ref)?;
+    let bar = ProgressBar::new_spinner();
+    bar.enable_steady_tick(Duration::from_millis(120));
+    let results = espalier::bench::bench_plugins(&app, model_ref, &model, repeat, &mut |m| bar.set_message(m.to_string()))?;
+    bar.finish_and_clear();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&results)?);
+        return Ok(());
+    }
+    println!(
+        "plugin overhead on {model_ref} ({} parameters), median of {repeat}; target: sandbox share <= 10%",
+        model.num_parameters()
+    );
+    let mut t = Table::new();
+    t.load_preset(UTF8_FULL_CONDENSED);
+    t.set_header(vec!["case", "layers", "weights", "stage", "guest + boundary", "host kernels", "validate + apply", "sandbox share"]);
+    for r in &results {
+        t.add_row(vec![
+            Cell::new(&r.label),
+            Cell::new(r.targets).set_alignment(CellAlignment::Right),
+            Cell::new(r.target_weights).set_alignment(CellAlignment::Right),
+            Cell::new(format!("{:.3} s", r.stage_seconds)).set_alignment(CellAlignment::Right),
+            Cell::new(format!("{:.1} ms", r.guest_seconds * 1e3)).set_alignment(CellAlignment::Right),
+            Cell::new(format!("{:.3} s", r.host_kernel_seconds)).set_alignment(CellAlignment::Right),
+            Cell::new(format!("{:.3} s", r.apply_seconds)).set_alignment(CellAlignment::Right),
+            Cell::new(format!("{} {}", pct(r.guest_share), if r.guest_share <= 0.10 { "✓" } else { "✗" }))
+                .set_alignment(CellAlignment::Right),
+        ]);
+    }
+    println!("{t}");
+    if let Some(m) = results.iter().find(|r| r.label.starts_with("magnitude")) {
+        println!(
+            "magnitude 50% pass: {:.2} s (target <= 3 s) {}",
+            m.stage_seconds,
+            if m.stage_seconds <= 3.0 { "✓" } else { "✗" }
+        );
+    }
+    Ok(())
+}

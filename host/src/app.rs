@@ -1,0 +1,129 @@
+//! The entry points the CLI (and later the daemon) share: start the plugin runtime, register
+//! built-in and folder plugins, and run a pipeline file from parsing to export.
+
+use std::path::{Path, PathBuf};
+
+use espalier_engine::EngineError;
+
+use crate::export::{ExportError, export};
+use crate::pipeline::{Pipeline, PipelineError};
+use crate::plan::plan;
+use crate::plugin::{PluginError, Registry, Runtime};
+use crate::report::RunReport;
+use crate::run::{RunError, RunObserver, RunState, execute};
+
+/// Anything that can stop a run, each naming its cause.
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    /// The pipeline file is wrong.
+    #[error(transparent)]
+    Pipeline(#[from] PipelineError),
+    /// The model cannot be loaded.
+    #[error("model: {0}")]
+    Model(#[from] EngineError),
+    /// A plugin cannot be loaded.
+    #[error(transparent)]
+    Plugin(#[from] PluginError),
+    /// A stage failed.
+    #[error(transparent)]
+    Run(#[from] RunError),
+    /// Writing the output failed.
+    #[error(transparent)]
+    Export(#[from] ExportError),
+    /// The wasm runtime could not start.
+    #[error("plugin runtime: {0}")]
+    Runtime(String),
+}
+
+/// Runtime plus registered plugins.
+pub struct App {
+    /// The wasmtime runtime.
+    pub runtime: Runtime,
+    /// Plugins by name.
+    pub registry: Registry,
+    /// Files in plugin folders that could not be loaded (reported, not fatal).
+    pub plugin_warnings: Vec<PluginError>,
+}
+
+/// Settings that override the pipeline file from the command line.
+#[derive(Debug, Default, Clone)]
+pub struct RunOverrides {
+    /// Replaces `model`.
+    pub model: Option<String>,
+    /// Replaces `export.dir` (and enables export).
+    pub export_dir: Option<PathBuf>,
+    /// Skips the export even when the pipeline has one.
+    pub no_export: bool,
+}
+
+/// A finished run.
+pub struct RunResult {
+    /// The report.
+    pub report: RunReport,
+    /// Where the output went, if exported.
+    pub exported_to: Option<PathBuf>,
+    /// The pruned model and masks.
+    pub state: RunState,
+}
+
+impl App {
+    /// Starts the runtime and registers the built-ins plus every `.wasm` in `plugin_dirs`.
+    pub fn new(plugin_dirs: &[PathBuf]) -> Result<Self, AppError> {
+        let runtime = Runtime::new().map_err(|e| AppError::Runtime(format!("{e:#}")))?;
+        let mut registry = Registry::with_builtins(&runtime)?;
+        let mut plugin_warnings = Vec::new();
+        for dir in plugin_dirs {
+            plugin_warnings.extend(registry.add_dir(&runtime, dir));
+        }
+        Ok(App {
+            runtime,
+            registry,
+            plugin_warnings,
+        })
+    }
+
+    /// Parses, plans, runs and exports a pipeline file.
+    pub fn run_file(
+        &self,
+        path: &Path,
+        overrides: &RunOverrides,
+        observer: &mut dyn RunObserver,
+    ) -> Result<RunResult, AppError> {
+        let pipeline = Pipeline::load(path)?;
+        self.run_pipeline(pipeline, overrides, observer)
+    }
+
+    /// Plans, runs and exports a parsed pipeline.
+    pub fn run_pipeline(
+        &self,
+        mut pipeline: Pipeline,
+        overrides: &RunOverrides,
+        observer: &mut dyn RunObserver,
+    ) -> Result<RunResult, AppError> {
+        if let Some(m) = &overrides.model {
+            pipeline.model.value = m.clone();
+        }
+        let model = espalier_engine::load_model(&pipeline.model.value).map_err(|e| {
+            AppError::Pipeline(pipeline.error(&pipeline.model.position, "model", e.to_string()))
+        })?;
+        let masks = pipeline.export.as_ref().is_none_or(|e| e.masks);
+        let export_dir = if overrides.no_export {
+            None
+        } else {
+            overrides
+                .export_dir
+                .clone()
+                .or_else(|| pipeline.export.as_ref().map(|e| e.dir.value.clone()))
+        };
+        let plan = plan(pipeline, &self.registry, &self.runtime, &model)?;
+        let outcome = execute(&plan, &self.runtime, model, observer)?;
+        if let Some(dir) = &export_dir {
+            export(&outcome.state, &outcome.report, dir, masks)?;
+        }
+        Ok(RunResult {
+            report: outcome.report,
+            exported_to: export_dir,
+            state: outcome.state,
+        })
+    }
+}

@@ -1,0 +1,265 @@
+//! Keep-masks: one flag per weight (true = keep) plus the structure they were selected under,
+//! with the structural invariants checked on construction. Every mask a plugin hands back went
+//! through [`Mask::new`], so nothing malformed reaches the model.
+
+use std::fmt;
+
+/// The group structure under which weights are kept or removed together.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum Structure {
+    /// Single weights.
+    Unstructured,
+    /// Rectangular blocks of `rows x cols` (edge blocks may be smaller).
+    Blocks {
+        /// Block height (along out-features).
+        rows: usize,
+        /// Block width (along in-features).
+        cols: usize,
+    },
+    /// At most `n` kept in every `m` consecutive input weights of a row.
+    NOfM {
+        /// Kept per group.
+        n: usize,
+        /// Group size.
+        m: usize,
+    },
+    /// Whole rows.
+    Rows,
+    /// Whole columns.
+    Columns,
+    /// Groups of this many consecutive rows (attention heads of Q/K/V).
+    RowGroups {
+        /// Rows per group.
+        size: usize,
+    },
+    /// Groups of this many consecutive columns (attention heads of O).
+    ColumnGroups {
+        /// Columns per group.
+        size: usize,
+    },
+}
+
+impl fmt::Display for Structure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Structure::Unstructured => write!(f, "unstructured"),
+            Structure::Blocks { rows, cols } => write!(f, "{rows}x{cols} blocks"),
+            Structure::NOfM { n, m } => write!(f, "{n}:{m}"),
+            Structure::Rows => write!(f, "rows"),
+            Structure::Columns => write!(f, "columns"),
+            Structure::RowGroups { size } => write!(f, "row groups of {size}"),
+            Structure::ColumnGroups { size } => write!(f, "column groups of {size}"),
+        }
+    }
+}
+
+/// A keep-mask over one weight tensor.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Mask {
+    shape: Vec<usize>,
+    keep: Vec<bool>,
+    structure: Structure,
+}
+
+/// Splits a shape into (rows, cols), treating 1-D tensors as one row.
+pub fn rows_cols(shape: &[usize]) -> (usize, usize) {
+    match shape {
+        [] => (1, 1),
+        [c] => (1, *c),
+        [r, c] => (*r, *c),
+        [.., c] => (shape.iter().product::<usize>() / c.max(&1), *c),
+    }
+}
+
+impl Mask {
+    /// Builds a mask, checking the length and the structure's invariant.
+    pub fn new(shape: Vec<usize>, keep: Vec<bool>, structure: Structure) -> Result<Self, String> {
+        let numel: usize = shape.iter().product();
+        if keep.len() != numel {
+            return Err(format!(
+                "mask has {} entries but shape {shape:?} has {numel}",
+                keep.len()
+            ));
+        }
+        let mask = Mask {
+            shape,
+            keep,
+            structure,
+        };
+        mask.check_structure()?;
+        Ok(mask)
+    }
+
+    /// A mask keeping everything.
+    pub fn dense(shape: Vec<usize>) -> Self {
+        let n = shape.iter().product();
+        Mask {
+            shape,
+            keep: vec![true; n],
+            structure: Structure::Unstructured,
+        }
+    }
+
+    /// Shape of the masked tensor.
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    /// One flag per element, row-major.
+    pub fn keep(&self) -> &[bool] {
+        &self.keep
+    }
+
+    /// The structure the mask honours.
+    pub fn structure(&self) -> Structure {
+        self.structure
+    }
+
+    /// Number of kept elements.
+    pub fn kept(&self) -> usize {
+        self.keep.iter().filter(|&&k| k).count()
+    }
+
+    /// Fraction kept.
+    pub fn density(&self) -> f64 {
+        if self.keep.is_empty() {
+            1.0
+        } else {
+            self.kept() as f64 / self.keep.len() as f64
+        }
+    }
+
+    /// Intersection with another mask of the same shape. The result keeps `self`'s structure
+    /// when `other` is dense in it (composing stages), else becomes unstructured.
+    pub fn and(&self, other: &Mask) -> Result<Mask, String> {
+        if self.shape != other.shape {
+            return Err(format!(
+                "cannot combine masks of shapes {:?} and {:?}",
+                self.shape, other.shape
+            ));
+        }
+        let keep: Vec<bool> = self.keep.iter().zip(&other.keep).map(|(a, b)| *a && *b).collect();
+        let mut out = Mask {
+            shape: self.shape.clone(),
+            keep,
+            structure: self.structure,
+        };
+        if out.check_structure().is_err() {
+            out.structure = other.structure;
+            if out.check_structure().is_err() {
+                out.structure = Structure::Unstructured;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Checks that the flags honour the declared structure.
+    pub fn check_structure(&self) -> Result<(), String> {
+        let (r, c) = rows_cols(&self.shape);
+        let at = |i: usize, j: usize| self.keep[i * c + j];
+        match self.structure {
+            Structure::Unstructured => Ok(()),
+            Structure::Blocks { rows: br, cols: bc } => {
+                if br == 0 || bc == 0 {
+                    return Err("block shape must be positive".into());
+                }
+                for bi in (0..r).step_by(br) {
+                    for bj in (0..c).step_by(bc) {
+                        let first = at(bi, bj);
+                        for i in bi..(bi + br).min(r) {
+                            for j in bj..(bj + bc).min(c) {
+                                if at(i, j) != first {
+                                    return Err(format!(
+                                        "not {br}x{bc}-block structured: block at ({bi}, {bj}) is partly kept"
+                                    ));
+                                }
+                            }
+                        }
+                    }
+                }
+                Ok(())
+            }
+            Structure::NOfM { n, m } => {
+                if m == 0 || n > m {
+                    return Err(format!("invalid N:M pattern {n}:{m}"));
+                }
+                if c % m != 0 {
+                    return Err(format!("{c} columns are not a multiple of m = {m}"));
+                }
+                for i in 0..r {
+                    for g in 0..c / m {
+                        let kept = (0..m).filter(|&j| at(i, g * m + j)).count();
+                        if kept > n {
+                            return Err(format!(
+                                "not {n}:{m}: row {i}, columns {}..{} keep {kept}",
+                                g * m,
+                                g * m + m
+                            ));
+                        }
+                    }
+                }
+                Ok(())
+            }
+            Structure::Rows => self.check_row_groups(r, c, 1),
+            Structure::RowGroups { size } => self.check_row_groups(r, c, size),
+            Structure::Columns => self.check_column_groups(r, c, 1),
+            Structure::ColumnGroups { size } => self.check_column_groups(r, c, size),
+        }
+    }
+
+    fn check_row_groups(&self, r: usize, c: usize, size: usize) -> Result<(), String> {
+        if size == 0 || r % size != 0 {
+            return Err(format!("{r} rows do not split into groups of {size}"));
+        }
+        for g in 0..r / size {
+            let first = self.keep[g * size * c];
+            if self.keep[g * size * c..(g + 1) * size * c].iter().any(|&k| k != first) {
+                return Err(format!("row group {g} (rows of {size}) is partly kept"));
+            }
+        }
+        Ok(())
+    }
+
+    fn check_column_groups(&self, r: usize, c: usize, size: usize) -> Result<(), String> {
+        if size == 0 || c % size != 0 {
+            return Err(format!("{c} columns do not split into groups of {size}"));
+        }
+        for g in 0..c / size {
+            let first = self.keep[g * size];
+            for i in 0..r {
+                if self.keep[i * c + g * size..i * c + (g + 1) * size].iter().any(|&k| k != first) {
+                    return Err(format!("column group {g} (columns of {size}) is partly kept"));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn structure_invariants_are_checked() {
+        let keep = vec![true, true, false, false, true, false, true, false];
+        assert!(Mask::new(vec![2, 4], keep.clone(), Structure::NOfM { n: 2, m: 4 }).is_ok());
+        assert!(Mask::new(vec![2, 4], keep.clone(), Structure::NOfM { n: 1, m: 4 }).is_err());
+        assert!(Mask::new(vec![2, 4], keep.clone(), Structure::Blocks { rows: 2, cols: 2 }).is_err());
+        let blocky = vec![true, true, false, false, true, true, false, false];
+        assert!(Mask::new(vec![2, 4], blocky.clone(), Structure::Blocks { rows: 2, cols: 2 }).is_ok());
+        assert!(Mask::new(vec![2, 4], blocky.clone(), Structure::Columns).is_ok());
+        assert!(Mask::new(vec![2, 4], blocky, Structure::Rows).is_err());
+        assert!(Mask::new(vec![3, 4], keep, Structure::Unstructured).is_err());
+    }
+
+    #[test]
+    fn and_keeps_structure_when_possible() {
+        let a = Mask::new(vec![1, 4], vec![true, true, false, false], Structure::Blocks { rows: 1, cols: 2 }).unwrap();
+        let b = Mask::dense(vec![1, 4]);
+        let c = a.and(&b).unwrap();
+        assert_eq!(c.structure(), a.structure());
+        assert_eq!(c.kept(), 2);
+    }
+}

@@ -1,0 +1,583 @@
+//! Pipeline files: a declarative TOML description of a pruning run (model, stages, sandbox
+//! limits, export), parsed with source positions so every error names the file, the line and
+//! the field.
+//!
+//! ```toml
+//! name = "quickstart"
+//! model = "builtin:tiny-llama"
+//!
+//! [[stage]]
+//! plugin = "magnitude"
+//! targets = ["*.mlp.*", "*.self_attn.*"]   # globs over layer names (default: block linears)
+//! protect = ["*.layers.0.*"]               # globs removed from the targets
+//! density = 0.5                            # kept fraction, or "budget" / "budget:STAGE"
+//! scope = "layer"                          # any other key is a plugin parameter
+//!
+//! [export]
+//! dir = "out/quickstart"
+//! ```
+//!
+//! Parsing ([`Pipeline::parse`]) checks the syntax and the shape of the file; planning
+//! ([`crate::plan`]) checks it against the plugins and the model.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::plugin::Sandbox;
+
+/// A position in a pipeline file, for error messages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Position {
+    /// 1-based line.
+    pub line: usize,
+    /// 1-based column.
+    pub column: usize,
+}
+
+/// An error in a pipeline file.
+#[derive(Debug, thiserror::Error)]
+#[error("{file}:{}:{}: {field}: {message}", position.line, position.column)]
+pub struct PipelineError {
+    /// The pipeline file.
+    pub file: String,
+    /// Where.
+    pub position: Position,
+    /// The field, as a path (`stage[2].density`).
+    pub field: String,
+    /// What is wrong and how to fix it.
+    pub message: String,
+}
+
+/// A value with the place it was written.
+#[derive(Debug, Clone)]
+pub struct Located<T> {
+    /// The value.
+    pub value: T,
+    /// Where it was written.
+    pub position: Position,
+}
+
+/// How a stage's density is given.
+#[derive(Debug, Clone, PartialEq)]
+pub enum DensitySpec {
+    /// The same kept fraction for every target.
+    Fixed(f64),
+    /// Per-layer budgets of an earlier stage: the named one, or the latest budget stage.
+    Budget(Option<String>),
+}
+
+/// One stage as written.
+#[derive(Debug, Clone)]
+pub struct StageSpec {
+    /// 0-based index in the file.
+    pub index: usize,
+    /// Name (defaults to `PLUGIN` or `PLUGIN-INDEX` when a plugin is used twice).
+    pub name: String,
+    /// Where the stage starts.
+    pub position: Position,
+    /// Plugin name or path to a `.wasm`.
+    pub plugin: Located<String>,
+    /// Glob patterns over layer names; `None` = every block linear.
+    pub targets: Option<Located<Vec<String>>>,
+    /// Glob patterns removed from the targets.
+    pub protect: Located<Vec<String>>,
+    /// Kept fraction.
+    pub density: Option<Located<DensitySpec>>,
+    /// Plugin parameters (every key not listed above).
+    pub params: Vec<(Located<String>, Located<toml::Value>)>,
+}
+
+/// Where and what to export.
+#[derive(Debug, Clone)]
+pub struct ExportSpec {
+    /// Output directory (relative paths are relative to the working directory).
+    pub dir: Located<PathBuf>,
+    /// Whether to write `masks.safetensors`.
+    pub masks: bool,
+}
+
+/// A parsed pipeline file.
+#[derive(Debug, Clone)]
+pub struct Pipeline {
+    /// The file it came from (for messages).
+    pub file: String,
+    /// Source text (to turn spans into lines).
+    pub name: String,
+    /// Model reference: `builtin:NAME` or a directory.
+    pub model: Located<String>,
+    /// Sandbox limits for every plugin call.
+    pub sandbox: Sandbox,
+    /// The stages, in order.
+    pub stages: Vec<StageSpec>,
+    /// Export settings; `None` = prune and report only.
+    pub export: Option<ExportSpec>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPipeline {
+    name: Option<String>,
+    model: Spanned<String>,
+    sandbox: Option<Spanned<RawSandbox>>,
+    #[serde(default, rename = "stage")]
+    stages: Vec<Spanned<toml::Table>>,
+    export: Option<Spanned<RawExport>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSandbox {
+    timeout_s: Option<Spanned<f64>>,
+    memory_mb: Option<Spanned<u64>>,
+    host_memory_mb: Option<Spanned<u64>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawExport {
+    dir: Spanned<String>,
+    #[serde(default = "yes")]
+    masks: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// Keys of a stage table that are not plugin parameters.
+const STAGE_KEYS: &[&str] = &["name", "plugin", "targets", "protect", "density"];
+
+struct Ctx<'a> {
+    file: &'a str,
+    source: &'a str,
+}
+
+impl Ctx<'_> {
+    fn position(&self, offset: usize) -> Position {
+        let before = &self.source[..offset.min(self.source.len())];
+        let line = before.matches('\n').count() + 1;
+        let column = before.rfind('\n').map_or(before.len(), |nl| before.len() - nl - 1) + 1;
+        Position { line, column }
+    }
+
+    fn err(&self, offset: usize, field: impl Into<String>, message: impl Into<String>) -> PipelineError {
+        PipelineError {
+            file: self.file.to_string(),
+            position: self.position(offset),
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+impl Pipeline {
+    /// Reads and parses a pipeline file.
+    pub fn load(path: &Path) -> Result<Self, PipelineError> {
+        let file = path.display().to_string();
+        let source = std::fs::read_to_string(path).map_err(|e| PipelineError {
+            file: file.clone(),
+            position: Position { line: 1, column: 1 },
+            field: "file".into(),
+            message: format!("cannot read the pipeline: {e}"),
+        })?;
+        Self::parse(&file, &source)
+    }
+
+    /// Parses pipeline text; `file` names it in errors.
+    pub fn parse(file: &str, source: &str) -> Result<Self, PipelineError> {
+        let ctx = Ctx { file, source };
+        let raw: RawPipeline = toml::from_str(source).map_err(|e| {
+            let offset = e.span().map_or(0, |s| s.start);
+            // toml's message already says what was expected; drop its own position prefix.
+            let message = e.message().to_string();
+            let field = if message.contains("unknown field") {
+                "top level"
+            } else {
+                "syntax"
+            };
+            ctx.err(offset, field, hint_unknown(&message))
+        })?;
+
+        let model = Located {
+            value: raw.model.get_ref().clone(),
+            position: ctx.position(raw.model.span().start),
+        };
+        if model.value.trim().is_empty() {
+            return Err(ctx.err(raw.model.span().start, "model", "must name a model directory or `builtin:NAME`"));
+        }
+
+        let mut sandbox = Sandbox::default();
+        if let Some(s) = &raw.sandbox {
+            let s = s.get_ref();
+            if let Some(t) = &s.timeout_s {
+                let v = *t.get_ref();
+                if !(v > 0.0 && v <= 86_400.0) {
+                    return Err(ctx.err(t.span().start, "sandbox.timeout_s", format!("{v} must be in (0, 86400] seconds")));
+                }
+                sandbox.timeout = Duration::from_secs_f64(v);
+            }
+            if let Some(m) = &s.memory_mb {
+                let v = *m.get_ref();
+                if !(1..=4096).contains(&v) {
+                    return Err(ctx.err(m.span().start, "sandbox.memory_mb", format!("{v} must be in 1..=4096 (wasm32 memory tops out at 4 GiB)")));
+                }
+                sandbox.guest_memory = (v as usize) << 20;
+            }
+            if let Some(m) = &s.host_memory_mb {
+                let v = *m.get_ref();
+                if v == 0 {
+                    return Err(ctx.err(m.span().start, "sandbox.host_memory_mb", "must be positive"));
+                }
+                sandbox.host_memory = (v as usize) << 20;
+            }
+        }
+
+        let mut stages = Vec::with_capacity(raw.stages.len());
+        let offsets = stage_key_offsets(source);
+        for (index, table) in raw.stages.iter().enumerate() {
+            stages.push(parse_stage(&ctx, index, table, &offsets)?);
+        }
+        name_stages(&ctx, &mut stages)?;
+
+        let export = raw.export.as_ref().map(|e| {
+            let e = e.get_ref();
+            ExportSpec {
+                dir: Located {
+                    value: PathBuf::from(e.dir.get_ref()),
+                    position: ctx.position(e.dir.span().start),
+                },
+                masks: e.masks,
+            }
+        });
+        if let Some(e) = &export {
+            if e.dir.value.as_os_str().is_empty() {
+                return Err(PipelineError {
+                    file: file.to_string(),
+                    position: e.dir.position.clone(),
+                    field: "export.dir".into(),
+                    message: "must not be empty".into(),
+                });
+            }
+        }
+
+        let name = raw.name.unwrap_or_else(|| {
+            Path::new(file)
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "pipeline".into())
+        });
+        Ok(Pipeline {
+            file: file.to_string(),
+            name,
+            model,
+            sandbox,
+            stages,
+            export,
+        })
+    }
+
+    /// An error at a recorded position.
+    pub fn error(&self, position: &Position, field: impl Into<String>, message: impl Into<String>) -> PipelineError {
+        PipelineError {
+            file: self.file.clone(),
+            position: position.clone(),
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+fn hint_unknown(message: &str) -> String {
+    let m = message.trim().to_string();
+    if m.contains("unknown field") {
+        format!("{m} (stage parameters go inside [[stage]] tables)")
+    } else {
+        m
+    }
+}
+
+fn string_list(
+    ctx: &Ctx<'_>,
+    field: &str,
+    value: &toml::Value,
+    offset: usize,
+) -> Result<Vec<String>, PipelineError> {
+    match value {
+        toml::Value::String(s) => Ok(vec![s.clone()]),
+        toml::Value::Array(items) => items
+            .iter()
+            .map(|v| match v {
+                toml::Value::String(s) => Ok(s.clone()),
+                other => Err(ctx.err(offset, field, format!("expected a list of glob strings, found {}", other.type_str()))),
+            })
+            .collect(),
+        other => Err(ctx.err(offset, field, format!("expected a glob string or a list of them, found {}", other.type_str()))),
+    }
+}
+
+fn parse_stage(
+    ctx: &Ctx<'_>,
+    index: usize,
+    table: &Spanned<toml::Table>,
+    offsets: &[Vec<(String, usize)>],
+) -> Result<StageSpec, PipelineError> {
+    let stage_offset = table.span().start;
+    let field = |k: &str| format!("stage[{index}].{k}");
+    let spans = offsets.get(index).map_or(&[][..], Vec::as_slice);
+    let offset_of = |k: &str| spans.iter().find(|(n, _)| n == k).map_or(stage_offset, |(_, o)| *o);
+    let table = table.get_ref();
+
+    let plugin = match table.get("plugin") {
+        Some(toml::Value::String(s)) if !s.trim().is_empty() => Located {
+            value: s.clone(),
+            position: ctx.position(offset_of("plugin")),
+        },
+        Some(other) => {
+            return Err(ctx.err(offset_of("plugin"), field("plugin"), format!("expected a plugin name or a path to a .wasm, found {}", describe(other))));
+        }
+        None => {
+            return Err(ctx.err(stage_offset, field("plugin"), "missing: every stage names its plugin (see `espalier plugins list`)"));
+        }
+    };
+    let name = match table.get("name") {
+        Some(toml::Value::String(s)) if !s.trim().is_empty() => s.clone(),
+        Some(other) => return Err(ctx.err(offset_of("name"), field("name"), format!("expected a non-empty string, found {}", describe(other)))),
+        None => String::new(),
+    };
+    let targets = match table.get("targets") {
+        Some(v) => {
+            let list = string_list(ctx, &field("targets"), v, offset_of("targets"))?;
+            if list.is_empty() {
+                return Err(ctx.err(offset_of("targets"), field("targets"), "empty list: omit `targets` to prune every block linear"));
+            }
+            Some(Located {
+                value: list,
+                position: ctx.position(offset_of("targets")),
+            })
+        }
+        None => None,
+    };
+    let protect = Located {
+        value: match table.get("protect") {
+            Some(v) => string_list(ctx, &field("protect"), v, offset_of("protect"))?,
+            None => Vec::new(),
+        },
+        position: ctx.position(offset_of("protect")),
+    };
+    let density = match table.get("density") {
+        None => None,
+        Some(v) => {
+            let at = offset_of("density");
+            let spec = match v {
+                toml::Value::Float(f) => DensitySpec::Fixed(*f),
+                toml::Value::Integer(i) => DensitySpec::Fixed(*i as f64),
+                toml::Value::String(s) if s == "budget" => DensitySpec::Budget(None),
+                toml::Value::String(s) if s.starts_with("budget:") => {
+                    DensitySpec::Budget(Some(s["budget:".len()..].to_string()))
+                }
+                other => {
+                    return Err(ctx.err(at, field("density"), format!(
+                        "expected a kept fraction in [0, 1], \"budget\" or \"budget:STAGE\", found {}",
+                        describe(other)
+                    )));
+                }
+            };
+            if let DensitySpec::Fixed(d) = spec {
+                if !(0.0..=1.0).contains(&d) || d.is_nan() {
+                    return Err(ctx.err(at, field("density"), format!(
+                        "{d} is outside [0, 1]; density is the fraction of weights KEPT (0.2 = 80% sparsity)"
+                    )));
+                }
+            }
+            Some(Located {
+                value: spec,
+                position: ctx.position(at),
+            })
+        }
+    };
+    let mut params = Vec::new();
+    for (k, v) in table {
+        if STAGE_KEYS.contains(&k.as_str()) {
+            continue;
+        }
+        let at = offset_of(k);
+        params.push((
+            Located {
+                value: k.clone(),
+                position: ctx.position(at),
+            },
+            Located {
+                value: v.clone(),
+                position: ctx.position(at),
+            },
+        ));
+    }
+    Ok(StageSpec {
+        index,
+        name,
+        position: ctx.position(stage_offset),
+        plugin,
+        targets,
+        protect,
+        density,
+        params,
+    })
+}
+
+/// Gives unnamed stages a name and refuses duplicates.
+fn name_stages(ctx: &Ctx<'_>, stages: &mut [StageSpec]) -> Result<(), PipelineError> {
+    let plugin_counts = |p: &str, stages: &[StageSpec]| stages.iter().filter(|s| s.plugin.value == p).count();
+    let defaults: Vec<String> = stages
+        .iter()
+        .map(|s| {
+            let base = Path::new(&s.plugin.value)
+                .file_stem()
+                .map(|x| x.to_string_lossy().into_owned())
+                .unwrap_or_else(|| s.plugin.value.clone());
+            if plugin_counts(&s.plugin.value, stages) > 1 {
+                format!("{base}-{}", s.index + 1)
+            } else {
+                base
+            }
+        })
+        .collect();
+    for (s, d) in stages.iter_mut().zip(defaults) {
+        if s.name.is_empty() {
+            s.name = d;
+        }
+    }
+    for (i, s) in stages.iter().enumerate() {
+        if stages[..i].iter().any(|o| o.name == s.name) {
+            return Err(PipelineError {
+                file: ctx.file.to_string(),
+                position: s.position.clone(),
+                field: format!("stage[{i}].name"),
+                message: format!("stage name `{}` is used twice; give each stage a distinct `name`", s.name),
+            });
+        }
+    }
+    Ok(())
+}
+
+fn describe(v: &toml::Value) -> String {
+    match v {
+        toml::Value::String(s) => format!("the string {s:?}"),
+        other => format!("{} `{other}`", other.type_str()),
+    }
+}
+
+/// Byte offsets of the keys of every `[[stage]]` table, found with toml's span-preserving
+/// document parser (a deserialized `toml::Table` keeps no positions for its values).
+fn stage_key_offsets(source: &str) -> Vec<Vec<(String, usize)>> {
+    use toml::de::{DeTable, DeValue};
+    let Ok(doc) = DeTable::parse(source) else {
+        return Vec::new();
+    };
+    let Some((_, stages)) = doc.get_ref().iter().find(|(k, _)| k.get_ref() == "stage") else {
+        return Vec::new();
+    };
+    let DeValue::Array(items) = stages.get_ref() else {
+        return Vec::new();
+    };
+    items
+        .iter()
+        .map(|item| match item.get_ref() {
+            DeValue::Table(t) => t
+                .iter()
+                .map(|(k, _)| (k.get_ref().to_string(), k.span().start))
+                .collect(),
+            _ => Vec::new(),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(src: &str) -> Result<Pipeline, PipelineError> {
+        Pipeline::parse("p.toml", src)
+    }
+
+    #[test]
+    fn parses_stages_params_and_export() {
+        let p = parse(
+            "model = \"builtin:tiny-llama\"\n[[stage]]\nplugin = \"block\"\ntargets = [\"*.mlp.*\"]\ndensity = 0.2\nblock = [16, 16]\n[export]\ndir = \"out/x\"\n",
+        )
+        .unwrap();
+        assert_eq!(p.name, "p");
+        assert_eq!(p.stages.len(), 1);
+        let s = &p.stages[0];
+        assert_eq!(s.name, "block");
+        assert_eq!(s.density.as_ref().unwrap().value, DensitySpec::Fixed(0.2));
+        assert_eq!(s.params.len(), 1);
+        assert_eq!(s.params[0].0.value, "block");
+        assert_eq!(s.params[0].0.position.line, 6);
+        assert_eq!(s.density.as_ref().unwrap().position.line, 5);
+        assert_eq!(p.export.unwrap().dir.value, PathBuf::from("out/x"));
+    }
+
+    #[test]
+    fn density_out_of_range_names_line_and_field() {
+        let e = parse("model = \"m\"\n\n[[stage]]\nplugin = \"magnitude\"\ndensity = 1.5\n").unwrap_err();
+        assert_eq!(e.position.line, 5);
+        assert_eq!(e.field, "stage[0].density");
+        assert!(e.to_string().starts_with("p.toml:5:"), "{e}");
+        assert!(e.message.contains("outside [0, 1]"));
+    }
+
+    #[test]
+    fn unknown_top_level_field_is_refused_with_its_line() {
+        let e = parse("model = \"m\"\nmodle = 3\n").unwrap_err();
+        assert_eq!(e.position.line, 2);
+        assert!(e.message.contains("unknown field"), "{e}");
+    }
+
+    #[test]
+    fn unknown_export_field_is_refused() {
+        let e = parse("model = \"m\"\n[export]\ndir = \"o\"\nformat = \"x\"\n").unwrap_err();
+        assert_eq!(e.position.line, 4, "{e}");
+    }
+
+    #[test]
+    fn missing_plugin_and_bad_types_are_refused() {
+        let e = parse("model = \"m\"\n[[stage]]\ndensity = 0.5\n").unwrap_err();
+        assert_eq!(e.field, "stage[0].plugin");
+        assert_eq!(e.position.line, 2);
+        let e = parse("model = \"m\"\n[[stage]]\nplugin = \"x\"\ntargets = 3\n").unwrap_err();
+        assert_eq!(e.field, "stage[0].targets");
+        assert_eq!(e.position.line, 4);
+        let e = parse("model = \"m\"\n[[stage]]\nplugin = \"x\"\ndensity = \"half\"\n").unwrap_err();
+        assert_eq!(e.field, "stage[0].density");
+    }
+
+    #[test]
+    fn budget_densities_and_stage_names() {
+        let p = parse("model = \"m\"\n[[stage]]\nplugin = \"a\"\n[[stage]]\nplugin = \"a\"\ndensity = \"budget:a-1\"\n[[stage]]\nplugin = \"b\"\ndensity = \"budget\"\n").unwrap();
+        assert_eq!(p.stages[0].name, "a-1");
+        assert_eq!(p.stages[1].name, "a-2");
+        assert_eq!(p.stages[1].density.as_ref().unwrap().value, DensitySpec::Budget(Some("a-1".into())));
+        assert_eq!(p.stages[2].density.as_ref().unwrap().value, DensitySpec::Budget(None));
+        let e = parse("model = \"m\"\n[[stage]]\nname = \"x\"\nplugin = \"a\"\n[[stage]]\nname = \"x\"\nplugin = \"b\"\n").unwrap_err();
+        assert!(e.message.contains("used twice"));
+    }
+
+    #[test]
+    fn sandbox_limits_are_checked() {
+        let p = parse("model = \"m\"\n[sandbox]\ntimeout_s = 2.5\nmemory_mb = 64\n").unwrap();
+        assert_eq!(p.sandbox.timeout, Duration::from_millis(2500));
+        assert_eq!(p.sandbox.guest_memory, 64 << 20);
+        let e = parse("model = \"m\"\n[sandbox]\nmemory_mb = 9000\n").unwrap_err();
+        assert_eq!(e.position.line, 3);
+        assert_eq!(e.field, "sandbox.memory_mb");
+    }
+
+    #[test]
+    fn syntax_errors_carry_the_line() {
+        let e = parse("model = \"m\"\n[[stage]\n").unwrap_err();
+        assert_eq!(e.position.line, 2, "{e}");
+    }
+}

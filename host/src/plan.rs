@@ -1,0 +1,323 @@
+//! Planning: checks a parsed pipeline against the plugins and the model before anything runs
+//! (unknown plugins, parameters of the wrong type, targets that match nothing, budgets with no
+//! source), so a mistake in stage 5 is reported before stage 1 spends a minute.
+
+use std::path::Path;
+
+use espalier_engine::{LayerInfo, Model};
+use globset::{Glob, GlobMatcher};
+
+use crate::pipeline::{DensitySpec, Pipeline, PipelineError, StageSpec};
+use crate::plugin::bindings::{OutputKind, ParamKind, ParamValue};
+use crate::plugin::registry::{load_file, value_fits};
+use crate::plugin::{Plugin, Registry, Runtime};
+
+/// Where a stage's per-layer density comes from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StageDensity {
+    /// Not given: the plugin decides (e.g. N:M fixes its own density).
+    None,
+    /// The same kept fraction for every target.
+    Fixed(f64),
+    /// The budgets produced by the stage with this index.
+    Budget(usize),
+}
+
+/// A stage ready to run.
+#[derive(Clone)]
+pub struct PlannedStage {
+    /// The stage as written.
+    pub spec: StageSpec,
+    /// The plugin that runs it.
+    pub plugin: Plugin,
+    /// The layers it prunes.
+    pub targets: Vec<LayerInfo>,
+    /// Where densities come from.
+    pub density: StageDensity,
+    /// Parameters, type-checked and completed with defaults.
+    pub params: Vec<(String, ParamValue)>,
+}
+
+/// A pipeline checked against its plugins and model.
+pub struct Plan {
+    /// The pipeline.
+    pub pipeline: Pipeline,
+    /// Its stages.
+    pub stages: Vec<PlannedStage>,
+}
+
+/// A layer-name pattern: a glob when it has wildcards, else a substring.
+pub enum NamePattern {
+    /// `*`, `?`, `[...]`, `{a,b}` patterns over the whole name.
+    Glob(GlobMatcher),
+    /// Plain text: matches names containing it (`embed_tokens`, `lm_head`).
+    Contains(String),
+}
+
+impl NamePattern {
+    /// Compiles a pattern.
+    pub fn new(pattern: &str) -> Result<Self, String> {
+        if pattern.contains(['*', '?', '[', '{']) {
+            Glob::new(pattern)
+                .map(|g| NamePattern::Glob(g.compile_matcher()))
+                .map_err(|e| format!("invalid glob `{pattern}`: {e}"))
+        } else {
+            Ok(NamePattern::Contains(pattern.to_string()))
+        }
+    }
+
+    /// Whether a layer name matches.
+    pub fn matches(&self, name: &str) -> bool {
+        match self {
+            NamePattern::Glob(g) => g.is_match(name),
+            NamePattern::Contains(s) => name.contains(s.as_str()),
+        }
+    }
+}
+
+fn compile_patterns(
+    pipeline: &Pipeline,
+    spec: &StageSpec,
+    field: &str,
+    patterns: &[String],
+    position: &crate::pipeline::Position,
+) -> Result<Vec<NamePattern>, PipelineError> {
+    patterns
+        .iter()
+        .map(|p| NamePattern::new(p).map_err(|m| pipeline.error(position, format!("stage[{}].{field}", spec.index), m)))
+        .collect()
+}
+
+/// Resolves a stage's targets: matching 2-D weights, minus protected ones.
+pub fn resolve_targets(pipeline: &Pipeline, spec: &StageSpec, model: &Model) -> Result<Vec<LayerInfo>, PipelineError> {
+    let layers = model.layers();
+    let candidates: Vec<&LayerInfo> = match &spec.targets {
+        None => layers.iter().filter(|l| l.role.is_block_linear()).collect(),
+        Some(t) => {
+            let pats = compile_patterns(pipeline, spec, "targets", &t.value, &t.position)?;
+            for (p, text) in pats.iter().zip(&t.value) {
+                if !layers.iter().any(|l| p.matches(&l.name)) {
+                    return Err(pipeline.error(
+                        &t.position,
+                        format!("stage[{}].targets", spec.index),
+                        format!("pattern `{text}` matches no layer of the model (layer names look like `{}`; list them with `espalier model layers`)", example_name(&layers)),
+                    ));
+                }
+            }
+            layers.iter().filter(|l| l.shape.len() == 2 && pats.iter().any(|p| p.matches(&l.name))).collect()
+        }
+    };
+    let protect = compile_patterns(pipeline, spec, "protect", &spec.protect.value, &spec.protect.position)?;
+    let targets: Vec<LayerInfo> = candidates
+        .into_iter()
+        .filter(|l| !protect.iter().any(|p| p.matches(&l.name)))
+        .cloned()
+        .collect();
+    if targets.is_empty() {
+        let position = spec.targets.as_ref().map_or(&spec.position, |t| &t.position);
+        return Err(pipeline.error(
+            position,
+            format!("stage[{}].targets", spec.index),
+            "no 2-D weight is left to prune after `protect` (norms and biases are never targets)",
+        ));
+    }
+    Ok(targets)
+}
+
+fn example_name(layers: &[LayerInfo]) -> String {
+    layers
+        .iter()
+        .find(|l| l.role.is_block_linear())
+        .or(layers.first())
+        .map(|l| l.name.clone())
+        .unwrap_or_default()
+}
+
+fn kind_name(kind: ParamKind) -> &'static str {
+    match kind {
+        ParamKind::Boolean => "a boolean",
+        ParamKind::Integer => "an integer",
+        ParamKind::Float => "a number",
+        ParamKind::Text => "a string",
+        ParamKind::Integers => "a list of integers",
+        ParamKind::Floats => "a list of numbers",
+    }
+}
+
+/// Converts a TOML value to a parameter value of the declared kind.
+pub fn convert_param(value: &toml::Value, kind: ParamKind) -> Option<ParamValue> {
+    let v = match (value, kind) {
+        (toml::Value::Boolean(b), ParamKind::Boolean) => ParamValue::Boolean(*b),
+        (toml::Value::Integer(i), ParamKind::Integer) => ParamValue::Integer(*i),
+        (toml::Value::Integer(i), ParamKind::Float) => ParamValue::Float(*i as f64),
+        (toml::Value::Float(f), ParamKind::Float) => ParamValue::Float(*f),
+        (toml::Value::String(s), ParamKind::Text) => ParamValue::Text(s.clone()),
+        (toml::Value::Array(items), ParamKind::Integers) => ParamValue::Integers(
+            items.iter().map(toml::Value::as_integer).collect::<Option<Vec<i64>>>()?,
+        ),
+        (toml::Value::Array(items), ParamKind::Floats) => ParamValue::Floats(
+            items
+                .iter()
+                .map(|v| v.as_float().or_else(|| v.as_integer().map(|i| i as f64)))
+                .collect::<Option<Vec<f64>>>()?,
+        ),
+        _ => return None,
+    };
+    Some(v)
+}
+
+fn check_params(pipeline: &Pipeline, spec: &StageSpec, plugin: &Plugin) -> Result<Vec<(String, ParamValue)>, PipelineError> {
+    let info = &plugin.info;
+    let accepted = || {
+        if info.params.is_empty() {
+            "it takes no parameters".to_string()
+        } else {
+            format!("it accepts: {}", info.params.iter().map(|p| p.name.as_str()).collect::<Vec<_>>().join(", "))
+        }
+    };
+    let mut out = Vec::with_capacity(info.params.len());
+    for (key, value) in &spec.params {
+        let field = format!("stage[{}].{}", spec.index, key.value);
+        let Some(p) = info.params.iter().find(|p| p.name == key.value) else {
+            return Err(pipeline.error(
+                &key.position,
+                field,
+                format!("plugin `{}` has no parameter `{}` ({}; see `espalier plugins inspect {}`)", info.name, key.value, accepted(), info.name),
+            ));
+        };
+        let Some(v) = convert_param(&value.value, p.kind) else {
+            return Err(pipeline.error(
+                &value.position,
+                field,
+                format!("expected {} ({}), found {} `{}`", kind_name(p.kind), p.doc, value.value.type_str(), value.value),
+            ));
+        };
+        debug_assert!(value_fits(&v, p.kind));
+        out.push((p.name.clone(), v));
+    }
+    for p in &info.params {
+        if out.iter().any(|(n, _)| *n == p.name) {
+            continue;
+        }
+        match &p.default {
+            Some(d) => out.push((p.name.clone(), d.clone())),
+            None => {
+                return Err(pipeline.error(
+                    &spec.position,
+                    format!("stage[{}].{}", spec.index, p.name),
+                    format!("plugin `{}` needs parameter `{}` ({}): {}", info.name, p.name, kind_name(p.kind), p.doc),
+                ));
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn resolve_plugin(pipeline: &Pipeline, spec: &StageSpec, registry: &Registry, runtime: &Runtime) -> Result<Plugin, PipelineError> {
+    let name = &spec.plugin.value;
+    let field = format!("stage[{}].plugin", spec.index);
+    if name.ends_with(".wasm") || name.contains('/') {
+        return load_file(runtime, Path::new(name)).map_err(|e| pipeline.error(&spec.plugin.position, field, e.to_string()));
+    }
+    registry.get(name).cloned().ok_or_else(|| {
+        let names = registry.names();
+        let hint = names
+            .iter()
+            .min_by_key(|n| strsim_distance(n, name))
+            .filter(|n| strsim_distance(n, name) <= 3)
+            .map(|n| format!("did you mean `{n}`? "))
+            .unwrap_or_default();
+        pipeline.error(
+            &spec.plugin.position,
+            field,
+            format!("unknown plugin `{name}`; {hint}available: {} (or give a path to a .wasm file)", names.join(", ")),
+        )
+    })
+}
+
+/// Levenshtein distance, for "did you mean" hints.
+fn strsim_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1; b.len() + 1];
+        for (j, cb) in b.iter().enumerate() {
+            cur[j + 1] = (prev[j] + usize::from(ca != *cb)).min(prev[j + 1] + 1).min(cur[j] + 1);
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
+/// Checks every stage of `pipeline` against the plugins and the model.
+pub fn plan(pipeline: Pipeline, registry: &Registry, runtime: &Runtime, model: &Model) -> Result<Plan, PipelineError> {
+    let mut stages: Vec<PlannedStage> = Vec::with_capacity(pipeline.stages.len());
+    for spec in &pipeline.stages {
+        let plugin = resolve_plugin(&pipeline, spec, registry, runtime)?;
+        let targets = resolve_targets(&pipeline, spec, model)?;
+        let params = check_params(&pipeline, spec, &plugin)?;
+        let density = match &spec.density {
+            None => StageDensity::None,
+            Some(d) => match &d.value {
+                DensitySpec::Fixed(x) => StageDensity::Fixed(*x),
+                DensitySpec::Budget(from) => {
+                    let field = format!("stage[{}].density", spec.index);
+                    let source = match from {
+                        None => stages.iter().rposition(|s| s.plugin.info.produces == OutputKind::Budgets).ok_or_else(|| {
+                            pipeline.error(&d.position, field.clone(), "\"budget\" needs an earlier stage whose plugin produces budgets (e.g. `sensitivity`)")
+                        })?,
+                        Some(name) => {
+                            let i = stages.iter().position(|s| s.spec.name == *name).ok_or_else(|| {
+                                pipeline.error(&d.position, field.clone(), format!("no earlier stage is named `{name}`"))
+                            })?;
+                            if stages[i].plugin.info.produces != OutputKind::Budgets {
+                                return Err(pipeline.error(&d.position, field, format!("stage `{name}` produces {:?}, not budgets", stages[i].plugin.info.produces)));
+                            }
+                            i
+                        }
+                    };
+                    StageDensity::Budget(source)
+                }
+            },
+        };
+        stages.push(PlannedStage {
+            spec: spec.clone(),
+            plugin,
+            targets,
+            density,
+            params,
+        });
+    }
+    Ok(Plan { pipeline, stages })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn patterns_glob_or_contain() {
+        let g = NamePattern::new("*.mlp.*").unwrap();
+        assert!(g.matches("model.layers.0.mlp.up_proj.weight"));
+        assert!(!g.matches("model.layers.0.self_attn.q_proj.weight"));
+        let c = NamePattern::new("embed_tokens").unwrap();
+        assert!(c.matches("model.embed_tokens.weight"));
+        assert!(NamePattern::new("[").is_err());
+    }
+
+    #[test]
+    fn params_convert_by_kind() {
+        assert!(matches!(convert_param(&toml::Value::Integer(3), ParamKind::Float), Some(ParamValue::Float(x)) if x == 3.0));
+        assert!(convert_param(&toml::Value::Float(3.5), ParamKind::Integer).is_none());
+        let arr = toml::Value::Array(vec![toml::Value::Integer(16), toml::Value::Integer(8)]);
+        assert!(matches!(convert_param(&arr, ParamKind::Integers), Some(ParamValue::Integers(v)) if v == [16, 8]));
+        let bad = toml::Value::Array(vec![toml::Value::String("x".into())]);
+        assert!(convert_param(&bad, ParamKind::Integers).is_none());
+    }
+
+    #[test]
+    fn edit_distance() {
+        assert_eq!(strsim_distance("magnitude", "magnitud"), 1);
+        assert_eq!(strsim_distance("block", "blokc"), 2);
+    }
+}

@@ -1,0 +1,336 @@
+//! The wasmtime side of plugins: one Engine per process, components compiled once and cached
+//! by the sha256 of their bytes, one Store per plugin instance with a memory cap and an epoch
+//! deadline, and classification of guest failures into errors a user can act on.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+use wasmtime::component::{Component, HasSelf, Linker};
+use wasmtime::{Config, Engine, Store, Trap};
+
+use super::bindings::{Criterion, PluginInfo, StageContext, StageOutput};
+use super::state::{Limits, ModelView, PluginState};
+
+/// How often the epoch advances; deadlines are counted in these ticks.
+const TICK: Duration = Duration::from_millis(10);
+
+/// Sandbox settings for running one plugin call.
+#[derive(Debug, Clone, Copy)]
+pub struct Sandbox {
+    /// Wall-clock budget of one call into the guest.
+    pub timeout: Duration,
+    /// Guest linear-memory cap, bytes.
+    pub guest_memory: usize,
+    /// Cap on host tensors allocated for the plugin, bytes.
+    pub host_memory: usize,
+}
+
+impl Default for Sandbox {
+    fn default() -> Self {
+        Sandbox {
+            timeout: Duration::from_secs(60),
+            guest_memory: 1 << 30,
+            host_memory: 8 << 30,
+        }
+    }
+}
+
+/// Why a plugin call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PluginError {
+    /// The bytes are not a loadable component.
+    #[error("`{plugin}` is not a valid Espalier plugin: {message}")]
+    Invalid {
+        /// Plugin name or file.
+        plugin: String,
+        /// What is wrong, with a hint.
+        message: String,
+    },
+    /// The guest ran past its deadline and was stopped.
+    #[error("plugin `{plugin}` exceeded its time limit of {seconds:.1} s and was stopped (raise `sandbox.timeout_s` if it is legitimately slow)")]
+    Timeout {
+        /// Plugin name.
+        plugin: String,
+        /// The limit.
+        seconds: f64,
+    },
+    /// The guest tried to grow its memory past the cap.
+    #[error("plugin `{plugin}` exceeded its memory limit of {mib} MiB and was stopped (raise `sandbox.memory_mb` if it legitimately needs more)")]
+    Memory {
+        /// Plugin name.
+        plugin: String,
+        /// The cap.
+        mib: usize,
+    },
+    /// The guest trapped (panic, unreachable, bad handle, ...).
+    #[error("plugin `{plugin}` crashed: {message}")]
+    Trap {
+        /// Plugin name.
+        plugin: String,
+        /// The trap and its backtrace.
+        message: String,
+    },
+    /// The guest returned an error of its own.
+    #[error("plugin `{plugin}` failed: {message}")]
+    Failed {
+        /// Plugin name.
+        plugin: String,
+        /// The guest's message.
+        message: String,
+    },
+}
+
+/// Advances the engine's epoch on a background thread until dropped.
+struct EpochTicker {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl EpochTicker {
+    fn start(engine: Engine) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("espalier-epoch".into())
+            .spawn(move || {
+                while !flag.load(Ordering::Relaxed) {
+                    std::thread::sleep(TICK);
+                    engine.increment_epoch();
+                }
+            })
+            .ok();
+        EpochTicker { stop, thread }
+    }
+}
+
+impl Drop for EpochTicker {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A compiled plugin, ready to instantiate.
+#[derive(Clone)]
+pub struct CompiledPlugin {
+    /// sha256 of the component bytes, hex.
+    pub sha256: String,
+    component: Component,
+}
+
+/// Timings of one `apply` call.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct CallTimings {
+    /// Wall time of the call, guest and host imports together.
+    pub call: Duration,
+    /// Time spent in host imports (kernels, reads) during the call.
+    pub host: Duration,
+    /// Instantiation time.
+    pub instantiate: Duration,
+}
+
+impl CallTimings {
+    /// Time inside the guest plus crossing the boundary.
+    pub fn guest_and_boundary(&self) -> Duration {
+        self.call.saturating_sub(self.host)
+    }
+}
+
+/// The process-wide plugin runtime.
+pub struct Runtime {
+    engine: Engine,
+    linker: Linker<PluginState>,
+    cache: Mutex<HashMap<String, Component>>,
+    _ticker: EpochTicker,
+}
+
+/// sha256 of bytes as lowercase hex.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+impl Runtime {
+    /// Builds the engine (epoch interruption on, component-model concurrency off: it makes
+    /// every component call about 4x slower and plugins do not use async) and the linker.
+    pub fn new() -> anyhow::Result<Self> {
+        let mut config = Config::new();
+        config.wasm_component_model(true);
+        config.epoch_interruption(true);
+        config.concurrency_support(false);
+        let engine = Engine::new(&config).map_err(|e| anyhow::anyhow!("cannot start wasmtime: {e}"))?;
+        let mut linker = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_sync(&mut linker)
+            .map_err(|e| anyhow::anyhow!("cannot link WASI: {e}"))?;
+        Criterion::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)
+            .map_err(|e| anyhow::anyhow!("cannot link the espalier:prune imports: {e}"))?;
+        let ticker = EpochTicker::start(engine.clone());
+        Ok(Runtime {
+            engine,
+            linker,
+            cache: Mutex::new(HashMap::new()),
+            _ticker: ticker,
+        })
+    }
+
+    /// Compiles component bytes, or returns the cached compilation of identical bytes.
+    pub fn compile(&self, label: &str, bytes: &[u8]) -> Result<CompiledPlugin, PluginError> {
+        let sha256 = sha256_hex(bytes);
+        if let Some(c) = self.cache.lock().ok().and_then(|c| c.get(&sha256).cloned()) {
+            return Ok(CompiledPlugin { sha256, component: c });
+        }
+        if !bytes.starts_with(b"\0asm") {
+            return Err(PluginError::Invalid {
+                plugin: label.to_string(),
+                message: "the file is not WebAssembly (no `\\0asm` header); build plugins with \
+                          `cargo build --release --target wasm32-wasip2`"
+                    .into(),
+            });
+        }
+        // Byte 4..8 is the version/layer field: components have layer 1, core modules 0.
+        if bytes.len() >= 8 && bytes[6] == 0 && bytes[7] == 0 {
+            return Err(PluginError::Invalid {
+                plugin: label.to_string(),
+                message: "this is a core WebAssembly module, not a component; build for the \
+                          `wasm32-wasip2` target (or wrap it with `wasm-tools component new`)"
+                    .into(),
+            });
+        }
+        let component = Component::new(&self.engine, bytes).map_err(|e| PluginError::Invalid {
+            plugin: label.to_string(),
+            message: format!("cannot compile the component: {e:#}"),
+        })?;
+        if let Ok(mut cache) = self.cache.lock() {
+            cache.insert(sha256.clone(), component.clone());
+        }
+        Ok(CompiledPlugin { sha256, component })
+    }
+
+    fn store(&self, model: Arc<ModelView>, sandbox: &Sandbox) -> Store<PluginState> {
+        let state = PluginState::new(
+            model,
+            Limits {
+                guest_memory: sandbox.guest_memory,
+                host_memory: sandbox.host_memory,
+            },
+        );
+        let mut store = Store::new(&self.engine, state);
+        store.limiter(|s| &mut s.limits);
+        store.set_epoch_deadline(ticks(sandbox.timeout));
+        store
+    }
+
+    fn instantiate(
+        &self,
+        label: &str,
+        plugin: &CompiledPlugin,
+        store: &mut Store<PluginState>,
+        sandbox: &Sandbox,
+    ) -> Result<Criterion, PluginError> {
+        Criterion::instantiate(&mut *store, &plugin.component, &self.linker).map_err(|e| {
+            let message = format!("{e:#}");
+            if message.contains("matching implementation was not found")
+                || message.contains("import")
+            {
+                PluginError::Invalid {
+                    plugin: label.to_string(),
+                    message: format!(
+                        "it needs imports this host does not provide ({message}); it may target \
+                         another version of the espalier:prune WIT package"
+                    ),
+                }
+            } else {
+                classify(label, e, sandbox)
+            }
+        })
+    }
+
+    /// Instantiates the plugin in a fresh Store and calls `describe`.
+    pub fn describe(
+        &self,
+        label: &str,
+        plugin: &CompiledPlugin,
+        model: Arc<ModelView>,
+        sandbox: &Sandbox,
+    ) -> Result<PluginInfo, PluginError> {
+        let mut store = self.store(model, sandbox);
+        let instance = self.instantiate(label, plugin, &mut store, sandbox)?;
+        let info = instance
+            .call_describe(&mut store)
+            .map_err(|e| classify(label, e, sandbox))?;
+        log_output(label, &store);
+        Ok(info)
+    }
+
+    /// Instantiates the plugin in a fresh Store and calls `apply`. The Store (and with it every
+    /// handle the plugin held) is dropped when the call returns, whatever happened; the
+    /// returned closure-free state lets the caller take the masks out first.
+    pub fn apply(
+        &self,
+        label: &str,
+        plugin: &CompiledPlugin,
+        model: Arc<ModelView>,
+        sandbox: &Sandbox,
+        ctx: &StageContext,
+    ) -> Result<(StageOutput, Store<PluginState>, CallTimings), PluginError> {
+        let mut store = self.store(model, sandbox);
+        let started = Instant::now();
+        let instance = self.instantiate(label, plugin, &mut store, sandbox)?;
+        let instantiate = started.elapsed();
+        // The deadline counts from the call, not from instantiation.
+        store.set_epoch_deadline(ticks(sandbox.timeout));
+        let call_start = Instant::now();
+        let result = instance.call_apply(&mut store, ctx);
+        let call = call_start.elapsed();
+        log_output(label, &store);
+        let output = result.map_err(|e| classify(label, e, sandbox))?;
+        let output = output.map_err(|message| PluginError::Failed {
+            plugin: label.to_string(),
+            message,
+        })?;
+        let timings = CallTimings {
+            call,
+            host: store.data().host_time,
+            instantiate,
+        };
+        Ok((output, store, timings))
+    }
+}
+
+fn ticks(timeout: Duration) -> u64 {
+    (timeout.as_millis() / TICK.as_millis()).max(1) as u64
+}
+
+fn log_output(label: &str, store: &Store<PluginState>) {
+    let (out, err) = store.data().output();
+    for line in out.lines().chain(err.lines()) {
+        tracing::info!(plugin = label, "{line}");
+    }
+}
+
+/// Turns a wasmtime error from a guest call into a [`PluginError`].
+fn classify(label: &str, e: wasmtime::Error, sandbox: &Sandbox) -> PluginError {
+    let plugin = label.to_string();
+    if let Some(trap) = e.downcast_ref::<Trap>() {
+        if *trap == Trap::Interrupt {
+            return PluginError::Timeout {
+                plugin,
+                seconds: sandbox.timeout.as_secs_f64(),
+            };
+        }
+    }
+    let message = format!("{e:#}");
+    // StoreLimits with trap_on_grow_failure reports "forcing trap when growing memory".
+    if message.contains("growing memory") || message.contains("memory minimum size") {
+        return PluginError::Memory {
+            plugin,
+            mib: sandbox.guest_memory >> 20,
+        };
+    }
+    PluginError::Trap { plugin, message }
+}

@@ -1,0 +1,489 @@
+//! Executing a planned pipeline: each stage's plugin runs in its own sandboxed Store on a view
+//! of the current model; its output is validated (names, shapes, structure, densities) before
+//! anything is applied; masks compose with earlier ones; budgets feed later stages; head
+//! choices cut the model physically. A failing stage fails the run and leaves nothing behind.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use espalier_engine::{LayerInfo, Model, Role};
+
+use crate::heads::{self, HeadsChange};
+use crate::mask::{Mask, Structure, rows_cols};
+use crate::plan::{Plan, PlannedStage, StageDensity};
+use crate::plugin::bindings::espalier::prune::model as wit_model;
+use crate::plugin::bindings::{OutputKind, StageContext, StageOutput, Target};
+use crate::plugin::state::ModelView;
+use crate::plugin::{CallTimings, Origin, PluginError, Runtime, Sandbox};
+use crate::report::{LayerReport, RunReport, StageReport, Summary};
+use crate::tensor_util::apply_mask;
+
+/// Why a run failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The plugin failed inside the sandbox.
+    #[error("stage `{stage}`: {source}")]
+    Plugin {
+        /// Stage name.
+        stage: String,
+        /// What happened.
+        source: PluginError,
+    },
+    /// The plugin returned something the host refuses to apply.
+    #[error("stage `{stage}`: plugin `{plugin}` returned an invalid result: {message}")]
+    InvalidOutput {
+        /// Stage name.
+        stage: String,
+        /// Plugin name.
+        plugin: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// Applying a valid result failed (out of memory, tensor error).
+    #[error("stage `{stage}`: {message}")]
+    Apply {
+        /// Stage name.
+        stage: String,
+        /// What failed.
+        message: String,
+    },
+}
+
+/// Receives progress events (the CLI draws bars; the daemon streams events).
+pub trait RunObserver {
+    /// A stage is about to run.
+    fn stage_started(&mut self, _index: usize, _total: usize, _stage: &PlannedStage) {}
+    /// A stage finished.
+    fn stage_finished(&mut self, _index: usize, _report: &StageReport) {}
+}
+
+/// An observer that ignores everything.
+pub struct Quiet;
+impl RunObserver for Quiet {}
+
+/// The state a run builds up.
+pub struct RunState {
+    /// The model being pruned (weights with zeros in place, heads removed).
+    pub model: Model,
+    /// The mask of every pruned layer.
+    pub masks: BTreeMap<String, Mask>,
+    /// Element counts of every layer before the run (densities are relative to these).
+    pub original_numel: BTreeMap<String, usize>,
+    /// Head removals applied.
+    pub heads: Option<HeadsChange>,
+}
+
+/// The outcome of a successful run.
+pub struct RunOutcome {
+    /// The pruned model and its masks.
+    pub state: RunState,
+    /// The report (also written as report.json on export).
+    pub report: RunReport,
+}
+
+fn wit_role(role: Role) -> wit_model::Role {
+    use wit_model::Role as W;
+    match role {
+        Role::Embedding => W::Embedding,
+        Role::PositionEmbedding => W::PositionEmbedding,
+        Role::AttnQ => W::AttnQ,
+        Role::AttnK => W::AttnK,
+        Role::AttnV => W::AttnV,
+        Role::AttnQkv => W::AttnQkv,
+        Role::AttnO => W::AttnO,
+        Role::MlpGate => W::MlpGate,
+        Role::MlpUp => W::MlpUp,
+        Role::MlpDown => W::MlpDown,
+        Role::LmHead => W::LmHead,
+        Role::Norm => W::Norm,
+        Role::Bias => W::Bias,
+        Role::Other => W::Other,
+    }
+}
+
+/// Converts an engine layer description to its WIT form.
+pub fn wit_layer(l: &LayerInfo) -> wit_model::LayerInfo {
+    wit_model::LayerInfo {
+        name: l.name.clone(),
+        role: wit_role(l.role),
+        block: l.block.map(|b| b as u32),
+        shape: l.shape.iter().map(|&d| d as u32).collect(),
+        heads: l.heads.map(|h| h as u32),
+        kv_heads: l.kv_heads.map(|h| h as u32),
+        head_dim: l.head_dim.map(|h| h as u32),
+    }
+}
+
+/// Builds the view of the model a plugin sees (shares weight storage with the model).
+pub fn model_view(model: &Model, masks: &BTreeMap<String, Mask>) -> ModelView {
+    let c = &model.config;
+    ModelView {
+        info: wit_model::ModelInfo {
+            architecture: match c.arch {
+                espalier_engine::Architecture::Llama => "llama".into(),
+                espalier_engine::Architecture::Gpt2 => "gpt2".into(),
+            },
+            hidden_size: c.hidden_size as u32,
+            num_layers: c.num_layers as u32,
+            num_heads: c.num_heads as u32,
+            num_kv_heads: c.num_kv_heads as u32,
+            head_dim: c.head_dim as u32,
+            vocab_size: c.vocab_size as u32,
+        },
+        layers: model.layers().iter().map(wit_layer).collect(),
+        weights: model.weights().clone(),
+        masks: masks.clone(),
+    }
+}
+
+/// Elements per selection group of a structure on a layer of shape `[r, c]`, used as the
+/// rounding tolerance of a density check.
+fn group_elements(s: Structure, r: usize, c: usize) -> usize {
+    match s {
+        Structure::Unstructured => 1,
+        Structure::Blocks { rows, cols } => rows * cols,
+        Structure::NOfM { m, .. } => m,
+        Structure::Rows => c,
+        Structure::Columns => r,
+        Structure::RowGroups { size } => size * c,
+        Structure::ColumnGroups { size } => size * r,
+    }
+}
+
+impl RunState {
+    /// Starts a run on a loaded model.
+    pub fn new(model: Model) -> Self {
+        let original_numel = model.layers().into_iter().map(|l| (l.name.clone(), l.numel())).collect();
+        RunState {
+            model,
+            masks: BTreeMap::new(),
+            original_numel,
+            heads: None,
+        }
+    }
+
+    /// Kept elements of a layer (all of them when it has no mask).
+    pub fn kept(&self, layer: &str) -> usize {
+        match self.masks.get(layer) {
+            Some(m) => m.kept(),
+            None => self.model.layer(layer).map_or(0, |l| l.numel()),
+        }
+    }
+
+    /// Density of a layer relative to its size before the run.
+    pub fn density(&self, layer: &str) -> f64 {
+        let original = self.original_numel.get(layer).copied().unwrap_or(0);
+        if original == 0 { 1.0 } else { self.kept(layer) as f64 / original as f64 }
+    }
+}
+
+/// Runs one stage's plugin and applies its validated output. Returns the stage report.
+pub fn run_stage(
+    runtime: &Runtime,
+    sandbox: &Sandbox,
+    stage: &PlannedStage,
+    budgets: &BTreeMap<usize, BTreeMap<String, f64>>,
+    state: &mut RunState,
+) -> Result<(StageReport, Option<BTreeMap<String, f64>>), RunError> {
+    let started = Instant::now();
+    let stage_name = stage.spec.name.clone();
+    let plugin_name = stage.plugin.info.name.clone();
+    let invalid = |message: String| RunError::InvalidOutput {
+        stage: stage_name.clone(),
+        plugin: plugin_name.clone(),
+        message,
+    };
+
+    // Targets as they are now (a head stage may have reshaped them).
+    let mut targets = Vec::with_capacity(stage.targets.len());
+    for t in &stage.targets {
+        let layer = state.model.layer(&t.name).ok_or_else(|| RunError::Apply {
+            stage: stage_name.clone(),
+            message: format!("layer `{}` is no longer in the model", t.name),
+        })?;
+        let density = match stage.density {
+            StageDensity::None => None,
+            StageDensity::Fixed(d) => Some(d),
+            StageDensity::Budget(from) => {
+                let d = budgets.get(&from).and_then(|b| b.get(&t.name)).copied();
+                Some(d.ok_or_else(|| RunError::Apply {
+                    stage: stage_name.clone(),
+                    message: format!("the budget stage gave no density for `{}`; target the same layers in both stages", t.name),
+                })?)
+            }
+        };
+        targets.push((layer, density));
+    }
+    let ctx = StageContext {
+        stage: stage_name.clone(),
+        targets: targets
+            .iter()
+            .map(|(l, d)| Target { layer: wit_layer(l), density: *d })
+            .collect(),
+        params: stage.params.clone(),
+    };
+
+    let view = Arc::new(model_view(&state.model, &state.masks));
+    let (output, mut store, timings) = runtime
+        .apply(&plugin_name, &stage.plugin.compiled, view, sandbox, &ctx)
+        .map_err(|source| RunError::Plugin {
+            stage: stage_name.clone(),
+            source,
+        })?;
+    let apply_started = Instant::now();
+    let StageOutput { masks, budgets: out_budgets, heads } = output;
+
+    let target_names: BTreeSet<&str> = targets.iter().map(|(l, _)| l.name.as_str()).collect();
+    let mut produced_budgets = None;
+    match stage.plugin.info.produces {
+        OutputKind::Masks => {
+            if !out_budgets.is_empty() || !heads.is_empty() {
+                return Err(invalid("a mask plugin returned budgets or heads".into()));
+            }
+            let mut new_masks: BTreeMap<String, Mask> = BTreeMap::new();
+            for lm in masks {
+                let mask = store.data_mut().take_mask(lm.mask).map_err(|e| invalid(format!("bad mask handle: {e}")))?;
+                if !target_names.contains(lm.layer.as_str()) {
+                    return Err(invalid(format!("a mask for `{}`, which is not a target of this stage", lm.layer)));
+                }
+                if new_masks.contains_key(&lm.layer) {
+                    return Err(invalid(format!("two masks for `{}`", lm.layer)));
+                }
+                new_masks.insert(lm.layer, mask);
+            }
+            drop(store);
+            validate_masks(&targets, &new_masks).map_err(invalid)?;
+            for (name, mask) in new_masks {
+                let combined = match state.masks.get(&name) {
+                    Some(old) => mask.and(old).map_err(invalid)?,
+                    None => mask,
+                };
+                let weight = state.model.weight(&name).ok_or_else(|| invalid(format!("unknown layer `{name}`")))?;
+                let pruned = apply_mask(weight, &combined).map_err(|m| RunError::Apply {
+                    stage: stage_name.clone(),
+                    message: m,
+                })?;
+                state.model.set_weight(&name, pruned, false).map_err(|e| RunError::Apply {
+                    stage: stage_name.clone(),
+                    message: e.to_string(),
+                })?;
+                state.masks.insert(name, combined);
+            }
+        }
+        OutputKind::Budgets => {
+            drop(store);
+            let mut map = BTreeMap::new();
+            for b in out_budgets {
+                if !target_names.contains(b.layer.as_str()) {
+                    return Err(invalid(format!("a budget for `{}`, which is not a target", b.layer)));
+                }
+                if !(0.0..=1.0).contains(&b.density) || b.density.is_nan() {
+                    return Err(invalid(format!("budget {} for `{}` is outside [0, 1]", b.density, b.layer)));
+                }
+                if map.insert(b.layer.clone(), b.density).is_some() {
+                    return Err(invalid(format!("two budgets for `{}`", b.layer)));
+                }
+            }
+            if let Some(missing) = target_names.iter().find(|n| !map.contains_key(**n)) {
+                return Err(invalid(format!("no budget for target `{missing}`")));
+            }
+            produced_budgets = Some(map);
+        }
+        OutputKind::Heads => {
+            drop(store);
+            let mut keep: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+            let target_blocks: BTreeSet<usize> = targets.iter().filter_map(|(l, _)| l.block).collect();
+            for h in heads {
+                let block = h.block as usize;
+                if !target_blocks.contains(&block) {
+                    return Err(invalid(format!("heads for block {block}, which has no target in this stage")));
+                }
+                if keep.insert(block, h.keep.iter().map(|&x| x as usize).collect()).is_some() {
+                    return Err(invalid(format!("block {block} listed twice")));
+                }
+            }
+            let plans = heads::plan_removal(&state.model, &keep).map_err(invalid)?;
+            let change = heads::remove_heads(&mut state.model, &plans, &mut state.masks).map_err(|m| RunError::Apply {
+                stage: stage_name.clone(),
+                message: m,
+            })?;
+            state.heads = Some(change);
+        }
+    }
+
+    let apply_time = apply_started.elapsed();
+    let total = started.elapsed();
+    let (kept, numel) = targets.iter().fold((0usize, 0usize), |(k, n), (l, _)| {
+        (k + state.kept(&l.name), n + state.original_numel.get(&l.name).copied().unwrap_or(0))
+    });
+    let requested = match stage.density {
+        StageDensity::Fixed(d) => Some(d),
+        _ => None,
+    };
+    let report = StageReport::new(
+        stage,
+        targets.len(),
+        requested,
+        if numel == 0 { 1.0 } else { kept as f64 / numel as f64 },
+        total,
+        timings,
+        apply_time,
+    );
+    Ok((report, produced_budgets))
+}
+
+/// Checks the masks of one stage against its targets: one per target, the right shape, and in
+/// aggregate the density asked for (within the rounding of the structure's groups).
+fn validate_masks(targets: &[(LayerInfo, Option<f64>)], masks: &BTreeMap<String, Mask>) -> Result<(), String> {
+    let mut asked_kept = 0.0f64;
+    let mut tolerance = 1.0f64;
+    let mut kept = 0usize;
+    let mut any_density = false;
+    for (layer, density) in targets {
+        let mask = masks.get(&layer.name).ok_or_else(|| format!("no mask for target `{}`", layer.name))?;
+        if mask.shape() != layer.shape.as_slice() {
+            return Err(format!(
+                "the mask for `{}` has shape {:?}, the layer has {:?}",
+                layer.name,
+                mask.shape(),
+                layer.shape
+            ));
+        }
+        if let Some(d) = density {
+            any_density = true;
+            let (r, c) = rows_cols(&layer.shape);
+            asked_kept += d * layer.numel() as f64;
+            tolerance += group_elements(mask.structure(), r, c) as f64 / 2.0;
+            kept += mask.kept();
+        }
+    }
+    if any_density && (kept as f64 - asked_kept).abs() > tolerance {
+        let total: usize = targets.iter().filter(|(_, d)| d.is_some()).map(|(l, _)| l.numel()).sum();
+        return Err(format!(
+            "its masks keep {:.2}% of the targets' weights; the stage asked for {:.2}%",
+            100.0 * kept as f64 / total.max(1) as f64,
+            100.0 * asked_kept / total.max(1) as f64
+        ));
+    }
+    Ok(())
+}
+
+/// Runs every stage of a plan on `model`.
+pub fn execute(
+    plan: &Plan,
+    runtime: &Runtime,
+    model: Model,
+    observer: &mut dyn RunObserver,
+) -> Result<RunOutcome, RunError> {
+    let started = Instant::now();
+    let parameters_before = model.num_parameters();
+    let mut state = RunState::new(model);
+    let mut budgets: BTreeMap<usize, BTreeMap<String, f64>> = BTreeMap::new();
+    let mut stage_reports = Vec::with_capacity(plan.stages.len());
+    for (i, stage) in plan.stages.iter().enumerate() {
+        observer.stage_started(i, plan.stages.len(), stage);
+        let (report, produced) = run_stage(runtime, &plan.pipeline.sandbox, stage, &budgets, &mut state)?;
+        if let Some(b) = produced {
+            budgets.insert(i, b);
+        }
+        observer.stage_finished(i, &report);
+        stage_reports.push(report);
+    }
+    let report = build_report(plan, &state, stage_reports, parameters_before, started.elapsed());
+    Ok(RunOutcome { state, report })
+}
+
+fn build_report(
+    plan: &Plan,
+    state: &RunState,
+    stages: Vec<StageReport>,
+    parameters_before: usize,
+    elapsed: Duration,
+) -> RunReport {
+    let layers: Vec<LayerReport> = state
+        .model
+        .layers()
+        .into_iter()
+        .filter(|l| l.shape.len() == 2)
+        .map(|l| {
+            let original = state.original_numel.get(&l.name).copied().unwrap_or(l.numel());
+            let kept = state.kept(&l.name);
+            LayerReport {
+                role: l.role,
+                block: l.block,
+                shape: l.shape.clone(),
+                original_numel: original,
+                kept,
+                density: if original == 0 { 1.0 } else { kept as f64 / original as f64 },
+                structure: state.masks.get(&l.name).map(|m| m.structure().to_string()),
+                name: l.name,
+            }
+        })
+        .collect();
+    let sum = |f: &dyn Fn(&LayerReport) -> bool| {
+        let (k, n) = layers.iter().filter(|l| f(l)).fold((0, 0), |(k, n), l| (k + l.kept, n + l.original_numel));
+        if n == 0 { 1.0 } else { k as f64 / n as f64 }
+    };
+    let pruned: BTreeSet<&str> = state.masks.keys().map(String::as_str).collect();
+    let summary = Summary {
+        pruned_layers: pruned.len(),
+        pruned_density: sum(&|l| pruned.contains(l.name.as_str()) || l.kept < l.original_numel),
+        block_linear_density: sum(&|l| l.role.is_block_linear()),
+        all_weights_density: sum(&|_| true),
+        parameters_before,
+        parameters_after: state.model.num_parameters(),
+        nonzero_parameters_after: parameters_before
+            - layers.iter().map(|l| l.original_numel - l.kept).sum::<usize>(),
+        heads: state.heads.clone(),
+    };
+    RunReport {
+        espalier_version: env!("CARGO_PKG_VERSION").to_string(),
+        pipeline: plan.pipeline.name.clone(),
+        pipeline_file: plan.pipeline.file.clone(),
+        model: plan.pipeline.model.value.clone(),
+        architecture: state.model.config.model_type.clone(),
+        seconds: elapsed.as_secs_f64(),
+        stages,
+        summary,
+        layers,
+    }
+}
+
+impl StageReport {
+    fn new(
+        stage: &PlannedStage,
+        targets: usize,
+        requested_density: Option<f64>,
+        density_after: f64,
+        total: Duration,
+        timings: CallTimings,
+        apply: Duration,
+    ) -> Self {
+        let secs = total.as_secs_f64();
+        StageReport {
+            name: stage.spec.name.clone(),
+            plugin: stage.plugin.info.name.clone(),
+            plugin_version: stage.plugin.info.version.clone(),
+            plugin_sha256: stage.plugin.compiled.sha256.clone(),
+            plugin_origin: match &stage.plugin.origin {
+                Origin::Builtin => "builtin".into(),
+                Origin::File(p) => p.display().to_string(),
+            },
+            produces: format!("{:?}", stage.plugin.info.produces).to_lowercase(),
+            targets,
+            requested_density,
+            density_after,
+            seconds: secs,
+            instantiate_seconds: timings.instantiate.as_secs_f64(),
+            guest_and_boundary_seconds: timings.guest_and_boundary().as_secs_f64(),
+            host_kernel_seconds: timings.host.as_secs_f64(),
+            validate_apply_seconds: apply.as_secs_f64(),
+            guest_share: if secs > 0.0 {
+                (timings.guest_and_boundary() + timings.instantiate).as_secs_f64() / secs
+            } else {
+                0.0
+            },
+        }
+    }
+}

@@ -1,0 +1,276 @@
+//! The built-in criteria, run as sandboxed plugins through the library, checked against
+//! straightforward references written here (sorting, explicit loops); and the sandbox, with
+//! hostile plugins that must fail their run while the process (and the next run) goes on.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+use espalier::app::{App, AppError, RunOverrides, RunResult};
+use espalier::pipeline::Pipeline;
+use espalier::run::Quiet;
+use espalier_engine::Model;
+
+fn app() -> &'static App {
+    static APP: OnceLock<App> = OnceLock::new();
+    APP.get_or_init(|| App::new(&[]).expect("runtime and built-in plugins load"))
+}
+
+fn run(text: &str) -> Result<RunResult, AppError> {
+    let pipeline = Pipeline::parse("test.toml", text)?;
+    app().run_pipeline(pipeline, &RunOverrides { no_export: true, ..Default::default() }, &mut Quiet)
+}
+
+fn tiny(name: &str) -> Model {
+    espalier_engine::load_model(&format!("builtin:{name}")).expect("built-in model")
+}
+
+fn values(model: &Model, name: &str) -> (Vec<f32>, usize, usize) {
+    let t = model.weight(name).expect("weight exists");
+    let (r, c) = t.dims2().expect("2-D");
+    (t.flatten_all().unwrap().to_vec1().unwrap(), r, c)
+}
+
+/// Reference top-k: sort indices by score descending, ties to the lower index.
+fn reference_top_k(scores: &[f64], k: usize) -> Vec<bool> {
+    let mut order: Vec<usize> = (0..scores.len()).collect();
+    order.sort_by(|&a, &b| scores[b].partial_cmp(&scores[a]).unwrap().then(a.cmp(&b)));
+    let mut keep = vec![false; scores.len()];
+    for &i in order.iter().take(k) {
+        keep[i] = true;
+    }
+    keep
+}
+
+fn mask_of(result: &RunResult, name: &str) -> Vec<bool> {
+    result.state.masks.get(name).unwrap_or_else(|| panic!("no mask for {name}")).keep().to_vec()
+}
+
+fn block_linears(model: &Model) -> Vec<String> {
+    model.layers().into_iter().filter(|l| l.role.is_block_linear()).map(|l| l.name).collect()
+}
+
+#[test]
+fn magnitude_per_layer_matches_sorting_reference() {
+    for arch in ["tiny-llama", "tiny-gpt2"] {
+        let model = tiny(arch);
+        let result = run(&format!("model = \"builtin:{arch}\"\n[[stage]]\nplugin = \"magnitude\"\ndensity = 0.3\n")).unwrap();
+        for name in block_linears(&model) {
+            let (w, _, _) = values(&model, &name);
+            let scores: Vec<f64> = w.iter().map(|x| f64::from(x.abs())).collect();
+            let k = (0.3 * w.len() as f64).round() as usize;
+            let expected = reference_top_k(&scores, k);
+            assert_eq!(mask_of(&result, &name), expected, "{arch} {name}");
+            // The exported weights are the originals with zeros in place.
+            let (pruned, _, _) = values(&result.state.model, &name);
+            for ((p, o), k) in pruned.iter().zip(&w).zip(&expected) {
+                assert_eq!(*p, if *k { *o } else { 0.0 });
+            }
+        }
+    }
+}
+
+#[test]
+fn magnitude_global_uses_one_threshold() {
+    let model = tiny("tiny-llama");
+    let result = run("model = \"builtin:tiny-llama\"\n[[stage]]\nplugin = \"magnitude\"\ntargets = [\"*.mlp.*\"]\ndensity = 0.25\nscope = \"global\"\n").unwrap();
+    let names: Vec<String> = block_linears(&model).into_iter().filter(|n| n.contains(".mlp.")).collect();
+    let mut all = Vec::new();
+    for n in &names {
+        all.extend(values(&model, n).0.iter().map(|x| f64::from(x.abs())));
+    }
+    let expected = reference_top_k(&all, (0.25 * all.len() as f64).round() as usize);
+    let mut got = Vec::new();
+    for n in &names {
+        got.extend(mask_of(&result, n));
+    }
+    assert_eq!(got, expected);
+    let kept = got.iter().filter(|&&k| k).count();
+    assert_eq!(kept, (0.25 * all.len() as f64).round() as usize);
+}
+
+#[test]
+fn block_matches_reference_block_norms_exactly() {
+    let model = tiny("tiny-llama");
+    let result = run("model = \"builtin:tiny-llama\"\n[[stage]]\nplugin = \"block\"\ndensity = 0.2\nblock = [16, 16]\n").unwrap();
+    for name in block_linears(&model) {
+        let (w, r, c) = values(&model, &name);
+        let (gr, gc) = (r / 16, c / 16);
+        let mut norms = vec![0f64; gr * gc];
+        for i in 0..r {
+            for j in 0..c {
+                norms[(i / 16) * gc + j / 16] += f64::from(w[i * c + j]) * f64::from(w[i * c + j]);
+            }
+        }
+        let k = (0.2 * (gr * gc) as f64).round() as usize;
+        let keep_blocks = reference_top_k(&norms, k);
+        let mask = mask_of(&result, &name);
+        for i in 0..r {
+            for j in 0..c {
+                assert_eq!(mask[i * c + j], keep_blocks[(i / 16) * gc + j / 16], "{name} [{i},{j}]");
+            }
+        }
+        assert_eq!(mask.iter().filter(|&&k| k).count(), k * 256, "{name}: exact count");
+    }
+}
+
+#[test]
+fn block_refuses_shapes_it_does_not_tile_unless_ragged() {
+    let err = run("model = \"builtin:tiny-llama\"\n[[stage]]\nplugin = \"block\"\ndensity = 0.5\nblock = [24, 24]\n").err().unwrap();
+    let msg = err.to_string();
+    assert!(msg.contains("do not tile") && msg.contains("ragged"), "{msg}");
+    // Ragged: edge blocks are smaller groups, the count of kept blocks is still exact.
+    let result = run("model = \"builtin:tiny-llama\"\n[[stage]]\nplugin = \"block\"\ntargets = [\"*.k_proj.*\"]\ndensity = 0.5\nblock = [24, 24]\nragged = true\n").unwrap();
+    let model = tiny("tiny-llama");
+    let name = "model.layers.0.self_attn.k_proj.weight";
+    let (w, r, c) = values(&model, name);
+    let (gr, gc) = (r.div_ceil(24), c.div_ceil(24));
+    let mut norms = vec![0f64; gr * gc];
+    for i in 0..r {
+        for j in 0..c {
+            norms[(i / 24) * gc + j / 24] += f64::from(w[i * c + j]).powi(2);
+        }
+    }
+    let keep_blocks = reference_top_k(&norms, (0.5 * (gr * gc) as f64).round() as usize);
+    let mask = mask_of(&result, name);
+    for i in 0..r {
+        for j in 0..c {
+            assert_eq!(mask[i * c + j], keep_blocks[(i / 24) * gc + j / 24]);
+        }
+    }
+}
+
+#[test]
+fn n_m_keeps_the_largest_n_of_every_m_consecutive_inputs() {
+    for (n, m) in [(2usize, 4usize), (4, 8)] {
+        let model = tiny("tiny-llama");
+        let result = run(&format!("model = \"builtin:tiny-llama\"\n[[stage]]\nplugin = \"n-m\"\nn = {n}\nm = {m}\n")).unwrap();
+        for name in block_linears(&model) {
+            let (w, r, c) = values(&model, &name);
+            let mask = mask_of(&result, &name);
+            for i in 0..r {
+                for g in 0..c / m {
+                    let base = i * c + g * m;
+                    let scores: Vec<f64> = w[base..base + m].iter().map(|x| f64::from(x.abs())).collect();
+                    assert_eq!(&mask[base..base + m], reference_top_k(&scores, n).as_slice(), "{name} row {i} group {g}");
+                }
+            }
+            assert_eq!(mask.iter().filter(|&&k| k).count() * m, mask.len() * n);
+        }
+    }
+    let err = run("model = \"builtin:tiny-llama\"\n[[stage]]\nplugin = \"n-m\"\ndensity = 0.3\n").err().unwrap();
+    assert!(err.to_string().contains("conflicts with 2:4"), "{err}");
+}
+
+#[test]
+fn heads_keeps_the_top_heads_and_cuts_them_out_bit_identically() {
+    let model = tiny("tiny-llama");
+    let cfg = model.config.clone();
+    let result = run("model = \"builtin:tiny-llama\"\n[[stage]]\nplugin = \"heads\"\ntargets = [\"*.self_attn.*\"]\ndensity = 0.5\n").unwrap();
+    let out = &result.state.model;
+    assert_eq!(out.config.num_heads, 2);
+    assert_eq!(out.config.num_kv_heads, 2);
+    assert_eq!(out.config.raw["head_dim"], 16);
+    let hd = cfg.head_dim;
+    let per_group = cfg.num_heads / cfg.num_kv_heads;
+    for b in 0..cfg.num_layers {
+        let q = format!("model.layers.{b}.self_attn.q_proj.weight");
+        let o = format!("model.layers.{b}.self_attn.o_proj.weight");
+        let (qw, _, qc) = values(&model, &q);
+        let (ow, or, oc) = values(&model, &o);
+        // Reference importance: squared norm of the head's Q rows plus its O columns.
+        let score: Vec<f64> = (0..cfg.num_heads)
+            .map(|h| {
+                let qs: f64 = qw[h * hd * qc..(h + 1) * hd * qc].iter().map(|x| f64::from(*x).powi(2)).sum();
+                let os: f64 = (0..or).flat_map(|i| (h * hd..(h + 1) * hd).map(move |j| (i, j))).map(|(i, j)| f64::from(ow[i * oc + j]).powi(2)).sum();
+                qs + os
+            })
+            .collect();
+        let mut kept = Vec::new();
+        for g in 0..cfg.num_kv_heads {
+            let members = &score[g * per_group..(g + 1) * per_group];
+            let keep = reference_top_k(members, 1);
+            kept.extend(keep.iter().enumerate().filter(|(_, k)| **k).map(|(i, _)| g * per_group + i));
+        }
+        let (new_q, nr, _) = values(out, &q);
+        assert_eq!(nr, kept.len() * hd);
+        for (slot, &h) in kept.iter().enumerate() {
+            assert_eq!(&new_q[slot * hd * qc..(slot + 1) * hd * qc], &qw[h * hd * qc..(h + 1) * hd * qc], "block {b} head {h}");
+        }
+        let (new_o, _, noc) = values(out, &o);
+        for i in 0..or {
+            for (slot, &h) in kept.iter().enumerate() {
+                assert_eq!(&new_o[i * noc + slot * hd..i * noc + (slot + 1) * hd], &ow[i * oc + h * hd..i * oc + (h + 1) * hd]);
+            }
+        }
+    }
+    let heads = result.report.summary.heads.as_ref().unwrap();
+    assert_eq!((heads.heads_before, heads.heads_after), (4, 2));
+}
+
+#[test]
+fn stages_compose_and_budgets_are_checked() {
+    // 50% magnitude then 50% of what is left would be a second selection over masked weights:
+    // the second stage sees zeros where the first pruned, so it keeps a subset.
+    let result = run("model = \"builtin:tiny-llama\"\n[[stage]]\nplugin = \"magnitude\"\ndensity = 0.5\n[[stage]]\nplugin = \"block\"\ndensity = 0.25\nblock = [16, 16]\n").unwrap();
+    for s in &result.report.stages {
+        assert!(s.plugin_sha256.len() == 64 && !s.plugin_version.is_empty());
+    }
+    let m = mask_of(&result, "model.layers.0.mlp.up_proj.weight");
+    let density = m.iter().filter(|&&k| k).count() as f64 / m.len() as f64;
+    assert!(density <= 0.25 + 1e-9, "{density}");
+    let err = run("model = \"builtin:tiny-llama\"\n[[stage]]\nplugin = \"magnitude\"\ndensity = \"budget\"\n").err().unwrap();
+    assert!(err.to_string().contains("produces budgets"), "{err}");
+}
+
+fn hostile(name: &str) -> PathBuf {
+    PathBuf::from(env!("ESPALIER_PLUGIN_WASM_DIR")).join(format!("espalier_criterion_hostile_{name}.wasm"))
+}
+
+fn hostile_run(name: &str) -> String {
+    let path = hostile(name);
+    assert!(path.is_file(), "{} was not built", path.display());
+    let text = format!(
+        "model = \"builtin:tiny-llama\"\n[sandbox]\ntimeout_s = 1.0\nmemory_mb = 64\n[[stage]]\nplugin = {:?}\ndensity = 0.5\n",
+        path.display().to_string()
+    );
+    let err = run(&text).err().expect("a hostile plugin must fail its run");
+    err.to_string()
+}
+
+#[test]
+fn hostile_plugins_fail_their_run_and_the_process_goes_on() {
+    let cases = [
+        ("loop", "time limit"),
+        ("grow", "memory limit"),
+        ("trap", "crashed"),
+        ("shape", "has shape [2, 3]"),
+        ("density", "asked for 50.00%"),
+    ];
+    for (name, expected) in cases {
+        let msg = hostile_run(name);
+        assert!(msg.contains(expected), "hostile-{name}: {msg}");
+        // The same runtime still runs a good pipeline afterwards.
+        let ok = run("model = \"builtin:tiny-llama\"\n[[stage]]\nplugin = \"magnitude\"\ndensity = 0.5\n").unwrap();
+        assert_eq!(ok.report.stages.len(), 1);
+    }
+}
+
+#[test]
+fn host_tensor_budget_is_enforced() {
+    // A plugin cannot make the host allocate without bound: the magnitude criterion needs one
+    // |w| copy per target; with a 1 MiB host budget that fails cleanly.
+    let err = run("model = \"builtin:tiny-llama\"\n[sandbox]\nhost_memory_mb = 1\n[[stage]]\nplugin = \"magnitude\"\ndensity = 0.5\n").err().unwrap();
+    assert!(err.to_string().contains("host tensor budget"), "{err}");
+}
+
+#[test]
+fn densities_are_exact_per_layer() {
+    let result = run("model = \"builtin:tiny-llama\"\n[[stage]]\nplugin = \"magnitude\"\ndensity = 0.37\n").unwrap();
+    let by_name: BTreeMap<&str, f64> = result.report.layers.iter().map(|l| (l.name.as_str(), l.density)).collect();
+    for name in block_linears(&tiny("tiny-llama")) {
+        let layer = result.report.layers.iter().find(|l| l.name == name).unwrap();
+        let expected = (0.37 * layer.original_numel as f64).round() / layer.original_numel as f64;
+        assert_eq!(by_name[name.as_str()], expected, "{name}");
+    }
+}
