@@ -4,15 +4,27 @@
 //!
 //! Special tokens are added exactly as the file's post-processor says (GPT-2 and SmolLM2 add
 //! none), which is what `tokenizer(text)` does in transformers.
+//!
+//! Built-in models have no `tokenizer.json`; [`Tokenizer::for_model`] gives them the UTF-8
+//! bytes of the text as ids (their vocabularies have 256 entries), so every command that takes
+//! text also runs on them.
 
 use std::path::Path;
 
 use crate::config::ModelConfig;
 use crate::error::EngineError;
+use crate::model::Model;
 
-/// A loaded `tokenizer.json`.
+enum Kind {
+    /// A `tokenizer.json`.
+    Hf(Box<tokenizers::Tokenizer>),
+    /// One id per UTF-8 byte (built-in models).
+    Bytes,
+}
+
+/// A loaded `tokenizer.json`, or the byte tokenizer of built-in models.
 pub struct Tokenizer {
-    inner: tokenizers::Tokenizer,
+    kind: Kind,
     source: String,
 }
 
@@ -39,7 +51,35 @@ impl Tokenizer {
             path: source.clone(),
             message: format!("not a valid tokenizer.json: {e}"),
         })?;
-        Ok(Tokenizer { inner, source })
+        Ok(Tokenizer {
+            kind: Kind::Hf(Box::new(inner)),
+            source,
+        })
+    }
+
+    /// One id per UTF-8 byte: the tokenizer of the built-in models.
+    pub fn bytes() -> Self {
+        Tokenizer {
+            kind: Kind::Bytes,
+            source: "byte tokenizer".into(),
+        }
+    }
+
+    /// The model directory's `tokenizer.json`, or for a built-in model (no directory) the byte
+    /// tokenizer; checked against the model's vocabulary either way.
+    pub fn for_model(model: &Model) -> Result<Self, EngineError> {
+        let tok = match &model.source_dir {
+            Some(dir) => Self::from_model_dir(dir)?,
+            None if model.source.starts_with("builtin:") => Self::bytes(),
+            None => {
+                return Err(EngineError::Tokenizer {
+                    path: model.source.clone(),
+                    message: "the model has no directory to read tokenizer.json from".into(),
+                });
+            }
+        };
+        tok.check_fits(&model.config)?;
+        Ok(tok)
     }
 
     /// Reads `DIR/tokenizer.json`.
@@ -55,7 +95,7 @@ impl Tokenizer {
                 message: format!("not a valid tokenizer.json: {e}"),
             })?;
         Ok(Tokenizer {
-            inner,
+            kind: Kind::Hf(Box::new(inner)),
             source: source.to_string(),
         })
     }
@@ -71,19 +111,36 @@ impl Tokenizer {
         text: &str,
         add_special_tokens: bool,
     ) -> Result<Vec<u32>, EngineError> {
-        let enc =
-            self.inner
-                .encode(text, add_special_tokens)
-                .map_err(|e| EngineError::Tokenizer {
-                    path: self.source.clone(),
-                    message: format!("cannot encode text: {e}"),
-                })?;
+        let inner = match &self.kind {
+            Kind::Hf(inner) => inner,
+            Kind::Bytes => return Ok(text.bytes().map(u32::from).collect()),
+        };
+        let enc = inner
+            .encode(text, add_special_tokens)
+            .map_err(|e| EngineError::Tokenizer {
+                path: self.source.clone(),
+                message: format!("cannot encode text: {e}"),
+            })?;
         Ok(enc.get_ids().to_vec())
     }
 
     /// Text of `ids` (special tokens kept unless `skip_special_tokens`).
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String, EngineError> {
-        self.inner
+        let inner = match &self.kind {
+            Kind::Hf(inner) => inner,
+            Kind::Bytes => {
+                let bytes = ids
+                    .iter()
+                    .map(|&id| u8::try_from(id))
+                    .collect::<Result<Vec<u8>, _>>()
+                    .map_err(|_| EngineError::Tokenizer {
+                        path: self.source.clone(),
+                        message: "ids above 255 are not bytes".into(),
+                    })?;
+                return Ok(String::from_utf8_lossy(&bytes).into_owned());
+            }
+        };
+        inner
             .decode(ids, skip_special_tokens)
             .map_err(|e| EngineError::Tokenizer {
                 path: self.source.clone(),
@@ -93,25 +150,28 @@ impl Tokenizer {
 
     /// Number of ids, added tokens included.
     pub fn vocab_size(&self) -> usize {
-        self.inner.get_vocab_size(true)
+        match &self.kind {
+            Kind::Hf(inner) => inner.get_vocab_size(true),
+            Kind::Bytes => 256,
+        }
     }
 
     /// The id of a token string (e.g. `<|endoftext|>`), if the vocabulary has it.
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
-        self.inner.token_to_id(token)
+        match &self.kind {
+            Kind::Hf(inner) => inner.token_to_id(token),
+            Kind::Bytes => None,
+        }
     }
 
     /// Fails clearly when this tokenizer can produce ids the model has no embedding for.
     /// (Models often pad their embedding beyond the tokenizer, so a smaller tokenizer is fine.)
     pub fn check_fits(&self, config: &ModelConfig) -> Result<(), EngineError> {
         // The largest id, not the count: added tokens may leave gaps.
-        let max_id = self
-            .inner
-            .get_vocab(true)
-            .values()
-            .copied()
-            .max()
-            .unwrap_or(0);
+        let max_id = match &self.kind {
+            Kind::Hf(inner) => inner.get_vocab(true).values().copied().max().unwrap_or(0),
+            Kind::Bytes => 255,
+        };
         if max_id as usize >= config.vocab_size {
             return Err(EngineError::Tokenizer {
                 path: self.source.clone(),
@@ -125,8 +185,27 @@ impl Tokenizer {
         Ok(())
     }
 
-    /// The `tokenizers` object, for what this wrapper does not cover.
-    pub fn inner(&self) -> &tokenizers::Tokenizer {
-        &self.inner
+    /// The `tokenizers` object, for what this wrapper does not cover (`None` for bytes).
+    pub fn inner(&self) -> Option<&tokenizers::Tokenizer> {
+        match &self.kind {
+            Kind::Hf(inner) => Some(inner),
+            Kind::Bytes => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn builtin_models_get_the_byte_tokenizer() {
+        let model = crate::builtin_model("tiny-llama").unwrap();
+        let tok = Tokenizer::for_model(&model).unwrap();
+        let ids = tok.encode("né").unwrap();
+        assert_eq!(ids, vec![110, 195, 169]);
+        assert_eq!(tok.decode(&ids, false).unwrap(), "né");
+        assert!(tok.decode(&[300], false).is_err());
+        assert_eq!(tok.vocab_size(), 256);
     }
 }
