@@ -213,7 +213,10 @@ fn tokenizers_match_reference_ids() {
         let model = Model::load(&fixtures().join(dir)).unwrap();
         tok.check_fits(&model.config).unwrap();
         let via_model = Tokenizer::for_model(&model).unwrap();
-        assert_eq!(via_model.encode("In 1911").unwrap(), tok.encode("In 1911").unwrap());
+        assert_eq!(
+            via_model.encode("In 1911").unwrap(),
+            tok.encode("In 1911").unwrap()
+        );
     }
     // SmolLM2 style: every digit its own pre-token, no prefix space.
     let smol = Tokenizer::from_model_dir(&fixtures().join("llama")).unwrap();
