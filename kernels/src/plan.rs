@@ -95,11 +95,13 @@ impl fmt::Display for Format {
 /// 90% sparsity, i.e. about as slow as streaming dense, and always behind CSR. The floor
 /// therefore keeps it from being chosen over dense; it stays available to `pack`.
 const BITMAP_FLOOR_PER_WEIGHT: f64 = 4.0;
-/// Cost floor of the CSR GEMV, in dense-f32-bytes-equivalent per kept weight. Measured: one
-/// kept weight costs 0.4-0.5 ns on 2 cores where dense streams 4 bytes in ~0.24 ns, plus a
-/// per-row reduction, which puts CSR (f32 or bf16 alike: the gather, not the bytes, bounds
-/// it) at ~11 bytes per kept weight: slower than dense at 50%, ~1.5x at 70%, ~3x at 90%.
-const CSR_FLOOR_PER_NNZ: f64 = 11.0;
+/// Cost floor of the CSR GEMV, in dense-f32-bytes-equivalent per kept weight. Measured on one
+/// core: the kernel needs ~0.24 ns per kept weight even cache-hot (eight scalar loads build
+/// each vector of activations), about what 6 bytes take to stream from memory, and compute and
+/// memory overlap only partly; ~8 bytes per kept weight matches the streamed figures (f32 or
+/// bf16 alike, since the loads of `x`, not the bytes, bound it): slower than dense at 50%,
+/// ahead from ~65%.
+const CSR_FLOOR_PER_NNZ: f64 = 8.0;
 /// A sparse format must beat dense by this factor to be chosen.
 const DENSE_MARGIN: f64 = 1.1;
 
