@@ -19,7 +19,10 @@ const BUILTINS: &[(&str, &str)] = &[
 
 fn main() {
     let manifest_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("set by cargo"));
-    let root = manifest_dir.parent().expect("host/ sits in the workspace root").to_path_buf();
+    let root = manifest_dir
+        .parent()
+        .expect("host/ sits in the workspace root")
+        .to_path_buf();
     let plugins = root.join("plugins");
     println!("cargo:rerun-if-changed={}", plugins.display());
     println!("cargo:rerun-if-changed={}", root.join("wit").display());
@@ -32,7 +35,13 @@ fn main() {
     ensure_wasm_target();
     let mut cmd = Command::new(cargo);
     cmd.current_dir(&plugins)
-        .args(["build", "--release", "--locked", "--target", "wasm32-wasip2"])
+        .args([
+            "build",
+            "--release",
+            "--locked",
+            "--target",
+            "wasm32-wasip2",
+        ])
         .arg("--target-dir")
         .arg(&target_dir);
     // Flags and wrappers meant for the host build (clippy, coverage, sanitizers) must not leak
@@ -48,7 +57,9 @@ fn main() {
     ] {
         cmd.env_remove(var);
     }
-    let status = cmd.status().expect("failed to run cargo for the plugin workspace");
+    let status = cmd
+        .status()
+        .expect("failed to run cargo for the plugin workspace");
     if !status.success() {
         panic!(
             "building the plugins (cargo build --target wasm32-wasip2 in {}) failed; \
@@ -58,18 +69,31 @@ fn main() {
     }
     let wasm_dir = target_dir.join("wasm32-wasip2").join("release");
 
-    let mut code = String::from("/// Built-in criteria compiled from `plugins/`: (name, component bytes).\n");
+    let mut code =
+        String::from("/// Built-in criteria compiled from `plugins/`: (name, component bytes).\n");
     code.push_str("pub static BUILTIN_PLUGINS: &[(&str, &[u8])] = &[\n");
     for (name, stem) in BUILTINS {
         let path = wasm_dir.join(format!("{stem}.wasm"));
-        assert!(path.is_file(), "plugin build did not produce {}", path.display());
-        writeln!(code, "    ({name:?}, include_bytes!({:?})),", path.display().to_string()).expect("write to String");
+        assert!(
+            path.is_file(),
+            "plugin build did not produce {}",
+            path.display()
+        );
+        writeln!(
+            code,
+            "    ({name:?}, include_bytes!({:?})),",
+            path.display().to_string()
+        )
+        .expect("write to String");
     }
     code.push_str("];\n");
     let out = PathBuf::from(env::var("OUT_DIR").expect("set by cargo")).join("builtin_plugins.rs");
     std::fs::write(&out, code).expect("write builtin_plugins.rs");
     // Tests load the hostile test plugins from here.
-    println!("cargo:rustc-env=ESPALIER_PLUGIN_WASM_DIR={}", display(&wasm_dir));
+    println!(
+        "cargo:rustc-env=ESPALIER_PLUGIN_WASM_DIR={}",
+        display(&wasm_dir)
+    );
 }
 
 /// rustup installs the targets listed in rust-toolchain.toml only when it installs the
@@ -96,7 +120,9 @@ fn ensure_wasm_target() {
     }
     match cmd.status() {
         Ok(s) if s.success() => {
-            println!("cargo:warning=installed the wasm32-wasip2 target with rustup (needed to build the built-in plugins)");
+            println!(
+                "cargo:warning=installed the wasm32-wasip2 target with rustup (needed to build the built-in plugins)"
+            );
         }
         _ => println!(
             "cargo:warning=the wasm32-wasip2 target is missing and `rustup target add wasm32-wasip2` failed; the plugin build will fail"

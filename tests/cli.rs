@@ -14,11 +14,17 @@ fn espalier(args: &[&str], cwd: &Path) -> Output {
 }
 
 fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 fn text(o: &Output) -> (String, String) {
-    (String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned())
+    (
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
 }
 
 fn tmp() -> tempfile::TempDir {
@@ -30,24 +36,55 @@ fn quickstart_runs_prints_the_table_and_exports() {
     let dir = tmp();
     let out = dir.path().join("q");
     let pipeline = repo().join("pipelines/quickstart.toml");
-    let o = espalier(&["run", pipeline.to_str().unwrap(), "--out", out.to_str().unwrap()], dir.path());
+    let o = espalier(
+        &[
+            "run",
+            pipeline.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        dir.path(),
+    );
     let (stdout, stderr) = text(&o);
     assert!(o.status.success(), "{stdout}\n{stderr}");
-    assert!(stdout.contains("magnitude") && stdout.contains("50.00%"), "{stdout}");
-    for f in ["model.safetensors", "config.json", "masks.safetensors", "report.json"] {
+    assert!(
+        stdout.contains("magnitude") && stdout.contains("50.00%"),
+        "{stdout}"
+    );
+    for f in [
+        "model.safetensors",
+        "config.json",
+        "masks.safetensors",
+        "report.json",
+    ] {
         assert!(out.join(f).is_file(), "{f} missing");
     }
-    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
     assert_eq!(report["stages"][0]["plugin"], "magnitude");
-    assert_eq!(report["stages"][0]["plugin_sha256"].as_str().unwrap().len(), 64);
+    assert_eq!(
+        report["stages"][0]["plugin_sha256"].as_str().unwrap().len(),
+        64
+    );
     assert!((report["summary"]["block_linear_density"].as_f64().unwrap() - 0.5).abs() < 1e-9);
     // The exported directory loads again as a model, with zeros in place.
     let model = espalier_engine::load_model(out.to_str().unwrap()).unwrap();
     let w = model.weight("model.layers.0.mlp.up_proj.weight").unwrap();
-    let zeros = w.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().filter(|x| **x == 0.0).count();
+    let zeros = w
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+        .iter()
+        .filter(|x| **x == 0.0)
+        .count();
     assert_eq!(zeros, w.elem_count() / 2);
     // No temporary directories are left next to the output.
-    let leftovers: Vec<_> = std::fs::read_dir(dir.path()).unwrap().filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().starts_with('.')).collect();
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with('.'))
+        .collect();
     assert!(leftovers.is_empty());
 }
 
@@ -57,7 +94,15 @@ fn every_example_pipeline_runs() {
         let dir = tmp();
         let out = dir.path().join("o");
         let pipeline = repo().join("pipelines").join(p);
-        let o = espalier(&["run", pipeline.to_str().unwrap(), "--out", out.to_str().unwrap()], dir.path());
+        let o = espalier(
+            &[
+                "run",
+                pipeline.to_str().unwrap(),
+                "--out",
+                out.to_str().unwrap(),
+            ],
+            dir.path(),
+        );
         let (stdout, stderr) = text(&o);
         assert!(o.status.success(), "{p}: {stdout}\n{stderr}");
         assert!(out.join("report.json").is_file());
@@ -69,15 +114,36 @@ fn heads_export_has_smaller_matrices_and_a_consistent_config() {
     let dir = tmp();
     let out = dir.path().join("h");
     let pipeline = repo().join("pipelines/heads.toml");
-    let o = espalier(&["run", pipeline.to_str().unwrap(), "--out", out.to_str().unwrap()], dir.path());
+    let o = espalier(
+        &[
+            "run",
+            pipeline.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        dir.path(),
+    );
     assert!(o.status.success(), "{:?}", text(&o));
-    let config: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
     assert_eq!(config["num_attention_heads"], 2);
     assert_eq!(config["num_key_value_heads"], 2);
     assert_eq!(config["head_dim"], 16);
     let model = espalier_engine::load_model(out.to_str().unwrap()).unwrap();
-    assert_eq!(model.weight("model.layers.1.self_attn.q_proj.weight").unwrap().dims(), &[32, 64]);
-    assert_eq!(model.weight("model.layers.1.self_attn.o_proj.weight").unwrap().dims(), &[64, 32]);
+    assert_eq!(
+        model
+            .weight("model.layers.1.self_attn.q_proj.weight")
+            .unwrap()
+            .dims(),
+        &[32, 64]
+    );
+    assert_eq!(
+        model
+            .weight("model.layers.1.self_attn.o_proj.weight")
+            .unwrap()
+            .dims(),
+        &[64, 32]
+    );
 }
 
 fn write(dir: &Path, name: &str, body: &str) -> PathBuf {
@@ -90,21 +156,62 @@ fn write(dir: &Path, name: &str, body: &str) -> PathBuf {
 fn pipeline_mistakes_name_file_line_and_field() {
     let dir = tmp();
     let cases = [
-        ("unknown-plugin.toml", "model = \"builtin:tiny-llama\"\n[[stage]]\nplugin = \"magnitud\"\ndensity = 0.5\n", ":3:", "did you mean `magnitude`"),
-        ("bad-param.toml", "model = \"builtin:tiny-llama\"\n[[stage]]\nplugin = \"block\"\ndensity = 0.5\nblock = \"16x16\"\n", ":5:", "expected a list of integers"),
-        ("unknown-param.toml", "model = \"builtin:tiny-llama\"\n[[stage]]\nplugin = \"block\"\ndensity = 0.5\nblok = [16, 16]\n", ":5:", "has no parameter `blok`"),
-        ("density.toml", "model = \"builtin:tiny-llama\"\n[[stage]]\nplugin = \"magnitude\"\ndensity = -0.1\n", ":4:", "outside [0, 1]"),
-        ("targets.toml", "model = \"builtin:tiny-llama\"\n[[stage]]\nplugin = \"magnitude\"\ntargets = [\"*.conv.*\"]\ndensity = 0.5\n", ":4:", "matches no layer"),
-        ("unknown-field.toml", "model = \"builtin:tiny-llama\"\nexprot = 1\n", ":2:", "unknown field"),
-        ("model.toml", "model = \"no/such/dir\"\n", ":1:", "no/such/dir"),
+        (
+            "unknown-plugin.toml",
+            "model = \"builtin:tiny-llama\"\n[[stage]]\nplugin = \"magnitud\"\ndensity = 0.5\n",
+            ":3:",
+            "did you mean `magnitude`",
+        ),
+        (
+            "bad-param.toml",
+            "model = \"builtin:tiny-llama\"\n[[stage]]\nplugin = \"block\"\ndensity = 0.5\nblock = \"16x16\"\n",
+            ":5:",
+            "expected a list of integers",
+        ),
+        (
+            "unknown-param.toml",
+            "model = \"builtin:tiny-llama\"\n[[stage]]\nplugin = \"block\"\ndensity = 0.5\nblok = [16, 16]\n",
+            ":5:",
+            "has no parameter `blok`",
+        ),
+        (
+            "density.toml",
+            "model = \"builtin:tiny-llama\"\n[[stage]]\nplugin = \"magnitude\"\ndensity = -0.1\n",
+            ":4:",
+            "outside [0, 1]",
+        ),
+        (
+            "targets.toml",
+            "model = \"builtin:tiny-llama\"\n[[stage]]\nplugin = \"magnitude\"\ntargets = [\"*.conv.*\"]\ndensity = 0.5\n",
+            ":4:",
+            "matches no layer",
+        ),
+        (
+            "unknown-field.toml",
+            "model = \"builtin:tiny-llama\"\nexprot = 1\n",
+            ":2:",
+            "unknown field",
+        ),
+        (
+            "model.toml",
+            "model = \"no/such/dir\"\n",
+            ":1:",
+            "no/such/dir",
+        ),
     ];
     for (file, body, line, message) in cases {
         let p = write(dir.path(), file, body);
         let out = dir.path().join("out");
-        let o = espalier(&["run", p.to_str().unwrap(), "--out", out.to_str().unwrap()], dir.path());
+        let o = espalier(
+            &["run", p.to_str().unwrap(), "--out", out.to_str().unwrap()],
+            dir.path(),
+        );
         let (_, stderr) = text(&o);
         assert!(!o.status.success(), "{file} should fail");
-        assert!(stderr.contains(&format!("{file}{line}")), "{file}: {stderr}");
+        assert!(
+            stderr.contains(&format!("{file}{line}")),
+            "{file}: {stderr}"
+        );
         assert!(stderr.contains(message), "{file}: {stderr}");
         assert!(!out.exists(), "{file}: nothing may be written");
     }
@@ -116,14 +223,29 @@ fn a_failing_plugin_writes_nothing_and_keeps_the_previous_output() {
     let out = dir.path().join("out");
     std::fs::create_dir(&out).unwrap();
     std::fs::write(out.join("report.json"), "previous").unwrap();
-    let trap = PathBuf::from(env!("ESPALIER_PLUGIN_WASM_DIR")).join("espalier_criterion_hostile_trap.wasm");
-    let p = write(dir.path(), "trap.toml", &format!("model = \"builtin:tiny-llama\"\n[[stage]]\nplugin = {:?}\ndensity = 0.5\n[export]\ndir = \"out\"\n", trap.display().to_string()));
+    let trap =
+        PathBuf::from(env!("ESPALIER_PLUGIN_WASM_DIR")).join("espalier_test_hostile_trap.wasm");
+    let p = write(
+        dir.path(),
+        "trap.toml",
+        &format!(
+            "model = \"builtin:tiny-llama\"\n[[stage]]\nplugin = {:?}\ndensity = 0.5\n[export]\ndir = \"out\"\n",
+            trap.display().to_string()
+        ),
+    );
     let o = espalier(&["run", p.to_str().unwrap()], dir.path());
     let (_, stderr) = text(&o);
     assert!(!o.status.success());
     assert!(stderr.contains("crashed"), "{stderr}");
-    assert_eq!(std::fs::read_to_string(out.join("report.json")).unwrap(), "previous");
-    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2, "no temporary directory left");
+    assert_eq!(
+        std::fs::read_to_string(out.join("report.json")).unwrap(),
+        "previous"
+    );
+    assert_eq!(
+        std::fs::read_dir(dir.path()).unwrap().count(),
+        2,
+        "no temporary directory left"
+    );
 }
 
 #[test]
@@ -143,9 +265,13 @@ fn plugins_list_and_inspect() {
     // A .wasm file dropped in a plugin folder is registered under its described name.
     let plugins = dir.path().join("plugins");
     std::fs::create_dir(&plugins).unwrap();
-    let src = PathBuf::from(env!("ESPALIER_PLUGIN_WASM_DIR")).join("espalier_criterion_hostile_density.wasm");
+    let src =
+        PathBuf::from(env!("ESPALIER_PLUGIN_WASM_DIR")).join("espalier_test_hostile_density.wasm");
     std::fs::copy(&src, plugins.join("mine.wasm")).unwrap();
-    let o = espalier(&["plugins", "list", "--plugin-dir", plugins.to_str().unwrap()], dir.path());
+    let o = espalier(
+        &["plugins", "list", "--plugin-dir", plugins.to_str().unwrap()],
+        dir.path(),
+    );
     assert!(text(&o).0.contains("hostile-density"));
 }
 
@@ -153,12 +279,16 @@ fn plugins_list_and_inspect() {
 fn malformed_wasm_is_refused_clearly() {
     let dir = tmp();
     let garbage = write(dir.path(), "garbage.wasm", "definitely not wasm");
-    let o = espalier(&["plugins", "inspect", garbage.to_str().unwrap()], dir.path());
+    let o = espalier(
+        &["plugins", "inspect", garbage.to_str().unwrap()],
+        dir.path(),
+    );
     let (_, stderr) = text(&o);
     assert!(!o.status.success());
     assert!(stderr.contains("not WebAssembly"), "{stderr}");
     // A truncated component: right header, broken body.
-    let src = PathBuf::from(env!("ESPALIER_PLUGIN_WASM_DIR")).join("espalier_criterion_hostile_trap.wasm");
+    let src =
+        PathBuf::from(env!("ESPALIER_PLUGIN_WASM_DIR")).join("espalier_test_hostile_trap.wasm");
     let bytes = std::fs::read(src).unwrap();
     let cut = dir.path().join("cut.wasm");
     std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();

@@ -18,7 +18,14 @@ fn app() -> &'static App {
 
 fn run(text: &str) -> Result<RunResult, AppError> {
     let pipeline = Pipeline::parse("test.toml", text)?;
-    app().run_pipeline(pipeline, &RunOverrides { no_export: true, ..Default::default() }, &mut Quiet)
+    app().run_pipeline(
+        pipeline,
+        &RunOverrides {
+            no_export: true,
+            ..Default::default()
+        },
+        &mut Quiet,
+    )
 }
 
 fn tiny(name: &str) -> Model {
@@ -43,18 +50,32 @@ fn reference_top_k(scores: &[f64], k: usize) -> Vec<bool> {
 }
 
 fn mask_of(result: &RunResult, name: &str) -> Vec<bool> {
-    result.state.masks.get(name).unwrap_or_else(|| panic!("no mask for {name}")).keep().to_vec()
+    result
+        .state
+        .masks
+        .get(name)
+        .unwrap_or_else(|| panic!("no mask for {name}"))
+        .keep()
+        .to_vec()
 }
 
 fn block_linears(model: &Model) -> Vec<String> {
-    model.layers().into_iter().filter(|l| l.role.is_block_linear()).map(|l| l.name).collect()
+    model
+        .layers()
+        .into_iter()
+        .filter(|l| l.role.is_block_linear())
+        .map(|l| l.name)
+        .collect()
 }
 
 #[test]
 fn magnitude_per_layer_matches_sorting_reference() {
     for arch in ["tiny-llama", "tiny-gpt2"] {
         let model = tiny(arch);
-        let result = run(&format!("model = \"builtin:{arch}\"\n[[stage]]\nplugin = \"magnitude\"\ndensity = 0.3\n")).unwrap();
+        let result = run(&format!(
+            "model = \"builtin:{arch}\"\n[[stage]]\nplugin = \"magnitude\"\ndensity = 0.3\n"
+        ))
+        .unwrap();
         for name in block_linears(&model) {
             let (w, _, _) = values(&model, &name);
             let scores: Vec<f64> = w.iter().map(|x| f64::from(x.abs())).collect();
@@ -74,7 +95,10 @@ fn magnitude_per_layer_matches_sorting_reference() {
 fn magnitude_global_uses_one_threshold() {
     let model = tiny("tiny-llama");
     let result = run("model = \"builtin:tiny-llama\"\n[[stage]]\nplugin = \"magnitude\"\ntargets = [\"*.mlp.*\"]\ndensity = 0.25\nscope = \"global\"\n").unwrap();
-    let names: Vec<String> = block_linears(&model).into_iter().filter(|n| n.contains(".mlp.")).collect();
+    let names: Vec<String> = block_linears(&model)
+        .into_iter()
+        .filter(|n| n.contains(".mlp."))
+        .collect();
     let mut all = Vec::new();
     for n in &names {
         all.extend(values(&model, n).0.iter().map(|x| f64::from(x.abs())));
@@ -107,10 +131,18 @@ fn block_matches_reference_block_norms_exactly() {
         let mask = mask_of(&result, &name);
         for i in 0..r {
             for j in 0..c {
-                assert_eq!(mask[i * c + j], keep_blocks[(i / 16) * gc + j / 16], "{name} [{i},{j}]");
+                assert_eq!(
+                    mask[i * c + j],
+                    keep_blocks[(i / 16) * gc + j / 16],
+                    "{name} [{i},{j}]"
+                );
             }
         }
-        assert_eq!(mask.iter().filter(|&&k| k).count(), k * 256, "{name}: exact count");
+        assert_eq!(
+            mask.iter().filter(|&&k| k).count(),
+            k * 256,
+            "{name}: exact count"
+        );
     }
 }
 
@@ -118,7 +150,10 @@ fn block_matches_reference_block_norms_exactly() {
 fn block_refuses_shapes_it_does_not_tile_unless_ragged() {
     let err = run("model = \"builtin:tiny-llama\"\n[[stage]]\nplugin = \"block\"\ndensity = 0.5\nblock = [24, 24]\n").err().unwrap();
     let msg = err.to_string();
-    assert!(msg.contains("do not tile") && msg.contains("ragged"), "{msg}");
+    assert!(
+        msg.contains("do not tile") && msg.contains("ragged"),
+        "{msg}"
+    );
     // Ragged: edge blocks are smaller groups, the count of kept blocks is still exact.
     let result = run("model = \"builtin:tiny-llama\"\n[[stage]]\nplugin = \"block\"\ntargets = [\"*.k_proj.*\"]\ndensity = 0.5\nblock = [24, 24]\nragged = true\n").unwrap();
     let model = tiny("tiny-llama");
@@ -144,21 +179,33 @@ fn block_refuses_shapes_it_does_not_tile_unless_ragged() {
 fn n_m_keeps_the_largest_n_of_every_m_consecutive_inputs() {
     for (n, m) in [(2usize, 4usize), (4, 8)] {
         let model = tiny("tiny-llama");
-        let result = run(&format!("model = \"builtin:tiny-llama\"\n[[stage]]\nplugin = \"n-m\"\nn = {n}\nm = {m}\n")).unwrap();
+        let result = run(&format!(
+            "model = \"builtin:tiny-llama\"\n[[stage]]\nplugin = \"n-m\"\nn = {n}\nm = {m}\n"
+        ))
+        .unwrap();
         for name in block_linears(&model) {
             let (w, r, c) = values(&model, &name);
             let mask = mask_of(&result, &name);
             for i in 0..r {
                 for g in 0..c / m {
                     let base = i * c + g * m;
-                    let scores: Vec<f64> = w[base..base + m].iter().map(|x| f64::from(x.abs())).collect();
-                    assert_eq!(&mask[base..base + m], reference_top_k(&scores, n).as_slice(), "{name} row {i} group {g}");
+                    let scores: Vec<f64> = w[base..base + m]
+                        .iter()
+                        .map(|x| f64::from(x.abs()))
+                        .collect();
+                    assert_eq!(
+                        &mask[base..base + m],
+                        reference_top_k(&scores, n).as_slice(),
+                        "{name} row {i} group {g}"
+                    );
                 }
             }
             assert_eq!(mask.iter().filter(|&&k| k).count() * m, mask.len() * n);
         }
     }
-    let err = run("model = \"builtin:tiny-llama\"\n[[stage]]\nplugin = \"n-m\"\ndensity = 0.3\n").err().unwrap();
+    let err = run("model = \"builtin:tiny-llama\"\n[[stage]]\nplugin = \"n-m\"\ndensity = 0.3\n")
+        .err()
+        .unwrap();
     assert!(err.to_string().contains("conflicts with 2:4"), "{err}");
 }
 
@@ -181,8 +228,14 @@ fn heads_keeps_the_top_heads_and_cuts_them_out_bit_identically() {
         // Reference importance: squared norm of the head's Q rows plus its O columns.
         let score: Vec<f64> = (0..cfg.num_heads)
             .map(|h| {
-                let qs: f64 = qw[h * hd * qc..(h + 1) * hd * qc].iter().map(|x| f64::from(*x).powi(2)).sum();
-                let os: f64 = (0..or).flat_map(|i| (h * hd..(h + 1) * hd).map(move |j| (i, j))).map(|(i, j)| f64::from(ow[i * oc + j]).powi(2)).sum();
+                let qs: f64 = qw[h * hd * qc..(h + 1) * hd * qc]
+                    .iter()
+                    .map(|x| f64::from(*x).powi(2))
+                    .sum();
+                let os: f64 = (0..or)
+                    .flat_map(|i| (h * hd..(h + 1) * hd).map(move |j| (i, j)))
+                    .map(|(i, j)| f64::from(ow[i * oc + j]).powi(2))
+                    .sum();
                 qs + os
             })
             .collect();
@@ -190,17 +243,29 @@ fn heads_keeps_the_top_heads_and_cuts_them_out_bit_identically() {
         for g in 0..cfg.num_kv_heads {
             let members = &score[g * per_group..(g + 1) * per_group];
             let keep = reference_top_k(members, 1);
-            kept.extend(keep.iter().enumerate().filter(|(_, k)| **k).map(|(i, _)| g * per_group + i));
+            kept.extend(
+                keep.iter()
+                    .enumerate()
+                    .filter(|(_, k)| **k)
+                    .map(|(i, _)| g * per_group + i),
+            );
         }
         let (new_q, nr, _) = values(out, &q);
         assert_eq!(nr, kept.len() * hd);
         for (slot, &h) in kept.iter().enumerate() {
-            assert_eq!(&new_q[slot * hd * qc..(slot + 1) * hd * qc], &qw[h * hd * qc..(h + 1) * hd * qc], "block {b} head {h}");
+            assert_eq!(
+                &new_q[slot * hd * qc..(slot + 1) * hd * qc],
+                &qw[h * hd * qc..(h + 1) * hd * qc],
+                "block {b} head {h}"
+            );
         }
         let (new_o, _, noc) = values(out, &o);
         for i in 0..or {
             for (slot, &h) in kept.iter().enumerate() {
-                assert_eq!(&new_o[i * noc + slot * hd..i * noc + (slot + 1) * hd], &ow[i * oc + h * hd..i * oc + (h + 1) * hd]);
+                assert_eq!(
+                    &new_o[i * noc + slot * hd..i * noc + (slot + 1) * hd],
+                    &ow[i * oc + h * hd..i * oc + (h + 1) * hd]
+                );
             }
         }
     }
@@ -219,12 +284,17 @@ fn stages_compose_and_budgets_are_checked() {
     let m = mask_of(&result, "model.layers.0.mlp.up_proj.weight");
     let density = m.iter().filter(|&&k| k).count() as f64 / m.len() as f64;
     assert!(density <= 0.25 + 1e-9, "{density}");
-    let err = run("model = \"builtin:tiny-llama\"\n[[stage]]\nplugin = \"magnitude\"\ndensity = \"budget\"\n").err().unwrap();
+    let err = run(
+        "model = \"builtin:tiny-llama\"\n[[stage]]\nplugin = \"magnitude\"\ndensity = \"budget\"\n",
+    )
+    .err()
+    .unwrap();
     assert!(err.to_string().contains("produces budgets"), "{err}");
 }
 
 fn hostile(name: &str) -> PathBuf {
-    PathBuf::from(env!("ESPALIER_PLUGIN_WASM_DIR")).join(format!("espalier_criterion_hostile_{name}.wasm"))
+    PathBuf::from(env!("ESPALIER_PLUGIN_WASM_DIR"))
+        .join(format!("espalier_test_hostile_{name}.wasm"))
 }
 
 fn hostile_run(name: &str) -> String {
@@ -234,7 +304,9 @@ fn hostile_run(name: &str) -> String {
         "model = \"builtin:tiny-llama\"\n[sandbox]\ntimeout_s = 1.0\nmemory_mb = 64\n[[stage]]\nplugin = {:?}\ndensity = 0.5\n",
         path.display().to_string()
     );
-    let err = run(&text).err().expect("a hostile plugin must fail its run");
+    let err = run(&text)
+        .err()
+        .expect("a hostile plugin must fail its run");
     err.to_string()
 }
 
@@ -251,25 +323,47 @@ fn hostile_plugins_fail_their_run_and_the_process_goes_on() {
         let msg = hostile_run(name);
         assert!(msg.contains(expected), "hostile-{name}: {msg}");
         // The same runtime still runs a good pipeline afterwards.
-        let ok = run("model = \"builtin:tiny-llama\"\n[[stage]]\nplugin = \"magnitude\"\ndensity = 0.5\n").unwrap();
+        let ok = run(
+            "model = \"builtin:tiny-llama\"\n[[stage]]\nplugin = \"magnitude\"\ndensity = 0.5\n",
+        )
+        .unwrap();
         assert_eq!(ok.report.stages.len(), 1);
     }
 }
 
 #[test]
 fn host_tensor_budget_is_enforced() {
-    // A plugin cannot make the host allocate without bound: the magnitude criterion needs one
-    // |w| copy per target; with a 1 MiB host budget that fails cleanly.
-    let err = run("model = \"builtin:tiny-llama\"\n[sandbox]\nhost_memory_mb = 1\n[[stage]]\nplugin = \"magnitude\"\ndensity = 0.5\n").err().unwrap();
-    assert!(err.to_string().contains("host tensor budget"), "{err}");
+    // A plugin cannot make the host allocate without bound through kernel calls.
+    let path = hostile("hoard");
+    let text = format!(
+        "model = \"builtin:tiny-llama\"\n[sandbox]\ntimeout_s = 20.0\nhost_memory_mb = 16\n[[stage]]\nplugin = {:?}\ndensity = 0.5\n",
+        path.display().to_string()
+    );
+    let err = run(&text).err().expect("the hoarding plugin must fail");
+    assert!(
+        err.to_string().contains("host tensor budget of 16 MiB"),
+        "{err}"
+    );
 }
 
 #[test]
 fn densities_are_exact_per_layer() {
-    let result = run("model = \"builtin:tiny-llama\"\n[[stage]]\nplugin = \"magnitude\"\ndensity = 0.37\n").unwrap();
-    let by_name: BTreeMap<&str, f64> = result.report.layers.iter().map(|l| (l.name.as_str(), l.density)).collect();
+    let result =
+        run("model = \"builtin:tiny-llama\"\n[[stage]]\nplugin = \"magnitude\"\ndensity = 0.37\n")
+            .unwrap();
+    let by_name: BTreeMap<&str, f64> = result
+        .report
+        .layers
+        .iter()
+        .map(|l| (l.name.as_str(), l.density))
+        .collect();
     for name in block_linears(&tiny("tiny-llama")) {
-        let layer = result.report.layers.iter().find(|l| l.name == name).unwrap();
+        let layer = result
+            .report
+            .layers
+            .iter()
+            .find(|l| l.name == name)
+            .unwrap();
         let expected = (0.37 * layer.original_numel as f64).round() / layer.original_numel as f64;
         assert_eq!(by_name[name.as_str()], expected, "{name}");
     }

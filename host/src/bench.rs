@@ -100,7 +100,11 @@ pub fn bench_plugins(
             guest_seconds,
             host_kernel_seconds: median(host),
             apply_seconds: median(apply),
-            guest_share: if stage_seconds > 0.0 { guest_seconds / stage_seconds } else { 0.0 },
+            guest_share: if stage_seconds > 0.0 {
+                guest_seconds / stage_seconds
+            } else {
+                0.0
+            },
         });
     }
     Ok(results)

@@ -69,28 +69,41 @@ fn write_masks(state: &RunState, path: &Path) -> Result<(), String> {
 }
 
 /// Exports the run's model, masks and report to `dir`, atomically.
-pub fn export(state: &RunState, report: &RunReport, dir: &Path, masks: bool) -> Result<(), ExportError> {
+pub fn export(
+    state: &RunState,
+    report: &RunReport,
+    dir: &Path,
+    masks: bool,
+) -> Result<(), ExportError> {
     if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent).map_err(|e| err(dir, format!("cannot create {}: {e}", parent.display())))?;
+        std::fs::create_dir_all(parent)
+            .map_err(|e| err(dir, format!("cannot create {}: {e}", parent.display())))?;
     }
     if dir.exists() && !dir.is_dir() {
         return Err(err(dir, "it exists and is not a directory"));
     }
     let tmp = sibling(dir, "tmp")?;
-    std::fs::create_dir(&tmp).map_err(|e| err(dir, format!("cannot create {}: {e}", tmp.display())))?;
+    std::fs::create_dir(&tmp)
+        .map_err(|e| err(dir, format!("cannot create {}: {e}", tmp.display())))?;
     let mut guard = TempDir(Some(tmp.clone()));
 
-    state.model.save_into(&tmp).map_err(|e| err(dir, e.to_string()))?;
+    state
+        .model
+        .save_into(&tmp)
+        .map_err(|e| err(dir, e.to_string()))?;
     if masks {
-        write_masks(state, &tmp.join("masks.safetensors")).map_err(|e| err(dir, format!("masks: {e}")))?;
+        write_masks(state, &tmp.join("masks.safetensors"))
+            .map_err(|e| err(dir, format!("masks: {e}")))?;
     }
     let json = serde_json::to_vec_pretty(report).map_err(|e| err(dir, format!("report: {e}")))?;
-    std::fs::write(tmp.join("report.json"), json).map_err(|e| err(dir, format!("report.json: {e}")))?;
+    std::fs::write(tmp.join("report.json"), json)
+        .map_err(|e| err(dir, format!("report.json: {e}")))?;
 
     // Swap in: move the old output aside, rename the new one in, then delete the old one.
     let old = if dir.exists() {
         let old = sibling(dir, "old")?;
-        std::fs::rename(dir, &old).map_err(|e| err(dir, format!("cannot move the previous output aside: {e}")))?;
+        std::fs::rename(dir, &old)
+            .map_err(|e| err(dir, format!("cannot move the previous output aside: {e}")))?;
         Some(old)
     } else {
         None
@@ -99,7 +112,10 @@ pub fn export(state: &RunState, report: &RunReport, dir: &Path, masks: bool) -> 
         if let Some(old) = &old {
             let _ = std::fs::rename(old, dir);
         }
-        return Err(err(dir, format!("cannot move the new output into place: {e}")));
+        return Err(err(
+            dir,
+            format!("cannot move the new output into place: {e}"),
+        ));
     }
     // The temporary directory is now the output: disarm the cleanup.
     guard.0 = None;

@@ -55,7 +55,9 @@ pub fn plan_removal(
     }
     let (heads, kv_heads) = (cfg.num_heads, cfg.num_kv_heads);
     if kv_heads == 0 || heads % kv_heads != 0 {
-        return Err(format!("{heads} query heads do not split into {kv_heads} K/V groups"));
+        return Err(format!(
+            "{heads} query heads do not split into {kv_heads} K/V groups"
+        ));
     }
     let per_group = heads / kv_heads;
     let mut plans = BTreeMap::new();
@@ -68,10 +70,14 @@ pub fn plan_removal(
                     return Err(format!("block {block}: a head is listed twice"));
                 }
                 if let Some(bad) = set.iter().find(|&&h| h >= heads) {
-                    return Err(format!("block {block}: head {bad} does not exist (the model has {heads})"));
+                    return Err(format!(
+                        "block {block}: head {bad} does not exist (the model has {heads})"
+                    ));
                 }
                 if set.is_empty() {
-                    return Err(format!("block {block}: keeps no head; an attention layer needs at least one"));
+                    return Err(format!(
+                        "block {block}: keeps no head; an attention layer needs at least one"
+                    ));
                 }
                 set.into_iter().collect()
             }
@@ -96,7 +102,10 @@ pub fn plan_removal(
             },
         );
     }
-    let shapes: BTreeSet<(usize, usize)> = plans.values().map(|p| (p.query.len(), p.kv.len())).collect();
+    let shapes: BTreeSet<(usize, usize)> = plans
+        .values()
+        .map(|p| (p.query.len(), p.kv.len()))
+        .collect();
     if shapes.len() > 1 {
         return Err(format!(
             "blocks keep different head counts {shapes:?} (query, K/V); the config has one head \
@@ -154,7 +163,9 @@ pub fn remove_heads(
     let (heads_after, kv_after) = plans
         .values()
         .next()
-        .map_or((cfg.num_heads, cfg.num_kv_heads), |p| (p.query.len(), p.kv.len()));
+        .map_or((cfg.num_heads, cfg.num_kv_heads), |p| {
+            (p.query.len(), p.kv.len())
+        });
     let change = HeadsChange {
         heads_before: cfg.num_heads,
         heads_after,
@@ -224,7 +235,8 @@ mod tests {
         let cfg = before.config.clone();
         assert_eq!((cfg.num_heads, cfg.num_kv_heads, cfg.head_dim), (4, 2, 16));
         // Keep heads 1 and 3: one query head in each K/V group.
-        let keep: BTreeMap<usize, Vec<usize>> = (0..cfg.num_layers).map(|b| (b, vec![1, 3])).collect();
+        let keep: BTreeMap<usize, Vec<usize>> =
+            (0..cfg.num_layers).map(|b| (b, vec![1, 3])).collect();
         let plans = plan_removal(&model, &keep).unwrap();
         assert_eq!(plans[&0].kv, vec![0, 1]);
         let change = remove_heads(&mut model, &plans, &mut BTreeMap::new()).unwrap();
@@ -249,7 +261,10 @@ mod tests {
             for (row_old, row_new) in o_old.iter().zip(&o_new) {
                 assert_eq!(row_new.len(), 32);
                 for (i, &h) in [1usize, 3].iter().enumerate() {
-                    assert_eq!(&row_new[i * 16..(i + 1) * 16], &row_old[h * 16..(h + 1) * 16]);
+                    assert_eq!(
+                        &row_new[i * 16..(i + 1) * 16],
+                        &row_old[h * 16..(h + 1) * 16]
+                    );
                 }
             }
             // Both K/V groups survive untouched.
@@ -279,11 +294,23 @@ mod tests {
         let model = tiny();
         // Group 0 keeps two query heads, group 1 keeps one.
         let uneven: BTreeMap<usize, Vec<usize>> = (0..2).map(|b| (b, vec![0, 1, 2])).collect();
-        assert!(plan_removal(&model, &uneven).unwrap_err().contains("same number"));
+        assert!(
+            plan_removal(&model, &uneven)
+                .unwrap_err()
+                .contains("same number")
+        );
         // Block 0 keeps 2 heads, block 1 keeps all 4.
         let partial: BTreeMap<usize, Vec<usize>> = [(0, vec![0, 2])].into_iter().collect();
-        assert!(plan_removal(&model, &partial).unwrap_err().contains("different head counts"));
+        assert!(
+            plan_removal(&model, &partial)
+                .unwrap_err()
+                .contains("different head counts")
+        );
         let bad: BTreeMap<usize, Vec<usize>> = (0..2).map(|b| (b, vec![7])).collect();
-        assert!(plan_removal(&model, &bad).unwrap_err().contains("does not exist"));
+        assert!(
+            plan_removal(&model, &bad)
+                .unwrap_err()
+                .contains("does not exist")
+        );
     }
 }

@@ -1,15 +1,15 @@
 //! Espalier host library: sandboxed pruning-criterion plugins, pipelines that compose them, and
 //! the export of pruned models. The `espalier` binary is a thin CLI over this crate.
 
-pub mod mask;
-pub mod ops;
-pub mod plugin;
-pub mod tensor_util;
-pub mod export;
-pub mod heads;
-pub mod pipeline;
-pub mod plan;
-pub mod report;
-pub mod run;
 pub mod app;
 pub mod bench;
+pub mod export;
+pub mod heads;
+pub mod mask;
+pub mod ops;
+pub mod pipeline;
+pub mod plan;
+pub mod plugin;
+pub mod report;
+pub mod run;
+pub mod tensor_util;

@@ -17,7 +17,11 @@ use espalier::run::RunObserver;
 use indicatif::{ProgressBar, ProgressStyle};
 
 #[derive(Parser)]
-#[command(name = "espalier", version, about = "Prune large language models with sandboxed WebAssembly criteria")]
+#[command(
+    name = "espalier",
+    version,
+    about = "Prune large language models with sandboxed WebAssembly criteria"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -155,16 +159,34 @@ fn dispatch(cli: Cli) -> Result<()> {
             json,
             layers,
             plugins,
-        } => cmd_run(pipeline, RunOverrides { model, export_dir: out, no_export }, json, layers, &plugins),
+        } => cmd_run(
+            pipeline,
+            RunOverrides {
+                model,
+                export_dir: out,
+                no_export,
+            },
+            json,
+            layers,
+            &plugins,
+        ),
         Command::Plugins { command } => match command {
             PluginsCommand::List { json, plugins } => cmd_plugins_list(json, &plugins),
-            PluginsCommand::Inspect { plugin, json, plugins } => cmd_plugins_inspect(&plugin, json, &plugins),
+            PluginsCommand::Inspect {
+                plugin,
+                json,
+                plugins,
+            } => cmd_plugins_inspect(&plugin, json, &plugins),
         },
         Command::Model { command } => match command {
             ModelCommand::Layers { model } => cmd_model_layers(&model),
         },
         Command::Bench { command } => match command {
-            BenchCommand::Plugins { model, repeat, json } => cmd_bench_plugins(&model, repeat, json),
+            BenchCommand::Plugins {
+                model,
+                repeat,
+                json,
+            } => cmd_bench_plugins(&model, repeat, json),
         },
     }
 }
@@ -205,7 +227,13 @@ impl RunObserver for Bars {
     }
 }
 
-fn cmd_run(pipeline: PathBuf, overrides: RunOverrides, json: bool, layers: bool, dirs: &PluginDirs) -> Result<()> {
+fn cmd_run(
+    pipeline: PathBuf,
+    overrides: RunOverrides,
+    json: bool,
+    layers: bool,
+    dirs: &PluginDirs,
+) -> Result<()> {
     let app = start_app(dirs)?;
     let bar = ProgressBar::new(0);
     bar.set_style(
@@ -224,7 +252,10 @@ fn cmd_run(pipeline: PathBuf, overrides: RunOverrides, json: bool, layers: bool,
     }
     print_report(&result.report, layers);
     match &result.exported_to {
-        Some(dir) => println!("exported to {} (model.safetensors, config.json, masks.safetensors, report.json)", dir.display()),
+        Some(dir) => println!(
+            "exported to {} (model.safetensors, config.json, masks.safetensors, report.json)",
+            dir.display()
+        ),
         None => println!("not exported (no [export] section, or --no-export)"),
     }
     Ok(())
@@ -235,17 +266,31 @@ fn pct(x: f64) -> String {
 }
 
 fn print_report(r: &RunReport, layers: bool) {
-    println!("pipeline `{}` on {} ({})", r.pipeline, r.model, r.architecture);
+    println!(
+        "pipeline `{}` on {} ({})",
+        r.pipeline, r.model, r.architecture
+    );
     let mut t = Table::new();
     t.load_preset(UTF8_FULL_CONDENSED);
-    t.set_header(vec!["stage", "plugin", "version", "targets", "asked", "kept after", "time", "sandbox share", "sha256"]);
+    t.set_header(vec![
+        "stage",
+        "plugin",
+        "version",
+        "targets",
+        "asked",
+        "kept after",
+        "time",
+        "sandbox share",
+        "sha256",
+    ]);
     for s in &r.stages {
         t.add_row(vec![
             Cell::new(&s.name),
             Cell::new(&s.plugin),
             Cell::new(&s.plugin_version),
             Cell::new(s.targets).set_alignment(CellAlignment::Right),
-            Cell::new(s.requested_density.map_or("-".into(), pct)).set_alignment(CellAlignment::Right),
+            Cell::new(s.requested_density.map_or("-".into(), pct))
+                .set_alignment(CellAlignment::Right),
             Cell::new(pct(s.density_after)).set_alignment(CellAlignment::Right),
             Cell::new(format!("{:.3} s", s.seconds)).set_alignment(CellAlignment::Right),
             Cell::new(pct(s.guest_share)).set_alignment(CellAlignment::Right),
@@ -272,18 +317,36 @@ fn print_report(r: &RunReport, layers: bool) {
     let mut t = Table::new();
     t.load_preset(UTF8_FULL_CONDENSED);
     t.set_header(vec!["summary", "value"]);
-    t.add_row(vec!["pruned layers".to_string(), s.pruned_layers.to_string()]);
-    t.add_row(vec!["kept in pruned layers".to_string(), pct(s.pruned_density)]);
-    t.add_row(vec!["kept in block linears".to_string(), pct(s.block_linear_density)]);
-    t.add_row(vec!["kept in all 2-D weights".to_string(), pct(s.all_weights_density)]);
+    t.add_row(vec![
+        "pruned layers".to_string(),
+        s.pruned_layers.to_string(),
+    ]);
+    t.add_row(vec![
+        "kept in pruned layers".to_string(),
+        pct(s.pruned_density),
+    ]);
+    t.add_row(vec![
+        "kept in block linears".to_string(),
+        pct(s.block_linear_density),
+    ]);
+    t.add_row(vec![
+        "kept in all 2-D weights".to_string(),
+        pct(s.all_weights_density),
+    ]);
     t.add_row(vec![
         "parameters (stored / non-zero)".to_string(),
-        format!("{} → {} / {}", s.parameters_before, s.parameters_after, s.nonzero_parameters_after),
+        format!(
+            "{} → {} / {}",
+            s.parameters_before, s.parameters_after, s.nonzero_parameters_after
+        ),
     ]);
     if let Some(h) = &s.heads {
         t.add_row(vec![
             "attention heads (query / kv)".to_string(),
-            format!("{}/{} → {}/{}", h.heads_before, h.kv_heads_before, h.heads_after, h.kv_heads_after),
+            format!(
+                "{}/{} → {}/{}",
+                h.heads_before, h.kv_heads_before, h.heads_after, h.kv_heads_after
+            ),
         ]);
     }
     t.add_row(vec!["time".to_string(), format!("{:.2} s", r.seconds)]);
@@ -340,7 +403,9 @@ fn cmd_plugins_list(json: bool, dirs: &PluginDirs) -> Result<()> {
     }
     let mut t = Table::new();
     t.load_preset(UTF8_FULL_CONDENSED);
-    t.set_header(vec!["name", "version", "produces", "origin", "size", "sha256"]);
+    t.set_header(vec![
+        "name", "version", "produces", "origin", "size", "sha256",
+    ]);
     for p in app.registry.iter() {
         t.add_row(vec![
             p.info.name.clone(),
@@ -364,7 +429,10 @@ fn cmd_plugins_inspect(name: &str, json: bool, dirs: &PluginDirs) -> Result<()> 
         load_file(&app.runtime, std::path::Path::new(name))?
     } else {
         app.registry.get(name).cloned().with_context(|| {
-            format!("no plugin named `{name}`; available: {} (or pass a .wasm path)", app.registry.names().join(", "))
+            format!(
+                "no plugin named `{name}`; available: {} (or pass a .wasm path)",
+                app.registry.names().join(", ")
+            )
         })?
     };
     if json {
@@ -377,7 +445,11 @@ fn cmd_plugins_inspect(name: &str, json: bool, dirs: &PluginDirs) -> Result<()> 
     println!(
         "produces: {}   needs: {}   sha256: {}   size: {:.1} KB",
         format!("{:?}", i.produces).to_lowercase(),
-        i.needs.iter().map(|n| format!("{n:?}").to_lowercase()).collect::<Vec<_>>().join(", "),
+        i.needs
+            .iter()
+            .map(|n| format!("{n:?}").to_lowercase())
+            .collect::<Vec<_>>()
+            .join(", "),
         plugin.compiled.sha256,
         plugin.size as f64 / 1024.0
     );
@@ -419,7 +491,9 @@ fn cmd_bench_plugins(model_ref: &str, repeat: usize, json: bool) -> Result<()> {
     let model = espalier_engine::load_model(model_ref)?;
     let bar = ProgressBar::new_spinner();
     bar.enable_steady_tick(Duration::from_millis(120));
-    let results = espalier::bench::bench_plugins(&app, model_ref, &model, repeat, &mut |m| bar.set_message(m.to_string()))?;
+    let results = espalier::bench::bench_plugins(&app, model_ref, &model, repeat, &mut |m| {
+        bar.set_message(m.to_string())
+    })?;
     bar.finish_and_clear();
     if json {
         println!("{}", serde_json::to_string_pretty(&results)?);
@@ -431,18 +505,33 @@ fn cmd_bench_plugins(model_ref: &str, repeat: usize, json: bool) -> Result<()> {
     );
     let mut t = Table::new();
     t.load_preset(UTF8_FULL_CONDENSED);
-    t.set_header(vec!["case", "layers", "weights", "stage", "guest + boundary", "host kernels", "validate + apply", "sandbox share"]);
+    t.set_header(vec![
+        "case",
+        "layers",
+        "weights",
+        "stage",
+        "guest + boundary",
+        "host kernels",
+        "validate + apply",
+        "sandbox share",
+    ]);
     for r in &results {
         t.add_row(vec![
             Cell::new(&r.label),
             Cell::new(r.targets).set_alignment(CellAlignment::Right),
             Cell::new(r.target_weights).set_alignment(CellAlignment::Right),
             Cell::new(format!("{:.3} s", r.stage_seconds)).set_alignment(CellAlignment::Right),
-            Cell::new(format!("{:.1} ms", r.guest_seconds * 1e3)).set_alignment(CellAlignment::Right),
-            Cell::new(format!("{:.3} s", r.host_kernel_seconds)).set_alignment(CellAlignment::Right),
-            Cell::new(format!("{:.3} s", r.apply_seconds)).set_alignment(CellAlignment::Right),
-            Cell::new(format!("{} {}", pct(r.guest_share), if r.guest_share <= 0.10 { "✓" } else { "✗" }))
+            Cell::new(format!("{:.1} ms", r.guest_seconds * 1e3))
                 .set_alignment(CellAlignment::Right),
+            Cell::new(format!("{:.3} s", r.host_kernel_seconds))
+                .set_alignment(CellAlignment::Right),
+            Cell::new(format!("{:.3} s", r.apply_seconds)).set_alignment(CellAlignment::Right),
+            Cell::new(format!(
+                "{} {}",
+                pct(r.guest_share),
+                if r.guest_share <= 0.10 { "✓" } else { "✗" }
+            ))
+            .set_alignment(CellAlignment::Right),
         ]);
     }
     println!("{t}");

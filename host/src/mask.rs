@@ -139,7 +139,12 @@ impl Mask {
                 self.shape, other.shape
             ));
         }
-        let keep: Vec<bool> = self.keep.iter().zip(&other.keep).map(|(a, b)| *a && *b).collect();
+        let keep: Vec<bool> = self
+            .keep
+            .iter()
+            .zip(&other.keep)
+            .map(|(a, b)| *a && *b)
+            .collect();
         let mut out = Mask {
             shape: self.shape.clone(),
             keep,
@@ -209,12 +214,15 @@ impl Mask {
     }
 
     fn check_row_groups(&self, r: usize, c: usize, size: usize) -> Result<(), String> {
-        if size == 0 || r % size != 0 {
+        if size == 0 || !r.is_multiple_of(size) {
             return Err(format!("{r} rows do not split into groups of {size}"));
         }
         for g in 0..r / size {
             let first = self.keep[g * size * c];
-            if self.keep[g * size * c..(g + 1) * size * c].iter().any(|&k| k != first) {
+            if self.keep[g * size * c..(g + 1) * size * c]
+                .iter()
+                .any(|&k| k != first)
+            {
                 return Err(format!("row group {g} (rows of {size}) is partly kept"));
             }
         }
@@ -222,14 +230,19 @@ impl Mask {
     }
 
     fn check_column_groups(&self, r: usize, c: usize, size: usize) -> Result<(), String> {
-        if size == 0 || c % size != 0 {
+        if size == 0 || !c.is_multiple_of(size) {
             return Err(format!("{c} columns do not split into groups of {size}"));
         }
         for g in 0..c / size {
             let first = self.keep[g * size];
             for i in 0..r {
-                if self.keep[i * c + g * size..i * c + (g + 1) * size].iter().any(|&k| k != first) {
-                    return Err(format!("column group {g} (columns of {size}) is partly kept"));
+                if self.keep[i * c + g * size..i * c + (g + 1) * size]
+                    .iter()
+                    .any(|&k| k != first)
+                {
+                    return Err(format!(
+                        "column group {g} (columns of {size}) is partly kept"
+                    ));
                 }
             }
         }
@@ -246,9 +259,23 @@ mod tests {
         let keep = vec![true, true, false, false, true, false, true, false];
         assert!(Mask::new(vec![2, 4], keep.clone(), Structure::NOfM { n: 2, m: 4 }).is_ok());
         assert!(Mask::new(vec![2, 4], keep.clone(), Structure::NOfM { n: 1, m: 4 }).is_err());
-        assert!(Mask::new(vec![2, 4], keep.clone(), Structure::Blocks { rows: 2, cols: 2 }).is_err());
+        assert!(
+            Mask::new(
+                vec![2, 4],
+                keep.clone(),
+                Structure::Blocks { rows: 2, cols: 2 }
+            )
+            .is_err()
+        );
         let blocky = vec![true, true, false, false, true, true, false, false];
-        assert!(Mask::new(vec![2, 4], blocky.clone(), Structure::Blocks { rows: 2, cols: 2 }).is_ok());
+        assert!(
+            Mask::new(
+                vec![2, 4],
+                blocky.clone(),
+                Structure::Blocks { rows: 2, cols: 2 }
+            )
+            .is_ok()
+        );
         assert!(Mask::new(vec![2, 4], blocky.clone(), Structure::Columns).is_ok());
         assert!(Mask::new(vec![2, 4], blocky, Structure::Rows).is_err());
         assert!(Mask::new(vec![3, 4], keep, Structure::Unstructured).is_err());
@@ -256,7 +283,12 @@ mod tests {
 
     #[test]
     fn and_keeps_structure_when_possible() {
-        let a = Mask::new(vec![1, 4], vec![true, true, false, false], Structure::Blocks { rows: 1, cols: 2 }).unwrap();
+        let a = Mask::new(
+            vec![1, 4],
+            vec![true, true, false, false],
+            Structure::Blocks { rows: 1, cols: 2 },
+        )
+        .unwrap();
         let b = Mask::dense(vec![1, 4]);
         let c = a.and(&b).unwrap();
         assert_eq!(c.structure(), a.structure());

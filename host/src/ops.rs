@@ -34,7 +34,10 @@ pub fn top_k_flags(scores: &[f32], k: usize) -> Vec<bool> {
     let (_, threshold, _) = sorted.select_nth_unstable_by(n - k, |a, b| a.total_cmp(b));
     let threshold = *threshold;
     drop(sorted);
-    let above = scores.par_iter().filter(|&&s| sanitize(s) > threshold).count();
+    let above = scores
+        .par_iter()
+        .filter(|&&s| sanitize(s) > threshold)
+        .count();
     let mut ties_left = k - above;
     scores
         .iter()
@@ -64,17 +67,26 @@ pub fn group_grid(shape: &[usize], s: Structure) -> Result<(usize, usize), Strin
         }
         Structure::NOfM { n, m } => {
             need(m > 0 && n <= m, format!("invalid N:M pattern {n}:{m}"))?;
-            need(c % m == 0, format!("{c} columns are not a multiple of m = {m}"))?;
+            need(
+                c % m == 0,
+                format!("{c} columns are not a multiple of m = {m}"),
+            )?;
             (r, c / m)
         }
         Structure::Rows => (r, 1),
         Structure::Columns => (1, c),
         Structure::RowGroups { size } => {
-            need(size > 0 && r % size == 0, format!("{r} rows do not split into groups of {size}"))?;
+            need(
+                size > 0 && r % size == 0,
+                format!("{r} rows do not split into groups of {size}"),
+            )?;
             (r / size, 1)
         }
         Structure::ColumnGroups { size } => {
-            need(size > 0 && c % size == 0, format!("{c} columns do not split into groups of {size}"))?;
+            need(
+                size > 0 && c % size == 0,
+                format!("{c} columns do not split into groups of {size}"),
+            )?;
             (1, c / size)
         }
     })
@@ -94,12 +106,19 @@ fn group_of(s: Structure, gc: usize, i: usize, j: usize) -> usize {
 }
 
 /// Reduces element values to per-group values: `sum f(x)` over each group, in f64.
-fn group_reduce(values: &[f32], shape: &[usize], s: Structure, f: impl Fn(f32) -> f64 + Sync) -> Result<(Vec<f64>, (usize, usize)), String> {
+fn group_reduce(
+    values: &[f32],
+    shape: &[usize],
+    s: Structure,
+    f: impl Fn(f32) -> f64 + Sync,
+) -> Result<(Vec<f64>, (usize, usize)), String> {
     let (gr, gc) = group_grid(shape, s)?;
     let (r, c) = rows_cols(shape);
     let mut acc = vec![0f64; gr * gc];
     if let Structure::Unstructured = s {
-        acc.par_iter_mut().zip(values.par_iter()).for_each(|(a, &x)| *a = f(x));
+        acc.par_iter_mut()
+            .zip(values.par_iter())
+            .for_each(|(a, &x)| *a = f(x));
         return Ok((acc, (gr, gc)));
     }
     for i in 0..r {
@@ -112,8 +131,13 @@ fn group_reduce(values: &[f32], shape: &[usize], s: Structure, f: impl Fn(f32) -
 }
 
 /// The p-norm of every group, laid out on the group grid.
-pub fn group_norms(values: &[f32], shape: &[usize], s: Structure, p: f32) -> Result<(Vec<f32>, Vec<usize>), String> {
-    if !(p > 0.0) {
+pub fn group_norms(
+    values: &[f32],
+    shape: &[usize],
+    s: Structure,
+    p: f32,
+) -> Result<(Vec<f32>, Vec<usize>), String> {
+    if p.is_nan() || p <= 0.0 {
         return Err(format!("norm order p must be positive, got {p}"));
     }
     let (sums, (gr, gc)) = if p.is_infinite() {
@@ -132,14 +156,28 @@ pub fn group_norms(values: &[f32], shape: &[usize], s: Structure, p: f32) -> Res
         let p64 = f64::from(p);
         group_reduce(values, shape, s, move |x| {
             let a = f64::from(x.abs());
-            if p64 == 2.0 { a * a } else if p64 == 1.0 { a } else { a.powf(p64) }
+            if p64 == 2.0 {
+                a * a
+            } else if p64 == 1.0 {
+                a
+            } else {
+                a.powf(p64)
+            }
         })?
     };
     let out = if p.is_infinite() {
         sums.iter().map(|&v| v as f32).collect()
     } else {
         let inv = 1.0 / f64::from(p);
-        sums.iter().map(|&v| if p == 2.0 { v.sqrt() as f32 } else { v.powf(inv) as f32 }).collect()
+        sums.iter()
+            .map(|&v| {
+                if p == 2.0 {
+                    v.sqrt() as f32
+                } else {
+                    v.powf(inv) as f32
+                }
+            })
+            .collect()
     };
     Ok((out, vec![gr, gc]))
 }
@@ -150,7 +188,10 @@ pub fn group_norms(values: &[f32], shape: &[usize], s: Structure, p: f32) -> Res
 pub fn select(scores: &[f32], shape: &[usize], s: Structure, density: f64) -> Result<Mask, String> {
     let numel: usize = shape.iter().product();
     if scores.len() != numel {
-        return Err(format!("scores have {} elements, shape {shape:?} has {numel}", scores.len()));
+        return Err(format!(
+            "scores have {} elements, shape {shape:?} has {numel}",
+            scores.len()
+        ));
     }
     let (r, c) = rows_cols(shape);
     let keep = match s {
@@ -158,13 +199,17 @@ pub fn select(scores: &[f32], shape: &[usize], s: Structure, density: f64) -> Re
         Structure::NOfM { n, m } => {
             group_grid(shape, s)?;
             let mut keep = vec![false; numel];
-            keep.par_chunks_mut(m).zip(scores.par_chunks(m)).for_each(|(k, sc)| {
-                let mut idx: Vec<usize> = (0..m).collect();
-                idx.sort_by(|&a, &b| sanitize(sc[b]).total_cmp(&sanitize(sc[a])).then(a.cmp(&b)));
-                for &i in idx.iter().take(n) {
-                    k[i] = true;
-                }
-            });
+            keep.par_chunks_mut(m)
+                .zip(scores.par_chunks(m))
+                .for_each(|(k, sc)| {
+                    let mut idx: Vec<usize> = (0..m).collect();
+                    idx.sort_by(|&a, &b| {
+                        sanitize(sc[b]).total_cmp(&sanitize(sc[a])).then(a.cmp(&b))
+                    });
+                    for &i in idx.iter().take(n) {
+                        k[i] = true;
+                    }
+                });
             keep
         }
         _ => {
@@ -196,7 +241,11 @@ pub fn select_global(tensors: &[(&[f32], &[usize])], density: f64) -> Result<Vec
     let mut out = Vec::with_capacity(tensors.len());
     let mut offset = 0;
     for (v, shape) in tensors {
-        out.push(Mask::new(shape.to_vec(), flags[offset..offset + v.len()].to_vec(), Structure::Unstructured)?);
+        out.push(Mask::new(
+            shape.to_vec(),
+            flags[offset..offset + v.len()].to_vec(),
+            Structure::Unstructured,
+        )?);
         offset += v.len();
     }
     Ok(out)
@@ -211,7 +260,9 @@ mod tests {
         let mut x = seed;
         (0..n)
             .map(|_| {
-                x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 ((x >> 40) % 97) as f32 / 7.0 - 5.0
             })
             .collect()
@@ -291,7 +342,8 @@ mod tests {
         assert_eq!(shape, vec![2, 1]);
         let expect0 = (0..12).map(|x| (x * x) as f32).sum::<f32>().sqrt();
         assert!((n[0] - expect0).abs() < 1e-4);
-        let (_, shape) = group_norms(&v, &[4, 6], Structure::ColumnGroups { size: 3 }, 1.0).unwrap();
+        let (_, shape) =
+            group_norms(&v, &[4, 6], Structure::ColumnGroups { size: 3 }, 1.0).unwrap();
         assert_eq!(shape, vec![1, 2]);
         assert!(group_norms(&v, &[4, 6], Structure::RowGroups { size: 3 }, 2.0).is_err());
         assert!(kept_count(1.5, 10).is_err());

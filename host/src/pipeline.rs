@@ -159,11 +159,19 @@ impl Ctx<'_> {
     fn position(&self, offset: usize) -> Position {
         let before = &self.source[..offset.min(self.source.len())];
         let line = before.matches('\n').count() + 1;
-        let column = before.rfind('\n').map_or(before.len(), |nl| before.len() - nl - 1) + 1;
+        let column = before
+            .rfind('\n')
+            .map_or(before.len(), |nl| before.len() - nl - 1)
+            + 1;
         Position { line, column }
     }
 
-    fn err(&self, offset: usize, field: impl Into<String>, message: impl Into<String>) -> PipelineError {
+    fn err(
+        &self,
+        offset: usize,
+        field: impl Into<String>,
+        message: impl Into<String>,
+    ) -> PipelineError {
         PipelineError {
             file: self.file.to_string(),
             position: self.position(offset),
@@ -206,7 +214,11 @@ impl Pipeline {
             position: ctx.position(raw.model.span().start),
         };
         if model.value.trim().is_empty() {
-            return Err(ctx.err(raw.model.span().start, "model", "must name a model directory or `builtin:NAME`"));
+            return Err(ctx.err(
+                raw.model.span().start,
+                "model",
+                "must name a model directory or `builtin:NAME`",
+            ));
         }
 
         let mut sandbox = Sandbox::default();
@@ -215,21 +227,33 @@ impl Pipeline {
             if let Some(t) = &s.timeout_s {
                 let v = *t.get_ref();
                 if !(v > 0.0 && v <= 86_400.0) {
-                    return Err(ctx.err(t.span().start, "sandbox.timeout_s", format!("{v} must be in (0, 86400] seconds")));
+                    return Err(ctx.err(
+                        t.span().start,
+                        "sandbox.timeout_s",
+                        format!("{v} must be in (0, 86400] seconds"),
+                    ));
                 }
                 sandbox.timeout = Duration::from_secs_f64(v);
             }
             if let Some(m) = &s.memory_mb {
                 let v = *m.get_ref();
                 if !(1..=4096).contains(&v) {
-                    return Err(ctx.err(m.span().start, "sandbox.memory_mb", format!("{v} must be in 1..=4096 (wasm32 memory tops out at 4 GiB)")));
+                    return Err(ctx.err(
+                        m.span().start,
+                        "sandbox.memory_mb",
+                        format!("{v} must be in 1..=4096 (wasm32 memory tops out at 4 GiB)"),
+                    ));
                 }
                 sandbox.guest_memory = (v as usize) << 20;
             }
             if let Some(m) = &s.host_memory_mb {
                 let v = *m.get_ref();
                 if v == 0 {
-                    return Err(ctx.err(m.span().start, "sandbox.host_memory_mb", "must be positive"));
+                    return Err(ctx.err(
+                        m.span().start,
+                        "sandbox.host_memory_mb",
+                        "must be positive",
+                    ));
                 }
                 sandbox.host_memory = (v as usize) << 20;
             }
@@ -252,15 +276,15 @@ impl Pipeline {
                 masks: e.masks,
             }
         });
-        if let Some(e) = &export {
-            if e.dir.value.as_os_str().is_empty() {
-                return Err(PipelineError {
-                    file: file.to_string(),
-                    position: e.dir.position.clone(),
-                    field: "export.dir".into(),
-                    message: "must not be empty".into(),
-                });
-            }
+        if let Some(e) = &export
+            && e.dir.value.as_os_str().is_empty()
+        {
+            return Err(PipelineError {
+                file: file.to_string(),
+                position: e.dir.position.clone(),
+                field: "export.dir".into(),
+                message: "must not be empty".into(),
+            });
         }
 
         let name = raw.name.unwrap_or_else(|| {
@@ -280,7 +304,12 @@ impl Pipeline {
     }
 
     /// An error at a recorded position.
-    pub fn error(&self, position: &Position, field: impl Into<String>, message: impl Into<String>) -> PipelineError {
+    pub fn error(
+        &self,
+        position: &Position,
+        field: impl Into<String>,
+        message: impl Into<String>,
+    ) -> PipelineError {
         PipelineError {
             file: self.file.clone(),
             position: position.clone(),
@@ -311,10 +340,24 @@ fn string_list(
             .iter()
             .map(|v| match v {
                 toml::Value::String(s) => Ok(s.clone()),
-                other => Err(ctx.err(offset, field, format!("expected a list of glob strings, found {}", other.type_str()))),
+                other => Err(ctx.err(
+                    offset,
+                    field,
+                    format!(
+                        "expected a list of glob strings, found {}",
+                        other.type_str()
+                    ),
+                )),
             })
             .collect(),
-        other => Err(ctx.err(offset, field, format!("expected a glob string or a list of them, found {}", other.type_str()))),
+        other => Err(ctx.err(
+            offset,
+            field,
+            format!(
+                "expected a glob string or a list of them, found {}",
+                other.type_str()
+            ),
+        )),
     }
 }
 
@@ -327,7 +370,12 @@ fn parse_stage(
     let stage_offset = table.span().start;
     let field = |k: &str| format!("stage[{index}].{k}");
     let spans = offsets.get(index).map_or(&[][..], Vec::as_slice);
-    let offset_of = |k: &str| spans.iter().find(|(n, _)| n == k).map_or(stage_offset, |(_, o)| *o);
+    let offset_of = |k: &str| {
+        spans
+            .iter()
+            .find(|(n, _)| n == k)
+            .map_or(stage_offset, |(_, o)| *o)
+    };
     let table = table.get_ref();
 
     let plugin = match table.get("plugin") {
@@ -336,22 +384,43 @@ fn parse_stage(
             position: ctx.position(offset_of("plugin")),
         },
         Some(other) => {
-            return Err(ctx.err(offset_of("plugin"), field("plugin"), format!("expected a plugin name or a path to a .wasm, found {}", describe(other))));
+            return Err(ctx.err(
+                offset_of("plugin"),
+                field("plugin"),
+                format!(
+                    "expected a plugin name or a path to a .wasm, found {}",
+                    describe(other)
+                ),
+            ));
         }
         None => {
-            return Err(ctx.err(stage_offset, field("plugin"), "missing: every stage names its plugin (see `espalier plugins list`)"));
+            return Err(ctx.err(
+                stage_offset,
+                field("plugin"),
+                "missing: every stage names its plugin (see `espalier plugins list`)",
+            ));
         }
     };
     let name = match table.get("name") {
         Some(toml::Value::String(s)) if !s.trim().is_empty() => s.clone(),
-        Some(other) => return Err(ctx.err(offset_of("name"), field("name"), format!("expected a non-empty string, found {}", describe(other)))),
+        Some(other) => {
+            return Err(ctx.err(
+                offset_of("name"),
+                field("name"),
+                format!("expected a non-empty string, found {}", describe(other)),
+            ));
+        }
         None => String::new(),
     };
     let targets = match table.get("targets") {
         Some(v) => {
             let list = string_list(ctx, &field("targets"), v, offset_of("targets"))?;
             if list.is_empty() {
-                return Err(ctx.err(offset_of("targets"), field("targets"), "empty list: omit `targets` to prune every block linear"));
+                return Err(ctx.err(
+                    offset_of("targets"),
+                    field("targets"),
+                    "empty list: omit `targets` to prune every block linear",
+                ));
             }
             Some(Located {
                 value: list,
@@ -385,12 +454,12 @@ fn parse_stage(
                     )));
                 }
             };
-            if let DensitySpec::Fixed(d) = spec {
-                if !(0.0..=1.0).contains(&d) || d.is_nan() {
-                    return Err(ctx.err(at, field("density"), format!(
-                        "{d} is outside [0, 1]; density is the fraction of weights KEPT (0.2 = 80% sparsity)"
-                    )));
-                }
+            if let DensitySpec::Fixed(d) = spec
+                && (!(0.0..=1.0).contains(&d) || d.is_nan())
+            {
+                return Err(ctx.err(at, field("density"), format!(
+                    "{d} is outside [0, 1]; density is the fraction of weights KEPT (0.2 = 80% sparsity)"
+                )));
             }
             Some(Located {
                 value: spec,
@@ -429,7 +498,8 @@ fn parse_stage(
 
 /// Gives unnamed stages a name and refuses duplicates.
 fn name_stages(ctx: &Ctx<'_>, stages: &mut [StageSpec]) -> Result<(), PipelineError> {
-    let plugin_counts = |p: &str, stages: &[StageSpec]| stages.iter().filter(|s| s.plugin.value == p).count();
+    let plugin_counts =
+        |p: &str, stages: &[StageSpec]| stages.iter().filter(|s| s.plugin.value == p).count();
     let defaults: Vec<String> = stages
         .iter()
         .map(|s| {
@@ -455,7 +525,10 @@ fn name_stages(ctx: &Ctx<'_>, stages: &mut [StageSpec]) -> Result<(), PipelineEr
                 file: ctx.file.to_string(),
                 position: s.position.clone(),
                 field: format!("stage[{i}].name"),
-                message: format!("stage name `{}` is used twice; give each stage a distinct `name`", s.name),
+                message: format!(
+                    "stage name `{}` is used twice; give each stage a distinct `name`",
+                    s.name
+                ),
             });
         }
     }
@@ -522,7 +595,8 @@ mod tests {
 
     #[test]
     fn density_out_of_range_names_line_and_field() {
-        let e = parse("model = \"m\"\n\n[[stage]]\nplugin = \"magnitude\"\ndensity = 1.5\n").unwrap_err();
+        let e = parse("model = \"m\"\n\n[[stage]]\nplugin = \"magnitude\"\ndensity = 1.5\n")
+            .unwrap_err();
         assert_eq!(e.position.line, 5);
         assert_eq!(e.field, "stage[0].density");
         assert!(e.to_string().starts_with("p.toml:5:"), "{e}");
@@ -550,7 +624,8 @@ mod tests {
         let e = parse("model = \"m\"\n[[stage]]\nplugin = \"x\"\ntargets = 3\n").unwrap_err();
         assert_eq!(e.field, "stage[0].targets");
         assert_eq!(e.position.line, 4);
-        let e = parse("model = \"m\"\n[[stage]]\nplugin = \"x\"\ndensity = \"half\"\n").unwrap_err();
+        let e =
+            parse("model = \"m\"\n[[stage]]\nplugin = \"x\"\ndensity = \"half\"\n").unwrap_err();
         assert_eq!(e.field, "stage[0].density");
     }
 
@@ -559,8 +634,14 @@ mod tests {
         let p = parse("model = \"m\"\n[[stage]]\nplugin = \"a\"\n[[stage]]\nplugin = \"a\"\ndensity = \"budget:a-1\"\n[[stage]]\nplugin = \"b\"\ndensity = \"budget\"\n").unwrap();
         assert_eq!(p.stages[0].name, "a-1");
         assert_eq!(p.stages[1].name, "a-2");
-        assert_eq!(p.stages[1].density.as_ref().unwrap().value, DensitySpec::Budget(Some("a-1".into())));
-        assert_eq!(p.stages[2].density.as_ref().unwrap().value, DensitySpec::Budget(None));
+        assert_eq!(
+            p.stages[1].density.as_ref().unwrap().value,
+            DensitySpec::Budget(Some("a-1".into()))
+        );
+        assert_eq!(
+            p.stages[2].density.as_ref().unwrap().value,
+            DensitySpec::Budget(None)
+        );
         let e = parse("model = \"m\"\n[[stage]]\nname = \"x\"\nplugin = \"a\"\n[[stage]]\nname = \"x\"\nplugin = \"b\"\n").unwrap_err();
         assert!(e.message.contains("used twice"));
     }

@@ -84,12 +84,19 @@ fn compile_patterns(
 ) -> Result<Vec<NamePattern>, PipelineError> {
     patterns
         .iter()
-        .map(|p| NamePattern::new(p).map_err(|m| pipeline.error(position, format!("stage[{}].{field}", spec.index), m)))
+        .map(|p| {
+            NamePattern::new(p)
+                .map_err(|m| pipeline.error(position, format!("stage[{}].{field}", spec.index), m))
+        })
         .collect()
 }
 
 /// Resolves a stage's targets: matching 2-D weights, minus protected ones.
-pub fn resolve_targets(pipeline: &Pipeline, spec: &StageSpec, model: &Model) -> Result<Vec<LayerInfo>, PipelineError> {
+pub fn resolve_targets(
+    pipeline: &Pipeline,
+    spec: &StageSpec,
+    model: &Model,
+) -> Result<Vec<LayerInfo>, PipelineError> {
     let layers = model.layers();
     let candidates: Vec<&LayerInfo> = match &spec.targets {
         None => layers.iter().filter(|l| l.role.is_block_linear()).collect(),
@@ -104,17 +111,29 @@ pub fn resolve_targets(pipeline: &Pipeline, spec: &StageSpec, model: &Model) -> 
                     ));
                 }
             }
-            layers.iter().filter(|l| l.shape.len() == 2 && pats.iter().any(|p| p.matches(&l.name))).collect()
+            layers
+                .iter()
+                .filter(|l| l.shape.len() == 2 && pats.iter().any(|p| p.matches(&l.name)))
+                .collect()
         }
     };
-    let protect = compile_patterns(pipeline, spec, "protect", &spec.protect.value, &spec.protect.position)?;
+    let protect = compile_patterns(
+        pipeline,
+        spec,
+        "protect",
+        &spec.protect.value,
+        &spec.protect.position,
+    )?;
     let targets: Vec<LayerInfo> = candidates
         .into_iter()
         .filter(|l| !protect.iter().any(|p| p.matches(&l.name)))
         .cloned()
         .collect();
     if targets.is_empty() {
-        let position = spec.targets.as_ref().map_or(&spec.position, |t| &t.position);
+        let position = spec
+            .targets
+            .as_ref()
+            .map_or(&spec.position, |t| &t.position);
         return Err(pipeline.error(
             position,
             format!("stage[{}].targets", spec.index),
@@ -153,7 +172,10 @@ pub fn convert_param(value: &toml::Value, kind: ParamKind) -> Option<ParamValue>
         (toml::Value::Float(f), ParamKind::Float) => ParamValue::Float(*f),
         (toml::Value::String(s), ParamKind::Text) => ParamValue::Text(s.clone()),
         (toml::Value::Array(items), ParamKind::Integers) => ParamValue::Integers(
-            items.iter().map(toml::Value::as_integer).collect::<Option<Vec<i64>>>()?,
+            items
+                .iter()
+                .map(toml::Value::as_integer)
+                .collect::<Option<Vec<i64>>>()?,
         ),
         (toml::Value::Array(items), ParamKind::Floats) => ParamValue::Floats(
             items
@@ -166,13 +188,24 @@ pub fn convert_param(value: &toml::Value, kind: ParamKind) -> Option<ParamValue>
     Some(v)
 }
 
-fn check_params(pipeline: &Pipeline, spec: &StageSpec, plugin: &Plugin) -> Result<Vec<(String, ParamValue)>, PipelineError> {
+fn check_params(
+    pipeline: &Pipeline,
+    spec: &StageSpec,
+    plugin: &Plugin,
+) -> Result<Vec<(String, ParamValue)>, PipelineError> {
     let info = &plugin.info;
     let accepted = || {
         if info.params.is_empty() {
             "it takes no parameters".to_string()
         } else {
-            format!("it accepts: {}", info.params.iter().map(|p| p.name.as_str()).collect::<Vec<_>>().join(", "))
+            format!(
+                "it accepts: {}",
+                info.params
+                    .iter()
+                    .map(|p| p.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
         }
     };
     let mut out = Vec::with_capacity(info.params.len());
@@ -182,14 +215,26 @@ fn check_params(pipeline: &Pipeline, spec: &StageSpec, plugin: &Plugin) -> Resul
             return Err(pipeline.error(
                 &key.position,
                 field,
-                format!("plugin `{}` has no parameter `{}` ({}; see `espalier plugins inspect {}`)", info.name, key.value, accepted(), info.name),
+                format!(
+                    "plugin `{}` has no parameter `{}` ({}; see `espalier plugins inspect {}`)",
+                    info.name,
+                    key.value,
+                    accepted(),
+                    info.name
+                ),
             ));
         };
         let Some(v) = convert_param(&value.value, p.kind) else {
             return Err(pipeline.error(
                 &value.position,
                 field,
-                format!("expected {} ({}), found {} `{}`", kind_name(p.kind), p.doc, value.value.type_str(), value.value),
+                format!(
+                    "expected {} ({}), found {} `{}`",
+                    kind_name(p.kind),
+                    p.doc,
+                    value.value.type_str(),
+                    value.value
+                ),
             ));
         };
         debug_assert!(value_fits(&v, p.kind));
@@ -205,7 +250,13 @@ fn check_params(pipeline: &Pipeline, spec: &StageSpec, plugin: &Plugin) -> Resul
                 return Err(pipeline.error(
                     &spec.position,
                     format!("stage[{}].{}", spec.index, p.name),
-                    format!("plugin `{}` needs parameter `{}` ({}): {}", info.name, p.name, kind_name(p.kind), p.doc),
+                    format!(
+                        "plugin `{}` needs parameter `{}` ({}): {}",
+                        info.name,
+                        p.name,
+                        kind_name(p.kind),
+                        p.doc
+                    ),
                 ));
             }
         }
@@ -213,11 +264,17 @@ fn check_params(pipeline: &Pipeline, spec: &StageSpec, plugin: &Plugin) -> Resul
     Ok(out)
 }
 
-fn resolve_plugin(pipeline: &Pipeline, spec: &StageSpec, registry: &Registry, runtime: &Runtime) -> Result<Plugin, PipelineError> {
+fn resolve_plugin(
+    pipeline: &Pipeline,
+    spec: &StageSpec,
+    registry: &Registry,
+    runtime: &Runtime,
+) -> Result<Plugin, PipelineError> {
     let name = &spec.plugin.value;
     let field = format!("stage[{}].plugin", spec.index);
     if name.ends_with(".wasm") || name.contains('/') {
-        return load_file(runtime, Path::new(name)).map_err(|e| pipeline.error(&spec.plugin.position, field, e.to_string()));
+        return load_file(runtime, Path::new(name))
+            .map_err(|e| pipeline.error(&spec.plugin.position, field, e.to_string()));
     }
     registry.get(name).cloned().ok_or_else(|| {
         let names = registry.names();
@@ -230,7 +287,10 @@ fn resolve_plugin(pipeline: &Pipeline, spec: &StageSpec, registry: &Registry, ru
         pipeline.error(
             &spec.plugin.position,
             field,
-            format!("unknown plugin `{name}`; {hint}available: {} (or give a path to a .wasm file)", names.join(", ")),
+            format!(
+                "unknown plugin `{name}`; {hint}available: {} (or give a path to a .wasm file)",
+                names.join(", ")
+            ),
         )
     })
 }
@@ -242,7 +302,9 @@ fn strsim_distance(a: &str, b: &str) -> usize {
     for (i, ca) in a.chars().enumerate() {
         let mut cur = vec![i + 1; b.len() + 1];
         for (j, cb) in b.iter().enumerate() {
-            cur[j + 1] = (prev[j] + usize::from(ca != *cb)).min(prev[j + 1] + 1).min(cur[j] + 1);
+            cur[j + 1] = (prev[j] + usize::from(ca != *cb))
+                .min(prev[j + 1] + 1)
+                .min(cur[j] + 1);
         }
         prev = cur;
     }
@@ -250,7 +312,12 @@ fn strsim_distance(a: &str, b: &str) -> usize {
 }
 
 /// Checks every stage of `pipeline` against the plugins and the model.
-pub fn plan(pipeline: Pipeline, registry: &Registry, runtime: &Runtime, model: &Model) -> Result<Plan, PipelineError> {
+pub fn plan(
+    pipeline: Pipeline,
+    registry: &Registry,
+    runtime: &Runtime,
+    model: &Model,
+) -> Result<Plan, PipelineError> {
     let mut stages: Vec<PlannedStage> = Vec::with_capacity(pipeline.stages.len());
     for spec in &pipeline.stages {
         let plugin = resolve_plugin(&pipeline, spec, registry, runtime)?;
@@ -307,10 +374,14 @@ mod tests {
 
     #[test]
     fn params_convert_by_kind() {
-        assert!(matches!(convert_param(&toml::Value::Integer(3), ParamKind::Float), Some(ParamValue::Float(x)) if x == 3.0));
+        assert!(
+            matches!(convert_param(&toml::Value::Integer(3), ParamKind::Float), Some(ParamValue::Float(x)) if x == 3.0)
+        );
         assert!(convert_param(&toml::Value::Float(3.5), ParamKind::Integer).is_none());
         let arr = toml::Value::Array(vec![toml::Value::Integer(16), toml::Value::Integer(8)]);
-        assert!(matches!(convert_param(&arr, ParamKind::Integers), Some(ParamValue::Integers(v)) if v == [16, 8]));
+        assert!(
+            matches!(convert_param(&arr, ParamKind::Integers), Some(ParamValue::Integers(v)) if v == [16, 8])
+        );
         let bad = toml::Value::Array(vec![toml::Value::String("x".into())]);
         assert!(convert_param(&bad, ParamKind::Integers).is_none());
     }

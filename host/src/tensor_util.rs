@@ -31,7 +31,11 @@ pub fn tensor_from(data: Vec<f32>, shape: &[usize]) -> Result<Tensor, String> {
 
 /// Copies a mask into an f32 tensor of 0/1.
 pub fn mask_tensor(mask: &crate::mask::Mask) -> Result<Tensor, String> {
-    let data: Vec<f32> = mask.keep().iter().map(|&k| if k { 1.0 } else { 0.0 }).collect();
+    let data: Vec<f32> = mask
+        .keep()
+        .iter()
+        .map(|&k| if k { 1.0 } else { 0.0 })
+        .collect();
     tensor_from(data, mask.shape())
 }
 

@@ -15,10 +15,10 @@ wasmtime::component::bindgen!({
     },
 });
 
-pub use espalier::prune::kernels::{BlockShape, NOfM, Structure};
-pub use espalier::prune::model::{LayerInfo as WitLayerInfo, Role as WitRole};
+pub use self::espalier::prune::kernels::{BlockShape, NOfM, Structure};
+pub use self::espalier::prune::model::{LayerInfo as WitLayerInfo, Role as WitRole};
 // `plugin-info`, `stage-context` and `stage-output` are already at this module's root (the
 // world `use`s them).
-pub use espalier::prune::plugin_types::{
+pub use self::espalier::prune::plugin_types::{
     HeadKeep, LayerBudget, LayerMask, Need, OutputKind, ParamKind, ParamSpec, ParamValue, Target,
 };

@@ -83,13 +83,16 @@ pub fn load_bytes(
                 message: format!("describe() lists parameter `{}` twice", p.name),
             });
         }
-        if let Some(d) = &p.default {
-            if !value_fits(d, p.kind) {
-                return Err(PluginError::Invalid {
-                    plugin: label.to_string(),
-                    message: format!("the default of parameter `{}` does not have its declared type", p.name),
-                });
-            }
+        if let Some(d) = &p.default
+            && !value_fits(d, p.kind)
+        {
+            return Err(PluginError::Invalid {
+                plugin: label.to_string(),
+                message: format!(
+                    "the default of parameter `{}` does not have its declared type",
+                    p.name
+                ),
+            });
         }
     }
     Ok(Plugin {

@@ -51,7 +51,9 @@ pub enum PluginError {
         message: String,
     },
     /// The guest ran past its deadline and was stopped.
-    #[error("plugin `{plugin}` exceeded its time limit of {seconds:.1} s and was stopped (raise `sandbox.timeout_s` if it is legitimately slow)")]
+    #[error(
+        "plugin `{plugin}` exceeded its time limit of {seconds:.1} s and was stopped (raise `sandbox.timeout_s` if it is legitimately slow)"
+    )]
     Timeout {
         /// Plugin name.
         plugin: String,
@@ -59,7 +61,9 @@ pub enum PluginError {
         seconds: f64,
     },
     /// The guest tried to grow its memory past the cap.
-    #[error("plugin `{plugin}` exceeded its memory limit of {mib} MiB and was stopped (raise `sandbox.memory_mb` if it legitimately needs more)")]
+    #[error(
+        "plugin `{plugin}` exceeded its memory limit of {mib} MiB and was stopped (raise `sandbox.memory_mb` if it legitimately needs more)"
+    )]
     Memory {
         /// Plugin name.
         plugin: String,
@@ -163,7 +167,8 @@ impl Runtime {
         config.wasm_component_model(true);
         config.epoch_interruption(true);
         config.concurrency_support(false);
-        let engine = Engine::new(&config).map_err(|e| anyhow::anyhow!("cannot start wasmtime: {e}"))?;
+        let engine =
+            Engine::new(&config).map_err(|e| anyhow::anyhow!("cannot start wasmtime: {e}"))?;
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker)
             .map_err(|e| anyhow::anyhow!("cannot link WASI: {e}"))?;
@@ -182,7 +187,10 @@ impl Runtime {
     pub fn compile(&self, label: &str, bytes: &[u8]) -> Result<CompiledPlugin, PluginError> {
         let sha256 = sha256_hex(bytes);
         if let Some(c) = self.cache.lock().ok().and_then(|c| c.get(&sha256).cloned()) {
-            return Ok(CompiledPlugin { sha256, component: c });
+            return Ok(CompiledPlugin {
+                sha256,
+                component: c,
+            });
         }
         if !bytes.starts_with(b"\0asm") {
             return Err(PluginError::Invalid {
@@ -316,13 +324,11 @@ fn log_output(label: &str, store: &Store<PluginState>) {
 /// Turns a wasmtime error from a guest call into a [`PluginError`].
 fn classify(label: &str, e: wasmtime::Error, sandbox: &Sandbox) -> PluginError {
     let plugin = label.to_string();
-    if let Some(trap) = e.downcast_ref::<Trap>() {
-        if *trap == Trap::Interrupt {
-            return PluginError::Timeout {
-                plugin,
-                seconds: sandbox.timeout.as_secs_f64(),
-            };
-        }
+    if e.downcast_ref::<Trap>() == Some(&Trap::Interrupt) {
+        return PluginError::Timeout {
+            plugin,
+            seconds: sandbox.timeout.as_secs_f64(),
+        };
     }
     let message = format!("{e:#}");
     // StoreLimits with trap_on_grow_failure reports "forcing trap when growing memory".

@@ -15,7 +15,9 @@ use wasmtime::component::{Resource, ResourceTable};
 use wasmtime::{StoreLimits, StoreLimitsBuilder};
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::random::Deterministic;
-use wasmtime_wasi::{HostMonotonicClock, HostWallClock, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+use wasmtime_wasi::{
+    HostMonotonicClock, HostWallClock, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView,
+};
 
 use super::bindings::espalier::prune::{kernels, model, plugin_types, tensors};
 use crate::mask::{Mask, Structure};
@@ -166,7 +168,10 @@ impl PluginState {
             )));
         }
         self.host_bytes += bytes;
-        Ok(Ok(self.table.push(TensorHandle { tensor: t, booked: bytes })?))
+        Ok(Ok(self.table.push(TensorHandle {
+            tensor: t,
+            booked: bytes,
+        })?))
     }
 
     fn push_mask(&mut self, m: Mask) -> wasmtime::Result<Resource<Mask>> {
@@ -282,7 +287,9 @@ impl tensors::HostTensor for PluginState {
             let numel = t.elem_count() as u64;
             let count = u64::from(count);
             if count > MAX_READ {
-                return Ok(Err(format!("read of {count} elements exceeds the {MAX_READ} limit; read in chunks")));
+                return Ok(Err(format!(
+                    "read of {count} elements exceeds the {MAX_READ} limit; read in chunks"
+                )));
             }
             let Some(end) = offset.checked_add(count).filter(|&e| e <= numel) else {
                 return Ok(Err(format!(
@@ -302,17 +309,28 @@ impl tensors::HostTensor for PluginState {
         self.timed(|s| {
             let t = s.tensor(&t)?;
             let [rows, cols] = t.dims() else {
-                return Ok(Err(format!("read-rows needs a 2-D tensor, this one has shape {:?}", t.dims())));
+                return Ok(Err(format!(
+                    "read-rows needs a 2-D tensor, this one has shape {:?}",
+                    t.dims()
+                )));
             };
             let (rows, cols) = (*rows as u64, *cols as u64);
             let (start, count) = (u64::from(start), u64::from(count));
             if start + count > rows {
-                return Ok(Err(format!("rows {start}..{} are outside a tensor of {rows} rows", start + count)));
+                return Ok(Err(format!(
+                    "rows {start}..{} are outside a tensor of {rows} rows",
+                    start + count
+                )));
             }
             if count * cols > MAX_READ {
-                return Ok(Err(format!("read of {} elements exceeds the {MAX_READ} limit; read fewer rows", count * cols)));
+                return Ok(Err(format!(
+                    "read of {} elements exceeds the {MAX_READ} limit; read fewer rows",
+                    count * cols
+                )));
             }
-            Ok(with_f32(t, |v| v[(start * cols) as usize..((start + count) * cols) as usize].to_vec()))
+            Ok(with_f32(t, |v| {
+                v[(start * cols) as usize..((start + count) * cols) as usize].to_vec()
+            }))
         })
     }
 
@@ -332,7 +350,10 @@ impl tensors::Host for PluginState {
         let shape = to_usize(&shape);
         let numel: usize = shape.iter().product();
         if numel != data.len() {
-            return Ok(Err(format!("shape {shape:?} needs {numel} values, got {}", data.len())));
+            return Ok(Err(format!(
+                "shape {shape:?} needs {numel} values, got {}",
+                data.len()
+            )));
         }
         match tensor_from(data, &shape) {
             Ok(t) => self.push_new(t),
@@ -434,7 +455,10 @@ impl kernels::Host for PluginState {
             let t = s.tensor(&t)?;
             let axis = axis as usize;
             if axis >= t.rank() {
-                return Ok(Err(format!("axis {axis} is out of range for shape {:?}", t.dims())));
+                return Ok(Err(format!(
+                    "axis {axis} is out of range for shape {:?}",
+                    t.dims()
+                )));
             }
             let r = match op {
                 kernels::ReduceOp::Sum => t.sum_keepdim(axis),

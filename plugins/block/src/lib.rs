@@ -26,10 +26,14 @@ impl Guest for Block {
         let params = Params::new(&ctx);
         let shape = params.integers("block")?;
         let [rows, cols] = shape else {
-            return Err(format!("`block` must have two entries [rows, cols], got {shape:?}"));
+            return Err(format!(
+                "`block` must have two entries [rows, cols], got {shape:?}"
+            ));
         };
         if *rows < 1 || *cols < 1 || *rows > 4096 || *cols > 4096 {
-            return Err(format!("`block` entries must be in 1..=4096, got [{rows}, {cols}]"));
+            return Err(format!(
+                "`block` entries must be in 1..=4096, got [{rows}, {cols}]"
+            ));
         }
         let (br, bc) = (*rows as u32, *cols as u32);
         let ragged = params.boolean("ragged")?;
@@ -37,7 +41,10 @@ impl Guest for Block {
         for target in &ctx.targets {
             let layer = &target.layer;
             let [r, c] = layer.shape[..] else {
-                return Err(format!("layer `{}` is not 2-D (shape {:?})", layer.name, layer.shape));
+                return Err(format!(
+                    "layer `{}` is not 2-D (shape {:?})",
+                    layer.name, layer.shape
+                ));
             };
             if !ragged && (r % br != 0 || c % bc != 0) {
                 return Err(format!(
@@ -49,8 +56,15 @@ impl Guest for Block {
             let w = model::weight(&layer.name)?;
             // Sum of squares per block ranks blocks exactly as their L2 norm does.
             let squares = kernels::unary(UnaryOp::Square, &w);
-            let mask = kernels::select(&squares, Structure::Blocks(BlockShape { rows: br, cols: bc }), density)?;
-            masks.push(LayerMask { layer: layer.name.clone(), mask });
+            let mask = kernels::select(
+                &squares,
+                Structure::Blocks(BlockShape { rows: br, cols: bc }),
+                density,
+            )?;
+            masks.push(LayerMask {
+                layer: layer.name.clone(),
+                mask,
+            });
         }
         Ok(masks_output(masks))
     }

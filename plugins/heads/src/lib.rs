@@ -26,7 +26,10 @@ struct BlockLayers {
 fn squared_norms(name: &str, structure: Structure) -> Result<Vec<f64>, String> {
     let w = model::weight(name)?;
     let norms = kernels::group_norms(&w, structure, 2.0)?;
-    Ok(read_all(&norms)?.into_iter().map(|x| f64::from(x) * f64::from(x)).collect())
+    Ok(read_all(&norms)?
+        .into_iter()
+        .map(|x| f64::from(x) * f64::from(x))
+        .collect())
 }
 
 /// Indices of the `k` largest scores, ties to the lower index, returned sorted.
@@ -58,22 +61,33 @@ impl Guest for Heads {
         let params = Params::new(&ctx);
         let granularity = params.text("granularity")?;
         if granularity != "query" && granularity != "group" {
-            return Err(format!("granularity must be \"query\" or \"group\", not {granularity:?}"));
+            return Err(format!(
+                "granularity must be \"query\" or \"group\", not {granularity:?}"
+            ));
         }
         let info = model::info();
-        let (heads, kv_heads, head_dim) = (info.num_heads as usize, info.num_kv_heads as usize, info.head_dim);
+        let (heads, kv_heads, head_dim) = (
+            info.num_heads as usize,
+            info.num_kv_heads as usize,
+            info.head_dim,
+        );
         let per_group = heads / kv_heads;
 
         let mut blocks: std::collections::BTreeMap<u32, BlockLayers> = Default::default();
         for target in &ctx.targets {
             let layer = &target.layer;
             let Some(b) = layer.block else {
-                return Err(format!("`{}` is not inside a transformer block", layer.name));
+                return Err(format!(
+                    "`{}` is not inside a transformer block",
+                    layer.name
+                ));
             };
             let entry = blocks.entry(b).or_default();
             let density = target_density(target)?;
             if entry.density.is_some_and(|d| d != density) {
-                return Err(format!("block {b}: all attention projections need the same density"));
+                return Err(format!(
+                    "block {b}: all attention projections need the same density"
+                ));
             }
             entry.density = Some(density);
             let slot = match layer.role {
@@ -82,21 +96,39 @@ impl Guest for Heads {
                 Role::AttnV => &mut entry.v,
                 Role::AttnQkv => &mut entry.qkv,
                 Role::AttnO => &mut entry.o,
-                _ => return Err(format!("`{}` is not an attention projection; target only q/k/v/o", layer.name)),
+                _ => {
+                    return Err(format!(
+                        "`{}` is not an attention projection; target only q/k/v/o",
+                        layer.name
+                    ));
+                }
             };
             *slot = Some(layer.clone());
         }
 
         let mut keep_out = Vec::with_capacity(blocks.len());
         for (b, layers) in &blocks {
-            let missing = || format!("block {b}: heads needs the q, k, v and o projections (or c_attn and c_proj) all in targets");
+            let missing = || {
+                format!(
+                    "block {b}: heads needs the q, k, v and o projections (or c_attn and c_proj) all in targets"
+                )
+            };
             let o = layers.o.as_ref().ok_or_else(missing)?;
             let (q_sq, k_sq, v_sq) = if let Some(qkv) = &layers.qkv {
                 let all = squared_norms(&qkv.name, Structure::RowGroups(head_dim))?;
                 if all.len() != heads + 2 * kv_heads {
-                    return Err(format!("`{}`: expected {} head slices, found {}", qkv.name, heads + 2 * kv_heads, all.len()));
+                    return Err(format!(
+                        "`{}`: expected {} head slices, found {}",
+                        qkv.name,
+                        heads + 2 * kv_heads,
+                        all.len()
+                    ));
                 }
-                (all[..heads].to_vec(), all[heads..heads + kv_heads].to_vec(), all[heads + kv_heads..].to_vec())
+                (
+                    all[..heads].to_vec(),
+                    all[heads..heads + kv_heads].to_vec(),
+                    all[heads + kv_heads..].to_vec(),
+                )
             } else {
                 let (q, k, v) = (
                     layers.q.as_ref().ok_or_else(missing)?,
@@ -110,8 +142,14 @@ impl Guest for Heads {
                 )
             };
             let o_sq = squared_norms(&o.name, Structure::ColumnGroups(head_dim))?;
-            if q_sq.len() != heads || o_sq.len() != heads || k_sq.len() != kv_heads || v_sq.len() != kv_heads {
-                return Err(format!("block {b}: projection shapes do not match {heads} heads / {kv_heads} KV heads of width {head_dim}"));
+            if q_sq.len() != heads
+                || o_sq.len() != heads
+                || k_sq.len() != kv_heads
+                || v_sq.len() != kv_heads
+            {
+                return Err(format!(
+                    "block {b}: projection shapes do not match {heads} heads / {kv_heads} KV heads of width {head_dim}"
+                ));
             }
             let density = layers.density.unwrap_or(1.0);
             let query_score: Vec<f64> = (0..heads).map(|h| q_sq[h] + o_sq[h]).collect();
@@ -120,12 +158,22 @@ impl Guest for Heads {
                 let k = ((density * per_group as f64).round() as usize).clamp(1, per_group);
                 for g in 0..kv_heads {
                     let members = &query_score[g * per_group..(g + 1) * per_group];
-                    keep.extend(top_k(members, k).into_iter().map(|i| (g * per_group + i) as u32));
+                    keep.extend(
+                        top_k(members, k)
+                            .into_iter()
+                            .map(|i| (g * per_group + i) as u32),
+                    );
                 }
             } else {
                 let k = ((density * kv_heads as f64).round() as usize).clamp(1, kv_heads);
                 let group_score: Vec<f64> = (0..kv_heads)
-                    .map(|g| k_sq[g] + v_sq[g] + query_score[g * per_group..(g + 1) * per_group].iter().sum::<f64>())
+                    .map(|g| {
+                        k_sq[g]
+                            + v_sq[g]
+                            + query_score[g * per_group..(g + 1) * per_group]
+                                .iter()
+                                .sum::<f64>()
+                    })
                     .collect();
                 for g in top_k(&group_score, k) {
                     keep.extend((g * per_group..(g + 1) * per_group).map(|h| h as u32));
@@ -133,7 +181,11 @@ impl Guest for Heads {
             }
             keep_out.push(HeadKeep { block: *b, keep });
         }
-        Ok(StageOutput { masks: Vec::new(), budgets: Vec::new(), heads: keep_out })
+        Ok(StageOutput {
+            masks: Vec::new(),
+            budgets: Vec::new(),
+            heads: keep_out,
+        })
     }
 }
 

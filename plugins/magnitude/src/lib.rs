@@ -50,13 +50,20 @@ impl Guest for Magnitude {
                 let refs: Vec<&Tensor> = scores.iter().collect();
                 kernels::select_global(&refs, density)?
             }
-            other => return Err(format!("scope must be \"layer\" or \"global\", not {other:?}")),
+            other => {
+                return Err(format!(
+                    "scope must be \"layer\" or \"global\", not {other:?}"
+                ));
+            }
         };
         Ok(masks_output(
             ctx.targets
                 .iter()
                 .zip(masks)
-                .map(|(t, mask)| LayerMask { layer: t.layer.name.clone(), mask })
+                .map(|(t, mask)| LayerMask {
+                    layer: t.layer.name.clone(),
+                    mask,
+                })
                 .collect(),
         ))
     }

@@ -28,7 +28,10 @@ impl Guest for NOfMCriterion {
         if !(1..=64).contains(&m) || !(1..=m).contains(&n) {
             return Err(format!("need 1 <= n <= m <= 64, got n = {n}, m = {m}"));
         }
-        let structure = Structure::NOfM(NOfM { n: n as u32, m: m as u32 });
+        let structure = Structure::NOfM(NOfM {
+            n: n as u32,
+            m: m as u32,
+        });
         let mut masks = Vec::with_capacity(ctx.targets.len());
         for target in &ctx.targets {
             let layer = &target.layer;
@@ -51,7 +54,10 @@ impl Guest for NOfMCriterion {
             let w = model::weight(&layer.name)?;
             let scores = kernels::unary(UnaryOp::Abs, &w);
             let mask = kernels::select(&scores, structure, 0.0)?;
-            masks.push(LayerMask { layer: layer.name.clone(), mask });
+            masks.push(LayerMask {
+                layer: layer.name.clone(),
+                mask,
+            });
         }
         Ok(masks_output(masks))
     }

@@ -32,6 +32,7 @@ pub mod bindings {
     pub use wit_bindgen as __wit_bindgen;
 }
 
+pub use bindings::Guest;
 pub use bindings::espalier::prune::kernels::{
     self, BinaryOp, BlockShape, Mask, NOfM, ReduceOp, Structure, UnaryOp,
 };
@@ -41,7 +42,6 @@ pub use bindings::espalier::prune::plugin_types::{
     PluginInfo, StageContext, StageOutput, Target,
 };
 pub use bindings::espalier::prune::tensors::{self, Dtype, Tensor};
-pub use bindings::Guest;
 
 /// Exports a type implementing [`Guest`] as this component's criterion.
 #[macro_export]

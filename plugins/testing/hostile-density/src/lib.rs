@@ -17,8 +17,15 @@ impl Guest for P {
         let mut masks = Vec::new();
         for t in &ctx.targets {
             let w = model::weight(&t.layer.name)?;
-            let mask = kernels::select(&kernels::unary(UnaryOp::Abs, &w), Structure::Unstructured, 1.0)?;
-            masks.push(LayerMask { layer: t.layer.name.clone(), mask });
+            let mask = kernels::select(
+                &kernels::unary(UnaryOp::Abs, &w),
+                Structure::Unstructured,
+                1.0,
+            )?;
+            masks.push(LayerMask {
+                layer: t.layer.name.clone(),
+                mask,
+            });
         }
         Ok(masks_output(masks))
     }

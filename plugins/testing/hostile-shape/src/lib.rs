@@ -18,7 +18,10 @@ impl Guest for P {
         for t in &ctx.targets {
             let keep = vec![1u8; 6];
             let mask = kernels::mask_from_bytes(&[2, 3], &keep, Structure::Unstructured)?;
-            masks.push(LayerMask { layer: t.layer.name.clone(), mask });
+            masks.push(LayerMask {
+                layer: t.layer.name.clone(),
+                mask,
+            });
         }
         Ok(masks_output(masks))
     }
