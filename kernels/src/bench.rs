@@ -14,7 +14,7 @@
 //! * **Best of `reps`, baselines interleaved.** Each figure is the fastest repetition: noise
 //!   from other processes only ever adds time, so the minimum is the best estimate of what the
 //!   kernel costs. The baselines are re-run between every configuration's repetitions and
-//!   their best is kept, so a loaded moment cannot make the baseline slow and the ratio rosy.
+//!   each ratio uses the baselines of the same rounds, so a loaded moment hits both sides.
 //!
 //! The baseline of every speed-up is the faster of candle's f32 matmul (`x.matmul(&w.t())`,
 //! what a candle linear layer runs) and our dense f32 GEMV, so bf16 rows include the gain from
@@ -138,7 +138,7 @@ pub struct DecodeRow {
     /// `gbps` as a share of the probe's bandwidth.
     pub share_of_bandwidth: f64,
     /// Baseline time over this row's time (the baseline being the faster of candle and our
-    /// dense f32 kernel on this shape).
+    /// dense f32 kernel on this shape, measured interleaved with this row).
     pub speedup: f64,
     /// For unstructured masks: the format the planner picks for this mask.
     pub planned: Option<String>,
@@ -425,14 +425,18 @@ struct Measured {
     bytes: usize,
     secs: f64,
     planned: Option<String>,
+    /// Baseline seconds per matrix measured in this configuration's own rounds (the speed-up
+    /// compares the best of the same number of interleaved samples on both sides).
+    paired_base: Option<f64>,
 }
 
 /// Runs the benchmark. `progress` receives one line per configuration as it goes (the full
 /// run takes a minute or two).
 ///
 /// Baselines are re-measured alternately with every configuration (dense, candle, sparse,
-/// dense, ...) and the best of all rounds is kept, so a burst of load from other processes
-/// cannot make a baseline look slow and inflate the speed-ups.
+/// dense, ...). Each speed-up compares the best of that configuration's rounds with the best
+/// baseline of the *same* rounds, so both sides get the same number of samples under the same
+/// load; the baseline rows show the best of all rounds.
 pub fn run_kernel_bench(
     opts: &KernelBenchOptions,
     progress: &mut dyn FnMut(&str),
@@ -534,7 +538,7 @@ pub fn run_kernel_bench(
         if opts.two_four {
             configs.push((MaskKind::TwoFour, Format::NM { n: 2, m: 4 }));
         }
-        let mut prefill_cfg: Vec<(String, f64, f64)> = Vec::new();
+        let mut prefill_cfg: Vec<(String, f64, f64, Option<f64>)> = Vec::new();
         for (kind, format) in configs {
             let cfg_seed = rng.next();
             let ws: Vec<Vec<f32>> = {
@@ -578,17 +582,21 @@ pub fn run_kernel_bench(
                 );
                 gemv_pass(&packed, &x, &mut y, exec)?;
                 let mut best = f64::INFINITY;
+                let (mut local_candle, mut local_dense) = (f64::INFINITY, f64::INFINITY);
                 for _ in 0..reps {
-                    baseline_round(&mut best_candle, &mut best_dense)?;
+                    baseline_round(&mut local_candle, &mut local_dense)?;
                     best = best.min(evictor.time(|| gemv_pass(&packed, &x, &mut y, exec))?);
                 }
+                best_candle = best_candle.min(local_candle);
+                best_dense = best_dense.min(local_dense);
+                let paired = local_candle.min(local_dense) / layers as f64;
                 let secs = best / layers as f64;
                 progress(&format!(
-                    "{rows}x{cols} {kernel} {dtype} {:.0}%: {:.4} ms, {:.1} GB/s, {:.2}x so far",
+                    "{rows}x{cols} {kernel} {dtype} {:.0}%: {:.4} ms, {:.1} GB/s, {:.2}x",
                     sparsity * 100.0,
                     secs * 1e3,
                     bytes as f64 / secs / 1e9,
-                    best_candle.min(best_dense) / best
+                    paired / secs
                 ));
                 measured.push(Measured {
                     shape: (rows, cols),
@@ -598,6 +606,7 @@ pub fn run_kernel_bench(
                     bytes,
                     secs,
                     planned: planned.clone(),
+                    paired_base: Some(paired),
                 });
 
                 // Prefill: BSR in f32 against candle, alternating too.
@@ -605,13 +614,16 @@ pub fn run_kernel_bench(
                 if let (Some(xpt), true, Dtype::F32) = (&xpt, is_bsr, dtype) {
                     gemm_pass(&packed, &xp, tokens, &mut yp, exec)?;
                     let mut best = f64::INFINITY;
+                    let mut local_candle = f64::INFINITY;
                     for _ in 0..preps {
-                        best_candle_p =
-                            best_candle_p.min(evictor.time(|| candle_pass(&candle_w, xpt))?);
+                        local_candle =
+                            local_candle.min(evictor.time(|| candle_pass(&candle_w, xpt))?);
                         best = best
                             .min(evictor.time(|| gemm_pass(&packed, &xp, tokens, &mut yp, exec))?);
                     }
-                    prefill_cfg.push((kernel, sparsity, best / layers as f64));
+                    best_candle_p = best_candle_p.min(local_candle);
+                    let l = layers as f64;
+                    prefill_cfg.push((kernel, sparsity, best / l, Some(local_candle / l)));
                 }
             }
         }
@@ -627,23 +639,24 @@ pub fn run_kernel_bench(
                 bytes: layer_bytes_f32,
                 secs,
                 planned: None,
+                paired_base: None,
             });
         }
         bases.push(((rows, cols), best_candle.min(best_dense) / l));
         if tokens > 0 {
             let cp = best_candle_p / l;
             let mut rows_p = vec![
-                ("candle".to_string(), 0.0, cp),
-                ("dense".to_string(), 0.0, best_dense_p / l),
+                ("candle".to_string(), 0.0, cp, None),
+                ("dense".to_string(), 0.0, best_dense_p / l, None),
             ];
             rows_p.extend(prefill_cfg);
-            for (kernel, sparsity, secs) in rows_p {
+            for (kernel, sparsity, secs, paired) in rows_p {
                 prefill.push(PrefillRow {
                     shape: (rows, cols),
                     kernel,
                     sparsity,
                     ms: secs * 1e3,
-                    speedup_vs_candle: cp / secs,
+                    speedup_vs_candle: paired.unwrap_or(cp) / secs,
                 });
             }
         }
@@ -665,10 +678,12 @@ pub fn run_kernel_bench(
     let decode: Vec<DecodeRow> = measured
         .into_iter()
         .map(|m| {
-            let base = bases
-                .iter()
-                .find(|(s, _)| *s == m.shape)
-                .map_or(m.secs, |&(_, b)| b);
+            let base = m.paired_base.unwrap_or_else(|| {
+                bases
+                    .iter()
+                    .find(|(s, _)| *s == m.shape)
+                    .map_or(m.secs, |&(_, b)| b)
+            });
             let gbps = m.bytes as f64 / m.secs / 1e9;
             DecodeRow {
                 shape: m.shape,
