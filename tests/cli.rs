@@ -302,3 +302,62 @@ fn malformed_wasm_is_refused_clearly() {
     let o = espalier(&["plugins", "inspect", core.to_str().unwrap()], dir.path());
     assert!(text(&o).1.contains("wasm32-wasip2"), "{:?}", text(&o));
 }
+
+#[test]
+fn corrupt_or_mismatched_models_are_refused_clearly() {
+    let dir = tmp();
+    let good = dir.path().join("good");
+    let pipeline = repo().join("pipelines/quickstart.toml");
+    let o = espalier(
+        &[
+            "run",
+            pipeline.to_str().unwrap(),
+            "--out",
+            good.to_str().unwrap(),
+        ],
+        dir.path(),
+    );
+    assert!(o.status.success());
+    let copy = |name: &str| {
+        let d = dir.path().join(name);
+        std::fs::create_dir(&d).unwrap();
+        for f in ["config.json", "model.safetensors"] {
+            std::fs::copy(good.join(f), d.join(f)).unwrap();
+        }
+        d
+    };
+    let truncated = copy("truncated");
+    let bytes = std::fs::read(truncated.join("model.safetensors")).unwrap();
+    std::fs::write(truncated.join("model.safetensors"), &bytes[..1000]).unwrap();
+    let mismatched = copy("mismatched");
+    let config = std::fs::read_to_string(mismatched.join("config.json")).unwrap();
+    std::fs::write(
+        mismatched.join("config.json"),
+        config.replace("\"hidden_size\": 64", "\"hidden_size\": 96"),
+    )
+    .unwrap();
+    let no_config = copy("no-config");
+    std::fs::remove_file(no_config.join("config.json")).unwrap();
+    for (d, expected) in [
+        (&truncated, "not a valid safetensors file"),
+        (&mismatched, "config.json implies"),
+        (&no_config, "missing config.json"),
+    ] {
+        let o = espalier(
+            &[
+                "run",
+                pipeline.to_str().unwrap(),
+                "--model",
+                d.to_str().unwrap(),
+                "--no-export",
+            ],
+            dir.path(),
+        );
+        let (_, stderr) = text(&o);
+        assert!(!o.status.success());
+        assert!(
+            stderr.contains(expected) && stderr.contains(d.to_str().unwrap()),
+            "{stderr}"
+        );
+    }
+}

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use espalier_engine::EngineError;
 
+use crate::evaluate::{Comparison, EvalSpec, Evaluation, evaluate};
 use crate::export::{ExportError, export};
 use crate::pipeline::{Pipeline, PipelineError};
 use crate::plan::plan;
@@ -30,9 +31,28 @@ pub enum AppError {
     /// Writing the output failed.
     #[error(transparent)]
     Export(#[from] ExportError),
+    /// Evaluating the dense or pruned model failed.
+    #[error("evaluating the {0} model: {1}")]
+    Evaluate(String, EngineError),
     /// The wasm runtime could not start.
     #[error("plugin runtime: {0}")]
     Runtime(String),
+}
+
+/// Builds the forward pass of `model` and evaluates it, reporting progress as `which`.
+pub fn evaluate_model(
+    model: &espalier_engine::Model,
+    spec: &EvalSpec,
+    which: &str,
+    observer: &mut dyn RunObserver,
+) -> Result<Evaluation, AppError> {
+    observer.evaluation_started(which);
+    let session = espalier_engine::Session::new(model)
+        .map_err(|e| AppError::Evaluate(which.to_string(), e))?;
+    evaluate(model, &session, spec, &mut |p| {
+        observer.evaluation_progress(which, p)
+    })
+    .map_err(|e| AppError::Evaluate(which.to_string(), e))
 }
 
 /// Runtime plus registered plugins.
@@ -104,7 +124,12 @@ impl App {
             pipeline.model.value = m.clone();
         }
         let model = espalier_engine::load_model(&pipeline.model.value).map_err(|e| {
-            AppError::Pipeline(pipeline.error(&pipeline.model.position, "model", e.to_string()))
+            if overrides.model.is_some() {
+                // The model came from the command line: the pipeline file is not at fault.
+                AppError::Model(e)
+            } else {
+                AppError::Pipeline(pipeline.error(&pipeline.model.position, "model", e.to_string()))
+            }
         })?;
         let masks = pipeline.export.as_ref().is_none_or(|e| e.masks);
         let export_dir = if overrides.no_export {
@@ -115,8 +140,17 @@ impl App {
                 .clone()
                 .or_else(|| pipeline.export.as_ref().map(|e| e.dir.value.clone()))
         };
+        let evaluate = pipeline.evaluate.clone();
         let plan = plan(pipeline, &self.registry, &self.runtime, &model)?;
-        let outcome = execute(&plan, &self.runtime, model, observer)?;
+        let dense = match &evaluate {
+            Some(spec) => Some(evaluate_model(&model, &spec.value, "dense", observer)?),
+            None => None,
+        };
+        let mut outcome = execute(&plan, &self.runtime, model, observer)?;
+        if let (Some(spec), Some(dense)) = (&evaluate, dense) {
+            let pruned = evaluate_model(&outcome.state.model, &spec.value, "pruned", observer)?;
+            outcome.report.evaluation = Some(Comparison { dense, pruned });
+        }
         if let Some(dir) = &export_dir {
             export(&outcome.state, &outcome.report, dir, masks)?;
         }

@@ -3,6 +3,7 @@
 
 pub mod app;
 pub mod bench;
+pub mod evaluate;
 pub mod export;
 pub mod heads;
 pub mod mask;

@@ -8,6 +8,7 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use comfy_table::{Cell, CellAlignment, Table, presets::UTF8_FULL_CONDENSED};
 use espalier::app::{App, RunOverrides};
+use espalier::evaluate::{Comparison, EvalSpec, Evaluation};
 use espalier::plan::PlannedStage;
 use espalier::plugin::bindings::{ParamKind, ParamValue};
 use espalier::plugin::registry::load_file;
@@ -77,6 +78,39 @@ enum Command {
     Model {
         #[command(subcommand)]
         command: ModelCommand,
+    },
+    /// Evaluate a model: perplexity on a text, ms per token, tokens/s, peak memory.
+    Eval {
+        /// A model directory or builtin:NAME.
+        model: String,
+        /// Text file for perplexity (default: the shipped evaluation text, data/eval.txt).
+        #[arg(long)]
+        text: Option<PathBuf>,
+        /// Tokens per forward pass.
+        #[arg(long, default_value_t = espalier_engine::eval::DEFAULT_WINDOW)]
+        window: usize,
+        /// Tokens between window starts (default: the window, i.e. no overlap).
+        #[arg(long)]
+        stride: Option<usize>,
+        /// Score at most this many tokens of the text.
+        #[arg(long)]
+        max_tokens: Option<usize>,
+        /// Prompt tokens for the latency measurement.
+        #[arg(long, default_value_t = 32)]
+        prompt_tokens: usize,
+        /// Tokens generated for the latency measurement (0 = skip latency).
+        #[arg(long, default_value_t = 64)]
+        new_tokens: usize,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Convert a GGUF file (LLaMA family) into a Hugging Face–style directory (dequantized f32).
+    Import {
+        /// The .gguf file.
+        gguf: PathBuf,
+        /// Output directory (must not exist, or be empty).
+        out: PathBuf,
     },
     /// Benchmarks.
     Bench {
@@ -181,6 +215,26 @@ fn dispatch(cli: Cli) -> Result<()> {
         Command::Model { command } => match command {
             ModelCommand::Layers { model } => cmd_model_layers(&model),
         },
+        Command::Eval {
+            model,
+            text,
+            window,
+            stride,
+            max_tokens,
+            prompt_tokens,
+            new_tokens,
+            json,
+        } => cmd_eval(
+            &model,
+            text,
+            window,
+            stride,
+            max_tokens,
+            prompt_tokens,
+            new_tokens,
+            json,
+        ),
+        Command::Import { gguf, out } => cmd_import(&gguf, &out),
         Command::Bench { command } => match command {
             BenchCommand::Plugins {
                 model,
@@ -215,6 +269,18 @@ impl RunObserver for Bars {
             stage.spec.name,
             stage.plugin.info.name,
             stage.targets.len()
+        ));
+    }
+
+    fn evaluation_started(&mut self, which: &str) {
+        self.bar
+            .set_message(format!("evaluating the {which} model"));
+    }
+
+    fn evaluation_progress(&mut self, which: &str, p: &espalier_engine::eval::PerplexityProgress) {
+        self.bar.set_message(format!(
+            "evaluating the {which} model: perplexity window {}/{}",
+            p.windows_done, p.windows_total
         ));
     }
 
@@ -351,6 +417,172 @@ fn print_report(r: &RunReport, layers: bool) {
     }
     t.add_row(vec!["time".to_string(), format!("{:.2} s", r.seconds)]);
     println!("{t}");
+    if let Some(c) = &r.evaluation {
+        print_comparison(c);
+    }
+}
+
+fn mib(bytes: Option<u64>) -> String {
+    bytes.map_or("-".into(), |b| {
+        format!("{:.0} MiB", b as f64 / (1 << 20) as f64)
+    })
+}
+
+fn eval_rows(e: &Evaluation) -> Vec<String> {
+    let p = e.perplexity.as_ref();
+    let l = e.latency.as_ref();
+    vec![
+        p.map_or("-".into(), |p| format!("{:.3}", p.perplexity)),
+        p.map_or("-".into(), |p| {
+            format!("{} ({} windows)", p.tokens_scored, p.windows)
+        }),
+        p.map_or("-".into(), |p| format!("{:.1}", p.tokens_per_second)),
+        l.map_or("-".into(), |l| format!("{:.2}", l.ms_per_token)),
+        l.map_or("-".into(), |l| format!("{:.1}", l.decode_tokens_per_s)),
+        l.map_or("-".into(), |l| format!("{:.1}", l.prefill_tokens_per_s)),
+        mib(l
+            .and_then(|l| l.peak_rss_bytes)
+            .or(p.and_then(|p| p.peak_rss_bytes))),
+        e.kernels
+            .iter()
+            .map(|(k, n)| format!("{k}: {n}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+    ]
+}
+
+const EVAL_LABELS: [&str; 8] = [
+    "perplexity",
+    "tokens scored",
+    "eval tokens/s",
+    "ms / token (decode)",
+    "decode tokens/s",
+    "prefill tokens/s",
+    "peak RSS (process)",
+    "linear kernels",
+];
+
+fn print_comparison(c: &Comparison) {
+    let mut t = Table::new();
+    t.load_preset(UTF8_FULL_CONDENSED);
+    t.set_header(vec!["evaluation", "dense", "pruned"]);
+    for (i, (d, p)) in eval_rows(&c.dense)
+        .into_iter()
+        .zip(eval_rows(&c.pruned))
+        .enumerate()
+    {
+        t.add_row(vec![EVAL_LABELS[i].to_string(), d, p]);
+    }
+    println!("{t}");
+}
+
+#[allow(clippy::too_many_arguments)]
+fn cmd_eval(
+    model_ref: &str,
+    text: Option<PathBuf>,
+    window: usize,
+    stride: Option<usize>,
+    max_tokens: Option<usize>,
+    prompt_tokens: usize,
+    new_tokens: usize,
+    json: bool,
+) -> Result<()> {
+    let text = match text {
+        Some(t) => t,
+        None => {
+            let shipped = PathBuf::from("data/eval.txt");
+            anyhow::ensure!(
+                shipped.is_file(),
+                "no --text given and data/eval.txt is not here; run from the repository root or pass --text FILE"
+            );
+            shipped
+        }
+    };
+    let model = espalier_engine::load_model(model_ref)?;
+    let spec = EvalSpec {
+        text: Some(text),
+        options: espalier_engine::eval::PerplexityOptions {
+            window,
+            stride: stride.unwrap_or(window),
+        },
+        max_tokens,
+        latency: (new_tokens > 0).then_some((prompt_tokens, new_tokens)),
+    };
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner} [{bar:24}] {pos}/{len} perplexity windows {elapsed}",
+        )
+        .context("progress template")?
+        .progress_chars("=> "),
+    );
+    bar.enable_steady_tick(Duration::from_millis(120));
+    let session = espalier_engine::Session::new(&model)?;
+    let result = espalier::evaluate::evaluate(&model, &session, &spec, &mut |p| {
+        bar.set_length(p.windows_total as u64);
+        bar.set_position(p.windows_done as u64);
+    });
+    bar.finish_and_clear();
+    let e = result?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&e)?);
+        return Ok(());
+    }
+    let mut t = Table::new();
+    t.load_preset(UTF8_FULL_CONDENSED);
+    t.set_header(vec!["evaluation", model_ref]);
+    for (i, v) in eval_rows(&e).into_iter().enumerate() {
+        t.add_row(vec![EVAL_LABELS[i].to_string(), v]);
+    }
+    println!("{t}");
+    if let Some(p) = &e.perplexity {
+        println!(
+            "perplexity: window {}, stride {}, {} of {} tokens scored in {:.1} s",
+            p.window, p.stride, p.tokens_scored, p.tokens, p.seconds
+        );
+    }
+    Ok(())
+}
+
+fn cmd_import(gguf: &std::path::Path, out: &std::path::Path) -> Result<()> {
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} [{bar:24}] {pos}/{len} {msg} {elapsed}")
+            .context("progress template")?
+            .progress_chars("=> "),
+    );
+    bar.enable_steady_tick(Duration::from_millis(120));
+    let summary = espalier_engine::gguf::import(gguf, out, &mut |p| match p {
+        espalier_engine::gguf::ImportProgress::Opened { tensors, .. } => {
+            bar.set_length(tensors as u64)
+        }
+        espalier_engine::gguf::ImportProgress::Tensor { hf_name, index, .. } => {
+            bar.set_position(index as u64);
+            bar.set_message(hf_name.to_string());
+        }
+        espalier_engine::gguf::ImportProgress::Wrote { file } => {
+            bar.set_message(format!("wrote {file}"))
+        }
+    });
+    bar.finish_and_clear();
+    let s = summary?;
+    println!(
+        "imported {} ({}) into {}: {} tensors, {} parameters, vocab {}, types {:?}{}",
+        s.name.as_deref().unwrap_or("model"),
+        s.architecture,
+        s.out_dir.display(),
+        s.tensors,
+        s.parameters,
+        s.vocab_size,
+        s.tensor_types,
+        if s.tie_word_embeddings {
+            ", tied LM head"
+        } else {
+            ""
+        }
+    );
+    println!("files: {}", s.files.join(", "));
+    Ok(())
 }
 
 fn show_value(v: &ParamValue) -> String {

@@ -26,6 +26,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
+use crate::evaluate::EvalSpec;
 use crate::plugin::Sandbox;
 
 /// A position in a pipeline file, for error messages.
@@ -114,6 +115,8 @@ pub struct Pipeline {
     pub stages: Vec<StageSpec>,
     /// Export settings; `None` = prune and report only.
     pub export: Option<ExportSpec>,
+    /// Dense-vs-pruned evaluation; `None` = skip.
+    pub evaluate: Option<Located<EvalSpec>>,
 }
 
 #[derive(Deserialize)]
@@ -125,6 +128,24 @@ struct RawPipeline {
     #[serde(default, rename = "stage")]
     stages: Vec<Spanned<toml::Table>>,
     export: Option<Spanned<RawExport>>,
+    evaluate: Option<Spanned<RawEvaluate>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEvaluate {
+    text: Option<Spanned<String>>,
+    window: Option<Spanned<usize>>,
+    stride: Option<Spanned<usize>>,
+    max_tokens: Option<Spanned<usize>>,
+    latency: Option<Spanned<RawLatency>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLatency {
+    prompt_tokens: usize,
+    new_tokens: usize,
 }
 
 #[derive(Deserialize)]
@@ -287,6 +308,11 @@ impl Pipeline {
             });
         }
 
+        let evaluate = match &raw.evaluate {
+            None => None,
+            Some(e) => Some(parse_evaluate(&ctx, e)?),
+        };
+
         let name = raw.name.unwrap_or_else(|| {
             Path::new(file)
                 .file_stem()
@@ -300,6 +326,7 @@ impl Pipeline {
             sandbox,
             stages,
             export,
+            evaluate,
         })
     }
 
@@ -317,6 +344,79 @@ impl Pipeline {
             message: message.into(),
         }
     }
+}
+
+fn parse_evaluate(
+    ctx: &Ctx<'_>,
+    raw: &Spanned<RawEvaluate>,
+) -> Result<Located<EvalSpec>, PipelineError> {
+    let e = raw.get_ref();
+    let mut spec = EvalSpec {
+        text: e.text.as_ref().map(|t| PathBuf::from(t.get_ref())),
+        latency: None,
+        ..EvalSpec::default()
+    };
+    if let Some(w) = &e.window {
+        if *w.get_ref() < 2 {
+            return Err(ctx.err(
+                w.span().start,
+                "evaluate.window",
+                "must be at least 2 tokens",
+            ));
+        }
+        spec.options.window = *w.get_ref();
+        spec.options.stride = spec.options.window;
+    }
+    if let Some(s) = &e.stride {
+        if *s.get_ref() == 0 || *s.get_ref() > spec.options.window {
+            return Err(ctx.err(
+                s.span().start,
+                "evaluate.stride",
+                format!("must be in 1..={} (the window)", spec.options.window),
+            ));
+        }
+        spec.options.stride = *s.get_ref();
+    }
+    if let Some(m) = &e.max_tokens {
+        if *m.get_ref() < 2 {
+            return Err(ctx.err(m.span().start, "evaluate.max_tokens", "must be at least 2"));
+        }
+        spec.max_tokens = Some(*m.get_ref());
+    }
+    if let Some(l) = &e.latency {
+        let RawLatency {
+            prompt_tokens,
+            new_tokens,
+        } = *l.get_ref();
+        if prompt_tokens == 0 || new_tokens < 2 {
+            return Err(ctx.err(
+                l.span().start,
+                "evaluate.latency",
+                "needs prompt_tokens >= 1 and new_tokens >= 2",
+            ));
+        }
+        spec.latency = Some((prompt_tokens, new_tokens));
+    }
+    if spec.text.is_none() && spec.latency.is_none() {
+        return Err(ctx.err(
+            raw.span().start,
+            "evaluate",
+            "give `text` (perplexity) and/or `latency`",
+        ));
+    }
+    if let (Some(t), Some(path)) = (&e.text, &spec.text)
+        && !path.is_file()
+    {
+        return Err(ctx.err(
+            t.span().start,
+            "evaluate.text",
+            format!("{} is not a readable file", path.display()),
+        ));
+    }
+    Ok(Located {
+        value: spec,
+        position: ctx.position(raw.span().start),
+    })
 }
 
 fn hint_unknown(message: &str) -> String {

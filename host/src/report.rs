@@ -104,4 +104,6 @@ pub struct RunReport {
     pub summary: Summary,
     /// Per 2-D weight.
     pub layers: Vec<LayerReport>,
+    /// Dense vs pruned evaluation, when the pipeline has an `[evaluate]` section.
+    pub evaluation: Option<crate::evaluate::Comparison>,
 }

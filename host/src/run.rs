@@ -56,6 +56,15 @@ pub trait RunObserver {
     fn stage_started(&mut self, _index: usize, _total: usize, _stage: &PlannedStage) {}
     /// A stage finished.
     fn stage_finished(&mut self, _index: usize, _report: &StageReport) {}
+    /// An evaluation (`dense` or `pruned`) starts.
+    fn evaluation_started(&mut self, _which: &str) {}
+    /// An evaluation progressed.
+    fn evaluation_progress(
+        &mut self,
+        _which: &str,
+        _progress: &espalier_engine::eval::PerplexityProgress,
+    ) {
+    }
 }
 
 /// An observer that ignores everything.
@@ -536,6 +545,7 @@ fn build_report(
         stages,
         summary,
         layers,
+        evaluation: None,
     }
 }
 
