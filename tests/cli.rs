@@ -43,12 +43,16 @@ fn quickstart_runs_prints_the_table_and_exports() {
             "--out",
             out.to_str().unwrap(),
         ],
-        dir.path(),
+        &repo(),
     );
     let (stdout, stderr) = text(&o);
     assert!(o.status.success(), "{stdout}\n{stderr}");
     assert!(
         stdout.contains("magnitude") && stdout.contains("50.00%"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("perplexity") && stdout.contains("ms / token"),
         "{stdout}"
     );
     for f in [
@@ -101,7 +105,7 @@ fn every_example_pipeline_runs() {
                 "--out",
                 out.to_str().unwrap(),
             ],
-            dir.path(),
+            &repo(),
         );
         let (stdout, stderr) = text(&o);
         assert!(o.status.success(), "{p}: {stdout}\n{stderr}");
@@ -121,7 +125,7 @@ fn heads_export_has_smaller_matrices_and_a_consistent_config() {
             "--out",
             out.to_str().unwrap(),
         ],
-        dir.path(),
+        &repo(),
     );
     assert!(o.status.success(), "{:?}", text(&o));
     let config: serde_json::Value =
@@ -315,7 +319,7 @@ fn corrupt_or_mismatched_models_are_refused_clearly() {
             "--out",
             good.to_str().unwrap(),
         ],
-        dir.path(),
+        &repo(),
     );
     assert!(o.status.success());
     let copy = |name: &str| {
@@ -351,7 +355,7 @@ fn corrupt_or_mismatched_models_are_refused_clearly() {
                 d.to_str().unwrap(),
                 "--no-export",
             ],
-            dir.path(),
+            &repo(),
         );
         let (_, stderr) = text(&o);
         assert!(!o.status.success());
