@@ -40,15 +40,22 @@ pub enum AppError {
 }
 
 /// Builds the forward pass of `model` and evaluates it, reporting progress as `which`.
+///
+/// With `masks`, pruned layers run on Espalier's sparse kernels (the format the planner picks).
 pub fn evaluate_model(
     model: &espalier_engine::Model,
+    masks: Option<&std::collections::BTreeMap<String, crate::mask::Mask>>,
     spec: &EvalSpec,
     which: &str,
     observer: &mut dyn RunObserver,
 ) -> Result<Evaluation, AppError> {
     observer.evaluation_started(which);
-    let session = espalier_engine::Session::new(model)
+    let mut session = espalier_engine::Session::new(model)
         .map_err(|e| AppError::Evaluate(which.to_string(), e))?;
+    if let Some(masks) = masks {
+        crate::sparse::attach(&mut session, model, masks, crate::sparse::Storage::F32)
+            .map_err(|e| AppError::Evaluate(which.to_string(), e))?;
+    }
     evaluate(model, &session, spec, &mut |p| {
         observer.evaluation_progress(which, p)
     })
@@ -123,7 +130,17 @@ impl App {
         if let Some(m) = &overrides.model {
             pipeline.model.value = m.clone();
         }
-        let model = espalier_engine::load_model(&pipeline.model.value).map_err(|e| {
+        // `fetch:NAME` downloads and imports the model on first use (progress on stderr).
+        let reference =
+            crate::fetch::resolve(&pipeline.model.value, &mut |m| eprintln!("espalier: {m}"))
+                .map_err(|e| {
+                    AppError::Pipeline(pipeline.error(
+                        &pipeline.model.position,
+                        "model",
+                        e.to_string(),
+                    ))
+                })?;
+        let model = espalier_engine::load_model(&reference).map_err(|e| {
             if overrides.model.is_some() {
                 // The model came from the command line: the pipeline file is not at fault.
                 AppError::Model(e)
@@ -143,12 +160,24 @@ impl App {
         let evaluate = pipeline.evaluate.clone();
         let plan = plan(pipeline, &self.registry, &self.runtime, &model)?;
         let dense = match &evaluate {
-            Some(spec) => Some(evaluate_model(&model, &spec.value, "dense", observer)?),
+            Some(spec) => Some(evaluate_model(
+                &model,
+                None,
+                &spec.value,
+                "dense",
+                observer,
+            )?),
             None => None,
         };
         let mut outcome = execute(&plan, &self.runtime, model, observer)?;
         if let (Some(spec), Some(dense)) = (&evaluate, dense) {
-            let pruned = evaluate_model(&outcome.state.model, &spec.value, "pruned", observer)?;
+            let pruned = evaluate_model(
+                &outcome.state.model,
+                Some(&outcome.state.masks),
+                &spec.value,
+                "pruned",
+                observer,
+            )?;
             outcome.report.evaluation = Some(Comparison { dense, pruned });
         }
         if let Some(dir) = &export_dir {

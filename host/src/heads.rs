@@ -176,6 +176,15 @@ pub fn remove_heads(
     if heads_after == cfg.num_heads && kv_after == cfg.num_kv_heads {
         return Ok(change);
     }
+    if !cfg.hidden_size.is_multiple_of(heads_after) {
+        // Our engine and transformers 4.x run such configs (head_dim is explicit), but
+        // transformers 5 refuses a LLaMA config whose hidden size its head count does not divide.
+        tracing::warn!(
+            "hidden size {} is not a multiple of the {heads_after} remaining heads: transformers 5 \
+             refuses to load such LLaMA configs; keep a head count that divides it",
+            cfg.hidden_size
+        );
+    }
     let layers = model.layers();
     for (block, plan) in plans {
         let q_rows = rows_of(&plan.query, head_dim);

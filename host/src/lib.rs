@@ -4,6 +4,7 @@
 pub mod app;
 pub mod bench;
 pub mod evaluate;
+pub mod fetch;
 pub mod export;
 pub mod heads;
 pub mod mask;
@@ -13,4 +14,5 @@ pub mod plan;
 pub mod plugin;
 pub mod report;
 pub mod run;
+pub mod sparse;
 pub mod tensor_util;

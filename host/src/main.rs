@@ -81,7 +81,7 @@ enum Command {
     },
     /// Evaluate a model: perplexity on a text, ms per token, tokens/s, peak memory.
     Eval {
-        /// A model directory or builtin:NAME.
+        /// A model directory, builtin:NAME, or fetch:smollm2-135m-instruct (downloaded on first use).
         model: String,
         /// Text file for perplexity (default: the shipped evaluation text, data/eval.txt).
         #[arg(long)]
@@ -119,6 +119,12 @@ enum Command {
     },
 }
 
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum StorageArg {
+    F32,
+    Bf16,
+}
+
 #[derive(Subcommand)]
 enum PluginsCommand {
     /// List the built-in plugins and those in plugin folders.
@@ -152,6 +158,36 @@ enum ModelCommand {
 
 #[derive(Subcommand)]
 enum BenchCommand {
+    /// Sparse kernels vs dense on every SmolLM2-135M linear shape, with a bandwidth probe.
+    Kernels {
+        /// A short run (a few repetitions) instead of the full one (~2-3 min).
+        #[arg(long)]
+        quick: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// End-to-end decode: ms/token and tokens/s of the dense and the pruned model, same prompt,
+    /// same process, with the peak resident memory of each.
+    Decode {
+        /// A model directory, builtin:NAME or fetch:smollm2-135m-instruct.
+        model: String,
+        /// The pipeline whose stages prune the model.
+        #[arg(long)]
+        pipeline: PathBuf,
+        /// Prompt tokens (from data/eval.txt, or a fixed prompt when it is absent).
+        #[arg(long, default_value_t = 128)]
+        prompt_tokens: usize,
+        /// Tokens to generate.
+        #[arg(long, default_value_t = 64)]
+        new_tokens: usize,
+        /// Weight storage of the pruned model's linears.
+        #[arg(long, value_enum, default_value = "f32")]
+        storage: StorageArg,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Time the built-in criteria and the share spent inside the sandbox.
     Plugins {
         /// Model to prune (random weights are fine).
@@ -241,6 +277,15 @@ fn dispatch(cli: Cli) -> Result<()> {
                 repeat,
                 json,
             } => cmd_bench_plugins(&model, repeat, json),
+            BenchCommand::Kernels { quick, json } => cmd_bench_kernels(quick, json),
+            BenchCommand::Decode {
+                model,
+                pipeline,
+                prompt_tokens,
+                new_tokens,
+                storage,
+                json,
+            } => espalier_decode_bench(&model, &pipeline, prompt_tokens, new_tokens, storage, json),
         },
     }
 }
@@ -498,6 +543,7 @@ fn cmd_eval(
             shipped
         }
     };
+    let model_ref = &espalier::fetch::resolve(model_ref, &mut |m| eprintln!("espalier: {m}"))?;
     let model = espalier_engine::load_model(model_ref)?;
     let spec = EvalSpec {
         text: Some(text),
@@ -774,5 +820,161 @@ fn cmd_bench_plugins(model_ref: &str, repeat: usize, json: bool) -> Result<()> {
             if m.stage_seconds <= 3.0 { "✓" } else { "✗" }
         );
     }
+    Ok(())
+}
+
+fn cmd_bench_kernels(quick: bool, json: bool) -> Result<()> {
+    let opts = if quick {
+        espalier_kernels::bench::KernelBenchOptions::quick()
+    } else {
+        espalier_kernels::bench::KernelBenchOptions::default()
+    };
+    let bar = ProgressBar::new_spinner();
+    bar.enable_steady_tick(Duration::from_millis(120));
+    let report =
+        espalier_kernels::bench::run_kernel_bench(&opts, &mut |m| bar.set_message(m.to_string()));
+    bar.finish_and_clear();
+    let report = report?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!("{report}");
+    }
+    Ok(())
+}
+
+/// Resets the process's peak resident set (`VmHWM`) so the next reading covers what follows.
+fn reset_peak_rss() {
+    // Linux >= 4.0: writing 5 to clear_refs resets the peak RSS counter.
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+fn espalier_decode_bench(
+    model_ref: &str,
+    pipeline: &std::path::Path,
+    prompt_tokens: usize,
+    new_tokens: usize,
+    storage: StorageArg,
+    json: bool,
+) -> Result<()> {
+    use espalier_engine::eval::{LatencyReport, latency, peak_rss_bytes};
+    let app = start_app(&PluginDirs::default())?;
+    let model_ref = espalier::fetch::resolve(model_ref, &mut |m| eprintln!("espalier: {m}"))?;
+    let prompt_for = |model: &espalier_engine::Model| -> Result<Vec<u32>> {
+        let tok = espalier_engine::Tokenizer::for_model(model)?;
+        let text = std::fs::read_to_string("data/eval.txt").unwrap_or_else(|_| {
+            "When in the Course of human events, it becomes necessary for one people to dissolve \
+             the political bands which have connected them with another. "
+                .repeat(8)
+        });
+        let mut ids = tok.encode(&text)?;
+        ids.truncate(prompt_tokens.max(1));
+        Ok(ids)
+    };
+
+    eprintln!("dense: decoding {new_tokens} tokens after a {prompt_tokens}-token prompt ...");
+    let dense: LatencyReport = {
+        let model = espalier_engine::load_model(&model_ref)?;
+        let prompt = prompt_for(&model)?;
+        reset_peak_rss();
+        let session = espalier_engine::Session::new(&model)?;
+        latency(&session, &prompt, new_tokens)?
+    };
+
+    eprintln!("pruned: running {} ...", pipeline.display());
+    let overrides = RunOverrides {
+        model: Some(model_ref.clone()),
+        export_dir: None,
+        no_export: true,
+    };
+    let mut pipe = espalier::pipeline::Pipeline::load(pipeline)?;
+    pipe.evaluate = None;
+    let result = app.run_pipeline(pipe, &overrides, &mut espalier::run::Quiet)?;
+    let prompt = prompt_for(&result.state.model)?;
+    let mut session = espalier_engine::Session::new(&result.state.model)?;
+    let storage = match storage {
+        StorageArg::F32 => espalier::sparse::Storage::F32,
+        StorageArg::Bf16 => espalier::sparse::Storage::Bf16,
+    };
+    let formats = espalier::sparse::attach(
+        &mut session,
+        &result.state.model,
+        &result.state.masks,
+        storage,
+    )?;
+    // Only the packed weights (and the layers left dense) stay alive for the measurement.
+    drop(result);
+    reset_peak_rss();
+    let pruned = latency(&session, &prompt, new_tokens)?;
+    let pruned_peak = peak_rss_bytes();
+
+    let speedup = dense.ms_per_token / pruned.ms_per_token;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "model": model_ref,
+                "pipeline": pipeline.display().to_string(),
+                "dense": dense,
+                "pruned": pruned,
+                "pruned_formats": formats,
+                "pruned_peak_rss_bytes": pruned_peak,
+                "decode_speedup": speedup,
+            }))?
+        );
+        return Ok(());
+    }
+    let mut t = Table::new();
+    t.load_preset(UTF8_FULL_CONDENSED);
+    t.set_header(vec!["decode, batch 1", "dense", "pruned", "ratio"]);
+    t.add_row(vec![
+        "ms / token".to_string(),
+        format!("{:.2}", dense.ms_per_token),
+        format!("{:.2}", pruned.ms_per_token),
+        format!("{speedup:.2}x faster"),
+    ]);
+    t.add_row(vec![
+        "decode tokens/s".to_string(),
+        format!("{:.1}", dense.decode_tokens_per_s),
+        format!("{:.1}", pruned.decode_tokens_per_s),
+        format!(
+            "{:.2}x",
+            pruned.decode_tokens_per_s / dense.decode_tokens_per_s
+        ),
+    ]);
+    t.add_row(vec![
+        "prefill tokens/s".to_string(),
+        format!("{:.1}", dense.prefill_tokens_per_s),
+        format!("{:.1}", pruned.prefill_tokens_per_s),
+        format!(
+            "{:.2}x",
+            pruned.prefill_tokens_per_s / dense.prefill_tokens_per_s
+        ),
+    ]);
+    t.add_row(vec![
+        "peak RSS during decode".to_string(),
+        mib(dense.peak_rss_bytes),
+        mib(pruned_peak),
+        match (dense.peak_rss_bytes, pruned_peak) {
+            (Some(d), Some(p)) if p > 0 => format!("{:.2}x smaller", d as f64 / p as f64),
+            _ => "-".into(),
+        },
+    ]);
+    println!("{t}");
+    let formats = if formats.is_empty() {
+        "none (all dense)".to_string()
+    } else {
+        formats
+            .iter()
+            .map(|(k, n)| format!("{k}: {n}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    println!("pruned linear formats: {formats}");
+    println!(
+        "same prompt ({} tokens), {new_tokens} new tokens, greedy; same generated ids: {}",
+        prompt.len(),
+        dense.generated == pruned.generated
+    );
     Ok(())
 }

