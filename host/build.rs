@@ -15,6 +15,7 @@ const BUILTINS: &[(&str, &str)] = &[
     ("block", "espalier_criterion_block"),
     ("n-m", "espalier_criterion_n_m"),
     ("heads", "espalier_criterion_heads"),
+    ("wanda", "espalier_criterion_wanda"),
 ];
 
 fn main() {

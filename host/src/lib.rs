@@ -3,6 +3,7 @@
 
 pub mod app;
 pub mod bench;
+pub mod calibration;
 pub mod evaluate;
 pub mod fetch;
 pub mod export;

@@ -26,6 +26,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
+use crate::calibration::CalibrationSpec;
 use crate::evaluate::EvalSpec;
 use crate::plugin::Sandbox;
 
@@ -117,6 +118,20 @@ pub struct Pipeline {
     pub export: Option<ExportSpec>,
     /// Dense-vs-pruned evaluation; `None` = skip.
     pub evaluate: Option<Located<EvalSpec>>,
+    /// Calibration text for criteria that need activations or losses; `None` = the section is
+    /// absent (the defaults apply if a stage needs calibration).
+    pub calibration: Option<CalibrationSection>,
+}
+
+/// The `[calibration]` section as written.
+#[derive(Debug, Clone)]
+pub struct CalibrationSection {
+    /// The settings, defaults filled in.
+    pub spec: CalibrationSpec,
+    /// Where the section starts.
+    pub position: Position,
+    /// Where `text` was written (the section when defaulted), for errors about the text.
+    pub text_position: Position,
 }
 
 #[derive(Deserialize)]
@@ -129,6 +144,15 @@ struct RawPipeline {
     stages: Vec<Spanned<toml::Table>>,
     export: Option<Spanned<RawExport>>,
     evaluate: Option<Spanned<RawEvaluate>>,
+    calibration: Option<Spanned<RawCalibration>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCalibration {
+    text: Option<Spanned<String>>,
+    samples: Option<Spanned<i64>>,
+    seq_len: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize)]
@@ -313,6 +337,11 @@ impl Pipeline {
             Some(e) => Some(parse_evaluate(&ctx, e)?),
         };
 
+        let calibration = match &raw.calibration {
+            None => None,
+            Some(c) => Some(parse_calibration(&ctx, c)?),
+        };
+
         let name = raw.name.unwrap_or_else(|| {
             Path::new(file)
                 .file_stem()
@@ -327,6 +356,7 @@ impl Pipeline {
             stages,
             export,
             evaluate,
+            calibration,
         })
     }
 
@@ -416,6 +446,66 @@ fn parse_evaluate(
     Ok(Located {
         value: spec,
         position: ctx.position(raw.span().start),
+    })
+}
+
+/// Longest calibration sequence accepted (GPT-2's position table has 1024 entries; longer
+/// windows only cost memory).
+const MAX_SEQ_LEN: i64 = 1 << 16;
+
+fn parse_calibration(
+    ctx: &Ctx<'_>,
+    raw: &Spanned<RawCalibration>,
+) -> Result<CalibrationSection, PipelineError> {
+    let c = raw.get_ref();
+    let mut spec = CalibrationSpec::default();
+    let position = ctx.position(raw.span().start);
+    let mut text_position = position.clone();
+    if let Some(t) = &c.text {
+        if t.get_ref().trim().is_empty() {
+            return Err(ctx.err(t.span().start, "calibration.text", "must name a text file"));
+        }
+        spec.text = PathBuf::from(t.get_ref());
+        text_position = ctx.position(t.span().start);
+    }
+    if let Some(n) = &c.samples {
+        let v = *n.get_ref();
+        if !(1..=1_000_000).contains(&v) {
+            return Err(ctx.err(
+                n.span().start,
+                "calibration.samples",
+                format!("{v} must be in 1..=1000000 sequences"),
+            ));
+        }
+        spec.samples = v as usize;
+    }
+    if let Some(n) = &c.seq_len {
+        let v = *n.get_ref();
+        // A loss needs a next token to predict: at least 2 tokens.
+        if !(2..=MAX_SEQ_LEN).contains(&v) {
+            return Err(ctx.err(
+                n.span().start,
+                "calibration.seq_len",
+                format!("{v} must be in 2..={MAX_SEQ_LEN} tokens"),
+            ));
+        }
+        spec.seq_len = v as usize;
+    }
+    if !spec.text.is_file() {
+        return Err(PipelineError {
+            file: ctx.file.to_string(),
+            position: text_position,
+            field: "calibration.text".into(),
+            message: format!(
+                "{} is not a readable file (relative paths are relative to the working directory)",
+                spec.text.display()
+            ),
+        });
+    }
+    Ok(CalibrationSection {
+        spec,
+        position,
+        text_position,
     })
 }
 

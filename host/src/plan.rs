@@ -3,12 +3,14 @@
 //! source), so a mistake in stage 5 is reported before stage 1 spends a minute.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use espalier_engine::{LayerInfo, Model};
 use globset::{Glob, GlobMatcher};
 
+use crate::calibration::{CalibrationSet, CalibrationSpec};
 use crate::pipeline::{DensitySpec, Pipeline, PipelineError, StageSpec};
-use crate::plugin::bindings::{OutputKind, ParamKind, ParamValue};
+use crate::plugin::bindings::{Need, OutputKind, ParamKind, ParamValue};
 use crate::plugin::registry::{load_file, value_fits};
 use crate::plugin::{Plugin, Registry, Runtime};
 
@@ -44,6 +46,9 @@ pub struct Plan {
     pub pipeline: Pipeline,
     /// Its stages.
     pub stages: Vec<PlannedStage>,
+    /// Tokenized calibration text, when the pipeline has a `[calibration]` section or a stage
+    /// needs activations or losses.
+    pub calibration: Option<Arc<CalibrationSet>>,
 }
 
 /// A layer-name pattern: a glob when it has wildcards, else a substring.
@@ -355,7 +360,55 @@ pub fn plan(
             params,
         });
     }
-    Ok(Plan { pipeline, stages })
+    let calibration = plan_calibration(&pipeline, &stages, model)?;
+    Ok(Plan {
+        pipeline,
+        stages,
+        calibration,
+    })
+}
+
+/// Tokenizes the calibration text when the pipeline gives one or a stage needs it, so a text
+/// too short for one sequence (or a model without a tokenizer) fails before any stage runs.
+fn plan_calibration(
+    pipeline: &Pipeline,
+    stages: &[PlannedStage],
+    model: &Model,
+) -> Result<Option<Arc<CalibrationSet>>, PipelineError> {
+    let needing = stages.iter().find(|s| {
+        s.plugin
+            .info
+            .needs
+            .iter()
+            .any(|n| matches!(n, Need::Activations | Need::Loss))
+    });
+    let (spec, position, field) = match (&pipeline.calibration, needing) {
+        (Some(c), _) => (
+            c.spec.clone(),
+            c.text_position.clone(),
+            "calibration.text".to_string(),
+        ),
+        (None, Some(stage)) => {
+            let spec = CalibrationSpec::default();
+            let field = format!("stage[{}].plugin", stage.spec.index);
+            if !spec.text.is_file() {
+                return Err(pipeline.error(
+                    &stage.spec.plugin.position,
+                    field,
+                    format!(
+                        "plugin `{}` needs calibration data (activations or losses), but the pipeline has no [calibration] section and the default text {} does not exist here; add [calibration] with text = \"FILE\"",
+                        stage.plugin.info.name,
+                        spec.text.display()
+                    ),
+                ));
+            }
+            (spec, stage.spec.plugin.position.clone(), field)
+        }
+        (None, None) => return Ok(None),
+    };
+    CalibrationSet::load(&spec, model)
+        .map(|set| Some(Arc::new(set)))
+        .map_err(|e| pipeline.error(&position, field, e.to_string()))
 }
 
 #[cfg(test)]

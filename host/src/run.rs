@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use espalier_engine::{LayerInfo, Model, Role};
 
+use crate::calibration::{CalibrationSet, Calibrator};
 use crate::heads::{self, HeadsChange};
 use crate::mask::{Mask, Structure, rows_cols};
 use crate::plan::{Plan, PlannedStage, StageDensity};
@@ -81,6 +82,9 @@ pub struct RunState {
     pub original_numel: BTreeMap<String, usize>,
     /// Head removals applied.
     pub heads: Option<HeadsChange>,
+    /// Calibration statistics of the model as it is now; dropped whenever a stage changes the
+    /// model, kept across stages that do not (a budget stage), so they are computed once.
+    calibrator: Option<Arc<Calibrator>>,
 }
 
 /// The outcome of a successful run.
@@ -143,6 +147,7 @@ pub fn model_view(model: &Model, masks: &BTreeMap<String, Mask>) -> ModelView {
         layers: model.layers().iter().map(wit_layer).collect(),
         weights: model.weights().clone(),
         masks: masks.clone(),
+        calibration: None,
     }
 }
 
@@ -173,6 +178,7 @@ impl RunState {
             masks: BTreeMap::new(),
             original_numel,
             heads: None,
+            calibrator: None,
         }
     }
 
@@ -196,11 +202,13 @@ impl RunState {
 }
 
 /// Runs one stage's plugin and applies its validated output. Returns the stage report.
+/// `calibration` serves the plugin's `calibration` imports (none: they return an error).
 pub fn run_stage(
     runtime: &Runtime,
     sandbox: &Sandbox,
     stage: &PlannedStage,
     budgets: &BTreeMap<usize, BTreeMap<String, f64>>,
+    calibration: Option<&Arc<CalibrationSet>>,
     state: &mut RunState,
 ) -> Result<(StageReport, Option<BTreeMap<String, f64>>), RunError> {
     let started = Instant::now();
@@ -244,7 +252,14 @@ pub fn run_stage(
         params: stage.params.clone(),
     };
 
-    let view = Arc::new(model_view(&state.model, &state.masks));
+    let mut view = model_view(&state.model, &state.masks);
+    if let Some(set) = calibration {
+        let calibrator = state
+            .calibrator
+            .get_or_insert_with(|| Arc::new(Calibrator::new(state.model.clone(), set.clone())));
+        view.calibration = Some(calibrator.clone());
+    }
+    let view = Arc::new(view);
     let (output, mut store, timings) = runtime
         .apply(&plugin_name, &stage.plugin.compiled, view, sandbox, &ctx)
         .map_err(|source| RunError::Plugin {
@@ -363,6 +378,10 @@ pub fn run_stage(
         }
     }
 
+    if stage.plugin.info.produces != OutputKind::Budgets {
+        // The model changed: statistics of the old one must not leak into later stages.
+        state.calibrator = None;
+    }
     let apply_time = apply_started.elapsed();
     let total = started.elapsed();
     let (kept, numel) = targets.iter().fold((0usize, 0usize), |(k, n), (l, _)| {
@@ -417,7 +436,11 @@ fn validate_masks(
             any_density = true;
             let (r, c) = rows_cols(&layer.shape);
             asked_kept += d * layer.numel() as f64;
-            let group = group_elements(mask.structure(), r, c);
+            let mut group = group_elements(mask.structure(), r, c);
+            if mask.structure() == Structure::Unstructured {
+                // A per-row selection (`select-per-row`, Wanda) rounds each row's count.
+                group = r;
+            }
             // Groups of unequal size (blocks that do not tile the shape) make the kept share of
             // *weights* drift from the kept share of *groups*, which is what selection fixes:
             // allow up to the whole layer's worth of slack then (the structure itself was
@@ -460,8 +483,14 @@ pub fn execute(
     let mut stage_reports = Vec::with_capacity(plan.stages.len());
     for (i, stage) in plan.stages.iter().enumerate() {
         observer.stage_started(i, plan.stages.len(), stage);
-        let (report, produced) =
-            run_stage(runtime, &plan.pipeline.sandbox, stage, &budgets, &mut state)?;
+        let (report, produced) = run_stage(
+            runtime,
+            &plan.pipeline.sandbox,
+            stage,
+            &budgets,
+            plan.calibration.as_ref(),
+            &mut state,
+        )?;
         if let Some(b) = produced {
             budgets.insert(i, b);
         }

@@ -1,24 +1,46 @@
-//! Host bindings generated from `wit/since_v0.1.0` (package `espalier:prune@0.1.0`).
-//!
-//! One module per released WIT version: when 0.2.0 lands it gets its own module, and the
-//! runtime dispatches on the version a plugin was built against (see ARCHITECTURE.md).
+//! Host bindings generated from the released WIT packages, one module per version:
+//! [`v0_2`] (`wit/since_v0.2.0`, `espalier:prune@0.2.0`) and [`v0_1`] (`wit/since_v0.1.0`,
+//! frozen). The rest of the host speaks 0.2 (a superset of 0.1): this module re-exports the 0.2
+//! types at its root, and `compat.rs` converts the few 0.1 values that cross the `describe` /
+//! `apply` boundary. The runtime picks the world from the version a component imports.
 
-wasmtime::component::bindgen!({
-    path: "../wit/since_v0.1.0",
-    world: "criterion",
-    // Every import returns `wasmtime::Result` so the host can trap a misbehaving guest
-    // (dead handles) instead of panicking; WIT-level failures are `result<_, string>`.
-    imports: { default: trappable },
-    with: {
-        "espalier:prune/tensors.tensor": crate::plugin::state::TensorHandle,
-        "espalier:prune/kernels.mask": crate::mask::Mask,
-    },
-});
+/// `espalier:prune@0.2.0`: 0.1.0 plus `calibration`, `kernels.select-per-row` and the
+/// `activations` / `loss` needs.
+pub mod v0_2 {
+    wasmtime::component::bindgen!({
+        path: "../wit/since_v0.2.0",
+        world: "criterion",
+        // Every import returns `wasmtime::Result` so the host can trap a misbehaving guest
+        // (dead handles) instead of panicking; WIT-level failures are `result<_, string>`.
+        imports: { default: trappable },
+        with: {
+            "espalier:prune/tensors.tensor": crate::plugin::state::TensorHandle,
+            "espalier:prune/kernels.mask": crate::mask::Mask,
+        },
+    });
+}
 
+/// `espalier:prune@0.1.0`, the first released contract: still served so that plugins built
+/// against it keep running unchanged. Its resources map to the same host types as 0.2's.
+pub mod v0_1 {
+    wasmtime::component::bindgen!({
+        path: "../wit/since_v0.1.0",
+        world: "criterion",
+        imports: { default: trappable },
+        with: {
+            "espalier:prune/tensors.tensor": crate::plugin::state::TensorHandle,
+            "espalier:prune/kernels.mask": crate::mask::Mask,
+        },
+    });
+}
+
+// The host's vocabulary is the newest version.
+pub use v0_2::espalier;
+pub use v0_2::{Criterion, PluginInfo, StageContext, StageOutput};
+
+pub use self::espalier::prune::calibration::CalibrationInfo;
 pub use self::espalier::prune::kernels::{BlockShape, NOfM, Structure};
 pub use self::espalier::prune::model::{LayerInfo as WitLayerInfo, Role as WitRole};
-// `plugin-info`, `stage-context` and `stage-output` are already at this module's root (the
-// world `use`s them).
 pub use self::espalier::prune::plugin_types::{
     HeadKeep, LayerBudget, LayerMask, Need, OutputKind, ParamKind, ParamSpec, ParamValue, Target,
 };

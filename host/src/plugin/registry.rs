@@ -57,6 +57,7 @@ pub fn empty_view() -> Arc<ModelView> {
         layers: Vec::new(),
         weights: BTreeMap::new(),
         masks: BTreeMap::new(),
+        calibration: None,
     })
 }
 

@@ -12,7 +12,8 @@ use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, HasSelf, Linker};
 use wasmtime::{Config, Engine, Store, Trap};
 
-use super::bindings::{Criterion, PluginInfo, StageContext, StageOutput};
+use super::bindings::{PluginInfo, StageContext, StageOutput, v0_1, v0_2};
+use super::compat;
 use super::state::{Limits, ModelView, PluginState};
 
 /// How often the epoch advances; deadlines are counted in these ticks.
@@ -120,12 +121,40 @@ impl Drop for EpochTicker {
     }
 }
 
+/// The version of the `espalier:prune` WIT package a component was built against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum WitVersion {
+    /// `espalier:prune@0.1.0` (weights and kernels only).
+    #[serde(rename = "0.1.0")]
+    V0_1,
+    /// `espalier:prune@0.2.0` (adds calibration statistics).
+    #[serde(rename = "0.2.0")]
+    V0_2,
+}
+
+impl std::fmt::Display for WitVersion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            WitVersion::V0_1 => "0.1.0",
+            WitVersion::V0_2 => "0.2.0",
+        })
+    }
+}
+
 /// A compiled plugin, ready to instantiate.
 #[derive(Clone)]
 pub struct CompiledPlugin {
     /// sha256 of the component bytes, hex.
     pub sha256: String,
+    /// The WIT version it imports, which picks the world it is instantiated in.
+    pub wit: WitVersion,
     component: Component,
+}
+
+/// An instance of either world.
+enum Instance {
+    V0_1(v0_1::Criterion),
+    V0_2(v0_2::Criterion),
 }
 
 /// Timings of one `apply` call.
@@ -149,7 +178,9 @@ impl CallTimings {
 /// The process-wide plugin runtime.
 pub struct Runtime {
     engine: Engine,
-    linker: Linker<PluginState>,
+    /// One linker per served WIT version; both link the same host state and WASI.
+    linker_v0_1: Linker<PluginState>,
+    linker_v0_2: Linker<PluginState>,
     cache: Mutex<HashMap<String, Component>>,
     _ticker: EpochTicker,
 }
@@ -169,15 +200,21 @@ impl Runtime {
         config.concurrency_support(false);
         let engine =
             Engine::new(&config).map_err(|e| anyhow::anyhow!("cannot start wasmtime: {e}"))?;
-        let mut linker = Linker::new(&engine);
-        wasmtime_wasi::p2::add_to_linker_sync(&mut linker)
-            .map_err(|e| anyhow::anyhow!("cannot link WASI: {e}"))?;
-        Criterion::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)
-            .map_err(|e| anyhow::anyhow!("cannot link the espalier:prune imports: {e}"))?;
+        let mut linker_v0_1 = Linker::new(&engine);
+        let mut linker_v0_2 = Linker::new(&engine);
+        for linker in [&mut linker_v0_1, &mut linker_v0_2] {
+            wasmtime_wasi::p2::add_to_linker_sync(linker)
+                .map_err(|e| anyhow::anyhow!("cannot link WASI: {e}"))?;
+        }
+        v0_1::Criterion::add_to_linker::<_, HasSelf<_>>(&mut linker_v0_1, |s| s)
+            .map_err(|e| anyhow::anyhow!("cannot link the espalier:prune@0.1.0 imports: {e}"))?;
+        v0_2::Criterion::add_to_linker::<_, HasSelf<_>>(&mut linker_v0_2, |s| s)
+            .map_err(|e| anyhow::anyhow!("cannot link the espalier:prune@0.2.0 imports: {e}"))?;
         let ticker = EpochTicker::start(engine.clone());
         Ok(Runtime {
             engine,
-            linker,
+            linker_v0_1,
+            linker_v0_2,
             cache: Mutex::new(HashMap::new()),
             _ticker: ticker,
         })
@@ -189,6 +226,7 @@ impl Runtime {
         if let Some(c) = self.cache.lock().ok().and_then(|c| c.get(&sha256).cloned()) {
             return Ok(CompiledPlugin {
                 sha256,
+                wit: self.wit_version(&c),
                 component: c,
             });
         }
@@ -216,7 +254,23 @@ impl Runtime {
         if let Ok(mut cache) = self.cache.lock() {
             cache.insert(sha256.clone(), component.clone());
         }
-        Ok(CompiledPlugin { sha256, component })
+        Ok(CompiledPlugin {
+            sha256,
+            wit: self.wit_version(&component),
+            component,
+        })
+    }
+
+    /// The WIT version a component imports. A component that imports none of our interfaces
+    /// (possible: `describe` and `apply` are exports) is served the newest world.
+    fn wit_version(&self, component: &Component) -> WitVersion {
+        let ty = component.component_type();
+        let mut imports = ty.imports(&self.engine).map(|(name, _)| name);
+        if imports.any(|n| n.starts_with("espalier:prune/") && n.ends_with("@0.1.0")) {
+            WitVersion::V0_1
+        } else {
+            WitVersion::V0_2
+        }
     }
 
     fn store(&self, model: Arc<ModelView>, sandbox: &Sandbox) -> Store<PluginState> {
@@ -239,8 +293,18 @@ impl Runtime {
         plugin: &CompiledPlugin,
         store: &mut Store<PluginState>,
         sandbox: &Sandbox,
-    ) -> Result<Criterion, PluginError> {
-        Criterion::instantiate(&mut *store, &plugin.component, &self.linker).map_err(|e| {
+    ) -> Result<Instance, PluginError> {
+        let instance = match plugin.wit {
+            WitVersion::V0_1 => {
+                v0_1::Criterion::instantiate(&mut *store, &plugin.component, &self.linker_v0_1)
+                    .map(Instance::V0_1)
+            }
+            WitVersion::V0_2 => {
+                v0_2::Criterion::instantiate(&mut *store, &plugin.component, &self.linker_v0_2)
+                    .map(Instance::V0_2)
+            }
+        };
+        instance.map_err(|e| {
             let message = format!("{e:#}");
             if message.contains("matching implementation was not found")
                 || message.contains("import")
@@ -268,9 +332,11 @@ impl Runtime {
     ) -> Result<PluginInfo, PluginError> {
         let mut store = self.store(model, sandbox);
         let instance = self.instantiate(label, plugin, &mut store, sandbox)?;
-        let info = instance
-            .call_describe(&mut store)
-            .map_err(|e| classify(label, e, sandbox))?;
+        let info = match instance {
+            Instance::V0_1(i) => i.call_describe(&mut store).map(compat::plugin_info_from_v1),
+            Instance::V0_2(i) => i.call_describe(&mut store),
+        }
+        .map_err(|e| classify(label, e, sandbox))?;
         log_output(label, &store);
         Ok(info)
     }
@@ -293,7 +359,12 @@ impl Runtime {
         // The deadline counts from the call, not from instantiation.
         store.set_epoch_deadline(ticks(sandbox.timeout));
         let call_start = Instant::now();
-        let result = instance.call_apply(&mut store, ctx);
+        let result = match instance {
+            Instance::V0_1(i) => i
+                .call_apply(&mut store, &compat::stage_context_to_v1(ctx))
+                .map(|r| r.map(compat::stage_output_from_v1)),
+            Instance::V0_2(i) => i.call_apply(&mut store, ctx),
+        };
         let call = call_start.elapsed();
         log_output(label, &store);
         let output = result.map_err(|e| classify(label, e, sandbox))?;

@@ -19,7 +19,8 @@ use wasmtime_wasi::{
     HostMonotonicClock, HostWallClock, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView,
 };
 
-use super::bindings::espalier::prune::{kernels, model, plugin_types, tensors};
+use super::bindings::v0_2::espalier::prune::{calibration as calibration_v2, model as model_v2};
+use crate::calibration::Calibrator;
 use crate::mask::{Mask, Structure};
 use crate::ops;
 use crate::tensor_util::{tensor_from, with_f32};
@@ -37,13 +38,16 @@ pub struct TensorHandle {
 /// copies no weights.
 pub struct ModelView {
     /// Architecture-level facts.
-    pub info: model::ModelInfo,
+    pub info: model_v2::ModelInfo,
     /// Every weight, as plugins see it.
-    pub layers: Vec<model::LayerInfo>,
+    pub layers: Vec<model_v2::LayerInfo>,
     /// Current (masked) weights by name.
     pub weights: BTreeMap<String, Tensor>,
     /// Masks of earlier stages by layer name.
     pub masks: BTreeMap<String, Mask>,
+    /// Calibration statistics of this model state, when the pipeline has calibration data
+    /// (computed lazily, shared by every plugin call until the masks change).
+    pub calibration: Option<Arc<Calibrator>>,
 }
 
 /// Sandbox limits of one plugin instance.
@@ -196,59 +200,6 @@ impl WasiView for PluginState {
     }
 }
 
-/// WIT structure → host structure, refusing degenerate group sizes.
-pub fn structure_from_wit(s: kernels::Structure) -> Result<Structure, String> {
-    let positive = |v: u32, what: &str| {
-        if v == 0 {
-            Err(format!("{what} must be positive"))
-        } else {
-            Ok(v as usize)
-        }
-    };
-    Ok(match s {
-        kernels::Structure::Unstructured => Structure::Unstructured,
-        kernels::Structure::Blocks(b) => Structure::Blocks {
-            rows: positive(b.rows, "block rows")?,
-            cols: positive(b.cols, "block cols")?,
-        },
-        kernels::Structure::NOfM(nm) => {
-            let m = positive(nm.m, "m of n:m")?;
-            let n = nm.n as usize;
-            if n > m {
-                return Err(format!("n:m with n = {n} > m = {m}"));
-            }
-            Structure::NOfM { n, m }
-        }
-        kernels::Structure::Rows => Structure::Rows,
-        kernels::Structure::Columns => Structure::Columns,
-        kernels::Structure::RowGroups(g) => Structure::RowGroups {
-            size: positive(g, "row group size")?,
-        },
-        kernels::Structure::ColumnGroups(g) => Structure::ColumnGroups {
-            size: positive(g, "column group size")?,
-        },
-    })
-}
-
-/// Host structure → WIT structure.
-pub fn structure_to_wit(s: Structure) -> kernels::Structure {
-    match s {
-        Structure::Unstructured => kernels::Structure::Unstructured,
-        Structure::Blocks { rows, cols } => kernels::Structure::Blocks(kernels::BlockShape {
-            rows: rows as u32,
-            cols: cols as u32,
-        }),
-        Structure::NOfM { n, m } => kernels::Structure::NOfM(kernels::NOfM {
-            n: n as u32,
-            m: m as u32,
-        }),
-        Structure::Rows => kernels::Structure::Rows,
-        Structure::Columns => kernels::Structure::Columns,
-        Structure::RowGroups { size } => kernels::Structure::RowGroups(size as u32),
-        Structure::ColumnGroups { size } => kernels::Structure::ColumnGroups(size as u32),
-    }
-}
-
 fn dims_u32(t: &Tensor) -> Vec<u32> {
     t.dims().iter().map(|&d| d as u32).collect()
 }
@@ -263,353 +214,536 @@ fn map_f32(t: &Tensor, f: impl Fn(f32) -> f32 + Sync) -> Result<Tensor, String> 
     tensor_from(data, t.dims())
 }
 
-impl tensors::HostTensor for PluginState {
-    fn shape(&mut self, t: Resource<TensorHandle>) -> wasmtime::Result<Vec<u32>> {
-        Ok(dims_u32(self.tensor(&t)?))
+/// Keeps the `round(density * columns)` best scores of every row of a 2-D tensor (Wanda's
+/// per-output comparison group); ties and NaNs follow `ops::top_k_flags`.
+pub fn select_per_row(scores: &[f32], shape: &[usize], density: f64) -> Result<Mask, String> {
+    let &[rows, cols] = shape else {
+        return Err(format!(
+            "select-per-row needs a 2-D tensor, this one has shape {shape:?}"
+        ));
+    };
+    if scores.len() != rows * cols {
+        return Err(format!(
+            "scores have {} elements, shape {shape:?} has {}",
+            scores.len(),
+            rows * cols
+        ));
     }
-
-    fn dtype(&mut self, _t: Resource<TensorHandle>) -> wasmtime::Result<tensors::Dtype> {
-        Ok(tensors::Dtype::F32)
-    }
-
-    fn numel(&mut self, t: Resource<TensorHandle>) -> wasmtime::Result<u64> {
-        Ok(self.tensor(&t)?.elem_count() as u64)
-    }
-
-    fn read(
-        &mut self,
-        t: Resource<TensorHandle>,
-        offset: u64,
-        count: u32,
-    ) -> wasmtime::Result<Result<Vec<f32>, String>> {
-        self.timed(|s| {
-            let t = s.tensor(&t)?;
-            let numel = t.elem_count() as u64;
-            let count = u64::from(count);
-            if count > MAX_READ {
-                return Ok(Err(format!(
-                    "read of {count} elements exceeds the {MAX_READ} limit; read in chunks"
-                )));
-            }
-            let Some(end) = offset.checked_add(count).filter(|&e| e <= numel) else {
-                return Ok(Err(format!(
-                    "read of {count} elements at offset {offset} is outside a tensor of {numel}"
-                )));
-            };
-            Ok(with_f32(t, |v| v[offset as usize..end as usize].to_vec()))
-        })
-    }
-
-    fn read_rows(
-        &mut self,
-        t: Resource<TensorHandle>,
-        start: u32,
-        count: u32,
-    ) -> wasmtime::Result<Result<Vec<f32>, String>> {
-        self.timed(|s| {
-            let t = s.tensor(&t)?;
-            let [rows, cols] = t.dims() else {
-                return Ok(Err(format!(
-                    "read-rows needs a 2-D tensor, this one has shape {:?}",
-                    t.dims()
-                )));
-            };
-            let (rows, cols) = (*rows as u64, *cols as u64);
-            let (start, count) = (u64::from(start), u64::from(count));
-            if start + count > rows {
-                return Ok(Err(format!(
-                    "rows {start}..{} are outside a tensor of {rows} rows",
-                    start + count
-                )));
-            }
-            if count * cols > MAX_READ {
-                return Ok(Err(format!(
-                    "read of {} elements exceeds the {MAX_READ} limit; read fewer rows",
-                    count * cols
-                )));
-            }
-            Ok(with_f32(t, |v| {
-                v[(start * cols) as usize..((start + count) * cols) as usize].to_vec()
-            }))
-        })
-    }
-
-    fn drop(&mut self, t: Resource<TensorHandle>) -> wasmtime::Result<()> {
-        let handle = self.table.delete(t)?;
-        self.host_bytes = self.host_bytes.saturating_sub(handle.booked);
-        Ok(())
-    }
+    let k = ops::kept_count(density, cols)?;
+    let keep: Vec<bool> = if cols == 0 {
+        Vec::new()
+    } else {
+        scores
+            .par_chunks(cols)
+            .flat_map_iter(|row| ops::top_k_flags(row, k))
+            .collect()
+    };
+    Mask::new(shape.to_vec(), keep, Structure::Unstructured)
 }
 
-impl tensors::Host for PluginState {
-    fn from_f32(
-        &mut self,
-        shape: Vec<u32>,
-        data: Vec<f32>,
-    ) -> wasmtime::Result<Result<Resource<TensorHandle>, String>> {
-        let shape = to_usize(&shape);
-        let numel: usize = shape.iter().product();
-        if numel != data.len() {
-            return Ok(Err(format!(
-                "shape {shape:?} needs {numel} values, got {}",
-                data.len()
-            )));
-        }
-        match tensor_from(data, &shape) {
-            Ok(t) => self.push_new(t),
-            Err(e) => Ok(Err(e)),
-        }
-    }
-}
+/// Implements the host side of one WIT version's shared interfaces (`tensors`, `kernels`,
+/// `model`, `plugin-types`) on [`PluginState`]. The versions' generated traits and types are
+/// distinct Rust items of identical shape, so one body serves them all: sandboxing, the host
+/// byte budget and the `timed` host-time accounting cannot drift between versions. `$layer` and
+/// `$info` convert the 0.2 model descriptions the view holds; `kernels_extra` adds the kernels
+/// a version introduced.
+macro_rules! impl_host_imports {
+    ($module:ident, $v:ident, layer: $layer:path, info: $info:path, kernels_extra: { $($kernels_extra:tt)* }) => {
+    mod $module {
+        use super::*;
+        use crate::plugin::bindings::$v::espalier::prune::{kernels, model, plugin_types, tensors};
 
-impl kernels::HostMask for PluginState {
-    fn shape(&mut self, m: Resource<Mask>) -> wasmtime::Result<Vec<u32>> {
-        Ok(self.mask(&m)?.shape().iter().map(|&d| d as u32).collect())
-    }
-
-    fn density(&mut self, m: Resource<Mask>) -> wasmtime::Result<f64> {
-        Ok(self.mask(&m)?.density())
-    }
-
-    fn kept(&mut self, m: Resource<Mask>) -> wasmtime::Result<u64> {
-        Ok(self.mask(&m)?.kept() as u64)
-    }
-
-    fn structure(&mut self, m: Resource<Mask>) -> wasmtime::Result<kernels::Structure> {
-        Ok(structure_to_wit(self.mask(&m)?.structure()))
-    }
-
-    fn drop(&mut self, m: Resource<Mask>) -> wasmtime::Result<()> {
-        self.table.delete(m)?;
-        Ok(())
-    }
-}
-
-impl kernels::Host for PluginState {
-    fn unary(
-        &mut self,
-        op: kernels::UnaryOp,
-        t: Resource<TensorHandle>,
-    ) -> wasmtime::Result<Resource<TensorHandle>> {
-        self.timed(|s| {
-            let t = s.tensor(&t)?;
-            let f: fn(f32) -> f32 = match op {
-                kernels::UnaryOp::Abs => f32::abs,
-                kernels::UnaryOp::Square => |x| x * x,
-                kernels::UnaryOp::Sqrt => f32::sqrt,
-                kernels::UnaryOp::Neg => |x| -x,
-                kernels::UnaryOp::Log => f32::ln,
-                kernels::UnaryOp::Exp => f32::exp,
-            };
-            let out = map_f32(t, f).map_err(wasmtime::Error::msg)?;
-            // A unary op cannot fail for the guest; a full host budget is a trap.
-            s.push_new(out)?.map_err(wasmtime::Error::msg)
-        })
-    }
-
-    fn binary(
-        &mut self,
-        op: kernels::BinaryOp,
-        a: Resource<TensorHandle>,
-        b: Resource<TensorHandle>,
-    ) -> wasmtime::Result<Result<Resource<TensorHandle>, String>> {
-        self.timed(|s| {
-            let (a, b) = (s.tensor(&a)?, s.tensor(&b)?);
-            let r = match op {
-                kernels::BinaryOp::Add => a.broadcast_add(b),
-                kernels::BinaryOp::Sub => a.broadcast_sub(b),
-                kernels::BinaryOp::Mul => a.broadcast_mul(b),
-                kernels::BinaryOp::Div => a.broadcast_div(b),
-                kernels::BinaryOp::Maximum => a.broadcast_maximum(b),
-                kernels::BinaryOp::Minimum => a.broadcast_minimum(b),
-            };
-            match r {
-                Ok(t) => s.push_new(t),
-                Err(e) => Ok(Err(format!(
-                    "cannot broadcast shapes {:?} and {:?}: {e}",
-                    a.dims(),
-                    b.dims()
-                ))),
-            }
-        })
-    }
-
-    fn scale(
-        &mut self,
-        t: Resource<TensorHandle>,
-        factor: f32,
-    ) -> wasmtime::Result<Resource<TensorHandle>> {
-        self.timed(|s| {
-            let out = map_f32(s.tensor(&t)?, |x| x * factor).map_err(wasmtime::Error::msg)?;
-            s.push_new(out)?.map_err(wasmtime::Error::msg)
-        })
-    }
-
-    fn reduce(
-        &mut self,
-        op: kernels::ReduceOp,
-        t: Resource<TensorHandle>,
-        axis: u32,
-    ) -> wasmtime::Result<Result<Resource<TensorHandle>, String>> {
-        self.timed(|s| {
-            let t = s.tensor(&t)?;
-            let axis = axis as usize;
-            if axis >= t.rank() {
-                return Ok(Err(format!(
-                    "axis {axis} is out of range for shape {:?}",
-                    t.dims()
-                )));
-            }
-            let r = match op {
-                kernels::ReduceOp::Sum => t.sum_keepdim(axis),
-                kernels::ReduceOp::Mean => t.mean_keepdim(axis),
-                kernels::ReduceOp::Max => t.max_keepdim(axis),
-                kernels::ReduceOp::Min => t.min_keepdim(axis),
-            };
-            match r {
-                Ok(t) => s.push_new(t),
-                Err(e) => Ok(Err(e.to_string())),
-            }
-        })
-    }
-
-    fn group_norms(
-        &mut self,
-        t: Resource<TensorHandle>,
-        st: kernels::Structure,
-        p: f32,
-    ) -> wasmtime::Result<Result<Resource<TensorHandle>, String>> {
-        self.timed(|s| {
-            let structure = match structure_from_wit(st) {
-                Ok(x) => x,
-                Err(e) => return Ok(Err(e)),
-            };
-            let t = s.tensor(&t)?;
-            let shape = t.dims().to_vec();
-            let r = with_f32(t, |v| ops::group_norms(v, &shape, structure, p))
-                .and_then(|r| r)
-                .and_then(|(vals, grid)| tensor_from(vals, &grid));
-            match r {
-                Ok(t) => s.push_new(t),
-                Err(e) => Ok(Err(e)),
-            }
-        })
-    }
-
-    fn select(
-        &mut self,
-        scores: Resource<TensorHandle>,
-        st: kernels::Structure,
-        density: f64,
-    ) -> wasmtime::Result<Result<Resource<Mask>, String>> {
-        self.timed(|s| {
-            let structure = match structure_from_wit(st) {
-                Ok(x) => x,
-                Err(e) => return Ok(Err(e)),
-            };
-            let t = s.tensor(&scores)?;
-            let shape = t.dims().to_vec();
-            match with_f32(t, |v| ops::select(v, &shape, structure, density)).and_then(|r| r) {
-                Ok(m) => Ok(Ok(s.push_mask(m)?)),
-                Err(e) => Ok(Err(e)),
-            }
-        })
-    }
-
-    fn select_global(
-        &mut self,
-        scores: Vec<Resource<TensorHandle>>,
-        density: f64,
-    ) -> wasmtime::Result<Result<Vec<Resource<Mask>>, String>> {
-        self.timed(|s| {
-            let tensors: Vec<Tensor> = scores
-                .iter()
-                .map(|r| s.tensor(r).cloned())
-                .collect::<wasmtime::Result<_>>()?;
-            // Contiguous f32 copies only where needed; model weights are already contiguous.
-            let datas: Vec<Vec<f32>> = match tensors
-                .iter()
-                .map(|t| with_f32(t, |v| v.to_vec()))
-                .collect::<Result<_, _>>()
-            {
-                Ok(d) => d,
-                Err(e) => return Ok(Err(e)),
-            };
-            let inputs: Vec<(&[f32], &[usize])> = datas
-                .iter()
-                .zip(&tensors)
-                .map(|(d, t)| (d.as_slice(), t.dims()))
-                .collect();
-            match ops::select_global(&inputs, density) {
-                Ok(masks) => {
-                    let mut out = Vec::with_capacity(masks.len());
-                    for m in masks {
-                        out.push(s.push_mask(m)?);
-                    }
-                    Ok(Ok(out))
+        /// WIT structure → host structure, refusing degenerate group sizes.
+        fn structure_from_wit(s: kernels::Structure) -> Result<Structure, String> {
+            let positive = |v: u32, what: &str| {
+                if v == 0 {
+                    Err(format!("{what} must be positive"))
+                } else {
+                    Ok(v as usize)
                 }
-                Err(e) => Ok(Err(e)),
+            };
+            Ok(match s {
+                kernels::Structure::Unstructured => Structure::Unstructured,
+                kernels::Structure::Blocks(b) => Structure::Blocks {
+                    rows: positive(b.rows, "block rows")?,
+                    cols: positive(b.cols, "block cols")?,
+                },
+                kernels::Structure::NOfM(nm) => {
+                    let m = positive(nm.m, "m of n:m")?;
+                    let n = nm.n as usize;
+                    if n > m {
+                        return Err(format!("n:m with n = {n} > m = {m}"));
+                    }
+                    Structure::NOfM { n, m }
+                }
+                kernels::Structure::Rows => Structure::Rows,
+                kernels::Structure::Columns => Structure::Columns,
+                kernels::Structure::RowGroups(g) => Structure::RowGroups {
+                    size: positive(g, "row group size")?,
+                },
+                kernels::Structure::ColumnGroups(g) => Structure::ColumnGroups {
+                    size: positive(g, "column group size")?,
+                },
+            })
+        }
+
+        /// Host structure → WIT structure.
+        fn structure_to_wit(s: Structure) -> kernels::Structure {
+            match s {
+                Structure::Unstructured => kernels::Structure::Unstructured,
+                Structure::Blocks { rows, cols } => kernels::Structure::Blocks(kernels::BlockShape {
+                    rows: rows as u32,
+                    cols: cols as u32,
+                }),
+                Structure::NOfM { n, m } => kernels::Structure::NOfM(kernels::NOfM {
+                    n: n as u32,
+                    m: m as u32,
+                }),
+                Structure::Rows => kernels::Structure::Rows,
+                Structure::Columns => kernels::Structure::Columns,
+                Structure::RowGroups { size } => kernels::Structure::RowGroups(size as u32),
+                Structure::ColumnGroups { size } => kernels::Structure::ColumnGroups(size as u32),
             }
-        })
+        }
+
+        impl tensors::HostTensor for PluginState {
+            fn shape(&mut self, t: Resource<TensorHandle>) -> wasmtime::Result<Vec<u32>> {
+                Ok(dims_u32(self.tensor(&t)?))
+            }
+
+            fn dtype(&mut self, _t: Resource<TensorHandle>) -> wasmtime::Result<tensors::Dtype> {
+                Ok(tensors::Dtype::F32)
+            }
+
+            fn numel(&mut self, t: Resource<TensorHandle>) -> wasmtime::Result<u64> {
+                Ok(self.tensor(&t)?.elem_count() as u64)
+            }
+
+            fn read(
+                &mut self,
+                t: Resource<TensorHandle>,
+                offset: u64,
+                count: u32,
+            ) -> wasmtime::Result<Result<Vec<f32>, String>> {
+                self.timed(|s| {
+                    let t = s.tensor(&t)?;
+                    let numel = t.elem_count() as u64;
+                    let count = u64::from(count);
+                    if count > MAX_READ {
+                        return Ok(Err(format!(
+                            "read of {count} elements exceeds the {MAX_READ} limit; read in chunks"
+                        )));
+                    }
+                    let Some(end) = offset.checked_add(count).filter(|&e| e <= numel) else {
+                        return Ok(Err(format!(
+                            "read of {count} elements at offset {offset} is outside a tensor of {numel}"
+                        )));
+                    };
+                    Ok(with_f32(t, |v| v[offset as usize..end as usize].to_vec()))
+                })
+            }
+
+            fn read_rows(
+                &mut self,
+                t: Resource<TensorHandle>,
+                start: u32,
+                count: u32,
+            ) -> wasmtime::Result<Result<Vec<f32>, String>> {
+                self.timed(|s| {
+                    let t = s.tensor(&t)?;
+                    let [rows, cols] = t.dims() else {
+                        return Ok(Err(format!(
+                            "read-rows needs a 2-D tensor, this one has shape {:?}",
+                            t.dims()
+                        )));
+                    };
+                    let (rows, cols) = (*rows as u64, *cols as u64);
+                    let (start, count) = (u64::from(start), u64::from(count));
+                    if start + count > rows {
+                        return Ok(Err(format!(
+                            "rows {start}..{} are outside a tensor of {rows} rows",
+                            start + count
+                        )));
+                    }
+                    if count * cols > MAX_READ {
+                        return Ok(Err(format!(
+                            "read of {} elements exceeds the {MAX_READ} limit; read fewer rows",
+                            count * cols
+                        )));
+                    }
+                    Ok(with_f32(t, |v| {
+                        v[(start * cols) as usize..((start + count) * cols) as usize].to_vec()
+                    }))
+                })
+            }
+
+            fn drop(&mut self, t: Resource<TensorHandle>) -> wasmtime::Result<()> {
+                let handle = self.table.delete(t)?;
+                self.host_bytes = self.host_bytes.saturating_sub(handle.booked);
+                Ok(())
+            }
+        }
+
+        impl tensors::Host for PluginState {
+            fn from_f32(
+                &mut self,
+                shape: Vec<u32>,
+                data: Vec<f32>,
+            ) -> wasmtime::Result<Result<Resource<TensorHandle>, String>> {
+                let shape = to_usize(&shape);
+                let numel: usize = shape.iter().product();
+                if numel != data.len() {
+                    return Ok(Err(format!(
+                        "shape {shape:?} needs {numel} values, got {}",
+                        data.len()
+                    )));
+                }
+                match tensor_from(data, &shape) {
+                    Ok(t) => self.push_new(t),
+                    Err(e) => Ok(Err(e)),
+                }
+            }
+        }
+
+        impl kernels::HostMask for PluginState {
+            fn shape(&mut self, m: Resource<Mask>) -> wasmtime::Result<Vec<u32>> {
+                Ok(self.mask(&m)?.shape().iter().map(|&d| d as u32).collect())
+            }
+
+            fn density(&mut self, m: Resource<Mask>) -> wasmtime::Result<f64> {
+                Ok(self.mask(&m)?.density())
+            }
+
+            fn kept(&mut self, m: Resource<Mask>) -> wasmtime::Result<u64> {
+                Ok(self.mask(&m)?.kept() as u64)
+            }
+
+            fn structure(&mut self, m: Resource<Mask>) -> wasmtime::Result<kernels::Structure> {
+                Ok(structure_to_wit(self.mask(&m)?.structure()))
+            }
+
+            fn drop(&mut self, m: Resource<Mask>) -> wasmtime::Result<()> {
+                self.table.delete(m)?;
+                Ok(())
+            }
+        }
+
+        impl kernels::Host for PluginState {
+            fn unary(
+                &mut self,
+                op: kernels::UnaryOp,
+                t: Resource<TensorHandle>,
+            ) -> wasmtime::Result<Resource<TensorHandle>> {
+                self.timed(|s| {
+                    let t = s.tensor(&t)?;
+                    let f: fn(f32) -> f32 = match op {
+                        kernels::UnaryOp::Abs => f32::abs,
+                        kernels::UnaryOp::Square => |x| x * x,
+                        kernels::UnaryOp::Sqrt => f32::sqrt,
+                        kernels::UnaryOp::Neg => |x| -x,
+                        kernels::UnaryOp::Log => f32::ln,
+                        kernels::UnaryOp::Exp => f32::exp,
+                    };
+                    let out = map_f32(t, f).map_err(wasmtime::Error::msg)?;
+                    // A unary op cannot fail for the guest; a full host budget is a trap.
+                    s.push_new(out)?.map_err(wasmtime::Error::msg)
+                })
+            }
+
+            fn binary(
+                &mut self,
+                op: kernels::BinaryOp,
+                a: Resource<TensorHandle>,
+                b: Resource<TensorHandle>,
+            ) -> wasmtime::Result<Result<Resource<TensorHandle>, String>> {
+                self.timed(|s| {
+                    let (a, b) = (s.tensor(&a)?, s.tensor(&b)?);
+                    let r = match op {
+                        kernels::BinaryOp::Add => a.broadcast_add(b),
+                        kernels::BinaryOp::Sub => a.broadcast_sub(b),
+                        kernels::BinaryOp::Mul => a.broadcast_mul(b),
+                        kernels::BinaryOp::Div => a.broadcast_div(b),
+                        kernels::BinaryOp::Maximum => a.broadcast_maximum(b),
+                        kernels::BinaryOp::Minimum => a.broadcast_minimum(b),
+                    };
+                    match r {
+                        Ok(t) => s.push_new(t),
+                        Err(e) => Ok(Err(format!(
+                            "cannot broadcast shapes {:?} and {:?}: {e}",
+                            a.dims(),
+                            b.dims()
+                        ))),
+                    }
+                })
+            }
+
+            fn scale(
+                &mut self,
+                t: Resource<TensorHandle>,
+                factor: f32,
+            ) -> wasmtime::Result<Resource<TensorHandle>> {
+                self.timed(|s| {
+                    let out = map_f32(s.tensor(&t)?, |x| x * factor).map_err(wasmtime::Error::msg)?;
+                    s.push_new(out)?.map_err(wasmtime::Error::msg)
+                })
+            }
+
+            fn reduce(
+                &mut self,
+                op: kernels::ReduceOp,
+                t: Resource<TensorHandle>,
+                axis: u32,
+            ) -> wasmtime::Result<Result<Resource<TensorHandle>, String>> {
+                self.timed(|s| {
+                    let t = s.tensor(&t)?;
+                    let axis = axis as usize;
+                    if axis >= t.rank() {
+                        return Ok(Err(format!(
+                            "axis {axis} is out of range for shape {:?}",
+                            t.dims()
+                        )));
+                    }
+                    let r = match op {
+                        kernels::ReduceOp::Sum => t.sum_keepdim(axis),
+                        kernels::ReduceOp::Mean => t.mean_keepdim(axis),
+                        kernels::ReduceOp::Max => t.max_keepdim(axis),
+                        kernels::ReduceOp::Min => t.min_keepdim(axis),
+                    };
+                    match r {
+                        Ok(t) => s.push_new(t),
+                        Err(e) => Ok(Err(e.to_string())),
+                    }
+                })
+            }
+
+            fn group_norms(
+                &mut self,
+                t: Resource<TensorHandle>,
+                st: kernels::Structure,
+                p: f32,
+            ) -> wasmtime::Result<Result<Resource<TensorHandle>, String>> {
+                self.timed(|s| {
+                    let structure = match structure_from_wit(st) {
+                        Ok(x) => x,
+                        Err(e) => return Ok(Err(e)),
+                    };
+                    let t = s.tensor(&t)?;
+                    let shape = t.dims().to_vec();
+                    let r = with_f32(t, |v| ops::group_norms(v, &shape, structure, p))
+                        .and_then(|r| r)
+                        .and_then(|(vals, grid)| tensor_from(vals, &grid));
+                    match r {
+                        Ok(t) => s.push_new(t),
+                        Err(e) => Ok(Err(e)),
+                    }
+                })
+            }
+
+            fn select(
+                &mut self,
+                scores: Resource<TensorHandle>,
+                st: kernels::Structure,
+                density: f64,
+            ) -> wasmtime::Result<Result<Resource<Mask>, String>> {
+                self.timed(|s| {
+                    let structure = match structure_from_wit(st) {
+                        Ok(x) => x,
+                        Err(e) => return Ok(Err(e)),
+                    };
+                    let t = s.tensor(&scores)?;
+                    let shape = t.dims().to_vec();
+                    match with_f32(t, |v| ops::select(v, &shape, structure, density)).and_then(|r| r) {
+                        Ok(m) => Ok(Ok(s.push_mask(m)?)),
+                        Err(e) => Ok(Err(e)),
+                    }
+                })
+            }
+
+            fn select_global(
+                &mut self,
+                scores: Vec<Resource<TensorHandle>>,
+                density: f64,
+            ) -> wasmtime::Result<Result<Vec<Resource<Mask>>, String>> {
+                self.timed(|s| {
+                    let tensors: Vec<Tensor> = scores
+                        .iter()
+                        .map(|r| s.tensor(r).cloned())
+                        .collect::<wasmtime::Result<_>>()?;
+                    // Contiguous f32 copies only where needed; model weights are already contiguous.
+                    let datas: Vec<Vec<f32>> = match tensors
+                        .iter()
+                        .map(|t| with_f32(t, |v| v.to_vec()))
+                        .collect::<Result<_, _>>()
+                    {
+                        Ok(d) => d,
+                        Err(e) => return Ok(Err(e)),
+                    };
+                    let inputs: Vec<(&[f32], &[usize])> = datas
+                        .iter()
+                        .zip(&tensors)
+                        .map(|(d, t)| (d.as_slice(), t.dims()))
+                        .collect();
+                    match ops::select_global(&inputs, density) {
+                        Ok(masks) => {
+                            let mut out = Vec::with_capacity(masks.len());
+                            for m in masks {
+                                out.push(s.push_mask(m)?);
+                            }
+                            Ok(Ok(out))
+                        }
+                        Err(e) => Ok(Err(e)),
+                    }
+                })
+            }
+
+            fn mask_from_bytes(
+                &mut self,
+                shape: Vec<u32>,
+                keep: Vec<u8>,
+                st: kernels::Structure,
+            ) -> wasmtime::Result<Result<Resource<Mask>, String>> {
+                self.timed(|s| {
+                    let structure = match structure_from_wit(st) {
+                        Ok(x) => x,
+                        Err(e) => return Ok(Err(e)),
+                    };
+                    let keep = keep.into_iter().map(|b| b != 0).collect();
+                    match Mask::new(to_usize(&shape), keep, structure) {
+                        Ok(m) => Ok(Ok(s.push_mask(m)?)),
+                        Err(e) => Ok(Err(e)),
+                    }
+                })
+            }
+
+            fn mask_and(
+                &mut self,
+                a: Resource<Mask>,
+                b: Resource<Mask>,
+            ) -> wasmtime::Result<Result<Resource<Mask>, String>> {
+                self.timed(|s| match s.mask(&a)?.and(s.mask(&b)?) {
+                    Ok(m) => Ok(Ok(s.push_mask(m)?)),
+                    Err(e) => Ok(Err(e)),
+                })
+            }
+
+            $($kernels_extra)*
+        }
+
+        impl model::Host for PluginState {
+            fn info(&mut self) -> wasmtime::Result<model::ModelInfo> {
+                Ok($info(&self.model.info))
+            }
+
+            fn layers(&mut self) -> wasmtime::Result<Vec<model::LayerInfo>> {
+                Ok(self.model.layers.iter().map($layer).collect())
+            }
+
+            fn weight(&mut self, name: String) -> wasmtime::Result<Result<Resource<TensorHandle>, String>> {
+                match self.model.weights.get(&name) {
+                    // Shares the model's storage: not booked against the host budget.
+                    Some(t) => Ok(Ok(self.table.push(TensorHandle {
+                        tensor: t.clone(),
+                        booked: 0,
+                    })?)),
+                    None => Ok(Err(format!("the model has no weight named `{name}`"))),
+                }
+            }
+
+            fn current_mask(&mut self, name: String) -> wasmtime::Result<Option<Resource<Mask>>> {
+                match self.model.masks.get(&name).cloned() {
+                    Some(m) => Ok(Some(self.push_mask(m)?)),
+                    None => Ok(None),
+                }
+            }
+        }
+
+        impl plugin_types::Host for PluginState {}
+    }
+    };
+}
+
+impl_host_imports!(
+    v0_1_imports,
+    v0_1,
+    layer: crate::plugin::compat::layer_to_v1,
+    info: crate::plugin::compat::model_info_to_v1,
+    kernels_extra: {}
+);
+
+impl_host_imports!(
+    v0_2_imports,
+    v0_2,
+    layer: Clone::clone,
+    info: Clone::clone,
+    kernels_extra: {
+        fn select_per_row(
+            &mut self,
+            scores: Resource<TensorHandle>,
+            density: f64,
+        ) -> wasmtime::Result<Result<Resource<Mask>, String>> {
+            self.timed(|s| {
+                let t = s.tensor(&scores)?;
+                let shape = t.dims().to_vec();
+                match with_f32(t, |v| select_per_row(v, &shape, density)).and_then(|r| r) {
+                    Ok(m) => Ok(Ok(s.push_mask(m)?)),
+                    Err(e) => Ok(Err(e)),
+                }
+            })
+        }
+    }
+);
+
+impl calibration_v2::Host for PluginState {
+    fn info(&mut self) -> wasmtime::Result<Option<calibration_v2::CalibrationInfo>> {
+        Ok(self
+            .model
+            .calibration
+            .as_ref()
+            .map(|c| calibration_v2::CalibrationInfo {
+                samples: c.samples() as u32,
+                seq_len: c.seq_len() as u32,
+            }))
     }
 
-    fn mask_from_bytes(
+    fn activation_norms(
         &mut self,
-        shape: Vec<u32>,
-        keep: Vec<u8>,
-        st: kernels::Structure,
-    ) -> wasmtime::Result<Result<Resource<Mask>, String>> {
+        layer: String,
+    ) -> wasmtime::Result<Result<Resource<TensorHandle>, String>> {
         self.timed(|s| {
-            let structure = match structure_from_wit(st) {
-                Ok(x) => x,
+            let norms = match s.calibrator().and_then(|c| c.activation_norms(&layer)) {
+                Ok(t) => t,
                 Err(e) => return Ok(Err(e)),
             };
-            let keep = keep.into_iter().map(|b| b != 0).collect();
-            match Mask::new(to_usize(&shape), keep, structure) {
-                Ok(m) => Ok(Ok(s.push_mask(m)?)),
-                Err(e) => Ok(Err(e)),
-            }
-        })
-    }
-
-    fn mask_and(
-        &mut self,
-        a: Resource<Mask>,
-        b: Resource<Mask>,
-    ) -> wasmtime::Result<Result<Resource<Mask>, String>> {
-        self.timed(|s| match s.mask(&a)?.and(s.mask(&b)?) {
-            Ok(m) => Ok(Ok(s.push_mask(m)?)),
-            Err(e) => Ok(Err(e)),
-        })
-    }
-}
-
-impl model::Host for PluginState {
-    fn info(&mut self) -> wasmtime::Result<model::ModelInfo> {
-        Ok(self.model.info.clone())
-    }
-
-    fn layers(&mut self) -> wasmtime::Result<Vec<model::LayerInfo>> {
-        Ok(self.model.layers.clone())
-    }
-
-    fn weight(&mut self, name: String) -> wasmtime::Result<Result<Resource<TensorHandle>, String>> {
-        match self.model.weights.get(&name) {
-            // Shares the model's storage: not booked against the host budget.
-            Some(t) => Ok(Ok(self.table.push(TensorHandle {
-                tensor: t.clone(),
+            // Shares the cached statistic's storage, like a model weight: not booked against
+            // the plugin's host budget.
+            Ok(Ok(s.table.push(TensorHandle {
+                tensor: norms,
                 booked: 0,
-            })?)),
-            None => Ok(Err(format!("the model has no weight named `{name}`"))),
-        }
+            })?))
+        })
     }
 
-    fn current_mask(&mut self, name: String) -> wasmtime::Result<Option<Resource<Mask>>> {
-        match self.model.masks.get(&name).cloned() {
-            Some(m) => Ok(Some(self.push_mask(m)?)),
-            None => Ok(None),
-        }
+    fn loss(&mut self) -> wasmtime::Result<Result<f64, String>> {
+        self.timed(|s| Ok(s.calibrator().and_then(|c| c.loss())))
+    }
+
+    fn loss_with_mask(
+        &mut self,
+        layer: String,
+        mask: Resource<Mask>,
+    ) -> wasmtime::Result<Result<f64, String>> {
+        self.timed(|s| {
+            let mask = s.mask(&mask)?.clone();
+            Ok(s.calibrator().and_then(|c| c.loss_with_mask(&layer, &mask)))
+        })
     }
 }
 
-impl plugin_types::Host for PluginState {}
+impl PluginState {
+    /// The calibrator of this model state, or the error a plugin sees when there is none.
+    fn calibrator(&self) -> Result<Arc<Calibrator>, String> {
+        self.model.calibration.clone().ok_or_else(|| {
+            "this pipeline has no calibration data (add a [calibration] section)".to_string()
+        })
+    }
+}

@@ -1,0 +1,279 @@
+//! Calibration data and the statistics plugins ask for through the `calibration` interface of
+//! the 0.2 WIT (`wit/since_v0.2.0`).
+//!
+//! A [`CalibrationSet`] is built once per run, at planning: the pipeline's text tokenized with
+//! the model's own tokenizer and cut into consecutive, non-overlapping sequences of `seq_len`
+//! tokens. A [`Calibrator`] pairs it with one state of the model (earlier stages' masks
+//! applied) and computes statistics lazily, on the first request, caching them until the model
+//! changes: activation norms for every block linear come from one forward pass over the set, so
+//! a criterion asking for thirty layers pays for one pass, not thirty.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+
+use candle_core::{DType, Tensor};
+use espalier_engine::{
+    EngineError, Linear, LinearObserver, LinearWeight, Model, Session, Tokenizer,
+};
+
+use crate::mask::Mask;
+use crate::tensor_util::{apply_mask, tensor_from};
+
+/// Where calibration text comes from and how it is cut (the pipeline's `[calibration]`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct CalibrationSpec {
+    /// A UTF-8 text file, relative to the working directory.
+    pub text: PathBuf,
+    /// Number of sequences (fewer are used when the text is too short for all of them).
+    pub samples: usize,
+    /// Tokens per sequence.
+    pub seq_len: usize,
+}
+
+impl Default for CalibrationSpec {
+    fn default() -> Self {
+        CalibrationSpec {
+            text: PathBuf::from("data/calibration.txt"),
+            samples: 64,
+            seq_len: 256,
+        }
+    }
+}
+
+/// Why calibration data could not be prepared.
+#[derive(Debug, thiserror::Error)]
+pub enum CalibrationError {
+    /// The text file cannot be read.
+    #[error("cannot read calibration text {}: {source}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The model's tokenizer is missing or failed.
+    #[error("cannot tokenize the calibration text: {0}")]
+    Tokenizer(#[from] EngineError),
+    /// The text does not fill one sequence.
+    #[error(
+        "calibration text {} has {tokens} tokens, fewer than one sequence of seq_len = {seq_len}; use a longer text or a smaller seq_len",
+        path.display()
+    )]
+    TooShort {
+        /// The file.
+        path: PathBuf,
+        /// Tokens in it.
+        tokens: usize,
+        /// Tokens one sequence needs.
+        seq_len: usize,
+    },
+}
+
+/// Tokenized calibration sequences, all of the same length.
+#[derive(Debug, Clone)]
+pub struct CalibrationSet {
+    /// The text file they came from.
+    pub source: PathBuf,
+    /// Token ids, `samples` sequences of `seq_len` tokens.
+    pub sequences: Vec<Vec<u32>>,
+}
+
+impl CalibrationSet {
+    /// Reads `spec.text` and cuts it with the model's tokenizer.
+    pub fn load(spec: &CalibrationSpec, model: &Model) -> Result<Self, CalibrationError> {
+        let text =
+            std::fs::read_to_string(&spec.text).map_err(|source| CalibrationError::Read {
+                path: spec.text.clone(),
+                source,
+            })?;
+        let tokenizer = Tokenizer::for_model(model)?;
+        Self::from_text(&text, &spec.text, &tokenizer, spec.samples, spec.seq_len)
+    }
+
+    /// Tokenizes `text` (no special tokens: the sequences are windows of running text) and
+    /// takes up to `samples` consecutive non-overlapping chunks of `seq_len` tokens.
+    pub fn from_text(
+        text: &str,
+        source: &Path,
+        tokenizer: &Tokenizer,
+        samples: usize,
+        seq_len: usize,
+    ) -> Result<Self, CalibrationError> {
+        let ids = tokenizer.encode_with(text, false)?;
+        if seq_len == 0 || ids.len() < seq_len {
+            return Err(CalibrationError::TooShort {
+                path: source.to_path_buf(),
+                tokens: ids.len(),
+                seq_len,
+            });
+        }
+        let available = ids.len() / seq_len;
+        if available < samples {
+            tracing::warn!(
+                "calibration text {} holds {available} sequences of {seq_len} tokens; using those instead of {samples}",
+                source.display()
+            );
+        }
+        let sequences = ids
+            .chunks_exact(seq_len)
+            .take(samples)
+            .map(<[u32]>::to_vec)
+            .collect();
+        Ok(CalibrationSet {
+            source: source.to_path_buf(),
+            sequences,
+        })
+    }
+
+    /// Number of sequences.
+    pub fn samples(&self) -> usize {
+        self.sequences.len()
+    }
+
+    /// Tokens per sequence.
+    pub fn seq_len(&self) -> usize {
+        self.sequences.first().map_or(0, Vec::len)
+    }
+}
+
+/// Accumulates, per linear layer, the sum over tokens of x_j² for every input column j, in
+/// f64 so the order of thousands of additions does not blur near-ties between columns.
+#[derive(Default)]
+struct SquaredInputs {
+    sums: BTreeMap<String, Vec<f64>>,
+}
+
+impl LinearObserver for SquaredInputs {
+    fn observe(&mut self, linear: &Linear, input: &Tensor) -> Result<(), EngineError> {
+        let rows = input.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+        let acc = self
+            .sums
+            .entry(linear.name().to_string())
+            .or_insert_with(|| vec![0.0; linear.in_features()]);
+        for row in &rows {
+            for (a, &x) in acc.iter_mut().zip(row) {
+                let x = f64::from(x);
+                *a += x * x;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Calibration statistics of one state of the model, computed on first request and cached.
+pub struct Calibrator {
+    set: Arc<CalibrationSet>,
+    model: Model,
+    session: OnceLock<Result<Session, String>>,
+    norms: OnceLock<Result<BTreeMap<String, Tensor>, String>>,
+    loss: OnceLock<Result<f64, String>>,
+}
+
+impl Calibrator {
+    /// A calibrator for `model` as it is now (cloning a model shares its weight storage).
+    pub fn new(model: Model, set: Arc<CalibrationSet>) -> Self {
+        Calibrator {
+            set,
+            model,
+            session: OnceLock::new(),
+            norms: OnceLock::new(),
+            loss: OnceLock::new(),
+        }
+    }
+
+    /// Number of calibration sequences.
+    pub fn samples(&self) -> usize {
+        self.set.samples()
+    }
+
+    /// Tokens per sequence.
+    pub fn seq_len(&self) -> usize {
+        self.set.seq_len()
+    }
+
+    fn session(&self) -> Result<&Session, String> {
+        self.session
+            .get_or_init(|| {
+                Session::new(&self.model)
+                    .map_err(|e| format!("cannot run the model on calibration text: {e}"))
+            })
+            .as_ref()
+            .map_err(Clone::clone)
+    }
+
+    /// Wanda's statistic for `layer`: `[1, in]`, column j = mean over sequences of the sum
+    /// over tokens of x_j². The first call runs the whole calibration set once and keeps the
+    /// statistic of every block linear.
+    pub fn activation_norms(&self, layer: &str) -> Result<Tensor, String> {
+        let norms = self
+            .norms
+            .get_or_init(|| self.compute_norms())
+            .as_ref()
+            .map_err(Clone::clone)?;
+        norms.get(layer).cloned().ok_or_else(|| {
+            format!("no activation statistics for `{layer}`: only the weights of block linear layers (attention and MLP projections) have them")
+        })
+    }
+
+    fn compute_norms(&self) -> Result<BTreeMap<String, Tensor>, String> {
+        let session = self.session()?;
+        let started = std::time::Instant::now();
+        let mut observer = SquaredInputs::default();
+        for seq in &self.set.sequences {
+            session
+                .hidden_states(seq, None, Some(&mut observer))
+                .map_err(|e| format!("calibration forward pass failed: {e}"))?;
+        }
+        let n = self.set.samples().max(1) as f64;
+        let mut out = BTreeMap::new();
+        for (name, sums) in observer.sums {
+            let cols = sums.len();
+            let mean: Vec<f32> = sums.into_iter().map(|s| (s / n) as f32).collect();
+            out.insert(name, tensor_from(mean, &[1, cols])?);
+        }
+        tracing::info!(
+            "activation norms over {} sequences of {} tokens in {:.1} s",
+            self.set.samples(),
+            self.set.seq_len(),
+            started.elapsed().as_secs_f64()
+        );
+        Ok(out)
+    }
+
+    /// Mean calibration loss of the model (mean over sequences of the mean next-token loss).
+    pub fn loss(&self) -> Result<f64, String> {
+        self.loss
+            .get_or_init(|| mean_loss(self.session()?, &self.set))
+            .clone()
+    }
+
+    /// The calibration loss with `layer` additionally masked by `mask` (one forward pass over
+    /// the set; the model itself is untouched).
+    pub fn loss_with_mask(&self, layer: &str, mask: &Mask) -> Result<f64, String> {
+        let mut session = self.session()?.clone();
+        let linear = session
+            .linear_mut(layer)
+            .ok_or_else(|| format!("`{layer}` is not a linear layer of the forward pass"))?;
+        let LinearWeight::Dense(weight) = linear.weight() else {
+            return Err(format!("`{layer}` does not hold dense weights"));
+        };
+        // The weights already carry earlier masks (zeros), so masking again intersects.
+        let masked = apply_mask(weight, mask)?;
+        let bias = linear.bias().cloned();
+        *linear = Linear::dense(layer, masked, bias).map_err(|e| e.to_string())?;
+        mean_loss(&session, &self.set)
+    }
+}
+
+fn mean_loss(session: &Session, set: &CalibrationSet) -> Result<f64, String> {
+    let mut total = 0.0f64;
+    for seq in &set.sequences {
+        total += f64::from(
+            session
+                .loss(seq)
+                .map_err(|e| format!("calibration loss failed: {e}"))?,
+        );
+    }
+    Ok(total / set.samples().max(1) as f64)
+}

@@ -1,0 +1,339 @@
+//! Calibration statistics served through the 0.2 WIT and the `wanda` criterion, checked against
+//! a straightforward reference computed here (the engine's forward pass with an observer of our
+//! own, explicit loops and sorting); the `[calibration]` section's errors; and the promise of
+//! WIT versioning: a plugin built against the frozen 0.1.0 contract still runs.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+
+use candle_core::Tensor;
+use espalier::app::{App, AppError, RunOverrides, RunResult};
+use espalier::calibration::{CalibrationSet, Calibrator};
+use espalier::mask::{Mask, Structure};
+use espalier::pipeline::Pipeline;
+use espalier::plugin::WitVersion;
+use espalier::run::Quiet;
+use espalier_engine::{EngineError, Linear, LinearObserver, Model, Session, Tokenizer};
+
+const SAMPLES: usize = 4;
+const SEQ_LEN: usize = 32;
+
+fn app() -> &'static App {
+    static APP: OnceLock<App> = OnceLock::new();
+    APP.get_or_init(|| App::new(&[]).expect("runtime and built-in plugins load"))
+}
+
+fn run(text: &str) -> Result<RunResult, AppError> {
+    let pipeline = Pipeline::parse("test.toml", text)?;
+    app().run_pipeline(
+        pipeline,
+        &RunOverrides {
+            no_export: true,
+            ..Default::default()
+        },
+        &mut Quiet,
+    )
+}
+
+fn calibration_text() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/calibration.txt")
+}
+
+fn calibration_section() -> String {
+    format!(
+        "[calibration]\ntext = {:?}\nsamples = {SAMPLES}\nseq_len = {SEQ_LEN}\n",
+        calibration_text().display().to_string()
+    )
+}
+
+fn tiny() -> Model {
+    espalier_engine::load_model("builtin:tiny-llama").expect("built-in model")
+}
+
+/// The reference statistic: per linear, per input column, the sum over every token of every
+/// sequence of x², divided by the number of sequences (accumulated in f64, token order).
+struct Reference(BTreeMap<String, Vec<f64>>);
+
+impl LinearObserver for Reference {
+    fn observe(&mut self, linear: &Linear, input: &Tensor) -> Result<(), EngineError> {
+        let rows: Vec<Vec<f32>> = input.to_vec2()?;
+        let acc = self
+            .0
+            .entry(linear.name().to_string())
+            .or_insert_with(|| vec![0.0; linear.in_features()]);
+        for row in rows {
+            for j in 0..row.len() {
+                acc[j] += f64::from(row[j]) * f64::from(row[j]);
+            }
+        }
+        Ok(())
+    }
+}
+
+fn reference_norms(model: &Model) -> BTreeMap<String, Vec<f32>> {
+    let text = std::fs::read_to_string(calibration_text()).unwrap();
+    // builtin:tiny-llama uses the byte tokenizer: one id per UTF-8 byte.
+    let ids: Vec<u32> = text.bytes().map(u32::from).collect();
+    let session = Session::new(model).unwrap();
+    let mut obs = Reference(BTreeMap::new());
+    for s in 0..SAMPLES {
+        let seq = &ids[s * SEQ_LEN..(s + 1) * SEQ_LEN];
+        session.hidden_states(seq, None, Some(&mut obs)).unwrap();
+    }
+    obs.0
+        .into_iter()
+        .map(|(k, v)| (k, v.iter().map(|s| (s / SAMPLES as f64) as f32).collect()))
+        .collect()
+}
+
+/// Wanda scores of one layer, `[r][c]`, in the same f32 arithmetic as the host kernels.
+fn wanda_scores(model: &Model, norms: &BTreeMap<String, Vec<f32>>, name: &str) -> Vec<Vec<f32>> {
+    let w: Vec<Vec<f32>> = model.weight(name).unwrap().to_vec2().unwrap();
+    let n = &norms[name];
+    w.iter()
+        .map(|row| row.iter().zip(n).map(|(x, v)| x.abs() * v.sqrt()).collect())
+        .collect()
+}
+
+/// The indices of the `k` best entries of `scores`, by sorting (ties: lower index first).
+fn top_k(scores: &[f32], k: usize) -> Vec<bool> {
+    let mut order: Vec<usize> = (0..scores.len()).collect();
+    order.sort_by(|&a, &b| scores[b].partial_cmp(&scores[a]).unwrap().then(a.cmp(&b)));
+    let mut keep = vec![false; scores.len()];
+    for &i in order.iter().take(k) {
+        keep[i] = true;
+    }
+    keep
+}
+
+fn reference_wanda(model: &Model, name: &str, density: f64) -> Vec<bool> {
+    let norms = reference_norms(model);
+    let scores = wanda_scores(model, &norms, name);
+    let cols = scores[0].len();
+    let k = (density * cols as f64).round() as usize;
+    scores.iter().flat_map(|row| top_k(row, k)).collect()
+}
+
+fn reference_wanda_n_m(model: &Model, name: &str, n: usize, m: usize) -> Vec<bool> {
+    let norms = reference_norms(model);
+    wanda_scores(model, &norms, name)
+        .iter()
+        .flat_map(|row| row.chunks(m).flat_map(|g| top_k(g, n)).collect::<Vec<_>>())
+        .collect()
+}
+
+fn mask_of(result: &RunResult, name: &str) -> Vec<bool> {
+    result.state.masks[name].keep().to_vec()
+}
+
+fn names(model: &Model, pattern: &str) -> Vec<String> {
+    model
+        .layers()
+        .into_iter()
+        .filter(|l| l.role.is_block_linear() && l.name.contains(pattern))
+        .map(|l| l.name)
+        .collect()
+}
+
+#[test]
+fn wanda_matches_the_reference_per_row() {
+    let model = tiny();
+    let result = run(&format!(
+        "model = \"builtin:tiny-llama\"\n{}[[stage]]\nplugin = \"wanda\"\ndensity = 0.3\n",
+        calibration_section()
+    ))
+    .unwrap();
+    let all = names(&model, "");
+    assert!(!all.is_empty());
+    for name in &all {
+        let got = mask_of(&result, name);
+        assert_eq!(got, reference_wanda(&model, name, 0.3), "{name}");
+        // Per-row selection: every row keeps the same count.
+        let cols = model.weight(name).unwrap().dims()[1];
+        let k = (0.3 * cols as f64).round() as usize;
+        assert!(
+            got.chunks(cols)
+                .all(|r| r.iter().filter(|&&b| b).count() == k)
+        );
+    }
+    // Wanda differs from magnitude on real activations (else the statistic was ignored).
+    let mag =
+        run("model = \"builtin:tiny-llama\"\n[[stage]]\nplugin = \"magnitude\"\ndensity = 0.3\n")
+            .unwrap();
+    assert!(all.iter().any(|n| mask_of(&mag, n) != mask_of(&result, n)));
+}
+
+#[test]
+fn wanda_n_m_keeps_the_best_n_of_every_m_by_wanda_score() {
+    let model = tiny();
+    let result = run(&format!(
+        "model = \"builtin:tiny-llama\"\n{}[[stage]]\nplugin = \"wanda\"\nn = 2\nm = 4\n",
+        calibration_section()
+    ))
+    .unwrap();
+    for name in names(&model, "") {
+        assert_eq!(
+            mask_of(&result, &name),
+            reference_wanda_n_m(&model, &name, 2, 4),
+            "{name}"
+        );
+        assert_eq!(
+            result.state.masks[&name].structure(),
+            Structure::NOfM { n: 2, m: 4 }
+        );
+    }
+}
+
+#[test]
+fn statistics_see_the_masks_of_earlier_stages() {
+    // Stage 1 prunes the MLPs; the attention inputs of later blocks then change, and wanda's
+    // statistics must be those of the pruned model.
+    let masked = run("model = \"builtin:tiny-llama\"\n[[stage]]\nplugin = \"magnitude\"\ntargets = [\"*.mlp.*\"]\ndensity = 0.4\n")
+        .unwrap()
+        .state
+        .model;
+    let result = run(&format!(
+        "model = \"builtin:tiny-llama\"\n{}[[stage]]\nplugin = \"magnitude\"\ntargets = [\"*.mlp.*\"]\ndensity = 0.4\n[[stage]]\nplugin = \"wanda\"\ntargets = [\"*.self_attn.*\"]\ndensity = 0.5\n",
+        calibration_section()
+    ))
+    .unwrap();
+    let dense = tiny();
+    let attn = names(&dense, "self_attn");
+    let mut differs_from_dense = false;
+    for name in &attn {
+        let got = mask_of(&result, name);
+        assert_eq!(got, reference_wanda(&masked, name, 0.5), "{name}");
+        differs_from_dense |= got != reference_wanda(&dense, name, 0.5);
+    }
+    assert!(
+        differs_from_dense,
+        "earlier masks must change the statistics"
+    );
+}
+
+#[test]
+fn calibration_losses_match_the_engine() {
+    let model = tiny();
+    let text = std::fs::read_to_string(calibration_text()).unwrap();
+    let set = CalibrationSet::from_text(
+        &text,
+        &calibration_text(),
+        &Tokenizer::bytes(),
+        SAMPLES,
+        SEQ_LEN,
+    )
+    .unwrap();
+    assert_eq!((set.samples(), set.seq_len()), (SAMPLES, SEQ_LEN));
+    let session = Session::new(&model).unwrap();
+    let expected: f64 = set
+        .sequences
+        .iter()
+        .map(|s| f64::from(session.loss(s).unwrap()))
+        .sum::<f64>()
+        / SAMPLES as f64;
+    let cal = Calibrator::new(model.clone(), Arc::new(set));
+    let loss = cal.loss().unwrap();
+    assert!((loss - expected).abs() < 1e-9, "{loss} vs {expected}");
+
+    let name = names(&model, "mlp.down").remove(0);
+    let shape = model.weight(&name).unwrap().dims().to_vec();
+    let numel: usize = shape.iter().product();
+    let dense = Mask::dense(shape.clone());
+    assert!((cal.loss_with_mask(&name, &dense).unwrap() - loss).abs() < 1e-9);
+    let empty = Mask::new(shape, vec![false; numel], Structure::Unstructured).unwrap();
+    let pruned = cal.loss_with_mask(&name, &empty).unwrap();
+    assert!(
+        (pruned - loss).abs() > 1e-6,
+        "masking a layer must move the loss"
+    );
+    // The trial left the calibrator's model untouched.
+    assert_eq!(cal.loss().unwrap(), loss);
+    assert!(cal.activation_norms("lm_head.weight").is_err());
+}
+
+#[test]
+fn calibration_errors_are_clear() {
+    let tmp = tempfile::tempdir().unwrap();
+    let short = tmp.path().join("short.txt");
+    std::fs::write(&short, "too short").unwrap();
+    let stage = "[[stage]]\nplugin = \"wanda\"\ndensity = 0.5\n";
+    let cases = [
+        (
+            format!(
+                "model = \"builtin:tiny-llama\"\n[calibration]\ntext = {:?}\nseq_len = 32\n{stage}",
+                short.display().to_string()
+            ),
+            "test.toml:3:8: calibration.text: calibration text",
+            "fewer than one sequence of seq_len = 32",
+        ),
+        (
+            format!(
+                "model = \"builtin:tiny-llama\"\n[calibration]\ntext = {:?}\nsamples = 0\n{stage}",
+                calibration_text().display().to_string()
+            ),
+            "test.toml:4:11: calibration.samples",
+            "must be in 1..=",
+        ),
+        (
+            format!(
+                "model = \"builtin:tiny-llama\"\n[calibration]\ntext = {:?}\nseq_len = 1\n{stage}",
+                calibration_text().display().to_string()
+            ),
+            "calibration.seq_len",
+            "must be in 2..=",
+        ),
+        (
+            format!(
+                "model = \"builtin:tiny-llama\"\n[calibration]\ntext = \"no/such/file.txt\"\n{stage}"
+            ),
+            "test.toml:3:8: calibration.text",
+            "not a readable file",
+        ),
+        (
+            format!("model = \"builtin:tiny-llama\"\n[calibration]\nwords = 3\n{stage}"),
+            "test.toml:",
+            "unknown field `words`",
+        ),
+    ];
+    for (text, at, says) in cases {
+        let err = run(&text).err().expect("must fail").to_string();
+        assert!(err.contains(at) && err.contains(says), "{err}");
+    }
+    // No [calibration] and no default text where the run happens: the stage that needs it is
+    // named at planning, before anything runs.
+    if !Path::new("data/calibration.txt").exists() {
+        let err = run(&format!("model = \"builtin:tiny-llama\"\n{stage}"))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("stage[0].plugin") && err.contains("needs calibration data"),
+            "{err}"
+        );
+    }
+}
+
+#[test]
+fn plugins_built_against_wit_0_1_still_run() {
+    let legacy =
+        PathBuf::from(env!("ESPALIER_PLUGIN_WASM_DIR")).join("espalier_test_legacy_v01.wasm");
+    assert!(legacy.is_file(), "{} was not built", legacy.display());
+    let plugin = espalier::plugin::registry::load_file(&app().runtime, &legacy).unwrap();
+    assert_eq!(plugin.compiled.wit, WitVersion::V0_1);
+    assert_eq!(
+        app().registry.get("magnitude").unwrap().compiled.wit,
+        WitVersion::V0_2
+    );
+    let old = run(&format!(
+        "model = \"builtin:tiny-llama\"\n[[stage]]\nplugin = {:?}\ndensity = 0.4\n",
+        legacy.display().to_string()
+    ))
+    .unwrap();
+    let new =
+        run("model = \"builtin:tiny-llama\"\n[[stage]]\nplugin = \"magnitude\"\ndensity = 0.4\n")
+            .unwrap();
+    for name in names(&tiny(), "") {
+        assert_eq!(mask_of(&old, &name), mask_of(&new, &name), "{name}");
+    }
+}
