@@ -36,7 +36,7 @@ impl Guest for Magnitude {
                 .zip(&scores)
                 .map(|(target, s)| {
                     let density = target_density(target)?;
-                    Ok(kernels::select(s, Structure::Unstructured, density)?)
+                    kernels::select(s, Structure::Unstructured, density)
                 })
                 .collect::<Result<Vec<Mask>, String>>()?,
             "global" => {
