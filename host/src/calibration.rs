@@ -216,6 +216,15 @@ impl Calibrator {
         })
     }
 
+    /// Computes the activation norms of every block linear now, if not done yet.
+    pub fn prepare_norms(&self) -> Result<(), String> {
+        self.norms
+            .get_or_init(|| self.compute_norms())
+            .as_ref()
+            .map(|_| ())
+            .map_err(Clone::clone)
+    }
+
     fn compute_norms(&self) -> Result<BTreeMap<String, Tensor>, String> {
         let session = self.session()?;
         let started = std::time::Instant::now();

@@ -14,7 +14,7 @@ use crate::heads::{self, HeadsChange};
 use crate::mask::{Mask, Structure, rows_cols};
 use crate::plan::{Plan, PlannedStage, StageDensity};
 use crate::plugin::bindings::espalier::prune::model as wit_model;
-use crate::plugin::bindings::{OutputKind, StageContext, StageOutput, Target};
+use crate::plugin::bindings::{Need, OutputKind, StageContext, StageOutput, Target};
 use crate::plugin::state::ModelView;
 use crate::plugin::{CallTimings, Origin, PluginError, Runtime, Sandbox};
 use crate::report::{LayerReport, RunReport, StageReport, Summary};
@@ -257,6 +257,26 @@ pub fn run_stage(
         let calibrator = state
             .calibrator
             .get_or_insert_with(|| Arc::new(Calibrator::new(state.model.clone(), set.clone())));
+        // Statistics the plugin declared it needs are computed before the call: the sandbox
+        // deadline counts wall time, and one pass over the calibration set of a real model can
+        // take longer than a plugin's whole budget. (`loss-with-mask` trials still count.)
+        let needs = &stage.plugin.info.needs;
+        let prepared = if needs.contains(&Need::Activations) {
+            calibrator.prepare_norms()
+        } else {
+            Ok(())
+        }
+        .and_then(|()| {
+            if needs.contains(&Need::Loss) {
+                calibrator.loss().map(|_| ())
+            } else {
+                Ok(())
+            }
+        });
+        prepared.map_err(|message| RunError::Apply {
+            stage: stage_name.clone(),
+            message,
+        })?;
         view.calibration = Some(calibrator.clone());
     }
     let view = Arc::new(view);
