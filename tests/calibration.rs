@@ -285,6 +285,14 @@ fn calibration_errors_are_clear() {
         ),
         (
             format!(
+                "model = \"builtin:tiny-gpt2\"\n[calibration]\ntext = {:?}\nseq_len = 60000\n{stage}",
+                calibration_text().display().to_string()
+            ),
+            "test.toml:2:1: calibration.seq_len",
+            "exceed the model's",
+        ),
+        (
+            format!(
                 "model = \"builtin:tiny-llama\"\n[calibration]\ntext = \"no/such/file.txt\"\n{stage}"
             ),
             "test.toml:3:8: calibration.text",

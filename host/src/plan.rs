@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use espalier_engine::{LayerInfo, Model};
+use espalier_engine::{LayerInfo, Model, Session};
 use globset::{Glob, GlobMatcher};
 
 use crate::calibration::{CalibrationSet, CalibrationSpec};
@@ -406,6 +406,22 @@ fn plan_calibration(
         }
         (None, None) => return Ok(None),
     };
+    // GPT-2's learned position table bounds the sequence length; RoPE models have no bound.
+    let max_positions = Session::new(model).map_or(usize::MAX, |s| s.max_positions());
+    if spec.seq_len > max_positions {
+        let at = pipeline
+            .calibration
+            .as_ref()
+            .map_or(position.clone(), |c| c.position.clone());
+        return Err(pipeline.error(
+            &at,
+            "calibration.seq_len",
+            format!(
+                "{} tokens exceed the model's {max_positions} positions",
+                spec.seq_len
+            ),
+        ));
+    }
     CalibrationSet::load(&spec, model)
         .map(|set| Some(Arc::new(set)))
         .map_err(|e| pipeline.error(&position, field, e.to_string()))
