@@ -60,6 +60,15 @@ pub struct Mask {
     shape: Vec<usize>,
     keep: Vec<bool>,
     structure: Structure,
+    /// Number of kept flags, counted once (reports and checks ask for it often).
+    kept: usize,
+}
+
+fn count_kept(keep: &[bool]) -> usize {
+    use rayon::prelude::*;
+    keep.par_chunks(1 << 16)
+        .map(|c| c.iter().filter(|&&k| k).count())
+        .sum()
 }
 
 /// Splits a shape into (rows, cols), treating 1-D tensors as one row.
@@ -82,10 +91,12 @@ impl Mask {
                 keep.len()
             ));
         }
+        let kept = count_kept(&keep);
         let mask = Mask {
             shape,
             keep,
             structure,
+            kept,
         };
         mask.check_structure()?;
         Ok(mask)
@@ -98,6 +109,7 @@ impl Mask {
             shape,
             keep: vec![true; n],
             structure: Structure::Unstructured,
+            kept: n,
         }
     }
 
@@ -118,7 +130,7 @@ impl Mask {
 
     /// Number of kept elements.
     pub fn kept(&self) -> usize {
-        self.keep.iter().filter(|&&k| k).count()
+        self.kept
     }
 
     /// Fraction kept.
@@ -145,10 +157,12 @@ impl Mask {
             .zip(&other.keep)
             .map(|(a, b)| *a && *b)
             .collect();
+        let kept = count_kept(&keep);
         let mut out = Mask {
             shape: self.shape.clone(),
             keep,
             structure: self.structure,
+            kept,
         };
         if out.check_structure().is_err() {
             out.structure = other.structure;

@@ -21,7 +21,27 @@ fn sanitize(x: f32) -> f32 {
     if x.is_nan() { f32::NEG_INFINITY } else { x }
 }
 
+/// Order-preserving map of a score to an unsigned key (larger score, larger key; NaN lowest,
+/// tied with -inf). Matches `f32::total_cmp` on everything else, including -0 < +0.
+#[inline]
+fn key(x: f32) -> u32 {
+    let b = sanitize(x).to_bits();
+    if b >> 31 == 1 { !b } else { b | 0x8000_0000 }
+}
+
+/// Elements per parallel task: large enough to amortise scheduling and per-task histograms.
+const CHUNK: usize = 1 << 17;
+/// Key bits below the histogram's: 12 bucket bits (sign, exponent, 3 mantissa bits) keep the
+/// histogram in L1 while splitting typical weight magnitudes into many buckets.
+const BUCKET_SHIFT: u32 = 20;
+const BUCKETS: usize = 1 << (32 - BUCKET_SHIFT);
+
 /// Flags the `k` highest scores; ties at the threshold go to the lowest indices.
+///
+/// A parallel radix select: a histogram of the top 12 key bits finds the bucket holding the
+/// k-th largest key, an exact selection inside that bucket finds the threshold, and a prefix
+/// sum of tie counts per chunk hands the remaining places to the earliest ties. Every pass
+/// streams the scores once, so the cost is a few reads of the tensor on all cores.
 pub fn top_k_flags(scores: &[f32], k: usize) -> Vec<bool> {
     let n = scores.len();
     if k == 0 {
@@ -30,29 +50,87 @@ pub fn top_k_flags(scores: &[f32], k: usize) -> Vec<bool> {
     if k >= n {
         return vec![true; n];
     }
-    let mut sorted: Vec<f32> = scores.par_iter().map(|&x| sanitize(x)).collect();
-    let (_, threshold, _) = sorted.select_nth_unstable_by(n - k, |a, b| a.total_cmp(b));
-    let threshold = *threshold;
-    drop(sorted);
-    let above = scores
-        .par_iter()
-        .filter(|&&s| sanitize(s) > threshold)
-        .count();
-    let mut ties_left = k - above;
-    scores
-        .iter()
-        .map(|&s| {
-            let s = sanitize(s);
-            if s > threshold {
-                true
-            } else if s == threshold && ties_left > 0 {
-                ties_left -= 1;
-                true
-            } else {
-                false
+    let hist = scores
+        .par_chunks(CHUNK)
+        .map(|chunk| {
+            let mut h = vec![0u32; BUCKETS];
+            for &x in chunk {
+                h[(key(x) >> BUCKET_SHIFT) as usize] += 1;
             }
+            h
         })
-        .collect()
+        .reduce(
+            || vec![0u32; BUCKETS],
+            |mut a, b| {
+                a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
+                a
+            },
+        );
+    // Walk buckets from the top until k elements are covered.
+    let mut above_bucket = 0usize;
+    let mut bucket = 0usize;
+    for b in (0..BUCKETS).rev() {
+        let c = hist[b] as usize;
+        if above_bucket + c >= k {
+            bucket = b;
+            break;
+        }
+        above_bucket += c;
+    }
+    // Exact k-th largest key among the bucket's members.
+    let mut members: Vec<u32> = scores
+        .par_iter()
+        .map(|&x| key(x))
+        .filter(|&kx| (kx >> BUCKET_SHIFT) as usize == bucket)
+        .collect();
+    let rank = k - above_bucket; // 1-based rank inside the bucket, from the top
+    let idx = members.len() - rank;
+    let (_, &mut threshold, _) = members.select_nth_unstable(idx);
+    drop(members);
+
+    // Places left for elements equal to the threshold, given to the earliest ones.
+    let counts: Vec<(usize, usize)> = scores
+        .par_chunks(CHUNK)
+        .map(|chunk| {
+            chunk.iter().fold((0, 0), |(gt, eq), &x| {
+                let kx = key(x);
+                (
+                    gt + usize::from(kx > threshold),
+                    eq + usize::from(kx == threshold),
+                )
+            })
+        })
+        .collect();
+    let above: usize = counts.iter().map(|c| c.0).sum();
+    let mut ties_left = k - above;
+    let budgets: Vec<usize> = counts
+        .iter()
+        .map(|&(_, eq)| {
+            let take = eq.min(ties_left);
+            ties_left -= take;
+            take
+        })
+        .collect();
+    let mut flags = vec![false; n];
+    flags
+        .par_chunks_mut(CHUNK)
+        .zip(scores.par_chunks(CHUNK))
+        .zip(budgets.par_iter())
+        .for_each(|((out, chunk), &budget)| {
+            let mut ties = budget;
+            for (f, &x) in out.iter_mut().zip(chunk) {
+                let kx = key(x);
+                *f = if kx > threshold {
+                    true
+                } else if kx == threshold && ties > 0 {
+                    ties -= 1;
+                    true
+                } else {
+                    false
+                };
+            }
+        });
+    flags
 }
 
 /// Shape of the group grid of a `[r, c]` tensor under `s`, with a check that it applies.
@@ -121,12 +199,29 @@ fn group_reduce(
             .for_each(|(a, &x)| *a = f(x));
         return Ok((acc, (gr, gc)));
     }
-    for i in 0..r {
-        let row = &values[i * c..(i + 1) * c];
-        for (j, &x) in row.iter().enumerate() {
-            acc[group_of(s, gc, i, j)] += f(x);
-        }
-    }
+    // Tensor rows feeding one row of the group grid, and tensor columns feeding one group.
+    let (band, width) = match s {
+        Structure::Blocks { rows, cols } => (rows, cols),
+        Structure::RowGroups { size } => (size, c),
+        Structure::NOfM { m, .. } => (1, m),
+        Structure::Rows => (1, c),
+        Structure::ColumnGroups { size } => (r, size),
+        Structure::Columns => (r, 1),
+        Structure::Unstructured => (1, 1),
+    };
+    let (band, width) = (band.max(1), width.max(1));
+    acc.par_chunks_mut(gc)
+        .enumerate()
+        .for_each(|(gi, acc_row)| {
+            let first = gi * band;
+            let last = ((gi + 1) * band).min(r);
+            for i in first..last {
+                let row = &values[i * c..(i + 1) * c];
+                for (slot, chunk) in acc_row.iter_mut().zip(row.chunks(width)) {
+                    *slot += chunk.iter().map(|&x| f(x)).sum::<f64>();
+                }
+            }
+        });
     Ok((acc, (gr, gc)))
 }
 
@@ -193,21 +288,33 @@ pub fn select(scores: &[f32], shape: &[usize], s: Structure, density: f64) -> Re
             scores.len()
         ));
     }
-    let (r, c) = rows_cols(shape);
+    let (_, c) = rows_cols(shape);
     let keep = match s {
         Structure::Unstructured => top_k_flags(scores, kept_count(density, numel)?),
         Structure::NOfM { n, m } => {
             group_grid(shape, s)?;
             let mut keep = vec![false; numel];
-            keep.par_chunks_mut(m)
-                .zip(scores.par_chunks(m))
-                .for_each(|(k, sc)| {
-                    let mut idx: Vec<usize> = (0..m).collect();
-                    idx.sort_by(|&a, &b| {
-                        sanitize(sc[b]).total_cmp(&sanitize(sc[a])).then(a.cmp(&b))
-                    });
-                    for &i in idx.iter().take(n) {
-                        k[i] = true;
+            // Whole rows per task; inside a group, n passes of "best not yet kept" (n <= m is
+            // small) avoid any allocation per group.
+            keep.par_chunks_mut(c.max(1))
+                .zip(scores.par_chunks(c.max(1)))
+                .for_each(|(krow, srow)| {
+                    for (k, sc) in krow.chunks_mut(m).zip(srow.chunks(m)) {
+                        for _ in 0..n.min(sc.len()) {
+                            let mut best: Option<usize> = None;
+                            for (i, &x) in sc.iter().enumerate() {
+                                if k[i] {
+                                    continue;
+                                }
+                                // Strictly greater: ties keep the lower index.
+                                if best.is_none_or(|b| key(x) > key(sc[b])) {
+                                    best = Some(i);
+                                }
+                            }
+                            if let Some(b) = best {
+                                k[b] = true;
+                            }
+                        }
                     }
                 });
             keep
@@ -217,11 +324,13 @@ pub fn select(scores: &[f32], shape: &[usize], s: Structure, density: f64) -> Re
             let as_f32: Vec<f32> = group_scores.iter().map(|&v| v as f32).collect();
             let flags = top_k_flags(&as_f32, kept_count(density, as_f32.len())?);
             let mut keep = vec![false; numel];
-            for i in 0..r {
-                for j in 0..c {
-                    keep[i * c + j] = flags[group_of(s, gc, i, j)];
-                }
-            }
+            keep.par_chunks_mut(c.max(1))
+                .enumerate()
+                .for_each(|(i, row)| {
+                    for (j, k) in row.iter_mut().enumerate() {
+                        *k = flags[group_of(s, gc, i, j)];
+                    }
+                });
             keep
         }
     };
@@ -281,7 +390,8 @@ mod tests {
 
     #[test]
     fn top_k_matches_sorting_reference_with_ties() {
-        for (n, seed) in [(1, 1), (10, 2), (257, 3), (4096, 4)] {
+        // Sizes beyond one parallel chunk exercise the per-chunk tie budgets.
+        for (n, seed) in [(1, 1), (10, 2), (257, 3), (4096, 4), (3 * CHUNK + 17, 5)] {
             let s = scores(n, seed);
             for k in [0, 1, n / 3, n / 2, n - 1, n] {
                 assert_eq!(top_k_flags(&s, k), reference_top_k(&s, k), "n={n} k={k}");

@@ -49,8 +49,9 @@ pub fn apply_mask(weight: &Tensor, mask: &crate::mask::Mask) -> Result<Tensor, S
         ));
     }
     let data = with_f32(weight, |w| {
-        w.iter()
-            .zip(mask.keep())
+        use rayon::prelude::*;
+        w.par_iter()
+            .zip(mask.keep().par_iter())
             .map(|(&x, &k)| if k { x } else { 0.0 })
             .collect::<Vec<f32>>()
     })?;
