@@ -52,7 +52,7 @@ fn tiny() -> Model {
 }
 
 /// The reference statistic: per linear, per input column, the sum over every token of every
-/// sequence of x², divided by the number of sequences (accumulated in f64, token order).
+/// sequence of x², divided by the number of sequences (f64; per-sequence sums, then their sum).
 struct Reference(BTreeMap<String, Vec<f64>>);
 
 impl LinearObserver for Reference {
@@ -76,12 +76,20 @@ fn reference_norms(model: &Model) -> BTreeMap<String, Vec<f32>> {
     // builtin:tiny-llama uses the byte tokenizer: one id per UTF-8 byte.
     let ids: Vec<u32> = text.bytes().map(u32::from).collect();
     let session = Session::new(model).unwrap();
-    let mut obs = Reference(BTreeMap::new());
+    // Sum over each sequence's tokens, then over sequences, then the mean.
+    let mut total: BTreeMap<String, Vec<f64>> = BTreeMap::new();
     for s in 0..SAMPLES {
         let seq = &ids[s * SEQ_LEN..(s + 1) * SEQ_LEN];
+        let mut obs = Reference(BTreeMap::new());
         session.hidden_states(seq, None, Some(&mut obs)).unwrap();
+        for (name, sums) in obs.0 {
+            let t = total.entry(name).or_insert_with(|| vec![0.0; sums.len()]);
+            for j in 0..sums.len() {
+                t[j] += sums[j];
+            }
+        }
     }
-    obs.0
+    total
         .into_iter()
         .map(|(k, v)| (k, v.iter().map(|s| (s / SAMPLES as f64) as f32).collect()))
         .collect()

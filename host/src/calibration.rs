@@ -16,6 +16,7 @@ use candle_core::{DType, Tensor};
 use espalier_engine::{
     EngineError, Linear, LinearObserver, LinearWeight, Model, Session, Tokenizer,
 };
+use rayon::prelude::*;
 
 use crate::mask::Mask;
 use crate::tensor_util::{apply_mask, tensor_from};
@@ -228,15 +229,35 @@ impl Calibrator {
     fn compute_norms(&self) -> Result<BTreeMap<String, Tensor>, String> {
         let session = self.session()?;
         let started = std::time::Instant::now();
-        let mut observer = SquaredInputs::default();
-        for seq in &self.set.sequences {
-            session
-                .hidden_states(seq, None, Some(&mut observer))
-                .map_err(|e| format!("calibration forward pass failed: {e}"))?;
+        // Sequences run in parallel (one 256-token pass does not keep the cores busy); each
+        // has its own sums, added up afterwards in sequence order, so the result does not
+        // depend on scheduling.
+        let per_sequence: Vec<BTreeMap<String, Vec<f64>>> = self
+            .set
+            .sequences
+            .par_iter()
+            .map(|seq| {
+                let mut observer = SquaredInputs::default();
+                session
+                    .hidden_states(seq, None, Some(&mut observer))
+                    .map_err(|e| format!("calibration forward pass failed: {e}"))?;
+                Ok(observer.sums)
+            })
+            .collect::<Result<_, String>>()?;
+        let mut totals: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+        for sums in per_sequence {
+            for (name, s) in sums {
+                match totals.get_mut(&name) {
+                    Some(t) => t.iter_mut().zip(&s).for_each(|(t, v)| *t += v),
+                    None => {
+                        totals.insert(name, s);
+                    }
+                }
+            }
         }
         let n = self.set.samples().max(1) as f64;
         let mut out = BTreeMap::new();
-        for (name, sums) in observer.sums {
+        for (name, sums) in totals {
             let cols = sums.len();
             let mean: Vec<f32> = sums.into_iter().map(|s| (s / n) as f32).collect();
             out.insert(name, tensor_from(mean, &[1, cols])?);
@@ -275,14 +296,18 @@ impl Calibrator {
     }
 }
 
+/// Mean over sequences of each sequence's mean next-token loss (sequences in parallel, summed
+/// in order).
 fn mean_loss(session: &Session, set: &CalibrationSet) -> Result<f64, String> {
-    let mut total = 0.0f64;
-    for seq in &set.sequences {
-        total += f64::from(
+    let losses: Vec<f32> = set
+        .sequences
+        .par_iter()
+        .map(|seq| {
             session
                 .loss(seq)
-                .map_err(|e| format!("calibration loss failed: {e}"))?,
-        );
-    }
+                .map_err(|e| format!("calibration loss failed: {e}"))
+        })
+        .collect::<Result<_, String>>()?;
+    let total: f64 = losses.iter().map(|&l| f64::from(l)).sum();
     Ok(total / set.samples().max(1) as f64)
 }
