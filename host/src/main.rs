@@ -896,12 +896,13 @@ fn espalier_decode_bench(
         StorageArg::F32 => espalier::sparse::Storage::F32,
         StorageArg::Bf16 => espalier::sparse::Storage::Bf16,
     };
-    let formats = espalier::sparse::attach(
+    let attached = espalier::sparse::attach(
         &mut session,
         &result.state.model,
         &result.state.masks,
         storage,
     )?;
+    let formats = attached.formats.clone();
     // Only the packed weights (and the layers left dense) stay alive for the measurement.
     drop(result);
     reset_peak_rss();
@@ -919,6 +920,7 @@ fn espalier_decode_bench(
                 "pruned": pruned,
                 "pruned_formats": formats,
                 "pruned_peak_rss_bytes": pruned_peak,
+                "weight_bytes": {"dense": attached.model_bytes, "pruned": attached.packed_model_bytes},
                 "decode_speedup": speedup,
             }))?
         );
@@ -960,7 +962,20 @@ fn espalier_decode_bench(
             _ => "-".into(),
         },
     ]);
+    t.add_row(vec![
+        "weights held by the forward pass".to_string(),
+        mib(Some(attached.model_bytes as u64)),
+        mib(Some(attached.packed_model_bytes as u64)),
+        format!(
+            "{:.2}x smaller",
+            attached.model_bytes as f64 / attached.packed_model_bytes.max(1) as f64
+        ),
+    ]);
     println!("{t}");
+    println!(
+        "peak RSS is process-wide: the pruned row still counts allocator pages the dense model and \
+         the pruning run left behind; the weights row counts the bytes each forward pass holds"
+    );
     let formats = if formats.is_empty() {
         "none (all dense)".to_string()
     } else {

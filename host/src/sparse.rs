@@ -85,14 +85,31 @@ pub enum Storage {
     Bf16,
 }
 
+/// What [`attach`] did.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Attached {
+    /// Layers per packed format (layers left on candle's dense matmul are not listed).
+    pub formats: BTreeMap<String, usize>,
+    /// Bytes of all model tensors as loaded (f32).
+    pub model_bytes: usize,
+    /// Bytes of the weights the forward pass holds after packing.
+    pub packed_model_bytes: usize,
+}
+
 /// Packs every masked linear of `model` that the planner finds faster sparse and points the
-/// session at it. Returns the number of layers per format.
+/// session at it.
 pub fn attach(
     session: &mut Session,
     model: &Model,
     masks: &BTreeMap<String, Mask>,
     storage: Storage,
-) -> Result<BTreeMap<String, usize>, EngineError> {
+) -> Result<Attached, EngineError> {
+    let model_bytes: usize = model
+        .weights()
+        .values()
+        .map(|t| t.elem_count() * t.dtype().size_in_bytes())
+        .sum();
+    let mut saved = 0isize;
     let dtype = match storage {
         Storage::F32 => Dtype::F32,
         Storage::Bf16 => Dtype::Bf16,
@@ -128,9 +145,14 @@ pub fn attach(
             continue;
         }
         *formats.entry(packed.format_name()).or_insert(0) += 1;
+        saved += (rows * cols * 4) as isize - packed.bytes() as isize;
         session.set_kernel(&name, Arc::new(PackedKernel::new(packed)))?;
     }
-    Ok(formats)
+    Ok(Attached {
+        formats,
+        model_bytes,
+        packed_model_bytes: (model_bytes as isize - saved).max(0) as usize,
+    })
 }
 
 #[cfg(test)]
@@ -186,7 +208,9 @@ mod tests {
             let (model, masks) = pruned(model_name, structure, density);
             let dense = Session::new(&model).unwrap();
             let mut sparse = Session::new(&model).unwrap();
-            let formats = attach(&mut sparse, &model, &masks, Storage::F32).unwrap();
+            let formats = attach(&mut sparse, &model, &masks, Storage::F32)
+                .unwrap()
+                .formats;
             // Prefill (many tokens) and decode (one token) paths.
             for t in [&tokens[..], &tokens[..1]] {
                 let a = dense.forward(t, None).unwrap();
