@@ -365,3 +365,84 @@ fn corrupt_or_mismatched_models_are_refused_clearly() {
         );
     }
 }
+
+#[test]
+fn eval_and_benchmarks_run_on_a_builtin_model() {
+    let dir = tmp();
+    let o = espalier(
+        &[
+            "eval",
+            "builtin:tiny-llama",
+            "--window",
+            "128",
+            "--max-tokens",
+            "600",
+            "--new-tokens",
+            "4",
+            "--json",
+        ],
+        &repo(),
+    );
+    let (stdout, stderr) = text(&o);
+    assert!(o.status.success(), "{stderr}");
+    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert!(v["perplexity"]["perplexity"].as_f64().unwrap() > 1.0);
+    assert_eq!(v["latency"]["new_tokens"], 4);
+
+    let o = espalier(
+        &[
+            "bench",
+            "decode",
+            "builtin:tiny-llama",
+            "--pipeline",
+            "pipelines/block80.toml",
+            "--new-tokens",
+            "4",
+            "--prompt-tokens",
+            "8",
+            "--json",
+        ],
+        &repo(),
+    );
+    let (stdout, stderr) = text(&o);
+    assert!(o.status.success(), "{stderr}");
+    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(v["pruned_formats"]["bsr16x16/f32"], 14, "{v}");
+    assert!(
+        v["weight_bytes"]["pruned"].as_u64().unwrap()
+            < v["weight_bytes"]["dense"].as_u64().unwrap()
+    );
+
+    let o = espalier(&["bench", "kernels", "--quick", "--json"], dir.path());
+    let (stdout, stderr) = text(&o);
+    assert!(o.status.success(), "{stderr}");
+    assert!(serde_json::from_str::<serde_json::Value>(&stdout).is_ok());
+
+    // Bad input: a text shorter than one window, a missing GGUF.
+    let short = write(dir.path(), "short.txt", "too short");
+    let o = espalier(
+        &[
+            "eval",
+            "builtin:tiny-llama",
+            "--text",
+            short.to_str().unwrap(),
+            "--window",
+            "128",
+        ],
+        dir.path(),
+    );
+    assert!(!o.status.success());
+    assert!(
+        text(&o).1.contains("shorter than one evaluation window"),
+        "{:?}",
+        text(&o)
+    );
+    let out = dir.path().join("imported");
+    let o = espalier(
+        &["import", "missing.gguf", out.to_str().unwrap()],
+        dir.path(),
+    );
+    assert!(!o.status.success());
+    assert!(text(&o).1.contains("missing.gguf"), "{:?}", text(&o));
+    assert!(!out.exists());
+}
