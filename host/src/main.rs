@@ -213,11 +213,27 @@ fn main() -> ExitCode {
     match dispatch(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", error_chain(&e));
             ExitCode::FAILURE
         }
     }
 }
+
+/// The error and its causes, skipping causes whose text the message already includes (our
+/// error types embed their source in their own message).
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut out = e.to_string();
+    for cause in e.chain().skip(1) {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+    }
+    out
+}
+
+use espalier::plugin::registry::{need_name, produces_name};
 
 fn dispatch(cli: Cli) -> Result<()> {
     match cli.command {
@@ -660,9 +676,10 @@ fn plugin_json(p: &Plugin) -> serde_json::Value {
         "description": p.info.description,
         "origin": match &p.origin { Origin::Builtin => "builtin".to_string(), Origin::File(f) => f.display().to_string() },
         "sha256": p.compiled.sha256,
+        "wit": p.compiled.wit.to_string(),
         "size_bytes": p.size,
-        "produces": format!("{:?}", p.info.produces).to_lowercase(),
-        "needs": p.info.needs.iter().map(|n| format!("{n:?}").to_lowercase()).collect::<Vec<_>>(),
+        "produces": produces_name(p.info.produces).to_string(),
+        "needs": p.info.needs.iter().map(|n| need_name(*n)).collect::<Vec<_>>(),
         "params": p.info.params.iter().map(|s| serde_json::json!({
             "name": s.name,
             "type": kind_str(s.kind),
@@ -682,13 +699,14 @@ fn cmd_plugins_list(json: bool, dirs: &PluginDirs) -> Result<()> {
     let mut t = Table::new();
     t.load_preset(UTF8_FULL_CONDENSED);
     t.set_header(vec![
-        "name", "version", "produces", "origin", "size", "sha256",
+        "name", "version", "wit", "produces", "origin", "size", "sha256",
     ]);
     for p in app.registry.iter() {
         t.add_row(vec![
             p.info.name.clone(),
             p.info.version.clone(),
-            format!("{:?}", p.info.produces).to_lowercase(),
+            p.compiled.wit.to_string(),
+            produces_name(p.info.produces).to_string(),
             match &p.origin {
                 Origin::Builtin => "builtin".into(),
                 Origin::File(f) => f.display().to_string(),
@@ -722,10 +740,10 @@ fn cmd_plugins_inspect(name: &str, json: bool, dirs: &PluginDirs) -> Result<()> 
     println!("{}", i.description);
     println!(
         "produces: {}   needs: {}   sha256: {}   size: {:.1} KB",
-        format!("{:?}", i.produces).to_lowercase(),
+        produces_name(i.produces),
         i.needs
             .iter()
-            .map(|n| format!("{n:?}").to_lowercase())
+            .map(|n| need_name(*n).to_string())
             .collect::<Vec<_>>()
             .join(", "),
         plugin.compiled.sha256,

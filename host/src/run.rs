@@ -618,7 +618,8 @@ impl StageReport {
                 Origin::Builtin => "builtin".into(),
                 Origin::File(p) => p.display().to_string(),
             },
-            produces: format!("{:?}", stage.plugin.info.produces).to_lowercase(),
+            produces: crate::plugin::registry::produces_name(stage.plugin.info.produces)
+                .to_string(),
             targets,
             requested_density,
             density_after,

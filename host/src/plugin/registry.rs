@@ -196,3 +196,23 @@ impl Registry {
         self.plugins.keys().cloned().collect()
     }
 }
+
+/// `OutputKind` as users read it (`masks`, `budgets`, `heads`).
+pub fn produces_name(kind: super::bindings::OutputKind) -> &'static str {
+    use super::bindings::OutputKind;
+    match kind {
+        OutputKind::Masks => "masks",
+        OutputKind::Budgets => "budgets",
+        OutputKind::Heads => "heads",
+    }
+}
+
+/// `Need` as users read it (`weights`, `activations`, `loss`).
+pub fn need_name(need: super::bindings::Need) -> &'static str {
+    use super::bindings::Need;
+    match need {
+        Need::Weights => "weights",
+        Need::Activations => "activations",
+        Need::Loss => "loss",
+    }
+}
