@@ -94,7 +94,7 @@ fn quickstart_runs_prints_the_table_and_exports() {
 
 #[test]
 fn every_example_pipeline_runs() {
-    for p in ["block80.toml", "2-4.toml", "heads.toml"] {
+    for p in ["block80.toml", "2-4.toml", "heads.toml", "wanda.toml"] {
         let dir = tmp();
         let out = dir.path().join("o");
         let pipeline = repo().join("pipelines").join(p);
