@@ -72,10 +72,12 @@ fn llama(name: &str, c: serde_json::Value) -> Result<Model, EngineError> {
         w.insert(n, t);
         Ok(())
     };
+    // Small embeddings, as in trained models: the tied LM head then gives moderate logits and a
+    // random model scores a perplexity near the vocabulary size instead of an astronomical one.
     put(
         "model.embed_tokens.weight".into(),
         &[config.vocab_size, h],
-        1.0,
+        0.1,
     )?;
     for b in 0..config.num_layers {
         let p = format!("model.layers.{b}");
@@ -112,7 +114,7 @@ fn gpt2(name: &str, c: serde_json::Value) -> Result<Model, EngineError> {
         Ok(())
     };
     let zeros = |shape: &[usize]| Tensor::zeros(shape, candle_core::DType::F32, &Device::Cpu);
-    put("wte.weight".into(), &[config.vocab_size, h], 0.5)?;
+    put("wte.weight".into(), &[config.vocab_size, h], 0.1)?;
     put(
         "wpe.weight".into(),
         &[config.max_position_embeddings, h],
