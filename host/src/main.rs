@@ -862,7 +862,15 @@ fn cmd_bench_kernels(quick: bool, json: bool) -> Result<()> {
 }
 
 /// Resets the process's peak resident set (`VmHWM`) so the next reading covers what follows.
+/// Freed heap pages are first handed back to the kernel, or the counter would restart from
+/// memory the previous measurement already released.
 fn reset_peak_rss() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases free memory at the top of glibc's heaps; it takes no
+    // pointers and is safe to call at any time from any thread.
+    unsafe {
+        libc::malloc_trim(0);
+    }
     // Linux >= 4.0: writing 5 to clear_refs resets the peak RSS counter.
     let _ = std::fs::write("/proc/self/clear_refs", "5");
 }
