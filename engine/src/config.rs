@@ -158,7 +158,14 @@ impl ModelConfig {
                     )
                     .unwrap_or(2048),
                     norm_eps: opt_f64(&raw, "rms_norm_eps").unwrap_or(1e-6),
-                    rope_theta: opt_f64(&raw, "rope_theta").unwrap_or(10_000.0),
+                    // transformers 5 writes `rope_parameters.rope_theta` instead of a top-level
+                    // `rope_theta`; accept both.
+                    rope_theta: opt_f64(&raw, "rope_theta")
+                        .or_else(|| {
+                            raw.get("rope_parameters")
+                                .and_then(|p| opt_f64(p, "rope_theta"))
+                        })
+                        .unwrap_or(10_000.0),
                     tie_word_embeddings: raw
                         .get("tie_word_embeddings")
                         .and_then(Value::as_bool)
