@@ -5,36 +5,20 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use candle_core::Tensor;
-use espalier::app::{App, AppError, RunOverrides, RunResult};
+use espalier::app::RunResult;
 use espalier::calibration::{CalibrationSet, Calibrator};
 use espalier::mask::{Mask, Structure};
-use espalier::pipeline::Pipeline;
 use espalier::plugin::WitVersion;
-use espalier::run::Quiet;
 use espalier_engine::{EngineError, Linear, LinearObserver, Model, Session, Tokenizer};
+
+mod common;
+use common::{app, run};
 
 const SAMPLES: usize = 4;
 const SEQ_LEN: usize = 32;
-
-fn app() -> &'static App {
-    static APP: OnceLock<App> = OnceLock::new();
-    APP.get_or_init(|| App::new(&[]).expect("runtime and built-in plugins load"))
-}
-
-fn run(text: &str) -> Result<RunResult, AppError> {
-    let pipeline = Pipeline::parse("test.toml", text)?;
-    app().run_pipeline(
-        pipeline,
-        &RunOverrides {
-            no_export: true,
-            ..Default::default()
-        },
-        &mut Quiet,
-    )
-}
 
 fn calibration_text() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/calibration.txt")

@@ -4,29 +4,12 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::OnceLock;
 
-use espalier::app::{App, AppError, RunOverrides, RunResult};
-use espalier::pipeline::Pipeline;
-use espalier::run::Quiet;
+use espalier::app::RunResult;
 use espalier_engine::Model;
 
-fn app() -> &'static App {
-    static APP: OnceLock<App> = OnceLock::new();
-    APP.get_or_init(|| App::new(&[]).expect("runtime and built-in plugins load"))
-}
-
-fn run(text: &str) -> Result<RunResult, AppError> {
-    let pipeline = Pipeline::parse("test.toml", text)?;
-    app().run_pipeline(
-        pipeline,
-        &RunOverrides {
-            no_export: true,
-            ..Default::default()
-        },
-        &mut Quiet,
-    )
-}
+mod common;
+use common::run;
 
 fn tiny(name: &str) -> Model {
     espalier_engine::load_model(&format!("builtin:{name}")).expect("built-in model")

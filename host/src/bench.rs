@@ -3,8 +3,6 @@
 //! guest + boundary (instantiation, wasm execution, crossing into host imports and back),
 //! host kernels, and validation/application of the masks.
 
-use std::time::Instant;
-
 use espalier_engine::Model;
 use serde::Serialize;
 
@@ -81,9 +79,7 @@ pub fn bench_plugins(
         let (mut total, mut guest, mut host, mut apply) = (vec![], vec![], vec![], vec![]);
         for i in 0..repeat.max(1) {
             progress(&format!("{} ({}/{})", case.label, i + 1, repeat.max(1)));
-            let started = Instant::now();
             let outcome = execute(&planned, &app.runtime, model.clone(), &mut Quiet)?;
-            let _wall = started.elapsed();
             let s = &outcome.report.stages[0];
             total.push(s.seconds);
             guest.push(s.guest_and_boundary_seconds + s.instantiate_seconds);

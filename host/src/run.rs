@@ -152,10 +152,11 @@ pub fn model_view(model: &Model, masks: &BTreeMap<String, Mask>) -> ModelView {
 }
 
 /// Elements per selection group of a structure on a layer of shape `[r, c]`, used as the
-/// rounding tolerance of a density check.
+/// rounding tolerance of a density check. Unstructured masks may come from a per-row
+/// selection (`select-per-row`, Wanda) that rounds each row's count, so a row is their unit.
 fn group_elements(s: Structure, r: usize, c: usize) -> usize {
     match s {
-        Structure::Unstructured => 1,
+        Structure::Unstructured => r,
         Structure::Blocks { rows, cols } => rows * cols,
         Structure::NOfM { m, .. } => m,
         Structure::Rows => c,
@@ -456,11 +457,7 @@ fn validate_masks(
             any_density = true;
             let (r, c) = rows_cols(&layer.shape);
             asked_kept += d * layer.numel() as f64;
-            let mut group = group_elements(mask.structure(), r, c);
-            if mask.structure() == Structure::Unstructured {
-                // A per-row selection (`select-per-row`, Wanda) rounds each row's count.
-                group = r;
-            }
+            let group = group_elements(mask.structure(), r, c);
             // Groups of unequal size (blocks that do not tile the shape) make the kept share of
             // *weights* drift from the kept share of *groups*, which is what selection fixes:
             // allow up to the whole layer's worth of slack then (the structure itself was
