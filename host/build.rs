@@ -16,6 +16,8 @@ const BUILTINS: &[(&str, &str)] = &[
     ("n-m", "espalier_criterion_n_m"),
     ("heads", "espalier_criterion_heads"),
     ("wanda", "espalier_criterion_wanda"),
+    ("taylor", "espalier_criterion_taylor"),
+    ("sensitivity", "espalier_criterion_sensitivity"),
 ];
 
 fn main() {

@@ -1,7 +1,7 @@
 //! Calibration statistics served through the 0.2 WIT and the `wanda` criterion, checked against
 //! a straightforward reference computed here (the engine's forward pass with an observer of our
 //! own, explicit loops and sorting); the `[calibration]` section's errors; and the promise of
-//! WIT versioning: a plugin built against the frozen 0.1.0 contract still runs.
+//! WIT versioning: plugins built against the frozen 0.1.0 and 0.2.0 contracts still run.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -323,7 +323,7 @@ fn plugins_built_against_wit_0_1_still_run() {
     assert_eq!(plugin.compiled.wit, WitVersion::V0_1);
     assert_eq!(
         app().registry.get("magnitude").unwrap().compiled.wit,
-        WitVersion::V0_2
+        WitVersion::V0_3
     );
     let old = run(&format!(
         "model = \"builtin:tiny-llama\"\n[[stage]]\nplugin = {:?}\ndensity = 0.4\n",
@@ -333,6 +333,26 @@ fn plugins_built_against_wit_0_1_still_run() {
     let new =
         run("model = \"builtin:tiny-llama\"\n[[stage]]\nplugin = \"magnitude\"\ndensity = 0.4\n")
             .unwrap();
+    for name in names(&tiny(), "") {
+        assert_eq!(mask_of(&old, &name), mask_of(&new, &name), "{name}");
+    }
+}
+
+#[test]
+fn plugins_built_against_wit_0_2_still_run() {
+    let legacy =
+        PathBuf::from(env!("ESPALIER_PLUGIN_WASM_DIR")).join("espalier_test_legacy_v02.wasm");
+    assert!(legacy.is_file(), "{} was not built", legacy.display());
+    let plugin = espalier::plugin::registry::load_file(&app().runtime, &legacy).unwrap();
+    assert_eq!(plugin.compiled.wit, WitVersion::V0_2);
+    let stage = |plugin: &str| {
+        format!(
+            "model = \"builtin:tiny-llama\"\n{}[[stage]]\nplugin = {plugin:?}\ndensity = 0.4\n",
+            calibration_section()
+        )
+    };
+    let old = run(&stage(&legacy.display().to_string())).unwrap();
+    let new = run(&stage("wanda")).unwrap();
     for name in names(&tiny(), "") {
         assert_eq!(mask_of(&old, &name), mask_of(&new, &name), "{name}");
     }

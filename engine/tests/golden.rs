@@ -247,3 +247,48 @@ fn tokenizer_errors_are_clear() {
     let err = tok.check_fits(&small.config).unwrap_err().to_string();
     assert!(err.contains("does not belong to the model"), "{err}");
 }
+
+/// Gradients of the calibration loss (mean over the two recorded sequences of each one's mean
+/// next-token loss) for every block linear, against PyTorch autograd through transformers
+/// (`engine/scripts/make_gradient_goldens.py`).
+#[test]
+fn loss_gradients_match_transformers() {
+    let g = golden();
+    for name in MODELS {
+        let (_, s) = session(name);
+        let seqs = &g["models"][name]["sequences"];
+        let sequences = vec![ids(&seqs["random"]["ids"]), ids(&seqs["text"]["ids"])];
+        let path = fixtures().join(format!("golden/{name}.grads.safetensors"));
+        let reference = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+        let expected_loss: f64 = meta.metadata().as_ref().unwrap()["loss"].parse().unwrap();
+
+        let mut grads = espalier_engine::LossGradients::new(&s).unwrap();
+        grads.accumulate(&sequences).unwrap();
+        assert!(
+            (grads.mean_loss() - expected_loss).abs() < 1e-4,
+            "{name}: loss {} vs {expected_loss}",
+            grads.mean_loss()
+        );
+        let ours = grads.finish().unwrap();
+        assert_eq!(ours.len(), reference.len(), "{name}: layer count");
+        for (layer, expected) in &reference {
+            let got = &ours[layer];
+            let scale: f32 = expected
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar()
+                .unwrap();
+            let diff = max_abs_diff(got, expected);
+            assert!(
+                diff <= 1e-4 * scale.max(1e-3),
+                "{name} {layer}: max |Δ| {diff} with max |g| {scale}"
+            );
+        }
+    }
+}

@@ -1,12 +1,18 @@
 //! Calibration data and the statistics plugins ask for through the `calibration` interface of
-//! the 0.2 WIT (`wit/since_v0.2.0`).
+//! WIT 0.2 and later (`wit/since_v0.2.0`, `wit/since_v0.3.0`).
 //!
 //! A [`CalibrationSet`] is built once per run, at planning: the pipeline's text tokenized with
 //! the model's own tokenizer and cut into consecutive, non-overlapping sequences of `seq_len`
 //! tokens. A [`Calibrator`] pairs it with one state of the model (earlier stages' masks
 //! applied) and computes statistics lazily, on the first request, caching them until the model
 //! changes: activation norms for every block linear come from one forward pass over the set, so
-//! a criterion asking for thirty layers pays for one pass, not thirty.
+//! a criterion asking for thirty layers pays for one pass, not thirty; gradients of every block
+//! linear from one forward and backward pass (candle autograd, see
+//! [`espalier_engine::LossGradients`]).
+//!
+//! Loss trials (`loss-with-mask(s)`, what sensitivity measurements make by the hundred) resume
+//! from the hidden states entering the first block a trial changes, kept from the first trial:
+//! a trial on the last block costs one block and the LM head, not the whole model.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -14,7 +20,7 @@ use std::sync::{Arc, OnceLock};
 
 use candle_core::{DType, Tensor};
 use espalier_engine::{
-    EngineError, Linear, LinearObserver, LinearWeight, Model, Session, Tokenizer,
+    EngineError, Linear, LinearObserver, LinearWeight, LossGradients, Model, Session, Tokenizer,
 };
 use rayon::prelude::*;
 
@@ -162,13 +168,21 @@ impl LinearObserver for SquaredInputs {
     }
 }
 
+/// Most bytes of hidden states kept for resuming loss trials; beyond it (very long calibration
+/// sets) every trial runs the whole model instead.
+const MAX_RESUME_BYTES: usize = 4 << 30;
+
 /// Calibration statistics of one state of the model, computed on first request and cached.
 pub struct Calibrator {
     set: Arc<CalibrationSet>,
     model: Model,
     session: OnceLock<Result<Session, String>>,
     norms: OnceLock<Result<BTreeMap<String, Tensor>, String>>,
+    gradients: OnceLock<Result<BTreeMap<String, Tensor>, String>>,
     loss: OnceLock<Result<f64, String>>,
+    /// Per sequence, the hidden states entering each block (see [`Session::block_inputs`]);
+    /// `None` when they would not fit [`MAX_RESUME_BYTES`].
+    block_inputs: OnceLock<Result<Option<Vec<Vec<Tensor>>>, String>>,
 }
 
 impl Calibrator {
@@ -179,7 +193,9 @@ impl Calibrator {
             model,
             session: OnceLock::new(),
             norms: OnceLock::new(),
+            gradients: OnceLock::new(),
             loss: OnceLock::new(),
+            block_inputs: OnceLock::new(),
         }
     }
 
@@ -278,21 +294,140 @@ impl Calibrator {
             .clone()
     }
 
-    /// The calibration loss with `layer` additionally masked by `mask` (one forward pass over
-    /// the set; the model itself is untouched).
+    /// The gradient of the mean calibration loss with respect to the block linear `layer`
+    /// (`[out, in]`). The first call differentiates every block linear at once.
+    pub fn gradients(&self, layer: &str) -> Result<Tensor, String> {
+        let grads = self
+            .gradients
+            .get_or_init(|| self.compute_gradients())
+            .as_ref()
+            .map_err(Clone::clone)?;
+        grads.get(layer).cloned().ok_or_else(|| {
+            format!("no gradient for `{layer}`: only the weights of block linear layers (attention and MLP projections) have them")
+        })
+    }
+
+    /// Computes the gradients of every block linear now, if not done yet.
+    pub fn prepare_gradients(&self) -> Result<(), String> {
+        self.gradients
+            .get_or_init(|| self.compute_gradients())
+            .as_ref()
+            .map(|_| ())
+            .map_err(Clone::clone)
+    }
+
+    fn compute_gradients(&self) -> Result<BTreeMap<String, Tensor>, String> {
+        let session = self.session()?;
+        let started = std::time::Instant::now();
+        let fail = |e: EngineError| format!("calibration gradients failed: {e}");
+        let mut grads = LossGradients::new(session).map_err(fail)?;
+        grads.accumulate(&self.set.sequences).map_err(fail)?;
+        let loss = grads.mean_loss();
+        let out = grads.finish().map_err(fail)?;
+        tracing::info!(
+            "gradients of the calibration loss ({loss:.4}) over {} sequences of {} tokens in {:.1} s",
+            self.set.samples(),
+            self.set.seq_len(),
+            started.elapsed().as_secs_f64()
+        );
+        Ok(out)
+    }
+
+    /// The calibration loss with `layer` additionally masked by `mask` (the model itself is
+    /// untouched).
     pub fn loss_with_mask(&self, layer: &str, mask: &Mask) -> Result<f64, String> {
-        let mut session = self.session()?.clone();
-        let linear = session
-            .linear_mut(layer)
-            .ok_or_else(|| format!("`{layer}` is not a linear layer of the forward pass"))?;
-        let LinearWeight::Dense(weight) = linear.weight() else {
-            return Err(format!("`{layer}` does not hold dense weights"));
-        };
-        // The weights already carry earlier masks (zeros), so masking again intersects.
-        let masked = apply_mask(weight, mask)?;
-        let bias = linear.bias().cloned();
-        *linear = Linear::dense(layer, masked, bias).map_err(|e| e.to_string())?;
-        mean_loss(&session, &self.set)
+        self.loss_with_masks(&[(layer.to_string(), mask.clone())])
+    }
+
+    /// The calibration loss with every `(layer, mask)` applied on top of the current masks, in
+    /// one trial. Resumes from the hidden states entering the first block a change touches.
+    pub fn loss_with_masks(&self, changes: &[(String, Mask)]) -> Result<f64, String> {
+        if changes.is_empty() {
+            return self.loss();
+        }
+        let base = self.session()?;
+        let mut session = base.clone();
+        let mut first_block = base.num_blocks();
+        for (i, (layer, mask)) in changes.iter().enumerate() {
+            if changes[..i].iter().any(|(l, _)| l == layer) {
+                return Err(format!("`{layer}` is changed twice in one trial"));
+            }
+            let linear = session
+                .linear_mut(layer)
+                .ok_or_else(|| format!("`{layer}` is not a linear layer of the forward pass"))?;
+            let LinearWeight::Dense(weight) = linear.weight() else {
+                return Err(format!("`{layer}` does not hold dense weights"));
+            };
+            // The weights already carry earlier masks (zeros), so masking again intersects.
+            let masked = apply_mask(weight, mask)?;
+            let bias = linear.bias().cloned();
+            *linear = Linear::dense(layer, masked, bias).map_err(|e| e.to_string())?;
+            // Only the LM head is a linear outside the blocks: it resumes after the last one.
+            first_block = first_block.min(base.block_of(layer).unwrap_or(base.num_blocks()));
+        }
+        match self.block_inputs()? {
+            Some(inputs) => {
+                let losses: Vec<f64> = self
+                    .set
+                    .sequences
+                    .par_iter()
+                    .zip(inputs.par_iter())
+                    .map(|(seq, x)| {
+                        let nll = session
+                            .nll_from_block(first_block, &x[first_block], seq)
+                            .map_err(|e| format!("calibration loss failed: {e}"))?;
+                        // Rounded like `Session::loss`, so a trial that changes nothing
+                        // reproduces `loss()` exactly.
+                        let mean =
+                            nll.iter().map(|&v| f64::from(v)).sum::<f64>() / nll.len() as f64;
+                        Ok(f64::from(mean as f32))
+                    })
+                    .collect::<Result<_, String>>()?;
+                Ok(losses.iter().sum::<f64>() / self.set.samples().max(1) as f64)
+            }
+            None => mean_loss(&session, &self.set),
+        }
+    }
+
+    /// The base loss and the hidden states loss trials resume from, computed now if not done yet.
+    pub fn prepare_trials(&self) -> Result<(), String> {
+        self.loss()?;
+        self.block_inputs().map(|_| ())
+    }
+
+    /// The hidden states every trial resumes from, computed on the first trial.
+    fn block_inputs(&self) -> Result<Option<&Vec<Vec<Tensor>>>, String> {
+        self.block_inputs
+            .get_or_init(|| {
+                let session = self.session()?;
+                let width = self.model.config.hidden_size;
+                let bytes = (session.num_blocks() + 1)
+                    * self.set.samples()
+                    * self.set.seq_len()
+                    * width
+                    * std::mem::size_of::<f32>();
+                if bytes > MAX_RESUME_BYTES {
+                    tracing::info!(
+                        "loss trials run the whole model: keeping block inputs would take {} MiB",
+                        bytes >> 20
+                    );
+                    return Ok(None);
+                }
+                let inputs = self
+                    .set
+                    .sequences
+                    .par_iter()
+                    .map(|seq| {
+                        session
+                            .block_inputs(seq)
+                            .map_err(|e| format!("calibration forward pass failed: {e}"))
+                    })
+                    .collect::<Result<Vec<_>, String>>()?;
+                Ok(Some(inputs))
+            })
+            .as_ref()
+            .map(Option::as_ref)
+            .map_err(Clone::clone)
     }
 }
 

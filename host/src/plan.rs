@@ -380,7 +380,7 @@ fn plan_calibration(
             .info
             .needs
             .iter()
-            .any(|n| matches!(n, Need::Activations | Need::Loss))
+            .any(|n| matches!(n, Need::Activations | Need::Loss | Need::Gradients))
     });
     let (spec, position, field) = match (&pipeline.calibration, needing) {
         (Some(c), _) => (

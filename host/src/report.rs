@@ -39,6 +39,9 @@ pub struct StageReport {
     pub validate_apply_seconds: f64,
     /// (guest + boundary + instantiation) / stage time.
     pub guest_share: f64,
+    /// The per-layer densities a budget stage produced (empty for other stages).
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub budgets: std::collections::BTreeMap<String, f64>,
 }
 
 /// One 2-D weight after the run.

@@ -260,7 +260,7 @@ pub fn run_stage(
             .get_or_insert_with(|| Arc::new(Calibrator::new(state.model.clone(), set.clone())));
         // Statistics the plugin declared it needs are computed before the call: the sandbox
         // deadline counts wall time, and one pass over the calibration set of a real model can
-        // take longer than a plugin's whole budget. (`loss-with-mask` trials still count.)
+        // take longer than a plugin's whole budget. (Loss trials themselves still count.)
         let needs = &stage.plugin.info.needs;
         let prepared = if needs.contains(&Need::Activations) {
             calibrator.prepare_norms()
@@ -269,7 +269,14 @@ pub fn run_stage(
         }
         .and_then(|()| {
             if needs.contains(&Need::Loss) {
-                calibrator.loss().map(|_| ())
+                calibrator.prepare_trials()
+            } else {
+                Ok(())
+            }
+        })
+        .and_then(|()| {
+            if needs.contains(&Need::Gradients) {
+                calibrator.prepare_gradients()
             } else {
                 Ok(())
             }
@@ -415,7 +422,7 @@ pub fn run_stage(
         StageDensity::Fixed(d) => Some(d),
         _ => None,
     };
-    let report = StageReport::new(
+    let mut report = StageReport::new(
         stage,
         targets.len(),
         requested,
@@ -428,6 +435,7 @@ pub fn run_stage(
         timings,
         apply_time,
     );
+    report.budgets = produced_budgets.clone().unwrap_or_default();
     Ok((report, produced_budgets))
 }
 
@@ -630,6 +638,7 @@ impl StageReport {
             } else {
                 0.0
             },
+            budgets: BTreeMap::new(),
         }
     }
 }

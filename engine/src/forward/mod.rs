@@ -15,6 +15,7 @@
 //! along the rows of one matrix (`[kv_heads, group · T, head_dim]`), one batched matmul per KV
 //! head, exactly the sharing `repeat_kv` expresses in transformers.
 
+mod grad;
 mod ops;
 
 use std::sync::Arc;
@@ -27,6 +28,7 @@ use crate::error::EngineError;
 use crate::linear::{Linear, LinearKernel};
 use crate::model::Model;
 
+pub use grad::LossGradients;
 use ops::{Activation, RopeTable};
 
 /// Rows of the LM head computed at once when only losses are needed: bounds the logits held in
@@ -454,6 +456,11 @@ impl Session {
         &self.config
     }
 
+    /// Number of transformer blocks.
+    pub fn num_blocks(&self) -> usize {
+        self.blocks.len()
+    }
+
     /// Number of rows of the LM head (logit width).
     pub fn vocab_size(&self) -> usize {
         self.lm_head.out_features()
@@ -463,6 +470,13 @@ impl Session {
     /// limit; RoPE has none, so for the LLaMA family this is `usize::MAX`.
     pub fn max_positions(&self) -> usize {
         self.pos_embed.as_ref().map_or(usize::MAX, |p| p.dims()[0])
+    }
+
+    /// Every linear layer of the blocks, in execution order (the LM head excluded).
+    pub fn block_linears(&self) -> Vec<&Linear> {
+        let mut all = self.linears();
+        all.pop();
+        all
     }
 
     /// Every linear layer, blocks in order, then the LM head.
@@ -625,36 +639,120 @@ impl Session {
         let rope = self
             .rope_theta
             .map(|theta| RopeTable::new(self.head_dim, theta, start, t));
-        for (layer, block) in self.blocks.iter().enumerate() {
-            let h = block.attn_norm.forward(&x)?;
-            let attn = self.attention(
-                block,
+        for layer in 0..self.blocks.len() {
+            x = self.block_forward(
                 layer,
-                &h,
+                &x,
                 start,
                 rope.as_ref(),
                 cache.as_deref_mut(),
                 &mut observer,
             )?;
-            x = (x + attn)?;
-            let h = block.mlp_norm.forward(&x)?;
-            let mlp = match &block.mlp {
-                Mlp::Gated { gate, up, down } => {
-                    let g = run(gate, &h, &mut observer)?;
-                    let u = run(up, &h, &mut observer)?;
-                    run(down, &ops::swiglu(&g, &u)?, &mut observer)?
-                }
-                Mlp::Plain { up, down, act } => {
-                    let u = act.apply(&run(up, &h, &mut observer)?)?;
-                    run(down, &u, &mut observer)?
-                }
-            };
-            x = (x + mlp)?;
         }
         if let Some(c) = cache {
             c.len = start + t;
         }
         self.final_norm.forward(&x)
+    }
+
+    /// One transformer block: `x + attn(norm(x))`, then `+ mlp(norm(·))`.
+    fn block_forward(
+        &self,
+        layer: usize,
+        x: &Tensor,
+        start: usize,
+        rope: Option<&RopeTable>,
+        cache: Option<&mut KvCache>,
+        observer: &mut Option<&mut dyn LinearObserver>,
+    ) -> Result<Tensor, EngineError> {
+        let block = &self.blocks[layer];
+        let h = block.attn_norm.forward(x)?;
+        let attn = self.attention(block, layer, &h, start, rope, cache, observer)?;
+        let x = (x + attn)?;
+        let h = block.mlp_norm.forward(&x)?;
+        let mlp = match &block.mlp {
+            Mlp::Gated { gate, up, down } => {
+                let g = run(gate, &h, observer)?;
+                let u = run(up, &h, observer)?;
+                run(down, &ops::swiglu(&g, &u)?, observer)?
+            }
+            Mlp::Plain { up, down, act } => {
+                let u = act.apply(&run(up, &h, observer)?)?;
+                run(down, &u, observer)?
+            }
+        };
+        Ok((x + mlp)?)
+    }
+
+    /// The embedded input of `tokens` (positions from 0) and the hidden state entering every
+    /// block after it: entry `b` is the input of block `b`, the last one the output of the last
+    /// block (before the final norm). What [`Session::nll_from_block`] resumes from.
+    pub fn block_inputs(&self, tokens: &[u32]) -> Result<Vec<Tensor>, EngineError> {
+        self.check_tokens(tokens, 0)?;
+        let t = tokens.len();
+        let ids = Tensor::from_slice(tokens, t, &Device::Cpu)?;
+        let mut x = self.embed.index_select(&ids, 0)?;
+        if let Some(pos) = &self.pos_embed {
+            x = (x + pos.narrow(0, 0, t)?)?;
+        }
+        let rope = self
+            .rope_theta
+            .map(|theta| RopeTable::new(self.head_dim, theta, 0, t));
+        let mut out = Vec::with_capacity(self.blocks.len() + 1);
+        for layer in 0..self.blocks.len() {
+            let next = self.block_forward(layer, &x, 0, rope.as_ref(), None, &mut None)?;
+            out.push(x);
+            x = next;
+        }
+        out.push(x);
+        Ok(out)
+    }
+
+    /// Next-token NLL of `tokens` (as [`Session::nll`]) resuming from `x`, the hidden state
+    /// entering block `first` (from [`Session::block_inputs`] of the same tokens): blocks before
+    /// `first` are not recomputed.
+    pub fn nll_from_block(
+        &self,
+        first: usize,
+        x: &Tensor,
+        tokens: &[u32],
+    ) -> Result<Vec<f32>, EngineError> {
+        if tokens.len() < 2 || x.dims()[0] != tokens.len() || first > self.blocks.len() {
+            return Err(EngineError::Input(format!(
+                "cannot resume block {first} of {} with {} hidden rows for {} tokens",
+                self.blocks.len(),
+                x.dims()[0],
+                tokens.len()
+            )));
+        }
+        let rope = self
+            .rope_theta
+            .map(|theta| RopeTable::new(self.head_dim, theta, 0, tokens.len()));
+        let mut x = x.clone();
+        for layer in first..self.blocks.len() {
+            x = self.block_forward(layer, &x, 0, rope.as_ref(), None, &mut None)?;
+        }
+        let hidden = self.final_norm.forward(&x)?;
+        self.nll_rows(&hidden, 0, &tokens[1..])
+    }
+
+    /// The index of the block holding the linear layer `name` (none for the LM head or a name
+    /// that is not a linear of the forward pass).
+    pub fn block_of(&self, name: &str) -> Option<usize> {
+        self.blocks.iter().position(|b| {
+            let mut names: Vec<&str> = vec![b.o.name()];
+            match &b.qkv {
+                QkvProj::Split { q, k, v } => names.extend([q.name(), k.name(), v.name()]),
+                QkvProj::Fused(qkv) => names.push(qkv.name()),
+            }
+            match &b.mlp {
+                Mlp::Gated { gate, up, down } => {
+                    names.extend([gate.name(), up.name(), down.name()])
+                }
+                Mlp::Plain { up, down, .. } => names.extend([up.name(), down.name()]),
+            }
+            names.contains(&name)
+        })
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -796,6 +894,30 @@ mod tests {
         assert!(err.contains("position table has 128"), "{err}");
         assert!(s.forward(&[], None).is_err());
         assert!(s.loss(&[1]).is_err());
+    }
+
+    #[test]
+    fn resuming_from_a_block_input_gives_the_same_loss() {
+        for name in ["tiny-llama", "tiny-gpt2"] {
+            let model = builtin_model(name).unwrap();
+            let s = Session::new(&model).unwrap();
+            let tokens: Vec<u32> = (0..50u32).map(|i| (i * 29 + 3) % 256).collect();
+            let full = s.nll(&tokens).unwrap();
+            let inputs = s.block_inputs(&tokens).unwrap();
+            assert_eq!(inputs.len(), s.blocks.len() + 1);
+            for (b, x) in inputs.iter().enumerate() {
+                let resumed = s.nll_from_block(b, x, &tokens).unwrap();
+                let diff = full
+                    .iter()
+                    .zip(&resumed)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0f32, f32::max);
+                assert!(diff < 1e-5, "{name} block {b}: {diff}");
+            }
+            let q = s.linears()[0].name().to_string();
+            assert_eq!(s.block_of(&q), Some(0));
+            assert_eq!(s.block_of(s.lm_head.name()), None);
+        }
     }
 
     #[derive(Default)]

@@ -173,9 +173,9 @@ pub(crate) fn layer_norm(
 #[derive(Debug, Clone)]
 pub(crate) struct RopeTable {
     /// `[len, half]`, row-major.
-    cos: Vec<f32>,
-    sin: Vec<f32>,
-    half: usize,
+    pub(super) cos: Vec<f32>,
+    pub(super) sin: Vec<f32>,
+    pub(super) half: usize,
 }
 
 impl RopeTable {

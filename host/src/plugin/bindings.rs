@@ -1,14 +1,14 @@
 //! Host bindings generated from the released WIT packages, one module per version:
-//! [`v0_2`] (`wit/since_v0.2.0`, `espalier:prune@0.2.0`) and [`v0_1`] (`wit/since_v0.1.0`,
-//! frozen). The rest of the host speaks 0.2 (a superset of 0.1): this module re-exports the 0.2
-//! types at its root, and `compat.rs` converts the few 0.1 values that cross the `describe` /
-//! `apply` boundary. The runtime picks the world from the version a component imports.
+//! [`v0_3`] (`wit/since_v0.3.0`, `espalier:prune@0.3.0`), [`v0_2`] and [`v0_1`] (frozen). The
+//! rest of the host speaks 0.3 (a superset of both): this module re-exports the 0.3 types at
+//! its root, and `compat.rs` converts the few older values that cross the `describe` / `apply`
+//! boundary. The runtime picks the world from the version a component imports.
 
-/// `espalier:prune@0.2.0`: 0.1.0 plus `calibration`, `kernels.select-per-row` and the
-/// `activations` / `loss` needs.
-pub mod v0_2 {
+/// `espalier:prune@0.3.0`: 0.2.0 plus `calibration.gradients`, `calibration.loss-with-masks`
+/// and the `gradients` need.
+pub mod v0_3 {
     wasmtime::component::bindgen!({
-        path: "../wit/since_v0.2.0",
+        path: "../wit/since_v0.3.0",
         world: "criterion",
         // Every import returns `wasmtime::Result` so the host can trap a misbehaving guest
         // (dead handles) instead of panicking; WIT-level failures are `result<_, string>`.
@@ -20,8 +20,22 @@ pub mod v0_2 {
     });
 }
 
+/// `espalier:prune@0.2.0`: 0.1.0 plus `calibration`, `kernels.select-per-row` and the
+/// `activations` / `loss` needs. Still served, frozen.
+pub mod v0_2 {
+    wasmtime::component::bindgen!({
+        path: "../wit/since_v0.2.0",
+        world: "criterion",
+        imports: { default: trappable },
+        with: {
+            "espalier:prune/tensors.tensor": crate::plugin::state::TensorHandle,
+            "espalier:prune/kernels.mask": crate::mask::Mask,
+        },
+    });
+}
+
 /// `espalier:prune@0.1.0`, the first released contract: still served so that plugins built
-/// against it keep running unchanged. Its resources map to the same host types as 0.2's.
+/// against it keep running unchanged. Its resources map to the same host types as 0.3's.
 pub mod v0_1 {
     wasmtime::component::bindgen!({
         path: "../wit/since_v0.1.0",
@@ -35,8 +49,8 @@ pub mod v0_1 {
 }
 
 // The host's vocabulary is the newest version.
-pub use v0_2::espalier;
-pub use v0_2::{Criterion, PluginInfo, StageContext, StageOutput};
+pub use v0_3::espalier;
+pub use v0_3::{Criterion, PluginInfo, StageContext, StageOutput};
 
 pub use self::espalier::prune::calibration::CalibrationInfo;
 pub use self::espalier::prune::kernels::{BlockShape, NOfM, Structure};

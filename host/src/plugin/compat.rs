@@ -1,175 +1,189 @@
-//! Conversions between the 0.1.0 WIT types and the 0.2.0 ones the host works with. Only the
-//! values crossing a 0.1 plugin's `describe` / `apply` boundary need them (the imports are
-//! implemented for both versions by one macro in `state.rs`); resources (`tensor`, `mask`) map
-//! to the same host types in both versions and move across unchanged.
+//! Conversions between the older WIT versions (0.1.0, 0.2.0) and the 0.3.0 types the host works
+//! with. Only the values crossing an older plugin's `describe` / `apply` boundary need them, plus
+//! the model descriptions its `model` imports return (the imports themselves are implemented for
+//! every version by one macro in `state.rs`); resources (`tensor`, `mask`) map to the same host
+//! types in all versions and move across unchanged.
+//!
+//! The versions' generated types are distinct Rust items of identical shape (except the `need`
+//! enum, which grows), so one macro writes each version's conversions.
 
-use super::bindings::v0_1::espalier::prune::{model as m1, plugin_types as p1};
-use super::bindings::v0_1::{PluginInfo as PluginInfo1, StageContext as Ctx1, StageOutput as Out1};
-use super::bindings::v0_2::espalier::prune::{model as m2, plugin_types as p2};
-use super::bindings::v0_2::{PluginInfo, StageContext, StageOutput};
+use super::bindings::v0_3::espalier::prune::{model as m3, plugin_types as p3};
+use super::bindings::v0_3::{PluginInfo, StageContext, StageOutput};
 
-/// A 0.1 role as 0.2 (identical cases).
-pub fn role_to_v1(r: m2::Role) -> m1::Role {
-    use m1::Role as A;
-    use m2::Role as B;
-    match r {
-        B::Embedding => A::Embedding,
-        B::PositionEmbedding => A::PositionEmbedding,
-        B::AttnQ => A::AttnQ,
-        B::AttnK => A::AttnK,
-        B::AttnV => A::AttnV,
-        B::AttnQkv => A::AttnQkv,
-        B::AttnO => A::AttnO,
-        B::MlpGate => A::MlpGate,
-        B::MlpUp => A::MlpUp,
-        B::MlpDown => A::MlpDown,
-        B::LmHead => A::LmHead,
-        B::Norm => A::Norm,
-        B::Bias => A::Bias,
-        B::Other => A::Other,
-    }
+macro_rules! older_version {
+    ($module:ident, $v:ident, needs: { $($old_need:ident => $new_need:ident),* $(,)? }) => {
+        /// Conversions for plugins built against this older version.
+        pub mod $module {
+            use super::*;
+            use crate::plugin::bindings::$v::espalier::prune::{model as mo, plugin_types as po};
+            use crate::plugin::bindings::$v::{
+                PluginInfo as InfoO, StageContext as CtxO, StageOutput as OutO,
+            };
+
+            /// A role in this version's terms (identical cases).
+            pub fn role(r: m3::Role) -> mo::Role {
+                use m3::Role as B;
+                use mo::Role as A;
+                match r {
+                    B::Embedding => A::Embedding,
+                    B::PositionEmbedding => A::PositionEmbedding,
+                    B::AttnQ => A::AttnQ,
+                    B::AttnK => A::AttnK,
+                    B::AttnV => A::AttnV,
+                    B::AttnQkv => A::AttnQkv,
+                    B::AttnO => A::AttnO,
+                    B::MlpGate => A::MlpGate,
+                    B::MlpUp => A::MlpUp,
+                    B::MlpDown => A::MlpDown,
+                    B::LmHead => A::LmHead,
+                    B::Norm => A::Norm,
+                    B::Bias => A::Bias,
+                    B::Other => A::Other,
+                }
+            }
+
+            /// A layer description in this version's terms.
+            pub fn layer(l: &m3::LayerInfo) -> mo::LayerInfo {
+                mo::LayerInfo {
+                    name: l.name.clone(),
+                    role: role(l.role),
+                    block: l.block,
+                    shape: l.shape.clone(),
+                    heads: l.heads,
+                    kv_heads: l.kv_heads,
+                    head_dim: l.head_dim,
+                }
+            }
+
+            /// Model facts in this version's terms.
+            pub fn model_info(i: &m3::ModelInfo) -> mo::ModelInfo {
+                mo::ModelInfo {
+                    architecture: i.architecture.clone(),
+                    hidden_size: i.hidden_size,
+                    num_layers: i.num_layers,
+                    num_heads: i.num_heads,
+                    num_kv_heads: i.num_kv_heads,
+                    head_dim: i.head_dim,
+                    vocab_size: i.vocab_size,
+                }
+            }
+
+            fn value_to(v: &p3::ParamValue) -> po::ParamValue {
+                match v {
+                    p3::ParamValue::Boolean(b) => po::ParamValue::Boolean(*b),
+                    p3::ParamValue::Integer(i) => po::ParamValue::Integer(*i),
+                    p3::ParamValue::Float(f) => po::ParamValue::Float(*f),
+                    p3::ParamValue::Text(t) => po::ParamValue::Text(t.clone()),
+                    p3::ParamValue::Integers(l) => po::ParamValue::Integers(l.clone()),
+                    p3::ParamValue::Floats(l) => po::ParamValue::Floats(l.clone()),
+                }
+            }
+
+            fn value_from(v: po::ParamValue) -> p3::ParamValue {
+                match v {
+                    po::ParamValue::Boolean(b) => p3::ParamValue::Boolean(b),
+                    po::ParamValue::Integer(i) => p3::ParamValue::Integer(i),
+                    po::ParamValue::Float(f) => p3::ParamValue::Float(f),
+                    po::ParamValue::Text(t) => p3::ParamValue::Text(t),
+                    po::ParamValue::Integers(l) => p3::ParamValue::Integers(l),
+                    po::ParamValue::Floats(l) => p3::ParamValue::Floats(l),
+                }
+            }
+
+            fn kind_from(k: po::ParamKind) -> p3::ParamKind {
+                match k {
+                    po::ParamKind::Boolean => p3::ParamKind::Boolean,
+                    po::ParamKind::Integer => p3::ParamKind::Integer,
+                    po::ParamKind::Float => p3::ParamKind::Float,
+                    po::ParamKind::Text => p3::ParamKind::Text,
+                    po::ParamKind::Integers => p3::ParamKind::Integers,
+                    po::ParamKind::Floats => p3::ParamKind::Floats,
+                }
+            }
+
+            fn output_kind_from(k: po::OutputKind) -> p3::OutputKind {
+                match k {
+                    po::OutputKind::Masks => p3::OutputKind::Masks,
+                    po::OutputKind::Budgets => p3::OutputKind::Budgets,
+                    po::OutputKind::Heads => p3::OutputKind::Heads,
+                }
+            }
+
+            /// What the plugin described, in 0.3 terms.
+            pub fn plugin_info_from(i: InfoO) -> PluginInfo {
+                PluginInfo {
+                    name: i.name,
+                    version: i.version,
+                    description: i.description,
+                    params: i
+                        .params
+                        .into_iter()
+                        .map(|p| p3::ParamSpec {
+                            name: p.name,
+                            kind: kind_from(p.kind),
+                            default: p.default.map(value_from),
+                            doc: p.doc,
+                        })
+                        .collect(),
+                    needs: i
+                        .needs
+                        .into_iter()
+                        .map(|n| match n {
+                            $(po::Need::$old_need => p3::Need::$new_need,)*
+                        })
+                        .collect(),
+                    produces: output_kind_from(i.produces),
+                }
+            }
+
+            /// A stage context in this version's terms.
+            pub fn stage_context_to(c: &StageContext) -> CtxO {
+                CtxO {
+                    stage: c.stage.clone(),
+                    targets: c
+                        .targets
+                        .iter()
+                        .map(|t| po::Target {
+                            layer: layer(&t.layer),
+                            density: t.density,
+                        })
+                        .collect(),
+                    params: c.params.iter().map(|(k, v)| (k.clone(), value_to(v))).collect(),
+                }
+            }
+
+            /// The plugin's output in 0.3 terms (mask handles move unchanged).
+            pub fn stage_output_from(o: OutO) -> StageOutput {
+                StageOutput {
+                    masks: o
+                        .masks
+                        .into_iter()
+                        .map(|m| p3::LayerMask {
+                            layer: m.layer,
+                            mask: m.mask,
+                        })
+                        .collect(),
+                    budgets: o
+                        .budgets
+                        .into_iter()
+                        .map(|b| p3::LayerBudget {
+                            layer: b.layer,
+                            density: b.density,
+                        })
+                        .collect(),
+                    heads: o
+                        .heads
+                        .into_iter()
+                        .map(|h| p3::HeadKeep {
+                            block: h.block,
+                            keep: h.keep,
+                        })
+                        .collect(),
+                }
+            }
+        }
+    };
 }
 
-/// A layer description for a 0.1 plugin.
-pub fn layer_to_v1(l: &m2::LayerInfo) -> m1::LayerInfo {
-    m1::LayerInfo {
-        name: l.name.clone(),
-        role: role_to_v1(l.role),
-        block: l.block,
-        shape: l.shape.clone(),
-        heads: l.heads,
-        kv_heads: l.kv_heads,
-        head_dim: l.head_dim,
-    }
-}
-
-/// Model facts for a 0.1 plugin.
-pub fn model_info_to_v1(i: &m2::ModelInfo) -> m1::ModelInfo {
-    m1::ModelInfo {
-        architecture: i.architecture.clone(),
-        hidden_size: i.hidden_size,
-        num_layers: i.num_layers,
-        num_heads: i.num_heads,
-        num_kv_heads: i.num_kv_heads,
-        head_dim: i.head_dim,
-        vocab_size: i.vocab_size,
-    }
-}
-
-fn value_to_v1(v: &p2::ParamValue) -> p1::ParamValue {
-    match v {
-        p2::ParamValue::Boolean(b) => p1::ParamValue::Boolean(*b),
-        p2::ParamValue::Integer(i) => p1::ParamValue::Integer(*i),
-        p2::ParamValue::Float(f) => p1::ParamValue::Float(*f),
-        p2::ParamValue::Text(t) => p1::ParamValue::Text(t.clone()),
-        p2::ParamValue::Integers(l) => p1::ParamValue::Integers(l.clone()),
-        p2::ParamValue::Floats(l) => p1::ParamValue::Floats(l.clone()),
-    }
-}
-
-fn value_from_v1(v: p1::ParamValue) -> p2::ParamValue {
-    match v {
-        p1::ParamValue::Boolean(b) => p2::ParamValue::Boolean(b),
-        p1::ParamValue::Integer(i) => p2::ParamValue::Integer(i),
-        p1::ParamValue::Float(f) => p2::ParamValue::Float(f),
-        p1::ParamValue::Text(t) => p2::ParamValue::Text(t),
-        p1::ParamValue::Integers(l) => p2::ParamValue::Integers(l),
-        p1::ParamValue::Floats(l) => p2::ParamValue::Floats(l),
-    }
-}
-
-fn kind_from_v1(k: p1::ParamKind) -> p2::ParamKind {
-    match k {
-        p1::ParamKind::Boolean => p2::ParamKind::Boolean,
-        p1::ParamKind::Integer => p2::ParamKind::Integer,
-        p1::ParamKind::Float => p2::ParamKind::Float,
-        p1::ParamKind::Text => p2::ParamKind::Text,
-        p1::ParamKind::Integers => p2::ParamKind::Integers,
-        p1::ParamKind::Floats => p2::ParamKind::Floats,
-    }
-}
-
-fn output_kind_from_v1(k: p1::OutputKind) -> p2::OutputKind {
-    match k {
-        p1::OutputKind::Masks => p2::OutputKind::Masks,
-        p1::OutputKind::Budgets => p2::OutputKind::Budgets,
-        p1::OutputKind::Heads => p2::OutputKind::Heads,
-    }
-}
-
-/// What a 0.1 plugin described, in 0.2 terms (0.1 knows only the `weights` need).
-pub fn plugin_info_from_v1(i: PluginInfo1) -> PluginInfo {
-    PluginInfo {
-        name: i.name,
-        version: i.version,
-        description: i.description,
-        params: i
-            .params
-            .into_iter()
-            .map(|p| p2::ParamSpec {
-                name: p.name,
-                kind: kind_from_v1(p.kind),
-                default: p.default.map(value_from_v1),
-                doc: p.doc,
-            })
-            .collect(),
-        needs: i
-            .needs
-            .into_iter()
-            .map(|n| match n {
-                p1::Need::Weights => p2::Need::Weights,
-            })
-            .collect(),
-        produces: output_kind_from_v1(i.produces),
-    }
-}
-
-/// A stage context for a 0.1 plugin.
-pub fn stage_context_to_v1(c: &StageContext) -> Ctx1 {
-    Ctx1 {
-        stage: c.stage.clone(),
-        targets: c
-            .targets
-            .iter()
-            .map(|t| p1::Target {
-                layer: layer_to_v1(&t.layer),
-                density: t.density,
-            })
-            .collect(),
-        params: c
-            .params
-            .iter()
-            .map(|(k, v)| (k.clone(), value_to_v1(v)))
-            .collect(),
-    }
-}
-
-/// A 0.1 plugin's output in 0.2 terms (mask handles move unchanged).
-pub fn stage_output_from_v1(o: Out1) -> StageOutput {
-    StageOutput {
-        masks: o
-            .masks
-            .into_iter()
-            .map(|m| p2::LayerMask {
-                layer: m.layer,
-                mask: m.mask,
-            })
-            .collect(),
-        budgets: o
-            .budgets
-            .into_iter()
-            .map(|b| p2::LayerBudget {
-                layer: b.layer,
-                density: b.density,
-            })
-            .collect(),
-        heads: o
-            .heads
-            .into_iter()
-            .map(|h| p2::HeadKeep {
-                block: h.block,
-                keep: h.keep,
-            })
-            .collect(),
-    }
-}
+older_version!(v1, v0_1, needs: { Weights => Weights });
+older_version!(v2, v0_2, needs: { Weights => Weights, Activations => Activations, Loss => Loss });

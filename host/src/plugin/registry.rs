@@ -207,12 +207,13 @@ pub fn produces_name(kind: super::bindings::OutputKind) -> &'static str {
     }
 }
 
-/// `Need` as users read it (`weights`, `activations`, `loss`).
+/// `Need` as users read it (`weights`, `activations`, `loss`, `gradients`).
 pub fn need_name(need: super::bindings::Need) -> &'static str {
     use super::bindings::Need;
     match need {
         Need::Weights => "weights",
         Need::Activations => "activations",
         Need::Loss => "loss",
+        Need::Gradients => "gradients",
     }
 }

@@ -12,7 +12,7 @@ use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, HasSelf, Linker};
 use wasmtime::{Config, Engine, Store, Trap};
 
-use super::bindings::{PluginInfo, StageContext, StageOutput, v0_1, v0_2};
+use super::bindings::{PluginInfo, StageContext, StageOutput, v0_1, v0_2, v0_3};
 use super::compat;
 use super::state::{Limits, ModelView, PluginState};
 
@@ -130,6 +130,9 @@ pub enum WitVersion {
     /// `espalier:prune@0.2.0` (adds calibration statistics).
     #[serde(rename = "0.2.0")]
     V0_2,
+    /// `espalier:prune@0.3.0` (adds gradients and multi-layer loss trials).
+    #[serde(rename = "0.3.0")]
+    V0_3,
 }
 
 impl std::fmt::Display for WitVersion {
@@ -137,6 +140,7 @@ impl std::fmt::Display for WitVersion {
         f.write_str(match self {
             WitVersion::V0_1 => "0.1.0",
             WitVersion::V0_2 => "0.2.0",
+            WitVersion::V0_3 => "0.3.0",
         })
     }
 }
@@ -155,6 +159,7 @@ pub struct CompiledPlugin {
 enum Instance {
     V0_1(v0_1::Criterion),
     V0_2(v0_2::Criterion),
+    V0_3(v0_3::Criterion),
 }
 
 /// Timings of one `apply` call.
@@ -181,6 +186,7 @@ pub struct Runtime {
     /// One linker per served WIT version; both link the same host state and WASI.
     linker_v0_1: Linker<PluginState>,
     linker_v0_2: Linker<PluginState>,
+    linker_v0_3: Linker<PluginState>,
     cache: Mutex<HashMap<String, Component>>,
     _ticker: EpochTicker,
 }
@@ -202,7 +208,8 @@ impl Runtime {
             Engine::new(&config).map_err(|e| anyhow::anyhow!("cannot start wasmtime: {e}"))?;
         let mut linker_v0_1 = Linker::new(&engine);
         let mut linker_v0_2 = Linker::new(&engine);
-        for linker in [&mut linker_v0_1, &mut linker_v0_2] {
+        let mut linker_v0_3 = Linker::new(&engine);
+        for linker in [&mut linker_v0_1, &mut linker_v0_2, &mut linker_v0_3] {
             wasmtime_wasi::p2::add_to_linker_sync(linker)
                 .map_err(|e| anyhow::anyhow!("cannot link WASI: {e}"))?;
         }
@@ -210,11 +217,14 @@ impl Runtime {
             .map_err(|e| anyhow::anyhow!("cannot link the espalier:prune@0.1.0 imports: {e}"))?;
         v0_2::Criterion::add_to_linker::<_, HasSelf<_>>(&mut linker_v0_2, |s| s)
             .map_err(|e| anyhow::anyhow!("cannot link the espalier:prune@0.2.0 imports: {e}"))?;
+        v0_3::Criterion::add_to_linker::<_, HasSelf<_>>(&mut linker_v0_3, |s| s)
+            .map_err(|e| anyhow::anyhow!("cannot link the espalier:prune@0.3.0 imports: {e}"))?;
         let ticker = EpochTicker::start(engine.clone());
         Ok(Runtime {
             engine,
             linker_v0_1,
             linker_v0_2,
+            linker_v0_3,
             cache: Mutex::new(HashMap::new()),
             _ticker: ticker,
         })
@@ -265,11 +275,17 @@ impl Runtime {
     /// (possible: `describe` and `apply` are exports) is served the newest world.
     fn wit_version(&self, component: &Component) -> WitVersion {
         let ty = component.component_type();
-        let mut imports = ty.imports(&self.engine).map(|(name, _)| name);
-        if imports.any(|n| n.starts_with("espalier:prune/") && n.ends_with("@0.1.0")) {
+        let ours: Vec<String> = ty
+            .imports(&self.engine)
+            .map(|(name, _)| name.to_string())
+            .filter(|n| n.starts_with("espalier:prune/"))
+            .collect();
+        if ours.iter().any(|n| n.ends_with("@0.1.0")) {
             WitVersion::V0_1
-        } else {
+        } else if ours.iter().any(|n| n.ends_with("@0.2.0")) {
             WitVersion::V0_2
+        } else {
+            WitVersion::V0_3
         }
     }
 
@@ -303,6 +319,10 @@ impl Runtime {
                 v0_2::Criterion::instantiate(&mut *store, &plugin.component, &self.linker_v0_2)
                     .map(Instance::V0_2)
             }
+            WitVersion::V0_3 => {
+                v0_3::Criterion::instantiate(&mut *store, &plugin.component, &self.linker_v0_3)
+                    .map(Instance::V0_3)
+            }
         };
         instance.map_err(|e| {
             let message = format!("{e:#}");
@@ -333,8 +353,13 @@ impl Runtime {
         let mut store = self.store(model, sandbox);
         let instance = self.instantiate(label, plugin, &mut store, sandbox)?;
         let info = match instance {
-            Instance::V0_1(i) => i.call_describe(&mut store).map(compat::plugin_info_from_v1),
-            Instance::V0_2(i) => i.call_describe(&mut store),
+            Instance::V0_1(i) => i
+                .call_describe(&mut store)
+                .map(compat::v1::plugin_info_from),
+            Instance::V0_2(i) => i
+                .call_describe(&mut store)
+                .map(compat::v2::plugin_info_from),
+            Instance::V0_3(i) => i.call_describe(&mut store),
         }
         .map_err(|e| classify(label, e, sandbox))?;
         log_output(label, &store);
@@ -361,9 +386,12 @@ impl Runtime {
         let call_start = Instant::now();
         let result = match instance {
             Instance::V0_1(i) => i
-                .call_apply(&mut store, &compat::stage_context_to_v1(ctx))
-                .map(|r| r.map(compat::stage_output_from_v1)),
-            Instance::V0_2(i) => i.call_apply(&mut store, ctx),
+                .call_apply(&mut store, &compat::v1::stage_context_to(ctx))
+                .map(|r| r.map(compat::v1::stage_output_from)),
+            Instance::V0_2(i) => i
+                .call_apply(&mut store, &compat::v2::stage_context_to(ctx))
+                .map(|r| r.map(compat::v2::stage_output_from)),
+            Instance::V0_3(i) => i.call_apply(&mut store, ctx),
         };
         let call = call_start.elapsed();
         log_output(label, &store);

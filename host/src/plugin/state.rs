@@ -19,7 +19,8 @@ use wasmtime_wasi::{
     HostMonotonicClock, HostWallClock, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView,
 };
 
-use super::bindings::v0_2::espalier::prune::{calibration as calibration_v2, model as model_v2};
+use super::bindings::v0_2::espalier::prune::calibration as calibration_v2;
+use super::bindings::v0_3::espalier::prune::{calibration as calibration_v3, model as model_v3};
 use crate::calibration::Calibrator;
 use crate::mask::{Mask, Structure};
 use crate::ops;
@@ -38,9 +39,9 @@ pub struct TensorHandle {
 /// copies no weights.
 pub struct ModelView {
     /// Architecture-level facts.
-    pub info: model_v2::ModelInfo,
+    pub info: model_v3::ModelInfo,
     /// Every weight, as plugins see it.
-    pub layers: Vec<model_v2::LayerInfo>,
+    pub layers: Vec<model_v3::LayerInfo>,
     /// Current (masked) weights by name.
     pub weights: BTreeMap<String, Tensor>,
     /// Masks of earlier stages by layer name.
@@ -245,7 +246,7 @@ pub fn select_per_row(scores: &[f32], shape: &[usize], density: f64) -> Result<M
 /// `model`, `plugin-types`) on [`PluginState`]. The versions' generated traits and types are
 /// distinct Rust items of identical shape, so one body serves them all: sandboxing, the host
 /// byte budget and the `timed` host-time accounting cannot drift between versions. `$layer` and
-/// `$info` convert the 0.2 model descriptions the view holds; `kernels_extra` adds the kernels
+/// `$info` convert the 0.3 model descriptions the view holds; `kernels_extra` adds the kernels
 /// a version introduced.
 macro_rules! impl_host_imports {
     ($module:ident, $v:ident, layer: $layer:path, info: $info:path, kernels_extra: { $($kernels_extra:tt)* }) => {
@@ -665,14 +666,30 @@ macro_rules! impl_host_imports {
 impl_host_imports!(
     v0_1_imports,
     v0_1,
-    layer: crate::plugin::compat::layer_to_v1,
-    info: crate::plugin::compat::model_info_to_v1,
+    layer: crate::plugin::compat::v1::layer,
+    info: crate::plugin::compat::v1::model_info,
     kernels_extra: {}
 );
 
 impl_host_imports!(
     v0_2_imports,
     v0_2,
+    layer: crate::plugin::compat::v2::layer,
+    info: crate::plugin::compat::v2::model_info,
+    kernels_extra: {
+        fn select_per_row(
+            &mut self,
+            scores: Resource<TensorHandle>,
+            density: f64,
+        ) -> wasmtime::Result<Result<Resource<Mask>, String>> {
+            self.select_per_row_handle(&scores, density)
+        }
+    }
+);
+
+impl_host_imports!(
+    v0_3_imports,
+    v0_3,
     layer: Clone::clone,
     info: Clone::clone,
     kernels_extra: {
@@ -681,46 +698,78 @@ impl_host_imports!(
             scores: Resource<TensorHandle>,
             density: f64,
         ) -> wasmtime::Result<Result<Resource<Mask>, String>> {
-            self.timed(|s| {
-                let t = s.tensor(&scores)?;
-                let shape = t.dims().to_vec();
-                match with_f32(t, |v| select_per_row(v, &shape, density)).and_then(|r| r) {
-                    Ok(m) => Ok(Ok(s.push_mask(m)?)),
-                    Err(e) => Ok(Err(e)),
-                }
-            })
+            self.select_per_row_handle(&scores, density)
         }
     }
 );
 
+impl PluginState {
+    /// `kernels.select-per-row` (0.2 and later).
+    fn select_per_row_handle(
+        &mut self,
+        scores: &Resource<TensorHandle>,
+        density: f64,
+    ) -> wasmtime::Result<Result<Resource<Mask>, String>> {
+        self.timed(|s| {
+            let t = s.tensor(scores)?;
+            let shape = t.dims().to_vec();
+            match with_f32(t, |v| select_per_row(v, &shape, density)).and_then(|r| r) {
+                Ok(m) => Ok(Ok(s.push_mask(m)?)),
+                Err(e) => Ok(Err(e)),
+            }
+        })
+    }
+
+    /// `calibration.info`, for every version that has it.
+    fn calibration_info(&self) -> Option<(u32, u32)> {
+        self.model
+            .calibration
+            .as_ref()
+            .map(|c| (c.samples() as u32, c.seq_len() as u32))
+    }
+
+    /// A calibration statistic as a handle sharing the cached storage, like a model weight: not
+    /// booked against the plugin's host budget.
+    fn calibration_tensor(
+        &mut self,
+        get: impl FnOnce(&Calibrator) -> Result<Tensor, String>,
+    ) -> wasmtime::Result<Result<Resource<TensorHandle>, String>> {
+        self.timed(|s| {
+            let tensor = match s.calibrator().and_then(|c| get(&c)) {
+                Ok(t) => t,
+                Err(e) => return Ok(Err(e)),
+            };
+            Ok(Ok(s.table.push(TensorHandle { tensor, booked: 0 })?))
+        })
+    }
+
+    /// One loss trial with masks the plugin holds.
+    fn loss_trial(
+        &mut self,
+        changes: Vec<(String, Resource<Mask>)>,
+    ) -> wasmtime::Result<Result<f64, String>> {
+        self.timed(|s| {
+            let mut owned = Vec::with_capacity(changes.len());
+            for (layer, mask) in &changes {
+                owned.push((layer.clone(), s.mask(mask)?.clone()));
+            }
+            Ok(s.calibrator().and_then(|c| c.loss_with_masks(&owned)))
+        })
+    }
+}
+
 impl calibration_v2::Host for PluginState {
     fn info(&mut self) -> wasmtime::Result<Option<calibration_v2::CalibrationInfo>> {
         Ok(self
-            .model
-            .calibration
-            .as_ref()
-            .map(|c| calibration_v2::CalibrationInfo {
-                samples: c.samples() as u32,
-                seq_len: c.seq_len() as u32,
-            }))
+            .calibration_info()
+            .map(|(samples, seq_len)| calibration_v2::CalibrationInfo { samples, seq_len }))
     }
 
     fn activation_norms(
         &mut self,
         layer: String,
     ) -> wasmtime::Result<Result<Resource<TensorHandle>, String>> {
-        self.timed(|s| {
-            let norms = match s.calibrator().and_then(|c| c.activation_norms(&layer)) {
-                Ok(t) => t,
-                Err(e) => return Ok(Err(e)),
-            };
-            // Shares the cached statistic's storage, like a model weight: not booked against
-            // the plugin's host budget.
-            Ok(Ok(s.table.push(TensorHandle {
-                tensor: norms,
-                booked: 0,
-            })?))
-        })
+        self.calibration_tensor(|c| c.activation_norms(&layer))
     }
 
     fn loss(&mut self) -> wasmtime::Result<Result<f64, String>> {
@@ -732,10 +781,48 @@ impl calibration_v2::Host for PluginState {
         layer: String,
         mask: Resource<Mask>,
     ) -> wasmtime::Result<Result<f64, String>> {
-        self.timed(|s| {
-            let mask = s.mask(&mask)?.clone();
-            Ok(s.calibrator().and_then(|c| c.loss_with_mask(&layer, &mask)))
-        })
+        self.loss_trial(vec![(layer, mask)])
+    }
+}
+
+impl calibration_v3::Host for PluginState {
+    fn info(&mut self) -> wasmtime::Result<Option<calibration_v3::CalibrationInfo>> {
+        Ok(self
+            .calibration_info()
+            .map(|(samples, seq_len)| calibration_v3::CalibrationInfo { samples, seq_len }))
+    }
+
+    fn activation_norms(
+        &mut self,
+        layer: String,
+    ) -> wasmtime::Result<Result<Resource<TensorHandle>, String>> {
+        self.calibration_tensor(|c| c.activation_norms(&layer))
+    }
+
+    fn loss(&mut self) -> wasmtime::Result<Result<f64, String>> {
+        self.timed(|s| Ok(s.calibrator().and_then(|c| c.loss())))
+    }
+
+    fn loss_with_mask(
+        &mut self,
+        layer: String,
+        mask: Resource<Mask>,
+    ) -> wasmtime::Result<Result<f64, String>> {
+        self.loss_trial(vec![(layer, mask)])
+    }
+
+    fn loss_with_masks(
+        &mut self,
+        changes: Vec<(String, Resource<Mask>)>,
+    ) -> wasmtime::Result<Result<f64, String>> {
+        self.loss_trial(changes)
+    }
+
+    fn gradients(
+        &mut self,
+        layer: String,
+    ) -> wasmtime::Result<Result<Resource<TensorHandle>, String>> {
+        self.calibration_tensor(|c| c.gradients(&layer))
     }
 }
 

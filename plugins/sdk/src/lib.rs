@@ -18,12 +18,13 @@
 // Lets the generated code name this crate by its public path, inside and outside it.
 extern crate self as espalier_plugin_sdk;
 
-/// Bindings generated from `wit/since_v0.2.0` (the `criterion` world). 0.2 is a superset of
-/// 0.1: a criterion that uses none of the 0.2 additions runs exactly as before, and the host
-/// still accepts components built against 0.1 (see `plugins/testing/legacy-v01`).
+/// Bindings generated from `wit/since_v0.3.0` (the `criterion` world). Each version is a
+/// superset of the one before: a criterion that uses none of the additions runs exactly as
+/// before, and the host still accepts components built against 0.1 and 0.2 (see
+/// `plugins/testing/legacy-v01` and `legacy-v02`).
 pub mod bindings {
     wit_bindgen::generate!({
-        path: "../../wit/since_v0.2.0",
+        path: "../../wit/since_v0.3.0",
         world: "criterion",
         pub_export_macro: true,
         export_macro_name: "export_criterion_raw",
