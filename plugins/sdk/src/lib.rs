@@ -137,6 +137,15 @@ impl<'a> Params<'a> {
         }
     }
 
+    /// A list-of-floats parameter (a list of integers is widened).
+    pub fn floats(&self, name: &str) -> Result<Vec<f64>, String> {
+        match self.get(name)? {
+            ParamValue::Floats(v) => Ok(v.clone()),
+            ParamValue::Integers(v) => Ok(v.iter().map(|&x| x as f64).collect()),
+            _ => Err(format!("parameter `{name}` must be a list of numbers")),
+        }
+    }
+
     /// A list-of-integers parameter.
     pub fn integers(&self, name: &str) -> Result<&'a [i64], String> {
         match self.get(name)? {

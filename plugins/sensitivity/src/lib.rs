@@ -4,28 +4,30 @@
 //!
 //! Two measurements, both deterministic:
 //!
-//! - `method = "loss"` (default): for each group of target layers (a transformer block, or each
-//!   layer alone with `granularity = "layer"`) the host measures the calibration loss with that
-//!   group pruned by magnitude at `probe_density` (under the `probe_block` structure, so a block
-//!   criterion is probed with blocks), on top of the current masks. The loss increase is the
-//!   group's sensitivity. One trial per group, each one forward pass at most (the host resumes
-//!   from the hidden states entering the group's block).
+//! - `method = "loss"` (default), the classic sensitivity analysis: for each group of target
+//!   layers (a transformer block, or each layer alone with `granularity = "layer"`) the host
+//!   measures the calibration loss with that group pruned by magnitude at a few probe densities
+//!   (`probe_densities`; by default the target and the target ± `spread`), under the
+//!   `probe_block` structure so a block criterion is probed with blocks, on top of the current
+//!   masks. Each group's loss increase is then a curve Δ_g(d) through its probes and (1, 0),
+//!   linear between them and made non-increasing in d. Budgets give every group the same loss
+//!   increase ε: d_g(ε) is the lowest density whose Δ_g stays within ε, and ε is bisected so the
+//!   parameter-weighted mean density equals the stage's density. Groups whose loss barely moves
+//!   go lowest. One forward pass per trial at most (the host resumes from the hidden states
+//!   entering the group's block).
 //! - `method = "owl"`: Outlier-Weighted Layerwise sparsity (Yin et al., 2024). A group's
 //!   importance is its share of outlier weights: Wanda scores |W_ij|·‖X_j‖ above `owl_m` times
-//!   the layer's mean score. No trials; needs the activation norms (computed on first use).
+//!   the layer's mean score. No trials; needs the activation norms (computed on first use). As in
+//!   the paper, the outlier ratios are min–max normalised to r ∈ [0, 1] and group g gets
+//!   `clamp(β + spread · (2 r_g − 1), min_density, max_density)`, β bisected to the target.
 //!
-//! Budgets: importances (the log loss increase, or the outlier ratio) are min–max normalised over
-//! the groups to positions r ∈ [0, 1], and group g gets density
-//! `clamp(β + spread · (2 r_g − 1), min_density, max_density)`, with β found by bisection so that
-//! the parameter-weighted mean density equals the stage's density exactly (to 1e-9). A target
-//! that the bounds make unreachable is an error, not a silent miss.
+//! Either way every budget lies in [min_density, max_density], the parameter-weighted mean is the
+//! stage's density (to 1e-9), and a target the bounds make unreachable is an error, not a silent
+//! miss. Each group's measurement and budget is printed to the log.
 
 use espalier_plugin_sdk::*;
 
 struct Sensitivity;
-
-/// Loss increases below this count as this (log of zero is not a position).
-const MIN_INCREASE: f64 = 1e-9;
 
 impl Guest for Sensitivity {
     fn describe() -> PluginInfo {
@@ -36,9 +38,9 @@ impl Guest for Sensitivity {
             params: vec![
                 param("method", ParamValue::Text("loss".into()), "\"loss\" (measured loss increase) or \"owl\" (outlier-weighted layerwise sparsity)"),
                 param("granularity", ParamValue::Text("block".into()), "\"block\" (one budget per transformer block) or \"layer\" (one per target layer)"),
-                param("probe_density", ParamValue::Float(-1.0), "kept fraction of the magnitude probe of the loss method; negative = the stage's density"),
+                param("probe_densities", ParamValue::Floats(vec![]), "kept fractions at which the loss method probes each group; empty = the stage's density and that density ± spread (within the bounds)"),
                 param("probe_block", ParamValue::Integers(vec![]), "structure of the probe: [rows, cols] blocks, or empty for unstructured"),
-                param("spread", ParamValue::Float(0.1), "half-width of the density range before rebalancing: the most sensitive group gets about density + spread, the least density - spread"),
+                param("spread", ParamValue::Float(0.1), "loss method: distance of the default probes from the target; owl: half-width of the density range before rebalancing"),
                 param("min_density", ParamValue::Float(0.0), "no budget below this kept fraction"),
                 param("max_density", ParamValue::Float(1.0), "no budget above this kept fraction"),
                 param("owl_m", ParamValue::Float(5.0), "OWL: a weight is an outlier when its Wanda score exceeds owl_m times its layer's mean score"),
@@ -52,15 +54,40 @@ impl Guest for Sensitivity {
         let params = Params::new(&ctx);
         let settings = Settings::from_params(&params, &ctx)?;
         let groups = group_targets(&ctx.targets, settings.per_layer);
-        let importance = match settings.method {
-            Method::Loss => loss_importance(&groups, &settings)?,
-            Method::Owl => owl_importance(&groups, settings.owl_m)?,
-        };
         let sizes: Vec<f64> = groups
             .iter()
             .map(|g| g.iter().map(|t| numel(&t.layer)).sum())
             .collect();
-        let densities = allocate(&importance, &sizes, &settings)?;
+        let densities = match settings.method {
+            Method::Loss => {
+                let curves = loss_curves(&groups, &settings)?;
+                let densities = equal_loss_budgets(&curves, &sizes, &settings)?;
+                for ((group, curve), d) in groups.iter().zip(&curves).zip(&densities) {
+                    let probes: Vec<String> = curve
+                        .iter()
+                        .filter(|(d, _)| *d < 1.0)
+                        .map(|(d, l)| format!("{d:.3}: {l:+.5}"))
+                        .collect();
+                    println!(
+                        "{}: loss increase at density {} -> budget {d:.4}",
+                        group_label(group),
+                        probes.join(", ")
+                    );
+                }
+                densities
+            }
+            Method::Owl => {
+                let ratios = owl_importance(&groups, settings.owl_m)?;
+                let densities = spread_budgets(&ratios, &sizes, &settings)?;
+                for ((group, r), d) in groups.iter().zip(&ratios).zip(&densities) {
+                    println!(
+                        "{}: outlier ratio {r:.5} -> budget {d:.4}",
+                        group_label(group)
+                    );
+                }
+                densities
+            }
+        };
         let mut budgets = Vec::with_capacity(ctx.targets.len());
         for (group, density) in groups.iter().zip(&densities) {
             for target in group {
@@ -88,7 +115,7 @@ struct Settings {
     method: Method,
     per_layer: bool,
     target: f64,
-    probe_density: f64,
+    probe_densities: Vec<f64>,
     probe: Structure,
     spread: f64,
     min: f64,
@@ -128,11 +155,29 @@ impl Settings {
                 other.layer.name, other.density, first.layer.name
             ));
         }
-        let probe_density = match params.float("probe_density")? {
-            d if d < 0.0 => target,
-            d if d <= 1.0 => d,
-            d => return Err(format!("probe_density = {d} must be at most 1")),
-        };
+        let (min, max) = (params.float("min_density")?, params.float("max_density")?);
+        let spread = params.float("spread")?;
+        // Checked before any clamp below (clamp panics on min > max).
+        if !(0.0..=1.0).contains(&min) || !(0.0..=1.0).contains(&max) || min > max {
+            return Err(format!(
+                "min_density = {min} and max_density = {max} must satisfy 0 <= min <= max <= 1"
+            ));
+        }
+        let mut probe_densities = params.floats("probe_densities")?;
+        if probe_densities.is_empty() {
+            probe_densities = vec![target - spread, target, target + spread]
+                .into_iter()
+                .map(|d| d.clamp(min, max))
+                .filter(|&d| d < 1.0)
+                .collect();
+        }
+        if let Some(bad) = probe_densities.iter().find(|d| !(0.0..1.0).contains(*d)) {
+            return Err(format!(
+                "probe density {bad} must be in [0, 1): a probe at 1 prunes nothing"
+            ));
+        }
+        probe_densities.sort_by(f64::total_cmp);
+        probe_densities.dedup();
         let probe = match params.integers("probe_block")? {
             [] => Structure::Unstructured,
             [r, c] if (1..=4096).contains(r) && (1..=4096).contains(c) => {
@@ -147,18 +192,11 @@ impl Settings {
                 ));
             }
         };
-        let (min, max) = (params.float("min_density")?, params.float("max_density")?);
-        if !(0.0..=1.0).contains(&min) || !(0.0..=1.0).contains(&max) || min > max {
-            return Err(format!(
-                "min_density = {min} and max_density = {max} must satisfy 0 <= min <= max <= 1"
-            ));
-        }
         if target < min || target > max {
             return Err(format!(
                 "the stage's density {target} lies outside [min_density, max_density] = [{min}, {max}]"
             ));
         }
-        let spread = params.float("spread")?;
         if !(0.0..=1.0).contains(&spread) {
             return Err(format!("spread = {spread} must be in [0, 1]"));
         }
@@ -170,7 +208,7 @@ impl Settings {
             method,
             per_layer,
             target,
-            probe_density,
+            probe_densities,
             probe,
             spread,
             min,
@@ -202,26 +240,118 @@ fn group_targets(targets: &[Target], per_layer: bool) -> Vec<Vec<&Target>> {
     groups
 }
 
-/// log(loss increase) of each group pruned by magnitude at the probe density.
-fn loss_importance(groups: &[Vec<&Target>], s: &Settings) -> Result<Vec<f64>, String> {
+/// A group as people read it: `block 3`, or the layer's name.
+fn group_label(group: &[&Target]) -> String {
+    match (group.len(), group.first().and_then(|t| t.layer.block)) {
+        (n, Some(b)) if n > 1 => format!("block {b} ({n} layers)"),
+        _ => group
+            .first()
+            .map_or_else(String::new, |t| t.layer.name.clone()),
+    }
+}
+
+/// Each group's loss increase at every probe density, as `(density, increase)` points sorted by
+/// density and ending with `(1, 0)`.
+fn loss_curves(groups: &[Vec<&Target>], s: &Settings) -> Result<Vec<Vec<(f64, f64)>>, String> {
     let base = calibration::loss()?;
     let mut out = Vec::with_capacity(groups.len());
     for group in groups {
-        let mut masks = Vec::with_capacity(group.len());
+        // |w|² ranks single weights like |w| and blocks by their L2 norm.
+        let mut scores = Vec::with_capacity(group.len());
         for t in group {
             let w = model::weight(&t.layer.name)?;
-            // |w|² ranks single weights like |w| and blocks by their L2 norm.
-            let scores = kernels::unary(UnaryOp::Square, &w);
-            masks.push((
-                t.layer.name.clone(),
-                kernels::select(&scores, s.probe, s.probe_density)?,
-            ));
+            scores.push((t.layer.name.clone(), kernels::unary(UnaryOp::Square, &w)));
         }
-        let changes: Vec<(String, &Mask)> = masks.iter().map(|(n, m)| (n.clone(), m)).collect();
-        let loss = calibration::loss_with_masks(&changes)?;
-        out.push((loss - base).max(MIN_INCREASE).ln());
+        let mut curve = Vec::with_capacity(s.probe_densities.len() + 1);
+        for &density in &s.probe_densities {
+            let mut masks = Vec::with_capacity(group.len());
+            for (name, score) in &scores {
+                masks.push((name.clone(), kernels::select(score, s.probe, density)?));
+            }
+            let changes: Vec<(String, &Mask)> = masks.iter().map(|(n, m)| (n.clone(), m)).collect();
+            curve.push((density, calibration::loss_with_masks(&changes)? - base));
+        }
+        curve.push((1.0, 0.0));
+        out.push(curve);
     }
     Ok(out)
+}
+
+/// The curve made non-increasing in density (a denser layer never costs more loss), so that
+/// "the lowest density within ε" is well defined.
+fn monotone(curve: &[(f64, f64)]) -> Vec<(f64, f64)> {
+    let mut out = curve.to_vec();
+    for i in (0..out.len().saturating_sub(1)).rev() {
+        out[i].1 = out[i].1.max(out[i + 1].1);
+    }
+    out
+}
+
+/// The lowest density in [lowest probe, 1] at which the (monotone) curve is within `eps`.
+fn density_within(curve: &[(f64, f64)], eps: f64) -> f64 {
+    if curve[0].1 <= eps {
+        return curve[0].0;
+    }
+    for pair in curve.windows(2) {
+        let ((d0, l0), (d1, l1)) = (pair[0], pair[1]);
+        if l1 <= eps {
+            // l0 > eps >= l1: linear between the two probes.
+            return d0 + (d1 - d0) * (l0 - eps) / (l0 - l1);
+        }
+    }
+    1.0
+}
+
+/// Equal-loss-increase budgets (see the module doc), clamped to the bounds.
+fn equal_loss_budgets(
+    curves: &[Vec<(f64, f64)>],
+    sizes: &[f64],
+    s: &Settings,
+) -> Result<Vec<f64>, String> {
+    let curves: Vec<Vec<(f64, f64)>> = curves.iter().map(|c| monotone(c)).collect();
+    let total: f64 = sizes.iter().sum();
+    let densities = |eps: f64| -> Vec<f64> {
+        curves
+            .iter()
+            .map(|c| density_within(c, eps).clamp(s.min, s.max))
+            .collect()
+    };
+    let mean = |d: &[f64]| d.iter().zip(sizes).map(|(d, n)| d * n).sum::<f64>() / total;
+    // The mean density falls as ε grows: at the largest increase every group sits at its lowest
+    // probe; below zero (the monotone curves end at (1, 0), so none is below) every group is
+    // dense, at the upper bound.
+    let top = curves
+        .iter()
+        .flat_map(|c| c.iter().map(|p| p.1))
+        .fold(0.0, f64::max);
+    let (mut lo, mut hi) = (-1.0, top);
+    let (d_lo, d_hi) = (densities(lo), densities(hi));
+    if mean(&d_hi) > s.target + 1e-9 || mean(&d_lo) < s.target - 1e-9 {
+        return Err(format!(
+            "the probes reach mean densities {:.4}..{:.4}, which do not include the target {}: widen `spread`, the probes or [min_density, max_density]",
+            mean(&d_hi),
+            mean(&d_lo),
+            s.target
+        ));
+    }
+    for _ in 0..200 {
+        let mid = 0.5 * (lo + hi);
+        if mean(&densities(mid)) > s.target {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    // A flat stretch of a curve makes the mean jump at one ε; blend the two sides to land on
+    // the target exactly (the mean is linear in the blend).
+    let (a, b) = (densities(lo), densities(hi));
+    let (ma, mb) = (mean(&a), mean(&b));
+    let t = if (ma - mb).abs() > 1e-15 {
+        ((ma - s.target) / (ma - mb)).clamp(0.0, 1.0)
+    } else {
+        0.0
+    };
+    Ok(a.iter().zip(&b).map(|(x, y)| x + t * (y - x)).collect())
 }
 
 /// OWL's outlier ratio of each group: the fraction of its weights whose Wanda score exceeds
@@ -266,9 +396,9 @@ fn owl_importance(groups: &[Vec<&Target>], m: f64) -> Result<Vec<f64>, String> {
     Ok(out)
 }
 
-/// Budgets from importances: min–max positions, spread around β, clamped to the bounds, β
-/// bisected so the size-weighted mean density is the target.
-fn allocate(importance: &[f64], sizes: &[f64], s: &Settings) -> Result<Vec<f64>, String> {
+/// OWL's budgets from importances: min–max positions, spread around β, clamped to the bounds,
+/// β bisected so the size-weighted mean density is the target.
+fn spread_budgets(importance: &[f64], sizes: &[f64], s: &Settings) -> Result<Vec<f64>, String> {
     let lo = importance.iter().copied().fold(f64::INFINITY, f64::min);
     let hi = importance.iter().copied().fold(f64::NEG_INFINITY, f64::max);
     let positions: Vec<f64> = importance
