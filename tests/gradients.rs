@@ -54,22 +54,33 @@ fn block_linears(model: &Model) -> Vec<String> {
         .collect()
 }
 
-/// |w · g| of every block linear, g from the engine directly.
-fn reference_scores(model: &Model) -> BTreeMap<String, Vec<Vec<f32>>> {
+/// Per block linear, |w · g| (first order) and w² · F (Fisher), g and F from the engine
+/// directly, in the host kernels' f32 arithmetic.
+fn reference_scores(model: &Model, fisher: bool) -> BTreeMap<String, Vec<Vec<f32>>> {
     let set = calibration_set();
     let session = Session::new(model).unwrap();
-    let mut grads = LossGradients::new(&session).unwrap();
+    let mut grads = LossGradients::new(&session).unwrap().with_squares();
     grads.accumulate(&set.sequences).unwrap();
-    let grads = grads.finish().unwrap();
+    let stats = grads.finish().unwrap();
+    let source = if fisher {
+        stats.mean_squares.unwrap()
+    } else {
+        stats.mean
+    };
     block_linears(model)
         .into_iter()
         .map(|name| {
             let w: Vec<Vec<f32>> = model.weight(&name).unwrap().to_vec2().unwrap();
-            let g: Vec<Vec<f32>> = grads[&name].to_vec2().unwrap();
+            let g: Vec<Vec<f32>> = source[&name].to_vec2().unwrap();
             let s = w
                 .iter()
                 .zip(&g)
-                .map(|(w, g)| w.iter().zip(g).map(|(w, g)| (w * g).abs()).collect())
+                .map(|(w, g)| {
+                    w.iter()
+                        .zip(g)
+                        .map(|(w, g)| if fisher { w * w * g } else { (w * g).abs() })
+                        .collect()
+                })
                 .collect();
             (name, s)
         })
@@ -94,7 +105,7 @@ fn mask_of(result: &RunResult, name: &str) -> Vec<bool> {
 #[test]
 fn taylor_keeps_the_largest_first_order_importances() {
     let model = tiny();
-    let scores = reference_scores(&model);
+    let scores = reference_scores(&model, false);
     let density = 0.3;
     let layer = run(&pipeline(&format!(
         "[[stage]]\nplugin = \"taylor\"\ndensity = {density}\n"
@@ -131,11 +142,37 @@ fn taylor_keeps_the_largest_first_order_importances() {
 }
 
 #[test]
+fn taylor_fisher_keeps_the_largest_second_order_estimates() {
+    let model = tiny();
+    let scores = reference_scores(&model, true);
+    let density = 0.4;
+    let run = run(&pipeline(&format!(
+        "[[stage]]\nplugin = \"taylor\"\ndensity = {density}\nestimate = \"fisher\"\n"
+    )))
+    .unwrap();
+    let first_order = reference_scores(&model, false);
+    let mut differs = false;
+    for (name, s) in &scores {
+        let flat: Vec<f32> = s.iter().flatten().copied().collect();
+        let k = (density * flat.len() as f64).round() as usize;
+        let expected = top_k(&flat, k);
+        assert_eq!(mask_of(&run, name), expected, "{name}");
+        let fo: Vec<f32> = first_order[name].iter().flatten().copied().collect();
+        differs |= top_k(&fo, k) != expected;
+    }
+    assert!(
+        differs,
+        "the Fisher estimate must rank differently from |w·g| somewhere"
+    );
+}
+
+#[test]
 fn taylor_parameter_mistakes_are_clear() {
     for (params, says) in [
         ("scope = \"col\"", "scope = \"col\""),
         ("n = 2\nm = 4\nblock = [4, 4]", "not both"),
         ("block = [4]", "`block` must be [rows, cols]"),
+        ("estimate = \"hessian\"", "estimate = \"hessian\""),
     ] {
         let err = run(&pipeline(&format!(
             "[[stage]]\nplugin = \"taylor\"\ndensity = 0.5\n{params}\n"

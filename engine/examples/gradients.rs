@@ -38,11 +38,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .collect();
     let session = Session::new(&model)?;
     let started = Instant::now();
-    let mut grads = LossGradients::new(&session)?;
+    let mut grads = LossGradients::new(&session)?.with_squares();
     grads.accumulate(&sequences)?;
     let loss = grads.mean_loss();
     let n = grads.sequences();
-    let out = grads.finish()?;
+    let out = grads.finish()?.mean;
     let secs = started.elapsed().as_secs_f64();
     println!(
         "{{\"sequences\": {n}, \"seq_len\": {seq_len}, \"layers\": {}, \"loss\": {loss:.5}, \"seconds\": {secs:.2}, \"tokens_per_s\": {:.1}}}",

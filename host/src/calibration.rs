@@ -20,7 +20,8 @@ use std::sync::{Arc, OnceLock};
 
 use candle_core::{DType, Tensor};
 use espalier_engine::{
-    EngineError, Linear, LinearObserver, LinearWeight, LossGradients, Model, Session, Tokenizer,
+    EngineError, GradientStats, Linear, LinearObserver, LinearWeight, LossGradients, Model,
+    Session, Tokenizer,
 };
 use rayon::prelude::*;
 
@@ -178,7 +179,7 @@ pub struct Calibrator {
     model: Model,
     session: OnceLock<Result<Session, String>>,
     norms: OnceLock<Result<BTreeMap<String, Tensor>, String>>,
-    gradients: OnceLock<Result<BTreeMap<String, Tensor>, String>>,
+    gradients: OnceLock<Result<GradientStats, String>>,
     loss: OnceLock<Result<f64, String>>,
     /// Per sequence, the hidden states entering each block (see [`Session::block_inputs`]);
     /// `None` when they would not fit [`MAX_RESUME_BYTES`].
@@ -297,30 +298,44 @@ impl Calibrator {
     /// The gradient of the mean calibration loss with respect to the block linear `layer`
     /// (`[out, in]`). The first call differentiates every block linear at once.
     pub fn gradients(&self, layer: &str) -> Result<Tensor, String> {
-        let grads = self
-            .gradients
-            .get_or_init(|| self.compute_gradients())
+        let stats = self.gradient_stats()?;
+        stats
+            .mean
+            .get(layer)
+            .cloned()
+            .ok_or_else(|| no_gradient(layer))
+    }
+
+    /// The empirical Fisher diagonal of the block linear `layer`: the mean over sequences of the
+    /// squared gradient of each sequence's loss (`[out, in]`), from the same pass as
+    /// [`Calibrator::gradients`].
+    pub fn fisher(&self, layer: &str) -> Result<Tensor, String> {
+        let stats = self.gradient_stats()?;
+        stats
+            .mean_squares
             .as_ref()
-            .map_err(Clone::clone)?;
-        grads.get(layer).cloned().ok_or_else(|| {
-            format!("no gradient for `{layer}`: only the weights of block linear layers (attention and MLP projections) have them")
-        })
+            .and_then(|m| m.get(layer))
+            .cloned()
+            .ok_or_else(|| no_gradient(layer))
     }
 
     /// Computes the gradients of every block linear now, if not done yet.
     pub fn prepare_gradients(&self) -> Result<(), String> {
+        self.gradient_stats().map(|_| ())
+    }
+
+    fn gradient_stats(&self) -> Result<&GradientStats, String> {
         self.gradients
             .get_or_init(|| self.compute_gradients())
             .as_ref()
-            .map(|_| ())
             .map_err(Clone::clone)
     }
 
-    fn compute_gradients(&self) -> Result<BTreeMap<String, Tensor>, String> {
+    fn compute_gradients(&self) -> Result<GradientStats, String> {
         let session = self.session()?;
         let started = std::time::Instant::now();
         let fail = |e: EngineError| format!("calibration gradients failed: {e}");
-        let mut grads = LossGradients::new(session).map_err(fail)?;
+        let mut grads = LossGradients::new(session).map_err(fail)?.with_squares();
         grads.accumulate(&self.set.sequences).map_err(fail)?;
         let loss = grads.mean_loss();
         let out = grads.finish().map_err(fail)?;
@@ -429,6 +444,12 @@ impl Calibrator {
             .map(Option::as_ref)
             .map_err(Clone::clone)
     }
+}
+
+fn no_gradient(layer: &str) -> String {
+    format!(
+        "no gradient for `{layer}`: only the weights of block linear layers (attention and MLP projections) have them"
+    )
 }
 
 /// Mean over sequences of each sequence's mean next-token loss (sequences in parallel, summed

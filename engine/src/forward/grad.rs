@@ -18,7 +18,7 @@
 
 use std::collections::BTreeMap;
 
-use candle_core::{D, DType, Device, Tensor, Var};
+use candle_core::{D, Device, Tensor, Var};
 
 use super::ops::{self, RopeTable};
 use super::{Block, LM_HEAD_CHUNK, Mlp, Norm, QkvProj, Session};
@@ -31,16 +31,20 @@ use crate::linear::{Linear, LinearWeight};
 const BATCH_TOKENS: usize = 256;
 
 /// Accumulates, over calibration sequences, the gradient of each sequence's mean next-token
-/// loss with respect to every dense block linear weight (`[out, in]`, like the weights).
+/// loss with respect to every dense block linear weight (`[out, in]`, like the weights), and
+/// optionally ([`LossGradients::with_squares`]) the squares of those per-sequence gradients.
 ///
 /// [`LossGradients::finish`] divides by the number of sequences: the result is the gradient of
-/// the mean calibration loss, `∂/∂W (1/S) Σ_s loss_s`.
+/// the mean calibration loss, `∂/∂W (1/S) Σ_s loss_s`, and the mean squared per-sequence
+/// gradient `(1/S) Σ_s (∂loss_s/∂W)²`, the diagonal of the empirical Fisher information.
 pub struct LossGradients<'a> {
     session: &'a Session,
     /// Weight name → its differentiable copy.
     vars: BTreeMap<String, Var>,
     /// Weight name → running sum of gradients, row-major `[out, in]`.
     sums: BTreeMap<String, Vec<f32>>,
+    /// Weight name → running sum of squared per-sequence gradients, when asked for.
+    squares: Option<BTreeMap<String, Vec<f32>>>,
     sequences: usize,
     loss_sum: f64,
 }
@@ -64,9 +68,17 @@ impl<'a> LossGradients<'a> {
             session,
             vars,
             sums: BTreeMap::new(),
+            squares: None,
             sequences: 0,
             loss_sum: 0.0,
         })
+    }
+
+    /// Also accumulates the squared gradient of every sequence (the empirical Fisher diagonal).
+    /// Each sequence then runs as its own batch, so its gradient is its own.
+    pub fn with_squares(mut self) -> Self {
+        self.squares = Some(BTreeMap::new());
+        self
     }
 
     /// Runs `sequences` (each at least 2 tokens) forward and backward, adding each one's
@@ -77,7 +89,11 @@ impl<'a> LossGradients<'a> {
         let mut i = 0;
         while i < sequences.len() {
             let len = sequences[i].len();
-            let per_batch = (BATCH_TOKENS / len.max(1)).max(1);
+            let per_batch = if self.squares.is_some() {
+                1
+            } else {
+                (BATCH_TOKENS / len.max(1)).max(1)
+            };
             let mut j = i + 1;
             while j < sequences.len() && j - i < per_batch && sequences[j].len() == len {
                 j += 1;
@@ -102,19 +118,31 @@ impl<'a> LossGradients<'a> {
         self.loss_sum / self.sequences.max(1) as f64
     }
 
-    /// The mean gradient per weight name, `[out, in]` f32 tensors.
-    pub fn finish(self) -> Result<BTreeMap<String, Tensor>, EngineError> {
+    /// The mean gradient per weight name, `[out, in]` f32 tensors, and the mean squared
+    /// gradient when [`LossGradients::with_squares`] asked for it.
+    pub fn finish(mut self) -> Result<GradientStats, EngineError> {
         let n = self.sequences.max(1) as f32;
-        let mut out = BTreeMap::new();
+        let mut mean = BTreeMap::new();
+        let mut mean_squares = self.squares.as_ref().map(|_| BTreeMap::new());
         for (name, var) in &self.vars {
             let dims = var.as_tensor().dims().to_vec();
-            let data = match self.sums.get(name) {
-                Some(sum) => sum.iter().map(|g| g / n).collect(),
-                None => vec![0f32; dims.iter().product()],
+            // Divided in place and moved into the tensor: no second copy of every gradient.
+            let take = |sums: &mut BTreeMap<String, Vec<f32>>| -> Result<Tensor, EngineError> {
+                let data = match sums.remove(name) {
+                    Some(mut sum) => {
+                        sum.iter_mut().for_each(|g| *g /= n);
+                        sum
+                    }
+                    None => vec![0f32; dims.iter().product()],
+                };
+                Ok(Tensor::from_vec(data, dims.clone(), &Device::Cpu)?)
             };
-            out.insert(name.clone(), Tensor::from_vec(data, dims, &Device::Cpu)?);
+            mean.insert(name.clone(), take(&mut self.sums)?);
+            if let (Some(squares), Some(out)) = (self.squares.as_mut(), mean_squares.as_mut()) {
+                out.insert(name.clone(), take(squares)?);
+            }
         }
-        Ok(out)
+        Ok(GradientStats { mean, mean_squares })
     }
 
     fn add(&mut self, batch: BatchGradients) -> Result<(), EngineError> {
@@ -122,6 +150,14 @@ impl<'a> LossGradients<'a> {
         self.sequences += batch.sequences;
         for (name, g) in batch.grads {
             let g = g.flatten_all()?.to_vec1::<f32>()?;
+            if let Some(squares) = self.squares.as_mut() {
+                match squares.get_mut(&name) {
+                    Some(sum) => sum.iter_mut().zip(&g).for_each(|(s, g)| *s += g * g),
+                    None => {
+                        squares.insert(name.clone(), g.iter().map(|g| g * g).collect());
+                    }
+                }
+            }
             match self.sums.get_mut(&name) {
                 Some(sum) => sum.iter_mut().zip(&g).for_each(|(s, g)| *s += g),
                 None => {
@@ -292,6 +328,15 @@ impl<'a> LossGradients<'a> {
     }
 }
 
+/// What [`LossGradients::finish`] returns, per weight name, `[out, in]`.
+pub struct GradientStats {
+    /// Gradient of the mean calibration loss.
+    pub mean: BTreeMap<String, Tensor>,
+    /// Mean over sequences of the squared per-sequence gradient (empirical Fisher diagonal),
+    /// when it was asked for.
+    pub mean_squares: Option<BTreeMap<String, Tensor>>,
+}
+
 /// The result of one batch, before it is added to the running sums.
 struct BatchGradients {
     loss_sum: f64,
@@ -392,7 +437,7 @@ fn head_gradient(
         }
         let rows = dlogits.len();
         let dlogits = Tensor::new(dlogits, &Device::Cpu)?.reshape((rows, ()))?;
-        let dh = dlogits.matmul(w)?.to_dtype(DType::F32)?;
+        let dh = dlogits.matmul(w)?;
         let dh = dh.flatten_all()?.to_vec1::<f32>()?;
         grad[first * width..first * width + dh.len()].copy_from_slice(&dh);
     }
@@ -423,8 +468,52 @@ mod tests {
             g.accumulate(&seqs).unwrap();
             assert_eq!(g.sequences(), 3);
             assert!((g.mean_loss() - expected).abs() < 1e-4, "{name}");
-            let grads = g.finish().unwrap();
+            let grads = g.finish().unwrap().mean;
             assert_eq!(grads.len(), s.block_linears().len());
+        }
+    }
+
+    /// With squares, the mean squared gradient is the mean of each sequence's own squared
+    /// gradient, and the mean gradient is unchanged by the per-sequence batching.
+    #[test]
+    fn squared_gradients_are_per_sequence() {
+        let model = builtin_model("tiny-llama").unwrap();
+        let s = Session::new(&model).unwrap();
+        let seqs: Vec<Vec<u32>> = (0..2)
+            .map(|k| (0..20u32).map(|i| (i * 31 + 17 * k + 1) % 256).collect())
+            .collect();
+        let single = |q: &Vec<u32>| {
+            let mut g = LossGradients::new(&s).unwrap();
+            g.accumulate(std::slice::from_ref(q)).unwrap();
+            g.finish().unwrap().mean
+        };
+        let (a, b) = (single(&seqs[0]), single(&seqs[1]));
+        let mut both = LossGradients::new(&s).unwrap().with_squares();
+        both.accumulate(&seqs).unwrap();
+        let stats = both.finish().unwrap();
+        let squares = stats.mean_squares.unwrap();
+        let name = "model.layers.0.self_attn.v_proj.weight";
+        let (ga, gb) = (
+            a[name].flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            b[name].flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        );
+        let sq = squares[name]
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let mean = stats.mean[name]
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        for i in 0..sq.len() {
+            let expected = (ga[i] * ga[i] + gb[i] * gb[i]) / 2.0;
+            assert!(
+                (sq[i] - expected).abs() <= 1e-6 * expected.abs().max(1e-6),
+                "{i}"
+            );
+            assert!((mean[i] - (ga[i] + gb[i]) / 2.0).abs() < 1e-6, "{i}");
         }
     }
 
@@ -437,7 +526,7 @@ mod tests {
         let seq: Vec<u32> = (0..24u32).map(|i| (i * 53 + 7) % 256).collect();
         let mut g = LossGradients::new(&s).unwrap();
         g.accumulate(std::slice::from_ref(&seq)).unwrap();
-        let grads = g.finish().unwrap();
+        let grads = g.finish().unwrap().mean;
         let name = "model.layers.1.mlp.up_proj.weight";
         let grad = &grads[name];
         let norm2: f64 = grad

@@ -28,7 +28,7 @@ use crate::error::EngineError;
 use crate::linear::{Linear, LinearKernel};
 use crate::model::Model;
 
-pub use grad::LossGradients;
+pub use grad::{GradientStats, LossGradients};
 use ops::{Activation, RopeTable};
 
 /// Rows of the LM head computed at once when only losses are needed: bounds the logits held in

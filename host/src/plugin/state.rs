@@ -824,6 +824,13 @@ impl calibration_v3::Host for PluginState {
     ) -> wasmtime::Result<Result<Resource<TensorHandle>, String>> {
         self.calibration_tensor(|c| c.gradients(&layer))
     }
+
+    fn fisher(
+        &mut self,
+        layer: String,
+    ) -> wasmtime::Result<Result<Resource<TensorHandle>, String>> {
+        self.calibration_tensor(|c| c.fisher(&layer))
+    }
 }
 
 impl PluginState {

@@ -4,6 +4,12 @@
 //! the loss notices least go first. The gradient is the host's: the gradient of the mean
 //! calibration loss, from one forward and backward pass over the calibration set.
 //!
+//! With `estimate = "fisher"` the score is w² · F instead, where F is the host's empirical
+//! Fisher diagonal (the mean over calibration sequences of each sequence's squared gradient):
+//! the second-order estimate of the loss increase of removing w (Optimal Brain Damage, LeCun et
+//! al., 1990, with the Fisher for the Hessian). At a converged model the mean gradient is close
+//! to zero and noisy, so the first-order score ranks poorly; the Fisher does not average out.
+//!
 //! Scores are compared across the whole layer (`scope = "layer"`, the default), within each
 //! output row (`scope = "row"`), within N:M groups (`n`, `m`), or summed over blocks (`block`).
 //! Everything runs as host kernels on handles: weights and gradients never enter wasm.
@@ -17,8 +23,13 @@ impl Guest for Taylor {
         PluginInfo {
             name: "taylor".into(),
             version: env!("CARGO_PKG_VERSION").into(),
-            description: "First-order Taylor importance: keep the weights with the largest |w * dL/dw| (gradient of the calibration loss; calibration text needed). Per layer, per row, N:M or blocks.".into(),
+            description: "Taylor importance from the calibration loss's gradients (calibration text needed): keep the weights with the largest |w * dL/dw| (first order) or w^2 * Fisher (second order, `estimate = \"fisher\"`). Per layer, per row, N:M or blocks.".into(),
             params: vec![
+                param(
+                    "estimate",
+                    ParamValue::Text("first-order".into()),
+                    "\"first-order\": |w * g| with g the gradient of the mean calibration loss; \"fisher\": w^2 * the mean squared per-sequence gradient",
+                ),
                 param(
                     "scope",
                     ParamValue::Text("layer".into()),
@@ -44,13 +55,28 @@ impl Guest for Taylor {
     fn apply(ctx: StageContext) -> Result<StageOutput, String> {
         let params = Params::new(&ctx);
         let selection = Selection::from_params(&params)?;
+        let fisher = match params.text("estimate")? {
+            "first-order" => false,
+            "fisher" => true,
+            other => {
+                return Err(format!(
+                    "estimate = \"{other}\": use \"first-order\" or \"fisher\""
+                ));
+            }
+        };
         let mut masks = Vec::with_capacity(ctx.targets.len());
         for target in &ctx.targets {
             let name = &target.layer.name;
             let w = model::weight(name)?;
-            let g = calibration::gradients(name)?;
-            let product = kernels::binary(BinaryOp::Mul, &w, &g)?;
-            let scores = kernels::unary(UnaryOp::Abs, &product);
+            let scores = if fisher {
+                let f = calibration::fisher(name)?;
+                let squares = kernels::unary(UnaryOp::Square, &w);
+                kernels::binary(BinaryOp::Mul, &squares, &f)?
+            } else {
+                let g = calibration::gradients(name)?;
+                let product = kernels::binary(BinaryOp::Mul, &w, &g)?;
+                kernels::unary(UnaryOp::Abs, &product)
+            };
             let mask = match selection {
                 Selection::Layer => {
                     kernels::select(&scores, Structure::Unstructured, target_density(target)?)?
