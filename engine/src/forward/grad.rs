@@ -149,21 +149,24 @@ impl<'a> LossGradients<'a> {
         self.loss_sum += batch.loss_sum;
         self.sequences += batch.sequences;
         for (name, g) in batch.grads {
-            let g = g.flatten_all()?.to_vec1::<f32>()?;
-            if let Some(squares) = self.squares.as_mut() {
-                match squares.get_mut(&name) {
-                    Some(sum) => sum.iter_mut().zip(&g).for_each(|(s, g)| *s += g * g),
-                    None => {
-                        squares.insert(name.clone(), g.iter().map(|g| g * g).collect());
+            // Read in place (no copy of a gradient the size of the model per batch).
+            ops::with_f32(&g, |g| {
+                if let Some(squares) = self.squares.as_mut() {
+                    match squares.get_mut(&name) {
+                        Some(sum) => sum.iter_mut().zip(g).for_each(|(s, g)| *s += g * g),
+                        None => {
+                            squares.insert(name.clone(), g.iter().map(|g| g * g).collect());
+                        }
                     }
                 }
-            }
-            match self.sums.get_mut(&name) {
-                Some(sum) => sum.iter_mut().zip(&g).for_each(|(s, g)| *s += g),
-                None => {
-                    self.sums.insert(name, g);
+                match self.sums.get_mut(&name) {
+                    Some(sum) => sum.iter_mut().zip(g).for_each(|(s, g)| *s += g),
+                    None => {
+                        self.sums.insert(name.clone(), g.to_vec());
+                    }
                 }
-            }
+                Ok(())
+            })?;
         }
         Ok(())
     }
