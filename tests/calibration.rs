@@ -8,14 +8,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use candle_core::Tensor;
-use espalier::app::RunResult;
 use espalier::calibration::{CalibrationSet, Calibrator};
 use espalier::mask::{Mask, Structure};
 use espalier::plugin::WitVersion;
 use espalier_engine::{EngineError, Linear, LinearObserver, Model, Session, Tokenizer};
 
 mod common;
-use common::{app, run};
+use common::{app, mask_of, run, top_k};
 
 const SAMPLES: usize = 4;
 const SEQ_LEN: usize = 32;
@@ -88,17 +87,6 @@ fn wanda_scores(model: &Model, norms: &BTreeMap<String, Vec<f32>>, name: &str) -
         .collect()
 }
 
-/// The indices of the `k` best entries of `scores`, by sorting (ties: lower index first).
-fn top_k(scores: &[f32], k: usize) -> Vec<bool> {
-    let mut order: Vec<usize> = (0..scores.len()).collect();
-    order.sort_by(|&a, &b| scores[b].partial_cmp(&scores[a]).unwrap().then(a.cmp(&b)));
-    let mut keep = vec![false; scores.len()];
-    for &i in order.iter().take(k) {
-        keep[i] = true;
-    }
-    keep
-}
-
 fn reference_wanda(model: &Model, name: &str, density: f64) -> Vec<bool> {
     let norms = reference_norms(model);
     let scores = wanda_scores(model, &norms, name);
@@ -113,10 +101,6 @@ fn reference_wanda_n_m(model: &Model, name: &str, n: usize, m: usize) -> Vec<boo
         .iter()
         .flat_map(|row| row.chunks(m).flat_map(|g| top_k(g, n)).collect::<Vec<_>>())
         .collect()
-}
-
-fn mask_of(result: &RunResult, name: &str) -> Vec<bool> {
-    result.state.masks[name].keep().to_vec()
 }
 
 fn names(model: &Model, pattern: &str) -> Vec<String> {

@@ -5,11 +5,10 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use espalier::app::RunResult;
 use espalier_engine::Model;
 
 mod common;
-use common::run;
+use common::{mask_of, run, top_k};
 
 fn tiny(name: &str) -> Model {
     espalier_engine::load_model(&format!("builtin:{name}")).expect("built-in model")
@@ -19,27 +18,6 @@ fn values(model: &Model, name: &str) -> (Vec<f32>, usize, usize) {
     let t = model.weight(name).expect("weight exists");
     let (r, c) = t.dims2().expect("2-D");
     (t.flatten_all().unwrap().to_vec1().unwrap(), r, c)
-}
-
-/// Reference top-k: sort indices by score descending, ties to the lower index.
-fn reference_top_k(scores: &[f64], k: usize) -> Vec<bool> {
-    let mut order: Vec<usize> = (0..scores.len()).collect();
-    order.sort_by(|&a, &b| scores[b].partial_cmp(&scores[a]).unwrap().then(a.cmp(&b)));
-    let mut keep = vec![false; scores.len()];
-    for &i in order.iter().take(k) {
-        keep[i] = true;
-    }
-    keep
-}
-
-fn mask_of(result: &RunResult, name: &str) -> Vec<bool> {
-    result
-        .state
-        .masks
-        .get(name)
-        .unwrap_or_else(|| panic!("no mask for {name}"))
-        .keep()
-        .to_vec()
 }
 
 fn block_linears(model: &Model) -> Vec<String> {
@@ -63,7 +41,7 @@ fn magnitude_per_layer_matches_sorting_reference() {
             let (w, _, _) = values(&model, &name);
             let scores: Vec<f64> = w.iter().map(|x| f64::from(x.abs())).collect();
             let k = (0.3 * w.len() as f64).round() as usize;
-            let expected = reference_top_k(&scores, k);
+            let expected = top_k(&scores, k);
             assert_eq!(mask_of(&result, &name), expected, "{arch} {name}");
             // The exported weights are the originals with zeros in place.
             let (pruned, _, _) = values(&result.state.model, &name);
@@ -86,7 +64,7 @@ fn magnitude_global_uses_one_threshold() {
     for n in &names {
         all.extend(values(&model, n).0.iter().map(|x| f64::from(x.abs())));
     }
-    let expected = reference_top_k(&all, (0.25 * all.len() as f64).round() as usize);
+    let expected = top_k(&all, (0.25 * all.len() as f64).round() as usize);
     let mut got = Vec::new();
     for n in &names {
         got.extend(mask_of(&result, n));
@@ -110,7 +88,7 @@ fn block_matches_reference_block_norms_exactly() {
             }
         }
         let k = (0.2 * (gr * gc) as f64).round() as usize;
-        let keep_blocks = reference_top_k(&norms, k);
+        let keep_blocks = top_k(&norms, k);
         let mask = mask_of(&result, &name);
         for i in 0..r {
             for j in 0..c {
@@ -149,7 +127,7 @@ fn block_refuses_shapes_it_does_not_tile_unless_ragged() {
             norms[(i / 24) * gc + j / 24] += f64::from(w[i * c + j]).powi(2);
         }
     }
-    let keep_blocks = reference_top_k(&norms, (0.5 * (gr * gc) as f64).round() as usize);
+    let keep_blocks = top_k(&norms, (0.5 * (gr * gc) as f64).round() as usize);
     let mask = mask_of(&result, name);
     for i in 0..r {
         for j in 0..c {
@@ -178,7 +156,7 @@ fn n_m_keeps_the_largest_n_of_every_m_consecutive_inputs() {
                         .collect();
                     assert_eq!(
                         &mask[base..base + m],
-                        reference_top_k(&scores, n).as_slice(),
+                        top_k(&scores, n).as_slice(),
                         "{name} row {i} group {g}"
                     );
                 }
@@ -225,7 +203,7 @@ fn heads_keeps_the_top_heads_and_cuts_them_out_bit_identically() {
         let mut kept = Vec::new();
         for g in 0..cfg.num_kv_heads {
             let members = &score[g * per_group..(g + 1) * per_group];
-            let keep = reference_top_k(members, 1);
+            let keep = top_k(members, 1);
             kept.extend(
                 keep.iter()
                     .enumerate()

@@ -13,7 +13,7 @@ use espalier::mask::{Mask, Structure};
 use espalier_engine::{LossGradients, Model, Session, Tokenizer};
 
 mod common;
-use common::run;
+use common::{mask_of, run, top_k};
 
 const SAMPLES: usize = 4;
 const SEQ_LEN: usize = 32;
@@ -85,21 +85,6 @@ fn reference_scores(model: &Model, fisher: bool) -> BTreeMap<String, Vec<Vec<f32
             (name, s)
         })
         .collect()
-}
-
-/// The `k` best entries by sorting (ties: lower index first).
-fn top_k(scores: &[f32], k: usize) -> Vec<bool> {
-    let mut order: Vec<usize> = (0..scores.len()).collect();
-    order.sort_by(|&a, &b| scores[b].partial_cmp(&scores[a]).unwrap().then(a.cmp(&b)));
-    let mut keep = vec![false; scores.len()];
-    for &i in order.iter().take(k) {
-        keep[i] = true;
-    }
-    keep
-}
-
-fn mask_of(result: &RunResult, name: &str) -> Vec<bool> {
-    result.state.masks[name].keep().to_vec()
 }
 
 #[test]

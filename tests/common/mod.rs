@@ -1,5 +1,6 @@
-//! Helpers shared by the library-level integration tests: one plugin runtime per test binary
-//! and a way to run pipeline text without exporting.
+//! Helpers shared by the library-level integration tests: one plugin runtime per test binary,
+//! a way to run pipeline text without exporting, and the reference selection the criteria are
+//! checked against.
 
 use std::sync::OnceLock;
 
@@ -25,4 +26,26 @@ pub fn run(text: &str) -> Result<RunResult, AppError> {
         },
         &mut Quiet,
     )
+}
+
+/// Reference top-k: sort indices by score descending, ties to the lower index.
+pub fn top_k<T: PartialOrd + Copy>(scores: &[T], k: usize) -> Vec<bool> {
+    let mut order: Vec<usize> = (0..scores.len()).collect();
+    order.sort_by(|&a, &b| scores[b].partial_cmp(&scores[a]).unwrap().then(a.cmp(&b)));
+    let mut keep = vec![false; scores.len()];
+    for &i in order.iter().take(k) {
+        keep[i] = true;
+    }
+    keep
+}
+
+/// The keep-flags a run left on `name`.
+pub fn mask_of(result: &RunResult, name: &str) -> Vec<bool> {
+    result
+        .state
+        .masks
+        .get(name)
+        .unwrap_or_else(|| panic!("no mask for {name}"))
+        .keep()
+        .to_vec()
 }

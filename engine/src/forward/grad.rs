@@ -305,15 +305,7 @@ impl<'a> LossGradients<'a> {
         let v = split(v, kv_heads, false)?;
         // Query heads sharing a KV head stack along the rows: [B, kv, group · T, d].
         let q = q.reshape((b, kv_heads, group * t, d))?;
-        let mut scale = if s.scale_attn {
-            1.0 / (d as f64).sqrt()
-        } else {
-            1.0
-        };
-        if s.attn_scale_by_layer {
-            scale /= (layer + 1) as f64;
-        }
-        let scores = (q.matmul(&k.t()?)? * scale)?;
+        let scores = (q.matmul(&k.t()?)? * s.attention_scale(layer))?;
         let scores = scores
             .reshape((b, kv_heads, group, t, t))?
             .broadcast_add(causal)?;

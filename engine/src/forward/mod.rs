@@ -755,6 +755,21 @@ impl Session {
         })
     }
 
+    /// The factor attention scores are multiplied by in block `layer`: 1/√head_dim (unless
+    /// GPT-2's `scale_attn_weights` is off), and 1/(layer + 1) under GPT-2's
+    /// `scale_attn_by_inverse_layer_idx`.
+    fn attention_scale(&self, layer: usize) -> f64 {
+        let mut scale = if self.scale_attn {
+            1.0 / (self.head_dim as f64).sqrt()
+        } else {
+            1.0
+        };
+        if self.attn_scale_by_layer {
+            scale /= (layer + 1) as f64;
+        }
+        scale
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn attention(
         &self,
@@ -793,14 +808,7 @@ impl Session {
             None => (k, v),
         };
         let group = heads / kv_heads;
-        let mut scale = if self.scale_attn {
-            1.0 / (d as f32).sqrt()
-        } else {
-            1.0
-        };
-        if self.attn_scale_by_layer {
-            scale /= (layer + 1) as f32;
-        }
+        let scale = self.attention_scale(layer) as f32;
         // Queries in blocks: each block only multiplies the keys it can see (half the
         // attention FLOPs of a long causal window) and its scores stay a few MiB.
         let mut ctx = vec![0f32; t * heads * d];
