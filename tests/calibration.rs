@@ -141,6 +141,51 @@ fn wanda_matches_the_reference_per_row() {
 }
 
 #[test]
+fn wanda_blocks_keep_the_blocks_with_the_largest_score_norms() {
+    let model = tiny();
+    let density = 0.25;
+    let result = run(&format!(
+        "model = \"builtin:tiny-llama\"\n{}[[stage]]\nplugin = \"wanda\"\ndensity = {density}\nblock = [8, 8]\n",
+        calibration_section()
+    ))
+    .unwrap();
+    let norms = reference_norms(&model);
+    let block = run(&format!(
+        "model = \"builtin:tiny-llama\"\n[[stage]]\nplugin = \"block\"\ndensity = {density}\nblock = [8, 8]\n"
+    ))
+    .unwrap();
+    let mut differs_from_magnitude = false;
+    for name in names(&model, "") {
+        let scores = wanda_scores(&model, &norms, &name);
+        let (r, c) = (scores.len(), scores[0].len());
+        let (gr, gc) = (r / 8, c / 8);
+        let mut sums = vec![0f64; gr * gc];
+        for i in 0..r {
+            for j in 0..c {
+                let s = scores[i][j] * scores[i][j];
+                sums[(i / 8) * gc + j / 8] += f64::from(s);
+            }
+        }
+        let keep = top_k(&sums, (density * (gr * gc) as f64).round() as usize);
+        let expected: Vec<bool> = (0..r * c)
+            .map(|e| keep[(e / c / 8) * gc + (e % c) / 8])
+            .collect();
+        let got = mask_of(&result, &name);
+        assert_eq!(got, expected, "{name}");
+        differs_from_magnitude |= got != mask_of(&block, &name);
+    }
+    assert!(differs_from_magnitude, "activations must change which blocks stay");
+    let err = run(&format!(
+        "model = \"builtin:tiny-llama\"\n{}[[stage]]\nplugin = \"wanda\"\nn = 2\nm = 4\nblock = [8, 8]\n",
+        calibration_section()
+    ))
+    .err()
+    .expect("N:M and blocks together are refused")
+    .to_string();
+    assert!(err.contains("not both"), "{err}");
+}
+
+#[test]
 fn wanda_n_m_keeps_the_best_n_of_every_m_by_wanda_score() {
     let model = tiny();
     let result = run(&format!(
