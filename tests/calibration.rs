@@ -174,7 +174,10 @@ fn wanda_blocks_keep_the_blocks_with_the_largest_score_norms() {
         assert_eq!(got, expected, "{name}");
         differs_from_magnitude |= got != mask_of(&block, &name);
     }
-    assert!(differs_from_magnitude, "activations must change which blocks stay");
+    assert!(
+        differs_from_magnitude,
+        "activations must change which blocks stay"
+    );
     let err = run(&format!(
         "model = \"builtin:tiny-llama\"\n{}[[stage]]\nplugin = \"wanda\"\nn = 2\nm = 4\nblock = [8, 8]\n",
         calibration_section()
