@@ -758,59 +758,44 @@ impl PluginState {
     }
 }
 
-impl calibration_v2::Host for PluginState {
-    fn info(&mut self) -> wasmtime::Result<Option<calibration_v2::CalibrationInfo>> {
-        Ok(self
-            .calibration_info()
-            .map(|(samples, seq_len)| calibration_v2::CalibrationInfo { samples, seq_len }))
-    }
+/// Implements one version's `calibration` interface: the functions 0.2 introduced, plus
+/// `$extra` (what later versions added). Every body delegates to a shared `PluginState` method.
+macro_rules! impl_calibration {
+    ($cal:ident, extra: { $($extra:tt)* }) => {
+        impl $cal::Host for PluginState {
+            fn info(&mut self) -> wasmtime::Result<Option<$cal::CalibrationInfo>> {
+                Ok(self
+                    .calibration_info()
+                    .map(|(samples, seq_len)| $cal::CalibrationInfo { samples, seq_len }))
+            }
 
-    fn activation_norms(
-        &mut self,
-        layer: String,
-    ) -> wasmtime::Result<Result<Resource<TensorHandle>, String>> {
-        self.calibration_tensor(|c| c.activation_norms(&layer))
-    }
+            fn activation_norms(
+                &mut self,
+                layer: String,
+            ) -> wasmtime::Result<Result<Resource<TensorHandle>, String>> {
+                self.calibration_tensor(|c| c.activation_norms(&layer))
+            }
 
-    fn loss(&mut self) -> wasmtime::Result<Result<f64, String>> {
-        self.timed(|s| Ok(s.calibrator().and_then(|c| c.loss())))
-    }
+            fn loss(&mut self) -> wasmtime::Result<Result<f64, String>> {
+                self.timed(|s| Ok(s.calibrator().and_then(|c| c.loss())))
+            }
 
-    fn loss_with_mask(
-        &mut self,
-        layer: String,
-        mask: Resource<Mask>,
-    ) -> wasmtime::Result<Result<f64, String>> {
-        self.loss_trial(vec![(layer, mask)])
-    }
+            fn loss_with_mask(
+                &mut self,
+                layer: String,
+                mask: Resource<Mask>,
+            ) -> wasmtime::Result<Result<f64, String>> {
+                self.loss_trial(vec![(layer, mask)])
+            }
+
+            $($extra)*
+        }
+    };
 }
 
-impl calibration_v3::Host for PluginState {
-    fn info(&mut self) -> wasmtime::Result<Option<calibration_v3::CalibrationInfo>> {
-        Ok(self
-            .calibration_info()
-            .map(|(samples, seq_len)| calibration_v3::CalibrationInfo { samples, seq_len }))
-    }
+impl_calibration!(calibration_v2, extra: {});
 
-    fn activation_norms(
-        &mut self,
-        layer: String,
-    ) -> wasmtime::Result<Result<Resource<TensorHandle>, String>> {
-        self.calibration_tensor(|c| c.activation_norms(&layer))
-    }
-
-    fn loss(&mut self) -> wasmtime::Result<Result<f64, String>> {
-        self.timed(|s| Ok(s.calibrator().and_then(|c| c.loss())))
-    }
-
-    fn loss_with_mask(
-        &mut self,
-        layer: String,
-        mask: Resource<Mask>,
-    ) -> wasmtime::Result<Result<f64, String>> {
-        self.loss_trial(vec![(layer, mask)])
-    }
-
+impl_calibration!(calibration_v3, extra: {
     fn loss_with_masks(
         &mut self,
         changes: Vec<(String, Resource<Mask>)>,
@@ -825,13 +810,10 @@ impl calibration_v3::Host for PluginState {
         self.calibration_tensor(|c| c.gradients(&layer))
     }
 
-    fn fisher(
-        &mut self,
-        layer: String,
-    ) -> wasmtime::Result<Result<Resource<TensorHandle>, String>> {
+    fn fisher(&mut self, layer: String) -> wasmtime::Result<Result<Resource<TensorHandle>, String>> {
         self.calibration_tensor(|c| c.fisher(&layer))
     }
-}
+});
 
 impl PluginState {
     /// The calibrator of this model state, or the error a plugin sees when there is none.
