@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use espalier_engine::Model;
 
 mod common;
-use common::{mask_of, run, top_k};
+use common::{block_linears, mask_of, run, top_k};
 
 fn tiny(name: &str) -> Model {
     espalier_engine::load_model(&format!("builtin:{name}")).expect("built-in model")
@@ -18,15 +18,6 @@ fn values(model: &Model, name: &str) -> (Vec<f32>, usize, usize) {
     let t = model.weight(name).expect("weight exists");
     let (r, c) = t.dims2().expect("2-D");
     (t.flatten_all().unwrap().to_vec1().unwrap(), r, c)
-}
-
-fn block_linears(model: &Model) -> Vec<String> {
-    model
-        .layers()
-        .into_iter()
-        .filter(|l| l.role.is_block_linear())
-        .map(|l| l.name)
-        .collect()
 }
 
 #[test]

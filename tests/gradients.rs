@@ -13,7 +13,7 @@ use espalier::mask::{Mask, Structure};
 use espalier_engine::{LossGradients, Model, Session, Tokenizer};
 
 mod common;
-use common::{mask_of, run, top_k};
+use common::{block_linears, mask_of, run, top_k};
 
 const SAMPLES: usize = 4;
 const SEQ_LEN: usize = 32;
@@ -43,15 +43,6 @@ fn calibration_set() -> CalibrationSet {
         SEQ_LEN,
     )
     .unwrap()
-}
-
-fn block_linears(model: &Model) -> Vec<String> {
-    model
-        .layers()
-        .into_iter()
-        .filter(|l| l.role.is_block_linear())
-        .map(|l| l.name)
-        .collect()
 }
 
 /// Per block linear, |w · g| (first order) and w² · F (Fisher), g and F from the engine

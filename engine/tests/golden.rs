@@ -45,11 +45,8 @@ fn session(name: &str) -> (Model, Session) {
     (model, session)
 }
 
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    (a - b)
-        .unwrap()
-        .abs()
+fn max_abs(t: &Tensor) -> f32 {
+    t.abs()
         .unwrap()
         .flatten_all()
         .unwrap()
@@ -57,6 +54,11 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
         .unwrap()
         .to_scalar()
         .unwrap()
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims());
+    max_abs(&(a - b).unwrap())
 }
 
 fn reference_logits(name: &str) -> Tensor {
@@ -275,15 +277,7 @@ fn loss_gradients_match_transformers() {
         assert_eq!(ours.len(), reference.len(), "{name}: layer count");
         for (layer, expected) in &reference {
             let got = &ours[layer];
-            let scale: f32 = expected
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar()
-                .unwrap();
+            let scale = max_abs(expected);
             let diff = max_abs_diff(got, expected);
             assert!(
                 diff <= 1e-4 * scale.max(1e-3),

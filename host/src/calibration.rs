@@ -291,7 +291,17 @@ impl Calibrator {
     /// Mean calibration loss of the model (mean over sequences of the mean next-token loss).
     pub fn loss(&self) -> Result<f64, String> {
         self.loss
-            .get_or_init(|| mean_loss(self.session()?, &self.set))
+            .get_or_init(|| {
+                let session = self.session()?;
+                // With the trials' hidden states already kept, the loss is only the final
+                // norm and the LM head away: no second pass over the blocks.
+                match self.block_inputs.get() {
+                    Some(Ok(Some(inputs))) => {
+                        resumed_mean_loss(session, session.num_blocks(), inputs, &self.set)
+                    }
+                    _ => mean_loss(session, &self.set),
+                }
+            })
             .clone()
     }
 
@@ -381,33 +391,16 @@ impl Calibrator {
             first_block = first_block.min(base.block_of(layer).unwrap_or(base.num_blocks()));
         }
         match self.block_inputs()? {
-            Some(inputs) => {
-                let losses: Vec<f64> = self
-                    .set
-                    .sequences
-                    .par_iter()
-                    .zip(inputs.par_iter())
-                    .map(|(seq, x)| {
-                        let nll = session
-                            .nll_from_block(first_block, &x[first_block], seq)
-                            .map_err(|e| format!("calibration loss failed: {e}"))?;
-                        // Rounded like `Session::loss`, so a trial that changes nothing
-                        // reproduces `loss()` exactly.
-                        let mean =
-                            nll.iter().map(|&v| f64::from(v)).sum::<f64>() / nll.len() as f64;
-                        Ok(f64::from(mean as f32))
-                    })
-                    .collect::<Result<_, String>>()?;
-                Ok(losses.iter().sum::<f64>() / self.set.samples().max(1) as f64)
-            }
+            Some(inputs) => resumed_mean_loss(&session, first_block, inputs, &self.set),
             None => mean_loss(&session, &self.set),
         }
     }
 
     /// The base loss and the hidden states loss trials resume from, computed now if not done yet.
     pub fn prepare_trials(&self) -> Result<(), String> {
-        self.loss()?;
-        self.block_inputs().map(|_| ())
+        // Block inputs first: the base loss then comes from them (see `loss`).
+        self.block_inputs()?;
+        self.loss().map(|_| ())
     }
 
     /// The hidden states every trial resumes from, computed on the first trial.
@@ -450,6 +443,29 @@ fn no_gradient(layer: &str) -> String {
     format!(
         "no gradient for `{layer}`: only the weights of block linear layers (attention and MLP projections) have them"
     )
+}
+
+/// [`mean_loss`] resumed at block `first` from the kept hidden states (one entry per sequence).
+fn resumed_mean_loss(
+    session: &Session,
+    first: usize,
+    inputs: &[Vec<Tensor>],
+    set: &CalibrationSet,
+) -> Result<f64, String> {
+    let losses: Vec<f64> = set
+        .sequences
+        .par_iter()
+        .zip(inputs.par_iter())
+        .map(|(seq, x)| {
+            let nll = session
+                .nll_from_block(first, &x[first], seq)
+                .map_err(|e| format!("calibration loss failed: {e}"))?;
+            // Rounded like `Session::loss`, so both paths give bit-identical losses.
+            let mean = nll.iter().map(|&v| f64::from(v)).sum::<f64>() / nll.len() as f64;
+            Ok(f64::from(mean as f32))
+        })
+        .collect::<Result<_, String>>()?;
+    Ok(losses.iter().sum::<f64>() / set.samples().max(1) as f64)
 }
 
 /// Mean over sequences of each sequence's mean next-token loss (sequences in parallel, summed

@@ -7,6 +7,7 @@ use std::sync::OnceLock;
 use espalier::app::{App, AppError, RunOverrides, RunResult};
 use espalier::pipeline::Pipeline;
 use espalier::run::Quiet;
+use espalier_engine::Model;
 
 /// The runtime with the built-in plugins, started once per test binary (compiling the
 /// components is the expensive part).
@@ -48,4 +49,14 @@ pub fn mask_of(result: &RunResult, name: &str) -> Vec<bool> {
         .unwrap_or_else(|| panic!("no mask for {name}"))
         .keep()
         .to_vec()
+}
+
+/// Names of every linear inside the transformer blocks (the default targets).
+pub fn block_linears(model: &Model) -> Vec<String> {
+    model
+        .layers()
+        .into_iter()
+        .filter(|l| l.role.is_block_linear())
+        .map(|l| l.name)
+        .collect()
 }
