@@ -187,7 +187,8 @@ fn measured_increases(model: &Model, groups: &[Vec<String>], density: f64) -> Ve
                     (l.name.clone(), mask)
                 })
                 .collect();
-            cal.loss_with_masks(&changes).unwrap() - base
+            let refs: Vec<(&str, &Mask)> = changes.iter().map(|(l, m)| (l.as_str(), m)).collect();
+            cal.loss_with_masks(&refs).unwrap() - base
         })
         .collect()
 }

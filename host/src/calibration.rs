@@ -361,12 +361,12 @@ impl Calibrator {
     /// The calibration loss with `layer` additionally masked by `mask` (the model itself is
     /// untouched).
     pub fn loss_with_mask(&self, layer: &str, mask: &Mask) -> Result<f64, String> {
-        self.loss_with_masks(&[(layer.to_string(), mask.clone())])
+        self.loss_with_masks(&[(layer, mask)])
     }
 
     /// The calibration loss with every `(layer, mask)` applied on top of the current masks, in
     /// one trial. Resumes from the hidden states entering the first block a change touches.
-    pub fn loss_with_masks(&self, changes: &[(String, Mask)]) -> Result<f64, String> {
+    pub fn loss_with_masks(&self, changes: &[(&str, &Mask)]) -> Result<f64, String> {
         if changes.is_empty() {
             return self.loss();
         }
@@ -386,7 +386,7 @@ impl Calibrator {
             // The weights already carry earlier masks (zeros), so masking again intersects.
             let masked = apply_mask(weight, mask)?;
             let bias = linear.bias().cloned();
-            *linear = Linear::dense(layer, masked, bias).map_err(|e| e.to_string())?;
+            *linear = Linear::dense(*layer, masked, bias).map_err(|e| e.to_string())?;
             // Only the LM head is a linear outside the blocks: it resumes after the last one.
             first_block = first_block.min(base.block_of(layer).unwrap_or(base.num_blocks()));
         }

@@ -77,14 +77,24 @@ pub fn rows_cols(shape: &[usize]) -> (usize, usize) {
         [] => (1, 1),
         [c] => (1, *c),
         [r, c] => (*r, *c),
-        [.., c] => (shape.iter().product::<usize>() / c.max(&1), *c),
+        [.., c] => (
+            shape
+                .iter()
+                .try_fold(1usize, |a, &d| a.checked_mul(d))
+                .unwrap_or(usize::MAX)
+                / c.max(&1),
+            *c,
+        ),
     }
 }
 
 impl Mask {
     /// Builds a mask, checking the length and the structure's invariant.
     pub fn new(shape: Vec<usize>, keep: Vec<bool>, structure: Structure) -> Result<Self, String> {
-        let numel: usize = shape.iter().product();
+        let numel = shape
+            .iter()
+            .try_fold(1usize, |a, &d| a.checked_mul(d))
+            .ok_or_else(|| format!("shape {shape:?} has more elements than memory can address"))?;
         if keep.len() != numel {
             return Err(format!(
                 "mask has {} entries but shape {shape:?} has {numel}",
@@ -176,6 +186,11 @@ impl Mask {
     /// Checks that the flags honour the declared structure.
     pub fn check_structure(&self) -> Result<(), String> {
         let (r, c) = rows_cols(&self.shape);
+        // Group sizes must still make sense for an empty mask, but there are no flags to check
+        // (and indexing the first flag of a group would be out of bounds).
+        if self.keep.is_empty() {
+            return crate::ops::group_grid(&self.shape, self.structure).map(|_| ());
+        }
         let at = |i: usize, j: usize| self.keep[i * c + j];
         match self.structure {
             Structure::Unstructured => Ok(()),
@@ -293,6 +308,34 @@ mod tests {
         assert!(Mask::new(vec![2, 4], blocky.clone(), Structure::Columns).is_ok());
         assert!(Mask::new(vec![2, 4], blocky, Structure::Rows).is_err());
         assert!(Mask::new(vec![3, 4], keep, Structure::Unstructured).is_err());
+    }
+
+    #[test]
+    fn empty_masks_are_checked_without_indexing() {
+        // Zero rows or zero columns under every structure: no panic, and the group sizes are
+        // still validated.
+        for shape in [vec![0, 4], vec![4, 0], vec![0, 0], vec![0], vec![2, 0, 3]] {
+            for s in [
+                Structure::Unstructured,
+                Structure::Rows,
+                Structure::Columns,
+                Structure::RowGroups { size: 2 },
+                Structure::ColumnGroups { size: 2 },
+                Structure::Blocks { rows: 2, cols: 2 },
+                Structure::NOfM { n: 2, m: 4 },
+            ] {
+                let _ = Mask::new(shape.clone(), Vec::new(), s);
+            }
+        }
+        assert!(Mask::new(vec![4, 0], vec![], Structure::Rows).is_ok());
+        assert!(Mask::new(vec![0, 4], vec![], Structure::Columns).is_ok());
+        assert!(Mask::new(vec![0, 4], vec![], Structure::RowGroups { size: 0 }).is_err());
+    }
+
+    #[test]
+    fn overflowing_shapes_are_refused() {
+        assert!(Mask::new(vec![1 << 32, 1 << 32], vec![], Structure::Unstructured).is_err());
+        assert!(Mask::new(vec![1 << 16; 4], vec![], Structure::Rows).is_err());
     }
 
     #[test]

@@ -193,6 +193,10 @@ fn group_reduce(
     let (gr, gc) = group_grid(shape, s)?;
     let (r, c) = rows_cols(shape);
     let mut acc = vec![0f64; gr * gc];
+    if acc.is_empty() {
+        // An empty tensor has an empty grid (and a zero-width grid row cannot be chunked).
+        return Ok((acc, (gr, gc)));
+    }
     if let Structure::Unstructured = s {
         acc.par_iter_mut()
             .zip(values.par_iter())
@@ -338,26 +342,76 @@ pub fn select(scores: &[f32], shape: &[usize], s: Structure, density: f64) -> Re
 }
 
 /// One unstructured threshold over several tensors: exactly `round(density * total)` survive.
-pub fn select_global(tensors: &[(&[f32], &[usize])], density: f64) -> Result<Vec<Mask>, String> {
-    let total: usize = tensors.iter().map(|(v, _)| v.len()).sum();
-    let k = kept_count(density, total)?;
-    let mut all = Vec::with_capacity(total);
-    for (v, _) in tensors {
-        all.extend_from_slice(v);
+/// `scores` holds the tensors' scores one after the other, in the order of `shapes`.
+pub fn select_global(
+    scores: &[f32],
+    shapes: &[&[usize]],
+    density: f64,
+) -> Result<Vec<Mask>, String> {
+    let mut total = 0usize;
+    for shape in shapes {
+        let n = shape
+            .iter()
+            .try_fold(1usize, |a, &d| a.checked_mul(d))
+            .ok_or("a tensor's element count overflows")?;
+        total = total.checked_add(n).ok_or("the total element count overflows")?;
     }
-    let flags = top_k_flags(&all, k);
-    drop(all);
-    let mut out = Vec::with_capacity(tensors.len());
+    if total != scores.len() {
+        return Err(format!(
+            "scores have {} elements, the shapes {total}",
+            scores.len()
+        ));
+    }
+    let k = kept_count(density, total)?;
+    let flags = top_k_flags(scores, k);
+    let mut out = Vec::with_capacity(shapes.len());
     let mut offset = 0;
-    for (v, shape) in tensors {
+    for shape in shapes {
+        let n: usize = shape.iter().product();
         out.push(Mask::new(
             shape.to_vec(),
-            flags[offset..offset + v.len()].to_vec(),
+            flags[offset..offset + n].to_vec(),
             Structure::Unstructured,
         )?);
-        offset += v.len();
+        offset += n;
     }
     Ok(out)
+}
+
+/// Fixed scratch of one `top_k_flags` call besides its keys: the bucket histograms rayon keeps
+/// alive while reducing (one per worker and level, bounded generously).
+pub const TOP_K_FIXED_SCRATCH: usize = 64 * BUCKETS * 4;
+
+/// Worst-case scratch of `top_k_flags` over `n` scores: the keys of the threshold's bucket
+/// (all of them, when the scores are equal), per-chunk tie counts and the histograms.
+pub fn top_k_scratch_bytes(n: usize) -> usize {
+    n.saturating_mul(4)
+        .saturating_add((n / CHUNK + 1).saturating_mul(16))
+        .saturating_add(TOP_K_FIXED_SCRATCH)
+}
+
+/// Worst-case scratch of [`select`] on a tensor of `shape` under `s`, besides the mask it
+/// returns: the ranking of elements (unstructured), or the group scores and their ranking.
+pub fn select_scratch_bytes(shape: &[usize], s: Structure) -> Result<usize, String> {
+    let numel = shape
+        .iter()
+        .try_fold(1usize, |a, &d| a.checked_mul(d))
+        .ok_or("the element count overflows")?;
+    Ok(match s {
+        Structure::Unstructured => top_k_scratch_bytes(numel),
+        Structure::NOfM { .. } => {
+            group_grid(shape, s)?;
+            0
+        }
+        _ => {
+            let (gr, gc) = group_grid(shape, s)?;
+            let groups = gr.saturating_mul(gc);
+            // f64 sums, their f32 copy, the group flags, and their ranking.
+            groups
+                .saturating_mul(13)
+                .saturating_add(top_k_scratch_bytes(groups))
+        }
+    })
 }
 
 #[cfg(test)]
@@ -436,7 +490,8 @@ mod tests {
     fn global_threshold_is_exact_across_tensors() {
         let a = scores(100, 1);
         let b = scores(300, 2);
-        let masks = select_global(&[(&a, &[10, 10]), (&b, &[10, 30])], 0.25).unwrap();
+        let all: Vec<f32> = a.iter().chain(&b).copied().collect();
+        let masks = select_global(&all, &[&[10, 10], &[10, 30]], 0.25).unwrap();
         assert_eq!(masks[0].kept() + masks[1].kept(), 100);
         let mut all = a.clone();
         all.extend(&b);

@@ -15,6 +15,7 @@ use crate::mask::{Mask, Structure, rows_cols};
 use crate::plan::{Plan, PlannedStage, StageDensity};
 use crate::plugin::bindings::espalier::prune::model as wit_model;
 use crate::plugin::bindings::{Need, OutputKind, StageContext, StageOutput, Target};
+use crate::plugin::budget::short_name;
 use crate::plugin::state::ModelView;
 use crate::plugin::{CallTimings, Origin, PluginError, Runtime, Sandbox};
 use crate::report::{LayerReport, RunReport, StageReport, Summary};
@@ -317,11 +318,11 @@ pub fn run_stage(
                 if !target_names.contains(lm.layer.as_str()) {
                     return Err(invalid(format!(
                         "a mask for `{}`, which is not a target of this stage",
-                        lm.layer
+                        short_name(&lm.layer)
                     )));
                 }
                 if new_masks.contains_key(&lm.layer) {
-                    return Err(invalid(format!("two masks for `{}`", lm.layer)));
+                    return Err(invalid(format!("two masks for `{}`", short_name(&lm.layer))));
                 }
                 new_masks.insert(lm.layer, mask);
             }
@@ -357,7 +358,7 @@ pub fn run_stage(
                 if !target_names.contains(b.layer.as_str()) {
                     return Err(invalid(format!(
                         "a budget for `{}`, which is not a target",
-                        b.layer
+                        short_name(&b.layer)
                     )));
                 }
                 if !(0.0..=1.0).contains(&b.density) || b.density.is_nan() {
@@ -380,8 +381,16 @@ pub fn run_stage(
             let mut keep: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
             let target_blocks: BTreeSet<usize> =
                 targets.iter().filter_map(|(l, _)| l.block).collect();
+            let num_heads = state.model.config.num_heads;
             for h in heads {
                 let block = h.block as usize;
+                // Checked before the list is copied or sorted: its length is the plugin's.
+                if h.keep.len() > num_heads {
+                    return Err(invalid(format!(
+                        "block {block} keeps {} heads; the model has {num_heads}",
+                        h.keep.len()
+                    )));
+                }
                 if !target_blocks.contains(&block) {
                     return Err(invalid(format!(
                         "heads for block {block}, which has no target in this stage"

@@ -2,8 +2,12 @@
 //! runtime, per-Store state, and the registry of built-in and user-supplied criteria.
 
 pub mod bindings;
+pub mod budget;
 pub mod compat;
 pub mod registry;
+/// The host-import replay harness: unit tests and the `host_imports` fuzz target.
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod replay;
 pub mod runtime;
 pub mod state;
 

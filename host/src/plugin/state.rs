@@ -12,7 +12,6 @@ use std::time::{Duration, Instant};
 use candle_core::Tensor;
 use rayon::prelude::*;
 use wasmtime::component::{Resource, ResourceTable};
-use wasmtime::{StoreLimits, StoreLimitsBuilder};
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::random::Deterministic;
 use wasmtime_wasi::{
@@ -25,6 +24,8 @@ use crate::calibration::Calibrator;
 use crate::mask::{Mask, Structure};
 use crate::ops;
 use crate::tensor_util::{tensor_from, with_f32};
+
+use super::budget::{self, GuestLimiter, HANDLE_BYTES, HostBudget};
 
 /// A host-owned tensor behind a WIT `tensor` handle (candle tensors share storage on clone).
 pub struct TensorHandle {
@@ -60,10 +61,14 @@ pub struct Limits {
     pub host_memory: usize,
 }
 
+/// Most live entries in a Store's resource table (tensor and mask handles, WASI streams).
+const MAX_TABLE_ENTRIES: usize = 1 << 16;
+
 /// Bytes of guest stdout/stderr kept for the log; a plugin printing more traps.
 const OUTPUT_CAPACITY: usize = 1 << 20;
 
-/// Most elements one `read` may copy into the guest (64 Mi floats = 256 MiB).
+/// Most elements one `read` may copy into the guest (64 Mi floats = 256 MiB); the guest's
+/// memory cap bounds it further.
 const MAX_READ: u64 = 64 << 20;
 
 /// A clock frozen at the epoch: plugins must not depend on time.
@@ -93,12 +98,12 @@ pub struct PluginState {
     wasi: WasiCtx,
     stdout: MemoryOutputPipe,
     stderr: MemoryOutputPipe,
-    /// Enforces the guest memory cap.
-    pub limits: StoreLimits,
+    /// Enforces the guest memory cap over all of the guest's memories and tables.
+    pub limits: GuestLimiter,
     limit_config: Limits,
     model: Arc<ModelView>,
-    /// Bytes of host tensors currently held for the plugin.
-    host_bytes: usize,
+    /// Bytes the host holds or is about to allocate for the plugin (see [`budget`]).
+    budget: HostBudget,
     /// Time spent inside host imports (kernels, reads), to separate guest time from host time.
     pub host_time: Duration,
 }
@@ -121,23 +126,19 @@ impl PluginState {
             .allow_udp(false)
             .allow_ip_name_lookup(false)
             .build();
-        let store_limits = StoreLimitsBuilder::new()
-            .memory_size(limits.guest_memory)
-            .instances(64)
-            .memories(64)
-            .tables(64)
-            .table_elements(1 << 20)
-            .trap_on_grow_failure(true)
-            .build();
+        let mut table = ResourceTable::new();
+        // Every entry (our handles and WASI's streams alike) costs host memory outside the
+        // byte budget's view of tensor data: bound their number too.
+        table.set_max_capacity(MAX_TABLE_ENTRIES);
         PluginState {
-            table: ResourceTable::new(),
+            table,
             wasi,
             stdout,
             stderr,
-            limits: store_limits,
+            limits: GuestLimiter::new(limits.guest_memory),
             limit_config: limits,
             model,
-            host_bytes: 0,
+            budget: HostBudget::new(limits.host_memory),
             host_time: Duration::ZERO,
         }
     }
@@ -152,7 +153,19 @@ impl PluginState {
 
     /// Takes a mask the guest returned out of the resource table.
     pub fn take_mask(&mut self, mask: Resource<Mask>) -> wasmtime::Result<Mask> {
-        Ok(self.table.delete(mask)?)
+        let mask = self.table.delete(mask)?;
+        self.budget.release(budget::mask_bytes(mask.keep().len()));
+        Ok(mask)
+    }
+
+    /// The most host bytes held for the plugin at once during this Store's life.
+    pub fn host_peak_bytes(&self) -> usize {
+        self.budget.peak()
+    }
+
+    /// Host bytes held for the plugin now (handles it has not dropped).
+    pub fn host_bytes(&self) -> usize {
+        self.budget.used()
     }
 
     fn tensor(&self, r: &Resource<TensorHandle>) -> wasmtime::Result<&Tensor> {
@@ -163,24 +176,98 @@ impl PluginState {
         Ok(self.table.get(r)?)
     }
 
-    /// Stores a tensor the host allocated for the plugin, within the host byte budget.
-    fn push_new(&mut self, t: Tensor) -> wasmtime::Result<Result<Resource<TensorHandle>, String>> {
-        let bytes = t.elem_count() * 4;
-        if self.host_bytes + bytes > self.limit_config.host_memory {
-            return Ok(Err(format!(
-                "host tensor budget of {} MiB exhausted (drop handles you no longer need)",
-                self.limit_config.host_memory >> 20
-            )));
+    /// Books a new tensor of `numel` f32 values (plus its handle) and `scratch` bytes of
+    /// working memory, runs `make`, then keeps the result as a handle. Nothing sized by the
+    /// plugin is allocated unless the booking succeeded; the scratch is returned afterwards,
+    /// the result's bytes when the plugin drops the handle.
+    fn new_tensor(
+        &mut self,
+        what: &str,
+        numel: usize,
+        scratch: usize,
+        make: impl FnOnce(&Self) -> Result<Tensor, String>,
+    ) -> wasmtime::Result<Result<Resource<TensorHandle>, String>> {
+        let result = match budget::bytes_of(numel, 4, what)
+            .and_then(|b| budget::sum(&[b, HANDLE_BYTES], what))
+        {
+            Ok(b) => b,
+            Err(e) => return Ok(Err(e.into())),
+        };
+        let total = match budget::sum(&[result, scratch], what) {
+            Ok(t) => t,
+            Err(e) => return Ok(Err(e.into())),
+        };
+        if let Err(e) = self.budget.book(total, what) {
+            return Ok(Err(e.into()));
         }
-        self.host_bytes += bytes;
-        Ok(Ok(self.table.push(TensorHandle {
-            tensor: t,
-            booked: bytes,
-        })?))
+        let made = make(self);
+        self.budget.release(scratch);
+        match made {
+            Ok(t) if t.elem_count() == numel => Ok(Ok(self.table.push(TensorHandle {
+                tensor: t,
+                booked: result,
+            })?)),
+            Ok(t) => {
+                // A kernel whose result differs from its booking is a host bug; refuse it
+                // rather than let the books drift.
+                self.budget.release(result);
+                Ok(Err(format!(
+                    "{what}: internal size mismatch ({} elements booked, {} made)",
+                    numel,
+                    t.elem_count()
+                )))
+            }
+            Err(e) => {
+                self.budget.release(result);
+                Ok(Err(e))
+            }
+        }
     }
 
-    fn push_mask(&mut self, m: Mask) -> wasmtime::Result<Resource<Mask>> {
-        Ok(self.table.push(m)?)
+    /// Like [`Self::new_tensor`] for a mask of `numel` flags.
+    fn new_mask(
+        &mut self,
+        what: &str,
+        numel: usize,
+        scratch: usize,
+        make: impl FnOnce(&Self) -> Result<Mask, String>,
+    ) -> wasmtime::Result<Result<Resource<Mask>, String>> {
+        let result = budget::mask_bytes(numel);
+        let total = match budget::sum(&[result, scratch], what) {
+            Ok(t) => t,
+            Err(e) => return Ok(Err(e.into())),
+        };
+        if let Err(e) = self.budget.book(total, what) {
+            return Ok(Err(e.into()));
+        }
+        let made = make(self);
+        self.budget.release(scratch);
+        match made {
+            Ok(m) if m.keep().len() == numel => Ok(Ok(self.table.push(m)?)),
+            Ok(m) => {
+                self.budget.release(result);
+                Ok(Err(format!(
+                    "{what}: internal size mismatch ({numel} flags booked, {} made)",
+                    m.keep().len()
+                )))
+            }
+            Err(e) => {
+                self.budget.release(result);
+                Ok(Err(e))
+            }
+        }
+    }
+
+    /// A handle sharing storage the host already holds (a weight, a cached statistic): only
+    /// the handle itself is booked.
+    fn push_shared(&mut self, tensor: Tensor) -> wasmtime::Result<Result<Resource<TensorHandle>, String>> {
+        if let Err(e) = self.budget.book(HANDLE_BYTES, "a handle") {
+            return Ok(Err(e.into()));
+        }
+        Ok(Ok(self.table.push(TensorHandle {
+            tensor,
+            booked: HANDLE_BYTES,
+        })?))
     }
 
     /// Runs a host import and books its time as host time.
@@ -205,8 +292,27 @@ fn dims_u32(t: &Tensor) -> Vec<u32> {
     t.dims().iter().map(|&d| d as u32).collect()
 }
 
-fn to_usize(shape: &[u32]) -> Vec<usize> {
-    shape.iter().map(|&d| d as usize).collect()
+/// A plugin-supplied shape and its element count, refusing overflowing and over-long shapes.
+fn checked_shape(shape: &[u32]) -> Result<(Vec<usize>, usize), String> {
+    if shape.len() > budget::MAX_RANK {
+        return Err(format!(
+            "a shape of {} dimensions (at most {})",
+            shape.len(),
+            budget::MAX_RANK
+        ));
+    }
+    let shape: Vec<usize> = shape.iter().map(|&d| d as usize).collect();
+    let numel = budget::numel(&shape)?;
+    Ok((shape, numel))
+}
+
+/// Bytes `with_f32` copies for this tensor (a strided view or another dtype), else 0.
+fn copy_cost(t: &Tensor) -> usize {
+    if t.is_contiguous() && t.dtype() == candle_core::DType::F32 {
+        0
+    } else {
+        t.elem_count().saturating_mul(4)
+    }
 }
 
 /// Element-wise map over a tensor's data on the host threads.
@@ -327,20 +433,25 @@ macro_rules! impl_host_imports {
                 count: u32,
             ) -> wasmtime::Result<Result<Vec<f32>, String>> {
                 self.timed(|s| {
-                    let t = s.tensor(&t)?;
-                    let numel = t.elem_count() as u64;
+                    let tensor = s.tensor(&t)?.clone();
+                    let numel = tensor.elem_count() as u64;
                     let count = u64::from(count);
-                    if count > MAX_READ {
-                        return Ok(Err(format!(
-                            "read of {count} elements exceeds the {MAX_READ} limit; read in chunks"
-                        )));
+                    if let Err(e) = s.check_read(count) {
+                        return Ok(Err(e));
                     }
                     let Some(end) = offset.checked_add(count).filter(|&e| e <= numel) else {
                         return Ok(Err(format!(
                             "read of {count} elements at offset {offset} is outside a tensor of {numel}"
                         )));
                     };
-                    Ok(with_f32(t, |v| v[offset as usize..end as usize].to_vec()))
+                    // The copy lives until it is lowered into the guest: booked for the call.
+                    let bytes = (count as usize).saturating_mul(4).saturating_add(copy_cost(&tensor));
+                    match s.budget.with_scratch(bytes, "read", || {
+                        with_f32(&tensor, |v| v[offset as usize..end as usize].to_vec())
+                    }) {
+                        Ok(r) => Ok(r),
+                        Err(e) => Ok(Err(e.into())),
+                    }
                 })
             }
 
@@ -351,11 +462,11 @@ macro_rules! impl_host_imports {
                 count: u32,
             ) -> wasmtime::Result<Result<Vec<f32>, String>> {
                 self.timed(|s| {
-                    let t = s.tensor(&t)?;
-                    let [rows, cols] = t.dims() else {
+                    let tensor = s.tensor(&t)?.clone();
+                    let [rows, cols] = tensor.dims() else {
                         return Ok(Err(format!(
                             "read-rows needs a 2-D tensor, this one has shape {:?}",
-                            t.dims()
+                            tensor.dims()
                         )));
                     };
                     let (rows, cols) = (*rows as u64, *cols as u64);
@@ -366,21 +477,27 @@ macro_rules! impl_host_imports {
                             start + count
                         )));
                     }
-                    if count * cols > MAX_READ {
-                        return Ok(Err(format!(
-                            "read of {} elements exceeds the {MAX_READ} limit; read fewer rows",
-                            count * cols
-                        )));
+                    let Some(elements) = count.checked_mul(cols) else {
+                        return Ok(Err(format!("read of {count} rows of {cols} overflows")));
+                    };
+                    if let Err(e) = s.check_read(elements) {
+                        return Ok(Err(e));
                     }
-                    Ok(with_f32(t, |v| {
-                        v[(start * cols) as usize..((start + count) * cols) as usize].to_vec()
-                    }))
+                    let bytes = (elements as usize).saturating_mul(4).saturating_add(copy_cost(&tensor));
+                    match s.budget.with_scratch(bytes, "read-rows", || {
+                        with_f32(&tensor, |v| {
+                            v[(start * cols) as usize..((start + count) * cols) as usize].to_vec()
+                        })
+                    }) {
+                        Ok(r) => Ok(r),
+                        Err(e) => Ok(Err(e.into())),
+                    }
                 })
             }
 
             fn drop(&mut self, t: Resource<TensorHandle>) -> wasmtime::Result<()> {
                 let handle = self.table.delete(t)?;
-                self.host_bytes = self.host_bytes.saturating_sub(handle.booked);
+                self.budget.release(handle.booked);
                 Ok(())
             }
         }
@@ -391,18 +508,20 @@ macro_rules! impl_host_imports {
                 shape: Vec<u32>,
                 data: Vec<f32>,
             ) -> wasmtime::Result<Result<Resource<TensorHandle>, String>> {
-                let shape = to_usize(&shape);
-                let numel: usize = shape.iter().product();
+                // `data` is a copy of guest memory, bounded by the guest's cap; it becomes the
+                // tensor without another copy once booked.
+                let (shape, numel) = match checked_shape(&shape) {
+                    Ok(x) => x,
+                    Err(e) => return Ok(Err(e)),
+                };
                 if numel != data.len() {
                     return Ok(Err(format!(
-                        "shape {shape:?} needs {numel} values, got {}",
+                        "shape {} needs {numel} values, got {}",
+                        budget::short_shape(&shape),
                         data.len()
                     )));
                 }
-                match tensor_from(data, &shape) {
-                    Ok(t) => self.push_new(t),
-                    Err(e) => Ok(Err(e)),
-                }
+                self.new_tensor("from-f32", numel, 0, |_| tensor_from(data, &shape))
             }
         }
 
@@ -424,7 +543,8 @@ macro_rules! impl_host_imports {
             }
 
             fn drop(&mut self, m: Resource<Mask>) -> wasmtime::Result<()> {
-                self.table.delete(m)?;
+                let mask = self.table.delete(m)?;
+                self.budget.release(budget::mask_bytes(mask.keep().len()));
                 Ok(())
             }
         }
@@ -436,7 +556,7 @@ macro_rules! impl_host_imports {
                 t: Resource<TensorHandle>,
             ) -> wasmtime::Result<Resource<TensorHandle>> {
                 self.timed(|s| {
-                    let t = s.tensor(&t)?;
+                    let t = s.tensor(&t)?.clone();
                     let f: fn(f32) -> f32 = match op {
                         kernels::UnaryOp::Abs => f32::abs,
                         kernels::UnaryOp::Square => |x| x * x,
@@ -445,9 +565,9 @@ macro_rules! impl_host_imports {
                         kernels::UnaryOp::Log => f32::ln,
                         kernels::UnaryOp::Exp => f32::exp,
                     };
-                    let out = map_f32(t, f).map_err(wasmtime::Error::msg)?;
-                    // A unary op cannot fail for the guest; a full host budget is a trap.
-                    s.push_new(out)?.map_err(wasmtime::Error::msg)
+                    // A unary op has no error result in the WIT: a refusal (full budget) traps.
+                    s.new_tensor("unary", t.elem_count(), copy_cost(&t), |_| map_f32(&t, f))?
+                        .map_err(wasmtime::Error::msg)
                 })
             }
 
@@ -458,23 +578,32 @@ macro_rules! impl_host_imports {
                 b: Resource<TensorHandle>,
             ) -> wasmtime::Result<Result<Resource<TensorHandle>, String>> {
                 self.timed(|s| {
-                    let (a, b) = (s.tensor(&a)?, s.tensor(&b)?);
-                    let r = match op {
-                        kernels::BinaryOp::Add => a.broadcast_add(b),
-                        kernels::BinaryOp::Sub => a.broadcast_sub(b),
-                        kernels::BinaryOp::Mul => a.broadcast_mul(b),
-                        kernels::BinaryOp::Div => a.broadcast_div(b),
-                        kernels::BinaryOp::Maximum => a.broadcast_maximum(b),
-                        kernels::BinaryOp::Minimum => a.broadcast_minimum(b),
+                    let (a, b) = (s.tensor(&a)?.clone(), s.tensor(&b)?.clone());
+                    // The result's shape and size are known before anything is allocated: a
+                    // [1, n] by [n, 1] broadcast is refused by the budget, not by the allocator.
+                    let out = match budget::broadcast_shape(a.dims(), b.dims())
+                        .and_then(|shape| budget::numel(&shape).map_err(String::from))
+                    {
+                        Ok(n) => n,
+                        Err(e) => return Ok(Err(e)),
                     };
-                    match r {
-                        Ok(t) => s.push_new(t),
-                        Err(e) => Ok(Err(format!(
-                            "cannot broadcast shapes {:?} and {:?}: {e}",
-                            a.dims(),
-                            b.dims()
-                        ))),
-                    }
+                    s.new_tensor("binary", out, 0, |_| {
+                        match op {
+                            kernels::BinaryOp::Add => a.broadcast_add(&b),
+                            kernels::BinaryOp::Sub => a.broadcast_sub(&b),
+                            kernels::BinaryOp::Mul => a.broadcast_mul(&b),
+                            kernels::BinaryOp::Div => a.broadcast_div(&b),
+                            kernels::BinaryOp::Maximum => a.broadcast_maximum(&b),
+                            kernels::BinaryOp::Minimum => a.broadcast_minimum(&b),
+                        }
+                        .map_err(|e| {
+                            format!(
+                                "cannot broadcast shapes {:?} and {:?}: {e}",
+                                a.dims(),
+                                b.dims()
+                            )
+                        })
+                    })
                 })
             }
 
@@ -484,8 +613,11 @@ macro_rules! impl_host_imports {
                 factor: f32,
             ) -> wasmtime::Result<Resource<TensorHandle>> {
                 self.timed(|s| {
-                    let out = map_f32(s.tensor(&t)?, |x| x * factor).map_err(wasmtime::Error::msg)?;
-                    s.push_new(out)?.map_err(wasmtime::Error::msg)
+                    let t = s.tensor(&t)?.clone();
+                    s.new_tensor("scale", t.elem_count(), copy_cost(&t), |_| {
+                        map_f32(&t, |x| x * factor)
+                    })?
+                    .map_err(wasmtime::Error::msg)
                 })
             }
 
@@ -496,7 +628,7 @@ macro_rules! impl_host_imports {
                 axis: u32,
             ) -> wasmtime::Result<Result<Resource<TensorHandle>, String>> {
                 self.timed(|s| {
-                    let t = s.tensor(&t)?;
+                    let t = s.tensor(&t)?.clone();
                     let axis = axis as usize;
                     if axis >= t.rank() {
                         return Ok(Err(format!(
@@ -504,16 +636,29 @@ macro_rules! impl_host_imports {
                             t.dims()
                         )));
                     }
-                    let r = match op {
-                        kernels::ReduceOp::Sum => t.sum_keepdim(axis),
-                        kernels::ReduceOp::Mean => t.mean_keepdim(axis),
-                        kernels::ReduceOp::Max => t.max_keepdim(axis),
-                        kernels::ReduceOp::Min => t.min_keepdim(axis),
-                    };
-                    match r {
-                        Ok(t) => s.push_new(t),
-                        Err(e) => Ok(Err(e.to_string())),
+                    if t.dims()[axis] == 0 {
+                        return Ok(Err(format!(
+                            "axis {axis} of shape {:?} is empty: nothing to reduce",
+                            t.dims()
+                        )));
                     }
+                    // Every dimension but `axis` survives: for a [0, n] tensor the result still
+                    // has n elements, so it is sized from the shape, not from the input's count.
+                    let mut out_shape = t.dims().to_vec();
+                    out_shape[axis] = 1;
+                    let out = match budget::numel(&out_shape) {
+                        Ok(n) => n,
+                        Err(e) => return Ok(Err(e.into())),
+                    };
+                    s.new_tensor("reduce", out, copy_cost(&t), |_| {
+                        match op {
+                            kernels::ReduceOp::Sum => t.sum_keepdim(axis),
+                            kernels::ReduceOp::Mean => t.mean_keepdim(axis),
+                            kernels::ReduceOp::Max => t.max_keepdim(axis),
+                            kernels::ReduceOp::Min => t.min_keepdim(axis),
+                        }
+                        .map_err(|e| e.to_string())
+                    })
                 })
             }
 
@@ -528,15 +673,19 @@ macro_rules! impl_host_imports {
                         Ok(x) => x,
                         Err(e) => return Ok(Err(e)),
                     };
-                    let t = s.tensor(&t)?;
+                    let t = s.tensor(&t)?.clone();
                     let shape = t.dims().to_vec();
-                    let r = with_f32(t, |v| ops::group_norms(v, &shape, structure, p))
-                        .and_then(|r| r)
-                        .and_then(|(vals, grid)| tensor_from(vals, &grid));
-                    match r {
-                        Ok(t) => s.push_new(t),
-                        Err(e) => Ok(Err(e)),
-                    }
+                    let groups = match ops::group_grid(&shape, structure) {
+                        Ok((gr, gc)) => gr.saturating_mul(gc),
+                        Err(e) => return Ok(Err(e)),
+                    };
+                    // Per-group f64 accumulators, plus a copy of a strided input.
+                    let scratch = groups.saturating_mul(8).saturating_add(copy_cost(&t));
+                    s.new_tensor("group-norms", groups, scratch, |_| {
+                        with_f32(&t, |v| ops::group_norms(v, &shape, structure, p))
+                            .and_then(|r| r)
+                            .and_then(|(vals, grid)| tensor_from(vals, &grid))
+                    })
                 })
             }
 
@@ -551,12 +700,15 @@ macro_rules! impl_host_imports {
                         Ok(x) => x,
                         Err(e) => return Ok(Err(e)),
                     };
-                    let t = s.tensor(&scores)?;
+                    let t = s.tensor(&scores)?.clone();
                     let shape = t.dims().to_vec();
-                    match with_f32(t, |v| ops::select(v, &shape, structure, density)).and_then(|r| r) {
-                        Ok(m) => Ok(Ok(s.push_mask(m)?)),
-                        Err(e) => Ok(Err(e)),
-                    }
+                    let scratch = match ops::select_scratch_bytes(&shape, structure) {
+                        Ok(b) => b.saturating_add(copy_cost(&t)),
+                        Err(e) => return Ok(Err(e)),
+                    };
+                    s.new_mask("select", t.elem_count(), scratch, |_| {
+                        with_f32(&t, |v| ops::select(v, &shape, structure, density)).and_then(|r| r)
+                    })
                 })
             }
 
@@ -565,36 +717,7 @@ macro_rules! impl_host_imports {
                 scores: Vec<Resource<TensorHandle>>,
                 density: f64,
             ) -> wasmtime::Result<Result<Vec<Resource<Mask>>, String>> {
-                self.timed(|s| {
-                    let tensors: Vec<Tensor> = scores
-                        .iter()
-                        .map(|r| s.tensor(r).cloned())
-                        .collect::<wasmtime::Result<_>>()?;
-                    // Contiguous f32 copies only where needed; model weights are already contiguous.
-                    let datas: Vec<Vec<f32>> = match tensors
-                        .iter()
-                        .map(|t| with_f32(t, |v| v.to_vec()))
-                        .collect::<Result<_, _>>()
-                    {
-                        Ok(d) => d,
-                        Err(e) => return Ok(Err(e)),
-                    };
-                    let inputs: Vec<(&[f32], &[usize])> = datas
-                        .iter()
-                        .zip(&tensors)
-                        .map(|(d, t)| (d.as_slice(), t.dims()))
-                        .collect();
-                    match ops::select_global(&inputs, density) {
-                        Ok(masks) => {
-                            let mut out = Vec::with_capacity(masks.len());
-                            for m in masks {
-                                out.push(s.push_mask(m)?);
-                            }
-                            Ok(Ok(out))
-                        }
-                        Err(e) => Ok(Err(e)),
-                    }
-                })
+                self.timed(|s| s.select_global_handles(&scores, density))
             }
 
             fn mask_from_bytes(
@@ -608,11 +731,22 @@ macro_rules! impl_host_imports {
                         Ok(x) => x,
                         Err(e) => return Ok(Err(e)),
                     };
-                    let keep = keep.into_iter().map(|b| b != 0).collect();
-                    match Mask::new(to_usize(&shape), keep, structure) {
-                        Ok(m) => Ok(Ok(s.push_mask(m)?)),
-                        Err(e) => Ok(Err(e)),
+                    let (shape, numel) = match checked_shape(&shape) {
+                        Ok(x) => x,
+                        Err(e) => return Ok(Err(e)),
+                    };
+                    if keep.len() != numel {
+                        return Ok(Err(format!(
+                            "mask has {} entries but shape {} has {numel}",
+                            keep.len(),
+                            budget::short_shape(&shape)
+                        )));
                     }
+                    // `keep` is a copy of guest memory; the flags reuse its allocation.
+                    s.new_mask("mask-from-bytes", numel, 0, |_| {
+                        let flags: Vec<bool> = keep.into_iter().map(|b| b != 0).collect();
+                        Mask::new(shape, flags, structure)
+                    })
                 })
             }
 
@@ -621,9 +755,20 @@ macro_rules! impl_host_imports {
                 a: Resource<Mask>,
                 b: Resource<Mask>,
             ) -> wasmtime::Result<Result<Resource<Mask>, String>> {
-                self.timed(|s| match s.mask(&a)?.and(s.mask(&b)?) {
-                    Ok(m) => Ok(Ok(s.push_mask(m)?)),
-                    Err(e) => Ok(Err(e)),
+                self.timed(|s| {
+                    let (sa, sb) = (s.mask(&a)?.shape().to_vec(), s.mask(&b)?.shape().to_vec());
+                    if sa != sb {
+                        return Ok(Err(format!(
+                            "cannot combine masks of shapes {} and {}",
+                            budget::short_shape(&sa),
+                            budget::short_shape(&sb)
+                        )));
+                    }
+                    let numel = s.mask(&a)?.keep().len();
+                    s.new_mask("mask-and", numel, 0, |s| {
+                        let (a, b) = (s.mask(&a).map_err(|e| e.to_string())?, s.mask(&b).map_err(|e| e.to_string())?);
+                        a.and(b)
+                    })
                 })
             }
 
@@ -640,21 +785,30 @@ macro_rules! impl_host_imports {
             }
 
             fn weight(&mut self, name: String) -> wasmtime::Result<Result<Resource<TensorHandle>, String>> {
-                match self.model.weights.get(&name) {
-                    // Shares the model's storage: not booked against the host budget.
-                    Some(t) => Ok(Ok(self.table.push(TensorHandle {
-                        tensor: t.clone(),
-                        booked: 0,
-                    })?)),
-                    None => Ok(Err(format!("the model has no weight named `{name}`"))),
+                match self.model.weights.get(&name).cloned() {
+                    // Shares the model's storage: only the handle is booked.
+                    Some(t) => self.push_shared(t),
+                    None => Ok(Err(format!(
+                        "the model has no weight named `{}`",
+                        budget::short_name(&name)
+                    ))),
                 }
             }
 
             fn current_mask(&mut self, name: String) -> wasmtime::Result<Option<Resource<Mask>>> {
-                match self.model.masks.get(&name).cloned() {
-                    Some(m) => Ok(Some(self.push_mask(m)?)),
-                    None => Ok(None),
-                }
+                let Some(numel) = self.model.masks.get(&name).map(|m| m.keep().len()) else {
+                    return Ok(None);
+                };
+                // The copy is the plugin's to keep: booked like any mask. No error result in
+                // the WIT: a full budget traps.
+                let r = self.new_mask("current-mask", numel, 0, |s| {
+                    s.model
+                        .masks
+                        .get(&name)
+                        .cloned()
+                        .ok_or_else(|| "mask vanished".to_string())
+                })?;
+                r.map(Some).map_err(wasmtime::Error::msg)
             }
         }
 
@@ -704,6 +858,20 @@ impl_host_imports!(
 );
 
 impl PluginState {
+    /// Refuses a read the guest could never hold: more than [`MAX_READ`] elements, or more
+    /// bytes than the guest's memory cap.
+    fn check_read(&self, count: u64) -> Result<(), String> {
+        let bytes = count.saturating_mul(4);
+        if count > MAX_READ || bytes > self.limit_config.guest_memory as u64 {
+            return Err(format!(
+                "read of {count} elements exceeds the limit ({MAX_READ} elements and the \
+                 guest's {} MiB); read in chunks",
+                self.limit_config.guest_memory >> 20
+            ));
+        }
+        Ok(())
+    }
+
     /// `kernels.select-per-row` (0.2 and later).
     fn select_per_row_handle(
         &mut self,
@@ -711,13 +879,73 @@ impl PluginState {
         density: f64,
     ) -> wasmtime::Result<Result<Resource<Mask>, String>> {
         self.timed(|s| {
-            let t = s.tensor(scores)?;
+            let t = s.tensor(scores)?.clone();
             let shape = t.dims().to_vec();
-            match with_f32(t, |v| select_per_row(v, &shape, density)).and_then(|r| r) {
-                Ok(m) => Ok(Ok(s.push_mask(m)?)),
-                Err(e) => Ok(Err(e)),
-            }
+            let cols = shape.last().copied().unwrap_or(0);
+            // Each worker ranks one row at a time: its keys plus a histogram.
+            let per_worker = cols.saturating_mul(5).saturating_add(ops::TOP_K_FIXED_SCRATCH);
+            let scratch = per_worker
+                .saturating_mul(rayon::current_num_threads())
+                .saturating_add(copy_cost(&t));
+            s.new_mask("select-per-row", t.elem_count(), scratch, |_| {
+                with_f32(&t, |v| select_per_row(v, &shape, density)).and_then(|r| r)
+            })
         })
+    }
+
+    /// `kernels.select-global`: every input and output booked before anything is copied, so
+    /// passing one large tensor many times is refused by the budget instead of copied each time.
+    fn select_global_handles(
+        &mut self,
+        scores: &[Resource<TensorHandle>],
+        density: f64,
+    ) -> wasmtime::Result<Result<Vec<Resource<Mask>>, String>> {
+        let what = "select-global";
+        let mut tensors = Vec::with_capacity(scores.len());
+        for r in scores {
+            tensors.push(self.tensor(r)?.clone());
+        }
+        let counts: Vec<usize> = tensors.iter().map(Tensor::elem_count).collect();
+        let total = match budget::sum(&counts, what) {
+            Ok(t) => t,
+            Err(e) => return Ok(Err(e.into())),
+        };
+        // Results: one mask (flags + handle) per input.
+        let results: usize = counts
+            .iter()
+            .fold(0usize, |acc, &n| acc.saturating_add(budget::mask_bytes(n)));
+        // Scratch: the concatenated scores, the ranking's keys and flags, the input list.
+        let scratch = total
+            .saturating_mul(4)
+            .saturating_add(ops::top_k_scratch_bytes(total))
+            .saturating_add(total)
+            .saturating_add(tensors.len().saturating_mul(64));
+        let booked = results.saturating_add(scratch);
+        if let Err(e) = self.budget.book(booked, what) {
+            return Ok(Err(e.into()));
+        }
+        let masks = (|| {
+            let mut all = Vec::with_capacity(total);
+            for t in &tensors {
+                with_f32(t, |v| all.extend_from_slice(v))?;
+            }
+            let shapes: Vec<&[usize]> = tensors.iter().map(|t| t.dims()).collect();
+            ops::select_global(&all, &shapes, density)
+        })();
+        self.budget.release(scratch);
+        match masks {
+            Ok(masks) => {
+                let mut out = Vec::with_capacity(masks.len());
+                for m in masks {
+                    out.push(self.table.push(m)?);
+                }
+                Ok(Ok(out))
+            }
+            Err(e) => {
+                self.budget.release(results);
+                Ok(Err(e))
+            }
+        }
     }
 
     /// `calibration.info`, for every version that has it.
@@ -728,8 +956,9 @@ impl PluginState {
             .map(|c| (c.samples() as u32, c.seq_len() as u32))
     }
 
-    /// A calibration statistic as a handle sharing the cached storage, like a model weight: not
-    /// booked against the plugin's host budget.
+    /// A calibration statistic as a handle sharing the cached storage, like a model weight: only
+    /// the handle is booked. The statistics themselves are computed once per model state and
+    /// sized by the model and the pipeline's calibration settings, not by the plugin.
     fn calibration_tensor(
         &mut self,
         get: impl FnOnce(&Calibrator) -> Result<Tensor, String>,
@@ -739,21 +968,54 @@ impl PluginState {
                 Ok(t) => t,
                 Err(e) => return Ok(Err(e)),
             };
-            Ok(Ok(s.table.push(TensorHandle { tensor, booked: 0 })?))
+            s.push_shared(tensor)
         })
     }
 
-    /// One loss trial with masks the plugin holds.
+    /// One loss trial with masks the plugin holds. The request is checked whole (known layers,
+    /// each once, masks of the weight's shape) before anything is copied; the masked copies of
+    /// the changed weights are booked for the trial.
     fn loss_trial(
         &mut self,
         changes: Vec<(String, Resource<Mask>)>,
     ) -> wasmtime::Result<Result<f64, String>> {
         self.timed(|s| {
-            let mut owned = Vec::with_capacity(changes.len());
+            let mut seen = std::collections::BTreeSet::new();
+            let mut scratch = 0usize;
             for (layer, mask) in &changes {
-                owned.push((layer.clone(), s.mask(mask)?.clone()));
+                let Some(weight) = s.model.weights.get(layer) else {
+                    return Ok(Err(format!(
+                        "the model has no weight named `{}`",
+                        budget::short_name(layer)
+                    )));
+                };
+                if !seen.insert(layer.as_str()) {
+                    return Ok(Err(format!("`{layer}` is changed twice in one trial")));
+                }
+                let mask = s.mask(mask)?;
+                if mask.shape() != weight.dims() {
+                    return Ok(Err(format!(
+                        "mask of shape {} for `{layer}` of shape {:?}",
+                        budget::short_shape(mask.shape()),
+                        weight.dims()
+                    )));
+                }
+                scratch = scratch.saturating_add(weight.elem_count().saturating_mul(4));
             }
-            Ok(s.calibrator().and_then(|c| c.loss_with_masks(&owned)))
+            let calibrator = match s.calibrator() {
+                Ok(c) => c,
+                Err(e) => return Ok(Err(e)),
+            };
+            if let Err(e) = s.budget.book(scratch, "a loss trial's masked weights") {
+                return Ok(Err(e.into()));
+            }
+            let mut refs = Vec::with_capacity(changes.len());
+            for (layer, mask) in &changes {
+                refs.push((layer.as_str(), s.table.get(mask)?));
+            }
+            let r = calibrator.loss_with_masks(&refs);
+            s.budget.release(scratch);
+            Ok(r)
         })
     }
 }
