@@ -297,6 +297,11 @@ fn run_attack(attack: &str) -> Outcome {
         .current_dir(&work)
         .env_remove("ESPALIER_PLUGIN_DIR")
         .env_remove("RUST_LOG")
+        // Messages as a user sees them by default: a backtrace captured into an error (candle
+        // does when these are set) costs hundreds of MiB of RSS to symbolise, which is not
+        // the host's own memory use.
+        .env_remove("RUST_BACKTRACE")
+        .env_remove("RUST_LIB_BACKTRACE")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&stderr_path).unwrap());
