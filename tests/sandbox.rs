@@ -11,6 +11,7 @@ use std::time::Instant;
 
 use serde_json::Value;
 
+#[allow(dead_code, reason = "each test binary uses a part of the shared helpers")]
 mod common;
 use common::run;
 

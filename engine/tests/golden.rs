@@ -12,9 +12,9 @@ use serde_json::Value;
 
 /// The bar for logits, f32 against f32.
 const LOGIT_TOL: f32 = 1e-4;
-/// Gradients and Fisher diagonals against PyTorch, relative to the layer's largest entry: the
-/// precision README.md states for them.
-const GRADIENT_REL_TOL: f32 = 1e-5;
+/// Gradients and Fisher diagonals against PyTorch, max |Δ| relative to the layer's largest
+/// entry: the precision README.md states for them (measured 1.1e-6 to 3.9e-6 on the fixtures).
+const GRADIENT_REL_TOL: f32 = 5e-6;
 const MODELS: [&str; 3] = ["llama", "llama-pruned", "gpt2"];
 
 fn fixtures() -> PathBuf {
