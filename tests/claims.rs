@@ -540,92 +540,96 @@ fn loss_trials_match_full_forward_passes_of_masked_models() {
 fn heads_by_group_keep_whole_kv_groups_scored_with_their_k_and_v() {
     // `granularity = "group"` keeps whole K/V groups: a group's score is its K and V rows'
     // squared norms plus, for each of its query heads, the Q rows' and O columns'. To show that
-    // K and V count, in each block the group that loses on Q and O alone gets K rows ×100.
+    // K (then V) counts, in each block the group that loses on everything else gets those rows
+    // ×100: a plugin that left them out would keep the other group.
     let base = tiny();
     let cfg = base.config.clone();
     let (hd, heads, kv) = (cfg.head_dim, cfg.num_heads, cfg.num_kv_heads);
     let per = heads / kv;
     let sq = |v: &[f32]| v.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>();
     let name = |b: usize, p: &str| format!("model.layers.{b}.self_attn.{p}_proj.weight");
-    let query_scores = |m: &Model, b: usize| -> Vec<f64> {
+    // Per group: (Q rows + O columns of its heads, K rows, V rows).
+    let parts = |m: &Model, b: usize| -> Vec<[f64; 3]> {
         let (q, _, qc) = values(m, &name(b, "q"));
         let (o, or, oc) = values(m, &name(b, "o"));
-        (0..heads)
-            .map(|h| {
-                let cols: f64 = (0..or)
-                    .map(|i| sq(&o[i * oc + h * hd..i * oc + (h + 1) * hd]))
+        let (k, _, kc) = values(m, &name(b, "k"));
+        let (v, _, vc) = values(m, &name(b, "v"));
+        (0..kv)
+            .map(|g| {
+                let qo: f64 = (g * per..(g + 1) * per)
+                    .map(|h| {
+                        let cols: f64 = (0..or)
+                            .map(|i| sq(&o[i * oc + h * hd..i * oc + (h + 1) * hd]))
+                            .sum();
+                        sq(&q[h * hd * qc..(h + 1) * hd * qc]) + cols
+                    })
                     .sum();
-                sq(&q[h * hd * qc..(h + 1) * hd * qc]) + cols
+                [
+                    qo,
+                    sq(&k[g * hd * kc..(g + 1) * hd * kc]),
+                    sq(&v[g * hd * vc..(g + 1) * hd * vc]),
+                ]
             })
             .collect()
     };
-    let mut model = base.clone();
-    let mut winners = Vec::new();
-    for b in 0..cfg.num_layers {
-        let qs = query_scores(&base, b);
-        let by_query: Vec<f64> = (0..kv)
-            .map(|g| qs[g * per..(g + 1) * per].iter().sum())
-            .collect();
-        let loser = if by_query[0] < by_query[1] { 0 } else { 1 };
-        let (mut k, kr, kc) = values(&base, &name(b, "k"));
-        for x in &mut k[loser * hd * kc..(loser + 1) * hd * kc] {
-            *x *= 100.0;
+    for (boosted, part) in [(1, "k"), (2, "v")] {
+        let mut model = base.clone();
+        let mut winners = Vec::new();
+        for b in 0..cfg.num_layers {
+            let without: Vec<f64> = parts(&base, b)
+                .iter()
+                .map(|p| p.iter().sum::<f64>() - p[boosted])
+                .collect();
+            let loser = top_k(&without, 1).iter().position(|&k| !k).unwrap();
+            let (mut w, r, c) = values(&base, &name(b, part));
+            for x in &mut w[loser * hd * c..(loser + 1) * hd * c] {
+                *x *= 100.0;
+            }
+            let t = Tensor::from_vec(w, (r, c), &Device::Cpu).unwrap();
+            model.set_weight(&name(b, part), t, false).unwrap();
+            // The reference on the modified model: every part counted, top 1 of 2 groups.
+            let scores: Vec<f64> = parts(&model, b).iter().map(|p| p.iter().sum()).collect();
+            let kept = top_k(&scores, 1).iter().position(|&k| k).unwrap();
+            assert_eq!(kept, loser, "block {b}: the boosted {part} must decide");
+            winners.push(kept);
         }
-        model
-            .set_weight(
-                &name(b, "k"),
-                Tensor::from_vec(k, (kr, kc), &Device::Cpu).unwrap(),
-                false,
-            )
-            .unwrap();
-        // The reference on the modified model: K/V plus Q/O, top 1 of 2 groups.
-        let (k, _, kc) = values(&model, &name(b, "k"));
-        let (v, _, vc) = values(&model, &name(b, "v"));
-        let group: Vec<f64> = (0..kv)
-            .map(|g| {
-                sq(&k[g * hd * kc..(g + 1) * hd * kc])
-                    + sq(&v[g * hd * vc..(g + 1) * hd * vc])
-                    + qs[g * per..(g + 1) * per].iter().sum::<f64>()
-            })
-            .collect();
-        let kept = top_k(&group, 1).iter().position(|&k| k).unwrap();
-        assert_eq!(kept, loser, "block {b}: the boost must decide");
-        winners.push(kept);
-    }
 
-    let pipeline = Pipeline::parse(
-        "test.toml",
-        &format!("{TINY}[[stage]]\nplugin = \"heads\"\ntargets = [\"*.self_attn.*\"]\ndensity = 0.5\ngranularity = \"group\"\n"),
-    )
-    .unwrap();
-    let plan = espalier::plan::plan(pipeline, &app().registry, &app().runtime, &model).unwrap();
-    let out = execute(&plan, &app().runtime, model.clone(), &mut Quiet).unwrap();
-    let pruned = &out.state.model;
-    assert_eq!(
-        (pruned.config.num_heads, pruned.config.num_kv_heads),
-        (per, 1)
-    );
-    for (b, &g) in winners.iter().enumerate() {
-        // Q, K and V keep the group's rows, O its columns, bit for bit.
-        for (p, rows_per) in [("q", per * hd), ("k", hd), ("v", hd)] {
-            let (before, _, c) = values(&model, &name(b, p));
-            let (after, r, _) = values(pruned, &name(b, p));
-            assert_eq!(r, rows_per, "block {b} {p}");
-            assert_eq!(
-                after,
-                before[g * rows_per * c..(g + 1) * rows_per * c],
-                "block {b} {p}"
-            );
-        }
-        let (before, or, oc) = values(&model, &name(b, "o"));
-        let (after, _, noc) = values(pruned, &name(b, "o"));
-        assert_eq!(noc, per * hd);
-        for i in 0..or {
-            assert_eq!(
-                after[i * noc..(i + 1) * noc],
-                before[i * oc + g * per * hd..i * oc + (g + 1) * per * hd],
-                "block {b} o row {i}"
-            );
+        let pipeline = Pipeline::parse(
+            "test.toml",
+            &format!(
+                "{TINY}[[stage]]\nplugin = \"heads\"\ntargets = [\"*.self_attn.*\"]\ndensity = 0.5\ngranularity = \"group\"\n"
+            ),
+        )
+        .unwrap();
+        let plan = espalier::plan::plan(pipeline, &app().registry, &app().runtime, &model).unwrap();
+        let out = execute(&plan, &app().runtime, model.clone(), &mut Quiet).unwrap();
+        let pruned = &out.state.model;
+        assert_eq!(
+            (pruned.config.num_heads, pruned.config.num_kv_heads),
+            (per, 1)
+        );
+        for (b, &g) in winners.iter().enumerate() {
+            // Q, K and V keep the group's rows, O its columns, bit for bit.
+            for (p, rows_per) in [("q", per * hd), ("k", hd), ("v", hd)] {
+                let (before, _, c) = values(&model, &name(b, p));
+                let (after, r, _) = values(pruned, &name(b, p));
+                assert_eq!(r, rows_per, "{part}: block {b} {p}");
+                assert_eq!(
+                    after,
+                    before[g * rows_per * c..(g + 1) * rows_per * c],
+                    "{part}: block {b} {p}"
+                );
+            }
+            let (before, or, oc) = values(&model, &name(b, "o"));
+            let (after, _, noc) = values(pruned, &name(b, "o"));
+            assert_eq!(noc, per * hd);
+            for i in 0..or {
+                assert_eq!(
+                    after[i * noc..(i + 1) * noc],
+                    before[i * oc + g * per * hd..i * oc + (g + 1) * per * hd],
+                    "{part}: block {b} o row {i}"
+                );
+            }
         }
     }
 }

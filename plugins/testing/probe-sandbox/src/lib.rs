@@ -12,7 +12,7 @@
 //! - `trial`: magnitude masks at `trial_density` for the comma-separated `layers`, and the
 //!   calibration loss with none, the first, and all of them applied.
 use std::fmt::Write as _;
-use std::io::{Read as _, Write as _};
+use std::io::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use espalier_plugin_sdk::*;
@@ -168,10 +168,9 @@ fn probe(params: &Params) -> Result<String, String> {
         let tcp = std::net::TcpStream::connect(addr);
         r.bool("tcp_connect", tcp.is_ok());
         match tcp {
+            // Write only: waiting for a reply would hang on a listener that never answers.
             Ok(mut s) => {
                 let _ = s.write_all(b"probe");
-                let mut buf = [0u8; 8];
-                let _ = s.read(&mut buf);
             }
             Err(e) => r.text("tcp_error", &e.to_string()),
         }
