@@ -9,7 +9,10 @@ use std::path::{Path, PathBuf};
 use espalier::pipeline::Pipeline;
 use espalier_engine::Model;
 
-#[allow(dead_code, reason = "each test binary uses a part of the shared helpers")]
+#[allow(
+    dead_code,
+    reason = "each test binary uses a part of the shared helpers"
+)]
 mod common;
 use common::app;
 

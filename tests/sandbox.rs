@@ -11,7 +11,10 @@ use std::time::Instant;
 
 use serde_json::Value;
 
-#[allow(dead_code, reason = "each test binary uses a part of the shared helpers")]
+#[allow(
+    dead_code,
+    reason = "each test binary uses a part of the shared helpers"
+)]
 mod common;
 use common::run;
 
