@@ -11,7 +11,13 @@ the transformer blocks, the gradient of that loss in Espalier's canonical `[out,
 
     engine/tests/fixtures/golden/<model>.grads.safetensors
 
-with the loss itself in the file's metadata. Usage, from the repository root with torch,
+with the loss itself in the file's metadata. It also records the empirical Fisher diagonal as
+Espalier defines it (`calibration.fisher`): for every sequence alone, the gradient of that
+sequence's mean next-token loss; squared element-wise; averaged over the sequences, to
+
+    engine/tests/fixtures/golden/<model>.fisher.safetensors
+
+Usage, from the repository root with torch,
 transformers and safetensors installed:
 
     python engine/scripts/make_gradient_goldens.py [--fixtures engine/tests/fixtures]
@@ -79,6 +85,31 @@ def main() -> None:
             },
         )
         print(f"{name}: loss {loss.item():.6f}, {len(grads)} gradients -> {out}")
+
+        # Fisher diagonal: one backward pass per sequence, squared gradients averaged.
+        squares = {}
+        for key in ("random", "text"):
+            model.zero_grad(set_to_none=True)
+            ids = torch.tensor([sequences[key]["ids"]])
+            model(ids, labels=ids).loss.backward()
+            for pname, param in model.named_parameters():
+                if not is_block_linear(pname):
+                    continue
+                g = param.grad.detach()
+                g = (g.t() if conv1d else g).contiguous()
+                squares[pname] = squares.get(pname, 0) + g * g
+        fisher = {k: (v / 2).contiguous() for k, v in squares.items()}
+        out = os.path.join(args.fixtures, "golden", f"{name}.fisher.safetensors")
+        save_file(
+            fisher,
+            out,
+            metadata={
+                "sequences": "random,text",
+                "transformers": transformers.__version__,
+                "torch": torch.__version__,
+            },
+        )
+        print(f"{name}: {len(fisher)} Fisher diagonals -> {out}")
 
 
 if __name__ == "__main__":

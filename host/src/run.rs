@@ -352,6 +352,9 @@ pub fn run_stage(
             }
         }
         OutputKind::Budgets => {
+            if !masks.is_empty() || !heads.is_empty() {
+                return Err(invalid("a budget plugin returned masks or heads".into()));
+            }
             drop(store);
             let mut map = BTreeMap::new();
             for b in out_budgets {
@@ -377,6 +380,9 @@ pub fn run_stage(
             produced_budgets = Some(map);
         }
         OutputKind::Heads => {
+            if !masks.is_empty() || !out_budgets.is_empty() {
+                return Err(invalid("a heads plugin returned masks or budgets".into()));
+            }
             drop(store);
             let mut keep: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
             let target_blocks: BTreeSet<usize> =
