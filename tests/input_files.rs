@@ -41,7 +41,10 @@ fn pipeline_files_must_be_regular_and_small() {
     let big = dir.path().join("big.toml");
     std::fs::write(&big, "#".repeat(2 << 20)).unwrap();
     let err = Pipeline::load(&big).unwrap_err().to_string();
-    assert!(err.contains("big.toml") && err.contains("too large"), "{err}");
+    assert!(
+        err.contains("big.toml") && err.contains("too large"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -277,12 +277,36 @@ impl ModelConfig {
                     ))
                 })
         };
-        let q = elements("num_attention_heads × head_dim", self.num_heads, self.head_dim)?;
-        elements("num_key_value_heads × head_dim", self.num_kv_heads, self.head_dim)?;
-        elements("the token embedding (vocab_size × hidden_size)", self.vocab_size, self.hidden_size)?;
-        elements("an MLP weight (intermediate_size × hidden_size)", self.intermediate_size, self.hidden_size)?;
-        elements("an attention weight (heads × head_dim × hidden_size)", q, self.hidden_size)?;
-        elements("the position table (max_position_embeddings × hidden_size)", self.max_position_embeddings, self.hidden_size)?;
+        let q = elements(
+            "num_attention_heads × head_dim",
+            self.num_heads,
+            self.head_dim,
+        )?;
+        elements(
+            "num_key_value_heads × head_dim",
+            self.num_kv_heads,
+            self.head_dim,
+        )?;
+        elements(
+            "the token embedding (vocab_size × hidden_size)",
+            self.vocab_size,
+            self.hidden_size,
+        )?;
+        elements(
+            "an MLP weight (intermediate_size × hidden_size)",
+            self.intermediate_size,
+            self.hidden_size,
+        )?;
+        elements(
+            "an attention weight (heads × head_dim × hidden_size)",
+            q,
+            self.hidden_size,
+        )?;
+        elements(
+            "the position table (max_position_embeddings × hidden_size)",
+            self.max_position_embeddings,
+            self.hidden_size,
+        )?;
         if self.num_heads == 0 || self.num_kv_heads == 0 || self.head_dim == 0 {
             return Err(bad("head counts and head_dim must be positive".into()));
         }

@@ -99,7 +99,9 @@ pub fn open_regular(path: &Path) -> io::Result<(File, u64)> {
 fn too_large(size: u64, limit: u64) -> io::Error {
     io::Error::new(
         io::ErrorKind::InvalidData,
-        format!("file is too large: {size} bytes, more than the {limit} bytes allowed for this kind of file"),
+        format!(
+            "file is too large: {size} bytes, more than the {limit} bytes allowed for this kind of file"
+        ),
     )
 }
 
@@ -111,8 +113,7 @@ pub fn read(path: &Path, limit: u64) -> io::Result<Vec<u8>> {
     }
     let mut bytes = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
     // One byte past the limit tells a file that grew past it from one that fits exactly.
-    file.take(limit.saturating_add(1))
-        .read_to_end(&mut bytes)?;
+    file.take(limit.saturating_add(1)).read_to_end(&mut bytes)?;
     if bytes.len() as u64 > limit {
         return Err(too_large(bytes.len() as u64, limit));
     }
@@ -144,7 +145,10 @@ mod tests {
         std::fs::write(&path, "hello").unwrap();
         assert_eq!(read_to_string(&path, 5).unwrap(), "hello");
         let err = read(&path, 4).unwrap_err().to_string();
-        assert!(err.contains("too large") && err.contains("5 bytes"), "{err}");
+        assert!(
+            err.contains("too large") && err.contains("5 bytes"),
+            "{err}"
+        );
         std::fs::write(&path, [0xff, 0xfe]).unwrap();
         let err = read_to_string(&path, 5).unwrap_err().to_string();
         assert!(err.contains("UTF-8"), "{err}");
@@ -154,14 +158,22 @@ mod tests {
     fn directories_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let err = read(dir.path(), 10).unwrap_err().to_string();
-        assert!(err.contains("not a regular file") && err.contains("directory"), "{err}");
+        assert!(
+            err.contains("not a regular file") && err.contains("directory"),
+            "{err}"
+        );
     }
 
     #[cfg(unix)]
     #[test]
     fn devices_and_fifos_are_refused_without_blocking() {
-        let err = read(Path::new("/dev/zero"), u64::MAX).unwrap_err().to_string();
-        assert!(err.contains("not a regular file") && err.contains("device"), "{err}");
+        let err = read(Path::new("/dev/zero"), u64::MAX)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("not a regular file") && err.contains("device"),
+            "{err}"
+        );
 
         let dir = tempfile::tempdir().unwrap();
         let fifo = dir.path().join("pipe");
@@ -170,7 +182,10 @@ mod tests {
         assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
         // Without the checks this would block forever waiting for a writer.
         let err = read(&fifo, 10).unwrap_err().to_string();
-        assert!(err.contains("not a regular file") && err.contains("FIFO"), "{err}");
+        assert!(
+            err.contains("not a regular file") && err.contains("FIFO"),
+            "{err}"
+        );
 
         // A symbolic link is followed, and what it names is checked.
         let link = dir.path().join("link");

@@ -586,9 +586,10 @@ pub fn import(
             ),
         ));
     }
-    if let Some((gguf_name, _)) = names.iter().find(|(_, hf)| {
-        crate::layers::block_index(hf).is_some_and(|b| b >= params.layers)
-    }) {
+    if let Some((gguf_name, _)) = names
+        .iter()
+        .find(|(_, hf)| crate::layers::block_index(hf).is_some_and(|b| b >= params.layers))
+    {
         return Err(gguf_err(
             gguf_path,
             format!(

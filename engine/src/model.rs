@@ -96,8 +96,8 @@ fn read_header(path: &Path) -> Result<Header, EngineError> {
     }
     let mut header = vec![0u8; n as usize];
     file.read_exact(&mut header).map_err(io)?;
-    let meta: Metadata = serde_json::from_slice(&header)
-        .map_err(|e| invalid(format!("bad header: {e}")))?;
+    let meta: Metadata =
+        serde_json::from_slice(&header).map_err(|e| invalid(format!("bad header: {e}")))?;
     let data_start = 8 + n;
     let file_len = data_start
         .checked_add(meta.data_len() as u64)
@@ -172,7 +172,10 @@ impl Header {
         };
         let (file, size) = files::open_regular(&self.path).map_err(io)?;
         if size != self.file_len {
-            return Err(weights_err(&self.path, "the file changed while it was loaded"));
+            return Err(weights_err(
+                &self.path,
+                "the file changed while it was loaded",
+            ));
         }
         let mut file = std::io::BufReader::new(file);
         for (name, info) in self.tensors(only) {
@@ -184,8 +187,9 @@ impl Header {
             file.seek(SeekFrom::Start(self.data_start + start as u64))
                 .map_err(io)?;
             file.read_exact(&mut bytes).map_err(io)?;
-            let tensor = Tensor::from_raw_buffer(&bytes, dtype, info.shape.as_slice(), &Device::Cpu)
-                .map_err(|e| weights_err(&self.path, format!("tensor `{name}`: {e}")))?;
+            let tensor =
+                Tensor::from_raw_buffer(&bytes, dtype, info.shape.as_slice(), &Device::Cpu)
+                    .map_err(|e| weights_err(&self.path, format!("tensor `{name}`: {e}")))?;
             drop(bytes);
             let tensor = tensor.to_dtype(DType::F32)?;
             let tensor = if layers::stored_transposed(&name, arch) && tensor.rank() == 2 {
@@ -201,12 +205,7 @@ impl Header {
 
 /// Resolves a shard file named in `model.safetensors.index.json`, refusing anything that is not
 /// a file inside the model folder: absolute paths, `..`, and symbolic links leading outside.
-fn shard_path(
-    dir: &Path,
-    index: &Path,
-    name: &str,
-    file: &str,
-) -> Result<PathBuf, EngineError> {
+fn shard_path(dir: &Path, index: &Path, name: &str, file: &str) -> Result<PathBuf, EngineError> {
     let entry = format!("weight_map[`{name}`] = `{file}`");
     let rel = Path::new(file);
     if file.is_empty()
@@ -594,10 +593,11 @@ impl Model {
             for file in COMPANION_FILES {
                 let from = src.join(file);
                 if from.exists() {
-                    let bytes = files::read(&from, files::JSON_LIMIT).map_err(|e| EngineError::Io {
-                        path: from.display().to_string(),
-                        source: e,
-                    })?;
+                    let bytes =
+                        files::read(&from, files::JSON_LIMIT).map_err(|e| EngineError::Io {
+                            path: from.display().to_string(),
+                            source: e,
+                        })?;
                     write_atomic(&dir.join(file), &bytes)?;
                 }
             }
@@ -685,7 +685,10 @@ mod tests {
         std::fs::remove_file(&config).unwrap();
         std::os::unix::fs::symlink("/dev/zero", &config).unwrap();
         let err = load_err(p);
-        assert!(err.contains("config.json") && err.contains("not a regular file"), "{err}");
+        assert!(
+            err.contains("config.json") && err.contains("not a regular file"),
+            "{err}"
+        );
         std::fs::remove_file(&config).unwrap();
         std::fs::write(&config, &text).unwrap();
 
@@ -693,7 +696,10 @@ mod tests {
         std::fs::rename(&weights, p.join("w")).unwrap();
         std::fs::create_dir(&weights).unwrap();
         let err = load_err(p);
-        assert!(err.contains("model.safetensors") && err.contains("not a regular file"), "{err}");
+        assert!(
+            err.contains("model.safetensors") && err.contains("not a regular file"),
+            "{err}"
+        );
         std::fs::remove_dir(&weights).unwrap();
         std::fs::rename(p.join("w"), &weights).unwrap();
 
@@ -703,7 +709,10 @@ mod tests {
         // SAFETY: `c` is a valid NUL-terminated path.
         assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
         let err = crate::Tokenizer::from_model_dir(p).unwrap_err().to_string();
-        assert!(err.contains("tokenizer.json") && err.contains("not a regular file"), "{err}");
+        assert!(
+            err.contains("tokenizer.json") && err.contains("not a regular file"),
+            "{err}"
+        );
         Model::load(p).unwrap();
     }
 
@@ -791,7 +800,10 @@ mod tests {
             ("max_position_embeddings", json!(u64::MAX)),
         ] {
             let err = with_config(|c| c[field] = value.clone());
-            assert!(err.contains("config.json") && err.contains(field), "{field}: {err}");
+            assert!(
+                err.contains("config.json") && err.contains(field),
+                "{field}: {err}"
+            );
         }
         let err = with_config(|c| {
             c["head_dim"] = json!(1 << 20);
@@ -801,7 +813,10 @@ mod tests {
         assert!(err.contains("num_attention_heads × head_dim"), "{err}");
         // Plausible sizes that the tensors contradict.
         let err = with_config(|c| c["intermediate_size"] = json!(4096));
-        assert!(err.contains("mlp.gate_proj.weight") && err.contains("4096"), "{err}");
+        assert!(
+            err.contains("mlp.gate_proj.weight") && err.contains("4096"),
+            "{err}"
+        );
         assert!(started.elapsed().as_secs() < 10);
     }
 
@@ -836,7 +851,11 @@ mod tests {
         ] {
             let mut out = out.clone();
             let t = m
-                .weight(if name == "extra.buffer" { "model.norm.weight" } else { name })
+                .weight(if name == "extra.buffer" {
+                    "model.norm.weight"
+                } else {
+                    name
+                })
                 .unwrap()
                 .to_dtype(dtype)
                 .unwrap();
@@ -858,7 +877,10 @@ mod tests {
             .collect();
         candle_core::safetensors::save(&out, &dir.path().join("model.safetensors")).unwrap();
         let back = Model::load(dir.path()).unwrap();
-        assert_eq!(back.weight("model.norm.weight").unwrap().dtype(), DType::F32);
+        assert_eq!(
+            back.weight("model.norm.weight").unwrap().dtype(),
+            DType::F32
+        );
     }
 
     #[test]
@@ -871,7 +893,10 @@ mod tests {
         bytes[..8].copy_from_slice(&u64::MAX.to_le_bytes());
         std::fs::write(&path, &bytes).unwrap();
         let err = load_err(dir.path());
-        assert!(err.contains("not a valid safetensors") && err.contains("header length"), "{err}");
+        assert!(
+            err.contains("not a valid safetensors") && err.contains("header length"),
+            "{err}"
+        );
         // Data shorter than the header says.
         bytes[..8].copy_from_slice(&real);
         bytes.truncate(bytes.len() - 4);

@@ -153,8 +153,7 @@ fn encode(model: &Model, dtype: DType, sharded: bool, tokenizer: &str) -> Vec<u8
     let dir = tempfile::tempdir().unwrap();
     model.save_into(dir.path()).unwrap();
     let mut weights: std::collections::HashMap<String, Tensor> =
-        candle_core::safetensors::load(dir.path().join("model.safetensors"), &Device::Cpu)
-            .unwrap();
+        candle_core::safetensors::load(dir.path().join("model.safetensors"), &Device::Cpu).unwrap();
     for t in weights.values_mut() {
         *t = t.to_dtype(dtype).unwrap();
     }
@@ -188,9 +187,18 @@ fn write_model_load_seeds() {
     let dir = regressions("model_load");
     std::fs::create_dir_all(&dir).unwrap();
     let seeds = [
-        ("valid-llama-f32", encode(&micro_llama(true), DType::F32, false, WORD_LEVEL)),
-        ("valid-llama-bf16-sharded", encode(&micro_llama(false), DType::BF16, true, BPE)),
-        ("valid-gpt2-f16", encode(&micro_gpt2(), DType::F16, false, WORD_LEVEL)),
+        (
+            "valid-llama-f32",
+            encode(&micro_llama(true), DType::F32, false, WORD_LEVEL),
+        ),
+        (
+            "valid-llama-bf16-sharded",
+            encode(&micro_llama(false), DType::BF16, true, BPE),
+        ),
+        (
+            "valid-gpt2-f16",
+            encode(&micro_gpt2(), DType::F16, false, WORD_LEVEL),
+        ),
     ];
     for (name, bytes) in seeds {
         std::fs::write(dir.join(name), bytes).unwrap();

@@ -220,9 +220,11 @@ pub fn check<R: Read + Seek>(reader: R, size: u64) -> Result<Checked, String> {
     let prefix = if c.v1 { 4 } else { 8 };
     // Smallest possible entries: a key, a type and a one-byte value; a name, a dimension count,
     // a type and an offset.
-    let needed = kv_count
-        .checked_mul(prefix + 4 + 1)
-        .and_then(|a| tensor_count.checked_mul(prefix + 16).and_then(|b| a.checked_add(b)));
+    let needed = kv_count.checked_mul(prefix + 4 + 1).and_then(|a| {
+        tensor_count
+            .checked_mul(prefix + 16)
+            .and_then(|b| a.checked_add(b))
+    });
     if needed.is_none_or(|n| n > c.remaining()) {
         return Err(format!(
             "the header declares {tensor_count} tensors and {kv_count} metadata entries, \
@@ -326,7 +328,8 @@ pub fn check<R: Read + Seek>(reader: R, size: u64) -> Result<Checked, String> {
             dims.push(if c.v1 { u64::from(c.u32()?) } else { c.u64()? });
         }
         let type_id = c.u32()?;
-        let dtype = ggml_type(type_id).ok_or_else(|| unsupported_type_message(&type_id.to_string()))?;
+        let dtype =
+            ggml_type(type_id).ok_or_else(|| unsupported_type_message(&type_id.to_string()))?;
         let offset = c.u64()?;
         let count = dims
             .iter()
@@ -469,7 +472,10 @@ mod tests {
         for a in [0u32, 3, 48] {
             let raw = Raw::default().kv("general.alignment", T_U32, &a.to_le_bytes());
             let err = run(&raw).unwrap_err();
-            assert!(err.contains("general.alignment") && err.contains("power of two"), "{err}");
+            assert!(
+                err.contains("general.alignment") && err.contains("power of two"),
+                "{err}"
+            );
         }
         let raw = Raw::default().kv("general.alignment", T_STRING, &[0; 8]);
         assert!(run(&raw).unwrap_err().contains("must be a u32"));
@@ -510,9 +516,7 @@ mod tests {
     fn nested_arrays_duplicate_keys_and_unknown_types_are_refused() {
         let raw = Raw::default().kv("n", T_ARRAY, &array(T_ARRAY, 1, &[0; 12]));
         assert!(run(&raw).unwrap_err().contains("array of arrays"));
-        let raw = Raw::default()
-            .kv("k", T_U8, &[1])
-            .kv("k", T_U8, &[2]);
+        let raw = Raw::default().kv("k", T_U8, &[1]).kv("k", T_U8, &[2]);
         assert!(run(&raw).unwrap_err().contains("appears twice"));
         let raw = Raw::default().kv("k", 99, &[0; 8]);
         assert!(run(&raw).unwrap_err().contains("unknown value type"));

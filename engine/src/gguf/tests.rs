@@ -544,7 +544,10 @@ fn refuses_a_zero_alignment_instead_of_dividing_by_it() {
     meta.push(("general.alignment".into(), Value::U32(0)));
     let (dir, path, _) = setup(meta);
     let err = run(&path, &dir.path().join("out")).unwrap_err().to_string();
-    assert!(err.contains("general.alignment") && err.contains("is 0"), "{err}");
+    assert!(
+        err.contains("general.alignment") && err.contains("is 0"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -568,7 +571,10 @@ fn layer_counts_are_checked_against_the_tensors_before_reading_them() {
         })
         .unwrap_err()
         .to_string();
-        assert!(err.contains("num_hidden_layers") && err.contains(want), "{err}");
+        assert!(
+            err.contains("num_hidden_layers") && err.contains(want),
+            "{err}"
+        );
         assert_eq!(tensors_read, 0);
     }
 }
@@ -590,8 +596,16 @@ fn write_gguf_fuzz_seed() {
 fn refuses_ambiguous_and_surplus_block_tensors() {
     // `blk.00.` is a second spelling of block 0; `blk.1.` lies beyond `llama.block_count` = 1.
     for (from, to, want) in [
-        ("blk.0.attn_norm.weight", "blk.00.attn_norm.weight", "both name"),
-        ("blk.0.ffn_norm.weight", "blk.1.ffn_norm.weight", "beyond `llama.block_count`"),
+        (
+            "blk.0.attn_norm.weight",
+            "blk.00.attn_norm.weight",
+            "both name",
+        ),
+        (
+            "blk.0.ffn_norm.weight",
+            "blk.1.ffn_norm.weight",
+            "beyond `llama.block_count`",
+        ),
     ] {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("tiny.gguf");
