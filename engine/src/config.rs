@@ -9,6 +9,7 @@ use std::path::Path;
 use serde_json::Value;
 
 use crate::error::EngineError;
+use crate::files;
 
 /// Which forward pass and tensor naming a model uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -59,6 +60,20 @@ pub struct ModelConfig {
     pub raw: Value,
 }
 
+/// Largest width, head count or vocabulary accepted: 2^24, a hundred times beyond today's
+/// largest models (hidden sizes around 16k, vocabularies around 256k).
+const MAX_DIM: usize = 1 << 24;
+
+/// Largest layer count accepted (today's largest models have about 130).
+const MAX_LAYERS: usize = 1 << 16;
+
+/// Largest context length accepted (the longest today are about 10M tokens).
+const MAX_POSITIONS: usize = u32::MAX as usize;
+
+/// Largest element count of one weight: 2^36 f32 (256 GiB), beyond any single tensor of a model
+/// Espalier can load on one machine; bounds every product of config sizes.
+const MAX_TENSOR_ELEMENTS: usize = 1 << 36;
+
 fn field_usize(raw: &Value, source: &str, keys: &[&str]) -> Result<usize, EngineError> {
     for key in keys {
         if let Some(v) = raw.get(*key) {
@@ -83,9 +98,12 @@ fn opt_f64(raw: &Value, key: &str) -> Option<f64> {
 
 fn opt_token(raw: &Value, key: &str) -> Option<u32> {
     match raw.get(key)? {
-        Value::Number(n) => n.as_u64().map(|v| v as u32),
+        Value::Number(n) => n.as_u64().and_then(|v| u32::try_from(v).ok()),
         // Some configs list several end-of-sequence ids; the first is the canonical one.
-        Value::Array(items) => items.first().and_then(Value::as_u64).map(|v| v as u32),
+        Value::Array(items) => items
+            .first()
+            .and_then(Value::as_u64)
+            .and_then(|v| u32::try_from(v).ok()),
         _ => None,
     }
 }
@@ -93,7 +111,7 @@ fn opt_token(raw: &Value, key: &str) -> Option<u32> {
 impl ModelConfig {
     /// Reads and parses `config.json`.
     pub fn from_file(path: &Path) -> Result<Self, EngineError> {
-        let text = std::fs::read_to_string(path).map_err(|e| EngineError::Io {
+        let text = files::read_to_string(path, files::JSON_LIMIT).map_err(|e| EngineError::Io {
             path: path.display().to_string(),
             source: e,
         })?;
@@ -180,7 +198,7 @@ impl ModelConfig {
                 let hidden_size = field_usize(&raw, source, &["n_embd", "hidden_size"])?;
                 let num_heads = field_usize(&raw, source, &["n_head", "num_attention_heads"])?;
                 let intermediate_size = match raw.get("n_inner") {
-                    Some(Value::Null) | None => 4 * hidden_size,
+                    Some(Value::Null) | None => hidden_size.saturating_mul(4),
                     Some(_) => field_usize(&raw, source, &["n_inner"])?,
                 };
                 ModelConfig {
@@ -220,6 +238,75 @@ impl ModelConfig {
             path: source.to_string(),
             message,
         };
+        // Each size is bounded, and every product the loader and the forward pass form from
+        // them is checked, so that no absurd value can overflow or size an allocation before
+        // it is compared with the tensors the files actually hold.
+        for (field, value) in [
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_attention_heads", self.num_heads),
+            ("num_key_value_heads", self.num_kv_heads),
+            ("head_dim", self.head_dim),
+            ("vocab_size", self.vocab_size),
+        ] {
+            if value > MAX_DIM {
+                return Err(bad(format!(
+                    "field `{field}` is {value}, more than the {MAX_DIM} Espalier supports"
+                )));
+            }
+        }
+        if self.num_layers > MAX_LAYERS {
+            return Err(bad(format!(
+                "field `{}` is {}, more than the {MAX_LAYERS} Espalier supports",
+                self.layers_field(),
+                self.num_layers
+            )));
+        }
+        if self.max_position_embeddings > MAX_POSITIONS {
+            return Err(bad(format!(
+                "field `max_position_embeddings` is {}, more than the {MAX_POSITIONS} Espalier supports",
+                self.max_position_embeddings
+            )));
+        }
+        let elements = |what: &str, a: usize, b: usize| {
+            a.checked_mul(b)
+                .filter(|&n| n <= MAX_TENSOR_ELEMENTS)
+                .ok_or_else(|| {
+                    bad(format!(
+                        "{what} ({a} × {b}) is larger than any tensor Espalier can hold"
+                    ))
+                })
+        };
+        let q = elements(
+            "num_attention_heads × head_dim",
+            self.num_heads,
+            self.head_dim,
+        )?;
+        elements(
+            "num_key_value_heads × head_dim",
+            self.num_kv_heads,
+            self.head_dim,
+        )?;
+        elements(
+            "the token embedding (vocab_size × hidden_size)",
+            self.vocab_size,
+            self.hidden_size,
+        )?;
+        elements(
+            "an MLP weight (intermediate_size × hidden_size)",
+            self.intermediate_size,
+            self.hidden_size,
+        )?;
+        elements(
+            "an attention weight (heads × head_dim × hidden_size)",
+            q,
+            self.hidden_size,
+        )?;
+        elements(
+            "the position table (max_position_embeddings × hidden_size)",
+            self.max_position_embeddings,
+            self.hidden_size,
+        )?;
         if self.num_heads == 0 || self.num_kv_heads == 0 || self.head_dim == 0 {
             return Err(bad("head counts and head_dim must be positive".into()));
         }
@@ -236,6 +323,14 @@ impl ModelConfig {
             )));
         }
         Ok(())
+    }
+
+    /// The config.json key that holds the layer count (for error messages).
+    pub fn layers_field(&self) -> &'static str {
+        match self.arch {
+            Architecture::Gpt2 if self.raw.get("n_layer").is_some() => "n_layer",
+            _ => "num_hidden_layers",
+        }
     }
 
     /// Query heads that share one key/value head.

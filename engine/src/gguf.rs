@@ -31,14 +31,14 @@
 //! mixture-of-experts files and SentencePiece (`tokenizer.ggml.model = llama`) vocabularies are
 //! refused with an error that names what is unsupported.
 
+pub mod header;
 pub mod tokenizer;
 
 #[cfg(test)]
 mod tests;
 
 use std::collections::{BTreeMap, HashMap};
-use std::fs::File;
-use std::io::BufReader;
+use std::io::{BufReader, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use candle_core::quantized::GgmlDType;
@@ -48,6 +48,7 @@ use serde_json::json;
 
 use crate::config::ModelConfig;
 use crate::error::EngineError;
+use crate::files;
 use crate::model::{Model, write_atomic};
 
 /// One step of an import, reported to the caller's progress callback.
@@ -150,14 +151,7 @@ fn header_error(path: &Path, e: candle_core::Error) -> EngineError {
         .map(|i| &text[i + "unknown dtype for tensor ".len()..])
     {
         let id = id.split_whitespace().next().unwrap_or("?");
-        return gguf_err(
-            path,
-            format!(
-                "unsupported quantization type: a tensor has ggml type id {id} (an i-quant or a newer ggml type); \
-                 supported types are F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q8_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, Q8_K \
-                 — requantize the model to one of them (e.g. llama-quantize ... Q4_1)"
-            ),
-        );
+        return gguf_err(path, header::unsupported_type_message(id));
     }
     gguf_err(path, format!("not a readable GGUF file: {text}"))
 }
@@ -521,8 +515,13 @@ pub fn import(
     progress: &mut dyn FnMut(ImportProgress<'_>),
 ) -> Result<ImportSummary, EngineError> {
     prepare_out_dir(out_dir)?;
-    let file = File::open(gguf_path).map_err(|e| io_err(gguf_path, e))?;
+    let (file, size) = files::open_regular(gguf_path).map_err(|e| io_err(gguf_path, e))?;
     let mut reader = BufReader::new(file);
+    // Our own pass first: candle's reader trusts sizes that a hostile file can forge.
+    header::check(&mut reader, size).map_err(|m| gguf_err(gguf_path, m))?;
+    reader
+        .seek(SeekFrom::Start(0))
+        .map_err(|e| io_err(gguf_path, e))?;
     let content = Content::read(&mut reader).map_err(|e| header_error(gguf_path, e))?;
     let meta = Meta {
         path: gguf_path,
@@ -577,7 +576,54 @@ pub fn import(
         names.push((gguf_name.as_str(), hf));
     }
     names.sort_by(|a, b| a.1.cmp(&b.1));
+    // Two spellings of one block (`blk.1.` and `blk.01.`) would silently replace each other.
+    if let Some(pair) = names.windows(2).find(|w| w[0].1 == w[1].1) {
+        return Err(gguf_err(
+            gguf_path,
+            format!(
+                "tensors `{}` and `{}` both name `{}`",
+                pair[0].0, pair[1].0, pair[0].1
+            ),
+        ));
+    }
+    if let Some((gguf_name, _)) = names
+        .iter()
+        .find(|(_, hf)| crate::layers::block_index(hf).is_some_and(|b| b >= params.layers))
+    {
+        return Err(gguf_err(
+            gguf_path,
+            format!(
+                "tensor `{gguf_name}` belongs to a block beyond `{arch}.block_count` ({})",
+                params.layers
+            ),
+        ));
+    }
     let tie = !content.tensor_infos.contains_key("output.weight");
+
+    if let Some(rows) = content
+        .tensor_infos
+        .get("token_embd.weight")
+        .and_then(|info| info.shape.dims().first().copied())
+        && rows != vocab
+    {
+        return Err(gguf_err(
+            gguf_path,
+            format!(
+                "`token_embd.weight` has {rows} rows but the tokenizer has {vocab} tokens: the tokenizer does not match the model"
+            ),
+        ));
+    }
+
+    // The config the import will write, checked against the tensors' shapes before any tensor
+    // is read or dequantized: metadata claiming more than the file holds fails here.
+    let config = hf_config(&params, &tok, vocab, tie);
+    let model_config = ModelConfig::from_json(config, &gguf_path.display().to_string())?;
+    let shapes: BTreeMap<String, Vec<usize>> = names
+        .iter()
+        .map(|(g, hf)| (hf.clone(), content.tensor_infos[*g].shape.dims().to_vec()))
+        .collect();
+    crate::model::check_shapes(&model_config, &shapes, gguf_path, gguf_path)?;
+    drop(shapes);
 
     let mut weights = BTreeMap::new();
     let mut tensor_types: BTreeMap<String, usize> = BTreeMap::new();
@@ -608,20 +654,6 @@ pub fn import(
             total,
         });
     }
-    if let Some(embed) = weights.get("model.embed_tokens.weight")
-        && embed.dims().first() != Some(&vocab)
-    {
-        return Err(gguf_err(
-            gguf_path,
-            format!(
-                "`token_embd.weight` has {} rows but the tokenizer has {vocab} tokens: the tokenizer does not match the model",
-                embed.dims().first().copied().unwrap_or(0)
-            ),
-        ));
-    }
-
-    let config = hf_config(&params, &tok, vocab, tie);
-    let model_config = ModelConfig::from_json(config, &gguf_path.display().to_string())?;
     let model = Model::from_parts(model_config, weights, gguf_path.display().to_string())?;
     let parameters = model.num_parameters();
     let tensors = model.weights().len();

@@ -106,7 +106,7 @@ impl LayerInfo {
 }
 
 /// Extracts the block index from names like `model.layers.7.` or `h.7.`.
-fn block_index(name: &str) -> Option<usize> {
+pub(crate) fn block_index(name: &str) -> Option<usize> {
     let parts: Vec<&str> = name.split('.').collect();
     parts.windows(2).find_map(|w| match w[0] {
         "layers" | "h" => w[1].parse().ok(),

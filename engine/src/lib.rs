@@ -5,6 +5,7 @@ pub mod builtin;
 pub mod config;
 pub mod error;
 pub mod eval;
+pub mod files;
 pub mod forward;
 pub mod gguf;
 pub mod layers;

@@ -7,15 +7,18 @@
 //! - linear weights are `[out, in]`; GPT-2's `Conv1D` weights are transposed on load and back
 //!   on save (see [`crate::layers::stored_transposed`]).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use safetensors::{Dtype, SafeTensors};
+use safetensors::Dtype;
+use safetensors::tensor::{Metadata, TensorInfo};
 use serde_json::Value;
 
 use crate::config::{Architecture, ModelConfig};
 use crate::error::EngineError;
+use crate::files;
 use crate::layers::{self, LayerInfo, Role};
 
 /// Files besides the weights that travel with a model directory (tokenizer and generation
@@ -54,51 +57,333 @@ fn candle_dtype(dtype: Dtype) -> Option<DType> {
         Dtype::F16 => DType::F16,
         Dtype::BF16 => DType::BF16,
         Dtype::F64 => DType::F64,
-        Dtype::U8 => DType::U8,
-        Dtype::U32 => DType::U32,
-        Dtype::I64 => DType::I64,
         _ => return None,
     })
 }
 
-/// Reads every tensor of one safetensors file, widening floats to f32.
-fn read_safetensors(
-    path: &Path,
-    arch: Architecture,
-    only: Option<&dyn Fn(&str) -> bool>,
-    out: &mut BTreeMap<String, Tensor>,
-) -> Result<(), EngineError> {
-    let bytes = std::fs::read(path).map_err(|e| EngineError::Io {
+/// The largest safetensors header read. The format allows 100 MB; real headers are a few
+/// hundred bytes per tensor (a few MB for the largest mixture-of-experts shards), so 32 MiB
+/// bounds what parsing a hostile header costs without refusing any real checkpoint.
+const MAX_HEADER: u64 = 32 << 20;
+
+/// The header of one safetensors file: every tensor's dtype, shape and byte range.
+struct Header {
+    path: PathBuf,
+    /// Offset of the data section in the file.
+    data_start: u64,
+    /// Total file size the header implies (checked equal to the file's size).
+    file_len: u64,
+    meta: Metadata,
+}
+
+/// Reads and checks the header of a safetensors file without reading any tensor data.
+fn read_header(path: &Path) -> Result<Header, EngineError> {
+    let io = |e| EngineError::Io {
         path: path.display().to_string(),
         source: e,
-    })?;
-    let st = SafeTensors::deserialize(&bytes)
-        .map_err(|e| weights_err(path, format!("not a valid safetensors file: {e}")))?;
-    for (name, view) in st.tensors() {
-        if let Some(filter) = only
-            && !filter(&name)
-        {
-            continue;
+    };
+    let (file, size) = files::open_regular(path).map_err(io)?;
+    let invalid = |m: String| weights_err(path, format!("not a valid safetensors file: {m}"));
+    let mut file = std::io::BufReader::new(file);
+    let mut n = [0u8; 8];
+    file.read_exact(&mut n)
+        .map_err(|_| invalid("shorter than its 8-byte header length".into()))?;
+    let n = u64::from_le_bytes(n);
+    if n > MAX_HEADER || n > size.saturating_sub(8) {
+        return Err(invalid(format!(
+            "header length {n} exceeds the file ({size} bytes) or the {MAX_HEADER}-byte limit"
+        )));
+    }
+    let mut header = vec![0u8; n as usize];
+    file.read_exact(&mut header).map_err(io)?;
+    let meta: Metadata =
+        serde_json::from_slice(&header).map_err(|e| invalid(format!("bad header: {e}")))?;
+    let data_start = 8 + n;
+    let file_len = data_start
+        .checked_add(meta.data_len() as u64)
+        .ok_or_else(|| invalid("tensor sizes overflow".into()))?;
+    if file_len != size {
+        return Err(invalid(format!(
+            "the header describes {file_len} bytes but the file has {size}"
+        )));
+    }
+    Ok(Header {
+        path: path.to_path_buf(),
+        data_start,
+        file_len,
+        meta,
+    })
+}
+
+impl Header {
+    /// Tensors in file order, restricted to `only` when given.
+    fn tensors<'a>(
+        &'a self,
+        only: Option<&'a BTreeSet<String>>,
+    ) -> impl Iterator<Item = (String, &'a TensorInfo)> + 'a {
+        self.meta
+            .offset_keys()
+            .into_iter()
+            .filter(move |name| only.is_none_or(|set| set.contains(name)))
+            .filter_map(|name| self.meta.info(&name).map(|info| (name, info)))
+    }
+
+    /// Refuses tensors that are not floating point: a model weight stored as integers (or in a
+    /// float format candle cannot widen) would otherwise be skipped until evaluation fails.
+    fn check_dtypes(&self, only: Option<&BTreeSet<String>>) -> Result<(), EngineError> {
+        for (name, info) in self.tensors(only) {
+            if candle_dtype(info.dtype).is_none() {
+                let kind = match info.dtype {
+                    Dtype::BOOL
+                    | Dtype::U8
+                    | Dtype::I8
+                    | Dtype::I16
+                    | Dtype::U16
+                    | Dtype::I32
+                    | Dtype::U32
+                    | Dtype::I64
+                    | Dtype::U64 => "an integer dtype",
+                    _ => "an unsupported dtype",
+                };
+                return Err(weights_err(
+                    &self.path,
+                    format!(
+                        "tensor `{name}` is stored as {:?}, {kind}: model weights must be \
+                         floating point (F32, F16, BF16 or F64)",
+                        info.dtype
+                    ),
+                ));
+            }
         }
-        let dtype = candle_dtype(view.dtype()).ok_or_else(|| {
-            weights_err(
-                path,
-                format!("tensor `{name}` has unsupported dtype {:?}", view.dtype()),
-            )
+        Ok(())
+    }
+
+    /// Reads the tensors (all, or those in `only`), widening floats to f32 and transposing
+    /// GPT-2's `Conv1D` weights to `[out, in]`.
+    fn read_tensors(
+        &self,
+        arch: Architecture,
+        only: Option<&BTreeSet<String>>,
+        out: &mut BTreeMap<String, Tensor>,
+    ) -> Result<(), EngineError> {
+        let io = |e| EngineError::Io {
+            path: self.path.display().to_string(),
+            source: e,
+        };
+        let (file, size) = files::open_regular(&self.path).map_err(io)?;
+        if size != self.file_len {
+            return Err(weights_err(
+                &self.path,
+                "the file changed while it was loaded",
+            ));
+        }
+        let mut file = std::io::BufReader::new(file);
+        for (name, info) in self.tensors(only) {
+            let dtype = candle_dtype(info.dtype).ok_or_else(|| {
+                weights_err(&self.path, format!("tensor `{name}`: unsupported dtype"))
+            })?;
+            let (start, end) = info.data_offsets;
+            let mut bytes = vec![0u8; end - start];
+            file.seek(SeekFrom::Start(self.data_start + start as u64))
+                .map_err(io)?;
+            file.read_exact(&mut bytes).map_err(io)?;
+            let tensor =
+                Tensor::from_raw_buffer(&bytes, dtype, info.shape.as_slice(), &Device::Cpu)
+                    .map_err(|e| weights_err(&self.path, format!("tensor `{name}`: {e}")))?;
+            drop(bytes);
+            let tensor = tensor.to_dtype(DType::F32)?;
+            let tensor = if layers::stored_transposed(&name, arch) && tensor.rank() == 2 {
+                tensor.t()?.contiguous()?
+            } else {
+                tensor
+            };
+            out.insert(name, tensor);
+        }
+        Ok(())
+    }
+}
+
+/// Resolves a shard file named in `model.safetensors.index.json`, refusing anything that is not
+/// a file inside the model folder: absolute paths, `..`, and symbolic links leading outside.
+fn shard_path(dir: &Path, index: &Path, name: &str, file: &str) -> Result<PathBuf, EngineError> {
+    let entry = format!("weight_map[`{name}`] = `{file}`");
+    let rel = Path::new(file);
+    if file.is_empty()
+        || !rel
+            .components()
+            .all(|c| matches!(c, std::path::Component::Normal(_)))
+    {
+        return Err(weights_err(
+            index,
+            format!(
+                "{entry}: a shard must be named by a relative path inside the model folder \
+                 (no absolute path, no `..` or `.`)"
+            ),
+        ));
+    }
+    let joined = dir.join(rel);
+    let resolved = joined.canonicalize().map_err(|e| {
+        weights_err(
+            index,
+            format!("{entry}: shard `{file}` listed in weight_map is missing or unreadable ({e})"),
+        )
+    })?;
+    let root = dir.canonicalize().map_err(|e| EngineError::Io {
+        path: dir.display().to_string(),
+        source: e,
+    })?;
+    if !resolved.starts_with(&root) {
+        return Err(weights_err(
+            index,
+            format!("{entry}: the shard resolves to a file outside the model folder"),
+        ));
+    }
+    Ok(resolved)
+}
+
+/// Reads `model.safetensors.index.json` and groups the tensor names by shard file.
+fn read_index(
+    dir: &Path,
+    index: &Path,
+) -> Result<BTreeMap<PathBuf, BTreeSet<String>>, EngineError> {
+    let text = files::read_to_string(index, files::JSON_LIMIT).map_err(|e| EngineError::Io {
+        path: index.display().to_string(),
+        source: e,
+    })?;
+    let json: Value = serde_json::from_str(&text)
+        .map_err(|e| weights_err(index, format!("not valid JSON: {e}")))?;
+    let map = json
+        .get("weight_map")
+        .and_then(Value::as_object)
+        .ok_or_else(|| weights_err(index, "missing object field `weight_map`"))?;
+    // Shard names repeat for every tensor: resolve each distinct one once.
+    let mut resolved: HashMap<&str, PathBuf> = HashMap::new();
+    let mut by_file: BTreeMap<PathBuf, BTreeSet<String>> = BTreeMap::new();
+    for (name, file) in map {
+        let file = file.as_str().ok_or_else(|| {
+            weights_err(index, format!("weight_map[`{name}`] must be a file name"))
         })?;
-        let tensor = Tensor::from_raw_buffer(view.data(), dtype, view.shape(), &Device::Cpu)
-            .map_err(|e| weights_err(path, format!("tensor `{name}`: {e}")))?;
-        let tensor = if dtype.is_float() {
-            tensor.to_dtype(DType::F32)?
-        } else {
-            tensor
+        let path = match resolved.get(file) {
+            Some(p) => p.clone(),
+            None => {
+                let p = shard_path(dir, index, name, file)?;
+                resolved.insert(file, p.clone());
+                p
+            }
         };
-        let tensor = if layers::stored_transposed(&name, arch) && tensor.rank() == 2 {
-            tensor.t()?.contiguous()?
-        } else {
-            tensor
+        by_file.entry(path).or_default().insert(name.clone());
+    }
+    Ok(by_file)
+}
+
+fn gpt2_prefix_of<'a>(mut names: impl Iterator<Item = &'a String>) -> &'static str {
+    if names.any(|k| k.starts_with("transformer.")) {
+        "transformer."
+    } else {
+        ""
+    }
+}
+
+/// Checks that `shapes` (tensor name → shape in canonical `[out, in]` orientation) holds every
+/// tensor the config implies, with the implied shape. Cheap whatever the config claims: the
+/// layer count is first compared with the blocks present, and the expected tensors are
+/// generated one at a time, so nothing is allocated in proportion to a config value.
+///
+/// `config_path` names the config in errors about its fields, `origin` the weights.
+pub(crate) fn check_shapes(
+    c: &ModelConfig,
+    shapes: &BTreeMap<String, Vec<usize>>,
+    config_path: &Path,
+    origin: &Path,
+) -> Result<(), EngineError> {
+    let blocks_present = shapes
+        .keys()
+        .filter_map(|n| layers::block_index(n))
+        .max()
+        .map_or(0, |b| b.saturating_add(1));
+    if c.num_layers > blocks_present {
+        let first_missing = match c.arch {
+            Architecture::Llama => format!("model.layers.{blocks_present}.self_attn.q_proj.weight"),
+            Architecture::Gpt2 => format!(
+                "{}h.{blocks_present}.attn.c_attn.weight",
+                gpt2_prefix_of(shapes.keys())
+            ),
         };
-        out.insert(name, tensor);
+        return Err(EngineError::Config {
+            path: config_path.display().to_string(),
+            message: format!(
+                "field `{}` is {} but the weights hold {blocks_present} blocks \
+                 (missing tensor `{first_missing}`)",
+                c.layers_field(),
+                c.num_layers
+            ),
+        });
+    }
+    // Products saturate: an absurd value then matches no real tensor and is reported as a
+    // shape mismatch (the config's own check already bounds them).
+    let m = |a: usize, b: usize| a.saturating_mul(b);
+    let (h, i, q, kv) = (
+        c.hidden_size,
+        c.intermediate_size,
+        m(c.num_heads, c.head_dim),
+        m(c.num_kv_heads, c.head_dim),
+    );
+    let expect = |name: &str, shape: &[usize]| -> Result<(), EngineError> {
+        let Some(found) = shapes.get(name) else {
+            return Err(weights_err(
+                origin,
+                format!(
+                    "missing tensor `{name}` that config.json ({} layers) implies",
+                    c.num_layers
+                ),
+            ));
+        };
+        if found.as_slice() != shape {
+            return Err(weights_err(
+                origin,
+                format!("tensor `{name}` has shape {found:?}, config.json implies {shape:?}"),
+            ));
+        }
+        Ok(())
+    };
+    match c.arch {
+        Architecture::Llama => {
+            expect("model.embed_tokens.weight", &[c.vocab_size, h])?;
+            for b in 0..c.num_layers {
+                let p = format!("model.layers.{b}");
+                expect(&format!("{p}.self_attn.q_proj.weight"), &[q, h])?;
+                expect(&format!("{p}.self_attn.k_proj.weight"), &[kv, h])?;
+                expect(&format!("{p}.self_attn.v_proj.weight"), &[kv, h])?;
+                expect(&format!("{p}.self_attn.o_proj.weight"), &[h, q])?;
+                expect(&format!("{p}.mlp.gate_proj.weight"), &[i, h])?;
+                expect(&format!("{p}.mlp.up_proj.weight"), &[i, h])?;
+                expect(&format!("{p}.mlp.down_proj.weight"), &[h, i])?;
+                expect(&format!("{p}.input_layernorm.weight"), &[h])?;
+                expect(&format!("{p}.post_attention_layernorm.weight"), &[h])?;
+            }
+            expect("model.norm.weight", &[h])?;
+            if !c.tie_word_embeddings {
+                expect("lm_head.weight", &[c.vocab_size, h])?;
+            }
+        }
+        Architecture::Gpt2 => {
+            let p0 = gpt2_prefix_of(shapes.keys());
+            expect(&format!("{p0}wte.weight"), &[c.vocab_size, h])?;
+            expect(&format!("{p0}wpe.weight"), &[c.max_position_embeddings, h])?;
+            for b in 0..c.num_layers {
+                let p = format!("{p0}h.{b}");
+                expect(
+                    &format!("{p}.attn.c_attn.weight"),
+                    &[m(2, q).saturating_add(h), h],
+                )?;
+                expect(&format!("{p}.attn.c_proj.weight"), &[h, q])?;
+                expect(&format!("{p}.mlp.c_fc.weight"), &[i, h])?;
+                expect(&format!("{p}.mlp.c_proj.weight"), &[h, i])?;
+                expect(&format!("{p}.ln_1.weight"), &[h])?;
+                expect(&format!("{p}.ln_2.weight"), &[h])?;
+            }
+            expect(&format!("{p0}ln_f.weight"), &[h])?;
+        }
     }
     Ok(())
 }
@@ -121,6 +406,10 @@ impl Model {
     }
 
     /// Loads `config.json` plus `model.safetensors` (or a sharded `model.safetensors.index.json`).
+    ///
+    /// Every header is read and checked against the config (names, shapes, dtypes) before any
+    /// tensor data is read, so a config or header that claims more than the files hold fails
+    /// without allocating for it.
     pub fn load(dir: &Path) -> Result<Self, EngineError> {
         if !dir.is_dir() {
             return Err(weights_err(
@@ -129,56 +418,28 @@ impl Model {
             ));
         }
         let config_path = dir.join("config.json");
-        if !config_path.is_file() {
+        if !config_path.exists() {
             return Err(weights_err(dir, "missing config.json"));
         }
         let config = ModelConfig::from_file(&config_path)?;
-        let mut weights = BTreeMap::new();
         let single = dir.join("model.safetensors");
         let index = dir.join("model.safetensors.index.json");
-        if single.is_file() {
-            read_safetensors(&single, config.arch, None, &mut weights)?;
-        } else if index.is_file() {
-            let text = std::fs::read_to_string(&index).map_err(|e| EngineError::Io {
-                path: index.display().to_string(),
-                source: e,
-            })?;
-            let json: Value = serde_json::from_str(&text)
-                .map_err(|e| weights_err(&index, format!("not valid JSON: {e}")))?;
-            let map = json
-                .get("weight_map")
-                .and_then(Value::as_object)
-                .ok_or_else(|| weights_err(&index, "missing object field `weight_map`"))?;
-            let mut by_file: BTreeMap<String, Vec<String>> = BTreeMap::new();
-            for (name, file) in map {
-                let file = file.as_str().ok_or_else(|| {
-                    weights_err(&index, format!("weight_map[`{name}`] must be a file name"))
-                })?;
-                by_file
-                    .entry(file.to_string())
-                    .or_default()
-                    .push(name.clone());
-            }
-            for (file, names) in by_file {
-                let shard = dir.join(&file);
-                if !shard.is_file() {
+        // (header, the tensors the index assigns to it; `None` for a single file)
+        let mut shards: Vec<(Header, Option<BTreeSet<String>>)> = Vec::new();
+        if single.exists() {
+            shards.push((read_header(&single)?, None));
+        } else if index.exists() {
+            for (path, names) in read_index(dir, &index)? {
+                let header = read_header(&path)?;
+                if let Some(name) = names.iter().find(|n| header.meta.info(n).is_none()) {
                     return Err(weights_err(
-                        &index,
-                        format!("shard `{file}` listed in weight_map is missing"),
-                    ));
-                }
-                let before = weights.len();
-                let filter = |n: &str| names.iter().any(|m| m == n);
-                read_safetensors(&shard, config.arch, Some(&filter), &mut weights)?;
-                if weights.len() - before != names.len() {
-                    return Err(weights_err(
-                        &shard,
+                        &path,
                         format!(
-                            "holds fewer tensors than weight_map assigns to it ({} expected)",
-                            names.len()
+                            "holds no tensor `{name}`, which model.safetensors.index.json assigns to it"
                         ),
                     ));
                 }
+                shards.push((header, Some(names)));
             }
         } else {
             return Err(weights_err(
@@ -186,95 +447,45 @@ impl Model {
                 "missing model.safetensors (or model.safetensors.index.json for sharded weights)",
             ));
         }
-        let model = Model {
+        let mut shapes: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+        for (header, only) in &shards {
+            header.check_dtypes(only.as_ref())?;
+            for (name, info) in header.tensors(only.as_ref()) {
+                let mut shape = info.shape.clone();
+                if layers::stored_transposed(&name, config.arch) && shape.len() == 2 {
+                    shape.reverse();
+                }
+                shapes.insert(name, shape);
+            }
+        }
+        check_shapes(&config, &shapes, &config_path, dir)?;
+        drop(shapes);
+
+        let mut weights = BTreeMap::new();
+        for (header, only) in &shards {
+            header.read_tensors(config.arch, only.as_ref(), &mut weights)?;
+        }
+        Ok(Model {
             config,
             weights,
             source: dir.display().to_string(),
             source_dir: Some(dir.to_path_buf()),
-        };
-        model.check_tensors(dir)?;
-        Ok(model)
+        })
     }
 
     /// Checks that the tensors the architecture needs exist with shapes that match the config.
     fn check_tensors(&self, origin: &Path) -> Result<(), EngineError> {
-        let c = &self.config;
-        let (h, i, q, kv) = (
-            c.hidden_size,
-            c.intermediate_size,
-            c.num_heads * c.head_dim,
-            c.num_kv_heads * c.head_dim,
-        );
-        let mut expected: Vec<(String, Vec<usize>)> = Vec::new();
-        match c.arch {
-            Architecture::Llama => {
-                expected.push((self.embedding_name().to_string(), vec![c.vocab_size, h]));
-                for b in 0..c.num_layers {
-                    let p = format!("model.layers.{b}");
-                    expected.push((format!("{p}.self_attn.q_proj.weight"), vec![q, h]));
-                    expected.push((format!("{p}.self_attn.k_proj.weight"), vec![kv, h]));
-                    expected.push((format!("{p}.self_attn.v_proj.weight"), vec![kv, h]));
-                    expected.push((format!("{p}.self_attn.o_proj.weight"), vec![h, q]));
-                    expected.push((format!("{p}.mlp.gate_proj.weight"), vec![i, h]));
-                    expected.push((format!("{p}.mlp.up_proj.weight"), vec![i, h]));
-                    expected.push((format!("{p}.mlp.down_proj.weight"), vec![h, i]));
-                    expected.push((format!("{p}.input_layernorm.weight"), vec![h]));
-                    expected.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));
-                }
-                expected.push(("model.norm.weight".into(), vec![h]));
-                if !c.tie_word_embeddings {
-                    expected.push(("lm_head.weight".into(), vec![c.vocab_size, h]));
-                }
-            }
-            Architecture::Gpt2 => {
-                let p0 = self.gpt2_prefix();
-                expected.push((format!("{p0}wte.weight"), vec![c.vocab_size, h]));
-                expected.push((
-                    format!("{p0}wpe.weight"),
-                    vec![c.max_position_embeddings, h],
-                ));
-                for b in 0..c.num_layers {
-                    let p = format!("{p0}h.{b}");
-                    expected.push((format!("{p}.attn.c_attn.weight"), vec![2 * q + h, h]));
-                    expected.push((format!("{p}.attn.c_proj.weight"), vec![h, q]));
-                    expected.push((format!("{p}.mlp.c_fc.weight"), vec![i, h]));
-                    expected.push((format!("{p}.mlp.c_proj.weight"), vec![h, i]));
-                    expected.push((format!("{p}.ln_1.weight"), vec![h]));
-                    expected.push((format!("{p}.ln_2.weight"), vec![h]));
-                }
-                expected.push((format!("{p0}ln_f.weight"), vec![h]));
-            }
-        }
-        for (name, shape) in expected {
-            let Some(t) = self.weights.get(&name) else {
-                return Err(weights_err(
-                    origin,
-                    format!(
-                        "missing tensor `{name}` that config.json ({} layers) implies",
-                        c.num_layers
-                    ),
-                ));
-            };
-            if t.dims() != shape.as_slice() {
-                return Err(weights_err(
-                    origin,
-                    format!(
-                        "tensor `{name}` has shape {:?}, config.json implies {shape:?}",
-                        t.dims()
-                    ),
-                ));
-            }
-        }
-        Ok(())
+        let shapes: BTreeMap<String, Vec<usize>> = self
+            .weights
+            .iter()
+            .map(|(n, t)| (n.clone(), t.dims().to_vec()))
+            .collect();
+        check_shapes(&self.config, &shapes, origin, origin)
     }
 
     /// `"transformer."` when a GPT-2 checkpoint was saved from the LM-head model, else `""`.
     pub fn gpt2_prefix(&self) -> &'static str {
-        if self.weights.keys().any(|k| k.starts_with("transformer.")) {
-            "transformer."
-        } else {
-            ""
-        }
+        gpt2_prefix_of(self.weights.keys())
     }
 
     /// Name of the token embedding tensor.
@@ -381,11 +592,12 @@ impl Model {
         if let Some(src) = &self.source_dir {
             for file in COMPANION_FILES {
                 let from = src.join(file);
-                if from.is_file() {
-                    let bytes = std::fs::read(&from).map_err(|e| EngineError::Io {
-                        path: from.display().to_string(),
-                        source: e,
-                    })?;
+                if from.exists() {
+                    let bytes =
+                        files::read(&from, files::JSON_LIMIT).map_err(|e| EngineError::Io {
+                            path: from.display().to_string(),
+                            source: e,
+                        })?;
                     write_atomic(&dir.join(file), &bytes)?;
                 }
             }
@@ -440,4 +652,256 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), EngineError> {
         source: e,
     })?;
     rename(&tmp, path)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use serde_json::json;
+
+    use super::*;
+    use crate::builtin_model;
+
+    fn saved(name: &str) -> (tempfile::TempDir, Model) {
+        let dir = tempfile::tempdir().unwrap();
+        let m = builtin_model(name).unwrap();
+        m.save_into(dir.path()).unwrap();
+        (dir, m)
+    }
+
+    fn load_err(dir: &Path) -> String {
+        Model::load(dir).unwrap_err().to_string()
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn non_regular_model_files_are_refused_without_hanging() {
+        let (dir, _) = saved("tiny-llama");
+        let p = dir.path();
+        // config.json and model.safetensors as links to /dev/zero (an endless read).
+        let config = p.join("config.json");
+        let text = std::fs::read(&config).unwrap();
+        std::fs::remove_file(&config).unwrap();
+        std::os::unix::fs::symlink("/dev/zero", &config).unwrap();
+        let err = load_err(p);
+        assert!(
+            err.contains("config.json") && err.contains("not a regular file"),
+            "{err}"
+        );
+        std::fs::remove_file(&config).unwrap();
+        std::fs::write(&config, &text).unwrap();
+
+        let weights = p.join("model.safetensors");
+        std::fs::rename(&weights, p.join("w")).unwrap();
+        std::fs::create_dir(&weights).unwrap();
+        let err = load_err(p);
+        assert!(
+            err.contains("model.safetensors") && err.contains("not a regular file"),
+            "{err}"
+        );
+        std::fs::remove_dir(&weights).unwrap();
+        std::fs::rename(p.join("w"), &weights).unwrap();
+
+        // tokenizer.json as a FIFO: opening it for reading would block forever.
+        let tok = p.join("tokenizer.json");
+        let c = std::ffi::CString::new(tok.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: `c` is a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let err = crate::Tokenizer::from_model_dir(p).unwrap_err().to_string();
+        assert!(
+            err.contains("tokenizer.json") && err.contains("not a regular file"),
+            "{err}"
+        );
+        Model::load(p).unwrap();
+    }
+
+    /// Writes the tiny model as one shard named by an index whose entries all say `file`.
+    fn sharded(file: &str) -> (tempfile::TempDir, PathBuf) {
+        let (dir, m) = saved("tiny-llama");
+        let p = dir.path();
+        std::fs::rename(p.join("model.safetensors"), p.join("shard.safetensors")).unwrap();
+        let map: serde_json::Map<String, Value> = m
+            .weights()
+            .keys()
+            .map(|k| (k.clone(), json!(file)))
+            .collect();
+        let index = p.join("model.safetensors.index.json");
+        std::fs::write(&index, json!({"weight_map": map}).to_string()).unwrap();
+        (dir, index)
+    }
+
+    #[test]
+    fn shard_paths_stay_inside_the_model_folder() {
+        let (dir, _) = sharded("shard.safetensors");
+        Model::load(dir.path()).unwrap();
+
+        let outside = tempfile::tempdir().unwrap();
+        let (dir, _) = saved("tiny-llama");
+        std::fs::copy(
+            dir.path().join("model.safetensors"),
+            outside.path().join("stolen.safetensors"),
+        )
+        .unwrap();
+        let abs = outside.path().join("stolen.safetensors");
+        for file in [
+            "../stolen.safetensors",
+            "sub/../shard.safetensors",
+            "./shard.safetensors",
+            abs.to_str().unwrap(),
+        ] {
+            let (dir, _) = sharded(file);
+            let err = load_err(dir.path());
+            assert!(
+                err.contains("model.safetensors.index.json")
+                    && err.contains(&format!("= `{file}`"))
+                    && err.contains("inside the model folder"),
+                "{file}: {err}"
+            );
+        }
+        #[cfg(unix)]
+        {
+            let (dir, _) = sharded("link.safetensors");
+            std::os::unix::fs::symlink(&abs, dir.path().join("link.safetensors")).unwrap();
+            let err = load_err(dir.path());
+            assert!(
+                err.contains("`link.safetensors`") && err.contains("outside the model folder"),
+                "{err}"
+            );
+        }
+    }
+
+    fn with_config(edit: impl FnOnce(&mut Value)) -> String {
+        let (dir, m) = saved("tiny-llama");
+        let mut raw = m.config.raw.clone();
+        edit(&mut raw);
+        std::fs::write(dir.path().join("config.json"), raw.to_string()).unwrap();
+        load_err(dir.path())
+    }
+
+    #[test]
+    fn config_sizes_are_checked_before_anything_is_sized_by_them() {
+        let started = std::time::Instant::now();
+        // Millions of layers: refused from the blocks the weights hold, at once.
+        let err = with_config(|c| c["num_hidden_layers"] = json!(60_000));
+        assert!(
+            err.contains("config.json")
+                && err.contains("`num_hidden_layers` is 60000")
+                && err.contains("hold 2 blocks"),
+            "{err}"
+        );
+        let err = with_config(|c| c["num_hidden_layers"] = json!(u64::MAX));
+        assert!(err.contains("`num_hidden_layers`"), "{err}");
+        // Absurd sizes and products that overflow.
+        for (field, value) in [
+            ("hidden_size", json!(1u64 << 40)),
+            ("vocab_size", json!(u64::MAX)),
+            ("num_attention_heads", json!(1u64 << 25)),
+            ("max_position_embeddings", json!(u64::MAX)),
+        ] {
+            let err = with_config(|c| c[field] = value.clone());
+            assert!(
+                err.contains("config.json") && err.contains(field),
+                "{field}: {err}"
+            );
+        }
+        let err = with_config(|c| {
+            c["head_dim"] = json!(1 << 20);
+            c["num_attention_heads"] = json!(1 << 20);
+            c["num_key_value_heads"] = json!(1 << 20);
+        });
+        assert!(err.contains("num_attention_heads × head_dim"), "{err}");
+        // Plausible sizes that the tensors contradict.
+        let err = with_config(|c| c["intermediate_size"] = json!(4096));
+        assert!(
+            err.contains("mlp.gate_proj.weight") && err.contains("4096"),
+            "{err}"
+        );
+        assert!(started.elapsed().as_secs() < 10);
+    }
+
+    #[test]
+    fn gpt2_configs_are_bounded_too() {
+        let (dir, m) = saved("tiny-gpt2");
+        let mut raw = m.config.raw.clone();
+        raw["n_embd"] = json!(u64::MAX / 2);
+        raw["n_head"] = json!(1);
+        std::fs::write(dir.path().join("config.json"), raw.to_string()).unwrap();
+        let err = load_err(dir.path());
+        assert!(err.contains("hidden_size"), "{err}");
+        raw = m.config.raw.clone();
+        raw["n_layer"] = json!(1_000_000);
+        std::fs::write(dir.path().join("config.json"), raw.to_string()).unwrap();
+        let err = load_err(dir.path());
+        assert!(err.contains("`n_layer`"), "{err}");
+    }
+
+    #[test]
+    fn integer_weights_are_refused_naming_the_tensor() {
+        let (dir, m) = saved("tiny-llama");
+        let mut out: HashMap<String, Tensor> = m
+            .weights()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        for (dtype, name) in [
+            (DType::I64, "model.norm.weight"),
+            (DType::U8, "model.layers.0.mlp.up_proj.weight"),
+            (DType::U32, "extra.buffer"),
+        ] {
+            let mut out = out.clone();
+            let t = m
+                .weight(if name == "extra.buffer" {
+                    "model.norm.weight"
+                } else {
+                    name
+                })
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            out.insert(name.to_string(), t);
+            let path = dir.path().join("model.safetensors");
+            candle_core::safetensors::save(&out, &path).unwrap();
+            let err = load_err(dir.path());
+            assert!(
+                err.contains(&format!("`{name}`"))
+                    && err.contains(&format!("{:?}", dtype).to_uppercase())
+                    && err.contains("integer"),
+                "{err}"
+            );
+        }
+        // Half-precision weights are widened, as before.
+        out = out
+            .into_iter()
+            .map(|(k, v)| (k, v.to_dtype(DType::BF16).unwrap()))
+            .collect();
+        candle_core::safetensors::save(&out, &dir.path().join("model.safetensors")).unwrap();
+        let back = Model::load(dir.path()).unwrap();
+        assert_eq!(
+            back.weight("model.norm.weight").unwrap().dtype(),
+            DType::F32
+        );
+    }
+
+    #[test]
+    fn headers_that_overstate_the_file_are_refused() {
+        let (dir, _) = saved("tiny-llama");
+        let path = dir.path().join("model.safetensors");
+        let mut bytes = std::fs::read(&path).unwrap();
+        // Header length larger than the file.
+        let real = bytes[..8].to_vec();
+        bytes[..8].copy_from_slice(&u64::MAX.to_le_bytes());
+        std::fs::write(&path, &bytes).unwrap();
+        let err = load_err(dir.path());
+        assert!(
+            err.contains("not a valid safetensors") && err.contains("header length"),
+            "{err}"
+        );
+        // Data shorter than the header says.
+        bytes[..8].copy_from_slice(&real);
+        bytes.truncate(bytes.len() - 4);
+        std::fs::write(&path, &bytes).unwrap();
+        let err = load_err(dir.path());
+        assert!(err.contains("describes") && err.contains("bytes"), "{err}");
+    }
 }

@@ -13,6 +13,7 @@ use std::path::Path;
 
 use crate::config::ModelConfig;
 use crate::error::EngineError;
+use crate::files;
 use crate::model::Model;
 
 enum Kind {
@@ -37,24 +38,66 @@ impl std::fmt::Debug for Tokenizer {
     }
 }
 
+/// Accepts any valid JSON document and keeps nothing. Unlike `serde::de::IgnoredAny`, which
+/// serde_json skips without decoding, every string is decoded, so invalid escapes (a lone
+/// surrogate `\ud800`) are found too; nesting is bounded by serde_json's recursion limit.
+struct JsonCheck;
+
+impl<'de> serde::Deserialize<'de> for JsonCheck {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(JsonCheck)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for JsonCheck {
+    type Value = JsonCheck;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<Self, E> {
+        Ok(JsonCheck)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Self, E> {
+        Ok(JsonCheck)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Self, E> {
+        Ok(JsonCheck)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Self, E> {
+        Ok(JsonCheck)
+    }
+    fn visit_str<E>(self, _: &str) -> Result<Self, E> {
+        Ok(JsonCheck)
+    }
+    fn visit_unit<E>(self) -> Result<Self, E> {
+        Ok(JsonCheck)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self, A::Error> {
+        while seq.next_element::<JsonCheck>()?.is_some() {}
+        Ok(JsonCheck)
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self, A::Error> {
+        while map.next_entry::<JsonCheck, JsonCheck>()?.is_some() {}
+        Ok(JsonCheck)
+    }
+}
+
 impl Tokenizer {
-    /// Reads a `tokenizer.json` file.
+    /// Reads a `tokenizer.json` file (a regular file of at most [`files::JSON_LIMIT`] bytes).
     pub fn from_file(path: &Path) -> Result<Self, EngineError> {
         let source = path.display().to_string();
-        if !path.is_file() {
+        if !path.exists() {
             return Err(EngineError::Tokenizer {
                 path: source,
                 message: "missing file: the model directory needs a tokenizer.json".into(),
             });
         }
-        let inner = tokenizers::Tokenizer::from_file(path).map_err(|e| EngineError::Tokenizer {
+        let bytes = files::read(path, files::JSON_LIMIT).map_err(|e| EngineError::Tokenizer {
             path: source.clone(),
-            message: format!("not a valid tokenizer.json: {e}"),
+            message: format!("cannot read: {e}"),
         })?;
-        Ok(Tokenizer {
-            kind: Kind::Hf(Box::new(inner)),
-            source,
-        })
+        Self::from_bytes(&bytes, &source)
     }
 
     /// One id per UTF-8 byte: the tokenizer of the built-in models.
@@ -89,11 +132,25 @@ impl Tokenizer {
 
     /// Parses tokenizer JSON held in memory; `source` names it in errors.
     pub fn from_bytes(bytes: &[u8], source: &str) -> Result<Self, EngineError> {
-        let inner =
-            tokenizers::Tokenizer::from_bytes(bytes).map_err(|e| EngineError::Tokenizer {
-                path: source.to_string(),
-                message: format!("not a valid tokenizer.json: {e}"),
-            })?;
+        let invalid = |message: String| EngineError::Tokenizer {
+            path: source.to_string(),
+            message: format!("not a valid tokenizer.json: {message}"),
+        };
+        // `tokenizers` (0.23) panics instead of failing when the JSON is malformed inside some
+        // components (its decoder and normalizer deserializers `expect` success), so the whole
+        // document is checked here first, strings decoded, without building anything.
+        serde_json::from_slice::<JsonCheck>(bytes).map_err(|e| {
+            invalid(format!(
+                "not valid JSON (line {}, column {}): {e}",
+                e.line(),
+                e.column()
+            ))
+        })?;
+        // Any other panic inside the library becomes an error too (the process's panic hook
+        // still reports it).
+        let parsed = std::panic::catch_unwind(|| tokenizers::Tokenizer::from_bytes(bytes))
+            .map_err(|_| invalid("the tokenizers library failed on this file".into()))?;
+        let inner = parsed.map_err(|e| invalid(e.to_string()))?;
         Ok(Tokenizer {
             kind: Kind::Hf(Box::new(inner)),
             source: source.to_string(),

@@ -21,7 +21,7 @@ use std::sync::{Arc, OnceLock};
 use candle_core::{DType, Tensor};
 use espalier_engine::{
     EngineError, GradientStats, Linear, LinearObserver, LinearWeight, LossGradients, Model,
-    Session, Tokenizer,
+    Session, Tokenizer, files,
 };
 use rayon::prelude::*;
 
@@ -90,11 +90,12 @@ pub struct CalibrationSet {
 impl CalibrationSet {
     /// Reads `spec.text` and cuts it with the model's tokenizer.
     pub fn load(spec: &CalibrationSpec, model: &Model) -> Result<Self, CalibrationError> {
-        let text =
-            std::fs::read_to_string(&spec.text).map_err(|source| CalibrationError::Read {
+        let text = files::read_to_string(&spec.text, files::TEXT_LIMIT).map_err(|source| {
+            CalibrationError::Read {
                 path: spec.text.clone(),
                 source,
-            })?;
+            }
+        })?;
         let tokenizer = Tokenizer::for_model(model)?;
         Self::from_text(&text, &spec.text, &tokenizer, spec.samples, spec.seq_len)
     }

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use espalier_engine::eval::{
     LatencyReport, PerplexityOptions, PerplexityProgress, PerplexityReport, latency, perplexity,
 };
-use espalier_engine::{EngineError, Model, Session, Tokenizer};
+use espalier_engine::{EngineError, Model, Session, Tokenizer, files};
 use serde::Serialize;
 
 /// What to measure.
@@ -61,7 +61,7 @@ pub struct Comparison {
 const DEFAULT_PROMPT: &str = "When in the Course of human events, it becomes necessary for one people to dissolve the political bands which have connected them with another, and to assume among the powers of the earth";
 
 fn read_text(path: &Path) -> Result<String, EngineError> {
-    std::fs::read_to_string(path)
+    files::read_to_string(path, files::TEXT_LIMIT)
         .map_err(|e| EngineError::Input(format!("cannot read {}: {e}", path.display())))
 }
 

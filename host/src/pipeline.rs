@@ -23,6 +23,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use espalier_engine::files;
 use serde::Deserialize;
 use toml::Spanned;
 
@@ -230,12 +231,13 @@ impl Pipeline {
     /// Reads and parses a pipeline file.
     pub fn load(path: &Path) -> Result<Self, PipelineError> {
         let file = path.display().to_string();
-        let source = std::fs::read_to_string(path).map_err(|e| PipelineError {
-            file: file.clone(),
-            position: Position { line: 1, column: 1 },
-            field: "file".into(),
-            message: format!("cannot read the pipeline: {e}"),
-        })?;
+        let source =
+            files::read_to_string(path, files::PIPELINE_LIMIT).map_err(|e| PipelineError {
+                file: file.clone(),
+                position: Position { line: 1, column: 1 },
+                field: "file".into(),
+                message: format!("cannot read the pipeline: {e}"),
+            })?;
         Self::parse(&file, &source)
     }
 

@@ -523,3 +523,102 @@ fn tokenizer_json_loads_and_splits_digits_one_by_one() {
     assert_eq!(enc.get_ids(), &[byte(b't')]);
     assert_eq!(tok.decode(&[th, byte(b'1')], false).unwrap(), " th1");
 }
+
+#[cfg(unix)]
+#[test]
+fn refuses_non_regular_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("model.gguf");
+    let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: `c` is a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    for path in [fifo.as_path(), Path::new("/dev/zero"), dir.path()] {
+        let err = run(path, &dir.path().join("out")).unwrap_err().to_string();
+        assert!(err.contains("not a regular file"), "{err}");
+    }
+}
+
+#[test]
+fn refuses_a_zero_alignment_instead_of_dividing_by_it() {
+    let mut meta = metadata("llama", n_tokens());
+    meta.push(("general.alignment".into(), Value::U32(0)));
+    let (dir, path, _) = setup(meta);
+    let err = run(&path, &dir.path().join("out")).unwrap_err().to_string();
+    assert!(
+        err.contains("general.alignment") && err.contains("is 0"),
+        "{err}"
+    );
+}
+
+#[test]
+fn layer_counts_are_checked_against_the_tensors_before_reading_them() {
+    for (blocks, want) in [
+        (1_000_000u32, "more than the 65536"),
+        (60_000, "hold 1 blocks"),
+    ] {
+        let mut meta = metadata("llama", n_tokens());
+        for (k, v) in &mut meta {
+            if k == "llama.block_count" {
+                *v = Value::U32(blocks);
+            }
+        }
+        let (dir, path, _) = setup(meta);
+        let mut tensors_read = 0;
+        let err = import(&path, &dir.path().join("out"), &mut |p| {
+            if matches!(p, ImportProgress::Tensor { .. }) {
+                tensors_read += 1;
+            }
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("num_hidden_layers") && err.contains(want),
+            "{err}"
+        );
+        assert_eq!(tensors_read, 0);
+    }
+}
+
+/// Writes the `gguf_import` fuzz seed into `fuzz/regressions/gguf_import/` (fuzz/README.md).
+#[test]
+#[ignore = "writes the fuzz seed; run by hand (fuzz/README.md)"]
+fn write_gguf_fuzz_seed() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/regressions/gguf_import");
+    std::fs::create_dir_all(&dir).unwrap();
+    write_gguf(
+        &dir.join("valid-tiny-llama.gguf"),
+        &metadata("llama", n_tokens()),
+        &tiny(n_tokens()),
+    );
+}
+
+#[test]
+fn refuses_ambiguous_and_surplus_block_tensors() {
+    // `blk.00.` is a second spelling of block 0; `blk.1.` lies beyond `llama.block_count` = 1.
+    for (from, to, want) in [
+        (
+            "blk.0.attn_norm.weight",
+            "blk.00.attn_norm.weight",
+            "both name",
+        ),
+        (
+            "blk.0.ffn_norm.weight",
+            "blk.1.ffn_norm.weight",
+            "beyond `llama.block_count`",
+        ),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tiny.gguf");
+        let mut t = tiny(n_tokens());
+        let original = t.tensors.iter().find(|x| x.0 == from).unwrap().clone();
+        if want == "both name" {
+            t.tensors.push((to.to_string(), original.1, original.2));
+        } else {
+            t.tensors.iter_mut().find(|x| x.0 == from).unwrap().0 = to.to_string();
+            t.tensors.push((from.to_string(), original.1, original.2));
+        }
+        write_gguf(&path, &metadata("llama", n_tokens()), &t);
+        let err = run(&path, &dir.path().join("out")).unwrap_err().to_string();
+        assert!(err.contains(want), "{err}");
+    }
+}

@@ -170,21 +170,29 @@ impl GgufTokenizer {
         }
         // Normal tokens are stored in the byte alphabet; respell any that are not (as
         // transformers' GGUF loader does), keep added/control tokens verbatim.
-        let mut tokens = Vec::with_capacity(raw_tokens.len());
-        let mut seen: HashMap<&str, usize> = HashMap::with_capacity(raw_tokens.len());
+        let mut tokens: Vec<String> = Vec::with_capacity(raw_tokens.len());
+        // Checked after respelling: two tokens spelled alike would share one vocabulary entry.
+        let mut seen: HashMap<String, usize> = HashMap::with_capacity(raw_tokens.len());
         for (id, (tok, ty)) in raw_tokens.iter().zip(&token_types).enumerate() {
-            if let Some(first) = seen.insert(tok, id) {
+            let added = *ty == TOKEN_CONTROL || *ty == TOKEN_USER_DEFINED;
+            let spelled: String = if added || tok.chars().all(|c| in_alphabet.contains(&c)) {
+                (*tok).to_string()
+            } else {
+                tok.bytes().map(|b| alphabet[b as usize]).collect()
+            };
+            if spelled.is_empty() {
+                return Err(gguf_err(
+                    meta.path,
+                    format!("`tokenizer.ggml.tokens`[{id}] is empty"),
+                ));
+            }
+            if let Some(first) = seen.insert(spelled.clone(), id) {
                 return Err(gguf_err(
                     meta.path,
                     format!("`tokenizer.ggml.tokens` lists `{tok}` twice (ids {first} and {id})"),
                 ));
             }
-            let added = *ty == TOKEN_CONTROL || *ty == TOKEN_USER_DEFINED;
-            if added || tok.chars().all(|c| in_alphabet.contains(&c)) {
-                tokens.push((*tok).to_string());
-            } else {
-                tokens.push(tok.bytes().map(|b| alphabet[b as usize]).collect());
-            }
+            tokens.push(spelled);
         }
         let merges: Vec<String> = meta
             .string_array("tokenizer.ggml.merges")?
@@ -192,11 +200,28 @@ impl GgufTokenizer {
             .map(str::to_string)
             .collect();
         for (i, m) in merges.iter().enumerate() {
-            if m.split(' ').count() != 2 || m.split(' ').any(str::is_empty) {
+            let Some((left, right)) = m
+                .split_once(' ')
+                .filter(|(l, r)| !l.is_empty() && !r.is_empty() && !r.contains(' '))
+            else {
                 return Err(gguf_err(
                     meta.path,
                     format!(
                         "`tokenizer.ggml.merges`[{i}] = `{m}` is not two tokens separated by one space"
+                    ),
+                ));
+            };
+            // A BPE merge joins two vocabulary tokens into a third; `tokenizers` refuses a
+            // tokenizer.json whose merges do not, so the import would write an unloadable file.
+            let merged = format!("{left}{right}");
+            if let Some(missing) = [left, right, merged.as_str()]
+                .into_iter()
+                .find(|t| !seen.contains_key(*t))
+            {
+                return Err(gguf_err(
+                    meta.path,
+                    format!(
+                        "`tokenizer.ggml.merges`[{i}] = `{m}` uses `{missing}`, which is not in `tokenizer.ggml.tokens`"
                     ),
                 ));
             }

@@ -6,6 +6,8 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use espalier_engine::files;
+
 use super::bindings::{ParamKind, ParamValue, PluginInfo};
 use super::runtime::{CompiledPlugin, PluginError, Runtime, Sandbox};
 use super::state::ModelView;
@@ -107,7 +109,7 @@ pub fn load_bytes(
 /// Loads a `.wasm` file.
 pub fn load_file(runtime: &Runtime, path: &Path) -> Result<Plugin, PluginError> {
     let label = path.display().to_string();
-    let bytes = std::fs::read(path).map_err(|e| PluginError::Invalid {
+    let bytes = files::read(path, files::PLUGIN_LIMIT).map_err(|e| PluginError::Invalid {
         plugin: label.clone(),
         message: format!("cannot read the file: {e}"),
     })?;
