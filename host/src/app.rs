@@ -103,14 +103,16 @@ impl App {
         if !model.starts_with("builtin:") {
             inputs.push(Input::new("model folder", model));
         }
-        let calibration = pipeline
-            .calibration
-            .as_ref()
-            .map_or_else(|| crate::calibration::CalibrationSpec::default().text, |c| {
-                c.spec.text.clone()
-            });
+        let calibration = pipeline.calibration.as_ref().map_or_else(
+            || crate::calibration::CalibrationSpec::default().text,
+            |c| c.spec.text.clone(),
+        );
         inputs.push(Input::new("calibration text", calibration));
-        if let Some(text) = pipeline.evaluate.as_ref().and_then(|e| e.value.text.clone()) {
+        if let Some(text) = pipeline
+            .evaluate
+            .as_ref()
+            .and_then(|e| e.value.text.clone())
+        {
             inputs.push(Input::new("evaluation text", text));
         }
         for stage in &pipeline.stages {
@@ -170,19 +172,14 @@ impl App {
             pipeline.model.value = m.clone();
         }
         // `fetch:NAME` downloads and imports the model on first use (progress on stderr).
-        let reference =
-            crate::fetch::resolve(&pipeline.model.value, &mut |m| {
-                // Progress only: a closed stderr must not stop (or panic) the run.
-                use std::io::Write as _;
-                let _ = writeln!(std::io::stderr(), "espalier: {m}");
-            })
-                .map_err(|e| {
-                    AppError::Pipeline(pipeline.error(
-                        &pipeline.model.position,
-                        "model",
-                        e.to_string(),
-                    ))
-                })?;
+        let reference = crate::fetch::resolve(&pipeline.model.value, &mut |m| {
+            // Progress only: a closed stderr must not stop (or panic) the run.
+            use std::io::Write as _;
+            let _ = writeln!(std::io::stderr(), "espalier: {m}");
+        })
+        .map_err(|e| {
+            AppError::Pipeline(pipeline.error(&pipeline.model.position, "model", e.to_string()))
+        })?;
         let model = espalier_engine::load_model(&reference).map_err(|e| {
             if overrides.model.is_some() {
                 // The model came from the command line: the pipeline file is not at fault.
@@ -205,8 +202,7 @@ impl App {
         // the target removes its temporary folder.
         let target = match &export_dir {
             Some(dir) => {
-                let force =
-                    overrides.force || pipeline.export.as_ref().is_some_and(|e| e.force);
+                let force = overrides.force || pipeline.export.as_ref().is_some_and(|e| e.force);
                 let inputs = self.inputs(&pipeline, &reference);
                 let checked = prepare(dir, &inputs, force);
                 Some(match (checked, &overrides.export_dir, &pipeline.export) {

@@ -124,11 +124,15 @@ fn sibling(dir: &Path, name: &str, tag: &str) -> PathBuf {
 /// The PID in a name Espalier gave a sibling of export `name` (`.NAME.TAG-PID-NANOS`), with
 /// the tag; `None` for any other name.
 fn parse_sibling(file: &str, name: &str) -> Option<(&'static str, u32)> {
-    let rest = file.strip_prefix('.')?.strip_prefix(name)?.strip_prefix('.')?;
+    let rest = file
+        .strip_prefix('.')?
+        .strip_prefix(name)?
+        .strip_prefix('.')?;
     for tag in ["tmp", "old"] {
         if let Some(ids) = rest.strip_prefix(tag).and_then(|r| r.strip_prefix('-')) {
             let (pid, nanos) = ids.split_once('-')?;
-            let digits = |s: &str| !s.is_empty() && s.len() <= 10 && s.bytes().all(|b| b.is_ascii_digit());
+            let digits =
+                |s: &str| !s.is_empty() && s.len() <= 10 && s.bytes().all(|b| b.is_ascii_digit());
             if !digits(pid) || !digits(nanos) {
                 return None;
             }
@@ -312,9 +316,8 @@ fn classify(dir: &Path) -> Result<Existing, ExportError> {
             ))
         });
     }
-    let legacy = |n: &str| {
-        LEGACY_FILES.contains(&n) || espalier_engine::model::COMPANION_FILES.contains(&n)
-    };
+    let legacy =
+        |n: &str| LEGACY_FILES.contains(&n) || espalier_engine::model::COMPANION_FILES.contains(&n);
     let foreign = not_ours(&legacy);
     if foreign.is_empty() && is_espalier_report(&dir.join("report.json")) {
         return Ok(Existing::PreviousExport);
@@ -415,7 +418,9 @@ pub fn prepare(dir: &Path, inputs: &[Input], force: bool) -> Result<ExportTarget
             };
             return Err(err(
                 dir,
-                format!("{how}; Espalier never replaces an input of the run, even with --force; choose another folder"),
+                format!(
+                    "{how}; Espalier never replaces an input of the run, even with --force; choose another folder"
+                ),
             ));
         }
     }
@@ -712,7 +717,10 @@ mod tests {
         assert!(inside.temporary().unwrap().exists());
         let tmp = inside.temporary().unwrap().to_path_buf();
         drop(inside);
-        assert!(!tmp.exists(), "dropping the target removes its temporary folder");
+        assert!(
+            !tmp.exists(),
+            "dropping the target removes its temporary folder"
+        );
     }
 
     #[test]

@@ -270,7 +270,11 @@ fn install_signal_cleanup() {
         .spawn(move || {
             if let Some(signal) = signals.forever().next() {
                 let removed = espalier::export::remove_temporaries_and_block();
-                let name = if signal == SIGINT { "SIGINT" } else { "SIGTERM" };
+                let name = if signal == SIGINT {
+                    "SIGINT"
+                } else {
+                    "SIGTERM"
+                };
                 if removed > 0 {
                     err!("\nespalier: {name}: stopped; the unfinished export was removed");
                 } else {
@@ -708,7 +712,11 @@ fn cmd_eval(
     if let Some(p) = &e.perplexity {
         out!(
             "perplexity: window {}, stride {}, {} of {} tokens scored in {:.1} s",
-            p.window, p.stride, p.tokens_scored, p.tokens, p.seconds
+            p.window,
+            p.stride,
+            p.tokens_scored,
+            p.tokens,
+            p.seconds
         );
     }
     Ok(())

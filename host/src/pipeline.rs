@@ -310,7 +310,11 @@ impl Pipeline {
                     ));
                 }
                 sandbox.guest_memory = mib_to_bytes(v).ok_or_else(|| {
-                    ctx.err(m.span().start, "sandbox.memory_mb", format!("{v} MiB is too large"))
+                    ctx.err(
+                        m.span().start,
+                        "sandbox.memory_mb",
+                        format!("{v} MiB is too large"),
+                    )
                 })?;
             }
             if let Some(m) = &s.host_memory_mb {
@@ -877,12 +881,16 @@ mod tests {
         assert_eq!(p.sandbox.host_memory, 64 << 20);
         // 2^44 MiB shifted by 20 bits wraps to 0 in a u64: it must be an error instead.
         for v in ["17592186044416", "9223372036854775807", "0"] {
-            let e = parse(&format!("model = \"m\"\n[sandbox]\nhost_memory_mb = {v}\n"))
-                .unwrap_err();
+            let e =
+                parse(&format!("model = \"m\"\n[sandbox]\nhost_memory_mb = {v}\n")).unwrap_err();
             assert_eq!(e.field, "sandbox.host_memory_mb", "{e}");
             assert_eq!((e.position.line, e.position.column), (3, 18), "{e}");
         }
-        for (field, v) in [("memory_mb", "-1"), ("timeout_s", "inf"), ("timeout_s", "nan")] {
+        for (field, v) in [
+            ("memory_mb", "-1"),
+            ("timeout_s", "inf"),
+            ("timeout_s", "nan"),
+        ] {
             let e = parse(&format!("model = \"m\"\n[sandbox]\n{field} = {v}\n")).unwrap_err();
             assert_eq!(e.position.line, 3, "{e}");
         }

@@ -9,9 +9,9 @@ use espalier_engine::{LayerInfo, Model, Session};
 use globset::{Glob, GlobMatcher};
 
 use crate::calibration::{CalibrationSet, CalibrationSpec};
+use crate::display_safe;
 use crate::pipeline::{DensitySpec, Pipeline, PipelineError, StageSpec};
 use crate::plugin::bindings::{Need, OutputKind, ParamKind, ParamValue};
-use crate::display_safe;
 use crate::plugin::registry::{load_file_sandboxed, value_fits};
 use crate::plugin::{Plugin, Registry, Runtime};
 

@@ -234,10 +234,9 @@ impl Registry {
 pub fn origin_text(origin: &Origin) -> String {
     match origin {
         Origin::Builtin => "builtin".into(),
-        Origin::File(f) => crate::display_safe::line(
-            &f.display().to_string(),
-            crate::display_safe::MESSAGE_MAX,
-        ),
+        Origin::File(f) => {
+            crate::display_safe::line(&f.display().to_string(), crate::display_safe::MESSAGE_MAX)
+        }
     }
 }
 

@@ -525,7 +525,10 @@ mod tests {
             message: format!("\u{1b}[2J{}", "x".repeat(1 << 20)),
         };
         let shown = e.to_string();
-        assert!(!shown.contains('\u{1b}') && !shown.contains('\u{7}'), "{shown:.200}");
+        assert!(
+            !shown.contains('\u{1b}') && !shown.contains('\u{7}'),
+            "{shown:.200}"
+        );
         assert!(shown.len() < 8 << 10, "{}", shown.len());
         // The full text stays in the error.
         let PluginError::Failed { message, .. } = &e else {

@@ -12,11 +12,17 @@ impl Guest for P {
         PluginInfo {
             name: format!("hostile-noisy{NOISE}"),
             version: format!("0.0.1{NOISE}"),
-            description: format!("A test plugin that misbehaves on purpose.{NOISE}\nsecond line{}", "d".repeat(1 << 20)),
+            description: format!(
+                "A test plugin that misbehaves on purpose.{NOISE}\nsecond line{}",
+                "d".repeat(1 << 20)
+            ),
             params: vec![ParamSpec {
                 name: format!("level{NOISE}"),
                 kind: ParamKind::Text,
-                default: Some(ParamValue::Text(format!("loud{NOISE}{}", "t".repeat(100_000)))),
+                default: Some(ParamValue::Text(format!(
+                    "loud{NOISE}{}",
+                    "t".repeat(100_000)
+                ))),
                 doc: format!("how loud{NOISE}{}", "p".repeat(1 << 20)),
             }],
             needs: vec![Need::Weights],
