@@ -214,6 +214,9 @@ pub struct LatencyReport {
     pub peak_rss_bytes: Option<u64>,
 }
 
+/// Most tokens [`latency`] generates (models with rotary positions have no table to bound it).
+pub const MAX_NEW_TOKENS: usize = 1 << 20;
+
 /// Prefills `prompt`, then generates `new_tokens` tokens greedily with the KV cache, timing
 /// both phases. Needs `new_tokens >= 2` so at least one decode step is measured.
 pub fn latency(
@@ -231,8 +234,14 @@ pub fn latency(
             "latency needs a non-empty prompt".into(),
         ));
     }
-    let total = prompt.len() + new_tokens - 1;
-    if total > session.max_positions() {
+    if new_tokens > MAX_NEW_TOKENS {
+        return Err(EngineError::Input(format!(
+            "{new_tokens} new tokens is more than the {MAX_NEW_TOKENS} a latency measurement generates"
+        )));
+    }
+    // Checked: `new_tokens` comes from the command line and may be anything up to usize::MAX.
+    let total = prompt.len().checked_add(new_tokens - 1);
+    if total.is_none_or(|t| t > session.max_positions()) {
         return Err(EngineError::Input(format!(
             "prompt ({}) plus {new_tokens} new tokens exceed the model's {} positions",
             prompt.len(),

@@ -6,10 +6,10 @@ use std::path::{Path, PathBuf};
 use espalier_engine::EngineError;
 
 use crate::evaluate::{Comparison, EvalSpec, Evaluation, evaluate};
-use crate::export::{ExportError, export};
+use crate::export::{ExportError, Input, prepare};
 use crate::pipeline::{Pipeline, PipelineError};
 use crate::plan::plan;
-use crate::plugin::{PluginError, Registry, Runtime};
+use crate::plugin::{Origin, PluginError, Registry, Runtime, Sandbox};
 use crate::report::RunReport;
 use crate::run::{RunError, RunObserver, RunState, execute};
 
@@ -81,6 +81,9 @@ pub struct RunOverrides {
     pub export_dir: Option<PathBuf>,
     /// Skips the export even when the pipeline has one.
     pub no_export: bool,
+    /// Allows replacing an existing folder that is not an Espalier export (as `[export]
+    /// force = true`); an input of the run is never replaced.
+    pub force: bool,
 }
 
 /// A finished run.
@@ -94,13 +97,51 @@ pub struct RunResult {
 }
 
 impl App {
+    /// Every file and folder a run of `pipeline` reads, which its export must never replace.
+    fn inputs(&self, pipeline: &Pipeline, model: &str) -> Vec<Input> {
+        let mut inputs = vec![Input::new("pipeline file", &pipeline.file)];
+        if !model.starts_with("builtin:") {
+            inputs.push(Input::new("model folder", model));
+        }
+        let calibration = pipeline.calibration.as_ref().map_or_else(
+            || crate::calibration::CalibrationSpec::default().text,
+            |c| c.spec.text.clone(),
+        );
+        inputs.push(Input::new("calibration text", calibration));
+        if let Some(text) = pipeline
+            .evaluate
+            .as_ref()
+            .and_then(|e| e.value.text.clone())
+        {
+            inputs.push(Input::new("evaluation text", text));
+        }
+        for stage in &pipeline.stages {
+            let name = &stage.plugin.value;
+            if name.ends_with(".wasm") || name.contains('/') {
+                inputs.push(Input::new("plugin file", name));
+            }
+        }
+        for plugin in self.registry.iter() {
+            if let Origin::File(path) = &plugin.origin {
+                inputs.push(Input::new("plugin file", path));
+            }
+        }
+        inputs
+    }
+
     /// Starts the runtime and registers the built-ins plus every `.wasm` in `plugin_dirs`.
     pub fn new(plugin_dirs: &[PathBuf]) -> Result<Self, AppError> {
+        Self::with_sandbox(plugin_dirs, &Sandbox::default())
+    }
+
+    /// As [`App::new`], describing the plugins of `plugin_dirs` under `sandbox` (the limits of
+    /// the pipeline about to run, so a `describe` that loops stops at its timeout).
+    pub fn with_sandbox(plugin_dirs: &[PathBuf], sandbox: &Sandbox) -> Result<Self, AppError> {
         let runtime = Runtime::new().map_err(|e| AppError::Runtime(format!("{e:#}")))?;
         let mut registry = Registry::with_builtins(&runtime)?;
         let mut plugin_warnings = Vec::new();
         for dir in plugin_dirs {
-            plugin_warnings.extend(registry.add_dir(&runtime, dir));
+            plugin_warnings.extend(registry.add_dir(&runtime, dir, sandbox));
         }
         Ok(App {
             runtime,
@@ -131,15 +172,14 @@ impl App {
             pipeline.model.value = m.clone();
         }
         // `fetch:NAME` downloads and imports the model on first use (progress on stderr).
-        let reference =
-            crate::fetch::resolve(&pipeline.model.value, &mut |m| eprintln!("espalier: {m}"))
-                .map_err(|e| {
-                    AppError::Pipeline(pipeline.error(
-                        &pipeline.model.position,
-                        "model",
-                        e.to_string(),
-                    ))
-                })?;
+        let reference = crate::fetch::resolve(&pipeline.model.value, &mut |m| {
+            // Progress only: a closed stderr must not stop (or panic) the run.
+            use std::io::Write as _;
+            let _ = writeln!(std::io::stderr(), "espalier: {m}");
+        })
+        .map_err(|e| {
+            AppError::Pipeline(pipeline.error(&pipeline.model.position, "model", e.to_string()))
+        })?;
         let model = espalier_engine::load_model(&reference).map_err(|e| {
             if overrides.model.is_some() {
                 // The model came from the command line: the pipeline file is not at fault.
@@ -156,6 +196,29 @@ impl App {
                 .export_dir
                 .clone()
                 .or_else(|| pipeline.export.as_ref().map(|e| e.dir.value.clone()))
+        };
+        // The destination is checked (and its temporary folder reserved) before the model is
+        // loaded or any stage runs: a refused folder costs nothing. Dropped on any error below,
+        // the target removes its temporary folder.
+        let target = match &export_dir {
+            Some(dir) => {
+                let force = overrides.force || pipeline.export.as_ref().is_some_and(|e| e.force);
+                let inputs = self.inputs(&pipeline, &reference);
+                let checked = prepare(dir, &inputs, force);
+                Some(match (checked, &overrides.export_dir, &pipeline.export) {
+                    (Ok(t), _, _) => t,
+                    // The folder came from the pipeline file: point at the line.
+                    (Err(e), None, Some(spec)) => {
+                        return Err(AppError::Pipeline(pipeline.error(
+                            &spec.dir.position,
+                            "export.dir",
+                            e.to_string(),
+                        )));
+                    }
+                    (Err(e), _, _) => return Err(AppError::Export(e)),
+                })
+            }
+            None => None,
         };
         let evaluate = pipeline.evaluate.clone();
         let plan = plan(pipeline, &self.registry, &self.runtime, &model)?;
@@ -180,8 +243,8 @@ impl App {
             )?;
             outcome.report.evaluation = Some(Comparison { dense, pruned });
         }
-        if let Some(dir) = &export_dir {
-            export(&outcome.state, &outcome.report, dir, masks)?;
+        if let Some(target) = target {
+            target.write(&outcome.state, &outcome.report, masks)?;
         }
         Ok(RunResult {
             report: outcome.report,

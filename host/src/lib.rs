@@ -4,6 +4,7 @@
 pub mod app;
 pub mod bench;
 pub mod calibration;
+pub mod display_safe;
 pub mod evaluate;
 pub mod export;
 pub mod fetch;

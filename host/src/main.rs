@@ -1,4 +1,12 @@
 //! The `espalier` command line: run pipelines, inspect plugins and models, benchmark.
+//!
+//! Output goes through `out!` and `err!` only (the print macros are denied here): they never
+//! panic on a closed pipe. When the reader of standard output goes away (`espalier model
+//! layers M | head`), the command stops quietly with exit status 0: the reader chose to stop,
+//! nothing failed. Text that a plugin, a model folder or a GGUF file supplied is shown through
+//! `espalier::display_safe` (control characters escaped, lengths capped). SIGINT and SIGTERM
+//! remove the temporary folder of an export in progress, then exit with status 130 or 143.
+#![deny(clippy::print_stdout, clippy::print_stderr)]
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -8,6 +16,7 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use comfy_table::{Cell, CellAlignment, Table, presets::UTF8_FULL_CONDENSED};
 use espalier::app::{App, RunOverrides};
+use espalier::display_safe::{self, name as safe};
 use espalier::evaluate::{Comparison, EvalSpec, Evaluation};
 use espalier::plan::PlannedStage;
 use espalier::plugin::bindings::{ParamKind, ParamValue};
@@ -60,6 +69,10 @@ enum Command {
         /// Do not export, only report.
         #[arg(long, conflicts_with = "out")]
         no_export: bool,
+        /// Replace the export folder even when it is not an earlier Espalier export (as
+        /// `[export] force = true`). Never replaces the model folder or another input.
+        #[arg(long, conflicts_with = "no_export")]
+        force: bool,
         /// Print the report as JSON instead of tables.
         #[arg(long)]
         json: bool,
@@ -202,6 +215,82 @@ enum BenchCommand {
     },
 }
 
+/// Writes one line to standard output. A closed pipe ends the process quietly with status 0
+/// (see the module docs); any other write error ends it with status 1 and a message.
+fn write_stdout(args: std::fmt::Arguments<'_>) {
+    use std::io::Write as _;
+    let mut stdout = std::io::stdout().lock();
+    let written = stdout
+        .write_fmt(args)
+        .and_then(|()| stdout.write_all(b"\n"))
+        .and_then(|()| stdout.flush());
+    match written {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
+        Err(e) => {
+            write_stderr(format_args!("error: cannot write to standard output: {e}"));
+            std::process::exit(1);
+        }
+    }
+}
+
+/// Writes one line to standard error; a failure to write there cannot be reported anywhere,
+/// so it is ignored rather than turned into a panic.
+fn write_stderr(args: std::fmt::Arguments<'_>) {
+    use std::io::Write as _;
+    let mut stderr = std::io::stderr().lock();
+    let _ = stderr
+        .write_fmt(args)
+        .and_then(|()| stderr.write_all(b"\n"));
+}
+
+/// `println!` that survives a closed pipe.
+macro_rules! out {
+    ($($arg:tt)*) => { write_stdout(format_args!($($arg)*)) };
+}
+
+/// `eprintln!` that never panics.
+macro_rules! err {
+    ($($arg:tt)*) => { write_stderr(format_args!($($arg)*)) };
+}
+
+/// Removes the temporary folder of an export in progress when the user interrupts (SIGINT) or
+/// the system stops (SIGTERM) the process, then exits with the conventional 128 + signal.
+fn install_signal_cleanup() {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let mut signals = match signal_hook::iterator::Signals::new([SIGINT, SIGTERM]) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!("cannot install the signal handlers: {e}");
+            return;
+        }
+    };
+    let spawned = std::thread::Builder::new()
+        .name("espalier-signals".into())
+        .spawn(move || {
+            if let Some(signal) = signals.forever().next() {
+                let removed = espalier::export::remove_temporaries_and_block();
+                let name = if signal == SIGINT {
+                    "SIGINT"
+                } else {
+                    "SIGTERM"
+                };
+                if removed > 0 {
+                    err!("\nespalier: {name}: stopped; the unfinished export was removed");
+                } else {
+                    err!("\nespalier: {name}: stopped");
+                }
+                std::process::exit(128 + signal);
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!("cannot start the signal thread: {e}");
+    }
+}
+
+/// Longest error text printed (the full text of a plugin's message stays in its error).
+const ERROR_MAX: usize = 16 << 10;
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -209,11 +298,17 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .with_writer(std::io::stderr)
+        // Colour codes only for a terminal: a log file or pipe gets plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    install_signal_cleanup();
     match dispatch(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {}", error_chain(&e));
+            err!(
+                "error: {}",
+                display_safe::terminal(&error_chain(&e), ERROR_MAX)
+            );
             ExitCode::FAILURE
         }
     }
@@ -233,7 +328,7 @@ fn error_chain(e: &anyhow::Error) -> String {
     out
 }
 
-use espalier::plugin::registry::{need_name, produces_name};
+use espalier::plugin::registry::{need_name, origin_text, produces_name};
 
 fn dispatch(cli: Cli) -> Result<()> {
     match cli.command {
@@ -242,6 +337,7 @@ fn dispatch(cli: Cli) -> Result<()> {
             model,
             out,
             no_export,
+            force,
             json,
             layers,
             plugins,
@@ -251,6 +347,7 @@ fn dispatch(cli: Cli) -> Result<()> {
                 model,
                 export_dir: out,
                 no_export,
+                force,
             },
             json,
             layers,
@@ -308,10 +405,17 @@ fn dispatch(cli: Cli) -> Result<()> {
 
 fn start_app(dirs: &PluginDirs) -> Result<App> {
     let app = App::new(&dirs.all())?;
-    for w in &app.plugin_warnings {
-        eprintln!("warning: skipped a plugin: {w}");
-    }
+    warn_skipped(&app);
     Ok(app)
+}
+
+fn warn_skipped(app: &App) {
+    for w in &app.plugin_warnings {
+        err!(
+            "warning: skipped a plugin: {}",
+            display_safe::terminal(&w.to_string(), ERROR_MAX)
+        );
+    }
 }
 
 /// Draws one bar over the stages, with a line per finished stage.
@@ -327,8 +431,8 @@ impl RunObserver for Bars {
         self.bar.set_message(format!(
             "stage {}/{total} `{}` ({}, {} layers)",
             index + 1,
-            stage.spec.name,
-            stage.plugin.info.name,
+            safe(&stage.spec.name),
+            safe(&stage.plugin.info.name),
             stage.targets.len()
         ));
     }
@@ -349,7 +453,10 @@ impl RunObserver for Bars {
         self.bar.inc(1);
         self.bar.println(format!(
             "  ✓ {} ({}): density {:.4} in {:.2} s",
-            report.name, report.plugin, report.density_after, report.seconds
+            safe(&report.name),
+            safe(&report.plugin),
+            report.density_after,
+            report.seconds
         ));
     }
 }
@@ -361,7 +468,10 @@ fn cmd_run(
     layers: bool,
     dirs: &PluginDirs,
 ) -> Result<()> {
-    let app = start_app(dirs)?;
+    // Parsed first: its [sandbox] limits also bind the `describe` of plugin-folder plugins.
+    let pipeline = espalier::pipeline::Pipeline::load(&pipeline)?;
+    let app = App::with_sandbox(&dirs.all(), &pipeline.sandbox)?;
+    warn_skipped(&app);
     let bar = ProgressBar::new(0);
     bar.set_style(
         ProgressStyle::with_template("{spinner} [{bar:24}] {pos}/{len} {msg} {elapsed}")
@@ -370,20 +480,20 @@ fn cmd_run(
     );
     bar.enable_steady_tick(Duration::from_millis(120));
     let mut observer = Bars { bar: bar.clone() };
-    let result = app.run_file(&pipeline, &overrides, &mut observer);
+    let result = app.run_pipeline(pipeline, &overrides, &mut observer);
     bar.finish_and_clear();
     let result = result?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&result.report)?);
+        out!("{}", serde_json::to_string_pretty(&result.report)?);
         return Ok(());
     }
     print_report(&result.report, layers);
     match &result.exported_to {
-        Some(dir) => println!(
+        Some(dir) => out!(
             "exported to {} (model.safetensors, config.json, masks.safetensors, report.json)",
             dir.display()
         ),
-        None => println!("not exported (no [export] section, or --no-export)"),
+        None => out!("not exported (no [export] section, or --no-export)"),
     }
     Ok(())
 }
@@ -393,9 +503,11 @@ fn pct(x: f64) -> String {
 }
 
 fn print_report(r: &RunReport, layers: bool) {
-    println!(
+    out!(
         "pipeline `{}` on {} ({})",
-        r.pipeline, r.model, r.architecture
+        safe(&r.pipeline),
+        safe(&r.model),
+        safe(&r.architecture)
     );
     let mut t = Table::new();
     t.load_preset(UTF8_FULL_CONDENSED);
@@ -412,33 +524,33 @@ fn print_report(r: &RunReport, layers: bool) {
     ]);
     for s in &r.stages {
         t.add_row(vec![
-            Cell::new(&s.name),
-            Cell::new(&s.plugin),
-            Cell::new(&s.plugin_version),
+            Cell::new(safe(&s.name)),
+            Cell::new(safe(&s.plugin)),
+            Cell::new(safe(&s.plugin_version)),
             Cell::new(s.targets).set_alignment(CellAlignment::Right),
             Cell::new(s.requested_density.map_or("-".into(), pct))
                 .set_alignment(CellAlignment::Right),
             Cell::new(pct(s.density_after)).set_alignment(CellAlignment::Right),
             Cell::new(format!("{:.3} s", s.seconds)).set_alignment(CellAlignment::Right),
             Cell::new(pct(s.guest_share)).set_alignment(CellAlignment::Right),
-            Cell::new(&s.plugin_sha256[..12]),
+            Cell::new(s.plugin_sha256.get(..12).unwrap_or(&s.plugin_sha256)),
         ]);
     }
-    println!("{t}");
+    out!("{t}");
     if layers {
         let mut t = Table::new();
         t.load_preset(UTF8_FULL_CONDENSED);
         t.set_header(vec!["layer", "role", "shape", "kept", "structure"]);
         for l in &r.layers {
             t.add_row(vec![
-                Cell::new(&l.name),
+                Cell::new(safe(&l.name)),
                 Cell::new(l.role.as_str()),
                 Cell::new(format!("{:?}", l.shape)),
                 Cell::new(pct(l.density)).set_alignment(CellAlignment::Right),
-                Cell::new(l.structure.as_deref().unwrap_or("-")),
+                Cell::new(safe(l.structure.as_deref().unwrap_or("-"))),
             ]);
         }
-        println!("{t}");
+        out!("{t}");
     }
     let s = &r.summary;
     let mut t = Table::new();
@@ -477,7 +589,7 @@ fn print_report(r: &RunReport, layers: bool) {
         ]);
     }
     t.add_row(vec!["time".to_string(), format!("{:.2} s", r.seconds)]);
-    println!("{t}");
+    out!("{t}");
     if let Some(c) = &r.evaluation {
         print_comparison(c);
     }
@@ -534,7 +646,7 @@ fn print_comparison(c: &Comparison) {
     {
         t.add_row(vec![EVAL_LABELS[i].to_string(), d, p]);
     }
-    println!("{t}");
+    out!("{t}");
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -559,7 +671,7 @@ fn cmd_eval(
             shipped
         }
     };
-    let model_ref = &espalier::fetch::resolve(model_ref, &mut |m| eprintln!("espalier: {m}"))?;
+    let model_ref = &espalier::fetch::resolve(model_ref, &mut |m| err!("espalier: {m}"))?;
     let model = espalier_engine::load_model(model_ref)?;
     let spec = EvalSpec {
         text: Some(text),
@@ -587,7 +699,7 @@ fn cmd_eval(
     bar.finish_and_clear();
     let e = result?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&e)?);
+        out!("{}", serde_json::to_string_pretty(&e)?);
         return Ok(());
     }
     let mut t = Table::new();
@@ -596,11 +708,15 @@ fn cmd_eval(
     for (i, v) in eval_rows(&e).into_iter().enumerate() {
         t.add_row(vec![EVAL_LABELS[i].to_string(), v]);
     }
-    println!("{t}");
+    out!("{t}");
     if let Some(p) = &e.perplexity {
-        println!(
+        out!(
             "perplexity: window {}, stride {}, {} of {} tokens scored in {:.1} s",
-            p.window, p.stride, p.tokens_scored, p.tokens, p.seconds
+            p.window,
+            p.stride,
+            p.tokens_scored,
+            p.tokens,
+            p.seconds
         );
     }
     Ok(())
@@ -628,22 +744,22 @@ fn cmd_import(gguf: &std::path::Path, out: &std::path::Path) -> Result<()> {
     });
     bar.finish_and_clear();
     let s = summary?;
-    println!(
-        "imported {} ({}) into {}: {} tensors, {} parameters, vocab {}, types {:?}{}",
-        s.name.as_deref().unwrap_or("model"),
-        s.architecture,
+    out!(
+        "imported {} ({}) into {}: {} tensors, {} parameters, vocab {}, types {}{}",
+        safe(s.name.as_deref().unwrap_or("model")),
+        safe(&s.architecture),
         s.out_dir.display(),
         s.tensors,
         s.parameters,
         s.vocab_size,
-        s.tensor_types,
+        safe(&format!("{:?}", s.tensor_types)),
         if s.tie_word_embeddings {
             ", tied LM head"
         } else {
             ""
         }
     );
-    println!("files: {}", s.files.join(", "));
+    out!("files: {}", safe(&s.files.join(", ")));
     Ok(())
 }
 
@@ -652,7 +768,7 @@ fn show_value(v: &ParamValue) -> String {
         ParamValue::Boolean(b) => b.to_string(),
         ParamValue::Integer(i) => i.to_string(),
         ParamValue::Float(f) => f.to_string(),
-        ParamValue::Text(s) => format!("{s:?}"),
+        ParamValue::Text(s) => format!("\"{}\"", display_safe::line(s, display_safe::NAME_MAX)),
         ParamValue::Integers(v) => format!("{v:?}"),
         ParamValue::Floats(v) => format!("{v:?}"),
     }
@@ -683,7 +799,11 @@ fn plugin_json(p: &Plugin) -> serde_json::Value {
         "params": p.info.params.iter().map(|s| serde_json::json!({
             "name": s.name,
             "type": kind_str(s.kind),
-            "default": s.default.as_ref().map(show_value),
+            // The full text: JSON escapes control characters itself.
+            "default": s.default.as_ref().map(|v| match v {
+                ParamValue::Text(t) => format!("{t:?}"),
+                other => show_value(other),
+            }),
             "doc": s.doc,
         })).collect::<Vec<_>>(),
     })
@@ -693,7 +813,7 @@ fn cmd_plugins_list(json: bool, dirs: &PluginDirs) -> Result<()> {
     let app = start_app(dirs)?;
     if json {
         let all: Vec<_> = app.registry.iter().map(plugin_json).collect();
-        println!("{}", serde_json::to_string_pretty(&all)?);
+        out!("{}", serde_json::to_string_pretty(&all)?);
         return Ok(());
     }
     let mut t = Table::new();
@@ -703,19 +823,16 @@ fn cmd_plugins_list(json: bool, dirs: &PluginDirs) -> Result<()> {
     ]);
     for p in app.registry.iter() {
         t.add_row(vec![
-            p.info.name.clone(),
-            p.info.version.clone(),
+            safe(&p.info.name),
+            safe(&p.info.version),
             p.compiled.wit.to_string(),
             produces_name(p.info.produces).to_string(),
-            match &p.origin {
-                Origin::Builtin => "builtin".into(),
-                Origin::File(f) => f.display().to_string(),
-            },
+            origin_text(&p.origin),
             format!("{:.1} KB", p.size as f64 / 1024.0),
             p.compiled.sha256[..12].to_string(),
         ]);
     }
-    println!("{t}");
+    out!("{t}");
     Ok(())
 }
 
@@ -732,13 +849,13 @@ fn cmd_plugins_inspect(name: &str, json: bool, dirs: &PluginDirs) -> Result<()> 
         })?
     };
     if json {
-        println!("{}", serde_json::to_string_pretty(&plugin_json(&plugin))?);
+        out!("{}", serde_json::to_string_pretty(&plugin_json(&plugin))?);
         return Ok(());
     }
     let i = &plugin.info;
-    println!("{} {}", i.name, i.version);
-    println!("{}", i.description);
-    println!(
+    out!("{} {}", safe(&i.name), safe(&i.version));
+    out!("{}", display_safe::message(&i.description, ""));
+    out!(
         "produces: {}   needs: {}   sha256: {}   size: {:.1} KB",
         produces_name(i.produces),
         i.needs
@@ -754,13 +871,13 @@ fn cmd_plugins_inspect(name: &str, json: bool, dirs: &PluginDirs) -> Result<()> 
     t.set_header(vec!["parameter", "type", "default", "doc"]);
     for p in &i.params {
         t.add_row(vec![
-            p.name.clone(),
+            safe(&p.name),
             kind_str(p.kind).to_string(),
             p.default.as_ref().map_or("(required)".into(), show_value),
-            p.doc.clone(),
+            display_safe::message(&p.doc, ""),
         ]);
     }
-    println!("{t}");
+    out!("{t}");
     Ok(())
 }
 
@@ -771,19 +888,19 @@ fn cmd_model_layers(model: &str) -> Result<()> {
     t.set_header(vec!["name", "role", "block", "shape"]);
     for l in m.layers() {
         t.add_row(vec![
-            l.name.clone(),
+            safe(&l.name),
             l.role.as_str().to_string(),
             l.block.map_or("-".into(), |b| b.to_string()),
             format!("{:?}", l.shape),
         ]);
     }
-    println!("{t}");
+    out!("{t}");
     Ok(())
 }
 
 fn cmd_bench_plugins(model_ref: &str, repeat: usize, json: bool) -> Result<()> {
     let app = start_app(&PluginDirs::default())?;
-    eprintln!("loading {model_ref} ...");
+    err!("loading {model_ref} ...");
     let model = espalier_engine::load_model(model_ref)?;
     let bar = ProgressBar::new_spinner();
     bar.enable_steady_tick(Duration::from_millis(120));
@@ -792,10 +909,10 @@ fn cmd_bench_plugins(model_ref: &str, repeat: usize, json: bool) -> Result<()> {
     })?;
     bar.finish_and_clear();
     if json {
-        println!("{}", serde_json::to_string_pretty(&results)?);
+        out!("{}", serde_json::to_string_pretty(&results)?);
         return Ok(());
     }
-    println!(
+    out!(
         "plugin overhead on {model_ref} ({} parameters), median of {repeat}; target: sandbox share <= 10%",
         model.num_parameters()
     );
@@ -830,9 +947,9 @@ fn cmd_bench_plugins(model_ref: &str, repeat: usize, json: bool) -> Result<()> {
             .set_alignment(CellAlignment::Right),
         ]);
     }
-    println!("{t}");
+    out!("{t}");
     if let Some(m) = results.iter().find(|r| r.label.starts_with("magnitude")) {
-        println!(
+        out!(
             "magnitude 50% pass: {:.2} s (target <= 3 s) {}",
             m.stage_seconds,
             if m.stage_seconds <= 3.0 { "✓" } else { "✗" }
@@ -854,9 +971,9 @@ fn cmd_bench_kernels(quick: bool, json: bool) -> Result<()> {
     bar.finish_and_clear();
     let report = report?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        out!("{}", serde_json::to_string_pretty(&report)?);
     } else {
-        println!("{report}");
+        out!("{report}");
     }
     Ok(())
 }
@@ -885,7 +1002,7 @@ fn espalier_decode_bench(
 ) -> Result<()> {
     use espalier_engine::eval::{LatencyReport, latency, peak_rss_bytes};
     let app = start_app(&PluginDirs::default())?;
-    let model_ref = espalier::fetch::resolve(model_ref, &mut |m| eprintln!("espalier: {m}"))?;
+    let model_ref = espalier::fetch::resolve(model_ref, &mut |m| err!("espalier: {m}"))?;
     let prompt_for = |model: &espalier_engine::Model| -> Result<Vec<u32>> {
         let tok = espalier_engine::Tokenizer::for_model(model)?;
         let text = std::fs::read_to_string("data/eval.txt").unwrap_or_else(|_| {
@@ -898,7 +1015,7 @@ fn espalier_decode_bench(
         Ok(ids)
     };
 
-    eprintln!("dense: decoding {new_tokens} tokens after a {prompt_tokens}-token prompt ...");
+    err!("dense: decoding {new_tokens} tokens after a {prompt_tokens}-token prompt ...");
     let dense: LatencyReport = {
         let model = espalier_engine::load_model(&model_ref)?;
         let prompt = prompt_for(&model)?;
@@ -907,11 +1024,12 @@ fn espalier_decode_bench(
         latency(&session, &prompt, new_tokens)?
     };
 
-    eprintln!("pruned: running {} ...", pipeline.display());
+    err!("pruned: running {} ...", pipeline.display());
     let overrides = RunOverrides {
         model: Some(model_ref.clone()),
         export_dir: None,
         no_export: true,
+        force: false,
     };
     let mut pipe = espalier::pipeline::Pipeline::load(pipeline)?;
     pipe.evaluate = None;
@@ -937,7 +1055,7 @@ fn espalier_decode_bench(
 
     let speedup = dense.ms_per_token / pruned.ms_per_token;
     if json {
-        println!(
+        out!(
             "{}",
             serde_json::to_string_pretty(&serde_json::json!({
                 "model": model_ref,
@@ -997,8 +1115,8 @@ fn espalier_decode_bench(
             attached.model_bytes as f64 / attached.packed_model_bytes.max(1) as f64
         ),
     ]);
-    println!("{t}");
-    println!(
+    out!("{t}");
+    out!(
         "peak RSS is process-wide: the pruned row still counts allocator pages the dense model and \
          the pruning run left behind; the weights row counts the bytes each forward pass holds"
     );
@@ -1011,8 +1129,8 @@ fn espalier_decode_bench(
             .collect::<Vec<_>>()
             .join(", ")
     };
-    println!("pruned linear formats: {formats}");
-    println!(
+    out!("pruned linear formats: {formats}");
+    out!(
         "same prompt ({} tokens), {new_tokens} new tokens, greedy; same generated ids: {}",
         prompt.len(),
         dense.generated == pruned.generated

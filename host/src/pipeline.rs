@@ -42,7 +42,14 @@ pub struct Position {
 
 /// An error in a pipeline file.
 #[derive(Debug, thiserror::Error)]
-#[error("{file}:{}:{}: {field}: {message}", position.line, position.column)]
+#[error(
+    "{}:{}:{}: {}: {}",
+    crate::display_safe::line(.file, crate::display_safe::MESSAGE_MAX),
+    position.line,
+    position.column,
+    crate::display_safe::name(.field),
+    crate::display_safe::terminal(.message, 2 * crate::display_safe::MESSAGE_MAX)
+)]
 pub struct PipelineError {
     /// The pipeline file.
     pub file: String,
@@ -100,6 +107,9 @@ pub struct ExportSpec {
     pub dir: Located<PathBuf>,
     /// Whether to write `masks.safetensors`.
     pub masks: bool,
+    /// Whether an existing folder that is not an Espalier export may be replaced (an input of
+    /// the run never may).
+    pub force: bool,
 }
 
 /// A parsed pipeline file.
@@ -187,10 +197,20 @@ struct RawExport {
     dir: Spanned<String>,
     #[serde(default = "yes")]
     masks: bool,
+    #[serde(default)]
+    force: bool,
 }
 
 fn yes() -> bool {
     true
+}
+
+/// Largest `sandbox.host_memory_mb` (1 PiB): anything above is a typo, not a budget.
+const MAX_HOST_MEMORY_MB: u64 = 1 << 30;
+
+/// MiB to bytes, `None` when it does not fit a `usize`.
+fn mib_to_bytes(mib: u64) -> Option<usize> {
+    usize::try_from(mib).ok()?.checked_mul(1 << 20)
 }
 
 /// Keys of a stage table that are not plugin parameters.
@@ -291,18 +311,26 @@ impl Pipeline {
                         format!("{v} must be in 1..=4096 (wasm32 memory tops out at 4 GiB)"),
                     ));
                 }
-                sandbox.guest_memory = (v as usize) << 20;
+                sandbox.guest_memory = mib_to_bytes(v).ok_or_else(|| {
+                    ctx.err(
+                        m.span().start,
+                        "sandbox.memory_mb",
+                        format!("{v} MiB is too large"),
+                    )
+                })?;
             }
             if let Some(m) = &s.host_memory_mb {
                 let v = *m.get_ref();
-                if v == 0 {
+                // Checked: a shift would wrap a huge value to a tiny (or zero) budget.
+                let bytes = mib_to_bytes(v).filter(|_| (1..=MAX_HOST_MEMORY_MB).contains(&v));
+                let Some(bytes) = bytes else {
                     return Err(ctx.err(
                         m.span().start,
                         "sandbox.host_memory_mb",
-                        "must be positive",
+                        format!("{v} must be in 1..={MAX_HOST_MEMORY_MB} MiB"),
                     ));
-                }
-                sandbox.host_memory = (v as usize) << 20;
+                };
+                sandbox.host_memory = bytes;
             }
         }
 
@@ -321,6 +349,7 @@ impl Pipeline {
                     position: ctx.position(e.dir.span().start),
                 },
                 masks: e.masks,
+                force: e.force,
             }
         });
         if let Some(e) = &export
@@ -420,7 +449,7 @@ fn parse_evaluate(
             prompt_tokens,
             new_tokens,
         } = *l.get_ref();
-        if prompt_tokens == 0 || new_tokens < 2 {
+        if prompt_tokens == 0 || new_tokens < 2 || prompt_tokens.checked_add(new_tokens).is_none() {
             return Err(ctx.err(
                 l.span().start,
                 "evaluate.latency",
@@ -846,6 +875,35 @@ mod tests {
         let e = parse("model = \"m\"\n[sandbox]\nmemory_mb = 9000\n").unwrap_err();
         assert_eq!(e.position.line, 3);
         assert_eq!(e.field, "sandbox.memory_mb");
+    }
+
+    #[test]
+    fn memory_limits_that_overflow_are_refused_not_wrapped() {
+        let p = parse("model = \"m\"\n[sandbox]\nhost_memory_mb = 64\n").unwrap();
+        assert_eq!(p.sandbox.host_memory, 64 << 20);
+        // 2^44 MiB shifted by 20 bits wraps to 0 in a u64: it must be an error instead.
+        for v in ["17592186044416", "9223372036854775807", "0"] {
+            let e =
+                parse(&format!("model = \"m\"\n[sandbox]\nhost_memory_mb = {v}\n")).unwrap_err();
+            assert_eq!(e.field, "sandbox.host_memory_mb", "{e}");
+            assert_eq!((e.position.line, e.position.column), (3, 18), "{e}");
+        }
+        for (field, v) in [
+            ("memory_mb", "-1"),
+            ("timeout_s", "inf"),
+            ("timeout_s", "nan"),
+        ] {
+            let e = parse(&format!("model = \"m\"\n[sandbox]\n{field} = {v}\n")).unwrap_err();
+            assert_eq!(e.position.line, 3, "{e}");
+        }
+    }
+
+    #[test]
+    fn export_force_is_off_unless_written() {
+        let p = parse("model = \"m\"\n[export]\ndir = \"o\"\n").unwrap();
+        assert!(!p.export.unwrap().force);
+        let p = parse("model = \"m\"\n[export]\ndir = \"o\"\nforce = true\n").unwrap();
+        assert!(p.export.unwrap().force);
     }
 
     #[test]

@@ -9,9 +9,10 @@ use espalier_engine::{LayerInfo, Model, Session};
 use globset::{Glob, GlobMatcher};
 
 use crate::calibration::{CalibrationSet, CalibrationSpec};
+use crate::display_safe;
 use crate::pipeline::{DensitySpec, Pipeline, PipelineError, StageSpec};
 use crate::plugin::bindings::{Need, OutputKind, ParamKind, ParamValue};
-use crate::plugin::registry::{load_file, value_fits};
+use crate::plugin::registry::{load_file_sandboxed, value_fits};
 use crate::plugin::{Plugin, Registry, Runtime};
 
 /// Where a stage's per-layer density comes from.
@@ -199,6 +200,8 @@ fn check_params(
     plugin: &Plugin,
 ) -> Result<Vec<(String, ParamValue)>, PipelineError> {
     let info = &plugin.info;
+    // Names and docs come from the plugin: escaped and capped before they reach a message.
+    let plugin_name = display_safe::name(&info.name);
     let accepted = || {
         if info.params.is_empty() {
             "it takes no parameters".to_string()
@@ -207,7 +210,8 @@ fn check_params(
                 "it accepts: {}",
                 info.params
                     .iter()
-                    .map(|p| p.name.as_str())
+                    .take(50)
+                    .map(|p| display_safe::name(&p.name))
                     .collect::<Vec<_>>()
                     .join(", ")
             )
@@ -221,11 +225,9 @@ fn check_params(
                 &key.position,
                 field,
                 format!(
-                    "plugin `{}` has no parameter `{}` ({}; see `espalier plugins inspect {}`)",
-                    info.name,
+                    "plugin `{plugin_name}` has no parameter `{}` ({}; see `espalier plugins inspect {plugin_name}`)",
                     key.value,
                     accepted(),
-                    info.name
                 ),
             ));
         };
@@ -236,7 +238,7 @@ fn check_params(
                 format!(
                     "expected {} ({}), found {} `{}`",
                     kind_name(p.kind),
-                    p.doc,
+                    display_safe::line(&p.doc, display_safe::NAME_MAX),
                     value.value.type_str(),
                     value.value
                 ),
@@ -256,11 +258,10 @@ fn check_params(
                     &spec.position,
                     format!("stage[{}].{}", spec.index, p.name),
                     format!(
-                        "plugin `{}` needs parameter `{}` ({}): {}",
-                        info.name,
-                        p.name,
+                        "plugin `{plugin_name}` needs parameter `{}` ({}): {}",
+                        display_safe::name(&p.name),
                         kind_name(p.kind),
-                        p.doc
+                        display_safe::line(&p.doc, display_safe::NAME_MAX)
                     ),
                 ));
             }
@@ -278,7 +279,8 @@ fn resolve_plugin(
     let name = &spec.plugin.value;
     let field = format!("stage[{}].plugin", spec.index);
     if name.ends_with(".wasm") || name.contains('/') {
-        return load_file(runtime, Path::new(name))
+        // Described under the pipeline's limits: a looping `describe` stops at its timeout.
+        return load_file_sandboxed(runtime, Path::new(name), &pipeline.sandbox)
             .map_err(|e| pipeline.error(&spec.plugin.position, field, e.to_string()));
     }
     registry.get(name).cloned().ok_or_else(|| {
@@ -397,7 +399,7 @@ fn plan_calibration(
                     field,
                     format!(
                         "plugin `{}` needs calibration data (activations or losses), but the pipeline has no [calibration] section and the default text {} does not exist here; add [calibration] with text = \"FILE\"",
-                        stage.plugin.info.name,
+                        display_safe::name(&stage.plugin.info.name),
                         spec.text.display()
                     ),
                 ));

@@ -63,15 +63,27 @@ pub fn empty_view() -> Arc<ModelView> {
     })
 }
 
-/// Loads one plugin from bytes: compile, then describe.
+/// Loads one plugin from bytes: compile, then describe under the default sandbox.
 pub fn load_bytes(
     runtime: &Runtime,
     label: &str,
     bytes: &[u8],
     origin: Origin,
 ) -> Result<Plugin, PluginError> {
+    load_bytes_sandboxed(runtime, label, bytes, origin, &Sandbox::default())
+}
+
+/// Loads one plugin from bytes: compile, then describe under `sandbox` (a pipeline's limits
+/// bind its plugins' `describe` as much as their `apply`).
+pub fn load_bytes_sandboxed(
+    runtime: &Runtime,
+    label: &str,
+    bytes: &[u8],
+    origin: Origin,
+    sandbox: &Sandbox,
+) -> Result<Plugin, PluginError> {
     let compiled = runtime.compile(label, bytes)?;
-    let info = runtime.describe(label, &compiled, empty_view(), &Sandbox::default())?;
+    let info = runtime.describe(label, &compiled, empty_view(), sandbox)?;
     if info.name.trim().is_empty() {
         return Err(PluginError::Invalid {
             plugin: label.to_string(),
@@ -106,14 +118,29 @@ pub fn load_bytes(
     })
 }
 
-/// Loads a `.wasm` file.
+/// Loads a `.wasm` file, described under the default sandbox.
 pub fn load_file(runtime: &Runtime, path: &Path) -> Result<Plugin, PluginError> {
+    load_file_sandboxed(runtime, path, &Sandbox::default())
+}
+
+/// Loads a `.wasm` file, described under `sandbox`.
+pub fn load_file_sandboxed(
+    runtime: &Runtime,
+    path: &Path,
+    sandbox: &Sandbox,
+) -> Result<Plugin, PluginError> {
     let label = path.display().to_string();
     let bytes = files::read(path, files::PLUGIN_LIMIT).map_err(|e| PluginError::Invalid {
         plugin: label.clone(),
         message: format!("cannot read the file: {e}"),
     })?;
-    load_bytes(runtime, &label, &bytes, Origin::File(path.to_path_buf()))
+    load_bytes_sandboxed(
+        runtime,
+        &label,
+        &bytes,
+        Origin::File(path.to_path_buf()),
+        sandbox,
+    )
 }
 
 /// Whether a value has the declared kind (integers are accepted where floats are).
@@ -142,9 +169,15 @@ impl Registry {
         Ok(reg)
     }
 
-    /// Adds every `*.wasm` in `dir`; a file named like a built-in replaces it (with a warning),
-    /// so a team can ship an updated criterion. Broken files are reported and skipped.
-    pub fn add_dir(&mut self, runtime: &Runtime, dir: &Path) -> Vec<PluginError> {
+    /// Adds every `*.wasm` in `dir`, each described under `sandbox`; a file named like a
+    /// built-in replaces it (with a warning), so a team can ship an updated criterion. Broken
+    /// files are reported and skipped.
+    pub fn add_dir(
+        &mut self,
+        runtime: &Runtime,
+        dir: &Path,
+        sandbox: &Sandbox,
+    ) -> Vec<PluginError> {
         let mut errors = Vec::new();
         let entries = match std::fs::read_dir(dir) {
             Ok(e) => e,
@@ -162,7 +195,7 @@ impl Registry {
             .collect();
         paths.sort();
         for path in paths {
-            match load_file(runtime, &path) {
+            match load_file_sandboxed(runtime, &path, sandbox) {
                 Ok(p) => self.insert(p),
                 Err(e) => errors.push(e),
             }
@@ -174,10 +207,10 @@ impl Registry {
     pub fn insert(&mut self, plugin: Plugin) {
         if let Some(old) = self.plugins.get(&plugin.info.name) {
             tracing::warn!(
-                name = plugin.info.name,
-                "plugin from {:?} replaces the one from {:?}",
-                plugin.origin,
-                old.origin
+                name = %crate::display_safe::name(&plugin.info.name),
+                "plugin from {} replaces the one from {}",
+                origin_text(&plugin.origin),
+                origin_text(&old.origin)
             );
         }
         self.plugins.insert(plugin.info.name.clone(), plugin);
@@ -196,6 +229,16 @@ impl Registry {
     /// Names, for "did you mean" hints.
     pub fn names(&self) -> Vec<String> {
         self.plugins.keys().cloned().collect()
+    }
+}
+
+/// Where a plugin came from, as shown to users (`builtin` or its path, escaped).
+pub fn origin_text(origin: &Origin) -> String {
+    match origin {
+        Origin::Builtin => "builtin".into(),
+        Origin::File(f) => {
+            crate::display_safe::line(&f.display().to_string(), crate::display_safe::MESSAGE_MAX)
+        }
     }
 }
 

@@ -41,10 +41,13 @@ impl Default for Sandbox {
 }
 
 /// Why a plugin call failed.
+///
+/// The fields keep the full text; `Display` shows the plugin-supplied parts escaped and capped
+/// ([`crate::display_safe`]), so an error printed to a terminal cannot drive it.
 #[derive(Debug, thiserror::Error)]
 pub enum PluginError {
     /// The bytes are not a loadable component.
-    #[error("`{plugin}` is not a valid Espalier plugin: {message}")]
+    #[error("`{}` is not a valid Espalier plugin: {}", safe_name(.plugin), safe_message(.message))]
     Invalid {
         /// Plugin name or file.
         plugin: String,
@@ -53,7 +56,8 @@ pub enum PluginError {
     },
     /// The guest ran past its deadline and was stopped.
     #[error(
-        "plugin `{plugin}` exceeded its time limit of {seconds:.1} s and was stopped (raise `sandbox.timeout_s` if it is legitimately slow)"
+        "plugin `{}` exceeded its time limit of {seconds:.1} s and was stopped (raise `sandbox.timeout_s` if it is legitimately slow)",
+        safe_name(.plugin)
     )]
     Timeout {
         /// Plugin name.
@@ -63,7 +67,8 @@ pub enum PluginError {
     },
     /// The guest tried to grow its memory past the cap.
     #[error(
-        "plugin `{plugin}` exceeded its memory limit of {mib} MiB and was stopped (raise `sandbox.memory_mb` if it legitimately needs more)"
+        "plugin `{}` exceeded its memory limit of {mib} MiB and was stopped (raise `sandbox.memory_mb` if it legitimately needs more)",
+        safe_name(.plugin)
     )]
     Memory {
         /// Plugin name.
@@ -71,8 +76,18 @@ pub enum PluginError {
         /// The cap.
         mib: usize,
     },
-    /// The guest trapped (panic, unreachable, bad handle, ...).
-    #[error("plugin `{plugin}` crashed: {message}")]
+    /// The guest panicked; its panic message (from what it printed) is the cause.
+    #[error("plugin `{}` panicked: {}", safe_name(.plugin), safe_message(.message))]
+    Panicked {
+        /// Plugin name.
+        plugin: String,
+        /// The panic message and where it was raised.
+        message: String,
+        /// The trap that ended the call, with its backtrace.
+        trap: String,
+    },
+    /// The guest trapped (unreachable, bad handle, ...) without a panic message.
+    #[error("plugin `{}` crashed: {}", safe_name(.plugin), safe_message(.message))]
     Trap {
         /// Plugin name.
         plugin: String,
@@ -80,13 +95,21 @@ pub enum PluginError {
         message: String,
     },
     /// The guest returned an error of its own.
-    #[error("plugin `{plugin}` failed: {message}")]
+    #[error("plugin `{}` failed: {}", safe_name(.plugin), safe_message(.message))]
     Failed {
         /// Plugin name.
         plugin: String,
         /// The guest's message.
         message: String,
     },
+}
+
+fn safe_name(s: &str) -> String {
+    crate::display_safe::name(s)
+}
+
+fn safe_message(s: &str) -> String {
+    crate::display_safe::message(s, "  ")
 }
 
 /// Advances the engine's epoch on a background thread until dropped.
@@ -337,7 +360,7 @@ impl Runtime {
                     ),
                 }
             } else {
-                classify(label, e, sandbox)
+                classify(label, e, sandbox, &store.data().output().1)
             }
         })
     }
@@ -360,10 +383,9 @@ impl Runtime {
                 .call_describe(&mut store)
                 .map(compat::v2::plugin_info_from),
             Instance::V0_3(i) => i.call_describe(&mut store),
-        }
-        .map_err(|e| classify(label, e, sandbox))?;
+        };
         log_output(label, &store);
-        Ok(info)
+        info.map_err(|e| classify(label, e, sandbox, &store.data().output().1))
     }
 
     /// Instantiates the plugin in a fresh Store and calls `apply`. The Store (and with it every
@@ -395,7 +417,7 @@ impl Runtime {
         };
         let call = call_start.elapsed();
         log_output(label, &store);
-        let output = result.map_err(|e| classify(label, e, sandbox))?;
+        let output = result.map_err(|e| classify(label, e, sandbox, &store.data().output().1))?;
         let output = output.map_err(|message| PluginError::Failed {
             plugin: label.to_string(),
             message,
@@ -413,15 +435,46 @@ fn ticks(timeout: Duration) -> u64 {
     (timeout.as_millis() / TICK.as_millis()).max(1) as u64
 }
 
+/// Logs what the guest printed, escaped and capped: it goes to the user's terminal.
 fn log_output(label: &str, store: &Store<PluginState>) {
     let (out, err) = store.data().output();
-    for line in out.lines().chain(err.lines()) {
-        tracing::info!(plugin = label, "{line}");
+    let plugin = crate::display_safe::name(label);
+    for (stream, text) in [("stdout", out), ("stderr", err)] {
+        for line in crate::display_safe::log_lines(&text) {
+            tracing::info!(plugin = %plugin, stream, "{line}");
+        }
     }
 }
 
-/// Turns a wasmtime error from a guest call into a [`PluginError`].
-fn classify(label: &str, e: wasmtime::Error, sandbox: &Sandbox) -> PluginError {
+/// The message of a Rust panic in what a guest printed to stderr, with its location:
+/// `thread '…' panicked at src/lib.rs:3:5:\nMESSAGE\nnote: …` becomes `MESSAGE (at src/lib.rs:3:5)`.
+fn panic_message(stderr: &str) -> Option<String> {
+    let start = stderr.rfind("panicked at ")? + "panicked at ".len();
+    let rest = &stderr[start..];
+    let (location, body) = match rest.split_once(":\n") {
+        Some((loc, body)) if !loc.contains('\n') => (Some(loc.trim()), body),
+        _ => (None, rest),
+    };
+    let message: Vec<&str> = body
+        .lines()
+        .take_while(|l| !l.starts_with("note: ") && !l.starts_with("stack backtrace:"))
+        .collect();
+    let message = message.join("\n");
+    let message = message.trim();
+    let message = if message.is_empty() {
+        "(no message)"
+    } else {
+        message
+    };
+    Some(match location {
+        Some(loc) => format!("{message} (at {loc})"),
+        None => message.to_string(),
+    })
+}
+
+/// Turns a wasmtime error from a guest call into a [`PluginError`]; `stderr` is what the guest
+/// printed, where a panicking guest leaves its message.
+fn classify(label: &str, e: wasmtime::Error, sandbox: &Sandbox, stderr: &str) -> PluginError {
     let plugin = label.to_string();
     if e.downcast_ref::<Trap>() == Some(&Trap::Interrupt) {
         return PluginError::Timeout {
@@ -437,5 +490,50 @@ fn classify(label: &str, e: wasmtime::Error, sandbox: &Sandbox) -> PluginError {
             mib: sandbox.guest_memory >> 20,
         };
     }
+    if let Some(panic) = panic_message(stderr) {
+        return PluginError::Panicked {
+            plugin,
+            message: panic,
+            trap: message,
+        };
+    }
     PluginError::Trap { plugin, message }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn panic_messages_are_found_in_what_the_guest_printed() {
+        let printed = "some log\nthread '<unnamed>' panicked at src/lib.rs:17:9:\nboom: 3 > 2\nsecond line\nnote: run with `RUST_BACKTRACE=1` environment variable to display a backtrace\n";
+        assert_eq!(
+            panic_message(printed).unwrap(),
+            "boom: 3 > 2\nsecond line (at src/lib.rs:17:9)"
+        );
+        assert_eq!(panic_message("just a log line\n"), None);
+        assert_eq!(
+            panic_message("thread 'main' panicked at src/x.rs:1:1:\n").unwrap(),
+            "(no message) (at src/x.rs:1:1)"
+        );
+    }
+
+    #[test]
+    fn errors_escape_what_the_plugin_said() {
+        let e = PluginError::Failed {
+            plugin: "evil\u{1b}]0;title\u{7}".into(),
+            message: format!("\u{1b}[2J{}", "x".repeat(1 << 20)),
+        };
+        let shown = e.to_string();
+        assert!(
+            !shown.contains('\u{1b}') && !shown.contains('\u{7}'),
+            "{shown:.200}"
+        );
+        assert!(shown.len() < 8 << 10, "{}", shown.len());
+        // The full text stays in the error.
+        let PluginError::Failed { message, .. } = &e else {
+            unreachable!()
+        };
+        assert_eq!(message.len(), 4 + (1 << 20));
+    }
 }
