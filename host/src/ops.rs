@@ -354,7 +354,9 @@ pub fn select_global(
             .iter()
             .try_fold(1usize, |a, &d| a.checked_mul(d))
             .ok_or("a tensor's element count overflows")?;
-        total = total.checked_add(n).ok_or("the total element count overflows")?;
+        total = total
+            .checked_add(n)
+            .ok_or("the total element count overflows")?;
     }
     if total != scores.len() {
         return Err(format!(

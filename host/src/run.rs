@@ -322,7 +322,10 @@ pub fn run_stage(
                     )));
                 }
                 if new_masks.contains_key(&lm.layer) {
-                    return Err(invalid(format!("two masks for `{}`", short_name(&lm.layer))));
+                    return Err(invalid(format!(
+                        "two masks for `{}`",
+                        short_name(&lm.layer)
+                    )));
                 }
                 new_masks.insert(lm.layer, mask);
             }

@@ -343,7 +343,14 @@ mod tests {
         let mut b = HostBudget::new(1000);
         b.book(600, "a").unwrap();
         let e = b.book(500, "b").unwrap_err();
-        assert!(matches!(e, BudgetError::Exhausted { bytes: 500, used: 600, .. }));
+        assert!(matches!(
+            e,
+            BudgetError::Exhausted {
+                bytes: 500,
+                used: 600,
+                ..
+            }
+        ));
         assert_eq!(b.used(), 600);
         b.release(600);
         b.book(1000, "c").unwrap();

@@ -424,8 +424,14 @@ mod tests {
         // [1, n] by [n, 1]: a 16 GiB result from two 256 KiB inputs.
         let mut s = fresh();
         let n = 1u32 << 16;
-        let row = s.from_f32(vec![1, n], vec![1.0; n as usize]).unwrap().unwrap();
-        let col = s.from_f32(vec![n, 1], vec![1.0; n as usize]).unwrap().unwrap();
+        let row = s
+            .from_f32(vec![1, n], vec![1.0; n as usize])
+            .unwrap()
+            .unwrap();
+        let col = s
+            .from_f32(vec![n, 1], vec![1.0; n as usize])
+            .unwrap()
+            .unwrap();
         let e = refused(s.binary(kernels::BinaryOp::Mul, tensor(row.rep()), tensor(col.rep())));
         assert!(e.contains("host tensor budget"), "{e}");
         assert!(s.host_peak_bytes() <= REPLAY_HOST_BYTES);
@@ -437,7 +443,11 @@ mod tests {
         // 2^64 elements wraps to 0 in unchecked arithmetic, which would match empty data.
         let e = refused(s.from_f32(vec![1 << 16; 4], vec![]));
         assert!(e.contains("overflows") || e.contains("dimensions"), "{e}");
-        let e = refused(s.mask_from_bytes(vec![u32::MAX, u32::MAX, 2], vec![], kernels::Structure::Rows));
+        let e = refused(s.mask_from_bytes(
+            vec![u32::MAX, u32::MAX, 2],
+            vec![],
+            kernels::Structure::Rows,
+        ));
         assert!(e.contains("overflows"), "{e}");
         // An empty tensor whose reduction would be huge: [0, 2^31] reduced over axis 0.
         let t = s.from_f32(vec![0, 1 << 31], vec![]).unwrap().unwrap();
@@ -446,8 +456,14 @@ mod tests {
         // Reducing a non-empty axis of an empty tensor leaves an empty result: refused or
         // empty, never a panic.
         let t = s.from_f32(vec![2, 1 << 31, 0], vec![]).unwrap().unwrap();
-        match s.reduce(kernels::ReduceOp::Max, tensor(t.rep()), 0).unwrap() {
-            Ok(r) => assert_eq!(tensors::HostTensor::numel(&mut s, tensor(r.rep())).unwrap(), 0),
+        match s
+            .reduce(kernels::ReduceOp::Max, tensor(t.rep()), 0)
+            .unwrap()
+        {
+            Ok(r) => assert_eq!(
+                tensors::HostTensor::numel(&mut s, tensor(r.rep())).unwrap(),
+                0
+            ),
             Err(e) => assert!(e.contains("empty"), "{e}"),
         }
     }
@@ -455,12 +471,21 @@ mod tests {
     #[test]
     fn masks_are_booked_and_released() {
         let mut s = fresh();
-        let name = view().layers.iter().find(|l| l.shape.len() == 2).unwrap().name.clone();
+        let name = view()
+            .layers
+            .iter()
+            .find(|l| l.shape.len() == 2)
+            .unwrap()
+            .name
+            .clone();
         let w = s.weight(name).unwrap().unwrap();
         // Hoarding masks ends at the budget ...
         let mut held = Vec::new();
         let err = loop {
-            match s.select(tensor(w.rep()), kernels::Structure::Unstructured, 0.5).unwrap() {
+            match s
+                .select(tensor(w.rep()), kernels::Structure::Unstructured, 0.5)
+                .unwrap()
+            {
                 Ok(m) => held.push(m.rep()),
                 Err(e) => break e,
             }
@@ -471,9 +496,16 @@ mod tests {
         for rep in held {
             kernels::HostMask::drop(&mut s, Resource::new_own(rep)).unwrap();
         }
-        assert!(s.host_bytes() < 4096, "{} bytes still booked", s.host_bytes());
+        assert!(
+            s.host_bytes() < 4096,
+            "{} bytes still booked",
+            s.host_bytes()
+        );
         for _ in 0..1000 {
-            let m = s.select(tensor(w.rep()), kernels::Structure::Unstructured, 0.5).unwrap().unwrap();
+            let m = s
+                .select(tensor(w.rep()), kernels::Structure::Unstructured, 0.5)
+                .unwrap()
+                .unwrap();
             kernels::HostMask::drop(&mut s, Resource::new_own(m.rep())).unwrap();
         }
     }
@@ -481,7 +513,13 @@ mod tests {
     #[test]
     fn select_global_books_every_copy_of_a_repeated_tensor() {
         let mut s = fresh();
-        let big = view().layers.iter().max_by_key(|l| l.shape.iter().product::<u32>()).unwrap().name.clone();
+        let big = view()
+            .layers
+            .iter()
+            .max_by_key(|l| l.shape.iter().product::<u32>())
+            .unwrap()
+            .name
+            .clone();
         let w = s.weight(big).unwrap().unwrap();
         let list: Vec<_> = (0..20_000).map(|_| tensor(w.rep())).collect();
         let e = refused(s.select_global(list, 0.5));
@@ -513,10 +551,21 @@ mod tests {
     fn loss_trials_check_the_request_before_copying() {
         use calibration::Host as _;
         let mut s = fresh();
-        let l = view().layers.iter().find(|l| l.block == Some(0) && l.shape.len() == 2).unwrap().clone();
+        let l = view()
+            .layers
+            .iter()
+            .find(|l| l.block == Some(0) && l.shape.len() == 2)
+            .unwrap()
+            .clone();
         let w = s.weight(l.name.clone()).unwrap().unwrap();
-        let m = s.select(tensor(w.rep()), kernels::Structure::Unstructured, 0.5).unwrap().unwrap();
-        let twice = vec![(l.name.clone(), mask(m.rep())), (l.name.clone(), mask(m.rep()))];
+        let m = s
+            .select(tensor(w.rep()), kernels::Structure::Unstructured, 0.5)
+            .unwrap()
+            .unwrap();
+        let twice = vec![
+            (l.name.clone(), mask(m.rep())),
+            (l.name.clone(), mask(m.rep())),
+        ];
         assert!(refused(s.loss_with_masks(twice)).contains("twice"));
         let unknown = vec![("nope".to_string(), mask(m.rep()))];
         assert!(refused(s.loss_with_masks(unknown)).contains("no weight"));

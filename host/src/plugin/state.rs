@@ -260,7 +260,10 @@ impl PluginState {
 
     /// A handle sharing storage the host already holds (a weight, a cached statistic): only
     /// the handle itself is booked.
-    fn push_shared(&mut self, tensor: Tensor) -> wasmtime::Result<Result<Resource<TensorHandle>, String>> {
+    fn push_shared(
+        &mut self,
+        tensor: Tensor,
+    ) -> wasmtime::Result<Result<Resource<TensorHandle>, String>> {
         if let Err(e) = self.budget.book(HANDLE_BYTES, "a handle") {
             return Ok(Err(e.into()));
         }
@@ -883,7 +886,9 @@ impl PluginState {
             let shape = t.dims().to_vec();
             let cols = shape.last().copied().unwrap_or(0);
             // Each worker ranks one row at a time: its keys plus a histogram.
-            let per_worker = cols.saturating_mul(5).saturating_add(ops::TOP_K_FIXED_SCRATCH);
+            let per_worker = cols
+                .saturating_mul(5)
+                .saturating_add(ops::TOP_K_FIXED_SCRATCH);
             let scratch = per_worker
                 .saturating_mul(rayon::current_num_threads())
                 .saturating_add(copy_cost(&t));
