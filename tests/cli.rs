@@ -248,8 +248,18 @@ fn pipeline_mistakes_name_file_line_and_field() {
 fn a_failing_plugin_writes_nothing_and_keeps_the_previous_output() {
     let dir = tmp();
     let out = dir.path().join("out");
-    std::fs::create_dir(&out).unwrap();
-    std::fs::write(out.join("report.json"), "previous").unwrap();
+    // A previous export of Espalier's own (a foreign folder is refused at planning).
+    let good = write(
+        dir.path(),
+        "good.toml",
+        "model = \"builtin:tiny-llama\"\n[[stage]]\nplugin = \"magnitude\"\ndensity = 0.5\n[export]\ndir = \"out\"\n",
+    );
+    assert!(
+        espalier(&["run", good.to_str().unwrap()], dir.path())
+            .status
+            .success()
+    );
+    let previous = std::fs::read_to_string(out.join("report.json")).unwrap();
     let trap =
         PathBuf::from(env!("ESPALIER_PLUGIN_WASM_DIR")).join("espalier_test_hostile_trap.wasm");
     let p = write(
@@ -266,12 +276,12 @@ fn a_failing_plugin_writes_nothing_and_keeps_the_previous_output() {
     assert!(stderr.contains("crashed"), "{stderr}");
     assert_eq!(
         std::fs::read_to_string(out.join("report.json")).unwrap(),
-        "previous"
+        previous
     );
     assert_eq!(
         std::fs::read_dir(dir.path()).unwrap().count(),
-        2,
-        "no temporary directory left"
+        3,
+        "no temporary directory left (good.toml, trap.toml, out)"
     );
 }
 

@@ -14,7 +14,12 @@ mod pipeline_parse;
 
 #[test]
 fn pipeline_parse_regressions_replay() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/regressions/pipeline_parse");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    // The `valid-*` inputs are the example pipelines, whose text files are named relative to
+    // the repository root (where the README runs them). This binary holds this one test, so
+    // changing its working directory affects nothing else.
+    std::env::set_current_dir(&root).unwrap();
+    let dir = root.join("fuzz/regressions/pipeline_parse");
     let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
         .unwrap()
         .map(|e| e.unwrap().path())

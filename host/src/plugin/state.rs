@@ -203,10 +203,13 @@ impl PluginState {
         let made = make(self);
         self.budget.release(scratch);
         match made {
-            Ok(t) if t.elem_count() == numel => Ok(Ok(self.table.push(TensorHandle {
-                tensor: t,
-                booked: result,
-            })?)),
+            Ok(t) if t.elem_count() == numel => {
+                let pushed = self.table.push(TensorHandle {
+                    tensor: t,
+                    booked: result,
+                });
+                self.pushed(pushed, result)
+            }
             Ok(t) => {
                 // A kernel whose result differs from its booking is a host bug; refuse it
                 // rather than let the books drift.
@@ -243,7 +246,10 @@ impl PluginState {
         let made = make(self);
         self.budget.release(scratch);
         match made {
-            Ok(m) if m.keep().len() == numel => Ok(Ok(self.table.push(m)?)),
+            Ok(m) if m.keep().len() == numel => {
+                let pushed = self.table.push(m);
+                self.pushed(pushed, result)
+            }
             Ok(m) => {
                 self.budget.release(result);
                 Ok(Err(format!(
@@ -267,10 +273,30 @@ impl PluginState {
         if let Err(e) = self.budget.book(HANDLE_BYTES, "a handle") {
             return Ok(Err(e.into()));
         }
-        Ok(Ok(self.table.push(TensorHandle {
+        let pushed = self.table.push(TensorHandle {
             tensor,
             booked: HANDLE_BYTES,
-        })?))
+        });
+        self.pushed(pushed, HANDLE_BYTES)
+    }
+
+    /// A new table entry, or the plugin's error when the table is full (its bytes returned).
+    fn pushed<T>(
+        &mut self,
+        pushed: Result<Resource<T>, wasmtime::component::ResourceTableError>,
+        booked: usize,
+    ) -> wasmtime::Result<Result<Resource<T>, String>> {
+        match pushed {
+            Ok(r) => Ok(Ok(r)),
+            Err(wasmtime::component::ResourceTableError::Full) => {
+                self.budget.release(booked);
+                Ok(Err(format!(
+                    "the plugin holds {MAX_TABLE_ENTRIES} live handles, the most one call may \
+                     hold; drop handles you no longer need"
+                )))
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Runs a host import and books its time as host time.
