@@ -875,7 +875,7 @@ mod tests {
             .into_iter()
             .map(|(k, v)| (k, v.to_dtype(DType::BF16).unwrap()))
             .collect();
-        candle_core::safetensors::save(&out, &dir.path().join("model.safetensors")).unwrap();
+        candle_core::safetensors::save(&out, dir.path().join("model.safetensors")).unwrap();
         let back = Model::load(dir.path()).unwrap();
         assert_eq!(
             back.weight("model.norm.weight").unwrap().dtype(),

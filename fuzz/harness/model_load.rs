@@ -83,11 +83,10 @@ pub fn run(data: &[u8], dir: &Path) -> (Result<(), String>, Result<(), String>) 
     if !parts.tokenizer.is_empty() {
         write("tokenizer.json", parts.tokenizer);
     }
-    let model = Model::load(dir).map_err(|e| e.to_string()).map(|m| {
+    let model = Model::load(dir).map_err(|e| e.to_string()).inspect(|m| {
         // Describing the loaded model must work for whatever loaded.
         let _ = m.layers();
         let _ = m.num_parameters();
-        m
     });
     let tokenizer = match &model {
         Ok(m) if !parts.tokenizer.is_empty() => Tokenizer::for_model(m).map(|_| ()),

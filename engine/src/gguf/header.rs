@@ -275,7 +275,7 @@ pub fn check<R: Read + Seek>(reader: R, size: u64) -> Result<Checked, String> {
                     }
                     match (et, fixed_size(et)) {
                         (_, Some(each)) => {
-                            let bytes = n.checked_mul(each).unwrap_or(u64::MAX);
+                            let bytes = n.saturating_mul(each);
                             c.skip(bytes, &what)?;
                         }
                         (T_STRING, None) => {
@@ -430,7 +430,7 @@ mod tests {
             out.extend(self.n_kv.to_le_bytes());
             out.extend(&self.kvs);
             out.extend(&self.infos);
-            while out.len() % 32 != 0 {
+            while !out.len().is_multiple_of(32) {
                 out.push(0);
             }
             out.extend(&self.data);
