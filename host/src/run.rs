@@ -10,12 +10,12 @@ use std::time::{Duration, Instant};
 use espalier_engine::{LayerInfo, Model, Role};
 
 use crate::calibration::{CalibrationSet, Calibrator};
+use crate::display_safe;
 use crate::heads::{self, HeadsChange};
 use crate::mask::{Mask, Structure, rows_cols};
 use crate::plan::{Plan, PlannedStage, StageDensity};
 use crate::plugin::bindings::espalier::prune::model as wit_model;
 use crate::plugin::bindings::{Need, OutputKind, StageContext, StageOutput, Target};
-use crate::plugin::budget::short_name;
 use crate::plugin::state::ModelView;
 use crate::plugin::{CallTimings, Origin, PluginError, Runtime, Sandbox};
 use crate::report::{LayerReport, RunReport, StageReport, Summary};
@@ -318,13 +318,13 @@ pub fn run_stage(
                 if !target_names.contains(lm.layer.as_str()) {
                     return Err(invalid(format!(
                         "a mask for `{}`, which is not a target of this stage",
-                        short_name(&lm.layer)
+                        display_safe::name(&lm.layer)
                     )));
                 }
                 if new_masks.contains_key(&lm.layer) {
                     return Err(invalid(format!(
                         "two masks for `{}`",
-                        short_name(&lm.layer)
+                        display_safe::name(&lm.layer)
                     )));
                 }
                 new_masks.insert(lm.layer, mask);
@@ -364,7 +364,7 @@ pub fn run_stage(
                 if !target_names.contains(b.layer.as_str()) {
                     return Err(invalid(format!(
                         "a budget for `{}`, which is not a target",
-                        short_name(&b.layer)
+                        display_safe::name(&b.layer)
                     )));
                 }
                 if !(0.0..=1.0).contains(&b.density) || b.density.is_nan() {

@@ -213,27 +213,6 @@ pub fn short_shape(shape: &[usize]) -> String {
     }
 }
 
-/// A plugin-supplied name for a message: at most 120 characters, control characters escaped
-/// (the terminal shows what a plugin says; it must not be able to drive the terminal).
-pub fn short_name(name: &str) -> String {
-    const MAX: usize = 120;
-    let mut out: String = name
-        .chars()
-        .take(MAX)
-        .flat_map(|c| {
-            if c.is_control() {
-                c.escape_default().collect::<Vec<_>>()
-            } else {
-                vec![c]
-            }
-        })
-        .collect();
-    if name.chars().nth(MAX).is_some() {
-        out.push('…');
-    }
-    out
-}
-
 /// Caps a Store's wasm memories and tables *together*. wasmtime's `StoreLimits` caps each
 /// linear memory on its own, so a component with many core instances could hold the cap once
 /// per memory; this limiter books every growth of any memory against one total.
@@ -269,6 +248,26 @@ impl GuestLimiter {
     }
 }
 
+/// Adds `desired - current` to `total` if the sum stays within `cap`. A refusal is an error
+/// (not `false`), which traps the guest at once: a Rust guest would otherwise abort on the
+/// failed allocation with a less useful message.
+fn grow_within(
+    total: &mut usize,
+    cap: usize,
+    current: usize,
+    desired: usize,
+    refusal: impl FnOnce(usize) -> String,
+) -> wasmtime::Result<bool> {
+    let grow = desired.saturating_sub(current);
+    match total.checked_add(grow) {
+        Some(t) if t <= cap => {
+            *total = t;
+            Ok(true)
+        }
+        _ => Err(wasmtime::Error::msg(refusal(total.saturating_add(grow)))),
+    }
+}
+
 impl wasmtime::ResourceLimiter for GuestLimiter {
     fn memory_growing(
         &mut self,
@@ -276,21 +275,15 @@ impl wasmtime::ResourceLimiter for GuestLimiter {
         desired: usize,
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        let grow = desired.saturating_sub(current);
-        match self.memory.checked_add(grow) {
-            Some(total) if total <= self.memory_cap => {
-                self.memory = total;
-                Ok(true)
-            }
-            // An error (not `false`) traps the guest at once: a Rust guest would otherwise
-            // abort on the failed allocation with a less useful message. The wording is what
-            // the runtime recognises as a memory-limit trap.
-            _ => Err(wasmtime::Error::msg(format!(
+        let cap = self.memory_cap;
+        // The wording is what the runtime recognises as a memory-limit trap.
+        grow_within(&mut self.memory, cap, current, desired, |asked| {
+            format!(
                 "forcing trap when growing memory to {} MiB: the guest memory cap is {} MiB",
-                self.memory.saturating_add(grow) >> 20,
-                self.memory_cap >> 20
-            ))),
-        }
+                asked >> 20,
+                cap >> 20
+            )
+        })
     }
 
     fn memory_grow_failed(&mut self, error: wasmtime::Error) -> wasmtime::Result<()> {
@@ -303,17 +296,10 @@ impl wasmtime::ResourceLimiter for GuestLimiter {
         desired: usize,
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        let grow = desired.saturating_sub(current);
-        match self.table_elements.checked_add(grow) {
-            Some(total) if total <= self.table_cap => {
-                self.table_elements = total;
-                Ok(true)
-            }
-            _ => Err(wasmtime::Error::msg(format!(
-                "forcing trap when growing tables beyond {} elements",
-                self.table_cap
-            ))),
-        }
+        let cap = self.table_cap;
+        grow_within(&mut self.table_elements, cap, current, desired, |_| {
+            format!("forcing trap when growing tables beyond {cap} elements")
+        })
     }
 
     fn instances(&self) -> usize {

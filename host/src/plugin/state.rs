@@ -193,38 +193,18 @@ impl PluginState {
             Ok(b) => b,
             Err(e) => return Ok(Err(e.into())),
         };
-        let total = match budget::sum(&[result, scratch], what) {
-            Ok(t) => t,
-            Err(e) => return Ok(Err(e.into())),
-        };
-        if let Err(e) = self.budget.book(total, what) {
-            return Ok(Err(e.into()));
-        }
-        let made = make(self);
-        self.budget.release(scratch);
-        match made {
-            Ok(t) if t.elem_count() == numel => {
-                let pushed = self.table.push(TensorHandle {
-                    tensor: t,
-                    booked: result,
-                });
-                self.pushed(pushed, result)
-            }
-            Ok(t) => {
-                // A kernel whose result differs from its booking is a host bug; refuse it
-                // rather than let the books drift.
-                self.budget.release(result);
-                Ok(Err(format!(
-                    "{what}: internal size mismatch ({} elements booked, {} made)",
-                    numel,
-                    t.elem_count()
-                )))
-            }
-            Err(e) => {
-                self.budget.release(result);
-                Ok(Err(e))
-            }
-        }
+        self.new_entry(
+            what,
+            numel,
+            result,
+            scratch,
+            make,
+            Tensor::elem_count,
+            |tensor| TensorHandle {
+                tensor,
+                booked: result,
+            },
+        )
     }
 
     /// Like [`Self::new_tensor`] for a mask of `numel` flags.
@@ -236,6 +216,31 @@ impl PluginState {
         make: impl FnOnce(&Self) -> Result<Mask, String>,
     ) -> wasmtime::Result<Result<Resource<Mask>, String>> {
         let result = budget::mask_bytes(numel);
+        self.new_entry(
+            what,
+            numel,
+            result,
+            scratch,
+            make,
+            |m| m.keep().len(),
+            |m| m,
+        )
+    }
+
+    /// The booking shared by [`Self::new_tensor`] and [`Self::new_mask`]: `result + scratch`
+    /// bytes booked before `make` runs, the scratch returned after it, and the result's bytes
+    /// returned too unless `make` produced exactly `numel` elements that entered the table.
+    #[allow(clippy::too_many_arguments)]
+    fn new_entry<T, E: Send + 'static>(
+        &mut self,
+        what: &str,
+        numel: usize,
+        result: usize,
+        scratch: usize,
+        make: impl FnOnce(&Self) -> Result<T, String>,
+        elements: impl FnOnce(&T) -> usize,
+        entry: impl FnOnce(T) -> E,
+    ) -> wasmtime::Result<Result<Resource<E>, String>> {
         let total = match budget::sum(&[result, scratch], what) {
             Ok(t) => t,
             Err(e) => return Ok(Err(e.into())),
@@ -245,17 +250,18 @@ impl PluginState {
         }
         let made = make(self);
         self.budget.release(scratch);
+        let made = made.and_then(|x| match elements(&x) {
+            n if n == numel => Ok(x),
+            // A kernel whose result differs from its booking is a host bug; refuse it rather
+            // than let the books drift.
+            n => Err(format!(
+                "{what}: internal size mismatch ({numel} elements booked, {n} made)"
+            )),
+        });
         match made {
-            Ok(m) if m.keep().len() == numel => {
-                let pushed = self.table.push(m);
+            Ok(x) => {
+                let pushed = self.table.push(entry(x));
                 self.pushed(pushed, result)
-            }
-            Ok(m) => {
-                self.budget.release(result);
-                Ok(Err(format!(
-                    "{what}: internal size mismatch ({numel} flags booked, {} made)",
-                    m.keep().len()
-                )))
             }
             Err(e) => {
                 self.budget.release(result);
@@ -819,7 +825,7 @@ macro_rules! impl_host_imports {
                     Some(t) => self.push_shared(t),
                     None => Ok(Err(format!(
                         "the model has no weight named `{}`",
-                        budget::short_name(&name)
+                        crate::display_safe::name(&name)
                     ))),
                 }
             }
@@ -1017,7 +1023,7 @@ impl PluginState {
                 let Some(weight) = s.model.weights.get(layer) else {
                     return Ok(Err(format!(
                         "the model has no weight named `{}`",
-                        budget::short_name(layer)
+                        crate::display_safe::name(layer)
                     )));
                 };
                 if !seen.insert(layer.as_str()) {
