@@ -1,31 +1,11 @@
 //! End-to-end: the `espalier` binary as a user runs it, on pipelines in `pipelines/` and on
 //! broken inputs, checking exit codes, messages and what lands on disk.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::PathBuf;
 
-fn espalier(args: &[&str], cwd: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_espalier"))
-        .args(args)
-        .current_dir(cwd)
-        .env_remove("ESPALIER_PLUGIN_DIR")
-        .output()
-        .expect("run espalier")
-}
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
-
-fn text(o: &Output) -> (String, String) {
-    (
-        String::from_utf8_lossy(&o.stdout).into_owned(),
-        String::from_utf8_lossy(&o.stderr).into_owned(),
-    )
-}
+#[path = "common/binary.rs"]
+mod binary;
+use binary::{espalier, repo, text, write};
 
 fn tmp() -> tempfile::TempDir {
     tempfile::tempdir().unwrap()
@@ -171,12 +151,6 @@ fn heads_export_has_smaller_matrices_and_a_consistent_config() {
             .dims(),
         &[64, 32]
     );
-}
-
-fn write(dir: &Path, name: &str, body: &str) -> PathBuf {
-    let p = dir.join(name);
-    std::fs::write(&p, body).unwrap();
-    p
 }
 
 #[test]

@@ -4,49 +4,13 @@
 //! their message, `describe` bound by the pipeline's sandbox, closed pipes and overflowing
 //! numbers on the command line.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::path::Path;
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-fn bin() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_espalier"));
-    c.env_remove("ESPALIER_PLUGIN_DIR")
-        .env_remove("ESPALIER_LOG")
-        .env("NO_COLOR", "1");
-    c
-}
-
-fn espalier(args: &[&str], cwd: &Path) -> Output {
-    bin()
-        .args(args)
-        .current_dir(cwd)
-        .output()
-        .expect("run espalier")
-}
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
-
-fn wasm(stem: &str) -> PathBuf {
-    PathBuf::from(env!("ESPALIER_PLUGIN_WASM_DIR")).join(format!("espalier_test_{stem}.wasm"))
-}
-
-fn text(o: &Output) -> (String, String) {
-    (
-        String::from_utf8_lossy(&o.stdout).into_owned(),
-        String::from_utf8_lossy(&o.stderr).into_owned(),
-    )
-}
-
-fn write(dir: &Path, name: &str, body: &str) -> PathBuf {
-    let p = dir.join(name);
-    std::fs::write(&p, body).unwrap();
-    p
-}
+#[path = "common/binary.rs"]
+mod binary;
+use binary::{bin, espalier, repo, text, wasm, write};
 
 /// Hidden siblings of `out` that look like Espalier's temporary folders.
 fn temporaries(parent: &Path, out: &str) -> Vec<String> {
