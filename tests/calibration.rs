@@ -353,13 +353,13 @@ fn calibration_errors_are_clear() {
 
 #[test]
 fn plugins_built_against_wit_0_1_still_run() {
-    let legacy =
-        PathBuf::from(env!("ESPALIER_PLUGIN_WASM_DIR")).join("espalier_test_legacy_v01.wasm");
+    let legacy = PathBuf::from(espalier::plugin::registry::BUILT_PLUGIN_DIR)
+        .join("espalier_test_legacy_v01.wasm");
     assert!(legacy.is_file(), "{} was not built", legacy.display());
     let plugin = espalier::plugin::registry::load_file(&app().runtime, &legacy).unwrap();
     assert_eq!(plugin.compiled.wit, WitVersion::V0_1);
     assert_eq!(
-        app().registry.get("magnitude").unwrap().compiled.wit,
+        app().registry().get("magnitude").unwrap().compiled.wit,
         WitVersion::V0_3
     );
     let old = run(&format!(
@@ -377,8 +377,8 @@ fn plugins_built_against_wit_0_1_still_run() {
 
 #[test]
 fn plugins_built_against_wit_0_2_still_run() {
-    let legacy =
-        PathBuf::from(env!("ESPALIER_PLUGIN_WASM_DIR")).join("espalier_test_legacy_v02.wasm");
+    let legacy = PathBuf::from(espalier::plugin::registry::BUILT_PLUGIN_DIR)
+        .join("espalier_test_legacy_v02.wasm");
     assert!(legacy.is_file(), "{} was not built", legacy.display());
     let plugin = espalier::plugin::registry::load_file(&app().runtime, &legacy).unwrap();
     assert_eq!(plugin.compiled.wit, WitVersion::V0_2);

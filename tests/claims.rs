@@ -9,8 +9,10 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
 use espalier::calibration::CalibrationSet;
+use espalier::cancel::CancelToken;
+use espalier::events::Quiet;
 use espalier::pipeline::Pipeline;
-use espalier::run::{Quiet, execute};
+use espalier::run::execute;
 use espalier_engine::{
     EngineError, Linear, LinearObserver, LossGradients, Model, Session, Tokenizer,
 };
@@ -53,7 +55,8 @@ fn calibration_set() -> CalibrationSet {
 
 /// A test plugin built next to the built-ins (`plugins/testing/<name>`).
 fn test_plugin(stem: &str) -> String {
-    let path = PathBuf::from(env!("ESPALIER_PLUGIN_WASM_DIR")).join(format!("{stem}.wasm"));
+    let path =
+        PathBuf::from(espalier::plugin::registry::BUILT_PLUGIN_DIR).join(format!("{stem}.wasm"));
     assert!(path.is_file(), "{} was not built", path.display());
     format!("{:?}", path.display().to_string())
 }
@@ -601,8 +604,16 @@ fn heads_by_group_keep_whole_kv_groups_scored_with_their_k_and_v() {
             ),
         )
         .unwrap();
-        let plan = espalier::plan::plan(pipeline, &app().registry, &app().runtime, &model).unwrap();
-        let out = execute(&plan, &app().runtime, model.clone(), &mut Quiet).unwrap();
+        let plan =
+            espalier::plan::plan(pipeline, &app().registry(), &app().runtime, &model).unwrap();
+        let out = execute(
+            &plan,
+            &app().runtime,
+            model.clone(),
+            &mut Quiet,
+            &CancelToken::new(),
+        )
+        .unwrap();
         let pruned = &out.state.model;
         assert_eq!(
             (pruned.config.num_heads, pruned.config.num_kv_heads),

@@ -234,8 +234,8 @@ fn a_failing_plugin_writes_nothing_and_keeps_the_previous_output() {
             .success()
     );
     let previous = std::fs::read_to_string(out.join("report.json")).unwrap();
-    let trap =
-        PathBuf::from(env!("ESPALIER_PLUGIN_WASM_DIR")).join("espalier_test_hostile_trap.wasm");
+    let trap = PathBuf::from(espalier::plugin::registry::BUILT_PLUGIN_DIR)
+        .join("espalier_test_hostile_trap.wasm");
     let p = write(
         dir.path(),
         "trap.toml",
@@ -276,8 +276,8 @@ fn plugins_list_and_inspect() {
     // A .wasm file dropped in a plugin folder is registered under its described name.
     let plugins = dir.path().join("plugins");
     std::fs::create_dir(&plugins).unwrap();
-    let src =
-        PathBuf::from(env!("ESPALIER_PLUGIN_WASM_DIR")).join("espalier_test_hostile_density.wasm");
+    let src = PathBuf::from(espalier::plugin::registry::BUILT_PLUGIN_DIR)
+        .join("espalier_test_hostile_density.wasm");
     std::fs::copy(&src, plugins.join("mine.wasm")).unwrap();
     let o = espalier(
         &["plugins", "list", "--plugin-dir", plugins.to_str().unwrap()],
@@ -298,8 +298,8 @@ fn malformed_wasm_is_refused_clearly() {
     assert!(!o.status.success());
     assert!(stderr.contains("not WebAssembly"), "{stderr}");
     // A truncated component: right header, broken body.
-    let src =
-        PathBuf::from(env!("ESPALIER_PLUGIN_WASM_DIR")).join("espalier_test_hostile_trap.wasm");
+    let src = PathBuf::from(espalier::plugin::registry::BUILT_PLUGIN_DIR)
+        .join("espalier_test_hostile_trap.wasm");
     let bytes = std::fs::read(src).unwrap();
     let cut = dir.path().join("cut.wasm");
     std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();

@@ -245,7 +245,7 @@ fn stages_compose_and_budgets_are_checked() {
 }
 
 fn hostile(name: &str) -> PathBuf {
-    PathBuf::from(env!("ESPALIER_PLUGIN_WASM_DIR"))
+    PathBuf::from(espalier::plugin::registry::BUILT_PLUGIN_DIR)
         .join(format!("espalier_test_hostile_{name}.wasm"))
 }
 

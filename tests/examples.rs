@@ -56,7 +56,7 @@ fn every_example_pipeline_parses_and_plans() {
         } else {
             panic!("{shown}: names `{reference}`, which tests cannot load");
         };
-        let plan = espalier::plan::plan(pipeline, &app().registry, &app().runtime, model)
+        let plan = espalier::plan::plan(pipeline, &app().registry(), &app().runtime, model)
             .unwrap_or_else(|e| panic!("{shown}: {e}"));
         assert_eq!(plan.stages.len(), stages, "{shown}");
         for stage in &plan.stages {

@@ -240,8 +240,8 @@ const ATTACKS: &[(&str, &[&str])] = &[
 ];
 
 fn plugin_path() -> PathBuf {
-    let path =
-        PathBuf::from(env!("ESPALIER_PLUGIN_WASM_DIR")).join("espalier_test_hostile_calls.wasm");
+    let path = PathBuf::from(espalier::plugin::registry::BUILT_PLUGIN_DIR)
+        .join("espalier_test_hostile_calls.wasm");
     assert!(path.is_file(), "{} was not built", path.display());
     path
 }

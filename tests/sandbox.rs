@@ -19,8 +19,8 @@ mod common;
 use common::run;
 
 fn probe_wasm() -> PathBuf {
-    let path =
-        PathBuf::from(env!("ESPALIER_PLUGIN_WASM_DIR")).join("espalier_test_probe_sandbox.wasm");
+    let path = PathBuf::from(espalier::plugin::registry::BUILT_PLUGIN_DIR)
+        .join("espalier_test_probe_sandbox.wasm");
     assert!(path.is_file(), "{} was not built", path.display());
     path
 }

@@ -52,6 +52,9 @@ pub enum EngineError {
     /// long for the position encoding, shorter than one evaluation window).
     #[error("{0}")]
     Input(String),
+    /// The caller asked the work to stop (a cancelled run).
+    #[error("cancelled")]
+    Cancelled,
     /// `tokenizer.json` is missing, malformed, or does not fit the model.
     #[error("{path}: {message}")]
     Tokenizer {

@@ -125,6 +125,18 @@ pub fn perplexity(
     options: &PerplexityOptions,
     progress: &mut dyn FnMut(&PerplexityProgress),
 ) -> Result<PerplexityReport, EngineError> {
+    perplexity_until(session, tokens, options, progress, &|| false)
+}
+
+/// As [`perplexity`], asking `stop` before every window: once it answers `true` the evaluation
+/// ends with [`EngineError::Cancelled`] (a daemon cancels a run between windows this way).
+pub fn perplexity_until(
+    session: &Session,
+    tokens: &[u32],
+    options: &PerplexityOptions,
+    progress: &mut dyn FnMut(&PerplexityProgress),
+    stop: &dyn Fn() -> bool,
+) -> Result<PerplexityReport, EngineError> {
     let PerplexityOptions { window, stride } = *options;
     if window < 2 {
         return Err(EngineError::Input(format!(
@@ -153,6 +165,9 @@ pub fn perplexity(
     let (mut nll_sum, mut n_tokens) = (0f64, 0usize);
     let (mut token_sum, mut tokens_scored) = (0f64, 0usize);
     for (i, &(begin, end, trg_len)) in plan.iter().enumerate() {
+        if stop() {
+            return Err(EngineError::Cancelled);
+        }
         let ids = &tokens[begin..end];
         let len = ids.len();
         // Labels are the last trg_len positions; the shift drops position 0, whose token has

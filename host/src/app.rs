@@ -1,17 +1,25 @@
-//! The entry points the CLI (and later the daemon) share: start the plugin runtime, register
-//! built-in and folder plugins, and run a pipeline file from parsing to export.
+//! The application core the CLI and the daemon share: configuration passed in (never read
+//! from the working directory or environment here), the plugin runtime and a registry that can
+//! change while runs hold the plugin versions they started with, and a run from parsing to
+//! export that reports through events, can be cancelled from outside, and fails with errors
+//! of stable kinds.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use espalier_engine::EngineError;
+
+use crate::cancel::CancelToken;
+use crate::events::{EventSink, RunEvent};
 
 use crate::evaluate::{Comparison, EvalSpec, Evaluation, evaluate};
 use crate::export::{ExportError, Input, prepare};
 use crate::pipeline::{Pipeline, PipelineError};
 use crate::plan::plan;
+use crate::plugin::registry::SharedRegistry;
 use crate::plugin::{Origin, PluginError, Registry, Runtime, Sandbox};
 use crate::report::RunReport;
-use crate::run::{RunError, RunObserver, RunState, execute};
+use crate::run::{RunError, RunState, execute};
 
 /// Anything that can stop a run, each naming its cause.
 #[derive(Debug, thiserror::Error)]
@@ -37,6 +45,103 @@ pub enum AppError {
     /// The wasm runtime could not start.
     #[error("plugin runtime: {0}")]
     Runtime(String),
+    /// The run was cancelled from outside.
+    #[error("the run was cancelled")]
+    Cancelled,
+}
+
+/// The stable kind of an [`AppError`]: what a front end maps to an exit code or an HTTP
+/// status, and what run records store. Names never change once released.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ErrorKind {
+    /// The pipeline (file or request body) is wrong; the message names file, line and field.
+    InvalidPipeline,
+    /// The model cannot be loaded or does not fit the request.
+    InvalidModel,
+    /// A plugin is not a loadable component.
+    InvalidPlugin,
+    /// A plugin failed inside its sandbox (error, trap, panic, timeout, memory).
+    PluginFailed,
+    /// A plugin returned a result the host refuses to apply.
+    InvalidOutput,
+    /// The export folder is refused or could not be written.
+    Export,
+    /// Evaluating a model failed.
+    Evaluation,
+    /// The run was cancelled.
+    Cancelled,
+    /// Anything else: a bug or an environment problem (runtime start, out of memory).
+    Internal,
+}
+
+impl ErrorKind {
+    /// The kebab-case name (as serialised).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::InvalidPipeline => "invalid-pipeline",
+            ErrorKind::InvalidModel => "invalid-model",
+            ErrorKind::InvalidPlugin => "invalid-plugin",
+            ErrorKind::PluginFailed => "plugin-failed",
+            ErrorKind::InvalidOutput => "invalid-output",
+            ErrorKind::Export => "export",
+            ErrorKind::Evaluation => "evaluation",
+            ErrorKind::Cancelled => "cancelled",
+            ErrorKind::Internal => "internal",
+        }
+    }
+}
+
+impl AppError {
+    /// Its stable kind.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            AppError::Pipeline(_) => ErrorKind::InvalidPipeline,
+            AppError::Model(_) => ErrorKind::InvalidModel,
+            AppError::Plugin(PluginError::Invalid { .. }) => ErrorKind::InvalidPlugin,
+            AppError::Plugin(PluginError::Cancelled { .. }) => ErrorKind::Cancelled,
+            AppError::Plugin(_) => ErrorKind::PluginFailed,
+            AppError::Run(RunError::Plugin { source, .. }) => match source {
+                PluginError::Invalid { .. } => ErrorKind::InvalidPlugin,
+                PluginError::Cancelled { .. } => ErrorKind::Cancelled,
+                _ => ErrorKind::PluginFailed,
+            },
+            AppError::Run(RunError::InvalidOutput { .. }) => ErrorKind::InvalidOutput,
+            AppError::Run(RunError::Cancelled { .. }) => ErrorKind::Cancelled,
+            AppError::Run(RunError::Apply { .. }) => ErrorKind::Internal,
+            AppError::Export(_) => ErrorKind::Export,
+            AppError::Evaluate(_, EngineError::Cancelled) => ErrorKind::Cancelled,
+            AppError::Evaluate(..) => ErrorKind::Evaluation,
+            AppError::Runtime(_) => ErrorKind::Internal,
+            AppError::Cancelled => ErrorKind::Cancelled,
+        }
+    }
+}
+
+/// Where a front end keeps things; the core reads no working directory or environment
+/// variable of its own.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Folders of extra plugin `.wasm` files, registered at start.
+    pub plugin_dirs: Vec<PathBuf>,
+    /// Where `fetch:` models are downloaded and imported.
+    pub models_dir: PathBuf,
+    /// Where compiled components are kept between processes (`None`: compile at every start).
+    pub cache_dir: Option<PathBuf>,
+    /// Limits for the `describe` call of folder plugins (a pipeline's own `[sandbox]` when the
+    /// CLI runs one, so a `describe` that loops stops at the pipeline's timeout).
+    pub sandbox: Sandbox,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            plugin_dirs: Vec::new(),
+            models_dir: PathBuf::from("models"),
+            cache_dir: None,
+            sandbox: Sandbox::default(),
+        }
+    }
 }
 
 /// Builds the forward pass of `model` and evaluates it, reporting progress as `which`.
@@ -47,29 +152,48 @@ pub fn evaluate_model(
     masks: Option<&std::collections::BTreeMap<String, crate::mask::Mask>>,
     spec: &EvalSpec,
     which: &str,
-    observer: &mut dyn RunObserver,
+    sink: &mut dyn EventSink,
+    cancel: &CancelToken,
 ) -> Result<Evaluation, AppError> {
-    observer.evaluation_started(which);
+    sink.emit(RunEvent::EvaluationStarted {
+        which: which.to_string(),
+    });
     let mut session = espalier_engine::Session::new(model)
         .map_err(|e| AppError::Evaluate(which.to_string(), e))?;
     if let Some(masks) = masks {
         crate::sparse::attach(&mut session, model, masks, crate::sparse::Storage::F32)
             .map_err(|e| AppError::Evaluate(which.to_string(), e))?;
     }
-    evaluate(model, &session, spec, &mut |p| {
-        observer.evaluation_progress(which, p)
-    })
-    .map_err(|e| AppError::Evaluate(which.to_string(), e))
+    let evaluation = evaluate(
+        model,
+        &session,
+        spec,
+        &mut |p| {
+            sink.emit(RunEvent::EvaluationProgress {
+                which: which.to_string(),
+                windows_done: p.windows_done,
+                windows_total: p.windows_total,
+            })
+        },
+        cancel,
+    )
+    .map_err(|e| AppError::Evaluate(which.to_string(), e))?;
+    sink.emit(RunEvent::EvaluationFinished {
+        which: which.to_string(),
+        evaluation: evaluation.clone(),
+    });
+    Ok(evaluation)
 }
 
-/// Runtime plus registered plugins.
+/// The application core both front ends share: the plugin runtime, the plugin registry (which
+/// a daemon changes while runs hold the snapshot they planned with) and the configuration.
 pub struct App {
     /// The wasmtime runtime.
     pub runtime: Runtime,
-    /// Plugins by name.
-    pub registry: Registry,
-    /// Files in plugin folders that could not be loaded (reported, not fatal).
+    registry: SharedRegistry,
+    /// Files in plugin folders that could not be loaded at start (reported, not fatal).
     pub plugin_warnings: Vec<PluginError>,
+    config: Config,
 }
 
 /// Settings that override the pipeline file from the command line.
@@ -84,6 +208,9 @@ pub struct RunOverrides {
     /// Allows replacing an existing folder that is not an Espalier export (as `[export]
     /// force = true`); an input of the run is never replaced.
     pub force: bool,
+    /// Replaces the density of every stage that gives a fixed one (budget references and
+    /// stages without a density are left alone).
+    pub density: Option<f64>,
 }
 
 /// A finished run.
@@ -98,16 +225,15 @@ pub struct RunResult {
 
 impl App {
     /// Every file and folder a run of `pipeline` reads, which its export must never replace.
-    fn inputs(&self, pipeline: &Pipeline, model: &str) -> Vec<Input> {
+    fn inputs(&self, pipeline: &Pipeline, model: &str, registry: &Registry) -> Vec<Input> {
         let mut inputs = vec![Input::new("pipeline file", &pipeline.file)];
         if !model.starts_with("builtin:") {
             inputs.push(Input::new("model folder", model));
         }
-        let calibration = pipeline.calibration.as_ref().map_or_else(
-            || crate::calibration::CalibrationSpec::default().text,
-            |c| c.spec.text.clone(),
-        );
-        inputs.push(Input::new("calibration text", calibration));
+        inputs.push(Input::new(
+            "calibration text",
+            pipeline.calibration_spec().text,
+        ));
         if let Some(text) = pipeline
             .evaluate
             .as_ref()
@@ -121,7 +247,7 @@ impl App {
                 inputs.push(Input::new("plugin file", name));
             }
         }
-        for plugin in self.registry.iter() {
+        for plugin in registry.iter() {
             if let Origin::File(path) = &plugin.origin {
                 inputs.push(Input::new("plugin file", path));
             }
@@ -129,25 +255,53 @@ impl App {
         inputs
     }
 
-    /// Starts the runtime and registers the built-ins plus every `.wasm` in `plugin_dirs`.
+    /// Starts the runtime and registers the built-ins plus every `.wasm` in `plugin_dirs`,
+    /// with the default configuration otherwise.
     pub fn new(plugin_dirs: &[PathBuf]) -> Result<Self, AppError> {
-        Self::with_sandbox(plugin_dirs, &Sandbox::default())
+        Self::start(Config {
+            plugin_dirs: plugin_dirs.to_vec(),
+            ..Config::default()
+        })
     }
 
-    /// As [`App::new`], describing the plugins of `plugin_dirs` under `sandbox` (the limits of
-    /// the pipeline about to run, so a `describe` that loops stops at its timeout).
-    pub fn with_sandbox(plugin_dirs: &[PathBuf], sandbox: &Sandbox) -> Result<Self, AppError> {
-        let runtime = Runtime::new().map_err(|e| AppError::Runtime(format!("{e:#}")))?;
+    /// Starts the runtime (with the disk cache of compiled components when configured) and
+    /// registers the built-ins plus every `.wasm` in the configured plugin folders.
+    pub fn start(config: Config) -> Result<Self, AppError> {
+        let runtime = match &config.cache_dir {
+            // A cache that cannot be used (read-only home, full disk) costs compile time only.
+            Some(dir) => Runtime::with_disk_cache(dir).or_else(|e| {
+                tracing::warn!("compiling plugins without the disk cache: {e:#}");
+                Runtime::new()
+            }),
+            None => Runtime::new(),
+        }
+        .map_err(|e| AppError::Runtime(format!("{e:#}")))?;
         let mut registry = Registry::with_builtins(&runtime)?;
         let mut plugin_warnings = Vec::new();
-        for dir in plugin_dirs {
-            plugin_warnings.extend(registry.add_dir(&runtime, dir, sandbox));
+        for dir in &config.plugin_dirs {
+            plugin_warnings.extend(registry.add_dir(&runtime, dir, &config.sandbox));
         }
         Ok(App {
             runtime,
-            registry,
+            registry: SharedRegistry::new(registry),
             plugin_warnings,
+            config,
         })
+    }
+
+    /// The registry as it is now (a run plans with one snapshot and keeps it).
+    pub fn registry(&self) -> Arc<Registry> {
+        self.registry.snapshot()
+    }
+
+    /// The registry, to change it while runs are in flight.
+    pub fn shared_registry(&self) -> &SharedRegistry {
+        &self.registry
+    }
+
+    /// The configuration it started with.
+    pub fn config(&self) -> &Config {
+        &self.config
     }
 
     /// Parses, plans, runs and exports a pipeline file.
@@ -155,31 +309,83 @@ impl App {
         &self,
         path: &Path,
         overrides: &RunOverrides,
-        observer: &mut dyn RunObserver,
+        sink: &mut dyn EventSink,
+        cancel: &CancelToken,
     ) -> Result<RunResult, AppError> {
         let pipeline = Pipeline::load(path)?;
-        self.run_pipeline(pipeline, overrides, observer)
+        self.run_pipeline(pipeline, overrides, sink, cancel)
     }
 
-    /// Plans, runs and exports a parsed pipeline.
+    /// Plans, runs and exports a parsed pipeline, reporting to `sink` (ending with
+    /// `run-finished`, `run-failed` or `run-cancelled`) and stopping once `cancel` is cancelled
+    /// (between stages, inside a plugin call, inside calibration and evaluation).
     pub fn run_pipeline(
+        &self,
+        pipeline: Pipeline,
+        overrides: &RunOverrides,
+        sink: &mut dyn EventSink,
+        cancel: &CancelToken,
+    ) -> Result<RunResult, AppError> {
+        let started = std::time::Instant::now();
+        let result = self
+            .run_inner(pipeline, overrides, sink, cancel)
+            // Whatever a cancelled run failed with (a calibration pass, a plugin that saw a
+            // failing import), the cause is the cancellation.
+            .map_err(|e| {
+                if cancel.is_cancelled() {
+                    AppError::Cancelled
+                } else {
+                    e
+                }
+            });
+        let seconds = started.elapsed().as_secs_f64();
+        sink.emit(match &result {
+            Ok(_) => RunEvent::RunFinished { seconds },
+            Err(e) if e.kind() == ErrorKind::Cancelled => RunEvent::RunCancelled { seconds },
+            Err(e) => RunEvent::RunFailed {
+                kind: e.kind(),
+                message: e.to_string(),
+            },
+        });
+        result
+    }
+
+    fn run_inner(
         &self,
         mut pipeline: Pipeline,
         overrides: &RunOverrides,
-        observer: &mut dyn RunObserver,
+        sink: &mut dyn EventSink,
+        cancel: &CancelToken,
     ) -> Result<RunResult, AppError> {
         if let Some(m) = &overrides.model {
             pipeline.model.value = m.clone();
         }
-        // `fetch:NAME` downloads and imports the model on first use (progress on stderr).
-        let reference = crate::fetch::resolve(&pipeline.model.value, &mut |m| {
-            // Progress only: a closed stderr must not stop (or panic) the run.
-            use std::io::Write as _;
-            let _ = writeln!(std::io::stderr(), "espalier: {m}");
-        })
-        .map_err(|e| {
-            AppError::Pipeline(pipeline.error(&pipeline.model.position, "model", e.to_string()))
-        })?;
+        if let Some(d) = overrides.density {
+            if !(0.0..=1.0).contains(&d) {
+                return Err(AppError::Pipeline(pipeline.error(
+                    &pipeline.model.position,
+                    "density",
+                    format!("the density override {d} must be in [0, 1]"),
+                )));
+            }
+            for stage in &mut pipeline.stages {
+                if let Some(spec) = &mut stage.density
+                    && matches!(spec.value, crate::pipeline::DensitySpec::Fixed(_))
+                {
+                    spec.value = crate::pipeline::DensitySpec::Fixed(d);
+                }
+            }
+        }
+        // `fetch:NAME` downloads and imports the model on first use.
+        let reference =
+            crate::fetch::resolve(&pipeline.model.value, &self.config.models_dir, &mut |m| {
+                sink.emit(RunEvent::Notice {
+                    message: m.to_string(),
+                })
+            })
+            .map_err(|e| {
+                AppError::Pipeline(pipeline.error(&pipeline.model.position, "model", e.to_string()))
+            })?;
         let model = espalier_engine::load_model(&reference).map_err(|e| {
             if overrides.model.is_some() {
                 // The model came from the command line: the pipeline file is not at fault.
@@ -188,6 +394,7 @@ impl App {
                 AppError::Pipeline(pipeline.error(&pipeline.model.position, "model", e.to_string()))
             }
         })?;
+        let registry = self.registry();
         let masks = pipeline.export.as_ref().is_none_or(|e| e.masks);
         let export_dir = if overrides.no_export {
             None
@@ -203,7 +410,7 @@ impl App {
         let target = match &export_dir {
             Some(dir) => {
                 let force = overrides.force || pipeline.export.as_ref().is_some_and(|e| e.force);
-                let inputs = self.inputs(&pipeline, &reference);
+                let inputs = self.inputs(&pipeline, &reference, &registry);
                 let checked = prepare(dir, &inputs, force);
                 Some(match (checked, &overrides.export_dir, &pipeline.export) {
                     (Ok(t), _, _) => t,
@@ -221,30 +428,50 @@ impl App {
             None => None,
         };
         let evaluate = pipeline.evaluate.clone();
-        let plan = plan(pipeline, &self.registry, &self.runtime, &model)?;
+        let plan = plan(pipeline, &registry, &self.runtime, &model)?;
+        sink.emit(RunEvent::RunStarted {
+            pipeline: plan.pipeline.name.clone(),
+            model: reference.clone(),
+            stages: plan.stages.len(),
+            plugins: plan
+                .stages
+                .iter()
+                .map(|s| (s.plugin.info.name.clone(), s.plugin.compiled.sha256.clone()))
+                .collect(),
+        });
         let dense = match &evaluate {
             Some(spec) => Some(evaluate_model(
                 &model,
                 None,
                 &spec.value,
                 "dense",
-                observer,
+                sink,
+                cancel,
             )?),
             None => None,
         };
-        let mut outcome = execute(&plan, &self.runtime, model, observer)?;
+        let mut outcome = execute(&plan, &self.runtime, model, sink, cancel)?;
         if let (Some(spec), Some(dense)) = (&evaluate, dense) {
             let pruned = evaluate_model(
                 &outcome.state.model,
                 Some(&outcome.state.masks),
                 &spec.value,
                 "pruned",
-                observer,
+                sink,
+                cancel,
             )?;
             outcome.report.evaluation = Some(Comparison { dense, pruned });
         }
+        // The last point a cancellation is honoured: an export, once started, completes (it is
+        // atomic either way).
+        cancel.check().map_err(|_| AppError::Cancelled)?;
         if let Some(target) = target {
             target.write(&outcome.state, &outcome.report, masks)?;
+            if let Some(dir) = &export_dir {
+                sink.emit(RunEvent::Exported {
+                    dir: dir.display().to_string(),
+                });
+            }
         }
         Ok(RunResult {
             report: outcome.report,

@@ -7,9 +7,11 @@ use espalier_engine::Model;
 use serde::Serialize;
 
 use crate::app::{App, AppError};
+use crate::cancel::CancelToken;
+use crate::events::Quiet;
 use crate::pipeline::Pipeline;
 use crate::plan::plan;
-use crate::run::{Quiet, execute};
+use crate::run::execute;
 
 /// One benchmark case.
 pub struct Case {
@@ -73,13 +75,19 @@ pub fn bench_plugins(
     for case in CASES {
         let text = format!("model = {model_ref:?}\n[[stage]]\n{}", case.stage);
         let pipeline = Pipeline::parse("<bench>", &text)?;
-        let planned = plan(pipeline, &app.registry, &app.runtime, model)?;
+        let planned = plan(pipeline, &app.registry(), &app.runtime, model)?;
         let targets = planned.stages[0].targets.len();
         let target_weights = planned.stages[0].targets.iter().map(|l| l.numel()).sum();
         let (mut total, mut guest, mut host, mut apply) = (vec![], vec![], vec![], vec![]);
         for i in 0..repeat.max(1) {
             progress(&format!("{} ({}/{})", case.label, i + 1, repeat.max(1)));
-            let outcome = execute(&planned, &app.runtime, model.clone(), &mut Quiet)?;
+            let outcome = execute(
+                &planned,
+                &app.runtime,
+                model.clone(),
+                &mut Quiet,
+                &CancelToken::new(),
+            )?;
             let s = &outcome.report.stages[0];
             total.push(s.seconds);
             guest.push(s.guest_and_boundary_seconds + s.instantiate_seconds);
@@ -104,4 +112,137 @@ pub fn bench_plugins(
         });
     }
     Ok(results)
+}
+
+/// `espalier bench decode`: batch-1 decode of the dense model and of the model a pipeline
+/// prunes, in one process, on Espalier's sparse kernels.
+#[derive(Debug, Clone, Serialize)]
+pub struct DecodeBench {
+    /// Model reference, resolved.
+    pub model: String,
+    /// Pipeline name.
+    pub pipeline: String,
+    /// Dense decode.
+    pub dense: espalier_engine::eval::LatencyReport,
+    /// Pruned decode.
+    pub pruned: espalier_engine::eval::LatencyReport,
+    /// Linear formats the pruned forward pass runs (format → layers).
+    pub pruned_formats: std::collections::BTreeMap<String, usize>,
+    /// Peak RSS while the pruned model decoded.
+    pub pruned_peak_rss_bytes: Option<u64>,
+    /// Bytes of weights each forward pass holds (`dense`, `pruned`).
+    pub weight_bytes: WeightBytes,
+    /// dense ms/token ÷ pruned ms/token.
+    pub decode_speedup: f64,
+    /// Prompt tokens used.
+    pub prompt_tokens: usize,
+    /// Whether both generated the same token ids (greedy).
+    pub same_generated_ids: bool,
+}
+
+/// Bytes of weights each forward pass holds.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct WeightBytes {
+    /// The dense model.
+    pub dense: usize,
+    /// The pruned model, packed.
+    pub pruned: usize,
+}
+
+/// Resets the process's peak resident set (`VmHWM`) so the next reading covers what follows.
+/// Freed heap pages are first handed back to the kernel, or the counter would restart from
+/// memory the previous measurement already released.
+pub fn reset_peak_rss() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases free memory at the top of glibc's heaps; it takes no
+    // pointers and is safe to call at any time from any thread.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+    // Linux >= 4.0: writing 5 to clear_refs resets the peak RSS counter.
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+/// A fixed prompt when no text is given (public-domain, from the Declaration of Independence).
+const FALLBACK_PROMPT: &str = "When in the Course of human events, it becomes necessary for one people to dissolve the political bands which have connected them with another. ";
+
+/// Measures decode latency of the dense model (`model_ref`), then runs `pipeline` on it (no
+/// export, no evaluation) and measures the pruned model on the sparse kernels in `storage`.
+/// The prompt is the first `prompt_tokens` tokens of `prompt_text` (a fixed text if `None`).
+#[allow(clippy::too_many_arguments)]
+pub fn bench_decode(
+    app: &App,
+    model_ref: &str,
+    mut pipeline: Pipeline,
+    prompt_text: Option<&str>,
+    prompt_tokens: usize,
+    new_tokens: usize,
+    storage: crate::sparse::Storage,
+    progress: &mut dyn FnMut(&str),
+) -> Result<DecodeBench, AppError> {
+    use espalier_engine::eval::{latency, peak_rss_bytes};
+    let model_ref =
+        crate::fetch::resolve(model_ref, &app.config().models_dir, &mut |m| progress(m))
+            .map_err(|e| AppError::Model(espalier_engine::EngineError::Input(e.to_string())))?;
+    let text = prompt_text.map_or_else(|| FALLBACK_PROMPT.repeat(8), str::to_string);
+    let prompt_for = |model: &Model| -> Result<Vec<u32>, AppError> {
+        let tok = espalier_engine::Tokenizer::for_model(model)?;
+        let mut ids = tok.encode(&text)?;
+        ids.truncate(prompt_tokens.max(1));
+        Ok(ids)
+    };
+
+    progress(&format!(
+        "dense: decoding {new_tokens} tokens after a {prompt_tokens}-token prompt"
+    ));
+    let dense = {
+        let model = espalier_engine::load_model(&model_ref)?;
+        let prompt = prompt_for(&model)?;
+        reset_peak_rss();
+        let session = espalier_engine::Session::new(&model)?;
+        latency(&session, &prompt, new_tokens)?
+    };
+
+    progress(&format!("pruned: running pipeline `{}`", pipeline.name));
+    let overrides = crate::app::RunOverrides {
+        model: Some(model_ref.clone()),
+        export_dir: None,
+        no_export: true,
+        force: false,
+        density: None,
+    };
+    pipeline.evaluate = None;
+    let pipeline_name = pipeline.name.clone();
+    let result = app.run_pipeline(pipeline, &overrides, &mut Quiet, &CancelToken::new())?;
+    let prompt = prompt_for(&result.state.model)?;
+    let mut session = espalier_engine::Session::new(&result.state.model)?;
+    let attached = crate::sparse::attach(
+        &mut session,
+        &result.state.model,
+        &result.state.masks,
+        storage,
+    )?;
+    // Only the packed weights (and the layers left dense) stay alive for the measurement.
+    drop(result);
+    progress(&format!(
+        "pruned: decoding {new_tokens} tokens after a {prompt_tokens}-token prompt"
+    ));
+    reset_peak_rss();
+    let pruned = latency(&session, &prompt, new_tokens)?;
+    let pruned_peak = peak_rss_bytes();
+    Ok(DecodeBench {
+        model: model_ref,
+        pipeline: pipeline_name,
+        decode_speedup: dense.ms_per_token / pruned.ms_per_token,
+        same_generated_ids: dense.generated == pruned.generated,
+        prompt_tokens: prompt.len(),
+        dense,
+        pruned,
+        pruned_formats: attached.formats.clone(),
+        pruned_peak_rss_bytes: pruned_peak,
+        weight_bytes: WeightBytes {
+            dense: attached.model_bytes,
+            pruned: attached.packed_model_bytes,
+        },
+    })
 }

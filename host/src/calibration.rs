@@ -25,6 +25,7 @@ use espalier_engine::{
 };
 use rayon::prelude::*;
 
+use crate::cancel::CancelToken;
 use crate::mask::Mask;
 use crate::tensor_util::{apply_mask, tensor_from};
 
@@ -185,6 +186,8 @@ pub struct Calibrator {
     /// Per sequence, the hidden states entering each block (see [`Session::block_inputs`]);
     /// `None` when they would not fit [`MAX_RESUME_BYTES`].
     block_inputs: OnceLock<Result<Option<Vec<Vec<Tensor>>>, String>>,
+    /// Checked before every sequence of every pass: a cancelled run stops within one sequence.
+    cancel: CancelToken,
 }
 
 impl Calibrator {
@@ -198,7 +201,18 @@ impl Calibrator {
             gradients: OnceLock::new(),
             loss: OnceLock::new(),
             block_inputs: OnceLock::new(),
+            cancel: CancelToken::new(),
         }
+    }
+
+    /// The same calibrator, stopping its passes once `cancel` is cancelled.
+    pub fn with_cancel(mut self, cancel: CancelToken) -> Self {
+        self.cancel = cancel;
+        self
+    }
+
+    fn check_cancel(&self) -> Result<(), String> {
+        self.cancel.check().map_err(|e| e.to_string())
     }
 
     /// Number of calibration sequences.
@@ -255,6 +269,7 @@ impl Calibrator {
             .sequences
             .par_iter()
             .map(|seq| {
+                self.check_cancel()?;
                 let mut observer = SquaredInputs::default();
                 session
                     .hidden_states(seq, None, Some(&mut observer))
@@ -297,10 +312,14 @@ impl Calibrator {
                 // With the trials' hidden states already kept, the loss is only the final
                 // norm and the LM head away: no second pass over the blocks.
                 match self.block_inputs.get() {
-                    Some(Ok(Some(inputs))) => {
-                        resumed_mean_loss(session, session.num_blocks(), inputs, &self.set)
-                    }
-                    _ => mean_loss(session, &self.set),
+                    Some(Ok(Some(inputs))) => resumed_mean_loss(
+                        session,
+                        session.num_blocks(),
+                        inputs,
+                        &self.set,
+                        &self.cancel,
+                    ),
+                    _ => mean_loss(session, &self.set, &self.cancel),
                 }
             })
             .clone()
@@ -347,7 +366,12 @@ impl Calibrator {
         let started = std::time::Instant::now();
         let fail = |e: EngineError| format!("calibration gradients failed: {e}");
         let mut grads = LossGradients::new(session).map_err(fail)?.with_squares();
-        grads.accumulate(&self.set.sequences).map_err(fail)?;
+        // One sequence at a time (with squares, `accumulate` batches one sequence anyway), so a
+        // cancelled run stops between sequences.
+        for seq in &self.set.sequences {
+            self.check_cancel()?;
+            grads.accumulate(std::slice::from_ref(seq)).map_err(fail)?;
+        }
         let loss = grads.mean_loss();
         let out = grads.finish().map_err(fail)?;
         tracing::info!(
@@ -392,8 +416,10 @@ impl Calibrator {
             first_block = first_block.min(base.block_of(layer).unwrap_or(base.num_blocks()));
         }
         match self.block_inputs()? {
-            Some(inputs) => resumed_mean_loss(&session, first_block, inputs, &self.set),
-            None => mean_loss(&session, &self.set),
+            Some(inputs) => {
+                resumed_mean_loss(&session, first_block, inputs, &self.set, &self.cancel)
+            }
+            None => mean_loss(&session, &self.set, &self.cancel),
         }
     }
 
@@ -427,6 +453,7 @@ impl Calibrator {
                     .sequences
                     .par_iter()
                     .map(|seq| {
+                        self.check_cancel()?;
                         session
                             .block_inputs(seq)
                             .map_err(|e| format!("calibration forward pass failed: {e}"))
@@ -452,12 +479,14 @@ fn resumed_mean_loss(
     first: usize,
     inputs: &[Vec<Tensor>],
     set: &CalibrationSet,
+    cancel: &CancelToken,
 ) -> Result<f64, String> {
     let losses: Vec<f64> = set
         .sequences
         .par_iter()
         .zip(inputs.par_iter())
         .map(|(seq, x)| {
+            cancel.check().map_err(|e| e.to_string())?;
             let nll = session
                 .nll_from_block(first, &x[first], seq)
                 .map_err(|e| format!("calibration loss failed: {e}"))?;
@@ -471,11 +500,12 @@ fn resumed_mean_loss(
 
 /// Mean over sequences of each sequence's mean next-token loss (sequences in parallel, summed
 /// in order).
-fn mean_loss(session: &Session, set: &CalibrationSet) -> Result<f64, String> {
+fn mean_loss(session: &Session, set: &CalibrationSet, cancel: &CancelToken) -> Result<f64, String> {
     let losses: Vec<f32> = set
         .sequences
         .par_iter()
         .map(|seq| {
+            cancel.check().map_err(|e| e.to_string())?;
             session
                 .loss(seq)
                 .map_err(|e| format!("calibration loss failed: {e}"))

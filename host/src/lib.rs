@@ -4,8 +4,10 @@
 pub mod app;
 pub mod bench;
 pub mod calibration;
+pub mod cancel;
 pub mod display_safe;
 pub mod evaluate;
+pub mod events;
 pub mod export;
 pub mod fetch;
 pub mod heads;

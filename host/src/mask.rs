@@ -91,10 +91,10 @@ pub fn rows_cols(shape: &[usize]) -> (usize, usize) {
 impl Mask {
     /// Builds a mask, checking the length and the structure's invariant.
     pub fn new(shape: Vec<usize>, keep: Vec<bool>, structure: Structure) -> Result<Self, String> {
-        let numel = shape
-            .iter()
-            .try_fold(1usize, |a, &d| a.checked_mul(d))
-            .ok_or_else(|| format!("shape {shape:?} has more elements than memory can address"))?;
+        // The non-zero dimensions must multiply without overflow too: candle multiplies all of
+        // them (element count, strides) unchecked, zero or not.
+        let numel = crate::plugin::budget::numel(&shape)
+            .map_err(|_| format!("shape {shape:?} has more elements than memory can address"))?;
         if keep.len() != numel {
             return Err(format!(
                 "mask has {} entries but shape {shape:?} has {numel}",

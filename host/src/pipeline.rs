@@ -132,6 +132,24 @@ pub struct Pipeline {
     /// Calibration text for criteria that need activations or losses; `None` = the section is
     /// absent (the defaults apply if a stage needs calibration).
     pub calibration: Option<CalibrationSection>,
+    /// The folder relative paths were taken from (empty: the working directory); the default
+    /// calibration text is found there too.
+    pub base: PathBuf,
+}
+
+impl Pipeline {
+    /// The calibration settings a run uses: the section's, or the defaults (text under
+    /// [`Pipeline::base`]).
+    pub fn calibration_spec(&self) -> CalibrationSpec {
+        match &self.calibration {
+            Some(c) => c.spec.clone(),
+            None => {
+                let mut spec = CalibrationSpec::default();
+                spec.text = self.base.join(&spec.text);
+                spec
+            }
+        }
+    }
 }
 
 /// The `[calibration]` section as written.
@@ -219,6 +237,20 @@ const STAGE_KEYS: &[&str] = &["name", "plugin", "targets", "protect", "density"]
 struct Ctx<'a> {
     file: &'a str,
     source: &'a str,
+    /// Relative paths in the file are relative to this folder (empty: the working directory).
+    base: &'a Path,
+}
+
+impl Ctx<'_> {
+    /// `path` as the pipeline means it: relative paths are taken from [`Ctx::base`].
+    fn path(&self, path: &str) -> PathBuf {
+        let p = Path::new(path);
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.base.join(p)
+        }
+    }
 }
 
 impl Ctx<'_> {
@@ -261,9 +293,16 @@ impl Pipeline {
         Self::parse(&file, &source)
     }
 
-    /// Parses pipeline text; `file` names it in errors.
+    /// Parses pipeline text; `file` names it in errors. Relative paths in it (model folder,
+    /// texts, export folder) are relative to the working directory.
     pub fn parse(file: &str, source: &str) -> Result<Self, PipelineError> {
-        let ctx = Ctx { file, source };
+        Self::parse_in(file, source, Path::new(""))
+    }
+
+    /// As [`Pipeline::parse`], with relative paths taken from `base` (a daemon's state folder)
+    /// rather than the working directory.
+    pub fn parse_in(file: &str, source: &str, base: &Path) -> Result<Self, PipelineError> {
+        let ctx = Ctx { file, source, base };
         let raw: RawPipeline = toml::from_str(source).map_err(|e| {
             let offset = e.span().map_or(0, |s| s.start);
             // toml's message already says what was expected; drop its own position prefix.
@@ -276,8 +315,16 @@ impl Pipeline {
             ctx.err(offset, field, hint_unknown(&message))
         })?;
 
+        let written = raw.model.get_ref();
         let model = Located {
-            value: raw.model.get_ref().clone(),
+            value: if written.starts_with("builtin:")
+                || written.starts_with("fetch:")
+                || written.trim().is_empty()
+            {
+                written.clone()
+            } else {
+                ctx.path(written).display().to_string()
+            },
             position: ctx.position(raw.model.span().start),
         };
         if model.value.trim().is_empty() {
@@ -345,7 +392,7 @@ impl Pipeline {
             let e = e.get_ref();
             ExportSpec {
                 dir: Located {
-                    value: PathBuf::from(e.dir.get_ref()),
+                    value: ctx.path(e.dir.get_ref()),
                     position: ctx.position(e.dir.span().start),
                 },
                 masks: e.masks,
@@ -388,6 +435,7 @@ impl Pipeline {
             export,
             evaluate,
             calibration,
+            base: base.to_path_buf(),
         })
     }
 
@@ -413,7 +461,7 @@ fn parse_evaluate(
 ) -> Result<Located<EvalSpec>, PipelineError> {
     let e = raw.get_ref();
     let mut spec = EvalSpec {
-        text: e.text.as_ref().map(|t| PathBuf::from(t.get_ref())),
+        text: e.text.as_ref().map(|t| ctx.path(t.get_ref())),
         latency: None,
         ..EvalSpec::default()
     };
@@ -496,8 +544,10 @@ fn parse_calibration(
         if t.get_ref().trim().is_empty() {
             return Err(ctx.err(t.span().start, "calibration.text", "must name a text file"));
         }
-        spec.text = PathBuf::from(t.get_ref());
+        spec.text = ctx.path(t.get_ref());
         text_position = ctx.position(t.span().start);
+    } else {
+        spec.text = ctx.path(&spec.text.to_string_lossy());
     }
     if let Some(n) = &c.samples {
         let v = *n.get_ref();

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use espalier_engine::{LayerInfo, Model, Session};
 use globset::{Glob, GlobMatcher};
 
-use crate::calibration::{CalibrationSet, CalibrationSpec};
+use crate::calibration::CalibrationSet;
 use crate::display_safe;
 use crate::pipeline::{DensitySpec, Pipeline, PipelineError, StageSpec};
 use crate::plugin::bindings::{Need, OutputKind, ParamKind, ParamValue};
@@ -391,7 +391,7 @@ fn plan_calibration(
             "calibration.text".to_string(),
         ),
         (None, Some(stage)) => {
-            let spec = CalibrationSpec::default();
+            let spec = pipeline.calibration_spec();
             let field = format!("stage[{}].plugin", stage.spec.index);
             if !spec.text.is_file() {
                 return Err(pipeline.error(

@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 use espalier_engine::{LayerInfo, Model, Role};
 
 use crate::calibration::{CalibrationSet, Calibrator};
+use crate::cancel::CancelToken;
 use crate::display_safe;
+use crate::events::{EventSink, RunEvent};
 use crate::heads::{self, HeadsChange};
 use crate::mask::{Mask, Structure, rows_cols};
 use crate::plan::{Plan, PlannedStage, StageDensity};
@@ -42,6 +44,12 @@ pub enum RunError {
         /// What is wrong.
         message: String,
     },
+    /// The run was cancelled from outside.
+    #[error("stage `{stage}`: cancelled")]
+    Cancelled {
+        /// The stage that was running or about to run.
+        stage: String,
+    },
     /// Applying a valid result failed (out of memory, tensor error).
     #[error("stage `{stage}`: {message}")]
     Apply {
@@ -51,27 +59,6 @@ pub enum RunError {
         message: String,
     },
 }
-
-/// Receives progress events (the CLI draws bars; the daemon streams events).
-pub trait RunObserver {
-    /// A stage is about to run.
-    fn stage_started(&mut self, _index: usize, _total: usize, _stage: &PlannedStage) {}
-    /// A stage finished.
-    fn stage_finished(&mut self, _index: usize, _report: &StageReport) {}
-    /// An evaluation (`dense` or `pruned`) starts.
-    fn evaluation_started(&mut self, _which: &str) {}
-    /// An evaluation progressed.
-    fn evaluation_progress(
-        &mut self,
-        _which: &str,
-        _progress: &espalier_engine::eval::PerplexityProgress,
-    ) {
-    }
-}
-
-/// An observer that ignores everything.
-pub struct Quiet;
-impl RunObserver for Quiet {}
 
 /// The state a run builds up.
 pub struct RunState {
@@ -205,6 +192,9 @@ impl RunState {
 
 /// Runs one stage's plugin and applies its validated output. Returns the stage report.
 /// `calibration` serves the plugin's `calibration` imports (none: they return an error).
+/// `cancel` stops the calibration passes and the plugin call; progress goes to `sink` as stage
+/// `index`.
+#[allow(clippy::too_many_arguments)]
 pub fn run_stage(
     runtime: &Runtime,
     sandbox: &Sandbox,
@@ -212,8 +202,16 @@ pub fn run_stage(
     budgets: &BTreeMap<usize, BTreeMap<String, f64>>,
     calibration: Option<&Arc<CalibrationSet>>,
     state: &mut RunState,
+    (index, sink): (usize, &mut dyn EventSink),
+    cancel: &CancelToken,
 ) -> Result<(StageReport, Option<BTreeMap<String, f64>>), RunError> {
     let started = Instant::now();
+    let mut step = |step: &str| {
+        sink.emit(RunEvent::StageProgress {
+            index,
+            step: step.to_string(),
+        })
+    };
     let stage_name = stage.spec.name.clone();
     let plugin_name = stage.plugin.info.name.clone();
     let invalid = |message: String| RunError::InvalidOutput {
@@ -256,20 +254,22 @@ pub fn run_stage(
 
     let mut view = model_view(&state.model, &state.masks);
     if let Some(set) = calibration {
-        let calibrator = state
-            .calibrator
-            .get_or_insert_with(|| Arc::new(Calibrator::new(state.model.clone(), set.clone())));
+        let calibrator = state.calibrator.get_or_insert_with(|| {
+            Arc::new(Calibrator::new(state.model.clone(), set.clone()).with_cancel(cancel.clone()))
+        });
         // Statistics the plugin declared it needs are computed before the call: the sandbox
         // deadline counts wall time, and one pass over the calibration set of a real model can
         // take longer than a plugin's whole budget. (Loss trials themselves still count.)
         let needs = &stage.plugin.info.needs;
         let prepared = if needs.contains(&Need::Activations) {
+            step("calibration: activation statistics");
             calibrator.prepare_norms()
         } else {
             Ok(())
         }
         .and_then(|()| {
             if needs.contains(&Need::Loss) {
+                step("calibration: base loss and hidden states for loss trials");
                 calibrator.prepare_trials()
             } else {
                 Ok(())
@@ -277,24 +277,47 @@ pub fn run_stage(
         })
         .and_then(|()| {
             if needs.contains(&Need::Gradients) {
+                step("calibration: gradients");
                 calibrator.prepare_gradients()
             } else {
                 Ok(())
             }
         });
-        prepared.map_err(|message| RunError::Apply {
-            stage: stage_name.clone(),
-            message,
+        prepared.map_err(|message| {
+            if cancel.is_cancelled() {
+                RunError::Cancelled {
+                    stage: stage_name.clone(),
+                }
+            } else {
+                RunError::Apply {
+                    stage: stage_name.clone(),
+                    message,
+                }
+            }
         })?;
         view.calibration = Some(calibrator.clone());
     }
     let view = Arc::new(view);
+    step("calling the plugin");
     let (output, mut store, timings) = runtime
-        .apply(&plugin_name, &stage.plugin.compiled, view, sandbox, &ctx)
-        .map_err(|source| RunError::Plugin {
-            stage: stage_name.clone(),
-            source,
+        .apply(
+            &plugin_name,
+            &stage.plugin.compiled,
+            view,
+            sandbox,
+            &ctx,
+            cancel,
+        )
+        .map_err(|source| match source {
+            PluginError::Cancelled { .. } => RunError::Cancelled {
+                stage: stage_name.clone(),
+            },
+            source => RunError::Plugin {
+                stage: stage_name.clone(),
+                source,
+            },
         })?;
+    step("validating and applying the result");
     let apply_started = Instant::now();
     let StageOutput {
         masks,
@@ -513,11 +536,15 @@ fn validate_masks(
 }
 
 /// Runs every stage of a plan on `model`.
+///
+/// Events go to `sink`; `cancel` is checked before every stage and inside each (see
+/// [`run_stage`]).
 pub fn execute(
     plan: &Plan,
     runtime: &Runtime,
     model: Model,
-    observer: &mut dyn RunObserver,
+    sink: &mut dyn EventSink,
+    cancel: &CancelToken,
 ) -> Result<RunOutcome, RunError> {
     let started = Instant::now();
     let parameters_before = model.num_parameters();
@@ -525,7 +552,19 @@ pub fn execute(
     let mut budgets: BTreeMap<usize, BTreeMap<String, f64>> = BTreeMap::new();
     let mut stage_reports = Vec::with_capacity(plan.stages.len());
     for (i, stage) in plan.stages.iter().enumerate() {
-        observer.stage_started(i, plan.stages.len(), stage);
+        if cancel.is_cancelled() {
+            return Err(RunError::Cancelled {
+                stage: stage.spec.name.clone(),
+            });
+        }
+        sink.emit(RunEvent::StageStarted {
+            index: i,
+            total: plan.stages.len(),
+            name: stage.spec.name.clone(),
+            plugin: stage.plugin.info.name.clone(),
+            plugin_sha256: stage.plugin.compiled.sha256.clone(),
+            targets: stage.targets.len(),
+        });
         let (report, produced) = run_stage(
             runtime,
             &plan.pipeline.sandbox,
@@ -533,11 +572,16 @@ pub fn execute(
             &budgets,
             plan.calibration.as_ref(),
             &mut state,
+            (i, &mut *sink),
+            cancel,
         )?;
         if let Some(b) = produced {
             budgets.insert(i, b);
         }
-        observer.stage_finished(i, &report);
+        sink.emit(RunEvent::StageFinished {
+            index: i,
+            report: report.clone(),
+        });
         stage_reports.push(report);
     }
     let report = build_report(

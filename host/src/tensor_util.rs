@@ -24,8 +24,10 @@ pub fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R, String>
     }
 }
 
-/// Builds an f32 CPU tensor from owned data (no copy).
+/// Builds an f32 CPU tensor from owned data (no copy). The shape is checked first: candle
+/// multiplies its dimensions without overflow checks when it computes strides.
 pub fn tensor_from(data: Vec<f32>, shape: &[usize]) -> Result<Tensor, String> {
+    crate::plugin::budget::numel(shape).map_err(String::from)?;
     Tensor::from_vec(data, shape, &Device::Cpu).map_err(|e| e.to_string())
 }
 

@@ -33,7 +33,8 @@ pub fn repo() -> PathBuf {
 
 /// A test plugin built by `host/build.rs`.
 pub fn wasm(stem: &str) -> PathBuf {
-    PathBuf::from(env!("ESPALIER_PLUGIN_WASM_DIR")).join(format!("espalier_test_{stem}.wasm"))
+    PathBuf::from(espalier::plugin::registry::BUILT_PLUGIN_DIR)
+        .join(format!("espalier_test_{stem}.wasm"))
 }
 
 /// (stdout, stderr), lossily decoded.

@@ -5,8 +5,9 @@
 use std::sync::OnceLock;
 
 use espalier::app::{App, AppError, RunOverrides, RunResult};
+use espalier::cancel::CancelToken;
+use espalier::events::Quiet;
 use espalier::pipeline::Pipeline;
-use espalier::run::Quiet;
 use espalier_engine::Model;
 
 /// The runtime with the built-in plugins, started once per test binary (compiling the
@@ -26,6 +27,7 @@ pub fn run(text: &str) -> Result<RunResult, AppError> {
             ..Default::default()
         },
         &mut Quiet,
+        &CancelToken::new(),
     )
 }
 

@@ -143,7 +143,10 @@ impl HostBudget {
     }
 }
 
-/// Element count of a shape, refusing overflow and over-long shapes.
+/// Element count of a shape, refusing overflow and over-long shapes. The product of the
+/// non-zero dimensions must fit too: candle multiplies the dimensions in both directions
+/// (element count, strides) without overflow checks, so `[0, 2^32, 2^32]` and `[2^32, 2^32,
+/// 0]` hold no element yet overflow there.
 pub fn numel(shape: &[usize]) -> Result<usize, BudgetError> {
     if shape.len() > MAX_RANK {
         return Err(BudgetError::Overflow(format!(
@@ -152,10 +155,12 @@ pub fn numel(shape: &[usize]) -> Result<usize, BudgetError> {
             shape.len()
         )));
     }
-    shape
+    let nonzero = shape
         .iter()
+        .filter(|&&d| d != 0)
         .try_fold(1usize, |acc, &d| acc.checked_mul(d))
-        .ok_or_else(|| BudgetError::Overflow(format!("shape {}", short_shape(shape))))
+        .ok_or_else(|| BudgetError::Overflow(format!("shape {}", short_shape(shape))))?;
+    Ok(if shape.contains(&0) { 0 } else { nonzero })
 }
 
 /// `count * size` bytes, refusing overflow.
@@ -377,6 +382,9 @@ mod tests {
         assert!(numel(&[1 << 32, 1 << 32]).is_err());
         assert!(numel(&[1 << 16, 1 << 16, 1 << 16, 1 << 16]).is_err());
         assert!(numel(&[1; MAX_RANK + 1]).is_err());
+        // No element, but strides that overflow (found by the host_imports fuzzer).
+        assert!(numel(&[0, 1 << 32, 1 << 32]).is_err());
+        assert!(numel(&[1 << 32, 1 << 32, 0]).is_err());
     }
 
     #[test]

@@ -37,10 +37,52 @@ pub struct Plugin {
     pub size: usize,
 }
 
-/// Plugins by name.
-#[derive(Default)]
+/// Plugins by name: the built-ins, and the folder (or uploaded) plugins on top, a folder plugin
+/// named like a built-in shadowing it. Cloning is cheap (compiled components are shared), so a
+/// daemon swaps whole registries ([`SharedRegistry`]) while runs keep the one they planned with.
+#[derive(Default, Clone)]
 pub struct Registry {
+    builtins: BTreeMap<String, Plugin>,
     plugins: BTreeMap<String, Plugin>,
+}
+
+/// The registry a long-lived process changes while runs are in flight: readers take a
+/// snapshot (an `Arc` of the registry as it was) and keep it for as long as they like; writers
+/// build a changed copy and swap it in.
+#[derive(Default)]
+pub struct SharedRegistry {
+    current: std::sync::RwLock<Arc<Registry>>,
+}
+
+impl SharedRegistry {
+    /// Starts from `registry`.
+    pub fn new(registry: Registry) -> Self {
+        SharedRegistry {
+            current: std::sync::RwLock::new(Arc::new(registry)),
+        }
+    }
+
+    /// The registry as it is now; later changes do not affect the snapshot.
+    pub fn snapshot(&self) -> Arc<Registry> {
+        match self.current.read() {
+            Ok(r) => r.clone(),
+            // A writer panicked mid-swap: the Arc it left is still a whole registry.
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Applies `change` to a copy of the current registry and swaps the copy in; returns what
+    /// `change` returned. Writers are serialised; readers never wait for a change to finish.
+    pub fn update<R>(&self, change: impl FnOnce(&mut Registry) -> R) -> R {
+        let mut guard = match self.current.write() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let mut next = Registry::clone(&guard);
+        let result = change(&mut next);
+        *guard = Arc::new(next);
+        result
+    }
 }
 
 /// A model view with no weights, for calling `describe` (which must not need the model).
@@ -164,7 +206,7 @@ impl Registry {
         let mut reg = Registry::default();
         for (name, bytes) in BUILTIN_PLUGINS {
             let plugin = load_bytes(runtime, name, bytes, Origin::Builtin)?;
-            reg.plugins.insert(plugin.info.name.clone(), plugin);
+            reg.builtins.insert(plugin.info.name.clone(), plugin);
         }
         Ok(reg)
     }
@@ -196,39 +238,190 @@ impl Registry {
         paths.sort();
         for path in paths {
             match load_file_sandboxed(runtime, &path, sandbox) {
-                Ok(p) => self.insert(p),
+                Ok(p) => {
+                    self.insert(p);
+                }
                 Err(e) => errors.push(e),
             }
         }
         errors
     }
 
-    /// Registers a plugin under its described name.
-    pub fn insert(&mut self, plugin: Plugin) {
-        if let Some(old) = self.plugins.get(&plugin.info.name) {
-            tracing::warn!(
-                name = %crate::display_safe::name(&plugin.info.name),
+    /// Registers a plugin under its described name (a built-in goes with the built-ins; any
+    /// other replaces a plugin of the same name and shadows a built-in of that name). Returns
+    /// the plugin it replaced, if any.
+    pub fn insert(&mut self, plugin: Plugin) -> Option<Plugin> {
+        if plugin.origin == Origin::Builtin {
+            return self.builtins.insert(plugin.info.name.clone(), plugin);
+        }
+        let replaced = self.plugins.insert(plugin.info.name.clone(), plugin);
+        if let Some(old) = &replaced
+            && let Some(new) = self.plugins.get(&old.info.name)
+        {
+            tracing::info!(
+                name = %crate::display_safe::name(&new.info.name),
                 "plugin from {} replaces the one from {}",
-                origin_text(&plugin.origin),
+                origin_text(&new.origin),
                 origin_text(&old.origin)
             );
         }
-        self.plugins.insert(plugin.info.name.clone(), plugin);
+        replaced
     }
 
-    /// Looks a plugin up by name.
+    /// Removes the non-built-in plugin that came from `path` (a file deleted from a watched
+    /// folder); a built-in it shadowed is visible again. Returns the removed plugin.
+    pub fn remove_file(&mut self, path: &Path) -> Option<Plugin> {
+        let name = self
+            .plugins
+            .iter()
+            .find(|(_, p)| matches!(&p.origin, Origin::File(f) if f == path))
+            .map(|(n, _)| n.clone())?;
+        self.plugins.remove(&name)
+    }
+
+    /// Removes the non-built-in plugin named `name`. Returns it.
+    pub fn remove(&mut self, name: &str) -> Option<Plugin> {
+        self.plugins.remove(name)
+    }
+
+    /// Looks a plugin up by name (a folder plugin before a built-in of the same name).
     pub fn get(&self, name: &str) -> Option<&Plugin> {
-        self.plugins.get(name)
+        self.plugins.get(name).or_else(|| self.builtins.get(name))
     }
 
-    /// All plugins, by name.
+    /// Whether a non-built-in plugin `name` hides the built-in of that name.
+    pub fn shadows_builtin(&self, name: &str) -> bool {
+        self.plugins.contains_key(name) && self.builtins.contains_key(name)
+    }
+
+    /// Every plugin a stage can name, by name (shadowed built-ins left out).
     pub fn iter(&self) -> impl Iterator<Item = &Plugin> {
-        self.plugins.values()
+        let shadowed = |name: &String| self.plugins.contains_key(name);
+        let mut all: Vec<&Plugin> = self
+            .builtins
+            .iter()
+            .filter(|(n, _)| !shadowed(n))
+            .map(|(_, p)| p)
+            .chain(self.plugins.values())
+            .collect();
+        all.sort_by(|a, b| a.info.name.cmp(&b.info.name));
+        all.into_iter()
+    }
+
+    /// A plugin by the sha256 of its component (any origin, shadowed built-ins included).
+    pub fn by_sha256(&self, sha256: &str) -> Option<&Plugin> {
+        self.plugins
+            .values()
+            .chain(self.builtins.values())
+            .find(|p| p.compiled.sha256 == sha256)
     }
 
     /// Names, for "did you mean" hints.
     pub fn names(&self) -> Vec<String> {
-        self.plugins.keys().cloned().collect()
+        self.iter().map(|p| p.info.name.clone()).collect()
+    }
+}
+
+/// What a front end shows about a plugin (`plugins list --json`, `GET /v1/plugins`).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PluginSummary {
+    /// Name from `describe`.
+    pub name: String,
+    /// Version from `describe`.
+    pub version: String,
+    /// Description from `describe`.
+    pub description: String,
+    /// `builtin`, or the file it came from.
+    pub origin: String,
+    /// Whether it hides a built-in of the same name.
+    pub shadows_builtin: bool,
+    /// sha256 of the component bytes.
+    pub sha256: String,
+    /// WIT version it targets.
+    pub wit: String,
+    /// Component size.
+    pub size_bytes: usize,
+    /// `masks`, `budgets` or `heads`.
+    pub produces: String,
+    /// Statistics it needs.
+    pub needs: Vec<String>,
+    /// Its parameters.
+    pub params: Vec<ParamSummary>,
+}
+
+/// One parameter a plugin declares.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ParamSummary {
+    /// Name.
+    pub name: String,
+    /// `bool`, `int`, `float`, `string`, `[int]` or `[float]`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The default as a typed JSON value; `None` = required.
+    pub default: Option<serde_json::Value>,
+    /// What it does.
+    pub doc: String,
+}
+
+/// A parameter kind as users write it.
+pub fn kind_name(k: ParamKind) -> &'static str {
+    match k {
+        ParamKind::Boolean => "bool",
+        ParamKind::Integer => "int",
+        ParamKind::Float => "float",
+        ParamKind::Text => "string",
+        ParamKind::Integers => "[int]",
+        ParamKind::Floats => "[float]",
+    }
+}
+
+/// A parameter value as JSON.
+pub fn value_json(v: &ParamValue) -> serde_json::Value {
+    match v {
+        ParamValue::Boolean(b) => (*b).into(),
+        ParamValue::Integer(i) => (*i).into(),
+        ParamValue::Float(f) => (*f).into(),
+        ParamValue::Text(s) => s.clone().into(),
+        ParamValue::Integers(v) => v.clone().into(),
+        ParamValue::Floats(v) => v.clone().into(),
+    }
+}
+
+impl PluginSummary {
+    /// The summary of `plugin` as registered in `registry`.
+    pub fn of(plugin: &Plugin, registry: &Registry) -> Self {
+        PluginSummary {
+            name: plugin.info.name.clone(),
+            version: plugin.info.version.clone(),
+            description: plugin.info.description.clone(),
+            origin: match &plugin.origin {
+                Origin::Builtin => "builtin".to_string(),
+                Origin::File(f) => f.display().to_string(),
+            },
+            shadows_builtin: plugin.origin != Origin::Builtin
+                && registry.shadows_builtin(&plugin.info.name),
+            sha256: plugin.compiled.sha256.clone(),
+            wit: plugin.compiled.wit.to_string(),
+            size_bytes: plugin.size,
+            produces: produces_name(plugin.info.produces).to_string(),
+            needs: plugin
+                .info
+                .needs
+                .iter()
+                .map(|n| need_name(*n).to_string())
+                .collect(),
+            params: plugin
+                .info
+                .params
+                .iter()
+                .map(|p| ParamSummary {
+                    name: p.name.clone(),
+                    kind: kind_name(p.kind).to_string(),
+                    default: p.default.as_ref().map(value_json),
+                    doc: p.doc.clone(),
+                })
+                .collect(),
+        }
     }
 }
 
@@ -261,4 +454,17 @@ pub fn need_name(need: super::bindings::Need) -> &'static str {
         Need::Loss => "loss",
         Need::Gradients => "gradients",
     }
+}
+
+/// The folder `host/build.rs` compiled every plugin of `plugins/` into, test plugins included
+/// (for tests that load a plugin file; a path on the machine that built this crate).
+#[doc(hidden)]
+pub const BUILT_PLUGIN_DIR: &str = env!("ESPALIER_PLUGIN_WASM_DIR");
+
+/// The component bytes of the built-in plugin whose sha256 is `sha256` (for downloads).
+pub fn builtin_component(sha256: &str) -> Option<&'static [u8]> {
+    BUILTIN_PLUGINS
+        .iter()
+        .map(|(_, bytes)| *bytes)
+        .find(|bytes| super::runtime::sha256_hex(bytes) == sha256)
 }

@@ -2,7 +2,8 @@
 //! by the sha256 of their bytes, one Store per plugin instance with a memory cap and an epoch
 //! deadline, and classification of guest failures into errors a user can act on.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -10,7 +11,9 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, HasSelf, Linker};
-use wasmtime::{Config, Engine, Store, Trap};
+use wasmtime::{Config, Engine, Store, Trap, UpdateDeadline};
+
+use crate::cancel::{CancelToken, Cancelled};
 
 use super::bindings::{PluginInfo, StageContext, StageOutput, v0_1, v0_2, v0_3};
 use super::compat;
@@ -93,6 +96,12 @@ pub enum PluginError {
         plugin: String,
         /// The trap and its backtrace.
         message: String,
+    },
+    /// The run was cancelled from outside while the guest ran.
+    #[error("plugin `{}` was stopped: the run was cancelled", safe_name(.plugin))]
+    Cancelled {
+        /// Plugin name.
+        plugin: String,
     },
     /// The guest returned an error of its own.
     #[error("plugin `{}` failed: {}", safe_name(.plugin), safe_message(.message))]
@@ -210,8 +219,52 @@ pub struct Runtime {
     linker_v0_1: Linker<PluginState>,
     linker_v0_2: Linker<PluginState>,
     linker_v0_3: Linker<PluginState>,
-    cache: Mutex<HashMap<String, Component>>,
+    /// Compiled components by sha256, most recently inserted last; bounded, since a daemon
+    /// sees every version of every hot-reloaded plugin. Runs hold their own clones, so
+    /// eviction never affects a run in flight.
+    cache: Mutex<MemoryCache>,
+    /// Where compiled components are kept between processes (`None`: compile every start).
+    disk_cache: Option<PathBuf>,
+    /// Components compiled by this runtime, and loaded from the disk cache instead.
+    compiled: std::sync::atomic::AtomicUsize,
+    loaded_from_disk: std::sync::atomic::AtomicUsize,
     _ticker: EpochTicker,
+}
+
+/// Components kept in memory at most.
+const MEMORY_CACHE_ENTRIES: usize = 64;
+
+#[derive(Default)]
+struct MemoryCache {
+    by_sha: HashMap<String, Component>,
+    order: VecDeque<String>,
+}
+
+impl MemoryCache {
+    fn get(&self, sha256: &str) -> Option<Component> {
+        self.by_sha.get(sha256).cloned()
+    }
+
+    fn insert(&mut self, sha256: String, component: Component) {
+        if self.by_sha.insert(sha256.clone(), component).is_none() {
+            self.order.push_back(sha256);
+        }
+        while self.order.len() > MEMORY_CACHE_ENTRIES {
+            if let Some(old) = self.order.pop_front() {
+                self.by_sha.remove(&old);
+            }
+        }
+    }
+}
+
+/// The compiled-code key of this engine: wasmtime's compatibility hash (target, compiler
+/// settings, features, and wasmtime's own version), so a cache written by another build is
+/// never loaded.
+fn engine_key(engine: &Engine) -> String {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    engine.precompile_compatibility_hash().hash(&mut h);
+    format!("engine-{:016x}", h.finish())
 }
 
 /// sha256 of bytes as lowercase hex.
@@ -248,15 +301,85 @@ impl Runtime {
             linker_v0_1,
             linker_v0_2,
             linker_v0_3,
-            cache: Mutex::new(HashMap::new()),
+            cache: Mutex::new(MemoryCache::default()),
+            disk_cache: None,
+            compiled: Default::default(),
+            loaded_from_disk: Default::default(),
             _ticker: ticker,
         })
+    }
+
+    /// As [`Runtime::new`], keeping compiled components in `dir` (created if missing) so the
+    /// next process loads them instead of compiling: files `SHA256.cwasm` under a folder named
+    /// after wasmtime's compatibility hash (which covers its version). The folder must be as trusted as the
+    /// binary (wasmtime maps its files as native code); only Espalier writes there, each file
+    /// written to a temporary name and renamed, so a crash never leaves a partial one.
+    pub fn with_disk_cache(dir: &Path) -> anyhow::Result<Self> {
+        let mut runtime = Self::new()?;
+        let dir = dir.join(engine_key(&runtime.engine));
+        std::fs::create_dir_all(&dir).map_err(|e| {
+            anyhow::anyhow!(
+                "cannot create the compiled-plugin cache {}: {e}",
+                dir.display()
+            )
+        })?;
+        runtime.disk_cache = Some(dir);
+        Ok(runtime)
+    }
+
+    /// The folder compiled components are cached in, if any.
+    pub fn disk_cache(&self) -> Option<&Path> {
+        self.disk_cache.as_deref()
+    }
+
+    /// (components compiled, components loaded from the disk cache) so far.
+    pub fn compile_counts(&self) -> (usize, usize) {
+        (
+            self.compiled.load(Ordering::Relaxed),
+            self.loaded_from_disk.load(Ordering::Relaxed),
+        )
+    }
+
+    fn cached_on_disk(&self, sha256: &str) -> Option<Component> {
+        let path = self.disk_cache.as_ref()?.join(format!("{sha256}.cwasm"));
+        if !path.is_file() {
+            return None;
+        }
+        // SAFETY: files in the cache folder are written only by `store_on_disk` below, from
+        // `Component::serialize` of this engine configuration (the folder name carries
+        // wasmtime's compatibility hash, which covers its version; wasmtime checks both again
+        // on load).
+        match unsafe { Component::deserialize_file(&self.engine, &path) } {
+            Ok(c) => Some(c),
+            Err(e) => {
+                tracing::warn!(
+                    "ignoring compiled-plugin cache file {}: {e:#}",
+                    path.display()
+                );
+                None
+            }
+        }
+    }
+
+    fn store_on_disk(&self, sha256: &str, component: &Component) {
+        let Some(dir) = &self.disk_cache else { return };
+        let path = dir.join(format!("{sha256}.cwasm"));
+        let tmp = dir.join(format!(".{sha256}.tmp-{}", std::process::id()));
+        let written = component
+            .serialize()
+            .map_err(|e| format!("{e:#}"))
+            .and_then(|bytes| std::fs::write(&tmp, bytes).map_err(|e| e.to_string()))
+            .and_then(|()| std::fs::rename(&tmp, &path).map_err(|e| e.to_string()));
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&tmp);
+            tracing::warn!("cannot cache the compiled plugin in {}: {e}", dir.display());
+        }
     }
 
     /// Compiles component bytes, or returns the cached compilation of identical bytes.
     pub fn compile(&self, label: &str, bytes: &[u8]) -> Result<CompiledPlugin, PluginError> {
         let sha256 = sha256_hex(bytes);
-        if let Some(c) = self.cache.lock().ok().and_then(|c| c.get(&sha256).cloned()) {
+        if let Some(c) = self.cache.lock().ok().and_then(|c| c.get(&sha256)) {
             return Ok(CompiledPlugin {
                 sha256,
                 wit: self.wit_version(&c),
@@ -280,10 +403,21 @@ impl Runtime {
                     .into(),
             });
         }
-        let component = Component::new(&self.engine, bytes).map_err(|e| PluginError::Invalid {
-            plugin: label.to_string(),
-            message: format!("cannot compile the component: {e:#}"),
-        })?;
+        let component = match self.cached_on_disk(&sha256) {
+            Some(c) => {
+                self.loaded_from_disk.fetch_add(1, Ordering::Relaxed);
+                c
+            }
+            None => {
+                self.compiled.fetch_add(1, Ordering::Relaxed);
+                let c = Component::new(&self.engine, bytes).map_err(|e| PluginError::Invalid {
+                    plugin: label.to_string(),
+                    message: format!("cannot compile the component: {e:#}"),
+                })?;
+                self.store_on_disk(&sha256, &c);
+                c
+            }
+        };
         if let Ok(mut cache) = self.cache.lock() {
             cache.insert(sha256.clone(), component.clone());
         }
@@ -312,7 +446,12 @@ impl Runtime {
         }
     }
 
-    fn store(&self, model: Arc<ModelView>, sandbox: &Sandbox) -> Store<PluginState> {
+    fn store(
+        &self,
+        model: Arc<ModelView>,
+        sandbox: &Sandbox,
+        cancel: &CancelToken,
+    ) -> Store<PluginState> {
         let state = PluginState::new(
             model,
             Limits {
@@ -322,7 +461,7 @@ impl Runtime {
         );
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limits);
-        store.set_epoch_deadline(ticks(sandbox.timeout));
+        arm_deadline(&mut store, sandbox.timeout, cancel);
         store
     }
 
@@ -373,7 +512,7 @@ impl Runtime {
         model: Arc<ModelView>,
         sandbox: &Sandbox,
     ) -> Result<PluginInfo, PluginError> {
-        let mut store = self.store(model, sandbox);
+        let mut store = self.store(model, sandbox, &CancelToken::new());
         let instance = self.instantiate(label, plugin, &mut store, sandbox)?;
         let info = match instance {
             Instance::V0_1(i) => i
@@ -398,13 +537,14 @@ impl Runtime {
         model: Arc<ModelView>,
         sandbox: &Sandbox,
         ctx: &StageContext,
+        cancel: &CancelToken,
     ) -> Result<(StageOutput, Store<PluginState>, CallTimings), PluginError> {
-        let mut store = self.store(model, sandbox);
+        let mut store = self.store(model, sandbox, cancel);
         let started = Instant::now();
         let instance = self.instantiate(label, plugin, &mut store, sandbox)?;
         let instantiate = started.elapsed();
         // The deadline counts from the call, not from instantiation.
-        store.set_epoch_deadline(ticks(sandbox.timeout));
+        arm_deadline(&mut store, sandbox.timeout, cancel);
         let call_start = Instant::now();
         let result = match instance {
             Instance::V0_1(i) => i
@@ -431,8 +571,22 @@ impl Runtime {
     }
 }
 
-fn ticks(timeout: Duration) -> u64 {
-    (timeout.as_millis() / TICK.as_millis()).max(1) as u64
+/// Stops the guest `timeout` from now, or at the next tick after `cancel` is cancelled: the
+/// callback runs on every epoch tick (10 ms), reads the token, and interrupts the guest (a
+/// timeout trap) once the wall-clock deadline has passed.
+fn arm_deadline(store: &mut Store<PluginState>, timeout: Duration, cancel: &CancelToken) {
+    let deadline = Instant::now() + timeout;
+    let cancel = cancel.clone();
+    store.set_epoch_deadline(1);
+    store.epoch_deadline_callback(move |_| {
+        if cancel.is_cancelled() {
+            return Err(wasmtime::Error::new(Cancelled));
+        }
+        if Instant::now() >= deadline {
+            return Ok(UpdateDeadline::Interrupt);
+        }
+        Ok(UpdateDeadline::Continue(1))
+    });
 }
 
 /// Logs what the guest printed, escaped and capped: it goes to the user's terminal.
@@ -476,6 +630,9 @@ fn panic_message(stderr: &str) -> Option<String> {
 /// printed, where a panicking guest leaves its message.
 fn classify(label: &str, e: wasmtime::Error, sandbox: &Sandbox, stderr: &str) -> PluginError {
     let plugin = label.to_string();
+    if e.downcast_ref::<Cancelled>().is_some() {
+        return PluginError::Cancelled { plugin };
+    }
     if e.downcast_ref::<Trap>() == Some(&Trap::Interrupt) {
         return PluginError::Timeout {
             plugin,
@@ -515,6 +672,41 @@ mod tests {
         assert_eq!(
             panic_message("thread 'main' panicked at src/x.rs:1:1:\n").unwrap(),
             "(no message) (at src/x.rs:1:1)"
+        );
+    }
+
+    #[test]
+    fn compiled_components_are_reused_from_disk_by_the_next_process() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, bytes) = super::super::registry::BUILTIN_PLUGINS[0];
+        let first = Runtime::with_disk_cache(dir.path()).unwrap();
+        let a = first.compile("first", bytes).unwrap();
+        assert_eq!(first.compile_counts(), (1, 0));
+        let folder = first.disk_cache().unwrap().to_path_buf();
+        assert!(folder.join(format!("{}.cwasm", a.sha256)).is_file());
+        drop(first);
+        // A new runtime (as after a restart) loads it instead of compiling, and it works.
+        let second = Runtime::with_disk_cache(dir.path()).unwrap();
+        let b = second.compile("second", bytes).unwrap();
+        assert_eq!(second.compile_counts(), (0, 1));
+        assert_eq!(a.sha256, b.sha256);
+        let info = second
+            .describe(
+                "second",
+                &b,
+                super::super::registry::empty_view(),
+                &Sandbox::default(),
+            )
+            .unwrap();
+        assert!(!info.name.is_empty());
+        // A damaged cache file is ignored and replaced, not trusted.
+        std::fs::write(folder.join(format!("{}.cwasm", a.sha256)), b"garbage").unwrap();
+        let third = Runtime::with_disk_cache(dir.path()).unwrap();
+        third.compile("third", bytes).unwrap();
+        assert_eq!(third.compile_counts(), (1, 0));
+        assert_ne!(
+            std::fs::read(folder.join(format!("{}.cwasm", a.sha256))).unwrap(),
+            b"garbage"
         );
     }
 

@@ -15,16 +15,19 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use comfy_table::{Cell, CellAlignment, Table, presets::UTF8_FULL_CONDENSED};
-use espalier::app::{App, RunOverrides};
+use espalier::app::{App, AppError, Config, ErrorKind, RunOverrides};
+use espalier::cancel::CancelToken;
 use espalier::display_safe::{self, name as safe};
 use espalier::evaluate::{Comparison, EvalSpec, Evaluation};
-use espalier::plan::PlannedStage;
-use espalier::plugin::bindings::{ParamKind, ParamValue};
-use espalier::plugin::registry::load_file;
-use espalier::plugin::{Origin, Plugin};
-use espalier::report::{RunReport, StageReport};
-use espalier::run::RunObserver;
+use espalier::events::{EventSink, RunEvent};
+use espalier::pipeline::PipelineError;
+use espalier::plugin::Sandbox;
+use espalier::plugin::bindings::ParamValue;
+use espalier::plugin::registry::{PluginSummary, kind_name, load_file};
+use espalier::report::RunReport;
 use indicatif::{ProgressBar, ProgressStyle};
+
+mod bench_api;
 
 #[derive(Parser)]
 #[command(
@@ -51,6 +54,35 @@ impl PluginDirs {
             dirs.extend(std::env::split_paths(&env));
         }
         dirs
+    }
+
+    /// The core's configuration for this command: the folders given here and in the
+    /// environment (`ESPALIER_MODELS`, default `models/`; `ESPALIER_CACHE`, default
+    /// `$XDG_CACHE_HOME/espalier` or `~/.cache/espalier`; `ESPALIER_CACHE=off` disables it).
+    fn config(&self, sandbox: Sandbox) -> Config {
+        Config {
+            plugin_dirs: self.all(),
+            models_dir: models_dir(),
+            cache_dir: cache_dir(),
+            sandbox,
+        }
+    }
+}
+
+/// Where `fetch:` models go: `$ESPALIER_MODELS`, default `models/`.
+fn models_dir() -> PathBuf {
+    std::env::var_os("ESPALIER_MODELS").map_or_else(|| PathBuf::from("models"), PathBuf::from)
+}
+
+/// Where compiled plugins are cached between runs (see [`PluginDirs::config`]).
+fn cache_dir() -> Option<PathBuf> {
+    match std::env::var_os("ESPALIER_CACHE") {
+        Some(v) if v == "off" || v.is_empty() => None,
+        Some(v) => Some(PathBuf::from(v)),
+        None => std::env::var_os("XDG_CACHE_HOME")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+            .map(|c| c.join("espalier")),
     }
 }
 
@@ -130,6 +162,31 @@ enum Command {
         #[command(subcommand)]
         command: BenchCommand,
     },
+    /// Run as a daemon: REST API, watched plugin and pipeline folders, run history.
+    Serve {
+        /// A TOML config file (keys: listen, state_dir, concurrency, token | token_file,
+        /// max_upload_mb, on_shutdown, debounce_ms); flags override it.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Address to listen on (default 127.0.0.1:7878; port 0 picks a free one).
+        #[arg(long, value_name = "ADDR")]
+        listen: Option<std::net::SocketAddr>,
+        /// State folder (plugins/, pipelines/, models/, runs/, data/, cache/, the run database).
+        #[arg(long, value_name = "DIR")]
+        state: Option<PathBuf>,
+        /// Runs executing at once.
+        #[arg(long)]
+        concurrency: Option<usize>,
+        /// File holding the bearer token mutating calls must send (also $ESPALIER_TOKEN).
+        #[arg(long, value_name = "FILE")]
+        token_file: Option<PathBuf>,
+        /// Largest request body (plugin upload, pipeline), MiB.
+        #[arg(long)]
+        max_upload_mb: Option<usize>,
+        /// On SIGTERM: `cancel` running runs or let them `finish`.
+        #[arg(long)]
+        on_shutdown: Option<espalier_server::config::ShutdownMode>,
+    },
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -197,6 +254,25 @@ enum BenchCommand {
         /// Weight storage of the pruned model's linears.
         #[arg(long, value_enum, default_value = "f32")]
         storage: StorageArg,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Load-test the daemon on loopback: concurrent clients poll runs, list plugins and follow
+    /// events while runs execute and a plugin file is replaced every second.
+    Api {
+        /// Concurrent clients.
+        #[arg(long, default_value_t = 200)]
+        clients: usize,
+        /// Seconds of load.
+        #[arg(long, default_value_t = 30)]
+        seconds: u64,
+        /// Pipelines to run during the load (repeatable; each is also run by the CLI to compare).
+        #[arg(long = "pipeline", default_values = ["pipelines/quickstart.toml", "pipelines/smollm2-2-4.toml"])]
+        pipelines: Vec<PathBuf>,
+        /// Model every pipeline runs on.
+        #[arg(long, default_value = "fetch:smollm2-135m-instruct")]
+        model: String,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -301,16 +377,42 @@ fn main() -> ExitCode {
         // Colour codes only for a terminal: a log file or pipe gets plain text.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    install_signal_cleanup();
-    match dispatch(Cli::parse()) {
+    let cli = Cli::parse();
+    // The daemon handles SIGTERM and SIGINT itself (an ordered shutdown); every other command
+    // removes an unfinished export and exits 128 + signal.
+    if !matches!(cli.command, Command::Serve { .. }) {
+        install_signal_cleanup();
+    }
+    match dispatch(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             err!(
                 "error: {}",
                 display_safe::terminal(&error_chain(&e), ERROR_MAX)
             );
-            ExitCode::FAILURE
+            ExitCode::from(exit_code(&e))
         }
+    }
+}
+
+/// The exit status of a failed command, from the stable kind of its error: 2 bad input (a
+/// pipeline, model or plugin that cannot be used; clap's usage errors are 2 too), 3 a plugin
+/// failed or returned something invalid, 4 the export was refused or failed, 130 cancelled,
+/// 1 anything else.
+fn exit_code(e: &anyhow::Error) -> u8 {
+    let kind = if let Some(app) = e.downcast_ref::<AppError>() {
+        app.kind()
+    } else if e.downcast_ref::<PipelineError>().is_some() {
+        ErrorKind::InvalidPipeline
+    } else {
+        return 1;
+    };
+    match kind {
+        ErrorKind::InvalidPipeline | ErrorKind::InvalidModel | ErrorKind::InvalidPlugin => 2,
+        ErrorKind::PluginFailed | ErrorKind::InvalidOutput => 3,
+        ErrorKind::Export => 4,
+        ErrorKind::Cancelled => 130,
+        ErrorKind::Evaluation | ErrorKind::Internal => 1,
     }
 }
 
@@ -348,6 +450,7 @@ fn dispatch(cli: Cli) -> Result<()> {
                 export_dir: out,
                 no_export,
                 force,
+                density: None,
             },
             json,
             layers,
@@ -384,6 +487,23 @@ fn dispatch(cli: Cli) -> Result<()> {
             json,
         ),
         Command::Import { gguf, out } => cmd_import(&gguf, &out),
+        Command::Serve {
+            config,
+            listen,
+            state,
+            concurrency,
+            token_file,
+            max_upload_mb,
+            on_shutdown,
+        } => cmd_serve(
+            config,
+            listen,
+            state,
+            concurrency,
+            token_file,
+            max_upload_mb,
+            on_shutdown,
+        ),
         Command::Bench { command } => match command {
             BenchCommand::Plugins {
                 model,
@@ -391,6 +511,13 @@ fn dispatch(cli: Cli) -> Result<()> {
                 json,
             } => cmd_bench_plugins(&model, repeat, json),
             BenchCommand::Kernels { quick, json } => cmd_bench_kernels(quick, json),
+            BenchCommand::Api {
+                clients,
+                seconds,
+                pipelines,
+                model,
+                json,
+            } => cmd_bench_api(clients, seconds, pipelines, model, json),
             BenchCommand::Decode {
                 model,
                 pipeline,
@@ -404,7 +531,7 @@ fn dispatch(cli: Cli) -> Result<()> {
 }
 
 fn start_app(dirs: &PluginDirs) -> Result<App> {
-    let app = App::new(&dirs.all())?;
+    let app = App::start(dirs.config(Sandbox::default()))?;
     warn_skipped(&app);
     Ok(app)
 }
@@ -423,41 +550,66 @@ struct Bars {
     bar: ProgressBar,
 }
 
-impl RunObserver for Bars {
-    fn stage_started(&mut self, index: usize, total: usize, stage: &PlannedStage) {
-        if index == 0 {
-            self.bar.set_length(total as u64);
+impl EventSink for Bars {
+    fn emit(&mut self, event: RunEvent) {
+        match event {
+            RunEvent::StageStarted {
+                index,
+                total,
+                name,
+                plugin,
+                targets,
+                ..
+            } => {
+                if index == 0 {
+                    self.bar.set_length(total as u64);
+                }
+                self.bar.set_message(format!(
+                    "stage {}/{total} `{}` ({}, {targets} layers)",
+                    index + 1,
+                    safe(&name),
+                    safe(&plugin),
+                ));
+            }
+            RunEvent::StageProgress { index, step } => {
+                let total = self.bar.length().unwrap_or(0);
+                self.bar
+                    .set_message(format!("stage {}/{total}: {step}", index + 1));
+            }
+            RunEvent::EvaluationStarted { which } => {
+                self.bar
+                    .set_message(format!("evaluating the {which} model"));
+            }
+            RunEvent::EvaluationProgress {
+                which,
+                windows_done,
+                windows_total,
+            } => {
+                self.bar.set_message(format!(
+                    "evaluating the {which} model: perplexity window {windows_done}/{windows_total}"
+                ));
+            }
+            RunEvent::StageFinished { report, .. } => {
+                self.bar.inc(1);
+                self.bar.println(format!(
+                    "  ✓ {} ({}): density {:.4} in {:.2} s",
+                    safe(&report.name),
+                    safe(&report.plugin),
+                    report.density_after,
+                    report.seconds
+                ));
+            }
+            RunEvent::Notice { message } => {
+                self.bar.println(format!("espalier: {}", safe(&message)));
+            }
+            RunEvent::Warning { message } => {
+                self.bar.println(format!(
+                    "warning: {}",
+                    display_safe::terminal(&message, ERROR_MAX)
+                ));
+            }
+            _ => {}
         }
-        self.bar.set_message(format!(
-            "stage {}/{total} `{}` ({}, {} layers)",
-            index + 1,
-            safe(&stage.spec.name),
-            safe(&stage.plugin.info.name),
-            stage.targets.len()
-        ));
-    }
-
-    fn evaluation_started(&mut self, which: &str) {
-        self.bar
-            .set_message(format!("evaluating the {which} model"));
-    }
-
-    fn evaluation_progress(&mut self, which: &str, p: &espalier_engine::eval::PerplexityProgress) {
-        self.bar.set_message(format!(
-            "evaluating the {which} model: perplexity window {}/{}",
-            p.windows_done, p.windows_total
-        ));
-    }
-
-    fn stage_finished(&mut self, _index: usize, report: &StageReport) {
-        self.bar.inc(1);
-        self.bar.println(format!(
-            "  ✓ {} ({}): density {:.4} in {:.2} s",
-            safe(&report.name),
-            safe(&report.plugin),
-            report.density_after,
-            report.seconds
-        ));
     }
 }
 
@@ -470,7 +622,7 @@ fn cmd_run(
 ) -> Result<()> {
     // Parsed first: its [sandbox] limits also bind the `describe` of plugin-folder plugins.
     let pipeline = espalier::pipeline::Pipeline::load(&pipeline)?;
-    let app = App::with_sandbox(&dirs.all(), &pipeline.sandbox)?;
+    let app = App::start(dirs.config(pipeline.sandbox))?;
     warn_skipped(&app);
     let bar = ProgressBar::new(0);
     bar.set_style(
@@ -480,7 +632,7 @@ fn cmd_run(
     );
     bar.enable_steady_tick(Duration::from_millis(120));
     let mut observer = Bars { bar: bar.clone() };
-    let result = app.run_pipeline(pipeline, &overrides, &mut observer);
+    let result = app.run_pipeline(pipeline, &overrides, &mut observer, &CancelToken::new());
     bar.finish_and_clear();
     let result = result?;
     if json {
@@ -671,7 +823,8 @@ fn cmd_eval(
             shipped
         }
     };
-    let model_ref = &espalier::fetch::resolve(model_ref, &mut |m| err!("espalier: {m}"))?;
+    let model_ref =
+        &espalier::fetch::resolve(model_ref, &models_dir(), &mut |m| err!("espalier: {m}"))?;
     let model = espalier_engine::load_model(model_ref)?;
     let spec = EvalSpec {
         text: Some(text),
@@ -692,10 +845,16 @@ fn cmd_eval(
     );
     bar.enable_steady_tick(Duration::from_millis(120));
     let session = espalier_engine::Session::new(&model)?;
-    let result = espalier::evaluate::evaluate(&model, &session, &spec, &mut |p| {
-        bar.set_length(p.windows_total as u64);
-        bar.set_position(p.windows_done as u64);
-    });
+    let result = espalier::evaluate::evaluate(
+        &model,
+        &session,
+        &spec,
+        &mut |p| {
+            bar.set_length(p.windows_total as u64);
+            bar.set_position(p.windows_done as u64);
+        },
+        &CancelToken::new(),
+    );
     bar.finish_and_clear();
     let e = result?;
     if json {
@@ -774,45 +933,14 @@ fn show_value(v: &ParamValue) -> String {
     }
 }
 
-fn kind_str(k: ParamKind) -> &'static str {
-    match k {
-        ParamKind::Boolean => "bool",
-        ParamKind::Integer => "int",
-        ParamKind::Float => "float",
-        ParamKind::Text => "string",
-        ParamKind::Integers => "[int]",
-        ParamKind::Floats => "[float]",
-    }
-}
-
-fn plugin_json(p: &Plugin) -> serde_json::Value {
-    serde_json::json!({
-        "name": p.info.name,
-        "version": p.info.version,
-        "description": p.info.description,
-        "origin": match &p.origin { Origin::Builtin => "builtin".to_string(), Origin::File(f) => f.display().to_string() },
-        "sha256": p.compiled.sha256,
-        "wit": p.compiled.wit.to_string(),
-        "size_bytes": p.size,
-        "produces": produces_name(p.info.produces).to_string(),
-        "needs": p.info.needs.iter().map(|n| need_name(*n)).collect::<Vec<_>>(),
-        "params": p.info.params.iter().map(|s| serde_json::json!({
-            "name": s.name,
-            "type": kind_str(s.kind),
-            // The full text: JSON escapes control characters itself.
-            "default": s.default.as_ref().map(|v| match v {
-                ParamValue::Text(t) => format!("{t:?}"),
-                other => show_value(other),
-            }),
-            "doc": s.doc,
-        })).collect::<Vec<_>>(),
-    })
-}
-
 fn cmd_plugins_list(json: bool, dirs: &PluginDirs) -> Result<()> {
     let app = start_app(dirs)?;
+    let registry = app.registry();
     if json {
-        let all: Vec<_> = app.registry.iter().map(plugin_json).collect();
+        let all: Vec<_> = registry
+            .iter()
+            .map(|p| PluginSummary::of(p, &registry))
+            .collect();
         out!("{}", serde_json::to_string_pretty(&all)?);
         return Ok(());
     }
@@ -821,13 +949,17 @@ fn cmd_plugins_list(json: bool, dirs: &PluginDirs) -> Result<()> {
     t.set_header(vec![
         "name", "version", "wit", "produces", "origin", "size", "sha256",
     ]);
-    for p in app.registry.iter() {
+    for p in registry.iter() {
         t.add_row(vec![
             safe(&p.info.name),
             safe(&p.info.version),
             p.compiled.wit.to_string(),
             produces_name(p.info.produces).to_string(),
-            origin_text(&p.origin),
+            if registry.shadows_builtin(&p.info.name) {
+                format!("{} (shadows the built-in)", origin_text(&p.origin))
+            } else {
+                origin_text(&p.origin)
+            },
             format!("{:.1} KB", p.size as f64 / 1024.0),
             p.compiled.sha256[..12].to_string(),
         ]);
@@ -838,18 +970,22 @@ fn cmd_plugins_list(json: bool, dirs: &PluginDirs) -> Result<()> {
 
 fn cmd_plugins_inspect(name: &str, json: bool, dirs: &PluginDirs) -> Result<()> {
     let app = start_app(dirs)?;
+    let registry = app.registry();
     let plugin = if name.ends_with(".wasm") || std::path::Path::new(name).is_file() {
         load_file(&app.runtime, std::path::Path::new(name))?
     } else {
-        app.registry.get(name).cloned().with_context(|| {
+        registry.get(name).cloned().with_context(|| {
             format!(
                 "no plugin named `{name}`; available: {} (or pass a .wasm path)",
-                app.registry.names().join(", ")
+                registry.names().join(", ")
             )
         })?
     };
     if json {
-        out!("{}", serde_json::to_string_pretty(&plugin_json(&plugin))?);
+        out!(
+            "{}",
+            serde_json::to_string_pretty(&PluginSummary::of(&plugin, &registry))?
+        );
         return Ok(());
     }
     let i = &plugin.info;
@@ -872,7 +1008,7 @@ fn cmd_plugins_inspect(name: &str, json: bool, dirs: &PluginDirs) -> Result<()> 
     for p in &i.params {
         t.add_row(vec![
             safe(&p.name),
-            kind_str(p.kind).to_string(),
+            kind_name(p.kind).to_string(),
             p.default.as_ref().map_or("(required)".into(), show_value),
             display_safe::message(&p.doc, ""),
         ]);
@@ -978,20 +1114,6 @@ fn cmd_bench_kernels(quick: bool, json: bool) -> Result<()> {
     Ok(())
 }
 
-/// Resets the process's peak resident set (`VmHWM`) so the next reading covers what follows.
-/// Freed heap pages are first handed back to the kernel, or the counter would restart from
-/// memory the previous measurement already released.
-fn reset_peak_rss() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim only releases free memory at the top of glibc's heaps; it takes no
-    // pointers and is safe to call at any time from any thread.
-    unsafe {
-        libc::malloc_trim(0);
-    }
-    // Linux >= 4.0: writing 5 to clear_refs resets the peak RSS counter.
-    let _ = std::fs::write("/proc/self/clear_refs", "5");
-}
-
 fn espalier_decode_bench(
     model_ref: &str,
     pipeline: &std::path::Path,
@@ -1000,76 +1122,35 @@ fn espalier_decode_bench(
     storage: StorageArg,
     json: bool,
 ) -> Result<()> {
-    use espalier_engine::eval::{LatencyReport, latency, peak_rss_bytes};
     let app = start_app(&PluginDirs::default())?;
-    let model_ref = espalier::fetch::resolve(model_ref, &mut |m| err!("espalier: {m}"))?;
-    let prompt_for = |model: &espalier_engine::Model| -> Result<Vec<u32>> {
-        let tok = espalier_engine::Tokenizer::for_model(model)?;
-        let text = std::fs::read_to_string("data/eval.txt").unwrap_or_else(|_| {
-            "When in the Course of human events, it becomes necessary for one people to dissolve \
-             the political bands which have connected them with another. "
-                .repeat(8)
-        });
-        let mut ids = tok.encode(&text)?;
-        ids.truncate(prompt_tokens.max(1));
-        Ok(ids)
-    };
-
-    err!("dense: decoding {new_tokens} tokens after a {prompt_tokens}-token prompt ...");
-    let dense: LatencyReport = {
-        let model = espalier_engine::load_model(&model_ref)?;
-        let prompt = prompt_for(&model)?;
-        reset_peak_rss();
-        let session = espalier_engine::Session::new(&model)?;
-        latency(&session, &prompt, new_tokens)?
-    };
-
-    err!("pruned: running {} ...", pipeline.display());
-    let overrides = RunOverrides {
-        model: Some(model_ref.clone()),
-        export_dir: None,
-        no_export: true,
-        force: false,
-    };
-    let mut pipe = espalier::pipeline::Pipeline::load(pipeline)?;
-    pipe.evaluate = None;
-    let result = app.run_pipeline(pipe, &overrides, &mut espalier::run::Quiet)?;
-    let prompt = prompt_for(&result.state.model)?;
-    let mut session = espalier_engine::Session::new(&result.state.model)?;
+    let pipe = espalier::pipeline::Pipeline::load(pipeline)?;
+    // The prompt comes from the shipped evaluation text when run from the repository.
+    let text = std::fs::read_to_string("data/eval.txt").ok();
     let storage = match storage {
         StorageArg::F32 => espalier::sparse::Storage::F32,
         StorageArg::Bf16 => espalier::sparse::Storage::Bf16,
     };
-    let attached = espalier::sparse::attach(
-        &mut session,
-        &result.state.model,
-        &result.state.masks,
+    let b = espalier::bench::bench_decode(
+        &app,
+        model_ref,
+        pipe,
+        text.as_deref(),
+        prompt_tokens,
+        new_tokens,
         storage,
+        &mut |m| err!("{m} ..."),
     )?;
-    let formats = attached.formats.clone();
-    // Only the packed weights (and the layers left dense) stay alive for the measurement.
-    drop(result);
-    reset_peak_rss();
-    let pruned = latency(&session, &prompt, new_tokens)?;
-    let pruned_peak = peak_rss_bytes();
-
-    let speedup = dense.ms_per_token / pruned.ms_per_token;
+    let (dense, pruned, pruned_peak, formats) = (
+        &b.dense,
+        &b.pruned,
+        b.pruned_peak_rss_bytes,
+        &b.pruned_formats,
+    );
     if json {
-        out!(
-            "{}",
-            serde_json::to_string_pretty(&serde_json::json!({
-                "model": model_ref,
-                "pipeline": pipeline.display().to_string(),
-                "dense": dense,
-                "pruned": pruned,
-                "pruned_formats": formats,
-                "pruned_peak_rss_bytes": pruned_peak,
-                "weight_bytes": {"dense": attached.model_bytes, "pruned": attached.packed_model_bytes},
-                "decode_speedup": speedup,
-            }))?
-        );
+        out!("{}", serde_json::to_string_pretty(&b)?);
         return Ok(());
     }
+    let speedup = b.decode_speedup;
     let mut t = Table::new();
     t.load_preset(UTF8_FULL_CONDENSED);
     t.set_header(vec!["decode, batch 1", "dense", "pruned", "ratio"]);
@@ -1108,11 +1189,11 @@ fn espalier_decode_bench(
     ]);
     t.add_row(vec![
         "weights held by the forward pass".to_string(),
-        mib(Some(attached.model_bytes as u64)),
-        mib(Some(attached.packed_model_bytes as u64)),
+        mib(Some(b.weight_bytes.dense as u64)),
+        mib(Some(b.weight_bytes.pruned as u64)),
         format!(
             "{:.2}x smaller",
-            attached.model_bytes as f64 / attached.packed_model_bytes.max(1) as f64
+            b.weight_bytes.dense as f64 / b.weight_bytes.pruned.max(1) as f64
         ),
     ]);
     out!("{t}");
@@ -1132,8 +1213,151 @@ fn espalier_decode_bench(
     out!("pruned linear formats: {formats}");
     out!(
         "same prompt ({} tokens), {new_tokens} new tokens, greedy; same generated ids: {}",
-        prompt.len(),
-        dense.generated == pruned.generated
+        b.prompt_tokens,
+        b.same_generated_ids
     );
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn cmd_serve(
+    config: Option<PathBuf>,
+    listen: Option<std::net::SocketAddr>,
+    state: Option<PathBuf>,
+    concurrency: Option<usize>,
+    token_file: Option<PathBuf>,
+    max_upload_mb: Option<usize>,
+    on_shutdown: Option<espalier_server::config::ShutdownMode>,
+) -> Result<()> {
+    use espalier_server::config::ServeConfig;
+    let mut c = match &config {
+        Some(path) => ServeConfig::from_file(path)?,
+        None => ServeConfig::default(),
+    };
+    if let Some(l) = listen {
+        c.listen = l;
+    }
+    if let Some(s) = state {
+        c.state_dir = s;
+    }
+    if let Some(n) = concurrency {
+        c.concurrency = n;
+    }
+    if let Some(f) = token_file {
+        let t = espalier_engine::files::read_to_string(&f, 4096)
+            .with_context(|| format!("--token-file {}", f.display()))?;
+        c.token = Some(t.trim().to_string());
+    } else if let Ok(t) = std::env::var("ESPALIER_TOKEN")
+        && !t.is_empty()
+    {
+        c.token = Some(t);
+    }
+    if let Some(mb) = max_upload_mb {
+        c.max_upload_bytes = mb
+            .checked_mul(1 << 20)
+            .context("--max-upload-mb is too large")?;
+    }
+    if let Some(m) = on_shutdown {
+        c.on_shutdown = m;
+    }
+    c.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
+    let state_dir = c.state_dir.clone();
+    espalier_server::serve::serve(c, |addr| {
+        out!(
+            "espalier serving http://{addr} (state folder {}; API at /v1, OpenAPI at /openapi.json)",
+            state_dir.display()
+        );
+    })?;
+    Ok(())
+}
+
+fn cmd_bench_api(
+    clients: usize,
+    seconds: u64,
+    pipelines: Vec<PathBuf>,
+    model: String,
+    json: bool,
+) -> Result<()> {
+    let opts = bench_api::Options {
+        clients,
+        seconds,
+        pipelines,
+        model,
+        models_dir: models_dir(),
+    };
+    let b = bench_api::run(&opts, &mut |m| err!("{m} ..."))?;
+    if json {
+        out!("{}", serde_json::to_string_pretty(&b)?);
+        return Ok(());
+    }
+    let mut t = Table::new();
+    t.load_preset(UTF8_FULL_CONDENSED);
+    t.set_header(vec!["daemon under load", "value", "goal"]);
+    let rows: Vec<(String, String, String)> = vec![
+        (
+            "clients x seconds".into(),
+            format!("{} x {:.0}", b.clients, b.seconds),
+            String::new(),
+        ),
+        (
+            "requests served".into(),
+            b.requests.to_string(),
+            String::new(),
+        ),
+        (
+            "unexpected failures".into(),
+            b.unexpected_failures.to_string(),
+            "0".into(),
+        ),
+        (
+            "read p50".into(),
+            format!("{:.1} ms", b.read_p50_ms),
+            String::new(),
+        ),
+        (
+            "read p99".into(),
+            format!("{:.1} ms", b.read_p99_ms),
+            "<= 100 ms".into(),
+        ),
+        (
+            "read max".into(),
+            format!("{:.1} ms", b.read_max_ms),
+            String::new(),
+        ),
+        (
+            "events streamed".into(),
+            b.events_received.to_string(),
+            String::new(),
+        ),
+        (
+            "plugin files replaced".into(),
+            b.plugin_replacements.to_string(),
+            String::new(),
+        ),
+        (
+            "daemon peak RSS".into(),
+            mib(b.daemon_peak_rss_bytes),
+            String::new(),
+        ),
+    ];
+    for (k, v, g) in rows {
+        t.add_row(vec![k, v, g]);
+    }
+    out!("{t}");
+    for r in &b.runs {
+        out!(
+            "run {} ({}): {} in {} s, pruned perplexity {}, same result as the CLI: {}",
+            r["id"],
+            r["pipeline"].as_str().unwrap_or(""),
+            r["status"].as_str().unwrap_or(""),
+            r["seconds"]
+                .as_f64()
+                .map_or("-".into(), |s| format!("{s:.1}")),
+            r["perplexity_pruned"]
+                .as_f64()
+                .map_or("-".into(), |p| format!("{p:.3}")),
+            r["equals_cli"]
+        );
+    }
     Ok(())
 }

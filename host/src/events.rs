@@ -1,0 +1,172 @@
+//! What a run reports while it runs: one serialisable [`RunEvent`] stream that every front end
+//! renders its own way (the CLI as progress bars and lines, the daemon as server-sent events
+//! and run records). The core prints nothing; everything it has to say goes through an
+//! [`EventSink`].
+
+use serde::Serialize;
+
+use crate::evaluate::Evaluation;
+use crate::report::StageReport;
+
+/// One thing that happened in a run, in order.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "type", rename_all = "kebab-case")]
+pub enum RunEvent {
+    /// Planning passed: the stages are about to run.
+    RunStarted {
+        /// Pipeline name.
+        pipeline: String,
+        /// Model reference as resolved (a directory or `builtin:NAME`).
+        model: String,
+        /// Number of stages.
+        stages: usize,
+        /// Plugin name → sha256 of every plugin the run will call (the versions it holds).
+        plugins: std::collections::BTreeMap<String, String>,
+    },
+    /// Something worth telling whoever watches (a model download, a fallback).
+    Notice {
+        /// What happened.
+        message: String,
+    },
+    /// Something the user should look at; the run goes on.
+    Warning {
+        /// What is wrong.
+        message: String,
+    },
+    /// A stage is about to run.
+    StageStarted {
+        /// 0-based stage index.
+        index: usize,
+        /// Stages in the run.
+        total: usize,
+        /// Stage name.
+        name: String,
+        /// Plugin name.
+        plugin: String,
+        /// sha256 of the plugin's component.
+        plugin_sha256: String,
+        /// Number of target layers.
+        targets: usize,
+    },
+    /// A stage is preparing calibration statistics or calling its plugin.
+    StageProgress {
+        /// 0-based stage index.
+        index: usize,
+        /// What it is doing now.
+        step: String,
+    },
+    /// A stage finished.
+    StageFinished {
+        /// 0-based stage index.
+        index: usize,
+        /// What it did and cost.
+        report: StageReport,
+    },
+    /// An evaluation (`dense` or `pruned`) starts.
+    EvaluationStarted {
+        /// `dense` or `pruned`.
+        which: String,
+    },
+    /// An evaluation scored another window.
+    EvaluationProgress {
+        /// `dense` or `pruned`.
+        which: String,
+        /// Windows scored.
+        windows_done: usize,
+        /// Windows in total.
+        windows_total: usize,
+    },
+    /// An evaluation finished.
+    EvaluationFinished {
+        /// `dense` or `pruned`.
+        which: String,
+        /// Its results.
+        evaluation: Evaluation,
+    },
+    /// The pruned model was written.
+    Exported {
+        /// The export folder.
+        dir: String,
+    },
+    /// The run finished.
+    RunFinished {
+        /// Wall time, seconds.
+        seconds: f64,
+    },
+    /// The run failed.
+    RunFailed {
+        /// Stable kind of the error (see [`crate::app::ErrorKind`]).
+        kind: crate::app::ErrorKind,
+        /// What went wrong.
+        message: String,
+    },
+    /// The run was cancelled from outside.
+    RunCancelled {
+        /// Wall time until it stopped, seconds.
+        seconds: f64,
+    },
+}
+
+impl RunEvent {
+    /// The event's `type` tag (the SSE event name).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            RunEvent::RunStarted { .. } => "run-started",
+            RunEvent::Notice { .. } => "notice",
+            RunEvent::Warning { .. } => "warning",
+            RunEvent::StageStarted { .. } => "stage-started",
+            RunEvent::StageProgress { .. } => "stage-progress",
+            RunEvent::StageFinished { .. } => "stage-finished",
+            RunEvent::EvaluationStarted { .. } => "evaluation-started",
+            RunEvent::EvaluationProgress { .. } => "evaluation-progress",
+            RunEvent::EvaluationFinished { .. } => "evaluation-finished",
+            RunEvent::Exported { .. } => "exported",
+            RunEvent::RunFinished { .. } => "run-finished",
+            RunEvent::RunFailed { .. } => "run-failed",
+            RunEvent::RunCancelled { .. } => "run-cancelled",
+        }
+    }
+}
+
+/// Receives a run's events (the CLI draws bars; the daemon stores and streams them).
+pub trait EventSink {
+    /// One event, in order.
+    fn emit(&mut self, event: RunEvent);
+}
+
+/// Any `FnMut(RunEvent)` is a sink.
+impl<F: FnMut(RunEvent)> EventSink for F {
+    fn emit(&mut self, event: RunEvent) {
+        self(event)
+    }
+}
+
+/// A sink that drops everything.
+pub struct Quiet;
+
+impl EventSink for Quiet {
+    fn emit(&mut self, _event: RunEvent) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_serialise_with_their_type_tag() {
+        let e = RunEvent::EvaluationProgress {
+            which: "dense".into(),
+            windows_done: 2,
+            windows_total: 5,
+        };
+        let json = serde_json::to_value(&e).unwrap();
+        assert_eq!(json["type"], e.kind());
+        assert_eq!(json["windows_done"], 2);
+        let mut seen = Vec::new();
+        let mut sink = |e: RunEvent| seen.push(e.kind());
+        sink.emit(RunEvent::Notice {
+            message: "x".into(),
+        });
+        assert_eq!(seen, ["notice"]);
+    }
+}

@@ -1,0 +1,258 @@
+//! The application core as both front ends use it: the event stream of a run, cancellation
+//! between stages, inside calibration passes and inside evaluation (each triggered by the event
+//! that proves the run is there, so the tests do not depend on timing), stable error kinds, and
+//! a registry that changes while a planned run keeps its plugin versions.
+
+use std::path::{Path, PathBuf};
+
+use espalier::app::{AppError, ErrorKind, RunOverrides};
+use espalier::cancel::CancelToken;
+use espalier::events::RunEvent;
+use espalier::pipeline::Pipeline;
+use espalier::plugin::registry::load_file;
+
+#[allow(dead_code)] // the helpers other test binaries use
+mod common;
+use common::app;
+
+const TINY: &str = "model = \"builtin:tiny-llama\"\n";
+
+fn text(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../data")
+        .join(name)
+}
+
+fn no_export() -> RunOverrides {
+    RunOverrides {
+        no_export: true,
+        ..RunOverrides::default()
+    }
+}
+
+/// Runs `pipeline` text, calling `on_event` for every event with the run's token.
+fn run_with(
+    pipeline: &str,
+    mut on_event: impl FnMut(&RunEvent, &CancelToken),
+) -> (Result<espalier::app::RunResult, AppError>, Vec<RunEvent>) {
+    let p = Pipeline::parse("events.toml", pipeline).unwrap();
+    let cancel = CancelToken::new();
+    let mut seen = Vec::new();
+    let result = app().run_pipeline(
+        p,
+        &no_export(),
+        &mut |e: RunEvent| {
+            on_event(&e, &cancel);
+            seen.push(e);
+        },
+        &cancel,
+    );
+    (result, seen)
+}
+
+fn kinds(events: &[RunEvent]) -> Vec<&'static str> {
+    events.iter().map(RunEvent::kind).collect()
+}
+
+#[test]
+fn a_run_reports_every_step_in_order() {
+    let pipeline = format!(
+        "{TINY}[[stage]]\nplugin = \"magnitude\"\ndensity = 0.5\n[[stage]]\nplugin = \"n-m\"\nn = 2\nm = 4\n[evaluate]\ntext = {:?}\nwindow = 32\nmax_tokens = 128\n",
+        text("eval.txt").display().to_string()
+    );
+    let (result, events) = run_with(&pipeline, |_, _| {});
+    result.unwrap();
+    let k = kinds(&events);
+    assert_eq!(k.first(), Some(&"run-started"), "{k:?}");
+    assert_eq!(k.last(), Some(&"run-finished"), "{k:?}");
+    let order = [
+        "evaluation-started",
+        "evaluation-finished",
+        "stage-started",
+        "stage-finished",
+        "stage-started",
+        "stage-finished",
+        "evaluation-started",
+        "evaluation-finished",
+    ];
+    let mut at = 0;
+    for kind in k.iter().filter(|k| order.contains(k)) {
+        assert_eq!(*kind, order[at], "{k:?}");
+        at += 1;
+    }
+    assert_eq!(at, order.len(), "{k:?}");
+    let RunEvent::RunStarted {
+        plugins, stages, ..
+    } = &events[0]
+    else {
+        unreachable!()
+    };
+    assert_eq!(*stages, 2);
+    assert_eq!(plugins.len(), 2);
+    // Every event serialises with its kind as `type`.
+    for e in &events {
+        assert_eq!(serde_json::to_value(e).unwrap()["type"], e.kind());
+    }
+}
+
+#[test]
+fn cancelling_between_stages_skips_the_rest() {
+    let pipeline = format!(
+        "{TINY}[[stage]]\nplugin = \"magnitude\"\ndensity = 0.5\n[[stage]]\nplugin = \"n-m\"\nn = 2\nm = 4\n"
+    );
+    let (result, events) = run_with(&pipeline, |e, cancel| {
+        if matches!(e, RunEvent::StageFinished { index: 0, .. }) {
+            cancel.cancel();
+        }
+    });
+    let err = result.err().expect("cancelled");
+    assert_eq!(err.kind(), ErrorKind::Cancelled, "{err}");
+    let k = kinds(&events);
+    assert_eq!(
+        k.iter().filter(|k| **k == "stage-started").count(),
+        1,
+        "{k:?}"
+    );
+    assert_eq!(k.last(), Some(&"run-cancelled"), "{k:?}");
+}
+
+#[test]
+fn cancelling_stops_calibration_and_evaluation_midway() {
+    // Calibration: cancelled when the stage announces its activation pass; the pass stops at
+    // the next sequence and the plugin is never called.
+    let pipeline = format!(
+        "{TINY}[calibration]\ntext = {:?}\nsamples = 64\nseq_len = 64\n[[stage]]\nplugin = \"wanda\"\ndensity = 0.5\n",
+        text("calibration.txt").display().to_string()
+    );
+    let (result, events) = run_with(&pipeline, |e, cancel| {
+        if let RunEvent::StageProgress { step, .. } = e
+            && step.starts_with("calibration")
+        {
+            cancel.cancel();
+        }
+    });
+    assert_eq!(result.err().map(|e| e.kind()), Some(ErrorKind::Cancelled));
+    assert!(
+        !events
+            .iter()
+            .any(|e| matches!(e, RunEvent::StageProgress { step, .. } if step.contains("plugin"))),
+        "{:?}",
+        kinds(&events)
+    );
+
+    // Evaluation: cancelled after the first window of the dense evaluation.
+    let pipeline = format!(
+        "{TINY}[[stage]]\nplugin = \"magnitude\"\ndensity = 0.5\n[evaluate]\ntext = {:?}\nwindow = 32\nmax_tokens = 2048\n",
+        text("eval.txt").display().to_string()
+    );
+    let (result, events) = run_with(&pipeline, |e, cancel| {
+        if matches!(
+            e,
+            RunEvent::EvaluationProgress {
+                windows_done: 1,
+                ..
+            }
+        ) {
+            cancel.cancel();
+        }
+    });
+    assert_eq!(result.err().map(|e| e.kind()), Some(ErrorKind::Cancelled));
+    let windows = events
+        .iter()
+        .filter(|e| matches!(e, RunEvent::EvaluationProgress { .. }))
+        .count();
+    assert_eq!(windows, 1, "the evaluation went on after the cancel");
+    assert!(!kinds(&events).contains(&"stage-started"));
+}
+
+#[test]
+fn cancelling_interrupts_a_plugin_that_never_returns() {
+    let looping = PathBuf::from(espalier::plugin::registry::BUILT_PLUGIN_DIR)
+        .join("espalier_test_hostile_loop.wasm");
+    let pipeline = format!(
+        "{TINY}[sandbox]\ntimeout_s = 600\n[[stage]]\nplugin = {:?}\ndensity = 0.5\n",
+        looping.display().to_string()
+    );
+    let started = std::time::Instant::now();
+    let (result, _) = run_with(&pipeline, |e, cancel| {
+        if let RunEvent::StageProgress { step, .. } = e
+            && step.contains("plugin")
+        {
+            // The guest is about to spin; cancel from another thread a little later.
+            let cancel = cancel.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(std::time::Duration::from_millis(200));
+                cancel.cancel();
+            });
+        }
+    });
+    let err = result.err().expect("cancelled");
+    assert_eq!(err.kind(), ErrorKind::Cancelled, "{err}");
+    // Far below the 600 s deadline: the epoch callback saw the token.
+    assert!(started.elapsed().as_secs() < 60, "{:?}", started.elapsed());
+}
+
+#[test]
+fn errors_carry_stable_kinds() {
+    let (result, events) = run_with(
+        &format!(
+            "{TINY}[[stage]]\nplugin = \"magnitude\"\ndensity = 0.5\ntargets = [\"nothing-matches\"]\n"
+        ),
+        |_, _| {},
+    );
+    let err = result.err().expect("no target");
+    assert_eq!(err.kind(), ErrorKind::InvalidPipeline, "{err}");
+    let last = serde_json::to_value(events.last().unwrap()).unwrap();
+    assert_eq!(last["type"], "run-failed");
+    assert_eq!(last["kind"], "invalid-pipeline");
+
+    let trap = PathBuf::from(espalier::plugin::registry::BUILT_PLUGIN_DIR)
+        .join("espalier_test_hostile_trap.wasm");
+    let (result, _) = run_with(
+        &format!(
+            "{TINY}[[stage]]\nplugin = {:?}\ndensity = 0.5\n",
+            trap.display().to_string()
+        ),
+        |_, _| {},
+    );
+    assert_eq!(
+        result.err().map(|e| e.kind()),
+        Some(ErrorKind::PluginFailed)
+    );
+}
+
+#[test]
+fn a_planned_run_keeps_its_plugin_versions_while_the_registry_changes() {
+    let before = app().registry();
+    let sha = before.get("magnitude").unwrap().compiled.sha256.clone();
+    // Another plugin registered under the built-in's name shadows it for new snapshots only.
+    let other = load_file(
+        &app().runtime,
+        &PathBuf::from(espalier::plugin::registry::BUILT_PLUGIN_DIR)
+            .join("espalier_test_slow_magnitude.wasm"),
+    )
+    .unwrap();
+    let mut shadow = other.clone();
+    shadow.info.name = "magnitude".into();
+    shadow.origin = espalier::plugin::Origin::File("shadow.wasm".into());
+    let registry = espalier::plugin::registry::SharedRegistry::new((*before).clone());
+    let held = registry.snapshot();
+    registry.update(|r| {
+        r.insert(shadow);
+    });
+    assert_eq!(held.get("magnitude").unwrap().compiled.sha256, sha);
+    let now = registry.snapshot();
+    assert_ne!(now.get("magnitude").unwrap().compiled.sha256, sha);
+    assert!(now.shadows_builtin("magnitude"));
+    // Removing the file brings the built-in back.
+    registry.update(|r| r.remove_file(Path::new("shadow.wasm")));
+    assert_eq!(
+        registry
+            .snapshot()
+            .get("magnitude")
+            .unwrap()
+            .compiled
+            .sha256,
+        sha
+    );
+}

@@ -1,0 +1,735 @@
+//! `espalier serve` end to end: each test starts the daemon binary on a random loopback port in
+//! a temporary state folder and drives it over real HTTP (ureq), as a CI job or a notebook
+//! would. Every wait is bounded; the daemon is stopped (SIGTERM, then SIGKILL) when a test ends.
+
+#[path = "common/binary.rs"]
+mod binary;
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::Path;
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use binary::{bin, wasm};
+use serde_json::{Value, json};
+
+const TOKEN: &str = "test-token-0123456789";
+
+/// A daemon child process and its address.
+struct Daemon {
+    child: Child,
+    base: String,
+}
+
+impl Daemon {
+    /// Starts `espalier serve` on `state` with a short debounce (and the token when `token`).
+    fn start(state: &Path, token: bool) -> Daemon {
+        Self::start_with(state, token, "")
+    }
+
+    /// As [`Daemon::start`], with more config lines.
+    fn start_with(state: &Path, token: bool, extra: &str) -> Daemon {
+        std::fs::create_dir_all(state).unwrap();
+        let config = state.join("serve.toml");
+        let mut text = format!("debounce_ms = 100\n{extra}");
+        if token {
+            text.push_str(&format!("token = \"{TOKEN}\"\n"));
+        }
+        std::fs::write(&config, text).unwrap();
+        let mut child = bin()
+            .args(["serve", "--listen", "127.0.0.1:0", "--state"])
+            .arg(state)
+            .arg("--config")
+            .arg(&config)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start espalier serve");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let line = rx
+            .recv_timeout(Duration::from_secs(120))
+            .expect("the daemon prints its address");
+        let addr = line
+            .split("http://")
+            .nth(1)
+            .and_then(|r| r.split_whitespace().next())
+            .unwrap_or_else(|| panic!("no address in {line:?}"))
+            .to_string();
+        Daemon {
+            child,
+            base: format!("http://{addr}"),
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// Sends a request; returns status and body whatever the status.
+    fn call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<(&str, Vec<u8>)>,
+        token: Option<&str>,
+    ) -> (u16, Vec<u8>) {
+        let agent = ureq::AgentBuilder::new()
+            .timeout(Duration::from_secs(60))
+            .build();
+        let mut req = agent.request(method, &self.url(path));
+        if let Some(t) = token {
+            req = req.set("Authorization", &format!("Bearer {t}"));
+        }
+        let result = match body {
+            Some((content_type, bytes)) => req.set("Content-Type", content_type).send_bytes(&bytes),
+            None => req.call(),
+        };
+        let response = match result {
+            Ok(r) => r,
+            Err(ureq::Error::Status(_, r)) => r,
+            Err(e) => panic!("{method} {path}: {e}"),
+        };
+        let status = response.status();
+        let mut bytes = Vec::new();
+        response.into_reader().read_to_end(&mut bytes).unwrap();
+        (status, bytes)
+    }
+
+    fn get(&self, path: &str) -> (u16, Value) {
+        let (s, b) = self.call("GET", path, None, None);
+        (s, serde_json::from_slice(&b).unwrap_or(Value::Null))
+    }
+
+    fn post_json(&self, path: &str, body: &Value, token: Option<&str>) -> (u16, Value) {
+        let (s, b) = self.call(
+            "POST",
+            path,
+            Some(("application/json", body.to_string().into_bytes())),
+            token,
+        );
+        (s, serde_json::from_slice(&b).unwrap_or(Value::Null))
+    }
+
+    /// Polls `GET path` until `done` accepts the body (at most `secs`).
+    fn wait_for(&self, path: &str, secs: u64, what: &str, done: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let (_, v) = self.get(path);
+            if done(&v) {
+                return v;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}: {v:#}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn wait_run(&self, id: i64, secs: u64) -> Value {
+        self.wait_for(&format!("/v1/runs/{id}"), secs, "the run to end", |v| {
+            matches!(
+                v["status"].as_str(),
+                Some("succeeded" | "failed" | "cancelled" | "interrupted")
+            )
+        })
+    }
+
+    fn plugin_sha(&self, name: &str) -> Option<String> {
+        let (_, v) = self.get("/v1/plugins");
+        v["plugins"]
+            .as_array()?
+            .iter()
+            .find(|p| p["name"] == name)
+            .and_then(|p| p["sha256"].as_str().map(str::to_string))
+    }
+
+    /// Stops the daemon as a service manager would and waits (bounded) for it to exit.
+    fn stop(mut self) -> std::process::ExitStatus {
+        // SAFETY: kill(2) on our own child's pid with SIGTERM.
+        unsafe {
+            libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("the daemon did not stop within 60 s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `bytes` with a custom section appended: another component (another sha256) that behaves
+/// the same, like a rebuilt plugin.
+fn with_custom_section(bytes: &[u8], payload: &[u8]) -> Vec<u8> {
+    let name = b"espalier-test";
+    let mut content = vec![name.len() as u8];
+    content.extend_from_slice(name);
+    content.extend_from_slice(payload);
+    let mut out = bytes.to_vec();
+    out.push(0); // custom section id
+    let mut len = content.len();
+    loop {
+        let byte = (len & 0x7f) as u8;
+        len >>= 7;
+        if len == 0 {
+            out.push(byte);
+            break;
+        }
+        out.push(byte | 0x80);
+    }
+    out.extend_from_slice(&content);
+    out
+}
+
+/// Sends `head` (request line and headers) and `body_bytes` zeros on a plain socket, then reads
+/// the response.
+fn raw_request(d: &Daemon, head: &str, body_bytes: usize) -> String {
+    use std::io::Write;
+    let addr = d.base.trim_start_matches("http://");
+    let mut socket = std::net::TcpStream::connect(addr).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    socket.write_all(head.as_bytes()).unwrap();
+    socket.write_all(&vec![0u8; body_bytes]).unwrap();
+    let mut out = Vec::new();
+    let _ = socket.read_to_end(&mut out);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn sha256(bytes: &[u8]) -> String {
+    espalier::plugin::runtime::sha256_hex(bytes)
+}
+
+const TINY: &str = "model = \"builtin:tiny-llama\"\n";
+
+fn slow_pipeline(spin: u64) -> String {
+    format!(
+        "name = \"slow\"\n{TINY}[sandbox]\ntimeout_s = 600\n[[stage]]\nplugin = \"slow-magnitude\"\ndensity = 0.5\nspin = {spin}\n"
+    )
+}
+
+/// Reads a server-sent event stream to its end: (id, event type, data) in order.
+fn follow(d: &Daemon, id: i64, last_event_id: Option<u64>) -> Vec<(u64, String, Value)> {
+    let agent = ureq::AgentBuilder::new()
+        .timeout(Duration::from_secs(120))
+        .build();
+    let mut req = agent.get(&d.url(&format!("/v1/runs/{id}/events")));
+    if let Some(l) = last_event_id {
+        req = req.set("Last-Event-ID", &l.to_string());
+    }
+    let response = req.call().expect("events stream");
+    assert_eq!(response.header("content-type"), Some("text/event-stream"));
+    let mut events = Vec::new();
+    let (mut seq, mut kind) = (0u64, String::new());
+    for line in BufReader::new(response.into_reader()).lines() {
+        let line = line.unwrap();
+        if let Some(v) = line.strip_prefix("id: ") {
+            seq = v.parse().unwrap();
+        } else if let Some(v) = line.strip_prefix("event: ") {
+            kind = v.to_string();
+        } else if let Some(v) = line.strip_prefix("data: ") {
+            events.push((seq, kind.clone(), serde_json::from_str(v).unwrap()));
+        }
+    }
+    events
+}
+
+#[test]
+fn named_and_inline_runs_stream_their_events_and_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    std::fs::create_dir_all(state.join("pipelines")).unwrap();
+    std::fs::write(
+        state.join("pipelines/tiny.toml"),
+        format!("{TINY}[[stage]]\nplugin = \"magnitude\"\ndensity = 0.5\n[evaluate]\ntext = \"data/eval.txt\"\nwindow = 32\nmax_tokens = 256\n"),
+    )
+    .unwrap();
+    std::fs::write(
+        state.join("pipelines/broken.toml"),
+        "model = \"builtin:tiny-llama\"\n[[stage]]\ndensity = 2\n",
+    )
+    .unwrap();
+    std::fs::write(state.join("pipelines/outside.toml"), "model = \"/etc\"\n").unwrap();
+    std::fs::create_dir_all(state.join("plugins")).unwrap();
+    std::fs::copy(wasm("slow_magnitude"), state.join("plugins/slow.wasm")).unwrap();
+    let d = Daemon::start(&state, false);
+
+    // Health, OpenAPI, the listed pipelines (a broken one with its position).
+    assert_eq!(d.get("/healthz").0, 200);
+    let (s, doc) = d.get("/openapi.json");
+    assert_eq!(s, 200);
+    assert!(doc["paths"]["/v1/runs/{id}/events"].is_object(), "{doc:#}");
+    let (_, pipelines) = d.get("/v1/pipelines");
+    let by_name = |n: &str| {
+        pipelines
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == n)
+            .cloned()
+            .unwrap()
+    };
+    assert!(by_name("tiny")["error"].is_null(), "{pipelines:#}");
+    let broken = by_name("broken")["error"].as_str().unwrap().to_string();
+    assert!(
+        broken.contains("broken.toml:2:1: stage[0].plugin"),
+        "{broken}"
+    );
+    assert!(
+        by_name("outside")["error"]
+            .as_str()
+            .unwrap()
+            .contains("outside.toml:1:9: model"),
+        "{pipelines:#}"
+    );
+
+    // A named run, followed to its end.
+    let (s, run) = d.post_json("/v1/runs", &json!({"pipeline": "tiny"}), None);
+    assert_eq!(s, 201, "{run:#}");
+    let named = run["id"].as_i64().unwrap();
+    let events = follow(&d, named, None);
+    let kinds: Vec<&str> = events.iter().map(|(_, k, _)| k.as_str()).collect();
+    assert_eq!(kinds.first(), Some(&"run-started"), "{kinds:?}");
+    assert_eq!(kinds.last(), Some(&"run-finished"), "{kinds:?}");
+    for k in [
+        "stage-started",
+        "stage-finished",
+        "evaluation-progress",
+        "evaluation-finished",
+    ] {
+        assert!(kinds.contains(&k), "{k} missing from {kinds:?}");
+    }
+    let seqs: Vec<u64> = events.iter().map(|(s, _, _)| *s).collect();
+    assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>());
+    // Resuming after event 3 gives exactly the rest.
+    let resumed = follow(&d, named, Some(3));
+    assert_eq!(resumed.len(), events.len() - 3);
+    assert_eq!(resumed[0].0, 4);
+    let record = d.wait_run(named, 60);
+    assert_eq!(record["status"], "succeeded", "{record:#}");
+    assert_eq!(record["progress"], 1.0);
+    assert!(
+        record["metrics"]["perplexity_pruned"].as_f64().unwrap() > 1.0,
+        "{record:#}"
+    );
+    assert!(record["plugins"]["magnitude"].as_str().unwrap().len() == 64);
+    let (s, report) = d.get(&format!("/v1/runs/{named}/report"));
+    assert_eq!(s, 200);
+    assert_eq!(report["pipeline"], "tiny");
+
+    // An inline run with a density override.
+    let body = format!("{TINY}[[stage]]\nplugin = \"magnitude\"\ndensity = 0.5\n");
+    let (s, run) = d.post_json(
+        "/v1/runs",
+        &json!({"body": body, "overrides": {"density": 0.25}}),
+        None,
+    );
+    assert_eq!(s, 201, "{run:#}");
+    let inline = run["id"].as_i64().unwrap();
+    let events = follow(&d, inline, None);
+    assert_eq!(events.last().unwrap().1, "run-finished");
+    let record = d.wait_run(inline, 60);
+    let density = record["metrics"]["block_linear_density"].as_f64().unwrap();
+    assert!((density - 0.25).abs() < 0.01, "{record:#}");
+
+    // Listing with filters.
+    let (_, runs) = d.get("/v1/runs?pipeline=tiny");
+    assert_eq!(runs.as_array().unwrap().len(), 1);
+    let (s, _) = d.get("/v1/runs?status=sideways");
+    assert_eq!(s, 400);
+
+    // A run that will not finish, then the daemon is killed under it.
+    let (s, run) = d.post_json(
+        "/v1/runs",
+        &json!({"body": slow_pipeline(u64::MAX / 2)}),
+        None,
+    );
+    assert_eq!(s, 201, "{run:#}");
+    let killed = run["id"].as_i64().unwrap();
+    d.wait_for(
+        &format!("/v1/runs/{killed}"),
+        60,
+        "the slow run to start",
+        |v| v["status"] == "running",
+    );
+    let mut d = d;
+    d.child.kill().unwrap();
+    d.child.wait().unwrap();
+    drop(d);
+
+    let d = Daemon::start(&state, false);
+    let (_, all) = d.get("/v1/runs");
+    let ids: Vec<i64> = all
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["id"].as_i64().unwrap())
+        .collect();
+    assert_eq!(ids, vec![killed, inline, named], "newest first: {all:#}");
+    let record = d.get(&format!("/v1/runs/{killed}")).1;
+    assert_eq!(record["status"], "interrupted", "{record:#}");
+    assert!(
+        record["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("daemon stopped"),
+        "{record:#}"
+    );
+    assert_eq!(d.get(&format!("/v1/runs/{named}")).1["status"], "succeeded");
+    // The stream of an interrupted run ends instead of hanging.
+    let events = follow(&d, killed, None);
+    assert_eq!(
+        events.last().map(|e| e.1.as_str()),
+        Some("run-interrupted"),
+        "{events:?}"
+    );
+    let status = d.stop();
+    assert!(status.success(), "{status:?}");
+}
+
+#[test]
+fn watched_plugins_hot_reload_and_runs_keep_their_version() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let d = Daemon::start(&state, false);
+    let v1 = std::fs::read(wasm("slow_magnitude")).unwrap();
+    let v2 = with_custom_section(&v1, b"v2");
+    let target = state.join("plugins/slow.wasm");
+
+    // Dropped in: listed once complete.
+    std::fs::write(state.join("plugins/.slow.wasm.part"), &v1).unwrap();
+    std::fs::rename(state.join("plugins/.slow.wasm.part"), &target).unwrap();
+    d.wait_for("/v1/plugins", 30, "the dropped plugin", |v| {
+        v["plugins"].as_array().is_some_and(|p| {
+            p.iter()
+                .any(|p| p["name"] == "slow-magnitude" && p["sha256"] == sha256(&v1))
+        })
+    });
+
+    // A run in flight keeps v1 while the file is replaced by v2; the next run gets v2.
+    let (s, run) = d.post_json(
+        "/v1/runs",
+        &json!({"body": slow_pipeline(2_000_000_000)}),
+        None,
+    );
+    assert_eq!(s, 201, "{run:#}");
+    let first = run["id"].as_i64().unwrap();
+    d.wait_for(
+        &format!("/v1/runs/{first}"),
+        60,
+        "the first run to reach its stage",
+        |v| v["status"] == "running" && v["plugins"]["slow-magnitude"].is_string(),
+    );
+    std::fs::write(state.join("plugins/.slow.tmp"), &v2).unwrap();
+    std::fs::rename(state.join("plugins/.slow.tmp"), &target).unwrap();
+    d.wait_for("/v1/plugins", 30, "v2 to replace v1", |_| {
+        d.plugin_sha("slow-magnitude") == Some(sha256(&v2))
+    });
+    let (_, run) = d.post_json("/v1/runs", &json!({"body": slow_pipeline(1000)}), None);
+    let second = run["id"].as_i64().unwrap();
+    let first_record = d.wait_run(first, 120);
+    let second_record = d.wait_run(second, 120);
+    assert_eq!(first_record["status"], "succeeded", "{first_record:#}");
+    assert_eq!(
+        first_record["plugins"]["slow-magnitude"],
+        sha256(&v1),
+        "{first_record:#}"
+    );
+    assert_eq!(
+        second_record["plugins"]["slow-magnitude"],
+        sha256(&v2),
+        "{second_record:#}"
+    );
+
+    // A truncated file is reported and ignored; v2 stays.
+    std::fs::write(&target, &v1[..v1.len() / 3]).unwrap();
+    let listed = d.wait_for(
+        "/v1/plugins",
+        30,
+        "the truncated file to be reported",
+        |v| {
+            v["rejected"].as_array().is_some_and(|r| {
+                r.iter()
+                    .any(|r| r["file"].as_str().is_some_and(|f| f.ends_with("slow.wasm")))
+            })
+        },
+    );
+    assert_eq!(
+        d.plugin_sha("slow-magnitude"),
+        Some(sha256(&v2)),
+        "{listed:#}"
+    );
+    let (_, metrics) = d.call("GET", "/metrics", None, None);
+    let metrics = String::from_utf8(metrics).unwrap();
+    assert!(metrics.contains("plugin_load_failures"), "{metrics}");
+
+    // Removed: gone for new runs. A built-in is always there.
+    std::fs::remove_file(&target).unwrap();
+    d.wait_for("/v1/plugins", 30, "the removed plugin to go", |_| {
+        d.plugin_sha("slow-magnitude").is_none()
+    });
+    assert!(d.plugin_sha("magnitude").is_some());
+
+    // Upload, then download: same bytes, same hash; the file lands in the folder.
+    let (s, body) = d.call(
+        "POST",
+        "/v1/plugins",
+        Some(("application/wasm", v1.clone())),
+        None,
+    );
+    assert_eq!(s, 201, "{}", String::from_utf8_lossy(&body));
+    let uploaded: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(uploaded["sha256"], sha256(&v1));
+    assert_eq!(
+        std::fs::read(state.join("plugins/slow-magnitude.wasm")).unwrap(),
+        v1
+    );
+    let (s, downloaded) = d.call("GET", "/v1/plugins/slow-magnitude/wasm", None, None);
+    assert_eq!(s, 200);
+    assert_eq!(sha256(&downloaded), sha256(&v1));
+    assert_eq!(downloaded, v1);
+    let (s, by_sha) = d.call(
+        "GET",
+        &format!("/v1/plugins/{}/wasm", sha256(&v1)),
+        None,
+        None,
+    );
+    assert_eq!((s, by_sha == v1), (200, true));
+    // A different plugin of the same name needs ?replace=true.
+    let (s, _) = d.call(
+        "POST",
+        "/v1/plugins",
+        Some(("application/wasm", v2.clone())),
+        None,
+    );
+    assert_eq!(s, 409);
+    let (s, _) = d.call(
+        "POST",
+        "/v1/plugins?replace=true",
+        Some(("application/wasm", v2.clone())),
+        None,
+    );
+    assert_eq!(s, 201);
+    // Built-ins can be downloaded, not deleted.
+    let (s, b) = d.call("GET", "/v1/plugins/magnitude/wasm", None, None);
+    assert_eq!((s, &b[..4]), (200, &b"\0asm"[..]));
+    assert_eq!(d.call("DELETE", "/v1/plugins/magnitude", None, None).0, 409);
+    assert_eq!(
+        d.call("DELETE", "/v1/plugins/slow-magnitude", None, None).0,
+        204
+    );
+    assert!(!state.join("plugins/slow-magnitude.wasm").exists());
+}
+
+#[test]
+fn cancel_stops_a_run_inside_a_plugin_and_tokens_guard_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    std::fs::create_dir_all(state.join("plugins")).unwrap();
+    std::fs::copy(wasm("hostile_loop"), state.join("plugins/loop.wasm")).unwrap();
+    let d = Daemon::start(&state, true);
+    let looping = format!(
+        "{TINY}[sandbox]\ntimeout_s = 600\n[[stage]]\nplugin = \"hostile-loop\"\ndensity = 0.5\n"
+    );
+
+    // Without or with a wrong token, nothing changes; reads stay open.
+    for token in [None, Some("wrong-token-xxxxxxxx")] {
+        let (s, e) = d.post_json("/v1/runs", &json!({"body": looping}), token);
+        assert_eq!(s, 401, "{e:#}");
+        assert_eq!(e["error"]["kind"], "unauthorized");
+        assert_eq!(
+            d.call(
+                "POST",
+                "/v1/plugins",
+                Some(("application/wasm", vec![0; 8])),
+                token
+            )
+            .0,
+            401
+        );
+        assert_eq!(
+            d.call("DELETE", "/v1/plugins/hostile-loop", None, token).0,
+            401
+        );
+    }
+    assert_eq!(d.get("/v1/plugins").0, 200);
+
+    let (s, run) = d.post_json("/v1/runs", &json!({"body": looping}), Some(TOKEN));
+    assert_eq!(s, 201, "{run:#}");
+    let id = run["id"].as_i64().unwrap();
+    d.wait_for(
+        &format!("/v1/runs/{id}"),
+        60,
+        "the looping plugin to be called",
+        |v| v["status"] == "running" && v["current_stage"] == "hostile-loop",
+    );
+    let asked = Instant::now();
+    assert_eq!(
+        d.call("DELETE", &format!("/v1/runs/{id}"), None, None).0,
+        401
+    );
+    let (s, _) = d.call("DELETE", &format!("/v1/runs/{id}"), None, Some(TOKEN));
+    assert_eq!(s, 202);
+    let record = d.wait_run(id, 30);
+    assert_eq!(record["status"], "cancelled", "{record:#}");
+    assert!(asked.elapsed() < Duration::from_secs(30));
+    let events = follow(&d, id, None);
+    assert_eq!(events.last().unwrap().1, "run-cancelled", "{events:?}");
+    // Cancelling a finished run is a conflict; an unknown run is not found.
+    let (s, e) = d.post_json(&format!("/v1/runs/{id}/cancel"), &json!({}), Some(TOKEN));
+    assert_eq!(s, 409, "{e:#}");
+    assert_eq!(
+        d.call("DELETE", "/v1/runs/999999", None, Some(TOKEN)).0,
+        404
+    );
+    assert_eq!(d.get("/v1/runs/999999").0, 404);
+    assert_eq!(d.get("/v1/runs/abc").0, 400);
+    let status = d.stop();
+    assert!(status.success(), "{status:?}");
+}
+
+#[test]
+fn bad_requests_get_clear_errors_and_change_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let d = Daemon::start_with(&state, false, "max_upload_mb = 1\n");
+    let before: Vec<_> = std::fs::read_dir(state.join("plugins")).unwrap().collect();
+
+    // Routes and methods.
+    let (s, e) = d.get("/v1/nothing-here");
+    assert_eq!((s, e["error"]["kind"].as_str()), (404, Some("not-found")));
+    assert_eq!(d.call("PUT", "/v1/runs", None, None).0, 405);
+
+    // Malformed JSON and unknown fields.
+    let (s, e) = d.call(
+        "POST",
+        "/v1/runs",
+        Some(("application/json", b"{\"pipeline\": ".to_vec())),
+        None,
+    );
+    assert_eq!(s, 400, "{}", String::from_utf8_lossy(&e));
+    let (s, _) = d.post_json("/v1/runs", &json!({"pipeline": "x", "colour": "red"}), None);
+    assert_eq!(s, 400);
+    let (s, _) = d.post_json("/v1/runs", &json!({}), None);
+    assert_eq!(s, 400);
+    let (s, _) = d.post_json("/v1/runs", &json!({"pipeline": "no-such"}), None);
+    assert_eq!(s, 404);
+
+    // A malformed pipeline body names file, line and field.
+    let body = format!("{TINY}[[stage]]\nplugin = \"magnitude\"\ndensity = 1.5\n");
+    let (s, e) = d.post_json("/v1/runs", &json!({"body": body}), None);
+    assert_eq!(s, 400, "{e:#}");
+    let message = e["error"]["message"].as_str().unwrap();
+    assert!(
+        message.starts_with("request.toml:4:1: stage[0].density:"),
+        "{message}"
+    );
+    let (s, b) = d.call(
+        "POST",
+        "/v1/pipelines/validate",
+        Some(("application/toml", b"model = 3\n".to_vec())),
+        None,
+    );
+    assert_eq!(s, 400);
+    assert!(
+        String::from_utf8_lossy(&b).contains("request.toml:1:9"),
+        "{}",
+        String::from_utf8_lossy(&b)
+    );
+    let (s, v) = {
+        let (s, b) = d.call(
+            "POST",
+            "/v1/pipelines/validate",
+            Some(("application/toml", body.replace("1.5", "0.5").into_bytes())),
+            None,
+        );
+        (s, serde_json::from_slice::<Value>(&b).unwrap())
+    };
+    assert_eq!((s, v["stages"][0].as_str()), (200, Some("magnitude")));
+
+    // Paths outside the state folder.
+    for (text, field) in [
+        ("model = \"/etc\"\n".to_string(), "1:9: model"),
+        ("model = \"models/../../x\"\n".to_string(), "1:9: model"),
+        (
+            format!(
+                "{TINY}[[stage]]\nplugin = \"magnitude\"\ndensity = 0.5\n[export]\ndir = \"/tmp/out\"\n"
+            ),
+            "6:7: export.dir",
+        ),
+        (
+            format!("{TINY}[calibration]\ntext = \"/etc/passwd\"\n"),
+            "3:8: calibration.text",
+        ),
+        (
+            format!("{TINY}[[stage]]\nplugin = \"../evil.wasm\"\n"),
+            "3:1: stage[0].plugin",
+        ),
+    ] {
+        let (s, e) = d.post_json("/v1/runs", &json!({"body": text}), None);
+        assert_eq!(s, 400, "{text}: {e:#}");
+        let m = e["error"]["message"].as_str().unwrap();
+        assert!(m.contains(&format!("request.toml:{field}")), "{m}");
+    }
+    let (s, e) = d.post_json(
+        "/v1/runs",
+        &json!({"pipeline": null, "body": TINY, "overrides": {"model": "/etc"}}),
+        None,
+    );
+    assert_eq!(s, 400, "{e:#}");
+
+    // Plugin names: traversal finds nothing; an upload that is not a component is refused.
+    assert_eq!(d.get("/v1/plugins/..%2F..%2Fetc%2Fpasswd/wasm").0, 404);
+    let (s, e) = d.call(
+        "POST",
+        "/v1/plugins",
+        Some(("application/wasm", b"not wasm at all".to_vec())),
+        None,
+    );
+    assert_eq!(s, 400, "{}", String::from_utf8_lossy(&e));
+    assert!(String::from_utf8_lossy(&e).contains("not WebAssembly"));
+    let module = b"\0asm\x01\0\0\0".to_vec();
+    let (s, e) = d.call(
+        "POST",
+        "/v1/plugins",
+        Some(("application/wasm", module)),
+        None,
+    );
+    assert_eq!(s, 400, "{}", String::from_utf8_lossy(&e));
+    // Oversized: 413, nothing written.
+    // (The daemon stops reading at the limit and answers, so the request is sent by hand:
+    // a client streaming all of a larger body would write into a closed socket.)
+    let response = raw_request(
+        &d,
+        &format!(
+            "POST /v1/plugins HTTP/1.1\r\nHost: x\r\nContent-Type: application/wasm\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            2 << 20
+        ),
+        (1 << 20) + (64 << 10),
+    );
+    assert!(response.starts_with("HTTP/1.1 413"), "{response}");
+    assert!(response.contains("payload-too-large"), "{response}");
+    let after: Vec<_> = std::fs::read_dir(state.join("plugins")).unwrap().collect();
+    assert_eq!(before.len(), after.len());
+    assert!(d.get("/v1/runs").1.as_array().unwrap().is_empty());
+}
