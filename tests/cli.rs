@@ -272,7 +272,9 @@ fn plugins_list_and_inspect() {
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["name"], "block");
     assert_eq!(v["params"][0]["name"], "block");
-    assert_eq!(v["params"][0]["default"], "[16, 16]");
+    // Defaults are typed JSON values.
+    assert_eq!(v["params"][0]["default"], serde_json::json!([16, 16]));
+    assert_eq!(v["params"][0]["type"], "[int]");
     // A .wasm file dropped in a plugin folder is registered under its described name.
     let plugins = dir.path().join("plugins");
     std::fs::create_dir(&plugins).unwrap();

@@ -473,7 +473,8 @@ fn overflowing_numbers_are_clear_errors() {
     );
     let o = espalier(&["run", p.to_str().unwrap(), "--no-export"], dir.path());
     let (_, stderr) = text(&o);
-    assert_eq!(o.status.code(), Some(1), "{stderr}");
+    // A pipeline that cannot be used: exit status 2 (bad input).
+    assert_eq!(o.status.code(), Some(2), "{stderr}");
     assert!(
         stderr.contains("p.toml:3:18: sandbox.host_memory_mb:"),
         "{stderr}"

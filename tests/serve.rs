@@ -500,6 +500,7 @@ fn watched_plugins_hot_reload_and_runs_keep_their_version() {
     assert_eq!(s, 201, "{}", String::from_utf8_lossy(&body));
     let uploaded: Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(uploaded["sha256"], sha256(&v1));
+    assert_eq!(uploaded["source"], "upload");
     assert_eq!(
         std::fs::read(state.join("plugins/slow-magnitude.wasm")).unwrap(),
         v1

@@ -289,7 +289,7 @@ async fn openapi() -> Json<utoipa::openapi::OpenApi> {
 pub struct PluginList {
     /// Every plugin a stage can name (built-ins, folder plugins, uploads).
     #[schema(value_type = Vec<Object>)]
-    pub plugins: Vec<espalier::plugin::registry::PluginSummary>,
+    pub plugins: Vec<crate::daemon::PluginView>,
     /// Files in the plugin folder that are not registered, with why.
     pub rejected: Vec<RejectedPlugin>,
 }

@@ -85,6 +85,17 @@ pub struct PipelineEntry {
     pub error: Option<String>,
 }
 
+/// A registered plugin as the API shows it: what it describes, and where it came from.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PluginView {
+    /// Name, version, sha256, size, parameters, ... (as `espalier plugins list --json`).
+    #[serde(flatten)]
+    pub summary: PluginSummary,
+    /// `built-in`, `folder` (dropped into the plugin folder) or `upload` (sent to `POST
+    /// /v1/plugins` since this daemon started; it lives in the plugin folder too).
+    pub source: &'static str,
+}
+
 /// A plugin file the daemon refused, with why.
 #[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
 pub struct RejectedPlugin {
@@ -144,6 +155,8 @@ pub struct Daemon {
     stopping: AtomicBool,
     /// Serialises uploads and deletions of plugin files.
     plugin_files: Mutex<()>,
+    /// Plugin files written by uploads (shown as `upload`).
+    uploaded: Mutex<std::collections::HashSet<PathBuf>>,
 }
 
 /// The running daemon's background parts; dropping stops the watchers.
@@ -203,6 +216,7 @@ impl Daemon {
             accepting: AtomicBool::new(true),
             stopping: AtomicBool::new(false),
             plugin_files: Mutex::new(()),
+            uploaded: Mutex::new(Default::default()),
         }))
     }
 
@@ -330,13 +344,24 @@ impl Daemon {
         }
     }
 
+    fn view(&self, plugin: &Plugin, registry: &espalier::plugin::Registry) -> PluginView {
+        let source = match &plugin.origin {
+            Origin::Builtin => "built-in",
+            Origin::File(path) => {
+                let uploaded = self.uploaded.lock().is_ok_and(|u| u.contains(path));
+                if uploaded { "upload" } else { "folder" }
+            }
+        };
+        PluginView {
+            summary: PluginSummary::of(plugin, registry),
+            source,
+        }
+    }
+
     /// Every plugin a stage can name.
-    pub fn plugins(&self) -> Vec<PluginSummary> {
+    pub fn plugins(&self) -> Vec<PluginView> {
         let registry = self.app.registry();
-        registry
-            .iter()
-            .map(|p| PluginSummary::of(p, &registry))
-            .collect()
+        registry.iter().map(|p| self.view(p, &registry)).collect()
     }
 
     /// Plugin files that were refused (the previous version of each, if any, stays).
@@ -355,11 +380,11 @@ impl Daemon {
     }
 
     /// One plugin, by name.
-    pub fn plugin(&self, name: &str) -> Result<PluginSummary, DaemonError> {
+    pub fn plugin(&self, name: &str) -> Result<PluginView, DaemonError> {
         let registry = self.app.registry();
         registry
             .get(name)
-            .map(|p| PluginSummary::of(p, &registry))
+            .map(|p| self.view(p, &registry))
             .ok_or_else(|| DaemonError::NotFound(format!("no plugin named `{name}`")))
     }
 
@@ -387,11 +412,7 @@ impl Daemon {
     /// Validates an uploaded component (compiles, `describe()` answers, its name is a safe
     /// file name), writes it atomically into the plugin folder as `NAME.wasm` and registers it.
     /// An existing different file of that name is replaced only with `replace`.
-    pub fn upload_plugin(
-        &self,
-        bytes: Vec<u8>,
-        replace: bool,
-    ) -> Result<PluginSummary, DaemonError> {
+    pub fn upload_plugin(&self, bytes: Vec<u8>, replace: bool) -> Result<PluginView, DaemonError> {
         let plugin = load_bytes_sandboxed(
             &self.app.runtime,
             "upload",
@@ -436,6 +457,9 @@ impl Daemon {
             origin: Origin::File(path.clone()),
             ..plugin
         };
+        if let Ok(mut u) = self.uploaded.lock() {
+            u.insert(path.clone());
+        }
         self.install(plugin, Arc::new(bytes), &path);
         self.plugin(&name)
     }
@@ -472,6 +496,9 @@ impl Daemon {
         }
         let path = path.clone();
         self.app.shared_registry().update(|r| r.remove_file(&path));
+        if let Ok(mut u) = self.uploaded.lock() {
+            u.remove(&path);
+        }
         Ok(())
     }
 

@@ -86,9 +86,8 @@ impl Layout {
     /// folder in `runs/`. The error points at the line of the offending key.
     pub fn confine(&self, pipeline: &Pipeline) -> Result<(), PipelineError> {
         let model = &pipeline.model;
-        if !(model.value.starts_with("builtin:") || model.value.starts_with("fetch:"))
-            && !inside(Path::new(&model.value), &self.models)
-        {
+        let named = model.value.starts_with("builtin:") || model.value.starts_with("fetch:");
+        if !named && !inside(Path::new(&model.value), &self.models) {
             return Err(pipeline.error(
                 &model.position,
                 "model",

@@ -699,6 +699,9 @@ mod tests {
             )
             .unwrap();
         assert!(!info.name.is_empty());
+        // The loaded component maps the file: let go of it before damaging it (the cache itself
+        // only ever replaces files by renaming, which leaves existing mappings intact).
+        drop((b, second));
         // A damaged cache file is ignored and replaced, not trusted.
         std::fs::write(folder.join(format!("{}.cwasm", a.sha256)), b"garbage").unwrap();
         let third = Runtime::with_disk_cache(dir.path()).unwrap();
