@@ -239,6 +239,8 @@ struct Ctx<'a> {
     source: &'a str,
     /// Relative paths in the file are relative to this folder (empty: the working directory).
     base: &'a Path,
+    /// Relative export folders are relative to this one.
+    export_base: &'a Path,
 }
 
 impl Ctx<'_> {
@@ -302,7 +304,24 @@ impl Pipeline {
     /// As [`Pipeline::parse`], with relative paths taken from `base` (a daemon's state folder)
     /// rather than the working directory.
     pub fn parse_in(file: &str, source: &str, base: &Path) -> Result<Self, PipelineError> {
-        let ctx = Ctx { file, source, base };
+        Self::parse_in_with_outputs(file, source, base, base)
+    }
+
+    /// As [`Pipeline::parse_in`], with a relative `[export] dir` taken from `outputs` (a
+    /// daemon's output folder), so pipelines written for the CLI (`dir = "out/NAME"`) export
+    /// inside it unchanged.
+    pub fn parse_in_with_outputs(
+        file: &str,
+        source: &str,
+        base: &Path,
+        outputs: &Path,
+    ) -> Result<Self, PipelineError> {
+        let ctx = Ctx {
+            file,
+            source,
+            base,
+            export_base: outputs,
+        };
         let raw: RawPipeline = toml::from_str(source).map_err(|e| {
             let offset = e.span().map_or(0, |s| s.start);
             // toml's message already says what was expected; drop its own position prefix.
@@ -392,7 +411,14 @@ impl Pipeline {
             let e = e.get_ref();
             ExportSpec {
                 dir: Located {
-                    value: ctx.path(e.dir.get_ref()),
+                    value: {
+                        let written = Path::new(e.dir.get_ref());
+                        if written.is_absolute() {
+                            written.to_path_buf()
+                        } else {
+                            ctx.export_base.join(written)
+                        }
+                    },
                     position: ctx.position(e.dir.span().start),
                 },
                 masks: e.masks,

@@ -157,6 +157,10 @@ pub struct Daemon {
     plugin_files: Mutex<()>,
     /// Plugin files written by uploads (shown as `upload`).
     uploaded: Mutex<std::collections::HashSet<PathBuf>>,
+    /// The threads runs compute on (calibration, evaluation, kernels: rayon inside the core),
+    /// at a lower priority than the HTTP threads so the API answers while runs saturate the
+    /// cores.
+    compute: rayon::ThreadPool,
 }
 
 /// The running daemon's background parts; dropping stops the watchers.
@@ -195,6 +199,19 @@ impl Daemon {
         if interrupted > 0 {
             tracing::warn!("{interrupted} run(s) from the previous start marked interrupted");
         }
+        let compute = rayon::ThreadPoolBuilder::new()
+            .thread_name(|i| format!("espalier-compute-{i}"))
+            .spawn_handler(|thread| {
+                std::thread::Builder::new()
+                    .name(thread.name().unwrap_or("espalier-compute").to_string())
+                    .spawn(move || {
+                        lower_priority();
+                        thread.run()
+                    })
+                    .map(|_| ())
+            })
+            .build()
+            .map_err(|e| DaemonError::Internal(format!("cannot start the compute threads: {e}")))?;
         let app = App::start(Config {
             plugin_dirs: Vec::new(),
             models_dir: layout.models.clone(),
@@ -217,6 +234,7 @@ impl Daemon {
             stopping: AtomicBool::new(false),
             plugin_files: Mutex::new(()),
             uploaded: Mutex::new(Default::default()),
+            compute,
         }))
     }
 
@@ -253,7 +271,10 @@ impl Daemon {
             let me = self.clone();
             let handle = std::thread::Builder::new()
                 .name(format!("espalier-runner-{i}"))
-                .spawn(move || me.runner_loop())
+                .spawn(move || {
+                    lower_priority();
+                    me.runner_loop()
+                })
                 .map_err(|e| DaemonError::Internal(format!("cannot start a runner: {e}")))?;
             runners.push(handle);
         }
@@ -556,7 +577,7 @@ impl Daemon {
     /// Parses pipeline text as the daemon runs it (relative paths from the state folder),
     /// keeps it inside the state folder and checks that its plugins are registered.
     pub fn check_pipeline(&self, label: &str, text: &str) -> Result<Pipeline, DaemonError> {
-        let pipeline = Pipeline::parse_in(label, text, &self.layout.root)?;
+        let pipeline = self.layout.parse(label, text)?;
         self.layout.confine(&pipeline)?;
         let registry = self.app.registry();
         for stage in &pipeline.stages {
@@ -753,8 +774,9 @@ impl Daemon {
                     self.refresh_gauges();
                     let id = record.id;
                     // A panic in the core must not take the runner (and its capacity) with it.
+                    // The run's parallel work goes to the low-priority compute pool.
                     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        self.execute(record)
+                        self.compute.install(|| self.execute(record))
                     }));
                     if outcome.is_err() {
                         tracing::error!("run {id} panicked; recorded as failed");
@@ -1020,6 +1042,26 @@ impl Daemon {
 }
 
 /// Figures a run record keeps for listing and comparing runs.
+/// Lowers the calling thread's scheduling priority (nice 10), so runs that saturate the cores
+/// leave the HTTP threads room to answer.
+fn lower_priority() {
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: gettid and setpriority take no pointers; on Linux PRIO_PROCESS with a thread
+        // id changes only that thread.
+        let result = unsafe {
+            let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+            libc::setpriority(libc::PRIO_PROCESS, tid, 10)
+        };
+        if result != 0 {
+            tracing::debug!(
+                "could not lower the runner's priority: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+}
+
 fn run_metrics(report: &espalier::report::RunReport, seconds: f64) -> Value {
     let ppl = |e: &espalier::evaluate::Evaluation| e.perplexity.as_ref().map(|p| p.perplexity);
     json!({

@@ -76,6 +76,12 @@ impl Layout {
         Ok(layout)
     }
 
+    /// Parses pipeline text as the daemon runs it: relative paths from the state folder, a
+    /// relative export folder inside `runs/`.
+    pub fn parse(&self, label: &str, text: &str) -> Result<Pipeline, PipelineError> {
+        Pipeline::parse_in_with_outputs(label, text, &self.root, &self.runs)
+    }
+
     /// The folder of run `id`.
     pub fn run_dir(&self, id: i64) -> PathBuf {
         self.runs.join(format!("run-{id}"))
@@ -123,7 +129,7 @@ impl Layout {
                 &x.dir.position,
                 "export.dir",
                 format!(
-                    "a request may only export into the daemon's output folder ({}): use `runs/NAME`, or leave `dir` out of the API request and the run exports into its own folder",
+                    "a request may only export into the daemon's output folder ({}); a relative `dir` such as `out/NAME` lands there",
                     self.runs.display()
                 ),
             ));
@@ -206,7 +212,7 @@ mod tests {
         std::os::unix::fs::symlink("/tmp", layout.models.join("escape")).unwrap();
         assert!(!inside(&layout.models.join("escape/x"), &layout.models));
 
-        let parse = |text: &str| Pipeline::parse_in("req.toml", text, &layout.root).unwrap();
+        let parse = |text: &str| layout.parse("req.toml", text).unwrap();
         assert!(
             layout
                 .confine(&parse("model = \"builtin:tiny-llama\"\n"))
@@ -224,5 +230,12 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("req.toml:3:7: export.dir"), "{e}");
+        // A CLI pipeline's relative export folder lands in runs/.
+        let p = parse("model = \"builtin:tiny-llama\"\n[export]\ndir = \"out/tiny\"\n");
+        assert_eq!(
+            p.export.as_ref().unwrap().dir.value,
+            layout.runs.join("out/tiny")
+        );
+        assert!(layout.confine(&p).is_ok());
     }
 }
