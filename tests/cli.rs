@@ -260,6 +260,45 @@ fn a_failing_plugin_writes_nothing_and_keeps_the_previous_output() {
 }
 
 #[test]
+fn model_layers_shows_attention_geometry_and_json() {
+    let dir = tmp();
+    let o = espalier(&["model", "layers", "builtin:tiny-llama"], dir.path());
+    let (stdout, stderr) = text(&o);
+    assert!(o.status.success(), "{stderr}");
+    assert!(
+        stdout.lines().next().unwrap().contains("attention heads"),
+        "{stdout}"
+    );
+    let o = espalier(
+        &["model", "layers", "builtin:tiny-llama", "--json"],
+        dir.path(),
+    );
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let (heads, kv, size) = (
+        v["heads"].as_u64().unwrap(),
+        v["kv_heads"].as_u64().unwrap(),
+        v["head_size"].as_u64().unwrap(),
+    );
+    assert!(heads >= kv && kv >= 1 && size >= 1, "{v:#}");
+    assert_eq!(heads * size, v["hidden_size"].as_u64().unwrap());
+    assert!(
+        v["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|l| l["role"] == "attn-q"),
+        "{v:#}"
+    );
+    // Unknown fetch: names are refused with the known ones listed.
+    let o = espalier(&["model", "layers", "fetch:nothing"], dir.path());
+    let (_, stderr) = text(&o);
+    assert!(
+        !o.status.success() && stderr.contains("smollm2-135m-instruct"),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn plugins_list_and_inspect() {
     let dir = tmp();
     let o = espalier(&["plugins", "list"], dir.path());

@@ -221,8 +221,12 @@ enum PluginsCommand {
 enum ModelCommand {
     /// List a model's weights with their roles and shapes (the names `targets` globs match).
     Layers {
-        /// A model directory or builtin:NAME.
+        /// A model directory, builtin:NAME, or fetch:smollm2-135m-instruct (downloaded on
+        /// first use).
         model: String,
+        /// Print JSON (attention geometry and every weight).
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -465,7 +469,7 @@ fn dispatch(cli: Cli) -> Result<()> {
             } => cmd_plugins_inspect(&plugin, json, &plugins),
         },
         Command::Model { command } => match command {
-            ModelCommand::Layers { model } => cmd_model_layers(&model),
+            ModelCommand::Layers { model, json } => cmd_model_layers(&model, json),
         },
         Command::Eval {
             model,
@@ -1017,8 +1021,47 @@ fn cmd_plugins_inspect(name: &str, json: bool, dirs: &PluginDirs) -> Result<()> 
     Ok(())
 }
 
-fn cmd_model_layers(model: &str) -> Result<()> {
-    let m = espalier_engine::load_model(model)?;
+fn cmd_model_layers(model: &str, json: bool) -> Result<()> {
+    let model = espalier::fetch::resolve(model, &models_dir(), &mut |m| err!("espalier: {m}"))?;
+    let m = espalier_engine::load_model(&model)?;
+    let c = &m.config;
+    if json {
+        let layers: Vec<serde_json::Value> = m
+            .layers()
+            .iter()
+            .map(|l| {
+                serde_json::json!({
+                    "name": l.name,
+                    "role": l.role.as_str(),
+                    "block": l.block,
+                    "shape": l.shape,
+                })
+            })
+            .collect();
+        out!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "model": model,
+                "architecture": c.model_type,
+                "blocks": c.num_layers,
+                "hidden_size": c.hidden_size,
+                "heads": c.num_heads,
+                "kv_heads": c.num_kv_heads,
+                "head_size": c.head_dim,
+                "layers": layers,
+            }))?
+        );
+        return Ok(());
+    }
+    out!(
+        "{}: {} blocks, hidden size {}, {} attention heads, {} KV heads, head size {}",
+        safe(&model),
+        c.num_layers,
+        c.hidden_size,
+        c.num_heads,
+        c.num_kv_heads,
+        c.head_dim
+    );
     let mut t = Table::new();
     t.load_preset(UTF8_FULL_CONDENSED);
     t.set_header(vec!["name", "role", "block", "shape"]);
