@@ -592,8 +592,10 @@ async fn run_events(
                         yield Ok(sse_event(&e));
                         if end { return; }
                     }
-                    // Fell behind: fetch what was missed from the store, then go on.
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                    // Fell behind, or the run ended and its channel closed: what was missed
+                    // is in the store.
+                    Err(e) => {
+                        let closed = matches!(e, tokio::sync::broadcast::error::RecvError::Closed);
                         let d = daemon.clone();
                         let missed = tokio::task::spawn_blocking(move || d.events_after(id, last)).await;
                         if let Ok(Ok(missed)) = missed {
@@ -604,17 +606,7 @@ async fn run_events(
                                 if end { return; }
                             }
                         }
-                    }
-                    Err(tokio::sync::broadcast::error::RecvError::Closed) => {
-                        // The run ended and its channel closed: flush the rest from the store.
-                        let d = daemon.clone();
-                        let rest = tokio::task::spawn_blocking(move || d.events_after(id, last)).await;
-                        if let Ok(Ok(rest)) = rest {
-                            for e in rest {
-                                yield Ok(sse_event(&e));
-                            }
-                        }
-                        return;
+                        if closed { return; }
                     }
                 },
                 _ = stopping.changed() => return,

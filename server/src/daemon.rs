@@ -10,7 +10,7 @@ use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use espalier::app::{App, AppError, Config, ErrorKind, RunOverrides};
+use espalier::app::{App, Config, ErrorKind, RunOverrides};
 use espalier::cancel::CancelToken;
 use espalier::events::RunEvent;
 use espalier::pipeline::{Pipeline, PipelineError};
@@ -271,10 +271,7 @@ impl Daemon {
             let me = self.clone();
             let handle = std::thread::Builder::new()
                 .name(format!("espalier-runner-{i}"))
-                .spawn(move || {
-                    lower_priority();
-                    me.runner_loop()
-                })
+                .spawn(move || me.runner_loop())
                 .map_err(|e| DaemonError::Internal(format!("cannot start a runner: {e}")))?;
             runners.push(handle);
         }
@@ -339,13 +336,10 @@ impl Daemon {
     }
 
     fn reject_plugin(&self, path: &Path, e: &PluginError) {
+        // Not a loadable component (or `describe` said something invalid) vs. a guest that
+        // failed while describing itself.
         let kind = match e {
-            PluginError::Invalid { message, .. } if message.contains("compile") => {
-                LoadFailure::Compile
-            }
-            PluginError::Invalid { message, .. } if message.contains("WebAssembly") => {
-                LoadFailure::Compile
-            }
+            PluginError::Invalid { .. } => LoadFailure::Compile,
             _ => LoadFailure::Interface,
         };
         self.metrics.inc_plugin_load_failure(kind);
@@ -651,11 +645,10 @@ impl Daemon {
             )));
         }
         if let Some(m) = &request.overrides.model {
-            // Checked like a model written in the pipeline.
-            let probe = format!("model = {m:?}\n");
-            let p = Pipeline::parse_in("overrides.model", &probe, &self.layout.root)?;
-            self.layout.confine(&p)?;
-            pipeline.model.value = p.model.value;
+            pipeline.model.value = self
+                .layout
+                .model(m)
+                .map_err(|e| DaemonError::BadRequest(format!("overrides.model: {e}")))?;
         }
         let record = self.store.create(NewRun {
             pipeline_name: if name.is_empty() {
@@ -729,32 +722,21 @@ impl Daemon {
             )));
         }
         if self.store.cancel_queued(id)? {
-            let seq = self.store.append_event(
-                id,
-                "run-cancelled",
-                &json!({"type": "run-cancelled", "seconds": 0.0}),
-            )?;
-            self.publish_and_close(id, seq, "run-cancelled");
+            // It never started: its terminal event goes to the store and to anyone following
+            // it, then its live channel closes.
+            let event = RunEvent::RunCancelled { seconds: 0.0 };
+            match self.live.lock().ok().and_then(|mut l| l.remove(&id)) {
+                Some(run) => self.record_event(id, &run, &event),
+                None => {
+                    let data = serde_json::to_value(&event).unwrap_or(Value::Null);
+                    self.store.append_event(id, event.kind(), &data)?;
+                }
+            }
         } else if let Some(run) = self.live.lock().ok().and_then(|l| l.get(&id).cloned()) {
             run.cancel.cancel();
         }
         self.refresh_gauges();
         self.run(id)
-    }
-
-    fn publish_and_close(&self, id: i64, seq: u64, kind: &str) {
-        if let Some(run) = self.live.lock().ok().and_then(|mut l| l.remove(&id)) {
-            let event = self
-                .store
-                .events_after(id, seq - 1, 1)
-                .ok()
-                .and_then(|mut e| e.pop());
-            if let Some(e) = event {
-                let _ = run.events.send(e);
-            } else {
-                tracing::warn!("run {id}: stored {kind} event not found");
-            }
-        }
     }
 
     fn runner_loop(self: Arc<Self>) {
@@ -789,7 +771,6 @@ impl Daemon {
                                 ErrorKind::Internal,
                                 "internal error: the run panicked".into(),
                             )),
-                            None,
                         );
                     }
                     self.refresh_gauges();
@@ -840,7 +821,6 @@ impl Daemon {
                     None,
                     None,
                     Some((ErrorKind::InvalidPipeline, e.to_string())),
-                    Some(started.elapsed().as_secs_f64()),
                 );
                 return;
             }
@@ -910,10 +890,10 @@ impl Daemon {
                 RunStatus::Failed,
                 None,
                 None,
-                Some((e.kind(), app_message(e))),
+                Some((e.kind(), e.to_string())),
             ),
         };
-        let _ = self.finish(id, status, metrics, report_path, error, Some(seconds));
+        let _ = self.finish(id, status, metrics, report_path, error);
         if let Some(event) = held_back {
             self.record_event(id, &live, &event);
         }
@@ -944,7 +924,6 @@ impl Daemon {
         metrics: Option<Value>,
         report_path: Option<String>,
         error: Option<(ErrorKind, String)>,
-        _seconds: Option<f64>,
     ) -> Result<RunRecord, DaemonError> {
         let record = self.store.finish(
             id,
@@ -1074,10 +1053,6 @@ fn run_metrics(report: &espalier::report::RunReport, seconds: f64) -> Value {
         "perplexity_dense": report.evaluation.as_ref().and_then(|c| ppl(&c.dense)),
         "perplexity_pruned": report.evaluation.as_ref().and_then(|c| ppl(&c.pruned)),
     })
-}
-
-fn app_message(e: &AppError) -> String {
-    e.to_string()
 }
 
 fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {

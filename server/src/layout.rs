@@ -82,6 +82,24 @@ impl Layout {
         Pipeline::parse_in_with_outputs(label, text, &self.root, &self.runs)
     }
 
+    /// A model reference as a request may give it (pipeline `model` already resolved against
+    /// the state folder, or an override as written): `builtin:`/`fetch:` names as they are, a
+    /// folder only inside `models/`. Returns the reference to run with.
+    pub fn model(&self, reference: &str) -> Result<String, String> {
+        if reference.starts_with("builtin:") || reference.starts_with("fetch:") {
+            return Ok(reference.to_string());
+        }
+        let path = self.root.join(reference);
+        if inside(&path, &self.models) {
+            Ok(path.display().to_string())
+        } else {
+            Err(format!(
+                "a request may only name models in the daemon's model folder ({}): use a path relative to the state folder such as `models/NAME`, `builtin:NAME` or `fetch:NAME`",
+                self.models.display()
+            ))
+        }
+    }
+
     /// The folder of run `id`.
     pub fn run_dir(&self, id: i64) -> PathBuf {
         self.runs.join(format!("run-{id}"))
@@ -92,17 +110,8 @@ impl Layout {
     /// folder in `runs/`. The error points at the line of the offending key.
     pub fn confine(&self, pipeline: &Pipeline) -> Result<(), PipelineError> {
         let model = &pipeline.model;
-        let named = model.value.starts_with("builtin:") || model.value.starts_with("fetch:");
-        if !named && !inside(Path::new(&model.value), &self.models) {
-            return Err(pipeline.error(
-                &model.position,
-                "model",
-                format!(
-                    "a request may only name models in the daemon's model folder ({}): use a path relative to the state folder such as `models/NAME`, `builtin:NAME` or `fetch:NAME`",
-                    self.models.display()
-                ),
-            ));
-        }
+        self.model(&model.value)
+            .map_err(|message| pipeline.error(&model.position, "model", message))?;
         if let Some(c) = &pipeline.calibration
             && !inside(&c.spec.text, &self.root)
         {
