@@ -96,6 +96,32 @@ fn a_run_reports_every_step_in_order() {
 }
 
 #[test]
+fn calibration_passes_report_real_progress_from_zero_to_all_sequences() {
+    let pipeline = format!(
+        "{TINY}[calibration]\ntext = {:?}\nsamples = 5\nseq_len = 32\n[[stage]]\nplugin = \"wanda\"\ndensity = 0.5\n[[stage]]\nplugin = \"taylor\"\ndensity = 0.5\n",
+        text("calibration.txt").display().to_string()
+    );
+    let (result, events) = run_with(&pipeline, |_, _| {});
+    result.unwrap();
+    for wanted in ["activation statistics", "gradients"] {
+        let steps: Vec<(usize, usize)> = events
+            .iter()
+            .filter_map(|e| match e {
+                RunEvent::CalibrationProgress {
+                    pass, done, total, ..
+                } if pass == wanted => Some((*done, *total)),
+                _ => None,
+            })
+            .collect();
+        // Starts at 0 (no bar reads full before the work), ends at every sequence, never
+        // goes back.
+        assert_eq!(steps.first(), Some(&(0, 5)), "{wanted}: {steps:?}");
+        assert_eq!(steps.last(), Some(&(5, 5)), "{wanted}: {steps:?}");
+        assert!(steps.windows(2).all(|w| w[0].0 <= w[1].0), "{steps:?}");
+    }
+}
+
+#[test]
 fn cancelling_between_stages_skips_the_rest() {
     let pipeline = format!(
         "{TINY}[[stage]]\nplugin = \"magnitude\"\ndensity = 0.5\n[[stage]]\nplugin = \"n-m\"\nn = 2\nm = 4\n"

@@ -14,11 +14,11 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
-use comfy_table::{Cell, CellAlignment, Table, presets::UTF8_FULL_CONDENSED};
+use comfy_table::{Cell, CellAlignment};
 use espalier::app::{App, AppError, Config, ErrorKind, RunOverrides};
 use espalier::cancel::CancelToken;
 use espalier::display_safe::{self, name as safe};
-use espalier::evaluate::{Comparison, EvalSpec, Evaluation};
+use espalier::evaluate::{EvalSpec, EvalText};
 use espalier::events::{EventSink, RunEvent};
 use espalier::pipeline::PipelineError;
 use espalier::plugin::Sandbox;
@@ -26,13 +26,14 @@ use espalier::plugin::bindings::ParamValue;
 use espalier::plugin::registry::{PluginSummary, kind_name, load_file};
 use espalier::report::RunReport;
 use indicatif::{ProgressBar, ProgressStyle};
+use render::{mib, pct};
 
 mod bench_api;
 
 #[derive(Parser)]
 #[command(
     name = "espalier",
-    version,
+    version = concat!(env!("CARGO_PKG_VERSION"), " (", env!("ESPALIER_BUILD"), ")"),
     about = "Prune large language models with sandboxed WebAssembly criteria"
 )]
 struct Cli {
@@ -65,6 +66,7 @@ impl PluginDirs {
             models_dir: models_dir(),
             cache_dir: cache_dir(),
             sandbox,
+            per_model_peak: true,
         }
     }
 }
@@ -88,10 +90,16 @@ fn cache_dir() -> Option<PathBuf> {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run a pipeline file: prune, report, export.
+    /// Run pipeline files: prune, report, export. With several, the dense model is evaluated
+    /// once for all that share its model and protocol, and the runs are compared at the end.
     Run {
-        /// The pipeline (TOML), e.g. pipelines/quickstart.toml.
-        pipeline: PathBuf,
+        /// The pipelines (TOML), e.g. pipelines/quickstart.toml.
+        #[arg(required_unless_present = "from")]
+        pipelines: Vec<PathBuf>,
+        /// Rerun exactly the pipeline a report.json records (plugins and texts pinned by
+        /// sha256; any other version is refused).
+        #[arg(long, value_name = "REPORT", conflicts_with = "pipelines")]
+        from: Option<PathBuf>,
         /// Use this model instead of the pipeline's `model` (a directory or builtin:NAME).
         #[arg(long)]
         model: Option<String>,
@@ -124,29 +132,40 @@ enum Command {
         #[command(subcommand)]
         command: ModelCommand,
     },
-    /// Evaluate a model: perplexity on a text, ms per token, tokens/s, peak memory.
+    /// Evaluate a model under the evaluation protocol `[evaluate]` uses (same defaults):
+    /// perplexity on a text, prefill and decode speed, weights held and peak memory.
     Eval {
         /// A model directory, builtin:NAME, or fetch:smollm2-135m-instruct (downloaded on first use).
         model: String,
-        /// Text file for perplexity (default: the shipped evaluation text, data/eval.txt).
+        /// Text file for perplexity (default: the shipped data/eval.txt, built in).
         #[arg(long)]
         text: Option<PathBuf>,
-        /// Tokens per forward pass.
-        #[arg(long, default_value_t = espalier_engine::eval::DEFAULT_WINDOW)]
-        window: usize,
+        /// Tokens per forward pass (default: 1024, or the model's positions if fewer).
+        #[arg(long)]
+        window: Option<usize>,
         /// Tokens between window starts (default: the window, i.e. no overlap).
         #[arg(long)]
         stride: Option<usize>,
-        /// Score at most this many tokens of the text.
-        #[arg(long)]
-        max_tokens: Option<usize>,
-        /// Prompt tokens for the latency measurement.
-        #[arg(long, default_value_t = 32)]
+        /// Score at most this many tokens from the start of the text (0 = all of it).
+        #[arg(long, default_value_t = espalier::evaluate::DEFAULT_MAX_TOKENS)]
+        max_tokens: usize,
+        /// Prompt tokens for the latency measurement (taken from the start of the text).
+        #[arg(long, default_value_t = espalier::evaluate::DEFAULT_PROMPT_TOKENS)]
         prompt_tokens: usize,
         /// Tokens generated for the latency measurement (0 = skip latency).
-        #[arg(long, default_value_t = 64)]
+        #[arg(long, default_value_t = espalier::evaluate::DEFAULT_NEW_TOKENS)]
         new_tokens: usize,
         /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Compare runs side by side from their report.json files: parameters that differ,
+    /// perplexity, speed, density per role.
+    Compare {
+        /// Two or more report.json files (e.g. out/quickstart/report.json).
+        #[arg(required = true, num_args = 2..)]
+        reports: Vec<PathBuf>,
+        /// Print the reports as one JSON array.
         #[arg(long)]
         json: bool,
     },
@@ -326,13 +345,16 @@ fn write_stderr(args: std::fmt::Arguments<'_>) {
 
 /// `println!` that survives a closed pipe.
 macro_rules! out {
-    ($($arg:tt)*) => { write_stdout(format_args!($($arg)*)) };
+    ($($arg:tt)*) => { $crate::write_stdout(format_args!($($arg)*)) };
 }
 
 /// `eprintln!` that never panics.
 macro_rules! err {
-    ($($arg:tt)*) => { write_stderr(format_args!($($arg)*)) };
+    ($($arg:tt)*) => { $crate::write_stderr(format_args!($($arg)*)) };
 }
+
+// After the output macros, which it uses.
+mod render;
 
 /// Removes the temporary folder of an export in progress when the user interrupts (SIGINT) or
 /// the system stops (SIGTERM) the process, then exits with the conventional 128 + signal.
@@ -372,6 +394,7 @@ fn install_signal_cleanup() {
 const ERROR_MAX: usize = 16 << 10;
 
 fn main() -> ExitCode {
+    espalier::set_build(env!("ESPALIER_BUILD"));
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("ESPALIER_LOG")
@@ -439,7 +462,8 @@ use espalier::plugin::registry::{need_name, origin_text, produces_name};
 fn dispatch(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Run {
-            pipeline,
+            pipelines,
+            from,
             model,
             out,
             no_export,
@@ -448,13 +472,14 @@ fn dispatch(cli: Cli) -> Result<()> {
             layers,
             plugins,
         } => cmd_run(
-            pipeline,
+            &pipelines,
+            from.as_deref(),
             RunOverrides {
                 model,
                 export_dir: out,
                 no_export,
                 force,
-                density: None,
+                ..RunOverrides::default()
             },
             json,
             layers,
@@ -482,14 +507,17 @@ fn dispatch(cli: Cli) -> Result<()> {
             json,
         } => cmd_eval(
             &model,
-            text,
-            window,
-            stride,
-            max_tokens,
-            prompt_tokens,
-            new_tokens,
+            EvalArgs {
+                text,
+                window,
+                stride,
+                max_tokens,
+                prompt_tokens,
+                new_tokens,
+            },
             json,
         ),
+        Command::Compare { reports, json } => cmd_compare(&reports, json),
         Command::Import { gguf, out } => cmd_import(&gguf, &out),
         Command::Serve {
             config,
@@ -549,9 +577,41 @@ fn warn_skipped(app: &App) {
     }
 }
 
-/// Draws one bar over the stages, with a line per finished stage.
+/// Draws a spinner until there is something to count, then one bar over the stages (or over
+/// the perplexity windows while a model is evaluated), with a line per finished stage. A bar
+/// is drawn only once its length is known, so none reads full before the work starts.
 struct Bars {
     bar: ProgressBar,
+    spinner: ProgressStyle,
+    counting: ProgressStyle,
+    stages: u64,
+}
+
+impl Bars {
+    fn new(bar: ProgressBar) -> Result<Self> {
+        Ok(Bars {
+            bar,
+            spinner: ProgressStyle::with_template("{spinner} {msg} {elapsed}")
+                .context("progress template")?,
+            counting: ProgressStyle::with_template(
+                "{spinner} [{bar:24}] {pos}/{len} {msg} {elapsed}",
+            )
+            .context("progress template")?
+            .progress_chars("=> "),
+            stages: 0,
+        })
+    }
+
+    /// Counts `done` of `total` (a bar), or spins when `total` is 0.
+    fn count(&self, done: u64, total: u64) {
+        if total == 0 {
+            self.bar.set_style(self.spinner.clone());
+        } else {
+            self.bar.set_style(self.counting.clone());
+            self.bar.set_length(total);
+            self.bar.set_position(done.min(total));
+        }
+    }
 }
 
 impl EventSink for Bars {
@@ -565,9 +625,8 @@ impl EventSink for Bars {
                 targets,
                 ..
             } => {
-                if index == 0 {
-                    self.bar.set_length(total as u64);
-                }
+                self.stages = total as u64;
+                self.count(index as u64, self.stages);
                 self.bar.set_message(format!(
                     "stage {}/{total} `{}` ({}, {targets} layers)",
                     index + 1,
@@ -576,11 +635,26 @@ impl EventSink for Bars {
                 ));
             }
             RunEvent::StageProgress { index, step } => {
-                let total = self.bar.length().unwrap_or(0);
+                let total = self.stages;
+                self.count(index as u64, total);
                 self.bar
                     .set_message(format!("stage {}/{total}: {step}", index + 1));
             }
+            RunEvent::CalibrationProgress {
+                index,
+                pass,
+                done,
+                total,
+            } => {
+                self.count(done as u64, total as u64);
+                self.bar.set_message(format!(
+                    "stage {}/{}: calibration sequences ({pass})",
+                    index + 1,
+                    self.stages
+                ));
+            }
             RunEvent::EvaluationStarted { which } => {
+                self.count(0, 0);
                 self.bar
                     .set_message(format!("evaluating the {which} model"));
             }
@@ -589,12 +663,12 @@ impl EventSink for Bars {
                 windows_done,
                 windows_total,
             } => {
-                self.bar.set_message(format!(
-                    "evaluating the {which} model: perplexity window {windows_done}/{windows_total}"
-                ));
+                self.count(windows_done as u64, windows_total as u64);
+                self.bar
+                    .set_message(format!("evaluating the {which} model: perplexity windows"));
             }
-            RunEvent::StageFinished { report, .. } => {
-                self.bar.inc(1);
+            RunEvent::StageFinished { index, report } => {
+                self.count(index as u64 + 1, self.stages);
                 self.bar.println(format!(
                     "  ✓ {} ({}): density {:.4} in {:.2} s",
                     safe(&report.name),
@@ -617,246 +691,171 @@ impl EventSink for Bars {
     }
 }
 
+/// Reads the pipeline a report recorded (`run --from`).
+fn pipeline_from_report(path: &std::path::Path) -> Result<espalier::pipeline::Pipeline> {
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let report: RunReport = serde_json::from_slice(&bytes).with_context(|| {
+        format!(
+            "{} is not an Espalier report.json (written by `espalier run` with an [export] section)",
+            path.display()
+        )
+    })?;
+    anyhow::ensure!(
+        !report.resolved_pipeline.is_empty(),
+        "{} was written by an Espalier before 0.1.0's report version 2 and records no resolved pipeline; run its pipeline file instead",
+        path.display()
+    );
+    Ok(espalier::pipeline::Pipeline::parse(
+        &format!("{} (resolved_pipeline)", path.display()),
+        &report.resolved_pipeline,
+    )?)
+}
+
 fn cmd_run(
-    pipeline: PathBuf,
-    overrides: RunOverrides,
+    files: &[PathBuf],
+    from: Option<&std::path::Path>,
+    mut overrides: RunOverrides,
     json: bool,
     layers: bool,
     dirs: &PluginDirs,
 ) -> Result<()> {
-    // Parsed first: its [sandbox] limits also bind the `describe` of plugin-folder plugins.
-    let pipeline = espalier::pipeline::Pipeline::load(&pipeline)?;
-    let app = App::start(dirs.config(pipeline.sandbox))?;
-    warn_skipped(&app);
-    let bar = ProgressBar::new(0);
-    bar.set_style(
-        ProgressStyle::with_template("{spinner} [{bar:24}] {pos}/{len} {msg} {elapsed}")
-            .context("progress template")?
-            .progress_chars("=> "),
+    // Parsed first, all of them: a mistake in the last file is reported before the first runs,
+    // and the first pipeline's [sandbox] limits also bind the `describe` of folder plugins.
+    let pipelines = match from {
+        Some(report) => vec![pipeline_from_report(report)?],
+        None => files
+            .iter()
+            .map(|f| espalier::pipeline::Pipeline::load(f))
+            .collect::<Result<Vec<_>, _>>()?,
+    };
+    anyhow::ensure!(
+        pipelines.len() == 1 || overrides.export_dir.is_none(),
+        "--out names one folder; with several pipelines each exports to its own [export] dir (or use --no-export)"
     );
-    bar.enable_steady_tick(Duration::from_millis(120));
-    let mut observer = Bars { bar: bar.clone() };
-    let result = app.run_pipeline(pipeline, &overrides, &mut observer, &CancelToken::new());
-    bar.finish_and_clear();
-    let result = result?;
-    if json {
-        out!("{}", serde_json::to_string_pretty(&result.report)?);
-        return Ok(());
+    let sandbox = pipelines.first().map(|p| p.sandbox).unwrap_or_default();
+    let app = App::start(dirs.config(sandbox))?;
+    warn_skipped(&app);
+    if pipelines.len() > 1 {
+        overrides.dense_baselines = Some(Default::default());
     }
-    print_report(&result.report, layers);
-    match &result.exported_to {
-        Some(dir) => out!(
-            "exported to {} (model.safetensors, config.json, masks.safetensors, report.json)",
-            dir.display()
-        ),
-        None => out!("not exported (no [export] section, or --no-export)"),
+    let mut reports = Vec::with_capacity(pipelines.len());
+    let several = pipelines.len() > 1;
+    for pipeline in pipelines {
+        let label = pipeline.name.clone();
+        let bar = ProgressBar::new_spinner();
+        bar.set_style(
+            ProgressStyle::with_template("{spinner} {msg} {elapsed}")
+                .context("progress template")?,
+        );
+        bar.enable_steady_tick(Duration::from_millis(120));
+        let mut observer = Bars::new(bar.clone())?;
+        let result = app.run_pipeline(pipeline, &overrides, &mut observer, &CancelToken::new());
+        bar.finish_and_clear();
+        let result = result?;
+        if json {
+            if !several {
+                out!("{}", serde_json::to_string_pretty(&result.report)?);
+            }
+        } else {
+            render::print_report(&result.report, layers);
+            match &result.exported_to {
+                Some(dir) => out!(
+                    "exported to {} (model.safetensors, config.json, masks.safetensors, report.json)",
+                    dir.display()
+                ),
+                None => out!("not exported (no [export] section, or --no-export)"),
+            }
+        }
+        reports.push((label, result.report));
+    }
+    if several {
+        if json {
+            let all: Vec<&RunReport> = reports.iter().map(|(_, r)| r).collect();
+            out!("{}", serde_json::to_string_pretty(&all)?);
+        } else {
+            out!("");
+            render::print_compare(&reports);
+        }
     }
     Ok(())
 }
 
-fn pct(x: f64) -> String {
-    format!("{:.2}%", 100.0 * x)
+/// `espalier compare`: runs side by side from their report.json files.
+fn cmd_compare(files: &[PathBuf], json: bool) -> Result<()> {
+    let mut reports = Vec::with_capacity(files.len());
+    for f in files {
+        let bytes = std::fs::read(f).with_context(|| format!("cannot read {}", f.display()))?;
+        let report: RunReport = serde_json::from_slice(&bytes)
+            .with_context(|| format!("{} is not an Espalier report.json", f.display()))?;
+        // Label by the run's folder (`out/quickstart/report.json` → `quickstart`).
+        let label = f.parent().and_then(|p| p.file_name()).map_or_else(
+            || report.pipeline.clone(),
+            |n| n.to_string_lossy().into_owned(),
+        );
+        reports.push((label, report));
+    }
+    if json {
+        let all: Vec<&RunReport> = reports.iter().map(|(_, r)| r).collect();
+        out!("{}", serde_json::to_string_pretty(&all)?);
+        return Ok(());
+    }
+    render::print_compare(&reports);
+    Ok(())
 }
 
-fn print_report(r: &RunReport, layers: bool) {
-    out!(
-        "pipeline `{}` on {} ({})",
-        safe(&r.pipeline),
-        safe(&r.model),
-        safe(&r.architecture)
-    );
-    let mut t = Table::new();
-    t.load_preset(UTF8_FULL_CONDENSED);
-    t.set_header(vec![
-        "stage",
-        "plugin",
-        "version",
-        "targets",
-        "asked",
-        "kept after",
-        "time",
-        "sandbox share",
-        "sha256",
-    ]);
-    for s in &r.stages {
-        t.add_row(vec![
-            Cell::new(safe(&s.name)),
-            Cell::new(safe(&s.plugin)),
-            Cell::new(safe(&s.plugin_version)),
-            Cell::new(s.targets).set_alignment(CellAlignment::Right),
-            Cell::new(s.requested_density.map_or("-".into(), pct))
-                .set_alignment(CellAlignment::Right),
-            Cell::new(pct(s.density_after)).set_alignment(CellAlignment::Right),
-            Cell::new(format!("{:.3} s", s.seconds)).set_alignment(CellAlignment::Right),
-            Cell::new(pct(s.guest_share)).set_alignment(CellAlignment::Right),
-            Cell::new(s.plugin_sha256.get(..12).unwrap_or(&s.plugin_sha256)),
-        ]);
-    }
-    out!("{t}");
-    if layers {
-        let mut t = Table::new();
-        t.load_preset(UTF8_FULL_CONDENSED);
-        t.set_header(vec!["layer", "role", "shape", "kept", "structure"]);
-        for l in &r.layers {
-            t.add_row(vec![
-                Cell::new(safe(&l.name)),
-                Cell::new(l.role.as_str()),
-                Cell::new(format!("{:?}", l.shape)),
-                Cell::new(pct(l.density)).set_alignment(CellAlignment::Right),
-                Cell::new(safe(l.structure.as_deref().unwrap_or("-"))),
-            ]);
-        }
-        out!("{t}");
-    }
-    let s = &r.summary;
-    let mut t = Table::new();
-    t.load_preset(UTF8_FULL_CONDENSED);
-    t.set_header(vec!["summary", "value"]);
-    t.add_row(vec![
-        "pruned layers".to_string(),
-        s.pruned_layers.to_string(),
-    ]);
-    t.add_row(vec![
-        "kept in pruned layers".to_string(),
-        pct(s.pruned_density),
-    ]);
-    t.add_row(vec![
-        "kept in block linears".to_string(),
-        pct(s.block_linear_density),
-    ]);
-    t.add_row(vec![
-        "kept in all 2-D weights".to_string(),
-        pct(s.all_weights_density),
-    ]);
-    t.add_row(vec![
-        "parameters (stored / non-zero)".to_string(),
-        format!(
-            "{} → {} / {}",
-            s.parameters_before, s.parameters_after, s.nonzero_parameters_after
-        ),
-    ]);
-    if let Some(h) = &s.heads {
-        t.add_row(vec![
-            "attention heads (query / kv)".to_string(),
-            format!(
-                "{}/{} → {}/{}",
-                h.heads_before, h.kv_heads_before, h.heads_after, h.kv_heads_after
-            ),
-        ]);
-    }
-    t.add_row(vec!["time".to_string(), format!("{:.2} s", r.seconds)]);
-    out!("{t}");
-    if let Some(c) = &r.evaluation {
-        print_comparison(c);
-    }
-}
-
-fn mib(bytes: Option<u64>) -> String {
-    bytes.map_or("-".into(), |b| {
-        format!("{:.0} MiB", b as f64 / (1 << 20) as f64)
-    })
-}
-
-fn eval_rows(e: &Evaluation) -> Vec<String> {
-    let p = e.perplexity.as_ref();
-    let l = e.latency.as_ref();
-    vec![
-        p.map_or("-".into(), |p| format!("{:.3}", p.perplexity)),
-        p.map_or("-".into(), |p| {
-            format!("{} ({} windows)", p.tokens_scored, p.windows)
-        }),
-        p.map_or("-".into(), |p| format!("{:.1}", p.tokens_per_second)),
-        l.map_or("-".into(), |l| format!("{:.2}", l.ms_per_token)),
-        l.map_or("-".into(), |l| format!("{:.1}", l.decode_tokens_per_s)),
-        l.map_or("-".into(), |l| format!("{:.1}", l.prefill_tokens_per_s)),
-        mib(l
-            .and_then(|l| l.peak_rss_bytes)
-            .or(p.and_then(|p| p.peak_rss_bytes))),
-        e.kernels
-            .iter()
-            .map(|(k, n)| format!("{k}: {n}"))
-            .collect::<Vec<_>>()
-            .join(", "),
-    ]
-}
-
-const EVAL_LABELS: [&str; 8] = [
-    "perplexity",
-    "tokens scored",
-    "eval tokens/s",
-    "ms / token (decode)",
-    "decode tokens/s",
-    "prefill tokens/s",
-    "peak RSS (process)",
-    "linear kernels",
-];
-
-fn print_comparison(c: &Comparison) {
-    let mut t = Table::new();
-    t.load_preset(UTF8_FULL_CONDENSED);
-    t.set_header(vec!["evaluation", "dense", "pruned"]);
-    for (i, (d, p)) in eval_rows(&c.dense)
-        .into_iter()
-        .zip(eval_rows(&c.pruned))
-        .enumerate()
-    {
-        t.add_row(vec![EVAL_LABELS[i].to_string(), d, p]);
-    }
-    out!("{t}");
-}
-
-#[allow(clippy::too_many_arguments)]
-fn cmd_eval(
-    model_ref: &str,
+/// What `espalier eval` was asked to measure.
+struct EvalArgs {
     text: Option<PathBuf>,
-    window: usize,
+    window: Option<usize>,
     stride: Option<usize>,
-    max_tokens: Option<usize>,
+    max_tokens: usize,
     prompt_tokens: usize,
     new_tokens: usize,
-    json: bool,
-) -> Result<()> {
-    let text = match text {
-        Some(t) => t,
-        None => {
-            let shipped = PathBuf::from("data/eval.txt");
+}
+
+impl EvalArgs {
+    /// The protocol's defaults ([`EvalSpec::default`]) with what the command line changed.
+    fn spec(self) -> Result<EvalSpec> {
+        if let Some(t) = &self.text {
             anyhow::ensure!(
-                shipped.is_file(),
-                "no --text given and data/eval.txt is not here; run from the repository root or pass --text FILE"
+                t.is_file(),
+                "--text {} is not a readable file (leave --text out to use the shipped data/eval.txt)",
+                t.display()
             );
-            shipped
         }
-    };
+        anyhow::ensure!(
+            self.max_tokens != 1,
+            "--max-tokens must be at least 2 (or 0 for the whole text)"
+        );
+        anyhow::ensure!(
+            self.new_tokens != 1 && (self.new_tokens == 0 || self.prompt_tokens > 0),
+            "latency needs --new-tokens >= 2 and --prompt-tokens >= 1 (or --new-tokens 0 to skip it)"
+        );
+        Ok(EvalSpec {
+            text: self.text.map_or(EvalText::Shipped, EvalText::File),
+            window: self.window,
+            stride: self.stride,
+            max_tokens: (self.max_tokens > 0).then_some(self.max_tokens),
+            latency: (self.new_tokens > 0).then_some((self.prompt_tokens, self.new_tokens)),
+            ..EvalSpec::default()
+        })
+    }
+}
+
+fn cmd_eval(model_ref: &str, args: EvalArgs, json: bool) -> Result<()> {
+    let spec = args.spec()?;
     let model_ref =
         &espalier::fetch::resolve(model_ref, &models_dir(), &mut |m| err!("espalier: {m}"))?;
     let model = espalier_engine::load_model(model_ref)?;
-    let spec = EvalSpec {
-        text: Some(text),
-        options: espalier_engine::eval::PerplexityOptions {
-            window,
-            stride: stride.unwrap_or(window),
-        },
-        max_tokens,
-        latency: (new_tokens > 0).then_some((prompt_tokens, new_tokens)),
-    };
-    let bar = ProgressBar::new(0);
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{spinner} [{bar:24}] {pos}/{len} perplexity windows {elapsed}",
-        )
-        .context("progress template")?
-        .progress_chars("=> "),
-    );
+    let bar = ProgressBar::new_spinner();
     bar.enable_steady_tick(Duration::from_millis(120));
-    let session = espalier_engine::Session::new(&model)?;
-    let result = espalier::evaluate::evaluate(
+    let mut observer = Bars::new(bar.clone())?;
+    let result = espalier::app::evaluate_model(
         &model,
-        &session,
+        None,
         &spec,
-        &mut |p| {
-            bar.set_length(p.windows_total as u64);
-            bar.set_position(p.windows_done as u64);
-        },
+        ("dense", true),
+        &mut observer,
         &CancelToken::new(),
     );
     bar.finish_and_clear();
@@ -865,23 +864,7 @@ fn cmd_eval(
         out!("{}", serde_json::to_string_pretty(&e)?);
         return Ok(());
     }
-    let mut t = Table::new();
-    t.load_preset(UTF8_FULL_CONDENSED);
-    t.set_header(vec!["evaluation", model_ref]);
-    for (i, v) in eval_rows(&e).into_iter().enumerate() {
-        t.add_row(vec![EVAL_LABELS[i].to_string(), v]);
-    }
-    out!("{t}");
-    if let Some(p) = &e.perplexity {
-        out!(
-            "perplexity: window {}, stride {}, {} of {} tokens scored in {:.1} s",
-            p.window,
-            p.stride,
-            p.tokens_scored,
-            p.tokens,
-            p.seconds
-        );
-    }
+    render::print_evaluation(model_ref, &e);
     Ok(())
 }
 
@@ -948,9 +931,7 @@ fn cmd_plugins_list(json: bool, dirs: &PluginDirs) -> Result<()> {
         out!("{}", serde_json::to_string_pretty(&all)?);
         return Ok(());
     }
-    let mut t = Table::new();
-    t.load_preset(UTF8_FULL_CONDENSED);
-    t.set_header(vec![
+    let mut t = render::table(vec![
         "name", "version", "wit", "produces", "origin", "size", "sha256",
     ]);
     for p in registry.iter() {
@@ -968,6 +949,7 @@ fn cmd_plugins_list(json: bool, dirs: &PluginDirs) -> Result<()> {
             p.compiled.sha256[..12].to_string(),
         ]);
     }
+    render::drop_when_narrow(&mut t, &[2, 5]);
     out!("{t}");
     Ok(())
 }
@@ -1006,9 +988,7 @@ fn cmd_plugins_inspect(name: &str, json: bool, dirs: &PluginDirs) -> Result<()> 
         plugin.compiled.sha256,
         plugin.size as f64 / 1024.0
     );
-    let mut t = Table::new();
-    t.load_preset(UTF8_FULL_CONDENSED);
-    t.set_header(vec!["parameter", "type", "default", "doc"]);
+    let mut t = render::table(vec!["parameter", "type", "default", "doc"]);
     for p in &i.params {
         t.add_row(vec![
             safe(&p.name),
@@ -1062,9 +1042,7 @@ fn cmd_model_layers(model: &str, json: bool) -> Result<()> {
         c.num_kv_heads,
         c.head_dim
     );
-    let mut t = Table::new();
-    t.load_preset(UTF8_FULL_CONDENSED);
-    t.set_header(vec!["name", "role", "block", "shape"]);
+    let mut t = render::table(vec!["name", "role", "block", "shape"]);
     for l in m.layers() {
         t.add_row(vec![
             safe(&l.name),
@@ -1079,6 +1057,8 @@ fn cmd_model_layers(model: &str, json: bool) -> Result<()> {
 
 fn cmd_bench_plugins(model_ref: &str, repeat: usize, json: bool) -> Result<()> {
     let app = start_app(&PluginDirs::default())?;
+    let model_ref =
+        &espalier::fetch::resolve(model_ref, &models_dir(), &mut |m| err!("espalier: {m}"))?;
     err!("loading {model_ref} ...");
     let model = espalier_engine::load_model(model_ref)?;
     let bar = ProgressBar::new_spinner();
@@ -1095,9 +1075,7 @@ fn cmd_bench_plugins(model_ref: &str, repeat: usize, json: bool) -> Result<()> {
         "plugin overhead on {model_ref} ({} parameters), median of {repeat}; target: sandbox share <= 10%",
         model.num_parameters()
     );
-    let mut t = Table::new();
-    t.load_preset(UTF8_FULL_CONDENSED);
-    t.set_header(vec![
+    let mut t = render::table(vec![
         "case",
         "layers",
         "weights",
@@ -1126,6 +1104,7 @@ fn cmd_bench_plugins(model_ref: &str, repeat: usize, json: bool) -> Result<()> {
             .set_alignment(CellAlignment::Right),
         ]);
     }
+    render::drop_when_narrow(&mut t, &[2, 6]);
     out!("{t}");
     if let Some(m) = results.iter().find(|r| r.label.starts_with("magnitude")) {
         out!(
@@ -1152,7 +1131,7 @@ fn cmd_bench_kernels(quick: bool, json: bool) -> Result<()> {
     if json {
         out!("{}", serde_json::to_string_pretty(&report)?);
     } else {
-        out!("{report}");
+        render::print_kernel_bench(&report, &opts.shapes, quick);
     }
     Ok(())
 }
@@ -1194,9 +1173,7 @@ fn espalier_decode_bench(
         return Ok(());
     }
     let speedup = b.decode_speedup;
-    let mut t = Table::new();
-    t.load_preset(UTF8_FULL_CONDENSED);
-    t.set_header(vec!["decode, batch 1", "dense", "pruned", "ratio"]);
+    let mut t = render::table(vec!["decode, batch 1", "dense", "pruned", "ratio"]);
     t.add_row(vec![
         "ms / token".to_string(),
         format!("{:.2}", dense.ms_per_token),
@@ -1333,9 +1310,7 @@ fn cmd_bench_api(
         out!("{}", serde_json::to_string_pretty(&b)?);
         return Ok(());
     }
-    let mut t = Table::new();
-    t.load_preset(UTF8_FULL_CONDENSED);
-    t.set_header(vec!["daemon under load", "value", "goal"]);
+    let mut t = render::table(vec!["daemon under load", "value", "goal"]);
     let rows: Vec<(String, String, String)> = vec![
         (
             "clients x seconds".into(),

@@ -314,6 +314,14 @@ pub fn current_rss_bytes() -> Option<u64> {
     proc_status_kb("VmRSS:")
 }
 
+/// Resets the process's peak resident memory ([`peak_rss_bytes`]) to its current resident
+/// memory, so that the next reading is the peak of what ran since (Linux 4.0+: writing `5`
+/// to `/proc/self/clear_refs`). Returns whether it worked; where it does not, peaks stay
+/// process-wide high-water marks.
+pub fn reset_peak_rss() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -394,5 +402,23 @@ mod tests {
             assert!(r.peak_rss_bytes.unwrap() > 1 << 20);
             assert!(current_rss_bytes().unwrap() <= peak_rss_bytes().unwrap());
         }
+    }
+
+    #[test]
+    fn the_peak_can_be_reset_to_measure_one_phase() {
+        if !cfg!(target_os = "linux") || !reset_peak_rss() {
+            return; // Not Linux, or a kernel before 4.0: peaks stay process-wide.
+        }
+        // 256 MiB touched then freed (a large allocation goes back to the system on drop).
+        let big = vec![1u8; 256 << 20];
+        std::hint::black_box(&big);
+        drop(big);
+        let with_spike = peak_rss_bytes().unwrap();
+        assert!(reset_peak_rss());
+        let after_reset = peak_rss_bytes().unwrap();
+        assert!(
+            after_reset + (128 << 20) < with_spike,
+            "peak {with_spike} before the reset, {after_reset} after"
+        );
     }
 }

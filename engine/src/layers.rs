@@ -9,7 +9,7 @@
 use crate::config::{Architecture, ModelConfig};
 
 /// What a weight does in the network.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Role {
     /// Token embedding (also the LM head when tied).

@@ -12,13 +12,14 @@ use espalier_engine::EngineError;
 use crate::cancel::CancelToken;
 use crate::events::{EventSink, RunEvent};
 
-use crate::evaluate::{Comparison, EvalSpec, Evaluation, evaluate};
+use crate::evaluate::{Comparison, EvalSpec, EvalText, Evaluation, Subject, evaluate, model_bytes};
 use crate::export::{ExportError, Input, prepare};
 use crate::pipeline::{Pipeline, PipelineError};
 use crate::plan::plan;
 use crate::plugin::registry::SharedRegistry;
 use crate::plugin::{Origin, PluginError, Registry, Runtime, Sandbox};
 use crate::report::RunReport;
+use crate::resolved::{ExportTarget, resolved_pipeline};
 use crate::run::{RunError, RunState, execute};
 
 /// Anything that can stop a run, each naming its cause.
@@ -131,6 +132,9 @@ pub struct Config {
     /// Limits for the `describe` call of folder plugins (a pipeline's own `[sandbox]` when the
     /// CLI runs one, so a `describe` that loops stops at the pipeline's timeout).
     pub sandbox: Sandbox,
+    /// Reset the process's peak memory before each model's evaluation, so each model's peak
+    /// is its own. Off in a process that runs several things at once (the daemon).
+    pub per_model_peak: bool,
 }
 
 impl Default for Config {
@@ -140,6 +144,7 @@ impl Default for Config {
             models_dir: PathBuf::from("models"),
             cache_dir: None,
             sandbox: Sandbox::default(),
+            per_model_peak: true,
         }
     }
 }
@@ -147,11 +152,12 @@ impl Default for Config {
 /// Builds the forward pass of `model` and evaluates it, reporting progress as `which`.
 ///
 /// With `masks`, pruned layers run on Espalier's sparse kernels (the format the planner picks).
+/// `reset_peak`: measure this model's own peak memory (see [`Subject::reset_peak`]).
 pub fn evaluate_model(
     model: &espalier_engine::Model,
     masks: Option<&std::collections::BTreeMap<String, crate::mask::Mask>>,
     spec: &EvalSpec,
-    which: &str,
+    (which, reset_peak): (&str, bool),
     sink: &mut dyn EventSink,
     cancel: &CancelToken,
 ) -> Result<Evaluation, AppError> {
@@ -160,14 +166,28 @@ pub fn evaluate_model(
     });
     let mut session = espalier_engine::Session::new(model)
         .map_err(|e| AppError::Evaluate(which.to_string(), e))?;
-    if let Some(masks) = masks {
-        crate::sparse::attach(&mut session, model, masks, crate::sparse::Storage::F32)
-            .map_err(|e| AppError::Evaluate(which.to_string(), e))?;
-    }
+    let subject = match masks {
+        Some(masks) => {
+            let attached =
+                crate::sparse::attach(&mut session, model, masks, crate::sparse::Storage::F32)
+                    .map_err(|e| AppError::Evaluate(which.to_string(), e))?;
+            Subject {
+                kernels: attached.kernels,
+                weight_bytes: attached.packed_model_bytes as u64,
+                reset_peak,
+            }
+        }
+        None => Subject {
+            weight_bytes: model_bytes(model),
+            reset_peak,
+            ..Subject::default()
+        },
+    };
     let evaluation = evaluate(
         model,
         &session,
         spec,
+        subject,
         &mut |p| {
             sink.emit(RunEvent::EvaluationProgress {
                 which: which.to_string(),
@@ -211,6 +231,27 @@ pub struct RunOverrides {
     /// Replaces the density of every stage that gives a fixed one (budget references and
     /// stages without a density are left alone).
     pub density: Option<f64>,
+    /// Dense evaluations to reuse and add to (`espalier run A.toml B.toml`: the dense model is
+    /// evaluated once for all pipelines on the same model under the same protocol).
+    pub dense_baselines: Option<Arc<DenseBaselines>>,
+}
+
+/// Dense evaluations already measured in this process, by model reference and protocol.
+#[derive(Debug, Default)]
+pub struct DenseBaselines(std::sync::Mutex<Vec<(String, EvalSpec, Evaluation)>>);
+
+impl DenseBaselines {
+    fn find(&self, model: &str, spec: &EvalSpec) -> Option<Evaluation> {
+        let list = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        list.iter()
+            .find(|(m, s, _)| m == model && s == spec)
+            .map(|(_, _, e)| e.clone())
+    }
+
+    fn insert(&self, model: &str, spec: &EvalSpec, evaluation: &Evaluation) {
+        let mut list = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        list.push((model.to_string(), spec.clone(), evaluation.clone()));
+    }
 }
 
 /// A finished run.
@@ -234,10 +275,8 @@ impl App {
             "calibration text",
             pipeline.calibration_spec().text,
         ));
-        if let Some(text) = pipeline
-            .evaluate
-            .as_ref()
-            .and_then(|e| e.value.text.clone())
+        if let Some(e) = &pipeline.evaluate
+            && let EvalText::File(text) = &e.value.text
         {
             inputs.push(Input::new("evaluation text", text));
         }
@@ -376,6 +415,12 @@ impl App {
                 }
             }
         }
+        // A pinned evaluation text is checked before anything is spent on the run.
+        if let Some(e) = &pipeline.evaluate {
+            e.value.check_text().map_err(|m| {
+                AppError::Pipeline(pipeline.error(&e.position, "evaluate.sha256", m))
+            })?;
+        }
         // `fetch:NAME` downloads and imports the model on first use.
         let reference =
             crate::fetch::resolve(&pipeline.model.value, &self.config.models_dir, &mut |m| {
@@ -439,16 +484,34 @@ impl App {
                 .map(|s| (s.plugin.info.name.clone(), s.plugin.compiled.sha256.clone()))
                 .collect(),
         });
-        let dense = match &evaluate {
-            Some(spec) => Some(evaluate_model(
-                &model,
-                None,
-                &spec.value,
-                "dense",
-                sink,
-                cancel,
-            )?),
-            None => None,
+        let reset_peak = self.config.per_model_peak;
+        let shared = match (&evaluate, &overrides.dense_baselines) {
+            (Some(spec), Some(baselines)) => baselines.find(&reference, &spec.value),
+            _ => None,
+        };
+        let dense_shared = shared.is_some();
+        let dense = match (&evaluate, shared) {
+            (_, Some(found)) => {
+                sink.emit(RunEvent::Notice {
+                    message: "dense model: reusing this process's evaluation of the same model under the same protocol".into(),
+                });
+                Some(found)
+            }
+            (Some(spec), None) => {
+                let e = evaluate_model(
+                    &model,
+                    None,
+                    &spec.value,
+                    ("dense", reset_peak),
+                    sink,
+                    cancel,
+                )?;
+                if let Some(baselines) = &overrides.dense_baselines {
+                    baselines.insert(&reference, &spec.value, &e);
+                }
+                Some(e)
+            }
+            (None, None) => None,
         };
         let mut outcome = execute(&plan, &self.runtime, model, sink, cancel)?;
         if let (Some(spec), Some(dense)) = (&evaluate, dense) {
@@ -456,12 +519,32 @@ impl App {
                 &outcome.state.model,
                 Some(&outcome.state.masks),
                 &spec.value,
-                "pruned",
+                ("pruned", reset_peak),
                 sink,
                 cancel,
             )?;
-            outcome.report.evaluation = Some(Comparison { dense, pruned });
+            outcome.report.evaluation = Some(Comparison {
+                dense,
+                pruned,
+                dense_shared,
+            });
         }
+        outcome.report.build = crate::build().to_string();
+        outcome.report.export_dir = export_dir.as_ref().map(|d| d.display().to_string());
+        outcome.report.resolved_pipeline = resolved_pipeline(
+            &plan,
+            evaluate
+                .as_ref()
+                .zip(outcome.report.evaluation.as_ref())
+                .map(|(spec, c)| (&spec.value.text, &c.pruned.protocol)),
+            export_dir.as_deref().map(|dir| ExportTarget { dir, masks }),
+            &format!(
+                "The pipeline `{}` exactly as it ran (espalier {} {}): every parameter written out,\nplugins and texts pinned by sha256. Rerun it with `espalier run --from report.json`.",
+                plan.pipeline.name,
+                env!("CARGO_PKG_VERSION"),
+                crate::build()
+            ),
+        );
         // The last point a cancellation is honoured: an export, once started, completes (it is
         // atomic either way).
         cancel.check().map_err(|_| AppError::Cancelled)?;

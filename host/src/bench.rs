@@ -19,23 +19,55 @@ pub struct Case {
     pub label: &'static str,
     /// The `[[stage]]` body.
     pub stage: &'static str,
+    /// Whether the criterion needs calibration statistics (a short shipped text is used).
+    pub calibration: bool,
 }
 
-/// The cases the issue asks for: magnitude 50%, block 16x16 80%, 2:4.
+/// One case per built-in criterion, at the settings a pipeline would use: magnitude 50%,
+/// block 16x16 80%, 2:4, Wanda 50%, Taylor 50%, sensitivity budgets at 50%, 2/3 of the heads.
 pub const CASES: &[Case] = &[
     Case {
         label: "magnitude 50%",
         stage: "plugin = \"magnitude\"\ndensity = 0.5\n",
+        calibration: false,
     },
     Case {
         label: "block 16x16 80%",
         stage: "plugin = \"block\"\ndensity = 0.2\nblock = [16, 16]\n",
+        calibration: false,
     },
     Case {
         label: "2:4",
         stage: "plugin = \"n-m\"\nn = 2\nm = 4\n",
+        calibration: false,
+    },
+    Case {
+        label: "wanda 50%",
+        stage: "plugin = \"wanda\"\ndensity = 0.5\n",
+        calibration: true,
+    },
+    Case {
+        label: "taylor 50%",
+        stage: "plugin = \"taylor\"\ndensity = 0.5\n",
+        calibration: true,
+    },
+    Case {
+        label: "sensitivity 50% (loss)",
+        stage: "plugin = \"sensitivity\"\ndensity = 0.5\n",
+        calibration: true,
+    },
+    Case {
+        label: "heads 2/3",
+        stage: "plugin = \"heads\"\ntargets = [\"*.self_attn.*\"]\ndensity = 0.67\n",
+        calibration: false,
     },
 ];
+
+/// Calibration for the cases that need it: two sequences of 64 tokens of the shipped text,
+/// enough to exercise every statistic without the bench measuring calibration instead of
+/// the sandbox.
+const CALIBRATION_SAMPLES: usize = 2;
+const CALIBRATION_SEQ_LEN: usize = 64;
 
 /// Median figures of one case.
 #[derive(Debug, Clone, Serialize)]
@@ -71,9 +103,36 @@ pub fn bench_plugins(
     repeat: usize,
     progress: &mut dyn FnMut(&str),
 ) -> Result<Vec<CaseResult>, AppError> {
+    // The calibration text is written out (plans read texts from files) and removed after.
+    let calibration = std::env::temp_dir().join(format!(
+        "espalier-bench-calibration-{}.txt",
+        std::process::id()
+    ));
+    std::fs::write(&calibration, crate::evaluate::SHIPPED_TEXT)
+        .map_err(|e| AppError::Runtime(format!("cannot write {}: {e}", calibration.display())))?;
+    let result = run_cases(app, model_ref, model, repeat, &calibration, progress);
+    let _ = std::fs::remove_file(&calibration);
+    result
+}
+
+fn run_cases(
+    app: &App,
+    model_ref: &str,
+    model: &Model,
+    repeat: usize,
+    calibration: &std::path::Path,
+    progress: &mut dyn FnMut(&str),
+) -> Result<Vec<CaseResult>, AppError> {
     let mut results = Vec::new();
     for case in CASES {
-        let text = format!("model = {model_ref:?}\n[[stage]]\n{}", case.stage);
+        let mut text = format!("model = {model_ref:?}\n");
+        if case.calibration {
+            text.push_str(&format!(
+                "[calibration]\ntext = {:?}\nsamples = {CALIBRATION_SAMPLES}\nseq_len = {CALIBRATION_SEQ_LEN}\n",
+                calibration.display().to_string()
+            ));
+        }
+        text.push_str(&format!("[[stage]]\n{}", case.stage));
         let pipeline = Pipeline::parse("<bench>", &text)?;
         let planned = plan(pipeline, &app.registry(), &app.runtime, model)?;
         let targets = planned.stages[0].targets.len();
@@ -149,20 +208,6 @@ pub struct WeightBytes {
     pub pruned: usize,
 }
 
-/// Resets the process's peak resident set (`VmHWM`) so the next reading covers what follows.
-/// Freed heap pages are first handed back to the kernel, or the counter would restart from
-/// memory the previous measurement already released.
-pub fn reset_peak_rss() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim only releases free memory at the top of glibc's heaps; it takes no
-    // pointers and is safe to call at any time from any thread.
-    unsafe {
-        libc::malloc_trim(0);
-    }
-    // Linux >= 4.0: writing 5 to clear_refs resets the peak RSS counter.
-    let _ = std::fs::write("/proc/self/clear_refs", "5");
-}
-
 /// A fixed prompt when no text is given (public-domain, from the Declaration of Independence).
 const FALLBACK_PROMPT: &str = "When in the Course of human events, it becomes necessary for one people to dissolve the political bands which have connected them with another. ";
 
@@ -198,7 +243,7 @@ pub fn bench_decode(
     let dense = {
         let model = espalier_engine::load_model(&model_ref)?;
         let prompt = prompt_for(&model)?;
-        reset_peak_rss();
+        crate::evaluate::reset_peak();
         let session = espalier_engine::Session::new(&model)?;
         latency(&session, &prompt, new_tokens)?
     };
@@ -209,7 +254,7 @@ pub fn bench_decode(
         export_dir: None,
         no_export: true,
         force: false,
-        density: None,
+        ..crate::app::RunOverrides::default()
     };
     pipeline.evaluate = None;
     let pipeline_name = pipeline.name.clone();
@@ -227,7 +272,7 @@ pub fn bench_decode(
     progress(&format!(
         "pruned: decoding {new_tokens} tokens after a {prompt_tokens}-token prompt"
     ));
-    reset_peak_rss();
+    crate::evaluate::reset_peak();
     let pruned = latency(&session, &prompt, new_tokens)?;
     let pruned_peak = peak_rss_bytes();
     Ok(DecodeBench {

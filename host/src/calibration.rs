@@ -86,6 +86,8 @@ pub struct CalibrationSet {
     pub source: PathBuf,
     /// Token ids, `samples` sequences of `seq_len` tokens.
     pub sequences: Vec<Vec<u32>>,
+    /// sha256 of the text's bytes (reports record it; a pinned pipeline checks it).
+    pub text_sha256: String,
 }
 
 impl CalibrationSet {
@@ -133,6 +135,7 @@ impl CalibrationSet {
         Ok(CalibrationSet {
             source: source.to_path_buf(),
             sequences,
+            text_sha256: crate::evaluate::sha256_hex(text.as_bytes()),
         })
     }
 
@@ -241,7 +244,7 @@ impl Calibrator {
     pub fn activation_norms(&self, layer: &str) -> Result<Tensor, String> {
         let norms = self
             .norms
-            .get_or_init(|| self.compute_norms())
+            .get_or_init(|| self.compute_norms(&mut |_, _| {}))
             .as_ref()
             .map_err(Clone::clone)?;
         norms.get(layer).cloned().ok_or_else(|| {
@@ -251,32 +254,61 @@ impl Calibrator {
 
     /// Computes the activation norms of every block linear now, if not done yet.
     pub fn prepare_norms(&self) -> Result<(), String> {
+        self.prepare_norms_with(&mut |_, _| {})
+    }
+
+    /// [`Calibrator::prepare_norms`], calling `progress(sequences done, total)` as it goes.
+    pub fn prepare_norms_with(&self, progress: &mut dyn FnMut(usize, usize)) -> Result<(), String> {
         self.norms
-            .get_or_init(|| self.compute_norms())
+            .get_or_init(|| self.compute_norms(progress))
             .as_ref()
             .map(|_| ())
             .map_err(Clone::clone)
     }
 
-    fn compute_norms(&self) -> Result<BTreeMap<String, Tensor>, String> {
+    /// Runs `f` on every calibration sequence, in parallel, in chunks of one sequence per
+    /// thread, calling `progress(done, total)` on this thread after each chunk (a run's events
+    /// go out from the thread that runs it). Results are in sequence order, so whatever is
+    /// summed from them does not depend on scheduling.
+    fn each_sequence<T: Send>(
+        &self,
+        progress: &mut dyn FnMut(usize, usize),
+        f: impl Fn(&[u32]) -> Result<T, String> + Sync,
+    ) -> Result<Vec<T>, String> {
+        let total = self.set.sequences.len();
+        let chunk = rayon::current_num_threads().max(1);
+        let mut out = Vec::with_capacity(total);
+        progress(0, total);
+        for part in self.set.sequences.chunks(chunk) {
+            let results = part
+                .par_iter()
+                .map(|seq| {
+                    self.check_cancel()?;
+                    f(seq)
+                })
+                .collect::<Result<Vec<T>, String>>()?;
+            out.extend(results);
+            progress(out.len(), total);
+        }
+        Ok(out)
+    }
+
+    fn compute_norms(
+        &self,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<BTreeMap<String, Tensor>, String> {
         let session = self.session()?;
         let started = std::time::Instant::now();
         // Sequences run in parallel (one 256-token pass does not keep the cores busy); each
-        // has its own sums, added up afterwards in sequence order, so the result does not
-        // depend on scheduling.
-        let per_sequence: Vec<BTreeMap<String, Vec<f64>>> = self
-            .set
-            .sequences
-            .par_iter()
-            .map(|seq| {
-                self.check_cancel()?;
+        // has its own sums, added up afterwards in sequence order.
+        let per_sequence: Vec<BTreeMap<String, Vec<f64>>> =
+            self.each_sequence(progress, |seq| {
                 let mut observer = SquaredInputs::default();
                 session
                     .hidden_states(seq, None, Some(&mut observer))
                     .map_err(|e| format!("calibration forward pass failed: {e}"))?;
                 Ok(observer.sums)
-            })
-            .collect::<Result<_, String>>()?;
+            })?;
         let mut totals: BTreeMap<String, Vec<f64>> = BTreeMap::new();
         for sums in per_sequence {
             for (name, s) in sums {
@@ -351,26 +383,44 @@ impl Calibrator {
 
     /// Computes the gradients of every block linear now, if not done yet.
     pub fn prepare_gradients(&self) -> Result<(), String> {
-        self.gradient_stats().map(|_| ())
+        self.prepare_gradients_with(&mut |_, _| {})
+    }
+
+    /// [`Calibrator::prepare_gradients`], calling `progress(sequences done, total)`.
+    pub fn prepare_gradients_with(
+        &self,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<(), String> {
+        self.gradients
+            .get_or_init(|| self.compute_gradients(progress))
+            .as_ref()
+            .map(|_| ())
+            .map_err(Clone::clone)
     }
 
     fn gradient_stats(&self) -> Result<&GradientStats, String> {
         self.gradients
-            .get_or_init(|| self.compute_gradients())
+            .get_or_init(|| self.compute_gradients(&mut |_, _| {}))
             .as_ref()
             .map_err(Clone::clone)
     }
 
-    fn compute_gradients(&self) -> Result<GradientStats, String> {
+    fn compute_gradients(
+        &self,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<GradientStats, String> {
         let session = self.session()?;
         let started = std::time::Instant::now();
         let fail = |e: EngineError| format!("calibration gradients failed: {e}");
         let mut grads = LossGradients::new(session).map_err(fail)?.with_squares();
         // One sequence at a time (with squares, `accumulate` batches one sequence anyway), so a
         // cancelled run stops between sequences.
-        for seq in &self.set.sequences {
+        let total = self.set.sequences.len();
+        progress(0, total);
+        for (i, seq) in self.set.sequences.iter().enumerate() {
             self.check_cancel()?;
             grads.accumulate(std::slice::from_ref(seq)).map_err(fail)?;
+            progress(i + 1, total);
         }
         let loss = grads.mean_loss();
         let out = grads.finish().map_err(fail)?;
@@ -425,13 +475,28 @@ impl Calibrator {
 
     /// The base loss and the hidden states loss trials resume from, computed now if not done yet.
     pub fn prepare_trials(&self) -> Result<(), String> {
+        self.prepare_trials_with(&mut |_, _| {})
+    }
+
+    /// [`Calibrator::prepare_trials`], calling `progress(sequences done, total)`.
+    pub fn prepare_trials_with(
+        &self,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<(), String> {
         // Block inputs first: the base loss then comes from them (see `loss`).
-        self.block_inputs()?;
+        self.block_inputs_with(progress)?;
         self.loss().map(|_| ())
     }
 
     /// The hidden states every trial resumes from, computed on the first trial.
     fn block_inputs(&self) -> Result<Option<&Vec<Vec<Tensor>>>, String> {
+        self.block_inputs_with(&mut |_, _| {})
+    }
+
+    fn block_inputs_with(
+        &self,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Option<&Vec<Vec<Tensor>>>, String> {
         self.block_inputs
             .get_or_init(|| {
                 let session = self.session()?;
@@ -448,17 +513,11 @@ impl Calibrator {
                     );
                     return Ok(None);
                 }
-                let inputs = self
-                    .set
-                    .sequences
-                    .par_iter()
-                    .map(|seq| {
-                        self.check_cancel()?;
-                        session
-                            .block_inputs(seq)
-                            .map_err(|e| format!("calibration forward pass failed: {e}"))
-                    })
-                    .collect::<Result<Vec<_>, String>>()?;
+                let inputs = self.each_sequence(progress, |seq| {
+                    session
+                        .block_inputs(seq)
+                        .map_err(|e| format!("calibration forward pass failed: {e}"))
+                })?;
                 Ok(Some(inputs))
             })
             .as_ref()

@@ -55,6 +55,17 @@ pub enum RunEvent {
         /// What it is doing now.
         step: String,
     },
+    /// A stage's calibration pass went over more sequences.
+    CalibrationProgress {
+        /// 0-based stage index.
+        index: usize,
+        /// The pass: `activation statistics`, `hidden states for loss trials` or `gradients`.
+        pass: String,
+        /// Sequences done.
+        done: usize,
+        /// Sequences in the pass.
+        total: usize,
+    },
     /// A stage finished.
     StageFinished {
         /// 0-based stage index.
@@ -116,6 +127,7 @@ impl RunEvent {
             RunEvent::Warning { .. } => "warning",
             RunEvent::StageStarted { .. } => "stage-started",
             RunEvent::StageProgress { .. } => "stage-progress",
+            RunEvent::CalibrationProgress { .. } => "calibration-progress",
             RunEvent::StageFinished { .. } => "stage-finished",
             RunEvent::EvaluationStarted { .. } => "evaluation-started",
             RunEvent::EvaluationProgress { .. } => "evaluation-progress",

@@ -24,7 +24,7 @@ pub struct BlockHeads {
 }
 
 /// What a head-removal step changed.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct HeadsChange {
     /// Query heads before / after.
     pub heads_before: usize,

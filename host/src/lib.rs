@@ -17,6 +17,19 @@ pub mod pipeline;
 pub mod plan;
 pub mod plugin;
 pub mod report;
+pub mod resolved;
 pub mod run;
 pub mod sparse;
 pub mod tensor_util;
+
+static BUILD: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// Records the front end's build (git commit and profile) for reports; the first call wins.
+pub fn set_build(build: &str) {
+    let _ = BUILD.set(build.to_string());
+}
+
+/// The build [`set_build`] recorded (empty when none was).
+pub fn build() -> &'static str {
+    BUILD.get().map_or("", String::as_str)
+}

@@ -11,6 +11,8 @@
 //! targets = ["*.mlp.*", "*.self_attn.*"]   # globs over layer names (default: block linears)
 //! protect = ["*.layers.0.*"]               # globs removed from the targets
 //! density = 0.5                            # kept fraction, or "budget" / "budget:STAGE"
+//! # heads = 3                              # (heads stages) query heads kept per block, or
+//! #                                        # heads = { total = 18 } over all target blocks
 //! scope = "layer"                          # any other key is a plugin parameter
 //!
 //! [export]
@@ -28,7 +30,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::calibration::CalibrationSpec;
-use crate::evaluate::EvalSpec;
+use crate::evaluate::{EvalSpec, EvalText};
 use crate::plugin::Sandbox;
 
 /// A position in a pipeline file, for error messages.
@@ -79,6 +81,17 @@ pub enum DensitySpec {
     Budget(Option<String>),
 }
 
+/// How many attention heads a heads stage keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeadsSpec {
+    /// Query heads kept in every target block (`heads = 3`).
+    PerBlock(usize),
+    /// Query heads kept over all target blocks together (`heads = { total = 18 }`); every
+    /// block keeps the same count (Hugging Face configs have one head count), so the total is
+    /// divided evenly and rounded to the nearest per-block count.
+    Total(usize),
+}
+
 /// One stage as written.
 #[derive(Debug, Clone)]
 pub struct StageSpec {
@@ -88,14 +101,19 @@ pub struct StageSpec {
     pub name: String,
     /// Where the stage starts.
     pub position: Position,
-    /// Plugin name or path to a `.wasm`.
+    /// Plugin name or path to a `.wasm` (without a pin).
     pub plugin: Located<String>,
+    /// The sha256 the plugin is pinned to (`plugin = "NAME@sha256:HEX"`): any other version
+    /// is refused at planning.
+    pub plugin_sha256: Option<String>,
     /// Glob patterns over layer names; `None` = every block linear.
     pub targets: Option<Located<Vec<String>>>,
     /// Glob patterns removed from the targets.
     pub protect: Located<Vec<String>>,
     /// Kept fraction.
     pub density: Option<Located<DensitySpec>>,
+    /// Query heads to keep, for a stage whose plugin produces heads (instead of a density).
+    pub heads: Option<Located<HeadsSpec>>,
     /// Plugin parameters (every key not listed above).
     pub params: Vec<(Located<String>, Located<toml::Value>)>,
 }
@@ -161,6 +179,8 @@ pub struct CalibrationSection {
     pub position: Position,
     /// Where `text` was written (the section when defaulted), for errors about the text.
     pub text_position: Position,
+    /// The sha256 the text must have (`sha256 = "HEX"`), and where it was written.
+    pub text_sha256: Option<Located<String>>,
 }
 
 #[derive(Deserialize)]
@@ -180,6 +200,7 @@ struct RawPipeline {
 #[serde(deny_unknown_fields)]
 struct RawCalibration {
     text: Option<Spanned<String>>,
+    sha256: Option<Spanned<String>>,
     samples: Option<Spanned<i64>>,
     seq_len: Option<Spanned<i64>>,
 }
@@ -188,13 +209,23 @@ struct RawCalibration {
 #[serde(deny_unknown_fields)]
 struct RawEvaluate {
     text: Option<Spanned<String>>,
+    sha256: Option<Spanned<String>>,
     window: Option<Spanned<usize>>,
     stride: Option<Spanned<usize>>,
     max_tokens: Option<Spanned<usize>>,
-    latency: Option<Spanned<RawLatency>>,
+    latency: Option<Spanned<RawLatencySetting>>,
 }
 
-#[derive(Deserialize)]
+/// `latency = false`, `latency = true` (the defaults) or `latency = { prompt_tokens = P,
+/// new_tokens = N }`.
+#[derive(Deserialize, Clone, Copy)]
+#[serde(untagged)]
+enum RawLatencySetting {
+    Switch(bool),
+    Table(RawLatency),
+}
+
+#[derive(Deserialize, Clone, Copy)]
 #[serde(deny_unknown_fields)]
 struct RawLatency {
     prompt_tokens: usize,
@@ -232,7 +263,7 @@ fn mib_to_bytes(mib: u64) -> Option<usize> {
 }
 
 /// Keys of a stage table that are not plugin parameters.
-const STAGE_KEYS: &[&str] = &["name", "plugin", "targets", "protect", "density"];
+const STAGE_KEYS: &[&str] = &["name", "plugin", "targets", "protect", "density", "heads"];
 
 struct Ctx<'a> {
     file: &'a str,
@@ -486,11 +517,25 @@ fn parse_evaluate(
     raw: &Spanned<RawEvaluate>,
 ) -> Result<Located<EvalSpec>, PipelineError> {
     let e = raw.get_ref();
-    let mut spec = EvalSpec {
-        text: e.text.as_ref().map(|t| ctx.path(t.get_ref())),
-        latency: None,
-        ..EvalSpec::default()
-    };
+    // Every key left out takes the protocol's default, the same as `espalier eval`'s.
+    let mut spec = EvalSpec::default();
+    if let Some(t) = &e.text {
+        let path = ctx.path(t.get_ref());
+        if !path.is_file() {
+            return Err(ctx.err(
+                t.span().start,
+                "evaluate.text",
+                format!(
+                    "{} is not a readable file (leave `text` out to use the shipped data/eval.txt)",
+                    path.display()
+                ),
+            ));
+        }
+        spec.text = EvalText::File(path);
+    }
+    if let Some(h) = &e.sha256 {
+        spec.text_sha256 = Some(sha256_pin(ctx, h, "evaluate.sha256")?);
+    }
     if let Some(w) = &e.window {
         if *w.get_ref() < 2 {
             return Err(ctx.err(
@@ -499,54 +544,53 @@ fn parse_evaluate(
                 "must be at least 2 tokens",
             ));
         }
-        spec.options.window = *w.get_ref();
-        spec.options.stride = spec.options.window;
+        spec.window = Some(*w.get_ref());
     }
     if let Some(s) = &e.stride {
-        if *s.get_ref() == 0 || *s.get_ref() > spec.options.window {
+        let window = spec.window.unwrap_or(crate::evaluate::DEFAULT_WINDOW);
+        if *s.get_ref() == 0 || *s.get_ref() > window {
             return Err(ctx.err(
                 s.span().start,
                 "evaluate.stride",
-                format!("must be in 1..={} (the window)", spec.options.window),
+                format!("must be in 1..={window} (the window)"),
             ));
         }
-        spec.options.stride = *s.get_ref();
+        spec.stride = Some(*s.get_ref());
     }
     if let Some(m) = &e.max_tokens {
-        if *m.get_ref() < 2 {
-            return Err(ctx.err(m.span().start, "evaluate.max_tokens", "must be at least 2"));
-        }
-        spec.max_tokens = Some(*m.get_ref());
+        spec.max_tokens = match *m.get_ref() {
+            0 => None,
+            1 => {
+                return Err(ctx.err(
+                    m.span().start,
+                    "evaluate.max_tokens",
+                    "must be at least 2 (or 0 for the whole text)",
+                ));
+            }
+            n => Some(n),
+        };
     }
     if let Some(l) = &e.latency {
-        let RawLatency {
-            prompt_tokens,
-            new_tokens,
-        } = *l.get_ref();
-        if prompt_tokens == 0 || new_tokens < 2 || prompt_tokens.checked_add(new_tokens).is_none() {
-            return Err(ctx.err(
-                l.span().start,
-                "evaluate.latency",
-                "needs prompt_tokens >= 1 and new_tokens >= 2",
-            ));
-        }
-        spec.latency = Some((prompt_tokens, new_tokens));
-    }
-    if spec.text.is_none() && spec.latency.is_none() {
-        return Err(ctx.err(
-            raw.span().start,
-            "evaluate",
-            "give `text` (perplexity) and/or `latency`",
-        ));
-    }
-    if let (Some(t), Some(path)) = (&e.text, &spec.text)
-        && !path.is_file()
-    {
-        return Err(ctx.err(
-            t.span().start,
-            "evaluate.text",
-            format!("{} is not a readable file", path.display()),
-        ));
+        spec.latency = match *l.get_ref() {
+            RawLatencySetting::Switch(false) => None,
+            RawLatencySetting::Switch(true) => spec.latency,
+            RawLatencySetting::Table(RawLatency {
+                prompt_tokens,
+                new_tokens,
+            }) => {
+                if prompt_tokens == 0
+                    || new_tokens < 2
+                    || prompt_tokens.checked_add(new_tokens).is_none()
+                {
+                    return Err(ctx.err(
+                        l.span().start,
+                        "evaluate.latency",
+                        "needs prompt_tokens >= 1 and new_tokens >= 2 (or `latency = false` to skip it)",
+                    ));
+                }
+                Some((prompt_tokens, new_tokens))
+            }
+        };
     }
     Ok(Located {
         value: spec,
@@ -609,11 +653,32 @@ fn parse_calibration(
             ),
         });
     }
+    let text_sha256 = match &c.sha256 {
+        Some(h) => Some(Located {
+            value: sha256_pin(ctx, h, "calibration.sha256")?,
+            position: ctx.position(h.span().start),
+        }),
+        None => None,
+    };
     Ok(CalibrationSection {
         spec,
         position,
         text_position,
+        text_sha256,
     })
+}
+
+/// A `sha256 = "HEX"` pin: 64 hex digits, lowercased.
+fn sha256_pin(ctx: &Ctx<'_>, h: &Spanned<String>, field: &str) -> Result<String, PipelineError> {
+    let hex = h.get_ref();
+    if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(ctx.err(
+            h.span().start,
+            field,
+            "must be the text's sha256: 64 hex digits (e.g. from `sha256sum FILE`)",
+        ));
+    }
+    Ok(hex.to_ascii_lowercase())
 }
 
 fn hint_unknown(message: &str) -> String {
@@ -675,11 +740,30 @@ fn parse_stage(
     };
     let table = table.get_ref();
 
+    let mut plugin_sha256 = None;
     let plugin = match table.get("plugin") {
-        Some(toml::Value::String(s)) if !s.trim().is_empty() => Located {
-            value: s.clone(),
-            position: ctx.position(offset_of("plugin")),
-        },
+        Some(toml::Value::String(s)) if !s.trim().is_empty() => {
+            // `NAME@sha256:HEX` (or `PATH@sha256:HEX`) pins the exact component.
+            let (name, pin) = match s.rsplit_once("@sha256:") {
+                Some((name, hex)) => (name, Some(hex)),
+                None => (s.as_str(), None),
+            };
+            if let Some(hex) = pin {
+                if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) || name.is_empty()
+                {
+                    return Err(ctx.err(
+                        offset_of("plugin"),
+                        field("plugin"),
+                        "a pinned plugin is written `NAME@sha256:HEX` with 64 hex digits (see `espalier plugins list` for each plugin's sha256)",
+                    ));
+                }
+                plugin_sha256 = Some(hex.to_ascii_lowercase());
+            }
+            Located {
+                value: name.to_string(),
+                position: ctx.position(offset_of("plugin")),
+            }
+        }
         Some(other) => {
             return Err(ctx.err(
                 offset_of("plugin"),
@@ -764,6 +848,42 @@ fn parse_stage(
             })
         }
     };
+    let heads = match table.get("heads") {
+        None => None,
+        Some(v) => {
+            let at = offset_of("heads");
+            let count = |v: &toml::Value| v.as_integer().filter(|&n| (1..=1 << 20).contains(&n));
+            let spec = match v {
+                toml::Value::Integer(_) => count(v).map(|n| HeadsSpec::PerBlock(n as usize)),
+                toml::Value::Table(t) if t.len() == 1 && t.contains_key("total") => t
+                    .get("total")
+                    .and_then(count)
+                    .map(|n| HeadsSpec::Total(n as usize)),
+                _ => None,
+            };
+            let Some(spec) = spec else {
+                return Err(ctx.err(
+                    at,
+                    field("heads"),
+                    format!(
+                        "expected query heads to keep in every block (`heads = 3`) or over all target blocks (`heads = {{ total = 18 }}`), a positive integer; found {}",
+                        describe(v)
+                    ),
+                ));
+            };
+            if density.is_some() {
+                return Err(ctx.err(
+                    at,
+                    field("heads"),
+                    "give either `heads` (a count) or `density` (a fraction), not both",
+                ));
+            }
+            Some(Located {
+                value: spec,
+                position: ctx.position(at),
+            })
+        }
+    };
     let mut params = Vec::new();
     for (k, v) in table {
         if STAGE_KEYS.contains(&k.as_str()) {
@@ -786,9 +906,11 @@ fn parse_stage(
         name,
         position: ctx.position(stage_offset),
         plugin,
+        plugin_sha256,
         targets,
         protect,
         density,
+        heads,
         params,
     })
 }

@@ -10,7 +10,7 @@ use globset::{Glob, GlobMatcher};
 
 use crate::calibration::CalibrationSet;
 use crate::display_safe;
-use crate::pipeline::{DensitySpec, Pipeline, PipelineError, StageSpec};
+use crate::pipeline::{DensitySpec, HeadsSpec, Pipeline, PipelineError, StageSpec};
 use crate::plugin::bindings::{Need, OutputKind, ParamKind, ParamValue};
 use crate::plugin::registry::{load_file_sandboxed, value_fits};
 use crate::plugin::{Plugin, Registry, Runtime};
@@ -37,6 +37,9 @@ pub struct PlannedStage {
     pub targets: Vec<LayerInfo>,
     /// Where densities come from.
     pub density: StageDensity,
+    /// Query heads to keep per block, when the stage gives `heads` (its density is this over
+    /// the model's heads).
+    pub heads_per_block: Option<usize>,
     /// Parameters, type-checked and completed with defaults.
     pub params: Vec<(String, ParamValue)>,
 }
@@ -302,6 +305,71 @@ fn resolve_plugin(
     })
 }
 
+/// Query heads per block for a stage's `heads` count: only for a plugin that produces heads,
+/// at most the model's heads; a total is divided evenly over the target blocks (rounded to the
+/// nearest count, at least 1: every block keeps the same number).
+fn heads_per_block(
+    pipeline: &Pipeline,
+    spec: &StageSpec,
+    heads: &crate::pipeline::Located<HeadsSpec>,
+    plugin: &Plugin,
+    targets: &[LayerInfo],
+    model: &Model,
+) -> Result<usize, PipelineError> {
+    let field = format!("stage[{}].heads", spec.index);
+    if plugin.info.produces != OutputKind::Heads {
+        return Err(pipeline.error(
+            &heads.position,
+            field,
+            format!(
+                "`heads` counts attention heads for a plugin that removes heads (e.g. `heads`); `{}` produces {}, so give `density` instead",
+                display_safe::name(&plugin.info.name),
+                crate::plugin::registry::produces_name(plugin.info.produces)
+            ),
+        ));
+    }
+    let available = model.config.num_heads;
+    let per_block = match heads.value {
+        HeadsSpec::PerBlock(n) => n,
+        HeadsSpec::Total(total) => {
+            let blocks = targets
+                .iter()
+                .filter_map(|l| l.block)
+                .collect::<std::collections::BTreeSet<_>>()
+                .len()
+                .max(1);
+            ((total as f64 / blocks as f64).round() as usize).max(1)
+        }
+    };
+    if per_block > available {
+        return Err(pipeline.error(
+            &heads.position,
+            field,
+            format!(
+                "{per_block} query heads per block, but the model has {available} (see `espalier model layers`)"
+            ),
+        ));
+    }
+    Ok(per_block)
+}
+
+/// Refuses a plugin whose sha256 differs from the stage's pin, showing both hashes.
+fn check_pin(pipeline: &Pipeline, spec: &StageSpec, plugin: &Plugin) -> Result<(), PipelineError> {
+    match &spec.plugin_sha256 {
+        Some(pinned) if *pinned != plugin.compiled.sha256 => Err(pipeline.error(
+            &spec.plugin.position,
+            format!("stage[{}].plugin", spec.index),
+            format!(
+                "`{}` is pinned to sha256 {pinned}, but the plugin found has sha256 {} (version {}); put the pinned build in a plugin folder (--plugin-dir) or change the pin",
+                spec.plugin.value,
+                plugin.compiled.sha256,
+                display_safe::name(&plugin.info.version)
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// Levenshtein distance, for "did you mean" hints.
 fn strsim_distance(a: &str, b: &str) -> usize {
     let b: Vec<char> = b.chars().collect();
@@ -328,11 +396,21 @@ pub fn plan(
     let mut stages: Vec<PlannedStage> = Vec::with_capacity(pipeline.stages.len());
     for spec in &pipeline.stages {
         let plugin = resolve_plugin(&pipeline, spec, registry, runtime)?;
+        check_pin(&pipeline, spec, &plugin)?;
         let targets = resolve_targets(&pipeline, spec, model)?;
         let params = check_params(&pipeline, spec, &plugin)?;
-        let density = match &spec.density {
-            None => StageDensity::None,
-            Some(d) => match &d.value {
+        let heads_per_block = match &spec.heads {
+            Some(h) => Some(heads_per_block(
+                &pipeline, spec, h, &plugin, &targets, model,
+            )?),
+            None => None,
+        };
+        let density = match (&spec.density, heads_per_block) {
+            (_, Some(per_block)) => {
+                StageDensity::Fixed(per_block as f64 / model.config.num_heads.max(1) as f64)
+            }
+            (None, None) => StageDensity::None,
+            (Some(d), None) => match &d.value {
                 DensitySpec::Fixed(x) => StageDensity::Fixed(*x),
                 DensitySpec::Budget(from) => {
                     let field = format!("stage[{}].density", spec.index);
@@ -359,6 +437,7 @@ pub fn plan(
             plugin,
             targets,
             density,
+            heads_per_block,
             params,
         });
     }
@@ -424,9 +503,26 @@ fn plan_calibration(
             ),
         ));
     }
-    CalibrationSet::load(&spec, model)
-        .map(|set| Some(Arc::new(set)))
-        .map_err(|e| pipeline.error(&position, field, e.to_string()))
+    let set = CalibrationSet::load(&spec, model)
+        .map_err(|e| pipeline.error(&position, field, e.to_string()))?;
+    if let Some(pin) = pipeline
+        .calibration
+        .as_ref()
+        .and_then(|c| c.text_sha256.as_ref())
+        && pin.value != set.text_sha256
+    {
+        return Err(pipeline.error(
+            &pin.position,
+            "calibration.sha256",
+            format!(
+                "the calibration text {} has sha256 {}, but the pipeline pins {}; restore that text or update `sha256`",
+                spec.text.display(),
+                set.text_sha256,
+                pin.value
+            ),
+        ));
+    }
+    Ok(Some(Arc::new(set)))
 }
 
 #[cfg(test)]

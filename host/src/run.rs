@@ -20,8 +20,13 @@ use crate::plugin::bindings::espalier::prune::model as wit_model;
 use crate::plugin::bindings::{Need, OutputKind, StageContext, StageOutput, Target};
 use crate::plugin::state::ModelView;
 use crate::plugin::{CallTimings, Origin, PluginError, Runtime, Sandbox};
-use crate::report::{LayerReport, RunReport, StageReport, Summary};
+use crate::report::{
+    CalibrationRecord, LayerReport, RunReport, SandboxRecord, StageReport, Summary,
+};
 use crate::tensor_util::apply_mask;
+
+/// Where a calibration pass reports `(sequences done, total)`.
+type Progress<'a> = &'a mut dyn FnMut(usize, usize);
 
 /// Why a run failed.
 #[derive(Debug, thiserror::Error)]
@@ -206,11 +211,10 @@ pub fn run_stage(
     cancel: &CancelToken,
 ) -> Result<(StageReport, Option<BTreeMap<String, f64>>), RunError> {
     let started = Instant::now();
-    let mut step = |step: &str| {
-        sink.emit(RunEvent::StageProgress {
-            index,
-            step: step.to_string(),
-        })
+    let mut emit = |event: RunEvent| sink.emit(event);
+    let step = |step: &str| RunEvent::StageProgress {
+        index,
+        step: step.to_string(),
     };
     let stage_name = stage.spec.name.clone();
     let plugin_name = stage.plugin.info.name.clone();
@@ -261,24 +265,39 @@ pub fn run_stage(
         // deadline counts wall time, and one pass over the calibration set of a real model can
         // take longer than a plugin's whole budget. (Loss trials themselves still count.)
         let needs = &stage.plugin.info.needs;
+        let calibrator = calibrator.clone();
+        // Each pass reports sequences done, from this thread (see `Calibrator::each_sequence`).
+        let mut pass =
+            |pass: &str, run: &dyn Fn(Progress<'_>) -> Result<(), String>| -> Result<(), String> {
+                emit(step(&format!("calibration: {pass}")));
+                run(&mut |done, total| {
+                    emit(RunEvent::CalibrationProgress {
+                        index,
+                        pass: pass.to_string(),
+                        done,
+                        total,
+                    })
+                })
+            };
         let prepared = if needs.contains(&Need::Activations) {
-            step("calibration: activation statistics");
-            calibrator.prepare_norms()
+            pass("activation statistics", &|p| {
+                calibrator.prepare_norms_with(p)
+            })
         } else {
             Ok(())
         }
         .and_then(|()| {
             if needs.contains(&Need::Loss) {
-                step("calibration: base loss and hidden states for loss trials");
-                calibrator.prepare_trials()
+                pass("hidden states for loss trials", &|p| {
+                    calibrator.prepare_trials_with(p)
+                })
             } else {
                 Ok(())
             }
         })
         .and_then(|()| {
             if needs.contains(&Need::Gradients) {
-                step("calibration: gradients");
-                calibrator.prepare_gradients()
+                pass("gradients", &|p| calibrator.prepare_gradients_with(p))
             } else {
                 Ok(())
             }
@@ -298,7 +317,7 @@ pub fn run_stage(
         view.calibration = Some(calibrator.clone());
     }
     let view = Arc::new(view);
-    step("calling the plugin");
+    emit(step("calling the plugin"));
     let (output, mut store, timings) = runtime
         .apply(
             &plugin_name,
@@ -317,7 +336,7 @@ pub fn run_stage(
                 source,
             },
         })?;
-    step("validating and applying the result");
+    emit(step("validating and applying the result"));
     let apply_started = Instant::now();
     let StageOutput {
         masks,
@@ -578,6 +597,21 @@ pub fn execute(
         if let Some(b) = produced {
             budgets.insert(i, b);
         }
+        if let (Some(asked), Some(change)) = (stage.heads_per_block, &state.heads)
+            && change.heads_after != asked
+        {
+            // The count a plugin can keep depends on its grouping (GQA groups keep equal
+            // numbers of query heads): say what was kept instead of what was asked.
+            sink.emit(RunEvent::Warning {
+                message: format!(
+                    "stage `{}`: heads = {asked} per block became {} per block ({} query heads share each of {} K/V heads, and the plugin keeps whole numbers per group)",
+                    stage.spec.name,
+                    change.heads_after,
+                    change.heads_before / change.kv_heads_before.max(1),
+                    change.kv_heads_before
+                ),
+            });
+        }
         sink.emit(RunEvent::StageFinished {
             index: i,
             report: report.clone(),
@@ -637,8 +671,13 @@ fn build_report(
         if n == 0 { 1.0 } else { k as f64 / n as f64 }
     };
     let pruned: BTreeSet<&str> = state.masks.keys().map(String::as_str).collect();
+    let shrunk_layers = layers
+        .iter()
+        .filter(|l| !pruned.contains(l.name.as_str()) && l.kept < l.original_numel)
+        .count();
     let summary = Summary {
         pruned_layers: pruned.len(),
+        shrunk_layers,
         pruned_density: sum(&|l| pruned.contains(l.name.as_str()) || l.kept < l.original_numel),
         block_linear_density: sum(&|l| l.role.is_block_linear()),
         all_weights_density: sum(&|_| true),
@@ -651,12 +690,31 @@ fn build_report(
                 .sum::<usize>(),
         heads: state.heads.clone(),
     };
+    let sandbox = &plan.pipeline.sandbox;
     RunReport {
+        report_version: crate::report::REPORT_VERSION,
         espalier_version: env!("CARGO_PKG_VERSION").to_string(),
+        build: String::new(),
         pipeline: plan.pipeline.name.clone(),
         pipeline_file: plan.pipeline.file.clone(),
+        resolved_pipeline: String::new(),
         model: plan.pipeline.model.value.clone(),
         architecture: state.model.config.model_type.clone(),
+        calibration: plan.calibration.as_ref().map(|set| {
+            let spec = plan.pipeline.calibration_spec();
+            CalibrationRecord {
+                text: set.source.display().to_string(),
+                text_sha256: set.text_sha256.clone(),
+                samples: set.sequences.len(),
+                seq_len: spec.seq_len,
+            }
+        }),
+        sandbox: Some(SandboxRecord {
+            timeout_s: sandbox.timeout.as_secs_f64(),
+            memory_mb: (sandbox.guest_memory >> 20) as u64,
+            host_memory_mb: (sandbox.host_memory >> 20) as u64,
+        }),
+        export_dir: None,
         seconds: elapsed.as_secs_f64(),
         stages,
         summary,
@@ -701,6 +759,22 @@ impl StageReport {
                 0.0
             },
             budgets: BTreeMap::new(),
+            params: stage
+                .params
+                .iter()
+                .map(|(k, v)| (k.clone(), crate::resolved::param_json(v)))
+                .collect(),
+            density_from: match (&stage.density, stage.heads_per_block) {
+                (StageDensity::Fixed(d), Some(n)) => {
+                    format!("heads: {n} per block (density {d:.4})")
+                }
+                (StageDensity::None, _) => "none (the plugin decides)".into(),
+                (StageDensity::Fixed(d), None) => format!("{d}"),
+                (StageDensity::Budget(from), _) => format!("budget from stage {}", from + 1),
+            },
+            target_patterns: stage.spec.targets.as_ref().map(|t| t.value.clone()),
+            protect_patterns: stage.spec.protect.value.clone(),
+            matched_layers: stage.targets.iter().map(|l| l.name.clone()).collect(),
         }
     }
 }

@@ -7,8 +7,11 @@ use std::sync::Arc;
 
 use candle_core::Tensor;
 use espalier_engine::{EngineError, LinearKernel, Model, Session};
-use espalier_kernels::{Dtype, Format, PackedLinear, Structure as KStructure};
+use espalier_kernels::{
+    Choice, DenseView, Dtype, Format, PackedLinear, Structure as KStructure, choose_format,
+};
 
+use crate::evaluate::KernelUse;
 use crate::mask::{Mask, Structure};
 use crate::tensor_util::with_f32;
 
@@ -94,6 +97,41 @@ pub struct Attached {
     pub model_bytes: usize,
     /// Bytes of the weights the forward pass holds after packing.
     pub packed_model_bytes: usize,
+    /// Every linear's kernel (candle's matmul counted as `dense`) and why layers stayed dense.
+    pub kernels: KernelUse,
+}
+
+/// Why the planner kept a pruned layer dense, in words a summary can group: the structure,
+/// the kept share rounded to 5%, and the best sparse format with its estimated cost relative
+/// to dense (bytes read at batch 1, compute floors included).
+fn dense_reason(mask: &Mask, choice: &Choice, dtype: Dtype) -> String {
+    let dense_cost = choice
+        .candidates
+        .iter()
+        .find(|c| c.format == Format::Dense)
+        .map_or(1.0, |c| c.cost.max(1.0));
+    let best_sparse = choice
+        .candidates
+        .iter()
+        .filter(|c| c.format != Format::Dense)
+        .min_by(|a, b| a.cost.total_cmp(&b.cost));
+    let kept = (mask.density() * 20.0).round() * 5.0;
+    let dtype = match dtype {
+        Dtype::F32 => "f32",
+        Dtype::Bf16 => "bf16",
+    };
+    match best_sparse {
+        Some(c) => format!(
+            "{} at ~{kept:.0}% kept: dense {dtype} is faster (best sparse format {}, est. {:.1}x dense's cost; see `espalier bench kernels`)",
+            mask.structure(),
+            c.format,
+            c.cost / dense_cost
+        ),
+        None => format!(
+            "{} at ~{kept:.0}% kept: no sparse format applies",
+            mask.structure()
+        ),
+    }
 }
 
 /// Packs every masked linear of `model` that the planner finds faster sparse and points the
@@ -120,30 +158,60 @@ pub fn attach(
         .map(|l| l.name().to_string())
         .collect();
     let mut formats = BTreeMap::new();
+    let mut kernels = KernelUse::default();
+    let count = |map: &mut BTreeMap<String, usize>, key: String| {
+        *map.entry(key).or_insert(0) += 1;
+    };
     for name in names {
-        let Some(weight) = model.weight(&name) else {
+        let linears = session.linears();
+        let (Some(weight), Some(linear)) = (
+            model.weight(&name),
+            linears.iter().find(|l| l.name() == name),
+        ) else {
             continue;
         };
+        let current_kind = linear.kind().to_string();
         let [rows, cols] = weight.dims() else {
+            count(&mut kernels.layers, current_kind);
             continue;
         };
         let shape = [*rows, *cols];
         let mask = masks.get(&name);
         if mask.is_none() && storage == Storage::F32 {
+            count(&mut kernels.layers, current_kind);
+            count(&mut kernels.dense_because, "not pruned".to_string());
             continue;
         }
-        let packed = with_f32(weight, |w| match mask {
-            Some(m) => {
-                PackedLinear::plan(&name, w, shape, Some(m.keep()), hint(m.structure()), dtype)
+        let packed = with_f32(weight, |w| -> Result<_, EngineError> {
+            match mask {
+                Some(m) => {
+                    let view = DenseView::with_mask(w, m.keep(), shape[0], shape[1])
+                        .map_err(kernel_err)?;
+                    let choice = choose_format(&name, &view, hint(m.structure()), dtype)
+                        .map_err(kernel_err)?;
+                    let reason =
+                        (choice.format == Format::Dense).then(|| dense_reason(m, &choice, dtype));
+                    let packed = PackedLinear::pack(&name, &view, choice.format, dtype)
+                        .map_err(kernel_err)?;
+                    Ok((packed, reason))
+                }
+                None => Ok((
+                    PackedLinear::dense(w, shape, dtype).map_err(kernel_err)?,
+                    Some("not pruned".to_string()),
+                )),
             }
-            None => PackedLinear::dense(w, shape, dtype),
         })
-        .map_err(kernel_err)?
-        .map_err(kernel_err)?;
+        .map_err(kernel_err)??;
+        let (packed, reason) = packed;
+        if let Some(reason) = reason {
+            count(&mut kernels.dense_because, reason);
+        }
         // f32 dense stays on candle's matmul (faster for prefill); everything else is ours.
         if packed.format() == Format::Dense && storage == Storage::F32 {
+            count(&mut kernels.layers, current_kind);
             continue;
         }
+        count(&mut kernels.layers, packed.format_name());
         *formats.entry(packed.format_name()).or_insert(0) += 1;
         saved += (rows * cols * 4) as isize - packed.bytes() as isize;
         session.set_kernel(&name, Arc::new(PackedKernel::new(packed)))?;
@@ -152,6 +220,7 @@ pub fn attach(
         formats,
         model_bytes,
         packed_model_bytes: (model_bytes as isize - saved).max(0) as usize,
+        kernels,
     })
 }
 

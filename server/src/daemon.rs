@@ -217,6 +217,8 @@ impl Daemon {
             models_dir: layout.models.clone(),
             cache_dir: Some(layout.cache.clone()),
             sandbox: DESCRIBE_SANDBOX,
+            // Runs share the process: one run's reset would hide another's peak.
+            per_model_peak: false,
         })
         .map_err(|e| DaemonError::Internal(e.to_string()))?;
         Ok(Arc::new(Daemon {

@@ -122,7 +122,7 @@ impl Layout {
             ));
         }
         if let Some(e) = &pipeline.evaluate
-            && let Some(text) = &e.value.text
+            && let espalier::evaluate::EvalText::File(text) = &e.value.text
             && !inside(text, &self.root)
         {
             return Err(pipeline.error(

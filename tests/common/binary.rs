@@ -10,6 +10,8 @@ pub fn bin() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_espalier"));
     c.env_remove("ESPALIER_PLUGIN_DIR")
         .env_remove("ESPALIER_LOG")
+        // Tables fit $COLUMNS: a test sets it where it checks widths, nowhere else.
+        .env_remove("COLUMNS")
         .env("NO_COLOR", "1");
     c
 }

@@ -38,6 +38,7 @@ fn view() -> Arc<ModelView> {
             sequences: (0..2)
                 .map(|s| (0..16).map(|i| (i * 7 + s * 13) % vocab).collect())
                 .collect(),
+            text_sha256: String::new(),
         };
         let mut view = crate::run::model_view(&model, &Default::default());
         view.calibration = Some(Arc::new(Calibrator::new(model, Arc::new(set))));

@@ -1,0 +1,180 @@
+//! The pipeline a run actually executed, written back as a pipeline file: overrides applied,
+//! every plugin parameter written out (defaults included), plugins pinned by sha256
+//! (`plugin = "wanda@sha256:…"`), the calibration and evaluation texts pinned by sha256, and
+//! the evaluation protocol as applied. A report carries it, and `espalier run --from
+//! report.json` parses and runs it like any pipeline file, so the pins refuse any other plugin
+//! build or text with both hashes shown.
+
+use std::path::Path;
+
+use toml::{Table, Value};
+
+use crate::evaluate::{EvalText, Protocol};
+use crate::pipeline::DensitySpec;
+use crate::plan::Plan;
+use crate::plugin::Origin;
+use crate::plugin::bindings::ParamValue;
+
+/// A plugin parameter as a TOML value.
+pub fn param_toml(v: &ParamValue) -> Value {
+    match v {
+        ParamValue::Boolean(b) => Value::Boolean(*b),
+        ParamValue::Integer(i) => Value::Integer(*i),
+        ParamValue::Float(f) => Value::Float(*f),
+        ParamValue::Text(s) => Value::String(s.clone()),
+        ParamValue::Integers(v) => Value::Array(v.iter().map(|&i| Value::Integer(i)).collect()),
+        ParamValue::Floats(v) => Value::Array(v.iter().map(|&f| Value::Float(f)).collect()),
+    }
+}
+
+/// A plugin parameter as a JSON value (for reports).
+pub fn param_json(v: &ParamValue) -> serde_json::Value {
+    match v {
+        ParamValue::Boolean(b) => serde_json::Value::from(*b),
+        ParamValue::Integer(i) => serde_json::Value::from(*i),
+        ParamValue::Float(f) => serde_json::Value::from(*f),
+        ParamValue::Text(s) => serde_json::Value::from(s.clone()),
+        ParamValue::Integers(v) => serde_json::Value::from(v.clone()),
+        ParamValue::Floats(v) => serde_json::Value::from(v.clone()),
+    }
+}
+
+/// How a stage's density reads in a pipeline file.
+pub fn density_toml(d: &DensitySpec) -> Value {
+    match d {
+        DensitySpec::Fixed(x) => Value::Float(*x),
+        DensitySpec::Budget(None) => Value::String("budget".into()),
+        DensitySpec::Budget(Some(stage)) => Value::String(format!("budget:{stage}")),
+    }
+}
+
+fn strings(list: &[String]) -> Value {
+    Value::Array(list.iter().cloned().map(Value::String).collect())
+}
+
+fn path_str(p: &Path) -> Value {
+    Value::String(p.display().to_string())
+}
+
+/// Where the run exported to, as the `[export]` section needs it.
+pub struct ExportTarget<'a> {
+    /// The folder.
+    pub dir: &'a Path,
+    /// Whether masks were written.
+    pub masks: bool,
+}
+
+/// Writes the pipeline `plan` ran as TOML. `evaluation` is the protocol the evaluation
+/// applied (with the text's hash), `export` where the output went; `header` becomes leading
+/// comment lines.
+pub fn resolved_pipeline(
+    plan: &Plan,
+    evaluation: Option<(&EvalText, &Protocol)>,
+    export: Option<ExportTarget<'_>>,
+    header: &str,
+) -> String {
+    let p = &plan.pipeline;
+    let mut root = Table::new();
+    root.insert("name".into(), Value::String(p.name.clone()));
+    root.insert("model".into(), Value::String(p.model.value.clone()));
+
+    let mut sandbox = Table::new();
+    sandbox.insert(
+        "timeout_s".into(),
+        Value::Float(p.sandbox.timeout.as_secs_f64()),
+    );
+    sandbox.insert(
+        "memory_mb".into(),
+        Value::Integer((p.sandbox.guest_memory >> 20) as i64),
+    );
+    sandbox.insert(
+        "host_memory_mb".into(),
+        Value::Integer((p.sandbox.host_memory >> 20) as i64),
+    );
+    root.insert("sandbox".into(), Value::Table(sandbox));
+
+    if let Some(set) = &plan.calibration {
+        let spec = p.calibration_spec();
+        let mut c = Table::new();
+        c.insert("text".into(), path_str(&spec.text));
+        c.insert("sha256".into(), Value::String(set.text_sha256.clone()));
+        c.insert("samples".into(), Value::Integer(spec.samples as i64));
+        c.insert("seq_len".into(), Value::Integer(spec.seq_len as i64));
+        root.insert("calibration".into(), Value::Table(c));
+    }
+
+    let mut stages = Vec::with_capacity(plan.stages.len());
+    for stage in &plan.stages {
+        let spec = &stage.spec;
+        let mut t = Table::new();
+        t.insert("name".into(), Value::String(spec.name.clone()));
+        let plugin = match &stage.plugin.origin {
+            Origin::Builtin => stage.plugin.info.name.clone(),
+            Origin::File(_) => spec.plugin.value.clone(),
+        };
+        t.insert(
+            "plugin".into(),
+            Value::String(format!("{plugin}@sha256:{}", stage.plugin.compiled.sha256)),
+        );
+        if let Some(targets) = &spec.targets {
+            t.insert("targets".into(), strings(&targets.value));
+        }
+        if !spec.protect.value.is_empty() {
+            t.insert("protect".into(), strings(&spec.protect.value));
+        }
+        if let Some(n) = stage.heads_per_block {
+            t.insert("heads".into(), Value::Integer(n as i64));
+        } else if let Some(d) = &spec.density {
+            t.insert("density".into(), density_toml(&d.value));
+        }
+        for (name, value) in &stage.params {
+            t.insert(name.clone(), param_toml(value));
+        }
+        stages.push(Value::Table(t));
+    }
+    root.insert("stage".into(), Value::Array(stages));
+
+    if let Some((text, protocol)) = evaluation {
+        let mut e = Table::new();
+        if let EvalText::File(path) = text {
+            e.insert("text".into(), path_str(path));
+        }
+        e.insert("sha256".into(), Value::String(protocol.text_sha256.clone()));
+        e.insert("window".into(), Value::Integer(protocol.window as i64));
+        e.insert("stride".into(), Value::Integer(protocol.stride as i64));
+        e.insert(
+            "max_tokens".into(),
+            Value::Integer(protocol.max_tokens.unwrap_or(0) as i64),
+        );
+        e.insert(
+            "latency".into(),
+            match (protocol.prompt_tokens, protocol.new_tokens) {
+                (Some(prompt), Some(new)) => {
+                    let mut l = Table::new();
+                    l.insert("prompt_tokens".into(), Value::Integer(prompt as i64));
+                    l.insert("new_tokens".into(), Value::Integer(new as i64));
+                    Value::Table(l)
+                }
+                _ => Value::Boolean(false),
+            },
+        );
+        root.insert("evaluate".into(), Value::Table(e));
+    }
+
+    if let Some(x) = export {
+        let mut t = Table::new();
+        t.insert("dir".into(), path_str(x.dir));
+        t.insert("masks".into(), Value::Boolean(x.masks));
+        root.insert("export".into(), Value::Table(t));
+    }
+
+    let body = toml::to_string(&root).unwrap_or_else(|e| format!("# cannot write: {e}\n"));
+    let mut out = String::new();
+    for line in header.lines() {
+        out.push_str("# ");
+        out.push_str(line);
+        out.push('\n');
+    }
+    out.push_str(&body);
+    out
+}
