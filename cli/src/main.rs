@@ -869,16 +869,14 @@ fn cmd_eval(model_ref: &str, args: EvalArgs, json: bool) -> Result<()> {
 }
 
 fn cmd_import(gguf: &std::path::Path, out: &std::path::Path) -> Result<()> {
-    let bar = ProgressBar::new(0);
-    bar.set_style(
-        ProgressStyle::with_template("{spinner} [{bar:24}] {pos}/{len} {msg} {elapsed}")
-            .context("progress template")?
-            .progress_chars("=> "),
-    );
+    // A spinner until the file says how many tensors it holds: no bar before its length.
+    let bar = ProgressBar::new_spinner();
     bar.enable_steady_tick(Duration::from_millis(120));
+    let bars = Bars::new(bar.clone())?;
+    bar.set_message(format!("reading {}", gguf.display()));
     let summary = espalier_engine::gguf::import(gguf, out, &mut |p| match p {
         espalier_engine::gguf::ImportProgress::Opened { tensors, .. } => {
-            bar.set_length(tensors as u64)
+            bars.count(0, tensors as u64)
         }
         espalier_engine::gguf::ImportProgress::Tensor { hf_name, index, .. } => {
             bar.set_position(index as u64);

@@ -101,6 +101,13 @@ pub struct Attached {
     pub kernels: KernelUse,
 }
 
+fn dtype_name(dtype: Dtype) -> &'static str {
+    match dtype {
+        Dtype::F32 => "f32",
+        Dtype::Bf16 => "bf16",
+    }
+}
+
 /// Why the planner kept a pruned layer dense, in words a summary can group: the structure,
 /// the kept share rounded to 5%, and the best sparse format with its estimated cost relative
 /// to dense (bytes read at batch 1, compute floors included).
@@ -116,10 +123,7 @@ fn dense_reason(mask: &Mask, choice: &Choice, dtype: Dtype) -> String {
         .filter(|c| c.format != Format::Dense)
         .min_by(|a, b| a.cost.total_cmp(&b.cost));
     let kept = (mask.density() * 20.0).round() * 5.0;
-    let dtype = match dtype {
-        Dtype::F32 => "f32",
-        Dtype::Bf16 => "bf16",
-    };
+    let dtype = dtype_name(dtype);
     match best_sparse {
         Some(c) => format!(
             "{} at ~{kept:.0}% kept: dense {dtype} is faster (best sparse format {}, est. {:.1}x dense's cost; see `espalier bench kernels`)",
@@ -211,7 +215,11 @@ pub fn attach(
             count(&mut kernels.layers, current_kind);
             continue;
         }
-        count(&mut kernels.layers, packed.format_name());
+        // Grouped by format and dtype (a compact layer's name carries its kept shape).
+        count(
+            &mut kernels.layers,
+            format!("{}/{}", packed.format(), dtype_name(dtype)),
+        );
         *formats.entry(packed.format_name()).or_insert(0) += 1;
         saved += (rows * cols * 4) as isize - packed.bytes() as isize;
         session.set_kernel(&name, Arc::new(PackedKernel::new(packed)))?;
