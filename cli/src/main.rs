@@ -25,7 +25,7 @@ use espalier::plugin::Sandbox;
 use espalier::plugin::bindings::ParamValue;
 use espalier::plugin::registry::{PluginSummary, kind_name, load_file};
 use espalier::report::RunReport;
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 
 mod bench_api;
 
@@ -549,14 +549,46 @@ fn warn_skipped(app: &App) {
     }
 }
 
-/// Draws one bar over the stages, with a line per finished stage.
+/// Draws one bar over the stages, with a line per finished stage, and under it a bar for the
+/// step in progress when its length is known (evaluation windows, a plugin's own progress).
+/// Bars start without a length, so none reads full before its work starts.
 struct Bars {
+    multi: MultiProgress,
     bar: ProgressBar,
+    /// The current step's bar, while one is shown.
+    step: Option<ProgressBar>,
+}
+
+impl Bars {
+    /// Shows `done` of `total` for the current step, with `message`.
+    fn step(&mut self, done: u64, total: u64, message: String) {
+        let bar = self.step.get_or_insert_with(|| {
+            let bar = self.multi.add(ProgressBar::no_length());
+            if let Ok(style) = ProgressStyle::with_template("  [{bar:24}] {pos}/{len} {msg}") {
+                bar.set_style(style.progress_chars("=> "));
+            }
+            bar
+        });
+        bar.set_length(total);
+        bar.set_position(done.min(total));
+        bar.set_message(message);
+    }
+
+    /// Removes the current step's bar (its step is over).
+    fn end_step(&mut self) {
+        if let Some(bar) = self.step.take() {
+            bar.finish_and_clear();
+            self.multi.remove(&bar);
+        }
+    }
 }
 
 impl EventSink for Bars {
     fn emit(&mut self, event: RunEvent) {
         match event {
+            RunEvent::RunStarted { stages, .. } => {
+                self.bar.set_length(stages as u64);
+            }
             RunEvent::StageStarted {
                 index,
                 total,
@@ -565,9 +597,8 @@ impl EventSink for Bars {
                 targets,
                 ..
             } => {
-                if index == 0 {
-                    self.bar.set_length(total as u64);
-                }
+                self.end_step();
+                self.bar.set_length(total as u64);
                 self.bar.set_message(format!(
                     "stage {}/{total} `{}` ({}, {targets} layers)",
                     index + 1,
@@ -575,12 +606,28 @@ impl EventSink for Bars {
                     safe(&plugin),
                 ));
             }
-            RunEvent::StageProgress { index, step } => {
-                let total = self.bar.length().unwrap_or(0);
-                self.bar
-                    .set_message(format!("stage {}/{total}: {step}", index + 1));
+            RunEvent::StageProgress {
+                index,
+                step,
+                done,
+                total,
+            } => {
+                let stages = self.bar.length().unwrap_or(0);
+                match (done, total) {
+                    // A plugin's own progress: a real bar under the stage's line.
+                    (Some(done), Some(total)) => self.step(done, total, safe(&step)),
+                    _ => {
+                        self.end_step();
+                        self.bar.set_message(format!(
+                            "stage {}/{stages}: {}",
+                            index + 1,
+                            safe(&step)
+                        ));
+                    }
+                }
             }
             RunEvent::EvaluationStarted { which } => {
+                self.end_step();
                 self.bar
                     .set_message(format!("evaluating the {which} model"));
             }
@@ -589,11 +636,15 @@ impl EventSink for Bars {
                 windows_done,
                 windows_total,
             } => {
-                self.bar.set_message(format!(
-                    "evaluating the {which} model: perplexity window {windows_done}/{windows_total}"
-                ));
+                self.step(
+                    windows_done as u64,
+                    windows_total as u64,
+                    format!("{which} model: perplexity windows"),
+                );
             }
+            RunEvent::EvaluationFinished { .. } => self.end_step(),
             RunEvent::StageFinished { report, .. } => {
+                self.end_step();
                 self.bar.inc(1);
                 self.bar.println(format!(
                     "  ✓ {} ({}): density {:.4} in {:.2} s",
@@ -628,15 +679,23 @@ fn cmd_run(
     let pipeline = espalier::pipeline::Pipeline::load(&pipeline)?;
     let app = App::start(dirs.config(pipeline.sandbox))?;
     warn_skipped(&app);
-    let bar = ProgressBar::new(0);
+    // No length until the run starts: a bar of length 0 would read full while planning.
+    let multi = MultiProgress::new();
+    let bar = multi.add(ProgressBar::no_length());
     bar.set_style(
         ProgressStyle::with_template("{spinner} [{bar:24}] {pos}/{len} {msg} {elapsed}")
             .context("progress template")?
             .progress_chars("=> "),
     );
+    bar.set_message("planning");
     bar.enable_steady_tick(Duration::from_millis(120));
-    let mut observer = Bars { bar: bar.clone() };
+    let mut observer = Bars {
+        multi,
+        bar: bar.clone(),
+        step: None,
+    };
     let result = app.run_pipeline(pipeline, &overrides, &mut observer, &CancelToken::new());
+    observer.end_step();
     bar.finish_and_clear();
     let result = result?;
     if json {
@@ -839,7 +898,8 @@ fn cmd_eval(
         max_tokens,
         latency: (new_tokens > 0).then_some((prompt_tokens, new_tokens)),
     };
-    let bar = ProgressBar::new(0);
+    // No length until the first window is known: a bar of length 0 reads full.
+    let bar = ProgressBar::no_length();
     bar.set_style(
         ProgressStyle::with_template(
             "{spinner} [{bar:24}] {pos}/{len} perplexity windows {elapsed}",
@@ -886,7 +946,8 @@ fn cmd_eval(
 }
 
 fn cmd_import(gguf: &std::path::Path, out: &std::path::Path) -> Result<()> {
-    let bar = ProgressBar::new(0);
+    // No length until the file is opened: a bar of length 0 reads full.
+    let bar = ProgressBar::no_length();
     bar.set_style(
         ProgressStyle::with_template("{spinner} [{bar:24}] {pos}/{len} {msg} {elapsed}")
             .context("progress template")?

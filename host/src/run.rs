@@ -19,7 +19,7 @@ use crate::plan::{Plan, PlannedStage, StageDensity};
 use crate::plugin::bindings::espalier::prune::model as wit_model;
 use crate::plugin::bindings::{Need, OutputKind, StageContext, StageOutput, Target};
 use crate::plugin::state::ModelView;
-use crate::plugin::{CallTimings, Origin, PluginError, Runtime, Sandbox};
+use crate::plugin::{CallTimings, Origin, PluginError, Progress, Runtime, Sandbox};
 use crate::report::{LayerReport, RunReport, StageReport, Summary};
 use crate::tensor_util::apply_mask;
 
@@ -118,24 +118,29 @@ pub fn wit_layer(l: &LayerInfo) -> wit_model::LayerInfo {
 
 /// Builds the view of the model a plugin sees (shares weight storage with the model).
 pub fn model_view(model: &Model, masks: &BTreeMap<String, Mask>) -> ModelView {
-    let c = &model.config;
     ModelView {
-        info: wit_model::ModelInfo {
-            architecture: match c.arch {
-                espalier_engine::Architecture::Llama => "llama".into(),
-                espalier_engine::Architecture::Gpt2 => "gpt2".into(),
-            },
-            hidden_size: c.hidden_size as u32,
-            num_layers: c.num_layers as u32,
-            num_heads: c.num_heads as u32,
-            num_kv_heads: c.num_kv_heads as u32,
-            head_dim: c.head_dim as u32,
-            vocab_size: c.vocab_size as u32,
-        },
+        info: model_info(model),
         layers: model.layers().iter().map(wit_layer).collect(),
         weights: model.weights().clone(),
         masks: masks.clone(),
         calibration: None,
+    }
+}
+
+/// The architecture-level facts plugins see (`model.info`).
+pub fn model_info(model: &Model) -> wit_model::ModelInfo {
+    let c = &model.config;
+    wit_model::ModelInfo {
+        architecture: match c.arch {
+            espalier_engine::Architecture::Llama => "llama".into(),
+            espalier_engine::Architecture::Gpt2 => "gpt2".into(),
+        },
+        hidden_size: c.hidden_size as u32,
+        num_layers: c.num_layers as u32,
+        num_heads: c.num_heads as u32,
+        num_kv_heads: c.num_kv_heads as u32,
+        head_dim: c.head_dim as u32,
+        vocab_size: c.vocab_size as u32,
     }
 }
 
@@ -206,10 +211,12 @@ pub fn run_stage(
     cancel: &CancelToken,
 ) -> Result<(StageReport, Option<BTreeMap<String, f64>>), RunError> {
     let started = Instant::now();
-    let mut step = |step: &str| {
+    let step = |sink: &mut dyn EventSink, step: &str| {
         sink.emit(RunEvent::StageProgress {
             index,
             step: step.to_string(),
+            done: None,
+            total: None,
         })
     };
     let stage_name = stage.spec.name.clone();
@@ -262,14 +269,17 @@ pub fn run_stage(
         // take longer than a plugin's whole budget. (Loss trials themselves still count.)
         let needs = &stage.plugin.info.needs;
         let prepared = if needs.contains(&Need::Activations) {
-            step("calibration: activation statistics");
+            step(sink, "calibration: activation statistics");
             calibrator.prepare_norms()
         } else {
             Ok(())
         }
         .and_then(|()| {
             if needs.contains(&Need::Loss) {
-                step("calibration: base loss and hidden states for loss trials");
+                step(
+                    sink,
+                    "calibration: base loss and hidden states for loss trials",
+                );
                 calibrator.prepare_trials()
             } else {
                 Ok(())
@@ -277,7 +287,7 @@ pub fn run_stage(
         })
         .and_then(|()| {
             if needs.contains(&Need::Gradients) {
-                step("calibration: gradients");
+                step(sink, "calibration: gradients");
                 calibrator.prepare_gradients()
             } else {
                 Ok(())
@@ -298,7 +308,7 @@ pub fn run_stage(
         view.calibration = Some(calibrator.clone());
     }
     let view = Arc::new(view);
-    step("calling the plugin");
+    step(sink, "calling the plugin");
     let (output, mut store, timings) = runtime
         .apply(
             &plugin_name,
@@ -307,6 +317,20 @@ pub fn run_stage(
             sandbox,
             &ctx,
             cancel,
+            // What a 0.4 plugin reports while it runs, as progress of this stage.
+            Some(&mut |p: Progress| {
+                let known = p.total > 0;
+                sink.emit(RunEvent::StageProgress {
+                    index,
+                    step: if p.message.is_empty() {
+                        "running the plugin".into()
+                    } else {
+                        p.message
+                    },
+                    done: known.then_some(p.done),
+                    total: known.then_some(p.total),
+                })
+            }),
         )
         .map_err(|source| match source {
             PluginError::Cancelled { .. } => RunError::Cancelled {
@@ -317,7 +341,7 @@ pub fn run_stage(
                 source,
             },
         })?;
-    step("validating and applying the result");
+    step(sink, "validating and applying the result");
     let apply_started = Instant::now();
     let StageOutput {
         masks,
