@@ -173,7 +173,7 @@ fn pipeline_mistakes_name_file_line_and_field() {
             "unknown-param.toml",
             "model = \"builtin:tiny-llama\"\n[[stage]]\nplugin = \"block\"\ndensity = 0.5\nblok = [16, 16]\n",
             ":5:",
-            "has no parameter `blok`",
+            "unknown key `blok` in [[stage]] `block`: did you mean `block`?",
         ),
         (
             "density.toml",

@@ -33,7 +33,7 @@ fn no_export() -> RunOverrides {
 /// Runs `pipeline` text, calling `on_event` for every event with the run's token.
 fn run_with(
     pipeline: &str,
-    mut on_event: impl FnMut(&RunEvent, &CancelToken),
+    mut on_event: impl FnMut(&RunEvent, &CancelToken) + Send,
 ) -> (Result<espalier::app::RunResult, AppError>, Vec<RunEvent>) {
     let p = Pipeline::parse("events.toml", pipeline).unwrap();
     let cancel = CancelToken::new();
@@ -280,5 +280,163 @@ fn a_planned_run_keeps_its_plugin_versions_while_the_registry_changes() {
             .compiled
             .sha256,
         sha
+    );
+}
+
+/// The hostile test plugin (`plugins/testing/hostile-calls`) running `attack` after no other
+/// stage, with calibration (it declares every need).
+fn hostile(attack: &str) -> String {
+    format!(
+        "{TINY}[sandbox]\ntimeout_s = 5\n[calibration]\ntext = {:?}\nsamples = 2\nseq_len = 16\n[[stage]]\nname = \"hostile\"\nplugin = {:?}\ndensity = 0.5\nattack = {attack:?}\n",
+        text("calibration.txt").display().to_string(),
+        PathBuf::from(espalier::plugin::registry::BUILT_PLUGIN_DIR)
+            .join("espalier_test_hostile_calls.wasm")
+            .display()
+            .to_string()
+    )
+}
+
+/// The `(done, total, step)` of every progress report a plugin made, in order.
+fn plugin_progress(events: &[RunEvent]) -> Vec<(u64, u64, String)> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            RunEvent::StageProgress {
+                done: Some(done),
+                total: Some(total),
+                step,
+                ..
+            } => Some((*done, *total, step.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_plugin_reports_its_progress_as_stage_progress_events() {
+    // `sensitivity` reports every loss trial: 4 layers of block 0 x 3 probes here.
+    let pipeline = format!(
+        "{TINY}[calibration]\ntext = {:?}\nsamples = 2\nseq_len = 16\n[[stage]]\nplugin = \"sensitivity\"\ntargets = [\"*.layers.0.self_attn.*\"]\ndensity = 0.5\ngranularity = \"layer\"\n",
+        text("calibration.txt").display().to_string()
+    );
+    let (result, events) = run_with(&pipeline, |_, _| {});
+    result.unwrap();
+    let reports = plugin_progress(&events);
+    assert!(reports.len() >= 2, "{reports:?}");
+    let total = reports[0].1;
+    assert_eq!(total, 12, "{reports:?}");
+    // No bar reads full before the work starts: the first report is at 0 of the total, and
+    // the counts only grow, to the total.
+    assert_eq!(reports[0].0, 0, "{reports:?}");
+    assert!(reports.windows(2).all(|w| w[0].0 <= w[1].0), "{reports:?}");
+    assert_eq!(reports.last().map(|r| r.0), Some(total), "{reports:?}");
+    assert!(reports[0].2.contains("loss trial 1/12"), "{reports:?}");
+    // They arrive inside the stage: after its start, before its end, with its index.
+    let k = kinds(&events);
+    let first = events
+        .iter()
+        .position(|e| matches!(e, RunEvent::StageProgress { done: Some(_), .. }))
+        .unwrap();
+    let started = k.iter().position(|k| *k == "stage-started").unwrap();
+    let finished = k.iter().position(|k| *k == "stage-finished").unwrap();
+    assert!(started < first && first < finished, "{k:?}");
+    // The daemon streams events as this JSON: the counts are in it.
+    let json = serde_json::to_value(&events[first]).unwrap();
+    assert_eq!(json["type"], "stage-progress");
+    assert_eq!(
+        (json["done"].as_u64(), json["total"].as_u64()),
+        (Some(0), Some(12))
+    );
+}
+
+#[test]
+fn a_plugin_flooding_the_progress_import_cannot_flood_the_run() {
+    // Two million reports in a tight loop: a handful arrive, the first and the last.
+    let started = std::time::Instant::now();
+    let (result, events) = run_with(&hostile("progress-flood"), |_, _| {});
+    let err = result.err().expect("the attack fails its run").to_string();
+    assert!(err.contains("ended without a host refusal"), "{err}");
+    let reports = plugin_progress(&events);
+    assert!(
+        (2..=100).contains(&reports.len()),
+        "{} reports",
+        reports.len()
+    );
+    assert_eq!(reports[0].0, 0);
+    assert_eq!(
+        reports.last().map(|r| (r.0, r.1)),
+        Some((2_000_000, 2_000_000))
+    );
+    assert!(started.elapsed().as_secs() < 30, "{:?}", started.elapsed());
+
+    // Messages of 16 MiB full of terminal escapes arrive escaped and short.
+    let (result, events) = run_with(&hostile("progress-huge-message"), |_, _| {});
+    assert!(result.is_err());
+    let reports = plugin_progress(&events);
+    assert!(!reports.is_empty());
+    for (_, _, step) in &reports {
+        assert!(step.len() < 512, "{} bytes", step.len());
+        assert!(!step.chars().any(char::is_control), "{step:?}");
+    }
+
+    // Absurd counts: done never exceeds a known total, and a total of 0 shows no bar.
+    let (result, events) = run_with(&hostile("progress-absurd-counts"), |_, _| {});
+    assert!(result.is_err());
+    for (done, total, _) in plugin_progress(&events) {
+        assert!(total > 0 && done <= total, "{done}/{total}");
+    }
+}
+
+#[test]
+fn a_validate_that_traps_loops_or_floods_fails_at_planning_without_harm() {
+    for (attack, kind, says) in [
+        (
+            "validate-trap",
+            ErrorKind::PluginFailed,
+            "checking its parameters at planning",
+        ),
+        ("validate-loop", ErrorKind::PluginFailed, "time limit"),
+        (
+            "validate-flood",
+            ErrorKind::InvalidPipeline,
+            "more problems in this stage",
+        ),
+    ] {
+        let (result, events) = run_with(&hostile(attack), |_, _| {});
+        let err = result.err().expect("refused");
+        assert_eq!(err.kind(), kind, "{attack}: {err}");
+        let shown = err.to_string();
+        assert!(shown.contains(says), "{attack}: {shown:.400}");
+        assert!(shown.len() < 64 << 10, "{attack}: {} bytes", shown.len());
+        assert!(!shown.contains('\u{1b}'), "{attack}: {shown:.400}");
+        // Nothing ran: planning failed before the run started.
+        assert_eq!(kinds(&events), ["run-failed"], "{attack}");
+    }
+}
+
+#[test]
+fn plugins_of_every_served_version_plan_and_run_together() {
+    // 0.1 and 0.2 (no `validate`) next to 0.4 ones (validated): all plan and run.
+    let legacy = |stem: &str| {
+        PathBuf::from(espalier::plugin::registry::BUILT_PLUGIN_DIR)
+            .join(format!("espalier_test_{stem}.wasm"))
+            .display()
+            .to_string()
+    };
+    let pipeline = format!(
+        "{TINY}[calibration]\ntext = {:?}\nsamples = 2\nseq_len = 16\n[[stage]]\nplugin = {:?}\ndensity = 0.9\n[[stage]]\nplugin = {:?}\ndensity = 0.8\n[[stage]]\nplugin = {:?}\ndensity = 0.7\n[[stage]]\nplugin = \"n-m\"\n",
+        text("calibration.txt").display().to_string(),
+        legacy("legacy_v01"),
+        legacy("legacy_v02"),
+        legacy("legacy_v03"),
+    );
+    let (result, events) = run_with(&pipeline, |_, _| {});
+    result.unwrap();
+    assert_eq!(
+        kinds(&events)
+            .iter()
+            .filter(|k| **k == "stage-finished")
+            .count(),
+        4
     );
 }

@@ -155,10 +155,22 @@ fn n_m_keeps_the_largest_n_of_every_m_consecutive_inputs() {
             assert_eq!(mask.iter().filter(|&&k| k).count() * m, mask.len() * n);
         }
     }
+    // A density that disagrees with n/m is refused at planning (the plugin's `validate`), at
+    // the density's line.
     let err = run("model = \"builtin:tiny-llama\"\n[[stage]]\nplugin = \"n-m\"\ndensity = 0.3\n")
         .err()
         .unwrap();
-    assert!(err.to_string().contains("conflicts with 2:4"), "{err}");
+    assert_eq!(
+        err.kind(),
+        espalier::app::ErrorKind::InvalidPipeline,
+        "{err}"
+    );
+    assert!(
+        err.to_string().starts_with(
+            "test.toml:4:1: stage[0].density: stage `n-m`: n = 2, m = 4 keeps exactly 0.5"
+        ),
+        "{err}"
+    );
 }
 
 #[test]

@@ -385,3 +385,23 @@ fn sensitivity_mistakes_are_clear() {
         assert!(err.contains("needs calibration data"), "{err}");
     }
 }
+
+#[test]
+fn plugins_built_against_wit_0_3_still_run_with_gradients() {
+    // `legacy-v03` is first-order Taylor written against the frozen 0.3.0 WIT: the host serves
+    // it in the 0.3 world (no `validate` is called, it has none), gradients included, and its
+    // masks equal the built-in `taylor`'s.
+    let legacy = PathBuf::from(espalier::plugin::registry::BUILT_PLUGIN_DIR)
+        .join("espalier_test_legacy_v03.wasm");
+    assert!(legacy.is_file(), "{} was not built", legacy.display());
+    let plugin = espalier::plugin::registry::load_file(&common::app().runtime, &legacy).unwrap();
+    assert_eq!(plugin.compiled.wit, espalier::plugin::WitVersion::V0_3);
+    assert!(!plugin.compiled.reports_progress);
+    let stage =
+        |plugin: &str| pipeline(&format!("[[stage]]\nplugin = {plugin:?}\ndensity = 0.6\n"));
+    let old = run(&stage(&legacy.display().to_string())).unwrap();
+    let new = run(&stage("taylor")).unwrap();
+    for name in block_linears(&tiny()) {
+        assert_eq!(mask_of(&old, &name), mask_of(&new, &name), "{name}");
+    }
+}

@@ -1,6 +1,7 @@
 //! The hostile-plugin suite: the `espalier` binary runs a pipeline whose second stage is
 //! `plugins/testing/hostile-calls`, once per attack (one host import, one kind of bad argument:
-//! absurd, overflowing, empty, duplicated, dropped, forged, hoarding, or a malformed output),
+//! absurd, overflowing, empty, duplicated, dropped, forged, hoarding, or a malformed output; a
+//! flood of `progress` reports; a planning-time `validate` that loops, traps or floods),
 //! and every run must
 //!
 //! (a) end with a failure status of its own: no signal, no panic, no failed allocation, no
@@ -237,6 +238,12 @@ const ATTACKS: &[(&str, &[&str])] = &[
     ("output-zero-size-mask", &["shape"]),
     ("output-wrapped-shape-mask", OVERFLOW),
     ("output-budgets-from-mask-plugin", &["budgets"]),
+    ("progress-flood", &[DONE]),
+    ("progress-huge-message", &[DONE]),
+    ("progress-absurd-counts", &[DONE]),
+    ("validate-loop", &["time limit"]),
+    ("validate-trap", &["crashed"]),
+    ("validate-flood", &["more problems"]),
 ];
 
 fn plugin_path() -> PathBuf {

@@ -348,6 +348,13 @@ fn named_and_inline_runs_stream_their_events_and_survive_a_restart() {
     let inline = run["id"].as_i64().unwrap();
     let events = follow(&d, inline, None);
     assert_eq!(events.last().unwrap().1, "run-finished");
+    // The plugin's own progress reports (WIT 0.4 `progress`) reach the stream with counts.
+    assert!(
+        events.iter().any(|(_, k, v)| k == "stage-progress"
+            && v["total"].as_u64().is_some_and(|t| t > 0)
+            && v["done"].as_u64().is_some()),
+        "{events:?}"
+    );
     let record = d.wait_run(inline, 60);
     let density = record["metrics"]["block_linear_density"].as_f64().unwrap();
     assert!((density - 0.25).abs() < 0.01, "{record:#}");

@@ -25,7 +25,7 @@ use espalier::plugin::Sandbox;
 use espalier::plugin::bindings::ParamValue;
 use espalier::plugin::registry::{PluginSummary, kind_name, load_file};
 use espalier::report::RunReport;
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use render::{mib, pct};
 
 mod bench_api;
@@ -577,32 +577,44 @@ fn warn_skipped(app: &App) {
     }
 }
 
-/// Draws a spinner until there is something to count, then one bar over the stages (or over
-/// the perplexity windows while a model is evaluated), with a line per finished stage. A bar
-/// is drawn only once its length is known, so none reads full before the work starts.
+/// Draws one line over the stages (a spinner until there is something to count, then a bar)
+/// with a line per finished stage, and under it a bar for the step in progress when its length
+/// is known: calibration sequences, evaluation windows, a plugin's own progress reports. A bar
+/// is drawn only once its length is known, so none reads full before its work starts.
 struct Bars {
+    multi: MultiProgress,
     bar: ProgressBar,
     spinner: ProgressStyle,
     counting: ProgressStyle,
     stages: u64,
+    /// The current step's bar, while one is shown.
+    step: Option<ProgressBar>,
 }
 
 impl Bars {
-    fn new(bar: ProgressBar) -> Result<Self> {
+    /// A spinner (ticking) until the first count.
+    fn new() -> Result<Self> {
+        let multi = MultiProgress::new();
+        let bar = multi.add(ProgressBar::new_spinner());
+        let spinner = ProgressStyle::with_template("{spinner} {msg} {elapsed}")
+            .context("progress template")?;
+        bar.set_style(spinner.clone());
+        bar.enable_steady_tick(Duration::from_millis(120));
         Ok(Bars {
+            multi,
             bar,
-            spinner: ProgressStyle::with_template("{spinner} {msg} {elapsed}")
-                .context("progress template")?,
+            spinner,
             counting: ProgressStyle::with_template(
                 "{spinner} [{bar:24}] {pos}/{len} {msg} {elapsed}",
             )
             .context("progress template")?
             .progress_chars("=> "),
             stages: 0,
+            step: None,
         })
     }
 
-    /// Counts `done` of `total` (a bar), or spins when `total` is 0.
+    /// Counts `done` of `total` on the main line (a bar), or spins when `total` is 0.
     fn count(&self, done: u64, total: u64) {
         if total == 0 {
             self.bar.set_style(self.spinner.clone());
@@ -612,11 +624,43 @@ impl Bars {
             self.bar.set_position(done.min(total));
         }
     }
+
+    /// Shows `done` of `total` for the current step, with `message`.
+    fn step(&mut self, done: u64, total: u64, message: String) {
+        let bar = self.step.get_or_insert_with(|| {
+            let bar = self.multi.add(ProgressBar::no_length());
+            if let Ok(style) = ProgressStyle::with_template("  [{bar:24}] {pos}/{len} {msg}") {
+                bar.set_style(style.progress_chars("=> "));
+            }
+            bar
+        });
+        bar.set_length(total);
+        bar.set_position(done.min(total));
+        bar.set_message(message);
+    }
+
+    /// Removes the current step's bar (its step is over).
+    fn end_step(&mut self) {
+        if let Some(bar) = self.step.take() {
+            bar.finish_and_clear();
+            self.multi.remove(&bar);
+        }
+    }
+
+    /// Clears every bar (the command prints its results next).
+    fn finish(&mut self) {
+        self.end_step();
+        self.bar.finish_and_clear();
+    }
 }
 
 impl EventSink for Bars {
     fn emit(&mut self, event: RunEvent) {
         match event {
+            RunEvent::RunStarted { stages, .. } => {
+                self.stages = stages as u64;
+                self.count(0, self.stages);
+            }
             RunEvent::StageStarted {
                 index,
                 total,
@@ -625,6 +669,7 @@ impl EventSink for Bars {
                 targets,
                 ..
             } => {
+                self.end_step();
                 self.stages = total as u64;
                 self.count(index as u64, self.stages);
                 self.bar.set_message(format!(
@@ -634,27 +679,33 @@ impl EventSink for Bars {
                     safe(&plugin),
                 ));
             }
-            RunEvent::StageProgress { index, step } => {
-                let total = self.stages;
-                self.count(index as u64, total);
-                self.bar
-                    .set_message(format!("stage {}/{total}: {step}", index + 1));
-            }
-            RunEvent::CalibrationProgress {
+            RunEvent::StageProgress {
                 index,
-                pass,
+                step,
                 done,
                 total,
-            } => {
-                self.count(done as u64, total as u64);
-                self.bar.set_message(format!(
-                    "stage {}/{}: calibration sequences ({pass})",
-                    index + 1,
-                    self.stages
-                ));
-            }
+            } => match (done, total) {
+                // A plugin's own progress: a real bar under the stage's line.
+                (Some(done), Some(total)) => self.step(done, total, safe(&step)),
+                _ => {
+                    self.end_step();
+                    self.bar.set_message(format!(
+                        "stage {}/{}: {}",
+                        index + 1,
+                        self.stages,
+                        safe(&step)
+                    ));
+                }
+            },
+            RunEvent::CalibrationProgress {
+                pass, done, total, ..
+            } => self.step(
+                done as u64,
+                total as u64,
+                format!("calibration sequences ({pass})"),
+            ),
             RunEvent::EvaluationStarted { which } => {
-                self.count(0, 0);
+                self.end_step();
                 self.bar
                     .set_message(format!("evaluating the {which} model"));
             }
@@ -662,12 +713,14 @@ impl EventSink for Bars {
                 which,
                 windows_done,
                 windows_total,
-            } => {
-                self.count(windows_done as u64, windows_total as u64);
-                self.bar
-                    .set_message(format!("evaluating the {which} model: perplexity windows"));
-            }
+            } => self.step(
+                windows_done as u64,
+                windows_total as u64,
+                format!("{which} model: perplexity windows"),
+            ),
+            RunEvent::EvaluationFinished { .. } => self.end_step(),
             RunEvent::StageFinished { index, report } => {
+                self.end_step();
                 self.count(index as u64 + 1, self.stages);
                 self.bar.println(format!(
                     "  ✓ {} ({}): density {:.4} in {:.2} s",
@@ -742,15 +795,10 @@ fn cmd_run(
     let several = pipelines.len() > 1;
     for pipeline in pipelines {
         let label = pipeline.name.clone();
-        let bar = ProgressBar::new_spinner();
-        bar.set_style(
-            ProgressStyle::with_template("{spinner} {msg} {elapsed}")
-                .context("progress template")?,
-        );
-        bar.enable_steady_tick(Duration::from_millis(120));
-        let mut observer = Bars::new(bar.clone())?;
+        let mut observer = Bars::new()?;
+        observer.bar.set_message("planning");
         let result = app.run_pipeline(pipeline, &overrides, &mut observer, &CancelToken::new());
-        bar.finish_and_clear();
+        observer.finish();
         let result = result?;
         if json {
             if !several {
@@ -847,9 +895,7 @@ fn cmd_eval(model_ref: &str, args: EvalArgs, json: bool) -> Result<()> {
     let model_ref =
         &espalier::fetch::resolve(model_ref, &models_dir(), &mut |m| err!("espalier: {m}"))?;
     let model = espalier_engine::load_model(model_ref)?;
-    let bar = ProgressBar::new_spinner();
-    bar.enable_steady_tick(Duration::from_millis(120));
-    let mut observer = Bars::new(bar.clone())?;
+    let mut observer = Bars::new()?;
     let result = espalier::app::evaluate_model(
         &model,
         None,
@@ -858,7 +904,7 @@ fn cmd_eval(model_ref: &str, args: EvalArgs, json: bool) -> Result<()> {
         &mut observer,
         &CancelToken::new(),
     );
-    bar.finish_and_clear();
+    observer.finish();
     let e = result?;
     if json {
         out!("{}", serde_json::to_string_pretty(&e)?);
@@ -870,9 +916,8 @@ fn cmd_eval(model_ref: &str, args: EvalArgs, json: bool) -> Result<()> {
 
 fn cmd_import(gguf: &std::path::Path, out: &std::path::Path) -> Result<()> {
     // A spinner until the file says how many tensors it holds: no bar before its length.
-    let bar = ProgressBar::new_spinner();
-    bar.enable_steady_tick(Duration::from_millis(120));
-    let bars = Bars::new(bar.clone())?;
+    let bars = Bars::new()?;
+    let bar = bars.bar.clone();
     bar.set_message(format!("reading {}", gguf.display()));
     let summary = espalier_engine::gguf::import(gguf, out, &mut |p| match p {
         espalier_engine::gguf::ImportProgress::Opened { tensors, .. } => {

@@ -15,7 +15,7 @@ use crate::events::{EventSink, RunEvent};
 use crate::evaluate::{Comparison, EvalSpec, EvalText, Evaluation, Subject, evaluate, model_bytes};
 use crate::export::{ExportError, Input, prepare};
 use crate::pipeline::{Pipeline, PipelineError};
-use crate::plan::plan;
+use crate::plan::{PlanError, plan};
 use crate::plugin::registry::SharedRegistry;
 use crate::plugin::{Origin, PluginError, Registry, Runtime, Sandbox};
 use crate::report::RunReport;
@@ -34,6 +34,17 @@ pub enum AppError {
     /// A plugin cannot be loaded.
     #[error(transparent)]
     Plugin(#[from] PluginError),
+    /// A plugin's planning-time `validate` failed instead of answering (trap, panic, timeout).
+    #[error(
+        "stage `{}`: checking its parameters at planning: {source}",
+        crate::display_safe::name(.stage)
+    )]
+    Validate {
+        /// Stage name.
+        stage: String,
+        /// What happened.
+        source: PluginError,
+    },
     /// A stage failed.
     #[error(transparent)]
     Run(#[from] RunError),
@@ -102,6 +113,11 @@ impl AppError {
             AppError::Plugin(PluginError::Invalid { .. }) => ErrorKind::InvalidPlugin,
             AppError::Plugin(PluginError::Cancelled { .. }) => ErrorKind::Cancelled,
             AppError::Plugin(_) => ErrorKind::PluginFailed,
+            AppError::Validate { source, .. } => match source {
+                PluginError::Invalid { .. } => ErrorKind::InvalidPlugin,
+                PluginError::Cancelled { .. } => ErrorKind::Cancelled,
+                _ => ErrorKind::PluginFailed,
+            },
             AppError::Run(RunError::Plugin { source, .. }) => match source {
                 PluginError::Invalid { .. } => ErrorKind::InvalidPlugin,
                 PluginError::Cancelled { .. } => ErrorKind::Cancelled,
@@ -115,6 +131,15 @@ impl AppError {
             AppError::Evaluate(..) => ErrorKind::Evaluation,
             AppError::Runtime(_) => ErrorKind::Internal,
             AppError::Cancelled => ErrorKind::Cancelled,
+        }
+    }
+}
+
+impl From<PlanError> for AppError {
+    fn from(e: PlanError) -> Self {
+        match e {
+            PlanError::Pipeline(e) => AppError::Pipeline(e),
+            PlanError::Validate { stage, source } => AppError::Validate { stage, source },
         }
     }
 }

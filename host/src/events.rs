@@ -48,12 +48,20 @@ pub enum RunEvent {
         /// Number of target layers.
         targets: usize,
     },
-    /// A stage is preparing calibration statistics or calling its plugin.
+    /// A stage is preparing calibration statistics or calling its plugin, or its plugin
+    /// reported how far it is (`progress.report`, WIT 0.4).
     StageProgress {
         /// 0-based stage index.
         index: usize,
-        /// What it is doing now.
+        /// What it is doing now (a plugin's own words are escaped and capped).
         step: String,
+        /// Units of work finished, when the plugin reported a known amount (`done` of
+        /// `total`); absent for the host's own steps, whose length is unknown.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        done: Option<u64>,
+        /// Units of work in all (at least 1, at least `done`), with `done`.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        total: Option<u64>,
     },
     /// A stage's calibration pass went over more sequences.
     CalibrationProgress {
@@ -141,13 +149,17 @@ impl RunEvent {
 }
 
 /// Receives a run's events (the CLI draws bars; the daemon stores and streams them).
-pub trait EventSink {
+///
+/// `Send`, because a plugin's progress reports arrive while its guest runs on the run's own
+/// thread: a helper thread passes them to the sink meanwhile (the run does not emit anything
+/// else until the call returns).
+pub trait EventSink: Send {
     /// One event, in order.
     fn emit(&mut self, event: RunEvent);
 }
 
-/// Any `FnMut(RunEvent)` is a sink.
-impl<F: FnMut(RunEvent)> EventSink for F {
+/// Any `FnMut(RunEvent) + Send` is a sink.
+impl<F: FnMut(RunEvent) + Send> EventSink for F {
     fn emit(&mut self, event: RunEvent) {
         self(event)
     }
@@ -180,5 +192,31 @@ mod tests {
             message: "x".into(),
         });
         assert_eq!(seen, ["notice"]);
+    }
+
+    #[test]
+    fn stage_progress_carries_counts_only_when_a_plugin_reported_them() {
+        let host_step = RunEvent::StageProgress {
+            index: 0,
+            step: "calling the plugin".into(),
+            done: None,
+            total: None,
+        };
+        let json = serde_json::to_value(&host_step).unwrap();
+        assert!(
+            json.get("done").is_none() && json.get("total").is_none(),
+            "{json}"
+        );
+        let plugin = RunEvent::StageProgress {
+            index: 1,
+            step: "trial 3/40".into(),
+            done: Some(3),
+            total: Some(40),
+        };
+        let json = serde_json::to_value(&plugin).unwrap();
+        assert_eq!(
+            (json["done"].as_u64(), json["total"].as_u64()),
+            (Some(3), Some(40))
+        );
     }
 }

@@ -218,11 +218,35 @@ struct RawEvaluate {
 
 /// `latency = false`, `latency = true` (the defaults) or `latency = { prompt_tokens = P,
 /// new_tokens = N }`.
-#[derive(Deserialize, Clone, Copy)]
-#[serde(untagged)]
+#[derive(Clone, Copy)]
 enum RawLatencySetting {
     Switch(bool),
     Table(RawLatency),
+}
+
+// By hand rather than `#[serde(untagged)]`, which would replace a typo's "unknown field
+// `new_token`" inside the table with "data did not match any variant".
+impl<'de> Deserialize<'de> for RawLatencySetting {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Setting;
+        impl<'de> serde::de::Visitor<'de> for Setting {
+            type Value = RawLatencySetting;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("`false`, `true` or a table `{ prompt_tokens = P, new_tokens = N }`")
+            }
+            fn visit_bool<E: serde::de::Error>(self, b: bool) -> Result<Self::Value, E> {
+                Ok(RawLatencySetting::Switch(b))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<Self::Value, A::Error> {
+                RawLatency::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                    .map(RawLatencySetting::Table)
+            }
+        }
+        d.deserialize_any(Setting)
+    }
 }
 
 #[derive(Deserialize, Clone, Copy)]
@@ -263,7 +287,8 @@ fn mib_to_bytes(mib: u64) -> Option<usize> {
 }
 
 /// Keys of a stage table that are not plugin parameters.
-const STAGE_KEYS: &[&str] = &["name", "plugin", "targets", "protect", "density", "heads"];
+pub(crate) const STAGE_KEYS: &[&str] =
+    &["name", "plugin", "targets", "protect", "density", "heads"];
 
 struct Ctx<'a> {
     file: &'a str,
@@ -357,12 +382,13 @@ impl Pipeline {
             let offset = e.span().map_or(0, |s| s.start);
             // toml's message already says what was expected; drop its own position prefix.
             let message = e.message().to_string();
-            let field = if message.contains("unknown field") {
-                "top level"
-            } else {
-                "syntax"
-            };
-            ctx.err(offset, field, hint_unknown(&message))
+            if message.contains("unknown field") {
+                // A typo inside a section names the section it is in.
+                let section = section_at(source, offset);
+                let field = section.clone().unwrap_or_else(|| "top level".into());
+                return ctx.err(offset, field, hint_unknown(&message, section.as_deref()));
+            }
+            ctx.err(offset, "syntax", message.trim())
         })?;
 
         let written = raw.model.get_ref();
@@ -681,13 +707,58 @@ fn sha256_pin(ctx: &Ctx<'_>, h: &Spanned<String>, field: &str) -> Result<String,
     Ok(hex.to_ascii_lowercase())
 }
 
-fn hint_unknown(message: &str) -> String {
-    let m = message.trim().to_string();
-    if m.contains("unknown field") {
-        format!("{m} (stage parameters go inside [[stage]] tables)")
+/// toml's "unknown field `x`, expected one of `a`, `b`" with the section it is in and the
+/// closest expected key: "unknown field `sampels` in [calibration], expected one of `text`,
+/// `samples`, `seq_len`; did you mean `samples`?".
+fn hint_unknown(message: &str, section: Option<&str>) -> String {
+    let m = message.trim();
+    let (head, expected) = m.split_once(", expected").unwrap_or((m, ""));
+    let key = head.split('`').nth(1).unwrap_or("");
+    let closest = expected
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        .map(|k| (crate::plan::edit_distance(k, key), k))
+        .filter(|(d, _)| *d <= 2)
+        .min()
+        .map(|(_, k)| format!("; did you mean `{k}`?"))
+        .unwrap_or_default();
+    let expected = if expected.is_empty() {
+        String::new()
     } else {
-        m
+        format!(", expected{expected}")
+    };
+    match section {
+        Some(s) => format!("{head} in [{s}]{expected}{closest}"),
+        None => format!(
+            "{head} at the top level{expected}{closest} (stage parameters go inside [[stage]] tables)"
+        ),
     }
+}
+
+/// The table (as a dotted path: `calibration`, `evaluate.latency`) whose key starts at byte
+/// `offset`, or `None` at the top level. At each level the entry written last before `offset`
+/// holds it (TOML puts top-level keys before every header, and a table's own keys before its
+/// sub-tables' headers); the unknown key is itself such an entry, so the walk stops at its table.
+fn section_at(source: &str, offset: usize) -> Option<String> {
+    use toml::de::{DeTable, DeValue};
+    let doc = DeTable::parse(source).ok()?;
+    let mut table = doc.get_ref();
+    let mut path: Vec<String> = Vec::new();
+    loop {
+        let entry = table
+            .iter()
+            .filter(|(k, _)| k.span().start <= offset)
+            .max_by_key(|(k, _)| k.span().start);
+        match entry.map(|(k, v)| (k, v.get_ref())) {
+            Some((k, DeValue::Table(t))) if k.span().start < offset => {
+                path.push(k.get_ref().to_string());
+                table = t;
+            }
+            _ => break,
+        }
+    }
+    (!path.is_empty()).then(|| path.join("."))
 }
 
 fn string_list(
@@ -1033,6 +1104,54 @@ mod tests {
     fn unknown_export_field_is_refused() {
         let e = parse("model = \"m\"\n[export]\ndir = \"o\"\nformat = \"x\"\n").unwrap_err();
         assert_eq!(e.position.line, 4, "{e}");
+    }
+
+    #[test]
+    fn an_empty_evaluate_section_takes_the_protocol_defaults() {
+        let p = parse("model = \"m\"\n[evaluate]\n").unwrap();
+        assert_eq!(p.evaluate.unwrap().value, EvalSpec::default());
+        let p = parse("model = \"m\"\n[evaluate]\nlatency = false\nmax_tokens = 0\n").unwrap();
+        let e = p.evaluate.unwrap().value;
+        assert_eq!((e.latency, e.max_tokens), (None, None));
+        let p = parse("model = \"m\"\n[evaluate]\nlatency = true\n").unwrap();
+        assert_eq!(
+            p.evaluate.unwrap().value.latency,
+            EvalSpec::default().latency
+        );
+        let e = parse("model = \"m\"\n[evaluate]\nlatency = 3\n").unwrap_err();
+        assert!(e.message.contains("`false`, `true` or a table"), "{e}");
+    }
+
+    #[test]
+    fn a_typo_inside_a_section_names_the_section() {
+        let cases = [
+            ("[calibration]\nsampels = 4\n", "calibration", "samples"),
+            ("[sandbox]\ntimeout = 4\n", "sandbox", "timeout_s"),
+            ("[export]\ndir = \"o\"\nmask = true\n", "export", "masks"),
+            (
+                "[evaluate]\nlatency = { prompt_tokens = 1, new_tokens = 2 }\nwindw = 3\n",
+                "evaluate",
+                "window",
+            ),
+            (
+                "[evaluate]\ntext = \"t\"\n[evaluate.latency]\nprompt_tokens = 1\nnew_token = 2\n",
+                "evaluate.latency",
+                "new_tokens",
+            ),
+        ];
+        for (section_text, section, fix) in cases {
+            let src = format!("model = \"m\"\n{section_text}");
+            let e = parse(&src).unwrap_err();
+            let line = src.lines().count();
+            assert_eq!(e.position.line, line, "{e}");
+            assert_eq!(e.position.column, 1, "{e}");
+            assert_eq!(e.field, section, "{e}");
+            assert!(e.message.contains(&format!("in [{section}]")), "{e}");
+            assert!(e.message.contains(&format!("did you mean `{fix}`")), "{e}");
+        }
+        let e = parse("model = \"m\"\nmodle = 3\n[calibration]\nsamples = 2\n").unwrap_err();
+        assert_eq!((e.field.as_str(), e.position.line), ("top level", 2), "{e}");
+        assert!(e.message.contains("at the top level"), "{e}");
     }
 
     #[test]

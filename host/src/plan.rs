@@ -1,19 +1,46 @@
 //! Planning: checks a parsed pipeline against the plugins and the model before anything runs
-//! (unknown plugins, parameters of the wrong type, targets that match nothing, budgets with no
-//! source), so a mistake in stage 5 is reported before stage 1 spends a minute.
+//! (unknown plugins, parameters of the wrong type, targets that match nothing, a `heads` stage
+//! aimed at anything but attention projections, budgets with no source, and whatever each
+//! plugin's own `validate` finds), so a mistake in stage 5 is reported at its line before
+//! stage 1, the calibration or the dense evaluation spends a minute.
 
 use std::path::Path;
 use std::sync::Arc;
 
-use espalier_engine::{LayerInfo, Model, Session};
+use espalier_engine::{LayerInfo, Model, Role, Session};
 use globset::{Glob, GlobMatcher};
 
 use crate::calibration::CalibrationSet;
 use crate::display_safe;
-use crate::pipeline::{DensitySpec, HeadsSpec, Pipeline, PipelineError, StageSpec};
-use crate::plugin::bindings::{Need, OutputKind, ParamKind, ParamValue};
+use crate::pipeline::{DensitySpec, HeadsSpec, Pipeline, PipelineError, Position, StageSpec};
+use crate::plugin::bindings::{
+    Need, OutputKind, ParamKind, ParamProblem, ParamValue, PlannedDensity, PlanningContext,
+    ProblemAt,
+};
 use crate::plugin::registry::{load_file_sandboxed, value_fits};
-use crate::plugin::{Plugin, Registry, Runtime};
+use crate::plugin::state::ModelView;
+use crate::plugin::{Plugin, PluginError, Registry, Runtime, WitVersion};
+
+/// Why a pipeline cannot be planned.
+#[derive(Debug, thiserror::Error)]
+pub enum PlanError {
+    /// A mistake in the pipeline, at its line (the host's checks and the problems a plugin's
+    /// `validate` reported alike).
+    #[error(transparent)]
+    Pipeline(#[from] PipelineError),
+    /// A plugin's `validate` failed instead of answering (trap, panic, timeout, memory).
+    #[error("stage `{}`: checking its parameters at planning: {source}", display_safe::name(.stage))]
+    Validate {
+        /// Stage name.
+        stage: String,
+        /// What happened.
+        source: PluginError,
+    },
+}
+
+/// Most problems of one stage's `validate` reported (each on its own line); the rest are
+/// counted. A plugin may return millions.
+const MAX_PROBLEMS: usize = 8;
 
 /// Where a stage's per-layer density comes from.
 #[derive(Debug, Clone, PartialEq)]
@@ -152,6 +179,65 @@ pub fn resolve_targets(
     Ok(targets)
 }
 
+/// Whether a role is an attention projection, the only weights whose heads a `heads` stage can
+/// remove.
+fn is_attention(role: Role) -> bool {
+    matches!(
+        role,
+        Role::AttnQ | Role::AttnK | Role::AttnV | Role::AttnQkv | Role::AttnO
+    )
+}
+
+/// A `heads` stage removes whole attention heads: every target must be an attention projection
+/// (the plugin would refuse anything else only once the stage runs, after calibration and the
+/// dense evaluation). Refused at the stage's `targets` (or its `[[stage]]` line when the
+/// default, every block linear, applies) with a pattern that selects this model's attention.
+fn check_head_targets(
+    pipeline: &Pipeline,
+    spec: &StageSpec,
+    plugin: &Plugin,
+    targets: &[LayerInfo],
+    model: &Model,
+) -> Result<(), PipelineError> {
+    if plugin.info.produces != OutputKind::Heads {
+        return Ok(());
+    }
+    let others: Vec<&LayerInfo> = targets.iter().filter(|l| !is_attention(l.role)).collect();
+    let Some(first) = others.first() else {
+        return Ok(());
+    };
+    // The module that holds the projections: `self_attn` (LLaMA family), `attn` (GPT-2).
+    let module = model
+        .layers()
+        .iter()
+        .find(|l| is_attention(l.role))
+        .and_then(|l| {
+            l.name
+                .split('.')
+                .find(|part| part.contains("attn") && !part.starts_with("c_"))
+                .map(str::to_string)
+        })
+        .unwrap_or_else(|| "self_attn".into());
+    let (position, which) = match &spec.targets {
+        Some(t) => (&t.position, "its targets include"),
+        None => (
+            &spec.position,
+            "it has no `targets`, so it gets every block linear, including",
+        ),
+    };
+    Err(pipeline.error(
+        position,
+        format!("stage[{}].targets", spec.index),
+        format!(
+            "plugin `{}` removes attention heads, so its targets must be attention projections (q, k, v, o), but {which} {} weights that are not (`{}` is {}); set `targets = [\"*.{module}.*\"]`",
+            display_safe::name(&plugin.info.name),
+            others.len(),
+            first.name,
+            first.role.as_str(),
+        ),
+    ))
+}
+
 fn example_name(layers: &[LayerInfo]) -> String {
     layers
         .iter()
@@ -224,13 +310,26 @@ fn check_params(
     for (key, value) in &spec.params {
         let field = format!("stage[{}].{}", spec.index, key.value);
         let Some(p) = info.params.iter().find(|p| p.name == key.value) else {
+            // A typo of a stage key (`densty`) is as likely as one of a parameter.
+            let closest = info
+                .params
+                .iter()
+                .map(|p| p.name.as_str())
+                .chain(crate::pipeline::STAGE_KEYS.iter().copied())
+                .map(|k| (edit_distance(k, &key.value), k))
+                .filter(|(d, _)| *d <= 2)
+                .min()
+                .map(|(_, k)| format!("did you mean `{}`? ", display_safe::name(k)))
+                .unwrap_or_default();
             return Err(pipeline.error(
                 &key.position,
                 field,
                 format!(
-                    "plugin `{plugin_name}` has no parameter `{}` ({}; see `espalier plugins inspect {plugin_name}`)",
-                    key.value,
+                    "unknown key `{}` in [[stage]] `{}`: {closest}plugin `{plugin_name}` has no parameter of that name ({}; the stage's own keys are {}; see `espalier plugins inspect {plugin_name}`)",
+                    display_safe::name(&key.value),
+                    display_safe::name(&spec.name),
                     accepted(),
+                    crate::pipeline::STAGE_KEYS.join(", "),
                 ),
             ));
         };
@@ -290,8 +389,8 @@ fn resolve_plugin(
         let names = registry.names();
         let hint = names
             .iter()
-            .min_by_key(|n| strsim_distance(n, name))
-            .filter(|n| strsim_distance(n, name) <= 3)
+            .min_by_key(|n| edit_distance(n, name))
+            .filter(|n| edit_distance(n, name) <= 3)
             .map(|n| format!("did you mean `{n}`? "))
             .unwrap_or_default();
         pipeline.error(
@@ -371,7 +470,7 @@ fn check_pin(pipeline: &Pipeline, spec: &StageSpec, plugin: &Plugin) -> Result<(
 }
 
 /// Levenshtein distance, for "did you mean" hints.
-fn strsim_distance(a: &str, b: &str) -> usize {
+pub(crate) fn edit_distance(a: &str, b: &str) -> usize {
     let b: Vec<char> = b.chars().collect();
     let mut prev: Vec<usize> = (0..=b.len()).collect();
     for (i, ca) in a.chars().enumerate() {
@@ -386,18 +485,145 @@ fn strsim_distance(a: &str, b: &str) -> usize {
     prev[b.len()]
 }
 
-/// Checks every stage of `pipeline` against the plugins and the model.
+/// Where a problem `validate` reported is shown: the line of what it names, and its field.
+fn problem_site<'a>(spec: &'a StageSpec, at: &ProblemAt) -> (&'a Position, String) {
+    let stage = format!("stage[{}]", spec.index);
+    match at {
+        ProblemAt::Stage => (&spec.position, stage),
+        ProblemAt::Density => (
+            spec.density
+                .as_ref()
+                .map_or(&spec.position, |d| &d.position),
+            format!("{stage}.density"),
+        ),
+        ProblemAt::Targets => (
+            spec.targets
+                .as_ref()
+                .map_or(&spec.position, |t| &t.position),
+            format!("{stage}.targets"),
+        ),
+        ProblemAt::Param(name) => (
+            spec.params
+                .iter()
+                .find(|(k, _)| k.value == *name)
+                .map_or(&spec.position, |(_, v)| &v.position),
+            format!("{stage}.{}", display_safe::name(name)),
+        ),
+    }
+}
+
+/// The problems a plugin's `validate` reported for a stage, as one pipeline error: the first
+/// at its own line, each further one on a line of its own with its position (at most
+/// [`MAX_PROBLEMS`]), every message escaped and capped, naming the stage.
+fn problems_error(
+    pipeline: &Pipeline,
+    spec: &StageSpec,
+    plugin: &str,
+    problems: &[ParamProblem],
+) -> PipelineError {
+    let who = if spec.name == plugin {
+        format!("stage `{}`", display_safe::name(&spec.name))
+    } else {
+        format!(
+            "stage `{}` (plugin `{}`)",
+            display_safe::name(&spec.name),
+            display_safe::name(plugin)
+        )
+    };
+    let say = |p: &ParamProblem| {
+        let text = display_safe::line(p.message.trim(), display_safe::NAME_MAX * 2);
+        if text.is_empty() {
+            format!("{who}: the plugin refuses this without saying why")
+        } else {
+            format!("{who}: {text}")
+        }
+    };
+    let Some(first) = problems.first() else {
+        return pipeline.error(
+            &spec.position,
+            format!("stage[{}]", spec.index),
+            format!("{who}: the plugin refuses the stage without naming a problem"),
+        );
+    };
+    let (position, field) = problem_site(spec, &first.at);
+    let mut message = say(first);
+    for p in problems.iter().skip(1).take(MAX_PROBLEMS - 1) {
+        let (at, field) = problem_site(spec, &p.at);
+        let also = pipeline.error(at, field, say(p));
+        message.push('\n');
+        message.push_str(&also.to_string());
+    }
+    if problems.len() > MAX_PROBLEMS {
+        message.push_str(&format!(
+            "\n… and {} more problems in this stage",
+            problems.len() - MAX_PROBLEMS
+        ));
+    }
+    pipeline.error(position, field, message)
+}
+
+/// The model as `validate` sees it: its description, no weights, masks or statistics (nothing
+/// is computed at planning).
+fn planning_view(model: &Model) -> Arc<ModelView> {
+    Arc::new(ModelView {
+        info: crate::run::model_info(model),
+        layers: model.layers().iter().map(crate::run::wit_layer).collect(),
+        weights: Default::default(),
+        masks: Default::default(),
+        calibration: None,
+    })
+}
+
+/// Calls the plugin's `validate` (0.4 and later) on a stage whose host-side checks passed.
+fn validate_stage(
+    pipeline: &Pipeline,
+    stage: &PlannedStage,
+    runtime: &Runtime,
+    view: &Arc<ModelView>,
+) -> Result<(), PlanError> {
+    let ctx = PlanningContext {
+        stage: stage.spec.name.clone(),
+        density: match stage.density {
+            StageDensity::None => PlannedDensity::Unset,
+            StageDensity::Fixed(d) => PlannedDensity::Fixed(d),
+            StageDensity::Budget(_) => PlannedDensity::Budget,
+        },
+        targets: stage.targets.iter().map(crate::run::wit_layer).collect(),
+        params: stage.params.clone(),
+    };
+    let verdict = runtime
+        .validate(
+            &stage.plugin.info.name,
+            &stage.plugin.compiled,
+            view.clone(),
+            &pipeline.sandbox,
+            &ctx,
+        )
+        .map_err(|source| PlanError::Validate {
+            stage: stage.spec.name.clone(),
+            source,
+        })?;
+    verdict.map_err(|problems| {
+        problems_error(pipeline, &stage.spec, &stage.plugin.info.name, &problems).into()
+    })
+}
+
+/// Checks every stage of `pipeline` against the plugins and the model: the host's checks, then
+/// each 0.4 plugin's `validate`, stage by stage, all before anything is computed.
 pub fn plan(
     pipeline: Pipeline,
     registry: &Registry,
     runtime: &Runtime,
     model: &Model,
-) -> Result<Plan, PipelineError> {
+) -> Result<Plan, PlanError> {
     let mut stages: Vec<PlannedStage> = Vec::with_capacity(pipeline.stages.len());
+    // Built for the first plugin that validates (a copy of the layer list).
+    let mut view: Option<Arc<ModelView>> = None;
     for spec in &pipeline.stages {
         let plugin = resolve_plugin(&pipeline, spec, registry, runtime)?;
         check_pin(&pipeline, spec, &plugin)?;
         let targets = resolve_targets(&pipeline, spec, model)?;
+        check_head_targets(&pipeline, spec, &plugin, &targets, model)?;
         let params = check_params(&pipeline, spec, &plugin)?;
         let heads_per_block = match &spec.heads {
             Some(h) => Some(heads_per_block(
@@ -423,7 +649,7 @@ pub fn plan(
                                 pipeline.error(&d.position, field.clone(), format!("no earlier stage is named `{name}`"))
                             })?;
                             if stages[i].plugin.info.produces != OutputKind::Budgets {
-                                return Err(pipeline.error(&d.position, field, format!("stage `{name}` produces {:?}, not budgets", stages[i].plugin.info.produces)));
+                                return Err(pipeline.error(&d.position, field, format!("stage `{name}` produces {:?}, not budgets", stages[i].plugin.info.produces)).into());
                             }
                             i
                         }
@@ -432,14 +658,19 @@ pub fn plan(
                 }
             },
         };
-        stages.push(PlannedStage {
+        let stage = PlannedStage {
             spec: spec.clone(),
             plugin,
             targets,
             density,
             heads_per_block,
             params,
-        });
+        };
+        if stage.plugin.compiled.wit >= WitVersion::V0_4 {
+            let view = view.get_or_insert_with(|| planning_view(model));
+            validate_stage(&pipeline, &stage, runtime, view)?;
+        }
+        stages.push(stage);
     }
     let calibration = plan_calibration(&pipeline, &stages, model)?;
     Ok(Plan {
@@ -554,8 +785,62 @@ mod tests {
     }
 
     #[test]
-    fn edit_distance() {
-        assert_eq!(strsim_distance("magnitude", "magnitud"), 1);
-        assert_eq!(strsim_distance("block", "blokc"), 2);
+    fn plugin_problems_are_reported_at_the_line_of_what_they_name() {
+        let text =
+            "model = \"m\"\n[[stage]]\nname = \"cut\"\nplugin = \"n-m\"\ndensity = 0.3\nn = 2\n";
+        let pipeline = Pipeline::parse("p.toml", text).unwrap();
+        let spec = &pipeline.stages[0];
+        let problem = |at: ProblemAt, message: &str| ParamProblem {
+            at,
+            message: message.into(),
+        };
+        // One problem: at its own line, naming the stage and the plugin.
+        let e = problems_error(
+            &pipeline,
+            spec,
+            "n-m",
+            &[problem(ProblemAt::Density, "fix it")],
+        );
+        assert_eq!((e.position.line, e.position.column), (5, 1), "{e}");
+        assert_eq!(e.field, "stage[0].density");
+        assert_eq!(e.message, "stage `cut` (plugin `n-m`): fix it");
+        // A parameter at its line; a defaulted one, targets and the stage at the stage's line.
+        for (at, line, field) in [
+            (ProblemAt::Param("n".into()), 6, "stage[0].n"),
+            (ProblemAt::Param("m".into()), 2, "stage[0].m"),
+            (ProblemAt::Targets, 2, "stage[0].targets"),
+            (ProblemAt::Stage, 2, "stage[0]"),
+        ] {
+            let (position, f) = problem_site(spec, &at);
+            assert_eq!((position.line, f.as_str()), (line, field));
+        }
+        // Many problems: each further one on its own located line, the rest counted, every
+        // message escaped.
+        let many: Vec<ParamProblem> = (0..20)
+            .map(|i| {
+                problem(
+                    ProblemAt::Param("n".into()),
+                    &format!("\u{1b}[2Jproblem {i}"),
+                )
+            })
+            .collect();
+        let e = problems_error(&pipeline, spec, "n-m", &many);
+        let shown = e.to_string();
+        assert_eq!(
+            shown.matches("p.toml:6:1: stage[0].n: ").count(),
+            MAX_PROBLEMS,
+            "{shown}"
+        );
+        assert!(shown.contains("and 12 more problems"), "{shown}");
+        assert!(!shown.contains('\u{1b}'), "{shown}");
+        // An empty refusal still refuses.
+        let e = problems_error(&pipeline, spec, "n-m", &[]);
+        assert!(e.message.contains("without naming a problem"), "{e}");
+    }
+
+    #[test]
+    fn edit_distances() {
+        assert_eq!(edit_distance("magnitude", "magnitud"), 1);
+        assert_eq!(edit_distance("block", "blokc"), 2);
     }
 }

@@ -19,14 +19,14 @@ use crate::plan::{Plan, PlannedStage, StageDensity};
 use crate::plugin::bindings::espalier::prune::model as wit_model;
 use crate::plugin::bindings::{Need, OutputKind, StageContext, StageOutput, Target};
 use crate::plugin::state::ModelView;
-use crate::plugin::{CallTimings, Origin, PluginError, Runtime, Sandbox};
+use crate::plugin::{CallTimings, Origin, PluginError, Progress, Runtime, Sandbox};
 use crate::report::{
     CalibrationRecord, LayerReport, RunReport, SandboxRecord, StageReport, Summary,
 };
 use crate::tensor_util::apply_mask;
 
 /// Where a calibration pass reports `(sequences done, total)`.
-type Progress<'a> = &'a mut dyn FnMut(usize, usize);
+type PassProgress<'a> = &'a mut dyn FnMut(usize, usize);
 
 /// Why a run failed.
 #[derive(Debug, thiserror::Error)]
@@ -123,24 +123,29 @@ pub fn wit_layer(l: &LayerInfo) -> wit_model::LayerInfo {
 
 /// Builds the view of the model a plugin sees (shares weight storage with the model).
 pub fn model_view(model: &Model, masks: &BTreeMap<String, Mask>) -> ModelView {
-    let c = &model.config;
     ModelView {
-        info: wit_model::ModelInfo {
-            architecture: match c.arch {
-                espalier_engine::Architecture::Llama => "llama".into(),
-                espalier_engine::Architecture::Gpt2 => "gpt2".into(),
-            },
-            hidden_size: c.hidden_size as u32,
-            num_layers: c.num_layers as u32,
-            num_heads: c.num_heads as u32,
-            num_kv_heads: c.num_kv_heads as u32,
-            head_dim: c.head_dim as u32,
-            vocab_size: c.vocab_size as u32,
-        },
+        info: model_info(model),
         layers: model.layers().iter().map(wit_layer).collect(),
         weights: model.weights().clone(),
         masks: masks.clone(),
         calibration: None,
+    }
+}
+
+/// The architecture-level facts plugins see (`model.info`).
+pub fn model_info(model: &Model) -> wit_model::ModelInfo {
+    let c = &model.config;
+    wit_model::ModelInfo {
+        architecture: match c.arch {
+            espalier_engine::Architecture::Llama => "llama".into(),
+            espalier_engine::Architecture::Gpt2 => "gpt2".into(),
+        },
+        hidden_size: c.hidden_size as u32,
+        num_layers: c.num_layers as u32,
+        num_heads: c.num_heads as u32,
+        num_kv_heads: c.num_kv_heads as u32,
+        head_dim: c.head_dim as u32,
+        vocab_size: c.vocab_size as u32,
     }
 }
 
@@ -211,10 +216,13 @@ pub fn run_stage(
     cancel: &CancelToken,
 ) -> Result<(StageReport, Option<BTreeMap<String, f64>>), RunError> {
     let started = Instant::now();
-    let mut emit = |event: RunEvent| sink.emit(event);
-    let step = |step: &str| RunEvent::StageProgress {
-        index,
-        step: step.to_string(),
+    let step = |sink: &mut dyn EventSink, step: &str| {
+        sink.emit(RunEvent::StageProgress {
+            index,
+            step: step.to_string(),
+            done: None,
+            total: None,
+        })
     };
     let stage_name = stage.spec.name.clone();
     let plugin_name = stage.plugin.info.name.clone();
@@ -267,18 +275,19 @@ pub fn run_stage(
         let needs = &stage.plugin.info.needs;
         let calibrator = calibrator.clone();
         // Each pass reports sequences done, from this thread (see `Calibrator::each_sequence`).
-        let mut pass =
-            |pass: &str, run: &dyn Fn(Progress<'_>) -> Result<(), String>| -> Result<(), String> {
-                emit(step(&format!("calibration: {pass}")));
-                run(&mut |done, total| {
-                    emit(RunEvent::CalibrationProgress {
-                        index,
-                        pass: pass.to_string(),
-                        done,
-                        total,
-                    })
+        let mut pass = |pass: &str,
+                        run: &dyn Fn(PassProgress<'_>) -> Result<(), String>|
+         -> Result<(), String> {
+            step(&mut *sink, &format!("calibration: {pass}"));
+            run(&mut |done, total| {
+                sink.emit(RunEvent::CalibrationProgress {
+                    index,
+                    pass: pass.to_string(),
+                    done,
+                    total,
                 })
-            };
+            })
+        };
         let prepared = if needs.contains(&Need::Activations) {
             pass("activation statistics", &|p| {
                 calibrator.prepare_norms_with(p)
@@ -317,7 +326,7 @@ pub fn run_stage(
         view.calibration = Some(calibrator.clone());
     }
     let view = Arc::new(view);
-    emit(step("calling the plugin"));
+    step(sink, "calling the plugin");
     let (output, mut store, timings) = runtime
         .apply(
             &plugin_name,
@@ -326,6 +335,20 @@ pub fn run_stage(
             sandbox,
             &ctx,
             cancel,
+            // What a 0.4 plugin reports while it runs, as progress of this stage.
+            Some(&mut |p: Progress| {
+                let known = p.total > 0;
+                sink.emit(RunEvent::StageProgress {
+                    index,
+                    step: if p.message.is_empty() {
+                        "running the plugin".into()
+                    } else {
+                        p.message
+                    },
+                    done: known.then_some(p.done),
+                    total: known.then_some(p.total),
+                })
+            }),
         )
         .map_err(|source| match source {
             PluginError::Cancelled { .. } => RunError::Cancelled {
@@ -336,7 +359,7 @@ pub fn run_stage(
                 source,
             },
         })?;
-    emit(step("validating and applying the result"));
+    step(sink, "validating and applying the result");
     let apply_started = Instant::now();
     let StageOutput {
         masks,

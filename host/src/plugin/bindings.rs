@@ -1,17 +1,32 @@
 //! Host bindings generated from the released WIT packages, one module per version:
-//! [`v0_3`] (`wit/since_v0.3.0`, `espalier:prune@0.3.0`), [`v0_2`] and [`v0_1`] (frozen). The
-//! rest of the host speaks 0.3 (a superset of both): this module re-exports the 0.3 types at
-//! its root, and `compat.rs` converts the few older values that cross the `describe` / `apply`
-//! boundary. The runtime picks the world from the version a component imports.
+//! [`v0_4`] (`wit/since_v0.4.0`, `espalier:prune@0.4.0`), [`v0_3`], [`v0_2`] and [`v0_1`]
+//! (frozen). The rest of the host speaks 0.4 (a superset of them all): this module re-exports
+//! the 0.4 types at its root, and `compat.rs` converts the few older values that cross the
+//! `describe` / `apply` boundary. The runtime picks the world from the version a component
+//! imports.
+
+/// `espalier:prune@0.4.0`: 0.3.0 plus the `validate` export (planning-time checks) and the
+/// `progress` import.
+pub mod v0_4 {
+    wasmtime::component::bindgen!({
+        path: "../wit/since_v0.4.0",
+        world: "criterion",
+        // Every import returns `wasmtime::Result` so the host can trap a misbehaving guest
+        // (dead handles) instead of panicking; WIT-level failures are `result<_, string>`.
+        imports: { default: trappable },
+        with: {
+            "espalier:prune/tensors.tensor": crate::plugin::state::TensorHandle,
+            "espalier:prune/kernels.mask": crate::mask::Mask,
+        },
+    });
+}
 
 /// `espalier:prune@0.3.0`: 0.2.0 plus `calibration.gradients`, `calibration.loss-with-masks`
-/// and the `gradients` need.
+/// and the `gradients` need. Still served, frozen.
 pub mod v0_3 {
     wasmtime::component::bindgen!({
         path: "../wit/since_v0.3.0",
         world: "criterion",
-        // Every import returns `wasmtime::Result` so the host can trap a misbehaving guest
-        // (dead handles) instead of panicking; WIT-level failures are `result<_, string>`.
         imports: { default: trappable },
         with: {
             "espalier:prune/tensors.tensor": crate::plugin::state::TensorHandle,
@@ -35,7 +50,7 @@ pub mod v0_2 {
 }
 
 /// `espalier:prune@0.1.0`, the first released contract: still served so that plugins built
-/// against it keep running unchanged. Its resources map to the same host types as 0.3's.
+/// against it keep running unchanged. Its resources map to the same host types as 0.4's.
 pub mod v0_1 {
     wasmtime::component::bindgen!({
         path: "../wit/since_v0.1.0",
@@ -49,12 +64,13 @@ pub mod v0_1 {
 }
 
 // The host's vocabulary is the newest version.
-pub use v0_3::espalier;
-pub use v0_3::{Criterion, PluginInfo, StageContext, StageOutput};
+pub use v0_4::espalier;
+pub use v0_4::{Criterion, PlanningContext, PluginInfo, StageContext, StageOutput};
 
 pub use self::espalier::prune::calibration::CalibrationInfo;
 pub use self::espalier::prune::kernels::{BlockShape, NOfM, Structure};
 pub use self::espalier::prune::model::{LayerInfo as WitLayerInfo, Role as WitRole};
 pub use self::espalier::prune::plugin_types::{
-    HeadKeep, LayerBudget, LayerMask, Need, OutputKind, ParamKind, ParamSpec, ParamValue, Target,
+    HeadKeep, LayerBudget, LayerMask, Need, OutputKind, ParamKind, ParamProblem, ParamSpec,
+    ParamValue, PlannedDensity, ProblemAt, Target,
 };

@@ -1,14 +1,16 @@
-//! Conversions between the older WIT versions (0.1.0, 0.2.0) and the 0.3.0 types the host works
-//! with. Only the values crossing an older plugin's `describe` / `apply` boundary need them, plus
+//! Conversions between the older WIT versions (0.1.0, 0.2.0, 0.3.0) and the 0.4.0 types the host
+//! works with. Only the values crossing an older plugin's `describe` / `apply` boundary need them, plus
 //! the model descriptions its `model` imports return (the imports themselves are implemented for
 //! every version by one macro in `state.rs`); resources (`tensor`, `mask`) map to the same host
 //! types in all versions and move across unchanged.
 //!
 //! The versions' generated types are distinct Rust items of identical shape (except the `need`
-//! enum, which grows), so one macro writes each version's conversions.
+//! enum, which grows), so one macro writes each version's conversions. What 0.4 added (the
+//! `validate` export, the `progress` import) has no older counterpart to convert: an older
+//! plugin is simply not validated by a call and cannot report progress.
 
-use super::bindings::v0_3::espalier::prune::{model as m3, plugin_types as p3};
-use super::bindings::v0_3::{PluginInfo, StageContext, StageOutput};
+use super::bindings::v0_4::espalier::prune::{model as mh, plugin_types as ph};
+use super::bindings::v0_4::{PluginInfo, StageContext, StageOutput};
 
 macro_rules! older_version {
     ($module:ident, $v:ident, needs: { $($old_need:ident => $new_need:ident),* $(,)? }) => {
@@ -21,8 +23,8 @@ macro_rules! older_version {
             };
 
             /// A role in this version's terms (identical cases).
-            pub fn role(r: m3::Role) -> mo::Role {
-                use m3::Role as B;
+            pub fn role(r: mh::Role) -> mo::Role {
+                use mh::Role as B;
                 use mo::Role as A;
                 match r {
                     B::Embedding => A::Embedding,
@@ -43,7 +45,7 @@ macro_rules! older_version {
             }
 
             /// A layer description in this version's terms.
-            pub fn layer(l: &m3::LayerInfo) -> mo::LayerInfo {
+            pub fn layer(l: &mh::LayerInfo) -> mo::LayerInfo {
                 mo::LayerInfo {
                     name: l.name.clone(),
                     role: role(l.role),
@@ -56,7 +58,7 @@ macro_rules! older_version {
             }
 
             /// Model facts in this version's terms.
-            pub fn model_info(i: &m3::ModelInfo) -> mo::ModelInfo {
+            pub fn model_info(i: &mh::ModelInfo) -> mo::ModelInfo {
                 mo::ModelInfo {
                     architecture: i.architecture.clone(),
                     hidden_size: i.hidden_size,
@@ -68,48 +70,48 @@ macro_rules! older_version {
                 }
             }
 
-            fn value_to(v: &p3::ParamValue) -> po::ParamValue {
+            fn value_to(v: &ph::ParamValue) -> po::ParamValue {
                 match v {
-                    p3::ParamValue::Boolean(b) => po::ParamValue::Boolean(*b),
-                    p3::ParamValue::Integer(i) => po::ParamValue::Integer(*i),
-                    p3::ParamValue::Float(f) => po::ParamValue::Float(*f),
-                    p3::ParamValue::Text(t) => po::ParamValue::Text(t.clone()),
-                    p3::ParamValue::Integers(l) => po::ParamValue::Integers(l.clone()),
-                    p3::ParamValue::Floats(l) => po::ParamValue::Floats(l.clone()),
+                    ph::ParamValue::Boolean(b) => po::ParamValue::Boolean(*b),
+                    ph::ParamValue::Integer(i) => po::ParamValue::Integer(*i),
+                    ph::ParamValue::Float(f) => po::ParamValue::Float(*f),
+                    ph::ParamValue::Text(t) => po::ParamValue::Text(t.clone()),
+                    ph::ParamValue::Integers(l) => po::ParamValue::Integers(l.clone()),
+                    ph::ParamValue::Floats(l) => po::ParamValue::Floats(l.clone()),
                 }
             }
 
-            fn value_from(v: po::ParamValue) -> p3::ParamValue {
+            fn value_from(v: po::ParamValue) -> ph::ParamValue {
                 match v {
-                    po::ParamValue::Boolean(b) => p3::ParamValue::Boolean(b),
-                    po::ParamValue::Integer(i) => p3::ParamValue::Integer(i),
-                    po::ParamValue::Float(f) => p3::ParamValue::Float(f),
-                    po::ParamValue::Text(t) => p3::ParamValue::Text(t),
-                    po::ParamValue::Integers(l) => p3::ParamValue::Integers(l),
-                    po::ParamValue::Floats(l) => p3::ParamValue::Floats(l),
+                    po::ParamValue::Boolean(b) => ph::ParamValue::Boolean(b),
+                    po::ParamValue::Integer(i) => ph::ParamValue::Integer(i),
+                    po::ParamValue::Float(f) => ph::ParamValue::Float(f),
+                    po::ParamValue::Text(t) => ph::ParamValue::Text(t),
+                    po::ParamValue::Integers(l) => ph::ParamValue::Integers(l),
+                    po::ParamValue::Floats(l) => ph::ParamValue::Floats(l),
                 }
             }
 
-            fn kind_from(k: po::ParamKind) -> p3::ParamKind {
+            fn kind_from(k: po::ParamKind) -> ph::ParamKind {
                 match k {
-                    po::ParamKind::Boolean => p3::ParamKind::Boolean,
-                    po::ParamKind::Integer => p3::ParamKind::Integer,
-                    po::ParamKind::Float => p3::ParamKind::Float,
-                    po::ParamKind::Text => p3::ParamKind::Text,
-                    po::ParamKind::Integers => p3::ParamKind::Integers,
-                    po::ParamKind::Floats => p3::ParamKind::Floats,
+                    po::ParamKind::Boolean => ph::ParamKind::Boolean,
+                    po::ParamKind::Integer => ph::ParamKind::Integer,
+                    po::ParamKind::Float => ph::ParamKind::Float,
+                    po::ParamKind::Text => ph::ParamKind::Text,
+                    po::ParamKind::Integers => ph::ParamKind::Integers,
+                    po::ParamKind::Floats => ph::ParamKind::Floats,
                 }
             }
 
-            fn output_kind_from(k: po::OutputKind) -> p3::OutputKind {
+            fn output_kind_from(k: po::OutputKind) -> ph::OutputKind {
                 match k {
-                    po::OutputKind::Masks => p3::OutputKind::Masks,
-                    po::OutputKind::Budgets => p3::OutputKind::Budgets,
-                    po::OutputKind::Heads => p3::OutputKind::Heads,
+                    po::OutputKind::Masks => ph::OutputKind::Masks,
+                    po::OutputKind::Budgets => ph::OutputKind::Budgets,
+                    po::OutputKind::Heads => ph::OutputKind::Heads,
                 }
             }
 
-            /// What the plugin described, in 0.3 terms.
+            /// What the plugin described, in 0.4 terms.
             pub fn plugin_info_from(i: InfoO) -> PluginInfo {
                 PluginInfo {
                     name: i.name,
@@ -118,7 +120,7 @@ macro_rules! older_version {
                     params: i
                         .params
                         .into_iter()
-                        .map(|p| p3::ParamSpec {
+                        .map(|p| ph::ParamSpec {
                             name: p.name,
                             kind: kind_from(p.kind),
                             default: p.default.map(value_from),
@@ -129,7 +131,7 @@ macro_rules! older_version {
                         .needs
                         .into_iter()
                         .map(|n| match n {
-                            $(po::Need::$old_need => p3::Need::$new_need,)*
+                            $(po::Need::$old_need => ph::Need::$new_need,)*
                         })
                         .collect(),
                     produces: output_kind_from(i.produces),
@@ -152,13 +154,13 @@ macro_rules! older_version {
                 }
             }
 
-            /// The plugin's output in 0.3 terms (mask handles move unchanged).
+            /// The plugin's output in 0.4 terms (mask handles move unchanged).
             pub fn stage_output_from(o: OutO) -> StageOutput {
                 StageOutput {
                     masks: o
                         .masks
                         .into_iter()
-                        .map(|m| p3::LayerMask {
+                        .map(|m| ph::LayerMask {
                             layer: m.layer,
                             mask: m.mask,
                         })
@@ -166,7 +168,7 @@ macro_rules! older_version {
                     budgets: o
                         .budgets
                         .into_iter()
-                        .map(|b| p3::LayerBudget {
+                        .map(|b| ph::LayerBudget {
                             layer: b.layer,
                             density: b.density,
                         })
@@ -174,7 +176,7 @@ macro_rules! older_version {
                     heads: o
                         .heads
                         .into_iter()
-                        .map(|h| p3::HeadKeep {
+                        .map(|h| ph::HeadKeep {
                             block: h.block,
                             keep: h.keep,
                         })
@@ -187,3 +189,9 @@ macro_rules! older_version {
 
 older_version!(v1, v0_1, needs: { Weights => Weights });
 older_version!(v2, v0_2, needs: { Weights => Weights, Activations => Activations, Loss => Loss });
+older_version!(v3, v0_3, needs: {
+    Weights => Weights,
+    Activations => Activations,
+    Loss => Loss,
+    Gradients => Gradients,
+});

@@ -4,6 +4,7 @@
 pub mod bindings;
 pub mod budget;
 pub mod compat;
+pub mod progress;
 pub mod registry;
 /// The host-import replay harness: unit tests and the `host_imports` fuzz target.
 #[cfg(any(test, feature = "fuzzing"))]
@@ -11,5 +12,6 @@ pub mod replay;
 pub mod runtime;
 pub mod state;
 
+pub use progress::Progress;
 pub use registry::{Origin, Plugin, Registry};
 pub use runtime::{CallTimings, CompiledPlugin, PluginError, Runtime, Sandbox, WitVersion};

@@ -12,7 +12,7 @@ use std::sync::{Arc, OnceLock};
 
 use wasmtime::component::Resource;
 
-use super::bindings::v0_3::espalier::prune::{calibration, kernels, model, tensors};
+use super::bindings::v0_4::espalier::prune::{calibration, kernels, model, tensors};
 use super::state::{Limits, ModelView, PluginState, TensorHandle};
 use crate::calibration::{CalibrationSet, Calibrator};
 use crate::mask::Mask;

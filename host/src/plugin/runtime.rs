@@ -1,6 +1,8 @@
 //! The wasmtime side of plugins: one Engine per process, components compiled once and cached
 //! by the sha256 of their bytes, one Store per plugin instance with a memory cap and an epoch
-//! deadline, and classification of guest failures into errors a user can act on.
+//! deadline, and classification of guest failures into errors a user can act on. Every call
+//! (`describe`, `validate`, `apply`) gets the same limits, so a planning-time `validate` that
+//! loops or traps fails like an `apply` would, as a [`PluginError`].
 
 use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
@@ -15,8 +17,11 @@ use wasmtime::{Config, Engine, Store, Trap, UpdateDeadline};
 
 use crate::cancel::{CancelToken, Cancelled};
 
-use super::bindings::{PluginInfo, StageContext, StageOutput, v0_1, v0_2, v0_3};
+use super::bindings::{
+    ParamProblem, PlanningContext, PluginInfo, StageContext, StageOutput, v0_1, v0_2, v0_3, v0_4,
+};
 use super::compat;
+use super::progress::{Progress, ProgressGate};
 use super::state::{Limits, ModelView, PluginState};
 
 /// How often the epoch advances; deadlines are counted in these ticks.
@@ -154,7 +159,7 @@ impl Drop for EpochTicker {
 }
 
 /// The version of the `espalier:prune` WIT package a component was built against.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
 pub enum WitVersion {
     /// `espalier:prune@0.1.0` (weights and kernels only).
     #[serde(rename = "0.1.0")]
@@ -165,6 +170,9 @@ pub enum WitVersion {
     /// `espalier:prune@0.3.0` (adds gradients and multi-layer loss trials).
     #[serde(rename = "0.3.0")]
     V0_3,
+    /// `espalier:prune@0.4.0` (adds planning-time `validate` and `progress` reports).
+    #[serde(rename = "0.4.0")]
+    V0_4,
 }
 
 impl std::fmt::Display for WitVersion {
@@ -173,6 +181,7 @@ impl std::fmt::Display for WitVersion {
             WitVersion::V0_1 => "0.1.0",
             WitVersion::V0_2 => "0.2.0",
             WitVersion::V0_3 => "0.3.0",
+            WitVersion::V0_4 => "0.4.0",
         })
     }
 }
@@ -184,14 +193,17 @@ pub struct CompiledPlugin {
     pub sha256: String,
     /// The WIT version it imports, which picks the world it is instantiated in.
     pub wit: WitVersion,
+    /// Whether it imports `progress` (0.4): only then does an `apply` watch for its reports.
+    pub reports_progress: bool,
     component: Component,
 }
 
-/// An instance of either world.
+/// An instance of any served world.
 enum Instance {
     V0_1(v0_1::Criterion),
     V0_2(v0_2::Criterion),
     V0_3(v0_3::Criterion),
+    V0_4(v0_4::Criterion),
 }
 
 /// Timings of one `apply` call.
@@ -215,10 +227,11 @@ impl CallTimings {
 /// The process-wide plugin runtime.
 pub struct Runtime {
     engine: Engine,
-    /// One linker per served WIT version; both link the same host state and WASI.
+    /// One linker per served WIT version; all link the same host state and WASI.
     linker_v0_1: Linker<PluginState>,
     linker_v0_2: Linker<PluginState>,
     linker_v0_3: Linker<PluginState>,
+    linker_v0_4: Linker<PluginState>,
     /// Compiled components by sha256, most recently inserted last; bounded, since a daemon
     /// sees every version of every hot-reloaded plugin. Runs hold their own clones, so
     /// eviction never affects a run in flight.
@@ -285,7 +298,13 @@ impl Runtime {
         let mut linker_v0_1 = Linker::new(&engine);
         let mut linker_v0_2 = Linker::new(&engine);
         let mut linker_v0_3 = Linker::new(&engine);
-        for linker in [&mut linker_v0_1, &mut linker_v0_2, &mut linker_v0_3] {
+        let mut linker_v0_4 = Linker::new(&engine);
+        for linker in [
+            &mut linker_v0_1,
+            &mut linker_v0_2,
+            &mut linker_v0_3,
+            &mut linker_v0_4,
+        ] {
             wasmtime_wasi::p2::add_to_linker_sync(linker)
                 .map_err(|e| anyhow::anyhow!("cannot link WASI: {e}"))?;
         }
@@ -295,12 +314,15 @@ impl Runtime {
             .map_err(|e| anyhow::anyhow!("cannot link the espalier:prune@0.2.0 imports: {e}"))?;
         v0_3::Criterion::add_to_linker::<_, HasSelf<_>>(&mut linker_v0_3, |s| s)
             .map_err(|e| anyhow::anyhow!("cannot link the espalier:prune@0.3.0 imports: {e}"))?;
+        v0_4::Criterion::add_to_linker::<_, HasSelf<_>>(&mut linker_v0_4, |s| s)
+            .map_err(|e| anyhow::anyhow!("cannot link the espalier:prune@0.4.0 imports: {e}"))?;
         let ticker = EpochTicker::start(engine.clone());
         Ok(Runtime {
             engine,
             linker_v0_1,
             linker_v0_2,
             linker_v0_3,
+            linker_v0_4,
             cache: Mutex::new(MemoryCache::default()),
             disk_cache: None,
             compiled: Default::default(),
@@ -380,11 +402,7 @@ impl Runtime {
     pub fn compile(&self, label: &str, bytes: &[u8]) -> Result<CompiledPlugin, PluginError> {
         let sha256 = sha256_hex(bytes);
         if let Some(c) = self.cache.lock().ok().and_then(|c| c.get(&sha256)) {
-            return Ok(CompiledPlugin {
-                sha256,
-                wit: self.wit_version(&c),
-                component: c,
-            });
+            return Ok(self.compiled_plugin(sha256, c));
         }
         if !bytes.starts_with(b"\0asm") {
             return Err(PluginError::Invalid {
@@ -421,28 +439,22 @@ impl Runtime {
         if let Ok(mut cache) = self.cache.lock() {
             cache.insert(sha256.clone(), component.clone());
         }
-        Ok(CompiledPlugin {
-            sha256,
-            wit: self.wit_version(&component),
-            component,
-        })
+        Ok(self.compiled_plugin(sha256, component))
     }
 
-    /// The WIT version a component imports. A component that imports none of our interfaces
-    /// (possible: `describe` and `apply` are exports) is served the newest world.
-    fn wit_version(&self, component: &Component) -> WitVersion {
+    fn compiled_plugin(&self, sha256: String, component: Component) -> CompiledPlugin {
         let ty = component.component_type();
         let ours: Vec<String> = ty
             .imports(&self.engine)
             .map(|(name, _)| name.to_string())
             .filter(|n| n.starts_with("espalier:prune/"))
             .collect();
-        if ours.iter().any(|n| n.ends_with("@0.1.0")) {
-            WitVersion::V0_1
-        } else if ours.iter().any(|n| n.ends_with("@0.2.0")) {
-            WitVersion::V0_2
-        } else {
-            WitVersion::V0_3
+        let exports_validate = ty.exports(&self.engine).any(|(name, _)| name == "validate");
+        CompiledPlugin {
+            sha256,
+            wit: wit_version(&ours, exports_validate),
+            reports_progress: ours.iter().any(|n| n == "espalier:prune/progress@0.4.0"),
+            component,
         }
     }
 
@@ -485,6 +497,10 @@ impl Runtime {
                 v0_3::Criterion::instantiate(&mut *store, &plugin.component, &self.linker_v0_3)
                     .map(Instance::V0_3)
             }
+            WitVersion::V0_4 => {
+                v0_4::Criterion::instantiate(&mut *store, &plugin.component, &self.linker_v0_4)
+                    .map(Instance::V0_4)
+            }
         };
         instance.map_err(|e| {
             let message = format!("{e:#}");
@@ -521,15 +537,51 @@ impl Runtime {
             Instance::V0_2(i) => i
                 .call_describe(&mut store)
                 .map(compat::v2::plugin_info_from),
-            Instance::V0_3(i) => i.call_describe(&mut store),
+            Instance::V0_3(i) => i
+                .call_describe(&mut store)
+                .map(compat::v3::plugin_info_from),
+            Instance::V0_4(i) => i.call_describe(&mut store),
         };
         log_output(label, &store);
         info.map_err(|e| classify(label, e, sandbox, &store.data().output().1))
     }
 
+    /// Instantiates the plugin in a fresh Store and calls `validate` (0.4 and later) on a
+    /// stage at planning: `Ok(Err(problems))` when it refuses the stage. A plugin of an older
+    /// version has no `validate`: nothing is instantiated and the stage passes (the host's own
+    /// checks still apply). `model` describes the model without weights: planning runs before
+    /// anything is computed.
+    pub fn validate(
+        &self,
+        label: &str,
+        plugin: &CompiledPlugin,
+        model: Arc<ModelView>,
+        sandbox: &Sandbox,
+        ctx: &PlanningContext,
+    ) -> Result<Result<(), Vec<ParamProblem>>, PluginError> {
+        if plugin.wit < WitVersion::V0_4 {
+            return Ok(Ok(()));
+        }
+        let cancel = CancelToken::new();
+        let mut store = self.store(model, sandbox, &cancel);
+        let Instance::V0_4(instance) = self.instantiate(label, plugin, &mut store, sandbox)? else {
+            return Ok(Ok(()));
+        };
+        // The deadline counts from the call, as for `apply`.
+        arm_deadline(&mut store, sandbox.timeout, &cancel);
+        let result = instance.call_validate(&mut store, ctx);
+        log_output(label, &store);
+        result.map_err(|e| classify(label, e, sandbox, &store.data().output().1))
+    }
+
     /// Instantiates the plugin in a fresh Store and calls `apply`. The Store (and with it every
     /// handle the plugin held) is dropped when the call returns, whatever happened; the
     /// returned closure-free state lets the caller take the masks out first.
+    ///
+    /// `progress` receives the plugin's progress reports (0.4 plugins that import `progress`),
+    /// filtered by a [`ProgressGate`], while the guest runs: a helper thread drains them, so the
+    /// guest runs on this thread (in the caller's rayon pool) and never waits for the receiver.
+    #[allow(clippy::too_many_arguments)]
     pub fn apply(
         &self,
         label: &str,
@@ -538,6 +590,7 @@ impl Runtime {
         sandbox: &Sandbox,
         ctx: &StageContext,
         cancel: &CancelToken,
+        progress: Option<&mut (dyn FnMut(Progress) + Send)>,
     ) -> Result<(StageOutput, Store<PluginState>, CallTimings), PluginError> {
         let mut store = self.store(model, sandbox, cancel);
         let started = Instant::now();
@@ -546,14 +599,30 @@ impl Runtime {
         // The deadline counts from the call, not from instantiation.
         arm_deadline(&mut store, sandbox.timeout, cancel);
         let call_start = Instant::now();
-        let result = match instance {
+        let call_guest = |store: &mut Store<PluginState>| match instance {
             Instance::V0_1(i) => i
-                .call_apply(&mut store, &compat::v1::stage_context_to(ctx))
+                .call_apply(&mut *store, &compat::v1::stage_context_to(ctx))
                 .map(|r| r.map(compat::v1::stage_output_from)),
             Instance::V0_2(i) => i
-                .call_apply(&mut store, &compat::v2::stage_context_to(ctx))
+                .call_apply(&mut *store, &compat::v2::stage_context_to(ctx))
                 .map(|r| r.map(compat::v2::stage_output_from)),
-            Instance::V0_3(i) => i.call_apply(&mut store, ctx),
+            Instance::V0_3(i) => i
+                .call_apply(&mut *store, &compat::v3::stage_context_to(ctx))
+                .map(|r| r.map(compat::v3::stage_output_from)),
+            Instance::V0_4(i) => i.call_apply(&mut *store, ctx),
+        };
+        let result = match progress {
+            Some(receiver) if plugin.reports_progress => {
+                let (gate, reports) = ProgressGate::new();
+                store.data_mut().progress = Some(gate);
+                with_drain(reports, receiver, || {
+                    let r = call_guest(&mut store);
+                    // Closes the channel: the drain ends once it has passed on what is left.
+                    store.data_mut().progress = None;
+                    r
+                })
+            }
+            _ => call_guest(&mut store),
         };
         let call = call_start.elapsed();
         log_output(label, &store);
@@ -568,6 +637,59 @@ impl Runtime {
             instantiate,
         };
         Ok((output, store, timings))
+    }
+}
+
+/// Runs `call` on this thread while a scoped helper thread passes the reports arriving on
+/// `reports` to `receiver`. The helper ends when the channel closes (the call drops the sender
+/// when it is done) or, should `call` unwind, shortly after it (a flag set on drop), so this
+/// never waits on a guest that is gone.
+fn with_drain<R>(
+    reports: std::sync::mpsc::Receiver<Progress>,
+    receiver: &mut (dyn FnMut(Progress) + Send),
+    call: impl FnOnce() -> R,
+) -> R {
+    use std::sync::mpsc::RecvTimeoutError;
+    struct SetOnDrop<'a>(&'a AtomicBool);
+    impl Drop for SetOnDrop<'_> {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::Release);
+        }
+    }
+    let finished = AtomicBool::new(false);
+    let flag = &finished;
+    std::thread::scope(|s| {
+        // The receiving end moves to the helper (it is not `Sync`); the callback is borrowed.
+        s.spawn(move || {
+            loop {
+                match reports.recv_timeout(Duration::from_millis(50)) {
+                    Ok(p) => receiver(p),
+                    Err(RecvTimeoutError::Timeout) if !flag.load(Ordering::Acquire) => {}
+                    Err(_) => break,
+                }
+            }
+        });
+        let _finished = SetOnDrop(flag);
+        call()
+    })
+}
+
+/// The world a component is served from the `espalier:prune` interfaces it imports (`ours`)
+/// and whether it exports `validate`. The oldest version named wins (a component built against
+/// 0.1 imports only 0.1 interfaces); one that imports none of them (possible: the exports are
+/// plain functions) is told apart by `validate`, which only 0.4 and later have.
+fn wit_version(ours: &[String], exports_validate: bool) -> WitVersion {
+    let imports = |v: &str| ours.iter().any(|n| n.ends_with(v));
+    if imports("@0.1.0") {
+        WitVersion::V0_1
+    } else if imports("@0.2.0") {
+        WitVersion::V0_2
+    } else if imports("@0.3.0") {
+        WitVersion::V0_3
+    } else if imports("@0.4.0") || exports_validate {
+        WitVersion::V0_4
+    } else {
+        WitVersion::V0_3
     }
 }
 
@@ -710,6 +832,74 @@ mod tests {
         assert_ne!(
             std::fs::read(folder.join(format!("{}.cwasm", a.sha256))).unwrap(),
             b"garbage"
+        );
+    }
+
+    #[test]
+    fn the_world_follows_the_imported_version_then_the_validate_export() {
+        let ours = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let v = |imports: &[&str], validate| wit_version(&ours(imports), validate);
+        assert_eq!(v(&["espalier:prune/model@0.1.0"], false), WitVersion::V0_1);
+        assert_eq!(
+            v(&["espalier:prune/calibration@0.2.0"], false),
+            WitVersion::V0_2
+        );
+        assert_eq!(v(&["espalier:prune/model@0.3.0"], false), WitVersion::V0_3);
+        assert_eq!(
+            v(&["espalier:prune/progress@0.4.0"], true),
+            WitVersion::V0_4
+        );
+        // Importing nothing of ours: `validate` tells 0.4 from the older worlds.
+        assert_eq!(v(&[], true), WitVersion::V0_4);
+        assert_eq!(v(&[], false), WitVersion::V0_3);
+    }
+
+    #[test]
+    fn built_ins_speak_0_4_and_their_validate_runs_under_the_sandbox() {
+        use super::super::bindings::{ParamValue, PlannedDensity, PlanningContext, ProblemAt};
+        let runtime = Runtime::new().unwrap();
+        let (_, bytes) = super::super::registry::BUILTIN_PLUGINS
+            .iter()
+            .find(|(n, _)| *n == "n-m")
+            .unwrap();
+        let plugin = runtime.compile("n-m", bytes).unwrap();
+        assert_eq!(plugin.wit, WitVersion::V0_4);
+        assert!(plugin.reports_progress);
+        let ctx = |density| PlanningContext {
+            stage: "n-m".into(),
+            density,
+            targets: Vec::new(),
+            params: vec![
+                ("n".into(), ParamValue::Integer(2)),
+                ("m".into(), ParamValue::Integer(4)),
+            ],
+        };
+        let view = super::super::registry::empty_view();
+        let sandbox = Sandbox::default();
+        let ok = runtime.validate(
+            "n-m",
+            &plugin,
+            view.clone(),
+            &sandbox,
+            &ctx(PlannedDensity::Fixed(0.5)),
+        );
+        assert!(matches!(ok, Ok(Ok(()))), "{ok:?}");
+        let refused = runtime
+            .validate(
+                "n-m",
+                &plugin,
+                view,
+                &sandbox,
+                &ctx(PlannedDensity::Fixed(0.3)),
+            )
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(refused.len(), 1);
+        assert!(matches!(refused[0].at, ProblemAt::Density));
+        assert!(
+            refused[0].message.contains("set density = 0.5"),
+            "{}",
+            refused[0].message
         );
     }
 

@@ -19,7 +19,11 @@ use wasmtime_wasi::{
 };
 
 use super::bindings::v0_2::espalier::prune::calibration as calibration_v2;
-use super::bindings::v0_3::espalier::prune::{calibration as calibration_v3, model as model_v3};
+use super::bindings::v0_3::espalier::prune::calibration as calibration_v3;
+use super::bindings::v0_4::espalier::prune::{
+    calibration as calibration_v4, model as model_v4, progress as progress_v4,
+};
+use super::progress::ProgressGate;
 use crate::calibration::Calibrator;
 use crate::mask::{Mask, Structure};
 use crate::ops;
@@ -40,9 +44,9 @@ pub struct TensorHandle {
 /// copies no weights.
 pub struct ModelView {
     /// Architecture-level facts.
-    pub info: model_v3::ModelInfo,
+    pub info: model_v4::ModelInfo,
     /// Every weight, as plugins see it.
-    pub layers: Vec<model_v3::LayerInfo>,
+    pub layers: Vec<model_v4::LayerInfo>,
     /// Current (masked) weights by name.
     pub weights: BTreeMap<String, Tensor>,
     /// Masks of earlier stages by layer name.
@@ -106,6 +110,9 @@ pub struct PluginState {
     budget: HostBudget,
     /// Time spent inside host imports (kernels, reads), to separate guest time from host time.
     pub host_time: Duration,
+    /// Where `progress.report` goes during an `apply` whose caller watches progress; `None`
+    /// (in `describe`, `validate`, or when nobody watches): reports are ignored.
+    pub progress: Option<ProgressGate>,
 }
 
 impl PluginState {
@@ -140,6 +147,7 @@ impl PluginState {
             model,
             budget: HostBudget::new(limits.host_memory),
             host_time: Duration::ZERO,
+            progress: None,
         }
     }
 
@@ -879,6 +887,22 @@ impl_host_imports!(
 impl_host_imports!(
     v0_3_imports,
     v0_3,
+    layer: crate::plugin::compat::v3::layer,
+    info: crate::plugin::compat::v3::model_info,
+    kernels_extra: {
+        fn select_per_row(
+            &mut self,
+            scores: Resource<TensorHandle>,
+            density: f64,
+        ) -> wasmtime::Result<Result<Resource<Mask>, String>> {
+            self.select_per_row_handle(&scores, density)
+        }
+    }
+);
+
+impl_host_imports!(
+    v0_4_imports,
+    v0_4,
     layer: Clone::clone,
     info: Clone::clone,
     kernels_extra: {
@@ -1094,25 +1118,47 @@ macro_rules! impl_calibration {
 
 impl_calibration!(calibration_v2, extra: {});
 
-impl_calibration!(calibration_v3, extra: {
-    fn loss_with_masks(
-        &mut self,
-        changes: Vec<(String, Resource<Mask>)>,
-    ) -> wasmtime::Result<Result<f64, String>> {
-        self.loss_trial(changes)
-    }
+/// The `calibration` functions 0.3 added (`loss-with-masks`, `gradients`, `fisher`), for 0.3
+/// and every later version.
+macro_rules! calibration_since_v0_3 {
+    () => {
+        fn loss_with_masks(
+            &mut self,
+            changes: Vec<(String, Resource<Mask>)>,
+        ) -> wasmtime::Result<Result<f64, String>> {
+            self.loss_trial(changes)
+        }
 
-    fn gradients(
-        &mut self,
-        layer: String,
-    ) -> wasmtime::Result<Result<Resource<TensorHandle>, String>> {
-        self.calibration_tensor(|c| c.gradients(&layer))
-    }
+        fn gradients(
+            &mut self,
+            layer: String,
+        ) -> wasmtime::Result<Result<Resource<TensorHandle>, String>> {
+            self.calibration_tensor(|c| c.gradients(&layer))
+        }
 
-    fn fisher(&mut self, layer: String) -> wasmtime::Result<Result<Resource<TensorHandle>, String>> {
-        self.calibration_tensor(|c| c.fisher(&layer))
+        fn fisher(
+            &mut self,
+            layer: String,
+        ) -> wasmtime::Result<Result<Resource<TensorHandle>, String>> {
+            self.calibration_tensor(|c| c.fisher(&layer))
+        }
+    };
+}
+
+impl_calibration!(calibration_v3, extra: { calibration_since_v0_3!(); });
+impl_calibration!(calibration_v4, extra: { calibration_since_v0_3!(); });
+
+/// `progress.report` (0.4.0): filtered by the call's [`ProgressGate`] (bounded, never blocks,
+/// never fails), or ignored when nobody watches this call. Not timed as host time: it is the
+/// guest's bookkeeping, not a kernel.
+impl progress_v4::Host for PluginState {
+    fn report(&mut self, done: u64, total: u64, message: String) -> wasmtime::Result<()> {
+        if let Some(gate) = &mut self.progress {
+            gate.offer(done, total, &message);
+        }
+        Ok(())
     }
-});
+}
 
 impl PluginState {
     /// The calibrator of this model state, or the error a plugin sees when there is none.

@@ -7,8 +7,49 @@
 //!
 //! The stage's density is the fraction of heads to keep; the export removes the others
 //! physically (smaller matrices, updated config).
+//!
+//! `validate` checks `granularity`, the density and that every block it touches has all of its
+//! attention projections among the targets, at planning (the host itself refuses targets that
+//! are not attention projections).
 
 use espalier_plugin_sdk::*;
+
+/// The problems of the parameters, the density and the targets' completeness per block.
+fn check(granularity: &str, density: &PlannedDensity, targets: &[LayerInfo]) -> Vec<ParamProblem> {
+    let mut problems = Vec::new();
+    if granularity != "query" && granularity != "group" {
+        problems.push(ParamProblem::param(
+            "granularity",
+            format!("granularity must be \"query\" or \"group\", not {granularity:?}"),
+        ));
+    }
+    if matches!(density, PlannedDensity::Unset) {
+        problems.push(ParamProblem::density(
+            "heads keeps this fraction of the attention heads: set `density` (e.g. density = 0.5)",
+        ));
+    }
+    let mut blocks: std::collections::BTreeMap<u32, Vec<Role>> = Default::default();
+    for l in targets {
+        if let Some(b) = l.block {
+            blocks.entry(b).or_default().push(l.role);
+        }
+    }
+    let has = |roles: &[Role], want: Role| {
+        roles
+            .iter()
+            .any(|r| std::mem::discriminant(r) == std::mem::discriminant(&want))
+    };
+    if let Some((b, _)) = blocks.iter().find(|(_, roles)| {
+        !(has(roles, Role::AttnO)
+            && (has(roles, Role::AttnQkv)
+                || (has(roles, Role::AttnQ) && has(roles, Role::AttnK) && has(roles, Role::AttnV))))
+    }) {
+        problems.push(ParamProblem::targets(format!(
+            "block {b}: heads needs the q, k, v and o projections (or c_attn and c_proj) of every block it prunes among its targets; target whole attention modules (e.g. targets = [\"*.self_attn.*\"]) and `protect` whole blocks"
+        )));
+    }
+    problems
+}
 
 struct Heads;
 
@@ -55,6 +96,13 @@ impl Guest for Heads {
             needs: vec![Need::Weights],
             produces: OutputKind::Heads,
         }
+    }
+
+    fn validate(ctx: PlanningContext) -> Result<(), Vec<ParamProblem>> {
+        let granularity = Params::new(&ctx)
+            .text("granularity")
+            .map_err(|e| vec![ParamProblem::stage(e)])?;
+        problems_result(check(granularity, &ctx.density, &ctx.targets))
     }
 
     fn apply(ctx: StageContext) -> Result<StageOutput, String> {
@@ -107,7 +155,9 @@ impl Guest for Heads {
         }
 
         let mut keep_out = Vec::with_capacity(blocks.len());
-        for (b, layers) in &blocks {
+        let total = blocks.len() as u64;
+        for (i, (b, layers)) in blocks.iter().enumerate() {
+            report_progress(i as u64, total, &format!("block {b}"));
             let missing = || {
                 format!(
                     "block {b}: heads needs the q, k, v and o projections (or c_attn and c_proj) all in targets"
@@ -181,6 +231,7 @@ impl Guest for Heads {
             }
             keep_out.push(HeadKeep { block: *b, keep });
         }
+        report_progress(total, total, "done");
         Ok(StageOutput {
             masks: Vec::new(),
             budgets: Vec::new(),

@@ -2,10 +2,51 @@
 //! weights of a row" (consecutive along in-features, the layout NVIDIA's 2:4 sparse tensor
 //! cores and our CPU kernels use). Within each group the N largest |w| survive; ties keep the
 //! lower column. Density is exactly N/M; a `density` set on the stage must agree.
+//!
+//! `validate` checks all of it at planning (the ranges of `n` and `m`, a `density` that
+//! disagrees with n/m, targets whose columns `m` does not divide), so a pipeline that asks for
+//! 2:4 at density 0.3 is refused at its `density` line before anything runs; `apply` repeats the
+//! checks for hosts that do not call `validate` and for densities that arrive as budgets.
 
 use espalier_plugin_sdk::*;
 
 struct NOfMCriterion;
+
+/// Largest group size the host's N:M kernels accept here.
+const MAX_M: i64 = 64;
+
+/// The problems of an `n`/`m` pair, the stage's density and the targets' shapes; the pair
+/// when it is usable.
+fn check(
+    n: i64,
+    m: i64,
+    density: &PlannedDensity,
+    targets: &[&LayerInfo],
+) -> (Vec<ParamProblem>, Option<NOfM>) {
+    if !(1..=MAX_M).contains(&m) {
+        let problem = ParamProblem::param(
+            "m",
+            format!("m = {m}: the group size must be in 1..={MAX_M} (2:4 is n = 2, m = 4)"),
+        );
+        return (vec![problem], None);
+    }
+    if !(1..=m).contains(&n) {
+        let problem = ParamProblem::param(
+            "n",
+            format!("n = {n} with m = {m}: keep between 1 and m = {m} weights of each group"),
+        );
+        return (vec![problem], None);
+    }
+    let nm = NOfM {
+        n: n as u32,
+        m: m as u32,
+    };
+    let problems = [
+        checks::n_of_m_density(nm, density),
+        checks::n_of_m_columns(nm, targets),
+    ];
+    (problems.into_iter().flatten().collect(), Some(nm))
+}
 
 impl Guest for NOfMCriterion {
     fn describe() -> PluginInfo {
@@ -22,33 +63,41 @@ impl Guest for NOfMCriterion {
         }
     }
 
+    fn validate(ctx: PlanningContext) -> Result<(), Vec<ParamProblem>> {
+        let params = Params::new(&ctx);
+        let (n, m) = match (params.integer("n"), params.integer("m")) {
+            (Ok(n), Ok(m)) => (n, m),
+            (Err(e), _) | (_, Err(e)) => return Err(vec![ParamProblem::stage(e)]),
+        };
+        let targets: Vec<&LayerInfo> = ctx.targets.iter().collect();
+        problems_result(check(n, m, &ctx.density, &targets).0)
+    }
+
     fn apply(ctx: StageContext) -> Result<StageOutput, String> {
         let params = Params::new(&ctx);
         let (n, m) = (params.integer("n")?, params.integer("m")?);
-        if !(1..=64).contains(&m) || !(1..=m).contains(&n) {
-            return Err(format!("need 1 <= n <= m <= 64, got n = {n}, m = {m}"));
-        }
-        let structure = Structure::NOfM(NOfM {
-            n: n as u32,
-            m: m as u32,
-        });
+        let targets: Vec<&LayerInfo> = ctx.targets.iter().map(|t| &t.layer).collect();
+        // Densities are checked per target below: they may come from budgets.
+        let (problems, pair) = check(n, m, &PlannedDensity::Unset, &targets);
+        no_problems(problems)?;
+        let Some(nm) = pair else {
+            return Err(format!("need 1 <= n <= m <= {MAX_M}, got n = {n}, m = {m}"));
+        };
+        let (n, m) = (nm.n, nm.m);
+        let structure = Structure::NOfM(nm);
+        let total = ctx.targets.len() as u64;
         let mut masks = Vec::with_capacity(ctx.targets.len());
-        for target in &ctx.targets {
+        for (i, target) in ctx.targets.iter().enumerate() {
             let layer = &target.layer;
+            report_progress(i as u64, total, &layer.name);
+            // Per target: a density may come from a budget, which planning cannot see.
             if let Some(d) = target.density
-                && (d - n as f64 / m as f64).abs() > 1e-9
+                && (d - f64::from(n) / f64::from(m)).abs() > 1e-9
             {
                 return Err(format!(
                     "layer `{}`: density {d} conflicts with {n}:{m} (which keeps exactly {}); drop `density` from the stage",
                     layer.name,
-                    n as f64 / m as f64
-                ));
-            }
-            let cols = layer.shape.last().copied().unwrap_or(0);
-            if cols % m as u32 != 0 {
-                return Err(format!(
-                    "layer `{}` has {cols} input columns, not a multiple of m = {m}",
-                    layer.name
+                    f64::from(n) / f64::from(m)
                 ));
             }
             let w = model::weight(&layer.name)?;
@@ -59,6 +108,7 @@ impl Guest for NOfMCriterion {
                 mask,
             });
         }
+        report_progress(total, total, "done");
         Ok(masks_output(masks))
     }
 }

@@ -24,6 +24,9 @@
 //! Either way every budget lies in [min_density, max_density], the parameter-weighted mean is the
 //! stage's density (to 1e-9), and a target the bounds make unreachable is an error, not a silent
 //! miss. Each group's measurement and budget is printed to the log.
+//!
+//! `validate` checks every parameter and the stage's density at planning, before the
+//! calibration passes run; `apply` reports its progress trial by trial (group by group for OWL).
 
 use espalier_plugin_sdk::*;
 
@@ -50,9 +53,23 @@ impl Guest for Sensitivity {
         }
     }
 
+    fn validate(ctx: PlanningContext) -> Result<(), Vec<ParamProblem>> {
+        let target = match ctx.density {
+            PlannedDensity::Fixed(d) => Ok(d),
+            PlannedDensity::Unset => Err(ParamProblem::density(
+                "sensitivity turns one global density into per-layer budgets: set `density` (e.g. density = 0.5)",
+            )),
+            PlannedDensity::Budget => Err(ParamProblem::density(
+                "sensitivity turns one global density into budgets and cannot take budgets itself: set a number (e.g. density = 0.5)",
+            )),
+        };
+        Settings::from_params(&Params::new(&ctx), target).map(|_| ())
+    }
+
     fn apply(ctx: StageContext) -> Result<StageOutput, String> {
         let params = Params::new(&ctx);
-        let settings = Settings::from_params(&params, &ctx)?;
+        let settings = Settings::from_params(&params, global_density(&ctx.targets))
+            .map_err(|p| problems_message(&p))?;
         let groups = group_targets(&ctx.targets, settings.per_layer);
         let sizes: Vec<f64> = groups
             .iter()
@@ -123,62 +140,101 @@ struct Settings {
     owl_m: f64,
 }
 
+/// The one density every target carries (`sensitivity` spreads it into budgets).
+fn global_density(targets: &[Target]) -> Result<f64, ParamProblem> {
+    let first = targets
+        .first()
+        .ok_or_else(|| ParamProblem::targets("the stage has no target layers"))?;
+    let target = target_density(first).map_err(ParamProblem::density)?;
+    if let Some(other) = targets
+        .iter()
+        .find(|t| t.density.is_some_and(|d| (d - target).abs() > 1e-12))
+    {
+        return Err(ParamProblem::density(format!(
+            "`sensitivity` turns one global density into budgets, but `{}` asks {:?} and `{}` {target}; give the stage one density",
+            other.layer.name, other.density, first.layer.name
+        )));
+    }
+    Ok(target)
+}
+
 impl Settings {
-    fn from_params(params: &Params, ctx: &StageContext) -> Result<Self, String> {
-        let method = match params.text("method")? {
+    /// The settings, or every problem of the parameters and the stage's density `target`.
+    fn from_params(
+        params: &Params,
+        target: Result<f64, ParamProblem>,
+    ) -> Result<Self, Vec<ParamProblem>> {
+        let stage = |e: String| vec![ParamProblem::stage(e)];
+        let mut problems = Vec::new();
+        let method = match params.text("method").map_err(stage)? {
             "loss" => Method::Loss,
             "owl" => Method::Owl,
-            other => return Err(format!("method = \"{other}\": use \"loss\" or \"owl\"")),
+            other => {
+                problems.push(ParamProblem::param(
+                    "method",
+                    format!("method = \"{other}\": use \"loss\" or \"owl\""),
+                ));
+                Method::Loss
+            }
         };
-        let per_layer = match params.text("granularity")? {
+        let per_layer = match params.text("granularity").map_err(stage)? {
             "block" => false,
             "layer" => true,
             other => {
-                return Err(format!(
-                    "granularity = \"{other}\": use \"block\" or \"layer\""
+                problems.push(ParamProblem::param(
+                    "granularity",
+                    format!("granularity = \"{other}\": use \"block\" or \"layer\""),
                 ));
+                false
             }
         };
-        // One global target: every target must carry the same density.
-        let first = ctx
-            .targets
-            .first()
-            .ok_or("the stage has no target layers")?;
-        let target = target_density(first)?;
-        if let Some(other) = ctx
-            .targets
-            .iter()
-            .find(|t| t.density.is_some_and(|d| (d - target).abs() > 1e-12))
-        {
-            return Err(format!(
-                "`sensitivity` turns one global density into budgets, but `{}` asks {:?} and `{}` {target}; give the stage one density",
-                other.layer.name, other.density, first.layer.name
-            ));
-        }
-        let (min, max) = (params.float("min_density")?, params.float("max_density")?);
-        let spread = params.float("spread")?;
+        let (min, max) = (
+            params.float("min_density").map_err(stage)?,
+            params.float("max_density").map_err(stage)?,
+        );
+        let spread = params.float("spread").map_err(stage)?;
         // Checked before any clamp below (clamp panics on min > max).
-        if !(0.0..=1.0).contains(&min) || !(0.0..=1.0).contains(&max) || min > max {
-            return Err(format!(
-                "min_density = {min} and max_density = {max} must satisfy 0 <= min <= max <= 1"
+        let bounds_ok = (0.0..=1.0).contains(&min) && (0.0..=1.0).contains(&max) && min <= max;
+        if !bounds_ok {
+            problems.push(ParamProblem::param(
+                if (0.0..=1.0).contains(&min) {
+                    "max_density"
+                } else {
+                    "min_density"
+                },
+                format!(
+                    "min_density = {min} and max_density = {max} must satisfy 0 <= min <= max <= 1"
+                ),
             ));
         }
-        let mut probe_densities = params.floats("probe_densities")?;
-        if probe_densities.is_empty() {
-            probe_densities = vec![target - spread, target, target + spread]
-                .into_iter()
-                .map(|d| d.clamp(min, max))
-                .filter(|&d| d < 1.0)
-                .collect();
+        if !(0.0..=1.0).contains(&spread) {
+            problems.push(ParamProblem::param(
+                "spread",
+                format!("spread = {spread} must be in [0, 1]"),
+            ));
         }
+        let target = match target {
+            Ok(t) => {
+                if bounds_ok && (t < min || t > max) {
+                    problems.push(ParamProblem::density(format!(
+                        "the stage's density {t} lies outside [min_density, max_density] = [{min}, {max}]; widen the bounds or change the density"
+                    )));
+                }
+                Some(t)
+            }
+            Err(p) => {
+                problems.push(p);
+                None
+            }
+        };
+        let mut probe_densities = params.floats("probe_densities").map_err(stage)?;
         if let Some(bad) = probe_densities.iter().find(|d| !(0.0..1.0).contains(*d)) {
-            return Err(format!(
-                "probe density {bad} must be in [0, 1): a probe at 1 prunes nothing"
+            problems.push(ParamProblem::param(
+                "probe_densities",
+                format!("probe density {bad} must be in [0, 1): a probe at 1 prunes nothing"),
             ));
         }
-        probe_densities.sort_by(f64::total_cmp);
-        probe_densities.dedup();
-        let probe = match params.integers("probe_block")? {
+        let probe = match params.integers("probe_block").map_err(stage)? {
             [] => Structure::Unstructured,
             [r, c] if (1..=4096).contains(r) && (1..=4096).contains(c) => {
                 Structure::Blocks(BlockShape {
@@ -187,23 +243,34 @@ impl Settings {
                 })
             }
             other => {
-                return Err(format!(
-                    "probe_block must be [rows, cols] with entries in 1..=4096, or empty; got {other:?}"
+                problems.push(ParamProblem::param(
+                    "probe_block",
+                    format!(
+                        "probe_block must be [rows, cols] with entries in 1..=4096, or empty; got {other:?}"
+                    ),
                 ));
+                Structure::Unstructured
             }
         };
-        if target < min || target > max {
-            return Err(format!(
-                "the stage's density {target} lies outside [min_density, max_density] = [{min}, {max}]"
+        let owl_m = params.float("owl_m").map_err(stage)?;
+        if !(owl_m > 0.0 && owl_m.is_finite()) {
+            problems.push(ParamProblem::param(
+                "owl_m",
+                format!("owl_m = {owl_m} must be a positive number (5 in the paper)"),
             ));
         }
-        if !(0.0..=1.0).contains(&spread) {
-            return Err(format!("spread = {spread} must be in [0, 1]"));
+        let (Some(target), true) = (target, problems.is_empty()) else {
+            return Err(problems);
+        };
+        if probe_densities.is_empty() {
+            probe_densities = [target - spread, target, target + spread]
+                .into_iter()
+                .map(|d| d.clamp(min, max))
+                .filter(|&d| d < 1.0)
+                .collect();
         }
-        let owl_m = params.float("owl_m")?;
-        if owl_m <= 0.0 {
-            return Err(format!("owl_m = {owl_m} must be positive"));
-        }
+        probe_densities.sort_by(f64::total_cmp);
+        probe_densities.dedup();
         Ok(Settings {
             method,
             per_layer,
@@ -254,8 +321,11 @@ fn group_label(group: &[&Target]) -> String {
 /// density and ending with `(1, 0)`.
 fn loss_curves(groups: &[Vec<&Target>], s: &Settings) -> Result<Vec<Vec<(f64, f64)>>, String> {
     let base = calibration::loss()?;
+    let trials = (groups.len() * s.probe_densities.len()) as u64;
+    let mut trial = 0u64;
     let mut out = Vec::with_capacity(groups.len());
     for group in groups {
+        let label = group_label(group);
         // |w|² ranks single weights like |w| and blocks by their L2 norm.
         let mut scores = Vec::with_capacity(group.len());
         for t in group {
@@ -264,6 +334,15 @@ fn loss_curves(groups: &[Vec<&Target>], s: &Settings) -> Result<Vec<Vec<(f64, f6
         }
         let mut curve = Vec::with_capacity(s.probe_densities.len() + 1);
         for &density in &s.probe_densities {
+            report_progress(
+                trial,
+                trials,
+                &format!(
+                    "loss trial {}/{trials}: {label} at density {density:.3}",
+                    trial + 1
+                ),
+            );
+            trial += 1;
             let mut masks = Vec::with_capacity(group.len());
             for (name, score) in &scores {
                 masks.push((name.clone(), kernels::select(score, s.probe, density)?));
@@ -274,6 +353,7 @@ fn loss_curves(groups: &[Vec<&Target>], s: &Settings) -> Result<Vec<Vec<(f64, f6
         curve.push((1.0, 0.0));
         out.push(curve);
     }
+    report_progress(trials, trials, "loss trials done");
     Ok(out)
 }
 
@@ -358,7 +438,13 @@ fn equal_loss_budgets(
 /// `m` times the mean score of their layer.
 fn owl_importance(groups: &[Vec<&Target>], m: f64) -> Result<Vec<f64>, String> {
     let mut out = Vec::with_capacity(groups.len());
-    for group in groups {
+    let count = groups.len() as u64;
+    for (i, group) in groups.iter().enumerate() {
+        report_progress(
+            i as u64,
+            count,
+            &format!("outlier ratio of {}", group_label(group)),
+        );
         let (mut outliers, mut total) = (0u64, 0u64);
         for t in group {
             let name = &t.layer.name;
@@ -393,6 +479,7 @@ fn owl_importance(groups: &[Vec<&Target>], m: f64) -> Result<Vec<f64>, String> {
         }
         out.push(outliers as f64 / total.max(1) as f64);
     }
+    report_progress(count, count, "outlier ratios done");
     Ok(out)
 }
 

@@ -13,6 +13,8 @@
 //! Scores are compared across the whole layer (`scope = "layer"`, the default), within each
 //! output row (`scope = "row"`), within N:M groups (`n`, `m`), or summed over blocks (`block`).
 //! Everything runs as host kernels on handles: weights and gradients never enter wasm.
+//! `validate` checks the parameters and the density they imply at planning, before the
+//! gradient pass runs.
 
 use espalier_plugin_sdk::*;
 
@@ -52,21 +54,22 @@ impl Guest for Taylor {
         }
     }
 
+    fn validate(ctx: PlanningContext) -> Result<(), Vec<ParamProblem>> {
+        let targets: Vec<&LayerInfo> = ctx.targets.iter().collect();
+        Settings::check(&Params::new(&ctx), Some(&ctx.density), &targets).map(|_| ())
+    }
+
     fn apply(ctx: StageContext) -> Result<StageOutput, String> {
         let params = Params::new(&ctx);
-        let selection = Selection::from_params(&params)?;
-        let fisher = match params.text("estimate")? {
-            "first-order" => false,
-            "fisher" => true,
-            other => {
-                return Err(format!(
-                    "estimate = \"{other}\": use \"first-order\" or \"fisher\""
-                ));
-            }
-        };
+        let targets: Vec<&LayerInfo> = ctx.targets.iter().map(|t| &t.layer).collect();
+        // Densities are checked per target below (`target_density` names the layer).
+        let Settings { selection, fisher } =
+            Settings::check(&params, None, &targets).map_err(|p| problems_message(&p))?;
+        let total = ctx.targets.len() as u64;
         let mut masks = Vec::with_capacity(ctx.targets.len());
-        for target in &ctx.targets {
+        for (i, target) in ctx.targets.iter().enumerate() {
             let name = &target.layer.name;
+            report_progress(i as u64, total, name);
             let w = model::weight(name)?;
             let scores = if fisher {
                 let f = calibration::fisher(name)?;
@@ -92,6 +95,7 @@ impl Guest for Taylor {
                 mask,
             });
         }
+        report_progress(total, total, "done");
         Ok(masks_output(masks))
     }
 }
@@ -105,39 +109,75 @@ enum Selection {
     Blocks(BlockShape),
 }
 
-impl Selection {
-    fn from_params(params: &Params) -> Result<Self, String> {
-        let (n, m) = (params.integer("n")?, params.integer("m")?);
-        let block = params.integers("block")?;
-        let scope = params.text("scope")?;
-        let by_scope = match scope {
+/// The parameters, checked.
+struct Settings {
+    selection: Selection,
+    /// `estimate = "fisher"` (else first order).
+    fisher: bool,
+}
+
+impl Settings {
+    /// The settings the parameters ask for, with every problem of them and of the density (not
+    /// checked when `None`: `apply` checks each target's own).
+    fn check(
+        params: &Params,
+        density: Option<&PlannedDensity>,
+        targets: &[&LayerInfo],
+    ) -> Result<Self, Vec<ParamProblem>> {
+        let stage = |e: String| vec![ParamProblem::stage(e)];
+        let (n, m) = (
+            params.integer("n").map_err(stage)?,
+            params.integer("m").map_err(stage)?,
+        );
+        let block = params.integers("block").map_err(stage)?;
+        let mut problems = Vec::new();
+        let fisher = match params.text("estimate").map_err(stage)? {
+            "first-order" => false,
+            "fisher" => true,
+            other => {
+                problems.push(ParamProblem::param(
+                    "estimate",
+                    format!("estimate = \"{other}\": use \"first-order\" or \"fisher\""),
+                ));
+                false
+            }
+        };
+        let by_scope = match params.text("scope").map_err(stage)? {
             "layer" => Selection::Layer,
             "row" => Selection::Row,
             other => {
-                return Err(format!("scope = \"{other}\": use \"layer\" or \"row\""));
+                problems.push(ParamProblem::param(
+                    "scope",
+                    format!("scope = \"{other}\": use \"layer\" or \"row\""),
+                ));
+                Selection::Layer
             }
         };
-        match ((n, m), block) {
-            ((0, 0), []) => Ok(by_scope),
-            ((n, m), []) if m > 0 && n > 0 && n <= m && m <= i64::from(u32::MAX) => {
-                Ok(Selection::NOfM(NOfM {
-                    n: n as u32,
-                    m: m as u32,
-                }))
+        let n_of_m = checks::optional_n_of_m(n, m).map_err(|p| problems.push(p));
+        let blocks = checks::optional_block("block", block).map_err(|p| problems.push(p));
+        let selection = match (n_of_m, blocks) {
+            (Ok(Some(_)), Ok(Some(_))) => {
+                problems.push(ParamProblem::param(
+                    "block",
+                    "set either N:M (`n`, `m`) or `block`, not both",
+                ));
+                by_scope
             }
-            ((0, 0), [r, c]) if (1..=4096).contains(r) && (1..=4096).contains(c) => {
-                Ok(Selection::Blocks(BlockShape {
-                    rows: *r as u32,
-                    cols: *c as u32,
-                }))
+            (Ok(Some(nm)), Ok(None)) => {
+                problems.extend(density.and_then(|d| checks::n_of_m_density(nm, d)));
+                problems.extend(checks::n_of_m_columns(nm, targets));
+                Selection::NOfM(nm)
             }
-            ((0, 0), other) => Err(format!(
-                "`block` must be [rows, cols] with entries in 1..=4096, got {other:?}"
-            )),
-            ((n, m), []) => Err(format!(
-                "n = {n}, m = {m}: set both with 1 <= n <= m for N:M, or neither"
-            )),
-            _ => Err("set either N:M (`n`, `m`) or `block`, not both".into()),
+            (Ok(None), Ok(Some(b))) => Selection::Blocks(b),
+            _ => by_scope,
+        };
+        if !matches!(selection, Selection::NOfM(_)) {
+            problems.extend(density.and_then(|d| checks::density_required("taylor", d)));
+        }
+        if problems.is_empty() {
+            Ok(Settings { selection, fisher })
+        } else {
+            Err(problems)
         }
     }
 }

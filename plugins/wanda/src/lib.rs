@@ -11,10 +11,71 @@
 //! ranks by |w| alone and so removes blocks that feed on large activations.
 //!
 //! Everything runs as host kernels on handles: the weights and statistics never enter wasm.
+//! `validate` checks `n`/`m`/`block` and the density they imply at planning, before the
+//! calibration pass runs.
 
 use espalier_plugin_sdk::*;
 
 struct Wanda;
+
+/// How scores compete: N:M groups, blocks, or each row at the stage's density.
+#[derive(Clone, Copy)]
+enum Selection {
+    NOfM(NOfM),
+    Blocks(BlockShape),
+    PerRow,
+}
+
+/// The selection the parameters ask for, with every problem of them and of the density (not
+/// checked when `None`: `apply` checks each target's own).
+fn check(
+    params: &Params,
+    density: Option<&PlannedDensity>,
+    targets: &[&LayerInfo],
+) -> Result<Selection, Vec<ParamProblem>> {
+    let stage = |e: String| vec![ParamProblem::stage(e)];
+    let (n, m) = (
+        params.integer("n").map_err(stage)?,
+        params.integer("m").map_err(stage)?,
+    );
+    let block = params.integers("block").map_err(stage)?;
+    let (n_of_m, block) = match (
+        checks::optional_n_of_m(n, m),
+        checks::optional_block("block", block),
+    ) {
+        (Ok(nm), Ok(b)) => (nm, b),
+        (a, b) => return Err(a.err().into_iter().chain(b.err()).collect()),
+    };
+    let (selection, problems) = match (n_of_m, block) {
+        (Some(_), Some(_)) => {
+            return Err(vec![ParamProblem::param(
+                "block",
+                "set either N:M (`n`, `m`) or `block`, not both",
+            )]);
+        }
+        (Some(nm), None) => (
+            Selection::NOfM(nm),
+            vec![
+                density.and_then(|d| checks::n_of_m_density(nm, d)),
+                checks::n_of_m_columns(nm, targets),
+            ],
+        ),
+        (None, Some(b)) => (
+            Selection::Blocks(b),
+            vec![density.and_then(|d| checks::density_required("wanda", d))],
+        ),
+        (None, None) => (
+            Selection::PerRow,
+            vec![density.and_then(|d| checks::density_required("wanda", d))],
+        ),
+    };
+    let problems: Vec<ParamProblem> = problems.into_iter().flatten().collect();
+    if problems.is_empty() {
+        Ok(selection)
+    } else {
+        Err(problems)
+    }
+}
 
 impl Guest for Wanda {
     fn describe() -> PluginInfo {
@@ -40,59 +101,42 @@ impl Guest for Wanda {
         }
     }
 
+    fn validate(ctx: PlanningContext) -> Result<(), Vec<ParamProblem>> {
+        let targets: Vec<&LayerInfo> = ctx.targets.iter().collect();
+        check(&Params::new(&ctx), Some(&ctx.density), &targets).map(|_| ())
+    }
+
     fn apply(ctx: StageContext) -> Result<StageOutput, String> {
         let params = Params::new(&ctx);
-        let (n, m) = (params.integer("n")?, params.integer("m")?);
-        let block = match params.integers("block")? {
-            [] => None,
-            [r, c] if (1..=4096).contains(r) && (1..=4096).contains(c) => Some(BlockShape {
-                rows: *r as u32,
-                cols: *c as u32,
-            }),
-            other => {
-                return Err(format!(
-                    "`block` must be [rows, cols] with entries in 1..=4096, got {other:?}"
-                ));
-            }
-        };
-        if block.is_some() && (n, m) != (0, 0) {
-            return Err("set either N:M (`n`, `m`) or `block`, not both".into());
-        }
-        let n_of_m = match (n, m) {
-            (0, 0) => None,
-            (n, m) if m > 0 && n > 0 && n <= m && m <= i64::from(u32::MAX) => Some(NOfM {
-                n: n as u32,
-                m: m as u32,
-            }),
-            _ => {
-                return Err(format!(
-                    "n = {n}, m = {m}: set both with 1 <= n <= m for N:M, or neither for unstructured"
-                ));
-            }
-        };
+        let targets: Vec<&LayerInfo> = ctx.targets.iter().map(|t| &t.layer).collect();
+        // Densities are checked per target below (`target_density` names the layer).
+        let selection = check(&params, None, &targets).map_err(|p| problems_message(&p))?;
+        let total = ctx.targets.len() as u64;
         let mut masks = Vec::with_capacity(ctx.targets.len());
-        for target in &ctx.targets {
+        for (i, target) in ctx.targets.iter().enumerate() {
             let name = &target.layer.name;
+            report_progress(i as u64, total, name);
             let w = model::weight(name)?;
             let norms = calibration::activation_norms(name)?;
             let scale = kernels::unary(UnaryOp::Sqrt, &norms);
             let magnitude = kernels::unary(UnaryOp::Abs, &w);
             // [out, in] * [1, in]: each column scaled by its input's activation norm.
             let scores = kernels::binary(BinaryOp::Mul, &magnitude, &scale)?;
-            let mask = match (n_of_m, block) {
-                (Some(nm), _) => kernels::select(&scores, Structure::NOfM(nm), 0.0)?,
-                (None, Some(b)) => {
+            let mask = match selection {
+                Selection::NOfM(nm) => kernels::select(&scores, Structure::NOfM(nm), 0.0)?,
+                Selection::Blocks(b) => {
                     // A group's score is the sum of its elements': squares rank by L2 norm.
                     let squares = kernels::unary(UnaryOp::Square, &scores);
                     kernels::select(&squares, Structure::Blocks(b), target_density(target)?)?
                 }
-                (None, None) => kernels::select_per_row(&scores, target_density(target)?)?,
+                Selection::PerRow => kernels::select_per_row(&scores, target_density(target)?)?,
             };
             masks.push(LayerMask {
                 layer: name.clone(),
                 mask,
             });
         }
+        report_progress(total, total, "done");
         Ok(masks_output(masks))
     }
 }

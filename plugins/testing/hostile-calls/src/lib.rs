@@ -14,6 +14,10 @@
 //! without a host refusal". Messages never contain the attack's name, except in these two
 //! cases, so the suite cannot mistake the name for the host's cause.
 //!
+//! The `validate-*` attacks happen in `validate`, at planning (a loop, a trap, a flood of
+//! problems); their `apply` entries are never reached. The `progress-*` attacks flood the
+//! `progress` import (a tight loop, huge messages, absurd counts), which must stay harmless.
+//!
 //! The suite reads the names of [`ATTACKS`] from this file to check that it drives them all:
 //! keep one entry per line, starting `("name", |`.
 use espalier_plugin_sdk::*;
@@ -1096,6 +1100,38 @@ static ATTACKS: &[(&str, Attack)] = &[
         masks[0].mask = kernels::mask_from_bytes(&WRAPS_TO_ZERO, &[], Structure::Unstructured)?;
         output(masks)
     }),
+    ("progress-flood", |c| {
+        // Millions of reports in a tight loop: the host keeps a handful and never blocks.
+        let total = 2_000_000u64;
+        for i in 0..=total {
+            report_progress(i, total, "flood");
+        }
+        Err(c.done("two million progress reports"))
+    }),
+    ("progress-huge-message", |c| {
+        // 16 MiB messages full of terminal escapes: the host keeps an escaped prefix.
+        let message = format!("\u{1b}[2J\u{1b}]0;owned\u{7}{}", "x".repeat(16 << 20));
+        for i in 0..8 {
+            report_progress(i, 8, &message);
+        }
+        Err(c.done("huge progress messages"))
+    }),
+    ("progress-absurd-counts", |c| {
+        report_progress(u64::MAX, 1, "more done than total");
+        report_progress(0, u64::MAX, "an absurd total");
+        report_progress(u64::MAX, 0, "an unknown total");
+        report_progress(u64::MAX, u64::MAX, "");
+        Err(c.done("absurd progress counts"))
+    }),
+    ("validate-loop", |c| {
+        Err(c.unrefused("a stage whose validate never returns"))
+    }),
+    ("validate-trap", |c| {
+        Err(c.unrefused("a stage whose validate trapped"))
+    }),
+    ("validate-flood", |c| {
+        Err(c.unrefused("a stage with ten thousand problems"))
+    }),
     ("output-budgets-from-mask-plugin", |c| {
         let mut out = masks_output(c.valid_masks()?);
         out.budgets = c
@@ -1133,6 +1169,26 @@ impl Guest for P {
                 Need::Gradients,
             ],
             produces: OutputKind::Masks,
+        }
+    }
+
+    fn validate(ctx: PlanningContext) -> Result<(), Vec<ParamProblem>> {
+        match Params::new(&ctx).text("attack") {
+            Ok("validate-loop") => loop {
+                std::hint::spin_loop();
+            },
+            Ok("validate-trap") => core::arch::wasm32::unreachable(),
+            Ok("validate-flood") => Err((0..10_000)
+                .map(|i| ParamProblem {
+                    at: if i % 2 == 0 {
+                        ProblemAt::Param("p".repeat(1 << 10))
+                    } else {
+                        ProblemAt::Density
+                    },
+                    message: "\u{1b}]0;owned\u{7}".repeat(100),
+                })
+                .collect()),
+            _ => Ok(()),
         }
     }
 
