@@ -325,6 +325,7 @@ fn every_table_fits_the_terminal_width_it_is_given() {
         "q.toml",
         "name = \"widths-2\"\nmodel = \"builtin:tiny-llama\"\n[[stage]]\nplugin = \"magnitude\"\ndensity = 0.5\n[evaluate]\nmax_tokens = 300\n[export]\ndir = \"out/w2\"\n",
     );
+    let block80 = repo().join("pipelines/block80.toml").display().to_string();
     let runs: &[&[&str]] = &[
         &["run", p.to_str().unwrap(), "--layers"],
         &["run", q.to_str().unwrap(), "--no-export"],
@@ -341,6 +342,18 @@ fn every_table_fits_the_terminal_width_it_is_given() {
         &["model", "layers", "builtin:tiny-llama"],
         &["bench", "kernels", "--quick"],
         &["compare", "out/w/report.json", "out/w2/report.json"],
+        &["bench", "plugins", "--model", "builtin:tiny-llama", "--repeat", "1"],
+        &[
+            "bench",
+            "decode",
+            "builtin:tiny-llama",
+            "--pipeline",
+            &block80,
+            "--new-tokens",
+            "4",
+            "--prompt-tokens",
+            "8",
+        ],
     ];
     let o = espalier(&["run", q.to_str().unwrap()], dir.path());
     assert!(o.status.success(), "{}", text(&o).1);
