@@ -342,7 +342,14 @@ fn every_table_fits_the_terminal_width_it_is_given() {
         &["model", "layers", "builtin:tiny-llama"],
         &["bench", "kernels", "--quick"],
         &["compare", "out/w/report.json", "out/w2/report.json"],
-        &["bench", "plugins", "--model", "builtin:tiny-llama", "--repeat", "1"],
+        &[
+            "bench",
+            "plugins",
+            "--model",
+            "builtin:tiny-llama",
+            "--repeat",
+            "1",
+        ],
         &[
             "bench",
             "decode",
