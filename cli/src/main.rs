@@ -137,24 +137,8 @@ enum Command {
     Eval {
         /// A model directory, builtin:NAME, or fetch:smollm2-135m-instruct (downloaded on first use).
         model: String,
-        /// Text file for perplexity (default: the shipped data/eval.txt, built in).
-        #[arg(long)]
-        text: Option<PathBuf>,
-        /// Tokens per forward pass (default: 1024, or the model's positions if fewer).
-        #[arg(long)]
-        window: Option<usize>,
-        /// Tokens between window starts (default: the window, i.e. no overlap).
-        #[arg(long)]
-        stride: Option<usize>,
-        /// Score at most this many tokens from the start of the text (0 = all of it).
-        #[arg(long, default_value_t = espalier::evaluate::DEFAULT_MAX_TOKENS)]
-        max_tokens: usize,
-        /// Prompt tokens for the latency measurement (taken from the start of the text).
-        #[arg(long, default_value_t = espalier::evaluate::DEFAULT_PROMPT_TOKENS)]
-        prompt_tokens: usize,
-        /// Tokens generated for the latency measurement (0 = skip latency).
-        #[arg(long, default_value_t = espalier::evaluate::DEFAULT_NEW_TOKENS)]
-        new_tokens: usize,
+        #[command(flatten)]
+        args: EvalArgs,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -496,27 +480,7 @@ fn dispatch(cli: Cli) -> Result<()> {
         Command::Model { command } => match command {
             ModelCommand::Layers { model, json } => cmd_model_layers(&model, json),
         },
-        Command::Eval {
-            model,
-            text,
-            window,
-            stride,
-            max_tokens,
-            prompt_tokens,
-            new_tokens,
-            json,
-        } => cmd_eval(
-            &model,
-            EvalArgs {
-                text,
-                window,
-                stride,
-                max_tokens,
-                prompt_tokens,
-                new_tokens,
-            },
-            json,
-        ),
+        Command::Eval { model, args, json } => cmd_eval(&model, args, json),
         Command::Compare { reports, json } => cmd_compare(&reports, json),
         Command::Import { gguf, out } => cmd_import(&gguf, &out),
         Command::Serve {
@@ -851,13 +815,26 @@ fn cmd_compare(files: &[PathBuf], json: bool) -> Result<()> {
     Ok(())
 }
 
-/// What `espalier eval` was asked to measure.
+/// What `espalier eval` was asked to measure (the protocol's defaults unless changed).
+#[derive(Args)]
 struct EvalArgs {
+    /// Text file for perplexity (default: the shipped data/eval.txt, built in).
+    #[arg(long)]
     text: Option<PathBuf>,
+    /// Tokens per forward pass (default: 1024, fewer when the model was trained on fewer positions or the text is shorter).
+    #[arg(long)]
     window: Option<usize>,
+    /// Tokens between window starts (default: the window, i.e. no overlap).
+    #[arg(long)]
     stride: Option<usize>,
+    /// Score at most this many tokens from the start of the text (0 = all of it).
+    #[arg(long, default_value_t = espalier::evaluate::DEFAULT_MAX_TOKENS)]
     max_tokens: usize,
+    /// Prompt tokens for the latency measurement (taken from the start of the text).
+    #[arg(long, default_value_t = espalier::evaluate::DEFAULT_PROMPT_TOKENS)]
     prompt_tokens: usize,
+    /// Tokens generated for the latency measurement (0 = skip latency).
+    #[arg(long, default_value_t = espalier::evaluate::DEFAULT_NEW_TOKENS)]
     new_tokens: usize,
 }
 

@@ -524,21 +524,18 @@ pub fn print_compare(reports: &[(String, RunReport)]) {
         "kept in block linears",
         each(&|r| pct(r.summary.block_linear_density)),
     );
-    let mut roles: Vec<String> = reports
-        .iter()
-        .flat_map(|(_, r)| r.density_by_role().into_keys())
-        .collect();
-    roles.sort();
-    roles.dedup();
+    // Computed once per report: every role's row reads it.
+    let by_role: Vec<_> = reports.iter().map(|(_, r)| r.density_by_role()).collect();
+    let roles: std::collections::BTreeSet<&String> =
+        by_role.iter().flat_map(|m| m.keys()).collect();
     for role in roles {
         row(
             &mut t,
             &format!("kept in {role}"),
-            each(&|r| {
-                r.density_by_role()
-                    .get(&role)
-                    .map_or("-".into(), |d| pct(*d))
-            }),
+            by_role
+                .iter()
+                .map(|m| m.get(role).map_or("-".into(), |d| pct(*d)))
+                .collect(),
         );
     }
     out!("{t}");

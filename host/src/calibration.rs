@@ -135,7 +135,7 @@ impl CalibrationSet {
         Ok(CalibrationSet {
             source: source.to_path_buf(),
             sequences,
-            text_sha256: crate::evaluate::sha256_hex(text.as_bytes()),
+            text_sha256: crate::plugin::runtime::sha256_hex(text.as_bytes()),
         })
     }
 

@@ -18,9 +18,9 @@ use espalier_engine::eval::{
 };
 use espalier_engine::{EngineError, Model, Session, Tokenizer, files};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 use crate::cancel::CancelToken;
+use crate::plugin::runtime::sha256_hex;
 
 /// The shipped evaluation text (`data/eval.txt`, the half of the corpus calibration never
 /// sees), compiled in so the default protocol works from any folder and in the daemon.
@@ -97,31 +97,6 @@ pub struct Protocol {
     pub prompt_tokens: Option<usize>,
     /// Latency tokens generated.
     pub new_tokens: Option<usize>,
-}
-
-impl Protocol {
-    /// One line for table headers, e.g. `perplexity on data/eval.txt (shipped, sha256
-    /// 1a2b3c4d5e6f), first 4096 of 25210 tokens, window 1024, stride 1024; latency: 128-token
-    /// prompt, 64 new tokens, batch 1, greedy`.
-    pub fn describe(&self) -> String {
-        let scored = match self.max_tokens {
-            Some(m) if m < self.text_tokens => format!("first {m} of {} tokens", self.text_tokens),
-            _ => format!("all {} tokens", self.text_tokens),
-        };
-        let latency = match (self.prompt_tokens, self.new_tokens) {
-            (Some(p), Some(n)) => {
-                format!("latency: {p}-token prompt, {n} new tokens, batch 1, greedy")
-            }
-            _ => "no latency".to_string(),
-        };
-        format!(
-            "perplexity on {} (sha256 {}), {scored}, window {}, stride {}; {latency}",
-            crate::display_safe::name(&self.text),
-            self.text_sha256.get(..12).unwrap_or(&self.text_sha256),
-            self.window,
-            self.stride
-        )
-    }
 }
 
 /// Memory of one model's evaluation.
@@ -206,11 +181,6 @@ impl EvalSpec {
         }
         Ok(())
     }
-}
-
-/// sha256 of a text, lowercase hex.
-pub fn sha256_hex(bytes: &[u8]) -> String {
-    hex::encode(Sha256::digest(bytes))
 }
 
 /// What the caller knows about the model being evaluated.
@@ -384,7 +354,6 @@ mod tests {
         assert!(p.text_tokens > 300);
         assert_eq!(e.perplexity.as_ref().unwrap().tokens, 300);
         assert!(e.latency.is_some());
-        assert!(p.describe().contains("sha256"));
         assert_eq!(
             e.kernels.dense_because.get("not pruned").copied(),
             Some(session.linears().len())

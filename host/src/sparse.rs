@@ -156,25 +156,21 @@ pub fn attach(
         Storage::F32 => Dtype::F32,
         Storage::Bf16 => Dtype::Bf16,
     };
-    let names: Vec<String> = session
+    // (name, kind) of every linear, read once: the loop below replaces kernels in `session`.
+    let linears: Vec<(String, String)> = session
         .linears()
         .iter()
-        .map(|l| l.name().to_string())
+        .map(|l| (l.name().to_string(), l.kind().to_string()))
         .collect();
     let mut formats = BTreeMap::new();
     let mut kernels = KernelUse::default();
     let count = |map: &mut BTreeMap<String, usize>, key: String| {
         *map.entry(key).or_insert(0) += 1;
     };
-    for name in names {
-        let linears = session.linears();
-        let (Some(weight), Some(linear)) = (
-            model.weight(&name),
-            linears.iter().find(|l| l.name() == name),
-        ) else {
+    for (name, current_kind) in linears {
+        let Some(weight) = model.weight(&name) else {
             continue;
         };
-        let current_kind = linear.kind().to_string();
         let [rows, cols] = weight.dims() else {
             count(&mut kernels.layers, current_kind);
             continue;

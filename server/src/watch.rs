@@ -43,7 +43,6 @@ use std::time::{Duration, Instant, SystemTime};
 
 use notify::event::{AccessKind, AccessMode};
 use notify::{EventKind, RecommendedWatcher, RecursiveMode, Watcher};
-use sha2::{Digest, Sha256};
 
 /// How many recent problems [`WatchStatus::last_errors`] keeps.
 const MAX_RECENT_ERRORS: usize = 32;
@@ -730,7 +729,7 @@ impl State {
     }
 
     fn ready(&mut self, path: &Path, sig: &Signature, bytes: Vec<u8>) {
-        let sha256 = hex::encode(Sha256::digest(&bytes));
+        let sha256 = espalier::plugin::runtime::sha256_hex(&bytes);
         self.bump(|s| {
             s.rejected.remove(path);
         });
@@ -872,7 +871,7 @@ mod tests {
     }
 
     fn sha(bytes: &[u8]) -> String {
-        hex::encode(Sha256::digest(bytes))
+        espalier::plugin::runtime::sha256_hex(bytes)
     }
 
     /// The next event, or a test failure after [`WAIT`].
