@@ -4,178 +4,15 @@
 
 #[path = "common/binary.rs"]
 mod binary;
+#[path = "common/daemon.rs"]
+mod daemon;
 
 use std::io::{BufRead, BufReader, Read};
-use std::path::Path;
-use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use binary::{bin, wasm};
+use binary::wasm;
+use daemon::{Daemon, TOKEN};
 use serde_json::{Value, json};
-
-const TOKEN: &str = "test-token-0123456789";
-
-/// A daemon child process and its address.
-struct Daemon {
-    child: Child,
-    base: String,
-}
-
-impl Daemon {
-    /// Starts `espalier serve` on `state` with a short debounce (and the token when `token`).
-    fn start(state: &Path, token: bool) -> Daemon {
-        Self::start_with(state, token, "")
-    }
-
-    /// As [`Daemon::start`], with more config lines.
-    fn start_with(state: &Path, token: bool, extra: &str) -> Daemon {
-        std::fs::create_dir_all(state).unwrap();
-        let config = state.join("serve.toml");
-        let mut text = format!("debounce_ms = 100\n{extra}");
-        if token {
-            text.push_str(&format!("token = \"{TOKEN}\"\n"));
-        }
-        std::fs::write(&config, text).unwrap();
-        let mut child = bin()
-            .args(["serve", "--listen", "127.0.0.1:0", "--state"])
-            .arg(state)
-            .arg("--config")
-            .arg(&config)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start espalier serve");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut line = String::new();
-            let _ = BufReader::new(stdout).read_line(&mut line);
-            let _ = tx.send(line);
-        });
-        let line = rx
-            .recv_timeout(Duration::from_secs(120))
-            .expect("the daemon prints its address");
-        let addr = line
-            .split("http://")
-            .nth(1)
-            .and_then(|r| r.split_whitespace().next())
-            .unwrap_or_else(|| panic!("no address in {line:?}"))
-            .to_string();
-        Daemon {
-            child,
-            base: format!("http://{addr}"),
-        }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.base)
-    }
-
-    /// Sends a request; returns status and body whatever the status.
-    fn call(
-        &self,
-        method: &str,
-        path: &str,
-        body: Option<(&str, Vec<u8>)>,
-        token: Option<&str>,
-    ) -> (u16, Vec<u8>) {
-        let agent = ureq::AgentBuilder::new()
-            .timeout(Duration::from_secs(60))
-            .build();
-        let mut req = agent.request(method, &self.url(path));
-        if let Some(t) = token {
-            req = req.set("Authorization", &format!("Bearer {t}"));
-        }
-        let result = match body {
-            Some((content_type, bytes)) => req.set("Content-Type", content_type).send_bytes(&bytes),
-            None => req.call(),
-        };
-        let response = match result {
-            Ok(r) => r,
-            Err(ureq::Error::Status(_, r)) => r,
-            Err(e) => panic!("{method} {path}: {e}"),
-        };
-        let status = response.status();
-        let mut bytes = Vec::new();
-        response.into_reader().read_to_end(&mut bytes).unwrap();
-        (status, bytes)
-    }
-
-    fn get(&self, path: &str) -> (u16, Value) {
-        let (s, b) = self.call("GET", path, None, None);
-        (s, serde_json::from_slice(&b).unwrap_or(Value::Null))
-    }
-
-    fn post_json(&self, path: &str, body: &Value, token: Option<&str>) -> (u16, Value) {
-        let (s, b) = self.call(
-            "POST",
-            path,
-            Some(("application/json", body.to_string().into_bytes())),
-            token,
-        );
-        (s, serde_json::from_slice(&b).unwrap_or(Value::Null))
-    }
-
-    /// Polls `GET path` until `done` accepts the body (at most `secs`).
-    fn wait_for(&self, path: &str, secs: u64, what: &str, done: impl Fn(&Value) -> bool) -> Value {
-        let deadline = Instant::now() + Duration::from_secs(secs);
-        loop {
-            let (_, v) = self.get(path);
-            if done(&v) {
-                return v;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "timed out waiting for {what}: {v:#}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn wait_run(&self, id: i64, secs: u64) -> Value {
-        self.wait_for(&format!("/v1/runs/{id}"), secs, "the run to end", |v| {
-            matches!(
-                v["status"].as_str(),
-                Some("succeeded" | "failed" | "cancelled" | "interrupted")
-            )
-        })
-    }
-
-    fn plugin_sha(&self, name: &str) -> Option<String> {
-        let (_, v) = self.get("/v1/plugins");
-        v["plugins"]
-            .as_array()?
-            .iter()
-            .find(|p| p["name"] == name)
-            .and_then(|p| p["sha256"].as_str().map(str::to_string))
-    }
-
-    /// Stops the daemon as a service manager would and waits (bounded) for it to exit.
-    fn stop(mut self) -> std::process::ExitStatus {
-        // SAFETY: kill(2) on our own child's pid with SIGTERM.
-        unsafe {
-            libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM);
-        }
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            if Instant::now() > deadline {
-                let _ = self.child.kill();
-                panic!("the daemon did not stop within 60 s of SIGTERM");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// `bytes` with a custom section appended: another component (another sha256) that behaves
 /// the same, like a rebuilt plugin.
@@ -740,4 +577,98 @@ fn bad_requests_get_clear_errors_and_change_nothing() {
     let after: Vec<_> = std::fs::read_dir(state.join("plugins")).unwrap().collect();
     assert_eq!(before.len(), after.len());
     assert!(d.get("/v1/runs").1.as_array().unwrap().is_empty());
+}
+
+/// `GET /v1/events` carries every run's events (after a `run-queued` with the record), each with
+/// the same sequence number and content as the run's own stream; `GET /v1/runs/ID/masks`
+/// serves a run's exported masks until a later run exports to the same folder.
+#[test]
+fn the_daemon_wide_feed_and_masks_downloads() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let d = Daemon::start(&state, false);
+    let pipeline = format!(
+        "name = \"feed\"\n{TINY}[[stage]]\nplugin = \"magnitude\"\ndensity = 0.5\n[export]\ndir = \"out/feed\"\n"
+    );
+
+    // Subscribe first (the stream opens with `hello`), then queue a run.
+    let agent = ureq::AgentBuilder::new()
+        .timeout(Duration::from_secs(120))
+        .build();
+    let response = agent.get(&d.url("/v1/events")).call().expect("feed");
+    assert_eq!(response.header("content-type"), Some("text/event-stream"));
+    let mut lines = BufReader::new(response.into_reader()).lines();
+    let mut next_event = move || -> (String, Value) {
+        let mut kind = String::new();
+        for line in lines.by_ref() {
+            let line = line.unwrap();
+            if let Some(v) = line.strip_prefix("event: ") {
+                kind = v.to_string();
+            } else if let Some(v) = line.strip_prefix("data: ") {
+                return (kind, serde_json::from_str(v).unwrap());
+            }
+        }
+        panic!("the feed ended");
+    };
+    assert_eq!(next_event().0, "hello");
+    let (s, run) = d.post_json("/v1/runs", &json!({"body": pipeline}), None);
+    assert_eq!(s, 201, "{run:#}");
+    let first = run["id"].as_i64().unwrap();
+    let (kind, queued) = next_event();
+    assert_eq!(kind, "run-queued");
+    assert_eq!(queued["run"], first);
+    assert_eq!(queued["event"]["status"], "queued");
+    let mut fed = Vec::new();
+    loop {
+        let (kind, e) = next_event();
+        assert_eq!(e["run"], first, "{e:#}");
+        let end = kind == "run-finished";
+        fed.push((e["seq"].as_u64().unwrap(), kind, e["event"].clone()));
+        if end {
+            break;
+        }
+    }
+    assert_eq!(fed, follow(&d, first, None));
+
+    // The masks of the export, as u8 safetensors; a later run to the same folder replaces them.
+    let (status, masks) = d.call("GET", &format!("/v1/runs/{first}/masks"), None, None);
+    assert_eq!(status, 200);
+    let header_len = u64::from_le_bytes(masks[..8].try_into().unwrap()) as usize;
+    let header: Value = serde_json::from_slice(&masks[8..8 + header_len]).unwrap();
+    let exported = std::fs::read(state.join("runs/out/feed/masks.safetensors")).unwrap();
+    assert_eq!(masks, exported);
+    assert!(
+        header
+            .as_object()
+            .unwrap()
+            .iter()
+            .any(|(k, v)| k.contains("q_proj") && v["dtype"] == "U8"),
+        "{header:#}"
+    );
+    let (_, run) = d.post_json("/v1/runs", &json!({"body": pipeline}), None);
+    let second = run["id"].as_i64().unwrap();
+    assert_eq!(d.wait_run(second, 60)["status"], "succeeded");
+    let (status, body) = d.call("GET", &format!("/v1/runs/{first}/masks"), None, None);
+    assert_eq!(status, 410, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(
+        d.call("GET", &format!("/v1/runs/{second}/masks"), None, None)
+            .0,
+        200
+    );
+    let (_, run) = d.post_json(
+        "/v1/runs",
+        &json!({"body": format!("{TINY}[[stage]]\nplugin = \"magnitude\"\ndensity = 0.5\n")}),
+        None,
+    );
+    let unexported = run["id"].as_i64().unwrap();
+    d.wait_run(unexported, 60);
+    let (status, body) = d.call("GET", &format!("/v1/runs/{unexported}/masks"), None, None);
+    assert_eq!(status, 404);
+    assert!(
+        String::from_utf8_lossy(&body).contains("[export]"),
+        "{}",
+        String::from_utf8_lossy(&body)
+    );
+    let status = d.stop();
+    assert!(status.success(), "{status:?}");
 }

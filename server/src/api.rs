@@ -136,7 +136,7 @@ fn json_error(rejection: JsonRejection) -> ApiError {
     paths(
         healthz, metrics, list_plugins, upload_plugin, get_plugin, download_plugin, delete_plugin,
         list_pipelines, get_pipeline, validate_pipeline, create_run, list_runs, get_run,
-        run_report, run_events, cancel_run, list_models, fetch_model
+        run_report, run_masks, run_events, all_events, cancel_run, list_models, fetch_model
     ),
     components(schemas(
         ErrorBody, ErrorDetail, PluginList, RejectedPlugin, PipelineEntry, RunRequest,
@@ -159,10 +159,12 @@ impl utoipa::Modify for BearerAuth {
     }
 }
 
-/// The router: `/v1/...`, `/healthz`, `/metrics`, `/openapi.json`.
+/// The router: `/v1/...`, `/healthz`, `/metrics`, `/openapi.json`, and the dashboard at `/`.
 pub fn router(state: ApiState) -> Router {
     let limit = state.daemon.config.max_upload_bytes;
     Router::new()
+        .route("/", get(crate::dashboard::index))
+        .route("/ui/{file}", get(crate::dashboard::asset))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .route("/openapi.json", get(openapi))
@@ -177,6 +179,8 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/runs/{id}/cancel", post(cancel_run))
         .route("/v1/runs/{id}/report", get(run_report))
         .route("/v1/runs/{id}/events", get(run_events))
+        .route("/v1/runs/{id}/masks", get(run_masks))
+        .route("/v1/events", get(all_events))
         .route("/v1/models", get(list_models))
         .route("/v1/models/fetch", post(fetch_model))
         .fallback(not_found)
@@ -614,6 +618,71 @@ async fn run_events(
         }
     };
     Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
+}
+
+#[utoipa::path(
+    get, path = "/v1/runs/{id}/masks", params(("id" = i64, Path)),
+    responses(
+        (status = 200, description = "masks.safetensors of the run's export: one u8 tensor per pruned layer, 1 = kept", content_type = "application/octet-stream"),
+        (status = 404, description = "No such run, or it exported nothing", body = ErrorBody),
+        (status = 410, description = "A later run exported to the same folder and replaced these masks", body = ErrorBody)
+    )
+)]
+async fn run_masks(State(state): State<ApiState>, Path(id): Path<String>) -> ApiResult<Response> {
+    let id = parse_id(&id)?;
+    let daemon = state.daemon.clone();
+    let bytes = blocking(move || daemon.run_masks(id)).await?;
+    let Some(bytes) = bytes else {
+        return Err(ApiError(
+            StatusCode::GONE,
+            "gone",
+            format!(
+                "a later run exported to the same folder as run {id} and replaced its masks; give pipelines their own [export] dir to keep each run's"
+            ),
+        ));
+    };
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/octet-stream".to_string()),
+            (
+                header::CONTENT_DISPOSITION,
+                format!("attachment; filename=\"run-{id}-masks.safetensors\""),
+            ),
+        ],
+        bytes,
+    )
+        .into_response())
+}
+
+#[utoipa::path(
+    get, path = "/v1/events",
+    responses((status = 200, description = "Server-sent events of every run from now on: `event` is the type (`run-queued` when a run is submitted, then the types of `/v1/runs/{id}/events`), `data` is `{\"run\": ID, \"seq\": N, \"event\": {...}}` (for `run-queued`, `event` is the run record). `resync` means events were dropped for a slow reader: read `GET /v1/runs` again.", content_type = "text/event-stream"))
+)]
+async fn all_events(
+    State(state): State<ApiState>,
+) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+    let mut feed = state.daemon.subscribe_all();
+    let mut stopping = state.stopping.clone();
+    let stream = async_stream::stream! {
+        // A first event, so a client knows the stream is open before any run moves.
+        yield Ok(Event::default().event("hello").data("{}"));
+        loop {
+            tokio::select! {
+                received = feed.recv() => match received {
+                    Ok(e) => {
+                        let data = serde_json::to_string(&e).unwrap_or_else(|_| "{}".into());
+                        yield Ok(Event::default().event(e.event_type.clone()).data(data));
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        yield Ok(Event::default().event("resync").data(json!({"dropped": n}).to_string()));
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                },
+                _ = stopping.changed() => return,
+            }
+        }
+    };
+    Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
 }
 
 fn is_terminal(kind: &str) -> bool {

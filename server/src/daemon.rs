@@ -128,6 +128,22 @@ pub struct RunRequestOverrides {
     pub density: Option<f64>,
 }
 
+/// One event of any run, as the daemon-wide feed (`GET /v1/events`) carries it: the run it
+/// belongs to, its sequence number within that run (0 for `run-queued`, which is not stored),
+/// its type and its data.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct FeedEvent {
+    /// The run.
+    pub run: i64,
+    /// Sequence number within the run's own stream (`GET /v1/runs/{id}/events`).
+    pub seq: u64,
+    /// Event type (`run-queued`, `stage-started`, ...).
+    #[serde(skip)]
+    pub event_type: String,
+    /// The event (for `run-queued`, the run record).
+    pub event: Value,
+}
+
 /// One run as it executes here: how to cancel it and where its events go live.
 struct LiveRun {
     cancel: CancelToken,
@@ -145,6 +161,8 @@ pub struct Daemon {
     /// Prometheus metrics.
     pub metrics: Metrics,
     live: Mutex<HashMap<i64, Arc<LiveRun>>>,
+    /// Every run's events, for followers of the whole daemon (the dashboard's run list).
+    feed: broadcast::Sender<FeedEvent>,
     pipelines: RwLock<BTreeMap<String, PipelineEntry>>,
     rejected_plugins: Mutex<BTreeMap<PathBuf, String>>,
     /// Component bytes of registered non-built-in plugins, by sha256 (for downloads).
@@ -228,6 +246,7 @@ impl Daemon {
             store: Arc::new(store),
             metrics: Metrics::new(),
             live: Mutex::new(HashMap::new()),
+            feed: broadcast::channel(1024).0,
             pipelines: RwLock::new(BTreeMap::new()),
             rejected_plugins: Mutex::new(BTreeMap::new()),
             blobs: RwLock::new(HashMap::new()),
@@ -668,6 +687,13 @@ impl Daemon {
                 .map(|e| e.dir.value.display().to_string()),
         })?;
         self.live_run(record.id);
+        // Nobody listening is not an error.
+        let _ = self.feed.send(FeedEvent {
+            run: record.id,
+            seq: 0,
+            event_type: "run-queued".into(),
+            event: serde_json::to_value(&record).unwrap_or(Value::Null),
+        });
         self.refresh_gauges();
         self.wake.1.notify_all();
         Ok(record)
@@ -696,6 +722,11 @@ impl Daemon {
             .and_then(|l| l.get(&id).map(|r| r.events.subscribe()))
     }
 
+    /// Every run's events from now on (`GET /v1/events`).
+    pub fn subscribe_all(&self) -> broadcast::Receiver<FeedEvent> {
+        self.feed.subscribe()
+    }
+
     /// Events of run `id` after sequence number `after`.
     pub fn events_after(&self, id: i64, after: u64) -> Result<Vec<StoredEvent>, DaemonError> {
         Ok(self.store.events_after(id, after, 10_000)?)
@@ -706,6 +737,38 @@ impl Daemon {
         self.store
             .get(id)?
             .ok_or_else(|| DaemonError::NotFound(format!("no run with id {id}")))
+    }
+
+    /// The masks a finished run exported (`masks.safetensors` of its export folder), or `None`
+    /// when a later run exported to the same folder since (its `report.json` is no longer this
+    /// run's).
+    pub fn run_masks(&self, id: i64) -> Result<Option<Vec<u8>>, DaemonError> {
+        let record = self.run(id)?;
+        let report = record.report_path.ok_or_else(|| {
+            DaemonError::NotFound(format!("run {id} has no report ({})", record.status))
+        })?;
+        let dir = record.export_dir.map(PathBuf::from).ok_or_else(|| {
+            DaemonError::NotFound(format!(
+                "run {id} exported nothing: its pipeline has no [export] section"
+            ))
+        })?;
+        let read = |path: &Path| {
+            std::fs::read(path)
+                .map_err(|e| DaemonError::Internal(format!("cannot read {}: {e}", path.display())))
+        };
+        let ours = read(Path::new(&report))?;
+        match std::fs::read(dir.join("report.json")) {
+            Ok(exported) if exported == ours => {}
+            _ => return Ok(None),
+        }
+        let masks = dir.join("masks.safetensors");
+        if !masks.is_file() {
+            return Err(DaemonError::NotFound(format!(
+                "run {id} exported no masks (no {})",
+                masks.display()
+            )));
+        }
+        read(&masks).map(Some)
     }
 
     /// Runs, newest first.
@@ -731,7 +794,13 @@ impl Daemon {
                 Some(run) => self.record_event(id, &run, &event),
                 None => {
                     let data = serde_json::to_value(&event).unwrap_or(Value::Null);
-                    self.store.append_event(id, event.kind(), &data)?;
+                    let seq = self.store.append_event(id, event.kind(), &data)?;
+                    let _ = self.feed.send(FeedEvent {
+                        run: id,
+                        seq,
+                        event_type: event.kind().to_string(),
+                        event: data,
+                    });
                 }
             }
         } else if let Some(run) = self.live.lock().ok().and_then(|l| l.get(&id).cloned()) {
@@ -908,6 +977,12 @@ impl Daemon {
         let data = serde_json::to_value(event).unwrap_or(Value::Null);
         match self.store.append_event(id, event.kind(), &data) {
             Ok(seq) => {
+                let _ = self.feed.send(FeedEvent {
+                    run: id,
+                    seq,
+                    event_type: event.kind().to_string(),
+                    event: data.clone(),
+                });
                 let _ = live.events.send(StoredEvent {
                     seq,
                     event_type: event.kind().to_string(),

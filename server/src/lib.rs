@@ -2,13 +2,15 @@
 //! CLI. `daemon.rs` holds the state and the work (runs on runner threads, the registry fed by
 //! the watched plugin folder and uploads, watched pipelines); `api.rs` is the REST layer;
 //! `store.rs` keeps run records and the queue (SQLite behind one trait); `watch.rs` reports
-//! complete files of a watched folder; `metrics.rs` is the Prometheus side; `layout.rs` the state
+//! complete files of a watched folder; `metrics.rs` is the Prometheus side; `dashboard.rs` serves the web page
+//! (files in `server/dashboard/`, compiled in); `layout.rs` the state
 //! folder and the rule that keeps requests inside it; `config.rs` the settings; `serve.rs`
 //! ties them to a listener and signals.
 
 pub mod api;
 pub mod config;
 pub mod daemon;
+pub mod dashboard;
 pub mod layout;
 pub mod metrics;
 pub mod serve;
