@@ -288,6 +288,8 @@ fn dashboard_shows_runs_plugins_and_pipelines_and_drives_the_api() {
     std::fs::create_dir_all(&pipelines).unwrap();
     std::fs::create_dir_all(state.join("plugins")).unwrap();
     std::fs::copy(wasm("slow_magnitude"), state.join("plugins/slow.wasm")).unwrap();
+    // Not a component: refused, and listed with why.
+    std::fs::write(state.join("plugins/junk.wasm"), b"\0asm but not really").unwrap();
     write(
         &pipelines,
         "tiny.toml",
@@ -517,6 +519,26 @@ fn dashboard_shows_runs_plugins_and_pipelines_and_drives_the_api() {
             .any(|p| p["name"] == "legacy-v03" && p["source"] == "upload"),
         "{listed:#}"
     );
+    let rejected = page.js("return document.getElementById('rejected').innerText");
+    assert!(
+        rejected.as_str().unwrap().contains("junk.wasm"),
+        "{rejected}"
+    );
+    // Dropping a file on the page uploads it too: the built-in magnitude's own bytes, read
+    // through the API, dropped as a file, land in the plugin folder (shadowing the built-in).
+    page.js(
+        "fetch('/v1/plugins/magnitude/wasm').then(r => r.arrayBuffer()).then(bytes => {
+           const dt = new DataTransfer();
+           dt.items.add(new File([bytes], 'magnitude.wasm', {type: 'application/wasm'}));
+           document.getElementById('dropzone').dispatchEvent(new DragEvent('drop', {dataTransfer: dt, bubbles: true, cancelable: true}));
+         }); return true",
+    );
+    page.wait(
+        "the dropped plugin in the list",
+        "const r = document.querySelector('tr[data-plugin=\"magnitude\"]'); return r && r.innerText.includes('upload') ? true : null",
+        30,
+    );
+    assert!(state.join("plugins/magnitude.wasm").is_file());
     page.shot("plugins");
 
     // ---- pipelines: an error shown at its line; a run started with overrides ----

@@ -188,11 +188,15 @@ async function runsView() {
     old.replaceWith(row);
   }
 
-  const refetching = new Set();
+  // One read of a run's record at a time; an event during a read asks for one more, so a read
+  // that started before the event cannot leave an older record on the page.
+  const refetching = new Map();
   async function refetch(id) {
-    if (refetching.has(id)) return;
-    refetching.add(id);
-    try { records.set(id, await get(`/v1/runs/${id}`)); } catch (_) { /* gone: leave it */ }
+    if (refetching.has(id)) { refetching.set(id, true); return; }
+    do {
+      refetching.set(id, false);
+      try { records.set(id, await get(`/v1/runs/${id}`)); } catch (_) { /* gone: leave it */ }
+    } while (refetching.get(id));
     refetching.delete(id);
     draw();
   }
