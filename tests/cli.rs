@@ -494,3 +494,48 @@ fn eval_and_benchmarks_run_on_a_builtin_model() {
     assert!(text(&o).1.contains("missing.gguf"), "{:?}", text(&o));
     assert!(!out.exists());
 }
+
+/// `espalier generate` streams text to stdout and its figures to stderr, greedily by default
+/// (the same text twice), and refuses what it cannot do with the reason.
+#[test]
+fn generate_streams_text_and_refuses_bad_settings() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = [
+        "generate",
+        "builtin:tiny-llama",
+        "--prompt",
+        "Once",
+        "--max-tokens",
+        "8",
+    ];
+    let first = espalier(&args, dir.path());
+    let (out, err) = text(&first);
+    assert!(first.status.success(), "{err}");
+    assert!(err.contains("8 tokens"), "{err}");
+    assert!(err.contains("--max-tokens reached"), "{err}");
+    let again = espalier(&args, dir.path());
+    assert_eq!(text(&again).0, out, "greedy decoding is deterministic");
+
+    let chat = espalier(
+        &["generate", "builtin:tiny-llama", "--prompt", "Hi", "--chat"],
+        dir.path(),
+    );
+    assert!(!chat.status.success());
+    assert!(
+        text(&chat).1.contains("no chat template"),
+        "{:?}",
+        text(&chat)
+    );
+    let hot = espalier(
+        &[
+            "generate",
+            "builtin:tiny-llama",
+            "--prompt",
+            "Hi",
+            "--temperature=-1",
+        ],
+        dir.path(),
+    );
+    assert!(!hot.status.success());
+    assert!(text(&hot).1.contains("temperature"), "{:?}", text(&hot));
+}

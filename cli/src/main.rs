@@ -132,6 +132,10 @@ enum Command {
         #[command(subcommand)]
         command: ModelCommand,
     },
+    /// Generate text from a model (dense, or a pruned export on its sparse kernels), streamed
+    /// as it is produced: `--chat` applies the model's chat template; greedy unless
+    /// `--temperature` is above 0.
+    Generate(generate::GenerateArgs),
     /// Evaluate a model under the evaluation protocol `[evaluate]` uses (same defaults):
     /// perplexity on a text, prefill and decode speed, weights held and peak memory.
     Eval {
@@ -337,7 +341,8 @@ macro_rules! err {
     ($($arg:tt)*) => { $crate::write_stderr(format_args!($($arg)*)) };
 }
 
-// After the output macros, which it uses.
+// After the output macros, which they use.
+mod generate;
 mod render;
 
 /// Removes the temporary folder of an export in progress when the user interrupts (SIGINT) or
@@ -481,6 +486,7 @@ fn dispatch(cli: Cli) -> Result<()> {
             ModelCommand::Layers { model, json } => cmd_model_layers(&model, json),
         },
         Command::Eval { model, args, json } => cmd_eval(&model, args, json),
+        Command::Generate(args) => generate::run(args, &models_dir()),
         Command::Compare { reports, json } => cmd_compare(&reports, json),
         Command::Import { gguf, out } => cmd_import(&gguf, &out),
         Command::Serve {

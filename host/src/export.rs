@@ -592,6 +592,73 @@ pub fn export(
     prepare(dir, &[], false)?.write(state, report, masks)
 }
 
+/// The masks an export wrote (`DIR/masks.safetensors`, 1 = kept), with each layer's structure
+/// from the export's `report.json` when it names one the planner can use (unstructured, N:M,
+/// blocks); `None` when the folder holds no masks (a dense model, or another tool's export).
+pub fn read_masks(
+    dir: &Path,
+) -> Result<Option<std::collections::BTreeMap<String, crate::mask::Mask>>, String> {
+    use crate::mask::{Mask, Structure};
+    let path = dir.join("masks.safetensors");
+    if !path.is_file() {
+        return Ok(None);
+    }
+    let structures: HashMap<String, Structure> = std::fs::read(dir.join("report.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<RunReport>(&b).ok())
+        .map(|r| {
+            r.layers
+                .into_iter()
+                .filter_map(|l| Some((l.name, parse_structure(l.structure.as_deref()?)?)))
+                .collect()
+        })
+        .unwrap_or_default();
+    let tensors = candle_core::safetensors::load(&path, &Device::Cpu)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut masks = std::collections::BTreeMap::new();
+    for (name, t) in tensors {
+        let shape = t.dims().to_vec();
+        let keep: Vec<bool> = t
+            .flatten_all()
+            .and_then(|t| t.to_dtype(candle_core::DType::U8))
+            .and_then(|t| t.to_vec1::<u8>())
+            .map_err(|e| format!("{}: {name}: {e}", path.display()))?
+            .into_iter()
+            .map(|b| b != 0)
+            .collect();
+        let structure = structures
+            .get(&name)
+            .copied()
+            .unwrap_or(Structure::Unstructured);
+        // A structure the bits do not satisfy (an edited file) falls back to unstructured.
+        let mask = Mask::new(shape.clone(), keep.clone(), structure)
+            .or_else(|_| Mask::new(shape, keep, Structure::Unstructured))
+            .map_err(|e| format!("{}: {name}: {e}", path.display()))?;
+        masks.insert(name, mask);
+    }
+    Ok(Some(masks))
+}
+
+/// A structure as `Display` writes it in reports, for the forms packed kernels use.
+fn parse_structure(text: &str) -> Option<crate::mask::Structure> {
+    use crate::mask::Structure;
+    if text == "unstructured" {
+        return Some(Structure::Unstructured);
+    }
+    if let Some(dims) = text.strip_suffix(" blocks") {
+        let (rows, cols) = dims.split_once('x')?;
+        return Some(Structure::Blocks {
+            rows: rows.parse().ok()?,
+            cols: cols.parse().ok()?,
+        });
+    }
+    let (n, m) = text.split_once(':')?;
+    Some(Structure::NOfM {
+        n: n.parse().ok()?,
+        m: m.parse().ok()?,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -10,6 +10,7 @@ pub mod evaluate;
 pub mod events;
 pub mod export;
 pub mod fetch;
+pub mod generate;
 pub mod heads;
 pub mod mask;
 pub mod ops;

@@ -1,0 +1,156 @@
+//! `espalier generate`: chat with or complete from a model, dense or pruned, with the text
+//! streamed to the terminal as it is produced. A pruned export (a folder with
+//! `masks.safetensors`) runs on Espalier's sparse kernels, as in its evaluation.
+
+use std::io::Write as _;
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use espalier::cancel::CancelToken;
+use espalier::generate::{ChatTemplate, GenerateSpec, Message, Sampling, generate};
+
+/// Options of `espalier generate`.
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    /// A model directory (an export of `espalier run` too), builtin:NAME, or
+    /// fetch:smollm2-135m-instruct.
+    pub model: String,
+    /// The prompt (with --chat: the user's message).
+    #[arg(long)]
+    pub prompt: String,
+    /// Wrap the prompt in the model's chat template (tokenizer_config.json), as a user message.
+    #[arg(long)]
+    pub chat: bool,
+    /// With --chat: a system message before the user's.
+    #[arg(long, requires = "chat")]
+    pub system: Option<String>,
+    /// At most this many new tokens.
+    #[arg(long, default_value_t = 256)]
+    pub max_tokens: usize,
+    /// 0 = greedy (the default, deterministic); above 0, sample at this temperature.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    /// Sample among the smallest set of tokens whose probability reaches P.
+    #[arg(long)]
+    pub top_p: Option<f32>,
+    /// Sample among the K most likely tokens.
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    /// Seed of the sampler.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Stop when the text contains this (repeatable); it is not printed.
+    #[arg(long)]
+    pub stop: Vec<String>,
+}
+
+/// Runs `espalier generate`.
+pub fn run(args: GenerateArgs, models_dir: &std::path::Path) -> Result<()> {
+    let model_ref =
+        espalier::fetch::resolve(&args.model, models_dir, &mut |m| err!("espalier: {m}"))?;
+    let model = espalier_engine::load_model(&model_ref)?;
+    let mut session = espalier_engine::Session::new(&model)?;
+    let dir = model.source_dir.clone();
+    let mut kernels = String::from("dense");
+    if let Some(dir) = &dir
+        && let Some(masks) = espalier::export::read_masks(dir)
+            .map_err(anyhow::Error::msg)
+            .context("reading the export's masks")?
+    {
+        let attached =
+            espalier::sparse::attach(&mut session, &model, &masks, espalier::sparse::Storage::F32)?;
+        kernels = attached
+            .kernels
+            .layers
+            .iter()
+            .map(|(k, n)| format!("{n} {k}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+    }
+    let tokenizer = espalier_engine::Tokenizer::for_model(&model)?;
+    let mut eos: Vec<u32> = model.config.eos_token_id.into_iter().collect();
+    let prompt_text = if args.chat {
+        let template = match &dir {
+            Some(d) => ChatTemplate::from_model_dir(d)?,
+            None => None,
+        };
+        let Some(template) = template else {
+            bail!(
+                "{model_ref} has no chat template (chat_template in tokenizer_config.json); drop --chat to complete the prompt as plain text"
+            );
+        };
+        if let Some(id) = template.eos_token().and_then(|t| tokenizer.token_to_id(t)) {
+            eos.push(id);
+        }
+        let mut messages = Vec::new();
+        if let Some(system) = &args.system {
+            messages.push(Message {
+                role: "system".into(),
+                content: system.clone(),
+            });
+        }
+        messages.push(Message {
+            role: "user".into(),
+            content: args.prompt.clone(),
+        });
+        template.render(&messages, true)?
+    } else {
+        args.prompt.clone()
+    };
+    let prompt = tokenizer.encode(&prompt_text)?;
+    let spec = GenerateSpec {
+        max_tokens: args.max_tokens,
+        sampling: Sampling {
+            temperature: args.temperature,
+            top_k: args.top_k,
+            top_p: args.top_p,
+            seed: args.seed,
+        },
+        stop: args.stop,
+        eos,
+    };
+    err!(
+        "espalier: {model_ref} ({} prompt tokens; linears: {kernels})",
+        prompt.len()
+    );
+    let mut stdout = std::io::stdout().lock();
+    let mut closed = false;
+    let result = generate(
+        &session,
+        &tokenizer,
+        &prompt,
+        &spec,
+        &mut |text| {
+            // A closed pipe (`| head`) ends generation quietly.
+            let ok = stdout
+                .write_all(text.as_bytes())
+                .and_then(|()| stdout.flush())
+                .is_ok();
+            closed |= !ok;
+            ok
+        },
+        &CancelToken::new(),
+    );
+    if closed {
+        return Ok(());
+    }
+    let g = result?;
+    let _ = writeln!(stdout);
+    let per_s = if g.ms_per_token > 0.0 {
+        format!(" ({:.1} tokens/s)", 1e3 / g.ms_per_token)
+    } else {
+        String::new()
+    };
+    err!(
+        "espalier: {} tokens, first after {:.0} ms, then {:.1} ms/token{per_s}; finished: {}",
+        g.tokens.len(),
+        g.first_token_ms,
+        g.ms_per_token,
+        match g.finish {
+            espalier::generate::FinishReason::Stop => "stop (EOS or a stop string)",
+            espalier::generate::FinishReason::Length => "--max-tokens reached",
+            espalier::generate::FinishReason::ContextFull => "the model's context is full",
+        }
+    );
+    Ok(())
+}

@@ -1,0 +1,576 @@
+//! Text generation from any model Espalier loads (dense, or a pruned export running on its
+//! sparse kernels): the chat template of the model's `tokenizer_config.json` rendered as
+//! transformers renders it (Jinja via minijinja, `trim_blocks` and `lstrip_blocks`, Python
+//! string methods), greedy decoding through the same `Session::next_token` the evaluation's
+//! latency pass uses, or seeded sampling (temperature, top-k, top-p), text streamed as whole
+//! UTF-8 characters, and stops on EOS, stop strings, the token limit or the context's end.
+
+use std::path::Path;
+
+use espalier_engine::{Session, Tokenizer};
+use rand::SeedableRng;
+use rand::distr::{Distribution, weighted::WeightedIndex};
+use rand::rngs::StdRng;
+use serde::Serialize;
+
+/// Why generation could not start or stopped early.
+#[derive(Debug, thiserror::Error)]
+pub enum GenerateError {
+    /// A setting is out of range.
+    #[error("{0}")]
+    Settings(String),
+    /// The chat template is missing or does not render.
+    #[error("{0}")]
+    Template(String),
+    /// The model or tokenizer failed.
+    #[error(transparent)]
+    Engine(#[from] espalier_engine::EngineError),
+    /// Stopped from outside.
+    #[error("generation was cancelled")]
+    Cancelled,
+}
+
+/// How the next token is chosen.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sampling {
+    /// 0 = greedy (argmax); otherwise logits are divided by it before the softmax.
+    pub temperature: f32,
+    /// Keep only the `k` most likely tokens (None: all).
+    pub top_k: Option<usize>,
+    /// Keep the smallest set of most likely tokens whose probability reaches `p` (None: all).
+    pub top_p: Option<f32>,
+    /// Seed of the sampler (the same seed and settings give the same text).
+    pub seed: u64,
+}
+
+impl Default for Sampling {
+    fn default() -> Self {
+        Sampling {
+            temperature: 0.0,
+            top_k: None,
+            top_p: None,
+            seed: 0,
+        }
+    }
+}
+
+impl Sampling {
+    /// Checks the ranges (a clear message instead of NaN probabilities).
+    pub fn check(&self) -> Result<(), GenerateError> {
+        if !self.temperature.is_finite() || self.temperature < 0.0 {
+            return Err(GenerateError::Settings(format!(
+                "temperature {} must be a finite number >= 0 (0 = greedy)",
+                self.temperature
+            )));
+        }
+        if self.top_k == Some(0) {
+            return Err(GenerateError::Settings(
+                "top_k must be at least 1 (leave it out to keep every token)".into(),
+            ));
+        }
+        if let Some(p) = self.top_p
+            && !(p > 0.0 && p <= 1.0)
+        {
+            return Err(GenerateError::Settings(format!(
+                "top_p {p} must be in (0, 1]"
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// What to generate.
+#[derive(Debug, Clone, Default)]
+pub struct GenerateSpec {
+    /// At most this many new tokens.
+    pub max_tokens: usize,
+    /// Token choice.
+    pub sampling: Sampling,
+    /// Generation ends when the text contains any of these (the stop string is not returned).
+    pub stop: Vec<String>,
+    /// Token ids that end generation (EOS); not part of the text.
+    pub eos: Vec<u32>,
+}
+
+/// Why generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    /// EOS or a stop string.
+    Stop,
+    /// `max_tokens` reached.
+    Length,
+    /// The model's positions are used up.
+    ContextFull,
+}
+
+/// A finished generation.
+#[derive(Debug, Clone, Serialize)]
+pub struct Generation {
+    /// Tokens of the prompt.
+    pub prompt_tokens: usize,
+    /// Generated tokens (without an EOS token that ended it).
+    pub tokens: Vec<u32>,
+    /// Their text, cut before a stop string.
+    pub text: String,
+    /// Why it ended.
+    pub finish: FinishReason,
+    /// Time to the first token (the prefill), milliseconds.
+    pub first_token_ms: f64,
+    /// Mean time per later token, milliseconds (0 with one token or fewer).
+    pub ms_per_token: f64,
+}
+
+/// Generates after `prompt`, calling `on_text` with each new piece of text as soon as it is
+/// whole characters (and not possibly the start of a stop string). `on_text` returns false to
+/// stop (a client that went away).
+pub fn generate(
+    session: &Session,
+    tokenizer: &Tokenizer,
+    prompt: &[u32],
+    spec: &GenerateSpec,
+    on_text: &mut dyn FnMut(&str) -> bool,
+    cancel: &crate::cancel::CancelToken,
+) -> Result<Generation, GenerateError> {
+    spec.sampling.check()?;
+    if prompt.is_empty() {
+        return Err(GenerateError::Settings("the prompt has no tokens".into()));
+    }
+    let positions = session.max_positions();
+    if prompt.len() >= positions {
+        return Err(GenerateError::Settings(format!(
+            "the prompt has {} tokens; the model has {positions} positions, so nothing fits after it",
+            prompt.len()
+        )));
+    }
+    let mut rng = StdRng::seed_from_u64(spec.sampling.seed);
+    let mut cache = espalier_engine::KvCache::new();
+    let started = std::time::Instant::now();
+    let mut tokens: Vec<u32> = Vec::new();
+    let mut text = String::new();
+    let mut sent = 0usize; // bytes of `text` already handed to `on_text`
+    let mut first_token_ms = 0.0;
+    let mut decode_started = started;
+    let mut finish = FinishReason::Length;
+    let mut input: Vec<u32> = prompt.to_vec();
+    while tokens.len() < spec.max_tokens {
+        if cancel.is_cancelled() {
+            return Err(GenerateError::Cancelled);
+        }
+        if prompt.len() + tokens.len() >= positions {
+            finish = FinishReason::ContextFull;
+            break;
+        }
+        let next = choose(session, &input, &mut cache, &spec.sampling, &mut rng)?;
+        if tokens.is_empty() {
+            first_token_ms = started.elapsed().as_secs_f64() * 1e3;
+            decode_started = std::time::Instant::now();
+        }
+        if spec.eos.contains(&next) {
+            finish = FinishReason::Stop;
+            break;
+        }
+        tokens.push(next);
+        input = vec![next];
+        text = tokenizer.decode(&tokens, true)?;
+        if let Some(cut) = spec
+            .stop
+            .iter()
+            .filter(|s| !s.is_empty())
+            .filter_map(|s| {
+                text[sent.min(text.len())..]
+                    .find(s.as_str())
+                    .map(|i| i + sent)
+            })
+            .min()
+        {
+            text.truncate(cut);
+            finish = FinishReason::Stop;
+            break;
+        }
+        // Hand over what is settled: whole characters (a token may end inside one, shown as
+        // U+FFFD until the next completes it) that cannot be the start of a stop string.
+        let settled = settled_len(&text, &spec.stop);
+        if settled > sent {
+            if !on_text(&text[sent..settled]) {
+                return Err(GenerateError::Cancelled);
+            }
+            sent = settled;
+        }
+    }
+    if text.len() > sent && !on_text(&text[sent..]) {
+        return Err(GenerateError::Cancelled);
+    }
+    let later = tokens.len().saturating_sub(1);
+    Ok(Generation {
+        prompt_tokens: prompt.len(),
+        ms_per_token: if later > 0 {
+            decode_started.elapsed().as_secs_f64() * 1e3 / later as f64
+        } else {
+            0.0
+        },
+        tokens,
+        text,
+        finish,
+        first_token_ms,
+    })
+}
+
+/// Bytes of `text` that can be shown now: up to a trailing replacement character (an
+/// unfinished UTF-8 sequence) and before any suffix that could begin a stop string.
+fn settled_len(text: &str, stop: &[String]) -> usize {
+    let mut end = text.trim_end_matches('\u{FFFD}').len();
+    for s in stop.iter().filter(|s| !s.is_empty()) {
+        // The longest suffix of text[..end] that is a proper prefix of `s`.
+        for (i, _) in s.char_indices().skip(1) {
+            if text[..end].ends_with(&s[..i]) {
+                end = end.min(text[..end].len() - i);
+                break;
+            }
+        }
+    }
+    end
+}
+
+/// The next token after `input` (appended to `cache`).
+fn choose(
+    session: &Session,
+    input: &[u32],
+    cache: &mut espalier_engine::KvCache,
+    sampling: &Sampling,
+    rng: &mut StdRng,
+) -> Result<u32, GenerateError> {
+    if sampling.temperature == 0.0 {
+        // Exactly the evaluation's greedy path.
+        return Ok(session.next_token(input, Some(cache))?);
+    }
+    let logits = session.forward_last(input, Some(cache))?;
+    let logits: Vec<f32> = logits
+        .to_dtype(candle_core::DType::F32)
+        .and_then(|t| t.to_vec1())
+        .map_err(espalier_engine::EngineError::from)?;
+    Ok(sample(&logits, sampling, rng))
+}
+
+/// Samples from softmax(logits / temperature) restricted by top-k and top-p.
+fn sample(logits: &[f32], sampling: &Sampling, rng: &mut StdRng) -> u32 {
+    let mut order: Vec<usize> = (0..logits.len())
+        .filter(|&i| logits[i].is_finite())
+        .collect();
+    if order.is_empty() {
+        return 0;
+    }
+    order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
+    if let Some(k) = sampling.top_k {
+        order.truncate(k.max(1));
+    }
+    let max = logits[order[0]];
+    let t = sampling.temperature.max(1e-6);
+    let mut probs: Vec<f64> = order
+        .iter()
+        .map(|&i| (((logits[i] - max) / t) as f64).exp())
+        .collect();
+    let sum: f64 = probs.iter().sum();
+    probs.iter_mut().for_each(|p| *p /= sum);
+    if let Some(top_p) = sampling.top_p {
+        let mut acc = 0.0;
+        let mut keep = probs.len();
+        for (i, p) in probs.iter().enumerate() {
+            acc += p;
+            if acc >= top_p as f64 {
+                keep = i + 1;
+                break;
+            }
+        }
+        probs.truncate(keep);
+        order.truncate(keep);
+    }
+    match WeightedIndex::new(&probs) {
+        Ok(dist) => order[dist.sample(rng)] as u32,
+        Err(_) => order[0] as u32,
+    }
+}
+
+/// One chat message.
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+pub struct Message {
+    /// `system`, `user` or `assistant`.
+    pub role: String,
+    /// The text.
+    pub content: String,
+}
+
+/// A model's chat template (`chat_template` of `tokenizer_config.json`) with the special
+/// tokens it may use.
+#[derive(Debug, Clone)]
+pub struct ChatTemplate {
+    source: String,
+    bos_token: String,
+    eos_token: String,
+}
+
+fn token_text(v: Option<&serde_json::Value>) -> String {
+    match v {
+        Some(serde_json::Value::String(s)) => s.clone(),
+        Some(serde_json::Value::Object(o)) => o
+            .get("content")
+            .and_then(|c| c.as_str())
+            .unwrap_or_default()
+            .to_string(),
+        _ => String::new(),
+    }
+}
+
+impl ChatTemplate {
+    /// From a `tokenizer_config.json` text (`file` names it in errors); `None` when it has no
+    /// chat template.
+    pub fn from_config_text(text: &str, file: &str) -> Result<Option<Self>, GenerateError> {
+        let config: serde_json::Value = serde_json::from_str(text)
+            .map_err(|e| GenerateError::Template(format!("{file}: not JSON: {e}")))?;
+        let source = match config.get("chat_template") {
+            None | Some(serde_json::Value::Null) => return Ok(None),
+            Some(serde_json::Value::String(s)) => s.clone(),
+            // A list of named templates: the one named `default`.
+            Some(serde_json::Value::Array(list)) => list
+                .iter()
+                .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
+                .and_then(|t| t.get("template"))
+                .and_then(|t| t.as_str())
+                .ok_or_else(|| {
+                    GenerateError::Template(format!(
+                        "{file}: chat_template is a list without a template named `default`"
+                    ))
+                })?
+                .to_string(),
+            Some(_) => {
+                return Err(GenerateError::Template(format!(
+                    "{file}: chat_template is neither a string nor a list of named templates"
+                )));
+            }
+        };
+        let template = ChatTemplate {
+            source,
+            bos_token: token_text(config.get("bos_token")),
+            eos_token: token_text(config.get("eos_token")),
+        };
+        // Compile now, so a broken template is reported where it was read.
+        template.environment()?;
+        Ok(Some(template))
+    }
+
+    /// From `DIR/tokenizer_config.json`; `None` when the file or its template is absent.
+    pub fn from_model_dir(dir: &Path) -> Result<Option<Self>, GenerateError> {
+        let path = dir.join("tokenizer_config.json");
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => {
+                return Err(GenerateError::Template(format!(
+                    "cannot read {}: {e}",
+                    path.display()
+                )));
+            }
+        };
+        Self::from_config_text(&text, &path.display().to_string())
+    }
+
+    /// The end-of-turn token the template writes (`eos_token`), if any.
+    pub fn eos_token(&self) -> Option<&str> {
+        Some(self.eos_token.as_str()).filter(|t| !t.is_empty())
+    }
+
+    fn environment(&self) -> Result<minijinja::Environment<'static>, GenerateError> {
+        let mut env = minijinja::Environment::new();
+        // As transformers' own environment: block tags do not leave their newline or indent.
+        env.set_trim_blocks(true);
+        env.set_lstrip_blocks(true);
+        // `message.content.strip()` and other Python string methods templates use.
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function(
+            "raise_exception",
+            |message: String| -> Result<String, minijinja::Error> {
+                Err(minijinja::Error::new(
+                    minijinja::ErrorKind::InvalidOperation,
+                    message,
+                ))
+            },
+        );
+        env.add_template_owned("chat", self.source.clone())
+            .map_err(|e| {
+                GenerateError::Template(format!("the chat template does not parse: {e}"))
+            })?;
+        Ok(env)
+    }
+
+    /// The prompt text for `messages`, ending with the assistant's turn when
+    /// `add_generation_prompt`.
+    pub fn render(
+        &self,
+        messages: &[Message],
+        add_generation_prompt: bool,
+    ) -> Result<String, GenerateError> {
+        let env = self.environment()?;
+        let template = env
+            .get_template("chat")
+            .map_err(|e| GenerateError::Template(e.to_string()))?;
+        template
+            .render(minijinja::context! {
+                messages => messages,
+                add_generation_prompt => add_generation_prompt,
+                bos_token => self.bos_token,
+                eos_token => self.eos_token,
+            })
+            .map_err(|e| GenerateError::Template(format!("the chat template failed: {e}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The fixture `scripts/make_chat_fixture.py` wrote with transformers'
+    /// `apply_chat_template` from SmolLM2-135M-Instruct's tokenizer config.
+    const FIXTURE: &str = include_str!("../../tests/fixtures/chat_template_smollm2.json");
+
+    #[test]
+    fn chat_template_renders_as_transformers_does() {
+        let fixture: serde_json::Value = serde_json::from_str(FIXTURE).unwrap();
+        let config = fixture["tokenizer_config"].to_string();
+        let template = ChatTemplate::from_config_text(&config, "fixture")
+            .unwrap()
+            .unwrap();
+        let cases = fixture["cases"].as_array().unwrap();
+        assert!(cases.len() >= 3);
+        for case in cases {
+            let messages: Vec<Message> = serde_json::from_value(case["messages"].clone()).unwrap();
+            let add = case["add_generation_prompt"].as_bool().unwrap();
+            let rendered = template.render(&messages, add).unwrap();
+            assert_eq!(rendered, case["rendered"].as_str().unwrap(), "{case:#}");
+        }
+    }
+
+    #[test]
+    fn broken_templates_and_settings_are_refused_clearly() {
+        let e = ChatTemplate::from_config_text(r#"{"chat_template": "{% for %}"}"#, "tc.json")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("does not parse"), "{e}");
+        assert!(
+            ChatTemplate::from_config_text("{}", "tc.json")
+                .unwrap()
+                .is_none()
+        );
+        let raising = ChatTemplate::from_config_text(
+            r#"{"chat_template": "{{ raise_exception('only user and assistant roles') }}"}"#,
+            "tc.json",
+        )
+        .unwrap()
+        .unwrap();
+        let e = raising.render(&[], true).unwrap_err().to_string();
+        assert!(e.contains("only user and assistant roles"), "{e}");
+        for bad in [
+            Sampling {
+                temperature: -1.0,
+                ..Sampling::default()
+            },
+            Sampling {
+                top_k: Some(0),
+                ..Sampling::default()
+            },
+            Sampling {
+                top_p: Some(1.5),
+                ..Sampling::default()
+            },
+        ] {
+            assert!(bad.check().is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn greedy_generation_equals_the_evaluation_path_and_sampling_is_seeded() {
+        let model = espalier_engine::load_model("builtin:tiny-llama").unwrap();
+        let session = Session::new(&model).unwrap();
+        let tokenizer = Tokenizer::for_model(&model).unwrap();
+        let prompt = tokenizer.encode("The garden wall").unwrap();
+        let spec = GenerateSpec {
+            max_tokens: 12,
+            ..GenerateSpec::default()
+        };
+        let cancel = crate::cancel::CancelToken::new();
+        let mut streamed = String::new();
+        let g = generate(
+            &session,
+            &tokenizer,
+            &prompt,
+            &spec,
+            &mut |t| {
+                streamed.push_str(t);
+                true
+            },
+            &cancel,
+        )
+        .unwrap();
+        let reference = espalier_engine::eval::latency(&session, &prompt, 12).unwrap();
+        assert_eq!(g.tokens, reference.generated);
+        assert_eq!(g.finish, FinishReason::Length);
+        assert_eq!(streamed, g.text);
+        let sampled = |seed| {
+            let spec = GenerateSpec {
+                max_tokens: 12,
+                sampling: Sampling {
+                    temperature: 1.0,
+                    top_k: Some(50),
+                    top_p: Some(0.9),
+                    seed,
+                },
+                ..GenerateSpec::default()
+            };
+            generate(&session, &tokenizer, &prompt, &spec, &mut |_| true, &cancel)
+                .unwrap()
+                .tokens
+        };
+        assert_eq!(sampled(7), sampled(7));
+        assert_ne!(sampled(7), sampled(8));
+    }
+
+    #[test]
+    fn stop_strings_cut_the_text_and_are_not_streamed() {
+        assert_eq!(settled_len("abc<|im", &["<|im_end|>".into()]), 3);
+        assert_eq!(settled_len("abc\u{FFFD}", &[]), 3);
+        assert_eq!(settled_len("abc", &["x".into()]), 3);
+        let model = espalier_engine::load_model("builtin:tiny-llama").unwrap();
+        let session = Session::new(&model).unwrap();
+        let tokenizer = Tokenizer::for_model(&model).unwrap();
+        let prompt = tokenizer.encode("Once").unwrap();
+        let cancel = crate::cancel::CancelToken::new();
+        let free = GenerateSpec {
+            max_tokens: 16,
+            ..GenerateSpec::default()
+        };
+        let full = generate(&session, &tokenizer, &prompt, &free, &mut |_| true, &cancel).unwrap();
+        // Stop at the text's third character: the text ends before it.
+        let Some((at, ch)) = full.text.char_indices().nth(2) else {
+            return;
+        };
+        let stop = GenerateSpec {
+            stop: vec![ch.to_string()],
+            ..free
+        };
+        let mut streamed = String::new();
+        let cut = generate(
+            &session,
+            &tokenizer,
+            &prompt,
+            &stop,
+            &mut |t| {
+                streamed.push_str(t);
+                true
+            },
+            &cancel,
+        )
+        .unwrap();
+        assert_eq!(cut.finish, FinishReason::Stop);
+        assert!(!cut.text.contains(ch) && full.text[..at].starts_with(&cut.text));
+        assert_eq!(streamed, cut.text);
+    }
+}
