@@ -672,3 +672,194 @@ fn the_daemon_wide_feed_and_masks_downloads() {
     let status = d.stop();
     assert!(status.success(), "{status:?}");
 }
+
+/// A chunked SSE body: the `data:` payloads in order.
+fn sse_data(body: &[u8]) -> Vec<String> {
+    String::from_utf8_lossy(body)
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: ").map(str::to_string))
+        .collect()
+}
+
+/// The OpenAI-compatible API under `/openai/v1`: models, completions and chat completions,
+/// streamed and not, greedy answers equal to `espalier generate`'s and independent of other
+/// requests in flight, and OpenAI-style errors.
+#[test]
+fn openai_compatible_completions_over_http() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    // A tiny Hugging Face folder with a chat template (SmolLM2's).
+    let tiny = state.join("models/tiny");
+    std::fs::create_dir_all(&tiny).unwrap();
+    let fixtures = binary::repo().join("engine/tests/fixtures/llama");
+    for f in ["config.json", "model.safetensors", "tokenizer.json"] {
+        std::fs::copy(fixtures.join(f), tiny.join(f)).unwrap();
+    }
+    let chat_fixture: Value = serde_json::from_slice(
+        &std::fs::read(binary::repo().join("tests/fixtures/chat_template_smollm2.json")).unwrap(),
+    )
+    .unwrap();
+    std::fs::write(
+        tiny.join("tokenizer_config.json"),
+        chat_fixture["tokenizer_config"].to_string(),
+    )
+    .unwrap();
+    let d = Daemon::start(&state, true);
+
+    let (s, models) = d.get("/openai/v1/models");
+    assert_eq!(s, 200);
+    let ids: Vec<&str> = models["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert!(
+        ids.contains(&"models/tiny") && ids.contains(&"builtin:tiny-llama"),
+        "{ids:?}"
+    );
+
+    // A greedy completion equals `espalier generate`.
+    let body =
+        json!({"model": "builtin:tiny-llama", "prompt": "Once", "max_tokens": 8, "temperature": 0});
+    let (s, c) = d.post_json("/openai/v1/completions", &body, Some(TOKEN));
+    assert_eq!(s, 200, "{c:#}");
+    assert_eq!(c["object"], "text_completion");
+    assert_eq!(c["usage"]["completion_tokens"], 8);
+    assert_eq!(c["choices"][0]["finish_reason"], "length");
+    let cli = binary::espalier(
+        &[
+            "generate",
+            "builtin:tiny-llama",
+            "--prompt",
+            "Once",
+            "--max-tokens",
+            "8",
+        ],
+        dir.path(),
+    );
+    let printed = binary::text(&cli).0;
+    assert_eq!(
+        printed.strip_suffix('\n').unwrap_or(&printed),
+        c["choices"][0]["text"].as_str().unwrap()
+    );
+
+    // Chat: streamed chunks add up to the non-streamed answer; the stream ends with [DONE].
+    let chat = |stream: bool, content: &str| {
+        json!({"model": "models/tiny", "messages": [{"role": "user", "content": content}],
+               "max_tokens": 12, "temperature": 0, "stream": stream,
+               "stream_options": {"include_usage": true}})
+    };
+    let (s, whole) = d.post_json(
+        "/openai/v1/chat/completions",
+        &chat(false, "hi"),
+        Some(TOKEN),
+    );
+    assert_eq!(s, 200, "{whole:#}");
+    assert_eq!(whole["object"], "chat.completion");
+    assert_eq!(whole["choices"][0]["message"]["role"], "assistant");
+    let answer = whole["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (s, raw) = d.call(
+        "POST",
+        "/openai/v1/chat/completions",
+        Some((
+            "application/json",
+            chat(true, "hi").to_string().into_bytes(),
+        )),
+        Some(TOKEN),
+    );
+    assert_eq!(s, 200);
+    let events = sse_data(&raw);
+    assert_eq!(
+        events.last().map(String::as_str),
+        Some("[DONE]"),
+        "{events:?}"
+    );
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    assert_eq!(chunks[0]["object"], "chat.completion.chunk");
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let streamed: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(streamed, answer);
+    assert!(
+        chunks
+            .iter()
+            .any(|c| c["choices"][0]["finish_reason"].is_string())
+    );
+    assert_eq!(chunks.last().unwrap()["usage"], whole["usage"]);
+
+    // Concurrent greedy requests each get exactly what they get alone.
+    let prompts = ["hi", "tell me", "why", "the garden"];
+    let alone: Vec<Value> = prompts
+        .iter()
+        .map(|p| {
+            d.post_json("/openai/v1/chat/completions", &chat(false, p), Some(TOKEN))
+                .1
+        })
+        .collect();
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = prompts
+            .iter()
+            .map(|p| {
+                let d = &d;
+                scope.spawn(move || {
+                    d.post_json("/openai/v1/chat/completions", &chat(false, p), Some(TOKEN))
+                })
+            })
+            .collect();
+        for (h, want) in handles.into_iter().zip(&alone) {
+            let (s, got) = h.join().unwrap();
+            assert_eq!(s, 200, "{got:#}");
+            assert_eq!(got["choices"][0]["message"], want["choices"][0]["message"]);
+        }
+    });
+
+    // Errors, OpenAI style.
+    let (s, e) = d.call(
+        "POST",
+        "/openai/v1/chat/completions",
+        Some(("application/json", b"{not json".to_vec())),
+        Some(TOKEN),
+    );
+    assert_eq!(s, 400);
+    let e: Value = serde_json::from_slice(&e).unwrap();
+    assert_eq!(e["error"]["type"], "invalid_request_error", "{e:#}");
+    let (s, e) = d.post_json(
+        "/openai/v1/completions",
+        &json!({"model": "models/nope", "prompt": "x"}),
+        Some(TOKEN),
+    );
+    assert_eq!(s, 404, "{e:#}");
+    assert_eq!(e["error"]["param"], "model");
+    let (s, e) = d.post_json(
+        "/openai/v1/completions",
+        &json!({"model": "builtin:tiny-llama", "prompt": "x", "max_tokens": -3}),
+        Some(TOKEN),
+    );
+    assert_eq!(s, 400, "{e:#}");
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("max_tokens")
+    );
+    let (s, e) = d.post_json(
+        "/openai/v1/completions",
+        &json!({"model": "builtin:tiny-llama", "prompt": "a".repeat(400)}),
+        Some(TOKEN),
+    );
+    assert_eq!(s, 400, "{e:#}");
+    assert_eq!(e["error"]["code"], "context_length_exceeded");
+    let (s, _) = d.post_json("/openai/v1/completions", &body, None);
+    assert_eq!(s, 401, "the daemon's token is the API key");
+    let status = d.stop();
+    assert!(status.success(), "{status:?}");
+}

@@ -108,6 +108,7 @@ pub fn run(args: GenerateArgs, models_dir: &std::path::Path) -> Result<()> {
         },
         stop: args.stop,
         eos,
+        context: model.config.max_position_embeddings,
     };
     err!(
         "espalier: {model_ref} ({} prompt tokens; linears: {kernels})",

@@ -90,6 +90,9 @@ pub struct GenerateSpec {
     pub stop: Vec<String>,
     /// Token ids that end generation (EOS); not part of the text.
     pub eos: Vec<u32>,
+    /// The model's context in tokens (`max_position_embeddings`: rotary models compute any
+    /// position but were trained up to this one); 0 = only the forward pass's own limit.
+    pub context: usize,
 }
 
 /// Why generation ended.
@@ -136,7 +139,10 @@ pub fn generate(
     if prompt.is_empty() {
         return Err(GenerateError::Settings("the prompt has no tokens".into()));
     }
-    let positions = session.max_positions();
+    let positions = match spec.context {
+        0 => session.max_positions(),
+        c => c.min(session.max_positions()),
+    };
     if prompt.len() >= positions {
         return Err(GenerateError::Settings(format!(
             "the prompt has {} tokens; the model has {positions} positions, so nothing fits after it",

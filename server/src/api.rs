@@ -183,6 +183,10 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/events", get(all_events))
         .route("/v1/models", get(list_models))
         .route("/v1/models/fetch", post(fetch_model))
+        .nest(
+            "/openai/v1",
+            crate::openai::router(crate::openai::OpenAiState::new(state.daemon.clone())),
+        )
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))

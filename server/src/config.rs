@@ -47,6 +47,10 @@ pub struct ServeConfig {
     pub on_shutdown: ShutdownMode,
     /// How long a file in a watched folder must stay unchanged before it is loaded.
     pub debounce_ms: u64,
+    /// Text generations (`/openai/v1`) decoding at once.
+    pub generation_slots: usize,
+    /// Generations that may wait for a slot; beyond them a request gets 429.
+    pub generation_queue: usize,
 }
 
 impl Default for ServeConfig {
@@ -59,6 +63,8 @@ impl Default for ServeConfig {
             max_upload_bytes: 64 << 20,
             on_shutdown: ShutdownMode::Cancel,
             debounce_ms: 500,
+            generation_slots: 2,
+            generation_queue: 16,
         }
     }
 }
@@ -75,6 +81,8 @@ struct RawConfig {
     max_upload_mb: Option<usize>,
     on_shutdown: Option<ShutdownMode>,
     debounce_ms: Option<u64>,
+    generation_slots: Option<usize>,
+    generation_queue: Option<usize>,
 }
 
 /// A config file that cannot be used, naming the file (and line and key when known).
@@ -153,6 +161,12 @@ impl ServeConfig {
         if let Some(d) = raw.debounce_ms {
             c.debounce_ms = d;
         }
+        if let Some(n) = raw.generation_slots {
+            c.generation_slots = n;
+        }
+        if let Some(n) = raw.generation_queue {
+            c.generation_queue = n;
+        }
         c.validate().map_err(err)?;
         Ok(c)
     }
@@ -163,6 +177,18 @@ impl ServeConfig {
             return Err(format!(
                 "concurrency: {} must be in 1..=64",
                 self.concurrency
+            ));
+        }
+        if !(1..=64).contains(&self.generation_slots) {
+            return Err(format!(
+                "generation_slots: {} must be in 1..=64",
+                self.generation_slots
+            ));
+        }
+        if self.generation_queue > 10_000 {
+            return Err(format!(
+                "generation_queue: {} must be at most 10000",
+                self.generation_queue
             ));
         }
         if self.max_upload_bytes == 0 {

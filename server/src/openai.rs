@@ -1,0 +1,646 @@
+//! An OpenAI-compatible API under `/openai/v1` (point any OpenAI client's base URL there):
+//! `GET /models`, `POST /completions`, `POST /chat/completions`, streamed as server-sent
+//! `chat.completion.chunk` / `text_completion` events ending with `data: [DONE]`, usage counts,
+//! and OpenAI-style error bodies. A request's `model` is a model of the daemon (`models/NAME`,
+//! `builtin:NAME`) or a finished run's export (`run-ID`), which runs on Espalier's sparse
+//! kernels. Models load on first use and stay loaded (at most `MAX_LOADED`). Each generation
+//! runs on the blocking pool; at most `config.generation_slots` run at once, at most
+//! `config.generation_queue` more wait, and beyond that a request gets 429 at once. A client
+//! that disconnects stops its generation at the next token, freeing its slot.
+//!
+//! Sequences are decoded one per thread (no continuous batching yet: each reads the weights
+//! itself).
+
+use std::convert::Infallible;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::extract::State;
+use axum::extract::rejection::JsonRejection;
+use axum::http::StatusCode;
+use axum::response::sse::{Event, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use espalier::cancel::CancelToken;
+use espalier::generate::{
+    ChatTemplate, FinishReason, GenerateError, GenerateSpec, Message, Sampling, generate,
+};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::sync::{Semaphore, mpsc};
+
+use crate::daemon::Daemon;
+
+/// Models kept loaded at once (the least recently used is dropped beyond this).
+const MAX_LOADED: usize = 4;
+
+/// A model ready to generate.
+struct Loaded {
+    reference: String,
+    session: espalier_engine::Session,
+    tokenizer: espalier_engine::Tokenizer,
+    template: Option<ChatTemplate>,
+    eos: Vec<u32>,
+    /// Tokens of context (prompt + reply).
+    context: usize,
+}
+
+/// Loaded models by request name, least recently loaded first.
+type LoadedModels = Arc<Mutex<Vec<(String, Arc<Loaded>)>>>;
+
+/// Shared by the OpenAI handlers.
+#[derive(Clone)]
+pub struct OpenAiState {
+    daemon: Arc<Daemon>,
+    loaded: LoadedModels,
+    running: Arc<Semaphore>,
+    admitted: Arc<AtomicUsize>,
+    capacity: usize,
+}
+
+impl OpenAiState {
+    /// State for `daemon`, sized from its config.
+    pub fn new(daemon: Arc<Daemon>) -> Self {
+        let slots = daemon.config.generation_slots.max(1);
+        let capacity = slots + daemon.config.generation_queue;
+        OpenAiState {
+            daemon,
+            loaded: Arc::new(Mutex::new(Vec::new())),
+            running: Arc::new(Semaphore::new(slots)),
+            admitted: Arc::new(AtomicUsize::new(0)),
+            capacity,
+        }
+    }
+}
+
+/// The routes, to nest under `/openai/v1`.
+pub fn router<S: Clone + Send + Sync + 'static>(state: OpenAiState) -> Router<S> {
+    Router::new()
+        .route("/models", get(list_models))
+        .route("/completions", post(completions))
+        .route("/chat/completions", post(chat_completions))
+        .with_state(state)
+}
+
+/// An OpenAI-style error: `{"error": {"message", "type", "param", "code"}}`.
+struct OpenAiError(StatusCode, &'static str, String, Option<&'static str>);
+
+impl IntoResponse for OpenAiError {
+    fn into_response(self) -> Response {
+        let kind = match self.0 {
+            StatusCode::TOO_MANY_REQUESTS => "rate_limit_exceeded",
+            StatusCode::NOT_FOUND => "not_found_error",
+            s if s.is_server_error() => "server_error",
+            _ => "invalid_request_error",
+        };
+        (
+            self.0,
+            Json(json!({"error": {"message": self.2, "type": kind, "param": self.3, "code": self.1}})),
+        )
+            .into_response()
+    }
+}
+
+fn bad(param: &'static str, message: impl Into<String>) -> OpenAiError {
+    OpenAiError(
+        StatusCode::BAD_REQUEST,
+        "invalid_value",
+        message.into(),
+        Some(param),
+    )
+}
+
+fn json_body<T>(body: Result<Json<T>, JsonRejection>) -> Result<T, OpenAiError> {
+    body.map(|Json(b)| b).map_err(|r| {
+        OpenAiError(
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+            format!("the request body is not a valid request: {}", r.body_text()),
+            None,
+        )
+    })
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+async fn list_models(State(state): State<OpenAiState>) -> Json<Value> {
+    let daemon = state.daemon.clone();
+    let ids = tokio::task::spawn_blocking(move || model_ids(&daemon))
+        .await
+        .unwrap_or_default();
+    let data: Vec<Value> = ids
+        .into_iter()
+        .map(|id| json!({"id": id, "object": "model", "created": 0, "owned_by": "espalier"}))
+        .collect();
+    Json(json!({"object": "list", "data": data}))
+}
+
+/// Every model a request can name: built-ins, model folders, and runs whose export is theirs.
+fn model_ids(daemon: &Daemon) -> Vec<String> {
+    let mut ids: Vec<String> = espalier_engine::builtin::BUILTIN_MODELS
+        .iter()
+        .map(|(name, _)| format!("builtin:{name}"))
+        .collect();
+    let models = daemon.models();
+    for m in models["local"].as_array().into_iter().flatten() {
+        if let Some(r) = m["reference"].as_str() {
+            ids.push(r.to_string());
+        }
+    }
+    let filter = crate::store::RunFilter {
+        status: Some(crate::store::RunStatus::Succeeded),
+        limit: Some(100),
+        ..Default::default()
+    };
+    for run in daemon.runs(&filter).unwrap_or_default() {
+        if run_export(daemon, run.id).is_ok() {
+            ids.push(format!("run-{}", run.id));
+        }
+    }
+    ids
+}
+
+/// The export folder of run `id`, if it still holds that run's model.
+fn run_export(daemon: &Daemon, id: i64) -> Result<PathBuf, String> {
+    let record = daemon.run(id).map_err(|e| e.to_string())?;
+    let (Some(dir), Some(report)) = (record.export_dir, record.report_path) else {
+        return Err(format!("run {id} exported no model"));
+    };
+    let dir = PathBuf::from(dir);
+    let ours = std::fs::read(&report).map_err(|e| e.to_string())?;
+    match std::fs::read(dir.join("report.json")) {
+        Ok(exported) if exported == ours => Ok(dir),
+        _ => Err(format!(
+            "a later run exported to the same folder as run {id} and replaced its model"
+        )),
+    }
+}
+
+/// Loads (or finds loaded) the model a request names.
+async fn model(state: &OpenAiState, name: &str) -> Result<Arc<Loaded>, OpenAiError> {
+    if let Ok(l) = state.loaded.lock()
+        && let Some((_, m)) = l.iter().find(|(n, _)| n == name)
+    {
+        return Ok(m.clone());
+    }
+    let daemon = state.daemon.clone();
+    let owned = name.to_string();
+    let loaded = tokio::task::spawn_blocking(move || load(&daemon, &owned))
+        .await
+        .map_err(|e| {
+            OpenAiError(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                e.to_string(),
+                None,
+            )
+        })??;
+    let loaded = Arc::new(loaded);
+    if let Ok(mut l) = state.loaded.lock() {
+        l.retain(|(n, _)| n != name);
+        l.push((name.to_string(), loaded.clone()));
+        if l.len() > MAX_LOADED {
+            l.remove(0);
+        }
+    }
+    Ok(loaded)
+}
+
+fn load(daemon: &Daemon, name: &str) -> Result<Loaded, OpenAiError> {
+    let not_found =
+        |m: String| OpenAiError(StatusCode::NOT_FOUND, "model_not_found", m, Some("model"));
+    if name.starts_with("fetch:") {
+        return Err(not_found(format!(
+            "`{name}` is not downloaded yet: POST /v1/models/fetch first, then use models/NAME"
+        )));
+    }
+    let reference = match name.strip_prefix("run-").map(str::parse::<i64>) {
+        Some(Ok(id)) => run_export(daemon, id)
+            .map_err(not_found)?
+            .display()
+            .to_string(),
+        _ => daemon.layout.model(name).map_err(not_found)?,
+    };
+    let model = espalier_engine::load_model(&reference)
+        .map_err(|e| not_found(format!("model `{name}` cannot be loaded: {e}")))?;
+    let internal = |e: String| OpenAiError(StatusCode::INTERNAL_SERVER_ERROR, "internal", e, None);
+    let mut session = espalier_engine::Session::new(&model).map_err(|e| internal(e.to_string()))?;
+    let dir = model.source_dir.clone();
+    if let Some(dir) = &dir
+        && let Some(masks) = espalier::export::read_masks(dir).map_err(internal)?
+    {
+        espalier::sparse::attach(&mut session, &model, &masks, espalier::sparse::Storage::F32)
+            .map_err(|e| internal(e.to_string()))?;
+    }
+    let tokenizer =
+        espalier_engine::Tokenizer::for_model(&model).map_err(|e| internal(e.to_string()))?;
+    let template = match &dir {
+        Some(d) => ChatTemplate::from_model_dir(d).map_err(|e| internal(e.to_string()))?,
+        None => None,
+    };
+    let mut eos: Vec<u32> = model.config.eos_token_id.into_iter().collect();
+    if let Some(id) = template
+        .as_ref()
+        .and_then(|t| t.eos_token())
+        .and_then(|t| tokenizer.token_to_id(t))
+    {
+        eos.push(id);
+    }
+    Ok(Loaded {
+        context: session
+            .max_positions()
+            .min(model.config.max_position_embeddings.max(1)),
+        reference: name.to_string(),
+        session,
+        tokenizer,
+        template,
+        eos,
+    })
+}
+
+/// `stop`: a string or a list of strings.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// Options both endpoints take.
+#[derive(Debug, Deserialize)]
+struct Options {
+    model: String,
+    max_tokens: Option<i64>,
+    max_completion_tokens: Option<i64>,
+    temperature: Option<f32>,
+    top_p: Option<f32>,
+    top_k: Option<i64>,
+    seed: Option<u64>,
+    stop: Option<Stop>,
+    #[serde(default)]
+    stream: bool,
+    stream_options: Option<Value>,
+    n: Option<i64>,
+}
+
+#[derive(Debug, Deserialize)]
+struct CompletionRequest {
+    prompt: Value,
+    #[serde(flatten)]
+    options: Options,
+}
+
+#[derive(Debug, Deserialize)]
+struct ChatRequest {
+    messages: Vec<Message>,
+    #[serde(flatten)]
+    options: Options,
+}
+
+/// A generation's settings from the request, checked.
+fn spec(o: &Options, loaded: &Loaded, default_max: usize) -> Result<GenerateSpec, OpenAiError> {
+    if o.n.is_some_and(|n| n != 1) {
+        return Err(bad("n", "only n = 1 is supported"));
+    }
+    let max = match o.max_completion_tokens.or(o.max_tokens) {
+        None => default_max,
+        Some(m) if m < 1 => {
+            return Err(bad(
+                "max_tokens",
+                format!("max_tokens must be at least 1, got {m}"),
+            ));
+        }
+        Some(m) => usize::try_from(m).unwrap_or(usize::MAX),
+    };
+    let top_k = match o.top_k {
+        None => None,
+        Some(k) if k < 1 => return Err(bad("top_k", format!("top_k must be at least 1, got {k}"))),
+        Some(k) => Some(usize::try_from(k).unwrap_or(usize::MAX)),
+    };
+    let sampling = Sampling {
+        // OpenAI's default temperature is 1.
+        temperature: o.temperature.unwrap_or(1.0),
+        top_k,
+        top_p: o.top_p,
+        seed: o.seed.unwrap_or(0),
+    };
+    sampling
+        .check()
+        .map_err(|e| bad("temperature", e.to_string()))?;
+    let stop = match &o.stop {
+        None => Vec::new(),
+        Some(Stop::One(s)) => vec![s.clone()],
+        Some(Stop::Many(v)) => v.clone(),
+    };
+    Ok(GenerateSpec {
+        max_tokens: max,
+        sampling,
+        stop,
+        eos: loaded.eos.clone(),
+        context: loaded.context,
+    })
+}
+
+fn finish_reason(f: FinishReason) -> &'static str {
+    match f {
+        FinishReason::Stop => "stop",
+        FinishReason::Length | FinishReason::ContextFull => "length",
+    }
+}
+
+/// A place in the queue: admitted while fewer than `capacity` requests are in; released on drop.
+struct Admission(Arc<AtomicUsize>);
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+fn admit(state: &OpenAiState) -> Result<Admission, OpenAiError> {
+    let admitted = state
+        .admitted
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+            (n < state.capacity).then_some(n + 1)
+        });
+    match admitted {
+        Ok(_) => Ok(Admission(state.admitted.clone())),
+        Err(_) => Err(OpenAiError(
+            StatusCode::TOO_MANY_REQUESTS,
+            "queue_full",
+            format!(
+                "{} generations are running or waiting, the most this daemon takes (generation_slots + generation_queue); retry later",
+                state.capacity
+            ),
+            None,
+        )),
+    }
+}
+
+/// What a finished generation returns to the handler.
+struct Finished {
+    text: String,
+    prompt_tokens: usize,
+    completion_tokens: usize,
+    finish: FinishReason,
+}
+
+/// Runs one generation on the blocking pool once a slot is free, sending text pieces to `tx`
+/// when streaming. A closed `tx` (client gone) stops it.
+async fn run_generation(
+    state: &OpenAiState,
+    loaded: Arc<Loaded>,
+    prompt: Vec<u32>,
+    spec: GenerateSpec,
+    tx: Option<mpsc::Sender<String>>,
+) -> Result<Finished, OpenAiError> {
+    let permit = state.running.clone().acquire_owned().await.map_err(|e| {
+        OpenAiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "shutting_down",
+            e.to_string(),
+            None,
+        )
+    })?;
+    let result = tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        let cancel = CancelToken::new();
+        generate(
+            &loaded.session,
+            &loaded.tokenizer,
+            &prompt,
+            &spec,
+            &mut |piece| match &tx {
+                Some(tx) => tx.blocking_send(piece.to_string()).is_ok(),
+                None => true,
+            },
+            &cancel,
+        )
+    })
+    .await
+    .map_err(|e| {
+        OpenAiError(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            e.to_string(),
+            None,
+        )
+    })?;
+    match result {
+        Ok(g) => Ok(Finished {
+            prompt_tokens: g.prompt_tokens,
+            completion_tokens: g.tokens.len(),
+            text: g.text,
+            finish: g.finish,
+        }),
+        Err(GenerateError::Settings(m)) => Err(bad("max_tokens", m)),
+        Err(e) => Err(OpenAiError(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "generation_failed",
+            e.to_string(),
+            None,
+        )),
+    }
+}
+
+/// Tokenizes `text` and checks it leaves room in the context.
+fn prompt_tokens(
+    loaded: &Loaded,
+    text: &str,
+    param: &'static str,
+) -> Result<Vec<u32>, OpenAiError> {
+    let tokens = loaded
+        .tokenizer
+        .encode(text)
+        .map_err(|e| bad(param, e.to_string()))?;
+    if tokens.is_empty() {
+        return Err(bad(param, "the prompt is empty"));
+    }
+    let positions = loaded.context;
+    if tokens.len() >= positions {
+        return Err(OpenAiError(
+            StatusCode::BAD_REQUEST,
+            "context_length_exceeded",
+            format!(
+                "the prompt has {} tokens; model `{}` has a context of {positions} tokens, leaving no room for a reply",
+                tokens.len(),
+                loaded.reference
+            ),
+            Some(param),
+        ));
+    }
+    Ok(tokens)
+}
+
+fn usage(f: &Finished) -> Value {
+    json!({"prompt_tokens": f.prompt_tokens, "completion_tokens": f.completion_tokens,
+           "total_tokens": f.prompt_tokens + f.completion_tokens})
+}
+
+/// Which endpoint: shapes the response objects.
+#[derive(Clone, Copy)]
+enum Kind {
+    Completion,
+    Chat,
+}
+
+async fn respond(
+    state: OpenAiState,
+    loaded: Arc<Loaded>,
+    prompt: Vec<u32>,
+    spec: GenerateSpec,
+    options: &Options,
+    kind: Kind,
+) -> Result<Response, OpenAiError> {
+    let admission = admit(&state)?;
+    let id = format!(
+        "{}-{}",
+        match kind {
+            Kind::Completion => "cmpl",
+            Kind::Chat => "chatcmpl",
+        },
+        espalier::plugin::runtime::sha256_hex(
+            format!("{:?}{}", std::time::Instant::now(), now()).as_bytes()
+        )
+        .get(..24)
+        .unwrap_or_default()
+    );
+    let model = loaded.reference.clone();
+    let created = now();
+    if !options.stream {
+        let f = run_generation(&state, loaded, prompt, spec, None).await?;
+        drop(admission);
+        let choice = match kind {
+            Kind::Completion => json!({"index": 0, "text": f.text, "logprobs": null,
+                                       "finish_reason": finish_reason(f.finish)}),
+            Kind::Chat => json!({"index": 0, "message": {"role": "assistant", "content": f.text},
+                                 "logprobs": null, "finish_reason": finish_reason(f.finish)}),
+        };
+        let object = match kind {
+            Kind::Completion => "text_completion",
+            Kind::Chat => "chat.completion",
+        };
+        return Ok(Json(
+            json!({"id": id, "object": object, "created": created, "model": model,
+                              "choices": [choice], "usage": usage(&f)}),
+        )
+        .into_response());
+    }
+    let include_usage = options
+        .stream_options
+        .as_ref()
+        .and_then(|o| o["include_usage"].as_bool())
+        .unwrap_or(false);
+    let (tx, mut rx) = mpsc::channel::<String>(64);
+    let (done_tx, mut done_rx) = mpsc::channel::<Result<Finished, OpenAiError>>(1);
+    let st = state.clone();
+    tokio::spawn(async move {
+        let _admission = admission;
+        let r = run_generation(&st, loaded, prompt, spec, Some(tx)).await;
+        let _ = done_tx.send(r).await;
+    });
+    let object = match kind {
+        Kind::Completion => "text_completion",
+        Kind::Chat => "chat.completion.chunk",
+    };
+    let chunk = move |delta: Value, finish: Option<&str>| -> Event {
+        let choice = match kind {
+            Kind::Completion => json!({"index": 0, "text": delta["content"].as_str().unwrap_or(""),
+                                       "logprobs": null, "finish_reason": finish}),
+            Kind::Chat => {
+                json!({"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish})
+            }
+        };
+        Event::default().data(
+            json!({"id": id, "object": object, "created": created, "model": model,
+                   "choices": [choice]})
+            .to_string(),
+        )
+    };
+    let stream = async_stream::stream! {
+        if matches!(kind, Kind::Chat) {
+            yield Ok::<Event, Infallible>(chunk(json!({"role": "assistant", "content": ""}), None));
+        }
+        while let Some(piece) = rx.recv().await {
+            yield Ok(chunk(json!({"content": piece}), None));
+        }
+        match done_rx.recv().await {
+            Some(Ok(f)) => {
+                yield Ok(chunk(json!({}), Some(finish_reason(f.finish))));
+                if include_usage {
+                    yield Ok(Event::default().data(json!({"object": object, "choices": [], "usage": usage(&f)}).to_string()));
+                }
+            }
+            Some(Err(e)) => {
+                yield Ok(Event::default().data(json!({"error": {"message": e.2, "type": "server_error", "code": e.1}}).to_string()));
+            }
+            None => {}
+        }
+        yield Ok(Event::default().data("[DONE]"));
+    };
+    Ok(Sse::new(stream).into_response())
+}
+
+async fn completions(
+    State(state): State<OpenAiState>,
+    body: Result<Json<CompletionRequest>, JsonRejection>,
+) -> Result<Response, OpenAiError> {
+    let request = json_body(body)?;
+    let text = match &request.prompt {
+        Value::String(s) => s.clone(),
+        Value::Array(a) if a.len() == 1 && a[0].is_string() => {
+            a[0].as_str().unwrap_or_default().to_string()
+        }
+        _ => {
+            return Err(bad(
+                "prompt",
+                "prompt must be a string (one prompt per request)",
+            ));
+        }
+    };
+    let loaded = model(&state, &request.options.model).await?;
+    let spec = spec(&request.options, &loaded, 16)?;
+    let prompt = prompt_tokens(&loaded, &text, "prompt")?;
+    respond(
+        state,
+        loaded,
+        prompt,
+        spec,
+        &request.options,
+        Kind::Completion,
+    )
+    .await
+}
+
+async fn chat_completions(
+    State(state): State<OpenAiState>,
+    body: Result<Json<ChatRequest>, JsonRejection>,
+) -> Result<Response, OpenAiError> {
+    let request = json_body(body)?;
+    if request.messages.is_empty() {
+        return Err(bad("messages", "messages must hold at least one message"));
+    }
+    let loaded = model(&state, &request.options.model).await?;
+    let Some(template) = &loaded.template else {
+        return Err(bad(
+            "model",
+            format!(
+                "model `{}` has no chat template (tokenizer_config.json chat_template); use /completions",
+                loaded.reference
+            ),
+        ));
+    };
+    let text = template
+        .render(&request.messages, true)
+        .map_err(|e| bad("messages", e.to_string()))?;
+    let spec = spec(&request.options, &loaded, 256)?;
+    let prompt = prompt_tokens(&loaded, &text, "messages")?;
+    respond(state, loaded, prompt, spec, &request.options, Kind::Chat).await
+}
