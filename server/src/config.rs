@@ -47,6 +47,9 @@ pub struct ServeConfig {
     pub on_shutdown: ShutdownMode,
     /// How long a file in a watched folder must stay unchanged before it is loaded.
     pub debounce_ms: u64,
+    /// Public keys whose plugin signatures are trusted (`trusted_keys`), and whether every
+    /// plugin file must carry one (`require_signatures`).
+    pub trust: espalier::plugin::signing::Trust,
 }
 
 impl Default for ServeConfig {
@@ -59,6 +62,7 @@ impl Default for ServeConfig {
             max_upload_bytes: 64 << 20,
             on_shutdown: ShutdownMode::Cancel,
             debounce_ms: 500,
+            trust: Default::default(),
         }
     }
 }
@@ -75,6 +79,8 @@ struct RawConfig {
     max_upload_mb: Option<usize>,
     on_shutdown: Option<ShutdownMode>,
     debounce_ms: Option<u64>,
+    trusted_keys: Option<Vec<PathBuf>>,
+    require_signatures: Option<bool>,
 }
 
 /// A config file that cannot be used, naming the file (and line and key when known).
@@ -153,6 +159,17 @@ impl ServeConfig {
         if let Some(d) = raw.debounce_ms {
             c.debounce_ms = d;
         }
+        let keys: Vec<PathBuf> = raw
+            .trusted_keys
+            .unwrap_or_default()
+            .iter()
+            .map(|k| dir.join(k))
+            .collect();
+        c.trust = espalier::plugin::signing::Trust::from_files(
+            &keys,
+            raw.require_signatures.unwrap_or(false),
+        )
+        .map_err(|e| err(format!("trusted_keys: {e}")))?;
         c.validate().map_err(err)?;
         Ok(c)
     }
