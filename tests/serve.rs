@@ -758,7 +758,9 @@ fn upload_signed(d: &Daemon, bytes: &[u8], signature: Option<&str>) -> (u16, Val
         Err(e) => panic!("upload: {e}"),
     };
     let status = response.status();
-    (status, response.into_json().unwrap_or(Value::Null))
+    let mut body = Vec::new();
+    response.into_reader().read_to_end(&mut body).unwrap();
+    (status, serde_json::from_slice(&body).unwrap_or(Value::Null))
 }
 
 #[test]
@@ -766,7 +768,11 @@ fn required_signatures_are_enforced_at_the_plugin_folder_and_at_upload() {
     let dir = tempfile::tempdir().unwrap();
     let espalier = |args: &[&str]| {
         let o = bin().args(args).current_dir(dir.path()).output().unwrap();
-        assert!(o.status.success(), "{args:?}: {}", String::from_utf8_lossy(&o.stderr));
+        assert!(
+            o.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
     };
     espalier(&["keys", "generate", "team"]);
     let signed = dir.path().join("slow.wasm");
@@ -802,7 +808,10 @@ fn required_signatures_are_enforced_at_the_plugin_folder_and_at_upload() {
     // Signed by the trusted key: registered, its signer listed, the signature kept beside it.
     let (s, body) = upload_signed(&d, &bytes, Some(&signature));
     assert_eq!(s, 201, "{body}");
-    assert!(body["signer"].as_str().unwrap().ends_with("(trusted)"), "{body}");
+    assert!(
+        body["signer"].as_str().unwrap().ends_with("(trusted)"),
+        "{body}"
+    );
     assert!(state.join("plugins/slow-magnitude.wasm.sig").is_file());
     let (_, v) = d.get("/v1/plugins");
     let entry = v["plugins"]
@@ -812,6 +821,9 @@ fn required_signatures_are_enforced_at_the_plugin_folder_and_at_upload() {
         .find(|p| p["name"] == "slow-magnitude")
         .cloned()
         .unwrap();
-    assert!(entry["signer"].as_str().unwrap().ends_with("(trusted)"), "{entry}");
+    assert!(
+        entry["signer"].as_str().unwrap().ends_with("(trusted)"),
+        "{entry}"
+    );
     d.stop();
 }

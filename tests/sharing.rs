@@ -55,28 +55,47 @@ fn a_packed_strategy_runs_elsewhere_with_the_same_masks_and_refuses_changes() {
     );
     assert!(packed.contains("2 plugin(s), 1 text(s)"), "{packed}");
     // Packing never overwrites.
-    let o = espalier(&["strategy", "pack", "strategy.toml", "shared.tar"], team_a.path());
+    let o = espalier(
+        &["strategy", "pack", "strategy.toml", "shared.tar"],
+        team_a.path(),
+    );
     assert_eq!(o.status.code(), Some(2), "{:?}", text(&o));
     assert!(text(&o).1.contains("already exists"), "{:?}", text(&o));
 
     // Team B has neither the plugin file nor the text: only the strategy.
     let team_b = tmp();
-    std::fs::copy(team_a.path().join("shared.tar"), team_b.path().join("shared.tar")).unwrap();
+    std::fs::copy(
+        team_a.path().join("shared.tar"),
+        team_b.path().join("shared.tar"),
+    )
+    .unwrap();
     let out = run_ok(&["run", "shared.tar", "--out", "from-tar"], team_b.path());
     assert!(out.contains("exported to"), "{out}");
     let from_tar = std::fs::read(team_b.path().join("from-tar/masks.safetensors")).unwrap();
-    assert!(original == from_tar, "masks of the packed strategy differ from the original's");
-    let report: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(team_b.path().join("from-tar/report.json")).unwrap(),
-    )
-    .unwrap();
+    assert!(
+        original == from_tar,
+        "masks of the packed strategy differ from the original's"
+    );
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(team_b.path().join("from-tar/report.json")).unwrap())
+            .unwrap();
     let legacy_sha = espalier::plugin::runtime::sha256_hex(&std::fs::read(&legacy).unwrap());
     assert_eq!(report["stages"][0]["plugin_sha256"], legacy_sha.as_str());
 
     // Unpacked into a folder, it runs the same; a folder that is not empty is refused.
-    run_ok(&["strategy", "unpack", "shared.tar", "unpacked"], team_b.path());
-    let o = espalier(&["strategy", "unpack", "shared.tar", "unpacked"], team_b.path());
-    assert!(!o.status.success() && text(&o).1.contains("not empty"), "{:?}", text(&o));
+    run_ok(
+        &["strategy", "unpack", "shared.tar", "unpacked"],
+        team_b.path(),
+    );
+    let o = espalier(
+        &["strategy", "unpack", "shared.tar", "unpacked"],
+        team_b.path(),
+    );
+    assert!(
+        !o.status.success() && text(&o).1.contains("not empty"),
+        "{:?}",
+        text(&o)
+    );
     let pinned = std::fs::read_to_string(team_b.path().join("unpacked/pipeline.toml")).unwrap();
     assert!(
         pinned.contains(&format!("legacy-v02@sha256:{legacy_sha}"))
@@ -109,8 +128,15 @@ fn a_packed_strategy_runs_elsewhere_with_the_same_masks_and_refuses_changes() {
 #[test]
 fn a_damaged_or_foreign_archive_is_refused_clearly() {
     let dir = tmp();
-    let not_tar = write(dir.path(), "x.tar", "this is not a tar file at all, just text\n");
-    let o = espalier(&["strategy", "unpack", not_tar.to_str().unwrap(), "d"], dir.path());
+    let not_tar = write(
+        dir.path(),
+        "x.tar",
+        "this is not a tar file at all, just text\n",
+    );
+    let o = espalier(
+        &["strategy", "unpack", not_tar.to_str().unwrap(), "d"],
+        dir.path(),
+    );
     assert_eq!(o.status.code(), Some(2), "{:?}", text(&o));
     assert!(!dir.path().join("d").exists());
     // A tar whose entry tries to leave the folder.
@@ -149,10 +175,19 @@ fn signed_plugins_verify_and_tampered_untrusted_or_misplaced_signatures_are_refu
     let plugins = d.join("plugins");
     std::fs::create_dir(&plugins).unwrap();
     let slow = plugin_copy(&plugins, "slow_magnitude", "slow.wasm");
-    let signed = run_ok(&["plugins", "sign", "plugins/slow.wasm", "--key", "team-a"], d);
+    let signed = run_ok(
+        &["plugins", "sign", "plugins/slow.wasm", "--key", "team-a"],
+        d,
+    );
     assert!(signed.contains("slow.wasm.sig"), "{signed}");
     let verified = run_ok(
-        &["plugins", "verify", "plugins/slow.wasm", "--trust", "team-a.pub"],
+        &[
+            "plugins",
+            "verify",
+            "plugins/slow.wasm",
+            "--trust",
+            "team-a.pub",
+        ],
         d,
     );
     assert!(verified.contains("(trusted)"), "{verified}");
@@ -165,26 +200,56 @@ fn signed_plugins_verify_and_tampered_untrusted_or_misplaced_signatures_are_refu
     };
     // Signed by a key this side does not trust.
     refused(
-        &["plugins", "verify", "plugins/slow.wasm", "--trust", "team-b.pub"],
+        &[
+            "plugins",
+            "verify",
+            "plugins/slow.wasm",
+            "--trust",
+            "team-b.pub",
+        ],
         "which is not trusted",
     );
     // A key file that is not a key, or the wrong half.
     write(d, "junk", "not a key\n");
     refused(
-        &["plugins", "sign", "plugins/slow.wasm", "--key", "junk", "--force"],
+        &[
+            "plugins",
+            "sign",
+            "plugins/slow.wasm",
+            "--key",
+            "junk",
+            "--force",
+        ],
         "not a secret key file",
     );
     refused(
-        &["plugins", "sign", "plugins/slow.wasm", "--key", "team-a.pub", "--force"],
+        &[
+            "plugins",
+            "sign",
+            "plugins/slow.wasm",
+            "--key",
+            "team-a.pub",
+            "--force",
+        ],
         "it is a public key",
     );
     refused(
-        &["plugins", "verify", "plugins/slow.wasm", "--trust", "team-a"],
+        &[
+            "plugins",
+            "verify",
+            "plugins/slow.wasm",
+            "--trust",
+            "team-a",
+        ],
         "not a public key file",
     );
     // The signature of one plugin beside another.
     plugin_copy(&plugins, "forge_masks", "other.wasm");
-    std::fs::copy(plugins.join("slow.wasm.sig"), plugins.join("other.wasm.sig")).unwrap();
+    std::fs::copy(
+        plugins.join("slow.wasm.sig"),
+        plugins.join("other.wasm.sig"),
+    )
+    .unwrap();
     refused(
         &["plugins", "verify", "plugins/other.wasm"],
         "belongs to another plugin",
@@ -194,7 +259,15 @@ fn signed_plugins_verify_and_tampered_untrusted_or_misplaced_signatures_are_refu
 
     // Listing shows the signer; with signatures required the signed, trusted plugin runs.
     let list = run_ok(
-        &["plugins", "list", "--json", "--plugin-dir", "plugins", "--trust", "team-a.pub"],
+        &[
+            "plugins",
+            "list",
+            "--json",
+            "--plugin-dir",
+            "plugins",
+            "--trust",
+            "team-a.pub",
+        ],
         d,
     );
     let list: serde_json::Value = serde_json::from_str(&list).unwrap();
@@ -204,8 +277,16 @@ fn signed_plugins_verify_and_tampered_untrusted_or_misplaced_signatures_are_refu
         .iter()
         .find(|p| p["name"] == "slow-magnitude")
         .unwrap();
-    assert!(entry["signer"].as_str().unwrap().ends_with("(trusted)"), "{entry}");
-    let magnitude = list.as_array().unwrap().iter().find(|p| p["name"] == "magnitude").unwrap();
+    assert!(
+        entry["signer"].as_str().unwrap().ends_with("(trusted)"),
+        "{entry}"
+    );
+    let magnitude = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "magnitude")
+        .unwrap();
     assert_eq!(magnitude["signer"], "builtin");
     let pipeline = write(
         d,
@@ -213,7 +294,14 @@ fn signed_plugins_verify_and_tampered_untrusted_or_misplaced_signatures_are_refu
         "model = \"builtin:tiny-llama\"\n[[stage]]\nplugin = \"slow-magnitude\"\ndensity = 0.5\nspin = 0\n",
     );
     let args = |extra: &[&'static str]| {
-        let mut a = vec!["run", pipeline.to_str().unwrap(), "--no-export", "--json", "--plugin-dir", "plugins"];
+        let mut a = vec![
+            "run",
+            pipeline.to_str().unwrap(),
+            "--no-export",
+            "--json",
+            "--plugin-dir",
+            "plugins",
+        ];
         a.extend_from_slice(extra);
         a.into_iter().map(String::from).collect::<Vec<_>>()
     };
@@ -221,25 +309,40 @@ fn signed_plugins_verify_and_tampered_untrusted_or_misplaced_signatures_are_refu
     let report = run_ok(&strict.iter().map(String::as_str).collect::<Vec<_>>(), d);
     let report: serde_json::Value = serde_json::from_str(&report).unwrap();
     assert!(
-        report["stages"][0]["plugin_signer"].as_str().unwrap().ends_with("(trusted)"),
+        report["stages"][0]["plugin_signer"]
+            .as_str()
+            .unwrap()
+            .ends_with("(trusted)"),
         "{}",
         report["stages"][0]
     );
     // Untrusted signer, then one byte flipped: refused at run with the reason.
     let other_key = args(&["--require-signatures", "--trust", "team-b.pub"]);
-    refused(&other_key.iter().map(String::as_str).collect::<Vec<_>>(), "which is not trusted");
+    refused(
+        &other_key.iter().map(String::as_str).collect::<Vec<_>>(),
+        "which is not trusted",
+    );
     let mut bytes = std::fs::read(&slow).unwrap();
     let middle = bytes.len() / 2;
     bytes[middle] ^= 0x01;
     std::fs::write(&slow, &bytes).unwrap();
     refused(
-        &["plugins", "verify", "plugins/slow.wasm", "--trust", "team-a.pub"],
+        &[
+            "plugins",
+            "verify",
+            "plugins/slow.wasm",
+            "--trust",
+            "team-a.pub",
+        ],
         "changed after it was signed",
     );
     // Unsigned under required signatures: refused, the reason named at the stage.
     std::fs::remove_file(plugins.join("slow.wasm.sig")).unwrap();
     std::fs::copy(wasm("slow_magnitude"), &slow).unwrap();
-    refused(&strict.iter().map(String::as_str).collect::<Vec<_>>(), "not signed");
+    refused(
+        &strict.iter().map(String::as_str).collect::<Vec<_>>(),
+        "not signed",
+    );
     let report = run_ok(&args(&[]).iter().map(String::as_str).collect::<Vec<_>>(), d);
     let report: serde_json::Value = serde_json::from_str(&report).unwrap();
     assert_eq!(report["stages"][0]["plugin_signer"], "unsigned");

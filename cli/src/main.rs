@@ -500,8 +500,10 @@ fn exit_code(e: &anyhow::Error) -> u8 {
     let kind = if let Some(app) = e.downcast_ref::<AppError>() {
         app.kind()
     } else if e.downcast_ref::<PipelineError>().is_some()
-        || e.downcast_ref::<espalier::strategy::StrategyError>().is_some()
-        || e.downcast_ref::<espalier::plugin::signing::SigningError>().is_some()
+        || e.downcast_ref::<espalier::strategy::StrategyError>()
+            .is_some()
+        || e.downcast_ref::<espalier::plugin::signing::SigningError>()
+            .is_some()
     {
         ErrorKind::InvalidPipeline
     } else if let Some(p) = e.downcast_ref::<espalier::plugin::PluginError>() {
@@ -970,7 +972,12 @@ fn cmd_strategy_pack(
         manifest.texts.len()
     );
     for p in &manifest.plugins {
-        out!("  {} {} sha256:{}", safe(&p.name), safe(&p.version), p.sha256);
+        out!(
+            "  {} {} sha256:{}",
+            safe(&p.name),
+            safe(&p.version),
+            p.sha256
+        );
     }
     Ok(())
 }
@@ -985,7 +992,12 @@ fn cmd_strategy_unpack(strategy: &std::path::Path, dest: &std::path::Path) -> Re
         dest.display()
     );
     for p in &manifest.plugins {
-        out!("  {} {} sha256:{}", safe(&p.name), safe(&p.version), p.sha256);
+        out!(
+            "  {} {} sha256:{}",
+            safe(&p.name),
+            safe(&p.version),
+            p.sha256
+        );
     }
     Ok(())
 }
@@ -1175,8 +1187,8 @@ fn cmd_plugins_list(json: bool, dirs: &PluginDirs) -> Result<()> {
 
 /// Compiles and describes a plugin file with no folder plugins (for sign and verify).
 fn describe_file(file: &std::path::Path) -> Result<espalier::plugin::Plugin> {
-    let runtime = espalier::plugin::Runtime::new()
-        .map_err(|e| AppError::Runtime(format!("{e:#}")))?;
+    let runtime =
+        espalier::plugin::Runtime::new().map_err(|e| AppError::Runtime(format!("{e:#}")))?;
     Ok(load_file(&runtime, file)?)
 }
 
@@ -1199,7 +1211,8 @@ fn cmd_plugins_sign(file: &std::path::Path, key: &std::path::Path, force: bool) 
     );
     let tmp = path.with_file_name(format!(
         ".{}.tmp-{}",
-        path.file_name().map_or_else(String::new, |n| n.to_string_lossy().into_owned()),
+        path.file_name()
+            .map_or_else(String::new, |n| n.to_string_lossy().into_owned()),
         std::process::id()
     ));
     std::fs::write(&tmp, sig.to_text())
@@ -1249,8 +1262,7 @@ fn cmd_plugins_verify(file: &std::path::Path, trust: Vec<PathBuf>) -> Result<()>
     // compile.
     let bytes = espalier_engine::files::read(file, espalier_engine::files::PLUGIN_LIMIT)
         .with_context(|| format!("cannot read {}", file.display()))?;
-    signing::check_digest(sig, &espalier::plugin::runtime::sha256_hex(&bytes))
-        .map_err(refused)?;
+    signing::check_digest(sig, &espalier::plugin::runtime::sha256_hex(&bytes)).map_err(refused)?;
     let plugin = describe_file(file)?;
     let signer = trust
         .check(

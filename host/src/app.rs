@@ -116,12 +116,16 @@ impl AppError {
             AppError::Plugin(PluginError::Cancelled { .. }) => ErrorKind::Cancelled,
             AppError::Plugin(_) => ErrorKind::PluginFailed,
             AppError::Validate { source, .. } => match source {
-                PluginError::Invalid { .. } | PluginError::Refused { .. } => ErrorKind::InvalidPlugin,
+                PluginError::Invalid { .. } | PluginError::Refused { .. } => {
+                    ErrorKind::InvalidPlugin
+                }
                 PluginError::Cancelled { .. } => ErrorKind::Cancelled,
                 _ => ErrorKind::PluginFailed,
             },
             AppError::Run(RunError::Plugin { source, .. }) => match source {
-                PluginError::Invalid { .. } | PluginError::Refused { .. } => ErrorKind::InvalidPlugin,
+                PluginError::Invalid { .. } | PluginError::Refused { .. } => {
+                    ErrorKind::InvalidPlugin
+                }
                 PluginError::Cancelled { .. } => ErrorKind::Cancelled,
                 _ => ErrorKind::PluginFailed,
             },

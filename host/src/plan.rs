@@ -382,8 +382,13 @@ fn resolve_plugin(
     let field = format!("stage[{}].plugin", spec.index);
     if name.ends_with(".wasm") || name.contains('/') {
         // Described under the pipeline's limits: a looping `describe` stops at its timeout.
-        return load_file_trusted(runtime, Path::new(name), &pipeline.sandbox, registry.trust())
-            .map_err(|e| pipeline.error(&spec.plugin.position, field, e.to_string()));
+        return load_file_trusted(
+            runtime,
+            Path::new(name),
+            &pipeline.sandbox,
+            registry.trust(),
+        )
+        .map_err(|e| pipeline.error(&spec.plugin.position, field, e.to_string()));
     }
     // A pinned name takes the build with that hash whichever registered plugin of that name
     // is visible (a folder plugin may shadow the pinned built-in, or the reverse).

@@ -31,8 +31,8 @@ use crate::evaluate::EvalText;
 use crate::pipeline::{Pipeline, PipelineError};
 use crate::plugin::bindings::Need;
 use crate::plugin::registry::{Origin, builtin_component, load_bytes_sandboxed};
-use crate::plugin::signing::read_signature_beside;
 use crate::plugin::runtime::sha256_hex;
+use crate::plugin::signing::read_signature_beside;
 
 /// `format` of every manifest.
 pub const FORMAT: &str = "espalier-strategy";
@@ -122,7 +122,9 @@ pub struct PackedPlugin {
 impl PackedPlugin {
     /// Its signature file's path inside the strategy, when it has one.
     pub fn signature_file(&self) -> Option<String> {
-        self.signature_sha256.as_ref().map(|_| format!("{}.sig", self.file))
+        self.signature_sha256
+            .as_ref()
+            .map(|_| format!("{}.sig", self.file))
     }
 }
 
@@ -164,29 +166,30 @@ pub fn pack(app: &App, pipeline_path: &Path, out: &Path) -> Result<Manifest, Str
         let at = |message: String| {
             StrategyError::Pipeline(pipeline.error(&spec.plugin.position, field.clone(), message))
         };
-        let (bytes, signature, name, version, plugin_needs) =
-            if reference.ends_with(".wasm") || reference.contains('/') {
-                let path = Path::new(reference);
-                let bytes = files::read(path, files::PLUGIN_LIMIT)
-                    .map_err(|e| at(format!("cannot read {reference}: {e}")))?;
-                let plugin = load_bytes_sandboxed(
-                    &app.runtime,
-                    reference,
-                    &bytes,
-                    Origin::File(path.to_path_buf()),
-                    &pipeline.sandbox,
-                )
-                .map_err(|e| at(e.to_string()))?;
-                let signature = read_signature_beside(path).map_err(|e| at(e.to_string()))?;
-                (
-                    bytes,
-                    signature,
-                    plugin.info.name.clone(),
-                    plugin.info.version.clone(),
-                    plugin.info.needs.clone(),
-                )
-            } else {
-                let plugin = spec
+        let (bytes, signature, name, version, plugin_needs) = if reference.ends_with(".wasm")
+            || reference.contains('/')
+        {
+            let path = Path::new(reference);
+            let bytes = files::read(path, files::PLUGIN_LIMIT)
+                .map_err(|e| at(format!("cannot read {reference}: {e}")))?;
+            let plugin = load_bytes_sandboxed(
+                &app.runtime,
+                reference,
+                &bytes,
+                Origin::File(path.to_path_buf()),
+                &pipeline.sandbox,
+            )
+            .map_err(|e| at(e.to_string()))?;
+            let signature = read_signature_beside(path).map_err(|e| at(e.to_string()))?;
+            (
+                bytes,
+                signature,
+                plugin.info.name.clone(),
+                plugin.info.version.clone(),
+                plugin.info.needs.clone(),
+            )
+        } else {
+            let plugin = spec
                     .plugin_sha256
                     .as_deref()
                     .and_then(|pin| registry.by_sha256(pin))
@@ -198,29 +201,29 @@ pub fn pack(app: &App, pipeline_path: &Path, out: &Path) -> Result<Manifest, Str
                             registry.names().join(", ")
                         ))
                     })?;
-                let (bytes, signature) = match &plugin.origin {
-                    Origin::Builtin => (
-                        builtin_component(&plugin.compiled.sha256)
-                            .map(<[u8]>::to_vec)
-                            .ok_or_else(|| {
-                                at("the built-in's component is not in this build".into())
-                            })?,
-                        None,
-                    ),
-                    Origin::File(path) => (
-                        files::read(path, files::PLUGIN_LIMIT)
-                            .map_err(|e| at(format!("cannot read {}: {e}", path.display())))?,
-                        read_signature_beside(path).map_err(|e| at(e.to_string()))?,
-                    ),
-                };
-                (
-                    bytes,
-                    signature,
-                    plugin.info.name.clone(),
-                    plugin.info.version.clone(),
-                    plugin.info.needs.clone(),
-                )
+            let (bytes, signature) = match &plugin.origin {
+                Origin::Builtin => (
+                    builtin_component(&plugin.compiled.sha256)
+                        .map(<[u8]>::to_vec)
+                        .ok_or_else(
+                            || at("the built-in's component is not in this build".into()),
+                        )?,
+                    None,
+                ),
+                Origin::File(path) => (
+                    files::read(path, files::PLUGIN_LIMIT)
+                        .map_err(|e| at(format!("cannot read {}: {e}", path.display())))?,
+                    read_signature_beside(path).map_err(|e| at(e.to_string()))?,
+                ),
             };
+            (
+                bytes,
+                signature,
+                plugin.info.name.clone(),
+                plugin.info.version.clone(),
+                plugin.info.needs.clone(),
+            )
+        };
         let sha256 = sha256_hex(&bytes);
         if let Some(pin) = &spec.plugin_sha256
             && *pin != sha256
@@ -297,7 +300,11 @@ pub fn pack(app: &App, pipeline_path: &Path, out: &Path) -> Result<Manifest, Str
         .values()
         .filter_map(|(p, _, sig)| Some((p.signature_file()?, sig.as_deref()?)))
         .collect();
-    entries.extend(plugins.values().map(|(p, b, _)| (p.file.as_str(), b.as_slice())));
+    entries.extend(
+        plugins
+            .values()
+            .map(|(p, b, _)| (p.file.as_str(), b.as_slice())),
+    );
     entries.extend(signatures.iter().map(|(f, b)| (f.as_str(), *b)));
     entries.extend(texts.iter().map(|(t, b)| (t.file.as_str(), b.as_slice())));
     write_tar(out, &entries)?;
@@ -420,7 +427,9 @@ fn entry_limit(name: &str) -> Option<u64> {
 }
 
 /// Reads and checks a strategy archive: the files it holds, by name.
-pub fn read_archive(archive: &Path) -> Result<(Manifest, BTreeMap<String, Vec<u8>>), StrategyError> {
+pub fn read_archive(
+    archive: &Path,
+) -> Result<(Manifest, BTreeMap<String, Vec<u8>>), StrategyError> {
     let (file, _) = files::open_regular(archive).map_err(|e| io_err(archive, e))?;
     let mut tar = tar::Archive::new(std::io::BufReader::new(file));
     let mut entries: BTreeMap<String, Vec<u8>> = BTreeMap::new();
@@ -517,7 +526,10 @@ fn check_contents(
         if entry_limit(file).is_none() || *file == MANIFEST {
             return Err(invalid(
                 at,
-                format!("{MANIFEST} lists `{}`, which is not a strategy file name", crate::display_safe::name(file)),
+                format!(
+                    "{MANIFEST} lists `{}`, which is not a strategy file name",
+                    crate::display_safe::name(file)
+                ),
             ));
         }
         let bytes = entries
@@ -537,10 +549,7 @@ fn check_contents(
         .keys()
         .find(|k| k.as_str() != MANIFEST && !expected.contains_key(k.as_str()))
     {
-        return Err(invalid(
-            at,
-            format!("{extra} is not listed in {MANIFEST}"),
-        ));
+        return Err(invalid(at, format!("{extra} is not listed in {MANIFEST}")));
     }
     Ok(manifest)
 }
@@ -614,13 +623,21 @@ pub fn open_dir(dir: &Path) -> Result<Opened, StrategyError> {
         .map_err(|e| invalid(&manifest_path, e.to_string()))?;
     let listed = std::iter::once(PIPELINE.to_string())
         .chain(manifest.plugins.iter().map(|p| p.file.clone()))
-        .chain(manifest.plugins.iter().filter_map(PackedPlugin::signature_file))
+        .chain(
+            manifest
+                .plugins
+                .iter()
+                .filter_map(PackedPlugin::signature_file),
+        )
         .chain(manifest.texts.iter().map(|t| t.file.clone()));
     for file in listed {
         let limit = entry_limit(&file).ok_or_else(|| {
             invalid(
                 &manifest_path,
-                format!("lists `{}`, which is not a strategy file name", crate::display_safe::name(&file)),
+                format!(
+                    "lists `{}`, which is not a strategy file name",
+                    crate::display_safe::name(&file)
+                ),
             )
         })?;
         let path = dir.join(&file);

@@ -323,17 +323,11 @@ impl Daemon {
         )?;
         // The signature beside the file (copy it in before the .wasm when signatures are
         // required: the component is checked when it arrives).
-        let signature =
-            read_signature_beside(&file.path).map_err(|e| PluginError::Refused {
-                plugin: label.clone(),
-                message: e.to_string(),
-            })?;
-        let plugin = admit(
-            plugin,
-            signature.as_deref(),
-            &self.config.trust,
-            &label,
-        )?;
+        let signature = read_signature_beside(&file.path).map_err(|e| PluginError::Refused {
+            plugin: label.clone(),
+            message: e.to_string(),
+        })?;
+        let plugin = admit(plugin, signature.as_deref(), &self.config.trust, &label)?;
         self.install(plugin, Arc::new(file.bytes.clone()), &file.path);
         Ok(())
     }
@@ -495,7 +489,9 @@ impl Daemon {
             unique()
         ));
         let sig_written = match &signature {
-            Some(sig) => std::fs::write(&sig_tmp, sig).and_then(|()| std::fs::rename(&sig_tmp, &sig_path)),
+            Some(sig) => {
+                std::fs::write(&sig_tmp, sig).and_then(|()| std::fs::rename(&sig_tmp, &sig_path))
+            }
             // An unsigned upload replaces a signed file: its old signature would not match.
             None => match std::fs::remove_file(&sig_path) {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),

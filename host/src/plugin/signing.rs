@@ -87,7 +87,14 @@ fn parse_key_text(path: &Path, text: &str, tag: &str) -> Result<[u8; 32], Signin
     };
     if t != tag {
         let hint = if t == SECRET_TAG || t == PUBLIC_TAG {
-            format!(" (it is {})", if t == SECRET_TAG { "a secret key" } else { "a public key" })
+            format!(
+                " (it is {})",
+                if t == SECRET_TAG {
+                    "a secret key"
+                } else {
+                    "a public key"
+                }
+            )
         } else {
             String::new()
         };
@@ -109,7 +116,9 @@ fn read_small(path: &Path) -> Result<String, SigningError> {
 /// Reads a secret key file.
 pub fn read_secret_key(path: &Path) -> Result<SigningKey, SigningError> {
     let text = read_small(path)?;
-    Ok(SigningKey::from_bytes(&parse_key_text(path, &text, SECRET_TAG)?))
+    Ok(SigningKey::from_bytes(&parse_key_text(
+        path, &text, SECRET_TAG,
+    )?))
 }
 
 /// Reads a public key file.
@@ -137,7 +146,11 @@ pub fn generate(path: &Path) -> Result<PublicKey, SigningError> {
             return Err(invalid(p, "already exists; keys are never overwritten"));
         }
     }
-    write_new(path, format!("{SECRET_TAG} {}\n", hex::encode(secret)).as_bytes(), 0o600)?;
+    write_new(
+        path,
+        format!("{SECRET_TAG} {}\n", hex::encode(secret)).as_bytes(),
+        0o600,
+    )?;
     if let Err(e) = write_new(&pub_path, public.to_file_text().as_bytes(), 0o644) {
         let _ = std::fs::remove_file(path);
         return Err(e);
@@ -400,7 +413,10 @@ mod tests {
         let sig = text(&sign(&k, "wanda", "1.0.0", SHA));
         let open = Trust::default();
         let signer = open.check("wanda", "1.0.0", SHA, Some(&sig)).unwrap();
-        assert!(matches!(&signer, Signer::Signed { trusted: false, .. }), "{signer}");
+        assert!(
+            matches!(&signer, Signer::Signed { trusted: false, .. }),
+            "{signer}"
+        );
         let trusting = Trust {
             keys: vec![PublicKey::new(k.verifying_key())],
             require: true,
@@ -415,8 +431,16 @@ mod tests {
         };
         let e = other.check("wanda", "1.0.0", SHA, Some(&sig)).unwrap_err();
         assert!(e.contains("not trusted"), "{e}");
-        assert!(other.check("wanda", "1.0.0", SHA, None).unwrap_err().contains("not signed"));
-        assert_eq!(open.check("wanda", "1.0.0", SHA, None).unwrap(), Signer::Unsigned);
+        assert!(
+            other
+                .check("wanda", "1.0.0", SHA, None)
+                .unwrap_err()
+                .contains("not signed")
+        );
+        assert_eq!(
+            open.check("wanda", "1.0.0", SHA, None).unwrap(),
+            Signer::Unsigned
+        );
     }
 
     #[test]
@@ -424,14 +448,24 @@ mod tests {
         let sig = sign(&key(1), "wanda", "1.0.0", SHA);
         let open = Trust::default();
         let other_sha = SHA.replace("aa", "bb");
-        let e = open.check("wanda", "1.0.0", &other_sha, Some(&text(&sig))).unwrap_err();
+        let e = open
+            .check("wanda", "1.0.0", &other_sha, Some(&text(&sig)))
+            .unwrap_err();
         assert!(e.contains("changed after it was signed"), "{e}");
-        let e = open.check("magnitude", "1.0.0", SHA, Some(&text(&sig))).unwrap_err();
+        let e = open
+            .check("magnitude", "1.0.0", SHA, Some(&text(&sig)))
+            .unwrap_err();
         assert!(e.contains("is for plugin `wanda`"), "{e}");
         let mut altered = sig.clone();
-        let flipped = if altered.signature.starts_with("00") { "01" } else { "00" };
+        let flipped = if altered.signature.starts_with("00") {
+            "01"
+        } else {
+            "00"
+        };
         altered.signature.replace_range(0..2, flipped);
-        let e = open.check("wanda", "1.0.0", SHA, Some(&text(&altered))).unwrap_err();
+        let e = open
+            .check("wanda", "1.0.0", SHA, Some(&text(&altered)))
+            .unwrap_err();
         assert!(e.contains("does not verify"), "{e}");
         let e = open.check("wanda", "1.0.0", SHA, Some(b"{}")).unwrap_err();
         assert!(e.contains("not an Espalier plugin signature"), "{e}");
@@ -450,14 +484,29 @@ mod tests {
         let mode = std::fs::metadata(&secret).unwrap().permissions().mode();
         assert_eq!(mode & 0o077, 0, "secret key readable by others: {mode:o}");
         // The public file where a secret one is expected, and the reverse, and junk.
-        let e = read_secret_key(&public_key_path(&secret)).unwrap_err().to_string();
-        assert!(e.contains("not a secret key file") && e.contains("it is a public key"), "{e}");
+        let e = read_secret_key(&public_key_path(&secret))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("not a secret key file") && e.contains("it is a public key"),
+            "{e}"
+        );
         let e = read_public_key(&secret).unwrap_err().to_string();
         assert!(e.contains("not a public key file"), "{e}");
         let junk = dir.path().join("junk.pub");
         std::fs::write(&junk, "hello world\n").unwrap();
-        assert!(read_public_key(&junk).unwrap_err().to_string().contains("not a public key file"));
+        assert!(
+            read_public_key(&junk)
+                .unwrap_err()
+                .to_string()
+                .contains("not a public key file")
+        );
         std::fs::write(&junk, format!("{PUBLIC_TAG} zz\n")).unwrap();
-        assert!(read_public_key(&junk).unwrap_err().to_string().contains("64 hex digits"));
+        assert!(
+            read_public_key(&junk)
+                .unwrap_err()
+                .to_string()
+                .contains("64 hex digits")
+        );
     }
 }
