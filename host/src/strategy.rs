@@ -138,6 +138,9 @@ pub struct PackedText {
     pub sha256: String,
 }
 
+/// A plugin being packed: its entry, its component, its signature file.
+type PackedBytes = (PackedPlugin, Vec<u8>, Option<Vec<u8>>);
+
 /// Bundles the pipeline at `pipeline_path` with the plugins its stages resolve to in `app`'s
 /// registry (or the `.wasm` files they name) and the texts it reads into the tar file `out`,
 /// which must not exist (written under a temporary name, then renamed).
@@ -158,7 +161,7 @@ pub fn pack(app: &App, pipeline_path: &Path, out: &Path) -> Result<Manifest, Str
     let registry = app.registry();
 
     // Each stage's plugin: the exact bytes and the name it describes itself with.
-    let mut plugins: BTreeMap<String, (PackedPlugin, Vec<u8>, Option<Vec<u8>>)> = BTreeMap::new();
+    let mut plugins: BTreeMap<String, PackedBytes> = BTreeMap::new();
     let mut needs_calibration = pipeline.calibration.is_some();
     for spec in &pipeline.stages {
         let reference = &spec.plugin.value;
