@@ -862,4 +862,88 @@ fn openai_compatible_completions_over_http() {
     assert_eq!(s, 401, "the daemon's token is the API key");
     let status = d.stop();
     assert!(status.success(), "{status:?}");
+/// Uploads `bytes` with an optional signature header; status and body.
+fn upload_signed(d: &Daemon, bytes: &[u8], signature: Option<&str>) -> (u16, Value) {
+    let mut req = ureq::AgentBuilder::new()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .post(&d.url("/v1/plugins?replace=true"))
+        .set("Content-Type", "application/wasm");
+    if let Some(sig) = signature {
+        req = req.set("x-espalier-signature", sig.trim());
+    }
+    let response = match req.send_bytes(bytes) {
+        Ok(r) => r,
+        Err(ureq::Error::Status(_, r)) => r,
+        Err(e) => panic!("upload: {e}"),
+    };
+    let status = response.status();
+    let mut body = Vec::new();
+    response.into_reader().read_to_end(&mut body).unwrap();
+    (status, serde_json::from_slice(&body).unwrap_or(Value::Null))
+}
+
+#[test]
+fn required_signatures_are_enforced_at_the_plugin_folder_and_at_upload() {
+    let dir = tempfile::tempdir().unwrap();
+    let espalier = |args: &[&str]| {
+        let o = bin().args(args).current_dir(dir.path()).output().unwrap();
+        assert!(
+            o.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    };
+    espalier(&["keys", "generate", "team"]);
+    let signed = dir.path().join("slow.wasm");
+    std::fs::copy(wasm("slow_magnitude"), &signed).unwrap();
+    espalier(&["plugins", "sign", "slow.wasm", "--key", "team"]);
+    let signature = std::fs::read_to_string(dir.path().join("slow.wasm.sig")).unwrap();
+    let state = dir.path().join("state");
+    let d = Daemon::start_with(
+        &state,
+        false,
+        &format!(
+            "trusted_keys = [\"{}\"]\nrequire_signatures = true\n",
+            dir.path().join("team.pub").display()
+        ),
+    );
+    // An unsigned file dropped into the folder is refused, with the reason.
+    std::fs::copy(wasm("forge_masks"), state.join("plugins/forge.wasm")).unwrap();
+    let listed = d.wait_for("/v1/plugins", 30, "the unsigned file refused", |v| {
+        v["rejected"].as_array().is_some_and(|r| !r.is_empty())
+    });
+    let reason = listed["rejected"][0]["reason"].as_str().unwrap();
+    assert!(reason.contains("not signed"), "{reason}");
+    // Uploads: unsigned, and signed with another plugin's signature, are refused.
+    let bytes = std::fs::read(&signed).unwrap();
+    let (s, body) = upload_signed(&d, &bytes, None);
+    assert_eq!(s, 400, "{body}");
+    assert!(body.to_string().contains("not signed"), "{body}");
+    let forge = std::fs::read(wasm("forge_masks")).unwrap();
+    let (s, body) = upload_signed(&d, &forge, Some(&signature));
+    assert_eq!(s, 400, "{body}");
+    assert!(body.to_string().contains("another plugin"), "{body}");
+    assert!(!state.join("plugins/slow-magnitude.wasm").exists());
+    // Signed by the trusted key: registered, its signer listed, the signature kept beside it.
+    let (s, body) = upload_signed(&d, &bytes, Some(&signature));
+    assert_eq!(s, 201, "{body}");
+    assert!(
+        body["signer"].as_str().unwrap().ends_with("(trusted)"),
+        "{body}"
+    );
+    assert!(state.join("plugins/slow-magnitude.wasm.sig").is_file());
+    let (_, v) = d.get("/v1/plugins");
+    let entry = v["plugins"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "slow-magnitude")
+        .cloned()
+        .unwrap();
+    assert!(
+        entry["signer"].as_str().unwrap().ends_with("(trusted)"),
+        "{entry}"
+    );
+    d.stop();
 }

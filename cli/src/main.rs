@@ -46,6 +46,13 @@ struct PluginDirs {
     /// Folder of extra plugin `.wasm` files (repeatable; also $ESPALIER_PLUGIN_DIR).
     #[arg(long = "plugin-dir", value_name = "DIR")]
     dirs: Vec<PathBuf>,
+    /// Trust plugins signed by this public key (repeatable; also $ESPALIER_TRUST, a path list).
+    #[arg(long = "trust", value_name = "KEY.pub")]
+    trust: Vec<PathBuf>,
+    /// Refuse every plugin file that is not signed by a trusted key (also
+    /// $ESPALIER_REQUIRE_SIGNATURES=1).
+    #[arg(long)]
+    require_signatures: bool,
 }
 
 impl PluginDirs {
@@ -57,17 +64,32 @@ impl PluginDirs {
         dirs
     }
 
-    /// The core's configuration for this command: the folders given here and in the
+    /// The signers to trust: `--trust` keys and `$ESPALIER_TRUST`, required with
+    /// `--require-signatures` or `$ESPALIER_REQUIRE_SIGNATURES=1`.
+    fn trust(&self) -> Result<espalier::plugin::signing::Trust> {
+        let mut keys = self.trust.clone();
+        if let Some(env) = std::env::var_os("ESPALIER_TRUST") {
+            keys.extend(std::env::split_paths(&env).filter(|p| !p.as_os_str().is_empty()));
+        }
+        let require = self.require_signatures
+            || std::env::var_os("ESPALIER_REQUIRE_SIGNATURES").is_some_and(|v| v == "1");
+        Ok(espalier::plugin::signing::Trust::from_files(
+            &keys, require,
+        )?)
+    }
+
+    /// The core's configuration for this command: the folders and keys given here and in the
     /// environment (`ESPALIER_MODELS`, default `models/`; `ESPALIER_CACHE`, default
     /// `$XDG_CACHE_HOME/espalier` or `~/.cache/espalier`; `ESPALIER_CACHE=off` disables it).
-    fn config(&self, sandbox: Sandbox) -> Config {
-        Config {
+    fn config(&self, sandbox: Sandbox) -> Result<Config> {
+        Ok(Config {
             plugin_dirs: self.all(),
             models_dir: models_dir(),
             cache_dir: cache_dir(),
             sandbox,
             per_model_peak: true,
-        }
+            trust: self.trust()?,
+        })
     }
 }
 
@@ -93,7 +115,8 @@ enum Command {
     /// Run pipeline files: prune, report, export. With several, the dense model is evaluated
     /// once for all that share its model and protocol, and the runs are compared at the end.
     Run {
-        /// The pipelines (TOML), e.g. pipelines/quickstart.toml.
+        /// The pipelines (TOML), e.g. pipelines/quickstart.toml, or strategies (a `.tar` from
+        /// `espalier strategy pack`, or the folder `strategy unpack` wrote).
         #[arg(required_unless_present = "from")]
         pipelines: Vec<PathBuf>,
         /// Rerun exactly the pipeline a report.json records (plugins and texts pinned by
@@ -126,6 +149,16 @@ enum Command {
     Plugins {
         #[command(subcommand)]
         command: PluginsCommand,
+    },
+    /// Signing keys for plugins.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+    /// Share pruning strategies: a pipeline with the exact plugins and texts it uses.
+    Strategy {
+        #[command(subcommand)]
+        command: StrategyCommand,
     },
     /// Inspect models.
     Model {
@@ -212,6 +245,27 @@ enum PluginsCommand {
         #[command(flatten)]
         plugins: PluginDirs,
     },
+    /// Sign a plugin file: an ed25519 signature over its sha256, name and version, written
+    /// beside it as FILE.wasm.sig.
+    Sign {
+        /// The plugin file.
+        file: PathBuf,
+        /// The secret key file (from `espalier keys generate`).
+        #[arg(long, value_name = "KEY")]
+        key: PathBuf,
+        /// Replace an existing FILE.wasm.sig.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Check a plugin file's signature (FILE.wasm.sig): it must be signed, unchanged since, and
+    /// (with --trust) by a trusted key. Exit status 2 when it is not.
+    Verify {
+        /// The plugin file.
+        file: PathBuf,
+        /// Trusted public keys (repeatable; also $ESPALIER_TRUST).
+        #[arg(long = "trust", value_name = "KEY.pub")]
+        trust: Vec<PathBuf>,
+    },
     /// Show what a plugin describes: version, parameters, needs, output.
     Inspect {
         /// A registered plugin name or a path to a .wasm file.
@@ -221,6 +275,38 @@ enum PluginsCommand {
         json: bool,
         #[command(flatten)]
         plugins: PluginDirs,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Create an ed25519 key pair for signing plugins: KEY (secret, readable by you only) and
+    /// KEY.pub (give it to the teams that run your plugins). Never overwrites.
+    Generate {
+        /// Path of the secret key file, e.g. keys/team-a.
+        key: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum StrategyCommand {
+    /// Bundle a pipeline, the plugins its stages use (pinned by sha256) and its texts into one
+    /// tar file that `espalier run` and `strategy unpack` read.
+    Pack {
+        /// The pipeline file.
+        pipeline: PathBuf,
+        /// The strategy file to write (must not exist), e.g. wanda.strategy.tar.
+        out: PathBuf,
+        #[command(flatten)]
+        plugins: PluginDirs,
+    },
+    /// Restore a strategy file into a new folder (pipeline.toml, plugins/, texts/), checking
+    /// every file's sha256; `espalier run FOLDER` runs it.
+    Unpack {
+        /// The strategy file.
+        strategy: PathBuf,
+        /// The folder to create (must not exist, or be empty).
+        dest: PathBuf,
     },
 }
 
@@ -418,8 +504,19 @@ fn main() -> ExitCode {
 fn exit_code(e: &anyhow::Error) -> u8 {
     let kind = if let Some(app) = e.downcast_ref::<AppError>() {
         app.kind()
-    } else if e.downcast_ref::<PipelineError>().is_some() {
+    } else if e.downcast_ref::<PipelineError>().is_some()
+        || e.downcast_ref::<espalier::strategy::StrategyError>()
+            .is_some()
+        || e.downcast_ref::<espalier::plugin::signing::SigningError>()
+            .is_some()
+    {
         ErrorKind::InvalidPipeline
+    } else if let Some(p) = e.downcast_ref::<espalier::plugin::PluginError>() {
+        match p {
+            espalier::plugin::PluginError::Invalid { .. }
+            | espalier::plugin::PluginError::Refused { .. } => ErrorKind::InvalidPlugin,
+            _ => ErrorKind::PluginFailed,
+        }
     } else {
         return 1;
     };
@@ -481,6 +578,28 @@ fn dispatch(cli: Cli) -> Result<()> {
                 json,
                 plugins,
             } => cmd_plugins_inspect(&plugin, json, &plugins),
+            PluginsCommand::Sign { file, key, force } => cmd_plugins_sign(&file, &key, force),
+            PluginsCommand::Verify { file, trust } => cmd_plugins_verify(&file, trust),
+        },
+        Command::Keys { command } => match command {
+            KeysCommand::Generate { key } => {
+                let public = espalier::plugin::signing::generate(&key)?;
+                out!(
+                    "wrote {} (secret: keep it) and {} (public: share it); key id {}",
+                    key.display(),
+                    espalier::plugin::signing::public_key_path(&key).display(),
+                    public.id
+                );
+                Ok(())
+            }
+        },
+        Command::Strategy { command } => match command {
+            StrategyCommand::Pack {
+                pipeline,
+                out,
+                plugins,
+            } => cmd_strategy_pack(&pipeline, &out, &plugins),
+            StrategyCommand::Unpack { strategy, dest } => cmd_strategy_unpack(&strategy, &dest),
         },
         Command::Model { command } => match command {
             ModelCommand::Layers { model, json } => cmd_model_layers(&model, json),
@@ -533,7 +652,7 @@ fn dispatch(cli: Cli) -> Result<()> {
 }
 
 fn start_app(dirs: &PluginDirs) -> Result<App> {
-    let app = App::start(dirs.config(Sandbox::default()))?;
+    let app = App::start(dirs.config(Sandbox::default())?)?;
     warn_skipped(&app);
     Ok(app)
 }
@@ -744,19 +863,25 @@ fn cmd_run(
 ) -> Result<()> {
     // Parsed first, all of them: a mistake in the last file is reported before the first runs,
     // and the first pipeline's [sandbox] limits also bind the `describe` of folder plugins.
+    // A strategy's plugins join the plugin folders; an archive is unpacked into a temporary
+    // folder that lives until the command ends.
+    let mut unpacked = Vec::new();
+    let mut strategy_dirs = Vec::new();
     let pipelines = match from {
         Some(report) => vec![pipeline_from_report(report)?],
         None => files
             .iter()
-            .map(|f| espalier::pipeline::Pipeline::load(f))
-            .collect::<Result<Vec<_>, _>>()?,
+            .map(|f| load_run_input(f, &mut unpacked, &mut strategy_dirs))
+            .collect::<Result<Vec<_>>>()?,
     };
     anyhow::ensure!(
         pipelines.len() == 1 || overrides.export_dir.is_none(),
         "--out names one folder; with several pipelines each exports to its own [export] dir (or use --no-export)"
     );
     let sandbox = pipelines.first().map(|p| p.sandbox).unwrap_or_default();
-    let app = App::start(dirs.config(sandbox))?;
+    let mut config = dirs.config(sandbox)?;
+    config.plugin_dirs.extend(strategy_dirs);
+    let app = App::start(config)?;
     warn_skipped(&app);
     if pipelines.len() > 1 {
         overrides.dense_baselines = Some(Default::default());
@@ -794,6 +919,91 @@ fn cmd_run(
             out!("");
             render::print_compare(&reports);
         }
+    }
+    Ok(())
+}
+
+/// A pipeline file, a strategy archive (`.tar`, unpacked into a temporary folder kept in
+/// `unpacked`) or a strategy folder; a strategy's plugin folder goes to `plugin_dirs`.
+fn load_run_input(
+    path: &std::path::Path,
+    unpacked: &mut Vec<tempfile::TempDir>,
+    plugin_dirs: &mut Vec<PathBuf>,
+) -> Result<espalier::pipeline::Pipeline> {
+    use espalier::strategy;
+    let dir = if path.is_file() && path.extension().is_some_and(|e| e == "tar") {
+        let tmp = tempfile::Builder::new()
+            .prefix("espalier-strategy-")
+            .tempdir()
+            .context("cannot create a temporary folder for the strategy")?;
+        let dest = tmp.path().join("strategy");
+        strategy::unpack(path, &dest)?;
+        unpacked.push(tmp);
+        dest
+    } else if strategy::is_strategy_dir(path) {
+        path.to_path_buf()
+    } else {
+        return Ok(espalier::pipeline::Pipeline::load(path)?);
+    };
+    let opened = strategy::open_dir(&dir)?;
+    err!(
+        "espalier: strategy {} ({}): {}",
+        path.display(),
+        safe(&opened.manifest.name),
+        opened
+            .manifest
+            .plugins
+            .iter()
+            .map(|p| format!("{}@sha256:{}", safe(&p.name), &p.sha256[..12]))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    plugin_dirs.push(opened.plugin_dir);
+    Ok(opened.pipeline)
+}
+
+/// `espalier strategy pack`.
+fn cmd_strategy_pack(
+    pipeline: &std::path::Path,
+    out: &std::path::Path,
+    dirs: &PluginDirs,
+) -> Result<()> {
+    let app = start_app(dirs)?;
+    let manifest = espalier::strategy::pack(&app, pipeline, out)?;
+    out!(
+        "packed {} into {}: pipeline.toml, {} plugin(s), {} text(s)",
+        pipeline.display(),
+        out.display(),
+        manifest.plugins.len(),
+        manifest.texts.len()
+    );
+    for p in &manifest.plugins {
+        out!(
+            "  {} {} sha256:{}",
+            safe(&p.name),
+            safe(&p.version),
+            p.sha256
+        );
+    }
+    Ok(())
+}
+
+/// `espalier strategy unpack`.
+fn cmd_strategy_unpack(strategy: &std::path::Path, dest: &std::path::Path) -> Result<()> {
+    let manifest = espalier::strategy::unpack(strategy, dest)?;
+    out!(
+        "unpacked {} into {} (every sha256 checked); run it with `espalier run {}`",
+        strategy.display(),
+        dest.display(),
+        dest.display()
+    );
+    for p in &manifest.plugins {
+        out!(
+            "  {} {} sha256:{}",
+            safe(&p.name),
+            safe(&p.version),
+            p.sha256
+        );
     }
     Ok(())
 }
@@ -958,7 +1168,7 @@ fn cmd_plugins_list(json: bool, dirs: &PluginDirs) -> Result<()> {
         return Ok(());
     }
     let mut t = render::table(vec![
-        "name", "version", "wit", "produces", "origin", "size", "sha256",
+        "name", "version", "wit", "produces", "origin", "size", "sha256", "signer",
     ]);
     for p in registry.iter() {
         t.add_row(vec![
@@ -973,10 +1183,108 @@ fn cmd_plugins_list(json: bool, dirs: &PluginDirs) -> Result<()> {
             },
             format!("{:.1} KB", p.size as f64 / 1024.0),
             p.compiled.sha256[..12].to_string(),
+            p.signer.to_string(),
         ]);
     }
-    render::drop_when_narrow(&mut t, &[2, 5]);
+    render::drop_when_narrow(&mut t, &[2, 5, 7]);
     out!("{t}");
+    Ok(())
+}
+
+/// Compiles and describes a plugin file with no folder plugins (for sign and verify).
+fn describe_file(file: &std::path::Path) -> Result<espalier::plugin::Plugin> {
+    let runtime =
+        espalier::plugin::Runtime::new().map_err(|e| AppError::Runtime(format!("{e:#}")))?;
+    Ok(load_file(&runtime, file)?)
+}
+
+/// `espalier plugins sign`.
+fn cmd_plugins_sign(file: &std::path::Path, key: &std::path::Path, force: bool) -> Result<()> {
+    use espalier::plugin::signing;
+    let secret = signing::read_secret_key(key)?;
+    let plugin = describe_file(file)?;
+    let sig = signing::sign(
+        &secret,
+        &plugin.info.name,
+        &plugin.info.version,
+        &plugin.compiled.sha256,
+    );
+    let path = signing::signature_path(file);
+    anyhow::ensure!(
+        force || !path.exists(),
+        "{} exists; pass --force to replace it",
+        path.display()
+    );
+    let tmp = path.with_file_name(format!(
+        ".{}.tmp-{}",
+        path.file_name()
+            .map_or_else(String::new, |n| n.to_string_lossy().into_owned()),
+        std::process::id()
+    ));
+    std::fs::write(&tmp, sig.to_text())
+        .and_then(|()| std::fs::rename(&tmp, &path))
+        .map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            anyhow::anyhow!("cannot write {}: {e}", path.display())
+        })?;
+    out!(
+        "signed {} ({} {}, sha256 {}) with key {}: {}",
+        file.display(),
+        safe(&plugin.info.name),
+        safe(&plugin.info.version),
+        plugin.compiled.sha256,
+        sig.key_id,
+        path.display()
+    );
+    Ok(())
+}
+
+/// `espalier plugins verify`.
+fn cmd_plugins_verify(file: &std::path::Path, trust: Vec<PathBuf>) -> Result<()> {
+    use espalier::plugin::signing;
+    let dirs = PluginDirs {
+        trust,
+        require_signatures: false,
+        ..PluginDirs::default()
+    };
+    let mut trust = dirs.trust()?;
+    // With keys to trust, verifying means "signed by one of them"; without, "signed at all".
+    trust.require = !trust.keys.is_empty();
+    let signature = signing::read_signature_beside(file)?;
+    let Some(sig) = &signature else {
+        anyhow::bail!(
+            "{}: not signed (no {} beside it; sign it with `espalier plugins sign`)",
+            file.display(),
+            signing::signature_path(file).display()
+        );
+    };
+    let refused = |message: String| {
+        AppError::Plugin(espalier::plugin::PluginError::Refused {
+            plugin: file.display().to_string(),
+            message,
+        })
+    };
+    // The digest first: a changed component is named as changed, not as one that does not
+    // compile.
+    let bytes = espalier_engine::files::read(file, espalier_engine::files::PLUGIN_LIMIT)
+        .with_context(|| format!("cannot read {}", file.display()))?;
+    signing::check_digest(sig, &espalier::plugin::runtime::sha256_hex(&bytes)).map_err(refused)?;
+    let plugin = describe_file(file)?;
+    let signer = trust
+        .check(
+            &plugin.info.name,
+            &plugin.info.version,
+            &plugin.compiled.sha256,
+            signature.as_deref(),
+        )
+        .map_err(refused)?;
+    out!(
+        "{}: {} {} (sha256 {}): signed by {signer}",
+        file.display(),
+        safe(&plugin.info.name),
+        safe(&plugin.info.version),
+        plugin.compiled.sha256
+    );
     Ok(())
 }
 
@@ -984,7 +1292,12 @@ fn cmd_plugins_inspect(name: &str, json: bool, dirs: &PluginDirs) -> Result<()> 
     let app = start_app(dirs)?;
     let registry = app.registry();
     let plugin = if name.ends_with(".wasm") || std::path::Path::new(name).is_file() {
-        load_file(&app.runtime, std::path::Path::new(name))?
+        espalier::plugin::registry::load_file_trusted(
+            &app.runtime,
+            std::path::Path::new(name),
+            &Sandbox::default(),
+            registry.trust(),
+        )?
     } else {
         registry.get(name).cloned().with_context(|| {
             format!(
@@ -1004,7 +1317,7 @@ fn cmd_plugins_inspect(name: &str, json: bool, dirs: &PluginDirs) -> Result<()> 
     out!("{} {}", safe(&i.name), safe(&i.version));
     out!("{}", display_safe::message(&i.description, ""));
     out!(
-        "produces: {}   needs: {}   sha256: {}   size: {:.1} KB",
+        "produces: {}   needs: {}   sha256: {}   size: {:.1} KB   signer: {}",
         produces_name(i.produces),
         i.needs
             .iter()
@@ -1012,7 +1325,8 @@ fn cmd_plugins_inspect(name: &str, json: bool, dirs: &PluginDirs) -> Result<()> 
             .collect::<Vec<_>>()
             .join(", "),
         plugin.compiled.sha256,
-        plugin.size as f64 / 1024.0
+        plugin.size as f64 / 1024.0,
+        plugin.signer
     );
     let mut t = render::table(vec!["parameter", "type", "default", "doc"]);
     for p in &i.params {

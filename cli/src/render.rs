@@ -297,6 +297,7 @@ pub fn print_report(r: &RunReport, layers: bool) {
         "time",
         "sandbox share",
         "sha256",
+        "signer",
     ]);
     for s in &r.stages {
         t.add_row(vec![
@@ -309,9 +310,10 @@ pub fn print_report(r: &RunReport, layers: bool) {
             right(format!("{:.3} s", s.seconds)),
             right(pct(s.guest_share)),
             Cell::new(s.plugin_sha256.get(..12).unwrap_or(&s.plugin_sha256)),
+            Cell::new(safe(&s.plugin_signer)),
         ]);
     }
-    drop_when_narrow(&mut t, &[2, 7, 8]);
+    drop_when_narrow(&mut t, &[2, 7, 8, 9]);
     out!("{t}");
     if layers {
         let mut t = table(["layer", "role", "shape", "kept", "structure"]);

@@ -110,16 +110,22 @@ impl AppError {
         match self {
             AppError::Pipeline(_) => ErrorKind::InvalidPipeline,
             AppError::Model(_) => ErrorKind::InvalidModel,
-            AppError::Plugin(PluginError::Invalid { .. }) => ErrorKind::InvalidPlugin,
+            AppError::Plugin(PluginError::Invalid { .. } | PluginError::Refused { .. }) => {
+                ErrorKind::InvalidPlugin
+            }
             AppError::Plugin(PluginError::Cancelled { .. }) => ErrorKind::Cancelled,
             AppError::Plugin(_) => ErrorKind::PluginFailed,
             AppError::Validate { source, .. } => match source {
-                PluginError::Invalid { .. } => ErrorKind::InvalidPlugin,
+                PluginError::Invalid { .. } | PluginError::Refused { .. } => {
+                    ErrorKind::InvalidPlugin
+                }
                 PluginError::Cancelled { .. } => ErrorKind::Cancelled,
                 _ => ErrorKind::PluginFailed,
             },
             AppError::Run(RunError::Plugin { source, .. }) => match source {
-                PluginError::Invalid { .. } => ErrorKind::InvalidPlugin,
+                PluginError::Invalid { .. } | PluginError::Refused { .. } => {
+                    ErrorKind::InvalidPlugin
+                }
                 PluginError::Cancelled { .. } => ErrorKind::Cancelled,
                 _ => ErrorKind::PluginFailed,
             },
@@ -160,6 +166,8 @@ pub struct Config {
     /// Reset the process's peak memory before each model's evaluation, so each model's peak
     /// is its own. Off in a process that runs several things at once (the daemon).
     pub per_model_peak: bool,
+    /// The signers plugin files must come from (and whether unsigned ones are refused).
+    pub trust: crate::plugin::signing::Trust,
 }
 
 impl Default for Config {
@@ -170,6 +178,7 @@ impl Default for Config {
             cache_dir: None,
             sandbox: Sandbox::default(),
             per_model_peak: true,
+            trust: Default::default(),
         }
     }
 }
@@ -341,6 +350,7 @@ impl App {
         }
         .map_err(|e| AppError::Runtime(format!("{e:#}")))?;
         let mut registry = Registry::with_builtins(&runtime)?;
+        registry.set_trust(config.trust.clone());
         let mut plugin_warnings = Vec::new();
         for dir in &config.plugin_dirs {
             plugin_warnings.extend(registry.add_dir(&runtime, dir, &config.sandbox));

@@ -21,6 +21,7 @@ pub mod report;
 pub mod resolved;
 pub mod run;
 pub mod sparse;
+pub mod strategy;
 pub mod tensor_util;
 
 static BUILD: std::sync::OnceLock<String> = std::sync::OnceLock::new();

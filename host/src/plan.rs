@@ -17,7 +17,7 @@ use crate::plugin::bindings::{
     Need, OutputKind, ParamKind, ParamProblem, ParamValue, PlannedDensity, PlanningContext,
     ProblemAt,
 };
-use crate::plugin::registry::{load_file_sandboxed, value_fits};
+use crate::plugin::registry::{load_file_trusted, value_fits};
 use crate::plugin::state::ModelView;
 use crate::plugin::{Plugin, PluginError, Registry, Runtime, WitVersion};
 
@@ -382,8 +382,20 @@ fn resolve_plugin(
     let field = format!("stage[{}].plugin", spec.index);
     if name.ends_with(".wasm") || name.contains('/') {
         // Described under the pipeline's limits: a looping `describe` stops at its timeout.
-        return load_file_sandboxed(runtime, Path::new(name), &pipeline.sandbox)
-            .map_err(|e| pipeline.error(&spec.plugin.position, field, e.to_string()));
+        return load_file_trusted(
+            runtime,
+            Path::new(name),
+            &pipeline.sandbox,
+            registry.trust(),
+        )
+        .map_err(|e| pipeline.error(&spec.plugin.position, field, e.to_string()));
+    }
+    // A pinned name takes the build with that hash whichever registered plugin of that name
+    // is visible (a folder plugin may shadow the pinned built-in, or the reverse).
+    if let Some(pin) = &spec.plugin_sha256
+        && let Some(p) = registry.by_sha256(pin).filter(|p| p.info.name == *name)
+    {
+        return Ok(p.clone());
     }
     registry.get(name).cloned().ok_or_else(|| {
         let names = registry.names();
@@ -397,8 +409,12 @@ fn resolve_plugin(
             &spec.plugin.position,
             field,
             format!(
-                "unknown plugin `{name}`; {hint}available: {} (or give a path to a .wasm file)",
-                names.join(", ")
+                "unknown plugin `{name}`; {hint}available: {} (or give a path to a .wasm file){}",
+                names.join(", "),
+                registry
+                    .refused(name)
+                    .map(|why| format!("; a plugin file named `{name}` was refused: {why}"))
+                    .unwrap_or_default()
             ),
         )
     })

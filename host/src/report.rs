@@ -23,6 +23,10 @@ pub struct StageReport {
     pub plugin_sha256: String,
     /// `builtin` or the .wasm path.
     pub plugin_origin: String,
+    /// Who vouches for the plugin: `builtin`, `unsigned`, or `key ID (trusted)` /
+    /// `key ID (not trusted)` (empty in reports written before signatures).
+    #[serde(default)]
+    pub plugin_signer: String,
     /// `masks`, `budgets` or `heads`.
     pub produces: String,
     /// Number of target layers.

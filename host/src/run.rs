@@ -766,6 +766,7 @@ impl StageReport {
                 Origin::Builtin => "builtin".into(),
                 Origin::File(p) => p.display().to_string(),
             },
+            plugin_signer: stage.plugin.signer.to_string(),
             produces: crate::plugin::registry::produces_name(stage.plugin.info.produces)
                 .to_string(),
             targets,

@@ -320,7 +320,7 @@ struct UploadQuery {
 
 #[utoipa::path(
     post, path = "/v1/plugins",
-    request_body(content = Vec<u8>, content_type = "application/wasm", description = "A WebAssembly component"),
+    request_body(content = Vec<u8>, content_type = "application/wasm", description = "A WebAssembly component; its signature file (FILE.wasm.sig, one line of JSON) in the `x-espalier-signature` header when it is signed (required with `require_signatures`)"),
     params(UploadQuery),
     security(("bearer" = [])),
     responses(
@@ -332,8 +332,13 @@ struct UploadQuery {
 async fn upload_plugin(
     State(state): State<ApiState>,
     Query(q): Query<UploadQuery>,
+    headers: axum::http::HeaderMap,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> ApiResult<Response> {
+    // The plugin's signature file (one line of JSON), when it is signed.
+    let signature = headers
+        .get("x-espalier-signature")
+        .map(|v| v.as_bytes().to_vec());
     let body = body.map_err(|r| {
         if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError(
@@ -349,7 +354,8 @@ async fn upload_plugin(
         }
     })?;
     let daemon = state.daemon.clone();
-    let summary = blocking(move || daemon.upload_plugin(body.to_vec(), q.replace)).await?;
+    let summary =
+        blocking(move || daemon.upload_plugin(body.to_vec(), signature, q.replace)).await?;
     Ok((StatusCode::CREATED, Json(summary)).into_response())
 }
 

@@ -51,6 +51,9 @@ pub struct ServeConfig {
     pub generation_slots: usize,
     /// Generations that may wait for a slot; beyond them a request gets 429.
     pub generation_queue: usize,
+    /// Public keys whose plugin signatures are trusted (`trusted_keys`), and whether every
+    /// plugin file must carry one (`require_signatures`).
+    pub trust: espalier::plugin::signing::Trust,
 }
 
 impl Default for ServeConfig {
@@ -65,6 +68,7 @@ impl Default for ServeConfig {
             debounce_ms: 500,
             generation_slots: 2,
             generation_queue: 16,
+            trust: Default::default(),
         }
     }
 }
@@ -83,6 +87,8 @@ struct RawConfig {
     debounce_ms: Option<u64>,
     generation_slots: Option<usize>,
     generation_queue: Option<usize>,
+    trusted_keys: Option<Vec<PathBuf>>,
+    require_signatures: Option<bool>,
 }
 
 /// A config file that cannot be used, naming the file (and line and key when known).
@@ -167,6 +173,17 @@ impl ServeConfig {
         if let Some(n) = raw.generation_queue {
             c.generation_queue = n;
         }
+        let keys: Vec<PathBuf> = raw
+            .trusted_keys
+            .unwrap_or_default()
+            .iter()
+            .map(|k| dir.join(k))
+            .collect();
+        c.trust = espalier::plugin::signing::Trust::from_files(
+            &keys,
+            raw.require_signatures.unwrap_or(false),
+        )
+        .map_err(|e| err(format!("trusted_keys: {e}")))?;
         c.validate().map_err(err)?;
         Ok(c)
     }

@@ -14,7 +14,10 @@ use espalier::app::{App, Config, ErrorKind, RunOverrides};
 use espalier::cancel::CancelToken;
 use espalier::events::RunEvent;
 use espalier::pipeline::{Pipeline, PipelineError};
-use espalier::plugin::registry::{Plugin, PluginSummary, builtin_component, load_bytes_sandboxed};
+use espalier::plugin::registry::{
+    Plugin, PluginSummary, admit, builtin_component, load_bytes_sandboxed,
+};
+use espalier::plugin::signing::{read_signature_beside, signature_path};
 use espalier::plugin::{Origin, PluginError, Sandbox};
 use serde_json::{Value, json};
 use tokio::sync::broadcast;
@@ -237,6 +240,7 @@ impl Daemon {
             sandbox: DESCRIBE_SANDBOX,
             // Runs share the process: one run's reset would hide another's peak.
             per_model_peak: false,
+            trust: config.trust.clone(),
         })
         .map_err(|e| DaemonError::Internal(e.to_string()))?;
         Ok(Arc::new(Daemon {
@@ -336,6 +340,13 @@ impl Daemon {
             Origin::File(file.path.clone()),
             &DESCRIBE_SANDBOX,
         )?;
+        // The signature beside the file (copy it in before the .wasm when signatures are
+        // required: the component is checked when it arrives).
+        let signature = read_signature_beside(&file.path).map_err(|e| PluginError::Refused {
+            plugin: label.clone(),
+            message: e.to_string(),
+        })?;
+        let plugin = admit(plugin, signature.as_deref(), &self.config.trust, &label)?;
         self.install(plugin, Arc::new(file.bytes.clone()), &file.path);
         Ok(())
     }
@@ -361,6 +372,7 @@ impl Daemon {
         // failed while describing itself.
         let kind = match e {
             PluginError::Invalid { .. } => LoadFailure::Compile,
+            PluginError::Refused { .. } => LoadFailure::Rejected,
             _ => LoadFailure::Interface,
         };
         self.metrics.inc_plugin_load_failure(kind);
@@ -448,15 +460,25 @@ impl Daemon {
     /// Validates an uploaded component (compiles, `describe()` answers, its name is a safe
     /// file name), writes it atomically into the plugin folder as `NAME.wasm` and registers it.
     /// An existing different file of that name is replaced only with `replace`.
-    pub fn upload_plugin(&self, bytes: Vec<u8>, replace: bool) -> Result<PluginView, DaemonError> {
+    ///
+    /// `signature` is the plugin's signature file (`x-espalier-signature`); it is checked
+    /// against the daemon's trust and written beside the component as `NAME.wasm.sig`.
+    pub fn upload_plugin(
+        &self,
+        bytes: Vec<u8>,
+        signature: Option<Vec<u8>>,
+        replace: bool,
+    ) -> Result<PluginView, DaemonError> {
         let plugin = load_bytes_sandboxed(
             &self.app.runtime,
             "upload",
             &bytes,
-            Origin::Builtin,
+            Origin::File(PathBuf::new()),
             &DESCRIBE_SANDBOX,
         )
         .inspect_err(|_| self.metrics.inc_plugin_load_failure(LoadFailure::Compile))?;
+        let plugin = admit(plugin, signature.as_deref(), &self.config.trust, "upload")
+            .inspect_err(|_| self.metrics.inc_plugin_load_failure(LoadFailure::Rejected))?;
         let name = plugin.info.name.clone();
         if !safe_file_stem(&name) {
             return Err(DaemonError::BadRequest(format!(
@@ -478,6 +500,27 @@ impl Daemon {
                 path.display()
             )));
         }
+        // The signature first: the watcher checks the component against it when it appears.
+        let sig_path = signature_path(&path);
+        let sig_tmp = self.layout.plugins.join(format!(
+            ".{name}.wasm.sig.tmp-{}-{}",
+            std::process::id(),
+            unique()
+        ));
+        let sig_written = match &signature {
+            Some(sig) => {
+                std::fs::write(&sig_tmp, sig).and_then(|()| std::fs::rename(&sig_tmp, &sig_path))
+            }
+            // An unsigned upload replaces a signed file: its old signature would not match.
+            None => match std::fs::remove_file(&sig_path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+                _ => Ok(()),
+            },
+        };
+        sig_written.map_err(|e| {
+            let _ = std::fs::remove_file(&sig_tmp);
+            DaemonError::Internal(format!("cannot write {}: {e}", sig_path.display()))
+        })?;
         let tmp = self.layout.plugins.join(format!(
             ".{name}.wasm.tmp-{}-{}",
             std::process::id(),

@@ -10,6 +10,7 @@ use espalier_engine::files;
 
 use super::bindings::{ParamKind, ParamValue, PluginInfo};
 use super::runtime::{CompiledPlugin, PluginError, Runtime, Sandbox};
+use super::signing::{Signer, Trust, read_signature_beside};
 use super::state::ModelView;
 
 include!(concat!(env!("OUT_DIR"), "/builtin_plugins.rs"));
@@ -35,6 +36,9 @@ pub struct Plugin {
     pub compiled: CompiledPlugin,
     /// Size of the component in bytes.
     pub size: usize,
+    /// Who vouches for it: built in, unsigned, or the key whose signature beside the file
+    /// verified (see [`super::signing`]).
+    pub signer: Signer,
 }
 
 /// Plugins by name: the built-ins, and the folder (or uploaded) plugins on top, a folder plugin
@@ -44,6 +48,11 @@ pub struct Plugin {
 pub struct Registry {
     builtins: BTreeMap<String, Plugin>,
     plugins: BTreeMap<String, Plugin>,
+    /// The signers this process accepts, for every plugin file it loads.
+    trust: Arc<Trust>,
+    /// Plugin files refused by the signature policy, by described name, with the reason (so
+    /// a stage naming one says why it is missing).
+    refused: BTreeMap<String, String>,
 }
 
 /// The registry a long-lived process changes while runs are in flight: readers take a
@@ -153,11 +162,55 @@ pub fn load_bytes_sandboxed(
         }
     }
     Ok(Plugin {
+        signer: if origin == Origin::Builtin {
+            Signer::Builtin
+        } else {
+            Signer::Unsigned
+        },
         info,
         origin,
         compiled,
         size: bytes.len(),
     })
+}
+
+/// Checks `plugin` (loaded from bytes) against `trust` with its signature file's bytes
+/// (`None`: unsigned) and records the signer, or refuses it with the reason.
+pub fn admit(
+    mut plugin: Plugin,
+    signature: Option<&[u8]>,
+    trust: &Trust,
+    label: &str,
+) -> Result<Plugin, PluginError> {
+    plugin.signer = trust
+        .check(
+            &plugin.info.name,
+            &plugin.info.version,
+            &plugin.compiled.sha256,
+            signature,
+        )
+        .map_err(|message| PluginError::Refused {
+            plugin: label.to_string(),
+            message,
+        })?;
+    Ok(plugin)
+}
+
+/// Loads a `.wasm` file described under `sandbox` and admits it under `trust` with the
+/// signature file beside it (`FILE.wasm.sig`), if any.
+pub fn load_file_trusted(
+    runtime: &Runtime,
+    path: &Path,
+    sandbox: &Sandbox,
+    trust: &Trust,
+) -> Result<Plugin, PluginError> {
+    let label = path.display().to_string();
+    let plugin = load_file_sandboxed(runtime, path, sandbox)?;
+    let signature = read_signature_beside(path).map_err(|e| PluginError::Refused {
+        plugin: label.clone(),
+        message: e.to_string(),
+    })?;
+    admit(plugin, signature.as_deref(), trust, &label)
 }
 
 /// Loads a `.wasm` file, described under the default sandbox.
@@ -237,7 +290,20 @@ impl Registry {
             .collect();
         paths.sort();
         for path in paths {
-            match load_file_sandboxed(runtime, &path, sandbox) {
+            let label = path.display().to_string();
+            let loaded = load_file_sandboxed(runtime, &path, sandbox).and_then(|p| {
+                let signature = read_signature_beside(&path).map_err(|e| PluginError::Refused {
+                    plugin: label.clone(),
+                    message: e.to_string(),
+                })?;
+                let name = p.info.name.clone();
+                admit(p, signature.as_deref(), &self.trust, &label).inspect_err(|e| {
+                    if let PluginError::Refused { message, .. } = e {
+                        self.refused.insert(name, message.clone());
+                    }
+                })
+            });
+            match loaded {
                 Ok(p) => {
                     self.insert(p);
                 }
@@ -282,6 +348,21 @@ impl Registry {
     /// Removes the non-built-in plugin named `name`. Returns it.
     pub fn remove(&mut self, name: &str) -> Option<Plugin> {
         self.plugins.remove(name)
+    }
+
+    /// Sets the signers plugin files must come from (before any folder is added).
+    pub fn set_trust(&mut self, trust: Trust) {
+        self.trust = Arc::new(trust);
+    }
+
+    /// The signers plugin files must come from.
+    pub fn trust(&self) -> &Trust {
+        &self.trust
+    }
+
+    /// Why a plugin file describing itself as `name` was refused by the signature policy.
+    pub fn refused(&self, name: &str) -> Option<&str> {
+        self.refused.get(name).map(String::as_str)
     }
 
     /// Looks a plugin up by name (a folder plugin before a built-in of the same name).
@@ -337,6 +418,8 @@ pub struct PluginSummary {
     pub shadows_builtin: bool,
     /// sha256 of the component bytes.
     pub sha256: String,
+    /// Who vouches for it: `builtin`, `unsigned`, or `key ID (trusted)` / `key ID (not trusted)`.
+    pub signer: String,
     /// WIT version it targets.
     pub wit: String,
     /// Component size.
@@ -401,6 +484,7 @@ impl PluginSummary {
             shadows_builtin: plugin.origin != Origin::Builtin
                 && registry.shadows_builtin(&plugin.info.name),
             sha256: plugin.compiled.sha256.clone(),
+            signer: plugin.signer.to_string(),
             wit: plugin.compiled.wit.to_string(),
             size_bytes: plugin.size,
             produces: produces_name(plugin.info.produces).to_string(),

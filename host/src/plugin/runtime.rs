@@ -62,6 +62,14 @@ pub enum PluginError {
         /// What is wrong, with a hint.
         message: String,
     },
+    /// The plugin is refused by the signature policy (unsigned, tampered, untrusted).
+    #[error("plugin `{}` is refused: {}", safe_name(.plugin), safe_message(.message))]
+    Refused {
+        /// Plugin name or file.
+        plugin: String,
+        /// Why, with the fix.
+        message: String,
+    },
     /// The guest ran past its deadline and was stopped.
     #[error(
         "plugin `{}` exceeded its time limit of {seconds:.1} s and was stopped (raise `sandbox.timeout_s` if it is legitimately slow)",
