@@ -10,7 +10,7 @@ mod daemon;
 use std::io::{BufRead, BufReader, Read};
 use std::time::{Duration, Instant};
 
-use binary::wasm;
+use binary::{bin, wasm};
 use daemon::{Daemon, TOKEN};
 use serde_json::{Value, json};
 
@@ -862,6 +862,8 @@ fn openai_compatible_completions_over_http() {
     assert_eq!(s, 401, "the daemon's token is the API key");
     let status = d.stop();
     assert!(status.success(), "{status:?}");
+}
+
 /// Uploads `bytes` with an optional signature header; status and body.
 fn upload_signed(d: &Daemon, bytes: &[u8], signature: Option<&str>) -> (u16, Value) {
     let mut req = ureq::AgentBuilder::new()
