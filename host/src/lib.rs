@@ -12,6 +12,7 @@ pub mod export;
 pub mod fetch;
 pub mod heads;
 pub mod mask;
+pub mod obs;
 pub mod ops;
 pub mod pipeline;
 pub mod plan;
