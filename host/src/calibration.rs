@@ -27,6 +27,7 @@ use rayon::prelude::*;
 
 use crate::cancel::CancelToken;
 use crate::mask::Mask;
+use crate::obs::Hessian;
 use crate::tensor_util::{apply_mask, tensor_from};
 
 /// Where calibration text comes from and how it is cut (the pipeline's `[calibration]`).
@@ -174,6 +175,54 @@ impl LinearObserver for SquaredInputs {
     }
 }
 
+/// Keeps, per sequence, the input of every block linear, once per distinct input: layers that
+/// read the same tensor (q/k/v, gate/up) are recorded as sharing the first one's input.
+#[derive(Default)]
+struct LinearInputs {
+    /// Input tensor and the layer that first read it, in execution order.
+    inputs: Vec<(candle_core::TensorId, String, Tensor)>,
+    /// Layer name to the name its input is recorded under.
+    shared: BTreeMap<String, String>,
+}
+
+impl LinearObserver for LinearInputs {
+    fn observe(&mut self, linear: &Linear, input: &Tensor) -> Result<(), EngineError> {
+        let name = linear.name().to_string();
+        let key = match self.inputs.last() {
+            Some((id, key, _)) if *id == input.id() => key.clone(),
+            _ => {
+                self.inputs.push((input.id(), name.clone(), input.clone()));
+                name.clone()
+            }
+        };
+        self.shared.insert(name, key);
+        Ok(())
+    }
+}
+
+/// Calibration sequences whose inputs are stacked into one `XᵀX` product: a fixed number, so
+/// the f32 sums (and the masks chosen from them) do not depend on the machine's core count.
+const HESSIAN_BATCH: usize = 8;
+
+/// The input second moments of every block linear: one [`Hessian`] per distinct input, shared
+/// by the layers that read it.
+#[derive(Debug, Default)]
+pub struct Hessians {
+    by_layer: BTreeMap<String, Arc<Hessian>>,
+}
+
+impl Hessians {
+    /// The Hessian of `layer`'s inputs.
+    pub fn get(&self, layer: &str) -> Option<&Arc<Hessian>> {
+        self.by_layer.get(layer)
+    }
+
+    /// Layers with a Hessian, in name order.
+    pub fn layers(&self) -> impl Iterator<Item = &str> {
+        self.by_layer.keys().map(String::as_str)
+    }
+}
+
 /// Most bytes of hidden states kept for resuming loss trials; beyond it (very long calibration
 /// sets) every trial runs the whole model instead.
 const MAX_RESUME_BYTES: usize = 4 << 30;
@@ -185,6 +234,7 @@ pub struct Calibrator {
     session: OnceLock<Result<Session, String>>,
     norms: OnceLock<Result<BTreeMap<String, Tensor>, String>>,
     gradients: OnceLock<Result<GradientStats, String>>,
+    hessians: OnceLock<Result<Hessians, String>>,
     loss: OnceLock<Result<f64, String>>,
     /// Per sequence, the hidden states entering each block (see [`Session::block_inputs`]);
     /// `None` when they would not fit [`MAX_RESUME_BYTES`].
@@ -202,6 +252,7 @@ impl Calibrator {
             session: OnceLock::new(),
             norms: OnceLock::new(),
             gradients: OnceLock::new(),
+            hessians: OnceLock::new(),
             loss: OnceLock::new(),
             block_inputs: OnceLock::new(),
             cancel: CancelToken::new(),
@@ -334,6 +385,98 @@ impl Calibrator {
             started.elapsed().as_secs_f64()
         );
         Ok(out)
+    }
+
+    /// The input second moment `XᵀX` of the block linear `layer` over the calibration set (the
+    /// same `Arc` for layers reading the same input). The first call computes every block
+    /// linear's in one pass.
+    pub fn hessian(&self, layer: &str) -> Result<Arc<Hessian>, String> {
+        self.prepare_hessians()?
+            .get(layer)
+            .cloned()
+            .ok_or_else(|| {
+                format!("no input Hessian for `{layer}`: only the weights of block linear layers (attention and MLP projections) have them")
+            })
+    }
+
+    /// Computes the Hessians of every block linear now, if not done yet.
+    pub fn prepare_hessians(&self) -> Result<&Hessians, String> {
+        self.prepare_hessians_with(&mut |_, _| {})
+    }
+
+    /// [`Calibrator::prepare_hessians`], calling `progress(sequences done, total)`.
+    pub fn prepare_hessians_with(
+        &self,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<&Hessians, String> {
+        self.hessians
+            .get_or_init(|| self.compute_hessians(progress))
+            .as_ref()
+            .map_err(Clone::clone)
+    }
+
+    fn compute_hessians(&self, progress: &mut dyn FnMut(usize, usize)) -> Result<Hessians, String> {
+        let session = self.session()?;
+        let started = std::time::Instant::now();
+        let fail = |e: String| format!("calibration Hessians failed: {e}");
+        let mut sums: BTreeMap<String, Hessian> = BTreeMap::new();
+        let mut shared: BTreeMap<String, String> = BTreeMap::new();
+        let total = self.set.sequences.len();
+        let mut done = 0;
+        progress(0, total);
+        for part in self.set.sequences.chunks(HESSIAN_BATCH) {
+            // Forward passes in parallel, keeping each sequence's linear inputs (a few MiB).
+            let observed = part
+                .par_iter()
+                .map(|seq| {
+                    self.check_cancel()?;
+                    let mut observer = LinearInputs::default();
+                    session
+                        .hidden_states(seq, None, Some(&mut observer))
+                        .map_err(|e| format!("calibration forward pass failed: {e}"))?;
+                    Ok(observer)
+                })
+                .collect::<Result<Vec<LinearInputs>, String>>()?;
+            // Then one product per distinct input over the batch's stacked tokens.
+            let Some(first) = observed.first() else { break };
+            shared.extend(first.shared.clone());
+            for (k, (_, key, _)) in first.inputs.iter().enumerate() {
+                let mut stacked = Vec::with_capacity(observed.len());
+                for o in &observed {
+                    match o.inputs.get(k) {
+                        Some((_, other, x)) if other == key => stacked.push(x.clone()),
+                        _ => {
+                            return Err(fail(format!("sequences saw different layers at `{key}`")));
+                        }
+                    }
+                }
+                let x = Tensor::cat(&stacked, 0).map_err(|e| fail(e.to_string()))?;
+                let cols = x.dim(1).map_err(|e| fail(e.to_string()))?;
+                sums.entry(key.clone())
+                    .or_insert_with(|| Hessian::new(cols))
+                    .add(&x)
+                    .map_err(|e| fail(format!("`{key}`: {e}")))?;
+            }
+            done += part.len();
+            progress(done, total);
+        }
+        let sums: BTreeMap<String, Arc<Hessian>> =
+            sums.into_iter().map(|(k, h)| (k, Arc::new(h))).collect();
+        let mut by_layer = BTreeMap::new();
+        for (layer, key) in shared {
+            if let Some(h) = sums.get(&key) {
+                by_layer.insert(layer, h.clone());
+            }
+        }
+        tracing::info!(
+            "input Hessians of {} layers ({} distinct inputs) over {} sequences of {} tokens in {:.1} s",
+            by_layer.len(),
+            sums.len(),
+            self.set.samples(),
+            self.set.seq_len(),
+            started.elapsed().as_secs_f64()
+        );
+        Ok(Hessians { by_layer })
     }
 
     /// Mean calibration loss of the model (mean over sequences of the mean next-token loss).

@@ -13,6 +13,7 @@ pub mod fetch;
 pub mod generate;
 pub mod heads;
 pub mod mask;
+pub mod obs;
 pub mod ops;
 pub mod pipeline;
 pub mod plan;
