@@ -949,3 +949,40 @@ fn required_signatures_are_enforced_at_the_plugin_folder_and_at_upload() {
     );
     d.stop();
 }
+
+/// With one generation slot and no queue, requests that arrive while one decodes get 429 at
+/// once, with an OpenAI-style body, and the slot serves again once it is free.
+#[test]
+fn a_full_generation_queue_answers_429() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let d = Daemon::start_with(
+        &state,
+        false,
+        "generation_slots = 1\ngeneration_queue = 0\n",
+    );
+    // Load the model first, so every request below only generates.
+    let body = json!({"model": "builtin:tiny-llama", "prompt": "Once", "max_tokens": 200, "temperature": 0});
+    assert_eq!(d.post_json("/openai/v1/completions", &body, None).0, 200);
+    let statuses: Vec<(u16, Value)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..8)
+            .map(|_| scope.spawn(|| d.post_json("/openai/v1/completions", &body, None)))
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let served = statuses.iter().filter(|(s, _)| *s == 200).count();
+    let refused: Vec<&Value> = statuses
+        .iter()
+        .filter(|(s, _)| *s == 429)
+        .map(|(_, b)| b)
+        .collect();
+    assert_eq!(served + refused.len(), statuses.len(), "{statuses:?}");
+    assert!(served >= 1 && !refused.is_empty(), "{statuses:?}");
+    for b in refused {
+        assert_eq!(b["error"]["code"], "queue_full", "{b:#}");
+        assert_eq!(b["error"]["type"], "rate_limit_exceeded", "{b:#}");
+    }
+    assert_eq!(d.post_json("/openai/v1/completions", &body, None).0, 200);
+    let status = d.stop();
+    assert!(status.success(), "{status:?}");
+}
