@@ -215,9 +215,15 @@ impl Page {
         }
         path
     }
+}
 
-    fn close(&self) {
-        self.command("DELETE", "", None);
+/// Ends the session, which stops its Chromium; stopping ChromeDriver alone would leave the
+/// browser running when a check fails.
+impl Drop for Page {
+    fn drop(&mut self) {
+        let _ = ureq::delete(&format!("{}/session/{}", self.driver, self.session))
+            .timeout(Duration::from_secs(30))
+            .call();
     }
 }
 
@@ -590,7 +596,7 @@ fn dashboard_shows_runs_plugins_and_pipelines_and_drives_the_api() {
     page.shot("runs-1024");
 
     eprintln!("dashboard screenshots: {}", page.shots.display());
-    page.close();
+    drop(page);
     drop(driver);
     let status = d.stop();
     assert!(status.success(), "{status:?}");

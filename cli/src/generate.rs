@@ -4,10 +4,10 @@
 
 use std::io::Write as _;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use clap::Args;
 use espalier::cancel::CancelToken;
-use espalier::generate::{ChatTemplate, GenerateSpec, Message, Sampling, generate};
+use espalier::generate::{GenerateSpec, Generator, Message, Sampling};
 
 /// Options of `espalier generate`.
 #[derive(Debug, Args)]
@@ -48,40 +48,13 @@ pub struct GenerateArgs {
 pub fn run(args: GenerateArgs, models_dir: &std::path::Path) -> Result<()> {
     let model_ref =
         espalier::fetch::resolve(&args.model, models_dir, &mut |m| err!("espalier: {m}"))?;
-    let model = espalier_engine::load_model(&model_ref)?;
-    let mut session = espalier_engine::Session::new(&model)?;
-    let dir = model.source_dir.clone();
-    let mut kernels = String::from("dense");
-    if let Some(dir) = &dir
-        && let Some(masks) = espalier::export::read_masks(dir)
-            .map_err(anyhow::Error::msg)
-            .context("reading the export's masks")?
-    {
-        let attached =
-            espalier::sparse::attach(&mut session, &model, &masks, espalier::sparse::Storage::F32)?;
-        kernels = attached
-            .kernels
-            .layers
-            .iter()
-            .map(|(k, n)| format!("{n} {k}"))
-            .collect::<Vec<_>>()
-            .join(", ");
-    }
-    let tokenizer = espalier_engine::Tokenizer::for_model(&model)?;
-    let mut eos: Vec<u32> = model.config.eos_token_id.into_iter().collect();
+    let generator = Generator::load(&model_ref)?;
     let prompt_text = if args.chat {
-        let template = match &dir {
-            Some(d) => ChatTemplate::from_model_dir(d)?,
-            None => None,
-        };
-        let Some(template) = template else {
+        let Some(template) = &generator.template else {
             bail!(
                 "{model_ref} has no chat template (chat_template in tokenizer_config.json); drop --chat to complete the prompt as plain text"
             );
         };
-        if let Some(id) = template.eos_token().and_then(|t| tokenizer.token_to_id(t)) {
-            eos.push(id);
-        }
         let mut messages = Vec::new();
         if let Some(system) = &args.system {
             messages.push(Message {
@@ -97,7 +70,7 @@ pub fn run(args: GenerateArgs, models_dir: &std::path::Path) -> Result<()> {
     } else {
         args.prompt.clone()
     };
-    let prompt = tokenizer.encode(&prompt_text)?;
+    let prompt = generator.tokenizer.encode(&prompt_text)?;
     let spec = GenerateSpec {
         max_tokens: args.max_tokens,
         sampling: Sampling {
@@ -107,18 +80,16 @@ pub fn run(args: GenerateArgs, models_dir: &std::path::Path) -> Result<()> {
             seed: args.seed,
         },
         stop: args.stop,
-        eos,
-        context: model.config.max_position_embeddings,
+        ..GenerateSpec::default()
     };
     err!(
-        "espalier: {model_ref} ({} prompt tokens; linears: {kernels})",
-        prompt.len()
+        "espalier: {model_ref} ({} prompt tokens; linears: {})",
+        prompt.len(),
+        generator.kernels
     );
     let mut stdout = std::io::stdout().lock();
     let mut closed = false;
-    let result = generate(
-        &session,
-        &tokenizer,
+    let result = generator.generate(
         &prompt,
         &spec,
         &mut |text| {

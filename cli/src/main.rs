@@ -977,6 +977,12 @@ fn cmd_strategy_pack(
         manifest.plugins.len(),
         manifest.texts.len()
     );
+    print_strategy_plugins(&manifest);
+    Ok(())
+}
+
+/// One line per plugin a strategy holds.
+fn print_strategy_plugins(manifest: &espalier::strategy::Manifest) {
     for p in &manifest.plugins {
         out!(
             "  {} {} sha256:{}",
@@ -985,7 +991,6 @@ fn cmd_strategy_pack(
             p.sha256
         );
     }
-    Ok(())
 }
 
 /// `espalier strategy unpack`.
@@ -997,14 +1002,7 @@ fn cmd_strategy_unpack(strategy: &std::path::Path, dest: &std::path::Path) -> Re
         dest.display(),
         dest.display()
     );
-    for p in &manifest.plugins {
-        out!(
-            "  {} {} sha256:{}",
-            safe(&p.name),
-            safe(&p.version),
-            p.sha256
-        );
-    }
+    print_strategy_plugins(&manifest);
     Ok(())
 }
 

@@ -593,8 +593,7 @@ pub fn export(
 }
 
 /// The masks an export wrote (`DIR/masks.safetensors`, 1 = kept), with each layer's structure
-/// from the export's `report.json` when it names one the planner can use (unstructured, N:M,
-/// blocks); `None` when the folder holds no masks (a dense model, or another tool's export).
+/// from the export's `report.json` (unstructured when it names none); `None` when the folder holds no masks (a dense model, or another tool's export).
 pub fn read_masks(
     dir: &Path,
 ) -> Result<Option<std::collections::BTreeMap<String, crate::mask::Mask>>, String> {
@@ -609,7 +608,7 @@ pub fn read_masks(
         .map(|r| {
             r.layers
                 .into_iter()
-                .filter_map(|l| Some((l.name, parse_structure(l.structure.as_deref()?)?)))
+                .filter_map(|l| Some((l.name, l.structure?.parse().ok()?)))
                 .collect()
         })
         .unwrap_or_default();
@@ -637,26 +636,6 @@ pub fn read_masks(
         masks.insert(name, mask);
     }
     Ok(Some(masks))
-}
-
-/// A structure as `Display` writes it in reports, for the forms packed kernels use.
-fn parse_structure(text: &str) -> Option<crate::mask::Structure> {
-    use crate::mask::Structure;
-    if text == "unstructured" {
-        return Some(Structure::Unstructured);
-    }
-    if let Some(dims) = text.strip_suffix(" blocks") {
-        let (rows, cols) = dims.split_once('x')?;
-        return Some(Structure::Blocks {
-            rows: rows.parse().ok()?,
-            cols: cols.parse().ok()?,
-        });
-    }
-    let (n, m) = text.split_once(':')?;
-    Some(Structure::NOfM {
-        n: n.parse().ok()?,
-        m: m.parse().ok()?,
-    })
 }
 
 #[cfg(test)]

@@ -25,6 +25,9 @@ pub enum GenerateError {
     /// The model or tokenizer failed.
     #[error(transparent)]
     Engine(#[from] espalier_engine::EngineError),
+    /// A pruned export's masks cannot be read.
+    #[error("{0}")]
+    Masks(String),
     /// Stopped from outside.
     #[error("generation was cancelled")]
     Cancelled,
@@ -88,7 +91,8 @@ pub struct GenerateSpec {
     pub sampling: Sampling,
     /// Generation ends when the text contains any of these (the stop string is not returned).
     pub stop: Vec<String>,
-    /// Token ids that end generation (EOS); not part of the text.
+    /// Token ids that end generation (EOS); not part of the text. [`Generator::generate`]
+    /// fills this and `context` from the model.
     pub eos: Vec<u32>,
     /// The model's context in tokens (`max_position_embeddings`: rotary models compute any
     /// position but were trained up to this one); 0 = only the forward pass's own limit.
@@ -294,6 +298,93 @@ fn sample(logits: &[f32], sampling: &Sampling, rng: &mut StdRng) -> u32 {
     match WeightedIndex::new(&probs) {
         Ok(dist) => order[dist.sample(rng)] as u32,
         Err(_) => order[0] as u32,
+    }
+}
+
+/// A model ready to generate: its forward pass (a pruned export's masked linears on Espalier's
+/// sparse kernels, as in its evaluation), tokenizer, chat template, end tokens and context.
+/// The CLI's `generate` and the daemon's `/openai/v1` both load models through this.
+pub struct Generator {
+    /// The forward pass.
+    pub session: Session,
+    /// The model's tokenizer.
+    pub tokenizer: Tokenizer,
+    /// Its chat template, when `tokenizer_config.json` has one.
+    pub template: Option<ChatTemplate>,
+    /// Tokens that end a reply: the config's EOS and the template's end-of-turn token.
+    pub eos: Vec<u32>,
+    /// Tokens of context (prompt + reply): the trained positions.
+    pub context: usize,
+    /// The linears' kernels, e.g. `3 compact/f32, 208 dense`.
+    pub kernels: String,
+}
+
+impl Generator {
+    /// Loads `reference` (a model directory, an export of `espalier run`, or `builtin:NAME`).
+    pub fn load(reference: &str) -> Result<Self, GenerateError> {
+        let model = espalier_engine::load_model(reference)?;
+        let mut session = Session::new(&model)?;
+        let dir = model.source_dir.clone();
+        let mut kernels = String::from("dense");
+        if let Some(dir) = &dir
+            && let Some(masks) = crate::export::read_masks(dir).map_err(GenerateError::Masks)?
+        {
+            let attached =
+                crate::sparse::attach(&mut session, &model, &masks, crate::sparse::Storage::F32)?;
+            kernels = attached
+                .kernels
+                .layers
+                .iter()
+                .map(|(k, n)| format!("{n} {k}"))
+                .collect::<Vec<_>>()
+                .join(", ");
+        }
+        let tokenizer = Tokenizer::for_model(&model)?;
+        let template = match &dir {
+            Some(d) => ChatTemplate::from_model_dir(d)?,
+            None => None,
+        };
+        let mut eos: Vec<u32> = model.config.eos_token_id.into_iter().collect();
+        if let Some(id) = template
+            .as_ref()
+            .and_then(|t| t.eos_token())
+            .and_then(|t| tokenizer.token_to_id(t))
+        {
+            eos.push(id);
+        }
+        Ok(Generator {
+            context: session
+                .max_positions()
+                .min(model.config.max_position_embeddings.max(1)),
+            session,
+            tokenizer,
+            template,
+            eos,
+            kernels,
+        })
+    }
+
+    /// Generates after `prompt` with this model's end tokens and context (see [`generate`]).
+    pub fn generate(
+        &self,
+        prompt: &[u32],
+        spec: &GenerateSpec,
+        on_text: &mut dyn FnMut(&str) -> bool,
+        cancel: &crate::cancel::CancelToken,
+    ) -> Result<Generation, GenerateError> {
+        let spec = GenerateSpec {
+            eos: self.eos.clone(),
+            context: self.context,
+            ..spec.clone()
+        };
+        generate(
+            &self.session,
+            &self.tokenizer,
+            prompt,
+            &spec,
+            on_text,
+            cancel,
+        )
     }
 }
 

@@ -54,6 +54,48 @@ impl fmt::Display for Structure {
     }
 }
 
+/// Reads back what `Display` writes (reports record structures that way).
+impl std::str::FromStr for Structure {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        let number = |t: &str| {
+            t.parse::<usize>()
+                .map_err(|_| format!("`{text}` is not a mask structure"))
+        };
+        Ok(match text {
+            "unstructured" => Structure::Unstructured,
+            "rows" => Structure::Rows,
+            "columns" => Structure::Columns,
+            _ => {
+                if let Some(size) = text.strip_prefix("row groups of ") {
+                    Structure::RowGroups {
+                        size: number(size)?,
+                    }
+                } else if let Some(size) = text.strip_prefix("column groups of ") {
+                    Structure::ColumnGroups {
+                        size: number(size)?,
+                    }
+                } else if let Some((rows, cols)) =
+                    text.strip_suffix(" blocks").and_then(|d| d.split_once('x'))
+                {
+                    Structure::Blocks {
+                        rows: number(rows)?,
+                        cols: number(cols)?,
+                    }
+                } else if let Some((n, m)) = text.split_once(':') {
+                    Structure::NOfM {
+                        n: number(n)?,
+                        m: number(m)?,
+                    }
+                } else {
+                    return Err(format!("`{text}` is not a mask structure"));
+                }
+            }
+        })
+    }
+}
+
 /// A keep-mask over one weight tensor.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Mask {
@@ -350,5 +392,22 @@ mod tests {
         let c = a.and(&b).unwrap();
         assert_eq!(c.structure(), a.structure());
         assert_eq!(c.kept(), 2);
+    }
+
+    #[test]
+    fn structures_read_back_what_display_writes() {
+        for s in [
+            Structure::Unstructured,
+            Structure::Blocks { rows: 16, cols: 8 },
+            Structure::NOfM { n: 2, m: 4 },
+            Structure::Rows,
+            Structure::Columns,
+            Structure::RowGroups { size: 64 },
+            Structure::ColumnGroups { size: 64 },
+        ] {
+            assert_eq!(s.to_string().parse::<Structure>(), Ok(s));
+        }
+        assert!("2:x".parse::<Structure>().is_err());
+        assert!("diagonal".parse::<Structure>().is_err());
     }
 }

@@ -55,6 +55,12 @@ function duration(seconds) {
 
 const TERMINAL = new Set(["succeeded", "failed", "cancelled", "interrupted"]);
 
+// The event types of a run's stream (`RunEvent` in host/src/events.rs), and those that end it.
+const ENDINGS = new Set(["run-finished", "run-failed", "run-cancelled", "run-interrupted"]);
+const RUN_EVENTS = ["run-started", "notice", "warning", "stage-started", "stage-progress",
+  "calibration-progress", "stage-finished", "evaluation-started", "evaluation-progress",
+  "evaluation-finished", "exported", ...ENDINGS];
+
 /** A table whose columns sort when their header is clicked (numbers as numbers). */
 function sortableTable(id, columns, rows, initial) {
   // columns: [{key, label, value: row -> sortable, render: row -> node|string, num?}]
@@ -90,10 +96,7 @@ function openFeed() {
   feed.addEventListener("hello", () => { state.textContent = "live"; state.className = "ok"; });
   feed.onerror = () => { state.textContent = "reconnecting…"; state.className = "muted"; };
   feed.onmessage = null;
-  const types = ["run-queued", "run-started", "notice", "warning", "stage-started", "stage-progress",
-    "calibration-progress", "stage-finished", "evaluation-started", "evaluation-progress",
-    "evaluation-finished", "exported", "run-finished", "run-failed", "run-cancelled", "run-interrupted", "resync"];
-  for (const t of types) {
+  for (const t of ["run-queued", ...RUN_EVENTS, "resync"]) {
     feed.addEventListener(t, (e) => {
       let data = {};
       try { data = JSON.parse(e.data); } catch (_) { return; }
@@ -228,9 +231,9 @@ async function runsView() {
       case "evaluation-started": info.step = `evaluating ${e.which}`; break;
       case "evaluation-progress": info.step = `evaluating ${e.which} ${e.windows_done}/${e.windows_total}`; break;
       case "exported": info.step = "exported"; break;
-      case "run-finished": case "run-failed": case "run-cancelled": case "run-interrupted":
-        live.delete(id); return refetch(id);
-      default: break;
+      default:
+        if (ENDINGS.has(type)) { live.delete(id); return refetch(id); }
+        break;
     }
     if (!records.has(id)) return refetch(id);
     redrawRow(id);
@@ -355,14 +358,13 @@ async function runView(id) {
       if (type === "stage-progress" && ev.total) info.sub = Math.min(0.99, ev.done / ev.total);
       if (type === "stage-finished") { info.index = ev.index + 1; info.sub = 0; }
       bar.value = progressOf(record, info);
-      if (["run-finished", "run-failed", "run-cancelled", "run-interrupted"].includes(type)) {
+      if (ENDINGS.has(type)) {
         source.close();
         // The record is final before its terminal event is sent: draw the finished run.
         setTimeout(() => route(), 50);
       }
     };
-    for (const t of ["run-started", "notice", "warning", "stage-started", "stage-progress", "calibration-progress", "stage-finished",
-      "evaluation-started", "evaluation-progress", "evaluation-finished", "exported", "run-finished", "run-failed", "run-cancelled", "run-interrupted"]) {
+    for (const t of RUN_EVENTS) {
       source.addEventListener(t, handle(t));
     }
   }

@@ -165,7 +165,7 @@ pub struct Daemon {
     pub metrics: Metrics,
     live: Mutex<HashMap<i64, Arc<LiveRun>>>,
     /// Every run's events, for followers of the whole daemon (the dashboard's run list).
-    feed: broadcast::Sender<FeedEvent>,
+    feed_tx: broadcast::Sender<FeedEvent>,
     pipelines: RwLock<BTreeMap<String, PipelineEntry>>,
     rejected_plugins: Mutex<BTreeMap<PathBuf, String>>,
     /// Component bytes of registered non-built-in plugins, by sha256 (for downloads).
@@ -250,7 +250,7 @@ impl Daemon {
             store: Arc::new(store),
             metrics: Metrics::new(),
             live: Mutex::new(HashMap::new()),
-            feed: broadcast::channel(1024).0,
+            feed_tx: broadcast::channel(1024).0,
             pipelines: RwLock::new(BTreeMap::new()),
             rejected_plugins: Mutex::new(BTreeMap::new()),
             blobs: RwLock::new(HashMap::new()),
@@ -730,13 +730,12 @@ impl Daemon {
                 .map(|e| e.dir.value.display().to_string()),
         })?;
         self.live_run(record.id);
-        // Nobody listening is not an error.
-        let _ = self.feed.send(FeedEvent {
-            run: record.id,
-            seq: 0,
-            event_type: "run-queued".into(),
-            event: serde_json::to_value(&record).unwrap_or(Value::Null),
-        });
+        self.feed(
+            record.id,
+            0,
+            "run-queued",
+            serde_json::to_value(&record).unwrap_or(Value::Null),
+        );
         self.refresh_gauges();
         self.wake.1.notify_all();
         Ok(record)
@@ -767,7 +766,7 @@ impl Daemon {
 
     /// Every run's events from now on (`GET /v1/events`).
     pub fn subscribe_all(&self) -> broadcast::Receiver<FeedEvent> {
-        self.feed.subscribe()
+        self.feed_tx.subscribe()
     }
 
     /// Events of run `id` after sequence number `after`.
@@ -782,10 +781,10 @@ impl Daemon {
             .ok_or_else(|| DaemonError::NotFound(format!("no run with id {id}")))
     }
 
-    /// The masks a finished run exported (`masks.safetensors` of its export folder), or `None`
-    /// when a later run exported to the same folder since (its `report.json` is no longer this
-    /// run's).
-    pub fn run_masks(&self, id: i64) -> Result<Option<Vec<u8>>, DaemonError> {
+    /// The export folder of finished run `id`, or `None` when a later run exported to the same
+    /// folder since (its `report.json` is no longer this run's). Runs of the same pipeline share
+    /// `runs/out/NAME`, so the report is what tells whose model and masks are there.
+    pub fn run_export_dir(&self, id: i64) -> Result<Option<PathBuf>, DaemonError> {
         let record = self.run(id)?;
         let report = record.report_path.ok_or_else(|| {
             DaemonError::NotFound(format!("run {id} has no report ({})", record.status))
@@ -795,15 +794,20 @@ impl Daemon {
                 "run {id} exported nothing: its pipeline has no [export] section"
             ))
         })?;
-        let read = |path: &Path| {
-            std::fs::read(path)
-                .map_err(|e| DaemonError::Internal(format!("cannot read {}: {e}", path.display())))
+        let ours = std::fs::read(&report)
+            .map_err(|e| DaemonError::Internal(format!("cannot read {report}: {e}")))?;
+        Ok(match std::fs::read(dir.join("report.json")) {
+            Ok(exported) if exported == ours => Some(dir),
+            _ => None,
+        })
+    }
+
+    /// The masks a finished run exported (`masks.safetensors` of its export folder), or `None`
+    /// when a later run replaced them (see [`Daemon::run_export_dir`]).
+    pub fn run_masks(&self, id: i64) -> Result<Option<Vec<u8>>, DaemonError> {
+        let Some(dir) = self.run_export_dir(id)? else {
+            return Ok(None);
         };
-        let ours = read(Path::new(&report))?;
-        match std::fs::read(dir.join("report.json")) {
-            Ok(exported) if exported == ours => {}
-            _ => return Ok(None),
-        }
         let masks = dir.join("masks.safetensors");
         if !masks.is_file() {
             return Err(DaemonError::NotFound(format!(
@@ -811,7 +815,9 @@ impl Daemon {
                 masks.display()
             )));
         }
-        read(&masks).map(Some)
+        std::fs::read(&masks)
+            .map(Some)
+            .map_err(|e| DaemonError::Internal(format!("cannot read {}: {e}", masks.display())))
     }
 
     /// Runs, newest first.
@@ -838,12 +844,7 @@ impl Daemon {
                 None => {
                     let data = serde_json::to_value(&event).unwrap_or(Value::Null);
                     let seq = self.store.append_event(id, event.kind(), &data)?;
-                    let _ = self.feed.send(FeedEvent {
-                        run: id,
-                        seq,
-                        event_type: event.kind().to_string(),
-                        event: data,
-                    });
+                    self.feed(id, seq, event.kind(), data);
                 }
             }
         } else if let Some(run) = self.live.lock().ok().and_then(|l| l.get(&id).cloned()) {
@@ -1016,16 +1017,21 @@ impl Daemon {
         }
     }
 
+    /// Sends one event to the daemon-wide feed (nobody listening is not an error).
+    fn feed(&self, run: i64, seq: u64, event_type: &str, event: Value) {
+        let _ = self.feed_tx.send(FeedEvent {
+            run,
+            seq,
+            event_type: event_type.to_string(),
+            event,
+        });
+    }
+
     fn record_event(&self, id: i64, live: &LiveRun, event: &RunEvent) {
         let data = serde_json::to_value(event).unwrap_or(Value::Null);
         match self.store.append_event(id, event.kind(), &data) {
             Ok(seq) => {
-                let _ = self.feed.send(FeedEvent {
-                    run: id,
-                    seq,
-                    event_type: event.kind().to_string(),
-                    event: data.clone(),
-                });
+                self.feed(id, seq, event.kind(), data.clone());
                 let _ = live.events.send(StoredEvent {
                     seq,
                     event_type: event.kind().to_string(),

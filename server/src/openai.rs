@@ -12,8 +12,7 @@
 //! itself).
 
 use std::convert::Infallible;
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -25,27 +24,23 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use espalier::cancel::CancelToken;
-use espalier::generate::{
-    ChatTemplate, FinishReason, GenerateError, GenerateSpec, Message, Sampling, generate,
-};
+use espalier::generate::{FinishReason, GenerateError, GenerateSpec, Generator, Message, Sampling};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::{Semaphore, mpsc};
 
 use crate::daemon::Daemon;
 
+/// Numbers response ids (with the creation time, unique within and across starts).
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
 /// Models kept loaded at once (the least recently used is dropped beyond this).
 const MAX_LOADED: usize = 4;
 
-/// A model ready to generate.
+/// A model loaded for requests, under the name requests give it.
 struct Loaded {
     reference: String,
-    session: espalier_engine::Session,
-    tokenizer: espalier_engine::Tokenizer,
-    template: Option<ChatTemplate>,
-    eos: Vec<u32>,
-    /// Tokens of context (prompt + reply).
-    context: usize,
+    generator: Generator,
 }
 
 /// Loaded models by request name, least recently loaded first.
@@ -56,6 +51,7 @@ type LoadedModels = Arc<Mutex<Vec<(String, Arc<Loaded>)>>>;
 pub struct OpenAiState {
     daemon: Arc<Daemon>,
     loaded: LoadedModels,
+    loading: Arc<tokio::sync::Mutex<()>>,
     running: Arc<Semaphore>,
     admitted: Arc<AtomicUsize>,
     capacity: usize,
@@ -69,6 +65,7 @@ impl OpenAiState {
         OpenAiState {
             daemon,
             loaded: Arc::new(Mutex::new(Vec::new())),
+            loading: Arc::new(tokio::sync::Mutex::new(())),
             running: Arc::new(Semaphore::new(slots)),
             admitted: Arc::new(AtomicUsize::new(0)),
             capacity,
@@ -102,6 +99,15 @@ impl IntoResponse for OpenAiError {
         )
             .into_response()
     }
+}
+
+fn internal(e: impl std::fmt::Display) -> OpenAiError {
+    OpenAiError(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "internal",
+        e.to_string(),
+        None,
+    )
 }
 
 fn bad(param: &'static str, message: impl Into<String>) -> OpenAiError {
@@ -160,48 +166,36 @@ fn model_ids(daemon: &Daemon) -> Vec<String> {
         ..Default::default()
     };
     for run in daemon.runs(&filter).unwrap_or_default() {
-        if run_export(daemon, run.id).is_ok() {
+        if matches!(daemon.run_export_dir(run.id), Ok(Some(_))) {
             ids.push(format!("run-{}", run.id));
         }
     }
     ids
 }
 
-/// The export folder of run `id`, if it still holds that run's model.
-fn run_export(daemon: &Daemon, id: i64) -> Result<PathBuf, String> {
-    let record = daemon.run(id).map_err(|e| e.to_string())?;
-    let (Some(dir), Some(report)) = (record.export_dir, record.report_path) else {
-        return Err(format!("run {id} exported no model"));
-    };
-    let dir = PathBuf::from(dir);
-    let ours = std::fs::read(&report).map_err(|e| e.to_string())?;
-    match std::fs::read(dir.join("report.json")) {
-        Ok(exported) if exported == ours => Ok(dir),
-        _ => Err(format!(
-            "a later run exported to the same folder as run {id} and replaced its model"
-        )),
-    }
-}
-
 /// Loads (or finds loaded) the model a request names.
 async fn model(state: &OpenAiState, name: &str) -> Result<Arc<Loaded>, OpenAiError> {
-    if let Ok(l) = state.loaded.lock()
-        && let Some((_, m)) = l.iter().find(|(n, _)| n == name)
-    {
-        return Ok(m.clone());
+    let cached = || {
+        state
+            .loaded
+            .lock()
+            .ok()
+            .and_then(|l| l.iter().find(|(n, _)| n == name).map(|(_, m)| m.clone()))
+    };
+    if let Some(m) = cached() {
+        return Ok(m);
+    }
+    // One load at a time: requests that arrive while a model loads wait for it instead of
+    // loading it again.
+    let _loading = state.loading.lock().await;
+    if let Some(m) = cached() {
+        return Ok(m);
     }
     let daemon = state.daemon.clone();
     let owned = name.to_string();
     let loaded = tokio::task::spawn_blocking(move || load(&daemon, &owned))
         .await
-        .map_err(|e| {
-            OpenAiError(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "internal",
-                e.to_string(),
-                None,
-            )
-        })??;
+        .map_err(internal)??;
     let loaded = Arc::new(loaded);
     if let Ok(mut l) = state.loaded.lock() {
         l.retain(|(n, _)| n != name);
@@ -222,46 +216,25 @@ fn load(daemon: &Daemon, name: &str) -> Result<Loaded, OpenAiError> {
         )));
     }
     let reference = match name.strip_prefix("run-").map(str::parse::<i64>) {
-        Some(Ok(id)) => run_export(daemon, id)
-            .map_err(not_found)?
+        Some(Ok(id)) => daemon
+            .run_export_dir(id)
+            .map_err(|e| not_found(e.to_string()))?
+            .ok_or_else(|| {
+                not_found(format!(
+                    "a later run exported to the same folder as run {id} and replaced its model"
+                ))
+            })?
             .display()
             .to_string(),
         _ => daemon.layout.model(name).map_err(not_found)?,
     };
-    let model = espalier_engine::load_model(&reference)
-        .map_err(|e| not_found(format!("model `{name}` cannot be loaded: {e}")))?;
-    let internal = |e: String| OpenAiError(StatusCode::INTERNAL_SERVER_ERROR, "internal", e, None);
-    let mut session = espalier_engine::Session::new(&model).map_err(|e| internal(e.to_string()))?;
-    let dir = model.source_dir.clone();
-    if let Some(dir) = &dir
-        && let Some(masks) = espalier::export::read_masks(dir).map_err(internal)?
-    {
-        espalier::sparse::attach(&mut session, &model, &masks, espalier::sparse::Storage::F32)
-            .map_err(|e| internal(e.to_string()))?;
-    }
-    let tokenizer =
-        espalier_engine::Tokenizer::for_model(&model).map_err(|e| internal(e.to_string()))?;
-    let template = match &dir {
-        Some(d) => ChatTemplate::from_model_dir(d).map_err(|e| internal(e.to_string()))?,
-        None => None,
-    };
-    let mut eos: Vec<u32> = model.config.eos_token_id.into_iter().collect();
-    if let Some(id) = template
-        .as_ref()
-        .and_then(|t| t.eos_token())
-        .and_then(|t| tokenizer.token_to_id(t))
-    {
-        eos.push(id);
-    }
+    let generator = Generator::load(&reference).map_err(|e| match e {
+        GenerateError::Engine(e) => not_found(format!("model `{name}` cannot be loaded: {e}")),
+        e => internal(e),
+    })?;
     Ok(Loaded {
-        context: session
-            .max_positions()
-            .min(model.config.max_position_embeddings.max(1)),
         reference: name.to_string(),
-        session,
-        tokenizer,
-        template,
-        eos,
+        generator,
     })
 }
 
@@ -305,7 +278,7 @@ struct ChatRequest {
 }
 
 /// A generation's settings from the request, checked.
-fn spec(o: &Options, loaded: &Loaded, default_max: usize) -> Result<GenerateSpec, OpenAiError> {
+fn spec(o: &Options, default_max: usize) -> Result<GenerateSpec, OpenAiError> {
     if o.n.is_some_and(|n| n != 1) {
         return Err(bad("n", "only n = 1 is supported"));
     }
@@ -343,8 +316,7 @@ fn spec(o: &Options, loaded: &Loaded, default_max: usize) -> Result<GenerateSpec
         max_tokens: max,
         sampling,
         stop,
-        eos: loaded.eos.clone(),
-        context: loaded.context,
+        ..GenerateSpec::default()
     })
 }
 
@@ -412,9 +384,7 @@ async fn run_generation(
     let result = tokio::task::spawn_blocking(move || {
         let _permit = permit;
         let cancel = CancelToken::new();
-        generate(
-            &loaded.session,
-            &loaded.tokenizer,
+        loaded.generator.generate(
             &prompt,
             &spec,
             &mut |piece| match &tx {
@@ -425,14 +395,7 @@ async fn run_generation(
         )
     })
     .await
-    .map_err(|e| {
-        OpenAiError(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            e.to_string(),
-            None,
-        )
-    })?;
+    .map_err(internal)?;
     match result {
         Ok(g) => Ok(Finished {
             prompt_tokens: g.prompt_tokens,
@@ -457,13 +420,14 @@ fn prompt_tokens(
     param: &'static str,
 ) -> Result<Vec<u32>, OpenAiError> {
     let tokens = loaded
+        .generator
         .tokenizer
         .encode(text)
         .map_err(|e| bad(param, e.to_string()))?;
     if tokens.is_empty() {
         return Err(bad(param, "the prompt is empty"));
     }
-    let positions = loaded.context;
+    let positions = loaded.generator.context;
     if tokens.len() >= positions {
         return Err(OpenAiError(
             StatusCode::BAD_REQUEST,
@@ -500,20 +464,16 @@ async fn respond(
     kind: Kind,
 ) -> Result<Response, OpenAiError> {
     let admission = admit(&state)?;
+    let created = now();
     let id = format!(
-        "{}-{}",
+        "{}-{created}-{}",
         match kind {
             Kind::Completion => "cmpl",
             Kind::Chat => "chatcmpl",
         },
-        espalier::plugin::runtime::sha256_hex(
-            format!("{:?}{}", std::time::Instant::now(), now()).as_bytes()
-        )
-        .get(..24)
-        .unwrap_or_default()
+        NEXT_ID.fetch_add(1, Ordering::Relaxed)
     );
     let model = loaded.reference.clone();
-    let created = now();
     if !options.stream {
         let f = run_generation(&state, loaded, prompt, spec, None).await?;
         drop(admission);
@@ -606,7 +566,7 @@ async fn completions(
         }
     };
     let loaded = model(&state, &request.options.model).await?;
-    let spec = spec(&request.options, &loaded, 16)?;
+    let spec = spec(&request.options, 16)?;
     let prompt = prompt_tokens(&loaded, &text, "prompt")?;
     respond(
         state,
@@ -628,7 +588,7 @@ async fn chat_completions(
         return Err(bad("messages", "messages must hold at least one message"));
     }
     let loaded = model(&state, &request.options.model).await?;
-    let Some(template) = &loaded.template else {
+    let Some(template) = &loaded.generator.template else {
         return Err(bad(
             "model",
             format!(
@@ -640,7 +600,7 @@ async fn chat_completions(
     let text = template
         .render(&request.messages, true)
         .map_err(|e| bad("messages", e.to_string()))?;
-    let spec = spec(&request.options, &loaded, 256)?;
+    let spec = spec(&request.options, 256)?;
     let prompt = prompt_tokens(&loaded, &text, "messages")?;
     respond(state, loaded, prompt, spec, &request.options, Kind::Chat).await
 }
