@@ -1025,7 +1025,8 @@ fn a_disconnect_frees_its_batch_slot_and_deadlines_end_generations() {
         false,
         "generation_slots = 1\ngeneration_queue = 4\nkv_cache_mib = 64\ngeneration_deadline_s = 4\n",
     );
-    let short = json!({"model": "models/long", "prompt": "Once", "max_tokens": 2, "temperature": 0});
+    let short =
+        json!({"model": "models/long", "prompt": "Once", "max_tokens": 2, "temperature": 0});
     assert_eq!(d.post_json("/openai/v1/completions", &short, None).0, 200);
     assert_eq!(metric(&d, "espalier_generation_running"), 0.0);
 

@@ -286,7 +286,11 @@ impl Sequence {
     /// Chooses the next token from the logits after the last input (`[vocab]`) and returns
     /// the text that became settled: whole characters that cannot be the start of a stop
     /// string, and everything left once the sequence finishes.
-    pub fn accept(&mut self, logits: &[f32], tokenizer: &Tokenizer) -> Result<String, GenerateError> {
+    pub fn accept(
+        &mut self,
+        logits: &[f32],
+        tokenizer: &Tokenizer,
+    ) -> Result<String, GenerateError> {
         let next = choose(logits, &self.spec.sampling, &mut self.rng);
         if self.tokens.is_empty() {
             self.first_token_ms = self.started.elapsed().as_secs_f64() * 1e3;

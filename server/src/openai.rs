@@ -239,7 +239,8 @@ fn load(daemon: &Arc<Daemon>, name: &str) -> Result<Loaded, OpenAiError> {
         kv_bytes: c.kv_cache_mib.saturating_mul(1 << 20),
         deadline: std::time::Duration::from_secs(c.generation_deadline_s),
     };
-    let scheduler = Scheduler::start(generator.clone(), limits, daemon.clone()).map_err(internal)?;
+    let scheduler =
+        Scheduler::start(generator.clone(), limits, daemon.clone()).map_err(internal)?;
     Ok(Loaded {
         reference: name.to_string(),
         generator,

@@ -1044,7 +1044,11 @@ mod tests {
             let prompts: Vec<Vec<u32>> = [3usize, 11, 1, 6]
                 .iter()
                 .enumerate()
-                .map(|(p, &n)| (0..n as u32).map(|i| (i * 53 + 7 * p as u32 + 1) % 256).collect())
+                .map(|(p, &n)| {
+                    (0..n as u32)
+                        .map(|i| (i * 53 + 7 * p as u32 + 1) % 256)
+                        .collect()
+                })
                 .collect();
             let steps = 12;
             // Alone: the single-sequence path (`forward` with a cache), greedy.
@@ -1066,7 +1070,8 @@ mod tests {
             }
             // Batched: each prompt prefilled on its own, then one step for all; the second
             // sequence joins one step late, the third leaves two steps early.
-            let mut caches: Vec<KvCache> = prompts.iter().map(|_| KvCache::with_capacity(40)).collect();
+            let mut caches: Vec<KvCache> =
+                prompts.iter().map(|_| KvCache::with_capacity(40)).collect();
             let mut toks: Vec<Vec<u32>> = prompts
                 .iter()
                 .zip(caches.iter_mut())
