@@ -986,3 +986,105 @@ fn a_full_generation_queue_answers_429() {
     let status = d.stop();
     assert!(status.success(), "{status:?}");
 }
+
+/// The value of the Prometheus sample `name` (no labels) on `/metrics`.
+fn metric(d: &Daemon, name: &str) -> f64 {
+    let (s, body) = d.call("GET", "/metrics", None, None);
+    assert_eq!(s, 200);
+    let text = String::from_utf8_lossy(&body).into_owned();
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no sample {name} in:\n{text}"))
+}
+
+/// Continuous batching's edges, with one batch slot: a streaming client that disconnects frees
+/// its slot at once (the scheduler counts it abandoned and nothing stays running, before the
+/// deadline could have ended it), a generation past its deadline ends with the text so far and
+/// finish_reason `length`, and a request whose KV cache alone exceeds the budget gets 503.
+#[test]
+fn a_disconnect_frees_its_batch_slot_and_deadlines_end_generations() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    // The fixture model with a long context and no EOS: a generation can only end by its
+    // limits, the deadline or its client leaving.
+    let long = state.join("models/long");
+    std::fs::create_dir_all(&long).unwrap();
+    let fixtures = binary::repo().join("engine/tests/fixtures/llama");
+    for f in ["model.safetensors", "tokenizer.json"] {
+        std::fs::copy(fixtures.join(f), long.join(f)).unwrap();
+    }
+    let mut config: Value =
+        serde_json::from_slice(&std::fs::read(fixtures.join("config.json")).unwrap()).unwrap();
+    config["max_position_embeddings"] = json!(1_000_000);
+    config["eos_token_id"] = Value::Null;
+    std::fs::write(long.join("config.json"), config.to_string()).unwrap();
+    let d = Daemon::start_with(
+        &state,
+        false,
+        "generation_slots = 1\ngeneration_queue = 4\nkv_cache_mib = 64\ngeneration_deadline_s = 4\n",
+    );
+    let short =
+        json!({"model": "models/long", "prompt": "Once", "max_tokens": 2, "temperature": 0});
+    assert_eq!(d.post_json("/openai/v1/completions", &short, None).0, 200);
+    assert_eq!(metric(&d, "espalier_generation_running"), 0.0);
+
+    // A stream that would run for minutes: read its first text, then hang up.
+    let body = json!({"model": "models/long", "prompt": "Once", "max_tokens": 100_000,
+                      "temperature": 0, "stream": true})
+    .to_string();
+    let addr = d.base.trim_start_matches("http://");
+    let mut socket = std::net::TcpStream::connect(addr).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    write!(
+        socket,
+        "POST /openai/v1/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&seen).contains("\"text\"") {
+        let n = socket.read(&mut buf).unwrap();
+        assert!(n > 0, "{}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&buf[..n]);
+    }
+    assert_eq!(metric(&d, "espalier_generation_running"), 1.0);
+    drop(socket);
+    let hung_up = Instant::now();
+    while metric(&d, "espalier_generations_abandoned_total") < 1.0 {
+        assert!(
+            hung_up.elapsed() < Duration::from_secs(3),
+            "the disconnected stream still holds its slot"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(metric(&d, "espalier_generation_running"), 0.0);
+    // The slot serves the next request.
+    let (s, c) = d.post_json("/openai/v1/completions", &short, None);
+    assert_eq!(s, 200, "{c:#}");
+    assert_eq!(c["usage"]["completion_tokens"], 2);
+
+    // The deadline ends a long generation with what it has.
+    let long_body =
+        json!({"model": "models/long", "prompt": "Once", "max_tokens": 100_000, "temperature": 0});
+    let (s, c) = d.post_json("/openai/v1/completions", &long_body, None);
+    assert_eq!(s, 200, "{c:#}");
+    assert_eq!(c["choices"][0]["finish_reason"], "length");
+    let n = c["usage"]["completion_tokens"].as_u64().unwrap();
+    assert!(n > 0 && n < 100_000, "{c:#}");
+
+    // 1M tokens of KV cache cannot fit in 64 MiB.
+    let huge =
+        json!({"model": "models/long", "prompt": "Once", "max_tokens": 900_000, "temperature": 0});
+    let (s, e) = d.post_json("/openai/v1/completions", &huge, None);
+    assert_eq!(s, 503, "{e:#}");
+    assert_eq!(e["error"]["code"], "kv_cache_budget_exceeded", "{e:#}");
+    assert_eq!(metric(&d, "espalier_generation_running"), 0.0);
+    assert_eq!(metric(&d, "espalier_generation_waiting"), 0.0);
+    let status = d.stop();
+    assert!(status.success(), "{status:?}");
+}

@@ -56,13 +56,38 @@ pub struct ApiBench {
     pub runs: Vec<Value>,
 }
 
-/// A daemon child on a temporary state folder.
-struct Child_ {
+/// A daemon child on a temporary state folder, stopped (SIGTERM, then SIGKILL) on drop.
+pub(crate) struct DaemonChild {
     child: Child,
-    base: String,
+    /// `http://127.0.0.1:PORT`.
+    pub(crate) base: String,
 }
 
-impl Drop for Child_ {
+impl DaemonChild {
+    /// Starts `command` (an `espalier serve` with piped stdout) and reads the address it
+    /// prints first.
+    pub(crate) fn spawn(command: &mut Command) -> Result<Self> {
+        let mut child = command.spawn().context("starting espalier serve")?;
+        let stdout = child.stdout.take().context("daemon stdout")?;
+        // Owned from here, so a failure below still stops the child.
+        let mut daemon = DaemonChild {
+            child,
+            base: String::new(),
+        };
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line)?;
+        let addr = line
+            .split("http://")
+            .nth(1)
+            .and_then(|r| r.split_whitespace().next())
+            .with_context(|| format!("the daemon did not print its address: {line:?}"))?
+            .to_string();
+        daemon.base = format!("http://{addr}");
+        Ok(daemon)
+    }
+}
+
+impl Drop for DaemonChild {
     fn drop(&mut self) {
         // SAFETY: kill(2) on our own child's pid.
         unsafe {
@@ -109,7 +134,7 @@ fn call(
 
 /// Hard-links (or copies) every file of `from` into `to`, so the daemon's model folder holds
 /// the model without a second download.
-fn link_tree(from: &Path, to: &Path) -> Result<()> {
+pub(crate) fn link_tree(from: &Path, to: &Path) -> Result<()> {
     std::fs::create_dir_all(to)?;
     for entry in std::fs::read_dir(from).with_context(|| format!("reading {}", from.display()))? {
         let entry = entry?;
@@ -136,7 +161,7 @@ fn daemon_body(path: &Path, model: &str) -> Result<String> {
     Ok(toml::to_string(&table)?)
 }
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
+pub(crate) fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
     }
@@ -187,28 +212,16 @@ pub fn run(opts: &Options, progress: &mut dyn FnMut(&str)) -> Result<ApiBench> {
         )?;
     }
     progress("starting the daemon");
-    let mut child = Command::new(&exe)
-        .args(["serve", "--listen", "127.0.0.1:0", "--concurrency"])
-        .arg(opts.pipelines.len().max(1).to_string())
-        .arg("--state")
-        .arg(state.path())
-        .env("ESPALIER_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .context("starting espalier serve")?;
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().context("daemon stdout")?).read_line(&mut line)?;
-    let addr = line
-        .split("http://")
-        .nth(1)
-        .and_then(|r| r.split_whitespace().next())
-        .with_context(|| format!("the daemon did not print its address: {line:?}"))?
-        .to_string();
-    let daemon = Child_ {
-        child,
-        base: format!("http://{addr}"),
-    };
+    let daemon = DaemonChild::spawn(
+        Command::new(&exe)
+            .args(["serve", "--listen", "127.0.0.1:0", "--concurrency"])
+            .arg(opts.pipelines.len().max(1).to_string())
+            .arg("--state")
+            .arg(state.path())
+            .env("ESPALIER_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit()),
+    )?;
     let pid = daemon.child.id();
     let http = agent(Duration::from_secs(30));
 

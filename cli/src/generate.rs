@@ -122,6 +122,7 @@ pub fn run(args: GenerateArgs, models_dir: &std::path::Path) -> Result<()> {
             espalier::generate::FinishReason::Stop => "stop (EOS or a stop string)",
             espalier::generate::FinishReason::Length => "--max-tokens reached",
             espalier::generate::FinishReason::ContextFull => "the model's context is full",
+            espalier::generate::FinishReason::Deadline => "the deadline passed",
         }
     );
     Ok(())

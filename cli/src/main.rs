@@ -29,6 +29,7 @@ use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use render::{mib, pct};
 
 mod bench_api;
+mod bench_serve;
 
 #[derive(Parser)]
 #[command(
@@ -374,6 +375,29 @@ enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Load-test the daemon's OpenAI-compatible API on loopback: 1, 4 and 16 concurrent
+    /// greedy streams against the dense and the pruned model (continuous batching): time to
+    /// first token, decode tokens/s per stream and aggregate, and the aggregate vs one stream.
+    Serve {
+        /// The dense model: a directory, builtin:NAME or fetch:smollm2-135m-instruct.
+        model: String,
+        /// A pruned export of it (`espalier run`'s export folder); without its own tokenizer
+        /// it uses the dense model's.
+        #[arg(long)]
+        pruned: Option<PathBuf>,
+        /// Concurrent streams per round (comma-separated, each in 1..=64).
+        #[arg(long, value_delimiter = ',', default_values_t = [1usize, 4, 16])]
+        streams: Vec<usize>,
+        /// Tokens each stream asks for (greedy; EOS may end a stream earlier).
+        #[arg(long, default_value_t = 64)]
+        max_tokens: usize,
+        /// Time limit of the whole benchmark, seconds; rounds not started by then are skipped.
+        #[arg(long, default_value_t = 600)]
+        seconds: u64,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Time the built-in criteria and the share spent inside the sandbox.
     Plugins {
         /// Model to prune (random weights are fine).
@@ -647,6 +671,14 @@ fn dispatch(cli: Cli) -> Result<()> {
                 storage,
                 json,
             } => espalier_decode_bench(&model, &pipeline, prompt_tokens, new_tokens, storage, json),
+            BenchCommand::Serve {
+                model,
+                pruned,
+                streams,
+                max_tokens,
+                seconds,
+                json,
+            } => cmd_bench_serve(&model, pruned, streams, max_tokens, seconds, json),
         },
     }
 }
@@ -1470,6 +1502,61 @@ fn cmd_bench_kernels(quick: bool, json: bool) -> Result<()> {
         out!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         render::print_kernel_bench(&report, &opts.shapes, quick);
+    }
+    Ok(())
+}
+
+fn cmd_bench_serve(
+    model: &str,
+    pruned: Option<PathBuf>,
+    streams: Vec<usize>,
+    max_tokens: usize,
+    seconds: u64,
+    json: bool,
+) -> Result<()> {
+    let dense = espalier::fetch::resolve(model, &models_dir(), &mut |m| err!("{m}"))?;
+    let mut models = vec![("dense".to_string(), dense)];
+    if let Some(p) = pruned {
+        models.push(("pruned".to_string(), p.display().to_string()));
+    }
+    let opts = bench_serve::Options {
+        models,
+        streams,
+        max_tokens,
+        seconds,
+    };
+    let b = bench_serve::run(&opts, &mut |m| err!("{m} ..."))?;
+    if json {
+        out!("{}", serde_json::to_string_pretty(&b)?);
+        return Ok(());
+    }
+    let mut t = render::table(vec![
+        "model",
+        "streams",
+        "prompt",
+        "tokens",
+        "TTFT p50",
+        "TTFT p99",
+        "tok/s per stream",
+        "tok/s aggregate",
+        "vs 1 stream",
+    ]);
+    for r in &b.rounds {
+        t.add_row(vec![
+            r.model.clone(),
+            r.streams.to_string(),
+            r.prompt_tokens.to_string(),
+            r.tokens.to_string(),
+            format!("{:.0} ms", r.ttft_p50_ms),
+            format!("{:.0} ms", r.ttft_p99_ms),
+            format!("{:.1}", r.stream_tokens_per_s),
+            format!("{:.1}", r.aggregate_tokens_per_s),
+            r.vs_single.map_or("-".into(), |v| format!("{v:.2}x")),
+        ]);
+    }
+    out!("{t}");
+    for (m, n) in &b.skipped {
+        out!("skipped for the time limit: {m} with {n} streams");
     }
     Ok(())
 }

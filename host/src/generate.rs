@@ -1,11 +1,12 @@
 //! Text generation from any model Espalier loads (dense, or a pruned export running on its
 //! sparse kernels): the chat template of the model's `tokenizer_config.json` rendered as
 //! transformers renders it (Jinja via minijinja, `trim_blocks` and `lstrip_blocks`, Python
-//! string methods), greedy decoding through the same `Session::next_token` the evaluation's
-//! latency pass uses, or seeded sampling (temperature, top-k, top-p), text streamed as whole
+//! string methods), greedy decoding (the argmax of the logits, as the evaluation's
+//! `Session::next_token`), or seeded sampling (temperature, top-k, top-p), text streamed as whole
 //! UTF-8 characters, and stops on EOS, stop strings, the token limit or the context's end.
 
 use std::path::Path;
+use std::time::Instant;
 
 use espalier_engine::{Session, Tokenizer};
 use rand::SeedableRng;
@@ -109,6 +110,8 @@ pub enum FinishReason {
     Length,
     /// The model's positions are used up.
     ContextFull,
+    /// The request's deadline passed (the daemon's `generation_deadline_s`).
+    Deadline,
 }
 
 /// A finished generation.
@@ -139,91 +142,220 @@ pub fn generate(
     on_text: &mut dyn FnMut(&str) -> bool,
     cancel: &crate::cancel::CancelToken,
 ) -> Result<Generation, GenerateError> {
-    spec.sampling.check()?;
-    if prompt.is_empty() {
-        return Err(GenerateError::Settings("the prompt has no tokens".into()));
-    }
-    let positions = match spec.context {
-        0 => session.max_positions(),
-        c => c.min(session.max_positions()),
-    };
-    if prompt.len() >= positions {
-        return Err(GenerateError::Settings(format!(
-            "the prompt has {} tokens; the model has {positions} positions, so nothing fits after it",
-            prompt.len()
-        )));
-    }
-    let mut rng = StdRng::seed_from_u64(spec.sampling.seed);
-    let mut cache = espalier_engine::KvCache::new();
-    let started = std::time::Instant::now();
-    let mut tokens: Vec<u32> = Vec::new();
-    let mut text = String::new();
-    let mut sent = 0usize; // bytes of `text` already handed to `on_text`
-    let mut first_token_ms = 0.0;
-    let mut decode_started = started;
-    let mut finish = FinishReason::Length;
-    let mut input: Vec<u32> = prompt.to_vec();
-    while tokens.len() < spec.max_tokens {
+    let mut seq = Sequence::new(session, prompt, spec)?;
+    while seq.wants_token() {
         if cancel.is_cancelled() {
             return Err(GenerateError::Cancelled);
         }
-        if prompt.len() + tokens.len() >= positions {
-            finish = FinishReason::ContextFull;
-            break;
+        let input = match seq.last_token() {
+            None => prompt.to_vec(),
+            Some(t) => vec![t],
+        };
+        let logits = session.forward_last(&input, Some(&mut seq.cache))?;
+        let logits: Vec<f32> = logits
+            .to_dtype(candle_core::DType::F32)
+            .and_then(|t| t.to_vec1())
+            .map_err(espalier_engine::EngineError::from)?;
+        let piece = seq.accept(&logits, tokenizer)?;
+        if !piece.is_empty() && !on_text(&piece) {
+            return Err(GenerateError::Cancelled);
         }
-        let next = choose(session, &input, &mut cache, &spec.sampling, &mut rng)?;
-        if tokens.is_empty() {
-            first_token_ms = started.elapsed().as_secs_f64() * 1e3;
-            decode_started = std::time::Instant::now();
+    }
+    Ok(seq.into_generation())
+}
+
+/// One sequence being generated, one token at a time: its KV cache, sampler, text and stop
+/// rules. [`generate`] drives one; the daemon's batch scheduler drives many, feeding each the
+/// logits of its row of a batched decode step ([`Session::decode_batch`]).
+pub struct Sequence {
+    spec: GenerateSpec,
+    prompt_len: usize,
+    positions: usize,
+    rng: StdRng,
+    /// The sequence's keys and values, reserved for the whole prompt and reply up front.
+    pub cache: espalier_engine::KvCache,
+    tokens: Vec<u32>,
+    text: String,
+    /// Bytes of `text` already handed out.
+    sent: usize,
+    started: Instant,
+    first_token_ms: f64,
+    decode_started: Instant,
+    finish: Option<FinishReason>,
+}
+
+impl Sequence {
+    /// Checks the settings and the prompt's room in the context, and reserves the KV cache
+    /// for `prompt + max_tokens` tokens (at most the context).
+    pub fn new(
+        session: &Session,
+        prompt: &[u32],
+        spec: &GenerateSpec,
+    ) -> Result<Self, GenerateError> {
+        spec.sampling.check()?;
+        if prompt.is_empty() {
+            return Err(GenerateError::Settings("the prompt has no tokens".into()));
         }
-        if spec.eos.contains(&next) {
-            finish = FinishReason::Stop;
-            break;
+        let positions = match spec.context {
+            0 => session.max_positions(),
+            c => c.min(session.max_positions()),
+        };
+        if prompt.len() >= positions {
+            return Err(GenerateError::Settings(format!(
+                "the prompt has {} tokens; the model has {positions} positions, so nothing fits after it",
+                prompt.len()
+            )));
         }
-        tokens.push(next);
-        input = vec![next];
-        text = tokenizer.decode(&tokens, true)?;
-        if let Some(cut) = spec
+        let now = Instant::now();
+        Ok(Sequence {
+            cache: espalier_engine::KvCache::with_capacity(Self::reserved_tokens(
+                prompt.len(),
+                spec.max_tokens,
+                positions,
+            )),
+            spec: spec.clone(),
+            prompt_len: prompt.len(),
+            positions,
+            rng: StdRng::seed_from_u64(spec.sampling.seed),
+            tokens: Vec::new(),
+            text: String::new(),
+            sent: 0,
+            started: now,
+            first_token_ms: 0.0,
+            decode_started: now,
+            finish: None,
+        })
+    }
+
+    /// Tokens of KV cache a sequence reserves: its prompt and at most `max_tokens` more, within
+    /// the model's `positions` (the last token chosen is never fed back, hence the `- 1`).
+    pub fn reserved_tokens(prompt: usize, max_tokens: usize, positions: usize) -> usize {
+        prompt
+            .saturating_add(max_tokens)
+            .saturating_sub(1)
+            .min(positions)
+            .max(prompt)
+    }
+
+    /// The last generated token (the next decode step's input); none before the prefill.
+    pub fn last_token(&self) -> Option<u32> {
+        self.tokens.last().copied()
+    }
+
+    /// Tokens of the prompt.
+    pub fn prompt_len(&self) -> usize {
+        self.prompt_len
+    }
+
+    /// Tokens generated so far.
+    pub fn generated(&self) -> usize {
+        self.tokens.len()
+    }
+
+    /// Whether another token is to be generated; false once finished (EOS, a stop string, the
+    /// token limit or the context's end, which this records).
+    pub fn wants_token(&mut self) -> bool {
+        if self.finish.is_some() {
+            return false;
+        }
+        if self.tokens.len() >= self.spec.max_tokens {
+            self.finish = Some(FinishReason::Length);
+        } else if self.prompt_len + self.tokens.len() >= self.positions {
+            self.finish = Some(FinishReason::ContextFull);
+        }
+        self.finish.is_none()
+    }
+
+    /// Ends the sequence from outside (e.g. its deadline passed) with `reason`, returning the
+    /// text not handed out yet.
+    pub fn stop(&mut self, reason: FinishReason) -> String {
+        self.finish.get_or_insert(reason);
+        self.rest()
+    }
+
+    /// The text so far (cut before a stop string).
+    pub fn text(&self) -> &str {
+        &self.text
+    }
+
+    /// Why it finished, once it has.
+    pub fn finish(&self) -> Option<FinishReason> {
+        self.finish
+    }
+
+    /// Chooses the next token from the logits after the last input (`[vocab]`) and returns
+    /// the text that became settled: whole characters that cannot be the start of a stop
+    /// string, and everything left once the sequence finishes.
+    pub fn accept(
+        &mut self,
+        logits: &[f32],
+        tokenizer: &Tokenizer,
+    ) -> Result<String, GenerateError> {
+        let next = choose(logits, &self.spec.sampling, &mut self.rng);
+        if self.tokens.is_empty() {
+            self.first_token_ms = self.started.elapsed().as_secs_f64() * 1e3;
+            self.decode_started = Instant::now();
+        }
+        if self.spec.eos.contains(&next) {
+            self.finish = Some(FinishReason::Stop);
+            return Ok(self.rest());
+        }
+        self.tokens.push(next);
+        self.text = tokenizer.decode(&self.tokens, true)?;
+        let sent = self.sent;
+        if let Some(cut) = self
+            .spec
             .stop
             .iter()
             .filter(|s| !s.is_empty())
             .filter_map(|s| {
-                text[sent.min(text.len())..]
+                self.text[sent.min(self.text.len())..]
                     .find(s.as_str())
                     .map(|i| i + sent)
             })
             .min()
         {
-            text.truncate(cut);
-            finish = FinishReason::Stop;
-            break;
+            self.text.truncate(cut);
+            self.finish = Some(FinishReason::Stop);
+            return Ok(self.rest());
+        }
+        if !self.wants_token() {
+            return Ok(self.rest());
         }
         // Hand over what is settled: whole characters (a token may end inside one, shown as
         // U+FFFD until the next completes it) that cannot be the start of a stop string.
-        let settled = settled_len(&text, &spec.stop);
-        if settled > sent {
-            if !on_text(&text[sent..settled]) {
-                return Err(GenerateError::Cancelled);
-            }
-            sent = settled;
+        let settled = settled_len(&self.text, &self.spec.stop);
+        if settled > self.sent {
+            let piece = self.text[self.sent..settled].to_string();
+            self.sent = settled;
+            return Ok(piece);
+        }
+        Ok(String::new())
+    }
+
+    /// Text not handed out yet, marked as handed out.
+    fn rest(&mut self) -> String {
+        let piece = self.text.get(self.sent..).unwrap_or_default().to_string();
+        self.sent = self.text.len();
+        piece
+    }
+
+    /// The result (call once [`Sequence::wants_token`] is false).
+    pub fn into_generation(self) -> Generation {
+        let later = self.tokens.len().saturating_sub(1);
+        Generation {
+            prompt_tokens: self.prompt_len,
+            ms_per_token: if later > 0 {
+                self.decode_started.elapsed().as_secs_f64() * 1e3 / later as f64
+            } else {
+                0.0
+            },
+            finish: self.finish.unwrap_or(FinishReason::Length),
+            tokens: self.tokens,
+            text: self.text,
+            first_token_ms: self.first_token_ms,
         }
     }
-    if text.len() > sent && !on_text(&text[sent..]) {
-        return Err(GenerateError::Cancelled);
-    }
-    let later = tokens.len().saturating_sub(1);
-    Ok(Generation {
-        prompt_tokens: prompt.len(),
-        ms_per_token: if later > 0 {
-            decode_started.elapsed().as_secs_f64() * 1e3 / later as f64
-        } else {
-            0.0
-        },
-        tokens,
-        text,
-        finish,
-        first_token_ms,
-    })
 }
 
 /// Bytes of `text` that can be shown now: up to a trailing replacement character (an
@@ -242,24 +374,19 @@ fn settled_len(text: &str, stop: &[String]) -> usize {
     end
 }
 
-/// The next token after `input` (appended to `cache`).
-fn choose(
-    session: &Session,
-    input: &[u32],
-    cache: &mut espalier_engine::KvCache,
-    sampling: &Sampling,
-    rng: &mut StdRng,
-) -> Result<u32, GenerateError> {
+/// The next token from `logits`: the first largest (as the engine's greedy `next_token`) at
+/// temperature 0, else sampled.
+fn choose(logits: &[f32], sampling: &Sampling, rng: &mut StdRng) -> u32 {
     if sampling.temperature == 0.0 {
-        // Exactly the evaluation's greedy path.
-        return Ok(session.next_token(input, Some(cache))?);
+        let mut best = (0usize, f32::NEG_INFINITY);
+        for (i, &v) in logits.iter().enumerate() {
+            if v > best.1 {
+                best = (i, v);
+            }
+        }
+        return best.0 as u32;
     }
-    let logits = session.forward_last(input, Some(cache))?;
-    let logits: Vec<f32> = logits
-        .to_dtype(candle_core::DType::F32)
-        .and_then(|t| t.to_vec1())
-        .map_err(espalier_engine::EngineError::from)?;
-    Ok(sample(&logits, sampling, rng))
+    sample(logits, sampling, rng)
 }
 
 /// Samples from softmax(logits / temperature) restricted by top-k and top-p.

@@ -51,6 +51,13 @@ pub struct ServeConfig {
     pub generation_slots: usize,
     /// Generations that may wait for a slot; beyond them a request gets 429.
     pub generation_queue: usize,
+    /// Memory for the KV caches of one loaded model's running batch, MiB (`kv_cache_mib`):
+    /// each sequence reserves its prompt + `max_tokens` up front; a request that alone needs
+    /// more gets 503, others wait until running ones finish.
+    pub kv_cache_mib: usize,
+    /// Longest a generation may decode, seconds (`generation_deadline_s`); then it ends with
+    /// the text so far and finish_reason `length`.
+    pub generation_deadline_s: u64,
     /// Public keys whose plugin signatures are trusted (`trusted_keys`), and whether every
     /// plugin file must carry one (`require_signatures`).
     pub trust: espalier::plugin::signing::Trust,
@@ -66,8 +73,10 @@ impl Default for ServeConfig {
             max_upload_bytes: 64 << 20,
             on_shutdown: ShutdownMode::Cancel,
             debounce_ms: 500,
-            generation_slots: 2,
-            generation_queue: 16,
+            generation_slots: 16,
+            generation_queue: 64,
+            kv_cache_mib: 2048,
+            generation_deadline_s: 600,
             trust: Default::default(),
         }
     }
@@ -87,6 +96,8 @@ struct RawConfig {
     debounce_ms: Option<u64>,
     generation_slots: Option<usize>,
     generation_queue: Option<usize>,
+    kv_cache_mib: Option<usize>,
+    generation_deadline_s: Option<u64>,
     trusted_keys: Option<Vec<PathBuf>>,
     require_signatures: Option<bool>,
 }
@@ -173,6 +184,12 @@ impl ServeConfig {
         if let Some(n) = raw.generation_queue {
             c.generation_queue = n;
         }
+        if let Some(n) = raw.kv_cache_mib {
+            c.kv_cache_mib = n;
+        }
+        if let Some(n) = raw.generation_deadline_s {
+            c.generation_deadline_s = n;
+        }
         let keys: Vec<PathBuf> = raw
             .trusted_keys
             .unwrap_or_default()
@@ -206,6 +223,18 @@ impl ServeConfig {
             return Err(format!(
                 "generation_queue: {} must be at most 10000",
                 self.generation_queue
+            ));
+        }
+        if !(1..=1 << 20).contains(&self.kv_cache_mib) {
+            return Err(format!(
+                "kv_cache_mib: {} must be in 1..=1048576",
+                self.kv_cache_mib
+            ));
+        }
+        if !(1..=86_400).contains(&self.generation_deadline_s) {
+            return Err(format!(
+                "generation_deadline_s: {} must be in 1..=86400",
+                self.generation_deadline_s
             ));
         }
         if self.max_upload_bytes == 0 {

@@ -3,12 +3,14 @@
 //! the watched plugin folder and uploads, watched pipelines); `api.rs` is the REST layer;
 //! `store.rs` keeps run records and the queue (SQLite behind one trait); `watch.rs` reports
 //! complete files of a watched folder; `metrics.rs` is the Prometheus side; `openai.rs` the OpenAI-compatible text
-//! generation API under `/openai/v1`; `dashboard.rs` serves the web page
+//! generation API under `/openai/v1`, batched by `batch.rs` (one continuous-batching scheduler
+//! per loaded model); `dashboard.rs` serves the web page
 //! (files in `server/dashboard/`, compiled in); `layout.rs` the state
 //! folder and the rule that keeps requests inside it; `config.rs` the settings; `serve.rs`
 //! ties them to a listener and signals.
 
 pub mod api;
+pub mod batch;
 pub mod config;
 pub mod daemon;
 pub mod dashboard;

@@ -115,6 +115,9 @@ pub struct Metrics {
     plugin_load_failures: Family<FailureLabels, Counter>,
     http_duration: Family<HttpLabels, Histogram, fn() -> Histogram>,
     http_requests: Family<HttpLabels, Counter>,
+    generation_running: Gauge,
+    generation_waiting: Gauge,
+    generations_abandoned: Counter,
     /// Plugin names already used as labels (bounded by [`MAX_PLUGIN_LABELS`]).
     plugin_names: Mutex<BTreeSet<String>>,
 }
@@ -167,8 +170,29 @@ impl Metrics {
             "HTTP requests answered, by method, route template and status code",
             http_requests.clone(),
         );
+        let generation_running = Gauge::default();
+        registry.register(
+            "generation_running",
+            "Text generations in the running batches of the loaded models (/openai/v1)",
+            generation_running.clone(),
+        );
+        let generation_waiting = Gauge::default();
+        registry.register(
+            "generation_waiting",
+            "Text generations waiting to join a running batch (slots or KV-cache memory)",
+            generation_waiting.clone(),
+        );
+        let generations_abandoned = Counter::default();
+        registry.register(
+            "generations_abandoned",
+            "Text generations stopped because their client went away",
+            generations_abandoned.clone(),
+        );
         let metrics = Metrics {
             registry,
+            generation_running,
+            generation_waiting,
+            generations_abandoned,
             runs,
             queue_length,
             stage_duration,
@@ -205,6 +229,21 @@ impl Metrics {
     pub fn set_queue_length(&self, len: u64) {
         self.queue_length
             .set(i64::try_from(len).unwrap_or(i64::MAX));
+    }
+
+    /// Counts generations entering (`+1`) or leaving (`-1`) a running batch.
+    pub fn add_generation_running(&self, delta: i64) {
+        self.generation_running.inc_by(delta);
+    }
+
+    /// Counts generations starting (`+1`) or ending (`-1`) a wait for a batch slot.
+    pub fn add_generation_waiting(&self, delta: i64) {
+        self.generation_waiting.inc_by(delta);
+    }
+
+    /// Counts a generation whose client went away.
+    pub fn inc_generation_abandoned(&self) {
+        self.generations_abandoned.inc();
     }
 
     /// Records how long a pipeline stage took with `plugin`.

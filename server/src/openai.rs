@@ -3,13 +3,13 @@
 //! `chat.completion.chunk` / `text_completion` events ending with `data: [DONE]`, usage counts,
 //! and OpenAI-style error bodies. A request's `model` is a model of the daemon (`models/NAME`,
 //! `builtin:NAME`) or a finished run's export (`run-ID`), which runs on Espalier's sparse
-//! kernels. Models load on first use and stay loaded (at most `MAX_LOADED`). Each generation
-//! runs on the blocking pool; at most `config.generation_slots` run at once, at most
-//! `config.generation_queue` more wait, and beyond that a request gets 429 at once. A client
-//! that disconnects stops its generation at the next token, freeing its slot.
-//!
-//! Sequences are decoded one per thread (no continuous batching yet: each reads the weights
-//! itself).
+//! kernels. Models load on first use and stay loaded (at most `MAX_LOADED`). Each loaded model
+//! has a continuous-batching scheduler ([`crate::batch`]): up to `config.generation_slots`
+//! sequences decode together, one batched step at a time, within `config.kv_cache_mib` of KV
+//! cache; at most `generation_slots + generation_queue` requests are admitted daemon-wide and
+//! beyond that a request gets 429 at once. A client that disconnects frees its slot at the next
+//! step; a generation still running after `generation_deadline_s` ends with the text so far
+//! (finish_reason `length`), one still waiting then gets 503 `deadline_exceeded`.
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -23,12 +23,12 @@ use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use espalier::cancel::CancelToken;
 use espalier::generate::{FinishReason, GenerateError, GenerateSpec, Generator, Message, Sampling};
 use serde::Deserialize;
 use serde_json::{Value, json};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::mpsc;
 
+use crate::batch::{Finished, JobError, Limits, Scheduler, Update};
 use crate::daemon::Daemon;
 
 /// Numbers response ids (with the creation time, unique within and across starts).
@@ -40,7 +40,9 @@ const MAX_LOADED: usize = 4;
 /// A model loaded for requests, under the name requests give it.
 struct Loaded {
     reference: String,
-    generator: Generator,
+    generator: Arc<Generator>,
+    /// Its batch; dropped with the model, which ends the scheduler thread.
+    scheduler: Scheduler,
 }
 
 /// Loaded models by request name, least recently loaded first.
@@ -52,7 +54,6 @@ pub struct OpenAiState {
     daemon: Arc<Daemon>,
     loaded: LoadedModels,
     loading: Arc<tokio::sync::Mutex<()>>,
-    running: Arc<Semaphore>,
     admitted: Arc<AtomicUsize>,
     capacity: usize,
 }
@@ -66,7 +67,6 @@ impl OpenAiState {
             daemon,
             loaded: Arc::new(Mutex::new(Vec::new())),
             loading: Arc::new(tokio::sync::Mutex::new(())),
-            running: Arc::new(Semaphore::new(slots)),
             admitted: Arc::new(AtomicUsize::new(0)),
             capacity,
         }
@@ -207,7 +207,7 @@ async fn model(state: &OpenAiState, name: &str) -> Result<Arc<Loaded>, OpenAiErr
     Ok(loaded)
 }
 
-fn load(daemon: &Daemon, name: &str) -> Result<Loaded, OpenAiError> {
+fn load(daemon: &Arc<Daemon>, name: &str) -> Result<Loaded, OpenAiError> {
     let not_found =
         |m: String| OpenAiError(StatusCode::NOT_FOUND, "model_not_found", m, Some("model"));
     if name.starts_with("fetch:") {
@@ -232,9 +232,19 @@ fn load(daemon: &Daemon, name: &str) -> Result<Loaded, OpenAiError> {
         GenerateError::Engine(e) => not_found(format!("model `{name}` cannot be loaded: {e}")),
         e => internal(e),
     })?;
+    let generator = Arc::new(generator);
+    let c = &daemon.config;
+    let limits = Limits {
+        slots: c.generation_slots.max(1),
+        kv_bytes: c.kv_cache_mib.saturating_mul(1 << 20),
+        deadline: std::time::Duration::from_secs(c.generation_deadline_s),
+    };
+    let scheduler =
+        Scheduler::start(generator.clone(), limits, daemon.clone()).map_err(internal)?;
     Ok(Loaded {
         reference: name.to_string(),
         generator,
+        scheduler,
     })
 }
 
@@ -323,7 +333,8 @@ fn spec(o: &Options, default_max: usize) -> Result<GenerateSpec, OpenAiError> {
 fn finish_reason(f: FinishReason) -> &'static str {
     match f {
         FinishReason::Stop => "stop",
-        FinishReason::Length | FinishReason::ContextFull => "length",
+        // OpenAI has no reason for a deadline: the reply was cut short, as by max_tokens.
+        FinishReason::Length | FinishReason::ContextFull | FinishReason::Deadline => "length",
     }
 }
 
@@ -356,61 +367,40 @@ fn admit(state: &OpenAiState) -> Result<Admission, OpenAiError> {
     }
 }
 
-/// What a finished generation returns to the handler.
-struct Finished {
-    text: String,
-    prompt_tokens: usize,
-    completion_tokens: usize,
-    finish: FinishReason,
-}
-
-/// Runs one generation on the blocking pool once a slot is free, sending text pieces to `tx`
-/// when streaming. A closed `tx` (client gone) stops it.
-async fn run_generation(
-    state: &OpenAiState,
-    loaded: Arc<Loaded>,
-    prompt: Vec<u32>,
-    spec: GenerateSpec,
-    tx: Option<mpsc::Sender<String>>,
-) -> Result<Finished, OpenAiError> {
-    let permit = state.running.clone().acquire_owned().await.map_err(|e| {
-        OpenAiError(
+fn job_error(e: JobError) -> OpenAiError {
+    let unavailable = |code, m| OpenAiError(StatusCode::SERVICE_UNAVAILABLE, code, m, None);
+    match e {
+        JobError::Settings(m) => bad("max_tokens", m),
+        JobError::TooLarge(m) => OpenAiError(
             StatusCode::SERVICE_UNAVAILABLE,
-            "shutting_down",
-            e.to_string(),
-            None,
-        )
-    })?;
-    let result = tokio::task::spawn_blocking(move || {
-        let _permit = permit;
-        let cancel = CancelToken::new();
-        loaded.generator.generate(
-            &prompt,
-            &spec,
-            &mut |piece| match &tx {
-                Some(tx) => tx.blocking_send(piece.to_string()).is_ok(),
-                None => true,
-            },
-            &cancel,
-        )
-    })
-    .await
-    .map_err(internal)?;
-    match result {
-        Ok(g) => Ok(Finished {
-            prompt_tokens: g.prompt_tokens,
-            completion_tokens: g.tokens.len(),
-            text: g.text,
-            finish: g.finish,
-        }),
-        Err(GenerateError::Settings(m)) => Err(bad("max_tokens", m)),
-        Err(e) => Err(OpenAiError(
+            "kv_cache_budget_exceeded",
+            m,
+            Some("max_tokens"),
+        ),
+        JobError::Deadline(m) => unavailable("deadline_exceeded", m),
+        JobError::Stopped => unavailable("shutting_down", JobError::Stopped.to_string()),
+        JobError::Failed(m) => OpenAiError(
             StatusCode::INTERNAL_SERVER_ERROR,
             "generation_failed",
-            e.to_string(),
+            m,
             None,
-        )),
+        ),
     }
+}
+
+/// Hands a generation to the model's scheduler; its text and end arrive on the receiver,
+/// whose drop (client gone) frees its slot.
+fn submit(
+    loaded: &Loaded,
+    prompt: Vec<u32>,
+    spec: GenerateSpec,
+) -> Result<mpsc::UnboundedReceiver<Update>, OpenAiError> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    loaded
+        .scheduler
+        .submit(prompt, spec, tx)
+        .map_err(job_error)?;
+    Ok(rx)
 }
 
 /// Tokenizes `text` and checks it leaves room in the context.
@@ -474,8 +464,16 @@ async fn respond(
         NEXT_ID.fetch_add(1, Ordering::Relaxed)
     );
     let model = loaded.reference.clone();
+    let mut rx = submit(&loaded, prompt, spec)?;
     if !options.stream {
-        let f = run_generation(&state, loaded, prompt, spec, None).await?;
+        // Dropping this future (the client went away) drops `rx`, which frees the slot.
+        let f = loop {
+            match rx.recv().await {
+                Some(Update::Text(_)) => {}
+                Some(Update::Done(r)) => break r.map_err(job_error)?,
+                None => return Err(job_error(JobError::Stopped)),
+            }
+        };
         drop(admission);
         let choice = match kind {
             Kind::Completion => json!({"index": 0, "text": f.text, "logprobs": null,
@@ -498,14 +496,6 @@ async fn respond(
         .as_ref()
         .and_then(|o| o["include_usage"].as_bool())
         .unwrap_or(false);
-    let (tx, mut rx) = mpsc::channel::<String>(64);
-    let (done_tx, mut done_rx) = mpsc::channel::<Result<Finished, OpenAiError>>(1);
-    let st = state.clone();
-    tokio::spawn(async move {
-        let _admission = admission;
-        let r = run_generation(&st, loaded, prompt, spec, Some(tx)).await;
-        let _ = done_tx.send(r).await;
-    });
     let object = match kind {
         Kind::Completion => "text_completion",
         Kind::Chat => "chat.completion.chunk",
@@ -524,24 +514,30 @@ async fn respond(
             .to_string(),
         )
     };
+    // The stream owns the admission and the receiver: a client that disconnects drops the
+    // stream, which frees its queue place and (at the next decode step) its batch slot.
     let stream = async_stream::stream! {
+        let _admission = admission;
         if matches!(kind, Kind::Chat) {
             yield Ok::<Event, Infallible>(chunk(json!({"role": "assistant", "content": ""}), None));
         }
-        while let Some(piece) = rx.recv().await {
-            yield Ok(chunk(json!({"content": piece}), None));
-        }
-        match done_rx.recv().await {
-            Some(Ok(f)) => {
-                yield Ok(chunk(json!({}), Some(finish_reason(f.finish))));
-                if include_usage {
-                    yield Ok(Event::default().data(json!({"object": object, "choices": [], "usage": usage(&f)}).to_string()));
+        loop {
+            match rx.recv().await {
+                Some(Update::Text(piece)) => yield Ok(chunk(json!({"content": piece}), None)),
+                Some(Update::Done(Ok(f))) => {
+                    yield Ok(chunk(json!({}), Some(finish_reason(f.finish))));
+                    if include_usage {
+                        yield Ok(Event::default().data(json!({"object": object, "choices": [], "usage": usage(&f)}).to_string()));
+                    }
+                    break;
                 }
+                Some(Update::Done(Err(e))) => {
+                    let e = job_error(e);
+                    yield Ok(Event::default().data(json!({"error": {"message": e.2, "type": "server_error", "code": e.1}}).to_string()));
+                    break;
+                }
+                None => break,
             }
-            Some(Err(e)) => {
-                yield Ok(Event::default().data(json!({"error": {"message": e.2, "type": "server_error", "code": e.1}}).to_string()));
-            }
-            None => {}
         }
         yield Ok(Event::default().data("[DONE]"));
     };

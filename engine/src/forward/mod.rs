@@ -111,6 +111,9 @@ struct Block {
 pub struct KvCache {
     layers: Vec<Option<LayerKv>>,
     len: usize,
+    /// Positions every layer's buffer holds from its first allocation (see
+    /// [`KvCache::with_capacity`]).
+    reserved: usize,
 }
 
 #[derive(Debug)]
@@ -125,6 +128,24 @@ impl KvCache {
     /// An empty cache.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An empty cache whose buffers hold `tokens` positions from the start, so a sequence
+    /// that stays within them never grows (its memory is known when it is admitted).
+    pub fn with_capacity(tokens: usize) -> Self {
+        KvCache {
+            reserved: tokens,
+            ..Self::default()
+        }
+    }
+
+    /// Bytes of the key and value buffers allocated so far.
+    pub fn bytes(&self) -> usize {
+        self.layers
+            .iter()
+            .flatten()
+            .map(|l| 2 * l.k.elem_count() * l.k.dtype().size_in_bytes())
+            .sum()
     }
 
     /// Number of tokens cached (the position the next token gets).
@@ -170,6 +191,7 @@ impl KvCache {
         if grow {
             let capacity = needed
                 .max(slot.as_ref().map_or(0, |e| 2 * e.capacity))
+                .max(self.reserved)
                 .max(16);
             let k_new = Tensor::zeros((kv_heads, capacity, head_dim), k.dtype(), &Device::Cpu)?;
             let v_new = Tensor::zeros((kv_heads, capacity, head_dim), v.dtype(), &Device::Cpu)?;
@@ -472,6 +494,16 @@ impl Session {
         self.pos_embed.as_ref().map_or(usize::MAX, |p| p.dims()[0])
     }
 
+    /// Bytes one token takes in a [`KvCache`] of this session (keys and values of every block,
+    /// f32): what a sequence of `n` tokens reserves with [`KvCache::with_capacity`] is `n` times
+    /// this (at least 16 positions).
+    pub fn kv_bytes_per_token(&self) -> usize {
+        self.blocks
+            .iter()
+            .map(|b| 2 * b.kv_heads * self.head_dim * std::mem::size_of::<f32>())
+            .sum()
+    }
+
     /// Every linear layer of the blocks, in execution order (the LM head excluded).
     pub fn block_linears(&self) -> Vec<&Linear> {
         let mut all = self.linears();
@@ -562,6 +594,77 @@ impl Session {
         cache: Option<&mut KvCache>,
     ) -> Result<u32, EngineError> {
         ops::argmax(&self.forward_last(tokens, cache)?)
+    }
+
+    /// One decode step for several sequences at once: `tokens[i]` continues the sequence cached
+    /// in `caches[i]` (at its own position, appended to it). Returns the logits `[B, vocab]`.
+    ///
+    /// Every linear runs once over the `[B, hidden]` activations (the kernels' GEMM path: one
+    /// pass over the weights for the whole batch); norms, RoPE and attention are per row, each
+    /// sequence attending over its own cache exactly as [`Session::forward`] does for one token.
+    /// With one sequence this is the same computation as `forward(&[token], Some(cache))`.
+    pub fn decode_batch(
+        &self,
+        tokens: &[u32],
+        caches: &mut [&mut KvCache],
+    ) -> Result<Tensor, EngineError> {
+        let b = tokens.len();
+        if b == 0 || caches.len() != b {
+            return Err(EngineError::Input(format!(
+                "a batched decode step needs one cache per token, got {b} tokens and {} caches",
+                caches.len()
+            )));
+        }
+        let starts: Vec<usize> = caches.iter().map(|c| c.len()).collect();
+        for (&t, &start) in tokens.iter().zip(&starts) {
+            self.check_tokens(&[t], start)?;
+        }
+        let ids = Tensor::from_slice(tokens, b, &Device::Cpu)?;
+        let mut x = self.embed.index_select(&ids, 0)?;
+        if let Some(pos) = &self.pos_embed {
+            let at: Vec<u32> = starts.iter().map(|&s| s as u32).collect();
+            let at = Tensor::from_vec(at, b, &Device::Cpu)?;
+            x = (x + pos.index_select(&at, 0)?)?;
+        }
+        let ropes: Vec<Option<RopeTable>> = starts
+            .iter()
+            .map(|&s| {
+                self.rope_theta
+                    .map(|theta| RopeTable::new(self.head_dim, theta, s, 1))
+            })
+            .collect();
+        for layer in 0..self.blocks.len() {
+            let block = &self.blocks[layer];
+            let h = block.attn_norm.forward(&x)?;
+            let (q, k, v) = self.qkv(block, &h, &mut None)?;
+            let (heads, d) = (block.heads, self.head_dim);
+            let mut ctx = vec![0f32; b * heads * d];
+            for (i, cache) in caches.iter_mut().enumerate() {
+                let rope = ropes[i].as_ref();
+                let qi = ops::split_heads(&q.narrow(0, i, 1)?, heads, d, rope)?;
+                let ki = ops::split_heads(&k.narrow(0, i, 1)?, block.kv_heads, d, rope)?;
+                let vi = ops::split_heads(&v.narrow(0, i, 1)?, block.kv_heads, d, None)?;
+                let (ki, vi) = cache.append(layer, &ki, &vi)?;
+                self.attend(
+                    block,
+                    layer,
+                    &qi,
+                    &ki,
+                    &vi,
+                    starts[i],
+                    &mut ctx[i * heads * d..(i + 1) * heads * d],
+                )?;
+            }
+            let ctx = Tensor::from_vec(ctx, (b, heads * d), &Device::Cpu)?;
+            let x1 = (&x + block.o.forward(&ctx)?)?;
+            let h = block.mlp_norm.forward(&x1)?;
+            x = (&x1 + self.mlp(block, &h, &mut None)?)?;
+        }
+        for (cache, start) in caches.iter_mut().zip(starts) {
+            cache.len = start + 1;
+        }
+        let hidden = self.final_norm.forward(&x)?;
+        self.lm_head.forward(&hidden)
     }
 
     /// Negative log-likelihood of each next token: entry `i` is `-log p(tokens[i+1] |
@@ -670,18 +773,53 @@ impl Session {
         let attn = self.attention(block, layer, &h, start, rope, cache, observer)?;
         let x = (x + attn)?;
         let h = block.mlp_norm.forward(&x)?;
-        let mlp = match &block.mlp {
+        let mlp = self.mlp(block, &h, observer)?;
+        Ok((x + mlp)?)
+    }
+
+    /// The block's MLP on its normed input `h`.
+    fn mlp(
+        &self,
+        block: &Block,
+        h: &Tensor,
+        observer: &mut Option<&mut dyn LinearObserver>,
+    ) -> Result<Tensor, EngineError> {
+        match &block.mlp {
             Mlp::Gated { gate, up, down } => {
-                let g = run(gate, &h, observer)?;
-                let u = run(up, &h, observer)?;
-                run(down, &ops::swiglu(&g, &u)?, observer)?
+                let g = run(gate, h, observer)?;
+                let u = run(up, h, observer)?;
+                run(down, &ops::swiglu(&g, &u)?, observer)
             }
             Mlp::Plain { up, down, act } => {
-                let u = act.apply(&run(up, &h, observer)?)?;
-                run(down, &u, observer)?
+                let u = act.apply(&run(up, h, observer)?)?;
+                run(down, &u, observer)
             }
-        };
-        Ok((x + mlp)?)
+        }
+    }
+
+    /// The query, key and value projections `[T, heads · d]` of the normed input `h`.
+    fn qkv(
+        &self,
+        block: &Block,
+        h: &Tensor,
+        observer: &mut Option<&mut dyn LinearObserver>,
+    ) -> Result<(Tensor, Tensor, Tensor), EngineError> {
+        Ok(match &block.qkv {
+            QkvProj::Split { q, k, v } => (
+                run(q, h, observer)?,
+                run(k, h, observer)?,
+                run(v, h, observer)?,
+            ),
+            QkvProj::Fused(qkv) => {
+                let all = run(qkv, h, observer)?;
+                let w = block.heads * self.head_dim;
+                (
+                    all.narrow(1, 0, w)?,
+                    all.narrow(1, w, w)?,
+                    all.narrow(1, 2 * w, w)?,
+                )
+            }
+        })
     }
 
     /// The embedded input of `tokens` (positions from 0) and the hidden state entering every
@@ -784,22 +922,7 @@ impl Session {
         let t = h.dims()[0];
         let d = self.head_dim;
         let (heads, kv_heads) = (block.heads, block.kv_heads);
-        let (q, k, v) = match &block.qkv {
-            QkvProj::Split { q, k, v } => (
-                run(q, h, observer)?,
-                run(k, h, observer)?,
-                run(v, h, observer)?,
-            ),
-            QkvProj::Fused(qkv) => {
-                let all = run(qkv, h, observer)?;
-                let w = heads * d;
-                (
-                    all.narrow(1, 0, w)?,
-                    all.narrow(1, w, w)?,
-                    all.narrow(1, 2 * w, w)?,
-                )
-            }
-        };
+        let (q, k, v) = self.qkv(block, h, observer)?;
         let q = ops::split_heads(&q, heads, d, rope)?;
         let k = ops::split_heads(&k, kv_heads, d, rope)?;
         let v = ops::split_heads(&v, kv_heads, d, None)?;
@@ -807,11 +930,32 @@ impl Session {
             Some(c) => c.append(layer, &k, &v)?,
             None => (k, v),
         };
+        let mut ctx = vec![0f32; t * heads * d];
+        self.attend(block, layer, &q, &k, &v, start, &mut ctx)?;
+        let ctx = Tensor::from_vec(ctx, (t, heads * d), &Device::Cpu)?;
+        run(&block.o, &ctx, observer)
+    }
+
+    /// Causal attention of queries `q: [heads, T, d]` at positions `start..start + T` over
+    /// keys and values `[kv_heads, start + T, d]`, written to `ctx` as rows `[T, heads · d]`.
+    #[allow(clippy::too_many_arguments)]
+    fn attend(
+        &self,
+        block: &Block,
+        layer: usize,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        start: usize,
+        ctx: &mut [f32],
+    ) -> Result<(), EngineError> {
+        let t = q.dims()[1];
+        let d = self.head_dim;
+        let (heads, kv_heads) = (block.heads, block.kv_heads);
         let group = heads / kv_heads;
         let scale = self.attention_scale(layer) as f32;
         // Queries in blocks: each block only multiplies the keys it can see (half the
         // attention FLOPs of a long causal window) and its scores stay a few MiB.
-        let mut ctx = vec![0f32; t * heads * d];
         let mut b0 = 0;
         while b0 < t {
             let len = QUERY_BLOCK.min(t - b0);
@@ -834,8 +978,7 @@ impl Session {
             ops::merge_heads_into(&out, heads, len, d, &mut ctx[b0 * heads * d..])?;
             b0 += len;
         }
-        let ctx = Tensor::from_vec(ctx, (t, heads * d), &Device::Cpu)?;
-        run(&block.o, &ctx, observer)
+        Ok(())
     }
 }
 
@@ -889,6 +1032,99 @@ mod tests {
             assert!(diff < 1e-4, "{name}: {diff}");
             let loss = s.loss(&tokens).unwrap();
             assert!(loss.is_finite() && loss > 0.0);
+        }
+    }
+
+    #[test]
+    fn batched_decoding_equals_decoding_each_sequence_alone() {
+        for name in ["tiny-llama", "tiny-gpt2"] {
+            let model = builtin_model(name).unwrap();
+            let s = Session::new(&model).unwrap();
+            // Prompts of mixed lengths, so every row of a step sits at another position.
+            let prompts: Vec<Vec<u32>> = [3usize, 11, 1, 6]
+                .iter()
+                .enumerate()
+                .map(|(p, &n)| {
+                    (0..n as u32)
+                        .map(|i| (i * 53 + 7 * p as u32 + 1) % 256)
+                        .collect()
+                })
+                .collect();
+            let steps = 12;
+            // Alone: the single-sequence path (`forward` with a cache), greedy.
+            let mut alone_tokens = Vec::new();
+            let mut alone_logits = Vec::new();
+            for prompt in &prompts {
+                let mut cache = KvCache::new();
+                let mut next = s.next_token(prompt, Some(&mut cache)).unwrap();
+                let mut toks = vec![next];
+                let mut rows = Vec::new();
+                for _ in 0..steps {
+                    let logits = s.forward(&[next], Some(&mut cache)).unwrap();
+                    next = ops::argmax(&logits.squeeze(0).unwrap()).unwrap();
+                    rows.push(logits);
+                    toks.push(next);
+                }
+                alone_tokens.push(toks);
+                alone_logits.push(Tensor::cat(&rows, 0).unwrap());
+            }
+            // Batched: each prompt prefilled on its own, then one step for all; the second
+            // sequence joins one step late, the third leaves two steps early.
+            let mut caches: Vec<KvCache> =
+                prompts.iter().map(|_| KvCache::with_capacity(40)).collect();
+            let mut toks: Vec<Vec<u32>> = prompts
+                .iter()
+                .zip(caches.iter_mut())
+                .map(|(p, c)| vec![s.next_token(p, Some(c)).unwrap()])
+                .collect();
+            let mut rows: Vec<Vec<Tensor>> = vec![Vec::new(); prompts.len()];
+            for step in 0..2 * steps {
+                let active: Vec<usize> = (0..prompts.len())
+                    .filter(|&i| toks[i].len() <= if i == 2 { steps - 2 } else { steps })
+                    .filter(|&i| !(i == 1 && step == 0))
+                    .collect();
+                if active.is_empty() {
+                    break;
+                }
+                let input: Vec<u32> = active.iter().map(|&i| *toks[i].last().unwrap()).collect();
+                let mut refs: Vec<&mut KvCache> = caches
+                    .iter_mut()
+                    .enumerate()
+                    .filter(|(i, _)| active.contains(i))
+                    .map(|(_, c)| c)
+                    .collect();
+                let logits = s.decode_batch(&input, &mut refs).unwrap();
+                assert_eq!(logits.dims(), [active.len(), s.vocab_size()]);
+                for (row, &i) in active.iter().enumerate() {
+                    let l = logits.narrow(0, row, 1).unwrap();
+                    toks[i].push(ops::argmax(&l.squeeze(0).unwrap()).unwrap());
+                    rows[i].push(l);
+                }
+            }
+            // The early leaver finishes alone afterwards.
+            while toks[2].len() <= steps {
+                let next = *toks[2].last().unwrap();
+                let l = s.decode_batch(&[next], &mut [&mut caches[2]]).unwrap();
+                toks[2].push(ops::argmax(&l.squeeze(0).unwrap()).unwrap());
+                rows[2].push(l);
+            }
+            for i in 0..prompts.len() {
+                assert_eq!(toks[i], alone_tokens[i], "{name} sequence {i}");
+                assert_eq!(caches[i].len(), prompts[i].len() + steps);
+                let diff = max_diff(&Tensor::cat(&rows[i], 0).unwrap(), &alone_logits[i]);
+                assert!(diff < 1e-4, "{name} sequence {i}: {diff}");
+            }
+            // The reserved capacity is what the cache holds: nothing grew past it.
+            assert_eq!(caches[0].bytes(), 40 * s.kv_bytes_per_token());
+            // A batch of one is the single-sequence computation, bit for bit.
+            let mut a = KvCache::new();
+            let mut b = KvCache::new();
+            s.forward(&prompts[1], Some(&mut a)).unwrap();
+            s.forward(&prompts[1], Some(&mut b)).unwrap();
+            let one = s.forward(&[9], Some(&mut a)).unwrap();
+            let batched = s.decode_batch(&[9], &mut [&mut b]).unwrap();
+            assert_eq!(max_diff(&one, &batched), 0.0, "{name}");
+            assert!(s.decode_batch(&[1, 2], &mut [&mut a]).is_err());
         }
     }
 

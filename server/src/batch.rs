@@ -1,0 +1,391 @@
+//! Continuous batching for `/openai/v1`: one scheduler thread per loaded model owns its running
+//! batch of sequences and decodes them together, one [`Session::decode_batch`] step at a time
+//! (every linear reads its weights once per step for all sequences).
+//!
+//! Between two steps the scheduler drops sequences whose client went away (the receiver of
+//! their updates is gone: a dropped SSE stream or a dropped request future), ends those past
+//! their deadline (finish reason [`FinishReason::Deadline`]), answers finished ones, and lets
+//! waiting requests join in arrival order: each is prefilled on its own (its prompt through the
+//! single-sequence forward pass, into its own KV cache) and then decodes with the batch. A
+//! request joins while the batch has fewer than `slots` sequences and the KV caches reserved
+//! (each sequence reserves `prompt + max_tokens` positions up front, so it never grows) fit in
+//! the memory budget; [`Scheduler::submit`] refuses one that could never fit.
+//!
+//! A batch of one is exactly the single-sequence computation, so a request alone gets what
+//! `espalier generate` prints; in a larger batch the linears run the GEMM kernels instead of
+//! the GEMV ones, whose sums may differ in the last bits.
+//!
+//! [`Session::decode_batch`]: espalier_engine::Session::decode_batch
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::mpsc as std_mpsc;
+use std::time::{Duration, Instant};
+
+use espalier::generate::{FinishReason, GenerateError, GenerateSpec, Generator, Sequence};
+use tokio::sync::mpsc::UnboundedSender;
+
+use crate::daemon::Daemon;
+
+/// What a generation sends its request.
+#[derive(Debug)]
+pub enum Update {
+    /// Newly settled text.
+    Text(String),
+    /// The end: the whole generation, or why it failed.
+    Done(Result<Finished, JobError>),
+}
+
+/// A finished generation.
+#[derive(Debug, Clone)]
+pub struct Finished {
+    /// The whole text.
+    pub text: String,
+    /// Tokens of the prompt.
+    pub prompt_tokens: usize,
+    /// Tokens generated.
+    pub completion_tokens: usize,
+    /// Why it ended.
+    pub finish: FinishReason,
+}
+
+/// Why a generation was not run or failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum JobError {
+    /// The request's settings do not work with the model.
+    #[error("{0}")]
+    Settings(String),
+    /// Its KV cache alone is larger than the whole budget.
+    #[error("{0}")]
+    TooLarge(String),
+    /// The deadline passed before it could start.
+    #[error("{0}")]
+    Deadline(String),
+    /// The forward pass failed.
+    #[error("{0}")]
+    Failed(String),
+    /// The scheduler is gone (the daemon is stopping).
+    #[error("the model's scheduler has stopped")]
+    Stopped,
+}
+
+/// One request for the scheduler.
+pub struct Job {
+    /// Prompt tokens (checked against the context by the caller).
+    pub prompt: Vec<u32>,
+    /// Settings; EOS and context come from the model.
+    pub spec: GenerateSpec,
+    /// Where text and the end go; when its receiver is dropped the generation stops.
+    pub updates: UnboundedSender<Update>,
+    submitted: Instant,
+    kv_bytes: usize,
+}
+
+/// How much a scheduler runs at once.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Sequences in the running batch at most.
+    pub slots: usize,
+    /// Bytes of KV cache the running batch may reserve.
+    pub kv_bytes: usize,
+    /// Longest a request may take from submission.
+    pub deadline: Duration,
+}
+
+/// The handle of one model's scheduler thread; dropping it (with the model) ends the thread
+/// once its running sequences are done.
+pub struct Scheduler {
+    jobs: std::sync::Mutex<std_mpsc::Sender<Job>>,
+    generator: Arc<Generator>,
+    limits: Limits,
+}
+
+impl Scheduler {
+    /// Starts the scheduler thread of `generator`.
+    pub fn start(
+        generator: Arc<Generator>,
+        limits: Limits,
+        daemon: Arc<Daemon>,
+    ) -> std::io::Result<Self> {
+        let (tx, rx) = std_mpsc::channel();
+        let g = generator.clone();
+        std::thread::Builder::new()
+            .name("espalier-batch".into())
+            .spawn(move || Worker::new(g, limits, daemon).run(rx))?;
+        Ok(Scheduler {
+            jobs: std::sync::Mutex::new(tx),
+            generator,
+            limits,
+        })
+    }
+
+    /// Bytes of KV cache a request reserves.
+    pub fn kv_bytes(&self, prompt: usize, max_tokens: usize) -> usize {
+        let tokens = Sequence::reserved_tokens(prompt, max_tokens, self.generator.context);
+        tokens
+            .max(16)
+            .saturating_mul(self.generator.session.kv_bytes_per_token())
+    }
+
+    /// Queues a generation; its text and end arrive on `updates`. Refuses one whose KV cache
+    /// alone exceeds the budget.
+    pub fn submit(
+        &self,
+        prompt: Vec<u32>,
+        spec: GenerateSpec,
+        updates: UnboundedSender<Update>,
+    ) -> Result<(), JobError> {
+        let kv_bytes = self.kv_bytes(prompt.len(), spec.max_tokens);
+        if kv_bytes > self.limits.kv_bytes {
+            return Err(JobError::TooLarge(format!(
+                "a prompt of {} tokens with max_tokens {} needs {} MiB of KV cache; the model's budget (kv_cache_mib) is {} MiB: ask for fewer tokens",
+                prompt.len(),
+                spec.max_tokens,
+                kv_bytes.div_ceil(1 << 20),
+                self.limits.kv_bytes >> 20
+            )));
+        }
+        let job = Job {
+            prompt,
+            spec,
+            updates,
+            submitted: Instant::now(),
+            kv_bytes,
+        };
+        self.jobs
+            .lock()
+            .map_err(|_| JobError::Stopped)?
+            .send(job)
+            .map_err(|_| JobError::Stopped)
+    }
+}
+
+/// A sequence of the running batch.
+struct Running {
+    seq: Sequence,
+    updates: UnboundedSender<Update>,
+    deadline: Instant,
+    kv_bytes: usize,
+    /// Already sent its end (an error): leaves at the next chance without another answer.
+    answered: bool,
+}
+
+/// The scheduler thread's state.
+struct Worker {
+    generator: Arc<Generator>,
+    limits: Limits,
+    daemon: Arc<Daemon>,
+    waiting: VecDeque<Job>,
+    running: Vec<Running>,
+    reserved: usize,
+}
+
+impl Worker {
+    fn new(generator: Arc<Generator>, limits: Limits, daemon: Arc<Daemon>) -> Self {
+        Worker {
+            generator,
+            limits,
+            daemon,
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            reserved: 0,
+        }
+    }
+
+    fn run(mut self, jobs: std_mpsc::Receiver<Job>) {
+        loop {
+            if self.running.is_empty() && self.waiting.is_empty() {
+                // Idle: sleep until a request comes (or the model is dropped).
+                match jobs.recv() {
+                    Ok(job) => self.enqueue(job),
+                    Err(_) => return,
+                }
+            }
+            while let Ok(job) = jobs.try_recv() {
+                self.enqueue(job);
+            }
+            self.drop_stale_waiting();
+            self.leave();
+            self.join();
+            self.leave();
+            if !self.running.is_empty() {
+                self.step();
+            }
+        }
+    }
+
+    fn enqueue(&mut self, job: Job) {
+        self.daemon.metrics.add_generation_waiting(1);
+        self.waiting.push_back(job);
+    }
+
+    /// Forgets waiting requests whose client left, and refuses those past their deadline.
+    fn drop_stale_waiting(&mut self) {
+        let now = Instant::now();
+        let deadline = self.limits.deadline;
+        let metrics = &self.daemon.metrics;
+        self.waiting.retain(|job| {
+            let keep = if job.updates.is_closed() {
+                metrics.inc_generation_abandoned();
+                false
+            } else if now.duration_since(job.submitted) >= deadline {
+                let _ = job.updates.send(Update::Done(Err(JobError::Deadline(format!(
+                    "the request waited {} s for a batch slot, its deadline (generation_deadline_s)",
+                    deadline.as_secs()
+                )))));
+                false
+            } else {
+                true
+            };
+            if !keep {
+                metrics.add_generation_waiting(-1);
+            }
+            keep
+        });
+    }
+
+    /// Prefills waiting requests into the batch, in arrival order, while slots and the KV
+    /// budget allow. An empty batch always takes the first (`submit` checked it fits alone).
+    fn join(&mut self) {
+        while self.running.len() < self.limits.slots {
+            let Some(job) = self.waiting.front() else {
+                break;
+            };
+            if !self.running.is_empty() && self.reserved + job.kv_bytes > self.limits.kv_bytes {
+                break;
+            }
+            let Some(job) = self.waiting.pop_front() else {
+                break;
+            };
+            self.daemon.metrics.add_generation_waiting(-1);
+            match self.prefill(&job) {
+                Ok(seq) => {
+                    self.daemon.metrics.add_generation_running(1);
+                    self.reserved += job.kv_bytes;
+                    self.running.push(Running {
+                        seq,
+                        deadline: job.submitted + self.limits.deadline,
+                        kv_bytes: job.kv_bytes,
+                        updates: job.updates,
+                        answered: false,
+                    });
+                }
+                Err(e) => {
+                    let _ = job.updates.send(Update::Done(Err(e)));
+                }
+            }
+        }
+    }
+
+    /// Runs the prompt through the forward pass into a fresh KV cache and takes the first
+    /// token.
+    fn prefill(&self, job: &Job) -> Result<Sequence, JobError> {
+        let g = &self.generator;
+        let spec = GenerateSpec {
+            eos: g.eos.clone(),
+            context: g.context,
+            ..job.spec.clone()
+        };
+        let mut seq = Sequence::new(&g.session, &job.prompt, &spec).map_err(job_error)?;
+        if seq.wants_token() {
+            let logits = g
+                .session
+                .forward_last(&job.prompt, Some(&mut seq.cache))
+                .and_then(|l| Ok(l.to_vec1::<f32>()?))
+                .map_err(|e| JobError::Failed(e.to_string()))?;
+            let piece = seq.accept(&logits, &g.tokenizer).map_err(job_error)?;
+            if !piece.is_empty() {
+                let _ = job.updates.send(Update::Text(piece));
+            }
+        }
+        Ok(seq)
+    }
+
+    /// One decode step for every running sequence.
+    fn step(&mut self) {
+        let g = &self.generator;
+        let tokens: Vec<u32> = self
+            .running
+            .iter()
+            .map(|r| r.seq.last_token().unwrap_or(0))
+            .collect();
+        let mut caches: Vec<&mut espalier_engine::KvCache> =
+            self.running.iter_mut().map(|r| &mut r.seq.cache).collect();
+        let logits = g
+            .session
+            .decode_batch(&tokens, &mut caches)
+            .and_then(|l| Ok(l.flatten_all()?.to_vec1::<f32>()?));
+        let logits = match logits {
+            Ok(l) => l,
+            Err(e) => {
+                // A failed step leaves every cache of the batch unusable: end them all.
+                for r in self.running.drain(..) {
+                    let _ = r
+                        .updates
+                        .send(Update::Done(Err(JobError::Failed(e.to_string()))));
+                    self.daemon.metrics.add_generation_running(-1);
+                }
+                self.reserved = 0;
+                return;
+            }
+        };
+        let vocab = logits.len() / self.running.len();
+        for (r, row) in self.running.iter_mut().zip(logits.chunks(vocab)) {
+            match r.seq.accept(row, &g.tokenizer) {
+                Ok(piece) if !piece.is_empty() => {
+                    let _ = r.updates.send(Update::Text(piece));
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    let _ = r.updates.send(Update::Done(Err(job_error(e))));
+                    r.answered = true;
+                }
+            }
+        }
+    }
+
+    /// Removes finished sequences (answering them), those whose client left, and ends those
+    /// past their deadline.
+    fn leave(&mut self) {
+        let now = Instant::now();
+        let metrics = &self.daemon.metrics;
+        let mut freed = 0;
+        self.running.retain_mut(|r| {
+            if r.answered {
+                // Its error was sent already.
+            } else if r.updates.is_closed() {
+                if r.seq.finish().is_none() {
+                    metrics.inc_generation_abandoned();
+                }
+            } else {
+                if r.seq.finish().is_none() && now >= r.deadline {
+                    let rest = r.seq.stop(FinishReason::Deadline);
+                    if !rest.is_empty() {
+                        let _ = r.updates.send(Update::Text(rest));
+                    }
+                }
+                if r.seq.wants_token() {
+                    return true;
+                }
+                let done = Finished {
+                    text: r.seq.text().to_string(),
+                    prompt_tokens: r.seq.prompt_len(),
+                    completion_tokens: r.seq.generated(),
+                    finish: r.seq.finish().unwrap_or(FinishReason::Length),
+                };
+                let _ = r.updates.send(Update::Done(Ok(done)));
+            }
+            metrics.add_generation_running(-1);
+            freed += r.kv_bytes;
+            false
+        });
+        self.reserved = self.reserved.saturating_sub(freed);
+    }
+}
+
+fn job_error(e: GenerateError) -> JobError {
+    match e {
+        GenerateError::Settings(m) => JobError::Settings(m),
+        e => JobError::Failed(e.to_string()),
+    }
+}
