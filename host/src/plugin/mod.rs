@@ -10,6 +10,7 @@ pub mod registry;
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod replay;
 pub mod runtime;
+pub mod oci;
 pub mod signing;
 pub mod state;
 
