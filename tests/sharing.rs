@@ -470,7 +470,10 @@ fn oci_fails(args: &[&str], cwd: &Path, needle: &str) -> String {
     let o = oci_cmd(args, cwd);
     let (stdout, stderr) = text(&o);
     assert!(!o.status.success(), "{args:?} succeeded:\n{stdout}");
-    assert!(stderr.contains(needle), "{args:?}: expected `{needle}` in:\n{stderr}");
+    assert!(
+        stderr.contains(needle),
+        "{args:?}: expected `{needle}` in:\n{stderr}"
+    );
     stderr
 }
 
@@ -514,7 +517,10 @@ fn plugins_travel_through_an_oci_registry_verified_signed_and_pinned() {
     // Push (signed), then pull by tag and by digest: the same bytes and signature.
     let tag = format!("{host}/team-a/slow:1.0");
     let pushed = oci_ok(&["plugins", "push", "a/slow.wasm", &tag], d);
-    assert!(pushed.contains(&sha) && pushed.contains("signed by key"), "{pushed}");
+    assert!(
+        pushed.contains(&sha) && pushed.contains("signed by key"),
+        "{pushed}"
+    );
     let digest = pushed_digest(&pushed);
     let pinned = format!("oci://{host}/team-a/slow@{digest}");
     assert!(pushed.contains(&pinned), "{pushed}");
@@ -527,7 +533,10 @@ fn plugins_travel_through_an_oci_registry_verified_signed_and_pinned() {
     let o = pull(&tag, "b", &strict);
     assert!(o.status.success(), "{:?}", text(&o));
     let out = text(&o).0;
-    assert!(out.contains(&sha) && out.contains(&pinned) && out.contains("(trusted)"), "{out}");
+    assert!(
+        out.contains(&sha) && out.contains(&pinned) && out.contains("(trusted)"),
+        "{out}"
+    );
     assert!(std::fs::read(d.join("b/slow-magnitude.wasm")).unwrap() == bytes);
     assert!(std::fs::read(d.join("b/slow-magnitude.wasm.sig")).unwrap() == signature);
     let by_digest = format!("{host}/team-a/slow@{digest}");
@@ -537,7 +546,11 @@ fn plugins_travel_through_an_oci_registry_verified_signed_and_pinned() {
     // replaced.
     assert!(pull(&tag, "b", &[]).status.success());
     std::fs::create_dir(d.join("taken")).unwrap();
-    write(&d.join("taken"), "slow-magnitude.wasm", "someone else's file");
+    write(
+        &d.join("taken"),
+        "slow-magnitude.wasm",
+        "someone else's file",
+    );
     let o = pull(&tag, "taken", &[]);
     assert!(
         !o.status.success() && text(&o).1.contains("exists and is not this plugin"),
@@ -551,7 +564,16 @@ fn plugins_travel_through_an_oci_registry_verified_signed_and_pinned() {
 
     // Signature policy: an untrusted signer or an unsigned artifact is refused, nothing written.
     oci_fails(
-        &["plugins", "pull", &tag, "--dir", "e", "--trust", "team-b.pub", "--require-signatures"],
+        &[
+            "plugins",
+            "pull",
+            &tag,
+            "--dir",
+            "e",
+            "--trust",
+            "team-b.pub",
+            "--require-signatures",
+        ],
         d,
         "which is not trusted",
     );
@@ -560,17 +582,34 @@ fn plugins_travel_through_an_oci_registry_verified_signed_and_pinned() {
     let unsigned = format!("{host}/team-a/unsigned:1");
     oci_ok(&["plugins", "push", "u/slow.wasm", &unsigned], d);
     oci_fails(
-        &["plugins", "pull", &unsigned, "--dir", "e", "--require-signatures"],
+        &[
+            "plugins",
+            "pull",
+            &unsigned,
+            "--dir",
+            "e",
+            "--require-signatures",
+        ],
         d,
         "not signed",
     );
     // A missing tag: a clear error, nothing written.
     oci_fails(
-        &["plugins", "pull", &format!("{host}/team-a/slow:2.0"), "--dir", "e"],
+        &[
+            "plugins",
+            "pull",
+            &format!("{host}/team-a/slow:2.0"),
+            "--dir",
+            "e",
+        ],
         d,
         "has no tag `2.0` in repository `team-a/slow`",
     );
-    assert!(files_in(&d.join("e")).is_empty(), "{:?}", files_in(&d.join("e")));
+    assert!(
+        files_in(&d.join("e")).is_empty(),
+        "{:?}",
+        files_in(&d.join("e"))
+    );
 
     // A pipeline names the plugin by reference: pulled once into the cache, and the report
     // pins the manifest digest and the component's sha256. By tag, the report pins the
@@ -585,7 +624,15 @@ fn plugins_travel_through_an_oci_registry_verified_signed_and_pinned() {
             ),
         );
         binary::bin()
-            .args(["run", "p.toml", "--no-export", "--json", "--trust", "team-a.pub", "--require-signatures"])
+            .args([
+                "run",
+                "p.toml",
+                "--no-export",
+                "--json",
+                "--trust",
+                "team-a.pub",
+                "--require-signatures",
+            ])
             .current_dir(d)
             .env("ESPALIER_CACHE", &cache)
             .env("DOCKER_CONFIG", d.join("no-docker-config"))
@@ -600,7 +647,12 @@ fn plugins_travel_through_an_oci_registry_verified_signed_and_pinned() {
         let stage = &report["stages"][0];
         assert_eq!(stage["plugin_source"], pinned.as_str(), "{stage}");
         assert_eq!(stage["plugin_sha256"], sha.as_str(), "{stage}");
-        assert!(stage["plugin_signer"].as_str().unwrap().ends_with("(trusted)"));
+        assert!(
+            stage["plugin_signer"]
+                .as_str()
+                .unwrap()
+                .ends_with("(trusted)")
+        );
         assert_eq!(stage["name"], "slow", "{stage}");
     }
     assert!(cache.join(format!("oci/blobs/{sha}.wasm")).is_file());
@@ -730,13 +782,20 @@ fn bad_references_and_hostile_registries_get_clear_errors_and_write_nothing() {
     };
     // Malformed references, on the command line and in a pipeline (with its line).
     pull("team/wanda:1.0", "is not a registry reference");
-    pull(&format!("{host}/team/wanda@sha256:12"), "is not a registry reference");
+    pull(
+        &format!("{host}/team/wanda@sha256:12"),
+        "is not a registry reference",
+    );
     write(
         d,
         "bad.toml",
         "model = \"builtin:tiny-llama\"\n[[stage]]\nplugin = \"oci://wanda\"\ndensity = 0.5\n",
     );
-    let stderr = oci_fails(&["run", "bad.toml", "--no-export"], d, "is not a registry reference");
+    let stderr = oci_fails(
+        &["run", "bad.toml", "--no-export"],
+        d,
+        "is not a registry reference",
+    );
     assert!(stderr.contains("bad.toml:3"), "{stderr}");
     // An endless manifest and a component body past its declared size are cut off.
     let (stderr, took) = pull(&format!("{host}/huge/w:1"), "cut off");
@@ -746,20 +805,41 @@ fn bad_references_and_hostile_registries_get_clear_errors_and_write_nothing() {
     assert!(stderr.contains("100 bytes the component"), "{stderr}");
     // A registry that stops sending: cut off by the time limit.
     let o = binary::bin()
-        .args(["plugins", "pull", &format!("{host}/stall/w:1"), "--dir", "out"])
+        .args([
+            "plugins",
+            "pull",
+            &format!("{host}/stall/w:1"),
+            "--dir",
+            "out",
+        ])
         .current_dir(d)
         .env("DOCKER_CONFIG", d.join("no-docker-config"))
         .env("ESPALIER_REGISTRY_TIMEOUT", "1")
         .output()
         .unwrap();
     let stderr = text(&o).1;
-    assert!(!o.status.success() && stderr.contains("ESPALIER_REGISTRY_TIMEOUT"), "{stderr}");
+    assert!(
+        !o.status.success() && stderr.contains("ESPALIER_REGISTRY_TIMEOUT"),
+        "{stderr}"
+    );
     // A registry that asks for credentials nobody configured.
-    let (stderr, _) = pull(&format!("{host}/auth/w:1"), "the registry asks for credentials");
-    assert!(stderr.contains(&format!("no credentials for {host} were found")), "{stderr}");
+    let (stderr, _) = pull(
+        &format!("{host}/auth/w:1"),
+        "the registry asks for credentials",
+    );
+    assert!(
+        stderr.contains(&format!("no credentials for {host} were found")),
+        "{stderr}"
+    );
     // Credentials in the environment go only to the registry they name.
     let o = binary::bin()
-        .args(["plugins", "pull", &format!("{host}/auth/w:1"), "--dir", "out"])
+        .args([
+            "plugins",
+            "pull",
+            &format!("{host}/auth/w:1"),
+            "--dir",
+            "out",
+        ])
         .current_dir(d)
         .env("DOCKER_CONFIG", d.join("no-docker-config"))
         .env("ESPALIER_REGISTRY_USERNAME", "u")
@@ -815,18 +895,37 @@ fn the_daemon_pulls_plugins_by_reference_under_its_signature_policy() {
     // Unsigned under `require_signatures`: refused with the reason, nothing written.
     let (status, body) = pull(&unsigned, token);
     assert_eq!(status, 400, "{body}");
-    assert!(body["error"]["message"].as_str().unwrap().contains("not signed"), "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("not signed"),
+        "{body}"
+    );
     // Missing tag, malformed reference: clear errors.
     let (status, body) = pull(&format!("{host}/team-a/slow:9"), token);
     assert_eq!(status, 502, "{body}");
-    assert!(body["error"]["message"].as_str().unwrap().contains("has no tag `9`"), "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("has no tag `9`"),
+        "{body}"
+    );
     let (status, body) = pull("team-a/slow:1.0", token);
     assert_eq!(status, 400, "{body}");
-    assert!(files_in(&state.join("plugins")).is_empty(), "{:?}", files_in(&state.join("plugins")));
+    assert!(
+        files_in(&state.join("plugins")).is_empty(),
+        "{:?}",
+        files_in(&state.join("plugins"))
+    );
     // Signed by a trusted key: registered, written with its signature.
     let (status, body) = pull(&signed, token);
     assert_eq!(status, 201, "{body}");
-    assert_eq!(daemon.plugin_sha("slow-magnitude").as_deref(), Some(sha.as_str()));
+    assert_eq!(
+        daemon.plugin_sha("slow-magnitude").as_deref(),
+        Some(sha.as_str())
+    );
     assert!(state.join("plugins/slow-magnitude.wasm.sig").is_file());
     let (_, openapi) = daemon.get("/openapi.json");
     assert!(openapi["paths"]["/v1/plugins/pull"]["post"].is_object());

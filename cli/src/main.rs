@@ -1373,7 +1373,9 @@ fn cmd_plugins_push(file: &std::path::Path, reference: &str) -> Result<()> {
         },
     )?;
     let signer = match signer {
-        espalier::plugin::signing::Signer::Signed { key_id, .. } => format!("signed by key {key_id}"),
+        espalier::plugin::signing::Signer::Signed { key_id, .. } => {
+            format!("signed by key {key_id}")
+        }
         other => other.to_string(),
     };
     out!(

@@ -4,13 +4,13 @@
 pub mod bindings;
 pub mod budget;
 pub mod compat;
+pub mod oci;
 pub mod progress;
 pub mod registry;
 /// The host-import replay harness: unit tests and the `host_imports` fuzz target.
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod replay;
 pub mod runtime;
-pub mod oci;
 pub mod signing;
 pub mod state;
 

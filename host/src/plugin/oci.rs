@@ -396,8 +396,9 @@ impl Session {
             ),
             D::ImageManifestNotFoundError(_) => self.not_found(),
             D::RequestError(r) => match r.status() {
-                Some(s) if s == reqwest::StatusCode::UNAUTHORIZED
-                    || s == reqwest::StatusCode::FORBIDDEN =>
+                Some(s)
+                    if s == reqwest::StatusCode::UNAUTHORIZED
+                        || s == reqwest::StatusCode::FORBIDDEN =>
                 {
                     self.unauthorized()
                 }
@@ -421,9 +422,7 @@ impl Session {
         if e.is_timeout() {
             message.push_str(" (timed out; ESPALIER_REGISTRY_TIMEOUT sets the limit)");
         } else if scheme == "https" {
-            message.push_str(
-                " (registries other than loopback ones are reached over https only)",
-            );
+            message.push_str(" (registries other than loopback ones are reached over https only)");
         }
         registry_error(&self.oci, &message)
     }
@@ -490,8 +489,7 @@ impl Session {
         if status == reqwest::StatusCode::NOT_FOUND {
             return Err(self.not_found());
         }
-        if status == reqwest::StatusCode::UNAUTHORIZED || status == reqwest::StatusCode::FORBIDDEN
-        {
+        if status == reqwest::StatusCode::UNAUTHORIZED || status == reqwest::StatusCode::FORBIDDEN {
             return Err(self.unauthorized());
         }
         if !status.is_success() {
@@ -550,11 +548,13 @@ impl Session {
             // name the mismatch (all bytes are in) rather than a read error.
             Err(ReadError::Stream(m, partial)) => {
                 let actual = format!("sha256:{}", hex::encode(Sha256::digest(&partial)));
-                return Err(if partial.len() as u64 == declared && actual != descriptor.digest {
-                    mismatch(&actual)
-                } else {
-                    read_failed(&self.oci, what, &m)
-                });
+                return Err(
+                    if partial.len() as u64 == declared && actual != descriptor.digest {
+                        mismatch(&actual)
+                    } else {
+                        read_failed(&self.oci, what, &m)
+                    },
+                );
             }
         };
         if bytes.len() as u64 != declared {
@@ -583,7 +583,11 @@ enum ReadError {
 }
 
 /// Reads a body of at most `cap` bytes; one that announces or sends more is cut off.
-async fn read_capped<S, B, E>(stream: S, announced: Option<u64>, cap: u64) -> Result<Vec<u8>, ReadError>
+async fn read_capped<S, B, E>(
+    stream: S,
+    announced: Option<u64>,
+    cap: u64,
+) -> Result<Vec<u8>, ReadError>
 where
     S: futures_util::Stream<Item = Result<B, E>>,
     B: AsRef<[u8]>,
@@ -629,7 +633,10 @@ fn read_failed(oci: &OciRef, what: &str, message: &str) -> OciError {
 /// bounded size.
 fn check_layout(oci: &OciRef, m: &OciImageManifest) -> Result<(), OciError> {
     let refuse = |message: String| Err(verify_error(oci, message));
-    if m.media_type.as_deref().is_some_and(|t| t != MANIFEST_MEDIA_TYPE) {
+    if m.media_type
+        .as_deref()
+        .is_some_and(|t| t != MANIFEST_MEDIA_TYPE)
+    {
         return refuse(format!(
             "the manifest has media type {}, not {MANIFEST_MEDIA_TYPE}",
             crate::display_safe::name(m.media_type.as_deref().unwrap_or_default())
@@ -743,17 +750,27 @@ pub fn push(reference: &str, request: &PushRequest<'_>) -> Result<Pushed, OciErr
     let mut annotations = BTreeMap::from([
         (
             "org.opencontainers.image.title".to_string(),
-            request.name.to_string(),
+            crate::display_safe::name(request.name),
         ),
         (
             "org.opencontainers.image.version".to_string(),
-            request.version.to_string(),
+            crate::display_safe::name(request.version),
         ),
     ]);
     if let Some(sig) = request.signature {
-        let text = std::str::from_utf8(sig)
-            .map_err(|_| registry_error(&session.oci, "the signature file is not UTF-8"))?;
-        annotations.insert(SIGNATURE_ANNOTATION.to_string(), text.trim().to_string());
+        // oci-client writes the manifest as canonical JSON, which leaves control characters
+        // raw: the annotation is the signature file's one line, without its newline.
+        let line = std::str::from_utf8(sig)
+            .ok()
+            .map(|t| t.trim_end_matches(['\n', '\r']))
+            .filter(|t| !t.chars().any(char::is_control))
+            .ok_or_else(|| {
+                registry_error(
+                    &session.oci,
+                    "the signature file is not one line of text; sign the plugin again",
+                )
+            })?;
+        annotations.insert(SIGNATURE_ANNOTATION.to_string(), line.to_string());
     }
     let mut manifest = OciImageManifest::build(&layers, &config, Some(annotations));
     manifest.media_type = Some(MANIFEST_MEDIA_TYPE.to_string());
@@ -817,7 +834,7 @@ fn pull_with(
             .annotations
             .as_ref()
             .and_then(|a| a.get(SIGNATURE_ANNOTATION))
-            .map(|s| s.as_bytes().to_vec());
+            .map(|line| signature_file(line));
         Ok((
             Pulled {
                 pinned: session.oci.pinned(&digest),
@@ -828,6 +845,11 @@ fn pull_with(
             manifest_bytes,
         ))
     })
+}
+
+/// The signature file an annotation carries: its line and the newline the push removed.
+fn signature_file(line: &str) -> Vec<u8> {
+    format!("{line}\n").into_bytes()
 }
 
 /// The current time as RFC 3339 (UTC).
@@ -917,7 +939,7 @@ impl PullCache {
                     .annotations
                     .as_ref()
                     .and_then(|a| a.get(SIGNATURE_ANNOTATION))
-                    .map(|s| s.as_bytes().to_vec()),
+                    .map(|line| signature_file(line)),
             },
         })
     }
@@ -982,10 +1004,21 @@ mod tests {
 
     #[test]
     fn only_loopback_registries_are_plain_http() {
-        for h in ["localhost:5000", "127.0.0.1:5000", "127.1.2.3", "[::1]:5000", "localhost"] {
+        for h in [
+            "localhost:5000",
+            "127.0.0.1:5000",
+            "127.1.2.3",
+            "[::1]:5000",
+            "localhost",
+        ] {
             assert!(is_loopback(h), "{h}");
         }
-        for h in ["ghcr.io", "10.0.0.1:5000", "localhost.example.com:5000", "[::2]:5000"] {
+        for h in [
+            "ghcr.io",
+            "10.0.0.1:5000",
+            "localhost.example.com:5000",
+            "[::2]:5000",
+        ] {
             assert!(!is_loopback(h), "{h}");
         }
     }
@@ -1007,12 +1040,27 @@ mod tests {
         };
         check_layout(&oci, &m).unwrap();
         m.layers.push(d(LAYER_MEDIA_TYPE, 10));
-        assert!(check_layout(&oci, &m).unwrap_err().to_string().contains("exactly one layer"));
+        assert!(
+            check_layout(&oci, &m)
+                .unwrap_err()
+                .to_string()
+                .contains("exactly one layer")
+        );
         m.layers.pop();
         m.layers[0].size = LAYER_LIMIT as i64 + 1;
-        assert!(check_layout(&oci, &m).unwrap_err().to_string().contains("at most"));
+        assert!(
+            check_layout(&oci, &m)
+                .unwrap_err()
+                .to_string()
+                .contains("at most")
+        );
         m.layers[0].size = 10;
         m.config.media_type = "application/vnd.oci.image.config.v1+json".into();
-        assert!(check_layout(&oci, &m).unwrap_err().to_string().contains("not a wasm artifact"));
+        assert!(
+            check_layout(&oci, &m)
+                .unwrap_err()
+                .to_string()
+                .contains("not a wasm artifact")
+        );
     }
 }

@@ -9,8 +9,8 @@ use std::sync::Arc;
 use espalier_engine::files;
 
 use super::bindings::{ParamKind, ParamValue, PluginInfo};
-use super::runtime::{CompiledPlugin, PluginError, Runtime, Sandbox};
 use super::oci::PullCache;
+use super::runtime::{CompiledPlugin, PluginError, Runtime, Sandbox};
 use super::signing::{Signer, Trust, read_signature_beside};
 use super::state::ModelView;
 
@@ -145,7 +145,12 @@ pub fn load_oci(
         Origin::File(cached.path.clone()),
         sandbox,
     )?;
-    let mut plugin = admit(plugin, cached.pulled.signature.as_deref(), &registry.trust, &label)?;
+    let mut plugin = admit(
+        plugin,
+        cached.pulled.signature.as_deref(),
+        &registry.trust,
+        &label,
+    )?;
     plugin.source = Some(cached.pulled.pinned);
     Ok(plugin)
 }

@@ -414,8 +414,12 @@ impl Runtime {
     pub fn interfaces(&self, compiled: &CompiledPlugin) -> (Vec<String>, Vec<String>) {
         let ty = compiled.component.component_type();
         (
-            ty.imports(&self.engine).map(|(n, _)| n.to_string()).collect(),
-            ty.exports(&self.engine).map(|(n, _)| n.to_string()).collect(),
+            ty.imports(&self.engine)
+                .map(|(n, _)| n.to_string())
+                .collect(),
+            ty.exports(&self.engine)
+                .map(|(n, _)| n.to_string())
+                .collect(),
         )
     }
 
