@@ -267,6 +267,33 @@ enum PluginsCommand {
         #[arg(long = "trust", value_name = "KEY.pub")]
         trust: Vec<PathBuf>,
     },
+    /// Publish a plugin file to an OCI registry as a wasm component artifact (the layout `wkg`
+    /// and `oras` read); its signature (FILE.wasm.sig), if any, travels in the manifest.
+    /// Credentials: the Docker config file or $ESPALIER_REGISTRY_HOST/_USERNAME/_PASSWORD.
+    Push {
+        /// The plugin file.
+        file: PathBuf,
+        /// Where to: REGISTRY/REPOSITORY:TAG, e.g. localhost:5000/team-a/wanda:1.0 (plain http
+        /// only for loopback registries).
+        reference: String,
+    },
+    /// Fetch a plugin from an OCI registry (REGISTRY/REPOSITORY:TAG or @sha256:DIGEST), verify
+    /// every digest and its signature (as --trust and --require-signatures ask), and write it
+    /// to DIR as NAME.wasm (with NAME.wasm.sig when signed). Never replaces a different file.
+    Pull {
+        /// The reference, e.g. localhost:5000/team-a/wanda:1.0.
+        reference: String,
+        /// The plugin folder to write to.
+        #[arg(long, value_name = "DIR", default_value = ".")]
+        dir: PathBuf,
+        /// Trust plugins signed by this public key (repeatable; also $ESPALIER_TRUST).
+        #[arg(long = "trust", value_name = "KEY.pub")]
+        trust: Vec<PathBuf>,
+        /// Refuse the plugin unless it is signed by a trusted key (also
+        /// $ESPALIER_REQUIRE_SIGNATURES=1).
+        #[arg(long)]
+        require_signatures: bool,
+    },
     /// Show what a plugin describes: version, parameters, needs, output.
     Inspect {
         /// A registered plugin name or a path to a .wasm file.
@@ -535,6 +562,14 @@ fn exit_code(e: &anyhow::Error) -> u8 {
             .is_some()
     {
         ErrorKind::InvalidPipeline
+    } else if let Some(o) = e.downcast_ref::<espalier::plugin::oci::OciError>() {
+        // A malformed reference or an artifact that fails verification is bad input; a
+        // registry that is down or refuses is not.
+        use espalier::plugin::oci::OciError;
+        match o {
+            OciError::Reference { .. } | OciError::Verify { .. } => ErrorKind::InvalidPlugin,
+            _ => return 1,
+        }
     } else if let Some(p) = e.downcast_ref::<espalier::plugin::PluginError>() {
         match p {
             espalier::plugin::PluginError::Invalid { .. }
@@ -604,6 +639,13 @@ fn dispatch(cli: Cli) -> Result<()> {
             } => cmd_plugins_inspect(&plugin, json, &plugins),
             PluginsCommand::Sign { file, key, force } => cmd_plugins_sign(&file, &key, force),
             PluginsCommand::Verify { file, trust } => cmd_plugins_verify(&file, trust),
+            PluginsCommand::Push { file, reference } => cmd_plugins_push(&file, &reference),
+            PluginsCommand::Pull {
+                reference,
+                dir,
+                trust,
+                require_signatures,
+            } => cmd_plugins_pull(&reference, &dir, trust, require_signatures),
         },
         Command::Keys { command } => match command {
             KeysCommand::Generate { key } => {
@@ -1315,6 +1357,137 @@ fn cmd_plugins_verify(file: &std::path::Path, trust: Vec<PathBuf>) -> Result<()>
         safe(&plugin.info.version),
         plugin.compiled.sha256
     );
+    Ok(())
+}
+
+/// `espalier plugins push`.
+fn cmd_plugins_push(file: &std::path::Path, reference: &str) -> Result<()> {
+    use espalier::plugin::{oci, signing};
+    let bytes = espalier_engine::files::read(file, espalier_engine::files::PLUGIN_LIMIT)
+        .with_context(|| format!("cannot read {}", file.display()))?;
+    let runtime =
+        espalier::plugin::Runtime::new().map_err(|e| AppError::Runtime(format!("{e:#}")))?;
+    let label = file.display().to_string();
+    let plugin = espalier::plugin::registry::load_bytes(
+        &runtime,
+        &label,
+        &bytes,
+        espalier::plugin::Origin::File(file.to_path_buf()),
+    )?;
+    // A signature that does not verify for this build is refused here, not at every pull.
+    let signature = signing::read_signature_beside(file)?;
+    let signer = espalier::plugin::signing::Trust::default()
+        .check(
+            &plugin.info.name,
+            &plugin.info.version,
+            &plugin.compiled.sha256,
+            signature.as_deref(),
+        )
+        .map_err(|message| {
+            AppError::Plugin(espalier::plugin::PluginError::Refused {
+                plugin: label.clone(),
+                message,
+            })
+        })?;
+    let (imports, exports) = runtime.interfaces(&plugin.compiled);
+    let pushed = oci::push(
+        reference,
+        &oci::PushRequest {
+            wasm: &bytes,
+            signature: signature.as_deref(),
+            name: &plugin.info.name,
+            version: &plugin.info.version,
+            interfaces: oci::ComponentInterfaces {
+                exports,
+                imports,
+                target: None,
+            },
+        },
+    )?;
+    let signer = match signer {
+        espalier::plugin::signing::Signer::Signed { key_id, .. } => {
+            format!("signed by key {key_id}")
+        }
+        other => other.to_string(),
+    };
+    out!(
+        "pushed {} {} (sha256 {}, {signer}) to {reference}",
+        safe(&plugin.info.name),
+        safe(&plugin.info.version),
+        plugin.compiled.sha256
+    );
+    out!("manifest digest: {}", pushed.manifest_digest);
+    out!("pinned reference: {}", pushed.pinned);
+    Ok(())
+}
+
+/// `espalier plugins pull`.
+fn cmd_plugins_pull(
+    reference: &str,
+    dir: &std::path::Path,
+    trust: Vec<PathBuf>,
+    require_signatures: bool,
+) -> Result<()> {
+    use espalier::plugin::{oci, registry, signing};
+    let trust = PluginDirs {
+        trust,
+        require_signatures,
+        ..PluginDirs::default()
+    }
+    .trust()?;
+    let pulled = oci::pull(reference)?;
+    let runtime =
+        espalier::plugin::Runtime::new().map_err(|e| AppError::Runtime(format!("{e:#}")))?;
+    let plugin = registry::load_bytes(
+        &runtime,
+        reference,
+        &pulled.wasm,
+        espalier::plugin::Origin::File(dir.to_path_buf()),
+    )?;
+    let plugin = registry::admit(plugin, pulled.signature.as_deref(), &trust, reference)?;
+    let name = &plugin.info.name;
+    anyhow::ensure!(
+        espalier_server::daemon::safe_file_stem(name),
+        "the plugin's name `{}` cannot be a file name; nothing was written",
+        safe(name)
+    );
+    let path = dir.join(format!("{name}.wasm"));
+    let sig_path = signing::signature_path(&path);
+    // Never replace a file that is not this very plugin (or its signature).
+    let differs = |p: &std::path::Path, want: Option<&[u8]>| -> Result<bool> {
+        match std::fs::read(p) {
+            Ok(have) => Ok(want != Some(have.as_slice())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(anyhow::anyhow!("cannot read {}: {e}", p.display())),
+        }
+    };
+    anyhow::ensure!(
+        !differs(&path, Some(&pulled.wasm))?,
+        "{} exists and is not this plugin (sha256 {}); nothing was written: remove it or pull into another --dir",
+        path.display(),
+        plugin.compiled.sha256
+    );
+    anyhow::ensure!(
+        !differs(&sig_path, pulled.signature.as_deref())?,
+        "{} exists and is not this plugin's signature; nothing was written: remove it or pull into another --dir",
+        sig_path.display()
+    );
+    // The signature first: a watched folder checks the component against it on arrival.
+    if let Some(sig) = &pulled.signature {
+        oci::write_atomic(&sig_path, sig)
+            .with_context(|| format!("cannot write {}", sig_path.display()))?;
+    }
+    oci::write_atomic(&path, &pulled.wasm)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    out!(
+        "pulled {} {} (sha256 {}, {}) from {}",
+        safe(name),
+        safe(&plugin.info.version),
+        plugin.compiled.sha256,
+        plugin.signer,
+        pulled.pinned
+    );
+    out!("wrote {}", path.display());
     Ok(())
 }
 

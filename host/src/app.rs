@@ -158,7 +158,8 @@ pub struct Config {
     pub plugin_dirs: Vec<PathBuf>,
     /// Where `fetch:` models are downloaded and imported.
     pub models_dir: PathBuf,
-    /// Where compiled components are kept between processes (`None`: compile at every start).
+    /// Where compiled components are kept between processes (`None`: compile at every start),
+    /// and plugins pulled from OCI registries by pipelines (in `oci/`, by digest).
     pub cache_dir: Option<PathBuf>,
     /// Limits for the `describe` call of folder plugins (a pipeline's own `[sandbox]` when the
     /// CLI runs one, so a `describe` that loops stops at the pipeline's timeout).
@@ -351,6 +352,12 @@ impl App {
         .map_err(|e| AppError::Runtime(format!("{e:#}")))?;
         let mut registry = Registry::with_builtins(&runtime)?;
         registry.set_trust(config.trust.clone());
+        registry.set_pull_cache(
+            config
+                .cache_dir
+                .as_ref()
+                .map(|d| crate::plugin::oci::PullCache::new(d.join("oci"))),
+        );
         let mut plugin_warnings = Vec::new();
         for dir in &config.plugin_dirs {
             plugin_warnings.extend(registry.add_dir(&runtime, dir, &config.sandbox));

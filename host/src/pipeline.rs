@@ -101,7 +101,8 @@ pub struct StageSpec {
     pub name: String,
     /// Where the stage starts.
     pub position: Position,
-    /// Plugin name or path to a `.wasm` (without a pin).
+    /// Plugin name or path to a `.wasm` (without a pin), or a registry reference
+    /// `oci://REGISTRY/REPOSITORY:TAG` (a `@sha256:` digest there is the manifest's, and kept).
     pub plugin: Located<String>,
     /// The sha256 the plugin is pinned to (`plugin = "NAME@sha256:HEX"`): any other version
     /// is refused at planning.
@@ -814,8 +815,15 @@ fn parse_stage(
     let mut plugin_sha256 = None;
     let plugin = match table.get("plugin") {
         Some(toml::Value::String(s)) if !s.trim().is_empty() => {
+            // `oci://REGISTRY/REPOSITORY:TAG` or `…@sha256:DIGEST`: a registry reference, whose
+            // digest (if any) is the manifest's, checked by the registry pull.
+            if s.starts_with("oci://") {
+                crate::plugin::oci::OciRef::parse(s)
+                    .map_err(|e| ctx.err(offset_of("plugin"), field("plugin"), e.to_string()))?;
+            }
             // `NAME@sha256:HEX` (or `PATH@sha256:HEX`) pins the exact component.
             let (name, pin) = match s.rsplit_once("@sha256:") {
+                Some(_) if s.starts_with("oci://") => (s.as_str(), None),
                 Some((name, hex)) => (name, Some(hex)),
                 None => (s.as_str(), None),
             };
@@ -993,10 +1001,19 @@ fn name_stages(ctx: &Ctx<'_>, stages: &mut [StageSpec]) -> Result<(), PipelineEr
     let defaults: Vec<String> = stages
         .iter()
         .map(|s| {
-            let base = Path::new(&s.plugin.value)
-                .file_stem()
-                .map(|x| x.to_string_lossy().into_owned())
-                .unwrap_or_else(|| s.plugin.value.clone());
+            let base = match s.plugin.value.strip_prefix("oci://") {
+                // `oci://HOST/TEAM/wanda:1.0@sha256:…` → `wanda`.
+                Some(r) => r
+                    .rsplit('/')
+                    .next()
+                    .and_then(|last| last.split([':', '@']).next())
+                    .unwrap_or(r)
+                    .to_string(),
+                None => Path::new(&s.plugin.value)
+                    .file_stem()
+                    .map(|x| x.to_string_lossy().into_owned())
+                    .unwrap_or_else(|| s.plugin.value.clone()),
+            };
             if plugin_counts(&s.plugin.value, stages) > 1 {
                 format!("{base}-{}", s.index + 1)
             } else {

@@ -380,6 +380,11 @@ fn resolve_plugin(
 ) -> Result<Plugin, PipelineError> {
     let name = &spec.plugin.value;
     let field = format!("stage[{}].plugin", spec.index);
+    if name.starts_with("oci://") {
+        // Pulled once and cached by digest; checked like a plugin file.
+        return crate::plugin::registry::load_oci(registry, runtime, name, &pipeline.sandbox)
+            .map_err(|e| pipeline.error(&spec.plugin.position, field, e.to_string()));
+    }
     if name.ends_with(".wasm") || name.contains('/') {
         // Described under the pipeline's limits: a looping `describe` stops at its timeout.
         return load_file_trusted(

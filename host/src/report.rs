@@ -27,6 +27,10 @@ pub struct StageReport {
     /// `key ID (not trusted)` (empty in reports written before signatures).
     #[serde(default)]
     pub plugin_signer: String,
+    /// For a plugin pulled from an OCI registry, the reference pinned to its manifest
+    /// (`oci://REGISTRY/REPOSITORY@sha256:HEX`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plugin_source: Option<String>,
     /// `masks`, `budgets` or `heads`.
     pub produces: String,
     /// Number of target layers.

@@ -112,10 +112,12 @@ pub fn resolved_pipeline(
             Origin::Builtin => stage.plugin.info.name.clone(),
             Origin::File(_) => spec.plugin.value.clone(),
         };
-        t.insert(
-            "plugin".into(),
-            Value::String(format!("{plugin}@sha256:{}", stage.plugin.compiled.sha256)),
-        );
+        // A pulled plugin is pinned by its manifest digest (which pins the component's).
+        let pinned = match &stage.plugin.source {
+            Some(source) => source.clone(),
+            None => format!("{plugin}@sha256:{}", stage.plugin.compiled.sha256),
+        };
+        t.insert("plugin".into(), Value::String(pinned));
         if let Some(targets) = &spec.targets {
             t.insert("targets".into(), strings(&targets.value));
         }

@@ -767,6 +767,7 @@ impl StageReport {
                 Origin::File(p) => p.display().to_string(),
             },
             plugin_signer: stage.plugin.signer.to_string(),
+            plugin_source: stage.plugin.source.clone(),
             produces: crate::plugin::registry::produces_name(stage.plugin.info.produces)
                 .to_string(),
             targets,

@@ -169,9 +169,29 @@ pub fn pack(app: &App, pipeline_path: &Path, out: &Path) -> Result<Manifest, Str
         let at = |message: String| {
             StrategyError::Pipeline(pipeline.error(&spec.plugin.position, field.clone(), message))
         };
-        let (bytes, signature, name, version, plugin_needs) = if reference.ends_with(".wasm")
-            || reference.contains('/')
-        {
+        let (bytes, signature, name, version, plugin_needs) = if reference.starts_with("oci://") {
+            // The pulled component and the signature its manifest carries, by value: the
+            // strategy runs without the registry.
+            let plugin = crate::plugin::registry::load_oci(
+                &registry,
+                &app.runtime,
+                reference,
+                &pipeline.sandbox,
+            )
+            .map_err(|e| at(e.to_string()))?;
+            let cached = registry
+                .pull_cache()
+                .ok_or_else(|| at("the plugin cache is off".into()))?
+                .fetch(reference)
+                .map_err(|e| at(e.to_string()))?;
+            (
+                cached.pulled.wasm,
+                cached.pulled.signature,
+                plugin.info.name.clone(),
+                plugin.info.version.clone(),
+                plugin.info.needs.clone(),
+            )
+        } else if reference.ends_with(".wasm") || reference.contains('/') {
             let path = Path::new(reference);
             let bytes = files::read(path, files::PLUGIN_LIMIT)
                 .map_err(|e| at(format!("cannot read {reference}: {e}")))?;

@@ -85,6 +85,10 @@ impl From<DaemonError> for ApiError {
             DaemonError::Plugin(_) => ApiError(StatusCode::BAD_REQUEST, "invalid-plugin", message),
             DaemonError::NotFound(_) => ApiError(StatusCode::NOT_FOUND, "not-found", message),
             DaemonError::Conflict(_) => ApiError(StatusCode::CONFLICT, "conflict", message),
+            DaemonError::Registry(espalier::plugin::oci::OciError::Reference { .. }) => {
+                ApiError(StatusCode::BAD_REQUEST, "bad-request", message)
+            }
+            DaemonError::Registry(_) => ApiError(StatusCode::BAD_GATEWAY, "registry", message),
             DaemonError::ShuttingDown => {
                 ApiError(StatusCode::SERVICE_UNAVAILABLE, "shutting-down", message)
             }
@@ -134,13 +138,15 @@ fn json_error(rejection: JsonRejection) -> ApiError {
         description = "Prune language models with sandboxed WebAssembly criteria: plugins, pipelines, runs."
     ),
     paths(
-        healthz, metrics, list_plugins, upload_plugin, get_plugin, download_plugin, delete_plugin,
+        healthz, metrics, list_plugins, upload_plugin, pull_plugin, get_plugin, download_plugin,
+        delete_plugin,
         list_pipelines, get_pipeline, validate_pipeline, create_run, list_runs, get_run,
         run_report, run_masks, run_events, all_events, cancel_run, list_models, fetch_model
     ),
     components(schemas(
         ErrorBody, ErrorDetail, PluginList, RejectedPlugin, PipelineEntry, RunRequest,
-        crate::daemon::RunRequestOverrides, RunRecord, RunStatus, ValidateResult, FetchRequest
+        crate::daemon::RunRequestOverrides, RunRecord, RunStatus, ValidateResult, FetchRequest,
+        PullRequest
     )),
     modifiers(&BearerAuth)
 )]
@@ -169,6 +175,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/metrics", get(metrics))
         .route("/openapi.json", get(openapi))
         .route("/v1/plugins", get(list_plugins).post(upload_plugin))
+        .route("/v1/plugins/pull", post(pull_plugin))
         .route("/v1/plugins/{name}", get(get_plugin).delete(delete_plugin))
         .route("/v1/plugins/{name}/wasm", get(download_plugin))
         .route("/v1/pipelines", get(list_pipelines))
@@ -356,6 +363,38 @@ async fn upload_plugin(
     let daemon = state.daemon.clone();
     let summary =
         blocking(move || daemon.upload_plugin(body.to_vec(), signature, q.replace)).await?;
+    Ok((StatusCode::CREATED, Json(summary)).into_response())
+}
+
+/// A plugin to pull from an OCI registry.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PullRequest {
+    /// `REGISTRY/REPOSITORY:TAG` or `REGISTRY/REPOSITORY@sha256:DIGEST` (`oci://` optional);
+    /// plain http only for loopback registries. Credentials are the daemon's (its Docker
+    /// config file or `ESPALIER_REGISTRY_*`), never the request's.
+    pub reference: String,
+    /// Replace a different plugin file of the same name.
+    #[serde(default)]
+    pub replace: bool,
+}
+
+#[utoipa::path(
+    post, path = "/v1/plugins/pull", request_body = PullRequest, security(("bearer" = [])),
+    responses(
+        (status = 201, description = "Pulled, every digest checked, admitted by the daemon's signature policy (the signature travels in the manifest), written to the plugin folder as NAME.wasm and registered"),
+        (status = 400, body = ErrorBody, description = "A malformed reference, or the plugin is refused (not a usable component, or unsigned/untrusted with `require_signatures`)"),
+        (status = 401, body = ErrorBody), (status = 409, body = ErrorBody),
+        (status = 502, body = ErrorBody, description = "The registry is down, refused, asks for credentials the daemon lacks, or sent something too large, too slow or not matching its digest; nothing was registered")
+    )
+)]
+async fn pull_plugin(
+    State(state): State<ApiState>,
+    body: Result<Json<PullRequest>, JsonRejection>,
+) -> ApiResult<Response> {
+    let Json(req) = body.map_err(json_error)?;
+    let daemon = state.daemon.clone();
+    let summary = blocking(move || daemon.pull_plugin(&req.reference, req.replace)).await?;
     Ok((StatusCode::CREATED, Json(summary)).into_response())
 }
 

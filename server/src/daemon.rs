@@ -59,6 +59,10 @@ pub enum DaemonError {
     /// The request conflicts with the current state (HTTP 409).
     #[error("{0}")]
     Conflict(String),
+    /// A registry pull failed: a malformed reference (HTTP 400), or the registry could not be
+    /// reached, refused, or sent something that failed verification (HTTP 502).
+    #[error(transparent)]
+    Registry(#[from] espalier::plugin::oci::OciError),
     /// The daemon is shutting down (HTTP 503).
     #[error("the daemon is shutting down and accepts no new runs")]
     ShuttingDown,
@@ -541,6 +545,15 @@ impl Daemon {
         }
         self.install(plugin, Arc::new(bytes), &path);
         self.plugin(&name)
+    }
+
+    /// Pulls a plugin from an OCI registry (`POST /v1/plugins/pull`): every digest is checked,
+    /// then it is admitted like an upload (the daemon's signature policy, with the signature
+    /// its manifest carries), written to the plugin folder as `NAME.wasm` and registered.
+    pub fn pull_plugin(&self, reference: &str, replace: bool) -> Result<PluginView, DaemonError> {
+        let pulled = espalier::plugin::oci::pull(reference)?;
+        tracing::info!(reference, pinned = %pulled.pinned, "plugin pulled");
+        self.upload_plugin(pulled.wasm, pulled.signature, replace)
     }
 
     /// Deletes the plugin file of `name` from the plugin folder (built-ins cannot be deleted).

@@ -4,6 +4,7 @@
 pub mod bindings;
 pub mod budget;
 pub mod compat;
+pub mod oci;
 pub mod progress;
 pub mod registry;
 /// The host-import replay harness: unit tests and the `host_imports` fuzz target.

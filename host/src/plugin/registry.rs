@@ -9,6 +9,7 @@ use std::sync::Arc;
 use espalier_engine::files;
 
 use super::bindings::{ParamKind, ParamValue, PluginInfo};
+use super::oci::PullCache;
 use super::runtime::{CompiledPlugin, PluginError, Runtime, Sandbox};
 use super::signing::{Signer, Trust, read_signature_beside};
 use super::state::ModelView;
@@ -39,6 +40,9 @@ pub struct Plugin {
     /// Who vouches for it: built in, unsigned, or the key whose signature beside the file
     /// verified (see [`super::signing`]).
     pub signer: Signer,
+    /// For a plugin pulled from an OCI registry, the reference pinned to the manifest it came
+    /// from (`oci://REGISTRY/REPOSITORY@sha256:HEX`).
+    pub source: Option<String>,
 }
 
 /// Plugins by name: the built-ins, and the folder (or uploaded) plugins on top, a folder plugin
@@ -53,6 +57,9 @@ pub struct Registry {
     /// Plugin files refused by the signature policy, by described name, with the reason (so
     /// a stage naming one says why it is missing).
     refused: BTreeMap<String, String>,
+    /// Where plugins that pipelines name by OCI reference are cached (`None`: no cache, so
+    /// such pipelines are refused).
+    pull_cache: Option<PullCache>,
 }
 
 /// The registry a long-lived process changes while runs are in flight: readers take a
@@ -114,6 +121,40 @@ pub fn empty_view() -> Arc<ModelView> {
     })
 }
 
+/// Pulls the plugin `reference` names (`oci://…`) through the registry's pull cache, checks
+/// it (digests, then compile, describe and the signature policy) and returns it with its
+/// pinned source. Nothing is registered.
+pub fn load_oci(
+    registry: &Registry,
+    runtime: &Runtime,
+    reference: &str,
+    sandbox: &Sandbox,
+) -> Result<Plugin, PluginError> {
+    let cache = registry
+        .pull_cache()
+        .ok_or_else(|| PluginError::Refused {
+            plugin: reference.to_string(),
+            message: "plugins named by registry reference are cached by digest in the plugin cache, which is off (ESPALIER_CACHE=off)".into(),
+        })?;
+    let cached = cache.fetch(reference)?;
+    let label = reference.to_string();
+    let plugin = load_bytes_sandboxed(
+        runtime,
+        &label,
+        &cached.pulled.wasm,
+        Origin::File(cached.path.clone()),
+        sandbox,
+    )?;
+    let mut plugin = admit(
+        plugin,
+        cached.pulled.signature.as_deref(),
+        &registry.trust,
+        &label,
+    )?;
+    plugin.source = Some(cached.pulled.pinned);
+    Ok(plugin)
+}
+
 /// Loads one plugin from bytes: compile, then describe under the default sandbox.
 pub fn load_bytes(
     runtime: &Runtime,
@@ -171,6 +212,7 @@ pub fn load_bytes_sandboxed(
         origin,
         compiled,
         size: bytes.len(),
+        source: None,
     })
 }
 
@@ -353,6 +395,16 @@ impl Registry {
     /// Sets the signers plugin files must come from (before any folder is added).
     pub fn set_trust(&mut self, trust: Trust) {
         self.trust = Arc::new(trust);
+    }
+
+    /// Caches plugins that pipelines name by OCI reference in `cache`.
+    pub fn set_pull_cache(&mut self, cache: Option<PullCache>) {
+        self.pull_cache = cache;
+    }
+
+    /// Where plugins named by OCI reference are cached.
+    pub fn pull_cache(&self) -> Option<&PullCache> {
+        self.pull_cache.as_ref()
     }
 
     /// The signers plugin files must come from.

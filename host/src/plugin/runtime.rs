@@ -62,6 +62,9 @@ pub enum PluginError {
         /// What is wrong, with a hint.
         message: String,
     },
+    /// A plugin named by registry reference could not be pulled or failed verification.
+    #[error(transparent)]
+    Pull(#[from] super::oci::OciError),
     /// The plugin is refused by the signature policy (unsigned, tampered, untrusted).
     #[error("plugin `{}` is refused: {}", safe_name(.plugin), safe_message(.message))]
     Refused {
@@ -404,6 +407,20 @@ impl Runtime {
             let _ = std::fs::remove_file(&tmp);
             tracing::warn!("cannot cache the compiled plugin in {}: {e}", dir.display());
         }
+    }
+
+    /// The names a compiled component imports and exports (listed in an OCI artifact's
+    /// config, which registries and other wasm tools show).
+    pub fn interfaces(&self, compiled: &CompiledPlugin) -> (Vec<String>, Vec<String>) {
+        let ty = compiled.component.component_type();
+        (
+            ty.imports(&self.engine)
+                .map(|(n, _)| n.to_string())
+                .collect(),
+            ty.exports(&self.engine)
+                .map(|(n, _)| n.to_string())
+                .collect(),
+        )
     }
 
     /// Compiles component bytes, or returns the cached compilation of identical bytes.
