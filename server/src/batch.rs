@@ -258,9 +258,11 @@ impl Worker {
                 break;
             };
             self.daemon.metrics.add_generation_waiting(-1);
+            // Counted as running before the prefill: it sends the first text, and a client
+            // that reads it must find its sequence running.
+            self.daemon.metrics.add_generation_running(1);
             match self.prefill(&job) {
                 Ok(seq) => {
-                    self.daemon.metrics.add_generation_running(1);
                     self.reserved += job.kv_bytes;
                     self.running.push(Running {
                         seq,
@@ -271,6 +273,7 @@ impl Worker {
                     });
                 }
                 Err(e) => {
+                    self.daemon.metrics.add_generation_running(-1);
                     let _ = job.updates.send(Update::Done(Err(e)));
                 }
             }
