@@ -93,7 +93,9 @@ def build(src, jobs):
         die("cmake is not installed (Debian: apt-get install cmake g++)")
     run(["cmake", "-S", src, "-B", os.path.join(src, "build"), "-DCMAKE_BUILD_TYPE=Release",
          "-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF",
-         "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF"], stdout=subprocess.DEVNULL)
+         "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
+         # Static binaries: the build folder can move (no RPATH into it).
+         "-DBUILD_SHARED_LIBS=OFF"], stdout=subprocess.DEVNULL)
     run(["cmake", "--build", os.path.join(src, "build"), "--target", *TARGETS, "-j", str(jobs)],
         stdout=subprocess.DEVNULL)
     return bindir
