@@ -1287,18 +1287,8 @@ fn cmd_plugins_sign(file: &std::path::Path, key: &std::path::Path, force: bool) 
         "{} exists; pass --force to replace it",
         path.display()
     );
-    let tmp = path.with_file_name(format!(
-        ".{}.tmp-{}",
-        path.file_name()
-            .map_or_else(String::new, |n| n.to_string_lossy().into_owned()),
-        std::process::id()
-    ));
-    std::fs::write(&tmp, sig.to_text())
-        .and_then(|()| std::fs::rename(&tmp, &path))
-        .map_err(|e| {
-            let _ = std::fs::remove_file(&tmp);
-            anyhow::anyhow!("cannot write {}: {e}", path.display())
-        })?;
+    espalier::atomic::write_atomic(&path, sig.to_text().as_bytes())
+        .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
     out!(
         "signed {} ({} {}, sha256 {}) with key {}: {}",
         file.display(),
@@ -1474,10 +1464,10 @@ fn cmd_plugins_pull(
     );
     // The signature first: a watched folder checks the component against it on arrival.
     if let Some(sig) = &pulled.signature {
-        oci::write_atomic(&sig_path, sig)
+        espalier::atomic::write_atomic(&sig_path, sig)
             .with_context(|| format!("cannot write {}", sig_path.display()))?;
     }
-    oci::write_atomic(&path, &pulled.wasm)
+    espalier::atomic::write_atomic(&path, &pulled.wasm)
         .with_context(|| format!("cannot write {}", path.display()))?;
     out!(
         "pulled {} {} (sha256 {}, {}) from {}",

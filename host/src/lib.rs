@@ -2,6 +2,7 @@
 //! the export of pruned models. The `espalier` binary is a thin CLI over this crate.
 
 pub mod app;
+pub mod atomic;
 pub mod bench;
 pub mod calibration;
 pub mod cancel;

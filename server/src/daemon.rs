@@ -11,6 +11,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use espalier::app::{App, Config, ErrorKind, RunOverrides};
+use espalier::atomic::write_atomic;
 use espalier::cancel::CancelToken;
 use espalier::events::RunEvent;
 use espalier::pipeline::{Pipeline, PipelineError};
@@ -506,15 +507,8 @@ impl Daemon {
         }
         // The signature first: the watcher checks the component against it when it appears.
         let sig_path = signature_path(&path);
-        let sig_tmp = self.layout.plugins.join(format!(
-            ".{name}.wasm.sig.tmp-{}-{}",
-            std::process::id(),
-            unique()
-        ));
         let sig_written = match &signature {
-            Some(sig) => {
-                std::fs::write(&sig_tmp, sig).and_then(|()| std::fs::rename(&sig_tmp, &sig_path))
-            }
+            Some(sig) => write_atomic(&sig_path, sig),
             // An unsigned upload replaces a signed file: its old signature would not match.
             None => match std::fs::remove_file(&sig_path) {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
@@ -522,20 +516,10 @@ impl Daemon {
             },
         };
         sig_written.map_err(|e| {
-            let _ = std::fs::remove_file(&sig_tmp);
             DaemonError::Internal(format!("cannot write {}: {e}", sig_path.display()))
         })?;
-        let tmp = self.layout.plugins.join(format!(
-            ".{name}.wasm.tmp-{}-{}",
-            std::process::id(),
-            unique()
-        ));
-        std::fs::write(&tmp, &bytes)
-            .and_then(|()| std::fs::rename(&tmp, &path))
-            .map_err(|e| {
-                let _ = std::fs::remove_file(&tmp);
-                DaemonError::Internal(format!("cannot write {}: {e}", path.display()))
-            })?;
+        write_atomic(&path, &bytes)
+            .map_err(|e| DaemonError::Internal(format!("cannot write {}: {e}", path.display())))?;
         let plugin = Plugin {
             origin: Origin::File(path.clone()),
             ..plugin
@@ -1194,18 +1178,6 @@ fn run_metrics(report: &espalier::report::RunReport, seconds: f64) -> Value {
     })
 }
 
-fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let tmp = path.with_file_name(format!(
-        ".{}.tmp-{}",
-        path.file_name()
-            .map(|n| n.to_string_lossy())
-            .unwrap_or_default(),
-        std::process::id()
-    ));
-    std::fs::write(&tmp, bytes)?;
-    std::fs::rename(&tmp, path)
-}
-
 fn stem(path: &Path) -> String {
     path.file_stem()
         .map(|s| s.to_string_lossy().into_owned())
@@ -1225,12 +1197,6 @@ pub fn safe_file_stem(name: &str) -> bool {
         && name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
-}
-
-fn unique() -> u64 {
-    use std::sync::atomic::AtomicU64;
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    NEXT.fetch_add(1, Ordering::Relaxed)
 }
 
 #[cfg(test)]

@@ -66,11 +66,7 @@ impl Layout {
         for (name, text) in DEFAULT_TEXTS {
             let path = layout.data.join(name);
             if !path.exists() {
-                let tmp = layout
-                    .data
-                    .join(format!(".{name}.tmp-{}", std::process::id()));
-                std::fs::write(&tmp, text)?;
-                std::fs::rename(&tmp, &path)?;
+                espalier::atomic::write_atomic(&path, text.as_bytes())?;
             }
         }
         Ok(layout)

@@ -947,34 +947,12 @@ impl PullCache {
     /// Writes `bytes` to `path` through a temporary file in the same folder and a rename
     /// (the cache holds only files named by their digest, so replacing one changes nothing).
     fn store(&self, path: &Path, bytes: &[u8]) -> Result<(), OciError> {
-        write_atomic(path, bytes).map_err(|e| OciError::Cache {
+        crate::atomic::write_atomic(path, bytes).map_err(|e| OciError::Cache {
             path: path.display().to_string(),
             message: e.to_string(),
         })
     }
 }
-
-/// Writes `bytes` to `path` through a temporary file beside it and a rename, creating the
-/// folder; a failed write leaves no temporary file behind.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir)?;
-    let name = path
-        .file_name()
-        .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
-    let tmp = dir.join(format!(
-        ".{name}.tmp-{}-{}",
-        std::process::id(),
-        TMP_COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-    ));
-    let written = std::fs::write(&tmp, bytes).and_then(|()| std::fs::rename(&tmp, path));
-    if written.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    written
-}
-
-static TMP_COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 #[cfg(test)]
 mod tests {

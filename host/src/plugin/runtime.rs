@@ -397,14 +397,13 @@ impl Runtime {
     fn store_on_disk(&self, sha256: &str, component: &Component) {
         let Some(dir) = &self.disk_cache else { return };
         let path = dir.join(format!("{sha256}.cwasm"));
-        let tmp = dir.join(format!(".{sha256}.tmp-{}", std::process::id()));
         let written = component
             .serialize()
             .map_err(|e| format!("{e:#}"))
-            .and_then(|bytes| std::fs::write(&tmp, bytes).map_err(|e| e.to_string()))
-            .and_then(|()| std::fs::rename(&tmp, &path).map_err(|e| e.to_string()));
+            .and_then(|bytes| {
+                crate::atomic::write_atomic(&path, &bytes).map_err(|e| e.to_string())
+            });
         if let Err(e) = written {
-            let _ = std::fs::remove_file(&tmp);
             tracing::warn!("cannot cache the compiled plugin in {}: {e}", dir.display());
         }
     }
