@@ -166,8 +166,8 @@ struct Running {
     updates: UnboundedSender<Update>,
     deadline: Instant,
     kv_bytes: usize,
-    /// Already sent its end (an error): leaves at the next chance without another answer.
-    answered: bool,
+    /// Failed during a step: leaves at the next chance with this error as its answer.
+    failed: Option<JobError>,
 }
 
 /// The scheduler thread's state.
@@ -269,7 +269,7 @@ impl Worker {
                         deadline: job.submitted + self.limits.deadline,
                         kv_bytes: job.kv_bytes,
                         updates: job.updates,
-                        answered: false,
+                        failed: None,
                     });
                 }
                 Err(e) => {
@@ -323,10 +323,12 @@ impl Worker {
             Err(e) => {
                 // A failed step leaves every cache of the batch unusable: end them all.
                 for r in self.running.drain(..) {
+                    // Counted out before the answer, so a client that has it never finds its
+                    // sequence still running.
+                    self.daemon.metrics.add_generation_running(-1);
                     let _ = r
                         .updates
                         .send(Update::Done(Err(JobError::Failed(e.to_string()))));
-                    self.daemon.metrics.add_generation_running(-1);
                 }
                 self.reserved = 0;
                 return;
@@ -340,8 +342,7 @@ impl Worker {
                 }
                 Ok(_) => {}
                 Err(e) => {
-                    let _ = r.updates.send(Update::Done(Err(job_error(e))));
-                    r.answered = true;
+                    r.failed = Some(job_error(e));
                 }
             }
         }
@@ -354,12 +355,13 @@ impl Worker {
         let metrics = &self.daemon.metrics;
         let mut freed = 0;
         self.running.retain_mut(|r| {
-            if r.answered {
-                // Its error was sent already.
+            let answer = if let Some(e) = r.failed.take() {
+                Some(Err(e))
             } else if r.updates.is_closed() {
                 if r.seq.finish().is_none() {
                     metrics.inc_generation_abandoned();
                 }
+                None
             } else {
                 if r.seq.finish().is_none() && now >= r.deadline {
                     let rest = r.seq.stop(FinishReason::Deadline);
@@ -370,16 +372,20 @@ impl Worker {
                 if r.seq.wants_token() {
                     return true;
                 }
-                let done = Finished {
+                Some(Ok(Finished {
                     text: r.seq.text().to_string(),
                     prompt_tokens: r.seq.prompt_len(),
                     completion_tokens: r.seq.generated(),
                     finish: r.seq.finish().unwrap_or(FinishReason::Length),
-                };
-                let _ = r.updates.send(Update::Done(Ok(done)));
-            }
+                }))
+            };
+            // Counted out before the answer goes: a client holding its reply must never find
+            // its sequence still running (this thread would otherwise race that client).
             metrics.add_generation_running(-1);
             freed += r.kv_bytes;
+            if let Some(answer) = answer {
+                let _ = r.updates.send(Update::Done(answer));
+            }
             false
         });
         self.reserved = self.reserved.saturating_sub(freed);
