@@ -1804,7 +1804,35 @@ fn espalier_decode_bench(
             b.weight_bytes.dense as f64 / b.weight_bytes.pruned.max(1) as f64
         ),
     ]);
+    t.add_row(vec![
+        "weights read / decode step".to_string(),
+        mib(Some(dense.weight_bytes_per_token as u64)),
+        mib(Some(pruned.weight_bytes_per_token as u64)),
+        format!(
+            "{:.2}x fewer",
+            dense.weight_bytes_per_token as f64 / pruned.weight_bytes_per_token.max(1) as f64
+        ),
+    ]);
+    let bw = b.memory_bandwidth_gbps;
+    t.add_row(vec![
+        "weight bandwidth reached".to_string(),
+        format!(
+            "{:.1} GB/s ({:.0}%)",
+            dense.weight_gb_per_s,
+            100.0 * dense.weight_gb_per_s / bw
+        ),
+        format!(
+            "{:.1} GB/s ({:.0}%)",
+            pruned.weight_gb_per_s,
+            100.0 * pruned.weight_gb_per_s / bw
+        ),
+        format!("probe: {bw:.1} GB/s"),
+    ]);
     out!("{t}");
+    out!(
+        "bandwidth reached = weights read per step / ms per token, as a share of the read \
+         bandwidth probed in this run (its ceiling)"
+    );
     out!(
         "peak RSS is process-wide: the pruned row still counts allocator pages the dense model and \
          the pruning run left behind; the weights row counts the bytes each forward pass holds"

@@ -223,6 +223,13 @@ pub struct LatencyReport {
     pub decode_tokens_per_s: f64,
     /// Decode steps timed (`new_tokens - 1`).
     pub decode_steps: usize,
+    /// Bytes of weights each decode step reads ([`Session::weight_bytes_per_token`]).
+    #[serde(default)]
+    pub weight_bytes_per_token: usize,
+    /// Those bytes over the decode step's time, in GB/s: how close decoding comes to the
+    /// memory bandwidth (everything else a step does only lowers it).
+    #[serde(default)]
+    pub weight_gb_per_s: f64,
     /// The generated ids (greedy).
     pub generated: Vec<u32>,
     /// Process-wide peak resident memory in bytes after the run (`None` off Linux).
@@ -285,6 +292,9 @@ pub fn latency(
         ms_per_token,
         decode_tokens_per_s: 1000.0 / ms_per_token.max(f64::EPSILON),
         decode_steps: steps,
+        weight_bytes_per_token: session.weight_bytes_per_token(),
+        weight_gb_per_s: session.weight_bytes_per_token() as f64
+            / (ms_per_token * 1e6).max(f64::EPSILON),
         generated,
         peak_rss_bytes: peak_rss_bytes(),
     })

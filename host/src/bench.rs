@@ -197,6 +197,9 @@ pub struct DecodeBench {
     pub prompt_tokens: usize,
     /// Whether both generated the same token ids (greedy).
     pub same_generated_ids: bool,
+    /// The machine's read bandwidth in GB/s, probed in this run right after the decodes: the
+    /// ceiling for `weight_gb_per_s` of each.
+    pub memory_bandwidth_gbps: f64,
 }
 
 /// Bytes of weights each forward pass holds.
@@ -275,7 +278,10 @@ pub fn bench_decode(
     crate::evaluate::reset_peak();
     let pruned = latency(&session, &prompt, new_tokens)?;
     let pruned_peak = peak_rss_bytes();
+    progress("probing the memory bandwidth");
+    let memory_bandwidth_gbps = espalier_kernels::bench::memory_bandwidth_gbps();
     Ok(DecodeBench {
+        memory_bandwidth_gbps,
         model: model_ref,
         pipeline: pipeline_name,
         decode_speedup: dense.ms_per_token / pruned.ms_per_token,

@@ -65,6 +65,10 @@ impl LinearKernel for PackedKernel {
     fn kind(&self) -> &str {
         &self.label
     }
+
+    fn weight_bytes(&self) -> usize {
+        self.packed.bytes()
+    }
 }
 
 /// The planner's structure hint for a mask.

@@ -385,6 +385,25 @@ fn probe_bandwidth(bufs: &[Vec<f32>], threads: usize, evictor: &Evictor) -> f64 
     bytes as f64 / best / 1e9
 }
 
+/// The read bandwidth (GB/s) of this machine right now, on rayon's pool, measured the way the
+/// kernels read (see [`probe_bandwidth`]): 64 MiB of 2 MiB buffers, caches flushed with 128 MiB
+/// between passes. For benchmarks that report how close a forward pass comes to the memory
+/// limit, measured in the same run as the pass.
+pub fn memory_bandwidth_gbps() -> f64 {
+    let bufs: Vec<Vec<f32>> = (0..(64 << 20) / PROBE_CHUNK)
+        .map(|k| {
+            (0..PROBE_CHUNK / 4)
+                .map(|i| ((i + k) % 1000) as f32)
+                .collect()
+        })
+        .collect();
+    probe_bandwidth(
+        &bufs,
+        rayon::current_num_threads(),
+        &Evictor::new(128 << 20),
+    )
+}
+
 fn baseline_err(e: candle_core::Error) -> KernelError {
     KernelError::Baseline(e.to_string())
 }

@@ -73,41 +73,19 @@ impl DenseMatrix {
 
     /// `y = W·x` (`x`: `cols`, `y`: `rows`, overwritten).
     pub fn gemv(&self, x: &[f32], y: &mut [f32], exec: Exec) -> Result<()> {
-        expect_len("x", self.cols, x.len())?;
-        expect_len("y", self.rows, y.len())?;
-        let tasks = par::task_count(
-            exec,
-            self.rows.div_ceil(4),
-            self.bytes(),
-            par::MIN_TASK_BYTES,
-        );
-        // Bounds in units of 4 rows so every task but the last runs the 4-row kernel only.
-        let bounds = par::even_bounds(self.rows.div_ceil(4), tasks);
-        let isa = exec.isa.effective();
-        let (rows, cols) = (self.rows, self.cols);
-        with_values!(&self.values, w => {
-            par::for_each_range(y, 4, &bounds, |units, ys| {
-                let r = units.start * 4..(units.end * 4).min(rows);
-                gemv_rows(isa, w, cols, r, x, ys);
-            })
-        });
-        Ok(())
+        with_values!(&self.values, w => gemv_slice(w, self.rows, self.cols, x, y, exec))
     }
 
     /// `Y = X·Wᵀ` (`X`: `[tokens, cols]`, `Y`: `[tokens, rows]`, both row-major; `Y` overwritten).
     pub fn gemm(&self, x: &[f32], tokens: usize, y: &mut [f32], exec: Exec) -> Result<()> {
         expect_len("x", checked_len(tokens, self.cols)?, x.len())?;
         expect_len("y", checked_len(tokens, self.rows)?, y.len())?;
-        if tokens <= 2 {
-            // Too few tokens to amortise packing: a GEMV per token streams W at full speed.
-            for t in 0..tokens {
-                let (xs, ys) = (
-                    &x[t * self.cols..][..self.cols],
-                    &mut y[t * self.rows..][..self.rows],
-                );
-                self.gemv(xs, ys, exec)?;
-            }
-            return Ok(());
+        if tokens <= SMALL_BATCH {
+            // Too few tokens to amortise packing: stream W once, each row dotted with every
+            // token while it is in L1.
+            return with_values!(&self.values, w => {
+                small_batch(w, self.rows, self.cols, x, tokens, y, exec)
+            });
         }
         let panels = self.rows.div_ceil(NR);
         let flops = tokens * self.rows * self.cols;
@@ -129,6 +107,132 @@ impl DenseMatrix {
             })
         });
         Ok(())
+    }
+}
+
+/// Token counts up to which [`DenseMatrix::gemm`] and [`gemm_f32`] stream `W` once and dot each
+/// row with every token ([`small_batch`]) instead of packing panels for the register-blocked
+/// GEMM: decode steps, one token per running sequence of a batch. Past it, the GEMM's reuse of
+/// each packed panel across tokens wins.
+pub const SMALL_BATCH: usize = 16;
+
+/// `Y = X·Wᵀ` for dense row-major f32 weights owned elsewhere (a candle tensor's storage):
+/// the GEMV (one token) or small-batch kernel (up to [`SMALL_BATCH`] tokens) of
+/// [`DenseMatrix`], without a packed copy. `w`: `[rows, cols]`; `x`: `[tokens, cols]`; `y`:
+/// `[tokens, rows]`, overwritten. Correct for any token count, but past [`SMALL_BATCH`] a
+/// packed GEMM (ours or a library's) is faster: use one for prefill.
+pub fn gemm_f32(
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    x: &[f32],
+    tokens: usize,
+    y: &mut [f32],
+    exec: Exec,
+) -> Result<()> {
+    expect_len("w", checked_len(rows, cols)?, w.len())?;
+    small_batch(w, rows, cols, x, tokens, y, exec)
+}
+
+/// `y = W·x` over stored rows `w` (`[rows, cols]`).
+fn gemv_slice<T: Element>(
+    w: &[T],
+    rows: usize,
+    cols: usize,
+    x: &[f32],
+    y: &mut [f32],
+    exec: Exec,
+) -> Result<()> {
+    expect_len("x", cols, x.len())?;
+    expect_len("y", rows, y.len())?;
+    let tasks = par::task_count(
+        exec,
+        rows.div_ceil(4),
+        rows * cols * T::DTYPE.size(),
+        par::MIN_TASK_BYTES,
+    );
+    // Bounds in units of 4 rows so every task but the last runs the 4-row kernel only.
+    let bounds = par::even_bounds(rows.div_ceil(4), tasks);
+    let isa = exec.isa.effective();
+    par::for_each_range(y, 4, &bounds, |units, ys| {
+        let r = units.start * 4..(units.end * 4).min(rows);
+        gemv_rows(isa, w, cols, r, x, ys);
+    });
+    Ok(())
+}
+
+/// `Y = X·Wᵀ` for a few tokens: one stream over `W` (rows split over the pool as in the GEMV),
+/// each row dotted with up to 4 tokens per pass while it sits in L1. Weight traffic is that of
+/// one GEMV whatever the token count, which is what batched decoding needs.
+fn small_batch<T: Element>(
+    w: &[T],
+    rows: usize,
+    cols: usize,
+    x: &[f32],
+    tokens: usize,
+    y: &mut [f32],
+    exec: Exec,
+) -> Result<()> {
+    expect_len("x", checked_len(tokens, cols)?, x.len())?;
+    expect_len("y", checked_len(tokens, rows)?, y.len())?;
+    if tokens == 1 {
+        return gemv_slice(w, rows, cols, x, y, exec);
+    }
+    let tasks = par::task_count(
+        exec,
+        rows.div_ceil(4),
+        rows * cols * T::DTYPE.size(),
+        par::MIN_TASK_BYTES,
+    );
+    let bounds = par::even_bounds(rows.div_ceil(4), tasks);
+    let out = SharedOut::new(y);
+    let isa = exec.isa.effective();
+    par::for_each_bound(&bounds, |units| {
+        let r = units.start * 4..(units.end * 4).min(rows);
+        // Each task writes only the columns `r` of Y (its own rows of W).
+        small_batch_rows(isa, w, cols, r, x, tokens, out, rows);
+    });
+    Ok(())
+}
+
+/// Rows `r` of `Y = X·Wᵀ` into `out` (`[tokens, rows_total]`).
+#[allow(clippy::too_many_arguments)]
+fn small_batch_rows<T: Element>(
+    isa: Isa,
+    w: &[T],
+    cols: usize,
+    r: Range<usize>,
+    x: &[f32],
+    tokens: usize,
+    out: SharedOut,
+    rows_total: usize,
+) {
+    assert!(r.end * cols <= w.len() && x.len() == tokens * cols && r.end <= rows_total);
+    for row in r {
+        let wr = &w[row * cols..][..cols];
+        let mut t0 = 0;
+        while t0 < tokens {
+            let n = (tokens - t0).min(4);
+            let mut dots = [0.0f32; 4];
+            match isa {
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: `isa` is effective (AVX2+FMA present); `wr` has `cols` values and
+                // tokens t0..t0+n each have `cols` inputs in `x` (asserted above).
+                Isa::Avx2Fma | Isa::Avx512 => unsafe {
+                    x86::dot_tokens(wr, &x[t0 * cols..(t0 + n) * cols], n, &mut dots)
+                },
+                _ => {
+                    for (j, d) in dots.iter_mut().enumerate().take(n) {
+                        *d = simd::dot_portable(wr, &x[(t0 + j) * cols..][..cols]);
+                    }
+                }
+            }
+            for (j, d) in dots.iter().enumerate().take(n) {
+                // SAFETY: column `row` of Y belongs to this task (see `small_batch`).
+                unsafe { out.write((t0 + j) * rows_total + row, *d) };
+            }
+            t0 += n;
+        }
     }
 }
 
@@ -176,6 +280,53 @@ mod x86 {
     use crate::simd::x86::hsum;
     use std::arch::x86_64::*;
     use std::ops::Range;
+
+    /// `dots[j] = w · x_j` for `n ≤ 4` tokens laid out one after another in `xs` (`n · cols`
+    /// values): every 8 weights are loaded once and used `n` times, two accumulators per token
+    /// so the FMA chains stay short.
+    ///
+    /// # Safety
+    /// AVX2+FMA available; `xs.len() == n * w.len()`; `1 ≤ n ≤ 4`.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn dot_tokens<T: Element>(
+        w: &[T],
+        xs: &[f32],
+        n: usize,
+        dots: &mut [f32; 4],
+    ) {
+        let cols = w.len();
+        let p = w.as_ptr();
+        let xp = xs.as_ptr();
+        let mut a = [[_mm256_setzero_ps(); 2]; 4];
+        let mut c = 0;
+        // SAFETY: columns < cols for every token row j < n (function contract).
+        unsafe {
+            while c + 16 <= cols {
+                let w0 = T::load8(p.add(c));
+                let w1 = T::load8(p.add(c + 8));
+                for (j, acc) in a.iter_mut().enumerate().take(n) {
+                    let x = xp.add(j * cols + c);
+                    acc[0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x), acc[0]);
+                    acc[1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x.add(8)), acc[1]);
+                }
+                c += 16;
+            }
+            while c + 8 <= cols {
+                let w0 = T::load8(p.add(c));
+                for (j, acc) in a.iter_mut().enumerate().take(n) {
+                    acc[0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xp.add(j * cols + c)), acc[0]);
+                }
+                c += 8;
+            }
+            for (j, (d, acc)) in dots.iter_mut().zip(&a).enumerate().take(n) {
+                let mut s = hsum(_mm256_add_ps(acc[0], acc[1]));
+                for k in c..cols {
+                    s += (*p.add(k)).to_f32() * *xp.add(j * cols + k);
+                }
+                *d = s;
+            }
+        }
+    }
 
     /// One row at a time, four accumulators (32 weights per step).
     ///

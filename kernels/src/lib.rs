@@ -52,7 +52,7 @@ pub use bitmap::BitmapMatrix;
 pub use bsr::BsrMatrix;
 pub use compact::CompactMatrix;
 pub use csr::CsrMatrix;
-pub use dense::DenseMatrix;
+pub use dense::{DenseMatrix, SMALL_BATCH, gemm_f32};
 pub use element::{Dtype, Element};
 pub use error::{KernelError, Result};
 pub use isa::{Exec, Isa};

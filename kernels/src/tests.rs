@@ -23,7 +23,8 @@ const SHAPES: &[(usize, usize)] = &[
     (257, 515),
 ];
 
-const TOKENS: &[usize] = &[1, 2, 3, 7, 70];
+/// One token (GEMV), the small-batch kernel's range up to its limit, and the packed GEMM past it.
+const TOKENS: &[usize] = &[1, 2, 3, 7, crate::SMALL_BATCH, crate::SMALL_BATCH + 1, 70];
 
 fn execs() -> Vec<Exec> {
     Isa::all_available()
@@ -77,6 +78,27 @@ fn dense_matches_reference() {
             check_format(&w, rows, cols, Format::Dense, 100 + i as u64);
         }
     }
+}
+
+/// The borrowed-weights entry point the engine runs dense f32 decode steps on.
+#[test]
+fn gemm_f32_on_borrowed_weights_matches_reference() {
+    for (i, &(rows, cols)) in SHAPES.iter().enumerate() {
+        let mut rng = testutil::rng(200 + i as u64);
+        let w = testutil::unstructured(&mut rng, rows, cols, 1.0);
+        for &tokens in TOKENS {
+            let x = testutil::values(&mut rng, tokens * cols);
+            let (want, mag) = reference(&w, rows, cols, &x, tokens);
+            for exec in execs() {
+                let ctx = format!("{rows}x{cols} tokens={tokens} {exec:?}");
+                let mut y = vec![f32::NAN; tokens * rows];
+                crate::gemm_f32(&w, rows, cols, &x, tokens, &mut y, exec).expect(&ctx);
+                assert_close(&y, &want, &mag, &ctx);
+            }
+        }
+    }
+    let mut y = vec![0.0; 2];
+    assert!(crate::gemm_f32(&[0.0; 5], 2, 3, &[0.0; 3], 1, &mut y, Exec::auto()).is_err());
 }
 
 #[test]

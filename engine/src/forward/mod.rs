@@ -29,6 +29,7 @@ use crate::linear::{Linear, LinearKernel};
 use crate::model::Model;
 
 pub use grad::{GradientStats, LossGradients};
+pub(crate) use ops::with_f32;
 use ops::{Activation, RopeTable};
 
 /// Rows of the LM head computed at once when only losses are needed: bounds the logits held in
@@ -509,6 +510,13 @@ impl Session {
         let mut all = self.linears();
         all.pop();
         all
+    }
+
+    /// Bytes of weights one decode step reads: every linear layer (the LM head included, once
+    /// even when it shares the embedding table); the embedding lookup reads one row and the
+    /// norms are negligible. Bytes ÷ ms per token is the bandwidth a decode step reaches.
+    pub fn weight_bytes_per_token(&self) -> usize {
+        self.linears().iter().map(|l| l.weight_bytes()).sum()
     }
 
     /// Every linear layer, blocks in order, then the LM head.
