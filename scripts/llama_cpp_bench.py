@@ -38,6 +38,7 @@ LLAMA_CPP_PYTHON = "0.3.36"
 SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
 TARGETS = ["llama-bench", "llama-quantize", "llama-server"]
 FORMATS = ["F32", "BF16", "Q8_0"]
+DENSE_PIPELINE = "pipelines/smollm2-dense.toml"
 
 
 def log(msg):
@@ -126,11 +127,11 @@ def llama_bench(bindir, model, args):
             "ms_per_token": 1000.0 / tg["avg_ts"], "model_bytes": pp["model_size"]}
 
 
-def espalier_bench(args, storage):
+def espalier_bench(args, pipeline, storage):
     """`espalier bench decode` on the same model: its dense and pruned figures."""
     env = dict(os.environ, RAYON_NUM_THREADS=str(args.threads))
     r = run([args.espalier, "bench", "decode", "fetch:smollm2-135m-instruct", "--pipeline",
-             args.pipeline, "--prompt-tokens", str(args.prompt_tokens), "--new-tokens",
+             pipeline, "--prompt-tokens", str(args.prompt_tokens), "--new-tokens",
              str(args.new_tokens), "--storage", storage, "--json"],
             capture_output=True, text=True, env=env)
     return json.loads(r.stdout)
@@ -167,21 +168,31 @@ def main():
         log(f"llama-bench {fmt}")
         results["llama_cpp"][fmt] = llama_bench(bindir, path, args)
     if not args.skip_espalier:
-        for storage in ["f32", "bf16"]:
-            log(f"espalier bench decode (pruned storage {storage})")
-            e = espalier_bench(args, storage)
-            if storage == "f32":
-                results["espalier"]["dense f32"] = e["dense"]
-            results["espalier"][f"{e['pipeline']} {storage}"] = e["pruned"]
+        # The dense pipeline (no stages) gives dense bf16: every linear packed in bf16.
+        runs = [(DENSE_PIPELINE, "bf16")] + [(args.pipeline, s) for s in ["f32", "bf16"]]
+        for pipeline, storage in runs:
+            log(f"espalier bench decode {pipeline} (storage {storage})")
+            e = espalier_bench(args, pipeline, storage)
+            results["espalier"]["dense f32"] = e["dense"]
+            name = "dense" if pipeline == DENSE_PIPELINE else e["pipeline"]
+            results["espalier"][f"{name} {storage}"] = e["pruned"]
+            results["memory_bandwidth_gbps"] = e.get("memory_bandwidth_gbps")
 
     base = results["llama_cpp"]["F32"]["decode_tokens_per_s"]
     print(f"{'engine / weights':34} {'decode tok/s':>12} {'ms/token':>9} {'vs llama.cpp F32':>17}"
-          f" {'prefill tok/s':>14}")
+          f" {'prefill tok/s':>14} {'MB/token':>9} {'GB/s':>6}")
     rows = [(f"llama.cpp {k}", v) for k, v in results["llama_cpp"].items()]
     rows += [(f"espalier {k}", v) for k, v in results["espalier"].items()]
     for name, v in rows:
+        # llama-bench reports the file size; Espalier the bytes of weights a decode step reads.
+        mb = v.get("weight_bytes_per_token") or v.get("model_bytes") or 0
+        gbs = mb * v["decode_tokens_per_s"] / 1e9
         print(f"{name:34} {v['decode_tokens_per_s']:12.1f} {v['ms_per_token']:9.2f} "
-              f"{v['decode_tokens_per_s'] / base:16.2f}x {v['prefill_tokens_per_s']:14.1f}")
+              f"{v['decode_tokens_per_s'] / base:16.2f}x {v['prefill_tokens_per_s']:14.1f}"
+              f" {mb / 1e6:9.1f} {gbs:6.1f}")
+    if results.get("memory_bandwidth_gbps"):
+        print(f"memory read bandwidth probed by espalier in this run: "
+              f"{results['memory_bandwidth_gbps']:.1f} GB/s")
     print(f"({args.threads} threads, {args.prompt_tokens}-token prompt, {args.new_tokens} new "
           f"tokens; llama.cpp from llama-cpp-python {LLAMA_CPP_PYTHON}, mean of {args.reps} runs)")
     if args.json:

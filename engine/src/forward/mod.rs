@@ -164,6 +164,15 @@ impl KvCache {
         self.len = 0;
     }
 
+    /// The whole key and value buffers of `layer` (`[kv_heads, capacity, head_dim]`, contiguous)
+    /// and their capacity; positions past those appended hold zeros or stale values.
+    fn layer_buffers(&self, layer: usize) -> Option<(&Tensor, &Tensor, usize)> {
+        self.layers
+            .get(layer)?
+            .as_ref()
+            .map(|e| (&e.k, &e.v, e.capacity))
+    }
+
     /// Writes `k`, `v` (`[kv_heads, t, head_dim]`) at position `self.len` of `layer` and
     /// returns views of all keys and values up to and including them.
     fn append(
@@ -652,14 +661,13 @@ impl Session {
                 let qi = ops::split_heads(&q.narrow(0, i, 1)?, heads, d, rope)?;
                 let ki = ops::split_heads(&k.narrow(0, i, 1)?, block.kv_heads, d, rope)?;
                 let vi = ops::split_heads(&v.narrow(0, i, 1)?, block.kv_heads, d, None)?;
-                let (ki, vi) = cache.append(layer, &ki, &vi)?;
-                self.attend(
+                cache.append(layer, &ki, &vi)?;
+                self.attend_cached_one(
                     block,
                     layer,
                     &qi,
-                    &ki,
-                    &vi,
-                    starts[i],
+                    &**cache,
+                    starts[i] + 1,
                     &mut ctx[i * heads * d..(i + 1) * heads * d],
                 )?;
             }
@@ -934,14 +942,47 @@ impl Session {
         let q = ops::split_heads(&q, heads, d, rope)?;
         let k = ops::split_heads(&k, kv_heads, d, rope)?;
         let v = ops::split_heads(&v, kv_heads, d, None)?;
-        let (k, v) = match cache {
-            Some(c) => c.append(layer, &k, &v)?,
-            None => (k, v),
-        };
         let mut ctx = vec![0f32; t * heads * d];
-        self.attend(block, layer, &q, &k, &v, start, &mut ctx)?;
+        match cache {
+            Some(c) if t == 1 => {
+                c.append(layer, &k, &v)?;
+                self.attend_cached_one(block, layer, &q, c, start + 1, &mut ctx)?;
+            }
+            Some(c) => {
+                let (k, v) = c.append(layer, &k, &v)?;
+                self.attend(block, layer, &q, &k, &v, start, &mut ctx)?;
+            }
+            None => self.attend(block, layer, &q, &k, &v, start, &mut ctx)?,
+        }
         let ctx = Tensor::from_vec(ctx, (t, heads * d), &Device::Cpu)?;
         run(&block.o, &ctx, observer)
+    }
+
+    /// Attention of one query token `q: [heads, 1, d]` over the first `visible` positions of
+    /// `cache` (the token's own keys and values already appended), into `ctx: [heads · d]`.
+    fn attend_cached_one(
+        &self,
+        block: &Block,
+        layer: usize,
+        q: &Tensor,
+        cache: &KvCache,
+        visible: usize,
+        ctx: &mut [f32],
+    ) -> Result<(), EngineError> {
+        let (k, v, capacity) = cache
+            .layer_buffers(layer)
+            .ok_or_else(|| EngineError::Input("internal: KV cache layer missing".into()))?;
+        let scale = self.attention_scale(layer) as f32;
+        let (heads, kv_heads, d) = (block.heads, block.kv_heads, self.head_dim);
+        with_f32(q, |qs| {
+            with_f32(k, |ks| {
+                with_f32(v, |vs| {
+                    ops::attend_one(
+                        qs, ks, vs, capacity, visible, heads, kv_heads, d, scale, ctx,
+                    )
+                })
+            })
+        })
     }
 
     /// Causal attention of queries `q: [heads, T, d]` at positions `start..start + T` over

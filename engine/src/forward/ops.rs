@@ -275,6 +275,80 @@ pub(crate) fn causal_softmax(
     new_tensor(out, scores.dims())
 }
 
+/// Attention of one query token over the cached keys and values, straight from the cache's
+/// buffers: what every decode step runs. `q: [heads · d]` (RoPE applied); `k`, `v`: a layer's
+/// cache buffers `[kv_heads, capacity, d]`, of which positions `0..visible` are valid; query
+/// head `h` reads KV head `h / (heads / kv_heads)`. Writes `ctx: [heads · d]`.
+///
+/// The general path (candle matmuls over narrowed views, a softmax tensor, a merge) copies the
+/// visible cache and, for these tiny products, wakes the thread pool twice per layer; here it is
+/// a few dot products on the calling thread. The softmax is [`causal_softmax`]'s arithmetic.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn attend_one(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    capacity: usize,
+    visible: usize,
+    heads: usize,
+    kv_heads: usize,
+    d: usize,
+    scale: f32,
+    ctx: &mut [f32],
+) -> Result<(), EngineError> {
+    let group = heads / kv_heads.max(1);
+    if q.len() != heads * d
+        || ctx.len() != heads * d
+        || k.len() != kv_heads * capacity * d
+        || v.len() != k.len()
+        || visible == 0
+        || visible > capacity
+        || group * kv_heads != heads
+    {
+        return Err(EngineError::Input(
+            "internal: decode attention shape mismatch".into(),
+        ));
+    }
+    let mut scores = vec![0f32; visible];
+    let mut probs = vec![0f32; visible];
+    for h in 0..heads {
+        let base = (h / group) * capacity * d;
+        let qh = &q[h * d..][..d];
+        for (j, s) in scores.iter_mut().enumerate() {
+            *s = dot(qh, &k[base + j * d..][..d]);
+        }
+        let max = max_f32(&scores) * scale;
+        let inv = 1.0 / exp_into(&scores, &mut probs, scale, max);
+        let out = &mut ctx[h * d..][..d];
+        out.fill(0.0);
+        for (j, &p) in probs.iter().enumerate() {
+            let w = p * inv;
+            for (o, &x) in out.iter_mut().zip(&v[base + j * d..][..d]) {
+                *o += w * x;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Dot product with eight independent accumulators (vectorised by the compiler).
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for l in 0..LANES {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
 /// Writes attention output `ctx: [heads, len, d]` into `out`, the rows of `[T, heads · d]`
 /// starting at the block's first token (the inverse of [`split_heads`]).
 pub(crate) fn merge_heads_into(
