@@ -105,6 +105,7 @@ fn dtype_name(dtype: Dtype) -> &'static str {
     match dtype {
         Dtype::F32 => "f32",
         Dtype::Bf16 => "bf16",
+        Dtype::I8 => "int8",
     }
 }
 

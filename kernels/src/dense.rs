@@ -15,7 +15,7 @@ use crate::simd;
 use crate::view::DenseView;
 use std::ops::Range;
 
-/// Dense `[rows, cols]` row-major weights stored as f32 or bf16.
+/// Dense `[rows, cols]` row-major weights stored as f32, bf16 or i8 (per-row scales).
 #[derive(Debug, Clone, PartialEq)]
 pub struct DenseMatrix {
     rows: usize,
@@ -24,8 +24,16 @@ pub struct DenseMatrix {
 }
 
 impl DenseMatrix {
-    /// Packs (copies, and rounds for bf16) the view; masked-out entries become zero.
+    /// Packs (copies, and rounds for bf16, quantizes for i8) the view; masked-out entries
+    /// become zero.
     pub fn from_view(view: &DenseView<'_>, dtype: Dtype) -> DenseMatrix {
+        if dtype == Dtype::I8 {
+            return DenseMatrix {
+                rows: view.rows(),
+                cols: view.cols(),
+                values: crate::quant::Quantized::new(view).into_dense(),
+            };
+        }
         let mut v = Vec::with_capacity(view.rows() * view.cols());
         for r in 0..view.rows() {
             v.extend_from_slice(&view.row(r));
@@ -64,7 +72,9 @@ impl DenseMatrix {
 
     /// Unpacks to dense row-major f32.
     pub fn to_dense(&self) -> Vec<f32> {
-        (0..self.values_len()).map(|i| self.values.get(i)).collect()
+        (0..self.values_len())
+            .map(|i| self.values.get(i, i / self.cols))
+            .collect()
     }
 
     fn values_len(&self) -> usize {
@@ -84,11 +94,13 @@ impl DenseMatrix {
         // Bounds in units of 4 rows so every task but the last runs the 4-row kernel only.
         let bounds = par::even_bounds(self.rows.div_ceil(4), tasks);
         let isa = exec.isa.effective();
-        let (rows, cols) = (self.rows, self.cols);
-        with_values!(&self.values, w => {
+        let (rows, cols, values) = (self.rows, self.cols, &self.values);
+        with_values!(values, w => {
             par::for_each_range(y, 4, &bounds, |units, ys| {
                 let r = units.start * 4..(units.end * 4).min(rows);
+                let first = r.start;
                 gemv_rows(isa, w, cols, r, x, ys);
+                values.scale_rows(first, ys);
             })
         });
         Ok(())
@@ -116,13 +128,14 @@ impl DenseMatrix {
         let out = SharedOut::new(y);
         let isa = exec.isa.effective();
         let (rows, cols) = (self.rows, self.cols);
+        let scales = self.values.scales();
         with_values!(&self.values, w => {
             par::for_each_bound(&bounds, |range| {
                 let mut panel = vec![0.0f32; cols * NR];
                 for p in range {
                     let r0 = p * NR;
                     let nr = NR.min(rows - r0);
-                    pack_panel(w, cols, r0, nr, &mut panel);
+                    pack_panel(w, scales, cols, r0, nr, &mut panel);
                     let seg = [Segment { col: 0, kc: cols, offset: 0 }];
                     gemm::panel_gemm(isa, x, tokens, cols, &seg, &panel, NR, out, rows, r0, nr);
                 }
@@ -132,13 +145,23 @@ impl DenseMatrix {
     }
 }
 
-/// Copies rows `r0..r0+nr` of `w` into `panel[k * 16 + r]` (f32), zero-filling rows past `nr`.
-fn pack_panel<T: Element>(w: &[T], cols: usize, r0: usize, nr: usize, panel: &mut [f32]) {
+/// Copies rows `r0..r0+nr` of `w` into `panel[k * 16 + r]` (f32), zero-filling rows past `nr`;
+/// i8 rows are dequantized with their `scales` on the way (GEMM is compute bound, and the panel
+/// is reused by every token tile, so this costs nothing measurable).
+fn pack_panel<T: Element>(
+    w: &[T],
+    scales: Option<&[f32]>,
+    cols: usize,
+    r0: usize,
+    nr: usize,
+    panel: &mut [f32],
+) {
     for r in 0..NR {
         if r < nr {
             let row = &w[(r0 + r) * cols..][..cols];
+            let s = scales.map_or(1.0, |s| s[r0 + r]);
             for (k, &v) in row.iter().enumerate() {
-                panel[k * NR + r] = v.to_f32();
+                panel[k * NR + r] = v.to_f32() * s;
             }
         } else {
             for k in 0..cols {
