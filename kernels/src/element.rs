@@ -273,7 +273,8 @@ impl Values {
     #[inline]
     pub(crate) fn scale_rows(&self, first_row: usize, y: &mut [f32]) {
         if let Some(s) = self.scales() {
-            for (yi, &si) in y.iter_mut().zip(&s[first_row..]) {
+            // `get`: an empty range past the last row scales nothing rather than panicking.
+            for (yi, &si) in y.iter_mut().zip(s.get(first_row..).unwrap_or_default()) {
                 *yi *= si;
             }
         }
