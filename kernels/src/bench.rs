@@ -18,7 +18,8 @@
 //!
 //! The baseline of every speed-up is the faster of candle's f32 matmul (`x.matmul(&w.t())`,
 //! what a candle linear layer runs) and our dense f32 GEMV, so bf16 rows include the gain from
-//! halving the bytes and i8 rows (dense, BSR and 2:4, per-row scales) from quartering them. Prefill rows compare our GEMM on `tokens` rows of `X` against candle's.
+//! halving the bytes and i8 rows (dense, BSR and 2:4, per-row scales) from quartering them.
+//! Prefill rows compare our GEMM on `tokens` rows of `X` against candle's.
 //!
 //! Masks are random: unstructured at the given sparsity (CSR and bitmap), whole 16x16 blocks
 //! (BSR), and exactly 2 of every 4 (2:4). The weights' values do not affect speed.
