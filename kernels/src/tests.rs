@@ -489,7 +489,8 @@ proptest! {
                        Format::Bsr { br: 3, bc: 7 }] {
             for dtype in DTYPES {
                 let p = PackedLinear::pack("p", &view, format, dtype).expect("pack");
-                prop_assert_eq!(p.to_dense(), expected_dense(&w, cols, dtype), "{} {}", format, dtype);
+                let want = expected_dense(&w, cols, dtype);
+                prop_assert_eq!(p.to_dense(), want, "{} {}", format, dtype);
             }
         }
     }
