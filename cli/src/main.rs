@@ -232,8 +232,13 @@ enum Command {
 
 #[derive(Clone, Copy, clap::ValueEnum)]
 enum StorageArg {
+    /// f32, exact.
     F32,
+    /// bf16 with f32 accumulation: half the bytes.
     Bf16,
+    /// int8 with one f32 scale per output row (symmetric, max |w| / 127), f32 accumulation: a
+    /// quarter of the bytes; every linear, the LM head included.
+    Int8,
 }
 
 #[derive(Subcommand)]
@@ -1739,6 +1744,7 @@ fn espalier_decode_bench(
     let storage = match storage {
         StorageArg::F32 => espalier::sparse::Storage::F32,
         StorageArg::Bf16 => espalier::sparse::Storage::Bf16,
+        StorageArg::Int8 => espalier::sparse::Storage::Int8,
     };
     let b = espalier::bench::bench_decode(
         &app,

@@ -186,7 +186,8 @@ impl Default for Config {
 
 /// Builds the forward pass of `model` and evaluates it, reporting progress as `which`.
 ///
-/// With `masks`, pruned layers run on Espalier's sparse kernels (the format the planner picks).
+/// With `masks`, pruned layers run on Espalier's sparse kernels (the format the planner picks),
+/// in the spec's storage.
 /// `reset_peak`: measure this model's own peak memory (see [`Subject::reset_peak`]).
 pub fn evaluate_model(
     model: &espalier_engine::Model,
@@ -203,9 +204,8 @@ pub fn evaluate_model(
         .map_err(|e| AppError::Evaluate(which.to_string(), e))?;
     let subject = match masks {
         Some(masks) => {
-            let attached =
-                crate::sparse::attach(&mut session, model, masks, crate::sparse::Storage::F32)
-                    .map_err(|e| AppError::Evaluate(which.to_string(), e))?;
+            let attached = crate::sparse::attach(&mut session, model, masks, spec.storage)
+                .map_err(|e| AppError::Evaluate(which.to_string(), e))?;
             Subject {
                 kernels: attached.kernels,
                 weight_bytes: attached.packed_model_bytes as u64,

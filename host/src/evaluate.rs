@@ -62,6 +62,10 @@ pub struct EvalSpec {
     pub max_tokens: Option<usize>,
     /// Latency: prompt tokens and new tokens; `None` = skip.
     pub latency: Option<(usize, usize)>,
+    /// Weight storage the pruned model is evaluated in (`[evaluate] storage`): f32, or every
+    /// linear packed in bf16 or int8, so the table shows what quantizing costs in perplexity
+    /// and gains in ms/token beside the dense f32 baseline.
+    pub storage: crate::sparse::Storage,
 }
 
 impl Default for EvalSpec {
@@ -73,6 +77,7 @@ impl Default for EvalSpec {
             stride: None,
             max_tokens: Some(DEFAULT_MAX_TOKENS),
             latency: Some((DEFAULT_PROMPT_TOKENS, DEFAULT_NEW_TOKENS)),
+            storage: crate::sparse::Storage::F32,
         }
     }
 }

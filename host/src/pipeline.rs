@@ -215,6 +215,7 @@ struct RawEvaluate {
     stride: Option<Spanned<usize>>,
     max_tokens: Option<Spanned<usize>>,
     latency: Option<Spanned<RawLatencySetting>>,
+    storage: Option<Spanned<String>>,
 }
 
 /// `latency = false`, `latency = true` (the defaults) or `latency = { prompt_tokens = P,
@@ -596,6 +597,18 @@ fn parse_evaluate(
             }
             n => Some(n),
         };
+    }
+    if let Some(st) = &e.storage {
+        spec.storage = crate::sparse::Storage::from_name(st.get_ref()).ok_or_else(|| {
+            ctx.err(
+                st.span().start,
+                "evaluate.storage",
+                format!(
+                    "`{}` is not a weight storage: use \"f32\", \"bf16\" or \"int8\"",
+                    st.get_ref()
+                ),
+            )
+        })?;
     }
     if let Some(l) = &e.latency {
         spec.latency = match *l.get_ref() {
@@ -1130,6 +1143,16 @@ mod tests {
         let p = parse("model = \"m\"\n[evaluate]\nlatency = false\nmax_tokens = 0\n").unwrap();
         let e = p.evaluate.unwrap().value;
         assert_eq!((e.latency, e.max_tokens), (None, None));
+        let p = parse("model = \"m\"\n[evaluate]\nstorage = \"int8\"\n").unwrap();
+        assert_eq!(
+            p.evaluate.unwrap().value.storage,
+            crate::sparse::Storage::Int8
+        );
+        let e = parse("model = \"m\"\n[evaluate]\nstorage = \"fp8\"\n").unwrap_err();
+        assert!(
+            e.to_string().contains("evaluate.storage") && e.to_string().contains("fp8"),
+            "{e}"
+        );
         let p = parse("model = \"m\"\n[evaluate]\nlatency = true\n").unwrap();
         assert_eq!(
             p.evaluate.unwrap().value.latency,

@@ -82,7 +82,8 @@ fn hint(s: Structure) -> KStructure {
     }
 }
 
-/// Weight storage for sparse and dense layers alike.
+/// Weight storage for sparse and dense layers alike: anything but f32 packs every linear (the
+/// LM head too) in that dtype.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Storage {
     /// f32 (exact).
@@ -90,6 +91,27 @@ pub enum Storage {
     F32,
     /// bf16 with f32 accumulation (half the bytes; rounds weights).
     Bf16,
+    /// int8 with a per-output-row f32 scale and f32 accumulation (a quarter of the bytes;
+    /// quantizes weights, masked ones stay exact zeros).
+    Int8,
+}
+
+impl Storage {
+    /// The setting's name in pipelines and on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Storage::F32 => "f32",
+            Storage::Bf16 => "bf16",
+            Storage::Int8 => "int8",
+        }
+    }
+
+    /// Reads a name written by [`Storage::name`].
+    pub fn from_name(name: &str) -> Option<Storage> {
+        [Storage::F32, Storage::Bf16, Storage::Int8]
+            .into_iter()
+            .find(|s| s.name() == name)
+    }
 }
 
 /// What [`attach`] did.
@@ -109,6 +131,7 @@ fn dtype_name(dtype: Dtype) -> &'static str {
     match dtype {
         Dtype::F32 => "f32",
         Dtype::Bf16 => "bf16",
+        Dtype::I8 => "int8",
     }
 }
 
@@ -159,6 +182,7 @@ pub fn attach(
     let dtype = match storage {
         Storage::F32 => Dtype::F32,
         Storage::Bf16 => Dtype::Bf16,
+        Storage::Int8 => Dtype::I8,
     };
     // (name, kind) of every linear, read once: the loop below replaces kernels in `session`.
     let linears: Vec<(String, String)> = session
@@ -295,6 +319,44 @@ mod tests {
                 let d = max_rel_diff(&a, &b);
                 assert!(d <= 1e-4, "{model_name} {structure}: {d} ({formats:?})");
             }
+        }
+    }
+
+    /// bf16 and int8 storage pack every linear (masked ones in their sparse format, the rest
+    /// and the LM head dense) and stay close to the f32 logits: the rounding of the weights is
+    /// the only difference.
+    #[test]
+    fn bf16_and_int8_storage_pack_every_linear_and_stay_close() {
+        let tokens: Vec<u32> = (0..24).map(|i| (i * 37 % 251) as u32).collect();
+        let (model, masks) = pruned("builtin:tiny-llama", Structure::NOfM { n: 2, m: 4 }, 0.5);
+        let dense = Session::new(&model).unwrap();
+        let want = dense.forward(&tokens, None).unwrap();
+        for (storage, label, tolerance) in
+            [(Storage::Bf16, "bf16", 2e-2), (Storage::Int8, "int8", 5e-2)]
+        {
+            let mut session = Session::new(&model).unwrap();
+            let attached = attach(&mut session, &model, &masks, storage).unwrap();
+            let linears = session.linears().len();
+            let packed: usize = attached
+                .kernels
+                .layers
+                .iter()
+                .filter(|(k, _)| k.ends_with(label))
+                .map(|(_, n)| n)
+                .sum();
+            assert_eq!(packed, linears, "{label}: {:?}", attached.kernels.layers);
+            assert!(
+                attached.packed_model_bytes < attached.model_bytes,
+                "{label}"
+            );
+            for t in [&tokens[..], &tokens[..1]] {
+                let got = session.forward(t, None).unwrap();
+                let reference = dense.forward(t, None).unwrap();
+                let d = max_rel_diff(&reference, &got);
+                assert!(d <= tolerance, "{label}: {d}");
+            }
+            let d = max_rel_diff(&want, &session.forward(&tokens, None).unwrap());
+            assert!(d > 0.0, "{label}: rounding must change something");
         }
     }
 

@@ -1,6 +1,7 @@
 //! Runs the kernel benchmark outside the CLI:
 //! `cargo run --release -p espalier-kernels --example bench_kernels [-- --quick] [--json]
-//! [--layers N] [--reps N] [--portable | --avx2] [--f32-only] [--sparsities 0.5,0.8]
+//! [--layers N] [--reps N] [--portable | --avx2] [--f32-only | --dtypes f32,bf16,i8]
+//! [--sparsities 0.5,0.8]
 //! [--no-prefill] [--no-24] [--probe-mib N] [--evict-mib N]`.
 
 use espalier_kernels::bench::{KernelBenchOptions, run_kernel_bench};
@@ -52,6 +53,25 @@ fn main() {
     }
     if args.iter().any(|a| a == "--f32-only") {
         opts.dtypes = vec![Dtype::F32];
+    }
+    if let Some(list) = args
+        .iter()
+        .position(|a| a == "--dtypes")
+        .and_then(|i| args.get(i + 1))
+    {
+        let mut dtypes = Vec::new();
+        for name in list.split(',') {
+            match name {
+                "f32" => dtypes.push(Dtype::F32),
+                "bf16" => dtypes.push(Dtype::Bf16),
+                "i8" => dtypes.push(Dtype::I8),
+                other => {
+                    eprintln!("error: --dtypes: unknown dtype `{other}` (f32, bf16, i8)");
+                    std::process::exit(2);
+                }
+            }
+        }
+        opts.dtypes = dtypes;
     }
     let json = args.iter().any(|a| a == "--json");
     match run_kernel_bench(&opts, &mut |line| eprintln!("{line}")) {

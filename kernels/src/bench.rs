@@ -18,7 +18,8 @@
 //!
 //! The baseline of every speed-up is the faster of candle's f32 matmul (`x.matmul(&w.t())`,
 //! what a candle linear layer runs) and our dense f32 GEMV, so bf16 rows include the gain from
-//! halving the bytes. Prefill rows compare our GEMM on `tokens` rows of `X` against candle's.
+//! halving the bytes and i8 rows (dense, BSR and 2:4, per-row scales) from quartering them.
+//! Prefill rows compare our GEMM on `tokens` rows of `X` against candle's.
 //!
 //! Masks are random: unstructured at the given sparsity (CSR and bitmap), whole 16x16 blocks
 //! (BSR), and exactly 2 of every 4 (2:4). The weights' values do not affect speed.
@@ -84,7 +85,7 @@ impl Default for KernelBenchOptions {
             shapes: SMOLLM2_SHAPES.iter().map(|&(s, _)| s).collect(),
             sparsities: vec![0.5, 0.7, 0.8, 0.9],
             two_four: true,
-            dtypes: vec![Dtype::F32, Dtype::Bf16],
+            dtypes: vec![Dtype::F32, Dtype::Bf16, Dtype::I8],
             layers: 30,
             evict_bytes: 128 << 20,
             reps: 10,
@@ -105,7 +106,7 @@ impl KernelBenchOptions {
             shapes: vec![(64, 96), (48, 160)],
             sparsities: vec![0.5, 0.8],
             two_four: true,
-            dtypes: vec![Dtype::F32, Dtype::Bf16],
+            dtypes: vec![Dtype::F32, Dtype::Bf16, Dtype::I8],
             layers: 2,
             evict_bytes: 0,
             reps: 2,
@@ -590,6 +591,12 @@ pub fn run_kernel_bench(
                 if kind == MaskKind::None && dtype == Dtype::F32 {
                     continue; // the baseline itself
                 }
+                // int8 is meant for dense, BSR and 2:4; CSR and bitmap support it, but their
+                // kernels are bound by gathering activations, not by value bytes (see the
+                // planner's floors), so their int8 rows would only lengthen the run.
+                if dtype == Dtype::I8 && matches!(format, Format::Csr | Format::Bitmap) {
+                    continue;
+                }
                 let packed = ws
                     .iter()
                     .map(|w| {
@@ -884,9 +891,18 @@ mod tests {
         .expect("bench");
         assert!(report.probe_gbps > 0.0);
         assert!(!lines.is_empty());
-        // 2 shapes x (candle, dense f32, dense bf16, 2 sparsities x 3 formats x 2 dtypes,
-        // 2:4 x 2 dtypes).
-        assert_eq!(report.decode.len(), 2 * (3 + 12 + 2));
+        // 2 shapes x (candle, dense f32, dense bf16, dense i8, 2 sparsities x (BSR x 3 dtypes,
+        // CSR and bitmap x 2 dtypes), 2:4 x 3 dtypes).
+        assert_eq!(report.decode.len(), 2 * (4 + 2 * 7 + 3));
+        for kernel in ["dense", "bsr16x16", "2:4"] {
+            assert!(
+                report
+                    .decode
+                    .iter()
+                    .any(|r| r.kernel == kernel && r.dtype == "i8"),
+                "{kernel} i8 row"
+            );
+        }
         assert!(report.decode.iter().all(|r| r.ms > 0.0 && r.speedup > 0.0));
         // candle + dense + one BSR row per sparsity, per shape.
         assert_eq!(report.prefill.len(), 2 * 4);

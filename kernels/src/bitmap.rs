@@ -20,7 +20,7 @@ use std::ops::Range;
 
 /// Zero values appended after the last packed value: the SIMD kernels load 8 (AVX2) or 16
 /// (AVX-512) values per step even when fewer are kept.
-const PAD: usize = 16;
+pub(crate) const PAD: usize = 16;
 
 /// Bitmap weights `[rows, cols]`: bit `c % 8` of byte `r * stride + c / 8` is set when `(r, c)`
 /// is kept; row `r`'s kept values start at `row_ptr[r]`.
@@ -37,6 +37,13 @@ pub struct BitmapMatrix {
 impl BitmapMatrix {
     /// Packs the kept entries of the view.
     pub fn from_view(view: &DenseView<'_>, dtype: Dtype) -> Result<BitmapMatrix> {
+        if dtype == Dtype::I8 {
+            return crate::quant::pack_i8(
+                view,
+                |qv| Self::from_view(qv, Dtype::F32),
+                |w| &mut w.values,
+            );
+        }
         let (rows, cols) = (view.rows(), view.cols());
         let stride = cols.div_ceil(8);
         let mut masks = vec![0u8; checked_len(rows, stride)?];
@@ -120,7 +127,11 @@ impl BitmapMatrix {
         let bounds = par::even_bounds(self.rows, tasks);
         let isa = exec.isa.effective();
         with_values!(&self.values, v => {
-            par::for_each_range(y, 1, &bounds, |r, ys| self.gemv_rows(isa, v, r, x, ys))
+            par::for_each_range(y, 1, &bounds, |r, ys| {
+                let first = r.start;
+                self.gemv_rows(isa, v, r, x, ys);
+                self.values.scale_rows(first, ys);
+            })
         });
         Ok(())
     }
@@ -231,7 +242,7 @@ impl RowDecode for BitmapMatrix {
             let mut m = m;
             while m != 0 {
                 idx.push((b * 8) as u32 + m.trailing_zeros());
-                val.push(self.values.get(vi));
+                val.push(self.values.get(vi, r));
                 vi += 1;
                 m &= m - 1;
             }

@@ -10,7 +10,9 @@
 //! the kernels never read `x` or write `y` past the matrix.
 //!
 //! Fast paths: `16 x bc` (GEMV, any `bc`, unrolled for 16x16), `4x1` (GEMV) and
-//! `(16·k) x bc` (GEMM micro-kernel). Other shapes use generic code.
+//! `(16·k) x bc` (GEMM micro-kernel). Other shapes use generic code. i8 blocks run the same
+//! GEMV kernels on the integers and scale each finished row; GEMM dequantizes a block row into
+//! an f32 panel once and reuses it for every token tile.
 
 use crate::element::{Dtype, Element, Values, with_values};
 use crate::error::{KernelError, Result, checked_len, expect_len};
@@ -44,6 +46,13 @@ impl BsrMatrix {
         bc: usize,
         dtype: Dtype,
     ) -> Result<BsrMatrix> {
+        if dtype == Dtype::I8 {
+            return crate::quant::pack_i8(
+                view,
+                |qv| Self::from_view(qv, br, bc, Dtype::F32),
+                |m| &mut m.values,
+            );
+        }
         if br == 0 || bc == 0 {
             return Err(KernelError::InvalidParameter(format!(
                 "BSR block shape {br}x{bc} must be at least 1x1"
@@ -150,7 +159,7 @@ impl BsrMatrix {
                     for i in 0..br {
                         let (r, c) = (rb * br + i, cb * bc + k);
                         if r < self.rows && c < self.cols {
-                            out[r * self.cols + c] = self.values.get(b * br * bc + k * br + i);
+                            out[r * self.cols + c] = self.values.get(b * br * bc + k * br + i, r);
                         }
                     }
                 }
@@ -172,7 +181,11 @@ impl BsrMatrix {
         };
         let isa = exec.isa.effective();
         with_values!(&self.values, v => {
-            par::for_each_range(y, self.br, &bounds, |brs, ys| self.gemv_brows(isa, v, brs, x, ys))
+            par::for_each_range(y, self.br, &bounds, |brs, ys| {
+                let first = brs.start * self.br;
+                self.gemv_brows(isa, v, brs, x, ys);
+                self.values.scale_rows(first, ys);
+            })
         });
         Ok(())
     }
@@ -260,13 +273,26 @@ impl BsrMatrix {
             for rb in brs {
                 let (b0, b1) = (self.brow_ptr[rb] as usize, self.brow_ptr[rb + 1] as usize);
                 let bsz = self.br * self.bc;
-                // f32 blocks are read in place; bf16 ones are widened once per block row, then
-                // reused by every token tile.
+                // f32 blocks are read in place; bf16 ones are widened once per block row, i8
+                // ones dequantized (row `rb·br + j % br` of block element `j`), then reused by
+                // every token tile.
                 let (panel, base): (&[f32], usize) = match &self.values {
                     Values::F32(v) => (v, b0 * bsz),
                     Values::Bf16(v) => {
                         scratch.clear();
                         scratch.extend(v[b0 * bsz..b1 * bsz].iter().map(|w| w.to_f32()));
+                        (&scratch, 0)
+                    }
+                    Values::I8 { q, scales } => {
+                        // Rows past the matrix (ragged last block row) hold zeros: scale 0.
+                        let scale = |i: usize| scales.get(rb * self.br + i).copied().unwrap_or(0.0);
+                        scratch.clear();
+                        scratch.extend(
+                            q[b0 * bsz..b1 * bsz]
+                                .iter()
+                                .enumerate()
+                                .map(|(j, w)| w.to_f32() * scale(j % self.br)),
+                        );
                         (&scratch, 0)
                     }
                 };
@@ -304,7 +330,7 @@ impl RowDecode for BsrMatrix {
         for b in self.brow_ptr[rb] as usize..self.brow_ptr[rb + 1] as usize {
             let c0 = self.bcol[b] as usize * bc;
             for k in 0..bc.min(self.cols - c0) {
-                let v = self.values.get(b * br * bc + k * br + i);
+                let v = self.values.get(b * br * bc + k * br + i, r);
                 // Zeros inside a stored block cost FMAs and change nothing: skip them.
                 if v != 0.0 {
                     idx.push((c0 + k) as u32);

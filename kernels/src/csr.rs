@@ -51,6 +51,13 @@ pub struct CsrMatrix {
 impl CsrMatrix {
     /// Packs the kept entries of the view.
     pub fn from_view(view: &DenseView<'_>, dtype: Dtype) -> Result<CsrMatrix> {
+        if dtype == Dtype::I8 {
+            return crate::quant::pack_i8(
+                view,
+                |qv| Self::from_view(qv, Dtype::F32),
+                |w| &mut w.values,
+            );
+        }
         let (rows, cols) = (view.rows(), view.cols());
         // Column indices are stored as (at most) u32.
         if u32::try_from(cols).is_err() {
@@ -154,12 +161,17 @@ impl CsrMatrix {
         };
         let isa = exec.isa.effective();
         let rp = &self.row_ptr;
-        with_values!(&self.values, v => match &self.idx {
+        let values = &self.values;
+        with_values!(values, v => match &self.idx {
             ColIndex::U16(ix) => par::for_each_range(y, 1, &bounds, |r, ys| {
-                gemv_rows(isa, rp, ix, v, r, x, ys)
+                let first = r.start;
+                gemv_rows(isa, rp, ix, v, r, x, ys);
+                values.scale_rows(first, ys);
             }),
             ColIndex::U32(ix) => par::for_each_range(y, 1, &bounds, |r, ys| {
-                gemv_rows(isa, rp, ix, v, r, x, ys)
+                let first = r.start;
+                gemv_rows(isa, rp, ix, v, r, x, ys);
+                values.scale_rows(first, ys);
             }),
         });
         Ok(())
@@ -204,7 +216,7 @@ impl RowDecode for CsrMatrix {
             ColIndex::U16(ix) => idx.extend(ix[s..e].iter().map(|&c| u32::from(c))),
             ColIndex::U32(ix) => idx.extend_from_slice(&ix[s..e]),
         }
-        val.extend((s..e).map(|i| self.values.get(i)));
+        val.extend((s..e).map(|i| self.values.get(i, r)));
     }
 }
 

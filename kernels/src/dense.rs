@@ -15,7 +15,7 @@ use crate::simd;
 use crate::view::DenseView;
 use std::ops::Range;
 
-/// Dense `[rows, cols]` row-major weights stored as f32 or bf16.
+/// Dense `[rows, cols]` row-major weights stored as f32, bf16 or i8 (per-row scales).
 #[derive(Debug, Clone, PartialEq)]
 pub struct DenseMatrix {
     rows: usize,
@@ -24,8 +24,16 @@ pub struct DenseMatrix {
 }
 
 impl DenseMatrix {
-    /// Packs (copies, and rounds for bf16) the view; masked-out entries become zero.
+    /// Packs (copies, and rounds for bf16, quantizes for i8) the view; masked-out entries
+    /// become zero.
     pub fn from_view(view: &DenseView<'_>, dtype: Dtype) -> DenseMatrix {
+        if dtype == Dtype::I8 {
+            return DenseMatrix {
+                rows: view.rows(),
+                cols: view.cols(),
+                values: crate::quant::Quantized::new(view).into_dense(),
+            };
+        }
         let mut v = Vec::with_capacity(view.rows() * view.cols());
         for r in 0..view.rows() {
             v.extend_from_slice(&view.row(r));
@@ -64,7 +72,9 @@ impl DenseMatrix {
 
     /// Unpacks to dense row-major f32.
     pub fn to_dense(&self) -> Vec<f32> {
-        (0..self.values_len()).map(|i| self.values.get(i)).collect()
+        (0..self.values_len())
+            .map(|i| self.values.get(i, i / self.cols))
+            .collect()
     }
 
     fn values_len(&self) -> usize {
@@ -73,7 +83,8 @@ impl DenseMatrix {
 
     /// `y = W·x` (`x`: `cols`, `y`: `rows`, overwritten).
     pub fn gemv(&self, x: &[f32], y: &mut [f32], exec: Exec) -> Result<()> {
-        with_values!(&self.values, w => gemv_slice(w, self.rows, self.cols, x, y, exec))
+        let scales = self.values.scales();
+        with_values!(&self.values, w => gemv_slice(w, scales, self.rows, self.cols, x, y, exec))
     }
 
     /// `Y = X·Wᵀ` (`X`: `[tokens, cols]`, `Y`: `[tokens, rows]`, both row-major; `Y` overwritten).
@@ -83,8 +94,9 @@ impl DenseMatrix {
         if tokens <= SMALL_BATCH {
             // Too few tokens to amortise packing: stream W once, each row dotted with every
             // token while it is in L1.
+            let scales = self.values.scales();
             return with_values!(&self.values, w => {
-                small_batch(w, self.rows, self.cols, x, tokens, y, exec)
+                small_batch(w, scales, self.rows, self.cols, x, tokens, y, exec)
             });
         }
         let panels = self.rows.div_ceil(NR);
@@ -94,13 +106,14 @@ impl DenseMatrix {
         let out = SharedOut::new(y);
         let isa = exec.isa.effective();
         let (rows, cols) = (self.rows, self.cols);
+        let scales = self.values.scales();
         with_values!(&self.values, w => {
             par::for_each_bound(&bounds, |range| {
                 let mut panel = vec![0.0f32; cols * NR];
                 for p in range {
                     let r0 = p * NR;
                     let nr = NR.min(rows - r0);
-                    pack_panel(w, cols, r0, nr, &mut panel);
+                    pack_panel(w, scales, cols, r0, nr, &mut panel);
                     let seg = [Segment { col: 0, kc: cols, offset: 0 }];
                     gemm::panel_gemm(isa, x, tokens, cols, &seg, &panel, NR, out, rows, r0, nr);
                 }
@@ -131,12 +144,13 @@ pub fn gemm_f32(
     exec: Exec,
 ) -> Result<()> {
     expect_len("w", checked_len(rows, cols)?, w.len())?;
-    small_batch(w, rows, cols, x, tokens, y, exec)
+    small_batch(w, None, rows, cols, x, tokens, y, exec)
 }
 
-/// `y = W·x` over stored rows `w` (`[rows, cols]`).
+/// `y = W·x` over stored rows `w` (`[rows, cols]`; i8 rows scaled by `scales`).
 fn gemv_slice<T: Element>(
     w: &[T],
+    scales: Option<&[f32]>,
     rows: usize,
     cols: usize,
     x: &[f32],
@@ -156,7 +170,13 @@ fn gemv_slice<T: Element>(
     let isa = exec.isa.effective();
     par::for_each_range(y, 4, &bounds, |units, ys| {
         let r = units.start * 4..(units.end * 4).min(rows);
+        let first = r.start;
         gemv_rows(isa, w, cols, r, x, ys);
+        if let Some(s) = scales {
+            for (yi, &si) in ys.iter_mut().zip(s.get(first..).unwrap_or_default()) {
+                *yi *= si;
+            }
+        }
     });
     Ok(())
 }
@@ -164,8 +184,10 @@ fn gemv_slice<T: Element>(
 /// `Y = X·Wᵀ` for a few tokens: one stream over `W` (rows split over the pool as in the GEMV),
 /// each row dotted with up to 4 tokens per pass while it sits in L1. Weight traffic is that of
 /// one GEMV whatever the token count, which is what batched decoding needs.
+#[allow(clippy::too_many_arguments)]
 fn small_batch<T: Element>(
     w: &[T],
+    scales: Option<&[f32]>,
     rows: usize,
     cols: usize,
     x: &[f32],
@@ -176,7 +198,7 @@ fn small_batch<T: Element>(
     expect_len("x", checked_len(tokens, cols)?, x.len())?;
     expect_len("y", checked_len(tokens, rows)?, y.len())?;
     if tokens == 1 {
-        return gemv_slice(w, rows, cols, x, y, exec);
+        return gemv_slice(w, scales, rows, cols, x, y, exec);
     }
     let tasks = par::task_count(
         exec,
@@ -190,7 +212,7 @@ fn small_batch<T: Element>(
     par::for_each_bound(&bounds, |units| {
         let r = units.start * 4..(units.end * 4).min(rows);
         // Each task writes only the columns `r` of Y (its own rows of W).
-        small_batch_rows(isa, w, cols, r, x, tokens, out, rows);
+        small_batch_rows(isa, w, scales, cols, r, x, tokens, out, rows);
     });
     Ok(())
 }
@@ -200,6 +222,7 @@ fn small_batch<T: Element>(
 fn small_batch_rows<T: Element>(
     isa: Isa,
     w: &[T],
+    scales: Option<&[f32]>,
     cols: usize,
     r: Range<usize>,
     x: &[f32],
@@ -210,6 +233,7 @@ fn small_batch_rows<T: Element>(
     assert!(r.end * cols <= w.len() && x.len() == tokens * cols && r.end <= rows_total);
     for row in r {
         let wr = &w[row * cols..][..cols];
+        let scale = scales.map_or(1.0, |s| s[row]);
         let mut t0 = 0;
         while t0 < tokens {
             let n = (tokens - t0).min(4);
@@ -229,20 +253,30 @@ fn small_batch_rows<T: Element>(
             }
             for (j, d) in dots.iter().enumerate().take(n) {
                 // SAFETY: column `row` of Y belongs to this task (see `small_batch`).
-                unsafe { out.write((t0 + j) * rows_total + row, *d) };
+                unsafe { out.write((t0 + j) * rows_total + row, *d * scale) };
             }
             t0 += n;
         }
     }
 }
 
-/// Copies rows `r0..r0+nr` of `w` into `panel[k * 16 + r]` (f32), zero-filling rows past `nr`.
-fn pack_panel<T: Element>(w: &[T], cols: usize, r0: usize, nr: usize, panel: &mut [f32]) {
+/// Copies rows `r0..r0+nr` of `w` into `panel[k * 16 + r]` (f32), zero-filling rows past `nr`;
+/// i8 rows are dequantized with their `scales` on the way (GEMM is compute bound, and the panel
+/// is reused by every token tile, so this costs nothing measurable).
+fn pack_panel<T: Element>(
+    w: &[T],
+    scales: Option<&[f32]>,
+    cols: usize,
+    r0: usize,
+    nr: usize,
+    panel: &mut [f32],
+) {
     for r in 0..NR {
         if r < nr {
             let row = &w[(r0 + r) * cols..][..cols];
+            let s = scales.map_or(1.0, |s| s[r0 + r]);
             for (k, &v) in row.iter().enumerate() {
-                panel[k * NR + r] = v.to_f32();
+                panel[k * NR + r] = v.to_f32() * s;
             }
         } else {
             for k in 0..cols {

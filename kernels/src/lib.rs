@@ -10,8 +10,8 @@
 //! Formats: [`DenseMatrix`], [`CsrMatrix`] (u16 column indices up to 65536 columns, else u32),
 //! [`BitmapMatrix`] (1 bit per weight + packed values), [`BsrMatrix`] (any block shape, fast
 //! paths for 16x16 and 4x1) and [`NmMatrix`] (2:4, 4:8, ... with log2(M)-bit positions; refuses
-//! matrices that are not N:M). Values are stored as f32 or bf16 ([`Dtype`]) and always
-//! accumulated in f32.
+//! matrices that are not N:M). Values are stored as f32, bf16 or int8 with one f32 scale per
+//! output row ([`Dtype`]) and always accumulated in f32, so pruning and quantization compose.
 //!
 //! Row- or column-pruned matrices can also be stored as a smaller dense matrix
 //! ([`CompactMatrix`]).
@@ -37,6 +37,7 @@ mod isa;
 mod nm;
 mod par;
 mod plan;
+mod quant;
 mod rowgemm;
 mod simd;
 mod view;

@@ -63,6 +63,13 @@ impl NmMatrix {
         m: usize,
         dtype: Dtype,
     ) -> Result<NmMatrix> {
+        if dtype == Dtype::I8 {
+            return crate::quant::pack_i8(
+                view,
+                |qv| Self::from_view(layer, qv, n, m, Dtype::F32),
+                |w| &mut w.values,
+            );
+        }
         check_nm(n, m)?;
         let (rows, cols) = (view.rows(), view.cols());
         let bits = m.trailing_zeros() as usize;
@@ -216,7 +223,11 @@ impl NmMatrix {
         let bounds = par::even_bounds(self.rows, tasks);
         let isa = exec.isa.effective();
         with_values!(&self.values, v => {
-            par::for_each_range(y, 1, &bounds, |r, ys| self.gemv_rows(isa, v, r, x, ys))
+            par::for_each_range(y, 1, &bounds, |r, ys| {
+                let first = r.start;
+                self.gemv_rows(isa, v, r, x, ys);
+                self.values.scale_rows(first, ys);
+            })
         });
         Ok(())
     }
@@ -296,7 +307,7 @@ impl RowDecode for NmMatrix {
         for g in 0..self.groups {
             for s in 0..self.n {
                 let c = g * self.m + self.position(r, g, s);
-                let v = self.values.get(r * per_row + g * self.n + s);
+                let v = self.values.get(r * per_row + g * self.n + s, r);
                 // Padding slots hold zeros (possibly at columns past a ragged edge): skip them.
                 if c < self.cols && v != 0.0 {
                     idx.push(c as u32);

@@ -139,6 +139,8 @@ pub fn choose_format(
 ) -> Result<Choice> {
     let (rows, cols) = (view.rows(), view.cols());
     let size = dtype.size();
+    // i8 stores one f32 scale per output row whatever the format (compact: per kept row).
+    let per_row = dtype.row_overhead();
     let weights = rows * cols;
     let nnz = view.kept();
     let mut candidates = Vec::new();
@@ -162,14 +164,22 @@ pub fn choose_format(
         Structure::NM { n, m } => {
             // Verified: the error names the layer and the offending group.
             NmMatrix::validate(layer, view, n, m)?;
-            push(Format::NM { n, m }, nm_bytes(rows, cols, n, m, size), 0.0);
+            push(
+                Format::NM { n, m },
+                nm_bytes(rows, cols, n, m, size) + rows * per_row,
+                0.0,
+            );
         }
         Structure::Unstructured => nm_candidates.extend([(2, 4), (4, 8)]),
         _ => {}
     }
     for (n, m) in nm_candidates {
         if NmMatrix::satisfies(view, n, m) {
-            push(Format::NM { n, m }, nm_bytes(rows, cols, n, m, size), 0.0);
+            push(
+                Format::NM { n, m },
+                nm_bytes(rows, cols, n, m, size) + rows * per_row,
+                0.0,
+            );
         }
     }
     let blocks = match structure {
@@ -184,25 +194,32 @@ pub fn choose_format(
             )));
         }
         let stored = count_blocks(view, br, bc);
-        let bytes = stored * (br * bc * size + 4) + (rows.div_ceil(br) + 1) * 4;
+        let bytes = stored * (br * bc * size + 4) + (rows.div_ceil(br) + 1) * 4 + rows * per_row;
         push(Format::Bsr { br, bc }, bytes, 0.0);
     }
     let idx = if cols <= 1 << 16 { 2 } else { 4 };
     push(
         Format::Csr,
-        nnz * (size + idx) + (rows + 1) * 4,
+        nnz * (size + idx) + (rows + 1) * 4 + rows * per_row,
         nnz as f64 * CSR_FLOOR_PER_NNZ,
     );
     push(
         Format::Bitmap,
-        rows * cols.div_ceil(8) + (rows + 1) * 4 + (nnz + 8) * size,
+        rows * cols.div_ceil(8)
+            + (rows + 1) * 4
+            + (nnz + crate::bitmap::PAD) * size
+            + rows * per_row,
         weights as f64 * BITMAP_FLOOR_PER_WEIGHT,
     );
     let (kr, kc) = kept_rows_cols(view);
     if kr < rows || kc < cols {
-        push(Format::Compact, kr * kc * size + 4 * (kr + kc), 0.0);
+        push(
+            Format::Compact,
+            kr * kc * size + 4 * (kr + kc) + kr * per_row,
+            0.0,
+        );
     }
-    push(Format::Dense, weights * size, 0.0);
+    push(Format::Dense, weights * size + rows * per_row, 0.0);
 
     // First minimum wins, so the evaluation order above breaks ties.
     let format = candidates
@@ -399,7 +416,7 @@ impl PackedLinear {
         }
     }
 
-    /// Human-readable format and dtype, e.g. `bsr16x16/f32`, `csr-u16/bf16`, `2:4/f32`,
+    /// Human-readable format and dtype, e.g. `bsr16x16/f32`, `csr-u16/bf16`, `2:4/i8`,
     /// `compact400x576/f32`.
     pub fn format_name(&self) -> String {
         match self {
@@ -412,7 +429,7 @@ impl PackedLinear {
         }
     }
 
-    /// Unpacks to dense row-major f32 (bf16 values widened).
+    /// Unpacks to dense row-major f32 (bf16 values widened, i8 values times their row scale).
     pub fn to_dense(&self) -> Vec<f32> {
         each!(self, w => w.to_dense())
     }

@@ -1,6 +1,11 @@
 //! Cross-format tests: every format and kernel against the naive reference, on both ISAs,
-//! single-threaded and threaded, f32 and bf16, over awkward shapes; plus pack/unpack
+//! single-threaded and threaded, f32, bf16 and int8, over awkward shapes; plus pack/unpack
 //! properties and the planner's decisions.
+//!
+//! int8 is checked twice: tightly (1e-5 of `Σ|w·x|`) against the reference on the
+//! dequantized weights, computed here from the definition (`s = max|w_row| / 127`,
+//! `q = round(w / s)`), and loosely against the original f32 weights, within the quantization
+//! bound `Σ_c |x_c| · s_r / 2` of each output.
 
 use crate::testutil::{self, assert_close, reference};
 use crate::{
@@ -33,10 +38,63 @@ fn execs() -> Vec<Exec> {
         .collect()
 }
 
+const DTYPES: [Dtype; 3] = [Dtype::F32, Dtype::Bf16, Dtype::I8];
+
 /// Dropped weights zeroed and kept ones rounded to the storage dtype: what a packed matrix
-/// must reproduce exactly.
-fn expected_dense(w: &[f32], dtype: Dtype) -> Vec<f32> {
-    w.iter().map(|&v| dtype.round(v)).collect()
+/// must reproduce exactly. int8 from its definition: per row `s = max|w| / 127`, each weight
+/// `round(w / s) · s`.
+fn expected_dense(w: &[f32], cols: usize, dtype: Dtype) -> Vec<f32> {
+    match dtype {
+        Dtype::I8 => w
+            .chunks(cols.max(1))
+            .flat_map(|row| {
+                let s = i8_scale(row);
+                row.iter().map(move |&v| {
+                    if s == 0.0 {
+                        0.0
+                    } else {
+                        (v / s).round().clamp(-127.0, 127.0) * s
+                    }
+                })
+            })
+            .collect(),
+        _ => w.iter().map(|&v| dtype.round(v)).collect(),
+    }
+}
+
+/// The int8 scale of one row: `max|w| / 127`.
+fn i8_scale(row: &[f32]) -> f32 {
+    row.iter().fold(0.0f32, |m, &v| m.max(v.abs())) / 127.0
+}
+
+/// int8 against the *original* weights: each output within half a quantization step per
+/// weight, `Σ_c |x_c| · s_r / 2` (plus f32 rounding), of the f32 result. `y` is `[tokens, rows]`.
+/// `f32_ref` is [`reference`] on `w` and `x`.
+fn assert_within_quantization(
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    x: &[f32],
+    y: &[f32],
+    f32_ref: &(Vec<f32>, Vec<f32>),
+    ctx: &str,
+) {
+    let tokens = y.len() / rows.max(1);
+    let (want, mag) = f32_ref;
+    for t in 0..tokens {
+        let xabs: f32 = x[t * cols..][..cols].iter().map(|v| v.abs()).sum();
+        for r in 0..rows {
+            let i = t * rows + r;
+            let s = i8_scale(&w[r * cols..][..cols]);
+            let bound = xabs * s / 2.0 * 1.0001 + 1e-5 * mag[i] + 1e-30;
+            assert!(
+                (y[i] - want[i]).abs() <= bound,
+                "{ctx}: output {i}: got {}, f32 {} (bound {bound})",
+                y[i],
+                want[i]
+            );
+        }
+    }
 }
 
 /// Packs `w` in `format`, checks the round trip, and checks GEMV and GEMM against the
@@ -44,16 +102,19 @@ fn expected_dense(w: &[f32], dtype: Dtype) -> Vec<f32> {
 fn check_format(w: &[f32], rows: usize, cols: usize, format: Format, seed: u64) {
     let mut rng = testutil::rng(seed);
     let view = DenseView::new(w, rows, cols).expect("view");
-    for dtype in [Dtype::F32, Dtype::Bf16] {
+    for dtype in DTYPES {
         let ctx = format!("{format} {dtype} {rows}x{cols}");
         let packed = PackedLinear::pack("test", &view, format, dtype).expect(&ctx);
         assert_eq!(packed.format(), format, "{ctx}");
+        assert_eq!(packed.dtype(), dtype, "{ctx}");
         assert_eq!((packed.rows(), packed.cols()), (rows, cols), "{ctx}");
-        let wr = expected_dense(w, dtype);
+        let wr = expected_dense(w, cols, dtype);
         assert_eq!(packed.to_dense(), wr, "{ctx}: round trip");
         for &tokens in TOKENS {
             let x = testutil::values(&mut rng, tokens * cols);
             let (want, mag) = reference(&wr, rows, cols, &x, tokens);
+            // int8 is also held to the original weights (computed once per input).
+            let f32_ref = (dtype == Dtype::I8).then(|| reference(w, rows, cols, &x, tokens));
             for exec in execs() {
                 let ctx = format!("{ctx} tokens={tokens} {exec:?}");
                 if tokens == 1 {
@@ -64,6 +125,10 @@ fn check_format(w: &[f32], rows: usize, cols: usize, format: Format, seed: u64) 
                 let mut y = vec![f32::NAN; tokens * rows];
                 packed.gemm_with(&x, tokens, &mut y, exec).expect(&ctx);
                 assert_close(&y, &want, &mag, &format!("gemm {ctx}"));
+                if let Some(f32_ref) = &f32_ref {
+                    let ctx = format!("gemm {ctx}");
+                    assert_within_quantization(w, rows, cols, &x, &y, f32_ref, &ctx);
+                }
             }
         }
     }
@@ -339,6 +404,93 @@ fn format_names() {
     assert_eq!(name(Format::Csr), "csr-u16/bf16");
     assert_eq!(name(Format::Bsr { br: 4, bc: 1 }), "bsr4x1/bf16");
     assert_eq!(name(Format::Compact), "compact8x8/bf16");
+    let i8_name = PackedLinear::pack("l", &view, Format::NM { n: 2, m: 4 }, Dtype::I8);
+    // All ones is not 2:4; a 2:4 matrix is.
+    assert!(matches!(i8_name, Err(KernelError::NotNm { .. })));
+    let nm: Vec<f32> = (0..64).map(|i| if i % 4 < 2 { 1.0 } else { 0.0 }).collect();
+    let nm_view = DenseView::new(&nm, 8, 8).expect("view");
+    let p = PackedLinear::pack("l", &nm_view, Format::NM { n: 2, m: 4 }, Dtype::I8).expect("2:4");
+    assert_eq!(p.format_name(), "2:4/i8");
+}
+
+/// int8 on the real SmolLM2-135M layer shapes, for the formats int8 is meant for: dense, 16x16
+/// BSR and 2:4, GEMV and GEMM, against the dequantized reference (tight) and the f32 weights
+/// (within the quantization bound); pruned weights stay exact zeros.
+#[test]
+fn int8_on_smollm2_shapes() {
+    let isa = Isa::detect();
+    for (i, &(rows, cols)) in [(576, 576), (192, 576), (1536, 576), (576, 1536)]
+        .iter()
+        .enumerate()
+    {
+        let mut rng = testutil::rng(900 + i as u64);
+        let cases = [
+            (testutil::values(&mut rng, rows * cols), Format::Dense),
+            (
+                testutil::blocky(&mut rng, rows, cols, 16, 16, 0.5),
+                Format::Bsr { br: 16, bc: 16 },
+            ),
+            (
+                testutil::nm(&mut rng, rows, cols, 2, 4),
+                Format::NM { n: 2, m: 4 },
+            ),
+        ];
+        for (w, format) in cases {
+            let ctx = format!("{format} i8 {rows}x{cols}");
+            let view = DenseView::new(&w, rows, cols).expect("view");
+            let p = PackedLinear::pack("l", &view, format, Dtype::I8).expect(&ctx);
+            let wq = p.to_dense();
+            assert_eq!(wq, expected_dense(&w, cols, Dtype::I8), "{ctx}");
+            for (a, b) in w.iter().zip(&wq) {
+                assert!(
+                    *a != 0.0 || b.to_bits() == 0,
+                    "{ctx}: pruned weight became {b}"
+                );
+            }
+            for tokens in [1, 7] {
+                let x = testutil::values(&mut rng, tokens * cols);
+                let (want, mag) = reference(&wq, rows, cols, &x, tokens);
+                let mut y = vec![f32::NAN; tokens * rows];
+                if tokens == 1 {
+                    p.gemv_with(&x, &mut y, Exec::threaded(isa)).expect(&ctx);
+                } else {
+                    p.gemm_with(&x, tokens, &mut y, Exec::threaded(isa))
+                        .expect(&ctx);
+                }
+                assert_close(&y, &want, &mag, &format!("{ctx} tokens={tokens}"));
+                let f32_ref = reference(&w, rows, cols, &x, tokens);
+                assert_within_quantization(&w, rows, cols, &x, &y, &f32_ref, &ctx);
+            }
+        }
+    }
+}
+
+/// int8 keeps a mask's structure exactly, even where a kept weight rounds to zero, and the
+/// planner's byte estimate of every candidate is what the packed matrix really reads.
+#[test]
+fn int8_masks_and_planner_bytes() {
+    let (rows, cols) = (48, 80);
+    let mut rng = testutil::rng(77);
+    let mut w = testutil::nm(&mut rng, rows, cols, 2, 4);
+    // A kept weight far below its row's step rounds to 0 but stays a stored (zero) weight.
+    w[3] = 1.0;
+    w[2] = 1e-6;
+    w[0] = 0.0;
+    w[1] = 0.0;
+    let view = DenseView::new(&w, rows, cols).expect("view");
+    for dtype in DTYPES {
+        let choice = choose_format("l", &view, Structure::Unstructured, dtype).expect("choose");
+        for c in &choice.candidates {
+            let p = PackedLinear::pack("l", &view, c.format, dtype).expect("pack");
+            assert_eq!(p.bytes(), c.bytes, "{} {dtype}", c.format);
+        }
+    }
+    let p = PackedLinear::pack("l", &view, Format::Csr, Dtype::I8).expect("csr");
+    let f = PackedLinear::pack("l", &view, Format::Csr, Dtype::F32).expect("csr");
+    // Same stored entries: only the value bytes differ (1 vs 4 per entry) plus the scales.
+    let nnz = view.kept();
+    assert_eq!(f.bytes() - p.bytes() + rows * 4, nnz * 3);
+    assert_eq!(p.to_dense()[2], 0.0);
 }
 
 /// Any format, f32: random shape and density.
@@ -357,9 +509,10 @@ proptest! {
         for format in [Format::Dense, Format::Csr, Format::Bitmap, Format::Compact,
                        Format::Bsr { br: 16, bc: 16 }, Format::Bsr { br: 4, bc: 1 },
                        Format::Bsr { br: 3, bc: 7 }] {
-            for dtype in [Dtype::F32, Dtype::Bf16] {
+            for dtype in DTYPES {
                 let p = PackedLinear::pack("p", &view, format, dtype).expect("pack");
-                prop_assert_eq!(p.to_dense(), expected_dense(&w, dtype), "{} {}", format, dtype);
+                let want = expected_dense(&w, cols, dtype);
+                prop_assert_eq!(p.to_dense(), want, "{} {}", format, dtype);
             }
         }
     }
@@ -369,9 +522,9 @@ proptest! {
         let (n, m) = [(2, 4), (1, 2), (4, 8), (3, 8)][pat];
         let mut rng = testutil::rng(seed);
         let w = testutil::nm(&mut rng, rows, cols, n, m);
-        for dtype in [Dtype::F32, Dtype::Bf16] {
+        for dtype in DTYPES {
             let p = NmMatrix::from_dense("p", &w, rows, cols, n, m, dtype).expect("pack");
-            prop_assert_eq!(p.to_dense(), expected_dense(&w, dtype));
+            prop_assert_eq!(p.to_dense(), expected_dense(&w, cols, dtype));
         }
     }
 }
