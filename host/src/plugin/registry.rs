@@ -578,6 +578,7 @@ pub fn produces_name(kind: super::bindings::OutputKind) -> &'static str {
         OutputKind::Masks => "masks",
         OutputKind::Budgets => "budgets",
         OutputKind::Heads => "heads",
+        OutputKind::Weights => "weights",
     }
 }
 
@@ -589,6 +590,7 @@ pub fn need_name(need: super::bindings::Need) -> &'static str {
         Need::Activations => "activations",
         Need::Loss => "loss",
         Need::Gradients => "gradients",
+        Need::Hessians => "hessians",
     }
 }
 
