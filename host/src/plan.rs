@@ -591,6 +591,7 @@ fn planning_view(model: &Model) -> Arc<ModelView> {
         layers: model.layers().iter().map(crate::run::wit_layer).collect(),
         weights: Default::default(),
         masks: Default::default(),
+        original_weights: Default::default(),
         calibration: None,
     })
 }

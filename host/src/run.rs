@@ -79,6 +79,9 @@ pub struct RunState {
     /// Calibration statistics of the model as it is now; dropped whenever a stage changes the
     /// model, kept across stages that do not (a budget stage), so they are computed once.
     calibrator: Option<Arc<Calibrator>>,
+    /// The weights as loaded (sharing storage with the model until a stage replaces them),
+    /// kept only when a stage produces weights: a reconstruction needs the dense originals.
+    original_weights: BTreeMap<String, Tensor>,
 }
 
 /// The outcome of a successful run.
@@ -129,6 +132,7 @@ pub fn model_view(model: &Model, masks: &BTreeMap<String, Mask>) -> ModelView {
         layers: model.layers().iter().map(wit_layer).collect(),
         weights: model.weights().clone(),
         masks: masks.clone(),
+        original_weights: BTreeMap::new(),
         calibration: None,
     }
 }
@@ -179,6 +183,7 @@ impl RunState {
             original_numel,
             heads: None,
             calibrator: None,
+            original_weights: BTreeMap::new(),
         }
     }
 
@@ -266,6 +271,7 @@ pub fn run_stage(
     };
 
     let mut view = model_view(&state.model, &state.masks);
+    view.original_weights = state.original_weights.clone();
     if let Some(set) = calibration {
         let calibrator = state.calibrator.get_or_insert_with(|| {
             Arc::new(Calibrator::new(state.model.clone(), set.clone()).with_cancel(cancel.clone()))
@@ -701,6 +707,14 @@ pub fn execute(
     let started = Instant::now();
     let parameters_before = model.num_parameters();
     let mut state = RunState::new(model);
+    if plan
+        .stages
+        .iter()
+        .any(|s| s.plugin.info.produces == OutputKind::Weights)
+    {
+        // Shares storage: costs memory only for the layers a stage replaces.
+        state.original_weights = state.model.weights().clone();
+    }
     let mut budgets: BTreeMap<usize, BTreeMap<String, f64>> = BTreeMap::new();
     let mut stage_reports = Vec::with_capacity(plan.stages.len());
     for (i, stage) in plan.stages.iter().enumerate() {

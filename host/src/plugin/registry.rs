@@ -117,6 +117,7 @@ pub fn empty_view() -> Arc<ModelView> {
         layers: Vec::new(),
         weights: BTreeMap::new(),
         masks: BTreeMap::new(),
+        original_weights: BTreeMap::new(),
         calibration: None,
     })
 }

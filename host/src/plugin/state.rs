@@ -56,6 +56,9 @@ pub struct ModelView {
     pub weights: BTreeMap<String, Tensor>,
     /// Masks of earlier stages by layer name.
     pub masks: BTreeMap<String, Mask>,
+    /// The weights as the run loaded them (`model.original-weight`, 0.5), kept only by runs
+    /// with a stage that produces weights; empty otherwise.
+    pub original_weights: BTreeMap<String, Tensor>,
     /// Calibration statistics of this model state, when the pipeline has calibration data
     /// (computed lazily, shared by every plugin call until the masks change).
     pub calibration: Option<Arc<Calibrator>>,
@@ -415,6 +418,9 @@ pub fn select_per_row(scores: &[f32], shape: &[usize], density: f64) -> Result<M
 /// a version introduced.
 macro_rules! impl_host_imports {
     ($module:ident, $v:ident, layer: $layer:path, info: $info:path, kernels_extra: { $($kernels_extra:tt)* }) => {
+        impl_host_imports!($module, $v, layer: $layer, info: $info, kernels_extra: { $($kernels_extra)* }, model_extra: {});
+    };
+    ($module:ident, $v:ident, layer: $layer:path, info: $info:path, kernels_extra: { $($kernels_extra:tt)* }, model_extra: { $($model_extra:tt)* }) => {
     mod $module {
         use super::*;
         use crate::plugin::bindings::$v::espalier::prune::{kernels, model, plugin_types, tensors};
@@ -869,6 +875,8 @@ macro_rules! impl_host_imports {
                 })?;
                 r.map(Some).map_err(wasmtime::Error::msg)
             }
+
+            $($model_extra)*
         }
 
         impl plugin_types::Host for PluginState {}
@@ -944,6 +952,30 @@ impl_host_imports!(
             density: f64,
         ) -> wasmtime::Result<Result<Resource<Mask>, String>> {
             self.select_per_row_handle(&scores, density)
+        }
+    },
+    model_extra: {
+        fn original_weight(
+            &mut self,
+            name: String,
+        ) -> wasmtime::Result<Result<Resource<TensorHandle>, String>> {
+            let Some(current) = self.model.weights.get(&name) else {
+                return Ok(Err(format!(
+                    "the model has no weight named `{}`",
+                    crate::display_safe::name(&name)
+                )));
+            };
+            match self.model.original_weights.get(&name).cloned() {
+                Some(t) if t.dims() == current.dims() => self.push_shared(t),
+                Some(_) => Ok(Err(format!(
+                    "`{}` was reshaped by a heads stage; its original weight no longer matches it",
+                    crate::display_safe::name(&name)
+                ))),
+                None => Ok(Err(
+                    "original weights are kept only in runs with a stage whose plugin produces weights"
+                        .into(),
+                )),
+            }
         }
     }
 );

@@ -4,7 +4,10 @@
 //! fixed). So Wanda + reconstruct, block + reconstruct or N:M + reconstruct are pipelines.
 //!
 //! The decisions are all made already (the earlier mask); the host's `obs` kernels do the
-//! algebra: one `process` of every column with the layer's current mask, then `finish`. A
+//! algebra: starting from the weights as the run loaded them (`model.original-weight`), one
+//! `process` of every column with the layer's current mask removes the masked weights and
+//! moves their error onto the kept ones, then `finish`. The Hessian is taken on the model as
+//! the earlier stages left it, so each layer is fitted to the inputs it will see. A
 //! target no earlier stage masks is refused at planning (there would be nothing to
 //! reconstruct), and so is a `density` (the earlier masks fix it).
 
@@ -88,7 +91,8 @@ impl Guest for Reconstruct {
             let mask = model::current_mask(name).ok_or_else(|| {
                 format!("`{name}` has no mask from an earlier stage; reconstruct only updates pruned layers")
             })?;
-            let w = model::weight(name)?;
+            // From the weights as loaded: the masked ones would carry no error to compensate.
+            let w = model::original_weight(name)?;
             let update = obs::layer_hessian(name)?.update(&w, damping, blocksize)?;
             update.process(0, update.cols(), &mask)?;
             let done = obs::finish(update, mask.structure())?;
