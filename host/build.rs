@@ -18,6 +18,8 @@ const BUILTINS: &[(&str, &str)] = &[
     ("wanda", "espalier_criterion_wanda"),
     ("taylor", "espalier_criterion_taylor"),
     ("sensitivity", "espalier_criterion_sensitivity"),
+    ("sparsegpt", "espalier_criterion_sparsegpt"),
+    ("reconstruct", "espalier_criterion_reconstruct"),
 ];
 
 fn main() {

@@ -416,7 +416,7 @@ fn a_validate_that_traps_loops_or_floods_fails_at_planning_without_harm() {
 
 #[test]
 fn plugins_of_every_served_version_plan_and_run_together() {
-    // 0.1 and 0.2 (no `validate`) next to 0.4 ones (validated): all plan and run.
+    // 0.1 to 0.3 (no `validate`) next to 0.4 and 0.5 ones (validated): all plan and run.
     let legacy = |stem: &str| {
         PathBuf::from(espalier::plugin::registry::BUILT_PLUGIN_DIR)
             .join(format!("espalier_test_{stem}.wasm"))
@@ -424,19 +424,33 @@ fn plugins_of_every_served_version_plan_and_run_together() {
             .to_string()
     };
     let pipeline = format!(
-        "{TINY}[calibration]\ntext = {:?}\nsamples = 2\nseq_len = 16\n[[stage]]\nplugin = {:?}\ndensity = 0.9\n[[stage]]\nplugin = {:?}\ndensity = 0.8\n[[stage]]\nplugin = {:?}\ndensity = 0.7\n[[stage]]\nplugin = \"n-m\"\n",
+        "{TINY}[calibration]\ntext = {:?}\nsamples = 2\nseq_len = 16\n[[stage]]\nplugin = {:?}\ndensity = 0.9\n[[stage]]\nplugin = {:?}\ndensity = 0.8\n[[stage]]\nplugin = {:?}\ndensity = 0.7\n[[stage]]\nplugin = {:?}\ndensity = 0.6\n[[stage]]\nplugin = \"n-m\"\n",
         text("calibration.txt").display().to_string(),
         legacy("legacy_v01"),
         legacy("legacy_v02"),
         legacy("legacy_v03"),
+        legacy("legacy_v04"),
     );
     let (result, events) = run_with(&pipeline, |_, _| {});
-    result.unwrap();
+    let result = result.unwrap();
     assert_eq!(
         kinds(&events)
             .iter()
             .filter(|k| **k == "stage-finished")
             .count(),
-        4
+        5
     );
+    let v04 = &result.report.stages[3];
+    assert_eq!(v04.plugin, "legacy-v04");
+    assert!(v04.density_after <= 0.6 + 0.01, "{}", v04.density_after);
+    // A 0.4 plugin's `validate` still runs (through the 0.4 world) and its problem is reported
+    // at the line of the parameter it names.
+    let refused = format!(
+        "{TINY}[[stage]]\nplugin = {:?}\ndensity = 0.5\nrefuse = true\n",
+        legacy("legacy_v04")
+    );
+    let (result, _) = run_with(&refused, |_, _| {});
+    let err = result.err().expect("refused").to_string();
+    assert!(err.contains("refused by a 0.4 plugin"), "{err}");
+    assert!(err.contains("events.toml:5"), "{err}");
 }

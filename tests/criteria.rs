@@ -332,3 +332,171 @@ fn densities_are_exact_per_layer() {
         assert_eq!(by_name[name.as_str()], expected, "{name}");
     }
 }
+
+/// The calibration section of the OBS tests: 4 sequences of 32 tokens of the shipped text.
+fn obs_calibration() -> String {
+    let text = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/calibration.txt");
+    format!(
+        "[calibration]\ntext = {:?}\nsamples = 4\nseq_len = 32\n",
+        text.display().to_string()
+    )
+}
+
+/// The input second moment `XᵀX / tokens` of every block linear of `model`, computed with the
+/// calibration set of [`obs_calibration`].
+fn dense_hessians(model: &Model) -> BTreeMap<String, (Vec<f64>, usize)> {
+    use espalier::calibration::{CalibrationSet, Calibrator};
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/calibration.txt");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let tokenizer = espalier_engine::Tokenizer::for_model(model).unwrap();
+    let set = CalibrationSet::from_text(&text, &path, &tokenizer, 4, 32).unwrap();
+    let calibrator = Calibrator::new(model.clone(), std::sync::Arc::new(set));
+    block_linears(model)
+        .into_iter()
+        .map(|name| {
+            let h = calibrator.hessian(&name).unwrap();
+            let cols = h.cols();
+            (name, (h.mean(), cols))
+        })
+        .collect()
+}
+
+/// The layer-wise reconstruction error `tr((W − W′)·H·(W − W′)ᵀ)` = the mean over calibration
+/// tokens of `‖(W − W′)·x‖²`, in f64.
+fn reconstruction_error(w: &[f32], w2: &[f32], h: &[f64], cols: usize) -> f64 {
+    let mut total = 0.0;
+    for (a, b) in w.chunks(cols).zip(w2.chunks(cols)) {
+        let d: Vec<f64> = a.iter().zip(b).map(|(x, y)| f64::from(x - y)).collect();
+        for i in 0..cols {
+            let hi = &h[i * cols..(i + 1) * cols];
+            total += d[i] * d.iter().zip(hi).map(|(x, y)| x * y).sum::<f64>();
+        }
+    }
+    total
+}
+
+#[test]
+fn sparsegpt_keeps_the_exact_structure_and_beats_the_same_mask_without_updates() {
+    let model = tiny("tiny-llama");
+    let hessians = dense_hessians(&model);
+    // Unstructured with several mask and update blocks per layer, N:M, and blocks.
+    let stages = [
+        (
+            "density = 0.5\nblocksize = 16\nmask_blocksize = 32\n",
+            "unstructured",
+        ),
+        ("n = 2\nm = 4\nblocksize = 16\n", "2:4"),
+        ("density = 0.5\nblock = [16, 16]\n", "blocks"),
+    ];
+    for (params, what) in stages {
+        let result = run(&format!(
+            "model = \"builtin:tiny-llama\"\n{}[[stage]]\nplugin = \"sparsegpt\"\n{params}",
+            obs_calibration()
+        ))
+        .unwrap();
+        for name in block_linears(&model) {
+            let (w, r, c) = values(&model, &name);
+            let (pruned, _, _) = values(&result.state.model, &name);
+            let keep = mask_of(&result, &name);
+            // Exactly half survives, under the structure asked for.
+            assert_eq!(
+                keep.iter().filter(|&&k| k).count(),
+                r * c / 2,
+                "{what} {name}"
+            );
+            match what {
+                "2:4" => {
+                    for group in keep.chunks(4) {
+                        assert_eq!(group.iter().filter(|&&k| k).count(), 2, "{name}");
+                    }
+                }
+                "blocks" => {
+                    for i in 0..r {
+                        for j in 0..c {
+                            let corner = (i / 16 * 16) * c + j / 16 * 16;
+                            assert_eq!(keep[i * c + j], keep[corner], "{name} [{i}, {j}]");
+                        }
+                    }
+                }
+                _ => {}
+            }
+            // Removed weights are exact zeros; kept ones were updated.
+            for (p, k) in pruned.iter().zip(&keep) {
+                assert!(*k || *p == 0.0, "{what} {name}");
+            }
+            let masked: Vec<f32> = w
+                .iter()
+                .zip(&keep)
+                .map(|(x, k)| if *k { *x } else { 0.0 })
+                .collect();
+            let (h, cols) = &hessians[&name];
+            let updated = reconstruction_error(&w, &pruned, h, *cols);
+            let plain = reconstruction_error(&w, &masked, h, *cols);
+            assert!(
+                updated < 0.9 * plain,
+                "{what} {name}: error {updated} with updates, {plain} without"
+            );
+        }
+    }
+}
+
+#[test]
+fn reconstruct_keeps_earlier_masks_and_needs_them() {
+    let model = tiny("tiny-llama");
+    let wanda = format!(
+        "model = \"builtin:tiny-llama\"\n{}[[stage]]\nplugin = \"wanda\"\ndensity = 0.5\n",
+        obs_calibration()
+    );
+    let before = run(&wanda).unwrap();
+    let after = run(&format!("{wanda}[[stage]]\nplugin = \"reconstruct\"\n")).unwrap();
+    // Reconstruction fits each layer to the inputs it sees after the Wanda stage: measure
+    // the error on those.
+    let hessians = dense_hessians(&before.state.model);
+    for name in block_linears(&model) {
+        let (w, _, _) = values(&model, &name);
+        assert_eq!(mask_of(&before, &name), mask_of(&after, &name), "{name}");
+        let (h, cols) = &hessians[&name];
+        let plain = reconstruction_error(&w, &values(&before.state.model, &name).0, h, *cols);
+        let updated = reconstruction_error(&w, &values(&after.state.model, &name).0, h, *cols);
+        assert!(updated < 0.9 * plain, "{name}: {updated} vs {plain}");
+    }
+    // Alone there is nothing to reconstruct: refused at planning, at its stage's targets.
+    let err = run(&format!(
+        "model = \"builtin:tiny-llama\"\n{}[[stage]]\nplugin = \"reconstruct\"\n",
+        obs_calibration()
+    ))
+    .err()
+    .expect("refused");
+    assert!(err.to_string().contains("no earlier stage prunes"), "{err}");
+}
+
+#[test]
+fn updated_weights_are_checked_before_any_is_applied() {
+    let plugin = PathBuf::from(espalier::plugin::registry::BUILT_PLUGIN_DIR)
+        .join("espalier_test_forge_weights.wasm");
+    let pipeline = |mode: &str| {
+        format!(
+            "model = \"builtin:tiny-llama\"\n[[stage]]\nplugin = {:?}\ntargets = [\"*.mlp.*\"]\nmode = {mode:?}\n",
+            plugin.display().to_string()
+        )
+    };
+    // A valid output replaces the weights.
+    let model = tiny("tiny-llama");
+    let ok = run(&pipeline("valid")).unwrap();
+    let name = "model.layers.0.mlp.gate_proj.weight";
+    let (w, _, _) = values(&model, name);
+    let (got, _, _) = values(&ok.state.model, name);
+    let half = w.len() / 2;
+    for (i, (a, b)) in w.iter().zip(&got).enumerate() {
+        assert_eq!(*b, if i < half { 2.0 * a } else { 0.0 });
+    }
+    for (mode, says) in [
+        ("nan", "hold a non-finite value (NaN) at [0, 0]"),
+        ("unmasked", "are not zero where the layer is masked"),
+        ("shape", "the layer has ["),
+    ] {
+        let err = run(&pipeline(mode)).err().expect("refused").to_string();
+        assert!(err.contains(says), "{mode}: {err}");
+        assert!(err.contains("model.layers.0.mlp"), "{mode}: {err}");
+    }
+}

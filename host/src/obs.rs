@@ -504,6 +504,11 @@ impl ObsUpdate {
         self.next
     }
 
+    /// The damping fraction of the inverse in use.
+    pub fn damping(&self) -> f64 {
+        self.factor.damping()
+    }
+
     /// The current values of columns `start..end` (every column before
     /// [`ObsUpdate::next_column`] processed), `[rows, end − start]` row-major. Columns after
     /// the current block get the block's pending updates added here, in the same order the

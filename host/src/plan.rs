@@ -591,6 +591,7 @@ fn planning_view(model: &Model) -> Arc<ModelView> {
         layers: model.layers().iter().map(crate::run::wit_layer).collect(),
         weights: Default::default(),
         masks: Default::default(),
+        original_weights: Default::default(),
         calibration: None,
     })
 }
@@ -598,6 +599,7 @@ fn planning_view(model: &Model) -> Arc<ModelView> {
 /// Calls the plugin's `validate` (0.4 and later) on a stage whose host-side checks passed.
 fn validate_stage(
     pipeline: &Pipeline,
+    earlier: &[PlannedStage],
     stage: &PlannedStage,
     runtime: &Runtime,
     view: &Arc<ModelView>,
@@ -611,6 +613,7 @@ fn validate_stage(
         },
         targets: stage.targets.iter().map(crate::run::wit_layer).collect(),
         params: stage.params.clone(),
+        masked_earlier: masked_earlier(earlier, stage),
     };
     let verdict = runtime
         .validate(
@@ -627,6 +630,27 @@ fn validate_stage(
     verdict.map_err(|problems| {
         problems_error(pipeline, &stage.spec, &stage.plugin.info.name, &problems).into()
     })
+}
+
+/// The targets of `stage` that one of the `earlier` stages masks (a plugin producing masks or
+/// weights targets them), in target order.
+fn masked_earlier(earlier: &[PlannedStage], stage: &PlannedStage) -> Vec<String> {
+    let masked: std::collections::BTreeSet<&str> = earlier
+        .iter()
+        .filter(|s| {
+            matches!(
+                s.plugin.info.produces,
+                OutputKind::Masks | OutputKind::Weights
+            )
+        })
+        .flat_map(|s| s.targets.iter().map(|t| t.name.as_str()))
+        .collect();
+    stage
+        .targets
+        .iter()
+        .filter(|t| masked.contains(t.name.as_str()))
+        .map(|t| t.name.clone())
+        .collect()
 }
 
 /// Checks every stage of `pipeline` against the plugins and the model: the host's checks, then
@@ -689,7 +713,7 @@ pub fn plan(
         };
         if stage.plugin.compiled.wit >= WitVersion::V0_4 {
             let view = view.get_or_insert_with(|| planning_view(model));
-            validate_stage(&pipeline, &stage, runtime, view)?;
+            validate_stage(&pipeline, &stages, &stage, runtime, view)?;
         }
         stages.push(stage);
     }
@@ -709,11 +733,12 @@ fn plan_calibration(
     model: &Model,
 ) -> Result<Option<Arc<CalibrationSet>>, PipelineError> {
     let needing = stages.iter().find(|s| {
-        s.plugin
-            .info
-            .needs
-            .iter()
-            .any(|n| matches!(n, Need::Activations | Need::Loss | Need::Gradients))
+        s.plugin.info.needs.iter().any(|n| {
+            matches!(
+                n,
+                Need::Activations | Need::Loss | Need::Gradients | Need::Hessians
+            )
+        })
     });
     let (spec, position, field) = match (&pipeline.calibration, needing) {
         (Some(c), _) => (

@@ -23,7 +23,8 @@ use crate::plugin::{CallTimings, Origin, PluginError, Progress, Runtime, Sandbox
 use crate::report::{
     CalibrationRecord, LayerReport, RunReport, SandboxRecord, StageReport, Summary,
 };
-use crate::tensor_util::apply_mask;
+use crate::tensor_util::{apply_mask, with_f32};
+use candle_core::Tensor;
 
 /// Where a calibration pass reports `(sequences done, total)`.
 type PassProgress<'a> = &'a mut dyn FnMut(usize, usize);
@@ -78,6 +79,9 @@ pub struct RunState {
     /// Calibration statistics of the model as it is now; dropped whenever a stage changes the
     /// model, kept across stages that do not (a budget stage), so they are computed once.
     calibrator: Option<Arc<Calibrator>>,
+    /// The weights as loaded (sharing storage with the model until a stage replaces them),
+    /// kept only when a stage produces weights: a reconstruction needs the dense originals.
+    original_weights: BTreeMap<String, Tensor>,
 }
 
 /// The outcome of a successful run.
@@ -128,6 +132,7 @@ pub fn model_view(model: &Model, masks: &BTreeMap<String, Mask>) -> ModelView {
         layers: model.layers().iter().map(wit_layer).collect(),
         weights: model.weights().clone(),
         masks: masks.clone(),
+        original_weights: BTreeMap::new(),
         calibration: None,
     }
 }
@@ -178,6 +183,7 @@ impl RunState {
             original_numel,
             heads: None,
             calibrator: None,
+            original_weights: BTreeMap::new(),
         }
     }
 
@@ -265,6 +271,7 @@ pub fn run_stage(
     };
 
     let mut view = model_view(&state.model, &state.masks);
+    view.original_weights = state.original_weights.clone();
     if let Some(set) = calibration {
         let calibrator = state.calibrator.get_or_insert_with(|| {
             Arc::new(Calibrator::new(state.model.clone(), set.clone()).with_cancel(cancel.clone()))
@@ -307,6 +314,15 @@ pub fn run_stage(
         .and_then(|()| {
             if needs.contains(&Need::Gradients) {
                 pass("gradients", &|p| calibrator.prepare_gradients_with(p))
+            } else {
+                Ok(())
+            }
+        })
+        .and_then(|()| {
+            if needs.contains(&Need::Hessians) {
+                pass("input Hessians", &|p| {
+                    calibrator.prepare_hessians_with(p).map(|_| ())
+                })
             } else {
                 Ok(())
             }
@@ -365,7 +381,14 @@ pub fn run_stage(
         masks,
         budgets: out_budgets,
         heads,
+        weights,
     } = output;
+    if stage.plugin.info.produces != OutputKind::Weights && !weights.is_empty() {
+        return Err(invalid(format!(
+            "a plugin that produces {} returned weights",
+            crate::plugin::registry::produces_name(stage.plugin.info.produces)
+        )));
+    }
 
     let target_names: BTreeSet<&str> = targets.iter().map(|(l, _)| l.name.as_str()).collect();
     let mut produced_budgets = None;
@@ -374,26 +397,7 @@ pub fn run_stage(
             if !out_budgets.is_empty() || !heads.is_empty() {
                 return Err(invalid("a mask plugin returned budgets or heads".into()));
             }
-            let mut new_masks: BTreeMap<String, Mask> = BTreeMap::new();
-            for lm in masks {
-                let mask = store
-                    .data_mut()
-                    .take_mask(lm.mask)
-                    .map_err(|e| invalid(format!("bad mask handle: {e}")))?;
-                if !target_names.contains(lm.layer.as_str()) {
-                    return Err(invalid(format!(
-                        "a mask for `{}`, which is not a target of this stage",
-                        display_safe::name(&lm.layer)
-                    )));
-                }
-                if new_masks.contains_key(&lm.layer) {
-                    return Err(invalid(format!(
-                        "two masks for `{}`",
-                        display_safe::name(&lm.layer)
-                    )));
-                }
-                new_masks.insert(lm.layer, mask);
-            }
+            let new_masks = take_masks(&mut store, masks, &target_names).map_err(invalid)?;
             drop(store);
             validate_masks(&targets, &new_masks).map_err(invalid)?;
             for (name, mask) in new_masks {
@@ -412,6 +416,56 @@ pub fn run_stage(
                 state
                     .model
                     .set_weight(&name, pruned, false)
+                    .map_err(|e| RunError::Apply {
+                        stage: stage_name.clone(),
+                        message: e.to_string(),
+                    })?;
+                state.masks.insert(name, combined);
+            }
+        }
+        OutputKind::Weights => {
+            if !out_budgets.is_empty() || !heads.is_empty() {
+                return Err(invalid("a weights plugin returned budgets or heads".into()));
+            }
+            let new_masks = take_masks(&mut store, masks, &target_names).map_err(invalid)?;
+            let mut new_weights: BTreeMap<String, Tensor> = BTreeMap::new();
+            for lw in weights {
+                let tensor = store
+                    .data_mut()
+                    .take_tensor(lw.weights)
+                    .map_err(|e| invalid(format!("bad tensor handle: {e}")))?;
+                if !target_names.contains(lw.layer.as_str()) {
+                    return Err(invalid(format!(
+                        "weights for `{}`, which is not a target of this stage",
+                        display_safe::name(&lw.layer)
+                    )));
+                }
+                if new_weights.insert(lw.layer.clone(), tensor).is_some() {
+                    return Err(invalid(format!(
+                        "two weights for `{}`",
+                        display_safe::name(&lw.layer)
+                    )));
+                }
+            }
+            drop(store);
+            validate_masks(&targets, &new_masks).map_err(invalid)?;
+            // Every layer is checked before any is applied: a refused output changes nothing.
+            let mut updates = Vec::with_capacity(new_masks.len());
+            for (name, mask) in new_masks {
+                let combined = match state.masks.get(&name) {
+                    Some(old) => mask.and(old).map_err(invalid)?,
+                    None => mask,
+                };
+                let tensor = new_weights
+                    .remove(&name)
+                    .ok_or_else(|| invalid(format!("no weights for target `{name}`")))?;
+                check_weights(&name, &tensor, &combined).map_err(invalid)?;
+                updates.push((name, tensor, combined));
+            }
+            for (name, tensor, combined) in updates {
+                state
+                    .model
+                    .set_weight(&name, tensor, false)
                     .map_err(|e| RunError::Apply {
                         stage: stage_name.clone(),
                         message: e.to_string(),
@@ -522,6 +576,68 @@ pub fn run_stage(
     Ok((report, produced_budgets))
 }
 
+/// Takes the masks a stage returned out of its Store: each for a target, at most one per layer.
+fn take_masks(
+    store: &mut wasmtime::Store<crate::plugin::state::PluginState>,
+    masks: Vec<crate::plugin::bindings::LayerMask>,
+    target_names: &BTreeSet<&str>,
+) -> Result<BTreeMap<String, Mask>, String> {
+    let mut new_masks: BTreeMap<String, Mask> = BTreeMap::new();
+    for lm in masks {
+        let mask = store
+            .data_mut()
+            .take_mask(lm.mask)
+            .map_err(|e| format!("bad mask handle: {e}"))?;
+        if !target_names.contains(lm.layer.as_str()) {
+            return Err(format!(
+                "a mask for `{}`, which is not a target of this stage",
+                display_safe::name(&lm.layer)
+            ));
+        }
+        if new_masks.contains_key(&lm.layer) {
+            return Err(format!("two masks for `{}`", display_safe::name(&lm.layer)));
+        }
+        new_masks.insert(lm.layer, mask);
+    }
+    Ok(new_masks)
+}
+
+/// Checks updated weights for `layer` before they replace the model's: the mask's shape,
+/// finite values, and exact zeros wherever `mask` (earlier masks included) removes.
+pub fn check_weights(layer: &str, weights: &Tensor, mask: &Mask) -> Result<(), String> {
+    if weights.dims() != mask.shape() {
+        return Err(format!(
+            "the weights for `{layer}` have shape {:?}, the layer has {:?}",
+            weights.dims(),
+            mask.shape()
+        ));
+    }
+    let cols = mask.shape().last().copied().unwrap_or(1).max(1);
+    with_f32(weights, |w| {
+        if let Some(i) = w.iter().position(|v| !v.is_finite()) {
+            return Err(format!(
+                "the weights for `{layer}` hold a non-finite value ({}) at [{}, {}]",
+                w[i],
+                i / cols,
+                i % cols
+            ));
+        }
+        if let Some(i) = w
+            .iter()
+            .zip(mask.keep())
+            .position(|(&v, &k)| !k && v != 0.0)
+        {
+            return Err(format!(
+                "the weights for `{layer}` are not zero where the layer is masked: {} at [{}, {}]",
+                w[i],
+                i / cols,
+                i % cols
+            ));
+        }
+        Ok(())
+    })?
+}
+
 /// Checks the masks of one stage against its targets: one per target, the right shape, and in
 /// aggregate the density asked for (within the rounding of the structure's groups).
 fn validate_masks(
@@ -591,6 +707,14 @@ pub fn execute(
     let started = Instant::now();
     let parameters_before = model.num_parameters();
     let mut state = RunState::new(model);
+    if plan
+        .stages
+        .iter()
+        .any(|s| s.plugin.info.produces == OutputKind::Weights)
+    {
+        // Shares storage: costs memory only for the layers a stage replaces.
+        state.original_weights = state.model.weights().clone();
+    }
     let mut budgets: BTreeMap<usize, BTreeMap<String, f64>> = BTreeMap::new();
     let mut stage_reports = Vec::with_capacity(plan.stages.len());
     for (i, stage) in plan.stages.iter().enumerate() {

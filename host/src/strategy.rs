@@ -265,9 +265,12 @@ pub fn pack(app: &App, pipeline_path: &Path, out: &Path) -> Result<Manifest, Str
                 other.sha256
             )));
         }
-        needs_calibration |= plugin_needs
-            .iter()
-            .any(|n| matches!(n, Need::Activations | Need::Loss | Need::Gradients));
+        needs_calibration |= plugin_needs.iter().any(|n| {
+            matches!(
+                n,
+                Need::Activations | Need::Loss | Need::Gradients | Need::Hessians
+            )
+        });
         set_stage_plugin(&mut doc, spec.index, &format!("{name}@sha256:{sha256}"))
             .ok_or_else(|| at("cannot rewrite this stage's `plugin`".into()))?;
         plugins.entry(sha256.clone()).or_insert_with(|| {

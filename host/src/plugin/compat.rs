@@ -1,4 +1,4 @@
-//! Conversions between the older WIT versions (0.1.0, 0.2.0, 0.3.0) and the 0.4.0 types the host
+//! Conversions between the older WIT versions (0.1.0 to 0.4.0) and the 0.5.0 types the host
 //! works with. Only the values crossing an older plugin's `describe` / `apply` boundary need them, plus
 //! the model descriptions its `model` imports return (the imports themselves are implemented for
 //! every version by one macro in `state.rs`); resources (`tensor`, `mask`) map to the same host
@@ -6,11 +6,13 @@
 //!
 //! The versions' generated types are distinct Rust items of identical shape (except the `need`
 //! enum, which grows), so one macro writes each version's conversions. What 0.4 added (the
-//! `validate` export, the `progress` import) has no older counterpart to convert: an older
-//! plugin is simply not validated by a call and cannot report progress.
+//! `validate` export, the `progress` import) has no counterpart before it: a plugin older than
+//! 0.4 is simply not validated by a call and cannot report progress; [`v4`] also converts the
+//! planning values. What 0.5 added (the `obs` import, the `weights` output) has no older
+//! counterpart: an older plugin never returns weights.
 
-use super::bindings::v0_4::espalier::prune::{model as mh, plugin_types as ph};
-use super::bindings::v0_4::{PluginInfo, StageContext, StageOutput};
+use super::bindings::v0_5::espalier::prune::{model as mh, plugin_types as ph};
+use super::bindings::v0_5::{PluginInfo, StageContext, StageOutput};
 
 macro_rules! older_version {
     ($module:ident, $v:ident, needs: { $($old_need:ident => $new_need:ident),* $(,)? }) => {
@@ -70,7 +72,7 @@ macro_rules! older_version {
                 }
             }
 
-            fn value_to(v: &ph::ParamValue) -> po::ParamValue {
+            pub(crate) fn value_to(v: &ph::ParamValue) -> po::ParamValue {
                 match v {
                     ph::ParamValue::Boolean(b) => po::ParamValue::Boolean(*b),
                     ph::ParamValue::Integer(i) => po::ParamValue::Integer(*i),
@@ -111,7 +113,7 @@ macro_rules! older_version {
                 }
             }
 
-            /// What the plugin described, in 0.4 terms.
+            /// What the plugin described, in 0.5 terms.
             pub fn plugin_info_from(i: InfoO) -> PluginInfo {
                 PluginInfo {
                     name: i.name,
@@ -154,7 +156,7 @@ macro_rules! older_version {
                 }
             }
 
-            /// The plugin's output in 0.4 terms (mask handles move unchanged).
+            /// The plugin's output in 0.5 terms (mask handles move unchanged; no weights).
             pub fn stage_output_from(o: OutO) -> StageOutput {
                 StageOutput {
                     masks: o
@@ -181,6 +183,7 @@ macro_rules! older_version {
                             keep: h.keep,
                         })
                         .collect(),
+                    weights: Vec::new(),
                 }
             }
         }
@@ -195,3 +198,50 @@ older_version!(v3, v0_3, needs: {
     Loss => Loss,
     Gradients => Gradients,
 });
+older_version!(v4, v0_4, needs: {
+    Weights => Weights,
+    Activations => Activations,
+    Loss => Loss,
+    Gradients => Gradients,
+});
+
+/// The planning values of `validate`, which 0.4 introduced and 0.5 kept unchanged.
+pub mod v4_planning {
+    use super::ph;
+    use crate::plugin::bindings::v0_4::PlanningContext as CtxO;
+    use crate::plugin::bindings::v0_4::espalier::prune::plugin_types as po;
+    use crate::plugin::bindings::v0_5::PlanningContext;
+
+    /// A planning context in 0.4 terms.
+    pub fn planning_context_to(c: &PlanningContext) -> CtxO {
+        CtxO {
+            stage: c.stage.clone(),
+            density: match c.density {
+                ph::PlannedDensity::Unset => po::PlannedDensity::Unset,
+                ph::PlannedDensity::Fixed(d) => po::PlannedDensity::Fixed(d),
+                ph::PlannedDensity::Budget => po::PlannedDensity::Budget,
+            },
+            targets: c.targets.iter().map(super::v4::layer).collect(),
+            params: c
+                .params
+                .iter()
+                .map(|(k, v)| (k.clone(), super::v4::value_to(v)))
+                .collect(),
+        }
+    }
+
+    /// The problems a 0.4 plugin found, in 0.5 terms.
+    pub fn problems_from(p: Vec<po::ParamProblem>) -> Vec<ph::ParamProblem> {
+        p.into_iter()
+            .map(|p| ph::ParamProblem {
+                at: match p.at {
+                    po::ProblemAt::Stage => ph::ProblemAt::Stage,
+                    po::ProblemAt::Density => ph::ProblemAt::Density,
+                    po::ProblemAt::Targets => ph::ProblemAt::Targets,
+                    po::ProblemAt::Param(n) => ph::ProblemAt::Param(n),
+                },
+                message: p.message,
+            })
+            .collect()
+    }
+}

@@ -117,6 +117,7 @@ pub fn empty_view() -> Arc<ModelView> {
         layers: Vec::new(),
         weights: BTreeMap::new(),
         masks: BTreeMap::new(),
+        original_weights: BTreeMap::new(),
         calibration: None,
     })
 }
@@ -578,6 +579,7 @@ pub fn produces_name(kind: super::bindings::OutputKind) -> &'static str {
         OutputKind::Masks => "masks",
         OutputKind::Budgets => "budgets",
         OutputKind::Heads => "heads",
+        OutputKind::Weights => "weights",
     }
 }
 
@@ -589,6 +591,7 @@ pub fn need_name(need: super::bindings::Need) -> &'static str {
         Need::Activations => "activations",
         Need::Loss => "loss",
         Need::Gradients => "gradients",
+        Need::Hessians => "hessians",
     }
 }
 

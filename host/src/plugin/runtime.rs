@@ -19,6 +19,7 @@ use crate::cancel::{CancelToken, Cancelled};
 
 use super::bindings::{
     ParamProblem, PlanningContext, PluginInfo, StageContext, StageOutput, v0_1, v0_2, v0_3, v0_4,
+    v0_5,
 };
 use super::compat;
 use super::progress::{Progress, ProgressGate};
@@ -184,6 +185,9 @@ pub enum WitVersion {
     /// `espalier:prune@0.4.0` (adds planning-time `validate` and `progress` reports).
     #[serde(rename = "0.4.0")]
     V0_4,
+    /// `espalier:prune@0.5.0` (adds OBS kernels on Hessian handles and updated-weight outputs).
+    #[serde(rename = "0.5.0")]
+    V0_5,
 }
 
 impl std::fmt::Display for WitVersion {
@@ -193,6 +197,7 @@ impl std::fmt::Display for WitVersion {
             WitVersion::V0_2 => "0.2.0",
             WitVersion::V0_3 => "0.3.0",
             WitVersion::V0_4 => "0.4.0",
+            WitVersion::V0_5 => "0.5.0",
         })
     }
 }
@@ -204,7 +209,7 @@ pub struct CompiledPlugin {
     pub sha256: String,
     /// The WIT version it imports, which picks the world it is instantiated in.
     pub wit: WitVersion,
-    /// Whether it imports `progress` (0.4): only then does an `apply` watch for its reports.
+    /// Whether it imports `progress` (0.4 and later): only then does an `apply` watch for its reports.
     pub reports_progress: bool,
     component: Component,
 }
@@ -215,6 +220,7 @@ enum Instance {
     V0_2(v0_2::Criterion),
     V0_3(v0_3::Criterion),
     V0_4(v0_4::Criterion),
+    V0_5(v0_5::Criterion),
 }
 
 /// Timings of one `apply` call.
@@ -243,6 +249,7 @@ pub struct Runtime {
     linker_v0_2: Linker<PluginState>,
     linker_v0_3: Linker<PluginState>,
     linker_v0_4: Linker<PluginState>,
+    linker_v0_5: Linker<PluginState>,
     /// Compiled components by sha256, most recently inserted last; bounded, since a daemon
     /// sees every version of every hot-reloaded plugin. Runs hold their own clones, so
     /// eviction never affects a run in flight.
@@ -310,11 +317,13 @@ impl Runtime {
         let mut linker_v0_2 = Linker::new(&engine);
         let mut linker_v0_3 = Linker::new(&engine);
         let mut linker_v0_4 = Linker::new(&engine);
+        let mut linker_v0_5 = Linker::new(&engine);
         for linker in [
             &mut linker_v0_1,
             &mut linker_v0_2,
             &mut linker_v0_3,
             &mut linker_v0_4,
+            &mut linker_v0_5,
         ] {
             wasmtime_wasi::p2::add_to_linker_sync(linker)
                 .map_err(|e| anyhow::anyhow!("cannot link WASI: {e}"))?;
@@ -327,6 +336,8 @@ impl Runtime {
             .map_err(|e| anyhow::anyhow!("cannot link the espalier:prune@0.3.0 imports: {e}"))?;
         v0_4::Criterion::add_to_linker::<_, HasSelf<_>>(&mut linker_v0_4, |s| s)
             .map_err(|e| anyhow::anyhow!("cannot link the espalier:prune@0.4.0 imports: {e}"))?;
+        v0_5::Criterion::add_to_linker::<_, HasSelf<_>>(&mut linker_v0_5, |s| s)
+            .map_err(|e| anyhow::anyhow!("cannot link the espalier:prune@0.5.0 imports: {e}"))?;
         let ticker = EpochTicker::start(engine.clone());
         Ok(Runtime {
             engine,
@@ -334,6 +345,7 @@ impl Runtime {
             linker_v0_2,
             linker_v0_3,
             linker_v0_4,
+            linker_v0_5,
             cache: Mutex::new(MemoryCache::default()),
             disk_cache: None,
             compiled: Default::default(),
@@ -477,7 +489,9 @@ impl Runtime {
         CompiledPlugin {
             sha256,
             wit: wit_version(&ours, exports_validate),
-            reports_progress: ours.iter().any(|n| n == "espalier:prune/progress@0.4.0"),
+            reports_progress: ours.iter().any(|n| {
+                n == "espalier:prune/progress@0.4.0" || n == "espalier:prune/progress@0.5.0"
+            }),
             component,
         }
     }
@@ -525,6 +539,10 @@ impl Runtime {
                 v0_4::Criterion::instantiate(&mut *store, &plugin.component, &self.linker_v0_4)
                     .map(Instance::V0_4)
             }
+            WitVersion::V0_5 => {
+                v0_5::Criterion::instantiate(&mut *store, &plugin.component, &self.linker_v0_5)
+                    .map(Instance::V0_5)
+            }
         };
         instance.map_err(|e| {
             let message = format!("{e:#}");
@@ -564,7 +582,10 @@ impl Runtime {
             Instance::V0_3(i) => i
                 .call_describe(&mut store)
                 .map(compat::v3::plugin_info_from),
-            Instance::V0_4(i) => i.call_describe(&mut store),
+            Instance::V0_4(i) => i
+                .call_describe(&mut store)
+                .map(compat::v4::plugin_info_from),
+            Instance::V0_5(i) => i.call_describe(&mut store),
         };
         log_output(label, &store);
         info.map_err(|e| classify(label, e, sandbox, &store.data().output().1))
@@ -588,12 +609,16 @@ impl Runtime {
         }
         let cancel = CancelToken::new();
         let mut store = self.store(model, sandbox, &cancel);
-        let Instance::V0_4(instance) = self.instantiate(label, plugin, &mut store, sandbox)? else {
-            return Ok(Ok(()));
-        };
+        let instance = self.instantiate(label, plugin, &mut store, sandbox)?;
         // The deadline counts from the call, as for `apply`.
         arm_deadline(&mut store, sandbox.timeout, &cancel);
-        let result = instance.call_validate(&mut store, ctx);
+        let result = match instance {
+            Instance::V0_5(i) => i.call_validate(&mut store, ctx),
+            Instance::V0_4(i) => i
+                .call_validate(&mut store, &compat::v4_planning::planning_context_to(ctx))
+                .map(|r| r.map_err(compat::v4_planning::problems_from)),
+            _ => return Ok(Ok(())),
+        };
         log_output(label, &store);
         result.map_err(|e| classify(label, e, sandbox, &store.data().output().1))
     }
@@ -633,7 +658,10 @@ impl Runtime {
             Instance::V0_3(i) => i
                 .call_apply(&mut *store, &compat::v3::stage_context_to(ctx))
                 .map(|r| r.map(compat::v3::stage_output_from)),
-            Instance::V0_4(i) => i.call_apply(&mut *store, ctx),
+            Instance::V0_4(i) => i
+                .call_apply(&mut *store, &compat::v4::stage_context_to(ctx))
+                .map(|r| r.map(compat::v4::stage_output_from)),
+            Instance::V0_5(i) => i.call_apply(&mut *store, ctx),
         };
         let result = match progress {
             Some(receiver) if plugin.reports_progress => {
@@ -701,7 +729,8 @@ fn with_drain<R>(
 /// The world a component is served from the `espalier:prune` interfaces it imports (`ours`)
 /// and whether it exports `validate`. The oldest version named wins (a component built against
 /// 0.1 imports only 0.1 interfaces); one that imports none of them (possible: the exports are
-/// plain functions) is told apart by `validate`, which only 0.4 and later have.
+/// plain functions) is told apart by `validate`, which only 0.4 and later have (and is served
+/// as 0.4: it imports nothing 0.5 added).
 fn wit_version(ours: &[String], exports_validate: bool) -> WitVersion {
     let imports = |v: &str| ours.iter().any(|n| n.ends_with(v));
     if imports("@0.1.0") {
@@ -710,8 +739,10 @@ fn wit_version(ours: &[String], exports_validate: bool) -> WitVersion {
         WitVersion::V0_2
     } else if imports("@0.3.0") {
         WitVersion::V0_3
-    } else if imports("@0.4.0") || exports_validate {
+    } else if imports("@0.4.0") || (exports_validate && !imports("@0.5.0")) {
         WitVersion::V0_4
+    } else if imports("@0.5.0") {
+        WitVersion::V0_5
     } else {
         WitVersion::V0_3
     }
@@ -873,13 +904,14 @@ mod tests {
             v(&["espalier:prune/progress@0.4.0"], true),
             WitVersion::V0_4
         );
+        assert_eq!(v(&["espalier:prune/obs@0.5.0"], true), WitVersion::V0_5);
         // Importing nothing of ours: `validate` tells 0.4 from the older worlds.
         assert_eq!(v(&[], true), WitVersion::V0_4);
         assert_eq!(v(&[], false), WitVersion::V0_3);
     }
 
     #[test]
-    fn built_ins_speak_0_4_and_their_validate_runs_under_the_sandbox() {
+    fn built_ins_speak_0_5_and_their_validate_runs_under_the_sandbox() {
         use super::super::bindings::{ParamValue, PlannedDensity, PlanningContext, ProblemAt};
         let runtime = Runtime::new().unwrap();
         let (_, bytes) = super::super::registry::BUILTIN_PLUGINS
@@ -887,7 +919,7 @@ mod tests {
             .find(|(n, _)| *n == "n-m")
             .unwrap();
         let plugin = runtime.compile("n-m", bytes).unwrap();
-        assert_eq!(plugin.wit, WitVersion::V0_4);
+        assert_eq!(plugin.wit, WitVersion::V0_5);
         assert!(plugin.reports_progress);
         let ctx = |density| PlanningContext {
             stage: "n-m".into(),
@@ -897,6 +929,7 @@ mod tests {
                 ("n".into(), ParamValue::Integer(2)),
                 ("m".into(), ParamValue::Integer(4)),
             ],
+            masked_earlier: Vec::new(),
         };
         let view = super::super::registry::empty_view();
         let sandbox = Sandbox::default();

@@ -21,7 +21,10 @@ use wasmtime_wasi::{
 use super::bindings::v0_2::espalier::prune::calibration as calibration_v2;
 use super::bindings::v0_3::espalier::prune::calibration as calibration_v3;
 use super::bindings::v0_4::espalier::prune::{
-    calibration as calibration_v4, model as model_v4, progress as progress_v4,
+    calibration as calibration_v4, progress as progress_v4,
+};
+use super::bindings::v0_5::espalier::prune::{
+    calibration as calibration_v5, model as model_v5, progress as progress_v5,
 };
 use super::progress::ProgressGate;
 use crate::calibration::Calibrator;
@@ -30,6 +33,8 @@ use crate::ops;
 use crate::tensor_util::{tensor_from, with_f32};
 
 use super::budget::{self, GuestLimiter, HANDLE_BYTES, HostBudget};
+
+pub mod obs;
 
 /// A host-owned tensor behind a WIT `tensor` handle (candle tensors share storage on clone).
 pub struct TensorHandle {
@@ -44,13 +49,16 @@ pub struct TensorHandle {
 /// copies no weights.
 pub struct ModelView {
     /// Architecture-level facts.
-    pub info: model_v4::ModelInfo,
+    pub info: model_v5::ModelInfo,
     /// Every weight, as plugins see it.
-    pub layers: Vec<model_v4::LayerInfo>,
+    pub layers: Vec<model_v5::LayerInfo>,
     /// Current (masked) weights by name.
     pub weights: BTreeMap<String, Tensor>,
     /// Masks of earlier stages by layer name.
     pub masks: BTreeMap<String, Mask>,
+    /// The weights as the run loaded them (`model.original-weight`, 0.5), kept only by runs
+    /// with a stage that produces weights; empty otherwise.
+    pub original_weights: BTreeMap<String, Tensor>,
     /// Calibration statistics of this model state, when the pipeline has calibration data
     /// (computed lazily, shared by every plugin call until the masks change).
     pub calibration: Option<Arc<Calibrator>>,
@@ -113,6 +121,9 @@ pub struct PluginState {
     /// Where `progress.report` goes during an `apply` whose caller watches progress; `None`
     /// (in `describe`, `validate`, or when nobody watches): reports are ignored.
     pub progress: Option<ProgressGate>,
+    /// Damped inverse factors computed for this call's OBS updates (0.5), shared by the layers
+    /// that read the same input (see [`obs`]).
+    factors: obs::FactorCache,
 }
 
 impl PluginState {
@@ -148,6 +159,7 @@ impl PluginState {
             budget: HostBudget::new(limits.host_memory),
             host_time: Duration::ZERO,
             progress: None,
+            factors: obs::FactorCache::default(),
         }
     }
 
@@ -164,6 +176,13 @@ impl PluginState {
         let mask = self.table.delete(mask)?;
         self.budget.release(budget::mask_bytes(mask.keep().len()));
         Ok(mask)
+    }
+
+    /// Takes a tensor the guest returned (updated weights, 0.5) out of the resource table.
+    pub fn take_tensor(&mut self, t: Resource<TensorHandle>) -> wasmtime::Result<Tensor> {
+        let handle = self.table.delete(t)?;
+        self.budget.release(handle.booked);
+        Ok(handle.tensor)
     }
 
     /// The most host bytes held for the plugin at once during this Store's life.
@@ -395,16 +414,19 @@ pub fn select_per_row(scores: &[f32], shape: &[usize], density: f64) -> Result<M
 /// `model`, `plugin-types`) on [`PluginState`]. The versions' generated traits and types are
 /// distinct Rust items of identical shape, so one body serves them all: sandboxing, the host
 /// byte budget and the `timed` host-time accounting cannot drift between versions. `$layer` and
-/// `$info` convert the 0.3 model descriptions the view holds; `kernels_extra` adds the kernels
+/// `$info` convert the 0.5 model descriptions the view holds; `kernels_extra` adds the kernels
 /// a version introduced.
 macro_rules! impl_host_imports {
     ($module:ident, $v:ident, layer: $layer:path, info: $info:path, kernels_extra: { $($kernels_extra:tt)* }) => {
+        impl_host_imports!($module, $v, layer: $layer, info: $info, kernels_extra: { $($kernels_extra)* }, model_extra: {});
+    };
+    ($module:ident, $v:ident, layer: $layer:path, info: $info:path, kernels_extra: { $($kernels_extra:tt)* }, model_extra: { $($model_extra:tt)* }) => {
     mod $module {
         use super::*;
         use crate::plugin::bindings::$v::espalier::prune::{kernels, model, plugin_types, tensors};
 
         /// WIT structure → host structure, refusing degenerate group sizes.
-        fn structure_from_wit(s: kernels::Structure) -> Result<Structure, String> {
+        pub(super) fn structure_from_wit(s: kernels::Structure) -> Result<Structure, String> {
             let positive = |v: u32, what: &str| {
                 if v == 0 {
                     Err(format!("{what} must be positive"))
@@ -853,6 +875,8 @@ macro_rules! impl_host_imports {
                 })?;
                 r.map(Some).map_err(wasmtime::Error::msg)
             }
+
+            $($model_extra)*
         }
 
         impl plugin_types::Host for PluginState {}
@@ -903,6 +927,22 @@ impl_host_imports!(
 impl_host_imports!(
     v0_4_imports,
     v0_4,
+    layer: crate::plugin::compat::v4::layer,
+    info: crate::plugin::compat::v4::model_info,
+    kernels_extra: {
+        fn select_per_row(
+            &mut self,
+            scores: Resource<TensorHandle>,
+            density: f64,
+        ) -> wasmtime::Result<Result<Resource<Mask>, String>> {
+            self.select_per_row_handle(&scores, density)
+        }
+    }
+);
+
+impl_host_imports!(
+    v0_5_imports,
+    v0_5,
     layer: Clone::clone,
     info: Clone::clone,
     kernels_extra: {
@@ -912,6 +952,30 @@ impl_host_imports!(
             density: f64,
         ) -> wasmtime::Result<Result<Resource<Mask>, String>> {
             self.select_per_row_handle(&scores, density)
+        }
+    },
+    model_extra: {
+        fn original_weight(
+            &mut self,
+            name: String,
+        ) -> wasmtime::Result<Result<Resource<TensorHandle>, String>> {
+            let Some(current) = self.model.weights.get(&name) else {
+                return Ok(Err(format!(
+                    "the model has no weight named `{}`",
+                    crate::display_safe::name(&name)
+                )));
+            };
+            match self.model.original_weights.get(&name).cloned() {
+                Some(t) if t.dims() == current.dims() => self.push_shared(t),
+                Some(_) => Ok(Err(format!(
+                    "`{}` was reshaped by a heads stage; its original weight no longer matches it",
+                    crate::display_safe::name(&name)
+                ))),
+                None => Ok(Err(
+                    "original weights are kept only in runs with a stage whose plugin produces weights"
+                        .into(),
+                )),
+            }
         }
     }
 );
@@ -1147,6 +1211,7 @@ macro_rules! calibration_since_v0_3 {
 
 impl_calibration!(calibration_v3, extra: { calibration_since_v0_3!(); });
 impl_calibration!(calibration_v4, extra: { calibration_since_v0_3!(); });
+impl_calibration!(calibration_v5, extra: { calibration_since_v0_3!(); });
 
 /// `progress.report` (0.4.0): filtered by the call's [`ProgressGate`] (bounded, never blocks,
 /// never fails), or ignored when nobody watches this call. Not timed as host time: it is the
@@ -1157,6 +1222,12 @@ impl progress_v4::Host for PluginState {
             gate.offer(done, total, &message);
         }
         Ok(())
+    }
+}
+
+impl progress_v5::Host for PluginState {
+    fn report(&mut self, done: u64, total: u64, message: String) -> wasmtime::Result<()> {
+        progress_v4::Host::report(self, done, total, message)
     }
 }
 

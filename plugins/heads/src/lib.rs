@@ -236,6 +236,7 @@ impl Guest for Heads {
             masks: Vec::new(),
             budgets: Vec::new(),
             heads: keep_out,
+            weights: Vec::new(),
         })
     }
 }

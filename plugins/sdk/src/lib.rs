@@ -32,16 +32,16 @@
 // Lets the generated code name this crate by its public path, inside and outside it.
 extern crate self as espalier_plugin_sdk;
 
-/// Bindings generated from `wit/since_v0.4.0` (the `criterion` world). Each version is a
+/// Bindings generated from `wit/since_v0.5.0` (the `criterion` world). Each version is a
 /// superset of the one before: a criterion that uses none of the additions runs exactly as
-/// before, and the host still accepts components built against 0.1, 0.2 and 0.3 (see
-/// `plugins/testing/legacy-v01`, `legacy-v02` and `legacy-v03`).
+/// before, and the host still accepts components built against 0.1 to 0.4 (see
+/// `plugins/testing/legacy-v01` to `legacy-v04`).
 pub mod bindings {
     // The generated export glue of `validate` takes the flattened planning context as more
     // than seven core-wasm parameters; that is the canonical ABI, not a design choice here.
     #![allow(clippy::too_many_arguments)]
     wit_bindgen::generate!({
-        path: "../../wit/since_v0.4.0",
+        path: "../../wit/since_v0.5.0",
         world: "criterion",
         pub_export_macro: true,
         export_macro_name: "export_criterion_raw",
@@ -57,10 +57,11 @@ pub use bindings::espalier::prune::kernels::{
     self, BinaryOp, BlockShape, Mask, NOfM, ReduceOp, Structure, UnaryOp,
 };
 pub use bindings::espalier::prune::model::{self, LayerInfo, ModelInfo, Role};
+pub use bindings::espalier::prune::obs::{self, Hessian, Update};
 pub use bindings::espalier::prune::plugin_types::{
-    HeadKeep, LayerBudget, LayerMask, Need, OutputKind, ParamKind, ParamProblem, ParamSpec,
-    ParamValue, PlannedDensity, PlanningContext, PluginInfo, ProblemAt, StageContext, StageOutput,
-    Target,
+    HeadKeep, LayerBudget, LayerMask, LayerWeights, Need, OutputKind, ParamKind, ParamProblem,
+    ParamSpec, ParamValue, PlannedDensity, PlanningContext, PluginInfo, ProblemAt, StageContext,
+    StageOutput, Target,
 };
 pub use bindings::espalier::prune::progress;
 pub use bindings::espalier::prune::tensors::{self, Dtype, Tensor};
@@ -349,6 +350,17 @@ pub fn masks_output(masks: Vec<LayerMask>) -> StageOutput {
         masks,
         budgets: Vec::new(),
         heads: Vec::new(),
+        weights: Vec::new(),
+    }
+}
+
+/// An output with masks and updated weights (`produces = weights`).
+pub fn weights_output(masks: Vec<LayerMask>, weights: Vec<LayerWeights>) -> StageOutput {
+    StageOutput {
+        masks,
+        budgets: Vec::new(),
+        heads: Vec::new(),
+        weights,
     }
 }
 

@@ -118,6 +118,7 @@ impl Guest for Sensitivity {
             masks: Vec::new(),
             budgets,
             heads: Vec::new(),
+            weights: Vec::new(),
         })
     }
 }
