@@ -168,8 +168,9 @@ def main():
         log(f"llama-bench {fmt}")
         results["llama_cpp"][fmt] = llama_bench(bindir, path, args)
     if not args.skip_espalier:
-        # The dense pipeline (no stages) gives dense bf16: every linear packed in bf16.
-        runs = [(DENSE_PIPELINE, "bf16")] + [(args.pipeline, s) for s in ["f32", "bf16"]]
+        # The dense pipeline (no stages) gives dense bf16 and int8: every linear packed.
+        runs = [(DENSE_PIPELINE, s) for s in ["bf16", "int8"]]
+        runs += [(args.pipeline, s) for s in ["f32", "bf16", "int8"]]
         for pipeline, storage in runs:
             log(f"espalier bench decode {pipeline} (storage {storage})")
             e = espalier_bench(args, pipeline, storage)
