@@ -666,7 +666,7 @@ impl Session {
                     block,
                     layer,
                     &qi,
-                    &**cache,
+                    cache,
                     starts[i] + 1,
                     &mut ctx[i * heads * d..(i + 1) * heads * d],
                 )?;
