@@ -284,6 +284,7 @@ pub fn latency(
     let decode = started.elapsed().as_secs_f64();
     let steps = new_tokens - 1;
     let ms_per_token = decode * 1000.0 / steps as f64;
+    let weight_bytes = session.weight_bytes_per_token();
     Ok(LatencyReport {
         prompt_tokens: prompt.len(),
         new_tokens,
@@ -292,9 +293,8 @@ pub fn latency(
         ms_per_token,
         decode_tokens_per_s: 1000.0 / ms_per_token.max(f64::EPSILON),
         decode_steps: steps,
-        weight_bytes_per_token: session.weight_bytes_per_token(),
-        weight_gb_per_s: session.weight_bytes_per_token() as f64
-            / (ms_per_token * 1e6).max(f64::EPSILON),
+        weight_bytes_per_token: weight_bytes,
+        weight_gb_per_s: weight_bytes as f64 / (ms_per_token * 1e6).max(f64::EPSILON),
         generated,
         peak_rss_bytes: peak_rss_bytes(),
     })

@@ -122,8 +122,8 @@ pub struct MemoryReport {
 /// Why pruned layers were kept on the dense kernel, and which kernel each linear runs on.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct KernelUse {
-    /// Linear layers per kernel, e.g. `{"dense": 208, "bsr16x16": 3}` (`dense` is candle's
-    /// matmul).
+    /// Linear layers per kernel, e.g. `{"dense": 208, "bsr16x16": 3}` (`dense` is the engine's
+    /// dense f32 path).
     pub layers: BTreeMap<String, usize>,
     /// Reason → number of layers, for every layer on the dense kernel (pruned or not).
     pub dense_because: BTreeMap<String, usize>,
@@ -191,7 +191,7 @@ impl EvalSpec {
 /// What the caller knows about the model being evaluated.
 #[derive(Debug, Clone, Default)]
 pub struct Subject {
-    /// Kernels and dense reasons (from `sparse::attach`; empty = all on candle's matmul).
+    /// Kernels and dense reasons (from `sparse::attach`; empty = all on the engine's dense f32 path).
     pub kernels: KernelUse,
     /// Bytes of weights the session holds.
     pub weight_bytes: u64,
@@ -297,7 +297,7 @@ pub fn evaluate(
     };
     let mut kernels = subject.kernels;
     if kernels.layers.is_empty() {
-        // Nothing attached: every linear is on candle's matmul.
+        // Nothing attached: every linear is on the engine's dense f32 path.
         for l in session.linears() {
             *kernels.layers.entry(l.kind().to_string()).or_insert(0) += 1;
         }

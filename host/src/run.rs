@@ -195,6 +195,24 @@ impl RunState {
         }
     }
 
+    /// A stage's new mask for `name` combined with the one earlier stages left there: a weight
+    /// pruned once stays pruned.
+    fn with_earlier_mask(&self, name: &str, mask: Mask) -> Result<Mask, String> {
+        match self.masks.get(name) {
+            Some(old) => mask.and(old),
+            None => Ok(mask),
+        }
+    }
+
+    /// Replaces a layer's weights and records its mask.
+    fn set_layer(&mut self, name: String, weights: Tensor, mask: Mask) -> Result<(), String> {
+        self.model
+            .set_weight(&name, weights, false)
+            .map_err(|e| e.to_string())?;
+        self.masks.insert(name, mask);
+        Ok(())
+    }
+
     /// Density of a layer relative to its size before the run.
     pub fn density(&self, layer: &str) -> f64 {
         let original = self.original_numel.get(layer).copied().unwrap_or(0);
@@ -401,26 +419,17 @@ pub fn run_stage(
             drop(store);
             validate_masks(&targets, &new_masks).map_err(invalid)?;
             for (name, mask) in new_masks {
-                let combined = match state.masks.get(&name) {
-                    Some(old) => mask.and(old).map_err(invalid)?,
-                    None => mask,
-                };
+                let combined = state.with_earlier_mask(&name, mask).map_err(invalid)?;
                 let weight = state
                     .model
                     .weight(&name)
                     .ok_or_else(|| invalid(format!("unknown layer `{name}`")))?;
-                let pruned = apply_mask(weight, &combined).map_err(|m| RunError::Apply {
+                let apply_err = |message| RunError::Apply {
                     stage: stage_name.clone(),
-                    message: m,
-                })?;
-                state
-                    .model
-                    .set_weight(&name, pruned, false)
-                    .map_err(|e| RunError::Apply {
-                        stage: stage_name.clone(),
-                        message: e.to_string(),
-                    })?;
-                state.masks.insert(name, combined);
+                    message,
+                };
+                let pruned = apply_mask(weight, &combined).map_err(apply_err)?;
+                state.set_layer(name, pruned, combined).map_err(apply_err)?;
             }
         }
         OutputKind::Weights => {
@@ -452,10 +461,7 @@ pub fn run_stage(
             // Every layer is checked before any is applied: a refused output changes nothing.
             let mut updates = Vec::with_capacity(new_masks.len());
             for (name, mask) in new_masks {
-                let combined = match state.masks.get(&name) {
-                    Some(old) => mask.and(old).map_err(invalid)?,
-                    None => mask,
-                };
+                let combined = state.with_earlier_mask(&name, mask).map_err(invalid)?;
                 let tensor = new_weights
                     .remove(&name)
                     .ok_or_else(|| invalid(format!("no weights for target `{name}`")))?;
@@ -464,13 +470,11 @@ pub fn run_stage(
             }
             for (name, tensor, combined) in updates {
                 state
-                    .model
-                    .set_weight(&name, tensor, false)
-                    .map_err(|e| RunError::Apply {
+                    .set_layer(name, tensor, combined)
+                    .map_err(|message| RunError::Apply {
                         stage: stage_name.clone(),
-                        message: e.to_string(),
+                        message,
                     })?;
-                state.masks.insert(name, combined);
             }
         }
         OutputKind::Budgets => {

@@ -1,6 +1,7 @@
 //! Runs a pruned model on Espalier's own sparse kernels: every masked linear is packed in the
 //! format the kernels' planner picks from its mask (structure, density, shape) and plugged into
-//! the engine's forward pass; layers where sparse would be slower stay on candle's dense matmul.
+//! the engine's forward pass; layers where sparse would be slower stay on the engine's dense
+//! f32 path (its own GEMV for decode steps, candle's GEMM for prefill).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -117,13 +118,13 @@ impl Storage {
 /// What [`attach`] did.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct Attached {
-    /// Layers per packed format (layers left on candle's dense matmul are not listed).
+    /// Layers per packed format (layers left on the engine's dense f32 path are not listed).
     pub formats: BTreeMap<String, usize>,
     /// Bytes of all model tensors as loaded (f32).
     pub model_bytes: usize,
     /// Bytes of the weights the forward pass holds after packing.
     pub packed_model_bytes: usize,
-    /// Every linear's kernel (candle's matmul counted as `dense`) and why layers stayed dense.
+    /// Every linear's kernel (the engine's dense f32 path counted as `dense`) and why layers stayed dense.
     pub kernels: KernelUse,
 }
 
@@ -234,7 +235,8 @@ pub fn attach(
         if let Some(reason) = reason {
             count(&mut kernels.dense_because, reason);
         }
-        // f32 dense stays on candle's matmul (faster for prefill); everything else is ours.
+        // f32 dense stays on the engine's dense path (our GEMV on the tensor's own storage for
+        // decode, candle's GEMM for prefill): packing it would only copy it.
         if packed.format() == Format::Dense && storage == Storage::F32 {
             count(&mut kernels.layers, current_kind);
             continue;

@@ -147,6 +147,20 @@ pub fn gemm_f32(
     small_batch(w, None, rows, cols, x, tokens, y, exec)
 }
 
+/// How a pass over `rows × cols` stored weights splits over the pool: bounds in units of 4
+/// rows (so every task but the last runs whole 4-row steps), one task per
+/// [`par::MIN_TASK_BYTES`] of weights at most.
+fn row_bounds<T: Element>(exec: Exec, rows: usize, cols: usize) -> Vec<usize> {
+    let units = rows.div_ceil(4);
+    let tasks = par::task_count(
+        exec,
+        units,
+        rows * cols * T::DTYPE.size(),
+        par::MIN_TASK_BYTES,
+    );
+    par::even_bounds(units, tasks)
+}
+
 /// `y = W·x` over stored rows `w` (`[rows, cols]`; i8 rows scaled by `scales`).
 fn gemv_slice<T: Element>(
     w: &[T],
@@ -159,14 +173,7 @@ fn gemv_slice<T: Element>(
 ) -> Result<()> {
     expect_len("x", cols, x.len())?;
     expect_len("y", rows, y.len())?;
-    let tasks = par::task_count(
-        exec,
-        rows.div_ceil(4),
-        rows * cols * T::DTYPE.size(),
-        par::MIN_TASK_BYTES,
-    );
-    // Bounds in units of 4 rows so every task but the last runs the 4-row kernel only.
-    let bounds = par::even_bounds(rows.div_ceil(4), tasks);
+    let bounds = row_bounds::<T>(exec, rows, cols);
     let isa = exec.isa.effective();
     par::for_each_range(y, 4, &bounds, |units, ys| {
         let r = units.start * 4..(units.end * 4).min(rows);
@@ -200,13 +207,7 @@ fn small_batch<T: Element>(
     if tokens == 1 {
         return gemv_slice(w, scales, rows, cols, x, y, exec);
     }
-    let tasks = par::task_count(
-        exec,
-        rows.div_ceil(4),
-        rows * cols * T::DTYPE.size(),
-        par::MIN_TASK_BYTES,
-    );
-    let bounds = par::even_bounds(rows.div_ceil(4), tasks);
+    let bounds = row_bounds::<T>(exec, rows, cols);
     let out = SharedOut::new(y);
     let isa = exec.isa.effective();
     par::for_each_bound(&bounds, |units| {

@@ -15,28 +15,14 @@ use espalier_plugin_sdk::*;
 
 struct Reconstruct;
 
-/// Largest lazy-update block accepted (wider than any layer gives no benefit).
-const MAX_BLOCKSIZE: i64 = 1 << 16;
-
 /// The problems of the parameters, and `(blocksize, damping)` when usable.
 fn settings(params: &Params) -> (Vec<ParamProblem>, Option<(u32, f64)>) {
-    let mut problems = Vec::new();
-    let blocksize = params.integer("blocksize").unwrap_or(0);
-    if !(1..=MAX_BLOCKSIZE).contains(&blocksize) {
-        problems.push(ParamProblem::param(
-            "blocksize",
-            format!("blocksize = {blocksize}: the lazy-update block must be 1..={MAX_BLOCKSIZE} columns (SparseGPT: 128)"),
-        ));
+    let blocksize = checks::obs_blocksize(params.integer("blocksize").unwrap_or(0));
+    let damping = checks::obs_damping(params.float("damping").unwrap_or(f64::NAN));
+    match (blocksize, damping) {
+        (Ok(b), Ok(d)) => (Vec::new(), Some((b, d))),
+        (b, d) => (b.err().into_iter().chain(d.err()).collect(), None),
     }
-    let damping = params.float("damping").unwrap_or(f64::NAN);
-    if !(0.0..=1.0).contains(&damping) {
-        problems.push(ParamProblem::param(
-            "damping",
-            format!("damping = {damping}: a fraction of the Hessian's mean diagonal in [0, 1] (SparseGPT: 0.01)"),
-        ));
-    }
-    let ok = problems.is_empty().then_some((blocksize as u32, damping));
-    (problems, ok)
 }
 
 impl Guest for Reconstruct {

@@ -390,6 +390,38 @@ pub mod checks {
         }
     }
 
+    /// Widest lazy-update column block an OBS update takes (wider than any layer gains nothing).
+    pub const MAX_OBS_BLOCKSIZE: i64 = 1 << 16;
+
+    /// The `blocksize` of an OBS update: columns per lazy-update block (SparseGPT: 128).
+    pub fn obs_blocksize(blocksize: i64) -> Result<u32, ParamProblem> {
+        if (1..=MAX_OBS_BLOCKSIZE).contains(&blocksize) {
+            Ok(blocksize as u32)
+        } else {
+            Err(ParamProblem::param(
+                "blocksize",
+                format!(
+                    "blocksize = {blocksize}: the lazy-update block must be 1..={MAX_OBS_BLOCKSIZE} columns (SparseGPT: 128)"
+                ),
+            ))
+        }
+    }
+
+    /// The `damping` of an OBS update: a fraction of the Hessian's mean diagonal added to the
+    /// diagonal (SparseGPT: 0.01).
+    pub fn obs_damping(damping: f64) -> Result<f64, ParamProblem> {
+        if (0.0..=1.0).contains(&damping) {
+            Ok(damping)
+        } else {
+            Err(ParamProblem::param(
+                "damping",
+                format!(
+                    "damping = {damping}: a fraction of the Hessian's mean diagonal in [0, 1] (SparseGPT: 0.01)"
+                ),
+            ))
+        }
+    }
+
     /// An optional block shape from a `[rows, cols]` parameter named `name`: `[]` = none.
     pub fn optional_block(name: &str, shape: &[i64]) -> Result<Option<BlockShape>, ParamProblem> {
         match shape {

@@ -21,9 +21,6 @@ use espalier_plugin_sdk::*;
 
 struct SparseGpt;
 
-/// Largest lazy-update or mask-selection block accepted.
-const MAX_BLOCKSIZE: i64 = 1 << 16;
-
 /// Largest N:M group accepted (as the `n-m` criterion).
 const MAX_M: u32 = 64;
 
@@ -61,27 +58,20 @@ fn settings(
     targets: &[&LayerInfo],
 ) -> (Vec<ParamProblem>, Option<Settings>) {
     let mut problems = Vec::new();
-    let blocksize = params.integer("blocksize").unwrap_or(0);
-    if !(1..=MAX_BLOCKSIZE).contains(&blocksize) {
-        problems.push(ParamProblem::param(
-            "blocksize",
-            format!("blocksize = {blocksize}: the lazy-update block must be 1..={MAX_BLOCKSIZE} columns (SparseGPT: 128)"),
-        ));
-    }
+    let blocksize = checks::obs_blocksize(params.integer("blocksize").unwrap_or(0))
+        .map_err(|p| problems.push(p))
+        .ok();
+    let max = checks::MAX_OBS_BLOCKSIZE;
     let mask_blocksize = params.integer("mask_blocksize").unwrap_or(-1);
-    if !(0..=MAX_BLOCKSIZE).contains(&mask_blocksize) {
+    if !(0..=max).contains(&mask_blocksize) {
         problems.push(ParamProblem::param(
             "mask_blocksize",
-            format!("mask_blocksize = {mask_blocksize}: columns per mask selection, 0..={MAX_BLOCKSIZE} (0 = the whole layer at once; SparseGPT: 128)"),
+            format!("mask_blocksize = {mask_blocksize}: columns per mask selection, 0..={max} (0 = the whole layer at once; SparseGPT: 128)"),
         ));
     }
-    let damping = params.float("damping").unwrap_or(f64::NAN);
-    if !(0.0..=1.0).contains(&damping) {
-        problems.push(ParamProblem::param(
-            "damping",
-            format!("damping = {damping}: a fraction of the Hessian's mean diagonal in [0, 1] (SparseGPT: 0.01)"),
-        ));
-    }
+    let damping = checks::obs_damping(params.float("damping").unwrap_or(f64::NAN))
+        .map_err(|p| problems.push(p))
+        .ok();
     let nm = match checks::optional_n_of_m(
         params.integer("n").unwrap_or(0),
         params.integer("m").unwrap_or(0),
@@ -129,10 +119,10 @@ fn settings(
             Some(block.map_or(Mode::Unstructured, Mode::Blocks))
         }
     };
-    let ok = match mode {
-        Some(mode) if problems.is_empty() => Some(Settings {
+    let ok = match (mode, blocksize, damping) {
+        (Some(mode), Some(blocksize), Some(damping)) if problems.is_empty() => Some(Settings {
             mode,
-            blocksize: blocksize as u32,
+            blocksize,
             mask_blocksize: mask_blocksize as u32,
             damping,
         }),
