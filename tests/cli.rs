@@ -495,6 +495,101 @@ fn eval_and_benchmarks_run_on_a_builtin_model() {
     assert!(!out.exists());
 }
 
+/// `[export] format = "packed"` writes each linear as packed; `eval` and `generate` run the
+/// folder on its kernels (what the run evaluated), a damaged file is refused naming it, and a
+/// packed folder cannot be pruned again.
+#[test]
+fn a_packed_export_runs_as_evaluated_and_refuses_damage() {
+    let dir = tmp();
+    let out = dir.path().join("packed");
+    let pipeline = write(
+        dir.path(),
+        "packed.toml",
+        &format!(
+            "model = \"{}\"\n[[stage]]\nplugin = \"n-m\"\nn = 2\nm = 4\n\
+             [evaluate]\nwindow = 128\nmax_tokens = 600\nstorage = \"bf16\"\n\
+             latency = {{ prompt_tokens = 8, new_tokens = 4 }}\n\
+             [export]\ndir = \"{}\"\nformat = \"packed\"\n",
+            // A Hugging Face folder with a tokenizer.json, which `eval` of the export needs.
+            repo().join("engine/tests/fixtures/llama").display(),
+            out.display()
+        ),
+    );
+    let o = espalier(&["run", pipeline.to_str().unwrap(), "--json"], dir.path());
+    let (stdout, stderr) = text(&o);
+    assert!(o.status.success(), "{stdout}\n{stderr}");
+    let run: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert!(out.join("packed.safetensors").is_file());
+    let resolved = run["resolved_pipeline"].as_str().unwrap();
+    assert!(
+        resolved.contains("format = \"packed\"") && resolved.contains("storage = \"bf16\""),
+        "{resolved}"
+    );
+    // The folder evaluates to exactly the run's pruned perplexity (same kernels, same storage).
+    let o = espalier(
+        &[
+            "eval",
+            out.to_str().unwrap(),
+            "--window",
+            "128",
+            "--max-tokens",
+            "600",
+            "--new-tokens",
+            "4",
+            "--prompt-tokens",
+            "8",
+            "--json",
+        ],
+        dir.path(),
+    );
+    let (stdout, stderr) = text(&o);
+    assert!(o.status.success(), "{stderr}");
+    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(
+        v["perplexity"]["perplexity"], run["evaluation"]["pruned"]["perplexity"]["perplexity"],
+        "{v}"
+    );
+    assert!(
+        v["kernels"]["layers"]["2:4/bf16"].as_u64().unwrap() > 0,
+        "{v}"
+    );
+    let o = espalier(
+        &[
+            "generate",
+            out.to_str().unwrap(),
+            "--prompt",
+            "The",
+            "--max-tokens",
+            "4",
+        ],
+        dir.path(),
+    );
+    assert!(o.status.success(), "{:?}", text(&o));
+    // Pruning it again is refused with the way out.
+    let o = espalier(
+        &[
+            "run",
+            repo().join("pipelines/tiny.toml").to_str().unwrap(),
+            "--model",
+            out.to_str().unwrap(),
+            "--no-export",
+        ],
+        dir.path(),
+    );
+    assert!(!o.status.success());
+    assert!(text(&o).1.contains("packed checkpoint"), "{:?}", text(&o));
+    // A damaged packed file is refused naming it.
+    let file = out.join("packed.safetensors");
+    let bytes = std::fs::read(&file).unwrap();
+    std::fs::write(&file, &bytes[..bytes.len() - 100]).unwrap();
+    let o = espalier(
+        &["eval", out.to_str().unwrap(), "--window", "128"],
+        dir.path(),
+    );
+    assert!(!o.status.success());
+    assert!(text(&o).1.contains("packed.safetensors"), "{:?}", text(&o));
+}
+
 /// `espalier generate` streams text to stdout and its figures to stderr, greedily by default
 /// (the same text twice), and refuses what it cannot do with the reason.
 #[test]

@@ -11,6 +11,7 @@ pub mod gguf;
 pub mod layers;
 pub mod linear;
 pub mod model;
+pub mod packed;
 pub mod tokenizer;
 
 pub use builtin::{BUILTIN_MODELS, builtin_model};
@@ -20,6 +21,7 @@ pub use forward::{GradientStats, KvCache, LinearObserver, LossGradients, Session
 pub use layers::{LayerInfo, Role};
 pub use linear::{Linear, LinearKernel, LinearWeight};
 pub use model::Model;
+pub use packed::PackedKernel;
 pub use tokenizer::Tokenizer;
 
 /// Loads a model by reference: `builtin:NAME` or a directory path.

@@ -38,6 +38,10 @@ pub trait LinearKernel: fmt::Debug + Send + Sync {
     fn kind(&self) -> &str;
     /// Bytes of weights (values, indices, scales) one product over a single token reads.
     fn weight_bytes(&self) -> usize;
+    /// The packed weight behind the kernel, when it is one (what a packed checkpoint stores).
+    fn packed(&self) -> Option<&espalier_kernels::PackedLinear> {
+        None
+    }
 }
 
 /// Where the weights of a [`Linear`] live.

@@ -10,6 +10,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use safetensors::Dtype;
@@ -20,6 +21,7 @@ use crate::config::{Architecture, ModelConfig};
 use crate::error::EngineError;
 use crate::files;
 use crate::layers::{self, LayerInfo, Role};
+use crate::packed::PackedKernel;
 
 /// Files besides the weights that travel with a model directory (tokenizer and generation
 /// settings); an export copies them unchanged.
@@ -42,6 +44,11 @@ pub struct Model {
     pub source: String,
     /// The directory it was loaded from, for companion files such as the tokenizer.
     pub source_dir: Option<PathBuf>,
+    /// Linears loaded from a packed checkpoint ([`crate::packed`]), by weight name: they have
+    /// no dense tensor in `weights` (except a tied embedding, whose packed copy is the LM head).
+    packed: BTreeMap<String, Arc<PackedKernel>>,
+    /// Loaded from a packed checkpoint (even one whose planner left every linear dense f32).
+    packed_checkpoint: bool,
 }
 
 fn weights_err(path: &Path, message: impl Into<String>) -> EngineError {
@@ -400,6 +407,8 @@ impl Model {
             weights,
             source: source.into(),
             source_dir: None,
+            packed: BTreeMap::new(),
+            packed_checkpoint: false,
         };
         model.check_tensors(Path::new(&model.source))?;
         Ok(model)
@@ -458,6 +467,34 @@ impl Model {
                 shapes.insert(name, shape);
             }
         }
+        // A packed checkpoint: its linears come from packed.safetensors, checked layer by layer.
+        let packed_path = dir.join(crate::packed::PACKED_FILE);
+        let packed_checkpoint = packed_path.exists();
+        let packed = if packed_checkpoint {
+            crate::packed::read_packed(&packed_path)?
+        } else {
+            BTreeMap::new()
+        };
+        for (name, layer) in &packed {
+            let shape = vec![layer.rows(), layer.cols()];
+            match shapes.get(name) {
+                // Only a tied embedding is stored both ways (its packed copy is the LM head).
+                Some(dense) if *dense != shape => {
+                    return Err(weights_err(
+                        &packed_path,
+                        format!(
+                            "layer `{name}` is {}x{} but model.safetensors holds it as {dense:?}",
+                            layer.rows(),
+                            layer.cols()
+                        ),
+                    ));
+                }
+                Some(_) => {}
+                None => {
+                    shapes.insert(name.clone(), shape);
+                }
+            }
+        }
         check_shapes(&config, &shapes, &config_path, dir)?;
         drop(shapes);
 
@@ -470,6 +507,11 @@ impl Model {
             weights,
             source: dir.display().to_string(),
             source_dir: Some(dir.to_path_buf()),
+            packed: packed
+                .into_iter()
+                .map(|(name, layer)| (name, Arc::new(PackedKernel::new(layer))))
+                .collect(),
+            packed_checkpoint,
         })
     }
 
@@ -559,20 +601,46 @@ impl Model {
         Ok(())
     }
 
-    /// Total number of elements over all floating-point tensors.
+    /// Total number of elements over all floating-point tensors (a packed linear counts as
+    /// its dense shape).
     pub fn num_parameters(&self) -> usize {
+        let packed: usize = self
+            .packed
+            .iter()
+            .filter(|(name, _)| !self.weights.contains_key(*name))
+            .map(|(_, k)| k.packed().rows() * k.packed().cols())
+            .sum();
         self.weights
             .values()
             .filter(|t| t.dtype() == DType::F32)
             .map(|t| t.elem_count())
-            .sum()
+            .sum::<usize>()
+            + packed
+    }
+
+    /// The linears a packed checkpoint stores packed, by weight name (empty for any other
+    /// model).
+    pub fn packed_layers(&self) -> &BTreeMap<String, Arc<PackedKernel>> {
+        &self.packed
+    }
+
+    /// Whether the model was loaded from a packed checkpoint: its layers run as the export's
+    /// planner packed them, and it cannot be pruned further (prune the original instead).
+    pub fn is_packed(&self) -> bool {
+        self.packed_checkpoint
     }
 
     /// Writes `config.json` and `model.safetensors` into `dir` (which must exist), each through a
     /// temporary file and a rename, plus the companion files of the source directory.
     pub fn save_into(&self, dir: &Path) -> Result<(), EngineError> {
+        self.save_into_except(dir, &BTreeSet::new())
+    }
+
+    /// [`Model::save_into`] without the tensors named in `skip` (a packed checkpoint stores
+    /// them in `packed.safetensors`).
+    pub fn save_into_except(&self, dir: &Path, skip: &BTreeSet<String>) -> Result<(), EngineError> {
         let mut out: HashMap<String, Tensor> = HashMap::with_capacity(self.weights.len());
-        for (name, t) in &self.weights {
+        for (name, t) in self.weights.iter().filter(|(n, _)| !skip.contains(*n)) {
             let t = if layers::stored_transposed(name, self.config.arch) && t.rank() == 2 {
                 t.t()?.contiguous()?
             } else {

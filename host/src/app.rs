@@ -202,6 +202,9 @@ pub fn evaluate_model(
     });
     let mut session = espalier_engine::Session::new(model)
         .map_err(|e| AppError::Evaluate(which.to_string(), e))?;
+    // A packed checkpoint reports its packed kernels and bytes as a pruned run's model does.
+    let no_masks = std::collections::BTreeMap::new();
+    let masks = masks.or(model.is_packed().then_some(&no_masks));
     let subject = match masks {
         Some(masks) => {
             let attached = crate::sparse::attach(&mut session, model, masks, spec.storage)
@@ -481,8 +484,20 @@ impl App {
                 AppError::Pipeline(pipeline.error(&pipeline.model.position, "model", e.to_string()))
             }
         })?;
+        if model.is_packed() {
+            let message = format!(
+                "{reference} is a packed checkpoint ({}): its linears are stored as the planner packed them and cannot be pruned further; prune the original model (or a dense export) instead",
+                espalier_engine::packed::PACKED_FILE
+            );
+            return Err(if overrides.model.is_some() {
+                AppError::Model(espalier_engine::EngineError::Input(message))
+            } else {
+                AppError::Pipeline(pipeline.error(&pipeline.model.position, "model", message))
+            });
+        }
         let registry = self.registry();
         let masks = pipeline.export.as_ref().is_none_or(|e| e.masks);
+        let packed = pipeline.export.as_ref().and_then(|e| e.packed);
         let export_dir = if overrides.no_export {
             None
         } else {
@@ -579,7 +594,9 @@ impl App {
                 .as_ref()
                 .zip(outcome.report.evaluation.as_ref())
                 .map(|(spec, c)| (&spec.value.text, &c.pruned.protocol)),
-            export_dir.as_deref().map(|dir| ExportTarget { dir, masks }),
+            export_dir
+                .as_deref()
+                .map(|dir| ExportTarget { dir, masks, packed }),
             &format!(
                 "The pipeline `{}` exactly as it ran (espalier {} {}): every parameter written out,\nplugins and texts pinned by sha256. Rerun it with `espalier run --from report.json`.",
                 plan.pipeline.name,
@@ -591,7 +608,7 @@ impl App {
         // atomic either way).
         cancel.check().map_err(|_| AppError::Cancelled)?;
         if let Some(target) = target {
-            target.write(&outcome.state, &outcome.report, masks)?;
+            target.write(&outcome.state, &outcome.report, masks, packed)?;
             if let Some(dir) = &export_dir {
                 sink.emit(RunEvent::Exported {
                     dir: dir.display().to_string(),

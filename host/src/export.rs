@@ -23,8 +23,12 @@ use std::sync::{Mutex, MutexGuard};
 
 use candle_core::{Device, Tensor};
 
+use espalier_engine::packed::{PACKED_FILE, write_packed};
+use espalier_engine::{LinearWeight, Session};
+
 use crate::report::RunReport;
 use crate::run::RunState;
+use crate::sparse::Storage;
 
 /// Name of the marker file every export holds.
 pub const MARKER: &str = ".espalier-export";
@@ -488,11 +492,15 @@ impl ExportTarget {
     }
 
     /// Writes the run's model, masks, report and marker, then swaps them in atomically.
+    ///
+    /// With `packed`, the linears are written as the planner packs them in that storage
+    /// (`packed.safetensors`) and left out of `model.safetensors`; see [`write_packed_model`].
     pub fn write(
         mut self,
         state: &RunState,
         report: &RunReport,
         masks: bool,
+        packed: Option<Storage>,
     ) -> Result<(), ExportError> {
         let dir = self.dir.clone();
         let tmp = self
@@ -500,10 +508,11 @@ impl ExportTarget {
             .0
             .clone()
             .ok_or_else(|| err(&dir, "the export was already written"))?;
-        state
-            .model
-            .save_into(&tmp)
-            .map_err(|e| err(&dir, e.to_string()))?;
+        match packed {
+            Some(storage) => write_packed_model(state, storage, &tmp),
+            None => state.model.save_into(&tmp).map_err(|e| e.to_string()),
+        }
+        .map_err(|e| err(&dir, e))?;
         if masks {
             write_masks(state, &tmp.join("masks.safetensors"))
                 .map_err(|e| err(&dir, format!("masks: {e}")))?;
@@ -588,8 +597,38 @@ pub fn export(
     report: &RunReport,
     dir: &Path,
     masks: bool,
+    packed: Option<Storage>,
 ) -> Result<(), ExportError> {
-    prepare(dir, &[], false)?.write(state, report, masks)
+    prepare(dir, &[], false)?.write(state, report, masks, packed)
+}
+
+/// Writes a packed checkpoint of the run's model into `dir`: every linear the planner packs
+/// (in `storage`, exactly as evaluation runs it) goes to `packed.safetensors`, everything else
+/// (embeddings, norms, biases, linears left on the dense f32 path) to `model.safetensors`, with
+/// `config.json` and the companion files. A tied embedding stays in `model.safetensors` for
+/// the lookups; its packed copy is the LM head.
+pub fn write_packed_model(state: &RunState, storage: Storage, dir: &Path) -> Result<(), String> {
+    let model = &state.model;
+    let mut session = Session::new(model).map_err(|e| e.to_string())?;
+    crate::sparse::attach(&mut session, model, &state.masks, storage)
+        .map_err(|e| format!("packing: {e}"))?;
+    let embedding = model.embedding_name();
+    let mut layers = Vec::new();
+    let mut skip = BTreeSet::new();
+    for linear in session.linears() {
+        if let LinearWeight::Kernel(kernel) = linear.weight()
+            && let Some(packed) = kernel.packed()
+        {
+            layers.push((linear.name().to_string(), packed));
+            if linear.name() != embedding {
+                skip.insert(linear.name().to_string());
+            }
+        }
+    }
+    write_packed(&dir.join(PACKED_FILE), &layers).map_err(|e| e.to_string())?;
+    model
+        .save_into_except(dir, &skip)
+        .map_err(|e| e.to_string())
 }
 
 /// The masks an export wrote (`DIR/masks.safetensors`, 1 = kept), with each layer's structure

@@ -129,6 +129,10 @@ pub struct ExportSpec {
     /// Whether an existing folder that is not an Espalier export may be replaced (an input of
     /// the run never may).
     pub force: bool,
+    /// `format = "packed"`: linears written as the planner packs them, in this storage
+    /// (`packed.safetensors`, see `espalier_engine::packed`); `None` for the default dense
+    /// export (zeros in place, readable by any tool).
+    pub packed: Option<crate::sparse::Storage>,
 }
 
 /// A parsed pipeline file.
@@ -274,6 +278,8 @@ struct RawExport {
     masks: bool,
     #[serde(default)]
     force: bool,
+    format: Option<Spanned<String>>,
+    storage: Option<Spanned<String>>,
 }
 
 fn yes() -> bool {
@@ -466,7 +472,7 @@ impl Pipeline {
         }
         name_stages(&ctx, &mut stages)?;
 
-        let export = raw.export.as_ref().map(|e| {
+        let mut export = raw.export.as_ref().map(|e| {
             let e = e.get_ref();
             ExportSpec {
                 dir: Located {
@@ -482,6 +488,7 @@ impl Pipeline {
                 },
                 masks: e.masks,
                 force: e.force,
+                packed: None,
             }
         });
         if let Some(e) = &export
@@ -499,6 +506,13 @@ impl Pipeline {
             None => None,
             Some(e) => Some(parse_evaluate(&ctx, e)?),
         };
+        if let (Some(spec), Some(raw_export)) = (&mut export, &raw.export) {
+            spec.packed = parse_export_format(
+                &ctx,
+                raw_export.get_ref(),
+                evaluate.as_ref().map(|e| e.value.storage),
+            )?;
+        }
 
         let calibration = match &raw.calibration {
             None => None,
@@ -537,6 +551,52 @@ impl Pipeline {
             field: field.into(),
             message: message.into(),
         }
+    }
+}
+
+/// `[export] format` and `storage`: `None` for the dense export, the packed storage otherwise
+/// (by default the `[evaluate]` storage, so the export holds what was evaluated).
+fn parse_export_format(
+    ctx: &Ctx<'_>,
+    e: &RawExport,
+    evaluated: Option<crate::sparse::Storage>,
+) -> Result<Option<crate::sparse::Storage>, PipelineError> {
+    let packed = match &e.format {
+        None => false,
+        Some(f) => match f.get_ref().as_str() {
+            "dense" => false,
+            "packed" => true,
+            other => {
+                return Err(ctx.err(
+                    f.span().start,
+                    "export.format",
+                    format!(
+                        "`{other}` is not an export format: use \"dense\" (zeros in place, any tool reads it) or \"packed\" (each linear as the planner packs it)"
+                    ),
+                ));
+            }
+        },
+    };
+    match (&e.storage, packed) {
+        (Some(st), false) => Err(ctx.err(
+            st.span().start,
+            "export.storage",
+            "applies to packed exports only: add `format = \"packed\"` (a dense export is f32)",
+        )),
+        (Some(st), true) => crate::sparse::Storage::from_name(st.get_ref())
+            .map(Some)
+            .ok_or_else(|| {
+                ctx.err(
+                    st.span().start,
+                    "export.storage",
+                    format!(
+                        "`{}` is not a weight storage: use \"f32\", \"bf16\" or \"int8\"",
+                        st.get_ref()
+                    ),
+                )
+            }),
+        (None, true) => Ok(Some(evaluated.unwrap_or_default())),
+        (None, false) => Ok(None),
     }
 }
 
@@ -1160,6 +1220,43 @@ mod tests {
         );
         let e = parse("model = \"m\"\n[evaluate]\nlatency = 3\n").unwrap_err();
         assert!(e.message.contains("`false`, `true` or a table"), "{e}");
+    }
+
+    #[test]
+    fn export_format_and_storage() {
+        use crate::sparse::Storage;
+        let packed = |text: &str| parse(text).unwrap().export.unwrap().packed;
+        assert_eq!(packed("model = \"m\"\n[export]\ndir = \"o\"\n"), None);
+        assert_eq!(
+            packed("model = \"m\"\n[export]\ndir = \"o\"\nformat = \"dense\"\n"),
+            None
+        );
+        assert_eq!(
+            packed("model = \"m\"\n[export]\ndir = \"o\"\nformat = \"packed\"\n"),
+            Some(Storage::F32)
+        );
+        // By default a packed export holds what was evaluated.
+        assert_eq!(
+            packed(
+                "model = \"m\"\n[evaluate]\nstorage = \"bf16\"\n[export]\ndir = \"o\"\nformat = \"packed\"\n"
+            ),
+            Some(Storage::Bf16)
+        );
+        assert_eq!(
+            packed(
+                "model = \"m\"\n[evaluate]\nstorage = \"bf16\"\n[export]\ndir = \"o\"\nformat = \"packed\"\nstorage = \"int8\"\n"
+            ),
+            Some(Storage::Int8)
+        );
+        for (text, needle) in [
+            ("format = \"gguf\"\n", "export.format"),
+            ("storage = \"bf16\"\n", "export.storage"),
+            ("format = \"packed\"\nstorage = \"fp4\"\n", "export.storage"),
+        ] {
+            let e = parse(&format!("model = \"m\"\n[export]\ndir = \"o\"\n{text}")).unwrap_err();
+            assert!(e.to_string().contains(needle), "{text}: {e}");
+            assert_eq!(e.position.line, 3 + text.lines().count(), "{text}: {e}");
+        }
     }
 
     #[test]

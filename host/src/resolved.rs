@@ -62,6 +62,8 @@ pub struct ExportTarget<'a> {
     pub dir: &'a Path,
     /// Whether masks were written.
     pub masks: bool,
+    /// The storage of a packed export (`None`: dense).
+    pub packed: Option<crate::sparse::Storage>,
 }
 
 /// Writes the pipeline `plan` ran as TOML. `evaluation` is the protocol the evaluation
@@ -167,6 +169,10 @@ pub fn resolved_pipeline(
         let mut t = Table::new();
         t.insert("dir".into(), path_str(x.dir));
         t.insert("masks".into(), Value::Boolean(x.masks));
+        if let Some(storage) = x.packed {
+            t.insert("format".into(), Value::String("packed".into()));
+            t.insert("storage".into(), Value::String(storage.name().into()));
+        }
         root.insert("export".into(), Value::Table(t));
     }
 

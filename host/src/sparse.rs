@@ -6,8 +6,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use candle_core::Tensor;
-use espalier_engine::{EngineError, LinearKernel, Model, Session};
+use espalier_engine::{EngineError, Model, PackedKernel, Session};
 use espalier_kernels::{
     Choice, DenseView, Dtype, Format, PackedLinear, Structure as KStructure, choose_format,
 };
@@ -16,60 +15,8 @@ use crate::evaluate::KernelUse;
 use crate::mask::{Mask, Structure};
 use crate::tensor_util::with_f32;
 
-/// A packed weight behind the engine's linear-layer interface.
-#[derive(Debug)]
-pub struct PackedKernel {
-    packed: PackedLinear,
-    label: String,
-}
-
-impl PackedKernel {
-    /// Wraps a packed weight.
-    pub fn new(packed: PackedLinear) -> Self {
-        let label = packed.format_name();
-        PackedKernel { packed, label }
-    }
-}
-
 fn kernel_err(e: impl std::fmt::Display) -> EngineError {
     EngineError::from(candle_core::Error::Msg(e.to_string()))
-}
-
-impl LinearKernel for PackedKernel {
-    fn in_features(&self) -> usize {
-        self.packed.cols()
-    }
-
-    fn out_features(&self) -> usize {
-        self.packed.rows()
-    }
-
-    fn forward(&self, x: &Tensor) -> Result<Tensor, EngineError> {
-        let tokens = x.dims().first().copied().unwrap_or(0);
-        let mut y = vec![0.0f32; tokens * self.packed.rows()];
-        with_f32(x, |xs| {
-            if tokens == 1 {
-                self.packed.gemv(xs, &mut y)
-            } else {
-                self.packed.gemm(xs, tokens, &mut y)
-            }
-        })
-        .map_err(kernel_err)?
-        .map_err(kernel_err)?;
-        Ok(Tensor::from_vec(
-            y,
-            (tokens, self.packed.rows()),
-            x.device(),
-        )?)
-    }
-
-    fn kind(&self) -> &str {
-        &self.label
-    }
-
-    fn weight_bytes(&self) -> usize {
-        self.packed.bytes()
-    }
 }
 
 /// The planner's structure hint for a mask.
@@ -196,6 +143,30 @@ pub fn attach(
     let count = |map: &mut BTreeMap<String, usize>, key: String| {
         *map.entry(key).or_insert(0) += 1;
     };
+    if model.is_packed() {
+        // A packed checkpoint carries its planner's decisions: its layers already run packed
+        // (or on the dense path) as exported. Nothing is planned or repacked.
+        let mut packed_bytes = 0usize;
+        for l in session.linears() {
+            count(&mut kernels.layers, l.kind().to_string());
+            if let Some(p) = model.packed_layers().get(l.name()) {
+                *formats.entry(p.packed().format_name()).or_insert(0) += 1;
+                packed_bytes += p.packed().bytes();
+            }
+        }
+        return Ok(Attached {
+            formats,
+            model_bytes: model_bytes
+                + model
+                    .packed_layers()
+                    .iter()
+                    .filter(|(n, _)| model.weight(n).is_none())
+                    .map(|(_, p)| p.packed().rows() * p.packed().cols() * 4)
+                    .sum::<usize>(),
+            packed_model_bytes: model_bytes + packed_bytes,
+            kernels,
+        });
+    }
     for (name, current_kind) in linears {
         let Some(weight) = model.weight(&name) else {
             continue;
@@ -263,6 +234,7 @@ mod tests {
     use super::*;
     use crate::ops::select;
     use crate::tensor_util::{apply_mask, with_f32};
+    use candle_core::Tensor;
 
     /// Prunes every block linear of a built-in model with `structure` at `density` (host
     /// selection on |w|), returning the masked model and its masks.
@@ -359,6 +331,78 @@ mod tests {
             }
             let d = max_rel_diff(&want, &session.forward(&tokens, None).unwrap());
             assert!(d > 0.0, "{label}: rounding must change something");
+        }
+    }
+
+    /// A packed checkpoint loads without planning and computes exactly what the run's model
+    /// computes with the same storage attached; in f32 it matches the dense-with-zeros export
+    /// (1e-5 relative) and greedy decoding is token for token the evaluation path's.
+    #[test]
+    fn packed_checkpoints_round_trip_against_the_dense_export() {
+        let tokens: Vec<u32> = (0..24).map(|i| (i * 37 % 251) as u32).collect();
+        for (model_name, structure, density) in [
+            (
+                "builtin:tiny-llama",
+                Structure::Blocks { rows: 16, cols: 16 },
+                0.25,
+            ),
+            ("builtin:tiny-llama", Structure::NOfM { n: 2, m: 4 }, 0.5),
+            ("builtin:tiny-llama", Structure::Unstructured, 0.3),
+            ("builtin:tiny-gpt2", Structure::Unstructured, 0.2),
+        ] {
+            let (model, masks) = pruned(model_name, structure, density);
+            let t = tempfile::tempdir().unwrap();
+            let dense_dir = t.path().join("dense");
+            std::fs::create_dir(&dense_dir).unwrap();
+            model.save_into(&dense_dir).unwrap();
+            let dense = Model::load(&dense_dir).unwrap();
+            assert!(!dense.is_packed());
+            let dense_session = Session::new(&dense).unwrap();
+            let want = dense_session.forward(&tokens, None).unwrap();
+            let mut state = crate::run::RunState::new(model.clone());
+            state.masks = masks.clone();
+            for storage in [Storage::F32, Storage::Bf16, Storage::Int8] {
+                let label = format!("{model_name} {structure} {}", storage.name());
+                let dir = t.path().join(storage.name());
+                std::fs::create_dir(&dir).unwrap();
+                crate::export::write_packed_model(&state, storage, &dir).unwrap();
+                let loaded = Model::load(&dir).unwrap();
+                assert!(loaded.is_packed(), "{label}");
+                let mut session = Session::new(&loaded).unwrap();
+                // Attaching to a packed model plans nothing and changes nothing.
+                let attached = attach(&mut session, &loaded, &masks, storage).unwrap();
+                if storage != Storage::F32 {
+                    assert_eq!(
+                        loaded.packed_layers().len(),
+                        session.linears().len(),
+                        "{label}: every linear packed"
+                    );
+                }
+                assert_eq!(
+                    attached.formats.values().sum::<usize>(),
+                    loaded.packed_layers().len(),
+                    "{label}"
+                );
+                let mut reference = Session::new(&dense).unwrap();
+                attach(&mut reference, &dense, &masks, storage).unwrap();
+                for t in [&tokens[..], &tokens[..1]] {
+                    let got = session.forward(t, None).unwrap();
+                    let same = reference.forward(t, None).unwrap();
+                    assert_eq!(max_rel_diff(&same, &got), 0.0, "{label}");
+                }
+                if storage == Storage::F32 {
+                    let got = session.forward(&tokens, None).unwrap();
+                    let d = max_rel_diff(&want, &got);
+                    assert!(d <= 1e-5, "{label}: {d}");
+                    let greedy = espalier_engine::eval::latency(&session, &tokens[..4], 8)
+                        .unwrap()
+                        .generated;
+                    let evaluated = espalier_engine::eval::latency(&dense_session, &tokens[..4], 8)
+                        .unwrap()
+                        .generated;
+                    assert_eq!(greedy, evaluated, "{label}");
+                }
+            }
         }
     }
 

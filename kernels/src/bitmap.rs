@@ -26,12 +26,12 @@ pub(crate) const PAD: usize = 16;
 /// is kept; row `r`'s kept values start at `row_ptr[r]`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct BitmapMatrix {
-    rows: usize,
-    cols: usize,
-    stride: usize,
-    masks: Vec<u8>,
-    row_ptr: Vec<u32>,
-    values: Values,
+    pub(crate) rows: usize,
+    pub(crate) cols: usize,
+    pub(crate) stride: usize,
+    pub(crate) masks: Vec<u8>,
+    pub(crate) row_ptr: Vec<u32>,
+    pub(crate) values: Values,
 }
 
 impl BitmapMatrix {

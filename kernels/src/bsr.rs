@@ -26,16 +26,16 @@ use std::ops::Range;
 /// BSR weights `[rows, cols]` with `br x bc` blocks.
 #[derive(Debug, Clone, PartialEq)]
 pub struct BsrMatrix {
-    rows: usize,
-    cols: usize,
-    br: usize,
-    bc: usize,
+    pub(crate) rows: usize,
+    pub(crate) cols: usize,
+    pub(crate) br: usize,
+    pub(crate) bc: usize,
     /// Block row `R`'s blocks are `brow_ptr[R]..brow_ptr[R+1]`.
-    brow_ptr: Vec<u32>,
+    pub(crate) brow_ptr: Vec<u32>,
     /// Block column of each stored block.
-    bcol: Vec<u32>,
+    pub(crate) bcol: Vec<u32>,
     /// `br * bc` values per stored block, column-major within the block.
-    values: Values,
+    pub(crate) values: Values,
 }
 
 impl BsrMatrix {

@@ -21,13 +21,13 @@ use crate::view::DenseView;
 /// elsewhere.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CompactMatrix {
-    rows: usize,
-    cols: usize,
+    pub(crate) rows: usize,
+    pub(crate) cols: usize,
     /// Ascending indices of the output rows that hold a kept entry.
-    kept_rows: Vec<u32>,
+    pub(crate) kept_rows: Vec<u32>,
     /// Ascending indices of the input columns that hold a kept entry.
-    kept_cols: Vec<u32>,
-    inner: DenseMatrix,
+    pub(crate) kept_cols: Vec<u32>,
+    pub(crate) inner: DenseMatrix,
 }
 
 impl CompactMatrix {

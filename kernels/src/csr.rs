@@ -16,7 +16,7 @@ use std::ops::Range;
 
 /// Column index storage, chosen by width at packing time.
 #[derive(Debug, Clone, PartialEq)]
-enum ColIndex {
+pub(crate) enum ColIndex {
     U16(Vec<u16>),
     U32(Vec<u32>),
 }
@@ -41,11 +41,11 @@ impl Index for u32 {
 /// CSR weights `[rows, cols]`: `row_ptr[r]..row_ptr[r+1]` indexes row `r`'s entries.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CsrMatrix {
-    rows: usize,
-    cols: usize,
-    row_ptr: Vec<u32>,
-    idx: ColIndex,
-    values: Values,
+    pub(crate) rows: usize,
+    pub(crate) cols: usize,
+    pub(crate) row_ptr: Vec<u32>,
+    pub(crate) idx: ColIndex,
+    pub(crate) values: Values,
 }
 
 impl CsrMatrix {

@@ -18,9 +18,9 @@ use std::ops::Range;
 /// Dense `[rows, cols]` row-major weights stored as f32, bf16 or i8 (per-row scales).
 #[derive(Debug, Clone, PartialEq)]
 pub struct DenseMatrix {
-    rows: usize,
-    cols: usize,
-    values: Values,
+    pub(crate) rows: usize,
+    pub(crate) cols: usize,
+    pub(crate) values: Values,
 }
 
 impl DenseMatrix {

@@ -59,6 +59,16 @@ pub enum KernelError {
         kept: usize,
     },
 
+    /// A packed array read back from a file breaks an invariant of its format (see
+    /// [`crate::PackedLinear::from_parts`]).
+    #[error("packed array `{array}`: {message}")]
+    Corrupt {
+        /// Which array (`values`, `row_ptr`, ...).
+        array: String,
+        /// What is wrong with it.
+        message: String,
+    },
+
     /// The candle baseline failed inside the benchmark.
     #[error("baseline (candle) failed: {0}")]
     Baseline(String),

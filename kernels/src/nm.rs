@@ -23,28 +23,28 @@ use crate::view::DenseView;
 use std::ops::Range;
 
 /// Spare metadata bytes so the AVX2 kernel can read 4 bytes at any chunk start.
-const META_PAD: usize = 4;
+pub(crate) const META_PAD: usize = 4;
 
 /// Packed N:M weights `[rows, cols]`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NmMatrix {
-    rows: usize,
-    cols: usize,
-    n: usize,
-    m: usize,
+    pub(crate) rows: usize,
+    pub(crate) cols: usize,
+    pub(crate) n: usize,
+    pub(crate) m: usize,
     /// Bits per in-group position: log2(m).
-    bits: usize,
+    pub(crate) bits: usize,
     /// Groups per row: ceil(cols / m) (a ragged last group is allowed).
-    groups: usize,
+    pub(crate) groups: usize,
     /// Metadata bytes per row.
-    meta_stride: usize,
-    meta: Vec<u8>,
+    pub(crate) meta_stride: usize,
+    pub(crate) meta: Vec<u8>,
     /// `groups * n` values per row.
-    values: Values,
+    pub(crate) values: Values,
 }
 
 /// Checks that `n:m` is a supported pattern.
-fn check_nm(n: usize, m: usize) -> Result<()> {
+pub(crate) fn check_nm(n: usize, m: usize) -> Result<()> {
     if !(2..=256).contains(&m) || !m.is_power_of_two() || n == 0 || n >= m {
         return Err(KernelError::InvalidParameter(format!(
             "N:M sparsity {n}:{m} needs M a power of two in 2..=256 and 0 < N < M"
@@ -330,7 +330,7 @@ fn write_bits(buf: &mut [u8], pos: usize, bits: usize, v: usize) {
 
 /// Reads `bits` bits at bit offset `pos` (LSB first) of `buf`.
 #[inline]
-fn read_bits(buf: &[u8], pos: usize, bits: usize) -> usize {
+pub(crate) fn read_bits(buf: &[u8], pos: usize, bits: usize) -> usize {
     let mut v = 0;
     for i in 0..bits {
         let p = pos + i;

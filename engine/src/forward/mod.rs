@@ -16,7 +16,7 @@
 //! head, exactly the sharing `repeat_kv` expresses in transformers.
 
 mod grad;
-mod ops;
+pub(crate) mod ops;
 
 use std::sync::Arc;
 
@@ -254,11 +254,20 @@ fn vector(model: &Model, name: &str) -> Result<Vec<f32>, EngineError> {
     Ok(tensor(model, name)?.flatten_all()?.to_vec1()?)
 }
 
-/// A linear layer from `NAME.weight` and, when the checkpoint has one, `NAME.bias`.
+/// A linear layer from `NAME.weight` and, when the checkpoint has one, `NAME.bias`: on the
+/// packed weight when the model is a packed checkpoint that stores this layer packed.
 fn linear(model: &Model, prefix: &str) -> Result<Linear, EngineError> {
     let name = format!("{prefix}.weight");
     let bias = model.weight(&format!("{prefix}.bias")).cloned();
-    Linear::dense(name.clone(), tensor(model, &name)?.clone(), bias)
+    weight_linear(model, name, bias)
+}
+
+/// The linear layer of weight `name`: packed when the model stores it packed, else dense.
+fn weight_linear(model: &Model, name: String, bias: Option<Tensor>) -> Result<Linear, EngineError> {
+    match model.packed_layers().get(&name) {
+        Some(kernel) => Linear::with_kernel(name, kernel.clone(), bias),
+        None => Linear::dense(name.clone(), tensor(model, &name)?.clone(), bias),
+    }
 }
 
 fn config_err(model: &Model, message: String) -> EngineError {
@@ -354,7 +363,7 @@ impl Session {
         }
         let embed = tensor(model, "model.embed_tokens.weight")?.clone();
         let lm_head = if c.tie_word_embeddings {
-            Linear::dense("model.embed_tokens.weight", embed.clone(), None)?
+            weight_linear(model, "model.embed_tokens.weight".into(), None)?
         } else {
             linear(model, "lm_head")?
         };
@@ -434,9 +443,12 @@ impl Session {
             });
         }
         let embed = tensor(model, &format!("{p0}wte.weight"))?.clone();
-        let lm_head = match model.weight("lm_head.weight") {
-            Some(w) if !c.tie_word_embeddings => Linear::dense("lm_head.weight", w.clone(), None)?,
-            _ => Linear::dense(format!("{p0}wte.weight"), embed.clone(), None)?,
+        let untied = model.weight("lm_head.weight").is_some()
+            || model.packed_layers().contains_key("lm_head.weight");
+        let lm_head = if untied && !c.tie_word_embeddings {
+            weight_linear(model, "lm_head.weight".into(), None)?
+        } else {
+            weight_linear(model, format!("{p0}wte.weight"), None)?
         };
         Ok(Session {
             config: c.clone(),
