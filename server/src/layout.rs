@@ -117,6 +117,27 @@ impl Layout {
                 "a request may only read texts inside the daemon's state folder (e.g. `data/calibration.txt`)",
             ));
         }
+        if let Some(f) = &pipeline.finetune {
+            if !inside(&f.spec.text, &self.root) {
+                return Err(pipeline.error(
+                    &f.text_position,
+                    "finetune.text",
+                    "a request may only read texts inside the daemon's state folder (e.g. `data/train.txt`)",
+                ));
+            }
+            if let Some(dir) = &f.spec.checkpoint_dir
+                && !inside(dir, &self.runs)
+            {
+                return Err(pipeline.error(
+                    &f.checkpoint_position,
+                    "finetune.checkpoint_dir",
+                    format!(
+                        "a request may only keep checkpoints in the daemon's output folder ({})",
+                        self.runs.display()
+                    ),
+                ));
+            }
+        }
         if let Some(e) = &pipeline.evaluate
             && let espalier::evaluate::EvalText::File(text) = &e.value.text
             && !inside(text, &self.root)
