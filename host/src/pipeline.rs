@@ -1352,6 +1352,61 @@ mod tests {
         assert!(e.message.contains("outside [0, 1]"));
     }
 
+    /// `[finetune]`: defaults, every setting read, and each bad value named by its field and
+    /// line.
+    #[test]
+    fn finetune_section_parses_and_names_bad_fields() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("t.txt"), "text").unwrap();
+        let base = dir.path();
+        let head = "model = \"m\"\n[finetune]\ntext = \"t.txt\"\n";
+        let p = Pipeline::parse_in("p.toml", head, base).unwrap();
+        let spec = p.finetune.unwrap().spec;
+        assert_eq!(spec, FinetuneSpec::new(base.join("t.txt")));
+        let p = Pipeline::parse_in(
+            "p.toml",
+            &format!(
+                "{head}steps = 50\nbatch = 2\nseq_len = 64\naccumulate = 3\nlr = 2e-4\ndecay = \"linear\"\nbetas = [0.8, 0.95]\neps = 1e-6\nweight_decay = 0.01\nclip = 0\nseed = 7\ncheckpoint_dir = \"ck\"\ncheckpoint_every = 5\n"
+            ),
+            base,
+        )
+        .unwrap();
+        let s = p.finetune.unwrap().spec;
+        assert_eq!((s.steps, s.warmup, s.batch, s.seq_len, s.accumulate), (50, 5, 2, 64, 3));
+        assert_eq!((s.lr, s.decay, s.clip, s.seed), (2e-4, Decay::Linear, None, 7));
+        assert_eq!((s.adamw.beta1, s.adamw.beta2, s.adamw.eps), (0.8, 0.95, 1e-6));
+        assert_eq!(s.adamw.weight_decay, 0.01);
+        assert_eq!(s.checkpoint_dir, Some(base.join("ck")));
+        assert_eq!(s.checkpoint_every, 5);
+        for (line, field) in [
+            ("steps = 0", "finetune.steps"),
+            ("seq_len = 1", "finetune.seq_len"),
+            ("batch = -1", "finetune.batch"),
+            ("lr = 0", "finetune.lr"),
+            ("lr = nan", "finetune.lr"),
+            ("betas = [0.9]", "finetune.betas"),
+            ("betas = [0.9, 1.0]", "finetune.betas"),
+            ("eps = 0", "finetune.eps"),
+            ("clip = -1", "finetune.clip"),
+            ("decay = \"cubic\"", "finetune.decay"),
+            ("steps = 5\nwarmup = 6", "finetune.warmup"),
+            ("checkpoint_every = 0", "finetune.checkpoint_every"),
+            ("checkpoint_every = 3", "finetune.checkpoint_every"),
+            ("text = \"missing.txt\"", "finetune.text"),
+            ("setps = 3", "finetune"),
+        ] {
+            let src = format!("model = \"m\"\n[finetune]\n{line}\n");
+            let src = if line.starts_with("text") {
+                src
+            } else {
+                src.replace("[finetune]\n", "[finetune]\ntext = \"t.txt\"\n")
+            };
+            let e = Pipeline::parse_in("p.toml", &src, base).unwrap_err();
+            assert_eq!(e.field, field, "{line}: {e}");
+            assert!(e.position.line >= 3, "{line}: {e}");
+        }
+    }
+
     #[test]
     fn unknown_top_level_field_is_refused_with_its_line() {
         let e = parse("model = \"m\"\nmodle = 3\n").unwrap_err();
