@@ -161,13 +161,24 @@ impl From<PlanError> for AppError {
 fn run_finetune(
     pipeline: &Pipeline,
     section: &crate::pipeline::FinetuneSection,
+    models_dir: &Path,
     identity: &str,
     state: &mut RunState,
     sink: &mut dyn EventSink,
     cancel: &CancelToken,
 ) -> Result<crate::finetune::FinetuneReport, AppError> {
     use crate::finetune::{FinetuneError, TrainingText, finetune};
-    let spec = &section.spec;
+    // `fetch:NAME` texts are downloaded on first use, as `fetch:` models are.
+    let mut spec = section.spec.clone();
+    spec.text = crate::fetch::resolve_text(&spec.text, models_dir, &mut |m| {
+        sink.emit(RunEvent::Notice {
+            message: m.to_string(),
+        })
+    })
+    .map_err(|e| {
+        AppError::Pipeline(pipeline.error(&section.text_position, "finetune.text", e.to_string()))
+    })?;
+    let spec = &spec;
     let pipeline_err = |e: FinetuneError| -> AppError {
         let (position, field) = match &e {
             FinetuneError::Text { .. } | FinetuneError::TooShort { .. } => {
@@ -649,6 +660,7 @@ impl App {
             let report = run_finetune(
                 &plan.pipeline,
                 section,
+                &self.config.models_dir,
                 &identity,
                 &mut outcome.state,
                 sink,

