@@ -563,6 +563,7 @@ fn finetune_trains_holds_masks_checkpoints_and_resumes() {
     let o = run("ft.toml", &pipeline(1, ""));
     let (stdout, stderr) = text(&o);
     assert!(o.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains("fine-tune (masks held)"), "{stdout}");
     let out = dir.path().join("out");
     let report: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
@@ -592,8 +593,9 @@ fn finetune_trains_holds_masks_checkpoints_and_resumes() {
     let trained = load(&out);
     let original = dense.weight(name).unwrap().flatten_all().unwrap();
     let original = original.to_vec1::<f32>().unwrap();
-    let masks = candle_core::safetensors::load(out.join("masks.safetensors"), &candle_core::Device::Cpu)
-        .unwrap();
+    let masks =
+        candle_core::safetensors::load(out.join("masks.safetensors"), &candle_core::Device::Cpu)
+            .unwrap();
     let keep = masks[name].flatten_all().unwrap().to_vec1::<u8>().unwrap();
     let mut moved = 0;
     for i in 0..trained.len() {
@@ -603,7 +605,10 @@ fn finetune_trains_holds_masks_checkpoints_and_resumes() {
             moved += usize::from(trained[i] != original[i]);
         }
     }
-    assert!(moved > trained.len() / 4, "only {moved} kept weights were trained");
+    assert!(
+        moved > trained.len() / 4,
+        "only {moved} kept weights were trained"
+    );
 
     // A rerun finds its own final checkpoint: nothing left to train, the same weights.
     let o = run("ft.toml", &pipeline(1, ""));

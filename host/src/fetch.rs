@@ -169,7 +169,11 @@ mod tests {
         let file = dir.path().join("texts/shakespeare-milton.txt");
         std::fs::create_dir_all(file.parent().unwrap()).unwrap();
         std::fs::write(&file, "x").unwrap();
-        let got = resolve_text(Path::new("fetch:shakespeare-milton"), dir.path(), &mut |_| {});
+        let got = resolve_text(
+            Path::new("fetch:shakespeare-milton"),
+            dir.path(),
+            &mut |_| {},
+        );
         assert_eq!(got.unwrap(), file);
     }
 }

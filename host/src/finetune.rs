@@ -28,7 +28,9 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
-use espalier_engine::{EngineError, Linear, LinearWeight, LossGradients, Model, Session, Tokenizer};
+use espalier_engine::{
+    EngineError, Linear, LinearWeight, LossGradients, Model, Session, Tokenizer,
+};
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
@@ -106,7 +108,9 @@ impl FinetuneSpec {
 
     /// The path of the checkpoint file, when checkpoints are on.
     pub fn checkpoint_path(&self) -> Option<PathBuf> {
-        self.checkpoint_dir.as_ref().map(|d| d.join(CHECKPOINT_FILE))
+        self.checkpoint_dir
+            .as_ref()
+            .map(|d| d.join(CHECKPOINT_FILE))
     }
 }
 
@@ -325,11 +329,9 @@ impl TrainingText {
             path: spec.text.clone(),
             message,
         };
-        let text = espalier_engine::files::read_to_string(
-            &spec.text,
-            espalier_engine::files::TEXT_LIMIT,
-        )
-        .map_err(|e| err(e.to_string()))?;
+        let text =
+            espalier_engine::files::read_to_string(&spec.text, espalier_engine::files::TEXT_LIMIT)
+                .map_err(|e| err(e.to_string()))?;
         let tokenizer = Tokenizer::for_model(model).map_err(|e| err(e.to_string()))?;
         Self::from_text(&text, spec, &tokenizer)
     }
@@ -534,7 +536,9 @@ pub fn finetune(
         tokens_trained: spec.steps * tokens_per_step as u64,
         first_loss: losses.first().copied().unwrap_or(f64::NAN),
         final_loss: losses.last().copied().unwrap_or(f64::NAN),
-        final_loss_mean: losses[losses.len().saturating_sub(tail)..].iter().sum::<f64>()
+        final_loss_mean: losses[losses.len().saturating_sub(tail)..]
+            .iter()
+            .sum::<f64>()
             / tail as f64,
         loss_curve: curve(&losses),
         seconds,
@@ -546,7 +550,11 @@ pub fn finetune(
         trained_layers: params.len(),
         trained_weights: params
             .iter()
-            .map(|p| p.keep.as_ref().map_or(p.weights.len(), |k| k.iter().filter(|k| **k).count()))
+            .map(|p| {
+                p.keep
+                    .as_ref()
+                    .map_or(p.weights.len(), |k| k.iter().filter(|k| **k).count())
+            })
             .sum(),
     })
 }
@@ -700,8 +708,8 @@ fn load_checkpoint(
         .ok()
         .and_then(|s| s.try_into().ok())
         .ok_or_else(|| err("`rng_seed` is not 32 bytes of hex".into()))?;
-    let loaded: Vec<f64> = serde_json::from_str(&field("losses")?)
-        .map_err(|e| err(format!("`losses`: {e}")))?;
+    let loaded: Vec<f64> =
+        serde_json::from_str(&field("losses")?).map_err(|e| err(format!("`losses`: {e}")))?;
     let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
         .map_err(|e| err(e.to_string()))?;
     let get = |key: String, dtype: DType, len: usize| -> Result<&Tensor, FinetuneError> {
@@ -716,9 +724,10 @@ fn load_checkpoint(
     let order = get("order".into(), DType::U32, data.order.len())?
         .to_vec1::<u32>()
         .map_err(|e| err(e.to_string()))?;
-    if position > order.len() || usize::try_from(loaded.len() as u64).ok() != Some(step as usize)
-    {
-        return Err(err("its data position or loss history is inconsistent".into()));
+    if position > order.len() || usize::try_from(loaded.len() as u64).ok() != Some(step as usize) {
+        return Err(err(
+            "its data position or loss history is inconsistent".into()
+        ));
     }
     for p in params.iter_mut() {
         let n = p.weights.len();
@@ -856,7 +865,15 @@ mod tests {
     ) -> Result<FinetuneReport, FinetuneError> {
         let tokenizer = Tokenizer::for_model(model).unwrap();
         let text = TrainingText::from_text(&text(), spec, &tokenizer).unwrap();
-        finetune(model, masks, spec, text, "test", &mut |s: &StepReport| progress(s), cancel)
+        finetune(
+            model,
+            masks,
+            spec,
+            text,
+            "test",
+            &mut |s: &StepReport| progress(s),
+            cancel,
+        )
     }
 
     fn weights(model: &Model, masks: &BTreeMap<String, Mask>) -> Vec<(String, Vec<f32>)> {
@@ -864,7 +881,10 @@ mod tests {
             .keys()
             .map(|n| {
                 let w = model.weight(n).unwrap();
-                (n.clone(), w.flatten_all().unwrap().to_vec1::<f32>().unwrap())
+                (
+                    n.clone(),
+                    w.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                )
             })
             .collect()
     }
@@ -898,8 +918,7 @@ mod tests {
         assert!(changed > 0, "training changed nothing");
         // The checkpoint of the last step holds the same invariant in its moments.
         let tensors =
-            candle_core::safetensors::load(dir.path().join(CHECKPOINT_FILE), &Device::Cpu)
-                .unwrap();
+            candle_core::safetensors::load(dir.path().join(CHECKPOINT_FILE), &Device::Cpu).unwrap();
         for (name, mask) in &masks {
             for prefix in ["weight", "m", "v"] {
                 let t = tensors[&format!("{prefix}/{name}")]
@@ -933,13 +952,20 @@ mod tests {
                         .unwrap()
                         .to_vec1::<f32>()
                         .unwrap();
-                    assert!(t.iter().zip(mask.keep()).all(|(x, k)| *k || x.to_bits() == 0));
+                    assert!(
+                        t.iter()
+                            .zip(mask.keep())
+                            .all(|(x, k)| *k || x.to_bits() == 0)
+                    );
                 }
             }
             checked += 1;
         };
         run_with(&mut model, &masks, &s, &mut check).unwrap();
-        assert_eq!(checked, 3, "steps 2..=4 saw the checkpoint of the step before");
+        assert_eq!(
+            checked, 3,
+            "steps 2..=4 saw the checkpoint of the step before"
+        );
     }
 
     /// Interrupted after step 3 (its last checkpoint is step 2) and run again, the fine-tune
@@ -961,7 +987,10 @@ mod tests {
         let mut resumed = model.clone();
         let report = run(&mut resumed, &masks, &s, None).unwrap();
         assert_eq!(report.resumed_from, Some(2));
-        for ((name, a), (_, b)) in weights(&whole, &masks).iter().zip(&weights(&resumed, &masks)) {
+        for ((name, a), (_, b)) in weights(&whole, &masks)
+            .iter()
+            .zip(&weights(&resumed, &masks))
+        {
             assert!(
                 a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()),
                 "{name} differs after resuming"
@@ -1030,8 +1059,15 @@ mod tests {
         let first: Vec<u32> = a.next_batch(5).into_iter().flatten().collect();
         let mut sorted = first.clone();
         sorted.sort_unstable();
-        assert_eq!(sorted, vec![0, 1, 2, 3, 4], "an epoch visits every sequence once");
-        assert_eq!(first, b.next_batch(5).into_iter().flatten().collect::<Vec<_>>());
+        assert_eq!(
+            sorted,
+            vec![0, 1, 2, 3, 4],
+            "an epoch visits every sequence once"
+        );
+        assert_eq!(
+            first,
+            b.next_batch(5).into_iter().flatten().collect::<Vec<_>>()
+        );
         let second: Vec<u32> = a.next_batch(5).into_iter().flatten().collect();
         assert_eq!(a.epoch, 1);
         assert_ne!(first, second, "each epoch is shuffled anew");

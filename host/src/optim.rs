@@ -196,7 +196,9 @@ mod tests {
         let mut moments = Moments::zeros(3);
         let (mut rw, mut rm, mut rv) = (vec![0.5f64, -1.0, 2.0], [0f64; 3], [0f64; 3]);
         for t in 1..=5u64 {
-            let g: Vec<f32> = (0..3).map(|i| (i as f32 - 1.0) * 0.3 + t as f32 * 0.1).collect();
+            let g: Vec<f32> = (0..3)
+                .map(|i| (i as f32 - 1.0) * 0.3 + t as f32 * 0.1)
+                .collect();
             let lr = 0.01;
             opt.step(t, lr, &mut w, &g, &mut moments, None);
             for i in 0..3 {
@@ -209,7 +211,12 @@ mod tests {
             }
         }
         for i in 0..3 {
-            assert!((f64::from(w[i]) - rw[i]).abs() < 1e-5, "{i}: {} vs {}", w[i], rw[i]);
+            assert!(
+                (f64::from(w[i]) - rw[i]).abs() < 1e-5,
+                "{i}: {} vs {}",
+                w[i],
+                rw[i]
+            );
         }
     }
 
@@ -230,7 +237,14 @@ mod tests {
             v: vec![0.2; 4],
         };
         for t in 1..=3 {
-            opt.step(t, 0.1, &mut w, &[1.0, 5.0, -1.0, -7.0], &mut moments, Some(&keep));
+            opt.step(
+                t,
+                0.1,
+                &mut w,
+                &[1.0, 5.0, -1.0, -7.0],
+                &mut moments,
+                Some(&keep),
+            );
             for i in [1, 3] {
                 assert_eq!(w[i].to_bits(), 0);
                 assert_eq!(moments.m[i].to_bits(), 0);

@@ -913,7 +913,12 @@ fn parse_finetune(
             ctx.export_base.join(written)
         });
     }
-    if let Some(n) = int(&f.checkpoint_every, "checkpoint_every", 1..=i64::MAX, "steps")? {
+    if let Some(n) = int(
+        &f.checkpoint_every,
+        "checkpoint_every",
+        1..=i64::MAX,
+        "steps",
+    )? {
         if spec.checkpoint_dir.is_none() {
             return Err(ctx.err(
                 f.checkpoint_every.as_ref().map_or(0, |v| v.span().start),
@@ -1371,7 +1376,10 @@ mod tests {
         assert_eq!(spec, FinetuneSpec::new(base.join("t.txt")));
         // Without `text`, the fetched default (not read at parse time: no network here).
         let p = Pipeline::parse_in("p.toml", "model = \"m\"\n[finetune]\n", base).unwrap();
-        assert_eq!(p.finetune.unwrap().spec.text, PathBuf::from(DEFAULT_TRAINING_TEXT));
+        assert_eq!(
+            p.finetune.unwrap().spec.text,
+            PathBuf::from(DEFAULT_TRAINING_TEXT)
+        );
         let p = Pipeline::parse_in(
             "p.toml",
             &format!(
@@ -1381,9 +1389,18 @@ mod tests {
         )
         .unwrap();
         let s = p.finetune.unwrap().spec;
-        assert_eq!((s.steps, s.warmup, s.batch, s.seq_len, s.accumulate), (50, 5, 2, 64, 3));
-        assert_eq!((s.lr, s.decay, s.clip, s.seed), (2e-4, Decay::Linear, None, 7));
-        assert_eq!((s.adamw.beta1, s.adamw.beta2, s.adamw.eps), (0.8, 0.95, 1e-6));
+        assert_eq!(
+            (s.steps, s.warmup, s.batch, s.seq_len, s.accumulate),
+            (50, 5, 2, 64, 3)
+        );
+        assert_eq!(
+            (s.lr, s.decay, s.clip, s.seed),
+            (2e-4, Decay::Linear, None, 7)
+        );
+        assert_eq!(
+            (s.adamw.beta1, s.adamw.beta2, s.adamw.eps),
+            (0.8, 0.95, 1e-6)
+        );
         assert_eq!(s.adamw.weight_decay, 0.01);
         assert_eq!(s.checkpoint_dir, Some(base.join("ck")));
         assert_eq!(s.checkpoint_every, 5);

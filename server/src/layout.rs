@@ -118,7 +118,11 @@ impl Layout {
             ));
         }
         if let Some(f) = &pipeline.finetune {
-            let fetched = f.spec.text.to_str().is_some_and(|t| t.starts_with("fetch:"));
+            let fetched = f
+                .spec
+                .text
+                .to_str()
+                .is_some_and(|t| t.starts_with("fetch:"));
             if !fetched && !inside(&f.spec.text, &self.root) {
                 return Err(pipeline.error(
                     &f.text_position,
