@@ -268,5 +268,18 @@ mod tests {
             layout.runs.join("out/tiny")
         );
         assert!(layout.confine(&p).is_ok());
+        // [finetune]: the fetched default text and a relative checkpoint folder (in runs/) are
+        // fine; a checkpoint folder that leaves runs/ is refused at its line.
+        let p = parse("model = \"builtin:tiny-llama\"\n[finetune]\ncheckpoint_dir = \"ck\"\n");
+        let spec = &p.finetune.as_ref().unwrap().spec;
+        assert_eq!(spec.checkpoint_dir, Some(layout.runs.join("ck")));
+        assert!(layout.confine(&p).is_ok());
+        let e = layout
+            .confine(&parse(
+                "model = \"builtin:tiny-llama\"\n[finetune]\ncheckpoint_dir = \"/tmp/ck\"\n",
+            ))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("req.toml:3:18: finetune.checkpoint_dir"), "{e}");
     }
 }
