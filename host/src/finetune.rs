@@ -675,8 +675,14 @@ fn load_checkpoint(
         path: path.to_path_buf(),
         message,
     };
-    // The checkpoint holds three copies of the trained weights; no smaller bound is known.
-    let bytes = espalier_engine::files::read(path, u64::MAX).map_err(|e| err(e.to_string()))?;
+    // What this run's checkpoint can hold: weights and both moments (f32), masks (u8), the
+    // order (u32), and a header and metadata well under 64 MiB. A larger file is not ours.
+    let elements: u64 = params.iter().map(|p| p.weights.len() as u64).sum();
+    let limit = elements
+        .saturating_mul(13)
+        .saturating_add(4 * data.order.len() as u64)
+        .saturating_add(64 << 20);
+    let bytes = espalier_engine::files::read(path, limit).map_err(|e| err(e.to_string()))?;
     let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
         .map_err(|e| err(format!("not a safetensors file: {e}")))?;
     let meta = header.metadata().clone().unwrap_or_default();
