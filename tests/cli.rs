@@ -634,3 +634,102 @@ fn generate_streams_text_and_refuses_bad_settings() {
     assert!(!hot.status.success());
     assert!(text(&hot).1.contains("temperature"), "{:?}", text(&hot));
 }
+
+/// `[finetune]` after a magnitude stage: the export holds trained weights with every pruned
+/// weight still zero, the report records the fine-tune, a rerun resumes from the last
+/// checkpoint (and ends with the same weights), another run's checkpoint is refused untouched,
+/// and a bad setting names its line and field.
+#[test]
+fn finetune_trains_holds_masks_checkpoints_and_resumes() {
+    let dir = tmp();
+    let body: String = (0..300)
+        .map(|i| format!("sentence {i} of the training text, {} words. ", i % 11))
+        .collect();
+    write(dir.path(), "train.txt", &body);
+    let pipeline = |seed: u64, extra: &str| {
+        format!(
+            "model = \"builtin:tiny-llama\"\n[[stage]]\nplugin = \"magnitude\"\ndensity = 0.5\n[finetune]\ntext = \"train.txt\"\nsteps = 3\nbatch = 2\nseq_len = 32\nlr = 0.003\nwarmup = 1\nseed = {seed}\ncheckpoint_dir = \"ckpt\"\ncheckpoint_every = 2\n{extra}[export]\ndir = \"out\"\nforce = true\n"
+        )
+    };
+    let run = |name: &str, body: &str| {
+        let file = write(dir.path(), name, body);
+        espalier(&["run", file.to_str().unwrap()], dir.path())
+    };
+    let o = run("ft.toml", &pipeline(1, ""));
+    let (stdout, stderr) = text(&o);
+    assert!(o.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains("fine-tune (masks held)"), "{stdout}");
+    let out = dir.path().join("out");
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
+    let ft = &report["finetune"];
+    assert_eq!(ft["spec"]["steps"], 3, "{ft}");
+    assert_eq!(ft["loss_curve"].as_array().unwrap().len(), 3);
+    assert_eq!(ft["tokens_trained"], 3 * 2 * 32);
+    assert!(ft["resumed_from"].is_null());
+    assert!(ft["final_loss"].as_f64().unwrap().is_finite());
+    assert!(
+        report["resolved_pipeline"]
+            .as_str()
+            .unwrap()
+            .contains("[finetune]")
+    );
+    let checkpoint = dir.path().join("ckpt/finetune-checkpoint.safetensors");
+    assert!(checkpoint.is_file());
+
+    // The export: trained (unlike the dense model) where kept, exactly zero where pruned.
+    let name = "model.layers.0.mlp.up_proj.weight";
+    let dense = espalier_engine::builtin_model("tiny-llama").unwrap();
+    let load = |dir: &std::path::Path| {
+        let model = espalier_engine::load_model(dir.to_str().unwrap()).unwrap();
+        let w = model.weight(name).unwrap().flatten_all().unwrap();
+        w.to_vec1::<f32>().unwrap()
+    };
+    let trained = load(&out);
+    let original = dense.weight(name).unwrap().flatten_all().unwrap();
+    let original = original.to_vec1::<f32>().unwrap();
+    let masks =
+        candle_core::safetensors::load(out.join("masks.safetensors"), &candle_core::Device::Cpu)
+            .unwrap();
+    let keep = masks[name].flatten_all().unwrap().to_vec1::<u8>().unwrap();
+    let mut moved = 0;
+    for i in 0..trained.len() {
+        if keep[i] == 0 {
+            assert_eq!(trained[i].to_bits(), 0, "pruned weight {i} came back");
+        } else {
+            moved += usize::from(trained[i] != original[i]);
+        }
+    }
+    assert!(
+        moved > trained.len() / 4,
+        "only {moved} kept weights were trained"
+    );
+
+    // A rerun finds its own final checkpoint: nothing left to train, the same weights.
+    let o = run("ft.toml", &pipeline(1, ""));
+    assert!(o.status.success(), "{:?}", text(&o));
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
+    assert_eq!(report["finetune"]["resumed_from"], 3);
+    assert_eq!(load(&out), trained);
+
+    // Another seed is another run: its checkpoint is refused, named, and left as it was.
+    let before = std::fs::read(&checkpoint).unwrap();
+    let o = run("ft.toml", &pipeline(2, ""));
+    let (_, stderr) = text(&o);
+    assert_eq!(o.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("finetune.checkpoint_dir") && stderr.contains("another run"),
+        "{stderr}"
+    );
+    assert_eq!(std::fs::read(&checkpoint).unwrap(), before);
+
+    // A setting out of range names the file, line and field before anything runs.
+    let o = run("bad.toml", &pipeline(1, "decay = \"cubic\"\n"));
+    let (_, stderr) = text(&o);
+    assert_eq!(o.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("bad.toml:15:") && stderr.contains("finetune.decay"),
+        "{stderr}"
+    );
+}

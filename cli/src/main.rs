@@ -887,6 +887,41 @@ impl EventSink for Bars {
                 format!("{which} model: perplexity windows"),
             ),
             RunEvent::EvaluationFinished { .. } => self.end_step(),
+            RunEvent::FinetuneStarted {
+                steps,
+                start_step,
+                sequences_per_step,
+                seq_len,
+                ..
+            } => {
+                self.end_step();
+                self.bar.set_message(format!(
+                    "fine-tuning: {steps} steps of {sequences_per_step} × {seq_len} tokens"
+                ));
+                self.step(start_step, steps, "fine-tuning steps".into());
+            }
+            RunEvent::FinetuneProgress { step } => self.step(
+                step.step,
+                step.steps,
+                format!(
+                    "loss {:.4}, lr {:.2e}, {:.0} tokens/s, ETA {}",
+                    step.loss,
+                    step.learning_rate,
+                    step.tokens_per_second,
+                    eta(step.eta_seconds)
+                ),
+            ),
+            RunEvent::FinetuneFinished { report } => {
+                self.end_step();
+                self.bar.println(format!(
+                    "  ✓ fine-tuned {} steps: loss {:.4} → {:.4} in {:.1} s ({:.0} tokens/s)",
+                    report.spec.steps,
+                    report.first_loss,
+                    report.final_loss,
+                    report.seconds,
+                    report.tokens_per_second
+                ));
+            }
             RunEvent::StageFinished { index, report } => {
                 self.end_step();
                 self.count(index as u64 + 1, self.stages);
@@ -909,6 +944,16 @@ impl EventSink for Bars {
             }
             _ => {}
         }
+    }
+}
+
+/// Seconds as `1h02m`, `3m05s` or `12s`.
+fn eta(seconds: f64) -> String {
+    let s = seconds.max(0.0).round() as u64;
+    match (s / 3600, s / 60 % 60, s % 60) {
+        (0, 0, s) => format!("{s}s"),
+        (0, m, s) => format!("{m}m{s:02}s"),
+        (h, m, _) => format!("{h}h{m:02}m"),
     }
 }
 

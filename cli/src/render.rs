@@ -365,6 +365,24 @@ pub fn print_report(r: &RunReport, layers: bool) {
         ]);
     }
     t.add_row(vec!["time".to_string(), format!("{:.2} s", r.seconds)]);
+    if let Some(f) = &r.finetune {
+        let resumed = f
+            .resumed_from
+            .map_or(String::new(), |s| format!(", resumed from step {s}"));
+        t.add_row(vec![
+            "fine-tune (masks held)".to_string(),
+            format!(
+                "{} steps, {} tokens{resumed}: loss {:.4} → {:.4} (last tenth {:.4}), {:.1} s, {:.0} tokens/s",
+                f.spec.steps,
+                f.tokens_trained,
+                f.first_loss,
+                f.final_loss,
+                f.final_loss_mean,
+                f.seconds,
+                f.tokens_per_second
+            ),
+        ]);
+    }
     out!("{t}");
     if let Some(c) = &r.evaluation {
         print_comparison(c);

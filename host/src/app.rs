@@ -57,6 +57,10 @@ pub enum AppError {
     /// The wasm runtime could not start.
     #[error("plugin runtime: {0}")]
     Runtime(String),
+    /// Fine-tuning failed for a reason that is not the pipeline's (a tensor error, a
+    /// checkpoint that cannot be written).
+    #[error("fine-tuning: {0}")]
+    Finetune(crate::finetune::FinetuneError),
     /// The run was cancelled from outside.
     #[error("the run was cancelled")]
     Cancelled,
@@ -136,6 +140,7 @@ impl AppError {
             AppError::Evaluate(_, EngineError::Cancelled) => ErrorKind::Cancelled,
             AppError::Evaluate(..) => ErrorKind::Evaluation,
             AppError::Runtime(_) => ErrorKind::Internal,
+            AppError::Finetune(_) => ErrorKind::Internal,
             AppError::Cancelled => ErrorKind::Cancelled,
         }
     }
@@ -148,6 +153,100 @@ impl From<PlanError> for AppError {
             PlanError::Validate { stage, source } => AppError::Validate { stage, source },
         }
     }
+}
+
+/// Runs the pipeline's `[finetune]` on the pruned model, reporting every step to `sink`.
+/// Problems of the pipeline's making (a short or unreadable text, another run's checkpoint, a
+/// learning rate that diverges) point at the section's fields.
+fn run_finetune(
+    pipeline: &Pipeline,
+    section: &crate::pipeline::FinetuneSection,
+    models_dir: &Path,
+    identity: &str,
+    state: &mut RunState,
+    sink: &mut dyn EventSink,
+    cancel: &CancelToken,
+) -> Result<crate::finetune::FinetuneReport, AppError> {
+    use crate::finetune::{FinetuneError, TrainingText, finetune};
+    // `fetch:NAME` texts are downloaded on first use, as `fetch:` models are.
+    let mut spec = section.spec.clone();
+    spec.text = crate::fetch::resolve_text(&spec.text, models_dir, &mut |m| {
+        sink.emit(RunEvent::Notice {
+            message: m.to_string(),
+        })
+    })
+    .map_err(|e| {
+        AppError::Pipeline(pipeline.error(&section.text_position, "finetune.text", e.to_string()))
+    })?;
+    let spec = &spec;
+    let pipeline_err = |e: FinetuneError| -> AppError {
+        let (position, field) = match &e {
+            FinetuneError::Text { .. } | FinetuneError::TooShort { .. } => {
+                (&section.text_position, "finetune.text")
+            }
+            FinetuneError::Checkpoint { .. } => {
+                (&section.checkpoint_position, "finetune.checkpoint_dir")
+            }
+            FinetuneError::Diverged { .. } => (&section.position, "finetune.lr"),
+            FinetuneError::Cancelled => return AppError::Cancelled,
+            _ => return AppError::Finetune(e),
+        };
+        AppError::Pipeline(pipeline.error(position, field, e.to_string()))
+    };
+    let text = TrainingText::load(spec, &state.model).map_err(pipeline_err)?;
+    /// Turns the fine-tune's start and steps into run events.
+    struct Events<'a> {
+        sink: &'a mut dyn EventSink,
+        spec: &'a crate::finetune::FinetuneSpec,
+        text_tokens: usize,
+    }
+    impl crate::finetune::FinetuneObserver for Events<'_> {
+        fn started(&mut self, start_step: u64) {
+            if start_step > 0 {
+                self.sink.emit(RunEvent::Notice {
+                    message: format!(
+                        "fine-tuning resumes from the checkpoint of step {start_step} in {}",
+                        self.spec
+                            .checkpoint_dir
+                            .as_deref()
+                            .map(|d| d.display().to_string())
+                            .unwrap_or_default()
+                    ),
+                });
+            }
+            self.sink.emit(RunEvent::FinetuneStarted {
+                steps: self.spec.steps,
+                start_step,
+                sequences_per_step: self.spec.sequences_per_step(),
+                seq_len: self.spec.seq_len,
+                text_tokens: self.text_tokens,
+            });
+        }
+        fn step(&mut self, step: &crate::finetune::StepReport) {
+            self.sink
+                .emit(RunEvent::FinetuneProgress { step: step.clone() });
+        }
+    }
+    let mut progress = Events {
+        text_tokens: text.tokens(),
+        sink: &mut *sink,
+        spec,
+    };
+    let masks = state.masks.clone();
+    let report = finetune(
+        &mut state.model,
+        &masks,
+        spec,
+        text,
+        identity,
+        &mut progress,
+        cancel,
+    )
+    .map_err(pipeline_err)?;
+    sink.emit(RunEvent::FinetuneFinished {
+        report: Box::new(report.clone()),
+    });
+    Ok(report)
 }
 
 /// Where a front end keeps things; the core reads no working directory or environment
@@ -571,6 +670,19 @@ impl App {
             (None, None) => None,
         };
         let mut outcome = execute(&plan, &self.runtime, model, sink, cancel)?;
+        if let Some(section) = &plan.pipeline.finetune {
+            let identity = format!("model={reference}\npipeline={}", plan.pipeline.name);
+            let report = run_finetune(
+                &plan.pipeline,
+                section,
+                &self.config.models_dir,
+                &identity,
+                &mut outcome.state,
+                sink,
+                cancel,
+            )?;
+            outcome.report.finetune = Some(report);
+        }
         if let (Some(spec), Some(dense)) = (&evaluate, dense) {
             let pruned = evaluate_model(
                 &outcome.state.model,

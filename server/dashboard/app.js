@@ -58,8 +58,8 @@ const TERMINAL = new Set(["succeeded", "failed", "cancelled", "interrupted"]);
 // The event types of a run's stream (`RunEvent` in host/src/events.rs), and those that end it.
 const ENDINGS = new Set(["run-finished", "run-failed", "run-cancelled", "run-interrupted"]);
 const RUN_EVENTS = ["run-started", "notice", "warning", "stage-started", "stage-progress",
-  "calibration-progress", "stage-finished", "evaluation-started", "evaluation-progress",
-  "evaluation-finished", "exported", ...ENDINGS];
+  "calibration-progress", "stage-finished", "finetune-started", "finetune-progress", "finetune-finished",
+  "evaluation-started", "evaluation-progress", "evaluation-finished", "exported", ...ENDINGS];
 
 /** A table whose columns sort when their header is clicked (numbers as numbers). */
 function sortableTable(id, columns, rows, initial) {
@@ -228,6 +228,8 @@ async function runsView() {
       case "stage-progress": info.step = e.step; if (e.total) info.sub = Math.min(0.99, e.done / e.total); break;
       case "calibration-progress": info.step = `${e.pass} ${e.done}/${e.total}`; info.sub = Math.min(0.99, e.done / Math.max(1, e.total)) * 0.5; break;
       case "stage-finished": info.index = e.index + 1; info.sub = 0; info.step = ""; return refetch(id);
+      case "finetune-started": info.step = `fine-tuning: ${e.steps} steps`; break;
+      case "finetune-progress": info.step = `fine-tuning ${e.step}/${e.steps}, loss ${Number(e.loss).toFixed(4)}`; break;
       case "evaluation-started": info.step = `evaluating ${e.which}`; break;
       case "evaluation-progress": info.step = `evaluating ${e.which} ${e.windows_done}/${e.windows_total}`; break;
       case "exported": info.step = "exported"; break;

@@ -117,6 +117,32 @@ impl Layout {
                 "a request may only read texts inside the daemon's state folder (e.g. `data/calibration.txt`)",
             ));
         }
+        if let Some(f) = &pipeline.finetune {
+            let fetched = f
+                .spec
+                .text
+                .to_str()
+                .is_some_and(|t| t.starts_with("fetch:"));
+            if !fetched && !inside(&f.spec.text, &self.root) {
+                return Err(pipeline.error(
+                    &f.text_position,
+                    "finetune.text",
+                    "a request may only read texts inside the daemon's state folder (e.g. `data/train.txt`)",
+                ));
+            }
+            if let Some(dir) = &f.spec.checkpoint_dir
+                && !inside(dir, &self.runs)
+            {
+                return Err(pipeline.error(
+                    &f.checkpoint_position,
+                    "finetune.checkpoint_dir",
+                    format!(
+                        "a request may only keep checkpoints in the daemon's output folder ({})",
+                        self.runs.display()
+                    ),
+                ));
+            }
+        }
         if let Some(e) = &pipeline.evaluate
             && let espalier::evaluate::EvalText::File(text) = &e.value.text
             && !inside(text, &self.root)
@@ -242,5 +268,18 @@ mod tests {
             layout.runs.join("out/tiny")
         );
         assert!(layout.confine(&p).is_ok());
+        // [finetune]: the fetched default text and a relative checkpoint folder (in runs/) are
+        // fine; a checkpoint folder that leaves runs/ is refused at its line.
+        let p = parse("model = \"builtin:tiny-llama\"\n[finetune]\ncheckpoint_dir = \"ck\"\n");
+        let spec = &p.finetune.as_ref().unwrap().spec;
+        assert_eq!(spec.checkpoint_dir, Some(layout.runs.join("ck")));
+        assert!(layout.confine(&p).is_ok());
+        let e = layout
+            .confine(&parse(
+                "model = \"builtin:tiny-llama\"\n[finetune]\ncheckpoint_dir = \"/tmp/ck\"\n",
+            ))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("req.toml:3:18: finetune.checkpoint_dir"), "{e}");
     }
 }

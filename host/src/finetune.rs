@@ -1,0 +1,1081 @@
+//! Masked fine-tuning: the pipeline's `[finetune]` section, run after the pruning stages and
+//! before evaluation and export, trains every block linear (embeddings, norms and the LM head
+//! stay frozen) on next-token cross-entropy with [`crate::optim::AdamW`], holding every mask.
+//!
+//! The loop is independent of how gradients are made: each step asks the engine's
+//! [`LossGradients`] for the mean gradient of `batch × accumulate` sequences (accumulated
+//! micro-batch by micro-batch, so memory follows `batch`), zeroes the pruned positions, clips
+//! the global norm and updates the master copy of the weights (`f32`, row-major), which it then
+//! hands back to the engine's [`Session`]. A faster training pass replaces `LossGradients`
+//! behind the same few lines.
+//!
+//! Data: the training text is tokenized once and cut into consecutive sequences of `seq_len`
+//! tokens, visited in an order shuffled at the start of every epoch by a ChaCha8 generator
+//! seeded from `seed` (stable across platforms and releases of `rand_chacha`).
+//!
+//! Checkpoints: every `checkpoint_every` steps (and after the last) one safetensors file,
+//! `finetune-checkpoint.safetensors` in the checkpoint folder, is replaced atomically (temporary
+//! file and rename). It holds the trained weights, both AdamW moments, the masks, the epoch's
+//! order, and in its metadata the step, the data position, the generator's exact state (seed and
+//! word position), the loss history and a fingerprint of everything that decides the result
+//! (model, pipeline, text, settings). A run that finds a checkpoint with its own fingerprint
+//! resumes from it; any other checkpoint is refused and left untouched. Every computation is
+//! deterministic for a given machine and thread count, so a resumed run ends with the same
+//! weights, bit for bit, as one that was never interrupted (`resume_equals_uninterrupted_run`).
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use espalier_engine::{
+    EngineError, Linear, LinearWeight, LossGradients, Model, Session, Tokenizer,
+};
+use rand::SeedableRng;
+use rand::seq::SliceRandom;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::cancel::CancelToken;
+use crate::mask::Mask;
+use crate::optim::{AdamW, AdamWConfig, Decay, Moments, clip_global_norm, learning_rate};
+
+/// The checkpoint's file name inside `checkpoint_dir`.
+pub const CHECKPOINT_FILE: &str = "finetune-checkpoint.safetensors";
+
+/// Tag of the checkpoint format, in its metadata.
+const CHECKPOINT_FORMAT: &str = "espalier-finetune-1";
+
+/// Points of the loss curve a report keeps (means over equal spans of steps).
+const CURVE_POINTS: usize = 32;
+
+/// The settings of a fine-tune (the `[finetune]` section, defaults filled in).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FinetuneSpec {
+    /// The training text (UTF-8).
+    pub text: PathBuf,
+    /// Optimizer steps.
+    pub steps: u64,
+    /// Sequences per micro-batch.
+    pub batch: usize,
+    /// Tokens per sequence.
+    pub seq_len: usize,
+    /// Micro-batches whose gradients are averaged into one step.
+    pub accumulate: usize,
+    /// Peak learning rate.
+    pub lr: f64,
+    /// Warm-up steps (linear, from `lr / warmup` to `lr`).
+    pub warmup: u64,
+    /// Decay after the warm-up.
+    pub decay: Decay,
+    /// AdamW's betas, epsilon and weight decay.
+    pub adamw: AdamWConfig,
+    /// Largest global gradient norm (`None`: no clipping).
+    pub clip: Option<f64>,
+    /// Seed of the data order.
+    pub seed: u64,
+    /// Steps between checkpoints (with `checkpoint_dir`).
+    pub checkpoint_every: u64,
+    /// Where the checkpoint is kept; `None`: no checkpoints.
+    pub checkpoint_dir: Option<PathBuf>,
+}
+
+impl FinetuneSpec {
+    /// Defaults for `text`: 100 steps of 4 × 256 tokens at 1e-4, 10 warm-up steps, cosine
+    /// decay, clipping at 1.0, no checkpoints.
+    pub fn new(text: PathBuf) -> Self {
+        FinetuneSpec {
+            text,
+            steps: 100,
+            batch: 4,
+            seq_len: 256,
+            accumulate: 1,
+            lr: 1e-4,
+            warmup: 10,
+            decay: Decay::Cosine,
+            adamw: AdamWConfig::default(),
+            clip: Some(1.0),
+            seed: 0,
+            checkpoint_every: 100,
+            checkpoint_dir: None,
+        }
+    }
+
+    /// Sequences per optimizer step.
+    pub fn sequences_per_step(&self) -> usize {
+        self.batch.saturating_mul(self.accumulate)
+    }
+
+    /// The path of the checkpoint file, when checkpoints are on.
+    pub fn checkpoint_path(&self) -> Option<PathBuf> {
+        self.checkpoint_dir
+            .as_ref()
+            .map(|d| d.join(CHECKPOINT_FILE))
+    }
+}
+
+/// Why a fine-tune stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum FinetuneError {
+    /// The training text cannot be read or tokenized.
+    #[error("cannot read the training text {}: {message}", path.display())]
+    Text {
+        /// The file.
+        path: PathBuf,
+        /// What failed.
+        message: String,
+    },
+    /// The text does not fill one micro-batch.
+    #[error(
+        "training text {} has {tokens} tokens, fewer than one batch of {batch} sequences of {seq_len}; use a longer text, a smaller batch or a smaller seq_len",
+        path.display()
+    )]
+    TooShort {
+        /// The file.
+        path: PathBuf,
+        /// Its tokens.
+        tokens: usize,
+        /// Sequences per micro-batch.
+        batch: usize,
+        /// Tokens per sequence.
+        seq_len: usize,
+    },
+    /// A checkpoint exists but belongs to another run, or is unreadable. It is left as it is.
+    #[error("checkpoint {}: {message} (it was left untouched: remove it or choose another checkpoint_dir)", path.display())]
+    Checkpoint {
+        /// The checkpoint file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// Writing a checkpoint failed.
+    #[error("cannot write checkpoint {}: {message}", path.display())]
+    WriteCheckpoint {
+        /// The checkpoint file.
+        path: PathBuf,
+        /// What failed.
+        message: String,
+    },
+    /// The loss or the gradient stopped being finite.
+    #[error(
+        "step {step}: the {what} is not finite (the learning rate {lr:e} is probably too high); {kept}"
+    )]
+    Diverged {
+        /// 1-based step.
+        step: u64,
+        /// `loss` or `gradient norm`.
+        what: &'static str,
+        /// The step's learning rate.
+        lr: f64,
+        /// What was kept (the last checkpoint, or nothing).
+        kept: String,
+    },
+    /// The model cannot be trained (a layer not held densely, a tensor error).
+    #[error("{0}")]
+    Engine(#[from] EngineError),
+    /// The run was cancelled.
+    #[error("the fine-tune was cancelled")]
+    Cancelled,
+}
+
+impl From<candle_core::Error> for FinetuneError {
+    fn from(e: candle_core::Error) -> Self {
+        FinetuneError::Engine(EngineError::from(e))
+    }
+}
+
+/// What one step did (the `finetune-progress` event carries it).
+#[derive(Debug, Clone, Serialize)]
+pub struct StepReport {
+    /// 1-based step.
+    pub step: u64,
+    /// Steps in the run.
+    pub steps: u64,
+    /// Mean next-token loss over the step's sequences.
+    pub loss: f64,
+    /// Learning rate of the step.
+    pub learning_rate: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Tokens of this step per second of its wall time.
+    pub tokens_per_second: f64,
+    /// Estimated seconds to the last step (mean step time of this process so far).
+    pub eta_seconds: f64,
+}
+
+/// Hears a fine-tune's start and each of its steps.
+pub trait FinetuneObserver {
+    /// Training starts after `start_step` (a checkpoint's step; 0 from the beginning).
+    fn started(&mut self, _start_step: u64) {}
+    /// A step finished.
+    fn step(&mut self, step: &StepReport);
+}
+
+impl<F: FnMut(&StepReport)> FinetuneObserver for F {
+    fn step(&mut self, step: &StepReport) {
+        self(step)
+    }
+}
+
+/// A point of the loss curve: the mean loss over steps `first..=last`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LossPoint {
+    /// First step of the span (1-based).
+    pub first: u64,
+    /// Last step of the span.
+    pub last: u64,
+    /// Mean loss over the span.
+    pub loss: f64,
+}
+
+/// What the run report records of a fine-tune.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FinetuneReport {
+    /// The settings.
+    pub spec: FinetuneSpec,
+    /// sha256 of the training text.
+    pub text_sha256: String,
+    /// Tokens of the training text.
+    pub text_tokens: usize,
+    /// The step a checkpoint resumed from (`None`: from the start).
+    pub resumed_from: Option<u64>,
+    /// Tokens trained on over all steps (resumed ones included).
+    pub tokens_trained: u64,
+    /// Loss of the first step.
+    pub first_loss: f64,
+    /// Loss of the last step.
+    pub final_loss: f64,
+    /// Mean loss over the last tenth of the steps (at least one): less noisy than the last.
+    pub final_loss_mean: f64,
+    /// The loss curve, at most 32 means over equal spans of steps.
+    pub loss_curve: Vec<LossPoint>,
+    /// Wall time of the steps this process ran, seconds.
+    pub seconds: f64,
+    /// Tokens per second over the steps this process ran.
+    pub tokens_per_second: f64,
+    /// Layers trained.
+    pub trained_layers: usize,
+    /// Weights trained (kept positions of the trained layers).
+    pub trained_weights: usize,
+}
+
+/// One trained weight matrix: the master copy, its mask and its moments.
+struct Param {
+    name: String,
+    shape: Vec<usize>,
+    weights: Vec<f32>,
+    keep: Option<Vec<bool>>,
+    moments: Moments,
+}
+
+/// The training sequences and where the run is in them.
+struct Data {
+    sequences: Vec<Vec<u32>>,
+    order: Vec<u32>,
+    position: usize,
+    epoch: u64,
+    rng: ChaCha8Rng,
+}
+
+impl Data {
+    fn new(sequences: Vec<Vec<u32>>, seed: u64) -> Self {
+        let mut data = Data {
+            order: (0..sequences.len() as u32).collect(),
+            sequences,
+            position: 0,
+            epoch: 0,
+            rng: ChaCha8Rng::seed_from_u64(seed),
+        };
+        data.order.shuffle(&mut data.rng);
+        data
+    }
+
+    /// The next `n` sequences in the order, starting a newly shuffled epoch when one ends.
+    fn next_batch(&mut self, n: usize) -> Vec<Vec<u32>> {
+        let mut out = Vec::with_capacity(n);
+        while out.len() < n {
+            if self.position == self.order.len() {
+                self.order.sort_unstable();
+                self.order.shuffle(&mut self.rng);
+                self.position = 0;
+                self.epoch += 1;
+            }
+            out.push(self.sequences[self.order[self.position] as usize].clone());
+            self.position += 1;
+        }
+        out
+    }
+}
+
+/// The training text, tokenized and cut.
+pub struct TrainingText {
+    /// Sequences of `seq_len` tokens.
+    sequences: Vec<Vec<u32>>,
+    /// sha256 of the text's bytes.
+    sha256: String,
+    /// Tokens in the text.
+    tokens: usize,
+}
+
+impl TrainingText {
+    /// Tokens in the text.
+    pub fn tokens(&self) -> usize {
+        self.tokens
+    }
+
+    /// Reads `spec.text` and cuts it with `model`'s tokenizer into sequences of `seq_len`.
+    pub fn load(spec: &FinetuneSpec, model: &Model) -> Result<Self, FinetuneError> {
+        let err = |message: String| FinetuneError::Text {
+            path: spec.text.clone(),
+            message,
+        };
+        let text =
+            espalier_engine::files::read_to_string(&spec.text, espalier_engine::files::TEXT_LIMIT)
+                .map_err(|e| err(e.to_string()))?;
+        let tokenizer = Tokenizer::for_model(model).map_err(|e| err(e.to_string()))?;
+        Self::from_text(&text, spec, &tokenizer)
+    }
+
+    /// Tokenizes `text` (no special tokens) for `spec`.
+    pub fn from_text(
+        text: &str,
+        spec: &FinetuneSpec,
+        tokenizer: &Tokenizer,
+    ) -> Result<Self, FinetuneError> {
+        let ids = tokenizer
+            .encode_with(text, false)
+            .map_err(|e| FinetuneError::Text {
+                path: spec.text.clone(),
+                message: e.to_string(),
+            })?;
+        let sequences: Vec<Vec<u32>> = ids
+            .chunks_exact(spec.seq_len.max(1))
+            .map(<[u32]>::to_vec)
+            .collect();
+        if sequences.len() < spec.batch.max(1) || spec.seq_len < 2 {
+            return Err(FinetuneError::TooShort {
+                path: spec.text.clone(),
+                tokens: ids.len(),
+                batch: spec.batch,
+                seq_len: spec.seq_len,
+            });
+        }
+        Ok(TrainingText {
+            sequences,
+            sha256: crate::plugin::runtime::sha256_hex(text.as_bytes()),
+            tokens: ids.len(),
+        })
+    }
+}
+
+/// Fine-tunes every block linear of `model` in place, holding `masks` (by weight name), on
+/// `text` as `spec` says. `identity` names the run for the checkpoint's fingerprint (model
+/// reference and pipeline); `progress` hears the start and every step; `cancel` is checked between
+/// micro-batches.
+pub fn finetune(
+    model: &mut Model,
+    masks: &BTreeMap<String, Mask>,
+    spec: &FinetuneSpec,
+    text: TrainingText,
+    identity: &str,
+    progress: &mut dyn FinetuneObserver,
+    cancel: &CancelToken,
+) -> Result<FinetuneReport, FinetuneError> {
+    let mut session = Session::new(model)?;
+    let mut params = Vec::new();
+    let mut biases = BTreeMap::new();
+    for linear in session.block_linears() {
+        let LinearWeight::Dense(w) = linear.weight() else {
+            return Err(EngineError::Tensor {
+                name: linear.name().to_string(),
+                message: "fine-tuning needs the dense weight, but this layer runs another kernel"
+                    .into(),
+            }
+            .into());
+        };
+        let shape = w.dims().to_vec();
+        let weights = w.flatten_all()?.to_vec1::<f32>()?;
+        let keep = match masks.get(linear.name()) {
+            Some(mask) if mask.keep().len() == weights.len() => Some(mask.keep().to_vec()),
+            Some(_) => {
+                return Err(EngineError::Tensor {
+                    name: linear.name().to_string(),
+                    message: "its mask does not cover the weight".into(),
+                }
+                .into());
+            }
+            None => None,
+        };
+        biases.insert(linear.name().to_string(), linear.bias().cloned());
+        params.push(Param {
+            name: linear.name().to_string(),
+            moments: Moments::zeros(weights.len()),
+            shape,
+            weights,
+            keep,
+        });
+    }
+    let fingerprint = fingerprint(identity, spec, &text);
+    let text_sha256 = text.sha256.clone();
+    let text_tokens = text.tokens;
+    let mut data = Data::new(text.sequences, spec.seed);
+    let mut losses: Vec<f64> = Vec::new();
+    let mut start = 0u64;
+    let mut resumed_from = None;
+    let checkpoint = spec.checkpoint_path();
+    if let Some(path) = &checkpoint
+        && path.exists()
+    {
+        let step = load_checkpoint(path, &fingerprint, &mut params, &mut data, &mut losses)?;
+        start = step;
+        resumed_from = Some(step);
+        for p in &params {
+            set_linear(&mut session, p, &biases)?;
+        }
+    }
+    progress.started(start);
+    let optimizer = AdamW { config: spec.adamw };
+    let tokens_per_step = (spec.sequences_per_step() * spec.seq_len) as f64;
+    let began = Instant::now();
+    let mut last_checkpoint = resumed_from;
+    for step in start..spec.steps {
+        if cancel.is_cancelled() {
+            return Err(FinetuneError::Cancelled);
+        }
+        let step_began = Instant::now();
+        let lr = learning_rate(spec.lr, step, spec.steps, spec.warmup, spec.decay);
+        let kept = || match last_checkpoint {
+            Some(s) => format!("the checkpoint of step {s} is kept"),
+            None => "no checkpoint was written".to_string(),
+        };
+        let (loss, mut grads) = {
+            let mut pass = LossGradients::new(&session)?;
+            for _ in 0..spec.accumulate {
+                if cancel.is_cancelled() {
+                    return Err(FinetuneError::Cancelled);
+                }
+                pass.accumulate(&data.next_batch(spec.batch))?;
+            }
+            let loss = pass.mean_loss();
+            let mut stats = pass.finish()?.mean;
+            let mut grads = Vec::with_capacity(params.len());
+            for p in &params {
+                let g = stats.remove(&p.name).ok_or_else(|| EngineError::Tensor {
+                    name: p.name.clone(),
+                    message: "internal: the gradient pass returned no gradient".into(),
+                })?;
+                let mut g = g.flatten_all()?.to_vec1::<f32>()?;
+                if let Some(keep) = &p.keep {
+                    g.iter_mut()
+                        .zip(keep)
+                        .filter(|(_, k)| !**k)
+                        .for_each(|(g, _)| *g = 0.0);
+                }
+                grads.push(g);
+            }
+            (loss, grads)
+        };
+        if !loss.is_finite() {
+            return Err(FinetuneError::Diverged {
+                step: step + 1,
+                what: "loss",
+                lr,
+                kept: kept(),
+            });
+        }
+        let grad_norm = clip_global_norm(grads.iter_mut(), spec.clip);
+        if !grad_norm.is_finite() {
+            return Err(FinetuneError::Diverged {
+                step: step + 1,
+                what: "gradient norm",
+                lr,
+                kept: kept(),
+            });
+        }
+        for (p, g) in params.iter_mut().zip(&grads) {
+            optimizer.step(
+                step + 1,
+                lr,
+                &mut p.weights,
+                g,
+                &mut p.moments,
+                p.keep.as_deref(),
+            );
+            set_linear(&mut session, p, &biases)?;
+        }
+        losses.push(loss);
+        let done_here = (step + 1 - start) as f64;
+        let elapsed = began.elapsed().as_secs_f64();
+        progress.step(&StepReport {
+            step: step + 1,
+            steps: spec.steps,
+            loss,
+            learning_rate: lr,
+            grad_norm,
+            tokens_per_second: tokens_per_step / step_began.elapsed().as_secs_f64().max(1e-9),
+            eta_seconds: elapsed / done_here * (spec.steps - step - 1) as f64,
+        });
+        let due = (step + 1) % spec.checkpoint_every.max(1) == 0 || step + 1 == spec.steps;
+        if let (Some(path), true) = (&checkpoint, due) {
+            write_checkpoint(path, &fingerprint, step + 1, &params, &data, &losses)?;
+            last_checkpoint = Some(step + 1);
+        }
+    }
+    let seconds = began.elapsed().as_secs_f64();
+    for p in &params {
+        let w = Tensor::from_slice(&p.weights, p.shape.as_slice(), &Device::Cpu)?;
+        model.set_weight(&p.name, w, false)?;
+    }
+    let ran = spec.steps - start;
+    let tail = (losses.len() / 10).max(1).min(losses.len().max(1));
+    Ok(FinetuneReport {
+        spec: spec.clone(),
+        text_sha256,
+        text_tokens,
+        resumed_from,
+        tokens_trained: spec.steps * tokens_per_step as u64,
+        first_loss: losses.first().copied().unwrap_or(f64::NAN),
+        final_loss: losses.last().copied().unwrap_or(f64::NAN),
+        final_loss_mean: losses[losses.len().saturating_sub(tail)..]
+            .iter()
+            .sum::<f64>()
+            / tail as f64,
+        loss_curve: curve(&losses),
+        seconds,
+        tokens_per_second: if seconds > 0.0 {
+            ran as f64 * tokens_per_step / seconds
+        } else {
+            0.0
+        },
+        trained_layers: params.len(),
+        trained_weights: params
+            .iter()
+            .map(|p| {
+                p.keep
+                    .as_ref()
+                    .map_or(p.weights.len(), |k| k.iter().filter(|k| **k).count())
+            })
+            .sum(),
+    })
+}
+
+/// Points the session's layer at the parameter's current weights.
+fn set_linear(
+    session: &mut Session,
+    p: &Param,
+    biases: &BTreeMap<String, Option<Tensor>>,
+) -> Result<(), FinetuneError> {
+    let w = Tensor::from_slice(&p.weights, p.shape.as_slice(), &Device::Cpu)?;
+    let bias = biases.get(&p.name).cloned().flatten();
+    let linear = session
+        .linear_mut(&p.name)
+        .ok_or_else(|| EngineError::Tensor {
+            name: p.name.clone(),
+            message: "internal: the session lost this layer".into(),
+        })?;
+    *linear = Linear::dense(p.name.clone(), w, bias)?;
+    Ok(())
+}
+
+/// Means of the losses over at most [`CURVE_POINTS`] equal spans.
+fn curve(losses: &[f64]) -> Vec<LossPoint> {
+    let n = losses.len();
+    let points = n.min(CURVE_POINTS);
+    (0..points)
+        .map(|i| {
+            let (a, b) = (i * n / points, (i + 1) * n / points);
+            LossPoint {
+                first: a as u64 + 1,
+                last: b as u64,
+                loss: losses[a..b].iter().sum::<f64>() / (b - a) as f64,
+            }
+        })
+        .collect()
+}
+
+/// sha256 over everything that decides a fine-tune's result: the run's identity, the text and
+/// every setting except where and how often checkpoints are written.
+fn fingerprint(identity: &str, spec: &FinetuneSpec, text: &TrainingText) -> String {
+    let mut s = spec.clone();
+    s.checkpoint_dir = None;
+    s.checkpoint_every = 0;
+    s.text = PathBuf::new();
+    let settings = serde_json::to_string(&s).unwrap_or_default();
+    crate::plugin::runtime::sha256_hex(
+        format!("{identity}\n{}\n{settings}", text.sha256).as_bytes(),
+    )
+}
+
+fn write_checkpoint(
+    path: &Path,
+    fingerprint: &str,
+    step: u64,
+    params: &[Param],
+    data: &Data,
+    losses: &[f64],
+) -> Result<(), FinetuneError> {
+    let err = |message: String| FinetuneError::WriteCheckpoint {
+        path: path.to_path_buf(),
+        message,
+    };
+    let mut tensors: Vec<(String, Tensor)> = Vec::with_capacity(4 * params.len() + 1);
+    let shaped = |v: &[f32], p: &Param| Tensor::from_slice(v, p.shape.as_slice(), &Device::Cpu);
+    for p in params {
+        tensors.push((format!("weight/{}", p.name), shaped(&p.weights, p)?));
+        tensors.push((format!("m/{}", p.name), shaped(&p.moments.m, p)?));
+        tensors.push((format!("v/{}", p.name), shaped(&p.moments.v, p)?));
+        if let Some(keep) = &p.keep {
+            let bytes: Vec<u8> = keep.iter().map(|&k| u8::from(k)).collect();
+            tensors.push((
+                format!("keep/{}", p.name),
+                Tensor::from_vec(bytes, p.shape.as_slice(), &Device::Cpu)?,
+            ));
+        }
+    }
+    tensors.push((
+        "order".into(),
+        Tensor::from_slice(&data.order, data.order.len(), &Device::Cpu)?,
+    ));
+    let mut meta = HashMap::new();
+    meta.insert("format".to_string(), CHECKPOINT_FORMAT.to_string());
+    meta.insert("fingerprint".to_string(), fingerprint.to_string());
+    meta.insert("step".to_string(), step.to_string());
+    meta.insert("epoch".to_string(), data.epoch.to_string());
+    meta.insert("position".to_string(), data.position.to_string());
+    meta.insert("rng_seed".to_string(), hex::encode(data.rng.get_seed()));
+    meta.insert(
+        "rng_word_pos".to_string(),
+        data.rng.get_word_pos().to_string(),
+    );
+    meta.insert(
+        "losses".to_string(),
+        serde_json::to_string(losses).map_err(|e| err(e.to_string()))?,
+    );
+    crate::atomic::write_atomic_with(path, |tmp| {
+        safetensors::serialize_to_file(
+            tensors.iter().map(|(k, t)| (k.as_str(), t)),
+            Some(meta.clone()),
+            tmp,
+        )
+        .map_err(std::io::Error::other)
+    })
+    .map_err(|e| err(e.to_string()))
+}
+
+/// Restores the state a checkpoint holds into `params` and `data` and returns its step,
+/// after checking it belongs to this run (fingerprint and masks).
+fn load_checkpoint(
+    path: &Path,
+    fingerprint: &str,
+    params: &mut [Param],
+    data: &mut Data,
+    losses: &mut Vec<f64>,
+) -> Result<u64, FinetuneError> {
+    let err = |message: String| FinetuneError::Checkpoint {
+        path: path.to_path_buf(),
+        message,
+    };
+    // What this run's checkpoint can hold: weights and both moments (f32), masks (u8), the
+    // order (u32), and a header and metadata well under 64 MiB. A larger file is not ours.
+    let elements: u64 = params.iter().map(|p| p.weights.len() as u64).sum();
+    let limit = elements
+        .saturating_mul(13)
+        .saturating_add(4 * data.order.len() as u64)
+        .saturating_add(64 << 20);
+    let bytes = espalier_engine::files::read(path, limit).map_err(|e| err(e.to_string()))?;
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
+        .map_err(|e| err(format!("not a safetensors file: {e}")))?;
+    let meta = header.metadata().clone().unwrap_or_default();
+    let field = |key: &str| {
+        meta.get(key)
+            .cloned()
+            .ok_or_else(|| err(format!("no `{key}` in its metadata")))
+    };
+    if field("format")? != CHECKPOINT_FORMAT {
+        return Err(err("not an Espalier fine-tuning checkpoint".into()));
+    }
+    if field("fingerprint")? != fingerprint {
+        return Err(err(
+            "it was written by another run (a different model, pipeline, training text or [finetune] setting)".into(),
+        ));
+    }
+    let number = |key: &str| -> Result<u64, FinetuneError> {
+        field(key)?
+            .parse()
+            .map_err(|_| err(format!("`{key}` is not a number")))
+    };
+    let step = number("step")?;
+    let epoch = number("epoch")?;
+    let position = number("position")? as usize;
+    let word_pos: u128 = field("rng_word_pos")?
+        .parse()
+        .map_err(|_| err("`rng_word_pos` is not a number".into()))?;
+    let seed: [u8; 32] = hex::decode(field("rng_seed")?)
+        .ok()
+        .and_then(|s| s.try_into().ok())
+        .ok_or_else(|| err("`rng_seed` is not 32 bytes of hex".into()))?;
+    let loaded: Vec<f64> =
+        serde_json::from_str(&field("losses")?).map_err(|e| err(format!("`losses`: {e}")))?;
+    let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
+        .map_err(|e| err(e.to_string()))?;
+    let get = |key: String, dtype: DType, len: usize| -> Result<&Tensor, FinetuneError> {
+        let t = tensors
+            .get(&key)
+            .ok_or_else(|| err(format!("no tensor `{key}`")))?;
+        if t.dtype() != dtype || t.elem_count() != len {
+            return Err(err(format!("tensor `{key}` has the wrong type or size")));
+        }
+        Ok(t)
+    };
+    let order = get("order".into(), DType::U32, data.order.len())?
+        .to_vec1::<u32>()
+        .map_err(|e| err(e.to_string()))?;
+    if position > order.len() || usize::try_from(loaded.len() as u64).ok() != Some(step as usize) {
+        return Err(err(
+            "its data position or loss history is inconsistent".into()
+        ));
+    }
+    for p in params.iter_mut() {
+        let n = p.weights.len();
+        let keep = tensors.get(&format!("keep/{}", p.name));
+        let stored_keep = match keep {
+            Some(_) => Some(
+                get(format!("keep/{}", p.name), DType::U8, n)?
+                    .flatten_all()
+                    .and_then(|t| t.to_vec1::<u8>())
+                    .map_err(|e| err(e.to_string()))?
+                    .into_iter()
+                    .map(|b| b != 0)
+                    .collect::<Vec<bool>>(),
+            ),
+            None => None,
+        };
+        if stored_keep != p.keep {
+            return Err(err(format!(
+                "its mask of `{}` differs from the one the pruning stages produced",
+                p.name
+            )));
+        }
+        let read = |prefix: &str| -> Result<Vec<f32>, FinetuneError> {
+            get(format!("{prefix}/{}", p.name), DType::F32, n)?
+                .flatten_all()
+                .and_then(|t| t.to_vec1::<f32>())
+                .map_err(|e| err(e.to_string()))
+        };
+        p.weights = read("weight")?;
+        p.moments.m = read("m")?;
+        p.moments.v = read("v")?;
+    }
+    let mut rng = ChaCha8Rng::from_seed(seed);
+    rng.set_word_pos(word_pos);
+    data.order = order;
+    data.position = position;
+    data.epoch = epoch;
+    data.rng = rng;
+    *losses = loaded;
+    Ok(step)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mask::Structure;
+    use espalier_engine::builtin_model;
+
+    /// A deterministic text long enough for a few steps on the byte tokenizer.
+    fn text() -> String {
+        (0..400)
+            .map(|i| format!("line {i} of a small training text, {} bytes. ", i * 7 % 13))
+            .collect()
+    }
+
+    fn spec(dir: Option<&Path>) -> FinetuneSpec {
+        FinetuneSpec {
+            steps: 4,
+            batch: 2,
+            seq_len: 32,
+            accumulate: 2,
+            lr: 3e-3,
+            warmup: 1,
+            checkpoint_every: 2,
+            checkpoint_dir: dir.map(Path::to_path_buf),
+            adamw: AdamWConfig {
+                weight_decay: 0.1,
+                ..AdamWConfig::default()
+            },
+            ..FinetuneSpec::new(PathBuf::from("train.txt"))
+        }
+    }
+
+    /// Half of every block linear pruned by a fixed pattern, the pruned weights zeroed.
+    fn pruned_model() -> (Model, BTreeMap<String, Mask>) {
+        let mut model = builtin_model("tiny-llama").unwrap();
+        let mut masks = BTreeMap::new();
+        let names: Vec<String> = model
+            .layers()
+            .into_iter()
+            .filter(|l| l.role.is_block_linear())
+            .map(|l| l.name)
+            .collect();
+        for name in names {
+            let w = model.weight(&name).unwrap().clone();
+            let keep: Vec<bool> = (0..w.elem_count()).map(|i| (i * 7919) % 5 < 2).collect();
+            let mask = Mask::new(w.dims().to_vec(), keep.clone(), Structure::Unstructured).unwrap();
+            let data: Vec<f32> = w
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+                .iter()
+                .zip(&keep)
+                .map(|(w, k)| if *k { *w } else { 0.0 })
+                .collect();
+            let t = Tensor::from_vec(data, w.dims(), &Device::Cpu).unwrap();
+            model.set_weight(&name, t, false).unwrap();
+            masks.insert(name, mask);
+        }
+        (model, masks)
+    }
+
+    fn run(
+        model: &mut Model,
+        masks: &BTreeMap<String, Mask>,
+        spec: &FinetuneSpec,
+        stop_after: Option<u64>,
+    ) -> Result<FinetuneReport, FinetuneError> {
+        let cancel = CancelToken::new();
+        let c = cancel.clone();
+        let mut progress = |s: &StepReport| {
+            if stop_after == Some(s.step) {
+                c.cancel();
+            }
+        };
+        run_cancellable(model, masks, spec, &mut progress, &cancel)
+    }
+
+    fn run_with(
+        model: &mut Model,
+        masks: &BTreeMap<String, Mask>,
+        spec: &FinetuneSpec,
+        progress: &mut dyn FnMut(&StepReport),
+    ) -> Result<FinetuneReport, FinetuneError> {
+        run_cancellable(model, masks, spec, progress, &CancelToken::new())
+    }
+
+    fn run_cancellable(
+        model: &mut Model,
+        masks: &BTreeMap<String, Mask>,
+        spec: &FinetuneSpec,
+        progress: &mut dyn FnMut(&StepReport),
+        cancel: &CancelToken,
+    ) -> Result<FinetuneReport, FinetuneError> {
+        let tokenizer = Tokenizer::for_model(model).unwrap();
+        let text = TrainingText::from_text(&text(), spec, &tokenizer).unwrap();
+        finetune(
+            model,
+            masks,
+            spec,
+            text,
+            "test",
+            &mut |s: &StepReport| progress(s),
+            cancel,
+        )
+    }
+
+    fn weights(model: &Model, masks: &BTreeMap<String, Mask>) -> Vec<(String, Vec<f32>)> {
+        masks
+            .keys()
+            .map(|n| {
+                let w = model.weight(n).unwrap();
+                (
+                    n.clone(),
+                    w.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                )
+            })
+            .collect()
+    }
+
+    /// After every step the pruned weights, their gradients (as the optimizer saw them) and
+    /// both moments are exactly zero, and training lowers the loss on its own text.
+    #[test]
+    fn masks_hold_through_training_and_loss_falls() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut model, masks) = pruned_model();
+        let before = weights(&model, &masks);
+        let mut s = spec(Some(dir.path()));
+        s.checkpoint_every = 1;
+        s.steps = 6;
+        let report = run(&mut model, &masks, &s, None).unwrap();
+        assert_eq!(report.loss_curve.len(), 6);
+        assert!(report.final_loss < report.first_loss, "{report:?}");
+        assert_eq!(report.trained_layers, masks.len());
+        let after = weights(&model, &masks);
+        let mut changed = 0;
+        for ((name, b), (_, a)) in before.iter().zip(&after) {
+            let keep = masks[name].keep();
+            for i in 0..a.len() {
+                if keep[i] {
+                    changed += usize::from(a[i] != b[i]);
+                } else {
+                    assert_eq!(a[i].to_bits(), 0, "{name}[{i}] came back");
+                }
+            }
+        }
+        assert!(changed > 0, "training changed nothing");
+        // The checkpoint of the last step holds the same invariant in its moments.
+        let tensors =
+            candle_core::safetensors::load(dir.path().join(CHECKPOINT_FILE), &Device::Cpu).unwrap();
+        for (name, mask) in &masks {
+            for prefix in ["weight", "m", "v"] {
+                let t = tensors[&format!("{prefix}/{name}")]
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap();
+                for (x, k) in t.iter().zip(mask.keep()) {
+                    if !k {
+                        assert_eq!(x.to_bits(), 0, "{prefix}/{name}");
+                    }
+                }
+            }
+        }
+        // Every step's state, not only the last: at each step the checkpoint on disk holds
+        // the previous step's weights and moments.
+        let (mut model, masks) = pruned_model();
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = spec(Some(dir.path()));
+        s.checkpoint_every = 1;
+        let path = dir.path().join(CHECKPOINT_FILE);
+        let mut checked = 0;
+        let mut check = |_: &StepReport| {
+            let Ok(tensors) = candle_core::safetensors::load(&path, &Device::Cpu) else {
+                return;
+            };
+            for (name, mask) in &masks {
+                for prefix in ["weight", "m", "v"] {
+                    let t = tensors[&format!("{prefix}/{name}")]
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1::<f32>()
+                        .unwrap();
+                    assert!(
+                        t.iter()
+                            .zip(mask.keep())
+                            .all(|(x, k)| *k || x.to_bits() == 0)
+                    );
+                }
+            }
+            checked += 1;
+        };
+        run_with(&mut model, &masks, &s, &mut check).unwrap();
+        assert_eq!(
+            checked, 3,
+            "steps 2..=4 saw the checkpoint of the step before"
+        );
+    }
+
+    /// Interrupted after step 3 (its last checkpoint is step 2) and run again, the fine-tune
+    /// ends with exactly the weights of a run that was never interrupted.
+    #[test]
+    fn resume_equals_uninterrupted_run() {
+        let (model, masks) = pruned_model();
+        let whole_dir = tempfile::tempdir().unwrap();
+        let mut whole = model.clone();
+        let full = run(&mut whole, &masks, &spec(Some(whole_dir.path())), None).unwrap();
+
+        let dir = tempfile::tempdir().unwrap();
+        let s = spec(Some(dir.path()));
+        let mut first = model.clone();
+        assert!(matches!(
+            run(&mut first, &masks, &s, Some(3)),
+            Err(FinetuneError::Cancelled)
+        ));
+        let mut resumed = model.clone();
+        let report = run(&mut resumed, &masks, &s, None).unwrap();
+        assert_eq!(report.resumed_from, Some(2));
+        for ((name, a), (_, b)) in weights(&whole, &masks)
+            .iter()
+            .zip(&weights(&resumed, &masks))
+        {
+            assert!(
+                a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()),
+                "{name} differs after resuming"
+            );
+        }
+        assert_eq!(report.loss_curve, full.loss_curve);
+        assert_eq!(report.final_loss.to_bits(), full.final_loss.to_bits());
+    }
+
+    /// A checkpoint of another run (here: another seed) is refused and left as it was.
+    #[test]
+    fn foreign_checkpoints_are_refused_untouched() {
+        let (model, masks) = pruned_model();
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = spec(Some(dir.path()));
+        s.steps = 1;
+        run(&mut model.clone(), &masks, &s, None).unwrap();
+        let path = dir.path().join(CHECKPOINT_FILE);
+        let bytes = std::fs::read(&path).unwrap();
+        s.seed = 9;
+        let e = run(&mut model.clone(), &masks, &s, None).unwrap_err();
+        assert!(
+            matches!(&e, FinetuneError::Checkpoint { .. }) && e.to_string().contains("another run"),
+            "{e}"
+        );
+        assert_eq!(std::fs::read(&path).unwrap(), bytes);
+        // Garbage in its place is refused the same way.
+        std::fs::write(&path, b"not a checkpoint").unwrap();
+        let e = run(&mut model.clone(), &masks, &s, None).unwrap_err();
+        assert!(matches!(e, FinetuneError::Checkpoint { .. }), "{e}");
+    }
+
+    /// A learning rate that blows the weights up stops with a clear error at the first
+    /// non-finite step, naming the last checkpoint kept.
+    #[test]
+    fn divergence_is_an_error() {
+        let (mut model, masks) = pruned_model();
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = spec(Some(dir.path()));
+        s.lr = 1e30;
+        s.clip = None;
+        s.warmup = 0;
+        s.steps = 20;
+        s.checkpoint_every = 1;
+        let e = run(&mut model, &masks, &s, None).unwrap_err();
+        assert!(matches!(e, FinetuneError::Diverged { .. }), "{e}");
+        assert!(e.to_string().contains("learning rate"), "{e}");
+    }
+
+    /// A text that does not fill one batch is refused before any step.
+    #[test]
+    fn short_text_is_refused() {
+        let model = builtin_model("tiny-llama").unwrap();
+        let tokenizer = Tokenizer::for_model(&model).unwrap();
+        let e = TrainingText::from_text("too short", &spec(None), &tokenizer)
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("fewer than one batch"), "{e}");
+    }
+
+    #[test]
+    fn data_order_is_a_seeded_shuffle_per_epoch() {
+        let seqs: Vec<Vec<u32>> = (0..5).map(|i| vec![i]).collect();
+        let mut a = Data::new(seqs.clone(), 1);
+        let mut b = Data::new(seqs.clone(), 1);
+        let first: Vec<u32> = a.next_batch(5).into_iter().flatten().collect();
+        let mut sorted = first.clone();
+        sorted.sort_unstable();
+        assert_eq!(
+            sorted,
+            vec![0, 1, 2, 3, 4],
+            "an epoch visits every sequence once"
+        );
+        assert_eq!(
+            first,
+            b.next_batch(5).into_iter().flatten().collect::<Vec<_>>()
+        );
+        let second: Vec<u32> = a.next_batch(5).into_iter().flatten().collect();
+        assert_eq!(a.epoch, 1);
+        assert_ne!(first, second, "each epoch is shuffled anew");
+    }
+}
