@@ -13,6 +13,11 @@
 //! Loss trials (`loss-with-mask(s)`, what sensitivity measurements make by the hundred) resume
 //! from the hidden states entering the first block a trial changes, kept from the first trial:
 //! a trial on the last block costs one block and the LM head, not the whole model.
+//!
+//! Under sequential calibration ([`crate::sequential`]) a calibrator covers one block
+//! ([`Calibrator::for_block`]): its norms and Hessians come from running that block alone on
+//! the hidden states the pruned blocks before it produced; losses and gradients, which need the
+//! whole model, are refused.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
