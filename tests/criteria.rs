@@ -1,6 +1,7 @@
 //! The built-in criteria, run as sandboxed plugins through the library, checked against
 //! straightforward references written here (sorting, explicit loops); and the sandbox, with
-//! hostile plugins that must fail their run while the process (and the next run) goes on.
+//! hostile plugins that must fail their run while the process (and the next run) goes on;
+//! and sequential calibration against the same stages run by hand, block by block.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -8,7 +9,7 @@ use std::path::PathBuf;
 use espalier_engine::Model;
 
 mod common;
-use common::{block_linears, mask_of, run, top_k};
+use common::{app, block_linears, mask_of, run, top_k};
 
 fn tiny(name: &str) -> Model {
     espalier_engine::load_model(&format!("builtin:{name}")).expect("built-in model")
@@ -499,4 +500,128 @@ fn updated_weights_are_checked_before_any_is_applied() {
         assert!(err.contains(says), "{mode}: {err}");
         assert!(err.contains("model.layers.0.mlp"), "{mode}: {err}");
     }
+}
+
+/// Plans and runs pipeline text on `model` as given (not loaded from the pipeline's `model`).
+fn run_on(model: Model, text: &str) -> espalier::run::RunOutcome {
+    let pipeline = espalier::pipeline::Pipeline::parse("test.toml", text).unwrap();
+    let registry = app().registry();
+    let plan = espalier::plan::plan(pipeline, &registry, &app().runtime, &model).unwrap();
+    espalier::run::execute(
+        &plan,
+        &app().runtime,
+        model,
+        &mut espalier::events::Quiet,
+        &espalier::cancel::CancelToken::new(),
+    )
+    .unwrap()
+}
+
+#[test]
+fn sequential_calibration_equals_each_block_run_by_hand_on_the_pruned_inputs() {
+    let dense = tiny("tiny-llama");
+    let layers = dense.layers();
+    let block_of = |name: &str| layers.iter().find(|l| l.name == name).and_then(|l| l.block);
+    let blocks = dense.config.num_layers;
+    assert!(blocks >= 2, "the test needs a block after the first");
+    let calibration = obs_calibration();
+    for stages in [
+        "[[stage]]\nplugin = \"sparsegpt\"\ndensity = 0.5\nblocksize = 16\n",
+        // Two stages per block: the second one's Hessians come from the block as the first
+        // left it.
+        "[[stage]]\nplugin = \"wanda\"\ndensity = 0.5\n[[stage]]\nplugin = \"reconstruct\"\n",
+    ] {
+        let sequential = run(&format!(
+            "model = \"builtin:tiny-llama\"\n{}sequential = true\n{stages}",
+            calibration
+        ))
+        .unwrap();
+        assert!(sequential.report.calibration.as_ref().unwrap().sequential);
+        let whole = run(&format!(
+            "model = \"builtin:tiny-llama\"\n{calibration}{stages}"
+        ))
+        .unwrap();
+        let mut differs = false;
+        for block in 0..blocks {
+            // By hand: the model with blocks before `block` as sequential calibration left
+            // them and the rest dense, then the same stages on `block`'s linears alone, with
+            // statistics from an ordinary whole-model pass.
+            let mut model = dense.clone();
+            for name in block_linears(&dense) {
+                if block_of(&name).is_some_and(|b| b < block) {
+                    let w = sequential.state.model.weight(&name).unwrap().clone();
+                    model.set_weight(&name, w, false).unwrap();
+                }
+            }
+            let targeted = stages.replace(
+                "[[stage]]\n",
+                &format!("[[stage]]\ntargets = [\"model.layers.{block}.*\"]\n"),
+            );
+            let by_hand = run_on(
+                model,
+                &format!("model = \"builtin:tiny-llama\"\n{calibration}{targeted}"),
+            );
+            for name in block_linears(&dense)
+                .into_iter()
+                .filter(|n| block_of(n) == Some(block))
+            {
+                assert_eq!(
+                    by_hand.state.masks[&name].keep(),
+                    sequential.state.masks[&name].keep(),
+                    "{stages} {name}"
+                );
+                let (hand, _, _) = values(&by_hand.state.model, &name);
+                let (seq, _, _) = values(&sequential.state.model, &name);
+                assert_eq!(hand, seq, "{stages} {name}");
+                differs |= values(&whole.state.model, &name).0 != seq;
+            }
+        }
+        // Later blocks saw the pruned earlier ones: not what one whole-model pass gives.
+        assert!(differs, "{stages}: sequential equals the whole-model run");
+    }
+}
+
+#[test]
+fn sequential_calibration_refuses_stages_that_decide_across_the_model() {
+    let calibration = format!("{}sequential = true\n", obs_calibration());
+    let refused = |stages: &str| {
+        run(&format!(
+            "model = \"builtin:tiny-llama\"\n{calibration}{stages}"
+        ))
+        .err()
+        .expect("refused")
+        .to_string()
+    };
+    // A weights-only criterion after a block-local one: it may rank across layers.
+    let err = refused(
+        "[[stage]]\nplugin = \"wanda\"\ndensity = 0.6\n[[stage]]\nplugin = \"magnitude\"\ndensity = 0.5\n",
+    );
+    assert!(
+        err.contains("stage `magnitude` (plugin `magnitude`) takes no calibration statistics")
+            && err.contains("must come before stage `wanda`")
+            && err.contains("stage[1].plugin"),
+        "{err}"
+    );
+    // Nothing to run block by block.
+    let err = refused("[[stage]]\nplugin = \"magnitude\"\ndensity = 0.5\n");
+    assert!(
+        err.contains("calibration.sequential") && err.contains("nothing to run block by block"),
+        "{err}"
+    );
+    // A target outside the blocks.
+    let err = refused(
+        "[[stage]]\nplugin = \"sparsegpt\"\ndensity = 0.5\ntargets = [\"embed_tokens\", \"*.mlp.*\"]\n",
+    );
+    assert!(err.contains("outside the transformer blocks"), "{err}");
+    // The same weights-only criterion first runs on the whole model, then the block loop.
+    let ok = run(&format!(
+        "model = \"builtin:tiny-llama\"\n{calibration}[[stage]]\nplugin = \"magnitude\"\ndensity = 0.8\n[[stage]]\nplugin = \"sparsegpt\"\ndensity = 0.5\n"
+    ))
+    .unwrap();
+    assert_eq!(ok.report.stages.len(), 2);
+    let densities: Vec<f64> = ok.report.stages.iter().map(|s| s.density_after).collect();
+    assert!(
+        (densities[0] - 0.8).abs() < 0.01 && (densities[1] - 0.5).abs() < 0.01,
+        "{densities:?}"
+    );
 }

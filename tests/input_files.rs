@@ -69,6 +69,7 @@ fn calibration_texts_must_be_regular() {
             text: path.clone(),
             samples: 1,
             seq_len: 8,
+            sequential: false,
         };
         let err = CalibrationSet::load(&spec, &model).unwrap_err().to_string();
         assert_refused(&err, &path);

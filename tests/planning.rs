@@ -128,7 +128,7 @@ fn a_typo_inside_a_section_names_the_section() {
         line_of(&body, "sampels"),
         1,
         "calibration",
-        "unknown field `sampels` in [calibration], expected one of `text`, `sha256`, `samples`, `seq_len`; did you mean `samples`?",
+        "unknown field `sampels` in [calibration], expected one of `text`, `sha256`, `samples`, `seq_len`, `sequential`; did you mean `samples`?",
     );
     let body = pipeline("[[stage]]\nplugin = \"magnitude\"\ndensty = 0.5\n");
     assert_refused_at(

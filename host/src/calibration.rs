@@ -13,6 +13,11 @@
 //! Loss trials (`loss-with-mask(s)`, what sensitivity measurements make by the hundred) resume
 //! from the hidden states entering the first block a trial changes, kept from the first trial:
 //! a trial on the last block costs one block and the LM head, not the whole model.
+//!
+//! Under sequential calibration ([`crate::sequential`]) a calibrator covers one block
+//! ([`Calibrator::for_block`]): its norms and Hessians come from running that block alone on
+//! the hidden states the pruned blocks before it produced; losses and gradients, which need the
+//! whole model, are refused.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -39,6 +44,9 @@ pub struct CalibrationSpec {
     pub samples: usize,
     /// Tokens per sequence.
     pub seq_len: usize,
+    /// Prune block by block, each block's statistics taken on the outputs of the blocks
+    /// before it as already pruned (see [`crate::sequential`]).
+    pub sequential: bool,
 }
 
 impl Default for CalibrationSpec {
@@ -47,6 +55,7 @@ impl Default for CalibrationSpec {
             text: PathBuf::from("data/calibration.txt"),
             samples: 64,
             seq_len: 256,
+            sequential: false,
         }
     }
 }
@@ -227,10 +236,26 @@ impl Hessians {
 /// sets) every trial runs the whole model instead.
 const MAX_RESUME_BYTES: usize = 4 << 30;
 
+/// What a [`Calibrator`]'s statistics are taken over.
+enum Scope {
+    /// The whole model, run from the calibration tokens.
+    Model,
+    /// One block, run from the hidden states entering it (one per sequence), as sequential
+    /// calibration keeps them: only that block's linears have statistics, and losses and
+    /// gradients (which need the rest of the model) are not served.
+    Block {
+        /// Its index.
+        block: usize,
+        /// Per sequence, the hidden state entering it.
+        inputs: Arc<Vec<Tensor>>,
+    },
+}
+
 /// Calibration statistics of one state of the model, computed on first request and cached.
 pub struct Calibrator {
     set: Arc<CalibrationSet>,
     model: Model,
+    scope: Scope,
     session: OnceLock<Result<Session, String>>,
     norms: OnceLock<Result<BTreeMap<String, Tensor>, String>>,
     gradients: OnceLock<Result<GradientStats, String>>,
@@ -249,6 +274,7 @@ impl Calibrator {
         Calibrator {
             set,
             model,
+            scope: Scope::Model,
             session: OnceLock::new(),
             norms: OnceLock::new(),
             gradients: OnceLock::new(),
@@ -256,6 +282,65 @@ impl Calibrator {
             loss: OnceLock::new(),
             block_inputs: OnceLock::new(),
             cancel: CancelToken::new(),
+        }
+    }
+
+    /// A calibrator for block `block` of `model` alone, fed `inputs`, the hidden state entering
+    /// it for each calibration sequence (in sequence order): the activation norms and Hessians
+    /// of its linears come from running that one block, not the model.
+    pub fn for_block(
+        model: Model,
+        set: Arc<CalibrationSet>,
+        block: usize,
+        inputs: Arc<Vec<Tensor>>,
+    ) -> Self {
+        let mut c = Self::new(model, set);
+        c.scope = Scope::Block { block, inputs };
+        c
+    }
+
+    /// Runs sequence `index` (tokens `seq`) through what this calibrator covers, showing every
+    /// linear's input to `observer`.
+    fn observe(
+        &self,
+        session: &Session,
+        index: usize,
+        seq: &[u32],
+        observer: &mut dyn LinearObserver,
+    ) -> Result<(), String> {
+        let result = match &self.scope {
+            Scope::Model => session.hidden_states(seq, None, Some(observer)),
+            Scope::Block { block, inputs } => {
+                let x = inputs.get(index).ok_or_else(|| {
+                    format!("no hidden state kept for calibration sequence {index}")
+                })?;
+                session.block_forward_from(*block, x, Some(observer))
+            }
+        };
+        result
+            .map(|_| ())
+            .map_err(|e| format!("calibration forward pass failed: {e}"))
+    }
+
+    /// Refuses what a block calibrator cannot compute.
+    fn whole_model(&self, what: &str) -> Result<(), String> {
+        match &self.scope {
+            Scope::Model => Ok(()),
+            Scope::Block { block, .. } => Err(format!(
+                "{what} need the whole model, but under sequential calibration a stage sees block {block} alone"
+            )),
+        }
+    }
+
+    /// Why `layer` has no statistic here.
+    fn not_covered(&self, what: &str, layer: &str) -> String {
+        match &self.scope {
+            Scope::Model => format!(
+                "no {what} for `{layer}`: only the weights of block linear layers (attention and MLP projections) have them"
+            ),
+            Scope::Block { block, .. } => format!(
+                "no {what} for `{layer}`: under sequential calibration this call covers the linears of block {block} only"
+            ),
         }
     }
 
@@ -298,9 +383,10 @@ impl Calibrator {
             .get_or_init(|| self.compute_norms(&mut |_, _| {}))
             .as_ref()
             .map_err(Clone::clone)?;
-        norms.get(layer).cloned().ok_or_else(|| {
-            format!("no activation statistics for `{layer}`: only the weights of block linear layers (attention and MLP projections) have them")
-        })
+        norms
+            .get(layer)
+            .cloned()
+            .ok_or_else(|| self.not_covered("activation statistics", layer))
     }
 
     /// Computes the activation norms of every block linear now, if not done yet.
@@ -324,18 +410,19 @@ impl Calibrator {
     fn each_sequence<T: Send>(
         &self,
         progress: &mut dyn FnMut(usize, usize),
-        f: impl Fn(&[u32]) -> Result<T, String> + Sync,
+        f: impl Fn(usize, &[u32]) -> Result<T, String> + Sync,
     ) -> Result<Vec<T>, String> {
         let total = self.set.sequences.len();
         let chunk = rayon::current_num_threads().max(1);
         let mut out = Vec::with_capacity(total);
         progress(0, total);
-        for part in self.set.sequences.chunks(chunk) {
+        for (c, part) in self.set.sequences.chunks(chunk).enumerate() {
             let results = part
                 .par_iter()
-                .map(|seq| {
+                .enumerate()
+                .map(|(i, seq)| {
                     self.check_cancel()?;
-                    f(seq)
+                    f(c * chunk + i, seq)
                 })
                 .collect::<Result<Vec<T>, String>>()?;
             out.extend(results);
@@ -353,11 +440,9 @@ impl Calibrator {
         // Sequences run in parallel (one 256-token pass does not keep the cores busy); each
         // has its own sums, added up afterwards in sequence order.
         let per_sequence: Vec<BTreeMap<String, Vec<f64>>> =
-            self.each_sequence(progress, |seq| {
+            self.each_sequence(progress, |i, seq| {
                 let mut observer = SquaredInputs::default();
-                session
-                    .hidden_states(seq, None, Some(&mut observer))
-                    .map_err(|e| format!("calibration forward pass failed: {e}"))?;
+                self.observe(session, i, seq, &mut observer)?;
                 Ok(observer.sums)
             })?;
         let mut totals: BTreeMap<String, Vec<f64>> = BTreeMap::new();
@@ -394,9 +479,7 @@ impl Calibrator {
         self.prepare_hessians()?
             .get(layer)
             .cloned()
-            .ok_or_else(|| {
-                format!("no input Hessian for `{layer}`: only the weights of block linear layers (attention and MLP projections) have them")
-            })
+            .ok_or_else(|| self.not_covered("input Hessian", layer))
     }
 
     /// Computes the Hessians of every block linear now, if not done yet.
@@ -424,16 +507,15 @@ impl Calibrator {
         let total = self.set.sequences.len();
         let mut done = 0;
         progress(0, total);
-        for part in self.set.sequences.chunks(HESSIAN_BATCH) {
+        for (c, part) in self.set.sequences.chunks(HESSIAN_BATCH).enumerate() {
             // Forward passes in parallel, keeping each sequence's linear inputs (a few MiB).
             let observed = part
                 .par_iter()
-                .map(|seq| {
+                .enumerate()
+                .map(|(i, seq)| {
                     self.check_cancel()?;
                     let mut observer = LinearInputs::default();
-                    session
-                        .hidden_states(seq, None, Some(&mut observer))
-                        .map_err(|e| format!("calibration forward pass failed: {e}"))?;
+                    self.observe(session, c * HESSIAN_BATCH + i, seq, &mut observer)?;
                     Ok(observer)
                 })
                 .collect::<Result<Vec<LinearInputs>, String>>()?;
@@ -481,6 +563,7 @@ impl Calibrator {
 
     /// Mean calibration loss of the model (mean over sequences of the mean next-token loss).
     pub fn loss(&self) -> Result<f64, String> {
+        self.whole_model("losses")?;
         self.loss
             .get_or_init(|| {
                 let session = self.session()?;
@@ -534,6 +617,7 @@ impl Calibrator {
         &self,
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<(), String> {
+        self.whole_model("gradients")?;
         self.gradients
             .get_or_init(|| self.compute_gradients(progress))
             .as_ref()
@@ -542,6 +626,7 @@ impl Calibrator {
     }
 
     fn gradient_stats(&self) -> Result<&GradientStats, String> {
+        self.whole_model("gradients")?;
         self.gradients
             .get_or_init(|| self.compute_gradients(&mut |_, _| {}))
             .as_ref()
@@ -585,6 +670,7 @@ impl Calibrator {
     /// The calibration loss with every `(layer, mask)` applied on top of the current masks, in
     /// one trial. Resumes from the hidden states entering the first block a change touches.
     pub fn loss_with_masks(&self, changes: &[(&str, &Mask)]) -> Result<f64, String> {
+        self.whole_model("loss trials")?;
         if changes.is_empty() {
             return self.loss();
         }
@@ -626,6 +712,7 @@ impl Calibrator {
         &self,
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<(), String> {
+        self.whole_model("loss trials")?;
         // Block inputs first: the base loss then comes from them (see `loss`).
         self.block_inputs_with(progress)?;
         self.loss().map(|_| ())
@@ -656,7 +743,7 @@ impl Calibrator {
                     );
                     return Ok(None);
                 }
-                let inputs = self.each_sequence(progress, |seq| {
+                let inputs = self.each_sequence(progress, |_, seq| {
                     session
                         .block_inputs(seq)
                         .map_err(|e| format!("calibration forward pass failed: {e}"))

@@ -246,6 +246,7 @@ struct RawCalibration {
     sha256: Option<Spanned<String>>,
     samples: Option<Spanned<i64>>,
     seq_len: Option<Spanned<i64>>,
+    sequential: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -786,6 +787,7 @@ fn parse_calibration(
         }
         spec.seq_len = v as usize;
     }
+    spec.sequential = c.sequential.unwrap_or(false);
     if !spec.text.is_file() {
         return Err(PipelineError {
             file: ctx.file.to_string(),

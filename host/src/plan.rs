@@ -80,6 +80,9 @@ pub struct Plan {
     /// Tokenized calibration text, when the pipeline has a `[calibration]` section or a stage
     /// needs activations or losses.
     pub calibration: Option<Arc<CalibrationSet>>,
+    /// Under `[calibration] sequential = true`, the first stage that runs block by block (see
+    /// [`crate::sequential`]).
+    pub sequential_from: Option<usize>,
 }
 
 /// A layer-name pattern: a glob when it has wildcards, else a substring.
@@ -717,11 +720,13 @@ pub fn plan(
         }
         stages.push(stage);
     }
+    let sequential_from = crate::sequential::split(&pipeline, &stages)?;
     let calibration = plan_calibration(&pipeline, &stages, model)?;
     Ok(Plan {
         pipeline,
         stages,
         calibration,
+        sequential_from,
     })
 }
 

@@ -127,6 +127,13 @@ pub struct CalibrationRecord {
     pub samples: usize,
     /// Tokens per sequence.
     pub seq_len: usize,
+    /// Whether stages ran block by block on the pruned blocks' outputs (`sequential = true`).
+    #[serde(default)]
+    pub sequential: bool,
+    /// Under sequential calibration, seconds spent carrying the calibration hidden states
+    /// through the pruned blocks (the stages' own time is in their reports).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sequential_carry_seconds: Option<f64>,
 }
 
 /// The sandbox limits every plugin call ran under.

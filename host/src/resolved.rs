@@ -102,6 +102,9 @@ pub fn resolved_pipeline(
         c.insert("sha256".into(), Value::String(set.text_sha256.clone()));
         c.insert("samples".into(), Value::Integer(spec.samples as i64));
         c.insert("seq_len".into(), Value::Integer(spec.seq_len as i64));
+        if spec.sequential {
+            c.insert("sequential".into(), Value::Boolean(true));
+        }
         root.insert("calibration".into(), Value::Table(c));
     }
 

@@ -78,7 +78,8 @@ pub struct RunState {
     pub heads: Option<HeadsChange>,
     /// Calibration statistics of the model as it is now; dropped whenever a stage changes the
     /// model, kept across stages that do not (a budget stage), so they are computed once.
-    calibrator: Option<Arc<Calibrator>>,
+    /// (Sequential calibration sets a block's own before each of its stages.)
+    pub(crate) calibrator: Option<Arc<Calibrator>>,
     /// The weights as loaded (sharing storage with the model until a stage replaces them),
     /// kept only when a stage produces weights: a reconstruction needs the dense originals.
     original_weights: BTreeMap<String, Tensor>,
@@ -721,7 +722,10 @@ pub fn execute(
     }
     let mut budgets: BTreeMap<usize, BTreeMap<String, f64>> = BTreeMap::new();
     let mut stage_reports = Vec::with_capacity(plan.stages.len());
-    for (i, stage) in plan.stages.iter().enumerate() {
+    // Under sequential calibration the stages from `whole_model` on run block by block, after
+    // the ones before it ran on the whole model (see `crate::sequential`).
+    let whole_model = plan.sequential_from.unwrap_or(plan.stages.len());
+    for (i, stage) in plan.stages[..whole_model].iter().enumerate() {
         if cancel.is_cancelled() {
             return Err(RunError::Cancelled {
                 stage: stage.spec.name.clone(),
@@ -769,13 +773,29 @@ pub fn execute(
         });
         stage_reports.push(report);
     }
-    let report = build_report(
+    let mut carry_seconds = None;
+    if let Some(from) = plan.sequential_from {
+        let (reports, carry) =
+            crate::sequential::run_blocks(plan, from, runtime, &mut state, &budgets, sink, cancel)?;
+        for (k, report) in reports.into_iter().enumerate() {
+            sink.emit(RunEvent::StageFinished {
+                index: from + k,
+                report: report.clone(),
+            });
+            stage_reports.push(report);
+        }
+        carry_seconds = Some(carry.as_secs_f64());
+    }
+    let mut report = build_report(
         plan,
         &state,
         stage_reports,
         parameters_before,
         started.elapsed(),
     );
+    if let Some(c) = report.calibration.as_mut() {
+        c.sequential_carry_seconds = carry_seconds;
+    }
     Ok(RunOutcome { state, report })
 }
 
@@ -858,6 +878,8 @@ fn build_report(
                 text_sha256: set.text_sha256.clone(),
                 samples: set.sequences.len(),
                 seq_len: spec.seq_len,
+                sequential: plan.sequential_from.is_some(),
+                sequential_carry_seconds: None,
             }
         }),
         sandbox: Some(SandboxRecord {

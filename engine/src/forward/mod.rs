@@ -854,16 +854,10 @@ impl Session {
     /// block after it: entry `b` is the input of block `b`, the last one the output of the last
     /// block (before the final norm). What [`Session::nll_from_block`] resumes from.
     pub fn block_inputs(&self, tokens: &[u32]) -> Result<Vec<Tensor>, EngineError> {
-        self.check_tokens(tokens, 0)?;
-        let t = tokens.len();
-        let ids = Tensor::from_slice(tokens, t, &Device::Cpu)?;
-        let mut x = self.embed.index_select(&ids, 0)?;
-        if let Some(pos) = &self.pos_embed {
-            x = (x + pos.narrow(0, 0, t)?)?;
-        }
+        let mut x = self.embed(tokens)?;
         let rope = self
             .rope_theta
-            .map(|theta| RopeTable::new(self.head_dim, theta, 0, t));
+            .map(|theta| RopeTable::new(self.head_dim, theta, 0, tokens.len()));
         let mut out = Vec::with_capacity(self.blocks.len() + 1);
         for layer in 0..self.blocks.len() {
             let next = self.block_forward(layer, &x, 0, rope.as_ref(), None, &mut None)?;
@@ -872,6 +866,43 @@ impl Session {
         }
         out.push(x);
         Ok(out)
+    }
+
+    /// The embedded input of `tokens` at positions from 0: the hidden state entering block 0.
+    pub fn embed(&self, tokens: &[u32]) -> Result<Tensor, EngineError> {
+        self.check_tokens(tokens, 0)?;
+        let t = tokens.len();
+        let ids = Tensor::from_slice(tokens, t, &Device::Cpu)?;
+        let x = self.embed.index_select(&ids, 0)?;
+        Ok(match &self.pos_embed {
+            Some(pos) => (x + pos.narrow(0, 0, t)?)?,
+            None => x,
+        })
+    }
+
+    /// Block `layer` alone on `x`, the hidden state entering it (`[T, hidden]`, positions from
+    /// 0, as [`Session::embed`] or an earlier call gives), calling `observer` with the input of
+    /// each of its linears: what sequential calibration advances its hidden states with, one
+    /// block at a time, bit-identical to the same block inside a whole forward pass.
+    pub fn block_forward_from(
+        &self,
+        layer: usize,
+        x: &Tensor,
+        observer: Option<&mut dyn LinearObserver>,
+    ) -> Result<Tensor, EngineError> {
+        let (t, width) = x.dims2()?;
+        if layer >= self.blocks.len() || width != self.embed.dims()[1] || t == 0 {
+            return Err(EngineError::Input(format!(
+                "cannot run block {layer} of {} on hidden states of shape {:?}",
+                self.blocks.len(),
+                x.dims()
+            )));
+        }
+        let rope = self
+            .rope_theta
+            .map(|theta| RopeTable::new(self.head_dim, theta, 0, t));
+        let mut observer = observer;
+        self.block_forward(layer, x, 0, rope.as_ref(), None, &mut observer)
     }
 
     /// Next-token NLL of `tokens` (as [`Session::nll`]) resuming from `x`, the hidden state
