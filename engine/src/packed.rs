@@ -370,14 +370,24 @@ mod tests {
         ]
     }
 
-    #[test]
-    fn a_packed_file_round_trips_every_layer() {
+    /// Writes [`layers`] into a packed file in a fresh temporary folder.
+    fn written() -> (
+        tempfile::TempDir,
+        std::path::PathBuf,
+        Vec<(String, PackedLinear)>,
+    ) {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join(PACKED_FILE);
         let layers = layers();
         let refs: Vec<(String, &PackedLinear)> =
             layers.iter().map(|(n, l)| (n.clone(), l)).collect();
         write_packed(&path, &refs).expect("write");
+        (dir, path, layers)
+    }
+
+    #[test]
+    fn a_packed_file_round_trips_every_layer() {
+        let (_dir, path, layers) = written();
         let back = read_packed(&path).expect("read");
         assert_eq!(back.len(), layers.len());
         for (name, layer) in &layers {
@@ -387,12 +397,7 @@ mod tests {
 
     #[test]
     fn damaged_files_are_refused_naming_the_file_and_layer() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join(PACKED_FILE);
-        let layers = layers();
-        let refs: Vec<(String, &PackedLinear)> =
-            layers.iter().map(|(n, l)| (n.clone(), l)).collect();
-        write_packed(&path, &refs).expect("write");
+        let (_dir, path, _) = written();
         let good = std::fs::read(&path).expect("read");
 
         // A metadata entry pointing at a format whose arrays are not there.

@@ -121,11 +121,7 @@ pub fn attach(
     masks: &BTreeMap<String, Mask>,
     storage: Storage,
 ) -> Result<Attached, EngineError> {
-    let model_bytes: usize = model
-        .weights()
-        .values()
-        .map(|t| t.elem_count() * t.dtype().size_in_bytes())
-        .sum();
+    let model_bytes = crate::evaluate::model_bytes(model) as usize;
     let mut saved = 0isize;
     let dtype = match storage {
         Storage::F32 => Dtype::F32,
