@@ -309,17 +309,16 @@ impl Calibrator {
         observer: &mut dyn LinearObserver,
     ) -> Result<(), String> {
         let result = match &self.scope {
-            Scope::Model => session.hidden_states(seq, None, Some(observer)),
+            Scope::Model => session.hidden_states(seq, None, Some(observer)).map(|_| ()),
             Scope::Block { block, inputs } => {
                 let x = inputs.get(index).ok_or_else(|| {
                     format!("no hidden state kept for calibration sequence {index}")
                 })?;
-                session.block_forward_from(*block, x, Some(observer))
+                // Statistics need the linears' inputs only: the block's output is not computed.
+                session.observe_block(*block, x, observer)
             }
         };
-        result
-            .map(|_| ())
-            .map_err(|e| format!("calibration forward pass failed: {e}"))
+        result.map_err(|e| format!("calibration forward pass failed: {e}"))
     }
 
     /// Refuses what a block calibrator cannot compute.

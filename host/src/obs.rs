@@ -99,6 +99,10 @@ fn shape_err(layer: &str, what: String) -> ObsError {
     }
 }
 
+/// Columns per tile of the `xᵀx` product in [`Hessian::add`]: wide enough for the matmul to run
+/// near its peak, narrow enough that skipping the tiles below the diagonal saves most of half.
+const GRAM_TILE: usize = 192;
+
 /// The second moment `Σ xᵀx` of a layer's inputs, accumulated in f64 over calibration batches.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Hessian {
@@ -129,7 +133,9 @@ impl Hessian {
     }
 
     /// Adds the inputs `x [tokens, cols]` of one batch. The product runs in f32 on candle's
-    /// matmul (one batch is a few hundred tokens); batches are summed in f64.
+    /// matmul (one batch is a few thousand tokens); batches are summed in f64. `xᵀx` is
+    /// symmetric, so only the tiles on and above the diagonal are multiplied (56% of the work of
+    /// the full product for a 1536-wide input, 67% for 576) and each is mirrored below.
     pub fn add(&mut self, x: &Tensor) -> Result<(), String> {
         let (tokens, cols) = x.dims2().map_err(|e| e.to_string())?;
         if cols != self.cols {
@@ -138,15 +144,39 @@ impl Hessian {
                 self.cols
             ));
         }
-        let x = x
-            .to_dtype(DType::F32)
-            .and_then(|x| x.contiguous())
+        let x = x.to_dtype(DType::F32).map_err(|e| e.to_string())?;
+        let tiles: Vec<(usize, usize)> = (0..cols)
+            .step_by(GRAM_TILE)
+            .map(|start| (start, GRAM_TILE.min(cols - start)))
+            .collect();
+        let panels = tiles
+            .iter()
+            .map(|&(start, len)| x.narrow(1, start, len).and_then(|p| p.contiguous()))
+            .collect::<candle_core::Result<Vec<Tensor>>>()
             .map_err(|e| e.to_string())?;
-        let gram = x
-            .t()
-            .and_then(|t| t.matmul(&x))
-            .map_err(|e| e.to_string())?;
-        crate::tensor_util::with_f32(&gram, |g| self.add_gram(g, tokens as u64))??;
+        for (i, &(row0, rows)) in tiles.iter().enumerate() {
+            for (j, &(col0, width)) in tiles.iter().enumerate().skip(i) {
+                let tile = panels[i]
+                    .t()
+                    .and_then(|t| t.matmul(&panels[j]))
+                    .map_err(|e| e.to_string())?;
+                crate::tensor_util::with_f32(&tile, |g| {
+                    for r in 0..rows {
+                        let src = &g[r * width..(r + 1) * width];
+                        let dst = &mut self.sum[(row0 + r) * cols + col0..][..width];
+                        dst.iter_mut()
+                            .zip(src)
+                            .for_each(|(s, &v)| *s += f64::from(v));
+                        if i != j {
+                            for (c, &v) in src.iter().enumerate() {
+                                self.sum[(col0 + c) * cols + row0 + r] += f64::from(v);
+                            }
+                        }
+                    }
+                })?;
+            }
+        }
+        self.tokens += tokens as u64;
         Ok(())
     }
 
@@ -967,18 +997,31 @@ mod tests {
     #[test]
     fn hessian_accumulates_the_gram_matrix_over_batches() {
         let mut rng = Lcg(9);
+        // One tile, and several with a partial last one (only tiles above the diagonal are
+        // multiplied, the rest mirrored).
+        for (t, n) in [(24, 6), (30, 2 * GRAM_TILE + 17)] {
+            let x = inputs(&mut rng, t, n);
+            let mut h = Hessian::new(n);
+            for part in x.chunks(10 * n) {
+                let rows = part.len() / n;
+                let tensor =
+                    Tensor::from_vec(to_f32(part), (rows, n), &candle_core::Device::Cpu).unwrap();
+                h.add(&tensor).unwrap();
+            }
+            assert_eq!(h.tokens(), t as u64);
+            let mean = h.mean();
+            close(&to_f32(&mean), &gram(&x, t, n), 1e-5);
+            for r in 0..n {
+                for c in 0..r {
+                    assert_eq!(mean[r * n + c], mean[c * n + r], "({r},{c}) of {n}");
+                }
+            }
+        }
         let (t, n) = (24, 6);
         let x = inputs(&mut rng, t, n);
         let mut h = Hessian::new(n);
-        for part in x.chunks(10 * n) {
-            let rows = part.len() / n;
-            let tensor =
-                Tensor::from_vec(to_f32(part), (rows, n), &candle_core::Device::Cpu).unwrap();
-            h.add(&tensor).unwrap();
-        }
-        assert_eq!(h.tokens(), t as u64);
-        let want = gram(&x, t, n);
-        close(&to_f32(&h.mean()), &want, 1e-5);
+        h.add(&Tensor::from_vec(to_f32(&x), (t, n), &candle_core::Device::Cpu).unwrap())
+            .unwrap();
         let mut twice = h.clone();
         twice.merge(&h).unwrap();
         assert_eq!(twice.mean(), h.mean());

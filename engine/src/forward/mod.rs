@@ -905,6 +905,46 @@ impl Session {
         self.block_forward(layer, x, 0, rope.as_ref(), None, &mut observer)
     }
 
+    /// Shows `observer` the input of every linear of block `layer` run on `x` (as
+    /// [`Session::block_forward_from`] would), without computing the block's output: the last
+    /// product (the MLP's down projection, a quarter of a LLaMA block's work) and the residual
+    /// add after it are skipped, since calibration statistics need only that product's input.
+    pub fn observe_block(
+        &self,
+        layer: usize,
+        x: &Tensor,
+        observer: &mut dyn LinearObserver,
+    ) -> Result<(), EngineError> {
+        let (t, width) = x.dims2()?;
+        if layer >= self.blocks.len() || width != self.embed.dims()[1] || t == 0 {
+            return Err(EngineError::Input(format!(
+                "cannot run block {layer} of {} on hidden states of shape {:?}",
+                self.blocks.len(),
+                x.dims()
+            )));
+        }
+        let rope = self
+            .rope_theta
+            .map(|theta| RopeTable::new(self.head_dim, theta, 0, t));
+        let block = &self.blocks[layer];
+        let mut observer = Some(observer);
+        let h = block.attn_norm.forward(x)?;
+        let attn = self.attention(block, layer, &h, 0, rope.as_ref(), None, &mut observer)?;
+        let x = (x + attn)?;
+        let h = block.mlp_norm.forward(&x)?;
+        match &block.mlp {
+            Mlp::Gated { gate, up, down } => {
+                let g = run(gate, &h, &mut observer)?;
+                let u = run(up, &h, &mut observer)?;
+                show(&mut observer, down, &ops::swiglu(&g, &u)?)
+            }
+            Mlp::Plain { up, down, act } => {
+                let u = act.apply(&run(up, &h, &mut observer)?)?;
+                show(&mut observer, down, &u)
+            }
+        }
+    }
+
     /// Next-token NLL of `tokens` (as [`Session::nll`]) resuming from `x`, the hidden state
     /// entering block `first` (from [`Session::block_inputs`] of the same tokens): blocks before
     /// `first` are not recomputed.
@@ -1080,10 +1120,20 @@ fn run(
     x: &Tensor,
     observer: &mut Option<&mut dyn LinearObserver>,
 ) -> Result<Tensor, EngineError> {
-    if let Some(obs) = observer.as_deref_mut() {
-        obs.observe(linear, x)?;
-    }
+    show(observer, linear, x)?;
     linear.forward(x)
+}
+
+/// Shows the input `x` of `linear` to the observer, if there is one.
+fn show(
+    observer: &mut Option<&mut dyn LinearObserver>,
+    linear: &Linear,
+    x: &Tensor,
+) -> Result<(), EngineError> {
+    match observer.as_deref_mut() {
+        Some(obs) => obs.observe(linear, x),
+        None => Ok(()),
+    }
 }
 
 #[cfg(test)]
@@ -1276,5 +1326,35 @@ mod tests {
         assert_eq!(obs.0[0].0, "model.layers.0.self_attn.q_proj.weight");
         assert_eq!(obs.0[6].1, vec![3, 128]);
         assert_eq!(s.linears().len(), 15);
+    }
+
+    /// Records every observed input.
+    #[derive(Default)]
+    struct Inputs(Vec<(String, Tensor)>);
+
+    impl LinearObserver for Inputs {
+        fn observe(&mut self, linear: &Linear, input: &Tensor) -> Result<(), EngineError> {
+            self.0.push((linear.name().to_string(), input.clone()));
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn observing_a_block_shows_what_running_it_shows() {
+        for name in ["tiny-llama", "tiny-gpt2"] {
+            let model = builtin_model(name).unwrap();
+            let s = Session::new(&model).unwrap();
+            let x = s.embed(&[5, 1, 7, 2]).unwrap();
+            let (mut ran, mut observed) = (Inputs::default(), Inputs::default());
+            s.block_forward_from(1, &x, Some(&mut ran)).unwrap();
+            s.observe_block(1, &x, &mut observed).unwrap();
+            assert!(!ran.0.is_empty(), "{name}");
+            assert_eq!(ran.0.len(), observed.0.len(), "{name}");
+            for ((a, x), (b, y)) in ran.0.iter().zip(&observed.0) {
+                assert_eq!(a, b, "{name}");
+                assert_eq!(max_diff(x, y), 0.0, "{name} {a}");
+            }
+            assert!(s.observe_block(9, &x, &mut observed).is_err());
+        }
     }
 }
