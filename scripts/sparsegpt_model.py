@@ -2,9 +2,17 @@
 """SparseGPT on a whole model in PyTorch + transformers, block by block as the paper runs it: the
 end-to-end reference for Espalier's `sparsegpt` pipelines (e.g. pipelines/smollm2-sparsegpt-seq.toml).
 
-    python3 scripts/sparsegpt_smollm2.py MODEL_DIR [--density 0.5 | --nm 2:4] [--sequential]
+    python3 scripts/sparsegpt_model.py MODEL_DIR [--density 0.5 | --nm 2:4] [--sequential]
         [--calibration data/calibration.txt --samples 64 --seq-len 256]
         [--eval data/eval.txt --max-tokens 16384 --window 1024] [--threads 2] [--dense]
+
+With `--golden OUT.safetensors` it instead prunes MODEL_DIR (a tiny golden model) three ways
+(sequential 50%, sequential 2:4, whole-model 50%) and saves every block linear's updated weights
+and keep-mask as `CASE/LAYER` and `CASE/LAYER.keep`: the fixture `tests/criteria.rs` holds
+Espalier's SparseGPT to (masks exactly, weights within 1e-4 of each layer's largest):
+
+    python3 scripts/sparsegpt_model.py engine/tests/fixtures/llama --samples 4 --seq-len 32 \
+        --blocksize 16 --golden host/tests/fixtures/sparsegpt_golden_llama.safetensors
 
 Needs torch and transformers (CPU is enough). Written from the paper (Frantar & Alistarh 2023,
 Algorithm 1), not from any implementation, and driven with Espalier's inputs and conventions so
@@ -12,7 +20,7 @@ the two perplexities can be compared:
 
 * Calibration: the text tokenized with the model's tokenizer (no special tokens), cut into
   `samples` consecutive non-overlapping windows of `seq_len` tokens, as Espalier's
-  `[calibration]` does.
+  `[calibration]` does. Hessians are summed over batches of 8 windows (f32 products, f64 sums).
 * Each block linear's input Hessian H = XᵀX / tokens over the calibration windows (float64 sums).
   With `--sequential` block b's Hessians are taken on the outputs of blocks 0..b as already
   pruned and updated (every linear of block b from one pass over the block as it was before
@@ -24,7 +32,8 @@ the two perplexities can be compared:
   a removed weight's error is spread over the later columns of its row through U. The mask is
   chosen by the OBS saliency w²/U[j][j]² of the weights as they are at selection time: once per
   block of `blocksize` columns over all rows (unstructured, keeping round(density · rows · cols)
-  of the block) or per row and group of M columns (N:M). Ties keep the lower index.
+  of the block: Espalier's `mask_blocksize` equal to `blocksize`) or per row and group of M
+  columns (N:M). Ties keep the lower index.
 * Perplexity: transformers' loss over non-overlapping windows of `window` tokens of the first
   `max_tokens` tokens of the evaluation text (scripts/hf_perplexity.py's protocol, which
   `espalier eval` matches), so compare with an `[evaluate]` section of window = stride = 1024.
@@ -158,6 +167,76 @@ def check_forward(model, ids):
     return diff
 
 
+def prune_model(model, calib, density, n, m, blocksize, damping, sequential, log=None):
+    """Prunes every block linear of `model` in place; returns seconds per phase and the density."""
+    inner = model.model
+    states = inner.embed_tokens(calib)
+    kept = total = 0
+    stats_s = prune_s = carry_s = 0.0
+    for index, layer in enumerate(inner.layers):
+        t0 = time.time()
+        hs, outputs = hessians(layer, states, inner.rotary_emb)
+        t1 = time.time()
+        for name in LINEARS:
+            lin = layer.get_submodule(name)
+            w = prune_linear(lin.weight.data, hs[name], density, n, m, blocksize, damping)
+            if not torch.isfinite(w).all():
+                raise SystemExit(f"layer {index} {name}: non-finite weights")
+            lin.weight.data = w
+            kept += int((w != 0).sum())
+            total += w.numel()
+        t2 = time.time()
+        # Sequential: the pruned block carries the states on. Otherwise every Hessian comes
+        # from the dense model: the outputs of the pass before pruning carry on.
+        states = run_block(layer, states, inner.rotary_emb) if sequential else outputs
+        t3 = time.time()
+        stats_s += t1 - t0
+        prune_s += t2 - t1
+        carry_s += t3 - t2
+        if log:
+            log(f"block {index + 1}/{len(inner.layers)}: {t3 - t0:.1f} s")
+    return {
+        "hessian_seconds": round(stats_s, 1),
+        "obs_seconds": round(prune_s, 1),
+        "carry_seconds": round(carry_s, 1),
+        "density": kept / total,
+    }
+
+
+GOLDEN_CASES = [
+    # name, density, n, m, sequential
+    ("sequential-50", 0.5, 0, 0, True),
+    ("sequential-2-4", 0.5, 2, 4, True),
+    ("whole-50", 0.5, 0, 0, False),
+]
+
+
+def golden(args, load, calib):
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for case, density, n, m, sequential in GOLDEN_CASES:
+        model = load()
+        with torch.no_grad():
+            prune_model(model, calib, density, n, m, args.blocksize, args.damping, sequential)
+        for index, layer in enumerate(model.model.layers):
+            for name in LINEARS:
+                w = layer.get_submodule(name).weight.data
+                key = f"{case}/model.layers.{index}.{name}.weight"
+                tensors[key] = w.contiguous()
+                tensors[key + ".keep"] = (w != 0).to(torch.uint8)
+    meta = {
+        "torch": torch.__version__,
+        "blocksize": str(args.blocksize),
+        "damping": str(args.damping),
+        "samples": str(calib.size(0)),
+        "seq_len": str(calib.size(1)),
+        "calibration": args.calibration,
+    }
+    save_file(tensors, args.golden, metadata=meta)
+    print(json.dumps({"golden": args.golden, "cases": [c[0] for c in GOLDEN_CASES], **meta}))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("model_dir")
@@ -174,6 +253,7 @@ def main():
     ap.add_argument("--window", type=int, default=1024)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--dense", action="store_true", help="also evaluate the dense model")
+    ap.add_argument("--golden", default=None, help="write the golden fixture here instead (see above)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     n, m = (0, 0)
@@ -183,9 +263,19 @@ def main():
             raise SystemExit(f"--blocksize {args.blocksize} must be a multiple of M = {m}")
 
     tok = AutoTokenizer.from_pretrained(args.model_dir)
-    model = AutoModelForCausalLM.from_pretrained(
-        args.model_dir, dtype=torch.float32, attn_implementation="sdpa"
-    ).eval()
+
+    def load():
+        return AutoModelForCausalLM.from_pretrained(
+            args.model_dir, dtype=torch.float32, attn_implementation="sdpa"
+        ).eval()
+
+    model = load()
+    if args.golden:
+        calib = calibration_windows(tok, args.calibration, args.samples, args.seq_len)
+        with torch.no_grad():
+            check_forward(model, calib[:1])
+        golden(args, load, calib)
+        return
     with open(args.eval, encoding="utf-8") as f:
         eval_ids = tok(f.read(), return_tensors="pt", add_special_tokens=False).input_ids
     eval_ids = eval_ids[:, : args.max_tokens]
@@ -206,37 +296,10 @@ def main():
             t = time.time()
             out["dense_perplexity"] = perplexity(model, eval_ids, args.window, args.window)[0]
             out["dense_eval_seconds"] = round(time.time() - t, 1)
-        inner = model.model
         t = time.time()
-        states = inner.embed_tokens(calib)
-        kept = total = 0
-        stats_s = prune_s = carry_s = 0.0
-        for index, layer in enumerate(inner.layers):
-            t0 = time.time()
-            hs, outputs = hessians(layer, states, inner.rotary_emb)
-            t1 = time.time()
-            for name in LINEARS:
-                lin = layer.get_submodule(name)
-                w = prune_linear(lin.weight.data, hs[name], args.density, n, m, args.blocksize, args.damping)
-                if not torch.isfinite(w).all():
-                    raise SystemExit(f"layer {index} {name}: non-finite weights")
-                lin.weight.data = w
-                kept += int((w != 0).sum())
-                total += w.numel()
-            t2 = time.time()
-            # Sequential: the pruned block carries the states on. Otherwise every Hessian
-            # comes from the dense model: the outputs of the pass before pruning carry on.
-            states = run_block(layer, states, inner.rotary_emb) if args.sequential else outputs
-            t3 = time.time()
-            stats_s += t1 - t0
-            prune_s += t2 - t1
-            carry_s += t3 - t2
-            print(f"block {index + 1}/{len(inner.layers)}: {t3 - t0:.1f} s", file=sys.stderr)
+        log = lambda line: print(line, file=sys.stderr)  # noqa: E731
+        out.update(prune_model(model, calib, args.density, n, m, args.blocksize, args.damping, args.sequential, log))
         out["prune_seconds"] = round(time.time() - t, 1)
-        out["hessian_seconds"] = round(stats_s, 1)
-        out["obs_seconds"] = round(prune_s, 1)
-        out["carry_seconds"] = round(carry_s, 1)
-        out["density"] = kept / total
         t = time.time()
         out["pruned_perplexity"] = perplexity(model, eval_ids, args.window, args.window)[0]
         out["pruned_eval_seconds"] = round(time.time() - t, 1)
