@@ -456,7 +456,11 @@ fn sparsegpt_matches_the_pytorch_reference_on_the_golden_model() {
     let model = espalier_engine::load_model(&model_dir.display().to_string()).unwrap();
     let calibration = obs_calibration();
     let cases = [
-        ("sequential-50", "sequential = true\n", "density = 0.5\nmask_blocksize = 16\n"),
+        (
+            "sequential-50",
+            "sequential = true\n",
+            "density = 0.5\nmask_blocksize = 16\n",
+        ),
         ("sequential-2-4", "sequential = true\n", "n = 2\nm = 4\n"),
         ("whole-50", "", "density = 0.5\nmask_blocksize = 16\n"),
     ];
