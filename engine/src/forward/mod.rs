@@ -890,6 +890,14 @@ impl Session {
         x: &Tensor,
         observer: Option<&mut dyn LinearObserver>,
     ) -> Result<Tensor, EngineError> {
+        let rope = self.block_input_rope(layer, x)?;
+        let mut observer = observer;
+        self.block_forward(layer, x, 0, rope.as_ref(), None, &mut observer)
+    }
+
+    /// Checks that `x` can enter block `layer` on its own (`[T, hidden]`, T > 0, positions from
+    /// 0) and returns the rotary table for its positions, if the model has one.
+    fn block_input_rope(&self, layer: usize, x: &Tensor) -> Result<Option<RopeTable>, EngineError> {
         let (t, width) = x.dims2()?;
         if layer >= self.blocks.len() || width != self.embed.dims()[1] || t == 0 {
             return Err(EngineError::Input(format!(
@@ -898,11 +906,9 @@ impl Session {
                 x.dims()
             )));
         }
-        let rope = self
+        Ok(self
             .rope_theta
-            .map(|theta| RopeTable::new(self.head_dim, theta, 0, t));
-        let mut observer = observer;
-        self.block_forward(layer, x, 0, rope.as_ref(), None, &mut observer)
+            .map(|theta| RopeTable::new(self.head_dim, theta, 0, t)))
     }
 
     /// Shows `observer` the input of every linear of block `layer` run on `x` (as
@@ -915,17 +921,7 @@ impl Session {
         x: &Tensor,
         observer: &mut dyn LinearObserver,
     ) -> Result<(), EngineError> {
-        let (t, width) = x.dims2()?;
-        if layer >= self.blocks.len() || width != self.embed.dims()[1] || t == 0 {
-            return Err(EngineError::Input(format!(
-                "cannot run block {layer} of {} on hidden states of shape {:?}",
-                self.blocks.len(),
-                x.dims()
-            )));
-        }
-        let rope = self
-            .rope_theta
-            .map(|theta| RopeTable::new(self.head_dim, theta, 0, t));
+        let rope = self.block_input_rope(layer, x)?;
         let block = &self.blocks[layer];
         let mut observer = Some(observer);
         let h = block.attn_norm.forward(x)?;
