@@ -805,6 +805,9 @@ fn scheduled_pruning_runs_during_finetune_and_resumes() {
     assert!(o.status.success(), "{:?}", text(&o));
     let again = read_report();
     assert_eq!(again["finetune"]["resumed_from"], 5);
-    assert_eq!(again["finetune"]["prune_events"].as_array().unwrap().len(), 3);
+    assert_eq!(
+        again["finetune"]["prune_events"].as_array().unwrap().len(),
+        3
+    );
     assert_eq!(load(), trained);
 }

@@ -45,8 +45,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::cancel::CancelToken;
 use crate::mask::{Mask, Structure};
-use crate::schedule::PruneEvent;
 use crate::optim::{AdamW, AdamWConfig, Decay, Moments, clip_global_norm, learning_rate};
+use crate::schedule::PruneEvent;
 
 /// The checkpoint's file name inside `checkpoint_dir`.
 pub const CHECKPOINT_FILE: &str = "finetune-checkpoint.safetensors";
@@ -493,7 +493,9 @@ pub fn finetune(
             set_linear(&mut session, p, &biases)?;
             // A scheduled stage may have shrunk the mask since the stages ran.
             if let Some(keep) = &p.keep
-                && masks.get(&p.name).is_none_or(|m| m.keep() != keep.as_slice())
+                && masks
+                    .get(&p.name)
+                    .is_none_or(|m| m.keep() != keep.as_slice())
             {
                 let structure = resumed
                     .structures
@@ -698,7 +700,9 @@ fn prune_event(
             None => mask,
         };
         if mask.keep().len() != p.weights.len() {
-            return Err(err(format!("the mask of `{name}` does not cover the weight")));
+            return Err(err(format!(
+                "the mask of `{name}` does not cover the weight"
+            )));
         }
         for (i, _) in mask.keep().iter().enumerate().filter(|(_, k)| !**k) {
             p.weights[i] = 0.0;
@@ -1119,8 +1123,7 @@ mod tests {
                 order.sort_by(|&a, &b| v[b].abs().total_cmp(&v[a].abs()).then(a.cmp(&b)));
                 let mut keep = vec![false; v.len()];
                 order[..k].iter().for_each(|&i| keep[i] = true);
-                let mut mask =
-                    Mask::new(w.dims().to_vec(), keep, Structure::Unstructured).unwrap();
+                let mut mask = Mask::new(w.dims().to_vec(), keep, Structure::Unstructured).unwrap();
                 if let Some(old) = masks.get(name) {
                     mask = mask.and(old).unwrap();
                 }
@@ -1279,10 +1282,7 @@ mod tests {
             assert_eq!(e.target_density, pruner.schedule.density_at(e.step));
             // Per layer round(d · n) kept: the reached density is within half a weight per layer.
             let slack = pruner.layers.len() as f64 / numel as f64;
-            assert!(
-                (e.density - e.target_density).abs() <= slack,
-                "{e:?}"
-            );
+            assert!((e.density - e.target_density).abs() <= slack, "{e:?}");
         }
         assert_eq!(watch.events[0].target_density, 0.9);
         assert_eq!(watch.events[2].target_density, 0.2);
@@ -1327,7 +1327,11 @@ mod tests {
         let mut first = model.clone();
         let (stopped, watch, _) = run_scheduled(&mut first, &mut pruner, &s, Some(3));
         assert!(matches!(stopped, Err(FinetuneError::Cancelled)));
-        assert_eq!(watch.events.len(), 2, "the event at step 2 ran before the interruption");
+        assert_eq!(
+            watch.events.len(),
+            2,
+            "the event at step 2 ran before the interruption"
+        );
         let mut resumed = model.clone();
         let (report, _, masks) = run_scheduled(&mut resumed, &mut pruner, &s, None);
         let report = report.unwrap();

@@ -1311,13 +1311,7 @@ fn parse_stage(
     };
     let schedule = match table.get("schedule") {
         None => None,
-        Some(v) => Some(parse_schedule(
-            ctx,
-            index,
-            v,
-            density.as_ref(),
-            &offset_of,
-        )?),
+        Some(v) => Some(parse_schedule(ctx, index, v, density.as_ref(), &offset_of)?),
     };
     let mut params = Vec::new();
     for (k, v) in table {
@@ -1455,7 +1449,9 @@ fn parse_schedule(
         return Err(ctx.err(
             key_at("end"),
             field(".end"),
-            format!("{end} comes before start = {start}: the schedule must end at or after its start"),
+            format!(
+                "{end} comes before start = {start}: the schedule must end at or after its start"
+            ),
         ));
     }
     let final_density = match density.map(|d| &d.value) {
@@ -1634,7 +1630,10 @@ fn stage_key_offsets(source: &str) -> Vec<Vec<(String, usize)>> {
                     // Keys of an inline table (`schedule = { every = 0 }`) as `schedule.every`.
                     if let DeValue::Table(inner) = v.get_ref() {
                         for (ik, _) in inner.iter() {
-                            keys.push((format!("{}.{}", k.get_ref(), ik.get_ref()), ik.span().start));
+                            keys.push((
+                                format!("{}.{}", k.get_ref(), ik.get_ref()),
+                                ik.span().start,
+                            ));
                         }
                     }
                 }
@@ -1961,14 +1960,38 @@ mod tests {
         let line = |e: &PipelineError| (e.position.line, e.field.clone());
         let field = |f: &str| f.to_string();
         for (schedule, want) in [
-            ("{ kind = \"exp\", end = 9, every = 1 }", field("stage[0].schedule.kind")),
-            ("{ kind = \"linear\", end = 9, every = 0 }", field("stage[0].schedule.every")),
-            ("{ kind = \"linear\", end = 9 }", field("stage[0].schedule.every")),
-            ("{ kind = \"linear\", start = 9, end = 3, every = 1 }", field("stage[0].schedule.end")),
-            ("{ kind = \"linear\", end = 51, every = 1 }", field("stage[0].schedule.end")),
-            ("{ kind = \"linear\", end = 9, every = 1, initial = 0.1 }", field("stage[0].schedule.initial")),
-            ("{ kind = \"linear\", end = 9, every = 1, speed = 2 }", field("stage[0].schedule.speed")),
-            ("{ kind = \"linear\", start = -1, end = 9, every = 1 }", field("stage[0].schedule.start")),
+            (
+                "{ kind = \"exp\", end = 9, every = 1 }",
+                field("stage[0].schedule.kind"),
+            ),
+            (
+                "{ kind = \"linear\", end = 9, every = 0 }",
+                field("stage[0].schedule.every"),
+            ),
+            (
+                "{ kind = \"linear\", end = 9 }",
+                field("stage[0].schedule.every"),
+            ),
+            (
+                "{ kind = \"linear\", start = 9, end = 3, every = 1 }",
+                field("stage[0].schedule.end"),
+            ),
+            (
+                "{ kind = \"linear\", end = 51, every = 1 }",
+                field("stage[0].schedule.end"),
+            ),
+            (
+                "{ kind = \"linear\", end = 9, every = 1, initial = 0.1 }",
+                field("stage[0].schedule.initial"),
+            ),
+            (
+                "{ kind = \"linear\", end = 9, every = 1, speed = 2 }",
+                field("stage[0].schedule.speed"),
+            ),
+            (
+                "{ kind = \"linear\", start = -1, end = 9, every = 1 }",
+                field("stage[0].schedule.start"),
+            ),
             ("\"cubic\"", field("stage[0].schedule")),
         ] {
             let e = parse(schedule).unwrap_err();
@@ -1995,7 +2018,10 @@ mod tests {
             dir.path(),
         )
         .unwrap_err();
-        assert_eq!((e.position.line, e.field.as_str()), (4, "stage[0].schedule"));
+        assert_eq!(
+            (e.position.line, e.field.as_str()),
+            (4, "stage[0].schedule")
+        );
         assert!(e.message.contains("needs `density`"), "{e}");
         let e = Pipeline::parse_in(
             "p.toml",

@@ -831,7 +831,9 @@ impl<'a> ScheduledStages<'a> {
             })
     }
 
-    fn scheduled(&self) -> impl Iterator<Item = (usize, &PlannedStage, &crate::schedule::Schedule)> {
+    fn scheduled(
+        &self,
+    ) -> impl Iterator<Item = (usize, &PlannedStage, &crate::schedule::Schedule)> {
         self.plan
             .stages
             .iter()
@@ -918,8 +920,10 @@ impl crate::finetune::Pruner for ScheduledStages<'_> {
         model: &Model,
         masks: &BTreeMap<String, Mask>,
         cancel: &CancelToken,
-    ) -> Result<(BTreeMap<String, Mask>, Vec<crate::schedule::PruneEvent>), crate::finetune::FinetuneError>
-    {
+    ) -> Result<
+        (BTreeMap<String, Mask>, Vec<crate::schedule::PruneEvent>),
+        crate::finetune::FinetuneError,
+    > {
         use crate::finetune::FinetuneError;
         let mut state = RunState {
             model: model.clone(),

@@ -98,7 +98,7 @@ impl Schedule {
         }
         match self.kind {
             ScheduleKind::Constant => step == self.start,
-            _ => step == self.end || (step - self.start) % self.every.max(1) == 0,
+            _ => step == self.end || (step - self.start).is_multiple_of(self.every.max(1)),
         }
     }
 
