@@ -182,6 +182,11 @@ fn run_finetune(
     })?;
     let spec = &spec;
     let pipeline_err = |e: FinetuneError| -> AppError {
+        // A scheduled stage's failure is the stage's, as when it runs before fine-tuning.
+        let e = match e {
+            FinetuneError::Stage { source, .. } => return AppError::Run(source),
+            e => e,
+        };
         let (position, field) = match &e {
             FinetuneError::Text { .. } | FinetuneError::TooShort { .. } => {
                 (&section.text_position, "finetune.text")
@@ -190,7 +195,6 @@ fn run_finetune(
                 (&section.checkpoint_position, "finetune.checkpoint_dir")
             }
             FinetuneError::Diverged { .. } => (&section.position, "finetune.lr"),
-            FinetuneError::Prune { .. } => return AppError::Finetune(e),
             FinetuneError::Cancelled => return AppError::Cancelled,
             _ => return AppError::Finetune(e),
         };

@@ -184,7 +184,15 @@ pub enum FinetuneError {
     /// The run was cancelled.
     #[error("the fine-tune was cancelled")]
     Cancelled,
-    /// A scheduled stage failed at one of its events.
+    /// A scheduled stage failed at one of its events (its plugin or its output).
+    #[error("scheduled pruning after step {step}: {source}")]
+    Stage {
+        /// Optimizer steps done.
+        step: u64,
+        /// What failed.
+        source: crate::run::RunError,
+    },
+    /// A scheduled stage's masks could not be applied.
     #[error("scheduled pruning after step {step}: {message}")]
     Prune {
         /// Optimizer steps done.

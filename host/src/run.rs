@@ -898,16 +898,20 @@ impl crate::finetune::Pruner for ScheduledStages<'_> {
     fn identity(&self) -> String {
         self.scheduled()
             .map(|(i, s, schedule)| {
+                // The calibration set decides what a plugin that needs statistics sees.
+                let calibration = self.plan.calibration.as_ref().map(|c| {
+                    (
+                        c.text_sha256.as_str(),
+                        c.sequences.len(),
+                        self.plan.pipeline.calibration_spec().seq_len,
+                    )
+                });
                 format!(
-                    "{i}:{}:{}:{:?}:{:?}:{}",
+                    "{i}:{}:{}:{:?}:{:?}:{calibration:?}",
                     s.plugin.compiled.sha256,
                     serde_json::to_string(schedule).unwrap_or_default(),
                     s.targets.iter().map(|l| &l.name).collect::<Vec<_>>(),
                     s.params,
-                    self.plan
-                        .calibration
-                        .as_ref()
-                        .map_or("", |c| c.text_sha256.as_str())
                 )
             })
             .collect::<Vec<_>>()
@@ -963,10 +967,7 @@ impl crate::finetune::Pruner for ScheduledStages<'_> {
             )
             .map_err(|e| match e {
                 RunError::Cancelled { .. } => FinetuneError::Cancelled,
-                e => FinetuneError::Prune {
-                    step,
-                    message: e.to_string(),
-                },
+                source => FinetuneError::Stage { step, source },
             })?;
             events.push(crate::schedule::PruneEvent {
                 stage: stage.spec.name.clone(),
