@@ -126,16 +126,11 @@ impl AppError {
                 PluginError::Cancelled { .. } => ErrorKind::Cancelled,
                 _ => ErrorKind::PluginFailed,
             },
-            AppError::Run(RunError::Plugin { source, .. }) => match source {
-                PluginError::Invalid { .. } | PluginError::Refused { .. } => {
-                    ErrorKind::InvalidPlugin
-                }
-                PluginError::Cancelled { .. } => ErrorKind::Cancelled,
-                _ => ErrorKind::PluginFailed,
-            },
-            AppError::Run(RunError::InvalidOutput { .. }) => ErrorKind::InvalidOutput,
-            AppError::Run(RunError::Cancelled { .. }) => ErrorKind::Cancelled,
-            AppError::Run(RunError::Apply { .. }) => ErrorKind::Internal,
+            AppError::Run(e) => run_error_kind(e),
+            // A scheduled stage fails as it would before fine-tuning.
+            AppError::Finetune(crate::finetune::FinetuneError::Stage { source, .. }) => {
+                run_error_kind(source)
+            }
             AppError::Export(_) => ErrorKind::Export,
             AppError::Evaluate(_, EngineError::Cancelled) => ErrorKind::Cancelled,
             AppError::Evaluate(..) => ErrorKind::Evaluation,
@@ -143,6 +138,20 @@ impl AppError {
             AppError::Finetune(_) => ErrorKind::Internal,
             AppError::Cancelled => ErrorKind::Cancelled,
         }
+    }
+}
+
+/// The kind of a stage's failure.
+fn run_error_kind(e: &RunError) -> ErrorKind {
+    match e {
+        RunError::Plugin { source, .. } => match source {
+            PluginError::Invalid { .. } | PluginError::Refused { .. } => ErrorKind::InvalidPlugin,
+            PluginError::Cancelled { .. } => ErrorKind::Cancelled,
+            _ => ErrorKind::PluginFailed,
+        },
+        RunError::InvalidOutput { .. } => ErrorKind::InvalidOutput,
+        RunError::Cancelled { .. } => ErrorKind::Cancelled,
+        RunError::Apply { .. } => ErrorKind::Internal,
     }
 }
 
@@ -182,11 +191,6 @@ fn run_finetune(
     })?;
     let spec = &spec;
     let pipeline_err = |e: FinetuneError| -> AppError {
-        // A scheduled stage's failure is the stage's, as when it runs before fine-tuning.
-        let e = match e {
-            FinetuneError::Stage { source, .. } => return AppError::Run(source),
-            e => e,
-        };
         let (position, field) = match &e {
             FinetuneError::Text { .. } | FinetuneError::TooShort { .. } => {
                 (&section.text_position, "finetune.text")

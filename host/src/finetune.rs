@@ -190,7 +190,7 @@ pub enum FinetuneError {
         /// Optimizer steps done.
         step: u64,
         /// What failed.
-        source: crate::run::RunError,
+        source: Box<crate::run::RunError>,
     },
     /// A scheduled stage's masks could not be applied.
     #[error("scheduled pruning after step {step}: {message}")]

@@ -967,7 +967,10 @@ impl crate::finetune::Pruner for ScheduledStages<'_> {
             )
             .map_err(|e| match e {
                 RunError::Cancelled { .. } => FinetuneError::Cancelled,
-                source => FinetuneError::Stage { step, source },
+                source => FinetuneError::Stage {
+                    step,
+                    source: Box::new(source),
+                },
             })?;
             events.push(crate::schedule::PruneEvent {
                 stage: stage.spec.name.clone(),
