@@ -733,3 +733,81 @@ fn finetune_trains_holds_masks_checkpoints_and_resumes() {
         "{stderr}"
     );
 }
+
+/// A `magnitude` stage with a linear schedule runs during `[finetune]` (not before it): events
+/// at steps 0, 2 and 4 at the schedule's densities, reported in report.json and in the table;
+/// the export holds the final masks (density 0.3) with every pruned weight zero; a rerun resumes
+/// from the final checkpoint, repeats the event at step 4 and exports the same weights.
+#[test]
+fn scheduled_pruning_runs_during_finetune_and_resumes() {
+    let dir = tmp();
+    let body: String = (0..300)
+        .map(|i| format!("sentence {i} of the training text, {} words. ", i % 11))
+        .collect();
+    write(dir.path(), "train.txt", &body);
+    let file = write(
+        dir.path(),
+        "gradual.toml",
+        "model = \"builtin:tiny-llama\"\n[[stage]]\nplugin = \"magnitude\"\ndensity = 0.3\nschedule = { kind = \"linear\", start = 0, end = 4, every = 2 }\n[finetune]\ntext = \"train.txt\"\nsteps = 5\nbatch = 2\nseq_len = 32\nlr = 0.003\nwarmup = 1\ncheckpoint_dir = \"ckpt\"\ncheckpoint_every = 5\n[export]\ndir = \"out\"\nforce = true\n",
+    );
+    let run = || espalier(&["run", file.to_str().unwrap()], dir.path());
+    let o = run();
+    let (stdout, stderr) = text(&o);
+    assert!(o.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains("scheduled pruning"), "{stdout}");
+    let out = dir.path().join("out");
+    let read_report = || -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap()
+    };
+    let report = read_report();
+    let events = report["finetune"]["prune_events"].as_array().unwrap();
+    let steps: Vec<u64> = events.iter().map(|e| e["step"].as_u64().unwrap()).collect();
+    assert_eq!(steps, vec![0, 2, 4], "{events:?}");
+    for (e, want) in events.iter().zip([1.0, 0.65, 0.3]) {
+        let target = e["target_density"].as_f64().unwrap();
+        assert!((target - want).abs() < 1e-12, "{e}");
+        assert!((e["density"].as_f64().unwrap() - want).abs() < 0.01, "{e}");
+    }
+    let stage = &report["stages"][0];
+    assert!((stage["density_after"].as_f64().unwrap() - 0.3).abs() < 0.01);
+    assert!(stage["density_from"].as_str().unwrap().contains("linear"));
+    assert!(
+        (report["summary"]["block_linear_density"].as_f64().unwrap() - 0.3).abs() < 0.01,
+        "the layers' densities are the final masks'"
+    );
+    assert!(
+        report["resolved_pipeline"]
+            .as_str()
+            .unwrap()
+            .contains("schedule")
+    );
+    // The export: the final masks, zeros in place.
+    let name = "model.layers.1.self_attn.q_proj.weight";
+    let load = || {
+        let model = espalier_engine::load_model(out.to_str().unwrap()).unwrap();
+        let w = model.weight(name).unwrap().flatten_all().unwrap();
+        w.to_vec1::<f32>().unwrap()
+    };
+    let trained = load();
+    let masks =
+        candle_core::safetensors::load(out.join("masks.safetensors"), &candle_core::Device::Cpu)
+            .unwrap();
+    let keep = masks[name].flatten_all().unwrap().to_vec1::<u8>().unwrap();
+    let kept = keep.iter().filter(|k| **k != 0).count();
+    assert_eq!(kept, (0.3 * keep.len() as f64).round() as usize);
+    for (w, k) in trained.iter().zip(&keep) {
+        if *k == 0 {
+            assert_eq!(w.to_bits(), 0);
+        }
+    }
+    // The rerun resumes from step 5's checkpoint and ends the same.
+    let o = run();
+    assert!(o.status.success(), "{:?}", text(&o));
+    let again = read_report();
+    assert_eq!(again["finetune"]["resumed_from"], 5);
+    assert_eq!(
+        again["finetune"]["prune_events"].as_array().unwrap().len(),
+        3
+    );
+    assert_eq!(load(), trained);
+}

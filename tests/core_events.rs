@@ -454,3 +454,54 @@ fn plugins_of_every_served_version_plan_and_run_together() {
     assert!(err.contains("refused by a 0.4 plugin"), "{err}");
     assert!(err.contains("events.toml:5"), "{err}");
 }
+
+/// A scheduled `wanda` stage (calibration statistics taken afresh on the model as trained at
+/// each event) does not run before the fine-tune: its events come between the steps, as
+/// `finetune-pruned` at the schedule's densities, and its stage report after the fine-tune.
+#[test]
+fn scheduled_stages_prune_between_finetune_steps() {
+    let pipeline = format!(
+        "{TINY}[calibration]\ntext = {cal:?}\nsamples = 2\nseq_len = 16\n[[stage]]\nplugin = \"wanda\"\ndensity = 0.4\nschedule = {{ kind = \"cubic\", end = 2, every = 1 }}\n[finetune]\ntext = {cal:?}\nsteps = 3\nbatch = 1\nseq_len = 16\nlr = 0.001\nwarmup = 0\n",
+        cal = text("calibration.txt").display().to_string()
+    );
+    let (result, events) = run_with(&pipeline, |_, _| {});
+    let result = result.unwrap();
+    let k: Vec<&str> = kinds(&events)
+        .into_iter()
+        .filter(|k| k.starts_with("finetune") || k.starts_with("stage-"))
+        .collect();
+    assert_eq!(
+        k,
+        [
+            "finetune-started",
+            "finetune-pruned",
+            "finetune-progress",
+            "finetune-pruned",
+            "finetune-progress",
+            "finetune-pruned",
+            "finetune-progress",
+            "finetune-finished",
+            "stage-finished",
+        ],
+        "{k:?}"
+    );
+    let pruned: Vec<(u64, f64, f64)> = events
+        .iter()
+        .filter_map(|e| match e {
+            RunEvent::FinetunePruned { event } => {
+                Some((event.step, event.target_density, event.density))
+            }
+            _ => None,
+        })
+        .collect();
+    // Cubic from 1.0 to 0.4 over steps 0..=2: 1.0, 0.4 + 0.6 / 8, 0.4.
+    let want = [(0, 1.0), (1, 0.475), (2, 0.4)];
+    for ((step, target, reached), (s, d)) in pruned.iter().zip(want) {
+        assert_eq!(*step, s);
+        assert!((target - d).abs() < 1e-12, "{pruned:?}");
+        assert!((reached - d).abs() < 0.01, "{pruned:?}");
+    }
+    let stage = &result.report.stages[0];
+    assert!((stage.density_after - 0.4).abs() < 0.01, "{stage:?}");
+    assert!((result.report.summary.block_linear_density - 0.4).abs() < 0.01);
+}

@@ -348,6 +348,28 @@ fn a_guest_panic_is_reported_by_its_message() {
         "{stderr}"
     );
     assert!(!stderr.contains("unreachable"), "{stderr}");
+    // Scheduled during fine-tuning, the same panic names the event's step as well.
+    write(
+        dir.path(),
+        "train.txt",
+        &"a training text of some length. ".repeat(40),
+    );
+    let p = write(
+        dir.path(),
+        "s.toml",
+        &format!(
+            "model = \"builtin:tiny-llama\"\n[[stage]]\nplugin = {:?}\ndensity = 0.5\nschedule = {{ kind = \"linear\", start = 1, end = 2, every = 1 }}\n[finetune]\ntext = \"train.txt\"\nsteps = 2\nbatch = 1\nseq_len = 16\n",
+            wasm("hostile_panic").display().to_string()
+        ),
+    );
+    let o = espalier(&["run", p.to_str().unwrap(), "--no-export"], dir.path());
+    let (_, stderr) = text(&o);
+    assert!(!o.status.success());
+    assert!(
+        stderr.contains("scheduled pruning after step 1")
+            && stderr.contains("panicked: hostile-panic gave up on 14 targets"),
+        "{stderr}"
+    );
 }
 
 #[test]

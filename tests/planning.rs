@@ -163,3 +163,45 @@ fn a_problem_a_plugin_finds_in_a_parameter_is_reported_at_that_parameter() {
     }
     assert!(!out.contains(CALIBRATED), "{out}");
 }
+
+/// A `schedule` on a stage that cannot prune gradually is refused at planning, at its line:
+/// a plugin whose density is fixed (N:M refuses the schedule's first density), one that
+/// produces budgets or weights, and targets that fine-tuning does not train.
+#[test]
+fn a_schedule_on_a_stage_that_cannot_follow_it_is_refused_at_its_line() {
+    let finetune = format!(
+        "[finetune]\ntext = {:?}\nsteps = 10\n",
+        repo().join("data/calibration.txt").display().to_string()
+    );
+    let schedule = "schedule = { kind = \"cubic\", end = 8, every = 4 }\n";
+    for (stage, field, fix) in [
+        (
+            "plugin = \"n-m\"\nn = 2\nm = 4\ndensity = 0.5\n",
+            "stage[2].schedule",
+            "cannot follow a schedule",
+        ),
+        (
+            "plugin = \"sensitivity\"\ndensity = 0.5\n",
+            "stage[2].schedule",
+            "produces budgets",
+        ),
+        (
+            "plugin = \"sparsegpt\"\ndensity = 0.5\n",
+            "stage[2].schedule",
+            "produces weights",
+        ),
+    ] {
+        let body = pipeline(&format!("[[stage]]\n{stage}{schedule}{finetune}"));
+        assert_refused_at(&body, line_of(&body, "schedule = {"), 1, field, fix);
+    }
+    let body = pipeline(&format!(
+        "[[stage]]\nplugin = \"magnitude\"\ntargets = [\"*embed_tokens*\"]\ndensity = 0.5\n{schedule}{finetune}"
+    ));
+    assert_refused_at(
+        &body,
+        line_of(&body, "targets = [\"*embed_tokens*\"]"),
+        1,
+        "stage[2].targets",
+        "is not a block linear",
+    );
+}

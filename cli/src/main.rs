@@ -911,6 +911,16 @@ impl EventSink for Bars {
                     eta(step.eta_seconds)
                 ),
             ),
+            RunEvent::FinetunePruned { event } => {
+                self.bar.println(format!(
+                    "  ✓ {} pruned after step {}: density {:.4} (schedule {:.4}) in {:.2} s",
+                    safe(&event.stage),
+                    event.step,
+                    event.density,
+                    event.target_density,
+                    event.seconds
+                ));
+            }
             RunEvent::FinetuneFinished { report } => {
                 self.end_step();
                 self.bar.println(format!(

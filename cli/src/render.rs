@@ -382,6 +382,21 @@ pub fn print_report(r: &RunReport, layers: bool) {
                 f.tokens_per_second
             ),
         ]);
+        if let (Some(first), Some(last)) = (f.prune_events.first(), f.prune_events.last()) {
+            t.add_row(vec![
+                "scheduled pruning".to_string(),
+                format!(
+                    "{} events (steps {}..={}): density {:.4} → {:.4} (last asked {:.4}), {:.1} s",
+                    f.prune_events.len(),
+                    first.step,
+                    last.step,
+                    first.density,
+                    last.density,
+                    last.target_density,
+                    f.prune_events.iter().map(|e| e.seconds).sum::<f64>()
+                ),
+            ]);
+        }
     }
     out!("{t}");
     if let Some(c) = &r.evaluation {

@@ -126,16 +126,11 @@ impl AppError {
                 PluginError::Cancelled { .. } => ErrorKind::Cancelled,
                 _ => ErrorKind::PluginFailed,
             },
-            AppError::Run(RunError::Plugin { source, .. }) => match source {
-                PluginError::Invalid { .. } | PluginError::Refused { .. } => {
-                    ErrorKind::InvalidPlugin
-                }
-                PluginError::Cancelled { .. } => ErrorKind::Cancelled,
-                _ => ErrorKind::PluginFailed,
-            },
-            AppError::Run(RunError::InvalidOutput { .. }) => ErrorKind::InvalidOutput,
-            AppError::Run(RunError::Cancelled { .. }) => ErrorKind::Cancelled,
-            AppError::Run(RunError::Apply { .. }) => ErrorKind::Internal,
+            AppError::Run(e) => run_error_kind(e),
+            // A scheduled stage fails as it would before fine-tuning.
+            AppError::Finetune(crate::finetune::FinetuneError::Stage { source, .. }) => {
+                run_error_kind(source)
+            }
             AppError::Export(_) => ErrorKind::Export,
             AppError::Evaluate(_, EngineError::Cancelled) => ErrorKind::Cancelled,
             AppError::Evaluate(..) => ErrorKind::Evaluation,
@@ -143,6 +138,20 @@ impl AppError {
             AppError::Finetune(_) => ErrorKind::Internal,
             AppError::Cancelled => ErrorKind::Cancelled,
         }
+    }
+}
+
+/// The kind of a stage's failure.
+fn run_error_kind(e: &RunError) -> ErrorKind {
+    match e {
+        RunError::Plugin { source, .. } => match source {
+            PluginError::Invalid { .. } | PluginError::Refused { .. } => ErrorKind::InvalidPlugin,
+            PluginError::Cancelled { .. } => ErrorKind::Cancelled,
+            _ => ErrorKind::PluginFailed,
+        },
+        RunError::InvalidOutput { .. } => ErrorKind::InvalidOutput,
+        RunError::Cancelled { .. } => ErrorKind::Cancelled,
+        RunError::Apply { .. } => ErrorKind::Internal,
     }
 }
 
@@ -158,12 +167,14 @@ impl From<PlanError> for AppError {
 /// Runs the pipeline's `[finetune]` on the pruned model, reporting every step to `sink`.
 /// Problems of the pipeline's making (a short or unreadable text, another run's checkpoint, a
 /// learning rate that diverges) point at the section's fields.
+#[allow(clippy::too_many_arguments)]
 fn run_finetune(
     pipeline: &Pipeline,
     section: &crate::pipeline::FinetuneSection,
     models_dir: &Path,
     identity: &str,
     state: &mut RunState,
+    pruner: Option<&mut dyn crate::finetune::Pruner>,
     sink: &mut dyn EventSink,
     cancel: &CancelToken,
 ) -> Result<crate::finetune::FinetuneReport, AppError> {
@@ -226,20 +237,25 @@ fn run_finetune(
             self.sink
                 .emit(RunEvent::FinetuneProgress { step: step.clone() });
         }
+        fn pruned(&mut self, event: &crate::schedule::PruneEvent) {
+            self.sink.emit(RunEvent::FinetunePruned {
+                event: event.clone(),
+            });
+        }
     }
     let mut progress = Events {
         text_tokens: text.tokens(),
         sink: &mut *sink,
         spec,
     };
-    let masks = state.masks.clone();
     let report = finetune(
         &mut state.model,
-        &masks,
+        &mut state.masks,
         spec,
         text,
         identity,
         &mut progress,
+        pruner,
         cancel,
     )
     .map_err(pipeline_err)?;
@@ -672,16 +688,34 @@ impl App {
         let mut outcome = execute(&plan, &self.runtime, model, sink, cancel)?;
         if let Some(section) = &plan.pipeline.finetune {
             let identity = format!("model={reference}\npipeline={}", plan.pipeline.name);
+            let mut scheduled =
+                crate::run::ScheduledStages::new(&plan, &self.runtime, &outcome.state);
             let report = run_finetune(
                 &plan.pipeline,
                 section,
                 &self.config.models_dir,
                 &identity,
                 &mut outcome.state,
+                scheduled
+                    .as_mut()
+                    .map(|s| s as &mut dyn crate::finetune::Pruner),
                 sink,
                 cancel,
             )?;
             outcome.report.finetune = Some(report);
+            if let Some(scheduled) = scheduled {
+                // The scheduled stages' reports take their places among the stages, and the
+                // layers' densities are the masks' after the last event.
+                for (index, report) in scheduled.finish(&outcome.state) {
+                    sink.emit(RunEvent::StageFinished {
+                        index,
+                        report: report.clone(),
+                    });
+                    let at = index.min(outcome.report.stages.len());
+                    outcome.report.stages.insert(at, report);
+                }
+                crate::run::refresh_layers(&mut outcome.report, &outcome.state);
+            }
         }
         if let (Some(spec), Some(dense)) = (&evaluate, dense) {
             let pruned = evaluate_model(

@@ -100,6 +100,12 @@ pub enum RunEvent {
         #[serde(flatten)]
         step: crate::finetune::StepReport,
     },
+    /// A scheduled stage pruned during fine-tuning (see [`crate::schedule`]).
+    FinetunePruned {
+        /// The stage, step, target and reached densities, seconds.
+        #[serde(flatten)]
+        event: crate::schedule::PruneEvent,
+    },
     /// The fine-tune finished.
     FinetuneFinished {
         /// What it did (also in the run report).
@@ -163,6 +169,7 @@ impl RunEvent {
             RunEvent::StageFinished { .. } => "stage-finished",
             RunEvent::FinetuneStarted { .. } => "finetune-started",
             RunEvent::FinetuneProgress { .. } => "finetune-progress",
+            RunEvent::FinetunePruned { .. } => "finetune-pruned",
             RunEvent::FinetuneFinished { .. } => "finetune-finished",
             RunEvent::EvaluationStarted { .. } => "evaluation-started",
             RunEvent::EvaluationProgress { .. } => "evaluation-progress",

@@ -22,6 +22,13 @@
 //! resumes from it; any other checkpoint is refused and left untouched. Every computation is
 //! deterministic for a given machine and thread count, so a resumed run ends with the same
 //! weights, bit for bit, as one that was never interrupted (`resume_equals_uninterrupted_run`).
+//!
+//! Scheduled pruning ([`crate::schedule`]): a [`Pruner`] re-runs the pipeline's scheduled stages
+//! at their events, between steps, on the weights as trained so far. The new masks are
+//! intersected with the current ones (masks only shrink), and the newly pruned weights and both
+//! their AdamW moments are zeroed, so the invariant above holds for the masks of the moment.
+//! The schedule's position is a function of the step and the masks are in the checkpoint, so a
+//! resume across an event is as exact as any other (`scheduled_resume_across_an_event`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -37,8 +44,9 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::cancel::CancelToken;
-use crate::mask::Mask;
+use crate::mask::{Mask, Structure};
 use crate::optim::{AdamW, AdamWConfig, Decay, Moments, clip_global_norm, learning_rate};
+use crate::schedule::PruneEvent;
 
 /// The checkpoint's file name inside `checkpoint_dir`.
 pub const CHECKPOINT_FILE: &str = "finetune-checkpoint.safetensors";
@@ -176,6 +184,22 @@ pub enum FinetuneError {
     /// The run was cancelled.
     #[error("the fine-tune was cancelled")]
     Cancelled,
+    /// A scheduled stage failed at one of its events (its plugin or its output).
+    #[error("scheduled pruning after step {step}: {source}")]
+    Stage {
+        /// Optimizer steps done.
+        step: u64,
+        /// What failed.
+        source: Box<crate::run::RunError>,
+    },
+    /// A scheduled stage's masks could not be applied.
+    #[error("scheduled pruning after step {step}: {message}")]
+    Prune {
+        /// Optimizer steps done.
+        step: u64,
+        /// What failed.
+        message: String,
+    },
 }
 
 impl From<candle_core::Error> for FinetuneError {
@@ -209,6 +233,29 @@ pub trait FinetuneObserver {
     fn started(&mut self, _start_step: u64) {}
     /// A step finished.
     fn step(&mut self, step: &StepReport);
+    /// A scheduled stage pruned (see [`crate::schedule`]).
+    fn pruned(&mut self, _event: &PruneEvent) {}
+}
+
+/// Runs the scheduled stages of a pipeline during fine-tuning (see [`crate::schedule`]).
+pub trait Pruner {
+    /// Whether a stage runs after `step` optimizer steps.
+    fn is_event(&self, step: u64) -> bool;
+    /// The layers whose masks the stages may shrink.
+    fn layers(&self) -> std::collections::BTreeSet<String>;
+    /// What decides the stages' results (plugins, targets, parameters, schedules), for the
+    /// checkpoint's fingerprint.
+    fn identity(&self) -> String;
+    /// Runs every stage with an event after `step` steps on `model` (the weights as trained so
+    /// far) and its current `masks`; returns the new masks of the layers pruned (each within
+    /// the current one) and what each stage did.
+    fn prune(
+        &mut self,
+        step: u64,
+        model: &Model,
+        masks: &BTreeMap<String, Mask>,
+        cancel: &CancelToken,
+    ) -> Result<(BTreeMap<String, Mask>, Vec<PruneEvent>), FinetuneError>;
 }
 
 impl<F: FnMut(&StepReport)> FinetuneObserver for F {
@@ -255,8 +302,12 @@ pub struct FinetuneReport {
     pub tokens_per_second: f64,
     /// Layers trained.
     pub trained_layers: usize,
-    /// Weights trained (kept positions of the trained layers).
+    /// Weights trained (kept positions of the trained layers, after the last prune event).
     pub trained_weights: usize,
+    /// What the scheduled stages did, event by event (events before a resumed checkpoint
+    /// included).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub prune_events: Vec<PruneEvent>,
 }
 
 /// One trained weight matrix: the master copy, its mask and its moments.
@@ -370,15 +421,18 @@ impl TrainingText {
 
 /// Fine-tunes every block linear of `model` in place, holding `masks` (by weight name), on
 /// `text` as `spec` says. `identity` names the run for the checkpoint's fingerprint (model
-/// reference and pipeline); `progress` hears the start and every step; `cancel` is checked between
-/// micro-batches.
+/// reference and pipeline); `progress` hears the start, every step and every prune event;
+/// `pruner` runs scheduled stages at their events, and `masks` ends as they left them; `cancel`
+/// is checked between micro-batches.
+#[allow(clippy::too_many_arguments)]
 pub fn finetune(
     model: &mut Model,
-    masks: &BTreeMap<String, Mask>,
+    masks: &mut BTreeMap<String, Mask>,
     spec: &FinetuneSpec,
     text: TrainingText,
     identity: &str,
     progress: &mut dyn FinetuneObserver,
+    mut pruner: Option<&mut dyn Pruner>,
     cancel: &CancelToken,
 ) -> Result<FinetuneReport, FinetuneError> {
     let mut session = Session::new(model)?;
@@ -415,22 +469,55 @@ pub fn finetune(
             keep,
         });
     }
-    let fingerprint = fingerprint(identity, spec, &text);
+    let scheduled = pruner.as_ref().map(|p| p.layers()).unwrap_or_default();
+    let identity = match &pruner {
+        Some(p) => format!("{identity}\nscheduled={}", p.identity()),
+        None => identity.to_string(),
+    };
+    let fingerprint = fingerprint(&identity, spec, &text);
     let text_sha256 = text.sha256.clone();
     let text_tokens = text.tokens;
     let mut data = Data::new(text.sequences, spec.seed);
     let mut losses: Vec<f64> = Vec::new();
     let mut start = 0u64;
     let mut resumed_from = None;
+    let mut events: Vec<PruneEvent> = Vec::new();
     let checkpoint = spec.checkpoint_path();
     if let Some(path) = &checkpoint
         && path.exists()
     {
-        let step = load_checkpoint(path, &fingerprint, &mut params, &mut data, &mut losses)?;
-        start = step;
-        resumed_from = Some(step);
+        let resumed = load_checkpoint(
+            path,
+            &fingerprint,
+            &scheduled,
+            &mut params,
+            &mut data,
+            &mut losses,
+        )?;
+        start = resumed.step;
+        resumed_from = Some(resumed.step);
+        events = resumed.events;
         for p in &params {
             set_linear(&mut session, p, &biases)?;
+            // A scheduled stage may have shrunk the mask since the stages ran.
+            if let Some(keep) = &p.keep
+                && masks
+                    .get(&p.name)
+                    .is_none_or(|m| m.keep() != keep.as_slice())
+            {
+                let structure = resumed
+                    .structures
+                    .get(&p.name)
+                    .and_then(|s| s.parse::<Structure>().ok())
+                    .unwrap_or(Structure::Unstructured);
+                let mask = Mask::new(p.shape.clone(), keep.clone(), structure)
+                    .or_else(|_| Mask::new(p.shape.clone(), keep.clone(), Structure::Unstructured))
+                    .map_err(|message| FinetuneError::Checkpoint {
+                        path: path.clone(),
+                        message,
+                    })?;
+                masks.insert(p.name.clone(), mask);
+            }
         }
     }
     progress.started(start);
@@ -438,9 +525,32 @@ pub fn finetune(
     let tokens_per_step = (spec.sequences_per_step() * spec.seq_len) as f64;
     let began = Instant::now();
     let mut last_checkpoint = resumed_from;
-    for step in start..spec.steps {
+    for step in start..=spec.steps {
         if cancel.is_cancelled() {
             return Err(FinetuneError::Cancelled);
+        }
+        // A stage's event after `step` steps runs before step `step + 1` (and after the last
+        // step when it ends there).
+        if let Some(pruner) = pruner.as_deref_mut()
+            && pruner.is_event(step)
+        {
+            let done = prune_event(
+                step,
+                pruner,
+                model,
+                &mut session,
+                &mut params,
+                masks,
+                &biases,
+                cancel,
+            )?;
+            for e in &done {
+                progress.pruned(e);
+            }
+            events.extend(done);
+        }
+        if step == spec.steps {
+            break;
         }
         let step_began = Instant::now();
         let lr = learning_rate(spec.lr, step, spec.steps, spec.warmup, spec.decay);
@@ -517,7 +627,15 @@ pub fn finetune(
         });
         let due = (step + 1) % spec.checkpoint_every.max(1) == 0 || step + 1 == spec.steps;
         if let (Some(path), true) = (&checkpoint, due) {
-            write_checkpoint(path, &fingerprint, step + 1, &params, &data, &losses)?;
+            write_checkpoint(
+                path,
+                &fingerprint,
+                step + 1,
+                (&params, masks),
+                &data,
+                &losses,
+                &events,
+            )?;
             last_checkpoint = Some(step + 1);
         }
     }
@@ -556,7 +674,54 @@ pub fn finetune(
                     .map_or(p.weights.len(), |k| k.iter().filter(|k| **k).count())
             })
             .sum(),
+        prune_events: events,
     })
+}
+
+/// Runs the scheduled stages due after `step` steps on the weights as trained so far, and
+/// makes their masks hard: each new mask is intersected with the current one, and every newly
+/// pruned weight and both its moments are set to zero.
+#[allow(clippy::too_many_arguments)]
+fn prune_event(
+    step: u64,
+    pruner: &mut dyn Pruner,
+    model: &mut Model,
+    session: &mut Session,
+    params: &mut [Param],
+    masks: &mut BTreeMap<String, Mask>,
+    biases: &BTreeMap<String, Option<Tensor>>,
+    cancel: &CancelToken,
+) -> Result<Vec<PruneEvent>, FinetuneError> {
+    for p in params.iter() {
+        let w = Tensor::from_slice(&p.weights, p.shape.as_slice(), &Device::Cpu)?;
+        model.set_weight(&p.name, w, false)?;
+    }
+    let (new_masks, events) = pruner.prune(step, model, masks, cancel)?;
+    for (name, mask) in new_masks {
+        let err = |message: String| FinetuneError::Prune { step, message };
+        let p = params
+            .iter_mut()
+            .find(|p| p.name == name)
+            .ok_or_else(|| err(format!("`{name}` is not a layer the fine-tune trains")))?;
+        let mask = match masks.get(&name) {
+            Some(old) => mask.and(old).map_err(err)?,
+            None => mask,
+        };
+        if mask.keep().len() != p.weights.len() {
+            return Err(err(format!(
+                "the mask of `{name}` does not cover the weight"
+            )));
+        }
+        for (i, _) in mask.keep().iter().enumerate().filter(|(_, k)| !**k) {
+            p.weights[i] = 0.0;
+            p.moments.m[i] = 0.0;
+            p.moments.v[i] = 0.0;
+        }
+        p.keep = Some(mask.keep().to_vec());
+        set_linear(session, p, biases)?;
+        masks.insert(name, mask);
+    }
+    Ok(events)
 }
 
 /// Points the session's layer at the parameter's current weights.
@@ -610,9 +775,10 @@ fn write_checkpoint(
     path: &Path,
     fingerprint: &str,
     step: u64,
-    params: &[Param],
+    (params, masks): (&[Param], &BTreeMap<String, Mask>),
     data: &Data,
     losses: &[f64],
+    events: &[PruneEvent],
 ) -> Result<(), FinetuneError> {
     let err = |message: String| FinetuneError::WriteCheckpoint {
         path: path.to_path_buf(),
@@ -651,6 +817,21 @@ fn write_checkpoint(
         "losses".to_string(),
         serde_json::to_string(losses).map_err(|e| err(e.to_string()))?,
     );
+    // The masks' structures, so a resumed run packs and reports them as the stages made them.
+    let structures: BTreeMap<&str, String> = masks
+        .iter()
+        .map(|(n, m)| (n.as_str(), m.structure().to_string()))
+        .collect();
+    meta.insert(
+        "structures".to_string(),
+        serde_json::to_string(&structures).map_err(|e| err(e.to_string()))?,
+    );
+    if !events.is_empty() {
+        meta.insert(
+            "prune_events".to_string(),
+            serde_json::to_string(events).map_err(|e| err(e.to_string()))?,
+        );
+    }
     crate::atomic::write_atomic_with(path, |tmp| {
         safetensors::serialize_to_file(
             tensors.iter().map(|(k, t)| (k.as_str(), t)),
@@ -662,15 +843,27 @@ fn write_checkpoint(
     .map_err(|e| err(e.to_string()))
 }
 
+/// What a checkpoint restores besides the parameters and the data position.
+struct Resumed {
+    /// Steps done.
+    step: u64,
+    /// The structure of each mask, by layer.
+    structures: BTreeMap<String, String>,
+    /// The prune events before the checkpoint.
+    events: Vec<PruneEvent>,
+}
+
 /// Restores the state a checkpoint holds into `params` and `data` and returns its step,
-/// after checking it belongs to this run (fingerprint and masks).
+/// after checking it belongs to this run (fingerprint and masks: equal to the stages' masks,
+/// or within them for the layers in `scheduled`).
 fn load_checkpoint(
     path: &Path,
     fingerprint: &str,
+    scheduled: &std::collections::BTreeSet<String>,
     params: &mut [Param],
     data: &mut Data,
     losses: &mut Vec<f64>,
-) -> Result<u64, FinetuneError> {
+) -> Result<Resumed, FinetuneError> {
     let err = |message: String| FinetuneError::Checkpoint {
         path: path.to_path_buf(),
         message,
@@ -750,12 +943,20 @@ fn load_checkpoint(
             ),
             None => None,
         };
-        if stored_keep != p.keep {
+        // A scheduled stage only ever shrinks a mask.
+        let within = scheduled.contains(&p.name)
+            && match (&stored_keep, &p.keep) {
+                (Some(s), Some(k)) => s.iter().zip(k).all(|(s, k)| !*s || *k),
+                (Some(_), None) => true,
+                (None, _) => false,
+            };
+        if stored_keep != p.keep && !within {
             return Err(err(format!(
                 "its mask of `{}` differs from the one the pruning stages produced",
                 p.name
             )));
         }
+        p.keep = stored_keep;
         let read = |prefix: &str| -> Result<Vec<f32>, FinetuneError> {
             get(format!("{prefix}/{}", p.name), DType::F32, n)?
                 .flatten_all()
@@ -773,7 +974,19 @@ fn load_checkpoint(
     data.epoch = epoch;
     data.rng = rng;
     *losses = loaded;
-    Ok(step)
+    let structures = match meta.get("structures") {
+        Some(s) => serde_json::from_str(s).map_err(|e| err(format!("`structures`: {e}")))?,
+        None => BTreeMap::new(),
+    };
+    let events = match meta.get("prune_events") {
+        Some(s) => serde_json::from_str(s).map_err(|e| err(format!("`prune_events`: {e}")))?,
+        None => Vec::new(),
+    };
+    Ok(Resumed {
+        step,
+        structures,
+        events,
+    })
 }
 
 #[cfg(test)]
@@ -873,13 +1086,283 @@ mod tests {
         let text = TrainingText::from_text(&text(), spec, &tokenizer).unwrap();
         finetune(
             model,
-            masks,
+            &mut masks.clone(),
             spec,
             text,
             "test",
             &mut |s: &StepReport| progress(s),
+            None,
             cancel,
         )
+    }
+
+    /// Magnitude pruning of every block linear at the schedule's density: the `magnitude`
+    /// plugin's per-layer selection (largest |w| kept, ties to the lower index), in Rust.
+    struct Magnitude {
+        schedule: crate::schedule::Schedule,
+        layers: Vec<String>,
+    }
+
+    impl Pruner for Magnitude {
+        fn is_event(&self, step: u64) -> bool {
+            self.schedule.is_event(step)
+        }
+        fn layers(&self) -> std::collections::BTreeSet<String> {
+            self.layers.iter().cloned().collect()
+        }
+        fn identity(&self) -> String {
+            serde_json::to_string(&self.schedule).unwrap()
+        }
+        fn prune(
+            &mut self,
+            step: u64,
+            model: &Model,
+            masks: &BTreeMap<String, Mask>,
+            _cancel: &CancelToken,
+        ) -> Result<(BTreeMap<String, Mask>, Vec<PruneEvent>), FinetuneError> {
+            let target = self.schedule.density_at(step);
+            let mut out = BTreeMap::new();
+            let (mut kept, mut total) = (0, 0);
+            for name in &self.layers {
+                let w = model.weight(name).unwrap();
+                let v = w.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                let k = (target * v.len() as f64).round() as usize;
+                let mut order: Vec<usize> = (0..v.len()).collect();
+                order.sort_by(|&a, &b| v[b].abs().total_cmp(&v[a].abs()).then(a.cmp(&b)));
+                let mut keep = vec![false; v.len()];
+                order[..k].iter().for_each(|&i| keep[i] = true);
+                let mut mask = Mask::new(w.dims().to_vec(), keep, Structure::Unstructured).unwrap();
+                if let Some(old) = masks.get(name) {
+                    mask = mask.and(old).unwrap();
+                }
+                kept += mask.kept();
+                total += v.len();
+                out.insert(name.clone(), mask);
+            }
+            let event = PruneEvent {
+                stage: "magnitude".into(),
+                step,
+                target_density: target,
+                density: kept as f64 / total as f64,
+                seconds: 0.0,
+            };
+            Ok((out, vec![event]))
+        }
+    }
+
+    /// Hears steps and prune events; cancels after `stop_after` steps; after every step checks
+    /// the checkpoint (written each step) against its own masks and the masks before it.
+    struct Watch {
+        cancel: CancelToken,
+        stop_after: Option<u64>,
+        path: PathBuf,
+        events: Vec<PruneEvent>,
+        last_keep: BTreeMap<String, Vec<bool>>,
+        checked: usize,
+    }
+
+    impl FinetuneObserver for Watch {
+        fn step(&mut self, step: &StepReport) {
+            if self.stop_after == Some(step.step) {
+                self.cancel.cancel();
+            }
+            if !self.path.exists() {
+                return;
+            }
+            let keeps = assert_checkpoint_holds_own_masks(&self.path);
+            for (name, keep) in &keeps {
+                if let Some(before) = self.last_keep.get(name) {
+                    assert!(
+                        keep.iter().zip(before).all(|(k, b)| !*k || *b),
+                        "{name}: a pruned weight came back"
+                    );
+                }
+            }
+            self.last_keep = keeps;
+            self.checked += 1;
+        }
+        fn pruned(&mut self, event: &PruneEvent) {
+            self.events.push(event.clone());
+        }
+    }
+
+    /// Asserts that the checkpoint at `path` holds exact zeros wherever its own masks prune,
+    /// in the weights and both moments; returns its masks.
+    fn assert_checkpoint_holds_own_masks(path: &Path) -> BTreeMap<String, Vec<bool>> {
+        let tensors = candle_core::safetensors::load(path, &Device::Cpu).unwrap();
+        let mut keeps = BTreeMap::new();
+        for (key, t) in &tensors {
+            let Some(name) = key.strip_prefix("keep/") else {
+                continue;
+            };
+            let keep: Vec<bool> = t
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<u8>()
+                .unwrap()
+                .into_iter()
+                .map(|b| b != 0)
+                .collect();
+            let mask = Mask::new(t.dims().to_vec(), keep.clone(), Structure::Unstructured).unwrap();
+            assert_checkpoint_holds_masks(path, &BTreeMap::from([(name.to_string(), mask)]));
+            keeps.insert(name.to_string(), keep);
+        }
+        keeps
+    }
+
+    /// A dense tiny model, its block linears, and a cubic schedule from 0.9 to 0.2 with events
+    /// at steps 0, 2 and 4 of a 6-step fine-tune checkpointed every step.
+    fn scheduled_setup(dir: &Path) -> (Model, Magnitude, FinetuneSpec) {
+        let model = builtin_model("tiny-llama").unwrap();
+        let layers = model
+            .layers()
+            .into_iter()
+            .filter(|l| l.role.is_block_linear())
+            .map(|l| l.name)
+            .collect();
+        let schedule = crate::schedule::Schedule {
+            kind: crate::schedule::ScheduleKind::Cubic,
+            start: 0,
+            end: 4,
+            every: 2,
+            initial: 0.9,
+            final_density: 0.2,
+        };
+        let mut s = spec(Some(dir));
+        s.steps = 6;
+        s.checkpoint_every = 1;
+        (model, Magnitude { schedule, layers }, s)
+    }
+
+    fn run_scheduled(
+        model: &mut Model,
+        pruner: &mut Magnitude,
+        spec: &FinetuneSpec,
+        stop_after: Option<u64>,
+    ) -> (
+        Result<FinetuneReport, FinetuneError>,
+        Watch,
+        BTreeMap<String, Mask>,
+    ) {
+        let mut watch = Watch {
+            cancel: CancelToken::new(),
+            stop_after,
+            path: spec.checkpoint_path().unwrap(),
+            events: Vec::new(),
+            last_keep: BTreeMap::new(),
+            checked: 0,
+        };
+        let tokenizer = Tokenizer::for_model(model).unwrap();
+        let text = TrainingText::from_text(&text(), spec, &tokenizer).unwrap();
+        let mut masks = BTreeMap::new();
+        let cancel = watch.cancel.clone();
+        let result = finetune(
+            model,
+            &mut masks,
+            spec,
+            text,
+            "test",
+            &mut watch,
+            Some(pruner),
+            &cancel,
+        );
+        (result, watch, masks)
+    }
+
+    /// Each event prunes every layer to exactly the density the schedule gives for its step,
+    /// masks only shrink from one checkpoint to the next, pruned weights and both moments stay
+    /// exactly zero in every checkpoint, and the model ends at the final density.
+    #[test]
+    fn scheduled_pruning_follows_the_schedule() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut model, mut pruner, s) = scheduled_setup(dir.path());
+        let (report, watch, masks) = run_scheduled(&mut model, &mut pruner, &s, None);
+        let report = report.unwrap();
+        let steps: Vec<u64> = watch.events.iter().map(|e| e.step).collect();
+        assert_eq!(steps, vec![0, 2, 4]);
+        assert_eq!(report.prune_events, watch.events);
+        let numel: usize = pruner
+            .layers
+            .iter()
+            .map(|n| model.weight(n).unwrap().elem_count())
+            .sum();
+        for e in &watch.events {
+            assert_eq!(e.target_density, pruner.schedule.density_at(e.step));
+            // Per layer round(d · n) kept: the reached density is within half a weight per layer.
+            let slack = pruner.layers.len() as f64 / numel as f64;
+            assert!((e.density - e.target_density).abs() <= slack, "{e:?}");
+        }
+        assert_eq!(watch.events[0].target_density, 0.9);
+        assert_eq!(watch.events[2].target_density, 0.2);
+        assert_eq!(watch.checked, 5, "steps 2..=6 saw a checkpoint");
+        // The final model: exactly the returned masks, zeros in place.
+        let mut kept = 0;
+        for name in &pruner.layers {
+            let keep = masks[name].keep();
+            let w = model
+                .weight(name)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            for (x, k) in w.iter().zip(keep) {
+                if !k {
+                    assert_eq!(x.to_bits(), 0, "{name}");
+                }
+            }
+            let layer = (0.2 * keep.len() as f64).round() as usize;
+            assert_eq!(masks[name].kept(), layer, "{name}");
+            kept += masks[name].kept();
+        }
+        assert_eq!(report.trained_weights, kept);
+    }
+
+    /// Interrupted after step 3 (the last checkpoint is step 2's, written before the event at
+    /// step 2) and resumed, the scheduled fine-tune ends with the same weights, masks, losses and
+    /// events as an uninterrupted run.
+    #[test]
+    fn scheduled_resume_across_an_event() {
+        let whole_dir = tempfile::tempdir().unwrap();
+        let (model, mut pruner, s) = scheduled_setup(whole_dir.path());
+        let mut whole = model.clone();
+        let (full, _, full_masks) = run_scheduled(&mut whole, &mut pruner, &s, None);
+        let full = full.unwrap();
+
+        let dir = tempfile::tempdir().unwrap();
+        let (_, mut pruner, mut s) = scheduled_setup(dir.path());
+        s.checkpoint_every = 2;
+        let mut first = model.clone();
+        let (stopped, watch, _) = run_scheduled(&mut first, &mut pruner, &s, Some(3));
+        assert!(matches!(stopped, Err(FinetuneError::Cancelled)));
+        assert_eq!(
+            watch.events.len(),
+            2,
+            "the event at step 2 ran before the interruption"
+        );
+        let mut resumed = model.clone();
+        let (report, _, masks) = run_scheduled(&mut resumed, &mut pruner, &s, None);
+        let report = report.unwrap();
+        assert_eq!(report.resumed_from, Some(2));
+        assert_eq!(masks, full_masks);
+        for (name, mask) in &full_masks {
+            let a = whole.weight(name).unwrap().flatten_all().unwrap();
+            let b = resumed.weight(name).unwrap().flatten_all().unwrap();
+            let (a, b) = (a.to_vec1::<f32>().unwrap(), b.to_vec1::<f32>().unwrap());
+            assert!(
+                a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
+                "{name} differs after resuming"
+            );
+            assert_eq!(mask.kept(), (0.2 * a.len() as f64).round() as usize);
+        }
+        assert_eq!(report.loss_curve, full.loss_curve);
+        let strip = |r: &FinetuneReport| -> Vec<(u64, u64, u64)> {
+            r.prune_events
+                .iter()
+                .map(|e| (e.step, e.target_density.to_bits(), e.density.to_bits()))
+                .collect()
+        };
+        assert_eq!(strip(&report), strip(&full));
     }
 
     fn weights(model: &Model, masks: &BTreeMap<String, Mask>) -> Vec<(String, Vec<f32>)> {

@@ -24,6 +24,7 @@ pub mod plugin;
 pub mod report;
 pub mod resolved;
 pub mod run;
+pub mod schedule;
 pub mod sequential;
 pub mod sparse;
 pub mod strategy;

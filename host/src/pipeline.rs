@@ -119,6 +119,30 @@ pub struct StageSpec {
     pub heads: Option<Located<HeadsSpec>>,
     /// Plugin parameters (every key not listed above).
     pub params: Vec<(Located<String>, Located<toml::Value>)>,
+    /// `schedule = { … }`: the stage runs gradually during `[finetune]` instead of once
+    /// before it (see [`crate::schedule`]).
+    pub schedule: Option<ScheduleSection>,
+}
+
+/// A stage's `schedule` as written.
+#[derive(Debug, Clone)]
+pub struct ScheduleSection {
+    /// The schedule, its final density the stage's `density`.
+    pub schedule: crate::schedule::Schedule,
+    /// Where `schedule` was written.
+    pub position: Position,
+    /// Where each of its keys was written (`kind`, `start`, `end`, `every`, `initial`).
+    pub keys: Vec<(String, Position)>,
+}
+
+impl ScheduleSection {
+    /// Where `key` was written (the `schedule` itself when it was left out).
+    pub fn position_of(&self, key: &str) -> &Position {
+        self.keys
+            .iter()
+            .find(|(k, _)| k == key)
+            .map_or(&self.position, |(_, p)| p)
+    }
 }
 
 /// Where and what to export.
@@ -334,8 +358,9 @@ fn mib_to_bytes(mib: u64) -> Option<usize> {
 }
 
 /// Keys of a stage table that are not plugin parameters.
-pub(crate) const STAGE_KEYS: &[&str] =
-    &["name", "plugin", "targets", "protect", "density", "heads"];
+pub(crate) const STAGE_KEYS: &[&str] = &[
+    "name", "plugin", "targets", "protect", "density", "heads", "schedule",
+];
 
 struct Ctx<'a> {
     file: &'a str,
@@ -562,6 +587,12 @@ impl Pipeline {
             None => None,
             Some(f) => Some(parse_finetune(&ctx, f)?),
         };
+        check_schedules(
+            &ctx,
+            &stages,
+            finetune.as_ref(),
+            calibration.as_ref().is_some_and(|c| c.spec.sequential),
+        )?;
 
         let name = raw.name.unwrap_or_else(|| {
             Path::new(file)
@@ -1278,6 +1309,10 @@ fn parse_stage(
             })
         }
     };
+    let schedule = match table.get("schedule") {
+        None => None,
+        Some(v) => Some(parse_schedule(ctx, index, v, density.as_ref(), &offset_of)?),
+    };
     let mut params = Vec::new();
     for (k, v) in table {
         if STAGE_KEYS.contains(&k.as_str()) {
@@ -1306,7 +1341,215 @@ fn parse_stage(
         density,
         heads,
         params,
+        schedule,
     })
+}
+
+/// A stage's `schedule = { kind, start, end, every, initial }` (the final density is the
+/// stage's `density`, which must be a fixed fraction). Checks that need `[finetune]` come
+/// later ([`check_schedules`]).
+fn parse_schedule(
+    ctx: &Ctx<'_>,
+    index: usize,
+    value: &toml::Value,
+    density: Option<&Located<DensitySpec>>,
+    offset_of: &dyn Fn(&str) -> usize,
+) -> Result<ScheduleSection, PipelineError> {
+    use crate::schedule::{Schedule, ScheduleKind};
+    let field = |k: &str| format!("stage[{index}].schedule{k}");
+    let at = offset_of("schedule");
+    let toml::Value::Table(t) = value else {
+        return Err(ctx.err(
+            at,
+            field(""),
+            format!(
+                "expected a table such as `schedule = {{ kind = \"cubic\", start = 0, end = 300, every = 100 }}`, found {}",
+                describe(value)
+            ),
+        ));
+    };
+    let key_at = |k: &str| offset_of(&format!("schedule.{k}"));
+    for k in t.keys() {
+        if !["kind", "start", "end", "every", "initial"].contains(&k.as_str()) {
+            return Err(ctx.err(
+                key_at(k),
+                field(&format!(".{k}")),
+                format!(
+                    "unknown key `{}`: a schedule has kind, start, end, every and initial (its final density is the stage's `density`)",
+                    crate::display_safe::name(k)
+                ),
+            ));
+        }
+    }
+    let kind = match t.get("kind") {
+        Some(toml::Value::String(s)) => ScheduleKind::from_name(s).ok_or_else(|| {
+            ctx.err(
+                key_at("kind"),
+                field(".kind"),
+                format!(
+                    "`{}` is not a schedule: use one of {}",
+                    crate::display_safe::name(s),
+                    ScheduleKind::NAMES.join(", ")
+                ),
+            )
+        })?,
+        Some(other) => {
+            return Err(ctx.err(
+                key_at("kind"),
+                field(".kind"),
+                format!(
+                    "expected one of {}, found {}",
+                    ScheduleKind::NAMES.join(", "),
+                    describe(other)
+                ),
+            ));
+        }
+        None => {
+            return Err(ctx.err(
+                at,
+                field(".kind"),
+                format!("missing: one of {}", ScheduleKind::NAMES.join(", ")),
+            ));
+        }
+    };
+    let steps = |k: &str, min: i64| -> Result<Option<u64>, PipelineError> {
+        match t.get(k) {
+            None => Ok(None),
+            Some(toml::Value::Integer(n)) if *n >= min => Ok(Some(*n as u64)),
+            Some(other) => Err(ctx.err(
+                key_at(k),
+                field(&format!(".{k}")),
+                format!(
+                    "expected a whole number of steps, at least {min}; found {}",
+                    describe(other)
+                ),
+            )),
+        }
+    };
+    let start = steps("start", 0)?.unwrap_or(0);
+    let Some(end) = steps("end", 0)? else {
+        return Err(ctx.err(
+            at,
+            field(".end"),
+            "missing: the step at which the final density is reached",
+        ));
+    };
+    let every = match (steps("every", 1)?, kind) {
+        (Some(n), _) => n,
+        (None, ScheduleKind::Constant) => 1,
+        (None, _) => {
+            return Err(ctx.err(
+                at,
+                field(".every"),
+                "missing: steps between prune events (ΔT), at least 1",
+            ));
+        }
+    };
+    if start > end {
+        return Err(ctx.err(
+            key_at("end"),
+            field(".end"),
+            format!(
+                "{end} comes before start = {start}: the schedule must end at or after its start"
+            ),
+        ));
+    }
+    let final_density = match density.map(|d| &d.value) {
+        Some(DensitySpec::Fixed(d)) => *d,
+        Some(DensitySpec::Budget(_)) => {
+            return Err(ctx.err(
+                at,
+                field(""),
+                "a scheduled stage needs a fixed `density` (the final one), not budgets",
+            ));
+        }
+        None => {
+            return Err(ctx.err(
+                at,
+                field(""),
+                "a scheduled stage needs `density`, the kept fraction reached at `end` (a stage whose plugin fixes its own density, such as N:M, or one that counts heads cannot follow a schedule)",
+            ));
+        }
+    };
+    let initial = match t.get("initial") {
+        None => 1.0,
+        Some(v) => match v.as_float().or_else(|| v.as_integer().map(|i| i as f64)) {
+            Some(x) if (final_density..=1.0).contains(&x) => x,
+            _ => {
+                return Err(ctx.err(
+                    key_at("initial"),
+                    field(".initial"),
+                    format!(
+                        "expected the starting density, a number in [{final_density}, 1] (at least the stage's final `density`), found {}",
+                        describe(v)
+                    ),
+                ));
+            }
+        },
+    };
+    let keys = ["kind", "start", "end", "every", "initial"]
+        .iter()
+        .filter(|k| t.contains_key(**k))
+        .map(|k| (k.to_string(), ctx.position(key_at(k))))
+        .collect();
+    Ok(ScheduleSection {
+        schedule: Schedule {
+            kind,
+            start,
+            end,
+            every,
+            initial,
+            final_density,
+        },
+        position: ctx.position(at),
+        keys,
+    })
+}
+
+/// What a stage's schedule needs from the rest of the pipeline: a `[finetune]` section whose
+/// steps reach its end, and no sequential calibration (its stages run block by block before
+/// fine-tuning).
+fn check_schedules(
+    ctx: &Ctx<'_>,
+    stages: &[StageSpec],
+    finetune: Option<&FinetuneSection>,
+    sequential: bool,
+) -> Result<(), PipelineError> {
+    for stage in stages {
+        let Some(s) = &stage.schedule else { continue };
+        let field = |k: &str| format!("stage[{}].schedule{k}", stage.index);
+        let err = |position: &Position, field: String, message: String| PipelineError {
+            file: ctx.file.to_string(),
+            position: position.clone(),
+            field,
+            message,
+        };
+        let Some(f) = finetune else {
+            return Err(err(
+                &s.position,
+                field(""),
+                "a schedule prunes gradually during fine-tuning, but the pipeline has no [finetune] section; add one or drop `schedule` to prune once".into(),
+            ));
+        };
+        if s.schedule.end > f.spec.steps {
+            return Err(err(
+                s.position_of("end"),
+                field(".end"),
+                format!(
+                    "{} is beyond the fine-tune's {} steps (finetune.steps)",
+                    s.schedule.end, f.spec.steps
+                ),
+            ));
+        }
+        if sequential {
+            return Err(err(
+                &s.position,
+                field(""),
+                "cannot be combined with [calibration] sequential = true (sequential stages run block by block before fine-tuning)".into(),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Gives unnamed stages a name and refuses duplicates.
@@ -1380,10 +1623,22 @@ fn stage_key_offsets(source: &str) -> Vec<Vec<(String, usize)>> {
     items
         .iter()
         .map(|item| match item.get_ref() {
-            DeValue::Table(t) => t
-                .iter()
-                .map(|(k, _)| (k.get_ref().to_string(), k.span().start))
-                .collect(),
+            DeValue::Table(t) => {
+                let mut keys = Vec::new();
+                for (k, v) in t.iter() {
+                    keys.push((k.get_ref().to_string(), k.span().start));
+                    // Keys of an inline table (`schedule = { every = 0 }`) as `schedule.every`.
+                    if let DeValue::Table(inner) = v.get_ref() {
+                        for (ik, _) in inner.iter() {
+                            keys.push((
+                                format!("{}.{}", k.get_ref(), ik.get_ref()),
+                                ik.span().start,
+                            ));
+                        }
+                    }
+                }
+                keys
+            }
             _ => Vec::new(),
         })
         .collect()
@@ -1676,5 +1931,106 @@ mod tests {
     fn syntax_errors_carry_the_line() {
         let e = parse("model = \"m\"\n[[stage]\n").unwrap_err();
         assert_eq!(e.position.line, 2, "{e}");
+    }
+
+    /// `schedule`: parsed with its defaults, and each bad value refused at its own key's line
+    /// and column, named by its field.
+    #[test]
+    fn schedules_parse_and_name_bad_fields() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("t.txt"), "text").unwrap();
+        let head = "model = \"m\"\n[[stage]]\nplugin = \"magnitude\"\ndensity = 0.3\n";
+        let tail = "[finetune]\ntext = \"t.txt\"\nsteps = 50\n";
+        let parse = |schedule: &str| {
+            Pipeline::parse_in(
+                "p.toml",
+                &format!("{head}schedule = {schedule}\n{tail}"),
+                dir.path(),
+            )
+        };
+        let p = parse("{ kind = \"cubic\", start = 5, end = 45, every = 10 }").unwrap();
+        let s = &p.stages[0].schedule.as_ref().unwrap().schedule;
+        assert_eq!(s.kind, crate::schedule::ScheduleKind::Cubic);
+        assert_eq!((s.start, s.end, s.every), (5, 45, 10));
+        assert_eq!((s.initial, s.final_density), (1.0, 0.3));
+        let p = parse("{ kind = \"constant\", end = 0, initial = 0.5 }").unwrap();
+        let s = &p.stages[0].schedule.as_ref().unwrap().schedule;
+        assert_eq!((s.start, s.end, s.initial), (0, 0, 0.5));
+
+        let line = |e: &PipelineError| (e.position.line, e.field.clone());
+        let field = |f: &str| f.to_string();
+        for (schedule, want) in [
+            (
+                "{ kind = \"exp\", end = 9, every = 1 }",
+                field("stage[0].schedule.kind"),
+            ),
+            (
+                "{ kind = \"linear\", end = 9, every = 0 }",
+                field("stage[0].schedule.every"),
+            ),
+            (
+                "{ kind = \"linear\", end = 9 }",
+                field("stage[0].schedule.every"),
+            ),
+            (
+                "{ kind = \"linear\", start = 9, end = 3, every = 1 }",
+                field("stage[0].schedule.end"),
+            ),
+            (
+                "{ kind = \"linear\", end = 51, every = 1 }",
+                field("stage[0].schedule.end"),
+            ),
+            (
+                "{ kind = \"linear\", end = 9, every = 1, initial = 0.1 }",
+                field("stage[0].schedule.initial"),
+            ),
+            (
+                "{ kind = \"linear\", end = 9, every = 1, speed = 2 }",
+                field("stage[0].schedule.speed"),
+            ),
+            (
+                "{ kind = \"linear\", start = -1, end = 9, every = 1 }",
+                field("stage[0].schedule.start"),
+            ),
+            ("\"cubic\"", field("stage[0].schedule")),
+        ] {
+            let e = parse(schedule).unwrap_err();
+            assert_eq!(line(&e), (5, want.clone()), "{schedule}: {e}");
+            assert!(e.to_string().starts_with("p.toml:5:"), "{e}");
+        }
+        // The column is the offending key's.
+        let e = parse("{ kind = \"linear\", end = 9, every = 0 }").unwrap_err();
+        assert_eq!(e.position.column, 40, "{e}");
+        // No [finetune]; no density; sequential calibration.
+        let e = Pipeline::parse_in(
+            "p.toml",
+            &format!("{head}schedule = {{ kind = \"linear\", end = 9, every = 1 }}\n"),
+            dir.path(),
+        )
+        .unwrap_err();
+        assert_eq!(e.field, "stage[0].schedule");
+        assert!(e.message.contains("[finetune]"), "{e}");
+        let e = Pipeline::parse_in(
+            "p.toml",
+            &format!(
+                "model = \"m\"\n[[stage]]\nplugin = \"n-m\"\nschedule = {{ kind = \"linear\", end = 9, every = 1 }}\n{tail}"
+            ),
+            dir.path(),
+        )
+        .unwrap_err();
+        assert_eq!(
+            (e.position.line, e.field.as_str()),
+            (4, "stage[0].schedule")
+        );
+        assert!(e.message.contains("needs `density`"), "{e}");
+        let e = Pipeline::parse_in(
+            "p.toml",
+            &format!(
+                "{head}schedule = {{ kind = \"linear\", end = 9, every = 1 }}\n[calibration]\ntext = \"t.txt\"\nsequential = true\n{tail}"
+            ),
+            dir.path(),
+        )
+        .unwrap_err();
+        assert!(e.message.contains("sequential"), "{e}");
     }
 }

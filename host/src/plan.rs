@@ -635,6 +635,77 @@ fn validate_stage(
     })
 }
 
+/// A scheduled stage runs again and again at falling densities during fine-tuning: its plugin
+/// must produce masks (budgets, heads and updated weights have no meaning mid-training), and
+/// (for a plugin that validates) accept the schedule's first density as well as its final
+/// one, which refuses a plugin whose density is fixed (N:M) at the schedule's line.
+fn check_scheduled(
+    pipeline: &Pipeline,
+    earlier: &[PlannedStage],
+    stage: &PlannedStage,
+    runtime: &Runtime,
+    view: &Arc<ModelView>,
+) -> Result<(), PlanError> {
+    let Some(section) = &stage.spec.schedule else {
+        return Ok(());
+    };
+    let field = format!("stage[{}].schedule", stage.spec.index);
+    let plugin = display_safe::name(&stage.plugin.info.name);
+    if stage.plugin.info.produces != OutputKind::Masks {
+        return Err(pipeline
+            .error(
+                &section.position,
+                field,
+                format!(
+                    "plugin `{plugin}` produces {}, but a scheduled stage must produce masks (it prunes again at each event during fine-tuning); drop `schedule` to run it once",
+                    crate::plugin::registry::produces_name(stage.plugin.info.produces)
+                ),
+            )
+            .into());
+    }
+    if let Some(l) = stage.targets.iter().find(|l| !l.role.is_block_linear()) {
+        let position = stage
+            .spec
+            .targets
+            .as_ref()
+            .map_or(&stage.spec.position, |t| &t.position);
+        return Err(pipeline
+            .error(
+                position,
+                format!("stage[{}].targets", stage.spec.index),
+                format!(
+                    "`{}` is not a block linear, and fine-tuning trains only block linears, so a scheduled stage cannot prune it; protect it or prune it in a stage without `schedule`",
+                    l.name
+                ),
+            )
+            .into());
+    }
+    let schedule = &section.schedule;
+    let first = schedule.events().first().copied().unwrap_or(schedule.start);
+    let density = schedule.density_at(first);
+    if stage.plugin.compiled.wit < WitVersion::V0_4 || density == schedule.final_density {
+        return Ok(());
+    }
+    let first_stage = PlannedStage {
+        density: StageDensity::Fixed(density),
+        ..stage.clone()
+    };
+    let refused = match validate_stage(pipeline, earlier, &first_stage, runtime, view) {
+        Ok(()) => return Ok(()),
+        Err(PlanError::Pipeline(e)) => e.message,
+        Err(other) => return Err(other),
+    };
+    Err(pipeline
+        .error(
+            &section.position,
+            field,
+            format!(
+                "the schedule's first event (step {first}) asks for density {density}, and the plugin refuses it (a plugin whose density is fixed, such as N:M, cannot follow a schedule): {refused}"
+            ),
+        )
+        .into())
+}
+
 /// The targets of `stage` that one of the `earlier` stages masks (a plugin producing masks or
 /// weights targets them), in target order.
 fn masked_earlier(earlier: &[PlannedStage], stage: &PlannedStage) -> Vec<String> {
@@ -717,6 +788,10 @@ pub fn plan(
         if stage.plugin.compiled.wit >= WitVersion::V0_4 {
             let view = view.get_or_insert_with(|| planning_view(model));
             validate_stage(&pipeline, &stages, &stage, runtime, view)?;
+        }
+        if stage.spec.schedule.is_some() {
+            let view = view.get_or_insert_with(|| planning_view(model));
+            check_scheduled(&pipeline, &stages, &stage, runtime, view)?;
         }
         stages.push(stage);
     }

@@ -134,6 +134,17 @@ pub fn resolved_pipeline(
         } else if let Some(d) = &spec.density {
             t.insert("density".into(), density_toml(&d.value));
         }
+        if let Some(s) = &spec.schedule {
+            let s = &s.schedule;
+            let int = |n: u64| Value::Integer(i64::try_from(n).unwrap_or(i64::MAX));
+            let mut sched = Table::new();
+            sched.insert("kind".into(), Value::String(s.kind.as_str().into()));
+            sched.insert("start".into(), int(s.start));
+            sched.insert("end".into(), int(s.end));
+            sched.insert("every".into(), int(s.every));
+            sched.insert("initial".into(), Value::Float(s.initial));
+            t.insert("schedule".into(), Value::Table(sched));
+        }
         for (name, value) in &stage.params {
             t.insert(name.clone(), param_toml(value));
         }

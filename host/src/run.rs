@@ -726,6 +726,10 @@ pub fn execute(
     // the ones before it ran on the whole model (see `crate::sequential`).
     let whole_model = plan.sequential_from.unwrap_or(plan.stages.len());
     for (i, stage) in plan.stages[..whole_model].iter().enumerate() {
+        if stage.spec.schedule.is_some() {
+            // Runs during fine-tuning, at its events ([`ScheduledStages`]).
+            continue;
+        }
         if cancel.is_cancelled() {
             return Err(RunError::Cancelled {
                 stage: stage.spec.name.clone(),
@@ -799,6 +803,219 @@ pub fn execute(
     Ok(RunOutcome { state, report })
 }
 
+/// The pipeline's scheduled stages ([`crate::schedule`]), run by the fine-tune at their events
+/// on the weights as trained so far: each event is [`run_stage`] at the schedule's density on
+/// a fresh state holding the current model and masks (so calibration statistics, when the
+/// plugin needs them, are taken on the current model), whose masks already include the old
+/// ones.
+pub struct ScheduledStages<'a> {
+    plan: &'a Plan,
+    runtime: &'a Runtime,
+    original_numel: BTreeMap<String, usize>,
+    /// Each scheduled stage's calls in this process, summed, by stage index.
+    reports: BTreeMap<usize, StageReport>,
+}
+
+impl<'a> ScheduledStages<'a> {
+    /// The scheduled stages of `plan`, densities relative to the layers' sizes in `state`
+    /// (before the run); `None` when the plan has none.
+    pub fn new(plan: &'a Plan, runtime: &'a Runtime, state: &RunState) -> Option<Self> {
+        plan.stages
+            .iter()
+            .any(|s| s.spec.schedule.is_some())
+            .then(|| ScheduledStages {
+                plan,
+                runtime,
+                original_numel: state.original_numel.clone(),
+                reports: BTreeMap::new(),
+            })
+    }
+
+    fn scheduled(
+        &self,
+    ) -> impl Iterator<Item = (usize, &PlannedStage, &crate::schedule::Schedule)> {
+        self.plan
+            .stages
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| s.spec.schedule.as_ref().map(|x| (i, s, &x.schedule)))
+    }
+
+    /// The report of each scheduled stage (index, report): its calls in this process summed
+    /// (none when a resumed run had no event left), its density as `state` has it now.
+    pub fn finish(self, state: &RunState) -> Vec<(usize, StageReport)> {
+        let mut out = Vec::new();
+        for (i, stage, schedule) in self.scheduled() {
+            let mut report = self.reports.get(&i).cloned().unwrap_or_else(|| {
+                StageReport::new(
+                    stage,
+                    stage.targets.len(),
+                    None,
+                    1.0,
+                    Duration::ZERO,
+                    CallTimings::default(),
+                    Duration::ZERO,
+                )
+            });
+            let (kept, numel) = stage.targets.iter().fold((0usize, 0usize), |(k, n), l| {
+                (
+                    k + state.kept(&l.name),
+                    n + state.original_numel.get(&l.name).copied().unwrap_or(0),
+                )
+            });
+            report.requested_density = Some(schedule.final_density);
+            report.density_after = if numel == 0 {
+                1.0
+            } else {
+                kept as f64 / numel as f64
+            };
+            report.density_from = format!(
+                "schedule: {} {} → {} over steps {}..={} every {}",
+                schedule.kind.as_str(),
+                schedule.initial,
+                schedule.final_density,
+                schedule.start,
+                schedule.end,
+                schedule.every
+            );
+            out.push((i, report));
+        }
+        out
+    }
+}
+
+impl crate::finetune::Pruner for ScheduledStages<'_> {
+    fn is_event(&self, step: u64) -> bool {
+        self.scheduled().any(|(_, _, s)| s.is_event(step))
+    }
+
+    fn layers(&self) -> BTreeSet<String> {
+        self.scheduled()
+            .flat_map(|(_, s, _)| s.targets.iter().map(|l| l.name.clone()))
+            .collect()
+    }
+
+    fn identity(&self) -> String {
+        self.scheduled()
+            .map(|(i, s, schedule)| {
+                // The calibration set decides what a plugin that needs statistics sees.
+                let calibration = self.plan.calibration.as_ref().map(|c| {
+                    (
+                        c.text_sha256.as_str(),
+                        c.sequences.len(),
+                        self.plan.pipeline.calibration_spec().seq_len,
+                    )
+                });
+                format!(
+                    "{i}:{}:{}:{:?}:{:?}:{calibration:?}",
+                    s.plugin.compiled.sha256,
+                    serde_json::to_string(schedule).unwrap_or_default(),
+                    s.targets.iter().map(|l| &l.name).collect::<Vec<_>>(),
+                    s.params,
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    fn prune(
+        &mut self,
+        step: u64,
+        model: &Model,
+        masks: &BTreeMap<String, Mask>,
+        cancel: &CancelToken,
+    ) -> Result<
+        (BTreeMap<String, Mask>, Vec<crate::schedule::PruneEvent>),
+        crate::finetune::FinetuneError,
+    > {
+        use crate::finetune::FinetuneError;
+        let mut state = RunState {
+            model: model.clone(),
+            masks: masks.clone(),
+            original_numel: self.original_numel.clone(),
+            heads: None,
+            calibrator: None,
+            original_weights: BTreeMap::new(),
+        };
+        let due: Vec<(usize, PlannedStage, f64)> = self
+            .scheduled()
+            .filter(|(_, _, s)| s.is_event(step))
+            .map(|(i, stage, s)| {
+                let density = s.density_at(step);
+                let planned = PlannedStage {
+                    density: StageDensity::Fixed(density),
+                    ..stage.clone()
+                };
+                (i, planned, density)
+            })
+            .collect();
+        let mut events = Vec::with_capacity(due.len());
+        let mut pruned = BTreeSet::new();
+        for (i, stage, density) in due {
+            let started = Instant::now();
+            // Statistics of the model as trained now: a fresh calibrator (`state.calibrator`
+            // starts empty and is dropped by every stage that changes masks).
+            let (report, _) = run_stage(
+                self.runtime,
+                &self.plan.pipeline.sandbox,
+                &stage,
+                &BTreeMap::new(),
+                self.plan.calibration.as_ref(),
+                &mut state,
+                (i, &mut crate::events::Quiet),
+                cancel,
+            )
+            .map_err(|e| match e {
+                RunError::Cancelled { .. } => FinetuneError::Cancelled,
+                source => FinetuneError::Stage {
+                    step,
+                    source: Box::new(source),
+                },
+            })?;
+            events.push(crate::schedule::PruneEvent {
+                stage: stage.spec.name.clone(),
+                step,
+                target_density: density,
+                density: report.density_after,
+                seconds: started.elapsed().as_secs_f64(),
+            });
+            match self.reports.get_mut(&i) {
+                Some(total) => {
+                    total.seconds += report.seconds;
+                    total.instantiate_seconds += report.instantiate_seconds;
+                    total.guest_and_boundary_seconds += report.guest_and_boundary_seconds;
+                    total.host_kernel_seconds += report.host_kernel_seconds;
+                    total.validate_apply_seconds += report.validate_apply_seconds;
+                    total.guest_share = if total.seconds > 0.0 {
+                        (total.guest_and_boundary_seconds + total.instantiate_seconds)
+                            / total.seconds
+                    } else {
+                        0.0
+                    };
+                }
+                None => {
+                    self.reports.insert(i, report);
+                }
+            }
+            pruned.extend(stage.targets.iter().map(|l| l.name.clone()));
+        }
+        let out = state
+            .masks
+            .into_iter()
+            .filter(|(name, _)| pruned.contains(name))
+            .collect();
+        Ok((out, events))
+    }
+}
+
+/// Recomputes the report's per-layer densities and summary from `state` (after scheduled
+/// pruning changed the masks).
+pub fn refresh_layers(report: &mut RunReport, state: &RunState) {
+    let (layers, summary) = layers_and_summary(state, report.summary.parameters_before);
+    report.layers = layers;
+    report.summary = summary;
+}
+
 fn build_report(
     plan: &Plan,
     state: &RunState,
@@ -806,6 +1023,45 @@ fn build_report(
     parameters_before: usize,
     elapsed: Duration,
 ) -> RunReport {
+    let (layers, summary) = layers_and_summary(state, parameters_before);
+    let sandbox = &plan.pipeline.sandbox;
+    RunReport {
+        report_version: crate::report::REPORT_VERSION,
+        espalier_version: env!("CARGO_PKG_VERSION").to_string(),
+        build: String::new(),
+        pipeline: plan.pipeline.name.clone(),
+        pipeline_file: plan.pipeline.file.clone(),
+        resolved_pipeline: String::new(),
+        model: plan.pipeline.model.value.clone(),
+        architecture: state.model.config.model_type.clone(),
+        calibration: plan.calibration.as_ref().map(|set| {
+            let spec = plan.pipeline.calibration_spec();
+            CalibrationRecord {
+                text: set.source.display().to_string(),
+                text_sha256: set.text_sha256.clone(),
+                samples: set.sequences.len(),
+                seq_len: spec.seq_len,
+                sequential: plan.sequential_from.is_some(),
+                sequential_carry_seconds: None,
+            }
+        }),
+        sandbox: Some(SandboxRecord {
+            timeout_s: sandbox.timeout.as_secs_f64(),
+            memory_mb: (sandbox.guest_memory >> 20) as u64,
+            host_memory_mb: (sandbox.host_memory >> 20) as u64,
+        }),
+        export_dir: None,
+        seconds: elapsed.as_secs_f64(),
+        stages,
+        summary,
+        layers,
+        evaluation: None,
+        finetune: None,
+    }
+}
+
+/// Every 2-D layer's density and the summary over them.
+fn layers_and_summary(state: &RunState, parameters_before: usize) -> (Vec<LayerReport>, Summary) {
     let layers: Vec<LayerReport> = state
         .model
         .layers()
@@ -861,40 +1117,7 @@ fn build_report(
                 .sum::<usize>(),
         heads: state.heads.clone(),
     };
-    let sandbox = &plan.pipeline.sandbox;
-    RunReport {
-        report_version: crate::report::REPORT_VERSION,
-        espalier_version: env!("CARGO_PKG_VERSION").to_string(),
-        build: String::new(),
-        pipeline: plan.pipeline.name.clone(),
-        pipeline_file: plan.pipeline.file.clone(),
-        resolved_pipeline: String::new(),
-        model: plan.pipeline.model.value.clone(),
-        architecture: state.model.config.model_type.clone(),
-        calibration: plan.calibration.as_ref().map(|set| {
-            let spec = plan.pipeline.calibration_spec();
-            CalibrationRecord {
-                text: set.source.display().to_string(),
-                text_sha256: set.text_sha256.clone(),
-                samples: set.sequences.len(),
-                seq_len: spec.seq_len,
-                sequential: plan.sequential_from.is_some(),
-                sequential_carry_seconds: None,
-            }
-        }),
-        sandbox: Some(SandboxRecord {
-            timeout_s: sandbox.timeout.as_secs_f64(),
-            memory_mb: (sandbox.guest_memory >> 20) as u64,
-            host_memory_mb: (sandbox.host_memory >> 20) as u64,
-        }),
-        export_dir: None,
-        seconds: elapsed.as_secs_f64(),
-        stages,
-        summary,
-        layers,
-        evaluation: None,
-        finetune: None,
-    }
+    (layers, summary)
 }
 
 impl StageReport {
