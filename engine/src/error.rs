@@ -64,3 +64,11 @@ pub enum EngineError {
         message: String,
     },
 }
+
+impl EngineError {
+    /// A sparse kernel's error (packing, a damaged packed array, a product that failed), as the
+    /// engine reports it.
+    pub fn kernel(e: impl std::fmt::Display) -> Self {
+        EngineError::from(candle_core::Error::Msg(e.to_string()))
+    }
+}

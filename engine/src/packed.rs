@@ -64,10 +64,6 @@ impl PackedKernel {
     }
 }
 
-fn kernel_err(e: impl std::fmt::Display) -> EngineError {
-    EngineError::from(candle_core::Error::Msg(e.to_string()))
-}
-
 impl LinearKernel for PackedKernel {
     fn in_features(&self) -> usize {
         self.packed.cols()
@@ -86,7 +82,7 @@ impl LinearKernel for PackedKernel {
             } else {
                 self.packed.gemm(xs, tokens, &mut y)
             }
-            .map_err(kernel_err)
+            .map_err(EngineError::kernel)
         })?;
         Ok(Tensor::from_vec(
             y,

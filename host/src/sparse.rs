@@ -15,10 +15,6 @@ use crate::evaluate::KernelUse;
 use crate::mask::{Mask, Structure};
 use crate::tensor_util::with_f32;
 
-fn kernel_err(e: impl std::fmt::Display) -> EngineError {
-    EngineError::from(candle_core::Error::Msg(e.to_string()))
-}
-
 /// The planner's structure hint for a mask.
 fn hint(s: Structure) -> KStructure {
     match s {
@@ -182,22 +178,22 @@ pub fn attach(
             match mask {
                 Some(m) => {
                     let view = DenseView::with_mask(w, m.keep(), shape[0], shape[1])
-                        .map_err(kernel_err)?;
+                        .map_err(EngineError::kernel)?;
                     let choice = choose_format(&name, &view, hint(m.structure()), dtype)
-                        .map_err(kernel_err)?;
+                        .map_err(EngineError::kernel)?;
                     let reason =
                         (choice.format == Format::Dense).then(|| dense_reason(m, &choice, dtype));
                     let packed = PackedLinear::pack(&name, &view, choice.format, dtype)
-                        .map_err(kernel_err)?;
+                        .map_err(EngineError::kernel)?;
                     Ok((packed, reason))
                 }
                 None => Ok((
-                    PackedLinear::dense(w, shape, dtype).map_err(kernel_err)?,
+                    PackedLinear::dense(w, shape, dtype).map_err(EngineError::kernel)?,
                     Some("not pruned".to_string()),
                 )),
             }
         })
-        .map_err(kernel_err)??;
+        .map_err(EngineError::kernel)??;
         let (packed, reason) = packed;
         if let Some(reason) = reason {
             count(&mut kernels.dense_because, reason);
