@@ -1793,7 +1793,7 @@ mod tests {
             ("checkpoint_every = 3", "finetune.checkpoint_every"),
             ("text = \"missing.txt\"", "finetune.text"),
             ("setps = 3", "finetune"),
-            ("distill = { wieght = 0.5 }", "finetune"),
+            ("distill = { wieght = 0.5 }", "finetune.distill"),
         ] {
             let src = format!("model = \"m\"\n[finetune]\n{line}\n");
             let src = if line.starts_with("text") {
