@@ -566,6 +566,7 @@ pub fn finetune(
             &mut params,
             &mut data,
             (&mut losses, &mut parts),
+            teacher.is_some(),
         )?;
         start = resumed.step;
         resumed_from = Some(resumed.step);
@@ -740,8 +741,10 @@ pub fn finetune(
             .sum::<f64>()
             / tail as f64,
         parts: match (parts.first(), parts.last()) {
-            (Some(&first), Some(&last)) => LossParts::mean(&parts[parts.len() - tail..])
-                .map(|tail_mean| [first, last, tail_mean]),
+            (Some(&first), Some(&last)) => {
+                LossParts::mean(&parts[parts.len().saturating_sub(tail)..])
+                    .map(|tail_mean| [first, last, tail_mean])
+            }
             _ => None,
         },
         loss_curve: curve(&losses, &parts),
@@ -957,6 +960,7 @@ fn load_checkpoint(
     params: &mut [Param],
     data: &mut Data,
     (losses, parts): (&mut Vec<f64>, &mut Vec<LossParts>),
+    distilling: bool,
 ) -> Result<Resumed, FinetuneError> {
     let err = |message: String| FinetuneError::Checkpoint {
         path: path.to_path_buf(),
@@ -1003,12 +1007,13 @@ fn load_checkpoint(
         .ok_or_else(|| err("`rng_seed` is not 32 bytes of hex".into()))?;
     let loaded: Vec<f64> =
         serde_json::from_str(&field("losses")?).map_err(|e| err(format!("`losses`: {e}")))?;
-    // Present exactly when the run distills (the fingerprint says whether it does).
+    // One entry per step exactly when the run distills.
     let loaded_parts: Vec<LossParts> = match meta.get("loss_parts") {
         Some(p) => serde_json::from_str(p).map_err(|e| err(format!("`loss_parts`: {e}")))?,
         None => Vec::new(),
     };
-    if !loaded_parts.is_empty() && loaded_parts.len() != loaded.len() {
+    let expected = if distilling { loaded.len() } else { 0 };
+    if loaded_parts.len() != expected {
         return Err(err("its loss history is inconsistent".into()));
     }
     let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
@@ -1715,7 +1720,11 @@ mod tests {
                 .map(|(n, w)| (n, w.iter().map(|x| x.to_bits()).collect()))
                 .collect()
         };
-        assert_eq!(bits(&resumed), bits(&whole), "weights differ after resuming");
+        assert_eq!(
+            bits(&resumed),
+            bits(&whole),
+            "weights differ after resuming"
+        );
         assert_eq!(report.loss_curve, full.loss_curve);
         assert_eq!(report.parts, full.parts);
         // The same run without distillation is another run.

@@ -1775,9 +1775,18 @@ mod tests {
             ("distill = { weight = 0 }", "finetune.distill.weight"),
             ("distill = { weight = 1.5 }", "finetune.distill.weight"),
             ("distill = { weight = nan }", "finetune.distill.weight"),
-            ("distill = { temperature = 0.0 }", "finetune.distill.temperature"),
-            ("distill = { temperature = -1.0 }", "finetune.distill.temperature"),
-            ("distill = { temperature = inf }", "finetune.distill.temperature"),
+            (
+                "distill = { temperature = 0.0 }",
+                "finetune.distill.temperature",
+            ),
+            (
+                "distill = { temperature = -1.0 }",
+                "finetune.distill.temperature",
+            ),
+            (
+                "distill = { temperature = inf }",
+                "finetune.distill.temperature",
+            ),
             ("steps = 0", "finetune.steps"),
             ("seq_len = 1", "finetune.seq_len"),
             ("batch = -1", "finetune.batch"),
