@@ -115,7 +115,7 @@ impl<'a> LossGradients<'a> {
             weight,
             temperature,
         } = distillation;
-        if !(0.0..=1.0).contains(&weight) || !(temperature.is_finite() && temperature > 0.0) {
+        if !((0.0..=1.0).contains(&weight) && temperature.is_finite() && temperature > 0.0) {
             return Err(EngineError::Input(format!(
                 "distillation needs a weight in [0, 1] and a temperature > 0, got {weight} and {temperature}"
             )));
