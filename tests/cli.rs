@@ -732,6 +732,37 @@ fn finetune_trains_holds_masks_checkpoints_and_resumes() {
         stderr.contains("bad.toml:15:") && stderr.contains("finetune.decay"),
         "{stderr}"
     );
+
+    // With distillation from the dense model (a new run: the old checkpoint removed), both
+    // loss parts are in the table and in report.json, and pruned weights stay zero.
+    std::fs::remove_file(&checkpoint).unwrap();
+    let o = run(
+        "distill.toml",
+        &pipeline(1, "distill = { weight = 0.5, temperature = 2.0 }\n"),
+    );
+    let (stdout, stderr) = text(&o);
+    assert!(o.status.success(), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("distillation (weight 0.5, T 2)"),
+        "{stdout}"
+    );
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
+    let parts = report["finetune"]["parts"].as_array().unwrap();
+    assert_eq!(parts.len(), 3, "{parts:?}");
+    assert!(parts[0]["kl"].as_f64().unwrap() > 0.0, "{parts:?}");
+    assert!(
+        parts[0]["cross_entropy"].as_f64().unwrap() > 0.0,
+        "{parts:?}"
+    );
+    let distilled = load(&out);
+    assert!(
+        distilled
+            .iter()
+            .zip(&keep)
+            .all(|(w, k)| *k != 0 || w.to_bits() == 0)
+    );
+    assert_ne!(distilled, trained, "distillation changed nothing");
 }
 
 /// A `magnitude` stage with a linear schedule runs during `[finetune]` (not before it): events

@@ -904,8 +904,12 @@ impl EventSink for Bars {
                 step.step,
                 step.steps,
                 format!(
-                    "loss {:.4}, lr {:.2e}, {:.0} tokens/s, ETA {}",
+                    "loss {:.4}{}, lr {:.2e}, {:.0} tokens/s, ETA {}",
                     step.loss,
+                    step.parts.map_or(String::new(), |p| format!(
+                        " (CE {:.4}, KL {:.4})",
+                        p.cross_entropy, p.kl
+                    )),
                     step.learning_rate,
                     step.tokens_per_second,
                     eta(step.eta_seconds)

@@ -382,6 +382,20 @@ pub fn print_report(r: &RunReport, layers: bool) {
                 f.tokens_per_second
             ),
         ]);
+        if let (Some(d), Some([first, last, tail])) = (&f.spec.distill, &f.parts) {
+            t.add_row(vec![
+                format!("distillation (weight {}, T {})", d.weight, d.temperature),
+                format!(
+                    "CE {:.4} → {:.4} (last tenth {:.4}), KL {:.4} → {:.4} (last tenth {:.4})",
+                    first.cross_entropy,
+                    last.cross_entropy,
+                    tail.cross_entropy,
+                    first.kl,
+                    last.kl,
+                    tail.kl
+                ),
+            ]);
+        }
         if let (Some(first), Some(last)) = (f.prune_events.first(), f.prune_events.last()) {
             t.add_row(vec![
                 "scheduled pruning".to_string(),

@@ -173,6 +173,7 @@ fn run_finetune(
     section: &crate::pipeline::FinetuneSection,
     models_dir: &Path,
     identity: &str,
+    teacher: Option<&espalier_engine::Model>,
     state: &mut RunState,
     pruner: Option<&mut dyn crate::finetune::Pruner>,
     sink: &mut dyn EventSink,
@@ -254,6 +255,7 @@ fn run_finetune(
         spec,
         text,
         identity,
+        teacher,
         &mut progress,
         pruner,
         cancel,
@@ -685,6 +687,14 @@ impl App {
             }
             (None, None) => None,
         };
+        // Distillation's teacher is the input model as it was before any stage pruned it (a
+        // clone shares the weights' storage; the stages replace weights rather than write them).
+        let teacher = plan
+            .pipeline
+            .finetune
+            .as_ref()
+            .and_then(|f| f.spec.distill)
+            .map(|_| model.clone());
         let mut outcome = execute(&plan, &self.runtime, model, sink, cancel)?;
         if let Some(section) = &plan.pipeline.finetune {
             let identity = format!("model={reference}\npipeline={}", plan.pipeline.name);
@@ -695,6 +705,7 @@ impl App {
                 section,
                 &self.config.models_dir,
                 &identity,
+                teacher.as_ref(),
                 &mut outcome.state,
                 scheduled
                     .as_mut()

@@ -23,6 +23,13 @@
 //! deterministic for a given machine and thread count, so a resumed run ends with the same
 //! weights, bit for bit, as one that was never interrupted (`resume_equals_uninterrupted_run`).
 //!
+//! Distillation (`distill` in the section): the loss mixes the next-token cross-entropy with
+//! the KL divergence from the dense model's predictions (see the engine's [`Distillation`]).
+//! The teacher is the run's input model, before any stage pruned it; its logits are made on
+//! the fly from its final hidden states (the LM head and final norm are frozen and shared), so
+//! nothing the size of `T × vocab` is kept. Both parts are reported per step, in the curve and
+//! in the checkpoint, and the settings are part of the fingerprint.
+//!
 //! Scheduled pruning ([`crate::schedule`]): a [`Pruner`] re-runs the pipeline's scheduled stages
 //! at their events, between steps, on the weights as trained so far. The new masks are
 //! intersected with the current ones (masks only shrink), and the newly pruned weights and both
@@ -36,7 +43,7 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 use espalier_engine::{
-    EngineError, Linear, LinearWeight, LossGradients, Model, Session, Tokenizer,
+    Distillation, EngineError, Linear, LinearWeight, LossGradients, Model, Session, Tokenizer,
 };
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
@@ -86,6 +93,41 @@ pub struct FinetuneSpec {
     pub checkpoint_every: u64,
     /// Where the checkpoint is kept; `None`: no checkpoints.
     pub checkpoint_dir: Option<PathBuf>,
+    /// Distillation from the dense model; `None`: cross-entropy alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub distill: Option<DistillSpec>,
+}
+
+/// `distill = { weight = α, temperature = T }`: the loss is `(1 − α)·CE + α·T²·KL(dense ‖
+/// fine-tuned)` at temperature `T`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct DistillSpec {
+    /// `α` in `[0, 1]`.
+    pub weight: f64,
+    /// `T > 0`.
+    pub temperature: f64,
+}
+
+/// The two parts of a distillation loss: the mean next-token cross-entropy and the mean KL
+/// divergence of the fine-tuned model's predictions from the dense model's (at the
+/// temperature, before its weight and `T²`).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct LossParts {
+    /// Mean next-token cross-entropy.
+    pub cross_entropy: f64,
+    /// Mean KL divergence from the dense model.
+    pub kl: f64,
+}
+
+impl LossParts {
+    /// The mean of `parts` (`None` when empty).
+    fn mean(parts: &[LossParts]) -> Option<LossParts> {
+        let n = parts.len() as f64;
+        (!parts.is_empty()).then(|| LossParts {
+            cross_entropy: parts.iter().map(|p| p.cross_entropy).sum::<f64>() / n,
+            kl: parts.iter().map(|p| p.kl).sum::<f64>() / n,
+        })
+    }
 }
 
 impl FinetuneSpec {
@@ -106,6 +148,7 @@ impl FinetuneSpec {
             seed: 0,
             checkpoint_every: 100,
             checkpoint_dir: None,
+            distill: None,
         }
     }
 
@@ -215,8 +258,11 @@ pub struct StepReport {
     pub step: u64,
     /// Steps in the run.
     pub steps: u64,
-    /// Mean next-token loss over the step's sequences.
+    /// Mean loss over the step's sequences (with distillation, the mix of its parts).
     pub loss: f64,
+    /// With distillation, the loss's two parts.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub parts: Option<LossParts>,
     /// Learning rate of the step.
     pub learning_rate: f64,
     /// Global gradient norm before clipping.
@@ -273,6 +319,9 @@ pub struct LossPoint {
     pub last: u64,
     /// Mean loss over the span.
     pub loss: f64,
+    /// With distillation, the means of the loss's parts over the span.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parts: Option<LossParts>,
 }
 
 /// What the run report records of a fine-tune.
@@ -294,6 +343,10 @@ pub struct FinetuneReport {
     pub final_loss: f64,
     /// Mean loss over the last tenth of the steps (at least one): less noisy than the last.
     pub final_loss_mean: f64,
+    /// With distillation, the loss parts of the first step, the last step and the mean over
+    /// the last tenth (as `final_loss_mean`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parts: Option<[LossParts; 3]>,
     /// The loss curve, at most 32 means over equal spans of steps.
     pub loss_curve: Vec<LossPoint>,
     /// Wall time of the steps this process ran, seconds.
@@ -423,7 +476,8 @@ impl TrainingText {
 /// `text` as `spec` says. `identity` names the run for the checkpoint's fingerprint (model
 /// reference and pipeline); `progress` hears the start, every step and every prune event;
 /// `pruner` runs scheduled stages at their events, and `masks` ends as they left them; `cancel`
-/// is checked between micro-batches.
+/// is checked between micro-batches. `teacher` is the dense model `spec.distill` distills
+/// from (needed only then).
 #[allow(clippy::too_many_arguments)]
 pub fn finetune(
     model: &mut Model,
@@ -431,11 +485,28 @@ pub fn finetune(
     spec: &FinetuneSpec,
     text: TrainingText,
     identity: &str,
+    teacher: Option<&Model>,
     progress: &mut dyn FinetuneObserver,
     mut pruner: Option<&mut dyn Pruner>,
     cancel: &CancelToken,
 ) -> Result<FinetuneReport, FinetuneError> {
     let mut session = Session::new(model)?;
+    let teacher = match (spec.distill, teacher) {
+        (None, _) => None,
+        (Some(d), Some(t)) => Some((
+            Session::new(t)?,
+            Distillation {
+                weight: d.weight,
+                temperature: d.temperature,
+            },
+        )),
+        (Some(_), None) => {
+            return Err(EngineError::Input(
+                "internal: distillation needs the dense model as its teacher".into(),
+            )
+            .into());
+        }
+    };
     let mut params = Vec::new();
     let mut biases = BTreeMap::new();
     for linear in session.block_linears() {
@@ -479,6 +550,8 @@ pub fn finetune(
     let text_tokens = text.tokens;
     let mut data = Data::new(text.sequences, spec.seed);
     let mut losses: Vec<f64> = Vec::new();
+    // Per step, with distillation.
+    let mut parts: Vec<LossParts> = Vec::new();
     let mut start = 0u64;
     let mut resumed_from = None;
     let mut events: Vec<PruneEvent> = Vec::new();
@@ -492,7 +565,8 @@ pub fn finetune(
             &scheduled,
             &mut params,
             &mut data,
-            &mut losses,
+            (&mut losses, &mut parts),
+            teacher.is_some(),
         )?;
         start = resumed.step;
         resumed_from = Some(resumed.step);
@@ -558,8 +632,11 @@ pub fn finetune(
             Some(s) => format!("the checkpoint of step {s} is kept"),
             None => "no checkpoint was written".to_string(),
         };
-        let (loss, mut grads) = {
+        let (loss, step_parts, mut grads) = {
             let mut pass = LossGradients::new(&session)?;
+            if let Some((t, d)) = &teacher {
+                pass = pass.with_teacher(t, *d)?;
+            }
             for _ in 0..spec.accumulate {
                 if cancel.is_cancelled() {
                     return Err(FinetuneError::Cancelled);
@@ -567,6 +644,9 @@ pub fn finetune(
                 pass.accumulate(&data.next_batch(spec.batch))?;
             }
             let loss = pass.mean_loss();
+            let step_parts = pass
+                .mean_parts()
+                .map(|(cross_entropy, kl)| LossParts { cross_entropy, kl });
             let mut stats = pass.finish()?.mean;
             let mut grads = Vec::with_capacity(params.len());
             for p in &params {
@@ -583,7 +663,7 @@ pub fn finetune(
                 }
                 grads.push(g);
             }
-            (loss, grads)
+            (loss, step_parts, grads)
         };
         if !loss.is_finite() {
             return Err(FinetuneError::Diverged {
@@ -614,12 +694,14 @@ pub fn finetune(
             set_linear(&mut session, p, &biases)?;
         }
         losses.push(loss);
+        parts.extend(step_parts);
         let done_here = (step + 1 - start) as f64;
         let elapsed = began.elapsed().as_secs_f64();
         progress.step(&StepReport {
             step: step + 1,
             steps: spec.steps,
             loss,
+            parts: step_parts,
             learning_rate: lr,
             grad_norm,
             tokens_per_second: tokens_per_step / step_began.elapsed().as_secs_f64().max(1e-9),
@@ -633,7 +715,7 @@ pub fn finetune(
                 step + 1,
                 (&params, masks),
                 &data,
-                &losses,
+                (&losses, &parts),
                 &events,
             )?;
             last_checkpoint = Some(step + 1);
@@ -658,7 +740,14 @@ pub fn finetune(
             .iter()
             .sum::<f64>()
             / tail as f64,
-        loss_curve: curve(&losses),
+        parts: match (parts.first(), parts.last()) {
+            (Some(&first), Some(&last)) => {
+                LossParts::mean(&parts[parts.len().saturating_sub(tail)..])
+                    .map(|tail_mean| [first, last, tail_mean])
+            }
+            _ => None,
+        },
+        loss_curve: curve(&losses, &parts),
         seconds,
         tokens_per_second: if seconds > 0.0 {
             ran as f64 * tokens_per_step / seconds
@@ -742,8 +831,9 @@ fn set_linear(
     Ok(())
 }
 
-/// Means of the losses over at most [`CURVE_POINTS`] equal spans.
-fn curve(losses: &[f64]) -> Vec<LossPoint> {
+/// Means of the losses (and of their parts, when there are any) over at most
+/// [`CURVE_POINTS`] equal spans.
+fn curve(losses: &[f64], parts: &[LossParts]) -> Vec<LossPoint> {
     let n = losses.len();
     let points = n.min(CURVE_POINTS);
     (0..points)
@@ -753,6 +843,7 @@ fn curve(losses: &[f64]) -> Vec<LossPoint> {
                 first: a as u64 + 1,
                 last: b as u64,
                 loss: losses[a..b].iter().sum::<f64>() / (b - a) as f64,
+                parts: parts.get(a..b).and_then(LossParts::mean),
             }
         })
         .collect()
@@ -777,7 +868,7 @@ fn write_checkpoint(
     step: u64,
     (params, masks): (&[Param], &BTreeMap<String, Mask>),
     data: &Data,
-    losses: &[f64],
+    (losses, parts): (&[f64], &[LossParts]),
     events: &[PruneEvent],
 ) -> Result<(), FinetuneError> {
     let err = |message: String| FinetuneError::WriteCheckpoint {
@@ -817,6 +908,12 @@ fn write_checkpoint(
         "losses".to_string(),
         serde_json::to_string(losses).map_err(|e| err(e.to_string()))?,
     );
+    if !parts.is_empty() {
+        meta.insert(
+            "loss_parts".to_string(),
+            serde_json::to_string(parts).map_err(|e| err(e.to_string()))?,
+        );
+    }
     // The masks' structures, so a resumed run packs and reports them as the stages made them.
     let structures: BTreeMap<&str, String> = masks
         .iter()
@@ -862,7 +959,8 @@ fn load_checkpoint(
     scheduled: &std::collections::BTreeSet<String>,
     params: &mut [Param],
     data: &mut Data,
-    losses: &mut Vec<f64>,
+    (losses, parts): (&mut Vec<f64>, &mut Vec<LossParts>),
+    distilling: bool,
 ) -> Result<Resumed, FinetuneError> {
     let err = |message: String| FinetuneError::Checkpoint {
         path: path.to_path_buf(),
@@ -909,6 +1007,15 @@ fn load_checkpoint(
         .ok_or_else(|| err("`rng_seed` is not 32 bytes of hex".into()))?;
     let loaded: Vec<f64> =
         serde_json::from_str(&field("losses")?).map_err(|e| err(format!("`losses`: {e}")))?;
+    // One entry per step exactly when the run distills.
+    let loaded_parts: Vec<LossParts> = match meta.get("loss_parts") {
+        Some(p) => serde_json::from_str(p).map_err(|e| err(format!("`loss_parts`: {e}")))?,
+        None => Vec::new(),
+    };
+    let expected = if distilling { loaded.len() } else { 0 };
+    if loaded_parts.len() != expected {
+        return Err(err("its loss history is inconsistent".into()));
+    }
     let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
         .map_err(|e| err(e.to_string()))?;
     let get = |key: String, dtype: DType, len: usize| -> Result<&Tensor, FinetuneError> {
@@ -974,6 +1081,7 @@ fn load_checkpoint(
     data.epoch = epoch;
     data.rng = rng;
     *losses = loaded;
+    *parts = loaded_parts;
     let structures = match meta.get("structures") {
         Some(s) => serde_json::from_str(s).map_err(|e| err(format!("`structures`: {e}")))?,
         None => BTreeMap::new(),
@@ -1084,12 +1192,15 @@ mod tests {
     ) -> Result<FinetuneReport, FinetuneError> {
         let tokenizer = Tokenizer::for_model(model).unwrap();
         let text = TrainingText::from_text(&text(), spec, &tokenizer).unwrap();
+        // The teacher is the dense model the pruned one came from.
+        let teacher = builtin_model("tiny-llama").unwrap();
         finetune(
             model,
             &mut masks.clone(),
             spec,
             text,
             "test",
+            Some(&teacher),
             &mut |s: &StepReport| progress(s),
             None,
             cancel,
@@ -1262,6 +1373,7 @@ mod tests {
             spec,
             text,
             "test",
+            None,
             &mut watch,
             Some(pruner),
             &cancel,
@@ -1552,5 +1664,72 @@ mod tests {
         let second: Vec<u32> = a.next_batch(5).into_iter().flatten().collect();
         assert_eq!(a.epoch, 1);
         assert_ne!(first, second, "each epoch is shuffled anew");
+    }
+
+    /// With distillation from the dense model: every step reports both loss parts (mixed as
+    /// the settings say, the KL positive since pruning moved the model), the masks hold, a
+    /// resume across an interruption is bit-exact (parts included), and a checkpoint of the
+    /// same run without distillation is refused.
+    #[test]
+    fn distilled_finetune_reports_parts_holds_masks_and_resumes_exactly() {
+        let (model, masks) = pruned_model();
+        let mut s = spec(None);
+        s.distill = Some(DistillSpec {
+            weight: 0.5,
+            temperature: 2.0,
+        });
+        let whole_dir = tempfile::tempdir().unwrap();
+        s.checkpoint_dir = Some(whole_dir.path().to_path_buf());
+        let mut whole = model.clone();
+        let mut steps = Vec::new();
+        let full = run_with(&mut whole, &masks, &s, &mut |r: &StepReport| {
+            steps.push(r.clone())
+        })
+        .unwrap();
+        assert_eq!(steps.len(), 4);
+        for r in &steps {
+            let p = r.parts.unwrap();
+            assert!(p.kl > 0.0 && p.cross_entropy > 0.0, "{r:?}");
+            let mix = 0.5 * p.cross_entropy + 0.5 * 4.0 * p.kl;
+            assert!((r.loss - mix).abs() <= 1e-9 * mix, "{r:?}");
+        }
+        let [first, last, _] = full.parts.unwrap();
+        assert_eq!(first, steps[0].parts.unwrap());
+        assert_eq!(last, steps[3].parts.unwrap());
+        assert!(full.loss_curve.iter().all(|p| p.parts.is_some()));
+        for (name, w) in weights(&whole, &masks) {
+            let keep = masks[&name].keep();
+            assert!(
+                w.iter().zip(keep).all(|(w, k)| *k || w.to_bits() == 0),
+                "{name}: a pruned weight came back"
+            );
+        }
+        // Interrupted after step 3 and resumed from step 2's checkpoint.
+        let dir = tempfile::tempdir().unwrap();
+        s.checkpoint_dir = Some(dir.path().to_path_buf());
+        assert!(matches!(
+            run(&mut model.clone(), &masks, &s, Some(3)),
+            Err(FinetuneError::Cancelled)
+        ));
+        let mut resumed = model.clone();
+        let report = run(&mut resumed, &masks, &s, None).unwrap();
+        assert_eq!(report.resumed_from, Some(2));
+        let bits = |m: &Model| -> Vec<(String, Vec<u32>)> {
+            weights(m, &masks)
+                .into_iter()
+                .map(|(n, w)| (n, w.iter().map(|x| x.to_bits()).collect()))
+                .collect()
+        };
+        assert_eq!(
+            bits(&resumed),
+            bits(&whole),
+            "weights differ after resuming"
+        );
+        assert_eq!(report.loss_curve, full.loss_curve);
+        assert_eq!(report.parts, full.parts);
+        // The same run without distillation is another run.
+        s.distill = None;
+        let e = run(&mut model.clone(), &masks, &s, None).unwrap_err();
+        assert!(matches!(e, FinetuneError::Checkpoint { .. }), "{e}");
     }
 }

@@ -261,6 +261,15 @@ struct RawFinetune {
     seed: Option<Spanned<i64>>,
     checkpoint_every: Option<Spanned<i64>>,
     checkpoint_dir: Option<Spanned<String>>,
+    distill: Option<Spanned<RawDistill>>,
+}
+
+/// `distill = { weight = 0.5, temperature = 2.0 }` in `[finetune]`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDistill {
+    weight: Option<Spanned<f64>>,
+    temperature: Option<Spanned<f64>>,
 }
 
 #[derive(Deserialize)]
@@ -1021,6 +1030,30 @@ fn parse_finetune(
         }
         spec.checkpoint_every = n as u64;
     }
+    if let Some(d) = &f.distill {
+        let d = d.get_ref();
+        let mut distill = crate::finetune::DistillSpec {
+            weight: 0.5,
+            temperature: 2.0,
+        };
+        if let Some(w) = float(
+            &d.weight,
+            "distill.weight",
+            &|x| x > 0.0 && x <= 1.0,
+            "must be in (0, 1] (leave `distill` out for cross-entropy alone)",
+        )? {
+            distill.weight = w;
+        }
+        if let Some(t) = float(
+            &d.temperature,
+            "distill.temperature",
+            &|x| x > 0.0 && x <= 100.0,
+            "must be in (0, 100]",
+        )? {
+            distill.temperature = t;
+        }
+        spec.distill = Some(distill);
+    }
     let fetched = spec.text.to_str().is_some_and(|t| t.starts_with("fetch:"));
     if !fetched && !spec.text.is_file() {
         return Err(PipelineError {
@@ -1721,7 +1754,39 @@ mod tests {
         assert_eq!(s.adamw.weight_decay, 0.01);
         assert_eq!(s.checkpoint_dir, Some(base.join("ck")));
         assert_eq!(s.checkpoint_every, 5);
+        assert_eq!(s.distill, None);
+        // Distillation: defaults, and both settings read.
+        for (line, weight, temperature) in [
+            ("distill = {}", 0.5, 2.0),
+            ("distill = { weight = 0.25, temperature = 4.0 }", 0.25, 4.0),
+            ("distill = { weight = 1 }", 1.0, 2.0),
+        ] {
+            let p = Pipeline::parse_in("p.toml", &format!("{head}{line}\n"), base).unwrap();
+            assert_eq!(
+                p.finetune.unwrap().spec.distill,
+                Some(crate::finetune::DistillSpec {
+                    weight,
+                    temperature
+                }),
+                "{line}"
+            );
+        }
         for (line, field) in [
+            ("distill = { weight = 0 }", "finetune.distill.weight"),
+            ("distill = { weight = 1.5 }", "finetune.distill.weight"),
+            ("distill = { weight = nan }", "finetune.distill.weight"),
+            (
+                "distill = { temperature = 0.0 }",
+                "finetune.distill.temperature",
+            ),
+            (
+                "distill = { temperature = -1.0 }",
+                "finetune.distill.temperature",
+            ),
+            (
+                "distill = { temperature = inf }",
+                "finetune.distill.temperature",
+            ),
             ("steps = 0", "finetune.steps"),
             ("seq_len = 1", "finetune.seq_len"),
             ("batch = -1", "finetune.batch"),
@@ -1737,6 +1802,7 @@ mod tests {
             ("checkpoint_every = 3", "finetune.checkpoint_every"),
             ("text = \"missing.txt\"", "finetune.text"),
             ("setps = 3", "finetune"),
+            ("distill = { wieght = 0.5 }", "finetune.distill"),
         ] {
             let src = format!("model = \"m\"\n[finetune]\n{line}\n");
             let src = if line.starts_with("text") {

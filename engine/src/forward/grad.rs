@@ -13,6 +13,13 @@
 //! gradient autograd would compute for the tied embedding). The blocks' graph is then closed with
 //! the surrogate `sum(h ⊙ dL/dh)`, whose gradients equal those of the loss.
 //!
+//! Distillation ([`LossGradients::with_teacher`]): the loss becomes, per predicted token,
+//! `(1 − α)·CE + α·T²·KL(softmax(z_t/T) ‖ softmax(z_s/T))`, with `z_t` the logits of a teacher
+//! session (the dense model) on the same tokens, from its inference path. The gradient with
+//! respect to the student's logits is `(1 − α)(softmax(z_s) − onehot) + α·T·(softmax(z_s/T) −
+//! softmax(z_t/T))`, formed in the same chunks; the teacher's logits are made chunk by chunk
+//! from its final hidden states, so neither model ever holds all `T × vocab` logits.
+//!
 //! Several sequences run as one batch (`[B·T, hidden]` through the linears), so a weight's
 //! gradient for the batch is one large matmul instead of B small ones.
 
@@ -47,6 +54,20 @@ pub struct LossGradients<'a> {
     squares: Option<BTreeMap<String, Vec<f32>>>,
     sequences: usize,
     loss_sum: f64,
+    /// The teacher and the mix, when distilling.
+    teacher: Option<(&'a Session, Distillation)>,
+    /// Running sums of the per-sequence mean cross-entropy and KL, when distilling.
+    parts_sum: (f64, f64),
+}
+
+/// How a distillation term joins the next-token loss: `(1 − weight)·CE + weight ·
+/// temperature² · KL(teacher ‖ student)` at `temperature`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Distillation {
+    /// `α` in `[0, 1]`: 0 is plain cross-entropy, 1 distillation alone.
+    pub weight: f64,
+    /// `T > 0`, dividing both models' logits before their softmax.
+    pub temperature: f64,
 }
 
 impl<'a> LossGradients<'a> {
@@ -71,7 +92,36 @@ impl<'a> LossGradients<'a> {
             squares: None,
             sequences: 0,
             loss_sum: 0.0,
+            teacher: None,
+            parts_sum: (0.0, 0.0),
         })
+    }
+
+    /// Adds distillation from `teacher` (see the module doc). Fails when the teacher's
+    /// vocabulary differs from the student's, or `distillation` is out of range.
+    pub fn with_teacher(
+        mut self,
+        teacher: &'a Session,
+        distillation: Distillation,
+    ) -> Result<Self, EngineError> {
+        if teacher.vocab_size() != self.session.vocab_size() {
+            return Err(EngineError::Input(format!(
+                "the teacher's vocabulary has {} entries, the student's {}",
+                teacher.vocab_size(),
+                self.session.vocab_size()
+            )));
+        }
+        let Distillation {
+            weight,
+            temperature,
+        } = distillation;
+        if !((0.0..=1.0).contains(&weight) && temperature.is_finite() && temperature > 0.0) {
+            return Err(EngineError::Input(format!(
+                "distillation needs a weight in [0, 1] and a temperature > 0, got {weight} and {temperature}"
+            )));
+        }
+        self.teacher = Some((teacher, distillation));
+        Ok(self)
     }
 
     /// Also accumulates the squared gradient of every sequence (the empirical Fisher diagonal).
@@ -118,6 +168,15 @@ impl<'a> LossGradients<'a> {
         self.loss_sum / self.sequences.max(1) as f64
     }
 
+    /// When distilling, the mean cross-entropy and the mean KL (at the temperature, before
+    /// its weight and `T²`) of the sequences seen so far; [`LossGradients::mean_loss`] is
+    /// their mix.
+    pub fn mean_parts(&self) -> Option<(f64, f64)> {
+        let n = self.sequences.max(1) as f64;
+        self.teacher
+            .map(|_| (self.parts_sum.0 / n, self.parts_sum.1 / n))
+    }
+
     /// The mean gradient per weight name, `[out, in]` f32 tensors, and the mean squared
     /// gradient when [`LossGradients::with_squares`] asked for it.
     pub fn finish(mut self) -> Result<GradientStats, EngineError> {
@@ -147,6 +206,8 @@ impl<'a> LossGradients<'a> {
 
     fn add(&mut self, batch: BatchGradients) -> Result<(), EngineError> {
         self.loss_sum += batch.loss_sum;
+        self.parts_sum.0 += batch.parts_sum.0;
+        self.parts_sum.1 += batch.parts_sum.1;
         self.sequences += batch.sequences;
         for (name, g) in batch.grads {
             // Read in place (no copy of a gradient the size of the model per batch).
@@ -189,8 +250,24 @@ impl<'a> LossGradients<'a> {
         let detached = hidden.detach();
         let mut dh = vec![0f32; b * t * hidden.dims()[1]];
         let mut loss_sum = 0.0;
+        let mut parts_sum = (0.0, 0.0);
         for (k, seq) in batch.iter().enumerate() {
-            let (loss, grad) = head_gradient(&s.lm_head, &detached.narrow(0, k * t, t)?, seq)?;
+            let h = detached.narrow(0, k * t, t)?;
+            let (loss, grad) = match self.teacher {
+                None => head_gradient(&s.lm_head, &h, seq)?,
+                Some((teacher, d)) => {
+                    // The teacher's final hidden states from its (fused) inference path.
+                    let th = teacher.hidden_states(seq, None, None)?;
+                    let (ce, kl, grad) =
+                        distill_head_gradient(&s.lm_head, &h, (&teacher.lm_head, &th), seq, d)?;
+                    parts_sum.0 += ce;
+                    parts_sum.1 += kl;
+                    (
+                        (1.0 - d.weight) * ce + d.weight * d.temperature * d.temperature * kl,
+                        grad,
+                    )
+                }
+            };
             loss_sum += loss;
             let width = grad.len();
             dh[k * width..(k + 1) * width].copy_from_slice(&grad);
@@ -206,6 +283,7 @@ impl<'a> LossGradients<'a> {
         }
         Ok(BatchGradients {
             loss_sum,
+            parts_sum,
             sequences: b,
             grads,
         })
@@ -335,6 +413,7 @@ pub struct GradientStats {
 /// The result of one batch, before it is added to the running sums.
 struct BatchGradients {
     loss_sum: f64,
+    parts_sum: (f64, f64),
     sequences: usize,
     grads: Vec<(String, Tensor)>,
 }
@@ -437,6 +516,94 @@ fn head_gradient(
         grad[first * width..first * width + dh.len()].copy_from_slice(&dh);
     }
     Ok((loss / f64::from(n), grad))
+}
+
+/// With distillation: the mean cross-entropy and the mean KL of one sequence (see
+/// [`Distillation`]) and the gradient of their mix with respect to the student's final hidden
+/// states `h: [T, hidden]` (the last row zero), the teacher's logits made chunk by chunk from
+/// its own head and final hidden states.
+fn distill_head_gradient(
+    head: &Linear,
+    h: &Tensor,
+    (teacher_head, teacher_h): (&Linear, &Tensor),
+    tokens: &[u32],
+    d: Distillation,
+) -> Result<(f64, f64, Vec<f32>), EngineError> {
+    let (t, width) = h.dims2()?;
+    if teacher_h.dims2()?.0 != t {
+        return Err(EngineError::Input(
+            "internal: the teacher's hidden states do not match the sequence".into(),
+        ));
+    }
+    let targets = &tokens[1..];
+    let n = targets.len() as f32;
+    let LinearWeight::Dense(w) = head.weight() else {
+        return Err(EngineError::Tensor {
+            name: head.name().to_string(),
+            message: "gradients need the dense LM head".into(),
+        });
+    };
+    let (alpha, temp) = (d.weight as f32, d.temperature as f32);
+    let (ce_scale, kl_scale) = (1.0 - alpha, alpha * temp);
+    let mut grad = vec![0f32; t * width];
+    let (mut ce, mut kl) = (0f64, 0f64);
+    let mut ps = Vec::new();
+    let mut pt = Vec::new();
+    for (c, chunk) in targets.chunks(LM_HEAD_CHUNK).enumerate() {
+        let first = c * LM_HEAD_CHUNK;
+        let logits = head.forward(&h.narrow(0, first, chunk.len())?)?;
+        let teacher = teacher_head
+            .forward(&teacher_h.narrow(0, first, chunk.len())?)?
+            .to_vec2::<f32>()?;
+        ce += ops::row_nll(&logits, chunk)?
+            .iter()
+            .map(|&l| f64::from(l))
+            .sum::<f64>();
+        // softmax(z_s), exactly as the plain loss forms it (weight 0 gives its bits).
+        let max = logits.max_keepdim(D::Minus1)?;
+        let e = logits.broadcast_sub(&max)?.exp()?;
+        let p = e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?;
+        let student = logits.to_vec2::<f32>()?;
+        let mut dlogits = p.to_vec2::<f32>()?;
+        for (((row, &target), zs), zt) in dlogits.iter_mut().zip(chunk).zip(&student).zip(&teacher)
+        {
+            let lse_s = tempered_softmax(zs, temp, &mut ps);
+            let lse_t = tempered_softmax(zt, temp, &mut pt);
+            // KL(p_t ‖ p_s) = Σ p_t (log p_t − log p_s), log p = z/T − lse.
+            kl += zt
+                .iter()
+                .zip(zs)
+                .zip(&pt)
+                .map(|((&a, &b), &q)| {
+                    let (a, b) = (f64::from(a / temp) - lse_t, f64::from(b / temp) - lse_s);
+                    f64::from(q) * (a - b)
+                })
+                .sum::<f64>();
+            for ((g, &a), &b) in row.iter_mut().zip(&ps).zip(&pt) {
+                *g = ce_scale * *g + kl_scale * (a - b);
+            }
+            row[target as usize] -= ce_scale;
+            row.iter_mut().for_each(|v| *v /= n);
+        }
+        let rows = dlogits.len();
+        let dlogits = Tensor::new(dlogits, &Device::Cpu)?.reshape((rows, ()))?;
+        let dh = dlogits.matmul(w)?;
+        let dh = dh.flatten_all()?.to_vec1::<f32>()?;
+        grad[first * width..first * width + dh.len()].copy_from_slice(&dh);
+    }
+    let n = f64::from(n);
+    Ok((ce / n, kl / n, grad))
+}
+
+/// Writes `softmax(z / temp)` into `out` and returns the log-sum-exp of `z / temp` (f64).
+fn tempered_softmax(z: &[f32], temp: f32, out: &mut Vec<f32>) -> f64 {
+    let max = z.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v / temp));
+    out.clear();
+    out.extend(z.iter().map(|&v| (v / temp - max).exp()));
+    let sum: f64 = out.iter().map(|&v| f64::from(v)).sum();
+    let inv = (1.0 / sum) as f32;
+    out.iter_mut().for_each(|v| *v *= inv);
+    f64::from(max) + sum.ln()
 }
 
 #[cfg(test)]
@@ -546,5 +713,194 @@ mod tests {
         let slope = (loss_at(eps) - loss_at(-eps)) / (2.0 * eps);
         let rel = (slope - norm2).abs() / norm2;
         assert!(rel < 2e-2, "finite difference {slope} vs |g|² {norm2}");
+    }
+
+    /// The distillation objective of `tokens`, in f64 from both models' full logits (an
+    /// implementation independent of the chunked one).
+    fn reference_objective(
+        student: &Session,
+        teacher: &Session,
+        tokens: &[u32],
+        d: Distillation,
+    ) -> (f64, f64) {
+        let rows = |s: &Session| -> Vec<Vec<f64>> {
+            s.forward(tokens, None)
+                .unwrap()
+                .to_vec2::<f32>()
+                .unwrap()
+                .into_iter()
+                .map(|r| r.into_iter().map(f64::from).collect())
+                .collect()
+        };
+        let log_softmax = |z: &[f64], temp: f64| -> Vec<f64> {
+            let max = z.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v / temp));
+            let lse = max + z.iter().map(|&v| (v / temp - max).exp()).sum::<f64>().ln();
+            z.iter().map(|&v| v / temp - lse).collect()
+        };
+        let (zs, zt) = (rows(student), rows(teacher));
+        let n = (tokens.len() - 1) as f64;
+        let (mut ce, mut kl) = (0.0, 0.0);
+        for i in 0..tokens.len() - 1 {
+            ce -= log_softmax(&zs[i], 1.0)[tokens[i + 1] as usize];
+            let (ls, lt) = (
+                log_softmax(&zs[i], d.temperature),
+                log_softmax(&zt[i], d.temperature),
+            );
+            kl += lt
+                .iter()
+                .zip(&ls)
+                .map(|(t, s)| t.exp() * (t - s))
+                .sum::<f64>();
+        }
+        (ce / n, kl / n)
+    }
+
+    /// A student that differs from the tiny model (its teacher): two weights scaled by −2.
+    fn student_of(teacher: &Session) -> Session {
+        let mut s = teacher.clone();
+        for name in [
+            "model.layers.0.mlp.down_proj.weight",
+            "model.layers.1.self_attn.o_proj.weight",
+        ] {
+            let linear = s.linear_mut(name).unwrap();
+            let LinearWeight::Dense(w) = linear.weight() else {
+                panic!()
+            };
+            let w = (w * -2.0).unwrap();
+            *linear = Linear::dense(name, w, None).unwrap();
+        }
+        s
+    }
+
+    /// With distillation, the parts agree with an f64 reference on full logits, and a central
+    /// finite difference of that reference objective along the gradient agrees with the
+    /// gradient's squared norm: with distillation alone (weight 1, so the KL's gradient is
+    /// all there is) and mixed with cross-entropy.
+    #[test]
+    fn distillation_gradients_agree_with_finite_differences() {
+        let model = builtin_model("tiny-llama").unwrap();
+        let teacher = Session::new(&model).unwrap();
+        let student = student_of(&teacher);
+        let seq: Vec<u32> = (0..24u32).map(|i| (i * 53 + 7) % 256).collect();
+        for (weight, temperature) in [(1.0, 2.0), (0.5, 2.0)] {
+            let d = Distillation {
+                weight,
+                temperature,
+            };
+            let mut g = LossGradients::new(&student)
+                .unwrap()
+                .with_teacher(&teacher, d)
+                .unwrap();
+            g.accumulate(std::slice::from_ref(&seq)).unwrap();
+            let (ce, kl) = g.mean_parts().unwrap();
+            let (rce, rkl) = reference_objective(&student, &teacher, &seq, d);
+            assert!((ce - rce).abs() < 1e-4, "CE {ce} vs {rce}");
+            assert!(
+                kl > 1e-3 && (kl - rkl).abs() < 1e-3 * rkl,
+                "KL {kl} vs {rkl}"
+            );
+            let mix = |(ce, kl): (f64, f64)| {
+                (1.0 - weight) * ce + weight * temperature * temperature * kl
+            };
+            assert!((g.mean_loss() - mix((rce, rkl))).abs() < 1e-4);
+            let grads = g.finish().unwrap().mean;
+            for name in [
+                "model.layers.1.mlp.up_proj.weight",
+                "model.layers.0.self_attn.q_proj.weight",
+            ] {
+                let grad = &grads[name];
+                let norm2: f64 = grad
+                    .sqr()
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap()
+                    .into();
+                let eps = 1e-1 / norm2.sqrt();
+                let objective_at = |step: f64| {
+                    let mut moved = student.clone();
+                    let linear = moved.linear_mut(name).unwrap();
+                    let LinearWeight::Dense(w) = linear.weight() else {
+                        panic!()
+                    };
+                    let w = (w + (grad * step).unwrap()).unwrap();
+                    *linear = Linear::dense(name, w, None).unwrap();
+                    mix(reference_objective(&moved, &teacher, &seq, d))
+                };
+                let slope = (objective_at(eps) - objective_at(-eps)) / (2.0 * eps);
+                let rel = (slope - norm2).abs() / norm2;
+                assert!(
+                    rel < 2e-2,
+                    "{weight} {name}: finite difference {slope} vs |g|² {norm2}"
+                );
+            }
+        }
+    }
+
+    /// Weight 0 gives the plain cross-entropy gradients bit for bit; a teacher equal to the
+    /// student gives a zero KL, and gradients `(1 − α)` times the plain ones.
+    #[test]
+    fn distillation_limits() {
+        let model = builtin_model("tiny-llama").unwrap();
+        let teacher = Session::new(&model).unwrap();
+        let student = student_of(&teacher);
+        let seqs: Vec<Vec<u32>> = (0..2)
+            .map(|k| (0..20u32).map(|i| (i * 31 + 17 * k + 1) % 256).collect())
+            .collect();
+        let run = |s: &Session, t: Option<(&Session, Distillation)>| {
+            let mut g = LossGradients::new(s).unwrap();
+            if let Some((t, d)) = t {
+                g = g.with_teacher(t, d).unwrap();
+            }
+            g.accumulate(&seqs).unwrap();
+            let (loss, parts) = (g.mean_loss(), g.mean_parts());
+            let grads = g.finish().unwrap().mean;
+            let flat: Vec<(String, Vec<f32>)> = grads
+                .into_iter()
+                .map(|(n, t)| (n, t.flatten_all().unwrap().to_vec1::<f32>().unwrap()))
+                .collect();
+            (loss, parts, flat)
+        };
+        let (plain_loss, none, plain) = run(&student, None);
+        assert_eq!(none, None);
+        let d0 = Distillation {
+            weight: 0.0,
+            temperature: 2.0,
+        };
+        let (loss0, parts0, zero) = run(&student, Some((&teacher, d0)));
+        assert_eq!(
+            zero, plain,
+            "weight 0 must give the plain gradients bit for bit"
+        );
+        assert_eq!(loss0.to_bits(), plain_loss.to_bits());
+        assert!(parts0.unwrap().1 > 1e-4, "the models differ: {parts0:?}");
+        let d = Distillation {
+            weight: 0.5,
+            temperature: 3.0,
+        };
+        let (_, same, half) = run(&student, Some((&student, d)));
+        let (ce, kl) = same.unwrap();
+        assert!((ce - plain_loss).abs() < 1e-9, "{ce} vs {plain_loss}");
+        assert!(kl.abs() < 1e-7, "KL of a model against itself: {kl}");
+        for ((name, h), (_, p)) in half.iter().zip(&plain) {
+            let scale = p.iter().fold(0f32, |m, v| m.max(v.abs()));
+            for (h, p) in h.iter().zip(p) {
+                assert!((h - 0.5 * p).abs() <= 1e-4 * scale, "{name}: {h} vs {p}/2");
+            }
+        }
+        // Out-of-range settings are refused.
+        for (weight, temperature) in [(1.5, 1.0), (-0.1, 1.0), (0.5, 0.0), (0.5, f64::NAN)] {
+            let d = Distillation {
+                weight,
+                temperature,
+            };
+            assert!(
+                LossGradients::new(&student)
+                    .unwrap()
+                    .with_teacher(&teacher, d)
+                    .is_err()
+            );
+        }
     }
 }

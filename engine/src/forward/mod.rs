@@ -28,7 +28,7 @@ use crate::error::EngineError;
 use crate::linear::{Linear, LinearKernel};
 use crate::model::Model;
 
-pub use grad::{GradientStats, LossGradients};
+pub use grad::{Distillation, GradientStats, LossGradients};
 pub(crate) use ops::with_f32;
 use ops::{Activation, RopeTable};
 
