@@ -124,6 +124,16 @@ pub struct StageSpec {
     pub schedule: Option<ScheduleSection>,
 }
 
+impl StageSpec {
+    /// Where the stage's `targets` are written, or the stage itself when it has none: where an
+    /// error about its targets points.
+    pub fn targets_position(&self) -> &Position {
+        self.targets
+            .as_ref()
+            .map_or(&self.position, |t| &t.position)
+    }
+}
+
 /// A stage's `schedule` as written.
 #[derive(Debug, Clone)]
 pub struct ScheduleSection {

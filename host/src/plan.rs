@@ -169,10 +169,7 @@ pub fn resolve_targets(
         .cloned()
         .collect();
     if targets.is_empty() {
-        let position = spec
-            .targets
-            .as_ref()
-            .map_or(&spec.position, |t| &t.position);
+        let position = spec.targets_position();
         return Err(pipeline.error(
             position,
             format!("stage[{}].targets", spec.index),
@@ -520,12 +517,7 @@ fn problem_site<'a>(spec: &'a StageSpec, at: &ProblemAt) -> (&'a Position, Strin
                 .map_or(&spec.position, |d| &d.position),
             format!("{stage}.density"),
         ),
-        ProblemAt::Targets => (
-            spec.targets
-                .as_ref()
-                .map_or(&spec.position, |t| &t.position),
-            format!("{stage}.targets"),
-        ),
+        ProblemAt::Targets => (spec.targets_position(), format!("{stage}.targets")),
         ProblemAt::Param(name) => (
             spec.params
                 .iter()
@@ -664,11 +656,7 @@ fn check_scheduled(
             .into());
     }
     if let Some(l) = stage.targets.iter().find(|l| !l.role.is_block_linear()) {
-        let position = stage
-            .spec
-            .targets
-            .as_ref()
-            .map_or(&stage.spec.position, |t| &t.position);
+        let position = stage.spec.targets_position();
         return Err(pipeline
             .error(
                 position,

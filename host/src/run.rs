@@ -196,6 +196,22 @@ impl RunState {
         }
     }
 
+    /// Kept fraction of `layers` together, relative to their sizes before the run (1.0 for
+    /// none): the density a stage's report gives over its targets.
+    pub fn density_of<'a>(&self, layers: impl IntoIterator<Item = &'a str>) -> f64 {
+        let (kept, numel) = layers.into_iter().fold((0usize, 0usize), |(k, n), name| {
+            (
+                k + self.kept(name),
+                n + self.original_numel.get(name).copied().unwrap_or(0),
+            )
+        });
+        if numel == 0 {
+            1.0
+        } else {
+            kept as f64 / numel as f64
+        }
+    }
+
     /// A stage's new mask for `name` combined with the one earlier stages left there: a weight
     /// pruned once stays pruned.
     fn with_earlier_mask(&self, name: &str, mask: Mask) -> Result<Mask, String> {
@@ -554,12 +570,6 @@ pub fn run_stage(
     }
     let apply_time = apply_started.elapsed();
     let total = started.elapsed();
-    let (kept, numel) = targets.iter().fold((0usize, 0usize), |(k, n), (l, _)| {
-        (
-            k + state.kept(&l.name),
-            n + state.original_numel.get(&l.name).copied().unwrap_or(0),
-        )
-    });
     let requested = match stage.density {
         StageDensity::Fixed(d) => Some(d),
         _ => None,
@@ -568,11 +578,7 @@ pub fn run_stage(
         stage,
         targets.len(),
         requested,
-        if numel == 0 {
-            1.0
-        } else {
-            kept as f64 / numel as f64
-        },
+        state.density_of(targets.iter().map(|(l, _)| l.name.as_str())),
         total,
         timings,
         apply_time,
@@ -857,18 +863,8 @@ impl<'a> ScheduledStages<'a> {
                     Duration::ZERO,
                 )
             });
-            let (kept, numel) = stage.targets.iter().fold((0usize, 0usize), |(k, n), l| {
-                (
-                    k + state.kept(&l.name),
-                    n + state.original_numel.get(&l.name).copied().unwrap_or(0),
-                )
-            });
             report.requested_density = Some(schedule.final_density);
-            report.density_after = if numel == 0 {
-                1.0
-            } else {
-                kept as f64 / numel as f64
-            };
+            report.density_after = state.density_of(stage.targets.iter().map(|l| l.name.as_str()));
             report.density_from = format!(
                 "schedule: {} {} → {} over steps {}..={} every {}",
                 schedule.kind.as_str(),
@@ -980,19 +976,7 @@ impl crate::finetune::Pruner for ScheduledStages<'_> {
                 seconds: started.elapsed().as_secs_f64(),
             });
             match self.reports.get_mut(&i) {
-                Some(total) => {
-                    total.seconds += report.seconds;
-                    total.instantiate_seconds += report.instantiate_seconds;
-                    total.guest_and_boundary_seconds += report.guest_and_boundary_seconds;
-                    total.host_kernel_seconds += report.host_kernel_seconds;
-                    total.validate_apply_seconds += report.validate_apply_seconds;
-                    total.guest_share = if total.seconds > 0.0 {
-                        (total.guest_and_boundary_seconds + total.instantiate_seconds)
-                            / total.seconds
-                    } else {
-                        0.0
-                    };
-                }
+                Some(total) => total.add_call(&report),
                 None => {
                     self.reports.insert(i, report);
                 }
@@ -1121,6 +1105,20 @@ fn layers_and_summary(state: &RunState, parameters_before: usize) -> (Vec<LayerR
 }
 
 impl StageReport {
+    /// Adds another call of the same stage (one block under sequential calibration, one event
+    /// of a schedule): times are summed and the guest share taken over the sums.
+    pub(crate) fn add_call(&mut self, part: &StageReport) {
+        self.seconds += part.seconds;
+        self.instantiate_seconds += part.instantiate_seconds;
+        self.guest_and_boundary_seconds += part.guest_and_boundary_seconds;
+        self.host_kernel_seconds += part.host_kernel_seconds;
+        self.validate_apply_seconds += part.validate_apply_seconds;
+        self.guest_share = guest_share(
+            self.guest_and_boundary_seconds + self.instantiate_seconds,
+            self.seconds,
+        );
+    }
+
     fn new(
         stage: &PlannedStage,
         targets: usize,
@@ -1152,11 +1150,10 @@ impl StageReport {
             guest_and_boundary_seconds: timings.guest_and_boundary().as_secs_f64(),
             host_kernel_seconds: timings.host.as_secs_f64(),
             validate_apply_seconds: apply.as_secs_f64(),
-            guest_share: if secs > 0.0 {
-                (timings.guest_and_boundary() + timings.instantiate).as_secs_f64() / secs
-            } else {
-                0.0
-            },
+            guest_share: guest_share(
+                (timings.guest_and_boundary() + timings.instantiate).as_secs_f64(),
+                secs,
+            ),
             budgets: BTreeMap::new(),
             params: stage
                 .params
@@ -1176,4 +1173,10 @@ impl StageReport {
             matched_layers: stage.targets.iter().map(|l| l.name.clone()).collect(),
         }
     }
+}
+
+/// The share of a stage's `seconds` spent in the sandbox (`guest` = guest + boundary +
+/// instantiation), 0 for a stage that took no time.
+fn guest_share(guest: f64, seconds: f64) -> f64 {
+    if seconds > 0.0 { guest / seconds } else { 0.0 }
 }

@@ -96,11 +96,7 @@ pub fn split(pipeline: &Pipeline, stages: &[PlannedStage]) -> Result<Option<usiz
     }
     for s in &stages[first..] {
         if let Some(l) = s.targets.iter().find(|l| l.block.is_none()) {
-            let position = s
-                .spec
-                .targets
-                .as_ref()
-                .map_or(&s.spec.position, |t| &t.position);
+            let position = s.spec.targets_position();
             return Err(pipeline.error(
                 position,
                 format!("stage[{}].targets", s.spec.index),
@@ -112,20 +108,6 @@ pub fn split(pipeline: &Pipeline, stages: &[PlannedStage]) -> Result<Option<usiz
         }
     }
     Ok(Some(first))
-}
-
-/// Adds one block's call of a stage to the stage's report so far.
-fn merge(total: &mut Option<StageReport>, part: StageReport) {
-    match total {
-        None => *total = Some(part),
-        Some(t) => {
-            t.seconds += part.seconds;
-            t.instantiate_seconds += part.instantiate_seconds;
-            t.guest_and_boundary_seconds += part.guest_and_boundary_seconds;
-            t.host_kernel_seconds += part.host_kernel_seconds;
-            t.validate_apply_seconds += part.validate_apply_seconds;
-        }
-    }
 }
 
 /// Runs `f` on every kept hidden state in parallel (results in sequence order), stopping
@@ -248,7 +230,10 @@ pub(crate) fn run_blocks(
                 (from + k, &mut *sink),
                 cancel,
             )?;
-            merge(&mut reports[k], report);
+            match &mut reports[k] {
+                Some(total) => total.add_call(&report),
+                none => *none = Some(report),
+            }
         }
         state.calibrator = None;
         // The pruned (and updated) block carries the states to the next one.
@@ -271,24 +256,9 @@ pub(crate) fn run_blocks(
             });
         };
         // What the whole stage did: every target, and its density over all of them.
-        let (kept, numel) = stage.targets.iter().fold((0usize, 0usize), |(k, n), l| {
-            (
-                k + state.kept(&l.name),
-                n + state.original_numel.get(&l.name).copied().unwrap_or(0),
-            )
-        });
         report.targets = stage.targets.len();
-        report.density_after = if numel == 0 {
-            1.0
-        } else {
-            kept as f64 / numel as f64
-        };
+        report.density_after = state.density_of(stage.targets.iter().map(|l| l.name.as_str()));
         report.matched_layers = stage.targets.iter().map(|l| l.name.clone()).collect();
-        report.guest_share = if report.seconds > 0.0 {
-            (report.guest_and_boundary_seconds + report.instantiate_seconds) / report.seconds
-        } else {
-            0.0
-        };
         out.push(report);
     }
     Ok((out, carry_time))

@@ -690,7 +690,23 @@ mod tests {
         g.accumulate(std::slice::from_ref(&seq)).unwrap();
         let grads = g.finish().unwrap().mean;
         let name = "model.layers.1.mlp.up_proj.weight";
-        let grad = &grads[name];
+        let (slope, norm2) = slope_along(&s, name, &grads[name], 1e-2, |moved| {
+            f64::from(moved.loss(&seq).unwrap())
+        });
+        let rel = (slope - norm2).abs() / norm2;
+        assert!(rel < 2e-2, "finite difference {slope} vs |g|² {norm2}");
+    }
+
+    /// The central finite-difference slope of `objective` along the gradient `grad` of weight
+    /// `name` (a step of `scale / |g|` each way from `session`'s weights), and `|g|²`, which
+    /// the slope equals when `grad` is right.
+    fn slope_along(
+        session: &Session,
+        name: &str,
+        grad: &Tensor,
+        scale: f64,
+        objective: impl Fn(&Session) -> f64,
+    ) -> (f64, f64) {
         let norm2: f64 = grad
             .sqr()
             .unwrap()
@@ -699,20 +715,18 @@ mod tests {
             .to_scalar::<f32>()
             .unwrap()
             .into();
-        let eps = 1e-2 / norm2.sqrt();
-        let loss_at = |step: f64| {
-            let mut moved = s.clone();
+        let eps = scale / norm2.sqrt();
+        let at = |step: f64| {
+            let mut moved = session.clone();
             let linear = moved.linear_mut(name).unwrap();
             let LinearWeight::Dense(w) = linear.weight() else {
-                panic!()
+                panic!("{name} is not dense")
             };
             let w = (w + (grad * step).unwrap()).unwrap();
             *linear = Linear::dense(name, w, None).unwrap();
-            f64::from(moved.loss(&seq).unwrap())
+            objective(&moved)
         };
-        let slope = (loss_at(eps) - loss_at(-eps)) / (2.0 * eps);
-        let rel = (slope - norm2).abs() / norm2;
-        assert!(rel < 2e-2, "finite difference {slope} vs |g|² {norm2}");
+        ((at(eps) - at(-eps)) / (2.0 * eps), norm2)
     }
 
     /// The distillation objective of `tokens`, in f64 from both models' full logits (an
@@ -808,27 +822,9 @@ mod tests {
                 "model.layers.1.mlp.up_proj.weight",
                 "model.layers.0.self_attn.q_proj.weight",
             ] {
-                let grad = &grads[name];
-                let norm2: f64 = grad
-                    .sqr()
-                    .unwrap()
-                    .sum_all()
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap()
-                    .into();
-                let eps = 1e-1 / norm2.sqrt();
-                let objective_at = |step: f64| {
-                    let mut moved = student.clone();
-                    let linear = moved.linear_mut(name).unwrap();
-                    let LinearWeight::Dense(w) = linear.weight() else {
-                        panic!()
-                    };
-                    let w = (w + (grad * step).unwrap()).unwrap();
-                    *linear = Linear::dense(name, w, None).unwrap();
-                    mix(reference_objective(&moved, &teacher, &seq, d))
-                };
-                let slope = (objective_at(eps) - objective_at(-eps)) / (2.0 * eps);
+                let (slope, norm2) = slope_along(&student, name, &grads[name], 1e-1, |moved| {
+                    mix(reference_objective(moved, &teacher, &seq, d))
+                });
                 let rel = (slope - norm2).abs() / norm2;
                 assert!(
                     rel < 2e-2,
