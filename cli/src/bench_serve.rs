@@ -24,7 +24,8 @@ and he";
 
 /// What to run.
 pub struct Options {
-    /// Models: `(label, reference)`, a directory or `builtin:NAME`.
+    /// Models: `(label, reference)`, a directory or `builtin:NAME`; the first is the one the
+    /// others are compared with (`vs_first`), and lends its tokenizer to exports without one.
     pub models: Vec<(String, String)>,
     /// Concurrent streams per round.
     pub streams: Vec<usize>,
@@ -56,6 +57,9 @@ pub struct Round {
     pub aggregate_tokens_per_s: f64,
     /// `aggregate_tokens_per_s` over the same model's one-stream figure (when measured).
     pub vs_single: Option<f64>,
+    /// `aggregate_tokens_per_s` over the first model's (the dense one) at the same number of
+    /// streams (when measured; 1.0 for the first model itself).
+    pub vs_first: Option<f64>,
 }
 
 /// Every round, plus those skipped for time.
@@ -239,6 +243,11 @@ pub fn run(opts: &Options, progress: &mut dyn FnMut(&str)) -> Result<ServeBench>
             if n == 1 {
                 single = Some(aggregate);
             }
+            let first = rounds
+                .iter()
+                .find(|r| r.model == names[0].0 && r.streams == n)
+                .map(|r| r.aggregate_tokens_per_s)
+                .or((label == &names[0].0).then_some(aggregate));
             rounds.push(Round {
                 model: label.clone(),
                 streams: n,
@@ -249,6 +258,7 @@ pub fn run(opts: &Options, progress: &mut dyn FnMut(&str)) -> Result<ServeBench>
                 stream_tokens_per_s: percentile(&per_stream, 0.5),
                 aggregate_tokens_per_s: aggregate,
                 vs_single: single.map(|s| aggregate / s.max(1e-9)),
+                vs_first: first.map(|f| aggregate / f.max(1e-9)),
             });
         }
     }

@@ -30,6 +30,14 @@ use render::{mib, pct};
 
 mod bench_api;
 mod bench_serve;
+#[cfg(target_os = "linux")]
+mod hugepages;
+
+/// Large buffers (weights, packed arrays, KV caches) on transparent huge pages: see
+/// [`hugepages`].
+#[cfg(target_os = "linux")]
+#[global_allocator]
+static ALLOCATOR: hugepages::HugePageAlloc = hugepages::HugePageAlloc;
 
 #[derive(Parser)]
 #[command(
@@ -413,10 +421,12 @@ enum BenchCommand {
     Serve {
         /// The dense model: a directory, builtin:NAME or fetch:smollm2-135m-instruct.
         model: String,
-        /// A pruned export of it (`espalier run`'s export folder); without its own tokenizer
-        /// it uses the dense model's.
-        #[arg(long)]
-        pruned: Option<PathBuf>,
+        /// A pruned export of it (`espalier run`'s export folder, dense-with-zeros or packed),
+        /// or a packed bf16/int8 export of the dense model; repeatable, each measured after
+        /// the dense model and compared with it at equal concurrency. Without its own
+        /// tokenizer an export uses the dense model's.
+        #[arg(long, value_name = "EXPORT")]
+        pruned: Vec<PathBuf>,
         /// Concurrent streams per round (comma-separated, each in 1..=64).
         #[arg(long, value_delimiter = ',', default_values_t = [1usize, 4, 16])]
         streams: Vec<usize>,
@@ -525,6 +535,8 @@ fn install_signal_cleanup() {
 const ERROR_MAX: usize = 16 << 10;
 
 fn main() -> ExitCode {
+    #[cfg(target_os = "linux")]
+    hugepages::HugePageAlloc::configure();
     espalier::set_build(env!("ESPALIER_BUILD"));
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -1040,10 +1052,7 @@ fn cmd_run(
         } else {
             render::print_report(&result.report, layers);
             match &result.exported_to {
-                Some(dir) => out!(
-                    "exported to {} (model.safetensors, config.json, masks.safetensors, report.json)",
-                    dir.display()
-                ),
+                Some(dir) => out!("exported to {} ({})", dir.display(), exported_files(dir)),
                 None => out!("not exported (no [export] section, or --no-export)"),
             }
         }
@@ -1735,7 +1744,7 @@ fn cmd_bench_kernels(quick: bool, json: bool) -> Result<()> {
 
 fn cmd_bench_serve(
     model: &str,
-    pruned: Option<PathBuf>,
+    pruned: Vec<PathBuf>,
     streams: Vec<usize>,
     max_tokens: usize,
     seconds: u64,
@@ -1743,8 +1752,20 @@ fn cmd_bench_serve(
 ) -> Result<()> {
     let dense = espalier::fetch::resolve(model, &models_dir(), &mut |m| err!("{m}"))?;
     let mut models = vec![("dense".to_string(), dense)];
-    if let Some(p) = pruned {
-        models.push(("pruned".to_string(), p.display().to_string()));
+    for p in pruned {
+        // Each export is labelled by its folder name (so several can be told apart), made
+        // unique when two folders share a name.
+        let base = p.file_name().map_or_else(
+            || "pruned".to_string(),
+            |n| n.to_string_lossy().into_owned(),
+        );
+        let mut label = base.clone();
+        let mut k = 2;
+        while models.iter().any(|(l, _)| *l == label) {
+            label = format!("{base}-{k}");
+            k += 1;
+        }
+        models.push((label, p.display().to_string()));
     }
     let opts = bench_serve::Options {
         models,
@@ -1767,6 +1788,7 @@ fn cmd_bench_serve(
         "tok/s per stream",
         "tok/s aggregate",
         "vs 1 stream",
+        "vs dense",
     ]);
     for r in &b.rounds {
         t.add_row(vec![
@@ -1779,6 +1801,7 @@ fn cmd_bench_serve(
             format!("{:.1}", r.stream_tokens_per_s),
             format!("{:.1}", r.aggregate_tokens_per_s),
             r.vs_single.map_or("-".into(), |v| format!("{v:.2}x")),
+            r.vs_first.map_or("-".into(), |v| format!("{v:.2}x")),
         ]);
     }
     out!("{t}");
@@ -1786,6 +1809,22 @@ fn cmd_bench_serve(
         out!("skipped for the time limit: {m} with {n} streams");
     }
     Ok(())
+}
+
+/// The files an export wrote (what a dense-with-zeros export and a packed one hold differs),
+/// comma-separated, its bookkeeping file left out.
+fn exported_files(dir: &std::path::Path) -> String {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| !n.starts_with('.'))
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names.join(", ")
 }
 
 fn espalier_decode_bench(

@@ -17,10 +17,9 @@
 use crate::element::{Dtype, Element, Values, with_values};
 use crate::error::{KernelError, Result, checked_len, expect_len};
 use crate::isa::{Exec, Isa};
-use crate::par;
+use crate::par::{self, SharedOut};
 use crate::rowgemm::{self, RowDecode};
 use crate::view::DenseView;
-use std::ops::Range;
 
 /// Spare metadata bytes so the AVX2 kernel can read 4 bytes at any chunk start.
 pub(crate) const META_PAD: usize = 4;
@@ -219,77 +218,106 @@ impl NmMatrix {
     pub fn gemv(&self, x: &[f32], y: &mut [f32], exec: Exec) -> Result<()> {
         expect_len("x", self.cols, x.len())?;
         expect_len("y", self.rows, y.len())?;
-        let tasks = par::task_count(exec, self.rows, self.bytes(), par::MIN_TASK_BYTES);
+        let tasks = par::task_count(exec, self.rows, self.work_bytes(), par::MIN_TASK_BYTES);
         let bounds = par::even_bounds(self.rows, tasks);
         let isa = exec.isa.effective();
+        let simd_cols = self.simd_cols(isa);
         with_values!(&self.values, v => {
             par::for_each_range(y, 1, &bounds, |r, ys| {
                 let first = r.start;
-                self.gemv_rows(isa, v, r, x, ys);
+                for (yi, r) in ys.iter_mut().zip(r) {
+                    *yi = self.row_dot(simd_cols, v, r, x);
+                }
                 self.values.scale_rows(first, ys);
             })
         });
         Ok(())
     }
 
-    fn gemv_rows<T: Element>(
-        &self,
-        isa: Isa,
-        vals: &[T],
-        rows: Range<usize>,
-        x: &[f32],
-        y: &mut [f32],
-    ) {
+    /// The task-splitting weight of one pass: the stored bytes, times 4. The kernel gathers
+    /// activations with permutes and is compute bound at about a quarter of the read bandwidth
+    /// (2:4 in bf16 read 5.2 GB/s with a 21 GB/s probe), so splitting by bytes alone left the
+    /// 576-wide layers (≈350 KB in bf16) on one thread.
+    fn work_bytes(&self) -> usize {
+        self.bytes().saturating_mul(4)
+    }
+
+    /// Columns the vector kernel handles, 16 at a time (whole groups only); 0 on the portable
+    /// path. AVX-512 runs this AVX2 kernel too: a 32-column AVX-512 version (one two-source
+    /// permute per 16 values) measured ~20% slower on the Zen 4 we tuned on, cache-hot, single
+    /// core.
+    fn simd_cols(&self, isa: Isa) -> usize {
         let (n, m) = (self.n, self.m);
-        let per_row = self.groups * n;
-        // Columns handled 16 at a time by the vector kernel (whole groups only). AVX-512 runs
-        // this AVX2 kernel too: a 32-column AVX-512 version (one two-source permute per 16
-        // values) measured ~20% slower on the Zen 4 we tuned on, cache-hot, single core.
-        let simd_cols = if cfg!(target_arch = "x86_64")
-            && isa.has_avx2()
-            && m == 2 * n
-            && matches!(n, 1 | 2 | 4)
-        {
+        if cfg!(target_arch = "x86_64") && isa.has_avx2() && m == 2 * n && matches!(n, 1 | 2 | 4) {
             self.cols / 16 * 16
         } else {
             0
-        };
-        for (yi, r) in y.iter_mut().zip(rows) {
-            let vrow = &vals[r * per_row..][..per_row];
-            let mut s = 0.0f32;
-            #[cfg(target_arch = "x86_64")]
-            if simd_cols > 0 {
-                let mrow = &self.meta[r * self.meta_stride..];
-                // SAFETY: AVX2 present (`effective`); chunk k reads values 8k..8k+8 < per_row,
-                // metadata bytes k·b..k·b+4 (inside the row or the META_PAD tail), and x
-                // columns < simd_cols <= cols == x.len().
-                s = unsafe { x86::row_chunks(vrow, mrow, self.bits, n, m, simd_cols / 16, x) };
-            }
-            // Remaining groups (ragged tail, or everything on the portable path).
-            for g in simd_cols / m..self.groups {
-                for slot in 0..n {
-                    let c = g * m + self.position(r, g, slot);
-                    if c < self.cols {
-                        s += vrow[g * n + slot].to_f32() * x[c];
-                    }
+        }
+    }
+
+    /// Row `r` of `W` dotted with `x` (unscaled: int8 rows are scaled by the caller).
+    /// `simd_cols` comes from [`Self::simd_cols`] for the ISA in use.
+    #[inline]
+    fn row_dot<T: Element>(&self, simd_cols: usize, vals: &[T], r: usize, x: &[f32]) -> f32 {
+        let (n, m) = (self.n, self.m);
+        let per_row = self.groups * n;
+        let vrow = &vals[r * per_row..][..per_row];
+        let mut s = 0.0f32;
+        #[cfg(target_arch = "x86_64")]
+        if simd_cols > 0 {
+            let mrow = &self.meta[r * self.meta_stride..];
+            // SAFETY: AVX2 present (`simd_cols` is non-zero only then); chunk k reads values
+            // 8k..8k+8 < per_row, metadata bytes k·b..k·b+4 (inside the row or the META_PAD
+            // tail), and x columns < simd_cols <= cols == x.len().
+            s = unsafe { x86::row_chunks(vrow, mrow, self.bits, n, m, simd_cols / 16, x) };
+        }
+        // Remaining groups (ragged tail, or everything on the portable path).
+        for g in simd_cols / m..self.groups {
+            for slot in 0..n {
+                let c = g * m + self.position(r, g, slot);
+                if c < self.cols {
+                    s += vrow[g * n + slot].to_f32() * x[c];
                 }
             }
-            *yi = s;
         }
+        s
+    }
+
+    /// `Y = X·Wᵀ` for a few tokens (a batched decode step): one pass over the weights, each row
+    /// dotted with every token while its values and metadata are in L1, so the weights are read
+    /// from memory once for the whole batch.
+    fn small_batch(&self, x: &[f32], tokens: usize, y: &mut [f32], exec: Exec) {
+        let (rows, cols) = (self.rows, self.cols);
+        let work = self.work_bytes().saturating_mul(tokens);
+        let tasks = par::task_count(exec, rows, work, par::MIN_TASK_BYTES);
+        let bounds = par::even_bounds(rows, tasks);
+        let isa = exec.isa.effective();
+        let simd_cols = self.simd_cols(isa);
+        let scales = self.values.scales();
+        let out = SharedOut::new(y);
+        with_values!(&self.values, v => {
+            par::for_each_bound(&bounds, |range| {
+                for r in range {
+                    let scale = scales.map_or(1.0, |s| s[r]);
+                    for t in 0..tokens {
+                        let d = self.row_dot(simd_cols, v, r, &x[t * cols..][..cols]);
+                        // SAFETY: this task owns output row r of W, i.e. column r of Y.
+                        unsafe { out.write(t * rows + r, d * scale) };
+                    }
+                }
+            })
+        });
     }
 
     /// `Y = X·Wᵀ` (`X`: `[tokens, cols]`, `Y`: `[tokens, rows]`, row-major; `Y` overwritten).
     pub fn gemm(&self, x: &[f32], tokens: usize, y: &mut [f32], exec: Exec) -> Result<()> {
         expect_len("x", checked_len(tokens, self.cols)?, x.len())?;
         expect_len("y", checked_len(tokens, self.rows)?, y.len())?;
-        if tokens <= 2 {
-            for t in 0..tokens {
-                let (xs, ys) = (
-                    &x[t * self.cols..][..self.cols],
-                    &mut y[t * self.rows..][..self.rows],
-                );
-                self.gemv(xs, ys, exec)?;
-            }
+        if tokens == 1 {
+            return self.gemv(x, y, exec);
+        }
+        if tokens <= crate::SMALL_BATCH {
+            self.small_batch(x, tokens, y, exec);
             return Ok(());
         }
         let (rows, cols) = (self.rows, self.cols);
