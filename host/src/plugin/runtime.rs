@@ -756,7 +756,7 @@ impl Runtime {
         })?;
         arm_deadline(&mut store, sandbox.timeout, cancel);
         let call_start = Instant::now();
-        let result = instance.call_update_masks(&mut store, ctx);
+        let result = instance.call_update_masks(&mut store, &ctx);
         let call = call_start.elapsed();
         log_output(label, &store);
         let output = result.map_err(|e| classify(label, e, sandbox, &store.data().output().1))?;

@@ -964,8 +964,8 @@ impl_host_imports!(
 impl_host_imports!(
     v0_5_imports,
     v0_5,
-    layer: Clone::clone,
-    info: Clone::clone,
+    layer: crate::plugin::compat::v5::layer,
+    info: crate::plugin::compat::v5::model_info,
     kernels_extra: {
         fn select_per_row(
             &mut self,
