@@ -565,7 +565,10 @@ fn check_checkpoint(path: &Path) -> usize {
                 .to_vec1::<f32>()
                 .unwrap();
             for (x, k) in t.iter().zip(&keep) {
-                assert!(*k != 0 || x.to_bits() == 0, "{prefix}/{name}: a pruned value");
+                assert!(
+                    *k != 0 || x.to_bits() == 0,
+                    "{prefix}/{name}: a pruned value"
+                );
             }
         }
         layers += 1;
@@ -590,7 +593,10 @@ fn rigl_swaps_weights_at_constant_density_during_finetuning() {
         }
     });
     let result = result.unwrap();
-    assert_eq!(checked, 5, "steps 2..=6 saw the checkpoint of the step before");
+    assert_eq!(
+        checked, 5,
+        "steps 2..=6 saw the checkpoint of the step before"
+    );
     assert_eq!(check_checkpoint(&path), result.state.masks.len());
     for (name, mask) in &result.state.masks {
         assert_eq!(
@@ -652,7 +658,11 @@ fn rigl_resumes_bit_for_bit() {
             cancel.cancel();
         }
     });
-    assert!(matches!(stopped, Err(AppError::Cancelled)), "{:?}", stopped.err());
+    assert!(
+        matches!(stopped, Err(AppError::Cancelled)),
+        "{:?}",
+        stopped.err()
+    );
     let (resumed, _) = run_with(&pipeline, |_, _| {});
     let resumed = resumed.unwrap();
     let finetune = resumed.report.finetune.as_ref().unwrap();
@@ -687,7 +697,11 @@ fn set_with_the_same_seed_gives_the_same_masks_end_to_end() {
         );
         let r = r.unwrap();
         for (name, mask) in &r.state.masks {
-            assert_eq!(mask.kept(), (mask.keep().len() as f64 * 0.5).round() as usize, "{name}");
+            assert_eq!(
+                mask.kept(),
+                (mask.keep().len() as f64 * 0.5).round() as usize,
+                "{name}"
+            );
         }
         masked_weights(&r.state)
     };

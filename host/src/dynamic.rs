@@ -262,9 +262,17 @@ mod tests {
         let e = check_update("l", &old, &across_groups).unwrap_err();
         assert!(e.contains("structure"), "{e}");
         let fewer = Mask::new(vec![1, 8], vec![true; 8], Structure::Unstructured).unwrap();
-        assert!(check_update("l", &old, &fewer).unwrap_err().contains("keeps 8"));
+        assert!(
+            check_update("l", &old, &fewer)
+                .unwrap_err()
+                .contains("keeps 8")
+        );
         let shape = Mask::new(vec![2, 4], old.keep().to_vec(), Structure::Unstructured).unwrap();
-        assert!(check_update("l", &old, &shape).unwrap_err().contains("shape"));
+        assert!(
+            check_update("l", &old, &shape)
+                .unwrap_err()
+                .contains("shape")
+        );
     }
 
     /// What `rigl`/`set` get and return through the WIT 0.6 boundary, for one call.
@@ -427,14 +435,21 @@ mod tests {
             })
             .collect();
         let masked = |keep: &[bool]| -> Vec<f32> {
-            w.iter().zip(keep).map(|(x, k)| if *k { *x } else { 0.0 }).collect()
+            w.iter()
+                .zip(keep)
+                .map(|(x, k)| if *k { *x } else { 0.0 })
+                .collect()
         };
         let layers = [
             Layer {
                 shape: vec![rows, cols],
                 weights: masked(&unstructured),
-                mask: Mask::new(vec![rows, cols], unstructured.clone(), Structure::Unstructured)
-                    .unwrap(),
+                mask: Mask::new(
+                    vec![rows, cols],
+                    unstructured.clone(),
+                    Structure::Unstructured,
+                )
+                .unwrap(),
                 gradient: g.clone(),
             },
             Layer {
@@ -477,7 +492,11 @@ mod tests {
             .collect();
         let layer = |keep: &Vec<bool>, s| Layer {
             shape: vec![rows, cols],
-            weights: w.iter().zip(keep).map(|(x, k)| if *k { *x } else { 0.0 }).collect(),
+            weights: w
+                .iter()
+                .zip(keep)
+                .map(|(x, k)| if *k { *x } else { 0.0 })
+                .collect(),
             mask: Mask::new(vec![rows, cols], keep.clone(), s).unwrap(),
             gradient: g.clone(),
         };
@@ -493,7 +512,11 @@ mod tests {
         )];
         for plugin in ["rigl", "set"] {
             for f in [0.05, 0.3, 0.5, 0.99] {
-                let params = if plugin == "set" { seed.clone() } else { Vec::new() };
+                let params = if plugin == "set" {
+                    seed.clone()
+                } else {
+                    Vec::new()
+                };
                 let out = call(plugin, &layers, f, params, 11).unwrap();
                 for (l, new) in layers.iter().zip(&out) {
                     let (dropped, grown) = check_update("l", &l.mask, new)
@@ -515,11 +538,17 @@ mod tests {
         let old = layers[2].mask.keep();
         let lowest_kept = (0..16)
             .filter(|&b| kept_block(b, old))
-            .min_by(|&a, &b| block_sum(a, &layers[2].weights).total_cmp(&block_sum(b, &layers[2].weights)))
+            .min_by(|&a, &b| {
+                block_sum(a, &layers[2].weights).total_cmp(&block_sum(b, &layers[2].weights))
+            })
             .unwrap();
         let best_free = (0..16)
             .filter(|&b| !kept_block(b, old) || b == lowest_kept)
-            .max_by(|&a, &b| block_sum(a, &g).total_cmp(&block_sum(b, &g)).then(b.cmp(&a)))
+            .max_by(|&a, &b| {
+                block_sum(a, &g)
+                    .total_cmp(&block_sum(b, &g))
+                    .then(b.cmp(&a))
+            })
             .unwrap();
         let changed: Vec<usize> = (0..16)
             .filter(|&b| kept_block(b, old) != kept_block(b, out[0].keep()))
@@ -544,7 +573,11 @@ mod tests {
         let keep: Vec<bool> = w.iter().map(|x| x.abs() > 0.25).collect();
         let layers = [Layer {
             shape: vec![rows, cols],
-            weights: w.iter().zip(&keep).map(|(x, k)| if *k { *x } else { 0.0 }).collect(),
+            weights: w
+                .iter()
+                .zip(&keep)
+                .map(|(x, k)| if *k { *x } else { 0.0 })
+                .collect(),
             mask: Mask::new(vec![rows, cols], keep.clone(), Structure::Unstructured).unwrap(),
             gradient: vec![0.0; rows * cols],
         }];

@@ -896,7 +896,8 @@ fn update_event(
             );
         }
     }
-    let (new_masks, events) = pruner.update(step, model, masks, &gradients, gradient_steps, cancel)?;
+    let (new_masks, events) =
+        pruner.update(step, model, masks, &gradients, gradient_steps, cancel)?;
     drop(gradients);
     for (name, mask) in new_masks {
         let err = |message: String| FinetuneError::Update { step, message };
@@ -2046,7 +2047,11 @@ mod tests {
         )
         .unwrap();
         assert_eq!(events.len(), 1);
-        assert_eq!(swap.seen_gradient, Some((0.25, 4)), "the mean of 4 summed steps");
+        assert_eq!(
+            swap.seen_gradient,
+            Some((0.25, 4)),
+            "the mean of 4 summed steps"
+        );
         let p = &params[0];
         assert_ne!(weights[drop], 0.0);
         for i in [drop, grow] {

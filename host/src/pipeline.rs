@@ -1510,7 +1510,11 @@ fn parse_update(
             } else {
                 key_at("start")
             },
-            field(if t.contains_key("end") { ".end" } else { ".start" }),
+            field(if t.contains_key("end") {
+                ".end"
+            } else {
+                ".start"
+            }),
             format!(
                 "end = {} comes before start = {}: updates must end at or after they start",
                 u.end, u.start
@@ -2348,10 +2352,15 @@ mod tests {
         let u = &p.stages[1].update.as_ref().unwrap().update;
         assert_eq!(*u, crate::dynamic::UpdateSchedule::rigl());
         assert_eq!(u.events(400), vec![100, 200, 300]);
-        let p = parse("{ every = 50, start = 0.25, end = 0.5, drop_fraction = 0.1, anneal = \"constant\" }")
-            .unwrap();
+        let p = parse(
+            "{ every = 50, start = 0.25, end = 0.5, drop_fraction = 0.1, anneal = \"constant\" }",
+        )
+        .unwrap();
         let u = &p.stages[1].update.as_ref().unwrap().update;
-        assert_eq!((u.every, u.start, u.end, u.drop_fraction), (50, 0.25, 0.5, 0.1));
+        assert_eq!(
+            (u.every, u.start, u.end, u.drop_fraction),
+            (50, 0.25, 0.5, 0.1)
+        );
         assert_eq!(u.anneal, crate::dynamic::Anneal::Constant);
         assert_eq!(u.events(400), vec![150, 200]);
 

@@ -828,9 +828,7 @@ fn wit_version(ours: &[String], exports_validate: bool) -> WitVersion {
         WitVersion::V0_2
     } else if imports("@0.3.0") {
         WitVersion::V0_3
-    } else if imports("@0.4.0")
-        || (exports_validate && !imports("@0.5.0") && !imports("@0.6.0"))
-    {
+    } else if imports("@0.4.0") || (exports_validate && !imports("@0.5.0") && !imports("@0.6.0")) {
         WitVersion::V0_4
     } else if imports("@0.5.0") {
         WitVersion::V0_5

@@ -19,9 +19,7 @@
 //! functions here are plain Rust over slices, so they are the same on every host and testable
 //! without one.
 
-use crate::{
-    BlockShape, LayerMask, LayerState, NOfM, Structure, kernels, read_all, read_mask,
-};
+use crate::{BlockShape, LayerMask, LayerState, NOfM, Structure, kernels, read_all, read_mask};
 
 /// The group structure an update preserves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,7 +74,7 @@ impl Groups {
 
 /// The number of weights (or blocks) to swap out of `kept` at drop fraction `f`.
 pub fn swap_count(f: f64, kept: usize) -> usize {
-    if !(f > 0.0) {
+    if f.is_nan() || f <= 0.0 {
         return 0;
     }
     ((f.min(1.0) * kept as f64).round() as usize).min(kept)
@@ -165,9 +163,8 @@ pub fn drop_and_grow(
             let blocks = gr * gc;
             let drop_score: Vec<f32> = (0..blocks).map(|b| sum(b, drop, true)).collect();
             let grow_score: Vec<f32> = (0..blocks).map(|b| sum(b, grow, false)).collect();
-            let mut kept_block: Vec<bool> = (0..blocks)
-                .map(|b| block_of(b).all(|i| keep[i]))
-                .collect();
+            let mut kept_block: Vec<bool> =
+                (0..blocks).map(|b| block_of(b).all(|i| keep[i])).collect();
             let active: Vec<usize> = (0..blocks).filter(|&b| kept_block[b]).collect();
             let k = swap_count(f, active.len());
             let dropped = lowest(&active, |b| drop_score[b], k);
@@ -228,17 +225,15 @@ pub enum Grow {
 /// Updates every layer of an update: reads each layer's weights, mask (and gradient for
 /// [`Grow::Gradient`]) into the guest, runs [`drop_and_grow`] at `f`, and returns the new mask
 /// under the old one's structure.
-pub fn update_layers(
-    layers: &[LayerState],
-    f: f64,
-    grow: Grow,
-) -> Result<Vec<LayerMask>, String> {
+pub fn update_layers(layers: &[LayerState], f: f64, grow: Grow) -> Result<Vec<LayerMask>, String> {
     let mut out = Vec::with_capacity(layers.len());
     for (index, l) in layers.iter().enumerate() {
         let name = &l.layer.name;
         let shape = l.weights.shape();
         let &[rows, cols] = shape.as_slice() else {
-            return Err(format!("`{name}`: a weight of shape {shape:?}, not [out, in]"));
+            return Err(format!(
+                "`{name}`: a weight of shape {shape:?}, not [out, in]"
+            ));
         };
         let dims = [rows as usize, cols as usize];
         let structure = l.mask.structure();
@@ -248,8 +243,11 @@ pub fn update_layers(
         let scores = match grow {
             Grow::Gradient => read_all(&l.gradient)?.into_iter().map(f32::abs).collect(),
             Grow::Random(seed) => {
-                let mut rng = SplitMix64::new(seed ^ (index as u64).wrapping_mul(0xd134_2543_de82_ef95));
-                (0..weights.len()).map(|_| rng.next_f32()).collect::<Vec<f32>>()
+                let mut rng =
+                    SplitMix64::new(seed ^ (index as u64).wrapping_mul(0xd134_2543_de82_ef95));
+                (0..weights.len())
+                    .map(|_| rng.next_f32())
+                    .collect::<Vec<f32>>()
             }
         };
         let new = drop_and_grow(dims, groups, &keep, &weights, &scores, f)
