@@ -20,6 +20,8 @@ const BUILTINS: &[(&str, &str)] = &[
     ("sensitivity", "espalier_criterion_sensitivity"),
     ("sparsegpt", "espalier_criterion_sparsegpt"),
     ("reconstruct", "espalier_criterion_reconstruct"),
+    ("rigl", "espalier_criterion_rigl"),
+    ("set", "espalier_criterion_set"),
 ];
 
 fn main() {

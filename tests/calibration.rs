@@ -360,7 +360,7 @@ fn plugins_built_against_wit_0_1_still_run() {
     assert_eq!(plugin.compiled.wit, WitVersion::V0_1);
     assert_eq!(
         app().registry().get("magnitude").unwrap().compiled.wit,
-        WitVersion::V0_5
+        WitVersion::V0_6
     );
     let old = run(&format!(
         "model = \"builtin:tiny-llama\"\n[[stage]]\nplugin = {:?}\ndensity = 0.4\n",

@@ -416,7 +416,7 @@ fn a_validate_that_traps_loops_or_floods_fails_at_planning_without_harm() {
 
 #[test]
 fn plugins_of_every_served_version_plan_and_run_together() {
-    // 0.1 to 0.3 (no `validate`) next to 0.4 and 0.5 ones (validated): all plan and run.
+    // 0.1 to 0.3 (no `validate`) next to 0.4, 0.5 and 0.6 ones (validated): all plan and run.
     let legacy = |stem: &str| {
         PathBuf::from(espalier::plugin::registry::BUILT_PLUGIN_DIR)
             .join(format!("espalier_test_{stem}.wasm"))
@@ -424,12 +424,13 @@ fn plugins_of_every_served_version_plan_and_run_together() {
             .to_string()
     };
     let pipeline = format!(
-        "{TINY}[calibration]\ntext = {:?}\nsamples = 2\nseq_len = 16\n[[stage]]\nplugin = {:?}\ndensity = 0.9\n[[stage]]\nplugin = {:?}\ndensity = 0.8\n[[stage]]\nplugin = {:?}\ndensity = 0.7\n[[stage]]\nplugin = {:?}\ndensity = 0.6\n[[stage]]\nplugin = \"n-m\"\n",
+        "{TINY}[calibration]\ntext = {:?}\nsamples = 2\nseq_len = 16\n[[stage]]\nplugin = {:?}\ndensity = 0.9\n[[stage]]\nplugin = {:?}\ndensity = 0.8\n[[stage]]\nplugin = {:?}\ndensity = 0.7\n[[stage]]\nplugin = {:?}\ndensity = 0.6\n[[stage]]\nplugin = {:?}\ndensity = 0.55\n[[stage]]\nplugin = \"n-m\"\n",
         text("calibration.txt").display().to_string(),
         legacy("legacy_v01"),
         legacy("legacy_v02"),
         legacy("legacy_v03"),
         legacy("legacy_v04"),
+        legacy("legacy_v05"),
     );
     let (result, events) = run_with(&pipeline, |_, _| {});
     let result = result.unwrap();
@@ -438,11 +439,14 @@ fn plugins_of_every_served_version_plan_and_run_together() {
             .iter()
             .filter(|k| **k == "stage-finished")
             .count(),
-        5
+        6
     );
     let v04 = &result.report.stages[3];
     assert_eq!(v04.plugin, "legacy-v04");
     assert!(v04.density_after <= 0.6 + 0.01, "{}", v04.density_after);
+    let v05 = &result.report.stages[4];
+    assert_eq!(v05.plugin, "legacy-v05");
+    assert!(v05.density_after <= 0.55 + 0.01, "{}", v05.density_after);
     // A 0.4 plugin's `validate` still runs (through the 0.4 world) and its problem is reported
     // at the line of the parameter it names.
     let refused = format!(
@@ -452,6 +456,15 @@ fn plugins_of_every_served_version_plan_and_run_together() {
     let (result, _) = run_with(&refused, |_, _| {});
     let err = result.err().expect("refused").to_string();
     assert!(err.contains("refused by a 0.4 plugin"), "{err}");
+    assert!(err.contains("events.toml:5"), "{err}");
+    // So does a 0.5 plugin's, through the 0.5 world.
+    let refused = format!(
+        "{TINY}[[stage]]\nplugin = {:?}\ndensity = 0.5\nrefuse = true\n",
+        legacy("legacy_v05")
+    );
+    let (result, _) = run_with(&refused, |_, _| {});
+    let err = result.err().expect("refused").to_string();
+    assert!(err.contains("refused by a 0.5 plugin"), "{err}");
     assert!(err.contains("events.toml:5"), "{err}");
 }
 
@@ -504,4 +517,234 @@ fn scheduled_stages_prune_between_finetune_steps() {
     let stage = &result.report.stages[0];
     assert!((stage.density_after - 0.4).abs() < 0.01, "{stage:?}");
     assert!((result.report.summary.block_linear_density - 0.4).abs() < 0.01);
+}
+
+/// Magnitude pruning to 50%, then `plugin` (rigl or set, with `extra` stage lines) updating the
+/// masks every 2 steps of a 6-step fine-tune (after steps 2 and 4), a checkpoint after every
+/// step in `dir`.
+fn dynamic_pipeline(plugin: &str, extra: &str, dir: &Path) -> String {
+    format!(
+        "{TINY}[[stage]]\nplugin = \"magnitude\"\ndensity = 0.5\n[[stage]]\nplugin = {plugin:?}\nupdate = {{ every = 2, end = 1.0, drop_fraction = 0.3 }}\n{extra}[finetune]\ntext = {cal:?}\nsteps = 6\nbatch = 1\nseq_len = 16\nlr = 0.01\nwarmup = 0\ncheckpoint_every = 1\ncheckpoint_dir = {dir:?}\n",
+        cal = text("calibration.txt").display().to_string(),
+        dir = dir.display().to_string()
+    )
+}
+
+/// Every masked layer's flags, weights as bits, by name.
+fn masked_weights(state: &espalier::run::RunState) -> Vec<(String, Vec<bool>, Vec<u32>)> {
+    state
+        .masks
+        .iter()
+        .map(|(name, mask)| {
+            let w = state.model.weight(name).unwrap();
+            let w = w.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            (
+                name.clone(),
+                mask.keep().to_vec(),
+                w.iter().map(|x| x.to_bits()).collect(),
+            )
+        })
+        .collect()
+}
+
+/// Checks one fine-tuning checkpoint: every layer keeps exactly half its weights (as the
+/// magnitude stage left it), and the weights and both AdamW moments are exact zeros wherever
+/// its mask prunes. Returns the layers checked.
+fn check_checkpoint(path: &Path) -> usize {
+    let tensors = candle_core::safetensors::load(path, &candle_core::Device::Cpu).unwrap();
+    let mut layers = 0;
+    for (key, keep) in tensors.iter().filter(|(k, _)| k.starts_with("keep/")) {
+        let name = &key["keep/".len()..];
+        let keep = keep.flatten_all().unwrap().to_vec1::<u8>().unwrap();
+        let want = (keep.len() as f64 * 0.5).round() as usize;
+        assert_eq!(keep.iter().filter(|k| **k != 0).count(), want, "{name}");
+        for prefix in ["weight", "m", "v"] {
+            let t = tensors[&format!("{prefix}/{name}")]
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            for (x, k) in t.iter().zip(&keep) {
+                assert!(
+                    *k != 0 || x.to_bits() == 0,
+                    "{prefix}/{name}: a pruned value"
+                );
+            }
+        }
+        layers += 1;
+    }
+    layers
+}
+
+/// RigL end to end on the tiny model: two updates (after steps 2 and 4) swap weights in every
+/// layer, each layer keeps exactly its count, and every checkpoint holds the masked-weights-
+/// stay-zero invariant in weights and moments; the updates are events, report entries and the
+/// stage's report.
+#[test]
+fn rigl_swaps_weights_at_constant_density_during_finetuning() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("finetune-checkpoint.safetensors");
+    let mut checked = 0;
+    let (result, events) = run_with(&dynamic_pipeline("rigl", "", dir.path()), |e, _| {
+        // At each step the checkpoint on disk is the previous step's.
+        if matches!(e, RunEvent::FinetuneProgress { .. }) && path.exists() {
+            assert!(check_checkpoint(&path) > 0);
+            checked += 1;
+        }
+    });
+    let result = result.unwrap();
+    assert_eq!(
+        checked, 5,
+        "steps 2..=6 saw the checkpoint of the step before"
+    );
+    assert_eq!(check_checkpoint(&path), result.state.masks.len());
+    for (name, mask) in &result.state.masks {
+        assert_eq!(
+            mask.kept(),
+            (mask.keep().len() as f64 * 0.5).round() as usize,
+            "{name}"
+        );
+    }
+    let updates: Vec<&espalier::dynamic::UpdateEvent> = events
+        .iter()
+        .filter_map(|e| match e {
+            RunEvent::FinetuneMaskUpdated { event } => Some(event),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(updates.iter().map(|u| u.step).collect::<Vec<_>>(), [2, 4]);
+    for u in &updates {
+        assert!(u.grown > 0 && u.grown == u.dropped, "{u:?}");
+        assert!((u.density - 0.5).abs() < 0.01, "{u:?}");
+        assert_eq!(u.gradient_steps, 2, "{u:?}");
+    }
+    // Cosine from 0.3 at step 0 to 0 at step 5 (the last one an update may follow).
+    let cosine = |t: f64| 0.15 * (1.0 + (std::f64::consts::PI * t / 5.0).cos());
+    assert!((updates[0].drop_fraction - cosine(2.0)).abs() < 1e-12);
+    assert!((updates[1].drop_fraction - cosine(4.0)).abs() < 1e-12);
+    let finetune = result.report.finetune.as_ref().unwrap();
+    assert_eq!(finetune.mask_updates.len(), 2);
+    let stage = result
+        .report
+        .stages
+        .iter()
+        .find(|s| s.plugin == "rigl")
+        .unwrap();
+    assert_eq!(stage.produces, "mask-updates");
+    assert!((stage.density_after - 0.5).abs() < 0.01, "{stage:?}");
+    // The final model: masked weights are exact zeros.
+    for (name, keep, bits) in masked_weights(&result.state) {
+        assert!(
+            keep.iter().zip(&bits).all(|(k, b)| *k || *b == 0),
+            "{name}: a pruned weight is not zero"
+        );
+    }
+}
+
+/// Interrupted after step 3 (between the updates: the gradient summed since step 2 is in the
+/// checkpoint) and run again, a RigL fine-tune ends with exactly the masks and weights of a run
+/// that was never interrupted.
+#[test]
+fn rigl_resumes_bit_for_bit() {
+    let whole = tempfile::tempdir().unwrap();
+    let (full, _) = run_with(&dynamic_pipeline("rigl", "", whole.path()), |_, _| {});
+    let full = full.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let pipeline = dynamic_pipeline("rigl", "", dir.path());
+    let (stopped, _) = run_with(&pipeline, |e, cancel| {
+        if let RunEvent::FinetuneProgress { step } = e
+            && step.step == 3
+        {
+            cancel.cancel();
+        }
+    });
+    assert!(
+        matches!(stopped, Err(AppError::Cancelled)),
+        "{:?}",
+        stopped.err()
+    );
+    let (resumed, _) = run_with(&pipeline, |_, _| {});
+    let resumed = resumed.unwrap();
+    let finetune = resumed.report.finetune.as_ref().unwrap();
+    assert_eq!(finetune.resumed_from, Some(3));
+    assert_eq!(
+        masked_weights(&resumed.state),
+        masked_weights(&full.state),
+        "masks or weights differ after resuming"
+    );
+    let strip = |r: &espalier::app::RunResult| -> Vec<(u64, usize, usize)> {
+        r.report
+            .finetune
+            .as_ref()
+            .unwrap()
+            .mask_updates
+            .iter()
+            .map(|u| (u.step, u.dropped, u.grown))
+            .collect()
+    };
+    assert_eq!(strip(&resumed), strip(&full));
+}
+
+/// SET's random growth follows its seed: the same seed gives the same masks, another seed other
+/// masks, and each keeps every layer's count.
+#[test]
+fn set_with_the_same_seed_gives_the_same_masks_end_to_end() {
+    let run = |seed: u64| {
+        let dir = tempfile::tempdir().unwrap();
+        let (r, _) = run_with(
+            &dynamic_pipeline("set", &format!("seed = {seed}\n"), dir.path()),
+            |_, _| {},
+        );
+        let r = r.unwrap();
+        for (name, mask) in &r.state.masks {
+            assert_eq!(
+                mask.kept(),
+                (mask.keep().len() as f64 * 0.5).round() as usize,
+                "{name}"
+            );
+        }
+        masked_weights(&r.state)
+    };
+    let a = run(7);
+    assert_eq!(a, run(7));
+    let masks = |m: &[(String, Vec<bool>, Vec<u32>)]| -> Vec<Vec<bool>> {
+        m.iter().map(|(_, k, _)| k.clone()).collect()
+    };
+    assert_ne!(masks(&a), masks(&run(8)));
+}
+
+/// A mask-update plugin without `update`, `update` on a plugin that does not update masks, and
+/// targets no earlier stage pruned are refused at planning, at the line of what is wrong.
+#[test]
+fn mask_update_stages_are_checked_at_planning() {
+    let cal = text("calibration.txt").display().to_string();
+    let finetune = format!("[finetune]\ntext = {cal:?}\nsteps = 4\nbatch = 1\nseq_len = 16\n");
+    for (stages, line, says) in [
+        (
+            "[[stage]]\nplugin = \"magnitude\"\ndensity = 0.5\n[[stage]]\nplugin = \"rigl\"\n",
+            5,
+            "give the stage `update",
+        ),
+        (
+            "[[stage]]\nplugin = \"magnitude\"\ndensity = 0.5\nupdate = { every = 1 }\n",
+            5,
+            "only a plugin that produces mask-updates",
+        ),
+        (
+            "[[stage]]\nplugin = \"rigl\"\nupdate = { every = 1 }\n",
+            2,
+            "no earlier stage prunes it",
+        ),
+        (
+            "[[stage]]\nplugin = \"magnitude\"\ndensity = 0.5\n[[stage]]\nplugin = \"rigl\"\ndensity = 0.5\nupdate = { every = 1 }\n",
+            7,
+            "drop `density`",
+        ),
+    ] {
+        let (result, events) = run_with(&format!("{TINY}{stages}{finetune}"), |_, _| {});
+        let err = result.err().expect("refused").to_string();
+        assert!(err.contains(says), "{err}");
+        assert!(err.contains(&format!("events.toml:{line}:")), "{err}");
+        assert_eq!(kinds(&events), ["run-failed"], "{err}");
+    }
 }

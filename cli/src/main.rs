@@ -937,6 +937,18 @@ impl EventSink for Bars {
                     event.seconds
                 ));
             }
+            RunEvent::FinetuneMaskUpdated { event } => {
+                self.bar.println(format!(
+                    "  ✓ {} updated masks after step {}: {} dropped, {} grown (drop fraction {:.4}), density {:.4} in {:.2} s",
+                    safe(&event.stage),
+                    event.step,
+                    event.dropped,
+                    event.grown,
+                    event.drop_fraction,
+                    event.density,
+                    event.seconds
+                ));
+            }
             RunEvent::FinetuneFinished { report } => {
                 self.end_step();
                 self.bar.println(format!(

@@ -243,6 +243,11 @@ fn run_finetune(
                 event: event.clone(),
             });
         }
+        fn updated(&mut self, event: &crate::dynamic::UpdateEvent) {
+            self.sink.emit(RunEvent::FinetuneMaskUpdated {
+                event: event.clone(),
+            });
+        }
     }
     let mut progress = Events {
         text_tokens: text.tokens(),

@@ -106,6 +106,12 @@ pub enum RunEvent {
         #[serde(flatten)]
         event: crate::schedule::PruneEvent,
     },
+    /// A mask-update stage swapped weights during fine-tuning (see [`crate::dynamic`]).
+    FinetuneMaskUpdated {
+        /// The stage, step, drop fraction, weights dropped and grown, density, seconds.
+        #[serde(flatten)]
+        event: crate::dynamic::UpdateEvent,
+    },
     /// The fine-tune finished.
     FinetuneFinished {
         /// What it did (also in the run report).
@@ -170,6 +176,7 @@ impl RunEvent {
             RunEvent::FinetuneStarted { .. } => "finetune-started",
             RunEvent::FinetuneProgress { .. } => "finetune-progress",
             RunEvent::FinetunePruned { .. } => "finetune-pruned",
+            RunEvent::FinetuneMaskUpdated { .. } => "finetune-mask-updated",
             RunEvent::FinetuneFinished { .. } => "finetune-finished",
             RunEvent::EvaluationStarted { .. } => "evaluation-started",
             RunEvent::EvaluationProgress { .. } => "evaluation-progress",

@@ -36,6 +36,15 @@
 //! their AdamW moments are zeroed, so the invariant above holds for the masks of the moment.
 //! The schedule's position is a function of the step and the masks are in the checkpoint, so a
 //! resume across an event is as exact as any other (`scheduled_resume_across_an_event`).
+//!
+//! Mask updates ([`crate::dynamic`], RigL and SET): the same [`Pruner`] runs the stages with
+//! `update = { … }` at their update steps. Between updates the loop sums the dense gradient of
+//! their layers (taken before masking and clipping, so pruned positions have values); at an
+//! update the plugin gets the mean and returns masks of unchanged density, and every newly kept
+//! weight starts at exactly zero with both moments reset while every dropped weight and its
+//! moments become exact zeros. The sum and its step count are in the checkpoint, and an
+//! update's position is a function of the step, so a resume between or across updates is
+//! bit-exact too.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -51,6 +60,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::cancel::CancelToken;
+use crate::dynamic::UpdateEvent;
 use crate::mask::{Mask, Structure};
 use crate::optim::{AdamW, AdamWConfig, Decay, Moments, clip_global_norm, learning_rate};
 use crate::schedule::PruneEvent;
@@ -235,6 +245,14 @@ pub enum FinetuneError {
         /// What failed.
         source: Box<crate::run::RunError>,
     },
+    /// A mask-update stage failed at one of its updates (its plugin or its output).
+    #[error("mask update after step {step}: {message}")]
+    Update {
+        /// Optimizer steps done.
+        step: u64,
+        /// What failed.
+        message: String,
+    },
     /// A scheduled stage's masks could not be applied.
     #[error("scheduled pruning after step {step}: {message}")]
     Prune {
@@ -281,6 +299,8 @@ pub trait FinetuneObserver {
     fn step(&mut self, step: &StepReport);
     /// A scheduled stage pruned (see [`crate::schedule`]).
     fn pruned(&mut self, _event: &PruneEvent) {}
+    /// A stage updated its masks (see [`crate::dynamic`]).
+    fn updated(&mut self, _event: &UpdateEvent) {}
 }
 
 /// Runs the scheduled stages of a pipeline during fine-tuning (see [`crate::schedule`]).
@@ -302,6 +322,39 @@ pub trait Pruner {
         masks: &BTreeMap<String, Mask>,
         cancel: &CancelToken,
     ) -> Result<(BTreeMap<String, Mask>, Vec<PruneEvent>), FinetuneError>;
+
+    /// The layers whose masks the mask-update stages swap ([`crate::dynamic`]); the fine-tune
+    /// sums their dense gradients between updates. None by default.
+    fn update_layers(&self) -> std::collections::BTreeSet<String> {
+        std::collections::BTreeSet::new()
+    }
+
+    /// Whether the gradient of the step after `step` steps is summed for a later update.
+    fn accumulates(&self, _step: u64) -> bool {
+        false
+    }
+
+    /// Whether a mask update runs after `step` optimizer steps.
+    fn is_update(&self, _step: u64) -> bool {
+        false
+    }
+
+    /// Runs every mask update due after `step` steps on `model` (the weights as trained so
+    /// far), its current `masks` and the mean dense `gradients` of the update layers over the
+    /// last `gradient_steps` steps; returns the new masks, each checked to keep its layer's
+    /// count and structure, and what each stage did.
+    fn update(
+        &mut self,
+        step: u64,
+        model: &Model,
+        masks: &BTreeMap<String, Mask>,
+        gradients: &BTreeMap<String, Tensor>,
+        gradient_steps: u32,
+        cancel: &CancelToken,
+    ) -> Result<(BTreeMap<String, Mask>, Vec<UpdateEvent>), FinetuneError> {
+        let _ = (step, model, masks, gradients, gradient_steps, cancel);
+        Ok((BTreeMap::new(), Vec::new()))
+    }
 }
 
 impl<F: FnMut(&StepReport)> FinetuneObserver for F {
@@ -361,6 +414,10 @@ pub struct FinetuneReport {
     /// included).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub prune_events: Vec<PruneEvent>,
+    /// What the mask-update stages did, update by update (those before a resumed checkpoint
+    /// included).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mask_updates: Vec<UpdateEvent>,
 }
 
 /// One trained weight matrix: the master copy, its mask and its moments.
@@ -370,6 +427,9 @@ struct Param {
     weights: Vec<f32>,
     keep: Option<Vec<bool>>,
     moments: Moments,
+    /// The sum of the dense gradients since the last mask update, for the layers a mask-update
+    /// stage swaps (`None` for the others).
+    dense_grad: Option<Vec<f32>>,
 }
 
 /// The training sequences and where the run is in them.
@@ -507,6 +567,10 @@ pub fn finetune(
             .into());
         }
     };
+    let updated = pruner
+        .as_ref()
+        .map(|p| p.update_layers())
+        .unwrap_or_default();
     let mut params = Vec::new();
     let mut biases = BTreeMap::new();
     for linear in session.block_linears() {
@@ -535,6 +599,9 @@ pub fn finetune(
         params.push(Param {
             name: linear.name().to_string(),
             moments: Moments::zeros(weights.len()),
+            dense_grad: updated
+                .contains(linear.name())
+                .then(|| vec![0.0; weights.len()]),
             shape,
             weights,
             keep,
@@ -555,6 +622,9 @@ pub fn finetune(
     let mut start = 0u64;
     let mut resumed_from = None;
     let mut events: Vec<PruneEvent> = Vec::new();
+    let mut updates: Vec<UpdateEvent> = Vec::new();
+    // Steps summed into the params' `dense_grad` since the last mask update.
+    let mut gradient_steps = 0u32;
     let checkpoint = spec.checkpoint_path();
     if let Some(path) = &checkpoint
         && path.exists()
@@ -562,7 +632,7 @@ pub fn finetune(
         let resumed = load_checkpoint(
             path,
             &fingerprint,
-            &scheduled,
+            (&scheduled, &updated),
             &mut params,
             &mut data,
             (&mut losses, &mut parts),
@@ -571,6 +641,8 @@ pub fn finetune(
         start = resumed.step;
         resumed_from = Some(resumed.step);
         events = resumed.events;
+        updates = resumed.updates;
+        gradient_steps = resumed.gradient_steps;
         for p in &params {
             set_linear(&mut session, p, &biases)?;
             // A scheduled stage may have shrunk the mask since the stages ran.
@@ -623,9 +695,29 @@ pub fn finetune(
             }
             events.extend(done);
         }
+        if let Some(pruner) = pruner.as_deref_mut()
+            && pruner.is_update(step)
+        {
+            let done = update_event(
+                step,
+                pruner,
+                model,
+                (&mut session, &biases),
+                &mut params,
+                masks,
+                gradient_steps,
+                cancel,
+            )?;
+            gradient_steps = 0;
+            for e in &done {
+                progress.updated(e);
+            }
+            updates.extend(done);
+        }
         if step == spec.steps {
             break;
         }
+        let accumulate = pruner.as_deref().is_some_and(|p| p.accumulates(step));
         let step_began = Instant::now();
         let lr = learning_rate(spec.lr, step, spec.steps, spec.warmup, spec.decay);
         let kept = || match last_checkpoint {
@@ -649,12 +741,16 @@ pub fn finetune(
                 .map(|(cross_entropy, kl)| LossParts { cross_entropy, kl });
             let mut stats = pass.finish()?.mean;
             let mut grads = Vec::with_capacity(params.len());
-            for p in &params {
+            for p in params.iter_mut() {
                 let g = stats.remove(&p.name).ok_or_else(|| EngineError::Tensor {
                     name: p.name.clone(),
                     message: "internal: the gradient pass returned no gradient".into(),
                 })?;
                 let mut g = g.flatten_all()?.to_vec1::<f32>()?;
+                // The dense gradient, before masking, for the next mask update.
+                if accumulate && let Some(sum) = &mut p.dense_grad {
+                    sum.iter_mut().zip(&g).for_each(|(s, g)| *s += g);
+                }
                 if let Some(keep) = &p.keep {
                     g.iter_mut()
                         .zip(keep)
@@ -693,6 +789,9 @@ pub fn finetune(
             );
             set_linear(&mut session, p, &biases)?;
         }
+        if accumulate {
+            gradient_steps += 1;
+        }
         losses.push(loss);
         parts.extend(step_parts);
         let done_here = (step + 1 - start) as f64;
@@ -716,7 +815,7 @@ pub fn finetune(
                 (&params, masks),
                 &data,
                 (&losses, &parts),
-                &events,
+                (&events, &updates, gradient_steps),
             )?;
             last_checkpoint = Some(step + 1);
         }
@@ -764,7 +863,75 @@ pub fn finetune(
             })
             .sum(),
         prune_events: events,
+        mask_updates: updates,
     })
+}
+
+/// Runs the mask updates due after `step` steps on the weights as trained so far and the mean
+/// dense gradients summed since the last update, and applies them: every newly kept weight
+/// starts at exactly zero with both moments reset, every dropped weight and both its moments
+/// become exact zeros (the pruner has checked each mask keeps its layer's count and
+/// structure). The gradient sums restart from zero.
+#[allow(clippy::too_many_arguments)]
+fn update_event(
+    step: u64,
+    pruner: &mut dyn Pruner,
+    model: &mut Model,
+    (session, biases): (&mut Session, &BTreeMap<String, Option<Tensor>>),
+    params: &mut [Param],
+    masks: &mut BTreeMap<String, Mask>,
+    gradient_steps: u32,
+    cancel: &CancelToken,
+) -> Result<Vec<UpdateEvent>, FinetuneError> {
+    let mut gradients = BTreeMap::new();
+    for p in params.iter() {
+        let w = Tensor::from_slice(&p.weights, p.shape.as_slice(), &Device::Cpu)?;
+        model.set_weight(&p.name, w, false)?;
+        if let Some(sum) = &p.dense_grad {
+            let scale = 1.0 / gradient_steps.max(1) as f32;
+            let mean: Vec<f32> = sum.iter().map(|g| g * scale).collect();
+            gradients.insert(
+                p.name.clone(),
+                Tensor::from_vec(mean, p.shape.as_slice(), &Device::Cpu)?,
+            );
+        }
+    }
+    let (new_masks, events) =
+        pruner.update(step, model, masks, &gradients, gradient_steps, cancel)?;
+    drop(gradients);
+    for (name, mask) in new_masks {
+        let err = |message: String| FinetuneError::Update { step, message };
+        let p = params
+            .iter_mut()
+            .find(|p| p.name == name)
+            .ok_or_else(|| err(format!("`{name}` is not a layer the fine-tune trains")))?;
+        let old = p
+            .keep
+            .as_ref()
+            .ok_or_else(|| err(format!("`{name}` has no mask to update")))?;
+        if mask.keep().len() != p.weights.len() {
+            return Err(err(format!(
+                "the mask of `{name}` does not cover the weight"
+            )));
+        }
+        for (i, (&was, &is)) in old.iter().zip(mask.keep()).enumerate() {
+            if was != is {
+                // Dropped: pruned from now on. Grown: starts at zero with fresh moments.
+                p.weights[i] = 0.0;
+                p.moments.m[i] = 0.0;
+                p.moments.v[i] = 0.0;
+            }
+        }
+        p.keep = Some(mask.keep().to_vec());
+        set_linear(session, p, biases)?;
+        masks.insert(name, mask);
+    }
+    for p in params.iter_mut() {
+        if let Some(sum) = &mut p.dense_grad {
+            sum.iter_mut().for_each(|g| *g = 0.0);
+        }
+    }
+    Ok(events)
 }
 
 /// Runs the scheduled stages due after `step` steps on the weights as trained so far, and
@@ -869,7 +1036,7 @@ fn write_checkpoint(
     (params, masks): (&[Param], &BTreeMap<String, Mask>),
     data: &Data,
     (losses, parts): (&[f64], &[LossParts]),
-    events: &[PruneEvent],
+    (events, updates, gradient_steps): (&[PruneEvent], &[UpdateEvent], u32),
 ) -> Result<(), FinetuneError> {
     let err = |message: String| FinetuneError::WriteCheckpoint {
         path: path.to_path_buf(),
@@ -887,6 +1054,9 @@ fn write_checkpoint(
                 format!("keep/{}", p.name),
                 Tensor::from_vec(bytes, p.shape.as_slice(), &Device::Cpu)?,
             ));
+        }
+        if let Some(sum) = &p.dense_grad {
+            tensors.push((format!("grad/{}", p.name), shaped(sum, p)?));
         }
     }
     tensors.push((
@@ -929,6 +1099,13 @@ fn write_checkpoint(
             serde_json::to_string(events).map_err(|e| err(e.to_string()))?,
         );
     }
+    if !updates.is_empty() {
+        meta.insert(
+            "mask_updates".to_string(),
+            serde_json::to_string(updates).map_err(|e| err(e.to_string()))?,
+        );
+    }
+    meta.insert("gradient_steps".to_string(), gradient_steps.to_string());
     crate::atomic::write_atomic_with(path, |tmp| {
         safetensors::serialize_to_file(
             tensors.iter().map(|(k, t)| (k.as_str(), t)),
@@ -948,15 +1125,22 @@ struct Resumed {
     structures: BTreeMap<String, String>,
     /// The prune events before the checkpoint.
     events: Vec<PruneEvent>,
+    /// The mask updates before the checkpoint.
+    updates: Vec<UpdateEvent>,
+    /// Steps summed into the dense gradients since the last update.
+    gradient_steps: u32,
 }
 
 /// Restores the state a checkpoint holds into `params` and `data` and returns its step,
 /// after checking it belongs to this run (fingerprint and masks: equal to the stages' masks,
-/// or within them for the layers in `scheduled`).
+/// or within them for the layers in `scheduled`, of the same count for those in `updated`).
 fn load_checkpoint(
     path: &Path,
     fingerprint: &str,
-    scheduled: &std::collections::BTreeSet<String>,
+    (scheduled, updated): (
+        &std::collections::BTreeSet<String>,
+        &std::collections::BTreeSet<String>,
+    ),
     params: &mut [Param],
     data: &mut Data,
     (losses, parts): (&mut Vec<f64>, &mut Vec<LossParts>),
@@ -966,11 +1150,12 @@ fn load_checkpoint(
         path: path.to_path_buf(),
         message,
     };
-    // What this run's checkpoint can hold: weights and both moments (f32), masks (u8), the
-    // order (u32), and a header and metadata well under 64 MiB. A larger file is not ours.
+    // What this run's checkpoint can hold: weights, both moments and the gradient sums (f32),
+    // masks (u8), the order (u32), and a header and metadata well under 64 MiB. A larger file
+    // is not ours.
     let elements: u64 = params.iter().map(|p| p.weights.len() as u64).sum();
     let limit = elements
-        .saturating_mul(13)
+        .saturating_mul(17)
         .saturating_add(4 * data.order.len() as u64)
         .saturating_add(64 << 20);
     let bytes = espalier_engine::files::read(path, limit).map_err(|e| err(e.to_string()))?;
@@ -1057,7 +1242,16 @@ fn load_checkpoint(
                 (Some(_), None) => true,
                 (None, _) => false,
             };
-        if stored_keep != p.keep && !within {
+        // A mask update swaps weights at the same count.
+        let swapped = updated.contains(&p.name)
+            && match (&stored_keep, &p.keep) {
+                (Some(s), Some(k)) => {
+                    s.len() == k.len()
+                        && s.iter().filter(|x| **x).count() == k.iter().filter(|x| **x).count()
+                }
+                _ => false,
+            };
+        if stored_keep != p.keep && !within && !swapped {
             return Err(err(format!(
                 "its mask of `{}` differs from the one the pruning stages produced",
                 p.name
@@ -1073,6 +1267,9 @@ fn load_checkpoint(
         p.weights = read("weight")?;
         p.moments.m = read("m")?;
         p.moments.v = read("v")?;
+        if p.dense_grad.is_some() {
+            p.dense_grad = Some(read("grad")?);
+        }
     }
     let mut rng = ChaCha8Rng::from_seed(seed);
     rng.set_word_pos(word_pos);
@@ -1090,10 +1287,22 @@ fn load_checkpoint(
         Some(s) => serde_json::from_str(s).map_err(|e| err(format!("`prune_events`: {e}")))?,
         None => Vec::new(),
     };
+    let updates = match meta.get("mask_updates") {
+        Some(s) => serde_json::from_str(s).map_err(|e| err(format!("`mask_updates`: {e}")))?,
+        None => Vec::new(),
+    };
+    let gradient_steps = match meta.get("gradient_steps") {
+        Some(s) => s
+            .parse()
+            .map_err(|_| err("`gradient_steps` is not a number".into()))?,
+        None => 0,
+    };
     Ok(Resumed {
         step,
         structures,
         events,
+        updates,
+        gradient_steps,
     })
 }
 
@@ -1731,5 +1940,133 @@ mod tests {
         s.distill = None;
         let e = run(&mut model.clone(), &masks, &s, None).unwrap_err();
         assert!(matches!(e, FinetuneError::Checkpoint { .. }), "{e}");
+    }
+
+    /// Swaps the first kept position of one layer for its first pruned one, and records the
+    /// mean gradient it was given.
+    struct Swap {
+        layer: String,
+        seen_gradient: Option<(f32, u32)>,
+    }
+
+    impl Pruner for Swap {
+        fn is_event(&self, _: u64) -> bool {
+            false
+        }
+        fn layers(&self) -> std::collections::BTreeSet<String> {
+            Default::default()
+        }
+        fn identity(&self) -> String {
+            "swap".into()
+        }
+        fn prune(
+            &mut self,
+            _: u64,
+            _: &Model,
+            _: &BTreeMap<String, Mask>,
+            _: &CancelToken,
+        ) -> Result<(BTreeMap<String, Mask>, Vec<PruneEvent>), FinetuneError> {
+            Ok(Default::default())
+        }
+        fn update(
+            &mut self,
+            step: u64,
+            _: &Model,
+            masks: &BTreeMap<String, Mask>,
+            gradients: &BTreeMap<String, Tensor>,
+            gradient_steps: u32,
+            _: &CancelToken,
+        ) -> Result<(BTreeMap<String, Mask>, Vec<UpdateEvent>), FinetuneError> {
+            let g = gradients[&self.layer]
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            self.seen_gradient = Some((g[0], gradient_steps));
+            let old = &masks[&self.layer];
+            let mut keep = old.keep().to_vec();
+            let drop = keep.iter().position(|k| *k).unwrap();
+            let grow = keep.iter().position(|k| !*k).unwrap();
+            keep[drop] = false;
+            keep[grow] = true;
+            let mask = Mask::new(old.shape().to_vec(), keep, old.structure()).unwrap();
+            let event = UpdateEvent {
+                stage: "swap".into(),
+                step,
+                drop_fraction: 0.0,
+                dropped: 1,
+                grown: 1,
+                density: mask.density(),
+                gradient_steps,
+                seconds: 0.0,
+            };
+            Ok((BTreeMap::from([(self.layer.clone(), mask)]), vec![event]))
+        }
+    }
+
+    /// At a mask update the dropped weight and both its moments become exact zeros, the grown
+    /// one starts at exactly zero with reset moments (even if something had left them set),
+    /// every other weight and moment is untouched, the pruner sees the mean of the summed
+    /// gradient, and the sums restart from zero.
+    #[test]
+    fn a_mask_update_zeroes_dropped_and_starts_grown_weights_at_zero() {
+        let (mut model, mut masks) = pruned_model();
+        let mut session = Session::new(&model).unwrap();
+        let name = masks.keys().next().unwrap().clone();
+        let w = model.weight(&name).unwrap().clone();
+        let weights = w.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let keep = masks[&name].keep().to_vec();
+        let n = keep.len();
+        let drop = keep.iter().position(|k| *k).unwrap();
+        let grow = keep.iter().position(|k| !*k).unwrap();
+        let mut moments = Moments::zeros(n);
+        moments.m.iter_mut().for_each(|m| *m = 0.5);
+        moments.v.iter_mut().for_each(|v| *v = 0.25);
+        let mut params = vec![Param {
+            name: name.clone(),
+            shape: w.dims().to_vec(),
+            weights: weights.clone(),
+            keep: Some(keep.clone()),
+            moments,
+            dense_grad: Some(vec![1.0; n]),
+        }];
+        let biases = BTreeMap::from([(name.clone(), None)]);
+        let mut swap = Swap {
+            layer: name.clone(),
+            seen_gradient: None,
+        };
+        let events = update_event(
+            3,
+            &mut swap,
+            &mut model,
+            (&mut session, &biases),
+            &mut params,
+            &mut masks,
+            4,
+            &CancelToken::new(),
+        )
+        .unwrap();
+        assert_eq!(events.len(), 1);
+        assert_eq!(
+            swap.seen_gradient,
+            Some((0.25, 4)),
+            "the mean of 4 summed steps"
+        );
+        let p = &params[0];
+        assert_ne!(weights[drop], 0.0);
+        for i in [drop, grow] {
+            assert_eq!(p.weights[i].to_bits(), 0, "weight {i}");
+            assert_eq!(p.moments.m[i].to_bits(), 0, "m {i}");
+            assert_eq!(p.moments.v[i].to_bits(), 0, "v {i}");
+        }
+        for i in (0..n).filter(|&i| i != drop && i != grow) {
+            assert_eq!(p.weights[i].to_bits(), weights[i].to_bits());
+            assert_eq!(p.moments.m[i], 0.5);
+        }
+        assert!(p.dense_grad.as_ref().unwrap().iter().all(|g| *g == 0.0));
+        let new = &masks[&name];
+        assert!(!new.keep()[drop] && new.keep()[grow]);
+        assert_eq!(new.kept(), keep.iter().filter(|k| **k).count());
+        assert_eq!(p.keep.as_deref(), Some(new.keep()));
     }
 }

@@ -7,6 +7,7 @@ pub mod bench;
 pub mod calibration;
 pub mod cancel;
 pub mod display_safe;
+pub mod dynamic;
 pub mod evaluate;
 pub mod events;
 pub mod export;

@@ -122,6 +122,9 @@ pub struct StageSpec {
     /// `schedule = { … }`: the stage runs gradually during `[finetune]` instead of once
     /// before it (see [`crate::schedule`]).
     pub schedule: Option<ScheduleSection>,
+    /// `update = { … }`: the stage updates its targets' masks during `[finetune]` (RigL, SET;
+    /// see [`crate::dynamic`]) instead of pruning before it.
+    pub update: Option<UpdateSection>,
 }
 
 impl StageSpec {
@@ -147,6 +150,27 @@ pub struct ScheduleSection {
 
 impl ScheduleSection {
     /// Where `key` was written (the `schedule` itself when it was left out).
+    pub fn position_of(&self, key: &str) -> &Position {
+        self.keys
+            .iter()
+            .find(|(k, _)| k == key)
+            .map_or(&self.position, |(_, p)| p)
+    }
+}
+
+/// A stage's `update` as written.
+#[derive(Debug, Clone)]
+pub struct UpdateSection {
+    /// The setting, defaults filled in.
+    pub update: crate::dynamic::UpdateSchedule,
+    /// Where `update` was written.
+    pub position: Position,
+    /// Where each of its keys was written.
+    pub keys: Vec<(String, Position)>,
+}
+
+impl UpdateSection {
+    /// Where `key` was written (the `update` itself when it was left out).
     pub fn position_of(&self, key: &str) -> &Position {
         self.keys
             .iter()
@@ -378,7 +402,7 @@ fn mib_to_bytes(mib: u64) -> Option<usize> {
 
 /// Keys of a stage table that are not plugin parameters.
 pub(crate) const STAGE_KEYS: &[&str] = &[
-    "name", "plugin", "targets", "protect", "density", "heads", "schedule",
+    "name", "plugin", "targets", "protect", "density", "heads", "schedule", "update",
 ];
 
 struct Ctx<'a> {
@@ -607,6 +631,12 @@ impl Pipeline {
             Some(f) => Some(parse_finetune(&ctx, f)?),
         };
         check_schedules(
+            &ctx,
+            &stages,
+            finetune.as_ref(),
+            calibration.as_ref().is_some_and(|c| c.spec.sequential),
+        )?;
+        check_updates(
             &ctx,
             &stages,
             finetune.as_ref(),
@@ -1356,6 +1386,17 @@ fn parse_stage(
         None => None,
         Some(v) => Some(parse_schedule(ctx, index, v, density.as_ref(), &offset_of)?),
     };
+    let update = match table.get("update") {
+        None => None,
+        Some(v) => Some(parse_update(ctx, index, v, &offset_of)?),
+    };
+    if schedule.is_some() && update.is_some() {
+        return Err(ctx.err(
+            offset_of("update"),
+            field("update"),
+            "give either `schedule` (prune gradually) or `update` (swap weights at constant density), not both; a later stage can update the masks this one prunes",
+        ));
+    }
     let mut params = Vec::new();
     for (k, v) in table {
         if STAGE_KEYS.contains(&k.as_str()) {
@@ -1385,7 +1426,188 @@ fn parse_stage(
         heads,
         params,
         schedule,
+        update,
     })
+}
+
+/// A stage's `update = { every, start, end, drop_fraction, anneal }` (RigL's defaults for the
+/// keys left out). Checks that need `[finetune]` come later ([`check_updates`]).
+fn parse_update(
+    ctx: &Ctx<'_>,
+    index: usize,
+    value: &toml::Value,
+    offset_of: &dyn Fn(&str) -> usize,
+) -> Result<UpdateSection, PipelineError> {
+    use crate::dynamic::{Anneal, UpdateSchedule};
+    const KEYS: [&str; 5] = ["every", "start", "end", "drop_fraction", "anneal"];
+    let field = |k: &str| format!("stage[{index}].update{k}");
+    let at = offset_of("update");
+    let toml::Value::Table(t) = value else {
+        return Err(ctx.err(
+            at,
+            field(""),
+            format!(
+                "expected a table such as `update = {{ every = 100, end = 0.75, drop_fraction = 0.3 }}` (RigL's defaults; `update = {{}}` takes them all), found {}",
+                describe(value)
+            ),
+        ));
+    };
+    let key_at = |k: &str| offset_of(&format!("update.{k}"));
+    for k in t.keys() {
+        if !KEYS.contains(&k.as_str()) {
+            return Err(ctx.err(
+                key_at(k),
+                field(&format!(".{k}")),
+                format!(
+                    "unknown key `{}`: an update has every, start, end, drop_fraction and anneal",
+                    crate::display_safe::name(k)
+                ),
+            ));
+        }
+    }
+    let mut u = UpdateSchedule::rigl();
+    if let Some(v) = t.get("every") {
+        match v.as_integer() {
+            Some(n) if n >= 1 => u.every = n as u64,
+            _ => {
+                return Err(ctx.err(
+                    key_at("every"),
+                    field(".every"),
+                    format!(
+                        "expected the steps between mask updates (ΔT), a whole number of at least 1 (RigL: 100); found {}",
+                        describe(v)
+                    ),
+                ));
+            }
+        }
+    }
+    let fraction = |k: &str| -> Result<Option<f64>, PipelineError> {
+        match t.get(k) {
+            None => Ok(None),
+            Some(v) => match v.as_float().or_else(|| v.as_integer().map(|i| i as f64)) {
+                Some(x) if (0.0..=1.0).contains(&x) => Ok(Some(x)),
+                _ => Err(ctx.err(
+                    key_at(k),
+                    field(&format!(".{k}")),
+                    format!(
+                        "expected a fraction of the fine-tune's steps in [0, 1] (0.75 = at 75% of training); found {}",
+                        describe(v)
+                    ),
+                )),
+            },
+        }
+    };
+    if let Some(x) = fraction("start")? {
+        u.start = x;
+    }
+    if let Some(x) = fraction("end")? {
+        u.end = x;
+    }
+    if u.end < u.start {
+        return Err(ctx.err(
+            if t.contains_key("end") {
+                key_at("end")
+            } else {
+                key_at("start")
+            },
+            field(if t.contains_key("end") {
+                ".end"
+            } else {
+                ".start"
+            }),
+            format!(
+                "end = {} comes before start = {}: updates must end at or after they start",
+                u.end, u.start
+            ),
+        ));
+    }
+    if let Some(v) = t.get("drop_fraction") {
+        match v.as_float().or_else(|| v.as_integer().map(|i| i as f64)) {
+            Some(x) if x > 0.0 && x < 1.0 => u.drop_fraction = x,
+            _ => {
+                return Err(ctx.err(
+                    key_at("drop_fraction"),
+                    field(".drop_fraction"),
+                    format!(
+                        "expected the share of kept weights swapped at the first update, strictly between 0 and 1 (RigL: 0.3); found {}",
+                        describe(v)
+                    ),
+                ));
+            }
+        }
+    }
+    if let Some(v) = t.get("anneal") {
+        let name = v.as_str().unwrap_or_default();
+        u.anneal = Anneal::from_name(name).ok_or_else(|| {
+            ctx.err(
+                key_at("anneal"),
+                field(".anneal"),
+                format!(
+                    "expected one of {}, found {}",
+                    Anneal::NAMES.join(", "),
+                    describe(v)
+                ),
+            )
+        })?;
+    }
+    let keys = KEYS
+        .iter()
+        .filter(|k| t.contains_key(**k))
+        .map(|k| (k.to_string(), ctx.position(key_at(k))))
+        .collect();
+    Ok(UpdateSection {
+        update: u,
+        position: ctx.position(at),
+        keys,
+    })
+}
+
+/// What a stage's mask updates need from the rest of the pipeline: a `[finetune]` section
+/// long enough for one update, and no sequential calibration.
+fn check_updates(
+    ctx: &Ctx<'_>,
+    stages: &[StageSpec],
+    finetune: Option<&FinetuneSection>,
+    sequential: bool,
+) -> Result<(), PipelineError> {
+    for stage in stages {
+        let Some(u) = &stage.update else { continue };
+        let field = |k: &str| format!("stage[{}].update{k}", stage.index);
+        let err = |position: &Position, field: String, message: String| PipelineError {
+            file: ctx.file.to_string(),
+            position: position.clone(),
+            field,
+            message,
+        };
+        let Some(f) = finetune else {
+            return Err(err(
+                &u.position,
+                field(""),
+                "mask updates (RigL, SET) swap weights during fine-tuning, but the pipeline has no [finetune] section; add one".into(),
+            ));
+        };
+        let steps = f.spec.steps;
+        if u.update.events(steps).is_empty() {
+            return Err(err(
+                u.position_of("every"),
+                field(".every"),
+                format!(
+                    "no update fits: the first would follow step {} (start + every), after the last one allowed, step {} (end = {} of finetune.steps = {steps}, and never after the last step); lower `every` or raise `end`",
+                    u.update.start_step(steps) + u.update.every,
+                    u.update.end_step(steps),
+                    u.update.end
+                ),
+            ));
+        }
+        if sequential {
+            return Err(err(
+                &u.position,
+                field(""),
+                "cannot be combined with [calibration] sequential = true (sequential stages run block by block before fine-tuning)".into(),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// A stage's `schedule = { kind, start, end, every, initial }` (the final density is the
@@ -2108,5 +2330,82 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.message.contains("sequential"), "{e}");
+    }
+
+    /// `update`: RigL's defaults for what is left out, and each bad value (ΔT of zero, an end
+    /// before the start, a drop fraction outside (0, 1), …) refused at its own key's line; a
+    /// pipeline without [finetune], or too short for one update, refused at the `update`.
+    #[test]
+    fn updates_parse_and_name_bad_fields() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("t.txt"), "text").unwrap();
+        let head = "model = \"m\"\n[[stage]]\nplugin = \"magnitude\"\ndensity = 0.5\n[[stage]]\nplugin = \"rigl\"\n";
+        let tail = "[finetune]\ntext = \"t.txt\"\nsteps = 400\n";
+        let parse = |update: &str| {
+            Pipeline::parse_in(
+                "p.toml",
+                &format!("{head}update = {update}\n{tail}"),
+                dir.path(),
+            )
+        };
+        let p = parse("{}").unwrap();
+        let u = &p.stages[1].update.as_ref().unwrap().update;
+        assert_eq!(*u, crate::dynamic::UpdateSchedule::rigl());
+        assert_eq!(u.events(400), vec![100, 200, 300]);
+        let p = parse(
+            "{ every = 50, start = 0.25, end = 0.5, drop_fraction = 0.1, anneal = \"constant\" }",
+        )
+        .unwrap();
+        let u = &p.stages[1].update.as_ref().unwrap().update;
+        assert_eq!(
+            (u.every, u.start, u.end, u.drop_fraction),
+            (50, 0.25, 0.5, 0.1)
+        );
+        assert_eq!(u.anneal, crate::dynamic::Anneal::Constant);
+        assert_eq!(u.events(400), vec![150, 200]);
+
+        for (update, want) in [
+            ("{ every = 0 }", "stage[1].update.every"),
+            ("{ every = -3 }", "stage[1].update.every"),
+            ("{ start = 0.5, end = 0.25 }", "stage[1].update.end"),
+            ("{ end = 1.5 }", "stage[1].update.end"),
+            ("{ drop_fraction = 0 }", "stage[1].update.drop_fraction"),
+            ("{ drop_fraction = 1.0 }", "stage[1].update.drop_fraction"),
+            ("{ drop_fraction = -0.2 }", "stage[1].update.drop_fraction"),
+            ("{ anneal = \"cubic\" }", "stage[1].update.anneal"),
+            ("{ rate = 2 }", "stage[1].update.rate"),
+            ("100", "stage[1].update"),
+            ("{ every = 500 }", "stage[1].update.every"),
+        ] {
+            let e = parse(update).unwrap_err();
+            assert_eq!(
+                (e.position.line, e.field.as_str()),
+                (7, want),
+                "{update}: {e}"
+            );
+            assert!(e.to_string().starts_with("p.toml:7:"), "{e}");
+        }
+        let e = parse("{ start = 0.5, end = 0.25 }").unwrap_err();
+        assert!(e.message.contains("comes before start"), "{e}");
+        let e = parse("{ every = 500 }").unwrap_err();
+        assert!(e.message.contains("no update fits"), "{e}");
+        // The column is the offending key's.
+        let e = parse("{ every = 0 }").unwrap_err();
+        assert_eq!(e.position.column, 12, "{e}");
+        // No [finetune]; `schedule` and `update` together.
+        let e = Pipeline::parse_in("p.toml", &format!("{head}update = {{}}\n"), dir.path())
+            .unwrap_err();
+        assert_eq!((e.position.line, e.field.as_str()), (7, "stage[1].update"));
+        assert!(e.message.contains("[finetune]"), "{e}");
+        let e = Pipeline::parse_in(
+            "p.toml",
+            &format!(
+                "{head}density = 0.5\nupdate = {{}}\nschedule = {{ kind = \"linear\", end = 9, every = 1 }}\n{tail}"
+            ),
+            dir.path(),
+        )
+        .unwrap_err();
+        assert_eq!(e.field, "stage[1].update", "{e}");
+        assert!(e.message.contains("not both"), "{e}");
     }
 }

@@ -694,6 +694,65 @@ fn check_scheduled(
         .into())
 }
 
+/// A stage updates masks during fine-tuning exactly when its plugin produces `mask-updates`
+/// and its pipeline entry has `update = { … }`; its targets must be block linears (the layers
+/// fine-tuning trains) that an earlier stage masks (there is nothing to swap in a dense layer).
+fn check_updating(
+    pipeline: &Pipeline,
+    earlier: &[PlannedStage],
+    stage: &PlannedStage,
+) -> Result<(), PlanError> {
+    let plugin = display_safe::name(&stage.plugin.info.name);
+    let produces = stage.plugin.info.produces;
+    let index = stage.spec.index;
+    let Some(section) = &stage.spec.update else {
+        if produces == OutputKind::MaskUpdates {
+            return Err(pipeline
+                .error(
+                    &stage.spec.position,
+                    format!("stage[{index}]"),
+                    format!(
+                        "plugin `{plugin}` updates masks during fine-tuning: give the stage `update = {{ every = 100, end = 0.75, drop_fraction = 0.3 }}` (or `update = {{}}` for these defaults) and the pipeline a [finetune] section"
+                    ),
+                )
+                .into());
+        }
+        return Ok(());
+    };
+    if produces != OutputKind::MaskUpdates {
+        return Err(pipeline
+            .error(
+                &section.position,
+                format!("stage[{index}].update"),
+                format!(
+                    "plugin `{plugin}` produces {}; only a plugin that produces mask-updates (rigl, set) can update masks during fine-tuning",
+                    crate::plugin::registry::produces_name(produces)
+                ),
+            )
+            .into());
+    }
+    let masked = masked_earlier(earlier, stage);
+    if let Some(l) = stage
+        .targets
+        .iter()
+        .find(|l| !l.role.is_block_linear() || !masked.contains(&l.name))
+    {
+        let why = if l.role.is_block_linear() {
+            "no earlier stage prunes it, so it has no mask to update; prune it first (e.g. with a wanda stage) or protect it"
+        } else {
+            "it is not a block linear, and fine-tuning trains only block linears; protect it"
+        };
+        return Err(pipeline
+            .error(
+                stage.spec.targets_position(),
+                format!("stage[{index}].targets"),
+                format!("`{}`: {why}", l.name),
+            )
+            .into());
+    }
+    Ok(())
+}
+
 /// The targets of `stage` that one of the `earlier` stages masks (a plugin producing masks or
 /// weights targets them), in target order.
 fn masked_earlier(earlier: &[PlannedStage], stage: &PlannedStage) -> Vec<String> {
@@ -781,6 +840,7 @@ pub fn plan(
             let view = view.get_or_insert_with(|| planning_view(model));
             check_scheduled(&pipeline, &stages, &stage, runtime, view)?;
         }
+        check_updating(&pipeline, &stages, &stage)?;
         stages.push(stage);
     }
     let sequential_from = crate::sequential::split(&pipeline, &stages)?;

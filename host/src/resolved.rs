@@ -145,6 +145,19 @@ pub fn resolved_pipeline(
             sched.insert("initial".into(), Value::Float(s.initial));
             t.insert("schedule".into(), Value::Table(sched));
         }
+        if let Some(u) = &spec.update {
+            let u = &u.update;
+            let mut update = Table::new();
+            update.insert(
+                "every".into(),
+                Value::Integer(i64::try_from(u.every).unwrap_or(i64::MAX)),
+            );
+            update.insert("start".into(), Value::Float(u.start));
+            update.insert("end".into(), Value::Float(u.end));
+            update.insert("drop_fraction".into(), Value::Float(u.drop_fraction));
+            update.insert("anneal".into(), Value::String(u.anneal.as_str().into()));
+            t.insert("update".into(), Value::Table(update));
+        }
         for (name, value) in &stage.params {
             t.insert(name.clone(), param_toml(value));
         }

@@ -428,6 +428,12 @@ pub fn run_stage(
     let target_names: BTreeSet<&str> = targets.iter().map(|(l, _)| l.name.as_str()).collect();
     let mut produced_budgets = None;
     match stage.plugin.info.produces {
+        OutputKind::MaskUpdates => {
+            // Planning runs such a stage only through `update-masks`, during fine-tuning.
+            return Err(invalid(
+                "a plugin that produces mask-updates returned a stage output".into(),
+            ));
+        }
         OutputKind::Masks => {
             if !out_budgets.is_empty() || !heads.is_empty() {
                 return Err(invalid("a mask plugin returned budgets or heads".into()));
@@ -732,7 +738,7 @@ pub fn execute(
     // the ones before it ran on the whole model (see `crate::sequential`).
     let whole_model = plan.sequential_from.unwrap_or(plan.stages.len());
     for (i, stage) in plan.stages[..whole_model].iter().enumerate() {
-        if stage.spec.schedule.is_some() {
+        if stage.spec.schedule.is_some() || stage.spec.update.is_some() {
             // Runs during fine-tuning, at its events ([`ScheduledStages`]).
             continue;
         }
@@ -813,7 +819,8 @@ pub fn execute(
 /// on the weights as trained so far: each event is [`run_stage`] at the schedule's density on
 /// a fresh state holding the current model and masks (so calibration statistics, when the
 /// plugin needs them, are taken on the current model), whose masks already include the old
-/// ones.
+/// ones. Also the mask-update stages ([`crate::dynamic`]), whose plugins' `update-masks` it
+/// calls at their update steps.
 pub struct ScheduledStages<'a> {
     plan: &'a Plan,
     runtime: &'a Runtime,
@@ -828,7 +835,7 @@ impl<'a> ScheduledStages<'a> {
     pub fn new(plan: &'a Plan, runtime: &'a Runtime, state: &RunState) -> Option<Self> {
         plan.stages
             .iter()
-            .any(|s| s.spec.schedule.is_some())
+            .any(|s| s.spec.schedule.is_some() || s.spec.update.is_some())
             .then(|| ScheduledStages {
                 plan,
                 runtime,
@@ -845,6 +852,26 @@ impl<'a> ScheduledStages<'a> {
             .iter()
             .enumerate()
             .filter_map(|(i, s)| s.spec.schedule.as_ref().map(|x| (i, s, &x.schedule)))
+    }
+
+    /// The mask-update stages, with their settings.
+    fn updating(
+        &self,
+    ) -> impl Iterator<Item = (usize, &PlannedStage, &crate::dynamic::UpdateSchedule)> {
+        self.plan
+            .stages
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| s.spec.update.as_ref().map(|x| (i, s, &x.update)))
+    }
+
+    /// The fine-tune's optimizer steps (mask updates are placed relative to them).
+    fn steps(&self) -> u64 {
+        self.plan
+            .pipeline
+            .finetune
+            .as_ref()
+            .map_or(0, |f| f.spec.steps)
     }
 
     /// The report of each scheduled stage (index, report): its calls in this process summed
@@ -876,7 +903,181 @@ impl<'a> ScheduledStages<'a> {
             );
             out.push((i, report));
         }
+        let steps = self.steps();
+        for (i, stage, update) in self.updating() {
+            let mut report = self.reports.get(&i).cloned().unwrap_or_else(|| {
+                StageReport::new(
+                    stage,
+                    stage.targets.len(),
+                    None,
+                    1.0,
+                    Duration::ZERO,
+                    CallTimings::default(),
+                    Duration::ZERO,
+                )
+            });
+            report.density_after = state.density_of(stage.targets.iter().map(|l| l.name.as_str()));
+            report.density_from = format!(
+                "mask updates: every {} steps, {} of the kept weights swapped ({} anneal) from step {} to {} ({} updates)",
+                update.every,
+                update.drop_fraction,
+                update.anneal.as_str(),
+                update.start_step(steps),
+                update.end_step(steps),
+                update.events(steps).len()
+            );
+            out.push((i, report));
+        }
+        out.sort_by_key(|(i, _)| *i);
         out
+    }
+
+    /// Runs one mask-update stage at `step`: hands its plugin the target layers' weights,
+    /// masks and mean dense gradients, and checks what it returns (every target exactly once,
+    /// each mask of the layer's shape, count and structure).
+    #[allow(clippy::too_many_arguments)]
+    fn update_stage(
+        &mut self,
+        i: usize,
+        stage: &PlannedStage,
+        schedule: &crate::dynamic::UpdateSchedule,
+        step: u64,
+        model: &Model,
+        masks: &BTreeMap<String, Mask>,
+        gradients: &BTreeMap<String, Tensor>,
+        gradient_steps: u32,
+        cancel: &CancelToken,
+    ) -> Result<(BTreeMap<String, Mask>, crate::dynamic::UpdateEvent), crate::finetune::FinetuneError>
+    {
+        use crate::finetune::FinetuneError;
+        use crate::plugin::bindings::{UpdateContext, UpdatePosition, WitLayerState};
+        let started = Instant::now();
+        let err = |message: String| FinetuneError::Update {
+            step,
+            message: format!("stage `{}`: {message}", stage.spec.name),
+        };
+        let steps = self.steps();
+        let seed = self
+            .plan
+            .pipeline
+            .finetune
+            .as_ref()
+            .map_or(0, |f| f.spec.seed);
+        let position = UpdatePosition {
+            step,
+            total_steps: steps,
+            fraction: step as f64 / steps.max(1) as f64,
+            update: schedule.index_of(step, steps),
+            updates: schedule.events(steps).len() as u32,
+            drop_fraction: schedule.drop_fraction_at(step, steps),
+            seed: crate::dynamic::update_seed(seed, i, step),
+        };
+        // Everything the plugin gets, checked before its Store exists.
+        let mut layers = Vec::with_capacity(stage.targets.len());
+        for t in &stage.targets {
+            let layer = model
+                .layer(&t.name)
+                .ok_or_else(|| err(format!("layer `{}` is no longer in the model", t.name)))?;
+            let weight = model
+                .weight(&t.name)
+                .ok_or_else(|| err(format!("layer `{}` has no weight", t.name)))?;
+            let mask = masks
+                .get(&t.name)
+                .ok_or_else(|| err(format!("`{}` has no mask to update", t.name)))?;
+            let gradient = gradients
+                .get(&t.name)
+                .ok_or_else(|| err(format!("internal: no gradient of `{}`", t.name)))?;
+            layers.push((wit_layer(&layer), weight.clone(), mask, gradient.clone()));
+        }
+        let drop_fraction = position.drop_fraction;
+        let view = Arc::new(model_view(model, masks));
+        let ctx = |state: &mut crate::plugin::state::PluginState| -> Result<UpdateContext, String> {
+            let mut out = Vec::with_capacity(layers.len());
+            for (layer, weight, mask, gradient) in &layers {
+                out.push(WitLayerState {
+                    layer: layer.clone(),
+                    weights: state.give_tensor(weight.clone())?,
+                    mask: state.give_mask(mask)?,
+                    gradient: state.give_tensor(gradient.clone())?,
+                    gradient_steps,
+                });
+            }
+            Ok(UpdateContext {
+                stage: stage.spec.name.clone(),
+                position,
+                layers: out,
+                params: stage.params.clone(),
+            })
+        };
+        let (returned, timings) = self
+            .runtime
+            .update_masks(
+                &stage.plugin.info.name,
+                &stage.plugin.compiled,
+                view,
+                &self.plan.pipeline.sandbox,
+                ctx,
+                cancel,
+            )
+            .map_err(|e| match e {
+                PluginError::Cancelled { .. } => FinetuneError::Cancelled,
+                e => err(e.to_string()),
+            })?;
+        let apply_started = Instant::now();
+        let targets: BTreeSet<&str> = stage.targets.iter().map(|l| l.name.as_str()).collect();
+        let mut out = BTreeMap::new();
+        let (mut dropped, mut grown) = (0, 0);
+        for (name, mask) in returned {
+            if !targets.contains(name.as_str()) {
+                return Err(err(format!(
+                    "a mask for `{}`, which is not a target of this stage",
+                    display_safe::name(&name)
+                )));
+            }
+            let old = &masks[&name];
+            let (d, g) = crate::dynamic::check_update(&name, old, &mask).map_err(err)?;
+            // Under the old structure, whatever the plugin declared.
+            let mask = Mask::new(old.shape().to_vec(), mask.keep().to_vec(), old.structure())
+                .map_err(err)?;
+            if out.insert(name.clone(), mask).is_some() {
+                return Err(err(format!("two masks for `{name}`")));
+            }
+            dropped += d;
+            grown += g;
+        }
+        if let Some(missing) = targets.iter().find(|t| !out.contains_key(**t)) {
+            return Err(err(format!("no mask for target `{missing}`")));
+        }
+        let (kept, numel) = out.values().fold((0usize, 0usize), |(k, n), m| {
+            (k + m.kept(), n + m.keep().len())
+        });
+        let density = kept as f64 / numel.max(1) as f64;
+        let report = StageReport::new(
+            stage,
+            stage.targets.len(),
+            None,
+            density,
+            started.elapsed(),
+            timings,
+            apply_started.elapsed(),
+        );
+        match self.reports.get_mut(&i) {
+            Some(total) => total.add_call(&report),
+            None => {
+                self.reports.insert(i, report);
+            }
+        }
+        let event = crate::dynamic::UpdateEvent {
+            stage: stage.spec.name.clone(),
+            step,
+            drop_fraction,
+            dropped,
+            grown,
+            density,
+            gradient_steps,
+            seconds: started.elapsed().as_secs_f64(),
+        };
+        Ok((out, event))
     }
 }
 
@@ -891,7 +1092,77 @@ impl crate::finetune::Pruner for ScheduledStages<'_> {
             .collect()
     }
 
+    fn update_layers(&self) -> BTreeSet<String> {
+        self.updating()
+            .flat_map(|(_, s, _)| s.targets.iter().map(|l| l.name.clone()))
+            .collect()
+    }
+
+    fn accumulates(&self, step: u64) -> bool {
+        let steps = self.steps();
+        self.updating().any(|(_, _, u)| {
+            step >= u.start_step(steps) && u.events(steps).last().is_some_and(|&last| step < last)
+        })
+    }
+
+    fn is_update(&self, step: u64) -> bool {
+        let steps = self.steps();
+        self.updating().any(|(_, _, u)| u.is_event(step, steps))
+    }
+
+    fn update(
+        &mut self,
+        step: u64,
+        model: &Model,
+        masks: &BTreeMap<String, Mask>,
+        gradients: &BTreeMap<String, Tensor>,
+        gradient_steps: u32,
+        cancel: &CancelToken,
+    ) -> Result<
+        (BTreeMap<String, Mask>, Vec<crate::dynamic::UpdateEvent>),
+        crate::finetune::FinetuneError,
+    > {
+        let steps = self.steps();
+        let due: Vec<(usize, PlannedStage, crate::dynamic::UpdateSchedule)> = self
+            .updating()
+            .filter(|(_, _, u)| u.is_event(step, steps))
+            .map(|(i, s, u)| (i, s.clone(), u.clone()))
+            .collect();
+        // Each stage sees the masks the ones before it at this step left.
+        let mut current = masks.clone();
+        let mut changed = BTreeMap::new();
+        let mut events = Vec::with_capacity(due.len());
+        for (i, stage, schedule) in due {
+            let (new, event) = self.update_stage(
+                i,
+                &stage,
+                &schedule,
+                step,
+                model,
+                &current,
+                gradients,
+                gradient_steps,
+                cancel,
+            )?;
+            for (name, mask) in new {
+                current.insert(name.clone(), mask.clone());
+                changed.insert(name, mask);
+            }
+            events.push(event);
+        }
+        Ok((changed, events))
+    }
+
     fn identity(&self) -> String {
+        let updates = self.updating().map(|(i, s, u)| {
+            format!(
+                "{i}:{}:update={}:{:?}:{:?}",
+                s.plugin.compiled.sha256,
+                serde_json::to_string(u).unwrap_or_default(),
+                s.targets.iter().map(|l| &l.name).collect::<Vec<_>>(),
+                s.params,
+            )
+        });
         self.scheduled()
             .map(|(i, s, schedule)| {
                 // The calibration set decides what a plugin that needs statistics sees.
@@ -910,6 +1181,7 @@ impl crate::finetune::Pruner for ScheduledStages<'_> {
                     s.params,
                 )
             })
+            .chain(updates)
             .collect::<Vec<_>>()
             .join("\n")
     }

@@ -46,6 +46,9 @@ fn global_reason(stage: &PlannedStage) -> Option<&'static str> {
             return Some("produces budgets, which allocate density across the whole model");
         }
         OutputKind::Heads => return Some("removes attention heads, which reshapes layers"),
+        OutputKind::MaskUpdates => {
+            return Some("updates masks during fine-tuning, after every stage has run");
+        }
         OutputKind::Masks | OutputKind::Weights => {}
     }
     if info.needs.contains(&Need::Loss) {

@@ -1,4 +1,4 @@
-//! Conversions between the older WIT versions (0.1.0 to 0.4.0) and the 0.5.0 types the host
+//! Conversions between the older WIT versions (0.1.0 to 0.5.0) and the 0.6.0 types the host
 //! works with. Only the values crossing an older plugin's `describe` / `apply` boundary need them, plus
 //! the model descriptions its `model` imports return (the imports themselves are implemented for
 //! every version by one macro in `state.rs`); resources (`tensor`, `mask`) map to the same host
@@ -9,13 +9,34 @@
 //! `validate` export, the `progress` import) has no counterpart before it: a plugin older than
 //! 0.4 is simply not validated by a call and cannot report progress; [`v4`] also converts the
 //! planning values. What 0.5 added (the `obs` import, the `weights` output) has no older
-//! counterpart: an older plugin never returns weights.
+//! counterpart: an older plugin never returns weights. What 0.6 added (the `training` import,
+//! the `update-masks` export, the `mask-updates` output) has no older counterpart either: an
+//! older plugin is never asked to update masks during fine-tuning.
 
-use super::bindings::v0_5::espalier::prune::{model as mh, plugin_types as ph};
-use super::bindings::v0_5::{PluginInfo, StageContext, StageOutput};
+use super::bindings::v0_6::espalier::prune::{model as mh, plugin_types as ph};
+use super::bindings::v0_6::{PluginInfo, StageContext, StageOutput};
+
+/// The updated weights of a version without them (before 0.5): none.
+fn no_weights<T>(_: &mut T) -> Vec<ph::LayerWeights> {
+    Vec::new()
+}
+
+/// The updated weights a 0.5 plugin returned (handles move unchanged).
+fn v5_weights(o: &mut super::bindings::v0_5::StageOutput) -> Vec<ph::LayerWeights> {
+    std::mem::take(&mut o.weights)
+        .into_iter()
+        .map(|w| ph::LayerWeights {
+            layer: w.layer,
+            weights: w.weights,
+        })
+        .collect()
+}
 
 macro_rules! older_version {
-    ($module:ident, $v:ident, needs: { $($old_need:ident => $new_need:ident),* $(,)? }) => {
+    ($module:ident, $v:ident,
+     needs: { $($old_need:ident => $new_need:ident),* $(,)? },
+     outputs: { $($old_out:ident => $new_out:ident),* $(,)? },
+     weights: $weights:path) => {
         /// Conversions for plugins built against this older version.
         pub mod $module {
             use super::*;
@@ -107,13 +128,11 @@ macro_rules! older_version {
 
             fn output_kind_from(k: po::OutputKind) -> ph::OutputKind {
                 match k {
-                    po::OutputKind::Masks => ph::OutputKind::Masks,
-                    po::OutputKind::Budgets => ph::OutputKind::Budgets,
-                    po::OutputKind::Heads => ph::OutputKind::Heads,
+                    $(po::OutputKind::$old_out => ph::OutputKind::$new_out,)*
                 }
             }
 
-            /// What the plugin described, in 0.5 terms.
+            /// What the plugin described, in 0.6 terms.
             pub fn plugin_info_from(i: InfoO) -> PluginInfo {
                 PluginInfo {
                     name: i.name,
@@ -156,8 +175,9 @@ macro_rules! older_version {
                 }
             }
 
-            /// The plugin's output in 0.5 terms (mask handles move unchanged; no weights).
-            pub fn stage_output_from(o: OutO) -> StageOutput {
+            /// The plugin's output in 0.6 terms (mask and weight handles move unchanged).
+            pub fn stage_output_from(mut o: OutO) -> StageOutput {
+                let weights = $weights(&mut o);
                 StageOutput {
                     masks: o
                         .masks
@@ -183,34 +203,56 @@ macro_rules! older_version {
                             keep: h.keep,
                         })
                         .collect(),
-                    weights: Vec::new(),
+                    weights,
                 }
             }
         }
     };
 }
 
-older_version!(v1, v0_1, needs: { Weights => Weights });
-older_version!(v2, v0_2, needs: { Weights => Weights, Activations => Activations, Loss => Loss });
-older_version!(v3, v0_3, needs: {
-    Weights => Weights,
-    Activations => Activations,
-    Loss => Loss,
-    Gradients => Gradients,
-});
-older_version!(v4, v0_4, needs: {
-    Weights => Weights,
-    Activations => Activations,
-    Loss => Loss,
-    Gradients => Gradients,
-});
+older_version!(v1, v0_1,
+    needs: { Weights => Weights },
+    outputs: { Masks => Masks, Budgets => Budgets, Heads => Heads },
+    weights: no_weights);
+older_version!(v2, v0_2,
+    needs: { Weights => Weights, Activations => Activations, Loss => Loss },
+    outputs: { Masks => Masks, Budgets => Budgets, Heads => Heads },
+    weights: no_weights);
+older_version!(v3, v0_3,
+    needs: {
+        Weights => Weights,
+        Activations => Activations,
+        Loss => Loss,
+        Gradients => Gradients,
+    },
+    outputs: { Masks => Masks, Budgets => Budgets, Heads => Heads },
+    weights: no_weights);
+older_version!(v4, v0_4,
+    needs: {
+        Weights => Weights,
+        Activations => Activations,
+        Loss => Loss,
+        Gradients => Gradients,
+    },
+    outputs: { Masks => Masks, Budgets => Budgets, Heads => Heads },
+    weights: no_weights);
+older_version!(v5, v0_5,
+    needs: {
+        Weights => Weights,
+        Activations => Activations,
+        Loss => Loss,
+        Gradients => Gradients,
+        Hessians => Hessians,
+    },
+    outputs: { Masks => Masks, Budgets => Budgets, Heads => Heads, Weights => Weights },
+    weights: v5_weights);
 
-/// The planning values of `validate`, which 0.4 introduced and 0.5 kept unchanged.
+/// The planning values of `validate`, which 0.4 introduced (0.5 added `masked-earlier`).
 pub mod v4_planning {
     use super::ph;
     use crate::plugin::bindings::v0_4::PlanningContext as CtxO;
     use crate::plugin::bindings::v0_4::espalier::prune::plugin_types as po;
-    use crate::plugin::bindings::v0_5::PlanningContext;
+    use crate::plugin::bindings::v0_6::PlanningContext;
 
     /// A planning context in 0.4 terms.
     pub fn planning_context_to(c: &PlanningContext) -> CtxO {
@@ -230,7 +272,49 @@ pub mod v4_planning {
         }
     }
 
-    /// The problems a 0.4 plugin found, in 0.5 terms.
+    /// The problems a 0.4 plugin found, in 0.6 terms.
+    pub fn problems_from(p: Vec<po::ParamProblem>) -> Vec<ph::ParamProblem> {
+        p.into_iter()
+            .map(|p| ph::ParamProblem {
+                at: match p.at {
+                    po::ProblemAt::Stage => ph::ProblemAt::Stage,
+                    po::ProblemAt::Density => ph::ProblemAt::Density,
+                    po::ProblemAt::Targets => ph::ProblemAt::Targets,
+                    po::ProblemAt::Param(n) => ph::ProblemAt::Param(n),
+                },
+                message: p.message,
+            })
+            .collect()
+    }
+}
+
+/// The planning values of `validate` for a 0.5 plugin (0.6 kept them unchanged).
+pub mod v5_planning {
+    use super::ph;
+    use crate::plugin::bindings::v0_5::PlanningContext as CtxO;
+    use crate::plugin::bindings::v0_5::espalier::prune::plugin_types as po;
+    use crate::plugin::bindings::v0_6::PlanningContext;
+
+    /// A planning context in 0.5 terms.
+    pub fn planning_context_to(c: &PlanningContext) -> CtxO {
+        CtxO {
+            stage: c.stage.clone(),
+            density: match c.density {
+                ph::PlannedDensity::Unset => po::PlannedDensity::Unset,
+                ph::PlannedDensity::Fixed(d) => po::PlannedDensity::Fixed(d),
+                ph::PlannedDensity::Budget => po::PlannedDensity::Budget,
+            },
+            targets: c.targets.iter().map(super::v5::layer).collect(),
+            params: c
+                .params
+                .iter()
+                .map(|(k, v)| (k.clone(), super::v5::value_to(v)))
+                .collect(),
+            masked_earlier: c.masked_earlier.clone(),
+        }
+    }
+
+    /// The problems a 0.5 plugin found, in 0.6 terms.
     pub fn problems_from(p: Vec<po::ParamProblem>) -> Vec<ph::ParamProblem> {
         p.into_iter()
             .map(|p| ph::ParamProblem {

@@ -580,6 +580,7 @@ pub fn produces_name(kind: super::bindings::OutputKind) -> &'static str {
         OutputKind::Budgets => "budgets",
         OutputKind::Heads => "heads",
         OutputKind::Weights => "weights",
+        OutputKind::MaskUpdates => "mask-updates",
     }
 }
 

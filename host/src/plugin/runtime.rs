@@ -18,8 +18,8 @@ use wasmtime::{Config, Engine, Store, Trap, UpdateDeadline};
 use crate::cancel::{CancelToken, Cancelled};
 
 use super::bindings::{
-    ParamProblem, PlanningContext, PluginInfo, StageContext, StageOutput, v0_1, v0_2, v0_3, v0_4,
-    v0_5,
+    ParamProblem, PlanningContext, PluginInfo, StageContext, StageOutput, UpdateContext, v0_1,
+    v0_2, v0_3, v0_4, v0_5, v0_6,
 };
 use super::compat;
 use super::progress::{Progress, ProgressGate};
@@ -188,6 +188,9 @@ pub enum WitVersion {
     /// `espalier:prune@0.5.0` (adds OBS kernels on Hessian handles and updated-weight outputs).
     #[serde(rename = "0.5.0")]
     V0_5,
+    /// `espalier:prune@0.6.0` (adds mask updates during fine-tuning: RigL, SET).
+    #[serde(rename = "0.6.0")]
+    V0_6,
 }
 
 impl std::fmt::Display for WitVersion {
@@ -198,6 +201,7 @@ impl std::fmt::Display for WitVersion {
             WitVersion::V0_3 => "0.3.0",
             WitVersion::V0_4 => "0.4.0",
             WitVersion::V0_5 => "0.5.0",
+            WitVersion::V0_6 => "0.6.0",
         })
     }
 }
@@ -221,6 +225,7 @@ enum Instance {
     V0_3(v0_3::Criterion),
     V0_4(v0_4::Criterion),
     V0_5(v0_5::Criterion),
+    V0_6(v0_6::Criterion),
 }
 
 /// Timings of one `apply` call.
@@ -250,6 +255,7 @@ pub struct Runtime {
     linker_v0_3: Linker<PluginState>,
     linker_v0_4: Linker<PluginState>,
     linker_v0_5: Linker<PluginState>,
+    linker_v0_6: Linker<PluginState>,
     /// Compiled components by sha256, most recently inserted last; bounded, since a daemon
     /// sees every version of every hot-reloaded plugin. Runs hold their own clones, so
     /// eviction never affects a run in flight.
@@ -318,12 +324,14 @@ impl Runtime {
         let mut linker_v0_3 = Linker::new(&engine);
         let mut linker_v0_4 = Linker::new(&engine);
         let mut linker_v0_5 = Linker::new(&engine);
+        let mut linker_v0_6 = Linker::new(&engine);
         for linker in [
             &mut linker_v0_1,
             &mut linker_v0_2,
             &mut linker_v0_3,
             &mut linker_v0_4,
             &mut linker_v0_5,
+            &mut linker_v0_6,
         ] {
             wasmtime_wasi::p2::add_to_linker_sync(linker)
                 .map_err(|e| anyhow::anyhow!("cannot link WASI: {e}"))?;
@@ -338,6 +346,8 @@ impl Runtime {
             .map_err(|e| anyhow::anyhow!("cannot link the espalier:prune@0.4.0 imports: {e}"))?;
         v0_5::Criterion::add_to_linker::<_, HasSelf<_>>(&mut linker_v0_5, |s| s)
             .map_err(|e| anyhow::anyhow!("cannot link the espalier:prune@0.5.0 imports: {e}"))?;
+        v0_6::Criterion::add_to_linker::<_, HasSelf<_>>(&mut linker_v0_6, |s| s)
+            .map_err(|e| anyhow::anyhow!("cannot link the espalier:prune@0.6.0 imports: {e}"))?;
         let ticker = EpochTicker::start(engine.clone());
         Ok(Runtime {
             engine,
@@ -346,6 +356,7 @@ impl Runtime {
             linker_v0_3,
             linker_v0_4,
             linker_v0_5,
+            linker_v0_6,
             cache: Mutex::new(MemoryCache::default()),
             disk_cache: None,
             compiled: Default::default(),
@@ -490,7 +501,9 @@ impl Runtime {
             sha256,
             wit: wit_version(&ours, exports_validate),
             reports_progress: ours.iter().any(|n| {
-                n == "espalier:prune/progress@0.4.0" || n == "espalier:prune/progress@0.5.0"
+                n == "espalier:prune/progress@0.4.0"
+                    || n == "espalier:prune/progress@0.5.0"
+                    || n == "espalier:prune/progress@0.6.0"
             }),
             component,
         }
@@ -543,6 +556,10 @@ impl Runtime {
                 v0_5::Criterion::instantiate(&mut *store, &plugin.component, &self.linker_v0_5)
                     .map(Instance::V0_5)
             }
+            WitVersion::V0_6 => {
+                v0_6::Criterion::instantiate(&mut *store, &plugin.component, &self.linker_v0_6)
+                    .map(Instance::V0_6)
+            }
         };
         instance.map_err(|e| {
             let message = format!("{e:#}");
@@ -585,7 +602,10 @@ impl Runtime {
             Instance::V0_4(i) => i
                 .call_describe(&mut store)
                 .map(compat::v4::plugin_info_from),
-            Instance::V0_5(i) => i.call_describe(&mut store),
+            Instance::V0_5(i) => i
+                .call_describe(&mut store)
+                .map(compat::v5::plugin_info_from),
+            Instance::V0_6(i) => i.call_describe(&mut store),
         };
         log_output(label, &store);
         info.map_err(|e| classify(label, e, sandbox, &store.data().output().1))
@@ -613,7 +633,10 @@ impl Runtime {
         // The deadline counts from the call, as for `apply`.
         arm_deadline(&mut store, sandbox.timeout, &cancel);
         let result = match instance {
-            Instance::V0_5(i) => i.call_validate(&mut store, ctx),
+            Instance::V0_6(i) => i.call_validate(&mut store, ctx),
+            Instance::V0_5(i) => i
+                .call_validate(&mut store, &compat::v5_planning::planning_context_to(ctx))
+                .map(|r| r.map_err(compat::v5_planning::problems_from)),
             Instance::V0_4(i) => i
                 .call_validate(&mut store, &compat::v4_planning::planning_context_to(ctx))
                 .map(|r| r.map_err(compat::v4_planning::problems_from)),
@@ -661,7 +684,10 @@ impl Runtime {
             Instance::V0_4(i) => i
                 .call_apply(&mut *store, &compat::v4::stage_context_to(ctx))
                 .map(|r| r.map(compat::v4::stage_output_from)),
-            Instance::V0_5(i) => i.call_apply(&mut *store, ctx),
+            Instance::V0_5(i) => i
+                .call_apply(&mut *store, &compat::v5::stage_context_to(ctx))
+                .map(|r| r.map(compat::v5::stage_output_from)),
+            Instance::V0_6(i) => i.call_apply(&mut *store, ctx),
         };
         let result = match progress {
             Some(receiver) if plugin.reports_progress => {
@@ -689,6 +715,69 @@ impl Runtime {
             instantiate,
         };
         Ok((output, store, timings))
+    }
+
+    /// Instantiates a 0.6 plugin in a fresh Store and calls `update-masks` at one mask update
+    /// during fine-tuning (see [`crate::dynamic`]). `ctx` is made by `make_ctx` inside the
+    /// Store, which puts the layers' handles in its table (booked like any handle the plugin
+    /// holds). Returns the plugin's masks by layer, taken out of the Store, and the call's
+    /// timings. A plugin of an older version has no such export: refused with a message.
+    pub fn update_masks(
+        &self,
+        label: &str,
+        plugin: &CompiledPlugin,
+        model: Arc<ModelView>,
+        sandbox: &Sandbox,
+        make_ctx: impl FnOnce(&mut PluginState) -> Result<UpdateContext, String>,
+        cancel: &CancelToken,
+    ) -> Result<(Vec<(String, crate::mask::Mask)>, CallTimings), PluginError> {
+        if plugin.wit < WitVersion::V0_6 {
+            return Err(PluginError::Invalid {
+                plugin: label.to_string(),
+                message: format!(
+                    "it was built against espalier:prune@{}, which has no `update-masks` (mask updates during fine-tuning need 0.6.0)",
+                    plugin.wit
+                ),
+            });
+        }
+        let mut store = self.store(model, sandbox, cancel);
+        let started = Instant::now();
+        let instance = self.instantiate(label, plugin, &mut store, sandbox)?;
+        let instantiate = started.elapsed();
+        let Instance::V0_6(instance) = instance else {
+            return Err(PluginError::Invalid {
+                plugin: label.to_string(),
+                message: "internal: a 0.6 plugin instantiated in another world".into(),
+            });
+        };
+        let ctx = make_ctx(store.data_mut()).map_err(|message| PluginError::Failed {
+            plugin: label.to_string(),
+            message,
+        })?;
+        arm_deadline(&mut store, sandbox.timeout, cancel);
+        let call_start = Instant::now();
+        let result = instance.call_update_masks(&mut store, &ctx);
+        let call = call_start.elapsed();
+        log_output(label, &store);
+        let output = result.map_err(|e| classify(label, e, sandbox, &store.data().output().1))?;
+        let output = output.map_err(|message| PluginError::Failed {
+            plugin: label.to_string(),
+            message,
+        })?;
+        let mut masks = Vec::with_capacity(output.len());
+        for m in output {
+            let mask = store
+                .data_mut()
+                .take_mask(m.mask)
+                .map_err(|e| classify(label, e, sandbox, ""))?;
+            masks.push((m.layer, mask));
+        }
+        let timings = CallTimings {
+            call,
+            host: store.data().host_time,
+            instantiate,
+        };
+        Ok((masks, timings))
     }
 }
 
@@ -739,10 +828,12 @@ fn wit_version(ours: &[String], exports_validate: bool) -> WitVersion {
         WitVersion::V0_2
     } else if imports("@0.3.0") {
         WitVersion::V0_3
-    } else if imports("@0.4.0") || (exports_validate && !imports("@0.5.0")) {
+    } else if imports("@0.4.0") || (exports_validate && !imports("@0.5.0") && !imports("@0.6.0")) {
         WitVersion::V0_4
     } else if imports("@0.5.0") {
         WitVersion::V0_5
+    } else if imports("@0.6.0") {
+        WitVersion::V0_6
     } else {
         WitVersion::V0_3
     }
@@ -905,13 +996,17 @@ mod tests {
             WitVersion::V0_4
         );
         assert_eq!(v(&["espalier:prune/obs@0.5.0"], true), WitVersion::V0_5);
+        assert_eq!(
+            v(&["espalier:prune/training@0.6.0"], true),
+            WitVersion::V0_6
+        );
         // Importing nothing of ours: `validate` tells 0.4 from the older worlds.
         assert_eq!(v(&[], true), WitVersion::V0_4);
         assert_eq!(v(&[], false), WitVersion::V0_3);
     }
 
     #[test]
-    fn built_ins_speak_0_5_and_their_validate_runs_under_the_sandbox() {
+    fn built_ins_speak_0_6_and_their_validate_runs_under_the_sandbox() {
         use super::super::bindings::{ParamValue, PlannedDensity, PlanningContext, ProblemAt};
         let runtime = Runtime::new().unwrap();
         let (_, bytes) = super::super::registry::BUILTIN_PLUGINS
@@ -919,7 +1014,7 @@ mod tests {
             .find(|(n, _)| *n == "n-m")
             .unwrap();
         let plugin = runtime.compile("n-m", bytes).unwrap();
-        assert_eq!(plugin.wit, WitVersion::V0_5);
+        assert_eq!(plugin.wit, WitVersion::V0_6);
         assert!(plugin.reports_progress);
         let ctx = |density| PlanningContext {
             stage: "n-m".into(),

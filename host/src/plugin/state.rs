@@ -24,7 +24,11 @@ use super::bindings::v0_4::espalier::prune::{
     calibration as calibration_v4, progress as progress_v4,
 };
 use super::bindings::v0_5::espalier::prune::{
-    calibration as calibration_v5, model as model_v5, progress as progress_v5,
+    calibration as calibration_v5, progress as progress_v5,
+};
+use super::bindings::v0_6::espalier::prune::{
+    calibration as calibration_v6, model as model_v6, progress as progress_v6,
+    training as training_v6,
 };
 use super::progress::ProgressGate;
 use crate::calibration::Calibrator;
@@ -49,9 +53,9 @@ pub struct TensorHandle {
 /// copies no weights.
 pub struct ModelView {
     /// Architecture-level facts.
-    pub info: model_v5::ModelInfo,
+    pub info: model_v6::ModelInfo,
     /// Every weight, as plugins see it.
-    pub layers: Vec<model_v5::LayerInfo>,
+    pub layers: Vec<model_v6::LayerInfo>,
     /// Current (masked) weights by name.
     pub weights: BTreeMap<String, Tensor>,
     /// Masks of earlier stages by layer name.
@@ -183,6 +187,23 @@ impl PluginState {
         let handle = self.table.delete(t)?;
         self.budget.release(handle.booked);
         Ok(handle.tensor)
+    }
+
+    /// Hands the plugin a handle sharing a tensor the host holds (a weight, a gradient the
+    /// fine-tune accumulated): only the handle is booked, as for `model.weight`.
+    pub fn give_tensor(&mut self, tensor: Tensor) -> Result<Resource<TensorHandle>, String> {
+        self.push_shared(tensor)
+            .map_err(|e| e.to_string())
+            .and_then(|r| r)
+    }
+
+    /// Hands the plugin its own copy of a mask, booked like any mask it makes.
+    pub fn give_mask(&mut self, mask: &Mask) -> Result<Resource<Mask>, String> {
+        let numel = mask.keep().len();
+        let copy = mask.clone();
+        self.new_mask("a layer's mask", numel, 0, move |_| Ok(copy))
+            .map_err(|e| e.to_string())
+            .and_then(|r| r)
     }
 
     /// The most host bytes held for the plugin at once during this Store's life.
@@ -943,8 +964,8 @@ impl_host_imports!(
 impl_host_imports!(
     v0_5_imports,
     v0_5,
-    layer: Clone::clone,
-    info: Clone::clone,
+    layer: crate::plugin::compat::v5::layer,
+    info: crate::plugin::compat::v5::model_info,
     kernels_extra: {
         fn select_per_row(
             &mut self,
@@ -959,26 +980,107 @@ impl_host_imports!(
             &mut self,
             name: String,
         ) -> wasmtime::Result<Result<Resource<TensorHandle>, String>> {
-            let Some(current) = self.model.weights.get(&name) else {
-                return Ok(Err(format!(
-                    "the model has no weight named `{}`",
-                    crate::display_safe::name(&name)
-                )));
-            };
-            match self.model.original_weights.get(&name).cloned() {
-                Some(t) if t.dims() == current.dims() => self.push_shared(t),
-                Some(_) => Ok(Err(format!(
-                    "`{}` was reshaped by a heads stage; its original weight no longer matches it",
-                    crate::display_safe::name(&name)
-                ))),
-                None => Ok(Err(
-                    "original weights are kept only in runs with a stage whose plugin produces weights"
-                        .into(),
-                )),
-            }
+            self.original_weight_handle(&name)
         }
     }
 );
+
+impl_host_imports!(
+    v0_6_imports,
+    v0_6,
+    layer: Clone::clone,
+    info: Clone::clone,
+    kernels_extra: {
+        fn select_per_row(
+            &mut self,
+            scores: Resource<TensorHandle>,
+            density: f64,
+        ) -> wasmtime::Result<Result<Resource<Mask>, String>> {
+            self.select_per_row_handle(&scores, density)
+        }
+
+        fn mask_bytes(
+            &mut self,
+            m: Resource<Mask>,
+            offset: u64,
+            count: u32,
+        ) -> wasmtime::Result<Result<Vec<u8>, String>> {
+            self.mask_bytes_of(&m, offset, count)
+        }
+    },
+    model_extra: {
+        fn original_weight(
+            &mut self,
+            name: String,
+        ) -> wasmtime::Result<Result<Resource<TensorHandle>, String>> {
+            self.original_weight_handle(&name)
+        }
+    }
+);
+
+/// The `training` interface (0.6.0) holds only types: the layers' state reaches the plugin as
+/// the argument of its `update-masks` export.
+impl training_v6::Host for PluginState {}
+
+impl PluginState {
+    /// `model.original-weight` (0.5 and later).
+    fn original_weight_handle(
+        &mut self,
+        name: &str,
+    ) -> wasmtime::Result<Result<Resource<TensorHandle>, String>> {
+        let Some(current) = self.model.weights.get(name) else {
+            return Ok(Err(format!(
+                "the model has no weight named `{}`",
+                crate::display_safe::name(name)
+            )));
+        };
+        match self.model.original_weights.get(name).cloned() {
+            Some(t) if t.dims() == current.dims() => self.push_shared(t),
+            Some(_) => Ok(Err(format!(
+                "`{}` was reshaped by a heads stage; its original weight no longer matches it",
+                crate::display_safe::name(name)
+            ))),
+            None => Ok(Err(
+                "original weights are kept only in runs with a stage whose plugin produces weights"
+                    .into(),
+            )),
+        }
+    }
+
+    /// `kernels.mask-bytes` (0.6 and later): the copy is booked while it is made, like `read`.
+    fn mask_bytes_of(
+        &mut self,
+        m: &Resource<Mask>,
+        offset: u64,
+        count: u32,
+    ) -> wasmtime::Result<Result<Vec<u8>, String>> {
+        self.timed(|s| {
+            let numel = s.mask(m)?.keep().len() as u64;
+            let count = u64::from(count);
+            // One byte per flag: the guest cap bounds it like a read of a quarter as many floats.
+            if let Err(e) = s.check_read(count.div_ceil(4)) {
+                return Ok(Err(e));
+            }
+            let Some(end) = offset.checked_add(count).filter(|&e| e <= numel) else {
+                return Ok(Err(format!(
+                    "mask-bytes of {count} flags at offset {offset} is outside a mask of {numel}"
+                )));
+            };
+            let mask: &Mask = s.table.get(m)?;
+            match s.budget.with_scratch(count as usize, "mask-bytes", || {
+                Ok::<_, String>(
+                    mask.keep()[offset as usize..end as usize]
+                        .iter()
+                        .map(|&k| u8::from(k))
+                        .collect::<Vec<u8>>(),
+                )
+            }) {
+                Ok(r) => Ok(r),
+                Err(e) => Ok(Err(e.into())),
+            }
+        })
+    }
+}
 
 impl PluginState {
     /// Refuses a read the guest could never hold: more than [`MAX_READ`] elements, or more
@@ -1212,6 +1314,7 @@ macro_rules! calibration_since_v0_3 {
 impl_calibration!(calibration_v3, extra: { calibration_since_v0_3!(); });
 impl_calibration!(calibration_v4, extra: { calibration_since_v0_3!(); });
 impl_calibration!(calibration_v5, extra: { calibration_since_v0_3!(); });
+impl_calibration!(calibration_v6, extra: { calibration_since_v0_3!(); });
 
 /// `progress.report` (0.4.0): filtered by the call's [`ProgressGate`] (bounded, never blocks,
 /// never fails), or ignored when nobody watches this call. Not timed as host time: it is the
@@ -1226,6 +1329,12 @@ impl progress_v4::Host for PluginState {
 }
 
 impl progress_v5::Host for PluginState {
+    fn report(&mut self, done: u64, total: u64, message: String) -> wasmtime::Result<()> {
+        progress_v4::Host::report(self, done, total, message)
+    }
+}
+
+impl progress_v6::Host for PluginState {
     fn report(&mut self, done: u64, total: u64, message: String) -> wasmtime::Result<()> {
         progress_v4::Host::report(self, done, total, message)
     }

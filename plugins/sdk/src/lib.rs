@@ -3,7 +3,10 @@
 //! A criterion crate implements [`Guest`] (`describe` + `apply`, and optionally `validate`) and
 //! calls [`export_criterion!`]; the SDK owns the generated WIT bindings and the small helpers
 //! every criterion needs (typed parameter access, parameter specs, per-target iteration,
-//! planning problems, progress reports), so a criterion is mostly its own math.
+//! planning problems, progress reports), so a criterion is mostly its own math. A criterion
+//! that updates masks during fine-tuning (RigL, SET) also implements [`Guest::update_masks`]
+//! and produces [`OutputKind::MaskUpdates`]; [`dynamic`] holds the drop-and-grow selection
+//! they share.
 //!
 //! ```ignore
 //! use espalier_plugin_sdk::*;
@@ -32,16 +35,16 @@
 // Lets the generated code name this crate by its public path, inside and outside it.
 extern crate self as espalier_plugin_sdk;
 
-/// Bindings generated from `wit/since_v0.5.0` (the `criterion` world). Each version is a
+/// Bindings generated from `wit/since_v0.6.0` (the `criterion` world). Each version is a
 /// superset of the one before: a criterion that uses none of the additions runs exactly as
-/// before, and the host still accepts components built against 0.1 to 0.4 (see
-/// `plugins/testing/legacy-v01` to `legacy-v04`).
+/// before, and the host still accepts components built against 0.1 to 0.5 (see
+/// `plugins/testing/legacy-v01` to `legacy-v05`).
 pub mod bindings {
     // The generated export glue of `validate` takes the flattened planning context as more
     // than seven core-wasm parameters; that is the canonical ABI, not a design choice here.
     #![allow(clippy::too_many_arguments)]
     wit_bindgen::generate!({
-        path: "../../wit/since_v0.5.0",
+        path: "../../wit/since_v0.6.0",
         world: "criterion",
         pub_export_macro: true,
         export_macro_name: "export_criterion_raw",
@@ -65,6 +68,9 @@ pub use bindings::espalier::prune::plugin_types::{
 };
 pub use bindings::espalier::prune::progress;
 pub use bindings::espalier::prune::tensors::{self, Dtype, Tensor};
+pub use bindings::espalier::prune::training::{self, LayerState, Position, UpdateContext};
+
+pub mod dynamic;
 
 /// What a criterion implements: the WIT world's exports, with `validate` optional.
 ///
@@ -86,6 +92,16 @@ pub trait Guest {
 
     /// Runs the criterion for one stage.
     fn apply(ctx: StageContext) -> Result<StageOutput, String>;
+
+    /// New masks at one mask update during fine-tuning, one per layer of `ctx.layers`, each
+    /// keeping exactly as many weights as its current mask under the same structure. Called
+    /// only for criteria that produce [`OutputKind::MaskUpdates`]; the default refuses.
+    fn update_masks(ctx: UpdateContext) -> Result<Vec<LayerMask>, String> {
+        Err(format!(
+            "stage `{}`: this criterion does not update masks during fine-tuning",
+            ctx.stage
+        ))
+    }
 }
 
 /// Exports a type implementing [`Guest`] as this component's criterion.
@@ -108,6 +124,12 @@ macro_rules! export_criterion {
                 ctx: $crate::StageContext,
             ) -> ::core::result::Result<$crate::StageOutput, ::std::string::String> {
                 <$ty as $crate::Guest>::apply(ctx)
+            }
+            fn update_masks(
+                ctx: $crate::UpdateContext,
+            ) -> ::core::result::Result<::std::vec::Vec<$crate::LayerMask>, ::std::string::String>
+            {
+                <$ty as $crate::Guest>::update_masks(ctx)
             }
         }
 
@@ -198,6 +220,12 @@ pub trait StageParams {
 }
 
 impl StageParams for StageContext {
+    fn param_list(&self) -> &[(String, ParamValue)] {
+        &self.params
+    }
+}
+
+impl StageParams for UpdateContext {
     fn param_list(&self) -> &[(String, ParamValue)] {
         &self.params
     }
@@ -339,6 +367,24 @@ pub fn read_all(t: &Tensor) -> Result<Vec<f32>, String> {
     while offset < n {
         let count = (n - offset).min(CHUNK);
         out.extend(t.read(offset, count as u32)?);
+        offset += count;
+    }
+    Ok(out)
+}
+
+/// Reads a whole mask's flags into the guest (`true` = kept), in chunks.
+pub fn read_mask(m: &Mask) -> Result<Vec<bool>, String> {
+    let n: u64 = m.shape().iter().map(|&d| u64::from(d)).product();
+    let mut out = Vec::with_capacity(n as usize);
+    let mut offset = 0u64;
+    const CHUNK: u64 = 1 << 22;
+    while offset < n {
+        let count = (n - offset).min(CHUNK);
+        out.extend(
+            kernels::mask_bytes(m, offset, count as u32)?
+                .into_iter()
+                .map(|b| b != 0),
+        );
         offset += count;
     }
     Ok(out)

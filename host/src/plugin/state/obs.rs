@@ -1,4 +1,4 @@
-//! The host side of the `obs` interface (0.5.0): Hessian handles and Optimal Brain Surgeon
+//! The host side of the `obs` interface (0.5.0, unchanged in 0.6.0): Hessian handles and Optimal Brain Surgeon
 //! updates on [`PluginState`], delegating the algebra to [`crate::obs`].
 //!
 //! A Hessian handle shares the calibrator's cached matrix (only the handle is booked). The
@@ -14,7 +14,6 @@ use wasmtime::component::Resource;
 use super::{PluginState, TensorHandle};
 use crate::mask::Mask;
 use crate::obs::{Hessian, InverseFactor, ObsUpdate, inverse_factor};
-use crate::plugin::bindings::v0_5::espalier::prune::{kernels, obs};
 use crate::plugin::budget::{self, HANDLE_BYTES};
 use crate::tensor_util::{tensor_from, with_f32};
 
@@ -132,230 +131,244 @@ impl PluginState {
     }
 }
 
-impl obs::HostHessian for PluginState {
-    fn cols(&mut self, h: Resource<HessianHandle>) -> wasmtime::Result<u32> {
-        Ok(self.table.get(&h)?.hessian.cols() as u32)
-    }
+/// Implements one version's `obs` interface (identical in 0.5 and 0.6; the generated traits
+/// are distinct items) on [`PluginState`].
+macro_rules! impl_obs {
+    ($module:ident, $v:ident, $imports:ident) => {
+        mod $module {
+            use super::*;
+            use crate::plugin::bindings::$v::espalier::prune::{kernels, obs};
 
-    fn tokens(&mut self, h: Resource<HessianHandle>) -> wasmtime::Result<u64> {
-        Ok(self.table.get(&h)?.hessian.tokens())
-    }
-
-    fn update(
-        &mut self,
-        h: Resource<HessianHandle>,
-        weights: Resource<TensorHandle>,
-        damping: f64,
-        blocksize: u32,
-    ) -> wasmtime::Result<Result<Resource<UpdateHandle>, String>> {
-        self.timed(|s| {
-            let (layer, hessian) = {
-                let handle = s.table.get(&h)?;
-                (handle.layer.clone(), handle.hessian.clone())
-            };
-            let w = s.tensor(&weights)?.clone();
-            let cols = hessian.cols();
-            let &[rows, wcols] = w.dims() else {
-                return Ok(Err(format!(
-                    "`{}`: weights of shape {:?}; an update needs [rows, {cols}]",
-                    crate::display_safe::name(&layer),
-                    w.dims()
-                )));
-            };
-            if wcols != cols {
-                return Ok(Err(format!(
-                    "`{}`: weights of shape [{rows}, {wcols}], but the layer's inputs have {cols} columns",
-                    crate::display_safe::name(&layer)
-                )));
-            }
-            if blocksize == 0 {
-                return Ok(Err("blocksize must be at least 1".into()));
-            }
-            let bs = (blocksize as usize).min(cols.max(1));
-            // Weights and pending errors (f32), the decisions (one byte each), the handle.
-            let booked = match budget::bytes_of(rows.saturating_mul(cols + bs), 4, "an OBS update")
-                .and_then(|b| budget::sum(&[b, rows.saturating_mul(cols), HANDLE_BYTES], "an OBS update"))
-            {
-                Ok(b) => b,
-                Err(e) => return Ok(Err(e.to_string())),
-            };
-            let factor = match s.factor(&layer, &hessian, damping) {
-                Ok(f) => f,
-                Err(e) => return Ok(Err(e)),
-            };
-            if let Err(e) = s.budget.book(booked, "an OBS update") {
-                return Ok(Err(e.to_string()));
-            }
-            let update = with_f32(&w, |v| v.to_vec())
-                .and_then(|v| ObsUpdate::new(&layer, v, rows, factor, bs).map_err(|e| e.to_string()));
-            match update {
-                Ok(update) => {
-                    let removed = vec![false; rows * cols];
-                    let pushed = s.table.push(UpdateHandle {
-                        update,
-                        removed,
-                        booked,
-                    });
-                    s.pushed(pushed, booked)
+            impl obs::HostHessian for PluginState {
+                fn cols(&mut self, h: Resource<HessianHandle>) -> wasmtime::Result<u32> {
+                    Ok(self.table.get(&h)?.hessian.cols() as u32)
                 }
-                Err(e) => {
-                    s.budget.release(booked);
-                    Ok(Err(e))
+
+                fn tokens(&mut self, h: Resource<HessianHandle>) -> wasmtime::Result<u64> {
+                    Ok(self.table.get(&h)?.hessian.tokens())
                 }
-            }
-        })
-    }
 
-    fn drop(&mut self, h: Resource<HessianHandle>) -> wasmtime::Result<()> {
-        self.table.delete(h)?;
-        self.budget.release(HANDLE_BYTES);
-        Ok(())
-    }
-}
+                fn update(
+                    &mut self,
+                    h: Resource<HessianHandle>,
+                    weights: Resource<TensorHandle>,
+                    damping: f64,
+                    blocksize: u32,
+                ) -> wasmtime::Result<Result<Resource<UpdateHandle>, String>> {
+                    self.timed(|s| {
+                        let (layer, hessian) = {
+                            let handle = s.table.get(&h)?;
+                            (handle.layer.clone(), handle.hessian.clone())
+                        };
+                        let w = s.tensor(&weights)?.clone();
+                        let cols = hessian.cols();
+                        let &[rows, wcols] = w.dims() else {
+                            return Ok(Err(format!(
+                                "`{}`: weights of shape {:?}; an update needs [rows, {cols}]",
+                                crate::display_safe::name(&layer),
+                                w.dims()
+                            )));
+                        };
+                        if wcols != cols {
+                            return Ok(Err(format!(
+                                "`{}`: weights of shape [{rows}, {wcols}], but the layer's inputs have {cols} columns",
+                                crate::display_safe::name(&layer)
+                            )));
+                        }
+                        if blocksize == 0 {
+                            return Ok(Err("blocksize must be at least 1".into()));
+                        }
+                        let bs = (blocksize as usize).min(cols.max(1));
+                        // Weights and pending errors (f32), the decisions (one byte each), the handle.
+                        let booked = match budget::bytes_of(rows.saturating_mul(cols + bs), 4, "an OBS update")
+                            .and_then(|b| budget::sum(&[b, rows.saturating_mul(cols), HANDLE_BYTES], "an OBS update"))
+                        {
+                            Ok(b) => b,
+                            Err(e) => return Ok(Err(e.to_string())),
+                        };
+                        let factor = match s.factor(&layer, &hessian, damping) {
+                            Ok(f) => f,
+                            Err(e) => return Ok(Err(e)),
+                        };
+                        if let Err(e) = s.budget.book(booked, "an OBS update") {
+                            return Ok(Err(e.to_string()));
+                        }
+                        let update = with_f32(&w, |v| v.to_vec())
+                            .and_then(|v| ObsUpdate::new(&layer, v, rows, factor, bs).map_err(|e| e.to_string()));
+                        match update {
+                            Ok(update) => {
+                                let removed = vec![false; rows * cols];
+                                let pushed = s.table.push(UpdateHandle {
+                                    update,
+                                    removed,
+                                    booked,
+                                });
+                                s.pushed(pushed, booked)
+                            }
+                            Err(e) => {
+                                s.budget.release(booked);
+                                Ok(Err(e))
+                            }
+                        }
+                    })
+                }
 
-impl obs::HostUpdate for PluginState {
-    fn rows(&mut self, u: Resource<UpdateHandle>) -> wasmtime::Result<u32> {
-        Ok(self.update_ref(&u)?.rows() as u32)
-    }
-
-    fn cols(&mut self, u: Resource<UpdateHandle>) -> wasmtime::Result<u32> {
-        Ok(self.update_ref(&u)?.cols() as u32)
-    }
-
-    fn next_column(&mut self, u: Resource<UpdateHandle>) -> wasmtime::Result<u32> {
-        Ok(self.update_ref(&u)?.next_column() as u32)
-    }
-
-    fn damping(&mut self, u: Resource<UpdateHandle>) -> wasmtime::Result<f64> {
-        Ok(self.update_ref(&u)?.damping())
-    }
-
-    fn columns(
-        &mut self,
-        u: Resource<UpdateHandle>,
-        start: u32,
-        end: u32,
-    ) -> wasmtime::Result<Result<Resource<TensorHandle>, String>> {
-        self.update_slice(&u, start, end, "obs columns", ObsUpdate::columns)
-    }
-
-    fn scores(
-        &mut self,
-        u: Resource<UpdateHandle>,
-        start: u32,
-        end: u32,
-    ) -> wasmtime::Result<Result<Resource<TensorHandle>, String>> {
-        self.update_slice(&u, start, end, "obs scores", ObsUpdate::scores)
-    }
-
-    fn process(
-        &mut self,
-        u: Resource<UpdateHandle>,
-        start: u32,
-        end: u32,
-        keep: Resource<Mask>,
-    ) -> wasmtime::Result<Result<(), String>> {
-        self.timed(|s| {
-            let (start, end) = (start as usize, end as usize);
-            let (rows, cols) = {
-                let up = s.update_ref(&u)?;
-                (up.rows(), up.cols())
-            };
-            if start > end || end > cols {
-                return Ok(Err(format!(
-                    "process: columns {start}..{end} outside 0..{cols}"
-                )));
-            }
-            let width = end - start;
-            let mask = s.mask(&keep)?;
-            let removed: Vec<bool> = if mask.shape() == [rows, width] {
-                mask.keep().iter().map(|&k| !k).collect()
-            } else if mask.shape() == [rows, cols] {
-                mask.keep()
-                    .chunks(cols.max(1))
-                    .flat_map(|row| row[start..end].iter().map(|&k| !k))
-                    .collect()
-            } else {
-                return Ok(Err(format!(
-                    "process: a mask of shape {} for columns {start}..{end} of a [{rows}, {cols}] layer (give [{rows}, {width}] or [{rows}, {cols}])",
-                    budget::short_shape(mask.shape())
-                )));
-            };
-            let handle = s.table.get_mut(&u)?;
-            if let Err(e) = handle.update.process(start, end, &removed) {
-                return Ok(Err(e.to_string()));
-            }
-            for (r, row) in removed.chunks(width.max(1)).enumerate().take(rows) {
-                handle.removed[r * cols + start..r * cols + end].copy_from_slice(row);
-            }
-            Ok(Ok(()))
-        })
-    }
-
-    fn drop(&mut self, u: Resource<UpdateHandle>) -> wasmtime::Result<()> {
-        let handle = self.table.delete(u)?;
-        self.budget.release(handle.booked);
-        Ok(())
-    }
-}
-
-impl obs::Host for PluginState {
-    fn layer_hessian(
-        &mut self,
-        layer: String,
-    ) -> wasmtime::Result<Result<Resource<HessianHandle>, String>> {
-        self.timed(|s| {
-            let hessian = match s.calibrator().and_then(|c| c.hessian(&layer)) {
-                Ok(h) => h,
-                Err(e) => return Ok(Err(e)),
-            };
-            if let Err(e) = s.budget.book(HANDLE_BYTES, "a handle") {
-                return Ok(Err(e.to_string()));
-            }
-            let pushed = s.table.push(HessianHandle { layer, hessian });
-            s.pushed(pushed, HANDLE_BYTES)
-        })
-    }
-
-    fn finish(
-        &mut self,
-        u: Resource<UpdateHandle>,
-        st: kernels::Structure,
-    ) -> wasmtime::Result<Result<obs::Finished, String>> {
-        self.timed(|s| {
-            let structure = match super::v0_5_imports::structure_from_wit(st) {
-                Ok(x) => x,
-                Err(e) => return Ok(Err(e)),
-            };
-            let handle = s.table.delete(u)?;
-            s.budget.release(handle.booked);
-            let UpdateHandle {
-                update, removed, ..
-            } = handle;
-            let (rows, cols) = (update.rows(), update.cols());
-            let weights = match update.finish() {
-                Ok(w) => w,
-                Err(e) => return Ok(Err(e.to_string())),
-            };
-            let mask = s.new_mask("obs finish", rows * cols, 0, move |_| {
-                let keep: Vec<bool> = removed.into_iter().map(|r| !r).collect();
-                Mask::new(vec![rows, cols], keep, structure)
-            })?;
-            let mask = match mask {
-                Ok(m) => m,
-                Err(e) => return Ok(Err(e)),
-            };
-            let weights = s.new_tensor("obs finish", rows * cols, 0, move |_| {
-                tensor_from(weights, &[rows, cols])
-            })?;
-            match weights {
-                Ok(weights) => Ok(Ok(obs::Finished { weights, mask })),
-                Err(e) => {
-                    let m = s.table.delete(mask)?;
-                    s.budget.release(budget::mask_bytes(m.keep().len()));
-                    Ok(Err(e))
+                fn drop(&mut self, h: Resource<HessianHandle>) -> wasmtime::Result<()> {
+                    self.table.delete(h)?;
+                    self.budget.release(HANDLE_BYTES);
+                    Ok(())
                 }
             }
-        })
-    }
+
+            impl obs::HostUpdate for PluginState {
+                fn rows(&mut self, u: Resource<UpdateHandle>) -> wasmtime::Result<u32> {
+                    Ok(self.update_ref(&u)?.rows() as u32)
+                }
+
+                fn cols(&mut self, u: Resource<UpdateHandle>) -> wasmtime::Result<u32> {
+                    Ok(self.update_ref(&u)?.cols() as u32)
+                }
+
+                fn next_column(&mut self, u: Resource<UpdateHandle>) -> wasmtime::Result<u32> {
+                    Ok(self.update_ref(&u)?.next_column() as u32)
+                }
+
+                fn damping(&mut self, u: Resource<UpdateHandle>) -> wasmtime::Result<f64> {
+                    Ok(self.update_ref(&u)?.damping())
+                }
+
+                fn columns(
+                    &mut self,
+                    u: Resource<UpdateHandle>,
+                    start: u32,
+                    end: u32,
+                ) -> wasmtime::Result<Result<Resource<TensorHandle>, String>> {
+                    self.update_slice(&u, start, end, "obs columns", ObsUpdate::columns)
+                }
+
+                fn scores(
+                    &mut self,
+                    u: Resource<UpdateHandle>,
+                    start: u32,
+                    end: u32,
+                ) -> wasmtime::Result<Result<Resource<TensorHandle>, String>> {
+                    self.update_slice(&u, start, end, "obs scores", ObsUpdate::scores)
+                }
+
+                fn process(
+                    &mut self,
+                    u: Resource<UpdateHandle>,
+                    start: u32,
+                    end: u32,
+                    keep: Resource<Mask>,
+                ) -> wasmtime::Result<Result<(), String>> {
+                    self.timed(|s| {
+                        let (start, end) = (start as usize, end as usize);
+                        let (rows, cols) = {
+                            let up = s.update_ref(&u)?;
+                            (up.rows(), up.cols())
+                        };
+                        if start > end || end > cols {
+                            return Ok(Err(format!(
+                                "process: columns {start}..{end} outside 0..{cols}"
+                            )));
+                        }
+                        let width = end - start;
+                        let mask = s.mask(&keep)?;
+                        let removed: Vec<bool> = if mask.shape() == [rows, width] {
+                            mask.keep().iter().map(|&k| !k).collect()
+                        } else if mask.shape() == [rows, cols] {
+                            mask.keep()
+                                .chunks(cols.max(1))
+                                .flat_map(|row| row[start..end].iter().map(|&k| !k))
+                                .collect()
+                        } else {
+                            return Ok(Err(format!(
+                                "process: a mask of shape {} for columns {start}..{end} of a [{rows}, {cols}] layer (give [{rows}, {width}] or [{rows}, {cols}])",
+                                budget::short_shape(mask.shape())
+                            )));
+                        };
+                        let handle = s.table.get_mut(&u)?;
+                        if let Err(e) = handle.update.process(start, end, &removed) {
+                            return Ok(Err(e.to_string()));
+                        }
+                        for (r, row) in removed.chunks(width.max(1)).enumerate().take(rows) {
+                            handle.removed[r * cols + start..r * cols + end].copy_from_slice(row);
+                        }
+                        Ok(Ok(()))
+                    })
+                }
+
+                fn drop(&mut self, u: Resource<UpdateHandle>) -> wasmtime::Result<()> {
+                    let handle = self.table.delete(u)?;
+                    self.budget.release(handle.booked);
+                    Ok(())
+                }
+            }
+
+            impl obs::Host for PluginState {
+                fn layer_hessian(
+                    &mut self,
+                    layer: String,
+                ) -> wasmtime::Result<Result<Resource<HessianHandle>, String>> {
+                    self.timed(|s| {
+                        let hessian = match s.calibrator().and_then(|c| c.hessian(&layer)) {
+                            Ok(h) => h,
+                            Err(e) => return Ok(Err(e)),
+                        };
+                        if let Err(e) = s.budget.book(HANDLE_BYTES, "a handle") {
+                            return Ok(Err(e.to_string()));
+                        }
+                        let pushed = s.table.push(HessianHandle { layer, hessian });
+                        s.pushed(pushed, HANDLE_BYTES)
+                    })
+                }
+
+                fn finish(
+                    &mut self,
+                    u: Resource<UpdateHandle>,
+                    st: kernels::Structure,
+                ) -> wasmtime::Result<Result<obs::Finished, String>> {
+                    self.timed(|s| {
+                        let structure = match super::super::$imports::structure_from_wit(st) {
+                            Ok(x) => x,
+                            Err(e) => return Ok(Err(e)),
+                        };
+                        let handle = s.table.delete(u)?;
+                        s.budget.release(handle.booked);
+                        let UpdateHandle {
+                            update, removed, ..
+                        } = handle;
+                        let (rows, cols) = (update.rows(), update.cols());
+                        let weights = match update.finish() {
+                            Ok(w) => w,
+                            Err(e) => return Ok(Err(e.to_string())),
+                        };
+                        let mask = s.new_mask("obs finish", rows * cols, 0, move |_| {
+                            let keep: Vec<bool> = removed.into_iter().map(|r| !r).collect();
+                            Mask::new(vec![rows, cols], keep, structure)
+                        })?;
+                        let mask = match mask {
+                            Ok(m) => m,
+                            Err(e) => return Ok(Err(e)),
+                        };
+                        let weights = s.new_tensor("obs finish", rows * cols, 0, move |_| {
+                            tensor_from(weights, &[rows, cols])
+                        })?;
+                        match weights {
+                            Ok(weights) => Ok(Ok(obs::Finished { weights, mask })),
+                            Err(e) => {
+                                let m = s.table.delete(mask)?;
+                                s.budget.release(budget::mask_bytes(m.keep().len()));
+                                Ok(Err(e))
+                            }
+                        }
+                    })
+                }
+            }
+        }
+    };
 }
+
+impl_obs!(obs_v0_5, v0_5, v0_5_imports);
+impl_obs!(obs_v0_6, v0_6, v0_6_imports);
