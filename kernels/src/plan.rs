@@ -351,15 +351,39 @@ impl PlanTimer {
         }
     }
 
-    /// 64 MiB flushed (well past the last-level caches of the machines we run on), best of 3,
-    /// best ISA on rayon's pool: about 5 ms per timed run on the 2-core EPYC.
+    /// 64 MiB flushed (well past the last-level caches of the machines we run on), best of 5,
+    /// best ISA on rayon's pool: 35-85 ms per SmolLM2 layer on the 2-core EPYC (2-3 formats
+    /// timed), so ~15 s for the whole model.
+    ///
+    /// A single GEMV timed this way includes what every call pays in a forward pass and a
+    /// streamed benchmark spreads over many layers (waking the pool, page walks on freshly
+    /// evicted weights): on the loaded 2-core EPYC it measured 1.5-2.5x the per-layer time of
+    /// `bench kernels` and its sparse-vs-dense ratios were noisier, so the decision is only as
+    /// good as the machine is quiet; the recorded times let the caller check it.
     pub fn standard() -> PlanTimer {
-        PlanTimer::new(64 << 20, 3, Exec::auto())
+        PlanTimer::new(64 << 20, 5, Exec::auto())
     }
 
-    /// Reads the flush buffer: one load per 64-byte line is enough to evict what was cached.
+    /// Reads the flush buffer, one load per 64-byte line (enough to evict what was cached),
+    /// split over rayon's pool when the timed kernel runs there: the pool's threads are then
+    /// awake when the timed run starts, as they are between the layers of a forward pass
+    /// (after a flush on one thread the workers had parked, and waking them cost more than a
+    /// small layer's GEMV).
     fn flush(&self) {
-        let s: f32 = self.evict.iter().step_by(16).sum();
+        use rayon::prelude::*;
+        let chunk = if self.exec.parallel {
+            self.evict
+                .len()
+                .div_ceil(rayon::current_num_threads())
+                .max(16)
+        } else {
+            self.evict.len().max(1)
+        };
+        let s: f32 = self
+            .evict
+            .par_chunks(chunk)
+            .map(|c| c.iter().step_by(16).sum::<f32>())
+            .sum();
         std::hint::black_box(s);
     }
 
@@ -374,15 +398,17 @@ impl PlanTimer {
     }
 }
 
-/// Sparse candidates are timed when their estimated cost is within this factor of dense's: the
-/// estimates are off by less than that, so a format outside it cannot win, and timing it
-/// would only lengthen planning.
+/// Sparse candidates are timed when they read fewer bytes than dense and their estimated cost
+/// is within this factor of dense's: the estimates are off by less than that, so a format
+/// outside it cannot win, and timing it would only lengthen planning. (One that reads as many
+/// bytes as dense, e.g. 16x16 blocks of a 50% unstructured mask, all stored, does dense's work
+/// with more indexing: timing it would only let noise pick it.)
 const MEASURE_WITHIN: f64 = 1.5;
 /// At most this many sparse candidates are timed (the best by estimate), besides dense.
 const MEASURE_MAX_SPARSE: usize = 2;
 
 /// Chooses by *timing*: the candidates [`choose_format`] estimates to be close to dense or
-/// better are packed and each runs a GEMV on this very matrix, caches flushed, best of
+/// better (and that read fewer bytes) are packed and each runs a GEMV on this very matrix, caches flushed, best of
 /// `timer`'s repetitions, interleaved round by round (a busy moment hits every candidate
 /// alike), dense always among them; the fastest wins (dense on ties). The measurements are
 /// recorded in [`Candidate::measured`], so the decision can be checked: the chosen format's
@@ -401,9 +427,13 @@ pub fn plan_measured(
         .iter()
         .position(|c| c.format == Format::Dense)
         .ok_or_else(|| KernelError::InvalidParameter("no dense candidate".into()))?;
-    let dense_cost = choice.candidates[dense_at].cost;
+    let dense = &choice.candidates[dense_at];
+    let (dense_cost, dense_bytes) = (dense.cost, dense.bytes);
     let mut sparse: Vec<usize> = (0..choice.candidates.len())
-        .filter(|&i| i != dense_at && choice.candidates[i].cost <= dense_cost * MEASURE_WITHIN)
+        .filter(|&i| {
+            let c = &choice.candidates[i];
+            i != dense_at && c.bytes < dense_bytes && c.cost <= dense_cost * MEASURE_WITHIN
+        })
         .collect();
     sparse.sort_by(|&a, &b| {
         choice.candidates[a]
