@@ -660,7 +660,13 @@ pub fn print_kernel_bench(
     drop_when_narrow(&mut t, &[4, 6, 9]);
     out!("{t}");
     if !report.summary.is_empty() {
-        let mut t = table(["per SmolLM2 block", "speed-up", "vs best", "vs dense", "% bw"]);
+        let mut t = table([
+            "per SmolLM2 block",
+            "speed-up",
+            "vs best",
+            "vs dense",
+            "% bw",
+        ]);
         for s in &report.summary {
             t.add_row(vec![
                 Cell::new(&s.label),
