@@ -352,8 +352,8 @@ impl PlanTimer {
     }
 
     /// 64 MiB flushed (well past the last-level caches of the machines we run on), best of 5,
-    /// best ISA on rayon's pool: 35-85 ms per SmolLM2 layer on the 2-core EPYC (2-3 formats
-    /// timed), so ~15 s for the whole model.
+    /// best ISA on rayon's pool: 45-140 ms per SmolLM2 layer on the loaded 2-core EPYC (2-3
+    /// formats timed), i.e. 10-30 s for the whole model.
     ///
     /// A single GEMV timed this way includes what every call pays in a forward pass and a
     /// streamed benchmark spreads over many layers (waking the pool, page walks on freshly
