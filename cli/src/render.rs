@@ -624,10 +624,10 @@ pub fn print_kernel_bench(
             "quick run: shapes {list} (tiny and cache-resident: every kernel path runs, but the figures say little); the full run measures SmolLM2-135M's layer shapes"
         );
     } else {
-        out!("shapes (out x in): {list}, SmolLM2-135M's block linears");
+        out!("shapes (out x in): {list}, SmolLM2-135M's block linears and LM head");
     }
     out!(
-        "memory read bandwidth: {:.1} GB/s ({} threads), {:.1} GB/s (1 thread); isa {}; {} matrices streamed per figure",
+        "memory read bandwidth: {:.1} GB/s ({} threads), {:.1} GB/s (1 thread); isa {}; {} matrices streamed per figure (fewer past 256 MiB of f32 weights: the LM head)",
         report.probe_gbps,
         report.threads,
         report.probe_gbps_one_thread,
@@ -635,11 +635,11 @@ pub fn print_kernel_bench(
         report.layers
     );
     out!(
-        "speed-up: against the faster of candle's matmul and our dense f32 GEMV on the same shape, in the same rounds"
+        "speed-up: against the faster of candle's matmul and our dense f32 GEMV on the same shape, in the same rounds; vs dense: against our dense GEMV in the row's own dtype, same rounds"
     );
     let mut t = table([
         "shape", "kernel", "dtype", "sparsity", "KiB", "ms", "GB/s", "% bw", "speed-up", "vs best",
-        "planner",
+        "vs dense", "planner",
     ]);
     for r in &report.decode {
         t.add_row(vec![
@@ -653,18 +653,26 @@ pub fn print_kernel_bench(
             right(format!("{:.0}%", r.share_of_bandwidth * 100.0)),
             right(format!("{:.2}x", r.speedup)),
             right(format!("{:.2}x", r.speedup_vs_best)),
+            right(format!("{:.2}x", r.vs_dense_same_dtype)),
             Cell::new(r.planned.as_deref().unwrap_or("")),
         ]);
     }
     drop_when_narrow(&mut t, &[4, 6, 9]);
     out!("{t}");
     if !report.summary.is_empty() {
-        let mut t = table(["per SmolLM2 block", "speed-up", "vs best", "% bw"]);
+        let mut t = table([
+            "per SmolLM2 block",
+            "speed-up",
+            "vs best",
+            "vs dense",
+            "% bw",
+        ]);
         for s in &report.summary {
             t.add_row(vec![
                 Cell::new(&s.label),
                 right(format!("{:.2}x", s.speedup)),
                 right(format!("{:.2}x", s.speedup_vs_best)),
+                right(format!("{:.2}x", s.vs_dense_same_dtype)),
                 right(format!("{:.0}%", s.share_of_bandwidth * 100.0)),
             ]);
         }

@@ -45,6 +45,14 @@ pub const SMOLLM2_SHAPES: [((usize, usize), usize); 4] = [
     ((576, 1536), 1),
 ];
 
+/// SmolLM2-135M's LM head `(vocab, hidden)`: one matrix of 28M weights, read once per token,
+/// the largest single read of a decode step (measured too, but outside the per-block summary).
+pub const SMOLLM2_LM_HEAD: (usize, usize) = (49152, 576);
+
+/// Most bytes of f32 weights one configuration packs: `layers` matrices of a shape, fewer for
+/// the LM head (2 of its 113 MB already stream from memory on any machine).
+const MAX_CONFIG_BYTES: usize = 256 << 20;
+
 /// What to measure. [`KernelBenchOptions::default`] is the full run the issue asks for;
 /// [`KernelBenchOptions::quick`] a run of well under a second for tests.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -57,7 +65,8 @@ pub struct KernelBenchOptions {
     pub two_four: bool,
     /// Storage dtypes to measure (the baseline is always f32).
     pub dtypes: Vec<Dtype>,
-    /// Distinct matrices per configuration, streamed through in turn (30 = SmolLM2's layers).
+    /// Distinct matrices per configuration, streamed through in turn (30 = SmolLM2's layers;
+    /// fewer where that would exceed 256 MiB of f32 weights, i.e. for the LM head).
     pub layers: usize,
     /// Bytes read between timed passes to flush the caches: 30 layers of a sparse 192x576
     /// matrix (a few MB) would otherwise stay in a 32 MB L3 cache from one pass to the next,
@@ -82,7 +91,11 @@ pub struct KernelBenchOptions {
 impl Default for KernelBenchOptions {
     fn default() -> Self {
         KernelBenchOptions {
-            shapes: SMOLLM2_SHAPES.iter().map(|&(s, _)| s).collect(),
+            shapes: SMOLLM2_SHAPES
+                .iter()
+                .map(|&(s, _)| s)
+                .chain([SMOLLM2_LM_HEAD])
+                .collect(),
             sparsities: vec![0.5, 0.7, 0.8, 0.9],
             two_four: true,
             dtypes: vec![Dtype::F32, Dtype::Bf16, Dtype::I8],
@@ -141,11 +154,15 @@ pub struct DecodeRow {
     /// Baseline time over this row's time (the baseline being the faster of candle and our
     /// dense f32 kernel on this shape, measured interleaved with this row).
     pub speedup: f64,
+    /// Our dense GEMV *in this row's dtype* (same shape, measured interleaved with this row)
+    /// over this row's time: what a sparse format gains over dense storage of the same
+    /// precision, e.g. bitmap bf16 against dense bf16. 1 for the dense rows themselves.
+    pub vs_dense_same_dtype: f64,
     /// The same against the best baseline time of the whole run: conservative when other
     /// processes load the machine (the baseline then had many more chances at a quiet moment
     /// than this row had).
     pub speedup_vs_best: f64,
-    /// For unstructured masks: the format the planner picks for this mask.
+    /// For unstructured masks: the format the planner picks for this mask in this dtype.
     pub planned: Option<String>,
 }
 
@@ -174,6 +191,8 @@ pub struct SummaryRow {
     pub speedup: f64,
     /// The same against the best baselines of the whole run (conservative).
     pub speedup_vs_best: f64,
+    /// Block-weighted time of dense in the same dtype over this configuration's.
+    pub vs_dense_same_dtype: f64,
     /// Block-weighted bandwidth share.
     pub share_of_bandwidth: f64,
 }
@@ -454,6 +473,8 @@ struct Measured {
     /// Baseline seconds per matrix measured in this configuration's own rounds (the speed-up
     /// compares the best of the same number of interleaved samples on both sides).
     paired_base: Option<f64>,
+    /// Dense in this configuration's dtype, seconds per matrix, from the same rounds.
+    paired_same: Option<f64>,
 }
 
 /// Runs the benchmark. `progress` receives one line per configuration as it goes (the full
@@ -496,6 +517,7 @@ pub fn run_kernel_bench(
     let mut prefill = Vec::new();
 
     for &(rows, cols) in &opts.shapes {
+        let layers = layers.min((MAX_CONFIG_BYTES / (rows * cols * 4).max(1)).max(1));
         let x: Vec<f32> = (0..cols).map(|_| rng.weight()).collect();
         let mut y = vec![0.0f32; rows];
         let tokens = opts.prefill_tokens;
@@ -504,10 +526,23 @@ pub fn run_kernel_bench(
 
         // Baselines: candle and our dense kernel on the same dense weights, kept for the
         // whole shape so they can be re-measured between the configurations.
-        let (candle_w, dense_f32) = {
+        let (candle_w, dense_f32, dense_other) = {
             let dense_w: Vec<Vec<f32>> = (0..layers)
                 .map(|_| make_weights(&mut rng, rows, cols, MaskKind::None))
                 .collect();
+            // Dense in every other measured dtype, on the same weights: the same-dtype baseline.
+            let dense_other = opts
+                .dtypes
+                .iter()
+                .filter(|&&d| d != Dtype::F32)
+                .map(|&d| {
+                    let ps = dense_w
+                        .iter()
+                        .map(|w| PackedLinear::dense(w, [rows, cols], d))
+                        .collect::<Result<Vec<_>>>()?;
+                    Ok((d, ps))
+                })
+                .collect::<Result<Vec<_>>>()?;
             let candle_w = dense_w
                 .iter()
                 .map(|w| Tensor::from_slice(w, (rows, cols), &Device::Cpu).map_err(baseline_err))
@@ -516,7 +551,7 @@ pub fn run_kernel_bench(
                 .iter()
                 .map(|w| PackedLinear::dense(w, [rows, cols], Dtype::F32))
                 .collect::<Result<Vec<_>>>()?;
-            (candle_w, dense_f32)
+            (candle_w, dense_f32, dense_other)
         };
         let xt = Tensor::from_slice(&x, (1, cols), &Device::Cpu).map_err(baseline_err)?;
         let xpt = if tokens > 0 {
@@ -530,6 +565,7 @@ pub fn run_kernel_bench(
         // One round of the baselines, alternating; the warm-up pass is untimed. The baselines
         // write their own output buffer so the closure can live across the loop below.
         let mut yb = vec![0.0f32; rows];
+        let mut yb2 = vec![0.0f32; rows];
         let mut baseline_round = |best_candle: &mut f64, best_dense: &mut f64| -> Result<()> {
             *best_dense =
                 best_dense.min(evictor.time(|| gemv_pass(&dense_f32, &x, &mut yb, exec))?);
@@ -578,16 +614,15 @@ pub fn run_kernel_bench(
                 MaskKind::Unstructured(s) | MaskKind::Blocks16(s) => s,
                 MaskKind::TwoFour => 0.5,
             };
-            let planned = match (kind, format) {
-                (MaskKind::Unstructured(_), Format::Csr | Format::Bitmap) => {
-                    let view = DenseView::new(&ws[0], rows, cols)?;
-                    let choice =
-                        choose_format("bench", &view, Structure::Unstructured, Dtype::F32)?;
-                    Some(choice.format.to_string())
-                }
-                _ => None,
-            };
             for &dtype in &opts.dtypes {
+                let planned = match (kind, format) {
+                    (MaskKind::Unstructured(_), Format::Csr | Format::Bitmap) => {
+                        let view = DenseView::new(&ws[0], rows, cols)?;
+                        let choice = choose_format("bench", &view, Structure::Unstructured, dtype)?;
+                        Some(choice.format.to_string())
+                    }
+                    _ => None,
+                };
                 if kind == MaskKind::None && dtype == Dtype::F32 {
                     continue; // the baseline itself
                 }
@@ -613,22 +648,39 @@ pub fn run_kernel_bench(
                     },
                 );
                 gemv_pass(&packed, &x, &mut y, exec)?;
+                // Dense in this dtype, timed in the same rounds (f32: the baseline itself).
+                let same = dense_other
+                    .iter()
+                    .find(|(d, _)| *d == dtype && kind != MaskKind::None)
+                    .map(|(_, ps)| ps);
                 let mut best = f64::INFINITY;
                 let (mut local_candle, mut local_dense) = (f64::INFINITY, f64::INFINITY);
+                let mut local_same = f64::INFINITY;
                 for _ in 0..reps {
                     baseline_round(&mut local_candle, &mut local_dense)?;
+                    if let Some(ps) = same {
+                        local_same =
+                            local_same.min(evictor.time(|| gemv_pass(ps, &x, &mut yb2, exec))?);
+                    }
                     best = best.min(evictor.time(|| gemv_pass(&packed, &x, &mut y, exec))?);
                 }
                 best_candle = best_candle.min(local_candle);
                 best_dense = best_dense.min(local_dense);
                 let paired = local_candle.min(local_dense) / layers as f64;
                 let secs = best / layers as f64;
+                // Dense rows are their own same-dtype baseline; f32 rows compare with dense f32.
+                let paired_same = match (kind, dtype) {
+                    (MaskKind::None, _) => secs,
+                    (_, Dtype::F32) => local_dense / layers as f64,
+                    _ => local_same / layers as f64,
+                };
                 progress(&format!(
-                    "{rows}x{cols} {kernel} {dtype} {:.0}%: {:.4} ms, {:.1} GB/s, {:.2}x",
+                    "{rows}x{cols} {kernel} {dtype} {:.0}%: {:.4} ms, {:.1} GB/s, {:.2}x, {:.2}x dense {dtype}",
                     sparsity * 100.0,
                     secs * 1e3,
                     bytes as f64 / secs / 1e9,
-                    paired / secs
+                    paired / secs,
+                    paired_same / secs
                 ));
                 measured.push(Measured {
                     shape: (rows, cols),
@@ -637,8 +689,9 @@ pub fn run_kernel_bench(
                     sparsity,
                     bytes,
                     secs,
-                    planned: planned.clone(),
+                    planned,
                     paired_base: Some(paired),
+                    paired_same: Some(paired_same),
                 });
 
                 // Prefill: BSR in f32 against candle, alternating too.
@@ -672,6 +725,7 @@ pub fn run_kernel_bench(
                 secs,
                 planned: None,
                 paired_base: None,
+                paired_same: None,
             });
         }
         bases.push(((rows, cols), best_candle.min(best_dense) / l));
@@ -726,6 +780,7 @@ pub fn run_kernel_bench(
                 gbps,
                 share_of_bandwidth: gbps / probe,
                 speedup: base / m.secs,
+                vs_dense_same_dtype: m.paired_same.unwrap_or(m.secs) / m.secs,
                 speedup_vs_best: best / m.secs,
                 planned: m.planned,
             }
@@ -754,7 +809,8 @@ fn block_weight(shape: (usize, usize)) -> f64 {
 }
 
 /// Aggregates each (kernel, dtype, sparsity) over the shapes: block-weighted baseline time over
-/// block-weighted time, i.e. the speed-up of one whole block's linears.
+/// block-weighted time, i.e. the speed-up of one whole block's linears (the LM head, outside
+/// the blocks, is left out).
 fn summarise(rows: &[DecodeRow]) -> Vec<SummaryRow> {
     let mut labels: Vec<(String, String, f64)> = Vec::new();
     for r in rows {
@@ -767,15 +823,18 @@ fn summarise(rows: &[DecodeRow]) -> Vec<SummaryRow> {
         .into_iter()
         .map(|(kernel, dtype, sparsity)| {
             let (mut t, mut tb, mut tbb, mut bytes) = (0.0, 0.0, 0.0, 0.0);
-            let mut probe = 0.0;
-            for r in rows
-                .iter()
-                .filter(|r| r.kernel == kernel && r.dtype == dtype && r.sparsity == sparsity)
-            {
+            let (mut probe, mut ts) = (0.0, 0.0);
+            for r in rows.iter().filter(|r| {
+                r.kernel == kernel
+                    && r.dtype == dtype
+                    && r.sparsity == sparsity
+                    && r.shape != SMOLLM2_LM_HEAD
+            }) {
                 let w = block_weight(r.shape);
                 t += w * r.ms;
                 tb += w * r.ms * r.speedup;
                 tbb += w * r.ms * r.speedup_vs_best;
+                ts += w * r.ms * r.vs_dense_same_dtype;
                 bytes += w * r.bytes as f64;
                 // Recover the probe figure from the row itself (gbps / share).
                 if r.share_of_bandwidth > 0.0 {
@@ -796,6 +855,7 @@ fn summarise(rows: &[DecodeRow]) -> Vec<SummaryRow> {
                 label: format!("{kernel} {dtype}{pct}"),
                 speedup: if t > 0.0 { tb / t } else { 0.0 },
                 speedup_vs_best: if t > 0.0 { tbb / t } else { 0.0 },
+                vs_dense_same_dtype: if t > 0.0 { ts / t } else { 0.0 },
                 share_of_bandwidth: if probe > 0.0 { gbps / probe } else { 0.0 },
             }
         })
@@ -807,23 +867,35 @@ impl fmt::Display for KernelBenchReport {
         writeln!(
             f,
             "memory read bandwidth: {:.1} GB/s ({} threads), {:.1} GB/s (1 thread); isa {}; \
-             {} matrices streamed per figure, caches flushed before each pass",
+             {} matrices streamed per figure (fewer past 256 MiB: the LM head), caches flushed \
+             before each pass",
             self.probe_gbps, self.threads, self.probe_gbps_one_thread, self.isa, self.layers
         )?;
         writeln!(
             f,
             "speed-up: against the faster of candle's matmul and our dense f32 GEMV on the same \
-             shape, measured in the same rounds; vs-best: against the best baseline of the run\n"
+             shape, measured in the same rounds; vs-best: against the best baseline of the run; \
+             vs-dense: against our dense GEMV in the row's dtype, same rounds\n"
         )?;
         writeln!(
             f,
-            "{:<10} {:<9} {:<5} {:>5} {:>9} {:>9} {:>7} {:>6} {:>8} {:>8}  planner",
-            "shape", "kernel", "dtype", "sp%", "KiB", "ms", "GB/s", "%bw", "speed-up", "vs-best"
+            "{:<10} {:<9} {:<5} {:>5} {:>9} {:>9} {:>7} {:>6} {:>8} {:>8} {:>8}  planner",
+            "shape",
+            "kernel",
+            "dtype",
+            "sp%",
+            "KiB",
+            "ms",
+            "GB/s",
+            "%bw",
+            "speed-up",
+            "vs-best",
+            "vs-dense"
         )?;
         for r in &self.decode {
             writeln!(
                 f,
-                "{:<10} {:<9} {:<5} {:>5.0} {:>9.1} {:>9.4} {:>7.1} {:>5.0}% {:>7.2}x {:>7.2}x  {}",
+                "{:<10} {:<9} {:<5} {:>5.0} {:>9.1} {:>9.4} {:>7.1} {:>5.0}% {:>7.2}x {:>7.2}x {:>7.2}x  {}",
                 format!("{}x{}", r.shape.0, r.shape.1),
                 r.kernel,
                 r.dtype,
@@ -834,6 +906,7 @@ impl fmt::Display for KernelBenchReport {
                 r.share_of_bandwidth * 100.0,
                 r.speedup,
                 r.speedup_vs_best,
+                r.vs_dense_same_dtype,
                 r.planned.as_deref().unwrap_or("")
             )?;
         }
@@ -841,16 +914,17 @@ impl fmt::Display for KernelBenchReport {
             writeln!(f, "\nper SmolLM2 block (shapes weighted by count):")?;
             writeln!(
                 f,
-                "{:<24} {:>8} {:>8} {:>6}",
-                "configuration", "speed-up", "vs-best", "%bw"
+                "{:<24} {:>8} {:>8} {:>8} {:>6}",
+                "configuration", "speed-up", "vs-best", "vs-dense", "%bw"
             )?;
             for s in &self.summary {
                 writeln!(
                     f,
-                    "{:<24} {:>7.2}x {:>7.2}x {:>5.0}%",
+                    "{:<24} {:>7.2}x {:>7.2}x {:>7.2}x {:>5.0}%",
                     s.label,
                     s.speedup,
                     s.speedup_vs_best,
+                    s.vs_dense_same_dtype,
                     s.share_of_bandwidth * 100.0
                 )?;
             }

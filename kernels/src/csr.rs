@@ -153,7 +153,9 @@ impl CsrMatrix {
     pub fn gemv(&self, x: &[f32], y: &mut [f32], exec: Exec) -> Result<()> {
         expect_len("x", self.cols, x.len())?;
         expect_len("y", self.rows, y.len())?;
-        let tasks = par::task_count(exec, self.rows, self.bytes(), par::MIN_TASK_BYTES);
+        // Split by work: every kept weight costs a gather of x besides its bytes.
+        let work = par::work_bytes(self.bytes(), self.nnz(), crate::plan::CSR_COMPUTE_PER_NNZ);
+        let tasks = par::task_count(exec, self.rows, work, par::MIN_TASK_BYTES);
         let bounds = if tasks > 1 {
             par::weighted_bounds(&self.row_ptr, tasks)
         } else {

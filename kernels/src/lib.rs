@@ -22,8 +22,9 @@
 //! never puts more busy threads than cores on the machine (size it with `RAYON_NUM_THREADS`).
 //!
 //! The engine should only need [`PackedLinear`] (built by [`PackedLinear::plan`], which picks
-//! the format expected to be fastest at batch 1 and falls back to dense) and, for `espalier
-//! bench kernels`, [`bench::run_kernel_bench`].
+//! the format expected to be fastest at batch 1 in the storage dtype and falls back to dense;
+//! or by [`plan_measured`], which times the candidates on the matrix and keeps the fastest,
+//! dense included) and, for `espalier bench kernels`, [`bench::run_kernel_bench`].
 
 mod bitmap;
 mod bsr;
@@ -60,5 +61,8 @@ pub use error::{KernelError, Result};
 pub use isa::{Exec, Isa};
 pub use nm::NmMatrix;
 pub use parts::{Array, PackedParts};
-pub use plan::{Candidate, Choice, Format, PackedLinear, Structure, choose_format, plan};
+pub use plan::{
+    Candidate, Choice, Format, PackedLinear, PlanTimer, Structure, choose_format, plan,
+    plan_measured,
+};
 pub use view::DenseView;

@@ -4,8 +4,11 @@
 //! pool thread. Contiguous ranges keep each thread's weight stream sequential (what the hardware
 //! prefetcher wants) and make the outputs disjoint, so no synchronisation is needed. We never
 //! create more tasks than threads: at batch 1 the work per layer is tens of microseconds, and
-//! every extra task is scheduling overhead. Below [`MIN_TASK_BYTES`] of weights per task the
-//! call stays on the calling thread, since waking a worker would cost more than it saves.
+//! every extra task is scheduling overhead. Below [`MIN_TASK_BYTES`] of work per task the call
+//! stays on the calling thread, since waking a worker would cost more than it saves. Work is
+//! bytes read plus, for kernels bound by their instructions (the bitmap's expand, CSR's
+//! gathers), that compute in bytes-equivalent ([`work_bytes`]), so a sparse layer that reads
+//! few bytes but has much to compute still splits.
 //! Running inside an outer rayon job is fine: rayon's work stealing shares the same pool, so
 //! there is no nested oversubscription.
 
@@ -13,12 +16,21 @@ use crate::isa::Exec;
 use rayon::prelude::*;
 use std::ops::Range;
 
-/// Minimum bytes of weights a task must read for a split to pay off (~10 µs of streaming on
-/// one core). Waking a parked rayon worker costs a few µs on an idle machine but much more
-/// when other processes keep the cores busy (measured on the shared 2-core box: 80%-sparse
-/// 576x576 layers ran faster on one thread than split in two), so small sparse layers stay
-/// on the calling thread.
-pub(crate) const MIN_TASK_BYTES: usize = 256 * 1024;
+/// Minimum work a task must do for a split to pay off, in bytes of weights streamed (kernels
+/// whose instructions, not their bytes, bound them count their compute in the same unit, see
+/// [`work_bytes`]). 96 KiB is about 5 µs of one core's streaming here, a few times what waking
+/// a parked rayon worker costs on an idle machine, so every SmolLM2 layer splits over 2 threads
+/// (the smallest, 192x576, is 216 KiB in dense bf16 and about 230 KiB of bitmap work at 50%)
+/// while tiny layers stay on the calling thread. (It was 256 KiB of *bytes*: a 50%-sparse
+/// bf16 bitmap 576x576 reads only 368 KiB, so it ran on one thread although its expand work
+/// is that of a much larger matrix.)
+pub(crate) const MIN_TASK_BYTES: usize = 96 * 1024;
+
+/// The work of a GEMV pass in [`MIN_TASK_BYTES`] units: the bytes it reads plus
+/// `compute_per_weight` bytes-equivalent for each of the `weights` it has to step over.
+pub(crate) fn work_bytes(bytes: usize, weights: usize, compute_per_weight: f64) -> usize {
+    bytes.saturating_add((weights as f64 * compute_per_weight) as usize)
+}
 
 /// Minimum multiply-adds per task for compute-bound kernels (GEMM) before splitting.
 pub(crate) const MIN_TASK_FLOPS: usize = 256 * 1024;

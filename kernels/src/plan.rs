@@ -1,10 +1,19 @@
 //! The planner: pick the fastest format for one weight matrix and pack it.
 //!
 //! At batch 1 a linear layer is memory bound, so the planner estimates, for every candidate
-//! format, the bytes a GEMV would read, raises that to the format's compute floor where its
-//! kernel cannot keep up with memory (measured by `bench`: the bitmap expands every 8 weights,
-//! kept or not; CSR gathers every kept one), and picks the cheapest. Dense wins unless a sparse
-//! format saves a clear margin, because sparse kernels have less slack when the estimate is off.
+//! format in the dtype asked for, the bytes a GEMV would read, adds the compute its kernel
+//! cannot hide under memory (measured by streaming benchmarks: the bitmap expands every 8
+//! weights, kept or not; CSR gathers every kept one; dense bf16/i8 widen each value), and picks
+//! the cheapest. Dense wins unless a sparse format saves a clear margin, so that an estimate
+//! that is somewhat off never picks a format slower than dense *for that dtype* (at 50%
+//! unstructured the bitmap is chosen in bf16 and f32; CSR from ~80% sparsity in bf16).
+//!
+//! [`plan_measured`] is the planner that needs no estimate to be right: it times the promising
+//! candidates and dense on the very matrix (caches flushed, best of a few runs, [`PlanTimer`])
+//! and keeps the fastest, recording every time in the [`Choice`], so its decision is never
+//! slower than dense in its own measurement. It is meant for plans made once per model; the
+//! estimate stays the deterministic default.
+//!
 //! A declared structure adds its format as a candidate and is *verified*: declaring N:M for a
 //! matrix that is not N:M is an error, never a silent fallback.
 //!
@@ -89,20 +98,33 @@ impl fmt::Display for Format {
     }
 }
 
-/// Cost floor of the bitmap GEMV, in dense-f32-bytes-equivalent per weight (kept or not). Its
-/// AVX2 kernel does a table permute + FMA for every 8 weights; on the 2-core EPYC we measured
-/// (`bench_kernels`, caches flushed, 30 layers) it ran at 0.6-1.2x of dense f32 from 50% to
-/// 90% sparsity, i.e. about as slow as streaming dense, and always behind CSR. The floor
-/// therefore keeps it from being chosen over dense; it stays available to `pack`.
-const BITMAP_FLOOR_PER_WEIGHT: f64 = 4.0;
-/// Cost floor of the CSR GEMV, in dense-f32-bytes-equivalent per kept weight. Measured on one
-/// core: the kernel needs ~0.24 ns per kept weight even cache-hot (eight scalar loads build
-/// each vector of activations), about what 6 bytes take to stream from memory, and compute and
-/// memory overlap only partly; ~8 bytes per kept weight matches the streamed figures (f32 or
-/// bf16 alike, since the loads of `x`, not the bytes, bound it): slower than dense at 50%,
-/// ahead from ~65%.
-const CSR_FLOOR_PER_NNZ: f64 = 8.0;
-/// A sparse format must beat dense by this factor to be chosen.
+/// Compute of the bitmap GEMV, in bytes-equivalent per weight (kept or not), added to the bytes
+/// it reads: its AVX2 kernel expands every 8 weights from one mask byte (bf16: a broadcast load
+/// and one byte shuffle that expands and widens at once; f32/i8: a lane permute and a mask),
+/// whatever the density. Measured with streaming passes (caches flushed, 30 layers of each
+/// SmolLM2 shape, one thread; the unit is dense f32's time per byte in the same run): at 50%
+/// bf16 the bitmap took 0.52-0.92 bytes-equivalent per weight beyond its bytes' streaming time,
+/// f32 0.78-1.24 (its expand is two table loads, a permute and a mask: cache-hot, 1.6x the
+/// bf16 shuffle's time). Memory and compute overlap only partly on the 2-core EPYC, so the
+/// two are added, not maxed.
+pub(crate) fn bitmap_compute_per_weight(dtype: Dtype) -> f64 {
+    match dtype {
+        Dtype::Bf16 => 0.75,
+        Dtype::F32 | Dtype::I8 => 1.2,
+    }
+}
+
+/// Compute of the CSR GEMV, in bytes-equivalent per kept weight, added to its bytes: eight
+/// scalar loads of `x` build each vector of activations (`vgatherdps` was slower). Measured as
+/// above: 1.3-1.9 per kept weight at 50%; behind the bitmap until ~80% sparsity in bf16.
+pub(crate) const CSR_COMPUTE_PER_NNZ: f64 = 2.0;
+/// Compute of the dense bf16 and i8 GEMVs, in bytes-equivalent per weight: widening each
+/// value costs a shift (bf16) or a convert (i8) per 8 weights, which measured 0.12-0.2 per
+/// weight beyond the bytes (0.59 on the smallest shape). Dense f32 is the unit (0).
+const DENSE_WIDEN_PER_WEIGHT: f64 = 0.2;
+/// A sparse format must beat dense by this factor to be chosen by estimate: the estimates'
+/// error, so that an estimate never picks a format slower than dense for its dtype. The
+/// measured mode ([`plan_measured`]) needs no margin: it times dense too.
 const DENSE_MARGIN: f64 = 1.1;
 
 /// One format the planner considered.
@@ -112,8 +134,11 @@ pub struct Candidate {
     pub format: Format,
     /// Bytes its GEMV would read.
     pub bytes: usize,
-    /// Estimated relative cost (bytes-equivalent, compute floors and the dense margin applied).
+    /// Estimated relative cost (bytes-equivalent, compute and the dense margin applied).
     pub cost: f64,
+    /// Seconds one GEMV took on this matrix, caches flushed, best of the repetitions: only set
+    /// by [`plan_measured`], for the candidates it timed.
+    pub measured: Option<f64>,
 }
 
 /// The planner's decision and what it compared.
@@ -143,8 +168,14 @@ pub fn choose_format(
     let per_row = dtype.row_overhead();
     let weights = rows * cols;
     let nnz = view.kept();
+    // Stored values that dense-like kernels widen (bf16 shift, i8 convert) cost this each.
+    let widen = if dtype == Dtype::F32 {
+        0.0
+    } else {
+        DENSE_WIDEN_PER_WEIGHT
+    };
     let mut candidates = Vec::new();
-    let mut push = |format: Format, bytes: usize, floor: f64| {
+    let mut push = |format: Format, bytes: usize, compute: f64| {
         let margin = if format == Format::Dense {
             1.0
         } else {
@@ -153,7 +184,8 @@ pub fn choose_format(
         candidates.push(Candidate {
             format,
             bytes,
-            cost: (bytes as f64).max(floor) * margin,
+            cost: (bytes as f64 + compute) * margin,
+            measured: None,
         });
     };
 
@@ -167,7 +199,7 @@ pub fn choose_format(
             push(
                 Format::NM { n, m },
                 nm_bytes(rows, cols, n, m, size) + rows * per_row,
-                0.0,
+                (rows * cols.div_ceil(m) * n) as f64 * widen,
             );
         }
         Structure::Unstructured => nm_candidates.extend([(2, 4), (4, 8)]),
@@ -178,7 +210,7 @@ pub fn choose_format(
             push(
                 Format::NM { n, m },
                 nm_bytes(rows, cols, n, m, size) + rows * per_row,
-                0.0,
+                (rows * cols.div_ceil(m) * n) as f64 * widen,
             );
         }
     }
@@ -195,13 +227,17 @@ pub fn choose_format(
         }
         let stored = count_blocks(view, br, bc);
         let bytes = stored * (br * bc * size + 4) + (rows.div_ceil(br) + 1) * 4 + rows * per_row;
-        push(Format::Bsr { br, bc }, bytes, 0.0);
+        push(
+            Format::Bsr { br, bc },
+            bytes,
+            (stored * br * bc) as f64 * widen,
+        );
     }
     let idx = if cols <= 1 << 16 { 2 } else { 4 };
     push(
         Format::Csr,
         nnz * (size + idx) + (rows + 1) * 4 + rows * per_row,
-        nnz as f64 * CSR_FLOOR_PER_NNZ,
+        nnz as f64 * CSR_COMPUTE_PER_NNZ,
     );
     push(
         Format::Bitmap,
@@ -209,17 +245,21 @@ pub fn choose_format(
             + (rows + 1) * 4
             + (nnz + crate::bitmap::PAD) * size
             + rows * per_row,
-        weights as f64 * BITMAP_FLOOR_PER_WEIGHT,
+        weights as f64 * bitmap_compute_per_weight(dtype),
     );
     let (kr, kc) = kept_rows_cols(view);
     if kr < rows || kc < cols {
         push(
             Format::Compact,
             kr * kc * size + 4 * (kr + kc) + kr * per_row,
-            0.0,
+            (kr * kc) as f64 * widen,
         );
     }
-    push(Format::Dense, weights * size + rows * per_row, 0.0);
+    push(
+        Format::Dense,
+        weights * size + rows * per_row,
+        weights as f64 * widen,
+    );
 
     // First minimum wins, so the evaluation order above breaks ties.
     let format = candidates
@@ -285,6 +325,149 @@ pub fn plan(
 ) -> Result<PackedLinear> {
     let choice = choose_format(layer, view, structure, dtype)?;
     PackedLinear::pack(layer, view, choice.format, dtype)
+}
+
+/// How [`plan_measured`] times its candidates: a buffer read between timed runs to flush the
+/// caches (a layer's weights come from memory in a forward pass, since every other layer was
+/// read since; a cache-hot timing would favour byte-heavy formats), the repetitions (best one
+/// kept: other processes only ever add time) and the execution options decode runs with.
+#[derive(Debug, Clone)]
+pub struct PlanTimer {
+    evict: Vec<f32>,
+    reps: usize,
+    exec: Exec,
+}
+
+impl PlanTimer {
+    /// A timer that reads `evict_bytes` between timed runs (0: none, cache-hot figures) and
+    /// keeps the best of `reps` (at least 1) runs on `exec`.
+    pub fn new(evict_bytes: usize, reps: usize, exec: Exec) -> PlanTimer {
+        // Non-zero contents so every page is really backed.
+        let evict = (0..evict_bytes / 4).map(|i| (i % 251) as f32).collect();
+        PlanTimer {
+            evict,
+            reps: reps.max(1),
+            exec,
+        }
+    }
+
+    /// 64 MiB flushed (well past the last-level caches of the machines we run on), best of 5,
+    /// best ISA on rayon's pool: 45-140 ms per SmolLM2 layer on the loaded 2-core EPYC (2-3
+    /// formats timed), i.e. 10-30 s for the whole model.
+    ///
+    /// A single GEMV timed this way includes what every call pays in a forward pass and a
+    /// streamed benchmark spreads over many layers (waking the pool, page walks on freshly
+    /// evicted weights): on the loaded 2-core EPYC it measured 1.5-2.5x the per-layer time of
+    /// `bench kernels` and its sparse-vs-dense ratios were noisier, so the decision is only as
+    /// good as the machine is quiet; the recorded times let the caller check it.
+    pub fn standard() -> PlanTimer {
+        PlanTimer::new(64 << 20, 5, Exec::auto())
+    }
+
+    /// Reads the flush buffer, one load per 64-byte line (enough to evict what was cached),
+    /// split over rayon's pool when the timed kernel runs there: the pool's threads are then
+    /// awake when the timed run starts, as they are between the layers of a forward pass
+    /// (after a flush on one thread the workers had parked, and waking them cost more than a
+    /// small layer's GEMV).
+    fn flush(&self) {
+        use rayon::prelude::*;
+        let chunk = if self.exec.parallel {
+            self.evict
+                .len()
+                .div_ceil(rayon::current_num_threads())
+                .max(16)
+        } else {
+            self.evict.len().max(1)
+        };
+        let s: f32 = self
+            .evict
+            .par_chunks(chunk)
+            .map(|c| c.iter().step_by(16).sum::<f32>())
+            .sum();
+        std::hint::black_box(s);
+    }
+
+    /// Seconds of one GEMV of `p`, caches flushed first.
+    fn time(&self, p: &PackedLinear, x: &[f32], y: &mut [f32]) -> Result<f64> {
+        self.flush();
+        let t = std::time::Instant::now();
+        p.gemv_with(x, y, self.exec)?;
+        let secs = t.elapsed().as_secs_f64();
+        std::hint::black_box(y);
+        Ok(secs)
+    }
+}
+
+/// Sparse candidates are timed when they read fewer bytes than dense and their estimated cost
+/// is within this factor of dense's: the estimates are off by less than that, so a format
+/// outside it cannot win, and timing it would only lengthen planning. (One that reads as many
+/// bytes as dense, e.g. 16x16 blocks of a 50% unstructured mask, all stored, does dense's work
+/// with more indexing: timing it would only let noise pick it.)
+const MEASURE_WITHIN: f64 = 1.5;
+/// At most this many sparse candidates are timed (the best by estimate), besides dense.
+const MEASURE_MAX_SPARSE: usize = 2;
+
+/// Chooses by *timing*: the candidates [`choose_format`] estimates to be close to dense or
+/// better (and that read fewer bytes) are packed and each runs a GEMV on this very matrix, caches flushed, best of
+/// `timer`'s repetitions, interleaved round by round (a busy moment hits every candidate
+/// alike), dense always among them; the fastest wins (dense on ties). The measurements are
+/// recorded in [`Candidate::measured`], so the decision can be checked: the chosen format's
+/// time is never above dense's. For plans made once per model (packing, export); planning by
+/// estimate ([`choose_format`]) stays the deterministic default.
+pub fn plan_measured(
+    layer: &str,
+    view: &DenseView<'_>,
+    structure: Structure,
+    dtype: Dtype,
+    timer: &PlanTimer,
+) -> Result<(PackedLinear, Choice)> {
+    let mut choice = choose_format(layer, view, structure, dtype)?;
+    let dense_at = choice
+        .candidates
+        .iter()
+        .position(|c| c.format == Format::Dense)
+        .ok_or_else(|| KernelError::InvalidParameter("no dense candidate".into()))?;
+    let dense = &choice.candidates[dense_at];
+    let (dense_cost, dense_bytes) = (dense.cost, dense.bytes);
+    let mut sparse: Vec<usize> = (0..choice.candidates.len())
+        .filter(|&i| {
+            let c = &choice.candidates[i];
+            i != dense_at && c.bytes < dense_bytes && c.cost <= dense_cost * MEASURE_WITHIN
+        })
+        .collect();
+    sparse.sort_by(|&a, &b| {
+        choice.candidates[a]
+            .cost
+            .total_cmp(&choice.candidates[b].cost)
+    });
+    sparse.truncate(MEASURE_MAX_SPARSE);
+    // Dense first, so it wins ties.
+    let order: Vec<usize> = std::iter::once(dense_at).chain(sparse).collect();
+    let mut packed = order
+        .iter()
+        .map(|&i| PackedLinear::pack(layer, view, choice.candidates[i].format, dtype))
+        .collect::<Result<Vec<_>>>()?;
+    // A fixed input: the values do not affect the kernels' speed.
+    let x: Vec<f32> = (0..view.cols())
+        .map(|i| ((i * 37 % 101) as f32 - 50.0) / 64.0)
+        .collect();
+    let mut y = vec![0.0f32; view.rows()];
+    for p in &packed {
+        p.gemv_with(&x, &mut y, timer.exec)?; // warm-up: page faults, thread wake-up
+    }
+    let mut best = vec![f64::INFINITY; packed.len()];
+    for _ in 0..timer.reps {
+        for (b, p) in best.iter_mut().zip(&packed) {
+            *b = b.min(timer.time(p, &x, &mut y)?);
+        }
+    }
+    for (&i, &b) in order.iter().zip(&best) {
+        choice.candidates[i].measured = Some(b);
+    }
+    // First minimum wins: dense on ties.
+    let win = (0..best.len()).fold(0, |w, k| if best[k] < best[w] { k } else { w });
+    choice.format = choice.candidates[order[win]].format;
+    Ok((packed.swap_remove(win), choice))
 }
 
 /// Packed weights of one linear layer in the format the planner chose: the type the engine's
