@@ -86,9 +86,13 @@ fn the_readme_lists_exactly_the_examples() {
     // rust-toolchain.toml).
     let token_char = |c: char| c.is_ascii_alphanumeric() || "_./-".contains(c);
     for (at, _) in readme.match_indices(".toml") {
+        // The byte after the last character that cannot be part of a path (which may be
+        // several bytes long, such as `…`).
         let start = readme[..at]
-            .rfind(|c: char| !token_char(c))
-            .map_or(0, |i| i + 1);
+            .char_indices()
+            .rev()
+            .find(|&(_, c)| !token_char(c))
+            .map_or(0, |(i, c)| i + c.len_utf8());
         let token = &readme[start..at + ".toml".len()];
         let name = token.trim_start_matches("pipelines/");
         // `pipeline.toml` is the pipeline's name inside a packed strategy (strategy.rs).
