@@ -450,6 +450,21 @@ impl Ctx<'_> {
             message: message.into(),
         }
     }
+
+    /// An error at a position recorded earlier (a section's or a key's).
+    fn err_at(
+        &self,
+        position: &Position,
+        field: impl Into<String>,
+        message: impl Into<String>,
+    ) -> PipelineError {
+        PipelineError {
+            file: self.file.to_string(),
+            position: position.clone(),
+            field: field.into(),
+            message: message.into(),
+        }
+    }
 }
 
 impl Pipeline {
@@ -1573,22 +1588,16 @@ fn check_updates(
     for stage in stages {
         let Some(u) = &stage.update else { continue };
         let field = |k: &str| format!("stage[{}].update{k}", stage.index);
-        let err = |position: &Position, field: String, message: String| PipelineError {
-            file: ctx.file.to_string(),
-            position: position.clone(),
-            field,
-            message,
-        };
         let Some(f) = finetune else {
-            return Err(err(
+            return Err(ctx.err_at(
                 &u.position,
                 field(""),
-                "mask updates (RigL, SET) swap weights during fine-tuning, but the pipeline has no [finetune] section; add one".into(),
+                "mask updates (RigL, SET) swap weights during fine-tuning, but the pipeline has no [finetune] section; add one",
             ));
         };
         let steps = f.spec.steps;
         if u.update.events(steps).is_empty() {
-            return Err(err(
+            return Err(ctx.err_at(
                 u.position_of("every"),
                 field(".every"),
                 format!(
@@ -1600,10 +1609,10 @@ fn check_updates(
             ));
         }
         if sequential {
-            return Err(err(
+            return Err(ctx.err_at(
                 &u.position,
                 field(""),
-                "cannot be combined with [calibration] sequential = true (sequential stages run block by block before fine-tuning)".into(),
+                "cannot be combined with [calibration] sequential = true (sequential stages run block by block before fine-tuning)",
             ));
         }
     }
@@ -1783,21 +1792,15 @@ fn check_schedules(
     for stage in stages {
         let Some(s) = &stage.schedule else { continue };
         let field = |k: &str| format!("stage[{}].schedule{k}", stage.index);
-        let err = |position: &Position, field: String, message: String| PipelineError {
-            file: ctx.file.to_string(),
-            position: position.clone(),
-            field,
-            message,
-        };
         let Some(f) = finetune else {
-            return Err(err(
+            return Err(ctx.err_at(
                 &s.position,
                 field(""),
-                "a schedule prunes gradually during fine-tuning, but the pipeline has no [finetune] section; add one or drop `schedule` to prune once".into(),
+                "a schedule prunes gradually during fine-tuning, but the pipeline has no [finetune] section; add one or drop `schedule` to prune once",
             ));
         };
         if s.schedule.end > f.spec.steps {
-            return Err(err(
+            return Err(ctx.err_at(
                 s.position_of("end"),
                 field(".end"),
                 format!(
@@ -1807,10 +1810,10 @@ fn check_schedules(
             ));
         }
         if sequential {
-            return Err(err(
+            return Err(ctx.err_at(
                 &s.position,
                 field(""),
-                "cannot be combined with [calibration] sequential = true (sequential stages run block by block before fine-tuning)".into(),
+                "cannot be combined with [calibration] sequential = true (sequential stages run block by block before fine-tuning)",
             ));
         }
     }

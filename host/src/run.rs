@@ -874,24 +874,31 @@ impl<'a> ScheduledStages<'a> {
             .map_or(0, |f| f.spec.steps)
     }
 
+    /// Stage `i`'s calls in this process summed (an empty report when a resumed run had none
+    /// left), with its density as `state` has it now.
+    fn summed_report(&self, i: usize, stage: &PlannedStage, state: &RunState) -> StageReport {
+        let mut report = self.reports.get(&i).cloned().unwrap_or_else(|| {
+            StageReport::new(
+                stage,
+                stage.targets.len(),
+                None,
+                1.0,
+                Duration::ZERO,
+                CallTimings::default(),
+                Duration::ZERO,
+            )
+        });
+        report.density_after = state.density_of(stage.targets.iter().map(|l| l.name.as_str()));
+        report
+    }
+
     /// The report of each scheduled stage (index, report): its calls in this process summed
     /// (none when a resumed run had no event left), its density as `state` has it now.
     pub fn finish(self, state: &RunState) -> Vec<(usize, StageReport)> {
         let mut out = Vec::new();
         for (i, stage, schedule) in self.scheduled() {
-            let mut report = self.reports.get(&i).cloned().unwrap_or_else(|| {
-                StageReport::new(
-                    stage,
-                    stage.targets.len(),
-                    None,
-                    1.0,
-                    Duration::ZERO,
-                    CallTimings::default(),
-                    Duration::ZERO,
-                )
-            });
+            let mut report = self.summed_report(i, stage, state);
             report.requested_density = Some(schedule.final_density);
-            report.density_after = state.density_of(stage.targets.iter().map(|l| l.name.as_str()));
             report.density_from = format!(
                 "schedule: {} {} → {} over steps {}..={} every {}",
                 schedule.kind.as_str(),
@@ -905,18 +912,7 @@ impl<'a> ScheduledStages<'a> {
         }
         let steps = self.steps();
         for (i, stage, update) in self.updating() {
-            let mut report = self.reports.get(&i).cloned().unwrap_or_else(|| {
-                StageReport::new(
-                    stage,
-                    stage.targets.len(),
-                    None,
-                    1.0,
-                    Duration::ZERO,
-                    CallTimings::default(),
-                    Duration::ZERO,
-                )
-            });
-            report.density_after = state.density_of(stage.targets.iter().map(|l| l.name.as_str()));
+            let mut report = self.summed_report(i, stage, state);
             report.density_from = format!(
                 "mask updates: every {} steps, {} of the kept weights swapped ({} anneal) from step {} to {} ({} updates)",
                 update.every,
