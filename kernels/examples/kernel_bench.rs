@@ -1,16 +1,21 @@
 //! The GEMV part of `espalier bench kernels` for chosen sparsities and dtypes, without building
 //! the CLI: `cargo run --release -p espalier-kernels --example kernel_bench -- 0.5 bf16,f32`
-//! (defaults: 0.5 and bf16). Same code, shapes (SmolLM2-135M's block linears and LM head),
-//! streaming and baselines as the full run; prefill and 2:4 rows are left out.
+//! (defaults: 0.5 and bf16; `2:4` among the sparsities adds the 2:4 rows, e.g. `2:4 bf16,i8`).
+//! Same code, shapes (SmolLM2-135M's block linears and LM head), streaming and baselines as
+//! the full run; prefill rows are left out.
 
 use espalier_kernels::Dtype;
 use espalier_kernels::bench::{KernelBenchOptions, run_kernel_bench};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    let two_four = args
+        .first()
+        .is_some_and(|s| s.split(',').any(|p| p == "2:4"));
     let sparsities = match args.first() {
         Some(s) => s
             .split(',')
+            .filter(|p| *p != "2:4")
             .map(str::parse::<f64>)
             .collect::<Result<Vec<_>, _>>()?,
         None => vec![0.5],
@@ -30,7 +35,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let opts = KernelBenchOptions {
         sparsities,
         dtypes,
-        two_four: false,
+        two_four,
         prefill_tokens: 0,
         ..KernelBenchOptions::default()
     };

@@ -225,6 +225,32 @@ impl NmMatrix {
         with_values!(&self.values, v => {
             par::for_each_range(y, 1, &bounds, |r, ys| {
                 let first = r.start;
+                #[cfg(target_arch = "x86_64")]
+                if self.expands_gemv() && simd_cols > 0 {
+                    let per_row = self.groups * 2;
+                    // SAFETY: AVX2 present (`simd_cols` non-zero); every row of `r` has
+                    // `per_row >= 4·(simd_cols/8)` values and `meta_stride >= simd_cols/8`
+                    // metadata bytes; x has cols >= simd_cols columns; ys.len() == r.len().
+                    unsafe {
+                        x86::gemv24_rows(
+                            v,
+                            &self.meta,
+                            self.meta_stride,
+                            per_row,
+                            r.clone(),
+                            simd_cols / 8,
+                            x,
+                            ys,
+                        )
+                    };
+                    if simd_cols < self.cols {
+                        for (yi, r) in ys.iter_mut().zip(r) {
+                            *yi += self.tail_dot(simd_cols, v, r, x);
+                        }
+                    }
+                    self.values.scale_rows(first, ys);
+                    return;
+                }
                 for (yi, r) in ys.iter_mut().zip(r) {
                     *yi = self.row_dot(simd_cols, v, r, x);
                 }
@@ -234,44 +260,11 @@ impl NmMatrix {
         Ok(())
     }
 
-    /// The task-splitting weight of one pass: the stored bytes, times 4. The kernel gathers
-    /// activations with permutes and is compute bound at about a quarter of the read bandwidth
-    /// (2:4 in bf16 read 5.2 GB/s with a 21 GB/s probe), so splitting by bytes alone left the
-    /// 576-wide layers (≈350 KB in bf16) on one thread.
-    fn work_bytes(&self) -> usize {
-        self.bytes().saturating_mul(4)
-    }
-
-    /// Columns the vector kernel handles, 16 at a time (whole groups only); 0 on the portable
-    /// path. AVX-512 runs this AVX2 kernel too: a 32-column AVX-512 version (one two-source
-    /// permute per 16 values) measured ~20% slower on the Zen 4 we tuned on, cache-hot, single
-    /// core.
-    fn simd_cols(&self, isa: Isa) -> usize {
+    /// Row `r`'s groups past the vector kernel's `simd_cols` (a ragged tail) dotted with `x`.
+    fn tail_dot<T: Element>(&self, simd_cols: usize, vals: &[T], r: usize, x: &[f32]) -> f32 {
         let (n, m) = (self.n, self.m);
-        if cfg!(target_arch = "x86_64") && isa.has_avx2() && m == 2 * n && matches!(n, 1 | 2 | 4) {
-            self.cols / 16 * 16
-        } else {
-            0
-        }
-    }
-
-    /// Row `r` of `W` dotted with `x` (unscaled: int8 rows are scaled by the caller).
-    /// `simd_cols` comes from [`Self::simd_cols`] for the ISA in use.
-    #[inline]
-    fn row_dot<T: Element>(&self, simd_cols: usize, vals: &[T], r: usize, x: &[f32]) -> f32 {
-        let (n, m) = (self.n, self.m);
-        let per_row = self.groups * n;
-        let vrow = &vals[r * per_row..][..per_row];
-        let mut s = 0.0f32;
-        #[cfg(target_arch = "x86_64")]
-        if simd_cols > 0 {
-            let mrow = &self.meta[r * self.meta_stride..];
-            // SAFETY: AVX2 present (`simd_cols` is non-zero only then); chunk k reads values
-            // 8k..8k+8 < per_row, metadata bytes k·b..k·b+4 (inside the row or the META_PAD
-            // tail), and x columns < simd_cols <= cols == x.len().
-            s = unsafe { x86::row_chunks(vrow, mrow, self.bits, n, m, simd_cols / 16, x) };
-        }
-        // Remaining groups (ragged tail, or everything on the portable path).
+        let vrow = &vals[r * self.groups * n..][..self.groups * n];
+        let mut s = 0.0;
         for g in simd_cols / m..self.groups {
             for slot in 0..n {
                 let c = g * m + self.position(r, g, slot);
@@ -283,24 +276,209 @@ impl NmMatrix {
         s
     }
 
+    /// The task-splitting weight of one pass: the stored bytes, times 4. The kernel gathers
+    /// activations with permutes and is compute bound at about a quarter of the read bandwidth
+    /// (2:4 in bf16 read 5.2 GB/s with a 21 GB/s probe), so splitting by bytes alone left the
+    /// 576-wide layers (≈350 KB in bf16) on one thread.
+    fn work_bytes(&self) -> usize {
+        self.bytes().saturating_mul(4)
+    }
+
+    /// Columns the vector kernels handle; 0 on the portable path. 2:4 runs the expand kernel
+    /// ([`x86::dot24`]) 8 columns (one metadata byte) at a time; the other `M = 2N` patterns
+    /// run the gather kernel 16 at a time (whole groups only). AVX-512 runs these AVX2 kernels
+    /// too: a 32-column AVX-512 gather (one two-source permute per 16 values) measured ~20%
+    /// slower on the Zen 4 we tuned on, cache-hot, single core.
+    fn simd_cols(&self, isa: Isa) -> usize {
+        let (n, m) = (self.n, self.m);
+        if !(cfg!(target_arch = "x86_64") && isa.has_avx2()) {
+            0
+        } else if self.is_two_four() {
+            self.cols / 8 * 8
+        } else if m == 2 * n && matches!(n, 1 | 2 | 4) {
+            self.cols / 16 * 16
+        } else {
+            0
+        }
+    }
+
+    /// 2:4, the pattern with its own expand kernels.
+    fn is_two_four(&self) -> bool {
+        (self.n, self.m) == (2, 4)
+    }
+
+    /// Whether the single-token GEMV runs the 2:4 expand kernel ([`x86::gemv24_rows`]) rather
+    /// than the activation gather. Measured on SmolLM2's block shapes (30 blocks streamed, 2
+    /// threads, three alternating runs, `batch_bench`): for bf16 and i8 the expand was faster
+    /// (2:4 against dense in the same dtype 1.01-1.37x vs 0.90-1.25x in bf16, 0.77-1.03x vs
+    /// 0.67-0.74x in i8), while f32 was faster with the gather (1.15-1.39x vs 0.98-1.14x): its
+    /// values are already f32, so the gather's extra permutes are all it pays, and its 16-byte
+    /// value loads make the expand's broadcast no cheaper.
+    fn expands_gemv(&self) -> bool {
+        self.is_two_four() && self.values.dtype() != Dtype::F32
+    }
+
+    /// Row `r` of `W` dotted with `x` (unscaled: int8 rows are scaled by the caller).
+    /// `simd_cols` comes from [`Self::simd_cols`] for the ISA in use.
+    #[inline]
+    fn row_dot<T: Element>(&self, simd_cols: usize, vals: &[T], r: usize, x: &[f32]) -> f32 {
+        let mut s = [0.0f32];
+        self.row_dots(simd_cols, vals, r, x, &mut s);
+        s[0]
+    }
+
+    /// Row `r` of `W` dotted with each of `out.len()` tokens (`x`: `[tokens, cols]`), reading
+    /// the row's values once per 8 tokens (unscaled, as [`Self::row_dot`]).
+    fn row_dots<T: Element>(
+        &self,
+        simd_cols: usize,
+        vals: &[T],
+        r: usize,
+        x: &[f32],
+        out: &mut [f32],
+    ) {
+        let (n, m, cols) = (self.n, self.m, self.cols);
+        let per_row = self.groups * n;
+        let vrow = &vals[r * per_row..][..per_row];
+        let mrow = &self.meta[r * self.meta_stride..];
+        out.fill(0.0);
+        // Columns the vector kernel covers; the rest is the scalar tail below.
+        let mut covered = 0;
+        #[cfg(target_arch = "x86_64")]
+        if simd_cols > 0 {
+            // One f32 token gathers (see `expands_gemv`); everything else 2:4 expands.
+            let gather = out.len() == 1 && !self.expands_gemv();
+            if self.is_two_four() && !gather {
+                covered = simd_cols;
+                // SAFETY: AVX2 present (`simd_cols` is non-zero only then); step k reads
+                // values 4k..4k+4 < per_row (k < simd_cols/8 <= cols/8 <= groups/2), metadata
+                // bytes < simd_cols/8 <= meta_stride, and x columns < simd_cols <= cols of
+                // each of the out.len() tokens x holds.
+                unsafe { x86::dot24(vrow, mrow, simd_cols / 8, x, cols, out) };
+            } else {
+                covered = simd_cols / 16 * 16;
+                for (t, o) in out.iter_mut().enumerate() {
+                    // SAFETY: as in `dot24`; chunk k reads values 8k..8k+8 < per_row,
+                    // metadata bytes k·b..k·b+4 (inside the row or the META_PAD tail).
+                    *o = unsafe {
+                        x86::row_chunks(
+                            vrow,
+                            mrow,
+                            self.bits,
+                            n,
+                            m,
+                            covered / 16,
+                            &x[t * cols..][..cols],
+                        )
+                    };
+                }
+            }
+        }
+        // Remaining groups (ragged tail, or everything on the portable path).
+        for (t, o) in out.iter_mut().enumerate() {
+            let xt = &x[t * cols..][..cols];
+            for g in covered / m..self.groups {
+                for slot in 0..n {
+                    let c = g * m + self.position(r, g, slot);
+                    if c < cols {
+                        *o += vrow[g * n + slot].to_f32() * xt[c];
+                    }
+                }
+            }
+        }
+    }
+
     /// `Y = X·Wᵀ` for a few tokens (a batched decode step): one pass over the weights, each row
     /// dotted with every token while its values and metadata are in L1, so the weights are read
     /// from memory once for the whole batch.
     fn small_batch(&self, x: &[f32], tokens: usize, y: &mut [f32], exec: Exec) {
-        let (rows, cols) = (self.rows, self.cols);
+        let rows = self.rows;
         let work = self.work_bytes().saturating_mul(tokens);
         let tasks = par::task_count(exec, rows, work, par::MIN_TASK_BYTES);
         let bounds = par::even_bounds(rows, tasks);
         let isa = exec.isa.effective();
         let simd_cols = self.simd_cols(isa);
         let scales = self.values.scales();
+        #[cfg(target_arch = "x86_64")]
+        if self.is_two_four() && simd_cols > 0 && tokens >= 8 {
+            self.small_batch_24t(x, tokens, y, &bounds, simd_cols);
+            return;
+        }
         let out = SharedOut::new(y);
         with_values!(&self.values, v => {
             par::for_each_bound(&bounds, |range| {
+                let mut dots = [0.0f32; crate::SMALL_BATCH];
+                let dots = &mut dots[..tokens];
                 for r in range {
                     let scale = scales.map_or(1.0, |s| s[r]);
-                    for t in 0..tokens {
-                        let d = self.row_dot(simd_cols, v, r, &x[t * cols..][..cols]);
+                    self.row_dots(simd_cols, v, r, x, dots);
+                    for (t, &d) in dots.iter().enumerate() {
+                        // SAFETY: this task owns output row r of W, i.e. column r of Y.
+                        unsafe { out.write(t * rows + r, d * scale) };
+                    }
+                }
+            })
+        });
+    }
+
+    /// [`Self::small_batch`] for 2:4 and 8 to 16 tokens, computing only the kept weights: the
+    /// tokens are transposed into the vector lanes (`xᵀ`: one row of 8 or 16 tokens per
+    /// column), and each stored weight, broadcast, is multiplied with its column's row of `xᵀ`.
+    /// That is half the multiplies of the dense small batch (the expand kernel multiplies the
+    /// pruned zeros too), which matters here: with 8+ tokens a decode step is compute bound.
+    #[cfg(target_arch = "x86_64")]
+    fn small_batch_24t(
+        &self,
+        x: &[f32],
+        tokens: usize,
+        y: &mut [f32],
+        bounds: &[usize],
+        simd_cols: usize,
+    ) {
+        let (rows, cols) = (self.rows, self.cols);
+        let lanes = if tokens <= 8 { 8 } else { 16 };
+        let mut xt = vec![0.0f32; simd_cols * lanes];
+        for (c, xc) in xt.chunks_exact_mut(lanes).enumerate() {
+            for (t, v) in xc.iter_mut().enumerate().take(tokens) {
+                *v = x[t * cols + c];
+            }
+        }
+        let scales = self.values.scales();
+        let out = SharedOut::new(y);
+        let per_row = self.groups * self.n;
+        with_values!(&self.values, v => {
+            par::for_each_bound(bounds, |range| {
+                let mut wrow = vec![0.0f32; per_row];
+                let mut dots = [0.0f32; 16];
+                for r in range {
+                    let vrow = &v[r * per_row..][..per_row];
+                    for (w, &q) in wrow.iter_mut().zip(vrow) {
+                        *w = q.to_f32();
+                    }
+                    let mrow = &self.meta[r * self.meta_stride..];
+                    // SAFETY: AVX2 present (`simd_cols` non-zero); `wrow` holds 4·steps
+                    // values, `mrow` steps bytes, `xt` steps·8 rows of `lanes` floats.
+                    unsafe {
+                        if lanes == 8 {
+                            x86::dot24_t::<1>(&wrow, mrow, simd_cols / 8, &xt, &mut dots);
+                        } else {
+                            x86::dot24_t::<2>(&wrow, mrow, simd_cols / 8, &xt, &mut dots);
+                        }
+                    }
+                    // Ragged tail groups, per token.
+                    for (t, d) in dots.iter_mut().enumerate().take(tokens) {
+                        let xt = &x[t * cols..][..cols];
+                        for g in simd_cols / 4..self.groups {
+                            for slot in 0..2 {
+                                let c = g * 4 + self.position(r, g, slot);
+                                if c < cols {
+                                    *d += wrow[g * 2 + slot] * xt[c];
+                                }
+                            }
+                        }
+                    }
+                    let scale = scales.map_or(1.0, |s| s[r]);
+                    for (t, &d) in dots.iter().enumerate().take(tokens) {
                         // SAFETY: this task owns output row r of W, i.e. column r of Y.
                         unsafe { out.write(t * rows + r, d * scale) };
                     }
@@ -367,9 +545,82 @@ pub(crate) fn read_bits(buf: &[u8], pos: usize, bits: usize) -> usize {
     v
 }
 
+/// For a 2:4 metadata byte (two groups of 4 columns, each with two 2-bit positions): where
+/// each of the byte's 8 lanes (columns) finds its value among the step's 4 packed values,
+/// `None` where the column was pruned. Lane `4g + pos(g, s)` takes value `2g + s`.
+const fn lanes24(byte: usize) -> [Option<usize>; 8] {
+    let mut lanes = [None; 8];
+    let mut g = 0;
+    while g < 2 {
+        let mut s = 0;
+        while s < 2 {
+            let pos = (byte >> (4 * g + 2 * s)) & 3;
+            lanes[4 * g + pos] = Some(2 * g + s);
+            s += 1;
+        }
+        g += 1;
+    }
+    lanes
+}
+
+/// For each 2:4 metadata byte, the `vpshufb` control that expands the step's 4 packed values
+/// (`size` bytes each, the same in both 128-bit halves of the source) into 8 lanes of 32
+/// bits, zeros where pruned (`0x80` makes `vpshufb` write a zero). A value's bytes go to the
+/// top `size` bytes of its lane: for f32 the whole lane, for bf16 the high half (where a
+/// bf16's bits belong in an f32, so this expands and widens at once), for i8 the top byte
+/// (an arithmetic shift right by 24 then sign-extends it).
+const fn shuffle24_table(size: usize) -> [[u8; 32]; 256] {
+    let mut t = [[0x80u8; 32]; 256];
+    let mut byte = 0;
+    while byte < 256 {
+        let lanes = lanes24(byte);
+        let mut j = 0;
+        while j < 8 {
+            if let Some(k) = lanes[j] {
+                let mut b = 0;
+                while b < size {
+                    t[byte][4 * j + 4 - size + b] = (k * size + b) as u8;
+                    b += 1;
+                }
+            }
+            j += 1;
+        }
+        byte += 1;
+    }
+    t
+}
+
+/// For each 2:4 metadata byte, the columns (within the step's 8) of its 4 packed values, one
+/// per byte of the `u32`, value `k` in byte `k`.
+const fn columns24_table() -> [u32; 256] {
+    let mut t = [0u32; 256];
+    let mut byte = 0;
+    while byte < 256 {
+        let mut k = 0;
+        while k < 4 {
+            let (g, s) = (k / 2, k % 2);
+            let col = 4 * g + ((byte >> (4 * g + 2 * s)) & 3);
+            t[byte] |= (col as u32) << (8 * k);
+            k += 1;
+        }
+        byte += 1;
+    }
+    t
+}
+
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+static COLS24: [u32; 256] = columns24_table();
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+static SHUF24_F32: [[u8; 32]; 256] = shuffle24_table(4);
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+static SHUF24_BF16: [[u8; 32]; 256] = shuffle24_table(2);
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+static SHUF24_I8: [[u8; 32]; 256] = shuffle24_table(1);
+
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use crate::element::Element;
+    use super::{COLS24, SHUF24_BF16, SHUF24_F32, SHUF24_I8};
+    use crate::element::{Dtype, Element};
     use crate::simd::x86::hsum;
     use std::arch::x86_64::*;
 
@@ -476,5 +727,241 @@ mod x86 {
             }
         }
         hsum(_mm256_add_ps(a0, a1))
+    }
+
+    /// How far ahead (bytes) [`dot24`] prefetches the value and metadata streams (once per
+    /// 64 columns), as the bitmap GEMV does.
+    const PF_VALUES: usize = 2048;
+    const PF_META: usize = 512;
+
+    /// One 2:4 step (8 columns, one metadata byte `byte`, 4 packed values at `vp`) as a dense
+    /// f32 vector with zeros in the pruned lanes: one broadcast load of the 4 values and one
+    /// `vpshufb` whose control is looked up from the byte (see [`super::shuffle24_table`]).
+    ///
+    /// # Safety
+    /// AVX2; 4 values readable at `vp`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn expand24<T: Element>(byte: usize, vp: *const T) -> __m256 {
+        // SAFETY: 4 values (16, 8 or 4 bytes) readable at `vp` by the caller's contract; every
+        // table row is 32 bytes and byte < 256. Reading the values as bytes is valid for all
+        // three element types (f32, `repr(transparent)` u16 bf16, i8).
+        unsafe {
+            match T::DTYPE {
+                Dtype::F32 => {
+                    let src = _mm256_broadcastsi128_si256(_mm_loadu_si128(vp.cast()));
+                    let ctl = _mm256_loadu_si256(SHUF24_F32[byte].as_ptr().cast());
+                    _mm256_castsi256_ps(_mm256_shuffle_epi8(src, ctl))
+                }
+                Dtype::Bf16 => {
+                    let src = _mm256_set1_epi64x(vp.cast::<i64>().read_unaligned());
+                    let ctl = _mm256_loadu_si256(SHUF24_BF16[byte].as_ptr().cast());
+                    _mm256_castsi256_ps(_mm256_shuffle_epi8(src, ctl))
+                }
+                Dtype::I8 => {
+                    let src = _mm256_set1_epi32(vp.cast::<i32>().read_unaligned());
+                    let ctl = _mm256_loadu_si256(SHUF24_I8[byte].as_ptr().cast());
+                    let top = _mm256_shuffle_epi8(src, ctl);
+                    _mm256_cvtepi32_ps(_mm256_srai_epi32::<24>(top))
+                }
+            }
+        }
+    }
+
+    /// 2:4 dot products of one row's first `steps` 8-column steps with each token of `x`
+    /// (`[out.len(), cols]`), added to `out`. The weights are expanded to dense vectors
+    /// (zeros where pruned) and multiplied with the activations as loaded: no activation
+    /// gather, and each expanded step serves up to 4 tokens.
+    ///
+    /// # Safety
+    /// AVX2+FMA; `vals` holds `4·steps` values, `meta` `steps` bytes, `x` `out.len()` rows of
+    /// `cols >= 8·steps` columns.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn dot24<T: Element>(
+        vals: &[T],
+        meta: &[u8],
+        steps: usize,
+        x: &[f32],
+        cols: usize,
+        out: &mut [f32],
+    ) {
+        let mut t = 0;
+        // SAFETY: the caller's contract, passed on block by block.
+        unsafe {
+            while t < out.len() {
+                let xt = x.as_ptr().add(t * cols);
+                match out.len() - t {
+                    1 => out[t] += dot24_one(vals.as_ptr(), meta.as_ptr(), steps, xt),
+                    2 | 3 => {
+                        let d = dot24_block::<T, 2>(vals.as_ptr(), meta.as_ptr(), steps, xt, cols);
+                        out[t] += d[0];
+                        out[t + 1] += d[1];
+                        t += 1;
+                    }
+                    _ => {
+                        let d = dot24_block::<T, 4>(vals.as_ptr(), meta.as_ptr(), steps, xt, cols);
+                        for (o, d) in out[t..t + 4].iter_mut().zip(d) {
+                            *o += d;
+                        }
+                        t += 3;
+                    }
+                }
+                t += 1;
+            }
+        }
+    }
+
+    /// The 2:4 GEMV over a range of rows, one [`dot24_one`] per row (the row loop lives here,
+    /// inside the AVX2 code, so a row costs no call and no setup: at 576 columns a row is only
+    /// 72 steps).
+    ///
+    /// # Safety
+    /// AVX2+FMA; each row `r` of `rows` has `per_row >= 4·steps` values at `vals[r·per_row..]`
+    /// and `steps` metadata bytes at `meta[r·meta_stride..]`; `x` holds `8·steps` columns;
+    /// `y.len() == rows.len()`.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn gemv24_rows<T: Element>(
+        vals: &[T],
+        meta: &[u8],
+        meta_stride: usize,
+        per_row: usize,
+        rows: std::ops::Range<usize>,
+        steps: usize,
+        x: &[f32],
+        y: &mut [f32],
+    ) {
+        assert!(
+            rows.end * per_row <= vals.len()
+                && rows.end.saturating_sub(1) * meta_stride + steps <= meta.len()
+        );
+        assert!(x.len() >= 8 * steps && y.len() == rows.len() && 4 * steps <= per_row);
+        for (yi, r) in y.iter_mut().zip(rows) {
+            // SAFETY: bounds asserted above.
+            *yi = unsafe {
+                dot24_one(
+                    vals.as_ptr().add(r * per_row),
+                    meta.as_ptr().add(r * meta_stride),
+                    steps,
+                    x.as_ptr(),
+                )
+            };
+        }
+    }
+
+    /// [`dot24`] for one token: 8 steps (one u64 of metadata) per iteration into 4
+    /// accumulators, with prefetch.
+    ///
+    /// # Safety
+    /// As [`dot24`], for one token at `xp`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn dot24_one<T: Element>(
+        vp: *const T,
+        mp: *const u8,
+        steps: usize,
+        xp: *const f32,
+    ) -> f32 {
+        let mut a = [_mm256_setzero_ps(); 4];
+        let mut b = 0;
+        // SAFETY: b + 8 <= steps before each 8-byte metadata read; step b reads values
+        // 4b..4b+4 and x columns 8b..8b+8. Prefetches never fault.
+        unsafe {
+            while b + 8 <= steps {
+                _mm_prefetch::<_MM_HINT_T0>(vp.add(4 * b).cast::<i8>().wrapping_add(PF_VALUES));
+                _mm_prefetch::<_MM_HINT_T0>(mp.add(b).cast::<i8>().wrapping_add(PF_META));
+                let w = mp.add(b).cast::<u64>().read_unaligned();
+                for k in 0..8 {
+                    let e = expand24(((w >> (8 * k)) & 0xff) as usize, vp.add(4 * (b + k)));
+                    let xv = _mm256_loadu_ps(xp.add(8 * (b + k)));
+                    a[k % 4] = _mm256_fmadd_ps(e, xv, a[k % 4]);
+                }
+                b += 8;
+            }
+            while b < steps {
+                let e = expand24(usize::from(*mp.add(b)), vp.add(4 * b));
+                a[b % 4] = _mm256_fmadd_ps(e, _mm256_loadu_ps(xp.add(8 * b)), a[b % 4]);
+                b += 1;
+            }
+        }
+        hsum(_mm256_add_ps(
+            _mm256_add_ps(a[0], a[1]),
+            _mm256_add_ps(a[2], a[3]),
+        ))
+    }
+
+    /// [`dot24`] for `TK` tokens: each step is expanded once and multiplied with every token.
+    ///
+    /// # Safety
+    /// As [`dot24`], for `TK` tokens from `xp` (row stride `cols`).
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn dot24_block<T: Element, const TK: usize>(
+        vp: *const T,
+        mp: *const u8,
+        steps: usize,
+        xp: *const f32,
+        cols: usize,
+    ) -> [f32; TK] {
+        let mut a = [_mm256_setzero_ps(); TK];
+        // SAFETY: step b < steps reads values 4b..4b+4, metadata byte b and x columns
+        // 8b..8b+8 of tokens 0..TK.
+        unsafe {
+            for b in 0..steps {
+                let e = expand24(usize::from(*mp.add(b)), vp.add(4 * b));
+                for (t, at) in a.iter_mut().enumerate() {
+                    *at = _mm256_fmadd_ps(e, _mm256_loadu_ps(xp.add(t * cols + 8 * b)), *at);
+                }
+            }
+        }
+        let mut d = [0.0; TK];
+        for (d, a) in d.iter_mut().zip(a) {
+            *d = hsum(a);
+        }
+        d
+    }
+
+    /// 2:4 dot products of one row with 8·`H` tokens transposed into lanes: `wrow` holds the
+    /// row's first `4·steps` stored values widened to f32, `xt` one row of 8·`H` floats (the
+    /// tokens) per column. Each stored weight is broadcast and multiplied with its column's
+    /// row of `xt`; 4 accumulator sets (one per value of a step) keep 4·`H` FMA chains in
+    /// flight. Writes the 8·`H` sums to `dots`.
+    ///
+    /// # Safety
+    /// AVX2+FMA; `wrow.len() >= 4·steps`, `meta.len() >= steps`, `xt.len() >= 8·steps·8·H`,
+    /// `dots.len() >= 8·H`.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn dot24_t<const H: usize>(
+        wrow: &[f32],
+        meta: &[u8],
+        steps: usize,
+        xt: &[f32],
+        dots: &mut [f32],
+    ) {
+        let lanes = 8 * H;
+        let mut a = [[_mm256_setzero_ps(); H]; 4];
+        let (wp, xp) = (wrow.as_ptr(), xt.as_ptr());
+        // SAFETY: step b reads values 4b..4b+4, metadata byte b and rows 8b..8b+8 of `xt`
+        // (columns from the table are < 8); all within the caller's bounds.
+        unsafe {
+            for b in 0..steps {
+                let cols = COLS24[usize::from(*meta.get_unchecked(b))];
+                for (k, ak) in a.iter_mut().enumerate() {
+                    let c = 8 * b + ((cols >> (8 * k)) & 0xff) as usize;
+                    let w = _mm256_broadcast_ss(&*wp.add(4 * b + k));
+                    let xc = xp.add(c * lanes);
+                    for (h, akh) in ak.iter_mut().enumerate() {
+                        *akh = _mm256_fmadd_ps(w, _mm256_loadu_ps(xc.add(8 * h)), *akh);
+                    }
+                }
+            }
+            let [a0, a1, a2, a3] = a;
+            for (h, ((&s0, &s1), (&s2, &s3))) in
+                a0.iter().zip(&a1).zip(a2.iter().zip(&a3)).enumerate()
+            {
+                let s = _mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3));
+                _mm256_storeu_ps(dots.as_mut_ptr().add(8 * h), s);
+            }
+        }
     }
 }

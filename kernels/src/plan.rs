@@ -114,6 +114,23 @@ pub(crate) fn bitmap_compute_per_weight(dtype: Dtype) -> f64 {
     }
 }
 
+/// Compute of the N:M GEMV, in bytes-equivalent per weight of the dense shape, added to the
+/// bytes it reads (widening included). 2:4 expands every 8 weights from one metadata byte (a
+/// broadcast load and a table-driven byte shuffle; i8 also a shift and a convert); f32 2:4 and
+/// the other patterns gather activations with permutes. From `batch_bench` on SmolLM2's block
+/// shapes (30 blocks streamed, 2 threads, three alternating runs, the unit is as for the
+/// bitmap): 2:4 took 0.73-0.99x dense bf16's time in bf16, 0.97-1.30x dense i8's in i8 and
+/// 0.72-0.87x dense f32's in f32, i.e. about 0.7, 0.7 and 1.0 beyond its bytes. So a 2:4 layer
+/// stored in i8 is planned dense: the i8 expand is compute bound and slower than reading twice
+/// the bytes.
+pub(crate) fn nm_compute_per_weight(dtype: Dtype, n: usize, m: usize) -> f64 {
+    match (n, m, dtype) {
+        (2, 4, Dtype::Bf16) => 0.7,
+        (2, 4, Dtype::I8) => 0.7,
+        _ => 1.0,
+    }
+}
+
 /// Compute of the CSR GEMV, in bytes-equivalent per kept weight, added to its bytes: eight
 /// scalar loads of `x` build each vector of activations (`vgatherdps` was slower). Measured as
 /// above: 1.3-1.9 per kept weight at 50%; behind the bitmap until ~80% sparsity in bf16.
@@ -199,7 +216,7 @@ pub fn choose_format(
             push(
                 Format::NM { n, m },
                 nm_bytes(rows, cols, n, m, size) + rows * per_row,
-                (rows * cols.div_ceil(m) * n) as f64 * widen,
+                weights as f64 * nm_compute_per_weight(dtype, n, m),
             );
         }
         Structure::Unstructured => nm_candidates.extend([(2, 4), (4, 8)]),
@@ -210,7 +227,7 @@ pub fn choose_format(
             push(
                 Format::NM { n, m },
                 nm_bytes(rows, cols, n, m, size) + rows * per_row,
-                (rows * cols.div_ceil(m) * n) as f64 * widen,
+                weights as f64 * nm_compute_per_weight(dtype, n, m),
             );
         }
     }

@@ -29,7 +29,17 @@ const SHAPES: &[(usize, usize)] = &[
 ];
 
 /// One token (GEMV), the small-batch kernel's range up to its limit, and the packed GEMM past it.
-const TOKENS: &[usize] = &[1, 2, 3, 7, crate::SMALL_BATCH, crate::SMALL_BATCH + 1, 70];
+const TOKENS: &[usize] = &[
+    1,
+    2,
+    3,
+    7,
+    8,
+    12,
+    crate::SMALL_BATCH,
+    crate::SMALL_BATCH + 1,
+    70,
+];
 
 fn execs() -> Vec<Exec> {
     Isa::all_available()

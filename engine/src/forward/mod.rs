@@ -21,6 +21,7 @@ pub(crate) mod ops;
 use std::sync::Arc;
 
 use candle_core::{Device, Tensor};
+use rayon::prelude::*;
 use serde_json::Value;
 
 use crate::config::{Architecture, ModelConfig};
@@ -668,20 +669,24 @@ impl Session {
             let (q, k, v) = self.qkv(block, &h, &mut None)?;
             let (heads, d) = (block.heads, self.head_dim);
             let mut ctx = vec![0f32; b * heads * d];
-            for (i, cache) in caches.iter_mut().enumerate() {
+            // Each sequence attends over its own cache: independent work, spread over the
+            // pool when there are several (with one, a parallel region would only cost).
+            let attend = |i: usize, cache: &mut KvCache, out: &mut [f32]| {
                 let rope = ropes[i].as_ref();
                 let qi = ops::split_heads(&q.narrow(0, i, 1)?, heads, d, rope)?;
                 let ki = ops::split_heads(&k.narrow(0, i, 1)?, block.kv_heads, d, rope)?;
                 let vi = ops::split_heads(&v.narrow(0, i, 1)?, block.kv_heads, d, None)?;
                 cache.append(layer, &ki, &vi)?;
-                self.attend_cached_one(
-                    block,
-                    layer,
-                    &qi,
-                    cache,
-                    starts[i] + 1,
-                    &mut ctx[i * heads * d..(i + 1) * heads * d],
-                )?;
+                self.attend_cached_one(block, layer, &qi, cache, starts[i] + 1, out)
+            };
+            if b == 1 {
+                attend(0, caches[0], &mut ctx)?;
+            } else {
+                caches
+                    .par_iter_mut()
+                    .zip(ctx.par_chunks_mut(heads * d))
+                    .enumerate()
+                    .try_for_each(|(i, (cache, out))| attend(i, cache, out))?;
             }
             let ctx = Tensor::from_vec(ctx, (b, heads * d), &Device::Cpu)?;
             let x1 = (&x + block.o.forward(&ctx)?)?;
