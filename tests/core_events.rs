@@ -748,3 +748,233 @@ fn mask_update_stages_are_checked_at_planning() {
         assert_eq!(kinds(&events), ["run-failed"], "{err}");
     }
 }
+
+/// Magnitude pruning of every block linear to 0.25 in two lottery rounds of 3 steps each
+/// (`lottery` as written), then the winning ticket trained for a third; a checkpoint after
+/// every step (and at each round boundary) in `dir`.
+fn lottery_pipeline(lottery: &str, dir: &Path) -> String {
+    format!(
+        "{TINY}[[stage]]\nplugin = \"magnitude\"\ndensity = 0.25\nlottery = {lottery}\n[finetune]\ntext = {cal:?}\nsteps = 3\nbatch = 1\nseq_len = 16\nlr = 0.01\nwarmup = 0\ncheckpoint_every = 1\ncheckpoint_dir = {dir:?}\n",
+        cal = text("calibration.txt").display().to_string(),
+        dir = dir.display().to_string()
+    )
+}
+
+/// A checkpoint's tensors under `prefix/`, by layer, as f32 (masks as 0 and 1).
+fn checkpoint_part(path: &Path, prefix: &str) -> std::collections::BTreeMap<String, Vec<f32>> {
+    let tensors = candle_core::safetensors::load(path, &candle_core::Device::Cpu).unwrap();
+    tensors
+        .iter()
+        .filter_map(|(k, t)| {
+            let name = k.strip_prefix(&format!("{prefix}/"))?;
+            let t = t.flatten_all().unwrap();
+            let v = match t.dtype() {
+                candle_core::DType::U8 => t
+                    .to_vec1::<u8>()
+                    .unwrap()
+                    .into_iter()
+                    .map(f32::from)
+                    .collect(),
+                _ => t.to_vec1::<f32>().unwrap(),
+            };
+            Some((name.to_string(), v))
+        })
+        .collect()
+}
+
+/// Lottery rounds end to end with the `magnitude` plugin, rewound to the pretrained weights:
+/// the stage prunes after steps 3 and 6 (`finetune-pruned`), each layer keeps exactly
+/// `round(d · n)` weights for d = 0.5 and then 0.25, masks are nested, and at every round's
+/// start (the checkpoint written at the boundary, read at the `finetune-round` event) the
+/// survivors hold the pretrained weights bit for bit, the pruned weights are exact zeros and
+/// both moments are zero. Events, `finetune.rounds` and the stage's report show each round,
+/// and the resolved pipeline keeps `lottery`.
+#[test]
+fn lottery_rounds_prune_nested_masks_and_rewind_to_the_pretrained_weights() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("finetune-checkpoint.safetensors");
+    let pretrained = espalier_engine::builtin_model("tiny-llama").unwrap();
+    let mut boundaries: Vec<std::collections::BTreeMap<String, Vec<f32>>> = Vec::new();
+    let (result, events) = run_with(&lottery_pipeline("{ rounds = 2 }", dir.path()), |e, _| {
+        let RunEvent::FinetuneRound { round } = e else {
+            return;
+        };
+        let Some(pruned_to) = round.pruned_to else {
+            return;
+        };
+        let density = [0.5, 0.25][round.round as usize - 1];
+        let keeps = checkpoint_part(&path, "keep");
+        let weights = checkpoint_part(&path, "weight");
+        let (m, v) = (checkpoint_part(&path, "m"), checkpoint_part(&path, "v"));
+        let linears = pretrained
+            .layers()
+            .into_iter()
+            .filter(|l| l.role.is_block_linear())
+            .count();
+        assert_eq!(keeps.len(), linears, "every block linear is pruned");
+        let (mut kept, mut numel) = (0, 0);
+        for (name, keep) in &keeps {
+            let n = keep.iter().filter(|k| **k != 0.0).count();
+            assert_eq!(n, (density * keep.len() as f64).round() as usize, "{name}");
+            kept += n;
+            numel += keep.len();
+            if let Some(before) = boundaries.last() {
+                assert!(
+                    keep.iter()
+                        .zip(&before[name])
+                        .all(|(k, b)| *k == 0.0 || *b != 0.0),
+                    "{name}: a weight pruned in round 1 came back"
+                );
+            }
+            let w0 = pretrained.weight(name).unwrap().flatten_all().unwrap();
+            let w0 = w0.to_vec1::<f32>().unwrap();
+            for (i, (w, k)) in weights[name].iter().zip(keep).enumerate() {
+                let want = if *k != 0.0 { w0[i] } else { 0.0 };
+                assert_eq!(w.to_bits(), want.to_bits(), "{name}[{i}] not rewound");
+            }
+            assert!(
+                m[name].iter().chain(&v[name]).all(|x| x.to_bits() == 0),
+                "{name}: moments not reset"
+            );
+        }
+        assert_eq!(pruned_to, kept as f64 / numel as f64);
+        boundaries.push(keeps);
+    });
+    let result = result.unwrap();
+    assert_eq!(boundaries.len(), 2, "both prunings were checked");
+    let k: Vec<&str> = kinds(&events)
+        .into_iter()
+        .filter(|k| {
+            *k != "finetune-progress" && (k.starts_with("finetune") || k.starts_with("stage-"))
+        })
+        .collect();
+    assert_eq!(
+        k,
+        [
+            "finetune-started",
+            "finetune-pruned",
+            "finetune-round",
+            "finetune-pruned",
+            "finetune-round",
+            "finetune-round",
+            "finetune-finished",
+            "stage-finished",
+        ],
+        "{k:?}"
+    );
+    let started = events.iter().find_map(|e| match e {
+        RunEvent::FinetuneStarted { steps, rounds, .. } => Some((*steps, *rounds)),
+        _ => None,
+    });
+    assert_eq!(started, Some((9, Some(3))));
+    let progress: Vec<(u64, Option<u32>)> = events
+        .iter()
+        .filter_map(|e| match e {
+            RunEvent::FinetuneProgress { step } => Some((step.step, step.round)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(progress.len(), 9);
+    assert_eq!(progress[3], (4, Some(2)));
+    let finetune = result.report.finetune.as_ref().unwrap();
+    let rounds: Vec<(u32, u64, Option<u64>)> = finetune
+        .rounds
+        .iter()
+        .map(|r| (r.round, r.steps, r.rewound_to))
+        .collect();
+    assert_eq!(rounds, [(1, 3, Some(0)), (2, 3, Some(0)), (3, 3, None)]);
+    assert!(finetune.rounds.iter().all(|r| r.final_loss.is_finite()));
+    assert_eq!(finetune.rounds[0].density, 1.0);
+    assert_eq!(
+        finetune
+            .prune_events
+            .iter()
+            .map(|e| e.step)
+            .collect::<Vec<_>>(),
+        [3, 6]
+    );
+    // The ticket: every layer at exactly 0.25, zeros in place.
+    for (name, keep, bits) in masked_weights(&result.state) {
+        let n = keep.iter().filter(|k| **k).count();
+        assert_eq!(n, (0.25 * keep.len() as f64).round() as usize, "{name}");
+        assert!(keep.iter().zip(&bits).all(|(k, b)| *k || *b == 0), "{name}");
+    }
+    let stage = &result.report.stages[0];
+    assert!((stage.density_after - 0.25).abs() < 1e-3, "{stage:?}");
+    assert!(stage.density_from.contains("lottery rounds"), "{stage:?}");
+    // `report.json` shows each round, and `run --from` reads the rounds back.
+    let json = serde_json::to_value(&result.report).unwrap();
+    assert_eq!(json["finetune"]["rounds"].as_array().map(Vec::len), Some(3));
+    assert!(json["finetune"]["rounds"][0]["final_loss"].is_number());
+    let resolved = Pipeline::parse("resolved.toml", &result.report.resolved_pipeline).unwrap();
+    let r = resolved.stages[0].lottery.as_ref().unwrap().rounds;
+    assert_eq!((r.count, r.rewind), (2, espalier::lottery::Rewind::Init));
+}
+
+/// Late rewinding (to step 1) interrupted and resumed across a round boundary ends with the
+/// masks and weights of an uninterrupted run, bit for bit: from step 2's checkpoint (the
+/// resumed run prunes and rewinds at step 3 itself, the rewind weights coming from the
+/// checkpoint) and from the one written at the boundary (after the pruning). A checkpoint of
+/// the same pipeline with other rounds is refused, naming `finetune.checkpoint_dir`, and left
+/// as it was.
+#[test]
+fn lottery_resumes_bit_for_bit_across_a_round_boundary() {
+    let lottery = "{ rounds = 2, rewind = { step = 1 } }";
+    let whole = tempfile::tempdir().unwrap();
+    let (full, _) = run_with(&lottery_pipeline(lottery, whole.path()), |_, _| {});
+    let full = full.unwrap();
+    let steps: Vec<u64> = full
+        .report
+        .finetune
+        .as_ref()
+        .unwrap()
+        .rounds
+        .iter()
+        .map(|r| r.steps)
+        .collect();
+    assert_eq!(steps, [3, 2, 2]);
+    // (checkpoint_every, interrupted after, resumed from)
+    for (every, stop, from) in [(2, 3, 2), (7, 4, 3)] {
+        let dir = tempfile::tempdir().unwrap();
+        let pipeline = lottery_pipeline(lottery, dir.path()).replace(
+            "checkpoint_every = 1",
+            &format!("checkpoint_every = {every}"),
+        );
+        let (stopped, _) = run_with(&pipeline, |e, cancel| {
+            if let RunEvent::FinetuneProgress { step } = e
+                && step.step == stop
+            {
+                cancel.cancel();
+            }
+        });
+        assert!(
+            matches!(stopped, Err(AppError::Cancelled)),
+            "{:?}",
+            stopped.err()
+        );
+        let (resumed, _) = run_with(&pipeline, |_, _| {});
+        let resumed = resumed.unwrap();
+        let finetune = resumed.report.finetune.as_ref().unwrap();
+        assert_eq!(finetune.resumed_from, Some(from));
+        assert_eq!(
+            masked_weights(&resumed.state),
+            masked_weights(&full.state),
+            "masks or weights differ after resuming from step {from}"
+        );
+        assert_eq!(
+            finetune.rounds,
+            full.report.finetune.as_ref().unwrap().rounds
+        );
+    }
+    // Other rounds are another run: refused, the checkpoint untouched.
+    let path = whole.path().join("finetune-checkpoint.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    let other = lottery_pipeline("{ rounds = 3, rewind = { step = 1 } }", whole.path());
+    let (refused, _) = run_with(&other, |_, _| {});
+    let err = refused.err().expect("refused").to_string();
+    assert!(
+        err.contains("finetune.checkpoint_dir") && err.contains("another run"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read(&path).unwrap(), bytes);
+}

@@ -205,3 +205,60 @@ fn a_schedule_on_a_stage_that_cannot_follow_it_is_refused_at_its_line() {
         "is not a block linear",
     );
 }
+
+/// `lottery` on a stage that cannot prune in lottery rounds is refused at planning, at its
+/// line, before any calibration: a plugin whose density is fixed (N:M refuses the first
+/// round's density), one that produces budgets, one that updates weights (SparseGPT), and
+/// targets that fine-tuning does not train.
+#[test]
+fn a_lottery_on_a_stage_that_cannot_prune_in_rounds_is_refused_at_its_line() {
+    let finetune = format!(
+        "[finetune]\ntext = {:?}\nsteps = 10\n",
+        repo().join("data/calibration.txt").display().to_string()
+    );
+    let lottery = "lottery = { rounds = 3, rewind = { step = 2 } }\n";
+    for (stage, fix) in [
+        (
+            "plugin = \"n-m\"\nn = 2\nm = 4\ndensity = 0.5\n",
+            "cannot prune in rounds",
+        ),
+        (
+            "plugin = \"sensitivity\"\ndensity = 0.5\n",
+            "produces budgets",
+        ),
+        (
+            "plugin = \"sparsegpt\"\ndensity = 0.5\n",
+            "produces weights",
+        ),
+    ] {
+        let body = pipeline(&format!("[[stage]]\n{stage}{lottery}{finetune}"));
+        assert_refused_at(
+            &body,
+            line_of(&body, "lottery = {"),
+            1,
+            "stage[2].lottery",
+            fix,
+        );
+    }
+    let body = pipeline(&format!(
+        "[[stage]]\nplugin = \"magnitude\"\ntargets = [\"*embed_tokens*\"]\ndensity = 0.5\n{lottery}{finetune}"
+    ));
+    assert_refused_at(
+        &body,
+        line_of(&body, "targets = [\"*embed_tokens*\"]"),
+        1,
+        "stage[2].targets",
+        "is not a block linear",
+    );
+    // A rewind step past the first round's steps: at the step, before any calibration.
+    let body = pipeline(&format!(
+        "[[stage]]\nplugin = \"magnitude\"\ndensity = 0.5\nlottery = {{ rounds = 3, rewind = {{ step = 10 }} }}\n{finetune}"
+    ));
+    assert_refused_at(
+        &body,
+        line_of(&body, "lottery = {"),
+        36,
+        "stage[2].lottery.rewind.step",
+        "first round's 10 steps",
+    );
+}

@@ -901,14 +901,16 @@ impl EventSink for Bars {
             RunEvent::EvaluationFinished { .. } => self.end_step(),
             RunEvent::FinetuneStarted {
                 steps,
+                rounds,
                 start_step,
                 sequences_per_step,
                 seq_len,
                 ..
             } => {
                 self.end_step();
+                let rounds = rounds.map_or(String::new(), |r| format!(" in {r} lottery rounds"));
                 self.bar.set_message(format!(
-                    "fine-tuning: {steps} steps of {sequences_per_step} × {seq_len} tokens"
+                    "fine-tuning: {steps} steps{rounds} of {sequences_per_step} × {seq_len} tokens"
                 ));
                 self.step(start_step, steps, "fine-tuning steps".into());
             }
@@ -916,7 +918,8 @@ impl EventSink for Bars {
                 step.step,
                 step.steps,
                 format!(
-                    "loss {:.4}{}, lr {:.2e}, {:.0} tokens/s, ETA {}",
+                    "{}loss {:.4}{}, lr {:.2e}, {:.0} tokens/s, ETA {}",
+                    step.round.map_or(String::new(), |r| format!("round {r}: ")),
                     step.loss,
                     step.parts.map_or(String::new(), |p| format!(
                         " (CE {:.4}, KL {:.4})",
@@ -949,11 +952,29 @@ impl EventSink for Bars {
                     event.seconds
                 ));
             }
+            RunEvent::FinetuneRound { round } => {
+                let after = match (round.pruned_to, round.rewound_to) {
+                    (Some(d), Some(0)) => {
+                        format!("; pruned to {d:.4}, survivors rewound to the starting weights")
+                    }
+                    (Some(d), Some(k)) => {
+                        format!("; pruned to {d:.4}, survivors rewound to step {k}")
+                    }
+                    _ => "; the winning ticket".to_string(),
+                };
+                self.bar.println(format!(
+                    "  ✓ lottery round {}/{}: {} steps at density {:.4}, loss {:.4}{after}",
+                    round.round, round.rounds, round.steps, round.density, round.final_loss
+                ));
+            }
             RunEvent::FinetuneFinished { report } => {
                 self.end_step();
                 self.bar.println(format!(
                     "  ✓ fine-tuned {} steps: loss {:.4} → {:.4} in {:.1} s ({:.0} tokens/s)",
-                    report.spec.steps,
+                    report
+                        .loss_curve
+                        .last()
+                        .map_or(report.spec.steps, |p| p.last),
                     report.first_loss,
                     report.final_loss,
                     report.seconds,

@@ -373,7 +373,8 @@ pub fn print_report(r: &RunReport, layers: bool) {
             "fine-tune (masks held)".to_string(),
             format!(
                 "{} steps, {} tokens{resumed}: loss {:.4} → {:.4} (last tenth {:.4}), {:.1} s, {:.0} tokens/s",
-                f.spec.steps,
+                // Over every lottery round when there are rounds (the spec's are per round).
+                f.loss_curve.last().map_or(f.spec.steps, |p| p.last),
                 f.tokens_trained,
                 f.first_loss,
                 f.final_loss,
@@ -395,6 +396,23 @@ pub fn print_report(r: &RunReport, layers: bool) {
                     tail.kl
                 ),
             ]);
+        }
+        if !f.rounds.is_empty() {
+            let rounds: Vec<String> = f
+                .rounds
+                .iter()
+                .map(|r| {
+                    let after = match (r.pruned_to, r.rewound_to) {
+                        (Some(d), Some(k)) => format!(", pruned to {d:.4}, rewound to step {k}"),
+                        _ => String::new(),
+                    };
+                    format!(
+                        "{}: {} steps at density {:.4}, loss {:.4}{after}",
+                        r.round, r.steps, r.density, r.final_loss
+                    )
+                })
+                .collect();
+            t.add_row(vec!["lottery rounds".to_string(), rounds.join("\n")]);
         }
         if let (Some(first), Some(last)) = (f.prune_events.first(), f.prune_events.last()) {
             t.add_row(vec![

@@ -211,9 +211,11 @@ fn run_finetune(
         sink: &'a mut dyn EventSink,
         spec: &'a crate::finetune::FinetuneSpec,
         text_tokens: usize,
+        /// Training rounds, with lottery rounds.
+        rounds: Option<u32>,
     }
     impl crate::finetune::FinetuneObserver for Events<'_> {
-        fn started(&mut self, start_step: u64) {
+        fn started(&mut self, start_step: u64, steps: u64) {
             if start_step > 0 {
                 self.sink.emit(RunEvent::Notice {
                     message: format!(
@@ -227,7 +229,8 @@ fn run_finetune(
                 });
             }
             self.sink.emit(RunEvent::FinetuneStarted {
-                steps: self.spec.steps,
+                steps,
+                rounds: self.rounds,
                 start_step,
                 sequences_per_step: self.spec.sequences_per_step(),
                 seq_len: self.spec.seq_len,
@@ -248,8 +251,17 @@ fn run_finetune(
                 event: event.clone(),
             });
         }
+        fn round(&mut self, round: &crate::lottery::RoundReport) {
+            self.sink.emit(RunEvent::FinetuneRound {
+                round: round.clone(),
+            });
+        }
     }
     let mut progress = Events {
+        rounds: pruner
+            .as_ref()
+            .and_then(|p| p.rounds())
+            .map(|r| r.training_rounds()),
         text_tokens: text.tokens(),
         sink: &mut *sink,
         spec,

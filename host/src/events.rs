@@ -83,8 +83,11 @@ pub enum RunEvent {
     },
     /// Masked fine-tuning (the pipeline's `[finetune]`) starts, after the stages.
     FinetuneStarted {
-        /// Steps in the run.
+        /// Steps in the run (over every lottery round, when there are rounds).
         steps: u64,
+        /// With lottery rounds, the training rounds (pruning rounds + the final one).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        rounds: Option<u32>,
         /// The step it starts after (a checkpoint's; 0 from the beginning).
         start_step: u64,
         /// Sequences per optimizer step (`batch × accumulate`).
@@ -111,6 +114,13 @@ pub enum RunEvent {
         /// The stage, step, drop fraction, weights dropped and grown, density, seconds.
         #[serde(flatten)]
         event: crate::dynamic::UpdateEvent,
+    },
+    /// A lottery round ended (see [`crate::lottery`]): pruned and rewound, or the last one,
+    /// which trained the winning ticket.
+    FinetuneRound {
+        /// The round, its steps, density, last loss, and the pruning and rewind after it.
+        #[serde(flatten)]
+        round: crate::lottery::RoundReport,
     },
     /// The fine-tune finished.
     FinetuneFinished {
@@ -177,6 +187,7 @@ impl RunEvent {
             RunEvent::FinetuneProgress { .. } => "finetune-progress",
             RunEvent::FinetunePruned { .. } => "finetune-pruned",
             RunEvent::FinetuneMaskUpdated { .. } => "finetune-mask-updated",
+            RunEvent::FinetuneRound { .. } => "finetune-round",
             RunEvent::FinetuneFinished { .. } => "finetune-finished",
             RunEvent::EvaluationStarted { .. } => "evaluation-started",
             RunEvent::EvaluationProgress { .. } => "evaluation-progress",

@@ -45,6 +45,18 @@
 //! moments become exact zeros. The sum and its step count are in the checkpoint, and an
 //! update's position is a function of the step, so a resume between or across updates is
 //! bit-exact too.
+//!
+//! Lottery rounds ([`crate::lottery`]): when the [`Pruner`] has a stage with `lottery`, the loop
+//! runs `count + 1` training rounds in one sequence of global steps. The first records the
+//! rewind weights (the starting ones for `init`, those after `k` steps for `{ step = k }`);
+//! at the end of each of the first `count` rounds the stage prunes (as a scheduled event) and
+//! then every trained weight is rewound (survivors to the recorded values, pruned ones to
+//! exact zeros), both moments restart from zero and the next round runs the learning-rate
+//! schedule from step `k` with the optimizer's step count (its bias corrections) restarted.
+//! The checkpoint holds the round, the finished rounds' reports and, for late rewinding once
+//! recorded, the rewind weights (`rewind/NAME`); the starting weights of `init` are those the
+//! run starts from, so they are taken again on every start rather than stored. A resume across
+//! a round boundary is as exact as any other (`lottery_resume_across_a_round_boundary`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -61,6 +73,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::cancel::CancelToken;
 use crate::dynamic::UpdateEvent;
+use crate::lottery::{Rewind, RoundReport, Rounds};
 use crate::mask::{Mask, Structure};
 use crate::optim::{AdamW, AdamWConfig, Decay, Moments, clip_global_norm, learning_rate};
 use crate::schedule::PruneEvent;
@@ -272,10 +285,13 @@ impl From<candle_core::Error> for FinetuneError {
 /// What one step did (the `finetune-progress` event carries it).
 #[derive(Debug, Clone, Serialize)]
 pub struct StepReport {
-    /// 1-based step.
+    /// 1-based step (counted across lottery rounds).
     pub step: u64,
-    /// Steps in the run.
+    /// Steps in the run (in all its lottery rounds).
     pub steps: u64,
+    /// With lottery rounds, the 1-based round the step trained in.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub round: Option<u32>,
     /// Mean loss over the step's sequences (with distillation, the mix of its parts).
     pub loss: f64,
     /// With distillation, the loss's two parts.
@@ -293,14 +309,18 @@ pub struct StepReport {
 
 /// Hears a fine-tune's start and each of its steps.
 pub trait FinetuneObserver {
-    /// Training starts after `start_step` (a checkpoint's step; 0 from the beginning).
-    fn started(&mut self, _start_step: u64) {}
+    /// Training starts after `start_step` (a checkpoint's step; 0 from the beginning) of
+    /// `steps` (over every lottery round, when there are rounds).
+    fn started(&mut self, _start_step: u64, _steps: u64) {}
     /// A step finished.
     fn step(&mut self, step: &StepReport);
     /// A scheduled stage pruned (see [`crate::schedule`]).
     fn pruned(&mut self, _event: &PruneEvent) {}
     /// A stage updated its masks (see [`crate::dynamic`]).
     fn updated(&mut self, _event: &UpdateEvent) {}
+    /// A lottery round ended: pruned and rewound, or (the last) the ticket trained (see
+    /// [`crate::lottery`]).
+    fn round(&mut self, _round: &RoundReport) {}
 }
 
 /// Runs the scheduled stages of a pipeline during fine-tuning (see [`crate::schedule`]).
@@ -312,9 +332,9 @@ pub trait Pruner {
     /// What decides the stages' results (plugins, targets, parameters, schedules), for the
     /// checkpoint's fingerprint.
     fn identity(&self) -> String;
-    /// Runs every stage with an event after `step` steps on `model` (the weights as trained so
-    /// far) and its current `masks`; returns the new masks of the layers pruned (each within
-    /// the current one) and what each stage did.
+    /// Runs every stage with an event after `step` steps (global ones, across lottery rounds)
+    /// on `model` (the weights as trained so far) and its current `masks`; returns the new
+    /// masks of the layers pruned (each within the current one) and what each stage did.
     fn prune(
         &mut self,
         step: u64,
@@ -322,6 +342,13 @@ pub trait Pruner {
         masks: &BTreeMap<String, Mask>,
         cancel: &CancelToken,
     ) -> Result<(BTreeMap<String, Mask>, Vec<PruneEvent>), FinetuneError>;
+
+    /// The lottery rounds of the stage that prunes in rounds ([`crate::lottery`]), if one
+    /// does: the fine-tune then runs its rounds, pruning at [`Pruner::is_event`] at the end of
+    /// each and rewinding. None by default.
+    fn rounds(&self) -> Option<Rounds> {
+        None
+    }
 
     /// The layers whose masks the mask-update stages swap ([`crate::dynamic`]); the fine-tune
     /// sums their dense gradients between updates. None by default.
@@ -388,7 +415,7 @@ pub struct FinetuneReport {
     pub text_tokens: usize,
     /// The step a checkpoint resumed from (`None`: from the start).
     pub resumed_from: Option<u64>,
-    /// Tokens trained on over all steps (resumed ones included).
+    /// Tokens trained on over all steps (resumed ones and every lottery round included).
     pub tokens_trained: u64,
     /// Loss of the first step.
     pub first_loss: f64,
@@ -418,6 +445,9 @@ pub struct FinetuneReport {
     /// included).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub mask_updates: Vec<UpdateEvent>,
+    /// With lottery rounds, what each round did (those before a resumed checkpoint included).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rounds: Vec<RoundReport>,
 }
 
 /// One trained weight matrix: the master copy, its mask and its moments.
@@ -430,6 +460,8 @@ struct Param {
     /// The sum of the dense gradients since the last mask update, for the layers a mask-update
     /// stage swaps (`None` for the others).
     dense_grad: Option<Vec<f32>>,
+    /// With lottery rounds, the weights the survivors are rewound to (once recorded).
+    rewind: Option<Vec<f32>>,
 }
 
 /// The training sequences and where the run is in them.
@@ -605,9 +637,20 @@ pub fn finetune(
             shape,
             weights,
             keep,
+            rewind: None,
         });
     }
     let scheduled = pruner.as_ref().map(|p| p.layers()).unwrap_or_default();
+    let rounds = pruner.as_ref().and_then(|p| p.rounds());
+    // Optimizer steps over every lottery round (`spec.steps` without rounds).
+    let total = rounds.map_or(spec.steps, |r| r.total_steps(spec.steps));
+    if rounds.is_some_and(|r| r.rewind == Rewind::Init) {
+        // The starting weights, taken again on every start (a resume included): the model the
+        // fine-tune is given does not depend on a checkpoint.
+        for p in params.iter_mut() {
+            p.rewind = Some(p.weights.clone());
+        }
+    }
     let identity = match &pruner {
         Some(p) => format!("{identity}\nscheduled={}", p.identity()),
         None => identity.to_string(),
@@ -625,6 +668,16 @@ pub fn finetune(
     let mut updates: Vec<UpdateEvent> = Vec::new();
     // Steps summed into the params' `dense_grad` since the last mask update.
     let mut gradient_steps = 0u32;
+    let mut rounds_done: Vec<RoundReport> = Vec::new();
+    // Whether a resumed checkpoint was written after its step's round boundary (pruned and
+    // rewound already, so the loop must not do it again).
+    let mut boundary_done = false;
+    // Late rewinding's weights are recorded once the first round reaches their step; until
+    // then a checkpoint has none to hold.
+    let late_rewind = rounds.and_then(|r| match r.rewind {
+        Rewind::Step(k) => Some(k),
+        Rewind::Init => None,
+    });
     let checkpoint = spec.checkpoint_path();
     if let Some(path) = &checkpoint
         && path.exists()
@@ -637,7 +690,32 @@ pub fn finetune(
             &mut data,
             (&mut losses, &mut parts),
             teacher.is_some(),
+            late_rewind,
         )?;
+        if let Some(r) = rounds {
+            let expected = r.place(resumed.step, spec.steps).round + 1;
+            let consistent = resumed.round == Some(expected)
+                && rounds_match(
+                    &r,
+                    resumed.step,
+                    spec.steps,
+                    resumed.boundary_done,
+                    &resumed.rounds,
+                )
+                && (!resumed.boundary_done || r.is_prune(resumed.step, spec.steps));
+            if !consistent {
+                return Err(FinetuneError::Checkpoint {
+                    path: path.clone(),
+                    message: format!(
+                        "its lottery round ({}) or round history does not match its step {} (round {expected} expected)",
+                        resumed.round.map_or("none".to_string(), |r| r.to_string()),
+                        resumed.step
+                    ),
+                });
+            }
+        }
+        rounds_done = resumed.rounds;
+        boundary_done = resumed.boundary_done;
         start = resumed.step;
         resumed_from = Some(resumed.step);
         events = resumed.events;
@@ -666,19 +744,34 @@ pub fn finetune(
             }
         }
     }
-    progress.started(start);
+    progress.started(start, total);
     let optimizer = AdamW { config: spec.adamw };
     let tokens_per_step = (spec.sequences_per_step() * spec.seq_len) as f64;
     let began = Instant::now();
     let mut last_checkpoint = resumed_from;
-    for step in start..=spec.steps {
+    // Kept fraction of the pruned layers while the current lottery round trains.
+    let mut round_density = kept_fraction(&params, &scheduled);
+    for step in start..=total {
         if cancel.is_cancelled() {
             return Err(FinetuneError::Cancelled);
         }
+        if late_rewind == Some(step) {
+            // Late rewinding's target: the weights after `k` steps of the first round.
+            for p in params.iter_mut() {
+                p.rewind = Some(p.weights.clone());
+            }
+        }
+        // The lottery round that ends here (its pruning is the scheduled event below), unless
+        // the checkpoint resumed from was written after it.
+        let boundary_passed = boundary_done && step == start;
+        let ended = rounds
+            .filter(|_| !boundary_passed)
+            .and_then(|r| r.round_ending_at(step, spec.steps).map(|i| (r, i)));
         // A stage's event after `step` steps runs before step `step + 1` (and after the last
         // step when it ends there).
         if let Some(pruner) = pruner.as_deref_mut()
             && pruner.is_event(step)
+            && !boundary_passed
         {
             let done = prune_event(
                 step,
@@ -694,6 +787,46 @@ pub fn finetune(
                 progress.pruned(e);
             }
             events.extend(done);
+        }
+        if let Some((r, i)) = ended {
+            let mut report = RoundReport {
+                round: i + 1,
+                rounds: r.training_rounds(),
+                steps: r.round_steps(i, spec.steps),
+                last_step: step,
+                density: round_density,
+                final_loss: losses.last().copied().unwrap_or(f64::NAN),
+                pruned_to: None,
+                rewound_to: None,
+            };
+            let pruned = i < r.count;
+            if pruned {
+                rewind(step, &mut params, &mut session, &biases)?;
+                round_density = kept_fraction(&params, &scheduled);
+                report.pruned_to = Some(round_density);
+                report.rewound_to = Some(r.rewind.step());
+            }
+            rounds_done.push(report.clone());
+            if let (Some(path), true) = (&checkpoint, pruned) {
+                // The next round's start, so a resume need not prune (and calibrate) again.
+                write_checkpoint(
+                    path,
+                    &fingerprint,
+                    step,
+                    (&params, masks),
+                    &data,
+                    (&losses, &parts),
+                    (&events, &updates, gradient_steps),
+                    Some(LotteryState {
+                        round: i + 2,
+                        done: &rounds_done,
+                        rewind: late_rewind.is_some(),
+                        boundary_done: true,
+                    }),
+                )?;
+                last_checkpoint = Some(step);
+            }
+            progress.round(&report);
         }
         if let Some(pruner) = pruner.as_deref_mut()
             && pruner.is_update(step)
@@ -714,12 +847,17 @@ pub fn finetune(
             }
             updates.extend(done);
         }
-        if step == spec.steps {
+        if step == total {
             break;
         }
         let accumulate = pruner.as_deref().is_some_and(|p| p.accumulates(step));
         let step_began = Instant::now();
-        let lr = learning_rate(spec.lr, step, spec.steps, spec.warmup, spec.decay);
+        // Within a lottery round the schedule runs from the rewind step, and the optimizer's
+        // step count (its bias corrections) from the round's start, as its moments do.
+        let place = rounds.map(|r| r.place(step, spec.steps));
+        let (schedule_step, round_start) =
+            place.map_or((step, 0), |p| (p.schedule_step, p.round_start));
+        let lr = learning_rate(spec.lr, schedule_step, spec.steps, spec.warmup, spec.decay);
         let kept = || match last_checkpoint {
             Some(s) => format!("the checkpoint of step {s} is kept"),
             None => "no checkpoint was written".to_string(),
@@ -780,7 +918,7 @@ pub fn finetune(
         }
         for (p, g) in params.iter_mut().zip(&grads) {
             optimizer.step(
-                step + 1,
+                step + 1 - round_start,
                 lr,
                 &mut p.weights,
                 g,
@@ -798,15 +936,16 @@ pub fn finetune(
         let elapsed = began.elapsed().as_secs_f64();
         progress.step(&StepReport {
             step: step + 1,
-            steps: spec.steps,
+            steps: total,
+            round: place.map(|p| p.round + 1),
             loss,
             parts: step_parts,
             learning_rate: lr,
             grad_norm,
             tokens_per_second: tokens_per_step / step_began.elapsed().as_secs_f64().max(1e-9),
-            eta_seconds: elapsed / done_here * (spec.steps - step - 1) as f64,
+            eta_seconds: elapsed / done_here * (total - step - 1) as f64,
         });
-        let due = (step + 1) % spec.checkpoint_every.max(1) == 0 || step + 1 == spec.steps;
+        let due = (step + 1) % spec.checkpoint_every.max(1) == 0 || step + 1 == total;
         if let (Some(path), true) = (&checkpoint, due) {
             write_checkpoint(
                 path,
@@ -816,6 +955,12 @@ pub fn finetune(
                 &data,
                 (&losses, &parts),
                 (&events, &updates, gradient_steps),
+                rounds.map(|r| LotteryState {
+                    round: r.place(step + 1, spec.steps).round + 1,
+                    done: &rounds_done,
+                    rewind: late_rewind.is_some(),
+                    boundary_done: false,
+                }),
             )?;
             last_checkpoint = Some(step + 1);
         }
@@ -825,14 +970,14 @@ pub fn finetune(
         let w = Tensor::from_slice(&p.weights, p.shape.as_slice(), &Device::Cpu)?;
         model.set_weight(&p.name, w, false)?;
     }
-    let ran = spec.steps - start;
+    let ran = total - start;
     let tail = (losses.len() / 10).max(1).min(losses.len().max(1));
     Ok(FinetuneReport {
         spec: spec.clone(),
         text_sha256,
         text_tokens,
         resumed_from,
-        tokens_trained: spec.steps * tokens_per_step as u64,
+        tokens_trained: total * tokens_per_step as u64,
         first_loss: losses.first().copied().unwrap_or(f64::NAN),
         final_loss: losses.last().copied().unwrap_or(f64::NAN),
         final_loss_mean: losses[losses.len().saturating_sub(tail)..]
@@ -864,7 +1009,84 @@ pub fn finetune(
             .sum(),
         prune_events: events,
         mask_updates: updates,
+        rounds: rounds_done,
     })
+}
+
+/// Kept fraction of `layers` over the trained parameters (1.0 for none): the density a lottery
+/// round trains at.
+fn kept_fraction(params: &[Param], layers: &std::collections::BTreeSet<String>) -> f64 {
+    let (kept, numel) =
+        params
+            .iter()
+            .filter(|p| layers.contains(&p.name))
+            .fold((0usize, 0usize), |(k, n), p| {
+                let kept = p
+                    .keep
+                    .as_ref()
+                    .map_or(p.weights.len(), |k| k.iter().filter(|k| **k).count());
+                (k + kept, n + p.weights.len())
+            });
+    if numel == 0 {
+        1.0
+    } else {
+        kept as f64 / numel as f64
+    }
+}
+
+/// Whether a checkpoint's finished lottery rounds are those its step has passed: the rounds
+/// that ended before it, and the one ending at it when the checkpoint was written after that
+/// round's pruning and rewinding (`boundary_done`; otherwise the checkpoint of a round's last
+/// step comes before them).
+fn rounds_match(
+    rounds: &Rounds,
+    step: u64,
+    steps: u64,
+    boundary_done: bool,
+    done: &[RoundReport],
+) -> bool {
+    let finished = (0..rounds.training_rounds())
+        .filter(|&r| {
+            let end = rounds.round_start(r + 1, steps);
+            end < step || (boundary_done && end == step)
+        })
+        .count();
+    done.len() == finished
+        && done
+            .iter()
+            .enumerate()
+            .all(|(i, r)| r.round as usize == i + 1)
+}
+
+/// Rewinds every trained weight for the next lottery round ([`crate::lottery`]): the
+/// survivors to the recorded rewind weights, the pruned ones to exact zeros, and both AdamW
+/// moments to zero (the next round starts the optimizer afresh).
+fn rewind(
+    step: u64,
+    params: &mut [Param],
+    session: &mut Session,
+    biases: &BTreeMap<String, Option<Tensor>>,
+) -> Result<(), FinetuneError> {
+    for p in params.iter_mut() {
+        let Some(rewind) = &p.rewind else {
+            return Err(FinetuneError::Prune {
+                step,
+                message: format!("internal: no rewind weights were recorded for `{}`", p.name),
+            });
+        };
+        match &p.keep {
+            Some(keep) => {
+                for ((w, r), k) in p.weights.iter_mut().zip(rewind).zip(keep) {
+                    *w = if *k { *r } else { 0.0 };
+                }
+            }
+            None => p.weights.copy_from_slice(rewind),
+        }
+        p.moments.m.iter_mut().for_each(|m| *m = 0.0);
+        p.moments.v.iter_mut().for_each(|v| *v = 0.0);
+        set_linear(session, p, biases)?;
+    }
+    Ok(())
 }
 
 /// Runs the mask updates due after `step` steps on the weights as trained so far and the mean
@@ -1029,6 +1251,20 @@ fn fingerprint(identity: &str, spec: &FinetuneSpec, text: &TrainingText) -> Stri
     )
 }
 
+/// What a checkpoint holds of lottery rounds besides the masks and weights.
+struct LotteryState<'a> {
+    /// The 1-based round the next step trains in.
+    round: u32,
+    /// The rounds finished.
+    done: &'a [RoundReport],
+    /// Whether the rewind weights are stored (late rewinding; `init`'s are the run's start).
+    rewind: bool,
+    /// Whether the round that ends at the checkpoint's step has already been pruned and
+    /// rewound (a checkpoint written at the boundary, after both).
+    boundary_done: bool,
+}
+
+#[allow(clippy::too_many_arguments)]
 fn write_checkpoint(
     path: &Path,
     fingerprint: &str,
@@ -1037,12 +1273,13 @@ fn write_checkpoint(
     data: &Data,
     (losses, parts): (&[f64], &[LossParts]),
     (events, updates, gradient_steps): (&[PruneEvent], &[UpdateEvent], u32),
+    lottery: Option<LotteryState<'_>>,
 ) -> Result<(), FinetuneError> {
     let err = |message: String| FinetuneError::WriteCheckpoint {
         path: path.to_path_buf(),
         message,
     };
-    let mut tensors: Vec<(String, Tensor)> = Vec::with_capacity(4 * params.len() + 1);
+    let mut tensors: Vec<(String, Tensor)> = Vec::with_capacity(5 * params.len() + 1);
     let shaped = |v: &[f32], p: &Param| Tensor::from_slice(v, p.shape.as_slice(), &Device::Cpu);
     for p in params {
         tensors.push((format!("weight/{}", p.name), shaped(&p.weights, p)?));
@@ -1057,6 +1294,9 @@ fn write_checkpoint(
         }
         if let Some(sum) = &p.dense_grad {
             tensors.push((format!("grad/{}", p.name), shaped(sum, p)?));
+        }
+        if let (Some(w), Some(LotteryState { rewind: true, .. })) = (&p.rewind, &lottery) {
+            tensors.push((format!("rewind/{}", p.name), shaped(w, p)?));
         }
     }
     tensors.push((
@@ -1106,6 +1346,17 @@ fn write_checkpoint(
         );
     }
     meta.insert("gradient_steps".to_string(), gradient_steps.to_string());
+    if let Some(l) = &lottery {
+        meta.insert("round".to_string(), l.round.to_string());
+        meta.insert(
+            "round_boundary_done".to_string(),
+            l.boundary_done.to_string(),
+        );
+        meta.insert(
+            "rounds".to_string(),
+            serde_json::to_string(l.done).map_err(|e| err(e.to_string()))?,
+        );
+    }
     crate::atomic::write_atomic_with(path, |tmp| {
         safetensors::serialize_to_file(
             tensors.iter().map(|(k, t)| (k.as_str(), t)),
@@ -1129,11 +1380,19 @@ struct Resumed {
     updates: Vec<UpdateEvent>,
     /// Steps summed into the dense gradients since the last update.
     gradient_steps: u32,
+    /// With lottery rounds, the round the next step trains in.
+    round: Option<u32>,
+    /// With lottery rounds, the rounds finished before the checkpoint.
+    rounds: Vec<RoundReport>,
+    /// Whether the round ending at `step` was pruned and rewound before the checkpoint.
+    boundary_done: bool,
 }
 
 /// Restores the state a checkpoint holds into `params` and `data` and returns its step,
 /// after checking it belongs to this run (fingerprint and masks: equal to the stages' masks,
 /// or within them for the layers in `scheduled`, of the same count for those in `updated`).
+/// With `late_rewind = Some(k)`, a checkpoint past step `k` must hold the rewind weights.
+#[allow(clippy::too_many_arguments)]
 fn load_checkpoint(
     path: &Path,
     fingerprint: &str,
@@ -1145,17 +1404,18 @@ fn load_checkpoint(
     data: &mut Data,
     (losses, parts): (&mut Vec<f64>, &mut Vec<LossParts>),
     distilling: bool,
+    late_rewind: Option<u64>,
 ) -> Result<Resumed, FinetuneError> {
     let err = |message: String| FinetuneError::Checkpoint {
         path: path.to_path_buf(),
         message,
     };
-    // What this run's checkpoint can hold: weights, both moments and the gradient sums (f32),
-    // masks (u8), the order (u32), and a header and metadata well under 64 MiB. A larger file
-    // is not ours.
+    // What this run's checkpoint can hold: weights, both moments, the gradient sums and the
+    // rewind weights (f32), masks (u8), the order (u32), and a header and metadata well under
+    // 64 MiB. A larger file is not ours.
     let elements: u64 = params.iter().map(|p| p.weights.len() as u64).sum();
     let limit = elements
-        .saturating_mul(17)
+        .saturating_mul(21)
         .saturating_add(4 * data.order.len() as u64)
         .saturating_add(64 << 20);
     let bytes = espalier_engine::files::read(path, limit).map_err(|e| err(e.to_string()))?;
@@ -1270,6 +1530,9 @@ fn load_checkpoint(
         if p.dense_grad.is_some() {
             p.dense_grad = Some(read("grad")?);
         }
+        if late_rewind.is_some_and(|k| step > k) {
+            p.rewind = Some(read("rewind")?);
+        }
     }
     let mut rng = ChaCha8Rng::from_seed(seed);
     rng.set_word_pos(word_pos);
@@ -1297,12 +1560,31 @@ fn load_checkpoint(
             .map_err(|_| err("`gradient_steps` is not a number".into()))?,
         None => 0,
     };
+    let round = match meta.get("round") {
+        Some(s) => Some(
+            s.parse()
+                .map_err(|_| err("`round` is not a number".into()))?,
+        ),
+        None => None,
+    };
+    let rounds = match meta.get("rounds") {
+        Some(s) => serde_json::from_str(s).map_err(|e| err(format!("`rounds`: {e}")))?,
+        None => Vec::new(),
+    };
+    let boundary_done = match meta.get("round_boundary_done").map(String::as_str) {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(_) => return Err(err("`round_boundary_done` is not true or false".into())),
+    };
     Ok(Resumed {
         step,
         structures,
         events,
         updates,
         gradient_steps,
+        round,
+        rounds,
+        boundary_done,
     })
 }
 
@@ -1441,33 +1723,45 @@ mod tests {
             _cancel: &CancelToken,
         ) -> Result<(BTreeMap<String, Mask>, Vec<PruneEvent>), FinetuneError> {
             let target = self.schedule.density_at(step);
-            let mut out = BTreeMap::new();
-            let (mut kept, mut total) = (0, 0);
-            for name in &self.layers {
-                let w = model.weight(name).unwrap();
-                let v = w.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-                let k = (target * v.len() as f64).round() as usize;
-                let mut order: Vec<usize> = (0..v.len()).collect();
-                order.sort_by(|&a, &b| v[b].abs().total_cmp(&v[a].abs()).then(a.cmp(&b)));
-                let mut keep = vec![false; v.len()];
-                order[..k].iter().for_each(|&i| keep[i] = true);
-                let mut mask = Mask::new(w.dims().to_vec(), keep, Structure::Unstructured).unwrap();
-                if let Some(old) = masks.get(name) {
-                    mask = mask.and(old).unwrap();
-                }
-                kept += mask.kept();
-                total += v.len();
-                out.insert(name.clone(), mask);
-            }
-            let event = PruneEvent {
-                stage: "magnitude".into(),
-                step,
-                target_density: target,
-                density: kept as f64 / total as f64,
-                seconds: 0.0,
-            };
-            Ok((out, vec![event]))
+            Ok(magnitude_prune(model, &self.layers, masks, step, target))
         }
+    }
+
+    /// The `magnitude` plugin's per-layer selection at `target` (largest |w| kept, ties to the
+    /// lower index), intersected with the current masks, and its event.
+    fn magnitude_prune(
+        model: &Model,
+        layers: &[String],
+        masks: &BTreeMap<String, Mask>,
+        step: u64,
+        target: f64,
+    ) -> (BTreeMap<String, Mask>, Vec<PruneEvent>) {
+        let mut out = BTreeMap::new();
+        let (mut kept, mut total) = (0, 0);
+        for name in layers {
+            let w = model.weight(name).unwrap();
+            let v = w.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let k = (target * v.len() as f64).round() as usize;
+            let mut order: Vec<usize> = (0..v.len()).collect();
+            order.sort_by(|&a, &b| v[b].abs().total_cmp(&v[a].abs()).then(a.cmp(&b)));
+            let mut keep = vec![false; v.len()];
+            order[..k].iter().for_each(|&i| keep[i] = true);
+            let mut mask = Mask::new(w.dims().to_vec(), keep, Structure::Unstructured).unwrap();
+            if let Some(old) = masks.get(name) {
+                mask = mask.and(old).unwrap();
+            }
+            kept += mask.kept();
+            total += v.len();
+            out.insert(name.clone(), mask);
+        }
+        let event = PruneEvent {
+            stage: "magnitude".into(),
+            step,
+            target_density: target,
+            density: kept as f64 / total as f64,
+            seconds: 0.0,
+        };
+        (out, vec![event])
     }
 
     /// Hears steps and prune events; cancels after `stop_after` steps; after every step checks
@@ -2029,6 +2323,7 @@ mod tests {
             keep: Some(keep.clone()),
             moments,
             dense_grad: Some(vec![1.0; n]),
+            rewind: None,
         }];
         let biases = BTreeMap::from([(name.clone(), None)]);
         let mut swap = Swap {
@@ -2068,5 +2363,393 @@ mod tests {
         assert!(!new.keep()[drop] && new.keep()[grow]);
         assert_eq!(new.kept(), keep.iter().filter(|k| **k).count());
         assert_eq!(p.keep.as_deref(), Some(new.keep()));
+    }
+
+    /// Magnitude pruning in lottery rounds: [`magnitude_prune`] at the end of each pruning
+    /// round, at the round's density.
+    struct LotteryMagnitude {
+        rounds: Rounds,
+        steps: u64,
+        layers: Vec<String>,
+    }
+
+    impl Pruner for LotteryMagnitude {
+        fn is_event(&self, step: u64) -> bool {
+            self.rounds.is_prune(step, self.steps)
+        }
+        fn layers(&self) -> std::collections::BTreeSet<String> {
+            self.layers.iter().cloned().collect()
+        }
+        fn identity(&self) -> String {
+            serde_json::to_string(&self.rounds).unwrap()
+        }
+        fn rounds(&self) -> Option<Rounds> {
+            Some(self.rounds)
+        }
+        fn prune(
+            &mut self,
+            step: u64,
+            model: &Model,
+            masks: &BTreeMap<String, Mask>,
+            _cancel: &CancelToken,
+        ) -> Result<(BTreeMap<String, Mask>, Vec<PruneEvent>), FinetuneError> {
+            let round = self.rounds.round_ending_at(step, self.steps).unwrap();
+            let target = self.rounds.density_after(round);
+            Ok(magnitude_prune(model, &self.layers, masks, step, target))
+        }
+    }
+
+    /// Every tensor of the checkpoint at `path` under `prefix/`, by layer.
+    fn checkpoint_tensors(path: &Path, prefix: &str) -> BTreeMap<String, Vec<f32>> {
+        let tensors = candle_core::safetensors::load(path, &Device::Cpu).unwrap();
+        tensors
+            .iter()
+            .filter_map(|(k, t)| {
+                let name = k.strip_prefix(&format!("{prefix}/"))?;
+                let t = t.flatten_all().unwrap();
+                let v = if t.dtype() == DType::U8 {
+                    t.to_vec1::<u8>()
+                        .unwrap()
+                        .into_iter()
+                        .map(f32::from)
+                        .collect()
+                } else {
+                    t.to_vec1::<f32>().unwrap()
+                };
+                Some((name.to_string(), v))
+            })
+            .collect()
+    }
+
+    /// Hears a lottery fine-tune. At the step after `record_after` it keeps the weights of the
+    /// checkpoint then on disk (that step's: the late-rewinding target). At every round that
+    /// pruned it reads the checkpoint written at the boundary and checks the next round's
+    /// start: each layer keeps exactly `round(d · n)` weights for the round's density `d`,
+    /// within the previous round's mask, its survivors hold the rewind target's bits, its
+    /// pruned weights are exact zeros and both moments are zero everywhere.
+    struct RoundWatch {
+        cancel: CancelToken,
+        stop_after: Option<u64>,
+        path: PathBuf,
+        record_after: Option<u64>,
+        /// The weights the survivors must be rewound to (the starting ones unless recorded).
+        target: BTreeMap<String, Vec<f32>>,
+        rounds: Vec<RoundReport>,
+        keeps: Vec<BTreeMap<String, Vec<f32>>>,
+        steps: Vec<StepReport>,
+        checked: usize,
+        spec: Rounds,
+    }
+
+    impl FinetuneObserver for RoundWatch {
+        fn step(&mut self, step: &StepReport) {
+            if self.record_after.is_some_and(|k| step.step == k + 1) {
+                self.target = checkpoint_tensors(&self.path, "weight");
+            }
+            self.steps.push(step.clone());
+            if self.stop_after == Some(step.step) {
+                self.cancel.cancel();
+            }
+        }
+        fn round(&mut self, round: &RoundReport) {
+            self.rounds.push(round.clone());
+            let Some(pruned_to) = round.pruned_to else {
+                return;
+            };
+            let density = self.spec.density_after(round.round - 1);
+            let keeps = checkpoint_tensors(&self.path, "keep");
+            let weights = checkpoint_tensors(&self.path, "weight");
+            let (m, v) = (
+                checkpoint_tensors(&self.path, "m"),
+                checkpoint_tensors(&self.path, "v"),
+            );
+            assert_eq!(keeps.len(), self.target.len(), "every layer has a mask");
+            let (mut kept, mut numel) = (0, 0);
+            for (name, keep) in &keeps {
+                let n = keep.iter().filter(|k| **k != 0.0).count();
+                assert_eq!(n, (density * keep.len() as f64).round() as usize, "{name}");
+                kept += n;
+                numel += keep.len();
+                if let Some(before) = self.keeps.last() {
+                    assert!(
+                        keep.iter()
+                            .zip(&before[name])
+                            .all(|(k, b)| *k == 0.0 || *b != 0.0),
+                        "{name}: a weight pruned in an earlier round came back"
+                    );
+                }
+                let target = &self.target[name];
+                for (i, (w, k)) in weights[name].iter().zip(keep).enumerate() {
+                    let want = if *k != 0.0 { target[i] } else { 0.0 };
+                    assert_eq!(w.to_bits(), want.to_bits(), "{name}[{i}] not rewound");
+                }
+                assert!(
+                    m[name].iter().chain(&v[name]).all(|x| x.to_bits() == 0),
+                    "{name}: moments"
+                );
+            }
+            assert_eq!(pruned_to, kept as f64 / numel as f64);
+            self.keeps.push(keeps);
+            self.checked += 1;
+        }
+    }
+
+    /// Every block linear of the dense tiny model, a lottery of `count` rounds to 0.25 with
+    /// `rewind`, 3 steps per round, a checkpoint after every step in `dir`.
+    fn lottery_setup(dir: &Path, rewind: Rewind) -> (Model, LotteryMagnitude, FinetuneSpec) {
+        let model = builtin_model("tiny-llama").unwrap();
+        let layers = model
+            .layers()
+            .into_iter()
+            .filter(|l| l.role.is_block_linear())
+            .map(|l| l.name)
+            .collect();
+        let mut s = spec(Some(dir));
+        s.steps = 3;
+        s.checkpoint_every = 1;
+        let rounds = Rounds {
+            count: 2,
+            rewind,
+            final_density: 0.25,
+        };
+        (
+            model,
+            LotteryMagnitude {
+                rounds,
+                steps: s.steps,
+                layers,
+            },
+            s,
+        )
+    }
+
+    /// Runs a lottery fine-tune under a [`RoundWatch`]; `target` gives the rewind target when
+    /// a resumed run will not see the step that records it.
+    fn run_lottery(
+        model: &mut Model,
+        pruner: &mut LotteryMagnitude,
+        spec: &FinetuneSpec,
+        stop_after: Option<u64>,
+        target: Option<&BTreeMap<String, Vec<f32>>>,
+    ) -> (
+        Result<FinetuneReport, FinetuneError>,
+        RoundWatch,
+        BTreeMap<String, Mask>,
+    ) {
+        // The starting weights: `init`'s rewind target.
+        let starting: BTreeMap<String, Vec<f32>> = pruner
+            .layers
+            .iter()
+            .map(|n| {
+                let w = model.weight(n).unwrap().flatten_all().unwrap();
+                (n.clone(), w.to_vec1::<f32>().unwrap())
+            })
+            .collect();
+        let mut watch = RoundWatch {
+            cancel: CancelToken::new(),
+            stop_after,
+            path: spec.checkpoint_path().unwrap(),
+            record_after: match pruner.rounds.rewind {
+                Rewind::Step(k) if target.is_none() => Some(k),
+                _ => None,
+            },
+            target: target.cloned().unwrap_or(starting),
+            rounds: Vec::new(),
+            keeps: Vec::new(),
+            steps: Vec::new(),
+            checked: 0,
+            spec: pruner.rounds,
+        };
+        let tokenizer = Tokenizer::for_model(model).unwrap();
+        let text = TrainingText::from_text(&text(), spec, &tokenizer).unwrap();
+        let mut masks = BTreeMap::new();
+        let cancel = watch.cancel.clone();
+        let result = finetune(
+            model,
+            &mut masks,
+            spec,
+            text,
+            "test",
+            None,
+            &mut watch,
+            Some(pruner),
+            &cancel,
+        );
+        (result, watch, masks)
+    }
+
+    /// Two rounds rewound to the starting weights: the stage prunes after steps 3 and 6 to
+    /// 0.5 and exactly 0.25, each round's start holds the starting weights at its survivors
+    /// (checked by [`RoundWatch`] in the checkpoint written at the boundary), and the report
+    /// lists the three rounds; the ticket ends at 0.25 with zeros in place.
+    #[test]
+    fn lottery_rounds_prune_nested_masks_and_rewind_to_the_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut model, mut pruner, s) = lottery_setup(dir.path(), Rewind::Init);
+        let (report, watch, masks) = run_lottery(&mut model, &mut pruner, &s, None, None);
+        let report = report.unwrap();
+        assert_eq!(watch.checked, 2, "both prunings were checked");
+        assert_eq!(watch.steps.len(), 9);
+        assert_eq!(watch.steps[3].round, Some(2));
+        assert_eq!(watch.steps[8].steps, 9);
+        // Every round runs the whole schedule: its first step at the schedule's first rate.
+        for first in [0, 3, 6] {
+            assert_eq!(
+                watch.steps[first].learning_rate,
+                watch.steps[0].learning_rate
+            );
+        }
+        assert_eq!(report.rounds, watch.rounds);
+        let summary: Vec<(u32, u64, u64, Option<u64>)> = report
+            .rounds
+            .iter()
+            .map(|r| (r.round, r.steps, r.last_step, r.rewound_to))
+            .collect();
+        assert_eq!(
+            summary,
+            [(1, 3, 3, Some(0)), (2, 3, 6, Some(0)), (3, 3, 9, None)]
+        );
+        assert_eq!(report.rounds[0].density, 1.0);
+        assert_eq!(
+            report.rounds[1].density,
+            report.rounds[0].pruned_to.unwrap()
+        );
+        assert_eq!(
+            report.rounds[2].density,
+            report.rounds[1].pruned_to.unwrap()
+        );
+        let steps: Vec<(u64, f64)> = report
+            .prune_events
+            .iter()
+            .map(|e| (e.step, e.target_density))
+            .collect();
+        assert_eq!(steps.len(), 2);
+        assert_eq!((steps[0].0, steps[1].0), (3, 6));
+        assert!((steps[0].1 - 0.5).abs() < 1e-12, "{steps:?}");
+        assert_eq!(
+            steps[1].1, 0.25,
+            "the last round reaches the density exactly"
+        );
+        assert_eq!(report.loss_curve.last().unwrap().last, 9);
+        assert_eq!(
+            report.rounds[2].final_loss.to_bits(),
+            report.final_loss.to_bits()
+        );
+        for name in &pruner.layers {
+            let keep = masks[name].keep();
+            assert_eq!(
+                masks[name].kept(),
+                (0.25 * keep.len() as f64).round() as usize,
+                "{name}"
+            );
+            let w = model.weight(name).unwrap().flatten_all().unwrap();
+            let w = w.to_vec1::<f32>().unwrap();
+            assert!(
+                w.iter().zip(keep).all(|(w, k)| *k || w.to_bits() == 0),
+                "{name}"
+            );
+        }
+    }
+
+    /// Late rewinding to step 1: rounds of 3, 2 and 2 steps; each round's start holds the
+    /// weights the first round had after step 1 (not the starting ones) at its survivors, and
+    /// its schedule resumes at step 1's learning rate with fresh moments.
+    #[test]
+    fn late_rewinding_rewinds_to_the_weights_of_step_k() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut model, mut pruner, s) = lottery_setup(dir.path(), Rewind::Step(1));
+        let before: Vec<f32> = model
+            .weight(&pruner.layers[0])
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let (report, watch, _) = run_lottery(&mut model, &mut pruner, &s, None, None);
+        let report = report.unwrap();
+        assert_eq!(watch.checked, 2);
+        assert_ne!(
+            watch.target[&pruner.layers[0]], before,
+            "the rewind target is step 1's weights, not the starting ones"
+        );
+        let summary: Vec<(u64, u64)> = report
+            .rounds
+            .iter()
+            .map(|r| (r.steps, r.last_step))
+            .collect();
+        assert_eq!(summary, [(3, 3), (2, 5), (2, 7)]);
+        assert_eq!(watch.steps.len(), 7);
+        for first in [3, 5] {
+            assert_eq!(
+                watch.steps[first].learning_rate,
+                watch.steps[1].learning_rate
+            );
+        }
+        assert!(report.rounds[..2].iter().all(|r| r.rewound_to == Some(1)));
+    }
+
+    /// Interrupted and resumed across a round boundary, a lottery fine-tune ends with the
+    /// weights, masks, losses, prune events and rounds of an uninterrupted run, for both
+    /// rewinds: from the checkpoint of step 2 (before the boundary at 3: the resumed run
+    /// prunes and rewinds itself) and from the one written at the boundary (after them).
+    #[test]
+    fn lottery_resume_across_a_round_boundary() {
+        for rewind in [Rewind::Init, Rewind::Step(1)] {
+            let whole_dir = tempfile::tempdir().unwrap();
+            let (model, mut pruner, s) = lottery_setup(whole_dir.path(), rewind);
+            let mut whole = model.clone();
+            let (full, full_watch, full_masks) =
+                run_lottery(&mut whole, &mut pruner, &s, None, None);
+            let full = full.unwrap();
+            // (checkpoint_every, interrupted after, resumed from)
+            for (every, stop, from) in [(2, 3, 2), (100, 4, 3)] {
+                let dir = tempfile::tempdir().unwrap();
+                let (_, mut pruner, mut s) = lottery_setup(dir.path(), rewind);
+                s.checkpoint_every = every;
+                let (stopped, watch, _) = run_lottery(
+                    &mut model.clone(),
+                    &mut pruner,
+                    &s,
+                    Some(stop),
+                    Some(&full_watch.target),
+                );
+                assert!(
+                    matches!(stopped, Err(FinetuneError::Cancelled)),
+                    "{rewind:?}"
+                );
+                assert_eq!(watch.rounds.len(), usize::from(stop > 3), "{rewind:?}");
+                let mut resumed = model.clone();
+                let (report, watch, masks) = run_lottery(
+                    &mut resumed,
+                    &mut pruner,
+                    &s,
+                    None,
+                    Some(&full_watch.target),
+                );
+                let report = report.unwrap();
+                // The boundaries it crossed itself were checked against the same target.
+                assert_eq!(watch.checked, if from == 2 { 2 } else { 1 }, "{rewind:?}");
+                assert_eq!(report.resumed_from, Some(from), "{rewind:?}");
+                assert_eq!(masks, full_masks, "{rewind:?} from {from}");
+                for name in full_masks.keys() {
+                    let a = whole.weight(name).unwrap().flatten_all().unwrap();
+                    let b = resumed.weight(name).unwrap().flatten_all().unwrap();
+                    let (a, b) = (a.to_vec1::<f32>().unwrap(), b.to_vec1::<f32>().unwrap());
+                    assert!(
+                        a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
+                        "{rewind:?} from {from}: {name} differs after resuming"
+                    );
+                }
+                assert_eq!(report.loss_curve, full.loss_curve, "{rewind:?} from {from}");
+                assert_eq!(report.rounds, full.rounds, "{rewind:?} from {from}");
+                let strip = |r: &FinetuneReport| -> Vec<(u64, u64, u64)> {
+                    r.prune_events
+                        .iter()
+                        .map(|e| (e.step, e.target_density.to_bits(), e.density.to_bits()))
+                        .collect()
+                };
+                assert_eq!(strip(&report), strip(&full), "{rewind:?} from {from}");
+            }
+        }
     }
 }

@@ -15,6 +15,7 @@ pub mod fetch;
 pub mod finetune;
 pub mod generate;
 pub mod heads;
+pub mod lottery;
 pub mod mask;
 pub mod obs;
 pub mod ops;

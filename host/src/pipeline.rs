@@ -125,6 +125,9 @@ pub struct StageSpec {
     /// `update = { … }`: the stage updates its targets' masks during `[finetune]` (RigL, SET;
     /// see [`crate::dynamic`]) instead of pruning before it.
     pub update: Option<UpdateSection>,
+    /// `lottery = { … }`: the stage prunes at the end of each lottery-ticket round during
+    /// `[finetune]`, the survivors rewound between rounds (see [`crate::lottery`]).
+    pub lottery: Option<LotterySection>,
 }
 
 impl StageSpec {
@@ -171,6 +174,27 @@ pub struct UpdateSection {
 
 impl UpdateSection {
     /// Where `key` was written (the `update` itself when it was left out).
+    pub fn position_of(&self, key: &str) -> &Position {
+        self.keys
+            .iter()
+            .find(|(k, _)| k == key)
+            .map_or(&self.position, |(_, p)| p)
+    }
+}
+
+/// A stage's `lottery` as written.
+#[derive(Debug, Clone)]
+pub struct LotterySection {
+    /// The rounds, their final density the stage's `density`.
+    pub rounds: crate::lottery::Rounds,
+    /// Where `lottery` was written.
+    pub position: Position,
+    /// Where each of its keys was written (`rounds`, `rewind`, `rewind.step`).
+    pub keys: Vec<(String, Position)>,
+}
+
+impl LotterySection {
+    /// Where `key` was written (the `lottery` itself when it was left out).
     pub fn position_of(&self, key: &str) -> &Position {
         self.keys
             .iter()
@@ -402,7 +426,7 @@ fn mib_to_bytes(mib: u64) -> Option<usize> {
 
 /// Keys of a stage table that are not plugin parameters.
 pub(crate) const STAGE_KEYS: &[&str] = &[
-    "name", "plugin", "targets", "protect", "density", "heads", "schedule", "update",
+    "name", "plugin", "targets", "protect", "density", "heads", "schedule", "update", "lottery",
 ];
 
 struct Ctx<'a> {
@@ -652,6 +676,12 @@ impl Pipeline {
             calibration.as_ref().is_some_and(|c| c.spec.sequential),
         )?;
         check_updates(
+            &ctx,
+            &stages,
+            finetune.as_ref(),
+            calibration.as_ref().is_some_and(|c| c.spec.sequential),
+        )?;
+        check_lottery(
             &ctx,
             &stages,
             finetune.as_ref(),
@@ -1412,6 +1442,26 @@ fn parse_stage(
             "give either `schedule` (prune gradually) or `update` (swap weights at constant density), not both; a later stage can update the masks this one prunes",
         ));
     }
+    let lottery = match table.get("lottery") {
+        None => None,
+        Some(v) => Some(parse_lottery(ctx, index, v, density.as_ref(), &offset_of)?),
+    };
+    if lottery.is_some() {
+        for (other, what) in [
+            ("schedule", "prunes gradually on a schedule"),
+            ("update", "swaps weights at constant density"),
+        ] {
+            if table.contains_key(other) {
+                return Err(ctx.err(
+                    offset_of("lottery"),
+                    field("lottery"),
+                    format!(
+                        "give either `lottery` (lottery-ticket rounds, the survivors rewound between them) or `{other}` (which {what}), not both"
+                    ),
+                ));
+            }
+        }
+    }
     let mut params = Vec::new();
     for (k, v) in table {
         if STAGE_KEYS.contains(&k.as_str()) {
@@ -1442,6 +1492,7 @@ fn parse_stage(
         params,
         schedule,
         update,
+        lottery,
     })
 }
 
@@ -1820,6 +1871,225 @@ fn check_schedules(
     Ok(())
 }
 
+/// Most lottery rounds a stage may ask for: each is a whole fine-tune, and geometric densities
+/// after a hundred rounds differ from their neighbours by less than the rounding of a layer.
+const MAX_ROUNDS: i64 = 100;
+
+/// A stage's `lottery = { rounds, rewind }` (the final density is the stage's `density`, a fixed
+/// fraction above 0). Checks that need `[finetune]` come later ([`check_lottery`]).
+fn parse_lottery(
+    ctx: &Ctx<'_>,
+    index: usize,
+    value: &toml::Value,
+    density: Option<&Located<DensitySpec>>,
+    offset_of: &dyn Fn(&str) -> usize,
+) -> Result<LotterySection, PipelineError> {
+    use crate::lottery::{Rewind, Rounds};
+    const KEYS: [&str; 2] = ["rounds", "rewind"];
+    let field = |k: &str| format!("stage[{index}].lottery{k}");
+    let at = offset_of("lottery");
+    let toml::Value::Table(t) = value else {
+        return Err(ctx.err(
+            at,
+            field(""),
+            format!(
+                "expected a table such as `lottery = {{ rounds = 3, rewind = \"init\" }}` or `lottery = {{ rounds = 3, rewind = {{ step = 20 }} }}`, found {}",
+                describe(value)
+            ),
+        ));
+    };
+    let key_at = |k: &str| offset_of(&format!("lottery.{k}"));
+    for k in t.keys() {
+        if !KEYS.contains(&k.as_str()) {
+            return Err(ctx.err(
+                key_at(k),
+                field(&format!(".{k}")),
+                format!(
+                    "unknown key `{}`: a lottery has rounds and rewind (the final density is the stage's `density`)",
+                    crate::display_safe::name(k)
+                ),
+            ));
+        }
+    }
+    let count = match t.get("rounds") {
+        None => {
+            return Err(ctx.err(
+                at,
+                field(".rounds"),
+                "missing: the pruning rounds, a whole number of at least 1 (a final round then trains the winning ticket)",
+            ));
+        }
+        Some(v) => match v.as_integer() {
+            Some(n) if (1..=MAX_ROUNDS).contains(&n) => n as u32,
+            _ => {
+                return Err(ctx.err(
+                    key_at("rounds"),
+                    field(".rounds"),
+                    format!(
+                        "expected the pruning rounds, a whole number in 1..={MAX_ROUNDS}; found {}",
+                        describe(v)
+                    ),
+                ));
+            }
+        },
+    };
+    let rewind = match t.get("rewind") {
+        None => Rewind::Init,
+        Some(toml::Value::String(s)) if s == "init" => Rewind::Init,
+        Some(toml::Value::Table(r)) => {
+            if let Some(k) = r.keys().find(|k| k.as_str() != "step") {
+                return Err(ctx.err(
+                    key_at(&format!("rewind.{k}")),
+                    field(&format!(".rewind.{k}")),
+                    format!(
+                        "unknown key `{}`: write `rewind = {{ step = 20 }}` (the first round's step whose weights the survivors are rewound to)",
+                        crate::display_safe::name(k)
+                    ),
+                ));
+            }
+            match r.get("step") {
+                Some(toml::Value::Integer(k)) if *k >= 0 => Rewind::Step(*k as u64),
+                Some(other) => {
+                    return Err(ctx.err(
+                        key_at("rewind.step"),
+                        field(".rewind.step"),
+                        format!(
+                            "expected a step of the first round, a whole number of at least 0; found {}",
+                            describe(other)
+                        ),
+                    ));
+                }
+                None => {
+                    return Err(ctx.err(
+                        key_at("rewind"),
+                        field(".rewind"),
+                        "missing `step`: write `rewind = { step = 20 }`, or `rewind = \"init\"`",
+                    ));
+                }
+            }
+        }
+        Some(other) => {
+            return Err(ctx.err(
+                key_at("rewind"),
+                field(".rewind"),
+                format!(
+                    "expected \"init\" (the weights the fine-tune starts from) or {{ step = K }} (those after K steps of the first round); found {}",
+                    describe(other)
+                ),
+            ));
+        }
+    };
+    let final_density = match density.map(|d| &d.value) {
+        Some(DensitySpec::Fixed(d)) if *d > 0.0 => *d,
+        Some(DensitySpec::Fixed(_)) => {
+            return Err(ctx.err(
+                offset_of("density"),
+                format!("stage[{index}].density"),
+                "lottery rounds prune geometrically towards `density`, so it must keep something: use a density above 0",
+            ));
+        }
+        Some(DensitySpec::Budget(_)) => {
+            return Err(ctx.err(
+                at,
+                field(""),
+                "lottery rounds need a fixed `density` (the one reached by the last round), not budgets",
+            ));
+        }
+        None => {
+            return Err(ctx.err(
+                at,
+                field(""),
+                "lottery rounds need `density`, the kept fraction the last round reaches (a stage whose plugin fixes its own density, such as N:M, or one that counts heads cannot prune in rounds)",
+            ));
+        }
+    };
+    let mut keys: Vec<(String, Position)> = KEYS
+        .iter()
+        .filter(|k| t.contains_key(**k))
+        .map(|k| (k.to_string(), ctx.position(key_at(k))))
+        .collect();
+    if matches!(rewind, Rewind::Step(_)) {
+        keys.push(("rewind.step".into(), ctx.position(key_at("rewind.step"))));
+    }
+    Ok(LotterySection {
+        rounds: Rounds {
+            count,
+            rewind,
+            final_density,
+        },
+        position: ctx.position(at),
+        keys,
+    })
+}
+
+/// What a stage's lottery rounds need from the rest of the pipeline: a `[finetune]` section
+/// whose steps go past the rewind step (later rounds train from it to the end), no sequential
+/// calibration, and no other stage that changes masks during the fine-tune (rounds rewind the
+/// weights and restart the schedule, which a schedule's or an update's steps cannot follow).
+fn check_lottery(
+    ctx: &Ctx<'_>,
+    stages: &[StageSpec],
+    finetune: Option<&FinetuneSection>,
+    sequential: bool,
+) -> Result<(), PipelineError> {
+    for stage in stages {
+        let Some(r) = &stage.lottery else { continue };
+        let field = |k: &str| format!("stage[{}].lottery{k}", stage.index);
+        let Some(f) = finetune else {
+            return Err(ctx.err_at(
+                &r.position,
+                field(""),
+                "lottery rounds train between prunings, but the pipeline has no [finetune] section; add one (its `steps` are each round's)",
+            ));
+        };
+        if let crate::lottery::Rewind::Step(k) = r.rounds.rewind
+            && k >= f.spec.steps
+        {
+            return Err(ctx.err_at(
+                r.position_of("rewind.step"),
+                field(".rewind.step"),
+                format!(
+                    "{k} is not within the first round's {} steps (finetune.steps): the rounds after it train from this step to the end, so it must be below {}",
+                    f.spec.steps, f.spec.steps
+                ),
+            ));
+        }
+        if sequential {
+            return Err(ctx.err_at(
+                &r.position,
+                field(""),
+                "cannot be combined with [calibration] sequential = true (sequential stages run block by block before fine-tuning)",
+            ));
+        }
+        if let Some((other, key)) = stages
+            .iter()
+            .filter(|s| s.index != stage.index)
+            .find_map(|s| {
+                if s.lottery.is_some() {
+                    Some((s, "lottery"))
+                } else if s.schedule.is_some() {
+                    Some((s, "schedule"))
+                } else if s.update.is_some() {
+                    Some((s, "update"))
+                } else {
+                    None
+                }
+            })
+        {
+            return Err(ctx.err_at(
+                &r.position,
+                field(""),
+                format!(
+                    "stage `{}` (line {}) has `{key}`, and a pipeline with lottery rounds can have no other stage that changes masks during the fine-tune (the rounds rewind the weights and restart the schedule); run it in another pipeline or drop its `{key}`",
+                    crate::display_safe::name(&other.name),
+                    other.position.line
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Gives unnamed stages a name and refuses duplicates.
 fn name_stages(ctx: &Ctx<'_>, stages: &mut [StageSpec]) -> Result<(), PipelineError> {
     let plugin_counts =
@@ -1895,13 +2165,16 @@ fn stage_key_offsets(source: &str) -> Vec<Vec<(String, usize)>> {
                 let mut keys = Vec::new();
                 for (k, v) in t.iter() {
                     keys.push((k.get_ref().to_string(), k.span().start));
-                    // Keys of an inline table (`schedule = { every = 0 }`) as `schedule.every`.
-                    if let DeValue::Table(inner) = v.get_ref() {
-                        for (ik, _) in inner.iter() {
-                            keys.push((
-                                format!("{}.{}", k.get_ref(), ik.get_ref()),
-                                ik.span().start,
-                            ));
+                    // Keys of inline tables (`schedule = { every = 0 }`) as `schedule.every`,
+                    // nested ones (`lottery = { rewind = { step = 5 } }`) as `lottery.rewind.step`.
+                    let mut inner = vec![(k.get_ref().to_string(), v)];
+                    while let Some((prefix, v)) = inner.pop() {
+                        if let DeValue::Table(t) = v.get_ref() {
+                            for (ik, iv) in t.iter() {
+                                let key = format!("{prefix}.{}", ik.get_ref());
+                                keys.push((key.clone(), ik.span().start));
+                                inner.push((key, iv));
+                            }
                         }
                     }
                 }
@@ -2410,5 +2683,154 @@ mod tests {
         .unwrap_err();
         assert_eq!(e.field, "stage[1].update", "{e}");
         assert!(e.message.contains("not both"), "{e}");
+    }
+
+    /// `lottery`: parsed with `init` as the default rewind, and each bad value refused at its
+    /// own key's line and column with the field named: a count of 0, a rewind step at or past
+    /// the first round's steps, an unknown rewind, rounds beside `schedule` or `update` on the
+    /// same stage or in another stage, without [finetune], with sequential calibration, and
+    /// without a density above 0.
+    #[test]
+    fn lottery_parses_and_names_bad_fields() {
+        use crate::lottery::Rewind;
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("t.txt"), "text").unwrap();
+        let head = "model = \"m\"\n[[stage]]\nplugin = \"magnitude\"\ndensity = 0.25\n";
+        let tail = "[finetune]\ntext = \"t.txt\"\nsteps = 10\n";
+        let parse = |lottery: &str| {
+            Pipeline::parse_in(
+                "p.toml",
+                &format!("{head}lottery = {lottery}\n{tail}"),
+                dir.path(),
+            )
+        };
+        let p = parse("{ rounds = 2 }").unwrap();
+        let r = p.stages[0].lottery.as_ref().unwrap().rounds;
+        assert_eq!(
+            (r.count, r.rewind, r.final_density),
+            (2, Rewind::Init, 0.25)
+        );
+        let p = parse("{ rounds = 3, rewind = \"init\" }").unwrap();
+        assert_eq!(
+            p.stages[0].lottery.as_ref().unwrap().rounds.rewind,
+            Rewind::Init
+        );
+        let p = parse("{ rounds = 3, rewind = { step = 9 } }").unwrap();
+        assert_eq!(
+            p.stages[0].lottery.as_ref().unwrap().rounds.rewind,
+            Rewind::Step(9)
+        );
+        // (value, field, column of the offending key on line 5)
+        for (lottery, want, column) in [
+            ("{ rounds = 0 }", "stage[0].lottery.rounds", 13),
+            ("{ rounds = -1 }", "stage[0].lottery.rounds", 13),
+            ("{ rounds = 101 }", "stage[0].lottery.rounds", 13),
+            ("{ rounds = 2.5 }", "stage[0].lottery.rounds", 13),
+            ("{ rewind = \"init\" }", "stage[0].lottery.rounds", 1),
+            (
+                "{ rounds = 2, rewind = \"late\" }",
+                "stage[0].lottery.rewind",
+                25,
+            ),
+            ("{ rounds = 2, rewind = 3 }", "stage[0].lottery.rewind", 25),
+            (
+                "{ rounds = 2, rewind = { step = 10 } }",
+                "stage[0].lottery.rewind.step",
+                36,
+            ),
+            (
+                "{ rounds = 2, rewind = { step = -1 } }",
+                "stage[0].lottery.rewind.step",
+                36,
+            ),
+            (
+                "{ rounds = 2, rewind = { stp = 1 } }",
+                "stage[0].lottery.rewind.stp",
+                36,
+            ),
+            ("{ rounds = 2, rewind = {} }", "stage[0].lottery.rewind", 25),
+            ("{ rounds = 2, every = 3 }", "stage[0].lottery.every", 25),
+            ("3", "stage[0].lottery", 1),
+        ] {
+            let e = parse(lottery).unwrap_err();
+            assert_eq!(
+                (e.position.line, e.field.as_str()),
+                (5, want),
+                "{lottery}: {e}"
+            );
+            assert_eq!(e.position.column, column, "{lottery}: {e}");
+            assert!(e.to_string().starts_with("p.toml:5:"), "{e}");
+        }
+        let e = parse("{ rounds = 2, rewind = { step = 10 } }").unwrap_err();
+        assert!(e.message.contains("first round's 10 steps"), "{e}");
+        let e = parse("{ rounds = 0 }").unwrap_err();
+        assert!(e.message.contains("1..=100"), "{e}");
+        let refused = |text: String| Pipeline::parse_in("p.toml", &text, dir.path()).unwrap_err();
+        // No [finetune].
+        let e = refused(format!("{head}lottery = {{ rounds = 2 }}\n"));
+        assert_eq!((e.position.line, e.field.as_str()), (5, "stage[0].lottery"));
+        assert!(e.message.contains("[finetune]"), "{e}");
+        // `schedule` or `update` on the same stage.
+        for other in [
+            "schedule = { kind = \"linear\", end = 9, every = 1 }",
+            "update = {}",
+        ] {
+            let e = refused(format!("{head}lottery = {{ rounds = 2 }}\n{other}\n{tail}"));
+            assert_eq!(
+                (e.position.line, e.field.as_str()),
+                (5, "stage[0].lottery"),
+                "{e}"
+            );
+            assert!(e.message.contains("not both"), "{e}");
+        }
+        // Another stage with a schedule.
+        let e = refused(format!(
+            "{head}lottery = {{ rounds = 2 }}\n[[stage]]\nplugin = \"wanda\"\ndensity = 0.5\nschedule = {{ kind = \"linear\", end = 9, every = 1 }}\n{tail}"
+        ));
+        assert_eq!(
+            (e.position.line, e.field.as_str()),
+            (5, "stage[0].lottery"),
+            "{e}"
+        );
+        assert!(
+            e.message.contains("stage `wanda` (line 6) has `schedule`"),
+            "{e}"
+        );
+        // Sequential calibration.
+        let e = refused(format!(
+            "{head}lottery = {{ rounds = 2 }}\n[calibration]\ntext = \"t.txt\"\nsequential = true\n{tail}"
+        ));
+        assert_eq!(
+            (e.position.line, e.field.as_str()),
+            (5, "stage[0].lottery"),
+            "{e}"
+        );
+        assert!(e.message.contains("sequential"), "{e}");
+        // No density, a budget, and density 0.
+        let e = refused(format!(
+            "model = \"m\"\n[[stage]]\nplugin = \"magnitude\"\nlottery = {{ rounds = 2 }}\n{tail}"
+        ));
+        assert_eq!(
+            (e.position.line, e.field.as_str()),
+            (4, "stage[0].lottery"),
+            "{e}"
+        );
+        assert!(e.message.contains("need `density`"), "{e}");
+        let e = refused(format!(
+            "model = \"m\"\n[[stage]]\nplugin = \"magnitude\"\ndensity = \"budget\"\nlottery = {{ rounds = 2 }}\n{tail}"
+        ));
+        assert_eq!(
+            (e.position.line, e.field.as_str()),
+            (5, "stage[0].lottery"),
+            "{e}"
+        );
+        let e = refused(format!(
+            "model = \"m\"\n[[stage]]\nplugin = \"magnitude\"\ndensity = 0\nlottery = {{ rounds = 2 }}\n{tail}"
+        ));
+        assert_eq!(
+            (e.position.line, e.field.as_str()),
+            (4, "stage[0].density"),
+            "{e}"
+        );
     }
 }

@@ -627,10 +627,12 @@ fn validate_stage(
     })
 }
 
-/// A scheduled stage runs again and again at falling densities during fine-tuning: its plugin
-/// must produce masks (budgets, heads and updated weights have no meaning mid-training), and
-/// (for a plugin that validates) accept the schedule's first density as well as its final
-/// one, which refuses a plugin whose density is fixed (N:M) at the schedule's line.
+/// A scheduled stage (or one pruning in lottery rounds) runs again and again at falling
+/// densities during fine-tuning: its plugin must produce masks (budgets, heads and updated
+/// weights have no meaning mid-training), its targets must be block linears (the only layers
+/// fine-tuning trains), and (for a plugin that validates) it must accept the first density it
+/// will be asked for as well as its final one, which refuses a plugin whose density is fixed
+/// (N:M) at the `schedule`'s or `lottery`'s line.
 fn check_scheduled(
     pipeline: &Pipeline,
     earlier: &[PlannedStage],
@@ -638,18 +640,44 @@ fn check_scheduled(
     runtime: &Runtime,
     view: &Arc<ModelView>,
 ) -> Result<(), PlanError> {
-    let Some(section) = &stage.spec.schedule else {
-        return Ok(());
-    };
-    let field = format!("stage[{}].schedule", stage.spec.index);
+    // The key, where it was written, the first density asked and the final one, and what a
+    // refused first density is called in the message.
+    let (key, position, first, final_density, first_event) =
+        match (&stage.spec.schedule, &stage.spec.lottery) {
+            (Some(section), _) => {
+                let schedule = &section.schedule;
+                let first = schedule.events().first().copied().unwrap_or(schedule.start);
+                (
+                    "schedule",
+                    &section.position,
+                    schedule.density_at(first),
+                    schedule.final_density,
+                    format!("the schedule's first event (step {first})"),
+                )
+            }
+            (None, Some(section)) => (
+                "lottery",
+                &section.position,
+                section.rounds.density_after(0),
+                section.rounds.final_density,
+                "the first round's pruning".to_string(),
+            ),
+            (None, None) => return Ok(()),
+        };
+    let field = format!("stage[{}].{key}", stage.spec.index);
     let plugin = display_safe::name(&stage.plugin.info.name);
     if stage.plugin.info.produces != OutputKind::Masks {
+        let what = if key == "lottery" {
+            "a stage with lottery rounds must produce masks (it prunes again at the end of each round)"
+        } else {
+            "a scheduled stage must produce masks (it prunes again at each event during fine-tuning)"
+        };
         return Err(pipeline
             .error(
-                &section.position,
+                position,
                 field,
                 format!(
-                    "plugin `{plugin}` produces {}, but a scheduled stage must produce masks (it prunes again at each event during fine-tuning); drop `schedule` to run it once",
+                    "plugin `{plugin}` produces {}, but {what}; drop `{key}` to run it once",
                     crate::plugin::registry::produces_name(stage.plugin.info.produces)
                 ),
             )
@@ -662,20 +690,17 @@ fn check_scheduled(
                 position,
                 format!("stage[{}].targets", stage.spec.index),
                 format!(
-                    "`{}` is not a block linear, and fine-tuning trains only block linears, so a scheduled stage cannot prune it; protect it or prune it in a stage without `schedule`",
+                    "`{}` is not a block linear, and fine-tuning trains only block linears, so a stage with `{key}` cannot prune it; protect it or prune it in a stage without `{key}`",
                     l.name
                 ),
             )
             .into());
     }
-    let schedule = &section.schedule;
-    let first = schedule.events().first().copied().unwrap_or(schedule.start);
-    let density = schedule.density_at(first);
-    if stage.plugin.compiled.wit < WitVersion::V0_4 || density == schedule.final_density {
+    if stage.plugin.compiled.wit < WitVersion::V0_4 || first == final_density {
         return Ok(());
     }
     let first_stage = PlannedStage {
-        density: StageDensity::Fixed(density),
+        density: StageDensity::Fixed(first),
         ..stage.clone()
     };
     let refused = match validate_stage(pipeline, earlier, &first_stage, runtime, view) {
@@ -683,12 +708,17 @@ fn check_scheduled(
         Err(PlanError::Pipeline(e)) => e.message,
         Err(other) => return Err(other),
     };
+    let cannot = if key == "lottery" {
+        "cannot prune in rounds"
+    } else {
+        "cannot follow a schedule"
+    };
     Err(pipeline
         .error(
-            &section.position,
+            position,
             field,
             format!(
-                "the schedule's first event (step {first}) asks for density {density}, and the plugin refuses it (a plugin whose density is fixed, such as N:M, cannot follow a schedule): {refused}"
+                "{first_event} asks for density {first}, and the plugin refuses it (a plugin whose density is fixed, such as N:M, {cannot}): {refused}"
             ),
         )
         .into())
@@ -836,7 +866,7 @@ pub fn plan(
             let view = view.get_or_insert_with(|| planning_view(model));
             validate_stage(&pipeline, &stages, &stage, runtime, view)?;
         }
-        if stage.spec.schedule.is_some() {
+        if stage.spec.schedule.is_some() || stage.spec.lottery.is_some() {
             let view = view.get_or_insert_with(|| planning_view(model));
             check_scheduled(&pipeline, &stages, &stage, runtime, view)?;
         }

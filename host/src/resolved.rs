@@ -158,6 +158,24 @@ pub fn resolved_pipeline(
             update.insert("anneal".into(), Value::String(u.anneal.as_str().into()));
             t.insert("update".into(), Value::Table(update));
         }
+        if let Some(r) = &spec.lottery {
+            let r = &r.rounds;
+            let mut lottery = Table::new();
+            lottery.insert("rounds".into(), Value::Integer(i64::from(r.count)));
+            let rewind = match r.rewind {
+                crate::lottery::Rewind::Init => Value::String("init".into()),
+                crate::lottery::Rewind::Step(k) => {
+                    let mut step = Table::new();
+                    step.insert(
+                        "step".into(),
+                        Value::Integer(i64::try_from(k).unwrap_or(i64::MAX)),
+                    );
+                    Value::Table(step)
+                }
+            };
+            lottery.insert("rewind".into(), rewind);
+            t.insert("lottery".into(), Value::Table(lottery));
+        }
         for (name, value) in &stage.params {
             t.insert(name.clone(), param_toml(value));
         }

@@ -738,7 +738,10 @@ pub fn execute(
     // the ones before it ran on the whole model (see `crate::sequential`).
     let whole_model = plan.sequential_from.unwrap_or(plan.stages.len());
     for (i, stage) in plan.stages[..whole_model].iter().enumerate() {
-        if stage.spec.schedule.is_some() || stage.spec.update.is_some() {
+        if stage.spec.schedule.is_some()
+            || stage.spec.update.is_some()
+            || stage.spec.lottery.is_some()
+        {
             // Runs during fine-tuning, at its events ([`ScheduledStages`]).
             continue;
         }
@@ -820,7 +823,8 @@ pub fn execute(
 /// a fresh state holding the current model and masks (so calibration statistics, when the
 /// plugin needs them, are taken on the current model), whose masks already include the old
 /// ones. Also the mask-update stages ([`crate::dynamic`]), whose plugins' `update-masks` it
-/// calls at their update steps.
+/// calls at their update steps, and the stage pruning in lottery rounds ([`crate::lottery`]),
+/// run the same way at the end of each round at the round's density.
 pub struct ScheduledStages<'a> {
     plan: &'a Plan,
     runtime: &'a Runtime,
@@ -835,7 +839,9 @@ impl<'a> ScheduledStages<'a> {
     pub fn new(plan: &'a Plan, runtime: &'a Runtime, state: &RunState) -> Option<Self> {
         plan.stages
             .iter()
-            .any(|s| s.spec.schedule.is_some() || s.spec.update.is_some())
+            .any(|s| {
+                s.spec.schedule.is_some() || s.spec.update.is_some() || s.spec.lottery.is_some()
+            })
             .then(|| ScheduledStages {
                 plan,
                 runtime,
@@ -852,6 +858,16 @@ impl<'a> ScheduledStages<'a> {
             .iter()
             .enumerate()
             .filter_map(|(i, s)| s.spec.schedule.as_ref().map(|x| (i, s, &x.schedule)))
+    }
+
+    /// The stage pruning in lottery rounds (parsing allows one, and no scheduled or updating
+    /// stage beside it).
+    fn lottery(&self) -> Option<(usize, &PlannedStage, &crate::lottery::Rounds)> {
+        self.plan
+            .stages
+            .iter()
+            .enumerate()
+            .find_map(|(i, s)| s.spec.lottery.as_ref().map(|x| (i, s, &x.rounds)))
     }
 
     /// The mask-update stages, with their settings.
@@ -911,6 +927,22 @@ impl<'a> ScheduledStages<'a> {
             out.push((i, report));
         }
         let steps = self.steps();
+        if let Some((i, stage, rounds)) = self.lottery() {
+            let mut report = self.summed_report(i, stage, state);
+            report.requested_density = Some(rounds.final_density);
+            let densities: Vec<String> = (0..rounds.count)
+                .map(|r| format!("{:.4}", rounds.density_after(r)))
+                .collect();
+            report.density_from = format!(
+                "lottery rounds: {} prunings to {} ({}) every {} steps, survivors rewound to {}, then the ticket trained",
+                rounds.count,
+                rounds.final_density,
+                densities.join(" → "),
+                rounds.round_steps(0, steps),
+                rounds.rewind.describe()
+            );
+            out.push((i, report));
+        }
         for (i, stage, update) in self.updating() {
             let mut report = self.summed_report(i, stage, state);
             report.density_from = format!(
@@ -1080,12 +1112,21 @@ impl<'a> ScheduledStages<'a> {
 impl crate::finetune::Pruner for ScheduledStages<'_> {
     fn is_event(&self, step: u64) -> bool {
         self.scheduled().any(|(_, _, s)| s.is_event(step))
+            || self
+                .lottery()
+                .is_some_and(|(_, _, r)| r.is_prune(step, self.steps()))
     }
 
     fn layers(&self) -> BTreeSet<String> {
         self.scheduled()
-            .flat_map(|(_, s, _)| s.targets.iter().map(|l| l.name.clone()))
+            .map(|(_, s, _)| s)
+            .chain(self.lottery().map(|(_, s, _)| s))
+            .flat_map(|s| s.targets.iter().map(|l| l.name.clone()))
             .collect()
+    }
+
+    fn rounds(&self) -> Option<crate::lottery::Rounds> {
+        self.lottery().map(|(_, _, r)| *r)
     }
 
     fn update_layers(&self) -> BTreeSet<String> {
@@ -1159,16 +1200,25 @@ impl crate::finetune::Pruner for ScheduledStages<'_> {
                 s.params,
             )
         });
+        // The calibration set decides what a plugin that needs statistics sees.
+        let calibration = self.plan.calibration.as_ref().map(|c| {
+            (
+                c.text_sha256.as_str(),
+                c.sequences.len(),
+                self.plan.pipeline.calibration_spec().seq_len,
+            )
+        });
+        let lottery = self.lottery().map(|(i, s, rounds)| {
+            format!(
+                "{i}:{}:rounds={}:{:?}:{:?}:{calibration:?}",
+                s.plugin.compiled.sha256,
+                serde_json::to_string(rounds).unwrap_or_default(),
+                s.targets.iter().map(|l| &l.name).collect::<Vec<_>>(),
+                s.params,
+            )
+        });
         self.scheduled()
             .map(|(i, s, schedule)| {
-                // The calibration set decides what a plugin that needs statistics sees.
-                let calibration = self.plan.calibration.as_ref().map(|c| {
-                    (
-                        c.text_sha256.as_str(),
-                        c.sequences.len(),
-                        self.plan.pipeline.calibration_spec().seq_len,
-                    )
-                });
                 format!(
                     "{i}:{}:{}:{:?}:{:?}:{calibration:?}",
                     s.plugin.compiled.sha256,
@@ -1177,6 +1227,7 @@ impl crate::finetune::Pruner for ScheduledStages<'_> {
                     s.params,
                 )
             })
+            .chain(lottery)
             .chain(updates)
             .collect::<Vec<_>>()
             .join("\n")
@@ -1201,11 +1252,20 @@ impl crate::finetune::Pruner for ScheduledStages<'_> {
             calibrator: None,
             original_weights: BTreeMap::new(),
         };
+        let steps = self.steps();
+        // A lottery stage prunes at the end of a pruning round, to that round's density.
+        let lottery = self.lottery().and_then(|(i, stage, rounds)| {
+            let round = rounds
+                .round_ending_at(step, steps)
+                .filter(|&r| r < rounds.count)?;
+            Some((i, stage, rounds.density_after(round)))
+        });
         let due: Vec<(usize, PlannedStage, f64)> = self
             .scheduled()
             .filter(|(_, _, s)| s.is_event(step))
-            .map(|(i, stage, s)| {
-                let density = s.density_at(step);
+            .map(|(i, stage, s)| (i, stage, s.density_at(step)))
+            .chain(lottery)
+            .map(|(i, stage, density)| {
                 let planned = PlannedStage {
                     density: StageDensity::Fixed(density),
                     ..stage.clone()

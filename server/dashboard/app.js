@@ -58,7 +58,7 @@ const TERMINAL = new Set(["succeeded", "failed", "cancelled", "interrupted"]);
 // The event types of a run's stream (`RunEvent` in host/src/events.rs), and those that end it.
 const ENDINGS = new Set(["run-finished", "run-failed", "run-cancelled", "run-interrupted"]);
 const RUN_EVENTS = ["run-started", "notice", "warning", "stage-started", "stage-progress",
-  "calibration-progress", "stage-finished", "finetune-started", "finetune-progress", "finetune-pruned", "finetune-mask-updated", "finetune-finished",
+  "calibration-progress", "stage-finished", "finetune-started", "finetune-progress", "finetune-pruned", "finetune-mask-updated", "finetune-round", "finetune-finished",
   "evaluation-started", "evaluation-progress", "evaluation-finished", "exported", ...ENDINGS];
 
 /** A table whose columns sort when their header is clicked (numbers as numbers). */
@@ -232,6 +232,7 @@ async function runsView() {
       case "finetune-progress": info.step = `fine-tuning ${e.step}/${e.steps}, loss ${Number(e.loss).toFixed(4)}`; break;
       case "finetune-pruned": info.step = `${e.stage} pruned after step ${e.step}: density ${Number(e.density).toFixed(4)}`; break;
       case "finetune-mask-updated": info.step = `${e.stage} swapped ${e.grown} weights after step ${e.step}`; break;
+      case "finetune-round": info.step = `lottery round ${e.round}/${e.rounds} done at density ${Number(e.density).toFixed(4)}` + (e.pruned_to == null ? "" : `, pruned to ${Number(e.pruned_to).toFixed(4)}`); break;
       case "evaluation-started": info.step = `evaluating ${e.which}`; break;
       case "evaluation-progress": info.step = `evaluating ${e.which} ${e.windows_done}/${e.windows_total}`; break;
       case "exported": info.step = "exported"; break;
