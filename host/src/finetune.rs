@@ -1848,6 +1848,35 @@ mod tests {
         (model, Magnitude { schedule, layers }, s)
     }
 
+    /// A fine-tune of the test text from no masks, with `pruner` running between steps and
+    /// `watch` seeing every step: what the schedule and lottery tests share.
+    fn run_pruned(
+        model: &mut Model,
+        spec: &FinetuneSpec,
+        watch: &mut dyn FinetuneObserver,
+        pruner: &mut dyn Pruner,
+        cancel: &CancelToken,
+    ) -> (
+        Result<FinetuneReport, FinetuneError>,
+        BTreeMap<String, Mask>,
+    ) {
+        let tokenizer = Tokenizer::for_model(model).unwrap();
+        let text = TrainingText::from_text(&text(), spec, &tokenizer).unwrap();
+        let mut masks = BTreeMap::new();
+        let result = finetune(
+            model,
+            &mut masks,
+            spec,
+            text,
+            "test",
+            None,
+            watch,
+            Some(pruner),
+            cancel,
+        );
+        (result, masks)
+    }
+
     fn run_scheduled(
         model: &mut Model,
         pruner: &mut Magnitude,
@@ -1866,21 +1895,8 @@ mod tests {
             last_keep: BTreeMap::new(),
             checked: 0,
         };
-        let tokenizer = Tokenizer::for_model(model).unwrap();
-        let text = TrainingText::from_text(&text(), spec, &tokenizer).unwrap();
-        let mut masks = BTreeMap::new();
         let cancel = watch.cancel.clone();
-        let result = finetune(
-            model,
-            &mut masks,
-            spec,
-            text,
-            "test",
-            None,
-            &mut watch,
-            Some(pruner),
-            &cancel,
-        );
+        let (result, masks) = run_pruned(model, spec, &mut watch, pruner, &cancel);
         (result, watch, masks)
     }
 
@@ -2560,21 +2576,8 @@ mod tests {
             checked: 0,
             spec: pruner.rounds,
         };
-        let tokenizer = Tokenizer::for_model(model).unwrap();
-        let text = TrainingText::from_text(&text(), spec, &tokenizer).unwrap();
-        let mut masks = BTreeMap::new();
         let cancel = watch.cancel.clone();
-        let result = finetune(
-            model,
-            &mut masks,
-            spec,
-            text,
-            "test",
-            None,
-            &mut watch,
-            Some(pruner),
-            &cancel,
-        );
+        let (result, masks) = run_pruned(model, spec, &mut watch, pruner, &cancel);
         (result, watch, masks)
     }
 

@@ -461,6 +461,90 @@ fn gemm_pass(
     Ok(())
 }
 
+/// One row of [`run_batch_bench`]: a decode step of `tokens` tokens through all of SmolLM2's
+/// block linears (30 blocks), dense and 2:4 in the same dtype, best of the rounds.
+#[derive(Debug, Clone, Serialize)]
+pub struct BatchRow {
+    /// Storage dtype of both.
+    pub dtype: String,
+    /// Tokens per step.
+    pub tokens: usize,
+    /// Milliseconds per step, dense.
+    pub dense_ms: f64,
+    /// Milliseconds per step, 2:4.
+    pub two_four_ms: f64,
+}
+
+/// Decode steps of a few tokens (continuous batching) through 30 SmolLM2 blocks' linears,
+/// 2:4 beside dense in each dtype, timed in alternating rounds (best of `rounds`). The 30
+/// blocks are streamed, so the weights come from memory as in a real model; the 2:4 masks are
+/// [`make_weights`]'s, packed both ways.
+pub fn run_batch_bench(tokens: &[usize], dtypes: &[Dtype], rounds: usize) -> Result<Vec<BatchRow>> {
+    const BLOCKS: usize = 30;
+    let exec = Exec::auto();
+    let mut rng = SplitMix(0x5eed);
+    let mut rows = Vec::new();
+    for &dtype in dtypes {
+        let mut dense = Vec::new();
+        let mut nm = Vec::new();
+        for _ in 0..BLOCKS {
+            for &((r, c), count) in &SMOLLM2_SHAPES {
+                for _ in 0..count {
+                    let w = make_weights(&mut rng, r, c, MaskKind::TwoFour);
+                    let view = DenseView::new(&w, r, c)?;
+                    dense.push(PackedLinear::pack("dense", &view, Format::Dense, dtype)?);
+                    nm.push(PackedLinear::pack(
+                        "2:4",
+                        &view,
+                        Format::NM { n: 2, m: 4 },
+                        dtype,
+                    )?);
+                }
+            }
+        }
+        let widest = SMOLLM2_SHAPES
+            .iter()
+            .map(|&((r, _), _)| r)
+            .max()
+            .unwrap_or(0);
+        let mut widths: Vec<usize> = SMOLLM2_SHAPES.iter().map(|&((_, c), _)| c).collect();
+        widths.sort_unstable();
+        widths.dedup();
+        for &t in tokens {
+            // One input per input width, shared by the layers of that width.
+            let xs: Vec<(usize, Vec<f32>)> = widths
+                .iter()
+                .map(|&c| (c, (0..t * c).map(|_| rng.weight()).collect()))
+                .collect();
+            let mut y = vec![0.0f32; t * widest];
+            let mut pass = |layers: &[PackedLinear]| -> Result<f64> {
+                let start = Instant::now();
+                for p in layers {
+                    let x = xs
+                        .iter()
+                        .find(|(c, _)| *c == p.cols())
+                        .map_or(&xs[0].1, |(_, x)| x);
+                    p.gemm_with(x, t, &mut y[..t * p.rows()], exec)?;
+                }
+                black_box(&mut y);
+                Ok(start.elapsed().as_secs_f64())
+            };
+            let (mut best_dense, mut best_nm) = (f64::INFINITY, f64::INFINITY);
+            for _ in 0..rounds.max(1) {
+                best_dense = best_dense.min(pass(&dense)?);
+                best_nm = best_nm.min(pass(&nm)?);
+            }
+            rows.push(BatchRow {
+                dtype: dtype.to_string(),
+                tokens: t,
+                dense_ms: best_dense * 1e3,
+                two_four_ms: best_nm * 1e3,
+            });
+        }
+    }
+    Ok(rows)
+}
+
 /// A measured GEMV configuration before the baseline of its shape is final.
 struct Measured {
     shape: (usize, usize),

@@ -260,12 +260,13 @@ impl NmMatrix {
         Ok(())
     }
 
-    /// Row `r`'s groups past the vector kernel's `simd_cols` (a ragged tail) dotted with `x`.
-    fn tail_dot<T: Element>(&self, simd_cols: usize, vals: &[T], r: usize, x: &[f32]) -> f32 {
+    /// Row `r`'s groups from column `covered` on (a ragged tail past the vector kernel, or the
+    /// whole row on the portable path) dotted with `x`.
+    fn tail_dot<T: Element>(&self, covered: usize, vals: &[T], r: usize, x: &[f32]) -> f32 {
         let (n, m) = (self.n, self.m);
         let vrow = &vals[r * self.groups * n..][..self.groups * n];
         let mut s = 0.0;
-        for g in simd_cols / m..self.groups {
+        for g in covered / m..self.groups {
             for slot in 0..n {
                 let c = g * m + self.position(r, g, slot);
                 if c < self.cols {
@@ -376,15 +377,7 @@ impl NmMatrix {
         }
         // Remaining groups (ragged tail, or everything on the portable path).
         for (t, o) in out.iter_mut().enumerate() {
-            let xt = &x[t * cols..][..cols];
-            for g in covered / m..self.groups {
-                for slot in 0..n {
-                    let c = g * m + self.position(r, g, slot);
-                    if c < cols {
-                        *o += vrow[g * n + slot].to_f32() * xt[c];
-                    }
-                }
-            }
+            *o += self.tail_dot(covered, vals, r, &x[t * cols..][..cols]);
         }
     }
 
@@ -465,16 +458,9 @@ impl NmMatrix {
                             x86::dot24_t::<2>(&wrow, mrow, simd_cols / 8, &xt, &mut dots);
                         }
                     }
-                    // Ragged tail groups, per token.
-                    for (t, d) in dots.iter_mut().enumerate().take(tokens) {
-                        let xt = &x[t * cols..][..cols];
-                        for g in simd_cols / 4..self.groups {
-                            for slot in 0..2 {
-                                let c = g * 4 + self.position(r, g, slot);
-                                if c < cols {
-                                    *d += wrow[g * 2 + slot] * xt[c];
-                                }
-                            }
+                    if simd_cols < cols {
+                        for (t, d) in dots.iter_mut().enumerate().take(tokens) {
+                            *d += self.tail_dot(simd_cols, v, r, &x[t * cols..][..cols]);
                         }
                     }
                     let scale = scales.map_or(1.0, |s| s[r]);
