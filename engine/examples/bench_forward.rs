@@ -5,7 +5,7 @@
 //!     [MODEL] [--ppl-tokens N] [--window W] [--stride S] [--prompt P] [--new N]
 //! ```
 //!
-//! MODEL defaults to `builtin:smollm2-135m-shapes` (random weights, SmolLM2-135M's shapes), so
+//! `--ppl-tokens 0` skips the perplexity run (a decode-only profile). MODEL defaults to `builtin:smollm2-135m-shapes` (random weights, SmolLM2-135M's shapes), so
 //! the figures need no download; tokens are a fixed pseudo-random sequence.
 
 use std::time::Instant;
@@ -82,6 +82,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         cpu1 - cpu0
     );
 
+    if ppl_tokens == 0 {
+        return Ok(());
+    }
     let opts = PerplexityOptions { window, stride };
     let report = eval::perplexity(&session, &tokens[..ppl_tokens], &opts, &mut |p| {
         eprint!(

@@ -297,6 +297,15 @@ pub(crate) fn gemv_rows<T: Element>(
     y: &mut [f32],
 ) {
     assert!(rows.end * cols <= w.len() && x.len() == cols && y.len() == rows.len());
+    #[cfg(target_arch = "x86_64")]
+    if let (true, Some(bits)) = (isa.has_avx2(), T::bf16_bits(w)) {
+        return match isa {
+            // SAFETY: `isa` is effective (AVX-512F present); bounds asserted above.
+            Isa::Avx512 => unsafe { x86::gemv_rows_bf16_avx512(bits, cols, rows, x, y) },
+            // SAFETY: `isa` is effective (AVX2+FMA present); bounds asserted above.
+            _ => unsafe { x86::gemv_rows_bf16(bits, cols, rows, x, y) },
+        };
+    }
     match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `isa` is effective (AVX2+FMA present); bounds asserted above.
@@ -406,6 +415,138 @@ mod x86 {
                 ));
                 for c in c..cols {
                     s += (*p.add(c)).to_f32() * *xp.add(c);
+                }
+                *yi = s;
+            }
+        }
+    }
+
+    /// `x` regrouped for the bf16 kernels: per block of `width` columns, the even columns, then
+    /// the odd ones. A vector of bf16 pairs widens in two instructions, a shift for the even
+    /// (low) halves and a mask for the odd (high) ones, and each half then meets its own
+    /// contiguous slice of this array; widening 8 values at a time with `vpmovzxwd` instead
+    /// costs a lane-crossing shuffle per 8 weights, which kept dense bf16 compute bound (50% of
+    /// the bandwidth probe in `bench kernels`). Columns past the last whole block are left out.
+    pub(super) fn split_even_odd(x: &[f32], width: usize) -> Vec<f32> {
+        let blocks = x.len() / width;
+        let half = width / 2;
+        let mut out = vec![0.0f32; blocks * width];
+        for (dst, src) in out.chunks_exact_mut(width).zip(x.chunks_exact(width)) {
+            for j in 0..half {
+                dst[j] = src[2 * j];
+                dst[half + j] = src[2 * j + 1];
+            }
+        }
+        out
+    }
+
+    /// [`gemv_rows`] for bf16 weights, 16 columns per step as 8 pairs (see
+    /// [`split_even_odd`]), two steps in flight for four accumulators.
+    ///
+    /// # Safety
+    /// AVX2+FMA available; `w` holds rows `..rows.end` of `cols`; `x.len() == cols`;
+    /// `y.len() == rows.len()`.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn gemv_rows_bf16(
+        w: &[u16],
+        cols: usize,
+        rows: Range<usize>,
+        x: &[f32],
+        y: &mut [f32],
+    ) {
+        let xd = split_even_odd(x, 16);
+        let blocks = cols / 16;
+        let xp = xd.as_ptr();
+        let high = _mm256_set1_epi32(0xFFFF_0000u32 as i32);
+        for (yi, r) in y.iter_mut().zip(rows) {
+            // SAFETY: row r is within `w` and `xd` holds `blocks * 16` values (contract above).
+            unsafe {
+                let p = w.as_ptr().add(r * cols);
+                let mut a = [_mm256_setzero_ps(); 4];
+                let mut b = 0;
+                while b + 2 <= blocks {
+                    for u in 0..2 {
+                        let o = (b + u) * 16;
+                        let v = _mm256_loadu_si256(p.add(o).cast::<__m256i>());
+                        let even = _mm256_castsi256_ps(_mm256_slli_epi32::<16>(v));
+                        let odd = _mm256_castsi256_ps(_mm256_and_si256(v, high));
+                        a[2 * u] = _mm256_fmadd_ps(even, _mm256_loadu_ps(xp.add(o)), a[2 * u]);
+                        a[2 * u + 1] =
+                            _mm256_fmadd_ps(odd, _mm256_loadu_ps(xp.add(o + 8)), a[2 * u + 1]);
+                    }
+                    b += 2;
+                }
+                if b < blocks {
+                    let o = b * 16;
+                    let v = _mm256_loadu_si256(p.add(o).cast::<__m256i>());
+                    let even = _mm256_castsi256_ps(_mm256_slli_epi32::<16>(v));
+                    let odd = _mm256_castsi256_ps(_mm256_and_si256(v, high));
+                    a[0] = _mm256_fmadd_ps(even, _mm256_loadu_ps(xp.add(o)), a[0]);
+                    a[1] = _mm256_fmadd_ps(odd, _mm256_loadu_ps(xp.add(o + 8)), a[1]);
+                }
+                let mut s = hsum(_mm256_add_ps(
+                    _mm256_add_ps(a[0], a[1]),
+                    _mm256_add_ps(a[2], a[3]),
+                ));
+                for c in blocks * 16..cols {
+                    s += f32::from_bits(u32::from(*p.add(c)) << 16) * *x.get_unchecked(c);
+                }
+                *yi = s;
+            }
+        }
+    }
+
+    /// [`gemv_rows_bf16`] on 512-bit vectors: 32 columns (16 pairs) per step, two steps in
+    /// flight. Same arithmetic (exact widening, f32 FMA), wider instructions: half as many to
+    /// issue per weight, which is what a 2-core decode needs to keep up with the memory.
+    ///
+    /// # Safety
+    /// AVX-512F available; `w` holds rows `..rows.end` of `cols`; `x.len() == cols`;
+    /// `y.len() == rows.len()`.
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    pub(super) unsafe fn gemv_rows_bf16_avx512(
+        w: &[u16],
+        cols: usize,
+        rows: Range<usize>,
+        x: &[f32],
+        y: &mut [f32],
+    ) {
+        let xd = split_even_odd(x, 32);
+        let blocks = cols / 32;
+        let xp = xd.as_ptr();
+        let high = _mm512_set1_epi32(0xFFFF_0000u32 as i32);
+        for (yi, r) in y.iter_mut().zip(rows) {
+            // SAFETY: row r is within `w` and `xd` holds `blocks * 32` values (contract above).
+            unsafe {
+                let p = w.as_ptr().add(r * cols);
+                let mut a = [_mm512_setzero_ps(); 4];
+                let mut b = 0;
+                while b + 2 <= blocks {
+                    for u in 0..2 {
+                        let o = (b + u) * 32;
+                        let v = _mm512_loadu_si512(p.add(o).cast::<__m512i>());
+                        let even = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(v));
+                        let odd = _mm512_castsi512_ps(_mm512_and_si512(v, high));
+                        a[2 * u] = _mm512_fmadd_ps(even, _mm512_loadu_ps(xp.add(o)), a[2 * u]);
+                        a[2 * u + 1] =
+                            _mm512_fmadd_ps(odd, _mm512_loadu_ps(xp.add(o + 16)), a[2 * u + 1]);
+                    }
+                    b += 2;
+                }
+                if b < blocks {
+                    let o = b * 32;
+                    let v = _mm512_loadu_si512(p.add(o).cast::<__m512i>());
+                    let even = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(v));
+                    let odd = _mm512_castsi512_ps(_mm512_and_si512(v, high));
+                    a[0] = _mm512_fmadd_ps(even, _mm512_loadu_ps(xp.add(o)), a[0]);
+                    a[1] = _mm512_fmadd_ps(odd, _mm512_loadu_ps(xp.add(o + 16)), a[1]);
+                }
+                let mut s = _mm512_reduce_add_ps(_mm512_add_ps(
+                    _mm512_add_ps(a[0], a[1]),
+                    _mm512_add_ps(a[2], a[3]),
+                ));
+                for c in blocks * 32..cols {
+                    s += f32::from_bits(u32::from(*p.add(c)) << 16) * *x.get_unchecked(c);
                 }
                 *yi = s;
             }

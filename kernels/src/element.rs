@@ -94,6 +94,13 @@ pub trait Element: Copy + Default + Send + Sync + fmt::Debug + 'static + sealed:
     #[cfg(target_arch = "x86_64")]
     #[doc(hidden)]
     unsafe fn load4(p: *const Self) -> std::arch::x86_64::__m128;
+
+    /// The raw bits of a bf16 slice (`None` for the other types): bf16 kernels that widen a
+    /// whole vector of pairs at once read the stored values as `u16`.
+    #[doc(hidden)]
+    fn bf16_bits(_values: &[Self]) -> Option<&[u16]> {
+        None
+    }
 }
 
 impl Element for f32 {
@@ -134,6 +141,13 @@ impl Element for bf16 {
     fn to_f32(self) -> f32 {
         // bf16 is the top half of an f32, so widening is exact: a shift, no rounding.
         f32::from_bits(u32::from(self.to_bits()) << 16)
+    }
+
+    #[inline(always)]
+    fn bf16_bits(values: &[Self]) -> Option<&[u16]> {
+        // SAFETY: `half::bf16` is `repr(transparent)` over `u16`: same size, alignment and
+        // validity (every bit pattern is a valid u16), so the slice reinterprets as is.
+        Some(unsafe { std::slice::from_raw_parts(values.as_ptr().cast::<u16>(), values.len()) })
     }
 
     #[cfg(target_arch = "x86_64")]

@@ -7,6 +7,7 @@
 
 use candle_core::{Device, Storage, Tensor};
 use rayon::prelude::*;
+use std::ops::Range;
 
 use crate::error::EngineError;
 
@@ -311,15 +312,34 @@ pub(crate) fn attend_one(
             "internal: decode attention shape mismatch".into(),
         ));
     }
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: AVX2 is present (checked just above).
-        unsafe { attend_heads_avx2(q, k, v, capacity, visible, heads, group, d, scale, ctx) };
-        return Ok(());
+    let run = |hs: Range<usize>, out: &mut [f32]| {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: AVX2 is present (checked just above).
+            unsafe { attend_heads_avx2(q, k, v, capacity, visible, hs, group, d, scale, out) };
+            return;
+        }
+        attend_heads(q, k, v, capacity, visible, hs, group, d, scale, out);
+    };
+    // The heads are independent: split them over two threads once the cache is long enough
+    // that the work (every visible key and value of every head) outweighs waking one.
+    // Each head is computed exactly as alone, so the split changes no float.
+    if heads >= 2
+        && visible * heads * d >= PARALLEL_ATTENTION_MIN
+        && rayon::current_num_threads() > 1
+    {
+        let mid = heads.div_ceil(2);
+        let (first, second) = ctx.split_at_mut(mid * d);
+        rayon::join(|| run(0..mid, first), || run(mid..heads, second));
+    } else {
+        run(0..heads, ctx);
     }
-    attend_heads(q, k, v, capacity, visible, heads, group, d, scale, ctx);
     Ok(())
 }
+
+/// Multiply-adds (per score or per value element) above which [`attend_one`] splits its heads
+/// over two threads: 64k is about 10 µs of one core, several times what the split costs.
+const PARALLEL_ATTENTION_MIN: usize = 64 * 1024;
 
 /// [`attend_heads`] compiled for AVX2: the engine is built for baseline x86-64, where these
 /// loops vectorise to 4-wide SSE2. Every reduction keeps [`LANES`] explicit accumulators and
@@ -337,7 +357,7 @@ unsafe fn attend_heads_avx2(
     v: &[f32],
     capacity: usize,
     visible: usize,
-    heads: usize,
+    heads: Range<usize>,
     group: usize,
     d: usize,
     scale: f32,
@@ -346,7 +366,8 @@ unsafe fn attend_heads_avx2(
     attend_heads(q, k, v, capacity, visible, heads, group, d, scale, ctx);
 }
 
-/// The body of [`attend_one`], shapes already checked.
+/// The body of [`attend_one`] for the query heads `heads`, whose outputs `ctx` holds
+/// (`heads.len() · d` values); shapes already checked.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn attend_heads(
@@ -355,7 +376,7 @@ fn attend_heads(
     v: &[f32],
     capacity: usize,
     visible: usize,
-    heads: usize,
+    heads: Range<usize>,
     group: usize,
     d: usize,
     scale: f32,
@@ -363,7 +384,8 @@ fn attend_heads(
 ) {
     let mut scores = vec![0f32; visible];
     let mut probs = vec![0f32; visible];
-    for h in 0..heads {
+    let first = heads.start;
+    for h in heads {
         let base = (h / group) * capacity * d;
         let qh = &q[h * d..][..d];
         for (j, s) in scores.iter_mut().enumerate() {
@@ -371,7 +393,7 @@ fn attend_heads(
         }
         let max = max_f32(&scores) * scale;
         let inv = 1.0 / exp_into(&scores, &mut probs, scale, max);
-        let out = &mut ctx[h * d..][..d];
+        let out = &mut ctx[(h - first) * d..][..d];
         out.fill(0.0);
         for (j, &p) in probs.iter().enumerate() {
             let w = p * inv;
@@ -607,5 +629,49 @@ mod tests {
         let e = 1f32.exp();
         assert!((n[1] - ((2.0 + e).ln() - 1.0)).abs() < 1e-6);
         assert_eq!(argmax(&t(&[0.0, 3.0, 1.0], &[3])).unwrap(), 1);
+    }
+
+    /// A long cache makes [`attend_one`] split its heads over two threads; every head must
+    /// come out exactly as the one-thread loop computes it, and the odd head count leaves the
+    /// halves uneven.
+    #[test]
+    fn split_decode_attention_equals_one_thread() {
+        let (heads, kv_heads, d, capacity, visible) = (5, 1, 64, 320, 300);
+        assert!(visible * heads * d >= PARALLEL_ATTENTION_MIN);
+        let fill = |n: usize, seed: u32| -> Vec<f32> {
+            (0..n)
+                .map(|i| ((i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed) >> 8) as f32)
+                .map(|v| v / (1u32 << 24) as f32 - 0.5)
+                .collect()
+        };
+        let q = fill(heads * d, 1);
+        let k = fill(kv_heads * capacity * d, 2);
+        let v = fill(kv_heads * capacity * d, 3);
+        let mut split = vec![0f32; heads * d];
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            attend_one(
+                &q, &k, &v, capacity, visible, heads, kv_heads, d, 0.125, &mut split,
+            )
+        })
+        .unwrap();
+        let mut alone = vec![0f32; heads * d];
+        attend_heads(
+            &q,
+            &k,
+            &v,
+            capacity,
+            visible,
+            0..heads,
+            heads / kv_heads,
+            d,
+            0.125,
+            &mut alone,
+        );
+        assert_eq!(split, alone);
+        assert!(alone.iter().any(|&x| x != 0.0));
     }
 }
