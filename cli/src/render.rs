@@ -698,7 +698,10 @@ pub fn print_kernel_bench(
     }
     if !report.prefill.is_empty() {
         let mut t = table([
-            format!("prefill, {} tokens (f32)", report.prefill_tokens),
+            format!(
+                "prefill, {} tokens (f32 unless the kernel names a dtype)",
+                report.prefill_tokens
+            ),
             "kernel".into(),
             "sparsity".into(),
             "ms".into(),

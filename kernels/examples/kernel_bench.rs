@@ -2,7 +2,7 @@
 //! the CLI: `cargo run --release -p espalier-kernels --example kernel_bench -- 0.5 bf16,f32`
 //! (defaults: 0.5 and bf16; `2:4` among the sparsities adds the 2:4 rows, e.g. `2:4 bf16,i8`).
 //! Same code, shapes (SmolLM2-135M's block linears and LM head), streaming and baselines as
-//! the full run; prefill rows are left out.
+//! the full run; prefill rows only when a token count follows the dtypes (`0.5 bf16 128`).
 
 use espalier_kernels::Dtype;
 use espalier_kernels::bench::{KernelBenchOptions, run_kernel_bench};
@@ -36,7 +36,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         sparsities,
         dtypes,
         two_four,
-        prefill_tokens: 0,
+        // A third argument adds the prefill rows for that many tokens (e.g. 128).
+        prefill_tokens: args.get(2).map(|t| t.parse()).transpose()?.unwrap_or(0),
         ..KernelBenchOptions::default()
     };
     let report = run_kernel_bench(&opts, &mut |line| eprintln!("{line}"))?;

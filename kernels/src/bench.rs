@@ -661,11 +661,21 @@ pub fn run_kernel_bench(
         for _ in 0..reps {
             baseline_round(&mut best_candle, &mut best_dense)?;
         }
+        // Dense prefill in the other dtypes (bf16 takes AVX512-BF16 where the CPU has it).
+        let mut other_p: Vec<(String, f64)> = Vec::new();
         if let Some(xpt) = &xpt {
             for _ in 0..preps {
                 best_dense_p = best_dense_p
                     .min(evictor.time(|| gemm_pass(&dense_f32, &xp, tokens, &mut yp, exec))?);
                 best_candle_p = best_candle_p.min(evictor.time(|| candle_pass(&candle_w, xpt))?);
+            }
+            for (d, ps) in &dense_other {
+                gemm_pass(ps, &xp, tokens, &mut yp, exec)?;
+                let mut best = f64::INFINITY;
+                for _ in 0..preps {
+                    best = best.min(evictor.time(|| gemm_pass(ps, &xp, tokens, &mut yp, exec))?);
+                }
+                other_p.push((format!("dense {d}"), best));
             }
         }
         progress(&format!(
@@ -819,6 +829,7 @@ pub fn run_kernel_bench(
                 ("candle".to_string(), 0.0, cp, None),
                 ("dense".to_string(), 0.0, best_dense_p / l, None),
             ];
+            rows_p.extend(other_p.into_iter().map(|(k, t)| (k, 0.0, t / l, None)));
             rows_p.extend(prefill_cfg);
             for (kernel, sparsity, secs, paired) in rows_p {
                 prefill.push(PrefillRow {
@@ -1014,7 +1025,11 @@ impl fmt::Display for KernelBenchReport {
             }
         }
         if !self.prefill.is_empty() {
-            writeln!(f, "\nprefill, {} tokens (f32):", self.prefill_tokens)?;
+            writeln!(
+                f,
+                "\nprefill, {} tokens (f32 unless the kernel names a dtype):",
+                self.prefill_tokens
+            )?;
             writeln!(
                 f,
                 "{:<10} {:<9} {:>5} {:>9} {:>11}",
@@ -1062,8 +1077,8 @@ mod tests {
             );
         }
         assert!(report.decode.iter().all(|r| r.ms > 0.0 && r.speedup > 0.0));
-        // candle + dense + one BSR row per sparsity, per shape.
-        assert_eq!(report.prefill.len(), 2 * 4);
+        // Per shape: candle, dense f32, dense in the 2 other dtypes, one BSR row per sparsity.
+        assert_eq!(report.prefill.len(), 2 * 6);
         let text = report.to_string();
         assert!(text.contains("bsr16x16") && text.contains("2:4") && text.contains("candle"));
     }

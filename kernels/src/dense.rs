@@ -9,6 +9,7 @@
 use crate::element::{Dtype, Element, Values, with_values};
 use crate::error::{Result, checked_len, expect_len};
 use crate::gemm::{self, NR, Segment};
+use crate::gemm_bf16;
 use crate::isa::{Exec, Isa};
 use crate::par::{self, SharedOut};
 use crate::simd;
@@ -98,6 +99,16 @@ impl DenseMatrix {
             return with_values!(&self.values, w => {
                 small_batch(w, scales, self.rows, self.cols, x, tokens, y, exec)
             });
+        }
+        if let (Values::Bf16(v), true) = (&self.values, gemm_bf16::available(exec.isa))
+            && let Some(bits) = Element::bf16_bits(v.as_slice())
+        {
+            let panels = self.rows.div_ceil(gemm_bf16::NR);
+            let flops = tokens * self.rows * self.cols;
+            let tasks = par::task_count(exec, panels, flops, par::MIN_TASK_FLOPS);
+            let bounds = par::even_bounds(panels, tasks);
+            gemm_bf16::gemm(bits, self.rows, self.cols, x, tokens, y, &bounds);
+            return Ok(());
         }
         let panels = self.rows.div_ceil(NR);
         let flops = tokens * self.rows * self.cols;

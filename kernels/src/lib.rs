@@ -34,6 +34,7 @@ mod dense;
 mod element;
 mod error;
 mod gemm;
+mod gemm_bf16;
 mod isa;
 mod nm;
 mod par;

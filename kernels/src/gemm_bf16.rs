@@ -1,0 +1,267 @@
+//! Dense bf16 prefill on AVX512-BF16: `Y = X · Wᵀ` with `vdpbf16ps`, which multiplies pairs
+//! of bf16 values and adds both products into an f32 lane in one instruction.
+//!
+//! The f32 micro-kernel ([`crate::gemm`]) widens the weights and does one FMA per weight and
+//! token, so bf16 prefill ran no faster than f32 prefill (it is compute bound). Where the CPU
+//! has AVX512-BF16 (AMD Zen 4 and later, Intel Cooper Lake and Sapphire Rapids and later), one
+//! `vdpbf16ps` on 512-bit vectors does 32 multiply-adds: twice the FMA's work per instruction.
+//! llama.cpp's BF16 path does the same, and it is why its BF16 prefill was 2.3× Espalier's.
+//!
+//! The cost is precision: the activations are rounded to bf16 (nearest-even) for the
+//! products, as llama.cpp does; accumulation stays f32. Each product's error is then at most
+//! `2⁻⁹·|w·x|`, so an output is within `2⁻⁸·Σ|w·x|` of the f32 result (the tests hold it to
+//! that bound). Only prefill (more than [`crate::SMALL_BATCH`] tokens) takes this path;
+//! decode steps keep f32 activations, where the weights' bytes, not the arithmetic, bound them.
+//!
+//! Layout: the activations become `u32` pairs `(x[t][2k], x[t][2k+1])`, converted once per
+//! call; the weights of [`NR`] output rows are packed per panel as `panel[k * NR + r] =
+//! (w[r][2k], w[r][2k+1])`, the lane order `vdpbf16ps` wants. An odd column count is padded
+//! with a zero pair half. The register tile is [`MR`] tokens × [`NR`] rows: 16 accumulators,
+//! and per pair of columns 2 weight loads and [`MR`] broadcasts for 16 `vdpbf16ps`.
+
+use crate::isa::Isa;
+use crate::par::{self, SharedOut};
+use std::ops::Range;
+
+/// Output rows per panel (two 16-lane vectors).
+pub(crate) const NR: usize = 32;
+/// Tokens per register tile.
+pub(crate) const MR: usize = 8;
+
+/// Whether this path can run: AVX-512 asked for and effective, and the CPU has AVX512-BF16.
+pub(crate) fn available(isa: Isa) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        isa.effective() == Isa::Avx512 && std::arch::is_x86_feature_detected!("avx512bf16")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = isa;
+        false
+    }
+}
+
+/// `Y = X · Wᵀ` for bf16 weights `w` (raw bits, `[rows, cols]`), `x: [tokens, cols]`,
+/// `y: [tokens, rows]` (overwritten), panels split over the pool as `bounds` says (in units of
+/// [`NR`] rows). The caller has checked [`available`] and the lengths.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm(
+    w: &[u16],
+    rows: usize,
+    cols: usize,
+    x: &[f32],
+    tokens: usize,
+    y: &mut [f32],
+    bounds: &[usize],
+) {
+    assert!(w.len() >= rows * cols && x.len() >= tokens * cols && y.len() >= tokens * rows);
+    if cols == 0 {
+        // No inputs (a compact matrix may keep no column): every output is an empty sum.
+        y[..tokens * rows].fill(0.0);
+        return;
+    }
+    let pairs = cols.div_ceil(2);
+    let xb = pack_activations(x, tokens, cols);
+    let out = SharedOut::new(y);
+    par::for_each_bound(bounds, |range| {
+        panels(w, rows, cols, pairs, &xb, tokens, out, range);
+    });
+}
+
+/// Panels `range` (of [`NR`] rows each): pack each, then run every token tile over it.
+#[allow(clippy::too_many_arguments)]
+fn panels(
+    w: &[u16],
+    rows: usize,
+    cols: usize,
+    pairs: usize,
+    xb: &[u32],
+    tokens: usize,
+    out: SharedOut,
+    range: Range<usize>,
+) {
+    let mut panel = vec![0u32; pairs * NR];
+    let mut tile = [[0.0f32; NR]; MR];
+    for p in range {
+        let r0 = p * NR;
+        let nr = NR.min(rows - r0);
+        pack_panel(w, cols, r0, nr, &mut panel);
+        let mut t0 = 0;
+        while t0 < tokens {
+            let nt = MR.min(tokens - t0);
+            let xs = &xb[t0 * pairs..(t0 + nt) * pairs];
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: the caller checked `available` (AVX-512F and AVX512-BF16 present); `xs`
+            // holds `nt` tokens of `pairs` pairs and `panel` holds `pairs * NR` pairs.
+            unsafe {
+                match nt {
+                    8 => x86::mk::<8>(xs, pairs, &panel, &mut tile),
+                    7 => x86::mk::<7>(xs, pairs, &panel, &mut tile),
+                    6 => x86::mk::<6>(xs, pairs, &panel, &mut tile),
+                    5 => x86::mk::<5>(xs, pairs, &panel, &mut tile),
+                    4 => x86::mk::<4>(xs, pairs, &panel, &mut tile),
+                    3 => x86::mk::<3>(xs, pairs, &panel, &mut tile),
+                    2 => x86::mk::<2>(xs, pairs, &panel, &mut tile),
+                    _ => x86::mk::<1>(xs, pairs, &panel, &mut tile),
+                }
+            }
+            for (t, row) in tile.iter().enumerate().take(nt) {
+                let base = (t0 + t) * rows + r0;
+                for (i, &v) in row.iter().enumerate().take(nr) {
+                    // SAFETY: this task owns output rows r0..r0+nr (panels are disjoint).
+                    unsafe { out.write(base + i, v) };
+                }
+            }
+            t0 += nt;
+        }
+    }
+}
+
+/// The activations as bf16 pairs, `[tokens, cols.div_ceil(2)]`, rounded to nearest-even
+/// (`vcvtne2ps2bf16` 32 values at a time where the CPU has it: converting one by one took
+/// as long as the GEMM of a 192-row layer).
+pub(crate) fn pack_activations(x: &[f32], tokens: usize, cols: usize) -> Vec<u32> {
+    let pairs = cols.div_ceil(2);
+    let mut out = vec![0u32; tokens * pairs];
+    for (dst, src) in out
+        .chunks_exact_mut(pairs)
+        .zip(x.chunks_exact(cols))
+        .take(tokens)
+    {
+        let mut done = 0;
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx512bf16") {
+            // SAFETY: AVX512-BF16 (and so AVX-512F) is present, checked just above.
+            done = unsafe { x86::convert_row(src, dst) };
+        }
+        for (d, s) in dst[done / 2..].iter_mut().zip(src[done..].chunks(2)) {
+            let lo = u32::from(half::bf16::from_f32(s[0]).to_bits());
+            let hi = s
+                .get(1)
+                .map_or(0, |&v| u32::from(half::bf16::from_f32(v).to_bits()));
+            *d = lo | (hi << 16);
+        }
+    }
+    out
+}
+
+/// Packs rows `r0..r0 + nr` of `w` into `panel[k * NR + r]` (bf16 pairs of columns `2k` and
+/// `2k + 1`), zero for rows past `nr` and for the missing half of an odd last pair.
+fn pack_panel(w: &[u16], cols: usize, r0: usize, nr: usize, panel: &mut [u32]) {
+    let pairs = cols.div_ceil(2);
+    for r in 0..NR {
+        if r < nr {
+            let row = &w[(r0 + r) * cols..][..cols];
+            for (k, pair) in row.chunks(2).enumerate() {
+                let hi = pair.get(1).map_or(0, |&v| u32::from(v));
+                panel[k * NR + r] = u32::from(pair[0]) | (hi << 16);
+            }
+        } else {
+            for k in 0..pairs {
+                panel[k * NR + r] = 0;
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{MR, NR};
+    use std::arch::x86_64::*;
+
+    /// Converts the whole 32-value blocks of `src` into bf16 pairs in `dst` (nearest-even);
+    /// returns how many values it converted (a multiple of 32).
+    ///
+    /// # Safety
+    /// AVX-512F and AVX512-BF16 available.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub(super) unsafe fn convert_row(src: &[f32], dst: &mut [u32]) -> usize {
+        let blocks = (src.len() / 32).min(dst.len() / 16);
+        for b in 0..blocks {
+            // SAFETY: block b covers src[32b..32b+32] and dst[16b..16b+16], both in bounds;
+            // `__m512bh` is 64 plain bytes.
+            unsafe {
+                let lo = _mm512_loadu_ps(src.as_ptr().add(32 * b));
+                let hi = _mm512_loadu_ps(src.as_ptr().add(32 * b + 16));
+                let v: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
+                _mm512_storeu_si512(dst.as_mut_ptr().add(16 * b).cast::<__m512i>(), v);
+            }
+        }
+        blocks * 32
+    }
+
+    /// `tile[t][r] = Σ_k pair(x[t], k) · pair(panel, k, r)` for `NT` tokens and all [`NR`]
+    /// rows: `2·NT` accumulators in registers over the whole panel.
+    ///
+    /// # Safety
+    /// AVX-512F and AVX512-BF16 available; `xs.len() >= NT * pairs`;
+    /// `panel.len() >= pairs * NR`.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub(super) unsafe fn mk<const NT: usize>(
+        xs: &[u32],
+        pairs: usize,
+        panel: &[u32],
+        tile: &mut [[f32; NR]; MR],
+    ) {
+        debug_assert!(xs.len() >= NT * pairs && panel.len() >= pairs * NR);
+        let mut acc = [[_mm512_setzero_ps(); 2]; NT];
+        let xp = xs.as_ptr();
+        let wp = panel.as_ptr();
+        // SAFETY: every read is below `NT * pairs` in `xs` and `pairs * NR` in `panel`
+        // (contract above); `__m512bh` and `__m512i` are both 64 plain bytes.
+        unsafe {
+            for k in 0..pairs {
+                let w0: __m512bh =
+                    std::mem::transmute(_mm512_loadu_si512(wp.add(k * NR).cast::<__m512i>()));
+                let w1: __m512bh =
+                    std::mem::transmute(_mm512_loadu_si512(wp.add(k * NR + 16).cast::<__m512i>()));
+                for (t, a) in acc.iter_mut().enumerate() {
+                    let xv: __m512bh =
+                        std::mem::transmute(_mm512_set1_epi32(*xp.add(t * pairs + k) as i32));
+                    a[0] = _mm512_dpbf16_ps(a[0], w0, xv);
+                    a[1] = _mm512_dpbf16_ps(a[1], w1, xv);
+                }
+            }
+            for (t, a) in acc.iter().enumerate() {
+                _mm512_storeu_ps(tile[t].as_mut_ptr(), a[0]);
+                _mm512_storeu_ps(tile[t].as_mut_ptr().add(16), a[1]);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The pairs put column `2k` in the low half, as `vdpbf16ps` reads memory order.
+    #[test]
+    fn activations_pack_low_column_first_and_pad_odd_rows() {
+        let x = [1.0f32, 2.0, 3.0, -1.0, 0.5, 4.0];
+        let p = pack_activations(&x, 2, 3);
+        assert_eq!(p.len(), 4);
+        assert_eq!(p[0], 0x3f80 | (0x4000 << 16));
+        assert_eq!(p[1], 0x4040);
+        assert_eq!(p[2], 0xbf80 | (0x3f00 << 16));
+        assert_eq!(p[3], 0x4080);
+    }
+
+    /// The vector conversion rounds exactly as the scalar one (nearest-even), ties included.
+    #[test]
+    fn vector_conversion_equals_scalar() {
+        let x: Vec<f32> = (0..70)
+            .map(|i| match i % 5 {
+                0 => f32::from_bits(0x3f80_8000 + i as u32 * 0x10000), // a tie
+                1 => -(i as f32) * 0.37,
+                2 => 1e-3 * i as f32,
+                3 => f32::from_bits(0x4120_7fff),
+                _ => 123.456 / (i as f32 + 1.0),
+            })
+            .collect();
+        let packed = pack_activations(&x, 1, 70);
+        for (k, &p) in packed.iter().enumerate() {
+            let want = |v: f32| u32::from(half::bf16::from_f32(v).to_bits());
+            assert_eq!(p, want(x[2 * k]) | (want(x[2 * k + 1]) << 16), "pair {k}");
+        }
+    }
+}
