@@ -788,9 +788,15 @@ pub fn run_kernel_bench(
                     paired_same: Some(paired_same),
                 });
 
-                // Prefill: BSR in f32 against candle, alternating too.
+                // Prefill against candle, alternating too: BSR in f32, and every bf16 format
+                // (they share the AVX512-BF16 GEMM where the CPU has it).
                 let is_bsr = matches!(format, Format::Bsr { .. });
-                if let (Some(xpt), true, Dtype::F32) = (&xpt, is_bsr, dtype) {
+                let measured_prefill = match dtype {
+                    Dtype::F32 => is_bsr,
+                    Dtype::Bf16 => format != Format::Dense,
+                    Dtype::I8 => false,
+                };
+                if let (Some(xpt), true) = (&xpt, measured_prefill) {
                     gemm_pass(&packed, &xp, tokens, &mut yp, exec)?;
                     let mut best = f64::INFINITY;
                     let mut local_candle = f64::INFINITY;
@@ -802,7 +808,11 @@ pub fn run_kernel_bench(
                     }
                     best_candle_p = best_candle_p.min(local_candle);
                     let l = layers as f64;
-                    prefill_cfg.push((kernel, sparsity, best / l, Some(local_candle / l)));
+                    let name = match dtype {
+                        Dtype::F32 => kernel,
+                        d => format!("{kernel} {d}"),
+                    };
+                    prefill_cfg.push((name, sparsity, best / l, Some(local_candle / l)));
                 }
             }
         }
@@ -1077,8 +1087,12 @@ mod tests {
             );
         }
         assert!(report.decode.iter().all(|r| r.ms > 0.0 && r.speedup > 0.0));
-        // Per shape: candle, dense f32, dense in the 2 other dtypes, one BSR row per sparsity.
-        assert_eq!(report.prefill.len(), 2 * 6);
+        // Per shape: candle, dense f32, dense in the 2 other dtypes, one f32 BSR row per
+        // sparsity, and every bf16 format (BSR, CSR, bitmap per sparsity; 2:4).
+        let opts = KernelBenchOptions::quick();
+        let s = opts.sparsities.len();
+        let per_shape = 4 + s + 3 * s + usize::from(opts.two_four);
+        assert_eq!(report.prefill.len(), opts.shapes.len() * per_shape);
         let text = report.to_string();
         assert!(text.contains("bsr16x16") && text.contains("2:4") && text.contains("candle"));
     }

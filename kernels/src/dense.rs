@@ -100,15 +100,17 @@ impl DenseMatrix {
                 small_batch(w, scales, self.rows, self.cols, x, tokens, y, exec)
             });
         }
-        if let (Values::Bf16(v), true) = (&self.values, gemm_bf16::available(exec.isa))
+        if let Values::Bf16(v) = &self.values
             && let Some(bits) = Element::bf16_bits(v.as_slice())
         {
-            let panels = self.rows.div_ceil(gemm_bf16::NR);
-            let flops = tokens * self.rows * self.cols;
-            let tasks = par::task_count(exec, panels, flops, par::MIN_TASK_FLOPS);
-            let bounds = par::even_bounds(panels, tasks);
-            gemm_bf16::gemm(bits, self.rows, self.cols, x, tokens, y, &bounds);
-            return Ok(());
+            let src = gemm_bf16::DenseBits {
+                bits,
+                cols: self.cols,
+            };
+            let (rows, cols) = (self.rows, self.cols);
+            if gemm_bf16::try_gemm(&src, Dtype::Bf16, rows, cols, x, tokens, y, exec) {
+                return Ok(());
+            }
         }
         let panels = self.rows.div_ceil(NR);
         let flops = tokens * self.rows * self.cols;

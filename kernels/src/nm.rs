@@ -486,8 +486,51 @@ impl NmMatrix {
         }
         let (rows, cols) = (self.rows, self.cols);
         let stored = rows * self.groups * self.n;
+        // bf16 prefill: the panels are expanded to dense pairs for `vdpbf16ps` (see
+        // `gemm_bf16`); twice the multiplies, each at twice the rate, and no per-weight AXPY.
+        if crate::gemm_bf16::try_gemm(self, self.dtype(), self.rows, self.cols, x, tokens, y, exec)
+        {
+            return Ok(());
+        }
         rowgemm::row_gemm(self, rows, cols, None, stored, x, tokens, y, exec);
         Ok(())
+    }
+}
+
+impl crate::gemm_bf16::Bf16Rows for NmMatrix {
+    /// Row `r` expanded to dense bf16 bits, read straight from the metadata and values
+    /// ([`RowDecode::decode_row`]'s bit-by-bit reads and pushes cost more than the GEMM of a
+    /// 1536-row layer).
+    fn row_bits(&self, r: usize, out: &mut [u16], scratch: &mut (Vec<u32>, Vec<f32>)) {
+        out.fill(0);
+        let Values::Bf16(v) = &self.values else {
+            // Not bf16 storage (`try_gemm` only runs bf16): decode the general way.
+            let (idx, val) = scratch;
+            self.decode_row(r, idx, val);
+            for (&c, &x) in idx.iter().zip(val.iter()) {
+                out[c as usize] = half::bf16::from_f32(x).to_bits();
+            }
+            return;
+        };
+        let per_row = self.groups * self.n;
+        let vals = &v[r * per_row..][..per_row];
+        let meta = &self.meta[r * self.meta_stride..][..self.meta_stride];
+        let mask = (1usize << self.bits) - 1;
+        let mut bit = 0;
+        for (g, group) in vals.chunks_exact(self.n).enumerate() {
+            for &value in group {
+                // Positions are at most 8 bits (M <= 256), so two bytes always hold one.
+                let byte = bit / 8;
+                let word = usize::from(meta[byte])
+                    | usize::from(meta.get(byte + 1).copied().unwrap_or(0)) << 8;
+                let c = g * self.m + (word >> (bit % 8) & mask);
+                bit += self.bits;
+                // Padding slots (zeros, possibly past a ragged edge) are skipped.
+                if c < self.cols && value.to_bits() != 0 {
+                    out[c] = value.to_bits();
+                }
+            }
+        }
     }
 }
 

@@ -108,10 +108,10 @@ fn assert_within_quantization(
 }
 
 /// Whether this GEMM runs on AVX512-BF16 with its activations rounded to bf16
-/// (`gemm_bf16`): dense bf16 prefill past the small-batch range (compact keeps its rows as a
-/// dense matrix), on CPUs that have it.
+/// (`gemm_bf16`): bf16 prefill past the small-batch range in dense, compact (a dense matrix
+/// of the kept rows) and N:M, on CPUs that have it.
 fn bf16_activations(format: Format, dtype: Dtype, tokens: usize, exec: Exec) -> bool {
-    matches!(format, Format::Dense | Format::Compact)
+    matches!(format, Format::Dense | Format::Compact | Format::NM { .. })
         && dtype == Dtype::Bf16
         && tokens > crate::SMALL_BATCH
         && crate::gemm_bf16::available(exec.isa)
