@@ -107,10 +107,15 @@ impl fmt::Display for Format {
 /// f32 0.78-1.24 (its expand is two table loads, a permute and a mask: cache-hot, 1.6x the
 /// bf16 shuffle's time). Memory and compute overlap only partly on the 2-core EPYC, so the
 /// two are added, not maxed.
+///
+/// bf16 was 0.75 until dense bf16 learnt to widen pairs (`dense.rs`): with both threads,
+/// dense bf16 then ran 1.80-1.87x dense f32 per SmolLM2 block where the 50% bitmap ran 1.56x
+/// (`kernel_bench -- 0.5 bf16,f32`), i.e. the bitmap costs ~1.4 beyond its bytes, and the Wanda
+/// 50% model decoded at 0.85x dense bf16 end to end (`scripts/llama_cpp_bench.py`). At 1.2 a
+/// 50% bf16 layer plans dense and the bitmap takes over from about 70% sparsity.
 pub(crate) fn bitmap_compute_per_weight(dtype: Dtype) -> f64 {
     match dtype {
-        Dtype::Bf16 => 0.75,
-        Dtype::F32 | Dtype::I8 => 1.2,
+        Dtype::Bf16 | Dtype::F32 | Dtype::I8 => 1.2,
     }
 }
 

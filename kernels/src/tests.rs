@@ -459,17 +459,19 @@ fn planner_picks_expected_formats() {
     assert_eq!(pick(&rowsy, Structure::Rows), Format::Compact);
 }
 
-/// The estimates per dtype on every SmolLM2 shape: 50% unstructured picks the bitmap in bf16
-/// (the target: sparse bf16 faster than dense bf16), light sparsity stays dense, and
-/// the chosen format's estimated cost never exceeds dense's for the same dtype.
+/// The estimates per dtype on every SmolLM2 shape: 50% unstructured stays dense in bf16 (dense
+/// bf16 widening pairs measured faster than the 50% bitmap, see `bitmap_compute_per_weight`),
+/// 70% goes sparse, light sparsity stays dense, and the chosen format's estimated cost never
+/// exceeds dense's for the same dtype.
 #[test]
 fn planner_per_dtype_on_smollm2_shapes() {
     let mut rng = testutil::rng(12);
     for (rows, cols) in [(576, 576), (192, 576), (1536, 576), (576, 1536)] {
         for (density, want_bf16) in [
-            (0.5, Format::Bitmap),
-            (0.9, Format::Dense),
-            (0.1, Format::Csr),
+            (0.5, &[Format::Dense][..]),
+            (0.3, &[Format::Bitmap, Format::Csr][..]),
+            (0.9, &[Format::Dense][..]),
+            (0.1, &[Format::Csr][..]),
         ] {
             let w = testutil::unstructured(&mut rng, rows, cols, density);
             let view = DenseView::new(&w, rows, cols).expect("view");
@@ -486,7 +488,11 @@ fn planner_per_dtype_on_smollm2_shapes() {
                 };
                 assert!(cost(choice.format) <= cost(Format::Dense), "{ctx}");
                 if dtype == Dtype::Bf16 {
-                    assert_eq!(choice.format, want_bf16, "{ctx}");
+                    assert!(
+                        want_bf16.contains(&choice.format),
+                        "{ctx}: {}",
+                        choice.format
+                    );
                 }
                 assert!(
                     choice.candidates.iter().all(|c| c.measured.is_none()),
