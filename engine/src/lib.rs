@@ -17,7 +17,9 @@ pub mod tokenizer;
 pub use builtin::{BUILTIN_MODELS, builtin_model};
 pub use config::{Architecture, ModelConfig};
 pub use error::EngineError;
-pub use forward::{Distillation, GradientStats, KvCache, LinearObserver, LossGradients, Session};
+pub use forward::{
+    Distillation, GradientStats, KvCache, LinearObserver, LossGradients, Session, TrainingPass,
+};
 pub use layers::{LayerInfo, Role};
 pub use linear::{Linear, LinearKernel, LinearWeight};
 pub use model::Model;

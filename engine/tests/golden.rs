@@ -294,6 +294,59 @@ fn loss_gradients_match_transformers() {
     }
 }
 
+/// The hand-written training pass gives the same loss and gradients as PyTorch autograd on
+/// the LLaMA-family golden models (the ones it covers; GPT-2 must be refused, not miscomputed).
+#[test]
+fn training_pass_gradients_match_transformers() {
+    let g = golden();
+    let mut covered = 0;
+    for name in MODELS {
+        let (_, s) = session(name);
+        if !espalier_engine::TrainingPass::supports(&s) {
+            assert!(
+                espalier_engine::TrainingPass::new(&s).is_err(),
+                "{name}: an unsupported model must be refused"
+            );
+            continue;
+        }
+        covered += 1;
+        let seqs = &g["models"][name]["sequences"];
+        let sequences = vec![ids(&seqs["random"]["ids"]), ids(&seqs["text"]["ids"])];
+        let path = fixtures().join(format!("golden/{name}.grads.safetensors"));
+        let reference = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+        let expected_loss: f64 = meta.metadata().as_ref().unwrap()["loss"].parse().unwrap();
+
+        let mut pass = espalier_engine::TrainingPass::new(&s).unwrap();
+        pass.accumulate(&s, &sequences).unwrap();
+        assert!(
+            (pass.mean_loss() - expected_loss).abs() < 1e-4,
+            "{name}: loss {} vs {expected_loss}",
+            pass.mean_loss()
+        );
+        let ours = pass.finish();
+        assert_eq!(ours.len(), reference.len(), "{name}: layer count");
+        let mut worst = 0.0f32;
+        for (layer, expected) in &reference {
+            let got = Tensor::from_vec(ours[layer].clone(), expected.dims(), &Device::Cpu).unwrap();
+            let scale = max_abs(expected);
+            assert!(scale > 0.0, "{name} {layer}: degenerate reference");
+            let rel = max_abs_diff(&got, expected) / scale;
+            worst = worst.max(rel);
+            assert!(
+                rel <= GRADIENT_REL_TOL,
+                "{name} {layer}: max |Δg| / max |g| = {rel:.2e}"
+            );
+        }
+        eprintln!("{name}: training pass gradient max |Δ| / max |g| = {worst:.2e}");
+    }
+    assert!(
+        covered > 0,
+        "no golden model is covered by the training pass"
+    );
+}
+
 /// The empirical Fisher diagonal (mean over the two recorded sequences of each one's squared
 /// loss gradient) for every block linear, against PyTorch (`make_gradient_goldens.py`).
 #[test]

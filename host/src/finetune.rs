@@ -3,11 +3,11 @@
 //! stay frozen) on next-token cross-entropy with [`crate::optim::AdamW`], holding every mask.
 //!
 //! The loop is independent of how gradients are made: each step asks the engine's
-//! [`LossGradients`] for the mean gradient of `batch × accumulate` sequences (accumulated
+//! hand-written [`TrainingPass`] (or, for models it does not cover, [`LossGradients`] through
+//! candle's autograd) for the mean gradient of `batch × accumulate` sequences (accumulated
 //! micro-batch by micro-batch, so memory follows `batch`), zeroes the pruned positions, clips
 //! the global norm and updates the master copy of the weights (`f32`, row-major), which it then
-//! hands back to the engine's [`Session`]. A faster training pass replaces `LossGradients`
-//! behind the same few lines.
+//! hands back to the engine's [`Session`].
 //!
 //! Data: the training text is tokenized once and cut into consecutive sequences of `seq_len`
 //! tokens, visited in an order shuffled at the start of every epoch by a ChaCha8 generator
@@ -65,6 +65,7 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor};
 use espalier_engine::{
     Distillation, EngineError, Linear, LinearWeight, LossGradients, Model, Session, Tokenizer,
+    TrainingPass,
 };
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
@@ -433,6 +434,11 @@ pub struct FinetuneReport {
     pub seconds: f64,
     /// Tokens per second over the steps this process ran.
     pub tokens_per_second: f64,
+    /// Tokens per second over the steps after the first this process ran (the first also
+    /// pays for allocating the training pass's buffers), as benchmarks with untimed warm-up
+    /// steps count; `None` when fewer than two steps ran.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub steady_tokens_per_second: Option<f64>,
     /// Layers trained.
     pub trained_layers: usize,
     /// Weights trained (kept positions of the trained layers, after the last prune event).
@@ -561,6 +567,102 @@ impl TrainingText {
             sha256: crate::plugin::runtime::sha256_hex(text.as_bytes()),
             tokens: ids.len(),
         })
+    }
+}
+
+/// How a step's gradients are made: the engine's hand-written [`TrainingPass`] where it covers
+/// the model (LLaMA-family blocks held as dense f32 weights, e.g. SmolLM2), kept from step to
+/// step with its buffers; candle's autograd ([`LossGradients`]) otherwise, made afresh each
+/// step. Both compute the same gradient of the same loss.
+enum Gradients<'t> {
+    HandWritten(Box<TrainingPass<'t>>),
+    Autograd,
+}
+
+/// A trained layer's weight name and the mask the hand-written pass may train it under.
+type TrainedLayer<'p> = (&'p str, Option<&'p [bool]>);
+
+/// One step's mean loss, its parts when distilling, and the mean gradient of every trained
+/// layer in `params` order (written into `buffers`, whose allocations are reused).
+type StepGradients = (f64, Option<LossParts>, Vec<Vec<f32>>);
+
+impl<'t> Gradients<'t> {
+    fn new(
+        session: &Session,
+        teacher: Option<(&'t Session, Distillation)>,
+    ) -> Result<Self, EngineError> {
+        if !TrainingPass::supports(session) {
+            return Ok(Gradients::Autograd);
+        }
+        let mut pass = TrainingPass::new(session)?;
+        if let Some((t, d)) = teacher {
+            pass = pass.with_teacher(session, t, d)?;
+        }
+        Ok(Gradients::HandWritten(Box::new(pass)))
+    }
+
+    /// Runs `micro_batches` micro-batches from `next_batch` through `session` and returns the
+    /// step's gradients for `layers` (name and mask: a layer whose mask keeps few whole 16×16
+    /// blocks trains block-sparse in the hand-written pass; `None` where the dense gradient
+    /// is needed).
+    fn step(
+        &mut self,
+        session: &Session,
+        teacher: Option<(&Session, Distillation)>,
+        micro_batches: usize,
+        next_batch: &mut dyn FnMut() -> Vec<Vec<u32>>,
+        cancel: &CancelToken,
+        (layers, mut buffers): (&[TrainedLayer], Vec<Vec<f32>>),
+    ) -> Result<StepGradients, FinetuneError> {
+        let parts =
+            |p: Option<(f64, f64)>| p.map(|(cross_entropy, kl)| LossParts { cross_entropy, kl });
+        let missing = |name: &str| EngineError::Tensor {
+            name: name.to_string(),
+            message: "internal: the gradient pass returned no gradient".into(),
+        };
+        buffers.resize_with(layers.len(), Vec::new);
+        match self {
+            Gradients::HandWritten(pass) => {
+                for (name, keep) in layers {
+                    pass.set_mask(name, *keep)?;
+                }
+                pass.reset();
+                for _ in 0..micro_batches {
+                    if cancel.is_cancelled() {
+                        return Err(FinetuneError::Cancelled);
+                    }
+                    pass.accumulate(session, &next_batch())?;
+                }
+                for ((name, _), buffer) in layers.iter().zip(buffers.iter_mut()) {
+                    if !pass.mean_into(name, buffer) {
+                        return Err(missing(name).into());
+                    }
+                }
+                Ok((pass.mean_loss(), parts(pass.mean_parts()), buffers))
+            }
+            Gradients::Autograd => {
+                let mut pass = LossGradients::new(session)?;
+                if let Some((t, d)) = teacher {
+                    pass = pass.with_teacher(t, d)?;
+                }
+                for _ in 0..micro_batches {
+                    if cancel.is_cancelled() {
+                        return Err(FinetuneError::Cancelled);
+                    }
+                    pass.accumulate(&next_batch())?;
+                }
+                let (loss, step_parts) = (pass.mean_loss(), parts(pass.mean_parts()));
+                let mut stats = pass.finish()?.mean;
+                let grads = layers
+                    .iter()
+                    .map(|(name, _)| {
+                        let g = stats.remove(*name).ok_or_else(|| missing(name))?;
+                        Ok(g.flatten_all()?.to_vec1::<f32>()?)
+                    })
+                    .collect::<Result<Vec<_>, FinetuneError>>()?;
+                Ok((loss, step_parts, grads))
+            }
+        }
     }
 }
 
@@ -747,7 +849,11 @@ pub fn finetune(
     progress.started(start, total);
     let optimizer = AdamW { config: spec.adamw };
     let tokens_per_step = (spec.sequences_per_step() * spec.seq_len) as f64;
+    let mut gradients = Gradients::new(&session, teacher.as_ref().map(|(t, d)| (t, *d)))?;
+    let mut grad_buffers = Vec::new();
     let began = Instant::now();
+    // When this process's first step ended, for `steady_tokens_per_second`.
+    let mut first_step_done: Option<Instant> = None;
     let mut last_checkpoint = resumed_from;
     // Kept fraction of the pruned layers while the current lottery round trains.
     let mut round_density = kept_fraction(&params, &scheduled);
@@ -863,31 +969,29 @@ pub fn finetune(
             None => "no checkpoint was written".to_string(),
         };
         let (loss, step_parts, mut grads) = {
-            let mut pass = LossGradients::new(&session)?;
-            if let Some((t, d)) = &teacher {
-                pass = pass.with_teacher(t, *d)?;
-            }
-            for _ in 0..spec.accumulate {
-                if cancel.is_cancelled() {
-                    return Err(FinetuneError::Cancelled);
-                }
-                pass.accumulate(&data.next_batch(spec.batch))?;
-            }
-            let loss = pass.mean_loss();
-            let step_parts = pass
-                .mean_parts()
-                .map(|(cross_entropy, kl)| LossParts { cross_entropy, kl });
-            let mut stats = pass.finish()?.mean;
-            let mut grads = Vec::with_capacity(params.len());
-            for p in params.iter_mut() {
-                let g = stats.remove(&p.name).ok_or_else(|| EngineError::Tensor {
-                    name: p.name.clone(),
-                    message: "internal: the gradient pass returned no gradient".into(),
-                })?;
-                let mut g = g.flatten_all()?.to_vec1::<f32>()?;
+            // Masks for the hand-written pass's block-sparse layers, except where a mask
+            // update needs the dense gradient.
+            let layers: Vec<TrainedLayer> = params
+                .iter()
+                .map(|p| {
+                    let keep = p.keep.as_deref().filter(|_| p.dense_grad.is_none());
+                    (p.name.as_str(), keep)
+                })
+                .collect();
+            let teacher = teacher.as_ref().map(|(t, d)| (t, *d));
+            let mut next_batch = || data.next_batch(spec.batch);
+            let (loss, step_parts, mut grads) = gradients.step(
+                &session,
+                teacher,
+                spec.accumulate,
+                &mut next_batch,
+                cancel,
+                (&layers, std::mem::take(&mut grad_buffers)),
+            )?;
+            for (p, g) in params.iter_mut().zip(grads.iter_mut()) {
                 // The dense gradient, before masking, for the next mask update.
                 if accumulate && let Some(sum) = &mut p.dense_grad {
-                    sum.iter_mut().zip(&g).for_each(|(s, g)| *s += g);
+                    sum.iter_mut().zip(g.iter()).for_each(|(s, g)| *s += g);
                 }
                 if let Some(keep) = &p.keep {
                     g.iter_mut()
@@ -895,7 +999,6 @@ pub fn finetune(
                         .filter(|(_, k)| !**k)
                         .for_each(|(g, _)| *g = 0.0);
                 }
-                grads.push(g);
             }
             (loss, step_parts, grads)
         };
@@ -927,6 +1030,8 @@ pub fn finetune(
             );
             set_linear(&mut session, p, &biases)?;
         }
+        grad_buffers = grads;
+        first_step_done.get_or_insert_with(Instant::now);
         if accumulate {
             gradient_steps += 1;
         }
@@ -998,6 +1103,10 @@ pub fn finetune(
         } else {
             0.0
         },
+        steady_tokens_per_second: first_step_done
+            .map(|t| t.elapsed().as_secs_f64())
+            .filter(|&s| ran >= 2 && s > 0.0)
+            .map(|s| (ran - 1) as f64 * tokens_per_step / s),
         trained_layers: params.len(),
         trained_weights: params
             .iter()

@@ -27,6 +27,7 @@
 //! dense included) and, for `espalier bench kernels`, [`bench::run_kernel_bench`].
 
 mod bitmap;
+mod block_train;
 mod bsr;
 mod compact;
 mod csr;
@@ -53,6 +54,7 @@ mod tests;
 mod testutil;
 
 pub use bitmap::BitmapMatrix;
+pub use block_train::{BlockPattern, BlockTraining, TRAIN_BLOCK};
 pub use bsr::BsrMatrix;
 pub use compact::CompactMatrix;
 pub use csr::CsrMatrix;

@@ -104,22 +104,7 @@ impl<'a> LossGradients<'a> {
         teacher: &'a Session,
         distillation: Distillation,
     ) -> Result<Self, EngineError> {
-        if teacher.vocab_size() != self.session.vocab_size() {
-            return Err(EngineError::Input(format!(
-                "the teacher's vocabulary has {} entries, the student's {}",
-                teacher.vocab_size(),
-                self.session.vocab_size()
-            )));
-        }
-        let Distillation {
-            weight,
-            temperature,
-        } = distillation;
-        if !((0.0..=1.0).contains(&weight) && temperature.is_finite() && temperature > 0.0) {
-            return Err(EngineError::Input(format!(
-                "distillation needs a weight in [0, 1] and a temperature > 0, got {weight} and {temperature}"
-            )));
-        }
+        check_distillation(self.session, teacher, distillation)?;
         self.teacher = Some((teacher, distillation));
         Ok(self)
     }
@@ -401,6 +386,32 @@ impl<'a> LossGradients<'a> {
     }
 }
 
+/// Fails when the teacher's vocabulary differs from the student's, or `distillation` is out of
+/// range.
+pub(super) fn check_distillation(
+    student: &Session,
+    teacher: &Session,
+    distillation: Distillation,
+) -> Result<(), EngineError> {
+    if teacher.vocab_size() != student.vocab_size() {
+        return Err(EngineError::Input(format!(
+            "the teacher's vocabulary has {} entries, the student's {}",
+            teacher.vocab_size(),
+            student.vocab_size()
+        )));
+    }
+    let Distillation {
+        weight,
+        temperature,
+    } = distillation;
+    if !((0.0..=1.0).contains(&weight) && temperature.is_finite() && temperature > 0.0) {
+        return Err(EngineError::Input(format!(
+            "distillation needs a weight in [0, 1] and a temperature > 0, got {weight} and {temperature}"
+        )));
+    }
+    Ok(())
+}
+
 /// What [`LossGradients::finish`] returns, per weight name, `[out, in]`.
 pub struct GradientStats {
     /// Gradient of the mean calibration loss.
@@ -477,7 +488,7 @@ impl RopeTensors {
 
 /// The mean next-token loss of one sequence and its gradient with respect to the final hidden
 /// states `h: [T, hidden]` (row-major; the last row, which predicts nothing, is zero).
-fn head_gradient(
+pub(super) fn head_gradient(
     head: &Linear,
     h: &Tensor,
     tokens: &[u32],
@@ -522,7 +533,7 @@ fn head_gradient(
 /// [`Distillation`]) and the gradient of their mix with respect to the student's final hidden
 /// states `h: [T, hidden]` (the last row zero), the teacher's logits made chunk by chunk from
 /// its own head and final hidden states.
-fn distill_head_gradient(
+pub(super) fn distill_head_gradient(
     head: &Linear,
     h: &Tensor,
     (teacher_head, teacher_h): (&Linear, &Tensor),

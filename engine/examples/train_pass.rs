@@ -1,0 +1,182 @@
+//! Times the training pass (forward + backward over every block linear, weight gradients
+//! accumulated, no optimizer) on a model: the hand-written [`TrainingPass`] and, with
+//! `--autograd`, candle's autograd ([`LossGradients`]) on the same batches in the same run, so
+//! the ratio between them is not at the mercy of a noisy machine. Prints one JSON line.
+//!
+//! ```text
+//! cargo run --release -p espalier-engine --example train_pass -- MODEL_DIR TEXT_FILE \
+//!     [--batch 4] [--seq-len 256] [--steps 3] [--autograd] [--blocks DENSITY]
+//! ```
+//!
+//! `--blocks 0.2` also times the same pass with every block linear pruned to its largest 20%
+//! of 16×16 blocks (by sum of |w|) and declared block-sparse ([`TrainingPass::set_mask`]),
+//! in the same run.
+//!
+//! The first step of each pass is a warm-up and is not timed. The end-to-end figure beside
+//! PyTorch (optimizer included) is `scripts/train_throughput_bench.py`.
+
+use std::time::Instant;
+
+use espalier_engine::{LossGradients, Session, Tokenizer, TrainingPass, load_model};
+
+/// Times `batches` through one kept [`TrainingPass`] (masks declared as given), the first step
+/// untimed; returns the timed steps' seconds and the last loss.
+fn time_pass(
+    session: &Session,
+    batches: &[&[Vec<u32>]],
+    masks: &[(String, Vec<bool>)],
+) -> Result<(Vec<f64>, f64), Box<dyn std::error::Error>> {
+    let mut pass = TrainingPass::new(session)?;
+    let sparse = masks
+        .iter()
+        .map(|(name, keep)| pass.set_mask(name, Some(keep)))
+        .collect::<Result<Vec<bool>, _>>()?;
+    let mut grad = Vec::new();
+    let (mut times, mut loss) = (Vec::new(), 0.0);
+    for (i, b) in batches.iter().enumerate() {
+        let began = Instant::now();
+        pass.reset();
+        pass.accumulate(session, b)?;
+        loss = pass.mean_loss();
+        for linear in session.block_linears() {
+            pass.mean_into(linear.name(), &mut grad);
+            std::hint::black_box(&grad);
+        }
+        let secs = began.elapsed().as_secs_f64();
+        if i > 0 {
+            times.push(secs);
+        }
+        eprintln!(
+            "step {i} ({} of {} layers block-sparse): {secs:.2} s",
+            sparse.iter().filter(|&&s| s).count(),
+            masks.len()
+        );
+    }
+    Ok((times, loss))
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let mut positional = Vec::new();
+    let (mut batch, mut seq_len, mut steps, mut autograd) = (4usize, 256usize, 3usize, false);
+    let mut blocks: Option<f64> = None;
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        let mut num = |name: &str| -> Result<usize, Box<dyn std::error::Error>> {
+            let v = args.next().ok_or(format!("{name} needs a value"))?;
+            Ok(v.parse()?)
+        };
+        match a.as_str() {
+            "--batch" => batch = num("--batch")?,
+            "--seq-len" => seq_len = num("--seq-len")?,
+            "--steps" => steps = num("--steps")?.max(2),
+            "--autograd" => autograd = true,
+            "--blocks" => {
+                let v = args.next().ok_or("--blocks needs a value")?;
+                blocks = Some(v.parse()?);
+            }
+            _ => positional.push(a),
+        }
+    }
+    let [model_ref, text_file] = positional.as_slice() else {
+        return Err("usage: train_pass MODEL_DIR TEXT_FILE [--batch N] [--seq-len T] [--steps S] [--autograd]".into());
+    };
+    let model = load_model(model_ref)?;
+    let tokenizer = Tokenizer::for_model(&model)?;
+    let ids = tokenizer.encode_with(&std::fs::read_to_string(text_file)?, false)?;
+    let windows: Vec<Vec<u32>> = ids.chunks_exact(seq_len).map(<[u32]>::to_vec).collect();
+    if windows.len() < batch * steps {
+        return Err(format!(
+            "{text_file}: {} windows of {seq_len} tokens, {} needed",
+            windows.len(),
+            batch * steps
+        )
+        .into());
+    }
+    let session = Session::new(&model)?;
+    let batches: Vec<&[Vec<u32>]> = windows.chunks_exact(batch).take(steps).collect();
+    let tokens = (batch * seq_len) as f64;
+
+    let (hand, hand_loss) = time_pass(&session, &batches, &[])?;
+    let hand_tps = tokens * hand.len() as f64 / hand.iter().sum::<f64>();
+    let mut sparse_line = String::new();
+    if let Some(density) = blocks {
+        let mut pruned = model.clone();
+        let mut masks = Vec::new();
+        for linear in session.block_linears() {
+            let name = linear.name().to_string();
+            let w = pruned.weight(&name).ok_or("missing weight")?.clone();
+            let (out, inp) = w.dims2()?;
+            let mut values = w.flatten_all()?.to_vec1::<f32>()?;
+            let (rows, cols) = (out / 16, inp / 16);
+            let mut score: Vec<(f32, usize)> = (0..rows * cols)
+                .map(|k| {
+                    let (rb, cb) = (k / cols, k % cols);
+                    let s = (0..16)
+                        .map(|r| {
+                            values[(rb * 16 + r) * inp + cb * 16..][..16]
+                                .iter()
+                                .map(|v| v.abs())
+                                .sum::<f32>()
+                        })
+                        .sum();
+                    (s, k)
+                })
+                .collect();
+            score.sort_by(|a, b| b.0.total_cmp(&a.0));
+            let kept_blocks = ((rows * cols) as f64 * density).round() as usize;
+            let mut kept = vec![false; rows * cols];
+            score
+                .iter()
+                .take(kept_blocks)
+                .for_each(|&(_, k)| kept[k] = true);
+            let keep: Vec<bool> = (0..out * inp)
+                .map(|i| kept[(i / inp / 16) * cols + (i % inp) / 16])
+                .collect();
+            values
+                .iter_mut()
+                .zip(&keep)
+                .filter(|(_, k)| !**k)
+                .for_each(|(v, _)| *v = 0.0);
+            pruned.set_weight(
+                &name,
+                candle_core::Tensor::from_vec(values, (out, inp), &candle_core::Device::Cpu)?,
+                false,
+            )?;
+            masks.push((name, keep));
+        }
+        let pruned_session = Session::new(&pruned)?;
+        let (times, loss) = time_pass(&pruned_session, &batches, &masks)?;
+        let tps = tokens * times.len() as f64 / times.iter().sum::<f64>();
+        sparse_line = format!(
+            ", \"block_density\": {density}, \"block_sparse_tokens_per_s\": {tps:.1}, \"block_sparse_loss\": {loss:.5}, \"block_sparse_over_dense\": {:.2}",
+            tps / hand_tps
+        );
+    }
+    let mut line = format!(
+        "{{\"batch\": {batch}, \"seq_len\": {seq_len}, \"threads\": {}, \"hand_written_tokens_per_s\": {hand_tps:.1}, \"hand_written_loss\": {hand_loss:.5}",
+        rayon::current_num_threads()
+    );
+    if autograd {
+        let mut auto = Vec::new();
+        let mut auto_loss = 0.0;
+        for (i, b) in batches.iter().enumerate() {
+            let began = Instant::now();
+            let mut pass = LossGradients::new(&session)?;
+            pass.accumulate(b)?;
+            auto_loss = pass.mean_loss();
+            std::hint::black_box(pass.finish()?);
+            if i > 0 {
+                auto.push(began.elapsed().as_secs_f64());
+            }
+            eprintln!("autograd step {i}: {:.2} s", began.elapsed().as_secs_f64());
+        }
+        let auto_tps = tokens * auto.len() as f64 / auto.iter().sum::<f64>();
+        line += &format!(
+            ", \"autograd_tokens_per_s\": {auto_tps:.1}, \"autograd_loss\": {auto_loss:.5}, \"speedup\": {:.2}",
+            hand_tps / auto_tps
+        );
+    }
+    line += &sparse_line;
+    println!("{line}}}");
+    Ok(())
+}
