@@ -120,22 +120,13 @@ impl<'a> LossGradients<'a> {
     /// gradient. Sequences of equal length are batched together; batches run one after the
     /// other (two at a time measured slower on 2 cores: they fight over the caches).
     pub fn accumulate(&mut self, sequences: &[Vec<u32>]) -> Result<(), EngineError> {
-        let mut batches = Vec::new();
-        let mut i = 0;
-        while i < sequences.len() {
-            let len = sequences[i].len();
-            let per_batch = if self.squares.is_some() {
-                1
-            } else {
-                (BATCH_TOKENS / len.max(1)).max(1)
-            };
-            let mut j = i + 1;
-            while j < sequences.len() && j - i < per_batch && sequences[j].len() == len {
-                j += 1;
-            }
-            batches.push(&sequences[i..j]);
-            i = j;
-        }
+        // With squares, each sequence runs alone so its gradient is its own.
+        let tokens = if self.squares.is_some() {
+            0
+        } else {
+            BATCH_TOKENS
+        };
+        let batches = equal_length_batches(sequences, tokens);
         for batch in batches {
             let result = self.batch_gradients(batch)?;
             self.add(result)?;
@@ -384,6 +375,24 @@ impl<'a> LossGradients<'a> {
             .reshape((b * t, heads * d))?;
         self.linear(&block.o, &ctx)
     }
+}
+
+/// Consecutive runs of equally long sequences, each run up to `tokens` tokens (at least one
+/// sequence per run): the batches both training passes form.
+pub(super) fn equal_length_batches(sequences: &[Vec<u32>], tokens: usize) -> Vec<&[Vec<u32>]> {
+    let mut batches = Vec::new();
+    let mut i = 0;
+    while i < sequences.len() {
+        let len = sequences[i].len();
+        let per_batch = (tokens / len.max(1)).max(1);
+        let mut j = i + 1;
+        while j < sequences.len() && j - i < per_batch && sequences[j].len() == len {
+            j += 1;
+        }
+        batches.push(&sequences[i..j]);
+        i = j;
+    }
+    batches
 }
 
 /// Fails when the teacher's vocabulary differs from the student's, or `distillation` is out of

@@ -200,6 +200,38 @@ impl RopeTable {
         }
         RopeTable { cos, sin, half }
     }
+
+    /// Writes `src` (one head's `d` values at table row `pos`) rotated into `dst`:
+    /// `(a, b) → (a·cos − b·sin, b·cos + a·sin)` over the two halves.
+    #[inline]
+    pub(crate) fn rotate(&self, pos: usize, src: &[f32], dst: &mut [f32]) {
+        let half = self.half;
+        let (cos, sin) = (
+            &self.cos[pos * half..][..half],
+            &self.sin[pos * half..][..half],
+        );
+        for i in 0..half {
+            let (a, b) = (src[i], src[i + half]);
+            dst[i] = a * cos[i] - b * sin[i];
+            dst[i + half] = b * cos[i] + a * sin[i];
+        }
+    }
+
+    /// The transpose of [`RopeTable::rotate`] (its inverse): carries a gradient with respect
+    /// to the rotated values back to the values before rotation.
+    #[inline]
+    pub(crate) fn unrotate(&self, pos: usize, src: &[f32], dst: &mut [f32]) {
+        let half = self.half;
+        let (cos, sin) = (
+            &self.cos[pos * half..][..half],
+            &self.sin[pos * half..][..half],
+        );
+        for i in 0..half {
+            let (a, b) = (src[i], src[i + half]);
+            dst[i] = a * cos[i] + b * sin[i];
+            dst[i + half] = b * cos[i] - a * sin[i];
+        }
+    }
 }
 
 /// Splits `x: [T, heads · d]` into heads, `[heads, T, d]`, applying rotary embeddings
@@ -219,15 +251,7 @@ pub(crate) fn split_heads(
                 let src = &xs[p * heads * head_dim + h * head_dim..][..head_dim];
                 let o = &mut dst[p * head_dim..][..head_dim];
                 match rope {
-                    Some(r) => {
-                        let half = r.half;
-                        let (cos, sin) = (&r.cos[p * half..][..half], &r.sin[p * half..][..half]);
-                        for i in 0..half {
-                            let (a, b) = (src[i], src[i + half]);
-                            o[i] = a * cos[i] - b * sin[i];
-                            o[i + half] = b * cos[i] + a * sin[i];
-                        }
-                    }
+                    Some(r) => r.rotate(p, src, o),
                     None => o.copy_from_slice(src),
                 }
             }

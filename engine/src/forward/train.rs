@@ -310,21 +310,13 @@ fn to_heads(
     rope: Option<&RopeTable>,
     mut out: Vec<f32>,
 ) -> Vec<f32> {
-    let half = d / 2;
     out.par_chunks_mut(t * d).enumerate().for_each(|(sh, dst)| {
         let (s, h) = (sh / heads, sh % heads);
         for i in 0..t {
             let src = &x[((s * t + i) * heads + h) * d..][..d];
             let row = &mut dst[i * d..][..d];
             match rope {
-                Some(r) => {
-                    let (cos, sin) = (&r.cos[i * half..][..half], &r.sin[i * half..][..half]);
-                    for j in 0..half {
-                        let (a, bb) = (src[j], src[j + half]);
-                        row[j] = a * cos[j] - bb * sin[j];
-                        row[j + half] = bb * cos[j] + a * sin[j];
-                    }
-                }
+                Some(r) => r.rotate(i, src, row),
                 None => row.copy_from_slice(src),
             }
         }
@@ -342,19 +334,11 @@ fn from_head(
     rope: Option<&RopeTable>,
     dst: &mut [f32],
 ) {
-    let half = d / 2;
     for i in 0..t {
         let g = &src[i * d..][..d];
         let out = &mut dst[((s * t + i) * heads + h) * d..][..d];
         match rope {
-            Some(r) => {
-                let (cos, sin) = (&r.cos[i * half..][..half], &r.sin[i * half..][..half]);
-                for j in 0..half {
-                    let (ga, gb) = (g[j], g[j + half]);
-                    out[j] = ga * cos[j] + gb * sin[j];
-                    out[j + half] = gb * cos[j] - ga * sin[j];
-                }
-            }
+            Some(r) => r.unrotate(i, g, out),
             None => out.copy_from_slice(g),
         }
     }
@@ -483,21 +467,12 @@ impl<'t> TrainingPass<'t> {
         sequences: &[Vec<u32>],
     ) -> Result<(), EngineError> {
         self.check_layers(session)?;
-        let mut i = 0;
-        while i < sequences.len() {
-            let len = sequences[i].len();
-            let per_batch = (BATCH_TOKENS / len.max(1)).max(1);
-            let mut j = i + 1;
-            while j < sequences.len() && j - i < per_batch && sequences[j].len() == len {
-                j += 1;
-            }
-            let batch = &sequences[i..j];
+        for batch in super::grad::equal_length_batches(sequences, BATCH_TOKENS) {
             let (loss, parts) = super::on_pool(|| self.batch(session, batch))?;
             self.loss_sum += loss;
             self.parts_sum.0 += parts.0;
             self.parts_sum.1 += parts.1;
             self.sequences += batch.len();
-            i = j;
         }
         Ok(())
     }
@@ -561,17 +536,14 @@ impl<'t> TrainingPass<'t> {
                 message: format!("a mask of {} entries for {size} weights", keep.len()),
             });
         }
-        let unchanged = self.sparse[b][i].as_ref().is_some_and(|t| {
-            let (out, inp) = t.pattern().shape();
-            BlockPattern::from_mask(keep, out, inp).as_ref() == Some(t.pattern())
-        });
-        if unchanged {
-            return Ok(true);
-        }
         let (out, inp) = self.shapes[b][i];
-        self.sparse[b][i] = BlockPattern::from_mask(keep, out, inp)
-            .filter(|p| p.density() <= BLOCK_SPARSE_MAX_DENSITY)
-            .map(|p| BlockTraining::new(p, Isa::detect()));
+        let pattern = BlockPattern::from_mask(keep, out, inp)
+            .filter(|p| p.density() <= BLOCK_SPARSE_MAX_DENSITY);
+        // Keep the packing (and its buffers) when the pattern did not change.
+        let current = self.sparse[b][i].as_ref().map(BlockTraining::pattern);
+        if pattern.as_ref() != current {
+            self.sparse[b][i] = pattern.map(|p| BlockTraining::new(p, Isa::detect()));
+        }
         Ok(self.sparse[b][i].is_some())
     }
 
