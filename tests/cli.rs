@@ -659,6 +659,17 @@ fn finetune_trains_holds_masks_checkpoints_and_resumes() {
     let (stdout, stderr) = text(&o);
     assert!(o.status.success(), "{stdout}\n{stderr}");
     assert!(stdout.contains("fine-tune (masks held)"), "{stdout}");
+    // stderr is a pipe here, not a terminal: progress comes as plain lines (no bars drawn),
+    // the last step and the finished stage and fine-tune among them.
+    for line in [
+        "stage 1/1 `magnitude`",
+        "✓ magnitude (magnitude): density 0.5",
+        "fine-tuning: 3 steps of 2 × 32 tokens",
+        "3/3 loss ",
+        "✓ fine-tuned 3 steps: loss ",
+    ] {
+        assert!(stderr.contains(line), "{line:?} not in {stderr}");
+    }
     let out = dir.path().join("out");
     let report: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();

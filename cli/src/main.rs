@@ -10,7 +10,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
@@ -761,6 +761,11 @@ fn warn_skipped(app: &App) {
 /// with a line per finished stage, and under it a bar for the step in progress when its length
 /// is known: calibration sequences, evaluation windows, a plugin's own progress reports. A bar
 /// is drawn only once its length is known, so none reads full before its work starts.
+///
+/// When stderr is not a terminal (a log file, CI, `nohup`), indicatif draws nothing, so the
+/// same progress goes to stderr as plain lines instead: every status and finished stage, and
+/// the step in progress at most every [`PLAIN_PROGRESS_EVERY`] and when it completes, so a
+/// 30-minute fine-tune in a log still says where it is.
 struct Bars {
     multi: MultiProgress,
     bar: ProgressBar,
@@ -769,7 +774,12 @@ struct Bars {
     stages: u64,
     /// The current step's bar, while one is shown.
     step: Option<ProgressBar>,
+    /// Plain-line mode (stderr is not a terminal): when the step in progress was last printed.
+    plain: Option<Option<Instant>>,
 }
+
+/// How often plain-line mode prints the step in progress.
+const PLAIN_PROGRESS_EVERY: Duration = Duration::from_secs(30);
 
 impl Bars {
     /// A spinner (ticking) until the first count.
@@ -791,7 +801,25 @@ impl Bars {
             .progress_chars("=> "),
             stages: 0,
             step: None,
+            plain: (!std::io::IsTerminal::is_terminal(&std::io::stderr())).then_some(None),
         })
+    }
+
+    /// Prints `text` above the bars, or as a plain line on stderr when no bar is drawn.
+    fn line(&self, text: String) {
+        if self.plain.is_some() {
+            err!("{text}");
+        } else {
+            self.bar.println(text);
+        }
+    }
+
+    /// Sets the main line's message (printed as a line of its own in plain-line mode).
+    fn status(&self, message: String) {
+        if self.plain.is_some() {
+            err!("{message}");
+        }
+        self.bar.set_message(message);
     }
 
     /// Counts `done` of `total` on the main line (a bar), or spins when `total` is 0.
@@ -807,6 +835,13 @@ impl Bars {
 
     /// Shows `done` of `total` for the current step, with `message`.
     fn step(&mut self, done: u64, total: u64, message: String) {
+        if let Some(last) = &mut self.plain {
+            let due = last.is_none_or(|t| t.elapsed() >= PLAIN_PROGRESS_EVERY);
+            if (due && done > 0) || (total > 0 && done >= total) {
+                err!("  {}/{total} {message}", done.min(total));
+                *last = Some(Instant::now());
+            }
+        }
         let bar = self.step.get_or_insert_with(|| {
             let bar = self.multi.add(ProgressBar::no_length());
             if let Ok(style) = ProgressStyle::with_template("  [{bar:24}] {pos}/{len} {msg}") {
@@ -821,6 +856,9 @@ impl Bars {
 
     /// Removes the current step's bar (its step is over).
     fn end_step(&mut self) {
+        if let Some(last) = &mut self.plain {
+            *last = None;
+        }
         if let Some(bar) = self.step.take() {
             bar.finish_and_clear();
             self.multi.remove(&bar);
@@ -852,7 +890,7 @@ impl EventSink for Bars {
                 self.end_step();
                 self.stages = total as u64;
                 self.count(index as u64, self.stages);
-                self.bar.set_message(format!(
+                self.status(format!(
                     "stage {}/{total} `{}` ({}, {targets} layers)",
                     index + 1,
                     safe(&name),
@@ -869,7 +907,7 @@ impl EventSink for Bars {
                 (Some(done), Some(total)) => self.step(done, total, safe(&step)),
                 _ => {
                     self.end_step();
-                    self.bar.set_message(format!(
+                    self.status(format!(
                         "stage {}/{}: {}",
                         index + 1,
                         self.stages,
@@ -886,8 +924,7 @@ impl EventSink for Bars {
             ),
             RunEvent::EvaluationStarted { which } => {
                 self.end_step();
-                self.bar
-                    .set_message(format!("evaluating the {which} model"));
+                self.status(format!("evaluating the {which} model"));
             }
             RunEvent::EvaluationProgress {
                 which,
@@ -909,7 +946,7 @@ impl EventSink for Bars {
             } => {
                 self.end_step();
                 let rounds = rounds.map_or(String::new(), |r| format!(" in {r} lottery rounds"));
-                self.bar.set_message(format!(
+                self.status(format!(
                     "fine-tuning: {steps} steps{rounds} of {sequences_per_step} × {seq_len} tokens"
                 ));
                 self.step(start_step, steps, "fine-tuning steps".into());
@@ -931,7 +968,7 @@ impl EventSink for Bars {
                 ),
             ),
             RunEvent::FinetunePruned { event } => {
-                self.bar.println(format!(
+                self.line(format!(
                     "  ✓ {} pruned after step {}: density {:.4} (schedule {:.4}) in {:.2} s",
                     safe(&event.stage),
                     event.step,
@@ -941,7 +978,7 @@ impl EventSink for Bars {
                 ));
             }
             RunEvent::FinetuneMaskUpdated { event } => {
-                self.bar.println(format!(
+                self.line(format!(
                     "  ✓ {} updated masks after step {}: {} dropped, {} grown (drop fraction {:.4}), density {:.4} in {:.2} s",
                     safe(&event.stage),
                     event.step,
@@ -962,14 +999,14 @@ impl EventSink for Bars {
                     }
                     _ => "; the winning ticket".to_string(),
                 };
-                self.bar.println(format!(
+                self.line(format!(
                     "  ✓ lottery round {}/{}: {} steps at density {:.4}, loss {:.4}{after}",
                     round.round, round.rounds, round.steps, round.density, round.final_loss
                 ));
             }
             RunEvent::FinetuneFinished { report } => {
                 self.end_step();
-                self.bar.println(format!(
+                self.line(format!(
                     "  ✓ fine-tuned {} steps: loss {:.4} → {:.4} in {:.1} s ({:.0} tokens/s)",
                     report
                         .loss_curve
@@ -984,7 +1021,7 @@ impl EventSink for Bars {
             RunEvent::StageFinished { index, report } => {
                 self.end_step();
                 self.count(index as u64 + 1, self.stages);
-                self.bar.println(format!(
+                self.line(format!(
                     "  ✓ {} ({}): density {:.4} in {:.2} s",
                     safe(&report.name),
                     safe(&report.plugin),
@@ -993,10 +1030,10 @@ impl EventSink for Bars {
                 ));
             }
             RunEvent::Notice { message } => {
-                self.bar.println(format!("espalier: {}", safe(&message)));
+                self.line(format!("espalier: {}", safe(&message)));
             }
             RunEvent::Warning { message } => {
-                self.bar.println(format!(
+                self.line(format!(
                     "warning: {}",
                     display_safe::terminal(&message, ERROR_MAX)
                 ));

@@ -1,0 +1,110 @@
+#!/usr/bin/env bash
+# The recovery experiment of the README ("Recovering pruned SmolLM2 by fine-tuning"): SmolLM2 at
+# 50% unstructured and at 2:4, pruned one-shot by the best criterion for each (SparseGPT under
+# sequential calibration), then fine-tuned with the masks held, with and without distilling the
+# dense model, and with RigL instead of a fixed mask (against the fixed mask at equal tokens).
+# Every model is scored on data/eval.txt by its pipeline, and on a second held-out text from
+# another source (scripts/fetch-heldout-text.sh) by `espalier eval`; a table of both, with the
+# tokens trained and the wall time of each fine-tune, is printed at the end and written to
+# out/recovery/summary.md.
+#
+# Usage: scripts/recovery_experiment.sh [GROUP...]
+#   groups (default: all, in this order):
+#     2-4       one-shot SparseGPT 2:4, then its distilled fine-tune       (~35 min on 2 cores)
+#     50        one-shot SparseGPT 50%, then its distilled fine-tune       (~35 min)
+#     2-4-ce    SparseGPT 2:4 fine-tuned on cross-entropy alone            (~25 min)
+#     rigl      Wanda 50% with a fixed mask, then with RigL, equal tokens  (~70 min)
+#     heldout   scores every export present on the held-out text           (~1 min per model)
+#     summary   prints the table from the reports present
+# Environment: ESPALIER (default target/release/espalier; `cargo build --release` first),
+# ESPALIER_MODELS (default models/). Interrupted fine-tunes resume from their checkpoints.
+set -euo pipefail
+
+ESPALIER=${ESPALIER:-target/release/espalier}
+MODELS=${ESPALIER_MODELS:-models}
+OUT=out/recovery
+die() { echo "recovery-experiment: error: $*" >&2; exit 1; }
+[ -x "$ESPALIER" ] || die "$ESPALIER not found: run 'cargo build --release' or set ESPALIER"
+mkdir -p "$OUT"
+
+run() { echo "recovery-experiment: espalier run $*" >&2; "$ESPALIER" run "$@"; }
+
+# Export folders (from the pipelines' [export] sections), in table order.
+EXPORTS=(
+    smollm2-sparsegpt-50-seq smollm2-sparsegpt-50-distill
+    smollm2-wanda-50-finetune smollm2-wanda-rigl-50
+    smollm2-sparsegpt-2-4-seq smollm2-sparsegpt-2-4-distill smollm2-sparsegpt-2-4-finetune
+)
+
+heldout() {
+    local text
+    text=$(scripts/fetch-heldout-text.sh "$MODELS/texts/botchan.txt")
+    local name model
+    for name in dense "${EXPORTS[@]}"; do
+        if [ "$name" = dense ]; then model=fetch:smollm2-135m-instruct; else model=out/$name; fi
+        [ "$name" = dense ] || [ -f "$model/report.json" ] || continue
+        [ -f "$OUT/heldout-$name.json" ] && continue
+        echo "recovery-experiment: held-out perplexity of $model" >&2
+        "$ESPALIER" eval "$model" --text "$text" --max-tokens 16384 --new-tokens 0 --json \
+            > "$OUT/heldout-$name.json.part"
+        mv "$OUT/heldout-$name.json.part" "$OUT/heldout-$name.json"
+    done
+}
+
+summary() {
+    python3 - "$OUT" "${EXPORTS[@]}" <<'PY'
+import json, os, sys
+out, names = sys.argv[1], sys.argv[2:]
+
+def load(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+
+def heldout(name):
+    r = load(f"{out}/heldout-{name}.json")
+    return r["perplexity"]["perplexity"] if r else None
+
+fmt = lambda x: "—" if x is None else f"{x:.2f}"
+dense_eval = dense_held = None
+rows = []
+for name in names:
+    r = load(f"out/{name}/report.json")
+    if r is None:
+        continue
+    ev = r["evaluation"]
+    dense_eval = ev["dense"]["perplexity"]["perplexity"]
+    ft = r.get("finetune")
+    rows.append((name, ev["pruned"]["perplexity"]["perplexity"], heldout(name),
+                 ft and ft["tokens_trained"], ft and ft["seconds"], ft and ft["spec"].get("distill")))
+dense_held = heldout("dense")
+lines = ["| model | data/eval.txt | × dense | held-out (Botchan) | × dense | tokens trained | fine-tune wall time |",
+         "|---|---|---|---|---|---|---|",
+         f"| dense | {fmt(dense_eval)} | 1.00 | {fmt(dense_held)} | 1.00 | | |"]
+for name, ppl, held, tokens, secs, distill in rows:
+    ratio = lambda p, d: "—" if p is None or d is None else f"{p / d:.2f}"
+    lines.append(f"| {name} | {fmt(ppl)} | {ratio(ppl, dense_eval)} | {fmt(held)} | {ratio(held, dense_held)} | "
+                 + ("" if tokens is None else f"{tokens:,}") + " | "
+                 + ("" if secs is None else f"{secs / 60:.1f} min") + " |")
+text = "\n".join(lines) + "\n"
+print(text)
+with open(f"{out}/summary.md", "w") as f:
+    f.write(text)
+PY
+}
+
+groups=("$@")
+[ ${#groups[@]} -gt 0 ] || groups=(2-4 50 2-4-ce rigl heldout summary)
+for g in "${groups[@]}"; do
+    case $g in
+        2-4) run pipelines/smollm2-sparsegpt-2-4-seq.toml pipelines/smollm2-sparsegpt-2-4-distill.toml ;;
+        50) run pipelines/smollm2-sparsegpt-seq.toml pipelines/smollm2-sparsegpt-50-distill.toml ;;
+        2-4-ce) run pipelines/smollm2-sparsegpt-2-4-finetune.toml ;;
+        rigl) run pipelines/smollm2-wanda-finetune.toml pipelines/smollm2-wanda-rigl.toml ;;
+        heldout) heldout ;;
+        summary) summary ;;
+        *) die "unknown group '$g' (2-4, 50, 2-4-ce, rigl, heldout, summary)" ;;
+    esac
+done
