@@ -13,7 +13,8 @@
 #     2-4       one-shot SparseGPT 2:4, then its distilled fine-tune       (~35 min on 2 cores)
 #     50        one-shot SparseGPT 50%, then its distilled fine-tune       (~35 min)
 #     2-4-ce    SparseGPT 2:4 fine-tuned on cross-entropy alone            (~25 min)
-#     rigl      Wanda 50% with a fixed mask, then with RigL, equal tokens  (~70 min)
+#     rigl      Wanda 50% one-shot, fine-tuned with a fixed mask, then with RigL at equal
+#               tokens                                                   (~75 min)
 #     heldout   scores every export present on the held-out text           (~1 min per model)
 #     summary   prints the table from the reports present
 # Environment: ESPALIER (default target/release/espalier; `cargo build --release` first),
@@ -32,7 +33,7 @@ run() { echo "recovery-experiment: espalier run $*" >&2; "$ESPALIER" run "$@"; }
 # Export folders (from the pipelines' [export] sections), in table order.
 EXPORTS=(
     smollm2-sparsegpt-50-seq smollm2-sparsegpt-50-distill
-    smollm2-wanda-50-finetune smollm2-wanda-rigl-50
+    smollm2-wanda-50 smollm2-wanda-50-finetune smollm2-wanda-rigl-50
     smollm2-sparsegpt-2-4-seq smollm2-sparsegpt-2-4-distill smollm2-sparsegpt-2-4-finetune
 )
 
@@ -68,7 +69,8 @@ def heldout(name):
     return r["perplexity"]["perplexity"] if r else None
 
 fmt = lambda x: "—" if x is None else f"{x:.2f}"
-dense_eval = dense_held = None
+ratio = lambda p, d: "—" if p is None or d is None else f"{p / d:.2f}×"
+dense_eval = None
 rows = []
 for name in names:
     r = load(f"out/{name}/report.json")
@@ -77,16 +79,23 @@ for name in names:
     ev = r["evaluation"]
     dense_eval = ev["dense"]["perplexity"]["perplexity"]
     ft = r.get("finetune")
-    rows.append((name, ev["pruned"]["perplexity"]["perplexity"], heldout(name),
-                 ft and ft["tokens_trained"], ft and ft["seconds"], ft and ft["spec"].get("distill")))
+    if ft is None:
+        how = "one-shot"
+    elif any(s.get("plugin") == "rigl" for s in r["stages"]):
+        how = "fine-tuned, RigL"
+    elif ft["spec"].get("distill"):
+        how = "fine-tuned, distilled"
+    else:
+        how = "fine-tuned, cross-entropy"
+    rows.append((os.path.basename(r["pipeline_file"]), how, ev["pruned"]["perplexity"]["perplexity"],
+                 heldout(name), ft and ft["tokens_trained"], ft and ft["seconds"]))
 dense_held = heldout("dense")
-lines = ["| model | data/eval.txt | × dense | held-out (Botchan) | × dense | tokens trained | fine-tune wall time |",
-         "|---|---|---|---|---|---|---|",
-         f"| dense | {fmt(dense_eval)} | 1.00 | {fmt(dense_held)} | 1.00 | | |"]
-for name, ppl, held, tokens, secs, distill in rows:
-    ratio = lambda p, d: "—" if p is None or d is None else f"{p / d:.2f}"
-    lines.append(f"| {name} | {fmt(ppl)} | {ratio(ppl, dense_eval)} | {fmt(held)} | {ratio(held, dense_held)} | "
-                 + ("" if tokens is None else f"{tokens:,}") + " | "
+lines = ["| pipeline | model | `data/eval.txt` | × dense | *Botchan* | × dense | tokens trained | fine-tune time |",
+         "|---|---|---|---|---|---|---|---|",
+         f"| | dense | {fmt(dense_eval)} | | {fmt(dense_held)} | | | |"]
+for file, how, ppl, held, tokens, secs in rows:
+    lines.append(f"| `{file}` | {how} | {fmt(ppl)} | {ratio(ppl, dense_eval)} | {fmt(held)} | "
+                 f"{ratio(held, dense_held)} | " + ("" if tokens is None else f"{tokens:,}") + " | "
                  + ("" if secs is None else f"{secs / 60:.1f} min") + " |")
 text = "\n".join(lines) + "\n"
 print(text)
@@ -102,7 +111,8 @@ for g in "${groups[@]}"; do
         2-4) run pipelines/smollm2-sparsegpt-2-4-seq.toml pipelines/smollm2-sparsegpt-2-4-distill.toml ;;
         50) run pipelines/smollm2-sparsegpt-seq.toml pipelines/smollm2-sparsegpt-50-distill.toml ;;
         2-4-ce) run pipelines/smollm2-sparsegpt-2-4-finetune.toml ;;
-        rigl) run pipelines/smollm2-wanda-finetune.toml pipelines/smollm2-wanda-rigl.toml ;;
+        rigl) run pipelines/smollm2-wanda.toml pipelines/smollm2-wanda-finetune.toml \
+                  pipelines/smollm2-wanda-rigl.toml ;;
         heldout) heldout ;;
         summary) summary ;;
         *) die "unknown group '$g' (2-4, 50, 2-4-ce, rigl, heldout, summary)" ;;
