@@ -10,12 +10,13 @@
 #
 # Usage: scripts/recovery_experiment.sh [GROUP...]
 #   groups (default: all, in this order):
-#     2-4       one-shot SparseGPT 2:4, then its distilled fine-tune       (~35 min on 2 cores)
-#     50        one-shot SparseGPT 50%, then its distilled fine-tune       (~35 min)
-#     2-4-ce    SparseGPT 2:4 fine-tuned on cross-entropy alone            (~25 min)
+#   (times measured on 2 quiet cores, 2026-12-04)
+#     2-4       one-shot SparseGPT 2:4, then its distilled fine-tune       (~24 min)
+#     50        one-shot SparseGPT 50%, then its distilled fine-tune       (~26 min)
+#     2-4-ce    SparseGPT 2:4 fine-tuned on cross-entropy alone            (~14 min)
 #     rigl      Wanda 50% one-shot, fine-tuned with a fixed mask, then with RigL at equal
-#               tokens                                                   (~75 min)
-#     heldout   scores every export present on the held-out text           (~1 min per model)
+#               tokens                                                   (~40 min)
+#     heldout   scores every export present on the held-out text           (~30 s per model)
 #     summary   prints the table from the reports present
 # Environment: ESPALIER (default target/release/espalier; `cargo build --release` first),
 # ESPALIER_MODELS (default models/). Interrupted fine-tunes resume from their checkpoints.
