@@ -16,6 +16,8 @@
 #     2-4-ce    SparseGPT 2:4 fine-tuned on cross-entropy alone            (~14 min)
 #     rigl      Wanda 50% one-shot, fine-tuned with a fixed mask, then with RigL at equal
 #               tokens                                                   (~40 min)
+#     2-4-long  the 2:4 distillation run for the whole 2-hour budget: 840 steps, 860,160
+#               tokens                                                   (~1 h 52 min)
 #     heldout   scores every export present on the held-out text           (~30 s per model)
 #     summary   prints the table from the reports present
 # Environment: ESPALIER (default target/release/espalier; `cargo build --release` first),
@@ -35,7 +37,8 @@ run() { echo "recovery-experiment: espalier run $*" >&2; "$ESPALIER" run "$@"; }
 EXPORTS=(
     smollm2-sparsegpt-50-seq smollm2-sparsegpt-50-distill
     smollm2-wanda-50 smollm2-wanda-50-finetune smollm2-wanda-rigl-50
-    smollm2-sparsegpt-2-4-seq smollm2-sparsegpt-2-4-distill smollm2-sparsegpt-2-4-finetune
+    smollm2-sparsegpt-2-4-seq smollm2-sparsegpt-2-4-distill smollm2-sparsegpt-2-4-distill-long
+    smollm2-sparsegpt-2-4-finetune
 )
 
 heldout() {
@@ -106,16 +109,17 @@ PY
 }
 
 groups=("$@")
-[ ${#groups[@]} -gt 0 ] || groups=(2-4 50 2-4-ce rigl heldout summary)
+[ ${#groups[@]} -gt 0 ] || groups=(2-4 50 2-4-ce rigl 2-4-long heldout summary)
 for g in "${groups[@]}"; do
     case $g in
         2-4) run pipelines/smollm2-sparsegpt-2-4-seq.toml pipelines/smollm2-sparsegpt-2-4-distill.toml ;;
         50) run pipelines/smollm2-sparsegpt-seq.toml pipelines/smollm2-sparsegpt-50-distill.toml ;;
         2-4-ce) run pipelines/smollm2-sparsegpt-2-4-finetune.toml ;;
+        2-4-long) run pipelines/smollm2-sparsegpt-2-4-distill-long.toml ;;
         rigl) run pipelines/smollm2-wanda.toml pipelines/smollm2-wanda-finetune.toml \
                   pipelines/smollm2-wanda-rigl.toml ;;
         heldout) heldout ;;
         summary) summary ;;
-        *) die "unknown group '$g' (2-4, 50, 2-4-ce, rigl, heldout, summary)" ;;
+        *) die "unknown group '$g' (2-4, 50, 2-4-ce, rigl, 2-4-long, heldout, summary)" ;;
     esac
 done
