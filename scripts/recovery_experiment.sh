@@ -17,7 +17,7 @@
 #     rigl      Wanda 50% one-shot, fine-tuned with a fixed mask, then with RigL at equal
 #               tokens                                                   (~40 min)
 #     2-4-long  the 2:4 distillation run for the whole 2-hour budget: 840 steps, 860,160
-#               tokens                                                   (~1 h 52 min)
+#               tokens                                                   (~1 h 46 min)
 #     heldout   scores every export present on the held-out text           (~30 s per model)
 #     summary   prints the table from the reports present
 # Environment: ESPALIER (default target/release/espalier; `cargo build --release` first),
