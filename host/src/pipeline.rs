@@ -1139,8 +1139,26 @@ fn parse_finetune(
         }
         spec.distill = Some(distill);
     }
-    let fetched = spec.text.to_str().is_some_and(|t| t.starts_with("fetch:"));
-    if !fetched && !spec.text.is_file() {
+    let fetched = spec.text.to_str().and_then(|t| t.strip_prefix("fetch:"));
+    // An unknown `fetch:` name is refused here, not after calibration and pruning have run.
+    if let Some(name) = fetched
+        && !crate::fetch::FETCHABLE_TEXTS.iter().any(|t| t.name == name)
+    {
+        let known: Vec<&str> = crate::fetch::FETCHABLE_TEXTS
+            .iter()
+            .map(|t| t.name)
+            .collect();
+        return Err(PipelineError {
+            file: ctx.file.to_string(),
+            position: text_position,
+            field: "finetune.text".into(),
+            message: format!(
+                "unknown text `fetch:{name}`; known: {} (or name a UTF-8 file)",
+                known.join(", ")
+            ),
+        });
+    }
+    if fetched.is_none() && !spec.text.is_file() {
         return Err(PipelineError {
             file: ctx.file.to_string(),
             position: text_position,
@@ -2238,6 +2256,17 @@ mod tests {
             p.finetune.unwrap().spec.text,
             PathBuf::from(DEFAULT_TRAINING_TEXT)
         );
+        // A known `fetch:` name is taken as written, also without the file at hand.
+        let p = Pipeline::parse_in(
+            "p.toml",
+            "model = \"m\"\n[finetune]\ntext = \"fetch:state-of-the-union\"\n",
+            base,
+        )
+        .unwrap();
+        assert_eq!(
+            p.finetune.unwrap().spec.text,
+            PathBuf::from("fetch:state-of-the-union")
+        );
         let p = Pipeline::parse_in(
             "p.toml",
             &format!(
@@ -2309,6 +2338,7 @@ mod tests {
             ("checkpoint_every = 0", "finetune.checkpoint_every"),
             ("checkpoint_every = 3", "finetune.checkpoint_every"),
             ("text = \"missing.txt\"", "finetune.text"),
+            ("text = \"fetch:wikipedia\"", "finetune.text"),
             ("setps = 3", "finetune"),
             ("distill = { wieght = 0.5 }", "finetune.distill"),
         ] {
