@@ -13,14 +13,16 @@
 #   (times measured on 2 quiet cores, 2026-12-04)
 #     2-4       one-shot SparseGPT 2:4, then its distilled fine-tune       (~24 min)
 #     50        one-shot SparseGPT 50%, then its distilled fine-tune on verse and, at equal
-#               tokens, on prose                                         (~50 min)
+#               tokens, on prose at learning rates 1e-4 and 3e-4         (~75 min)
 #     2-4-ce    SparseGPT 2:4 fine-tuned on cross-entropy alone            (~14 min)
 #     rigl      Wanda 50% one-shot, fine-tuned with a fixed mask, then with RigL at equal
 #               tokens                                                   (~40 min)
 #     2-4-long  the 2:4 distillation run for the whole 2-hour budget: 840 steps, 860,160
 #               tokens                                                   (~1 h 46 min)
 #     50-long   the 50% distillation for the whole budget, on prose (the State of the Union
-#               addresses, fetch:state-of-the-union): 840 steps          (~1 h 40 min)
+#               addresses, fetch:state-of-the-union): 840 steps at 1e-4  (~1 h 40 min)
+#     50-long-lr3e-4  the same at 3e-4, 960 steps (983,040 tokens; the faster
+#               distillation pass fits them in the same budget)          (~1 h 40 min)
 #     heldout   scores every export present on the held-out text           (~30 s per model)
 #     summary   prints the table from the reports present
 # Environment: ESPALIER (default target/release/espalier; `cargo build --release` first),
@@ -39,7 +41,8 @@ run() { echo "recovery-experiment: espalier run $*" >&2; "$ESPALIER" run "$@"; }
 # Export folders (from the pipelines' [export] sections), in table order.
 EXPORTS=(
     smollm2-sparsegpt-50-seq smollm2-sparsegpt-50-distill smollm2-sparsegpt-50-distill-prose
-    smollm2-sparsegpt-50-distill-long
+    smollm2-sparsegpt-50-distill-prose-lr3e-4 smollm2-sparsegpt-50-distill-long
+    smollm2-sparsegpt-50-distill-long-lr3e-4
     smollm2-wanda-50 smollm2-wanda-50-finetune smollm2-wanda-rigl-50
     smollm2-sparsegpt-2-4-seq smollm2-sparsegpt-2-4-distill smollm2-sparsegpt-2-4-distill-long
     smollm2-sparsegpt-2-4-finetune
@@ -116,19 +119,21 @@ PY
 }
 
 groups=("$@")
-[ ${#groups[@]} -gt 0 ] || groups=(2-4 50 2-4-ce rigl 2-4-long 50-long heldout summary)
+[ ${#groups[@]} -gt 0 ] || groups=(2-4 50 2-4-ce rigl 2-4-long 50-long 50-long-lr3e-4 heldout summary)
 for g in "${groups[@]}"; do
     case $g in
         2-4) run pipelines/smollm2-sparsegpt-2-4-seq.toml pipelines/smollm2-sparsegpt-2-4-distill.toml ;;
         50) run pipelines/smollm2-sparsegpt-seq.toml pipelines/smollm2-sparsegpt-50-distill.toml \
-                pipelines/smollm2-sparsegpt-50-distill-prose.toml ;;
+                pipelines/smollm2-sparsegpt-50-distill-prose.toml \
+                pipelines/smollm2-sparsegpt-50-distill-prose-lr3e-4.toml ;;
         2-4-ce) run pipelines/smollm2-sparsegpt-2-4-finetune.toml ;;
         2-4-long) run pipelines/smollm2-sparsegpt-2-4-distill-long.toml ;;
         50-long) run pipelines/smollm2-sparsegpt-50-distill-long.toml ;;
+        50-long-lr3e-4) run pipelines/smollm2-sparsegpt-50-distill-long-lr3e-4.toml ;;
         rigl) run pipelines/smollm2-wanda.toml pipelines/smollm2-wanda-finetune.toml \
                   pipelines/smollm2-wanda-rigl.toml ;;
         heldout) heldout ;;
         summary) summary ;;
-        *) die "unknown group '$g' (2-4, 50, 2-4-ce, rigl, 2-4-long, 50-long, heldout, summary)" ;;
+        *) die "unknown group '$g' (2-4, 50, 2-4-ce, rigl, 2-4-long, 50-long, 50-long-lr3e-4, heldout, summary)" ;;
     esac
 done

@@ -5,28 +5,41 @@
 //!
 //! ```text
 //! cargo run --release -p espalier-engine --example train_pass -- MODEL_DIR TEXT_FILE \
-//!     [--batch 4] [--seq-len 256] [--steps 3] [--autograd] [--blocks DENSITY]
+//!     [--batch 4] [--seq-len 256] [--steps 3] [--autograd] [--blocks DENSITY] [--distill]
 //! ```
 //!
 //! `--blocks 0.2` also times the same pass with every block linear pruned to its largest 20%
 //! of 16×16 blocks (by sum of |w|) and declared block-sparse ([`TrainingPass::set_mask`]),
 //! in the same run.
 //!
+//! `--distill` also times the pass distilling a teacher (a second session of the same model,
+//! KL at temperature 1 as the recovery pipelines use): its tokens/s beside the plain pass's
+//! is what distillation costs per step (the teacher's forward pass and both LM heads).
+//!
 //! The first step of each pass is a warm-up and is not timed. The end-to-end figure beside
 //! PyTorch (optimizer included) is `scripts/train_throughput_bench.py`.
 
 use std::time::Instant;
 
-use espalier_engine::{LossGradients, Session, Tokenizer, TrainingPass, load_model};
+use espalier_engine::{Distillation, LossGradients, Session, Tokenizer, TrainingPass, load_model};
 
-/// Times `batches` through one kept [`TrainingPass`] (masks declared as given), the first step
-/// untimed; returns the timed steps' seconds and the last loss.
+/// Times `batches` through one kept [`TrainingPass`] (masks declared as given, distilling
+/// `teacher` when given), the first step untimed; returns the timed steps' seconds and the
+/// last loss.
 fn time_pass(
     session: &Session,
     batches: &[&[Vec<u32>]],
     masks: &[(String, Vec<bool>)],
+    teacher: Option<&Session>,
 ) -> Result<(Vec<f64>, f64), Box<dyn std::error::Error>> {
     let mut pass = TrainingPass::new(session)?;
+    if let Some(teacher) = teacher {
+        let d = Distillation {
+            weight: 1.0,
+            temperature: 1.0,
+        };
+        pass = pass.with_teacher(session, teacher, d)?;
+    }
     let sparse = masks
         .iter()
         .map(|(name, keep)| pass.set_mask(name, Some(keep)))
@@ -58,6 +71,7 @@ fn time_pass(
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut positional = Vec::new();
     let (mut batch, mut seq_len, mut steps, mut autograd) = (4usize, 256usize, 3usize, false);
+    let mut distill = false;
     let mut blocks: Option<f64> = None;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -70,6 +84,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "--seq-len" => seq_len = num("--seq-len")?,
             "--steps" => steps = num("--steps")?.max(2),
             "--autograd" => autograd = true,
+            "--distill" => distill = true,
             "--blocks" => {
                 let v = args.next().ok_or("--blocks needs a value")?;
                 blocks = Some(v.parse()?);
@@ -78,7 +93,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     let [model_ref, text_file] = positional.as_slice() else {
-        return Err("usage: train_pass MODEL_DIR TEXT_FILE [--batch N] [--seq-len T] [--steps S] [--autograd]".into());
+        return Err("usage: train_pass MODEL_DIR TEXT_FILE [--batch N] [--seq-len T] [--steps S] [--autograd] [--blocks DENSITY] [--distill]".into());
     };
     let model = load_model(model_ref)?;
     let tokenizer = Tokenizer::for_model(&model)?;
@@ -96,7 +111,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let batches: Vec<&[Vec<u32>]> = windows.chunks_exact(batch).take(steps).collect();
     let tokens = (batch * seq_len) as f64;
 
-    let (hand, hand_loss) = time_pass(&session, &batches, &[])?;
+    let (hand, hand_loss) = time_pass(&session, &batches, &[], None)?;
     let hand_tps = tokens * hand.len() as f64 / hand.iter().sum::<f64>();
     let mut sparse_line = String::new();
     if let Some(density) = blocks {
@@ -145,7 +160,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             masks.push((name, keep));
         }
         let pruned_session = Session::new(&pruned)?;
-        let (times, loss) = time_pass(&pruned_session, &batches, &masks)?;
+        let (times, loss) = time_pass(&pruned_session, &batches, &masks, None)?;
         let tps = tokens * times.len() as f64 / times.iter().sum::<f64>();
         sparse_line = format!(
             ", \"block_density\": {density}, \"block_sparse_tokens_per_s\": {tps:.1}, \"block_sparse_loss\": {loss:.5}, \"block_sparse_over_dense\": {:.2}",
@@ -174,6 +189,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         line += &format!(
             ", \"autograd_tokens_per_s\": {auto_tps:.1}, \"autograd_loss\": {auto_loss:.5}, \"speedup\": {:.2}",
             hand_tps / auto_tps
+        );
+    }
+    if distill {
+        let teacher = Session::new(&model)?;
+        let (times, loss) = time_pass(&session, &batches, &[], Some(&teacher))?;
+        let tps = tokens * times.len() as f64 / times.iter().sum::<f64>();
+        line += &format!(
+            ", \"distill_tokens_per_s\": {tps:.1}, \"distill_loss\": {loss:.5}, \"distill_over_plain\": {:.2}",
+            tps / hand_tps
         );
     }
     line += &sparse_line;

@@ -7,8 +7,17 @@
 //! weight and both moments there, so no rounding, weight decay or stale state can bring a pruned
 //! weight back. Everything is plain `f32` slices in row-major order, so a faster training pass
 //! that produces gradients another way plugs in unchanged.
+//!
+//! Both passes over the parameters run on every core in fixed chunks of [`CHUNK`] elements:
+//! the update is element-wise, so it gives the same bits however the chunks are scheduled, and
+//! the norm's partial sums are added in chunk order, so a resumed run reproduces it exactly.
+//! Run on one core, they were a fifth of a distillation step's wall time on SmolLM2.
 
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
+
+/// Elements per parallel work item of the optimizer's passes.
+const CHUNK: usize = 1 << 15;
 
 /// AdamW's settings.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -87,19 +96,27 @@ impl AdamW {
         let decay = (1.0 - lr * c.weight_decay) as f32;
         let (b1, b2, eps) = (b1 as f32, b2 as f32, c.eps as f32);
         let Moments { m, v } = moments;
-        for i in 0..weights.len() {
-            if keep.is_some_and(|k| !k[i]) {
-                weights[i] = 0.0;
-                m[i] = 0.0;
-                v[i] = 0.0;
-                continue;
-            }
-            let g = grad[i];
-            m[i] = b1 * m[i] + (1.0 - b1) * g;
-            v[i] = b2 * v[i] + (1.0 - b2) * g * g;
-            let denom = v[i].sqrt() / bc2_sqrt + eps;
-            weights[i] = weights[i] * decay - step_size * m[i] / denom;
-        }
+        (weights.par_chunks_mut(CHUNK))
+            .zip(m.par_chunks_mut(CHUNK))
+            .zip(v.par_chunks_mut(CHUNK))
+            .zip(grad.par_chunks(CHUNK))
+            .enumerate()
+            .for_each(|(c, (((weights, m), v), grad))| {
+                let keep = keep.map(|k| &k[c * CHUNK..c * CHUNK + weights.len()]);
+                for i in 0..weights.len() {
+                    if keep.is_some_and(|k| !k[i]) {
+                        weights[i] = 0.0;
+                        m[i] = 0.0;
+                        v[i] = 0.0;
+                        continue;
+                    }
+                    let g = grad[i];
+                    m[i] = b1 * m[i] + (1.0 - b1) * g;
+                    v[i] = b2 * v[i] + (1.0 - b2) * g * g;
+                    let denom = v[i].sqrt() / bc2_sqrt + eps;
+                    weights[i] = weights[i] * decay - step_size * m[i] / denom;
+                }
+            });
     }
 }
 
@@ -159,20 +176,29 @@ pub fn clip_global_norm<'a>(
     max_norm: Option<f64>,
 ) -> f64 {
     let grads: Vec<&mut Vec<f32>> = grads.into_iter().collect();
-    let norm = grads
+    // Partial sums per chunk, in parallel, then added in order: the same bits on every run.
+    let partial: Vec<f64> = grads
         .iter()
-        .flat_map(|g| g.iter())
-        .map(|&g| f64::from(g) * f64::from(g))
-        .sum::<f64>()
-        .sqrt();
+        .flat_map(|g| g.chunks(CHUNK))
+        .collect::<Vec<_>>()
+        .par_iter()
+        .map(|chunk| {
+            chunk
+                .iter()
+                .map(|&g| f64::from(g) * f64::from(g))
+                .sum::<f64>()
+        })
+        .collect();
+    let norm = partial.iter().sum::<f64>().sqrt();
     if let Some(max) = max_norm
         && norm > max
         && norm.is_finite()
     {
         let scale = (max / norm) as f32;
-        for g in grads {
-            g.iter_mut().for_each(|x| *x *= scale);
-        }
+        grads
+            .into_par_iter()
+            .flat_map(|g| g.par_chunks_mut(CHUNK))
+            .for_each(|chunk| chunk.iter_mut().for_each(|x| *x *= scale));
     }
     norm
 }
