@@ -77,7 +77,7 @@ use crate::cancel::CancelToken;
 use crate::dynamic::UpdateEvent;
 use crate::lottery::{Rewind, RoundReport, Rounds};
 use crate::mask::{Mask, Structure};
-use crate::optim::{AdamW, AdamWConfig, Decay, Moments, clip_global_norm, learning_rate};
+use crate::optim::{self, AdamW, AdamWConfig, Decay, Moments, clip_global_norm, learning_rate};
 use crate::schedule::PruneEvent;
 
 /// The checkpoint's file name inside `checkpoint_dir`.
@@ -996,13 +996,13 @@ pub fn finetune(
                 .for_each(|(p, g)| {
                     // The dense gradient, before masking, for the next mask update.
                     if accumulate && let Some(sum) = &mut p.dense_grad {
-                        (sum.par_chunks_mut(1 << 15))
-                            .zip(g.par_chunks(1 << 15))
+                        (sum.par_chunks_mut(optim::CHUNK))
+                            .zip(g.par_chunks(optim::CHUNK))
                             .for_each(|(s, g)| s.iter_mut().zip(g).for_each(|(s, g)| *s += g));
                     }
                     if let Some(keep) = &p.keep {
-                        (g.par_chunks_mut(1 << 15))
-                            .zip(keep.par_chunks(1 << 15))
+                        (g.par_chunks_mut(optim::CHUNK))
+                            .zip(keep.par_chunks(optim::CHUNK))
                             .for_each(|(g, keep)| {
                                 g.iter_mut()
                                     .zip(keep)

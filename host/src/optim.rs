@@ -17,7 +17,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 /// Elements per parallel work item of the optimizer's passes.
-const CHUNK: usize = 1 << 15;
+pub(crate) const CHUNK: usize = 1 << 15;
 
 /// AdamW's settings.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]

@@ -44,6 +44,9 @@ use crate::linear::{Linear, LinearWeight};
 /// activations stay near 1.3 GB.
 const BATCH_TOKENS: usize = 1024;
 
+/// Elements per parallel work item when [`TrainingPass::mean_into`] scales a gradient sum.
+const MEAN_CHUNK: usize = 1 << 15;
+
 /// The seven linears of a LLaMA block, in the order their gradients are stored.
 const LINEARS: usize = 7;
 
@@ -559,8 +562,8 @@ impl<'t> TrainingPass<'t> {
         let n = self.sequences.max(1) as f32;
         let sum = &self.sums[b][i].1;
         out.resize(sum.len(), 0.0);
-        (out.par_chunks_mut(1 << 15))
-            .zip(sum.par_chunks(1 << 15))
+        (out.par_chunks_mut(MEAN_CHUNK))
+            .zip(sum.par_chunks(MEAN_CHUNK))
             .for_each(|(o, s)| o.iter_mut().zip(s).for_each(|(o, g)| *o = g / n));
         true
     }
@@ -799,22 +802,9 @@ fn head_gradient_into(
     tokens: &[u32],
     dh: &mut [f32],
 ) -> Result<f64, EngineError> {
-    let targets = &tokens[1..];
-    let n = targets.len() as f32;
-    if let Some(bad) = targets.iter().find(|&&t| t as usize >= vocab) {
-        return Err(EngineError::Input(format!(
-            "target token {bad} is outside the vocabulary of {vocab} entries"
-        )));
-    }
-    let wv = View::rows(w, vocab, width);
-    let mut logits = pool.take(HEAD_ROWS.min(targets.len()) * vocab);
+    let n = (tokens.len() - 1) as f32;
     let mut loss = 0f64;
-    for (c, chunk) in targets.chunks(HEAD_ROWS).enumerate() {
-        let first = c * HEAD_ROWS;
-        let rows = chunk.len();
-        let z = &mut logits[..rows * vocab];
-        let hv = View::rows(&h[first * width..(first + rows) * width], rows, width);
-        matmul(z, hv, wv.t(), 1.0, false, true)?;
+    head_chunks(pool, w, (vocab, width), h, tokens, dh, |_, z, chunk| {
         // Per row: log-sum-exp (partial sums in f32, accumulated in f64, as `row_nll`), the
         // loss, and softmax − onehot over n in place.
         // Per-row losses collected in order and summed serially: a parallel f64 sum's order
@@ -843,10 +833,49 @@ fn head_gradient_into(
             })
             .collect();
         loss += row_losses.iter().sum::<f64>();
-        let dz = View::rows(z, rows, vocab);
+        Ok(())
+    })?;
+    Ok(loss / f64::from(n))
+}
+
+/// The frame both LM-head gradients share: checks the targets (`tokens[1..]`), then per chunk
+/// of [`HEAD_ROWS`] rows forms the logits `h·Wᵀ` (one GEMM, into one pooled buffer), lets
+/// `fill(first_row, logits, targets)` turn them into `dloss/dlogits` in place, and writes
+/// `dh = dlogits·W` (one GEMM); the last row of `dh`, which predicts nothing, is zero.
+fn head_chunks(
+    pool: &mut Pool,
+    w: &[f32],
+    (vocab, width): (usize, usize),
+    h: &[f32],
+    tokens: &[u32],
+    dh: &mut [f32],
+    mut fill: impl FnMut(usize, &mut [f32], &[u32]) -> Result<(), EngineError>,
+) -> Result<(), EngineError> {
+    let targets = &tokens[1..];
+    if let Some(bad) = targets.iter().find(|&&t| t as usize >= vocab) {
+        return Err(EngineError::Input(format!(
+            "target token {bad} is outside the vocabulary of {vocab} entries"
+        )));
+    }
+    let wv = View::rows(w, vocab, width);
+    let mut logits = pool.take(HEAD_ROWS.min(targets.len()) * vocab);
+    for (c, chunk) in targets.chunks(HEAD_ROWS).enumerate() {
+        let first = c * HEAD_ROWS;
+        let rows = chunk.len();
+        let span = first * width..(first + rows) * width;
+        let z = &mut logits[..rows * vocab];
         matmul(
-            &mut dh[first * width..(first + rows) * width],
-            dz,
+            z,
+            View::rows(&h[span.clone()], rows, width),
+            wv.t(),
+            1.0,
+            false,
+            true,
+        )?;
+        fill(first, z, chunk)?;
+        matmul(
+            &mut dh[span],
+            View::rows(z, rows, vocab),
             wv,
             1.0,
             false,
@@ -855,7 +884,7 @@ fn head_gradient_into(
     }
     dh[targets.len() * width..].fill(0.0);
     pool.give(logits);
-    Ok(loss / f64::from(n))
+    Ok(())
 }
 
 /// The distillation loss of one sequence, as `grad::distill_head_gradient` defines it, and its
@@ -876,44 +905,26 @@ fn distill_head_gradient_into(
     d: Distillation,
     dh: &mut [f32],
 ) -> Result<(f64, f64), EngineError> {
-    let targets = &tokens[1..];
-    let n = targets.len() as f32;
-    if let Some(bad) = targets.iter().find(|&&t| t as usize >= vocab) {
-        return Err(EngineError::Input(format!(
-            "target token {bad} is outside the vocabulary of {vocab} entries"
-        )));
-    }
     if th.len() != h.len() || wt.len() != w.len() {
         return Err(EngineError::Input(
             "internal: the teacher's hidden states or LM head do not match the student's".into(),
         ));
     }
+    let n = (tokens.len() - 1) as f32;
     let (alpha, temp) = (d.weight as f32, d.temperature as f32);
     let (ce_scale, kl_scale) = ((1.0 - alpha) / n, alpha * temp / n);
     let inv_temp = 1.0 / temp;
     let tempered = temp != 1.0;
-    let (wv, wtv) = (View::rows(w, vocab, width), View::rows(wt, vocab, width));
-    let chunk_rows = HEAD_ROWS.min(targets.len());
-    let mut logits = pool.take(chunk_rows * vocab);
-    let mut teacher = pool.take(chunk_rows * vocab);
+    let wtv = View::rows(wt, vocab, width);
+    let mut teacher = pool.take(HEAD_ROWS.min(tokens.len() - 1) * vocab);
     let (mut ce, mut kl) = (0f64, 0f64);
-    for (c, chunk) in targets.chunks(HEAD_ROWS).enumerate() {
-        let first = c * HEAD_ROWS;
+    head_chunks(pool, w, (vocab, width), h, tokens, dh, |first, z, chunk| {
         let rows = chunk.len();
-        let span = first * width..(first + rows) * width;
-        let z = &mut logits[..rows * vocab];
         let zt = &mut teacher[..rows * vocab];
-        matmul(
-            z,
-            View::rows(&h[span.clone()], rows, width),
-            wv.t(),
-            1.0,
-            false,
-            true,
-        )?;
+        let span = first * width..(first + rows) * width;
         matmul(
             zt,
-            View::rows(&th[span.clone()], rows, width),
+            View::rows(&th[span], rows, width),
             wtv.t(),
             1.0,
             false,
@@ -969,17 +980,8 @@ fn distill_head_gradient_into(
             ce += row_ce;
             kl += row_kl;
         }
-        matmul(
-            &mut dh[span],
-            View::rows(z, rows, vocab),
-            wv,
-            1.0,
-            false,
-            true,
-        )?;
-    }
-    dh[targets.len() * width..].fill(0.0);
-    pool.give(logits);
+        Ok(())
+    })?;
     pool.give(teacher);
     let n = f64::from(n);
     Ok((ce / n, kl / n))
