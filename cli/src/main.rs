@@ -959,8 +959,11 @@ impl EventSink for Bars {
                     step.round.map_or(String::new(), |r| format!("round {r}: ")),
                     step.loss,
                     step.parts.map_or(String::new(), |p| format!(
-                        " (CE {:.4}, KL {:.4})",
-                        p.cross_entropy, p.kl
+                        " (CE {:.4}, KL {:.4}{})",
+                        p.cross_entropy,
+                        p.kl,
+                        p.hidden
+                            .map_or(String::new(), |h| format!(", hidden {h:.4}"))
                     )),
                     step.learning_rate,
                     step.tokens_per_second,

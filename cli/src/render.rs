@@ -384,10 +384,24 @@ pub fn print_report(r: &RunReport, layers: bool) {
             ),
         ]);
         if let (Some(d), Some([first, last, tail])) = (&f.spec.distill, &f.parts) {
-            t.add_row(vec![
-                format!("distillation (weight {}, T {})", d.weight, d.temperature),
+            let hidden = match (first.hidden, last.hidden, tail.hidden) {
+                (Some(a), Some(b), Some(c)) => {
+                    format!(", hidden {a:.4} → {b:.4} (last tenth {c:.4})")
+                }
+                _ => String::new(),
+            };
+            let setting = if d.hidden > 0.0 {
                 format!(
-                    "CE {:.4} → {:.4} (last tenth {:.4}), KL {:.4} → {:.4} (last tenth {:.4})",
+                    "distillation (weight {}, T {}, hidden {})",
+                    d.weight, d.temperature, d.hidden
+                )
+            } else {
+                format!("distillation (weight {}, T {})", d.weight, d.temperature)
+            };
+            t.add_row(vec![
+                setting,
+                format!(
+                    "CE {:.4} → {:.4} (last tenth {:.4}), KL {:.4} → {:.4} (last tenth {:.4}){hidden}",
                     first.cross_entropy,
                     last.cross_entropy,
                     tail.cross_entropy,

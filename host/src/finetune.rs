@@ -123,14 +123,23 @@ pub struct FinetuneSpec {
     pub distill: Option<DistillSpec>,
 }
 
-/// `distill = { weight = α, temperature = T }`: the loss is `(1 − α)·CE + α·T²·KL(dense ‖
-/// fine-tuned)` at temperature `T`.
+/// `distill = { weight = α, temperature = T, hidden = β }`: the loss is `(1 − α)·CE +
+/// α·T²·KL(dense ‖ fine-tuned)` at temperature `T`, plus, when `β > 0`, `β` times the mean
+/// over blocks of `‖x_s − x_t‖² / ‖x_t‖²` between the fine-tuned and the dense model's
+/// residual streams after each block (SquareHead's hidden-state term).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct DistillSpec {
     /// `α` in `[0, 1]`.
     pub weight: f64,
     /// `T > 0`.
     pub temperature: f64,
+    /// `β ≥ 0`; 0 (the default, left out of reports and checkpoints) adds no hidden-state term.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub hidden: f64,
+}
+
+fn is_zero(v: &f64) -> bool {
+    *v == 0.0
 }
 
 /// The two parts of a distillation loss: the mean next-token cross-entropy and the mean KL
@@ -142,6 +151,9 @@ pub struct LossParts {
     pub cross_entropy: f64,
     /// Mean KL divergence from the dense model.
     pub kl: f64,
+    /// With hidden-state distillation, the mean hidden-state term (before its weight).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hidden: Option<f64>,
 }
 
 impl LossParts {
@@ -151,6 +163,11 @@ impl LossParts {
         (!parts.is_empty()).then(|| LossParts {
             cross_entropy: parts.iter().map(|p| p.cross_entropy).sum::<f64>() / n,
             kl: parts.iter().map(|p| p.kl).sum::<f64>() / n,
+            hidden: parts
+                .iter()
+                .map(|p| p.hidden)
+                .sum::<Option<f64>>()
+                .map(|h| h / n),
         })
     }
 }
@@ -588,16 +605,29 @@ type TrainedLayer<'p> = (&'p str, Option<&'p [bool]>);
 type StepGradients = (f64, Option<LossParts>, Vec<Vec<f32>>);
 
 impl<'t> Gradients<'t> {
+    /// The hand-written pass where it covers `session`, else autograd. `hidden` is the
+    /// hidden-state distillation weight (0: none), which only the hand-written pass has.
     fn new(
         session: &Session,
         teacher: Option<(&'t Session, Distillation)>,
+        hidden: f64,
     ) -> Result<Self, EngineError> {
         if !TrainingPass::supports(session) {
+            if hidden > 0.0 {
+                return Err(EngineError::Input(
+                    "finetune.distill.hidden: hidden-state distillation needs a LLaMA-family \
+                     model held as dense f32 weights (the hand-written training pass); leave \
+                     `hidden` out for this model"
+                        .into(),
+                ));
+            }
             return Ok(Gradients::Autograd);
         }
         let mut pass = TrainingPass::new(session)?;
         if let Some((t, d)) = teacher {
-            pass = pass.with_teacher(session, t, d)?;
+            pass = pass
+                .with_teacher(session, t, d)?
+                .with_hidden_distillation(hidden)?;
         }
         Ok(Gradients::HandWritten(Box::new(pass)))
     }
@@ -615,8 +645,13 @@ impl<'t> Gradients<'t> {
         cancel: &CancelToken,
         (layers, mut buffers): (&[TrainedLayer], Vec<Vec<f32>>),
     ) -> Result<StepGradients, FinetuneError> {
-        let parts =
-            |p: Option<(f64, f64)>| p.map(|(cross_entropy, kl)| LossParts { cross_entropy, kl });
+        let parts = |p: Option<(f64, f64)>, hidden: Option<f64>| {
+            p.map(|(cross_entropy, kl)| LossParts {
+                cross_entropy,
+                kl,
+                hidden,
+            })
+        };
         let missing = |name: &str| EngineError::Tensor {
             name: name.to_string(),
             message: "internal: the gradient pass returned no gradient".into(),
@@ -639,7 +674,8 @@ impl<'t> Gradients<'t> {
                         return Err(missing(name).into());
                     }
                 }
-                Ok((pass.mean_loss(), parts(pass.mean_parts()), buffers))
+                let step_parts = parts(pass.mean_parts(), pass.mean_hidden());
+                Ok((pass.mean_loss(), step_parts, buffers))
             }
             Gradients::Autograd => {
                 let mut pass = LossGradients::new(session)?;
@@ -652,7 +688,7 @@ impl<'t> Gradients<'t> {
                     }
                     pass.accumulate(&next_batch())?;
                 }
-                let (loss, step_parts) = (pass.mean_loss(), parts(pass.mean_parts()));
+                let (loss, step_parts) = (pass.mean_loss(), parts(pass.mean_parts(), None));
                 let mut stats = pass.finish()?.mean;
                 let grads = layers
                     .iter()
@@ -850,7 +886,8 @@ pub fn finetune(
     progress.started(start, total);
     let optimizer = AdamW { config: spec.adamw };
     let tokens_per_step = (spec.sequences_per_step() * spec.seq_len) as f64;
-    let mut gradients = Gradients::new(&session, teacher.as_ref().map(|(t, d)| (t, *d)))?;
+    let hidden = spec.distill.map_or(0.0, |d| d.hidden);
+    let mut gradients = Gradients::new(&session, teacher.as_ref().map(|(t, d)| (t, *d)), hidden)?;
     let mut grad_buffers = Vec::new();
     let began = Instant::now();
     // When this process's first step ended, for `steady_tokens_per_second`.
@@ -2305,10 +2342,32 @@ mod tests {
         assert_ne!(first, second, "each epoch is shuffled anew");
     }
 
-    /// With distillation from the dense model: every step reports both loss parts (mixed as
-    /// the settings say, the KL positive since pruning moved the model), the masks hold, a
-    /// resume across an interruption is bit-exact (parts included), and a checkpoint of the
-    /// same run without distillation is refused.
+    /// Hidden-state distillation needs the hand-written pass: on a GPT-2 model (autograd) it
+    /// is refused, naming the setting, while plain distillation still runs there.
+    #[test]
+    fn hidden_state_distillation_is_refused_where_autograd_trains() {
+        let model = builtin_model("tiny-gpt2").unwrap();
+        let (student, teacher) = (Session::new(&model).unwrap(), Session::new(&model).unwrap());
+        let d = Distillation {
+            weight: 1.0,
+            temperature: 1.0,
+        };
+        let err = Gradients::new(&student, Some((&teacher, d)), 1.0)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("finetune.distill.hidden"), "{err}");
+        assert!(matches!(
+            Gradients::new(&student, Some((&teacher, d)), 0.0),
+            Ok(Gradients::Autograd)
+        ));
+    }
+
+    /// With distillation from the dense model (logits and hidden states): every step reports
+    /// the loss parts (mixed as the settings say, the KL and the hidden-state term positive
+    /// since pruning moved the model), the masks hold, a resume across an interruption is
+    /// bit-exact (parts included), and a checkpoint of the same run without distillation is
+    /// refused.
     #[test]
     fn distilled_finetune_reports_parts_holds_masks_and_resumes_exactly() {
         let (model, masks) = pruned_model();
@@ -2316,6 +2375,7 @@ mod tests {
         s.distill = Some(DistillSpec {
             weight: 0.5,
             temperature: 2.0,
+            hidden: 0.25,
         });
         let whole_dir = tempfile::tempdir().unwrap();
         s.checkpoint_dir = Some(whole_dir.path().to_path_buf());
@@ -2328,8 +2388,9 @@ mod tests {
         assert_eq!(steps.len(), 4);
         for r in &steps {
             let p = r.parts.unwrap();
-            assert!(p.kl > 0.0 && p.cross_entropy > 0.0, "{r:?}");
-            let mix = 0.5 * p.cross_entropy + 0.5 * 4.0 * p.kl;
+            let hidden = p.hidden.unwrap();
+            assert!(p.kl > 0.0 && p.cross_entropy > 0.0 && hidden > 0.0, "{r:?}");
+            let mix = 0.5 * p.cross_entropy + 0.5 * 4.0 * p.kl + 0.25 * hidden;
             assert!((r.loss - mix).abs() <= 1e-9 * mix, "{r:?}");
         }
         let [first, last, _] = full.parts.unwrap();

@@ -322,12 +322,13 @@ struct RawFinetune {
     distill: Option<Spanned<RawDistill>>,
 }
 
-/// `distill = { weight = 0.5, temperature = 2.0 }` in `[finetune]`.
+/// `distill = { weight = 0.5, temperature = 2.0, hidden = 0.0 }` in `[finetune]`.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawDistill {
     weight: Option<Spanned<f64>>,
     temperature: Option<Spanned<f64>>,
+    hidden: Option<Spanned<f64>>,
 }
 
 #[derive(Deserialize)]
@@ -1120,6 +1121,7 @@ fn parse_finetune(
         let mut distill = crate::finetune::DistillSpec {
             weight: 0.5,
             temperature: 2.0,
+            hidden: 0.0,
         };
         if let Some(w) = float(
             &d.weight,
@@ -1136,6 +1138,14 @@ fn parse_finetune(
             "must be in (0, 100]",
         )? {
             distill.temperature = t;
+        }
+        if let Some(h) = float(
+            &d.hidden,
+            "distill.hidden",
+            &|x| (0.0..=1000.0).contains(&x),
+            "must be in [0, 1000] (0 or left out: no hidden-state term)",
+        )? {
+            distill.hidden = h;
         }
         spec.distill = Some(distill);
     }
@@ -2292,18 +2302,25 @@ mod tests {
         assert_eq!(s.checkpoint_dir, Some(base.join("ck")));
         assert_eq!(s.checkpoint_every, 5);
         assert_eq!(s.distill, None);
-        // Distillation: defaults, and both settings read.
-        for (line, weight, temperature) in [
-            ("distill = {}", 0.5, 2.0),
-            ("distill = { weight = 0.25, temperature = 4.0 }", 0.25, 4.0),
-            ("distill = { weight = 1 }", 1.0, 2.0),
+        // Distillation: defaults, and every setting read.
+        for (line, weight, temperature, hidden) in [
+            ("distill = {}", 0.5, 2.0, 0.0),
+            (
+                "distill = { weight = 0.25, temperature = 4.0 }",
+                0.25,
+                4.0,
+                0.0,
+            ),
+            ("distill = { weight = 1 }", 1.0, 2.0, 0.0),
+            ("distill = { weight = 1, hidden = 2.5 }", 1.0, 2.0, 2.5),
         ] {
             let p = Pipeline::parse_in("p.toml", &format!("{head}{line}\n"), base).unwrap();
             assert_eq!(
                 p.finetune.unwrap().spec.distill,
                 Some(crate::finetune::DistillSpec {
                     weight,
-                    temperature
+                    temperature,
+                    hidden,
                 }),
                 "{line}"
             );
@@ -2324,6 +2341,8 @@ mod tests {
                 "distill = { temperature = inf }",
                 "finetune.distill.temperature",
             ),
+            ("distill = { hidden = -1 }", "finetune.distill.hidden"),
+            ("distill = { hidden = nan }", "finetune.distill.hidden"),
             ("steps = 0", "finetune.steps"),
             ("seq_len = 1", "finetune.seq_len"),
             ("batch = -1", "finetune.batch"),

@@ -71,6 +71,9 @@ const DOWN: usize = 6;
 /// [`super::LossGradients`] but on hand-written passes (see the module doc).
 pub struct TrainingPass<'t> {
     teacher: Option<(&'t Session, Distillation)>,
+    /// Weight of the hidden-state distillation term (0: none); see
+    /// [`TrainingPass::with_hidden_distillation`].
+    hidden: f64,
     /// Per block, its seven linears' names and running gradient sums (`[out, in]` row-major),
     /// in [`LINEARS`] order.
     sums: Vec<LayerSums>,
@@ -84,6 +87,8 @@ pub struct TrainingPass<'t> {
     sequences: usize,
     loss_sum: f64,
     parts_sum: (f64, f64),
+    /// Running sum of the per-sequence hidden-state terms (before their weight).
+    hidden_sum: f64,
     /// Activation and gradient buffers, kept from batch to batch and step to step.
     pool: Pool,
 }
@@ -439,6 +444,7 @@ impl<'t> TrainingPass<'t> {
         let sparse = (0..sums.len()).map(|_| Default::default()).collect();
         Ok(TrainingPass {
             teacher: None,
+            hidden: 0.0,
             sums,
             index,
             shapes,
@@ -446,6 +452,7 @@ impl<'t> TrainingPass<'t> {
             sequences: 0,
             loss_sum: 0.0,
             parts_sum: (0.0, 0.0),
+            hidden_sum: 0.0,
             pool: Pool::default(),
         })
     }
@@ -463,6 +470,48 @@ impl<'t> TrainingPass<'t> {
         Ok(self)
     }
 
+    /// Adds to each sequence's loss a hidden-state term, as SquareHead does (Kurtic et al.,
+    /// "Sparse Fine-tuning for Inference Acceleration of Large Language Models", 2023):
+    /// `weight` times the mean over blocks of `‖x_s − x_t‖² / ‖x_t‖²`, where `x_s` and `x_t`
+    /// are the student's and the teacher's residual streams after that block over the
+    /// sequence's tokens. Every block then gets a target of its own instead of only what
+    /// reaches the logits, which is what lets a pruned model recover in fewer steps. Needs a
+    /// teacher ([`TrainingPass::with_teacher`]) this pass covers ([`TrainingPass::supports`])
+    /// with as many blocks and the same width; `weight` must be finite and `>= 0` (0 leaves
+    /// the term out).
+    pub fn with_hidden_distillation(mut self, weight: f64) -> Result<Self, EngineError> {
+        if !(weight.is_finite() && weight >= 0.0) {
+            return Err(EngineError::Input(format!(
+                "hidden-state distillation needs a weight >= 0, got {weight}"
+            )));
+        }
+        if weight > 0.0 {
+            let Some((teacher, _)) = self.teacher else {
+                return Err(EngineError::Input(
+                    "hidden-state distillation needs a teacher (distillation) first".into(),
+                ));
+            };
+            let blocks = |s: &Session| s.blocks.len();
+            let student_width = self.shapes.first().map(|dims| dims[O].0);
+            if !Self::supports(teacher)
+                || blocks(teacher) != self.sums.len()
+                || Some(teacher.embed.dims()[1]) != student_width
+            {
+                return Err(EngineError::Input(format!(
+                    "hidden-state distillation needs a teacher of the student's shape (LLaMA \
+                     blocks, dense f32): the teacher has {} blocks of width {}, the student {} \
+                     of width {}",
+                    blocks(teacher),
+                    teacher.embed.dims()[1],
+                    self.sums.len(),
+                    student_width.unwrap_or(0)
+                )));
+            }
+        }
+        self.hidden = weight;
+        Ok(self)
+    }
+
     /// Runs `sequences` (each at least 2 tokens) through `session` forward and backward,
     /// adding each one's gradient. Sequences of equal length run together, up to
     /// [`BATCH_TOKENS`] tokens. Fails when `session`'s layers are not those the pass was made
@@ -474,10 +523,11 @@ impl<'t> TrainingPass<'t> {
     ) -> Result<(), EngineError> {
         self.check_layers(session)?;
         for batch in super::grad::equal_length_batches(sequences, BATCH_TOKENS) {
-            let (loss, parts) = super::on_pool(|| self.batch(session, batch))?;
+            let (loss, parts, hidden) = super::on_pool(|| self.batch(session, batch))?;
             self.loss_sum += loss;
             self.parts_sum.0 += parts.0;
             self.parts_sum.1 += parts.1;
+            self.hidden_sum += hidden;
             self.sequences += batch.len();
         }
         Ok(())
@@ -517,6 +567,12 @@ impl<'t> TrainingPass<'t> {
         let n = self.sequences.max(1) as f64;
         self.teacher
             .map(|_| (self.parts_sum.0 / n, self.parts_sum.1 / n))
+    }
+
+    /// With hidden-state distillation, the mean over sequences of the hidden-state term
+    /// before its weight (the mean over blocks of `‖x_s − x_t‖² / ‖x_t‖²`).
+    pub fn mean_hidden(&self) -> Option<f64> {
+        (self.hidden > 0.0).then(|| self.hidden_sum / self.sequences.max(1) as f64)
     }
 
     /// Declares the mask of weight `name` (`[out, in]` row-major, `true` = kept; `None`: no
@@ -578,6 +634,7 @@ impl<'t> TrainingPass<'t> {
         self.sequences = 0;
         self.loss_sum = 0.0;
         self.parts_sum = (0.0, 0.0);
+        self.hidden_sum = 0.0;
     }
 
     /// The mean gradient per weight name, `[out, in]` row-major (moved out, not copied).
@@ -595,7 +652,14 @@ impl<'t> TrainingPass<'t> {
 
     /// Forward and backward over one batch of equally long sequences; returns the sum of their
     /// losses and (when distilling) of their cross-entropy and KL parts.
-    fn batch(&mut self, s: &Session, batch: &[Vec<u32>]) -> Result<(f64, (f64, f64)), EngineError> {
+    /// One batch of equally long sequences forward and backward: returns the sum over its
+    /// sequences of the loss, of the loss parts (cross-entropy, KL) and of the hidden-state
+    /// term before its weight.
+    fn batch(
+        &mut self,
+        s: &Session,
+        batch: &[Vec<u32>],
+    ) -> Result<(f64, (f64, f64), f64), EngineError> {
         let shape = Batch {
             b: batch.len(),
             t: batch[0].len(),
@@ -631,11 +695,39 @@ impl<'t> TrainingPass<'t> {
                 }
             }
         }
+        // The teacher's final hidden states for the whole batch, on the same GEMMs as the
+        // student's forward (its saved activations go straight back to the pool), and with
+        // hidden-state distillation its residual stream after every block.
+        let mut teacher_blocks = Vec::new();
+        let teacher_hidden = match self.teacher {
+            Some((teacher, _)) if TrainingPass::supports(teacher) => {
+                let blocks = (self.hidden > 0.0).then_some(&mut teacher_blocks);
+                Some(teacher_forward(
+                    teacher,
+                    &mut self.pool,
+                    &flat,
+                    shape,
+                    &rope,
+                    blocks,
+                )?)
+            }
+            _ => None,
+        };
         let mut saved = Vec::with_capacity(s.blocks.len());
+        // Per block, the hidden-state term's gradient with respect to its output (written over
+        // the teacher's residual stream there), added to the backward pass's as it passes.
+        let mut hidden_grads = Vec::with_capacity(teacher_blocks.len());
+        let mut hidden_sum = 0.0;
+        let mut teacher_blocks = teacher_blocks.into_iter();
         for layer in 0..s.blocks.len() {
             let sparse = &self.sparse[layer];
             let (next, keep) = block_forward(s, &mut self.pool, sparse, layer, x, shape, &rope)?;
             saved.push(keep);
+            if let Some(mut target) = teacher_blocks.next() {
+                let coef = self.hidden / s.blocks.len() as f64;
+                hidden_sum += hidden_term_into(&next, &mut target, shape, coef);
+                hidden_grads.push(target);
+            }
             x = next;
         }
         let (wf, epsf) = rms(&s.final_norm)
@@ -643,14 +735,6 @@ impl<'t> TrainingPass<'t> {
         let mut hf = self.pool.take(x.len());
         let invf = rms_forward(&x, wf, epsf, &mut hf);
 
-        // The teacher's final hidden states for the whole batch, on the same GEMMs as the
-        // student's forward (its saved activations go straight back to the pool).
-        let teacher_hidden = match self.teacher {
-            Some((teacher, _)) if TrainingPass::supports(teacher) => {
-                Some(final_hidden(teacher, &mut self.pool, &flat, shape, &rope)?)
-            }
-            _ => None,
-        };
         // dL/dh at the final norm's output, sequence by sequence, from the LM head.
         let mut dh = self.pool.take(x.len());
         let mut loss_sum = 0.0;
@@ -729,6 +813,9 @@ impl<'t> TrainingPass<'t> {
             };
             loss_sum += loss;
         }
+        // The term is the mean over blocks.
+        let hidden_sum = hidden_sum / s.blocks.len() as f64;
+        loss_sum += self.hidden * hidden_sum;
         self.pool.give(hf);
         if let Some(th) = teacher_hidden {
             self.pool.give(th);
@@ -741,6 +828,10 @@ impl<'t> TrainingPass<'t> {
             let keep = saved
                 .pop()
                 .ok_or_else(|| EngineError::Input("internal: missing saved activations".into()))?;
+            if let Some(g) = hidden_grads.pop() {
+                dx.par_iter_mut().zip(&g).for_each(|(d, g)| *d += g);
+                self.pool.give(g);
+            }
             dx = block_backward(
                 s,
                 &mut self.pool,
@@ -753,19 +844,21 @@ impl<'t> TrainingPass<'t> {
             )?;
         }
         self.pool.give(dx);
-        Ok((loss_sum, parts_sum))
+        Ok((loss_sum, parts_sum, hidden_sum))
     }
 }
 
 /// `teacher`'s final hidden states (after its last norm) for the batch `tokens` (`shape`),
 /// through the training pass's own block forward, every saved activation handed back to
-/// `pool` at once, instead of the inference forward run sequence by sequence.
-fn final_hidden(
+/// `pool` at once, instead of the inference forward run sequence by sequence. With `blocks`,
+/// a copy of the residual stream after each block is pushed there too.
+fn teacher_forward(
     teacher: &Session,
     pool: &mut Pool,
     tokens: &[u32],
     shape: Batch,
     rope: &RopeTable,
+    mut blocks: Option<&mut Vec<Vec<f32>>>,
 ) -> Result<Vec<f32>, EngineError> {
     let ids = Tensor::from_slice(tokens, tokens.len(), &Device::Cpu)?;
     let embedded = teacher.embed.index_select(&ids, 0)?.to_dtype(DType::F32)?;
@@ -774,6 +867,9 @@ fn final_hidden(
     for layer in 0..teacher.blocks.len() {
         let (next, saved) = block_forward(teacher, pool, &dense, layer, x, shape, rope)?;
         saved.release(pool);
+        if let Some(blocks) = blocks.as_deref_mut() {
+            blocks.push(pool.copy(&next));
+        }
         x = next;
     }
     let (w, eps) = rms(&teacher.final_norm)
@@ -782,6 +878,35 @@ fn final_hidden(
     rms_forward(&x, w, eps, &mut h);
     pool.give(x);
     Ok(h)
+}
+
+/// The hidden-state term of one block over a batch (`shape`): for each sequence, `‖x_s −
+/// x_t‖² / ‖x_t‖²` over its rows of the student's output `student` and the teacher's
+/// `target`. Returns the sum of those over the sequences, and overwrites `target` with the
+/// term's gradient with respect to `student` times `coef`: `coef · 2(x_s − x_t) / ‖x_t‖²`.
+fn hidden_term_into(student: &[f32], target: &mut [f32], shape: Batch, coef: f64) -> f64 {
+    let rows = student.len() / shape.b;
+    student
+        .par_chunks(rows)
+        .zip(target.par_chunks_mut(rows))
+        .map(|(xs, xt)| {
+            let (mut err, mut norm) = (0f64, 0f64);
+            for (&s, &t) in xs.iter().zip(xt.iter()) {
+                let d = f64::from(s - t);
+                err += d * d;
+                norm += f64::from(t) * f64::from(t);
+            }
+            // A teacher stream of all zeros has no scale to compare against: no term.
+            let scale = if norm > 0.0 { 2.0 * coef / norm } else { 0.0 };
+            for (&s, t) in xs.iter().zip(xt.iter_mut()) {
+                *t = ((f64::from(s) - f64::from(*t)) * scale) as f32;
+            }
+            if norm > 0.0 { err / norm } else { 0.0 }
+        })
+        .collect::<Vec<f64>>()
+        .into_iter()
+        // In sequence order, so the reported loss does not depend on how rayon split the work.
+        .sum()
 }
 
 /// Rows of logits formed at once by [`head_gradient_into`]: 256 × vocab f32 (48 MB for
@@ -1329,7 +1454,7 @@ fn block_backward(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{LossGradients, builtin_model};
+    use crate::{LossGradients, Model, builtin_model};
 
     fn sequences(count: usize, len: u32, salt: u32) -> Vec<Vec<u32>> {
         (0..count as u32)
@@ -1413,6 +1538,156 @@ mod tests {
             let worst = worst_against_autograd(&pass.finish(), auto.finish().unwrap().mean);
             assert!(worst < 1e-5, "{d:?}: max |Δg| / max |g| = {worst:.2e}");
         }
+    }
+
+    /// Hidden-state distillation: the term is zero between equal models, and with a pruned
+    /// student the gradient the pass returns is its own loss's (KL and the hidden-state term
+    /// weighted so that the latter dominates): central differences of the pass's loss along
+    /// the gradient and along a random direction equal the gradient's projections.
+    #[test]
+    fn hidden_state_distillation_matches_finite_differences() {
+        let model = builtin_model("tiny-llama").unwrap();
+        let teacher = Session::new(&model).unwrap();
+        let d = Distillation {
+            weight: 1.0,
+            temperature: 1.0,
+        };
+        let seqs = sequences(2, 20, 4);
+        let run = |m: &Model, hidden: f64| {
+            let s = Session::new(m).unwrap();
+            let mut pass = TrainingPass::new(&s)
+                .unwrap()
+                .with_teacher(&s, &teacher, d)
+                .unwrap()
+                .with_hidden_distillation(hidden)
+                .unwrap();
+            pass.accumulate(&s, &seqs).unwrap();
+            let (loss, term) = (pass.mean_loss(), pass.mean_hidden().unwrap_or(0.0));
+            (loss, term, pass.finish())
+        };
+        let (_, term, _) = run(&model, 1.0);
+        assert_eq!(term, 0.0, "equal models differ nowhere");
+
+        let mut pruned = model.clone();
+        for name in [
+            "model.layers.0.mlp.up_proj.weight",
+            "model.layers.1.self_attn.q_proj.weight",
+        ] {
+            let w = pruned.weight(name).unwrap().clone();
+            pruned.set_weight(name, (w * 0.5).unwrap(), false).unwrap();
+        }
+        let (loss, term, grads) = run(&pruned, 4.0);
+        assert!(term > 0.0);
+        let (kl_only, _, kl_grads) = run(&pruned, 0.0);
+        assert!((loss - kl_only - 4.0 * term).abs() < 1e-6 * loss);
+        let norm = |g: &BTreeMap<String, Vec<f32>>| {
+            g.values()
+                .flatten()
+                .map(|v| f64::from(*v).powi(2))
+                .sum::<f64>()
+                .sqrt()
+        };
+        let hidden_part: BTreeMap<String, Vec<f32>> = grads
+            .iter()
+            .map(|(n, g)| {
+                (
+                    n.clone(),
+                    g.iter().zip(&kl_grads[n]).map(|(a, b)| a - b).collect(),
+                )
+            })
+            .collect();
+        assert!(
+            norm(&hidden_part) > norm(&kl_grads),
+            "the hidden term should dominate"
+        );
+
+        // Directions: the gradient itself (unit length), and a fixed pseudo-random one.
+        let mut state = 0x2545_f491u32;
+        let random: BTreeMap<String, Vec<f32>> = grads
+            .iter()
+            .map(|(n, g)| {
+                let v = g.iter().map(|_| {
+                    state ^= state << 13;
+                    state ^= state >> 17;
+                    state ^= state << 5;
+                    state as f32 / u32::MAX as f32 - 0.5
+                });
+                (n.clone(), v.collect())
+            })
+            .collect();
+        let g_norm = norm(&grads);
+        let along_gradient: BTreeMap<String, Vec<f32>> = grads
+            .iter()
+            .map(|(n, g)| {
+                (
+                    n.clone(),
+                    g.iter().map(|v| (f64::from(*v) / g_norm) as f32).collect(),
+                )
+            })
+            .collect();
+        for direction in [along_gradient, random] {
+            let unit = norm(&direction);
+            let eps = 1e-2 / unit;
+            let shifted = |sign: f64| {
+                let mut m = pruned.clone();
+                for (name, v) in &direction {
+                    let w = m.weight(name).unwrap();
+                    let dims = w.dims().to_vec();
+                    let mut data = w.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                    for (x, v) in data.iter_mut().zip(v) {
+                        *x += (sign * eps * f64::from(*v)) as f32;
+                    }
+                    let t = Tensor::from_vec(data, dims, &Device::Cpu).unwrap();
+                    m.set_weight(name, t, false).unwrap();
+                }
+                run(&m, 4.0).0
+            };
+            let numeric = (shifted(1.0) - shifted(-1.0)) / (2.0 * eps);
+            let analytic: f64 = direction
+                .iter()
+                .map(|(n, v)| {
+                    v.iter()
+                        .zip(&grads[n])
+                        .map(|(a, b)| f64::from(*a) * f64::from(*b))
+                        .sum::<f64>()
+                })
+                .sum();
+            // Within 1% of the projection itself (a gradient off by any factor misses that).
+            assert!(
+                (numeric - analytic).abs() < 1e-2 * analytic.abs(),
+                "finite differences {numeric:.6} against the gradient's {analytic:.6} (|v| = {unit:.3})"
+            );
+        }
+    }
+
+    /// Refused: a negative or NaN weight, and the term without a teacher.
+    #[test]
+    fn hidden_state_distillation_checks_its_settings() {
+        let model = builtin_model("tiny-llama").unwrap();
+        let s = Session::new(&model).unwrap();
+        let d = Distillation {
+            weight: 1.0,
+            temperature: 1.0,
+        };
+        for bad in [-1.0, f64::NAN, f64::INFINITY] {
+            let pass = TrainingPass::new(&s)
+                .unwrap()
+                .with_teacher(&s, &s, d)
+                .unwrap();
+            assert!(pass.with_hidden_distillation(bad).is_err(), "{bad}");
+        }
+        let err = TrainingPass::new(&s)
+            .unwrap()
+            .with_hidden_distillation(1.0)
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("needs a teacher"), "{err}");
+        assert!(
+            TrainingPass::new(&s)
+                .unwrap()
+                .with_hidden_distillation(0.0)
+                .is_ok()
+        );
     }
 
     /// A pass reused after `reset` (its pooled buffers hold the last batch's values) gives
