@@ -13,7 +13,8 @@
 #   (times measured on 2 quiet cores, 2026-12-04)
 #     2-4       one-shot SparseGPT 2:4, then its distilled fine-tune       (~24 min)
 #     50        one-shot SparseGPT 50%, then its distilled fine-tune on verse and, at equal
-#               tokens, on prose at learning rates 1e-4 and 3e-4         (~75 min)
+#               tokens, on prose at learning rates 1e-4 and 3e-4, and at 3e-4 with the
+#               hidden-state term                                        (~95 min)
 #     2-4-ce    SparseGPT 2:4 fine-tuned on cross-entropy alone            (~14 min)
 #     rigl      Wanda 50% one-shot, fine-tuned with a fixed mask, then with RigL at equal
 #               tokens                                                   (~40 min)
@@ -41,7 +42,8 @@ run() { echo "recovery-experiment: espalier run $*" >&2; "$ESPALIER" run "$@"; }
 # Export folders (from the pipelines' [export] sections), in table order.
 EXPORTS=(
     smollm2-sparsegpt-50-seq smollm2-sparsegpt-50-distill smollm2-sparsegpt-50-distill-prose
-    smollm2-sparsegpt-50-distill-prose-lr3e-4 smollm2-sparsegpt-50-distill-long
+    smollm2-sparsegpt-50-distill-prose-lr3e-4 smollm2-sparsegpt-50-distill-prose-hidden30
+    smollm2-sparsegpt-50-distill-long
     smollm2-sparsegpt-50-distill-long-lr3e-4
     smollm2-wanda-50 smollm2-wanda-50-finetune smollm2-wanda-rigl-50
     smollm2-sparsegpt-2-4-seq smollm2-sparsegpt-2-4-distill smollm2-sparsegpt-2-4-distill-long
@@ -94,6 +96,8 @@ for name in names:
         how = "one-shot"
     elif any(s.get("plugin") == "rigl" for s in r["stages"]):
         how = "fine-tuned, RigL"
+    elif ft["spec"].get("distill", {}).get("hidden"):
+        how = "fine-tuned, distilled, hidden states"
     elif ft["spec"].get("distill"):
         how = "fine-tuned, distilled"
     else:
@@ -125,7 +129,8 @@ for g in "${groups[@]}"; do
         2-4) run pipelines/smollm2-sparsegpt-2-4-seq.toml pipelines/smollm2-sparsegpt-2-4-distill.toml ;;
         50) run pipelines/smollm2-sparsegpt-seq.toml pipelines/smollm2-sparsegpt-50-distill.toml \
                 pipelines/smollm2-sparsegpt-50-distill-prose.toml \
-                pipelines/smollm2-sparsegpt-50-distill-prose-lr3e-4.toml ;;
+                pipelines/smollm2-sparsegpt-50-distill-prose-lr3e-4.toml \
+                pipelines/smollm2-sparsegpt-50-distill-prose-hidden30.toml ;;
         2-4-ce) run pipelines/smollm2-sparsegpt-2-4-finetune.toml ;;
         2-4-long) run pipelines/smollm2-sparsegpt-2-4-distill-long.toml ;;
         50-long) run pipelines/smollm2-sparsegpt-50-distill-long.toml ;;

@@ -18,8 +18,10 @@
 //! [`super::LossGradients`] (never all `T × vocab` logits), with distillation when a teacher is
 //! given: the teacher's hidden states come from this pass's own block forward over the whole
 //! batch, and both models' logits, the loss parts and the logits' gradient are formed in one
-//! fused pass per chunk, rows in parallel. Norms, embeddings and the LM head are frozen, as in
-//! fine-tuning.
+//! fused pass per chunk, rows in parallel. With hidden-state distillation (SquareHead) the
+//! teacher's residual stream after each block is a normalised squared-error target for the
+//! student's, whose gradient joins the backward pass at that block. Norms, embeddings and the
+//! LM head are frozen, as in fine-tuning.
 //!
 //! The result is the same quantity as [`super::LossGradients`] computes (the gradient of the
 //! mean over sequences of each sequence's mean next-token loss) and is checked against
@@ -650,8 +652,6 @@ impl<'t> TrainingPass<'t> {
         out
     }
 
-    /// Forward and backward over one batch of equally long sequences; returns the sum of their
-    /// losses and (when distilling) of their cross-entropy and KL parts.
     /// One batch of equally long sequences forward and backward: returns the sum over its
     /// sequences of the loss, of the loss parts (cross-entropy, KL) and of the hidden-state
     /// term before its weight.
