@@ -670,6 +670,22 @@ pub fn run_kernel_bench(
                 best_candle_p = best_candle_p.min(evictor.time(|| candle_pass(&candle_w, xpt))?);
             }
             for (d, ps) in &dense_other {
+                if *d == Dtype::Bf16 && crate::amx::enabled() {
+                    // Both bf16 kernels, alternating: AMX tiles and AVX512-BF16 registers.
+                    let mut best = [f64::INFINITY; 2];
+                    for _ in 0..preps {
+                        for (on, best) in [true, false].into_iter().zip(best.iter_mut()) {
+                            crate::amx::set_enabled(on);
+                            gemm_pass(ps, &xp, tokens, &mut yp, exec)?;
+                            *best = best
+                                .min(evictor.time(|| gemm_pass(ps, &xp, tokens, &mut yp, exec))?);
+                        }
+                    }
+                    crate::amx::set_enabled(true);
+                    other_p.push((format!("dense {d} (AMX)"), best[0]));
+                    other_p.push((format!("dense {d} (AVX512-BF16)"), best[1]));
+                    continue;
+                }
                 gemm_pass(ps, &xp, tokens, &mut yp, exec)?;
                 let mut best = f64::INFINITY;
                 for _ in 0..preps {
@@ -1091,7 +1107,9 @@ mod tests {
         // sparsity, and every bf16 format (BSR, CSR, bitmap per sparsity; 2:4).
         let opts = KernelBenchOptions::quick();
         let s = opts.sparsities.len();
-        let per_shape = 4 + s + 3 * s + usize::from(opts.two_four);
+        // Where AMX runs, dense bf16 has two rows: AMX tiles and AVX512-BF16.
+        let amx_row = usize::from(crate::amx::enabled() && opts.dtypes.contains(&Dtype::Bf16));
+        let per_shape = 4 + s + 3 * s + usize::from(opts.two_four) + amx_row;
         assert_eq!(report.prefill.len(), opts.shapes.len() * per_shape);
         let text = report.to_string();
         assert!(text.contains("bsr16x16") && text.contains("2:4") && text.contains("candle"));

@@ -19,6 +19,7 @@
 //! with a zero pair half. The register tile is [`MR`] tokens × [`NR`] rows: 16 accumulators,
 //! and per pair of columns 2 weight loads and [`MR`] broadcasts for 16 `vdpbf16ps`.
 
+use crate::amx::{self, Tiles};
 use crate::element::Dtype;
 use crate::isa::{Exec, Isa};
 use crate::par::{self, SharedOut};
@@ -28,6 +29,9 @@ use std::ops::Range;
 pub(crate) const NR: usize = 32;
 /// Tokens per register tile.
 pub(crate) const MR: usize = 8;
+
+// A panel is exactly two AMX B tiles wide.
+const _: () = assert!(NR == 2 * amx::TILE);
 
 /// Whether this path can run: AVX-512 asked for and effective, and the CPU has AVX512-BF16.
 pub(crate) fn available(isa: Isa) -> bool {
@@ -50,6 +54,13 @@ pub(crate) trait Bf16Rows: Sync {
     /// Writes row `r` (all `cols` columns, pruned ones as zero) as bf16 bits into `out`.
     /// `scratch` is the caller's reusable buffer for formats that decode through it.
     fn row_bits(&self, r: usize, out: &mut [u16], scratch: &mut (Vec<u32>, Vec<f32>));
+
+    /// Writes rows `r0..r0 + nr` straight into `panel` as [`pack_panel`] lays it out and
+    /// returns true, for a source whose rows are stored as they are used; the default (false)
+    /// leaves it to [`pack_panel`], through [`Bf16Rows::row_bits`].
+    fn pack_direct(&self, _r0: usize, _nr: usize, _panel: &mut [u32]) -> bool {
+        false
+    }
 }
 
 /// Dense bf16 weights, `[rows, cols]`, as raw bits.
@@ -61,6 +72,25 @@ pub(crate) struct DenseBits<'a> {
 impl Bf16Rows for DenseBits<'_> {
     fn row_bits(&self, r: usize, out: &mut [u16], _: &mut (Vec<u32>, Vec<f32>)) {
         out.copy_from_slice(&self.bits[r * self.cols..][..self.cols]);
+    }
+
+    /// Pair by pair across the panel's rows, so the panel is written in order (32 pairs, 128
+    /// bytes, per step) and each row is read as a stream: the row-by-row order wrote every
+    /// pair 128 bytes from the last, and packing took as long as the AMX products.
+    fn pack_direct(&self, r0: usize, nr: usize, panel: &mut [u32]) -> bool {
+        let cols = self.cols;
+        let pairs = cols.div_ceil(2);
+        let rows: Vec<&[u16]> = (r0..r0 + nr)
+            .map(|r| &self.bits[r * cols..][..cols])
+            .collect();
+        for (k, dst) in panel.chunks_exact_mut(NR).take(pairs).enumerate() {
+            for (d, row) in dst.iter_mut().zip(&rows) {
+                let hi = row.get(2 * k + 1).map_or(0, |&v| u32::from(v));
+                *d = u32::from(row[2 * k]) | (hi << 16);
+            }
+            dst[nr..].fill(0);
+        }
+        true
     }
 }
 
@@ -85,13 +115,15 @@ pub(crate) fn try_gemm<S: Bf16Rows>(
     let flops = tokens * rows * cols;
     let tasks = par::task_count(exec, panels, flops, par::MIN_TASK_FLOPS);
     let bounds = par::even_bounds(panels, tasks);
-    gemm(src, rows, cols, x, tokens, y, &bounds);
+    gemm(src, rows, cols, x, tokens, y, &bounds, amx::enabled());
     true
 }
 
 /// `Y = X · Wᵀ` for the bf16 weights `src` (`[rows, cols]`), `x: [tokens, cols]`,
 /// `y: [tokens, rows]` (overwritten), panels split over the pool as `bounds` says (in units of
-/// [`NR`] rows). The caller has checked [`available`] and the lengths.
+/// [`NR`] rows), on AMX tiles when `use_amx` (the caller has checked [`amx::enabled`]). The
+/// caller has checked [`available`] and the lengths.
+#[allow(clippy::too_many_arguments)]
 fn gemm<S: Bf16Rows>(
     src: &S,
     rows: usize,
@@ -100,6 +132,7 @@ fn gemm<S: Bf16Rows>(
     tokens: usize,
     y: &mut [f32],
     bounds: &[usize],
+    use_amx: bool,
 ) {
     assert!(x.len() >= tokens * cols && y.len() >= tokens * rows);
     if cols == 0 {
@@ -108,11 +141,79 @@ fn gemm<S: Bf16Rows>(
         return;
     }
     let pairs = cols.div_ceil(2);
-    let xb = pack_activations(x, tokens, cols);
     let out = SharedOut::new(y);
+    if use_amx {
+        // Tiles read whole 16 × 16-pair blocks: the activations padded with zeros to both.
+        let padded = pairs.next_multiple_of(amx::PAIRS);
+        let xb = pack_activations_into(x, tokens, cols, padded, tokens.next_multiple_of(amx::TILE));
+        par::for_each_bound(bounds, |range| {
+            panels_amx(src, rows, cols, padded, &xb, tokens, out, range);
+        });
+        return;
+    }
+    let xb = pack_activations(x, tokens, cols);
     par::for_each_bound(bounds, |range| {
         panels(src, rows, cols, pairs, &xb, tokens, out, range);
     });
+}
+
+/// [`panels`] on AMX tiles: each panel is two B tiles; 32 tokens (two A tiles) at a time, 16
+/// for a last odd tile. `xb` holds the activations at `padded` pairs per token (a multiple of
+/// [`amx::PAIRS`]) and zero tokens up to a multiple of [`amx::TILE`].
+#[allow(clippy::too_many_arguments)]
+fn panels_amx<S: Bf16Rows>(
+    src: &S,
+    rows: usize,
+    cols: usize,
+    padded: usize,
+    xb: &[u32],
+    tokens: usize,
+    out: SharedOut,
+    range: Range<usize>,
+) {
+    let Some(tiles) = Tiles::configure() else {
+        unreachable!("the caller checked amx::enabled(), so the tiles are there");
+    };
+    // Pairs past the columns stay zero: `pack_panel` writes only the first `pairs` of them.
+    let mut panel = vec![0u32; padded * NR];
+    let mut row = vec![0u16; cols];
+    let mut scratch = (Vec::new(), Vec::new());
+    let mut tile = [0f32; NR * NR];
+    let token_rows = tokens.next_multiple_of(amx::TILE);
+    assert!(xb.len() >= token_rows * padded);
+    for p in range {
+        let r0 = p * NR;
+        let nr = NR.min(rows - r0);
+        pack_panel(src, cols, r0, nr, &mut panel, &mut row, &mut scratch);
+        let mut t0 = 0;
+        while t0 < tokens {
+            let a_tiles = if tokens - t0 > amx::TILE { 2 } else { 1 };
+            // SAFETY: `t0` is a multiple of TILE, and with more than TILE tokens left the
+            // zero-padded rows reach t0 + 2·TILE, so the A tiles read rows below `token_rows`
+            // of `padded` pairs; the panel holds `padded` pair-rows of NR pairs; `tile` holds
+            // 2·TILE × NR values.
+            unsafe {
+                tiles.product(
+                    a_tiles,
+                    xb.as_ptr().add(t0 * padded),
+                    padded,
+                    panel.as_ptr(),
+                    NR,
+                    padded / amx::PAIRS,
+                    &mut tile,
+                );
+            }
+            let nt = (a_tiles * amx::TILE).min(tokens - t0);
+            for (t, values) in tile.chunks_exact(NR).take(nt).enumerate() {
+                let base = (t0 + t) * rows + r0;
+                for (i, &v) in values.iter().enumerate().take(nr) {
+                    // SAFETY: this task owns output rows r0..r0+nr (panels are disjoint).
+                    unsafe { out.write(base + i, v) };
+                }
+            }
+            t0 += a_tiles * amx::TILE;
+        }
+    }
 }
 
 /// Panels `range` (of [`NR`] rows each): pack each, then run every token tile over it.
@@ -171,12 +272,27 @@ fn panels<S: Bf16Rows>(
 /// as long as the GEMM of a 192-row layer).
 pub(crate) fn pack_activations(x: &[f32], tokens: usize, cols: usize) -> Vec<u32> {
     let pairs = cols.div_ceil(2);
-    let mut out = vec![0u32; tokens * pairs];
+    pack_activations_into(x, tokens, cols, pairs, tokens)
+}
+
+/// [`pack_activations`] at `stride` pairs per token (at least `cols.div_ceil(2)`) over
+/// `token_rows` rows (at least `tokens`), the padding zero.
+fn pack_activations_into(
+    x: &[f32],
+    tokens: usize,
+    cols: usize,
+    stride: usize,
+    token_rows: usize,
+) -> Vec<u32> {
+    let pairs = cols.div_ceil(2);
+    debug_assert!(stride >= pairs && token_rows >= tokens);
+    let mut out = vec![0u32; token_rows * stride];
     for (dst, src) in out
-        .chunks_exact_mut(pairs)
+        .chunks_exact_mut(stride)
         .zip(x.chunks_exact(cols))
         .take(tokens)
     {
+        let dst = &mut dst[..pairs];
         let mut done = 0;
         #[cfg(target_arch = "x86_64")]
         if std::arch::is_x86_feature_detected!("avx512bf16") {
@@ -205,6 +321,9 @@ fn pack_panel<S: Bf16Rows>(
     row: &mut [u16],
     scratch: &mut (Vec<u32>, Vec<f32>),
 ) {
+    if src.pack_direct(r0, nr, panel) {
+        return;
+    }
     let pairs = cols.div_ceil(2);
     for r in 0..NR {
         if r < nr {
@@ -301,6 +420,77 @@ mod tests {
         assert_eq!(p[1], 0x4040);
         assert_eq!(p[2], 0xbf80 | (0x3f00 << 16));
         assert_eq!(p[3], 0x4080);
+    }
+
+    /// The AMX tiles and the AVX512-BF16 kernel on awkward shapes (token counts around the
+    /// 16- and 32-token tiles, rows around the 32-row panel, odd columns and columns around
+    /// the 16-pair tile row): both within `2⁻⁸·Σ|w·x|` of the f32 product, and within
+    /// `2⁻¹⁶·Σ|w·x|` of each other (the same bf16 products, added in another order).
+    #[test]
+    fn amx_tiles_equal_the_avx512_bf16_kernel() {
+        if !available(Isa::Avx512) {
+            eprintln!("skipped: this CPU has no AVX512-BF16, so neither kernel can run");
+            return;
+        }
+        if Tiles::configure().is_none() {
+            eprintln!(
+                "skipped: this CPU or OS has no AMX-BF16 tiles (the AVX512-BF16 kernel is tested elsewhere)"
+            );
+            return;
+        }
+        let mut seed = 0x9e37_79b9u32;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 17;
+            seed ^= seed << 5;
+            (seed >> 8) as f32 / (1u32 << 24) as f32 - 0.5
+        };
+        for (tokens, rows, cols) in [
+            (17, 1, 1),
+            (17, 31, 3),
+            (32, 32, 32),
+            (33, 33, 31),
+            (48, 64, 33),
+            (100, 70, 576),
+            (128, 192, 577),
+        ] {
+            let w: Vec<u16> = (0..rows * cols)
+                .map(|_| half::bf16::from_f32(next()).to_bits())
+                .collect();
+            let x: Vec<f32> = (0..tokens * cols).map(|_| 4.0 * next()).collect();
+            let src = DenseBits { bits: &w, cols };
+            let panels = rows.div_ceil(NR);
+            let bounds = par::even_bounds(panels, 2.min(panels));
+            let mut tiles = vec![f32::NAN; tokens * rows];
+            let mut vector = vec![f32::NAN; tokens * rows];
+            gemm(&src, rows, cols, &x, tokens, &mut tiles, &bounds, true);
+            gemm(&src, rows, cols, &x, tokens, &mut vector, &bounds, false);
+            for t in 0..tokens {
+                for r in 0..rows {
+                    let (mut exact, mut size) = (0f64, 0f64);
+                    for k in 0..cols {
+                        let p = f64::from(half::bf16::from_bits(w[r * cols + k]).to_f32())
+                            * f64::from(x[t * cols + k]);
+                        exact += p;
+                        size += p.abs();
+                    }
+                    let (a, b) = (tiles[t * rows + r], vector[t * rows + r]);
+                    let ctx = format!("{tokens}x{rows}x{cols} at token {t}, row {r}");
+                    assert!(
+                        (f64::from(a) - exact).abs() <= size / 256.0 + 1e-30,
+                        "{ctx}: {a} vs {exact}"
+                    );
+                    assert!(
+                        (f64::from(b) - exact).abs() <= size / 256.0 + 1e-30,
+                        "{ctx}: {b} vs {exact}"
+                    );
+                    assert!(
+                        (f64::from(a) - f64::from(b)).abs() <= size / 65536.0,
+                        "{ctx}: {a} vs {b}"
+                    );
+                }
+            }
+        }
     }
 
     /// The vector conversion rounds exactly as the scalar one (nearest-even), ties included.

@@ -26,6 +26,7 @@
 //! or by [`plan_measured`], which times the candidates on the matrix and keeps the fastest,
 //! dense included) and, for `espalier bench kernels`, [`bench::run_kernel_bench`].
 
+mod amx;
 mod bitmap;
 mod block_train;
 mod bsr;
@@ -53,6 +54,7 @@ mod tests;
 #[cfg(test)]
 mod testutil;
 
+pub use amx::{enabled as amx_enabled, set_enabled as set_amx_enabled};
 pub use bitmap::BitmapMatrix;
 pub use block_train::{BlockPattern, BlockTraining, TRAIN_BLOCK};
 pub use bsr::BsrMatrix;

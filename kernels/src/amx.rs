@@ -1,0 +1,319 @@
+//! Intel AMX-BF16 tiles for the bf16 GEMM ([`crate::gemm_bf16`]).
+//!
+//! AVX512-BF16's `vdpbf16ps` does 32 bf16 multiply-adds per instruction; one AMX `tdpbf16ps`
+//! multiplies a 16 × 32 bf16 tile by a 32 × 16 one into a 16 × 16 f32 tile: 8192
+//! multiply-adds, 256 times a `vdpbf16ps`'s (measured on SmolLM2's prefill shapes the whole
+//! kernel is 2.0–2.7× the AVX512-BF16 one: packing, loads and stores now bound it). Sapphire
+//! Rapids and later Xeons have it. The operands are the ones the AVX512-BF16 kernel already builds:
+//! the activations as bf16 pairs per token (an A tile is 16 tokens × 16 pairs) and a weight
+//! panel as `panel[k * NR + r]` pairs (a B tile is 16 pairs × 16 output rows, the "VNNI"
+//! layout AMX reads), so only the inner kernel changes. The products are the same bf16
+//! products with f32 accumulation; only the order of the additions differs.
+//!
+//! Using AMX takes three things std does not offer on stable Rust: detection (CPUID leaf 7
+//! and the tile palette of leaf 0x1D, since `is_x86_feature_detected!("amx-bf16")` is still
+//! unstable), the kernel's permission (Linux hands out the 8 KiB tile state only after
+//! `arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`, once per process), and the
+//! instructions themselves, written as inline assembly (the intrinsics are unstable too). The
+//! tile configuration is per thread: each task loads it ([`Tiles::configure`]) and releases it
+//! when done, so a thread that never runs a tile kernel never carries tile state.
+//!
+//! `ESPALIER_AMX=0` in the environment, or [`set_enabled`]`(false)`, keeps the AVX512-BF16
+//! kernel (benchmarks time both in one run that way).
+
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// Tokens per A tile and output rows per B tile (tile rows).
+pub(crate) const TILE: usize = 16;
+/// bf16 pairs per tile row (64 bytes).
+pub(crate) const PAIRS: usize = 16;
+
+static OFF: AtomicBool = AtomicBool::new(false);
+static SUPPORTED: OnceLock<bool> = OnceLock::new();
+
+/// Turns the AMX path off (`false`) or back on for the whole process (it is on wherever the
+/// CPU and the OS allow it). For benchmarks that time the AVX512-BF16 kernel beside it.
+pub fn set_enabled(on: bool) {
+    OFF.store(!on, Ordering::Relaxed);
+}
+
+/// Whether the bf16 GEMM runs on AMX tiles: the CPU has AMX-BF16 with the standard palette,
+/// the OS granted the tile state, and neither `ESPALIER_AMX=0` nor [`set_enabled`] turned it
+/// off.
+pub fn enabled() -> bool {
+    !OFF.load(Ordering::Relaxed) && *SUPPORTED.get_or_init(detect)
+}
+
+fn detect() -> bool {
+    if std::env::var_os("ESPALIER_AMX").is_some_and(|v| v == "0") {
+        return false;
+    }
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    {
+        x86::supported() && x86::request_permission()
+    }
+    #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+    {
+        false
+    }
+}
+
+/// The tile configuration loaded on this thread for the GEMM's kernels, released on drop.
+/// Tiles 0–3 are 16 × 16 f32 accumulators, 4–5 A tiles (16 tokens × 16 pairs), 6–7 B tiles
+/// (16 pairs × 16 rows): every tile 16 rows of 64 bytes.
+/// Not `Send`: the configuration belongs to the thread that loaded it.
+pub(crate) struct Tiles(std::marker::PhantomData<*const ()>);
+
+impl Tiles {
+    /// Loads the configuration on the calling thread; `None` where the CPU or the OS has no
+    /// AMX (the caller decided on [`enabled`]; a concurrent [`set_enabled`] does not matter).
+    pub(crate) fn configure() -> Option<Tiles> {
+        if !*SUPPORTED.get_or_init(detect) {
+            return None;
+        }
+        #[cfg(target_arch = "x86_64")]
+        {
+            // SAFETY: `enabled` checked the CPU (AMX-TILE, palette 1 with 8 tiles of 16 rows
+            // of 64 bytes) and the OS permission.
+            unsafe { x86::load_config() };
+            Some(Tiles(std::marker::PhantomData))
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            None
+        }
+    }
+
+    /// `c[t][r] = Σ_k a[t][k] · b[k][r]` for `a`: `2 × TILE` tokens (`rows_a = 2`) or
+    /// `TILE` tokens (`rows_a = 1`) of `k_tiles × PAIRS` pairs at `a_stride` pairs per token,
+    /// and `b`: `k_tiles × PAIRS` pairs × `2 × TILE` rows at `b_stride` pairs per pair-row
+    /// (a weight panel); `c` gets `rows_a × TILE` rows of `2 × TILE` f32, overwritten.
+    ///
+    /// # Safety
+    /// `a` readable for `rows_a · TILE` rows of `k_tiles · PAIRS` pairs at `a_stride`; `b`
+    /// readable for `k_tiles · PAIRS` rows of `2 · TILE` pairs at `b_stride`; `c` writable
+    /// for `rows_a · TILE · 2 · TILE` values.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) unsafe fn product(
+        &self,
+        rows_a: usize,
+        a: *const u32,
+        a_stride: usize,
+        b: *const u32,
+        b_stride: usize,
+        k_tiles: usize,
+        c: &mut [f32; 2 * TILE * 2 * TILE],
+    ) {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the caller's contract; the configuration is loaded (`self` exists).
+        unsafe {
+            if rows_a == 2 {
+                x86::product_2x2(a, a_stride, b, b_stride, k_tiles, c.as_mut_ptr());
+            } else {
+                x86::product_1x2(a, a_stride, b, b_stride, k_tiles, c.as_mut_ptr());
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = (rows_a, a, a_stride, b, b_stride, k_tiles, c);
+            unreachable!("no AMX tiles are configured off x86-64");
+        }
+    }
+}
+
+impl Drop for Tiles {
+    fn drop(&mut self) {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the configuration was loaded by `configure` on this thread (`Tiles` is not
+        // `Send`, so it is dropped where it was made).
+        unsafe {
+            x86::release()
+        };
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{PAIRS, TILE};
+    use std::arch::asm;
+    use std::arch::x86_64::__cpuid_count;
+
+    /// `arch_prctl` codes (`asm/prctl.h`) and the tile data's state component number.
+    const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+    const XFEATURE_XTILEDATA: libc::c_long = 18;
+
+    /// AMX-TILE and AMX-BF16 (CPUID.7.0:EDX bits 24 and 22), and palette 1 as the kernels
+    /// assume it: 8 tiles of 16 rows × 64 bytes (CPUID.0x1D.1).
+    pub(super) fn supported() -> bool {
+        // CPUID is available on every x86-64 CPU; leaf 0 says how far it goes.
+        let max_leaf = __cpuid_count(0, 0).eax;
+        if max_leaf < 0x1d {
+            return false;
+        }
+        let (l7, palette) = (__cpuid_count(7, 0), __cpuid_count(0x1d, 1));
+        let tile = l7.edx & (1 << 24) != 0;
+        let bf16 = l7.edx & (1 << 22) != 0;
+        let bytes_per_row = palette.ebx & 0xffff;
+        let names = palette.ebx >> 16;
+        let max_rows = palette.ecx & 0xffff;
+        tile && bf16 && bytes_per_row >= 64 && names >= 8 && max_rows >= 16
+    }
+
+    /// Asks Linux for the tile data state (once per process; every thread then has it).
+    #[cfg(target_os = "linux")]
+    pub(super) fn request_permission() -> bool {
+        // SAFETY: arch_prctl with two integers; no memory is passed.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_arch_prctl,
+                ARCH_REQ_XCOMP_PERM,
+                XFEATURE_XTILEDATA,
+            )
+        };
+        r == 0
+    }
+
+    /// The 64-byte tile configuration (`ldtilecfg`'s operand), palette 1.
+    #[repr(C, align(64))]
+    struct Config {
+        palette: u8,
+        start_row: u8,
+        reserved: [u8; 14],
+        colsb: [u16; 16],
+        rows: [u8; 16],
+    }
+
+    /// # Safety
+    /// AMX-TILE present and permitted.
+    pub(super) unsafe fn load_config() {
+        let mut cfg = Config {
+            palette: 1,
+            start_row: 0,
+            reserved: [0; 14],
+            colsb: [0; 16],
+            rows: [0; 16],
+        };
+        for t in 0..8 {
+            cfg.colsb[t] = 64;
+            cfg.rows[t] = TILE as u8;
+        }
+        // SAFETY: the caller's contract; `cfg` is 64 aligned bytes.
+        unsafe { asm!("ldtilecfg [{}]", in(reg) &cfg, options(nostack, readonly)) };
+    }
+
+    /// # Safety
+    /// AMX-TILE present and permitted.
+    pub(super) unsafe fn release() {
+        // SAFETY: the caller's contract.
+        unsafe { asm!("tilerelease", options(nostack, nomem)) };
+    }
+
+    const C_STRIDE: usize = 2 * TILE * 4; // bytes per row of the 32-wide f32 output tile
+
+    /// 2 × 2 tiles: 32 tokens × 32 rows.
+    ///
+    /// # Safety
+    /// See [`super::Tiles::product`]; the configuration is loaded.
+    pub(super) unsafe fn product_2x2(
+        a: *const u32,
+        a_stride: usize,
+        b: *const u32,
+        b_stride: usize,
+        k_tiles: usize,
+        c: *mut f32,
+    ) {
+        let (sa, sb) = (a_stride * 4, b_stride * 4);
+        // SAFETY: every load stays within the caller's bounds: A rows 0..32 of k_tiles·PAIRS
+        // pairs, B rows 0..k_tiles·PAIRS of 32 pairs; C is 32 × 32 f32.
+        unsafe {
+            asm!(
+                "tilezero tmm0",
+                "tilezero tmm1",
+                "tilezero tmm2",
+                "tilezero tmm3",
+                options(nostack, nomem)
+            );
+            for k in 0..k_tiles {
+                let a0 = a.add(k * PAIRS);
+                let a1 = a0.add(TILE * a_stride);
+                let b0 = b.add(k * PAIRS * b_stride);
+                let b1 = b0.add(TILE);
+                asm!(
+                    "tileloadd tmm4, [{a0} + {sa}*1]",
+                    "tileloadd tmm5, [{a1} + {sa}*1]",
+                    "tileloadd tmm6, [{b0} + {sb}*1]",
+                    "tileloadd tmm7, [{b1} + {sb}*1]",
+                    "tdpbf16ps tmm0, tmm4, tmm6",
+                    "tdpbf16ps tmm1, tmm4, tmm7",
+                    "tdpbf16ps tmm2, tmm5, tmm6",
+                    "tdpbf16ps tmm3, tmm5, tmm7",
+                    a0 = in(reg) a0,
+                    a1 = in(reg) a1,
+                    b0 = in(reg) b0,
+                    b1 = in(reg) b1,
+                    sa = in(reg) sa,
+                    sb = in(reg) sb,
+                    options(nostack, readonly)
+                );
+            }
+            asm!(
+                "tilestored [{c0} + {s}*1], tmm0",
+                "tilestored [{c1} + {s}*1], tmm1",
+                "tilestored [{c2} + {s}*1], tmm2",
+                "tilestored [{c3} + {s}*1], tmm3",
+                c0 = in(reg) c,
+                c1 = in(reg) c.add(TILE),
+                c2 = in(reg) c.add(TILE * 2 * TILE),
+                c3 = in(reg) c.add(TILE * 2 * TILE + TILE),
+                s = in(reg) C_STRIDE,
+                options(nostack)
+            );
+        }
+    }
+
+    /// 1 × 2 tiles: 16 tokens × 32 rows.
+    ///
+    /// # Safety
+    /// See [`super::Tiles::product`]; the configuration is loaded.
+    pub(super) unsafe fn product_1x2(
+        a: *const u32,
+        a_stride: usize,
+        b: *const u32,
+        b_stride: usize,
+        k_tiles: usize,
+        c: *mut f32,
+    ) {
+        let (sa, sb) = (a_stride * 4, b_stride * 4);
+        // SAFETY: as in `product_2x2`, with A rows 0..16 and C rows 0..16.
+        unsafe {
+            asm!("tilezero tmm0", "tilezero tmm1", options(nostack, nomem));
+            for k in 0..k_tiles {
+                let a0 = a.add(k * PAIRS);
+                let b0 = b.add(k * PAIRS * b_stride);
+                let b1 = b0.add(TILE);
+                asm!(
+                    "tileloadd tmm4, [{a0} + {sa}*1]",
+                    "tileloadd tmm6, [{b0} + {sb}*1]",
+                    "tileloadd tmm7, [{b1} + {sb}*1]",
+                    "tdpbf16ps tmm0, tmm4, tmm6",
+                    "tdpbf16ps tmm1, tmm4, tmm7",
+                    a0 = in(reg) a0,
+                    b0 = in(reg) b0,
+                    b1 = in(reg) b1,
+                    sa = in(reg) sa,
+                    sb = in(reg) sb,
+                    options(nostack, readonly)
+                );
+            }
+            asm!(
+                "tilestored [{c0} + {s}*1], tmm0",
+                "tilestored [{c1} + {s}*1], tmm1",
+                c0 = in(reg) c,
+                c1 = in(reg) c.add(TILE),
+                s = in(reg) C_STRIDE,
+                options(nostack)
+            );
+        }
+    }
+}
