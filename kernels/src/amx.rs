@@ -26,6 +26,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Tokens per A tile and output rows per B tile (tile rows).
 pub(crate) const TILE: usize = 16;
+/// Tokens per product: two A tiles (the activations are padded with zero tokens to a multiple;
+/// a last half-empty step costs less than a second kernel for it).
+pub(crate) const TOKENS: usize = 2 * TILE;
 /// bf16 pairs per tile row (64 bytes).
 pub(crate) const PAIRS: usize = 16;
 
@@ -85,38 +88,31 @@ impl Tiles {
         }
     }
 
-    /// `c[t][r] = Σ_k a[t][k] · b[k][r]` for `a`: `2 × TILE` tokens (`rows_a = 2`) or
-    /// `TILE` tokens (`rows_a = 1`) of `k_tiles × PAIRS` pairs at `a_stride` pairs per token,
-    /// and `b`: `k_tiles × PAIRS` pairs × `2 × TILE` rows at `b_stride` pairs per pair-row
-    /// (a weight panel); `c` gets `rows_a × TILE` rows of `2 × TILE` f32, overwritten.
+    /// `c[t][r] = Σ_k a[t][k] · b[k][r]` for `a`: [`TOKENS`] tokens of `k_tiles × PAIRS`
+    /// pairs at `a_stride` pairs per token, and `b`: `k_tiles × PAIRS` pairs × `2 × TILE`
+    /// rows at `b_stride` pairs per pair-row (a weight panel); `c` gets [`TOKENS`] rows of
+    /// `2 × TILE` f32, overwritten: four 16 × 16 accumulators.
     ///
     /// # Safety
-    /// `a` readable for `rows_a · TILE` rows of `k_tiles · PAIRS` pairs at `a_stride`; `b`
-    /// readable for `k_tiles · PAIRS` rows of `2 · TILE` pairs at `b_stride`; `c` writable
-    /// for `rows_a · TILE · 2 · TILE` values.
-    #[allow(clippy::too_many_arguments)]
+    /// `a` readable for [`TOKENS`] rows of `k_tiles · PAIRS` pairs at `a_stride`; `b`
+    /// readable for `k_tiles · PAIRS` rows of `2 · TILE` pairs at `b_stride`.
     pub(crate) unsafe fn product(
         &self,
-        rows_a: usize,
         a: *const u32,
         a_stride: usize,
         b: *const u32,
         b_stride: usize,
         k_tiles: usize,
-        c: &mut [f32; 2 * TILE * 2 * TILE],
+        c: &mut [f32; TOKENS * 2 * TILE],
     ) {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the caller's contract; the configuration is loaded (`self` exists).
         unsafe {
-            if rows_a == 2 {
-                x86::product_2x2(a, a_stride, b, b_stride, k_tiles, c.as_mut_ptr());
-            } else {
-                x86::product_1x2(a, a_stride, b, b_stride, k_tiles, c.as_mut_ptr());
-            }
+            x86::product(a, a_stride, b, b_stride, k_tiles, c.as_mut_ptr());
         }
         #[cfg(not(target_arch = "x86_64"))]
         {
-            let _ = (rows_a, a, a_stride, b, b_stride, k_tiles, c);
+            let _ = (a, a_stride, b, b_stride, k_tiles, c);
             unreachable!("no AMX tiles are configured off x86-64");
         }
     }
@@ -215,7 +211,7 @@ mod x86 {
     ///
     /// # Safety
     /// See [`super::Tiles::product`]; the configuration is loaded.
-    pub(super) unsafe fn product_2x2(
+    pub(super) unsafe fn product(
         a: *const u32,
         a_stride: usize,
         b: *const u32,
@@ -266,51 +262,6 @@ mod x86 {
                 c1 = in(reg) c.add(TILE),
                 c2 = in(reg) c.add(TILE * 2 * TILE),
                 c3 = in(reg) c.add(TILE * 2 * TILE + TILE),
-                s = in(reg) C_STRIDE,
-                options(nostack)
-            );
-        }
-    }
-
-    /// 1 × 2 tiles: 16 tokens × 32 rows.
-    ///
-    /// # Safety
-    /// See [`super::Tiles::product`]; the configuration is loaded.
-    pub(super) unsafe fn product_1x2(
-        a: *const u32,
-        a_stride: usize,
-        b: *const u32,
-        b_stride: usize,
-        k_tiles: usize,
-        c: *mut f32,
-    ) {
-        let (sa, sb) = (a_stride * 4, b_stride * 4);
-        // SAFETY: as in `product_2x2`, with A rows 0..16 and C rows 0..16.
-        unsafe {
-            asm!("tilezero tmm0", "tilezero tmm1", options(nostack, nomem));
-            for k in 0..k_tiles {
-                let a0 = a.add(k * PAIRS);
-                let b0 = b.add(k * PAIRS * b_stride);
-                let b1 = b0.add(TILE);
-                asm!(
-                    "tileloadd tmm4, [{a0} + {sa}*1]",
-                    "tileloadd tmm6, [{b0} + {sb}*1]",
-                    "tileloadd tmm7, [{b1} + {sb}*1]",
-                    "tdpbf16ps tmm0, tmm4, tmm6",
-                    "tdpbf16ps tmm1, tmm4, tmm7",
-                    a0 = in(reg) a0,
-                    b0 = in(reg) b0,
-                    b1 = in(reg) b1,
-                    sa = in(reg) sa,
-                    sb = in(reg) sb,
-                    options(nostack, readonly)
-                );
-            }
-            asm!(
-                "tilestored [{c0} + {s}*1], tmm0",
-                "tilestored [{c1} + {s}*1], tmm1",
-                c0 = in(reg) c,
-                c1 = in(reg) c.add(TILE),
                 s = in(reg) C_STRIDE,
                 options(nostack)
             );

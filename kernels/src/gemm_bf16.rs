@@ -51,16 +51,16 @@ pub(crate) fn available(isa: Isa) -> bool {
 /// twice the arithmetic at 2:4, but at twice the rate and with none of the per-weight AXPYs
 /// of [`crate::rowgemm`], which prefill is bound by).
 pub(crate) trait Bf16Rows: Sync {
-    /// Writes row `r` (all `cols` columns, pruned ones as zero) as bf16 bits into `out`.
-    /// `scratch` is the caller's reusable buffer for formats that decode through it.
-    fn row_bits(&self, r: usize, out: &mut [u16], scratch: &mut (Vec<u32>, Vec<f32>));
-
-    /// Writes rows `r0..r0 + nr` straight into `panel` as [`pack_panel`] lays it out and
-    /// returns true, for a source whose rows are stored as they are used; the default (false)
-    /// leaves it to [`pack_panel`], through [`Bf16Rows::row_bits`].
-    fn pack_direct(&self, _r0: usize, _nr: usize, _panel: &mut [u32]) -> bool {
-        false
-    }
+    /// Rows `r0..r0 + nr` (all `cols` columns, pruned ones as zero) as bf16 bits, one row
+    /// after another: the weights themselves where they are stored so, else decoded into
+    /// `buf` (reused from panel to panel; `scratch` for formats that decode through it).
+    fn rows_bits<'a>(
+        &'a self,
+        r0: usize,
+        nr: usize,
+        buf: &'a mut Vec<u16>,
+        scratch: &mut (Vec<u32>, Vec<f32>),
+    ) -> &'a [u16];
 }
 
 /// Dense bf16 weights, `[rows, cols]`, as raw bits.
@@ -70,27 +70,14 @@ pub(crate) struct DenseBits<'a> {
 }
 
 impl Bf16Rows for DenseBits<'_> {
-    fn row_bits(&self, r: usize, out: &mut [u16], _: &mut (Vec<u32>, Vec<f32>)) {
-        out.copy_from_slice(&self.bits[r * self.cols..][..self.cols]);
-    }
-
-    /// Pair by pair across the panel's rows, so the panel is written in order (32 pairs, 128
-    /// bytes, per step) and each row is read as a stream: the row-by-row order wrote every
-    /// pair 128 bytes from the last, and packing took as long as the AMX products.
-    fn pack_direct(&self, r0: usize, nr: usize, panel: &mut [u32]) -> bool {
-        let cols = self.cols;
-        let pairs = cols.div_ceil(2);
-        let rows: Vec<&[u16]> = (r0..r0 + nr)
-            .map(|r| &self.bits[r * cols..][..cols])
-            .collect();
-        for (k, dst) in panel.chunks_exact_mut(NR).take(pairs).enumerate() {
-            for (d, row) in dst.iter_mut().zip(&rows) {
-                let hi = row.get(2 * k + 1).map_or(0, |&v| u32::from(v));
-                *d = u32::from(row[2 * k]) | (hi << 16);
-            }
-            dst[nr..].fill(0);
-        }
-        true
+    fn rows_bits<'a>(
+        &'a self,
+        r0: usize,
+        nr: usize,
+        _: &'a mut Vec<u16>,
+        _: &mut (Vec<u32>, Vec<f32>),
+    ) -> &'a [u16] {
+        &self.bits[r0 * self.cols..(r0 + nr) * self.cols]
     }
 }
 
@@ -140,12 +127,13 @@ fn gemm<S: Bf16Rows>(
         y[..tokens * rows].fill(0.0);
         return;
     }
-    let pairs = cols.div_ceil(2);
     let out = SharedOut::new(y);
     if use_amx {
-        // Tiles read whole 16 × 16-pair blocks: the activations padded with zeros to both.
-        let padded = pairs.next_multiple_of(amx::PAIRS);
-        let xb = pack_activations_into(x, tokens, cols, padded, tokens.next_multiple_of(amx::TILE));
+        // The tiles read whole blocks of amx::TOKENS tokens × amx::PAIRS pairs: the
+        // activations padded with zeros to both.
+        let padded = cols.div_ceil(2).next_multiple_of(amx::PAIRS);
+        let token_rows = tokens.next_multiple_of(amx::TOKENS);
+        let xb = pack_activations_into(x, tokens, cols, padded, token_rows);
         par::for_each_bound(bounds, |range| {
             panels_amx(src, rows, cols, padded, &xb, tokens, out, range);
         });
@@ -153,13 +141,13 @@ fn gemm<S: Bf16Rows>(
     }
     let xb = pack_activations(x, tokens, cols);
     par::for_each_bound(bounds, |range| {
-        panels(src, rows, cols, pairs, &xb, tokens, out, range);
+        panels(src, rows, cols, &xb, tokens, out, range);
     });
 }
 
-/// [`panels`] on AMX tiles: each panel is two B tiles; 32 tokens (two A tiles) at a time, 16
-/// for a last odd tile. `xb` holds the activations at `padded` pairs per token (a multiple of
-/// [`amx::PAIRS`]) and zero tokens up to a multiple of [`amx::TILE`].
+/// [`panels`] on AMX tiles: each panel is two B tiles, [`amx::TOKENS`] tokens (two A tiles)
+/// at a time. `xb` holds the activations at `padded` pairs per token (a multiple of
+/// [`amx::PAIRS`]) and zero tokens up to a multiple of [`amx::TOKENS`].
 #[allow(clippy::too_many_arguments)]
 fn panels_amx<S: Bf16Rows>(
     src: &S,
@@ -174,27 +162,15 @@ fn panels_amx<S: Bf16Rows>(
     let Some(tiles) = Tiles::configure() else {
         unreachable!("the caller checked amx::enabled(), so the tiles are there");
     };
-    // Pairs past the columns stay zero: `pack_panel` writes only the first `pairs` of them.
-    let mut panel = vec![0u32; padded * NR];
-    let mut row = vec![0u16; cols];
-    let mut scratch = (Vec::new(), Vec::new());
-    let mut tile = [0f32; NR * NR];
-    let token_rows = tokens.next_multiple_of(amx::TILE);
-    assert!(xb.len() >= token_rows * padded);
-    for p in range {
-        let r0 = p * NR;
-        let nr = NR.min(rows - r0);
-        pack_panel(src, cols, r0, nr, &mut panel, &mut row, &mut scratch);
-        let mut t0 = 0;
-        while t0 < tokens {
-            let a_tiles = if tokens - t0 > amx::TILE { 2 } else { 1 };
-            // SAFETY: `t0` is a multiple of TILE, and with more than TILE tokens left the
-            // zero-padded rows reach t0 + 2·TILE, so the A tiles read rows below `token_rows`
-            // of `padded` pairs; the panel holds `padded` pair-rows of NR pairs; `tile` holds
-            // 2·TILE × NR values.
+    let mut tile = [0f32; amx::TOKENS * NR];
+    assert!(xb.len() >= tokens.next_multiple_of(amx::TOKENS) * padded);
+    for_each_panel(src, rows, cols, padded, range, |panel, r0, nr| {
+        for t0 in (0..tokens).step_by(amx::TOKENS) {
+            // SAFETY: `t0` is a multiple of TOKENS, so the A tiles read rows below the
+            // zero-padded `xb`'s end, `padded` pairs each; the panel holds `padded` pair-rows of
+            // NR pairs; `tile` holds TOKENS × NR values.
             unsafe {
                 tiles.product(
-                    a_tiles,
                     xb.as_ptr().add(t0 * padded),
                     padded,
                     panel.as_ptr(),
@@ -203,17 +179,10 @@ fn panels_amx<S: Bf16Rows>(
                     &mut tile,
                 );
             }
-            let nt = (a_tiles * amx::TILE).min(tokens - t0);
-            for (t, values) in tile.chunks_exact(NR).take(nt).enumerate() {
-                let base = (t0 + t) * rows + r0;
-                for (i, &v) in values.iter().enumerate().take(nr) {
-                    // SAFETY: this task owns output rows r0..r0+nr (panels are disjoint).
-                    unsafe { out.write(base + i, v) };
-                }
-            }
-            t0 += a_tiles * amx::TILE;
+            let nt = amx::TOKENS.min(tokens - t0);
+            write_tile(out, rows, r0, nr, t0, tile.chunks_exact(NR).take(nt));
         }
-    }
+    });
 }
 
 /// Panels `range` (of [`NR`] rows each): pack each, then run every token tile over it.
@@ -222,20 +191,14 @@ fn panels<S: Bf16Rows>(
     src: &S,
     rows: usize,
     cols: usize,
-    pairs: usize,
     xb: &[u32],
     tokens: usize,
     out: SharedOut,
     range: Range<usize>,
 ) {
-    let mut panel = vec![0u32; pairs * NR];
-    let mut row = vec![0u16; cols];
-    let mut scratch = (Vec::new(), Vec::new());
+    let pairs = cols.div_ceil(2);
     let mut tile = [[0.0f32; NR]; MR];
-    for p in range {
-        let r0 = p * NR;
-        let nr = NR.min(rows - r0);
-        pack_panel(src, cols, r0, nr, &mut panel, &mut row, &mut scratch);
+    for_each_panel(src, rows, cols, pairs, range, |panel, r0, nr| {
         let mut t0 = 0;
         while t0 < tokens {
             let nt = MR.min(tokens - t0);
@@ -245,24 +208,71 @@ fn panels<S: Bf16Rows>(
             // holds `nt` tokens of `pairs` pairs and `panel` holds `pairs * NR` pairs.
             unsafe {
                 match nt {
-                    8 => x86::mk::<8>(xs, pairs, &panel, &mut tile),
-                    7 => x86::mk::<7>(xs, pairs, &panel, &mut tile),
-                    6 => x86::mk::<6>(xs, pairs, &panel, &mut tile),
-                    5 => x86::mk::<5>(xs, pairs, &panel, &mut tile),
-                    4 => x86::mk::<4>(xs, pairs, &panel, &mut tile),
-                    3 => x86::mk::<3>(xs, pairs, &panel, &mut tile),
-                    2 => x86::mk::<2>(xs, pairs, &panel, &mut tile),
-                    _ => x86::mk::<1>(xs, pairs, &panel, &mut tile),
+                    8 => x86::mk::<8>(xs, pairs, panel, &mut tile),
+                    7 => x86::mk::<7>(xs, pairs, panel, &mut tile),
+                    6 => x86::mk::<6>(xs, pairs, panel, &mut tile),
+                    5 => x86::mk::<5>(xs, pairs, panel, &mut tile),
+                    4 => x86::mk::<4>(xs, pairs, panel, &mut tile),
+                    3 => x86::mk::<3>(xs, pairs, panel, &mut tile),
+                    2 => x86::mk::<2>(xs, pairs, panel, &mut tile),
+                    _ => x86::mk::<1>(xs, pairs, panel, &mut tile),
                 }
             }
-            for (t, row) in tile.iter().enumerate().take(nt) {
-                let base = (t0 + t) * rows + r0;
-                for (i, &v) in row.iter().enumerate().take(nr) {
-                    // SAFETY: this task owns output rows r0..r0+nr (panels are disjoint).
-                    unsafe { out.write(base + i, v) };
-                }
-            }
+            write_tile(
+                out,
+                rows,
+                r0,
+                nr,
+                t0,
+                tile.iter().take(nt).map(|r| r.as_slice()),
+            );
             t0 += nt;
+        }
+    });
+}
+
+/// Packs each panel of `range` in turn (see [`pack_panel`]) into one buffer of `panel_pairs`
+/// pair-rows (at least the columns' pairs; those past them stay zero) and hands it to `run`
+/// with the panel's first row and row count.
+fn for_each_panel<S: Bf16Rows>(
+    src: &S,
+    rows: usize,
+    cols: usize,
+    panel_pairs: usize,
+    range: Range<usize>,
+    mut run: impl FnMut(&[u32], usize, usize),
+) {
+    let mut panel = vec![0u32; panel_pairs * NR];
+    let mut buf = Vec::new();
+    let mut scratch = (Vec::new(), Vec::new());
+    for p in range {
+        let r0 = p * NR;
+        let nr = NR.min(rows - r0);
+        pack_panel(
+            src.rows_bits(r0, nr, &mut buf, &mut scratch),
+            cols,
+            nr,
+            &mut panel,
+        );
+        run(&panel, r0, nr);
+    }
+}
+
+/// Writes a tile's first `nr` outputs of each token (`values`' rows: tokens `t0`, `t0 + 1`,
+/// ...) into `y: [tokens, rows]` at rows `r0..r0 + nr`.
+fn write_tile<'v>(
+    out: SharedOut,
+    rows: usize,
+    r0: usize,
+    nr: usize,
+    t0: usize,
+    values: impl Iterator<Item = &'v [f32]>,
+) {
+    for (t, values) in values.enumerate() {
+        let base = (t0 + t) * rows + r0;
+        for (i, &v) in values.iter().enumerate().take(nr) {
+            // SAFETY: the calling task owns output rows r0..r0+nr (panels are disjoint).
+            unsafe { out.write(base + i, v) };
         }
     }
 }
@@ -310,33 +320,29 @@ fn pack_activations_into(
     out
 }
 
-/// Packs rows `r0..r0 + nr` of `src` into `panel[k * NR + r]` (bf16 pairs of columns `2k` and
-/// `2k + 1`), zero for rows past `nr` and for the missing half of an odd last pair.
-fn pack_panel<S: Bf16Rows>(
-    src: &S,
-    cols: usize,
-    r0: usize,
-    nr: usize,
-    panel: &mut [u32],
-    row: &mut [u16],
-    scratch: &mut (Vec<u32>, Vec<f32>),
-) {
-    if src.pack_direct(r0, nr, panel) {
-        return;
-    }
-    let pairs = cols.div_ceil(2);
-    for r in 0..NR {
-        if r < nr {
-            src.row_bits(r0 + r, row, scratch);
-            for (k, pair) in row.chunks(2).enumerate() {
-                let hi = pair.get(1).map_or(0, |&v| u32::from(v));
-                panel[k * NR + r] = u32::from(pair[0]) | (hi << 16);
-            }
+/// Packs the `nr` rows of `block` (`[nr, cols]` bf16 bits) into `panel[k * NR + r]` (bf16
+/// pairs of columns `2k` and `2k + 1`), zero for rows past `nr` and for the missing half of an
+/// odd last pair. Pair by pair across the rows, so the panel is written in order (32 pairs,
+/// 128 bytes, per step) and each row is read as a stream: row by row, every write landed 128
+/// bytes from the last, and packing took as long as the AMX products.
+fn pack_panel(block: &[u16], cols: usize, nr: usize, panel: &mut [u32]) {
+    let rows: [&[u16]; NR] = std::array::from_fn(|i| {
+        if i < nr {
+            &block[i * cols..][..cols]
         } else {
-            for k in 0..pairs {
-                panel[k * NR + r] = 0;
-            }
+            &[]
         }
+    });
+    for (k, dst) in panel
+        .chunks_exact_mut(NR)
+        .take(cols.div_ceil(2))
+        .enumerate()
+    {
+        for (d, row) in dst.iter_mut().zip(&rows[..nr]) {
+            let hi = row.get(2 * k + 1).map_or(0, |&v| u32::from(v));
+            *d = u32::from(row[2 * k]) | (hi << 16);
+        }
+        dst[nr..].fill(0);
     }
 }
 

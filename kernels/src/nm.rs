@@ -498,6 +498,24 @@ impl NmMatrix {
 }
 
 impl crate::gemm_bf16::Bf16Rows for NmMatrix {
+    fn rows_bits<'a>(
+        &'a self,
+        r0: usize,
+        nr: usize,
+        buf: &'a mut Vec<u16>,
+        scratch: &mut (Vec<u32>, Vec<f32>),
+    ) -> &'a [u16] {
+        buf.resize(nr * self.cols, 0);
+        if self.cols > 0 {
+            for (i, out) in buf.chunks_exact_mut(self.cols).enumerate() {
+                self.row_bits(r0 + i, out, scratch);
+            }
+        }
+        buf
+    }
+}
+
+impl NmMatrix {
     /// Row `r` expanded to dense bf16 bits, read straight from the metadata and values
     /// ([`RowDecode::decode_row`]'s bit-by-bit reads and pushes cost more than the GEMM of a
     /// 1536-row layer).

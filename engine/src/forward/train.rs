@@ -718,13 +718,14 @@ impl<'t> TrainingPass<'t> {
         // the teacher's residual stream there), added to the backward pass's as it passes.
         let mut hidden_grads = Vec::with_capacity(teacher_blocks.len());
         let mut hidden_sum = 0.0;
+        // The term is the mean over blocks: each block's share of the weight.
+        let coef = self.hidden / s.blocks.len() as f64;
         let mut teacher_blocks = teacher_blocks.into_iter();
         for layer in 0..s.blocks.len() {
             let sparse = &self.sparse[layer];
             let (next, keep) = block_forward(s, &mut self.pool, sparse, layer, x, shape, &rope)?;
             saved.push(keep);
             if let Some(mut target) = teacher_blocks.next() {
-                let coef = self.hidden / s.blocks.len() as f64;
                 hidden_sum += hidden_term_into(&next, &mut target, shape, coef);
                 hidden_grads.push(target);
             }
@@ -1456,6 +1457,12 @@ mod tests {
     use super::*;
     use crate::{LossGradients, Model, builtin_model};
 
+    /// KL alone at temperature 1, as the recovery pipelines distill.
+    const KL_AT_T1: Distillation = Distillation {
+        weight: 1.0,
+        temperature: 1.0,
+    };
+
     fn sequences(count: usize, len: u32, salt: u32) -> Vec<Vec<u32>> {
         (0..count as u32)
             .map(|k| (0..len).map(|i| (i * 37 + 11 * k + salt) % 256).collect())
@@ -1548,10 +1555,7 @@ mod tests {
     fn hidden_state_distillation_matches_finite_differences() {
         let model = builtin_model("tiny-llama").unwrap();
         let teacher = Session::new(&model).unwrap();
-        let d = Distillation {
-            weight: 1.0,
-            temperature: 1.0,
-        };
+        let d = KL_AT_T1;
         let seqs = sequences(2, 20, 4);
         let run = |m: &Model, hidden: f64| {
             let s = Session::new(m).unwrap();
@@ -1665,10 +1669,7 @@ mod tests {
     fn hidden_state_distillation_checks_its_settings() {
         let model = builtin_model("tiny-llama").unwrap();
         let s = Session::new(&model).unwrap();
-        let d = Distillation {
-            weight: 1.0,
-            temperature: 1.0,
-        };
+        let d = KL_AT_T1;
         for bad in [-1.0, f64::NAN, f64::INFINITY] {
             let pass = TrainingPass::new(&s)
                 .unwrap()
