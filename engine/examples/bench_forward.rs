@@ -2,16 +2,21 @@
 //!
 //! ```text
 //! cargo run --release -p espalier-engine --example bench_forward -- \
-//!     [MODEL] [--ppl-tokens N] [--window W] [--stride S] [--prompt P] [--new N]
+//!     [MODEL] [--ppl-tokens N] [--window W] [--stride S] [--prompt P] [--new N] \
+//!     [--prefill-reps R] [--batch B]
 //! ```
 //!
+//! `--batch B` times `--new` batched decode steps of B sequences (each prefilled with the
+//! prompt into its own cache): what the server's continuous batching runs per step.
+//! `--prefill-reps R` also runs the prompt's prefill R more times (no cache) and prints the
+//! best and median: a prefill-only loop to profile (`perf record` around it).
 //! `--ppl-tokens 0` skips the perplexity run (a decode-only profile). MODEL defaults to `builtin:smollm2-135m-shapes` (random weights, SmolLM2-135M's shapes), so
 //! the figures need no download; tokens are a fixed pseudo-random sequence.
 
 use std::time::Instant;
 
 use espalier_engine::eval::{self, PerplexityOptions};
-use espalier_engine::{Session, load_model};
+use espalier_engine::{KvCache, Session, load_model};
 
 /// CPU seconds (user + system) this process used so far, from `/proc/self/stat`: on a shared
 /// machine wall-clock time depends on the neighbours, CPU time much less.
@@ -30,6 +35,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut model_ref = "builtin:smollm2-135m-shapes".to_string();
     let (mut ppl_tokens, mut window, mut stride, mut prompt, mut new) =
         (4096usize, 1024usize, 1024usize, 128usize, 32usize);
+    let (mut prefill_reps, mut batch) = (0usize, 0usize);
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut num = |name: &str| -> Result<usize, Box<dyn std::error::Error>> {
@@ -42,6 +48,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "--stride" => stride = num("--stride")?,
             "--prompt" => prompt = num("--prompt")?,
             "--new" => new = num("--new")?,
+            "--prefill-reps" => prefill_reps = num("--prefill-reps")?,
+            "--batch" => batch = num("--batch")?,
             other if !other.starts_with("--") => model_ref = other.to_string(),
             other => return Err(format!("unknown option {other}").into()),
         }
@@ -82,6 +90,50 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         cpu1 - cpu0
     );
 
+    if prefill_reps > 0 {
+        let mut ms: Vec<f64> = Vec::with_capacity(prefill_reps);
+        for _ in 0..prefill_reps {
+            let t = Instant::now();
+            session.forward_last(&tokens[..prompt], None)?;
+            ms.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        ms.sort_by(f64::total_cmp);
+        println!(
+            "prefill of {prompt} tokens, {prefill_reps} runs: best {:.1} ms ({:.0} tok/s), median {:.1} ms",
+            ms[0],
+            prompt as f64 / ms[0] * 1e3,
+            ms[ms.len() / 2]
+        );
+    }
+    if batch > 0 {
+        let mut caches: Vec<KvCache> = (0..batch).map(|_| KvCache::new()).collect();
+        let mut next: Vec<u32> = Vec::with_capacity(batch);
+        for (i, cache) in caches.iter_mut().enumerate() {
+            // Prompts differ in their first token, so no two sequences are the same.
+            let mut p = tokens[..prompt].to_vec();
+            p[0] = tokens[i % tokens.len()];
+            next.push(session.next_token(&p, Some(cache))?);
+        }
+        let t = Instant::now();
+        for _ in 0..new {
+            let mut refs: Vec<&mut KvCache> = caches.iter_mut().collect();
+            let logits = session.decode_batch(&next, &mut refs)?;
+            let rows = logits.to_vec2::<f32>()?;
+            for (n, row) in next.iter_mut().zip(&rows) {
+                *n = row
+                    .iter()
+                    .enumerate()
+                    .max_by(|a, b| a.1.total_cmp(b.1))
+                    .map_or(0, |(i, _)| i as u32);
+            }
+        }
+        let s = t.elapsed().as_secs_f64();
+        println!(
+            "batched decode, {batch} sequences: {:.2} ms per step, {:.1} tok/s in all over {new} steps",
+            s * 1e3 / new as f64,
+            (batch * new) as f64 / s
+        );
+    }
     if ppl_tokens == 0 {
         return Ok(());
     }

@@ -6,12 +6,13 @@
 //! dense candle tensor or any [`LinearKernel`] behind an `Arc`; the host wraps the kernels
 //! crate's packed sparse formats in that trait.
 //!
-//! A dense layer runs two ways on the same weights: decode steps (up to
+//! A dense layer runs on the kernels crate, on the tensor's own storage: decode steps (up to
 //! [`espalier_kernels::SMALL_BATCH`] tokens, one per running sequence) stream the weights once
-//! through the kernels crate's GEMV, split over the thread pool; prefill goes to candle's GEMM,
-//! which reuses packed panels across many tokens. Measured on SmolLM2 with 2 threads, candle's
-//! matmul ran batch-1 products at about half the memory bandwidth, and they are most of a decode
-//! step.
+//! through its GEMV, split over the thread pool; prefill runs its AVX-512 GEMM (tokens in the
+//! vector lanes, weights read in place) where the CPU has AVX-512, candle's GEMM elsewhere.
+//! Measured on SmolLM2 with 2 threads, candle's matmul ran batch-1 products at about half the
+//! memory bandwidth, and its prefill at 0.7-0.8x the kernels crate's end to end (`bench
+//! decode`, 128 tokens).
 //!
 //! Convention: weights are `[out_features, in_features]` (PyTorch `nn.Linear`, the canonical
 //! orientation of [`crate::model::Model`]); inputs are `[tokens, in_features]`, outputs
@@ -48,7 +49,7 @@ pub trait LinearKernel: fmt::Debug + Send + Sync {
 #[derive(Clone)]
 pub enum LinearWeight {
     /// A dense `[out, in]` f32 tensor (contiguous): the kernels crate's GEMV for decode steps,
-    /// candle's matmul for prefill.
+    /// its GEMM or candle's matmul for prefill.
     Dense(Tensor),
     /// Any other implementation.
     Kernel(Arc<dyn LinearKernel>),
@@ -227,8 +228,11 @@ impl Linear {
         }
         let tokens = x.dims()[0];
         let y = match (&self.weight, &self.weight_t) {
-            (LinearWeight::Dense(w), _) if tokens <= espalier_kernels::SMALL_BATCH => {
-                self.decode_dense(w, x, tokens)?
+            (LinearWeight::Dense(w), _)
+                if tokens <= espalier_kernels::SMALL_BATCH
+                    || espalier_kernels::gemm_f32_prefill_fast(espalier_kernels::Exec::auto()) =>
+            {
+                self.dense_on_kernels(w, x, tokens)?
             }
             (LinearWeight::Dense(_), Some(w_t)) => x.matmul(w_t)?,
             (LinearWeight::Dense(w), None) => x.matmul(&w.t()?)?,
@@ -257,9 +261,14 @@ impl Linear {
 }
 
 impl Linear {
-    /// `x · Wᵀ` for a few tokens on the kernels crate's small-batch GEMV: one pass over the
-    /// weights, split over the pool.
-    fn decode_dense(&self, w: &Tensor, x: &Tensor, tokens: usize) -> Result<Tensor, EngineError> {
+    /// `x · Wᵀ` on the kernels crate: for a few tokens its small-batch GEMV (one pass over the
+    /// weights, split over the pool), for prefill its AVX-512 GEMM.
+    fn dense_on_kernels(
+        &self,
+        w: &Tensor,
+        x: &Tensor,
+        tokens: usize,
+    ) -> Result<Tensor, EngineError> {
         let mut y = vec![0.0f32; tokens * self.out_features];
         crate::forward::with_f32(x, |xs| {
             crate::forward::with_f32(w, |ws| {

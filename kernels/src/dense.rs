@@ -11,6 +11,7 @@ use crate::error::{Result, checked_len, expect_len};
 use crate::gemm::{self, NR, Segment};
 use crate::gemm_bf16;
 use crate::isa::{Exec, Isa};
+use crate::lanes;
 use crate::par::{self, SharedOut};
 use crate::simd;
 use crate::view::DenseView;
@@ -92,6 +93,10 @@ impl DenseMatrix {
     pub fn gemm(&self, x: &[f32], tokens: usize, y: &mut [f32], exec: Exec) -> Result<()> {
         expect_len("x", checked_len(tokens, self.cols)?, x.len())?;
         expect_len("y", checked_len(tokens, self.rows)?, y.len())?;
+        if let Some(w) = self.lanes_weights(tokens, exec) {
+            lanes::gemm(w, self.rows, self.cols, x, tokens, y, exec);
+            return Ok(());
+        }
         if tokens <= SMALL_BATCH {
             // Too few tokens to amortise packing: stream W once, each row dotted with every
             // token while it is in L1.
@@ -112,28 +117,66 @@ impl DenseMatrix {
                 return Ok(());
             }
         }
-        let panels = self.rows.div_ceil(NR);
-        let flops = tokens * self.rows * self.cols;
-        let tasks = par::task_count(exec, panels, flops, par::MIN_TASK_FLOPS);
-        let bounds = par::even_bounds(panels, tasks);
-        let out = SharedOut::new(y);
-        let isa = exec.isa.effective();
-        let (rows, cols) = (self.rows, self.cols);
         let scales = self.values.scales();
         with_values!(&self.values, w => {
-            par::for_each_bound(&bounds, |range| {
-                let mut panel = vec![0.0f32; cols * NR];
-                for p in range {
-                    let r0 = p * NR;
-                    let nr = NR.min(rows - r0);
-                    pack_panel(w, scales, cols, r0, nr, &mut panel);
-                    let seg = [Segment { col: 0, kc: cols, offset: 0 }];
-                    gemm::panel_gemm(isa, x, tokens, cols, &seg, &panel, NR, out, rows, r0, nr);
-                }
-            })
+            panel_gemm(w, scales, self.rows, self.cols, x, tokens, y, exec)
         });
         Ok(())
     }
+
+    /// The weights as the tokens-in-lanes GEMM takes them, when it is the kernel for this
+    /// call: f32 or bf16 values, [`lanes::MIN_TOKENS`] or more tokens, the CPU able (AVX-512,
+    /// and AVX512-BF16 for bf16), and for bf16 prefill no AMX (its tiles are faster still).
+    fn lanes_weights(&self, tokens: usize, exec: Exec) -> Option<lanes::Weights<'_>> {
+        if tokens < lanes::MIN_TOKENS {
+            return None;
+        }
+        match &self.values {
+            Values::F32(v) if lanes::available(exec.isa) => Some(lanes::Weights::F32(v)),
+            Values::Bf16(v)
+                if lanes::available_bf16(exec.isa, self.cols)
+                    && (tokens <= SMALL_BATCH || !crate::amx::enabled()) =>
+            {
+                Element::bf16_bits(v.as_slice()).map(lanes::Weights::Bf16)
+            }
+            _ => None,
+        }
+    }
+}
+
+/// The register-blocked GEMM over packed panels ([`gemm::panel_gemm`]): each task packs the
+/// [`NR`]-row panels it owns, one at a time, and runs every token tile over it.
+#[allow(clippy::too_many_arguments)]
+fn panel_gemm<T: Element>(
+    w: &[T],
+    scales: Option<&[f32]>,
+    rows: usize,
+    cols: usize,
+    x: &[f32],
+    tokens: usize,
+    y: &mut [f32],
+    exec: Exec,
+) {
+    let panels = rows.div_ceil(NR);
+    let flops = tokens * rows * cols;
+    let tasks = par::task_count(exec, panels, flops, par::MIN_TASK_FLOPS);
+    let bounds = par::even_bounds(panels, tasks);
+    let out = SharedOut::new(y);
+    let isa = exec.isa.effective();
+    par::for_each_bound(&bounds, |range| {
+        let mut panel = vec![0.0f32; cols * NR];
+        for p in range {
+            let r0 = p * NR;
+            let nr = NR.min(rows - r0);
+            pack_panel(w, scales, cols, r0, nr, &mut panel);
+            let seg = [Segment {
+                col: 0,
+                kc: cols,
+                offset: 0,
+            }];
+            gemm::panel_gemm(isa, x, tokens, cols, &seg, &panel, NR, out, rows, r0, nr);
+        }
+    });
 }
 
 /// Token counts up to which [`DenseMatrix::gemm`] and [`gemm_f32`] stream `W` once and dot each
@@ -142,11 +185,11 @@ impl DenseMatrix {
 /// each packed panel across tokens wins.
 pub const SMALL_BATCH: usize = 16;
 
-/// `Y = X·Wᵀ` for dense row-major f32 weights owned elsewhere (a candle tensor's storage):
-/// the GEMV (one token) or small-batch kernel (up to [`SMALL_BATCH`] tokens) of
-/// [`DenseMatrix`], without a packed copy. `w`: `[rows, cols]`; `x`: `[tokens, cols]`; `y`:
-/// `[tokens, rows]`, overwritten. Correct for any token count, but past [`SMALL_BATCH`] a
-/// packed GEMM (ours or a library's) is faster: use one for prefill.
+/// `Y = X·Wᵀ` for dense row-major f32 weights owned elsewhere (a candle tensor's storage),
+/// as [`DenseMatrix::gemm`] runs it without a packed copy of the matrix: the GEMV (one token)
+/// or small-batch kernel (up to [`SMALL_BATCH`] tokens), past that the register-blocked GEMM
+/// over panels packed per task. `w`: `[rows, cols]`; `x`: `[tokens, cols]`; `y`:
+/// `[tokens, rows]`, overwritten.
 pub fn gemm_f32(
     w: &[f32],
     rows: usize,
@@ -157,7 +200,25 @@ pub fn gemm_f32(
     exec: Exec,
 ) -> Result<()> {
     expect_len("w", checked_len(rows, cols)?, w.len())?;
-    small_batch(w, None, rows, cols, x, tokens, y, exec)
+    if tokens < lanes::MIN_TOKENS || (tokens <= SMALL_BATCH && !lanes::available(exec.isa)) {
+        return small_batch(w, None, rows, cols, x, tokens, y, exec);
+    }
+    expect_len("x", checked_len(tokens, cols)?, x.len())?;
+    expect_len("y", checked_len(tokens, rows)?, y.len())?;
+    if lanes::available(exec.isa) {
+        lanes::gemm(lanes::Weights::F32(w), rows, cols, x, tokens, y, exec);
+    } else {
+        panel_gemm(w, None, rows, cols, x, tokens, y, exec);
+    }
+    Ok(())
+}
+
+/// Whether [`gemm_f32`] runs prefill (more than [`SMALL_BATCH`] tokens) on its
+/// tokens-in-lanes AVX-512 kernel here, which measured 1.03-1.21x candle's matmul on
+/// SmolLM2's shapes at 128 tokens (`kernel_bench`); without AVX-512 candle's GEMM is the
+/// faster choice for prefill.
+pub fn gemm_f32_prefill_fast(exec: Exec) -> bool {
+    lanes::available(exec.isa)
 }
 
 /// How a pass over `rows × cols` stored weights splits over the pool: bounds in units of 4

@@ -1,9 +1,14 @@
 //! Register-blocked GEMM micro-kernel shared by dense and BSR prefill (`Y = X · Wᵀ`).
 //!
-//! Prefill is compute bound, so what matters is keeping the FMA units busy. The micro-kernel
-//! computes a 6-token x 16-row tile of `Y` held in 12 AVX2 registers; each step over the input
-//! dimension loads 16 weights (2 vectors) and broadcasts 6 activations, for 12 FMAs: the FMA
-//! pipes, not the loads, are the limit. Weights are read from a *panel*: the weights of 16
+//! Prefill is compute bound, so what matters is keeping the FMA units busy. On AVX2 the
+//! micro-kernel computes a 6-token x 16-row tile of `Y` held in 12 registers; each step over the
+//! input dimension loads 16 weights (2 vectors) and broadcasts 6 activations, for 12 FMAs: the
+//! FMA pipes, not the loads, are the limit. On AVX-512 the tile is [`MR_512`] tokens x 16 rows,
+//! one 512-bit accumulator per token: each step loads the 16 weights once and does one FMA per
+//! token with the activation broadcast from memory inside the instruction, so 14 FMAs cost 15
+//! loads and the 32 registers hold the whole tile (the AVX2 tile re-reads each panel row for
+//! every 6 tokens; this one for every 14, and issues half the instructions per product).
+//! Weights are read from a *panel*: the weights of 16
 //! consecutive output rows for consecutive input columns, stored column-major
 //! (`panel[k * ld + r]`). Dense weights are packed into that layout on the fly (once per panel,
 //! amortised over every token tile); BSR blocks with `br` a multiple of 16 already are in it,
@@ -13,8 +18,11 @@
 use crate::isa::Isa;
 use crate::par::SharedOut;
 
-/// Tokens per register tile.
+/// Tokens per register tile (AVX2 and portable).
 pub(crate) const MR: usize = 6;
+/// Tokens per register tile on AVX-512: 14 accumulators and the weight vector, leaving
+/// registers for the compiler's addressing.
+pub(crate) const MR_512: usize = 14;
 /// Output rows per register tile (two 8-lane vectors).
 pub(crate) const NR: usize = 16;
 
@@ -57,6 +65,44 @@ pub(crate) fn panel_gemm(
             "segment beyond the panel buffer"
         );
     }
+    #[cfg(target_arch = "x86_64")]
+    if isa.effective() == Isa::Avx512 {
+        let mut tile = [[0.0f32; NR]; MR_512];
+        let mut t0 = 0;
+        // Even tiles: 128 tokens run as 8 x 13 + 2 x 12 rather than 9 x 14 + 2, whose last
+        // tile would wait on its two accumulators' FMA latency.
+        let tiles = tokens.div_ceil(MR_512);
+        let mut i = 0;
+        while t0 < tokens {
+            let nt = (tokens - t0).div_ceil(tiles - i);
+            i += 1;
+            let xs = x[t0 * ldx..].as_ptr();
+            let (p, t) = (panel.as_ptr(), &mut tile);
+            // SAFETY: AVX-512F is available (`effective`), and the asserts above bound every
+            // read: tokens t0..t0+nt exist in `x` and every segment lies inside `panel`.
+            unsafe {
+                match nt {
+                    14 => x86::mk512::<14>(xs, ldx, segs, p, ld, t),
+                    13 => x86::mk512::<13>(xs, ldx, segs, p, ld, t),
+                    12 => x86::mk512::<12>(xs, ldx, segs, p, ld, t),
+                    11 => x86::mk512::<11>(xs, ldx, segs, p, ld, t),
+                    10 => x86::mk512::<10>(xs, ldx, segs, p, ld, t),
+                    9 => x86::mk512::<9>(xs, ldx, segs, p, ld, t),
+                    8 => x86::mk512::<8>(xs, ldx, segs, p, ld, t),
+                    7 => x86::mk512::<7>(xs, ldx, segs, p, ld, t),
+                    6 => x86::mk512::<6>(xs, ldx, segs, p, ld, t),
+                    5 => x86::mk512::<5>(xs, ldx, segs, p, ld, t),
+                    4 => x86::mk512::<4>(xs, ldx, segs, p, ld, t),
+                    3 => x86::mk512::<3>(xs, ldx, segs, p, ld, t),
+                    2 => x86::mk512::<2>(xs, ldx, segs, p, ld, t),
+                    _ => x86::mk512::<1>(xs, ldx, segs, p, ld, t),
+                }
+            }
+            store_tile(&tile[..nt], t0, out, ldy, r0, nr);
+            t0 += nt;
+        }
+        return;
+    }
     let mut tile = [[0.0f32; NR]; MR];
     let mut t0 = 0;
     while t0 < tokens {
@@ -80,14 +126,19 @@ pub(crate) fn panel_gemm(
             }
             _ => mk_portable(nt, xs, ldx, segs, panel, ld, &mut tile),
         }
-        for (t, row) in tile.iter().enumerate().take(nt) {
-            let base = (t0 + t) * ldy + r0;
-            for (i, &v) in row.iter().enumerate().take(nr) {
-                // SAFETY: this task owns output rows r0..r0+nr (see the function docs).
-                unsafe { out.write(base + i, v) };
-            }
-        }
+        store_tile(&tile[..nt], t0, out, ldy, r0, nr);
         t0 += nt;
+    }
+}
+
+/// Writes the first `nr` lanes of each tile row to `Y[t0 + t, r0 ..]`.
+fn store_tile(tile: &[[f32; NR]], t0: usize, out: SharedOut, ldy: usize, r0: usize, nr: usize) {
+    for (t, row) in tile.iter().enumerate() {
+        let base = (t0 + t) * ldy + r0;
+        for (i, &v) in row.iter().enumerate().take(nr) {
+            // SAFETY: this task owns output rows r0..r0+nr (see `panel_gemm`).
+            unsafe { out.write(base + i, v) };
+        }
     }
 }
 
@@ -121,8 +172,48 @@ fn mk_portable(
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{MR, NR, Segment};
+    use super::{MR, MR_512, NR, Segment};
     use std::arch::x86_64::*;
+
+    /// AVX-512 micro-kernel for `NT` tokens (at most [`MR_512`]): one accumulator per token,
+    /// each step one weight vector and `NT` FMAs whose activation operand is a broadcast from
+    /// memory (`vfmadd231ps zmm, zmm, [x]{1to16}`).
+    ///
+    /// # Safety
+    /// AVX-512F available; `x` valid for `NT` rows of stride `ldx` covering every segment's
+    /// columns; `panel` valid for every segment's `offset + (kc-1)*ld + 16`.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn mk512<const NT: usize>(
+        x: *const f32,
+        ldx: usize,
+        segs: &[Segment],
+        panel: *const f32,
+        ld: usize,
+        tile: &mut [[f32; NR]; MR_512],
+    ) {
+        let mut acc = [_mm512_setzero_ps(); NT];
+        for s in segs {
+            // SAFETY: bounds are the caller's contract (checked by `panel_gemm`).
+            unsafe {
+                let mut w = panel.add(s.offset);
+                let mut xp = x.add(s.col);
+                for _ in 0..s.kc {
+                    let wv = _mm512_loadu_ps(w);
+                    for (t, a) in acc.iter_mut().enumerate() {
+                        *a = _mm512_fmadd_ps(_mm512_set1_ps(*xp.add(t * ldx)), wv, *a);
+                    }
+                    // wrapping: after the last step these may point past the buffers; they are
+                    // never dereferenced there.
+                    xp = xp.wrapping_add(1);
+                    w = w.wrapping_add(ld);
+                }
+            }
+        }
+        for (t, a) in acc.iter().enumerate() {
+            // SAFETY: tile rows have 16 lanes.
+            unsafe { _mm512_storeu_ps(tile[t].as_mut_ptr(), *a) };
+        }
+    }
 
     /// AVX2 micro-kernel for `NT` tokens: 2·NT accumulators stay in registers across all
     /// segments, so the output tile is stored once per panel.

@@ -15,9 +15,9 @@ pub enum Isa {
     /// x86-64 AVX2 + FMA intrinsics (256-bit vectors, fused multiply-add). Detection also
     /// requires POPCNT, which every AVX2 CPU has and the bitmap kernel uses.
     Avx2Fma,
-    /// [`Isa::Avx2Fma`] plus AVX-512F. Only the bitmap GEMV has an AVX-512 kernel (its
-    /// masked expand turns 16 mask bits and the packed values into a dense vector in one
-    /// instruction); every other kernel runs its AVX2 code under this ISA.
+    /// [`Isa::Avx2Fma`] plus AVX-512F. Kernels with an AVX-512 variant (the bitmap GEMV's
+    /// masked expand, the dense GEMV and small-batch tiles, the f32 GEMMs, bf16 prefill with
+    /// AVX512-BF16, block training) run it; every other kernel runs its AVX2 code.
     Avx512,
 }
 

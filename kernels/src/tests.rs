@@ -107,14 +107,19 @@ fn assert_within_quantization(
     }
 }
 
-/// Whether this GEMM runs on AVX512-BF16 with its activations rounded to bf16
-/// (`gemm_bf16`): bf16 prefill past the small-batch range in dense, compact (a dense matrix
-/// of the kept rows) and N:M, on CPUs that have it.
+/// Whether this GEMM may run on AVX512-BF16 with its activations rounded to bf16: dense and
+/// compact (a dense matrix of the kept columns) bf16 from [`crate::lanes::MIN_TOKENS`]
+/// tokens (`lanes`; `gemm_bf16` on AMX past the small-batch range), N:M bf16 prefill past the
+/// small-batch range (`gemm_bf16`), on CPUs that have it.
 fn bf16_activations(format: Format, dtype: Dtype, tokens: usize, exec: Exec) -> bool {
-    matches!(format, Format::Dense | Format::Compact | Format::NM { .. })
-        && dtype == Dtype::Bf16
-        && tokens > crate::SMALL_BATCH
-        && crate::gemm_bf16::available(exec.isa)
+    let from = match format {
+        // Dense rows (a compact matrix's kept columns are dense) run the tokens-in-lanes
+        // GEMM from its smallest batch on (when their column count is even: loose either way).
+        Format::Dense | Format::Compact => crate::lanes::MIN_TOKENS,
+        Format::NM { .. } => crate::SMALL_BATCH + 1,
+        _ => return false,
+    };
+    dtype == Dtype::Bf16 && tokens >= from && crate::gemm_bf16::available(exec.isa)
 }
 
 /// Packs `w` in `format`, checks the round trip, and checks GEMV and GEMM against the

@@ -1,0 +1,523 @@
+//! Dense GEMM with the tokens in the vector lanes, for AVX-512: `Y = X · Wᵀ` read straight
+//! from the row-major weights (f32, or bf16 on AVX512-BF16), with no packed copy of `W`.
+//!
+//! [`crate::gemm`] puts 16 output rows in a vector, so it first packs every 16-row panel of `W`
+//! column-major (a scalar transpose of the whole matrix per call) and then broadcasts the
+//! activations; [`crate::gemm_bf16`] does the same with pairs. Here the roles swap: the
+//! activations are transposed once per call into *token panels* (16 or [`TOKENS`] tokens of
+//! each column side by side, zero past the last token) and each weight is broadcast from
+//! where it lies, one row stream per output row of the tile. A register tile is [`ROWS`] rows
+//! × 32 tokens (24 accumulators) or × 16 tokens: each column costs one or two vector loads,
+//! 12 broadcasts and 12 or 24 FMAs, so the FMA pipes, not the loads, bound it. Transposing
+//! `X` costs `tokens × cols` copies against `tokens × rows × cols` multiply-adds.
+//!
+//! bf16 weights are multiplied by `vdpbf16ps`, one 32-bit weight pair broadcast against 16
+//! tokens' activation pairs, two multiply-adds per lane: the activations are rounded to bf16
+//! (nearest-even), as the bf16 prefill rounds them, so an output is within `2⁻⁸·Σ|w·x|` of
+//! the f32 product.
+//!
+//! Where it runs: dense f32 and bf16 products of [`MIN_TOKENS`] tokens or more, that is
+//! batched decode steps of 9-16 sequences (one 16-lane vector per column, where the
+//! small-batch kernel re-read each weight row for every 4 tokens) and prefill (except bf16
+//! prefill on AMX, whose tiles are faster). Measured on the 2-core EPYC (`kernel_bench`, 128
+//! tokens): f32 1.03-1.21x candle's matmul, bf16 1.1-1.4x the packed-panel AVX512-BF16 kernel
+//! on SmolLM2's shapes. Tasks own disjoint ranges of row tiles and run every token panel over
+//! each tile while its weights (`ROWS × cols`, 27 KiB at SmolLM2's 576) are in L1/L2.
+
+use crate::isa::{Exec, Isa};
+use crate::par::{self, SharedOut};
+
+/// Tokens per panel: two 16-lane vectors.
+pub(crate) const TOKENS: usize = 32;
+/// Output rows per register tile.
+pub(crate) const ROWS: usize = 12;
+/// Fewest tokens this path takes in a decode step: at 8 or fewer a 16-lane vector would be
+/// half empty, and the small-batch kernel (one FMA per weight and token) does less work.
+pub(crate) const MIN_TOKENS: usize = 9;
+
+/// Whether this path can run (AVX-512F asked for and present).
+pub(crate) fn available(isa: Isa) -> bool {
+    isa.effective() == Isa::Avx512
+}
+
+/// Whether the bf16 path can run: [`available`] and AVX512-BF16, and an even column count
+/// (each weight pair is read as one 32-bit word of its row).
+pub(crate) fn available_bf16(isa: Isa, cols: usize) -> bool {
+    cols.is_multiple_of(2) && crate::gemm_bf16::available(isa)
+}
+
+/// The weights of a call, row-major `[rows, cols]`.
+#[derive(Clone, Copy)]
+pub(crate) enum Weights<'a> {
+    F32(&'a [f32]),
+    /// bf16 bits; the activations are rounded to bf16 and multiplied in pairs (`vdpbf16ps`).
+    Bf16(&'a [u16]),
+}
+
+/// The activations transposed into token panels of `width` lanes (16 or [`TOKENS`]): for
+/// f32, `xp[p * cols * width + k * width + t]`; for bf16, 32-bit pairs of columns `2k`,
+/// `2k + 1` at `xp[p * (cols / 2) * width + k * width + t]`. Zero past the last token.
+enum Panels {
+    F32(Vec<f32>),
+    Bf16(Vec<u32>),
+}
+
+/// `Y = X · Wᵀ` for `w: [rows, cols]`, `x: [tokens, cols]`, `y: [tokens, rows]` (overwritten),
+/// split over the pool by `exec`. The caller has checked [`available`] (and
+/// [`available_bf16`] for bf16 weights) and the lengths.
+pub(crate) fn gemm(
+    w: Weights<'_>,
+    rows: usize,
+    cols: usize,
+    x: &[f32],
+    tokens: usize,
+    y: &mut [f32],
+    exec: Exec,
+) {
+    let stored = match w {
+        Weights::F32(w) => w.len(),
+        Weights::Bf16(w) => w.len(),
+    };
+    assert!(stored >= rows * cols && x.len() >= tokens * cols && y.len() >= tokens * rows);
+    if rows == 0 || tokens == 0 {
+        return;
+    }
+    if cols == 0 {
+        y[..tokens * rows].fill(0.0);
+        return;
+    }
+    // A decode step of up to 16 sequences fills one vector per column; anything longer runs
+    // panels of 32 (the last one may be shorter, and then runs the one-vector tile).
+    let width = if tokens <= 16 { 16 } else { TOKENS };
+    let panels = match w {
+        Weights::F32(_) => Panels::F32(pack_f32(x, tokens, cols, width)),
+        Weights::Bf16(_) => Panels::Bf16(pack_bf16(x, tokens, cols, width)),
+    };
+    let tiles = rows.div_ceil(ROWS);
+    let flops = tokens * rows * cols;
+    let tasks = par::task_count(exec, tiles, flops, par::MIN_TASK_FLOPS);
+    let bounds = par::even_bounds(tiles, tasks);
+    let out = SharedOut::new(y);
+    par::for_each_bound(&bounds, |range| {
+        let mut tile = [[0.0f32; TOKENS]; ROWS];
+        for t in range {
+            let r0 = t * ROWS;
+            let nr = ROWS.min(rows - r0);
+            for p in 0..tokens.div_ceil(width) {
+                let t0 = p * width;
+                let nt = width.min(tokens - t0);
+                match (&panels, w) {
+                    (Panels::F32(xp), Weights::F32(w)) => {
+                        let panel = &xp[p * cols * width..][..cols * width];
+                        tile_f32(
+                            &w[r0 * cols..(r0 + nr) * cols],
+                            nr,
+                            cols,
+                            panel,
+                            width,
+                            nt,
+                            &mut tile,
+                        );
+                    }
+                    (Panels::Bf16(xp), Weights::Bf16(w)) => {
+                        let pairs = cols / 2;
+                        let panel = &xp[p * pairs * width..][..pairs * width];
+                        tile_bf16(
+                            &w[r0 * cols..(r0 + nr) * cols],
+                            nr,
+                            cols,
+                            panel,
+                            width,
+                            nt,
+                            &mut tile,
+                        );
+                    }
+                    _ => unreachable!("panels are packed for the weights' type"),
+                }
+                for (i, t) in (t0..t0 + nt).enumerate() {
+                    let base = t * rows + r0;
+                    for (r, row) in tile.iter().enumerate().take(nr) {
+                        // SAFETY: this task owns output rows r0..r0 + nr (its tiles of W).
+                        unsafe { out.write(base + r, row[i]) };
+                    }
+                }
+            }
+        }
+    });
+}
+
+/// f32 token panels (see [`Panels`]).
+fn pack_f32(x: &[f32], tokens: usize, cols: usize, width: usize) -> Vec<f32> {
+    let mut xp = vec![0.0f32; tokens.div_ceil(width) * cols * width];
+    for (t, row) in x.chunks_exact(cols).take(tokens).enumerate() {
+        let panel = &mut xp[(t / width) * cols * width..][..cols * width];
+        let lane = t % width;
+        for (k, &v) in row.iter().enumerate() {
+            panel[k * width + lane] = v;
+        }
+    }
+    xp
+}
+
+/// bf16 pair token panels (see [`Panels`]); `cols` is even. Rounded to nearest-even as the
+/// bf16 prefill rounds them ([`crate::gemm_bf16::pack_activations`]).
+fn pack_bf16(x: &[f32], tokens: usize, cols: usize, width: usize) -> Vec<u32> {
+    let pairs = cols / 2;
+    let rows = crate::gemm_bf16::pack_activations(&x[..tokens * cols], tokens, cols);
+    let mut xp = vec![0u32; tokens.div_ceil(width) * pairs * width];
+    for (t, row) in rows.chunks_exact(pairs).enumerate() {
+        let panel = &mut xp[(t / width) * pairs * width..][..pairs * width];
+        let lane = t % width;
+        for (k, &v) in row.iter().enumerate() {
+            panel[k * width + lane] = v;
+        }
+    }
+    xp
+}
+
+/// One f32 register tile: rows `w` (`nr × cols`) by the first `nt` tokens of `panel`
+/// (`cols × width`), into `tile[r][t]`.
+#[allow(clippy::too_many_arguments)]
+fn tile_f32(
+    w: &[f32],
+    nr: usize,
+    cols: usize,
+    panel: &[f32],
+    width: usize,
+    nt: usize,
+    tile: &mut [[f32; TOKENS]; ROWS],
+) {
+    assert!(nr <= ROWS && nt <= width && width <= TOKENS && width.is_multiple_of(16));
+    assert!(w.len() == nr * cols && panel.len() == cols * width);
+    #[cfg(target_arch = "x86_64")]
+    {
+        let (wp, xp) = (w.as_ptr(), panel.as_ptr());
+        macro_rules! rows {
+            ($v:literal) => {
+                // SAFETY: the caller checked AVX-512F (`available`); the asserts above bound
+                // every read: `nr` rows of `cols` weights, `cols` columns of `width` lanes.
+                unsafe {
+                    match nr {
+                        12 => x86::tile_f32::<12, $v>(wp, cols, xp, width, tile),
+                        11 => x86::tile_f32::<11, $v>(wp, cols, xp, width, tile),
+                        10 => x86::tile_f32::<10, $v>(wp, cols, xp, width, tile),
+                        9 => x86::tile_f32::<9, $v>(wp, cols, xp, width, tile),
+                        8 => x86::tile_f32::<8, $v>(wp, cols, xp, width, tile),
+                        7 => x86::tile_f32::<7, $v>(wp, cols, xp, width, tile),
+                        6 => x86::tile_f32::<6, $v>(wp, cols, xp, width, tile),
+                        5 => x86::tile_f32::<5, $v>(wp, cols, xp, width, tile),
+                        4 => x86::tile_f32::<4, $v>(wp, cols, xp, width, tile),
+                        3 => x86::tile_f32::<3, $v>(wp, cols, xp, width, tile),
+                        2 => x86::tile_f32::<2, $v>(wp, cols, xp, width, tile),
+                        _ => x86::tile_f32::<1, $v>(wp, cols, xp, width, tile),
+                    }
+                }
+            };
+        }
+        if nt <= 16 {
+            rows!(1);
+        } else {
+            rows!(2);
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        // Unreachable (`available` is false off x86-64); kept so the crate builds anywhere.
+        let _ = (w, cols, panel, width, tile);
+        unreachable!("the tokens-in-lanes GEMM runs on AVX-512 only");
+    }
+}
+
+/// One bf16 register tile: as [`tile_f32`], `w` being bf16 bits and `panel` pairs
+/// (`cols / 2 × width`).
+#[allow(clippy::too_many_arguments)]
+fn tile_bf16(
+    w: &[u16],
+    nr: usize,
+    cols: usize,
+    panel: &[u32],
+    width: usize,
+    nt: usize,
+    tile: &mut [[f32; TOKENS]; ROWS],
+) {
+    assert!(nr <= ROWS && nt <= width && width <= TOKENS && width.is_multiple_of(16));
+    assert!(cols.is_multiple_of(2) && w.len() == nr * cols && panel.len() == cols / 2 * width);
+    #[cfg(target_arch = "x86_64")]
+    {
+        let (wp, xp) = (w.as_ptr().cast::<u32>(), panel.as_ptr());
+        let pairs = cols / 2;
+        macro_rules! rows {
+            ($v:literal) => {
+                // SAFETY: the caller checked AVX512-BF16 (`available_bf16`); the asserts above
+                // bound every read: `nr` rows of `pairs` 32-bit words (x86 reads them
+                // unaligned), `pairs` columns of `width` lanes.
+                unsafe {
+                    match nr {
+                        12 => x86::tile_bf16::<12, $v>(wp, pairs, xp, width, tile),
+                        11 => x86::tile_bf16::<11, $v>(wp, pairs, xp, width, tile),
+                        10 => x86::tile_bf16::<10, $v>(wp, pairs, xp, width, tile),
+                        9 => x86::tile_bf16::<9, $v>(wp, pairs, xp, width, tile),
+                        8 => x86::tile_bf16::<8, $v>(wp, pairs, xp, width, tile),
+                        7 => x86::tile_bf16::<7, $v>(wp, pairs, xp, width, tile),
+                        6 => x86::tile_bf16::<6, $v>(wp, pairs, xp, width, tile),
+                        5 => x86::tile_bf16::<5, $v>(wp, pairs, xp, width, tile),
+                        4 => x86::tile_bf16::<4, $v>(wp, pairs, xp, width, tile),
+                        3 => x86::tile_bf16::<3, $v>(wp, pairs, xp, width, tile),
+                        2 => x86::tile_bf16::<2, $v>(wp, pairs, xp, width, tile),
+                        _ => x86::tile_bf16::<1, $v>(wp, pairs, xp, width, tile),
+                    }
+                }
+            };
+        }
+        if nt <= 16 {
+            rows!(1);
+        } else {
+            rows!(2);
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (w, cols, panel, width, tile);
+        unreachable!("the tokens-in-lanes GEMM runs on AVX-512 only");
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{ROWS, TOKENS};
+    use std::arch::x86_64::*;
+
+    /// How far ahead (in columns) the weight rows are prefetched: 4 cache lines of f32.
+    const PREFETCH: usize = 64;
+
+    /// `NR` rows × `16·NV` tokens: per column, `NV` loads of the panel, `NR` weight broadcasts
+    /// and `NR·NV` FMAs into registers that stay put across all columns. Every 16 columns
+    /// each row's line `PREFETCH` columns ahead is requested: a tile streams `NR` rows at
+    /// once, more than the hardware prefetcher follows (a 16-sequence step ran at 11 GB/s
+    /// without this).
+    ///
+    /// # Safety
+    /// AVX-512F available; `w` valid for `NR` rows of `cols` floats, `xp` for `cols × width`
+    /// with `width ≥ 16·NV`.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn tile_f32<const NR: usize, const NV: usize>(
+        w: *const f32,
+        cols: usize,
+        xp: *const f32,
+        width: usize,
+        out: &mut [[f32; TOKENS]; ROWS],
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); NV]; NR];
+        // SAFETY: bounds are the caller's contract; prefetch addresses are only formed
+        // (wrapping) and prefetches never fault.
+        unsafe {
+            let mut k0 = 0;
+            while k0 < cols {
+                for r in 0..NR {
+                    let ahead = w.wrapping_add(r * cols + k0 + PREFETCH);
+                    _mm_prefetch::<_MM_HINT_T0>(ahead.cast::<i8>());
+                }
+                for k in k0..(k0 + 16).min(cols) {
+                    let mut xv = [_mm512_setzero_ps(); NV];
+                    for (v, x) in xv.iter_mut().enumerate() {
+                        *x = _mm512_loadu_ps(xp.add(k * width + 16 * v));
+                    }
+                    for (r, a) in acc.iter_mut().enumerate() {
+                        let wv = _mm512_set1_ps(*w.add(r * cols + k));
+                        for v in 0..NV {
+                            a[v] = _mm512_fmadd_ps(wv, xv[v], a[v]);
+                        }
+                    }
+                }
+                k0 += 16;
+            }
+            for (r, a) in acc.iter().enumerate() {
+                for (v, &av) in a.iter().enumerate() {
+                    _mm512_storeu_ps(out[r].as_mut_ptr().add(16 * v), av);
+                }
+            }
+        }
+    }
+
+    /// The bf16 tile: per pair of columns, `NV` loads of activation pairs, `NR` broadcasts of
+    /// a weight pair (one 32-bit word) and `NR·NV` `vdpbf16ps`, each two multiply-adds per
+    /// lane. Prefetch as [`tile_f32`], 16 pairs (one line) per step.
+    ///
+    /// # Safety
+    /// AVX512-BF16 available; `w` valid for `NR` rows of `pairs` words, `xp` for
+    /// `pairs × width` with `width ≥ 16·NV`.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub(super) unsafe fn tile_bf16<const NR: usize, const NV: usize>(
+        w: *const u32,
+        pairs: usize,
+        xp: *const u32,
+        width: usize,
+        out: &mut [[f32; TOKENS]; ROWS],
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); NV]; NR];
+        // SAFETY: as `tile_f32`; `__m512bh` and `__m512i` are both 64 plain bytes.
+        unsafe {
+            let mut k0 = 0;
+            while k0 < pairs {
+                for r in 0..NR {
+                    let ahead = w.wrapping_add(r * pairs + k0 + PREFETCH);
+                    _mm_prefetch::<_MM_HINT_T0>(ahead.cast::<i8>());
+                }
+                for k in k0..(k0 + 16).min(pairs) {
+                    let mut xv = [_mm512_setzero_ps(); NV];
+                    for (v, x) in xv.iter_mut().enumerate() {
+                        *x = _mm512_castsi512_ps(_mm512_loadu_si512(
+                            xp.add(k * width + 16 * v).cast::<__m512i>(),
+                        ));
+                    }
+                    for (r, a) in acc.iter_mut().enumerate() {
+                        let wv: __m512bh = std::mem::transmute(_mm512_set1_epi32(
+                            w.add(r * pairs + k).read_unaligned() as i32,
+                        ));
+                        for v in 0..NV {
+                            let xb: __m512bh = std::mem::transmute(xv[v]);
+                            a[v] = _mm512_dpbf16_ps(a[v], wv, xb);
+                        }
+                    }
+                }
+                k0 += 16;
+            }
+            for (r, a) in acc.iter().enumerate() {
+                for (v, &av) in a.iter().enumerate() {
+                    _mm512_storeu_ps(out[r].as_mut_ptr().add(16 * v), av);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reference(w: &[f32], rows: usize, cols: usize, x: &[f32], tokens: usize) -> Vec<f64> {
+        let mut y = vec![0f64; tokens * rows];
+        for t in 0..tokens {
+            for r in 0..rows {
+                y[t * rows + r] = (0..cols)
+                    .map(|k| f64::from(w[r * cols + k]) * f64::from(x[t * cols + k]))
+                    .sum();
+            }
+        }
+        y
+    }
+
+    /// Shapes around every tile edge: 1-12 rows and ragged row tiles, 9-16 tokens (one
+    /// 16-lane panel), 17-32 and more (32-lane panels with a short last one), odd and
+    /// even columns, columns around the 16-column prefetch step.
+    const SHAPES: [(usize, usize, usize); 9] = [
+        (1, 2, 9),
+        (13, 8, 17),
+        (12, 34, 16),
+        (25, 64, 33),
+        (37, 100, 64),
+        (5, 578, 70),
+        (11, 18, 10),
+        (192, 576, 128),
+        (7, 7, 40),
+    ];
+
+    fn random(n: usize, seed: &mut u32) -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                *seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                (*seed >> 8) as f32 / (1u32 << 24) as f32 - 0.5
+            })
+            .collect()
+    }
+
+    /// Runs `gemm` serially and split over the pool and checks every output against the
+    /// f64 product, within `tol · Σ|w·x|`.
+    fn check(
+        w: Weights<'_>,
+        wf: &[f32],
+        rows: usize,
+        cols: usize,
+        x: &[f32],
+        tokens: usize,
+        tol: f64,
+    ) {
+        let want = reference(wf, rows, cols, x, tokens);
+        for parallel in [false, true] {
+            let mut y = vec![f32::NAN; tokens * rows];
+            let exec = Exec {
+                parallel,
+                ..Exec::auto()
+            };
+            gemm(w, rows, cols, x, tokens, &mut y, exec);
+            for t in 0..tokens {
+                for r in 0..rows {
+                    let bound: f64 = (0..cols)
+                        .map(|k| f64::from((wf[r * cols + k] * x[t * cols + k]).abs()))
+                        .sum::<f64>()
+                        * tol
+                        + 1e-30;
+                    let (got, exp) = (f64::from(y[t * rows + r]), want[t * rows + r]);
+                    assert!(
+                        (got - exp).abs() <= bound,
+                        "{rows}x{cols}, {tokens} tokens: y[{t}][{r}] = {got}, expected {exp}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// f32: within f32 rounding of the exact product.
+    #[test]
+    fn f32_matches_reference_on_awkward_shapes() {
+        if !available(Isa::Avx512) {
+            eprintln!("skipped: this CPU has no AVX-512F, which the tokens-in-lanes GEMM needs");
+            return;
+        }
+        let mut seed = 7u32;
+        for (rows, cols, tokens) in SHAPES {
+            let w = random(rows * cols, &mut seed);
+            let x = random(tokens * cols, &mut seed);
+            check(Weights::F32(&w), &w, rows, cols, &x, tokens, 1e-6);
+        }
+    }
+
+    /// bf16: the weights exact, the activations rounded to bf16, so within `2⁻⁸·Σ|w·x|` as
+    /// the bf16 prefill (each product off by at most `2⁻⁹` of itself).
+    #[test]
+    fn bf16_matches_reference_on_awkward_shapes() {
+        if !available_bf16(Isa::Avx512, 2) {
+            eprintln!("skipped: this CPU has no AVX512-BF16, which the bf16 tile needs");
+            return;
+        }
+        let mut seed = 11u32;
+        for (rows, cols, tokens) in SHAPES {
+            if !cols.is_multiple_of(2) {
+                assert!(
+                    !available_bf16(Isa::Avx512, cols),
+                    "odd columns must be refused"
+                );
+                continue;
+            }
+            let w = random(rows * cols, &mut seed);
+            let bits: Vec<u16> = w
+                .iter()
+                .map(|&v| half::bf16::from_f32(v).to_bits())
+                .collect();
+            let wf: Vec<f32> = bits
+                .iter()
+                .map(|&b| f32::from_bits(u32::from(b) << 16))
+                .collect();
+            let x = random(tokens * cols, &mut seed);
+            check(
+                Weights::Bf16(&bits),
+                &wf,
+                rows,
+                cols,
+                &x,
+                tokens,
+                1.0 / 256.0,
+            );
+        }
+    }
+}
