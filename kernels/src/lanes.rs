@@ -339,6 +339,28 @@ mod x86 {
         }
     }
 
+    /// `acc + x · broadcast(*w)` as bf16 pairs, the weight pair broadcast inside the
+    /// instruction (`{1to16}`), which LLVM does not fold for `vdpbf16ps`.
+    ///
+    /// # Safety
+    /// AVX512-BF16 available; `w` readable for 4 bytes.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    unsafe fn dp_broadcast(acc: __m512, x: __m512, w: *const u32) -> __m512 {
+        let mut a = acc;
+        // SAFETY: reads the 4 bytes at `w` (contract); touches no other memory or flags.
+        unsafe {
+            std::arch::asm!(
+                "vdpbf16ps {a}, {x}, dword ptr [{w}]{{1to16}}",
+                a = inout(zmm_reg) a,
+                x = in(zmm_reg) x,
+                w = in(reg) w,
+                options(pure, readonly, nostack, preserves_flags)
+            );
+        }
+        a
+    }
+
     /// The bf16 tile: per pair of columns, `NV` loads of activation pairs, `NR` broadcasts of
     /// a weight pair (one 32-bit word) and `NR·NV` `vdpbf16ps`, each two multiply-adds per
     /// lane. Prefetch as [`tile_f32`], 16 pairs (one line) per step.
@@ -371,12 +393,9 @@ mod x86 {
                         ));
                     }
                     for (r, a) in acc.iter_mut().enumerate() {
-                        let wv: __m512bh = std::mem::transmute(_mm512_set1_epi32(
-                            w.add(r * pairs + k).read_unaligned() as i32,
-                        ));
+                        let wp = w.add(r * pairs + k);
                         for v in 0..NV {
-                            let xb: __m512bh = std::mem::transmute(xv[v]);
-                            a[v] = _mm512_dpbf16_ps(a[v], wv, xb);
+                            a[v] = dp_broadcast(a[v], xv[v], wp);
                         }
                     }
                 }
