@@ -13,7 +13,8 @@
 //!
 //! A batch of one is exactly the single-sequence computation, so a request alone gets what
 //! `espalier generate` prints; in a larger batch the linears run the GEMM kernels instead of
-//! the GEMV ones, whose sums may differ in the last bits.
+//! the GEMV ones, whose sums may differ in the last bits (and bf16 weights, from 9 sequences
+//! on AVX512-BF16, multiply bf16-rounded activations, as prefill does).
 //!
 //! [`Session::decode_batch`]: espalier_engine::Session::decode_batch
 
