@@ -10,8 +10,10 @@
 //! The cost is precision: the activations are rounded to bf16 (nearest-even) for the
 //! products, as llama.cpp does; accumulation stays f32. Each product's error is then at most
 //! `2⁻⁹·|w·x|`, so an output is within `2⁻⁸·Σ|w·x|` of the f32 result (the tests hold it to
-//! that bound). Only prefill (more than [`crate::SMALL_BATCH`] tokens) takes this path;
-//! decode steps keep f32 activations, where the weights' bytes, not the arithmetic, bound them.
+//! that bound). Only prefill (more than [`crate::SMALL_BATCH`] tokens) takes this path: of
+//! dense matrices only on AMX (without it [`crate::lanes`] runs dense bf16 prefill, and its
+//! decode steps of 9-16 tokens, faster), of N:M always. Single-token and small decode steps
+//! keep f32 activations, where the weights' bytes, not the arithmetic, bound them.
 //!
 //! Layout: the activations become `u32` pairs `(x[t][2k], x[t][2k+1])`, converted once per
 //! call; the weights of [`NR`] output rows are packed per panel as `panel[k * NR + r] =
