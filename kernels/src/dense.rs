@@ -186,9 +186,9 @@ fn panel_gemm<T: Element>(
 pub const SMALL_BATCH: usize = 16;
 
 /// `Y = X·Wᵀ` for dense row-major f32 weights owned elsewhere (a candle tensor's storage),
-/// as [`DenseMatrix::gemm`] runs it without a packed copy of the matrix: the GEMV (one token)
-/// or small-batch kernel (up to [`SMALL_BATCH`] tokens), past that the register-blocked GEMM
-/// over panels packed per task. `w`: `[rows, cols]`; `x`: `[tokens, cols]`; `y`:
+/// as [`DenseMatrix::gemm`] runs it: the GEMV (one token) or small-batch kernel (up to 8
+/// tokens, or [`SMALL_BATCH`] without AVX-512), the tokens-in-lanes GEMM from 9 tokens on
+/// AVX-512, else the register-blocked GEMM over panels packed per task. `w`: `[rows, cols]`; `x`: `[tokens, cols]`; `y`:
 /// `[tokens, rows]`, overwritten.
 pub fn gemm_f32(
     w: &[f32],
@@ -200,13 +200,12 @@ pub fn gemm_f32(
     exec: Exec,
 ) -> Result<()> {
     expect_len("w", checked_len(rows, cols)?, w.len())?;
-    if tokens < lanes::MIN_TOKENS || (tokens <= SMALL_BATCH && !lanes::available(exec.isa)) {
-        return small_batch(w, None, rows, cols, x, tokens, y, exec);
-    }
     expect_len("x", checked_len(tokens, cols)?, x.len())?;
     expect_len("y", checked_len(tokens, rows)?, y.len())?;
-    if lanes::available(exec.isa) {
+    if tokens >= lanes::MIN_TOKENS && lanes::available(exec.isa) {
         lanes::gemm(lanes::Weights::F32(w), rows, cols, x, tokens, y, exec);
+    } else if tokens <= SMALL_BATCH {
+        small_batch(w, None, rows, cols, x, tokens, y, exec)?;
     } else {
         panel_gemm(w, None, rows, cols, x, tokens, y, exec);
     }
@@ -214,7 +213,7 @@ pub fn gemm_f32(
 }
 
 /// Whether [`gemm_f32`] runs prefill (more than [`SMALL_BATCH`] tokens) on its
-/// tokens-in-lanes AVX-512 kernel here, which measured 1.03-1.21x candle's matmul on
+/// tokens-in-lanes AVX-512 kernel here, which measured 1.04-1.28x candle's matmul on
 /// SmolLM2's shapes at 128 tokens (`kernel_bench`); without AVX-512 candle's GEMM is the
 /// faster choice for prefill.
 pub fn gemm_f32_prefill_fast(exec: Exec) -> bool {

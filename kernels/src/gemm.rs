@@ -65,22 +65,46 @@ pub(crate) fn panel_gemm(
             "segment beyond the panel buffer"
         );
     }
+    let isa = isa.effective();
+    let mr = if isa == Isa::Avx512 { MR_512 } else { MR };
+    // Even tiles: 128 tokens run as 8 x 13 + 2 x 12 on AVX-512 rather than 9 x 14 + 2, whose
+    // last tile would wait on its two accumulators' FMA latency.
+    let tiles = tokens.div_ceil(mr);
+    let mut tile: Tile = [[0.0; NR]; MR_512];
+    let mut t0 = 0;
+    for i in 0..tiles {
+        let nt = (tokens - t0).div_ceil(tiles - i);
+        micro_kernel(isa, nt, &x[t0 * ldx..], ldx, segs, panel, ld, &mut tile);
+        store_tile(&tile[..nt], t0, out, ldy, r0, nr);
+        t0 += nt;
+    }
+}
+
+/// A register tile's results: up to [`MR_512`] tokens × [`NR`] rows (the AVX2 and portable
+/// kernels fill the first [`MR`]).
+type Tile = [[f32; NR]; MR_512];
+
+/// Runs the micro-kernel of `isa` (already effective) for `nt` tokens (at most [`MR_512`] on
+/// AVX-512, [`MR`] otherwise) into the first `nt` rows of `tile`. The bounds were checked by
+/// [`panel_gemm`]: `nt` rows of `x` and every segment inside `panel`.
+#[allow(clippy::too_many_arguments)]
+fn micro_kernel(
+    isa: Isa,
+    nt: usize,
+    x: &[f32],
+    ldx: usize,
+    segs: &[Segment],
+    panel: &[f32],
+    ld: usize,
+    tile: &mut Tile,
+) {
     #[cfg(target_arch = "x86_64")]
-    if isa.effective() == Isa::Avx512 {
-        let mut tile = [[0.0f32; NR]; MR_512];
-        let mut t0 = 0;
-        // Even tiles: 128 tokens run as 8 x 13 + 2 x 12 rather than 9 x 14 + 2, whose last
-        // tile would wait on its two accumulators' FMA latency.
-        let tiles = tokens.div_ceil(MR_512);
-        let mut i = 0;
-        while t0 < tokens {
-            let nt = (tokens - t0).div_ceil(tiles - i);
-            i += 1;
-            let xs = x[t0 * ldx..].as_ptr();
-            let (p, t) = (panel.as_ptr(), &mut tile);
-            // SAFETY: AVX-512F is available (`effective`), and the asserts above bound every
-            // read: tokens t0..t0+nt exist in `x` and every segment lies inside `panel`.
-            unsafe {
+    {
+        let (xs, p, t) = (x.as_ptr(), panel.as_ptr(), &mut *tile);
+        // SAFETY: `isa` is effective, so its instructions exist; the bounds are
+        // `panel_gemm`'s asserts (see above), and `nt` is within the ISA's tile.
+        match isa {
+            Isa::Avx512 => unsafe {
                 match nt {
                     14 => x86::mk512::<14>(xs, ldx, segs, p, ld, t),
                     13 => x86::mk512::<13>(xs, ldx, segs, p, ld, t),
@@ -97,38 +121,25 @@ pub(crate) fn panel_gemm(
                     2 => x86::mk512::<2>(xs, ldx, segs, p, ld, t),
                     _ => x86::mk512::<1>(xs, ldx, segs, p, ld, t),
                 }
-            }
-            store_tile(&tile[..nt], t0, out, ldy, r0, nr);
-            t0 += nt;
-        }
-        return;
-    }
-    let mut tile = [[0.0f32; NR]; MR];
-    let mut t0 = 0;
-    while t0 < tokens {
-        let nt = MR.min(tokens - t0);
-        let xs = &x[t0 * ldx..];
-        match isa.effective() {
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx2Fma | Isa::Avx512 => {
-                // SAFETY: AVX2+FMA is available (`effective`), and the asserts above bound every
-                // read: tokens t0..t0+nt exist in `x` and every segment lies inside `panel`.
-                unsafe {
-                    match nt {
-                        6 => x86::mk::<6>(xs.as_ptr(), ldx, segs, panel.as_ptr(), ld, &mut tile),
-                        5 => x86::mk::<5>(xs.as_ptr(), ldx, segs, panel.as_ptr(), ld, &mut tile),
-                        4 => x86::mk::<4>(xs.as_ptr(), ldx, segs, panel.as_ptr(), ld, &mut tile),
-                        3 => x86::mk::<3>(xs.as_ptr(), ldx, segs, panel.as_ptr(), ld, &mut tile),
-                        2 => x86::mk::<2>(xs.as_ptr(), ldx, segs, panel.as_ptr(), ld, &mut tile),
-                        _ => x86::mk::<1>(xs.as_ptr(), ldx, segs, panel.as_ptr(), ld, &mut tile),
-                    }
+                return;
+            },
+            Isa::Avx2Fma => unsafe {
+                match nt {
+                    6 => x86::mk::<6>(xs, ldx, segs, p, ld, t),
+                    5 => x86::mk::<5>(xs, ldx, segs, p, ld, t),
+                    4 => x86::mk::<4>(xs, ldx, segs, p, ld, t),
+                    3 => x86::mk::<3>(xs, ldx, segs, p, ld, t),
+                    2 => x86::mk::<2>(xs, ldx, segs, p, ld, t),
+                    _ => x86::mk::<1>(xs, ldx, segs, p, ld, t),
                 }
-            }
-            _ => mk_portable(nt, xs, ldx, segs, panel, ld, &mut tile),
+                return;
+            },
+            Isa::Portable => {}
         }
-        store_tile(&tile[..nt], t0, out, ldy, r0, nr);
-        t0 += nt;
     }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = isa;
+    mk_portable(nt, x, ldx, segs, panel, ld, tile);
 }
 
 /// Writes the first `nr` lanes of each tile row to `Y[t0 + t, r0 ..]`.
@@ -150,7 +161,7 @@ fn mk_portable(
     segs: &[Segment],
     panel: &[f32],
     ld: usize,
-    tile: &mut [[f32; NR]; MR],
+    tile: &mut Tile,
 ) {
     for row in tile.iter_mut() {
         *row = [0.0; NR];
@@ -172,10 +183,10 @@ fn mk_portable(
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{MR, MR_512, NR, Segment};
+    use super::Segment;
     use std::arch::x86_64::*;
 
-    /// AVX-512 micro-kernel for `NT` tokens (at most [`MR_512`]): one accumulator per token,
+    /// AVX-512 micro-kernel for `NT` tokens (at most [`super::MR_512`]): one accumulator per token,
     /// each step one weight vector and `NT` FMAs whose activation operand is a broadcast from
     /// memory (`vfmadd231ps zmm, zmm, [x]{1to16}`).
     ///
@@ -189,7 +200,7 @@ mod x86 {
         segs: &[Segment],
         panel: *const f32,
         ld: usize,
-        tile: &mut [[f32; NR]; MR_512],
+        tile: &mut super::Tile,
     ) {
         let mut acc = [_mm512_setzero_ps(); NT];
         for s in segs {
@@ -228,7 +239,7 @@ mod x86 {
         segs: &[Segment],
         panel: *const f32,
         ld: usize,
-        tile: &mut [[f32; NR]; MR],
+        tile: &mut super::Tile,
     ) {
         let mut acc = [[_mm256_setzero_ps(); 2]; NT];
         for s in segs {

@@ -148,31 +148,63 @@ pub(crate) fn gemm(
 
 /// f32 token panels (see [`Panels`]).
 fn pack_f32(x: &[f32], tokens: usize, cols: usize, width: usize) -> Vec<f32> {
-    let mut xp = vec![0.0f32; tokens.div_ceil(width) * cols * width];
-    for (t, row) in x.chunks_exact(cols).take(tokens).enumerate() {
-        let panel = &mut xp[(t / width) * cols * width..][..cols * width];
-        let lane = t % width;
-        for (k, &v) in row.iter().enumerate() {
-            panel[k * width + lane] = v;
-        }
-    }
-    xp
+    transpose_into_panels(&x[..tokens * cols], cols, width)
 }
 
 /// bf16 pair token panels (see [`Panels`]); `cols` is even. Rounded to nearest-even as the
 /// bf16 prefill rounds them ([`crate::gemm_bf16::pack_activations`]).
 fn pack_bf16(x: &[f32], tokens: usize, cols: usize, width: usize) -> Vec<u32> {
-    let pairs = cols / 2;
-    let rows = crate::gemm_bf16::pack_activations(&x[..tokens * cols], tokens, cols);
-    let mut xp = vec![0u32; tokens.div_ceil(width) * pairs * width];
-    for (t, row) in rows.chunks_exact(pairs).enumerate() {
-        let panel = &mut xp[(t / width) * pairs * width..][..pairs * width];
+    let pairs = crate::gemm_bf16::pack_activations(&x[..tokens * cols], tokens, cols);
+    transpose_into_panels(&pairs, cols / 2, width)
+}
+
+/// Rows of `len` values (one per token) as panels of `width` tokens: value `k` of token `t`
+/// at `(t / width) * len * width + k * width + t % width`, zero past the last token.
+fn transpose_into_panels<T: Copy + Default>(rows: &[T], len: usize, width: usize) -> Vec<T> {
+    let tokens = rows.len() / len.max(1);
+    let mut out = vec![T::default(); tokens.div_ceil(width) * len * width];
+    for (t, row) in rows.chunks_exact(len.max(1)).enumerate() {
+        let panel = &mut out[(t / width) * len * width..][..len * width];
         let lane = t % width;
         for (k, &v) in row.iter().enumerate() {
             panel[k * width + lane] = v;
         }
     }
-    xp
+    out
+}
+
+/// `kernel::<NR, NV>(args)` for a tile of `nr` rows (1..=[`ROWS`], a const generic each) and
+/// `nt` tokens: one 16-lane vector of them per column up to 16, two past that.
+#[cfg(target_arch = "x86_64")]
+macro_rules! by_tile_shape {
+    ($($kernel:ident)::+, $nr:expr, $nt:expr, $args:tt) => {
+        if $nt <= 16 {
+            by_tile_rows!($($kernel)::+, $nr, 1, $args)
+        } else {
+            by_tile_rows!($($kernel)::+, $nr, 2, $args)
+        }
+    };
+}
+
+/// [`by_tile_shape`] for a fixed number of vectors `nv`.
+#[cfg(target_arch = "x86_64")]
+macro_rules! by_tile_rows {
+    ($($kernel:ident)::+, $nr:expr, $nv:literal, $args:tt) => {
+        match $nr {
+            12 => $($kernel)::+::<12, $nv> $args,
+            11 => $($kernel)::+::<11, $nv> $args,
+            10 => $($kernel)::+::<10, $nv> $args,
+            9 => $($kernel)::+::<9, $nv> $args,
+            8 => $($kernel)::+::<8, $nv> $args,
+            7 => $($kernel)::+::<7, $nv> $args,
+            6 => $($kernel)::+::<6, $nv> $args,
+            5 => $($kernel)::+::<5, $nv> $args,
+            4 => $($kernel)::+::<4, $nv> $args,
+            3 => $($kernel)::+::<3, $nv> $args,
+            2 => $($kernel)::+::<2, $nv> $args,
+            _ => $($kernel)::+::<1, $nv> $args,
+        }
+    };
 }
 
 /// One f32 register tile: rows `w` (`nr × cols`) by the first `nt` tokens of `panel`
@@ -192,33 +224,9 @@ fn tile_f32(
     #[cfg(target_arch = "x86_64")]
     {
         let (wp, xp) = (w.as_ptr(), panel.as_ptr());
-        macro_rules! rows {
-            ($v:literal) => {
-                // SAFETY: the caller checked AVX-512F (`available`); the asserts above bound
-                // every read: `nr` rows of `cols` weights, `cols` columns of `width` lanes.
-                unsafe {
-                    match nr {
-                        12 => x86::tile_f32::<12, $v>(wp, cols, xp, width, tile),
-                        11 => x86::tile_f32::<11, $v>(wp, cols, xp, width, tile),
-                        10 => x86::tile_f32::<10, $v>(wp, cols, xp, width, tile),
-                        9 => x86::tile_f32::<9, $v>(wp, cols, xp, width, tile),
-                        8 => x86::tile_f32::<8, $v>(wp, cols, xp, width, tile),
-                        7 => x86::tile_f32::<7, $v>(wp, cols, xp, width, tile),
-                        6 => x86::tile_f32::<6, $v>(wp, cols, xp, width, tile),
-                        5 => x86::tile_f32::<5, $v>(wp, cols, xp, width, tile),
-                        4 => x86::tile_f32::<4, $v>(wp, cols, xp, width, tile),
-                        3 => x86::tile_f32::<3, $v>(wp, cols, xp, width, tile),
-                        2 => x86::tile_f32::<2, $v>(wp, cols, xp, width, tile),
-                        _ => x86::tile_f32::<1, $v>(wp, cols, xp, width, tile),
-                    }
-                }
-            };
-        }
-        if nt <= 16 {
-            rows!(1);
-        } else {
-            rows!(2);
-        }
+        // SAFETY: the caller checked AVX-512F (`available`); the asserts above bound every
+        // read: `nr` rows of `cols` weights, `cols` columns of `width` lanes.
+        unsafe { by_tile_shape!(x86::tile_f32, nr, nt, (wp, cols, xp, width, tile)) }
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -246,34 +254,10 @@ fn tile_bf16(
     {
         let (wp, xp) = (w.as_ptr().cast::<u32>(), panel.as_ptr());
         let pairs = cols / 2;
-        macro_rules! rows {
-            ($v:literal) => {
-                // SAFETY: the caller checked AVX512-BF16 (`available_bf16`); the asserts above
-                // bound every read: `nr` rows of `pairs` 32-bit words (x86 reads them
-                // unaligned), `pairs` columns of `width` lanes.
-                unsafe {
-                    match nr {
-                        12 => x86::tile_bf16::<12, $v>(wp, pairs, xp, width, tile),
-                        11 => x86::tile_bf16::<11, $v>(wp, pairs, xp, width, tile),
-                        10 => x86::tile_bf16::<10, $v>(wp, pairs, xp, width, tile),
-                        9 => x86::tile_bf16::<9, $v>(wp, pairs, xp, width, tile),
-                        8 => x86::tile_bf16::<8, $v>(wp, pairs, xp, width, tile),
-                        7 => x86::tile_bf16::<7, $v>(wp, pairs, xp, width, tile),
-                        6 => x86::tile_bf16::<6, $v>(wp, pairs, xp, width, tile),
-                        5 => x86::tile_bf16::<5, $v>(wp, pairs, xp, width, tile),
-                        4 => x86::tile_bf16::<4, $v>(wp, pairs, xp, width, tile),
-                        3 => x86::tile_bf16::<3, $v>(wp, pairs, xp, width, tile),
-                        2 => x86::tile_bf16::<2, $v>(wp, pairs, xp, width, tile),
-                        _ => x86::tile_bf16::<1, $v>(wp, pairs, xp, width, tile),
-                    }
-                }
-            };
-        }
-        if nt <= 16 {
-            rows!(1);
-        } else {
-            rows!(2);
-        }
+        // SAFETY: the caller checked AVX512-BF16 (`available_bf16`); the asserts above bound
+        // every read: `nr` rows of `pairs` 32-bit words (x86 reads them unaligned), `pairs`
+        // columns of `width` lanes.
+        unsafe { by_tile_shape!(x86::tile_bf16, nr, nt, (wp, pairs, xp, width, tile)) }
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
