@@ -166,7 +166,7 @@ pub fn generate(
 
 /// One sequence being generated, one token at a time: its KV cache, sampler, text and stop
 /// rules. [`generate`] drives one; the daemon's batch scheduler drives many, feeding each the
-/// logits of its row of a batched decode step ([`Session::decode_batch`]).
+/// logits of its row of a batched step ([`Session::forward_ragged`]).
 pub struct Sequence {
     spec: GenerateSpec,
     prompt_len: usize,

@@ -1,22 +1,27 @@
 //! Continuous batching for `/openai/v1`: one scheduler thread per loaded model owns its running
-//! batch of sequences and decodes them together, one [`Session::decode_batch`] step at a time
+//! batch of sequences and runs them together, one [`Session::forward_ragged`] step at a time
 //! (every linear reads its weights once per step for all sequences).
 //!
 //! Between two steps the scheduler drops sequences whose client went away (the receiver of
 //! their updates is gone: a dropped SSE stream or a dropped request future), ends those past
 //! their deadline (finish reason [`FinishReason::Deadline`]), answers finished ones, and lets
-//! waiting requests join in arrival order: each is prefilled on its own (its prompt through the
-//! single-sequence forward pass, into its own KV cache) and then decodes with the batch. A
-//! request joins while the batch has fewer than `slots` sequences and the KV caches reserved
-//! (each sequence reserves `prompt + max_tokens` positions up front, so it never grows) fit in
-//! the memory budget; [`Scheduler::submit`] refuses one that could never fit.
+//! waiting requests join in arrival order. A joining request's whole prompt goes into the next
+//! step beside the running sequences' decode tokens (each into its own KV cache), so prompts
+//! that arrive together are prefilled in one pass over the weights instead of one pass each,
+//! and the running sequences keep decoding meanwhile; at most [`PREFILL_TOKENS_PER_STEP`]
+//! prompt tokens join one step (a longer prompt joins a step alone), which bounds how long a
+//! step holds up the running sequences. A request joins while the batch has fewer than `slots`
+//! sequences and the KV caches reserved (each sequence reserves `prompt + max_tokens`
+//! positions up front, so it never grows) fit in the memory budget; [`Scheduler::submit`]
+//! refuses one that could never fit.
 //!
 //! A batch of one is exactly the single-sequence computation, so a request alone gets what
-//! `espalier generate` prints; in a larger batch the linears run the GEMM kernels instead of
-//! the GEMV ones, whose sums may differ in the last bits (and bf16 weights, from 9 sequences
-//! on AVX512-BF16, multiply bf16-rounded activations, as prefill does).
+//! `espalier generate` prints; in a larger batch the linears may run other kernels (GEMM
+//! instead of GEMV, another tile for more rows), whose sums may differ in the last bits (and
+//! bf16 weights, from 9 rows on AVX512-BF16, multiply bf16-rounded activations, as prefill
+//! does).
 //!
-//! [`Session::decode_batch`]: espalier_engine::Session::decode_batch
+//! [`Session::forward_ragged`]: espalier_engine::Session::forward_ragged
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -27,6 +32,11 @@ use espalier::generate::{FinishReason, GenerateError, GenerateSpec, Generator, S
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::daemon::Daemon;
+
+/// Prompt tokens that may join one step at most (unless a single prompt is longer): a step of
+/// 16 SmolLM2 prompts of 64 tokens is one 1024-row pass; more rows gain little GEMM efficiency
+/// and hold up the running sequences' next token for longer.
+pub const PREFILL_TOKENS_PER_STEP: usize = 2048;
 
 /// What a generation sends its request.
 #[derive(Debug)]
@@ -164,6 +174,9 @@ impl Scheduler {
 /// A sequence of the running batch.
 struct Running {
     seq: Sequence,
+    /// The prompt until the step that prefills it (then empty): that step's input for this
+    /// sequence, instead of its last token.
+    prompt: Vec<u32>,
     updates: UnboundedSender<Update>,
     deadline: Instant,
     kv_bytes: usize,
@@ -245,9 +258,12 @@ impl Worker {
         });
     }
 
-    /// Prefills waiting requests into the batch, in arrival order, while slots and the KV
-    /// budget allow. An empty batch always takes the first (`submit` checked it fits alone).
+    /// Moves waiting requests into the batch, in arrival order, while slots, the KV budget and
+    /// the step's prompt tokens allow; their prompts are prefilled by the next step. An empty
+    /// batch always takes the first (`submit` checked it fits alone), and a step always takes
+    /// one prompt however long.
     fn join(&mut self) {
+        let mut prompt_tokens = 0;
         while self.running.len() < self.limits.slots {
             let Some(job) = self.waiting.front() else {
                 break;
@@ -255,18 +271,23 @@ impl Worker {
             if !self.running.is_empty() && self.reserved + job.kv_bytes > self.limits.kv_bytes {
                 break;
             }
+            if prompt_tokens > 0 && prompt_tokens + job.prompt.len() > PREFILL_TOKENS_PER_STEP {
+                break;
+            }
             let Some(job) = self.waiting.pop_front() else {
                 break;
             };
             self.daemon.metrics.add_generation_waiting(-1);
-            // Counted as running before the prefill: it sends the first text, and a client
-            // that reads it must find its sequence running.
-            self.daemon.metrics.add_generation_running(1);
-            match self.prefill(&job) {
+            match self.start(&job) {
                 Ok(seq) => {
+                    // Counted as running from here: the step sends its first text, and a
+                    // client that reads it must find its sequence running.
+                    self.daemon.metrics.add_generation_running(1);
+                    prompt_tokens += job.prompt.len();
                     self.reserved += job.kv_bytes;
                     self.running.push(Running {
                         seq,
+                        prompt: job.prompt,
                         deadline: job.submitted + self.limits.deadline,
                         kv_bytes: job.kv_bytes,
                         updates: job.updates,
@@ -274,50 +295,42 @@ impl Worker {
                     });
                 }
                 Err(e) => {
-                    self.daemon.metrics.add_generation_running(-1);
                     let _ = job.updates.send(Update::Done(Err(e)));
                 }
             }
         }
     }
 
-    /// Runs the prompt through the forward pass into a fresh KV cache and takes the first
-    /// token.
-    fn prefill(&self, job: &Job) -> Result<Sequence, JobError> {
+    /// The sequence of a request: its settings checked against the model and its KV cache
+    /// reserved.
+    fn start(&self, job: &Job) -> Result<Sequence, JobError> {
         let g = &self.generator;
         let spec = GenerateSpec {
             eos: g.eos.clone(),
             context: g.context,
             ..job.spec.clone()
         };
-        let mut seq = Sequence::new(&g.session, &job.prompt, &spec).map_err(job_error)?;
-        if seq.wants_token() {
-            let logits = g
-                .session
-                .forward_last(&job.prompt, Some(&mut seq.cache))
-                .and_then(|l| Ok(l.to_vec1::<f32>()?))
-                .map_err(|e| JobError::Failed(e.to_string()))?;
-            let piece = seq.accept(&logits, &g.tokenizer).map_err(job_error)?;
-            if !piece.is_empty() {
-                let _ = job.updates.send(Update::Text(piece));
-            }
-        }
-        Ok(seq)
+        Sequence::new(&g.session, &job.prompt, &spec).map_err(job_error)
     }
 
-    /// One decode step for every running sequence.
+    /// One step for every running sequence: the prompt of those that joined since the last
+    /// step, the last token of the others.
     fn step(&mut self) {
         let g = &self.generator;
-        let tokens: Vec<u32> = self
+        let chunks: Vec<Vec<u32>> = self
             .running
-            .iter()
-            .map(|r| r.seq.last_token().unwrap_or(0))
+            .iter_mut()
+            .map(|r| match r.seq.last_token() {
+                Some(t) if r.prompt.is_empty() => vec![t],
+                _ => std::mem::take(&mut r.prompt),
+            })
             .collect();
+        let chunk_refs: Vec<&[u32]> = chunks.iter().map(Vec::as_slice).collect();
         let mut caches: Vec<&mut espalier_engine::KvCache> =
             self.running.iter_mut().map(|r| &mut r.seq.cache).collect();
         let logits = g
             .session
-            .decode_batch(&tokens, &mut caches)
+            .forward_ragged(&chunk_refs, &mut caches)
             .and_then(|l| Ok(l.flatten_all()?.to_vec1::<f32>()?));
         let logits = match logits {
             Ok(l) => l,

@@ -644,37 +644,73 @@ impl Session {
         tokens: &[u32],
         caches: &mut [&mut KvCache],
     ) -> Result<Tensor, EngineError> {
-        on_pool(|| self.decode_batch_on_pool(tokens, caches))
+        let chunks: Vec<&[u32]> = tokens.iter().map(std::slice::from_ref).collect();
+        self.forward_ragged(&chunks, caches)
     }
 
-    fn decode_batch_on_pool(
+    /// One forward pass over several sequences' new tokens at once: `chunks[i]` (a whole
+    /// prompt, or the one token of a decode step) continues the sequence cached in `caches[i]`
+    /// and is appended to it. Returns the logits `[B, vocab]` of each chunk's last token.
+    ///
+    /// The chunks' rows are stacked into one `[Σ len, hidden]` activation, so every linear
+    /// reads its weights once for all of them: prompts that arrive together are prefilled in
+    /// one pass, and prompts can join a running batch's decode step (as vLLM's mixed prefill
+    /// does). Attention stays per sequence, each over its own cache, exactly as
+    /// [`Session::forward`] computes it; the LM head runs on the last rows only. With one chunk
+    /// this is `forward_last(chunk, Some(cache))` (the linears may pick another kernel for the
+    /// larger row count, whose sums can differ in the last bits).
+    pub fn forward_ragged(
         &self,
-        tokens: &[u32],
+        chunks: &[&[u32]],
         caches: &mut [&mut KvCache],
     ) -> Result<Tensor, EngineError> {
-        let b = tokens.len();
+        on_pool(|| self.forward_ragged_on_pool(chunks, caches))
+    }
+
+    fn forward_ragged_on_pool(
+        &self,
+        chunks: &[&[u32]],
+        caches: &mut [&mut KvCache],
+    ) -> Result<Tensor, EngineError> {
+        let b = chunks.len();
         if b == 0 || caches.len() != b {
             return Err(EngineError::Input(format!(
-                "a batched decode step needs one cache per token, got {b} tokens and {} caches",
+                "a batched forward pass needs one cache per sequence, got {b} sequences and {} caches",
                 caches.len()
             )));
         }
         let starts: Vec<usize> = caches.iter().map(|c| c.len()).collect();
-        for (&t, &start) in tokens.iter().zip(&starts) {
-            self.check_tokens(&[t], start)?;
+        for (chunk, &start) in chunks.iter().zip(&starts) {
+            self.check_tokens(chunk, start)?;
         }
-        let ids = Tensor::from_slice(tokens, b, &Device::Cpu)?;
+        let lens: Vec<usize> = chunks.iter().map(|c| c.len()).collect();
+        let total: usize = lens.iter().sum();
+        let all: Vec<u32> = chunks.concat();
+        let ids = Tensor::from_vec(all, total, &Device::Cpu)?;
         let mut x = self.embed.index_select(&ids, 0)?;
         if let Some(pos) = &self.pos_embed {
-            let at: Vec<u32> = starts.iter().map(|&s| s as u32).collect();
-            let at = Tensor::from_vec(at, b, &Device::Cpu)?;
+            let at: Vec<u32> = starts
+                .iter()
+                .zip(&lens)
+                .flat_map(|(&s, &n)| (s..s + n).map(|p| p as u32))
+                .collect();
+            let at = Tensor::from_vec(at, total, &Device::Cpu)?;
             x = (x + pos.index_select(&at, 0)?)?;
         }
         let ropes: Vec<Option<RopeTable>> = starts
             .iter()
-            .map(|&s| {
+            .zip(&lens)
+            .map(|(&s, &n)| {
                 self.rope_theta
-                    .map(|theta| RopeTable::new(self.head_dim, theta, s, 1))
+                    .map(|theta| RopeTable::new(self.head_dim, theta, s, n))
+            })
+            .collect();
+        let offsets: Vec<usize> = lens
+            .iter()
+            .scan(0, |at, &n| {
+                let o = *at;
+                *at += n;
+                Some(o)
             })
             .collect();
         for layer in 0..self.blocks.len() {
@@ -682,33 +718,53 @@ impl Session {
             let h = block.attn_norm.forward(&x)?;
             let (q, k, v) = self.qkv(block, &h, &mut None)?;
             let (heads, d) = (block.heads, self.head_dim);
-            let mut ctx = vec![0f32; b * heads * d];
+            let mut ctx = vec![0f32; total * heads * d];
             // Each sequence attends over its own cache: independent work, spread over the
             // pool when there are several (with one, a parallel region would only cost).
             let attend = |i: usize, cache: &mut KvCache, out: &mut [f32]| {
-                let rope = ropes[i].as_ref();
-                let qi = ops::split_heads(&q.narrow(0, i, 1)?, heads, d, rope)?;
-                let ki = ops::split_heads(&k.narrow(0, i, 1)?, block.kv_heads, d, rope)?;
-                let vi = ops::split_heads(&v.narrow(0, i, 1)?, block.kv_heads, d, None)?;
-                cache.append(layer, &ki, &vi)?;
-                self.attend_cached_one(block, layer, &qi, cache, starts[i] + 1, out)
+                let (at, n, rope) = (offsets[i], lens[i], ropes[i].as_ref());
+                let qi = ops::split_heads(&q.narrow(0, at, n)?, heads, d, rope)?;
+                let ki = ops::split_heads(&k.narrow(0, at, n)?, block.kv_heads, d, rope)?;
+                let vi = ops::split_heads(&v.narrow(0, at, n)?, block.kv_heads, d, None)?;
+                if n == 1 {
+                    cache.append(layer, &ki, &vi)?;
+                    self.attend_cached_one(block, layer, &qi, cache, starts[i] + 1, out)
+                } else {
+                    let (kc, vc) = cache.append(layer, &ki, &vi)?;
+                    self.attend(block, layer, &qi, &kc, &vc, starts[i], out)
+                }
             };
+            let mut outs: Vec<&mut [f32]> = Vec::with_capacity(b);
+            let mut rest = ctx.as_mut_slice();
+            for &n in &lens {
+                let (head, tail) = rest.split_at_mut(n * heads * d);
+                outs.push(head);
+                rest = tail;
+            }
             if b == 1 {
-                attend(0, caches[0], &mut ctx)?;
+                attend(0, caches[0], outs[0])?;
             } else {
                 caches
                     .par_iter_mut()
-                    .zip(ctx.par_chunks_mut(heads * d))
+                    .zip(outs.into_par_iter())
                     .enumerate()
                     .try_for_each(|(i, (cache, out))| attend(i, cache, out))?;
             }
-            let ctx = Tensor::from_vec(ctx, (b, heads * d), &Device::Cpu)?;
+            let ctx = Tensor::from_vec(ctx, (total, heads * d), &Device::Cpu)?;
             let x1 = (&x + block.o.forward(&ctx)?)?;
             let h = block.mlp_norm.forward(&x1)?;
             x = (&x1 + self.mlp(block, &h, &mut None)?)?;
         }
-        for (cache, start) in caches.iter_mut().zip(starts) {
-            cache.len = start + 1;
+        for ((cache, start), n) in caches.iter_mut().zip(starts).zip(&lens) {
+            cache.len = start + n;
+        }
+        if total > b {
+            let last: Vec<u32> = offsets
+                .iter()
+                .zip(&lens)
+                .map(|(&o, &n)| (o + n - 1) as u32)
+                .collect();
+            x = x.index_select(&Tensor::from_vec(last, b, &Device::Cpu)?, 0)?;
         }
         let hidden = self.final_norm.forward(&x)?;
         self.lm_head.forward(&hidden)
@@ -1310,6 +1366,91 @@ mod tests {
             let batched = s.decode_batch(&[9], &mut [&mut b]).unwrap();
             assert_eq!(max_diff(&one, &batched), 0.0, "{name}");
             assert!(s.decode_batch(&[1, 2], &mut [&mut a]).is_err());
+        }
+    }
+
+    #[test]
+    fn ragged_passes_equal_each_sequence_alone() {
+        for name in ["tiny-llama", "tiny-gpt2"] {
+            let model = builtin_model(name).unwrap();
+            let s = Session::new(&model).unwrap();
+            let prompts: Vec<Vec<u32>> = [5usize, 1, 9, 2]
+                .iter()
+                .enumerate()
+                .map(|(p, &n)| {
+                    (0..n as u32)
+                        .map(|i| (i * 31 + 11 * p as u32 + 2) % 256)
+                        .collect()
+                })
+                .collect();
+            let steps = 6;
+            // Alone: prefill, then one token at a time.
+            let mut alone: Vec<(Vec<u32>, Vec<Tensor>)> = Vec::new();
+            for prompt in &prompts {
+                let mut cache = KvCache::new();
+                let first = s.forward_last(prompt, Some(&mut cache)).unwrap();
+                let mut next = ops::argmax(&first).unwrap();
+                let (mut toks, mut rows) = (vec![next], vec![first]);
+                for _ in 0..steps {
+                    let l = s.forward_last(&[next], Some(&mut cache)).unwrap();
+                    next = ops::argmax(&l).unwrap();
+                    toks.push(next);
+                    rows.push(l);
+                }
+                alone.push((toks, rows));
+            }
+            // Ragged: sequences 0 and 1 prefill together; sequence 2's prompt joins the second
+            // step beside their decode tokens, sequence 3's the fourth.
+            let joins = [0usize, 0, 1, 3];
+            let mut caches: Vec<KvCache> = prompts.iter().map(|_| KvCache::new()).collect();
+            let mut toks: Vec<Vec<u32>> = vec![Vec::new(); prompts.len()];
+            let mut rows: Vec<Vec<Tensor>> = vec![Vec::new(); prompts.len()];
+            for step in 0..joins[3] + steps + 1 {
+                let active: Vec<usize> = (0..prompts.len())
+                    .filter(|&i| joins[i] <= step && toks[i].len() <= steps)
+                    .collect();
+                let chunks: Vec<Vec<u32>> = active
+                    .iter()
+                    .map(|&i| match toks[i].last() {
+                        None => prompts[i].clone(),
+                        Some(&t) => vec![t],
+                    })
+                    .collect();
+                let chunk_refs: Vec<&[u32]> = chunks.iter().map(Vec::as_slice).collect();
+                let mut refs: Vec<&mut KvCache> = caches
+                    .iter_mut()
+                    .enumerate()
+                    .filter(|(i, _)| active.contains(i))
+                    .map(|(_, c)| c)
+                    .collect();
+                let logits = s.forward_ragged(&chunk_refs, &mut refs).unwrap();
+                assert_eq!(logits.dims(), [active.len(), s.vocab_size()]);
+                for (row, &i) in active.iter().enumerate() {
+                    let l = logits.narrow(0, row, 1).unwrap().squeeze(0).unwrap();
+                    toks[i].push(ops::argmax(&l).unwrap());
+                    rows[i].push(l);
+                }
+            }
+            for (i, (alone_toks, alone_rows)) in alone.iter().enumerate() {
+                assert_eq!(&toks[i], alone_toks, "{name} sequence {i}");
+                assert_eq!(caches[i].len(), prompts[i].len() + steps);
+                let diff = max_diff(
+                    &Tensor::stack(&rows[i], 0).unwrap(),
+                    &Tensor::stack(alone_rows, 0).unwrap(),
+                );
+                assert!(diff < 1e-4, "{name} sequence {i}: {diff}");
+            }
+            // A ragged pass of one prompt is the single-sequence prefill, bit for bit.
+            let mut a = KvCache::new();
+            let mut b = KvCache::new();
+            let one = s.forward_last(&prompts[2], Some(&mut a)).unwrap();
+            let ragged = s.forward_ragged(&[&prompts[2]], &mut [&mut b]).unwrap();
+            assert_eq!(max_diff(&one.unsqueeze(0).unwrap(), &ragged), 0.0, "{name}");
+            assert!(
+                s.forward_ragged(&[&prompts[0], &[]], &mut [&mut a, &mut b])
+                    .is_err()
+            );
+            assert!(s.forward_ragged(&[], &mut []).is_err());
         }
     }
 
