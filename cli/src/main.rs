@@ -31,10 +31,10 @@ use render::{mib, pct};
 mod bench_api;
 mod bench_serve;
 #[cfg(target_os = "linux")]
-mod hugepages;
+use espalier_engine::hugepages;
 
-/// Large buffers (weights, packed arrays, KV caches) on transparent huge pages: see
-/// [`hugepages`].
+/// Large buffers (weights, packed arrays, KV caches) on transparent huge pages, scratch
+/// buffers reused: see [`hugepages`].
 #[cfg(target_os = "linux")]
 #[global_allocator]
 static ALLOCATOR: hugepages::HugePageAlloc = hugepages::HugePageAlloc;

@@ -13,6 +13,12 @@
 //! `--ppl-tokens 0` skips the perplexity run (a decode-only profile). MODEL defaults to `builtin:smollm2-135m-shapes` (random weights, SmolLM2-135M's shapes), so
 //! the figures need no download; tokens are a fixed pseudo-random sequence.
 
+/// The allocator the `espalier` binary runs with, so these figures are the binary's.
+#[cfg(target_os = "linux")]
+#[global_allocator]
+static ALLOCATOR: espalier_engine::hugepages::HugePageAlloc =
+    espalier_engine::hugepages::HugePageAlloc;
+
 use std::time::Instant;
 
 use espalier_engine::eval::{self, PerplexityOptions};
@@ -32,6 +38,8 @@ fn cpu_seconds() -> f64 {
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    #[cfg(target_os = "linux")]
+    espalier_engine::hugepages::HugePageAlloc::configure();
     let mut model_ref = "builtin:smollm2-135m-shapes".to_string();
     let (mut ppl_tokens, mut window, mut stride, mut prompt, mut new) =
         (4096usize, 1024usize, 1024usize, 128usize, 32usize);

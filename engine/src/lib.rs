@@ -8,6 +8,8 @@ pub mod eval;
 pub mod files;
 pub mod forward;
 pub mod gguf;
+#[cfg(target_os = "linux")]
+pub mod hugepages;
 pub mod layers;
 pub mod linear;
 pub mod model;

@@ -1,4 +1,5 @@
-//! The process allocator: large buffers on transparent huge pages.
+//! The process allocator of the `espalier` binary (and the engine's benchmarks): large buffers
+//! on transparent huge pages, scratch buffers reused instead of mapped afresh.
 //!
 //! Decoding streams every weight matrix once per token, so its speed is the memory bandwidth
 //! the GEMV kernels reach. On 4 KiB pages a 540 MB model spans ~130k pages: the TLB misses on
@@ -15,6 +16,21 @@
 //! costs at most one partly used huge page per large buffer, in exchange for every byte of the
 //! buffer being on huge pages.
 //!
+//! A forward pass frees and asks again for the same large scratch buffers many times per token
+//! (a 16-sequence step's logits are 3 MiB; a batched prefill's activations several MiB): a
+//! fresh mapping each time costs three system calls, a fault and the kernel zeroing each huge
+//! page. Freed mappings of up to [`CACHE_ENTRY_MAX`] bytes are therefore kept, up to
+//! [`CACHE_SLOTS`] of them and [`CACHE_BYTES`] in all, and handed to the next request of the
+//! same mapped length (zeroed by a pass over it when `alloc_zeroed` asks). Weights and KV
+//! caches above that size are unmapped when freed, as before.
+//!
+//! Below the threshold glibc's `malloc` serves; by default it maps buffers from 128 KiB up
+//! afresh (the threshold then adapts upward) and returns freed heap tops to the kernel, so a
+//! 128-token prefill spent about a quarter of its time in page faults and zeroing of its
+//! per-op buffers (`perf`: `clear_page_erms`, `do_anonymous_page`). [`HugePageAlloc::configure`]
+//! fixes glibc's mapping threshold at [`THRESHOLD`] and its trim threshold at
+//! [`CACHE_BYTES`], so those buffers are reused from the heap.
+//!
 //! `ESPALIER_HUGE_PAGES=0` in the environment turns it off (everything goes to the system
 //! allocator), for a same-run comparison and for systems where it does not pay.
 //! [`HugePageAlloc::configure`] reads that once, first thing in `main`: which path served a
@@ -23,6 +39,7 @@
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::ptr;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Buffers of at least this many bytes get their own huge-page mapping.
@@ -32,7 +49,48 @@ const HUGE_PAGE: usize = 2 << 20;
 /// The base page size (the alignment mremap keeps).
 const PAGE: usize = 4096;
 
+/// Largest freed mapping kept for reuse: per-step scratch, not weights.
+pub const CACHE_ENTRY_MAX: usize = 16 << 20;
+/// Freed mappings kept at most.
+pub const CACHE_SLOTS: usize = 16;
+/// Bytes of freed mappings kept at most (and glibc's trim threshold).
+pub const CACHE_BYTES: usize = 64 << 20;
+
 static ENABLED: AtomicBool = AtomicBool::new(true);
+
+/// Freed mappings kept for reuse: `(address, mapped length)`, address 0 for an empty slot. A
+/// fixed array behind a futex mutex: the allocator must not allocate.
+static CACHE: Mutex<[(usize, usize); CACHE_SLOTS]> = Mutex::new([(0, 0); CACHE_SLOTS]);
+
+/// Takes a kept mapping of exactly `len` bytes, if there is one.
+fn cache_take(len: usize) -> Option<*mut u8> {
+    let mut slots = CACHE.lock().ok()?;
+    let slot = slots.iter_mut().find(|(at, l)| *at != 0 && *l == len)?;
+    let at = std::mem::take(slot).0;
+    Some(at as *mut u8)
+}
+
+/// Keeps a freed mapping for reuse when it is small enough and there is room; false when the
+/// caller must unmap it.
+fn cache_put(at: *mut u8, len: usize) -> bool {
+    if len > CACHE_ENTRY_MAX {
+        return false;
+    }
+    let Ok(mut slots) = CACHE.lock() else {
+        return false;
+    };
+    let held: usize = slots.iter().filter(|(a, _)| *a != 0).map(|(_, l)| l).sum();
+    if held + len > CACHE_BYTES {
+        return false;
+    }
+    match slots.iter_mut().find(|(a, _)| *a == 0) {
+        Some(slot) => {
+            *slot = (at as usize, len);
+            true
+        }
+        None => false,
+    }
+}
 
 /// See the module documentation.
 pub struct HugePageAlloc;
@@ -49,6 +107,13 @@ impl HugePageAlloc {
             )
         });
         ENABLED.store(!off, Ordering::Relaxed);
+        #[cfg(target_env = "gnu")]
+        // SAFETY: mallopt only sets glibc's tuning parameters; it is called before any other
+        // thread exists. A refusal (returns 0) leaves glibc's defaults, which are only slower.
+        unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, THRESHOLD as libc::c_int);
+            libc::mallopt(libc::M_TRIM_THRESHOLD, CACHE_BYTES as libc::c_int);
+        }
     }
 
     /// Whether huge pages are on for this process.
@@ -115,8 +180,11 @@ impl HugePageAlloc {
 unsafe impl GlobalAlloc for HugePageAlloc {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         match Self::mapped_len(layout) {
-            // SAFETY: `len` is a non-zero multiple of the huge page size.
-            Some(len) => unsafe { Self::map(len) },
+            Some(len) => match cache_take(len) {
+                Some(p) => p,
+                // SAFETY: `len` is a non-zero multiple of the huge page size.
+                None => unsafe { Self::map(len) },
+            },
             // SAFETY: forwarded with the caller's layout.
             None => unsafe { System.alloc(layout) },
         }
@@ -124,9 +192,17 @@ unsafe impl GlobalAlloc for HugePageAlloc {
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
         match Self::mapped_len(layout) {
-            // Fresh anonymous memory is already zero: no pass over it, no page touched.
-            // SAFETY: as in `alloc`.
-            Some(len) => unsafe { Self::map(len) },
+            Some(len) => match cache_take(len) {
+                // A kept mapping holds its last user's bytes: zero what is asked for.
+                // SAFETY: the mapping is `len >= layout.size()` bytes, owned by no one else.
+                Some(p) => unsafe {
+                    ptr::write_bytes(p, 0, layout.size());
+                    p
+                },
+                // Fresh anonymous memory is already zero: no pass over it, no page touched.
+                // SAFETY: as in `alloc`.
+                None => unsafe { Self::map(len) },
+            },
             // SAFETY: forwarded with the caller's layout.
             None => unsafe { System.alloc_zeroed(layout) },
         }
@@ -134,10 +210,15 @@ unsafe impl GlobalAlloc for HugePageAlloc {
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         match Self::mapped_len(layout) {
-            // SAFETY: `ptr` came from `map(len)` with this same length.
-            Some(len) => unsafe {
-                libc::munmap(ptr.cast(), len);
-            },
+            // SAFETY: `ptr` came from `map(len)` (or the cache, which holds such mappings) with
+            // this same length; kept or unmapped, the caller never touches it again.
+            Some(len) => {
+                if !cache_put(ptr, len) {
+                    unsafe {
+                        libc::munmap(ptr.cast(), len);
+                    }
+                }
+            }
             // SAFETY: `ptr` came from the system allocator with this layout.
             None => unsafe { System.dealloc(ptr, layout) },
         }
@@ -233,6 +314,28 @@ mod tests {
         roundtrip(THRESHOLD, 4);
         roundtrip(HUGE_PAGE + 4096 + 3, 64);
         roundtrip(5 * HUGE_PAGE, 4096);
+    }
+
+    #[test]
+    fn freed_scratch_mappings_are_reused_and_zeroed_again() {
+        // A mapped length no other test uses (14 MiB), so the cache slot is this test's.
+        let layout = Layout::from_size_align(13 * (1 << 20) + 1, 8).unwrap();
+        unsafe {
+            let p = HugePageAlloc.alloc_zeroed(layout);
+            assert!(!p.is_null());
+            ptr::write_bytes(p, 0xA5, layout.size());
+            HugePageAlloc.dealloc(p, layout);
+            let q = HugePageAlloc.alloc_zeroed(layout);
+            assert_eq!(q, p, "the freed mapping is handed out again");
+            let bytes = std::slice::from_raw_parts(q, layout.size());
+            assert!(bytes.iter().all(|&b| b == 0), "a reused mapping is zeroed");
+            HugePageAlloc.dealloc(q, layout);
+            // Too large to keep: unmapped, never handed out from the cache.
+            let big = Layout::from_size_align(CACHE_ENTRY_MAX + 1, 8).unwrap();
+            let b = HugePageAlloc.alloc(big);
+            HugePageAlloc.dealloc(b, big);
+            assert!(cache_take(CACHE_ENTRY_MAX + HUGE_PAGE).is_none());
+        }
     }
 
     #[test]
