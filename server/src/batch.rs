@@ -72,6 +72,9 @@ pub enum JobError {
     /// The deadline passed before it could start.
     #[error("{0}")]
     Deadline(String),
+    /// The prompt does not fit the model (a token id outside its vocabulary).
+    #[error("{0}")]
+    Prompt(String),
     /// The forward pass failed.
     #[error("{0}")]
     Failed(String),
@@ -301,10 +304,13 @@ impl Worker {
         }
     }
 
-    /// The sequence of a request: its settings checked against the model and its KV cache
-    /// reserved.
+    /// The sequence of a request: its prompt and settings checked against the model (a step
+    /// that failed would end every sequence in it) and its KV cache reserved.
     fn start(&self, job: &Job) -> Result<Sequence, JobError> {
         let g = &self.generator;
+        g.session
+            .check_tokens(&job.prompt, 0)
+            .map_err(|e| JobError::Prompt(e.to_string()))?;
         let spec = GenerateSpec {
             eos: g.eos.clone(),
             context: g.context,

@@ -371,6 +371,7 @@ fn job_error(e: JobError) -> OpenAiError {
     let unavailable = |code, m| OpenAiError(StatusCode::SERVICE_UNAVAILABLE, code, m, None);
     match e {
         JobError::Settings(m) => bad("max_tokens", m),
+        JobError::Prompt(m) => bad("prompt", m),
         JobError::TooLarge(m) => OpenAiError(
             StatusCode::SERVICE_UNAVAILABLE,
             "kv_cache_budget_exceeded",

@@ -806,7 +806,11 @@ impl Session {
         Ok(out)
     }
 
-    fn check_tokens(&self, tokens: &[u32], start: usize) -> Result<(), EngineError> {
+    /// Checks that `tokens` can continue a sequence at position `start`: at least one token,
+    /// every id inside the embedding table, every position inside the position table. What
+    /// every forward pass checks first; a scheduler checks a request with it before the
+    /// request joins a batch, so one bad prompt cannot fail the step it would share.
+    pub fn check_tokens(&self, tokens: &[u32], start: usize) -> Result<(), EngineError> {
         if tokens.is_empty() {
             return Err(EngineError::Input("no tokens to run".into()));
         }
