@@ -1280,21 +1280,26 @@ mod tests {
         }
     }
 
+    /// Deterministic prompts of the given lengths (byte-vocabulary ids): token `i` of prompt
+    /// `p` is `(i · stride + p · shift + 1) mod 256`.
+    fn mixed_prompts(lens: &[usize], stride: u32, shift: u32) -> Vec<Vec<u32>> {
+        lens.iter()
+            .zip(0u32..)
+            .map(|(&n, p)| {
+                (0..n as u32)
+                    .map(|i| (i * stride + p * shift + 1) % 256)
+                    .collect()
+            })
+            .collect()
+    }
+
     #[test]
     fn batched_decoding_equals_decoding_each_sequence_alone() {
         for name in ["tiny-llama", "tiny-gpt2"] {
             let model = builtin_model(name).unwrap();
             let s = Session::new(&model).unwrap();
             // Prompts of mixed lengths, so every row of a step sits at another position.
-            let prompts: Vec<Vec<u32>> = [3usize, 11, 1, 6]
-                .iter()
-                .enumerate()
-                .map(|(p, &n)| {
-                    (0..n as u32)
-                        .map(|i| (i * 53 + 7 * p as u32 + 1) % 256)
-                        .collect()
-                })
-                .collect();
+            let prompts = mixed_prompts(&[3, 11, 1, 6], 53, 7);
             let steps = 12;
             // Alone: the single-sequence path (`forward` with a cache), greedy.
             let mut alone_tokens = Vec::new();
@@ -1378,15 +1383,7 @@ mod tests {
         for name in ["tiny-llama", "tiny-gpt2"] {
             let model = builtin_model(name).unwrap();
             let s = Session::new(&model).unwrap();
-            let prompts: Vec<Vec<u32>> = [5usize, 1, 9, 2]
-                .iter()
-                .enumerate()
-                .map(|(p, &n)| {
-                    (0..n as u32)
-                        .map(|i| (i * 31 + 11 * p as u32 + 2) % 256)
-                        .collect()
-                })
-                .collect();
+            let prompts = mixed_prompts(&[5, 1, 9, 2], 31, 11);
             let steps = 6;
             // Alone: prefill, then one token at a time.
             let mut alone: Vec<(Vec<u32>, Vec<Tensor>)> = Vec::new();
