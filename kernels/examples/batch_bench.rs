@@ -1,5 +1,5 @@
 //! Decode steps of a few tokens (continuous batching) through SmolLM2's block linears: 2:4
-//! beside dense in each dtype, same rounds (the library's [`run_batch_bench`]).
+//! and 50% bitmap beside dense in each dtype, same rounds (the library's [`run_batch_bench`]).
 //!
 //! `cargo run --release -p espalier-kernels --example batch_bench -- [TOKENS] [DTYPES]`
 //! (defaults: `1,4,8,16` and `bf16,i8,f32`). Prints ms per step for the 30 blocks and the
@@ -28,12 +28,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     for r in run_batch_bench(&tokens, &dtypes, 7)? {
         println!(
-            "{} tokens={}: dense {:.2} ms, 2:4 {:.2} ms, 2:4 vs dense {:.2}x",
+            "{} tokens={}: dense {:.2} ms, 2:4 {:.2} ms ({:.2}x dense), bitmap 50% {:.2} ms ({:.2}x dense)",
             r.dtype,
             r.tokens,
             r.dense_ms,
             r.two_four_ms,
-            r.dense_ms / r.two_four_ms
+            r.dense_ms / r.two_four_ms,
+            r.bitmap_ms,
+            r.dense_ms / r.bitmap_ms
         );
     }
     Ok(())

@@ -473,10 +473,13 @@ pub struct BatchRow {
     pub dense_ms: f64,
     /// Milliseconds per step, 2:4.
     pub two_four_ms: f64,
+    /// Milliseconds per step, the same 50% masks in the bitmap format (what an unstructured
+    /// 50% layer plans to).
+    pub bitmap_ms: f64,
 }
 
 /// Decode steps of a few tokens (continuous batching) through 30 SmolLM2 blocks' linears,
-/// 2:4 beside dense in each dtype, timed in alternating rounds (best of `rounds`). The 30
+/// 2:4 and the same masks as a bitmap beside dense in each dtype, timed in alternating rounds (best of `rounds`). The 30
 /// blocks are streamed, so the weights come from memory as in a real model; the 2:4 masks are
 /// [`make_weights`]'s, packed both ways.
 pub fn run_batch_bench(tokens: &[usize], dtypes: &[Dtype], rounds: usize) -> Result<Vec<BatchRow>> {
@@ -487,6 +490,7 @@ pub fn run_batch_bench(tokens: &[usize], dtypes: &[Dtype], rounds: usize) -> Res
     for &dtype in dtypes {
         let mut dense = Vec::new();
         let mut nm = Vec::new();
+        let mut bitmap = Vec::new();
         for _ in 0..BLOCKS {
             for &((r, c), count) in &SMOLLM2_SHAPES {
                 for _ in 0..count {
@@ -499,6 +503,7 @@ pub fn run_batch_bench(tokens: &[usize], dtypes: &[Dtype], rounds: usize) -> Res
                         Format::NM { n: 2, m: 4 },
                         dtype,
                     )?);
+                    bitmap.push(PackedLinear::pack("bitmap", &view, Format::Bitmap, dtype)?);
                 }
             }
         }
@@ -529,16 +534,19 @@ pub fn run_batch_bench(tokens: &[usize], dtypes: &[Dtype], rounds: usize) -> Res
                 black_box(&mut y);
                 Ok(start.elapsed().as_secs_f64())
             };
-            let (mut best_dense, mut best_nm) = (f64::INFINITY, f64::INFINITY);
+            let (mut best_dense, mut best_nm, mut best_bitmap) =
+                (f64::INFINITY, f64::INFINITY, f64::INFINITY);
             for _ in 0..rounds.max(1) {
                 best_dense = best_dense.min(pass(&dense)?);
                 best_nm = best_nm.min(pass(&nm)?);
+                best_bitmap = best_bitmap.min(pass(&bitmap)?);
             }
             rows.push(BatchRow {
                 dtype: dtype.to_string(),
                 tokens: t,
                 dense_ms: best_dense * 1e3,
                 two_four_ms: best_nm * 1e3,
+                bitmap_ms: best_bitmap * 1e3,
             });
         }
     }

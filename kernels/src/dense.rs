@@ -600,27 +600,8 @@ mod x86 {
         }
     }
 
-    /// `x` regrouped for the bf16 kernels: per block of `width` columns, the even columns, then
-    /// the odd ones. A vector of bf16 pairs widens in two instructions, a shift for the even
-    /// (low) halves and a mask for the odd (high) ones, and each half then meets its own
-    /// contiguous slice of this array; widening 8 values at a time with `vpmovzxwd` instead
-    /// costs a lane-crossing shuffle per 8 weights, which kept dense bf16 compute bound (50% of
-    /// the bandwidth probe in `bench kernels`). Columns past the last whole block are left out.
-    pub(super) fn split_even_odd(x: &[f32], width: usize) -> Vec<f32> {
-        let blocks = x.len() / width;
-        let half = width / 2;
-        let mut out = vec![0.0f32; blocks * width];
-        for (dst, src) in out.chunks_exact_mut(width).zip(x.chunks_exact(width)) {
-            for j in 0..half {
-                dst[j] = src[2 * j];
-                dst[half + j] = src[2 * j + 1];
-            }
-        }
-        out
-    }
-
     /// [`gemv_rows`] for bf16 weights, 16 columns per step as 8 pairs (see
-    /// [`split_even_odd`]), two steps in flight for four accumulators.
+    /// [`split_even_odd`](crate::simd::split_even_odd)), two steps in flight for four accumulators.
     ///
     /// # Safety
     /// AVX2+FMA available; `w` holds rows `..rows.end` of `cols`; `x.len() == cols`;
@@ -633,7 +614,7 @@ mod x86 {
         x: &[f32],
         y: &mut [f32],
     ) {
-        let xd = split_even_odd(x, 16);
+        let xd = crate::simd::split_even_odd(x, 16);
         let blocks = cols / 16;
         let xp = xd.as_ptr();
         let high = _mm256_set1_epi32(0xFFFF_0000u32 as i32);
@@ -690,7 +671,7 @@ mod x86 {
         x: &[f32],
         y: &mut [f32],
     ) {
-        let xd = split_even_odd(x, 32);
+        let xd = crate::simd::split_even_odd(x, 32);
         let blocks = cols / 32;
         let xp = xd.as_ptr();
         let high = _mm512_set1_epi32(0xFFFF_0000u32 as i32);

@@ -113,8 +113,15 @@ impl fmt::Display for Format {
 /// (`kernel_bench -- 0.5 bf16,f32`), i.e. the bitmap costs ~1.4 beyond its bytes, and the Wanda
 /// 50% model decoded at 0.85x dense bf16 end to end (`scripts/llama_cpp_bench.py`). At 1.2 a
 /// 50% bf16 layer plans dense and the bitmap takes over from about 70% sparsity.
+///
+/// With AVX512-VBMI2 the bf16 kernel expands 32 packed values per mask word with one
+/// `vpexpandw` and then runs dense bf16's own widen-and-FMA step; on the 2-core Zen 4 the 50%
+/// bitmap then ran 1.32-1.59x dense bf16 per SmolLM2 block (`kernel_bench 0.5 bf16`, four
+/// runs), i.e. ~0.45 beyond its bytes: a 50% bf16 layer plans the bitmap (up to ~70% density,
+/// with the margin).
 pub(crate) fn bitmap_compute_per_weight(dtype: Dtype) -> f64 {
     match dtype {
+        Dtype::Bf16 if crate::bitmap::fast_bf16_expand() => 0.45,
         Dtype::Bf16 | Dtype::F32 | Dtype::I8 => 1.2,
     }
 }
