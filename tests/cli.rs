@@ -549,10 +549,13 @@ fn a_packed_export_runs_as_evaluated_and_refuses_damage() {
         v["perplexity"]["perplexity"], run["evaluation"]["pruned"]["perplexity"]["perplexity"],
         "{v}"
     );
-    assert!(
-        v["kernels"]["layers"]["2:4/bf16"].as_u64().unwrap() > 0,
-        "{v}"
-    );
+    // The 2:4 layers run a sparse kernel: the 2:4 one, or the bitmap where the CPU has
+    // AVX512-VBMI2 (its bf16 GEMV is the faster of the two there, see `kernels/src/plan.rs`).
+    let sparse: u64 = ["2:4/bf16", "bitmap/bf16"]
+        .iter()
+        .filter_map(|k| v["kernels"]["layers"][*k].as_u64())
+        .sum();
+    assert!(sparse > 0, "{v}");
     let o = espalier(
         &[
             "generate",

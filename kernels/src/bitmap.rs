@@ -180,6 +180,24 @@ impl BitmapMatrix {
                 }
             }
             #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 if T::i8_values(vals).is_some() && x86::has_vbmi2() => {
+                let q = T::i8_values(vals).unwrap_or_default();
+                // SAFETY: AVX-512F (`effective`), BW and VBMI2 (checked) present; the arrays
+                // are consistent by construction; x.len() == cols (checked by `gemv`).
+                unsafe {
+                    x86::gemv_rows_i8_vbmi2(
+                        &self.masks,
+                        self.stride,
+                        &self.row_ptr,
+                        q,
+                        self.cols,
+                        rows,
+                        x,
+                        y,
+                    )
+                }
+            }
+            #[cfg(target_arch = "x86_64")]
             Isa::Avx512 => {
                 // SAFETY: AVX-512F present (`effective`); as below, with PAD >= 16 trailing
                 // values for the 16-wide loads.
@@ -267,10 +285,10 @@ impl BitmapMatrix {
     }
 }
 
-/// Whether the bf16 GEMV runs the VBMI2 word-expand kernel on this CPU (AVX-512 with
-/// VBMI2: Ice Lake, Zen 4 and later), which nearly halves its compute per weight; the planner
-/// weighs the bitmap by this.
-pub(crate) fn fast_bf16_expand() -> bool {
+/// Whether the bf16 and i8 GEMVs run the VBMI2 expand kernels on this CPU (AVX-512 with
+/// VBMI2: Ice Lake, Zen 4 and later), which cut their compute per weight to about dense's;
+/// the planner weighs the bitmap by this.
+pub(crate) fn vbmi2_expand() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         Isa::Avx512.is_available() && x86::has_vbmi2()
@@ -282,32 +300,47 @@ pub(crate) fn fast_bf16_expand() -> bool {
 }
 
 impl BitmapMatrix {
-    /// For a batched product (3 tokens or more): the matrix expanded to dense bf16, pruned
-    /// weights as zeros, so dense bf16's batched kernels run it (tokens in lanes with
-    /// `vdpbf16ps`, the small-batch dot, the prefill tiles), when that is the faster road:
-    /// bf16 storage, the VBMI2 expand available (it writes 32 weights per instruction), and at
-    /// least 1/8 of the weights kept. Those kernels multiply the zeros too, but each product
-    /// costs a fraction of [`rowgemm`]'s per-weight AXPY: through `rowgemm` the 50% bitmap
-    /// took 6-7x dense bf16's time for 4-32 tokens (`batch_bench 1,2,4,8,16,32 bf16`, 30
-    /// SmolLM2 blocks). The expansion reads the packed weights once per call and writes the
-    /// dense copy, which the product then reads from cache or memory.
+    /// For a batched product (3 tokens or more): the matrix expanded to dense rows, pruned
+    /// weights as zeros, in its own dtype (bf16, or i8 with the same row scales), so dense's
+    /// batched kernels run it (tokens in lanes with `vdpbf16ps`, the small-batch dot, the
+    /// prefill tiles), when that is the faster road: the VBMI2 expand available (it writes 32
+    /// bf16 or 64 i8 weights per instruction) and at least 1/8 of the weights kept. Those
+    /// kernels multiply the zeros too, but each product costs a fraction of [`rowgemm`]'s
+    /// per-weight AXPY: through `rowgemm` the 50% bf16 bitmap took 6-7x dense bf16's time for
+    /// 4-32 tokens (`batch_bench 1,2,4,8,16,32 bf16`, 30 SmolLM2 blocks). The expansion reads
+    /// the packed weights once per call and writes the dense copy, which the product then
+    /// reads from cache or memory.
     fn expanded_for_batch(&self, exec: Exec) -> Option<DenseMatrix> {
-        let Values::Bf16(v) = &self.values else {
-            return None;
-        };
         let weights = self.rows * self.cols;
-        if !fast_bf16_expand() || exec.isa.effective() != Isa::Avx512 || self.nnz() * 8 < weights {
+        if !vbmi2_expand() || exec.isa.effective() != Isa::Avx512 || self.nnz() * 8 < weights {
             return None;
         }
-        let bits = Element::bf16_bits(v.as_slice())?;
-        let mut out = vec![half::bf16::ZERO; weights];
-        // Row blocks of ~64 KiB of output, spread over the pool (none when there are no
-        // columns: then the product is all zeros).
+        let values = match &self.values {
+            Values::Bf16(v) => Values::Bf16(self.expand_rows(v, exec)),
+            Values::I8 { q, scales } => Values::I8 {
+                q: self.expand_rows(q, exec),
+                scales: scales.clone(),
+            },
+            Values::F32(_) => return None,
+        };
+        Some(DenseMatrix {
+            rows: self.rows,
+            cols: self.cols,
+            values,
+        })
+    }
+
+    /// Every row written densely (`[rows, cols]`, zeros where pruned), row blocks of ~32 Ki
+    /// weights spread over the pool.
+    fn expand_rows<T: Element>(&self, vals: &[T], exec: Exec) -> Vec<T> {
+        let weights = self.rows * self.cols;
+        let mut out = vec![T::default(); weights];
+        // No columns: nothing to write (the product is all zeros).
         if let Some(block_rows) = (32 * 1024usize).checked_div(self.cols) {
             let block_rows = block_rows.max(1);
-            let fill = |first: usize, block: &mut [half::bf16]| {
+            let fill = |first: usize, block: &mut [T]| {
                 for (i, row) in block.chunks_exact_mut(self.cols).enumerate() {
-                    self.expand_row_bf16(first + i, bits, row);
+                    self.expand_row(first + i, vals, row);
                 }
             };
             if exec.parallel && weights >= 64 * 1024 {
@@ -319,30 +352,47 @@ impl BitmapMatrix {
                 fill(0, &mut out);
             }
         }
-        Some(DenseMatrix {
-            rows: self.rows,
-            cols: self.cols,
-            values: Values::Bf16(out),
-        })
+        out
     }
 
-    /// Row `r` written densely into `out` (`cols` values, already zero): 32 columns per
-    /// `vpexpandw` where the CPU has VBMI2, bit by bit elsewhere and in the ragged tail.
-    fn expand_row_bf16(&self, r: usize, bits: &[u16], out: &mut [half::bf16]) {
+    /// Row `r` written densely into `out` (`cols` values, already zero): whole mask words by
+    /// `vpexpandw` (bf16, 32 columns) or `vpexpandb` (i8, 64) where the CPU has VBMI2, bit by
+    /// bit elsewhere and in the ragged tail.
+    fn expand_row<T: Element>(&self, r: usize, vals: &[T], out: &mut [T]) {
         let mrow = &self.masks[r * self.stride..][..self.stride];
         let mut vi = self.row_ptr[r] as usize;
+        #[allow(unused_mut)]
         let mut done = 0;
         #[cfg(target_arch = "x86_64")]
-        if fast_bf16_expand() {
-            // SAFETY: VBMI2 and AVX-512 present (checked); `mrow` is row r's mask, `vi` its
-            // first value, `out.len() == cols` (the caller's row slice).
-            (done, vi) = unsafe { x86::expand_row_bf16(mrow, bits, vi, out) };
+        if vbmi2_expand() && T::DTYPE != Dtype::F32 {
+            // SAFETY: VBMI2 and AVX-512 present (checked); T is bf16 (2 bytes) or i8 (1 byte)
+            // as `DTYPE` says, both plain integers in memory; `mrow` is row r's mask, `vi` its
+            // first value; `out` holds the row's `cols` values.
+            (done, vi) = unsafe {
+                if T::DTYPE == Dtype::Bf16 {
+                    x86::expand_row_words::<2>(
+                        mrow,
+                        vals.as_ptr().cast(),
+                        vi,
+                        out.as_mut_ptr().cast(),
+                        out.len(),
+                    )
+                } else {
+                    x86::expand_row_words::<1>(
+                        mrow,
+                        vals.as_ptr().cast(),
+                        vi,
+                        out.as_mut_ptr().cast(),
+                        out.len(),
+                    )
+                }
+            };
         }
         for (b, &m) in mrow.iter().enumerate().skip(done / 8) {
             let mut m = m;
             while m != 0 {
                 let c = 8 * b + m.trailing_zeros() as usize;
-                out[c] = half::bf16::from_bits(bits[vi]);
+                out[c] = vals[vi];
                 vi += 1;
                 m &= m - 1;
             }
@@ -598,38 +648,121 @@ mod x86 {
         }
     }
 
-    /// The whole 32-column words of one bitmap row written densely into `out` (zeros left
-    /// where pruned): per word a masked load of its packed values, one `vpexpandw` and one
+    /// [`gemv_rows_bf16_vbmi2`] for i8 values (per-row scales applied by the caller): 64
+    /// weights per mask word, one masked load of the word's packed bytes and one `vpexpandb`,
+    /// then per 16 columns a sign-extend, a convert and an FMA, as dense i8 does. Reads 0.625
+    /// bytes per weight at 50% against dense i8's 1.
+    ///
+    /// # Safety
+    /// AVX-512F/BW/VBMI2+AVX2+FMA+POPCNT; arrays consistent (see `BitmapMatrix`),
+    /// `x.len() == cols`, `y.len() == rows.len()`.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi2,avx2,fma,popcnt")]
+    pub(super) unsafe fn gemv_rows_i8_vbmi2(
+        masks: &[u8],
+        stride: usize,
+        row_ptr: &[u32],
+        vals: &[i8],
+        cols: usize,
+        rows: Range<usize>,
+        x: &[f32],
+        y: &mut [f32],
+    ) {
+        let words = cols / 64;
+        let (xp, vp) = (x.as_ptr(), vals.as_ptr());
+        for (yi, r) in y.iter_mut().zip(rows) {
+            let mrow = &masks[r * stride..][..stride];
+            let mp = mrow.as_ptr();
+            let mut vi = row_ptr[r] as usize;
+            let mut a = [_mm512_setzero_ps(); 4];
+            // SAFETY: each masked load reads exactly its word's popcount of values from vi,
+            // which stays within the row's values; mask reads stay below 8 * words <= stride;
+            // x reads stay below 64 * words <= cols; prefetches never fault.
+            unsafe {
+                for k in 0..words {
+                    _mm_prefetch::<_MM_HINT_T0>(vp.add(vi).cast::<i8>().wrapping_add(PF_VALUES));
+                    let m = mp.add(8 * k).cast::<u64>().read_unaligned();
+                    let n = m.count_ones();
+                    let load = if n == 64 { u64::MAX } else { (1u64 << n) - 1 };
+                    let packed = _mm512_maskz_loadu_epi8(load, vp.add(vi));
+                    vi += n as usize;
+                    let w = _mm512_maskz_expand_epi8(m, packed);
+                    let x0 = xp.add(64 * k);
+                    let q = [
+                        _mm512_castsi512_si128(w),
+                        _mm512_extracti32x4_epi32::<1>(w),
+                        _mm512_extracti32x4_epi32::<2>(w),
+                        _mm512_extracti32x4_epi32::<3>(w),
+                    ];
+                    for (i, q) in q.into_iter().enumerate() {
+                        let f = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q));
+                        a[i] = _mm512_fmadd_ps(f, _mm512_loadu_ps(x0.add(16 * i)), a[i]);
+                    }
+                }
+                let mut s = _mm512_reduce_add_ps(_mm512_add_ps(
+                    _mm512_add_ps(a[0], a[1]),
+                    _mm512_add_ps(a[2], a[3]),
+                ));
+                // Tail: the last `cols % 64` columns, bit by bit.
+                for (b, &m) in mrow.iter().enumerate().skip(8 * words) {
+                    let mut m = m;
+                    while m != 0 {
+                        let c = 8 * b + m.trailing_zeros() as usize;
+                        s += f32::from(*vp.add(vi)) * x[c];
+                        vi += 1;
+                        m &= m - 1;
+                    }
+                }
+                *yi = s;
+            }
+        }
+    }
+
+    /// The whole mask words of one bitmap row written densely to `out` (zeros left where
+    /// pruned), for values of `SIZE` bytes: bf16 (2) takes 32 columns per word, i8 (1) 64;
+    /// per word a masked load of its packed values, one `vpexpandw` / `vpexpandb` and one
     /// 64-byte store. Returns the columns done and the value offset after them.
     ///
     /// # Safety
-    /// AVX-512F/BW/VBMI2; `mrow` is one row's mask bytes, `vi` that row's first value in
-    /// `vals`; `out.len() <= 8 * mrow.len()` (one row's columns).
+    /// AVX-512F/BW/VBMI2; `SIZE` is 1 or 2; `mrow` is one row's mask bytes, `vals` the packed
+    /// values with that row's first at `vi`; `out` writable for `cols <= 8 * mrow.len()`
+    /// values of `SIZE` bytes.
     #[target_feature(enable = "avx512f,avx512bw,avx512vbmi2,popcnt")]
-    pub(super) unsafe fn expand_row_bf16(
+    pub(super) unsafe fn expand_row_words<const SIZE: usize>(
         mrow: &[u8],
-        vals: &[u16],
+        vals: *const u8,
         mut vi: usize,
-        out: &mut [half::bf16],
+        out: *mut u8,
+        cols: usize,
     ) -> (usize, usize) {
-        let words = out.len() / 32;
-        let (mp, vp, op) = (mrow.as_ptr(), vals.as_ptr(), out.as_mut_ptr());
-        // SAFETY: mask reads stay below 4 * words <= mrow.len(); each masked load reads exactly
-        // the word's popcount of values, all within the row's; stores stay below 32 * words
-        // <= out.len().
+        let per_word = 64 / SIZE;
+        let words = cols / per_word;
+        let mp = mrow.as_ptr();
+        // SAFETY: mask reads stay below words * per_word / 8 <= mrow.len(); each masked load
+        // reads exactly the word's popcount of values, all within the row's; stores stay below
+        // words * 64 bytes <= cols * SIZE.
         unsafe {
             for k in 0..words {
-                let m = mp.add(4 * k).cast::<u32>().read_unaligned();
-                let n = m.count_ones();
-                let packed = _mm512_maskz_loadu_epi16(((1u64 << n) - 1) as u32, vp.add(vi).cast());
+                let (m, n) = if SIZE == 2 {
+                    let m = mp.add(4 * k).cast::<u32>().read_unaligned();
+                    (u64::from(m), m.count_ones())
+                } else {
+                    let m = mp.add(8 * k).cast::<u64>().read_unaligned();
+                    (m, m.count_ones())
+                };
+                let load = if n == 64 { u64::MAX } else { (1u64 << n) - 1 };
+                let dense = if SIZE == 2 {
+                    let packed = _mm512_maskz_loadu_epi16(load as u32, vals.add(2 * vi).cast());
+                    _mm512_maskz_expand_epi16(m as u32, packed)
+                } else {
+                    let packed = _mm512_maskz_loadu_epi8(load, vals.add(vi).cast());
+                    _mm512_maskz_expand_epi8(m, packed)
+                };
                 vi += n as usize;
-                _mm512_storeu_si512(
-                    op.add(32 * k).cast::<__m512i>(),
-                    _mm512_maskz_expand_epi16(m, packed),
-                );
+                _mm512_storeu_si512(out.add(64 * k).cast::<__m512i>(), dense);
             }
         }
-        (32 * words, vi)
+        (words * per_word, vi)
     }
 
     /// Loads 16 consecutive values widened to f32.

@@ -101,6 +101,12 @@ pub trait Element: Copy + Default + Send + Sync + fmt::Debug + 'static + sealed:
     fn bf16_bits(_values: &[Self]) -> Option<&[u16]> {
         None
     }
+
+    /// The values as `i8` when `Self` is `i8` (for the int8-only kernels), else `None`.
+    #[doc(hidden)]
+    fn i8_values(_values: &[Self]) -> Option<&[i8]> {
+        None
+    }
 }
 
 impl Element for f32 {
@@ -177,6 +183,10 @@ impl Element for bf16 {
 }
 
 impl Element for i8 {
+    #[inline(always)]
+    fn i8_values(values: &[Self]) -> Option<&[i8]> {
+        Some(values)
+    }
     const DTYPE: Dtype = Dtype::I8;
     #[inline(always)]
     fn from_f32(v: f32) -> Self {

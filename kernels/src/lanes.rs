@@ -90,8 +90,8 @@ pub(crate) fn gemm(
     // panels of 32 (the last one may be shorter, and then runs the one-vector tile).
     let width = if tokens <= 16 { 16 } else { TOKENS };
     let panels = match w {
-        Weights::F32(_) => Panels::F32(pack_f32(x, tokens, cols, width)),
-        Weights::Bf16(_) => Panels::Bf16(pack_bf16(x, tokens, cols, width)),
+        Weights::F32(_) => Panels::F32(pack_f32(x, tokens, cols, width, exec)),
+        Weights::Bf16(_) => Panels::Bf16(pack_bf16(x, tokens, cols, width, exec)),
     };
     let tiles = rows.div_ceil(ROWS);
     let flops = tokens * rows * cols;
@@ -147,27 +147,54 @@ pub(crate) fn gemm(
 }
 
 /// f32 token panels (see [`Panels`]).
-fn pack_f32(x: &[f32], tokens: usize, cols: usize, width: usize) -> Vec<f32> {
-    transpose_into_panels(&x[..tokens * cols], cols, width)
+fn pack_f32(x: &[f32], tokens: usize, cols: usize, width: usize, exec: Exec) -> Vec<f32> {
+    transpose_into_panels(&x[..tokens * cols], cols, width, exec)
 }
 
 /// bf16 pair token panels (see [`Panels`]); `cols` is even. Rounded to nearest-even as the
 /// bf16 prefill rounds them ([`crate::gemm_bf16::pack_activations`]).
-fn pack_bf16(x: &[f32], tokens: usize, cols: usize, width: usize) -> Vec<u32> {
+fn pack_bf16(x: &[f32], tokens: usize, cols: usize, width: usize, exec: Exec) -> Vec<u32> {
     let pairs = crate::gemm_bf16::pack_activations(&x[..tokens * cols], tokens, cols);
-    transpose_into_panels(&pairs, cols / 2, width)
+    transpose_into_panels(&pairs, cols / 2, width, exec)
 }
 
 /// Rows of `len` values (one per token) as panels of `width` tokens: value `k` of token `t`
-/// at `(t / width) * len * width + k * width + t % width`, zero past the last token.
-fn transpose_into_panels<T: Copy + Default>(rows: &[T], len: usize, width: usize) -> Vec<T> {
+/// at `(t / width) * len * width + k * width + t % width`, zero past the last token. Panels
+/// are filled in parallel when `exec` allows and there are several: done on the calling
+/// thread alone, a 128-token prefill's transposes left the other worker waiting (with the
+/// output scatter, ~8% of an f32 prefill's samples in `perf`).
+fn transpose_into_panels<T: Copy + Default + Send + Sync>(
+    rows: &[T],
+    len: usize,
+    width: usize,
+    exec: Exec,
+) -> Vec<T> {
     let tokens = rows.len() / len.max(1);
     let mut out = vec![T::default(); tokens.div_ceil(width) * len * width];
-    for (t, row) in rows.chunks_exact(len.max(1)).enumerate() {
-        let panel = &mut out[(t / width) * len * width..][..len * width];
-        let lane = t % width;
-        for (k, &v) in row.iter().enumerate() {
-            panel[k * width + lane] = v;
+    if len == 0 {
+        return out;
+    }
+    let fill = |p: usize, panel: &mut [T]| {
+        let first = p * width;
+        for (lane, row) in rows[first * len..]
+            .chunks_exact(len)
+            .take(width)
+            .enumerate()
+        {
+            for (k, &v) in row.iter().enumerate() {
+                panel[k * width + lane] = v;
+            }
+        }
+    };
+    let panel_len = len * width;
+    if exec.parallel && out.len() > panel_len && out.len() >= 16 * 1024 {
+        use rayon::prelude::*;
+        out.par_chunks_mut(panel_len)
+            .enumerate()
+            .for_each(|(p, panel)| fill(p, panel));
+    } else {
+        for (p, panel) in out.chunks_mut(panel_len).enumerate() {
+            fill(p, panel);
         }
     }
     out

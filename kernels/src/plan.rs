@@ -118,10 +118,16 @@ impl fmt::Display for Format {
 /// `vpexpandw` and then runs dense bf16's own widen-and-FMA step; on the 2-core Zen 4 the 50%
 /// bitmap then ran 1.32-1.59x dense bf16 per SmolLM2 block (`kernel_bench 0.5 bf16`, four
 /// runs), i.e. ~0.45 beyond its bytes: a 50% bf16 layer plans the bitmap (up to ~70% density,
-/// with the margin).
+/// with the margin), and so does a 2:4 mask in bf16: the 2:4 kernel ran 1.14-1.23x dense bf16
+/// at one token where the bitmap ran 1.41-1.42x (`batch_bench`, same rounds). The i8 kernel
+/// (`vpexpandb`, 64 per word) is bound by its widening (sign-extend, convert, FMA per 16):
+/// 0.93-1.02x dense i8 per block at 50% although it reads 0.625 bytes per weight against 1,
+/// i.e. ~0.6 beyond its bytes, so a 50% i8 layer still plans dense and the bitmap takes over
+/// from ~65% sparsity.
 pub(crate) fn bitmap_compute_per_weight(dtype: Dtype) -> f64 {
     match dtype {
-        Dtype::Bf16 if crate::bitmap::fast_bf16_expand() => 0.45,
+        Dtype::Bf16 if crate::bitmap::vbmi2_expand() => 0.45,
+        Dtype::I8 if crate::bitmap::vbmi2_expand() => 0.6,
         Dtype::Bf16 | Dtype::F32 | Dtype::I8 => 1.2,
     }
 }

@@ -119,7 +119,7 @@ fn bf16_activations(format: Format, dtype: Dtype, tokens: usize, exec: Exec) -> 
         Format::NM { .. } => crate::SMALL_BATCH + 1,
         // A bf16 bitmap with the VBMI2 expand runs its batches as dense rows (when at least
         // 1/8 is kept: loose either way).
-        Format::Bitmap if crate::bitmap::fast_bf16_expand() => crate::lanes::MIN_TOKENS,
+        Format::Bitmap if crate::bitmap::vbmi2_expand() => crate::lanes::MIN_TOKENS,
         _ => return false,
     };
     dtype == Dtype::Bf16 && tokens >= from && crate::gemm_bf16::available(exec.isa)
@@ -245,9 +245,10 @@ fn bitmap_on_smollm2_shapes() {
             );
             let tasks =
                 crate::par::task_count(Exec::auto(), rows, work, crate::par::MIN_TASK_BYTES);
-            // The k/v projections (192x576) in bf16 with the VBMI2 expand are too little work
-            // to split: one thread measured faster than two there (`kernel_bench 0.5 bf16`).
-            let small = dtype == Dtype::Bf16 && crate::bitmap::fast_bf16_expand() && rows < 576;
+            // The k/v projections (192x576) in bf16 and i8 with the VBMI2 expand are too little
+            // work to split: one thread measured faster than two there in bf16
+            // (`kernel_bench 0.5 bf16`).
+            let small = dtype != Dtype::F32 && crate::bitmap::vbmi2_expand() && rows < 576;
             let want = if small {
                 1
             } else {
@@ -481,7 +482,7 @@ fn planner_picks_expected_formats() {
 fn planner_per_dtype_on_smollm2_shapes() {
     let mut rng = testutil::rng(12);
     for (rows, cols) in [(576, 576), (192, 576), (1536, 576), (576, 1536)] {
-        let half = if crate::bitmap::fast_bf16_expand() {
+        let half = if crate::bitmap::vbmi2_expand() {
             Format::Bitmap
         } else {
             Format::Dense
