@@ -250,10 +250,17 @@ fn print_kernel_reasons(e: &Evaluation) {
     }
     for (kernel, n) in &e.kernels.layers {
         if kernel != "dense" {
+            // "dense/bf16", "dense/i8": the dense kernel in the evaluation's storage dtype,
+            // which the reasons above (or the planner, for a sparse layer) account for.
+            let why = if kernel.starts_with("dense/") {
+                "dense, in the evaluation's storage dtype (not pruned, or no sparse format faster)"
+            } else {
+                "the planner's choice: faster than dense by its estimate (bytes + compute)"
+            };
             t.add_row(vec![
                 Cell::new(safe(kernel)),
                 right(n.to_string()),
-                Cell::new("the planner's choice: fewer bytes per token than dense"),
+                Cell::new(why),
             ]);
         }
     }

@@ -213,7 +213,8 @@ pub struct LatencyReport {
     pub prompt_tokens: usize,
     /// Tokens generated (the first by the prefill, the rest by decode steps).
     pub new_tokens: usize,
-    /// Prefill time, including the first token's LM head and argmax (time to first token).
+    /// Prefill time, including the first token's LM head and argmax (time to first token):
+    /// the mean of [`PREFILL_REPS`] passes after a warm-up, as llama-bench times prompts.
     pub prefill_ms: f64,
     /// Prompt tokens per second of the prefill.
     pub prefill_tokens_per_s: f64,
@@ -236,11 +237,14 @@ pub struct LatencyReport {
     pub peak_rss_bytes: Option<u64>,
 }
 
+/// Timed prefill passes [`latency`] averages (after one warm-up), as `llama-bench -r 3` does.
+pub const PREFILL_REPS: usize = 3;
+
 /// Most tokens [`latency`] generates (models with rotary positions have no table to bound it).
 pub const MAX_NEW_TOKENS: usize = 1 << 20;
 
-/// Prefills `prompt`, then generates `new_tokens` tokens greedily with the KV cache, timing
-/// both phases. Needs `new_tokens >= 2` so at least one decode step is measured.
+/// Prefills `prompt` (timed warm, see [`LatencyReport::prefill_ms`]), then generates
+/// `new_tokens` tokens greedily with the KV cache, timing both phases. Needs `new_tokens >= 2` so at least one decode step is measured.
 pub fn latency(
     session: &Session,
     prompt: &[u32],
@@ -270,10 +274,18 @@ pub fn latency(
             session.max_positions()
         )));
     }
-    let mut cache = KvCache::new();
+    // The prefill as llama-bench times its prompt processing: one untimed warm-up pass (first
+    // touch of the scratch buffers and caches), then the mean of PREFILL_REPS passes, each
+    // into a fresh KV cache; the last one's cache goes on to the decode steps.
+    session.next_token(prompt, Some(&mut KvCache::new()))?;
     let started = Instant::now();
+    let mut cache = KvCache::new();
     let mut next = session.next_token(prompt, Some(&mut cache))?;
-    let prefill = started.elapsed().as_secs_f64();
+    for _ in 1..PREFILL_REPS {
+        cache = KvCache::new();
+        next = session.next_token(prompt, Some(&mut cache))?;
+    }
+    let prefill = started.elapsed().as_secs_f64() / PREFILL_REPS as f64;
     let mut generated = Vec::with_capacity(new_tokens);
     generated.push(next);
     let started = Instant::now();

@@ -301,10 +301,10 @@ pub(crate) fn vbmi2_expand() -> bool {
 
 impl BitmapMatrix {
     /// For a batched product (3 tokens or more): the matrix expanded to dense rows, pruned
-    /// weights as zeros, in its own dtype (bf16, or i8 with the same row scales), so dense's
+    /// weights as zeros, in its own dtype (f32, bf16, or i8 with the same row scales), so dense's
     /// batched kernels run it (tokens in lanes with `vdpbf16ps`, the small-batch dot, the
-    /// prefill tiles), when that is the faster road: the VBMI2 expand available (it writes 32
-    /// bf16 or 64 i8 weights per instruction) and at least 1/8 of the weights kept. Those
+    /// prefill tiles), when that is the faster road: the VBMI2 expand available (it writes 16
+    /// f32, 32 bf16 or 64 i8 weights per instruction) and at least 1/8 of the weights kept. Those
     /// kernels multiply the zeros too, but each product costs a fraction of [`rowgemm`]'s
     /// per-weight AXPY: through `rowgemm` the 50% bf16 bitmap took 6-7x dense bf16's time for
     /// 4-32 tokens (`batch_bench 1,2,4,8,16,32 bf16`, 30 SmolLM2 blocks). The expansion reads
@@ -321,7 +321,7 @@ impl BitmapMatrix {
                 q: self.expand_rows(q, exec),
                 scales: scales.clone(),
             },
-            Values::F32(_) => return None,
+            Values::F32(v) => Values::F32(self.expand_rows(v, exec)),
         };
         Some(DenseMatrix {
             rows: self.rows,
@@ -356,20 +356,28 @@ impl BitmapMatrix {
     }
 
     /// Row `r` written densely into `out` (`cols` values, already zero): whole mask words by
-    /// `vpexpandw` (bf16, 32 columns) or `vpexpandb` (i8, 64) where the CPU has VBMI2, bit by
-    /// bit elsewhere and in the ragged tail.
+    /// one expand (f32 16 columns, bf16 32, i8 64) where the CPU has VBMI2, bit by bit
+    /// elsewhere and in the ragged tail.
     fn expand_row<T: Element>(&self, r: usize, vals: &[T], out: &mut [T]) {
         let mrow = &self.masks[r * self.stride..][..self.stride];
         let mut vi = self.row_ptr[r] as usize;
         #[allow(unused_mut)]
         let mut done = 0;
         #[cfg(target_arch = "x86_64")]
-        if vbmi2_expand() && T::DTYPE != Dtype::F32 {
-            // SAFETY: VBMI2 and AVX-512 present (checked); T is bf16 (2 bytes) or i8 (1 byte)
-            // as `DTYPE` says, both plain integers in memory; `mrow` is row r's mask, `vi` its
+        if vbmi2_expand() {
+            // SAFETY: VBMI2 and AVX-512 present (checked); T is f32 (4 bytes), bf16 (2) or i8
+            // (1) as `DTYPE` says, all plain bits in memory; `mrow` is row r's mask, `vi` its
             // first value; `out` holds the row's `cols` values.
             (done, vi) = unsafe {
-                if T::DTYPE == Dtype::Bf16 {
+                if T::DTYPE == Dtype::F32 {
+                    x86::expand_row_words::<4>(
+                        mrow,
+                        vals.as_ptr().cast(),
+                        vi,
+                        out.as_mut_ptr().cast(),
+                        out.len(),
+                    )
+                } else if T::DTYPE == Dtype::Bf16 {
                     x86::expand_row_words::<2>(
                         mrow,
                         vals.as_ptr().cast(),
@@ -719,12 +727,13 @@ mod x86 {
     }
 
     /// The whole mask words of one bitmap row written densely to `out` (zeros left where
-    /// pruned), for values of `SIZE` bytes: bf16 (2) takes 32 columns per word, i8 (1) 64;
-    /// per word a masked load of its packed values, one `vpexpandw` / `vpexpandb` and one
-    /// 64-byte store. Returns the columns done and the value offset after them.
+    /// pruned), for values of `SIZE` bytes: f32 (4) takes 16 columns per word, bf16 (2) 32,
+    /// i8 (1) 64; per word a masked load of its packed values, one `vpexpandd` / `vpexpandw`
+    /// / `vpexpandb` and one 64-byte store. Returns the columns done and the value offset
+    /// after them.
     ///
     /// # Safety
-    /// AVX-512F/BW/VBMI2; `SIZE` is 1 or 2; `mrow` is one row's mask bytes, `vals` the packed
+    /// AVX-512F/BW/VBMI2; `SIZE` is 1, 2 or 4; `mrow` is one row's mask bytes, `vals` the packed
     /// values with that row's first at `vi`; `out` writable for `cols <= 8 * mrow.len()`
     /// values of `SIZE` bytes.
     #[target_feature(enable = "avx512f,avx512bw,avx512vbmi2,popcnt")]
@@ -743,7 +752,10 @@ mod x86 {
         // words * 64 bytes <= cols * SIZE.
         unsafe {
             for k in 0..words {
-                let (m, n) = if SIZE == 2 {
+                let (m, n) = if SIZE == 4 {
+                    let m = mp.add(2 * k).cast::<u16>().read_unaligned();
+                    (u64::from(m), m.count_ones())
+                } else if SIZE == 2 {
                     let m = mp.add(4 * k).cast::<u32>().read_unaligned();
                     (u64::from(m), m.count_ones())
                 } else {
@@ -751,7 +763,10 @@ mod x86 {
                     (m, m.count_ones())
                 };
                 let load = if n == 64 { u64::MAX } else { (1u64 << n) - 1 };
-                let dense = if SIZE == 2 {
+                let dense = if SIZE == 4 {
+                    let packed = _mm512_maskz_loadu_epi32(load as u16, vals.add(4 * vi).cast());
+                    _mm512_maskz_expand_epi32(m as u16, packed)
+                } else if SIZE == 2 {
                     let packed = _mm512_maskz_loadu_epi16(load as u32, vals.add(2 * vi).cast());
                     _mm512_maskz_expand_epi16(m as u32, packed)
                 } else {
