@@ -11,7 +11,10 @@
 //! into the high half of its f32 lane and zeroes the rest, i.e. expands and widens at once; in
 //! f32 and i8 with a lane permute (`vpermps`) and a mask. Then one FMA against `x`. It
 //! prefetches its two streams ahead, which the hardware prefetcher alone did not keep fed. With
-//! AVX-512 one masked expand (`vexpandps`) does the same for 16 weights per mask word.
+//! AVX-512 one masked expand (`vexpandps`) does the same for 16 weights per mask word; with
+//! AVX512-VBMI2 as well (Ice Lake, Zen 4), bf16 takes 32 weights per word (`vpexpandw`, then
+//! dense bf16's own widen-and-FMA step) and i8 64 (`vpexpandb`), and batches of 3+ tokens are
+//! expanded into dense rows that dense's batched kernels run (`expanded_for_batch`).
 //!
 //! Measured on the 2-core EPYC (Zen 2, AVX2), streamed with caches flushed: at 50% the bf16
 //! bitmap beats dense bf16 on every SmolLM2 shape and the f32 bitmap beats dense f32, while CSR,
@@ -166,36 +169,13 @@ impl BitmapMatrix {
                 let bits = T::bf16_bits(vals).unwrap_or_default();
                 // SAFETY: AVX-512F (`effective`), BW and VBMI2 (checked) present; the arrays
                 // are consistent by construction; x.len() == cols (checked by `gemv`).
-                unsafe {
-                    x86::gemv_rows_bf16_vbmi2(
-                        &self.masks,
-                        self.stride,
-                        &self.row_ptr,
-                        bits,
-                        self.cols,
-                        rows,
-                        x,
-                        y,
-                    )
-                }
+                unsafe { x86::gemv_rows_bf16_vbmi2(self, bits, rows, x, y) }
             }
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512 if T::i8_values(vals).is_some() && x86::has_vbmi2() => {
                 let q = T::i8_values(vals).unwrap_or_default();
-                // SAFETY: AVX-512F (`effective`), BW and VBMI2 (checked) present; the arrays
-                // are consistent by construction; x.len() == cols (checked by `gemv`).
-                unsafe {
-                    x86::gemv_rows_i8_vbmi2(
-                        &self.masks,
-                        self.stride,
-                        &self.row_ptr,
-                        q,
-                        self.cols,
-                        rows,
-                        x,
-                        y,
-                    )
-                }
+                // SAFETY: as above.
+                unsafe { x86::gemv_rows_i8_vbmi2(self, q, rows, x, y) }
             }
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512 => {
@@ -366,34 +346,17 @@ impl BitmapMatrix {
         #[cfg(target_arch = "x86_64")]
         if vbmi2_expand() {
             // SAFETY: VBMI2 and AVX-512 present (checked); T is f32 (4 bytes), bf16 (2) or i8
-            // (1) as `DTYPE` says, all plain bits in memory; `mrow` is row r's mask, `vi` its
+            // (1), all plain bits in memory; `mrow` is row r's mask, `vi` its
             // first value; `out` holds the row's `cols` values.
             (done, vi) = unsafe {
-                if T::DTYPE == Dtype::F32 {
-                    x86::expand_row_words::<4>(
-                        mrow,
-                        vals.as_ptr().cast(),
-                        vi,
-                        out.as_mut_ptr().cast(),
-                        out.len(),
-                    )
-                } else if T::DTYPE == Dtype::Bf16 {
-                    x86::expand_row_words::<2>(
-                        mrow,
-                        vals.as_ptr().cast(),
-                        vi,
-                        out.as_mut_ptr().cast(),
-                        out.len(),
-                    )
-                } else {
-                    x86::expand_row_words::<1>(
-                        mrow,
-                        vals.as_ptr().cast(),
-                        vi,
-                        out.as_mut_ptr().cast(),
-                        out.len(),
-                    )
-                }
+                x86::expand_row_words(
+                    size_of::<T>(),
+                    mrow,
+                    vals.as_ptr().cast(),
+                    vi,
+                    out.as_mut_ptr().cast(),
+                    out.len(),
+                )
             };
         }
         for (b, &m) in mrow.iter().enumerate().skip(done / 8) {
@@ -497,14 +460,14 @@ static SHUF_BF16: [[u8; 32]; 256] = bf16_shuffle_table();
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{LANES, PERM, SHUF_BF16};
+    use super::{BitmapMatrix, LANES, PERM, SHUF_BF16};
     use crate::element::{Dtype, Element};
     use crate::simd::x86::hsum;
     use std::arch::x86_64::*;
     use std::ops::Range;
 
-    /// How far ahead (bytes) the AVX2 GEMV prefetches its value and mask streams (once per
-    /// step of 64 weights). The
+    /// How far ahead (bytes) the GEMVs prefetch their value stream (the AVX2 one its mask
+    /// stream too, once per step of 64 weights; the VBMI2 ones once per mask word). The
     /// hardware prefetcher alone left the bitmap well below dense's bandwidth when streaming:
     /// measured on the 2-core EPYC (30 layers per shape, caches flushed, one thread, same run),
     /// prefetching made the 50% bf16 GEMV 10-35% faster; 1 KiB and 2 KiB ahead were alike.
@@ -597,20 +560,17 @@ mod x86 {
     /// straight from memory (no masked load) 0.94-0.99x; two rows interleaved 1.17-1.21x.
     ///
     /// # Safety
-    /// AVX-512F/BW/VBMI2+AVX2+FMA+POPCNT; arrays consistent (see `BitmapMatrix`),
-    /// `x.len() == cols`, `y.len() == rows.len()`.
-    #[allow(clippy::too_many_arguments)]
+    /// AVX-512F/BW/VBMI2+AVX2+FMA+POPCNT; `m`'s arrays consistent (see `BitmapMatrix`),
+    /// `vals` its values, `x.len() == m.cols`, `y.len() == rows.len()`.
     #[target_feature(enable = "avx512f,avx512bw,avx512vbmi2,avx2,fma,popcnt")]
     pub(super) unsafe fn gemv_rows_bf16_vbmi2(
-        masks: &[u8],
-        stride: usize,
-        row_ptr: &[u32],
+        m: &BitmapMatrix,
         vals: &[u16],
-        cols: usize,
         rows: Range<usize>,
         x: &[f32],
         y: &mut [f32],
     ) {
+        let (masks, stride, row_ptr, cols) = (&m.masks, m.stride, &m.row_ptr, m.cols);
         let words = cols / 32;
         let xd = crate::simd::split_even_odd(x, 32);
         let (xp, vp) = (xd.as_ptr(), vals.as_ptr());
@@ -662,20 +622,17 @@ mod x86 {
     /// bytes per weight at 50% against dense i8's 1.
     ///
     /// # Safety
-    /// AVX-512F/BW/VBMI2+AVX2+FMA+POPCNT; arrays consistent (see `BitmapMatrix`),
-    /// `x.len() == cols`, `y.len() == rows.len()`.
-    #[allow(clippy::too_many_arguments)]
+    /// AVX-512F/BW/VBMI2+AVX2+FMA+POPCNT; `m`'s arrays consistent (see `BitmapMatrix`),
+    /// `vals` its values, `x.len() == m.cols`, `y.len() == rows.len()`.
     #[target_feature(enable = "avx512f,avx512bw,avx512vbmi2,avx2,fma,popcnt")]
     pub(super) unsafe fn gemv_rows_i8_vbmi2(
-        masks: &[u8],
-        stride: usize,
-        row_ptr: &[u32],
+        m: &BitmapMatrix,
         vals: &[i8],
-        cols: usize,
         rows: Range<usize>,
         x: &[f32],
         y: &mut [f32],
     ) {
+        let (masks, stride, row_ptr, cols) = (&m.masks, m.stride, &m.row_ptr, m.cols);
         let words = cols / 64;
         let (xp, vp) = (x.as_ptr(), vals.as_ptr());
         for (yi, r) in y.iter_mut().zip(rows) {
@@ -727,35 +684,36 @@ mod x86 {
     }
 
     /// The whole mask words of one bitmap row written densely to `out` (zeros left where
-    /// pruned), for values of `SIZE` bytes: f32 (4) takes 16 columns per word, bf16 (2) 32,
+    /// pruned), for values of `size` bytes (a branch per word, always the same way): f32 (4) takes 16 columns per word, bf16 (2) 32,
     /// i8 (1) 64; per word a masked load of its packed values, one `vpexpandd` / `vpexpandw`
     /// / `vpexpandb` and one 64-byte store. Returns the columns done and the value offset
     /// after them.
     ///
     /// # Safety
-    /// AVX-512F/BW/VBMI2; `SIZE` is 1, 2 or 4; `mrow` is one row's mask bytes, `vals` the packed
-    /// values with that row's first at `vi`; `out` writable for `cols <= 8 * mrow.len()`
-    /// values of `SIZE` bytes.
+    /// AVX-512F/BW/VBMI2; `size` is 1, 2 or 4; `mrow` is one row's mask bytes, `vals` the
+    /// packed values with that row's first at `vi`; `out` writable for `cols <= 8 * mrow.len()`
+    /// values of `size` bytes.
     #[target_feature(enable = "avx512f,avx512bw,avx512vbmi2,popcnt")]
-    pub(super) unsafe fn expand_row_words<const SIZE: usize>(
+    pub(super) unsafe fn expand_row_words(
+        size: usize,
         mrow: &[u8],
         vals: *const u8,
         mut vi: usize,
         out: *mut u8,
         cols: usize,
     ) -> (usize, usize) {
-        let per_word = 64 / SIZE;
+        let per_word = 64 / size;
         let words = cols / per_word;
         let mp = mrow.as_ptr();
         // SAFETY: mask reads stay below words * per_word / 8 <= mrow.len(); each masked load
         // reads exactly the word's popcount of values, all within the row's; stores stay below
-        // words * 64 bytes <= cols * SIZE.
+        // words * 64 bytes <= cols * size.
         unsafe {
             for k in 0..words {
-                let (m, n) = if SIZE == 4 {
+                let (m, n) = if size == 4 {
                     let m = mp.add(2 * k).cast::<u16>().read_unaligned();
                     (u64::from(m), m.count_ones())
-                } else if SIZE == 2 {
+                } else if size == 2 {
                     let m = mp.add(4 * k).cast::<u32>().read_unaligned();
                     (u64::from(m), m.count_ones())
                 } else {
@@ -763,10 +721,10 @@ mod x86 {
                     (m, m.count_ones())
                 };
                 let load = if n == 64 { u64::MAX } else { (1u64 << n) - 1 };
-                let dense = if SIZE == 4 {
+                let dense = if size == 4 {
                     let packed = _mm512_maskz_loadu_epi32(load as u16, vals.add(4 * vi).cast());
                     _mm512_maskz_expand_epi32(m as u16, packed)
-                } else if SIZE == 2 {
+                } else if size == 2 {
                     let packed = _mm512_maskz_loadu_epi16(load as u32, vals.add(2 * vi).cast());
                     _mm512_maskz_expand_epi16(m as u32, packed)
                 } else {
