@@ -15,7 +15,8 @@ Espalier's (the dequantization is the same d*q+m); BF16 and Q8_0 are llama.cpp's
 Usage (from the repository root, after `cargo build --release`):
     python3 scripts/llama_cpp_bench.py [--espalier target/release/espalier] [--threads 2]
         [--prompt-tokens 128] [--new-tokens 64] [--pipeline pipelines/quickstart.toml]
-        [--work target/llama.cpp] [--json OUT.json]
+        [--pruned-model out/EXPORT]... [--pruned-pipeline P] [--work target/llama.cpp]
+        [--json OUT.json]
 
 Needs cmake and a C++ compiler (Debian: `apt-get install cmake g++`). The first run downloads
 the source (~77 MB) and builds llama-bench, llama-quantize and llama-server (~5 minutes on 2
@@ -136,10 +137,10 @@ def llama_bench(bindir, model, args):
             "ms_per_token": 1000.0 / tg["avg_ts"], "model_bytes": pp["model_size"]}
 
 
-def espalier_bench(args, pipeline, storage):
-    """`espalier bench decode` on the same model: its dense and pruned figures."""
+def espalier_bench(args, pipeline, storage, model="fetch:smollm2-135m-instruct"):
+    """`espalier bench decode` on `model`: its dense and pruned figures."""
     env = dict(os.environ, RAYON_NUM_THREADS=str(args.threads))
-    r = run([args.espalier, "bench", "decode", "fetch:smollm2-135m-instruct", "--pipeline",
+    r = run([args.espalier, "bench", "decode", model, "--pipeline",
              pipeline, "--prompt-tokens", str(args.prompt_tokens), "--new-tokens",
              str(args.new_tokens), "--storage", storage, "--json"],
             capture_output=True, text=True, env=env)
@@ -155,6 +156,14 @@ def main():
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--pipeline", default="pipelines/quickstart.toml",
                    help="the pipeline whose pruned model Espalier times beside its dense one")
+    p.add_argument("--pruned-model", action="append", default=[], metavar="DIR",
+                   help="an exported pruned model (e.g. a fine-tuned one, whose pipeline is too "
+                        "long to rerun here) to time as well, packed in each storage by the "
+                        "planner (its pruned weights are zeros); may be repeated")
+    p.add_argument("--pruned-pipeline", default=DENSE_PIPELINE,
+                   help="the pipeline run on each --pruned-model (default: none of its own "
+                        "stages); e.g. a magnitude stage at the model's own density, which "
+                        "keeps exactly its non-zero weights, so the planner packs them sparse")
     p.add_argument("--work", default="target/llama.cpp")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 2)
     p.add_argument("--json", help="also write every figure to this file")
@@ -187,6 +196,12 @@ def main():
             name = "dense" if pipeline == DENSE_PIPELINE else e["pipeline"]
             results["espalier"][f"{name} {storage}"] = e["pruned"]
             results["memory_bandwidth_gbps"] = e.get("memory_bandwidth_gbps")
+        for model in args.pruned_model:
+            name = os.path.basename(os.path.normpath(model))
+            for storage in ["bf16", "int8"]:
+                log(f"espalier bench decode {model} (storage {storage})")
+                e = espalier_bench(args, args.pruned_pipeline, storage, model=model)
+                results["espalier"][f"{name} {storage}"] = e["pruned"]
 
     failed = {k: v for k, v in results["llama_cpp"].items() if isinstance(v, str)}
     for k in failed:

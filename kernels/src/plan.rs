@@ -119,15 +119,19 @@ impl fmt::Display for Format {
 /// bitmap then ran 1.32-1.59x dense bf16 per SmolLM2 block (`kernel_bench 0.5 bf16`, four
 /// runs), i.e. ~0.45 beyond its bytes: a 50% bf16 layer plans the bitmap (up to ~70% density,
 /// with the margin), and so does a 2:4 mask in bf16: the 2:4 kernel ran 1.14-1.23x dense bf16
-/// at one token where the bitmap ran 1.41-1.42x (`batch_bench`, same rounds). The i8 kernel
-/// (`vpexpandb`, 64 per word) is bound by its widening (sign-extend, convert, FMA per 16):
-/// 0.93-1.02x dense i8 per block at 50% although it reads 0.625 bytes per weight against 1,
-/// i.e. ~0.6 beyond its bytes, so a 50% i8 layer still plans dense and the bitmap takes over
-/// from ~65% sparsity.
+/// at one token where the bitmap ran 1.41-1.42x (`batch_bench`, same rounds).
+///
+/// The i8 kernel (`vpexpandb`, 64 per word) was bound by widening each weight to f32 for an
+/// FMA (0.93-1.02x dense i8 per block at 50%: ~0.6 beyond its bytes). It now multiplies in
+/// integers against i16 activations (`vpdpwssd`, AVX512-VNNI, as dense i8 does): in
+/// `kernel_bench 0.5 i8` (two runs alternating with the build before it) the 50% bitmap
+/// streamed the LM head in 0.68 ms against dense i8's 0.80-0.90 (1.11-1.32x; 0.86x before)
+/// and the block shapes at 0.89-1.09x dense i8 (those small matrices are mostly call overhead
+/// in that benchmark), i.e. ~0.3 beyond its bytes: a 50% i8 layer plans the bitmap.
 pub(crate) fn bitmap_compute_per_weight(dtype: Dtype) -> f64 {
     match dtype {
         Dtype::Bf16 if crate::bitmap::vbmi2_expand() => 0.45,
-        Dtype::I8 if crate::bitmap::vbmi2_expand() => 0.6,
+        Dtype::I8 if crate::bitmap::i8_expand_vnni() => 0.3,
         Dtype::Bf16 | Dtype::F32 | Dtype::I8 => 1.2,
     }
 }

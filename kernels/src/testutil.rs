@@ -141,6 +141,29 @@ pub(crate) fn reference(
     (y, mag)
 }
 
+/// Widens `mag` (from [`reference`]) by what quantizing each token's activations to i16
+/// can add (the int8 GEMVs that multiply in integers do): each activation moves by at most
+/// `max|x| / 65534`, so an output by `Σ|w| · max|x| / 65534`, expressed in the units
+/// [`assert_close`] scales by `1e-5`.
+pub(crate) fn widen_for_i16_activations(
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    x: &[f32],
+    tokens: usize,
+    mag: &mut [f32],
+) {
+    for t in 0..tokens {
+        let xt = &x[t * cols..][..cols];
+        let xmax = xt.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        for r in 0..rows {
+            let wsum: f32 = w[r * cols..][..cols].iter().map(|v| v.abs()).sum();
+            // 1.01: the bound itself is computed in f32.
+            mag[t * rows + r] += wsum * xmax / 65534.0 / 1e-5 * 1.01;
+        }
+    }
+}
+
 /// Asserts `got` matches the reference within `1e-5 · Σ|w·x|` (plus a tiny absolute floor).
 pub(crate) fn assert_close(got: &[f32], want: &[f32], mag: &[f32], ctx: &str) {
     assert_eq!(got.len(), want.len(), "{ctx}: length");
