@@ -126,8 +126,9 @@ impl fmt::Display for Format {
 /// integers against i16 activations (`vpdpwssd`, AVX512-VNNI, as dense i8 does): in
 /// `kernel_bench 0.5 i8` (two runs alternating with the build before it) the 50% bitmap
 /// streamed the LM head in 0.68 ms against dense i8's 0.80-0.90 (1.11-1.32x; 0.86x before)
-/// and the block shapes at 0.89-1.09x dense i8 (those small matrices are mostly call overhead
-/// in that benchmark), i.e. ~0.3 beyond its bytes: a 50% i8 layer plans the bitmap.
+/// and the block shapes at 0.89-1.09x dense i8 (a stray process held one core in those runs);
+/// on quiet cores 0.90x (192x576), 1.05-1.18x (the other block shapes) and 1.33x (LM head),
+/// i.e. ~0.3 beyond its bytes: a 50% i8 layer plans the bitmap.
 pub(crate) fn bitmap_compute_per_weight(dtype: Dtype) -> f64 {
     match dtype {
         Dtype::Bf16 if crate::bitmap::vbmi2_expand() => 0.45,
