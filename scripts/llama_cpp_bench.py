@@ -160,16 +160,22 @@ def main():
                    help="an exported pruned model (e.g. a fine-tuned one, whose pipeline is too "
                         "long to rerun here) to time as well, packed in each storage by the "
                         "planner (its pruned weights are zeros); may be repeated")
-    p.add_argument("--pruned-pipeline", default=DENSE_PIPELINE,
-                   help="the pipeline run on each --pruned-model (default: none of its own "
-                        "stages); e.g. a magnitude stage at the model's own density, which "
-                        "keeps exactly its non-zero weights, so the planner packs them sparse")
+    p.add_argument("--pruned-pipeline",
+                   help="the pipeline run on each --pruned-model (required with it): "
+                        "`espalier bench decode` does not read an export's masks, so without a "
+                        "stage the model would be timed dense; a magnitude stage at the model's "
+                        "own density keeps exactly its non-zero weights, which the planner then "
+                        "packs sparse")
     p.add_argument("--work", default="target/llama.cpp")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 2)
     p.add_argument("--json", help="also write every figure to this file")
     p.add_argument("--skip-espalier", action="store_true", help="time llama.cpp only")
     args = p.parse_args()
 
+    if args.pruned_model and not args.pruned_pipeline:
+        die("--pruned-model needs --pruned-pipeline: a pipeline whose stage re-selects the "
+            "model's own pruned weights (e.g. `magnitude` at its density); without one the "
+            "model would be timed as dense")
     if not args.skip_espalier and not os.access(args.espalier, os.X_OK):
         die(f"{args.espalier} is not an executable: build it with `cargo build --release` "
             "or pass --espalier")

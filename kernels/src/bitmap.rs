@@ -192,7 +192,6 @@ impl BitmapMatrix {
                 unsafe { x86::gemv_rows_bf16_vbmi2(self, bits, rows, x, y) }
             }
             #[cfg(target_arch = "x86_64")]
-            #[cfg(target_arch = "x86_64")]
             Isa::Avx512 => {
                 // SAFETY: AVX-512F present (`effective`); as below, with PAD >= 16 trailing
                 // values for the 16-wide loads.
@@ -491,7 +490,7 @@ mod x86 {
     use super::{BitmapMatrix, LANES, PERM, SHUF_BF16};
     use crate::element::{Dtype, Element};
     use crate::quant::{ActivationsI16, I16_CHUNK};
-    use crate::simd::x86::hsum;
+    use crate::simd::x86::{dot64_i8_i16, hsum, sum_i32_lanes};
     use std::arch::x86_64::*;
     use std::ops::Range;
 
@@ -680,7 +679,7 @@ mod x86 {
                 let mut k = 0;
                 while k < words {
                     let end = (k + chunk_words).min(words);
-                    let (mut a0, mut a1) = (_mm512_setzero_si512(), _mm512_setzero_si512());
+                    let mut acc = [_mm512_setzero_si512(); 2];
                     while k < end {
                         _mm_prefetch::<_MM_HINT_T0>(
                             vp.add(vi).cast::<i8>().wrapping_add(PF_VALUES),
@@ -691,15 +690,10 @@ mod x86 {
                         let packed = _mm512_maskz_loadu_epi8(load, vp.add(vi));
                         vi += n as usize;
                         let w = _mm512_maskz_expand_epi8(m, packed);
-                        let lo = _mm512_cvtepi8_epi16(_mm512_castsi512_si256(w));
-                        let hi = _mm512_cvtepi8_epi16(_mm512_extracti64x4_epi64::<1>(w));
-                        let x0 = xp.add(64 * k);
-                        a0 = _mm512_dpwssd_epi32(a0, lo, _mm512_loadu_si512(x0.cast()));
-                        a1 = _mm512_dpwssd_epi32(a1, hi, _mm512_loadu_si512(x0.add(32).cast()));
+                        dot64_i8_i16(&mut acc, w, xp.add(64 * k));
                         k += 1;
                     }
-                    // Lanes to f32 before the horizontal sum (an i32 sum could overflow).
-                    total += _mm512_reduce_add_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(a0, a1)));
+                    total += sum_i32_lanes(acc);
                 }
                 // Tail: the last `cols % 64` columns, bit by bit.
                 let mut tail = 0i64;
@@ -718,8 +712,8 @@ mod x86 {
     }
 
     /// The whole mask words of one bitmap row written densely to `out` (zeros left where
-    /// pruned), for values of `size` bytes (a branch per word, always the same way): f32 (4) takes 16 columns per word, bf16 (2) 32,
-    /// i8 (1) 64; per word a masked load of its packed values, one `vpexpandd` / `vpexpandw`
+    /// pruned), for values of `size` bytes (a branch per word, always the same way): f32 (4)
+    /// takes 16 columns per word, bf16 (2) 32, i8 (1) 64; per word a masked load of its packed values, one `vpexpandd` / `vpexpandw`
     /// / `vpexpandb` and one 64-byte store. Returns the columns done and the value offset
     /// after them.
     ///

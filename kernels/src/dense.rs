@@ -256,27 +256,24 @@ fn gemv_slice<T: Element>(
     expect_len("y", rows, y.len())?;
     let bounds = row_bounds::<T>(exec, rows, cols);
     let isa = exec.isa.effective();
+    // i8 on AVX512-VNNI multiplies in integers: `x` quantized once for all tasks.
     #[cfg(target_arch = "x86_64")]
-    if let (Isa::Avx512, Some(q)) = (isa, T::i8_values(w))
-        && x86::has_vnni()
-        && let Some(xq) = ActivationsI16::quantize(x)
-    {
-        par::for_each_range(y, 4, &bounds, |units, ys| {
-            let r = units.start * 4..(units.end * 4).min(rows);
-            let first = r.start;
-            // SAFETY: AVX-512F (`effective`), BW and VNNI (checked) present; rows within
-            // `w` (`bounds` cover 0..rows of a `rows x cols` matrix), `xq` holds `cols` values.
-            unsafe { x86::gemv_rows_i8_vnni(q, cols, r, &xq, ys) };
-            let s = scales.and_then(|s| s.get(first..)).unwrap_or_default();
-            for (yi, &si) in ys.iter_mut().zip(s) {
-                *yi *= si;
-            }
-        });
-        return Ok(());
-    }
+    let xq = match T::i8_values(w) {
+        Some(_) if isa == Isa::Avx512 && x86::has_vnni() => ActivationsI16::quantize(x),
+        _ => None,
+    };
     par::for_each_range(y, 4, &bounds, |units, ys| {
         let r = units.start * 4..(units.end * 4).min(rows);
         let first = r.start;
+        #[cfg(target_arch = "x86_64")]
+        if let (Some(q), Some(xq)) = (T::i8_values(w), xq.as_ref()) {
+            // SAFETY: AVX-512F (`effective`), BW and VNNI (checked) present; rows within
+            // `w` (`bounds` cover 0..rows of a `rows x cols` matrix), `xq` holds `cols` values.
+            unsafe { x86::gemv_rows_i8_vnni(q, cols, r, xq, ys) };
+        } else {
+            gemv_rows(isa, w, cols, r, x, ys);
+        }
+        #[cfg(not(target_arch = "x86_64"))]
         gemv_rows(isa, w, cols, r, x, ys);
         if let Some(s) = scales {
             for (yi, &si) in ys.iter_mut().zip(s.get(first..).unwrap_or_default()) {
@@ -455,7 +452,7 @@ pub(crate) fn gemv_rows<T: Element>(
 mod x86 {
     use crate::element::{Dtype, Element};
     use crate::quant::{ActivationsI16, I16_CHUNK};
-    use crate::simd::x86::hsum;
+    use crate::simd::x86::{dot64_i8_i16, hsum, sum_i32_lanes};
     use std::arch::x86_64::*;
     use std::ops::Range;
 
@@ -493,19 +490,13 @@ mod x86 {
                 let mut c = 0;
                 while c + 64 <= cols {
                     let end = (c + I16_CHUNK).min(cols);
-                    let (mut a0, mut a1) = (_mm512_setzero_si512(), _mm512_setzero_si512());
+                    let mut acc = [_mm512_setzero_si512(); 2];
                     while c + 64 <= end {
                         let v = _mm512_loadu_si512(p.add(c).cast());
-                        let lo = _mm512_cvtepi8_epi16(_mm512_castsi512_si256(v));
-                        let hi = _mm512_cvtepi8_epi16(_mm512_extracti64x4_epi64::<1>(v));
-                        a0 = _mm512_dpwssd_epi32(a0, lo, _mm512_loadu_si512(xp.add(c).cast()));
-                        a1 = _mm512_dpwssd_epi32(a1, hi, _mm512_loadu_si512(xp.add(c + 32).cast()));
+                        dot64_i8_i16(&mut acc, v, xp.add(c));
                         c += 64;
                     }
-                    // Lanes to f32 before the horizontal sum: 16 lanes near their bound
-                    // would overflow an i32 sum.
-                    let lanes = _mm512_cvtepi32_ps(_mm512_add_epi32(a0, a1));
-                    total += _mm512_reduce_add_ps(lanes);
+                    total += sum_i32_lanes(acc);
                 }
                 let mut tail = 0i64;
                 for k in c..cols {

@@ -49,6 +49,36 @@ pub(crate) fn split_even_odd(x: &[f32], width: usize) -> Vec<f32> {
 pub(crate) mod x86 {
     use std::arch::x86_64::*;
 
+    /// The integer step of the int8 GEMVs (dense and bitmap): 64 i8 weights in `w`, sign
+    /// extended to two halves of 32 i16, each multiplied with its 32 i16 activations at `x`
+    /// and summed in pairs into `acc`'s i32 lanes (`vpdpwssd`).
+    ///
+    /// # Safety
+    /// AVX-512F/BW/VNNI present; `x..x + 64` readable.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub(crate) unsafe fn dot64_i8_i16(acc: &mut [__m512i; 2], w: __m512i, x: *const i16) {
+        let lo = _mm512_cvtepi8_epi16(_mm512_castsi512_si256(w));
+        let hi = _mm512_cvtepi8_epi16(_mm512_extracti64x4_epi64::<1>(w));
+        // SAFETY: 64 readable i16 at `x` (contract).
+        let (x0, x1) = unsafe {
+            (
+                _mm512_loadu_si512(x.cast()),
+                _mm512_loadu_si512(x.add(32).cast()),
+            )
+        };
+        acc[0] = _mm512_dpwssd_epi32(acc[0], lo, x0);
+        acc[1] = _mm512_dpwssd_epi32(acc[1], hi, x1);
+    }
+
+    /// The sum of [`dot64_i8_i16`]'s accumulators as f32; the lanes are converted first, since
+    /// 16 lanes near their bound (`quant::I16_CHUNK`) would overflow an i32 sum.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub(crate) fn sum_i32_lanes(acc: [__m512i; 2]) -> f32 {
+        _mm512_reduce_add_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(acc[0], acc[1])))
+    }
+
     /// Horizontal sum of 8 lanes.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
