@@ -15,7 +15,7 @@ Espalier's (the dequantization is the same d*q+m); BF16 and Q8_0 are llama.cpp's
 Usage (from the repository root, after `cargo build --release`):
     python3 scripts/llama_cpp_bench.py [--espalier target/release/espalier] [--threads 2]
         [--prompt-tokens 128] [--new-tokens 64] [--pipeline pipelines/quickstart.toml]
-        [--pruned-model out/EXPORT]... [--pruned-pipeline P] [--work target/llama.cpp]
+        [--pruned-model out/EXPORT]... [--work target/llama.cpp]
         [--json OUT.json]
 
 Needs cmake and a C++ compiler (Debian: `apt-get install cmake g++`). The first run downloads
@@ -138,11 +138,14 @@ def llama_bench(bindir, model, args):
 
 
 def espalier_bench(args, pipeline, storage, model="fetch:smollm2-135m-instruct"):
-    """`espalier bench decode` on `model`: its dense and pruned figures."""
+    """`espalier bench decode` on `model`: its dense and pruned figures. With no pipeline,
+    `model` is a pruned export, timed with the masks it was exported with."""
     env = dict(os.environ, RAYON_NUM_THREADS=str(args.threads))
-    r = run([args.espalier, "bench", "decode", model, "--pipeline",
-             pipeline, "--prompt-tokens", str(args.prompt_tokens), "--new-tokens",
-             str(args.new_tokens), "--storage", storage, "--json"],
+    cmd = [args.espalier, "bench", "decode", model]
+    if pipeline:
+        cmd += ["--pipeline", pipeline]
+    r = run(cmd + ["--prompt-tokens", str(args.prompt_tokens), "--new-tokens",
+                   str(args.new_tokens), "--storage", storage, "--json"],
             capture_output=True, text=True, env=env)
     return json.loads(r.stdout)
 
@@ -157,25 +160,18 @@ def main():
     p.add_argument("--pipeline", default="pipelines/quickstart.toml",
                    help="the pipeline whose pruned model Espalier times beside its dense one")
     p.add_argument("--pruned-model", action="append", default=[], metavar="DIR",
-                   help="an exported pruned model (e.g. a fine-tuned one, whose pipeline is too "
-                        "long to rerun here) to time as well, packed in each storage by the "
-                        "planner (its pruned weights are zeros); may be repeated")
+                   help="a pruned export of `espalier run` (e.g. a fine-tuned one, whose "
+                        "pipeline is too long to rerun here) to time as well, with the masks it "
+                        "was exported with, in bf16 and int8 (a packed export in the storage it "
+                        "was packed in); may be repeated")
     p.add_argument("--pruned-pipeline",
-                   help="the pipeline run on each --pruned-model (required with it): "
-                        "`espalier bench decode` does not read an export's masks, so without a "
-                        "stage the model would be timed dense; a magnitude stage at the model's "
-                        "own density keeps exactly its non-zero weights, which the planner then "
-                        "packs sparse")
+                   help="prune each --pruned-model with this pipeline instead of its own masks")
     p.add_argument("--work", default="target/llama.cpp")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 2)
     p.add_argument("--json", help="also write every figure to this file")
     p.add_argument("--skip-espalier", action="store_true", help="time llama.cpp only")
     args = p.parse_args()
 
-    if args.pruned_model and not args.pruned_pipeline:
-        die("--pruned-model needs --pruned-pipeline: a pipeline whose stage re-selects the "
-            "model's own pruned weights (e.g. `magnitude` at its density); without one the "
-            "model would be timed as dense")
     if not args.skip_espalier and not os.access(args.espalier, os.X_OK):
         die(f"{args.espalier} is not an executable: build it with `cargo build --release` "
             "or pass --espalier")
@@ -204,9 +200,12 @@ def main():
             results["memory_bandwidth_gbps"] = e.get("memory_bandwidth_gbps")
         for model in args.pruned_model:
             name = os.path.basename(os.path.normpath(model))
-            for storage in ["bf16", "int8"]:
+            # A packed export runs in the formats and dtype it was packed in, whatever is asked.
+            packed = os.path.exists(os.path.join(model, "packed.safetensors"))
+            for storage in ["packed"] if packed else ["bf16", "int8"]:
                 log(f"espalier bench decode {model} (storage {storage})")
-                e = espalier_bench(args, args.pruned_pipeline, storage, model=model)
+                e = espalier_bench(args, args.pruned_pipeline,
+                                   "f32" if packed else storage, model=model)
                 results["espalier"][f"{name} {storage}"] = e["pruned"]
 
     failed = {k: v for k, v in results["llama_cpp"].items() if isinstance(v, str)}
@@ -216,15 +215,16 @@ def main():
     if "F32" not in results["llama_cpp"]:
         die(f"llama-bench F32 {failed['F32']}: no baseline to compare with")
     base = results["llama_cpp"]["F32"]["decode_tokens_per_s"]
-    print(f"{'engine / weights':34} {'decode tok/s':>12} {'ms/token':>9} {'vs llama.cpp F32':>17}"
-          f" {'prefill tok/s':>14} {'MB/token':>9} {'GB/s':>6}")
     rows = [(f"llama.cpp {k}", v) for k, v in results["llama_cpp"].items()]
     rows += [(f"espalier {k}", v) for k, v in results["espalier"].items()]
+    width = max(34, *(len(n) for n, _ in rows))
+    print(f"{'engine / weights':{width}} {'decode tok/s':>12} {'ms/token':>9} {'vs llama.cpp F32':>17}"
+          f" {'prefill tok/s':>14} {'MB/token':>9} {'GB/s':>6}")
     for name, v in rows:
         # llama-bench reports the file size; Espalier the bytes of weights a decode step reads.
         mb = v.get("weight_bytes_per_token") or v.get("model_bytes") or 0
         gbs = mb * v["decode_tokens_per_s"] / 1e9
-        print(f"{name:34} {v['decode_tokens_per_s']:12.1f} {v['ms_per_token']:9.2f} "
+        print(f"{name:{width}} {v['decode_tokens_per_s']:12.1f} {v['ms_per_token']:9.2f} "
               f"{v['decode_tokens_per_s'] / base:16.2f}x {v['prefill_tokens_per_s']:14.1f}"
               f" {mb / 1e6:9.1f} {gbs:6.1f}")
     for k, why in failed.items():

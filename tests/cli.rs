@@ -1,7 +1,7 @@
 //! End-to-end: the `espalier` binary as a user runs it, on pipelines in `pipelines/` and on
 //! broken inputs, checking exit codes, messages and what lands on disk.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 #[path = "common/binary.rs"]
 mod binary;
@@ -568,6 +568,50 @@ fn a_packed_export_runs_as_evaluated_and_refuses_damage() {
         dir.path(),
     );
     assert!(o.status.success(), "{:?}", text(&o));
+    // `bench decode` with no pipeline times the export with its own masks, against the dense
+    // model its report names (a packed export holds no dense weights).
+    let bench = |model: &Path| {
+        espalier(
+            &[
+                "bench",
+                "decode",
+                model.to_str().unwrap(),
+                "--new-tokens",
+                "2",
+                "--prompt-tokens",
+                "8",
+                "--json",
+            ],
+            dir.path(),
+        )
+    };
+    let o = bench(&out);
+    let (stdout, stderr) = text(&o);
+    assert!(o.status.success(), "{stderr}");
+    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(v["pipeline"], "the export's masks", "{v}");
+    assert_eq!(v["dense_model"], run["model"], "{v}");
+    let sparse: u64 = ["2:4/bf16", "bitmap/bf16"]
+        .iter()
+        .filter_map(|k| v["pruned_formats"][*k].as_u64())
+        .sum();
+    assert!(sparse > 0, "{v}");
+    // A dense folder has no masks to time, and a packed export whose report is gone has no
+    // dense baseline: both refused with the way out.
+    let o = bench(&repo().join("engine/tests/fixtures/llama"));
+    assert!(!o.status.success());
+    assert!(
+        text(&o).1.contains("no masks.safetensors") && text(&o).1.contains("--pipeline"),
+        "{:?}",
+        text(&o)
+    );
+    let report = out.join("report.json");
+    let aside = dir.path().join("report.json.aside");
+    std::fs::rename(&report, &aside).unwrap();
+    let o = bench(&out);
+    std::fs::rename(&aside, &report).unwrap();
+    assert!(!o.status.success());
+    assert!(text(&o).1.contains("report.json"), "{:?}", text(&o));
     // Pruning it again is refused with the way out.
     let o = espalier(
         &[

@@ -380,9 +380,10 @@ enum BenchCommand {
     Decode {
         /// A model directory, builtin:NAME or fetch:smollm2-135m-instruct.
         model: String,
-        /// The pipeline whose stages prune the model.
+        /// The pipeline whose stages prune the model. Without one, MODEL must be a pruned
+        /// export of `espalier run` and is timed with the masks it was exported with.
         #[arg(long)]
-        pipeline: PathBuf,
+        pipeline: Option<PathBuf>,
         /// Prompt tokens (from data/eval.txt, or a fixed prompt when it is absent).
         #[arg(long, default_value_t = 128)]
         prompt_tokens: usize,
@@ -729,7 +730,14 @@ fn dispatch(cli: Cli) -> Result<()> {
                 new_tokens,
                 storage,
                 json,
-            } => espalier_decode_bench(&model, &pipeline, prompt_tokens, new_tokens, storage, json),
+            } => espalier_decode_bench(
+                &model,
+                pipeline.as_deref(),
+                prompt_tokens,
+                new_tokens,
+                storage,
+                json,
+            ),
             BenchCommand::Serve {
                 model,
                 pruned,
@@ -1902,14 +1910,16 @@ fn exported_files(dir: &std::path::Path) -> String {
 
 fn espalier_decode_bench(
     model_ref: &str,
-    pipeline: &std::path::Path,
+    pipeline: Option<&std::path::Path>,
     prompt_tokens: usize,
     new_tokens: usize,
     storage: StorageArg,
     json: bool,
 ) -> Result<()> {
     let app = start_app(&PluginDirs::default())?;
-    let pipe = espalier::pipeline::Pipeline::load(pipeline)?;
+    let pipe = pipeline
+        .map(espalier::pipeline::Pipeline::load)
+        .transpose()?;
     // The prompt comes from the shipped evaluation text when run from the repository.
     let text = std::fs::read_to_string("data/eval.txt").ok();
     let storage = match storage {
@@ -2023,6 +2033,12 @@ fn espalier_decode_bench(
             .collect::<Vec<_>>()
             .join(", ")
     };
+    out!(
+        "dense: {}; pruned: {} by {}",
+        b.dense_model,
+        b.model,
+        b.pipeline
+    );
     out!("pruned linear formats: {formats}");
     out!(
         "same prompt ({} tokens), {new_tokens} new tokens, greedy; same generated ids: {}",

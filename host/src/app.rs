@@ -64,6 +64,9 @@ pub enum AppError {
     /// The run was cancelled from outside.
     #[error("the run was cancelled")]
     Cancelled,
+    /// A model's exported masks are missing or unreadable where they are needed.
+    #[error("masks: {0}")]
+    Masks(String),
 }
 
 /// The stable kind of an [`AppError`]: what a front end maps to an exit code or an HTTP
@@ -137,6 +140,7 @@ impl AppError {
             AppError::Runtime(_) => ErrorKind::Internal,
             AppError::Finetune(_) => ErrorKind::Internal,
             AppError::Cancelled => ErrorKind::Cancelled,
+            AppError::Masks(_) => ErrorKind::InvalidModel,
         }
     }
 }

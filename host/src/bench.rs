@@ -179,7 +179,10 @@ fn run_cases(
 pub struct DecodeBench {
     /// Model reference, resolved.
     pub model: String,
-    /// Pipeline name.
+    /// The model timed as the dense baseline: `model`, or for an export timed with its own
+    /// masks, the model it was pruned from.
+    pub dense_model: String,
+    /// Pipeline name, or "the export's masks".
     pub pipeline: String,
     /// Dense decode.
     pub dense: espalier_engine::eval::LatencyReport,
@@ -211,17 +214,76 @@ pub struct WeightBytes {
     pub pruned: usize,
 }
 
+/// An export's masks (`masks.safetensors`) and the model it was pruned from (its report's
+/// `model`, resolved), the latter `None` when the report does not name one and the export
+/// holds its dense weights, which are then their own baseline.
+type ExportMasks = (
+    std::collections::BTreeMap<String, crate::mask::Mask>,
+    Option<String>,
+);
+
+/// Reads what `bench_decode` needs to time export `dir` as it was pruned; a folder that is not
+/// a pruned export gets an error that says to pass a pipeline.
+fn export_masks_and_source(
+    app: &App,
+    dir: &str,
+    progress: &mut dyn FnMut(&str),
+) -> Result<ExportMasks, AppError> {
+    let path = std::path::Path::new(dir);
+    let not_pruned = || {
+        AppError::Masks(format!(
+            "{dir} holds no masks.safetensors (it is not a pruned export of `espalier run`): \
+             pass --pipeline P to prune it"
+        ))
+    };
+    if !path.is_dir() {
+        return Err(not_pruned());
+    }
+    let masks = crate::export::read_masks(path)
+        .map_err(AppError::Masks)?
+        .ok_or_else(not_pruned)?;
+    let source = std::fs::read(path.join("report.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<crate::report::RunReport>(&b).ok())
+        .map(|r| r.model);
+    let source = match source {
+        Some(s) => Some(
+            crate::fetch::resolve(&s, &app.config().models_dir, &mut |m| progress(m)).map_err(
+                |e| {
+                    AppError::Masks(format!(
+                        "{dir}/report.json names `{s}` as the dense model it was pruned from, \
+                         which cannot be loaded: {e}"
+                    ))
+                },
+            )?,
+        ),
+        None if path.join(espalier_engine::packed::PACKED_FILE).exists() => {
+            return Err(AppError::Masks(format!(
+                "{dir} is a packed export whose report.json (missing or unreadable) does not name \
+                 the dense model it was pruned from, and it holds no dense weights to be its \
+                 own baseline: restore its report.json, or prune the dense model with \
+                 --pipeline P"
+            )));
+        }
+        None => None,
+    };
+    Ok((masks, source))
+}
+
 /// A fixed prompt when no text is given (public-domain, from the Declaration of Independence).
 const FALLBACK_PROMPT: &str = "When in the Course of human events, it becomes necessary for one people to dissolve the political bands which have connected them with another. ";
 
-/// Measures decode latency of the dense model (`model_ref`), then runs `pipeline` on it (no
-/// export, no evaluation) and measures the pruned model on the sparse kernels in `storage`.
-/// The prompt is the first `prompt_tokens` tokens of `prompt_text` (a fixed text if `None`).
+/// Measures decode latency of the dense model (`model_ref`), then prunes it and measures the
+/// pruned model on the sparse kernels in `storage`. The pruning is `pipeline`'s (run with no
+/// export and no evaluation) or, with no pipeline, the masks `model_ref` was exported with
+/// (`masks.safetensors`, as `generate` and `serve` read them): a fine-tuned export is timed as
+/// it is, without rerunning what made it. The prompt is the first `prompt_tokens` tokens of
+/// `prompt_text` (a fixed text if `None`).
 #[allow(clippy::too_many_arguments)]
 pub fn bench_decode(
     app: &App,
     model_ref: &str,
-    mut pipeline: Pipeline,
+    pipeline: Option<Pipeline>,
     prompt_text: Option<&str>,
     prompt_tokens: usize,
     new_tokens: usize,
@@ -240,38 +302,53 @@ pub fn bench_decode(
         Ok(ids)
     };
 
+    // Without a pipeline the export's own masks prune it, and the dense baseline is the model
+    // the export was pruned from (its report's `model`): a packed export holds no dense weights.
+    let export_masks = match &pipeline {
+        Some(_) => None,
+        None => Some(export_masks_and_source(app, &model_ref, progress)?),
+    };
+    let dense_ref = match &export_masks {
+        Some((_, Some(source))) => source.clone(),
+        _ => model_ref.clone(),
+    };
     progress(&format!(
-        "dense: decoding {new_tokens} tokens after a {prompt_tokens}-token prompt"
+        "dense ({dense_ref}): decoding {new_tokens} tokens after a {prompt_tokens}-token prompt"
     ));
     let dense = {
-        let model = espalier_engine::load_model(&model_ref)?;
+        let model = espalier_engine::load_model(&dense_ref)?;
         let prompt = prompt_for(&model)?;
         crate::evaluate::reset_peak();
         let session = espalier_engine::Session::new(&model)?;
         latency(&session, &prompt, new_tokens)?
     };
 
-    progress(&format!("pruned: running pipeline `{}`", pipeline.name));
-    let overrides = crate::app::RunOverrides {
-        model: Some(model_ref.clone()),
-        export_dir: None,
-        no_export: true,
-        force: false,
-        ..crate::app::RunOverrides::default()
+    let (pipeline_name, model, masks) = match (pipeline, export_masks) {
+        (_, Some((masks, _))) => {
+            let model = espalier_engine::load_model(&model_ref)?;
+            ("the export's masks".to_string(), model, masks)
+        }
+        (Some(mut pipeline), None) => {
+            progress(&format!("pruned: running pipeline `{}`", pipeline.name));
+            let overrides = crate::app::RunOverrides {
+                model: Some(model_ref.clone()),
+                export_dir: None,
+                no_export: true,
+                force: false,
+                ..crate::app::RunOverrides::default()
+            };
+            pipeline.evaluate = None;
+            let name = pipeline.name.clone();
+            let result = app.run_pipeline(pipeline, &overrides, &mut Quiet, &CancelToken::new())?;
+            (name, result.state.model, result.state.masks)
+        }
+        (None, None) => return Err(AppError::Masks("no pipeline and no masks".into())),
     };
-    pipeline.evaluate = None;
-    let pipeline_name = pipeline.name.clone();
-    let result = app.run_pipeline(pipeline, &overrides, &mut Quiet, &CancelToken::new())?;
-    let prompt = prompt_for(&result.state.model)?;
-    let mut session = espalier_engine::Session::new(&result.state.model)?;
-    let attached = crate::sparse::attach(
-        &mut session,
-        &result.state.model,
-        &result.state.masks,
-        storage,
-    )?;
+    let prompt = prompt_for(&model)?;
+    let mut session = espalier_engine::Session::new(&model)?;
+    let attached = crate::sparse::attach(&mut session, &model, &masks, storage)?;
     // Only the packed weights (and the layers left dense) stay alive for the measurement.
-    drop(result);
+    drop((model, masks));
     progress(&format!(
         "pruned: decoding {new_tokens} tokens after a {prompt_tokens}-token prompt"
     ));
@@ -283,6 +360,7 @@ pub fn bench_decode(
     Ok(DecodeBench {
         memory_bandwidth_gbps,
         model: model_ref,
+        dense_model: dense_ref,
         pipeline: pipeline_name,
         decode_speedup: dense.ms_per_token / pruned.ms_per_token,
         same_generated_ids: dense.generated == pruned.generated,
