@@ -262,6 +262,14 @@ fn gemv_slice<T: Element>(
         Some(_) if isa == Isa::Avx512 && x86::has_vnni() => ActivationsI16::quantize(x),
         _ => None,
     };
+    // bf16 on AVX512-BF16 multiplies pairs: `x` rounded to bf16 pairs once for all tasks.
+    #[cfg(target_arch = "x86_64")]
+    let xb = match T::bf16_bits(w) {
+        Some(_) if cols > 0 && crate::gemm_bf16::available(isa) => {
+            Some(crate::gemm_bf16::pack_activations(x, 1, cols))
+        }
+        _ => None,
+    };
     par::for_each_range(y, 4, &bounds, |units, ys| {
         let r = units.start * 4..(units.end * 4).min(rows);
         let first = r.start;
@@ -270,6 +278,10 @@ fn gemv_slice<T: Element>(
             // SAFETY: AVX-512F (`effective`), BW and VNNI (checked) present; rows within
             // `w` (`bounds` cover 0..rows of a `rows x cols` matrix), `xq` holds `cols` values.
             unsafe { x86::gemv_rows_i8_vnni(q, cols, r, xq, ys) };
+        } else if let (Some(bits), Some(xb)) = (T::bf16_bits(w), xb.as_ref()) {
+            // SAFETY: AVX-512F and AVX512-BF16 present (`gemm_bf16::available`); rows within
+            // `w` as above; `xb` holds `cols.div_ceil(2)` pairs and `x` holds `cols` values.
+            unsafe { x86::gemv_rows_bf16_dp(bits, cols, r, xb, x, ys) };
         } else {
             gemv_rows(isa, w, cols, r, x, ys);
         }
@@ -503,6 +515,63 @@ mod x86 {
                     tail += i64::from(*p.add(k)) * i64::from(*xp.add(k));
                 }
                 *yi = (total + tail as f32) * xq.scale;
+            }
+        }
+    }
+
+    /// `y[i] = Σ_k pair(w[r], k) · pair(xb, k)` for `r` in `rows`: bf16 weights against the
+    /// activations rounded to bf16 pairs (`xb`, from [`crate::gemm_bf16::pack_activations`]),
+    /// one `vdpbf16ps` per 32 weights straight from the row-major row (a weight pair and its
+    /// activation pair sit in the same 32-bit lane). Widening the weights for an FMA takes five
+    /// instructions per 32 weights; here one load and one dot product, so the loop keeps more
+    /// weight loads in flight and the decode step reads its weights faster.
+    ///
+    /// # Safety
+    /// AVX-512F and AVX512-BF16 available; `rows.end * cols <= w.len()`;
+    /// `xb.len() >= cols.div_ceil(2)`; `x.len() == cols`; `y.len() == rows.len()`.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub(super) unsafe fn gemv_rows_bf16_dp(
+        w: &[u16],
+        cols: usize,
+        rows: Range<usize>,
+        xb: &[u32],
+        x: &[f32],
+        y: &mut [f32],
+    ) {
+        let blocks = cols / 32;
+        let xp = xb.as_ptr();
+        for (yi, r) in y.iter_mut().zip(rows) {
+            // SAFETY: row r is within `w`; block reads end at column `blocks * 32 <= cols` and
+            // pair `blocks * 16 <= xb.len()` (contract above); `__m512bh` is 64 plain bytes.
+            unsafe {
+                let p = w.as_ptr().add(r * cols);
+                let dot = |a: __m512, b: usize| {
+                    let wv: __m512bh =
+                        std::mem::transmute(_mm512_loadu_si512(p.add(b * 32).cast()));
+                    let xv: __m512bh =
+                        std::mem::transmute(_mm512_loadu_si512(xp.add(b * 16).cast()));
+                    _mm512_dpbf16_ps(a, wv, xv)
+                };
+                let mut a = [_mm512_setzero_ps(); 4];
+                let mut b = 0;
+                while b + 4 <= blocks {
+                    for (u, acc) in a.iter_mut().enumerate() {
+                        *acc = dot(*acc, b + u);
+                    }
+                    b += 4;
+                }
+                while b < blocks {
+                    a[0] = dot(a[0], b);
+                    b += 1;
+                }
+                let mut s = _mm512_reduce_add_ps(_mm512_add_ps(
+                    _mm512_add_ps(a[0], a[1]),
+                    _mm512_add_ps(a[2], a[3]),
+                ));
+                for c in blocks * 32..cols {
+                    s += f32::from_bits(u32::from(*p.add(c)) << 16) * *x.get_unchecked(c);
+                }
+                *yi = s;
             }
         }
     }

@@ -108,10 +108,14 @@ fn assert_within_quantization(
 }
 
 /// Whether this GEMM may run on AVX512-BF16 with its activations rounded to bf16: dense and
-/// compact (a dense matrix of the kept columns) bf16 from [`crate::lanes::MIN_TOKENS`]
-/// tokens (`lanes`; `gemm_bf16` on AMX past the small-batch range), N:M bf16 prefill past the
-/// small-batch range (`gemm_bf16`), on CPUs that have it.
+/// compact (a dense matrix of the kept columns) bf16 at one token (the GEMV's `vdpbf16ps`)
+/// and from [`crate::lanes::MIN_TOKENS`] tokens (`lanes`; `gemm_bf16` on AMX past the
+/// small-batch range), N:M bf16 prefill past the small-batch range (`gemm_bf16`), on CPUs
+/// that have it.
 fn bf16_activations(format: Format, dtype: Dtype, tokens: usize, exec: Exec) -> bool {
+    if tokens == 1 && matches!(format, Format::Dense | Format::Compact) {
+        return dtype == Dtype::Bf16 && crate::gemm_bf16::available(exec.isa);
+    }
     let from = match format {
         // Dense rows (a compact matrix's kept columns are dense) run the tokens-in-lanes
         // GEMM from its smallest batch on (when their column count is even: loose either way).
@@ -162,21 +166,24 @@ fn check_format(w: &[f32], rows: usize, cols: usize, format: Format, seed: u64) 
             let f32_ref = (dtype == Dtype::I8).then(|| reference(w, rows, cols, &x, tokens));
             for exec in execs() {
                 let ctx = format!("{ctx} tokens={tokens} {exec:?}");
+                let rounded = bf16_activations(format, dtype, tokens, exec);
+                // Activations rounded to bf16: each product within 2⁻⁹ of exact.
+                let loose: Vec<f32> = mag.iter().map(|m| m * (1.0 / 256.0) / 1e-5).collect();
+                let (tol, kind) = if rounded {
+                    (&loose, "(bf16 x) ")
+                } else {
+                    (&mag, "")
+                };
                 if tokens == 1 {
                     let mut y = vec![f32::NAN; rows];
                     packed.gemv_with(&x, &mut y, exec).expect(&ctx);
-                    assert_close(&y, &want, &mag, &format!("gemv {ctx}"));
+                    assert_close(&y, &want, tol, &format!("gemv {kind}{ctx}"));
+                    assert!(y.iter().all(|v| v.is_finite()), "gemv {kind}{ctx}");
                 }
                 let mut y = vec![f32::NAN; tokens * rows];
                 packed.gemm_with(&x, tokens, &mut y, exec).expect(&ctx);
-                if bf16_activations(format, dtype, tokens, exec) {
-                    // Activations rounded to bf16: each product within 2⁻⁹ of exact.
-                    let loose: Vec<f32> = mag.iter().map(|m| m * (1.0 / 256.0) / 1e-5).collect();
-                    assert_close(&y, &want, &loose, &format!("gemm (bf16 x) {ctx}"));
-                    assert!(y.iter().all(|v| v.is_finite()), "gemm (bf16 x) {ctx}");
-                } else {
-                    assert_close(&y, &want, &mag, &format!("gemm {ctx}"));
-                }
+                assert_close(&y, &want, tol, &format!("gemm {kind}{ctx}"));
+                assert!(y.iter().all(|v| v.is_finite()), "gemm {kind}{ctx}");
                 if let Some(f32_ref) = &f32_ref {
                     let ctx = format!("gemm {ctx}");
                     assert_within_quantization(w, rows, cols, &x, &y, f32_ref, &ctx);
@@ -583,7 +590,10 @@ fn measured_plan_is_never_slower_than_dense_in_its_own_measurement() {
                 assert!(chosen <= c, "{ctx}");
             }
             let x = testutil::values(&mut rng, cols);
-            let (want, mag) = reference(&expected_dense(w, cols, dtype), rows, cols, &x, 1);
+            let (want, mut mag) = reference(&expected_dense(w, cols, dtype), rows, cols, &x, 1);
+            if bf16_activations(choice.format, dtype, 1, Exec::default()) {
+                mag.iter_mut().for_each(|m| *m *= (1.0 / 256.0) / 1e-5);
+            }
             let mut y = vec![f32::NAN; rows];
             packed.gemv(&x, &mut y).expect(&ctx);
             if dtype != Dtype::I8 {

@@ -338,6 +338,13 @@ pub(crate) fn attend_one(
     }
     let run = |hs: Range<usize>, out: &mut [f32]| {
         #[cfg(target_arch = "x86_64")]
+        if avx512_head_dim(d) && std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: AVX-512F is present (checked just above), a head dimension it takes;
+            // shapes were checked above.
+            unsafe { attend_heads_avx512(q, k, v, capacity, visible, hs, group, d, scale, out) };
+            return;
+        }
+        #[cfg(target_arch = "x86_64")]
         if std::arch::is_x86_feature_detected!("avx2") {
             // SAFETY: AVX2 is present (checked just above).
             unsafe { attend_heads_avx2(q, k, v, capacity, visible, hs, group, d, scale, out) };
@@ -364,6 +371,161 @@ pub(crate) fn attend_one(
 /// Multiply-adds (per score or per value element) above which [`attend_one`] splits its heads
 /// over two threads: 64k is about 10 µs of one core, several times what the split costs.
 const PARALLEL_ATTENTION_MIN: usize = 64 * 1024;
+
+/// Query heads [`attend_heads_avx512`] scores at once: with 64-wide heads, 4 heads' queries
+/// (16 vectors) and one key row (4) stay in registers.
+const HEADS_AT_ONCE: usize = 4;
+
+/// Whether [`attend_heads_avx512`] takes this head dimension (its queries and outputs live in
+/// registers: 4 or 8 vectors of 16 per head).
+#[cfg(target_arch = "x86_64")]
+fn avx512_head_dim(d: usize) -> bool {
+    d == 64 || d == 128
+}
+
+/// [`attend_heads`] on AVX-512 for 64- and 128-wide heads: the query heads that share a KV
+/// head (`group` of them under grouped-query attention; 3 in SmolLM2) are scored and summed
+/// together, so each cached key and value row is loaded once for up to [`HEADS_AT_ONCE`]
+/// heads instead of once per head, with the queries and each head's output in registers
+/// across the whole cache (the portable loop reloaded a head's output for every position).
+/// The softmax is [`attend_heads`]'s; the normalisation is applied once at the end instead
+/// of to every weight, so results differ from the portable loop in the last bits. A head's
+/// arithmetic does not depend on which heads share its pass, so splitting the heads over
+/// threads changes no float.
+///
+/// # Safety
+/// AVX-512F available; [`avx512_head_dim`]`(d)`; shapes as [`attend_one`] checks them,
+/// `ctx.len() == heads.len() * d`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn attend_heads_avx512(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    capacity: usize,
+    visible: usize,
+    heads: Range<usize>,
+    group: usize,
+    d: usize,
+    scale: f32,
+    ctx: &mut [f32],
+) {
+    let mut weights = vec![0f32; 2 * HEADS_AT_ONCE * visible];
+    let first = heads.start;
+    let mut h0 = heads.start;
+    while h0 < heads.end {
+        // Heads h0..h1 share KV head `g`: at most HEADS_AT_ONCE of them, never past the group.
+        let g = h0 / group;
+        let h1 = heads.end.min((g + 1) * group).min(h0 + HEADS_AT_ONCE);
+        let chunk = Chunk {
+            q: &q[h0 * d..h1 * d],
+            k: &k[g * capacity * d..][..visible * d],
+            v: &v[g * capacity * d..][..visible * d],
+            visible,
+            scale,
+        };
+        let out = &mut ctx[(h0 - first) * d..(h1 - first) * d];
+        // SAFETY: AVX-512F present (contract); each arm's NH is the chunk's head count
+        // (`q` and `out` hold NH·d values) and NV·16 is `d`.
+        unsafe {
+            match (h1 - h0, d) {
+                (1, 64) => chunk.run::<1, 4>(&mut weights, out),
+                (2, 64) => chunk.run::<2, 4>(&mut weights, out),
+                (3, 64) => chunk.run::<3, 4>(&mut weights, out),
+                (4, 64) => chunk.run::<4, 4>(&mut weights, out),
+                (1, _) => chunk.run::<1, 8>(&mut weights, out),
+                (2, _) => chunk.run::<2, 8>(&mut weights, out),
+                (3, _) => chunk.run::<3, 8>(&mut weights, out),
+                _ => chunk.run::<4, 8>(&mut weights, out),
+            }
+        }
+        h0 = h1;
+    }
+}
+
+/// Query heads sharing one KV head, for [`attend_heads_avx512`]: `q` their queries, `k` and
+/// `v` that KV head's first `visible` cached rows.
+#[cfg(target_arch = "x86_64")]
+struct Chunk<'a> {
+    q: &'a [f32],
+    k: &'a [f32],
+    v: &'a [f32],
+    visible: usize,
+    scale: f32,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Chunk<'_> {
+    /// Attention of `NH` heads of `16·NV` dimensions into `out` (`NH · 16·NV` values);
+    /// `scratch` holds at least `2 · NH · visible` values (scores, then weights).
+    ///
+    /// # Safety
+    /// AVX-512F available; `q.len() == out.len() == NH·16·NV`, `k.len() == v.len() ==
+    /// visible·16·NV`, `scratch.len() >= 2·NH·visible`.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn run<const NH: usize, const NV: usize>(&self, scratch: &mut [f32], out: &mut [f32]) {
+        use std::arch::x86_64::*;
+        let (d, visible) = (16 * NV, self.visible);
+        assert!(
+            self.q.len() == NH * d
+                && out.len() == NH * d
+                && self.k.len() == visible * d
+                && self.v.len() == visible * d
+                && scratch.len() >= 2 * NH * visible
+        );
+        let (scores, weights) = scratch.split_at_mut(NH * visible);
+        let (qp, kp, vp) = (self.q.as_ptr(), self.k.as_ptr(), self.v.as_ptr());
+        // SAFETY: every offset below is within the lengths asserted above.
+        unsafe {
+            let mut qv = [[_mm512_setzero_ps(); NV]; NH];
+            for (i, qh) in qv.iter_mut().enumerate() {
+                for (c, x) in qh.iter_mut().enumerate() {
+                    *x = _mm512_loadu_ps(qp.add(i * d + 16 * c));
+                }
+            }
+            // Scores: one pass over the keys for all NH heads.
+            for j in 0..visible {
+                let mut acc = [_mm512_setzero_ps(); NH];
+                for c in 0..NV {
+                    let kc = _mm512_loadu_ps(kp.add(j * d + 16 * c));
+                    for (a, qh) in acc.iter_mut().zip(&qv) {
+                        *a = _mm512_fmadd_ps(qh[c], kc, *a);
+                    }
+                }
+                for (i, a) in acc.iter().enumerate() {
+                    *scores.get_unchecked_mut(i * visible + j) = _mm512_reduce_add_ps(*a);
+                }
+            }
+            // Softmax weights (unnormalised), then one pass over the values.
+            let mut inv = [0f32; NH];
+            for (i, s) in inv.iter_mut().enumerate() {
+                let sc = &scores[i * visible..][..visible];
+                let max = max_f32(sc) * self.scale;
+                *s = 1.0 / exp_into(sc, &mut weights[i * visible..][..visible], self.scale, max);
+            }
+            let mut acc = [[_mm512_setzero_ps(); NV]; NH];
+            for j in 0..visible {
+                let mut vc = [_mm512_setzero_ps(); NV];
+                for (c, x) in vc.iter_mut().enumerate() {
+                    *x = _mm512_loadu_ps(vp.add(j * d + 16 * c));
+                }
+                for (i, a) in acc.iter_mut().enumerate() {
+                    let w = _mm512_set1_ps(*weights.get_unchecked(i * visible + j));
+                    for (x, &vx) in a.iter_mut().zip(&vc) {
+                        *x = _mm512_fmadd_ps(w, vx, *x);
+                    }
+                }
+            }
+            for (i, a) in acc.iter().enumerate() {
+                let s = _mm512_set1_ps(inv[i]);
+                for (c, &x) in a.iter().enumerate() {
+                    _mm512_storeu_ps(out.as_mut_ptr().add(i * d + 16 * c), _mm512_mul_ps(x, s));
+                }
+            }
+        }
+    }
+}
 
 /// [`attend_heads`] compiled for AVX2: the engine is built for baseline x86-64, where these
 /// loops vectorise to 4-wide SSE2. Every reduction keeps [`LANES`] explicit accumulators and
@@ -683,19 +845,75 @@ mod tests {
         })
         .unwrap();
         let mut alone = vec![0f32; heads * d];
-        attend_heads(
-            &q,
-            &k,
-            &v,
-            capacity,
-            visible,
-            0..heads,
-            heads / kv_heads,
-            d,
-            0.125,
-            &mut alone,
-        );
+        let one = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .unwrap();
+        one.install(|| {
+            attend_one(
+                &q, &k, &v, capacity, visible, heads, kv_heads, d, 0.125, &mut alone,
+            )
+        })
+        .unwrap();
         assert_eq!(split, alone);
         assert!(alone.iter().any(|&x| x != 0.0));
+    }
+
+    /// Decode attention (whichever kernel this CPU runs: the AVX-512 one for 64- and 128-wide
+    /// heads) against a plain f64 softmax attention, under grouped-query attention (3 query
+    /// heads per KV head, as SmolLM2) and without, from one visible position to many.
+    #[test]
+    fn decode_attention_matches_an_f64_reference() {
+        for (heads, kv_heads, d) in [(9, 3, 64), (4, 4, 64), (6, 2, 128), (5, 1, 32)] {
+            for visible in [1, 2, 17, 160] {
+                let capacity = visible + 3;
+                let fill = |n: usize, seed: u64| -> Vec<f32> {
+                    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+                    (0..n)
+                        .map(|_| {
+                            x ^= x << 13;
+                            x ^= x >> 7;
+                            x ^= x << 17;
+                            (x >> 40) as f32 / (1u64 << 24) as f32 * 4.0 - 2.0
+                        })
+                        .collect()
+                };
+                let q = fill(heads * d, 1);
+                let k = fill(kv_heads * capacity * d, 2);
+                let v = fill(kv_heads * capacity * d, 3);
+                let scale = 1.0 / (d as f32).sqrt();
+                let mut got = vec![f32::NAN; heads * d];
+                attend_one(
+                    &q, &k, &v, capacity, visible, heads, kv_heads, d, scale, &mut got,
+                )
+                .unwrap();
+                let group = heads / kv_heads;
+                for h in 0..heads {
+                    let base = (h / group) * capacity * d;
+                    let s: Vec<f64> = (0..visible)
+                        .map(|j| {
+                            let dot: f64 = (0..d)
+                                .map(|c| f64::from(q[h * d + c]) * f64::from(k[base + j * d + c]))
+                                .sum();
+                            dot * f64::from(scale)
+                        })
+                        .collect();
+                    let max = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let e: Vec<f64> = s.iter().map(|x| (x - max).exp()).collect();
+                    let total: f64 = e.iter().sum();
+                    for c in 0..d {
+                        let want: f64 = (0..visible)
+                            .map(|j| e[j] / total * f64::from(v[base + j * d + c]))
+                            .sum();
+                        let got = f64::from(got[h * d + c]);
+                        assert!(
+                            (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                            "heads {heads}/{kv_heads}, d {d}, visible {visible}, head {h}, \
+                             dim {c}: got {got}, want {want}"
+                        );
+                    }
+                }
+            }
+        }
     }
 }
