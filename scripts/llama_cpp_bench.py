@@ -14,7 +14,8 @@ Espalier's (the dequantization is the same d*q+m); BF16 and Q8_0 are llama.cpp's
 
 Usage (from the repository root, after `cargo build --release`):
     python3 scripts/llama_cpp_bench.py [--espalier target/release/espalier] [--threads 2]
-        [--prompt-tokens 128] [--new-tokens 64] [--pipeline pipelines/quickstart.toml]
+        [--prompt-tokens 128] [--new-tokens 64] [--rounds 3] [--reps 1]
+        [--pipeline pipelines/quickstart.toml]
         [--pruned-model out/EXPORT]... [--work target/llama.cpp]
         [--json OUT.json]
 
@@ -137,6 +138,18 @@ def llama_bench(bindir, model, args):
             "ms_per_token": 1000.0 / tg["avg_ts"], "model_bytes": pp["model_size"]}
 
 
+def mean_of(samples):
+    """One figure from a configuration's rounds: tokens/s averaged (ms/token from that mean),
+    the bytes of the first, the decode speeds of every round kept for the spread."""
+    decode = [x["decode_tokens_per_s"] for x in samples]
+    out = dict(samples[0])
+    out["decode_tokens_per_s"] = sum(decode) / len(decode)
+    out["prefill_tokens_per_s"] = sum(x["prefill_tokens_per_s"] for x in samples) / len(samples)
+    out["ms_per_token"] = 1000.0 / out["decode_tokens_per_s"]
+    out["decode_tokens_per_s_rounds"] = decode
+    return out
+
+
 def espalier_bench(args, pipeline, storage, model="fetch:smollm2-135m-instruct"):
     """`espalier bench decode` on `model`: its dense and pruned figures. With no pipeline,
     `model` is a pruned export, timed with the masks it was exported with."""
@@ -156,7 +169,11 @@ def main():
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=3,
+                   help="times every configuration is run, llama.cpp's and Espalier's in turn; "
+                        "the table shows the means")
+    p.add_argument("--reps", type=int, default=1,
+                   help="llama-bench repetitions within a round (its -r)")
     p.add_argument("--pipeline", default="pipelines/quickstart.toml",
                    help="the pipeline whose pruned model Espalier times beside its dense one")
     p.add_argument("--pruned-model", action="append", default=[], metavar="DIR",
@@ -183,30 +200,50 @@ def main():
 
     results = {"threads": args.threads, "prompt_tokens": args.prompt_tokens,
                "new_tokens": args.new_tokens, "llama_cpp_python": LLAMA_CPP_PYTHON,
-               "llama_cpp": {}, "espalier": {}}
-    for fmt, path in models.items():
-        log(f"llama-bench {fmt}")
-        results["llama_cpp"][fmt] = llama_bench(bindir, path, args)
-    if not args.skip_espalier:
+               "rounds": args.rounds, "llama_cpp": {}, "espalier": {}}
+    # Every configuration once per round, llama.cpp's and Espalier's in turn, so a machine
+    # whose speed drifts by tens of percent within minutes (shared memory bandwidth) moves
+    # both sides alike; each figure is the mean over the rounds, its spread shown beside it.
+    llama_samples = {fmt: [] for fmt in models}
+    espalier_samples = {}
+    for rnd in range(1, args.rounds + 1):
+        for fmt, path in models.items():
+            if any(isinstance(x, str) for x in llama_samples[fmt]):
+                continue  # failed once: left out from then on
+            log(f"round {rnd}/{args.rounds}: llama-bench {fmt}")
+            llama_samples[fmt].append(llama_bench(bindir, path, args))
+        if args.skip_espalier:
+            continue
         # The dense pipeline (no stages) gives dense bf16 and int8: every linear packed.
-        runs = [(DENSE_PIPELINE, s) for s in ["bf16", "int8"]]
-        runs += [(args.pipeline, s) for s in ["f32", "bf16", "int8"]]
-        for pipeline, storage in runs:
-            log(f"espalier bench decode {pipeline} (storage {storage})")
-            e = espalier_bench(args, pipeline, storage)
-            results["espalier"]["dense f32"] = e["dense"]
-            name = "dense" if pipeline == DENSE_PIPELINE else e["pipeline"]
-            results["espalier"][f"{name} {storage}"] = e["pruned"]
-            results["memory_bandwidth_gbps"] = e.get("memory_bandwidth_gbps")
+        runs = [(DENSE_PIPELINE, s, None) for s in ["bf16", "int8"]]
+        runs += [(args.pipeline, s, None) for s in ["f32", "bf16", "int8"]]
         for model in args.pruned_model:
-            name = os.path.basename(os.path.normpath(model))
             # A packed export runs in the formats and dtype it was packed in, whatever is asked.
             packed = os.path.exists(os.path.join(model, "packed.safetensors"))
-            for storage in ["packed"] if packed else ["bf16", "int8"]:
-                log(f"espalier bench decode {model} (storage {storage})")
-                e = espalier_bench(args, args.pruned_pipeline,
-                                   "f32" if packed else storage, model=model)
-                results["espalier"][f"{name} {storage}"] = e["pruned"]
+            runs += [(args.pruned_pipeline, s, model)
+                     for s in (["packed"] if packed else ["bf16", "int8"])]
+        for pipeline, storage, model in runs:
+            what = model or pipeline
+            log(f"round {rnd}/{args.rounds}: espalier bench decode {what} (storage {storage})")
+            if model is None:
+                e = espalier_bench(args, pipeline, storage)
+                espalier_samples.setdefault("dense f32", []).append(e["dense"])
+                name = "dense" if pipeline == DENSE_PIPELINE else e["pipeline"]
+            else:
+                e = espalier_bench(args, pipeline, "f32" if storage == "packed" else storage,
+                                   model=model)
+                name = os.path.basename(os.path.normpath(model))
+            espalier_samples.setdefault(f"{name} {storage}", []).append(e["pruned"])
+            results.setdefault("memory_bandwidth_gbps_per_run", []).append(
+                e.get("memory_bandwidth_gbps"))
+    for fmt, samples in llama_samples.items():
+        failed = next((x for x in samples if isinstance(x, str)), None)
+        results["llama_cpp"][fmt] = failed or mean_of(samples)
+    for name, samples in espalier_samples.items():
+        results["espalier"][name] = mean_of(samples)
+    probes = [b for b in results.get("memory_bandwidth_gbps_per_run", []) if b]
+    if probes:
+        results["memory_bandwidth_gbps"] = sum(probes) / len(probes)
 
     failed = {k: v for k, v in results["llama_cpp"].items() if isinstance(v, str)}
     for k in failed:
@@ -218,22 +255,26 @@ def main():
     rows = [(f"llama.cpp {k}", v) for k, v in results["llama_cpp"].items()]
     rows += [(f"espalier {k}", v) for k, v in results["espalier"].items()]
     width = max(34, *(len(n) for n, _ in rows))
-    print(f"{'engine / weights':{width}} {'decode tok/s':>12} {'ms/token':>9} {'vs llama.cpp F32':>17}"
-          f" {'prefill tok/s':>14} {'MB/token':>9} {'GB/s':>6}")
+    print(f"{'engine / weights':{width}} {'decode tok/s':>12} {'rounds':>17} {'ms/token':>9}"
+          f" {'vs llama.cpp F32':>17} {'prefill tok/s':>14} {'MB/token':>9} {'GB/s':>6}")
     for name, v in rows:
         # llama-bench reports the file size; Espalier the bytes of weights a decode step reads.
         mb = v.get("weight_bytes_per_token") or v.get("model_bytes") or 0
         gbs = mb * v["decode_tokens_per_s"] / 1e9
-        print(f"{name:{width}} {v['decode_tokens_per_s']:12.1f} {v['ms_per_token']:9.2f} "
+        spread = v.get("decode_tokens_per_s_rounds", [])
+        spread = f"{min(spread):.1f}-{max(spread):.1f}" if spread else ""
+        print(f"{name:{width}} {v['decode_tokens_per_s']:12.1f} {spread:>17} {v['ms_per_token']:9.2f} "
               f"{v['decode_tokens_per_s'] / base:16.2f}x {v['prefill_tokens_per_s']:14.1f}"
               f" {mb / 1e6:9.1f} {gbs:6.1f}")
     for k, why in failed.items():
         print(f"llama.cpp {k}: llama-bench {why}")
     if results.get("memory_bandwidth_gbps"):
-        print(f"memory read bandwidth probed by espalier in this run: "
+        print(f"memory read bandwidth probed by espalier, mean over this run's calls: "
               f"{results['memory_bandwidth_gbps']:.1f} GB/s")
     print(f"({args.threads} threads, {args.prompt_tokens}-token prompt, {args.new_tokens} new "
-          f"tokens; llama.cpp from llama-cpp-python {LLAMA_CPP_PYTHON}, mean of {args.reps} runs)")
+          f"tokens; llama.cpp from llama-cpp-python {LLAMA_CPP_PYTHON}; means of {args.rounds} "
+          f"rounds, llama.cpp's and Espalier's runs in turn, {args.reps} llama-bench "
+          f"repetition(s) per round; 'rounds': lowest-highest decode tok/s)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

@@ -751,9 +751,9 @@ impl Session {
                     .try_for_each(|(i, (cache, out))| attend(i, cache, out))?;
             }
             let ctx = Tensor::from_vec(ctx, (total, heads * d), &Device::Cpu)?;
-            let x1 = (&x + block.o.forward(&ctx)?)?;
+            let x1 = ops::add(&x, &block.o.forward(&ctx)?)?;
             let h = block.mlp_norm.forward(&x1)?;
-            x = (&x1 + self.mlp(block, &h, &mut None)?)?;
+            x = ops::add(&x1, &self.mlp(block, &h, &mut None)?)?;
         }
         for ((cache, start), n) in caches.iter_mut().zip(starts).zip(&lens) {
             cache.len = start + n;
@@ -891,10 +891,10 @@ impl Session {
         let block = &self.blocks[layer];
         let h = block.attn_norm.forward(x)?;
         let attn = self.attention(block, layer, &h, start, rope, cache, observer)?;
-        let x = (x + attn)?;
+        let x = ops::add(x, &attn)?;
         let h = block.mlp_norm.forward(&x)?;
         let mlp = self.mlp(block, &h, observer)?;
-        Ok((x + mlp)?)
+        ops::add(&x, &mlp)
     }
 
     /// The block's MLP on its normed input `h`.
@@ -1018,7 +1018,7 @@ impl Session {
         let mut observer = Some(observer);
         let h = block.attn_norm.forward(x)?;
         let attn = self.attention(block, layer, &h, 0, rope.as_ref(), None, &mut observer)?;
-        let x = (x + attn)?;
+        let x = ops::add(x, &attn)?;
         let h = block.mlp_norm.forward(&x)?;
         match &block.mlp {
             Mlp::Gated { gate, up, down } => {

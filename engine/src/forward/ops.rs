@@ -302,6 +302,21 @@ pub(crate) fn causal_softmax(
     new_tensor(out, scores.dims())
 }
 
+/// One decode step's attention inputs for the per-head kernels: `q: [heads · d]`, a layer's
+/// cache buffers `k`, `v`: `[kv_heads, capacity, d]` with positions `0..visible` valid, `group`
+/// query heads per KV head, scores scaled by `scale`.
+#[derive(Clone, Copy)]
+struct Attend<'a> {
+    q: &'a [f32],
+    k: &'a [f32],
+    v: &'a [f32],
+    capacity: usize,
+    visible: usize,
+    group: usize,
+    d: usize,
+    scale: f32,
+}
+
 /// Attention of one query token over the cached keys and values, straight from the cache's
 /// buffers: what every decode step runs. `q: [heads · d]` (RoPE applied); `k`, `v`: a layer's
 /// cache buffers `[kv_heads, capacity, d]`, of which positions `0..visible` are valid; query
@@ -336,21 +351,31 @@ pub(crate) fn attend_one(
             "internal: decode attention shape mismatch".into(),
         ));
     }
+    let args = Attend {
+        q,
+        k,
+        v,
+        capacity,
+        visible,
+        group,
+        d,
+        scale,
+    };
     let run = |hs: Range<usize>, out: &mut [f32]| {
         #[cfg(target_arch = "x86_64")]
         if avx512_head_dim(d) && std::arch::is_x86_feature_detected!("avx512f") {
             // SAFETY: AVX-512F is present (checked just above), a head dimension it takes;
             // shapes were checked above.
-            unsafe { attend_heads_avx512(q, k, v, capacity, visible, hs, group, d, scale, out) };
+            unsafe { attend_heads_avx512(&args, hs, out) };
             return;
         }
         #[cfg(target_arch = "x86_64")]
         if std::arch::is_x86_feature_detected!("avx2") {
             // SAFETY: AVX2 is present (checked just above).
-            unsafe { attend_heads_avx2(q, k, v, capacity, visible, hs, group, d, scale, out) };
+            unsafe { attend_heads_avx2(&args, hs, out) };
             return;
         }
-        attend_heads(q, k, v, capacity, visible, hs, group, d, scale, out);
+        attend_heads(&args, hs, out);
     };
     // The heads are independent: split them over two threads once the cache is long enough
     // that the work (every visible key and value of every head) outweighs waking one.
@@ -398,19 +423,17 @@ fn avx512_head_dim(d: usize) -> bool {
 /// `ctx.len() == heads.len() * d`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn attend_heads_avx512(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    capacity: usize,
-    visible: usize,
-    heads: Range<usize>,
-    group: usize,
-    d: usize,
-    scale: f32,
-    ctx: &mut [f32],
-) {
+unsafe fn attend_heads_avx512(a: &Attend<'_>, heads: Range<usize>, ctx: &mut [f32]) {
+    let Attend {
+        q,
+        k,
+        v,
+        capacity,
+        visible,
+        group,
+        d,
+        scale,
+    } = *a;
     let mut weights = vec![0f32; 2 * HEADS_AT_ONCE * visible];
     let first = heads.start;
     let mut h0 = heads.start;
@@ -536,38 +559,24 @@ impl Chunk<'_> {
 /// The CPU must support AVX2.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn attend_heads_avx2(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    capacity: usize,
-    visible: usize,
-    heads: Range<usize>,
-    group: usize,
-    d: usize,
-    scale: f32,
-    ctx: &mut [f32],
-) {
-    attend_heads(q, k, v, capacity, visible, heads, group, d, scale, ctx);
+unsafe fn attend_heads_avx2(a: &Attend<'_>, heads: Range<usize>, ctx: &mut [f32]) {
+    attend_heads(a, heads, ctx);
 }
 
 /// The body of [`attend_one`] for the query heads `heads`, whose outputs `ctx` holds
 /// (`heads.len() · d` values); shapes already checked.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn attend_heads(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    capacity: usize,
-    visible: usize,
-    heads: Range<usize>,
-    group: usize,
-    d: usize,
-    scale: f32,
-    ctx: &mut [f32],
-) {
+fn attend_heads(a: &Attend<'_>, heads: Range<usize>, ctx: &mut [f32]) {
+    let Attend {
+        q,
+        k,
+        v,
+        capacity,
+        visible,
+        group,
+        d,
+        scale,
+    } = *a;
     let mut scores = vec![0f32; visible];
     let mut probs = vec![0f32; visible];
     let first = heads.start;
@@ -631,6 +640,43 @@ pub(crate) fn merge_heads_into(
         }
         Ok(())
     })
+}
+
+/// `x + y` for the residual stream (same shapes), on rayon's pool for large inputs.
+///
+/// candle's elementwise add splits anything over 64k values over its own thread pool, whose
+/// worker then spins for up to 25,000 pauses after each op: beside rayon's two workers on two
+/// cores that spinner took about 15% of a 128-token prefill's CPU time.
+pub(crate) fn add(x: &Tensor, y: &Tensor) -> Result<Tensor, EngineError> {
+    if x.dims() != y.dims() {
+        return Err(EngineError::Input(format!(
+            "internal: residual add of shapes {:?} and {:?}",
+            x.dims(),
+            y.dims()
+        )));
+    }
+    let out = with_f32(x, |a| {
+        with_f32(y, |b| {
+            let mut out = vec![0f32; a.len()];
+            let f = |(o, (a, b)): (&mut [f32], (&[f32], &[f32]))| {
+                for ((o, &a), &b) in o.iter_mut().zip(a).zip(b) {
+                    *o = a + b;
+                }
+            };
+            if a.len() >= PAR_MIN_ELEMS {
+                out.par_chunks_mut(PAR_MIN_ELEMS / 4)
+                    .zip(
+                        a.par_chunks(PAR_MIN_ELEMS / 4)
+                            .zip(b.par_chunks(PAR_MIN_ELEMS / 4)),
+                    )
+                    .for_each(f);
+            } else {
+                f((&mut out, (a, b)));
+            }
+            Ok(out)
+        })
+    })?;
+    new_tensor(out, x.dims())
 }
 
 /// `silu(gate) · up`, the SwiGLU activation.
@@ -805,6 +851,21 @@ mod tests {
         assert!(worst < 2e-7, "worst relative error {worst}");
         assert_eq!(fast_exp(0.0), 1.0);
         assert!(fast_exp(-1000.0) < 1e-37 && fast_exp(1000.0).is_finite());
+    }
+
+    /// The residual add equals candle's on the pool's path (more than `PAR_MIN_ELEMS` values,
+    /// a ragged last chunk) and on the calling thread's, and refuses mismatched shapes.
+    #[test]
+    fn residual_add_equals_candles_and_checks_shapes() {
+        for n in [7, 3 * PAR_MIN_ELEMS + 5] {
+            let a: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin()).collect();
+            let b: Vec<f32> = (0..n).map(|i| (i as f32 * 0.11).cos()).collect();
+            let (x, y) = (t(&a, &[n]), t(&b, &[n]));
+            let got = add(&x, &y).unwrap().to_vec1::<f32>().unwrap();
+            let want = (&x + &y).unwrap().to_vec1::<f32>().unwrap();
+            assert_eq!(got, want, "{n} values");
+        }
+        assert!(add(&t(&[1.0, 2.0], &[2]), &t(&[1.0], &[1])).is_err());
     }
 
     #[test]
