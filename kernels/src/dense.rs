@@ -318,12 +318,38 @@ fn small_batch<T: Element>(
     let bounds = row_bounds::<T>(exec, rows, cols);
     let out = SharedOut::new(y);
     let isa = exec.isa.effective();
+    // bf16 on AVX512-BF16 multiplies pairs, as the single-token GEMV does: every token's
+    // activations rounded to bf16 pairs once for all tasks. From 4 tokens: at 2 the tile's
+    // reductions cost more than the multiplies saved (`batch_bench 1,2,4,8 bf16`: 2 tokens
+    // 0.85-0.92x the widening kernel, 4 tokens 1.11x, 8 tokens 1.22x).
+    #[cfg(target_arch = "x86_64")]
+    let xb = match T::bf16_bits(w) {
+        Some(_) if tokens >= 4 && cols > 0 && crate::gemm_bf16::available(isa) => {
+            Some(crate::gemm_bf16::pack_activations(x, tokens, cols))
+        }
+        _ => None,
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let xb: Option<Vec<u32>> = None;
     par::for_each_bound(&bounds, |units| {
         let r = units.start * 4..(units.end * 4).min(rows);
         // Each task writes only the columns `r` of Y (its own rows of W).
-        small_batch_rows(isa, w, scales, cols, r, x, tokens, out, rows);
+        let batch = Batch {
+            x,
+            xb: xb.as_deref(),
+            tokens,
+        };
+        small_batch_rows(isa, w, scales, cols, r, &batch, out, rows);
     });
     Ok(())
+}
+
+/// The activations of a small batch: `x` (`[tokens, cols]`) and, for bf16 weights on
+/// AVX512-BF16, the same rounded to bf16 pairs (`[tokens, cols.div_ceil(2)]`).
+struct Batch<'a> {
+    x: &'a [f32],
+    xb: Option<&'a [u32]>,
+    tokens: usize,
 }
 
 /// Rows `r` of `Y = X·Wᵀ` into `out` (`[tokens, rows_total]`).
@@ -334,32 +360,57 @@ fn small_batch_rows<T: Element>(
     scales: Option<&[f32]>,
     cols: usize,
     r: Range<usize>,
-    x: &[f32],
-    tokens: usize,
+    batch: &Batch<'_>,
     out: SharedOut,
     rows_total: usize,
 ) {
+    let (x, tokens) = (batch.x, batch.tokens);
     assert!(r.end * cols <= w.len() && x.len() == tokens * cols && r.end <= rows_total);
     let mut r = r;
     #[cfg(target_arch = "x86_64")]
     if isa == Isa::Avx512 && tokens >= 4 {
-        // 4 rows x 4 tokens per register tile (see `x86::dot_tile`); leftover rows below.
+        // 4 rows x 4 tokens per register tile: `vdpbf16ps` on bf16 pairs where `batch.xb`
+        // exists (`x86::dot_tile_bf16_dp`), else widened weights and FMAs (`x86::dot_tile`);
+        // leftover rows below.
+        let pairs = cols.div_ceil(2);
+        let dp = T::bf16_bits(w).zip(batch.xb);
+        if let Some((_, xb)) = dp {
+            assert!(xb.len() == tokens * pairs);
+        }
         while r.end - r.start >= 4 {
             let r0 = r.start;
             let mut t0 = 0;
             while t0 < tokens {
                 let n = (tokens - t0).min(4);
                 let mut dots = [[0.0f32; 4]; 4];
-                let wp = &w[r0 * cols..(r0 + 4) * cols];
                 let xs = &x[t0 * cols..(t0 + n) * cols];
-                // SAFETY: `isa` is effective (AVX-512F present); `wp` holds 4 rows of `cols`
-                // and `xs` holds `n` tokens of `cols` (sliced just above).
-                unsafe {
-                    match n {
-                        4 => x86::dot_tile::<T, 4>(wp, cols, xs, &mut dots),
-                        3 => x86::dot_tile::<T, 3>(wp, cols, xs, &mut dots),
-                        2 => x86::dot_tile::<T, 2>(wp, cols, xs, &mut dots),
-                        _ => x86::dot_tile::<T, 1>(wp, cols, xs, &mut dots),
+                match dp {
+                    Some((bits, xb)) => {
+                        let wp = &bits[r0 * cols..(r0 + 4) * cols];
+                        let xbs = &xb[t0 * pairs..(t0 + n) * pairs];
+                        // SAFETY: `isa` is effective and `xb` exists only where AVX512-BF16
+                        // does; `wp` holds 4 rows of `cols`, `xs` and `xbs` `n` tokens.
+                        unsafe {
+                            match n {
+                                4 => x86::dot_tile_bf16_dp::<4>(wp, cols, xbs, xs, &mut dots),
+                                3 => x86::dot_tile_bf16_dp::<3>(wp, cols, xbs, xs, &mut dots),
+                                2 => x86::dot_tile_bf16_dp::<2>(wp, cols, xbs, xs, &mut dots),
+                                _ => x86::dot_tile_bf16_dp::<1>(wp, cols, xbs, xs, &mut dots),
+                            }
+                        }
+                    }
+                    None => {
+                        let wp = &w[r0 * cols..(r0 + 4) * cols];
+                        // SAFETY: `isa` is effective (AVX-512F present); `wp` holds 4 rows of
+                        // `cols` and `xs` holds `n` tokens of `cols` (sliced just above).
+                        unsafe {
+                            match n {
+                                4 => x86::dot_tile::<T, 4>(wp, cols, xs, &mut dots),
+                                3 => x86::dot_tile::<T, 3>(wp, cols, xs, &mut dots),
+                                2 => x86::dot_tile::<T, 2>(wp, cols, xs, &mut dots),
+                                _ => x86::dot_tile::<T, 1>(wp, cols, xs, &mut dots),
+                            }
+                        }
                     }
                 }
                 for (i, row_dots) in dots.iter().enumerate() {
@@ -737,6 +788,57 @@ mod x86 {
                     let mut s = _mm512_reduce_add_ps(a[t]);
                     for k in c..cols {
                         s += (*wp.add(i * cols + k)).to_f32() * *xp.add(t * cols + k);
+                    }
+                    d[t] = s;
+                }
+            }
+        }
+    }
+
+    /// [`dot_tile`] for bf16 weights on AVX512-BF16: per 32 columns 4 weight loads (each row's
+    /// pairs as stored) and NT activation-pair loads for 4·NT `vdpbf16ps`, half the
+    /// multiply instructions of widening the weights for f32 FMAs and none of the widening.
+    /// The activations are `xb`, rounded to bf16 pairs (`[NT, cols.div_ceil(2)]`); the last
+    /// `cols % 32` columns use the exact `xs`.
+    ///
+    /// # Safety
+    /// AVX-512F and AVX512-BF16 available; `w.len() == 4 * cols`; `xs.len() == NT * cols`;
+    /// `xb.len() == NT * cols.div_ceil(2)`; `1 ≤ NT ≤ 4`.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub(super) unsafe fn dot_tile_bf16_dp<const NT: usize>(
+        w: &[u16],
+        cols: usize,
+        xb: &[u32],
+        xs: &[f32],
+        dots: &mut [[f32; 4]; 4],
+    ) {
+        let pairs = cols.div_ceil(2);
+        debug_assert!(w.len() == 4 * cols && xs.len() == NT * cols && xb.len() == NT * pairs);
+        let (wp, xp) = (w.as_ptr(), xb.as_ptr());
+        let mut acc = [[_mm512_setzero_ps(); NT]; 4];
+        let blocks = cols / 32;
+        // SAFETY: block reads end at column `blocks * 32 <= cols` of each of the 4 rows and at
+        // pair `blocks * 16 <= pairs` of each of the NT tokens (contract); `__m512bh` is 64
+        // plain bytes.
+        unsafe {
+            for b in 0..blocks {
+                let wv: [__m512bh; 4] = std::array::from_fn(|i| {
+                    std::mem::transmute(_mm512_loadu_si512(wp.add(i * cols + 32 * b).cast()))
+                });
+                for t in 0..NT {
+                    let xv: __m512bh =
+                        std::mem::transmute(_mm512_loadu_si512(xp.add(t * pairs + 16 * b).cast()));
+                    for (a, &wr) in acc.iter_mut().zip(&wv) {
+                        a[t] = _mm512_dpbf16_ps(a[t], wr, xv);
+                    }
+                }
+            }
+            for (i, (d, a)) in dots.iter_mut().zip(&acc).enumerate() {
+                for t in 0..NT {
+                    let mut s = _mm512_reduce_add_ps(a[t]);
+                    for k in blocks * 32..cols {
+                        s += f32::from_bits(u32::from(*wp.add(i * cols + k)) << 16)
+                            * *xs.get_unchecked(t * cols + k);
                     }
                     d[t] = s;
                 }

@@ -108,22 +108,18 @@ fn assert_within_quantization(
 }
 
 /// Whether this GEMM may run on AVX512-BF16 with its activations rounded to bf16: dense and
-/// compact (a dense matrix of the kept columns) bf16 at one token (the GEMV's `vdpbf16ps`)
-/// and from [`crate::lanes::MIN_TOKENS`] tokens (`lanes`; `gemm_bf16` on AMX past the
-/// small-batch range), N:M bf16 prefill past the small-batch range (`gemm_bf16`), on CPUs
-/// that have it.
+/// compact (a dense matrix of the kept columns) bf16 at one token (the GEMV's `vdpbf16ps`) and
+/// from 4 (the small-batch tile's, `lanes` from [`crate::lanes::MIN_TOKENS`], `gemm_bf16` on
+/// AMX), N:M bf16 prefill past the small-batch range (`gemm_bf16`), a VBMI2 bitmap's batches
+/// of 4 or more tokens (expanded to dense rows), on CPUs that have it.
 fn bf16_activations(format: Format, dtype: Dtype, tokens: usize, exec: Exec) -> bool {
     if tokens == 1 && matches!(format, Format::Dense | Format::Compact) {
         return dtype == Dtype::Bf16 && crate::gemm_bf16::available(exec.isa);
     }
     let from = match format {
-        // Dense rows (a compact matrix's kept columns are dense) run the tokens-in-lanes
-        // GEMM from its smallest batch on (when their column count is even: loose either way).
-        Format::Dense | Format::Compact => crate::lanes::MIN_TOKENS,
+        Format::Dense | Format::Compact => 4,
         Format::NM { .. } => crate::SMALL_BATCH + 1,
-        // A bf16 bitmap with the VBMI2 expand runs its batches as dense rows (when at least
-        // 1/8 is kept: loose either way).
-        Format::Bitmap if crate::bitmap::vbmi2_expand() => crate::lanes::MIN_TOKENS,
+        Format::Bitmap if crate::bitmap::vbmi2_expand() => 4,
         _ => return false,
     };
     dtype == Dtype::Bf16 && tokens >= from && crate::gemm_bf16::available(exec.isa)
