@@ -118,7 +118,7 @@ def ggufs(bindir, work, q4_1):
 
 
 def llama_bench(bindir, model, args):
-    """llama-bench's prefill (pp) and decode (tg) tokens/s, mean over --reps repetitions; a
+    """llama-bench's prefill (pp) and decode (tg) tokens/s, mean over its --reps repetitions (one round); a
     string saying how it failed when llama-bench does not finish (its Q8_0 run has crashed
     with SIGSEGV on an AMX machine), so the other formats are still compared."""
     cmd = [os.path.join(bindir, "llama-bench"), "-m", model, "-t", str(args.threads),

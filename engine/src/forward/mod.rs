@@ -695,7 +695,7 @@ impl Session {
                 .flat_map(|(&s, &n)| (s..s + n).map(|p| p as u32))
                 .collect();
             let at = Tensor::from_vec(at, total, &Device::Cpu)?;
-            x = (x + pos.index_select(&at, 0)?)?;
+            x = ops::add(&x, &pos.index_select(&at, 0)?)?;
         }
         let ropes: Vec<Option<RopeTable>> = starts
             .iter()
@@ -857,7 +857,7 @@ impl Session {
         let ids = Tensor::from_slice(tokens, t, &Device::Cpu)?;
         let mut x = self.embed.index_select(&ids, 0)?;
         if let Some(pos) = &self.pos_embed {
-            x = (x + pos.narrow(0, start, t)?)?;
+            x = ops::add(&x, &pos.narrow(0, start, t)?)?;
         }
         let rope = self
             .rope_theta
@@ -967,7 +967,7 @@ impl Session {
         let ids = Tensor::from_slice(tokens, t, &Device::Cpu)?;
         let x = self.embed.index_select(&ids, 0)?;
         Ok(match &self.pos_embed {
-            Some(pos) => (x + pos.narrow(0, 0, t)?)?,
+            Some(pos) => ops::add(&x, &pos.narrow(0, 0, t)?)?,
             None => x,
         })
     }

@@ -317,6 +317,18 @@ struct Attend<'a> {
     scale: f32,
 }
 
+impl Attend<'_> {
+    /// The visible cached keys of KV head `g`, `[visible, d]`.
+    fn keys(&self, g: usize) -> &[f32] {
+        &self.k[g * self.capacity * self.d..][..self.visible * self.d]
+    }
+
+    /// The visible cached values of KV head `g`, `[visible, d]`.
+    fn values(&self, g: usize) -> &[f32] {
+        &self.v[g * self.capacity * self.d..][..self.visible * self.d]
+    }
+}
+
 /// Attention of one query token over the cached keys and values, straight from the cache's
 /// buffers: what every decode step runs. `q: [heads · d]` (RoPE applied); `k`, `v`: a layer's
 /// cache buffers `[kv_heads, capacity, d]`, of which positions `0..visible` are valid; query
@@ -424,29 +436,20 @@ fn avx512_head_dim(d: usize) -> bool {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn attend_heads_avx512(a: &Attend<'_>, heads: Range<usize>, ctx: &mut [f32]) {
-    let Attend {
-        q,
-        k,
-        v,
-        capacity,
-        visible,
-        group,
-        d,
-        scale,
-    } = *a;
+    let (visible, d) = (a.visible, a.d);
     let mut weights = vec![0f32; 2 * HEADS_AT_ONCE * visible];
     let first = heads.start;
     let mut h0 = heads.start;
     while h0 < heads.end {
         // Heads h0..h1 share KV head `g`: at most HEADS_AT_ONCE of them, never past the group.
-        let g = h0 / group;
-        let h1 = heads.end.min((g + 1) * group).min(h0 + HEADS_AT_ONCE);
+        let g = h0 / a.group;
+        let h1 = heads.end.min((g + 1) * a.group).min(h0 + HEADS_AT_ONCE);
         let chunk = Chunk {
-            q: &q[h0 * d..h1 * d],
-            k: &k[g * capacity * d..][..visible * d],
-            v: &v[g * capacity * d..][..visible * d],
+            q: &a.q[h0 * d..h1 * d],
+            k: a.keys(g),
+            v: a.values(g),
             visible,
-            scale,
+            scale: a.scale,
         };
         let out = &mut ctx[(h0 - first) * d..(h1 - first) * d];
         // SAFETY: AVX-512F present (contract); each arm's NH is the chunk's head count
@@ -567,32 +570,23 @@ unsafe fn attend_heads_avx2(a: &Attend<'_>, heads: Range<usize>, ctx: &mut [f32]
 /// (`heads.len() · d` values); shapes already checked.
 #[inline(always)]
 fn attend_heads(a: &Attend<'_>, heads: Range<usize>, ctx: &mut [f32]) {
-    let Attend {
-        q,
-        k,
-        v,
-        capacity,
-        visible,
-        group,
-        d,
-        scale,
-    } = *a;
-    let mut scores = vec![0f32; visible];
-    let mut probs = vec![0f32; visible];
+    let (d, scale) = (a.d, a.scale);
+    let mut scores = vec![0f32; a.visible];
+    let mut probs = vec![0f32; a.visible];
     let first = heads.start;
     for h in heads {
-        let base = (h / group) * capacity * d;
-        let qh = &q[h * d..][..d];
-        for (j, s) in scores.iter_mut().enumerate() {
-            *s = dot(qh, &k[base + j * d..][..d]);
+        let (keys, values) = (a.keys(h / a.group), a.values(h / a.group));
+        let qh = &a.q[h * d..][..d];
+        for (s, key) in scores.iter_mut().zip(keys.chunks_exact(d)) {
+            *s = dot(qh, key);
         }
         let max = max_f32(&scores) * scale;
         let inv = 1.0 / exp_into(&scores, &mut probs, scale, max);
         let out = &mut ctx[(h - first) * d..][..d];
         out.fill(0.0);
-        for (j, &p) in probs.iter().enumerate() {
+        for (&p, value) in probs.iter().zip(values.chunks_exact(d)) {
             let w = p * inv;
-            for (o, &x) in out.iter_mut().zip(&v[base + j * d..][..d]) {
+            for (o, &x) in out.iter_mut().zip(value) {
                 *o += w * x;
             }
         }
@@ -648,61 +642,50 @@ pub(crate) fn merge_heads_into(
 /// worker then spins for up to 25,000 pauses after each op: beside rayon's two workers on two
 /// cores that spinner took about 15% of a 128-token prefill's CPU time.
 pub(crate) fn add(x: &Tensor, y: &Tensor) -> Result<Tensor, EngineError> {
+    zip_map(x, y, "residual add", |a, b| a + b)
+}
+
+/// `silu(gate) · up`, the SwiGLU activation.
+pub(crate) fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor, EngineError> {
+    zip_map(gate, up, "SwiGLU", |g, u| g / (1.0 + fast_exp(-g)) * u)
+}
+
+/// `f(x, y)` element by element for two tensors of one shape, on rayon's pool from
+/// [`PAR_MIN_ELEMS`] values (in chunks of a quarter of that); `what` names the op in the
+/// shape error.
+fn zip_map(
+    x: &Tensor,
+    y: &Tensor,
+    what: &str,
+    f: impl Fn(f32, f32) -> f32 + Sync + Send,
+) -> Result<Tensor, EngineError> {
     if x.dims() != y.dims() {
         return Err(EngineError::Input(format!(
-            "internal: residual add of shapes {:?} and {:?}",
+            "internal: {what} of shapes {:?} and {:?}",
             x.dims(),
             y.dims()
         )));
     }
+    const CHUNK: usize = PAR_MIN_ELEMS / 4;
     let out = with_f32(x, |a| {
         with_f32(y, |b| {
             let mut out = vec![0f32; a.len()];
-            let f = |(o, (a, b)): (&mut [f32], (&[f32], &[f32]))| {
+            let run = |(o, (a, b)): (&mut [f32], (&[f32], &[f32]))| {
                 for ((o, &a), &b) in o.iter_mut().zip(a).zip(b) {
-                    *o = a + b;
+                    *o = f(a, b);
                 }
             };
             if a.len() >= PAR_MIN_ELEMS {
-                out.par_chunks_mut(PAR_MIN_ELEMS / 4)
-                    .zip(
-                        a.par_chunks(PAR_MIN_ELEMS / 4)
-                            .zip(b.par_chunks(PAR_MIN_ELEMS / 4)),
-                    )
-                    .for_each(f);
+                out.par_chunks_mut(CHUNK)
+                    .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
+                    .for_each(run);
             } else {
-                f((&mut out, (a, b)));
+                run((&mut out, (a, b)));
             }
             Ok(out)
         })
     })?;
     new_tensor(out, x.dims())
-}
-
-/// `silu(gate) · up`, the SwiGLU activation.
-pub(crate) fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor, EngineError> {
-    let width = *gate.dims().last().unwrap_or(&1);
-    let out = with_f32(gate, |g| {
-        with_f32(up, |u| {
-            let mut out = vec![0f32; g.len()];
-            let f = |(o, (g, u)): (&mut [f32], (&[f32], &[f32]))| {
-                for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
-                    *o = g / (1.0 + fast_exp(-g)) * u;
-                }
-            };
-            if g.len() >= PAR_MIN_ELEMS {
-                out.par_chunks_mut(width)
-                    .zip(g.par_chunks(width).zip(u.par_chunks(width)))
-                    .for_each(f);
-            } else {
-                out.chunks_mut(width)
-                    .zip(g.chunks(width).zip(u.chunks(width)))
-                    .for_each(f);
-            }
-            Ok(out)
-        })
-    })?;
-    new_tensor(out, gate.dims())
 }
 
 /// An MLP activation of a non-gated MLP (GPT-2), by its transformers name.
