@@ -40,7 +40,6 @@ LLAMA_CPP_PYTHON = "0.3.36"
 SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
 TARGETS = ["llama-bench", "llama-quantize", "llama-server"]
 FORMATS = ["F32", "BF16", "Q8_0"]
-DENSE_PIPELINE = "pipelines/smollm2-dense.toml"
 
 
 def log(msg):
@@ -157,8 +156,9 @@ def espalier_bench(args, pipeline, storage, model="fetch:smollm2-135m-instruct")
     cmd = [args.espalier, "bench", "decode", model]
     if pipeline:
         cmd += ["--pipeline", pipeline]
+    # One decode of each per call: this script interleaves its own rounds.
     r = run(cmd + ["--prompt-tokens", str(args.prompt_tokens), "--new-tokens",
-                   str(args.new_tokens), "--storage", storage, "--json"],
+                   str(args.new_tokens), "--storage", storage, "--rounds", "1", "--json"],
             capture_output=True, text=True, env=env)
     return json.loads(r.stdout)
 
@@ -214,9 +214,9 @@ def main():
             llama_samples[fmt].append(llama_bench(bindir, path, args))
         if args.skip_espalier:
             continue
-        # The dense pipeline (no stages) gives dense bf16 and int8: every linear packed.
-        runs = [(DENSE_PIPELINE, s, None) for s in ["bf16", "int8"]]
-        runs += [(args.pipeline, s, None) for s in ["f32", "bf16", "int8"]]
+        # Each `bench decode` times the dense model in the pruned one's storage, in the same
+        # process, so every run gives a dense figure too (f32, bf16, int8).
+        runs = [(args.pipeline, s, None) for s in ["f32", "bf16", "int8"]]
         for model in args.pruned_model:
             # A packed export runs in the formats and dtype it was packed in, whatever is asked.
             packed = os.path.exists(os.path.join(model, "packed.safetensors"))
@@ -227,13 +227,13 @@ def main():
             log(f"round {rnd}/{args.rounds}: espalier bench decode {what} (storage {storage})")
             if model is None:
                 e = espalier_bench(args, pipeline, storage)
-                espalier_samples.setdefault("dense f32", []).append(e["dense"])
-                name = "dense" if pipeline == DENSE_PIPELINE else e["pipeline"]
+                name = e["pipeline"]
             else:
                 e = espalier_bench(args, pipeline, "f32" if storage == "packed" else storage,
                                    model=model)
                 name = os.path.basename(os.path.normpath(model))
-            espalier_samples.setdefault(f"{name} {storage}", []).append(e["pruned"])
+            espalier_samples.setdefault(f"dense {e['dense_storage']}", []).append(e["dense"])
+            espalier_samples.setdefault(f"{name} {e['storage']}", []).append(e["pruned"])
             results.setdefault("memory_bandwidth_gbps_per_run", []).append(
                 e.get("memory_bandwidth_gbps"))
     for fmt, samples in llama_samples.items():
@@ -256,15 +256,20 @@ def main():
     rows += [(f"espalier {k}", v) for k, v in results["espalier"].items()]
     width = max(34, *(len(n) for n, _ in rows))
     print(f"{'engine / weights':{width}} {'decode tok/s':>12} {'rounds':>17} {'ms/token':>9}"
-          f" {'vs llama.cpp F32':>17} {'prefill tok/s':>14} {'MB/token':>9} {'GB/s':>6}")
+          f" {'vs llama.cpp F32':>17} {'vs dense':>9} {'prefill tok/s':>14} {'MB/token':>9}"
+          f" {'GB/s':>6}")
     for name, v in rows:
+        # Espalier's pruned rows against its dense model in the same dtype (same processes).
+        dense = results["espalier"].get("dense " + name.split()[-1])
+        vs_dense = (f"{v['decode_tokens_per_s'] / dense['decode_tokens_per_s']:8.2f}x"
+                    if name.startswith("espalier") and dense and dense is not v else "")
         # llama-bench reports the file size; Espalier the bytes of weights a decode step reads.
         mb = v.get("weight_bytes_per_token") or v.get("model_bytes") or 0
         gbs = mb * v["decode_tokens_per_s"] / 1e9
         spread = v.get("decode_tokens_per_s_rounds", [])
         spread = f"{min(spread):.1f}-{max(spread):.1f}" if spread else ""
         print(f"{name:{width}} {v['decode_tokens_per_s']:12.1f} {spread:>17} {v['ms_per_token']:9.2f} "
-              f"{v['decode_tokens_per_s'] / base:16.2f}x {v['prefill_tokens_per_s']:14.1f}"
+              f"{v['decode_tokens_per_s'] / base:16.2f}x {vs_dense:>9} {v['prefill_tokens_per_s']:14.1f}"
               f" {mb / 1e6:9.1f} {gbs:6.1f}")
     for k, why in failed.items():
         print(f"llama.cpp {k}: llama-bench {why}")

@@ -448,6 +448,8 @@ fn eval_and_benchmarks_run_on_a_builtin_model() {
             "4",
             "--prompt-tokens",
             "8",
+            "--rounds",
+            "2",
             "--json",
         ],
         &repo(),
@@ -456,6 +458,12 @@ fn eval_and_benchmarks_run_on_a_builtin_model() {
     assert!(o.status.success(), "{stderr}");
     let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
     assert_eq!(v["pruned_formats"]["bsr16x16/f32"], 14, "{v}");
+    // Both in f32, decoded twice each in turn.
+    assert_eq!(
+        (&v["dense_storage"], &v["storage"]),
+        (&"f32".into(), &"f32".into())
+    );
+    assert_eq!(v["rounds"].as_array().map(Vec::len), Some(2), "{v}");
     assert!(
         v["weight_bytes"]["pruned"].as_u64().unwrap()
             < v["weight_bytes"]["dense"].as_u64().unwrap()
@@ -591,6 +599,10 @@ fn a_packed_export_runs_as_evaluated_and_refuses_damage() {
     let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
     assert_eq!(v["pipeline"], "the export's masks", "{v}");
     assert_eq!(v["dense_model"], run["model"], "{v}");
+    // The dense baseline is packed in the export's dtype, and both run the default 3 rounds.
+    assert_eq!(v["dense_storage"], "bf16", "{v}");
+    assert_eq!(v["storage"], "bf16", "{v}");
+    assert_eq!(v["rounds"].as_array().map(Vec::len), Some(3), "{v}");
     let sparse: u64 = ["2:4/bf16", "bitmap/bf16"]
         .iter()
         .filter_map(|k| v["pruned_formats"][*k].as_u64())

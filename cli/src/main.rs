@@ -249,6 +249,16 @@ enum StorageArg {
     Int8,
 }
 
+impl From<StorageArg> for espalier::sparse::Storage {
+    fn from(s: StorageArg) -> Self {
+        match s {
+            StorageArg::F32 => espalier::sparse::Storage::F32,
+            StorageArg::Bf16 => espalier::sparse::Storage::Bf16,
+            StorageArg::Int8 => espalier::sparse::Storage::Int8,
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum PluginsCommand {
     /// List the built-in plugins and those in plugin folders.
@@ -393,6 +403,14 @@ enum BenchCommand {
         /// Weight storage of the pruned model's linears.
         #[arg(long, value_enum, default_value = "f32")]
         storage: StorageArg,
+        /// Weight storage of the dense baseline's linears [default: the pruned model's, so the
+        /// ratio is the pruning's alone; for a packed export, the dtype it was packed in].
+        #[arg(long, value_enum)]
+        dense_storage: Option<StorageArg>,
+        /// Times the dense and the pruned model are decoded, in turn; each is reported by its
+        /// median round (one decode's speed drifts by tens of percent on a shared machine).
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
+        rounds: u32,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -729,13 +747,19 @@ fn dispatch(cli: Cli) -> Result<()> {
                 prompt_tokens,
                 new_tokens,
                 storage,
+                dense_storage,
+                rounds,
                 json,
             } => espalier_decode_bench(
                 &model,
                 pipeline.as_deref(),
-                prompt_tokens,
-                new_tokens,
-                storage,
+                espalier::bench::DecodeBenchOptions {
+                    prompt_tokens,
+                    new_tokens,
+                    storage: storage.into(),
+                    dense_storage: dense_storage.map(Into::into),
+                    rounds: rounds as usize,
+                },
                 json,
             ),
             BenchCommand::Serve {
@@ -1911,9 +1935,7 @@ fn exported_files(dir: &std::path::Path) -> String {
 fn espalier_decode_bench(
     model_ref: &str,
     pipeline: Option<&std::path::Path>,
-    prompt_tokens: usize,
-    new_tokens: usize,
-    storage: StorageArg,
+    opts: espalier::bench::DecodeBenchOptions,
     json: bool,
 ) -> Result<()> {
     let app = start_app(&PluginDirs::default())?;
@@ -1922,21 +1944,11 @@ fn espalier_decode_bench(
         .transpose()?;
     // The prompt comes from the shipped evaluation text when run from the repository.
     let text = std::fs::read_to_string("data/eval.txt").ok();
-    let storage = match storage {
-        StorageArg::F32 => espalier::sparse::Storage::F32,
-        StorageArg::Bf16 => espalier::sparse::Storage::Bf16,
-        StorageArg::Int8 => espalier::sparse::Storage::Int8,
-    };
-    let b = espalier::bench::bench_decode(
-        &app,
-        model_ref,
-        pipe,
-        text.as_deref(),
-        prompt_tokens,
-        new_tokens,
-        storage,
-        &mut |m| err!("{m} ..."),
-    )?;
+    let new_tokens = opts.new_tokens;
+    let b =
+        espalier::bench::bench_decode(&app, model_ref, pipe, text.as_deref(), opts, &mut |m| {
+            err!("{m} ...")
+        })?;
     let (dense, pruned, pruned_peak, formats) = (
         &b.dense,
         &b.pruned,
@@ -1948,7 +1960,14 @@ fn espalier_decode_bench(
         return Ok(());
     }
     let speedup = b.decode_speedup;
-    let mut t = render::table(vec!["decode, batch 1", "dense", "pruned", "ratio"]);
+    let dense_head = format!("dense {}", b.dense_storage);
+    let pruned_head = format!("pruned {}", b.storage);
+    let mut t = render::table(vec![
+        "decode, batch 1",
+        dense_head.as_str(),
+        pruned_head.as_str(),
+        "ratio",
+    ]);
     t.add_row(vec![
         "ms / token".to_string(),
         format!("{:.2}", dense.ms_per_token),
@@ -2040,6 +2059,18 @@ fn espalier_decode_bench(
         b.pipeline
     );
     out!("pruned linear formats: {formats}");
+    if b.rounds.len() > 1 {
+        let rounds = b
+            .rounds
+            .iter()
+            .map(|r| format!("{:.1} / {:.1}", r.dense, r.pruned))
+            .collect::<Vec<_>>()
+            .join(", ");
+        out!(
+            "decode tokens/s per round, dense / pruned in turn: {rounds}; the table shows each \
+             model's median round"
+        );
+    }
     out!(
         "same prompt ({} tokens), {new_tokens} new tokens, greedy; same generated ids: {}",
         b.prompt_tokens,

@@ -1,7 +1,8 @@
 //! `espalier bench plugins`: what the sandbox costs. On a model of SmolLM2-135M's shapes it
 //! runs the built-in criteria exactly as a pipeline would and splits each stage's time into
 //! guest + boundary (instantiation, wasm execution, crossing into host imports and back),
-//! host kernels, and validation/application of the masks.
+//! host kernels, and validation/application of the masks. And `espalier bench decode`: batch-1
+//! decode of a dense model and of it pruned, in the same process, in turn.
 
 use espalier_engine::Model;
 use serde::Serialize;
@@ -184,17 +185,25 @@ pub struct DecodeBench {
     pub dense_model: String,
     /// Pipeline name, or "the export's masks".
     pub pipeline: String,
-    /// Dense decode.
+    /// Weight storage of the dense baseline's linears (by default the pruned model's, so the
+    /// ratio is the pruning's alone).
+    pub dense_storage: String,
+    /// Weight storage the pruned model's linears run in: the one asked for, or a packed
+    /// export's own ("mixed" when its layers differ).
+    pub storage: String,
+    /// Dense decode: the median round by ms/token (peak RSS from the first round).
     pub dense: espalier_engine::eval::LatencyReport,
-    /// Pruned decode.
+    /// Pruned decode: the median round by ms/token (peak RSS from the first round).
     pub pruned: espalier_engine::eval::LatencyReport,
+    /// Decode tokens/s of every round, dense and pruned in turn.
+    pub rounds: Vec<RoundTokensPerS>,
     /// Linear formats the pruned forward pass runs (format → layers).
     pub pruned_formats: std::collections::BTreeMap<String, usize>,
-    /// Peak RSS while the pruned model decoded.
+    /// Peak RSS while the pruned model decoded (first round, the dense session freed).
     pub pruned_peak_rss_bytes: Option<u64>,
     /// Bytes of weights each forward pass holds (`dense`, `pruned`).
     pub weight_bytes: WeightBytes,
-    /// dense ms/token ÷ pruned ms/token.
+    /// dense ms/token ÷ pruned ms/token, of the median rounds.
     pub decode_speedup: f64,
     /// Prompt tokens used.
     pub prompt_tokens: usize,
@@ -203,6 +212,31 @@ pub struct DecodeBench {
     /// The machine's read bandwidth in GB/s, probed in this run right after the decodes: the
     /// ceiling for `weight_gb_per_s` of each.
     pub memory_bandwidth_gbps: f64,
+}
+
+/// One round of [`bench_decode`]: the dense model's decode, then the pruned one's.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct RoundTokensPerS {
+    /// Dense decode tokens/s.
+    pub dense: f64,
+    /// Pruned decode tokens/s.
+    pub pruned: f64,
+}
+
+/// What [`bench_decode`] measures besides the model and its pruning.
+#[derive(Debug, Clone, Copy)]
+pub struct DecodeBenchOptions {
+    /// Prompt tokens (at least 1).
+    pub prompt_tokens: usize,
+    /// Tokens generated per decode (at least 2).
+    pub new_tokens: usize,
+    /// Weight storage of the pruned model's linears (ignored by a packed export).
+    pub storage: crate::sparse::Storage,
+    /// Weight storage of the dense baseline; `None`: the pruned model's (for a packed export,
+    /// the dtype it was packed in when every packed layer shares one, else f32).
+    pub dense_storage: Option<crate::sparse::Storage>,
+    /// Rounds of dense-then-pruned decodes; each model's figures are its median round.
+    pub rounds: usize,
 }
 
 /// Bytes of weights each forward pass holds.
@@ -273,24 +307,35 @@ fn export_masks_and_source(
 /// A fixed prompt when no text is given (public-domain, from the Declaration of Independence).
 const FALLBACK_PROMPT: &str = "When in the Course of human events, it becomes necessary for one people to dissolve the political bands which have connected them with another. ";
 
-/// Measures decode latency of the dense model (`model_ref`), then prunes it and measures the
-/// pruned model on the sparse kernels in `storage`. The pruning is `pipeline`'s (run with no
-/// export and no evaluation) or, with no pipeline, the masks `model_ref` was exported with
+/// Measures decode latency of the dense model (`model_ref`) and of it pruned, on the sparse
+/// kernels in `opts.storage`. The pruning is `pipeline`'s (run with no export and no
+/// evaluation) or, with no pipeline, the masks `model_ref` was exported with
 /// (`masks.safetensors`, as `generate` and `serve` read them): a fine-tuned export is timed as
 /// it is, without rerunning what made it. The prompt is the first `prompt_tokens` tokens of
 /// `prompt_text` (a fixed text if `None`).
-#[allow(clippy::too_many_arguments)]
+///
+/// The dense baseline is stored in `opts.dense_storage` (by default the pruned model's dtype)
+/// and both are decoded `opts.rounds` times, in turn, because on a shared machine one decode's
+/// speed drifts by tens of percent within minutes: taking each model's median round of
+/// interleaved runs lets the drift move both alike. The first round runs each model with the
+/// other's session freed, so its peak RSS is its own.
 pub fn bench_decode(
     app: &App,
     model_ref: &str,
     pipeline: Option<Pipeline>,
     prompt_text: Option<&str>,
-    prompt_tokens: usize,
-    new_tokens: usize,
-    storage: crate::sparse::Storage,
+    opts: DecodeBenchOptions,
     progress: &mut dyn FnMut(&str),
 ) -> Result<DecodeBench, AppError> {
     use espalier_engine::eval::{latency, peak_rss_bytes};
+    let DecodeBenchOptions {
+        prompt_tokens,
+        new_tokens,
+        storage,
+        rounds,
+        ..
+    } = opts;
+    let rounds = rounds.max(1);
     let model_ref =
         crate::fetch::resolve(model_ref, &app.config().models_dir, &mut |m| progress(m))
             .map_err(|e| AppError::Model(espalier_engine::EngineError::Input(e.to_string())))?;
@@ -312,15 +357,38 @@ pub fn bench_decode(
         Some((_, Some(source))) => source.clone(),
         _ => model_ref.clone(),
     };
-    progress(&format!(
-        "dense ({dense_ref}): decoding {new_tokens} tokens after a {prompt_tokens}-token prompt"
-    ));
-    let dense = {
+    let dense_storage = match (opts.dense_storage, &export_masks) {
+        (Some(s), _) => s,
+        (None, Some(_)) => {
+            packed_storage(&espalier_engine::load_model(&model_ref)?).unwrap_or(storage)
+        }
+        (None, None) => storage,
+    };
+    // The dense model with every linear packed dense in `dense_storage` (f32 stays on the
+    // engine's own path, as the pruned model's unpruned layers do).
+    let dense_session = || -> Result<(espalier_engine::Session, usize, Vec<u32>), AppError> {
         let model = espalier_engine::load_model(&dense_ref)?;
         let prompt = prompt_for(&model)?;
+        let mut session = espalier_engine::Session::new(&model)?;
+        let attached = crate::sparse::attach(
+            &mut session,
+            &model,
+            &std::collections::BTreeMap::new(),
+            dense_storage,
+        )?;
+        drop(model);
+        // The peak from here on is the decode's, not the loading's or the packing's.
         crate::evaluate::reset_peak();
-        let session = espalier_engine::Session::new(&model)?;
-        latency(&session, &prompt, new_tokens)?
+        Ok((session, attached.packed_model_bytes, prompt))
+    };
+    progress(&format!(
+        "dense ({dense_ref}, {}): decoding {new_tokens} tokens after a {prompt_tokens}-token \
+         prompt, {rounds} round(s) in turn with the pruned model",
+        dense_storage.name()
+    ));
+    let (dense_bytes, first_dense) = {
+        let (session, bytes, prompt) = dense_session()?;
+        (bytes, latency(&session, &prompt, new_tokens)?)
     };
 
     let (pipeline_name, model, masks) = match (pipeline, export_masks) {
@@ -353,8 +421,31 @@ pub fn bench_decode(
         "pruned: decoding {new_tokens} tokens after a {prompt_tokens}-token prompt"
     ));
     crate::evaluate::reset_peak();
-    let pruned = latency(&session, &prompt, new_tokens)?;
+    let first_pruned = latency(&session, &prompt, new_tokens)?;
     let pruned_peak = peak_rss_bytes();
+    let same_generated_ids = first_dense.generated == first_pruned.generated;
+    let mut dense_runs = vec![first_dense];
+    let mut pruned_runs = vec![first_pruned];
+    if rounds > 1 {
+        let (dense, _, dense_prompt) = dense_session()?;
+        for round in 2..=rounds {
+            progress(&format!("round {round}/{rounds}: dense, then pruned"));
+            dense_runs.push(latency(&dense, &dense_prompt, new_tokens)?);
+            pruned_runs.push(latency(&session, &prompt, new_tokens)?);
+        }
+    }
+    let round_figures = dense_runs
+        .iter()
+        .zip(&pruned_runs)
+        .map(|(d, p)| RoundTokensPerS {
+            dense: d.decode_tokens_per_s,
+            pruned: p.decode_tokens_per_s,
+        })
+        .collect();
+    let first_peaks = (dense_runs[0].peak_rss_bytes, pruned_runs[0].peak_rss_bytes);
+    let mut dense = median_round(dense_runs);
+    let mut pruned = median_round(pruned_runs);
+    (dense.peak_rss_bytes, pruned.peak_rss_bytes) = first_peaks;
     progress("probing the memory bandwidth");
     let memory_bandwidth_gbps = espalier_kernels::bench::memory_bandwidth_gbps();
     Ok(DecodeBench {
@@ -362,16 +453,115 @@ pub fn bench_decode(
         model: model_ref,
         dense_model: dense_ref,
         pipeline: pipeline_name,
+        dense_storage: dense_storage.name().to_string(),
+        storage: formats_storage(&attached.formats).unwrap_or_else(|| storage.name().to_string()),
         decode_speedup: dense.ms_per_token / pruned.ms_per_token,
-        same_generated_ids: dense.generated == pruned.generated,
+        same_generated_ids,
         prompt_tokens: prompt.len(),
         dense,
         pruned,
+        rounds: round_figures,
         pruned_formats: attached.formats.clone(),
         pruned_peak_rss_bytes: pruned_peak,
         weight_bytes: WeightBytes {
-            dense: attached.model_bytes,
+            dense: dense_bytes,
             pruned: attached.packed_model_bytes,
         },
     })
+}
+
+/// The round with the median ms/token (the slower of the two middle ones for an even count).
+fn median_round(
+    mut runs: Vec<espalier_engine::eval::LatencyReport>,
+) -> espalier_engine::eval::LatencyReport {
+    runs.sort_by(|a, b| a.ms_per_token.total_cmp(&b.ms_per_token));
+    let mid = runs.len() / 2;
+    runs.swap_remove(mid)
+}
+
+/// The dtype every packed format of `formats` (`bitmap/bf16` → `bf16`) shares, "mixed" when
+/// they differ, `None` when nothing was packed.
+fn formats_storage(formats: &std::collections::BTreeMap<String, usize>) -> Option<String> {
+    let mut dtypes = formats
+        .keys()
+        .filter_map(|f| f.rsplit_once('/'))
+        .map(|(_, d)| d);
+    let first = dtypes.next()?;
+    Some(if dtypes.all(|d| d == first) {
+        first.to_string()
+    } else {
+        "mixed".to_string()
+    })
+}
+
+/// The storage a packed checkpoint's layers share (`None` for a model that is not packed or
+/// whose layers were packed in different dtypes).
+fn packed_storage(model: &Model) -> Option<crate::sparse::Storage> {
+    use espalier_kernels::Dtype;
+    let mut dtypes = model.packed_layers().values().map(|p| p.packed().dtype());
+    let first = dtypes.next()?;
+    if dtypes.any(|d| d != first) {
+        return None;
+    }
+    Some(match first {
+        Dtype::F32 => crate::sparse::Storage::F32,
+        Dtype::Bf16 => crate::sparse::Storage::Bf16,
+        Dtype::I8 => crate::sparse::Storage::Int8,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use espalier_engine::eval::LatencyReport;
+
+    fn report(ms_per_token: f64, generated: u32) -> LatencyReport {
+        LatencyReport {
+            prompt_tokens: 8,
+            new_tokens: 2,
+            prefill_ms: 1.0,
+            prefill_tokens_per_s: 8000.0,
+            ms_per_token,
+            decode_tokens_per_s: 1000.0 / ms_per_token,
+            decode_steps: 1,
+            weight_bytes_per_token: 0,
+            weight_gb_per_s: 0.0,
+            generated: vec![generated],
+            peak_rss_bytes: None,
+        }
+    }
+
+    #[test]
+    fn the_median_round_is_the_middle_one_by_time() {
+        let runs = vec![report(9.0, 0), report(7.0, 1), report(12.0, 2)];
+        assert_eq!(median_round(runs).generated, vec![0]);
+        // An even count takes the slower of the two middle rounds; one round is itself.
+        let runs = vec![
+            report(5.0, 0),
+            report(8.0, 1),
+            report(6.0, 2),
+            report(9.0, 3),
+        ];
+        assert_eq!(median_round(runs).generated, vec![1]);
+        assert_eq!(median_round(vec![report(3.0, 7)]).generated, vec![7]);
+    }
+
+    #[test]
+    fn the_pruned_storage_is_the_dtype_its_formats_share() {
+        let formats = |names: &[&str]| {
+            names
+                .iter()
+                .map(|n| (n.to_string(), 1))
+                .collect::<std::collections::BTreeMap<_, _>>()
+        };
+        assert_eq!(
+            formats_storage(&formats(&["bitmap/bf16", "dense/bf16"])).as_deref(),
+            Some("bf16")
+        );
+        assert_eq!(
+            formats_storage(&formats(&["csr-u16/i8", "dense/bf16"])).as_deref(),
+            Some("mixed")
+        );
+        assert_eq!(formats_storage(&formats(&[])), None);
+    }
 }

@@ -210,7 +210,14 @@ pub fn attach(
             format!("{}/{}", packed.format(), dtype_name(dtype)),
         );
         *formats.entry(packed.format_name()).or_insert(0) += 1;
-        saved += (rows * cols * 4) as isize - packed.bytes() as isize;
+        // A tied LM head is the embedding table, which the session keeps in f32 for its
+        // look-ups: packing it adds its packed copy and frees nothing.
+        let freed = if ties_embedding(&name) {
+            0
+        } else {
+            rows * cols * 4
+        };
+        saved += freed as isize - packed.bytes() as isize;
         session.set_kernel(&name, Arc::new(PackedKernel::new(packed)))?;
     }
     Ok(Attached {
@@ -219,6 +226,12 @@ pub fn attach(
         packed_model_bytes: (model_bytes as isize - saved).max(0) as usize,
         kernels,
     })
+}
+
+/// Whether linear `name` is a tied LM head, i.e. the embedding table itself (Llama's
+/// `model.embed_tokens.weight`, GPT-2's `wte.weight`).
+fn ties_embedding(name: &str) -> bool {
+    name.ends_with("embed_tokens.weight") || name.ends_with("wte.weight")
 }
 
 #[cfg(test)]

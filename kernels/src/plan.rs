@@ -121,6 +121,12 @@ impl fmt::Display for Format {
 /// with the margin), and so does a 2:4 mask in bf16: the 2:4 kernel ran 1.14-1.23x dense bf16
 /// at one token where the bitmap ran 1.41-1.42x (`batch_bench`, same rounds).
 ///
+/// With AVX512-BF16 as well, each expanded word meets `x` rounded to bf16 pairs in one
+/// `vdpbf16ps`, two words per step: in `kernel_bench 0.2,0.3,0.5 bf16` (2 threads, same run)
+/// the bitmap ran 1.15x dense bf16 per SmolLM2 block at 20% sparsity, 1.17x at 30% and
+/// 1.53x at 50%, i.e. ~0.1-0.2 beyond its bytes; at 0.2 the bitmap plans from about 20%
+/// sparsity (its bytes plus compute then 1.93 against dense's 2 per weight).
+///
 /// The i8 kernel (`vpexpandb`, 64 per word) was bound by widening each weight to f32 for an
 /// FMA (0.93-1.02x dense i8 per block at 50%: ~0.6 beyond its bytes). It now multiplies in
 /// integers against i16 activations (`vpdpwssd`, AVX512-VNNI, as dense i8 does): in
@@ -131,6 +137,7 @@ impl fmt::Display for Format {
 /// i.e. ~0.3 beyond its bytes: a 50% i8 layer plans the bitmap.
 pub(crate) fn bitmap_compute_per_weight(dtype: Dtype) -> f64 {
     match dtype {
+        Dtype::Bf16 if crate::bitmap::bf16_expand_dp(crate::isa::Isa::Avx512) => 0.2,
         Dtype::Bf16 if crate::bitmap::vbmi2_expand() => 0.45,
         Dtype::I8 if crate::bitmap::i8_expand_vnni() => 0.3,
         Dtype::Bf16 | Dtype::F32 | Dtype::I8 => 1.2,
