@@ -479,16 +479,19 @@ fn median_round(
     runs.swap_remove(mid)
 }
 
-/// The dtype every packed format of `formats` (`bitmap/bf16` → `bf16`) shares, "mixed" when
-/// they differ, `None` when nothing was packed.
+/// The storage every packed format of `formats` shares, by its `--storage` name
+/// (`bitmap/bf16` → `bf16`, `dense/i8` → `int8`), "mixed" when they differ, `None` when
+/// nothing was packed.
 fn formats_storage(formats: &std::collections::BTreeMap<String, usize>) -> Option<String> {
-    let mut dtypes = formats
-        .keys()
-        .filter_map(|f| f.rsplit_once('/'))
-        .map(|(_, d)| d);
-    let first = dtypes.next()?;
-    Some(if dtypes.all(|d| d == first) {
-        first.to_string()
+    let storage = |format: &str| match format.rsplit_once('/') {
+        Some((_, "i8")) => "int8".to_string(),
+        Some((_, dtype)) => dtype.to_string(),
+        None => format.to_string(),
+    };
+    let mut names = formats.keys().map(|f| storage(f));
+    let first = names.next()?;
+    Some(if names.all(|d| d == first) {
+        first
     } else {
         "mixed".to_string()
     })
@@ -557,6 +560,10 @@ mod tests {
         assert_eq!(
             formats_storage(&formats(&["bitmap/bf16", "dense/bf16"])).as_deref(),
             Some("bf16")
+        );
+        assert_eq!(
+            formats_storage(&formats(&["bitmap/i8", "dense/i8"])).as_deref(),
+            Some("int8")
         );
         assert_eq!(
             formats_storage(&formats(&["csr-u16/i8", "dense/bf16"])).as_deref(),
