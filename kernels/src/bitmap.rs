@@ -608,6 +608,26 @@ mod x86 {
             && std::arch::is_x86_feature_detected!("avx512vbmi2")
     }
 
+    /// The ragged tail of a bf16 row, bit by bit: `masks` are the row's mask bytes after its
+    /// whole 32-column words, whose first column is `first`; `vals` starts at the tail's first
+    /// kept value.
+    fn bf16_tail(masks: &[u8], first: usize, vals: &[u16], x: &[f32]) -> f32 {
+        let mut s = 0.0;
+        let mut kept = vals.iter();
+        for (b, &m) in masks.iter().enumerate() {
+            let mut m = m;
+            while m != 0 {
+                let c = first + 8 * b + m.trailing_zeros() as usize;
+                let w = kept
+                    .next()
+                    .map_or(0.0, |&v| f32::from_bits(u32::from(v) << 16));
+                s += w * x[c];
+                m &= m - 1;
+            }
+        }
+        s
+    }
+
     /// AVX-512 GEMV for bf16 values with VBMI2: 32 weights per mask word. One masked load
     /// takes the word's packed values (at most 32, never past the row's last value, so no
     /// padding is read), one word expand (`vpexpandw`) spreads them to the lanes of their
@@ -663,18 +683,8 @@ mod x86 {
                     even_acc = _mm512_fmadd_ps(even, xe, even_acc);
                     odd_acc = _mm512_fmadd_ps(odd, xo, odd_acc);
                 }
-                let mut s = _mm512_reduce_add_ps(_mm512_add_ps(even_acc, odd_acc));
-                // Tail: the last `cols % 32` columns, bit by bit.
-                for (b, &m) in mrow.iter().enumerate().skip(4 * words) {
-                    let mut m = m;
-                    while m != 0 {
-                        let c = 8 * b + m.trailing_zeros() as usize;
-                        s += f32::from_bits(u32::from(*vp.add(vi)) << 16) * x[c];
-                        vi += 1;
-                        m &= m - 1;
-                    }
-                }
-                *yi = s;
+                let s = _mm512_reduce_add_ps(_mm512_add_ps(even_acc, odd_acc));
+                *yi = s + bf16_tail(&mrow[4 * words..], 32 * words, &vals[vi..], x);
             }
         }
     }
@@ -738,18 +748,8 @@ mod x86 {
                 if k < words {
                     acc[0] = word(acc[0], &mut vi, k);
                 }
-                let mut s = _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1]));
-                // Tail: the last `cols % 32` columns, bit by bit.
-                for (b, &m) in mrow.iter().enumerate().skip(4 * words) {
-                    let mut m = m;
-                    while m != 0 {
-                        let c = 8 * b + m.trailing_zeros() as usize;
-                        s += f32::from_bits(u32::from(*vp.add(vi)) << 16) * x[c];
-                        vi += 1;
-                        m &= m - 1;
-                    }
-                }
-                *yi = s;
+                let s = _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1]));
+                *yi = s + bf16_tail(&mrow[4 * words..], 32 * words, &vals[vi..], x);
             }
         }
     }
