@@ -259,6 +259,46 @@ pub fn write_packed(path: &Path, layers: &[(String, &PackedLinear)]) -> Result<(
     })
 }
 
+/// The distinct dtypes of the layers a packed file holds, read from its header alone (each
+/// layer's metadata entry) without reading or checking its arrays: what a caller needs to
+/// know before deciding whether to load the file.
+pub fn packed_dtypes(path: &Path) -> Result<Vec<Dtype>, EngineError> {
+    use std::io::Read;
+    let io_err = |source| EngineError::Io {
+        path: path.display().to_string(),
+        source,
+    };
+    let invalid = |m: String| file_err(path, format!("not a valid packed file: {m}"));
+    let (mut file, size) = crate::files::open_regular(path).map_err(io_err)?;
+    let mut len = [0u8; 8];
+    file.read_exact(&mut len).map_err(io_err)?;
+    let len = u64::from_le_bytes(len);
+    // The header is JSON that the file itself contains.
+    if len > size.saturating_sub(8) {
+        return Err(invalid(format!(
+            "header of {len} bytes in a {size}-byte file"
+        )));
+    }
+    let mut header = vec![0u8; len as usize];
+    file.read_exact(&mut header).map_err(io_err)?;
+    #[derive(Deserialize)]
+    struct Header {
+        #[serde(rename = "__metadata__", default)]
+        metadata: BTreeMap<String, String>,
+    }
+    let header: Header = serde_json::from_slice(&header).map_err(|e| invalid(e.to_string()))?;
+    let mut dtypes = Vec::new();
+    for (name, json) in header.metadata.iter().filter(|(k, _)| *k != VERSION_KEY) {
+        let layer_err = |m: String| file_err(path, format!("layer `{name}`: {m}"));
+        let m: LayerMeta = serde_json::from_str(json).map_err(|e| layer_err(e.to_string()))?;
+        let dtype = m.dtype().map_err(layer_err)?;
+        if !dtypes.contains(&dtype) {
+            dtypes.push(dtype);
+        }
+    }
+    Ok(dtypes)
+}
+
 /// Reads and checks every layer of a packed file.
 pub fn read_packed(path: &Path) -> Result<BTreeMap<String, PackedLinear>, EngineError> {
     let bytes = crate::files::read(path, MAX_FILE).map_err(|e| EngineError::Io {
@@ -389,6 +429,11 @@ mod tests {
         for (name, layer) in &layers {
             assert_eq!(&back[name], layer, "{name}");
         }
+        // The header alone names the layers' dtypes (here one of each, in name order).
+        assert_eq!(
+            packed_dtypes(&path).expect("dtypes"),
+            vec![Dtype::Bf16, Dtype::I8, Dtype::F32]
+        );
     }
 
     #[test]
@@ -413,8 +458,22 @@ mod tests {
         let e = read_packed(&path).unwrap_err().to_string();
         assert!(e.contains("not a valid packed file"), "{e}");
 
-        // Not a packed file at all.
+        // Not a packed file at all; a header longer than the file; an unknown dtype.
         std::fs::write(&path, b"hello").expect("write");
         assert!(read_packed(&path).is_err());
+        assert!(packed_dtypes(&path).is_err());
+        std::fs::write(&path, &good[..40]).expect("write");
+        let e = packed_dtypes(&path).unwrap_err().to_string();
+        assert!(e.contains(PACKED_FILE) && e.contains("header of"), "{e}");
+        let needle = br#"\"dtype\":\"i8\""#;
+        let at = good
+            .windows(needle.len())
+            .position(|w| w == needle)
+            .expect("i8 metadata");
+        let mut odd = good.clone();
+        odd[at + needle.len() - 4..at + needle.len() - 2].copy_from_slice(b"u8");
+        std::fs::write(&path, &odd).expect("write");
+        let e = packed_dtypes(&path).unwrap_err().to_string();
+        assert!(e.contains("b.weight") && e.contains("unknown dtype"), "{e}");
     }
 }

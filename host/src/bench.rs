@@ -359,9 +359,7 @@ pub fn bench_decode(
     };
     let dense_storage = match (opts.dense_storage, &export_masks) {
         (Some(s), _) => s,
-        (None, Some(_)) => {
-            packed_storage(&espalier_engine::load_model(&model_ref)?).unwrap_or(storage)
-        }
+        (None, Some(_)) => packed_storage(&model_ref)?.unwrap_or(storage),
         (None, None) => storage,
     };
     // The dense model with every linear packed dense in `dense_storage` (f32 stays on the
@@ -454,7 +452,11 @@ pub fn bench_decode(
         dense_model: dense_ref,
         pipeline: pipeline_name,
         dense_storage: dense_storage.name().to_string(),
-        storage: formats_storage(&attached.formats).unwrap_or_else(|| storage.name().to_string()),
+        storage: match attached.packed_storage {
+            Some(s) => s.name().to_string(),
+            None if attached.formats.is_empty() => storage.name().to_string(),
+            None => "mixed".to_string(),
+        },
         decode_speedup: dense.ms_per_token / pruned.ms_per_token,
         same_generated_ids,
         prompt_tokens: prompt.len(),
@@ -479,37 +481,17 @@ fn median_round(
     runs.swap_remove(mid)
 }
 
-/// The storage every packed format of `formats` shares, by its `--storage` name
-/// (`bitmap/bf16` → `bf16`, `dense/i8` → `int8`), "mixed" when they differ, `None` when
-/// nothing was packed.
-fn formats_storage(formats: &std::collections::BTreeMap<String, usize>) -> Option<String> {
-    let storage = |format: &str| match format.rsplit_once('/') {
-        Some((_, "i8")) => "int8".to_string(),
-        Some((_, dtype)) => dtype.to_string(),
-        None => format.to_string(),
-    };
-    let mut names = formats.keys().map(|f| storage(f));
-    let first = names.next()?;
-    Some(if names.all(|d| d == first) {
-        first
-    } else {
-        "mixed".to_string()
-    })
-}
-
-/// The storage a packed checkpoint's layers share (`None` for a model that is not packed or
-/// whose layers were packed in different dtypes).
-fn packed_storage(model: &Model) -> Option<crate::sparse::Storage> {
-    use espalier_kernels::Dtype;
-    let mut dtypes = model.packed_layers().values().map(|p| p.packed().dtype());
-    let first = dtypes.next()?;
-    if dtypes.any(|d| d != first) {
-        return None;
+/// The storage the layers of export `dir`'s packed file share, from its header alone (`None`
+/// when it has no packed file, or its layers differ in dtype).
+fn packed_storage(dir: &str) -> Result<Option<crate::sparse::Storage>, AppError> {
+    let path = std::path::Path::new(dir).join(espalier_engine::packed::PACKED_FILE);
+    if !path.exists() {
+        return Ok(None);
     }
-    Some(match first {
-        Dtype::F32 => crate::sparse::Storage::F32,
-        Dtype::Bf16 => crate::sparse::Storage::Bf16,
-        Dtype::I8 => crate::sparse::Storage::Int8,
+    let dtypes = espalier_engine::packed::packed_dtypes(&path)?;
+    Ok(match dtypes[..] {
+        [dtype] => Some(crate::sparse::Storage::of_dtype(dtype)),
+        _ => None,
     })
 }
 
@@ -547,28 +529,5 @@ mod tests {
         ];
         assert_eq!(median_round(runs).generated, vec![1]);
         assert_eq!(median_round(vec![report(3.0, 7)]).generated, vec![7]);
-    }
-
-    #[test]
-    fn the_pruned_storage_is_the_dtype_its_formats_share() {
-        let formats = |names: &[&str]| {
-            names
-                .iter()
-                .map(|n| (n.to_string(), 1))
-                .collect::<std::collections::BTreeMap<_, _>>()
-        };
-        assert_eq!(
-            formats_storage(&formats(&["bitmap/bf16", "dense/bf16"])).as_deref(),
-            Some("bf16")
-        );
-        assert_eq!(
-            formats_storage(&formats(&["bitmap/i8", "dense/i8"])).as_deref(),
-            Some("int8")
-        );
-        assert_eq!(
-            formats_storage(&formats(&["csr-u16/i8", "dense/bf16"])).as_deref(),
-            Some("mixed")
-        );
-        assert_eq!(formats_storage(&formats(&[])), None);
     }
 }

@@ -50,6 +50,24 @@ impl Storage {
         }
     }
 
+    /// The kernels' dtype of this storage.
+    pub fn dtype(self) -> Dtype {
+        match self {
+            Storage::F32 => Dtype::F32,
+            Storage::Bf16 => Dtype::Bf16,
+            Storage::Int8 => Dtype::I8,
+        }
+    }
+
+    /// The storage whose kernels' dtype is `dtype`.
+    pub fn of_dtype(dtype: Dtype) -> Storage {
+        match dtype {
+            Dtype::F32 => Storage::F32,
+            Dtype::Bf16 => Storage::Bf16,
+            Dtype::I8 => Storage::Int8,
+        }
+    }
+
     /// Reads a name written by [`Storage::name`].
     pub fn from_name(name: &str) -> Option<Storage> {
         [Storage::F32, Storage::Bf16, Storage::Int8]
@@ -69,6 +87,10 @@ pub struct Attached {
     pub packed_model_bytes: usize,
     /// Every linear's kernel (the engine's dense f32 path counted as `dense`) and why layers stayed dense.
     pub kernels: KernelUse,
+    /// The storage every packed layer shares: `None` when nothing was packed (all on the
+    /// engine's dense f32 path) and for a packed checkpoint whose layers differ in dtype.
+    #[serde(skip)]
+    pub packed_storage: Option<Storage>,
 }
 
 fn dtype_name(dtype: Dtype) -> &'static str {
@@ -119,11 +141,7 @@ pub fn attach(
 ) -> Result<Attached, EngineError> {
     let model_bytes = crate::evaluate::model_bytes(model) as usize;
     let mut saved = 0isize;
-    let dtype = match storage {
-        Storage::F32 => Dtype::F32,
-        Storage::Bf16 => Dtype::Bf16,
-        Storage::Int8 => Dtype::I8,
-    };
+    let dtype = storage.dtype();
     // (name, kind) of every linear, read once: the loop below replaces kernels in `session`.
     let linears: Vec<(String, String)> = session
         .linears()
@@ -146,7 +164,13 @@ pub fn attach(
                 packed_bytes += p.packed().bytes();
             }
         }
+        let mut dtypes = model.packed_layers().values().map(|p| p.packed().dtype());
+        let first = dtypes.next();
+        let packed_storage = first
+            .filter(|&d| dtypes.all(|other| other == d))
+            .map(Storage::of_dtype);
         return Ok(Attached {
+            packed_storage,
             formats,
             model_bytes: model_bytes
                 + model
@@ -212,7 +236,7 @@ pub fn attach(
         *formats.entry(packed.format_name()).or_insert(0) += 1;
         // A tied LM head is the embedding table, which the session keeps in f32 for its
         // look-ups: packing it adds its packed copy and frees nothing.
-        let freed = if ties_embedding(&name) {
+        let freed = if name == model.embedding_name() {
             0
         } else {
             rows * cols * 4
@@ -221,17 +245,13 @@ pub fn attach(
         session.set_kernel(&name, Arc::new(PackedKernel::new(packed)))?;
     }
     Ok(Attached {
+        // Everything packed here is packed in `dtype`.
+        packed_storage: (!formats.is_empty()).then_some(storage),
         formats,
         model_bytes,
         packed_model_bytes: (model_bytes as isize - saved).max(0) as usize,
         kernels,
     })
-}
-
-/// Whether linear `name` is a tied LM head, i.e. the embedding table itself (Llama's
-/// `model.embed_tokens.weight`, GPT-2's `wte.weight`).
-fn ties_embedding(name: &str) -> bool {
-    name.ends_with("embed_tokens.weight") || name.ends_with("wte.weight")
 }
 
 #[cfg(test)]

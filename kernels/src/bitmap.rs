@@ -618,9 +618,7 @@ mod x86 {
             let mut m = m;
             while m != 0 {
                 let c = first + 8 * b + m.trailing_zeros() as usize;
-                let w = kept
-                    .next()
-                    .map_or(0.0, |&v| f32::from_bits(u32::from(v) << 16));
+                let w = kept.next().map_or(0.0, |&v| crate::element::widen_bf16(v));
                 s += w * x[c];
                 m &= m - 1;
             }

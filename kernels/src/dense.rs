@@ -620,7 +620,7 @@ mod x86 {
                     _mm512_add_ps(a[2], a[3]),
                 ));
                 for c in blocks * 32..cols {
-                    s += f32::from_bits(u32::from(*p.add(c)) << 16) * *x.get_unchecked(c);
+                    s += crate::element::widen_bf16(*p.add(c)) * *x.get_unchecked(c);
                 }
                 *yi = s;
             }
@@ -837,7 +837,7 @@ mod x86 {
                 for t in 0..NT {
                     let mut s = _mm512_reduce_add_ps(a[t]);
                     for k in blocks * 32..cols {
-                        s += f32::from_bits(u32::from(*wp.add(i * cols + k)) << 16)
+                        s += crate::element::widen_bf16(*wp.add(i * cols + k))
                             * *xs.get_unchecked(t * cols + k);
                     }
                     d[t] = s;
@@ -895,7 +895,7 @@ mod x86 {
                     _mm256_add_ps(a[2], a[3]),
                 ));
                 for c in blocks * 16..cols {
-                    s += f32::from_bits(u32::from(*p.add(c)) << 16) * *x.get_unchecked(c);
+                    s += crate::element::widen_bf16(*p.add(c)) * *x.get_unchecked(c);
                 }
                 *yi = s;
             }
@@ -952,7 +952,7 @@ mod x86 {
                     _mm512_add_ps(a[2], a[3]),
                 ));
                 for c in blocks * 32..cols {
-                    s += f32::from_bits(u32::from(*p.add(c)) << 16) * *x.get_unchecked(c);
+                    s += crate::element::widen_bf16(*p.add(c)) * *x.get_unchecked(c);
                 }
                 *yi = s;
             }

@@ -137,6 +137,13 @@ impl Element for f32 {
     }
 }
 
+/// The f32 value of bf16 bits: bf16 is the top half of an f32, so widening is exact (a shift,
+/// no rounding). For kernels that hold bf16 weights as raw `u16` bits.
+#[inline(always)]
+pub(crate) fn widen_bf16(bits: u16) -> f32 {
+    f32::from_bits(u32::from(bits) << 16)
+}
+
 impl Element for bf16 {
     const DTYPE: Dtype = Dtype::Bf16;
     #[inline(always)]
@@ -145,8 +152,7 @@ impl Element for bf16 {
     }
     #[inline(always)]
     fn to_f32(self) -> f32 {
-        // bf16 is the top half of an f32, so widening is exact: a shift, no rounding.
-        f32::from_bits(u32::from(self.to_bits()) << 16)
+        widen_bf16(self.to_bits())
     }
 
     #[inline(always)]

@@ -536,7 +536,7 @@ mod tests {
                 .collect();
             let wf: Vec<f32> = bits
                 .iter()
-                .map(|&b| f32::from_bits(u32::from(b) << 16))
+                .map(|&b| crate::element::widen_bf16(b))
                 .collect();
             let x = random(tokens * cols, &mut seed);
             check(
