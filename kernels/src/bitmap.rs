@@ -386,10 +386,9 @@ impl BitmapMatrix {
                 }
             };
             if exec.parallel && weights >= 64 * 1024 {
-                use rayon::prelude::*;
-                out.par_chunks_mut(block_rows * self.cols)
-                    .enumerate()
-                    .for_each(|(b, block)| fill(b * block_rows, block));
+                crate::team::for_each_chunk_mut(&mut out, block_rows * self.cols, |b, block| {
+                    fill(b * block_rows, block)
+                });
             } else {
                 fill(0, &mut out);
             }

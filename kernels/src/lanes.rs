@@ -188,10 +188,7 @@ fn transpose_into_panels<T: Copy + Default + Send + Sync>(
     };
     let panel_len = len * width;
     if exec.parallel && out.len() > panel_len && out.len() >= 16 * 1024 {
-        use rayon::prelude::*;
-        out.par_chunks_mut(panel_len)
-            .enumerate()
-            .for_each(|(p, panel)| fill(p, panel));
+        crate::team::for_each_chunk_mut(&mut out, panel_len, |p, panel| fill(p, panel));
     } else {
         for (p, panel) in out.chunks_mut(panel_len).enumerate() {
             fill(p, panel);

@@ -46,6 +46,7 @@ mod plan;
 mod quant;
 mod rowgemm;
 mod simd;
+pub mod team;
 mod view;
 
 pub mod bench;

@@ -22,7 +22,7 @@ mod train;
 use std::sync::Arc;
 
 use candle_core::{Device, Tensor};
-use rayon::prelude::*;
+use espalier_kernels::team;
 use serde_json::Value;
 
 use crate::config::{Architecture, ModelConfig};
@@ -603,7 +603,7 @@ impl Session {
         tokens: &[u32],
         cache: Option<&mut KvCache>,
     ) -> Result<Tensor, EngineError> {
-        on_pool(|| {
+        on_pool_team(tokens.len(), || {
             let hidden = self.hidden_states(tokens, cache, None)?;
             self.lm_head.forward(&hidden)
         })
@@ -616,7 +616,7 @@ impl Session {
         tokens: &[u32],
         cache: Option<&mut KvCache>,
     ) -> Result<Tensor, EngineError> {
-        on_pool(|| {
+        on_pool_team(tokens.len(), || {
             let hidden = self.hidden_states(tokens, cache, None)?;
             let last = hidden.narrow(0, hidden.dims()[0] - 1, 1)?;
             Ok(self.lm_head.forward(&last)?.squeeze(0)?)
@@ -664,7 +664,8 @@ impl Session {
         chunks: &[&[u32]],
         caches: &mut [&mut KvCache],
     ) -> Result<Tensor, EngineError> {
-        on_pool(|| self.forward_ragged_on_pool(chunks, caches))
+        let total = chunks.iter().map(|c| c.len()).sum();
+        on_pool_team(total, || self.forward_ragged_on_pool(chunks, caches))
     }
 
     fn forward_ragged_on_pool(
@@ -744,11 +745,19 @@ impl Session {
             if b == 1 {
                 attend(0, caches[0], outs[0])?;
             } else {
-                caches
-                    .par_iter_mut()
-                    .zip(outs.into_par_iter())
-                    .enumerate()
-                    .try_for_each(|(i, (cache, out))| attend(i, cache, out))?;
+                let mut work: Vec<(&mut &mut KvCache, &mut [f32])> =
+                    caches.iter_mut().zip(outs).collect();
+                let failed = std::sync::Mutex::new(None);
+                team::for_each_mut(&mut work, |i, (cache, out)| {
+                    if let Err(e) = attend(i, cache, out)
+                        && let Ok(mut first) = failed.lock()
+                    {
+                        first.get_or_insert(e);
+                    }
+                });
+                if let Some(e) = failed.into_inner().ok().flatten() {
+                    return Err(e);
+                }
             }
             let ctx = Tensor::from_vec(ctx, (total, heads * d), &Device::Cpu)?;
             let x1 = ops::add(&x, &block.o.forward(&ctx)?)?;
@@ -841,7 +850,9 @@ impl Session {
         match observer {
             // An observer need not be `Send`; observed passes are calibration, not latency.
             Some(o) => self.hidden_states_here(tokens, cache, Some(o)),
-            None => on_pool(|| self.hidden_states_here(tokens, cache, None)),
+            None => on_pool_team(tokens.len(), || {
+                self.hidden_states_here(tokens, cache, None)
+            }),
         }
     }
 
@@ -1216,6 +1227,23 @@ fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
         rayon::scope(|_| f())
     }
 }
+
+/// [`on_pool`], with the pool's other threads spinning as a team for passes of at most
+/// [`TEAM_MAX_TOKENS`] tokens (decode steps, short chunks): their ~211 parallel regions per
+/// pass are a few µs to tens of µs each, so a wake-up per region is a large share of them,
+/// while a team region costs a few atomic operations (see `espalier_kernels::team`). Longer
+/// passes (prefill) keep rayon, whose regions are long and whose other parallel loops (norms,
+/// attention over many rows) a team would run on one thread.
+fn on_pool_team<R: Send>(tokens: usize, f: impl FnOnce() -> R + Send) -> R {
+    if tokens <= TEAM_MAX_TOKENS {
+        on_pool(|| team::with_team(f))
+    } else {
+        on_pool(f)
+    }
+}
+
+/// The longest pass [`on_pool_team`] runs as a team.
+const TEAM_MAX_TOKENS: usize = 32;
 
 /// Runs one linear layer, showing its input to the observer first.
 fn run(

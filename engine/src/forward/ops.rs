@@ -6,6 +6,7 @@
 //! Formulas follow Hugging Face transformers' f32 code paths, so logits agree to ~1e-6.
 
 use candle_core::{Device, Storage, Tensor};
+use espalier_kernels::team;
 use rayon::prelude::*;
 use std::ops::Range;
 
@@ -396,9 +397,12 @@ pub(crate) fn attend_one(
         && visible * heads * d >= PARALLEL_ATTENTION_MIN
         && rayon::current_num_threads() > 1
     {
+        // Two halves (whoever is free takes each): finer splits would cut the groups of
+        // heads that share a KV head, and each part re-reads that head's keys and values.
         let mid = heads.div_ceil(2);
         let (first, second) = ctx.split_at_mut(mid * d);
-        rayon::join(|| run(0..mid, first), || run(mid..heads, second));
+        let mut parts = [(0..mid, first), (mid..heads, second)];
+        team::for_each_mut(&mut parts, |_, (hs, out)| run(hs.clone(), out));
     } else {
         run(0..heads, ctx);
     }
@@ -676,9 +680,10 @@ fn zip_map(
                 }
             };
             if a.len() >= PAR_MIN_ELEMS {
-                out.par_chunks_mut(CHUNK)
-                    .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
-                    .for_each(run);
+                team::for_each_chunk_mut(&mut out, CHUNK, |i, o| {
+                    let span = i * CHUNK..i * CHUNK + o.len();
+                    run((o, (&a[span.clone()], &b[span])))
+                });
             } else {
                 run((&mut out, (a, b)));
             }
