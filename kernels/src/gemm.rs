@@ -145,11 +145,9 @@ fn micro_kernel(
 /// Writes the first `nr` lanes of each tile row to `Y[t0 + t, r0 ..]`.
 fn store_tile(tile: &[[f32; NR]], t0: usize, out: SharedOut, ldy: usize, r0: usize, nr: usize) {
     for (t, row) in tile.iter().enumerate() {
-        let base = (t0 + t) * ldy + r0;
-        for (i, &v) in row.iter().enumerate().take(nr) {
-            // SAFETY: this task owns output rows r0..r0+nr (see `panel_gemm`).
-            unsafe { out.write(base + i, v) };
-        }
+        let nr = nr.min(row.len());
+        // SAFETY: this task owns output rows r0..r0+nr (see `panel_gemm`).
+        unsafe { out.write_run((t0 + t) * ldy + r0, nr, |i| row[i]) };
     }
 }
 

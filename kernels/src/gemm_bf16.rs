@@ -271,11 +271,9 @@ fn write_tile<'v>(
     values: impl Iterator<Item = &'v [f32]>,
 ) {
     for (t, values) in values.enumerate() {
-        let base = (t0 + t) * rows + r0;
-        for (i, &v) in values.iter().enumerate().take(nr) {
-            // SAFETY: the calling task owns output rows r0..r0+nr (panels are disjoint).
-            unsafe { out.write(base + i, v) };
-        }
+        let nr = nr.min(values.len());
+        // SAFETY: the calling task owns output rows r0..r0+nr (panels are disjoint).
+        unsafe { out.write_run((t0 + t) * rows + r0, nr, |i| values[i]) };
     }
 }
 

@@ -135,11 +135,8 @@ pub(crate) fn gemm(
                     _ => unreachable!("panels are packed for the weights' type"),
                 }
                 for (i, t) in (t0..t0 + nt).enumerate() {
-                    let base = t * rows + r0;
-                    for (r, row) in tile.iter().enumerate().take(nr) {
-                        // SAFETY: this task owns output rows r0..r0 + nr (its tiles of W).
-                        unsafe { out.write(base + r, row[i]) };
-                    }
+                    // SAFETY: this task owns output rows r0..r0 + nr (its tiles of W).
+                    unsafe { out.write_run(t * rows + r0, nr, |r| tile[r][i]) };
                 }
             }
         }

@@ -175,4 +175,22 @@ impl SharedOut {
         // SAFETY: in bounds (checked above); exclusivity is the caller's contract.
         unsafe { self.ptr.add(i).write(v) }
     }
+
+    /// Writes `n` values `value(0..n)` at `start..start + n`, checking the bounds once (a
+    /// register tile's column, stored in a loop the compiler keeps free of checks).
+    ///
+    /// # Safety
+    /// No other task may access indices `start..start + n` during the parallel region.
+    #[inline(always)]
+    pub(crate) unsafe fn write_run(&self, start: usize, n: usize, value: impl Fn(usize) -> f32) {
+        assert!(
+            start.checked_add(n).is_some_and(|end| end <= self.len),
+            "SharedOut run {start}+{n} out of bounds {}",
+            self.len
+        );
+        for k in 0..n {
+            // SAFETY: start + k < start + n <= len (checked above); exclusivity as above.
+            unsafe { self.ptr.add(start + k).write(value(k)) }
+        }
+    }
 }
