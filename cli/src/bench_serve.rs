@@ -3,8 +3,10 @@
 //! pruned export without its own tokenizer borrows the dense model's tokenizer files), then for
 //! each model and each concurrency opens that many streaming completions at once (greedy, the
 //! same prompt) and measures time to first token, decode tokens/s per stream (tokens after the
-//! first over the time after the first) and aggregate tokens/s (all tokens over the wall time
-//! of the round), and the aggregate relative to one stream.
+//! first over the time after the first), aggregate tokens/s (all tokens over the wall time
+//! of the round, so the prompts' prefill counts) and aggregate decode tokens/s (the streams'
+//! decode rates summed: the steady-state throughput of the batched decode steps, without the
+//! prefill), each relative to one stream.
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -57,6 +59,12 @@ pub struct Round {
     pub aggregate_tokens_per_s: f64,
     /// `aggregate_tokens_per_s` over the same model's one-stream figure (when measured).
     pub vs_single: Option<f64>,
+    /// The streams' decode tokens/s summed (each: tokens after the first over the time after
+    /// the first): what the batched decode steps deliver while every stream is decoding,
+    /// without the prompts' prefill, which `aggregate_tokens_per_s` includes.
+    pub decode_aggregate_tokens_per_s: f64,
+    /// `decode_aggregate_tokens_per_s` over the same model's one-stream figure.
+    pub decode_vs_single: Option<f64>,
     /// `aggregate_tokens_per_s` over the first model's (the dense one) at the same number of
     /// streams (when measured; 1.0 for the first model itself).
     pub vs_first: Option<f64>,
@@ -135,6 +143,13 @@ fn stream_once(base: &str, model: &str, max_tokens: usize) -> Result<StreamResul
         tokens: usage["completion_tokens"].as_u64().unwrap_or(0),
         prompt_tokens: usage["prompt_tokens"].as_u64().unwrap_or(0),
     })
+}
+
+/// A stream's decode tokens/s: the tokens after the first over the time after the first
+/// (`None` for a stream that produced at most one token, which has no decode phase).
+fn decode_rate(r: &StreamResult) -> Option<f64> {
+    let after_first = r.total.checked_sub(r.ttft)?.as_secs_f64();
+    (r.tokens > 1 && after_first > 0.0).then(|| (r.tokens - 1) as f64 / after_first)
 }
 
 /// The name requests give a model: built-ins as they are, folders linked into the state.
@@ -232,16 +247,13 @@ pub fn run(opts: &Options, progress: &mut dyn FnMut(&str)) -> Result<ServeBench>
             let results = results.into_iter().collect::<Result<Vec<_>>>()?;
             let mut ttft: Vec<f64> = results.iter().map(|r| r.ttft.as_secs_f64() * 1e3).collect();
             ttft.sort_by(f64::total_cmp);
-            let mut per_stream: Vec<f64> = results
-                .iter()
-                .filter(|r| r.tokens > 1)
-                .map(|r| (r.tokens - 1) as f64 / (r.total - r.ttft).as_secs_f64().max(1e-9))
-                .collect();
+            let mut per_stream: Vec<f64> = results.iter().filter_map(decode_rate).collect();
             per_stream.sort_by(f64::total_cmp);
+            let decode_aggregate: f64 = per_stream.iter().sum();
             let tokens: u64 = results.iter().map(|r| r.tokens).sum();
             let aggregate = tokens as f64 / wall.max(1e-9);
             if n == 1 {
-                single = Some(aggregate);
+                single = Some((aggregate, decode_aggregate));
             }
             let first = rounds
                 .iter()
@@ -257,7 +269,9 @@ pub fn run(opts: &Options, progress: &mut dyn FnMut(&str)) -> Result<ServeBench>
                 ttft_p99_ms: percentile(&ttft, 0.99),
                 stream_tokens_per_s: percentile(&per_stream, 0.5),
                 aggregate_tokens_per_s: aggregate,
-                vs_single: single.map(|s| aggregate / s.max(1e-9)),
+                vs_single: single.map(|(s, _)| aggregate / s.max(1e-9)),
+                decode_aggregate_tokens_per_s: decode_aggregate,
+                decode_vs_single: single.map(|(_, s)| decode_aggregate / s.max(1e-9)),
                 vs_first: first.map(|f| aggregate / f.max(1e-9)),
             });
         }
@@ -268,4 +282,35 @@ pub fn run(opts: &Options, progress: &mut dyn FnMut(&str)) -> Result<ServeBench>
         skipped,
         threads: std::env::var("RAYON_NUM_THREADS").ok(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stream(ttft_ms: u64, total_ms: u64, tokens: u64) -> StreamResult {
+        StreamResult {
+            ttft: Duration::from_millis(ttft_ms),
+            total: Duration::from_millis(total_ms),
+            tokens,
+            prompt_tokens: 10,
+        }
+    }
+
+    #[test]
+    fn decode_rate_leaves_out_the_first_token_and_its_wait() {
+        // 65 tokens: 64 after the first, in the 800 ms after it.
+        let r = decode_rate(&stream(200, 1000, 65)).expect("a decode phase");
+        assert!((r - 80.0).abs() < 1e-9, "{r}");
+        assert_eq!(
+            decode_rate(&stream(200, 1000, 1)),
+            None,
+            "one token: no decode"
+        );
+        assert_eq!(
+            decode_rate(&stream(1000, 1000, 5)),
+            None,
+            "no time after the first"
+        );
+    }
 }

@@ -436,7 +436,9 @@ enum BenchCommand {
     },
     /// Load-test the daemon's OpenAI-compatible API on loopback: 1, 4 and 16 concurrent
     /// greedy streams against the dense and the pruned model (continuous batching): time to
-    /// first token, decode tokens/s per stream and aggregate, and the aggregate vs one stream.
+    /// first token, decode tokens/s per stream, aggregate tokens/s (the prompts' prefill
+    /// included) and aggregate decode tokens/s (the streams' decode rates summed), each vs
+    /// one stream.
     Serve {
         /// The dense model: a directory, builtin:NAME or fetch:smollm2-135m-instruct.
         model: String,
@@ -1893,6 +1895,8 @@ fn cmd_bench_serve(
         "tok/s per stream",
         "tok/s aggregate",
         "vs 1 stream",
+        "decode tok/s aggregate",
+        "vs 1 stream",
         "vs dense",
     ]);
     for r in &b.rounds {
@@ -1906,6 +1910,9 @@ fn cmd_bench_serve(
             format!("{:.1}", r.stream_tokens_per_s),
             format!("{:.1}", r.aggregate_tokens_per_s),
             r.vs_single.map_or("-".into(), |v| format!("{v:.2}x")),
+            format!("{:.1}", r.decode_aggregate_tokens_per_s),
+            r.decode_vs_single
+                .map_or("-".into(), |v| format!("{v:.2}x")),
             r.vs_first.map_or("-".into(), |v| format!("{v:.2}x")),
         ]);
     }

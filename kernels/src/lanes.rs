@@ -24,8 +24,10 @@
 //! on SmolLM2's shapes. Tasks own disjoint ranges of row tiles and run every token panel over
 //! each tile while its weights (`ROWS × cols`, 27 KiB at SmolLM2's 576) are in L1/L2.
 
+use crate::element::Element;
 use crate::isa::{Exec, Isa};
 use crate::par::{self, SharedOut};
+use half::bf16;
 
 /// Tokens per panel: two 16-lane vectors.
 pub(crate) const TOKENS: usize = 32;
@@ -52,6 +54,11 @@ pub(crate) enum Weights<'a> {
     F32(&'a [f32]),
     /// bf16 bits; the activations are rounded to bf16 and multiplied in pairs (`vdpbf16ps`).
     Bf16(&'a [u16]),
+    /// bf16 rows written on demand: `write(r, row)` fills row `r`'s `cols` values into `row`
+    /// (zeroed first). Each task writes a tile's [`ROWS`] rows into an L1-sized buffer just
+    /// before multiplying them, so a sparse format runs this GEMM without a dense copy of the
+    /// whole matrix (the bitmap's batched steps: see `BitmapMatrix::gemm`).
+    Bf16Rows(&'a (dyn Fn(usize, &mut [bf16]) + Sync)),
 }
 
 /// The activations transposed into token panels of `width` lanes (16 or [`TOKENS`]): for
@@ -77,6 +84,7 @@ pub(crate) fn gemm(
     let stored = match w {
         Weights::F32(w) => w.len(),
         Weights::Bf16(w) => w.len(),
+        Weights::Bf16Rows(_) => rows * cols,
     };
     assert!(stored >= rows * cols && x.len() >= tokens * cols && y.len() >= tokens * rows);
     if rows == 0 || tokens == 0 {
@@ -91,7 +99,9 @@ pub(crate) fn gemm(
     let width = if tokens <= 16 { 16 } else { TOKENS };
     let panels = match w {
         Weights::F32(_) => Panels::F32(pack_f32(x, tokens, cols, width, exec)),
-        Weights::Bf16(_) => Panels::Bf16(pack_bf16(x, tokens, cols, width, exec)),
+        Weights::Bf16(_) | Weights::Bf16Rows(_) => {
+            Panels::Bf16(pack_bf16(x, tokens, cols, width, exec))
+        }
     };
     let tiles = rows.div_ceil(ROWS);
     let flops = tokens * rows * cols;
@@ -100,9 +110,21 @@ pub(crate) fn gemm(
     let out = SharedOut::new(y);
     par::for_each_bound(&bounds, |range| {
         let mut tile = [[0.0f32; TOKENS]; ROWS];
+        // The tile's rows when they are written on demand (`Bf16Rows`).
+        let mut written = match w {
+            Weights::Bf16Rows(_) => vec![bf16::ZERO; ROWS * cols],
+            _ => Vec::new(),
+        };
         for t in range {
             let r0 = t * ROWS;
             let nr = ROWS.min(rows - r0);
+            if let Weights::Bf16Rows(write) = w {
+                let rows_out = &mut written[..nr * cols];
+                rows_out.fill(bf16::ZERO);
+                for (i, row) in rows_out.chunks_exact_mut(cols).enumerate() {
+                    write(r0 + i, row);
+                }
+            }
             for p in 0..tokens.div_ceil(width) {
                 let t0 = p * width;
                 let nt = width.min(tokens - t0);
@@ -131,6 +153,12 @@ pub(crate) fn gemm(
                             nt,
                             &mut tile,
                         );
+                    }
+                    (Panels::Bf16(xp), Weights::Bf16Rows(_)) => {
+                        let pairs = cols / 2;
+                        let panel = &xp[p * pairs * width..][..pairs * width];
+                        let bits = Element::bf16_bits(&written[..nr * cols]).unwrap_or_default();
+                        tile_bf16(bits, nr, cols, panel, width, nt, &mut tile);
                     }
                     _ => unreachable!("panels are packed for the weights' type"),
                 }
