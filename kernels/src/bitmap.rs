@@ -18,7 +18,8 @@
 //! batches of 3+ tokens are expanded into dense rows that dense's batched kernels run
 //! (`expanded_for_batch`); in bf16 from 9 tokens (batched decode steps, prefill) the rows are
 //! expanded 12 at a time inside dense bf16's tokens-in-lanes GEMM instead, each tile just
-//! before it is multiplied (`lanes_bf16_values`): no dense copy of the matrix per call (a
+//! before it is multiplied, and from 3 tokens 8 at a time into dense's small-batch tiles
+//! (`written_bf16_values`): no dense copy of the matrix per call (a
 //! 16-sequence step of the 50% SmolLM2 model 41 -> 36 ms, level with dense bf16). With AVX512-BF16 too (Zen 4, Sapphire Rapids), each expanded bf16
 //! word is multiplied in one `vdpbf16ps` against the activations rounded to bf16 pairs once
 //! per call, as dense bf16's GEMV does.
@@ -284,11 +285,18 @@ impl BitmapMatrix {
             }
             return Ok(());
         }
-        if let Some(vals) = self.lanes_bf16_values(tokens, exec) {
+        if let Some(vals) = self.written_bf16_values(exec) {
             let write = |r: usize, row: &mut [half::bf16]| self.expand_row(r, vals, row);
-            let w = lanes::Weights::Bf16Rows(&write);
-            lanes::gemm(w, self.rows, self.cols, x, tokens, y, exec);
-            return Ok(());
+            if self.lanes_take_bf16(tokens, exec) {
+                let w = lanes::Weights::Bf16Rows(&write);
+                lanes::gemm(w, self.rows, self.cols, x, tokens, y, exec);
+                return Ok(());
+            }
+            if tokens <= crate::dense::SMALL_BATCH {
+                return crate::dense::small_batch_bf16_written(
+                    &write, self.rows, self.cols, x, tokens, y, exec,
+                );
+            }
         }
         if let Some(dense) = self.expanded_for_batch(exec) {
             return dense.gemm(x, tokens, y, exec);
@@ -382,23 +390,28 @@ impl BitmapMatrix {
         })
     }
 
-    /// The bf16 values, when a batched product of `tokens` tokens runs dense bf16's
-    /// tokens-in-lanes GEMM on rows expanded tile by tile ([`lanes::Weights::Bf16Rows`]): where
-    /// [`Self::expanded_for_batch`] would expand (VBMI2, at least 1/8 kept) and dense bf16 would
-    /// take that GEMM for as many tokens. Each task expands 12 rows into an L1 buffer right
-    /// before multiplying them, instead of the whole matrix into a fresh dense copy that the
-    /// product then reads back: no allocation, zeroing or write of `rows x cols` values per
-    /// call.
-    fn lanes_bf16_values(&self, tokens: usize, exec: Exec) -> Option<&[half::bf16]> {
+    /// The bf16 values, when a batched product can run dense bf16's kernels on rows expanded
+    /// block by block as they are multiplied, instead of [`Self::expanded_for_batch`]'s dense
+    /// copy of the whole matrix per call (its allocation, zeroing and `rows x cols` writes,
+    /// which the product then reads back): where that would expand (VBMI2, at least 1/8 kept).
+    /// From 9 tokens the rows go 12 at a time into the tokens-in-lanes GEMM
+    /// ([`lanes::Weights::Bf16Rows`]), from 3 to 8 tokens 8 at a time into the small-batch
+    /// register tiles (`dense::small_batch_bf16_written`), as dense bf16 would run them.
+    fn written_bf16_values(&self, exec: Exec) -> Option<&[half::bf16]> {
         let Values::Bf16(v) = &self.values else {
             return None;
         };
         let weights = self.rows * self.cols;
-        let expands = vbmi2_expand() && self.nnz() * 8 >= weights;
-        let lanes_take = tokens >= lanes::MIN_TOKENS
+        let expands =
+            vbmi2_expand() && exec.isa.effective() == Isa::Avx512 && self.nnz() * 8 >= weights;
+        expands.then_some(v.as_slice())
+    }
+
+    /// Whether dense bf16 would run `tokens` tokens on the tokens-in-lanes GEMM.
+    fn lanes_take_bf16(&self, tokens: usize, exec: Exec) -> bool {
+        tokens >= lanes::MIN_TOKENS
             && lanes::available_bf16(exec.isa, self.cols)
-            && (tokens <= crate::dense::SMALL_BATCH || !crate::amx::enabled());
-        (expands && lanes_take).then_some(v.as_slice())
+            && (tokens <= crate::dense::SMALL_BATCH || !crate::amx::enabled())
     }
 
     /// Every row written densely (`[rows, cols]`, zeros where pruned), row blocks of ~32 Ki

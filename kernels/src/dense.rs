@@ -17,6 +17,7 @@ use crate::par::{self, SharedOut};
 use crate::quant::ActivationsI16;
 use crate::simd;
 use crate::view::DenseView;
+use half::bf16;
 use std::ops::Range;
 
 /// Dense `[rows, cols]` row-major weights stored as f32, bf16 or i8 (per-row scales).
@@ -339,7 +340,59 @@ fn small_batch<T: Element>(
             xb: xb.as_deref(),
             tokens,
         };
-        small_batch_rows(isa, w, scales, cols, r, &batch, out, rows);
+        small_batch_rows(isa, w, 0, scales, cols, r, &batch, out, rows);
+    });
+    Ok(())
+}
+
+/// Rows written per block by [`small_batch_bf16_written`]: a multiple of the 4-row tile,
+/// 8 rows of SmolLM2's widest (1536) columns are 24 KiB, in L1 beside the activations.
+const WRITTEN_BLOCK: usize = 8;
+
+/// [`small_batch`] over bf16 rows that `write(r, row)` fills on demand (into a zeroed row),
+/// [`WRITTEN_BLOCK`] at a time per task, each block multiplied right after it is written: a
+/// sparse format's batched step of 3-8 tokens on dense bf16's register tiles without a dense
+/// copy of the whole matrix per call (the bitmap's, `BitmapMatrix::gemm`).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn small_batch_bf16_written(
+    write: &(dyn Fn(usize, &mut [bf16]) + Sync),
+    rows: usize,
+    cols: usize,
+    x: &[f32],
+    tokens: usize,
+    y: &mut [f32],
+    exec: Exec,
+) -> Result<()> {
+    expect_len("x", checked_len(tokens, cols)?, x.len())?;
+    expect_len("y", checked_len(tokens, rows)?, y.len())?;
+    let bounds = row_bounds::<bf16>(exec, rows, cols);
+    let out = SharedOut::new(y);
+    let isa = exec.isa.effective();
+    #[cfg(target_arch = "x86_64")]
+    let xb = (tokens >= 4 && cols > 0 && crate::gemm_bf16::available(isa))
+        .then(|| crate::gemm_bf16::pack_activations(x, tokens, cols));
+    #[cfg(not(target_arch = "x86_64"))]
+    let xb: Option<Vec<u32>> = None;
+    par::for_each_bound(&bounds, |units| {
+        let r = units.start * 4..(units.end * 4).min(rows);
+        let batch = Batch {
+            x,
+            xb: xb.as_deref(),
+            tokens,
+        };
+        let mut block = vec![bf16::ZERO; WRITTEN_BLOCK * cols];
+        let mut r0 = r.start;
+        while r0 < r.end {
+            let r1 = (r0 + WRITTEN_BLOCK).min(r.end);
+            let rows_out = &mut block[..(r1 - r0) * cols];
+            rows_out.fill(bf16::ZERO);
+            for (i, row) in rows_out.chunks_exact_mut(cols.max(1)).enumerate() {
+                write(r0 + i, row);
+            }
+            // Each task writes only the columns r0..r1 of Y (its own rows).
+            small_batch_rows(isa, &*rows_out, r0, None, cols, r0..r1, &batch, out, rows);
+            r0 = r1;
+        }
     });
     Ok(())
 }
@@ -352,11 +405,13 @@ struct Batch<'a> {
     tokens: usize,
 }
 
-/// Rows `r` of `Y = X·Wᵀ` into `out` (`[tokens, rows_total]`).
+/// Rows `r` of `Y = X·Wᵀ` into `out` (`[tokens, rows_total]`), where `w` holds rows
+/// `w_row0..` of the matrix (the whole matrix from 0, or a block written on demand).
 #[allow(clippy::too_many_arguments)]
 fn small_batch_rows<T: Element>(
     isa: Isa,
     w: &[T],
+    w_row0: usize,
     scales: Option<&[f32]>,
     cols: usize,
     r: Range<usize>,
@@ -365,7 +420,12 @@ fn small_batch_rows<T: Element>(
     rows_total: usize,
 ) {
     let (x, tokens) = (batch.x, batch.tokens);
-    assert!(r.end * cols <= w.len() && x.len() == tokens * cols && r.end <= rows_total);
+    assert!(
+        r.start >= w_row0
+            && (r.end - w_row0) * cols <= w.len()
+            && x.len() == tokens * cols
+            && r.end <= rows_total
+    );
     let mut r = r;
     #[cfg(target_arch = "x86_64")]
     if isa == Isa::Avx512 && tokens >= 4 {
@@ -386,7 +446,7 @@ fn small_batch_rows<T: Element>(
                 let xs = &x[t0 * cols..(t0 + n) * cols];
                 match dp {
                     Some((bits, xb)) => {
-                        let wp = &bits[r0 * cols..(r0 + 4) * cols];
+                        let wp = &bits[(r0 - w_row0) * cols..(r0 - w_row0 + 4) * cols];
                         let xbs = &xb[t0 * pairs..(t0 + n) * pairs];
                         // SAFETY: `isa` is effective and `xb` exists only where AVX512-BF16
                         // does; `wp` holds 4 rows of `cols`, `xs` and `xbs` `n` tokens.
@@ -400,7 +460,7 @@ fn small_batch_rows<T: Element>(
                         }
                     }
                     None => {
-                        let wp = &w[r0 * cols..(r0 + 4) * cols];
+                        let wp = &w[(r0 - w_row0) * cols..(r0 - w_row0 + 4) * cols];
                         // SAFETY: `isa` is effective (AVX-512F present); `wp` holds 4 rows of
                         // `cols` and `xs` holds `n` tokens of `cols` (sliced just above).
                         unsafe {
@@ -426,7 +486,7 @@ fn small_batch_rows<T: Element>(
         }
     }
     for row in r {
-        let wr = &w[row * cols..][..cols];
+        let wr = &w[(row - w_row0) * cols..][..cols];
         let scale = scales.map_or(1.0, |s| s[row]);
         let mut t0 = 0;
         while t0 < tokens {
