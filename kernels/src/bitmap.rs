@@ -19,7 +19,7 @@
 //! (`expanded_for_batch`); in bf16 from 9 tokens (batched decode steps, prefill) the rows are
 //! expanded 12 at a time inside dense bf16's tokens-in-lanes GEMM instead, each tile just
 //! before it is multiplied, and from 3 tokens 8 at a time into dense's small-batch tiles
-//! (`written_bf16_values`): no dense copy of the matrix per call (a
+//! (`expands_for_batch`; f32 and i8 up to 16 tokens too): no dense copy of the matrix per call (a
 //! 16-sequence step of the 50% SmolLM2 model 41 -> 36 ms, level with dense bf16). With AVX512-BF16 too (Zen 4, Sapphire Rapids), each expanded bf16
 //! word is multiplied in one `vdpbf16ps` against the activations rounded to bf16 pairs once
 //! per call, as dense bf16's GEMV does.
@@ -285,17 +285,26 @@ impl BitmapMatrix {
             }
             return Ok(());
         }
-        if let Some(vals) = self.written_bf16_values(exec) {
-            let write = |r: usize, row: &mut [half::bf16]| self.expand_row(r, vals, row);
-            if self.lanes_take_bf16(tokens, exec) {
+        if self.expands_for_batch(exec) {
+            if let Values::Bf16(vals) = &self.values
+                && self.lanes_take_bf16(tokens, exec)
+            {
+                let write = |r: usize, row: &mut [half::bf16]| self.expand_row(r, vals, row);
                 let w = lanes::Weights::Bf16Rows(&write);
                 lanes::gemm(w, self.rows, self.cols, x, tokens, y, exec);
                 return Ok(());
             }
-            if tokens <= crate::dense::SMALL_BATCH {
-                return crate::dense::small_batch_bf16_written(
-                    &write, self.rows, self.cols, x, tokens, y, exec,
-                );
+            // f32 from 9 tokens takes the tokens-in-lanes GEMM on the dense copy below.
+            let f32_lanes = matches!(self.values, Values::F32(_))
+                && tokens >= lanes::MIN_TOKENS
+                && lanes::available(exec.isa);
+            if tokens <= crate::dense::SMALL_BATCH && !f32_lanes {
+                let (rows, cols) = (self.rows, self.cols);
+                let scales = self.values.scales();
+                return with_values!(&self.values, vals => {
+                    let write = |r: usize, row: &mut [_]| self.expand_row(r, vals, row);
+                    crate::dense::small_batch_written(&write, scales, rows, cols, x, tokens, y, exec)
+                });
             }
         }
         if let Some(dense) = self.expanded_for_batch(exec) {
@@ -390,21 +399,18 @@ impl BitmapMatrix {
         })
     }
 
-    /// The bf16 values, when a batched product can run dense bf16's kernels on rows expanded
-    /// block by block as they are multiplied, instead of [`Self::expanded_for_batch`]'s dense
-    /// copy of the whole matrix per call (its allocation, zeroing and `rows x cols` writes,
-    /// which the product then reads back): where that would expand (VBMI2, at least 1/8 kept).
-    /// From 9 tokens the rows go 12 at a time into the tokens-in-lanes GEMM
-    /// ([`lanes::Weights::Bf16Rows`]), from 3 to 8 tokens 8 at a time into the small-batch
-    /// register tiles (`dense::small_batch_bf16_written`), as dense bf16 would run them.
-    fn written_bf16_values(&self, exec: Exec) -> Option<&[half::bf16]> {
-        let Values::Bf16(v) = &self.values else {
-            return None;
-        };
-        let weights = self.rows * self.cols;
-        let expands =
-            vbmi2_expand() && exec.isa.effective() == Isa::Avx512 && self.nnz() * 8 >= weights;
-        expands.then_some(v.as_slice())
+    /// Whether a batched product runs dense's kernels on rows expanded block by block as they
+    /// are multiplied, instead of [`Self::expanded_for_batch`]'s dense copy of the whole
+    /// matrix per call (its allocation, zeroing and `rows x cols` writes, which the product
+    /// then reads back): where that would expand (VBMI2, at least 1/8 kept). bf16 from 9
+    /// tokens goes 12 rows at a time into the tokens-in-lanes GEMM
+    /// ([`lanes::Weights::Bf16Rows`]); up to 16 tokens otherwise (f32 up to 8, as dense f32
+    /// takes the lanes GEMM from 9) 8 rows at a time into the small-batch register tiles
+    /// (`dense::small_batch_written`), as dense would run them.
+    fn expands_for_batch(&self, exec: Exec) -> bool {
+        vbmi2_expand()
+            && exec.isa.effective() == Isa::Avx512
+            && self.nnz() * 8 >= self.rows * self.cols
     }
 
     /// Whether dense bf16 would run `tokens` tokens on the tokens-in-lanes GEMM.

@@ -17,7 +17,6 @@ use crate::par::{self, SharedOut};
 use crate::quant::ActivationsI16;
 use crate::simd;
 use crate::view::DenseView;
-use half::bf16;
 use std::ops::Range;
 
 /// Dense `[rows, cols]` row-major weights stored as f32, bf16 or i8 (per-row scales).
@@ -349,13 +348,14 @@ fn small_batch<T: Element>(
 /// 8 rows of SmolLM2's widest (1536) columns are 24 KiB, in L1 beside the activations.
 const WRITTEN_BLOCK: usize = 8;
 
-/// [`small_batch`] over bf16 rows that `write(r, row)` fills on demand (into a zeroed row),
-/// [`WRITTEN_BLOCK`] at a time per task, each block multiplied right after it is written: a
-/// sparse format's batched step of 3-8 tokens on dense bf16's register tiles without a dense
-/// copy of the whole matrix per call (the bitmap's, `BitmapMatrix::gemm`).
+/// [`small_batch`] over rows that `write(r, row)` fills on demand (into a zeroed row; i8
+/// rows scaled by `scales`), [`WRITTEN_BLOCK`] at a time per task, each block multiplied right
+/// after it is written: a sparse format's batched step on dense's register tiles without a
+/// dense copy of the whole matrix per call (the bitmap's, `BitmapMatrix::gemm`).
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn small_batch_bf16_written(
-    write: &(dyn Fn(usize, &mut [bf16]) + Sync),
+pub(crate) fn small_batch_written<T: Element>(
+    write: &(dyn Fn(usize, &mut [T]) + Sync),
+    scales: Option<&[f32]>,
     rows: usize,
     cols: usize,
     x: &[f32],
@@ -365,12 +365,14 @@ pub(crate) fn small_batch_bf16_written(
 ) -> Result<()> {
     expect_len("x", checked_len(tokens, cols)?, x.len())?;
     expect_len("y", checked_len(tokens, rows)?, y.len())?;
-    let bounds = row_bounds::<bf16>(exec, rows, cols);
+    let bounds = row_bounds::<T>(exec, rows, cols);
     let out = SharedOut::new(y);
     let isa = exec.isa.effective();
+    // As `small_batch`: bf16 on AVX512-BF16 from 4 tokens multiplies pairs.
     #[cfg(target_arch = "x86_64")]
-    let xb = (tokens >= 4 && cols > 0 && crate::gemm_bf16::available(isa))
-        .then(|| crate::gemm_bf16::pack_activations(x, tokens, cols));
+    let xb =
+        (T::DTYPE == Dtype::Bf16 && tokens >= 4 && cols > 0 && crate::gemm_bf16::available(isa))
+            .then(|| crate::gemm_bf16::pack_activations(x, tokens, cols));
     #[cfg(not(target_arch = "x86_64"))]
     let xb: Option<Vec<u32>> = None;
     par::for_each_bound(&bounds, |units| {
@@ -380,17 +382,17 @@ pub(crate) fn small_batch_bf16_written(
             xb: xb.as_deref(),
             tokens,
         };
-        let mut block = vec![bf16::ZERO; WRITTEN_BLOCK * cols];
+        let mut block = vec![T::default(); WRITTEN_BLOCK * cols];
         let mut r0 = r.start;
         while r0 < r.end {
             let r1 = (r0 + WRITTEN_BLOCK).min(r.end);
             let rows_out = &mut block[..(r1 - r0) * cols];
-            rows_out.fill(bf16::ZERO);
+            rows_out.fill(T::default());
             for (i, row) in rows_out.chunks_exact_mut(cols.max(1)).enumerate() {
                 write(r0 + i, row);
             }
             // Each task writes only the columns r0..r1 of Y (its own rows).
-            small_batch_rows(isa, &*rows_out, r0, None, cols, r0..r1, &batch, out, rows);
+            small_batch_rows(isa, &*rows_out, r0, scales, cols, r0..r1, &batch, out, rows);
             r0 = r1;
         }
     });
