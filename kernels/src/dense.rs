@@ -315,6 +315,25 @@ fn small_batch<T: Element>(
     if tokens == 1 {
         return gemv_slice(w, scales, rows, cols, x, y, exec);
     }
+    small_batch_tasks::<T>(rows, cols, x, tokens, y, exec, |isa, r, batch, out| {
+        small_batch_rows(isa, w, 0, scales, cols, r, batch, out, rows)
+    })
+}
+
+/// The split shared by [`small_batch`] and [`small_batch_written`]: the lengths checked, the
+/// rows split over the pool in 4-row units, and `task(isa, rows, batch, out)` run per range,
+/// writing only the columns `rows` of Y (its own rows of W).
+fn small_batch_tasks<T: Element>(
+    rows: usize,
+    cols: usize,
+    x: &[f32],
+    tokens: usize,
+    y: &mut [f32],
+    exec: Exec,
+    task: impl Fn(Isa, Range<usize>, &Batch<'_>, SharedOut) + Sync + Send,
+) -> Result<()> {
+    expect_len("x", checked_len(tokens, cols)?, x.len())?;
+    expect_len("y", checked_len(tokens, rows)?, y.len())?;
     let bounds = row_bounds::<T>(exec, rows, cols);
     let out = SharedOut::new(y);
     let isa = exec.isa.effective();
@@ -323,28 +342,23 @@ fn small_batch<T: Element>(
     // reductions cost more than the multiplies saved (`batch_bench 1,2,4,8 bf16`: 2 tokens
     // 0.85-0.92x the widening kernel, 4 tokens 1.11x, 8 tokens 1.22x).
     #[cfg(target_arch = "x86_64")]
-    let xb = match T::bf16_bits(w) {
-        Some(_) if tokens >= 4 && cols > 0 && crate::gemm_bf16::available(isa) => {
-            Some(crate::gemm_bf16::pack_activations(x, tokens, cols))
-        }
-        _ => None,
-    };
+    let xb = (T::DTYPE == Dtype::Bf16 && tokens >= 4 && cols > 0 && gemm_bf16::available(isa))
+        .then(|| gemm_bf16::pack_activations(x, tokens, cols));
     #[cfg(not(target_arch = "x86_64"))]
     let xb: Option<Vec<u32>> = None;
     par::for_each_bound(&bounds, |units| {
         let r = units.start * 4..(units.end * 4).min(rows);
-        // Each task writes only the columns `r` of Y (its own rows of W).
         let batch = Batch {
             x,
             xb: xb.as_deref(),
             tokens,
         };
-        small_batch_rows(isa, w, 0, scales, cols, r, &batch, out, rows);
+        task(isa, r, &batch, out);
     });
     Ok(())
 }
 
-/// Rows written per block by [`small_batch_bf16_written`]: a multiple of the 4-row tile,
+/// Rows written per block by [`small_batch_written`]: a multiple of the 4-row tile,
 /// 8 rows of SmolLM2's widest (1536) columns are 24 KiB, in L1 beside the activations.
 const WRITTEN_BLOCK: usize = 8;
 
@@ -363,25 +377,7 @@ pub(crate) fn small_batch_written<T: Element>(
     y: &mut [f32],
     exec: Exec,
 ) -> Result<()> {
-    expect_len("x", checked_len(tokens, cols)?, x.len())?;
-    expect_len("y", checked_len(tokens, rows)?, y.len())?;
-    let bounds = row_bounds::<T>(exec, rows, cols);
-    let out = SharedOut::new(y);
-    let isa = exec.isa.effective();
-    // As `small_batch`: bf16 on AVX512-BF16 from 4 tokens multiplies pairs.
-    #[cfg(target_arch = "x86_64")]
-    let xb =
-        (T::DTYPE == Dtype::Bf16 && tokens >= 4 && cols > 0 && crate::gemm_bf16::available(isa))
-            .then(|| crate::gemm_bf16::pack_activations(x, tokens, cols));
-    #[cfg(not(target_arch = "x86_64"))]
-    let xb: Option<Vec<u32>> = None;
-    par::for_each_bound(&bounds, |units| {
-        let r = units.start * 4..(units.end * 4).min(rows);
-        let batch = Batch {
-            x,
-            xb: xb.as_deref(),
-            tokens,
-        };
+    small_batch_tasks::<T>(rows, cols, x, tokens, y, exec, |isa, r, batch, out| {
         let mut block = vec![T::default(); WRITTEN_BLOCK * cols];
         let mut r0 = r.start;
         while r0 < r.end {
@@ -391,12 +387,10 @@ pub(crate) fn small_batch_written<T: Element>(
             for (i, row) in rows_out.chunks_exact_mut(cols.max(1)).enumerate() {
                 write(r0 + i, row);
             }
-            // Each task writes only the columns r0..r1 of Y (its own rows).
-            small_batch_rows(isa, &*rows_out, r0, scales, cols, r0..r1, &batch, out, rows);
+            small_batch_rows(isa, &*rows_out, r0, scales, cols, r0..r1, batch, out, rows);
             r0 = r1;
         }
-    });
-    Ok(())
+    })
 }
 
 /// The activations of a small batch: `x` (`[tokens, cols]`) and, for bf16 weights on
