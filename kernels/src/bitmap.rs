@@ -15,12 +15,14 @@
 //! AVX512-VBMI2 as well (Ice Lake, Zen 4), bf16 takes 32 weights per word (`vpexpandw`, then
 //! dense bf16's own widen-and-FMA step) and i8 64 (`vpexpandb`, then dense i8's integer step:
 //! `vpdpwssd` against the activations quantized to i16 once per call, AVX512-VNNI), and
-//! batches of 3+ tokens are expanded into dense rows that dense's batched kernels run
-//! (`expanded_for_batch`); in bf16 from 9 tokens (batched decode steps, prefill) the rows are
-//! expanded 12 at a time inside dense bf16's tokens-in-lanes GEMM instead, each tile just
-//! before it is multiplied, and from 3 tokens 8 at a time into dense's small-batch tiles
-//! (`expands_for_batch`; f32 and i8 up to 16 tokens too): no dense copy of the matrix per call (a
-//! 16-sequence step of the 50% SmolLM2 model 41 -> 36 ms, level with dense bf16). With AVX512-BF16 too (Zen 4, Sapphire Rapids), each expanded bf16
+//! batches of 3+ tokens are expanded into dense rows that dense's batched kernels run: bf16
+//! from 9 tokens (batched decode steps, prefill) 12 rows at a time inside dense bf16's
+//! tokens-in-lanes GEMM, each tile just before it is multiplied, and up to 16 tokens (f32 up
+//! to 8) 8 rows at a time into dense's small-batch tiles (`expands_for_batch`); f32 from 9
+//! tokens, i8 past 16 and bf16 prefill on AMX still expand the whole matrix per call
+//! (`expanded_for_batch`).
+//! Without the dense copy a 16-sequence step of the 50% SmolLM2 model went 41 -> 36 ms, level
+//! with dense bf16. With AVX512-BF16 too (Zen 4, Sapphire Rapids), each expanded bf16
 //! word is multiplied in one `vdpbf16ps` against the activations rounded to bf16 pairs once
 //! per call, as dense bf16's GEMV does.
 //!
@@ -30,7 +32,7 @@
 //! them with those measured costs (`plan.rs`), and the GEMV splits its rows over the pool by
 //! that work, not by bytes (`par.rs`).
 
-use crate::dense::DenseMatrix;
+use crate::dense::{DenseMatrix, SMALL_BATCH, small_batch_written, takes_lanes};
 use crate::element::{Dtype, Element, Values, with_values};
 use crate::error::{KernelError, Result, checked_len, expect_len};
 use crate::isa::{Exec, Isa};
@@ -286,24 +288,22 @@ impl BitmapMatrix {
             return Ok(());
         }
         if self.expands_for_batch(exec) {
+            let on_lanes = takes_lanes(self.values.dtype(), self.cols, tokens, exec);
             if let Values::Bf16(vals) = &self.values
-                && self.lanes_take_bf16(tokens, exec)
+                && on_lanes
             {
                 let write = |r: usize, row: &mut [half::bf16]| self.expand_row(r, vals, row);
                 let w = lanes::Weights::Bf16Rows(&write);
                 lanes::gemm(w, self.rows, self.cols, x, tokens, y, exec);
                 return Ok(());
             }
-            // f32 from 9 tokens takes the tokens-in-lanes GEMM on the dense copy below.
-            let f32_lanes = matches!(self.values, Values::F32(_))
-                && tokens >= lanes::MIN_TOKENS
-                && lanes::available(exec.isa);
-            if tokens <= crate::dense::SMALL_BATCH && !f32_lanes {
+            // f32 on the tokens-in-lanes GEMM takes the dense copy below.
+            if tokens <= SMALL_BATCH && !on_lanes {
                 let (rows, cols) = (self.rows, self.cols);
                 let scales = self.values.scales();
                 return with_values!(&self.values, vals => {
                     let write = |r: usize, row: &mut [_]| self.expand_row(r, vals, row);
-                    crate::dense::small_batch_written(&write, scales, rows, cols, x, tokens, y, exec)
+                    small_batch_written(&write, scales, rows, cols, x, tokens, y, exec)
                 });
             }
         }
@@ -380,8 +380,7 @@ impl BitmapMatrix {
     /// the packed weights once per call and writes the dense copy, which the product then
     /// reads from cache or memory.
     fn expanded_for_batch(&self, exec: Exec) -> Option<DenseMatrix> {
-        let weights = self.rows * self.cols;
-        if !vbmi2_expand() || exec.isa.effective() != Isa::Avx512 || self.nnz() * 8 < weights {
+        if !self.expands_for_batch(exec) {
             return None;
         }
         let values = match &self.values {
@@ -411,13 +410,6 @@ impl BitmapMatrix {
         vbmi2_expand()
             && exec.isa.effective() == Isa::Avx512
             && self.nnz() * 8 >= self.rows * self.cols
-    }
-
-    /// Whether dense bf16 would run `tokens` tokens on the tokens-in-lanes GEMM.
-    fn lanes_take_bf16(&self, tokens: usize, exec: Exec) -> bool {
-        tokens >= lanes::MIN_TOKENS
-            && lanes::available_bf16(exec.isa, self.cols)
-            && (tokens <= crate::dense::SMALL_BATCH || !crate::amx::enabled())
     }
 
     /// Every row written densely (`[rows, cols]`, zeros where pruned), row blocks of ~32 Ki

@@ -130,20 +130,31 @@ impl DenseMatrix {
     /// call: f32 or bf16 values, [`lanes::MIN_TOKENS`] or more tokens, the CPU able (AVX-512,
     /// and AVX512-BF16 for bf16), and for bf16 prefill no AMX (its tiles are faster still).
     fn lanes_weights(&self, tokens: usize, exec: Exec) -> Option<lanes::Weights<'_>> {
-        if tokens < lanes::MIN_TOKENS {
+        if !takes_lanes(self.values.dtype(), self.cols, tokens, exec) {
             return None;
         }
         match &self.values {
-            Values::F32(v) if lanes::available(exec.isa) => Some(lanes::Weights::F32(v)),
-            Values::Bf16(v)
-                if lanes::available_bf16(exec.isa, self.cols)
-                    && (tokens <= SMALL_BATCH || !crate::amx::enabled()) =>
-            {
-                Element::bf16_bits(v.as_slice()).map(lanes::Weights::Bf16)
-            }
-            _ => None,
+            Values::F32(v) => Some(lanes::Weights::F32(v)),
+            Values::Bf16(v) => Element::bf16_bits(v.as_slice()).map(lanes::Weights::Bf16),
+            Values::I8 { .. } => None,
         }
     }
+}
+
+/// Whether a dense `dtype` product of `tokens` tokens over `cols` columns runs on the
+/// tokens-in-lanes GEMM ([`lanes::gemm`]): f32 or bf16, [`lanes::MIN_TOKENS`] or more tokens,
+/// the CPU able (AVX-512, and AVX512-BF16 for bf16), and for bf16 prefill no AMX (its tiles
+/// are faster still). Sparse formats that run dense's kernels on expanded rows ask the same.
+pub(crate) fn takes_lanes(dtype: Dtype, cols: usize, tokens: usize, exec: Exec) -> bool {
+    tokens >= lanes::MIN_TOKENS
+        && match dtype {
+            Dtype::F32 => lanes::available(exec.isa),
+            Dtype::Bf16 => {
+                lanes::available_bf16(exec.isa, cols)
+                    && (tokens <= SMALL_BATCH || !crate::amx::enabled())
+            }
+            Dtype::I8 => false,
+        }
 }
 
 /// The register-blocked GEMM over packed panels ([`gemm::panel_gemm`]): each task packs the
@@ -310,8 +321,7 @@ fn small_batch<T: Element>(
     y: &mut [f32],
     exec: Exec,
 ) -> Result<()> {
-    expect_len("x", checked_len(tokens, cols)?, x.len())?;
-    expect_len("y", checked_len(tokens, rows)?, y.len())?;
+    // One token is a GEMV; the lengths are checked there or in `small_batch_tasks`.
     if tokens == 1 {
         return gemv_slice(w, scales, rows, cols, x, y, exec);
     }

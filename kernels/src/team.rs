@@ -61,7 +61,8 @@ struct Shared {
     panic: Mutex<Option<Box<dyn Any + Send>>>,
 }
 
-/// The most tasks one region can have (`next` and `total` are 16 bits of `state`).
+/// The most tasks one region can have (`next` and `total` are 16 bits of `state`); a
+/// [`for_each_index`] over more indices gives each task a run of them.
 pub const MAX_TASKS: usize = u16::MAX as usize;
 
 fn pack(epoch: u32, total: usize, next: usize) -> u64 {
@@ -253,11 +254,15 @@ pub fn for_each_index<F: Fn(usize) + Sync + Send>(n: usize, task: F) {
         return;
     }
     let driving = DRIVING.with(Cell::get);
-    if !driving.is_null() && n <= MAX_TASKS {
+    if !driving.is_null() {
         // SAFETY: `DRIVING` points into the `Arc` that `with_team`'s guard holds for as long
         // as it is set.
         let shared = unsafe { &*driving };
-        run_region(shared, n, &task);
+        // More indices than a region has tasks: each task takes a contiguous run of them.
+        let tasks = n.min(MAX_TASKS);
+        run_region(shared, tasks, &|k: usize| {
+            (k * n / tasks..(k + 1) * n / tasks).for_each(&task)
+        });
         return;
     }
     (0..n).into_par_iter().for_each(task);
@@ -323,7 +328,7 @@ mod tests {
         pool(3).install(|| {
             with_team(|| {
                 assert!(driving());
-                for n in [1usize, 2, 7, 64, 1000] {
+                for n in [1usize, 2, 7, 64, 1000, MAX_TASKS + 3] {
                     let hits: Vec<AtomicUsize> = (0..n).map(|_| AtomicUsize::new(0)).collect();
                     for_each_index(n, |i| {
                         hits[i].fetch_add(1, Ordering::Relaxed);
