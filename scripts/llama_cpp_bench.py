@@ -14,7 +14,7 @@ Espalier's (the dequantization is the same d*q+m); BF16 and Q8_0 are llama.cpp's
 
 Usage (from the repository root, after `cargo build --release`):
     python3 scripts/llama_cpp_bench.py [--espalier target/release/espalier] [--threads 2]
-        [--prompt-tokens 128] [--new-tokens 64] [--rounds 3] [--reps 1]
+        [--prompt-tokens 128] [--new-tokens 64] [--rounds 3] [--reps 3]
         [--pipeline pipelines/quickstart.toml]
         [--pruned-model out/EXPORT]... [--work target/llama.cpp]
         [--json OUT.json]
@@ -156,9 +156,12 @@ def espalier_bench(args, pipeline, storage, model="fetch:smollm2-135m-instruct")
     cmd = [args.espalier, "bench", "decode", model]
     if pipeline:
         cmd += ["--pipeline", pipeline]
-    # One decode of each per call: this script interleaves its own rounds.
+    # `--reps` decodes of each per call, dense and pruned in turn (the median kept), as
+    # llama-bench repeats each test `-r` times within a round; this script interleaves its own
+    # rounds around the calls.
     r = run(cmd + ["--prompt-tokens", str(args.prompt_tokens), "--new-tokens",
-                   str(args.new_tokens), "--storage", storage, "--rounds", "1", "--json"],
+                   str(args.new_tokens), "--storage", storage, "--rounds", str(args.reps),
+                   "--json"],
             capture_output=True, text=True, env=env)
     return json.loads(r.stdout)
 
@@ -172,8 +175,9 @@ def main():
     p.add_argument("--rounds", type=int, default=3,
                    help="times every configuration is run, llama.cpp's and Espalier's in turn; "
                         "the table shows the means")
-    p.add_argument("--reps", type=int, default=1,
-                   help="llama-bench repetitions within a round (its -r)")
+    p.add_argument("--reps", type=int, default=3,
+                   help="repetitions within a round: llama-bench's -r (its mean) and the "
+                        "decodes of each Espalier call (their median)")
     p.add_argument("--pipeline", default="pipelines/quickstart.toml",
                    help="the pipeline whose pruned model Espalier times beside its dense one")
     p.add_argument("--pruned-model", action="append", default=[], metavar="DIR",
@@ -278,8 +282,9 @@ def main():
               f"{results['memory_bandwidth_gbps']:.1f} GB/s")
     print(f"({args.threads} threads, {args.prompt_tokens}-token prompt, {args.new_tokens} new "
           f"tokens; llama.cpp from llama-cpp-python {LLAMA_CPP_PYTHON}; means of {args.rounds} "
-          f"rounds, llama.cpp's and Espalier's runs in turn, {args.reps} llama-bench "
-          f"repetition(s) per round; 'rounds': lowest-highest decode tok/s)")
+          f"rounds, llama.cpp's and Espalier's runs in turn, {args.reps} repetition(s) per round "
+          f"(llama-bench's mean, each Espalier call's median); 'rounds': lowest-highest decode "
+          f"tok/s)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

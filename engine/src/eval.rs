@@ -275,9 +275,12 @@ pub fn latency(
         )));
     }
     // The prefill as llama-bench times its prompt processing: one untimed warm-up pass (first
-    // touch of the scratch buffers and caches), then the mean of PREFILL_REPS passes, each
-    // into a fresh KV cache; the last one's cache goes on to the decode steps.
-    session.next_token(prompt, Some(&mut KvCache::new()))?;
+    // touch of the scratch buffers and caches) and, as llama-bench's warm-up also generates a
+    // token, one decode step on it; then the mean of PREFILL_REPS passes, each into a fresh KV
+    // cache; the last one's cache goes on to the decode steps.
+    let mut warm = KvCache::new();
+    let first = session.next_token(prompt, Some(&mut warm))?;
+    session.next_token(&[first], Some(&mut warm))?;
     let started = Instant::now();
     let mut cache = KvCache::new();
     let mut next = session.next_token(prompt, Some(&mut cache))?;

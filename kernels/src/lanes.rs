@@ -162,6 +162,13 @@ pub(crate) fn gemm(
                     }
                     _ => unreachable!("panels are packed for the weights' type"),
                 }
+                // SAFETY: the caller checked AVX-512F (`available`); this task owns output
+                // rows r0..r0 + nr (its tiles of W) of every token.
+                #[cfg(target_arch = "x86_64")]
+                unsafe {
+                    x86::store_tile(&tile, nr, nt, &out, rows, r0, t0)
+                };
+                #[cfg(not(target_arch = "x86_64"))]
                 for (i, t) in (t0..t0 + nt).enumerate() {
                     // SAFETY: this task owns output rows r0..r0 + nr (its tiles of W).
                     unsafe { out.write_run(t * rows + r0, nr, |r| tile[r][i]) };
@@ -177,39 +184,73 @@ fn pack_f32(x: &[f32], tokens: usize, cols: usize, width: usize, exec: Exec) -> 
 }
 
 /// bf16 pair token panels (see [`Panels`]); `cols` is even. Rounded to nearest-even as the
-/// bf16 prefill rounds them ([`crate::gemm_bf16::pack_activations`]).
+/// bf16 prefill rounds them ([`crate::gemm_bf16::pack_activations`]). With AVX512-BF16 and
+/// whole 32-column blocks, each panel is converted and transposed in one pass
+/// (`x86::fill_panel_bf16`, the same `vcvtne2ps2bf16` rounding), without the row-major pair
+/// copy in between.
 fn pack_bf16(x: &[f32], tokens: usize, cols: usize, width: usize, exec: Exec) -> Vec<u32> {
-    let pairs = crate::gemm_bf16::pack_activations(&x[..tokens * cols], tokens, cols);
+    let x = &x[..tokens * cols];
+    #[cfg(target_arch = "x86_64")]
+    if cols.is_multiple_of(32) && std::arch::is_x86_feature_detected!("avx512bf16") {
+        return build_panels(tokens, cols / 2, width, exec, |first, lanes, panel| {
+            // SAFETY: AVX512-BF16 (and so AVX-512F) is present, checked above; `cols` is a
+            // multiple of 32.
+            unsafe { x86::fill_panel_bf16(&x[first * cols..], cols, width, lanes, panel) }
+        });
+    }
+    let pairs = crate::gemm_bf16::pack_activations(x, tokens, cols);
     transpose_into_panels(&pairs, cols / 2, width, exec)
 }
 
 /// Rows of `len` values (one per token) as panels of `width` tokens: value `k` of token `t`
-/// at `(t / width) * len * width + k * width + t % width`, zero past the last token. Panels
-/// are filled in parallel when `exec` allows and there are several: done on the calling
-/// thread alone, a 128-token prefill's transposes left the other worker waiting (with the
-/// output scatter, ~8% of an f32 prefill's samples in `perf`).
-fn transpose_into_panels<T: Copy + Default + Send + Sync>(
+/// at `(t / width) * len * width + k * width + t % width`, zero past the last token.
+fn transpose_into_panels<T: Copy + Default + Send + Sync + 'static>(
     rows: &[T],
     len: usize,
     width: usize,
     exec: Exec,
 ) -> Vec<T> {
     let tokens = rows.len() / len.max(1);
-    let mut out = vec![T::default(); tokens.div_ceil(width) * len * width];
-    if len == 0 {
-        return out;
-    }
-    let fill = |p: usize, panel: &mut [T]| {
-        let first = p * width;
+    build_panels(tokens, len, width, exec, |first, lanes, panel: &mut [T]| {
+        #[cfg(target_arch = "x86_64")]
+        if let (Some(rows), Some(panel)) = (words(rows), words_mut(panel))
+            && std::arch::is_x86_feature_detected!("avx512f")
+        {
+            // SAFETY: AVX-512F is present (checked just above).
+            unsafe { x86::fill_panel(&rows[first * len..], len, width, lanes, panel) };
+            return;
+        }
         for (lane, row) in rows[first * len..]
             .chunks_exact(len)
-            .take(width)
+            .take(lanes)
             .enumerate()
         {
             for (k, &v) in row.iter().enumerate() {
                 panel[k * width + lane] = v;
             }
         }
+    })
+}
+
+/// The zeroed panels of `tokens` tokens by `len` values, each filled by
+/// `fill(first_token, lanes, panel)` with its `lanes` tokens from `first_token` on. Panels are
+/// filled in parallel when `exec` allows and there are several: done on the calling thread
+/// alone, a 128-token prefill's transposes left the other worker waiting (with the output
+/// scatter, ~8% of an f32 prefill's samples in `perf`).
+fn build_panels<T: Copy + Default + Send + Sync>(
+    tokens: usize,
+    len: usize,
+    width: usize,
+    exec: Exec,
+    fill: impl Fn(usize, usize, &mut [T]) + Sync + Send,
+) -> Vec<T> {
+    let mut out = vec![T::default(); tokens.div_ceil(width) * len * width];
+    if len == 0 {
+        return out;
+    }
+    let fill = |p: usize, panel: &mut [T]| {
+        let first = p * width;
+        fill(first, width.min(tokens - first), panel)
     };
     let panel_len = len * width;
     if exec.parallel && out.len() > panel_len && out.len() >= 16 * 1024 {
@@ -220,6 +261,28 @@ fn transpose_into_panels<T: Copy + Default + Send + Sync>(
         }
     }
     out
+}
+
+/// Whether `T` is one of the panels' 4-byte plain types (f32 or u32), whose slices may be
+/// read and written as 32-bit words.
+fn is_word<T: 'static>() -> bool {
+    use std::any::TypeId;
+    TypeId::of::<T>() == TypeId::of::<u32>() || TypeId::of::<T>() == TypeId::of::<f32>()
+}
+
+/// `values` as 32-bit words when `T` is f32 or u32 ([`is_word`]).
+fn words<T: 'static>(values: &[T]) -> Option<&[u32]> {
+    // SAFETY: T is f32 or u32: one size and alignment as u32, every bit pattern valid in both.
+    is_word::<T>()
+        .then(|| unsafe { std::slice::from_raw_parts(values.as_ptr().cast(), values.len()) })
+}
+
+/// [`words`] for a panel being written.
+fn words_mut<T: 'static>(values: &mut [T]) -> Option<&mut [u32]> {
+    // SAFETY: as `words`; the slice stays uniquely borrowed through the result.
+    is_word::<T>().then(|| unsafe {
+        std::slice::from_raw_parts_mut(values.as_mut_ptr().cast(), values.len())
+    })
 }
 
 /// `kernel::<NR, NV>(args)` for a tile of `nr` rows (1..=[`ROWS`], a const generic each) and
@@ -318,7 +381,171 @@ fn tile_bf16(
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::{ROWS, TOKENS};
+    use crate::par::SharedOut;
     use std::arch::x86_64::*;
+
+    /// Stores the first `nt` tokens of a register tile's `nr` rows (`tile[r][i]`) into `Y`
+    /// (`[tokens, rows]`, row-major): token `t0 + i` gets `y[(t0 + i) * rows + r0..][..nr]`.
+    /// Each 16 tokens' rows are transposed in registers ([`transpose16`]) and every token's
+    /// `nr` values written by one masked store; copied value by value, this scatter was 4% of
+    /// a 128-token bf16 prefill's samples in `perf`.
+    ///
+    /// # Safety
+    /// AVX-512F available; the calling task owns output rows `r0..r0 + nr` of tokens
+    /// `t0..t0 + nt` (each run's bounds are checked).
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn store_tile(
+        tile: &[[f32; TOKENS]; ROWS],
+        nr: usize,
+        nt: usize,
+        out: &SharedOut,
+        rows: usize,
+        r0: usize,
+        t0: usize,
+    ) {
+        assert!((1..=ROWS).contains(&nr) && nt <= TOKENS);
+        let mask = ((1u32 << nr) - 1) as __mmask16;
+        for h in 0..nt.div_ceil(16) {
+            let mut lanes = [_mm512_setzero_ps(); 16];
+            for (v, row) in lanes.iter_mut().zip(&tile[..nr]) {
+                // SAFETY: the slice holds the 16 floats loaded.
+                *v = unsafe { _mm512_loadu_ps(row[16 * h..][..16].as_ptr()) };
+            }
+            let tokens = transpose16(lanes);
+            for (i, v) in tokens.iter().enumerate().take(nt - 16 * h) {
+                // SAFETY: `run_ptr` checks the run's bounds; the masked store writes its `nr`
+                // floats only; ownership is the caller's contract.
+                unsafe {
+                    let p = out.run_ptr((t0 + 16 * h + i) * rows + r0, nr);
+                    _mm512_mask_storeu_ps(p, mask, *v);
+                }
+            }
+        }
+    }
+
+    /// One token panel of `transpose_into_panels` for 4-byte values: `rows` holds the
+    /// panel's `lanes` tokens' rows of `len` values first; value `k` of token `t` goes to
+    /// `panel[k * width + t]` (lanes past `lanes` are left as they are: zero). 16 tokens by
+    /// 16 values per step through [`transpose16`], one 64-byte load per token and one store
+    /// per value; a value at a time, the 128-byte stride of those stores made the transposes
+    /// about 3% of a 128-token bf16 prefill.
+    ///
+    /// # Safety
+    /// AVX-512F available.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn fill_panel(
+        rows: &[u32],
+        len: usize,
+        width: usize,
+        lanes: usize,
+        panel: &mut [u32],
+    ) {
+        assert!(width.is_multiple_of(16) && lanes <= width);
+        assert!(rows.len() >= lanes * len && panel.len() >= len * width);
+        let whole = len - len % 16;
+        for lane0 in (0..lanes).step_by(16) {
+            let m = 16.min(lanes - lane0);
+            for k0 in (0..whole).step_by(16) {
+                let mut v = [_mm512_setzero_ps(); 16];
+                for (i, v) in v.iter_mut().enumerate().take(m) {
+                    let row = &rows[(lane0 + i) * len + k0..][..16];
+                    // SAFETY: `row` holds the 16 words loaded.
+                    *v = _mm512_castsi512_ps(unsafe { _mm512_loadu_epi32(row.as_ptr().cast()) });
+                }
+                for (j, v) in transpose16(v).iter().enumerate() {
+                    let dst = &mut panel[(k0 + j) * width + lane0..][..16];
+                    // SAFETY: `dst` holds the 16 words stored.
+                    unsafe { _mm512_storeu_ps(dst.as_mut_ptr().cast(), *v) };
+                }
+            }
+            for i in 0..m {
+                for k in whole..len {
+                    panel[k * width + lane0 + i] = rows[(lane0 + i) * len + k];
+                }
+            }
+        }
+    }
+
+    /// [`fill_panel`] for bf16 pair panels straight from f32 activations: `x` holds the
+    /// panel's `lanes` tokens' rows of `cols` values first; pair `k` (columns `2k`, `2k + 1`,
+    /// rounded to nearest-even by `vcvtne2ps2bf16`, as `gemm_bf16::pack_activations` rounds
+    /// them) of token `t` goes to `panel[k * width + t]`. Per 16 tokens by 32 columns: two
+    /// loads and one conversion per token, a [`transpose16`], 16 stores.
+    ///
+    /// # Safety
+    /// AVX-512F and AVX512-BF16 available.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub(super) unsafe fn fill_panel_bf16(
+        x: &[f32],
+        cols: usize,
+        width: usize,
+        lanes: usize,
+        panel: &mut [u32],
+    ) {
+        let pairs = cols / 2;
+        assert!(cols.is_multiple_of(32) && width.is_multiple_of(16) && lanes <= width);
+        assert!(x.len() >= lanes * cols && panel.len() >= pairs * width);
+        for lane0 in (0..lanes).step_by(16) {
+            let m = 16.min(lanes - lane0);
+            for k0 in (0..pairs).step_by(16) {
+                let mut v = [_mm512_setzero_ps(); 16];
+                for (i, v) in v.iter_mut().enumerate().take(m) {
+                    let row = &x[(lane0 + i) * cols + 2 * k0..][..32];
+                    // SAFETY: `row` holds the 32 floats loaded; `__m512bh` is 64 plain bytes.
+                    *v = unsafe {
+                        let lo = _mm512_loadu_ps(row.as_ptr());
+                        let hi = _mm512_loadu_ps(row.as_ptr().add(16));
+                        std::mem::transmute::<__m512bh, __m512>(_mm512_cvtne2ps_pbh(hi, lo))
+                    };
+                }
+                for (j, v) in transpose16(v).iter().enumerate() {
+                    let dst = &mut panel[(k0 + j) * width + lane0..][..16];
+                    // SAFETY: `dst` holds the 16 words stored.
+                    unsafe { _mm512_storeu_ps(dst.as_mut_ptr().cast(), *v) };
+                }
+            }
+        }
+    }
+
+    /// The 16x16 transpose of `r`: lane `j` of result `i` is lane `i` of `r[j]`. Interleaves
+    /// 32-bit then 64-bit elements within 128-bit lanes, then moves whole 128-bit lanes twice:
+    /// 64 shuffles.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn transpose16(r: [__m512; 16]) -> [__m512; 16] {
+        let zero = _mm512_setzero_ps();
+        // t[2i], t[2i+1]: rows 2i and 2i+1 interleaved; per 128-bit lane k, columns 4k, 4k+1
+        // and 4k+2, 4k+3.
+        let mut t = [zero; 16];
+        for i in 0..8 {
+            t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+            t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+        }
+        // u[4q + c]: per 128-bit lane k, column 4k + c of rows 4q..4q + 3.
+        let mut u = [zero; 16];
+        let pd = _mm512_castps_pd;
+        let ps = _mm512_castpd_ps;
+        for q in 0..4 {
+            let (a, b, c, d) = (t[4 * q], t[4 * q + 2], t[4 * q + 1], t[4 * q + 3]);
+            u[4 * q] = ps(_mm512_unpacklo_pd(pd(a), pd(b)));
+            u[4 * q + 1] = ps(_mm512_unpackhi_pd(pd(a), pd(b)));
+            u[4 * q + 2] = ps(_mm512_unpacklo_pd(pd(c), pd(d)));
+            u[4 * q + 3] = ps(_mm512_unpackhi_pd(pd(c), pd(d)));
+        }
+        // Column 4k + c: 128-bit lane k of u[c], u[4 + c], u[8 + c], u[12 + c], in that order.
+        let mut out = [zero; 16];
+        for c in 0..4 {
+            let lo01 = _mm512_shuffle_f32x4::<0x44>(u[c], u[4 + c]);
+            let lo23 = _mm512_shuffle_f32x4::<0x44>(u[8 + c], u[12 + c]);
+            let hi01 = _mm512_shuffle_f32x4::<0xEE>(u[c], u[4 + c]);
+            let hi23 = _mm512_shuffle_f32x4::<0xEE>(u[8 + c], u[12 + c]);
+            out[c] = _mm512_shuffle_f32x4::<0x88>(lo01, lo23);
+            out[4 + c] = _mm512_shuffle_f32x4::<0xDD>(lo01, lo23);
+            out[8 + c] = _mm512_shuffle_f32x4::<0x88>(hi01, hi23);
+            out[12 + c] = _mm512_shuffle_f32x4::<0xDD>(hi01, hi23);
+        }
+        out
+    }
 
     /// How far ahead (in columns) the weight rows are prefetched: 4 cache lines of f32.
     const PREFETCH: usize = 64;

@@ -176,6 +176,23 @@ impl SharedOut {
         unsafe { self.ptr.add(i).write(v) }
     }
 
+    /// The address of the run `start..start + n`, its bounds checked, for a kernel that stores
+    /// the run with vector instructions.
+    ///
+    /// # Safety
+    /// The caller writes only within the run, and no other task may access it during the
+    /// parallel region.
+    #[inline(always)]
+    pub(crate) unsafe fn run_ptr(&self, start: usize, n: usize) -> *mut f32 {
+        assert!(
+            start.checked_add(n).is_some_and(|end| end <= self.len),
+            "SharedOut run {start}+{n} out of bounds {}",
+            self.len
+        );
+        // SAFETY: start <= len (checked above), so the offset stays within the allocation.
+        unsafe { self.ptr.add(start) }
+    }
+
     /// Writes `n` values `value(0..n)` at `start..start + n`, checking the bounds once (a
     /// register tile's column, stored in a loop the compiler keeps free of checks).
     ///
