@@ -269,16 +269,15 @@ impl Linear {
         x: &Tensor,
         tokens: usize,
     ) -> Result<Tensor, EngineError> {
-        let mut y = vec![0.0f32; tokens * self.out_features];
-        crate::forward::with_f32(x, |xs| {
+        // Not zeroed first where the kernel writes every output (prefill's GEMM).
+        let y = crate::forward::with_f32(x, |xs| {
             crate::forward::with_f32(w, |ws| {
-                espalier_kernels::gemm_f32(
+                espalier_kernels::gemm_f32_new(
                     ws,
                     self.out_features,
                     self.in_features,
                     xs,
                     tokens,
-                    &mut y,
                     espalier_kernels::Exec::auto(),
                 )
                 .map_err(|e| shape_err(&self.name, e.to_string()))

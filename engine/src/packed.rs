@@ -75,12 +75,13 @@ impl LinearKernel for PackedKernel {
 
     fn forward(&self, x: &Tensor) -> Result<Tensor, EngineError> {
         let tokens = x.dims().first().copied().unwrap_or(0);
-        let mut y = vec![0.0f32; tokens * self.packed.rows()];
-        with_f32(x, |xs| {
+        let y = with_f32(x, |xs| {
             if tokens == 1 {
-                self.packed.gemv(xs, &mut y)
+                let mut y = vec![0.0f32; self.packed.rows()];
+                self.packed.gemv(xs, &mut y).map(|()| y)
             } else {
-                self.packed.gemm(xs, tokens, &mut y)
+                // Not zeroed first where the kernel writes every output (prefill's GEMM).
+                self.packed.gemm_new(xs, tokens)
             }
             .map_err(EngineError::kernel)
         })?;

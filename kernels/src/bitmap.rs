@@ -37,7 +37,7 @@ use crate::element::{Dtype, Element, Values, with_values};
 use crate::error::{KernelError, Result, checked_len, expect_len};
 use crate::isa::{Exec, Isa};
 use crate::lanes;
-use crate::par;
+use crate::par::{self, Out};
 use crate::quant::ActivationsI16;
 use crate::rowgemm::{self, RowDecode};
 use crate::view::DenseView;
@@ -275,8 +275,24 @@ impl BitmapMatrix {
 
     /// `Y = X·Wᵀ` (`X`: `[tokens, cols]`, `Y`: `[tokens, rows]`, row-major; `Y` overwritten).
     pub fn gemm(&self, x: &[f32], tokens: usize, y: &mut [f32], exec: Exec) -> Result<()> {
+        self.gemm_out(x, tokens, Out::Init(y), exec)
+    }
+
+    /// [`BitmapMatrix::gemm`] into an initialized or fresh output (see [`Out`]).
+    pub(crate) fn gemm_out(&self, x: &[f32], tokens: usize, y: Out<'_>, exec: Exec) -> Result<()> {
         expect_len("x", checked_len(tokens, self.cols)?, x.len())?;
         expect_len("y", checked_len(tokens, self.rows)?, y.len())?;
+        if self.expands_for_batch(exec)
+            && tokens > 2
+            && let Values::Bf16(vals) = &self.values
+            && takes_lanes(self.values.dtype(), self.cols, tokens, exec)
+        {
+            let write = |r: usize, row: &mut [half::bf16]| self.expand_row(r, vals, row);
+            let w = lanes::Weights::Bf16Rows(&write);
+            lanes::gemm(w, self.rows, self.cols, x, tokens, y, exec);
+            return Ok(());
+        }
+        let y = y.init();
         if tokens <= 2 {
             for t in 0..tokens {
                 let (xs, ys) = (
@@ -288,17 +304,8 @@ impl BitmapMatrix {
             return Ok(());
         }
         if self.expands_for_batch(exec) {
-            let on_lanes = takes_lanes(self.values.dtype(), self.cols, tokens, exec);
-            if let Values::Bf16(vals) = &self.values
-                && on_lanes
-            {
-                let write = |r: usize, row: &mut [half::bf16]| self.expand_row(r, vals, row);
-                let w = lanes::Weights::Bf16Rows(&write);
-                lanes::gemm(w, self.rows, self.cols, x, tokens, y, exec);
-                return Ok(());
-            }
-            // f32 on the tokens-in-lanes GEMM takes the dense copy below.
-            if tokens <= SMALL_BATCH && !on_lanes {
+            // bf16 on the tokens-in-lanes GEMM went above; f32 there takes the dense copy below.
+            if tokens <= SMALL_BATCH && !takes_lanes(self.values.dtype(), self.cols, tokens, exec) {
                 let (rows, cols) = (self.rows, self.cols);
                 let scales = self.values.scales();
                 return with_values!(&self.values, vals => {

@@ -12,7 +12,7 @@ use crate::gemm::{self, NR, Segment};
 use crate::gemm_bf16;
 use crate::isa::{Exec, Isa};
 use crate::lanes;
-use crate::par::{self, SharedOut};
+use crate::par::{self, Out, SharedOut};
 #[cfg(target_arch = "x86_64")]
 use crate::quant::ActivationsI16;
 use crate::simd;
@@ -93,12 +93,18 @@ impl DenseMatrix {
 
     /// `Y = X·Wᵀ` (`X`: `[tokens, cols]`, `Y`: `[tokens, rows]`, both row-major; `Y` overwritten).
     pub fn gemm(&self, x: &[f32], tokens: usize, y: &mut [f32], exec: Exec) -> Result<()> {
+        self.gemm_out(x, tokens, Out::Init(y), exec)
+    }
+
+    /// [`DenseMatrix::gemm`] into an initialized or fresh output (see [`Out`]).
+    pub(crate) fn gemm_out(&self, x: &[f32], tokens: usize, y: Out<'_>, exec: Exec) -> Result<()> {
         expect_len("x", checked_len(tokens, self.cols)?, x.len())?;
         expect_len("y", checked_len(tokens, self.rows)?, y.len())?;
         if let Some(w) = self.lanes_weights(tokens, exec) {
             lanes::gemm(w, self.rows, self.cols, x, tokens, y, exec);
             return Ok(());
         }
+        let y = y.init();
         if tokens <= SMALL_BATCH {
             // Too few tokens to amortise packing: stream W once, each row dotted with every
             // token while it is in L1.
@@ -212,12 +218,43 @@ pub fn gemm_f32(
     y: &mut [f32],
     exec: Exec,
 ) -> Result<()> {
+    gemm_f32_out(w, rows, cols, x, tokens, Out::Init(y), exec)
+}
+
+/// [`gemm_f32`] into a new `[tokens, rows]` vector, not zeroed first where the kernel writes
+/// every output itself (the tokens-in-lanes GEMM).
+pub fn gemm_f32_new(
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    x: &[f32],
+    tokens: usize,
+    exec: Exec,
+) -> Result<Vec<f32>> {
+    par::new_output(checked_len(tokens, rows)?, |y| {
+        gemm_f32_out(w, rows, cols, x, tokens, y, exec)
+    })
+}
+
+/// [`gemm_f32`] into an initialized or fresh output (see [`Out`]).
+fn gemm_f32_out(
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    x: &[f32],
+    tokens: usize,
+    y: Out<'_>,
+    exec: Exec,
+) -> Result<()> {
     expect_len("w", checked_len(rows, cols)?, w.len())?;
     expect_len("x", checked_len(tokens, cols)?, x.len())?;
     expect_len("y", checked_len(tokens, rows)?, y.len())?;
     if tokens >= lanes::MIN_TOKENS && lanes::available(exec.isa) {
         lanes::gemm(lanes::Weights::F32(w), rows, cols, x, tokens, y, exec);
-    } else if tokens <= SMALL_BATCH {
+        return Ok(());
+    }
+    let y = y.init();
+    if tokens <= SMALL_BATCH {
         small_batch(w, None, rows, cols, x, tokens, y, exec)?;
     } else {
         panel_gemm(w, None, rows, cols, x, tokens, y, exec);

@@ -26,7 +26,7 @@
 
 use crate::element::Element;
 use crate::isa::{Exec, Isa};
-use crate::par::{self, SharedOut};
+use crate::par::{self, Out};
 use half::bf16;
 
 /// Tokens per panel: two 16-lane vectors.
@@ -69,16 +69,16 @@ enum Panels {
     Bf16(Vec<u32>),
 }
 
-/// `Y = X · Wᵀ` for `w: [rows, cols]`, `x: [tokens, cols]`, `y: [tokens, rows]` (overwritten),
-/// split over the pool by `exec`. The caller has checked [`available`] (and
-/// [`available_bf16`] for bf16 weights) and the lengths.
+/// `Y = X · Wᵀ` for `w: [rows, cols]`, `x: [tokens, cols]`, `y: [tokens, rows]` (every
+/// element written, so fresh memory is fine), split over the pool by `exec`. The caller has
+/// checked [`available`] (and [`available_bf16`] for bf16 weights) and the lengths.
 pub(crate) fn gemm(
     w: Weights<'_>,
     rows: usize,
     cols: usize,
     x: &[f32],
     tokens: usize,
-    y: &mut [f32],
+    y: Out<'_>,
     exec: Exec,
 ) {
     let stored = match w {
@@ -91,7 +91,7 @@ pub(crate) fn gemm(
         return;
     }
     if cols == 0 {
-        y[..tokens * rows].fill(0.0);
+        y.init()[..tokens * rows].fill(0.0);
         return;
     }
     // A decode step of up to 16 sequences fills one vector per column; anything longer runs
@@ -107,7 +107,8 @@ pub(crate) fn gemm(
     let flops = tokens * rows * cols;
     let tasks = par::task_count(exec, tiles, flops, par::MIN_TASK_FLOPS);
     let bounds = par::even_bounds(tiles, tasks);
-    let out = SharedOut::new(y);
+    // Every tile of rows meets every panel of tokens and stores each of its outputs once.
+    let out = y.shared();
     par::for_each_bound(&bounds, |range| {
         let mut tile = [[0.0f32; TOKENS]; ROWS];
         // The tile's rows when they are written on demand (`Bf16Rows`).
@@ -728,7 +729,7 @@ mod tests {
                 parallel,
                 ..Exec::auto()
             };
-            gemm(w, rows, cols, x, tokens, &mut y, exec);
+            gemm(w, rows, cols, x, tokens, par::Out::Init(&mut y), exec);
             for t in 0..tokens {
                 for r in 0..rows {
                     let bound: f64 = (0..cols)

@@ -62,7 +62,7 @@ pub use block_train::{BlockPattern, BlockTraining, TRAIN_BLOCK};
 pub use bsr::BsrMatrix;
 pub use compact::CompactMatrix;
 pub use csr::CsrMatrix;
-pub use dense::{DenseMatrix, SMALL_BATCH, gemm_f32, gemm_f32_prefill_fast};
+pub use dense::{DenseMatrix, SMALL_BATCH, gemm_f32, gemm_f32_new, gemm_f32_prefill_fast};
 pub use element::{Dtype, Element};
 pub use error::{KernelError, Result};
 pub use isa::{Exec, Isa};

@@ -16,6 +16,7 @@
 //! there is no nested oversubscription.
 
 use crate::isa::Exec;
+use std::mem::MaybeUninit;
 use std::ops::Range;
 
 /// Minimum work a task must do for a split to pay off, in bytes of weights streamed (kernels
@@ -133,6 +134,67 @@ where
         return;
     }
     crate::team::for_each_index(n, |k| f(bounds[k]..bounds[k + 1]));
+}
+
+/// The output of a product: a caller's initialized buffer, or fresh memory (a vector's spare
+/// capacity) that the product must write whole before it returns `Ok`. Kernels that write
+/// every output take either as it is ([`Out::shared`]); the others ask for initialized floats
+/// ([`Out::init`]), which zeroes fresh memory first. Zeroing a 128-token prefill's outputs
+/// before the tokens-in-lanes GEMM overwrote them was 2.5% of the prefill.
+pub(crate) enum Out<'a> {
+    /// Initialized floats, overwritten.
+    Init(&'a mut [f32]),
+    /// Memory to be written whole.
+    Fresh(&'a mut [MaybeUninit<f32>]),
+}
+
+impl<'a> Out<'a> {
+    /// Elements of the buffer.
+    pub(crate) fn len(&self) -> usize {
+        match self {
+            Out::Init(y) => y.len(),
+            Out::Fresh(y) => y.len(),
+        }
+    }
+
+    /// The buffer as initialized floats, fresh memory zeroed first.
+    pub(crate) fn init(self) -> &'a mut [f32] {
+        match self {
+            Out::Init(y) => y,
+            Out::Fresh(y) => {
+                y.fill(MaybeUninit::new(0.0));
+                // SAFETY: every element was just written; `MaybeUninit<f32>` has the layout of
+                // `f32`.
+                unsafe { std::slice::from_raw_parts_mut(y.as_mut_ptr().cast::<f32>(), y.len()) }
+            }
+        }
+    }
+
+    /// A view for tasks that between them write every element (what makes fresh memory
+    /// initialized).
+    pub(crate) fn shared(self) -> SharedOut {
+        match self {
+            Out::Init(y) => SharedOut::new(y),
+            Out::Fresh(y) => SharedOut {
+                ptr: y.as_mut_ptr().cast::<f32>(),
+                len: y.len(),
+            },
+        }
+    }
+}
+
+/// `rows × cols` outputs written by `product` into a new vector, without zeroing it first
+/// where `product` writes every element itself (see [`Out`]).
+pub(crate) fn new_output(
+    len: usize,
+    product: impl FnOnce(Out<'_>) -> crate::Result<()>,
+) -> crate::Result<Vec<f32>> {
+    let mut y: Vec<f32> = Vec::with_capacity(len);
+    product(Out::Fresh(&mut y.spare_capacity_mut()[..len]))?;
+    // SAFETY: a product given `Out::Fresh` writes all `len` elements before returning `Ok`
+    // (directly, or after `Out::init` zeroed them); they lie within the capacity reserved above.
+    unsafe { y.set_len(len) };
+    Ok(y)
 }
 
 /// A raw view of an output buffer shared by GEMM tasks.

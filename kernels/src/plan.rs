@@ -26,9 +26,10 @@ use crate::compact::CompactMatrix;
 use crate::csr::CsrMatrix;
 use crate::dense::DenseMatrix;
 use crate::element::Dtype;
-use crate::error::{KernelError, Result};
+use crate::error::{KernelError, Result, checked_len};
 use crate::isa::Exec;
 use crate::nm::NmMatrix;
+use crate::par;
 use crate::view::DenseView;
 use std::fmt;
 
@@ -684,5 +685,17 @@ impl PackedLinear {
     /// [`PackedLinear::gemm`] with explicit ISA/threading.
     pub fn gemm_with(&self, x: &[f32], tokens: usize, y: &mut [f32], exec: Exec) -> Result<()> {
         each!(self, w => w.gemm(x, tokens, y, exec))
+    }
+
+    /// [`PackedLinear::gemm`] into a new `[tokens, rows]` vector, not zeroed first where the
+    /// kernel writes every output itself (dense f32 and bf16, and the bf16 bitmap, on the
+    /// tokens-in-lanes GEMM). Best ISA, rayon's global pool.
+    pub fn gemm_new(&self, x: &[f32], tokens: usize) -> Result<Vec<f32>> {
+        let exec = Exec::auto();
+        par::new_output(checked_len(tokens, self.rows())?, |y| match self {
+            PackedLinear::Dense(w) => w.gemm_out(x, tokens, y, exec),
+            PackedLinear::Bitmap(w) => w.gemm_out(x, tokens, y, exec),
+            other => other.gemm_with(x, tokens, y.init(), exec),
+        })
     }
 }

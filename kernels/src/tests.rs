@@ -191,8 +191,21 @@ fn check_format(w: &[f32], rows: usize, cols: usize, format: Format, seed: u64) 
                     assert_within_quantization(w, rows, cols, &x, &y, f32_ref, &ctx);
                 }
             }
+            // Into a fresh vector (not zeroed where the kernel writes every output): the
+            // same floats as into a NaN-filled buffer.
+            let fresh = packed.gemm_new(&x, tokens).expect(&ctx);
+            let mut y = vec![f32::NAN; tokens * rows];
+            packed
+                .gemm_with(&x, tokens, &mut y, Exec::auto())
+                .expect(&ctx);
+            assert_eq!(bits(&fresh), bits(&y), "gemm_new {ctx} tokens={tokens}");
         }
     }
+}
+
+/// The bits of `v`, so NaNs compare equal to themselves.
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
 }
 
 #[test]
@@ -221,6 +234,16 @@ fn gemm_f32_on_borrowed_weights_matches_reference() {
                 crate::gemm_f32(&w, rows, cols, &x, tokens, &mut y, exec).expect(&ctx);
                 assert_close(&y, &want, &mag, &ctx);
             }
+            // Into a fresh vector: the same floats.
+            let fresh =
+                crate::gemm_f32_new(&w, rows, cols, &x, tokens, Exec::auto()).expect("fresh");
+            let mut y = vec![f32::NAN; tokens * rows];
+            crate::gemm_f32(&w, rows, cols, &x, tokens, &mut y, Exec::auto()).expect("init");
+            assert_eq!(
+                bits(&fresh),
+                bits(&y),
+                "gemm_f32_new {rows}x{cols} tokens={tokens}"
+            );
         }
     }
     let mut y = vec![0.0; 2];
