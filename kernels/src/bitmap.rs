@@ -443,9 +443,9 @@ impl BitmapMatrix {
         out
     }
 
-    /// Row `r` written densely into `out` (`cols` values, already zero): whole mask words by
-    /// one expand (f32 16 columns, bf16 32, i8 64) where the CPU has VBMI2, bit by bit
-    /// elsewhere and in the ragged tail.
+    /// Row `r` written densely into `out`, every one of its `cols` values (zeros where pruned,
+    /// so `out` need not be zeroed first): whole mask words by one expand (f32 16 columns, bf16
+    /// 32, i8 64) where the CPU has VBMI2, bit by bit elsewhere and in the ragged tail.
     fn expand_row<T: Element>(&self, r: usize, vals: &[T], out: &mut [T]) {
         let mrow = &self.masks[r * self.stride..][..self.stride];
         let mut vi = self.row_ptr[r] as usize;
@@ -467,6 +467,8 @@ impl BitmapMatrix {
                 )
             };
         }
+        // The columns the word expansion did not write: zero, then their kept values.
+        out[done..].fill(T::default());
         for (b, &m) in mrow.iter().enumerate().skip(done / 8) {
             let mut m = m;
             while m != 0 {

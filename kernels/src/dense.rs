@@ -409,8 +409,8 @@ fn small_batch_tasks<T: Element>(
 /// 8 rows of SmolLM2's widest (1536) columns are 24 KiB, in L1 beside the activations.
 const WRITTEN_BLOCK: usize = 8;
 
-/// [`small_batch`] over rows that `write(r, row)` fills on demand (into a zeroed row; i8
-/// rows scaled by `scales`), [`WRITTEN_BLOCK`] at a time per task, each block multiplied right
+/// [`small_batch`] over rows that `write(r, row)` writes whole on demand (every column, zeros
+/// where pruned; i8 rows scaled by `scales`), [`WRITTEN_BLOCK`] at a time per task, each block multiplied right
 /// after it is written: a sparse format's batched step on dense's register tiles without a
 /// dense copy of the whole matrix per call (the bitmap's, `BitmapMatrix::gemm`).
 #[allow(clippy::too_many_arguments)]
@@ -430,7 +430,6 @@ pub(crate) fn small_batch_written<T: Element>(
         while r0 < r.end {
             let r1 = (r0 + WRITTEN_BLOCK).min(r.end);
             let rows_out = &mut block[..(r1 - r0) * cols];
-            rows_out.fill(T::default());
             for (i, row) in rows_out.chunks_exact_mut(cols.max(1)).enumerate() {
                 write(r0 + i, row);
             }

@@ -54,8 +54,8 @@ pub(crate) enum Weights<'a> {
     F32(&'a [f32]),
     /// bf16 bits; the activations are rounded to bf16 and multiplied in pairs (`vdpbf16ps`).
     Bf16(&'a [u16]),
-    /// bf16 rows written on demand: `write(r, row)` fills row `r`'s `cols` values into `row`
-    /// (zeroed first). Each task writes a tile's [`ROWS`] rows into an L1-sized buffer just
+    /// bf16 rows written on demand: `write(r, row)` writes all of row `r`'s `cols` values
+    /// into `row` (zeros where pruned; the buffer holds the previous tile's rows). Each task writes a tile's [`ROWS`] rows into an L1-sized buffer just
     /// before multiplying them, so a sparse format runs this GEMM without a dense copy of the
     /// whole matrix (the bitmap's batched steps: see `BitmapMatrix::gemm`).
     Bf16Rows(&'a (dyn Fn(usize, &mut [bf16]) + Sync)),
@@ -121,7 +121,6 @@ pub(crate) fn gemm(
             let nr = ROWS.min(rows - r0);
             if let Weights::Bf16Rows(write) = w {
                 let rows_out = &mut written[..nr * cols];
-                rows_out.fill(bf16::ZERO);
                 for (i, row) in rows_out.chunks_exact_mut(cols).enumerate() {
                     write(r0 + i, row);
                 }
