@@ -891,9 +891,13 @@ mod x86 {
         let mp = mrow.as_ptr();
         // SAFETY: mask reads stay below words * per_word / 8 <= mrow.len(); each masked load
         // reads exactly the word's popcount of values, all within the row's; stores stay below
-        // words * 64 bytes <= cols * size.
+        // words * 64 bytes <= cols * size; prefetch addresses are only formed (wrapping) and
+        // prefetches never fault.
         unsafe {
             for k in 0..words {
+                // The packed values streamed ahead, as the GEMVs do (without it this loop
+                // waited on memory: 23% of a 16-sequence Wanda step in `perf`).
+                _mm_prefetch::<_MM_HINT_T0>(vals.add(size * vi).wrapping_add(PF_VALUES).cast());
                 let (m, n) = if size == 4 {
                     let m = mp.add(2 * k).cast::<u16>().read_unaligned();
                     (u64::from(m), m.count_ones())
