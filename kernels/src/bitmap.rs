@@ -283,7 +283,6 @@ impl BitmapMatrix {
         expect_len("x", checked_len(tokens, self.cols)?, x.len())?;
         expect_len("y", checked_len(tokens, self.rows)?, y.len())?;
         if self.expands_for_batch(exec)
-            && tokens > 2
             && let Values::Bf16(vals) = &self.values
             && takes_lanes(self.values.dtype(), self.cols, tokens, exec)
         {

@@ -410,9 +410,9 @@ fn small_batch_tasks<T: Element>(
 const WRITTEN_BLOCK: usize = 8;
 
 /// [`small_batch`] over rows that `write(r, row)` writes whole on demand (every column, zeros
-/// where pruned; i8 rows scaled by `scales`), [`WRITTEN_BLOCK`] at a time per task, each block multiplied right
-/// after it is written: a sparse format's batched step on dense's register tiles without a
-/// dense copy of the whole matrix per call (the bitmap's, `BitmapMatrix::gemm`).
+/// where pruned; i8 rows scaled by `scales`), [`WRITTEN_BLOCK`] at a time per task, each block
+/// multiplied right after it is written: a sparse format's batched step on dense's register
+/// tiles without a dense copy of the whole matrix per call (the bitmap's, `BitmapMatrix::gemm`).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn small_batch_written<T: Element>(
     write: &(dyn Fn(usize, &mut [T]) + Sync),

@@ -55,18 +55,10 @@ pub(crate) enum Weights<'a> {
     /// bf16 bits; the activations are rounded to bf16 and multiplied in pairs (`vdpbf16ps`).
     Bf16(&'a [u16]),
     /// bf16 rows written on demand: `write(r, row)` writes all of row `r`'s `cols` values
-    /// into `row` (zeros where pruned; the buffer holds the previous tile's rows). Each task writes a tile's [`ROWS`] rows into an L1-sized buffer just
-    /// before multiplying them, so a sparse format runs this GEMM without a dense copy of the
+    /// into `row` (zeros where pruned; the buffer holds the previous tile's rows). Each task
+    /// writes a tile's [`ROWS`] rows into an L1-sized buffer just before multiplying them, so a sparse format runs this GEMM without a dense copy of the
     /// whole matrix (the bitmap's batched steps: see `BitmapMatrix::gemm`).
     Bf16Rows(&'a (dyn Fn(usize, &mut [bf16]) + Sync)),
-}
-
-/// The activations transposed into token panels of `width` lanes (16 or [`TOKENS`]): for
-/// f32, `xp[p * cols * width + k * width + t]`; for bf16, 32-bit pairs of columns `2k`,
-/// `2k + 1` at `xp[p * (cols / 2) * width + k * width + t]`. Zero past the last token.
-enum Panels {
-    F32(Vec<f32>),
-    Bf16(Vec<u32>),
 }
 
 /// `Y = X · Wᵀ` for `w: [rows, cols]`, `x: [tokens, cols]`, `y: [tokens, rows]` (every
@@ -97,12 +89,15 @@ pub(crate) fn gemm(
     // A decode step of up to 16 sequences fills one vector per column; anything longer runs
     // panels of 32 (the last one may be shorter, and then runs the one-vector tile).
     let width = if tokens <= 16 { 16 } else { TOKENS };
+    // The activations transposed into token panels of `width` lanes, as 32-bit words: for
+    // f32 weights the f32 bits of column `k` at `p * cols * width + k * width + t`, for bf16
+    // the pair of columns `2k`, `2k + 1` at `p * (cols / 2) * width + k * width + t`. Zero
+    // past the last token.
     let panels = match w {
-        Weights::F32(_) => Panels::F32(pack_f32(x, tokens, cols, width, exec)),
-        Weights::Bf16(_) | Weights::Bf16Rows(_) => {
-            Panels::Bf16(pack_bf16(x, tokens, cols, width, exec))
-        }
+        Weights::F32(_) => pack_f32(x, tokens, cols, width, exec),
+        Weights::Bf16(_) | Weights::Bf16Rows(_) => pack_bf16(x, tokens, cols, width, exec),
     };
+    let pairs = cols / 2;
     let tiles = rows.div_ceil(ROWS);
     let flops = tokens * rows * cols;
     let tasks = par::task_count(exec, tiles, flops, par::MIN_TASK_FLOPS);
@@ -128,9 +123,9 @@ pub(crate) fn gemm(
             for p in 0..tokens.div_ceil(width) {
                 let t0 = p * width;
                 let nt = width.min(tokens - t0);
-                match (&panels, w) {
-                    (Panels::F32(xp), Weights::F32(w)) => {
-                        let panel = &xp[p * cols * width..][..cols * width];
+                match w {
+                    Weights::F32(w) => {
+                        let panel = &panels[p * cols * width..][..cols * width];
                         tile_f32(
                             &w[r0 * cols..(r0 + nr) * cols],
                             nr,
@@ -141,9 +136,8 @@ pub(crate) fn gemm(
                             &mut tile,
                         );
                     }
-                    (Panels::Bf16(xp), Weights::Bf16(w)) => {
-                        let pairs = cols / 2;
-                        let panel = &xp[p * pairs * width..][..pairs * width];
+                    Weights::Bf16(w) => {
+                        let panel = &panels[p * pairs * width..][..pairs * width];
                         tile_bf16(
                             &w[r0 * cols..(r0 + nr) * cols],
                             nr,
@@ -154,13 +148,11 @@ pub(crate) fn gemm(
                             &mut tile,
                         );
                     }
-                    (Panels::Bf16(xp), Weights::Bf16Rows(_)) => {
-                        let pairs = cols / 2;
-                        let panel = &xp[p * pairs * width..][..pairs * width];
+                    Weights::Bf16Rows(_) => {
+                        let panel = &panels[p * pairs * width..][..pairs * width];
                         let bits = Element::bf16_bits(&written[..nr * cols]).unwrap_or_default();
                         tile_bf16(bits, nr, cols, panel, width, nt, &mut tile);
                     }
-                    _ => unreachable!("panels are packed for the weights' type"),
                 }
                 // SAFETY: the caller checked AVX-512F (`available`); this task owns output
                 // rows r0..r0 + nr (its tiles of W) of every token.
@@ -178,12 +170,15 @@ pub(crate) fn gemm(
     });
 }
 
-/// f32 token panels (see [`Panels`]).
-fn pack_f32(x: &[f32], tokens: usize, cols: usize, width: usize, exec: Exec) -> Vec<f32> {
-    transpose_into_panels(&x[..tokens * cols], cols, width, exec)
+/// f32 token panels (their bits; see [`gemm`]).
+fn pack_f32(x: &[f32], tokens: usize, cols: usize, width: usize, exec: Exec) -> Vec<u32> {
+    let x = &x[..tokens * cols];
+    // SAFETY: f32 and u32 have one size and alignment, and every bit pattern is valid in both.
+    let bits = unsafe { std::slice::from_raw_parts(x.as_ptr().cast::<u32>(), x.len()) };
+    transpose_into_panels(bits, cols, width, exec)
 }
 
-/// bf16 pair token panels (see [`Panels`]); `cols` is even. Rounded to nearest-even as the
+/// bf16 pair token panels (see [`gemm`]); `cols` is even. Rounded to nearest-even as the
 /// bf16 prefill rounds them ([`crate::gemm_bf16::pack_activations`]). With AVX512-BF16 and
 /// whole 32-column blocks, each panel is converted and transposed in one pass
 /// (`x86::fill_panel_bf16`, the same `vcvtne2ps2bf16` rounding), without the row-major pair
@@ -191,7 +186,7 @@ fn pack_f32(x: &[f32], tokens: usize, cols: usize, width: usize, exec: Exec) -> 
 fn pack_bf16(x: &[f32], tokens: usize, cols: usize, width: usize, exec: Exec) -> Vec<u32> {
     let x = &x[..tokens * cols];
     #[cfg(target_arch = "x86_64")]
-    if cols.is_multiple_of(32) && std::arch::is_x86_feature_detected!("avx512bf16") {
+    if cols.is_multiple_of(32) && available_bf16(exec.isa, cols) {
         return build_panels(tokens, cols / 2, width, exec, |first, lanes, panel| {
             // SAFETY: AVX512-BF16 (and so AVX-512F) is present, checked above; `cols` is a
             // multiple of 32.
@@ -204,18 +199,11 @@ fn pack_bf16(x: &[f32], tokens: usize, cols: usize, width: usize, exec: Exec) ->
 
 /// Rows of `len` values (one per token) as panels of `width` tokens: value `k` of token `t`
 /// at `(t / width) * len * width + k * width + t % width`, zero past the last token.
-fn transpose_into_panels<T: Copy + Default + Send + Sync + 'static>(
-    rows: &[T],
-    len: usize,
-    width: usize,
-    exec: Exec,
-) -> Vec<T> {
+fn transpose_into_panels(rows: &[u32], len: usize, width: usize, exec: Exec) -> Vec<u32> {
     let tokens = rows.len() / len.max(1);
-    build_panels(tokens, len, width, exec, |first, lanes, panel: &mut [T]| {
+    build_panels(tokens, len, width, exec, |first, lanes, panel| {
         #[cfg(target_arch = "x86_64")]
-        if let (Some(rows), Some(panel)) = (words(rows), words_mut(panel))
-            && std::arch::is_x86_feature_detected!("avx512f")
-        {
+        if available(exec.isa) {
             // SAFETY: AVX-512F is present (checked just above).
             unsafe { x86::fill_panel(&rows[first * len..], len, width, lanes, panel) };
             return;
@@ -237,18 +225,18 @@ fn transpose_into_panels<T: Copy + Default + Send + Sync + 'static>(
 /// filled in parallel when `exec` allows and there are several: done on the calling thread
 /// alone, a 128-token prefill's transposes left the other worker waiting (with the output
 /// scatter, ~8% of an f32 prefill's samples in `perf`).
-fn build_panels<T: Copy + Default + Send + Sync>(
+fn build_panels(
     tokens: usize,
     len: usize,
     width: usize,
     exec: Exec,
-    fill: impl Fn(usize, usize, &mut [T]) + Sync + Send,
-) -> Vec<T> {
-    let mut out = vec![T::default(); tokens.div_ceil(width) * len * width];
+    fill: impl Fn(usize, usize, &mut [u32]) + Sync + Send,
+) -> Vec<u32> {
+    let mut out = vec![0u32; tokens.div_ceil(width) * len * width];
     if len == 0 {
         return out;
     }
-    let fill = |p: usize, panel: &mut [T]| {
+    let fill = |p: usize, panel: &mut [u32]| {
         let first = p * width;
         fill(first, width.min(tokens - first), panel)
     };
@@ -261,28 +249,6 @@ fn build_panels<T: Copy + Default + Send + Sync>(
         }
     }
     out
-}
-
-/// Whether `T` is one of the panels' 4-byte plain types (f32 or u32), whose slices may be
-/// read and written as 32-bit words.
-fn is_word<T: 'static>() -> bool {
-    use std::any::TypeId;
-    TypeId::of::<T>() == TypeId::of::<u32>() || TypeId::of::<T>() == TypeId::of::<f32>()
-}
-
-/// `values` as 32-bit words when `T` is f32 or u32 ([`is_word`]).
-fn words<T: 'static>(values: &[T]) -> Option<&[u32]> {
-    // SAFETY: T is f32 or u32: one size and alignment as u32, every bit pattern valid in both.
-    is_word::<T>()
-        .then(|| unsafe { std::slice::from_raw_parts(values.as_ptr().cast(), values.len()) })
-}
-
-/// [`words`] for a panel being written.
-fn words_mut<T: 'static>(values: &mut [T]) -> Option<&mut [u32]> {
-    // SAFETY: as `words`; the slice stays uniquely borrowed through the result.
-    is_word::<T>().then(|| unsafe {
-        std::slice::from_raw_parts_mut(values.as_mut_ptr().cast(), values.len())
-    })
 }
 
 /// `kernel::<NR, NV>(args)` for a tile of `nr` rows (1..=[`ROWS`], a const generic each) and
@@ -320,13 +286,13 @@ macro_rules! by_tile_rows {
 }
 
 /// One f32 register tile: rows `w` (`nr × cols`) by the first `nt` tokens of `panel`
-/// (`cols × width`), into `tile[r][t]`.
+/// (`cols × width` f32 bits), into `tile[r][t]`.
 #[allow(clippy::too_many_arguments)]
 fn tile_f32(
     w: &[f32],
     nr: usize,
     cols: usize,
-    panel: &[f32],
+    panel: &[u32],
     width: usize,
     nt: usize,
     tile: &mut [[f32; TOKENS]; ROWS],
@@ -335,9 +301,10 @@ fn tile_f32(
     assert!(w.len() == nr * cols && panel.len() == cols * width);
     #[cfg(target_arch = "x86_64")]
     {
-        let (wp, xp) = (w.as_ptr(), panel.as_ptr());
+        let (wp, xp) = (w.as_ptr(), panel.as_ptr().cast::<f32>());
         // SAFETY: the caller checked AVX-512F (`available`); the asserts above bound every
-        // read: `nr` rows of `cols` weights, `cols` columns of `width` lanes.
+        // read: `nr` rows of `cols` weights, `cols` columns of `width` lanes (f32 bits, which
+        // u32 words hold with the same size and alignment).
         unsafe { by_tile_shape!(x86::tile_f32, nr, nt, (wp, cols, xp, width, tile)) }
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -452,11 +419,7 @@ mod x86 {
                     // SAFETY: `row` holds the 16 words loaded.
                     *v = _mm512_castsi512_ps(unsafe { _mm512_loadu_epi32(row.as_ptr().cast()) });
                 }
-                for (j, v) in transpose16(v).iter().enumerate() {
-                    let dst = &mut panel[(k0 + j) * width + lane0..][..16];
-                    // SAFETY: `dst` holds the 16 words stored.
-                    unsafe { _mm512_storeu_ps(dst.as_mut_ptr().cast(), *v) };
-                }
+                store_transposed(v, &mut panel[k0 * width + lane0..], width);
             }
             for i in 0..m {
                 for k in whole..len {
@@ -498,12 +461,20 @@ mod x86 {
                         std::mem::transmute::<__m512bh, __m512>(_mm512_cvtne2ps_pbh(hi, lo))
                     };
                 }
-                for (j, v) in transpose16(v).iter().enumerate() {
-                    let dst = &mut panel[(k0 + j) * width + lane0..][..16];
-                    // SAFETY: `dst` holds the 16 words stored.
-                    unsafe { _mm512_storeu_ps(dst.as_mut_ptr().cast(), *v) };
-                }
+                store_transposed(v, &mut panel[k0 * width + lane0..], width);
             }
+        }
+    }
+
+    /// Writes the 16x16 transpose of `v` (16 tokens' 16 values) to 16 runs of 16 words,
+    /// `width` apart: value `j` of every token at `panel[j * width..][..16]`.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn store_transposed(v: [__m512; 16], panel: &mut [u32], width: usize) {
+        for (j, v) in transpose16(v).iter().enumerate() {
+            let dst = &mut panel[j * width..][..16];
+            // SAFETY: `dst` holds the 16 words stored.
+            unsafe { _mm512_storeu_ps(dst.as_mut_ptr().cast(), *v) };
         }
     }
 

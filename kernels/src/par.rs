@@ -183,7 +183,7 @@ impl<'a> Out<'a> {
     }
 }
 
-/// `rows × cols` outputs written by `product` into a new vector, without zeroing it first
+/// `len` outputs written by `product` into a new vector, without zeroing it first
 /// where `product` writes every element itself (see [`Out`]).
 pub(crate) fn new_output(
     len: usize,
