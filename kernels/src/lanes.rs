@@ -183,7 +183,13 @@ fn pack_f32(x: &[f32], tokens: usize, cols: usize, width: usize, exec: Exec) -> 
 /// whole 32-column blocks, each panel is converted and transposed in one pass
 /// (`x86::fill_panel_bf16`, the same `vcvtne2ps2bf16` rounding), without the row-major pair
 /// copy in between.
-fn pack_bf16(x: &[f32], tokens: usize, cols: usize, width: usize, exec: Exec) -> Vec<u32> {
+pub(crate) fn pack_bf16(
+    x: &[f32],
+    tokens: usize,
+    cols: usize,
+    width: usize,
+    exec: Exec,
+) -> Vec<u32> {
     let x = &x[..tokens * cols];
     #[cfg(target_arch = "x86_64")]
     if cols.is_multiple_of(32) && available_bf16(exec.isa, cols) {
@@ -346,7 +352,7 @@ fn tile_bf16(
 }
 
 #[cfg(target_arch = "x86_64")]
-mod x86 {
+pub(crate) mod x86 {
     use super::{ROWS, TOKENS};
     use crate::par::SharedOut;
     use std::arch::x86_64::*;
@@ -361,7 +367,7 @@ mod x86 {
     /// AVX-512F available; the calling task owns output rows `r0..r0 + nr` of tokens
     /// `t0..t0 + nt` (each run's bounds are checked).
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn store_tile(
+    pub(crate) unsafe fn store_tile(
         tile: &[[f32; TOKENS]; ROWS],
         nr: usize,
         nt: usize,

@@ -39,6 +39,7 @@ mod gemm;
 mod gemm_bf16;
 mod isa;
 mod lanes;
+mod lanes24;
 mod nm;
 mod par;
 mod parts;

@@ -534,7 +534,7 @@ impl PackedLinear {
                         }
                     }
                 }
-                PackedLinear::NM(NmMatrix {
+                let mut packed = NmMatrix {
                     rows,
                     cols,
                     n,
@@ -544,7 +544,9 @@ impl PackedLinear {
                     meta_stride,
                     meta,
                     values,
-                })
+                };
+                packed.sort_slots();
+                PackedLinear::NM(packed)
             }
             Format::Compact => {
                 let kept_rows = t.u32("kept_rows")?;

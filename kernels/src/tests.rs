@@ -110,10 +110,16 @@ fn assert_within_quantization(
 /// Whether this GEMM may run on AVX512-BF16 with its activations rounded to bf16: dense and
 /// compact (a dense matrix of the kept columns) bf16 at one token (the GEMV's `vdpbf16ps`) and
 /// from 4 (the small-batch tile's, `lanes` from [`crate::lanes::MIN_TOKENS`], `gemm_bf16` on
-/// AMX), N:M bf16 prefill past the small-batch range (`gemm_bf16`), a VBMI2 bitmap's GEMV (one
+/// AMX), 2:4 bf16 decode steps of 9-16 tokens (`lanes24`) and N:M bf16 prefill past the
+/// small-batch range (`gemm_bf16`), a VBMI2 bitmap's GEMV (one
 /// or two tokens, each its own GEMV) and its batches of 4 or more tokens (expanded to dense
 /// rows), on CPUs that have it.
-fn bf16_activations(format: Format, dtype: Dtype, tokens: usize, exec: Exec) -> bool {
+fn bf16_activations(format: Format, dtype: Dtype, tokens: usize, exec: Exec, cols: usize) -> bool {
+    let two_four_lanes = (crate::lanes::MIN_TOKENS..=crate::lanes24::MAX_TOKENS).contains(&tokens)
+        && crate::lanes24::available(exec, cols);
+    if format == (Format::NM { n: 2, m: 4 }) && two_four_lanes {
+        return dtype == Dtype::Bf16;
+    }
     if tokens == 1 && matches!(format, Format::Dense | Format::Compact) {
         return dtype == Dtype::Bf16 && crate::gemm_bf16::available(exec.isa);
     }
@@ -168,7 +174,7 @@ fn check_format(w: &[f32], rows: usize, cols: usize, format: Format, seed: u64) 
             let f32_ref = (dtype == Dtype::I8).then(|| reference(w, rows, cols, &x, tokens));
             for exec in execs() {
                 let ctx = format!("{ctx} tokens={tokens} {exec:?}");
-                let rounded = bf16_activations(format, dtype, tokens, exec);
+                let rounded = bf16_activations(format, dtype, tokens, exec, cols);
                 // Activations rounded to bf16: each product within 2⁻⁹ of exact.
                 let loose: Vec<f32> = mag.iter().map(|m| m * (1.0 / 256.0) / 1e-5).collect();
                 let (tol, kind) = if rounded {
@@ -284,7 +290,7 @@ fn bitmap_on_smollm2_shapes() {
                 let mut y = vec![f32::NAN; rows];
                 packed.gemv_with(&x, &mut y, exec).expect(&ctx);
                 // Activations rounded to bf16 where the GEMV multiplies bf16 pairs.
-                let tol: Vec<f32> = if bf16_activations(Format::Bitmap, dtype, 1, exec) {
+                let tol: Vec<f32> = if bf16_activations(Format::Bitmap, dtype, 1, exec, cols) {
                     mag.iter().map(|m| m * (1.0 / 256.0) / 1e-5).collect()
                 } else {
                     mag.clone()
@@ -630,7 +636,7 @@ fn measured_plan_is_never_slower_than_dense_in_its_own_measurement() {
             }
             let x = testutil::values(&mut rng, cols);
             let (want, mut mag) = reference(&expected_dense(w, cols, dtype), rows, cols, &x, 1);
-            if bf16_activations(choice.format, dtype, 1, Exec::default()) {
+            if bf16_activations(choice.format, dtype, 1, Exec::default(), cols) {
                 mag.iter_mut().for_each(|m| *m *= (1.0 / 256.0) / 1e-5);
             }
             let mut y = vec![f32::NAN; rows];
