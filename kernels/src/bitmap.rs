@@ -286,7 +286,12 @@ impl BitmapMatrix {
             && let Values::Bf16(vals) = &self.values
             && takes_lanes(self.values.dtype(), self.cols, tokens, exec)
         {
-            let write = |r: usize, row: &mut [half::bf16]| self.expand_row(r, vals, row);
+            let write = |r: usize, row: &mut [half::bf16]| {
+                // The same row of the next tile, into L2 while this tile is multiplied (as
+                // the dense tiles request theirs).
+                self.prefetch_row_l2(r + lanes::ROWS, vals);
+                self.expand_row(r, vals, row)
+            };
             let w = lanes::Weights::Bf16Rows(&write);
             lanes::gemm(w, self.rows, self.cols, x, tokens, y, exec);
             return Ok(());
@@ -445,6 +450,32 @@ impl BitmapMatrix {
     /// Row `r` written densely into `out`, every one of its `cols` values (zeros where pruned,
     /// so `out` need not be zeroed first): whole mask words by one expand (f32 16 columns, bf16
     /// 32, i8 64) where the CPU has VBMI2, bit by bit elsewhere and in the ragged tail.
+    /// Requests row `r`'s packed values and mask into L2 (nothing past the last row): a
+    /// batched step that expands a tile of rows asks for the next tile's this way, so its
+    /// expansion reads L2, not memory.
+    fn prefetch_row_l2<T: Element>(&self, r: usize, vals: &[T]) {
+        #[cfg(target_arch = "x86_64")]
+        if r < self.rows {
+            use std::arch::x86_64::{_MM_HINT_T1, _mm_prefetch};
+            let (start, end) = (self.row_ptr[r] as usize, self.row_ptr[r + 1] as usize);
+            let bytes = vals[start..end.max(start)].as_ptr().cast::<i8>();
+            let mask = self.masks[r * self.stride..].as_ptr().cast::<i8>();
+            let len = (end - start) * size_of::<T>();
+            // SAFETY: prefetches only form addresses (wrapping) and never fault; SSE is
+            // baseline on x86-64.
+            unsafe {
+                for line in (0..len + 64).step_by(64) {
+                    _mm_prefetch::<_MM_HINT_T1>(bytes.wrapping_add(line));
+                }
+                for line in (0..self.stride).step_by(64) {
+                    _mm_prefetch::<_MM_HINT_T1>(mask.wrapping_add(line));
+                }
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = (r, vals);
+    }
+
     fn expand_row<T: Element>(&self, r: usize, vals: &[T], out: &mut [T]) {
         let mrow = &self.masks[r * self.stride..][..self.stride];
         let mut vi = self.row_ptr[r] as usize;

@@ -111,9 +111,17 @@ pub(crate) fn gemm(
             Weights::Bf16Rows(_) => vec![bf16::ZERO; ROWS * cols],
             _ => Vec::new(),
         };
+        let last = range.end.saturating_sub(1);
         for t in range {
             let r0 = t * ROWS;
             let nr = ROWS.min(rows - r0);
+            // The rows of this task's next tile, requested into L2 while this one runs (by
+            // the first token panel: the others find them there).
+            let next = if t < last {
+                (r0 + nr)..rows.min(r0 + nr + ROWS)
+            } else {
+                0..0
+            };
             if let Weights::Bf16Rows(write) = w {
                 let rows_out = &mut written[..nr * cols];
                 for (i, row) in rows_out.chunks_exact_mut(cols).enumerate() {
@@ -126,6 +134,7 @@ pub(crate) fn gemm(
                 match w {
                     Weights::F32(w) => {
                         let panel = &panels[p * cols * width..][..cols * width];
+                        let ahead = if p == 0 { next.clone() } else { 0..0 };
                         tile_f32(
                             &w[r0 * cols..(r0 + nr) * cols],
                             nr,
@@ -133,11 +142,13 @@ pub(crate) fn gemm(
                             panel,
                             width,
                             nt,
+                            &w[ahead.start * cols..ahead.end * cols],
                             &mut tile,
                         );
                     }
                     Weights::Bf16(w) => {
                         let panel = &panels[p * pairs * width..][..pairs * width];
+                        let ahead = if p == 0 { next.clone() } else { 0..0 };
                         tile_bf16(
                             &w[r0 * cols..(r0 + nr) * cols],
                             nr,
@@ -145,13 +156,16 @@ pub(crate) fn gemm(
                             panel,
                             width,
                             nt,
+                            &w[ahead.start * cols..ahead.end * cols],
                             &mut tile,
                         );
                     }
                     Weights::Bf16Rows(_) => {
+                        // The rows are written into an L1 buffer just before: nothing to
+                        // request (the bitmap's expansion prefetches its packed values).
                         let panel = &panels[p * pairs * width..][..pairs * width];
                         let bits = Element::bf16_bits(&written[..nr * cols]).unwrap_or_default();
-                        tile_bf16(bits, nr, cols, panel, width, nt, &mut tile);
+                        tile_bf16(bits, nr, cols, panel, width, nt, &[], &mut tile);
                     }
                 }
                 // SAFETY: the caller checked AVX-512F (`available`); this task owns output
@@ -292,7 +306,8 @@ macro_rules! by_tile_rows {
 }
 
 /// One f32 register tile: rows `w` (`nr × cols`) by the first `nt` tokens of `panel`
-/// (`cols × width` f32 bits), into `tile[r][t]`.
+/// (`cols × width` f32 bits), into `tile[r][t]`; `next` (whole rows, possibly none) is
+/// requested into L2 meanwhile.
 #[allow(clippy::too_many_arguments)]
 fn tile_f32(
     w: &[f32],
@@ -301,6 +316,7 @@ fn tile_f32(
     panel: &[u32],
     width: usize,
     nt: usize,
+    next: &[f32],
     tile: &mut [[f32; TOKENS]; ROWS],
 ) {
     assert!(nr <= ROWS && nt <= width && width <= TOKENS && width.is_multiple_of(16));
@@ -308,21 +324,22 @@ fn tile_f32(
     #[cfg(target_arch = "x86_64")]
     {
         let (wp, xp) = (w.as_ptr(), panel.as_ptr().cast::<f32>());
+        let ahead = (next.as_ptr(), next.len() / cols.max(1));
         // SAFETY: the caller checked AVX-512F (`available`); the asserts above bound every
         // read: `nr` rows of `cols` weights, `cols` columns of `width` lanes (f32 bits, which
-        // u32 words hold with the same size and alignment).
-        unsafe { by_tile_shape!(x86::tile_f32, nr, nt, (wp, cols, xp, width, tile)) }
+        // u32 words hold with the same size and alignment); `next` is only prefetched.
+        unsafe { by_tile_shape!(x86::tile_f32, nr, nt, (wp, cols, xp, width, ahead, tile)) }
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
         // Unreachable (`available` is false off x86-64); kept so the crate builds anywhere.
-        let _ = (w, cols, panel, width, tile);
+        let _ = (w, cols, panel, width, next, tile);
         unreachable!("the tokens-in-lanes GEMM runs on AVX-512 only");
     }
 }
 
-/// One bf16 register tile: as [`tile_f32`], `w` being bf16 bits and `panel` pairs
-/// (`cols / 2 × width`).
+/// One bf16 register tile: as [`tile_f32`], `w` and `next` being bf16 bits and `panel`
+/// pairs (`cols / 2 × width`).
 #[allow(clippy::too_many_arguments)]
 fn tile_bf16(
     w: &[u16],
@@ -331,6 +348,7 @@ fn tile_bf16(
     panel: &[u32],
     width: usize,
     nt: usize,
+    next: &[u16],
     tile: &mut [[f32; TOKENS]; ROWS],
 ) {
     assert!(nr <= ROWS && nt <= width && width <= TOKENS && width.is_multiple_of(16));
@@ -339,14 +357,15 @@ fn tile_bf16(
     {
         let (wp, xp) = (w.as_ptr().cast::<u32>(), panel.as_ptr());
         let pairs = cols / 2;
+        let ahead = (next.as_ptr().cast::<u32>(), next.len() / cols.max(1));
         // SAFETY: the caller checked AVX512-BF16 (`available_bf16`); the asserts above bound
         // every read: `nr` rows of `pairs` 32-bit words (x86 reads them unaligned), `pairs`
-        // columns of `width` lanes.
-        unsafe { by_tile_shape!(x86::tile_bf16, nr, nt, (wp, pairs, xp, width, tile)) }
+        // columns of `width` lanes; `next` is only prefetched.
+        unsafe { by_tile_shape!(x86::tile_bf16, nr, nt, (wp, pairs, xp, width, ahead, tile)) }
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = (w, cols, panel, width, tile);
+        let _ = (w, cols, panel, width, next, tile);
         unreachable!("the tokens-in-lanes GEMM runs on AVX-512 only");
     }
 }
@@ -524,24 +543,26 @@ pub(crate) mod x86 {
         out
     }
 
-    /// How far ahead (in columns) the weight rows are prefetched: 4 cache lines of f32.
-    const PREFETCH: usize = 64;
-
     /// `NR` rows × `16·NV` tokens: per column, `NV` loads of the panel, `NR` weight broadcasts
     /// and `NR·NV` FMAs into registers that stay put across all columns. Every 16 columns
-    /// each row's line `PREFETCH` columns ahead is requested: a tile streams `NR` rows at
-    /// once, more than the hardware prefetcher follows (a 16-sequence step ran at 11 GB/s
-    /// without this).
+    /// one line of each of the `ahead.1` rows at `ahead.0` (the next tile's, which the task
+    /// runs next) is requested into L2, so a tile's weights come from L2 rather than memory.
+    /// A tile streams `NR` rows at once, more than the hardware prefetcher follows (a
+    /// 16-sequence step ran at 11 GB/s without prefetching), and requests only a few lines
+    /// ahead of each row (into L1, as before) left the memory latency in every step: the
+    /// dense bf16 block products of a 16-sequence step took 20.1-21.1 ms that way, 12.1-12.6
+    /// ms with the next tile in L2 (`batch_bench`, alternating).
     ///
     /// # Safety
     /// AVX-512F available; `w` valid for `NR` rows of `cols` floats, `xp` for `cols × width`
-    /// with `width ≥ 16·NV`.
+    /// with `width ≥ 16·NV` (`ahead` is only prefetched).
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn tile_f32<const NR: usize, const NV: usize>(
         w: *const f32,
         cols: usize,
         xp: *const f32,
         width: usize,
+        ahead: (*const f32, usize),
         out: &mut [[f32; TOKENS]; ROWS],
     ) {
         let mut acc = [[_mm512_setzero_ps(); NV]; NR];
@@ -550,9 +571,9 @@ pub(crate) mod x86 {
         unsafe {
             let mut k0 = 0;
             while k0 < cols {
-                for r in 0..NR {
-                    let ahead = w.wrapping_add(r * cols + k0 + PREFETCH);
-                    _mm_prefetch::<_MM_HINT_T0>(ahead.cast::<i8>());
+                for r in 0..ahead.1 {
+                    let line = ahead.0.wrapping_add(r * cols + k0);
+                    _mm_prefetch::<_MM_HINT_T1>(line.cast::<i8>());
                 }
                 for k in k0..(k0 + 16).min(cols) {
                     let mut xv = [_mm512_setzero_ps(); NV];
@@ -604,13 +625,14 @@ pub(crate) mod x86 {
     ///
     /// # Safety
     /// AVX512-BF16 available; `w` valid for `NR` rows of `pairs` words, `xp` for
-    /// `pairs × width` with `width ≥ 16·NV`.
+    /// `pairs × width` with `width ≥ 16·NV` (`ahead` is only prefetched).
     #[target_feature(enable = "avx512f,avx512bf16")]
     pub(super) unsafe fn tile_bf16<const NR: usize, const NV: usize>(
         w: *const u32,
         pairs: usize,
         xp: *const u32,
         width: usize,
+        ahead: (*const u32, usize),
         out: &mut [[f32; TOKENS]; ROWS],
     ) {
         let mut acc = [[_mm512_setzero_ps(); NV]; NR];
@@ -618,9 +640,9 @@ pub(crate) mod x86 {
         unsafe {
             let mut k0 = 0;
             while k0 < pairs {
-                for r in 0..NR {
-                    let ahead = w.wrapping_add(r * pairs + k0 + PREFETCH);
-                    _mm_prefetch::<_MM_HINT_T0>(ahead.cast::<i8>());
+                for r in 0..ahead.1 {
+                    let line = ahead.0.wrapping_add(r * pairs + k0);
+                    _mm_prefetch::<_MM_HINT_T1>(line.cast::<i8>());
                 }
                 for k in k0..(k0 + 16).min(pairs) {
                     let mut xv = [_mm512_setzero_ps(); NV];
