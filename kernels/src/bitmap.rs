@@ -284,7 +284,7 @@ impl BitmapMatrix {
         expect_len("y", checked_len(tokens, self.rows)?, y.len())?;
         if self.expands_for_batch(exec)
             && let Values::Bf16(vals) = &self.values
-            && takes_lanes(self.values.dtype(), self.cols, tokens, exec)
+            && self.rows_on_lanes(tokens, exec)
         {
             let write = |r: usize, row: &mut [half::bf16]| {
                 // The same row of the next tile, into L2 while this tile is multiplied (as
@@ -309,7 +309,7 @@ impl BitmapMatrix {
         }
         if self.expands_for_batch(exec) {
             // bf16 on the tokens-in-lanes GEMM went above; f32 there takes the dense copy below.
-            if tokens <= SMALL_BATCH && !takes_lanes(self.values.dtype(), self.cols, tokens, exec) {
+            if tokens <= SMALL_BATCH && !self.rows_on_lanes(tokens, exec) {
                 let (rows, cols) = (self.rows, self.cols);
                 let scales = self.values.scales();
                 return with_values!(&self.values, vals => {
@@ -450,6 +450,16 @@ impl BitmapMatrix {
     /// Row `r` written densely into `out`, every one of its `cols` values (zeros where pruned,
     /// so `out` need not be zeroed first): whole mask words by one expand (f32 16 columns, bf16
     /// 32, i8 64) where the CPU has VBMI2, bit by bit elsewhere and in the ragged tail.
+    /// Whether a batched step multiplies the expanded rows on the tokens-in-lanes GEMM: bf16
+    /// from [`lanes::MIN_TOKENS`] tokens (below that, and in f32 and i8 up to
+    /// [`SMALL_BATCH`], the small-batch tiles over 8 expanded rows at a time measured faster;
+    /// f32 on the lanes GEMM would need a dense copy per call).
+    fn rows_on_lanes(&self, tokens: usize, exec: Exec) -> bool {
+        self.values.dtype() == Dtype::Bf16
+            && tokens >= lanes::MIN_TOKENS
+            && takes_lanes(Dtype::Bf16, self.cols, tokens, exec)
+    }
+
     /// Requests row `r`'s packed values and mask into L2 (nothing past the last row): a
     /// batched step that expands a tile of rows asks for the next tile's this way, so its
     /// expansion reads L2, not memory.

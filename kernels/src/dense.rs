@@ -133,7 +133,7 @@ impl DenseMatrix {
     }
 
     /// The weights as the tokens-in-lanes GEMM takes them, when it is the kernel for this
-    /// call: f32 or bf16 values, [`lanes::MIN_TOKENS`] or more tokens, the CPU able (AVX-512,
+    /// call: f32 or bf16 values, enough tokens ([`takes_lanes`]), the CPU able (AVX-512,
     /// and AVX512-BF16 for bf16), and for bf16 prefill no AMX (its tiles are faster still).
     fn lanes_weights(&self, tokens: usize, exec: Exec) -> Option<lanes::Weights<'_>> {
         if !takes_lanes(self.values.dtype(), self.cols, tokens, exec) {
@@ -148,19 +148,20 @@ impl DenseMatrix {
 }
 
 /// Whether a dense `dtype` product of `tokens` tokens over `cols` columns runs on the
-/// tokens-in-lanes GEMM ([`lanes::gemm`]): f32 or bf16, [`lanes::MIN_TOKENS`] or more tokens,
-/// the CPU able (AVX-512, and AVX512-BF16 for bf16), and for bf16 prefill no AMX (its tiles
-/// are faster still). Sparse formats that run dense's kernels on expanded rows ask the same.
+/// tokens-in-lanes GEMM ([`lanes::gemm`]): bf16 from [`lanes::MIN_TOKENS_DENSE_BF16`] tokens
+/// and f32 from [`lanes::MIN_TOKENS_DENSE_F32`], the CPU able (AVX-512, and AVX512-BF16 for
+/// bf16), and for bf16 prefill no AMX (its tiles are faster still). Sparse formats that run
+/// dense's kernels on expanded rows ask the same, from [`lanes::MIN_TOKENS`] on.
 pub(crate) fn takes_lanes(dtype: Dtype, cols: usize, tokens: usize, exec: Exec) -> bool {
-    tokens >= lanes::MIN_TOKENS
-        && match dtype {
-            Dtype::F32 => lanes::available(exec.isa),
-            Dtype::Bf16 => {
-                lanes::available_bf16(exec.isa, cols)
-                    && (tokens <= SMALL_BATCH || !crate::amx::enabled())
-            }
-            Dtype::I8 => false,
+    match dtype {
+        Dtype::F32 => tokens >= lanes::MIN_TOKENS_DENSE_F32 && lanes::available(exec.isa),
+        Dtype::Bf16 => {
+            tokens >= lanes::MIN_TOKENS_DENSE_BF16
+                && lanes::available_bf16(exec.isa, cols)
+                && (tokens <= SMALL_BATCH || !crate::amx::enabled())
         }
+        Dtype::I8 => false,
+    }
 }
 
 /// The register-blocked GEMM over packed panels ([`gemm::panel_gemm`]): each task packs the
@@ -249,7 +250,7 @@ fn gemm_f32_out(
     expect_len("w", checked_len(rows, cols)?, w.len())?;
     expect_len("x", checked_len(tokens, cols)?, x.len())?;
     expect_len("y", checked_len(tokens, rows)?, y.len())?;
-    if tokens >= lanes::MIN_TOKENS && lanes::available(exec.isa) {
+    if takes_lanes(Dtype::F32, cols, tokens, exec) {
         lanes::gemm(lanes::Weights::F32(w), rows, cols, x, tokens, y, exec);
         return Ok(());
     }

@@ -16,9 +16,10 @@
 //! (nearest-even), as the bf16 prefill rounds them, so an output is within `2⁻⁸·Σ|w·x|` of
 //! the f32 product.
 //!
-//! Where it runs: dense f32 and bf16 products of [`MIN_TOKENS`] tokens or more, that is
-//! batched decode steps of 9-16 sequences (one 16-lane vector per column, where the
-//! small-batch kernel re-read each weight row for every 4 tokens) and prefill (except bf16
+//! Where it runs: dense bf16 products of [`MIN_TOKENS_DENSE_BF16`] tokens or more and f32 of
+//! [`MIN_TOKENS_DENSE_F32`], that is batched decode steps (one 16-lane vector per column,
+//! where the small-batch kernel re-read each weight row for every 4 tokens; the bitmap's
+//! expanded rows from [`MIN_TOKENS`]) and prefill (except bf16
 //! prefill on AMX, whose tiles are faster). Measured on the 2-core EPYC (`kernel_bench`, 128
 //! tokens): f32 1.03-1.21x candle's matmul, bf16 1.1-1.4x the packed-panel AVX512-BF16 kernel
 //! on SmolLM2's shapes. Tasks own disjoint ranges of row tiles and run every token panel over
@@ -33,9 +34,19 @@ use half::bf16;
 pub(crate) const TOKENS: usize = 32;
 /// Output rows per register tile.
 pub(crate) const ROWS: usize = 12;
-/// Fewest tokens this path takes in a decode step: at 8 or fewer a 16-lane vector would be
-/// half empty, and the small-batch kernel (one FMA per weight and token) does less work.
+/// Fewest tokens a sparse format's batched step takes this path with (the bitmap's expanded
+/// rows, 2:4's `lanes24`): at 8 or fewer their small-batch kernels, which expand 8 rows at a
+/// time and multiply each weight once per token, measured faster.
 pub(crate) const MIN_TOKENS: usize = 9;
+/// Fewest tokens a dense bf16 product takes this path with: from 3 tokens on it beats the
+/// small-batch tile, even with 13 of 16 lanes empty, because its tiles read the weights from
+/// L2 (the next tile requested while one runs) where the small-batch tile waits on memory
+/// (`batch_bench`, SmolLM2's block linears: 11.8-12.4 ms at 2-8 tokens against 14.9-19.0;
+/// whole 2-sequence steps in `bench_forward` came out level, 3-sequence ones ahead).
+pub(crate) const MIN_TOKENS_DENSE_BF16: usize = 3;
+/// The same for dense f32, whose lanes do twice the multiplies of bf16's: from 4 tokens
+/// (20.8-21.7 ms against 23.2-29.6 at 4-8 tokens; the small-batch tile's 15-18 ms at 2-3).
+pub(crate) const MIN_TOKENS_DENSE_F32: usize = 4;
 
 /// Whether this path can run (AVX-512F asked for and present).
 pub(crate) fn available(isa: Isa) -> bool {

@@ -109,8 +109,8 @@ fn assert_within_quantization(
 
 /// Whether this GEMM may run on AVX512-BF16 with its activations rounded to bf16: dense and
 /// compact (a dense matrix of the kept columns) bf16 at one token (the GEMV's `vdpbf16ps`) and
-/// from 4 (the small-batch tile's, `lanes` from [`crate::lanes::MIN_TOKENS`], `gemm_bf16` on
-/// AMX), 2:4 bf16 decode steps of 9-16 tokens (`lanes24`) and N:M bf16 prefill past the
+/// from 3 (`lanes`, from [`crate::lanes::MIN_TOKENS_DENSE_BF16`]; without it the small-batch
+/// tile's from 4, `gemm_bf16` on AMX), 2:4 bf16 decode steps of 9-16 tokens (`lanes24`) and N:M bf16 prefill past the
 /// small-batch range (`gemm_bf16`), a VBMI2 bitmap's GEMV (one
 /// or two tokens, each its own GEMV) and its batches of 4 or more tokens (expanded to dense
 /// rows), on CPUs that have it.
@@ -129,6 +129,12 @@ fn bf16_activations(format: Format, dtype: Dtype, tokens: usize, exec: Exec, col
             && crate::gemm_bf16::available(exec.isa);
     }
     let from = match format {
+        // The tokens-in-lanes GEMM from 3 tokens (where the columns, for compact its kept
+        // ones, are even; an odd count stays on the small-batch tile, rounding from 4, which
+        // the looser tolerance covers too).
+        Format::Dense | Format::Compact if crate::lanes::available_bf16(exec.isa, 2) => {
+            crate::lanes::MIN_TOKENS_DENSE_BF16
+        }
         Format::Dense | Format::Compact => 4,
         Format::NM { .. } => crate::SMALL_BATCH + 1,
         Format::Bitmap if crate::bitmap::vbmi2_expand() => 4,
