@@ -20,11 +20,11 @@
 //! itself (no serial section, and the panels are written in the core that reads them).
 //!
 //! Measured (`batch_bench`, SmolLM2's 30 blocks, 2-core EPYC): 12 and 16 sequences in
-//! 17.4-18.2 ms per step against 37-38 ms on the f32 small-batch kernel before, about dense
-//! bf16's time (0.95-1.03x), where the 2:4 weights are half the bytes. The multiplies are
-//! half of dense's, but each takes a panel whose address depends on the row's metadata,
-//! which on this core costs about twice a dense multiply (a microbenchmark: 0.30 ns per
-//! `vdpbf16ps` with fixed operand addresses, 0.5 with data-dependent ones).
+//! 14.1-14.8 ms per step against 37-38 ms on the f32 small-batch kernel before: 0.84-0.85x
+//! dense bf16 (whose tiles read L2 too), level with the bitmap's expanded rows. The
+//! multiplies are half of dense's, but each takes a panel whose address depends on the
+//! row's metadata, which on this core costs about twice a dense multiply (a microbenchmark:
+//! 0.30 ns per `vdpbf16ps` with fixed operand addresses, 0.5 with data-dependent ones).
 
 use std::ops::Range;
 
@@ -277,8 +277,9 @@ mod x86 {
     /// words as displacements from one row pointer, about 4 instructions per multiply (a
     /// table lookup would add a load; rows interleaved per group, LLVM kept the 12 metadata
     /// words in vector registers and extracted them one by one). First the next tile's
-    /// weights for the same block are requested (a block reads 128 bytes of each row, too
-    /// short a run for the hardware prefetcher to follow 12 rows).
+    /// weights for the same block are requested into L2 (a block reads 128 bytes of each
+    /// row, too short a run for the hardware prefetcher to follow 12 rows; into L1 instead,
+    /// a 16-sequence step took 18.8-20.1 ms against 14.1-14.8).
     ///
     /// # Safety
     /// AVX512-BF16 available; pointers valid for `NR` rows of `groups` words and of
@@ -302,7 +303,7 @@ mod x86 {
                     .cast::<i8>();
                 let skew = run as usize % 64;
                 for line in (0..skew + 4 * span.len()).step_by(64) {
-                    _mm_prefetch::<_MM_HINT_T0>(run.wrapping_add(line).wrapping_sub(skew));
+                    _mm_prefetch::<_MM_HINT_T1>(run.wrapping_add(line).wrapping_sub(skew));
                 }
             }
             let mut a = [_mm512_setzero_ps(); NR];
