@@ -608,22 +608,28 @@ pub(crate) mod x86 {
         }
     }
 
-    /// `acc + x · broadcast(*w)` as bf16 pairs, the weight pair broadcast inside the
-    /// instruction (`{1to16}`), which LLVM does not fold for `vdpbf16ps`.
+    /// `acc + x · broadcast(w[OFFSET bytes])` as bf16 pairs, the weight pair broadcast inside
+    /// the instruction (`{1to16}`), which LLVM does not fold for `vdpbf16ps`; the offset is
+    /// the instruction's displacement, so several multiplies share one row pointer.
     ///
     /// # Safety
-    /// AVX512-BF16 available; `w` readable for 4 bytes.
+    /// AVX512-BF16 available; `w + OFFSET` readable for 4 bytes.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bf16")]
-    unsafe fn dp_broadcast(acc: __m512, x: __m512, w: *const u32) -> __m512 {
+    pub(crate) unsafe fn dp_broadcast<const OFFSET: usize>(
+        acc: __m512,
+        x: __m512,
+        w: *const u32,
+    ) -> __m512 {
         let mut a = acc;
-        // SAFETY: reads the 4 bytes at `w` (contract); touches no other memory or flags.
+        // SAFETY: reads the 4 bytes at `w + OFFSET` (contract); no other memory or flags.
         unsafe {
             std::arch::asm!(
-                "vdpbf16ps {a}, {x}, dword ptr [{w}]{{1to16}}",
+                "vdpbf16ps {a}, {x}, dword ptr [{w} + {offset}]{{1to16}}",
                 a = inout(zmm_reg) a,
                 x = in(zmm_reg) x,
                 w = in(reg) w,
+                offset = const OFFSET,
                 options(pure, readonly, nostack, preserves_flags)
             );
         }
@@ -665,7 +671,7 @@ pub(crate) mod x86 {
                     for (r, a) in acc.iter_mut().enumerate() {
                         let wp = w.add(r * pairs + k);
                         for v in 0..NV {
-                            a[v] = dp_broadcast(a[v], xv[v], wp);
+                            a[v] = dp_broadcast::<0>(a[v], xv[v], wp);
                         }
                     }
                 }

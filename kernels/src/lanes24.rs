@@ -223,6 +223,7 @@ fn tile(
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::{FIRST_PATTERN, LANES, ROWS, SLOTS, TOKENS};
+    use crate::lanes::x86::dp_broadcast;
     use std::arch::x86_64::*;
 
     /// Runs `f` compiled for AVX-512F (inlined here), so its loops vectorize 16 lanes wide.
@@ -246,29 +247,6 @@ mod x86 {
         std::ops::Range<usize>,
         &'a mut [[f32; TOKENS]; ROWS],
     );
-
-    /// `acc + x · broadcast(w[OFFSET bytes])` as bf16 pairs (`lanes`'s `dp_broadcast` with
-    /// the displacement inside the instruction, so 8 multiplies share one row pointer).
-    ///
-    /// # Safety
-    /// AVX512-BF16 available; `w + OFFSET` readable for 4 bytes.
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bf16")]
-    unsafe fn dp_at<const OFFSET: usize>(acc: __m512, x: __m512, w: *const u32) -> __m512 {
-        let mut a = acc;
-        // SAFETY: reads the 4 bytes at `w + OFFSET` (contract); no other memory or flags.
-        unsafe {
-            std::arch::asm!(
-                "vdpbf16ps {a}, {x}, dword ptr [{w} + {offset}]{{1to16}}",
-                a = inout(zmm_reg) a,
-                x = in(zmm_reg) x,
-                w = in(reg) w,
-                offset = const OFFSET,
-                options(pure, readonly, nostack, preserves_flags)
-            );
-        }
-        a
-    }
 
     /// `NR` rows over the groups of `span`: per group and row, the row's pattern picks the
     /// group's panel (one load) and one `vdpbf16ps` multiplies it with the row's weight word,
@@ -332,14 +310,14 @@ mod x86 {
                     let word = word as usize;
                     let wp = w.add(r * groups + g0);
                     let mut v = *av;
-                    v = dp_at::<0>(v, panel(g0, word << 6 & 0x3c0), wp);
-                    v = dp_at::<4>(v, panel(g0 + 1, word << 2 & 0x3c0), wp);
-                    v = dp_at::<8>(v, panel(g0 + 2, word >> 2 & 0x3c0), wp);
-                    v = dp_at::<12>(v, panel(g0 + 3, word >> 6 & 0x3c0), wp);
-                    v = dp_at::<16>(v, panel(g0 + 4, word >> 10 & 0x3c0), wp);
-                    v = dp_at::<20>(v, panel(g0 + 5, word >> 14 & 0x3c0), wp);
-                    v = dp_at::<24>(v, panel(g0 + 6, word >> 18 & 0x3c0), wp);
-                    v = dp_at::<28>(v, panel(g0 + 7, word >> 22 & 0x3c0), wp);
+                    v = dp_broadcast::<0>(v, panel(g0, word << 6 & 0x3c0), wp);
+                    v = dp_broadcast::<4>(v, panel(g0 + 1, word << 2 & 0x3c0), wp);
+                    v = dp_broadcast::<8>(v, panel(g0 + 2, word >> 2 & 0x3c0), wp);
+                    v = dp_broadcast::<12>(v, panel(g0 + 3, word >> 6 & 0x3c0), wp);
+                    v = dp_broadcast::<16>(v, panel(g0 + 4, word >> 10 & 0x3c0), wp);
+                    v = dp_broadcast::<20>(v, panel(g0 + 5, word >> 14 & 0x3c0), wp);
+                    v = dp_broadcast::<24>(v, panel(g0 + 6, word >> 18 & 0x3c0), wp);
+                    v = dp_broadcast::<28>(v, panel(g0 + 7, word >> 22 & 0x3c0), wp);
                     *av = v;
                 }
             }
@@ -347,7 +325,7 @@ mod x86 {
                 for (r, av) in a.iter_mut().enumerate() {
                     let byte = usize::from(*meta.add(r * meta_stride + g / 2));
                     let offset = byte << 6 >> (4 * (g % 2)) & 0x3c0;
-                    *av = dp_at::<0>(*av, panel(g, offset), w.add(r * groups + g));
+                    *av = dp_broadcast::<0>(*av, panel(g, offset), w.add(r * groups + g));
                 }
             }
             for (av, row) in a.iter().zip(acc.iter_mut()) {
