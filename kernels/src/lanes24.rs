@@ -15,7 +15,7 @@
 //! The panels of a whole matrix (144 KiB at SmolLM2's widest input, 1536 columns) do not
 //! fit L1, and a panel loaded from L2 costs about as much as the multiply it saves (2:4 ran
 //! at 0.78x dense with every row tile sweeping all columns). So the columns go in blocks of
-//! [`BLOCK_GROUPS`] groups (12 KiB of panels), each block over every row tile of a task, the
+//! [`BLOCK_GROUPS`] groups (12 KiB of panel lines in use), each block over every row tile of a task, the
 //! tiles' accumulators kept in memory between blocks; each task builds a block's panels
 //! itself (no serial section, and the panels are written in the core that reads them).
 //!
@@ -43,7 +43,8 @@ const FIRST_PATTERN: usize = 4;
 /// (patterns 5, 6, 7, 10 and 11, where `p0 ≥ p1`) are never written or read: they cost
 /// address space, not cache lines.
 const SLOTS: usize = 11;
-/// Groups of 4 columns per block of the column loop: 32 groups' panels are 12 KiB.
+/// Groups of 4 columns per block of the column loop: 32 groups' panels use 12 KiB of lines
+/// (22 KiB of address space with the unused slots).
 const BLOCK_GROUPS: usize = 32;
 
 /// The pairs of positions a group's two kept values can have.
@@ -99,7 +100,7 @@ pub(crate) fn gemm(
     par::for_each_bound(&bounds, |range| {
         let mut accs = vec![[[0.0f32; TOKENS]; ROWS]; range.len()];
         // Each task builds the block's panels itself: no serial section before the tasks,
-        // and the panels are written where they are read (12 KiB of duplicated work each).
+        // and the panels are written where they are read (12 KiB of lines, built by both).
         let mut panels = vec![Panel([0; LANES]); BLOCK_GROUPS * SLOTS];
         for g0 in (0..groups).step_by(BLOCK_GROUPS) {
             let g1 = (g0 + BLOCK_GROUPS).min(groups);
