@@ -292,7 +292,7 @@ impl BitmapMatrix {
                 self.prefetch_row_l2(r + lanes::ROWS, vals);
                 self.expand_row(r, vals, row)
             };
-            let w = lanes::Weights::Bf16Rows(&write);
+            let w = lanes::Weights::Bf16Rows(&write, None);
             lanes::gemm(w, self.rows, self.cols, x, tokens, y, exec);
             return Ok(());
         }

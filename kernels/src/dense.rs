@@ -104,6 +104,16 @@ impl DenseMatrix {
             lanes::gemm(w, self.rows, self.cols, x, tokens, y, exec);
             return Ok(());
         }
+        if let Values::I8 { q, scales } = &self.values
+            && takes_lanes_i8(self.cols, tokens, exec)
+        {
+            let cols = self.cols;
+            let write =
+                |r: usize, row: &mut [half::bf16]| widen_i8_row(&q[r * cols..][..cols], row);
+            let w = lanes::Weights::Bf16Rows(&write, Some(scales));
+            lanes::gemm(w, self.rows, cols, x, tokens, y, exec);
+            return Ok(());
+        }
         let y = y.init();
         if tokens <= SMALL_BATCH {
             // Too few tokens to amortise packing: stream W once, each row dotted with every
@@ -238,6 +248,38 @@ pub fn gemm_f32_new(
 }
 
 /// [`gemm_f32`] into an initialized or fresh output (see [`Out`]).
+/// Whether a dense int8 product of `tokens` tokens runs on the tokens-in-lanes GEMM, its rows
+/// widened to bf16 12 at a time (the integers are exact in bf16; each output row is scaled
+/// once after its sum, as the int8 kernels do) against bf16-rounded activations: from
+/// [`lanes::MIN_TOKENS`] tokens on AVX512-BF16. Widening costs a decode step a flat 18-19 ms
+/// of SmolLM2's block linears (`batch_bench`), where the small-batch tile, which widens every
+/// weight to f32 for every 4 tokens, took 9 ms at 3 tokens, 20-22 at 8 and 29-35 at 16; in
+/// prefill a tile's widened rows serve every token panel (128 tokens: 190 ms on the int8
+/// panel GEMM, 99-102 ms here, `bench_forward`).
+fn takes_lanes_i8(cols: usize, tokens: usize, exec: Exec) -> bool {
+    tokens >= lanes::MIN_TOKENS && lanes::available_bf16(exec.isa, cols)
+}
+
+/// One row of int8 weights as bf16 (the same integers: every int8 value is exact in bf16).
+fn widen_i8_row(q: &[i8], out: &mut [half::bf16]) {
+    let done = {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if crate::gemm_bf16::available(Isa::Avx512) {
+                // SAFETY: AVX512-BF16 (and AVX-512F) present, checked just above.
+                unsafe { x86::widen_i8_bf16(q, out) }
+            } else {
+                0
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        0
+    };
+    for (o, &v) in out[done..].iter_mut().zip(&q[done..]) {
+        *o = half::bf16::from_f32(f32::from(v));
+    }
+}
+
 fn gemm_f32_out(
     w: &[f32],
     rows: usize,
@@ -621,6 +663,29 @@ mod x86 {
     use crate::simd::x86::{dot64_i8_i16, hsum, sum_i32_lanes};
     use std::arch::x86_64::*;
     use std::ops::Range;
+
+    /// `out[i] = bf16(q[i])` for the whole 16-value blocks of `q` (sign-extend, convert to
+    /// f32, `vcvtneps2bf16`: exact, the integers need 8 bits); returns the values done.
+    ///
+    /// # Safety
+    /// AVX-512F and AVX512-BF16 available.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub(super) unsafe fn widen_i8_bf16(q: &[i8], out: &mut [half::bf16]) -> usize {
+        let n = q.len().min(out.len()) / 16 * 16;
+        for (src, dst) in q[..n].chunks_exact(16).zip(out[..n].chunks_exact_mut(16)) {
+            // SAFETY: `src` holds the 16 bytes loaded, `dst` the 16 bf16 (32 bytes) stored.
+            unsafe {
+                let bytes = _mm_loadu_si128(src.as_ptr().cast());
+                let f = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes));
+                let h = _mm512_cvtneps_pbh(f);
+                _mm256_storeu_si256(
+                    dst.as_mut_ptr().cast(),
+                    std::mem::transmute::<__m256bh, __m256i>(h),
+                );
+            }
+        }
+        n
+    }
 
     /// Whether this CPU multiplies i8 by i16 in integers on 512-bit vectors (AVX512-BW for the
     /// sign extension, AVX512-VNNI for `vpdpwssd`: Ice Lake, Zen 4 and later).

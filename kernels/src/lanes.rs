@@ -69,7 +69,11 @@ pub(crate) enum Weights<'a> {
     /// into `row` (zeros where pruned; the buffer holds the previous tile's rows). Each task
     /// writes a tile's [`ROWS`] rows into an L1-sized buffer just before multiplying them, so a sparse format runs this GEMM without a dense copy of the
     /// whole matrix (the bitmap's batched steps: see `BitmapMatrix::gemm`).
-    Bf16Rows(&'a (dyn Fn(usize, &mut [bf16]) + Sync)),
+    ///
+    /// With row scales, each output row is multiplied by its scale after the sum: int8
+    /// weights run this way, written as their integers (exact in bf16) and scaled once per
+    /// output, as the int8 kernels scale each row sum (`DenseMatrix::gemm_out`).
+    Bf16Rows(&'a (dyn Fn(usize, &mut [bf16]) + Sync), Option<&'a [f32]>),
 }
 
 /// `Y = X · Wᵀ` for `w: [rows, cols]`, `x: [tokens, cols]`, `y: [tokens, rows]` (every
@@ -87,7 +91,7 @@ pub(crate) fn gemm(
     let stored = match w {
         Weights::F32(w) => w.len(),
         Weights::Bf16(w) => w.len(),
-        Weights::Bf16Rows(_) => rows * cols,
+        Weights::Bf16Rows(..) => rows * cols,
     };
     assert!(stored >= rows * cols && x.len() >= tokens * cols && y.len() >= tokens * rows);
     if rows == 0 || tokens == 0 {
@@ -106,7 +110,7 @@ pub(crate) fn gemm(
     // past the last token.
     let panels = match w {
         Weights::F32(_) => pack_f32(x, tokens, cols, width, exec),
-        Weights::Bf16(_) | Weights::Bf16Rows(_) => pack_bf16(x, tokens, cols, width, exec),
+        Weights::Bf16(_) | Weights::Bf16Rows(..) => pack_bf16(x, tokens, cols, width, exec),
     };
     let pairs = cols / 2;
     let tiles = rows.div_ceil(ROWS);
@@ -119,7 +123,7 @@ pub(crate) fn gemm(
         let mut tile = [[0.0f32; TOKENS]; ROWS];
         // The tile's rows when they are written on demand (`Bf16Rows`).
         let mut written = match w {
-            Weights::Bf16Rows(_) => vec![bf16::ZERO; ROWS * cols],
+            Weights::Bf16Rows(..) => vec![bf16::ZERO; ROWS * cols],
             _ => Vec::new(),
         };
         let last = range.end.saturating_sub(1);
@@ -133,7 +137,7 @@ pub(crate) fn gemm(
             } else {
                 0..0
             };
-            if let Weights::Bf16Rows(write) = w {
+            if let Weights::Bf16Rows(write, _) = w {
                 let rows_out = &mut written[..nr * cols];
                 for (i, row) in rows_out.chunks_exact_mut(cols).enumerate() {
                     write(r0 + i, row);
@@ -171,12 +175,17 @@ pub(crate) fn gemm(
                             &mut tile,
                         );
                     }
-                    Weights::Bf16Rows(_) => {
+                    Weights::Bf16Rows(_, scales) => {
                         // The rows are written into an L1 buffer just before: nothing to
                         // request (the bitmap's expansion prefetches its packed values).
                         let panel = &panels[p * pairs * width..][..pairs * width];
                         let bits = Element::bf16_bits(&written[..nr * cols]).unwrap_or_default();
                         tile_bf16(bits, nr, cols, panel, width, nt, &[], &mut tile);
+                        if let Some(scales) = scales {
+                            for (row, &s) in tile.iter_mut().zip(&scales[r0..r0 + nr]) {
+                                row[..nt].iter_mut().for_each(|v| *v *= s);
+                            }
+                        }
                     }
                 }
                 // SAFETY: the caller checked AVX-512F (`available`); this task owns output
