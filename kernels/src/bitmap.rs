@@ -414,9 +414,9 @@ impl BitmapMatrix {
     /// matrix per call (its allocation, zeroing and `rows x cols` writes, which the product
     /// then reads back): where that would expand (VBMI2, at least 1/8 kept). bf16 from 9
     /// tokens goes 12 rows at a time into the tokens-in-lanes GEMM
-    /// ([`lanes::Weights::Bf16Rows`]); up to 16 tokens otherwise (f32 up to 8, as dense f32
-    /// takes the lanes GEMM from 9) 8 rows at a time into the small-batch register tiles
-    /// (`dense::small_batch_written`), as dense would run them.
+    /// ([`lanes::Weights::Bf16Rows`]); up to 16 tokens otherwise (f32 and i8 too: on the
+    /// lanes GEMM they would need a dense copy per call) 8 rows at a time into the small-batch
+    /// register tiles (`dense::small_batch_written`).
     fn expands_for_batch(&self, exec: Exec) -> bool {
         vbmi2_expand()
             && exec.isa.effective() == Isa::Avx512
