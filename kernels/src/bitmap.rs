@@ -447,9 +447,6 @@ impl BitmapMatrix {
         out
     }
 
-    /// Row `r` written densely into `out`, every one of its `cols` values (zeros where pruned,
-    /// so `out` need not be zeroed first): whole mask words by one expand (f32 16 columns, bf16
-    /// 32, i8 64) where the CPU has VBMI2, bit by bit elsewhere and in the ragged tail.
     /// Whether a batched step multiplies the expanded rows on the tokens-in-lanes GEMM: bf16
     /// from [`lanes::MIN_TOKENS`] tokens (below that, and in f32 and i8 up to
     /// [`SMALL_BATCH`], the small-batch tiles over 8 expanded rows at a time measured faster;
@@ -468,7 +465,7 @@ impl BitmapMatrix {
         if r < self.rows {
             use std::arch::x86_64::{_MM_HINT_T1, _mm_prefetch};
             let (start, end) = (self.row_ptr[r] as usize, self.row_ptr[r + 1] as usize);
-            let bytes = vals[start..end.max(start)].as_ptr().cast::<i8>();
+            let bytes = vals[start..end].as_ptr().cast::<i8>();
             let mask = self.masks[r * self.stride..].as_ptr().cast::<i8>();
             let len = (end - start) * size_of::<T>();
             // SAFETY: prefetches only form addresses (wrapping) and never fault; SSE is
@@ -486,6 +483,9 @@ impl BitmapMatrix {
         let _ = (r, vals);
     }
 
+    /// Row `r` written densely into `out`, every one of its `cols` values (zeros where pruned,
+    /// so `out` need not be zeroed first): whole mask words by one expand (f32 16 columns, bf16
+    /// 32, i8 64) where the CPU has VBMI2, bit by bit elsewhere and in the ragged tail.
     fn expand_row<T: Element>(&self, r: usize, vals: &[T], out: &mut [T]) {
         let mrow = &self.masks[r * self.stride..][..self.stride];
         let mut vi = self.row_ptr[r] as usize;

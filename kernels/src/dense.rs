@@ -247,7 +247,6 @@ pub fn gemm_f32_new(
     })
 }
 
-/// [`gemm_f32`] into an initialized or fresh output (see [`Out`]).
 /// Whether a dense int8 product of `tokens` tokens runs on the tokens-in-lanes GEMM, its rows
 /// widened to bf16 12 at a time (the integers are exact in bf16; each output row is scaled
 /// once after its sum, as the int8 kernels do) against bf16-rounded activations: from
@@ -280,6 +279,7 @@ fn widen_i8_row(q: &[i8], out: &mut [half::bf16]) {
     }
 }
 
+/// [`gemm_f32`] into an initialized or fresh output (see [`Out`]).
 fn gemm_f32_out(
     w: &[f32],
     rows: usize,

@@ -67,8 +67,9 @@ pub(crate) enum Weights<'a> {
     Bf16(&'a [u16]),
     /// bf16 rows written on demand: `write(r, row)` writes all of row `r`'s `cols` values
     /// into `row` (zeros where pruned; the buffer holds the previous tile's rows). Each task
-    /// writes a tile's [`ROWS`] rows into an L1-sized buffer just before multiplying them, so a sparse format runs this GEMM without a dense copy of the
-    /// whole matrix (the bitmap's batched steps: see `BitmapMatrix::gemm`).
+    /// writes a tile's [`ROWS`] rows into an L1-sized buffer just before multiplying them,
+    /// so a sparse format runs this GEMM without a dense copy of the whole matrix (the
+    /// bitmap's batched steps: see `BitmapMatrix::gemm`).
     ///
     /// With row scales, each output row is multiplied by its scale after the sum: int8
     /// weights run this way, written as their integers (exact in bf16) and scaled once per

@@ -50,11 +50,6 @@ const BLOCK_GROUPS: usize = 32;
 /// The pairs of positions a group's two kept values can have.
 const PAIRS: [(usize, usize); 6] = [(0, 1), (0, 2), (1, 2), (0, 3), (1, 3), (2, 3)];
 
-/// Whether this path can run: AVX512-BF16 (asked for and present) and an even column count.
-pub(crate) fn available(exec: Exec, cols: usize) -> bool {
-    lanes::available_bf16(exec.isa, cols)
-}
-
 /// One panel: 16 tokens' words, on a cache line of its own (every multiply loads one, and an
 /// unaligned 64-byte load that straddles two lines costs two).
 #[derive(Clone, Copy)]
@@ -66,7 +61,7 @@ struct Panel([u32; LANES]);
 /// `values` holds their bf16 bits) and the slots' positions in `meta` (`p0 | p1 << 2` per
 /// group, two groups per byte, low nibble first, `meta_stride` bytes per row), `p0 < p1`.
 /// `x: [tokens, cols]`, `y: [tokens, rows]`, every element written. The activations are
-/// rounded to bf16 as [`lanes`] rounds them. The caller has checked [`available`] and
+/// rounded to bf16 as [`lanes`] rounds them. The caller has checked [`lanes::available_bf16`] and
 /// `tokens <= MAX_TOKENS`.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn gemm(
@@ -117,7 +112,7 @@ pub(crate) fn gemm(
         for (t, acc) in range.zip(&accs) {
             let r0 = t * ROWS;
             let nr = ROWS.min(rows - r0);
-            // SAFETY: the caller checked AVX-512F (`available`); this task owns output rows
+            // SAFETY: the caller checked AVX512-BF16 (`lanes::available_bf16`); this task owns output rows
             // r0..r0 + nr (its tiles of W) of every token.
             #[cfg(target_arch = "x86_64")]
             unsafe {
@@ -194,7 +189,7 @@ fn tile(
         let (wp, mp) = (w.as_ptr().cast::<u32>(), meta.as_ptr());
         let xp = panels.as_ptr().cast::<u32>();
         let args = (wp, groups, mp, meta_stride, xp, span, acc);
-        // SAFETY: the caller checked AVX512-BF16 (`available`); the asserts above bound
+        // SAFETY: the caller checked AVX512-BF16 (`lanes::available_bf16`); the asserts above bound
         // every read: `nr` rows of `groups` 32-bit words (read unaligned) and of
         // `ceil(groups / 2)` metadata bytes, and per group one of its `SLOTS` panels.
         unsafe {

@@ -426,7 +426,7 @@ impl NmMatrix {
         };
         let fits = self.is_two_four()
             && (lanes::MIN_TOKENS..=lanes24::MAX_TOKENS).contains(&tokens)
-            && lanes24::available(exec, self.cols);
+            && lanes::available_bf16(exec.isa, self.cols);
         fits.then(|| Element::bf16_bits(v.as_slice())).flatten()
     }
 

@@ -120,7 +120,7 @@ fn assert_within_quantization(
 /// rows), on CPUs that have it.
 fn bf16_activations(format: Format, dtype: Dtype, tokens: usize, exec: Exec, cols: usize) -> bool {
     let two_four_lanes = (crate::lanes::MIN_TOKENS..=crate::lanes24::MAX_TOKENS).contains(&tokens)
-        && crate::lanes24::available(exec, cols);
+        && crate::lanes::available_bf16(exec.isa, cols);
     if format == (Format::NM { n: 2, m: 4 }) && two_four_lanes {
         return dtype == Dtype::Bf16;
     }
