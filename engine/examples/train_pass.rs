@@ -5,7 +5,8 @@
 //!
 //! ```text
 //! cargo run --release -p espalier-engine --example train_pass -- MODEL_DIR TEXT_FILE \
-//!     [--batch 4] [--seq-len 256] [--steps 3] [--autograd] [--blocks DENSITY] [--distill]
+//!     [--batch 4] [--seq-len 256] [--steps 3] [--autograd] [--blocks DENSITY] [--distill] \
+//!     [--bf16]
 //! ```
 //!
 //! `--blocks 0.2` also times the same pass with every block linear pruned to its largest 20%
@@ -16,23 +17,34 @@
 //! KL at temperature 1 as the recovery pipelines use): its tokens/s beside the plain pass's
 //! is what distillation costs per step (the teacher's forward pass and both LM heads).
 //!
+//! `--bf16` also times the pass (and, with `--distill`, the distillation pass) with its linear
+//! products in mixed precision ([`Precision::Bf16`]: bf16 operands, f32 sums), in the same run,
+//! and prints how far its gradients are from the f32 pass's: the largest difference relative
+//! to the layer's largest f32 entry, and the largest `‖Δg‖ / ‖g‖` of a layer.
+//!
 //! The first step of each pass is a warm-up and is not timed. The end-to-end figure beside
 //! PyTorch (optimizer included) is `scripts/train_throughput_bench.py`.
 
 use std::time::Instant;
 
-use espalier_engine::{Distillation, LossGradients, Session, Tokenizer, TrainingPass, load_model};
+use espalier_engine::{
+    Distillation, LossGradients, Precision, Session, Tokenizer, TrainingPass, load_model,
+};
 
-/// Times `batches` through one kept [`TrainingPass`] (masks declared as given, distilling
-/// `teacher` when given), the first step untimed; returns the timed steps' seconds and the
-/// last loss.
+/// One timed pass: seconds of the timed steps, the last loss, and the last step's mean
+/// gradients in `session.block_linears()` order.
+type Timed = (Vec<f64>, f64, Vec<Vec<f32>>);
+
+/// Times `batches` through one kept [`TrainingPass`] at `precision` (masks declared as given,
+/// distilling `teacher` when given), the first step untimed.
 fn time_pass(
     session: &Session,
     batches: &[&[Vec<u32>]],
     masks: &[(String, Vec<bool>)],
     teacher: Option<&Session>,
-) -> Result<(Vec<f64>, f64), Box<dyn std::error::Error>> {
-    let mut pass = TrainingPass::new(session)?;
+    precision: Precision,
+) -> Result<Timed, Box<dyn std::error::Error>> {
+    let mut pass = TrainingPass::new(session)?.with_precision(precision)?;
     if let Some(teacher) = teacher {
         let d = Distillation {
             weight: 1.0,
@@ -44,15 +56,16 @@ fn time_pass(
         .iter()
         .map(|(name, keep)| pass.set_mask(name, Some(keep)))
         .collect::<Result<Vec<bool>, _>>()?;
-    let mut grad = Vec::new();
+    let mut grads: Vec<Vec<f32>> = Vec::new();
     let (mut times, mut loss) = (Vec::new(), 0.0);
     for (i, b) in batches.iter().enumerate() {
         let began = Instant::now();
         pass.reset();
         pass.accumulate(session, b)?;
         loss = pass.mean_loss();
-        for linear in session.block_linears() {
-            pass.mean_into(linear.name(), &mut grad);
+        grads.resize_with(session.block_linears().len(), Vec::new);
+        for (linear, grad) in session.block_linears().into_iter().zip(grads.iter_mut()) {
+            pass.mean_into(linear.name(), grad);
             std::hint::black_box(&grad);
         }
         let secs = began.elapsed().as_secs_f64();
@@ -65,13 +78,47 @@ fn time_pass(
             masks.len()
         );
     }
-    Ok((times, loss))
+    Ok((times, loss, grads))
+}
+
+/// The largest `‖b − a‖ / ‖a‖` (Euclidean norms over a layer) over all layers.
+fn worst_relative_norm(a: &[Vec<f32>], b: &[Vec<f32>]) -> f64 {
+    a.iter()
+        .zip(b)
+        .map(|(a, b)| {
+            let norm: f64 = a.iter().map(|&v| f64::from(v) * f64::from(v)).sum();
+            let diff: f64 = (a.iter().zip(b))
+                .map(|(&x, &y)| (f64::from(x) - f64::from(y)).powi(2))
+                .sum();
+            (diff / norm.max(f64::MIN_POSITIVE)).sqrt()
+        })
+        .fold(0.0, f64::max)
+}
+
+/// The largest `|b − a|` over a layer relative to the largest `|a|` in that layer, over all
+/// layers.
+fn worst_relative(a: &[Vec<f32>], b: &[Vec<f32>]) -> f64 {
+    a.iter()
+        .zip(b)
+        .map(|(a, b)| {
+            let scale = a
+                .iter()
+                .fold(0f32, |m, v| m.max(v.abs()))
+                .max(f32::MIN_POSITIVE);
+            let diff = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+            f64::from(diff / scale)
+        })
+        .fold(0.0, f64::max)
+}
+
+fn tokens_per_s(tokens: f64, times: &[f64]) -> f64 {
+    tokens * times.len() as f64 / times.iter().sum::<f64>()
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut positional = Vec::new();
     let (mut batch, mut seq_len, mut steps, mut autograd) = (4usize, 256usize, 3usize, false);
-    let mut distill = false;
+    let (mut distill, mut bf16) = (false, false);
     let mut blocks: Option<f64> = None;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -85,6 +132,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "--steps" => steps = num("--steps")?.max(2),
             "--autograd" => autograd = true,
             "--distill" => distill = true,
+            "--bf16" => bf16 = true,
             "--blocks" => {
                 let v = args.next().ok_or("--blocks needs a value")?;
                 blocks = Some(v.parse()?);
@@ -93,7 +141,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     let [model_ref, text_file] = positional.as_slice() else {
-        return Err("usage: train_pass MODEL_DIR TEXT_FILE [--batch N] [--seq-len T] [--steps S] [--autograd] [--blocks DENSITY] [--distill]".into());
+        return Err("usage: train_pass MODEL_DIR TEXT_FILE [--batch N] [--seq-len T] [--steps S] [--autograd] [--blocks DENSITY] [--distill] [--bf16]".into());
     };
     let model = load_model(model_ref)?;
     let tokenizer = Tokenizer::for_model(&model)?;
@@ -111,8 +159,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let batches: Vec<&[Vec<u32>]> = windows.chunks_exact(batch).take(steps).collect();
     let tokens = (batch * seq_len) as f64;
 
-    let (hand, hand_loss) = time_pass(&session, &batches, &[], None)?;
-    let hand_tps = tokens * hand.len() as f64 / hand.iter().sum::<f64>();
+    let (hand, hand_loss, hand_grads) = time_pass(&session, &batches, &[], None, Precision::F32)?;
+    let hand_tps = tokens_per_s(tokens, &hand);
     let mut sparse_line = String::new();
     if let Some(density) = blocks {
         let mut pruned = model.clone();
@@ -160,8 +208,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             masks.push((name, keep));
         }
         let pruned_session = Session::new(&pruned)?;
-        let (times, loss) = time_pass(&pruned_session, &batches, &masks, None)?;
-        let tps = tokens * times.len() as f64 / times.iter().sum::<f64>();
+        let (times, loss, _) = time_pass(&pruned_session, &batches, &masks, None, Precision::F32)?;
+        let tps = tokens_per_s(tokens, &times);
         sparse_line = format!(
             ", \"block_density\": {density}, \"block_sparse_tokens_per_s\": {tps:.1}, \"block_sparse_loss\": {loss:.5}, \"block_sparse_over_dense\": {:.2}",
             tps / hand_tps
@@ -191,14 +239,33 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             hand_tps / auto_tps
         );
     }
+    if bf16 {
+        let (times, loss, grads) = time_pass(&session, &batches, &[], None, Precision::Bf16)?;
+        let tps = tokens_per_s(tokens, &times);
+        line += &format!(
+            ", \"bf16_tokens_per_s\": {tps:.1}, \"bf16_loss\": {loss:.5}, \"bf16_over_f32\": {:.2}, \"bf16_worst_gradient_error\": {:.2e}, \"bf16_worst_gradient_norm_error\": {:.2e}",
+            tps / hand_tps,
+            worst_relative(&hand_grads, &grads),
+            worst_relative_norm(&hand_grads, &grads)
+        );
+    }
     if distill {
         let teacher = Session::new(&model)?;
-        let (times, loss) = time_pass(&session, &batches, &[], Some(&teacher))?;
-        let tps = tokens * times.len() as f64 / times.iter().sum::<f64>();
+        let (times, loss, _) = time_pass(&session, &batches, &[], Some(&teacher), Precision::F32)?;
+        let tps = tokens_per_s(tokens, &times);
         line += &format!(
             ", \"distill_tokens_per_s\": {tps:.1}, \"distill_loss\": {loss:.5}, \"distill_over_plain\": {:.2}",
             tps / hand_tps
         );
+        if bf16 {
+            let (times16, loss16, _) =
+                time_pass(&session, &batches, &[], Some(&teacher), Precision::Bf16)?;
+            let tps16 = tokens_per_s(tokens, &times16);
+            line += &format!(
+                ", \"bf16_distill_tokens_per_s\": {tps16:.1}, \"bf16_distill_loss\": {loss16:.5}, \"bf16_distill_over_f32_distill\": {:.2}",
+                tps16 / tps
+            );
+        }
     }
     line += &sparse_line;
     println!("{line}}}");

@@ -25,13 +25,13 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use espalier_engine::files;
+use espalier_engine::{TrainingPass, files};
 use serde::Deserialize;
 use toml::Spanned;
 
 use crate::calibration::CalibrationSpec;
 use crate::evaluate::{EvalSpec, EvalText};
-use crate::finetune::FinetuneSpec;
+use crate::finetune::{FinetuneSpec, TrainingPrecision};
 use crate::optim::Decay;
 use crate::plugin::Sandbox;
 
@@ -320,6 +320,7 @@ struct RawFinetune {
     checkpoint_every: Option<Spanned<i64>>,
     checkpoint_dir: Option<Spanned<String>>,
     distill: Option<Spanned<RawDistill>>,
+    precision: Option<Spanned<String>>,
 }
 
 /// `distill = { weight = 0.5, temperature = 2.0, hidden = 0.0 }` in `[finetune]`.
@@ -1082,6 +1083,29 @@ fn parse_finetune(
                 ),
             )
         })?;
+    }
+    if let Some(p) = &f.precision {
+        let at = p.span().start;
+        spec.precision = TrainingPrecision::from_name(p.get_ref()).ok_or_else(|| {
+            ctx.err(
+                at,
+                "finetune.precision",
+                format!(
+                    "`{}` is not a precision: use \"f32\" or \"bf16\" (bf16 operands, f32 sums)",
+                    p.get_ref()
+                ),
+            )
+        })?;
+        // Refused here, before calibration and pruning run, not at the fine-tune.
+        if spec.precision == TrainingPrecision::Bf16 && !TrainingPass::bf16_available() {
+            return Err(ctx.err(
+                at,
+                "finetune.precision",
+                "bf16 training needs a CPU with AVX-512 and AVX512-BF16 (AMD Zen 4 or later, \
+                 Intel Cooper Lake or Sapphire Rapids or later), which this one lacks; write \
+                 precision = \"f32\"",
+            ));
+        }
     }
     let mut checkpoint_position = position.clone();
     if let Some(d) = &f.checkpoint_dir {
@@ -2302,6 +2326,27 @@ mod tests {
         assert_eq!(s.checkpoint_dir, Some(base.join("ck")));
         assert_eq!(s.checkpoint_every, 5);
         assert_eq!(s.distill, None);
+        assert_eq!(s.precision, TrainingPrecision::F32);
+        // Precision: f32 as written; bf16 where this CPU runs it, else refused by name.
+        let p = Pipeline::parse_in("p.toml", &format!("{head}precision = \"f32\"\n"), base);
+        assert_eq!(
+            p.unwrap().finetune.unwrap().spec.precision,
+            TrainingPrecision::F32
+        );
+        let p = Pipeline::parse_in("p.toml", &format!("{head}precision = \"bf16\"\n"), base);
+        if TrainingPass::bf16_available() {
+            assert_eq!(
+                p.unwrap().finetune.unwrap().spec.precision,
+                TrainingPrecision::Bf16
+            );
+        } else {
+            let e = p.unwrap_err();
+            assert_eq!(
+                (e.field.as_str(), e.position.line),
+                ("finetune.precision", 4)
+            );
+            assert!(e.message.contains("AVX512-BF16"), "{e}");
+        }
         // Distillation: defaults, and every setting read.
         for (line, weight, temperature, hidden) in [
             ("distill = {}", 0.5, 2.0, 0.0),
@@ -2353,6 +2398,8 @@ mod tests {
             ("eps = 0", "finetune.eps"),
             ("clip = -1", "finetune.clip"),
             ("decay = \"cubic\"", "finetune.decay"),
+            ("precision = \"fp16\"", "finetune.precision"),
+            ("precision = 16", "syntax"),
             ("steps = 5\nwarmup = 6", "finetune.warmup"),
             ("checkpoint_every = 0", "finetune.checkpoint_every"),
             ("checkpoint_every = 3", "finetune.checkpoint_every"),

@@ -27,7 +27,7 @@
 
 use crate::element::Element;
 use crate::isa::{Exec, Isa};
-use crate::par::{self, Out};
+use crate::par::{self, Out, SharedOut};
 use half::bf16;
 
 /// Tokens per panel: two 16-lane vectors.
@@ -102,9 +102,7 @@ pub(crate) fn gemm(
         y.init()[..tokens * rows].fill(0.0);
         return;
     }
-    // A decode step of up to 16 sequences fills one vector per column; anything longer runs
-    // panels of 32 (the last one may be shorter, and then runs the one-vector tile).
-    let width = if tokens <= 16 { 16 } else { TOKENS };
+    let width = panel_width(tokens);
     // The activations transposed into token panels of `width` lanes, as 32-bit words: for
     // f32 weights the f32 bits of column `k` at `p * cols * width + k * width + t`, for bf16
     // the pair of columns `2k`, `2k + 1` at `p * (cols / 2) * width + k * width + t`. Zero
@@ -113,13 +111,43 @@ pub(crate) fn gemm(
         Weights::F32(_) => pack_f32(x, tokens, cols, width, exec),
         Weights::Bf16(_) | Weights::Bf16Rows(..) => pack_bf16(x, tokens, cols, width, exec),
     };
+    gemm_panels(w, rows, cols, &panels, tokens, y.shared(), false, exec);
+}
+
+/// Lanes per token panel for a product of `tokens` tokens: a decode step of up to 16
+/// sequences fills one vector per column; anything longer runs panels of 32 (the last one
+/// may be shorter, and then runs the one-vector tile).
+pub(crate) fn panel_width(tokens: usize) -> usize {
+    if tokens <= 16 { 16 } else { TOKENS }
+}
+
+/// The product of [`gemm`] from token panels already built (`panels`, laid out as [`gemm`]
+/// builds them for `tokens` tokens at [`panel_width`]), each output stored into `out`
+/// (`[tokens, rows]`) or, with `accumulate`, added to what it holds. `cols > 0`, and the
+/// caller has checked [`available`] (and [`available_bf16`] for bf16 weights).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm_panels(
+    w: Weights<'_>,
+    rows: usize,
+    cols: usize,
+    panels: &[u32],
+    tokens: usize,
+    out: SharedOut,
+    accumulate: bool,
+    exec: Exec,
+) {
+    let width = panel_width(tokens);
     let pairs = cols / 2;
+    let panel_words = match w {
+        Weights::F32(_) => cols * width,
+        Weights::Bf16(_) | Weights::Bf16Rows(..) => pairs * width,
+    };
+    assert!(cols > 0 && panels.len() >= tokens.div_ceil(width) * panel_words);
     let tiles = rows.div_ceil(ROWS);
     let flops = tokens * rows * cols;
     let tasks = par::task_count(exec, tiles, flops, par::MIN_TASK_FLOPS);
     let bounds = par::even_bounds(tiles, tasks);
     // Every tile of rows meets every panel of tokens and stores each of its outputs once.
-    let out = y.shared();
     par::for_each_bound(&bounds, |range| {
         let mut tile = [[0.0f32; TOKENS]; ROWS];
         // The tile's rows when they are written on demand (`Bf16Rows`).
@@ -193,12 +221,13 @@ pub(crate) fn gemm(
                 // rows r0..r0 + nr (its tiles of W) of every token.
                 #[cfg(target_arch = "x86_64")]
                 unsafe {
-                    x86::store_tile(&tile, nr, nt, &out, rows, r0, t0)
+                    x86::store_tile(&tile, nr, nt, &out, rows, r0, t0, accumulate)
                 };
                 #[cfg(not(target_arch = "x86_64"))]
-                for (i, t) in (t0..t0 + nt).enumerate() {
-                    // SAFETY: this task owns output rows r0..r0 + nr (its tiles of W).
-                    unsafe { out.write_run(t * rows + r0, nr, |r| tile[r][i]) };
+                {
+                    // Unreachable (`available` is false off x86-64).
+                    let _ = (&out, accumulate);
+                    unreachable!("the tokens-in-lanes GEMM runs on AVX-512 only");
                 }
             }
         }
@@ -225,17 +254,40 @@ pub(crate) fn pack_bf16(
     width: usize,
     exec: Exec,
 ) -> Vec<u32> {
+    let mut panels = Vec::new();
+    pack_bf16_into(x, tokens, cols, width, exec, &mut panels);
+    panels
+}
+
+/// [`pack_bf16`] into `panels`, whose allocation is reused (a training step packs the same
+/// shapes over and over; fresh buffers of megabytes each cost page faults every call).
+pub(crate) fn pack_bf16_into(
+    x: &[f32],
+    tokens: usize,
+    cols: usize,
+    width: usize,
+    exec: Exec,
+    panels: &mut Vec<u32>,
+) {
     let x = &x[..tokens * cols];
     #[cfg(target_arch = "x86_64")]
     if cols.is_multiple_of(32) && available_bf16(exec.isa, cols) {
-        return build_panels(tokens, cols / 2, width, exec, |first, lanes, panel| {
-            // SAFETY: AVX512-BF16 (and so AVX-512F) is present, checked above; `cols` is a
-            // multiple of 32.
-            unsafe { x86::fill_panel_bf16(&x[first * cols..], cols, width, lanes, panel) }
-        });
+        build_panels_into(
+            tokens,
+            cols / 2,
+            width,
+            exec,
+            panels,
+            |first, lanes, panel| {
+                // SAFETY: AVX512-BF16 (and so AVX-512F) is present, checked above; `cols` is a
+                // multiple of 32.
+                unsafe { x86::fill_panel_bf16(&x[first * cols..], cols, width, lanes, panel) }
+            },
+        );
+        return;
     }
     let pairs = crate::gemm_bf16::pack_activations(x, tokens, cols);
-    transpose_into_panels(&pairs, cols / 2, width, exec)
+    *panels = transpose_into_panels(&pairs, cols / 2, width, exec);
 }
 
 /// Rows of `len` values (one per token) as panels of `width` tokens: value `k` of token `t`
@@ -273,9 +325,24 @@ fn build_panels(
     exec: Exec,
     fill: impl Fn(usize, usize, &mut [u32]) + Sync + Send,
 ) -> Vec<u32> {
-    let mut out = vec![0u32; tokens.div_ceil(width) * len * width];
+    let mut out = Vec::new();
+    build_panels_into(tokens, len, width, exec, &mut out, fill);
+    out
+}
+
+/// [`build_panels`] into `out` (its allocation reused).
+fn build_panels_into(
+    tokens: usize,
+    len: usize,
+    width: usize,
+    exec: Exec,
+    out: &mut Vec<u32>,
+    fill: impl Fn(usize, usize, &mut [u32]) + Sync + Send,
+) {
+    out.clear();
+    out.resize(tokens.div_ceil(width) * len * width, 0);
     if len == 0 {
-        return out;
+        return;
     }
     let fill = |p: usize, panel: &mut [u32]| {
         let first = p * width;
@@ -283,13 +350,12 @@ fn build_panels(
     };
     let panel_len = len * width;
     if exec.parallel && out.len() > panel_len && out.len() >= 16 * 1024 {
-        crate::team::for_each_chunk_mut(&mut out, panel_len, |p, panel| fill(p, panel));
+        crate::team::for_each_chunk_mut(out, panel_len, |p, panel| fill(p, panel));
     } else {
         for (p, panel) in out.chunks_mut(panel_len).enumerate() {
             fill(p, panel);
         }
     }
-    out
 }
 
 /// `kernel::<NR, NV>(args)` for a tile of `nr` rows (1..=[`ROWS`], a const generic each) and
@@ -398,7 +464,8 @@ pub(crate) mod x86 {
     use std::arch::x86_64::*;
 
     /// Stores the first `nt` tokens of a register tile's `nr` rows (`tile[r][i]`) into `Y`
-    /// (`[tokens, rows]`, row-major): token `t0 + i` gets `y[(t0 + i) * rows + r0..][..nr]`.
+    /// (`[tokens, rows]`, row-major), or adds them to it with `accumulate`: token `t0 + i`
+    /// gets `y[(t0 + i) * rows + r0..][..nr]`.
     /// Each 16 tokens' rows are transposed in registers ([`transpose16`]) and every token's
     /// `nr` values written by one masked store; copied value by value, this scatter was 4% of
     /// a 128-token bf16 prefill's samples in `perf`.
@@ -406,6 +473,7 @@ pub(crate) mod x86 {
     /// # Safety
     /// AVX-512F available; the calling task owns output rows `r0..r0 + nr` of tokens
     /// `t0..t0 + nt` (each run's bounds are checked).
+    #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f")]
     pub(crate) unsafe fn store_tile(
         tile: &[[f32; TOKENS]; ROWS],
@@ -415,6 +483,7 @@ pub(crate) mod x86 {
         rows: usize,
         r0: usize,
         t0: usize,
+        accumulate: bool,
     ) {
         assert!((1..=ROWS).contains(&nr) && nt <= TOKENS);
         let mask = ((1u32 << nr) - 1) as __mmask16;
@@ -426,11 +495,16 @@ pub(crate) mod x86 {
             }
             let tokens = transpose16(lanes);
             for (i, v) in tokens.iter().enumerate().take(nt - 16 * h) {
-                // SAFETY: `run_ptr` checks the run's bounds; the masked store writes its `nr`
-                // floats only; ownership is the caller's contract.
+                // SAFETY: `run_ptr` checks the run's bounds; the masked load and store touch its
+                // `nr` floats only; ownership is the caller's contract.
                 unsafe {
                     let p = out.run_ptr((t0 + 16 * h + i) * rows + r0, nr);
-                    _mm512_mask_storeu_ps(p, mask, *v);
+                    let v = if accumulate {
+                        _mm512_add_ps(*v, _mm512_maskz_loadu_ps(mask, p))
+                    } else {
+                        *v
+                    };
+                    _mm512_mask_storeu_ps(p, mask, v);
                 }
             }
         }
@@ -529,7 +603,7 @@ pub(crate) mod x86 {
     /// 64 shuffles.
     #[inline]
     #[target_feature(enable = "avx512f")]
-    fn transpose16(r: [__m512; 16]) -> [__m512; 16] {
+    pub(crate) fn transpose16(r: [__m512; 16]) -> [__m512; 16] {
         let zero = _mm512_setzero_ps();
         // t[2i], t[2i+1]: rows 2i and 2i+1 interleaved; per 128-bit lane k, columns 4k, 4k+1
         // and 4k+2, 4k+3.

@@ -116,7 +116,7 @@ pub(crate) fn gemm(
             // r0..r0 + nr (its tiles of W) of every token.
             #[cfg(target_arch = "x86_64")]
             unsafe {
-                lanes::x86::store_tile(acc, nr, tokens, &out, rows, r0, 0)
+                lanes::x86::store_tile(acc, nr, tokens, &out, rows, r0, 0, false)
             };
             #[cfg(not(target_arch = "x86_64"))]
             let _ = (acc, nr, &out);

@@ -48,6 +48,7 @@ mod quant;
 mod rowgemm;
 mod simd;
 pub mod team;
+mod train_bf16;
 mod view;
 
 pub mod bench;
@@ -73,4 +74,5 @@ pub use plan::{
     Candidate, Choice, Format, PackedLinear, PlanTimer, Structure, choose_format, plan,
     plan_measured,
 };
+pub use train_bf16::{Bf16Training, bf16_training_available, weight_grad_bf16};
 pub use view::DenseView;

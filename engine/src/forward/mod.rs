@@ -33,7 +33,7 @@ use crate::model::Model;
 pub use grad::{Distillation, GradientStats, LossGradients};
 pub(crate) use ops::with_f32;
 use ops::{Activation, RopeTable};
-pub use train::TrainingPass;
+pub use train::{Precision, TrainingPass};
 
 /// Rows of the LM head computed at once when only losses are needed: bounds the logits held in
 /// memory (128 × 49152 f32 = 24 MiB for SmolLM2) while keeping the matmul large.

@@ -30,8 +30,10 @@
 
 use std::collections::BTreeMap;
 
-use candle_core::{DType, Device, Tensor};
-use espalier_kernels::{BlockPattern, BlockTraining, Isa};
+use candle_core::{DType, Device, Tensor, TensorId};
+use espalier_kernels::{
+    Bf16Training, BlockPattern, BlockTraining, Isa, bf16_training_available, weight_grad_bf16,
+};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
@@ -56,6 +58,71 @@ const LINEARS: usize = 7;
 type LayerSums = [(String, Vec<f32>); LINEARS];
 /// One block's block-sparse products, where its layers have them.
 type LayerSparse = [Option<BlockTraining>; LINEARS];
+/// One block's bf16 copies, where the pass runs in [`Precision::Bf16`].
+type LayerBf16 = [Bf16Slot; LINEARS];
+
+/// The precision of the training pass's linear products (the block linears' three products
+/// and the LM head's two; attention, norms and the loss stay f32 either way).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Precision {
+    /// f32 operands and sums: the reference, checked against PyTorch's gradients.
+    #[default]
+    F32,
+    /// Mixed precision as PyTorch's bf16 autocast runs a linear layer: the operands rounded
+    /// to bf16 (nearest-even), the sums, weights, gradients and optimizer state f32. Needs
+    /// AVX512-BF16, where `vdpbf16ps` does twice the multiply-adds of an f32 FMA.
+    Bf16,
+}
+
+/// A weight's bf16 copies ([`Bf16Training`]) and the tensor they were rounded from, so a
+/// frozen weight (the teacher's, an LM head) is rounded once and a changed one again.
+/// `None` inside: the weight's shape has no bf16 products (an odd dimension), f32 runs.
+#[derive(Default)]
+struct Bf16Slot(Option<(TensorId, Option<Bf16Training>)>);
+
+impl Bf16Slot {
+    /// Rounds `w` (dense f32 `[out, in]`) into the copies unless they already come from this
+    /// very tensor and `always` is false. The student's weights are rounded every batch
+    /// (`always`): they change every step, and a tensor's id does not change when its
+    /// storage is written in place. `forward_only`: the forward's copy alone (the teacher).
+    fn refresh(&mut self, w: &Tensor, always: bool, forward_only: bool) -> Result<(), EngineError> {
+        if !always && self.0.as_ref().is_some_and(|(id, _)| *id == w.id()) {
+            return Ok(());
+        }
+        let (out, inp) = w.dims2()?;
+        let mut products = match self.0.take() {
+            Some((_, Some(p))) if p.shape() == (out, inp) => Some(p),
+            _ => Bf16Training::new(out, inp, Isa::detect()),
+        };
+        if let Some(p) = products.as_mut() {
+            ops::with_f32(w, |w| {
+                if forward_only {
+                    p.pack_forward(w);
+                } else {
+                    p.pack(w);
+                }
+                Ok(())
+            })?;
+        }
+        self.0 = Some((w.id(), products));
+        Ok(())
+    }
+
+    /// The copies, when rounded and the shape has them.
+    fn get(&self) -> Option<&Bf16Training> {
+        self.0.as_ref().and_then(|(_, p)| p.as_ref())
+    }
+}
+
+/// The bf16 copies a [`Precision::Bf16`] pass keeps: the student's block linears (rounded
+/// every batch), the teacher's (once) and both LM heads (once; the pass trains neither).
+#[derive(Default)]
+struct Bf16Copies {
+    student: Vec<LayerBf16>,
+    teacher: Vec<LayerBf16>,
+    head: Bf16Slot,
+    teacher_head: Bf16Slot,
+}
 
 /// A layer whose mask keeps at most this fraction of its 16×16 blocks trains on the
 /// block-sparse products; denser ones on the dense GEMM, which is faster per multiply-add.
@@ -93,6 +160,9 @@ pub struct TrainingPass<'t> {
     hidden_sum: f64,
     /// Activation and gradient buffers, kept from batch to batch and step to step.
     pool: Pool,
+    precision: Precision,
+    /// With [`Precision::Bf16`], the weights' bf16 copies.
+    bf16: Bf16Copies,
 }
 
 /// Scratch buffers reused across batches: one step of SmolLM2 at 1024 tokens allocates about
@@ -456,7 +526,34 @@ impl<'t> TrainingPass<'t> {
             parts_sum: (0.0, 0.0),
             hidden_sum: 0.0,
             pool: Pool::default(),
+            precision: Precision::F32,
+            bf16: Bf16Copies::default(),
         })
+    }
+
+    /// Runs the linear products at `precision` ([`Precision::F32`] unless set). Fails for
+    /// [`Precision::Bf16`] on a CPU without AVX512-BF16, naming the fix.
+    pub fn with_precision(mut self, precision: Precision) -> Result<Self, EngineError> {
+        if precision == Precision::Bf16 && !Self::bf16_available() {
+            return Err(EngineError::Input(
+                "bf16 training needs a CPU with AVX-512 and AVX512-BF16 (AMD Zen 4 or later, \
+                 Intel Cooper Lake or Sapphire Rapids or later), which this one lacks; train \
+                 at f32 precision instead"
+                    .into(),
+            ));
+        }
+        self.precision = precision;
+        Ok(self)
+    }
+
+    /// Whether this CPU runs [`Precision::Bf16`].
+    pub fn bf16_available() -> bool {
+        bf16_training_available(Isa::detect(), 2, 2)
+    }
+
+    /// The precision of the linear products.
+    pub fn precision(&self) -> Precision {
+        self.precision
     }
 
     /// Adds distillation from `teacher` to the training of `student`, as
@@ -695,6 +792,9 @@ impl<'t> TrainingPass<'t> {
                 }
             }
         }
+        if self.precision == Precision::Bf16 {
+            self.refresh_bf16(s)?;
+        }
         // The teacher's final hidden states for the whole batch, on the same GEMMs as the
         // student's forward (its saved activations go straight back to the pool), and with
         // hidden-state distillation its residual stream after every block.
@@ -703,7 +803,7 @@ impl<'t> TrainingPass<'t> {
             Some((teacher, _)) if TrainingPass::supports(teacher) => {
                 let blocks = (self.hidden > 0.0).then_some(&mut teacher_blocks);
                 Some(teacher_forward(
-                    teacher,
+                    (teacher, &self.bf16.teacher),
                     &mut self.pool,
                     &flat,
                     shape,
@@ -722,8 +822,8 @@ impl<'t> TrainingPass<'t> {
         let coef = self.hidden / s.blocks.len() as f64;
         let mut teacher_blocks = teacher_blocks.into_iter();
         for layer in 0..s.blocks.len() {
-            let sparse = &self.sparse[layer];
-            let (next, keep) = block_forward(s, &mut self.pool, sparse, layer, x, shape, &rope)?;
+            let products = (&self.sparse[layer], self.bf16.student.get(layer));
+            let (next, keep) = block_forward(s, &mut self.pool, products, layer, x, shape, &rope)?;
             saved.push(keep);
             if let Some(mut target) = teacher_blocks.next() {
                 hidden_sum += hidden_term_into(&next, &mut target, shape, coef);
@@ -749,9 +849,8 @@ impl<'t> TrainingPass<'t> {
                         let (vocab, _) = w.dims2()?;
                         let dst = &mut dh[k * rows..(k + 1) * rows];
                         let (hk, pool) = (&hf[k * rows..(k + 1) * rows], &mut self.pool);
-                        ops::with_f32(w, |w| {
-                            head_gradient_into(pool, w, (vocab, width), hk, seq, dst)
-                        })?
+                        let head = (w, self.bf16.head.get());
+                        head_gradient_into(pool, head, (vocab, width), hk, seq, dst)?
                     }
                     _ => {
                         let h = Tensor::from_vec(rows_of(&hf), (shape.t, width), &Device::Cpu)?;
@@ -779,19 +878,19 @@ impl<'t> TrainingPass<'t> {
                             let dst = &mut dh[k * rows..(k + 1) * rows];
                             let (hk, pool) = (&hf[k * rows..(k + 1) * rows], &mut self.pool);
                             let thk = &th[k * rows..(k + 1) * rows];
-                            ops::with_f32(w, |w| {
-                                ops::with_f32(wt, |wt| {
-                                    distill_head_gradient_into(
-                                        pool,
-                                        (w, wt),
-                                        (vocab, width),
-                                        (hk, thk),
-                                        seq,
-                                        d,
-                                        dst,
-                                    )
-                                })
-                            })?
+                            let heads = (
+                                (w, self.bf16.head.get()),
+                                (wt, self.bf16.teacher_head.get()),
+                            );
+                            distill_head_gradient_into(
+                                pool,
+                                heads,
+                                (vocab, width),
+                                (hk, thk),
+                                seq,
+                                d,
+                                dst,
+                            )?
                         }
                         _ => {
                             let th = teacher.hidden_states(seq, None, None)?;
@@ -836,7 +935,10 @@ impl<'t> TrainingPass<'t> {
             dx = block_backward(
                 s,
                 &mut self.pool,
-                (&mut self.sums[layer], &self.sparse[layer]),
+                (
+                    &mut self.sums[layer],
+                    (&self.sparse[layer], self.bf16.student.get(layer)),
+                ),
                 layer,
                 dx,
                 keep,
@@ -847,6 +949,44 @@ impl<'t> TrainingPass<'t> {
         self.pool.give(dx);
         Ok((loss_sum, parts_sum, hidden_sum))
     }
+
+    /// Rounds the weights into their bf16 copies for this batch: every student block linear
+    /// (block-sparse ones excepted: they run their own products), the teacher's block
+    /// linears and both LM heads where they changed (see [`Bf16Slot::refresh`]).
+    fn refresh_bf16(&mut self, s: &Session) -> Result<(), EngineError> {
+        let copies = &mut self.bf16;
+        copies.student.resize_with(s.blocks.len(), Default::default);
+        for ((block, slots), sparse) in s.blocks.iter().zip(&mut copies.student).zip(&self.sparse) {
+            let ls = block_linears(block).ok_or_else(not_llama)?;
+            for ((l, slot), sparse) in ls.iter().zip(slots.iter_mut()).zip(sparse) {
+                if sparse.is_none() {
+                    slot.refresh(dense_f32(l)?, true, false)?;
+                }
+            }
+        }
+        let dense_head = |s: &Session| match (s.lm_head.weight(), s.lm_head.bias()) {
+            (LinearWeight::Dense(w), None) if w.dtype() == DType::F32 => Some(w.clone()),
+            _ => None,
+        };
+        if let Some(w) = dense_head(s) {
+            copies.head.refresh(&w, false, false)?;
+        }
+        if let Some((teacher, _)) = self.teacher.filter(|(t, _)| TrainingPass::supports(t)) {
+            copies
+                .teacher
+                .resize_with(teacher.blocks.len(), Default::default);
+            for (block, slots) in teacher.blocks.iter().zip(&mut copies.teacher) {
+                let ls = block_linears(block).ok_or_else(not_llama)?;
+                for (l, slot) in ls.iter().zip(slots.iter_mut()) {
+                    slot.refresh(dense_f32(l)?, false, true)?;
+                }
+            }
+            if let Some(w) = dense_head(teacher) {
+                copies.teacher_head.refresh(&w, false, true)?;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// `teacher`'s final hidden states (after its last norm) for the batch `tokens` (`shape`),
@@ -854,7 +994,7 @@ impl<'t> TrainingPass<'t> {
 /// `pool` at once, instead of the inference forward run sequence by sequence. With `blocks`,
 /// a copy of the residual stream after each block is pushed there too.
 fn teacher_forward(
-    teacher: &Session,
+    (teacher, bf16): (&Session, &[LayerBf16]),
     pool: &mut Pool,
     tokens: &[u32],
     shape: Batch,
@@ -866,7 +1006,8 @@ fn teacher_forward(
     let mut x = ops::with_f32(&embedded, |e| Ok(pool.copy(e)))?;
     let dense = LayerSparse::default();
     for layer in 0..teacher.blocks.len() {
-        let (next, saved) = block_forward(teacher, pool, &dense, layer, x, shape, rope)?;
+        let products = (&dense, bf16.get(layer));
+        let (next, saved) = block_forward(teacher, pool, products, layer, x, shape, rope)?;
         saved.release(pool);
         if let Some(blocks) = blocks.as_deref_mut() {
             blocks.push(pool.copy(&next));
@@ -922,7 +1063,7 @@ const HEAD_ROWS: usize = 256;
 /// candle's temporaries (each a fresh mapping of tens of MB per chunk).
 fn head_gradient_into(
     pool: &mut Pool,
-    w: &[f32],
+    w: Head<'_>,
     (vocab, width): (usize, usize),
     h: &[f32],
     tokens: &[u32],
@@ -964,13 +1105,37 @@ fn head_gradient_into(
     Ok(loss / f64::from(n))
 }
 
+/// An LM head's dense f32 weight `[vocab, width]` and, in a [`Precision::Bf16`] pass, its bf16
+/// copies, which its products then run on.
+type Head<'a> = (&'a Tensor, Option<&'a Bf16Training>);
+
+/// `dst = x·Wᵀ` for the LM head `head` and `x: [rows, width]`.
+fn head_logits(
+    head: (&[f32], Option<&Bf16Training>),
+    (vocab, width): (usize, usize),
+    x: &[f32],
+    rows: usize,
+    dst: &mut [f32],
+) -> Result<(), EngineError> {
+    match head {
+        (_, Some(bf16)) => {
+            bf16.forward(x, rows, dst, false);
+            Ok(())
+        }
+        (w, None) => {
+            let wv = View::rows(w, vocab, width);
+            matmul(dst, View::rows(x, rows, width), wv.t(), 1.0, false, true)
+        }
+    }
+}
+
 /// The frame both LM-head gradients share: checks the targets (`tokens[1..]`), then per chunk
 /// of [`HEAD_ROWS`] rows forms the logits `h·Wᵀ` (one GEMM, into one pooled buffer), lets
 /// `fill(first_row, logits, targets)` turn them into `dloss/dlogits` in place, and writes
 /// `dh = dlogits·W` (one GEMM); the last row of `dh`, which predicts nothing, is zero.
 fn head_chunks(
     pool: &mut Pool,
-    w: &[f32],
+    (w, bf16): Head<'_>,
     (vocab, width): (usize, usize),
     h: &[f32],
     tokens: &[u32],
@@ -983,31 +1148,29 @@ fn head_chunks(
             "target token {bad} is outside the vocabulary of {vocab} entries"
         )));
     }
-    let wv = View::rows(w, vocab, width);
     let mut logits = pool.take(HEAD_ROWS.min(targets.len()) * vocab);
-    for (c, chunk) in targets.chunks(HEAD_ROWS).enumerate() {
-        let first = c * HEAD_ROWS;
-        let rows = chunk.len();
-        let span = first * width..(first + rows) * width;
-        let z = &mut logits[..rows * vocab];
-        matmul(
-            z,
-            View::rows(&h[span.clone()], rows, width),
-            wv.t(),
-            1.0,
-            false,
-            true,
-        )?;
-        fill(first, z, chunk)?;
-        matmul(
-            &mut dh[span],
-            View::rows(z, rows, vocab),
-            wv,
-            1.0,
-            false,
-            true,
-        )?;
-    }
+    ops::with_f32(w, |w| {
+        for (c, chunk) in targets.chunks(HEAD_ROWS).enumerate() {
+            let first = c * HEAD_ROWS;
+            let rows = chunk.len();
+            let span = first * width..(first + rows) * width;
+            let z = &mut logits[..rows * vocab];
+            head_logits((w, bf16), (vocab, width), &h[span.clone()], rows, z)?;
+            fill(first, z, chunk)?;
+            match bf16 {
+                Some(bf16) => bf16.input_grad(z, rows, &mut dh[span], false),
+                None => matmul(
+                    &mut dh[span],
+                    View::rows(z, rows, vocab),
+                    View::rows(w, vocab, width),
+                    1.0,
+                    false,
+                    true,
+                )?,
+            }
+        }
+        Ok(())
+    })?;
     dh[targets.len() * width..].fill(0.0);
     pool.give(logits);
     Ok(())
@@ -1024,14 +1187,14 @@ fn head_chunks(
 /// `[rows, vocab]` tensors per chunk; on SmolLM2 that was about a fifth of a distillation step.
 fn distill_head_gradient_into(
     pool: &mut Pool,
-    (w, wt): (&[f32], &[f32]),
+    (w, (wt, wt16)): (Head<'_>, Head<'_>),
     (vocab, width): (usize, usize),
     (h, th): (&[f32], &[f32]),
     tokens: &[u32],
     d: Distillation,
     dh: &mut [f32],
 ) -> Result<(f64, f64), EngineError> {
-    if th.len() != h.len() || wt.len() != w.len() {
+    if th.len() != h.len() || wt.dims() != w.0.dims() {
         return Err(EngineError::Input(
             "internal: the teacher's hidden states or LM head do not match the student's".into(),
         ));
@@ -1041,72 +1204,66 @@ fn distill_head_gradient_into(
     let (ce_scale, kl_scale) = ((1.0 - alpha) / n, alpha * temp / n);
     let inv_temp = 1.0 / temp;
     let tempered = temp != 1.0;
-    let wtv = View::rows(wt, vocab, width);
     let mut teacher = pool.take(HEAD_ROWS.min(tokens.len() - 1) * vocab);
     let (mut ce, mut kl) = (0f64, 0f64);
-    head_chunks(pool, w, (vocab, width), h, tokens, dh, |first, z, chunk| {
-        let rows = chunk.len();
-        let zt = &mut teacher[..rows * vocab];
-        let span = first * width..(first + rows) * width;
-        matmul(
-            zt,
-            View::rows(&th[span], rows, width),
-            wtv.t(),
-            1.0,
-            false,
-            true,
-        )?;
-        // Per-row (cross-entropy, KL) collected in order and summed serially, so a resumed
-        // run reproduces the loss bit for bit whatever the work stealing did.
-        let row_parts: Vec<(f64, f64)> = z
-            .par_chunks_mut(vocab)
-            .zip(zt.par_chunks(vocab))
-            .zip(chunk.par_iter())
-            .map(|((zs, zt), &target)| {
-                let target = target as usize;
-                // log Σ exp(s·v) over a row (partial sums in f32, accumulated in f64).
-                let lse = |row: &[f32], s: f32| {
-                    let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v * s));
-                    let mut sum = 0f64;
-                    for part in row.chunks(256) {
-                        let p: f32 = part.iter().map(|&v| ops::fast_exp(v * s - max)).sum();
-                        sum += f64::from(p);
+    ops::with_f32(wt, |wt| {
+        head_chunks(pool, w, (vocab, width), h, tokens, dh, |first, z, chunk| {
+            let rows = chunk.len();
+            let zt = &mut teacher[..rows * vocab];
+            let span = first * width..(first + rows) * width;
+            head_logits((wt, wt16), (vocab, width), &th[span], rows, zt)?;
+            // Per-row (cross-entropy, KL) collected in order and summed serially, so a resumed
+            // run reproduces the loss bit for bit whatever the work stealing did.
+            let row_parts: Vec<(f64, f64)> = z
+                .par_chunks_mut(vocab)
+                .zip(zt.par_chunks(vocab))
+                .zip(chunk.par_iter())
+                .map(|((zs, zt), &target)| {
+                    let target = target as usize;
+                    // log Σ exp(s·v) over a row (partial sums in f32, accumulated in f64).
+                    let lse = |row: &[f32], s: f32| {
+                        let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v * s));
+                        let mut sum = 0f64;
+                        for part in row.chunks(256) {
+                            let p: f32 = part.iter().map(|&v| ops::fast_exp(v * s - max)).sum();
+                            sum += f64::from(p);
+                        }
+                        f64::from(max) + sum.ln()
+                    };
+                    let lse_s1 = lse(zs, 1.0);
+                    let nll = lse_s1 - f64::from(zs[target]);
+                    let (lse_s, lse_t) = (
+                        if tempered { lse(zs, inv_temp) } else { lse_s1 },
+                        lse(zt, inv_temp),
+                    );
+                    let (lse_s1, lse_s, lse_t) = (lse_s1 as f32, lse_s as f32, lse_t as f32);
+                    let mut kl = 0f64;
+                    for (zs_part, zt_part) in zs.chunks_mut(256).zip(zt.chunks(256)) {
+                        let mut part_kl = 0f32;
+                        for (v, &u) in zs_part.iter_mut().zip(zt_part) {
+                            // log pₜ and log pₛ at the temperature.
+                            let (a, b) = (u * inv_temp - lse_t, *v * inv_temp - lse_s);
+                            let (q, ps) = (ops::fast_exp(a), ops::fast_exp(b));
+                            part_kl += q * (a - b);
+                            let p = if tempered {
+                                ops::fast_exp(*v - lse_s1)
+                            } else {
+                                ps
+                            };
+                            *v = ce_scale * p + kl_scale * (ps - q);
+                        }
+                        kl += f64::from(part_kl);
                     }
-                    f64::from(max) + sum.ln()
-                };
-                let lse_s1 = lse(zs, 1.0);
-                let nll = lse_s1 - f64::from(zs[target]);
-                let (lse_s, lse_t) = (
-                    if tempered { lse(zs, inv_temp) } else { lse_s1 },
-                    lse(zt, inv_temp),
-                );
-                let (lse_s1, lse_s, lse_t) = (lse_s1 as f32, lse_s as f32, lse_t as f32);
-                let mut kl = 0f64;
-                for (zs_part, zt_part) in zs.chunks_mut(256).zip(zt.chunks(256)) {
-                    let mut part_kl = 0f32;
-                    for (v, &u) in zs_part.iter_mut().zip(zt_part) {
-                        // log pₜ and log pₛ at the temperature.
-                        let (a, b) = (u * inv_temp - lse_t, *v * inv_temp - lse_s);
-                        let (q, ps) = (ops::fast_exp(a), ops::fast_exp(b));
-                        part_kl += q * (a - b);
-                        let p = if tempered {
-                            ops::fast_exp(*v - lse_s1)
-                        } else {
-                            ps
-                        };
-                        *v = ce_scale * p + kl_scale * (ps - q);
-                    }
-                    kl += f64::from(part_kl);
-                }
-                zs[target] -= ce_scale;
-                (nll, kl)
-            })
-            .collect();
-        for (row_ce, row_kl) in row_parts {
-            ce += row_ce;
-            kl += row_kl;
-        }
-        Ok(())
+                    zs[target] -= ce_scale;
+                    (nll, kl)
+                })
+                .collect();
+            for (row_ce, row_kl) in row_parts {
+                ce += row_ce;
+                kl += row_kl;
+            }
+            Ok(())
+        })
     })?;
     pool.give(teacher);
     let n = f64::from(n);
@@ -1125,19 +1282,32 @@ impl Saved {
     }
 }
 
+/// How one linear's products run: on its kept 16×16 blocks, on its bf16 copies, or (neither)
+/// on the f32 `gemm` crate.
+type Products<'a> = (&'a Option<BlockTraining>, Option<&'a Bf16Training>);
+
+/// One block's [`Products`]: its block-sparse products and, in a bf16 pass, its bf16 copies.
+type BlockProducts<'a> = (&'a LayerSparse, Option<&'a LayerBf16>);
+
+/// Linear `i`'s [`Products`] in a block's.
+fn products((sparse, bf16): BlockProducts<'_>, i: usize) -> Products<'_> {
+    (&sparse[i], bf16.and_then(|b| b[i].get()))
+}
+
 /// `y = x·Wᵀ (+ bias)` for `x: [n, in]`.
 fn linear_forward(
     pool: &mut Pool,
-    (linear, sparse): (&Linear, &Option<BlockTraining>),
+    (linear, products): (&Linear, Products<'_>),
     x: &[f32],
     n: usize,
 ) -> Result<Vec<f32>, EngineError> {
     let w = dense_f32(linear)?;
     let (out, inp) = w.dims2()?;
     let mut y = pool.take(n * out);
-    match sparse {
-        Some(train) => train.forward(x, n, &mut y, false),
-        None => ops::with_f32(w, |w| {
+    match products {
+        (Some(train), _) => train.forward(x, n, &mut y, false),
+        (None, Some(bf16)) => bf16.forward(x, n, &mut y, false),
+        (None, None) => ops::with_f32(w, |w| {
             let wt = View::rows(w, out, inp).t();
             matmul(&mut y, View::rows(x, n, inp), wt, 1.0, false, true)
         })?,
@@ -1153,16 +1323,24 @@ fn linear_forward(
 
 /// Backward of a linear: `dW += dyᵀ·x` into `sum`, and `dx (+)= dy·W`.
 fn linear_backward(
-    (linear, sparse): (&Linear, &Option<BlockTraining>),
+    (linear, products): (&Linear, Products<'_>),
     (dy, x, n): (&[f32], &[f32], usize),
     sum: &mut [f32],
     dx: &mut [f32],
     accumulate_dx: bool,
 ) -> Result<(), EngineError> {
-    if let Some(train) = sparse {
-        train.weight_grad(dy, x, n, sum);
-        train.input_grad(dy, n, dx, accumulate_dx);
-        return Ok(());
+    match products {
+        (Some(train), _) => {
+            train.weight_grad(dy, x, n, sum);
+            train.input_grad(dy, n, dx, accumulate_dx);
+            return Ok(());
+        }
+        (None, Some(bf16)) => {
+            weight_grad_bf16(dy, x, n, bf16.shape(), sum, Isa::detect());
+            bf16.input_grad(dy, n, dx, accumulate_dx);
+            return Ok(());
+        }
+        (None, None) => {}
     }
     let w = dense_f32(linear)?;
     let (out, inp) = w.dims2()?;
@@ -1181,7 +1359,7 @@ fn not_llama() -> EngineError {
 fn block_forward(
     s: &Session,
     pool: &mut Pool,
-    sparse: &LayerSparse,
+    layer_products: BlockProducts<'_>,
     layer: usize,
     x: Vec<f32>,
     shape: Batch,
@@ -1197,9 +1375,9 @@ fn block_forward(
 
     let mut h1 = pool.take(x.len());
     let inv1 = rms_forward(&x, w1, eps1, &mut h1);
-    let q_tok = linear_forward(pool, (ls[Q], &sparse[Q]), &h1, n)?;
-    let k_tok = linear_forward(pool, (ls[K], &sparse[K]), &h1, n)?;
-    let v_tok = linear_forward(pool, (ls[V], &sparse[V]), &h1, n)?;
+    let q_tok = linear_forward(pool, (ls[Q], products(layer_products, Q)), &h1, n)?;
+    let k_tok = linear_forward(pool, (ls[K], products(layer_products, K)), &h1, n)?;
+    let v_tok = linear_forward(pool, (ls[V], products(layer_products, V)), &h1, n)?;
     let q = to_heads(&q_tok, (t, heads, d), Some(rope), pool.take(q_tok.len()));
     let k = to_heads(&k_tok, (t, kv_heads, d), Some(rope), pool.take(k_tok.len()));
     let v = to_heads(&v_tok, (t, kv_heads, d), None, pool.take(v_tok.len()));
@@ -1243,20 +1421,20 @@ fn block_forward(
             ctx[((seq * t + i) * heads + h) * d..][..d].copy_from_slice(&o[i * d..][..d]);
         }
     }
-    let attn = linear_forward(pool, (ls[O], &sparse[O]), &ctx, n)?;
+    let attn = linear_forward(pool, (ls[O], products(layer_products, O)), &ctx, n)?;
     let mut mid = pool.copy(&x);
     mid.par_iter_mut().zip(&attn).for_each(|(m, a)| *m += a);
     pool.give(attn);
 
     let mut h2 = pool.take(mid.len());
     let inv2 = rms_forward(&mid, w2, eps2, &mut h2);
-    let gate = linear_forward(pool, (ls[GATE], &sparse[GATE]), &h2, n)?;
-    let up = linear_forward(pool, (ls[UP], &sparse[UP]), &h2, n)?;
+    let gate = linear_forward(pool, (ls[GATE], products(layer_products, GATE)), &h2, n)?;
+    let up = linear_forward(pool, (ls[UP], products(layer_products, UP)), &h2, n)?;
     let mut act = pool.take(gate.len());
     act.par_iter_mut()
         .zip(gate.par_iter().zip(&up))
         .for_each(|(a, (&g, &u))| *a = g / (1.0 + ops::fast_exp(-g)) * u);
-    let down = linear_forward(pool, (ls[DOWN], &sparse[DOWN]), &act, n)?;
+    let down = linear_forward(pool, (ls[DOWN], products(layer_products, DOWN)), &act, n)?;
     let mut next = pool.copy(&mid);
     next.par_iter_mut().zip(&down).for_each(|(y, d)| *y += d);
     pool.give(down);
@@ -1287,7 +1465,7 @@ fn block_forward(
 fn block_backward(
     s: &Session,
     pool: &mut Pool,
-    (sums, sparse): (&mut LayerSums, &LayerSparse),
+    (sums, layer_products): (&mut LayerSums, BlockProducts<'_>),
     layer: usize,
     dy: Vec<f32>,
     sv: Saved,
@@ -1307,7 +1485,7 @@ fn block_backward(
     let inter = sv.act.len() / n.max(1);
     let mut dgate = pool.take(n * inter);
     linear_backward(
-        (ls[DOWN], &sparse[DOWN]),
+        (ls[DOWN], products(layer_products, DOWN)),
         (&dy, &sv.act, n),
         &mut sums[DOWN].1,
         &mut dgate,
@@ -1326,14 +1504,14 @@ fn block_backward(
         });
     let mut dh2 = pool.take(n * width);
     linear_backward(
-        (ls[GATE], &sparse[GATE]),
+        (ls[GATE], products(layer_products, GATE)),
         (&dgate, &sv.h2, n),
         &mut sums[GATE].1,
         &mut dh2,
         false,
     )?;
     linear_backward(
-        (ls[UP], &sparse[UP]),
+        (ls[UP], products(layer_products, UP)),
         (&dup, &sv.h2, n),
         &mut sums[UP].1,
         &mut dh2,
@@ -1348,7 +1526,7 @@ fn block_backward(
     // Attention: mid = x + o(ctx).
     let mut dctx = pool.take(n * heads * d);
     linear_backward(
-        (ls[O], &sparse[O]),
+        (ls[O], products(layer_products, O)),
         (&dmid, &sv.ctx, n),
         &mut sums[O].1,
         &mut dctx,
@@ -1422,21 +1600,21 @@ fn block_backward(
     drop(parts);
     let mut dh1 = pool.take(n * width);
     linear_backward(
-        (ls[Q], &sparse[Q]),
+        (ls[Q], products(layer_products, Q)),
         (&dq, &sv.h1, n),
         &mut sums[Q].1,
         &mut dh1,
         false,
     )?;
     linear_backward(
-        (ls[K], &sparse[K]),
+        (ls[K], products(layer_products, K)),
         (&dk, &sv.h1, n),
         &mut sums[K].1,
         &mut dh1,
         true,
     )?;
     linear_backward(
-        (ls[V], &sparse[V]),
+        (ls[V], products(layer_products, V)),
         (&dv, &sv.h1, n),
         &mut sums[V].1,
         &mut dh1,
@@ -1719,6 +1897,118 @@ mod tests {
             );
         }
         assert!(!reused.mean_into("no.such.weight", &mut buf));
+    }
+
+    /// Every layer's mean gradient from `pass`, by name.
+    fn means(pass: &TrainingPass, s: &Session) -> BTreeMap<String, Vec<f32>> {
+        s.block_linears()
+            .into_iter()
+            .map(|l| {
+                let mut g = Vec::new();
+                assert!(pass.mean_into(l.name(), &mut g));
+                (l.name().to_string(), g)
+            })
+            .collect()
+    }
+
+    /// The largest `|b − a|` of a layer over the layer's largest `|a|`, over all layers.
+    fn worst_relative(a: &BTreeMap<String, Vec<f32>>, b: &BTreeMap<String, Vec<f32>>) -> f32 {
+        let mut worst = 0f32;
+        for (name, a) in a {
+            let b = &b[name];
+            let scale = a.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let diff = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+            worst = worst.max(diff / scale.max(f32::MIN_POSITIVE));
+        }
+        worst
+    }
+
+    /// The mixed-precision pass ran its bf16 products (its gradients differ from the f32
+    /// pass's) and stays within what rounding their operands to bf16 allows (each product off
+    /// by at most 2⁻⁸ of itself; through two blocks and the LM head the gradients stay within
+    /// a few percent of each layer's largest entry), with and without a teacher. A wrong
+    /// layout (a copy not transposed, a panel's pair swapped) is off by the gradient's size.
+    #[test]
+    fn bf16_pass_is_the_f32_pass_within_bf16_rounding() {
+        if !TrainingPass::bf16_available() {
+            eprintln!("skipped: this CPU has no AVX512-BF16, which the bf16 pass needs");
+            return;
+        }
+        let model = builtin_model("tiny-llama").unwrap();
+        let mut pruned = model.clone();
+        let name = "model.layers.1.self_attn.o_proj.weight";
+        let w = pruned.weight(name).unwrap().clone();
+        pruned.set_weight(name, (w * 0.5).unwrap(), false).unwrap();
+        let teacher = Session::new(&model).unwrap();
+        let s = Session::new(&pruned).unwrap();
+        let seqs = sequences(3, 40, 5);
+        for distill in [None, Some(KL_AT_T1)] {
+            let run = |precision| {
+                let mut pass = TrainingPass::new(&s)
+                    .unwrap()
+                    .with_precision(precision)
+                    .unwrap();
+                if let Some(d) = distill {
+                    pass = pass.with_teacher(&s, &teacher, d).unwrap();
+                }
+                pass.accumulate(&s, &seqs).unwrap();
+                (pass.mean_loss(), means(&pass, &s))
+            };
+            let (loss, grads) = run(Precision::F32);
+            let (loss16, grads16) = run(Precision::Bf16);
+            let worst = worst_relative(&grads, &grads16);
+            assert!(
+                worst > 0.0 && worst < 0.05,
+                "distill {distill:?}: max |Δg| / max |g| = {worst:.2e}"
+            );
+            assert!(
+                (loss16 - loss).abs() <= 1e-2 * loss.abs(),
+                "distill {distill:?}: loss {loss16} against {loss}"
+            );
+        }
+    }
+
+    /// A bf16 pass reused over changing weights (a training loop's) gives exactly the
+    /// gradients of a fresh pass on the new weights: the student's copies are rounded again.
+    #[test]
+    fn reused_bf16_pass_follows_the_weights() {
+        if !TrainingPass::bf16_available() {
+            eprintln!("skipped: this CPU has no AVX512-BF16, which the bf16 pass needs");
+            return;
+        }
+        let model = builtin_model("tiny-llama").unwrap();
+        let mut changed = model.clone();
+        let name = "model.layers.0.mlp.gate_proj.weight";
+        let w = changed.weight(name).unwrap().clone();
+        changed
+            .set_weight(name, (w * -0.75).unwrap(), false)
+            .unwrap();
+        let (s, s2) = (
+            Session::new(&model).unwrap(),
+            Session::new(&changed).unwrap(),
+        );
+        let seqs = sequences(2, 33, 1);
+        let bf16 = || {
+            TrainingPass::new(&s)
+                .unwrap()
+                .with_precision(Precision::Bf16)
+                .unwrap()
+        };
+        let mut reused = bf16();
+        reused.accumulate(&s, &seqs).unwrap();
+        reused.reset();
+        reused.accumulate(&s2, &seqs).unwrap();
+        let mut fresh = bf16();
+        fresh.accumulate(&s2, &seqs).unwrap();
+        assert_eq!(reused.mean_loss().to_bits(), fresh.mean_loss().to_bits());
+        let (a, b) = (means(&reused, &s2), means(&fresh, &s2));
+        for (name, g) in &a {
+            let same = g
+                .iter()
+                .zip(&b[name])
+                .all(|(x, y)| x.to_bits() == y.to_bits());
+            assert!(same, "{name}");
+        }
     }
 
     /// GPT-2 is refused with a message (callers fall back to autograd), and a pass refuses a
