@@ -13,8 +13,8 @@
 #   (times measured on 2 quiet cores, 2026-12-04)
 #     2-4       one-shot SparseGPT 2:4, then its distilled fine-tune       (~24 min)
 #     50        one-shot SparseGPT 50%, then its distilled fine-tune on verse and, at equal
-#               tokens, on prose at learning rates 1e-4 and 3e-4, and at 3e-4 with the
-#               hidden-state term                                        (~95 min)
+#               tokens, on prose at learning rates 1e-4 and 3e-4, at 3e-4 with the
+#               hidden-state term, and at 3e-4 with bf16 products        (~2 h)
 #     2-4-ce    SparseGPT 2:4 fine-tuned on cross-entropy alone            (~14 min)
 #     rigl      Wanda 50% one-shot, fine-tuned with a fixed mask, then with RigL at equal
 #               tokens                                                   (~40 min)
@@ -42,7 +42,8 @@ run() { echo "recovery-experiment: espalier run $*" >&2; "$ESPALIER" run "$@"; }
 # Export folders (from the pipelines' [export] sections), in table order.
 EXPORTS=(
     smollm2-sparsegpt-50-seq smollm2-sparsegpt-50-distill smollm2-sparsegpt-50-distill-prose
-    smollm2-sparsegpt-50-distill-prose-lr3e-4 smollm2-sparsegpt-50-distill-prose-hidden30
+    smollm2-sparsegpt-50-distill-prose-lr3e-4 smollm2-sparsegpt-50-distill-prose-lr3e-4-bf16
+    smollm2-sparsegpt-50-distill-prose-hidden30
     smollm2-sparsegpt-50-distill-long
     smollm2-sparsegpt-50-distill-long-lr3e-4
     smollm2-wanda-50 smollm2-wanda-50-finetune smollm2-wanda-rigl-50
@@ -102,6 +103,8 @@ for name in names:
         how = "fine-tuned, distilled"
     else:
         how = "fine-tuned, cross-entropy"
+    if ft and ft["spec"].get("precision") == "bf16":
+        how += ", bf16 products"
     # The training text by its file name: shakespeare-milton (verse) or state-of-the-union (prose).
     text = ft and os.path.splitext(os.path.basename(ft["spec"]["text"]))[0]
     rows.append((os.path.basename(r["pipeline_file"]), how, ev["pruned"]["perplexity"]["perplexity"],
@@ -130,6 +133,7 @@ for g in "${groups[@]}"; do
         50) run pipelines/smollm2-sparsegpt-seq.toml pipelines/smollm2-sparsegpt-50-distill.toml \
                 pipelines/smollm2-sparsegpt-50-distill-prose.toml \
                 pipelines/smollm2-sparsegpt-50-distill-prose-lr3e-4.toml \
+                pipelines/smollm2-sparsegpt-50-distill-prose-lr3e-4-bf16.toml \
                 pipelines/smollm2-sparsegpt-50-distill-prose-hidden30.toml ;;
         2-4-ce) run pipelines/smollm2-sparsegpt-2-4-finetune.toml ;;
         2-4-long) run pipelines/smollm2-sparsegpt-2-4-distill-long.toml ;;

@@ -4,14 +4,18 @@ pass (forward + backward + AdamW over every block linear; embeddings, norms and 
 frozen, as Espalier trains by default).
 
     python3 scripts/torch_train_throughput.py MODEL_DIR [--batch 4] [--seq-len 256]
-        [--steps 5] [--warmup 2] [--threads 2] [--text data/calibration.txt] [--mask-2-4]
+        [--steps 5] [--warmup 2] [--threads 2] [--text data/calibration.txt] [--mask-2-4] [--bf16]
 
 Needs torch and transformers (CPU is enough). Each step is one micro-batch of `batch`
 sequences of `seq_len` consecutive tokens of the text: next-token cross-entropy, backward,
 AdamW (lr 5e-5, transformers' defaults otherwise), zero_grad. `--mask-2-4` holds a 2:4 mask
 (of |w|, per row groups of 4 input columns) the way PyTorch users do it on a CPU: the weights
 are multiplied by the mask after every step and the gradient masked before it, which costs a
-little more than dense, since PyTorch has no CPU kernel that gains from the zeros.
+little more than dense, since PyTorch has no CPU kernel that gains from the zeros. `--bf16` runs
+the forward pass and the loss under `torch.autocast("cpu", dtype=torch.bfloat16)` (PyTorch's
+mixed precision: the linear layers' operands in bf16, the weights, gradients and AdamW state
+f32; oneDNN's AVX512-BF16 kernels where the CPU has them), the peer of Espalier's
+`precision = "bf16"`.
 
 The first `warmup` steps are not timed. Prints one line of JSON: tokens/s over the timed steps,
 seconds per step, and the process's peak RSS.
@@ -46,6 +50,7 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--text", default="data/calibration.txt")
     ap.add_argument("--mask-2-4", action="store_true")
+    ap.add_argument("--bf16", action="store_true", help="bf16 autocast (mixed precision)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -79,7 +84,8 @@ def main():
     for step in range(args.warmup + args.steps):
         batch = data[step]
         t = time.perf_counter()
-        loss = model(batch, labels=batch).loss
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+            loss = model(batch, labels=batch).loss
         loss.backward()
         for p, m in masks.items():
             p.grad.mul_(m)
@@ -97,6 +103,7 @@ def main():
         "seq_len": args.seq_len,
         "threads": args.threads,
         "mask_2_4": args.mask_2_4,
+        "bf16_autocast": args.bf16,
         "trained_parameters": sum(p.numel() for p in trained),
         "timed_steps": len(times),
         "step_seconds": round(step_s, 3),

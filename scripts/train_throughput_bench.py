@@ -4,7 +4,7 @@ block linear of a model (embeddings, norms and LM head frozen), batch 4 x 256 to
 
     python3 scripts/train_throughput_bench.py MODEL_DIR --espalier target/release/espalier
         [--rounds 2] [--steps 7] [--batch 4] [--seq-len 256] [--threads 2]
-        [--text data/calibration.txt] [--block-density D]
+        [--text data/calibration.txt] [--block-density D] [--bf16]
 
 Each round runs PyTorch (`scripts/torch_train_throughput.py`: `steps - 2` timed steps after 2
 untimed) and then `espalier run` of a generated pipeline with a `[finetune]` section of `steps`
@@ -16,6 +16,8 @@ run moves both. Prints one JSON line per round and a summary with the ratio of t
 Espalier's fine-tuning, so it trains the block-pruned model on its block-sparse kernels; PyTorch
 still trains dense (its CPU training gains nothing from zeros, and holding a mask only adds the
 two multiplies per weight of `torch_train_throughput.py --mask-2-4`).
+`--bf16` trains both in mixed precision: PyTorch under bf16 autocast (`torch_train_throughput.py
+--bf16`), Espalier with `precision = "bf16"` (a CPU with AVX512-BF16).
 Needs torch and transformers for the PyTorch side; the machine should be otherwise idle.
 """
 
@@ -33,7 +35,7 @@ def run_torch(args):
     cmd = [sys.executable, os.path.join(HERE, "torch_train_throughput.py"), args.model_dir,
            "--batch", str(args.batch), "--seq-len", str(args.seq_len),
            "--steps", str(args.steps - 2), "--warmup", "2",
-           "--threads", str(args.threads), "--text", args.text]
+           "--threads", str(args.threads), "--text", args.text] + (["--bf16"] if args.bf16 else [])
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])["tokens_per_second"]
 
@@ -61,6 +63,7 @@ lr = 5e-5
 warmup = 0
 decay = "constant"
 seed = 0
+precision = "{'bf16' if args.bf16 else 'f32'}"
 """)
     env = dict(os.environ, RAYON_NUM_THREADS=str(args.threads))
     out = subprocess.run([args.espalier, "run", pipeline, "--no-export", "--json"],
@@ -98,6 +101,8 @@ def main():
     ap.add_argument("--text", default="data/calibration.txt")
     ap.add_argument("--block-density", type=float, default=None,
                     help="prune Espalier's model to this density of 16x16 blocks first")
+    ap.add_argument("--bf16", action="store_true",
+                    help="mixed precision on both sides (PyTorch bf16 autocast, precision = \"bf16\")")
     args = ap.parse_args()
     if args.steps < 3:
         raise SystemExit("--steps must be at least 3")
@@ -111,6 +116,7 @@ def main():
                               "ratio": round(espalier_tps[-1] / torch_tps[-1], 3)}), flush=True)
     mean = lambda xs: sum(xs) / len(xs)
     print(json.dumps({"model_dir": args.model_dir, "block_density": args.block_density,
+                      "bf16": args.bf16,
                       "batch": args.batch, "seq_len": args.seq_len,
                       "threads": args.threads, "rounds": args.rounds,
                       "pytorch_tokens_per_s": round(mean(torch_tps), 1),

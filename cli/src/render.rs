@@ -376,8 +376,13 @@ pub fn print_report(r: &RunReport, layers: bool) {
         let resumed = f
             .resumed_from
             .map_or(String::new(), |s| format!(", resumed from step {s}"));
+        // The linear products' precision, named when it is not the default f32.
+        let title = match f.spec.precision {
+            espalier::finetune::TrainingPrecision::F32 => "fine-tune (masks held)".to_string(),
+            p => format!("fine-tune (masks held, {} products)", p.as_str()),
+        };
         t.add_row(vec![
-            "fine-tune (masks held)".to_string(),
+            title,
             format!(
                 "{} steps, {} tokens{resumed}: loss {:.4} → {:.4} (last tenth {:.4}), {:.1} s, {:.0} tokens/s",
                 // Over every lottery round when there are rounds (the spec's are per round).
