@@ -14,7 +14,8 @@
 #     2-4       one-shot SparseGPT 2:4, then its distilled fine-tune       (~24 min)
 #     50        one-shot SparseGPT 50%, then its distilled fine-tune on verse and, at equal
 #               tokens, on prose at learning rates 1e-4 and 3e-4, at 3e-4 with the
-#               hidden-state term, and at 3e-4 with bf16 products        (~2 h)
+#               hidden-state term, and at 3e-4 with bf16 products on 256-
+#               and on 1024-token sequences                              (~2 h 20 min)
 #     2-4-ce    SparseGPT 2:4 fine-tuned on cross-entropy alone            (~14 min)
 #     rigl      Wanda 50% one-shot, fine-tuned with a fixed mask, then with RigL at equal
 #               tokens                                                   (~40 min)
@@ -43,6 +44,7 @@ run() { echo "recovery-experiment: espalier run $*" >&2; "$ESPALIER" run "$@"; }
 EXPORTS=(
     smollm2-sparsegpt-50-seq smollm2-sparsegpt-50-distill smollm2-sparsegpt-50-distill-prose
     smollm2-sparsegpt-50-distill-prose-lr3e-4 smollm2-sparsegpt-50-distill-prose-lr3e-4-bf16
+    smollm2-sparsegpt-50-distill-prose-lr3e-4-bf16-seq1024
     smollm2-sparsegpt-50-distill-prose-hidden30
     smollm2-sparsegpt-50-distill-long
     smollm2-sparsegpt-50-distill-long-lr3e-4
@@ -134,6 +136,7 @@ for g in "${groups[@]}"; do
                 pipelines/smollm2-sparsegpt-50-distill-prose.toml \
                 pipelines/smollm2-sparsegpt-50-distill-prose-lr3e-4.toml \
                 pipelines/smollm2-sparsegpt-50-distill-prose-lr3e-4-bf16.toml \
+                pipelines/smollm2-sparsegpt-50-distill-prose-lr3e-4-bf16-seq1024.toml \
                 pipelines/smollm2-sparsegpt-50-distill-prose-hidden30.toml ;;
         2-4-ce) run pipelines/smollm2-sparsegpt-2-4-finetune.toml ;;
         2-4-long) run pipelines/smollm2-sparsegpt-2-4-distill-long.toml ;;
