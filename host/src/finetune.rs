@@ -2018,6 +2018,16 @@ mod tests {
         }
     }
 
+    /// Asserts that `a` and `b` hold the same trained weights, bit for bit.
+    fn assert_same_weights(a: &Model, b: &Model, masks: &BTreeMap<String, Mask>) {
+        for ((name, a), (_, b)) in weights(a, masks).iter().zip(&weights(b, masks)) {
+            assert!(
+                a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()),
+                "{name} differs after resuming"
+            );
+        }
+    }
+
     /// Asserts that the checkpoint at `path` holds exact zeros wherever its own masks prune,
     /// in the weights and both moments; returns its masks.
     fn assert_checkpoint_holds_own_masks(path: &Path) -> BTreeMap<String, Vec<bool>> {
@@ -2317,15 +2327,7 @@ mod tests {
         let mut resumed = model.clone();
         let report = run(&mut resumed, &masks, &s, None).unwrap();
         assert_eq!(report.resumed_from, Some(2));
-        for ((name, a), (_, b)) in weights(&whole, &masks)
-            .iter()
-            .zip(&weights(&resumed, &masks))
-        {
-            assert!(
-                a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()),
-                "{name} differs after resuming"
-            );
-        }
+        assert_same_weights(&whole, &resumed, &masks);
         assert_eq!(report.loss_curve, full.loss_curve);
         assert_eq!(report.final_loss.to_bits(), full.final_loss.to_bits());
     }
@@ -2376,15 +2378,7 @@ mod tests {
         let mut resumed = model.clone();
         let report = run(&mut resumed, &masks, &s, None).unwrap();
         assert_eq!(report.resumed_from, Some(2));
-        for ((name, a), (_, b)) in weights(&whole, &masks)
-            .iter()
-            .zip(&weights(&resumed, &masks))
-        {
-            assert!(
-                a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()),
-                "{name} differs after resuming"
-            );
-        }
+        assert_same_weights(&whole, &resumed, &masks);
         assert_eq!(report.final_loss.to_bits(), full.final_loss.to_bits());
     }
 

@@ -74,5 +74,5 @@ pub use plan::{
     Candidate, Choice, Format, PackedLinear, PlanTimer, Structure, choose_format, plan,
     plan_measured,
 };
-pub use train_bf16::{Bf16Training, bf16_training_available, weight_grad_bf16};
+pub use train_bf16::{Bf16Training, bf16_training_available};
 pub use view::DenseView;

@@ -4,13 +4,14 @@
 //!
 //! * forward `Y = X·Wᵀ` ([`Bf16Training::forward`]),
 //! * input gradient `dX = dY·W` ([`Bf16Training::input_grad`]),
-//! * weight gradient `dW += dYᵀ·X` ([`weight_grad_bf16`]), added into the f32 running sum.
+//! * weight gradient `dW += dYᵀ·X` ([`Bf16Training::weight_grad`]), added into the f32 running sum.
 //!
 //! The f32 products of the training pass (the `gemm` crate) run at the f32 FMA rate; one
 //! `vdpbf16ps` does twice the multiply-adds of an f32 FMA, so on a CPU with AVX512-BF16 the
 //! products, most of a training step, can run up to twice as fast. The price is the operands'
-//! precision: each is rounded to bf16 (nearest-even), so each product is off by at most
-//! `2⁻⁸` of itself and a sum by at most `2⁻⁸·Σ|a·b|`; the sums, the master weights, their
+//! precision: each is rounded to bf16 (nearest-even, 8 significant bits: off by at most `2⁻⁸` of
+//! itself), so each product is off by at most `2⁻⁷ + 2⁻¹⁶` of itself and a sum by about
+//! `2⁻⁷·Σ|a·b|`; the sums, the master weights, their
 //! gradients' running sums and the optimizer's state stay f32.
 //!
 //! Weights change every optimizer step, so [`Bf16Training::pack`] rounds the current f32
@@ -105,7 +106,13 @@ impl Bf16Training {
     pub fn pack(&mut self, w: &[f32]) {
         self.round_rows(w);
         self.cols.resize(w.len(), 0);
-        transpose_bf16(w, self.out, self.inp, &mut self.cols, self.out);
+        transpose_bf16(
+            w,
+            self.out,
+            self.inp,
+            (&mut self.cols, self.out),
+            self.exec.isa,
+        );
     }
 
     /// Rounds `w` into the forward's copy only, dropping the other: for a frozen model that
@@ -157,6 +164,18 @@ impl Bf16Training {
     }
 }
 
+impl Bf16Training {
+    /// `sum += dyᵀ·x` (`dy: [n, out]`, `x: [n, in]`, `sum: [out, in]`), the weight gradient,
+    /// with both operands rounded to bf16; needs no copies of the weight (works before
+    /// [`Bf16Training::pack`]).
+    ///
+    /// # Panics
+    /// When a length is short (a caller's bug).
+    pub fn weight_grad(&self, dy: &[f32], x: &[f32], n: usize, sum: &mut [f32]) {
+        weight_grad_bf16(dy, x, n, (self.out, self.inp), sum, self.exec.isa);
+    }
+}
+
 /// `y (+)= x·Wᵀ` for bf16 `w: [rows, cols]`, `x: [n, cols]`, `y: [n, rows]`.
 #[allow(clippy::too_many_arguments)]
 fn product(
@@ -203,7 +222,7 @@ fn product(
 ///
 /// # Panics
 /// When a length is short (a caller's bug).
-pub fn weight_grad_bf16(
+fn weight_grad_bf16(
     dy: &[f32],
     x: &[f32],
     n: usize,
@@ -227,7 +246,7 @@ pub fn weight_grad_bf16(
         let xt = &mut scratch.xt;
         xt.clear();
         xt.resize(inp * padded, 0);
-        transpose_bf16(&x[..n * inp], n, inp, xt, padded);
+        transpose_bf16(&x[..n * inp], n, inp, (xt, padded), isa);
         // Its tokens: the `out` columns of `dy`, as pair panels over the `padded` tokens.
         let width = lanes::panel_width(out);
         dy_panels(&dy[..n * out], n, out, width, isa, &mut scratch.panels);
@@ -266,11 +285,17 @@ fn round_into(src: &[f32], dst: &mut [u16], isa: Isa) {
 /// `dst = srcᵀ` rounded to bf16, for `src: [rows, cols]` f32 and `dst: [cols, stride]`
 /// (`stride ≥ rows`; the elements past `rows` in each row are left as they are), in square
 /// blocks so both sides stay in cache, blocks of source rows in parallel.
-fn transpose_bf16(src: &[f32], rows: usize, cols: usize, dst: &mut [u16], stride: usize) {
+fn transpose_bf16(
+    src: &[f32],
+    rows: usize,
+    cols: usize,
+    (dst, stride): (&mut [u16], usize),
+    isa: Isa,
+) {
     assert!(stride >= rows && src.len() >= rows * cols && dst.len() >= cols * stride);
     let dst = SharedBits(dst.as_mut_ptr(), cols * stride);
     #[cfg(target_arch = "x86_64")]
-    let simd = crate::lanes::available_bf16(Isa::detect(), 2);
+    let simd = bf16_training_available(isa, 2, 2);
     (0..rows.div_ceil(TRANSPOSE_BLOCK))
         .into_par_iter()
         .for_each(|rb| {
@@ -474,14 +499,7 @@ mod x86 {
 mod tests {
     use super::*;
 
-    fn random(n: usize, seed: &mut u32) -> Vec<f32> {
-        (0..n)
-            .map(|_| {
-                *seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
-                (*seed >> 8) as f32 / (1u32 << 24) as f32 - 0.5
-            })
-            .collect()
-    }
+    use crate::testutil::{rng, values};
 
     /// Shapes around the GEMM's edges: ragged row tiles (12 rows), token counts of one
     /// 16-lane panel and of 32-lane panels with a short last one, odd token counts (the
@@ -495,9 +513,11 @@ mod tests {
         (36, 576, 128),
     ];
 
-    /// Whether `got` is within `2⁻⁸·Σ|a·b|` (+ a hair) of the f64 product `exact`.
+    /// Whether `got` is within `(2⁻⁷ + 2⁻¹⁵)·Σ|a·b|` (+ a hair) of the f64 product `exact`:
+    /// both operands rounded to bf16 (8 significant bits, unit roundoff `u = 2⁻⁸` each) put a
+    /// product within `(2u + u²)` of itself, and the f32 sum adds its own rounding.
     fn close(got: f32, exact: f64, magnitude: f64) -> bool {
-        (f64::from(got) - exact).abs() <= magnitude / 256.0 + 1e-6
+        (f64::from(got) - exact).abs() <= magnitude * (1.0 / 128.0 + 1.0 / 32768.0) + 1e-6
     }
 
     #[test]
@@ -506,11 +526,11 @@ mod tests {
             eprintln!("skipped: this CPU has no AVX512-BF16, which the bf16 products need");
             return;
         }
-        let mut seed = 5u32;
+        let mut seed = rng(5);
         for (out, inp, n) in SHAPES {
-            let w = random(out * inp, &mut seed);
-            let x = random(n * inp, &mut seed);
-            let dy = random(n * out, &mut seed);
+            let w = values(&mut seed, out * inp);
+            let x = values(&mut seed, n * inp);
+            let dy = values(&mut seed, n * out);
             let mut t = Bf16Training::new(out, inp, Isa::Avx512).expect("available");
             t.pack(&w);
             // Forward, stored then accumulated onto what it stored (twice the product).
@@ -550,9 +570,9 @@ mod tests {
                 }
             }
             // Weight gradient, added to a running sum that already holds something.
-            let start = random(out * inp, &mut seed);
+            let start = values(&mut seed, out * inp);
             let mut sum = start.clone();
-            weight_grad_bf16(&dy, &x, n, (out, inp), &mut sum, Isa::Avx512);
+            t.weight_grad(&dy, &x, n, &mut sum);
             for o in 0..out {
                 for i in 0..inp {
                     let terms =
@@ -571,8 +591,8 @@ mod tests {
     #[test]
     fn the_copies_are_the_weight_rounded_as_stored_and_transposed() {
         let (out, inp) = (70, 130);
-        let mut seed = 9u32;
-        let w = random(out * inp, &mut seed);
+        let mut seed = rng(9);
+        let w = values(&mut seed, out * inp);
         let mut t = Bf16Training {
             out,
             inp,

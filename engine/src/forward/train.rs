@@ -31,9 +31,7 @@
 use std::collections::BTreeMap;
 
 use candle_core::{DType, Device, Tensor, TensorId};
-use espalier_kernels::{
-    Bf16Training, BlockPattern, BlockTraining, Isa, bf16_training_available, weight_grad_bf16,
-};
+use espalier_kernels::{Bf16Training, BlockPattern, BlockTraining, Isa, bf16_training_available};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
@@ -1336,7 +1334,7 @@ fn linear_backward(
             return Ok(());
         }
         (None, Some(bf16)) => {
-            weight_grad_bf16(dy, x, n, bf16.shape(), sum, Isa::detect());
+            bf16.weight_grad(dy, x, n, sum);
             bf16.input_grad(dy, n, dx, accumulate_dx);
             return Ok(());
         }
