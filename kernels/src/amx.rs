@@ -105,14 +105,50 @@ impl Tiles {
         k_tiles: usize,
         c: &mut [f32; TOKENS * 2 * TILE],
     ) {
+        // SAFETY: the caller's contract; `c` is TOKENS rows of 2 · TILE floats.
+        unsafe {
+            self.product_at(
+                a,
+                a_stride,
+                b,
+                b_stride,
+                k_tiles,
+                c.as_mut_ptr(),
+                2 * TILE,
+                false,
+            )
+        };
+    }
+
+    /// [`Tiles::product`] straight into an output: `c` is the first of [`TOKENS`] rows of
+    /// `2 × TILE` f32 at `c_stride` floats per row (a block of a `[tokens, rows]` output),
+    /// overwritten, or added to with `add` (the tiles start from what `c` holds instead of
+    /// zero). No copy through a buffer: for a whole block, storing the tiles' 1024 values one
+    /// by one took about as long as the products of a 576-column reduction.
+    ///
+    /// # Safety
+    /// As [`Tiles::product`], and `c` readable and writable for [`TOKENS`] rows of `2 · TILE`
+    /// floats at `c_stride`, which no other thread accesses meanwhile.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) unsafe fn product_at(
+        &self,
+        a: *const u32,
+        a_stride: usize,
+        b: *const u32,
+        b_stride: usize,
+        k_tiles: usize,
+        c: *mut f32,
+        c_stride: usize,
+        add: bool,
+    ) {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the caller's contract; the configuration is loaded (`self` exists).
         unsafe {
-            x86::product(a, a_stride, b, b_stride, k_tiles, c.as_mut_ptr());
+            x86::product(a, a_stride, b, b_stride, k_tiles, c, c_stride, add);
         }
         #[cfg(not(target_arch = "x86_64"))]
         {
-            let _ = (a, a_stride, b, b_stride, k_tiles, c);
+            let _ = (a, a_stride, b, b_stride, k_tiles, c, c_stride, add);
             unreachable!("no AMX tiles are configured off x86-64");
         }
     }
@@ -205,12 +241,12 @@ mod x86 {
         unsafe { asm!("tilerelease", options(nostack, nomem)) };
     }
 
-    const C_STRIDE: usize = 2 * TILE * 4; // bytes per row of the 32-wide f32 output tile
-
-    /// 2 × 2 tiles: 32 tokens × 32 rows.
+    /// 2 × 2 tiles: 32 tokens × 32 rows, into (or, with `add`, onto) `c` at `c_stride`
+    /// floats per row.
     ///
     /// # Safety
-    /// See [`super::Tiles::product`]; the configuration is loaded.
+    /// See [`super::Tiles::product_at`]; the configuration is loaded.
+    #[allow(clippy::too_many_arguments)]
     pub(super) unsafe fn product(
         a: *const u32,
         a_stride: usize,
@@ -218,18 +254,35 @@ mod x86 {
         b_stride: usize,
         k_tiles: usize,
         c: *mut f32,
+        c_stride: usize,
+        add: bool,
     ) {
-        let (sa, sb) = (a_stride * 4, b_stride * 4);
-        // SAFETY: every load stays within the caller's bounds: A rows 0..32 of k_tiles·PAIRS
-        // pairs, B rows 0..k_tiles·PAIRS of 32 pairs; C is 32 × 32 f32.
+        let (sa, sb, sc) = (a_stride * 4, b_stride * 4, c_stride * 4);
+        // SAFETY: every access stays within the caller's bounds: A rows 0..32 of
+        // k_tiles·PAIRS pairs, B rows 0..k_tiles·PAIRS of 32 pairs; C 32 rows of 32 f32.
         unsafe {
-            asm!(
-                "tilezero tmm0",
-                "tilezero tmm1",
-                "tilezero tmm2",
-                "tilezero tmm3",
-                options(nostack, nomem)
-            );
+            if add {
+                asm!(
+                    "tileloadd tmm0, [{c0} + {s}*1]",
+                    "tileloadd tmm1, [{c1} + {s}*1]",
+                    "tileloadd tmm2, [{c2} + {s}*1]",
+                    "tileloadd tmm3, [{c3} + {s}*1]",
+                    c0 = in(reg) c,
+                    c1 = in(reg) c.add(TILE),
+                    c2 = in(reg) c.add(TILE * c_stride),
+                    c3 = in(reg) c.add(TILE * c_stride + TILE),
+                    s = in(reg) sc,
+                    options(nostack, readonly)
+                );
+            } else {
+                asm!(
+                    "tilezero tmm0",
+                    "tilezero tmm1",
+                    "tilezero tmm2",
+                    "tilezero tmm3",
+                    options(nostack, nomem)
+                );
+            }
             for k in 0..k_tiles {
                 let a0 = a.add(k * PAIRS);
                 let a1 = a0.add(TILE * a_stride);
@@ -260,9 +313,9 @@ mod x86 {
                 "tilestored [{c3} + {s}*1], tmm3",
                 c0 = in(reg) c,
                 c1 = in(reg) c.add(TILE),
-                c2 = in(reg) c.add(TILE * 2 * TILE),
-                c3 = in(reg) c.add(TILE * 2 * TILE + TILE),
-                s = in(reg) C_STRIDE,
+                c2 = in(reg) c.add(TILE * c_stride),
+                c3 = in(reg) c.add(TILE * c_stride + TILE),
+                s = in(reg) sc,
                 options(nostack)
             );
         }

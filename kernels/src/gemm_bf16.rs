@@ -8,9 +8,10 @@
 //! llama.cpp's BF16 path does the same, and it is why its BF16 prefill was 2.3× Espalier's.
 //!
 //! The cost is precision: the activations are rounded to bf16 (nearest-even) for the
-//! products, as llama.cpp does; accumulation stays f32. Each product's error is then at most
-//! `2⁻⁹·|w·x|`, so an output is within `2⁻⁸·Σ|w·x|` of the f32 result (the tests hold it to
-//! that bound). Only prefill (more than [`crate::SMALL_BATCH`] tokens) takes this path: of
+//! products, as llama.cpp does; accumulation stays f32. Rounding to bf16's 8 significant bits
+//! moves a value by at most `2⁻⁸` of itself, so each product's error is at most `2⁻⁸·|w·x|` and
+//! an output is within `2⁻⁸·Σ|w·x|` (plus the f32 sum's own rounding) of the f32 result (the
+//! tests hold it to that bound). Only prefill (more than [`crate::SMALL_BATCH`] tokens) takes this path: of
 //! dense matrices only on AMX (without it [`crate::lanes`] runs dense bf16 prefill, and its
 //! decode steps of 9-16 tokens, faster), of N:M always. Single-token and small decode steps
 //! keep f32 activations, where the weights' bytes, not the arithmetic, bound them.
@@ -133,11 +134,11 @@ fn gemm<S: Bf16Rows>(
     if use_amx {
         // The tiles read whole blocks of amx::TOKENS tokens × amx::PAIRS pairs: the
         // activations padded with zeros to both.
-        let padded = cols.div_ceil(2).next_multiple_of(amx::PAIRS);
-        let token_rows = tokens.next_multiple_of(amx::TOKENS);
-        let xb = pack_activations_into(x, tokens, cols, padded, token_rows);
+        let mut xb = Vec::new();
+        pack_activations_amx(x, tokens, cols, &mut xb);
+        let padded = amx_stride(cols);
         par::for_each_bound(bounds, |range| {
-            panels_amx(src, rows, cols, padded, &xb, tokens, out, range);
+            panels_amx(src, rows, cols, padded, &xb, tokens, out, range, false);
         });
         return;
     }
@@ -147,9 +148,68 @@ fn gemm<S: Bf16Rows>(
     });
 }
 
+/// Pairs per token that [`amx_gemm`]'s activations hold for a reduction over `cols` values:
+/// the pairs padded with zeros to whole tile rows ([`amx::PAIRS`]).
+pub(crate) fn amx_stride(cols: usize) -> usize {
+    cols.div_ceil(2).next_multiple_of(amx::PAIRS)
+}
+
+/// Token rows that [`amx_gemm`]'s activations hold for `tokens` tokens: zero tokens up to a
+/// whole product ([`amx::TOKENS`]).
+pub(crate) fn amx_token_rows(tokens: usize) -> usize {
+    tokens.next_multiple_of(amx::TOKENS)
+}
+
+/// `x: [tokens, cols]` rounded into the activations [`amx_gemm`] reads, in `buf` (its
+/// allocation reused): `[amx_token_rows(tokens), amx_stride(cols)]` bf16 pairs, the padding zero.
+pub(crate) fn pack_activations_amx(x: &[f32], tokens: usize, cols: usize, buf: &mut Vec<u32>) {
+    let (stride, token_rows) = (amx_stride(cols), amx_token_rows(tokens));
+    pack_activations_into(x, tokens, cols, stride, token_rows, buf);
+}
+
+/// `y = A·Wᵀ`, or `y += A·Wᵀ` with `accumulate`, on AMX tiles, for the bf16 weights `src`
+/// (`[rows, cols]`) and activations already in bf16 pairs, `a: [amx_token_rows(tokens),
+/// amx_stride(cols)]` (from [`pack_activations_amx`], or built so by a caller whose operand is
+/// a transpose), `y: [tokens, rows]`. The caller has checked [`amx::enabled`] and that AVX-512
+/// is the effective ISA.
+///
+/// # Panics
+/// When `a` or `y` is short (a caller's bug).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn amx_gemm<S: Bf16Rows>(
+    src: &S,
+    rows: usize,
+    cols: usize,
+    a: &[u32],
+    tokens: usize,
+    y: SharedOut,
+    accumulate: bool,
+    exec: Exec,
+) {
+    let stride = amx_stride(cols);
+    assert!(a.len() >= amx_token_rows(tokens) * stride && y.len() >= tokens * rows);
+    if tokens == 0 || rows == 0 {
+        return;
+    }
+    if cols == 0 {
+        if !accumulate {
+            // SAFETY: no task runs; this call owns `y`'s first tokens · rows values.
+            unsafe { y.write_run(0, tokens * rows, |_| 0.0) };
+        }
+        return;
+    }
+    let panels = rows.div_ceil(NR);
+    let tasks = par::task_count(exec, panels, tokens * rows * cols, par::MIN_TASK_FLOPS);
+    let bounds = par::even_bounds(panels, tasks);
+    par::for_each_bound(&bounds, |range| {
+        panels_amx(src, rows, cols, stride, a, tokens, y, range, accumulate);
+    });
+}
+
 /// [`panels`] on AMX tiles: each panel is two B tiles, [`amx::TOKENS`] tokens (two A tiles)
 /// at a time. `xb` holds the activations at `padded` pairs per token (a multiple of
-/// [`amx::PAIRS`]) and zero tokens up to a multiple of [`amx::TOKENS`].
+/// [`amx::PAIRS`]) and zero tokens up to a multiple of [`amx::TOKENS`]. The outputs are
+/// stored, or added to what `out` holds with `accumulate`.
 #[allow(clippy::too_many_arguments)]
 fn panels_amx<S: Bf16Rows>(
     src: &S,
@@ -160,6 +220,7 @@ fn panels_amx<S: Bf16Rows>(
     tokens: usize,
     out: SharedOut,
     range: Range<usize>,
+    accumulate: bool,
 ) {
     let Some(tiles) = Tiles::configure() else {
         unreachable!("the caller checked amx::enabled(), so the tiles are there");
@@ -168,6 +229,27 @@ fn panels_amx<S: Bf16Rows>(
     assert!(xb.len() >= tokens.next_multiple_of(amx::TOKENS) * padded);
     for_each_panel(src, rows, cols, padded, range, |panel, r0, nr| {
         for t0 in (0..tokens).step_by(amx::TOKENS) {
+            if nr == NR && t0 + amx::TOKENS <= tokens {
+                // A whole block: the tiles are stored into (or added onto) `out` itself.
+                // SAFETY: as below for the A and B tiles; `run_ptr` checks that the block's
+                // span, rows t0..t0+TOKENS of `rows` floats from column r0 on, is in bounds;
+                // the tiles touch only columns r0..r0+NR of it, which this task owns (panels
+                // are disjoint).
+                unsafe {
+                    let c = out.run_ptr(t0 * rows + r0, (amx::TOKENS - 1) * rows + NR);
+                    tiles.product_at(
+                        xb.as_ptr().add(t0 * padded),
+                        padded,
+                        panel.as_ptr(),
+                        NR,
+                        padded / amx::PAIRS,
+                        c,
+                        rows,
+                        accumulate,
+                    );
+                }
+                continue;
+            }
             // SAFETY: `t0` is a multiple of TOKENS, so the A tiles read rows below the
             // zero-padded `xb`'s end, `padded` pairs each; the panel holds `padded` pair-rows of
             // NR pairs; `tile` holds TOKENS × NR values.
@@ -182,7 +264,12 @@ fn panels_amx<S: Bf16Rows>(
                 );
             }
             let nt = amx::TOKENS.min(tokens - t0);
-            write_tile(out, rows, r0, nr, t0, tile.chunks_exact(NR).take(nt));
+            let values = tile.chunks_exact(NR).take(nt);
+            if accumulate {
+                add_tile(out, rows, r0, nr, t0, values);
+            } else {
+                write_tile(out, rows, r0, nr, t0, values);
+            }
         }
     });
 }
@@ -277,26 +364,52 @@ fn write_tile<'v>(
     }
 }
 
+/// [`write_tile`], adding the values to the outputs instead of storing them.
+fn add_tile<'v>(
+    out: SharedOut,
+    rows: usize,
+    r0: usize,
+    nr: usize,
+    t0: usize,
+    values: impl Iterator<Item = &'v [f32]>,
+) {
+    for (t, values) in values.enumerate() {
+        let nr = nr.min(values.len());
+        // SAFETY: `run_ptr` checks the run's bounds; the calling task owns output rows
+        // r0..r0+nr (panels are disjoint).
+        unsafe {
+            let p = out.run_ptr((t0 + t) * rows + r0, nr);
+            for (i, v) in values[..nr].iter().enumerate() {
+                *p.add(i) += v;
+            }
+        }
+    }
+}
+
 /// The activations as bf16 pairs, `[tokens, cols.div_ceil(2)]`, rounded to nearest-even
 /// (`vcvtne2ps2bf16` 32 values at a time where the CPU has it: converting one by one took
 /// as long as the GEMM of a 192-row layer).
 pub(crate) fn pack_activations(x: &[f32], tokens: usize, cols: usize) -> Vec<u32> {
     let pairs = cols.div_ceil(2);
-    pack_activations_into(x, tokens, cols, pairs, tokens)
+    let mut out = Vec::new();
+    pack_activations_into(x, tokens, cols, pairs, tokens, &mut out);
+    out
 }
 
-/// [`pack_activations`] at `stride` pairs per token (at least `cols.div_ceil(2)`) over
-/// `token_rows` rows (at least `tokens`), the padding zero.
+/// [`pack_activations`] into `out` (its allocation reused) at `stride` pairs per token (at
+/// least `cols.div_ceil(2)`) over `token_rows` rows (at least `tokens`), the padding zero.
 fn pack_activations_into(
     x: &[f32],
     tokens: usize,
     cols: usize,
     stride: usize,
     token_rows: usize,
-) -> Vec<u32> {
+    out: &mut Vec<u32>,
+) {
     let pairs = cols.div_ceil(2);
     debug_assert!(stride >= pairs && token_rows >= tokens);
-    let mut out = vec![0u32; token_rows * stride];
+    out.clear();
+    out.resize(token_rows * stride, 0);
     for (dst, src) in out
         .chunks_exact_mut(stride)
         .zip(x.chunks_exact(cols))
@@ -317,7 +430,6 @@ fn pack_activations_into(
             *d = lo | (hi << 16);
         }
     }
-    out
 }
 
 /// Packs the `nr` rows of `block` (`[nr, cols]` bf16 bits) into `panel[k * NR + r]` (bf16

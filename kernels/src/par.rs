@@ -223,6 +223,11 @@ impl SharedOut {
         }
     }
 
+    /// Elements of the output.
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
     /// Writes `v` at `i`.
     ///
     /// # Safety
