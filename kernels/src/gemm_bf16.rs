@@ -265,11 +265,7 @@ fn panels_amx<S: Bf16Rows>(
             }
             let nt = amx::TOKENS.min(tokens - t0);
             let values = tile.chunks_exact(NR).take(nt);
-            if accumulate {
-                add_tile(out, rows, r0, nr, t0, values);
-            } else {
-                write_tile(out, rows, r0, nr, t0, values);
-            }
+            write_tile(out, (rows, r0, nr, t0), values, accumulate);
         }
     });
 }
@@ -307,14 +303,8 @@ fn panels<S: Bf16Rows>(
                     _ => x86::mk::<1>(xs, pairs, panel, &mut tile),
                 }
             }
-            write_tile(
-                out,
-                rows,
-                r0,
-                nr,
-                t0,
-                tile.iter().take(nt).map(|r| r.as_slice()),
-            );
+            let values = tile.iter().take(nt).map(|r| r.as_slice());
+            write_tile(out, (rows, r0, nr, t0), values, false);
             t0 += nt;
         }
     });
@@ -348,39 +338,27 @@ fn for_each_panel<S: Bf16Rows>(
 }
 
 /// Writes a tile's first `nr` outputs of each token (`values`' rows: tokens `t0`, `t0 + 1`,
-/// ...) into `y: [tokens, rows]` at rows `r0..r0 + nr`.
+/// ...) into `y: [tokens, rows]` at rows `r0..r0 + nr`, or adds them to what it holds with
+/// `accumulate`.
 fn write_tile<'v>(
     out: SharedOut,
-    rows: usize,
-    r0: usize,
-    nr: usize,
-    t0: usize,
+    (rows, r0, nr, t0): (usize, usize, usize, usize),
     values: impl Iterator<Item = &'v [f32]>,
+    accumulate: bool,
 ) {
     for (t, values) in values.enumerate() {
         let nr = nr.min(values.len());
-        // SAFETY: the calling task owns output rows r0..r0+nr (panels are disjoint).
-        unsafe { out.write_run((t0 + t) * rows + r0, nr, |i| values[i]) };
-    }
-}
-
-/// [`write_tile`], adding the values to the outputs instead of storing them.
-fn add_tile<'v>(
-    out: SharedOut,
-    rows: usize,
-    r0: usize,
-    nr: usize,
-    t0: usize,
-    values: impl Iterator<Item = &'v [f32]>,
-) {
-    for (t, values) in values.enumerate() {
-        let nr = nr.min(values.len());
-        // SAFETY: `run_ptr` checks the run's bounds; the calling task owns output rows
-        // r0..r0+nr (panels are disjoint).
+        let start = (t0 + t) * rows + r0;
+        // SAFETY: the calling task owns output rows r0..r0+nr (panels are disjoint);
+        // `run_ptr` and `write_run` check the run's bounds.
         unsafe {
-            let p = out.run_ptr((t0 + t) * rows + r0, nr);
-            for (i, v) in values[..nr].iter().enumerate() {
-                *p.add(i) += v;
+            if accumulate {
+                let p = out.run_ptr(start, nr);
+                for (i, v) in values[..nr].iter().enumerate() {
+                    *p.add(i) += v;
+                }
+            } else {
+                out.write_run(start, nr, |i| values[i]);
             }
         }
     }
