@@ -101,12 +101,17 @@ pub(crate) fn try_gemm<S: Bf16Rows>(
     if dtype != Dtype::Bf16 || tokens <= crate::SMALL_BATCH || !available(exec.isa) {
         return false;
     }
-    let panels = rows.div_ceil(NR);
-    let flops = tokens * rows * cols;
-    let tasks = par::task_count(exec, panels, flops, par::MIN_TASK_FLOPS);
-    let bounds = par::even_bounds(panels, tasks);
+    let bounds = panel_bounds(rows, cols, tokens, exec);
     gemm(src, rows, cols, x, tokens, y, &bounds, amx::enabled());
     true
+}
+
+/// The split of a product's [`NR`]-row panels over the pool (in units of panels), by its
+/// multiply-adds.
+fn panel_bounds(rows: usize, cols: usize, tokens: usize, exec: Exec) -> Vec<usize> {
+    let panels = rows.div_ceil(NR);
+    let tasks = par::task_count(exec, panels, tokens * rows * cols, par::MIN_TASK_FLOPS);
+    par::even_bounds(panels, tasks)
 }
 
 /// `Y = X · Wᵀ` for the bf16 weights `src` (`[rows, cols]`), `x: [tokens, cols]`,
@@ -198,10 +203,7 @@ pub(crate) fn amx_gemm<S: Bf16Rows>(
         }
         return;
     }
-    let panels = rows.div_ceil(NR);
-    let tasks = par::task_count(exec, panels, tokens * rows * cols, par::MIN_TASK_FLOPS);
-    let bounds = par::even_bounds(panels, tasks);
-    par::for_each_bound(&bounds, |range| {
+    par::for_each_bound(&panel_bounds(rows, cols, tokens, exec), |range| {
         panels_amx(src, rows, cols, stride, a, tokens, y, range, accumulate);
     });
 }
