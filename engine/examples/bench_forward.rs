@@ -83,7 +83,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .collect();
 
     // Warm-up: first-touch page faults and rayon start-up stay out of the figures.
-    session.forward_last(&tokens[..16], None)?;
+    session.forward_last(&tokens[..16.min(tokens.len())], None)?;
 
     let cpu0 = cpu_seconds();
     let lat = eval::latency(&session, &tokens[..prompt], new)?;

@@ -8,7 +8,10 @@
 //! the activations as bf16 pairs per token (an A tile is 16 tokens × 16 pairs) and a weight
 //! panel as `panel[k * NR + r]` pairs (a B tile is 16 pairs × 16 output rows, the "VNNI"
 //! layout AMX reads), so only the inner kernel changes. The products are the same bf16
-//! products with f32 accumulation; only the order of the additions differs.
+//! products with f32 accumulation; only the order of the additions differs. Batched decode
+//! steps (up to 16 tokens) use the tiles the other way round ([`Tiles::rows_step`], for
+//! [`crate::lanes_amx`]): the weights as A tiles read in place, the tokens-in-lanes GEMM's
+//! 16-lane token panel as the B tile.
 //!
 //! Using AMX takes three things std does not offer on stable Rust: detection (CPUID leaf 7
 //! and the tile palette of leaf 0x1D, since `is_x86_feature_detected!("amx-bf16")` is still
@@ -31,6 +34,9 @@ pub(crate) const TILE: usize = 16;
 pub(crate) const TOKENS: usize = 2 * TILE;
 /// bf16 pairs per tile row (64 bytes).
 pub(crate) const PAIRS: usize = 16;
+/// Groups of [`TILE`] weight rows per [`Tiles::rows_step`]: four accumulators share each
+/// load of the token panel's B tile.
+pub(crate) const ROW_GROUPS: usize = 4;
 
 static OFF: AtomicBool = AtomicBool::new(false);
 static SUPPORTED: OnceLock<bool> = OnceLock::new();
@@ -154,6 +160,56 @@ impl Tiles {
     }
 }
 
+impl Tiles {
+    /// Zeroes the [`ROW_GROUPS`] accumulators of a batched decode step's product
+    /// ([`Tiles::rows_step`]).
+    pub(crate) fn rows_zero(&self) {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the configuration is loaded (`self` exists); touches tiles only.
+        unsafe {
+            x86::rows_zero()
+        };
+    }
+
+    /// One reduction step of a batched decode step's product, the weights as the A operand
+    /// read where they lie: `c[g][m][t] += Σ_k a[16g + m][k] · x[t][k]` over 32 columns, for
+    /// [`ROW_GROUPS`] groups of [`TILE`] rows at `a` (`a_stride` bf16 values per row: the
+    /// row length for weights in place, 32 for rows expanded into a buffer) and the token
+    /// panel's step `b` ([`PAIRS`] pair-rows of [`TILE`] tokens, 64 bytes each: the
+    /// tokens-in-lanes GEMM's bf16 panel of 16 lanes, which is AMX's pair layout).
+    ///
+    /// # Safety
+    /// `a` readable for `ROW_GROUPS · TILE` rows of 32 bf16 at `a_stride`; `b` for
+    /// `PAIRS · TILE` pairs.
+    pub(crate) unsafe fn rows_step(&self, a: *const u16, a_stride: usize, b: *const u32) {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the caller's contract; the configuration is loaded (`self` exists).
+        unsafe {
+            x86::rows_step(a, a_stride, b)
+        };
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = (a, a_stride, b);
+            unreachable!("no AMX tiles are configured off x86-64");
+        }
+    }
+
+    /// Stores the accumulators: `c` gets the [`ROW_GROUPS`] 16 × 16 f32 tiles (rows ×
+    /// tokens) one after another, row-major.
+    pub(crate) fn rows_store(&self, c: &mut [f32; ROW_GROUPS * TILE * TILE]) {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the configuration is loaded; `c` holds the four 1 KiB tiles stored.
+        unsafe {
+            x86::rows_store(c.as_mut_ptr())
+        };
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = c;
+            unreachable!("no AMX tiles are configured off x86-64");
+        }
+    }
+}
+
 impl Drop for Tiles {
     fn drop(&mut self) {
         #[cfg(target_arch = "x86_64")]
@@ -167,7 +223,7 @@ impl Drop for Tiles {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{PAIRS, TILE};
+    use super::{PAIRS, ROW_GROUPS, TILE};
     use std::arch::asm;
     use std::arch::x86_64::__cpuid_count;
 
@@ -239,6 +295,80 @@ mod x86 {
     pub(super) unsafe fn release() {
         // SAFETY: the caller's contract.
         unsafe { asm!("tilerelease", options(nostack, nomem)) };
+    }
+
+    // The assembly below names one accumulator per row group.
+    const _: () = assert!(ROW_GROUPS == 4);
+
+    /// # Safety
+    /// The configuration is loaded.
+    pub(super) unsafe fn rows_zero() {
+        // SAFETY: the caller's contract; tiles only.
+        unsafe {
+            asm!(
+                "tilezero tmm0",
+                "tilezero tmm1",
+                "tilezero tmm2",
+                "tilezero tmm3",
+                options(nostack, nomem)
+            )
+        };
+    }
+
+    /// [`ROW_GROUPS`] accumulators (`tmm0`-`tmm3`), the token panel's B tile in `tmm4`, the
+    /// weights' A tiles in `tmm5`-`tmm7`, the fourth reusing `tmm5`. Measured slower on a
+    /// 2-core Xeon (weights from L2, one core): two row groups with two sets of operand tiles,
+    /// so that a step's loads need not wait for the last step's products (26.6 against 31
+    /// GB/s); three groups with no reuse (27.2); requesting the block's next step into L1
+    /// too (no gain in L2, 30-32 against 33-35 GB/s from memory on two cores).
+    ///
+    /// # Safety
+    /// See [`super::Tiles::rows_step`]; the configuration is loaded.
+    pub(super) unsafe fn rows_step(a: *const u16, a_stride: usize, b: *const u32) {
+        let group = TILE * a_stride;
+        // SAFETY: the caller's bounds: rows 0..64 of 32 values at `a_stride`, 16 pair-rows of
+        // 64 bytes at `b`.
+        unsafe {
+            asm!(
+                "tileloadd tmm4, [{b} + {s64}*1]",
+                "tileloadd tmm5, [{a0} + {sa}*1]",
+                "tileloadd tmm6, [{a1} + {sa}*1]",
+                "tileloadd tmm7, [{a2} + {sa}*1]",
+                "tdpbf16ps tmm0, tmm5, tmm4",
+                "tdpbf16ps tmm1, tmm6, tmm4",
+                "tileloadd tmm5, [{a3} + {sa}*1]",
+                "tdpbf16ps tmm2, tmm7, tmm4",
+                "tdpbf16ps tmm3, tmm5, tmm4",
+                b = in(reg) b,
+                s64 = in(reg) 64usize,
+                a0 = in(reg) a,
+                a1 = in(reg) a.add(group),
+                a2 = in(reg) a.add(2 * group),
+                a3 = in(reg) a.add(3 * group),
+                sa = in(reg) a_stride * 2,
+                options(nostack, readonly)
+            );
+        }
+    }
+
+    /// # Safety
+    /// The configuration is loaded; `c` writable for four tiles of 16 rows of 64 bytes.
+    pub(super) unsafe fn rows_store(c: *mut f32) {
+        // SAFETY: the caller's contract.
+        unsafe {
+            asm!(
+                "tilestored [{c0} + {s64}*1], tmm0",
+                "tilestored [{c1} + {s64}*1], tmm1",
+                "tilestored [{c2} + {s64}*1], tmm2",
+                "tilestored [{c3} + {s64}*1], tmm3",
+                c0 = in(reg) c,
+                c1 = in(reg) c.add(TILE * TILE),
+                c2 = in(reg) c.add(2 * TILE * TILE),
+                c3 = in(reg) c.add(3 * TILE * TILE),
+                s64 = in(reg) 64usize,
+                options(nostack)
+            );
+        }
     }
 
     /// 2 × 2 tiles: 32 tokens × 32 rows, into (or, with `add`, onto) `c` at `c_stride`

@@ -286,6 +286,12 @@ impl BitmapMatrix {
             && let Values::Bf16(vals) = &self.values
             && self.rows_on_lanes(tokens, exec)
         {
+            if crate::lanes_amx::takes_bitmap(self.cols, tokens)
+                && let Some(bits) = Element::bf16_bits(vals.as_slice())
+            {
+                crate::lanes_amx::bitmap_gemm(&self.amx_rows(bits), x, tokens, y, exec);
+                return Ok(());
+            }
             let write = |r: usize, row: &mut [half::bf16]| {
                 // The same row of the next tile, into L2 while this tile is multiplied (as
                 // the dense tiles request theirs).
@@ -409,12 +415,25 @@ impl BitmapMatrix {
         })
     }
 
+    /// The bf16 matrix as the AMX decode tiles read it (`bits`: its values' bits).
+    fn amx_rows<'a>(&'a self, bits: &'a [u16]) -> crate::lanes_amx::BitmapRows<'a> {
+        crate::lanes_amx::BitmapRows {
+            rows: self.rows,
+            cols: self.cols,
+            stride: self.stride,
+            masks: &self.masks,
+            row_ptr: &self.row_ptr,
+            vals: bits,
+        }
+    }
+
     /// Whether a batched product runs dense's kernels on rows expanded block by block as they
     /// are multiplied, instead of [`Self::expanded_for_batch`]'s dense copy of the whole
     /// matrix per call (its allocation, zeroing and `rows x cols` writes, which the product
     /// then reads back): where that would expand (VBMI2, at least 1/8 kept). bf16 from 9
     /// tokens goes 12 rows at a time into the tokens-in-lanes GEMM
-    /// ([`lanes::Weights::Bf16Rows`]); up to 16 tokens otherwise (f32 and i8 too: on the
+    /// ([`lanes::Weights::Bf16Rows`]; where the CPU has AMX, 32 columns of 64 rows at a time
+    /// into the tiles' L1 buffer, `lanes_amx::bitmap_gemm`); up to 16 tokens otherwise (f32 and i8 too: on the
     /// lanes GEMM they would need a dense copy per call) 8 rows at a time into the small-batch
     /// register tiles (`dense::small_batch_written`).
     fn expands_for_batch(&self, exec: Exec) -> bool {

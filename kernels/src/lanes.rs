@@ -20,7 +20,9 @@
 //! [`MIN_TOKENS_DENSE_F32`], that is batched decode steps (one 16-lane vector per column,
 //! where the small-batch kernel re-read each weight row for every 4 tokens; the bitmap's
 //! expanded rows from [`MIN_TOKENS`]) and prefill (except bf16
-//! prefill on AMX, whose tiles are faster). Measured on the 2-core EPYC (`kernel_bench`, 128
+//! prefill on AMX, whose tiles are faster). Where the CPU has AMX-BF16, the bf16 steps of up
+//! to 16 tokens run [`crate::lanes_amx`]'s tiles on the same token panel instead (there
+//! `vdpbf16ps` runs at half the f32 FMA's rate and bounds the step). Measured on the 2-core EPYC (`kernel_bench`, 128
 //! tokens): f32 1.03-1.21x candle's matmul, bf16 1.1-1.4x the packed-panel AVX512-BF16 kernel
 //! on SmolLM2's shapes. Tasks own disjoint ranges of row tiles and run every token panel over
 //! each tile while its weights (`ROWS × cols`, 27 KiB at SmolLM2's 576) are in L1/L2.
@@ -89,6 +91,22 @@ pub(crate) fn gemm(
     y: Out<'_>,
     exec: Exec,
 ) {
+    gemm_on(w, rows, cols, x, tokens, y, exec, true);
+}
+
+/// [`gemm`], bf16 steps of up to 16 tokens on AMX tiles ([`crate::lanes_amx`]) only when
+/// `tiles` allows it (tests run both kernels on a CPU that has them).
+#[allow(clippy::too_many_arguments)]
+fn gemm_on(
+    w: Weights<'_>,
+    rows: usize,
+    cols: usize,
+    x: &[f32],
+    tokens: usize,
+    y: Out<'_>,
+    exec: Exec,
+    tiles: bool,
+) {
     let stored = match w {
         Weights::F32(w) => w.len(),
         Weights::Bf16(w) => w.len(),
@@ -111,7 +129,17 @@ pub(crate) fn gemm(
         Weights::F32(_) => pack_f32(x, tokens, cols, width, exec),
         Weights::Bf16(_) | Weights::Bf16Rows(..) => pack_bf16(x, tokens, cols, width, exec),
     };
-    gemm_panels(w, rows, cols, &panels, tokens, y.shared(), false, exec);
+    gemm_panels_on(
+        w,
+        rows,
+        cols,
+        &panels,
+        tokens,
+        y.shared(),
+        false,
+        exec,
+        tiles,
+    );
 }
 
 /// Lanes per token panel for a product of `tokens` tokens: a decode step of up to 16
@@ -136,6 +164,27 @@ pub(crate) fn gemm_panels(
     accumulate: bool,
     exec: Exec,
 ) {
+    gemm_panels_on(w, rows, cols, panels, tokens, out, accumulate, exec, true);
+}
+
+/// [`gemm_panels`], on AMX tiles where `tiles` allows it and [`crate::lanes_amx`] takes the
+/// call: bf16 weights, one 16-lane panel, whole 32-column tiles.
+#[allow(clippy::too_many_arguments)]
+fn gemm_panels_on(
+    w: Weights<'_>,
+    rows: usize,
+    cols: usize,
+    panels: &[u32],
+    tokens: usize,
+    out: SharedOut,
+    accumulate: bool,
+    exec: Exec,
+    tiles: bool,
+) {
+    if tiles && !matches!(w, Weights::F32(_)) && crate::lanes_amx::takes(cols, tokens) {
+        crate::lanes_amx::gemm_panels(w, rows, cols, panels, tokens, out, accumulate, exec);
+        return;
+    }
     let width = panel_width(tokens);
     let pairs = cols / 2;
     let panel_words = match w {
@@ -822,13 +871,23 @@ mod tests {
         tol: f64,
     ) {
         let want = reference(wf, rows, cols, x, tokens);
-        for parallel in [false, true] {
+        // Both kernels where the CPU has AMX (the tiles take bf16 steps of up to 16 tokens).
+        for (parallel, tiles) in [(false, false), (true, false), (false, true), (true, true)] {
             let mut y = vec![f32::NAN; tokens * rows];
             let exec = Exec {
                 parallel,
                 ..Exec::auto()
             };
-            gemm(w, rows, cols, x, tokens, par::Out::Init(&mut y), exec);
+            gemm_on(
+                w,
+                rows,
+                cols,
+                x,
+                tokens,
+                par::Out::Init(&mut y),
+                exec,
+                tiles,
+            );
             for t in 0..tokens {
                 for r in 0..rows {
                     let bound: f64 = (0..cols)
@@ -839,7 +898,8 @@ mod tests {
                     let (got, exp) = (f64::from(y[t * rows + r]), want[t * rows + r]);
                     assert!(
                         (got - exp).abs() <= bound,
-                        "{rows}x{cols}, {tokens} tokens: y[{t}][{r}] = {got}, expected {exp}"
+                        "{rows}x{cols}, {tokens} tokens (tiles {tiles}): y[{t}][{r}] = {got}, \
+                         expected {exp}"
                     );
                 }
             }
@@ -897,6 +957,94 @@ mod tests {
                 tokens,
                 1.0 / 256.0,
             );
+        }
+    }
+
+    /// The AMX decode tiles' edges (`lanes_amx`): whole and partial 64-row blocks and 16-row
+    /// groups, 1-16 tokens, 32 to 1536 columns; dense bf16 read in place, and rows written on
+    /// demand with per-row scales (int8's route), each against the f64 product. Runs the
+    /// AVX512-BF16 kernel too, so it checks something on a CPU without AMX.
+    #[test]
+    fn bf16_decode_tiles_match_reference() {
+        if !available_bf16(Isa::Avx512, 2) {
+            eprintln!("skipped: this CPU has no AVX512-BF16, which the bf16 tiles need");
+            return;
+        }
+        if !crate::amx::enabled() {
+            eprintln!("note: no AMX here (or ESPALIER_AMX=0): only the AVX512-BF16 kernel runs");
+        }
+        let mut seed = 5u32;
+        let shapes = [
+            (64, 32, 16),
+            (100, 64, 3),
+            (17, 96, 1),
+            (200, 576, 9),
+            (128, 1536, 16),
+            (576, 192, 12),
+        ];
+        for (rows, cols, tokens) in shapes {
+            let w = random(rows * cols, &mut seed);
+            let bits: Vec<u16> = w
+                .iter()
+                .map(|&v| half::bf16::from_f32(v).to_bits())
+                .collect();
+            let wf: Vec<f32> = bits
+                .iter()
+                .map(|&b| crate::element::widen_bf16(b))
+                .collect();
+            let x = random(tokens * cols, &mut seed);
+            check(
+                Weights::Bf16(&bits),
+                &wf,
+                rows,
+                cols,
+                &x,
+                tokens,
+                1.0 / 256.0,
+            );
+            // Rows written on demand, scaled per row after the sum.
+            let scales: Vec<f32> = (0..rows).map(|r| 0.5 + r as f32 / 64.0).collect();
+            let write = |r: usize, row: &mut [half::bf16]| {
+                for (v, &b) in row.iter_mut().zip(&bits[r * cols..][..cols]) {
+                    *v = half::bf16::from_bits(b);
+                }
+            };
+            let scaled: Vec<f32> = wf
+                .iter()
+                .enumerate()
+                .map(|(i, &v)| v * scales[i / cols])
+                .collect();
+            let rows_w = Weights::Bf16Rows(&write, Some(&scales));
+            check(rows_w, &scaled, rows, cols, &x, tokens, 1.0 / 256.0);
+            // Accumulating (the training products' path): the same product added onto what
+            // the output holds, by both kernels alike.
+            let exec = Exec::auto();
+            let panels = pack_bf16(&x, tokens, cols, panel_width(tokens), exec);
+            let mut sums = Vec::new();
+            for tiles in [false, true] {
+                let mut y = vec![1.0f32; tokens * rows];
+                let out = SharedOut::new(&mut y);
+                let w = Weights::Bf16(&bits);
+                gemm_panels_on(w, rows, cols, &panels, tokens, out, true, exec, tiles);
+                sums.push(y);
+            }
+            let want = reference(&wf, rows, cols, &x, tokens);
+            for (i, (&a, &b)) in sums[0].iter().zip(&sums[1]).enumerate() {
+                let (t, r) = (i / rows, i % rows);
+                let bound: f64 = (0..cols)
+                    .map(|k| f64::from((wf[r * cols + k] * x[t * cols + k]).abs()))
+                    .sum::<f64>()
+                    / 256.0
+                    + 1e-5;
+                let exp = 1.0 + want[i];
+                for got in [a, b] {
+                    let err = (f64::from(got) - exp).abs();
+                    assert!(
+                        err <= bound,
+                        "{rows}x{cols}: y[{t}][{r}] = {got}, expected {exp}"
+                    );
+                }
+            }
         }
     }
 }

@@ -40,6 +40,7 @@ mod gemm_bf16;
 mod isa;
 mod lanes;
 mod lanes24;
+mod lanes_amx;
 mod nm;
 mod par;
 mod parts;

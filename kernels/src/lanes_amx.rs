@@ -1,0 +1,527 @@
+//! Batched decode steps of bf16 weights on AMX tiles: the tokens-in-lanes GEMM
+//! ([`crate::lanes`]) with the weights as the tiles' A operand, read where they lie.
+//!
+//! A decode step of 3 to 16 sequences multiplies every weight by at most 16 tokens. On
+//! AVX512-BF16 that is one `vdpbf16ps` per weight pair and 16 tokens, which on an Intel Xeon
+//! with AMX runs at about half its f32 FMA's rate: the dense bf16 block products of a
+//! 3-16-sequence step took 21-24 ms there (`batch_bench`), compute bound. One `tdpbf16ps`
+//! multiplies 16 weight rows × 32 columns by the same 16 tokens, 8192 multiply-adds, so on
+//! the tiles the same products take 17.5-18.5 ms and the step is bound by moving the weights.
+//!
+//! Operands: the prefill GEMM ([`crate::gemm_bf16`]) makes the weights the B operand, which
+//! needs them repacked into pair panels per call, paid back over 32 tokens at a time. Here
+//! the roles swap, as in [`crate::lanes`]: an A tile is 16 weight rows × 32 columns loaded
+//! with the row length as stride (no copy of dense weights), and the B tile is 16 pair-rows
+//! of the 16-lane bf16 token panel that [`crate::lanes::pack_bf16`] already builds
+//! (`panel[k * 16 + t]`: exactly AMX's pair layout). The accumulators are 16 rows × 16
+//! tokens, transposed in registers on the way out (`lanes::x86::transpose16`). Four row
+//! groups (64 rows) share each B tile. A block's 64 row streams are more than the hardware
+//! prefetcher follows, so each task requests its next block into L2 while it multiplies
+//! this one, and its first block all at once.
+//!
+//! A bitmap matrix ([`bitmap_gemm`]) expands each step's 64 rows × 32 columns from its
+//! packed values into an L1 buffer the A tiles load (one `vpexpandw` per row and step), and
+//! rows written on demand (int8 widened to bf16: `Weights::Bf16Rows`) go through a buffer of
+//! whole rows.
+//!
+//! The products are the same bf16 products with f32 accumulation as [`crate::lanes`]'s; only
+//! the order of the additions differs.
+
+use crate::amx::{self, ROW_GROUPS, TILE, Tiles};
+use crate::isa::Exec;
+use crate::lanes::Weights;
+use crate::par::{self, Out, SharedOut};
+use half::bf16;
+
+/// Weight rows per block: one accumulator tile per row group.
+const BLOCK_ROWS: usize = ROW_GROUPS * TILE;
+/// Columns per A tile (two per pair, [`amx::PAIRS`] pairs).
+const TILE_COLS: usize = 2 * amx::PAIRS;
+
+/// Whether a bf16 product of `tokens` tokens over `cols` columns runs here: AMX enabled, one
+/// 16-lane token panel, whole A tiles of columns (the caller has checked
+/// [`crate::lanes::available_bf16`]).
+pub(crate) fn takes(cols: usize, tokens: usize) -> bool {
+    tokens <= TILE && cols > 0 && cols.is_multiple_of(TILE_COLS) && amx::enabled()
+}
+
+/// [`crate::lanes::gemm_panels`] for bf16 weights (`Bf16` or `Bf16Rows`) on AMX: `panel` is
+/// the 16-lane bf16 token panel of `tokens ≤ 16` tokens, `out` is `[tokens, rows]`, stored
+/// into or, with `accumulate`, added to. The caller has checked [`takes`].
+///
+/// # Panics
+/// On F32 weights or a short panel or output (a caller's bug).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm_panels(
+    w: Weights<'_>,
+    rows: usize,
+    cols: usize,
+    panel: &[u32],
+    tokens: usize,
+    out: SharedOut,
+    accumulate: bool,
+    exec: Exec,
+) {
+    let k_tiles = cols / TILE_COLS;
+    for_each_block(rows, cols, panel, tokens, exec, || {
+        // Rows written on demand (`Bf16Rows`), and a dense matrix's last partial block,
+        // zero-padded to whole row groups.
+        let mut written = Vec::new();
+        move |tiles: &Tiles, b: usize, first: bool, last: bool, c: &mut Acc| {
+            let r0 = b * BLOCK_ROWS;
+            let nr = BLOCK_ROWS.min(rows - r0);
+            let (a, next): (&[u16], &[u16]) = match w {
+                Weights::Bf16(bits) if nr == BLOCK_ROWS => {
+                    // The task's next block, requested into L2 while this one runs (its 64
+                    // row streams are more than the hardware prefetcher follows: without it
+                    // a 16-sequence step's dense block products took 24.5-25.3 ms, with it
+                    // 18.3-19.2, `batch_bench` on a 2-core Xeon).
+                    let next = if last {
+                        &[][..]
+                    } else {
+                        let end = rows.min(r0 + nr + BLOCK_ROWS);
+                        &bits[(r0 + nr) * cols..end * cols]
+                    };
+                    if first {
+                        // Nothing requested this block ahead: all of it now (25.2-25.8
+                        // against 27.3-30.1 ms per 16-sequence dense step without).
+                        Prefetch::new(bytes_of(&bits[r0 * cols..(r0 + nr) * cols]), 1).step(0);
+                    }
+                    (&bits[r0 * cols..(r0 + nr) * cols], next)
+                }
+                Weights::Bf16(bits) => {
+                    written.clear();
+                    written.extend_from_slice(&bits[r0 * cols..(r0 + nr) * cols]);
+                    written.resize(BLOCK_ROWS * cols, 0);
+                    (&written[..], &[][..])
+                }
+                Weights::Bf16Rows(write, _) => {
+                    written.resize(BLOCK_ROWS * cols, 0);
+                    let rows_out = bf16_rows(&mut written[..nr * cols]);
+                    for (i, row) in rows_out.chunks_exact_mut(cols).enumerate() {
+                        write(r0 + i, row);
+                    }
+                    written[nr * cols..].fill(0);
+                    (&written[..], &[][..])
+                }
+                Weights::F32(_) => unreachable!("f32 weights do not run on the bf16 tiles"),
+            };
+            let ahead = Prefetch::new(bytes_of(next), k_tiles);
+            tiles.rows_zero();
+            for k in 0..k_tiles {
+                ahead.step(k);
+                // SAFETY: `a` holds BLOCK_ROWS = ROW_GROUPS · TILE rows of `cols` =
+                // k_tiles · TILE_COLS values; the panel holds cols / 2 · TILE pairs
+                // (`for_each_block` checks it).
+                unsafe { tiles.rows_step(a[k * TILE_COLS..].as_ptr(), cols, panel_step(panel, k)) };
+            }
+            tiles.rows_store(c);
+            let scales = match w {
+                Weights::Bf16Rows(_, scales) => scales.map(|s| &s[r0..r0 + nr]),
+                _ => None,
+            };
+            store_block(c, nr, tokens, scales, &out, rows, r0, accumulate);
+        }
+    });
+}
+
+/// A bf16 bitmap matrix as [`bitmap_gemm`] reads it (`BitmapMatrix`'s fields): `stride`
+/// mask bytes per row (bit `c % 8` of byte `c / 8` keeps column `c`), row `r`'s kept values
+/// at `row_ptr[r]..row_ptr[r + 1]` of `vals` in column order.
+pub(crate) struct BitmapRows<'a> {
+    pub rows: usize,
+    pub cols: usize,
+    pub stride: usize,
+    pub masks: &'a [u8],
+    pub row_ptr: &'a [u32],
+    pub vals: &'a [u16],
+}
+
+/// Whether [`bitmap_gemm`] runs a bitmap's batched step: [`takes`], and AVX512-VBMI2 for the
+/// expansion (the caller checks it).
+pub(crate) fn takes_bitmap(cols: usize, tokens: usize) -> bool {
+    crate::lanes::MIN_TOKENS <= tokens && takes(cols, tokens)
+}
+
+/// `Y = X·Wᵀ` for a bf16 bitmap matrix on AMX, a decode step of up to 16 tokens: each
+/// reduction step's 64 rows × 32 columns are expanded from the packed values (a masked load
+/// and one `vpexpandw` per row) into an L1 buffer that the A tiles load, so the kept weights
+/// go from memory to the tiles without a dense copy in L2 (expanding whole rows first, through
+/// `Weights::Bf16Rows`, wrote and re-read 64 rows × `cols` per block). `x: [tokens, cols]`,
+/// `y: [tokens, rows]` (every element written). The caller has checked [`takes_bitmap`],
+/// AVX512-BF16 and VBMI2, and the lengths.
+pub(crate) fn bitmap_gemm(m: &BitmapRows<'_>, x: &[f32], tokens: usize, y: Out<'_>, exec: Exec) {
+    let (rows, cols) = (m.rows, m.cols);
+    assert!(m.stride * 8 >= cols && m.masks.len() >= rows * m.stride && m.row_ptr.len() > rows);
+    let panel = crate::lanes::pack_bf16(x, tokens, cols, TILE, exec);
+    let panel = &panel[..];
+    let out = y.shared();
+    let k_tiles = cols / TILE_COLS;
+    for_each_block(rows, cols, panel, tokens, exec, || {
+        // Two steps' expanded rows, alternating, so a step's expansion need not wait for the
+        // last step's tile loads.
+        let mut bufs = vec![0u16; 2 * BLOCK_ROWS * TILE_COLS];
+        let mut cursors = [0usize; BLOCK_ROWS];
+        move |tiles: &Tiles, b: usize, first: bool, last: bool, c: &mut Acc| {
+            let r0 = b * BLOCK_ROWS;
+            let nr = BLOCK_ROWS.min(rows - r0);
+            for (cur, &p) in cursors.iter_mut().zip(&m.row_ptr[r0..r0 + nr]) {
+                *cur = p as usize;
+            }
+            if nr < BLOCK_ROWS {
+                // Rows past the matrix multiply as zeros.
+                bufs.fill(0);
+            }
+            // The next block's masks and values, requested into L2 while this one runs.
+            let (next_masks, next_vals) = if last {
+                (&[][..], &[][..])
+            } else {
+                let end = rows.min(r0 + nr + BLOCK_ROWS);
+                let (v0, v1) = (m.row_ptr[r0 + nr] as usize, m.row_ptr[end] as usize);
+                (
+                    &m.masks[(r0 + nr) * m.stride..end * m.stride],
+                    &m.vals[v0..v1],
+                )
+            };
+            let masks = &m.masks[r0 * m.stride..(r0 + nr) * m.stride];
+            if first {
+                // Nothing requested this block ahead: ask for all of it now (its 64 rows'
+                // values are 64 streams, more than the hardware prefetcher follows; measured
+                // 24.4-25.7 against 25.5-26.6 ms per 16-sequence Wanda step without).
+                let (v0, v1) = (m.row_ptr[r0] as usize, m.row_ptr[r0 + nr] as usize);
+                Prefetch::new(bytes_of(&m.vals[v0..v1]), 1).step(0);
+                Prefetch::new(masks, 1).step(0);
+            }
+            let ahead_vals = Prefetch::new(bytes_of(next_vals), k_tiles);
+            let ahead_masks = Prefetch::new(next_masks, k_tiles);
+            tiles.rows_zero();
+            for k in 0..k_tiles {
+                ahead_vals.step(k);
+                ahead_masks.step(k);
+                let buf = &mut bufs[(k % 2) * BLOCK_ROWS * TILE_COLS..][..BLOCK_ROWS * TILE_COLS];
+                expand_step(masks, m.stride, m.vals, &mut cursors[..nr], k, buf);
+                // SAFETY: `buf` holds BLOCK_ROWS rows of TILE_COLS values; the panel holds
+                // cols / 2 · TILE pairs (`for_each_block` checks it).
+                unsafe { tiles.rows_step(buf.as_ptr(), TILE_COLS, panel_step(panel, k)) };
+            }
+            tiles.rows_store(c);
+            store_block(c, nr, tokens, None, &out, rows, r0, false);
+        }
+    });
+}
+
+/// The accumulators of one block as stored: [`ROW_GROUPS`] tiles of 16 rows × 16 tokens.
+type Acc = [f32; ROW_GROUPS * TILE * TILE];
+
+/// Splits the [`BLOCK_ROWS`]-row blocks over the pool; each task loads the tile
+/// configuration, makes its block runner (`make`: its buffers) and runs it over its blocks in
+/// order, telling it which is its first (nothing was requested ahead for it) and its last
+/// (nothing to request ahead).
+fn for_each_block<F, R>(rows: usize, cols: usize, panel: &[u32], tokens: usize, exec: Exec, make: F)
+where
+    F: Fn() -> R + Sync,
+    R: FnMut(&Tiles, usize, bool, bool, &mut Acc),
+{
+    assert!(tokens <= TILE && cols.is_multiple_of(TILE_COLS));
+    assert!(panel.len() >= cols / 2 * TILE);
+    let blocks = rows.div_ceil(BLOCK_ROWS);
+    // The tiles multiply 16 lanes whatever the tokens: count that work.
+    let tasks = par::task_count(exec, blocks, TILE * rows * cols, par::MIN_TASK_FLOPS);
+    let bounds = par::even_bounds(blocks, tasks);
+    par::for_each_bound(&bounds, |range| {
+        let Some(tiles) = Tiles::configure() else {
+            unreachable!("the caller checked amx::enabled(), so the tiles are there");
+        };
+        let mut run = make();
+        let mut c = [0f32; ROW_GROUPS * TILE * TILE];
+        let last = range.end.saturating_sub(1);
+        let range_start = range.start;
+        for b in range {
+            run(&tiles, b, b == range_start, b == last, &mut c);
+        }
+    });
+}
+
+/// Reduction step `k`'s B tile: pair-rows `16k..16k + 16` of the 16-lane panel.
+fn panel_step(panel: &[u32], k: usize) -> *const u32 {
+    panel[k * amx::PAIRS * TILE..][..amx::PAIRS * TILE].as_ptr()
+}
+
+/// Requests a run of memory into L2 over a block's reduction steps, an equal share of its
+/// lines at each.
+struct Prefetch {
+    start: *const u8,
+    lines: usize,
+    per_step: usize,
+}
+
+impl Prefetch {
+    fn new(run: &[u8], steps: usize) -> Prefetch {
+        let lines = run.len().div_ceil(64);
+        Prefetch {
+            start: run.as_ptr(),
+            lines,
+            per_step: lines.div_ceil(steps.max(1)),
+        }
+    }
+
+    fn step(&self, k: usize) {
+        for line in k * self.per_step..self.lines.min((k + 1) * self.per_step) {
+            prefetch_l2(self.start.wrapping_add(64 * line));
+        }
+    }
+}
+
+/// Requests the 64-byte line at `p` into L2 (never faults; `p` need not be valid).
+#[inline]
+fn prefetch_l2(p: *const u8) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: prefetches never fault, whatever the address.
+    unsafe {
+        use std::arch::x86_64::{_MM_HINT_T1, _mm_prefetch};
+        _mm_prefetch::<_MM_HINT_T1>(p.cast::<i8>());
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
+}
+
+/// bf16 bits as bytes (for [`Prefetch`]).
+fn bytes_of(bits: &[u16]) -> &[u8] {
+    // SAFETY: u16 is plain bytes; the view covers exactly the slice.
+    unsafe { std::slice::from_raw_parts(bits.as_ptr().cast::<u8>(), size_of_val(bits)) }
+}
+
+/// Expands reduction step `k` (columns `32k..32k + 32`) of the block's rows into `buf`, row
+/// `i` at `32i`: row `i`'s mask is at `masks[i * stride..]`, its next packed value at
+/// `vals[cursors[i]]`, which moves past the step's kept values.
+fn expand_step(
+    masks: &[u8],
+    stride: usize,
+    vals: &[u16],
+    cursors: &mut [usize],
+    k: usize,
+    buf: &mut [u16],
+) {
+    assert!(cursors.len() <= BLOCK_ROWS && buf.len() >= cursors.len() * TILE_COLS);
+    assert!(masks.len() >= cursors.len() * stride && stride >= 4 * (k + 1));
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: the caller checked AVX-512 and VBMI2 (`bitmap_gemm`'s contract); the asserts
+    // bound the mask reads and the stores; each masked load reads the step's popcount of
+    // values from the cursor, all within the row's (the bitmap's pointers are checked when it
+    // is built or loaded).
+    unsafe {
+        x86::expand_step(
+            masks.as_ptr(),
+            stride,
+            vals.as_ptr(),
+            cursors,
+            k,
+            buf.as_mut_ptr(),
+        )
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (vals, buf);
+        unreachable!("no AMX tiles off x86-64");
+    }
+}
+
+/// `bf16` values as the `u16` bits the tiles read, in place.
+fn bf16_rows(bits: &mut [u16]) -> &mut [bf16] {
+    // SAFETY: bf16 is a transparent 16-bit float: same size and alignment as u16, every bit
+    // pattern valid in both.
+    unsafe { std::slice::from_raw_parts_mut(bits.as_mut_ptr().cast::<bf16>(), bits.len()) }
+}
+
+/// Writes a block's accumulators (`c[g][m][t]`, rows `r0 + 16g + m`) into `out`
+/// (`[tokens, rows]`), each row scaled by `scales[16g + m]` when given: per row group, the 16
+/// × 16 tile transposed in registers and each token's row run stored (or added) at once.
+#[allow(clippy::too_many_arguments)]
+fn store_block(
+    c: &[f32; ROW_GROUPS * TILE * TILE],
+    nr: usize,
+    tokens: usize,
+    scales: Option<&[f32]>,
+    out: &SharedOut,
+    rows: usize,
+    r0: usize,
+    accumulate: bool,
+) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: AMX implies AVX-512F (the caller checked `lanes::available_bf16`); this task owns
+    // output rows r0..r0 + nr of every token.
+    unsafe {
+        x86::store_block(c, nr, tokens, scales, out, rows, r0, accumulate)
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (c, nr, tokens, scales, out, rows, r0, accumulate);
+        unreachable!("no AMX tiles off x86-64");
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{ROW_GROUPS, TILE, TILE_COLS};
+    use crate::lanes::x86::transpose16;
+    use crate::par::SharedOut;
+    use std::arch::x86_64::*;
+
+    /// See [`super::expand_step`]: per row, the step's 32-bit mask word, a masked load of its
+    /// popcount of packed values and one `vpexpandw` into the row's 64 bytes.
+    ///
+    /// # Safety
+    /// AVX-512F/BW and VBMI2; `masks` readable for `cursors.len()` rows of `stride` bytes
+    /// (`stride ≥ 4k + 4`), `vals` for every row's values from its cursor, `buf` writable for
+    /// `cursors.len()` rows of [`TILE_COLS`] values.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi2,popcnt")]
+    pub(super) unsafe fn expand_step(
+        masks: *const u8,
+        stride: usize,
+        vals: *const u16,
+        cursors: &mut [usize],
+        k: usize,
+        buf: *mut u16,
+    ) {
+        for (i, cur) in cursors.iter_mut().enumerate() {
+            // SAFETY: the caller's contract.
+            unsafe {
+                let m = masks.add(i * stride + 4 * k).cast::<u32>().read_unaligned();
+                let n = m.count_ones();
+                let load = if n == 32 { u32::MAX } else { (1u32 << n) - 1 };
+                let packed = _mm512_maskz_loadu_epi16(load, vals.add(*cur).cast());
+                let dense = _mm512_maskz_expand_epi16(m, packed);
+                _mm512_storeu_si512(buf.add(TILE_COLS * i).cast::<__m512i>(), dense);
+                *cur += n as usize;
+            }
+        }
+    }
+
+    /// See [`super::store_block`].
+    ///
+    /// # Safety
+    /// AVX-512F available; the calling task owns output rows `r0..r0 + nr` of every token.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn store_block(
+        c: &[f32; ROW_GROUPS * TILE * TILE],
+        nr: usize,
+        tokens: usize,
+        scales: Option<&[f32]>,
+        out: &SharedOut,
+        rows: usize,
+        r0: usize,
+        accumulate: bool,
+    ) {
+        assert!(tokens <= TILE && nr <= ROW_GROUPS * TILE);
+        for g in 0..nr.div_ceil(TILE) {
+            let n = TILE.min(nr - g * TILE);
+            let mask = ((1u32 << n) - 1) as __mmask16;
+            let tile = &c[g * TILE * TILE..][..TILE * TILE];
+            let mut lanes = [_mm512_setzero_ps(); TILE];
+            for (v, row) in lanes.iter_mut().zip(tile.chunks_exact(TILE)) {
+                // SAFETY: `row` holds the 16 floats loaded.
+                *v = unsafe { _mm512_loadu_ps(row.as_ptr()) };
+            }
+            let scale = scales.map(|s| {
+                // SAFETY: the masked load reads the group's `n` scales only.
+                unsafe { _mm512_maskz_loadu_ps(mask, s[g * TILE..].as_ptr()) }
+            });
+            for (t, &v) in transpose16(lanes).iter().enumerate().take(tokens) {
+                let v = scale.map_or(v, |s| _mm512_mul_ps(v, s));
+                // SAFETY: `run_ptr` checks the run's bounds; the masked load and store touch
+                // its `n` floats only; ownership is the caller's contract.
+                unsafe {
+                    let p = out.run_ptr(t * rows + r0 + g * TILE, n);
+                    let v = if accumulate {
+                        _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, p))
+                    } else {
+                        v
+                    };
+                    _mm512_mask_storeu_ps(p, mask, v);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::element::Dtype;
+    use crate::testutil;
+    use crate::view::DenseView;
+    use crate::{BitmapMatrix, Isa};
+
+    /// The bitmap's fused expansion on the tiles: empty, sparse, half and full rows, partial
+    /// 64-row blocks, 9 and 16 tokens, against the f64 product of the stored bf16 weights
+    /// (activations rounded to bf16: within `2⁻⁸·Σ|w·x|`), and equal to the rows-written path
+    /// (`Weights::Bf16Rows` through `gemm_panels`) up to the order of the additions.
+    #[test]
+    fn bitmap_tiles_match_reference() {
+        let vbmi2 = crate::bitmap::vbmi2_expand();
+        if !(vbmi2 && crate::lanes::available_bf16(Isa::Avx512, 2) && amx::enabled()) {
+            eprintln!(
+                "skipped: this CPU lacks AMX-BF16, AVX512-BF16 or VBMI2 (or ESPALIER_AMX=0), \
+                 which the bitmap's decode tiles need"
+            );
+            return;
+        }
+        let mut rng = testutil::rng(21);
+        for (rows, cols) in [(100, 64), (64, 576), (200, 1536)] {
+            for density in [0.0, 0.1, 0.5, 1.0] {
+                let w = testutil::unstructured(&mut rng, rows, cols, density);
+                let view = DenseView::new(&w, rows, cols).expect("view");
+                let m = BitmapMatrix::from_view(&view, Dtype::Bf16).expect("pack");
+                let stored = m.to_dense();
+                let crate::element::Values::Bf16(v) = &m.values else {
+                    panic!("bf16 storage");
+                };
+                let bits = crate::Element::bf16_bits(v.as_slice()).expect("bf16 bits");
+                for tokens in [9, 16] {
+                    let x = testutil::values(&mut rng, tokens * cols);
+                    let (want, mag) = testutil::reference(&stored, rows, cols, &x, tokens);
+                    let tol: Vec<f32> = mag.iter().map(|m| m * (1.0 / 256.0) / 1e-5).collect();
+                    let ctx = format!("{rows}x{cols} density {density} tokens {tokens}");
+                    let mut y = vec![f32::NAN; tokens * rows];
+                    let rows_view = BitmapRows {
+                        rows,
+                        cols,
+                        stride: m.stride,
+                        masks: &m.masks,
+                        row_ptr: &m.row_ptr,
+                        vals: bits,
+                    };
+                    bitmap_gemm(&rows_view, &x, tokens, Out::Init(&mut y), Exec::auto());
+                    testutil::assert_close(&y, &want, &tol, &ctx);
+                    // The rows-written path over the same weights.
+                    let dense_bits: Vec<u16> = stored
+                        .iter()
+                        .map(|&v| bf16::from_f32(v).to_bits())
+                        .collect();
+                    let write = |r: usize, row: &mut [bf16]| {
+                        for (o, &b) in row.iter_mut().zip(&dense_bits[r * cols..][..cols]) {
+                            *o = bf16::from_bits(b);
+                        }
+                    };
+                    let panel = crate::lanes::pack_bf16(&x, tokens, cols, TILE, Exec::auto());
+                    let mut y2 = vec![f32::NAN; tokens * rows];
+                    let out = SharedOut::new(&mut y2);
+                    let written = Weights::Bf16Rows(&write, None);
+                    gemm_panels(
+                        written,
+                        rows,
+                        cols,
+                        &panel,
+                        tokens,
+                        out,
+                        false,
+                        Exec::auto(),
+                    );
+                    let small: Vec<f32> = mag.iter().map(|m| m * 1e-6 / 1e-5).collect();
+                    testutil::assert_close(&y, &y2, &small, &format!("{ctx}: rows written"));
+                }
+            }
+        }
+    }
+}
