@@ -859,6 +859,19 @@ mod tests {
             .collect()
     }
 
+    /// `n` random weights rounded to bf16: their bits, and their values as f32.
+    fn bf16_weights(n: usize, seed: &mut u32) -> (Vec<u16>, Vec<f32>) {
+        let bits: Vec<u16> = random(n, seed)
+            .iter()
+            .map(|&v| half::bf16::from_f32(v).to_bits())
+            .collect();
+        let wf = bits
+            .iter()
+            .map(|&b| crate::element::widen_bf16(b))
+            .collect();
+        (bits, wf)
+    }
+
     /// Runs `gemm` serially and split over the pool and checks every output against the
     /// f64 product, within `tol · Σ|w·x|`.
     fn check(
@@ -938,15 +951,7 @@ mod tests {
                 );
                 continue;
             }
-            let w = random(rows * cols, &mut seed);
-            let bits: Vec<u16> = w
-                .iter()
-                .map(|&v| half::bf16::from_f32(v).to_bits())
-                .collect();
-            let wf: Vec<f32> = bits
-                .iter()
-                .map(|&b| crate::element::widen_bf16(b))
-                .collect();
+            let (bits, wf) = bf16_weights(rows * cols, &mut seed);
             let x = random(tokens * cols, &mut seed);
             check(
                 Weights::Bf16(&bits),
@@ -983,15 +988,7 @@ mod tests {
             (576, 192, 12),
         ];
         for (rows, cols, tokens) in shapes {
-            let w = random(rows * cols, &mut seed);
-            let bits: Vec<u16> = w
-                .iter()
-                .map(|&v| half::bf16::from_f32(v).to_bits())
-                .collect();
-            let wf: Vec<f32> = bits
-                .iter()
-                .map(|&b| crate::element::widen_bf16(b))
-                .collect();
+            let (bits, wf) = bf16_weights(rows * cols, &mut seed);
             let x = random(tokens * cols, &mut seed);
             check(
                 Weights::Bf16(&bits),
