@@ -658,6 +658,25 @@ pub(crate) fn gemv_rows<T: Element>(
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
+    /// How far ahead of its loads a GEMV requests its weights, in bytes. The rows are read
+    /// one after another, so this runs into the rows that follow. On a 2-core Xeon (KVM) the
+    /// dense bf16 decode step went from 12.5-12.9 to 9.8-10.0 ms per token with it (1 KiB
+    /// ahead: 11.0-11.2, 2 KiB: 10.3-10.7, 6-8 KiB like 4, 12 KiB slightly worse): a layer
+    /// of SmolLM2 is a few hundred KiB, too short for the hardware prefetcher to get going.
+    const PREFETCH_AHEAD: usize = 4096;
+
+    /// Requests `lines` 64-byte lines from [`PREFETCH_AHEAD`] bytes past `p` into L1. Never
+    /// faults (the addresses are only formed, wrapping, and may lie past the matrix).
+    #[inline(always)]
+    fn prefetch_ahead(p: *const u8, lines: usize) {
+        for l in 0..lines {
+            // SAFETY: prefetches never fault, whatever the address.
+            unsafe {
+                _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH_AHEAD + 64 * l).cast());
+            }
+        }
+    }
+
     use crate::element::{Dtype, Element};
     use crate::quant::{ActivationsI16, I16_CHUNK};
     use crate::simd::x86::{dot64_i8_i16, hsum, sum_i32_lanes};
@@ -723,6 +742,7 @@ mod x86 {
                     let end = (c + I16_CHUNK).min(cols);
                     let mut acc = [_mm512_setzero_si512(); 2];
                     while c + 64 <= end {
+                        prefetch_ahead(p.add(c).cast(), 1);
                         let v = _mm512_loadu_si512(p.add(c).cast());
                         dot64_i8_i16(&mut acc, v, xp.add(c));
                         c += 64;
@@ -774,6 +794,7 @@ mod x86 {
                 let mut a = [_mm512_setzero_ps(); 4];
                 let mut b = 0;
                 while b + 4 <= blocks {
+                    prefetch_ahead(p.add(b * 32).cast(), 4);
                     for (u, acc) in a.iter_mut().enumerate() {
                         *acc = dot(*acc, b + u);
                     }
@@ -868,6 +889,7 @@ mod x86 {
                 let mut a = [_mm256_setzero_ps(); 4];
                 let mut c = 0;
                 while c + 32 <= cols {
+                    prefetch_ahead(p.add(c).cast(), 32 * size_of::<T>() / 64);
                     for (j, acc) in a.iter_mut().enumerate() {
                         let o = c + 8 * j;
                         *acc =
