@@ -59,6 +59,30 @@ pub struct BitmapMatrix {
     pub(crate) values: Values,
 }
 
+/// A bf16 bitmap's rows for the bf16 prefill GEMM's panels ([`crate::gemm_bf16`]): each
+/// panel's rows expanded from the packed values into `buf` (the VBMI2 word expansion), so
+/// prefill on AMX needs no dense copy of the matrix. Only bf16 storage takes that path.
+impl crate::gemm_bf16::Bf16Rows for BitmapMatrix {
+    fn rows_bits<'a>(
+        &'a self,
+        r0: usize,
+        nr: usize,
+        buf: &'a mut Vec<u16>,
+        _: &mut (Vec<u32>, Vec<f32>),
+    ) -> &'a [u16] {
+        buf.resize(nr * self.cols, 0);
+        if let Values::Bf16(vals) = &self.values
+            && self.cols > 0
+        {
+            let rows = crate::lanes_amx::bf16_rows(buf);
+            for (i, row) in rows.chunks_exact_mut(self.cols).enumerate() {
+                self.expand_row(r0 + i, vals, row);
+            }
+        }
+        buf
+    }
+}
+
 impl BitmapMatrix {
     /// Packs the kept entries of the view.
     pub fn from_view(view: &DenseView<'_>, dtype: Dtype) -> Result<BitmapMatrix> {
@@ -323,6 +347,24 @@ impl BitmapMatrix {
                     small_batch_written(&write, scales, rows, cols, x, tokens, y, exec)
                 });
             }
+        }
+        if self.expands_for_batch(exec)
+            && matches!(self.values, Values::Bf16(_))
+            && crate::amx::enabled()
+            && crate::gemm_bf16::try_gemm(
+                self,
+                Dtype::Bf16,
+                self.rows,
+                self.cols,
+                x,
+                tokens,
+                y,
+                exec,
+            )
+        {
+            // bf16 prefill on AMX: each 32-row panel expanded as the tiles' panel is packed
+            // (`Bf16Rows` below), instead of a dense copy of the whole matrix per call.
+            return Ok(());
         }
         if let Some(dense) = self.expanded_for_batch(exec) {
             return dense.gemm(x, tokens, y, exec);

@@ -327,7 +327,7 @@ fn expand_step(
 }
 
 /// `bf16` values as the `u16` bits the tiles read, in place.
-fn bf16_rows(bits: &mut [u16]) -> &mut [bf16] {
+pub(crate) fn bf16_rows(bits: &mut [u16]) -> &mut [bf16] {
     // SAFETY: bf16 is a transparent 16-bit float: same size and alignment as u16, every bit
     // pattern valid in both.
     unsafe { std::slice::from_raw_parts_mut(bits.as_mut_ptr().cast::<bf16>(), bits.len()) }
