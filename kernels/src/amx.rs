@@ -69,8 +69,10 @@ fn detect() -> bool {
 }
 
 /// The tile configuration loaded on this thread for the GEMM's kernels, released on drop.
-/// Tiles 0–3 are 16 × 16 f32 accumulators, 4–5 A tiles (16 tokens × 16 pairs), 6–7 B tiles
-/// (16 pairs × 16 rows): every tile 16 rows of 64 bytes.
+/// Every tile is 16 rows of 64 bytes. Tiles 0–3 are 16 × 16 f32 accumulators; in the
+/// prefill product 4–5 are A tiles (16 tokens × 16 pairs) and 6–7 B tiles (16 pairs × 16
+/// rows), in the decode step ([`Tiles::rows_step`]) 4 is the B tile (16 pairs × 16 tokens)
+/// and 5–7 A tiles (16 weight rows × 16 pairs).
 /// Not `Send`: the configuration belongs to the thread that loaded it.
 pub(crate) struct Tiles(std::marker::PhantomData<*const ()>);
 
@@ -300,6 +302,8 @@ mod x86 {
     // The assembly below names one accumulator per row group.
     const _: () = assert!(ROW_GROUPS == 4);
 
+    /// Zeroes the four accumulators `tmm0`-`tmm3` (both kernels keep theirs there).
+    ///
     /// # Safety
     /// The configuration is loaded.
     pub(super) unsafe fn rows_zero() {
@@ -311,6 +315,50 @@ mod x86 {
                 "tilezero tmm2",
                 "tilezero tmm3",
                 options(nostack, nomem)
+            )
+        };
+    }
+
+    /// Loads the four accumulators `tmm0`-`tmm3` from `c[i]`, 16 rows at `stride` bytes each.
+    ///
+    /// # Safety
+    /// The configuration is loaded; each `c[i]` readable for 16 rows of 64 bytes at `stride`.
+    unsafe fn load_acc(c: [*const f32; 4], stride: usize) {
+        // SAFETY: the caller's contract.
+        unsafe {
+            asm!(
+                "tileloadd tmm0, [{c0} + {s}*1]",
+                "tileloadd tmm1, [{c1} + {s}*1]",
+                "tileloadd tmm2, [{c2} + {s}*1]",
+                "tileloadd tmm3, [{c3} + {s}*1]",
+                c0 = in(reg) c[0],
+                c1 = in(reg) c[1],
+                c2 = in(reg) c[2],
+                c3 = in(reg) c[3],
+                s = in(reg) stride,
+                options(nostack, readonly)
+            )
+        };
+    }
+
+    /// Stores the four accumulators `tmm0`-`tmm3` to `c[i]`, 16 rows at `stride` bytes each.
+    ///
+    /// # Safety
+    /// The configuration is loaded; each `c[i]` writable for 16 rows of 64 bytes at `stride`.
+    unsafe fn store_acc(c: [*mut f32; 4], stride: usize) {
+        // SAFETY: the caller's contract.
+        unsafe {
+            asm!(
+                "tilestored [{c0} + {s}*1], tmm0",
+                "tilestored [{c1} + {s}*1], tmm1",
+                "tilestored [{c2} + {s}*1], tmm2",
+                "tilestored [{c3} + {s}*1], tmm3",
+                c0 = in(reg) c[0],
+                c1 = in(reg) c[1],
+                c2 = in(reg) c[2],
+                c3 = in(reg) c[3],
+                s = in(reg) stride,
+                options(nostack)
             )
         };
     }
@@ -354,20 +402,10 @@ mod x86 {
     /// # Safety
     /// The configuration is loaded; `c` writable for four tiles of 16 rows of 64 bytes.
     pub(super) unsafe fn rows_store(c: *mut f32) {
-        // SAFETY: the caller's contract.
+        // SAFETY: the caller's contract: four 1 KiB tiles one after another.
         unsafe {
-            asm!(
-                "tilestored [{c0} + {s64}*1], tmm0",
-                "tilestored [{c1} + {s64}*1], tmm1",
-                "tilestored [{c2} + {s64}*1], tmm2",
-                "tilestored [{c3} + {s64}*1], tmm3",
-                c0 = in(reg) c,
-                c1 = in(reg) c.add(TILE * TILE),
-                c2 = in(reg) c.add(2 * TILE * TILE),
-                c3 = in(reg) c.add(3 * TILE * TILE),
-                s64 = in(reg) 64usize,
-                options(nostack)
-            );
+            let tiles = [0, 1, 2, 3].map(|g| c.add(g * TILE * TILE));
+            store_acc(tiles, 64);
         }
     }
 
@@ -391,27 +429,12 @@ mod x86 {
         // SAFETY: every access stays within the caller's bounds: A rows 0..32 of
         // k_tiles·PAIRS pairs, B rows 0..k_tiles·PAIRS of 32 pairs; C 32 rows of 32 f32.
         unsafe {
+            // The 2 × 2 accumulators' corners in `c`.
+            let corners = [0, TILE, TILE * c_stride, TILE * c_stride + TILE].map(|o| c.add(o));
             if add {
-                asm!(
-                    "tileloadd tmm0, [{c0} + {s}*1]",
-                    "tileloadd tmm1, [{c1} + {s}*1]",
-                    "tileloadd tmm2, [{c2} + {s}*1]",
-                    "tileloadd tmm3, [{c3} + {s}*1]",
-                    c0 = in(reg) c,
-                    c1 = in(reg) c.add(TILE),
-                    c2 = in(reg) c.add(TILE * c_stride),
-                    c3 = in(reg) c.add(TILE * c_stride + TILE),
-                    s = in(reg) sc,
-                    options(nostack, readonly)
-                );
+                load_acc(corners.map(|p| p.cast_const()), sc);
             } else {
-                asm!(
-                    "tilezero tmm0",
-                    "tilezero tmm1",
-                    "tilezero tmm2",
-                    "tilezero tmm3",
-                    options(nostack, nomem)
-                );
+                rows_zero();
             }
             for k in 0..k_tiles {
                 let a0 = a.add(k * PAIRS);
@@ -436,18 +459,7 @@ mod x86 {
                     options(nostack, readonly)
                 );
             }
-            asm!(
-                "tilestored [{c0} + {s}*1], tmm0",
-                "tilestored [{c1} + {s}*1], tmm1",
-                "tilestored [{c2} + {s}*1], tmm2",
-                "tilestored [{c3} + {s}*1], tmm3",
-                c0 = in(reg) c,
-                c1 = in(reg) c.add(TILE),
-                c2 = in(reg) c.add(TILE * c_stride),
-                c3 = in(reg) c.add(TILE * c_stride + TILE),
-                s = in(reg) sc,
-                options(nostack)
-            );
+            store_acc(corners, sc);
         }
     }
 }

@@ -41,6 +41,7 @@ use crate::par::{self, Out};
 use crate::quant::ActivationsI16;
 use crate::rowgemm::{self, RowDecode};
 use crate::view::DenseView;
+use half::slice::HalfBitsSliceExt;
 use std::ops::Range;
 
 /// Zero values appended after the last packed value: the SIMD kernels load 8 (AVX2) or 16
@@ -74,7 +75,7 @@ impl crate::gemm_bf16::Bf16Rows for BitmapMatrix {
         if let Values::Bf16(vals) = &self.values
             && self.cols > 0
         {
-            let rows = crate::lanes_amx::bf16_rows(buf);
+            let rows = buf.reinterpret_cast_mut::<half::bf16>();
             for (i, row) in rows.chunks_exact_mut(self.cols).enumerate() {
                 self.expand_row(r0 + i, vals, row);
             }
@@ -310,7 +311,7 @@ impl BitmapMatrix {
             && let Values::Bf16(vals) = &self.values
             && self.rows_on_lanes(tokens, exec)
         {
-            if crate::lanes_amx::takes_bitmap(self.cols, tokens)
+            if crate::lanes_amx::takes(self.cols, tokens)
                 && let Some(bits) = Element::bf16_bits(vals.as_slice())
             {
                 crate::lanes_amx::bitmap_gemm(&self.amx_rows(bits), x, tokens, y, exec);
@@ -349,11 +350,10 @@ impl BitmapMatrix {
             }
         }
         if self.expands_for_batch(exec)
-            && matches!(self.values, Values::Bf16(_))
             && crate::amx::enabled()
             && crate::gemm_bf16::try_gemm(
                 self,
-                Dtype::Bf16,
+                self.dtype(),
                 self.rows,
                 self.cols,
                 x,

@@ -889,7 +889,7 @@ mod x86 {
                 let mut a = [_mm256_setzero_ps(); 4];
                 let mut c = 0;
                 while c + 32 <= cols {
-                    prefetch_ahead(p.add(c).cast(), 32 * size_of::<T>() / 64);
+                    prefetch_ahead(p.add(c).cast(), (32 * size_of::<T>()).div_ceil(64));
                     for (j, acc) in a.iter_mut().enumerate() {
                         let o = c + 8 * j;
                         *acc =

@@ -14,7 +14,8 @@
 //! tests hold it to that bound). Only prefill (more than [`crate::SMALL_BATCH`] tokens) takes this path: of
 //! dense matrices only on AMX (without it [`crate::lanes`] runs dense bf16 prefill, and its
 //! decode steps of 9-16 tokens, faster; with it those steps run [`crate::lanes_amx`]), of
-//! N:M always. Single-token and small decode steps
+//! bf16 bitmaps on AMX too (their rows expanded panel by panel), of N:M always. Single-token
+//! and small decode steps
 //! keep f32 activations, where the weights' bytes, not the arithmetic, bound them.
 //!
 //! Layout: the activations become `u32` pairs `(x[t][2k], x[t][2k+1])`, converted once per

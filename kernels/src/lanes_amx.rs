@@ -32,6 +32,7 @@ use crate::isa::Exec;
 use crate::lanes::Weights;
 use crate::par::{self, Out, SharedOut};
 use half::bf16;
+use half::slice::HalfBitsSliceExt;
 
 /// Weight rows per block: one accumulator tile per row group.
 const BLOCK_ROWS: usize = ROW_GROUPS * TILE;
@@ -85,7 +86,7 @@ pub(crate) fn gemm_panels(
                     if first {
                         // Nothing requested this block ahead: all of it now (25.2-25.8
                         // against 27.3-30.1 ms per 16-sequence dense step without).
-                        Prefetch::new(bytes_of(&bits[r0 * cols..(r0 + nr) * cols]), 1).step(0);
+                        Prefetch::new(&bits[r0 * cols..(r0 + nr) * cols], 1).step(0);
                     }
                     (&bits[r0 * cols..(r0 + nr) * cols], next)
                 }
@@ -97,7 +98,7 @@ pub(crate) fn gemm_panels(
                 }
                 Weights::Bf16Rows(write, _) => {
                     written.resize(BLOCK_ROWS * cols, 0);
-                    let rows_out = bf16_rows(&mut written[..nr * cols]);
+                    let rows_out = written[..nr * cols].reinterpret_cast_mut::<bf16>();
                     for (i, row) in rows_out.chunks_exact_mut(cols).enumerate() {
                         write(r0 + i, row);
                     }
@@ -106,7 +107,7 @@ pub(crate) fn gemm_panels(
                 }
                 Weights::F32(_) => unreachable!("f32 weights do not run on the bf16 tiles"),
             };
-            let ahead = Prefetch::new(bytes_of(next), k_tiles);
+            let ahead = Prefetch::new(next, k_tiles);
             tiles.rows_zero();
             for k in 0..k_tiles {
                 ahead.step(k);
@@ -137,18 +138,12 @@ pub(crate) struct BitmapRows<'a> {
     pub vals: &'a [u16],
 }
 
-/// Whether [`bitmap_gemm`] runs a bitmap's batched step: [`takes`], and AVX512-VBMI2 for the
-/// expansion (the caller checks it).
-pub(crate) fn takes_bitmap(cols: usize, tokens: usize) -> bool {
-    crate::lanes::MIN_TOKENS <= tokens && takes(cols, tokens)
-}
-
 /// `Y = X·Wᵀ` for a bf16 bitmap matrix on AMX, a decode step of up to 16 tokens: each
 /// reduction step's 64 rows × 32 columns are expanded from the packed values (a masked load
 /// and one `vpexpandw` per row) into an L1 buffer that the A tiles load, so the kept weights
 /// go from memory to the tiles without a dense copy in L2 (expanding whole rows first, through
 /// `Weights::Bf16Rows`, wrote and re-read 64 rows × `cols` per block). `x: [tokens, cols]`,
-/// `y: [tokens, rows]` (every element written). The caller has checked [`takes_bitmap`],
+/// `y: [tokens, rows]` (every element written). The caller has checked [`takes`],
 /// AVX512-BF16 and VBMI2, and the lengths.
 pub(crate) fn bitmap_gemm(m: &BitmapRows<'_>, x: &[f32], tokens: usize, y: Out<'_>, exec: Exec) {
     let (rows, cols) = (m.rows, m.cols);
@@ -189,10 +184,10 @@ pub(crate) fn bitmap_gemm(m: &BitmapRows<'_>, x: &[f32], tokens: usize, y: Out<'
                 // values are 64 streams, more than the hardware prefetcher follows; measured
                 // 24.4-25.7 against 25.5-26.6 ms per 16-sequence Wanda step without).
                 let (v0, v1) = (m.row_ptr[r0] as usize, m.row_ptr[r0 + nr] as usize);
-                Prefetch::new(bytes_of(&m.vals[v0..v1]), 1).step(0);
+                Prefetch::new(&m.vals[v0..v1], 1).step(0);
                 Prefetch::new(masks, 1).step(0);
             }
-            let ahead_vals = Prefetch::new(bytes_of(next_vals), k_tiles);
+            let ahead_vals = Prefetch::new(next_vals, k_tiles);
             let ahead_masks = Prefetch::new(next_masks, k_tiles);
             tiles.rows_zero();
             for k in 0..k_tiles {
@@ -256,10 +251,10 @@ struct Prefetch {
 }
 
 impl Prefetch {
-    fn new(run: &[u8], steps: usize) -> Prefetch {
-        let lines = run.len().div_ceil(64);
+    fn new<T>(run: &[T], steps: usize) -> Prefetch {
+        let lines = size_of_val(run).div_ceil(64);
         Prefetch {
-            start: run.as_ptr(),
+            start: run.as_ptr().cast(),
             lines,
             per_step: lines.div_ceil(steps.max(1)),
         }
@@ -283,12 +278,6 @@ fn prefetch_l2(p: *const u8) {
     }
     #[cfg(not(target_arch = "x86_64"))]
     let _ = p;
-}
-
-/// bf16 bits as bytes (for [`Prefetch`]).
-fn bytes_of(bits: &[u16]) -> &[u8] {
-    // SAFETY: u16 is plain bytes; the view covers exactly the slice.
-    unsafe { std::slice::from_raw_parts(bits.as_ptr().cast::<u8>(), size_of_val(bits)) }
 }
 
 /// Expands reduction step `k` (columns `32k..32k + 32`) of the block's rows into `buf`, row
@@ -324,13 +313,6 @@ fn expand_step(
         let _ = (vals, buf);
         unreachable!("no AMX tiles off x86-64");
     }
-}
-
-/// `bf16` values as the `u16` bits the tiles read, in place.
-pub(crate) fn bf16_rows(bits: &mut [u16]) -> &mut [bf16] {
-    // SAFETY: bf16 is a transparent 16-bit float: same size and alignment as u16, every bit
-    // pattern valid in both.
-    unsafe { std::slice::from_raw_parts_mut(bits.as_mut_ptr().cast::<bf16>(), bits.len()) }
 }
 
 /// Writes a block's accumulators (`c[g][m][t]`, rows `r0 + 16g + m`) into `out`
