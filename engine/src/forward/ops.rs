@@ -122,11 +122,11 @@ pub(crate) fn fast_exp(x: f32) -> f32 {
 
 /// Lanes of the reductions below: eight independent accumulators let the compiler keep them
 /// in one vector register (a plain fold is a serial chain it may not reorder).
-const LANES: usize = 8;
+pub(crate) const LANES: usize = 8;
 
 /// Largest entry (`-inf` for an empty slice).
 #[inline(always)]
-fn max_f32(xs: &[f32]) -> f32 {
+pub(crate) fn max_f32(xs: &[f32]) -> f32 {
     let mut acc = [f32::NEG_INFINITY; LANES];
     let chunks = xs.chunks_exact(LANES);
     let tail = chunks.remainder();
@@ -163,6 +163,22 @@ fn exp_into(xs: &[f32], out: &mut [f32], scale: f32, shift: f32) -> f32 {
         sum += e;
     }
     sum
+}
+
+/// The sum of `e^(x·scale - shift)` over `xs` ([`exp_into`] without the output).
+#[inline(always)]
+pub(crate) fn exp_sum(xs: &[f32], scale: f32, shift: f32) -> f32 {
+    let mut acc = [0f32; LANES];
+    let chunks = xs.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a += fast_exp(v * scale - shift);
+        }
+    }
+    let sum: f32 = acc.iter().sum();
+    tail.iter()
+        .fold(sum, |s, &v| s + fast_exp(v * scale - shift))
 }
 
 /// LLaMA's RMSNorm: `w · x / sqrt(mean(x²) + eps)`, per row of `x: [T, h]`.
@@ -627,7 +643,7 @@ fn attend_heads(a: &Attend<'_>, heads: Range<usize>, ctx: &mut [f32]) {
 
 /// Dot product with eight independent accumulators (vectorised by the compiler).
 #[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; LANES];
     let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
     let tail: f32 = ca

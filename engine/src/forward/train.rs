@@ -1217,43 +1217,45 @@ fn distill_head_gradient_into(
                 .zip(zt.par_chunks(vocab))
                 .zip(chunk.par_iter())
                 .map(|((zs, zt), &target)| {
-                    let target = target as usize;
-                    // log Σ exp(s·v) over a row (partial sums in f32, accumulated in f64).
-                    let lse = |row: &[f32], s: f32| {
-                        let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v * s));
-                        let mut sum = 0f64;
-                        for part in row.chunks(256) {
-                            let p: f32 = part.iter().map(|&v| ops::fast_exp(v * s - max)).sum();
-                            sum += f64::from(p);
-                        }
-                        f64::from(max) + sum.ln()
-                    };
-                    let lse_s1 = lse(zs, 1.0);
-                    let nll = lse_s1 - f64::from(zs[target]);
-                    let (lse_s, lse_t) = (
-                        if tempered { lse(zs, inv_temp) } else { lse_s1 },
-                        lse(zt, inv_temp),
-                    );
-                    let (lse_s1, lse_s, lse_t) = (lse_s1 as f32, lse_s as f32, lse_t as f32);
-                    let mut kl = 0f64;
-                    for (zs_part, zt_part) in zs.chunks_mut(256).zip(zt.chunks(256)) {
-                        let mut part_kl = 0f32;
-                        for (v, &u) in zs_part.iter_mut().zip(zt_part) {
-                            // log pₜ and log pₛ at the temperature.
-                            let (a, b) = (u * inv_temp - lse_t, *v * inv_temp - lse_s);
-                            let (q, ps) = (ops::fast_exp(a), ops::fast_exp(b));
-                            part_kl += q * (a - b);
-                            let p = if tempered {
-                                ops::fast_exp(*v - lse_s1)
+                    ops::vectorized(|| {
+                        let target = target as usize;
+                        // log Σ exp(s·v) over a row (partial sums in f32, accumulated in f64).
+                        // `s` is positive (a temperature's inverse), so max(s·v) = s·max(v).
+                        let lse = |row: &[f32], s: f32| {
+                            let max = ops::max_f32(row) * s;
+                            let mut sum = 0f64;
+                            for part in row.chunks(256) {
+                                sum += f64::from(ops::exp_sum(part, s, max));
+                            }
+                            f64::from(max) + sum.ln()
+                        };
+                        let lse_s1 = lse(zs, 1.0);
+                        let nll = lse_s1 - f64::from(zs[target]);
+                        let (lse_s, lse_t) = (
+                            if tempered { lse(zs, inv_temp) } else { lse_s1 },
+                            lse(zt, inv_temp),
+                        );
+                        let (lse_s1, lse_s, lse_t) = (lse_s1 as f32, lse_s as f32, lse_t as f32);
+                        let consts = RowConsts {
+                            inv_temp,
+                            lse_t,
+                            lse_s,
+                            lse_s1,
+                            ce_scale,
+                            kl_scale,
+                        };
+                        let mut kl = 0f64;
+                        for (zs_part, zt_part) in zs.chunks_mut(256).zip(zt.chunks(256)) {
+                            let part_kl = if tempered {
+                                distill_row_part::<true>(zs_part, zt_part, &consts)
                             } else {
-                                ps
+                                distill_row_part::<false>(zs_part, zt_part, &consts)
                             };
-                            *v = ce_scale * p + kl_scale * (ps - q);
+                            kl += f64::from(part_kl);
                         }
-                        kl += f64::from(part_kl);
-                    }
-                    zs[target] -= ce_scale;
-                    (nll, kl)
+                        zs[target] -= ce_scale;
+                        (nll, kl)
+                    })
                 })
                 .collect();
             for (row_ce, row_kl) in row_parts {
@@ -1266,6 +1268,54 @@ fn distill_head_gradient_into(
     pool.give(teacher);
     let n = f64::from(n);
     Ok((ce / n, kl / n))
+}
+
+/// The per-row constants of [`distill_row_part`]: the inverse temperature, the teacher's and
+/// the student's log-sum-exps at the temperature and the student's at 1, and the two loss
+/// weights already divided by the row count.
+struct RowConsts {
+    inv_temp: f32,
+    lse_t: f32,
+    lse_s: f32,
+    lse_s1: f32,
+    ce_scale: f32,
+    kl_scale: f32,
+}
+
+/// One stretch of a distillation row: writes `ce_scale·softmax(z) + kl_scale·(softmax(z/T) −
+/// softmax(zₜ/T))` over the student's logits `zs` in place (the target's one-hot is the
+/// caller's) and returns the stretch's `Σ q·(log q − log pₛ)`. [`ops::LANES`] independent KL
+/// sums let the compiler vectorise the loop (a single running sum is a serial chain it may
+/// not reorder); `TEMPERED` (T ≠ 1) adds the softmax at temperature 1 as its own `exp`.
+#[inline(always)]
+fn distill_row_part<const TEMPERED: bool>(zs: &mut [f32], zt: &[f32], c: &RowConsts) -> f32 {
+    let step = |v: &mut f32, u: f32| {
+        // log pₜ and log pₛ at the temperature.
+        let (a, b) = (u * c.inv_temp - c.lse_t, *v * c.inv_temp - c.lse_s);
+        let (q, ps) = (ops::fast_exp(a), ops::fast_exp(b));
+        let p = if TEMPERED {
+            ops::fast_exp(*v - c.lse_s1)
+        } else {
+            ps
+        };
+        *v = c.ce_scale * p + c.kl_scale * (ps - q);
+        q * (a - b)
+    };
+    let whole = zs.len() - zs.len() % ops::LANES;
+    let (body, tail) = zs.split_at_mut(whole);
+    let mut acc = [0f32; ops::LANES];
+    for (vs, us) in body
+        .chunks_exact_mut(ops::LANES)
+        .zip(zt[..whole].chunks_exact(ops::LANES))
+    {
+        for ((a, v), &u) in acc.iter_mut().zip(vs).zip(us) {
+            *a += step(v, u);
+        }
+    }
+    let sum: f32 = acc.iter().sum();
+    tail.iter_mut()
+        .zip(&zt[whole..])
+        .fold(sum, |s, (v, &u)| s + step(v, u))
 }
 
 impl Saved {
@@ -1559,14 +1609,18 @@ fn block_backward(
                 // dV += Pᵀ·dO; dP = dO·Vᵀ.
                 matmul(&mut dv, pv.t(), dov, 1.0, true, false)?;
                 matmul(&mut ds, dov, vg.t(), 1.0, false, false)?;
-                // dS = P ⊙ (dP − rowsum(P ⊙ dP)), zero above the diagonal.
-                for (i, (row, prow)) in ds.chunks_mut(t).zip(p.chunks(t)).enumerate() {
-                    let dot: f32 = row[..=i].iter().zip(&prow[..=i]).map(|(a, b)| a * b).sum();
-                    for (g, &p) in row[..=i].iter_mut().zip(&prow[..=i]) {
-                        *g = p * (*g - dot);
+                // dS = P ⊙ (dP − rowsum(P ⊙ dP)), zero above the diagonal. The row sum in
+                // lanes (a plain `.sum()` stays scalar): this loop was an eighth of a bf16
+                // distillation step's samples.
+                ops::vectorized(|| {
+                    for (i, (row, prow)) in ds.chunks_mut(t).zip(p.chunks(t)).enumerate() {
+                        let dot = ops::dot(&row[..=i], &prow[..=i]);
+                        for (g, &p) in row[..=i].iter_mut().zip(&prow[..=i]) {
+                            *g = p * (*g - dot);
+                        }
+                        row[i + 1..].fill(0.0);
                     }
-                    row[i + 1..].fill(0.0);
-                }
+                });
                 let dsv = View::rows(&ds, t, t);
                 let qh = View::rows(&q[sh * t * d..][..t * d], t, d);
                 // dQ = scale·dS·K; dK += scale·dSᵀ·Q.
