@@ -1099,14 +1099,7 @@ pub fn finetune(
                             .for_each(|(s, g)| s.iter_mut().zip(g).for_each(|(s, g)| *s += g));
                     }
                     if let Some(keep) = &p.keep {
-                        (g.par_chunks_mut(optim::CHUNK))
-                            .zip(keep.par_chunks(optim::CHUNK))
-                            .for_each(|(g, keep)| {
-                                g.iter_mut()
-                                    .zip(keep)
-                                    .filter(|(_, k)| !**k)
-                                    .for_each(|(g, _)| *g = 0.0)
-                            });
+                        optim::zero_pruned(g, keep);
                     }
                 });
             (loss, step_parts, grads)
