@@ -1304,12 +1304,10 @@ fn distill_row_body(zs: &mut [f32], zt: &[f32], target: usize, row: &RowSettings
         log_sum_exp(zt, row.inv_temp),
     );
     let consts = RowConsts {
-        inv_temp: row.inv_temp,
+        settings: row,
         lse_t: lse_t as f32,
         lse_s: lse_s as f32,
         lse_s1: lse_s1 as f32,
-        ce_scale: row.ce_scale,
-        kl_scale: row.kl_scale,
     };
     let mut kl = 0f64;
     for (zs_part, zt_part) in zs.chunks_mut(256).zip(zt.chunks(256)) {
@@ -1327,29 +1325,32 @@ fn distill_row_body(zs: &mut [f32], zt: &[f32], target: usize, row: &RowSettings
 /// One position of [`distill_row_part`]: writes its gradient over the student's logit `v` and
 /// returns its KL term. A function, not a closure, so `#[inline(always)]` holds.
 #[inline(always)]
-fn distill_one<const TEMPERED: bool>(v: &mut f32, u: f32, c: &RowConsts) -> f32 {
+fn distill_one<const TEMPERED: bool>(v: &mut f32, u: f32, c: &RowConsts<'_>) -> f32 {
+    let RowSettings {
+        inv_temp,
+        ce_scale,
+        kl_scale,
+        ..
+    } = *c.settings;
     // log pₜ and log pₛ at the temperature.
-    let (a, b) = (u * c.inv_temp - c.lse_t, *v * c.inv_temp - c.lse_s);
+    let (a, b) = (u * inv_temp - c.lse_t, *v * inv_temp - c.lse_s);
     let (q, ps) = (ops::fast_exp(a), ops::fast_exp(b));
     let p = if TEMPERED {
         ops::fast_exp(*v - c.lse_s1)
     } else {
         ps
     };
-    *v = c.ce_scale * p + c.kl_scale * (ps - q);
+    *v = ce_scale * p + kl_scale * (ps - q);
     q * (a - b)
 }
 
-/// The per-row constants of [`distill_row_part`]: the inverse temperature, the teacher's and
-/// the student's log-sum-exps at the temperature and the student's at 1, and the two loss
-/// weights already divided by the row count.
-struct RowConsts {
-    inv_temp: f32,
+/// The per-row constants of [`distill_row_part`]: the chunk's shared settings, then the
+/// teacher's and the student's log-sum-exps at the temperature and the student's at 1.
+struct RowConsts<'a> {
+    settings: &'a RowSettings,
     lse_t: f32,
     lse_s: f32,
     lse_s1: f32,
-    ce_scale: f32,
-    kl_scale: f32,
 }
 
 /// One stretch of a distillation row: writes `ce_scale·softmax(z) + kl_scale·(softmax(z/T) −
@@ -1358,7 +1359,7 @@ struct RowConsts {
 /// sums let the compiler vectorise the loop (a single running sum is a serial chain it may
 /// not reorder); `TEMPERED` (T ≠ 1) adds the softmax at temperature 1 as its own `exp`.
 #[inline(always)]
-fn distill_row_part<const TEMPERED: bool>(zs: &mut [f32], zt: &[f32], c: &RowConsts) -> f32 {
+fn distill_row_part<const TEMPERED: bool>(zs: &mut [f32], zt: &[f32], c: &RowConsts<'_>) -> f32 {
     let whole = zs.len() - zs.len() % ops::LANES;
     let (body, tail) = zs.split_at_mut(whole);
     let mut acc = [0f32; ops::LANES];
