@@ -27,6 +27,8 @@
 #               distillation pass fits them in the same budget)          (~1 h 40 min)
 #     50-long-bf16  the same in bf16 products, 1650 steps (1,689,600 tokens; on a 2-core
 #               Intel Xeon with AMX, 2026-12-06)                         (~1 h 50 min)
+#     50-2h-bf16  the same with the faster bf16 step, 2100 steps (2,150,400 tokens; the
+#               same Xeon, 2026-12-06)                                   (~1 h 49 min)
 #     heldout   scores every export present on the held-out text           (~30 s per model)
 #     summary   prints the table from the reports present
 # Environment: ESPALIER (default target/release/espalier; `cargo build --release` first),
@@ -51,6 +53,7 @@ EXPORTS=(
     smollm2-sparsegpt-50-distill-long
     smollm2-sparsegpt-50-distill-long-lr3e-4
     smollm2-sparsegpt-50-distill-long-lr3e-4-bf16
+    smollm2-sparsegpt-50-distill-2h-bf16
     smollm2-wanda-50 smollm2-wanda-50-finetune smollm2-wanda-rigl-50
     smollm2-sparsegpt-2-4-seq smollm2-sparsegpt-2-4-distill smollm2-sparsegpt-2-4-distill-long
     smollm2-sparsegpt-2-4-finetune
@@ -131,7 +134,7 @@ PY
 }
 
 groups=("$@")
-[ ${#groups[@]} -gt 0 ] || groups=(2-4 50 2-4-ce rigl 2-4-long 50-long 50-long-lr3e-4 50-long-bf16 heldout summary)
+[ ${#groups[@]} -gt 0 ] || groups=(2-4 50 2-4-ce rigl 2-4-long 50-long 50-long-lr3e-4 50-long-bf16 50-2h-bf16 heldout summary)
 for g in "${groups[@]}"; do
     case $g in
         2-4) run pipelines/smollm2-sparsegpt-2-4-seq.toml pipelines/smollm2-sparsegpt-2-4-distill.toml ;;
@@ -146,10 +149,11 @@ for g in "${groups[@]}"; do
         50-long) run pipelines/smollm2-sparsegpt-50-distill-long.toml ;;
         50-long-lr3e-4) run pipelines/smollm2-sparsegpt-50-distill-long-lr3e-4.toml ;;
         50-long-bf16) run pipelines/smollm2-sparsegpt-50-distill-long-lr3e-4-bf16.toml ;;
+        50-2h-bf16) run pipelines/smollm2-sparsegpt-50-distill-2h-bf16.toml ;;
         rigl) run pipelines/smollm2-wanda.toml pipelines/smollm2-wanda-finetune.toml \
                   pipelines/smollm2-wanda-rigl.toml ;;
         heldout) heldout ;;
         summary) summary ;;
-        *) die "unknown group '$g' (2-4, 50, 2-4-ce, rigl, 2-4-long, 50-long, 50-long-lr3e-4, 50-long-bf16, heldout, summary)" ;;
+        *) die "unknown group '$g' (2-4, 50, 2-4-ce, rigl, 2-4-long, 50-long, 50-long-lr3e-4, 50-long-bf16, 50-2h-bf16, heldout, summary)" ;;
     esac
 done

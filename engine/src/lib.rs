@@ -15,6 +15,7 @@ pub mod linear;
 pub mod model;
 pub mod packed;
 pub mod tokenizer;
+pub mod wide;
 
 pub use builtin::{BUILTIN_MODELS, builtin_model};
 pub use config::{Architecture, ModelConfig};

@@ -13,6 +13,7 @@
 //! the norm's partial sums are added in chunk order, so a resumed run reproduces it exactly.
 //! Run on one core, they were a fifth of a distillation step's wall time on SmolLM2.
 
+use espalier_engine::wide;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
@@ -115,35 +116,6 @@ impl AdamW {
             });
     }
 }
-
-/// Runs an `#[inline(always)]` function's call compiled for AVX-512 where the CPU has it, else
-/// as it is. The binary targets baseline x86-64, where the element-wise passes below got 4-wide
-/// SSE at best; in a `#[target_feature]` function of its own the call is inlined and widened.
-/// The closure has that one call site (the portable branch calls the function itself), so LLVM
-/// inlines it whatever its size. IEEE operations in the same order either way (no fused
-/// multiply-add is formed), so the bits are the same on every CPU.
-macro_rules! wide {
-    ($f:ident($($arg:expr),* $(,)?)) => {{
-        #[cfg(target_arch = "x86_64")]
-        {
-            #[target_feature(enable = "avx512f")]
-            unsafe fn avx512<R>(f: impl FnOnce() -> R) -> R {
-                f()
-            }
-            if std::arch::is_x86_feature_detected!("avx512f") {
-                // SAFETY: AVX-512F is present, checked just above.
-                unsafe { avx512(|| $f($($arg),*)) }
-            } else {
-                $f($($arg),*)
-            }
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            $f($($arg),*)
-        }
-    }};
-}
-use wide;
 
 /// The per-step constants of [`update_chunk`].
 struct StepConstants {

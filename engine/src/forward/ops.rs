@@ -38,35 +38,8 @@ fn new_tensor(data: Vec<f32>, shape: &[usize]) -> Result<Tensor, EngineError> {
     Ok(Tensor::from_vec(data, shape, &Device::Cpu)?)
 }
 
-/// Runs `f` compiled for AVX-512 where the CPU has it, else as it is. The binary targets
-/// baseline x86-64, where the element-wise loops here got 4-wide SSE (the SwiGLU's, an `exp`
-/// and a division per element, was 4% of a 128-token bf16 prefill's samples in `perf`); a
-/// generic `#[target_feature]` trampoline lets LLVM inline `f` into a copy of itself built
-/// for AVX-512 and widen those loops there. It emits the same IEEE operations in the same order
-/// either way (no fused multiply-add is formed without fast-math flags), so the results are
-/// bit-identical: `vectorized_loops_equal_the_portable_ones` checks it.
-#[inline(always)]
-pub(crate) fn vectorized<R>(f: impl FnOnce() -> R) -> R {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
-        // SAFETY: AVX-512F is present, checked just above.
-        return unsafe { avx512_trampoline(f) };
-    }
-    f()
-}
-
-/// [`vectorized`]'s AVX-512 copy of `f`.
-///
-/// # Safety
-/// AVX-512F available.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn avx512_trampoline<R>(f: impl FnOnce() -> R) -> R {
-    f()
-}
-
 /// Applies `f(row_in, row_out)` to every row of width `width`, in parallel for large inputs
-/// (each row [`vectorized`]).
+/// (each row [`wide!`](crate::wide!)).
 fn map_rows(
     input: &[f32],
     width: usize,
@@ -80,12 +53,12 @@ fn map_rows(
         out.par_chunks_mut(width)
             .zip(input.par_chunks(width))
             .enumerate()
-            .for_each(|(r, (o, i))| vectorized(|| f(r, i, o)));
+            .for_each(|(r, (o, i))| crate::wide!(f(r, i, o)));
     } else {
         out.chunks_mut(width)
             .zip(input.chunks(width))
             .enumerate()
-            .for_each(|(r, (o, i))| vectorized(|| f(r, i, o)));
+            .for_each(|(r, (o, i))| crate::wide!(f(r, i, o)));
     }
     out
 }
@@ -719,7 +692,7 @@ fn zip_map(
         with_f32(y, |b| {
             let mut out = vec![0f32; a.len()];
             let run = |(o, (a, b)): (&mut [f32], (&[f32], &[f32]))| {
-                vectorized(|| {
+                crate::wide!({
                     for ((o, &a), &b) in o.iter_mut().zip(a).zip(b) {
                         *o = f(a, b);
                     }
@@ -873,10 +846,10 @@ mod tests {
         assert!((y[2] - 1f32.cos()).abs() < 1e-6 && (y[3] - 1f32.sin()).abs() < 1e-6);
     }
 
-    /// The AVX-512 copies [`vectorized`] makes give exactly the floats of the baseline build
-    /// for the loops it wraps: the SwiGLU, the softmax's exponentials and sum, the RMSNorm.
+    /// The AVX-512 copies [`wide!`](crate::wide!) makes give exactly the floats of the baseline
+    /// build for the loops it wraps: the SwiGLU, the softmax's exponentials and sum, the RMSNorm.
     #[test]
-    fn vectorized_loops_equal_the_portable_ones() {
+    fn wide_loops_equal_the_portable_ones() {
         let n = 1000 + 7;
         let g: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin() * 9.0).collect();
         let u: Vec<f32> = (0..n).map(|i| (i as f32 * 0.11).cos() * 3.0).collect();
@@ -899,11 +872,11 @@ mod tests {
                 *o = w * (v * inv);
             }
         };
-        // Generic, not `dyn`: each loop must be inlined into the trampoline to be rebuilt there.
+        // Generic, not `dyn`: each loop must be inlined into the AVX-512 copy to be rebuilt there.
         fn check(what: &str, n: usize, f: impl Fn(&mut [f32])) {
             let (mut plain, mut wide) = (vec![0f32; n], vec![0f32; n]);
             f(&mut plain);
-            vectorized(|| f(&mut wide));
+            crate::wide!(f(&mut wide));
             let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(&plain), bits(&wide), "{what}");
         }

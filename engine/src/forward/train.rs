@@ -1222,7 +1222,7 @@ fn distill_head_gradient_into(
                 .par_chunks_mut(vocab)
                 .zip(zt.par_chunks(vocab))
                 .zip(chunk.par_iter())
-                .map(|((zs, zt), &target)| distill_row(zs, zt, target as usize, &row))
+                .map(|((zs, zt), &target)| crate::wide!(distill_row(zs, zt, target as usize, &row)))
                 .collect();
             for (row_ce, row_kl) in row_parts {
                 ce += row_ce;
@@ -1245,39 +1245,9 @@ struct RowSettings {
     kl_scale: f32,
 }
 
-/// One row of [`distill_head_gradient_into`]: the student's logits `zs` become the row's
-/// gradient in place; returns the row's cross-entropy against `target` and its KL term.
-/// Runs [`distill_row_body`] compiled for AVX-512 where the CPU has it. An explicit
-/// `#[target_feature]` copy, not [`ops::vectorized`]: that relies on LLVM inlining the closure
-/// into its trampoline, which it declined for a body this size (`perf` showed this row's loops
-/// in 4-wide SSE, a seventh of a bf16 distillation step).
-fn distill_row(zs: &mut [f32], zt: &[f32], target: usize, row: &RowSettings) -> (f64, f64) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
-        // SAFETY: AVX-512F is present, checked just above.
-        return unsafe { distill_row_avx512(zs, zt, target, row) };
-    }
-    distill_row_body(zs, zt, target, row)
-}
-
-/// [`distill_row_body`] built for AVX-512.
-///
-/// # Safety
-/// AVX-512F available.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn distill_row_avx512(
-    zs: &mut [f32],
-    zt: &[f32],
-    target: usize,
-    row: &RowSettings,
-) -> (f64, f64) {
-    distill_row_body(zs, zt, target, row)
-}
-
 /// log Σ exp(s·v) over a row (partial sums in f32, accumulated in f64). `s` is positive (a
 /// temperature's inverse), so max(s·v) = s·max(v). A function, not a closure, so
-/// `#[inline(always)]` keeps it inside [`distill_row_avx512`].
+/// `#[inline(always)]` keeps it inside [`distill_row`]'s AVX-512 copy.
 #[inline(always)]
 fn log_sum_exp(values: &[f32], s: f32) -> f64 {
     let max = ops::max_f32(values) * s;
@@ -1288,11 +1258,14 @@ fn log_sum_exp(values: &[f32], s: f32) -> f64 {
     f64::from(max) + sum.ln()
 }
 
-/// [`distill_row`]'s work: both log-sum-exps, the cross-entropy, then the gradient and the KL
-/// term stretch by stretch ([`distill_row_part`]). The operations and their order are the same
-/// in every build, so the AVX-512 copy's results are bit-identical to the portable one's.
+/// One row of [`distill_head_gradient_into`]: the student's logits `zs` become the row's
+/// gradient in place; returns the row's cross-entropy against `target` and its KL term. Both
+/// log-sum-exps, the cross-entropy, then the gradient and the KL term stretch by stretch
+/// ([`distill_row_part`]). Called through [`wide!`](crate::wide!), whose AVX-512 copy `perf`
+/// showed to matter here (in 4-wide SSE the row was a seventh of a bf16 distillation step); its
+/// results are bit-identical to the portable build's.
 #[inline(always)]
-fn distill_row_body(zs: &mut [f32], zt: &[f32], target: usize, row: &RowSettings) -> (f64, f64) {
+fn distill_row(zs: &mut [f32], zt: &[f32], target: usize, row: &RowSettings) -> (f64, f64) {
     let lse_s1 = log_sum_exp(zs, 1.0);
     let nll = lse_s1 - f64::from(zs[target]);
     let (lse_s, lse_t) = (
@@ -1671,7 +1644,7 @@ fn block_backward(
                 // dS = P ⊙ (dP − rowsum(P ⊙ dP)), zero above the diagonal. The row sum in
                 // lanes (a plain `.sum()` stays scalar): this loop was an eighth of a bf16
                 // distillation step's samples.
-                ops::vectorized(|| {
+                crate::wide!({
                     for (i, (row, prow)) in ds.chunks_mut(t).zip(p.chunks(t)).enumerate() {
                         let dot = ops::dot(&row[..=i], &prow[..=i]);
                         for (g, &p) in row[..=i].iter_mut().zip(&prow[..=i]) {
