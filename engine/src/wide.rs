@@ -15,6 +15,9 @@
 //! Both branches run the same IEEE operations in the same order (no fused multiply-add is formed
 //! without fast-math flags), so the results are bit-identical on every CPU:
 //! `forward::ops`' `wide_loops_equal_the_portable_ones` checks it.
+//!
+//! [`sum_in_lanes`] is the reduction those loops share: a single running sum is a serial chain
+//! the compiler may not reorder, so it stays scalar even in the AVX-512 copy.
 
 /// Evaluates `$body` compiled for AVX-512 where the CPU has it, else as it is; see the
 /// [module](mod@crate::wide) for why a macro. `$body` is expanded into both branches, so it must
@@ -40,4 +43,44 @@ macro_rules! wide {
             $body
         }
     }};
+}
+
+/// `Σ term(x)` over `xs` in `N` running sums (lane `l` takes the values at `l`, `l + N`, ...),
+/// the lanes added in order, then the tail one by one: a fixed order, so the bits are the same in
+/// every build. `#[inline(always)]`, like the functions `term` calls, so it is widened inside a
+/// [`wide!`](crate::wide!) copy.
+#[inline(always)]
+pub fn sum_in_lanes<A, const N: usize>(xs: &[f32], term: impl Fn(f32) -> A) -> A
+where
+    A: Copy
+        + Default
+        + std::ops::Add<Output = A>
+        + std::ops::AddAssign
+        + for<'a> std::iter::Sum<&'a A>,
+{
+    let mut acc = [A::default(); N];
+    let chunks = xs.chunks_exact(N);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a += term(v);
+        }
+    }
+    let sum: A = acc.iter().sum();
+    tail.iter().fold(sum, |s, &v| s + term(v))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Whole lanes and a tail, in f32 and f64: integers, so every order gives the exact sum.
+    #[test]
+    fn lanes_sum_every_value_once() {
+        let xs: Vec<f32> = (1..=21).map(|i| i as f32).collect();
+        assert_eq!(sum_in_lanes::<f32, 8>(&xs, |v| v), 231.0);
+        assert_eq!(sum_in_lanes::<f64, 4>(&xs, |v| f64::from(v * v)), 3311.0);
+        assert_eq!(sum_in_lanes::<f32, 8>(&xs[..5], |v| 2.0 * v), 30.0);
+        assert_eq!(sum_in_lanes::<f32, 8>(&[], |v| v), 0.0);
+    }
 }

@@ -170,22 +170,10 @@ fn update_one(k: &StepConstants, (w, m, v): (&mut f32, &mut f32, &mut f32), g: f
     *w = if kept { w_next } else { 0.0 };
 }
 
-/// The sum of squares of `values` in f64, in [`LANES`] running sums (a single running sum is
-/// a serial chain the compiler may not reorder or widen).
+/// The sum of squares of `values` in f64, in 8 running sums.
 #[inline(always)]
 fn sum_of_squares(values: &[f32]) -> f64 {
-    const LANES: usize = 8;
-    let mut acc = [0f64; LANES];
-    let chunks = values.chunks_exact(LANES);
-    let tail = chunks.remainder();
-    for c in chunks {
-        for (a, &g) in acc.iter_mut().zip(c) {
-            *a += f64::from(g) * f64::from(g);
-        }
-    }
-    let sum: f64 = acc.iter().sum();
-    tail.iter()
-        .fold(sum, |s, &g| s + f64::from(g) * f64::from(g))
+    espalier_engine::wide::sum_in_lanes::<f64, 8>(values, |g| f64::from(g) * f64::from(g))
 }
 
 /// Sets `values` to exactly zero where `keep` is `false` (a select, so the loop vectorises).

@@ -141,17 +141,7 @@ fn exp_into(xs: &[f32], out: &mut [f32], scale: f32, shift: f32) -> f32 {
 /// The sum of `e^(x·scale - shift)` over `xs` ([`exp_into`] without the output).
 #[inline(always)]
 pub(crate) fn exp_sum(xs: &[f32], scale: f32, shift: f32) -> f32 {
-    let mut acc = [0f32; LANES];
-    let chunks = xs.chunks_exact(LANES);
-    let tail = chunks.remainder();
-    for c in chunks {
-        for (a, &v) in acc.iter_mut().zip(c) {
-            *a += fast_exp(v * scale - shift);
-        }
-    }
-    let sum: f32 = acc.iter().sum();
-    tail.iter()
-        .fold(sum, |s, &v| s + fast_exp(v * scale - shift))
+    crate::wide::sum_in_lanes::<f32, LANES>(xs, |v| fast_exp(v * scale - shift))
 }
 
 /// LLaMA's RMSNorm: `w · x / sqrt(mean(x²) + eps)`, per row of `x: [T, h]`.
