@@ -576,6 +576,8 @@ fn a_packed_export_runs_as_evaluated_and_refuses_damage() {
         dir.path(),
     );
     assert!(o.status.success(), "{:?}", text(&o));
+    // A bf16 export keeps its KV cache in f16 unless told otherwise.
+    assert!(text(&o).1.contains("KV cache f16"), "{:?}", text(&o));
     // `bench decode` with no pipeline times the export with its own masks, against the dense
     // model its report names (a packed export holds no dense weights).
     let bench = |model: &Path| {
@@ -669,6 +671,15 @@ fn generate_streams_text_and_refuses_bad_settings() {
     assert!(err.contains("--max-tokens reached"), "{err}");
     let again = espalier(&args, dir.path());
     assert_eq!(text(&again).0, out, "greedy decoding is deterministic");
+    // An f32 model's KV cache is f32 (exact) unless f16 is asked for; a type that does not
+    // exist is refused with the ones that do.
+    assert!(err.contains("KV cache f32"), "{err}");
+    let half = espalier(&[&args[..], &["--kv-cache", "f16"]].concat(), dir.path());
+    assert!(half.status.success(), "{:?}", text(&half));
+    assert!(text(&half).1.contains("KV cache f16"), "{:?}", text(&half));
+    let bad = espalier(&[&args[..], &["--kv-cache", "bf16"]].concat(), dir.path());
+    assert!(!bad.status.success());
+    assert!(text(&bad).1.contains("use f32 or f16"), "{:?}", text(&bad));
 
     let chat = espalier(
         &["generate", "builtin:tiny-llama", "--prompt", "Hi", "--chat"],

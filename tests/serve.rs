@@ -1083,8 +1083,39 @@ fn a_disconnect_frees_its_batch_slot_and_deadlines_end_generations() {
     let (s, e) = d.post_json("/openai/v1/completions", &huge, None);
     assert_eq!(s, 503, "{e:#}");
     assert_eq!(e["error"]["code"], "kv_cache_budget_exceeded", "{e:#}");
+    let message = e["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("MiB of f32 KV cache"), "{e:#}");
+    assert!(message.contains("kv_cache = \"f16\""), "{e:#}");
+    let f32_mib = mib_needed(message);
     assert_eq!(metric(&d, "espalier_generation_running"), 0.0);
     assert_eq!(metric(&d, "espalier_generation_waiting"), 0.0);
     let status = d.stop();
     assert!(status.success(), "{status:?}");
+
+    // `kv_cache = "f16"` reaches the model's sessions: the same request needs half the cache.
+    let d = Daemon::start_with(
+        &state,
+        false,
+        "kv_cache_mib = 64
+kv_cache = \"f16\"\n",
+    );
+    let (s, c) = d.post_json("/openai/v1/completions", &short, None);
+    assert_eq!(s, 200, "{c:#}");
+    let (s, e) = d.post_json("/openai/v1/completions", &huge, None);
+    assert_eq!(s, 503, "{e:#}");
+    let message = e["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("MiB of f16 KV cache"), "{e:#}");
+    assert_eq!(2 * mib_needed(message), f32_mib, "{e:#}");
+    let status = d.stop();
+    assert!(status.success(), "{status:?}");
+}
+
+/// The MiB a `kv_cache_budget_exceeded` message says the request needs.
+fn mib_needed(message: &str) -> u64 {
+    let (before, _) = message.split_once(" MiB of ").unwrap_or_default();
+    before
+        .rsplit(' ')
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no MiB figure in {message:?}"))
 }

@@ -8,6 +8,7 @@ use anyhow::{Result, bail};
 use clap::Args;
 use espalier::cancel::CancelToken;
 use espalier::generate::{GenerateSpec, Generator, Message, Sampling};
+use espalier_engine::KvDtype;
 
 /// Options of `espalier generate`.
 #[derive(Debug, Args)]
@@ -42,13 +43,31 @@ pub struct GenerateArgs {
     /// Stop when the text contains this (repeatable); it is not printed.
     #[arg(long)]
     pub stop: Vec<String>,
+    /// What the KV cache stores: f16 (half the memory and the bytes each token reads), f32
+    /// (exact), or auto (f16 for bf16/int8 models, f32 for f32 ones).
+    #[arg(long, default_value = "auto", value_parser = parse_kv_cache)]
+    pub kv_cache: KvCacheArg,
+}
+
+/// `--kv-cache`: a [`KvDtype`], or `None` for auto.
+pub type KvCacheArg = Option<KvDtype>;
+
+/// Parses `--kv-cache` (and the daemon's `kv_cache` key): `auto`, `f16` or `f32`.
+pub fn parse_kv_cache(s: &str) -> Result<KvCacheArg, String> {
+    match s {
+        "auto" => Ok(None),
+        other => other.parse().map(Some),
+    }
 }
 
 /// Runs `espalier generate`.
 pub fn run(args: GenerateArgs, models_dir: &std::path::Path) -> Result<()> {
     let model_ref =
         espalier::fetch::resolve(&args.model, models_dir, &mut |m| err!("espalier: {m}"))?;
-    let generator = Generator::load(&model_ref)?;
+    let mut generator = Generator::load(&model_ref)?;
+    if let Some(dtype) = args.kv_cache {
+        generator.session.set_kv_dtype(dtype);
+    }
     let prompt_text = if args.chat {
         let Some(template) = &generator.template else {
             bail!(
@@ -83,9 +102,10 @@ pub fn run(args: GenerateArgs, models_dir: &std::path::Path) -> Result<()> {
         ..GenerateSpec::default()
     };
     err!(
-        "espalier: {model_ref} ({} prompt tokens; linears: {})",
+        "espalier: {model_ref} ({} prompt tokens; linears: {}; KV cache {})",
         prompt.len(),
-        generator.kernels
+        generator.kernels,
+        generator.session.kv_dtype()
     );
     let mut stdout = std::io::stdout().lock();
     let mut closed = false;

@@ -3,13 +3,15 @@
 //! ```text
 //! cargo run --release -p espalier-engine --example bench_forward -- \
 //!     [MODEL] [--ppl-tokens N] [--window W] [--stride S] [--prompt P] [--new N] \
-//!     [--prefill-reps R] [--batch B]
+//!     [--prefill-reps R] [--batch B] [--kv-cache f32|f16]
 //! ```
 //!
 //! `--batch B` times `--new` batched decode steps of B sequences (each prefilled with the
 //! prompt into its own cache): what the server's continuous batching runs per step.
 //! `--prefill-reps R` also runs the prompt's prefill R more times (no cache) and prints the
 //! best and median: a prefill-only loop to profile (`perf record` around it).
+//! `--kv-cache f16` keeps the KV caches in f16 (as `espalier generate` and the daemon do for
+//! bf16 and int8 models); the default is f32.
 //! `--ppl-tokens 0` skips the perplexity run (a decode-only profile). MODEL defaults to `builtin:smollm2-135m-shapes` (random weights, SmolLM2-135M's shapes), so
 //! the figures need no download; tokens are a fixed pseudo-random sequence.
 
@@ -22,7 +24,7 @@ static ALLOCATOR: espalier_engine::hugepages::HugePageAlloc =
 use std::time::Instant;
 
 use espalier_engine::eval::{self, PerplexityOptions};
-use espalier_engine::{KvCache, Session, load_model};
+use espalier_engine::{KvCache, KvDtype, Session, load_model};
 
 /// CPU seconds (user + system) this process used so far, from `/proc/self/stat`: on a shared
 /// machine wall-clock time depends on the neighbours, CPU time much less.
@@ -44,6 +46,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let (mut ppl_tokens, mut window, mut stride, mut prompt, mut new) =
         (4096usize, 1024usize, 1024usize, 128usize, 32usize);
     let (mut prefill_reps, mut batch) = (0usize, 0usize);
+    let mut kv = KvDtype::F32;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut num = |name: &str| -> Result<usize, Box<dyn std::error::Error>> {
@@ -58,13 +61,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "--new" => new = num("--new")?,
             "--prefill-reps" => prefill_reps = num("--prefill-reps")?,
             "--batch" => batch = num("--batch")?,
+            "--kv-cache" => kv = args.next().ok_or("--kv-cache needs f32 or f16")?.parse()?,
             other if !other.starts_with("--") => model_ref = other.to_string(),
             other => return Err(format!("unknown option {other}").into()),
         }
     }
     let t0 = Instant::now();
     let model = load_model(&model_ref)?;
-    let session = Session::new(&model)?;
+    let mut session = Session::new(&model)?;
+    session.set_kv_dtype(kv);
     println!(
         "model {model_ref}: loaded in {:.2} s, {} threads",
         t0.elapsed().as_secs_f64(),

@@ -21,8 +21,8 @@ pub use builtin::{BUILTIN_MODELS, builtin_model};
 pub use config::{Architecture, ModelConfig};
 pub use error::EngineError;
 pub use forward::{
-    Distillation, GradientStats, KvCache, LinearObserver, LossGradients, Precision, Session,
-    TrainingPass,
+    Distillation, GradientStats, KvCache, KvDtype, LinearObserver, LossGradients, Precision,
+    Session, TrainingPass,
 };
 pub use layers::{LayerInfo, Role};
 pub use linear::{Linear, LinearKernel, LinearWeight};

@@ -429,7 +429,8 @@ fn sample(logits: &[f32], sampling: &Sampling, rng: &mut StdRng) -> u32 {
 }
 
 /// A model ready to generate: its forward pass (a pruned export's masked linears on Espalier's
-/// sparse kernels, as in its evaluation), tokenizer, chat template, end tokens and context.
+/// sparse kernels, as in its evaluation; KV caches in the type its weights suggest, which a
+/// caller may change through `session`), tokenizer, chat template, end tokens and context.
 /// The CLI's `generate` and the daemon's `/openai/v1` both load models through this.
 pub struct Generator {
     /// The forward pass.
@@ -466,6 +467,9 @@ impl Generator {
                 .collect::<Vec<_>>()
                 .join(", ");
         }
+        // Bf16 and int8 models keep their keys and values in f16 (half the cache's memory and
+        // the bytes each decode step reads), f32 models in f32 (exact); see `auto_kv_dtype`.
+        session.set_kv_dtype(session.auto_kv_dtype());
         let tokenizer = Tokenizer::for_model(&model)?;
         let template = match &dir {
             Some(d) => ChatTemplate::from_model_dir(d)?,

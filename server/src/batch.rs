@@ -151,8 +151,14 @@ impl Scheduler {
     ) -> Result<(), JobError> {
         let kv_bytes = self.kv_bytes(prompt.len(), spec.max_tokens);
         if kv_bytes > self.limits.kv_bytes {
+            let dtype = self.generator.session.kv_dtype();
+            let halve = if dtype == espalier_engine::KvDtype::F32 {
+                " (or set kv_cache = \"f16\" to halve it)"
+            } else {
+                ""
+            };
             return Err(JobError::TooLarge(format!(
-                "a prompt of {} tokens with max_tokens {} needs {} MiB of KV cache; the model's budget (kv_cache_mib) is {} MiB: ask for fewer tokens",
+                "a prompt of {} tokens with max_tokens {} needs {} MiB of {dtype} KV cache; the model's budget (kv_cache_mib) is {} MiB: ask for fewer tokens{halve}",
                 prompt.len(),
                 spec.max_tokens,
                 kv_bytes.div_ceil(1 << 20),

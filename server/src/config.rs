@@ -55,6 +55,9 @@ pub struct ServeConfig {
     /// each sequence reserves its prompt + `max_tokens` up front; a request that alone needs
     /// more gets 503, others wait until running ones finish.
     pub kv_cache_mib: usize,
+    /// What the KV caches store (`kv_cache`: "auto", "f16" or "f32"); `None` is auto, f16
+    /// for bf16/int8 models and f32 for f32 ones.
+    pub kv_cache: Option<espalier_engine::KvDtype>,
     /// Longest a generation may decode, seconds (`generation_deadline_s`); then it ends with
     /// the text so far and finish_reason `length`.
     pub generation_deadline_s: u64,
@@ -76,6 +79,7 @@ impl Default for ServeConfig {
             generation_slots: 16,
             generation_queue: 64,
             kv_cache_mib: 2048,
+            kv_cache: None,
             generation_deadline_s: 600,
             trust: Default::default(),
         }
@@ -97,6 +101,7 @@ struct RawConfig {
     generation_slots: Option<usize>,
     generation_queue: Option<usize>,
     kv_cache_mib: Option<usize>,
+    kv_cache: Option<String>,
     generation_deadline_s: Option<u64>,
     trusted_keys: Option<Vec<PathBuf>>,
     require_signatures: Option<bool>,
@@ -186,6 +191,16 @@ impl ServeConfig {
         }
         if let Some(n) = raw.kv_cache_mib {
             c.kv_cache_mib = n;
+        }
+        if let Some(kind) = &raw.kv_cache {
+            c.kv_cache = match kind.as_str() {
+                "auto" => None,
+                other => Some(
+                    other
+                        .parse()
+                        .map_err(|e: String| err(format!("kv_cache: {e} (or auto)")))?,
+                ),
+            };
         }
         if let Some(n) = raw.generation_deadline_s {
             c.generation_deadline_s = n;
@@ -292,5 +307,22 @@ mod tests {
         assert!(e.to_string().starts_with("c.toml:1:1: "), "{e}");
         let e = ServeConfig::parse("c.toml", "concurrency = 0\n", Path::new("")).unwrap_err();
         assert!(e.to_string().contains("concurrency"), "{e}");
+    }
+
+    /// `kv_cache`: auto (the default) leaves the choice to the model, f16 and f32 force it,
+    /// anything else names the key and the values it takes.
+    #[test]
+    fn kv_cache_type_is_auto_or_named() {
+        let parse = |text: &str| ServeConfig::parse("c.toml", text, Path::new(""));
+        assert_eq!(parse("").unwrap().kv_cache, None);
+        assert_eq!(parse("kv_cache = \"auto\"\n").unwrap().kv_cache, None);
+        let f16 = parse("kv_cache = \"f16\"\n").unwrap().kv_cache;
+        assert_eq!(f16, Some(espalier_engine::KvDtype::F16));
+        let e = parse("kv_cache = \"q8\"\n").unwrap_err().to_string();
+        assert!(
+            e.starts_with("c.toml") && e.contains("kv_cache: `q8`"),
+            "{e}"
+        );
+        assert!(e.contains("f32 or f16 (or auto)"), "{e}");
     }
 }

@@ -228,12 +228,15 @@ fn load(daemon: &Arc<Daemon>, name: &str) -> Result<Loaded, OpenAiError> {
             .to_string(),
         _ => daemon.layout.model(name).map_err(not_found)?,
     };
-    let generator = Generator::load(&reference).map_err(|e| match e {
+    let mut generator = Generator::load(&reference).map_err(|e| match e {
         GenerateError::Engine(e) => not_found(format!("model `{name}` cannot be loaded: {e}")),
         e => internal(e),
     })?;
-    let generator = Arc::new(generator);
     let c = &daemon.config;
+    if let Some(dtype) = c.kv_cache {
+        generator.session.set_kv_dtype(dtype);
+    }
+    let generator = Arc::new(generator);
     let limits = Limits {
         slots: c.generation_slots.max(1),
         kv_bytes: c.kv_cache_mib.saturating_mul(1 << 20),

@@ -21,13 +21,13 @@ mod train;
 
 use std::sync::Arc;
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use espalier_kernels::team;
 use serde_json::Value;
 
 use crate::config::{Architecture, ModelConfig};
 use crate::error::EngineError;
-use crate::linear::{Linear, LinearKernel};
+use crate::linear::{Linear, LinearKernel, LinearWeight};
 use crate::model::Model;
 
 pub use grad::{Distillation, GradientStats, LossGradients};
@@ -107,10 +107,63 @@ struct Block {
     mlp: Mlp,
 }
 
+/// What a [`KvCache`] stores its keys and values as (the session's [`Session::set_kv_dtype`]).
+///
+/// The attention arithmetic is f32 either way; f16 halves the cache's memory and the bytes
+/// every decode step reads from it (llama.cpp's default cache type, and vLLM's `auto` for a
+/// 16-bit model), at a rounding of each cached value to 11 significant bits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KvDtype {
+    /// Exact: decoding with the cache computes what the uncached forward pass does.
+    #[default]
+    F32,
+    /// Half precision; a key or value beyond ±65504 is refused rather than stored as infinity.
+    F16,
+}
+
+impl KvDtype {
+    /// Bytes of one cached value.
+    pub fn size(self) -> usize {
+        match self {
+            KvDtype::F32 => 4,
+            KvDtype::F16 => 2,
+        }
+    }
+
+    fn candle(self) -> DType {
+        match self {
+            KvDtype::F32 => DType::F32,
+            KvDtype::F16 => DType::F16,
+        }
+    }
+}
+
+impl std::fmt::Display for KvDtype {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            KvDtype::F32 => "f32",
+            KvDtype::F16 => "f16",
+        })
+    }
+}
+
+impl std::str::FromStr for KvDtype {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "f32" => Ok(KvDtype::F32),
+            "f16" => Ok(KvDtype::F16),
+            other => Err(format!("`{other}` is not a KV cache type: use f32 or f16")),
+        }
+    }
+}
+
 /// The per-layer keys and values of the tokens seen so far, for incremental decoding.
 ///
 /// Buffers are preallocated and grow by doubling, so appending one token copies only that
-/// token's keys and values. A cache belongs to the [`Session`] that filled it.
+/// token's keys and values. A cache belongs to the [`Session`] that filled it, and stores its
+/// values as that session's [`KvDtype`].
 #[derive(Debug, Default)]
 pub struct KvCache {
     layers: Vec<Option<LayerKv>>,
@@ -176,15 +229,21 @@ impl KvCache {
             .map(|e| (&e.k, &e.v, e.capacity))
     }
 
-    /// Writes `k`, `v` (`[kv_heads, t, head_dim]`) at position `self.len` of `layer` and
-    /// returns views of all keys and values up to and including them.
+    /// Writes `k`, `v` (`[kv_heads, t, head_dim]`, f32) at position `self.len` of `layer`,
+    /// stored as `dtype` (the caller then advances `len` past them).
     fn append(
         &mut self,
         layer: usize,
         k: &Tensor,
         v: &Tensor,
-    ) -> Result<(Tensor, Tensor), EngineError> {
+        dtype: KvDtype,
+    ) -> Result<(), EngineError> {
         let (kv_heads, t, head_dim) = k.dims3()?;
+        let (k, v) = if dtype == KvDtype::F16 {
+            (to_f16(k, layer, "key")?, to_f16(v, layer, "value")?)
+        } else {
+            (k.clone(), v.clone())
+        };
         let start = self.len;
         let needed = start + t;
         if self.layers.len() <= layer {
@@ -192,12 +251,14 @@ impl KvCache {
         }
         let slot = &mut self.layers[layer];
         if let Some(entry) = slot.as_ref()
-            && entry.k.dims() != [kv_heads, entry.capacity, head_dim]
+            && (entry.k.dims() != [kv_heads, entry.capacity, head_dim]
+                || entry.k.dtype() != dtype.candle())
         {
             return Err(EngineError::Input(format!(
-                "KV cache of layer {layer} holds shape {:?}, this model needs [{kv_heads}, _, {head_dim}]: \
+                "KV cache of layer {layer} holds {:?} {:?}, this session needs [{kv_heads}, _, {head_dim}] {dtype}: \
                  a cache belongs to the session that filled it",
-                entry.k.dims()
+                entry.k.dims(),
+                entry.k.dtype()
             )));
         }
         let grow = slot.as_ref().is_none_or(|e| e.capacity < needed);
@@ -225,8 +286,32 @@ impl KvCache {
             .ok_or_else(|| EngineError::Input("internal: KV cache slot empty".into()))?;
         entry.k.slice_set(&k.contiguous()?, 1, start)?;
         entry.v.slice_set(&v.contiguous()?, 1, start)?;
-        Ok((entry.k.narrow(1, 0, needed)?, entry.v.narrow(1, 0, needed)?))
+        Ok(())
     }
+
+    /// The first `visible` keys and values of `layer` (`[kv_heads, visible, head_dim]`) as f32,
+    /// for the prefill's matmuls: views of the buffers when they are f32, widened copies when
+    /// not.
+    fn visible_f32(&self, layer: usize, visible: usize) -> Result<(Tensor, Tensor), EngineError> {
+        let (k, v, _) = self
+            .layer_buffers(layer)
+            .ok_or_else(|| EngineError::Input("internal: KV cache layer missing".into()))?;
+        let (k, v) = (k.narrow(1, 0, visible)?, v.narrow(1, 0, visible)?);
+        Ok((k.to_dtype(DType::F32)?, v.to_dtype(DType::F32)?))
+    }
+}
+
+/// `x` (f32) rounded to f16, or an error naming the layer when a value is beyond f16's range
+/// (it would be cached as infinity and turn that sequence's attention into NaN).
+fn to_f16(x: &Tensor, layer: usize, what: &str) -> Result<Tensor, EngineError> {
+    let largest = ops::with_f32(x, |xs| Ok(xs.iter().fold(0f32, |m, v| m.max(v.abs()))))?;
+    if largest > f32::from(half::f16::MAX) || largest.is_nan() {
+        return Err(EngineError::Input(format!(
+            "a {what} of layer {layer} is {largest}, beyond the f16 KV cache's range (65504): \
+             use an f32 KV cache for this model (kv_cache = \"f32\", or --kv-cache f32)"
+        )));
+    }
+    Ok(x.to_dtype(DType::F16)?)
 }
 
 /// A model ready to run: blocks of [`Linear`] layers, norms and embeddings.
@@ -244,6 +329,8 @@ pub struct Session {
     attn_scale_by_layer: bool,
     /// GPT-2's `scale_attn_weights` (scores divided by `sqrt(head_dim)`); always on for LLaMA.
     scale_attn: bool,
+    /// What the KV caches this session fills store.
+    kv_dtype: KvDtype,
 }
 
 fn tensor<'a>(model: &'a Model, name: &str) -> Result<&'a Tensor, EngineError> {
@@ -381,6 +468,7 @@ impl Session {
             rope_theta: Some(rope_theta),
             attn_scale_by_layer: false,
             scale_attn: true,
+            kv_dtype: KvDtype::F32,
         })
     }
 
@@ -464,6 +552,7 @@ impl Session {
             rope_theta: None,
             attn_scale_by_layer: flag("scale_attn_by_inverse_layer_idx", false),
             scale_attn: flag("scale_attn_weights", true),
+            kv_dtype: KvDtype::F32,
         })
     }
 
@@ -519,13 +608,37 @@ impl Session {
         self.pos_embed.as_ref().map_or(usize::MAX, |p| p.dims()[0])
     }
 
+    /// What this session's KV caches store (f32 unless set).
+    pub fn kv_dtype(&self) -> KvDtype {
+        self.kv_dtype
+    }
+
+    /// Sets what the KV caches this session fills from now on store (a cache already filled
+    /// keeps its type, and the session refuses to append to it).
+    pub fn set_kv_dtype(&mut self, dtype: KvDtype) {
+        self.kv_dtype = dtype;
+    }
+
+    /// The KV cache type that fits this session's weights, as vLLM's `auto` takes the model's
+    /// dtype: f16 when every block's linears store bf16 or int8 values (in any format), f32
+    /// when any stores f32, so an f32 model's decoding stays exact.
+    pub fn auto_kv_dtype(&self) -> KvDtype {
+        let wide = self.block_linears().iter().any(|l| match l.weight() {
+            LinearWeight::Dense(w) => w.dtype() == DType::F32,
+            LinearWeight::Kernel(k) => k
+                .packed()
+                .is_none_or(|p| p.dtype() == espalier_kernels::Dtype::F32),
+        });
+        if wide { KvDtype::F32 } else { KvDtype::F16 }
+    }
+
     /// Bytes one token takes in a [`KvCache`] of this session (keys and values of every block,
-    /// f32): what a sequence of `n` tokens reserves with [`KvCache::with_capacity`] is `n` times
-    /// this (at least 16 positions).
+    /// in its [`KvDtype`]): what a sequence of `n` tokens reserves with
+    /// [`KvCache::with_capacity`] is `n` times this (at least 16 positions).
     pub fn kv_bytes_per_token(&self) -> usize {
         self.blocks
             .iter()
-            .map(|b| 2 * b.kv_heads * self.head_dim * std::mem::size_of::<f32>())
+            .map(|b| 2 * b.kv_heads * self.head_dim * self.kv_dtype.size())
             .sum()
     }
 
@@ -727,11 +840,11 @@ impl Session {
                 let qi = ops::split_heads(&q.narrow(0, at, n)?, heads, d, rope)?;
                 let ki = ops::split_heads(&k.narrow(0, at, n)?, block.kv_heads, d, rope)?;
                 let vi = ops::split_heads(&v.narrow(0, at, n)?, block.kv_heads, d, None)?;
+                cache.append(layer, &ki, &vi, self.kv_dtype)?;
                 if n == 1 {
-                    cache.append(layer, &ki, &vi)?;
                     self.attend_cached_one(block, layer, &qi, cache, starts[i] + 1, out)
                 } else {
-                    let (kc, vc) = cache.append(layer, &ki, &vi)?;
+                    let (kc, vc) = cache.visible_f32(layer, starts[i] + n)?;
                     self.attend(block, layer, &qi, &kc, &vc, starts[i], out)
                 }
             };
@@ -1127,11 +1240,12 @@ impl Session {
         let mut ctx = vec![0f32; t * heads * d];
         match cache {
             Some(c) if t == 1 => {
-                c.append(layer, &k, &v)?;
+                c.append(layer, &k, &v, self.kv_dtype)?;
                 self.attend_cached_one(block, layer, &q, c, start + 1, &mut ctx)?;
             }
             Some(c) => {
-                let (k, v) = c.append(layer, &k, &v)?;
+                c.append(layer, &k, &v, self.kv_dtype)?;
+                let (k, v) = c.visible_f32(layer, start + t)?;
                 self.attend(block, layer, &q, &k, &v, start, &mut ctx)?;
             }
             None => self.attend(block, layer, &q, &k, &v, start, &mut ctx)?,
@@ -1156,14 +1270,21 @@ impl Session {
             .ok_or_else(|| EngineError::Input("internal: KV cache layer missing".into()))?;
         let scale = self.attention_scale(layer) as f32;
         let (heads, kv_heads, d) = (block.heads, block.kv_heads, self.head_dim);
-        with_f32(q, |qs| {
-            with_f32(k, |ks| {
+        with_f32(q, |qs| match k.dtype() {
+            DType::F16 => ops::with_slice::<half::f16, _>(k, |ks| {
+                ops::with_slice::<half::f16, _>(v, |vs| {
+                    ops::attend_one(
+                        qs, ks, vs, capacity, visible, heads, kv_heads, d, scale, ctx,
+                    )
+                })
+            }),
+            _ => with_f32(k, |ks| {
                 with_f32(v, |vs| {
                     ops::attend_one(
                         qs, ks, vs, capacity, visible, heads, kv_heads, d, scale, ctx,
                     )
                 })
-            })
+            }),
         })
     }
 
@@ -1323,9 +1444,15 @@ mod tests {
 
     #[test]
     fn batched_decoding_equals_decoding_each_sequence_alone() {
-        for name in ["tiny-llama", "tiny-gpt2"] {
+        for (name, kv) in [
+            ("tiny-llama", KvDtype::F32),
+            ("tiny-gpt2", KvDtype::F32),
+            ("tiny-llama", KvDtype::F16),
+        ] {
             let model = builtin_model(name).unwrap();
-            let s = Session::new(&model).unwrap();
+            let mut s = Session::new(&model).unwrap();
+            s.set_kv_dtype(kv);
+            let name = format!("{name} ({kv} cache)");
             // Prompts of mixed lengths, so every row of a step sits at another position.
             let prompts = mixed_prompts(&[3, 11, 1, 6], 53, 7);
             let steps = 12;
@@ -1404,6 +1531,49 @@ mod tests {
             assert_eq!(max_diff(&one, &batched), 0.0, "{name}");
             assert!(s.decode_batch(&[1, 2], &mut [&mut a]).is_err());
         }
+    }
+
+    /// An f16 cache decodes what the f32 one does up to f16's rounding of the cached keys and
+    /// values, in half the bytes; a session refuses a cache of the other type, and a key beyond
+    /// f16's range is refused with the fix rather than cached as infinity.
+    #[test]
+    fn f16_cache_decodes_as_the_f32_cache_in_half_the_bytes() {
+        let model = builtin_model("tiny-llama").unwrap();
+        let mut s = Session::new(&model).unwrap();
+        let prompt = &mixed_prompts(&[9], 53, 3)[0];
+        let decode = |s: &Session| {
+            let mut cache = KvCache::with_capacity(32);
+            let mut logits = vec![s.forward(prompt, Some(&mut cache)).unwrap()];
+            for t in [5, 17, 2, 40] {
+                logits.push(s.forward(&[t], Some(&mut cache)).unwrap());
+            }
+            (Tensor::cat(&logits, 0).unwrap(), cache)
+        };
+        let (exact, f32_cache) = decode(&s);
+        s.set_kv_dtype(KvDtype::F16);
+        let (rounded, mut f16_cache) = decode(&s);
+        let diff = max_diff(&exact, &rounded);
+        assert!(diff > 0.0 && diff < 1e-2, "f16 against f32 cache: {diff}");
+        assert_eq!(2 * f16_cache.bytes(), f32_cache.bytes());
+        assert_eq!(f16_cache.bytes(), 32 * s.kv_bytes_per_token());
+        let mut f32_cache = f32_cache;
+        let err = s.forward(&[1], Some(&mut f32_cache)).unwrap_err();
+        assert!(err.to_string().contains("belongs to the session"), "{err}");
+        s.set_kv_dtype(KvDtype::F32);
+        assert!(s.forward(&[1], Some(&mut f16_cache)).is_err());
+        let far = Tensor::from_vec(vec![1.0f32, -7.0e4], (1, 1, 2), &Device::Cpu).unwrap();
+        let err = to_f16(&far, 3, "key").unwrap_err().to_string();
+        assert!(
+            err.contains("layer 3") && err.contains("kv_cache = \"f32\""),
+            "{err}"
+        );
+        assert_eq!("f16".parse::<KvDtype>(), Ok(KvDtype::F16));
+        assert!(
+            "bf16"
+                .parse::<KvDtype>()
+                .unwrap_err()
+                .contains("f32 or f16")
+        );
     }
 
     #[test]
