@@ -211,6 +211,33 @@ impl BitmapMatrix {
         Ok(())
     }
 
+    /// `Y = X·Wᵀ` for 2 to [`FEW_TOKENS_MAX`] tokens of bf16 values on AVX512-BF16 (lengths
+    /// checked by the caller): the bf16 GEMV's fused expand-and-`vpdpbf16ps` loop with every
+    /// expanded word used for each token, rows split over the pool as the GEMV splits them.
+    /// Each token's outputs equal its GEMV's bit for bit.
+    #[cfg(target_arch = "x86_64")]
+    fn gemm_few_bf16(&self, bits: &[u16], x: &[f32], tokens: usize, y: &mut [f32], exec: Exec) {
+        let pairs = self.cols.div_ceil(2);
+        let xb = crate::gemm_bf16::pack_activations(x, tokens, self.cols);
+        let work = par::work_bytes(
+            self.bytes(),
+            self.rows * self.cols,
+            crate::plan::bitmap_compute_per_weight(self.dtype()),
+        );
+        let tasks = par::task_count(exec, self.rows, work, par::MIN_TASK_BYTES);
+        let bounds = par::even_bounds(self.rows, tasks);
+        let out = par::SharedOut::new(y);
+        par::for_each_bound(&bounds, |r| {
+            // SAFETY: AVX-512F/BW/VBMI2/BF16 present (`bf16_expand_dp` with an effective
+            // AVX-512); the arrays are consistent by construction; `xb` holds `tokens` rows of
+            // `pairs` and `x` of `cols`, `y` is `[tokens, rows]`, and the bounds' row ranges
+            // are disjoint.
+            unsafe {
+                x86::gemm_rows_bf16_vbmi2_dp(self, bits, r, tokens, pairs, &xb, x, out, self.rows)
+            }
+        });
+    }
+
     /// Rows `rows` of `y = W·x`, on the kernel `inputs` was prepared for.
     fn gemv_rows<T: Element>(
         &self,
@@ -309,14 +336,18 @@ impl BitmapMatrix {
         expect_len("y", checked_len(tokens, self.rows)?, y.len())?;
         if self.expands_for_batch(exec)
             && let Values::Bf16(vals) = &self.values
+            && tokens > FEW_TOKENS_MAX
+            && crate::lanes_amx::takes(self.cols, tokens)
+            && lanes::available_bf16(exec.isa, self.cols)
+            && let Some(bits) = Element::bf16_bits(vals.as_slice())
+        {
+            crate::lanes_amx::bitmap_gemm(&self.amx_rows(bits), x, tokens, y, exec);
+            return Ok(());
+        }
+        if self.expands_for_batch(exec)
+            && let Values::Bf16(vals) = &self.values
             && self.rows_on_lanes(tokens, exec)
         {
-            if crate::lanes_amx::takes(self.cols, tokens)
-                && let Some(bits) = Element::bf16_bits(vals.as_slice())
-            {
-                crate::lanes_amx::bitmap_gemm(&self.amx_rows(bits), x, tokens, y, exec);
-                return Ok(());
-            }
             let write = |r: usize, row: &mut [half::bf16]| {
                 // The same row of the next tile, into L2 while this tile is multiplied (as
                 // the dense tiles request theirs).
@@ -328,6 +359,15 @@ impl BitmapMatrix {
             return Ok(());
         }
         let y = y.init();
+        #[cfg(target_arch = "x86_64")]
+        if let Values::Bf16(vals) = &self.values
+            && (2..=FEW_TOKENS_MAX).contains(&tokens)
+            && bf16_expand_dp(exec.isa.effective())
+            && let Some(bits) = Element::bf16_bits(vals.as_slice())
+        {
+            self.gemm_few_bf16(bits, x, tokens, y, exec);
+            return Ok(());
+        }
         if tokens <= 2 {
             for t in 0..tokens {
                 let (xs, ys) = (
@@ -393,6 +433,19 @@ struct Inputs<'a> {
     xq: Option<&'a ActivationsI16>,
     xb: Option<&'a [u32]>,
 }
+
+/// Most tokens a bf16 bitmap product runs as one GEMV-like pass over the weights for all of
+/// them ([`BitmapMatrix::gemm_few_bf16`]); above, AMX where present ([`lanes_amx`]'s bitmap
+/// tiles), else the expanded rows' tiles and from [`lanes::MIN_TOKENS`] the tokens-in-lanes
+/// GEMM. Whole Wanda 50% SmolLM2 decode steps on the Xeon (`bench_forward
+/// out/smollm2-wanda-50-bf16 --batch B --kv-cache f16`, twice) against the kernels before (a
+/// GEMV per token at 2, the expanded rows' tiles at 3 to 8): 2 sequences 15.5-15.7 -> 12.3-12.7
+/// ms, 3: 17.1-17.3 -> 12.5 (AMX from 3: 16.0-17.0), 4: 15.9-16.6 -> 13.6-14.2 (AMX:
+/// 17.2-17.3); 6 and 8 on AMX: 19.1-19.5 -> 17.5-18.8 and 23.1-23.2 -> 19.0-20.0 (this pass at
+/// 6 and 8: 18.8-19.8, 23.6-23.9).
+///
+/// [`lanes_amx`]: crate::lanes_amx
+pub(crate) const FEW_TOKENS_MAX: usize = 4;
 
 /// Whether the bf16 GEMV runs the expand-and-`vdpbf16ps` kernel: AVX-512 in use with VBMI2
 /// and AVX512-BF16 (Zen 4, Sapphire Rapids and later).
@@ -673,6 +726,7 @@ static SHUF_BF16: [[u8; 32]; 256] = bf16_shuffle_table();
 mod x86 {
     use super::{BitmapMatrix, LANES, PERM, SHUF_BF16};
     use crate::element::{Dtype, Element};
+    use crate::par::SharedOut;
     use crate::quant::{ActivationsI16, I16_CHUNK};
     use crate::simd::x86::{dot64_i8_i16, hsum, sum_i32_lanes};
     use std::arch::x86_64::*;
@@ -904,6 +958,128 @@ mod x86 {
                 *yi = s + bf16_tail(&mrow[4 * words..], 32 * words, &vals[vi..], x);
             }
         }
+    }
+
+    /// [`gemv_rows_bf16_vbmi2_dp`] for several tokens at once (`xb`, `x`: `tokens` rows of
+    /// `pairs` and `cols`): each word's values are loaded and expanded once per group of up to
+    /// four tokens, and the row stays in L1 across groups, so the weights are read from memory
+    /// once for the step, as in one token's GEMV, instead of once per token. Each token's sums
+    /// run exactly as [`gemv_rows_bf16_vbmi2_dp`] runs them (two accumulators by word parity,
+    /// then the tail), so every row equals that token's GEMV bit for bit. Row `r` of token `t`
+    /// goes to `out[t * out_rows + r]`.
+    ///
+    /// # Safety
+    /// As [`gemv_rows_bf16_vbmi2_dp`] per token, with `xb.len() >= tokens * pairs`,
+    /// `pairs >= m.cols / 2`, `x.len() == tokens * m.cols`; `out` holds `tokens * out_rows`
+    /// values, `rows.end <= out_rows`, and no other task writes these rows.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi2,avx512bf16,popcnt")]
+    pub(super) unsafe fn gemm_rows_bf16_vbmi2_dp(
+        m: &BitmapMatrix,
+        vals: &[u16],
+        rows: Range<usize>,
+        tokens: usize,
+        pairs: usize,
+        xb: &[u32],
+        x: &[f32],
+        out: SharedOut,
+        out_rows: usize,
+    ) {
+        let (masks, stride, row_ptr, cols) = (&m.masks, m.stride, &m.row_ptr, m.cols);
+        let words = cols / 32;
+        assert!(xb.len() >= tokens * pairs && 16 * words <= pairs && x.len() == tokens * cols);
+        for r in rows {
+            let mrow = &masks[r * stride..][..stride];
+            let v0 = row_ptr[r] as usize;
+            let mut t0 = 0;
+            while t0 < tokens {
+                let n = (tokens - t0).min(4);
+                let xg = &xb[t0 * pairs..];
+                let mut dots = [0f32; 4];
+                // SAFETY: the function's contract; `xg` holds `n` tokens of `pairs` pairs.
+                let vi = unsafe {
+                    match n {
+                        4 => row_dots_bf16::<4>(mrow, vals, v0, words, xg, pairs, &mut dots),
+                        3 => row_dots_bf16::<3>(mrow, vals, v0, words, xg, pairs, &mut dots),
+                        2 => row_dots_bf16::<2>(mrow, vals, v0, words, xg, pairs, &mut dots),
+                        _ => row_dots_bf16::<1>(mrow, vals, v0, words, xg, pairs, &mut dots),
+                    }
+                };
+                for (j, d) in dots.iter().enumerate().take(n) {
+                    let t = t0 + j;
+                    let tail = bf16_tail(
+                        &mrow[4 * words..],
+                        32 * words,
+                        &vals[vi..],
+                        &x[t * cols..][..cols],
+                    );
+                    // SAFETY: row `r` of token `t` is this task's (contract).
+                    unsafe { out.write(t * out_rows + r, d + tail) };
+                }
+                t0 += n;
+            }
+        }
+    }
+
+    /// One bitmap row's whole words dotted with `N` tokens' bf16 pairs (token `j`'s at
+    /// `xb[j * pairs..]`), each token's sum as [`gemv_rows_bf16_vbmi2_dp`] forms it (before
+    /// its tail), into `dots[..N]`; returns the offset of the row's first value after its
+    /// whole words (where the tail's start).
+    ///
+    /// # Safety
+    /// AVX-512F/BW/VBMI2/BF16 (inlined into [`gemm_rows_bf16_vbmi2_dp`]); `mrow` one row's
+    /// masks with at least `4 * words` bytes, that row's values starting at `vals[v0]`;
+    /// `xb` holds `N * pairs` pairs, `pairs >= 16 * words`.
+    #[inline(always)]
+    unsafe fn row_dots_bf16<const N: usize>(
+        mrow: &[u8],
+        vals: &[u16],
+        v0: usize,
+        words: usize,
+        xb: &[u32],
+        pairs: usize,
+        dots: &mut [f32; 4],
+    ) -> usize {
+        let (mp, vp, xp) = (mrow.as_ptr(), vals.as_ptr(), xb.as_ptr());
+        let mut vi = v0;
+        // SAFETY: AVX-512F (contract).
+        let mut acc = [[unsafe { _mm512_setzero_ps() }; 2]; N];
+        // SAFETY: as in `gemv_rows_bf16_vbmi2_dp`: each masked load reads exactly its word's
+        // popcount of the row's values; mask reads below 4 * words; pair reads of token j
+        // below j * pairs + 16 * words <= N * pairs; prefetches never fault.
+        unsafe {
+            let expand = |vi: &mut usize, k: usize| -> __m512bh {
+                let mask = mp.add(4 * k).cast::<u32>().read_unaligned();
+                let n = mask.count_ones();
+                let packed = _mm512_maskz_loadu_epi16(((1u64 << n) - 1) as u32, vp.add(*vi).cast());
+                *vi += n as usize;
+                std::mem::transmute(_mm512_maskz_expand_epi16(mask, packed))
+            };
+            let pair = |j: usize, k: usize| -> __m512bh {
+                std::mem::transmute(_mm512_loadu_si512(xp.add(j * pairs + 16 * k).cast()))
+            };
+            let mut k = 0;
+            while k + 2 <= words {
+                _mm_prefetch::<_MM_HINT_T0>(vp.add(vi).cast::<i8>().wrapping_add(PF_VALUES));
+                _mm_prefetch::<_MM_HINT_T0>(mp.add(4 * k).cast::<i8>().wrapping_add(PF_MASKS));
+                let (w0, w1) = (expand(&mut vi, k), expand(&mut vi, k + 1));
+                for (j, a) in acc.iter_mut().enumerate() {
+                    a[0] = _mm512_dpbf16_ps(a[0], w0, pair(j, k));
+                    a[1] = _mm512_dpbf16_ps(a[1], w1, pair(j, k + 1));
+                }
+                k += 2;
+            }
+            if k < words {
+                let w0 = expand(&mut vi, k);
+                for (j, a) in acc.iter_mut().enumerate() {
+                    a[0] = _mm512_dpbf16_ps(a[0], w0, pair(j, k));
+                }
+            }
+            for (d, a) in dots.iter_mut().zip(&acc) {
+                *d = _mm512_reduce_add_ps(_mm512_add_ps(a[0], a[1]));
+            }
+        }
+        vi
     }
 
     /// [`gemv_rows_bf16_vbmi2`] for i8 values against i16 activations (per-row scales applied

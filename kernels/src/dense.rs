@@ -100,6 +100,16 @@ impl DenseMatrix {
     pub(crate) fn gemm_out(&self, x: &[f32], tokens: usize, y: Out<'_>, exec: Exec) -> Result<()> {
         expect_len("x", checked_len(tokens, self.cols)?, x.len())?;
         expect_len("y", checked_len(tokens, self.rows)?, y.len())?;
+        #[cfg(target_arch = "x86_64")]
+        if let Values::Bf16(v) = &self.values
+            && (2..=FEW_TOKENS_BF16).contains(&tokens)
+            && self.cols > 0
+            && gemm_bf16::available(exec.isa.effective())
+            && let Some(bits) = Element::bf16_bits(v.as_slice())
+        {
+            few_tokens_bf16(bits, self.rows, self.cols, x, tokens, y.init(), exec);
+            return Ok(());
+        }
         if let Some(w) = self.lanes_weights(tokens, exec) {
             lanes::gemm(w, self.rows, self.cols, x, tokens, y, exec);
             return Ok(());
@@ -325,6 +335,46 @@ fn row_bounds<T: Element>(exec: Exec, rows: usize, cols: usize) -> Vec<usize> {
         par::MIN_TASK_BYTES,
     );
     par::even_bounds(units, tasks)
+}
+
+/// Most tokens a dense bf16 product takes [`few_tokens_bf16`] for; from one more, the
+/// tokens-in-lanes GEMM (on AMX where present). Whole SmolLM2 decode steps on the Xeon
+/// (`bench_forward out/smollm2-dense-bf16 --batch B --kv-cache f16`, twice): 2 sequences
+/// 24.2 ms on the small-batch tile before, 14.5 here; 3 sequences 16.0-16.4 on AMX, 15.4-15.6
+/// here; 4 sequences 16.7-16.9 on AMX, 17.9-18.0 here.
+pub(crate) const FEW_TOKENS_BF16: usize = 3;
+
+/// `Y = X·Wᵀ` for 2 to [`FEW_TOKENS_BF16`] tokens of bf16 weights on AVX512-BF16: the bf16
+/// GEMV's loop with each weight block multiplied for every token ([`x86::gemm_rows_bf16_dp`]),
+/// rows split over the pool as the GEMV splits them. Each token's outputs equal its GEMV's
+/// bit for bit. Lengths checked by the caller.
+#[cfg(target_arch = "x86_64")]
+fn few_tokens_bf16(
+    bits: &[u16],
+    rows: usize,
+    cols: usize,
+    x: &[f32],
+    tokens: usize,
+    y: &mut [f32],
+    exec: Exec,
+) {
+    let pairs = cols.div_ceil(2);
+    let xb = gemm_bf16::pack_activations(x, tokens, cols);
+    let bounds = row_bounds::<half::bf16>(exec, rows, cols);
+    let out = SharedOut::new(y);
+    par::for_each_bound(&bounds, |units| {
+        let r = units.start * 4..(units.end * 4).min(rows);
+        // SAFETY: AVX-512F and AVX512-BF16 present (`gemm_bf16::available` of the effective
+        // ISA); rows within `bits` (`bounds` cover 0..rows in 4-row units); `xb` and `x` hold
+        // `tokens` tokens; the bounds' row ranges are disjoint.
+        unsafe {
+            match tokens {
+                3 => x86::gemm_rows_bf16_dp::<3>(bits, cols, r, &xb, pairs, x, out, rows),
+                2 => x86::gemm_rows_bf16_dp::<2>(bits, cols, r, &xb, pairs, x, out, rows),
+                _ => x86::gemm_rows_bf16_dp::<1>(bits, cols, r, &xb, pairs, x, out, rows),
+            }
+        }
+    });
 }
 
 /// Whether this CPU runs the int8 GEMVs in integers (AVX512-BW and AVX512-VNNI's `vpdpwssd`).
@@ -812,6 +862,84 @@ mod x86 {
                     s += crate::element::widen_bf16(*p.add(c)) * *x.get_unchecked(c);
                 }
                 *yi = s;
+            }
+        }
+    }
+
+    /// [`gemv_rows_bf16_dp`] for `N` tokens at once (`xb`: `N` rows of `pairs` pairs, `x`:
+    /// `N` rows of `cols`): every 32 weights loaded once and multiplied with each token's
+    /// pairs, so a decode step of a few sequences reads the weights once, as one token's GEMV
+    /// does. Each token's sums run exactly as [`gemv_rows_bf16_dp`] runs them (four
+    /// accumulators, the same blocks, the same tail), so every row equals that token's GEMV
+    /// bit for bit. Row `r` of token `j` goes to `out[j * out_rows + r]`.
+    ///
+    /// # Safety
+    /// As [`gemv_rows_bf16_dp`] per token, with `xb.len() >= N * pairs`, `pairs >=
+    /// cols.div_ceil(2)`, `x.len() >= N * cols`; `out` holds `N * out_rows` values,
+    /// `rows.end <= out_rows`, and no other task writes these rows.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub(super) unsafe fn gemm_rows_bf16_dp<const N: usize>(
+        w: &[u16],
+        cols: usize,
+        rows: Range<usize>,
+        xb: &[u32],
+        pairs: usize,
+        x: &[f32],
+        out: crate::par::SharedOut,
+        out_rows: usize,
+    ) {
+        let blocks = cols / 32;
+        assert!(
+            rows.end * cols <= w.len()
+                && xb.len() >= N * pairs
+                && 16 * blocks <= pairs
+                && x.len() >= N * cols
+                && rows.end <= out_rows
+        );
+        let xp = xb.as_ptr();
+        for r in rows {
+            // SAFETY: row r is within `w`; block reads end at column `blocks * 32 <= cols`, and
+            // token j's pair reads below j * pairs + 16 * blocks <= N * pairs (asserted);
+            // `__m512bh` is 64 plain bytes; the writes are this task's rows (contract).
+            unsafe {
+                let p = w.as_ptr().add(r * cols);
+                let wv = |b: usize| -> __m512bh {
+                    std::mem::transmute(_mm512_loadu_si512(p.add(b * 32).cast()))
+                };
+                let xv = |j: usize, b: usize| -> __m512bh {
+                    std::mem::transmute(_mm512_loadu_si512(xp.add(j * pairs + b * 16).cast()))
+                };
+                let mut a = [[_mm512_setzero_ps(); 4]; N];
+                let mut b = 0;
+                while b + 4 <= blocks {
+                    prefetch_ahead(p.add(b * 32).cast(), 4);
+                    for u in 0..4 {
+                        let wu = wv(b + u);
+                        for (j, aj) in a.iter_mut().enumerate() {
+                            aj[u] = _mm512_dpbf16_ps(aj[u], wu, xv(j, b + u));
+                        }
+                    }
+                    b += 4;
+                }
+                while b < blocks {
+                    let wb = wv(b);
+                    for (j, aj) in a.iter_mut().enumerate() {
+                        aj[0] = _mm512_dpbf16_ps(aj[0], wb, xv(j, b));
+                    }
+                    b += 1;
+                }
+                for (j, aj) in a.iter().enumerate() {
+                    let mut s = _mm512_reduce_add_ps(_mm512_add_ps(
+                        _mm512_add_ps(aj[0], aj[1]),
+                        _mm512_add_ps(aj[2], aj[3]),
+                    ));
+                    let xj = x.as_ptr().add(j * cols);
+                    for c in blocks * 32..cols {
+                        s += crate::element::widen_bf16(*p.add(c)) * *xj.add(c);
+                    }
+                    out.write(j * out_rows + r, s);
+                }
             }
         }
     }

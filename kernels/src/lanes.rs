@@ -44,7 +44,9 @@ pub(crate) const MIN_TOKENS: usize = 9;
 /// small-batch tile, even with 13 of 16 lanes empty, because its tiles read the weights from
 /// L2 (the next tile requested while one runs) where the small-batch tile waits on memory
 /// (`batch_bench`, SmolLM2's block linears: 11.8-12.4 ms at 2-8 tokens against 14.9-19.0;
-/// whole 2-sequence steps in `bench_forward` came out level, 3-sequence ones ahead).
+/// whole 2-sequence steps in `bench_forward` came out level, 3-sequence ones ahead). Where
+/// AVX512-BF16 is present, steps of up to [`crate::dense::FEW_TOKENS_BF16`] tokens run
+/// `dense::few_tokens_bf16` before this path is asked.
 pub(crate) const MIN_TOKENS_DENSE_BF16: usize = 3;
 /// The same for dense f32, whose lanes do twice the multiplies of bf16's: from 4 tokens
 /// (20.8-21.7 ms against 23.2-29.6 at 4-8 tokens; the small-batch tile's 15-18 ms at 2-3).

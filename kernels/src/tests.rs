@@ -113,19 +113,21 @@ fn assert_within_quantization(
 }
 
 /// Whether this GEMM may run on AVX512-BF16 with its activations rounded to bf16: dense and
-/// compact (a dense matrix of the kept columns) bf16 at one token (the GEMV's `vdpbf16ps`) and
-/// from 3 (`lanes`, from [`crate::lanes::MIN_TOKENS_DENSE_BF16`]; without it the small-batch
-/// tile's from 4, `gemm_bf16` on AMX), 2:4 bf16 decode steps of 9-16 tokens (`lanes24`) and N:M bf16 prefill past the
-/// small-batch range (`gemm_bf16`), a VBMI2 bitmap's GEMV (one
-/// or two tokens, each its own GEMV) and its batches of 4 or more tokens (expanded to dense
-/// rows), on CPUs that have it.
+/// compact (a dense matrix of the kept columns) bf16 at one token (the GEMV's `vdpbf16ps`),
+/// at 2-3 (the same loop for all of them, `dense::few_tokens_bf16`) and beyond (`lanes`, from
+/// [`crate::lanes::MIN_TOKENS_DENSE_BF16`]; without it the small-batch tile's from 4,
+/// `gemm_bf16` on AMX), 2:4 bf16 decode steps of 9-16 tokens (`lanes24`) and N:M bf16 prefill
+/// past the small-batch range (`gemm_bf16`), a VBMI2 bitmap's GEMV and its steps of up to
+/// [`crate::bitmap::FEW_TOKENS_MAX`] tokens (one pass for all of them) and its batches of 4 or
+/// more tokens (expanded rows, or AMX), on CPUs that have it.
 fn bf16_activations(format: Format, dtype: Dtype, tokens: usize, exec: Exec, cols: usize) -> bool {
     let two_four_lanes = (crate::lanes::MIN_TOKENS..=crate::lanes24::MAX_TOKENS).contains(&tokens)
         && crate::lanes::available_bf16(exec.isa, cols);
     if format == (Format::NM { n: 2, m: 4 }) && two_four_lanes {
         return dtype == Dtype::Bf16;
     }
-    if tokens == 1 && matches!(format, Format::Dense | Format::Compact) {
+    if tokens <= crate::dense::FEW_TOKENS_BF16 && matches!(format, Format::Dense | Format::Compact)
+    {
         return dtype == Dtype::Bf16 && crate::gemm_bf16::available(exec.isa);
     }
     // int8 from 9 tokens on the tokens-in-lanes GEMM (rows widened to bf16; `dense.rs`), and
@@ -141,10 +143,13 @@ fn bf16_activations(format: Format, dtype: Dtype, tokens: usize, exec: Exec, col
     {
         return true;
     }
-    if tokens <= 2 && format == Format::Bitmap {
-        return dtype == Dtype::Bf16
-            && crate::bitmap::vbmi2_expand()
-            && crate::gemm_bf16::available(exec.isa);
+    // The bitmap's bf16 GEMV and its steps of a few tokens (one pass for all of them) on
+    // AVX512-BF16 with VBMI2; from 4 tokens its expanded rows' tiles round too.
+    if tokens <= crate::bitmap::FEW_TOKENS_MAX
+        && format == Format::Bitmap
+        && crate::bitmap::vbmi2_expand()
+    {
+        return dtype == Dtype::Bf16 && crate::gemm_bf16::available(exec.isa);
     }
     let from = match format {
         // The tokens-in-lanes GEMM from 3 tokens (where the columns, for compact its kept
@@ -341,6 +346,48 @@ fn bitmap_on_smollm2_shapes() {
                 rayon::current_num_threads().min(2)
             };
             assert!(tasks >= want, "{ctx}: {tasks} task(s)");
+        }
+    }
+}
+
+/// Bf16 decode steps of a few tokens, one pass over the weights for all of them where the CPU
+/// has AVX512-BF16 (and VBMI2 for the bitmap), give every token exactly what its own GEMV
+/// gives: the bitmap up to `FEW_TOKENS_MAX`, dense up to `FEW_TOKENS_BF16`, on SmolLM2's
+/// shapes and on one with a ragged last block.
+#[test]
+fn few_token_bf16_steps_equal_each_tokens_gemv() {
+    let shapes = [(576, 576), (192, 576), (1536, 576), (576, 1536), (37, 83)];
+    let formats = [
+        (Format::Bitmap, crate::bitmap::FEW_TOKENS_MAX),
+        (Format::Dense, crate::dense::FEW_TOKENS_BF16),
+    ];
+    for (i, &(rows, cols)) in shapes.iter().enumerate() {
+        let mut rng = testutil::rng(70 + i as u64);
+        let w = testutil::unstructured(&mut rng, rows, cols, 0.5);
+        let view = DenseView::new(&w, rows, cols).expect("view");
+        for (format, most) in formats {
+            let packed = PackedLinear::pack("l", &view, format, Dtype::Bf16).expect("pack");
+            for tokens in 2..=most {
+                let x = testutil::values(&mut rng, tokens * cols);
+                for exec in execs() {
+                    let isa = exec.isa.effective();
+                    let fused = match format {
+                        Format::Bitmap => crate::bitmap::bf16_expand_dp(isa),
+                        _ => crate::gemm_bf16::available(isa),
+                    };
+                    if !fused {
+                        continue;
+                    }
+                    let ctx = format!("{format} {rows}x{cols} tokens={tokens} {exec:?}");
+                    let mut y = vec![f32::NAN; tokens * rows];
+                    packed.gemm_with(&x, tokens, &mut y, exec).expect(&ctx);
+                    let mut alone = vec![f32::NAN; tokens * rows];
+                    for (xt, yt) in x.chunks_exact(cols).zip(alone.chunks_exact_mut(rows)) {
+                        packed.gemv_with(xt, yt, exec).expect(&ctx);
+                    }
+                    assert_eq!(bits(&y), bits(&alone), "{ctx}");
+                }
+            }
         }
     }
 }
