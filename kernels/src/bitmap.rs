@@ -173,14 +173,7 @@ impl BitmapMatrix {
     pub fn gemv(&self, x: &[f32], y: &mut [f32], exec: Exec) -> Result<()> {
         expect_len("x", self.cols, x.len())?;
         expect_len("y", self.rows, y.len())?;
-        // Split by work, not bytes: the expand costs the same per weight whether kept or not.
-        let work = par::work_bytes(
-            self.bytes(),
-            self.rows * self.cols,
-            crate::plan::bitmap_compute_per_weight(self.dtype()),
-        );
-        let tasks = par::task_count(exec, self.rows, work, par::MIN_TASK_BYTES);
-        let bounds = par::even_bounds(self.rows, tasks);
+        let bounds = self.gemv_bounds(exec);
         let isa = exec.isa.effective();
         // The i8 kernel multiplies in integers: quantize `x` once for all tasks.
         let xq = match &self.values {
@@ -219,13 +212,7 @@ impl BitmapMatrix {
     fn gemm_few_bf16(&self, bits: &[u16], x: &[f32], tokens: usize, y: &mut [f32], exec: Exec) {
         let pairs = self.cols.div_ceil(2);
         let xb = crate::gemm_bf16::pack_activations(x, tokens, self.cols);
-        let work = par::work_bytes(
-            self.bytes(),
-            self.rows * self.cols,
-            crate::plan::bitmap_compute_per_weight(self.dtype()),
-        );
-        let tasks = par::task_count(exec, self.rows, work, par::MIN_TASK_BYTES);
-        let bounds = par::even_bounds(self.rows, tasks);
+        let bounds = self.gemv_bounds(exec);
         let out = par::SharedOut::new(y);
         par::for_each_bound(&bounds, |r| {
             // SAFETY: AVX-512F/BW/VBMI2/BF16 present (`bf16_expand_dp` with an effective
@@ -236,6 +223,18 @@ impl BitmapMatrix {
                 x86::gemm_rows_bf16_vbmi2_dp(self, bits, r, tokens, pairs, &xb, x, out, self.rows)
             }
         });
+    }
+
+    /// How the GEMV (and [`BitmapMatrix::gemm_few_bf16`]) split the rows over the pool: by
+    /// work, not bytes, since the expand costs the same per weight whether kept or not.
+    pub(crate) fn gemv_bounds(&self, exec: Exec) -> Vec<usize> {
+        let work = par::work_bytes(
+            self.bytes(),
+            self.rows * self.cols,
+            crate::plan::bitmap_compute_per_weight(self.dtype()),
+        );
+        let tasks = par::task_count(exec, self.rows, work, par::MIN_TASK_BYTES);
+        par::even_bounds(self.rows, tasks)
     }
 
     /// Rows `rows` of `y = W·x`, on the kernel `inputs` was prepared for.

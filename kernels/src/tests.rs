@@ -329,13 +329,7 @@ fn bitmap_on_smollm2_shapes() {
             let crate::PackedLinear::Bitmap(b) = &packed else {
                 panic!("{ctx}: not a bitmap");
             };
-            let work = crate::par::work_bytes(
-                b.bytes(),
-                rows * cols,
-                crate::plan::bitmap_compute_per_weight(dtype),
-            );
-            let tasks =
-                crate::par::task_count(Exec::auto(), rows, work, crate::par::MIN_TASK_BYTES);
+            let tasks = b.gemv_bounds(Exec::auto()).len() - 1;
             // The k/v projections (192x576) in bf16 and i8 with the VBMI2 expand are too little
             // work to split: one thread measured faster than two there in bf16
             // (`kernel_bench 0.5 bf16`).

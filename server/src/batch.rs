@@ -16,11 +16,11 @@
 //! refuses one that could never fit.
 //!
 //! A batch of one is exactly the single-sequence computation, so a request alone gets what
-//! `espalier generate` prints; so do steps of up to 3 rows of dense bf16 weights or 4 of a
-//! bf16 bitmap on AVX512-BF16 (each row's GEMV arithmetic, one pass over the weights). In a
-//! larger batch the linears may run other kernels (GEMM instead of GEMV, another tile for
-//! more rows), whose sums may differ in the last bits (and bf16 weights multiply bf16-rounded
-//! activations, as prefill does).
+//! `espalier generate` prints. In a larger batch the linears may run other kernels (GEMM
+//! instead of GEMV, another tile for more rows), whose sums may differ in the last bits (and
+//! bf16 weights multiply bf16-rounded activations, as prefill does); dense bf16 layers in
+//! steps of up to 3 rows and bf16 bitmap layers in steps of up to 4 keep each row's GEMV
+//! arithmetic on AVX512-BF16.
 //!
 //! [`Session::forward_ragged`]: espalier_engine::Session::forward_ragged
 
