@@ -260,6 +260,7 @@ mod tests {
     use crate::ops::select;
     use crate::tensor_util::{apply_mask, with_f32};
     use candle_core::Tensor;
+    use espalier_engine::KvCache;
 
     /// Prunes every block linear of a built-in model with `structure` at `density` (host
     /// selection on |w|), returning the masked model and its masks.
@@ -356,6 +357,61 @@ mod tests {
             }
             let d = max_rel_diff(&want, &session.forward(&tokens, None).unwrap());
             assert!(d > 0.0, "{label}: rounding must change something");
+        }
+    }
+
+    /// A bf16 model of dense and bitmap layers decodes 2 or 3 sequences in one step exactly as
+    /// it decodes each alone, where the CPU has the kernels that keep each token's GEMV
+    /// arithmetic (elsewhere the batched kernels may differ in the last bits, and this checks
+    /// only that they stay close).
+    #[test]
+    fn few_sequence_bf16_steps_equal_each_sequence_alone() {
+        let (model, masks) = pruned("builtin:tiny-llama", Structure::Unstructured, 0.5);
+        let mut session = Session::new(&model).unwrap();
+        let attached = attach(&mut session, &model, &masks, Storage::Bf16).unwrap();
+        let kinds: Vec<&String> = attached.kernels.layers.keys().collect();
+        let exact = espalier_kernels::few_token_bf16_steps_exact()
+            && kinds
+                .iter()
+                .all(|k| *k == "dense/bf16" || *k == "bitmap/bf16");
+        let prompts: Vec<Vec<u32>> = (0..3u32)
+            .map(|p| (0..5 + 3 * p).map(|i| (i * 31 + p * 7 + 1) % 251).collect())
+            .collect();
+        for b in [2, 3] {
+            let prompts = &prompts[..b];
+            let mut alone: Vec<KvCache> = prompts.iter().map(|_| KvCache::new()).collect();
+            let mut batched: Vec<KvCache> = prompts.iter().map(|_| KvCache::new()).collect();
+            for ((p, a), c) in prompts.iter().zip(&mut alone).zip(&mut batched) {
+                session.forward(p, Some(a)).unwrap();
+                session.forward(p, Some(c)).unwrap();
+            }
+            let mut next: Vec<u32> = (0..b as u32).map(|i| 40 + i).collect();
+            for step in 0..4 {
+                let mut refs: Vec<&mut KvCache> = batched.iter_mut().collect();
+                let together = session.decode_batch(&next, &mut refs).unwrap();
+                for (i, cache) in alone.iter_mut().enumerate() {
+                    let one = session.forward(&next[i..=i], Some(cache)).unwrap();
+                    let row = together.narrow(0, i, 1).unwrap();
+                    let ctx = format!("{b} sequences, step {step}, sequence {i} ({kinds:?})");
+                    if exact {
+                        let (x, y): (Vec<f32>, Vec<f32>) = (
+                            one.flatten_all().unwrap().to_vec1().unwrap(),
+                            row.flatten_all().unwrap().to_vec1().unwrap(),
+                        );
+                        assert_eq!(x, y, "{ctx}");
+                    } else {
+                        assert!(max_rel_diff(&one, &row) < 2e-2, "{ctx}");
+                    }
+                }
+                next = next.iter().map(|t| (t * 7 + 3) % 251).collect();
+            }
+        }
+        // On this kind of CPU the check above must have been the exact one.
+        if espalier_kernels::few_token_bf16_steps_exact() {
+            assert!(
+                exact,
+                "layers planned {kinds:?}: the test needs dense or bitmap ones"
+            );
         }
     }
 

@@ -60,6 +60,14 @@ mod tests;
 mod testutil;
 
 pub use amx::{enabled as amx_enabled, set_enabled as set_amx_enabled};
+
+/// Whether this CPU runs decode steps of a few tokens on bf16 weights with each token's own
+/// GEMV arithmetic (AVX512-BF16, and VBMI2 for the bitmap): dense bf16 layers up to 3 tokens
+/// and bf16 bitmap layers up to 4 give every token exactly what it gets alone.
+pub fn few_token_bf16_steps_exact() -> bool {
+    let isa = Exec::auto().isa.effective();
+    gemm_bf16::available(isa) && bitmap::bf16_expand_dp(isa)
+}
 pub use bitmap::BitmapMatrix;
 pub use block_train::{BlockPattern, BlockTraining, TRAIN_BLOCK};
 pub use bsr::BsrMatrix;

@@ -18,9 +18,9 @@
 //! A batch of one is exactly the single-sequence computation, so a request alone gets what
 //! `espalier generate` prints. In a larger batch the linears may run other kernels (GEMM
 //! instead of GEMV, another tile for more rows), whose sums may differ in the last bits (and
-//! bf16 weights multiply bf16-rounded activations, as prefill does); dense bf16 layers in
-//! steps of up to 3 rows and bf16 bitmap layers in steps of up to 4 keep each row's GEMV
-//! arithmetic on AVX512-BF16.
+//! bf16 weights multiply bf16-rounded activations, as prefill does). On AVX512-BF16 with
+//! VBMI2, steps of up to 3 sequences of a bf16 model of dense and bitmap layers keep each
+//! sequence's GEMV arithmetic, so they too give what each request gets alone.
 //!
 //! [`Session::forward_ragged`]: espalier_engine::Session::forward_ragged
 
