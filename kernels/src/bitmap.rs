@@ -917,63 +917,26 @@ mod x86 {
         x: &[f32],
         y: &mut [f32],
     ) {
-        let (masks, stride, row_ptr, cols) = (&m.masks, m.stride, &m.row_ptr, m.cols);
-        let words = cols / 32;
-        let (xp, vp) = (xb.as_ptr(), vals.as_ptr());
-        for (yi, r) in y.iter_mut().zip(rows) {
-            let mrow = &masks[r * stride..][..stride];
-            let mp = mrow.as_ptr();
-            let mut vi = row_ptr[r] as usize;
-            let mut acc = [_mm512_setzero_ps(); 2];
-            // SAFETY: each masked load reads exactly its word's popcount of values from vi,
-            // which stays within the row's values (vi advances by those popcounts); mask reads
-            // stay below 4 * words <= stride; pair reads below 16 * words <= xb.len();
-            // prefetches never fault; `__m512bh` is 64 plain bytes.
-            unsafe {
-                // One word: its packed values loaded, expanded to their columns, dotted.
-                let word = |acc: __m512, vi: &mut usize, k: usize| {
-                    let mask = mp.add(4 * k).cast::<u32>().read_unaligned();
-                    let n = mask.count_ones();
-                    let packed =
-                        _mm512_maskz_loadu_epi16(((1u64 << n) - 1) as u32, vp.add(*vi).cast());
-                    *vi += n as usize;
-                    let w: __m512bh = std::mem::transmute(_mm512_maskz_expand_epi16(mask, packed));
-                    let xv: __m512bh =
-                        std::mem::transmute(_mm512_loadu_si512(xp.add(16 * k).cast()));
-                    _mm512_dpbf16_ps(acc, w, xv)
-                };
-                let mut k = 0;
-                while k + 2 <= words {
-                    _mm_prefetch::<_MM_HINT_T0>(vp.add(vi).cast::<i8>().wrapping_add(PF_VALUES));
-                    _mm_prefetch::<_MM_HINT_T0>(mp.add(4 * k).cast::<i8>().wrapping_add(PF_MASKS));
-                    acc[0] = word(acc[0], &mut vi, k);
-                    acc[1] = word(acc[1], &mut vi, k + 1);
-                    k += 2;
-                }
-                if k < words {
-                    acc[0] = word(acc[0], &mut vi, k);
-                }
-                let s = _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1]));
-                *yi = s + bf16_tail(&mrow[4 * words..], 32 * words, &vals[vi..], x);
-            }
-        }
+        let (first, pairs) = (rows.start, m.cols.div_ceil(2));
+        // SAFETY: the contract above is `rows_bf16_vbmi2_dp`'s for one token.
+        unsafe { rows_bf16_vbmi2_dp(m, vals, rows, 1, pairs, xb, x, |_, r, s| y[r - first] = s) }
     }
 
-    /// [`gemv_rows_bf16_vbmi2_dp`] for several tokens at once (`xb`, `x`: `tokens` rows of
-    /// `pairs` and `cols`): each word's values are loaded and expanded once per group of up to
-    /// four tokens, and the row stays in L1 across groups, so the weights are read from memory
-    /// once for the step, as in one token's GEMV, instead of once per token. Each token's sums
-    /// run exactly as [`gemv_rows_bf16_vbmi2_dp`] runs them (two accumulators by word parity,
-    /// then the tail), so every row equals that token's GEMV bit for bit. Row `r` of token `t`
-    /// goes to `out[t * out_rows + r]`.
+    /// The loop of [`gemv_rows_bf16_vbmi2_dp`] for `tokens` tokens at once (`xb`, `x`:
+    /// `tokens` rows of `pairs` and `cols`): each word's values are loaded and expanded once
+    /// per group of up to four tokens, and the row stays in L1 across groups, so the weights
+    /// are read from memory once for the step, as in one token's GEMV, instead of once per
+    /// token. Each token's sums run exactly as they run alone (two accumulators by word
+    /// parity, then the tail). `store(t, r, sum)` receives row `r` of token `t`. The GEMV is
+    /// its one-token case.
     ///
     /// # Safety
-    /// As [`gemv_rows_bf16_vbmi2_dp`] per token, with `xb.len() >= tokens * pairs`,
-    /// `pairs >= m.cols / 2`, `x.len() == tokens * m.cols`; `out` holds `tokens * out_rows`
-    /// values, `rows.end <= out_rows`, and no other task writes these rows.
+    /// AVX-512F/BW/VBMI2/BF16+POPCNT (this inlines into functions that enable them); `m`'s
+    /// arrays consistent (see `BitmapMatrix`), `vals` its values; `xb.len() >= tokens *
+    /// pairs`, `pairs >= m.cols / 2`, `x.len() == tokens * m.cols`.
     #[allow(clippy::too_many_arguments)]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi2,avx512bf16,popcnt")]
-    pub(super) unsafe fn gemm_rows_bf16_vbmi2_dp(
+    #[inline(always)]
+    unsafe fn rows_bf16_vbmi2_dp(
         m: &BitmapMatrix,
         vals: &[u16],
         rows: Range<usize>,
@@ -981,8 +944,7 @@ mod x86 {
         pairs: usize,
         xb: &[u32],
         x: &[f32],
-        out: SharedOut,
-        out_rows: usize,
+        mut store: impl FnMut(usize, usize, f32),
     ) {
         let (masks, stride, row_ptr, cols) = (&m.masks, m.stride, &m.row_ptr, m.cols);
         let words = cols / 32;
@@ -1006,27 +968,51 @@ mod x86 {
                 };
                 for (j, d) in dots.iter().enumerate().take(n) {
                     let t = t0 + j;
-                    let tail = bf16_tail(
-                        &mrow[4 * words..],
-                        32 * words,
-                        &vals[vi..],
-                        &x[t * cols..][..cols],
+                    let xt = &x[t * cols..][..cols];
+                    store(
+                        t,
+                        r,
+                        d + bf16_tail(&mrow[4 * words..], 32 * words, &vals[vi..], xt),
                     );
-                    // SAFETY: row `r` of token `t` is this task's (contract).
-                    unsafe { out.write(t * out_rows + r, d + tail) };
                 }
                 t0 += n;
             }
         }
     }
 
+    /// [`rows_bf16_vbmi2_dp`] with row `r` of token `t` into `out[t * out_rows + r]`.
+    ///
+    /// # Safety
+    /// As [`rows_bf16_vbmi2_dp`]; `out` holds `tokens * out_rows` values, `rows.end <=
+    /// out_rows`, and no other task writes these rows.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi2,avx512bf16,popcnt")]
+    pub(super) unsafe fn gemm_rows_bf16_vbmi2_dp(
+        m: &BitmapMatrix,
+        vals: &[u16],
+        rows: Range<usize>,
+        tokens: usize,
+        pairs: usize,
+        xb: &[u32],
+        x: &[f32],
+        out: SharedOut,
+        out_rows: usize,
+    ) {
+        assert!(rows.end <= out_rows && out.len() >= tokens * out_rows);
+        // SAFETY: the contract above; each write is this task's row (contract).
+        unsafe {
+            rows_bf16_vbmi2_dp(m, vals, rows, tokens, pairs, xb, x, |t, r, s| {
+                out.write(t * out_rows + r, s)
+            })
+        }
+    }
+
     /// One bitmap row's whole words dotted with `N` tokens' bf16 pairs (token `j`'s at
-    /// `xb[j * pairs..]`), each token's sum as [`gemv_rows_bf16_vbmi2_dp`] forms it (before
-    /// its tail), into `dots[..N]`; returns the offset of the row's first value after its
+    /// `xb[j * pairs..]`), each token's sum before its tail, into `dots[..N]`; returns the offset of the row's first value after its
     /// whole words (where the tail's start).
     ///
     /// # Safety
-    /// AVX-512F/BW/VBMI2/BF16 (inlined into [`gemm_rows_bf16_vbmi2_dp`]); `mrow` one row's
+    /// AVX-512F/BW/VBMI2/BF16 (inlined into [`rows_bf16_vbmi2_dp`]); `mrow` one row's
     /// masks with at least `4 * words` bytes, that row's values starting at `vals[v0]`;
     /// `xb` holds `N * pairs` pairs, `pairs >= 16 * words`.
     #[inline(always)]
@@ -1043,7 +1029,7 @@ mod x86 {
         let mut vi = v0;
         // SAFETY: AVX-512F (contract).
         let mut acc = [[unsafe { _mm512_setzero_ps() }; 2]; N];
-        // SAFETY: as in `gemv_rows_bf16_vbmi2_dp`: each masked load reads exactly its word's
+        // SAFETY: each masked load reads exactly its word's
         // popcount of the row's values; mask reads below 4 * words; pair reads of token j
         // below j * pairs + 16 * words <= N * pairs; prefetches never fault.
         unsafe {

@@ -827,67 +827,31 @@ mod x86 {
         x: &[f32],
         y: &mut [f32],
     ) {
-        let blocks = cols / 32;
-        let xp = xb.as_ptr();
-        for (yi, r) in y.iter_mut().zip(rows) {
-            // SAFETY: row r is within `w`; block reads end at column `blocks * 32 <= cols` and
-            // pair `blocks * 16 <= xb.len()` (contract above); `__m512bh` is 64 plain bytes.
-            unsafe {
-                let p = w.as_ptr().add(r * cols);
-                let dot = |a: __m512, b: usize| {
-                    let wv: __m512bh =
-                        std::mem::transmute(_mm512_loadu_si512(p.add(b * 32).cast()));
-                    let xv: __m512bh =
-                        std::mem::transmute(_mm512_loadu_si512(xp.add(b * 16).cast()));
-                    _mm512_dpbf16_ps(a, wv, xv)
-                };
-                let mut a = [_mm512_setzero_ps(); 4];
-                let mut b = 0;
-                while b + 4 <= blocks {
-                    prefetch_ahead(p.add(b * 32).cast(), 4);
-                    for (u, acc) in a.iter_mut().enumerate() {
-                        *acc = dot(*acc, b + u);
-                    }
-                    b += 4;
-                }
-                while b < blocks {
-                    a[0] = dot(a[0], b);
-                    b += 1;
-                }
-                let mut s = _mm512_reduce_add_ps(_mm512_add_ps(
-                    _mm512_add_ps(a[0], a[1]),
-                    _mm512_add_ps(a[2], a[3]),
-                ));
-                for c in blocks * 32..cols {
-                    s += crate::element::widen_bf16(*p.add(c)) * *x.get_unchecked(c);
-                }
-                *yi = s;
-            }
-        }
+        let (first, pairs) = (rows.start, cols.div_ceil(2));
+        // SAFETY: the contract above is `rows_bf16_dp`'s for one token.
+        unsafe { rows_bf16_dp::<1>(w, cols, rows, xb, pairs, x, |_, r, s| y[r - first] = s) }
     }
 
-    /// [`gemv_rows_bf16_dp`] for `N` tokens at once (`xb`: `N` rows of `pairs` pairs, `x`:
-    /// `N` rows of `cols`): every 32 weights loaded once and multiplied with each token's
-    /// pairs, so a decode step of a few sequences reads the weights once, as one token's GEMV
-    /// does. Each token's sums run exactly as [`gemv_rows_bf16_dp`] runs them (four
-    /// accumulators, the same blocks, the same tail), so every row equals that token's GEMV
-    /// bit for bit. Row `r` of token `j` goes to `out[j * out_rows + r]`.
+    /// The loop of [`gemv_rows_bf16_dp`] for `N` tokens at once (`xb`: `N` rows of `pairs`
+    /// pairs, `x`: `N` rows of `cols`): every 32 weights loaded once and multiplied with each
+    /// token's pairs, so a decode step of a few sequences reads the weights once, as one
+    /// token's GEMV does, and each token's sums run exactly as they run alone (four
+    /// accumulators, the same blocks, the same tail). `store(j, r, sum)` receives row `r` of
+    /// token `j`. The GEMV is its `N = 1` case.
     ///
     /// # Safety
-    /// As [`gemv_rows_bf16_dp`] per token, with `xb.len() >= N * pairs`, `pairs >=
-    /// cols.div_ceil(2)`, `x.len() >= N * cols`; `out` holds `N * out_rows` values,
-    /// `rows.end <= out_rows`, and no other task writes these rows.
-    #[allow(clippy::too_many_arguments)]
-    #[target_feature(enable = "avx512f,avx512bf16")]
-    pub(super) unsafe fn gemm_rows_bf16_dp<const N: usize>(
+    /// AVX-512F and AVX512-BF16 available (this inlines into functions that enable them);
+    /// `rows.end * cols <= w.len()`; `xb.len() >= N * pairs`, `pairs >= cols.div_ceil(2)`;
+    /// `x.len() >= N * cols`.
+    #[inline(always)]
+    pub(super) unsafe fn rows_bf16_dp<const N: usize>(
         w: &[u16],
         cols: usize,
         rows: Range<usize>,
         xb: &[u32],
         pairs: usize,
         x: &[f32],
-        out: crate::par::SharedOut,
-        out_rows: usize,
+        mut store: impl FnMut(usize, usize, f32),
     ) {
         let blocks = cols / 32;
         assert!(
@@ -895,13 +859,12 @@ mod x86 {
                 && xb.len() >= N * pairs
                 && 16 * blocks <= pairs
                 && x.len() >= N * cols
-                && rows.end <= out_rows
         );
         let xp = xb.as_ptr();
         for r in rows {
             // SAFETY: row r is within `w`; block reads end at column `blocks * 32 <= cols`, and
-            // token j's pair reads below j * pairs + 16 * blocks <= N * pairs (asserted);
-            // `__m512bh` is 64 plain bytes; the writes are this task's rows (contract).
+            // token j's pair reads below j * pairs + 16 * blocks <= N * pairs (contract);
+            // `__m512bh` is 64 plain bytes.
             unsafe {
                 let p = w.as_ptr().add(r * cols);
                 let wv = |b: usize| -> __m512bh {
@@ -938,9 +901,35 @@ mod x86 {
                     for c in blocks * 32..cols {
                         s += crate::element::widen_bf16(*p.add(c)) * *xj.add(c);
                     }
-                    out.write(j * out_rows + r, s);
+                    store(j, r, s);
                 }
             }
+        }
+    }
+
+    /// [`rows_bf16_dp`] for 2 or 3 tokens, row `r` of token `j` into `out[j * out_rows + r]`.
+    ///
+    /// # Safety
+    /// As [`rows_bf16_dp`]; `out` holds `N * out_rows` values, `rows.end <= out_rows`, and no
+    /// other task writes these rows.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub(super) unsafe fn gemm_rows_bf16_dp<const N: usize>(
+        w: &[u16],
+        cols: usize,
+        rows: Range<usize>,
+        xb: &[u32],
+        pairs: usize,
+        x: &[f32],
+        out: crate::par::SharedOut,
+        out_rows: usize,
+    ) {
+        assert!(rows.end <= out_rows && out.len() >= N * out_rows);
+        // SAFETY: the contract above; each write is this task's row (contract).
+        unsafe {
+            rows_bf16_dp::<N>(w, cols, rows, xb, pairs, x, |j, r, s| {
+                out.write(j * out_rows + r, s)
+            })
         }
     }
 
