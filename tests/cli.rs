@@ -679,7 +679,11 @@ fn generate_streams_text_and_refuses_bad_settings() {
     assert!(text(&half).1.contains("KV cache f16"), "{:?}", text(&half));
     let bad = espalier(&[&args[..], &["--kv-cache", "bf16"]].concat(), dir.path());
     assert!(!bad.status.success());
-    assert!(text(&bad).1.contains("use f32 or f16"), "{:?}", text(&bad));
+    assert!(
+        text(&bad).1.contains("use auto, f32 or f16"),
+        "{:?}",
+        text(&bad)
+    );
 
     let chat = espalier(
         &["generate", "builtin:tiny-llama", "--prompt", "Hi", "--chat"],

@@ -45,20 +45,12 @@ pub struct GenerateArgs {
     pub stop: Vec<String>,
     /// What the KV cache stores: f16 (half the memory and the bytes each token reads), f32
     /// (exact), or auto (f16 for bf16/int8 models, f32 for f32 ones).
-    #[arg(long, default_value = "auto", value_parser = parse_kv_cache)]
-    pub kv_cache: KvCacheArg,
+    #[arg(long, default_value = "auto", value_parser = KvDtype::parse_setting)]
+    pub kv_cache: KvCacheSetting,
 }
 
 /// `--kv-cache`: a [`KvDtype`], or `None` for auto.
-pub type KvCacheArg = Option<KvDtype>;
-
-/// Parses `--kv-cache` (and the daemon's `kv_cache` key): `auto`, `f16` or `f32`.
-pub fn parse_kv_cache(s: &str) -> Result<KvCacheArg, String> {
-    match s {
-        "auto" => Ok(None),
-        other => other.parse().map(Some),
-    }
-}
+pub type KvCacheSetting = Option<KvDtype>;
 
 /// Runs `espalier generate`.
 pub fn run(args: GenerateArgs, models_dir: &std::path::Path) -> Result<()> {

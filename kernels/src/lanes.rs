@@ -38,16 +38,17 @@ pub(crate) const TOKENS: usize = 32;
 pub(crate) const ROWS: usize = 12;
 /// Fewest tokens a sparse format's batched step takes this path with (the bitmap's expanded
 /// rows, 2:4's `lanes24`): at 8 or fewer their small-batch kernels, which expand 8 rows at a
-/// time and multiply each weight once per token, measured faster.
+/// time and multiply each weight once per token, measured faster. (Where AMX is present, a
+/// bf16 bitmap takes its tiles from 5 tokens instead: `bitmap::FEW_TOKENS_MAX`.)
 pub(crate) const MIN_TOKENS: usize = 9;
 /// Fewest tokens a dense bf16 product takes this path with: from 3 tokens on it beats the
 /// small-batch tile, even with 13 of 16 lanes empty, because its tiles read the weights from
 /// L2 (the next tile requested while one runs) where the small-batch tile waits on memory
 /// (`batch_bench`, SmolLM2's block linears: 11.8-12.4 ms at 2-8 tokens against 14.9-19.0;
-/// whole 2-sequence steps in `bench_forward` came out level, 3-sequence ones ahead). Where
-/// AVX512-BF16 is present, steps of up to [`crate::dense::FEW_TOKENS_BF16`] tokens run
-/// `dense::few_tokens_bf16` before this path is asked.
-pub(crate) const MIN_TOKENS_DENSE_BF16: usize = 3;
+/// whole 2-sequence steps in `bench_forward` came out level, 3-sequence ones ahead). Since
+/// then, steps of up to [`crate::dense::FEW_TOKENS_BF16`] tokens take `dense::few_tokens_bf16`
+/// wherever this path could run (both need AVX512-BF16), so it starts one token later.
+pub(crate) const MIN_TOKENS_DENSE_BF16: usize = crate::dense::FEW_TOKENS_BF16 + 1;
 /// The same for dense f32, whose lanes do twice the multiplies of bf16's: from 4 tokens
 /// (20.8-21.7 ms against 23.2-29.6 at 4-8 tokens; the small-batch tile's 15-18 ms at 2-3).
 pub(crate) const MIN_TOKENS_DENSE_F32: usize = 4;

@@ -193,14 +193,8 @@ impl ServeConfig {
             c.kv_cache_mib = n;
         }
         if let Some(kind) = &raw.kv_cache {
-            c.kv_cache = match kind.as_str() {
-                "auto" => None,
-                other => Some(
-                    other
-                        .parse()
-                        .map_err(|e: String| err(format!("kv_cache: {e} (or auto)")))?,
-                ),
-            };
+            c.kv_cache = espalier_engine::KvDtype::parse_setting(kind)
+                .map_err(|e| err(format!("kv_cache: {e}")))?;
         }
         if let Some(n) = raw.generation_deadline_s {
             c.generation_deadline_s = n;
@@ -323,6 +317,6 @@ mod tests {
             e.starts_with("c.toml") && e.contains("kv_cache: `q8`"),
             "{e}"
         );
-        assert!(e.contains("f32 or f16 (or auto)"), "{e}");
+        assert!(e.contains("use auto, f32 or f16"), "{e}");
     }
 }

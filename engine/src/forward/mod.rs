@@ -138,6 +138,20 @@ impl KvDtype {
     }
 }
 
+impl KvDtype {
+    /// A setting as users write it (`--kv-cache`, the daemon's `kv_cache`): `auto` (`None`:
+    /// the session's [`Session::auto_kv_dtype`]), `f16` or `f32`.
+    pub fn parse_setting(s: &str) -> Result<Option<KvDtype>, String> {
+        match s {
+            "auto" => Ok(None),
+            other => other
+                .parse()
+                .map(Some)
+                .map_err(|_| format!("`{other}` is not a KV cache type: use auto, f32 or f16")),
+        }
+    }
+}
+
 impl std::fmt::Display for KvDtype {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
@@ -1573,6 +1587,13 @@ mod tests {
                 .parse::<KvDtype>()
                 .unwrap_err()
                 .contains("f32 or f16")
+        );
+        assert_eq!(KvDtype::parse_setting("auto"), Ok(None));
+        assert_eq!(KvDtype::parse_setting("f32"), Ok(Some(KvDtype::F32)));
+        assert!(
+            KvDtype::parse_setting("q8")
+                .unwrap_err()
+                .contains("auto, f32 or f16")
         );
     }
 
