@@ -8,7 +8,7 @@
 //! weight back. Everything is plain `f32` slices in row-major order, so a faster training pass
 //! that produces gradients another way plugs in unchanged.
 //!
-//! Both passes over the parameters run on every core in fixed chunks of [`CHUNK`] elements:
+//! Both passes over the parameters run on every core in fixed chunks of `CHUNK` elements:
 //! the update is element-wise, so it gives the same bits however the chunks are scheduled, and
 //! the norm's partial sums are added in chunk order, so a resumed run reproduces it exactly.
 //! Run on one core, they were a fifth of a distillation step's wall time on SmolLM2.
@@ -184,7 +184,7 @@ fn zero_pruned_chunk(values: &mut [f32], keep: &[bool]) {
     }
 }
 
-/// [`zero_pruned_chunk`] on every core, in chunks of [`CHUNK`]: the masking of a step's
+/// [`zero_pruned_chunk`] on every core, in chunks of `CHUNK`: the masking of a step's
 /// gradients.
 pub(crate) fn zero_pruned(values: &mut [f32], keep: &[bool]) {
     (values.par_chunks_mut(CHUNK))

@@ -406,7 +406,7 @@ fn probe_bandwidth(bufs: &[Vec<f32>], threads: usize, evictor: &Evictor) -> f64 
 }
 
 /// The read bandwidth (GB/s) of this machine right now, on rayon's pool, measured the way the
-/// kernels read (see [`probe_bandwidth`]): 64 MiB of 2 MiB buffers, caches flushed with 128 MiB
+/// kernels read (see `probe_bandwidth`): 64 MiB of 2 MiB buffers, caches flushed with 128 MiB
 /// between passes. For benchmarks that report how close a forward pass comes to the memory
 /// limit, measured in the same run as the pass.
 pub fn memory_bandwidth_gbps() -> f64 {
@@ -481,7 +481,7 @@ pub struct BatchRow {
 /// Decode steps of a few tokens (continuous batching) through 30 SmolLM2 blocks' linears,
 /// 2:4 and the same masks as a bitmap beside dense in each dtype, timed in alternating rounds (best of `rounds`). The 30
 /// blocks are streamed, so the weights come from memory as in a real model; the 2:4 masks are
-/// [`make_weights`]'s, packed both ways.
+/// `make_weights`'s, packed both ways.
 pub fn run_batch_bench(tokens: &[usize], dtypes: &[Dtype], rounds: usize) -> Result<Vec<BatchRow>> {
     const BLOCKS: usize = 30;
     let exec = Exec::auto();

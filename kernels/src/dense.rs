@@ -220,7 +220,7 @@ fn panel_gemm<T: Element>(
 }
 
 /// Token counts up to which [`DenseMatrix::gemm`] and [`gemm_f32`] stream `W` once and dot each
-/// row with every token ([`small_batch`]) instead of packing panels for the register-blocked
+/// row with every token (`small_batch`) instead of packing panels for the register-blocked
 /// GEMM: decode steps, one token per running sequence of a batch. Past it, the GEMM's reuse of
 /// each packed panel across tokens wins.
 pub const SMALL_BATCH: usize = 16;

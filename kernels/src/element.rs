@@ -44,7 +44,8 @@ impl Dtype {
     }
 
     /// Rounds `v` to this dtype and back: what a stored weight reads as. For [`Dtype::I8`],
-    /// whose rounding depends on the whole row, see [`crate::quant::dequantized`].
+    /// whose rounding depends on the whole row's scale, see `quant::row_scale` and
+    /// `quant::quantize`.
     pub fn round(self, v: f32) -> f32 {
         match self {
             Dtype::F32 | Dtype::I8 => v,

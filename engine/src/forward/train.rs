@@ -611,7 +611,7 @@ impl<'t> TrainingPass<'t> {
 
     /// Runs `sequences` (each at least 2 tokens) through `session` forward and backward,
     /// adding each one's gradient. Sequences of equal length run together, up to
-    /// [`BATCH_TOKENS`] tokens. Fails when `session`'s layers are not those the pass was made
+    /// `BATCH_TOKENS` tokens. Fails when `session`'s layers are not those the pass was made
     /// for.
     pub fn accumulate(
         &mut self,
@@ -674,7 +674,7 @@ impl<'t> TrainingPass<'t> {
 
     /// Declares the mask of weight `name` (`[out, in]` row-major, `true` = kept; `None`: no
     /// mask), whose pruned weights the caller holds at exactly zero. When the mask keeps at
-    /// most [`BLOCK_SPARSE_MAX_DENSITY`] of the 16×16 blocks, the layer's forward and input
+    /// most `BLOCK_SPARSE_MAX_DENSITY` of the 16×16 blocks, the layer's forward and input
     /// gradient read only kept blocks and its weight gradient is formed on kept blocks only
     /// (the pruned blocks' gradient stays zero, which the caller zeroes anyway; a caller that
     /// needs the dense gradient, e.g. for RigL, passes `None`). Returns whether the layer now
