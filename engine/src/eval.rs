@@ -277,15 +277,21 @@ pub fn latency(
     // The prefill as llama-bench times its prompt processing: one untimed warm-up pass (first
     // touch of the scratch buffers and caches) and, as llama-bench's warm-up also generates a
     // token, one decode step on it; then the mean of PREFILL_REPS passes, each into a fresh KV
-    // cache; the last one's cache goes on to the decode steps.
-    let mut warm = KvCache::new();
+    // cache; the last one's cache goes on to the decode steps. Every cache is reserved for the
+    // whole sequence up front, as `espalier generate`, the daemon and llama.cpp's context do:
+    // a cache that grows doubles (and copies) every layer's buffers at the first decode step
+    // after the prompt, which after a 1024-token prompt of SmolLM2 took 0.25-0.33 s, mostly
+    // the kernel zeroing fresh pages, and was counted as decoding.
+    let reserve = || KvCache::with_capacity(prompt.len() + new_tokens);
+    let mut warm = reserve();
     let first = session.next_token(prompt, Some(&mut warm))?;
     session.next_token(&[first], Some(&mut warm))?;
+    drop(warm);
     let started = Instant::now();
-    let mut cache = KvCache::new();
+    let mut cache = reserve();
     let mut next = session.next_token(prompt, Some(&mut cache))?;
     for _ in 1..PREFILL_REPS {
-        cache = KvCache::new();
+        cache = reserve();
         next = session.next_token(prompt, Some(&mut cache))?;
     }
     let prefill = started.elapsed().as_secs_f64() / PREFILL_REPS as f64;
