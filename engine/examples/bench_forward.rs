@@ -119,7 +119,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         );
     }
     if batch > 0 {
-        let mut caches: Vec<KvCache> = (0..batch).map(|_| KvCache::new()).collect();
+        // Reserved for the whole sequence, as the daemon reserves each request's cache.
+        let mut caches: Vec<KvCache> = (0..batch)
+            .map(|_| KvCache::with_capacity(prompt + new))
+            .collect();
         let mut next: Vec<u32> = Vec::with_capacity(batch);
         for (i, cache) in caches.iter_mut().enumerate() {
             // Prompts differ in their first token, so no two sequences are the same.
