@@ -732,7 +732,8 @@ mod x86 {
     use std::ops::Range;
 
     /// How far ahead (bytes) the GEMVs prefetch their value stream (the AVX2 one its mask
-    /// stream too, once per step of 64 weights; the VBMI2 ones once per mask word). The
+    /// stream too, once per step of 64 weights; the VBMI2 ones once per mask word; the
+    /// AVX-512 f32 one, with its masks, once per two words). The
     /// hardware prefetcher alone left the bitmap well below dense's bandwidth when streaming:
     /// measured on the 2-core EPYC (30 layers per shape, caches flushed, one thread, same run),
     /// prefetching made the 50% bf16 GEMV 10-35% faster; 1 KiB and 2 KiB ahead were alike.
@@ -745,7 +746,12 @@ mod x86 {
 
     /// AVX-512 GEMV: 16 weights per mask word; the packed values are loaded 16 at a time and
     /// expanded into the lanes whose bit is set (zeros elsewhere), so the loop does no table
-    /// look-ups and its only serial dependency is the value offset (`+= popcount`).
+    /// look-ups and its only serial dependency is the value offset (`+= popcount`). Values and
+    /// masks are requested [`PF_VALUES`] and [`PF_MASKS`] bytes ahead, as in the other GEMVs:
+    /// without it the f32 bitmap streamed at half dense f32's bandwidth on the 2-core Xeon and
+    /// a 50% model decoded no faster than dense (`batch_bench 1 f32`, three alternations:
+    /// 1.00-1.05x dense before, 1.44-1.75x after; one 512-bit load instead of two joined
+    /// 256-bit ones for f32 measured alike, 1.49-1.63x).
     ///
     /// # Safety
     /// AVX-512F+AVX2+FMA+POPCNT; arrays consistent (see `BitmapMatrix`), `vals` has PAD (16)
@@ -771,12 +777,16 @@ mod x86 {
             let mut a0 = _mm512_setzero_ps();
             let mut a1 = _mm512_setzero_ps();
             let mut k = 0;
+            let mp = mrow.as_ptr();
             // SAFETY: vi stays within the row's values (it advances by the popcounts of the
-            // row's mask bits) and PAD spare values cover each 16-wide load; x reads < cols.
+            // row's mask bits) and PAD spare values cover each 16-wide load; mask reads stay
+            // below 2 * words <= stride; x reads < cols; prefetches never fault.
             unsafe {
                 while k + 2 <= words {
-                    let m0 = u16::from_le_bytes([mrow[2 * k], mrow[2 * k + 1]]);
-                    let m1 = u16::from_le_bytes([mrow[2 * k + 2], mrow[2 * k + 3]]);
+                    _mm_prefetch::<_MM_HINT_T0>(vp.add(vi).cast::<i8>().wrapping_add(PF_VALUES));
+                    _mm_prefetch::<_MM_HINT_T0>(mp.add(2 * k).cast::<i8>().wrapping_add(PF_MASKS));
+                    let m01 = mp.add(2 * k).cast::<u32>().read_unaligned();
+                    let (m0, m1) = (m01 as u16, (m01 >> 16) as u16);
                     let v0 = _mm512_maskz_expand_ps(m0, load16(vp.add(vi)));
                     vi += m0.count_ones() as usize;
                     let v1 = _mm512_maskz_expand_ps(m1, load16(vp.add(vi)));
