@@ -1018,8 +1018,8 @@ mod x86 {
     }
 
     /// One bitmap row's whole words dotted with `N` tokens' bf16 pairs (token `j`'s at
-    /// `xb[j * pairs..]`), each token's sum before its tail, into `dots[..N]`; returns the offset of the row's first value after its
-    /// whole words (where the tail's start).
+    /// `xb[j * pairs..]`), each token's sum before its tail, into `dots[..N]`; returns the
+    /// offset of the row's first value after its whole words (where its tail starts).
     ///
     /// # Safety
     /// AVX-512F/BW/VBMI2/BF16 (inlined into [`rows_bf16_vbmi2_dp`]); `mrow` one row's
@@ -1039,9 +1039,9 @@ mod x86 {
         let mut vi = v0;
         // SAFETY: AVX-512F (contract).
         let mut acc = [[unsafe { _mm512_setzero_ps() }; 2]; N];
-        // SAFETY: each masked load reads exactly its word's
-        // popcount of the row's values; mask reads below 4 * words; pair reads of token j
-        // below j * pairs + 16 * words <= N * pairs; prefetches never fault.
+        // SAFETY: each masked load reads exactly its word's popcount of the row's values; mask
+        // reads below 4 * words; pair reads of token j below j * pairs + 16 * words <= N *
+        // pairs; prefetches never fault.
         unsafe {
             let expand = |vi: &mut usize, k: usize| -> __m512bh {
                 let mask = mp.add(4 * k).cast::<u32>().read_unaligned();

@@ -61,13 +61,6 @@ mod testutil;
 
 pub use amx::{enabled as amx_enabled, set_enabled as set_amx_enabled};
 
-/// Whether this CPU runs decode steps of a few tokens on bf16 weights with each token's own
-/// GEMV arithmetic (AVX512-BF16, and VBMI2 for the bitmap): dense bf16 layers up to 3 tokens
-/// and bf16 bitmap layers up to 4 give every token exactly what it gets alone.
-pub fn few_token_bf16_steps_exact() -> bool {
-    let isa = Exec::auto().isa.effective();
-    gemm_bf16::available(isa) && bitmap::bf16_expand_dp(isa)
-}
 pub use bitmap::BitmapMatrix;
 pub use block_train::{BlockPattern, BlockTraining, TRAIN_BLOCK};
 pub use bsr::BsrMatrix;
@@ -85,3 +78,11 @@ pub use plan::{
 };
 pub use train_bf16::{Bf16Training, bf16_training_available};
 pub use view::DenseView;
+
+/// Whether this CPU runs decode steps of a few tokens on bf16 weights with each token's own
+/// GEMV arithmetic (AVX512-BF16, and VBMI2 for the bitmap): dense bf16 layers up to 3 tokens
+/// and bf16 bitmap layers up to 4 give every token exactly what it gets alone.
+pub fn few_token_bf16_steps_exact() -> bool {
+    let isa = Exec::auto().isa.effective();
+    gemm_bf16::available(isa) && bitmap::bf16_expand_dp(isa)
+}

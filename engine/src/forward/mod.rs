@@ -136,9 +136,7 @@ impl KvDtype {
             KvDtype::F16 => DType::F16,
         }
     }
-}
 
-impl KvDtype {
     /// A setting as users write it (`--kv-cache`, the daemon's `kv_cache`): `auto` (`None`:
     /// the session's [`Session::auto_kv_dtype`]), `f16` or `f32`.
     pub fn parse_setting(s: &str) -> Result<Option<KvDtype>, String> {

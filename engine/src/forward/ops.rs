@@ -79,28 +79,37 @@ fn map_rows(
 /// -87 return ~1e-38 (negligible beside the 1 of a softmax's maximum), above 88 saturate.
 #[inline(always)]
 pub(crate) fn fast_exp(x: f32) -> f32 {
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    // ln 2 split in two so n·ln2 is exact in the high part.
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    // Adding then subtracting 1.5·2^23 rounds to the nearest integer without a libm call.
-    const ROUND: f32 = 12_582_912.0;
-    let x = x.clamp(-87.0, 88.0);
-    let t = x * LOG2E + ROUND;
-    let n = t - ROUND;
+    let x = x.clamp(EXP_MIN, EXP_MAX);
+    let t = x * std::f32::consts::LOG2_E + EXP_ROUND;
+    let n = t - EXP_ROUND;
     // n as an integer, read from t's low mantissa bits: a float-to-int `as` cast saturates and
     // checks for NaN per element, which keeps the loop scalar.
-    let n_bits = t.to_bits().wrapping_sub(ROUND.to_bits());
-    let r = x - n * LN2_HI - n * LN2_LO;
+    let n_bits = t.to_bits().wrapping_sub(EXP_ROUND.to_bits());
+    let r = x - n * EXP_LN2_HI - n * EXP_LN2_LO;
     let z = r * r;
-    let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
-        + 1.666_666_5e-1)
-        * r
-        + 0.5;
+    let [c0, c1, c2, c3, c4] = EXP_POLY;
+    let p = ((((c0 * r + c1) * r + c2) * r + c3) * r + c4) * r + 0.5;
     let e = p * z + r + 1.0;
     let scale = f32::from_bits(n_bits.wrapping_add(127) << 23);
     e * scale
 }
+
+/// [`fast_exp`]'s input range (below, ~1e-38; above, saturated).
+const EXP_MIN: f32 = -87.0;
+const EXP_MAX: f32 = 88.0;
+/// ln 2 split in two so n·ln2 is exact in the high part.
+const EXP_LN2_HI: f32 = 0.693_359_4;
+const EXP_LN2_LO: f32 = -2.121_944_4e-4;
+/// Adding then subtracting 1.5·2^23 rounds to the nearest integer without a libm call.
+const EXP_ROUND: f32 = 12_582_912.0;
+/// The polynomial's coefficients above its `0.5·r²` term, highest degree first.
+const EXP_POLY: [f32; 5] = [
+    1.987_569_1e-4,
+    1.398_199_9e-3,
+    8.333_452e-3,
+    4.166_579_6e-2,
+    1.666_666_5e-1,
+];
 
 /// Lanes of the reductions below: eight independent accumulators let the compiler keep them
 /// in one vector register (a plain fold is a serial chain it may not reorder).
@@ -795,7 +804,7 @@ unsafe fn exp_into_avx512(xs: &[f32], out: &mut [f32], scale: f32, shift: f32) -
     sum
 }
 
-/// [`fast_exp`] of 16 lanes, bit for bit.
+/// [`fast_exp`] of 16 lanes, bit for bit: its constants, its operations in its order.
 ///
 /// # Safety
 /// AVX-512F available.
@@ -808,17 +817,18 @@ unsafe fn fast_exp_avx512(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__
     let (add, mul, sub) = (_mm512_add_ps, _mm512_mul_ps, _mm512_sub_ps);
     // `clamp`, with a NaN passed through as the scalar's does: `vmaxps`/`vminps` return their
     // second operand when either is NaN.
-    let x = _mm512_min_ps(c(88.0), _mm512_max_ps(c(-87.0), x));
-    let round = c(12_582_912.0);
+    let x = _mm512_min_ps(c(EXP_MAX), _mm512_max_ps(c(EXP_MIN), x));
+    let round = c(EXP_ROUND);
     let t = add(mul(x, c(std::f32::consts::LOG2_E)), round);
     let n = sub(t, round);
     let n_bits = _mm512_sub_epi32(_mm512_castps_si512(t), _mm512_castps_si512(round));
-    let r = sub(sub(x, mul(n, c(0.693_359_4))), mul(n, c(-2.121_944_4e-4)));
+    let r = sub(sub(x, mul(n, c(EXP_LN2_HI))), mul(n, c(EXP_LN2_LO)));
     let z = mul(r, r);
-    let p = add(mul(c(1.987_569_1e-4), r), c(1.398_199_9e-3));
-    let p = add(mul(p, r), c(8.333_452e-3));
-    let p = add(mul(p, r), c(4.166_579_6e-2));
-    let p = add(mul(p, r), c(1.666_666_5e-1));
+    let [c0, c1, c2, c3, c4] = EXP_POLY;
+    let p = add(mul(c(c0), r), c(c1));
+    let p = add(mul(p, r), c(c2));
+    let p = add(mul(p, r), c(c3));
+    let p = add(mul(p, r), c(c4));
     let p = add(mul(p, r), c(0.5));
     let e = add(add(mul(p, z), r), c(1.0));
     let scale = _mm512_slli_epi32::<23>(_mm512_add_epi32(n_bits, _mm512_set1_epi32(127)));
