@@ -340,7 +340,19 @@ impl BitmapMatrix {
             && lanes::available_bf16(exec.isa, self.cols)
             && let Some(bits) = Element::bf16_bits(vals.as_slice())
         {
-            crate::lanes_amx::bitmap_gemm(&self.amx_rows(bits), x, tokens, y, exec);
+            let vals = crate::lanes_amx::Packed::Bf16(bits);
+            crate::lanes_amx::bitmap_gemm(&self.amx_rows(vals), x, tokens, y, exec);
+            return Ok(());
+        }
+        if self.expands_for_batch(exec)
+            && let Values::I8 { q, scales } = &self.values
+            && tokens >= MIN_TOKENS_I8_TILES
+            && crate::lanes_amx::takes_i8(self.cols, tokens)
+            && lanes::available_bf16(exec.isa, self.cols)
+        {
+            // int8 as bf16's tiles run it, the steps' bytes expanded and widened in L1.
+            let vals = crate::lanes_amx::Packed::I8 { q, scales };
+            crate::lanes_amx::bitmap_gemm(&self.amx_rows(vals), x, tokens, y, exec);
             return Ok(());
         }
         if self.expands_for_batch(exec)
@@ -446,6 +458,14 @@ struct Inputs<'a> {
 /// [`lanes_amx`]: crate::lanes_amx
 pub(crate) const FEW_TOKENS_MAX: usize = 4;
 
+/// Fewest tokens an int8 bitmap's batched step takes the AMX tiles for (each pair of steps'
+/// bytes expanded and widened to bf16 in L1, `lanes_amx::bitmap_gemm`); fewer run the
+/// small-batch kernels, which multiply fewer tokens per expanded weight. `batch_bench
+/// 4,5,6,7,8,9,16 i8` on a 2-core Xeon, SmolLM2's block linears, twice: 16 tokens 15.1-15.8
+/// against 25.4-26.1 ms before, 8 tokens 15.7-16.0 against 17.1-17.5, 7 tokens 15.7-16.2
+/// against 16.6-17.0, level or behind at 5-6.
+pub(crate) const MIN_TOKENS_I8_TILES: usize = 7;
+
 /// Whether the bf16 GEMV runs the expand-and-`vdpbf16ps` kernel: AVX-512 in use with VBMI2
 /// and AVX512-BF16 (Zen 4, Sapphire Rapids and later).
 pub(crate) fn bf16_expand_dp(isa: Isa) -> bool {
@@ -509,15 +529,18 @@ impl BitmapMatrix {
         })
     }
 
-    /// The bf16 matrix as the AMX decode tiles read it (`bits`: its values' bits).
-    fn amx_rows<'a>(&'a self, bits: &'a [u16]) -> crate::lanes_amx::BitmapRows<'a> {
+    /// The matrix as the AMX decode tiles read it (`vals`: its values).
+    fn amx_rows<'a>(
+        &'a self,
+        vals: crate::lanes_amx::Packed<'a>,
+    ) -> crate::lanes_amx::BitmapRows<'a> {
         crate::lanes_amx::BitmapRows {
             rows: self.rows,
             cols: self.cols,
             stride: self.stride,
             masks: &self.masks,
             row_ptr: &self.row_ptr,
-            vals: bits,
+            vals,
         }
     }
 

@@ -115,6 +115,15 @@ impl DenseMatrix {
             return Ok(());
         }
         if let Values::I8 { q, scales } = &self.values
+            && tokens >= MIN_TOKENS_I8_TILES
+            && lanes::available_bf16(exec.isa, self.cols)
+            && crate::lanes_amx::takes_i8(self.cols, tokens)
+        {
+            // A decode step on AMX: each step's bytes widened in L1 (see `i8_gemm`).
+            crate::lanes_amx::i8_gemm(q, scales, self.rows, self.cols, x, tokens, y, exec);
+            return Ok(());
+        }
+        if let Values::I8 { q, scales } = &self.values
             && takes_lanes_i8(self.cols, tokens, exec)
         {
             let cols = self.cols;
@@ -336,6 +345,12 @@ fn row_bounds<T: Element>(exec: Exec, rows: usize, cols: usize) -> Vec<usize> {
     );
     par::even_bounds(units, tasks)
 }
+
+/// Fewest tokens a dense int8 product takes the AMX tiles for (`lanes_amx::i8_gemm`, each
+/// pair of steps' bytes widened to bf16 in L1); fewer run the small-batch kernels. `batch_bench
+/// 2,3 i8` on a 2-core Xeon, SmolLM2's block linears, three times: 3 tokens 17.6-18.3 against
+/// 19.1-20.0 ms, 2 tokens 18.2 against 15.9-16.6.
+pub(crate) const MIN_TOKENS_I8_TILES: usize = 3;
 
 /// Most tokens a dense bf16 product takes [`few_tokens_bf16`] for; from one more, the
 /// tokens-in-lanes GEMM (on AMX where present). Whole SmolLM2 decode steps on the Xeon

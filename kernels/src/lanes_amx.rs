@@ -21,8 +21,9 @@
 //!
 //! A bitmap matrix ([`bitmap_gemm`]) expands each step's 64 rows × 32 columns from its
 //! packed values into an L1 buffer the A tiles load (one `vpexpandw` per row and step), and
-//! rows written on demand (int8 widened to bf16: `Weights::Bf16Rows`) go through a buffer of
-//! whole rows.
+//! rows written on demand (`Weights::Bf16Rows`) go through a buffer of whole rows. int8
+//! weights, dense ([`i8_gemm`]) or bitmap, are widened to bf16 step by step into the same kind
+//! of L1 buffer (exact: every int8 is a bf16), each output row scaled once after its sum.
 //!
 //! The products are the same bf16 products with f32 accumulation as [`crate::lanes`]'s; only
 //! the order of the additions differs.
@@ -38,12 +39,31 @@ use half::slice::HalfBitsSliceExt;
 const BLOCK_ROWS: usize = ROW_GROUPS * TILE;
 /// Columns per A tile (two per pair, [`amx::PAIRS`] pairs).
 const TILE_COLS: usize = 2 * amx::PAIRS;
+/// bf16 values of one reduction step's expanded or widened rows (an L1 buffer slot).
+const STEP_VALUES: usize = BLOCK_ROWS * TILE_COLS;
+/// Slots of the step buffer: int8 steps are widened two at a time (64 columns: one
+/// `vpexpandb`, one table lookup), into one pair of slots while the tiles read the other.
+const SLOTS: usize = 4;
 
 /// Whether a bf16 product of `tokens` tokens over `cols` columns runs here: AMX enabled, one
 /// 16-lane token panel, whole A tiles of columns (the caller has checked
 /// [`crate::lanes::available_bf16`]).
 pub(crate) fn takes(cols: usize, tokens: usize) -> bool {
     tokens <= TILE && cols > 0 && cols.is_multiple_of(TILE_COLS) && amx::enabled()
+}
+
+/// [`takes`] for int8 weights, which are widened by byte table lookups (AVX512-VBMI: every
+/// CPU with AMX has it).
+pub(crate) fn takes_i8(cols: usize, tokens: usize) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        takes(cols, tokens) && std::arch::is_x86_feature_detected!("avx512vbmi")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (cols, tokens);
+        false
+    }
 }
 
 /// [`crate::lanes::gemm_panels`] for bf16 weights (`Bf16` or `Bf16Rows`) on AMX: `panel` is
@@ -126,25 +146,53 @@ pub(crate) fn gemm_panels(
     });
 }
 
-/// A bf16 bitmap matrix as [`bitmap_gemm`] reads it (`BitmapMatrix`'s fields): `stride`
-/// mask bytes per row (bit `c % 8` of byte `c / 8` keeps column `c`), row `r`'s kept values
-/// at `row_ptr[r]..row_ptr[r + 1]` of `vals` in column order.
+/// Stored weights as the tiles take them: bf16 bits, or int8 with one scale per row. int8
+/// values are widened to bf16 on their way into the tiles (every int8 is exact in bf16) and
+/// each output row is scaled once after its sum, as the int8 kernels scale their row sums.
+#[derive(Clone, Copy)]
+pub(crate) enum Packed<'a> {
+    Bf16(&'a [u16]),
+    I8 { q: &'a [i8], scales: &'a [f32] },
+}
+
+impl<'a> Packed<'a> {
+    /// The row scales, for int8.
+    fn scales(self) -> Option<&'a [f32]> {
+        match self {
+            Packed::Bf16(_) => None,
+            Packed::I8 { scales, .. } => Some(scales),
+        }
+    }
+
+    /// A request into L2 for stored values `range`, spread over `steps` reduction steps.
+    fn prefetch(self, range: std::ops::Range<usize>, steps: usize) -> Prefetch {
+        match self {
+            Packed::Bf16(v) => Prefetch::new(&v[range], steps),
+            Packed::I8 { q, .. } => Prefetch::new(&q[range], steps),
+        }
+    }
+}
+
+/// A bitmap matrix as [`bitmap_gemm`] reads it (`BitmapMatrix`'s fields): `stride` mask
+/// bytes per row (bit `c % 8` of byte `c / 8` keeps column `c`), row `r`'s kept values at
+/// `row_ptr[r]..row_ptr[r + 1]` of `vals` in column order.
 pub(crate) struct BitmapRows<'a> {
     pub rows: usize,
     pub cols: usize,
     pub stride: usize,
     pub masks: &'a [u8],
     pub row_ptr: &'a [u32],
-    pub vals: &'a [u16],
+    pub vals: Packed<'a>,
 }
 
-/// `Y = X·Wᵀ` for a bf16 bitmap matrix on AMX, a decode step of up to 16 tokens: each
-/// reduction step's 64 rows × 32 columns are expanded from the packed values (a masked load
-/// and one `vpexpandw` per row) into an L1 buffer that the A tiles load, so the kept weights
-/// go from memory to the tiles without a dense copy in L2 (expanding whole rows first, through
-/// `Weights::Bf16Rows`, wrote and re-read 64 rows × `cols` per block). `x: [tokens, cols]`,
-/// `y: [tokens, rows]` (every element written). The caller has checked [`takes`],
-/// AVX512-BF16 and VBMI2, and the lengths.
+/// `Y = X·Wᵀ` for a bf16 or int8 bitmap matrix on AMX, a decode step of up to 16 tokens:
+/// each reduction step's 64 rows × 32 columns are expanded from the packed values (a masked
+/// load and one `vpexpandw`, or `vpexpandb` and a widening to bf16, per row) into an L1
+/// buffer that the A tiles load, so the kept weights go from memory to the tiles without a
+/// dense copy in L2 (expanding whole rows first, through `Weights::Bf16Rows`, wrote and
+/// re-read 64 rows × `cols` per block). `x: [tokens, cols]`, `y: [tokens, rows]` (every
+/// element written). The caller has checked [`takes`] (int8: [`takes_i8`]), AVX512-BF16 and
+/// VBMI2, and the lengths.
 pub(crate) fn bitmap_gemm(m: &BitmapRows<'_>, x: &[f32], tokens: usize, y: Out<'_>, exec: Exec) {
     let (rows, cols) = (m.rows, m.cols);
     assert!(m.stride * 8 >= cols && m.masks.len() >= rows * m.stride && m.row_ptr.len() > rows);
@@ -153,9 +201,9 @@ pub(crate) fn bitmap_gemm(m: &BitmapRows<'_>, x: &[f32], tokens: usize, y: Out<'
     let out = y.shared();
     let k_tiles = cols / TILE_COLS;
     for_each_block(rows, cols, panel, tokens, exec, || {
-        // Two steps' expanded rows, alternating, so a step's expansion need not wait for the
-        // last step's tile loads.
-        let mut bufs = vec![0u16; 2 * BLOCK_ROWS * TILE_COLS];
+        // Steps' expanded rows in a ring of slots, so a step's expansion need not wait for
+        // the last step's tile loads.
+        let mut bufs = vec![0u16; SLOTS * STEP_VALUES];
         let mut cursors = [0usize; BLOCK_ROWS];
         move |tiles: &Tiles, b: usize, first: bool, last: bool, c: &mut Acc| {
             let r0 = b * BLOCK_ROWS;
@@ -169,14 +217,11 @@ pub(crate) fn bitmap_gemm(m: &BitmapRows<'_>, x: &[f32], tokens: usize, y: Out<'
             }
             // The next block's masks and values, requested into L2 while this one runs.
             let (next_masks, next_vals) = if last {
-                (&[][..], &[][..])
+                (&[][..], 0..0)
             } else {
                 let end = rows.min(r0 + nr + BLOCK_ROWS);
                 let (v0, v1) = (m.row_ptr[r0 + nr] as usize, m.row_ptr[end] as usize);
-                (
-                    &m.masks[(r0 + nr) * m.stride..end * m.stride],
-                    &m.vals[v0..v1],
-                )
+                (&m.masks[(r0 + nr) * m.stride..end * m.stride], v0..v1)
             };
             let masks = &m.masks[r0 * m.stride..(r0 + nr) * m.stride];
             if first {
@@ -184,23 +229,118 @@ pub(crate) fn bitmap_gemm(m: &BitmapRows<'_>, x: &[f32], tokens: usize, y: Out<'
                 // values are 64 streams, more than the hardware prefetcher follows; measured
                 // 24.4-25.7 against 25.5-26.6 ms per 16-sequence Wanda step without).
                 let (v0, v1) = (m.row_ptr[r0] as usize, m.row_ptr[r0 + nr] as usize);
-                Prefetch::new(&m.vals[v0..v1], 1).step(0);
+                m.vals.prefetch(v0..v1, 1).step(0);
                 Prefetch::new(masks, 1).step(0);
             }
-            let ahead_vals = Prefetch::new(next_vals, k_tiles);
+            let ahead_vals = m.vals.prefetch(next_vals, k_tiles);
             let ahead_masks = Prefetch::new(next_masks, k_tiles);
             tiles.rows_zero();
             for k in 0..k_tiles {
                 ahead_vals.step(k);
                 ahead_masks.step(k);
-                let buf = &mut bufs[(k % 2) * BLOCK_ROWS * TILE_COLS..][..BLOCK_ROWS * TILE_COLS];
-                expand_step(masks, m.stride, m.vals, &mut cursors[..nr], k, buf);
+                let slot = (k % SLOTS) * STEP_VALUES;
+                match m.vals {
+                    Packed::Bf16(v) => {
+                        let buf = &mut bufs[slot..][..STEP_VALUES];
+                        expand_step(masks, m.stride, v, &mut cursors[..nr], k, buf);
+                    }
+                    Packed::I8 { q, .. } if k % 2 == 0 => {
+                        // This step and the next, as one 64-column expansion.
+                        let steps = if k + 1 < k_tiles { 2 } else { 1 };
+                        let buf = &mut bufs[slot..][..2 * STEP_VALUES];
+                        expand_steps_i8(masks, m.stride, q, &mut cursors[..nr], k, steps, buf);
+                    }
+                    Packed::I8 { .. } => {}
+                }
+                let buf = &bufs[slot..][..STEP_VALUES];
                 // SAFETY: `buf` holds BLOCK_ROWS rows of TILE_COLS values; the panel holds
                 // cols / 2 · TILE pairs (`for_each_block` checks it).
                 unsafe { tiles.rows_step(buf.as_ptr(), TILE_COLS, panel_step(panel, k)) };
             }
             tiles.rows_store(c);
-            store_block(c, nr, tokens, None, &out, rows, r0, false);
+            let scales = m.vals.scales().map(|s| &s[r0..r0 + nr]);
+            store_block(c, nr, tokens, scales, &out, rows, r0, false);
+        }
+    });
+}
+
+/// `Y = X·Wᵀ` for dense int8 weights (`q: [rows, cols]`, one scale per row) on AMX, a decode
+/// step of up to 16 tokens: each pair of reduction steps' 64 rows × 64 columns are widened
+/// to bf16 (exact, by table: `x86::Widen`) into an L1 buffer that the A tiles load, and each
+/// output row is scaled once. Half
+/// the bytes of bf16 weights come from memory; writing whole rows first (`Weights::Bf16Rows`)
+/// wrote and re-read 64 rows × `cols` bf16 per block through L2 and took longer than bf16's
+/// whole step. `x: [tokens, cols]`, `y: [tokens, rows]` (every element written). The caller
+/// has checked [`takes_i8`], AVX512-BF16 and the lengths.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn i8_gemm(
+    q: &[i8],
+    scales: &[f32],
+    rows: usize,
+    cols: usize,
+    x: &[f32],
+    tokens: usize,
+    y: Out<'_>,
+    exec: Exec,
+) {
+    assert!(q.len() >= rows * cols && scales.len() >= rows);
+    let panel = crate::lanes::pack_bf16(x, tokens, cols, TILE, exec);
+    let panel = &panel[..];
+    let out = y.shared();
+    let k_tiles = cols / TILE_COLS;
+    for_each_block(rows, cols, panel, tokens, exec, || {
+        // Steps' widened rows in a ring of slots, as the bitmap's expansion does.
+        let mut bufs = vec![0u16; SLOTS * STEP_VALUES];
+        move |tiles: &Tiles, b: usize, first: bool, last: bool, c: &mut Acc| {
+            let r0 = b * BLOCK_ROWS;
+            let nr = BLOCK_ROWS.min(rows - r0);
+            if nr < BLOCK_ROWS {
+                // Rows past the matrix multiply as zeros.
+                bufs.fill(0);
+            }
+            let block = &q[r0 * cols..(r0 + nr) * cols];
+            if first {
+                // Nothing requested this block ahead: all of it now (as the bf16 tiles do).
+                Prefetch::new(block, 1).step(0);
+            }
+            let next = if last {
+                &[][..]
+            } else {
+                &q[(r0 + nr) * cols..rows.min(r0 + nr + BLOCK_ROWS) * cols]
+            };
+            let ahead = Prefetch::new(next, k_tiles);
+            tiles.rows_zero();
+            for k in 0..k_tiles {
+                ahead.step(k);
+                let slot = (k % SLOTS) * STEP_VALUES;
+                if k % 2 == 0 {
+                    // This step and the next, widened together.
+                    let steps = if k + 1 < k_tiles { 2 } else { 1 };
+                    widen_steps(
+                        block,
+                        cols,
+                        nr,
+                        k,
+                        steps,
+                        &mut bufs[slot..][..2 * STEP_VALUES],
+                    );
+                }
+                let buf = &bufs[slot..][..STEP_VALUES];
+                // SAFETY: `buf` holds BLOCK_ROWS rows of TILE_COLS values; the panel holds
+                // cols / 2 · TILE pairs (`for_each_block` checks it).
+                unsafe { tiles.rows_step(buf.as_ptr(), TILE_COLS, panel_step(panel, k)) };
+            }
+            tiles.rows_store(c);
+            store_block(
+                c,
+                nr,
+                tokens,
+                Some(&scales[r0..r0 + nr]),
+                &out,
+                rows,
+                r0,
+                false,
+            );
         }
     });
 }
@@ -280,8 +420,8 @@ fn prefetch_l2(p: *const u8) {
     let _ = p;
 }
 
-/// Expands reduction step `k` (columns `32k..32k + 32`) of the block's rows into `buf`, row
-/// `i` at `32i`: row `i`'s mask is at `masks[i * stride..]`, its next packed value at
+/// Expands reduction step `k` (columns `32k..32k + 32`) of the block's bf16 rows into `buf`,
+/// row `i` at `32i`: row `i`'s mask is at `masks[i * stride..]`, its next packed value at
 /// `vals[cursors[i]]`, which moves past the step's kept values.
 fn expand_step(
     masks: &[u8],
@@ -315,6 +455,63 @@ fn expand_step(
     }
 }
 
+/// [`expand_step`] for int8 values, `steps` (1 or 2) reduction steps from `k` at once (one
+/// mask word of 32 or 64 bits per row), widened to bf16: step `k + s` into
+/// `buf[s * STEP_VALUES..]`, row `i` at `32i`.
+fn expand_steps_i8(
+    masks: &[u8],
+    stride: usize,
+    vals: &[i8],
+    cursors: &mut [usize],
+    k: usize,
+    steps: usize,
+    buf: &mut [u16],
+) {
+    assert!((1..=2).contains(&steps) && buf.len() >= steps * STEP_VALUES);
+    assert!(cursors.len() <= BLOCK_ROWS);
+    assert!(masks.len() >= cursors.len() * stride && stride >= 4 * (k + steps));
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: the caller checked AVX-512, VBMI, VBMI2 and AVX512-BF16 (`bitmap_gemm`'s
+    // contract, `takes_i8`); the asserts bound the mask reads and the stores; each masked load
+    // reads the steps' popcount of values from the cursor, all within the row's.
+    unsafe {
+        x86::expand_steps_i8(
+            masks.as_ptr(),
+            stride,
+            vals.as_ptr(),
+            cursors,
+            k,
+            steps == 2,
+            buf.as_mut_ptr(),
+        )
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (vals, buf);
+        unreachable!("no AMX tiles off x86-64");
+    }
+}
+
+/// Widens `steps` (1 or 2) reduction steps from `k` (columns `32k..32k + 32·steps`) of the
+/// first `nr` rows of an int8 block (`block`: rows of `cols` values) into `buf` as bf16:
+/// step `k + s` at `buf[s * STEP_VALUES..]`, row `i` at `32i`.
+fn widen_steps(block: &[i8], cols: usize, nr: usize, k: usize, steps: usize, buf: &mut [u16]) {
+    assert!((1..=2).contains(&steps) && buf.len() >= steps * STEP_VALUES);
+    assert!(nr <= BLOCK_ROWS && block.len() >= nr * cols && cols >= TILE_COLS * (k + steps));
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: the caller checked AVX-512, VBMI and AVX512-BF16 (`i8_gemm`'s contract,
+    // `takes_i8`); the asserts bound the reads (32 · steps bytes from column 32k of each row)
+    // and the stores.
+    unsafe {
+        x86::widen_steps(block.as_ptr(), cols, nr, k, steps == 2, buf.as_mut_ptr())
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (block, cols, nr, k, steps, buf);
+        unreachable!("no AMX tiles off x86-64");
+    }
+}
+
 /// Writes a block's accumulators (`c[g][m][t]`, rows `r0 + 16g + m`) into `out`
 /// (`[tokens, rows]`), each row scaled by `scales[16g + m]` when given: per row group, the 16
 /// × 16 tile transposed in registers and each token's row run stored (or added) at once.
@@ -344,7 +541,7 @@ fn store_block(
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{ROW_GROUPS, TILE, TILE_COLS};
+    use super::{ROW_GROUPS, STEP_VALUES, TILE, TILE_COLS};
     use crate::lanes::x86::transpose16;
     use crate::par::SharedOut;
     use std::arch::x86_64::*;
@@ -376,6 +573,156 @@ mod x86 {
                 _mm512_storeu_si512(buf.add(TILE_COLS * i).cast::<__m512i>(), dense);
                 *cur += n as usize;
             }
+        }
+    }
+
+    /// See [`super::expand_steps_i8`]: per row, the steps' mask word (32 or 64 bits), a masked
+    /// load of its popcount of bytes, one `vpexpandb`, and the bytes widened to bf16
+    /// ([`Widen`]).
+    ///
+    /// # Safety
+    /// AVX-512F/BW, VBMI, VBMI2 and AVX512-BF16; `masks` readable for `cursors.len()` rows of
+    /// `stride` bytes (`stride ≥ 4k + 4`, `+ 8` for two steps), `vals` for every row's values
+    /// from its cursor, `buf` writable for one or two slots of [`STEP_VALUES`].
+    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vbmi2,popcnt")]
+    pub(super) unsafe fn expand_steps_i8(
+        masks: *const u8,
+        stride: usize,
+        vals: *const i8,
+        cursors: &mut [usize],
+        k: usize,
+        two: bool,
+        buf: *mut u16,
+    ) {
+        let widen = Widen::new();
+        for (i, cur) in cursors.iter_mut().enumerate() {
+            // SAFETY: the caller's contract.
+            unsafe {
+                let at = masks.add(i * stride + 4 * k);
+                let m = if two {
+                    at.cast::<u64>().read_unaligned()
+                } else {
+                    u64::from(at.cast::<u32>().read_unaligned())
+                };
+                let n = m.count_ones();
+                let load = if n == 64 { u64::MAX } else { (1u64 << n) - 1 };
+                let packed = _mm512_maskz_loadu_epi8(load, vals.add(*cur));
+                let (first, second) = widen.bytes(_mm512_maskz_expand_epi8(m, packed));
+                _mm512_storeu_si512(buf.add(TILE_COLS * i).cast::<__m512i>(), first);
+                if two {
+                    let next = buf.add(STEP_VALUES + TILE_COLS * i);
+                    _mm512_storeu_si512(next.cast::<__m512i>(), second);
+                }
+                *cur += n as usize;
+            }
+        }
+    }
+
+    /// See [`super::widen_steps`].
+    ///
+    /// # Safety
+    /// AVX-512F/BW and VBMI; `block` readable for `nr` rows of `cols ≥ 32k + 32` bytes (`+ 64`
+    /// for two steps), `buf` writable for one or two slots of [`STEP_VALUES`].
+    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi")]
+    pub(super) unsafe fn widen_steps(
+        block: *const i8,
+        cols: usize,
+        nr: usize,
+        k: usize,
+        two: bool,
+        buf: *mut u16,
+    ) {
+        let widen = Widen::new();
+        let load = if two { u64::MAX } else { u64::from(u32::MAX) };
+        for i in 0..nr {
+            // SAFETY: the caller's contract; the masked load reads the steps' bytes only.
+            unsafe {
+                let v = _mm512_maskz_loadu_epi8(load, block.add(i * cols + TILE_COLS * k));
+                let (first, second) = widen.bytes(v);
+                _mm512_storeu_si512(buf.add(TILE_COLS * i).cast::<__m512i>(), first);
+                if two {
+                    let next = buf.add(STEP_VALUES + TILE_COLS * i);
+                    _mm512_storeu_si512(next.cast::<__m512i>(), second);
+                }
+            }
+        }
+    }
+
+    /// The high and low bytes of the bf16 of `0..128` (every one exact), for table lookups.
+    const fn bf16_bytes(high: bool) -> [u8; 128] {
+        let mut t = [0u8; 128];
+        let mut a = 0;
+        while a < 128 {
+            let bits = ((a as f32).to_bits() >> 16) as u16;
+            t[a] = if high { (bits >> 8) as u8 } else { bits as u8 };
+            a += 1;
+        }
+        t
+    }
+    static BF16_HIGH: [u8; 128] = bf16_bytes(true);
+    static BF16_LOW: [u8; 128] = bf16_bytes(false);
+
+    /// The byte order that makes `vpunpck{l,h}bw`, which interleave within 128-bit lanes,
+    /// yield columns 0..32 and 32..64 in order: lane `L`'s low 8 bytes are columns
+    /// `8L..8L + 8`, its high 8 columns `32 + 8L..`.
+    const fn unpack_order() -> [u8; 64] {
+        let mut p = [0u8; 64];
+        let mut lane = 0;
+        while lane < 4 {
+            let mut j = 0;
+            while j < 8 {
+                p[16 * lane + j] = (8 * lane + j) as u8;
+                p[16 * lane + 8 + j] = (32 + 8 * lane + j) as u8;
+                j += 1;
+            }
+            lane += 1;
+        }
+        p
+    }
+    static UNPACK_ORDER: [u8; 64] = unpack_order();
+
+    /// int8 to bf16 by table, 64 values at a time: each byte's magnitude looks up the high
+    /// and low byte of its bf16 (`vpermi2b`, 128 entries), the sign goes into the high byte,
+    /// and the two are interleaved into words. Exact for `-127..=127`, the only values int8
+    /// weights hold (checkpoints with -128 are refused when loaded). About a third of the
+    /// instructions of widening through f32 (`vpmovsxbd`, `vcvtdq2ps`, `vcvtne2ps2bf16`),
+    /// which bounded the int8 bitmap's 16-token steps.
+    struct Widen {
+        order: __m512i,
+        high: [__m512i; 2],
+        low: [__m512i; 2],
+        sign: __m512i,
+    }
+
+    impl Widen {
+        #[target_feature(enable = "avx512f")]
+        fn new() -> Widen {
+            // SAFETY: each load reads 64 bytes of a static of at least that size.
+            unsafe {
+                let load = |p: *const u8| _mm512_loadu_si512(p.cast::<__m512i>());
+                Widen {
+                    order: load(UNPACK_ORDER.as_ptr()),
+                    high: [load(BF16_HIGH.as_ptr()), load(BF16_HIGH.as_ptr().add(64))],
+                    low: [load(BF16_LOW.as_ptr()), load(BF16_LOW.as_ptr().add(64))],
+                    sign: _mm512_set1_epi8(i8::MIN),
+                }
+            }
+        }
+
+        /// The 64 int8 values of `v` (column order) as bf16: columns 0..32, then 32..64.
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bw,avx512vbmi")]
+        fn bytes(&self, v: __m512i) -> (__m512i, __m512i) {
+            let v = _mm512_permutexvar_epi8(self.order, v);
+            let magnitude = _mm512_abs_epi8(v);
+            let high = _mm512_permutex2var_epi8(self.high[0], magnitude, self.high[1]);
+            let low = _mm512_permutex2var_epi8(self.low[0], magnitude, self.low[1]);
+            // high | (v & 0x80): the sign bit.
+            let high = _mm512_ternarylogic_epi32::<0xF8>(high, v, self.sign);
+            (
+                _mm512_unpacklo_epi8(low, high),
+                _mm512_unpackhi_epi8(low, high),
+            )
         }
     }
 
@@ -430,79 +777,159 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::element::Dtype;
+    use crate::element::{Dtype, Values};
     use crate::testutil;
     use crate::view::DenseView;
-    use crate::{BitmapMatrix, Isa};
+    use crate::{BitmapMatrix, DenseMatrix, Isa};
 
-    /// The bitmap's fused expansion on the tiles: empty, sparse, half and full rows, partial
-    /// 64-row blocks, 9 and 16 tokens, against the f64 product of the stored bf16 weights
-    /// (activations rounded to bf16: within `2⁻⁸·Σ|w·x|`), and equal to the rows-written path
-    /// (`Weights::Bf16Rows` through `gemm_panels`) up to the order of the additions.
+    /// Whether this CPU runs the decode tiles (AMX-BF16, AVX512-BF16 and, for the bitmap's
+    /// expansion, VBMI2); says why a test skips where it does not.
+    fn tiles_here(test: &str) -> bool {
+        let here = crate::bitmap::vbmi2_expand()
+            && crate::lanes::available_bf16(Isa::Avx512, 2)
+            && amx::enabled();
+        if !here {
+            eprintln!(
+                "{test} skipped: this CPU lacks AMX-BF16, AVX512-BF16 or VBMI2 (or \
+                 ESPALIER_AMX=0), which the decode tiles need"
+            );
+        }
+        here
+    }
+
+    /// The same product through the rows-written path (`Weights::Bf16Rows` through
+    /// `gemm_panels`): `stored_rows` as bf16 (int8 as their integers, with `scales`).
+    fn rows_written(
+        stored_rows: &[u16],
+        scales: Option<&[f32]>,
+        rows: usize,
+        cols: usize,
+        x: &[f32],
+        tokens: usize,
+    ) -> Vec<f32> {
+        let write = |r: usize, row: &mut [bf16]| {
+            for (o, &b) in row.iter_mut().zip(&stored_rows[r * cols..][..cols]) {
+                *o = bf16::from_bits(b);
+            }
+        };
+        let panel = crate::lanes::pack_bf16(x, tokens, cols, TILE, Exec::auto());
+        let mut y = vec![f32::NAN; tokens * rows];
+        let out = SharedOut::new(&mut y);
+        let written = Weights::Bf16Rows(&write, scales);
+        gemm_panels(
+            written,
+            rows,
+            cols,
+            &panel,
+            tokens,
+            out,
+            false,
+            Exec::auto(),
+        );
+        y
+    }
+
+    /// The bitmap's fused expansion on the tiles, bf16 and int8 (widened in L1): empty,
+    /// sparse, half and full rows, partial 64-row blocks, an odd count of 32-column steps
+    /// (int8 widens two at a time), 9 and 16 tokens, against the f64 product of the stored
+    /// weights (activations rounded to bf16: within `2⁻⁸·Σ|w·x|`), and equal to the
+    /// rows-written path up to the order of the additions.
     #[test]
     fn bitmap_tiles_match_reference() {
-        let vbmi2 = crate::bitmap::vbmi2_expand();
-        if !(vbmi2 && crate::lanes::available_bf16(Isa::Avx512, 2) && amx::enabled()) {
-            eprintln!(
-                "skipped: this CPU lacks AMX-BF16, AVX512-BF16 or VBMI2 (or ESPALIER_AMX=0), \
-                 which the bitmap's decode tiles need"
-            );
+        if !tiles_here("bitmap_tiles_match_reference") {
             return;
         }
         let mut rng = testutil::rng(21);
-        for (rows, cols) in [(100, 64), (64, 576), (200, 1536)] {
-            for density in [0.0, 0.1, 0.5, 1.0] {
-                let w = testutil::unstructured(&mut rng, rows, cols, density);
-                let view = DenseView::new(&w, rows, cols).expect("view");
-                let m = BitmapMatrix::from_view(&view, Dtype::Bf16).expect("pack");
-                let stored = m.to_dense();
-                let crate::element::Values::Bf16(v) = &m.values else {
-                    panic!("bf16 storage");
-                };
-                let bits = crate::Element::bf16_bits(v.as_slice()).expect("bf16 bits");
-                for tokens in [9, 16] {
-                    let x = testutil::values(&mut rng, tokens * cols);
-                    let (want, mag) = testutil::reference(&stored, rows, cols, &x, tokens);
-                    let tol: Vec<f32> = mag.iter().map(|m| m * (1.0 / 256.0) / 1e-5).collect();
-                    let ctx = format!("{rows}x{cols} density {density} tokens {tokens}");
-                    let mut y = vec![f32::NAN; tokens * rows];
-                    let rows_view = BitmapRows {
-                        rows,
-                        cols,
-                        stride: m.stride,
-                        masks: &m.masks,
-                        row_ptr: &m.row_ptr,
-                        vals: bits,
-                    };
-                    bitmap_gemm(&rows_view, &x, tokens, Out::Init(&mut y), Exec::auto());
-                    testutil::assert_close(&y, &want, &tol, &ctx);
-                    // The rows-written path over the same weights.
-                    let dense_bits: Vec<u16> = stored
-                        .iter()
-                        .map(|&v| bf16::from_f32(v).to_bits())
-                        .collect();
-                    let write = |r: usize, row: &mut [bf16]| {
-                        for (o, &b) in row.iter_mut().zip(&dense_bits[r * cols..][..cols]) {
-                            *o = bf16::from_bits(b);
+        for dtype in [Dtype::Bf16, Dtype::I8] {
+            for (rows, cols) in [(100, 64), (70, 96), (64, 576), (200, 1536)] {
+                for density in [0.0, 0.1, 0.5, 1.0] {
+                    let w = testutil::unstructured(&mut rng, rows, cols, density);
+                    let view = DenseView::new(&w, rows, cols).expect("view");
+                    let m = BitmapMatrix::from_view(&view, dtype).expect("pack");
+                    let stored = m.to_dense();
+                    // The weights the tiles multiply, row-major with zeros, as bf16 bits
+                    // (int8: the integers, scaled after the sums).
+                    let (vals, tile_rows, scales) = match &m.values {
+                        Values::Bf16(v) => {
+                            let bits = crate::Element::bf16_bits(v.as_slice()).expect("bits");
+                            let dense = stored.iter().map(|&v| bf16::from_f32(v).to_bits());
+                            (Packed::Bf16(bits), dense.collect::<Vec<_>>(), None)
                         }
+                        Values::I8 { q, scales } => {
+                            let mut ints = vec![0u16; rows * cols];
+                            for r in 0..rows {
+                                let (a, b) = (m.row_ptr[r] as usize, m.row_ptr[r + 1] as usize);
+                                let kept = (0..cols)
+                                    .filter(|c| m.masks[r * m.stride + c / 8] >> (c % 8) & 1 == 1);
+                                for (c, &v) in kept.zip(&q[a..b]) {
+                                    ints[r * cols + c] = bf16::from_f32(f32::from(v)).to_bits();
+                                }
+                            }
+                            (Packed::I8 { q, scales }, ints, Some(scales.as_slice()))
+                        }
+                        Values::F32(_) => unreachable!("packed as {dtype}"),
                     };
-                    let panel = crate::lanes::pack_bf16(&x, tokens, cols, TILE, Exec::auto());
-                    let mut y2 = vec![f32::NAN; tokens * rows];
-                    let out = SharedOut::new(&mut y2);
-                    let written = Weights::Bf16Rows(&write, None);
-                    gemm_panels(
-                        written,
-                        rows,
-                        cols,
-                        &panel,
-                        tokens,
-                        out,
-                        false,
-                        Exec::auto(),
-                    );
-                    let small: Vec<f32> = mag.iter().map(|m| m * 1e-6 / 1e-5).collect();
-                    testutil::assert_close(&y, &y2, &small, &format!("{ctx}: rows written"));
+                    for tokens in [9, 16] {
+                        let x = testutil::values(&mut rng, tokens * cols);
+                        let (want, mag) = testutil::reference(&stored, rows, cols, &x, tokens);
+                        let tol: Vec<f32> = mag.iter().map(|m| m * (1.0 / 256.0) / 1e-5).collect();
+                        let ctx =
+                            format!("{dtype} {rows}x{cols} density {density} tokens {tokens}");
+                        let mut y = vec![f32::NAN; tokens * rows];
+                        let rows_view = BitmapRows {
+                            rows,
+                            cols,
+                            stride: m.stride,
+                            masks: &m.masks,
+                            row_ptr: &m.row_ptr,
+                            vals,
+                        };
+                        bitmap_gemm(&rows_view, &x, tokens, Out::Init(&mut y), Exec::auto());
+                        testutil::assert_close(&y, &want, &tol, &ctx);
+                        let y2 = rows_written(&tile_rows, scales, rows, cols, &x, tokens);
+                        let small: Vec<f32> = mag.iter().map(|m| m * 1e-6 / 1e-5).collect();
+                        testutil::assert_close(&y, &y2, &small, &format!("{ctx}: rows written"));
+                    }
                 }
+            }
+        }
+    }
+
+    /// Dense int8 on the tiles (each step widened in L1), through `DenseMatrix::gemm` as a
+    /// decode step runs it: partial 64-row blocks, an odd count of 32-column steps, 3, 5, 9
+    /// and 16 tokens, against the f64 product of the stored weights and bit for bit the
+    /// rows-written path (the same tile products in the same order, scaled the same way).
+    #[test]
+    fn int8_tiles_match_reference() {
+        if !tiles_here("int8_tiles_match_reference") {
+            return;
+        }
+        let mut rng = testutil::rng(22);
+        for (rows, cols) in [(100, 64), (70, 96), (64, 576), (200, 1536)] {
+            let w = testutil::unstructured(&mut rng, rows, cols, 1.0);
+            let view = DenseView::new(&w, rows, cols).expect("view");
+            let m = DenseMatrix::from_view(&view, Dtype::I8);
+            let stored = m.to_dense();
+            let Values::I8 { q, scales } = &m.values else {
+                panic!("int8 storage");
+            };
+            let ints: Vec<u16> = q
+                .iter()
+                .map(|&v| bf16::from_f32(f32::from(v)).to_bits())
+                .collect();
+            for tokens in [3, 5, 9, 16] {
+                let x = testutil::values(&mut rng, tokens * cols);
+                let (want, mag) = testutil::reference(&stored, rows, cols, &x, tokens);
+                let tol: Vec<f32> = mag.iter().map(|m| m * (1.0 / 256.0) / 1e-5).collect();
+                let ctx = format!("int8 {rows}x{cols} tokens {tokens}");
+                let mut y = vec![f32::NAN; tokens * rows];
+                m.gemm(&x, tokens, &mut y, Exec::auto()).expect("gemm");
+                testutil::assert_close(&y, &want, &tol, &ctx);
+                let y2 = rows_written(&ints, Some(scales), rows, cols, &x, tokens);
+                assert!(
+                    y.iter().zip(&y2).all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{ctx}: differs from the rows-written path"
+                );
             }
         }
     }

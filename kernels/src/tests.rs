@@ -119,12 +119,28 @@ fn assert_within_quantization(
 /// `gemm_bf16` on AMX), 2:4 bf16 decode steps of 9-16 tokens (`lanes24`) and N:M bf16 prefill
 /// past the small-batch range (`gemm_bf16`), a VBMI2 bitmap's GEMV and its steps of up to
 /// [`crate::bitmap::FEW_TOKENS_MAX`] tokens (one pass for all of them) and its batches of 4 or
-/// more tokens (expanded rows, or AMX), on CPUs that have it.
+/// more tokens (expanded rows, or AMX), and int8 decode steps on AMX tiles (dense and compact
+/// from [`crate::dense::MIN_TOKENS_I8_TILES`] tokens, a bitmap from
+/// [`crate::bitmap::MIN_TOKENS_I8_TILES`]), on CPUs that have it.
 fn bf16_activations(format: Format, dtype: Dtype, tokens: usize, exec: Exec, cols: usize) -> bool {
     let two_four_lanes = (crate::lanes::MIN_TOKENS..=crate::lanes24::MAX_TOKENS).contains(&tokens)
         && crate::lanes::available_bf16(exec.isa, cols);
     if format == (Format::NM { n: 2, m: 4 }) && two_four_lanes {
         return dtype == Dtype::Bf16;
+    }
+    // int8 decode steps on AMX tiles (widened to bf16 in L1, `lanes_amx`): dense and compact
+    // from 3 tokens (compact where its kept columns fill whole tiles), a VBMI2 bitmap from 7.
+    let tiles_from = match format {
+        Format::Dense | Format::Compact => crate::dense::MIN_TOKENS_I8_TILES,
+        Format::Bitmap if crate::bitmap::vbmi2_expand() => crate::bitmap::MIN_TOKENS_I8_TILES,
+        _ => usize::MAX,
+    };
+    if dtype == Dtype::I8
+        && (tiles_from..=crate::amx::TILE).contains(&tokens)
+        && crate::amx::enabled()
+        && crate::lanes::available_bf16(exec.isa, 2)
+    {
+        return true;
     }
     if tokens <= crate::dense::FEW_TOKENS_BF16 && matches!(format, Format::Dense | Format::Compact)
     {
