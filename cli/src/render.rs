@@ -7,7 +7,7 @@ use comfy_table::{
     Cell, CellAlignment, ColumnConstraint, ContentArrangement, Table, presets::UTF8_FULL_CONDENSED,
 };
 use espalier::display_safe::name as safe;
-use espalier::evaluate::{Comparison, Evaluation, Protocol};
+use espalier::evaluate::{Comparison, Evaluation, MemoryReport, Protocol};
 use espalier::report::RunReport;
 
 /// Below this width, tables drop their low-value columns.
@@ -236,6 +236,22 @@ pub fn print_comparison(c: &Comparison) {
             c.pruned.protocol.prompt_tokens.unwrap_or(0)
         );
     }
+    if let Some(note) = held_model_note(&c.dense.memory, &c.pruned.memory) {
+        out!("{note}");
+    }
+}
+
+/// A pruned model that holds fewer weights than dense but peaks higher: the process also
+/// held the run's unpacked model (kept for the export) while the pruned one ran, which the
+/// reader should not charge to it.
+fn held_model_note(dense: &MemoryReport, pruned: &MemoryReport) -> Option<String> {
+    let (dense_peak, pruned_peak) = (dense.peak_rss_bytes?, pruned.peak_rss_bytes?);
+    (pruned_peak > dense_peak && pruned.weight_bytes < dense.weight_bytes).then(|| {
+        format!(
+            "note: peak RSS is the whole process's: while the pruned model was evaluated, the process also held the run's unpacked model ({} of weights, kept for the export); `espalier eval` of a packed export (`[export] format = \"packed\"`) measures the pruned model alone",
+            mib(Some(dense.weight_bytes))
+        )
+    })
 }
 
 /// Why layers stayed on the dense kernel, and how many run on each sparse format.
@@ -743,5 +759,39 @@ pub fn print_kernel_bench(
             ]);
         }
         out!("{t}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn memory(weights_mib: u64, peak_mib: Option<u64>) -> MemoryReport {
+        MemoryReport {
+            weight_bytes: weights_mib << 20,
+            rss_at_start_bytes: None,
+            peak_rss_bytes: peak_mib.map(|m| m << 20),
+            per_model_peak: true,
+        }
+    }
+
+    #[test]
+    fn a_smaller_model_peaking_higher_is_explained() {
+        let note = held_model_note(&memory(513, Some(763)), &memory(324, Some(1209)))
+            .expect("pruned holds less but peaks higher");
+        assert!(note.contains("513 MiB of weights"), "{note}");
+        // Nothing to explain: a lower peak, a model that holds as much, or no reading.
+        assert_eq!(
+            held_model_note(&memory(513, Some(763)), &memory(324, Some(700))),
+            None
+        );
+        assert_eq!(
+            held_model_note(&memory(513, Some(763)), &memory(513, Some(900))),
+            None
+        );
+        assert_eq!(
+            held_model_note(&memory(513, None), &memory(324, Some(1209))),
+            None
+        );
     }
 }

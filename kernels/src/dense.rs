@@ -124,6 +124,20 @@ impl DenseMatrix {
             return Ok(());
         }
         if let Values::I8 { q, scales } = &self.values
+            && gemm_bf16::takes(Dtype::I8, tokens, exec.isa)
+        {
+            // Prefill on AMX: each 32-row panel widened to bf16 as it is packed.
+            let src = I8Rows {
+                q,
+                scales,
+                cols: self.cols,
+            };
+            let (rows, cols) = (self.rows, self.cols);
+            let ran = gemm_bf16::try_gemm(&src, Dtype::I8, rows, cols, x, tokens, y.init(), exec);
+            debug_assert!(ran, "gemm_bf16::takes said it runs");
+            return Ok(());
+        }
+        if let Values::I8 { q, scales } = &self.values
             && takes_lanes_i8(self.cols, tokens, exec)
         {
             let cols = self.cols;
@@ -276,6 +290,37 @@ pub fn gemm_f32_new(
 /// panel GEMM, 99-102 ms here, `bench_forward`).
 fn takes_lanes_i8(cols: usize, tokens: usize, exec: Exec) -> bool {
     tokens >= lanes::MIN_TOKENS && lanes::available_bf16(exec.isa, cols)
+}
+
+/// Dense int8 weights (`[rows, cols]`, one scale per row) as the bf16 prefill's panels take
+/// them: each row's integers as bf16 (exact), the scales applied after the sums.
+pub(crate) struct I8Rows<'a> {
+    pub q: &'a [i8],
+    pub scales: &'a [f32],
+    pub cols: usize,
+}
+
+impl gemm_bf16::Bf16Rows for I8Rows<'_> {
+    fn rows_bits<'a>(
+        &'a self,
+        r0: usize,
+        nr: usize,
+        buf: &'a mut Vec<u16>,
+        _: &mut (Vec<u32>, Vec<f32>),
+    ) -> &'a [u16] {
+        use half::slice::HalfBitsSliceExt;
+        let cols = self.cols;
+        buf.resize(nr * cols, 0);
+        let rows = buf.reinterpret_cast_mut::<half::bf16>();
+        for (i, row) in rows.chunks_exact_mut(cols).enumerate() {
+            widen_i8_row(&self.q[(r0 + i) * cols..][..cols], row);
+        }
+        &buf[..nr * cols]
+    }
+
+    fn row_scales(&self) -> Option<&[f32]> {
+        Some(self.scales)
+    }
 }
 
 /// One row of int8 weights as bf16 (the same integers: every int8 value is exact in bf16).

@@ -14,7 +14,9 @@
 //! tests hold it to that bound). Only prefill (more than [`crate::SMALL_BATCH`] tokens) takes this path: of
 //! dense matrices only on AMX (without it [`crate::lanes`] runs dense bf16 prefill, and its
 //! decode steps of 9-16 tokens, faster; with it those steps run [`crate::lanes_amx`]), of
-//! bf16 bitmaps on AMX too (their rows expanded panel by panel), of N:M always. Single-token
+//! bf16 bitmaps on AMX too (their rows expanded panel by panel), of N:M always, and of int8
+//! matrices on AMX (their integers widened to bf16 panel by panel, each output row scaled
+//! after its sum: [`crate::dense::I8Rows`]). Single-token
 //! and small decode steps
 //! keep f32 activations, where the weights' bytes, not the arithmetic, bound them.
 //!
@@ -66,6 +68,12 @@ pub(crate) trait Bf16Rows: Sync {
         buf: &'a mut Vec<u16>,
         scratch: &mut (Vec<u32>, Vec<f32>),
     ) -> &'a [u16];
+
+    /// One scale per row that every output of the row is multiplied by after its sum (int8
+    /// weights, whose rows are their integers: [`crate::dense::I8Rows`]); `None` for bf16.
+    fn row_scales(&self) -> Option<&[f32]> {
+        None
+    }
 }
 
 /// Dense bf16 weights, `[rows, cols]`, as raw bits.
@@ -86,9 +94,8 @@ impl Bf16Rows for DenseBits<'_> {
     }
 }
 
-/// Runs a bf16 matrix's prefill here when it qualifies (bf16 storage, more than
-/// [`crate::SMALL_BATCH`] tokens, AVX512-BF16 present); returns whether it did. Shapes are
-/// checked by the caller.
+/// Runs a bf16 or int8 matrix's prefill here when it qualifies ([`takes`]; int8 from a source
+/// with row scales); returns whether it did. Shapes are checked by the caller.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn try_gemm<S: Bf16Rows>(
     src: &S,
@@ -100,12 +107,29 @@ pub(crate) fn try_gemm<S: Bf16Rows>(
     y: &mut [f32],
     exec: Exec,
 ) -> bool {
-    if dtype != Dtype::Bf16 || tokens <= crate::SMALL_BATCH || !available(exec.isa) {
+    // int8 runs only from a source that scales its rows (`dense::I8Rows`): the bitmap's and
+    // N:M's panels decode bf16 storage (an int8 bitmap's prefill comes here through its
+    // dense copy).
+    let scaled = src.row_scales().is_some();
+    if !takes(dtype, tokens, exec.isa) || (dtype == Dtype::I8) != scaled {
         return false;
     }
     let bounds = panel_bounds(rows, cols, tokens, exec);
     gemm(src, rows, cols, x, tokens, y, &bounds, amx::enabled());
     true
+}
+
+/// Whether [`try_gemm`] runs a product of `tokens` tokens in `dtype`: prefill (more than
+/// [`crate::SMALL_BATCH`] tokens) on AVX512-BF16, of bf16 weights, or of int8 ones on AMX
+/// tiles (their rows widened to bf16 panel by panel and scaled after the sums; without AMX
+/// the tokens-in-lanes GEMM runs them).
+pub(crate) fn takes(dtype: Dtype, tokens: usize, isa: Isa) -> bool {
+    let dtype_runs = match dtype {
+        Dtype::Bf16 => true,
+        Dtype::I8 => amx::enabled(),
+        Dtype::F32 => false,
+    };
+    dtype_runs && tokens > crate::SMALL_BATCH && available(isa)
 }
 
 /// The split of a product's [`NR`]-row panels over the pool (in units of panels), by its
@@ -271,7 +295,35 @@ fn panels_amx<S: Bf16Rows>(
             let values = tile.chunks_exact(NR).take(nt);
             write_tile(out, (rows, r0, nr, t0), values, accumulate);
         }
+        scale_panel(src, out, (rows, r0, nr), tokens, accumulate);
     });
+}
+
+/// Multiplies the panel's outputs (rows `r0..r0 + nr` of every token) by their rows' scales
+/// where `src` has them (int8), once all of its sums are written.
+fn scale_panel<S: Bf16Rows>(
+    src: &S,
+    out: SharedOut,
+    (rows, r0, nr): (usize, usize, usize),
+    tokens: usize,
+    accumulate: bool,
+) {
+    let Some(scales) = src.row_scales() else {
+        return;
+    };
+    // Scaling after the sums cannot tell the new sums from what the output held before.
+    assert!(!accumulate, "row scales with an accumulating product");
+    let scales = &scales[r0..r0 + nr];
+    for t in 0..tokens {
+        // SAFETY: the calling task owns output rows r0..r0+nr (panels are disjoint);
+        // `run_ptr` checks the run's bounds.
+        unsafe {
+            let p = out.run_ptr(t * rows + r0, nr);
+            for (i, &s) in scales.iter().enumerate() {
+                *p.add(i) *= s;
+            }
+        }
+    }
 }
 
 /// Panels `range` (of [`NR`] rows each): pack each, then run every token tile over it.
@@ -311,6 +363,7 @@ fn panels<S: Bf16Rows>(
             write_tile(out, (rows, r0, nr, t0), values, false);
             t0 += nt;
         }
+        scale_panel(src, out, (rows, r0, nr), tokens, false);
     });
 }
 
