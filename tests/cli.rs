@@ -86,6 +86,49 @@ fn tiny_pipeline_runs_prints_the_table_and_exports() {
         .filter(|x| **x == 0.0)
         .count();
     assert_eq!(zeros, w.elem_count() / 2);
+    // `espalier eval` of the export runs it on the kernels the run's pruned evaluation planned
+    // (same perplexity to the last digit, same kernels, same bytes); `--dense` on the dense ones.
+    let eval = |extra: &[&str]| -> serde_json::Value {
+        let args = [
+            &[
+                "eval",
+                out.to_str().unwrap(),
+                "--window",
+                "128",
+                "--max-tokens",
+                "4096",
+                "--prompt-tokens",
+                "32",
+                "--new-tokens",
+                "2",
+                "--json",
+            ][..],
+            extra,
+        ]
+        .concat();
+        let o = espalier(&args, &repo());
+        let (stdout, stderr) = text(&o);
+        assert!(o.status.success(), "{stdout}\n{stderr}");
+        serde_json::from_str(&stdout).unwrap()
+    };
+    let pruned = &report["evaluation"]["pruned"];
+    let again = eval(&[]);
+    assert_eq!(
+        again["perplexity"]["perplexity"], pruned["perplexity"]["perplexity"],
+        "{again}"
+    );
+    assert_eq!(again["kernels"], pruned["kernels"], "{again}");
+    assert_eq!(
+        again["memory"]["weight_bytes"], pruned["memory"]["weight_bytes"],
+        "{again}"
+    );
+    let dense = eval(&["--dense"]);
+    let layers = dense["kernels"]["layers"].as_object().unwrap();
+    assert_eq!(layers.keys().collect::<Vec<_>>(), ["dense"], "{dense}");
+    assert!(
+        dense["memory"]["weight_bytes"].as_u64() > again["memory"]["weight_bytes"].as_u64(),
+        "{dense}"
+    );
     // No temporary directories are left next to the output.
     let leftovers: Vec<_> = std::fs::read_dir(dir.path())
         .unwrap()

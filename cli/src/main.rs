@@ -181,10 +181,13 @@ enum Command {
     /// Evaluate a model under the evaluation protocol `[evaluate]` uses (same defaults):
     /// perplexity on a text, prefill and decode speed, weights held and peak memory.
     Eval {
-        /// A model directory, builtin:NAME, or fetch:smollm2-135m-instruct (downloaded on first use).
+        /// A model directory, builtin:NAME, or fetch:smollm2-135m-instruct (downloaded on first use). A pruned export of `espalier run` runs on the sparse kernels its masks.safetensors plans, as the run evaluated it.
         model: String,
         #[command(flatten)]
         args: EvalArgs,
+        /// Evaluate a pruned export's weights on the dense kernels, ignoring its masks.safetensors.
+        #[arg(long)]
+        dense: bool,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -708,7 +711,12 @@ fn dispatch(cli: Cli) -> Result<()> {
         Command::Model { command } => match command {
             ModelCommand::Layers { model, json } => cmd_model_layers(&model, json),
         },
-        Command::Eval { model, args, json } => cmd_eval(&model, args, json),
+        Command::Eval {
+            model,
+            args,
+            dense,
+            json,
+        } => cmd_eval(&model, args, dense, json),
         Command::Generate(args) => generate::run(args, &models_dir()),
         Command::Compare { reports, json } => cmd_compare(&reports, json),
         Command::Import { gguf, out } => cmd_import(&gguf, &out),
@@ -1335,17 +1343,26 @@ impl EvalArgs {
     }
 }
 
-fn cmd_eval(model_ref: &str, args: EvalArgs, json: bool) -> Result<()> {
+fn cmd_eval(model_ref: &str, args: EvalArgs, dense: bool, json: bool) -> Result<()> {
     let spec = args.spec()?;
     let model_ref =
         &espalier::fetch::resolve(model_ref, &models_dir(), &mut |m| err!("espalier: {m}"))?;
     let model = espalier_engine::load_model(model_ref)?;
+    // A pruned export (dense weights with zeros, and the masks it was pruned with) runs on the
+    // kernels the run's own pruned evaluation planned, so the two report the same figures; a
+    // packed one is already on them.
+    let masks = match &model.source_dir {
+        Some(dir) if !dense && !model.is_packed() => espalier::export::read_masks(dir)
+            .map_err(|e| anyhow::anyhow!("{e} (or pass --dense to ignore the masks)"))?,
+        _ => None,
+    };
+    let which = if masks.is_some() { "pruned" } else { "dense" };
     let mut observer = Bars::new()?;
     let result = espalier::app::evaluate_model(
         &model,
-        None,
+        masks.as_ref(),
         &spec,
-        ("dense", true),
+        (which, true),
         &mut observer,
         &CancelToken::new(),
     );

@@ -163,7 +163,8 @@ pub fn builtin_model(name: &str) -> Result<Model, EngineError> {
                 "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
                 "vocab_size": 256, "max_position_embeddings": 256, "rms_norm_eps": 1e-5,
                 "rope_theta": 10000.0, "tie_word_embeddings": true, "hidden_act": "silu",
-                "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "float32"
+                "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "float32",
+                (crate::tokenizer::BYTES_MARKER): "bytes"
             }),
         ),
         "tiny-gpt2" => gpt2(
@@ -172,7 +173,8 @@ pub fn builtin_model(name: &str) -> Result<Model, EngineError> {
                 "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
                 "n_embd": 64, "n_head": 4, "n_layer": 2, "n_positions": 128,
                 "vocab_size": 256, "layer_norm_epsilon": 1e-5, "activation_function": "gelu_new",
-                "bos_token_id": 0, "eos_token_id": 0, "torch_dtype": "float32"
+                "bos_token_id": 0, "eos_token_id": 0, "torch_dtype": "float32",
+                (crate::tokenizer::BYTES_MARKER): "bytes"
             }),
         ),
         "smollm2-135m-shapes" => llama(
@@ -183,7 +185,8 @@ pub fn builtin_model(name: &str) -> Result<Model, EngineError> {
                 "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64,
                 "vocab_size": 49152, "max_position_embeddings": 8192, "rms_norm_eps": 1e-5,
                 "rope_theta": 100000.0, "tie_word_embeddings": true, "hidden_act": "silu",
-                "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "float32"
+                "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "float32",
+                (crate::tokenizer::BYTES_MARKER): "bytes"
             }),
         ),
         other => Err(EngineError::Config {

@@ -16,6 +16,10 @@ use crate::error::EngineError;
 use crate::files;
 use crate::model::Model;
 
+/// The `config.json` key by which a built-in model, and an export of one, says its tokenizer is
+/// the byte tokenizer ([`Tokenizer::bytes`]), which has no `tokenizer.json` to save.
+pub const BYTES_MARKER: &str = "espalier_tokenizer";
+
 enum Kind {
     /// A `tokenizer.json`.
     Hf(Box<tokenizers::Tokenizer>),
@@ -108,10 +112,15 @@ impl Tokenizer {
         }
     }
 
-    /// The model directory's `tokenizer.json`, or for a built-in model (no directory) the byte
-    /// tokenizer; checked against the model's vocabulary either way.
+    /// The model directory's `tokenizer.json`, or for a built-in model the byte tokenizer:
+    /// one generated here (no directory), or saved from one (its `config.json` says
+    /// `"espalier_tokenizer": "bytes"` and there is no `tokenizer.json`, as in an export of
+    /// `builtin:tiny-llama`); checked against the model's vocabulary either way.
     pub fn for_model(model: &Model) -> Result<Self, EngineError> {
+        let byte_model =
+            model.config.raw.get(BYTES_MARKER).and_then(|v| v.as_str()) == Some("bytes");
         let tok = match &model.source_dir {
+            Some(dir) if byte_model && !dir.join("tokenizer.json").exists() => Self::bytes(),
             Some(dir) => Self::from_model_dir(dir)?,
             None if model.source.starts_with("builtin:") => Self::bytes(),
             None => {
@@ -264,5 +273,26 @@ mod tests {
         assert_eq!(tok.decode(&ids, false).unwrap(), "né");
         assert!(tok.decode(&[300], false).is_err());
         assert_eq!(tok.vocab_size(), 256);
+    }
+
+    /// A saved built-in model (an export of `builtin:tiny-llama` has no tokenizer.json) keeps
+    /// the byte tokenizer through its config's marker; a directory without the marker still
+    /// needs its tokenizer.json.
+    #[test]
+    fn a_saved_builtin_model_keeps_the_byte_tokenizer() {
+        let dir = tempfile::tempdir().unwrap();
+        let model = crate::builtin_model("tiny-llama").unwrap();
+        model.save_into(dir.path()).unwrap();
+        assert!(!dir.path().join("tokenizer.json").exists());
+        let saved = crate::load_model(dir.path().to_str().unwrap()).unwrap();
+        let tok = Tokenizer::for_model(&saved).unwrap();
+        assert_eq!(tok.encode("né").unwrap(), vec![110, 195, 169]);
+
+        let mut unmarked = saved;
+        if let serde_json::Value::Object(map) = &mut unmarked.config.raw {
+            map.remove(BYTES_MARKER);
+        }
+        let err = Tokenizer::for_model(&unmarked).unwrap_err().to_string();
+        assert!(err.contains("tokenizer.json"), "{err}");
     }
 }
