@@ -134,7 +134,9 @@ impl DenseMatrix {
             };
             let (rows, cols) = (self.rows, self.cols);
             let ran = gemm_bf16::try_gemm(&src, Dtype::I8, rows, cols, x, tokens, y.init(), exec);
-            debug_assert!(ran, "gemm_bf16::takes said it runs");
+            // `takes` is the whole of `try_gemm`'s condition for a scaled source: never a
+            // silently unwritten output.
+            assert!(ran, "gemm_bf16::takes said it runs");
             return Ok(());
         }
         if let Values::I8 { q, scales } = &self.values
