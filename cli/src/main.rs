@@ -1358,11 +1358,11 @@ fn cmd_eval(model_ref: &str, args: EvalArgs, dense: bool, json: bool) -> Result<
     };
     let which = if masks.is_some() { "pruned" } else { "dense" };
     let mut observer = Bars::new()?;
-    let result = espalier::app::evaluate_model(
-        &model,
+    let result = espalier::app::evaluate_model_alone(
+        model,
         masks.as_ref(),
         &spec,
-        (which, true),
+        which,
         &mut observer,
         &CancelToken::new(),
     );

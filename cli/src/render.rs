@@ -248,7 +248,7 @@ fn held_model_note(dense: &MemoryReport, pruned: &MemoryReport) -> Option<String
     let (dense_peak, pruned_peak) = (dense.peak_rss_bytes?, pruned.peak_rss_bytes?);
     (pruned_peak > dense_peak && pruned.weight_bytes < dense.weight_bytes).then(|| {
         format!(
-            "note: peak RSS is the whole process's: while the pruned model was evaluated, the process also held the run's unpacked model ({} of weights, kept for the export); `espalier eval` of a packed export (`[export] format = \"packed\"`) measures the pruned model alone",
+            "note: peak RSS is the whole process's: while the pruned model was evaluated, the process also held the run's unpacked model ({} of weights, kept for the export); `espalier eval` of the export measures the pruned model alone",
             mib(Some(dense.weight_bytes))
         )
     })

@@ -573,6 +573,14 @@ impl Model {
         &self.weights
     }
 
+    /// Removes the tensor `name` from the model and returns it (`None` when there is none):
+    /// for a caller that has handed the weight to a forward pass in another form (a packed
+    /// kernel) and keeps the model only for its configuration and tokenizer, so the dense copy's
+    /// memory is freed.
+    pub fn remove_weight(&mut self, name: &str) -> Option<Tensor> {
+        self.weights.remove(name)
+    }
+
     /// Replaces a weight; the new tensor must keep the shape unless `allow_reshape` (head removal).
     pub fn set_weight(
         &mut self,

@@ -338,6 +338,45 @@ pub fn evaluate_model(
     sink.emit(RunEvent::EvaluationStarted {
         which: which.to_string(),
     });
+    let (session, subject) = prepare_evaluation(model, masks, spec, (which, reset_peak))?;
+    run_evaluation(model, &session, spec, subject, which, sink, cancel)
+}
+
+/// [`evaluate_model`] for a model the caller has no further use for (`espalier eval`): once
+/// the forward pass holds its packed kernels, the model's dense copies of those layers are
+/// dropped, so the peak memory measured is the pruned model's own, not the pruned model's
+/// plus the dense weights it was packed from.
+pub fn evaluate_model_alone(
+    mut model: espalier_engine::Model,
+    masks: Option<&std::collections::BTreeMap<String, crate::mask::Mask>>,
+    spec: &EvalSpec,
+    which: &str,
+    sink: &mut dyn EventSink,
+    cancel: &CancelToken,
+) -> Result<Evaluation, AppError> {
+    sink.emit(RunEvent::EvaluationStarted {
+        which: which.to_string(),
+    });
+    let (session, subject) = prepare_evaluation(&model, masks, spec, (which, true))?;
+    for linear in session.linears() {
+        // A layer on a kernel no longer reads the model's tensor (`Linear::set_kernel` drops
+        // its own reference); one on the dense path shares it, and dropping the model's
+        // reference would free nothing.
+        if matches!(linear.weight(), espalier_engine::LinearWeight::Kernel(_)) {
+            model.remove_weight(linear.name());
+        }
+    }
+    run_evaluation(&model, &session, spec, subject, which, sink, cancel)
+}
+
+/// The forward pass of `model` (on the sparse kernels `masks` plan, or a packed model's own)
+/// and what the evaluation should know about it.
+fn prepare_evaluation(
+    model: &espalier_engine::Model,
+    masks: Option<&std::collections::BTreeMap<String, crate::mask::Mask>>,
+    spec: &EvalSpec,
+    (which, reset_peak): (&str, bool),
+) -> Result<(espalier_engine::Session, Subject), AppError> {
     let mut session = espalier_engine::Session::new(model)
         .map_err(|e| AppError::Evaluate(which.to_string(), e))?;
     // A packed checkpoint reports its packed kernels and bytes as a pruned run's model does.
@@ -359,9 +398,22 @@ pub fn evaluate_model(
             ..Subject::default()
         },
     };
+    Ok((session, subject))
+}
+
+/// Evaluates a prepared forward pass, reporting progress and the result as `which`.
+fn run_evaluation(
+    model: &espalier_engine::Model,
+    session: &espalier_engine::Session,
+    spec: &EvalSpec,
+    subject: Subject,
+    which: &str,
+    sink: &mut dyn EventSink,
+    cancel: &CancelToken,
+) -> Result<Evaluation, AppError> {
     let evaluation = evaluate(
         model,
-        &session,
+        session,
         spec,
         subject,
         &mut |p| {
