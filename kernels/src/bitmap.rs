@@ -333,25 +333,7 @@ impl BitmapMatrix {
     pub(crate) fn gemm_out(&self, x: &[f32], tokens: usize, y: Out<'_>, exec: Exec) -> Result<()> {
         expect_len("x", checked_len(tokens, self.cols)?, x.len())?;
         expect_len("y", checked_len(tokens, self.rows)?, y.len())?;
-        if self.expands_for_batch(exec)
-            && let Values::Bf16(vals) = &self.values
-            && tokens > FEW_TOKENS_MAX
-            && crate::lanes_amx::takes(self.cols, tokens)
-            && lanes::available_bf16(exec.isa, self.cols)
-            && let Some(bits) = Element::bf16_bits(vals.as_slice())
-        {
-            let vals = crate::lanes_amx::Packed::Bf16(bits);
-            crate::lanes_amx::bitmap_gemm(&self.amx_rows(vals), x, tokens, y, exec);
-            return Ok(());
-        }
-        if self.expands_for_batch(exec)
-            && let Values::I8 { q, scales } = &self.values
-            && tokens >= MIN_TOKENS_I8_TILES
-            && crate::lanes_amx::takes_i8(self.cols, tokens)
-            && lanes::available_bf16(exec.isa, self.cols)
-        {
-            // int8 as bf16's tiles run it, the steps' bytes expanded and widened in L1.
-            let vals = crate::lanes_amx::Packed::I8 { q, scales };
+        if let Some(vals) = self.tile_values(tokens, exec) {
             crate::lanes_amx::bitmap_gemm(&self.amx_rows(vals), x, tokens, y, exec);
             return Ok(());
         }
@@ -527,6 +509,28 @@ impl BitmapMatrix {
             cols: self.cols,
             values,
         })
+    }
+
+    /// The values for a decode step of `tokens` tokens on the AMX tiles (each step's 32
+    /// columns expanded into their L1 buffer, `lanes_amx::bitmap_gemm`), when it runs there:
+    /// bf16 from [`FEW_TOKENS_MAX`]` + 1` tokens, int8 (widened as it is expanded) from
+    /// [`MIN_TOKENS_I8_TILES`], up to 16, where the CPU has AMX, VBMI2 and AVX512-BF16.
+    fn tile_values(&self, tokens: usize, exec: Exec) -> Option<crate::lanes_amx::Packed<'_>> {
+        use crate::lanes_amx::{Packed, takes, takes_i8};
+        if !(self.expands_for_batch(exec) && lanes::available_bf16(exec.isa, self.cols)) {
+            return None;
+        }
+        match &self.values {
+            Values::Bf16(vals) if tokens > FEW_TOKENS_MAX && takes(self.cols, tokens) => {
+                Element::bf16_bits(vals.as_slice()).map(Packed::Bf16)
+            }
+            Values::I8 { q, scales }
+                if tokens >= MIN_TOKENS_I8_TILES && takes_i8(self.cols, tokens) =>
+            {
+                Some(Packed::I8 { q, scales })
+            }
+            _ => None,
+        }
     }
 
     /// The matrix as the AMX decode tiles read it (`vals`: its values).

@@ -114,40 +114,33 @@ impl DenseMatrix {
             lanes::gemm(w, self.rows, self.cols, x, tokens, y, exec);
             return Ok(());
         }
-        if let Values::I8 { q, scales } = &self.values
-            && tokens >= MIN_TOKENS_I8_TILES
-            && lanes::available_bf16(exec.isa, self.cols)
-            && crate::lanes_amx::takes_i8(self.cols, tokens)
-        {
-            // A decode step on AMX: each step's bytes widened in L1 (see `i8_gemm`).
-            crate::lanes_amx::i8_gemm(q, scales, self.rows, self.cols, x, tokens, y, exec);
-            return Ok(());
-        }
-        if let Values::I8 { q, scales } = &self.values
-            && gemm_bf16::takes(Dtype::I8, tokens, exec.isa)
-        {
-            // Prefill on AMX: each 32-row panel widened to bf16 as it is packed.
-            let src = I8Rows {
-                q,
-                scales,
-                cols: self.cols,
-            };
+        if let Values::I8 { q, scales } = &self.values {
             let (rows, cols) = (self.rows, self.cols);
-            let ran = gemm_bf16::try_gemm(&src, Dtype::I8, rows, cols, x, tokens, y.init(), exec);
-            // `takes` is the whole of `try_gemm`'s condition for a scaled source: never a
-            // silently unwritten output.
-            assert!(ran, "gemm_bf16::takes said it runs");
-            return Ok(());
-        }
-        if let Values::I8 { q, scales } = &self.values
-            && takes_lanes_i8(self.cols, tokens, exec)
-        {
-            let cols = self.cols;
-            let write =
-                |r: usize, row: &mut [half::bf16]| widen_i8_row(&q[r * cols..][..cols], row);
-            let w = lanes::Weights::Bf16Rows(&write, Some(scales));
-            lanes::gemm(w, self.rows, cols, x, tokens, y, exec);
-            return Ok(());
+            if tokens >= MIN_TOKENS_I8_TILES
+                && lanes::available_bf16(exec.isa, cols)
+                && crate::lanes_amx::takes_i8(cols, tokens)
+            {
+                // A decode step on AMX: each pair of steps' bytes widened in L1 (`i8_gemm`).
+                crate::lanes_amx::i8_gemm(q, scales, rows, cols, x, tokens, y, exec);
+                return Ok(());
+            }
+            if gemm_bf16::takes(Dtype::I8, tokens, exec.isa) {
+                // Prefill on AMX: each 32-row panel widened to bf16 as it is packed.
+                let src = I8Rows { q, scales, cols };
+                let ran =
+                    gemm_bf16::try_gemm(&src, Dtype::I8, rows, cols, x, tokens, y.init(), exec);
+                // `takes` is the whole of `try_gemm`'s condition for a scaled source: never a
+                // silently unwritten output.
+                assert!(ran, "gemm_bf16::takes said it runs");
+                return Ok(());
+            }
+            if takes_lanes_i8(cols, tokens, exec) {
+                let write =
+                    |r: usize, row: &mut [half::bf16]| widen_i8_row(&q[r * cols..][..cols], row);
+                let w = lanes::Weights::Bf16Rows(&write, Some(scales));
+                lanes::gemm(w, rows, cols, x, tokens, y, exec);
+                return Ok(());
+            }
         }
         let y = y.init();
         if tokens <= SMALL_BATCH {
@@ -289,7 +282,8 @@ pub fn gemm_f32_new(
 /// of SmolLM2's block linears (`batch_bench`), where the small-batch tile, which widens every
 /// weight to f32 for every 4 tokens, took 9 ms at 3 tokens, 20-22 at 8 and 29-35 at 16; in
 /// prefill a tile's widened rows serve every token panel (128 tokens: 190 ms on the int8
-/// panel GEMM, 99-102 ms here, `bench_forward`).
+/// panel GEMM, 99-102 ms here, `bench_forward`). Where the CPU has AMX, decode steps from
+/// [`MIN_TOKENS_I8_TILES`] and prefill run on its tiles before this is asked.
 fn takes_lanes_i8(cols: usize, tokens: usize, exec: Exec) -> bool {
     tokens >= lanes::MIN_TOKENS && lanes::available_bf16(exec.isa, cols)
 }

@@ -93,22 +93,7 @@ pub(crate) fn gemm_panels(
             let nr = BLOCK_ROWS.min(rows - r0);
             let (a, next): (&[u16], &[u16]) = match w {
                 Weights::Bf16(bits) if nr == BLOCK_ROWS => {
-                    // The task's next block, requested into L2 while this one runs (its 64
-                    // row streams are more than the hardware prefetcher follows: without it
-                    // a 16-sequence step's dense block products took 24.5-25.3 ms, with it
-                    // 18.3-19.2, `batch_bench` on a 2-core Xeon).
-                    let next = if last {
-                        &[][..]
-                    } else {
-                        let end = rows.min(r0 + nr + BLOCK_ROWS);
-                        &bits[(r0 + nr) * cols..end * cols]
-                    };
-                    if first {
-                        // Nothing requested this block ahead: all of it now (25.2-25.8
-                        // against 27.3-30.1 ms per 16-sequence dense step without).
-                        Prefetch::new(&bits[r0 * cols..(r0 + nr) * cols], 1).step(0);
-                    }
-                    (&bits[r0 * cols..(r0 + nr) * cols], next)
+                    dense_block(bits, rows, cols, r0, (first, last))
                 }
                 Weights::Bf16(bits) => {
                     written.clear();
@@ -298,16 +283,7 @@ pub(crate) fn i8_gemm(
                 // Rows past the matrix multiply as zeros.
                 bufs.fill(0);
             }
-            let block = &q[r0 * cols..(r0 + nr) * cols];
-            if first {
-                // Nothing requested this block ahead: all of it now (as the bf16 tiles do).
-                Prefetch::new(block, 1).step(0);
-            }
-            let next = if last {
-                &[][..]
-            } else {
-                &q[(r0 + nr) * cols..rows.min(r0 + nr + BLOCK_ROWS) * cols]
-            };
+            let (block, next) = dense_block(q, rows, cols, r0, (first, last));
             let ahead = Prefetch::new(next, k_tiles);
             tiles.rows_zero();
             for k in 0..k_tiles {
@@ -380,6 +356,33 @@ where
 /// Reduction step `k`'s B tile: pair-rows `16k..16k + 16` of the 16-lane panel.
 fn panel_step(panel: &[u32], k: usize) -> *const u32 {
     panel[k * amx::PAIRS * TILE..][..amx::PAIRS * TILE].as_ptr()
+}
+
+/// Block `r0` of a row-major `[rows, cols]` matrix read in place (its rows `r0..r0 + 64`, fewer
+/// at the end), and the task's next block, which the caller requests into L2 while this one
+/// runs: its 64 row streams are more than the hardware prefetcher follows (without it a
+/// 16-sequence step's dense bf16 block products took 24.5-25.3 ms, with it 18.3-19.2,
+/// `batch_bench` on a 2-core Xeon). A task's first block, which nothing requested ahead, is
+/// requested whole at once here (25.2-25.8 against 27.3-30.1 ms per 16-sequence dense step
+/// without). `(first, last)`: the block's place in its task's run; the last has no next.
+fn dense_block<T>(
+    w: &[T],
+    rows: usize,
+    cols: usize,
+    r0: usize,
+    (first, last): (bool, bool),
+) -> (&[T], &[T]) {
+    let end = rows.min(r0 + BLOCK_ROWS);
+    let block = &w[r0 * cols..end * cols];
+    if first {
+        Prefetch::new(block, 1).step(0);
+    }
+    let next = if last {
+        &[][..]
+    } else {
+        &w[end * cols..rows.min(end + BLOCK_ROWS) * cols]
+    };
+    (block, next)
 }
 
 /// Requests a run of memory into L2 over a block's reduction steps, an equal share of its
@@ -856,6 +859,8 @@ mod tests {
                             (Packed::Bf16(bits), dense.collect::<Vec<_>>(), None)
                         }
                         Values::I8 { q, scales } => {
+                            // Bit by bit from the mask: a reference independent of the
+                            // kernels' own expansion.
                             let mut ints = vec![0u16; rows * cols];
                             for r in 0..rows {
                                 let (a, b) = (m.row_ptr[r] as usize, m.row_ptr[r + 1] as usize);
