@@ -226,7 +226,7 @@ pub fn print_comparison(c: &Comparison) {
             .map(|k| safe(k))
             .collect();
         out!(
-            "note: the pruned model's prefill runs at {:.2}x dense's: the sparse kernels ({}) are chosen for batch-1 decode, and at {} prompt tokens they are slower than candle's dense matmul",
+            "note: the pruned model's prefill runs at {:.2}x dense's: the sparse kernels ({}) are chosen for batch-1 decode, and at {} prompt tokens they run slower than the dense kernels",
             p / d,
             if sparse.is_empty() {
                 "none".to_string()

@@ -18,9 +18,10 @@
 //! batches of 3+ tokens are expanded into dense rows that dense's batched kernels run: bf16
 //! from 9 tokens (batched decode steps, prefill) 12 rows at a time inside dense bf16's
 //! tokens-in-lanes GEMM, each tile just before it is multiplied, and up to 16 tokens (f32 up
-//! to 8) 8 rows at a time into dense's small-batch tiles (`expands_for_batch`); f32 from 9
-//! tokens, i8 past 16 and bf16 prefill on AMX still expand the whole matrix per call
-//! (`expanded_for_batch`).
+//! to 8) 8 rows at a time into dense's small-batch tiles (`expands_for_batch`); f32 prefill
+//! 12 rows at a time into the f32 tokens-in-lanes GEMM's tiles, bf16 and i8 prefill on AMX a
+//! 32-row panel at a time as the tiles' panels are packed; only i8 prefill without AMX still
+//! expands the whole matrix per call (`expanded_for_batch`).
 //! Without the dense copy a 16-sequence step of the 50% SmolLM2 model went 41 -> 36 ms, level
 //! with dense bf16. With AVX512-BF16 too (Zen 4, Sapphire Rapids), each expanded bf16
 //! word is multiplied in one `vdpbf16ps` against the activations rounded to bf16 pairs once
@@ -60,9 +61,11 @@ pub struct BitmapMatrix {
     pub(crate) values: Values,
 }
 
-/// A bf16 bitmap's rows for the bf16 prefill GEMM's panels ([`crate::gemm_bf16`]): each
-/// panel's rows expanded from the packed values into `buf` (the VBMI2 word expansion), so
-/// prefill on AMX needs no dense copy of the matrix. Only bf16 storage takes that path.
+/// A bitmap's rows for the bf16 prefill GEMM's panels ([`crate::gemm_bf16`]): each panel's
+/// rows expanded from the packed values into `buf` (the VBMI2 expansion), so prefill on AMX
+/// needs no dense copy of the matrix. bf16 storage as it is; int8 as its integers (exact in
+/// bf16), each output scaled after its sum by [`row_scales`](crate::gemm_bf16::Bf16Rows::row_scales).
+/// f32 storage rounds to bf16 here, though its prefill runs the tokens-in-lanes GEMM instead.
 impl crate::gemm_bf16::Bf16Rows for BitmapMatrix {
     fn rows_bits<'a>(
         &'a self,
@@ -72,15 +75,38 @@ impl crate::gemm_bf16::Bf16Rows for BitmapMatrix {
         _: &mut (Vec<u32>, Vec<f32>),
     ) -> &'a [u16] {
         buf.resize(nr * self.cols, 0);
-        if let Values::Bf16(vals) = &self.values
-            && self.cols > 0
-        {
-            let rows = buf.reinterpret_cast_mut::<half::bf16>();
-            for (i, row) in rows.chunks_exact_mut(self.cols).enumerate() {
-                self.expand_row(r0 + i, vals, row);
+        if self.cols == 0 {
+            return buf;
+        }
+        let rows = buf.reinterpret_cast_mut::<half::bf16>();
+        match &self.values {
+            Values::Bf16(vals) => {
+                for (i, row) in rows.chunks_exact_mut(self.cols).enumerate() {
+                    self.expand_row(r0 + i, vals, row);
+                }
+            }
+            Values::I8 { q, .. } => {
+                let mut bytes = vec![0i8; self.cols];
+                for (i, row) in rows.chunks_exact_mut(self.cols).enumerate() {
+                    self.expand_row(r0 + i, q, &mut bytes);
+                    crate::dense::widen_i8_row(&bytes, row);
+                }
+            }
+            Values::F32(vals) => {
+                let mut floats = vec![0.0f32; self.cols];
+                for (i, row) in rows.chunks_exact_mut(self.cols).enumerate() {
+                    self.expand_row(r0 + i, vals, &mut floats);
+                    row.iter_mut()
+                        .zip(&floats)
+                        .for_each(|(o, &v)| *o = half::bf16::from_f32(v));
+                }
             }
         }
         buf
+    }
+
+    fn row_scales(&self) -> Option<&[f32]> {
+        self.values.scales()
     }
 }
 
@@ -337,18 +363,28 @@ impl BitmapMatrix {
             crate::lanes_amx::bitmap_gemm(&self.amx_rows(vals), x, tokens, y, exec);
             return Ok(());
         }
-        if self.expands_for_batch(exec)
-            && let Values::Bf16(vals) = &self.values
-            && self.rows_on_lanes(tokens, exec)
-        {
-            let write = |r: usize, row: &mut [half::bf16]| {
-                // The same row of the next tile, into L2 while this tile is multiplied (as
-                // the dense tiles request theirs).
-                self.prefetch_row_l2(r + lanes::ROWS, vals);
-                self.expand_row(r, vals, row)
-            };
-            let w = lanes::Weights::Bf16Rows(&write, None);
-            lanes::gemm(w, self.rows, self.cols, x, tokens, y, exec);
+        if self.expands_for_batch(exec) && self.rows_on_lanes(tokens, exec) {
+            // Each row of the next tile is requested into L2 while this tile is multiplied
+            // (as the dense tiles request theirs).
+            match &self.values {
+                Values::Bf16(vals) => {
+                    let write = |r: usize, row: &mut [half::bf16]| {
+                        self.prefetch_row_l2(r + lanes::ROWS, vals);
+                        self.expand_row(r, vals, row)
+                    };
+                    let w = lanes::Weights::Bf16Rows(&write, None);
+                    lanes::gemm(w, self.rows, self.cols, x, tokens, y, exec);
+                }
+                Values::F32(vals) => {
+                    let write = |r: usize, row: &mut [f32]| {
+                        self.prefetch_row_l2(r + lanes::ROWS, vals);
+                        self.expand_row(r, vals, row)
+                    };
+                    let w = lanes::Weights::F32Rows(&write);
+                    lanes::gemm(w, self.rows, self.cols, x, tokens, y, exec);
+                }
+                Values::I8 { .. } => unreachable!("int8 rows do not take the lanes here"),
+            }
             return Ok(());
         }
         let y = y.init();
@@ -395,8 +431,8 @@ impl BitmapMatrix {
                 exec,
             )
         {
-            // bf16 prefill on AMX: each 32-row panel expanded as the tiles' panel is packed
-            // (`Bf16Rows` below), instead of a dense copy of the whole matrix per call.
+            // bf16 and int8 prefill on AMX: each 32-row panel expanded as the tiles' panel is
+            // packed (`Bf16Rows` above), instead of a dense copy of the whole matrix per call.
             return Ok(());
         }
         if let Some(dense) = self.expanded_for_batch(exec) {
@@ -491,7 +527,8 @@ impl BitmapMatrix {
     /// per-weight AXPY: through `rowgemm` the 50% bf16 bitmap took 6-7x dense bf16's time for
     /// 4-32 tokens (`batch_bench 1,2,4,8,16,32 bf16`, 30 SmolLM2 blocks). The expansion reads
     /// the packed weights once per call and writes the dense copy, which the product then
-    /// reads from cache or memory.
+    /// reads from cache or memory. Every other batched route expands rows just before it
+    /// multiplies them; only int8 prefill without AMX still comes here.
     fn expanded_for_batch(&self, exec: Exec) -> Option<DenseMatrix> {
         if !self.expands_for_batch(exec) {
             return None;
@@ -587,14 +624,21 @@ impl BitmapMatrix {
         out
     }
 
-    /// Whether a batched step multiplies the expanded rows on the tokens-in-lanes GEMM: bf16
-    /// from [`lanes::MIN_TOKENS`] tokens (below that, and in f32 and i8 up to
-    /// [`SMALL_BATCH`], the small-batch tiles over 8 expanded rows at a time measured faster;
-    /// f32 on the lanes GEMM would need a dense copy per call).
+    /// Whether a product multiplies the expanded rows on the tokens-in-lanes GEMM, each tile
+    /// of rows written just before into a buffer every token panel reads: bf16 from
+    /// [`lanes::MIN_TOKENS`] tokens, f32 past [`SMALL_BATCH`] (prefill). Below those, and in
+    /// i8 up to [`SMALL_BATCH`], the small-batch tiles over 8 expanded rows at a time measured
+    /// faster: f32 at 9 and 16 tokens 24-32 ms there against 34-36 here (`batch_bench 9,16
+    /// f32`, SmolLM2's block linears, 2-core Xeon); at 64 and 128 tokens this ran 78 and 130
+    /// ms where the dense copy per call took 111 and 164 (dense f32: 73 and 127-134).
     fn rows_on_lanes(&self, tokens: usize, exec: Exec) -> bool {
-        self.values.dtype() == Dtype::Bf16
-            && tokens >= lanes::MIN_TOKENS
-            && takes_lanes(Dtype::Bf16, self.cols, tokens, exec)
+        let dtype = self.values.dtype();
+        let enough = match dtype {
+            Dtype::Bf16 => tokens >= lanes::MIN_TOKENS,
+            Dtype::F32 => tokens > SMALL_BATCH,
+            Dtype::I8 => false,
+        };
+        enough && takes_lanes(dtype, self.cols, tokens, exec)
     }
 
     /// Requests row `r`'s packed values and mask into L2 (nothing past the last row): a

@@ -320,7 +320,7 @@ impl gemm_bf16::Bf16Rows for I8Rows<'_> {
 }
 
 /// One row of int8 weights as bf16 (the same integers: every int8 value is exact in bf16).
-fn widen_i8_row(q: &[i8], out: &mut [half::bf16]) {
+pub(crate) fn widen_i8_row(q: &[i8], out: &mut [half::bf16]) {
     let done = {
         #[cfg(target_arch = "x86_64")]
         {

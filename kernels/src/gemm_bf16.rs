@@ -107,9 +107,8 @@ pub(crate) fn try_gemm<S: Bf16Rows>(
     y: &mut [f32],
     exec: Exec,
 ) -> bool {
-    // int8 runs only from a source that scales its rows (`dense::I8Rows`): the bitmap's and
-    // N:M's panels decode bf16 storage (an int8 bitmap's prefill comes here through its
-    // dense copy).
+    // int8 runs only from a source that scales its rows (`dense::I8Rows`, and the bitmap's
+    // and N:M's panels of int8 storage, which write its integers).
     let scaled = src.row_scales().is_some();
     if !takes(dtype, tokens, exec.isa) || (dtype == Dtype::I8) != scaled {
         return false;

@@ -80,6 +80,11 @@ pub(crate) enum Weights<'a> {
     /// weights run this way, written as their integers (exact in bf16) and scaled once per
     /// output, as the int8 kernels scale each row sum (`DenseMatrix::gemm_out`).
     Bf16Rows(&'a (dyn Fn(usize, &mut [bf16]) + Sync), Option<&'a [f32]>),
+    /// f32 rows written on demand, as [`Weights::Bf16Rows`] writes bf16 ones: an f32 bitmap's
+    /// prefill multiplies each tile of rows expanded just before, where a dense copy of the
+    /// whole matrix per call cost it a quarter of its time in page faults, zeroing and
+    /// expansion (`BitmapMatrix::gemm`).
+    F32Rows(&'a (dyn Fn(usize, &mut [f32]) + Sync)),
 }
 
 /// `Y = X · Wᵀ` for `w: [rows, cols]`, `x: [tokens, cols]`, `y: [tokens, rows]` (every
@@ -113,7 +118,7 @@ fn gemm_on(
     let stored = match w {
         Weights::F32(w) => w.len(),
         Weights::Bf16(w) => w.len(),
-        Weights::Bf16Rows(..) => rows * cols,
+        Weights::Bf16Rows(..) | Weights::F32Rows(_) => rows * cols,
     };
     assert!(stored >= rows * cols && x.len() >= tokens * cols && y.len() >= tokens * rows);
     if rows == 0 || tokens == 0 {
@@ -129,7 +134,7 @@ fn gemm_on(
     // the pair of columns `2k`, `2k + 1` at `p * (cols / 2) * width + k * width + t`. Zero
     // past the last token.
     let panels = match w {
-        Weights::F32(_) => pack_f32(x, tokens, cols, width, exec),
+        Weights::F32(_) | Weights::F32Rows(_) => pack_f32(x, tokens, cols, width, exec),
         Weights::Bf16(_) | Weights::Bf16Rows(..) => pack_bf16(x, tokens, cols, width, exec),
     };
     gemm_panels_on(
@@ -184,15 +189,17 @@ fn gemm_panels_on(
     exec: Exec,
     tiles: bool,
 ) {
-    if tiles && !matches!(w, Weights::F32(_)) && crate::lanes_amx::takes(cols, tokens) {
+    let f32_weights = matches!(w, Weights::F32(_) | Weights::F32Rows(_));
+    if tiles && !f32_weights && crate::lanes_amx::takes(cols, tokens) {
         crate::lanes_amx::gemm_panels(w, rows, cols, panels, tokens, out, accumulate, exec);
         return;
     }
     let width = panel_width(tokens);
     let pairs = cols / 2;
-    let panel_words = match w {
-        Weights::F32(_) => cols * width,
-        Weights::Bf16(_) | Weights::Bf16Rows(..) => pairs * width,
+    let panel_words = if f32_weights {
+        cols * width
+    } else {
+        pairs * width
     };
     assert!(cols > 0 && panels.len() >= tokens.div_ceil(width) * panel_words);
     let tiles = rows.div_ceil(ROWS);
@@ -202,9 +209,13 @@ fn gemm_panels_on(
     // Every tile of rows meets every panel of tokens and stores each of its outputs once.
     par::for_each_bound(&bounds, |range| {
         let mut tile = [[0.0f32; TOKENS]; ROWS];
-        // The tile's rows when they are written on demand (`Bf16Rows`).
+        // The tile's rows when they are written on demand (`Bf16Rows`, `F32Rows`).
         let mut written = match w {
             Weights::Bf16Rows(..) => vec![bf16::ZERO; ROWS * cols],
+            _ => Vec::new(),
+        };
+        let mut written_f32 = match w {
+            Weights::F32Rows(_) => vec![0.0f32; ROWS * cols],
             _ => Vec::new(),
         };
         let last = range.end.saturating_sub(1);
@@ -220,6 +231,12 @@ fn gemm_panels_on(
             };
             if let Weights::Bf16Rows(write, _) = w {
                 let rows_out = &mut written[..nr * cols];
+                for (i, row) in rows_out.chunks_exact_mut(cols).enumerate() {
+                    write(r0 + i, row);
+                }
+            }
+            if let Weights::F32Rows(write) = w {
+                let rows_out = &mut written_f32[..nr * cols];
                 for (i, row) in rows_out.chunks_exact_mut(cols).enumerate() {
                     write(r0 + i, row);
                 }
@@ -241,6 +258,13 @@ fn gemm_panels_on(
                             &w[ahead.start * cols..ahead.end * cols],
                             &mut tile,
                         );
+                    }
+                    Weights::F32Rows(_) => {
+                        // Written just before into a buffer the token panels share (as
+                        // `Bf16Rows` below): the write requests the next tile's stored rows.
+                        let panel = &panels[p * cols * width..][..cols * width];
+                        let rows_in = &written_f32[..nr * cols];
+                        tile_f32(rows_in, nr, cols, panel, width, nt, &[], &mut tile);
                     }
                     Weights::Bf16(w) => {
                         let panel = &panels[p * pairs * width..][..pairs * width];

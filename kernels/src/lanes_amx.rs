@@ -110,7 +110,9 @@ pub(crate) fn gemm_panels(
                     written[nr * cols..].fill(0);
                     (&written[..], &[][..])
                 }
-                Weights::F32(_) => unreachable!("f32 weights do not run on the bf16 tiles"),
+                Weights::F32(_) | Weights::F32Rows(_) => {
+                    unreachable!("f32 weights do not run on the bf16 tiles")
+                }
             };
             let ahead = Prefetch::new(next, k_tiles);
             tiles.rows_zero();

@@ -551,10 +551,21 @@ impl NmMatrix {
         }
         let (rows, cols) = (self.rows, self.cols);
         let stored = rows * self.groups * self.n;
-        // bf16 prefill: the panels are expanded to dense pairs for `vdpbf16ps` (see
-        // `gemm_bf16`); twice the multiplies, each at twice the rate, and no per-weight AXPY.
+        // bf16 prefill (and int8 on AMX, its integers widened and each row's sums scaled): the
+        // panels are expanded to dense pairs for `vdpbf16ps` or the tiles (see `gemm_bf16`);
+        // twice the multiplies, each at twice the rate, and no per-weight AXPY.
         if crate::gemm_bf16::try_gemm(self, self.dtype(), self.rows, self.cols, x, tokens, y, exec)
         {
+            return Ok(());
+        }
+        if crate::dense::takes_lanes(Dtype::F32, cols, tokens, exec) && cols > 0 {
+            // f32 and int8 prefill: each tile of rows expanded to f32 just before the
+            // tokens-in-lanes GEMM multiplies it, the pruned weights as zeros. `batch_bench
+            // 64,128 f32` (SmolLM2's block linears, 2-core Xeon): 2:4 200 and 295-306 ms on
+            // the row GEMM's per-weight AXPYs, against dense's 73 and 127-134.
+            let write = |r: usize, row: &mut [f32]| self.row_f32(r, row);
+            let w = lanes::Weights::F32Rows(&write);
+            lanes::gemm(w, rows, cols, x, tokens, Out::Init(y), exec);
             return Ok(());
         }
         rowgemm::row_gemm(self, rows, cols, None, stored, x, tokens, y, exec);
@@ -578,6 +589,10 @@ impl crate::gemm_bf16::Bf16Rows for NmMatrix {
         }
         buf
     }
+
+    fn row_scales(&self) -> Option<&[f32]> {
+        self.values.scales()
+    }
 }
 
 impl NmMatrix {
@@ -586,31 +601,74 @@ impl NmMatrix {
     /// 1536-row layer).
     fn row_bits(&self, r: usize, out: &mut [u16], scratch: &mut (Vec<u32>, Vec<f32>)) {
         out.fill(0);
-        let Values::Bf16(v) = &self.values else {
-            // Not bf16 storage (`try_gemm` only runs bf16): decode the general way.
-            let (idx, val) = scratch;
-            self.decode_row(r, idx, val);
-            for (&c, &x) in idx.iter().zip(val.iter()) {
-                out[c as usize] = half::bf16::from_f32(x).to_bits();
+        match &self.values {
+            Values::Bf16(v) => self.for_each_slot(r, |c, i| {
+                if v[i].to_bits() != 0 {
+                    out[c] = v[i].to_bits();
+                }
+            }),
+            // The integers themselves (exact in bf16): `row_scales` scales the sums.
+            Values::I8 { q, .. } => self.for_each_slot(r, |c, i| {
+                if q[i] != 0 {
+                    out[c] = half::bf16::from_f32(f32::from(q[i])).to_bits();
+                }
+            }),
+            Values::F32(_) => {
+                // `try_gemm` takes bf16 and int8 only; decode the general way.
+                let (idx, val) = scratch;
+                self.decode_row(r, idx, val);
+                for (&c, &x) in idx.iter().zip(val.iter()) {
+                    out[c as usize] = half::bf16::from_f32(x).to_bits();
+                }
+            }
+        }
+    }
+
+    /// Row `r` expanded to dense f32 (int8 scaled), for the tokens-in-lanes GEMM's
+    /// rows-written tiles (`lanes::Weights::F32Rows`).
+    fn row_f32(&self, r: usize, out: &mut [f32]) {
+        out.fill(0.0);
+        let scale = self.values.scales().map_or(1.0, |s| s[r]);
+        with_values!(&self.values, vals => self.for_each_slot(r, |c, i| {
+            let v = vals[i].to_f32() * scale;
+            if v != 0.0 {
+                out[c] = v;
+            }
+        }));
+    }
+
+    /// Calls `put(column, value index)` for each stored slot of row `r` whose column lies
+    /// inside the matrix, walking the metadata a byte pair at a time. Padding slots hold zeros
+    /// (possibly at columns past a ragged edge): callers skip zero values.
+    fn for_each_slot(&self, r: usize, mut put: impl FnMut(usize, usize)) {
+        let per_row = self.groups * self.n;
+        let meta = &self.meta[r * self.meta_stride..][..self.meta_stride];
+        if (self.n, self.m) == (2, 4) {
+            // 2:4: each metadata byte holds two groups' four 2-bit positions, so the row
+            // decodes a byte at a time (the general walk below left 2:4 prefill at 0.72x
+            // dense's speed at 128 tokens in f32, `batch_bench 128 f32`; 0.77x this way).
+            for (b, &byte) in meta[..per_row.div_ceil(4)].iter().enumerate() {
+                for k in 0..4.min(per_row - 4 * b) {
+                    let c = 8 * b + 4 * (k / 2) + usize::from(byte >> (2 * k) & 3);
+                    if c < self.cols {
+                        put(c, r * per_row + 4 * b + k);
+                    }
+                }
             }
             return;
-        };
-        let per_row = self.groups * self.n;
-        let vals = &v[r * per_row..][..per_row];
-        let meta = &self.meta[r * self.meta_stride..][..self.meta_stride];
+        }
         let mask = (1usize << self.bits) - 1;
         let mut bit = 0;
-        for (g, group) in vals.chunks_exact(self.n).enumerate() {
-            for &value in group {
+        for g in 0..self.groups {
+            for s in 0..self.n {
                 // Positions are at most 8 bits (M <= 256), so two bytes always hold one.
                 let byte = bit / 8;
                 let word = usize::from(meta[byte])
                     | usize::from(meta.get(byte + 1).copied().unwrap_or(0)) << 8;
                 let c = g * self.m + (word >> (bit % 8) & mask);
                 bit += self.bits;
-                // Padding slots (zeros, possibly past a ragged edge) are skipped.
-                if c < self.cols && value.to_bits() != 0 {
-                    out[c] = value.to_bits();
+                if c < self.cols {
+                    put(c, r * per_row + g * self.n + s);
                 }
             }
         }

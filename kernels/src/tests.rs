@@ -146,8 +146,18 @@ fn bf16_activations(format: Format, dtype: Dtype, tokens: usize, exec: Exec, col
     {
         return dtype == Dtype::Bf16 && crate::gemm_bf16::available(exec.isa);
     }
+    // int8 N:M prefill on AMX: its integers widened to bf16 panel by panel (`gemm_bf16`).
+    if dtype == Dtype::I8
+        && matches!(format, Format::NM { .. })
+        && tokens > crate::SMALL_BATCH
+        && crate::amx::enabled()
+        && crate::gemm_bf16::available(exec.isa)
+    {
+        return true;
+    }
     // int8 from 9 tokens on the tokens-in-lanes GEMM (rows widened to bf16; `dense.rs`), and
-    // a VBMI2 bitmap's prefill, which runs dense's kernels on a dense copy.
+    // a VBMI2 bitmap's prefill (on AMX its panels widened as they are packed, else dense's
+    // kernels on a dense copy).
     let dense_i8 = matches!(format, Format::Dense | Format::Compact)
         || (format == Format::Bitmap
             && crate::bitmap::vbmi2_expand()
