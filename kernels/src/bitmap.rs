@@ -793,7 +793,7 @@ static LANES: [[u32; 8]; 256] = lane_table();
 static SHUF_BF16: [[u8; 32]; 256] = bf16_shuffle_table();
 
 #[cfg(target_arch = "x86_64")]
-mod x86 {
+pub(crate) mod x86 {
     use super::{BitmapMatrix, LANES, PERM, SHUF_BF16};
     use crate::element::{Dtype, Element};
     use crate::par::SharedOut;
@@ -1229,7 +1229,7 @@ mod x86 {
     /// packed values with that row's first at `vi`; `out` writable for `cols <= 8 * mrow.len()`
     /// values of `size` bytes.
     #[target_feature(enable = "avx512f,avx512bw,avx512vbmi2,popcnt")]
-    pub(super) unsafe fn expand_row_words(
+    pub(crate) unsafe fn expand_row_words(
         size: usize,
         mrow: &[u8],
         vals: *const u8,

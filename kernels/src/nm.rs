@@ -21,6 +21,7 @@ use crate::par::{self, Out, SharedOut};
 use crate::rowgemm::{self, RowDecode};
 use crate::view::DenseView;
 use crate::{lanes, lanes24};
+use half::slice::HalfBitsSliceExt;
 
 /// Spare metadata bytes so the AVX2 kernel can read 4 bytes at any chunk start.
 pub(crate) const META_PAD: usize = 4;
@@ -598,23 +599,29 @@ impl crate::gemm_bf16::Bf16Rows for NmMatrix {
 impl NmMatrix {
     /// Row `r` expanded to dense bf16 bits, read straight from the metadata and values
     /// ([`RowDecode::decode_row`]'s bit-by-bit reads and pushes cost more than the GEMM of a
-    /// 1536-row layer).
+    /// 1536-row layer); int8 as its integers (exact in bf16), which `row_scales` scales after
+    /// the sums.
     fn row_bits(&self, r: usize, out: &mut [u16], scratch: &mut (Vec<u32>, Vec<f32>)) {
-        out.fill(0);
         match &self.values {
-            Values::Bf16(v) => self.for_each_slot(r, |c, i| {
-                if v[i].to_bits() != 0 {
-                    out[c] = v[i].to_bits();
-                }
-            }),
-            // The integers themselves (exact in bf16): `row_scales` scales the sums.
-            Values::I8 { q, .. } => self.for_each_slot(r, |c, i| {
-                if q[i] != 0 {
-                    out[c] = half::bf16::from_f32(f32::from(q[i])).to_bits();
-                }
-            }),
+            Values::Bf16(v) if self.is_24() => {
+                self.expand_row_24(r, v, out.reinterpret_cast_mut::<half::bf16>());
+            }
+            Values::Bf16(v) => {
+                out.fill(0);
+                self.for_each_slot(r, |c, i| {
+                    if v[i].to_bits() != 0 {
+                        out[c] = v[i].to_bits();
+                    }
+                });
+            }
+            Values::I8 { q, .. } => {
+                let mut bytes = vec![0i8; self.cols];
+                self.row_values(r, q, &mut bytes);
+                crate::dense::widen_i8_row(&bytes, out.reinterpret_cast_mut::<half::bf16>());
+            }
             Values::F32(_) => {
                 // `try_gemm` takes bf16 and int8 only; decode the general way.
+                out.fill(0);
                 let (idx, val) = scratch;
                 self.decode_row(r, idx, val);
                 for (&c, &x) in idx.iter().zip(val.iter()) {
@@ -627,14 +634,95 @@ impl NmMatrix {
     /// Row `r` expanded to dense f32 (int8 scaled), for the tokens-in-lanes GEMM's
     /// rows-written tiles (`lanes::Weights::F32Rows`).
     fn row_f32(&self, r: usize, out: &mut [f32]) {
-        out.fill(0.0);
-        let scale = self.values.scales().map_or(1.0, |s| s[r]);
-        with_values!(&self.values, vals => self.for_each_slot(r, |c, i| {
-            let v = vals[i].to_f32() * scale;
-            if v != 0.0 {
-                out[c] = v;
+        match &self.values {
+            Values::F32(v) => self.row_values(r, v, out),
+            values => {
+                out.fill(0.0);
+                let scale = values.scales().map_or(1.0, |s| s[r]);
+                with_values!(values, vals => self.for_each_slot(r, |c, i| {
+                    let v = vals[i].to_f32() * scale;
+                    if v != 0.0 {
+                        out[c] = v;
+                    }
+                }));
             }
-        }));
+        }
+    }
+
+    /// Row `r`'s stored values (of type `T`, as stored: int8 unscaled) written densely into
+    /// `out` (`cols` long), zeros where pruned.
+    fn row_values<T: Element>(&self, r: usize, vals: &[T], out: &mut [T]) {
+        if self.is_24() {
+            return self.expand_row_24(r, vals, out);
+        }
+        out.fill(T::default());
+        // Positions are distinct within a group, so a padding slot's zero lands on a column
+        // no kept value has.
+        self.for_each_slot(r, |c, i| out[c] = vals[i]);
+    }
+
+    /// Whether this is 2:4, whose metadata byte holds two groups' four 2-bit positions, i.e.
+    /// says which of 8 columns are kept.
+    fn is_24(&self) -> bool {
+        (self.n, self.m) == (2, 4)
+    }
+
+    /// A 2:4 row expanded as a bitmap row: each metadata byte becomes the kept-column mask of
+    /// its 8 columns (`MASK24`: the slots' positions are distinct within a group and stored
+    /// ascending, so the values come in column order), and the VBMI2 expansion the bitmap
+    /// uses writes 16 f32, 32 bf16 or 64 i8 columns per instruction (`bitmap::x86::
+    /// expand_row_words`); the rest of the row byte by byte. Slot by slot this decode was
+    /// 2:4 prefill's cost: 0.78-0.82x dense's speed in f32, 0.49-0.50x in int8 at 128 tokens
+    /// (`batch_bench 128 f32,i8`).
+    fn expand_row_24<T: Element>(&self, r: usize, vals: &[T], out: &mut [T]) {
+        let per_row = self.groups * 2;
+        let row = &vals[r * per_row..][..per_row];
+        let meta = &self.meta[r * self.meta_stride..][..per_row.div_ceil(4)];
+        let cols = self.cols.min(out.len());
+        #[allow(unused_mut)]
+        let mut done = 0;
+        #[cfg(target_arch = "x86_64")]
+        if crate::bitmap::vbmi2_expand() {
+            // The masks of the bytes the word expansion reads (whole 64-byte words of `out`).
+            let per_word = 64 / size_of::<T>();
+            let bytes = cols / per_word * per_word / 8;
+            let mut stack = [0u8; 512];
+            let mut heap = Vec::new();
+            let mask = if bytes <= stack.len() {
+                &mut stack[..bytes]
+            } else {
+                heap.resize(bytes, 0);
+                &mut heap[..]
+            };
+            for (m, &b) in mask.iter_mut().zip(meta) {
+                *m = MASK24[usize::from(b)];
+            }
+            // SAFETY: VBMI2 and AVX-512 present (checked); T is f32, bf16 or i8, plain bits.
+            // `mask` covers `cols / per_word` whole words; each mask byte has at most 4 bits
+            // set (one per slot), so the values read for it stay within its 4 slots' values
+            // and `bytes <= cols / 8 <= per_row / 4` bytes read at most `per_row` values;
+            // `out` holds `cols` values.
+            (done, _) = unsafe {
+                crate::bitmap::x86::expand_row_words(
+                    size_of::<T>(),
+                    mask,
+                    row.as_ptr().cast(),
+                    0,
+                    out.as_mut_ptr().cast(),
+                    bytes * 8,
+                )
+            };
+        }
+        out[done..].fill(T::default());
+        // `done` is a multiple of 8: whole metadata bytes.
+        for (b, &byte) in meta.iter().enumerate().skip(done / 8) {
+            for k in 0..4.min(per_row - 4 * b) {
+                let c = 8 * b + 4 * (k / 2) + usize::from(byte >> (2 * k) & 3);
+                if c < cols {
+                    out[c] = row[4 * b + k];
+                }
+            }
+        }
     }
 
     /// Calls `put(column, value index)` for each stored slot of row `r` whose column lies
@@ -643,20 +731,6 @@ impl NmMatrix {
     fn for_each_slot(&self, r: usize, mut put: impl FnMut(usize, usize)) {
         let per_row = self.groups * self.n;
         let meta = &self.meta[r * self.meta_stride..][..self.meta_stride];
-        if (self.n, self.m) == (2, 4) {
-            // 2:4: each metadata byte holds two groups' four 2-bit positions, so the row
-            // decodes a byte at a time (the general walk below left 2:4 prefill at 0.72x
-            // dense's speed at 128 tokens in f32, `batch_bench 128 f32`; 0.77x this way).
-            for (b, &byte) in meta[..per_row.div_ceil(4)].iter().enumerate() {
-                for k in 0..4.min(per_row - 4 * b) {
-                    let c = 8 * b + 4 * (k / 2) + usize::from(byte >> (2 * k) & 3);
-                    if c < self.cols {
-                        put(c, r * per_row + 4 * b + k);
-                    }
-                }
-            }
-            return;
-        }
         let mask = (1usize << self.bits) - 1;
         let mut bit = 0;
         for g in 0..self.groups {
@@ -777,6 +851,25 @@ const fn columns24_table() -> [u32; 256] {
             k += 1;
         }
         byte += 1;
+    }
+    t
+}
+
+/// For a 2:4 metadata byte (two groups' two 2-bit positions each, low group first), the
+/// mask of its 8 columns that are kept: bit `4g + position` for each slot.
+static MASK24: [u8; 256] = mask24_table();
+
+const fn mask24_table() -> [u8; 256] {
+    let mut t = [0u8; 256];
+    let mut b = 0;
+    while b < 256 {
+        let mut k = 0;
+        while k < 4 {
+            let position = (b >> (2 * k)) & 3;
+            t[b] |= 1 << (4 * (k / 2) + position);
+            k += 1;
+        }
+        b += 1;
     }
     t
 }
