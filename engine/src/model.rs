@@ -581,6 +581,13 @@ impl Model {
         self.weights.remove(name)
     }
 
+    /// Puts back a weight [`Model::remove_weight`] took out (or rebuilt exactly from its packed
+    /// form): a run that evaluates its pruned model without the dense copies held, then
+    /// exports them.
+    pub fn restore_weight(&mut self, name: &str, tensor: Tensor) {
+        self.weights.insert(name.to_string(), tensor);
+    }
+
     /// Replaces a weight; the new tensor must keep the shape unless `allow_reshape` (head removal).
     pub fn set_weight(
         &mut self,

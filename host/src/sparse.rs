@@ -255,7 +255,7 @@ pub fn attach(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::ops::select;
     use crate::tensor_util::{apply_mask, with_f32};
@@ -264,7 +264,11 @@ mod tests {
 
     /// Prunes every block linear of a built-in model with `structure` at `density` (host
     /// selection on |w|), returning the masked model and its masks.
-    fn pruned(name: &str, structure: Structure, density: f64) -> (Model, BTreeMap<String, Mask>) {
+    pub(crate) fn pruned(
+        name: &str,
+        structure: Structure,
+        density: f64,
+    ) -> (Model, BTreeMap<String, Mask>) {
         let mut model = espalier_engine::load_model(name).unwrap();
         let mut masks = BTreeMap::new();
         for layer in model.block_linears() {
