@@ -371,10 +371,10 @@ pub fn evaluate_model_alone(
 
 /// [`evaluate_model`] for a run's pruned model, which the run still exports afterwards: the
 /// model's dense copies of the layers packed exactly are set aside while the evaluation runs
-/// ([`park_packed_weights`]) and rebuilt from their kernels after, so the peak memory measured
+/// (`park_packed_weights`) and rebuilt from their kernels after, so the peak memory measured
 /// is the pruned model's own and not the pruned model's plus the unpacked one it came from
-/// (the quickstart: 1202 -> 705 MiB, dense 764). Layers packed in bf16 or int8 (rounded) stay
-/// held.
+/// (the quickstart: 1202 -> 705 MiB, dense 764; 624 with the bitmap's buffers sized exactly).
+/// Layers packed in bf16 or int8 (rounded) stay held.
 pub fn evaluate_pruned_in_run(
     model: &mut espalier_engine::Model,
     masks: &std::collections::BTreeMap<String, crate::mask::Mask>,

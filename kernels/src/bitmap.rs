@@ -124,7 +124,9 @@ impl BitmapMatrix {
         let stride = cols.div_ceil(8);
         let mut masks = vec![0u8; checked_len(rows, stride)?];
         let mut row_ptr = Vec::with_capacity(rows + 1);
-        let mut vals = Vec::new();
+        // Sized once: grown by doubling, the values' buffer kept up to twice the memory it
+        // needs, which (on huge pages) stayed resident: 85 MiB of an f32 SmolLM2's 324.
+        let mut vals = Vec::with_capacity(view.kept().saturating_add(PAD));
         row_ptr.push(0u32);
         for r in 0..rows {
             for c in 0..cols {

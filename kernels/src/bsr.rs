@@ -91,6 +91,10 @@ impl BsrMatrix {
             }
             brow_ptr.push(u32::try_from(bcol.len()).map_err(|_| too_large("too many blocks"))?);
         }
+        // Grown by doubling, the buffers could hold up to twice the stored blocks' memory
+        // (resident on huge pages): give the excess back.
+        bcol.shrink_to_fit();
+        vals.shrink_to_fit();
         Ok(BsrMatrix {
             rows,
             cols,

@@ -68,8 +68,10 @@ impl CsrMatrix {
             });
         }
         let mut row_ptr = Vec::with_capacity(rows + 1);
-        let mut idx = Vec::new();
-        let mut vals = Vec::new();
+        // Sized once (grown by doubling, a buffer can keep twice what it needs resident).
+        let kept = view.kept();
+        let mut idx = Vec::with_capacity(kept);
+        let mut vals = Vec::with_capacity(kept);
         row_ptr.push(0u32);
         for r in 0..rows {
             for c in 0..cols {

@@ -136,11 +136,20 @@ impl fmt::Display for Format {
 /// and the block shapes at 0.89-1.09x dense i8 (a stray process held one core in those runs);
 /// on quiet cores 0.90x (192x576), 1.05-1.18x (the other block shapes) and 1.33x (LM head),
 /// i.e. ~0.3 beyond its bytes: a 50% i8 layer plans the bitmap.
+///
+/// The f32 kernel on AVX-512 expands 16 values per mask word (`vexpandps`) and requests its
+/// values and masks ahead as the other GEMVs do: in `kernel_bench 0.2,0.3,0.5,2:4 f32` (2-core
+/// Xeon, 2 threads) it ran 1.10x, 1.22x and 1.66x dense f32 per SmolLM2 block at 20%, 30% and
+/// 50% sparsity, i.e. ~0.3 beyond its bytes, where the 2:4 kernel ran 1.05x (~1.7 beyond its
+/// equal bytes); `batch_bench 1 f32`, three runs: the 50% bitmap 1.58-1.72x dense f32, 2:4
+/// 1.11-1.23x. At 0.35 an f32 layer plans the bitmap up to ~78% density, and a 2:4 mask in
+/// f32 does too, as in bf16.
 pub(crate) fn bitmap_compute_per_weight(dtype: Dtype) -> f64 {
     match dtype {
         Dtype::Bf16 if crate::bitmap::bf16_expand_dp(crate::isa::Isa::Avx512) => 0.2,
         Dtype::Bf16 if crate::bitmap::vbmi2_expand() => 0.45,
         Dtype::I8 if crate::bitmap::i8_expand_vnni() => 0.3,
+        Dtype::F32 if crate::isa::Isa::Avx512.is_available() => 0.35,
         Dtype::Bf16 | Dtype::F32 | Dtype::I8 => 1.2,
     }
 }
