@@ -399,7 +399,9 @@ impl BitmapMatrix {
             self.gemm_few_bf16(bits, x, tokens, y, exec);
             return Ok(());
         }
-        if tokens <= 2 {
+        // Two f32 tokens share one pass over the expanded rows (below) rather than two GEMVs.
+        let f32_rows = self.expands_for_batch(exec) && self.values.dtype() == Dtype::F32;
+        if tokens == 1 || (tokens == 2 && !f32_rows) {
             for t in 0..tokens {
                 let (xs, ys) = (
                     &x[t * self.cols..][..self.cols],

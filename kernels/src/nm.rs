@@ -561,9 +561,9 @@ impl NmMatrix {
         }
         if crate::dense::takes_lanes(Dtype::F32, cols, tokens, exec) && cols > 0 {
             // f32 and int8 prefill: each tile of rows expanded to f32 just before the
-            // tokens-in-lanes GEMM multiplies it, the pruned weights as zeros. `batch_bench
-            // 64,128 f32` (SmolLM2's block linears, 2-core Xeon): 2:4 200 and 295-306 ms on
-            // the row GEMM's per-weight AXPYs, against dense's 73 and 127-134.
+            // tokens-in-lanes GEMM multiplies it, the pruned weights as zeros. `batch_bench 128
+            // f32` (SmolLM2's block linears, 2-core Xeon): 2:4 took 289-306 ms on the row
+            // GEMM's per-weight AXPYs, 139-145 here (dense f32: 119-143).
             let write = |r: usize, row: &mut [f32]| self.row_f32(r, row);
             let w = lanes::Weights::F32Rows(&write);
             lanes::gemm(w, rows, cols, x, tokens, Out::Init(y), exec);
@@ -603,17 +603,7 @@ impl NmMatrix {
     /// the sums.
     fn row_bits(&self, r: usize, out: &mut [u16], scratch: &mut (Vec<u32>, Vec<f32>)) {
         match &self.values {
-            Values::Bf16(v) if self.is_24() => {
-                self.expand_row_24(r, v, out.reinterpret_cast_mut::<half::bf16>());
-            }
-            Values::Bf16(v) => {
-                out.fill(0);
-                self.for_each_slot(r, |c, i| {
-                    if v[i].to_bits() != 0 {
-                        out[c] = v[i].to_bits();
-                    }
-                });
-            }
+            Values::Bf16(v) => self.row_values(r, v, out.reinterpret_cast_mut::<half::bf16>()),
             Values::I8 { q, .. } => {
                 let mut bytes = vec![0i8; self.cols];
                 self.row_values(r, q, &mut bytes);
@@ -640,10 +630,7 @@ impl NmMatrix {
                 out.fill(0.0);
                 let scale = values.scales().map_or(1.0, |s| s[r]);
                 with_values!(values, vals => self.for_each_slot(r, |c, i| {
-                    let v = vals[i].to_f32() * scale;
-                    if v != 0.0 {
-                        out[c] = v;
-                    }
+                    out[c] = vals[i].to_f32() * scale;
                 }));
             }
         }
@@ -727,7 +714,8 @@ impl NmMatrix {
 
     /// Calls `put(column, value index)` for each stored slot of row `r` whose column lies
     /// inside the matrix, walking the metadata a byte pair at a time. Padding slots hold zeros
-    /// (possibly at columns past a ragged edge): callers skip zero values.
+    /// at positions no kept value of their group has (positions are distinct within a group,
+    /// which constructors and checkpoint loading ensure), so writing them is harmless.
     fn for_each_slot(&self, r: usize, mut put: impl FnMut(usize, usize)) {
         let per_row = self.groups * self.n;
         let meta = &self.meta[r * self.meta_stride..][..self.meta_stride];
@@ -857,6 +845,7 @@ const fn columns24_table() -> [u32; 256] {
 
 /// For a 2:4 metadata byte (two groups' two 2-bit positions each, low group first), the
 /// mask of its 8 columns that are kept: bit `4g + position` for each slot.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 static MASK24: [u8; 256] = mask24_table();
 
 const fn mask24_table() -> [u8; 256] {
