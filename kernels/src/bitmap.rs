@@ -15,10 +15,10 @@
 //! AVX512-VBMI2 as well (Ice Lake, Zen 4), bf16 takes 32 weights per word (`vpexpandw`, then
 //! dense bf16's own widen-and-FMA step) and i8 64 (`vpexpandb`, then dense i8's integer step:
 //! `vpdpwssd` against the activations quantized to i16 once per call, AVX512-VNNI), and
-//! batches of 3+ tokens are expanded into dense rows that dense's batched kernels run: bf16
-//! from 9 tokens (batched decode steps, prefill) 12 rows at a time inside dense bf16's
-//! tokens-in-lanes GEMM, each tile just before it is multiplied, and up to 16 tokens (f32 up
-//! to 8) 8 rows at a time into dense's small-batch tiles (`expands_for_batch`); f32 prefill
+//! batches of 3+ tokens (f32: 2+) are expanded into dense rows that dense's batched kernels
+//! run: bf16 from 9 tokens (batched decode steps, prefill) 12 rows at a time inside dense
+//! bf16's tokens-in-lanes GEMM, each tile just before it is multiplied, and up to 16 tokens 8
+//! rows at a time into dense's small-batch tiles (`expands_for_batch`); f32 prefill
 //! 12 rows at a time into the f32 tokens-in-lanes GEMM's tiles, bf16 and i8 prefill on AMX a
 //! 32-row panel at a time as the tiles' panels are packed; only i8 prefill without AMX still
 //! expands the whole matrix per call (`expanded_for_batch`).
