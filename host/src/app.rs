@@ -444,15 +444,15 @@ fn rebuilds_exactly(packed: &espalier_kernels::PackedLinear, dense: &candle_core
     if dense.dims() != [packed.rows(), packed.cols()] {
         return false;
     }
-    let Ok(values) = dense.flatten_all().and_then(|t| t.to_vec1::<f32>()) else {
-        return false;
-    };
     let rebuilt = packed.to_dense();
-    rebuilt.len() == values.len()
-        && rebuilt
-            .iter()
-            .zip(&values)
-            .all(|(a, b)| a.to_bits() == b.to_bits())
+    crate::tensor_util::with_f32(dense, |values| {
+        rebuilt.len() == values.len()
+            && rebuilt
+                .iter()
+                .zip(values)
+                .all(|(a, b)| a.to_bits() == b.to_bits())
+    })
+    .unwrap_or(false)
 }
 
 /// The forward pass of `model` (on the sparse kernels `masks` plan, or a packed model's own)

@@ -85,13 +85,9 @@ impl crate::gemm_bf16::Bf16Rows for BitmapMatrix {
                     self.expand_row(r0 + i, vals, row);
                 }
             }
-            Values::I8 { q, .. } => {
-                let mut bytes = vec![0i8; self.cols];
-                for (i, row) in rows.chunks_exact_mut(self.cols).enumerate() {
-                    self.expand_row(r0 + i, q, &mut bytes);
-                    crate::dense::widen_i8_row(&bytes, row);
-                }
-            }
+            Values::I8 { q, .. } => crate::dense::widen_i8_rows(rows, self.cols, |i, bytes| {
+                self.expand_row(r0 + i, q, bytes)
+            }),
             Values::F32(vals) => {
                 let mut floats = vec![0.0f32; self.cols];
                 for (i, row) in rows.chunks_exact_mut(self.cols).enumerate() {
@@ -365,29 +361,28 @@ impl BitmapMatrix {
             crate::lanes_amx::bitmap_gemm(&self.amx_rows(vals), x, tokens, y, exec);
             return Ok(());
         }
-        if self.expands_for_batch(exec) && self.rows_on_lanes(tokens, exec) {
-            // Each row of the next tile is requested into L2 while this tile is multiplied
-            // (as the dense tiles request theirs).
-            match &self.values {
-                Values::Bf16(vals) => {
-                    let write = |r: usize, row: &mut [half::bf16]| {
-                        self.prefetch_row_l2(r + lanes::ROWS, vals);
-                        self.expand_row(r, vals, row)
-                    };
-                    let w = lanes::Weights::Bf16Rows(&write, None);
-                    lanes::gemm(w, self.rows, self.cols, x, tokens, y, exec);
-                }
-                Values::F32(vals) => {
-                    let write = |r: usize, row: &mut [f32]| {
-                        self.prefetch_row_l2(r + lanes::ROWS, vals);
-                        self.expand_row(r, vals, row)
-                    };
-                    let w = lanes::Weights::F32Rows(&write);
-                    lanes::gemm(w, self.rows, self.cols, x, tokens, y, exec);
-                }
-                Values::I8 { .. } => unreachable!("int8 rows do not take the lanes here"),
+        let on_lanes = self.expands_for_batch(exec) && self.rows_on_lanes(tokens, exec);
+        match &self.values {
+            Values::Bf16(vals) if on_lanes => {
+                let write = self.tile_row_writer(vals);
+                let w = lanes::Weights::Bf16Rows(&write, None);
+                lanes::gemm(w, self.rows, self.cols, x, tokens, y, exec);
+                return Ok(());
             }
-            return Ok(());
+            Values::F32(vals) if on_lanes => {
+                let write = self.tile_row_writer(vals);
+                lanes::gemm(
+                    lanes::Weights::F32Rows(&write),
+                    self.rows,
+                    self.cols,
+                    x,
+                    tokens,
+                    y,
+                    exec,
+                );
+                return Ok(());
+            }
+            _ => {}
         }
         let y = y.init();
         #[cfg(target_arch = "x86_64")]
@@ -643,6 +638,19 @@ impl BitmapMatrix {
             Dtype::I8 => false,
         };
         enough && takes_lanes(dtype, self.cols, tokens, exec)
+    }
+
+    /// Writes row `r` expanded for the tokens-in-lanes GEMM's tiles, and requests the same
+    /// row of the next tile into L2 while this tile is multiplied (as the dense tiles request
+    /// theirs).
+    fn tile_row_writer<'a, T: Element>(
+        &'a self,
+        vals: &'a [T],
+    ) -> impl Fn(usize, &mut [T]) + Sync + 'a {
+        move |r, row| {
+            self.prefetch_row_l2(r + lanes::ROWS, vals);
+            self.expand_row(r, vals, row)
+        }
     }
 
     /// Requests row `r`'s packed values and mask into L2 (nothing past the last row): a

@@ -319,6 +319,21 @@ impl gemm_bf16::Bf16Rows for I8Rows<'_> {
     }
 }
 
+/// `nr` rows of int8 integers as bf16 into `out` (`nr * cols`, row after row), each row first
+/// written whole by `row(i, bytes)` into one scratch row: the sparse formats' int8 panels for
+/// the bf16 prefill (`Bf16Rows` of the bitmap and N:M), their rows scaled after the sums.
+pub(crate) fn widen_i8_rows(
+    out: &mut [half::bf16],
+    cols: usize,
+    mut row: impl FnMut(usize, &mut [i8]),
+) {
+    let mut bytes = vec![0i8; cols];
+    for (i, dst) in out.chunks_exact_mut(cols.max(1)).enumerate() {
+        row(i, &mut bytes);
+        widen_i8_row(&bytes, dst);
+    }
+}
+
 /// One row of int8 weights as bf16 (the same integers: every int8 value is exact in bf16).
 pub(crate) fn widen_i8_row(q: &[i8], out: &mut [half::bf16]) {
     let done = {

@@ -229,17 +229,10 @@ fn gemm_panels_on(
             } else {
                 0..0
             };
-            if let Weights::Bf16Rows(write, _) = w {
-                let rows_out = &mut written[..nr * cols];
-                for (i, row) in rows_out.chunks_exact_mut(cols).enumerate() {
-                    write(r0 + i, row);
-                }
-            }
-            if let Weights::F32Rows(write) = w {
-                let rows_out = &mut written_f32[..nr * cols];
-                for (i, row) in rows_out.chunks_exact_mut(cols).enumerate() {
-                    write(r0 + i, row);
-                }
+            match w {
+                Weights::Bf16Rows(write, _) => write_rows(write, &mut written, r0, nr, cols),
+                Weights::F32Rows(write) => write_rows(write, &mut written_f32, r0, nr, cols),
+                _ => {}
             }
             for p in 0..tokens.div_ceil(width) {
                 let t0 = p * width;
@@ -308,6 +301,19 @@ fn gemm_panels_on(
             }
         }
     });
+}
+
+/// Rows `r0..r0 + nr` written on demand into `buf` (`cols` each), for a tile's products.
+fn write_rows<T>(
+    write: &(dyn Fn(usize, &mut [T]) + Sync),
+    buf: &mut [T],
+    r0: usize,
+    nr: usize,
+    cols: usize,
+) {
+    for (i, row) in buf[..nr * cols].chunks_exact_mut(cols).enumerate() {
+        write(r0 + i, row);
+    }
 }
 
 /// f32 token panels (their bits; see [`gemm`]).

@@ -583,9 +583,33 @@ impl crate::gemm_bf16::Bf16Rows for NmMatrix {
         scratch: &mut (Vec<u32>, Vec<f32>),
     ) -> &'a [u16] {
         buf.resize(nr * self.cols, 0);
-        if self.cols > 0 {
-            for (i, out) in buf.chunks_exact_mut(self.cols).enumerate() {
-                self.row_bits(r0 + i, out, scratch);
+        if self.cols == 0 {
+            return buf;
+        }
+        match &self.values {
+            Values::Bf16(v) => {
+                let rows = buf.reinterpret_cast_mut::<half::bf16>();
+                for (i, out) in rows.chunks_exact_mut(self.cols).enumerate() {
+                    self.row_values(r0 + i, v, out);
+                }
+            }
+            // The integers themselves (exact in bf16): `row_scales` scales the sums.
+            Values::I8 { q, .. } => {
+                let rows = buf.reinterpret_cast_mut::<half::bf16>();
+                crate::dense::widen_i8_rows(rows, self.cols, |i, bytes| {
+                    self.row_values(r0 + i, q, bytes)
+                });
+            }
+            Values::F32(_) => {
+                // `try_gemm` takes bf16 and int8 only; decode the general way.
+                let (idx, val) = scratch;
+                for (i, out) in buf.chunks_exact_mut(self.cols).enumerate() {
+                    out.fill(0);
+                    self.decode_row(r0 + i, idx, val);
+                    for (&c, &x) in idx.iter().zip(val.iter()) {
+                        out[c as usize] = half::bf16::from_f32(x).to_bits();
+                    }
+                }
             }
         }
         buf
@@ -597,30 +621,6 @@ impl crate::gemm_bf16::Bf16Rows for NmMatrix {
 }
 
 impl NmMatrix {
-    /// Row `r` expanded to dense bf16 bits, read straight from the metadata and values
-    /// ([`RowDecode::decode_row`]'s bit-by-bit reads and pushes cost more than the GEMM of a
-    /// 1536-row layer); int8 as its integers (exact in bf16), which `row_scales` scales after
-    /// the sums.
-    fn row_bits(&self, r: usize, out: &mut [u16], scratch: &mut (Vec<u32>, Vec<f32>)) {
-        match &self.values {
-            Values::Bf16(v) => self.row_values(r, v, out.reinterpret_cast_mut::<half::bf16>()),
-            Values::I8 { q, .. } => {
-                let mut bytes = vec![0i8; self.cols];
-                self.row_values(r, q, &mut bytes);
-                crate::dense::widen_i8_row(&bytes, out.reinterpret_cast_mut::<half::bf16>());
-            }
-            Values::F32(_) => {
-                // `try_gemm` takes bf16 and int8 only; decode the general way.
-                out.fill(0);
-                let (idx, val) = scratch;
-                self.decode_row(r, idx, val);
-                for (&c, &x) in idx.iter().zip(val.iter()) {
-                    out[c as usize] = half::bf16::from_f32(x).to_bits();
-                }
-            }
-        }
-    }
-
     /// Row `r` expanded to dense f32 (int8 scaled), for the tokens-in-lanes GEMM's
     /// rows-written tiles (`lanes::Weights::F32Rows`).
     fn row_f32(&self, r: usize, out: &mut [f32]) {
