@@ -317,7 +317,13 @@ fn write_rows<T>(
 }
 
 /// f32 token panels (their bits; see [`gemm`]).
-fn pack_f32(x: &[f32], tokens: usize, cols: usize, width: usize, exec: Exec) -> Vec<u32> {
+pub(crate) fn pack_f32(
+    x: &[f32],
+    tokens: usize,
+    cols: usize,
+    width: usize,
+    exec: Exec,
+) -> Vec<u32> {
     let x = &x[..tokens * cols];
     // SAFETY: f32 and u32 have one size and alignment, and every bit pattern is valid in both.
     let bits = unsafe { std::slice::from_raw_parts(x.as_ptr().cast::<u32>(), x.len()) };

@@ -41,6 +41,7 @@ mod isa;
 mod lanes;
 mod lanes24;
 mod lanes_amx;
+mod lanes_kept;
 mod nm;
 mod par;
 mod parts;
