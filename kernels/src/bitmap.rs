@@ -22,8 +22,10 @@
 //! to 16 tokens, which skip the pruned weights altogether: each row walks its kept entries, one
 //! FMA per kept weight against 16 tokens (`lanes_kept`); f32 prefill
 //! 12 rows at a time into the f32 tokens-in-lanes GEMM's tiles, bf16 and i8 prefill on AMX a
-//! 32-row panel at a time as the tiles' panels are packed; only i8 prefill without AMX still
-//! expands the whole matrix per call (`expanded_for_batch`).
+//! 32-row panel at a time as the tiles' panels are packed, and i8 prefill without AMX 12 rows
+//! at a time, widened to bf16, into the tokens-in-lanes GEMM (`i8_rows_gemm`); only where the
+//! CPU has neither AMX nor AVX512-BF16 (Ice Lake), or the columns are odd, does i8 prefill
+//! still expand the whole matrix per call (`expanded_for_batch`).
 //! Without the dense copy a 16-sequence step of the 50% SmolLM2 model went 41 -> 36 ms, level
 //! with dense bf16. With AVX512-BF16 too (Zen 4, Sapphire Rapids), each expanded bf16
 //! word is multiplied in one `vdpbf16ps` against the activations rounded to bf16 pairs once
@@ -388,6 +390,10 @@ impl BitmapMatrix {
                 lanes::gemm(w, self.rows, self.cols, x, tokens, y, exec);
                 return Ok(());
             }
+            Values::I8 { q, scales } if on_lanes => {
+                self.i8_rows_gemm(q, scales, x, tokens, y, exec);
+                return Ok(());
+            }
             Values::F32(vals) if on_lanes => {
                 let write = self.tile_row_writer(vals);
                 lanes::gemm(
@@ -650,13 +656,21 @@ impl BitmapMatrix {
     /// f32`, SmolLM2's block linears, 2-core Xeon); at 64 and 128 tokens this ran 78 and 130
     /// ms where the dense copy per call took 111 and 164 (dense f32: 73 and 127-134).
     fn rows_on_lanes(&self, tokens: usize, exec: Exec) -> bool {
+        self.rows_on_lanes_with(tokens, exec, crate::amx::enabled())
+    }
+
+    /// [`Self::rows_on_lanes`] where AMX is (`amx`) or is not available: int8 prefill takes
+    /// the lanes GEMM (as bf16 rows with row scales, AVX512-BF16) only where AMX does not
+    /// take it panel by panel.
+    pub(crate) fn rows_on_lanes_with(&self, tokens: usize, exec: Exec, amx: bool) -> bool {
         let dtype = self.values.dtype();
-        let enough = match dtype {
-            Dtype::Bf16 => tokens >= lanes::MIN_TOKENS,
-            Dtype::F32 => tokens > SMALL_BATCH,
-            Dtype::I8 => false,
-        };
-        enough && takes_lanes(dtype, self.cols, tokens, exec)
+        match dtype {
+            Dtype::Bf16 => {
+                tokens >= lanes::MIN_TOKENS && takes_lanes(dtype, self.cols, tokens, exec)
+            }
+            Dtype::F32 => tokens > SMALL_BATCH && takes_lanes(dtype, self.cols, tokens, exec),
+            Dtype::I8 => tokens > SMALL_BATCH && !amx && lanes::available_bf16(exec.isa, self.cols),
+        }
     }
 
     /// Writes row `r` expanded for the tokens-in-lanes GEMM's tiles, and requests the same
@@ -670,6 +684,27 @@ impl BitmapMatrix {
             self.prefetch_row_l2(r + lanes::ROWS, vals);
             self.expand_row(r, vals, row)
         }
+    }
+
+    /// int8 prefill where AMX does not take it (Zen 4, Ice Lake): each tile's rows expanded
+    /// and written as their integers in bf16 (exact), every output row scaled after its sum,
+    /// on the tokens-in-lanes GEMM as dense int8 runs there, instead of a dense int8 copy of
+    /// the matrix per call. The caller has checked [`Self::rows_on_lanes_with`].
+    pub(crate) fn i8_rows_gemm(
+        &self,
+        q: &[i8],
+        scales: &[f32],
+        x: &[f32],
+        tokens: usize,
+        y: Out<'_>,
+        exec: Exec,
+    ) {
+        let write = |r: usize, row: &mut [half::bf16]| {
+            self.prefetch_row_l2(r + lanes::ROWS, q);
+            crate::dense::widen_i8_row_from(row, |bytes| self.expand_row(r, q, bytes));
+        };
+        let w = lanes::Weights::Bf16Rows(&write, Some(scales));
+        lanes::gemm(w, self.rows, self.cols, x, tokens, y, exec);
     }
 
     /// Requests row `r`'s packed values and mask into L2 (nothing past the last row): a

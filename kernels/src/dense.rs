@@ -334,6 +334,20 @@ pub(crate) fn widen_i8_rows(
     }
 }
 
+/// One int8 row as bf16 into `out`, its integers first written whole by `row(bytes)` into a
+/// scratch row of this thread's: the sparse formats' tile rows for the tokens-in-lanes GEMM
+/// (`lanes::Weights::Bf16Rows` with row scales), whose writers run on every worker.
+pub(crate) fn widen_i8_row_from(out: &mut [half::bf16], row: impl FnOnce(&mut [i8])) {
+    thread_local! {
+        static SCRATCH: std::cell::RefCell<Vec<i8>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    SCRATCH.with_borrow_mut(|bytes| {
+        bytes.resize(out.len(), 0);
+        row(bytes);
+        widen_i8_row(bytes, out);
+    });
+}
+
 /// One row of int8 weights as bf16 (the same integers: every int8 value is exact in bf16).
 pub(crate) fn widen_i8_row(q: &[i8], out: &mut [half::bf16]) {
     let done = {

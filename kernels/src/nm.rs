@@ -559,8 +559,15 @@ impl NmMatrix {
         {
             return Ok(());
         }
+        if let Values::I8 { q, scales } = &self.values
+            && lanes::available_bf16(exec.isa, cols)
+            && cols > 0
+        {
+            self.i8_rows_gemm(q, scales, x, tokens, Out::Init(y), exec);
+            return Ok(());
+        }
         if crate::dense::takes_lanes(Dtype::F32, cols, tokens, exec) && cols > 0 {
-            // f32 and int8 prefill: each tile of rows expanded to f32 just before the
+            // f32 (and int8 without AVX512-BF16) prefill: each tile of rows expanded to f32 just before the
             // tokens-in-lanes GEMM multiplies it, the pruned weights as zeros. `batch_bench 128
             // f32` (SmolLM2's block linears, 2-core Xeon): 2:4 took 289-306 ms on the row
             // GEMM's per-weight AXPYs, 139-145 here (dense f32: 119-143).
@@ -621,6 +628,26 @@ impl crate::gemm_bf16::Bf16Rows for NmMatrix {
 }
 
 impl NmMatrix {
+    /// int8 prefill where AMX does not take it (Zen 4, Ice Lake): each tile's rows written as
+    /// their integers in bf16 (exact), every output row scaled after its sum, on the
+    /// tokens-in-lanes GEMM as dense int8 runs there (the f32 rows below cost twice the
+    /// multiplies). The caller has checked `lanes::available_bf16` and `cols > 0`.
+    pub(crate) fn i8_rows_gemm(
+        &self,
+        q: &[i8],
+        scales: &[f32],
+        x: &[f32],
+        tokens: usize,
+        y: Out<'_>,
+        exec: Exec,
+    ) {
+        let write = |r: usize, row: &mut [half::bf16]| {
+            crate::dense::widen_i8_row_from(row, |bytes| self.row_values(r, q, bytes))
+        };
+        let w = lanes::Weights::Bf16Rows(&write, Some(scales));
+        lanes::gemm(w, self.rows, self.cols, x, tokens, y, exec);
+    }
+
     /// Row `r` expanded to dense f32 (int8 scaled), for the tokens-in-lanes GEMM's
     /// rows-written tiles (`lanes::Weights::F32Rows`).
     fn row_f32(&self, r: usize, out: &mut [f32]) {

@@ -7,6 +7,8 @@
 //! `q = round(w / s)`), and loosely against the original f32 weights, within the quantization
 //! bound `Σ_c |x_c| · s_r / 2` of each output.
 
+use crate::element::Values;
+use crate::par::Out;
 use crate::testutil::{self, assert_close, reference};
 use crate::{
     DenseView, Dtype, Exec, Format, Isa, KernelError, NmMatrix, PackedLinear, Structure,
@@ -146,18 +148,19 @@ fn bf16_activations(format: Format, dtype: Dtype, tokens: usize, exec: Exec, col
     {
         return dtype == Dtype::Bf16 && crate::gemm_bf16::available(exec.isa);
     }
-    // int8 N:M prefill on AMX: its integers widened to bf16 panel by panel (`gemm_bf16`).
+    // int8 N:M prefill on AMX: its integers widened to bf16 panel by panel (`gemm_bf16`);
+    // without AMX, tile by tile for the tokens-in-lanes GEMM (even columns).
     if dtype == Dtype::I8
         && matches!(format, Format::NM { .. })
         && tokens > crate::SMALL_BATCH
-        && crate::amx::enabled()
+        && (crate::amx::enabled() || crate::lanes::available_bf16(exec.isa, cols))
         && crate::gemm_bf16::available(exec.isa)
     {
         return true;
     }
     // int8 from 9 tokens on the tokens-in-lanes GEMM (rows widened to bf16; `dense.rs`), and
-    // a VBMI2 bitmap's prefill (on AMX its panels widened as they are packed, else dense's
-    // kernels on a dense copy).
+    // a VBMI2 bitmap's prefill (on AMX its panels widened as they are packed, else its tiles'
+    // rows widened for the tokens-in-lanes GEMM).
     let dense_i8 = matches!(format, Format::Dense | Format::Compact)
         || (format == Format::Bitmap
             && crate::bitmap::vbmi2_expand()
@@ -883,6 +886,58 @@ proptest! {
         for dtype in DTYPES {
             let p = NmMatrix::from_dense("p", &w, rows, cols, n, m, dtype).expect("pack");
             prop_assert_eq!(p.to_dense(), expected_dense(&w, cols, dtype));
+        }
+    }
+}
+
+/// int8 prefill where the CPU has no AMX (Zen 4, Ice Lake): the bitmap's and 2:4's rows
+/// written tile by tile as their integers in bf16 for the tokens-in-lanes GEMM (the bitmap took
+/// a dense copy per call, N:M f32 rows). Called through the routes themselves, so it runs on a
+/// CPU with AMX as well; the bitmap's route is asserted to be taken only without AMX.
+#[test]
+fn i8_prefill_rows_without_amx() {
+    let exec = Exec::auto();
+    if !(crate::lanes::available_bf16(exec.isa, 2) && crate::bitmap::vbmi2_expand()) {
+        eprintln!("skipped: these routes need AVX512-BF16 and VBMI2, which this CPU lacks");
+        return;
+    }
+    let mut rng = testutil::rng(91);
+    for &(rows, cols) in &[(13, 64), (257, 516)] {
+        let unstructured = testutil::unstructured(&mut rng, rows, cols, 0.5);
+        let two_four = testutil::nm(&mut rng, rows, cols, 2, 4);
+        for tokens in [crate::SMALL_BATCH + 1, 40] {
+            let x = testutil::values(&mut rng, tokens * cols);
+            for (w, format) in [
+                (&unstructured, Format::Bitmap),
+                (&two_four, Format::NM { n: 2, m: 4 }),
+            ] {
+                let ctx = format!("{format} int8 {rows}x{cols} tokens={tokens}");
+                let view = DenseView::new(w, rows, cols).expect("view");
+                let packed = PackedLinear::pack("l", &view, format, Dtype::I8).expect(&ctx);
+                let mut y = vec![f32::NAN; tokens * rows];
+                match &packed {
+                    PackedLinear::Bitmap(b) => {
+                        assert!(b.rows_on_lanes_with(tokens, exec, false), "{ctx}");
+                        assert!(!b.rows_on_lanes_with(tokens, exec, true), "{ctx}: AMX's");
+                        let Values::I8 { q, scales } = &b.values else {
+                            panic!("{ctx}: int8 storage")
+                        };
+                        b.i8_rows_gemm(q, scales, &x, tokens, Out::Init(&mut y), exec);
+                    }
+                    PackedLinear::NM(m) => {
+                        let Values::I8 { q, scales } = &m.values else {
+                            panic!("{ctx}: int8 storage")
+                        };
+                        m.i8_rows_gemm(q, scales, &x, tokens, Out::Init(&mut y), exec);
+                    }
+                    _ => panic!("{ctx}: packed as asked"),
+                }
+                let wr = expected_dense(w, cols, Dtype::I8);
+                let (want, mag) = reference_for(Dtype::I8, &wr, rows, cols, &x, tokens);
+                // Activations rounded to bf16: each product within 2⁻⁸ of exact.
+                let tol: Vec<f32> = mag.iter().map(|m| m * (1.0 / 256.0) / 1e-5).collect();
+                assert_close(&y, &want, &tol, &ctx);
+            }
         }
     }
 }
