@@ -668,10 +668,15 @@ pub fn read_masks(
             .get(&name)
             .copied()
             .unwrap_or(Structure::Unstructured);
-        // A structure the bits do not satisfy (an edited file) falls back to unstructured.
-        let mask = Mask::new(shape.clone(), keep.clone(), structure)
-            .or_else(|_| Mask::new(shape, keep, Structure::Unstructured))
-            .map_err(|e| format!("{}: {name}: {e}", path.display()))?;
+        // A structure the bits do not satisfy (an edited file) falls back to unstructured;
+        // only then is the copy of the bits needed (a whole model's bits are ~100 MB).
+        let mask = if structure == Structure::Unstructured {
+            Mask::new(shape, keep, structure)
+        } else {
+            Mask::new(shape.clone(), keep.clone(), structure)
+                .or_else(|_| Mask::new(shape, keep, Structure::Unstructured))
+        }
+        .map_err(|e| format!("{}: {name}: {e}", path.display()))?;
         masks.insert(name, mask);
     }
     Ok(Some(masks))

@@ -128,11 +128,22 @@ impl BitmapMatrix {
         // needs, which (on huge pages) stayed resident: 85 MiB of an f32 SmolLM2's 324.
         let mut vals = Vec::with_capacity(view.kept().saturating_add(PAD));
         row_ptr.push(0u32);
+        let mut words = vec![0u64; cols.div_ceil(64)];
         for r in 0..rows {
-            for c in 0..cols {
-                if view.is_kept(r, c) {
-                    masks[r * stride + c / 8] |= 1 << (c % 8);
-                    vals.push(view.get(r, c));
+            // The row's kept bits are its mask bytes (little-endian words); its kept values
+            // follow them in column order.
+            view.row_bits(r, &mut words);
+            let row = view.stored_row(r);
+            for ((bytes, &w), k) in masks[r * stride..(r + 1) * stride]
+                .chunks_mut(8)
+                .zip(&words)
+                .zip((0..).step_by(64))
+            {
+                bytes.copy_from_slice(&w.to_le_bytes()[..bytes.len()]);
+                let mut bits = w;
+                while bits != 0 {
+                    vals.push(row[k + bits.trailing_zeros() as usize]);
+                    bits &= bits - 1;
                 }
             }
             row_ptr.push(

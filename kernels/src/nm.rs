@@ -176,10 +176,12 @@ impl NmMatrix {
     pub fn validate(layer: &str, view: &DenseView<'_>, n: usize, m: usize) -> Result<()> {
         check_nm(n, m)?;
         let cols = view.cols();
+        let mut words = vec![0u64; cols.div_ceil(64)];
         for r in 0..view.rows() {
+            view.row_bits(r, &mut words);
             for c0 in (0..cols).step_by(m) {
                 let col_end = (c0 + m).min(cols);
-                let kept = (c0..col_end).filter(|&c| view.is_kept(r, c)).count();
+                let kept = crate::view::count_bits(&words, c0, col_end) as usize;
                 if kept > n {
                     return Err(KernelError::NotNm {
                         layer: layer.to_string(),

@@ -338,37 +338,34 @@ fn nm_bytes(rows: usize, cols: usize, n: usize, m: usize, size: usize) -> usize 
 /// Rows and columns holding at least one kept weight.
 fn kept_rows_cols(view: &DenseView<'_>) -> (usize, usize) {
     let (rows, cols) = (view.rows(), view.cols());
-    let mut col_used = vec![false; cols];
+    let mut words = vec![0u64; cols.div_ceil(64)];
+    let mut used = vec![0u64; cols.div_ceil(64)];
     let mut kr = 0;
     for r in 0..rows {
-        let mut any = false;
-        for (c, used) in col_used.iter_mut().enumerate() {
-            if view.is_kept(r, c) {
-                *used = true;
-                any = true;
-            }
-        }
-        kr += usize::from(any);
+        view.row_bits(r, &mut words);
+        kr += usize::from(words.iter().any(|&w| w != 0));
+        used.iter_mut().zip(&words).for_each(|(u, &w)| *u |= w);
     }
-    (kr, col_used.iter().filter(|&&u| u).count())
+    let kc = used.iter().map(|w| w.count_ones() as usize).sum();
+    (kr, kc)
 }
 
 /// Blocks of `br x bc` holding at least one kept weight.
 fn count_blocks(view: &DenseView<'_>, br: usize, bc: usize) -> usize {
     let (rows, cols) = (view.rows(), view.cols());
-    let nbc = cols.div_ceil(bc);
-    let mut present = vec![false; nbc];
+    let mut words = vec![0u64; cols.div_ceil(64)];
+    let mut any = vec![0u64; cols.div_ceil(64)];
     let mut total = 0;
     for rb in 0..rows.div_ceil(br) {
-        present.fill(false);
+        any.fill(0);
         for r in rb * br..(rb * br + br).min(rows) {
-            for (c, p) in (0..cols).map(|c| (c, c / bc)) {
-                if !present[p] && view.is_kept(r, c) {
-                    present[p] = true;
-                }
-            }
+            view.row_bits(r, &mut words);
+            any.iter_mut().zip(&words).for_each(|(a, &w)| *a |= w);
         }
-        total += present.iter().filter(|&&p| p).count();
+        total += (0..cols)
+            .step_by(bc)
+            .filter(|&c0| crate::view::count_bits(&any, c0, (c0 + bc).min(cols)) > 0)
+            .count();
     }
     total
 }
