@@ -697,9 +697,8 @@ impl BitmapMatrix {
         }
     }
 
-    /// int8 prefill where AMX does not take it (Zen 4, Ice Lake): each tile's rows expanded
-    /// and written as their integers in bf16 (exact), every output row scaled after its sum,
-    /// on the tokens-in-lanes GEMM as dense int8 runs there, instead of a dense int8 copy of
+    /// int8 prefill where AMX does not take it (Zen 4, Ice Lake): `dense::i8_rows_gemm` on
+    /// each tile's rows expanded from the mask just before, instead of a dense int8 copy of
     /// the matrix per call. The caller has checked [`Self::rows_on_lanes_with`].
     pub(crate) fn i8_rows_gemm(
         &self,
@@ -710,12 +709,11 @@ impl BitmapMatrix {
         y: Out<'_>,
         exec: Exec,
     ) {
-        let write = |r: usize, row: &mut [half::bf16]| {
+        let (rows, cols) = (self.rows, self.cols);
+        crate::dense::i8_rows_gemm(rows, cols, scales, x, tokens, y, exec, |r, bytes| {
             self.prefetch_row_l2(r + lanes::ROWS, q);
-            crate::dense::widen_i8_row_from(row, |bytes| self.expand_row(r, q, bytes));
-        };
-        let w = lanes::Weights::Bf16Rows(&write, Some(scales));
-        lanes::gemm(w, self.rows, self.cols, x, tokens, y, exec);
+            self.expand_row(r, q, bytes);
+        });
     }
 
     /// Requests row `r`'s packed values and mask into L2 (nothing past the last row): a

@@ -334,18 +334,41 @@ pub(crate) fn widen_i8_rows(
     }
 }
 
-/// One int8 row as bf16 into `out`, its integers first written whole by `row(bytes)` into a
-/// scratch row of this thread's: the sparse formats' tile rows for the tokens-in-lanes GEMM
-/// (`lanes::Weights::Bf16Rows` with row scales), whose writers run on every worker.
-pub(crate) fn widen_i8_row_from(out: &mut [half::bf16], row: impl FnOnce(&mut [i8])) {
+/// `Y = X·Wᵀ` for a sparse format's int8 rows on the tokens-in-lanes GEMM, where AMX does
+/// not take its prefill (Zen 4, Ice Lake): each tile's rows written whole by `row(r, bytes)`
+/// as their integers, widened to bf16 (exact) through a scratch row of each worker's, and
+/// every output row scaled after its sum, as dense int8 runs there (`Weights::Bf16Rows` with
+/// row scales). The caller has checked `lanes::available_bf16` and `cols > 0`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn i8_rows_gemm(
+    rows: usize,
+    cols: usize,
+    scales: &[f32],
+    x: &[f32],
+    tokens: usize,
+    y: Out<'_>,
+    exec: Exec,
+    row: impl Fn(usize, &mut [i8]) + Sync,
+) {
     thread_local! {
         static SCRATCH: std::cell::RefCell<Vec<i8>> = const { std::cell::RefCell::new(Vec::new()) };
     }
-    SCRATCH.with_borrow_mut(|bytes| {
-        bytes.resize(out.len(), 0);
-        row(bytes);
-        widen_i8_row(bytes, out);
-    });
+    let write = |r: usize, out: &mut [half::bf16]| {
+        SCRATCH.with_borrow_mut(|bytes| {
+            bytes.resize(out.len(), 0);
+            row(r, bytes);
+            widen_i8_row(bytes, out);
+        })
+    };
+    lanes::gemm(
+        lanes::Weights::Bf16Rows(&write, Some(scales)),
+        rows,
+        cols,
+        x,
+        tokens,
+        y,
+        exec,
+    );
 }
 
 /// One row of int8 weights as bf16 (the same integers: every int8 value is exact in bf16).

@@ -630,9 +630,8 @@ impl crate::gemm_bf16::Bf16Rows for NmMatrix {
 }
 
 impl NmMatrix {
-    /// int8 prefill where AMX does not take it (Zen 4, Ice Lake): each tile's rows written as
-    /// their integers in bf16 (exact), every output row scaled after its sum, on the
-    /// tokens-in-lanes GEMM as dense int8 runs there (the f32 rows below cost twice the
+    /// int8 prefill where AMX does not take it (Zen 4, Ice Lake): `dense::i8_rows_gemm` on
+    /// each tile's rows decoded from the metadata (rows decoded to f32 cost twice the
     /// multiplies). The caller has checked `lanes::available_bf16` and `cols > 0`.
     pub(crate) fn i8_rows_gemm(
         &self,
@@ -643,11 +642,10 @@ impl NmMatrix {
         y: Out<'_>,
         exec: Exec,
     ) {
-        let write = |r: usize, row: &mut [half::bf16]| {
-            crate::dense::widen_i8_row_from(row, |bytes| self.row_values(r, q, bytes))
-        };
-        let w = lanes::Weights::Bf16Rows(&write, Some(scales));
-        lanes::gemm(w, self.rows, self.cols, x, tokens, y, exec);
+        let (rows, cols) = (self.rows, self.cols);
+        crate::dense::i8_rows_gemm(rows, cols, scales, x, tokens, y, exec, |r, bytes| {
+            self.row_values(r, q, bytes)
+        });
     }
 
     /// Row `r` expanded to dense f32 (int8 scaled), for the tokens-in-lanes GEMM's
