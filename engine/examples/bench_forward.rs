@@ -75,6 +75,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         t0.elapsed().as_secs_f64(),
         rayon::current_num_threads()
     );
+    // An export of `espalier run` keeps its masks beside dense weights, which `load_model`
+    // reads as they are: the figures below are then the dense kernels', zeros included.
+    if let Some(dir) = &model.source_dir
+        && dir.join("masks.safetensors").is_file()
+        && !dir.join(espalier_engine::packed::PACKED_FILE).is_file()
+    {
+        println!(
+            "note: {model_ref} holds its masks beside dense weights, and this example runs the \
+             dense weights (zeros included); `espalier eval` and `espalier generate` run it on \
+             its sparse kernels, and a packed export loads them here"
+        );
+    }
     let vocab = session.vocab_size() as u64;
     // A fixed LCG sequence: reproducible and spread over the whole vocabulary.
     let mut state = 0x2545_f491_4f6c_dd1du64;
