@@ -380,7 +380,7 @@ impl BitmapMatrix {
             && (lanes::MIN_TOKENS..=SMALL_BATCH).contains(&tokens)
             && crate::lanes_kept::available(exec)
         {
-            // A batched decode step of 9 to 16 sequences: one FMA per kept weight, 1.07-1.18x
+            // A batched decode step of 9 to 16 sequences: one FMA per kept weight, 1.00-1.18x
             // dense f32 where the expanded rows ran 0.88-0.92x (see `lanes_kept`).
             let kept = crate::lanes_kept::KeptRows {
                 rows: self.rows,
