@@ -320,23 +320,35 @@ impl gemm_bf16::Bf16Rows for I8Rows<'_> {
 }
 
 /// `nr` rows of int8 integers as bf16 into `out` (`nr * cols`, row after row), each row first
-/// written whole by `row(i, bytes)` into one scratch row: the sparse formats' int8 panels for
-/// the bf16 prefill (`Bf16Rows` of the bitmap and N:M), their rows scaled after the sums.
+/// written whole by `row(i, bytes)` ([`widen_i8_row_from`]): the sparse formats' int8 panels
+/// for the bf16 prefill (`Bf16Rows` of the bitmap and N:M), their rows scaled after the sums.
 pub(crate) fn widen_i8_rows(
     out: &mut [half::bf16],
     cols: usize,
     mut row: impl FnMut(usize, &mut [i8]),
 ) {
-    let mut bytes = vec![0i8; cols];
     for (i, dst) in out.chunks_exact_mut(cols.max(1)).enumerate() {
-        row(i, &mut bytes);
-        widen_i8_row(&bytes, dst);
+        widen_i8_row_from(dst, |bytes| row(i, bytes));
     }
+}
+
+/// One int8 row as bf16 into `out`, its integers first written whole by `row(bytes)` into a
+/// scratch row of the calling thread's (kept between calls: the panels and tiles of a
+/// product widen row after row, on every worker).
+pub(crate) fn widen_i8_row_from(out: &mut [half::bf16], row: impl FnOnce(&mut [i8])) {
+    thread_local! {
+        static SCRATCH: std::cell::RefCell<Vec<i8>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    SCRATCH.with_borrow_mut(|bytes| {
+        bytes.resize(out.len(), 0);
+        row(bytes);
+        widen_i8_row(bytes, out);
+    });
 }
 
 /// `Y = X·Wᵀ` for a sparse format's int8 rows on the tokens-in-lanes GEMM, where AMX does
 /// not take its prefill (Zen 4, Ice Lake): each tile's rows written whole by `row(r, bytes)`
-/// as their integers, widened to bf16 (exact) through a scratch row of each worker's, and
+/// as their integers, widened to bf16 (exact) through [`widen_i8_row_from`], and
 /// every output row scaled after its sum, as dense int8 runs there (`Weights::Bf16Rows` with
 /// row scales). The caller has checked `lanes::available_bf16` and `cols > 0`.
 #[allow(clippy::too_many_arguments)]
@@ -350,16 +362,7 @@ pub(crate) fn i8_rows_gemm(
     exec: Exec,
     row: impl Fn(usize, &mut [i8]) + Sync,
 ) {
-    thread_local! {
-        static SCRATCH: std::cell::RefCell<Vec<i8>> = const { std::cell::RefCell::new(Vec::new()) };
-    }
-    let write = |r: usize, out: &mut [half::bf16]| {
-        SCRATCH.with_borrow_mut(|bytes| {
-            bytes.resize(out.len(), 0);
-            row(r, bytes);
-            widen_i8_row(bytes, out);
-        })
-    };
+    let write = |r: usize, out: &mut [half::bf16]| widen_i8_row_from(out, |bytes| row(r, bytes));
     lanes::gemm(
         lanes::Weights::Bf16Rows(&write, Some(scales)),
         rows,

@@ -324,10 +324,25 @@ pub(crate) fn pack_f32(
     width: usize,
     exec: Exec,
 ) -> Vec<u32> {
+    let mut panels = vec![0; tokens.div_ceil(width) * cols * width];
+    pack_f32_into(x, tokens, cols, width, exec, &mut panels);
+    panels
+}
+
+/// [`pack_f32`] into `panels` (`tokens.div_ceil(width) * cols * width` words, zero where no
+/// token is), memory the caller lays out as it needs (`lanes_kept`: a column to a cache line).
+pub(crate) fn pack_f32_into(
+    x: &[f32],
+    tokens: usize,
+    cols: usize,
+    width: usize,
+    exec: Exec,
+    panels: &mut [u32],
+) {
     let x = &x[..tokens * cols];
     // SAFETY: f32 and u32 have one size and alignment, and every bit pattern is valid in both.
     let bits = unsafe { std::slice::from_raw_parts(x.as_ptr().cast::<u32>(), x.len()) };
-    transpose_into_panels(bits, cols, width, exec)
+    transpose_into(bits, cols, width, exec, panels);
 }
 
 /// bf16 pair token panels (see [`gemm`]); `cols` is even. Rounded to nearest-even as the
@@ -382,7 +397,16 @@ pub(crate) fn pack_bf16_into(
 /// at `(t / width) * len * width + k * width + t % width`, zero past the last token.
 fn transpose_into_panels(rows: &[u32], len: usize, width: usize, exec: Exec) -> Vec<u32> {
     let tokens = rows.len() / len.max(1);
-    build_panels(tokens, len, width, exec, |first, lanes, panel| {
+    let mut out = vec![0; tokens.div_ceil(width) * len * width];
+    transpose_into(rows, len, width, exec, &mut out);
+    out
+}
+
+/// [`transpose_into_panels`] into `out`, which holds exactly the panels and is zero where no
+/// token is.
+fn transpose_into(rows: &[u32], len: usize, width: usize, exec: Exec, out: &mut [u32]) {
+    let tokens = rows.len() / len.max(1);
+    fill_panels(tokens, len, width, exec, out, |first, lanes, panel| {
         #[cfg(target_arch = "x86_64")]
         if available(exec.isa) {
             // SAFETY: AVX-512F is present (checked just above).
@@ -401,24 +425,8 @@ fn transpose_into_panels(rows: &[u32], len: usize, width: usize, exec: Exec) -> 
     })
 }
 
-/// The zeroed panels of `tokens` tokens by `len` values, each filled by
-/// `fill(first_token, lanes, panel)` with its `lanes` tokens from `first_token` on. Panels are
-/// filled in parallel when `exec` allows and there are several: done on the calling thread
-/// alone, a 128-token prefill's transposes left the other worker waiting (with the output
-/// scatter, ~8% of an f32 prefill's samples in `perf`).
-fn build_panels(
-    tokens: usize,
-    len: usize,
-    width: usize,
-    exec: Exec,
-    fill: impl Fn(usize, usize, &mut [u32]) + Sync + Send,
-) -> Vec<u32> {
-    let mut out = Vec::new();
-    build_panels_into(tokens, len, width, exec, &mut out, fill);
-    out
-}
-
-/// [`build_panels`] into `out` (its allocation reused).
+/// The zeroed panels of `tokens` tokens by `len` values in `out` (its allocation reused),
+/// each filled by `fill(first_token, lanes, panel)` (see [`fill_panels`]).
 fn build_panels_into(
     tokens: usize,
     len: usize,
@@ -429,6 +437,23 @@ fn build_panels_into(
 ) {
     out.clear();
     out.resize(tokens.div_ceil(width) * len * width, 0);
+    fill_panels(tokens, len, width, exec, out, fill);
+}
+
+/// The panels of `tokens` tokens by `len` values in `out` (sized and zeroed by the caller),
+/// each filled by `fill(first_token, lanes, panel)` with its `lanes` tokens from
+/// `first_token` on. Panels are filled in parallel when `exec` allows and there are several:
+/// done on the calling thread alone, a 128-token prefill's transposes left the other worker
+/// waiting (with the output scatter, ~8% of an f32 prefill's samples in `perf`).
+fn fill_panels(
+    tokens: usize,
+    len: usize,
+    width: usize,
+    exec: Exec,
+    out: &mut [u32],
+    fill: impl Fn(usize, usize, &mut [u32]) + Sync + Send,
+) {
+    assert!(out.len() == tokens.div_ceil(width) * len * width);
     if len == 0 {
         return;
     }

@@ -76,13 +76,14 @@ pub(crate) fn gemm(w: &KeptRows<'_>, x: &[f32], tokens: usize, y: Out<'_>, exec:
         return;
     }
     assert!(tokens <= 16, "one token panel of 16 lanes");
-    let packed = lanes::pack_f32(x, tokens, cols, 16, exec);
     // Each column's 16 tokens on a cache line of its own: the walk loads one per FMA, and a
     // vector split over two lines costs two.
     let mut panel = vec![Line([0; 16]); cols];
-    for (line, src) in panel.iter_mut().zip(packed.chunks_exact(16)) {
-        line.0.copy_from_slice(src);
-    }
+    // SAFETY: `Line` is 16 u32 words with no padding (size 64, align 64), so the lines are
+    // `16 * cols` words, each initialized.
+    let words =
+        unsafe { std::slice::from_raw_parts_mut(panel.as_mut_ptr().cast::<u32>(), 16 * cols) };
+    lanes::pack_f32_into(x, tokens, cols, 16, exec, words);
     let out = y.shared();
     let tiles = rows.div_ceil(ROWS);
     let kept = w.row_ptr[rows] as usize;

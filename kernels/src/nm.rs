@@ -569,10 +569,10 @@ impl NmMatrix {
             return Ok(());
         }
         if crate::dense::takes_lanes(Dtype::F32, cols, tokens, exec) && cols > 0 {
-            // f32 (and int8 without AVX512-BF16) prefill: each tile of rows expanded to f32 just before the
-            // tokens-in-lanes GEMM multiplies it, the pruned weights as zeros. `batch_bench 128
-            // f32` (SmolLM2's block linears, 2-core Xeon): 2:4 took 289-306 ms on the row
-            // GEMM's per-weight AXPYs, 139-145 here (dense f32: 119-143).
+            // f32 (and int8 without AVX512-BF16) prefill: each tile of rows expanded to f32
+            // just before the tokens-in-lanes GEMM multiplies it, the pruned weights as zeros.
+            // `batch_bench 128 f32` (SmolLM2's block linears, 2-core Xeon): 2:4 took 289-306
+            // ms on the row GEMM's per-weight AXPYs, 139-145 here (dense f32: 119-143).
             let write = |r: usize, row: &mut [f32]| self.row_f32(r, row);
             let w = lanes::Weights::F32Rows(&write);
             lanes::gemm(w, rows, cols, x, tokens, Out::Init(y), exec);

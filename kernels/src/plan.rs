@@ -276,13 +276,16 @@ pub fn choose_format(
         Structure::Unstructured => Some((16, 16)),
         _ => None,
     };
+    if let Some((br, bc)) = blocks
+        && (br == 0 || bc == 0)
+    {
+        return Err(KernelError::InvalidParameter(format!(
+            "block shape {br}x{bc} must be at least 1x1"
+        )));
+    }
+    let stats = kept_stats(view, blocks);
     if let Some((br, bc)) = blocks {
-        if br == 0 || bc == 0 {
-            return Err(KernelError::InvalidParameter(format!(
-                "block shape {br}x{bc} must be at least 1x1"
-            )));
-        }
-        let stored = count_blocks(view, br, bc);
+        let stored = stats.blocks;
         let bytes = stored * (br * bc * size + 4) + (rows.div_ceil(br) + 1) * 4 + rows * per_row;
         push(
             Format::Bsr { br, bc },
@@ -304,7 +307,7 @@ pub fn choose_format(
             + rows * per_row,
         weights as f64 * bitmap_compute_per_weight(dtype),
     );
-    let (kr, kc) = kept_rows_cols(view);
+    let (kr, kc) = (stats.rows, stats.cols);
     if kr < rows || kc < cols {
         push(
             Format::Compact,
@@ -335,39 +338,47 @@ fn nm_bytes(rows: usize, cols: usize, n: usize, m: usize, size: usize) -> usize 
     rows * groups * n * size + rows * (groups * n * bits).div_ceil(8) + 4
 }
 
-/// Rows and columns holding at least one kept weight.
-fn kept_rows_cols(view: &DenseView<'_>) -> (usize, usize) {
-    let (rows, cols) = (view.rows(), view.cols());
-    let mut words = vec![0u64; cols.div_ceil(64)];
-    let mut used = vec![0u64; cols.div_ceil(64)];
-    let mut kr = 0;
-    for r in 0..rows {
-        view.row_bits(r, &mut words);
-        kr += usize::from(words.iter().any(|&w| w != 0));
-        used.iter_mut().zip(&words).for_each(|(u, &w)| *u |= w);
-    }
-    let kc = used.iter().map(|w| w.count_ones() as usize).sum();
-    (kr, kc)
+/// What the planner counts of a view's kept weights.
+struct KeptStats {
+    /// Rows holding at least one.
+    rows: usize,
+    /// Columns holding at least one.
+    cols: usize,
+    /// `br x bc` blocks holding at least one (0 when no block shape was asked for).
+    blocks: usize,
 }
 
-/// Blocks of `br x bc` holding at least one kept weight.
-fn count_blocks(view: &DenseView<'_>, br: usize, bc: usize) -> usize {
+/// [`KeptStats`] in one pass over the rows' kept bits (`DenseView::row_bits`), blocks of
+/// `blocks` (rows, columns) counted when given.
+fn kept_stats(view: &DenseView<'_>, blocks: Option<(usize, usize)>) -> KeptStats {
     let (rows, cols) = (view.rows(), view.cols());
-    let mut words = vec![0u64; cols.div_ceil(64)];
-    let mut any = vec![0u64; cols.div_ceil(64)];
-    let mut total = 0;
-    for rb in 0..rows.div_ceil(br) {
-        any.fill(0);
-        for r in rb * br..(rb * br + br).min(rows) {
-            view.row_bits(r, &mut words);
-            any.iter_mut().zip(&words).for_each(|(a, &w)| *a |= w);
+    let (br, bc) = blocks.unwrap_or((rows.max(1), cols.max(1)));
+    let words = cols.div_ceil(64);
+    let (mut row, mut used, mut block_row) =
+        (vec![0u64; words], vec![0u64; words], vec![0u64; words]);
+    let mut stats = KeptStats {
+        rows: 0,
+        cols: 0,
+        blocks: 0,
+    };
+    for r in 0..rows {
+        view.row_bits(r, &mut row);
+        stats.rows += usize::from(row.iter().any(|&w| w != 0));
+        for ((u, b), &w) in used.iter_mut().zip(&mut block_row).zip(&row) {
+            *u |= w;
+            *b |= w;
         }
-        total += (0..cols)
-            .step_by(bc)
-            .filter(|&c0| crate::view::count_bits(&any, c0, (c0 + bc).min(cols)) > 0)
-            .count();
+        // The last row of a block row: count its blocks holding a kept weight.
+        if blocks.is_some() && ((r + 1) % br == 0 || r + 1 == rows) {
+            stats.blocks += (0..cols)
+                .step_by(bc)
+                .filter(|&c0| crate::view::count_bits(&block_row, c0, (c0 + bc).min(cols)) > 0)
+                .count();
+            block_row.fill(0);
+        }
     }
-    total
+    stats.cols = used.iter().map(|w| w.count_ones() as usize).sum();
+    stats
 }
 
 /// Chooses the fastest format (see [`choose_format`]) and packs the weights in it.
