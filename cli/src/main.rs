@@ -1347,20 +1347,25 @@ fn cmd_eval(model_ref: &str, args: EvalArgs, dense: bool, json: bool) -> Result<
     let spec = args.spec()?;
     let model_ref =
         &espalier::fetch::resolve(model_ref, &models_dir(), &mut |m| err!("espalier: {m}"))?;
-    let model = espalier_engine::load_model(model_ref)?;
     // A pruned export (dense weights with zeros, and the masks it was pruned with) runs on the
-    // kernels the run's own pruned evaluation planned, so the two report the same figures; a
-    // packed one is already on them.
-    let masks = match &model.source_dir {
-        Some(dir) if !dense && !model.is_packed() => espalier::export::read_masks(dir)
-            .map_err(|e| anyhow::anyhow!("{e} (or pass --dense to ignore the masks)"))?,
+    // kernels the run's own pruned evaluation planned, so the two report the same figures; it
+    // is packed layer by layer as it loads. A packed one is already on them.
+    let pruned = match model_ref.strip_prefix("builtin:") {
+        None if !dense => {
+            espalier::sparse::load_pruned_export(std::path::Path::new(model_ref), spec.storage)
+                .map_err(|e| anyhow::anyhow!("{e} (or pass --dense to ignore the masks)"))?
+        }
         _ => None,
     };
-    let which = if masks.is_some() { "pruned" } else { "dense" };
+    let model = match pruned {
+        Some(model) => model,
+        None => espalier_engine::load_model(model_ref)?,
+    };
+    let which = if model.is_packed() { "pruned" } else { "dense" };
     let mut observer = Bars::new()?;
     let result = espalier::app::evaluate_model_alone(
         model,
-        masks.as_ref(),
+        None,
         &spec,
         which,
         &mut observer,

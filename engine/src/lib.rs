@@ -26,7 +26,7 @@ pub use forward::{
 };
 pub use layers::{LayerInfo, Role};
 pub use linear::{Linear, LinearKernel, LinearWeight};
-pub use model::Model;
+pub use model::{LoadPacking, Model, TensorFile};
 pub use packed::PackedKernel;
 pub use tokenizer::Tokenizer;
 

@@ -22,6 +22,7 @@ use crate::error::EngineError;
 use crate::files;
 use crate::layers::{self, LayerInfo, Role};
 use crate::packed::PackedKernel;
+use espalier_kernels::PackedLinear;
 
 /// Files besides the weights that travel with a model directory (tokenizer and generation
 /// settings); an export copies them unchanged.
@@ -44,11 +45,15 @@ pub struct Model {
     pub source: String,
     /// The directory it was loaded from, for companion files such as the tokenizer.
     pub source_dir: Option<PathBuf>,
-    /// Linears loaded from a packed checkpoint ([`crate::packed`]), by weight name: they have
-    /// no dense tensor in `weights` (except a tied embedding, whose packed copy is the LM head).
+    /// Linears loaded packed, by weight name: from a packed checkpoint ([`crate::packed`]) or
+    /// packed as they were read ([`Model::load_packing`]). They have no dense tensor in
+    /// `weights` (except a tied embedding, whose packed copy is the LM head).
     packed: BTreeMap<String, Arc<PackedKernel>>,
-    /// Loaded from a packed checkpoint (even one whose planner left every linear dense f32).
+    /// Loaded from a packed checkpoint (even one whose planner left every linear dense f32),
+    /// or through a [`Model::load_packing`] hook that packed a layer or said why not.
     packed_checkpoint: bool,
+    /// Why a `load_packing` hook left linears dense, by weight name.
+    dense_reasons: BTreeMap<String, String>,
 }
 
 fn weights_err(path: &Path, message: impl Into<String>) -> EngineError {
@@ -165,49 +170,122 @@ impl Header {
         Ok(())
     }
 
-    /// Reads the tensors (all, or those in `only`), widening floats to f32 and transposing
-    /// GPT-2's `Conv1D` weights to `[out, in]`.
-    fn read_tensors(
-        &self,
-        arch: Architecture,
-        only: Option<&BTreeSet<String>>,
-        out: &mut BTreeMap<String, Tensor>,
-    ) -> Result<(), EngineError> {
-        let io = |e| EngineError::Io {
-            path: self.path.display().to_string(),
-            source: e,
-        };
-        let (file, size) = files::open_regular(&self.path).map_err(io)?;
+    /// Opens the file for reading its tensors, refusing one that changed since its header was
+    /// read.
+    fn open_data(&self) -> Result<std::io::BufReader<std::fs::File>, EngineError> {
+        let (file, size) = files::open_regular(&self.path).map_err(|e| self.io(e))?;
         if size != self.file_len {
             return Err(weights_err(
                 &self.path,
                 "the file changed while it was loaded",
             ));
         }
-        let mut file = std::io::BufReader::new(file);
+        Ok(std::io::BufReader::new(file))
+    }
+
+    fn io(&self, source: std::io::Error) -> EngineError {
+        EngineError::Io {
+            path: self.path.display().to_string(),
+            source,
+        }
+    }
+
+    /// Reads one tensor's bytes from `file` (opened by [`Header::open_data`]) as stored.
+    fn read_stored(
+        &self,
+        file: &mut std::io::BufReader<std::fs::File>,
+        name: &str,
+        info: &TensorInfo,
+        dtype: DType,
+    ) -> Result<Tensor, EngineError> {
+        let (start, end) = info.data_offsets;
+        let mut bytes = vec![0u8; end - start];
+        file.seek(SeekFrom::Start(self.data_start + start as u64))
+            .map_err(|e| self.io(e))?;
+        file.read_exact(&mut bytes).map_err(|e| self.io(e))?;
+        Tensor::from_raw_buffer(&bytes, dtype, info.shape.as_slice(), &Device::Cpu)
+            .map_err(|e| weights_err(&self.path, format!("tensor `{name}`: {e}")))
+    }
+
+    /// Reads the tensors (all, or those in `only`) one at a time, widening floats to f32 and
+    /// transposing GPT-2's `Conv1D` weights to `[out, in]`, and hands each to `sink`: no more
+    /// than one tensor is held here at a time.
+    fn read_tensors(
+        &self,
+        arch: Architecture,
+        only: Option<&BTreeSet<String>>,
+        sink: &mut dyn FnMut(String, Tensor) -> Result<(), EngineError>,
+    ) -> Result<(), EngineError> {
+        let mut file = self.open_data()?;
         for (name, info) in self.tensors(only) {
             let dtype = candle_dtype(info.dtype).ok_or_else(|| {
                 weights_err(&self.path, format!("tensor `{name}`: unsupported dtype"))
             })?;
-            let (start, end) = info.data_offsets;
-            let mut bytes = vec![0u8; end - start];
-            file.seek(SeekFrom::Start(self.data_start + start as u64))
-                .map_err(io)?;
-            file.read_exact(&mut bytes).map_err(io)?;
-            let tensor =
-                Tensor::from_raw_buffer(&bytes, dtype, info.shape.as_slice(), &Device::Cpu)
-                    .map_err(|e| weights_err(&self.path, format!("tensor `{name}`: {e}")))?;
-            drop(bytes);
-            let tensor = tensor.to_dtype(DType::F32)?;
+            let tensor = self
+                .read_stored(&mut file, &name, info, dtype)?
+                .to_dtype(DType::F32)?;
             let tensor = if layers::stored_transposed(&name, arch) && tensor.rank() == 2 {
                 tensor.t()?.contiguous()?
             } else {
                 tensor
             };
-            out.insert(name, tensor);
+            sink(name, tensor)?;
         }
         Ok(())
     }
+}
+
+/// A safetensors file read tensor by tensor, in its stored dtype: for files beside a model
+/// that are not weights (an export's masks), so that no more than one tensor of them is in
+/// memory at a time. The header is checked as a model's is (size limits, offsets that match
+/// the file's length) before any data is read.
+pub struct TensorFile {
+    header: Header,
+    file: std::io::BufReader<std::fs::File>,
+}
+
+impl TensorFile {
+    /// Opens `path` and checks its header.
+    pub fn open(path: &Path) -> Result<Self, EngineError> {
+        let header = read_header(path)?;
+        let file = header.open_data()?;
+        Ok(TensorFile { header, file })
+    }
+
+    /// The tensors' names in file order.
+    pub fn names(&self) -> Vec<String> {
+        self.header.tensors(None).map(|(name, _)| name).collect()
+    }
+
+    /// The tensor `name` as stored (`None` when the file has none of that name): floats and
+    /// 8-bit integers (`U8`, `BOOL` read as `U8`); other dtypes are refused, naming the tensor.
+    pub fn read(&mut self, name: &str) -> Result<Option<Tensor>, EngineError> {
+        let Some(info) = self.header.meta.info(name) else {
+            return Ok(None);
+        };
+        let dtype = match info.dtype {
+            Dtype::U8 | Dtype::BOOL => DType::U8,
+            other => candle_dtype(other).ok_or_else(|| {
+                weights_err(
+                    &self.header.path,
+                    format!("tensor `{name}` is stored as {other:?}, which is not read here"),
+                )
+            })?,
+        };
+        self.header
+            .read_stored(&mut self.file, name, info, dtype)
+            .map(Some)
+    }
+}
+
+/// What a [`Model::load_packing`] hook decided for one linear.
+pub struct LoadPacking {
+    /// The packed form the layer runs on; its dense tensor is then not kept (a tied
+    /// embedding's is, for its look-ups). `None` keeps the layer dense.
+    pub packed: Option<PackedLinear>,
+    /// Why the layer runs a dense kernel, in words a summary can group; recorded in
+    /// [`Model::dense_reasons`].
+    pub why_dense: Option<String>,
 }
 
 /// Resolves a shard file named in `model.safetensors.index.json`, refusing anything that is not
@@ -288,6 +366,23 @@ fn gpt2_prefix_of<'a>(mut names: impl Iterator<Item = &'a String>) -> &'static s
         "transformer."
     } else {
         ""
+    }
+}
+
+/// The token embedding's tensor name among `names` (a GPT-2 checkpoint's may be prefixed).
+fn embedding_name_of<'a>(
+    arch: Architecture,
+    names: impl Iterator<Item = &'a String>,
+) -> &'static str {
+    match arch {
+        Architecture::Llama => "model.embed_tokens.weight",
+        Architecture::Gpt2 => {
+            if gpt2_prefix_of(names).is_empty() {
+                "wte.weight"
+            } else {
+                "transformer.wte.weight"
+            }
+        }
     }
 }
 
@@ -409,6 +504,7 @@ impl Model {
             source_dir: None,
             packed: BTreeMap::new(),
             packed_checkpoint: false,
+            dense_reasons: BTreeMap::new(),
         };
         model.check_tensors(Path::new(&model.source))?;
         Ok(model)
@@ -420,6 +516,24 @@ impl Model {
     /// tensor data is read, so a config or header that claims more than the files hold fails
     /// without allocating for it.
     pub fn load(dir: &Path) -> Result<Self, EngineError> {
+        Self::load_packing(dir, &mut |_, _| {
+            Ok(LoadPacking {
+                packed: None,
+                why_dense: None,
+            })
+        })
+    }
+
+    /// [`Model::load`], handing each linear the forward pass runs (the LM head too: the
+    /// embedding table when tied) to `pack` as it is read, in canonical orientation. A layer it
+    /// packs keeps no dense tensor, so a pruned model loads in about its packed size instead
+    /// of its dense size plus the packed copies. Layers a packed checkpoint stores packed are
+    /// not offered. A model with any layer packed here, or left dense with a reason, counts as
+    /// packed ([`Model::is_packed`]): the hook made its kernel decisions.
+    pub fn load_packing(
+        dir: &Path,
+        pack: &mut dyn FnMut(&str, &Tensor) -> Result<LoadPacking, EngineError>,
+    ) -> Result<Self, EngineError> {
         if !dir.is_dir() {
             return Err(weights_err(
                 dir,
@@ -496,22 +610,76 @@ impl Model {
             }
         }
         check_shapes(&config, &shapes, &config_path, dir)?;
+
+        // The linears the forward pass runs, by weight name (the LM head as the embedding
+        // table when tied), and which of them is also the embedding looked up.
+        let embedding = embedding_name_of(config.arch, shapes.keys());
+        let head_is_embedding = match config.arch {
+            Architecture::Llama => config.tie_word_embeddings,
+            Architecture::Gpt2 => {
+                config.tie_word_embeddings || !shapes.contains_key("lm_head.weight")
+            }
+        };
+        let offered = |name: &str| match layers::role_of(name, config.arch) {
+            Role::AttnQ
+            | Role::AttnK
+            | Role::AttnV
+            | Role::AttnQkv
+            | Role::AttnO
+            | Role::MlpGate
+            | Role::MlpUp
+            | Role::MlpDown => name.ends_with(".weight"),
+            Role::LmHead => !head_is_embedding && name == "lm_head.weight",
+            Role::Embedding => head_is_embedding && name == embedding,
+            _ => false,
+        };
         drop(shapes);
 
+        let mut packed: BTreeMap<String, Arc<PackedKernel>> = packed
+            .into_iter()
+            .map(|(name, layer)| (name, Arc::new(PackedKernel::new(layer))))
+            .collect();
+        let mut packed_here = false;
+        let mut dense_reasons = BTreeMap::new();
         let mut weights = BTreeMap::new();
         for (header, only) in &shards {
-            header.read_tensors(config.arch, only.as_ref(), &mut weights)?;
+            header.read_tensors(config.arch, only.as_ref(), &mut |name, tensor| {
+                if offered(&name) && tensor.rank() == 2 && !packed.contains_key(&name) {
+                    let decided = pack(&name, &tensor)?;
+                    if let Some(why) = decided.why_dense {
+                        dense_reasons.insert(name.clone(), why);
+                    }
+                    if let Some(layer) = decided.packed {
+                        if [layer.rows(), layer.cols()] != tensor.dims() {
+                            return Err(weights_err(
+                                &header.path,
+                                format!(
+                                    "layer `{name}` packed as {}x{} but its tensor is {:?}",
+                                    layer.rows(),
+                                    layer.cols(),
+                                    tensor.dims()
+                                ),
+                            ));
+                        }
+                        packed.insert(name.clone(), Arc::new(PackedKernel::new(layer)));
+                        packed_here = true;
+                        if name != embedding {
+                            return Ok(());
+                        }
+                    }
+                }
+                weights.insert(name, tensor);
+                Ok(())
+            })?;
         }
         Ok(Model {
             config,
             weights,
             source: dir.display().to_string(),
             source_dir: Some(dir.to_path_buf()),
-            packed: packed
-                .into_iter()
-                .map(|(name, layer)| (name, Arc::new(PackedKernel::new(layer))))
-                .collect(),
-            packed_checkpoint,
+            packed,
+            packed_checkpoint: packed_checkpoint || packed_here || !dense_reasons.is_empty(),
+            dense_reasons,
         })
     }
 
@@ -532,16 +700,7 @@ impl Model {
 
     /// Name of the token embedding tensor.
     pub fn embedding_name(&self) -> &'static str {
-        match self.config.arch {
-            Architecture::Llama => "model.embed_tokens.weight",
-            Architecture::Gpt2 => {
-                if self.gpt2_prefix().is_empty() {
-                    "wte.weight"
-                } else {
-                    "transformer.wte.weight"
-                }
-            }
-        }
+        embedding_name_of(self.config.arch, self.weights.keys())
     }
 
     /// Describes every floating-point tensor, sorted by block then name order of the checkpoint.
@@ -639,10 +798,17 @@ impl Model {
         &self.packed
     }
 
-    /// Whether the model was loaded from a packed checkpoint: its layers run as the export's
-    /// planner packed them, and it cannot be pruned further (prune the original instead).
+    /// Whether the model was loaded packed: from a packed checkpoint (its layers run as the
+    /// export's planner packed them) or through a [`Model::load_packing`] hook. It cannot be
+    /// pruned further (prune the original instead).
     pub fn is_packed(&self) -> bool {
         self.packed_checkpoint
+    }
+
+    /// Why a [`Model::load_packing`] hook left linears dense, by weight name (empty for any
+    /// other model).
+    pub fn dense_reasons(&self) -> &BTreeMap<String, String> {
+        &self.dense_reasons
     }
 
     /// Writes `config.json` and `model.safetensors` into `dir` (which must exist), each through a
@@ -755,6 +921,139 @@ mod tests {
 
     fn load_err(dir: &Path) -> String {
         Model::load(dir).unwrap_err().to_string()
+    }
+
+    /// The hook is offered exactly the linears the forward pass runs (the tied LM head as the
+    /// embedding); a layer it packs keeps no dense tensor (a tied embedding keeps its table),
+    /// the model then runs on the packed forms, and a packed form of the wrong shape is refused.
+    #[test]
+    fn load_packing_offers_the_forward_pass_linears_and_drops_their_dense_copies() {
+        for name in ["tiny-llama", "tiny-gpt2"] {
+            let (dir, original) = saved(name);
+            let mut offered = BTreeSet::new();
+            let loaded = Model::load_packing(dir.path(), &mut |n, t| {
+                offered.insert(n.to_string());
+                let [rows, cols] = t.dims() else {
+                    panic!("{n} is not 2-D")
+                };
+                let w: Vec<f32> = t.flatten_all()?.to_vec1()?;
+                Ok(LoadPacking {
+                    packed: Some(
+                        PackedLinear::dense(&w, [*rows, *cols], espalier_kernels::Dtype::F32)
+                            .map_err(EngineError::kernel)?,
+                    ),
+                    why_dense: None,
+                })
+            })
+            .unwrap();
+            assert!(loaded.is_packed(), "{name}");
+            let dense = crate::Session::new(&original).unwrap();
+            let linears: BTreeSet<String> = dense
+                .linears()
+                .iter()
+                .map(|l| l.name().to_string())
+                .collect();
+            assert_eq!(offered, linears, "{name}");
+            let embedding = loaded.embedding_name();
+            for l in &linears {
+                assert!(loaded.packed_layers().contains_key(l), "{name}: {l}");
+                assert_eq!(loaded.weight(l).is_some(), l == embedding, "{name}: {l}");
+            }
+            let session = crate::Session::new(&loaded).unwrap();
+            assert!(session.linears().iter().all(|l| l.kind() != "dense"));
+            let tokens = [1u32, 5, 9, 2];
+            let want: Vec<f32> = dense
+                .forward(&tokens, None)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let got: Vec<f32> = session
+                .forward(&tokens, None)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
+            let diff = want
+                .iter()
+                .zip(&got)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(diff <= 1e-5 * scale, "{name}: {diff}");
+
+            let err = Model::load_packing(dir.path(), &mut |_, _| {
+                Ok(LoadPacking {
+                    packed: Some(
+                        PackedLinear::dense(&[0.0; 6], [2, 3], espalier_kernels::Dtype::F32)
+                            .map_err(EngineError::kernel)?,
+                    ),
+                    why_dense: None,
+                })
+            })
+            .unwrap_err()
+            .to_string();
+            assert!(err.contains("packed as 2x3 but its tensor is"), "{err}");
+            // A hook that only gives reasons still made the kernel decisions.
+            let reasoned = Model::load_packing(dir.path(), &mut |_, _| {
+                Ok(LoadPacking {
+                    packed: None,
+                    why_dense: Some("not pruned".into()),
+                })
+            })
+            .unwrap();
+            assert!(reasoned.is_packed() && reasoned.packed_layers().is_empty());
+            assert_eq!(reasoned.dense_reasons().len(), linears.len());
+            assert!(!Model::load(dir.path()).unwrap().is_packed());
+        }
+    }
+
+    /// A side file is read tensor by tensor in its stored dtype; a dtype it does not read is
+    /// refused naming the tensor, and a file whose header does not match its length is refused
+    /// before any data is read.
+    #[test]
+    fn tensor_files_read_one_tensor_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("side.safetensors");
+        let mut tensors = HashMap::new();
+        tensors.insert(
+            "b.mask".to_string(),
+            Tensor::from_vec(vec![1u8, 0, 1, 1, 0, 0], (2, 3), &Device::Cpu).unwrap(),
+        );
+        tensors.insert(
+            "a.scale".to_string(),
+            Tensor::from_vec(vec![0.5f32, 2.0], 2, &Device::Cpu).unwrap(),
+        );
+        tensors.insert(
+            "c.count".to_string(),
+            Tensor::from_vec(vec![7i64], 1, &Device::Cpu).unwrap(),
+        );
+        candle_core::safetensors::save(&tensors, &path).unwrap();
+        let mut file = TensorFile::open(&path).unwrap();
+        let mut names = file.names();
+        names.sort();
+        assert_eq!(names, ["a.scale", "b.mask", "c.count"]);
+        let mask = file.read("b.mask").unwrap().unwrap();
+        assert_eq!(mask.dims(), [2, 3]);
+        assert_eq!(
+            mask.flatten_all().unwrap().to_vec1::<u8>().unwrap(),
+            [1, 0, 1, 1, 0, 0]
+        );
+        let scale = file.read("a.scale").unwrap().unwrap();
+        assert_eq!(scale.to_vec1::<f32>().unwrap(), [0.5, 2.0]);
+        assert!(file.read("missing").unwrap().is_none());
+        let err = file.read("c.count").unwrap_err().to_string();
+        assert!(err.contains("`c.count`") && err.contains("I64"), "{err}");
+        // Cut short: the header promises more than the file holds.
+        let bytes = std::fs::read(&path).unwrap();
+        std::fs::write(&path, &bytes[..bytes.len() - 1]).unwrap();
+        let err = TensorFile::open(&path).err().unwrap().to_string();
+        assert!(
+            err.contains("describes") && err.contains("side.safetensors"),
+            "{err}"
+        );
     }
 
     #[cfg(unix)]

@@ -467,7 +467,7 @@ pub fn prepare(dir: &Path, inputs: &[Input], force: bool) -> Result<ExportTarget
 }
 
 /// Writes the masks as u8 tensors (1 = keep).
-fn write_masks(state: &RunState, path: &Path) -> Result<(), String> {
+pub(crate) fn write_masks(state: &RunState, path: &Path) -> Result<(), String> {
     let mut tensors: HashMap<String, Tensor> = HashMap::with_capacity(state.masks.len());
     for (name, mask) in &state.masks {
         let bytes: Vec<u8> = mask.keep().iter().map(|&k| u8::from(k)).collect();
@@ -631,53 +631,98 @@ pub fn write_packed_model(state: &RunState, storage: Storage, dir: &Path) -> Res
         .map_err(|e| e.to_string())
 }
 
-/// The masks an export wrote (`DIR/masks.safetensors`, 1 = kept), with each layer's structure
-/// from the export's `report.json` (unstructured when it names none); `None` when the folder holds no masks (a dense model, or another tool's export).
-pub fn read_masks(
-    dir: &Path,
-) -> Result<Option<std::collections::BTreeMap<String, crate::mask::Mask>>, String> {
-    use crate::mask::{Mask, Structure};
-    let path = dir.join("masks.safetensors");
-    if !path.is_file() {
-        return Ok(None);
+/// An export's masks (`DIR/masks.safetensors`, 1 = kept), read one layer at a time, each with
+/// its structure from the export's `report.json` (unstructured when it names none): a whole
+/// model's masks are ~100 MB as bytes, so a loader that packs layer by layer asks for each
+/// mask as it needs it.
+pub struct MaskFile {
+    path: std::path::PathBuf,
+    file: espalier_engine::TensorFile,
+    structures: HashMap<String, crate::mask::Structure>,
+}
+
+impl MaskFile {
+    /// Opens `DIR/masks.safetensors` and reads the structures of `DIR/report.json`; `None`
+    /// when the folder holds no masks (a dense model, or another tool's export).
+    pub fn open(dir: &Path) -> Result<Option<Self>, String> {
+        let path = dir.join("masks.safetensors");
+        if !path.is_file() {
+            return Ok(None);
+        }
+        let structures = std::fs::read(dir.join("report.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<RunReport>(&b).ok())
+            .map(|r| {
+                r.layers
+                    .into_iter()
+                    .filter_map(|l| Some((l.name, l.structure?.parse().ok()?)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let file = espalier_engine::TensorFile::open(&path).map_err(|e| e.to_string())?;
+        Ok(Some(MaskFile {
+            path,
+            file,
+            structures,
+        }))
     }
-    let structures: HashMap<String, Structure> = std::fs::read(dir.join("report.json"))
-        .ok()
-        .and_then(|b| serde_json::from_slice::<RunReport>(&b).ok())
-        .map(|r| {
-            r.layers
-                .into_iter()
-                .filter_map(|l| Some((l.name, l.structure?.parse().ok()?)))
-                .collect()
-        })
-        .unwrap_or_default();
-    let tensors = candle_core::safetensors::load(&path, &Device::Cpu)
-        .map_err(|e| format!("{}: {e}", path.display()))?;
-    let mut masks = std::collections::BTreeMap::new();
-    for (name, t) in tensors {
-        let shape = t.dims().to_vec();
-        let keep: Vec<bool> = t
+
+    /// The file read.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The masked layers' names, in file order.
+    pub fn names(&self) -> Vec<String> {
+        self.file.names()
+    }
+
+    /// The mask of layer `name`; `None` when the file holds none for it. A structure the bits
+    /// do not satisfy (an edited file) falls back to unstructured.
+    pub fn read(&mut self, name: &str) -> Result<Option<crate::mask::Mask>, String> {
+        use crate::mask::{Mask, Structure};
+        let err = |e: &dyn std::fmt::Display| format!("{}: {name}: {e}", self.path.display());
+        let Some(tensor) = self.file.read(name).map_err(|e| e.to_string())? else {
+            return Ok(None);
+        };
+        let shape = tensor.dims().to_vec();
+        let keep: Vec<bool> = tensor
             .flatten_all()
             .and_then(|t| t.to_dtype(candle_core::DType::U8))
             .and_then(|t| t.to_vec1::<u8>())
-            .map_err(|e| format!("{}: {name}: {e}", path.display()))?
+            .map_err(|e| err(&e))?
             .into_iter()
             .map(|b| b != 0)
             .collect();
-        let structure = structures
-            .get(&name)
+        let structure = self
+            .structures
+            .get(name)
             .copied()
             .unwrap_or(Structure::Unstructured);
-        // A structure the bits do not satisfy (an edited file) falls back to unstructured;
-        // only then is the copy of the bits needed (a whole model's bits are ~100 MB).
+        // Only a declared structure needs the copy of the bits its fallback takes.
         let mask = if structure == Structure::Unstructured {
             Mask::new(shape, keep, structure)
         } else {
             Mask::new(shape.clone(), keep.clone(), structure)
                 .or_else(|_| Mask::new(shape, keep, Structure::Unstructured))
         }
-        .map_err(|e| format!("{}: {name}: {e}", path.display()))?;
-        masks.insert(name, mask);
+        .map_err(|e| err(&e))?;
+        Ok(Some(mask))
+    }
+}
+
+/// Every mask an export wrote (see [`MaskFile`]); `None` when the folder holds no masks.
+pub fn read_masks(
+    dir: &Path,
+) -> Result<Option<std::collections::BTreeMap<String, crate::mask::Mask>>, String> {
+    let Some(mut file) = MaskFile::open(dir)? else {
+        return Ok(None);
+    };
+    let mut masks = std::collections::BTreeMap::new();
+    for name in file.names() {
+        if let Some(mask) = file.read(&name)? {
+            masks.insert(name, mask);
+        }
     }
     Ok(Some(masks))
 }

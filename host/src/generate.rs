@@ -26,9 +26,6 @@ pub enum GenerateError {
     /// The model or tokenizer failed.
     #[error(transparent)]
     Engine(#[from] espalier_engine::EngineError),
-    /// A pruned export's masks cannot be read.
-    #[error("{0}")]
-    Masks(String),
     /// Stopped from outside.
     #[error("generation was cancelled")]
     Cancelled,
@@ -450,15 +447,29 @@ pub struct Generator {
 impl Generator {
     /// Loads `reference` (a model directory, an export of `espalier run`, or `builtin:NAME`).
     pub fn load(reference: &str) -> Result<Self, GenerateError> {
-        let model = espalier_engine::load_model(reference)?;
+        // A pruned export is packed layer by layer as it loads, so loading it never holds the
+        // dense model and the packed one at once.
+        let pruned = match reference.strip_prefix("builtin:") {
+            Some(_) => None,
+            None => crate::sparse::load_pruned_export(
+                std::path::Path::new(reference),
+                crate::sparse::Storage::F32,
+            )?,
+        };
+        let model = match pruned {
+            Some(model) => model,
+            None => espalier_engine::load_model(reference)?,
+        };
         let mut session = Session::new(&model)?;
         let dir = model.source_dir.clone();
         let mut kernels = String::from("dense");
-        if let Some(dir) = &dir
-            && let Some(masks) = crate::export::read_masks(dir).map_err(GenerateError::Masks)?
-        {
-            let attached =
-                crate::sparse::attach(&mut session, &model, &masks, crate::sparse::Storage::F32)?;
+        if model.is_packed() {
+            let attached = crate::sparse::attach(
+                &mut session,
+                &model,
+                &std::collections::BTreeMap::new(),
+                crate::sparse::Storage::F32,
+            )?;
             kernels = attached
                 .kernels
                 .layers

@@ -131,8 +131,120 @@ fn dense_reason(mask: &Mask, choice: &Choice, dtype: Dtype) -> String {
     }
 }
 
+/// What the planner made of one linear.
+struct Planned {
+    /// Its packed form; `None` where it stays on the engine's dense f32 path (our GEMV on the
+    /// tensor's own storage for decode, candle's GEMM for prefill: packing dense f32 would only
+    /// copy it).
+    packed: Option<PackedLinear>,
+    /// Why it runs a dense kernel (packed dense in `storage`, or on the dense f32 path).
+    why_dense: Option<String>,
+}
+
+/// Plans linear `name` (weight `weight`, `[out, in]`) from its mask: the format the kernels'
+/// planner finds fastest in `storage`'s dtype, packed.
+fn plan_layer(
+    name: &str,
+    weight: &candle_core::Tensor,
+    mask: Option<&Mask>,
+    storage: Storage,
+) -> Result<Planned, EngineError> {
+    let &[rows, cols] = weight.dims() else {
+        return Err(EngineError::Input(format!(
+            "linear `{name}` has shape {:?}, not 2-D",
+            weight.dims()
+        )));
+    };
+    if let Some(m) = mask
+        && m.shape() != weight.dims()
+    {
+        return Err(EngineError::Input(format!(
+            "linear `{name}`: its mask is {:?} but the weight is {:?}",
+            m.shape(),
+            weight.dims()
+        )));
+    }
+    let dtype = storage.dtype();
+    if mask.is_none() && storage == Storage::F32 {
+        return Ok(Planned {
+            packed: None,
+            why_dense: Some("not pruned".to_string()),
+        });
+    }
+    let (packed, why_dense) = with_f32(weight, |w| -> Result<_, EngineError> {
+        match mask {
+            Some(m) => {
+                let view =
+                    DenseView::with_mask(w, m.keep(), rows, cols).map_err(EngineError::kernel)?;
+                let choice = choose_format(name, &view, hint(m.structure()), dtype)
+                    .map_err(EngineError::kernel)?;
+                let reason =
+                    (choice.format == Format::Dense).then(|| dense_reason(m, &choice, dtype));
+                let packed = PackedLinear::pack(name, &view, choice.format, dtype)
+                    .map_err(EngineError::kernel)?;
+                Ok((packed, reason))
+            }
+            None => Ok((
+                PackedLinear::dense(w, [rows, cols], dtype).map_err(EngineError::kernel)?,
+                Some("not pruned".to_string()),
+            )),
+        }
+    })
+    .map_err(EngineError::kernel)??;
+    let packed = (packed.format() != Format::Dense || storage != Storage::F32).then_some(packed);
+    Ok(Planned { packed, why_dense })
+}
+
+/// The kernel summary's name of a packed layer: format and dtype (a compact layer's kept shape
+/// left out, so such layers group).
+fn packed_kind(packed: &PackedLinear) -> String {
+    format!("{}/{}", packed.format(), dtype_name(packed.dtype()))
+}
+
+/// Loads the pruned export in `dir` (an `espalier run` export: dense weights with zeros, and
+/// `masks.safetensors`) with each masked linear planned and packed in `storage` as it is read,
+/// exactly as [`attach`] would pack it: the dense copy of a packed layer is never held beside
+/// the packed one, so loading peaks at about the pruned model's size rather than the dense
+/// model's plus the packed copies. `None` when `dir` holds no masks, or is a packed checkpoint
+/// (whose layers load as its export packed them).
+///
+/// The model counts as packed ([`Model::is_packed`]); [`attach`] then reports its kernels and
+/// why layers stayed dense without planning again.
+pub fn load_pruned_export(
+    dir: &std::path::Path,
+    storage: Storage,
+) -> Result<Option<Model>, EngineError> {
+    // A packed checkpoint already carries its planner's decisions.
+    if dir.join(espalier_engine::packed::PACKED_FILE).exists() {
+        return Ok(None);
+    }
+    let Some(mut masks) = crate::export::MaskFile::open(dir).map_err(EngineError::Input)? else {
+        return Ok(None);
+    };
+    let model = Model::load_packing(dir, &mut |name, weight| {
+        let mask = masks.read(name).map_err(EngineError::Input)?;
+        if let Some(m) = &mask
+            && m.shape() != weight.dims()
+        {
+            return Err(EngineError::Input(format!(
+                "{}: the mask of `{name}` is {:?} but the weight is {:?}: these masks do not belong to this model",
+                masks.path().display(),
+                m.shape(),
+                weight.dims()
+            )));
+        }
+        let planned = plan_layer(name, weight, mask.as_ref(), storage)?;
+        Ok(espalier_engine::LoadPacking {
+            packed: planned.packed,
+            why_dense: planned.why_dense,
+        })
+    })?;
+    Ok(Some(model))
+}
+
 /// Packs every masked linear of `model` that the planner finds faster sparse and points the
-/// session at it.
+/// session at it. A model loaded packed (a packed checkpoint, or [`load_pruned_export`]) is
+/// already on its kernels: its layers are only counted.
 pub fn attach(
     session: &mut Session,
     model: &Model,
@@ -141,7 +253,6 @@ pub fn attach(
 ) -> Result<Attached, EngineError> {
     let model_bytes = crate::evaluate::model_bytes(model) as usize;
     let mut saved = 0isize;
-    let dtype = storage.dtype();
     // (name, kind) of every linear, read once: the loop below replaces kernels in `session`.
     let linears: Vec<(String, String)> = session
         .linears()
@@ -154,14 +265,20 @@ pub fn attach(
         *map.entry(key).or_insert(0) += 1;
     };
     if model.is_packed() {
-        // A packed checkpoint carries its planner's decisions: its layers already run packed
-        // (or on the dense path) as exported. Nothing is planned or repacked.
+        // A packed model carries its planner's decisions: its layers already run packed (or on
+        // the dense path) as planned when it was exported or loaded. Nothing is repacked.
         let mut packed_bytes = 0usize;
         for l in session.linears() {
-            count(&mut kernels.layers, l.kind().to_string());
-            if let Some(p) = model.packed_layers().get(l.name()) {
-                *formats.entry(p.packed().format_name()).or_insert(0) += 1;
-                packed_bytes += p.packed().bytes();
+            match model.packed_layers().get(l.name()) {
+                Some(p) => {
+                    count(&mut kernels.layers, packed_kind(p.packed()));
+                    *formats.entry(p.packed().format_name()).or_insert(0) += 1;
+                    packed_bytes += p.packed().bytes();
+                }
+                None => count(&mut kernels.layers, l.kind().to_string()),
+            }
+            if let Some(why) = model.dense_reasons().get(l.name()) {
+                count(&mut kernels.dense_because, why.clone());
             }
         }
         let mut dtypes = model.packed_layers().values().map(|p| p.packed().dtype());
@@ -187,52 +304,19 @@ pub fn attach(
         let Some(weight) = model.weight(&name) else {
             continue;
         };
-        let [rows, cols] = weight.dims() else {
+        let &[rows, cols] = weight.dims() else {
             count(&mut kernels.layers, current_kind);
             continue;
         };
-        let shape = [*rows, *cols];
-        let mask = masks.get(&name);
-        if mask.is_none() && storage == Storage::F32 {
-            count(&mut kernels.layers, current_kind);
-            count(&mut kernels.dense_because, "not pruned".to_string());
-            continue;
+        let planned = plan_layer(&name, weight, masks.get(&name), storage)?;
+        if let Some(why) = planned.why_dense {
+            count(&mut kernels.dense_because, why);
         }
-        let packed = with_f32(weight, |w| -> Result<_, EngineError> {
-            match mask {
-                Some(m) => {
-                    let view = DenseView::with_mask(w, m.keep(), shape[0], shape[1])
-                        .map_err(EngineError::kernel)?;
-                    let choice = choose_format(&name, &view, hint(m.structure()), dtype)
-                        .map_err(EngineError::kernel)?;
-                    let reason =
-                        (choice.format == Format::Dense).then(|| dense_reason(m, &choice, dtype));
-                    let packed = PackedLinear::pack(&name, &view, choice.format, dtype)
-                        .map_err(EngineError::kernel)?;
-                    Ok((packed, reason))
-                }
-                None => Ok((
-                    PackedLinear::dense(w, shape, dtype).map_err(EngineError::kernel)?,
-                    Some("not pruned".to_string()),
-                )),
-            }
-        })
-        .map_err(EngineError::kernel)??;
-        let (packed, reason) = packed;
-        if let Some(reason) = reason {
-            count(&mut kernels.dense_because, reason);
-        }
-        // f32 dense stays on the engine's dense path (our GEMV on the tensor's own storage for
-        // decode, candle's GEMM for prefill): packing it would only copy it.
-        if packed.format() == Format::Dense && storage == Storage::F32 {
+        let Some(packed) = planned.packed else {
             count(&mut kernels.layers, current_kind);
             continue;
-        }
-        // Grouped by format and dtype (a compact layer's name carries its kept shape).
-        count(
-            &mut kernels.layers,
-            format!("{}/{}", packed.format(), dtype_name(dtype)),
-        );
+        };
+        count(&mut kernels.layers, packed_kind(&packed));
         *formats.entry(packed.format_name()).or_insert(0) += 1;
         // A tied LM head is the embedding table, which the session keeps in f32 for its
         // look-ups: packing it adds its packed copy and frees nothing.
@@ -245,7 +329,7 @@ pub fn attach(
         session.set_kernel(&name, Arc::new(PackedKernel::new(packed)))?;
     }
     Ok(Attached {
-        // Everything packed here is packed in `dtype`.
+        // Everything packed here is packed in `storage`.
         packed_storage: (!formats.is_empty()).then_some(storage),
         formats,
         model_bytes,
@@ -486,6 +570,84 @@ pub(crate) mod tests {
                         .unwrap()
                         .generated;
                     assert_eq!(greedy, evaluated, "{label}");
+                }
+            }
+        }
+    }
+
+    /// A pruned export packed layer by layer as it loads runs the same kernels, with the same
+    /// reasons and byte counts, and computes exactly what attaching its masks to the whole
+    /// dense model computes, without holding the dense copy of any packed layer.
+    #[test]
+    fn pruned_exports_pack_as_they_load() {
+        let tokens: Vec<u32> = (0..20).map(|i| (i * 29 % 251) as u32).collect();
+        for (model_name, structure, density) in [
+            ("builtin:tiny-llama", Structure::Unstructured, 0.3),
+            (
+                "builtin:tiny-llama",
+                Structure::Blocks { rows: 16, cols: 16 },
+                0.25,
+            ),
+            ("builtin:tiny-gpt2", Structure::Unstructured, 0.2),
+        ] {
+            let (model, masks) = pruned(model_name, structure, density);
+            let t = tempfile::tempdir().unwrap();
+            model.save_into(t.path()).unwrap();
+            assert!(
+                load_pruned_export(t.path(), Storage::F32)
+                    .unwrap()
+                    .is_none()
+            );
+            let mut state = crate::run::RunState::new(model.clone());
+            // A mask of another shape is refused, naming the file and the layer.
+            let (first, _) = masks.iter().next().unwrap();
+            state.masks = BTreeMap::from([(
+                first.clone(),
+                Mask::new(vec![3, 5], vec![true; 15], Structure::Unstructured).unwrap(),
+            )]);
+            let masks_file = t.path().join("masks.safetensors");
+            crate::export::write_masks(&state, &masks_file).unwrap();
+            let err = load_pruned_export(t.path(), Storage::F32)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("masks.safetensors") && err.contains(first.as_str()),
+                "{err}"
+            );
+            state.masks = masks;
+            crate::export::write_masks(&state, &masks_file).unwrap();
+            let dense = Model::load(t.path()).unwrap();
+            let read = crate::export::read_masks(t.path()).unwrap().unwrap();
+            // Without a report.json the structures read as unstructured; the bits round-trip.
+            assert!(read.len() == state.masks.len());
+            for (name, mask) in &state.masks {
+                assert_eq!(read[name].keep(), mask.keep(), "{name}");
+            }
+            for storage in [Storage::F32, Storage::Bf16] {
+                let label = format!("{model_name} {structure} {}", storage.name());
+                let loaded = load_pruned_export(t.path(), storage).unwrap().unwrap();
+                assert!(loaded.is_packed(), "{label}");
+                let mut session = Session::new(&loaded).unwrap();
+                let got = attach(&mut session, &loaded, &BTreeMap::new(), storage).unwrap();
+                let mut reference = Session::new(&dense).unwrap();
+                let want = attach(&mut reference, &dense, &read, storage).unwrap();
+                assert!(!want.formats.is_empty(), "{label}: something packed");
+                assert_eq!(got.kernels, want.kernels, "{label}");
+                assert_eq!(got.formats, want.formats, "{label}");
+                assert_eq!(got.model_bytes, want.model_bytes, "{label}");
+                assert_eq!(got.packed_model_bytes, want.packed_model_bytes, "{label}");
+                assert_eq!(got.packed_storage, want.packed_storage, "{label}");
+                for name in loaded.packed_layers().keys() {
+                    assert_eq!(
+                        loaded.weight(name).is_some(),
+                        name == loaded.embedding_name(),
+                        "{label}: {name}"
+                    );
+                }
+                for t in [&tokens[..], &tokens[..1]] {
+                    let a = reference.forward(t, None).unwrap();
+                    let b = session.forward(t, None).unwrap();
+                    assert_eq!(max_rel_diff(&a, &b), 0.0, "{label}");
                 }
             }
         }
