@@ -374,7 +374,9 @@ pub fn evaluate_model_alone(
 /// (`park_packed_weights`) and rebuilt from their kernels after, so the peak memory measured
 /// is the pruned model's own and not the pruned model's plus the unpacked one it came from
 /// (the quickstart: 1202 -> 705 MiB, dense 764; 624 with the bitmap's buffers sized exactly).
-/// Layers packed in bf16 or int8 (rounded) stay held.
+/// Layers packed in bf16 or int8 are rounded, so their kernels cannot give the exact values
+/// back: their dense copies wait in an unlinked temporary file instead (`Spill`), or, where
+/// none can be written, stay held.
 pub fn evaluate_pruned_in_run(
     model: &mut espalier_engine::Model,
     masks: &std::collections::BTreeMap<String, crate::mask::Mask>,
@@ -389,8 +391,14 @@ pub fn evaluate_pruned_in_run(
     });
     let (session, subject) = prepare_evaluation(model, Some(masks), spec, (which, reset_peak))?;
     let parked = park_packed_weights(model, &session);
+    let spilled = Spill::rounded_layers(model, &session);
     let result = run_evaluation(model, &session, spec, subject, which, sink, cancel);
     restore_parked_weights(model, parked).map_err(|e| AppError::Evaluate(which.to_string(), e))?;
+    if let Some(spilled) = spilled {
+        spilled
+            .restore(model)
+            .map_err(|e| AppError::Evaluate(which.to_string(), e))?;
+    }
     result
 }
 
@@ -437,6 +445,101 @@ fn restore_parked_weights(
         model.restore_weight(&name, tensor);
     }
     Ok(())
+}
+
+/// The dense tensors of the layers a session runs on rounded (bf16 or int8) packed kernels,
+/// written to an unlinked temporary file while the pruned model is evaluated and read back
+/// for the export: the operating system deletes the file when it is closed, whatever ends the
+/// process. A tensor the session itself still reads (a tied embedding) is not spilled.
+struct Spill {
+    file: std::fs::File,
+    /// (name, shape) in the order written.
+    layers: Vec<(String, Vec<usize>)>,
+}
+
+impl Spill {
+    /// Spills every such layer of `model`; `None` when there is none, or when no temporary
+    /// file can be written (the layers then stay held, as the run's note says).
+    fn rounded_layers(
+        model: &mut espalier_engine::Model,
+        session: &espalier_engine::Session,
+    ) -> Option<Spill> {
+        let names: Vec<String> = session
+            .linears()
+            .iter()
+            .filter(|l| {
+                matches!(l.weight(), espalier_engine::LinearWeight::Kernel(k)
+                    if k.packed().is_some_and(|p| p.dtype() != espalier_kernels::Dtype::F32))
+                    && l.name() != model.embedding_name()
+                    && model.weight(l.name()).is_some()
+            })
+            .map(|l| l.name().to_string())
+            .collect();
+        if names.is_empty() {
+            return None;
+        }
+        let written = (|| -> Result<Spill, String> {
+            use std::io::Write;
+            let file = tempfile::tempfile().map_err(|e| e.to_string())?;
+            let mut out = std::io::BufWriter::with_capacity(1 << 20, &file);
+            let mut layers = Vec::with_capacity(names.len());
+            for name in &names {
+                let Some(tensor) = model.weight(name) else {
+                    continue;
+                };
+                crate::tensor_util::with_f32(tensor, |values| -> std::io::Result<()> {
+                    for chunk in values.chunks(1 << 14) {
+                        let bytes: Vec<u8> = chunk.iter().flat_map(|v| v.to_le_bytes()).collect();
+                        out.write_all(&bytes)?;
+                    }
+                    Ok(())
+                })?
+                .map_err(|e| e.to_string())?;
+                layers.push((name.clone(), tensor.dims().to_vec()));
+            }
+            out.flush().map_err(|e| e.to_string())?;
+            drop(out);
+            Ok(Spill { file, layers })
+        })();
+        match written {
+            Ok(spill) => {
+                for (name, _) in &spill.layers {
+                    model.remove_weight(name);
+                }
+                Some(spill)
+            }
+            Err(e) => {
+                tracing::warn!(
+                    "cannot write the rounded layers' dense copies to a temporary file ({e}); they stay in memory while the pruned model is evaluated"
+                );
+                None
+            }
+        }
+    }
+
+    /// Reads every spilled tensor back into `model`.
+    fn restore(self, model: &mut espalier_engine::Model) -> Result<(), EngineError> {
+        use std::io::{Read, Seek};
+        let io = |source| EngineError::Io {
+            path: "the temporary file holding the rounded layers' dense copies".into(),
+            source,
+        };
+        let mut file = &self.file;
+        file.rewind().map_err(io)?;
+        let mut input = std::io::BufReader::with_capacity(1 << 20, file);
+        for (name, shape) in self.layers {
+            let mut bytes = vec![0u8; shape.iter().product::<usize>() * 4];
+            input.read_exact(&mut bytes).map_err(io)?;
+            let tensor = candle_core::Tensor::from_raw_buffer(
+                &bytes,
+                candle_core::DType::F32,
+                &shape,
+                &candle_core::Device::Cpu,
+            )?;
+            model.restore_weight(&name, tensor);
+        }
+        Ok(())
+    }
 }
 
 /// Whether `packed` expands to exactly `dense`'s f32 bits.
@@ -990,16 +1093,38 @@ mod tests {
         assert_eq!(weight_bits(&model), before);
     }
 
-    /// bf16 storage rounds the kept values, so its kernels cannot give the tensors back:
-    /// the model keeps them.
+    /// bf16 and int8 storage round the kept values, so their kernels cannot give the tensors
+    /// back: those are not parked but spilled to a temporary file while the session runs
+    /// without them (the tied embedding, which the session reads, excepted), and come back bit
+    /// for bit.
     #[test]
-    fn rounded_kernels_keep_their_dense_copies() {
-        let (mut model, masks) = pruned("builtin:tiny-llama", Structure::Unstructured, 0.5);
-        let before = weight_bits(&model);
-        let mut session = Session::new(&model).unwrap();
-        attach(&mut session, &model, &masks, Storage::Bf16).unwrap();
-        let parked = park_packed_weights(&mut model, &session);
-        assert!(parked.is_empty());
-        assert_eq!(weight_bits(&model), before);
+    fn rounded_kernels_spill_their_dense_copies() {
+        for storage in [Storage::Bf16, Storage::Int8] {
+            let (mut model, masks) = pruned("builtin:tiny-llama", Structure::Unstructured, 0.5);
+            let before = weight_bits(&model);
+            let mut session = Session::new(&model).unwrap();
+            attach(&mut session, &model, &masks, storage).unwrap();
+            let parked = park_packed_weights(&mut model, &session);
+            assert!(parked.is_empty());
+            let want = session.forward(&[1, 2, 3], None).unwrap();
+            let spill = Spill::rounded_layers(&mut model, &session).unwrap();
+            let spilled: Vec<&String> = spill.layers.iter().map(|(n, _)| n).collect();
+            let expected: Vec<String> = session
+                .linears()
+                .iter()
+                .map(|l| l.name().to_string())
+                .filter(|n| n != model.embedding_name())
+                .collect();
+            assert_eq!(spilled, expected.iter().collect::<Vec<_>>(), "{storage:?}");
+            assert!(expected.iter().all(|n| model.weight(n).is_none()));
+            assert!(model.weight(model.embedding_name()).is_some());
+            let got = session.forward(&[1, 2, 3], None).unwrap();
+            assert_eq!(
+                want.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                got.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+            );
+            spill.restore(&mut model).unwrap();
+            assert_eq!(weight_bits(&model), before, "{storage:?}");
+        }
     }
 }
