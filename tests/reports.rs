@@ -86,7 +86,8 @@ fn eval_run_and_the_report_give_the_same_dense_perplexity_under_one_protocol() {
     assert_eq!(explained, dense_layers, "{kernels}");
 }
 
-/// Wanda (calibration) then 2:4, exported; the calibration text is a copy the test can change.
+/// Wanda (calibration) then 2:4, evaluated in bf16 storage, exported; the calibration text is
+/// a copy the test can change.
 fn reproducible_pipeline(dir: &Path) -> std::path::PathBuf {
     let calib = dir.join("calib.txt");
     std::fs::copy(repo().join("data/calibration.txt"), &calib).unwrap();
@@ -94,7 +95,7 @@ fn reproducible_pipeline(dir: &Path) -> std::path::PathBuf {
         dir,
         "repro.toml",
         &format!(
-            "name = \"repro\"\nmodel = \"builtin:tiny-llama\"\n[calibration]\ntext = {:?}\nsamples = 4\nseq_len = 64\n[[stage]]\nplugin = \"wanda\"\ndensity = 0.6\nprotect = [\"*.layers.0.self_attn.q_proj*\"]\n[[stage]]\nplugin = \"n-m\"\ntargets = [\"*.mlp.*\"]\nn = 2\nm = 4\n[evaluate]\nmax_tokens = 300\nlatency = false\n[export]\ndir = \"a\"\n",
+            "name = \"repro\"\nmodel = \"builtin:tiny-llama\"\n[calibration]\ntext = {:?}\nsamples = 4\nseq_len = 64\n[[stage]]\nplugin = \"wanda\"\ndensity = 0.6\nprotect = [\"*.layers.0.self_attn.q_proj*\"]\n[[stage]]\nplugin = \"n-m\"\ntargets = [\"*.mlp.*\"]\nn = 2\nm = 4\n[evaluate]\nmax_tokens = 300\nlatency = false\nstorage = \"bf16\"\n[export]\ndir = \"a\"\n",
             calib.display().to_string()
         ),
     )
@@ -132,6 +133,41 @@ fn a_report_reruns_to_the_same_masks_bit_for_bit_and_refuses_a_changed_text() {
     let resolved = report["resolved_pipeline"].as_str().unwrap();
     assert!(resolved.contains("wanda@sha256:"), "{resolved}");
 
+    // `eval` of the export gives the run's pruned column: in the storage the run evaluated it
+    // in (read from the report) unless --storage says otherwise.
+    let eval = |extra: &[&str]| {
+        let mut args = vec![
+            "eval",
+            "a",
+            "--max-tokens",
+            "300",
+            "--new-tokens",
+            "0",
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        let o = espalier(&args, dir.path());
+        let (stdout, stderr) = text(&o);
+        assert!(o.status.success(), "{stdout}\n{stderr}");
+        serde_json::from_str::<serde_json::Value>(&stdout).unwrap()
+    };
+    let evaluated = eval(&[]);
+    let pruned = &report["evaluation"]["pruned"];
+    assert_eq!(
+        evaluated["perplexity"]["perplexity"], pruned["perplexity"]["perplexity"],
+        "{evaluated}"
+    );
+    assert_eq!(evaluated["kernels"], pruned["kernels"], "{evaluated}");
+    let in_f32 = eval(&["--storage", "f32"]);
+    assert!(
+        in_f32["kernels"]["layers"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .all(|k| !k.ends_with("/bf16")),
+        "{in_f32}"
+    );
+
     // Rerun from the report into another folder: the same masks and weights, bit for bit.
     let o = espalier(
         &["run", "--from", report_path.to_str().unwrap(), "--out", "b"],
@@ -144,6 +180,23 @@ fn a_report_reruns_to_the_same_masks_bit_for_bit_and_refuses_a_changed_text() {
         let b = std::fs::read(dir.path().join("b").join(f)).unwrap();
         assert!(a == b, "{f} differs between the run and its rerun");
     }
+    // Evaluated as the run was: in the same storage, to the same perplexity.
+    assert!(resolved.contains("storage = \"bf16\""), "{resolved}");
+    let rerun = json(&dir.path().join("b/report.json"));
+    let pruned = |r: &serde_json::Value| r["evaluation"]["pruned"].clone();
+    assert_eq!(
+        pruned(&rerun)["perplexity"]["perplexity"],
+        pruned(&report)["perplexity"]["perplexity"]
+    );
+    let kernels = pruned(&rerun)["kernels"]["layers"].clone();
+    assert!(
+        kernels
+            .as_object()
+            .unwrap()
+            .keys()
+            .all(|k| k == "dense" || k.ends_with("/bf16")),
+        "{kernels}"
+    );
 
     // A changed calibration text is refused before anything runs, with both hashes.
     std::fs::write(dir.path().join("calib.txt"), "another text ".repeat(2000)).unwrap();
@@ -193,12 +246,12 @@ fn several_pipelines_share_one_dense_evaluation_and_compare_side_by_side() {
     let a = write(
         dir.path(),
         "half.toml",
-        "name = \"half\"\nmodel = \"builtin:tiny-llama\"\n[[stage]]\nplugin = \"magnitude\"\ndensity = 0.5\n[evaluate]\nmax_tokens = 300\nlatency = false\n[export]\ndir = \"out/half\"\n",
+        "name = \"half\"\nmodel = \"builtin:tiny-llama\"\n[[stage]]\nplugin = \"magnitude\"\ndensity = 0.5\n[evaluate]\nmax_tokens = 300\nlatency = false\nstorage = \"bf16\"\n[export]\ndir = \"out/half\"\n",
     );
     let b = write(
         dir.path(),
         "blocks.toml",
-        "name = \"blocks\"\nmodel = \"builtin:tiny-llama\"\n[[stage]]\nplugin = \"block\"\ndensity = 0.25\nblock = [16, 16]\n[evaluate]\nmax_tokens = 300\nlatency = false\n[export]\ndir = \"out/blocks\"\n",
+        "name = \"blocks\"\nmodel = \"builtin:tiny-llama\"\n[[stage]]\nplugin = \"block\"\ndensity = 0.25\nblock = [16, 16]\n[evaluate]\nmax_tokens = 300\nlatency = false\nstorage = \"bf16\"\n[export]\ndir = \"out/blocks\"\n",
     );
     let o = espalier(
         &["run", a.to_str().unwrap(), b.to_str().unwrap(), "--json"],

@@ -1312,6 +1312,10 @@ struct EvalArgs {
     /// Tokens generated for the latency measurement (0 = skip latency).
     #[arg(long, default_value_t = espalier::evaluate::DEFAULT_NEW_TOKENS)]
     new_tokens: usize,
+    /// Weight storage of a pruned export's linears [default: the storage its run evaluated it
+    /// in, from its report.json, so the figures are the run's pruned column; else f32].
+    #[arg(long, value_enum)]
+    storage: Option<StorageArg>,
 }
 
 impl EvalArgs {
@@ -1344,12 +1348,20 @@ impl EvalArgs {
 }
 
 fn cmd_eval(model_ref: &str, args: EvalArgs, dense: bool, json: bool) -> Result<()> {
+    let storage_arg = args.storage;
     let spec = args.spec()?;
     let model_ref =
         &espalier::fetch::resolve(model_ref, &models_dir(), &mut |m| err!("espalier: {m}"))?;
     // A pruned export (dense weights with zeros, and the masks it was pruned with) runs on the
     // kernels the run's own pruned evaluation planned, so the two report the same figures; it
     // is packed layer by layer as it loads. A packed one is already on them.
+    let storage = storage_arg
+        .map(espalier::sparse::Storage::from)
+        .or_else(|| espalier::export::evaluated_storage(std::path::Path::new(model_ref)));
+    let spec = EvalSpec {
+        storage: storage.unwrap_or_default(),
+        ..spec
+    };
     let pruned = match model_ref.strip_prefix("builtin:") {
         None if !dense => {
             espalier::sparse::load_pruned_export(std::path::Path::new(model_ref), spec.storage)
@@ -1362,10 +1374,14 @@ fn cmd_eval(model_ref: &str, args: EvalArgs, dense: bool, json: bool) -> Result<
         None => espalier_engine::load_model(model_ref)?,
     };
     let which = if model.is_packed() { "pruned" } else { "dense" };
+    // A dense model in rounded storage has every linear packed dense in it.
+    let no_masks = std::collections::BTreeMap::new();
+    let pack_dense =
+        (!model.is_packed() && spec.storage != espalier::sparse::Storage::F32).then_some(&no_masks);
     let mut observer = Bars::new()?;
     let result = espalier::app::evaluate_model_alone(
         model,
-        None,
+        pack_dense,
         &spec,
         which,
         &mut observer,

@@ -711,6 +711,23 @@ impl MaskFile {
     }
 }
 
+/// The storage an export's run evaluated its pruned model in, read from the kernels its
+/// `report.json` records (`bitmap/bf16`, `dense/int8`, ...); `None` without a readable report
+/// or a pruned evaluation in it.
+pub fn evaluated_storage(dir: &Path) -> Option<Storage> {
+    let report: RunReport =
+        serde_json::from_slice(&std::fs::read(dir.join("report.json")).ok()?).ok()?;
+    let kernels = report.evaluation?.pruned.kernels.layers;
+    let mut packed = kernels
+        .keys()
+        .filter_map(|k| k.rsplit_once('/').map(|(_, dtype)| dtype));
+    Some(
+        packed
+            .find_map(|dtype| Storage::from_name(dtype).filter(|s| *s != Storage::F32))
+            .unwrap_or(Storage::F32),
+    )
+}
+
 /// Every mask an export wrote (see [`MaskFile`]); `None` when the folder holds no masks.
 pub fn read_masks(
     dir: &Path,

@@ -219,6 +219,12 @@ pub fn resolved_pipeline(
             e.insert("text".into(), path_str(path));
         }
         e.insert("sha256".into(), Value::String(protocol.text_sha256.clone()));
+        // The storage the pruned model was evaluated in: a rerun evaluates it the same way.
+        let storage = p
+            .evaluate
+            .as_ref()
+            .map_or(crate::sparse::Storage::F32, |e| e.value.storage);
+        e.insert("storage".into(), Value::String(storage.name().into()));
         e.insert("window".into(), Value::Integer(protocol.window as i64));
         e.insert("stride".into(), Value::Integer(protocol.stride as i64));
         e.insert(
