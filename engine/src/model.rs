@@ -621,17 +621,9 @@ impl Model {
             }
         };
         let offered = |name: &str| match layers::role_of(name, config.arch) {
-            Role::AttnQ
-            | Role::AttnK
-            | Role::AttnV
-            | Role::AttnQkv
-            | Role::AttnO
-            | Role::MlpGate
-            | Role::MlpUp
-            | Role::MlpDown => name.ends_with(".weight"),
             Role::LmHead => !head_is_embedding && name == "lm_head.weight",
             Role::Embedding => head_is_embedding && name == embedding,
-            _ => false,
+            role => role.is_block_linear() && name.ends_with(".weight"),
         };
         drop(shapes);
 
@@ -962,20 +954,11 @@ mod tests {
             let session = crate::Session::new(&loaded).unwrap();
             assert!(session.linears().iter().all(|l| l.kind() != "dense"));
             let tokens = [1u32, 5, 9, 2];
-            let want: Vec<f32> = dense
-                .forward(&tokens, None)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
-            let got: Vec<f32> = session
-                .forward(&tokens, None)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
+            let logits = |s: &crate::Session| -> Vec<f32> {
+                let l = s.forward(&tokens, None).unwrap();
+                l.flatten_all().unwrap().to_vec1().unwrap()
+            };
+            let (want, got) = (logits(&dense), logits(&session));
             let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
             let diff = want
                 .iter()
