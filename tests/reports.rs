@@ -158,6 +158,25 @@ fn a_report_reruns_to_the_same_masks_bit_for_bit_and_refuses_a_changed_text() {
         "{evaluated}"
     );
     assert_eq!(evaluated["kernels"], pruned["kernels"], "{evaluated}");
+    // `generate` runs it in that storage too.
+    let kernels_line = |extra: &[&str]| {
+        let mut args = vec!["generate", "a", "--prompt", "hi", "--max-tokens", "3"];
+        args.extend_from_slice(extra);
+        let o = espalier(&args, dir.path());
+        let (stdout, stderr) = text(&o);
+        assert!(o.status.success(), "{stdout}\n{stderr}");
+        stderr.lines().next().unwrap_or_default().to_string()
+    };
+    let line = kernels_line(&[]);
+    assert!(
+        line.contains("/bf16") && line.contains("KV cache f16"),
+        "{line}"
+    );
+    let line = kernels_line(&["--storage", "f32"]);
+    assert!(
+        !line.contains("/bf16") && line.contains("KV cache f32"),
+        "{line}"
+    );
     let in_f32 = eval(&["--storage", "f32"]);
     assert!(
         in_f32["kernels"]["layers"]

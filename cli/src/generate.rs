@@ -28,6 +28,10 @@ pub struct GenerateArgs {
     /// At most this many new tokens.
     #[arg(long, default_value_t = 256)]
     pub max_tokens: usize,
+    /// Weight storage of the linears [default: for a pruned export, the storage its run
+    /// evaluated it in (its report.json); else f32].
+    #[arg(long, value_enum)]
+    pub storage: Option<crate::StorageArg>,
     /// 0 = greedy (the default, deterministic); above 0, sample at this temperature.
     #[arg(long, default_value_t = 0.0)]
     pub temperature: f32,
@@ -56,7 +60,7 @@ pub type KvCacheSetting = Option<KvDtype>;
 pub fn run(args: GenerateArgs, models_dir: &std::path::Path) -> Result<()> {
     let model_ref =
         espalier::fetch::resolve(&args.model, models_dir, &mut |m| err!("espalier: {m}"))?;
-    let mut generator = Generator::load(&model_ref)?;
+    let mut generator = Generator::load_in(&model_ref, args.storage.map(Into::into))?;
     if let Some(dtype) = args.kv_cache {
         generator.session.set_kv_dtype(dtype);
     }

@@ -241,7 +241,7 @@ enum Command {
     },
 }
 
-#[derive(Clone, Copy, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
 enum StorageArg {
     /// f32, exact.
     F32,

@@ -445,16 +445,31 @@ pub struct Generator {
 }
 
 impl Generator {
-    /// Loads `reference` (a model directory, an export of `espalier run`, or `builtin:NAME`).
+    /// Loads `reference` (a model directory, an export of `espalier run`, or `builtin:NAME`)
+    /// in the storage [`Generator::load_in`] picks by default.
     pub fn load(reference: &str) -> Result<Self, GenerateError> {
+        Self::load_in(reference, None)
+    }
+
+    /// Loads `reference` with its linears in `storage`. By default (`None`) a pruned export
+    /// runs in the storage its run evaluated it in (its `report.json`), so it generates as that
+    /// evaluation measured it, and anything else in f32. A packed checkpoint runs as packed.
+    pub fn load_in(
+        reference: &str,
+        storage: Option<crate::sparse::Storage>,
+    ) -> Result<Self, GenerateError> {
+        let dir = reference
+            .strip_prefix("builtin:")
+            .is_none()
+            .then(|| std::path::Path::new(reference));
+        let storage = storage
+            .or_else(|| dir.and_then(crate::export::evaluated_storage))
+            .unwrap_or_default();
         // A pruned export is packed layer by layer as it loads, so loading it never holds the
         // dense model and the packed one at once.
-        let pruned = match reference.strip_prefix("builtin:") {
-            Some(_) => None,
-            None => crate::sparse::load_pruned_export(
-                std::path::Path::new(reference),
-                crate::sparse::Storage::F32,
-            )?,
+        let pruned = match dir {
+            Some(dir) => crate::sparse::load_pruned_export(dir, storage)?,
+            None => None,
         };
         let model = match pruned {
             Some(model) => model,
@@ -463,12 +478,13 @@ impl Generator {
         let mut session = Session::new(&model)?;
         let dir = model.source_dir.clone();
         let mut kernels = String::from("dense");
-        if model.is_packed() {
+        // A dense model in rounded storage has every linear packed dense in it.
+        if model.is_packed() || storage != crate::sparse::Storage::F32 {
             let attached = crate::sparse::attach(
                 &mut session,
                 &model,
                 &std::collections::BTreeMap::new(),
-                crate::sparse::Storage::F32,
+                storage,
             )?;
             kernels = attached
                 .kernels
