@@ -1312,8 +1312,9 @@ struct EvalArgs {
     /// Tokens generated for the latency measurement (0 = skip latency).
     #[arg(long, default_value_t = espalier::evaluate::DEFAULT_NEW_TOKENS)]
     new_tokens: usize,
-    /// Weight storage of a pruned export's linears [default: the storage its run evaluated it
-    /// in, from its report.json, so the figures are the run's pruned column; else f32].
+    /// Weight storage of the linears [default: for a pruned export, the storage its run
+    /// evaluated it in, from its report.json, so the figures are the run's pruned column; else
+    /// f32].
     #[arg(long, value_enum)]
     storage: Option<StorageArg>,
 }
@@ -1355,24 +1356,24 @@ fn cmd_eval(model_ref: &str, args: EvalArgs, dense: bool, json: bool) -> Result<
     // A pruned export (dense weights with zeros, and the masks it was pruned with) runs on the
     // kernels the run's own pruned evaluation planned, so the two report the same figures; it
     // is packed layer by layer as it loads. A packed one is already on them.
-    let storage = storage_arg
-        .map(espalier::sparse::Storage::from)
-        .or_else(|| espalier::export::evaluated_storage(std::path::Path::new(model_ref)));
-    let spec = EvalSpec {
-        storage: storage.unwrap_or_default(),
-        ..spec
-    };
-    let pruned = match model_ref.strip_prefix("builtin:") {
-        None if !dense => {
-            espalier::sparse::load_pruned_export(std::path::Path::new(model_ref), spec.storage)
-                .map_err(|e| anyhow::anyhow!("{e} (or pass --dense to ignore the masks)"))?
-        }
-        _ => None,
-    };
-    let model = match pruned {
-        Some(model) => model,
-        None => espalier_engine::load_model(model_ref)?,
-    };
+    let (model, storage) = espalier::sparse::load_to_run(
+        model_ref,
+        storage_arg.map(espalier::sparse::Storage::from),
+        !dense,
+    )
+    .map_err(|e| {
+        let masked = !dense
+            && std::path::Path::new(model_ref)
+                .join("masks.safetensors")
+                .is_file();
+        let hint = if masked {
+            " (or pass --dense to ignore the masks)"
+        } else {
+            ""
+        };
+        anyhow::anyhow!("{e}{hint}")
+    })?;
+    let spec = EvalSpec { storage, ..spec };
     let which = if model.is_packed() { "pruned" } else { "dense" };
     // A dense model in rounded storage has every linear packed dense in it.
     let no_masks = std::collections::BTreeMap::new();

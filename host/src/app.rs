@@ -464,13 +464,14 @@ impl Spill {
         model: &mut espalier_engine::Model,
         session: &espalier_engine::Session,
     ) -> Option<Spill> {
+        let embedding = model.embedding_name();
         let names: Vec<String> = session
             .linears()
             .iter()
             .filter(|l| {
                 matches!(l.weight(), espalier_engine::LinearWeight::Kernel(k)
                     if k.packed().is_some_and(|p| p.dtype() != espalier_kernels::Dtype::F32))
-                    && l.name() != model.embedding_name()
+                    && l.name() != embedding
                     && model.weight(l.name()).is_some()
             })
             .map(|l| l.name().to_string())
@@ -483,13 +484,15 @@ impl Spill {
             let file = tempfile::tempfile().map_err(|e| e.to_string())?;
             let mut out = std::io::BufWriter::with_capacity(1 << 20, &file);
             let mut layers = Vec::with_capacity(names.len());
+            let mut bytes = Vec::with_capacity(4 << 14);
             for name in &names {
                 let Some(tensor) = model.weight(name) else {
                     continue;
                 };
                 crate::tensor_util::with_f32(tensor, |values| -> std::io::Result<()> {
                     for chunk in values.chunks(1 << 14) {
-                        let bytes: Vec<u8> = chunk.iter().flat_map(|v| v.to_le_bytes()).collect();
+                        bytes.clear();
+                        bytes.extend(chunk.iter().flat_map(|v| v.to_le_bytes()));
                         out.write_all(&bytes)?;
                     }
                     Ok(())

@@ -639,19 +639,26 @@ pub struct MaskFile {
     path: std::path::PathBuf,
     file: espalier_engine::TensorFile,
     structures: HashMap<String, crate::mask::Structure>,
+    evaluated_storage: Option<Storage>,
 }
 
 impl MaskFile {
-    /// Opens `DIR/masks.safetensors` and reads the structures of `DIR/report.json`; `None`
-    /// when the folder holds no masks (a dense model, or another tool's export).
+    /// Opens `DIR/masks.safetensors` and reads `DIR/report.json` once for the structures and
+    /// the evaluated storage; `None` when the folder holds no masks (a dense model, or another
+    /// tool's export).
     pub fn open(dir: &Path) -> Result<Option<Self>, String> {
         let path = dir.join("masks.safetensors");
         if !path.is_file() {
             return Ok(None);
         }
-        let structures = std::fs::read(dir.join("report.json"))
+        let report = std::fs::read(dir.join("report.json"))
             .ok()
-            .and_then(|b| serde_json::from_slice::<RunReport>(&b).ok())
+            .and_then(|b| serde_json::from_slice::<RunReport>(&b).ok());
+        let evaluated_storage = report
+            .as_ref()
+            .and_then(|r| r.evaluation.as_ref())
+            .map(|e| storage_of_kernels(&e.pruned.kernels));
+        let structures = report
             .map(|r| {
                 r.layers
                     .into_iter()
@@ -664,7 +671,15 @@ impl MaskFile {
             path,
             file,
             structures,
+            evaluated_storage,
         }))
+    }
+
+    /// The storage the export's run evaluated its pruned model in, read from the kernels its
+    /// `report.json` records (`bitmap/bf16`, `dense/int8`, ...); `None` without a readable
+    /// report or a pruned evaluation in it.
+    pub fn evaluated_storage(&self) -> Option<Storage> {
+        self.evaluated_storage
     }
 
     /// The file read.
@@ -711,21 +726,15 @@ impl MaskFile {
     }
 }
 
-/// The storage an export's run evaluated its pruned model in, read from the kernels its
-/// `report.json` records (`bitmap/bf16`, `dense/int8`, ...); `None` without a readable report
-/// or a pruned evaluation in it.
-pub fn evaluated_storage(dir: &Path) -> Option<Storage> {
-    let report: RunReport =
-        serde_json::from_slice(&std::fs::read(dir.join("report.json")).ok()?).ok()?;
-    let kernels = report.evaluation?.pruned.kernels.layers;
-    let mut packed = kernels
+/// The storage of an evaluation's packed kernels (`bitmap/bf16`, `dense/int8`, ...): f32 when
+/// none names another dtype.
+fn storage_of_kernels(kernels: &crate::evaluate::KernelUse) -> Storage {
+    kernels
+        .layers
         .keys()
-        .filter_map(|k| k.rsplit_once('/').map(|(_, dtype)| dtype));
-    Some(
-        packed
-            .find_map(|dtype| Storage::from_name(dtype).filter(|s| *s != Storage::F32))
-            .unwrap_or(Storage::F32),
-    )
+        .filter_map(|k| k.rsplit_once('/'))
+        .find_map(|(_, dtype)| Storage::from_name(dtype).filter(|s| *s != Storage::F32))
+        .unwrap_or(Storage::F32)
 }
 
 /// Every mask an export wrote (see [`MaskFile`]); `None` when the folder holds no masks.

@@ -458,23 +458,9 @@ impl Generator {
         reference: &str,
         storage: Option<crate::sparse::Storage>,
     ) -> Result<Self, GenerateError> {
-        let dir = reference
-            .strip_prefix("builtin:")
-            .is_none()
-            .then(|| std::path::Path::new(reference));
-        let storage = storage
-            .or_else(|| dir.and_then(crate::export::evaluated_storage))
-            .unwrap_or_default();
         // A pruned export is packed layer by layer as it loads, so loading it never holds the
         // dense model and the packed one at once.
-        let pruned = match dir {
-            Some(dir) => crate::sparse::load_pruned_export(dir, storage)?,
-            None => None,
-        };
-        let model = match pruned {
-            Some(model) => model,
-            None => espalier_engine::load_model(reference)?,
-        };
+        let (model, storage) = crate::sparse::load_to_run(reference, storage, true)?;
         let mut session = Session::new(&model)?;
         let dir = model.source_dir.clone();
         let mut kernels = String::from("dense");

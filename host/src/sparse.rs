@@ -202,18 +202,19 @@ fn packed_kind(packed: &PackedLinear) -> String {
 }
 
 /// Loads the pruned export in `dir` (an `espalier run` export: dense weights with zeros, and
-/// `masks.safetensors`) with each masked linear planned and packed in `storage` as it is read,
-/// exactly as [`attach`] would pack it: the dense copy of a packed layer is never held beside
-/// the packed one, so loading peaks at about the pruned model's size rather than the dense
-/// model's plus the packed copies. `None` when `dir` holds no masks, or is a packed checkpoint
-/// (whose layers load as its export packed them).
+/// `masks.safetensors`) with each masked linear planned and packed as it is read, exactly as
+/// [`attach`] would pack it: the dense copy of a packed layer is never held beside the packed
+/// one, so loading peaks at about the pruned model's size rather than the dense model's plus
+/// the packed copies. The storage is `storage`, by default the one the export's run evaluated
+/// it in (its `report.json`), else f32; it is returned with the model. `None` when `dir` holds
+/// no masks, or is a packed checkpoint (whose layers load as its export packed them).
 ///
 /// The model counts as packed ([`Model::is_packed`]); [`attach`] then reports its kernels and
 /// why layers stayed dense without planning again.
 pub fn load_pruned_export(
     dir: &std::path::Path,
-    storage: Storage,
-) -> Result<Option<Model>, EngineError> {
+    storage: Option<Storage>,
+) -> Result<Option<(Model, Storage)>, EngineError> {
     // A packed checkpoint already carries its planner's decisions.
     if dir.join(espalier_engine::packed::PACKED_FILE).exists() {
         return Ok(None);
@@ -221,25 +222,44 @@ pub fn load_pruned_export(
     let Some(mut masks) = crate::export::MaskFile::open(dir).map_err(EngineError::Input)? else {
         return Ok(None);
     };
+    let storage = storage.or(masks.evaluated_storage()).unwrap_or_default();
     let model = Model::load_packing(dir, &mut |name, weight| {
         let mask = masks.read(name).map_err(EngineError::Input)?;
-        if let Some(m) = &mask
-            && m.shape() != weight.dims()
-        {
-            return Err(EngineError::Input(format!(
-                "{}: the mask of `{name}` is {:?} but the weight is {:?}: these masks do not belong to this model",
-                masks.path().display(),
-                m.shape(),
-                weight.dims()
-            )));
-        }
-        let planned = plan_layer(name, weight, mask.as_ref(), storage)?;
+        let planned = plan_layer(name, weight, mask.as_ref(), storage).map_err(|e| match e {
+            // A mask that does not fit its weight: the file is at fault.
+            EngineError::Input(m) => EngineError::Input(format!(
+                "{}: {m}: these masks do not belong to this model",
+                masks.path().display()
+            )),
+            e => e,
+        })?;
         Ok(espalier_engine::LoadPacking {
             packed: planned.packed,
             why_dense: planned.why_dense,
         })
     })?;
-    Ok(Some(model))
+    Ok(Some((model, storage)))
+}
+
+/// Loads a model to run it (`generate`, the daemon's OpenAI API, `eval`): with `use_masks`, a
+/// pruned export through [`load_pruned_export`]; anything else (a model folder, a packed
+/// checkpoint, `builtin:NAME`) as it is. Returns the storage its linears are to run in:
+/// `storage`, or the pruned export's default, else f32.
+pub fn load_to_run(
+    reference: &str,
+    storage: Option<Storage>,
+    use_masks: bool,
+) -> Result<(Model, Storage), EngineError> {
+    if use_masks
+        && !reference.starts_with("builtin:")
+        && let Some(loaded) = load_pruned_export(std::path::Path::new(reference), storage)?
+    {
+        return Ok(loaded);
+    }
+    Ok((
+        espalier_engine::load_model(reference)?,
+        storage.unwrap_or_default(),
+    ))
 }
 
 /// Packs every masked linear of `model` that the planner finds faster sparse and points the
@@ -594,7 +614,7 @@ pub(crate) mod tests {
             let t = tempfile::tempdir().unwrap();
             model.save_into(t.path()).unwrap();
             assert!(
-                load_pruned_export(t.path(), Storage::F32)
+                load_pruned_export(t.path(), Some(Storage::F32))
                     .unwrap()
                     .is_none()
             );
@@ -607,7 +627,7 @@ pub(crate) mod tests {
             )]);
             let masks_file = t.path().join("masks.safetensors");
             crate::export::write_masks(&state, &masks_file).unwrap();
-            let err = load_pruned_export(t.path(), Storage::F32)
+            let err = load_pruned_export(t.path(), Some(Storage::F32))
                 .unwrap_err()
                 .to_string();
             assert!(
@@ -625,7 +645,9 @@ pub(crate) mod tests {
             }
             for storage in [Storage::F32, Storage::Bf16] {
                 let label = format!("{model_name} {structure} {}", storage.name());
-                let loaded = load_pruned_export(t.path(), storage).unwrap().unwrap();
+                let (loaded, _) = load_pruned_export(t.path(), Some(storage))
+                    .unwrap()
+                    .unwrap();
                 assert!(loaded.is_packed(), "{label}");
                 let mut session = Session::new(&loaded).unwrap();
                 let got = attach(&mut session, &loaded, &BTreeMap::new(), storage).unwrap();
