@@ -187,6 +187,36 @@ fn a_report_reruns_to_the_same_masks_bit_for_bit_and_refuses_a_changed_text() {
         "{in_f32}"
     );
 
+    // `bench decode` times it in that storage too, packed as the run packed it.
+    let o = espalier(
+        &[
+            "bench",
+            "decode",
+            "a",
+            "--new-tokens",
+            "2",
+            "--prompt-tokens",
+            "8",
+            "--rounds",
+            "1",
+            "--json",
+        ],
+        dir.path(),
+    );
+    let (stdout, stderr) = text(&o);
+    assert!(o.status.success(), "{stdout}\n{stderr}");
+    let timed: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(timed["pipeline"], "the export's masks", "{timed}");
+    assert_eq!(
+        (&timed["storage"], &timed["dense_storage"]),
+        (&"bf16".into(), &"bf16".into()),
+        "{timed}"
+    );
+    assert_eq!(
+        timed["weight_bytes"]["pruned"], pruned["memory"]["weight_bytes"],
+        "{timed}"
+    );
+
     // Rerun from the report into another folder: the same masks and weights, bit for bit.
     let o = espalier(
         &["run", "--from", report_path.to_str().unwrap(), "--out", "b"],

@@ -403,9 +403,10 @@ enum BenchCommand {
         /// Tokens to generate.
         #[arg(long, default_value_t = 64)]
         new_tokens: usize,
-        /// Weight storage of the pruned model's linears.
-        #[arg(long, value_enum, default_value = "f32")]
-        storage: StorageArg,
+        /// Weight storage of the pruned model's linears [default: for an export timed with its
+        /// own masks, the storage its run evaluated it in (from its report.json); else f32].
+        #[arg(long, value_enum)]
+        storage: Option<StorageArg>,
         /// Weight storage of the dense baseline's linears [default: the pruned model's, so the
         /// ratio is the pruning's alone; for a packed export, the dtype it was packed in].
         #[arg(long, value_enum)]
@@ -766,7 +767,7 @@ fn dispatch(cli: Cli) -> Result<()> {
                 espalier::bench::DecodeBenchOptions {
                     prompt_tokens,
                     new_tokens,
-                    storage: storage.into(),
+                    storage: storage.map(Into::into),
                     dense_storage: dense_storage.map(Into::into),
                     rounds: rounds as usize,
                 },

@@ -230,8 +230,10 @@ pub struct DecodeBenchOptions {
     pub prompt_tokens: usize,
     /// Tokens generated per decode (at least 2).
     pub new_tokens: usize,
-    /// Weight storage of the pruned model's linears (ignored by a packed export).
-    pub storage: crate::sparse::Storage,
+    /// Weight storage of the pruned model's linears (ignored by a packed export); `None`: for
+    /// an export timed with its own masks, the storage its run evaluated it in (its report),
+    /// else f32.
+    pub storage: Option<crate::sparse::Storage>,
     /// Weight storage of the dense baseline; `None`: the pruned model's (for a packed export,
     /// the dtype it was packed in when every packed layer shares one, else f32).
     pub dense_storage: Option<crate::sparse::Storage>,
@@ -248,34 +250,35 @@ pub struct WeightBytes {
     pub pruned: usize,
 }
 
-/// An export's masks (`masks.safetensors`) and the model it was pruned from (its report's
-/// `model`, resolved), the latter `None` when the report does not name one and the export
-/// holds its dense weights, which are then their own baseline.
-type ExportMasks = (
-    std::collections::BTreeMap<String, crate::mask::Mask>,
-    Option<String>,
-);
+/// What `bench_decode` needs to time a pruned export as it was exported.
+struct ExportToTime {
+    /// The model it was pruned from (its report's `model`, resolved); `None` when the report
+    /// does not name one and the export holds its dense weights, which are then their own
+    /// baseline.
+    source: Option<String>,
+    /// The storage its run evaluated it in (from its report's kernels), if the report says.
+    evaluated_storage: Option<crate::sparse::Storage>,
+}
 
-/// Reads what `bench_decode` needs to time export `dir` as it was pruned; a folder that is not
-/// a pruned export gets an error that says to pass a pipeline.
-fn export_masks_and_source(
+/// Checks that `dir` is a pruned export (it holds `masks.safetensors`) and reads what timing it
+/// needs; a folder that is not a pruned export gets an error that says to pass a pipeline. The
+/// masks themselves are read later, one layer at a time, as the export loads packed.
+fn export_to_time(
     app: &App,
     dir: &str,
     progress: &mut dyn FnMut(&str),
-) -> Result<ExportMasks, AppError> {
+) -> Result<ExportToTime, AppError> {
     let path = std::path::Path::new(dir);
-    let not_pruned = || {
-        AppError::Masks(format!(
-            "{dir} holds no masks.safetensors (it is not a pruned export of `espalier run`): \
-             pass --pipeline P to prune it"
-        ))
-    };
-    if !path.is_dir() {
-        return Err(not_pruned());
-    }
-    let masks = crate::export::read_masks(path)
+    let masks = crate::export::MaskFile::open(path)
         .map_err(AppError::Masks)?
-        .ok_or_else(not_pruned)?;
+        .ok_or_else(|| {
+            AppError::Masks(format!(
+                "{dir} holds no masks.safetensors (it is not a pruned export of `espalier run`): \
+                 pass --pipeline P to prune it"
+            ))
+        })?;
+    let evaluated_storage = masks.evaluated_storage();
+    drop(masks);
     let source = std::fs::read(path.join("report.json"))
         .ok()
         .and_then(|b| serde_json::from_slice::<crate::report::RunReport>(&b).ok())
@@ -301,7 +304,10 @@ fn export_masks_and_source(
         }
         None => None,
     };
-    Ok((masks, source))
+    Ok(ExportToTime {
+        source,
+        evaluated_storage,
+    })
 }
 
 /// A fixed prompt when no text is given (public-domain, from the Declaration of Independence).
@@ -349,15 +355,22 @@ pub fn bench_decode(
 
     // Without a pipeline the export's own masks prune it, and the dense baseline is the model
     // the export was pruned from (its report's `model`): a packed export holds no dense weights.
-    let export_masks = match &pipeline {
+    let export = match &pipeline {
         Some(_) => None,
-        None => Some(export_masks_and_source(app, &model_ref, progress)?),
+        None => Some(export_to_time(app, &model_ref, progress)?),
     };
-    let dense_ref = match &export_masks {
-        Some((_, Some(source))) => source.clone(),
+    let dense_ref = match &export {
+        Some(ExportToTime {
+            source: Some(source),
+            ..
+        }) => source.clone(),
         _ => model_ref.clone(),
     };
-    let dense_storage = match (opts.dense_storage, &export_masks) {
+    // An export runs in the storage its run evaluated it in, as `eval` and `generate` run it.
+    let storage = storage
+        .or(export.as_ref().and_then(|e| e.evaluated_storage))
+        .unwrap_or_default();
+    let dense_storage = match (opts.dense_storage, &export) {
         (Some(s), _) => s,
         (None, Some(_)) => packed_storage(&model_ref)?.unwrap_or(storage),
         (None, None) => storage,
@@ -389,10 +402,16 @@ pub fn bench_decode(
         (bytes, latency(&session, &prompt, new_tokens)?)
     };
 
-    let (pipeline_name, model, masks) = match (pipeline, export_masks) {
-        (_, Some((masks, _))) => {
-            let model = espalier_engine::load_model(&model_ref)?;
-            ("the export's masks".to_string(), model, masks)
+    let (pipeline_name, model, masks) = match (pipeline, export) {
+        (_, Some(_)) => {
+            // Each masked layer packed in `storage` as it is read, its dense copy never held (as
+            // `generate` and `serve` load it); a packed checkpoint loads as packed.
+            let (model, _) = crate::sparse::load_to_run(&model_ref, Some(storage), true)?;
+            (
+                "the export's masks".to_string(),
+                model,
+                std::collections::BTreeMap::new(),
+            )
         }
         (Some(mut pipeline), None) => {
             progress(&format!("pruned: running pipeline `{}`", pipeline.name));
