@@ -375,13 +375,16 @@ pub fn evaluate_model_alone(
 /// is the pruned model's own and not the pruned model's plus the unpacked one it came from
 /// (the quickstart: 1202 -> 705 MiB, dense 764; 624 with the bitmap's buffers sized exactly).
 /// Layers packed in bf16 or int8 are rounded, so their kernels cannot give the exact values
-/// back: their dense copies wait in an unlinked temporary file instead (`Spill`), or, where
-/// none can be written, stay held.
+/// back: their dense copies wait in an unlinked temporary file instead (`Spill`), in
+/// `spill_dir` (the folder the export goes to: on disk, where the export needs the room
+/// anyway; `$TMPDIR` may be a tmpfs, whose files take memory) or else `$TMPDIR`, or, where none
+/// can be written, stay held.
 pub fn evaluate_pruned_in_run(
     model: &mut espalier_engine::Model,
     masks: &std::collections::BTreeMap<String, crate::mask::Mask>,
     spec: &EvalSpec,
     reset_peak: bool,
+    spill_dir: Option<&std::path::Path>,
     sink: &mut dyn EventSink,
     cancel: &CancelToken,
 ) -> Result<Evaluation, AppError> {
@@ -391,7 +394,7 @@ pub fn evaluate_pruned_in_run(
     });
     let (session, subject) = prepare_evaluation(model, Some(masks), spec, (which, reset_peak))?;
     let parked = park_packed_weights(model, &session);
-    let spilled = Spill::rounded_layers(model, &session);
+    let spilled = Spill::rounded_layers(model, &session, spill_dir);
     let result = run_evaluation(model, &session, spec, subject, which, sink, cancel);
     restore_parked_weights(model, parked).map_err(|e| AppError::Evaluate(which.to_string(), e))?;
     if let Some(spilled) = spilled {
@@ -458,11 +461,13 @@ struct Spill {
 }
 
 impl Spill {
-    /// Spills every such layer of `model`; `None` when there is none, or when no temporary
+    /// Spills every such layer of `model` to an unlinked file in `dir` (else, or where none can
+    /// be made there, in `$TMPDIR`); `None` when there is no such layer, or when no temporary
     /// file can be written (the layers then stay held, as the run's note says).
     fn rounded_layers(
         model: &mut espalier_engine::Model,
         session: &espalier_engine::Session,
+        dir: Option<&std::path::Path>,
     ) -> Option<Spill> {
         let embedding = model.embedding_name();
         let names: Vec<String> = session
@@ -481,7 +486,10 @@ impl Spill {
         }
         let written = (|| -> Result<Spill, String> {
             use std::io::Write;
-            let file = tempfile::tempfile().map_err(|e| e.to_string())?;
+            let file = dir
+                .and_then(|d| tempfile::tempfile_in(d).ok())
+                .map_or_else(tempfile::tempfile, Ok)
+                .map_err(|e| e.to_string())?;
             let mut out = std::io::BufWriter::with_capacity(1 << 20, &file);
             let mut layers = Vec::with_capacity(names.len());
             let mut bytes = Vec::with_capacity(4 << 14);
@@ -1001,6 +1009,18 @@ impl App {
                 &outcome.state.masks,
                 &spec.value,
                 reset_peak,
+                // Beside the export (its folder's parent: the export is written there).
+                export_dir
+                    .as_deref()
+                    .and_then(std::path::Path::parent)
+                    .map(|d| {
+                        if d.as_os_str().is_empty() {
+                            std::path::Path::new(".")
+                        } else {
+                            d
+                        }
+                    })
+                    .filter(|d| d.is_dir()),
                 sink,
                 cancel,
             )?;
@@ -1110,7 +1130,16 @@ mod tests {
             let parked = park_packed_weights(&mut model, &session);
             assert!(parked.is_empty());
             let want = session.forward(&[1, 2, 3], None).unwrap();
-            let spill = Spill::rounded_layers(&mut model, &session).unwrap();
+            let dir = tempfile::tempdir().unwrap();
+            let spill = Spill::rounded_layers(&mut model, &session, Some(dir.path())).unwrap();
+            // In the folder asked for (the export's, on disk), not `$TMPDIR`.
+            #[cfg(target_os = "linux")]
+            {
+                use std::os::fd::AsRawFd;
+                let at = std::fs::read_link(format!("/proc/self/fd/{}", spill.file.as_raw_fd()))
+                    .unwrap();
+                assert!(at.starts_with(dir.path()), "{}", at.display());
+            }
             let spilled: Vec<&String> = spill.layers.iter().map(|(n, _)| n).collect();
             let expected: Vec<String> = session
                 .linears()
