@@ -549,6 +549,85 @@ fn eval_and_benchmarks_run_on_a_builtin_model() {
 /// `[export] format = "packed"` writes each linear as packed; `eval` and `generate` run the
 /// folder on its kernels (what the run evaluated), a damaged file is refused naming it, and a
 /// packed folder cannot be pruned again.
+/// `bench serve` runs the daemon on loopback and compares each export with the dense model in
+/// the storage the daemon serves the export in (its run's), so the ratio is the pruning's alone.
+#[test]
+fn bench_serve_compares_each_export_with_the_dense_model_in_its_storage() {
+    let dir = tmp();
+    let model = repo().join("engine/tests/fixtures/llama");
+    for (name, storage) in [("half-bf16", "bf16"), ("half-f32", "f32")] {
+        let pipeline = write(
+            dir.path(),
+            &format!("{name}.toml"),
+            &format!(
+                "model = \"{}\"\n[[stage]]\nplugin = \"magnitude\"\ndensity = 0.5\n\
+                 [evaluate]\nwindow = 128\nmax_tokens = 300\nstorage = \"{storage}\"\n\
+                 latency = false\n[export]\ndir = \"{name}\"\n",
+                model.display()
+            ),
+        );
+        let o = espalier(&["run", pipeline.to_str().unwrap()], dir.path());
+        assert!(o.status.success(), "{:?}", text(&o));
+    }
+    let o = espalier(
+        &[
+            "bench",
+            "serve",
+            model.to_str().unwrap(),
+            "--pruned",
+            "half-bf16",
+            "--pruned",
+            "half-f32",
+            "--streams",
+            "1,2",
+            "--max-tokens",
+            "4",
+            "--seconds",
+            "300",
+            "--json",
+        ],
+        dir.path(),
+    );
+    let (stdout, stderr) = text(&o);
+    assert!(o.status.success(), "{stderr}");
+    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let rounds = v["rounds"].as_array().unwrap();
+    let seen: Vec<(&str, u64, &str)> = rounds
+        .iter()
+        .map(|r| {
+            (
+                r["model"].as_str().unwrap(),
+                r["streams"].as_u64().unwrap(),
+                r["baseline"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    // The dense model once more in bf16 (before the export compared with it), not in f32.
+    assert_eq!(
+        seen,
+        [
+            ("dense", 1, "dense"),
+            ("dense", 2, "dense"),
+            ("dense-bf16", 1, "dense-bf16"),
+            ("dense-bf16", 2, "dense-bf16"),
+            ("half-bf16", 1, "dense-bf16"),
+            ("half-bf16", 2, "dense-bf16"),
+            ("half-f32", 1, "dense"),
+            ("half-f32", 2, "dense"),
+        ],
+        "{v:#}"
+    );
+    for r in rounds {
+        let vs = r["vs_dense"].as_f64().unwrap_or(-1.0);
+        assert!(vs > 0.0, "{r}");
+        if r["model"] == r["baseline"] {
+            assert_eq!(vs, 1.0, "{r}");
+        }
+        assert!(r["tokens"].as_u64().unwrap() > 0, "{r}");
+    }
+    assert!(v["skipped"].as_array().unwrap().is_empty(), "{v:#}");
+}
+
 #[test]
 fn a_packed_export_runs_as_evaluated_and_refuses_damage() {
     let dir = tmp();

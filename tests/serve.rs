@@ -743,6 +743,50 @@ fn openai_compatible_completions_over_http() {
         printed.strip_suffix('\n').unwrap_or(&printed),
         c["choices"][0]["text"].as_str().unwrap()
     );
+    // The response says what the model runs on.
+    let fingerprint = c["system_fingerprint"].as_str().unwrap_or_default();
+    assert!(
+        fingerprint.contains("linears: dense") && fingerprint.ends_with("KV cache f32"),
+        "{c:#}"
+    );
+    // A storage suffix loads the model in that storage, as `generate --storage` does.
+    let (s, in_bf16) = d.post_json(
+        "/openai/v1/completions",
+        &json!({"model": "builtin:tiny-llama@bf16", "prompt": "Once", "max_tokens": 8,
+                "temperature": 0}),
+        Some(TOKEN),
+    );
+    assert_eq!(s, 200, "{in_bf16:#}");
+    assert_eq!(in_bf16["model"], "builtin:tiny-llama@bf16");
+    let fingerprint = in_bf16["system_fingerprint"].as_str().unwrap_or_default();
+    assert!(
+        fingerprint.contains("dense/bf16") && fingerprint.ends_with("KV cache f16"),
+        "{in_bf16:#}"
+    );
+    let cli = binary::espalier(
+        &[
+            "generate",
+            "builtin:tiny-llama",
+            "--storage",
+            "bf16",
+            "--prompt",
+            "Once",
+            "--max-tokens",
+            "8",
+        ],
+        dir.path(),
+    );
+    let printed = binary::text(&cli).0;
+    assert_eq!(
+        printed.strip_suffix('\n').unwrap_or(&printed),
+        in_bf16["choices"][0]["text"].as_str().unwrap()
+    );
+    let (s, e) = d.post_json(
+        "/openai/v1/completions",
+        &json!({"model": "builtin:tiny-llama@fp8", "prompt": "x"}),
+        Some(TOKEN),
+    );
+    assert_eq!(s, 404, "{e:#}");
 
     // Chat: streamed chunks add up to the non-streamed answer; the stream ends with [DONE].
     let chat = |stream: bool, content: &str| {
@@ -783,6 +827,7 @@ fn openai_compatible_completions_over_http() {
         .map(|e| serde_json::from_str(e).unwrap())
         .collect();
     assert_eq!(chunks[0]["object"], "chat.completion.chunk");
+    assert_eq!(chunks[0]["system_fingerprint"], whole["system_fingerprint"]);
     assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
     let streamed: String = chunks
         .iter()

@@ -6,7 +6,9 @@
 //! first over the time after the first), aggregate tokens/s (all tokens over the wall time
 //! of the round, so the prompts' prefill counts) and aggregate decode tokens/s (the streams'
 //! decode rates summed: the steady-state throughput of the batched decode steps, without the
-//! prefill), each relative to one stream.
+//! prefill), each relative to one stream, and each model's aggregate relative to the dense
+//! model's served in the same storage (a bf16 export against the dense model in bf16, which
+//! the daemon loads as `NAME@bf16`), so the ratio is the pruning's alone.
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -16,6 +18,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 
+use espalier::sparse::Storage;
+
 use crate::bench_api::{DaemonChild, link_tree, percentile};
 
 /// About 64 tokens of English for SmolLM2's tokenizer.
@@ -24,11 +28,24 @@ the lamp. Ships passing the rocky coast depended on its beam to find their way t
 One night, as a storm gathered over the sea, he noticed a small boat drifting toward the rocks, \
 and he";
 
+/// One model to serve.
+pub struct ServedModel {
+    /// Its name in the results.
+    pub label: String,
+    /// A directory or `builtin:NAME`.
+    pub reference: String,
+    /// The storage to serve it in (`@NAME` on the requests' model name); `None`: as the daemon
+    /// loads it by default (a pruned export in the storage its run evaluated it in).
+    pub storage: Option<Storage>,
+    /// The label of the model its aggregate is compared with (`vs_dense`), run before it: the
+    /// dense model in the same storage (itself for the dense model).
+    pub baseline: String,
+}
+
 /// What to run.
 pub struct Options {
-    /// Models: `(label, reference)`, a directory or `builtin:NAME`; the first is the one the
-    /// others are compared with (`vs_first`), and lends its tokenizer to exports without one.
-    pub models: Vec<(String, String)>,
+    /// Models, in the order they run; the first lends its tokenizer to exports without one.
+    pub models: Vec<ServedModel>,
     /// Concurrent streams per round.
     pub streams: Vec<usize>,
     /// Tokens each stream asks for.
@@ -65,9 +82,11 @@ pub struct Round {
     pub decode_aggregate_tokens_per_s: f64,
     /// `decode_aggregate_tokens_per_s` over the same model's one-stream figure.
     pub decode_vs_single: Option<f64>,
-    /// `aggregate_tokens_per_s` over the first model's (the dense one) at the same number of
-    /// streams (when measured; 1.0 for the first model itself).
-    pub vs_first: Option<f64>,
+    /// The model `vs_dense` compares with: the dense model in the same storage.
+    pub baseline: String,
+    /// `aggregate_tokens_per_s` over the baseline's at the same number of streams (when
+    /// measured; 1.0 for the baseline itself).
+    pub vs_dense: Option<f64>,
 }
 
 /// Every round, plus those skipped for time.
@@ -192,13 +211,25 @@ pub fn run(opts: &Options, progress: &mut dyn FnMut(&str)) -> Result<ServeBench>
     let state = tempfile::Builder::new()
         .prefix("espalier-bench-serve-")
         .tempdir()?;
-    let tokenizer_from = Path::new(&opts.models[0].1).to_path_buf();
+    let tokenizer_from = Path::new(&opts.models[0].reference).to_path_buf();
+    // The requests' model names: each folder linked into the state once, a storage as a
+    // suffix.
+    let mut installed: Vec<(&str, String)> = Vec::new();
     let mut names = Vec::new();
-    for (label, reference) in &opts.models {
-        names.push((
-            label.clone(),
-            install(state.path(), label, reference, &tokenizer_from)?,
-        ));
+    for m in &opts.models {
+        let name = match installed.iter().find(|(r, _)| *r == m.reference) {
+            Some((_, name)) => name.clone(),
+            None => {
+                let name = install(state.path(), &m.label, &m.reference, &tokenizer_from)?;
+                installed.push((&m.reference, name.clone()));
+                name
+            }
+        };
+        let name = match m.storage {
+            Some(s) => format!("{name}@{}", s.name()),
+            None => name,
+        };
+        names.push((m.label.clone(), name, m.baseline.clone()));
     }
     let most = opts.streams.iter().copied().max().unwrap_or(1);
     let config = state.path().join("serve.toml");
@@ -220,7 +251,7 @@ pub fn run(opts: &Options, progress: &mut dyn FnMut(&str)) -> Result<ServeBench>
     let base = daemon.base.clone();
     let mut rounds: Vec<Round> = Vec::new();
     let mut skipped = Vec::new();
-    for (label, name) in &names {
+    for (label, name, baseline) in &names {
         progress(&format!("loading {label}"));
         stream_once(&base, name, 2).with_context(|| format!("warming up {label}"))?;
         let mut single = None;
@@ -255,11 +286,11 @@ pub fn run(opts: &Options, progress: &mut dyn FnMut(&str)) -> Result<ServeBench>
             if n == 1 {
                 single = Some((aggregate, decode_aggregate));
             }
-            let first = rounds
+            let dense = rounds
                 .iter()
-                .find(|r| r.model == names[0].0 && r.streams == n)
+                .find(|r| r.model == *baseline && r.streams == n)
                 .map(|r| r.aggregate_tokens_per_s)
-                .or((label == &names[0].0).then_some(aggregate));
+                .or((label == baseline).then_some(aggregate));
             rounds.push(Round {
                 model: label.clone(),
                 streams: n,
@@ -272,7 +303,8 @@ pub fn run(opts: &Options, progress: &mut dyn FnMut(&str)) -> Result<ServeBench>
                 vs_single: single.map(|(s, _)| aggregate / s.max(1e-9)),
                 decode_aggregate_tokens_per_s: decode_aggregate,
                 decode_vs_single: single.map(|(_, s)| decode_aggregate / s.max(1e-9)),
-                vs_first: first.map(|f| aggregate / f.max(1e-9)),
+                baseline: baseline.clone(),
+                vs_dense: dense.map(|f| aggregate / f.max(1e-9)),
             });
         }
     }

@@ -1898,8 +1898,27 @@ fn cmd_bench_serve(
     json: bool,
 ) -> Result<()> {
     let dense = espalier::fetch::resolve(model, &models_dir(), &mut |m| err!("{m}"))?;
-    let mut models = vec![("dense".to_string(), dense)];
+    let served = |label: &str, reference: &str, storage, baseline: &str| bench_serve::ServedModel {
+        label: label.to_string(),
+        reference: reference.to_string(),
+        storage,
+        baseline: baseline.to_string(),
+    };
+    let mut models = vec![served("dense", &dense, None, "dense")];
+    // Each export is compared with the dense model in the storage the daemon serves it in, so
+    // the dense model is served once more in each such storage other than f32.
+    let mut exports = Vec::new();
     for p in pruned {
+        let storage = espalier::sparse::served_storage(&p)
+            .with_context(|| format!("reading {}", p.display()))?;
+        if storage != espalier::sparse::Storage::F32 && !exports.iter().any(|(_, s)| *s == storage)
+        {
+            let label = format!("dense-{}", storage.name());
+            models.push(served(&label, &dense, Some(storage), &label));
+        }
+        exports.push((p, storage));
+    }
+    for (p, storage) in exports {
         // Each export is labelled by its folder name (so several can be told apart), made
         // unique when two folders share a name.
         let base = p.file_name().map_or_else(
@@ -1908,11 +1927,15 @@ fn cmd_bench_serve(
         );
         let mut label = base.clone();
         let mut k = 2;
-        while models.iter().any(|(l, _)| *l == label) {
+        while models.iter().any(|m| m.label == label) {
             label = format!("{base}-{k}");
             k += 1;
         }
-        models.push((label, p.display().to_string()));
+        let baseline = match storage {
+            espalier::sparse::Storage::F32 => "dense".to_string(),
+            s => format!("dense-{}", s.name()),
+        };
+        models.push(served(&label, &p.display().to_string(), None, &baseline));
     }
     let opts = bench_serve::Options {
         models,
@@ -1953,7 +1976,8 @@ fn cmd_bench_serve(
             format!("{:.1}", r.decode_aggregate_tokens_per_s),
             r.decode_vs_single
                 .map_or("-".into(), |v| format!("{v:.2}x")),
-            r.vs_first.map_or("-".into(), |v| format!("{v:.2}x")),
+            r.vs_dense
+                .map_or("-".into(), |v| format!("{v:.2}x ({})", r.baseline)),
         ]);
     }
     out!("{t}");

@@ -372,7 +372,9 @@ pub fn bench_decode(
         .unwrap_or_default();
     let dense_storage = match (opts.dense_storage, &export) {
         (Some(s), _) => s,
-        (None, Some(_)) => packed_storage(&model_ref)?.unwrap_or(storage),
+        (None, Some(_)) => {
+            crate::sparse::checkpoint_storage(std::path::Path::new(&model_ref))?.unwrap_or(storage)
+        }
         (None, None) => storage,
     };
     // The dense model with every linear packed dense in `dense_storage` (f32 stays on the
@@ -498,20 +500,6 @@ fn median_round(
     runs.sort_by(|a, b| a.ms_per_token.total_cmp(&b.ms_per_token));
     let mid = runs.len() / 2;
     runs.swap_remove(mid)
-}
-
-/// The storage the layers of export `dir`'s packed file share, from its header alone (`None`
-/// when it has no packed file, or its layers differ in dtype).
-fn packed_storage(dir: &str) -> Result<Option<crate::sparse::Storage>, AppError> {
-    let path = std::path::Path::new(dir).join(espalier_engine::packed::PACKED_FILE);
-    if !path.exists() {
-        return Ok(None);
-    }
-    let dtypes = espalier_engine::packed::packed_dtypes(&path)?;
-    Ok(match dtypes[..] {
-        [dtype] => Some(crate::sparse::Storage::of_dtype(dtype)),
-        _ => None,
-    })
 }
 
 #[cfg(test)]

@@ -262,6 +262,33 @@ pub fn load_to_run(
     ))
 }
 
+/// The storage [`load_to_run`] runs `dir` in by default, read without loading it: a packed
+/// checkpoint's (when its layers share one dtype), else the storage a pruned export's run
+/// evaluated it in (its `report.json`), else f32.
+pub fn served_storage(dir: &std::path::Path) -> Result<Storage, EngineError> {
+    if let Some(storage) = checkpoint_storage(dir)? {
+        return Ok(storage);
+    }
+    let masks = crate::export::MaskFile::open(dir).map_err(EngineError::Input)?;
+    Ok(masks
+        .and_then(|m| m.evaluated_storage())
+        .unwrap_or_default())
+}
+
+/// The storage the layers of packed checkpoint `dir` share, from its header alone (`None`
+/// when it has no packed file, or its layers differ in dtype).
+pub fn checkpoint_storage(dir: &std::path::Path) -> Result<Option<Storage>, EngineError> {
+    let path = dir.join(espalier_engine::packed::PACKED_FILE);
+    if !path.exists() {
+        return Ok(None);
+    }
+    let dtypes = espalier_engine::packed::packed_dtypes(&path)?;
+    Ok(match dtypes[..] {
+        [dtype] => Some(Storage::of_dtype(dtype)),
+        _ => None,
+    })
+}
+
 /// Packs every masked linear of `model` that the planner finds faster sparse and points the
 /// session at it. A model loaded packed (a packed checkpoint, or [`load_pruned_export`]) is
 /// already on its kernels: its layers are only counted.

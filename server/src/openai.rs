@@ -3,7 +3,10 @@
 //! `chat.completion.chunk` / `text_completion` events ending with `data: [DONE]`, usage counts,
 //! and OpenAI-style error bodies. A request's `model` is a model of the daemon (`models/NAME`,
 //! `builtin:NAME`) or a finished run's export (`run-ID`), which runs on Espalier's sparse
-//! kernels. Models load on first use and stay loaded (at most `MAX_LOADED`). Each loaded model
+//! kernels, in the storage its run evaluated it in; a suffix `@f32`, `@bf16` or `@int8` loads
+//! it in that storage instead (a dense model in bf16 or int8 has every linear packed dense in
+//! it), as a model of its own. Every response's `system_fingerprint` says what the model runs
+//! on (its linears' kernels and the KV cache's type). Models load on first use and stay loaded (at most `MAX_LOADED`). Each loaded model
 //! has a continuous-batching scheduler ([`crate::batch`]): up to `config.generation_slots`
 //! sequences decode together, one batched step at a time, within `config.kv_cache_mib` of KV
 //! cache; at most `generation_slots + generation_queue` requests are admitted daemon-wide and
@@ -24,6 +27,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use espalier::generate::{FinishReason, GenerateError, GenerateSpec, Generator, Message, Sampling};
+use espalier::sparse::Storage;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
@@ -40,6 +44,8 @@ const MAX_LOADED: usize = 4;
 /// A model loaded for requests, under the name requests give it.
 struct Loaded {
     reference: String,
+    /// What it runs on, as responses' `system_fingerprint`.
+    fingerprint: String,
     generator: Arc<Generator>,
     /// Its batch; dropped with the model, which ends the scheduler thread.
     scheduler: Scheduler,
@@ -207,9 +213,22 @@ async fn model(state: &OpenAiState, name: &str) -> Result<Arc<Loaded>, OpenAiErr
     Ok(loaded)
 }
 
-fn load(daemon: &Arc<Daemon>, name: &str) -> Result<Loaded, OpenAiError> {
+/// A request's model name without its storage suffix (`@f32`, `@bf16`, `@int8`), and that
+/// storage. Any other `@` is part of the name.
+fn split_storage(name: &str) -> (&str, Option<Storage>) {
+    match name.rsplit_once('@') {
+        Some((base, suffix)) if !base.is_empty() => match Storage::from_name(suffix) {
+            Some(storage) => (base, Some(storage)),
+            None => (name, None),
+        },
+        _ => (name, None),
+    }
+}
+
+fn load(daemon: &Arc<Daemon>, requested: &str) -> Result<Loaded, OpenAiError> {
     let not_found =
         |m: String| OpenAiError(StatusCode::NOT_FOUND, "model_not_found", m, Some("model"));
+    let (name, storage) = split_storage(requested);
     if name.starts_with("fetch:") {
         return Err(not_found(format!(
             "`{name}` is not downloaded yet: POST /v1/models/fetch first, then use models/NAME"
@@ -228,7 +247,7 @@ fn load(daemon: &Arc<Daemon>, name: &str) -> Result<Loaded, OpenAiError> {
             .to_string(),
         _ => daemon.layout.model(name).map_err(not_found)?,
     };
-    let mut generator = Generator::load(&reference).map_err(|e| match e {
+    let mut generator = Generator::load_in(&reference, storage).map_err(|e| match e {
         GenerateError::Engine(e) => not_found(format!("model `{name}` cannot be loaded: {e}")),
         e => internal(e),
     })?;
@@ -236,6 +255,12 @@ fn load(daemon: &Arc<Daemon>, name: &str) -> Result<Loaded, OpenAiError> {
     if let Some(dtype) = c.kv_cache {
         generator.session.set_kv_dtype(dtype);
     }
+    let fingerprint = format!(
+        "espalier-{}; linears: {}; KV cache {}",
+        env!("CARGO_PKG_VERSION"),
+        generator.kernels,
+        generator.session.kv_dtype()
+    );
     let generator = Arc::new(generator);
     let limits = Limits {
         slots: c.generation_slots.max(1),
@@ -245,7 +270,8 @@ fn load(daemon: &Arc<Daemon>, name: &str) -> Result<Loaded, OpenAiError> {
     let scheduler =
         Scheduler::start(generator.clone(), limits, daemon.clone()).map_err(internal)?;
     Ok(Loaded {
-        reference: name.to_string(),
+        reference: requested.to_string(),
+        fingerprint,
         generator,
         scheduler,
     })
@@ -468,6 +494,7 @@ async fn respond(
         NEXT_ID.fetch_add(1, Ordering::Relaxed)
     );
     let model = loaded.reference.clone();
+    let fingerprint = loaded.fingerprint.clone();
     let mut rx = submit(&loaded, prompt, spec)?;
     if !options.stream {
         // Dropping this future (the client went away) drops `rx`, which frees the slot.
@@ -491,7 +518,7 @@ async fn respond(
         };
         return Ok(Json(
             json!({"id": id, "object": object, "created": created, "model": model,
-                              "choices": [choice], "usage": usage(&f)}),
+                   "system_fingerprint": fingerprint, "choices": [choice], "usage": usage(&f)}),
         )
         .into_response());
     }
@@ -514,7 +541,7 @@ async fn respond(
         };
         Event::default().data(
             json!({"id": id, "object": object, "created": created, "model": model,
-                   "choices": [choice]})
+                   "system_fingerprint": fingerprint, "choices": [choice]})
             .to_string(),
         )
     };
@@ -603,4 +630,27 @@ async fn chat_completions(
     let spec = spec(&request.options, 256)?;
     let prompt = prompt_tokens(&loaded, &text, "messages")?;
     respond(state, loaded, prompt, spec, &request.options, Kind::Chat).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_storage_suffix_is_split_from_the_model_name() {
+        assert_eq!(
+            split_storage("models/smollm2@bf16"),
+            ("models/smollm2", Some(Storage::Bf16))
+        );
+        assert_eq!(split_storage("run-3@int8"), ("run-3", Some(Storage::Int8)));
+        assert_eq!(
+            split_storage("builtin:tiny-llama@f32"),
+            ("builtin:tiny-llama", Some(Storage::F32))
+        );
+        // Anything else after an `@` is part of the name.
+        assert_eq!(split_storage("models/a@b"), ("models/a@b", None));
+        assert_eq!(split_storage("models/a@fp8"), ("models/a@fp8", None));
+        assert_eq!(split_storage("@bf16"), ("@bf16", None));
+        assert_eq!(split_storage("models/a"), ("models/a", None));
+    }
 }
