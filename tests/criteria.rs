@@ -395,6 +395,8 @@ fn sparsegpt_keeps_the_exact_structure_and_beats_the_same_mask_without_updates()
             obs_calibration()
         ))
         .unwrap();
+        // The dense originals the updates started from are not carried past the stages.
+        assert!(!result.state.holds_stage_inputs(), "{what}");
         for name in block_linears(&model) {
             let (w, r, c) = values(&model, &name);
             let (pruned, _, _) = values(&result.state.model, &name);
