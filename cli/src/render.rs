@@ -242,16 +242,16 @@ pub fn print_comparison(c: &Comparison) {
 }
 
 /// A pruned model that holds fewer weights than dense but peaks higher: the process also
-/// held unpacked weights of the run (kept for the export) while the pruned one ran, which
-/// the reader should not charge to it. Layers packed exactly in f32 are set aside then
-/// (`app::evaluate_pruned_in_run`), and those packed in bf16 or int8 (rounded, so their kernels
-/// cannot give the tensors back) wait in a temporary file; only where that file cannot be
-/// written does the run still hold them.
+/// held something of the run while the pruned one ran, which the reader should not charge to
+/// it. The note names the likely case without claiming it: layers packed exactly in f32 are
+/// set aside then (`app::evaluate_pruned_in_run`), and those packed in bf16 or int8 (rounded,
+/// so their kernels cannot give the tensors back) wait in a temporary file, so the run holds
+/// them only where that file cannot be written.
 fn held_model_note(dense: &MemoryReport, pruned: &MemoryReport) -> Option<String> {
     let (dense_peak, pruned_peak) = (dense.peak_rss_bytes?, pruned.peak_rss_bytes?);
     (pruned_peak > dense_peak && pruned.weight_bytes < dense.weight_bytes).then(|| {
         format!(
-            "note: peak RSS is the whole process's: while the pruned model was evaluated, the process also held the run's unpacked weights of the layers packed in rounded storage (bf16 or int8; up to {} in all, kept for the export, because no temporary file could be written for them: see the log); `espalier eval` of the export measures the pruned model alone",
+            "note: peak RSS is the whole process's, so it includes what the run still held while the pruned model was evaluated, such as the unpacked weights of layers packed in bf16 or int8 (up to {} in all) where no temporary file could be written for them (the log says so); `espalier eval` of the export measures the pruned model alone",
             mib(Some(dense.weight_bytes))
         )
     })
@@ -782,7 +782,7 @@ mod tests {
     fn a_smaller_model_peaking_higher_is_explained() {
         let note = held_model_note(&memory(513, Some(763)), &memory(324, Some(1209)))
             .expect("pruned holds less but peaks higher");
-        assert!(note.contains("up to 513 MiB in all"), "{note}");
+        assert!(note.contains("(up to 513 MiB in all)"), "{note}");
         // Nothing to explain: a lower peak, a model that holds as much, or no reading.
         assert_eq!(
             held_model_note(&memory(513, Some(763)), &memory(324, Some(700))),
