@@ -787,6 +787,48 @@ fn openai_compatible_completions_over_http() {
         Some(TOKEN),
     );
     assert_eq!(s, 404, "{e:#}");
+    // Penalties on repeated tokens, as `generate` applies them.
+    let (s, penalized) = d.post_json(
+        "/openai/v1/completions",
+        &json!({"model": "builtin:tiny-llama", "prompt": "Once", "max_tokens": 8,
+                "temperature": 0, "frequency_penalty": 1.5, "presence_penalty": 0.5,
+                "repetition_penalty": 1.3}),
+        Some(TOKEN),
+    );
+    assert_eq!(s, 200, "{penalized:#}");
+    assert_ne!(
+        penalized["choices"][0]["text"], c["choices"][0]["text"],
+        "the tiny model repeats one token greedily; the penalties must change that"
+    );
+    let cli = binary::espalier(
+        &[
+            "generate",
+            "builtin:tiny-llama",
+            "--prompt",
+            "Once",
+            "--max-tokens",
+            "8",
+            "--frequency-penalty",
+            "1.5",
+            "--presence-penalty",
+            "0.5",
+            "--repeat-penalty",
+            "1.3",
+        ],
+        dir.path(),
+    );
+    let printed = binary::text(&cli).0;
+    assert_eq!(
+        printed.strip_suffix('\n').unwrap_or(&printed),
+        penalized["choices"][0]["text"].as_str().unwrap()
+    );
+    let (s, e) = d.post_json(
+        "/openai/v1/completions",
+        &json!({"model": "builtin:tiny-llama", "prompt": "x", "frequency_penalty": 3}),
+        Some(TOKEN),
+    );
+    assert_eq!(s, 400, "{e:#}");
+    assert_eq!(e["error"]["param"], "frequency_penalty", "{e:#}");
 
     // Chat: streamed chunks add up to the non-streamed answer; the stream ends with [DONE].
     let chat = |stream: bool, content: &str| {

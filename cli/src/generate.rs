@@ -44,6 +44,19 @@ pub struct GenerateArgs {
     /// Seed of the sampler.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Divide a positive logit (multiply a negative one) of every token already in the prompt
+    /// or the reply by R before choosing (as transformers' repetition_penalty and llama.cpp's
+    /// --repeat-penalty; 1 = off, 1.1 to 1.3 curbs the loops small models fall into).
+    #[arg(long, default_value_t = 1.0)]
+    pub repeat_penalty: f32,
+    /// Lower a token's logit by F for each time the reply already holds it (OpenAI's
+    /// frequency_penalty, -2 to 2).
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    pub frequency_penalty: f32,
+    /// Lower the logit of every token the reply already holds by P (OpenAI's presence_penalty,
+    /// -2 to 2).
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    pub presence_penalty: f32,
     /// Stop when the text contains this (repeatable); it is not printed.
     #[arg(long)]
     pub stop: Vec<String>,
@@ -93,6 +106,9 @@ pub fn run(args: GenerateArgs, models_dir: &std::path::Path) -> Result<()> {
             top_k: args.top_k,
             top_p: args.top_p,
             seed: args.seed,
+            repetition_penalty: args.repeat_penalty,
+            frequency_penalty: args.frequency_penalty,
+            presence_penalty: args.presence_penalty,
         },
         stop: args.stop,
         ..GenerateSpec::default()

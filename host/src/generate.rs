@@ -42,6 +42,16 @@ pub struct Sampling {
     pub top_p: Option<f32>,
     /// Seed of the sampler (the same seed and settings give the same text).
     pub seed: u64,
+    /// Every token already in the prompt or the reply has a positive logit divided by this and
+    /// a negative one multiplied by it before the choice (transformers' and llama.cpp's
+    /// repetition penalty; 1 = off, above 1 discourages repeats).
+    pub repetition_penalty: f32,
+    /// Subtracted from a token's logit once per time the reply already holds it (OpenAI's
+    /// `frequency_penalty`, -2 to 2; 0 = off).
+    pub frequency_penalty: f32,
+    /// Subtracted once from the logit of every token the reply already holds (OpenAI's
+    /// `presence_penalty`, -2 to 2; 0 = off).
+    pub presence_penalty: f32,
 }
 
 impl Default for Sampling {
@@ -51,6 +61,9 @@ impl Default for Sampling {
             top_k: None,
             top_p: None,
             seed: 0,
+            repetition_penalty: 1.0,
+            frequency_penalty: 0.0,
+            presence_penalty: 0.0,
         }
     }
 }
@@ -58,26 +71,89 @@ impl Default for Sampling {
 impl Sampling {
     /// Checks the ranges (a clear message instead of NaN probabilities).
     pub fn check(&self) -> Result<(), GenerateError> {
+        match self.invalid_setting() {
+            Some((_, message)) => Err(GenerateError::Settings(message)),
+            None => Ok(()),
+        }
+    }
+
+    /// The first setting out of its range: its name and what is wrong with it.
+    pub fn invalid_setting(&self) -> Option<(&'static str, String)> {
         if !self.temperature.is_finite() || self.temperature < 0.0 {
-            return Err(GenerateError::Settings(format!(
-                "temperature {} must be a finite number >= 0 (0 = greedy)",
-                self.temperature
-            )));
+            return Some((
+                "temperature",
+                format!(
+                    "temperature {} must be a finite number >= 0 (0 = greedy)",
+                    self.temperature
+                ),
+            ));
         }
         if self.top_k == Some(0) {
-            return Err(GenerateError::Settings(
+            return Some((
+                "top_k",
                 "top_k must be at least 1 (leave it out to keep every token)".into(),
             ));
         }
         if let Some(p) = self.top_p
             && !(p > 0.0 && p <= 1.0)
         {
-            return Err(GenerateError::Settings(format!(
-                "top_p {p} must be in (0, 1]"
-            )));
+            return Some(("top_p", format!("top_p {p} must be in (0, 1]")));
         }
-        Ok(())
+        if !(self.repetition_penalty.is_finite() && self.repetition_penalty > 0.0) {
+            return Some((
+                "repetition_penalty",
+                format!(
+                    "the repetition penalty {} must be a finite number > 0 (1 = off)",
+                    self.repetition_penalty
+                ),
+            ));
+        }
+        for (name, words, v) in [
+            ("frequency_penalty", "frequency", self.frequency_penalty),
+            ("presence_penalty", "presence", self.presence_penalty),
+        ] {
+            if !(-2.0..=2.0).contains(&v) {
+                return Some((
+                    name,
+                    format!("the {words} penalty {v} must be in [-2, 2] (0 = off)"),
+                ));
+            }
+        }
+        None
     }
+
+    /// Whether any penalty changes the logits.
+    fn penalizes(&self) -> bool {
+        self.repetition_penalty != 1.0
+            || self.frequency_penalty != 0.0
+            || self.presence_penalty != 0.0
+    }
+}
+
+/// `logits` with the sampling's penalties applied for a sequence whose prompt holds the tokens
+/// `prompt` (distinct, for the repetition penalty) and whose reply so far is `reply`.
+fn penalized(logits: &[f32], sampling: &Sampling, prompt: &[u32], reply: &[u32]) -> Vec<f32> {
+    let mut out = logits.to_vec();
+    let mut counts: std::collections::BTreeMap<u32, u32> = std::collections::BTreeMap::new();
+    for &t in reply {
+        *counts.entry(t).or_insert(0) += 1;
+    }
+    if sampling.repetition_penalty != 1.0 {
+        let r = sampling.repetition_penalty;
+        let seen: std::collections::BTreeSet<u32> =
+            prompt.iter().chain(counts.keys()).copied().collect();
+        for t in seen {
+            if let Some(v) = out.get_mut(t as usize) {
+                *v = if *v > 0.0 { *v / r } else { *v * r };
+            }
+        }
+    }
+    for (t, n) in counts {
+        if let Some(v) = out.get_mut(t as usize) {
+            *v -= n as f32 * sampling.frequency_penalty + sampling.presence_penalty;
+        }
+    }
+    out
 }
 
 /// What to generate.
@@ -169,6 +245,8 @@ pub struct Sequence {
     prompt_len: usize,
     positions: usize,
     rng: StdRng,
+    /// The prompt's distinct tokens, kept only for a repetition penalty.
+    prompt_tokens: Vec<u32>,
     /// The sequence's keys and values, reserved for the whole prompt and reply up front.
     pub cache: espalier_engine::KvCache,
     tokens: Vec<u32>,
@@ -214,6 +292,14 @@ impl Sequence {
             prompt_len: prompt.len(),
             positions,
             rng: StdRng::seed_from_u64(spec.sampling.seed),
+            prompt_tokens: if spec.sampling.repetition_penalty != 1.0 {
+                let mut distinct = prompt.to_vec();
+                distinct.sort_unstable();
+                distinct.dedup();
+                distinct
+            } else {
+                Vec::new()
+            },
             tokens: Vec::new(),
             text: String::new(),
             sent: 0,
@@ -288,7 +374,13 @@ impl Sequence {
         logits: &[f32],
         tokenizer: &Tokenizer,
     ) -> Result<String, GenerateError> {
-        let next = choose(logits, &self.spec.sampling, &mut self.rng);
+        let sampling = &self.spec.sampling;
+        let next = if sampling.penalizes() {
+            let logits = penalized(logits, sampling, &self.prompt_tokens, &self.tokens);
+            choose(&logits, sampling, &mut self.rng)
+        } else {
+            choose(logits, sampling, &mut self.rng)
+        };
         if self.tokens.is_empty() {
             self.first_token_ms = self.started.elapsed().as_secs_f64() * 1e3;
             self.decode_started = Instant::now();
@@ -722,9 +814,60 @@ mod tests {
                 top_p: Some(1.5),
                 ..Sampling::default()
             },
+            Sampling {
+                repetition_penalty: 0.0,
+                ..Sampling::default()
+            },
+            Sampling {
+                frequency_penalty: 2.5,
+                ..Sampling::default()
+            },
+            Sampling {
+                presence_penalty: f32::NAN,
+                ..Sampling::default()
+            },
         ] {
             assert!(bad.check().is_err(), "{bad:?}");
         }
+        let (name, _) = Sampling {
+            presence_penalty: -3.0,
+            ..Sampling::default()
+        }
+        .invalid_setting()
+        .unwrap();
+        assert_eq!(name, "presence_penalty");
+    }
+
+    /// The penalties as transformers (repetition: prompt and reply, divide a positive logit,
+    /// multiply a negative one) and OpenAI (frequency and presence: the reply's counts) define
+    /// them; greedy then picks another token than the repeated one.
+    #[test]
+    fn penalties_lower_the_logits_of_tokens_already_seen() {
+        let logits = [2.0f32, -1.0, 0.5, 1.9];
+        let repetition = Sampling {
+            repetition_penalty: 2.0,
+            ..Sampling::default()
+        };
+        assert!(repetition.penalizes() && !Sampling::default().penalizes());
+        // Token 0 in the prompt, token 1 in the reply (twice), 2 and 3 unseen.
+        assert_eq!(
+            penalized(&logits, &repetition, &[0], &[1, 1]),
+            [1.0, -2.0, 0.5, 1.9]
+        );
+        let openai = Sampling {
+            frequency_penalty: 0.5,
+            presence_penalty: 0.25,
+            ..Sampling::default()
+        };
+        // The prompt does not count for OpenAI's penalties.
+        assert_eq!(
+            penalized(&logits, &openai, &[3], &[1, 0, 1]),
+            [2.0 - 0.5 - 0.25, -1.0 - 1.0 - 0.25, 0.5, 1.9]
+        );
+        let mut rng = StdRng::seed_from_u64(0);
+        assert_eq!(choose(&logits, &openai, &mut rng), 0);
+        let seen = penalized(&logits, &openai, &[], &[0]);
+        assert_eq!(choose(&seen, &openai, &mut rng), 3);
     }
 
     #[test]
@@ -763,6 +906,7 @@ mod tests {
                     top_k: Some(50),
                     top_p: Some(0.9),
                     seed,
+                    ..Sampling::default()
                 },
                 ..GenerateSpec::default()
             };

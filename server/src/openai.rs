@@ -296,6 +296,10 @@ struct Options {
     top_k: Option<i64>,
     seed: Option<u64>,
     stop: Option<Stop>,
+    frequency_penalty: Option<f32>,
+    presence_penalty: Option<f32>,
+    /// vLLM's extension: transformers' repetition penalty (1 = off).
+    repetition_penalty: Option<f32>,
     #[serde(default)]
     stream: bool,
     stream_options: Option<Value>,
@@ -342,10 +346,13 @@ fn spec(o: &Options, default_max: usize) -> Result<GenerateSpec, OpenAiError> {
         top_k,
         top_p: o.top_p,
         seed: o.seed.unwrap_or(0),
+        repetition_penalty: o.repetition_penalty.unwrap_or(1.0),
+        frequency_penalty: o.frequency_penalty.unwrap_or(0.0),
+        presence_penalty: o.presence_penalty.unwrap_or(0.0),
     };
-    sampling
-        .check()
-        .map_err(|e| bad("temperature", e.to_string()))?;
+    if let Some((param, message)) = sampling.invalid_setting() {
+        return Err(bad(param, message));
+    }
     let stop = match &o.stop {
         None => Vec::new(),
         Some(Stop::One(s)) => vec![s.clone()],
