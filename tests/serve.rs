@@ -727,22 +727,21 @@ fn openai_compatible_completions_over_http() {
     assert_eq!(c["object"], "text_completion");
     assert_eq!(c["usage"]["completion_tokens"], 8);
     assert_eq!(c["choices"][0]["finish_reason"], "length");
-    let cli = binary::espalier(
-        &[
+    // What `espalier generate builtin:tiny-llama --prompt Once --max-tokens 8 EXTRA…` prints.
+    let generated = |extra: &[&str]| {
+        let mut args = vec![
             "generate",
             "builtin:tiny-llama",
             "--prompt",
             "Once",
             "--max-tokens",
             "8",
-        ],
-        dir.path(),
-    );
-    let printed = binary::text(&cli).0;
-    assert_eq!(
-        printed.strip_suffix('\n').unwrap_or(&printed),
-        c["choices"][0]["text"].as_str().unwrap()
-    );
+        ];
+        args.extend_from_slice(extra);
+        let printed = binary::text(&binary::espalier(&args, dir.path())).0;
+        printed.strip_suffix('\n').unwrap_or(&printed).to_string()
+    };
+    assert_eq!(generated(&[]), c["choices"][0]["text"].as_str().unwrap());
     // The response says what the model runs on.
     let fingerprint = c["system_fingerprint"].as_str().unwrap_or_default();
     assert!(
@@ -763,22 +762,8 @@ fn openai_compatible_completions_over_http() {
         fingerprint.contains("dense/bf16") && fingerprint.ends_with("KV cache f16"),
         "{in_bf16:#}"
     );
-    let cli = binary::espalier(
-        &[
-            "generate",
-            "builtin:tiny-llama",
-            "--storage",
-            "bf16",
-            "--prompt",
-            "Once",
-            "--max-tokens",
-            "8",
-        ],
-        dir.path(),
-    );
-    let printed = binary::text(&cli).0;
     assert_eq!(
-        printed.strip_suffix('\n').unwrap_or(&printed),
+        generated(&["--storage", "bf16"]),
         in_bf16["choices"][0]["text"].as_str().unwrap()
     );
     let (s, e) = d.post_json(
@@ -800,26 +785,16 @@ fn openai_compatible_completions_over_http() {
         penalized["choices"][0]["text"], c["choices"][0]["text"],
         "the tiny model repeats one token greedily; the penalties must change that"
     );
-    let cli = binary::espalier(
-        &[
-            "generate",
-            "builtin:tiny-llama",
-            "--prompt",
-            "Once",
-            "--max-tokens",
-            "8",
-            "--frequency-penalty",
-            "1.5",
-            "--presence-penalty",
-            "0.5",
-            "--repeat-penalty",
-            "1.3",
-        ],
-        dir.path(),
-    );
-    let printed = binary::text(&cli).0;
+    let cli_args = [
+        "--frequency-penalty",
+        "1.5",
+        "--presence-penalty",
+        "0.5",
+        "--repeat-penalty",
+        "1.3",
+    ];
     assert_eq!(
-        printed.strip_suffix('\n').unwrap_or(&printed),
+        generated(&cli_args),
         penalized["choices"][0]["text"].as_str().unwrap()
     );
     let (s, e) = d.post_json(
