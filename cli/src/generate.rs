@@ -114,10 +114,9 @@ pub fn run(args: GenerateArgs, models_dir: &std::path::Path) -> Result<()> {
         ..GenerateSpec::default()
     };
     err!(
-        "espalier: {model_ref} ({} prompt tokens; linears: {}; KV cache {})",
+        "espalier: {model_ref} ({} prompt tokens; {})",
         prompt.len(),
-        generator.kernels,
-        generator.session.kv_dtype()
+        generator.runs_on()
     );
     let mut stdout = std::io::stdout().lock();
     let mut closed = false;

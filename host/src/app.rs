@@ -405,6 +405,18 @@ pub fn evaluate_pruned_in_run(
     result
 }
 
+/// Where a run exporting to `export_dir` spills its rounded layers' dense copies: the folder
+/// the export is written into (its parent; `.` for a bare name), when it exists.
+fn spill_dir_beside(export_dir: &std::path::Path) -> Option<&std::path::Path> {
+    let parent = export_dir.parent()?;
+    let parent = if parent.as_os_str().is_empty() {
+        std::path::Path::new(".")
+    } else {
+        parent
+    };
+    parent.is_dir().then_some(parent)
+}
+
 /// A layer whose dense tensor was dropped from the model while its packed kernel (which holds
 /// the same values) ran.
 struct Parked<'a> {
@@ -1009,18 +1021,7 @@ impl App {
                 &outcome.state.masks,
                 &spec.value,
                 reset_peak,
-                // Beside the export (its folder's parent: the export is written there).
-                export_dir
-                    .as_deref()
-                    .and_then(std::path::Path::parent)
-                    .map(|d| {
-                        if d.as_os_str().is_empty() {
-                            std::path::Path::new(".")
-                        } else {
-                            d
-                        }
-                    })
-                    .filter(|d| d.is_dir()),
+                export_dir.as_deref().and_then(spill_dir_beside),
                 sink,
                 cancel,
             )?;
@@ -1120,6 +1121,19 @@ mod tests {
     /// back: those are not parked but spilled to a temporary file while the session runs
     /// without them (the tied embedding, which the session reads, excepted), and come back bit
     /// for bit.
+    #[test]
+    fn the_spill_goes_into_the_folder_the_export_is_written_into() {
+        let dir = tempfile::tempdir().unwrap();
+        let export = dir.path().join("out");
+        assert_eq!(spill_dir_beside(&export), Some(dir.path()));
+        assert_eq!(
+            spill_dir_beside(std::path::Path::new("out")),
+            Some(std::path::Path::new("."))
+        );
+        // A folder not made yet: no spill folder (the caller falls back to `$TMPDIR`).
+        assert_eq!(spill_dir_beside(&dir.path().join("missing/out")), None);
+    }
+
     #[test]
     fn rounded_kernels_spill_their_dense_copies() {
         for storage in [Storage::Bf16, Storage::Int8] {

@@ -130,30 +130,53 @@ impl Sampling {
     }
 }
 
-/// `logits` with the sampling's penalties applied for a sequence whose prompt holds the tokens
-/// `prompt` (distinct, for the repetition penalty) and whose reply so far is `reply`.
-fn penalized(logits: &[f32], sampling: &Sampling, prompt: &[u32], reply: &[u32]) -> Vec<f32> {
-    let mut out = logits.to_vec();
-    let mut counts: std::collections::BTreeMap<u32, u32> = std::collections::BTreeMap::new();
-    for &t in reply {
-        *counts.entry(t).or_insert(0) += 1;
+/// The tokens a sequence's penalties look at, kept as it goes (only when a penalty is set).
+#[derive(Debug, Default)]
+struct Seen {
+    /// The prompt's distinct tokens, sorted (the repetition penalty counts them too).
+    prompt: Vec<u32>,
+    /// How often each token occurs in the reply so far.
+    reply: std::collections::BTreeMap<u32, u32>,
+}
+
+impl Seen {
+    fn new(prompt: &[u32]) -> Seen {
+        let mut distinct = prompt.to_vec();
+        distinct.sort_unstable();
+        distinct.dedup();
+        Seen {
+            prompt: distinct,
+            reply: Default::default(),
+        }
     }
-    if sampling.repetition_penalty != 1.0 {
-        let r = sampling.repetition_penalty;
-        let seen: std::collections::BTreeSet<u32> =
-            prompt.iter().chain(counts.keys()).copied().collect();
-        for t in seen {
-            if let Some(v) = out.get_mut(t as usize) {
-                *v = if *v > 0.0 { *v / r } else { *v * r };
+
+    fn push(&mut self, token: u32) {
+        *self.reply.entry(token).or_insert(0) += 1;
+    }
+
+    /// `logits` with `sampling`'s penalties applied: the repetition penalty on every token of
+    /// the prompt or the reply, the frequency and presence penalties on the reply's.
+    fn penalized(&self, logits: &[f32], sampling: &Sampling) -> Vec<f32> {
+        let mut out = logits.to_vec();
+        if sampling.repetition_penalty != 1.0 {
+            let r = sampling.repetition_penalty;
+            let in_reply_only = self
+                .reply
+                .keys()
+                .filter(|t| self.prompt.binary_search(t).is_err());
+            for &t in self.prompt.iter().chain(in_reply_only) {
+                if let Some(v) = out.get_mut(t as usize) {
+                    *v = if *v > 0.0 { *v / r } else { *v * r };
+                }
             }
         }
-    }
-    for (t, n) in counts {
-        if let Some(v) = out.get_mut(t as usize) {
-            *v -= n as f32 * sampling.frequency_penalty + sampling.presence_penalty;
+        for (&t, &n) in &self.reply {
+            if let Some(v) = out.get_mut(t as usize) {
+                *v -= n as f32 * sampling.frequency_penalty + sampling.presence_penalty;
+            }
         }
+        out
     }
-    out
 }
 
 /// What to generate.
@@ -245,8 +268,8 @@ pub struct Sequence {
     prompt_len: usize,
     positions: usize,
     rng: StdRng,
-    /// The prompt's distinct tokens, kept only for a repetition penalty.
-    prompt_tokens: Vec<u32>,
+    /// What the penalties look at; `None` when the sampling sets none.
+    seen: Option<Seen>,
     /// The sequence's keys and values, reserved for the whole prompt and reply up front.
     pub cache: espalier_engine::KvCache,
     tokens: Vec<u32>,
@@ -292,14 +315,7 @@ impl Sequence {
             prompt_len: prompt.len(),
             positions,
             rng: StdRng::seed_from_u64(spec.sampling.seed),
-            prompt_tokens: if spec.sampling.repetition_penalty != 1.0 {
-                let mut distinct = prompt.to_vec();
-                distinct.sort_unstable();
-                distinct.dedup();
-                distinct
-            } else {
-                Vec::new()
-            },
+            seen: spec.sampling.penalizes().then(|| Seen::new(prompt)),
             tokens: Vec::new(),
             text: String::new(),
             sent: 0,
@@ -375,11 +391,9 @@ impl Sequence {
         tokenizer: &Tokenizer,
     ) -> Result<String, GenerateError> {
         let sampling = &self.spec.sampling;
-        let next = if sampling.penalizes() {
-            let logits = penalized(logits, sampling, &self.prompt_tokens, &self.tokens);
-            choose(&logits, sampling, &mut self.rng)
-        } else {
-            choose(logits, sampling, &mut self.rng)
+        let next = match &self.seen {
+            Some(seen) => choose(&seen.penalized(logits, sampling), sampling, &mut self.rng),
+            None => choose(logits, sampling, &mut self.rng),
         };
         if self.tokens.is_empty() {
             self.first_token_ms = self.started.elapsed().as_secs_f64() * 1e3;
@@ -390,6 +404,9 @@ impl Sequence {
             return Ok(self.rest());
         }
         self.tokens.push(next);
+        if let Some(seen) = &mut self.seen {
+            seen.push(next);
+        }
         self.text = tokenizer.decode(&self.tokens, true)?;
         let sent = self.sent;
         if let Some(cut) = self
@@ -598,6 +615,16 @@ impl Generator {
             eos,
             kernels,
         })
+    }
+
+    /// What it runs on, e.g. `linears: 210 bitmap/f32, 1 dense; KV cache f32`: what
+    /// `espalier generate` prints and the OpenAI API's `system_fingerprint` carries.
+    pub fn runs_on(&self) -> String {
+        format!(
+            "linears: {}; KV cache {}",
+            self.kernels,
+            self.session.kv_dtype()
+        )
     }
 
     /// Generates after `prompt` with this model's end tokens and context (see [`generate`]).
@@ -849,9 +876,15 @@ mod tests {
             ..Sampling::default()
         };
         assert!(repetition.penalizes() && !Sampling::default().penalizes());
-        // Token 0 in the prompt, token 1 in the reply (twice), 2 and 3 unseen.
+        let seen = |prompt: &[u32], reply: &[u32]| {
+            let mut seen = Seen::new(prompt);
+            reply.iter().for_each(|&t| seen.push(t));
+            seen
+        };
+        // Token 0 twice in the prompt and once in the reply is divided once; token 1 (twice in
+        // the reply) is multiplied, being negative; 2 and 3 are unseen.
         assert_eq!(
-            penalized(&logits, &repetition, &[0], &[1, 1]),
+            seen(&[0, 0], &[1, 1, 0]).penalized(&logits, &repetition),
             [1.0, -2.0, 0.5, 1.9]
         );
         let openai = Sampling {
@@ -861,13 +894,13 @@ mod tests {
         };
         // The prompt does not count for OpenAI's penalties.
         assert_eq!(
-            penalized(&logits, &openai, &[3], &[1, 0, 1]),
+            seen(&[3], &[1, 0, 1]).penalized(&logits, &openai),
             [2.0 - 0.5 - 0.25, -1.0 - 1.0 - 0.25, 0.5, 1.9]
         );
         let mut rng = StdRng::seed_from_u64(0);
         assert_eq!(choose(&logits, &openai, &mut rng), 0);
-        let seen = penalized(&logits, &openai, &[], &[0]);
-        assert_eq!(choose(&seen, &openai, &mut rng), 3);
+        let penalized = seen(&[], &[0]).penalized(&logits, &openai);
+        assert_eq!(choose(&penalized, &openai, &mut rng), 3);
     }
 
     #[test]

@@ -6,8 +6,8 @@
 //! kernels, in the storage its run evaluated it in; a suffix `@f32`, `@bf16` or `@int8` loads
 //! it in that storage instead (a dense model in bf16 or int8 has every linear packed dense in
 //! it), as a model of its own. Every response's `system_fingerprint` says what the model runs
-//! on (its linears' kernels and the KV cache's type). Models load on first use and stay loaded (at most `MAX_LOADED`). Each loaded model
-//! has a continuous-batching scheduler ([`crate::batch`]): up to `config.generation_slots`
+//! on (its linears' kernels and the KV cache's type). Models load on first use and stay
+//! loaded (at most `MAX_LOADED`). Each loaded model has a continuous-batching scheduler ([`crate::batch`]): up to `config.generation_slots`
 //! sequences decode together, one batched step at a time, within `config.kv_cache_mib` of KV
 //! cache; at most `generation_slots + generation_queue` requests are admitted daemon-wide and
 //! beyond that a request gets 429 at once. A client that disconnects frees its slot at the next
@@ -256,10 +256,9 @@ fn load(daemon: &Arc<Daemon>, requested: &str) -> Result<Loaded, OpenAiError> {
         generator.session.set_kv_dtype(dtype);
     }
     let fingerprint = format!(
-        "espalier-{}; linears: {}; KV cache {}",
+        "espalier-{}; {}",
         env!("CARGO_PKG_VERSION"),
-        generator.kernels,
-        generator.session.kv_dtype()
+        generator.runs_on()
     );
     let generator = Arc::new(generator);
     let limits = Limits {
