@@ -684,11 +684,9 @@ fn sse_data(body: &[u8]) -> Vec<String> {
 /// The OpenAI-compatible API under `/openai/v1`: models, completions and chat completions,
 /// streamed and not, greedy answers equal to `espalier generate`'s and independent of other
 /// requests in flight, and OpenAI-style errors.
-#[test]
-fn openai_compatible_completions_over_http() {
-    let dir = tempfile::tempdir().unwrap();
-    let state = dir.path().join("state");
-    // A tiny Hugging Face folder with a chat template (SmolLM2's).
+/// `STATE/models/tiny`: a tiny Hugging Face folder (the engine's LLaMA fixture, with a real
+/// byte-level BPE tokenizer) with SmolLM2's chat template. Returns the folder.
+fn tiny_chat_model(state: &std::path::Path) -> std::path::PathBuf {
     let tiny = state.join("models/tiny");
     std::fs::create_dir_all(&tiny).unwrap();
     let fixtures = binary::repo().join("engine/tests/fixtures/llama");
@@ -704,6 +702,14 @@ fn openai_compatible_completions_over_http() {
         chat_fixture["tokenizer_config"].to_string(),
     )
     .unwrap();
+    tiny
+}
+
+#[test]
+fn openai_compatible_completions_over_http() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    tiny_chat_model(&state);
     let d = Daemon::start(&state, true);
 
     let (s, models) = d.get("/openai/v1/models");
@@ -922,6 +928,250 @@ fn openai_compatible_completions_over_http() {
     assert_eq!(e["error"]["code"], "context_length_exceeded");
     let (s, _) = d.post_json("/openai/v1/completions", &body, None);
     assert_eq!(s, 401, "the daemon's token is the API key");
+    let status = d.stop();
+    assert!(status.success(), "{status:?}");
+}
+
+/// The chunks of a streamed response (its `data:` lines before `[DONE]`), as JSON.
+fn stream_chunks(d: &Daemon, path: &str, body: &Value) -> Vec<Value> {
+    let (s, raw) = d.call(
+        "POST",
+        path,
+        Some(("application/json", body.to_string().into_bytes())),
+        Some(TOKEN),
+    );
+    assert_eq!(s, 200);
+    let events = sse_data(&raw);
+    assert_eq!(
+        events.last().map(String::as_str),
+        Some("[DONE]"),
+        "{events:?}"
+    );
+    events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect()
+}
+
+/// `logprobs` and `echo` as lm-evaluation-harness's `local-completions` model uses them to
+/// score multiple-choice tasks: the prompt's log-probabilities are the evaluation path's
+/// (minus its NLL), the reply's tokens are ranked among their alternatives, streamed and
+/// batched requests agree with single ones, and bad settings are refused naming the field.
+#[test]
+fn openai_logprobs_score_prompts_as_the_evaluation_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let tiny = tiny_chat_model(&state);
+    let model = espalier_engine::load_model(tiny.to_str().unwrap()).unwrap();
+    let session = espalier_engine::Session::new(&model).unwrap();
+    let tokenizer = espalier_engine::Tokenizer::from_model_dir(&tiny).unwrap();
+    let d = Daemon::start(&state, true);
+    let complete = |body: Value| {
+        let (s, c) = d.post_json("/openai/v1/completions", &body, Some(TOKEN));
+        assert_eq!(s, 200, "{c:#}");
+        c
+    };
+    let f = |v: &Value| v.as_f64().unwrap();
+
+    // What lm-eval sends for a loglikelihood request: token ids, echo, one alternative.
+    let context = tokenizer.encode("Once upon a time").unwrap();
+    let ids = tokenizer
+        .encode("Once upon a time there was a garden")
+        .unwrap();
+    let c = complete(
+        json!({"model": "models/tiny", "prompt": [ids], "temperature": 0,
+                            "max_tokens": 1, "logprobs": 1, "seed": 1234, "echo": true}),
+    );
+    let choice = &c["choices"][0];
+    let lp = &choice["logprobs"];
+    let token_logprobs = lp["token_logprobs"].as_array().unwrap();
+    assert_eq!(token_logprobs.len(), ids.len() + 1, "{lp:#}");
+    assert!(token_logprobs[0].is_null() && lp["top_logprobs"][0].is_null());
+    let nll = session.nll(&ids).unwrap();
+    for (j, want) in nll.iter().enumerate() {
+        let got = f(&token_logprobs[j + 1]);
+        assert!(
+            (got + f64::from(*want)).abs() < 1e-4,
+            "token {j}: {got} vs -{want}"
+        );
+    }
+    // lm-eval's parse: the continuation's sum, and whether each token was the most likely.
+    let continuation: f64 = token_logprobs[context.len()..ids.len()].iter().map(f).sum();
+    let want: f64 = nll[context.len() - 1..]
+        .iter()
+        .map(|&v| -f64::from(v))
+        .sum();
+    assert!(
+        (continuation - want).abs() < 1e-3,
+        "{continuation} vs {want}"
+    );
+    for (t, top) in token_logprobs[1..]
+        .iter()
+        .zip(&lp["top_logprobs"].as_array().unwrap()[1..])
+    {
+        let top = top.as_object().unwrap();
+        assert!(!top.is_empty() && top.len() <= 2, "{top:?}");
+        assert!(
+            top.values().any(|v| v == t),
+            "the token's own entry: {top:?}"
+        );
+    }
+    // The reply's one token is greedy: its log-probability is the largest at its place.
+    let last = ids.len();
+    let best = lp["top_logprobs"][last]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(f)
+        .fold(f64::MIN, f64::max);
+    assert_eq!(f(&token_logprobs[last]), best);
+    let prompt_text = tokenizer.decode(&ids, false).unwrap();
+    let text = choice["text"].as_str().unwrap();
+    assert!(
+        text.starts_with(&prompt_text) && text.len() > prompt_text.len(),
+        "{text:?}"
+    );
+    // The prompt's tokens spell its text (the reply's one token may end inside a character).
+    let tokens: String = lp["tokens"].as_array().unwrap()[..ids.len()]
+        .iter()
+        .map(|t| t.as_str().unwrap())
+        .collect();
+    assert_eq!(tokens, prompt_text);
+    assert_eq!(c["usage"]["prompt_tokens"], ids.len());
+
+    // Several prompts in one request (text this time), scoring only (max_tokens 0): one choice
+    // each, as each alone gets.
+    let texts = ["The garden wall", "Once upon a time there was"];
+    let both = complete(
+        json!({"model": "models/tiny", "prompt": texts, "max_tokens": 0,
+                               "echo": true, "logprobs": 0}),
+    );
+    assert_eq!(both["choices"].as_array().unwrap().len(), 2);
+    for (i, t) in texts.iter().enumerate() {
+        let alone = complete(json!({"model": "models/tiny", "prompt": t, "max_tokens": 0,
+                                    "echo": true, "logprobs": 0}));
+        let got = &both["choices"][i];
+        assert_eq!(got["index"], i);
+        assert_eq!(got["text"], *t);
+        assert_eq!(got["finish_reason"], "length");
+        assert_eq!(got["logprobs"], alone["choices"][0]["logprobs"]);
+    }
+    assert_eq!(both["usage"]["completion_tokens"], 0);
+
+    // The reply's log-probabilities, streamed and not, agree.
+    let body = |stream: bool| {
+        json!({"model": "models/tiny", "prompt": "The garden", "max_tokens": 6,
+               "temperature": 0, "logprobs": 2, "stream": stream})
+    };
+    let whole = complete(body(false));
+    let whole_lp = &whole["choices"][0]["logprobs"];
+    assert_eq!(
+        whole_lp["token_logprobs"].as_array().unwrap().len(),
+        6,
+        "{whole:#}"
+    );
+    assert_eq!(whole_lp["text_offset"][0], 0);
+    let chunks = stream_chunks(&d, "/openai/v1/completions", &body(true));
+    let column = |name: &str| -> Vec<Value> {
+        chunks
+            .iter()
+            .filter_map(|c| c["choices"][0]["logprobs"][name].as_array())
+            .flatten()
+            .cloned()
+            .collect()
+    };
+    for name in ["tokens", "token_logprobs", "top_logprobs", "text_offset"] {
+        assert_eq!(column(name), *whole_lp[name].as_array().unwrap(), "{name}");
+    }
+    let streamed: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["text"].as_str())
+        .collect();
+    assert_eq!(streamed, whole["choices"][0]["text"].as_str().unwrap());
+
+    // Chat: `logprobs: true` with `top_logprobs`: an entry per token of the reply (the end
+    // token is not part of it), each with its bytes.
+    let chat = |stream: bool| {
+        json!({"model": "models/tiny", "messages": [{"role": "user", "content": "hi"}],
+               "max_tokens": 8, "temperature": 0, "logprobs": true, "top_logprobs": 2,
+               "stream": stream})
+    };
+    let (s, c) = d.post_json("/openai/v1/chat/completions", &chat(false), Some(TOKEN));
+    assert_eq!(s, 200, "{c:#}");
+    let content = c["choices"][0]["logprobs"]["content"].as_array().unwrap();
+    assert_eq!(
+        content.len(),
+        c["usage"]["completion_tokens"].as_u64().unwrap() as usize
+    );
+    for e in content {
+        let bytes: Vec<u8> = e["bytes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b.as_u64().unwrap() as u8)
+            .collect();
+        if let Ok(text) = String::from_utf8(bytes) {
+            assert_eq!(e["token"], text.as_str());
+        }
+        let top = e["top_logprobs"].as_array().unwrap();
+        assert_eq!(top.len(), 2);
+        assert!(f(&top[0]["logprob"]) >= f(&e["logprob"]), "{e:#}");
+    }
+    let streamed: Vec<Value> = stream_chunks(&d, "/openai/v1/chat/completions", &chat(true))
+        .iter()
+        .filter_map(|c| c["choices"][0]["logprobs"]["content"].as_array().cloned())
+        .flatten()
+        .collect();
+    assert_eq!(&streamed, content);
+
+    // Bad settings, each refused naming its field.
+    let refused = |path: &str, body: Value, param: &str| {
+        let (s, e) = d.post_json(path, &body, Some(TOKEN));
+        assert_eq!(s, 400, "{body}: {e:#}");
+        assert_eq!(e["error"]["param"], param, "{body}: {e:#}");
+    };
+    let cmpl = "/openai/v1/completions";
+    let m = "models/tiny";
+    refused(
+        cmpl,
+        json!({"model": m, "prompt": "x", "logprobs": 21}),
+        "logprobs",
+    );
+    refused(
+        cmpl,
+        json!({"model": m, "prompt": "x", "logprobs": true}),
+        "logprobs",
+    );
+    refused(
+        cmpl,
+        json!({"model": m, "prompt": "x", "top_logprobs": 2}),
+        "top_logprobs",
+    );
+    refused(
+        cmpl,
+        json!({"model": m, "prompt": "x", "max_tokens": 0}),
+        "max_tokens",
+    );
+    refused(cmpl, json!({"model": m, "prompt": [1, "a"]}), "prompt");
+    refused(
+        cmpl,
+        json!({"model": m, "prompt": [[1, 2], [999_999]]}),
+        "prompt",
+    );
+    refused(cmpl, json!({"model": m, "prompt": [-1]}), "prompt");
+    refused(cmpl, json!({"model": m, "prompt": vec!["x"; 65]}), "prompt");
+    let chat_url = "/openai/v1/chat/completions";
+    let hi = json!([{"role": "user", "content": "hi"}]);
+    refused(
+        chat_url,
+        json!({"model": m, "messages": hi, "top_logprobs": 2}),
+        "top_logprobs",
+    );
+    refused(
+        chat_url,
+        json!({"model": m, "messages": hi, "logprobs": 3}),
+        "logprobs",
+    );
     let status = d.stop();
     assert!(status.success(), "{status:?}");
 }

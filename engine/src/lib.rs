@@ -22,7 +22,7 @@ pub use config::{Architecture, ModelConfig};
 pub use error::EngineError;
 pub use forward::{
     Distillation, GradientStats, KvCache, KvDtype, LinearObserver, LossGradients, Precision,
-    Session, TrainingPass,
+    Session, TokenLogprob, TrainingPass,
 };
 pub use layers::{LayerInfo, Role};
 pub use linear::{Linear, LinearKernel, LinearWeight};

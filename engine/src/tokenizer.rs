@@ -214,6 +214,43 @@ impl Tokenizer {
             })
     }
 
+    /// The bytes one token stands for, as its text would be in a decoded sequence: what the
+    /// OpenAI API's `logprobs` report per token (`bytes`), which a token's text alone cannot
+    /// carry where it ends inside a UTF-8 character. Byte-level BPE tokens (GPT-2, SmolLM2)
+    /// map back through the byte-to-character table; SentencePiece-style tokens give
+    /// `<0xNN>` as that byte and `▁` as a space. `None` for an id outside the vocabulary.
+    pub fn token_bytes(&self, id: u32) -> Option<Vec<u8>> {
+        let inner = match &self.kind {
+            Kind::Bytes => return u8::try_from(id).ok().map(|b| vec![b]),
+            Kind::Hf(inner) => inner,
+        };
+        let token = inner.id_to_token(id)?;
+        let byte_level = matches!(
+            inner.get_decoder(),
+            Some(tokenizers::DecoderWrapper::ByteLevel(_))
+        );
+        let mut bytes = Vec::with_capacity(token.len());
+        if byte_level {
+            for c in token.chars() {
+                match byte_level_byte(c) {
+                    Some(b) => bytes.push(b),
+                    // An added token's literal text (not byte-level encoded).
+                    None => bytes.extend_from_slice(c.encode_utf8(&mut [0; 4]).as_bytes()),
+                }
+            }
+        } else if let Some(b) = token
+            .strip_prefix("<0x")
+            .and_then(|h| h.strip_suffix('>'))
+            .filter(|h| h.len() == 2)
+            .and_then(|h| u8::from_str_radix(h, 16).ok())
+        {
+            bytes.push(b);
+        } else {
+            bytes.extend_from_slice(token.replace('\u{2581}', " ").as_bytes());
+        }
+        Some(bytes)
+    }
+
     /// Number of ids, added tokens included.
     pub fn vocab_size(&self) -> usize {
         match &self.kind {
@@ -260,6 +297,22 @@ impl Tokenizer {
     }
 }
 
+/// The byte a character of a byte-level BPE token stands for (GPT-2's table: printable bytes
+/// are their own character, the other 68 map in order to U+0100..U+0143), or `None` for a
+/// character outside the table.
+fn byte_level_byte(c: char) -> Option<u8> {
+    let printable = |b: u32| (0x21..=0x7E).contains(&b) || (0xA1..=0xAC).contains(&b) || b >= 0xAE;
+    let code = c as u32;
+    if code <= 0xFF {
+        return printable(code).then_some(code as u8);
+    }
+    let n = code.checked_sub(0x100)?;
+    (0u32..=0xFF)
+        .filter(|&b| !printable(b))
+        .nth(n as usize)
+        .map(|b| b as u8)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -273,6 +326,30 @@ mod tests {
         assert_eq!(tok.decode(&ids, false).unwrap(), "né");
         assert!(tok.decode(&[300], false).is_err());
         assert_eq!(tok.vocab_size(), 256);
+        assert_eq!(tok.token_bytes(195), Some(vec![195]));
+        assert_eq!(tok.token_bytes(256), None);
+    }
+
+    #[test]
+    fn token_bytes_add_up_to_the_text() {
+        // A byte-level BPE tokenizer (the test fixture's), on text with characters of two,
+        // three and four UTF-8 bytes, which some tokens end inside.
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llama");
+        let tok = Tokenizer::from_model_dir(&dir).unwrap();
+        let text = "Once upon a tîme, ∑ 🌱 grew\n\tthere";
+        let ids = tok.encode(text).unwrap();
+        let bytes: Vec<u8> = ids
+            .iter()
+            .flat_map(|&id| tok.token_bytes(id).unwrap())
+            .collect();
+        assert_eq!(String::from_utf8(bytes).unwrap(), text);
+        assert_eq!(tok.token_bytes(1 << 20), None);
+        // The table's two ranges: printable bytes are their own character, the rest follow.
+        assert_eq!(byte_level_byte('A'), Some(b'A'));
+        assert_eq!(byte_level_byte('\u{120}'), Some(b' '));
+        assert_eq!(byte_level_byte('\u{100}'), Some(0));
+        assert_eq!(byte_level_byte('\u{143}'), Some(0xAD));
+        assert_eq!(byte_level_byte('\u{144}'), None);
     }
 
     /// A saved built-in model (an export of `builtin:tiny-llama` has no tokenizer.json) keeps

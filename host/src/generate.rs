@@ -8,7 +8,8 @@
 use std::path::Path;
 use std::time::Instant;
 
-use espalier_engine::{Session, Tokenizer};
+use espalier_engine::forward::logprobs;
+use espalier_engine::{Session, TokenLogprob, Tokenizer};
 use rand::SeedableRng;
 use rand::distr::{Distribution, weighted::WeightedIndex};
 use rand::rngs::StdRng;
@@ -194,6 +195,10 @@ pub struct GenerateSpec {
     /// The model's context in tokens (`max_position_embeddings`: rotary models compute any
     /// position but were trained up to this one); 0 = only the forward pass's own limit.
     pub context: usize,
+    /// Record each chosen token's log-probability (and an EOS token's that ended the reply)
+    /// with this many most likely alternatives: the OpenAI API's `logprobs`. They come from
+    /// the model's logits as computed, before temperature and penalties (as vLLM's default).
+    pub logprobs: Option<usize>,
 }
 
 /// Why generation ended.
@@ -270,6 +275,10 @@ pub struct Sequence {
     rng: StdRng,
     /// What the penalties look at; `None` when the sampling sets none.
     seen: Option<Seen>,
+    /// Each chosen token's log-probability, when the spec asks for them.
+    logprobs: Vec<TokenLogprob>,
+    /// How many of `logprobs` were handed out ([`Sequence::take_logprobs`]).
+    logprobs_sent: usize,
     /// The sequence's keys and values, reserved for the whole prompt and reply up front.
     pub cache: espalier_engine::KvCache,
     tokens: Vec<u32>,
@@ -316,6 +325,8 @@ impl Sequence {
             positions,
             rng: StdRng::seed_from_u64(spec.sampling.seed),
             seen: spec.sampling.penalizes().then(|| Seen::new(prompt)),
+            logprobs: Vec::new(),
+            logprobs_sent: 0,
             tokens: Vec::new(),
             text: String::new(),
             sent: 0,
@@ -399,6 +410,10 @@ impl Sequence {
             self.first_token_ms = self.started.elapsed().as_secs_f64() * 1e3;
             self.decode_started = Instant::now();
         }
+        if let Some(top) = self.spec.logprobs {
+            self.logprobs
+                .push(logprobs::token_logprob(logits, next, top));
+        }
         if self.spec.eos.contains(&next) {
             self.finish = Some(FinishReason::Stop);
             return Ok(self.rest());
@@ -437,6 +452,20 @@ impl Sequence {
             return Ok(piece);
         }
         Ok(String::new())
+    }
+
+    /// The chosen tokens' log-probabilities so far (with `spec.logprobs`; an EOS token that
+    /// ended the reply included, though it is not in the text).
+    pub fn logprobs(&self) -> &[TokenLogprob] {
+        &self.logprobs
+    }
+
+    /// The log-probabilities not handed out yet, marked as handed out: a stream sends them
+    /// with the text they belong to.
+    pub fn take_logprobs(&mut self) -> Vec<TokenLogprob> {
+        let new = self.logprobs[self.logprobs_sent..].to_vec();
+        self.logprobs_sent = self.logprobs.len();
+        new
     }
 
     /// Text not handed out yet, marked as handed out.
@@ -949,6 +978,37 @@ mod tests {
         };
         assert_eq!(sampled(7), sampled(7));
         assert_ne!(sampled(7), sampled(8));
+
+        // Log-probabilities: under greedy choice each token is its position's most likely
+        // one, and the sequence hands each entry out once.
+        let spec = GenerateSpec {
+            logprobs: Some(2),
+            ..spec
+        };
+        let mut seq = Sequence::new(&session, &prompt, &spec).unwrap();
+        let mut handed = Vec::new();
+        while seq.wants_token() {
+            let input = match seq.last_token() {
+                None => prompt.clone(),
+                Some(t) => vec![t],
+            };
+            let logits: Vec<f32> = session
+                .forward_last(&input, Some(&mut seq.cache))
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            seq.accept(&logits, &tokenizer).unwrap();
+            handed.extend(seq.take_logprobs());
+        }
+        assert_eq!(handed, seq.logprobs());
+        let chosen: Vec<u32> = handed.iter().map(|t| t.token).collect();
+        assert_eq!(chosen, reference.generated);
+        for t in &handed {
+            assert_eq!(t.top.len(), 2);
+            assert_eq!(t.top[0], (t.token, t.logprob), "{t:?}");
+            assert!(t.logprob <= 0.0 && t.top[1].1 <= t.logprob, "{t:?}");
+        }
+        assert!(seq.take_logprobs().is_empty());
     }
 
     #[test]

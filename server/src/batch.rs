@@ -30,6 +30,7 @@ use std::sync::mpsc as std_mpsc;
 use std::time::{Duration, Instant};
 
 use espalier::generate::{FinishReason, GenerateError, GenerateSpec, Generator, Sequence};
+use espalier_engine::TokenLogprob;
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::daemon::Daemon;
@@ -42,8 +43,17 @@ pub const PREFILL_TOKENS_PER_STEP: usize = 2048;
 /// What a generation sends its request.
 #[derive(Debug)]
 pub enum Update {
-    /// Newly settled text.
-    Text(String),
+    /// The prompt's scores after the step that prefilled it (requests with `score_prompt`):
+    /// each prompt token after the first, with its log-probability.
+    Prompt(Vec<TokenLogprob>),
+    /// Newly settled text, with the log-probabilities of the tokens chosen since the last
+    /// text (when the request asked for them).
+    Text {
+        /// The text.
+        text: String,
+        /// Their log-probabilities.
+        logprobs: Vec<TokenLogprob>,
+    },
     /// The end: the whole generation, or why it failed.
     Done(Result<Finished, JobError>),
 }
@@ -59,6 +69,11 @@ pub struct Finished {
     pub completion_tokens: usize,
     /// Why it ended.
     pub finish: FinishReason,
+    /// The chosen tokens' log-probabilities (an EOS that ended the reply included), when
+    /// asked for; empty otherwise.
+    pub logprobs: Vec<TokenLogprob>,
+    /// The prompt's scores, with `score_prompt`.
+    pub prompt_logprobs: Option<Vec<TokenLogprob>>,
 }
 
 /// Why a generation was not run or failed.
@@ -90,6 +105,9 @@ pub struct Job {
     pub prompt: Vec<u32>,
     /// Settings; EOS and context come from the model.
     pub spec: GenerateSpec,
+    /// Score the prompt's tokens with this many alternatives each (the API's `echo` with
+    /// `logprobs`), in the step that prefills it.
+    pub score_prompt: Option<usize>,
     /// Where text and the end go; when its receiver is dropped the generation stops.
     pub updates: UnboundedSender<Update>,
     submitted: Instant,
@@ -148,6 +166,7 @@ impl Scheduler {
         &self,
         prompt: Vec<u32>,
         spec: GenerateSpec,
+        score_prompt: Option<usize>,
         updates: UnboundedSender<Update>,
     ) -> Result<(), JobError> {
         let kv_bytes = self.kv_bytes(prompt.len(), spec.max_tokens);
@@ -169,6 +188,7 @@ impl Scheduler {
         let job = Job {
             prompt,
             spec,
+            score_prompt,
             updates,
             submitted: Instant::now(),
             kv_bytes,
@@ -187,6 +207,10 @@ struct Running {
     /// The prompt until the step that prefills it (then empty): that step's input for this
     /// sequence, instead of its last token.
     prompt: Vec<u32>,
+    /// Alternatives per prompt token when the prompt is to be scored.
+    score_prompt: Option<usize>,
+    /// The prompt's scores, once prefilled (with `score_prompt`).
+    prompt_logprobs: Option<Vec<TokenLogprob>>,
     updates: UnboundedSender<Update>,
     deadline: Instant,
     kv_bytes: usize,
@@ -298,6 +322,8 @@ impl Worker {
                     self.running.push(Running {
                         seq,
                         prompt: job.prompt,
+                        score_prompt: job.score_prompt,
+                        prompt_logprobs: None,
                         deadline: job.submitted + self.limits.deadline,
                         kv_bytes: job.kv_bytes,
                         updates: job.updates,
@@ -330,12 +356,19 @@ impl Worker {
     /// step, the last token of the others.
     fn step(&mut self) {
         let g = &self.generator;
+        let mut score = Vec::with_capacity(self.running.len());
         let chunks: Vec<Vec<u32>> = self
             .running
             .iter_mut()
             .map(|r| match r.seq.last_token() {
-                Some(t) if r.prompt.is_empty() => vec![t],
-                _ => std::mem::take(&mut r.prompt),
+                Some(t) if r.prompt.is_empty() => {
+                    score.push(None);
+                    vec![t]
+                }
+                _ => {
+                    score.push(r.score_prompt);
+                    std::mem::take(&mut r.prompt)
+                }
             })
             .collect();
         let chunk_refs: Vec<&[u32]> = chunks.iter().map(Vec::as_slice).collect();
@@ -343,9 +376,9 @@ impl Worker {
             self.running.iter_mut().map(|r| &mut r.seq.cache).collect();
         let logits = g
             .session
-            .forward_ragged(&chunk_refs, &mut caches)
-            .and_then(|l| Ok(l.flatten_all()?.to_vec1::<f32>()?));
-        let logits = match logits {
+            .forward_ragged_scored(&chunk_refs, &mut caches, &score)
+            .and_then(|(l, scores)| Ok((l.flatten_all()?.to_vec1::<f32>()?, scores)));
+        let (logits, scores) = match logits {
             Ok(l) => l,
             Err(e) => {
                 // A failed step leaves every cache of the batch unusable: end them all.
@@ -362,10 +395,20 @@ impl Worker {
             }
         };
         let vocab = logits.len() / self.running.len();
-        for (r, row) in self.running.iter_mut().zip(logits.chunks(vocab)) {
+        let rows = logits.chunks(vocab).zip(scores).zip(score);
+        for (r, ((row, scores), scored)) in self.running.iter_mut().zip(rows) {
+            if scored.is_some() {
+                let _ = r.updates.send(Update::Prompt(scores.clone()));
+                r.prompt_logprobs = Some(scores);
+            }
+            // A request that only scores its prompt (`max_tokens` 0) chooses nothing.
+            if !r.seq.wants_token() {
+                continue;
+            }
             match r.seq.accept(row, &g.tokenizer) {
-                Ok(piece) if !piece.is_empty() => {
-                    let _ = r.updates.send(Update::Text(piece));
+                Ok(text) if !text.is_empty() => {
+                    let logprobs = r.seq.take_logprobs();
+                    let _ = r.updates.send(Update::Text { text, logprobs });
                 }
                 Ok(_) => {}
                 Err(e) => {
@@ -391,12 +434,17 @@ impl Worker {
                 None
             } else {
                 if r.seq.finish().is_none() && now >= r.deadline {
-                    let rest = r.seq.stop(FinishReason::Deadline);
-                    if !rest.is_empty() {
-                        let _ = r.updates.send(Update::Text(rest));
+                    let text = r.seq.stop(FinishReason::Deadline);
+                    if !text.is_empty() {
+                        let logprobs = r.seq.take_logprobs();
+                        let _ = r.updates.send(Update::Text { text, logprobs });
                     }
                 }
-                if r.seq.wants_token() {
+                // A prompt still to prefill stays for its step even when nothing is to be
+                // generated (`max_tokens` 0 only scores it), unless its deadline passed.
+                let to_prefill =
+                    !r.prompt.is_empty() && r.seq.finish() != Some(FinishReason::Deadline);
+                if to_prefill || r.seq.wants_token() {
                     return true;
                 }
                 Some(Ok(Finished {
@@ -404,6 +452,8 @@ impl Worker {
                     prompt_tokens: r.seq.prompt_len(),
                     completion_tokens: r.seq.generated(),
                     finish: r.seq.finish().unwrap_or(FinishReason::Length),
+                    logprobs: r.seq.logprobs().to_vec(),
+                    prompt_logprobs: r.prompt_logprobs.take(),
                 }))
             };
             // Counted out before the answer goes: a client holding its reply must never find

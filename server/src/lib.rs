@@ -15,6 +15,7 @@ pub mod config;
 pub mod daemon;
 pub mod dashboard;
 pub mod layout;
+pub mod logprobs;
 pub mod metrics;
 pub mod openai;
 pub mod serve;

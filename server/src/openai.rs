@@ -13,6 +13,12 @@
 //! beyond that a request gets 429 at once. A client that disconnects frees its slot at the next
 //! step; a generation still running after `generation_deadline_s` ends with the text so far
 //! (finish_reason `length`), one still waiting then gets 503 `deadline_exceeded`.
+//!
+//! `logprobs` (completions: a count; chat: a flag with `top_logprobs`) returns each chosen
+//! token's log-probability and alternatives; completions' `echo` returns the prompt first and,
+//! with `logprobs`, scores it in its prefill (`max_tokens: 0` scores only), and `prompt` may be
+//! token ids or a list of prompts: what lm-evaluation-harness's `local-completions` sends to
+//! score multiple-choice tasks ([`crate::logprobs`] shapes the objects).
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -28,12 +34,16 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use espalier::generate::{FinishReason, GenerateError, GenerateSpec, Generator, Message, Sampling};
 use espalier::sparse::Storage;
+use espalier_engine::TokenLogprob;
+use espalier_engine::forward::logprobs::MAX_TOP_LOGPROBS;
+use futures_util::StreamExt;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
 use crate::batch::{Finished, JobError, Limits, Scheduler, Update};
 use crate::daemon::Daemon;
+use crate::logprobs::{self, CompletionLogprobs};
 
 /// Numbers response ids (with the creation time, unique within and across starts).
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
@@ -284,6 +294,15 @@ enum Stop {
     Many(Vec<String>),
 }
 
+/// `logprobs`: a number of alternatives for `/completions`, a flag for `/chat/completions`
+/// (whose `top_logprobs` sets the number).
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum LogprobsParam {
+    Flag(bool),
+    Count(i64),
+}
+
 /// Options both endpoints take.
 #[derive(Debug, Deserialize)]
 struct Options {
@@ -299,6 +318,8 @@ struct Options {
     presence_penalty: Option<f32>,
     /// vLLM's extension: transformers' repetition penalty (1 = off).
     repetition_penalty: Option<f32>,
+    logprobs: Option<LogprobsParam>,
+    top_logprobs: Option<i64>,
     #[serde(default)]
     stream: bool,
     stream_options: Option<Value>,
@@ -308,6 +329,9 @@ struct Options {
 #[derive(Debug, Deserialize)]
 struct CompletionRequest {
     prompt: Value,
+    /// Return the prompt before the completion (with `logprobs`, scored).
+    #[serde(default)]
+    echo: bool,
     #[serde(flatten)]
     options: Options,
 }
@@ -319,17 +343,31 @@ struct ChatRequest {
     options: Options,
 }
 
-/// A generation's settings from the request, checked.
-fn spec(o: &Options, default_max: usize) -> Result<GenerateSpec, OpenAiError> {
+/// Prompts one `/completions` request may hold (each takes a place in the queue).
+const MAX_PROMPTS: usize = 64;
+
+/// A generation's settings from the request, checked. `echo` (completions) allows
+/// `max_tokens: 0`: the prompt is only scored.
+fn spec(
+    o: &Options,
+    default_max: usize,
+    kind: Kind,
+    echo: bool,
+) -> Result<GenerateSpec, OpenAiError> {
     if o.n.is_some_and(|n| n != 1) {
         return Err(bad("n", "only n = 1 is supported"));
     }
     let max = match o.max_completion_tokens.or(o.max_tokens) {
         None => default_max,
+        Some(0) if echo => 0,
         Some(m) if m < 1 => {
+            let echo_note = match kind {
+                Kind::Completion => " (0 only with echo: true, which scores the prompt)",
+                Kind::Chat => "",
+            };
             return Err(bad(
                 "max_tokens",
-                format!("max_tokens must be at least 1, got {m}"),
+                format!("max_tokens must be at least 1{echo_note}, got {m}"),
             ));
         }
         Some(m) => usize::try_from(m).unwrap_or(usize::MAX),
@@ -361,8 +399,57 @@ fn spec(o: &Options, default_max: usize) -> Result<GenerateSpec, OpenAiError> {
         max_tokens: max,
         sampling,
         stop,
+        logprobs: logprobs_setting(o, kind)?,
         ..GenerateSpec::default()
     })
+}
+
+/// How many alternatives per token the request asks for, if it asks for log-probabilities:
+/// `/completions` takes `logprobs: N`, `/chat/completions` `logprobs: true` and
+/// `top_logprobs: N`, each N in 0..=20.
+fn logprobs_setting(o: &Options, kind: Kind) -> Result<Option<usize>, OpenAiError> {
+    let count = |n: i64, param: &'static str| match usize::try_from(n) {
+        Ok(n) if n <= MAX_TOP_LOGPROBS => Ok(n),
+        _ => Err(bad(
+            param,
+            format!("{param} must be between 0 and {MAX_TOP_LOGPROBS}, got {n}"),
+        )),
+    };
+    match kind {
+        Kind::Completion => {
+            if o.top_logprobs.is_some() {
+                return Err(bad(
+                    "top_logprobs",
+                    "top_logprobs is a /chat/completions setting; /completions takes logprobs: N",
+                ));
+            }
+            match o.logprobs {
+                None => Ok(None),
+                Some(LogprobsParam::Count(n)) => count(n, "logprobs").map(Some),
+                Some(LogprobsParam::Flag(_)) => Err(bad(
+                    "logprobs",
+                    format!(
+                        "logprobs of /completions is a number of alternatives per token (0 to {MAX_TOP_LOGPROBS})"
+                    ),
+                )),
+            }
+        }
+        Kind::Chat => match (&o.logprobs, o.top_logprobs) {
+            (None | Some(LogprobsParam::Flag(false)), None) => Ok(None),
+            (None | Some(LogprobsParam::Flag(false)), Some(_)) => {
+                Err(bad("top_logprobs", "top_logprobs needs logprobs: true"))
+            }
+            (Some(LogprobsParam::Flag(true)), top) => Ok(Some(
+                top.map(|n| count(n, "top_logprobs"))
+                    .transpose()?
+                    .unwrap_or(0),
+            )),
+            (Some(LogprobsParam::Count(_)), _) => Err(bad(
+                "logprobs",
+                "logprobs of /chat/completions is true or false; top_logprobs sets how many alternatives",
+            )),
+        },
+    }
 }
 
 fn finish_reason(f: FinishReason) -> &'static str {
@@ -424,54 +511,109 @@ fn job_error(e: JobError) -> OpenAiError {
     }
 }
 
-/// Hands a generation to the model's scheduler; its text and end arrive on the receiver,
-/// whose drop (client gone) frees its slot.
-fn submit(
-    loaded: &Loaded,
-    prompt: Vec<u32>,
-    spec: GenerateSpec,
-) -> Result<mpsc::UnboundedReceiver<Update>, OpenAiError> {
-    let (tx, rx) = mpsc::unbounded_channel();
-    loaded
-        .scheduler
-        .submit(prompt, spec, tx)
-        .map_err(job_error)?;
-    Ok(rx)
+/// One prompt of a request: its tokens, and its text (returned with `echo`).
+struct Prompt {
+    tokens: Vec<u32>,
+    text: String,
 }
 
-/// Tokenizes `text` and checks it leaves room in the context.
-fn prompt_tokens(
-    loaded: &Loaded,
-    text: &str,
-    param: &'static str,
-) -> Result<Vec<u32>, OpenAiError> {
-    let tokens = loaded
-        .generator
-        .tokenizer
-        .encode(text)
-        .map_err(|e| bad(param, e.to_string()))?;
-    if tokens.is_empty() {
-        return Err(bad(param, "the prompt is empty"));
+impl Prompt {
+    /// A prompt given as text.
+    fn from_text(loaded: &Loaded, text: &str, param: &'static str) -> Result<Self, OpenAiError> {
+        let tokens = loaded
+            .generator
+            .tokenizer
+            .encode(text)
+            .map_err(|e| bad(param, e.to_string()))?;
+        Self::checked(loaded, tokens, text.to_string(), param)
     }
-    let positions = loaded.generator.context;
-    if tokens.len() >= positions {
-        return Err(OpenAiError(
-            StatusCode::BAD_REQUEST,
-            "context_length_exceeded",
+
+    /// A prompt given as token ids (as lm-evaluation-harness sends them).
+    fn from_ids(loaded: &Loaded, ids: &[Value]) -> Result<Self, OpenAiError> {
+        let tokens = ids
+            .iter()
+            .map(|v| v.as_u64().and_then(|t| u32::try_from(t).ok()))
+            .collect::<Option<Vec<u32>>>()
+            .ok_or_else(|| bad("prompt", "token ids must be integers from 0 to 2^32 - 1"))?;
+        loaded
+            .generator
+            .session
+            .check_tokens(&tokens, 0)
+            .map_err(|e| bad("prompt", e.to_string()))?;
+        let text = loaded
+            .generator
+            .tokenizer
+            .decode(&tokens, false)
+            .map_err(|e| bad("prompt", e.to_string()))?;
+        Self::checked(loaded, tokens, text, "prompt")
+    }
+
+    /// Checks the prompt is not empty and leaves room in the context.
+    fn checked(
+        loaded: &Loaded,
+        tokens: Vec<u32>,
+        text: String,
+        param: &'static str,
+    ) -> Result<Self, OpenAiError> {
+        if tokens.is_empty() {
+            return Err(bad(param, "the prompt is empty"));
+        }
+        let positions = loaded.generator.context;
+        if tokens.len() >= positions {
+            return Err(OpenAiError(
+                StatusCode::BAD_REQUEST,
+                "context_length_exceeded",
+                format!(
+                    "the prompt has {} tokens; model `{}` has a context of {positions} tokens, leaving no room for a reply",
+                    tokens.len(),
+                    loaded.reference
+                ),
+                Some(param),
+            ));
+        }
+        Ok(Prompt { tokens, text })
+    }
+}
+
+/// The prompts of a `/completions` request: a string, a list of strings, a list of token ids,
+/// or a list of lists of token ids (one choice each, by `index`).
+fn completion_prompts(loaded: &Loaded, prompt: &Value) -> Result<Vec<Prompt>, OpenAiError> {
+    let shape_error = || {
+        bad(
+            "prompt",
+            "prompt must be a string, a list of strings, a list of token ids or a list of lists of token ids",
+        )
+    };
+    let items = match prompt {
+        Value::String(s) => return Ok(vec![Prompt::from_text(loaded, s, "prompt")?]),
+        Value::Array(a) if !a.is_empty() => a,
+        _ => return Err(shape_error()),
+    };
+    if items.iter().all(Value::is_number) {
+        return Ok(vec![Prompt::from_ids(loaded, items)?]);
+    }
+    if items.len() > MAX_PROMPTS {
+        return Err(bad(
+            "prompt",
             format!(
-                "the prompt has {} tokens; model `{}` has a context of {positions} tokens, leaving no room for a reply",
-                tokens.len(),
-                loaded.reference
+                "{} prompts in one request; at most {MAX_PROMPTS}",
+                items.len()
             ),
-            Some(param),
         ));
     }
-    Ok(tokens)
+    items
+        .iter()
+        .map(|item| match item {
+            Value::String(s) => Prompt::from_text(loaded, s, "prompt"),
+            Value::Array(ids) => Prompt::from_ids(loaded, ids),
+            _ => Err(shape_error()),
+        })
+        .collect()
 }
 
-fn usage(f: &Finished) -> Value {
-    json!({"prompt_tokens": f.prompt_tokens, "completion_tokens": f.completion_tokens,
-           "total_tokens": f.prompt_tokens + f.completion_tokens})
+fn usage(prompt_tokens: usize, completion_tokens: usize) -> Value {
+    json!({"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+           "total_tokens": prompt_tokens + completion_tokens})
 }
 
 /// Which endpoint: shapes the response objects.
@@ -481,51 +623,255 @@ enum Kind {
     Chat,
 }
 
+/// What a request asked of its prompts, beside the generation settings.
+#[derive(Clone, Copy)]
+struct Asked {
+    kind: Kind,
+    /// Return the prompt before the completion (completions).
+    echo: bool,
+    /// Alternatives per token when log-probabilities are asked for.
+    logprobs: Option<usize>,
+}
+
+impl Asked {
+    /// The prompt is scored in its prefill: echoed with log-probabilities.
+    fn score_prompt(self) -> Option<usize> {
+        self.logprobs.filter(|_| self.echo)
+    }
+}
+
+/// The response objects of one request: ids, model and fingerprint, and the tokenizer and end
+/// tokens that its `logprobs` objects need.
+struct Shaper {
+    asked: Asked,
+    id: String,
+    created: u64,
+    model: String,
+    fingerprint: String,
+    generator: Arc<Generator>,
+}
+
+impl Shaper {
+    fn object(&self, chunk: bool) -> &'static str {
+        match (self.asked.kind, chunk) {
+            (Kind::Completion, _) => "text_completion",
+            (Kind::Chat, false) => "chat.completion",
+            (Kind::Chat, true) => "chat.completion.chunk",
+        }
+    }
+
+    /// A chat `logprobs` object: the reply's tokens, without an end token (not in the text).
+    fn chat_logprobs(&self, tokens: &[TokenLogprob]) -> Value {
+        let shown: Vec<TokenLogprob> = tokens
+            .iter()
+            .filter(|t| !self.generator.eos.contains(&t.token))
+            .cloned()
+            .collect();
+        logprobs::chat_logprobs(&self.generator.tokenizer, &shown)
+    }
+
+    /// The choice of a finished, non-streamed generation of `prompt`.
+    fn choice(&self, index: usize, prompt: &Prompt, f: &Finished) -> Value {
+        let finish = finish_reason(f.finish);
+        match self.asked.kind {
+            Kind::Completion => {
+                let text = if self.asked.echo {
+                    format!("{}{}", prompt.text, f.text)
+                } else {
+                    f.text.clone()
+                };
+                let logprobs = match self.asked.logprobs {
+                    None => Value::Null,
+                    Some(_) => {
+                        let tok = &self.generator.tokenizer;
+                        let mut columns = CompletionLogprobs::default();
+                        let mut all = match &f.prompt_logprobs {
+                            Some(scores) => columns.prompt(tok, &prompt.tokens, scores),
+                            None => columns.chosen(tok, &[]),
+                        };
+                        logprobs::append_completion(&mut all, columns.chosen(tok, &f.logprobs));
+                        all
+                    }
+                };
+                json!({"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish})
+            }
+            Kind::Chat => {
+                let logprobs = match self.asked.logprobs {
+                    None => Value::Null,
+                    Some(_) => self.chat_logprobs(&f.logprobs),
+                };
+                json!({"index": index, "message": {"role": "assistant", "content": f.text},
+                       "logprobs": logprobs, "finish_reason": finish})
+            }
+        }
+    }
+
+    /// A stream chunk of choice `index`: `text` (a chat delta's content) with the
+    /// log-probabilities of its tokens (`columns` keeps a completion's text offsets).
+    fn chunk(
+        &self,
+        index: usize,
+        text: Option<&str>,
+        logprobs: Option<(&[TokenLogprob], &mut CompletionLogprobs)>,
+        finish: Option<&str>,
+    ) -> Event {
+        let logprobs = match (self.asked.logprobs, logprobs) {
+            (Some(_), Some((tokens, columns))) => match self.asked.kind {
+                Kind::Completion => columns.chosen(&self.generator.tokenizer, tokens),
+                Kind::Chat => self.chat_logprobs(tokens),
+            },
+            _ => Value::Null,
+        };
+        let choice = match self.asked.kind {
+            Kind::Completion => json!({"index": index, "text": text.unwrap_or(""),
+                                       "logprobs": logprobs, "finish_reason": finish}),
+            Kind::Chat => {
+                let delta = match text {
+                    Some(t) => json!({"content": t}),
+                    None => json!({}),
+                };
+                json!({"index": index, "delta": delta, "logprobs": logprobs,
+                       "finish_reason": finish})
+            }
+        };
+        self.event(vec![choice])
+    }
+
+    fn event(&self, choices: Vec<Value>) -> Event {
+        Event::default().data(
+            json!({"id": self.id, "object": self.object(true), "created": self.created,
+                   "model": self.model, "system_fingerprint": self.fingerprint,
+                   "choices": choices})
+            .to_string(),
+        )
+    }
+}
+
+/// What one prompt's stream hands the request's stream.
+enum Streamed {
+    Event(Event),
+    /// The prompt's usage, once it finished.
+    Usage(usize, usize),
+}
+
+/// The stream of choice `index`: its chunks as its generation runs, then its usage.
+fn choice_stream(
+    shaper: Arc<Shaper>,
+    index: usize,
+    prompt: Prompt,
+    mut rx: mpsc::UnboundedReceiver<Update>,
+    admission: Admission,
+) -> impl futures_util::Stream<Item = Streamed> {
+    async_stream::stream! {
+        // The stream owns the admission and the receiver: a client that disconnects drops
+        // the stream, which frees its queue place and (at the next decode step) its slot.
+        let _admission = admission;
+        let mut columns = CompletionLogprobs::default();
+        let tokenizer = &shaper.generator.tokenizer;
+        if matches!(shaper.asked.kind, Kind::Chat) {
+            let role = json!({"index": index, "delta": {"role": "assistant", "content": ""},
+                              "logprobs": null, "finish_reason": null});
+            yield Streamed::Event(shaper.event(vec![role]));
+        }
+        if shaper.asked.echo && shaper.asked.score_prompt().is_none() {
+            yield Streamed::Event(shaper.chunk(index, Some(&prompt.text), None, None));
+        }
+        let mut sent = 0;
+        loop {
+            match rx.recv().await {
+                Some(Update::Prompt(scores)) => {
+                    let object = columns.prompt(tokenizer, &prompt.tokens, &scores);
+                    let choice = json!({"index": index, "text": prompt.text,
+                                        "logprobs": object, "finish_reason": null});
+                    yield Streamed::Event(shaper.event(vec![choice]));
+                }
+                Some(Update::Text { text, logprobs }) => {
+                    sent += logprobs.len();
+                    let lp = Some((&logprobs[..], &mut columns));
+                    yield Streamed::Event(shaper.chunk(index, Some(&text), lp, None));
+                }
+                Some(Update::Done(Ok(f))) => {
+                    // Tokens whose log-probabilities no text carried (an end token).
+                    let rest = f.logprobs.get(sent..).unwrap_or_default();
+                    let lp = (!rest.is_empty()).then_some((rest, &mut columns));
+                    let finish = finish_reason(f.finish);
+                    yield Streamed::Event(shaper.chunk(index, None, lp, Some(finish)));
+                    yield Streamed::Usage(f.prompt_tokens, f.completion_tokens);
+                    break;
+                }
+                Some(Update::Done(Err(e))) => {
+                    let e = job_error(e);
+                    let body = json!({"error": {"message": e.2, "type": "server_error", "code": e.1}});
+                    yield Streamed::Event(Event::default().data(body.to_string()));
+                    break;
+                }
+                None => break,
+            }
+        }
+    }
+}
+
 async fn respond(
     state: OpenAiState,
     loaded: Arc<Loaded>,
-    prompt: Vec<u32>,
+    prompts: Vec<Prompt>,
     spec: GenerateSpec,
     options: &Options,
-    kind: Kind,
+    asked: Asked,
 ) -> Result<Response, OpenAiError> {
-    let admission = admit(&state)?;
+    // Every prompt takes a place in the queue; if one cannot, the places taken are released.
+    let admissions = prompts
+        .iter()
+        .map(|_| admit(&state))
+        .collect::<Result<Vec<_>, _>>()?;
     let created = now();
     let id = format!(
         "{}-{created}-{}",
-        match kind {
+        match asked.kind {
             Kind::Completion => "cmpl",
             Kind::Chat => "chatcmpl",
         },
         NEXT_ID.fetch_add(1, Ordering::Relaxed)
     );
-    let model = loaded.reference.clone();
-    let fingerprint = loaded.fingerprint.clone();
-    let mut rx = submit(&loaded, prompt, spec)?;
+    let shaper = Arc::new(Shaper {
+        asked,
+        id,
+        created,
+        model: loaded.reference.clone(),
+        fingerprint: loaded.fingerprint.clone(),
+        generator: loaded.generator.clone(),
+    });
+    let mut receivers = Vec::with_capacity(prompts.len());
+    for p in &prompts {
+        let (tx, rx) = mpsc::unbounded_channel();
+        loaded
+            .scheduler
+            .submit(p.tokens.clone(), spec.clone(), asked.score_prompt(), tx)
+            .map_err(job_error)?;
+        receivers.push(rx);
+    }
     if !options.stream {
-        // Dropping this future (the client went away) drops `rx`, which frees the slot.
-        let f = loop {
-            match rx.recv().await {
-                Some(Update::Text(_)) => {}
-                Some(Update::Done(r)) => break r.map_err(job_error)?,
-                None => return Err(job_error(JobError::Stopped)),
-            }
-        };
-        drop(admission);
-        let choice = match kind {
-            Kind::Completion => json!({"index": 0, "text": f.text, "logprobs": null,
-                                       "finish_reason": finish_reason(f.finish)}),
-            Kind::Chat => json!({"index": 0, "message": {"role": "assistant", "content": f.text},
-                                 "logprobs": null, "finish_reason": finish_reason(f.finish)}),
-        };
-        let object = match kind {
-            Kind::Completion => "text_completion",
-            Kind::Chat => "chat.completion",
-        };
-        return Ok(Json(
-            json!({"id": id, "object": object, "created": created, "model": model,
-                   "system_fingerprint": fingerprint, "choices": [choice], "usage": usage(&f)}),
-        )
+        // Dropping this future (the client went away) drops the receivers, which frees the
+        // slots.
+        let mut choices = Vec::with_capacity(prompts.len());
+        let (mut prompt_tokens, mut completion_tokens) = (0, 0);
+        for (index, (prompt, mut rx)) in prompts.iter().zip(receivers).enumerate() {
+            let f = loop {
+                match rx.recv().await {
+                    Some(Update::Prompt(_) | Update::Text { .. }) => {}
+                    Some(Update::Done(r)) => break r.map_err(job_error)?,
+                    None => return Err(job_error(JobError::Stopped)),
+                }
+            };
+            prompt_tokens += f.prompt_tokens;
+            completion_tokens += f.completion_tokens;
+            choices.push(shaper.choice(index, prompt, &f));
+        }
+        drop(admissions);
+        return Ok(Json(json!({"id": shaper.id, "object": shaper.object(false),
+                              "created": created, "model": shaper.model,
+                              "system_fingerprint": shaper.fingerprint, "choices": choices,
+                              "usage": usage(prompt_tokens, completion_tokens)}))
         .into_response());
     }
     let include_usage = options
@@ -533,48 +879,31 @@ async fn respond(
         .as_ref()
         .and_then(|o| o["include_usage"].as_bool())
         .unwrap_or(false);
-    let object = match kind {
-        Kind::Completion => "text_completion",
-        Kind::Chat => "chat.completion.chunk",
-    };
-    let chunk = move |delta: Value, finish: Option<&str>| -> Event {
-        let choice = match kind {
-            Kind::Completion => json!({"index": 0, "text": delta["content"].as_str().unwrap_or(""),
-                                       "logprobs": null, "finish_reason": finish}),
-            Kind::Chat => {
-                json!({"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish})
-            }
-        };
-        Event::default().data(
-            json!({"id": id, "object": object, "created": created, "model": model,
-                   "system_fingerprint": fingerprint, "choices": [choice]})
-            .to_string(),
-        )
-    };
-    // The stream owns the admission and the receiver: a client that disconnects drops the
-    // stream, which frees its queue place and (at the next decode step) its batch slot.
+    let choices = prompts
+        .into_iter()
+        .zip(receivers)
+        .zip(admissions)
+        .enumerate()
+        .map(|(index, ((prompt, rx), admission))| {
+            Box::pin(choice_stream(shaper.clone(), index, prompt, rx, admission))
+        });
+    let mut merged = futures_util::stream::select_all(choices);
+    let object = shaper.object(true);
     let stream = async_stream::stream! {
-        let _admission = admission;
-        if matches!(kind, Kind::Chat) {
-            yield Ok::<Event, Infallible>(chunk(json!({"role": "assistant", "content": ""}), None));
-        }
-        loop {
-            match rx.recv().await {
-                Some(Update::Text(piece)) => yield Ok(chunk(json!({"content": piece}), None)),
-                Some(Update::Done(Ok(f))) => {
-                    yield Ok(chunk(json!({}), Some(finish_reason(f.finish))));
-                    if include_usage {
-                        yield Ok(Event::default().data(json!({"object": object, "choices": [], "usage": usage(&f)}).to_string()));
-                    }
-                    break;
+        let (mut prompt_tokens, mut completion_tokens) = (0, 0);
+        while let Some(item) = merged.next().await {
+            match item {
+                Streamed::Event(e) => yield Ok::<Event, Infallible>(e),
+                Streamed::Usage(p, c) => {
+                    prompt_tokens += p;
+                    completion_tokens += c;
                 }
-                Some(Update::Done(Err(e))) => {
-                    let e = job_error(e);
-                    yield Ok(Event::default().data(json!({"error": {"message": e.2, "type": "server_error", "code": e.1}}).to_string()));
-                    break;
-                }
-                None => break,
             }
+        }
+        if include_usage {
+            let body = json!({"object": object, "choices": [],
+                              "usage": usage(prompt_tokens, completion_tokens)});
+            yield Ok(Event::default().data(body.to_string()));
         }
         yield Ok(Event::default().data("[DONE]"));
     };
@@ -586,30 +915,16 @@ async fn completions(
     body: Result<Json<CompletionRequest>, JsonRejection>,
 ) -> Result<Response, OpenAiError> {
     let request = json_body(body)?;
-    let text = match &request.prompt {
-        Value::String(s) => s.clone(),
-        Value::Array(a) if a.len() == 1 && a[0].is_string() => {
-            a[0].as_str().unwrap_or_default().to_string()
-        }
-        _ => {
-            return Err(bad(
-                "prompt",
-                "prompt must be a string (one prompt per request)",
-            ));
-        }
+    let options = &request.options;
+    let spec = spec(options, 16, Kind::Completion, request.echo)?;
+    let loaded = model(&state, &options.model).await?;
+    let prompts = completion_prompts(&loaded, &request.prompt)?;
+    let asked = Asked {
+        kind: Kind::Completion,
+        echo: request.echo,
+        logprobs: spec.logprobs,
     };
-    let loaded = model(&state, &request.options.model).await?;
-    let spec = spec(&request.options, 16)?;
-    let prompt = prompt_tokens(&loaded, &text, "prompt")?;
-    respond(
-        state,
-        loaded,
-        prompt,
-        spec,
-        &request.options,
-        Kind::Completion,
-    )
-    .await
+    respond(state, loaded, prompts, spec, options, asked).await
 }
 
 async fn chat_completions(
@@ -620,6 +935,7 @@ async fn chat_completions(
     if request.messages.is_empty() {
         return Err(bad("messages", "messages must hold at least one message"));
     }
+    let spec = spec(&request.options, 256, Kind::Chat, false)?;
     let loaded = model(&state, &request.options.model).await?;
     let Some(template) = &loaded.generator.template else {
         return Err(bad(
@@ -633,9 +949,13 @@ async fn chat_completions(
     let text = template
         .render(&request.messages, true)
         .map_err(|e| bad("messages", e.to_string()))?;
-    let spec = spec(&request.options, 256)?;
-    let prompt = prompt_tokens(&loaded, &text, "messages")?;
-    respond(state, loaded, prompt, spec, &request.options, Kind::Chat).await
+    let prompt = Prompt::from_text(&loaded, &text, "messages")?;
+    let asked = Asked {
+        kind: Kind::Chat,
+        echo: false,
+        logprobs: spec.logprobs,
+    };
+    respond(state, loaded, vec![prompt], spec, &request.options, asked).await
 }
 
 #[cfg(test)]

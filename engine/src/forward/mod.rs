@@ -16,6 +16,7 @@
 //! head, exactly the sharing `repeat_kv` expresses in transformers.
 
 mod grad;
+pub mod logprobs;
 pub(crate) mod ops;
 mod train;
 
@@ -31,6 +32,7 @@ use crate::linear::{Linear, LinearKernel, LinearWeight};
 use crate::model::Model;
 
 pub use grad::{Distillation, GradientStats, LossGradients};
+pub use logprobs::TokenLogprob;
 pub(crate) use ops::with_f32;
 use ops::{Activation, RopeTable};
 pub use train::{Precision, TrainingPass};
@@ -790,14 +792,42 @@ impl Session {
         caches: &mut [&mut KvCache],
     ) -> Result<Tensor, EngineError> {
         let total = chunks.iter().map(|c| c.len()).sum();
-        on_pool_team(total, || self.forward_ragged_on_pool(chunks, caches))
+        let none = vec![None; chunks.len()];
+        on_pool_team(total, || {
+            Ok(self.forward_ragged_on_pool(chunks, caches, &none)?.0)
+        })
+    }
+
+    /// [`Session::forward_ragged`] that also scores the chunks with `score[i] = Some(top)`:
+    /// for each of their tokens after the first, its log-probability given the tokens before
+    /// it and the `top` most likely tokens at its place (the second result, one list of
+    /// `len - 1` entries per chunk, empty where `score[i]` is `None`). This is the OpenAI
+    /// API's `echo` with `logprobs`: a prompt scored in the pass that prefills it. The LM head
+    /// runs over the scored rows in chunks of [`LM_HEAD_CHUNK`], so a long prompt never holds
+    /// all its logits at once.
+    pub fn forward_ragged_scored(
+        &self,
+        chunks: &[&[u32]],
+        caches: &mut [&mut KvCache],
+        score: &[Option<usize>],
+    ) -> Result<(Tensor, Vec<Vec<TokenLogprob>>), EngineError> {
+        if score.len() != chunks.len() {
+            return Err(EngineError::Input(format!(
+                "{} chunks but {} scoring settings",
+                chunks.len(),
+                score.len()
+            )));
+        }
+        let total = chunks.iter().map(|c| c.len()).sum();
+        on_pool_team(total, || self.forward_ragged_on_pool(chunks, caches, score))
     }
 
     fn forward_ragged_on_pool(
         &self,
         chunks: &[&[u32]],
         caches: &mut [&mut KvCache],
-    ) -> Result<Tensor, EngineError> {
+        score: &[Option<usize>],
+    ) -> Result<(Tensor, Vec<Vec<TokenLogprob>>), EngineError> {
         let b = chunks.len();
         if b == 0 || caches.len() != b {
             return Err(EngineError::Input(format!(
@@ -892,6 +922,13 @@ impl Session {
         for ((cache, start), n) in caches.iter_mut().zip(starts).zip(&lens) {
             cache.len = start + n;
         }
+        let mut scores = Vec::with_capacity(b);
+        for ((chunk, &at), top) in chunks.iter().zip(&offsets).zip(score) {
+            scores.push(match top {
+                Some(top) => self.score_rows(&x, at, &chunk[1..], *top)?,
+                None => Vec::new(),
+            });
+        }
         if total > b {
             let last: Vec<u32> = offsets
                 .iter()
@@ -901,7 +938,37 @@ impl Session {
             x = x.index_select(&Tensor::from_vec(last, b, &Device::Cpu)?, 0)?;
         }
         let hidden = self.final_norm.forward(&x)?;
-        self.lm_head.forward(&hidden)
+        Ok((self.lm_head.forward(&hidden)?, scores))
+    }
+
+    /// Log-probabilities of `targets[j]` under the logits of row `first_row + j` of the last
+    /// block's output `x` (before the final norm), with the `top` most likely tokens there.
+    fn score_rows(
+        &self,
+        x: &Tensor,
+        first_row: usize,
+        targets: &[u32],
+        top: usize,
+    ) -> Result<Vec<TokenLogprob>, EngineError> {
+        let mut out = Vec::with_capacity(targets.len());
+        for (i, chunk) in targets.chunks(LM_HEAD_CHUNK).enumerate() {
+            let rows = x.narrow(0, first_row + i * LM_HEAD_CHUNK, chunk.len())?;
+            let logits = self
+                .lm_head
+                .forward(&self.final_norm.forward(&rows)?)?
+                .to_dtype(DType::F32)?
+                .to_vec2::<f32>()?;
+            for (row, &target) in logits.iter().zip(chunk) {
+                if target as usize >= row.len() {
+                    return Err(EngineError::Input(format!(
+                        "token {target} is outside the vocabulary of {} entries",
+                        row.len()
+                    )));
+                }
+                out.push(logprobs::token_logprob(row, target, top));
+            }
+        }
+        Ok(out)
     }
 
     /// Negative log-likelihood of each next token: entry `i` is `-log p(tokens[i+1] |
@@ -1669,6 +1736,47 @@ mod tests {
                     .is_err()
             );
             assert!(s.forward_ragged(&[], &mut []).is_err());
+        }
+    }
+
+    #[test]
+    fn scored_prompts_give_minus_the_evaluations_nll() {
+        for name in ["tiny-llama", "tiny-gpt2"] {
+            let model = builtin_model(name).unwrap();
+            let s = Session::new(&model).unwrap();
+            // 200 tokens on tiny-llama: the LM head runs over two chunks of rows (tiny-gpt2
+            // has 128 positions).
+            let long = if name == "tiny-llama" { 200 } else { 100 };
+            let prompts = mixed_prompts(&[long, 4, 7], 17, 5);
+            let refs: Vec<&[u32]> = prompts.iter().map(Vec::as_slice).collect();
+            let mut caches: Vec<KvCache> = prompts.iter().map(|_| KvCache::new()).collect();
+            let mut cache_refs: Vec<&mut KvCache> = caches.iter_mut().collect();
+            let (logits, scores) = s
+                .forward_ragged_scored(&refs, &mut cache_refs, &[Some(3), None, Some(0)])
+                .unwrap();
+            // The last rows are what the unscored pass gives.
+            let mut fresh: Vec<KvCache> = prompts.iter().map(|_| KvCache::new()).collect();
+            let mut fresh_refs: Vec<&mut KvCache> = fresh.iter_mut().collect();
+            let plain = s.forward_ragged(&refs, &mut fresh_refs).unwrap();
+            assert_eq!(max_diff(&logits, &plain), 0.0, "{name}");
+            assert!(scores[1].is_empty());
+            for i in [0, 2] {
+                let nll = s.nll(&prompts[i]).unwrap();
+                assert_eq!(scores[i].len(), prompts[i].len() - 1, "{name} {i}");
+                for (j, (t, l)) in scores[i].iter().zip(&nll).enumerate() {
+                    assert_eq!(t.token, prompts[i][j + 1]);
+                    // The same log-sum-exp as the NLL, over logits of the same rows.
+                    assert!((t.logprob + l).abs() < 1e-4, "{name} {i}/{j}: {t:?} vs {l}");
+                    assert_eq!(t.top.len(), if i == 0 { 3 } else { 0 });
+                    if let Some(&(_, best)) = t.top.first() {
+                        assert!(best >= t.logprob && best <= 0.0, "{t:?}");
+                    }
+                }
+            }
+            assert!(
+                s.forward_ragged_scored(&refs, &mut cache_refs, &[None])
+                    .is_err()
+            );
         }
     }
 

@@ -1022,14 +1022,7 @@ pub(crate) fn row_nll(logits: &Tensor, targets: &[u32]) -> Result<Vec<f32>, Engi
     }
     with_f32(logits, |xs| {
         let per_row = |(row, &target): (&[f32], &u32)| -> f32 {
-            let max = max_f32(row);
-            let mut scratch = [0f32; 256];
-            // Partial sums of 256 in f32, accumulated in f64.
-            let sum: f64 = row
-                .chunks(256)
-                .map(|c| f64::from(exp_into(c, &mut scratch[..c.len()], 1.0, max)))
-                .sum();
-            ((sum.ln() + f64::from(max)) - f64::from(row[target as usize])) as f32
+            (log_sum_exp(row) - f64::from(row[target as usize])) as f32
         };
         Ok(if xs.len() >= PAR_MIN_ELEMS {
             xs.par_chunks(vocab)
@@ -1040,6 +1033,19 @@ pub(crate) fn row_nll(logits: &Tensor, targets: &[u32]) -> Result<Vec<f32>, Engi
             xs.chunks(vocab).zip(targets.iter()).map(per_row).collect()
         })
     })
+}
+
+/// `ln Σ e^x` over a row of logits, stable (shifted by the row's maximum): partial sums of
+/// 256 in f32, accumulated in f64. The NLL and the API's log-probabilities both use it, so a
+/// token's log-probability is exactly the negated NLL the evaluation sums.
+pub(crate) fn log_sum_exp(row: &[f32]) -> f64 {
+    let max = max_f32(row);
+    let mut scratch = [0f32; 256];
+    let sum: f64 = row
+        .chunks(256)
+        .map(|c| f64::from(exp_into(c, &mut scratch[..c.len()], 1.0, max)))
+        .sum();
+    sum.ln() + f64::from(max)
 }
 
 /// Index of the largest entry of a vector (the greedy next token).
