@@ -829,26 +829,7 @@ fn openai_compatible_completions_over_http() {
         .as_str()
         .unwrap()
         .to_string();
-    let (s, raw) = d.call(
-        "POST",
-        "/openai/v1/chat/completions",
-        Some((
-            "application/json",
-            chat(true, "hi").to_string().into_bytes(),
-        )),
-        Some(TOKEN),
-    );
-    assert_eq!(s, 200);
-    let events = sse_data(&raw);
-    assert_eq!(
-        events.last().map(String::as_str),
-        Some("[DONE]"),
-        "{events:?}"
-    );
-    let chunks: Vec<Value> = events[..events.len() - 1]
-        .iter()
-        .map(|e| serde_json::from_str(e).unwrap())
-        .collect();
+    let chunks = stream_chunks(&d, "/openai/v1/chat/completions", &chat(true, "hi"));
     assert_eq!(chunks[0]["object"], "chat.completion.chunk");
     assert_eq!(chunks[0]["system_fingerprint"], whole["system_fingerprint"]);
     assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
@@ -1057,6 +1038,43 @@ fn openai_logprobs_score_prompts_as_the_evaluation_does() {
         assert_eq!(got["logprobs"], alone["choices"][0]["logprobs"]);
     }
     assert_eq!(both["usage"]["completion_tokens"], 0);
+    // Streamed, two prompts' chunks interleave, each marked with its index, and add up to
+    // the choices of the same request unstreamed; one usage chunk covers both.
+    let two = |stream: bool| {
+        json!({"model": "models/tiny", "prompt": texts, "max_tokens": 5, "temperature": 0,
+               "echo": true, "logprobs": 1, "stream": stream,
+               "stream_options": {"include_usage": true}})
+    };
+    let whole = complete(two(false));
+    let chunks = stream_chunks(&d, "/openai/v1/completions", &two(true));
+    for i in 0..2 {
+        let mine = || {
+            chunks
+                .iter()
+                .filter_map(|c| c["choices"].as_array()?.first().cloned())
+                .filter(move |c| c["index"] == i)
+        };
+        let text: String = mine()
+            .filter_map(|c| c["text"].as_str().map(String::from))
+            .collect();
+        assert_eq!(
+            text,
+            whole["choices"][i]["text"].as_str().unwrap(),
+            "choice {i}"
+        );
+        let token_logprobs: Vec<Value> = mine()
+            .filter_map(|c| c["logprobs"]["token_logprobs"].as_array().cloned())
+            .flatten()
+            .collect();
+        assert_eq!(
+            token_logprobs,
+            *whole["choices"][i]["logprobs"]["token_logprobs"]
+                .as_array()
+                .unwrap(),
+            "choice {i}"
+        );
+    }
+    assert_eq!(chunks.last().unwrap()["usage"], whole["usage"]);
 
     // The reply's log-probabilities, streamed and not, agree.
     let body = |stream: bool| {
