@@ -2,7 +2,7 @@
 //! OpenAI API's `logprobs` report for generated tokens and, with `echo`, for a prompt's
 //! tokens (which is how lm-evaluation-harness scores multiple-choice tasks through a server).
 //!
-//! The log-softmax uses the same `ln Σ e^x` as the evaluation's NLL ([`ops::log_sum_exp`]),
+//! The log-softmax uses the same `ln Σ e^x` as the evaluation's NLL (`ops::log_sum_exp`),
 //! so a prompt's log-probabilities summed are exactly minus the NLL `espalier eval` sums.
 
 use super::ops;

@@ -803,7 +803,7 @@ impl Session {
     /// it and the `top` most likely tokens at its place (the second result, one list of
     /// `len - 1` entries per chunk, empty where `score[i]` is `None`). This is the OpenAI
     /// API's `echo` with `logprobs`: a prompt scored in the pass that prefills it. The LM head
-    /// runs over the scored rows in chunks of [`LM_HEAD_CHUNK`], so a long prompt never holds
+    /// runs over the scored rows in chunks of `LM_HEAD_CHUNK` (128), so a long prompt never holds
     /// all its logits at once.
     pub fn forward_ragged_scored(
         &self,
