@@ -230,6 +230,11 @@ pub struct Generation {
     pub first_token_ms: f64,
     /// Mean time per later token, milliseconds (0 with one token or fewer).
     pub ms_per_token: f64,
+    /// The chosen tokens' log-probabilities not handed out during generation
+    /// ([`Sequence::take_logprobs`]; all of them from [`generate`]), with
+    /// `GenerateSpec::logprobs` (an ending EOS included).
+    #[serde(skip)]
+    pub logprobs: Vec<TokenLogprob>,
 }
 
 /// Generates after `prompt`, calling `on_text` with each new piece of text as soon as it is
@@ -275,10 +280,8 @@ pub struct Sequence {
     rng: StdRng,
     /// What the penalties look at; `None` when the sampling sets none.
     seen: Option<Seen>,
-    /// Each chosen token's log-probability, when the spec asks for them.
+    /// Chosen tokens' log-probabilities not handed out yet, when the spec asks for them.
     logprobs: Vec<TokenLogprob>,
-    /// How many of `logprobs` were handed out ([`Sequence::take_logprobs`]).
-    logprobs_sent: usize,
     /// The sequence's keys and values, reserved for the whole prompt and reply up front.
     pub cache: espalier_engine::KvCache,
     tokens: Vec<u32>,
@@ -326,7 +329,6 @@ impl Sequence {
             rng: StdRng::seed_from_u64(spec.sampling.seed),
             seen: spec.sampling.penalizes().then(|| Seen::new(prompt)),
             logprobs: Vec::new(),
-            logprobs_sent: 0,
             tokens: Vec::new(),
             text: String::new(),
             sent: 0,
@@ -454,18 +456,11 @@ impl Sequence {
         Ok(String::new())
     }
 
-    /// The chosen tokens' log-probabilities so far (with `spec.logprobs`; an EOS token that
-    /// ended the reply included, though it is not in the text).
-    pub fn logprobs(&self) -> &[TokenLogprob] {
-        &self.logprobs
-    }
-
-    /// The log-probabilities not handed out yet, marked as handed out: a stream sends them
+    /// The chosen tokens' log-probabilities not handed out yet (with `spec.logprobs`; an EOS
+    /// token that ended the reply included, though it is not in the text): a stream sends them
     /// with the text they belong to.
     pub fn take_logprobs(&mut self) -> Vec<TokenLogprob> {
-        let new = self.logprobs[self.logprobs_sent..].to_vec();
-        self.logprobs_sent = self.logprobs.len();
-        new
+        std::mem::take(&mut self.logprobs)
     }
 
     /// Text not handed out yet, marked as handed out.
@@ -489,6 +484,7 @@ impl Sequence {
             tokens: self.tokens,
             text: self.text,
             first_token_ms: self.first_token_ms,
+            logprobs: self.logprobs,
         }
     }
 }
@@ -979,36 +975,20 @@ mod tests {
         assert_eq!(sampled(7), sampled(7));
         assert_ne!(sampled(7), sampled(8));
 
-        // Log-probabilities: under greedy choice each token is its position's most likely
-        // one, and the sequence hands each entry out once.
+        // Log-probabilities: one per chosen token, each handed out once; under greedy choice
+        // each token is its position's most likely one.
         let spec = GenerateSpec {
             logprobs: Some(2),
             ..spec
         };
-        let mut seq = Sequence::new(&session, &prompt, &spec).unwrap();
-        let mut handed = Vec::new();
-        while seq.wants_token() {
-            let input = match seq.last_token() {
-                None => prompt.clone(),
-                Some(t) => vec![t],
-            };
-            let logits: Vec<f32> = session
-                .forward_last(&input, Some(&mut seq.cache))
-                .unwrap()
-                .to_vec1()
-                .unwrap();
-            seq.accept(&logits, &tokenizer).unwrap();
-            handed.extend(seq.take_logprobs());
-        }
-        assert_eq!(handed, seq.logprobs());
-        let chosen: Vec<u32> = handed.iter().map(|t| t.token).collect();
+        let g = generate(&session, &tokenizer, &prompt, &spec, &mut |_| true, &cancel).unwrap();
+        let chosen: Vec<u32> = g.logprobs.iter().map(|t| t.token).collect();
         assert_eq!(chosen, reference.generated);
-        for t in &handed {
+        for t in &g.logprobs {
             assert_eq!(t.top.len(), 2);
             assert_eq!(t.top[0], (t.token, t.logprob), "{t:?}");
             assert!(t.logprob <= 0.0 && t.top[1].1 <= t.logprob, "{t:?}");
         }
-        assert!(seq.take_logprobs().is_empty());
     }
 
     #[test]

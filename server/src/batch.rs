@@ -69,11 +69,9 @@ pub struct Finished {
     pub completion_tokens: usize,
     /// Why it ended.
     pub finish: FinishReason,
-    /// The chosen tokens' log-probabilities (an EOS that ended the reply included), when
-    /// asked for; empty otherwise.
+    /// The log-probabilities of chosen tokens that no [`Update::Text`] carried (an EOS that
+    /// ended the reply), when asked for.
     pub logprobs: Vec<TokenLogprob>,
-    /// The prompt's scores, with `score_prompt`.
-    pub prompt_logprobs: Option<Vec<TokenLogprob>>,
 }
 
 /// Why a generation was not run or failed.
@@ -209,8 +207,6 @@ struct Running {
     prompt: Vec<u32>,
     /// Alternatives per prompt token when the prompt is to be scored.
     score_prompt: Option<usize>,
-    /// The prompt's scores, once prefilled (with `score_prompt`).
-    prompt_logprobs: Option<Vec<TokenLogprob>>,
     updates: UnboundedSender<Update>,
     deadline: Instant,
     kv_bytes: usize,
@@ -323,7 +319,6 @@ impl Worker {
                         seq,
                         prompt: job.prompt,
                         score_prompt: job.score_prompt,
-                        prompt_logprobs: None,
                         deadline: job.submitted + self.limits.deadline,
                         kv_bytes: job.kv_bytes,
                         updates: job.updates,
@@ -356,19 +351,18 @@ impl Worker {
     /// step, the last token of the others.
     fn step(&mut self) {
         let g = &self.generator;
-        let mut score = Vec::with_capacity(self.running.len());
+        // A prompt is scored in the step that prefills it (the one step its prompt is here).
+        let score: Vec<Option<usize>> = self
+            .running
+            .iter()
+            .map(|r| r.score_prompt.filter(|_| !r.prompt.is_empty()))
+            .collect();
         let chunks: Vec<Vec<u32>> = self
             .running
             .iter_mut()
             .map(|r| match r.seq.last_token() {
-                Some(t) if r.prompt.is_empty() => {
-                    score.push(None);
-                    vec![t]
-                }
-                _ => {
-                    score.push(r.score_prompt);
-                    std::mem::take(&mut r.prompt)
-                }
+                Some(t) if r.prompt.is_empty() => vec![t],
+                _ => std::mem::take(&mut r.prompt),
             })
             .collect();
         let chunk_refs: Vec<&[u32]> = chunks.iter().map(Vec::as_slice).collect();
@@ -398,8 +392,7 @@ impl Worker {
         let rows = logits.chunks(vocab).zip(scores).zip(score);
         for (r, ((row, scores), scored)) in self.running.iter_mut().zip(rows) {
             if scored.is_some() {
-                let _ = r.updates.send(Update::Prompt(scores.clone()));
-                r.prompt_logprobs = Some(scores);
+                let _ = r.updates.send(Update::Prompt(scores));
             }
             // A request that only scores its prompt (`max_tokens` 0) chooses nothing.
             if !r.seq.wants_token() {
@@ -452,8 +445,7 @@ impl Worker {
                     prompt_tokens: r.seq.prompt_len(),
                     completion_tokens: r.seq.generated(),
                     finish: r.seq.finish().unwrap_or(FinishReason::Length),
-                    logprobs: r.seq.logprobs().to_vec(),
-                    prompt_logprobs: r.prompt_logprobs.take(),
+                    logprobs: r.seq.take_logprobs(),
                 }))
             };
             // Counted out before the answer goes: a client holding its reply must never find

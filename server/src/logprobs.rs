@@ -28,100 +28,74 @@ pub fn token_text(tokenizer: &Tokenizer, id: u32) -> (String, Vec<u8>) {
     (text, bytes)
 }
 
-/// A completions `logprobs` object being built, chunk by chunk when streamed: `text_offset`
-/// counts characters of the text returned so far.
+/// A completions `logprobs` object being built: tokens are added (an echoed prompt's, then
+/// chosen ones) and [`CompletionLogprobs::take`] returns those added since the last take, as a
+/// whole response's object or one stream chunk's. `text_offset` counts characters of the text
+/// returned so far.
 #[derive(Default)]
 pub struct CompletionLogprobs {
-    offset: usize,
-}
-
-impl CompletionLogprobs {
-    /// The object for the prompt's tokens when echoed: the first has no log-probability (nothing
-    /// comes before it), the others `scores` (one per token after the first).
-    pub fn prompt(
-        &mut self,
-        tokenizer: &Tokenizer,
-        prompt: &[u32],
-        scores: &[TokenLogprob],
-    ) -> Value {
-        let mut out = Columns::default();
-        if let Some(&first) = prompt.first() {
-            let (text, _) = token_text(tokenizer, first);
-            out.push(
-                text,
-                Value::Null,
-                Value::Null,
-                self.advance_by(first, tokenizer),
-            );
-        }
-        for s in scores {
-            self.push_scored(&mut out, tokenizer, s);
-        }
-        out.into_value()
-    }
-
-    /// The object for chosen tokens (`logprobs` of the generation, or of one stream chunk).
-    pub fn chosen(&mut self, tokenizer: &Tokenizer, tokens: &[TokenLogprob]) -> Value {
-        let mut out = Columns::default();
-        for t in tokens {
-            self.push_scored(&mut out, tokenizer, t);
-        }
-        out.into_value()
-    }
-
-    fn push_scored(&mut self, out: &mut Columns, tokenizer: &Tokenizer, t: &TokenLogprob) {
-        let (text, _) = token_text(tokenizer, t.token);
-        let mut top = Map::new();
-        for &(id, logprob) in &t.top {
-            top.entry(token_text(tokenizer, id).0)
-                .or_insert_with(|| json!(logprob));
-        }
-        top.entry(text.clone()).or_insert_with(|| json!(t.logprob));
-        let offset = self.advance_by(t.token, tokenizer);
-        out.push(text, json!(t.logprob), Value::Object(top), offset);
-    }
-
-    /// The offset of the token `id` in the text, and moves past it.
-    fn advance_by(&mut self, id: u32, tokenizer: &Tokenizer) -> usize {
-        let at = self.offset;
-        let bytes = tokenizer.token_bytes(id).unwrap_or_default();
-        self.offset += String::from_utf8_lossy(&bytes).chars().count();
-        at
-    }
-}
-
-/// The four parallel arrays of a completions `logprobs` object.
-#[derive(Default)]
-struct Columns {
     tokens: Vec<Value>,
     token_logprobs: Vec<Value>,
     top_logprobs: Vec<Value>,
     text_offset: Vec<Value>,
+    offset: usize,
 }
 
-impl Columns {
-    fn push(&mut self, token: String, logprob: Value, top: Value, offset: usize) {
+impl CompletionLogprobs {
+    /// Adds the prompt's tokens, echoed: the first has no log-probability (nothing comes
+    /// before it), the others `scores` (one per token after the first).
+    pub fn add_prompt(&mut self, tokenizer: &Tokenizer, prompt: &[u32], scores: &[TokenLogprob]) {
+        if let Some(&first) = prompt.first() {
+            self.push(token_text(tokenizer, first), Value::Null, Value::Null);
+        }
+        self.add_chosen(tokenizer, scores);
+    }
+
+    /// Adds chosen (or scored) tokens with their alternatives.
+    pub fn add_chosen(&mut self, tokenizer: &Tokenizer, tokens: &[TokenLogprob]) {
+        for t in tokens {
+            let (text, bytes) = token_text(tokenizer, t.token);
+            let mut top = Map::new();
+            for &(id, logprob) in &t.top {
+                top.entry(token_text(tokenizer, id).0)
+                    .or_insert_with(|| json!(logprob));
+            }
+            top.entry(text.clone()).or_insert_with(|| json!(t.logprob));
+            self.push((text, bytes), json!(t.logprob), Value::Object(top));
+        }
+    }
+
+    /// Adds one token (its text and bytes); the text returned holds its bytes decoded, so
+    /// the offset moves by their characters, not by a `bytes:` spelling's.
+    fn push(&mut self, (token, bytes): (String, Vec<u8>), logprob: Value, top: Value) {
+        self.text_offset.push(json!(self.offset));
+        self.offset += String::from_utf8_lossy(&bytes).chars().count();
         self.tokens.push(json!(token));
         self.token_logprobs.push(logprob);
         self.top_logprobs.push(top);
-        self.text_offset.push(json!(offset));
     }
 
-    fn into_value(self) -> Value {
-        json!({"tokens": self.tokens, "token_logprobs": self.token_logprobs,
-               "top_logprobs": self.top_logprobs, "text_offset": self.text_offset})
+    /// The object of the tokens added since the last take.
+    pub fn take(&mut self) -> Value {
+        json!({"tokens": std::mem::take(&mut self.tokens),
+               "token_logprobs": std::mem::take(&mut self.token_logprobs),
+               "top_logprobs": std::mem::take(&mut self.top_logprobs),
+               "text_offset": std::mem::take(&mut self.text_offset)})
     }
 }
 
 /// The chat `logprobs` object of `tokens`: `{"content": [{token, logprob, bytes, top_logprobs}]}`
 /// (`top_logprobs` the most likely tokens, as many as were asked for).
-pub fn chat_logprobs(tokenizer: &Tokenizer, tokens: &[TokenLogprob]) -> Value {
+pub fn chat_logprobs<'a>(
+    tokenizer: &Tokenizer,
+    tokens: impl IntoIterator<Item = &'a TokenLogprob>,
+) -> Value {
     let entry = |id: u32, logprob: f32| {
         let (text, bytes) = token_text(tokenizer, id);
         json!({"token": text, "logprob": logprob, "bytes": bytes})
     };
     let content: Vec<Value> = tokens
-        .iter()
+        .into_iter()
         .map(|t| {
             let mut e = entry(t.token, t.logprob);
             let top: Vec<Value> = t.top.iter().map(|&(id, lp)| entry(id, lp)).collect();
@@ -130,16 +104,6 @@ pub fn chat_logprobs(tokenizer: &Tokenizer, tokens: &[TokenLogprob]) -> Value {
         })
         .collect();
     json!({ "content": content })
-}
-
-/// Appends the completions `logprobs` object `more` to `into` (an echoed prompt's and the
-/// generation's parts of one response), column by column.
-pub fn append_completion(into: &mut Value, more: Value) {
-    for key in ["tokens", "token_logprobs", "top_logprobs", "text_offset"] {
-        if let (Some(a), Some(b)) = (into[key].as_array_mut(), more[key].as_array()) {
-            a.extend(b.iter().cloned());
-        }
-    }
 }
 
 #[cfg(test)]
@@ -157,26 +121,28 @@ mod tests {
             logprob: -0.5,
             top: vec![(b'c' as u32, -0.25)],
         };
-        let mut all = lp.prompt(&tok, &prompt, std::slice::from_ref(&scored));
-        assert_eq!(all["tokens"], json!(["a", "b"]));
-        assert_eq!(all["token_logprobs"], json!([null, -0.5]));
-        assert_eq!(all["top_logprobs"][0], Value::Null);
+        lp.add_prompt(&tok, &prompt, std::slice::from_ref(&scored));
+        let echoed = lp.take();
+        assert_eq!(echoed["tokens"], json!(["a", "b"]));
+        assert_eq!(echoed["token_logprobs"], json!([null, -0.5]));
+        assert_eq!(echoed["top_logprobs"][0], Value::Null);
         // The token itself is beside the most likely one.
-        assert_eq!(all["top_logprobs"][1], json!({"c": -0.25, "b": -0.5}));
-        // A token inside a UTF-8 character (0xC3 starts "é").
+        assert_eq!(echoed["top_logprobs"][1], json!({"c": -0.25, "b": -0.5}));
+        // A token inside a UTF-8 character (0xC3 starts "é"); offsets go on after a take.
         let chosen = TokenLogprob {
             token: 0xC3,
             logprob: -1.0,
             top: vec![(0xC3, -1.0)],
         };
-        let more = lp.chosen(&tok, std::slice::from_ref(&chosen));
+        lp.add_chosen(&tok, std::slice::from_ref(&chosen));
+        let more = lp.take();
         assert_eq!(more["tokens"], json!(["bytes:\\xc3"]));
         assert_eq!(more["top_logprobs"][0], json!({"bytes:\\xc3": -1.0}));
-        append_completion(&mut all, more);
-        assert_eq!(all["text_offset"], json!([0, 1, 2]));
-        assert_eq!(all["token_logprobs"], json!([null, -0.5, -1.0]));
+        assert_eq!(echoed["text_offset"], json!([0, 1]));
+        assert_eq!(more["text_offset"], json!([2]));
+        assert_eq!(lp.take()["tokens"], json!([]));
 
-        let chat = chat_logprobs(&tok, &[chosen]);
+        let chat = chat_logprobs(&tok, [&chosen]);
         assert_eq!(chat["content"][0]["bytes"], json!([0xC3]));
         assert_eq!(
             chat["content"][0]["top_logprobs"][0]["logprob"],

@@ -660,19 +660,41 @@ impl Shaper {
         }
     }
 
-    /// A chat `logprobs` object: the reply's tokens, without an end token (not in the text).
-    fn chat_logprobs(&self, tokens: &[TokenLogprob]) -> Value {
-        let shown: Vec<TokenLogprob> = tokens
-            .iter()
-            .filter(|t| !self.generator.eos.contains(&t.token))
-            .cloned()
-            .collect();
-        logprobs::chat_logprobs(&self.generator.tokenizer, &shown)
+    /// The `logprobs` object of chosen tokens (`null` unless asked for): a completion's
+    /// through `columns`, which keeps its text offsets (and holds an echoed prompt's tokens
+    /// added before); a chat reply's without an end token (not in its text).
+    fn logprobs(&self, tokens: &[TokenLogprob], columns: &mut CompletionLogprobs) -> Value {
+        if self.asked.logprobs.is_none() {
+            return Value::Null;
+        }
+        let tokenizer = &self.generator.tokenizer;
+        match self.asked.kind {
+            Kind::Completion => {
+                columns.add_chosen(tokenizer, tokens);
+                columns.take()
+            }
+            Kind::Chat => {
+                let eos = &self.generator.eos;
+                logprobs::chat_logprobs(
+                    tokenizer,
+                    tokens.iter().filter(|t| !eos.contains(&t.token)),
+                )
+            }
+        }
     }
 
-    /// The choice of a finished, non-streamed generation of `prompt`.
-    fn choice(&self, index: usize, prompt: &Prompt, f: &Finished) -> Value {
+    /// The choice of a finished, non-streamed generation of `prompt`: `logprobs` are its
+    /// chosen tokens', `columns` holds the echoed prompt's.
+    fn choice(
+        &self,
+        index: usize,
+        prompt: &Prompt,
+        f: &Finished,
+        logprobs: &[TokenLogprob],
+        columns: &mut CompletionLogprobs,
+    ) -> Value {
         let finish = finish_reason(f.finish);
+        let logprobs = self.logprobs(logprobs, columns);
         match self.asked.kind {
             Kind::Completion => {
                 let text = if self.asked.echo {
@@ -680,48 +702,24 @@ impl Shaper {
                 } else {
                     f.text.clone()
                 };
-                let logprobs = match self.asked.logprobs {
-                    None => Value::Null,
-                    Some(_) => {
-                        let tok = &self.generator.tokenizer;
-                        let mut columns = CompletionLogprobs::default();
-                        let mut all = match &f.prompt_logprobs {
-                            Some(scores) => columns.prompt(tok, &prompt.tokens, scores),
-                            None => columns.chosen(tok, &[]),
-                        };
-                        logprobs::append_completion(&mut all, columns.chosen(tok, &f.logprobs));
-                        all
-                    }
-                };
                 json!({"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish})
             }
             Kind::Chat => {
-                let logprobs = match self.asked.logprobs {
-                    None => Value::Null,
-                    Some(_) => self.chat_logprobs(&f.logprobs),
-                };
                 json!({"index": index, "message": {"role": "assistant", "content": f.text},
                        "logprobs": logprobs, "finish_reason": finish})
             }
         }
     }
 
-    /// A stream chunk of choice `index`: `text` (a chat delta's content) with the
-    /// log-probabilities of its tokens (`columns` keeps a completion's text offsets).
+    /// A stream chunk of choice `index`: `text` (a chat delta's content) and its `logprobs`
+    /// object.
     fn chunk(
         &self,
         index: usize,
         text: Option<&str>,
-        logprobs: Option<(&[TokenLogprob], &mut CompletionLogprobs)>,
+        logprobs: Value,
         finish: Option<&str>,
     ) -> Event {
-        let logprobs = match (self.asked.logprobs, logprobs) {
-            (Some(_), Some((tokens, columns))) => match self.asked.kind {
-                Kind::Completion => columns.chosen(&self.generator.tokenizer, tokens),
-                Kind::Chat => self.chat_logprobs(tokens),
-            },
-            _ => Value::Null,
-        };
         let choice = match self.asked.kind {
             Kind::Completion => json!({"index": index, "text": text.unwrap_or(""),
                                        "logprobs": logprobs, "finish_reason": finish}),
@@ -767,33 +765,32 @@ fn choice_stream(
         // the stream, which frees its queue place and (at the next decode step) its slot.
         let _admission = admission;
         let mut columns = CompletionLogprobs::default();
-        let tokenizer = &shaper.generator.tokenizer;
         if matches!(shaper.asked.kind, Kind::Chat) {
             let role = json!({"index": index, "delta": {"role": "assistant", "content": ""},
                               "logprobs": null, "finish_reason": null});
             yield Streamed::Event(shaper.event(vec![role]));
         }
         if shaper.asked.echo && shaper.asked.score_prompt().is_none() {
-            yield Streamed::Event(shaper.chunk(index, Some(&prompt.text), None, None));
+            yield Streamed::Event(shaper.chunk(index, Some(&prompt.text), Value::Null, None));
         }
-        let mut sent = 0;
         loop {
             match rx.recv().await {
                 Some(Update::Prompt(scores)) => {
-                    let object = columns.prompt(tokenizer, &prompt.tokens, &scores);
-                    let choice = json!({"index": index, "text": prompt.text,
-                                        "logprobs": object, "finish_reason": null});
-                    yield Streamed::Event(shaper.event(vec![choice]));
+                    columns.add_prompt(&shaper.generator.tokenizer, &prompt.tokens, &scores);
+                    let lp = columns.take();
+                    yield Streamed::Event(shaper.chunk(index, Some(&prompt.text), lp, None));
                 }
                 Some(Update::Text { text, logprobs }) => {
-                    sent += logprobs.len();
-                    let lp = Some((&logprobs[..], &mut columns));
+                    let lp = shaper.logprobs(&logprobs, &mut columns);
                     yield Streamed::Event(shaper.chunk(index, Some(&text), lp, None));
                 }
                 Some(Update::Done(Ok(f))) => {
                     // Tokens whose log-probabilities no text carried (an end token).
-                    let rest = f.logprobs.get(sent..).unwrap_or_default();
-                    let lp = (!rest.is_empty()).then_some((rest, &mut columns));
+                    let lp = if f.logprobs.is_empty() {
+                        Value::Null
+                    } else {
+                        shaper.logprobs(&f.logprobs, &mut columns)
+                    };
                     let finish = finish_reason(f.finish);
                     yield Streamed::Event(shaper.chunk(index, None, lp, Some(finish)));
                     yield Streamed::Usage(f.prompt_tokens, f.completion_tokens);
@@ -856,16 +853,24 @@ async fn respond(
         let mut choices = Vec::with_capacity(prompts.len());
         let (mut prompt_tokens, mut completion_tokens) = (0, 0);
         for (index, (prompt, mut rx)) in prompts.iter().zip(receivers).enumerate() {
+            // The echoed prompt's scores and the chosen tokens' log-probabilities, as they
+            // come with the updates.
+            let mut columns = CompletionLogprobs::default();
+            let mut chosen = Vec::new();
             let f = loop {
                 match rx.recv().await {
-                    Some(Update::Prompt(_) | Update::Text { .. }) => {}
+                    Some(Update::Prompt(scores)) => {
+                        columns.add_prompt(&loaded.generator.tokenizer, &prompt.tokens, &scores)
+                    }
+                    Some(Update::Text { logprobs, .. }) => chosen.extend(logprobs),
                     Some(Update::Done(r)) => break r.map_err(job_error)?,
                     None => return Err(job_error(JobError::Stopped)),
                 }
             };
+            chosen.extend_from_slice(&f.logprobs);
             prompt_tokens += f.prompt_tokens;
             completion_tokens += f.completion_tokens;
-            choices.push(shaper.choice(index, prompt, &f));
+            choices.push(shaper.choice(index, prompt, &f, &chosen, &mut columns));
         }
         drop(admissions);
         return Ok(Json(json!({"id": shaper.id, "object": shaper.object(false),
